@@ -1,0 +1,50 @@
+# raftfast — the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PYTEST := $(PY) -m pytest
+STAMP  := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
+
+.PHONY: venv build test test-compiled test-pure lint run soak bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Install the package with its test extras, then build the extensions in place so the tests
+# (run from this tree) import the compiled modules.
+$(STAMP): $(PY) $(SOURCES)
+	$(PIP) install -q -e '.[test]'
+	RAFTFAST_REQUIRE_COMPILED=1 $(PY) setup.py -q build_ext --inplace
+	touch $(STAMP)
+
+venv build: $(STAMP)
+
+test: $(STAMP)
+	$(MAKE) --no-print-directory lint test-compiled test-pure
+
+lint: $(STAMP)
+	$(PY) -m ruff check raftfast tests bench
+
+test-compiled: $(STAMP)
+	@echo "== compiled run =="
+	$(PY) -c "import raftfast, sys; sys.exit(0 if raftfast.COMPILED else 'compiled modules not in use')"
+	$(PYTEST) -q -p no:cacheprovider --benchmark-disable tests bench
+
+test-pure: $(STAMP)
+	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
+	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests/core tests/storage tests/test_parity.py tests/sim -k "not slow"
+
+run: $(STAMP)
+	$(PY) -m raftfast.demo
+
+soak: $(STAMP)
+	RAFTFAST_SIM_SEEDS=$${RAFTFAST_SIM_SEEDS:-3000} $(PYTEST) -q -p no:cacheprovider -m slow tests/sim
+
+bench: $(STAMP)
+	$(PYTEST) -q -p no:cacheprovider bench --benchmark-only --benchmark-columns=min,median,ops
+
+clean:
+	rm -rf build dist *.egg-info raftfast/*.so raftfast/_log.c raftfast/_batch.c

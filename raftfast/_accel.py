@@ -1,0 +1,35 @@
+"""Pick the compiled hot-path modules or their pure-Python twins, once, at import time.
+
+``RAFTFAST_PUREPYTHON=1`` forces the twins (as msgpack's MSGPACK_PUREPYTHON does); without a
+compiled build the twins are used silently.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+
+def _load() -> tuple[ModuleType, ModuleType, bool]:
+    if not os.environ.get("RAFTFAST_PUREPYTHON"):
+        try:
+            from raftfast import _batch, _log  # type: ignore[attr-defined]
+
+            return _log, _batch, True
+        except ImportError:
+            pass
+    from raftfast import _batch_py, _log_py
+
+    return _log_py, _batch_py, False
+
+
+log_impl, batch_impl, COMPILED = _load()
+
+EntryLog = log_impl.EntryLog
+crc32c = batch_impl.crc32c
+encode_batch = batch_impl.encode_batch
+encode_uniform = batch_impl.encode_uniform
+decode_batch = batch_impl.decode_batch
+batch_info = batch_impl.batch_info
+chunk_payloads = batch_impl.chunk_payloads
+commit_index = batch_impl.commit_index

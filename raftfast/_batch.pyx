@@ -1,0 +1,418 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled packed entry batches, CRC32C and small quorum helpers (twin of raftfast._batch_py).
+
+See raftfast/_batch_py.py for the format; both modules accept and reject exactly the same inputs
+with the same exception types (tests/test_parity.py).  The speed comes from doing the per-entry
+work in C: CRC32C with slicing-by-8 tables, and batches written straight into the memory of the
+result bytes object.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.ref cimport PyObject
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy
+
+from raftfast.errors import BatchError
+
+cdef extern from "Python.h":
+    # Borrowed-reference accessors for the list/tuple PySequence_Fast returns.
+    bint Long_CheckExact "PyLong_CheckExact"(PyObject *o)
+    object PySequence_Fast(object o, const char *m)
+    Py_ssize_t PySequence_Fast_GET_SIZE(object o)
+    PyObject **PySequence_Fast_ITEMS(object o)
+
+cdef extern from *:
+    """
+    /* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), slicing-by-8: eight 1 KiB tables
+       let the loop fold 8 input bytes per iteration with independent lookups. */
+    static uint32_t rf_crc_tab[8][256];
+
+    static void rf_crc_init(void) {
+        for (uint32_t n = 0; n < 256; n++) {
+            uint32_t c = n;
+            for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+            rf_crc_tab[0][n] = c;
+        }
+        for (uint32_t n = 0; n < 256; n++) {
+            uint32_t c = rf_crc_tab[0][n];
+            for (int k = 1; k < 8; k++) {
+                c = rf_crc_tab[0][c & 0xff] ^ (c >> 8);
+                rf_crc_tab[k][n] = c;
+            }
+        }
+    }
+
+    static uint32_t rf_crc32c(uint32_t crc, const unsigned char *p, size_t n) {
+        crc = ~crc;
+    #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+        while (n && ((uintptr_t)p & 7)) {
+            crc = rf_crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+            n--;
+        }
+        while (n >= 8) {
+            uint64_t w;
+            memcpy(&w, p, 8);
+            uint32_t lo = (uint32_t)w ^ crc, hi = (uint32_t)(w >> 32);
+            crc = rf_crc_tab[7][lo & 0xff] ^ rf_crc_tab[6][(lo >> 8) & 0xff]
+                ^ rf_crc_tab[5][(lo >> 16) & 0xff] ^ rf_crc_tab[4][lo >> 24]
+                ^ rf_crc_tab[3][hi & 0xff] ^ rf_crc_tab[2][(hi >> 8) & 0xff]
+                ^ rf_crc_tab[1][(hi >> 16) & 0xff] ^ rf_crc_tab[0][hi >> 24];
+            p += 8;
+            n -= 8;
+        }
+    #endif
+        while (n--) crc = rf_crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        return ~crc;
+    }
+    """
+    void rf_crc_init() noexcept nogil
+    uint32_t rf_crc32c(uint32_t crc, const unsigned char *p, size_t n) noexcept nogil
+
+cdef extern from *:
+    """
+    /* Value of an int that fits one internal digit, without a function call (what
+       PyLong_AsLongLong does first anyway); returns 0 for anything larger. */
+    static inline int rf_small_long(PyObject *o, long long *v) {
+    #if PY_VERSION_HEX >= 0x030C0000
+        if (PyUnstable_Long_IsCompact((PyLongObject *)o)) {
+            *v = (long long)PyUnstable_Long_CompactValue((PyLongObject *)o);
+            return 1;
+        }
+        return 0;
+    #else
+        Py_ssize_t s = Py_SIZE(o);
+        if (s == 0) { *v = 0; return 1; }
+        if (s == 1) { *v = (long long)((PyLongObject *)o)->ob_digit[0]; return 1; }
+        if (s == -1) { *v = -(long long)((PyLongObject *)o)->ob_digit[0]; return 1; }
+        return 0;
+    #endif
+    }
+    """
+    int rf_small_long(PyObject *o, long long *v) noexcept
+
+rf_crc_init()
+
+HEADER_SIZE = C_HEADER_SIZE
+META_SIZE = C_META_SIZE
+MAGIC = b"RFB1"
+MAX_COUNT = 0xFFFFFFFF
+
+# Release the GIL while checksumming buffers at least this large.
+cdef Py_ssize_t NOGIL_CRC_BYTES = 1 << 16
+# commit_index sorts in a stack array up to this many voters, else falls back to Python.
+cdef enum:
+    MAX_VOTERS = 64
+
+
+# -- C API (see _batch.pxd) -------------------------------------------------------------------
+
+cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noexcept nogil:
+    return rf_crc32c(crc, p, n)
+
+
+cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
+                            uint64_t *first_index, uint32_t *count) except -1:
+    cdef uint32_t cnt, i
+    cdef uint64_t expected
+    cdef Py_ssize_t table_end
+    if n < C_HEADER_SIZE:
+        raise BatchError(f"batch too short: {n} bytes, the header alone is {C_HEADER_SIZE}")
+    if memcmp(p, b"RFB1", 4) != 0:
+        raise BatchError(f"bad batch magic {p[:4]!r}, expected {MAGIC!r}")
+    cnt = rf_load_u32(p + 4)
+    if cnt > <uint64_t>(n - C_HEADER_SIZE) // C_META_SIZE:
+        raise BatchError(f"batch count {cnt} is impossible in {n} bytes")
+    table_end = C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * cnt
+    expected = table_end
+    for i in range(cnt):
+        expected += rf_load_u32(p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i + 9)
+    if expected != <uint64_t>n:
+        raise BatchError(f"batch size mismatch: its table describes {expected} bytes, got {n}")
+    if _crc(p + C_HEADER_SIZE, n - C_HEADER_SIZE, 0) != rf_load_u32(p + 16):
+        raise BatchError("batch CRC32C mismatch")
+    first_index[0] = rf_load_u64(p + 8)
+    count[0] = cnt
+    return table_end
+
+
+cdef void finish_batch(unsigned char *p, Py_ssize_t size, uint32_t count,
+                       uint64_t first_index) noexcept nogil:
+    memcpy(p, b"RFB1", 4)
+    rf_store_u32(p + 4, count)
+    rf_store_u64(p + 8, first_index)
+    rf_store_u32(p + 16, rf_crc32c(0, p + C_HEADER_SIZE, size - C_HEADER_SIZE))
+
+
+cdef int64_t clamp_index(object value) except? -1:
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow > 0:
+        return RF_CLAMP_HI
+    if overflow < 0 or v < RF_CLAMP_LO:
+        return RF_CLAMP_LO
+    # A TypeError leaves v == -1, which `except? -1` turns into a raise via PyErr_Occurred.
+    return v
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+cdef inline uint32_t _crc(const unsigned char *p, Py_ssize_t n, uint32_t crc) noexcept:
+    if n >= NOGIL_CRC_BYTES:
+        with nogil:
+            crc = rf_crc32c(crc, p, <size_t>n)
+        return crc
+    return rf_crc32c(crc, p, <size_t>n)
+
+
+cdef Py_ssize_t payload_len(object p) except -1:
+    """Byte length of a bytes-like payload; TypeError for anything else (like bytes.join)."""
+    cdef Py_buffer view
+    if PyBytes_CheckExact(p):
+        return PyBytes_GET_SIZE(p)
+    get_buffer(p, &view)
+    n = view.len
+    PyBuffer_Release(&view)
+    return n
+
+
+cdef int get_buffer(object p, Py_buffer *view) except -1:
+    try:
+        PyObject_GetBuffer(p, view, PyBUF_SIMPLE)
+    except (TypeError, BufferError):
+        raise TypeError(f"expected a bytes-like object, {type(p).__name__} found") from None
+    return 0
+
+
+cdef Py_ssize_t copy_payload(object p, unsigned char *dst) except -1:
+    cdef Py_buffer view
+    cdef Py_ssize_t n
+    if PyBytes_CheckExact(p):
+        n = PyBytes_GET_SIZE(p)
+        memcpy(dst, PyBytes_AS_STRING(p), n)
+        return n
+    get_buffer(p, &view)
+    n = view.len
+    memcpy(dst, view.buf, n)
+    PyBuffer_Release(&view)
+    return n
+
+
+cdef uint64_t _payloads_total(object seq) except? 0xFFFFFFFFFFFFFFFF:
+    """Sum of payload lengths of a PySequence_Fast result; validates each payload."""
+    cdef Py_ssize_t i, n = PySequence_Fast_GET_SIZE(seq)
+    cdef PyObject **items = PySequence_Fast_ITEMS(seq)
+    cdef Py_ssize_t length
+    cdef uint64_t total = 0
+    for i in range(n):
+        length = payload_len(<object>items[i])
+        if length > 0xFFFFFFFF:
+            raise OverflowError("payload longer than 4 GiB")
+        total += length
+    return total
+
+
+cdef bytes _encode(uint64_t first_index, object terms, object payloads, object types,
+                   bint uniform, uint64_t term, uint8_t etype):
+    """Shared body of encode_batch/encode_uniform (per-entry terms/types unless `uniform`)."""
+    cdef object pseq = PySequence_Fast(payloads, "payloads must be a sequence")
+    cdef Py_ssize_t i, n = PySequence_Fast_GET_SIZE(pseq)
+    cdef PyObject **pitems = PySequence_Fast_ITEMS(pseq)
+    cdef PyObject **items
+    cdef object seq
+    cdef uint64_t body = _payloads_total(pseq)
+    cdef Py_ssize_t table_end = C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * n
+    cdef unsigned char *out
+    cdef unsigned char *rec
+    cdef unsigned char *dst
+    cdef Py_ssize_t length
+    if n > MAX_COUNT:
+        raise ValueError(f"too many entries for one batch: {n}")
+    result = PyBytes_FromStringAndSize(NULL, table_end + <Py_ssize_t>body)
+    out = <unsigned char *>PyBytes_AS_STRING(result)
+    if uniform:
+        for i in range(n):
+            rec = out + C_HEADER_SIZE + C_META_SIZE * i
+            rf_store_u64(rec, term)
+            rec[8] = etype
+    else:
+        # Same validation order as the pure twin: payloads, then types, then terms.
+        if types is None:
+            for i in range(n):
+                out[C_HEADER_SIZE + C_META_SIZE * i + 8] = 0
+        else:
+            seq = PySequence_Fast(types, "types must be a sequence")
+            items = PySequence_Fast_ITEMS(seq)
+            for i in range(n):
+                out[C_HEADER_SIZE + C_META_SIZE * i + 8] = as_u8(<object>items[i])
+        seq = PySequence_Fast(terms, "terms must be a sequence")
+        items = PySequence_Fast_ITEMS(seq)
+        for i in range(n):
+            rf_store_u64(out + C_HEADER_SIZE + C_META_SIZE * i, as_u64(<object>items[i]))
+    dst = out + table_end
+    for i in range(n):
+        length = copy_payload(<object>pitems[i], dst)
+        rf_store_u32(out + C_HEADER_SIZE + C_META_SIZE * i + 9, <uint32_t>length)
+        dst += length
+    finish_batch(out, table_end + <Py_ssize_t>body, <uint32_t>n, first_index)
+    return result
+
+
+# -- public API -------------------------------------------------------------------------------
+
+def crc32c(data, crc=0):
+    """CRC32C (Castagnoli) of ``data``; pass a previous result as ``crc`` to continue it."""
+    cdef Py_buffer view
+    cdef uint64_t c = as_u64(crc)
+    if c > 0xFFFFFFFF:
+        raise OverflowError("crc must be an unsigned 32-bit value")
+    if PyBytes_CheckExact(data):
+        return _crc(<const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                    <uint32_t>c)
+    get_buffer(data, &view)
+    try:
+        return _crc(<const unsigned char *>view.buf, view.len, <uint32_t>c)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def encode_batch(first_index, terms, payloads, types=None):
+    """Pack entries ``first_index, first_index+1, ...`` into one checksummed batch."""
+    cdef uint64_t first = as_u64(first_index)
+    n = len(terms)
+    if len(payloads) != n:
+        raise ValueError(f"{n} terms but {len(payloads)} payloads")
+    if types is not None and len(types) != n:
+        raise ValueError(f"{n} terms but {len(types)} types")
+    return _encode(first, terms, payloads, types, False, 0, 0)
+
+
+def encode_uniform(first_index, term, payloads, etype=0):
+    """Pack entries that share one term and type (the leader's proposal path)."""
+    cdef uint64_t first = as_u64(first_index)
+    cdef uint64_t t = as_u64(term)
+    cdef uint8_t y = as_u8(etype)
+    return _encode(first, None, payloads, None, True, t, y)
+
+
+def decode_batch(data):
+    """Validate and unpack a batch into (first_index, terms, types, payloads)."""
+    cdef Py_buffer view
+    cdef uint64_t first
+    cdef uint32_t count, i, length
+    cdef Py_ssize_t off
+    cdef const unsigned char *p
+    cdef const unsigned char *rec
+    get_buffer(data, &view)
+    try:
+        p = <const unsigned char *>view.buf
+        off = parse_batch(p, view.len, &first, &count)
+        terms = []
+        types = []
+        payloads = []
+        for i in range(count):
+            rec = p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i
+            length = rf_load_u32(rec + 9)
+            terms.append(rf_load_u64(rec))
+            types.append(rec[8])
+            payloads.append(PyBytes_FromStringAndSize(<const char *>p + off, length))
+            off += length
+        return first, terms, types, payloads
+    finally:
+        PyBuffer_Release(&view)
+
+
+def batch_info(data):
+    """Validate a batch fully (including its CRC) and return (first_index, count)."""
+    cdef Py_buffer view
+    cdef uint64_t first
+    cdef uint32_t count
+    get_buffer(data, &view)
+    try:
+        parse_batch(<const unsigned char *>view.buf, view.len, &first, &count)
+    finally:
+        PyBuffer_Release(&view)
+    return first, count
+
+
+def chunk_payloads(payloads, max_bytes, max_count):
+    """Greedily split proposals into [start, end) runs that each fit one batch.
+
+    A run holds at most ``max_count`` payloads totalling at most ``max_bytes``, except that a
+    single payload larger than ``max_bytes`` travels alone rather than being refused.
+    """
+    cdef int64_t mb = clamp_index(max_bytes)
+    cdef int64_t mc = clamp_index(max_count)
+    cdef Py_ssize_t i, start = 0, n, length
+    cdef int64_t used = 0
+    cdef PyObject **items
+    cdef object p
+    if mb <= 0 or mc <= 0:
+        raise ValueError("max_bytes and max_count must be positive")
+    seq = PySequence_Fast(payloads, "payloads must be a sequence")
+    n = PySequence_Fast_GET_SIZE(seq)
+    items = PySequence_Fast_ITEMS(seq)
+    out = []
+    for i in range(n):
+        p = <object>items[i]
+        length = PyBytes_GET_SIZE(p) if PyBytes_CheckExact(p) else len(p)
+        if i > start and (i - start >= mc or used + length > mb):
+            out.append((start, i))
+            start = i
+            used = 0
+        used += length
+    if n > start:
+        out.append((start, n))
+    return out
+
+
+@cython.binding(False)
+@cython.always_allow_keywords(False)
+def commit_index(match_indexes, /):
+    """Highest index stored on a majority: the (n//2+1)-th largest match index.
+
+    Called on every acknowledgement, so it is a plain METH_O builtin (positional-only, as in the
+    pure twin) working on borrowed list items; anything unusual falls back to Python sorting.
+    """
+    cdef long long vals[MAX_VOTERS]
+    cdef Py_ssize_t pos[MAX_VOTERS]
+    cdef Py_ssize_t i, j, n, kp = 0
+    cdef long long v
+    cdef int overflow
+    cdef PyObject **items
+    cdef PyObject *o
+    seq = PySequence_Fast(match_indexes, "match_indexes must be a sequence")
+    n = PySequence_Fast_GET_SIZE(seq)
+    if n == 0:
+        raise ValueError("commit_index needs at least one match index")
+    if n > MAX_VOTERS:
+        return sorted(match_indexes, reverse=True)[n // 2]
+    items = PySequence_Fast_ITEMS(seq)
+    # Insertion sort, descending, remembering where each value came from so the original object
+    # is returned (no new int) and ties resolve exactly like Python's stable sort.
+    for i in range(n):
+        o = items[i]
+        if not Long_CheckExact(o):
+            return sorted(match_indexes, reverse=True)[n // 2]
+        if not rf_small_long(o, &v):
+            overflow = 0
+            v = PyLong_AsLongLongAndOverflow(<object>o, &overflow)
+            if overflow:
+                return sorted(match_indexes, reverse=True)[n // 2]
+        j = i
+        while j > 0 and vals[j - 1] < v:
+            vals[j] = vals[j - 1]
+            pos[j] = pos[j - 1]
+            j -= 1
+        vals[j] = v
+        pos[j] = i
+    if n // 2 < n:   # always true; tells the compiler pos[n // 2] was written
+        kp = pos[n // 2]
+    return <object>items[kp]

@@ -1,0 +1,423 @@
+"""The Raft algorithm as a deterministic state machine: no I/O, no clocks, no global random.
+
+Time passes through ``tick()``; peers' messages arrive through ``step()``; outgoing messages pile
+up in ``msgs`` (send only after the current Ready is durable) and ``eager_msgs`` (the leader's
+AppendEntries and heartbeats, which may be sent while its own write is in progress — Raft thesis
+§10.2.1). ``RawNode`` wraps this class with the Ready/advance contract.
+
+The shape follows etcd-io/raft: pre-vote (thesis §9.6), check-quorum with leader leases for
+vote requests (§6.2), a no-op entry on election (§5.4.2), per-follower progress with probing and
+pipelined replication, and fast backtracking with conflict hints.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from raftfast._accel import batch_info
+from raftfast.core.progress import Progress, ProgressState
+from raftfast.core.quorum import quorum_match, quorum_size, vote_result
+from raftfast.core.raft_log import RaftLog, batch_count
+from raftfast.core.types import (
+    ENTRY_NOOP,
+    ENTRY_NORMAL,
+    HardState,
+    Message,
+    MsgType,
+    Role,
+)
+from raftfast.errors import BatchError, NotLeaderError
+
+_EMPTY = b""
+
+
+@dataclass
+class Config:
+    """Static settings of one Raft node. Times are in ticks (the driver decides a tick's length)."""
+
+    id: str
+    voters: Sequence[str]
+    election_tick: int = 10  # followers campaign after election_tick..2*election_tick-1 ticks
+    heartbeat_tick: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    max_msg_bytes: int = 1 << 20  # payload bytes per AppendEntries frame
+    max_inflight: int = 256  # AppendEntries frames in flight per follower
+    max_inflight_bytes: int = 32 << 20
+    max_apply_bytes: int = 8 << 20  # payload bytes of committed entries per Ready
+
+    def validate(self) -> None:
+        if not self.id:
+            raise ValueError("node id must not be empty")
+        if self.id not in self.voters:
+            raise ValueError(f"node {self.id!r} is not among the voters {list(self.voters)}")
+        if len(set(self.voters)) != len(self.voters):
+            raise ValueError(f"duplicate voter ids in {list(self.voters)}")
+        if self.heartbeat_tick < 1 or self.election_tick <= self.heartbeat_tick:
+            raise ValueError("need 1 <= heartbeat_tick < election_tick")
+        if self.max_msg_bytes < 1 or self.max_inflight < 1 or self.max_inflight_bytes < 1:
+            raise ValueError("message and in-flight limits must be positive")
+
+
+class Raft:
+    def __init__(self, config: Config, entries, hard_state: HardState, rng: random.Random) -> None:
+        config.validate()
+        self.config = config
+        self.id = config.id
+        self.voters: list[str] = list(config.voters)
+        self.rng = rng
+        self.log = RaftLog(entries, hard_state.commit)
+        self.term = hard_state.term
+        self.vote = hard_state.vote
+        self.role = Role.FOLLOWER
+        self.leader = ""
+        self.msgs: list[Message] = []
+        self.eager_msgs: list[Message] = []
+        self.progress: dict[str, Progress] = {}
+        self.votes: dict[str, bool] = {}
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.randomized_election_timeout = 0
+        self.become_follower(self.term, "")
+
+    # -- public inputs -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if self.role == Role.LEADER:
+            self._tick_leader()
+        else:
+            self.election_elapsed += 1
+            if self.election_elapsed >= self.randomized_election_timeout:
+                self.election_elapsed = 0
+                self.campaign()
+
+    def campaign(self) -> None:
+        """Start an election now (pre-vote first when enabled). No-op on a leader."""
+        if self.role == Role.LEADER:
+            return
+        if self.config.pre_vote:
+            self._campaign(pre=True)
+        else:
+            self._campaign(pre=False)
+
+    def propose(self, payloads: Sequence[bytes]) -> tuple[int, int]:
+        """Append client commands as one batch; returns their (first, last) index."""
+        if self.role != Role.LEADER:
+            raise NotLeaderError(leader_id=self.leader or None)
+        if not payloads:
+            raise ValueError("propose needs at least one payload")
+        first = self.log.last_index + 1
+        last = self.log.append(self.term, payloads, ENTRY_NORMAL)
+        self._broadcast_append()
+        return first, last
+
+    def step(self, m: Message) -> None:
+        if m.term > self.term:
+            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE) and self._in_lease():
+                return  # we heard from a live leader recently: don't let a stray node disrupt it
+            if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
+                pass  # pre-vote traffic never changes our term
+            elif m.type in (MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT):
+                self.become_follower(m.term, m.src)
+            else:
+                self.become_follower(m.term, "")
+        elif m.term < self.term:
+            if m.type in (MsgType.APPEND, MsgType.HEARTBEAT):
+                # A stale leader (perhaps cut off and back): tell it our term so it steps down.
+                self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term))
+            elif m.type == MsgType.PRE_VOTE:
+                self._send(Message(MsgType.PRE_VOTE_RESP, self.id, m.src, self.term, reject=True))
+            return
+
+        if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
+            self._handle_vote_request(m)
+        elif self.role == Role.LEADER:
+            self._step_leader(m)
+        elif self.role == Role.FOLLOWER:
+            self._step_follower(m)
+        else:
+            self._step_candidate(m)
+
+    # -- roles ---------------------------------------------------------------------------------
+
+    def become_follower(self, term: int, leader: str) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = ""
+        self.role = Role.FOLLOWER
+        self.leader = leader
+        self._reset_timers()
+        self.progress = {}
+
+    def _become_pre_candidate(self) -> None:
+        # Term and vote stay as they are: a pre-vote must not disturb anyone (thesis §9.6).
+        self.role = Role.PRE_CANDIDATE
+        self.leader = ""
+        self._reset_timers()
+
+    def _become_candidate(self) -> None:
+        self.term += 1
+        self.vote = self.id
+        self.role = Role.CANDIDATE
+        self.leader = ""
+        self._reset_timers()
+
+    def _become_leader(self) -> None:
+        self.role = Role.LEADER
+        self.leader = self.id
+        self._reset_timers()
+        next_index = self.log.last_index + 1
+        self.progress = {peer: Progress(next_index) for peer in self.voters}
+        own = self.progress[self.id]
+        own.become_replicate()
+        own.match_index = self.log.stable
+        # A no-op of our term lets us commit entries of earlier terms (§5.4.2).
+        self.log.append(self.term, [_EMPTY], ENTRY_NOOP)
+        self._broadcast_append()
+
+    def _reset_timers(self) -> None:
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.votes = {}
+        timeout = self.config.election_tick
+        self.randomized_election_timeout = timeout + self.rng.randrange(timeout)
+
+    def _in_lease(self) -> bool:
+        return (
+            self.config.check_quorum
+            and self.leader != ""
+            and self.election_elapsed < self.config.election_tick
+        )
+
+    # -- elections -----------------------------------------------------------------------------
+
+    def _campaign(self, pre: bool) -> None:
+        if pre:
+            self._become_pre_candidate()
+            vote_term, kind = self.term + 1, MsgType.PRE_VOTE
+        else:
+            self._become_candidate()
+            vote_term, kind = self.term, MsgType.VOTE
+        if self._record_vote(self.id, granted=True):
+            return  # a single-node cluster wins at once
+        last_index, last_term = self.log.last_index, self.log.last_term
+        for peer in self.voters:
+            if peer != self.id:
+                self._send(Message(kind, self.id, peer, vote_term, last_index, last_term))
+
+    def _handle_vote_request(self, m: Message) -> None:
+        pre = m.type == MsgType.PRE_VOTE
+        can_vote = (
+            self.vote == m.src
+            or (self.vote == "" and self.leader == "")
+            or (pre and m.term > self.term)
+        )
+        resp_type = MsgType.PRE_VOTE_RESP if pre else MsgType.VOTE_RESP
+        if can_vote and self.log.is_up_to_date(m.index, m.log_term):
+            # For a real vote the answer goes in ``msgs``: it is sent only after the vote is
+            # durable, so a crash can never make us vote twice in one term.
+            self._send(Message(resp_type, self.id, m.src, m.term))
+            if not pre:
+                self.election_elapsed = 0
+                self.vote = m.src
+        else:
+            self._send(Message(resp_type, self.id, m.src, self.term, reject=True))
+
+    def _step_candidate(self, m: Message) -> None:
+        expected = MsgType.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else MsgType.VOTE_RESP
+        if m.type in (MsgType.APPEND, MsgType.HEARTBEAT):
+            self.become_follower(m.term, m.src)  # a leader of our term exists
+            self._step_follower(m)
+        elif m.type == expected:
+            if self.role == Role.PRE_CANDIDATE and not m.reject and m.term != self.term + 1:
+                return  # an answer to an older pre-vote round
+            self._record_vote(m.src, granted=not m.reject)
+
+    def _record_vote(self, voter: str, granted: bool) -> bool:
+        """Count a vote; returns True when the election was won (and acted on)."""
+        self.votes.setdefault(voter, granted)
+        granted_n = sum(1 for v in self.votes.values() if v)
+        result = vote_result(granted_n, len(self.votes) - granted_n, len(self.voters))
+        if result is True:
+            if self.role == Role.PRE_CANDIDATE:
+                self._campaign(pre=False)
+            else:
+                self._become_leader()
+            return True
+        if result is False:
+            self.become_follower(self.term, "")
+        return False
+
+    # -- follower ------------------------------------------------------------------------------
+
+    def _step_follower(self, m: Message) -> None:
+        if m.type == MsgType.APPEND:
+            self.election_elapsed = 0
+            self.leader = m.src
+            self._handle_append(m)
+        elif m.type == MsgType.HEARTBEAT:
+            self.election_elapsed = 0
+            self.leader = m.src
+            self.log.commit_to(min(m.commit, self.log.last_index))
+            self._send(Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term))
+        elif m.type == MsgType.TIMEOUT_NOW:
+            self._campaign(pre=False)
+
+    def _handle_append(self, m: Message) -> None:
+        log = self.log
+        if m.index < log.committed:
+            # Everything up to our commit index is settled; say so and let the leader skip on.
+            self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, log.committed))
+            return
+        count = 0
+        if m.entries:
+            try:
+                first, count = batch_info(m.entries)
+            except BatchError:
+                return  # a corrupt frame: drop it, the leader will send it again
+            if first != m.index + 1:
+                return
+        if log.match_term(m.index, m.log_term):
+            last_new = m.index + count
+            if count:
+                log.merge(m.entries, log.committed)
+            log.commit_to(min(m.commit, last_new))
+            self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, last_new))
+            return
+        # Fast backtracking: point the leader at the last entry that could still match.
+        hint = log.entries.find_conflict_by_term(min(m.index, log.last_index), m.log_term)
+        self._send(
+            Message(
+                MsgType.APPEND_RESP,
+                self.id,
+                m.src,
+                self.term,
+                m.index,
+                log.term_at(hint),
+                reject=True,
+                hint=hint,
+            )
+        )
+
+    # -- leader --------------------------------------------------------------------------------
+
+    def _tick_leader(self) -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.config.election_tick:
+            self.election_elapsed = 0
+            if self.config.check_quorum and not self._quorum_active():
+                self.become_follower(self.term, "")
+                return
+        if self.heartbeat_elapsed >= self.config.heartbeat_tick:
+            self.heartbeat_elapsed = 0
+            self._broadcast_heartbeat()
+
+    def _quorum_active(self) -> bool:
+        """Check-quorum: did a quorum (counting us) talk to us since the last round?"""
+        active = 0
+        for peer, pr in self.progress.items():
+            if peer == self.id or pr.recent_active:
+                active += 1
+            pr.recent_active = False
+        return active >= quorum_size(len(self.voters))
+
+    def _step_leader(self, m: Message) -> None:
+        pr = self.progress.get(m.src)
+        if pr is None:
+            return  # not a member of our configuration
+        if m.type == MsgType.APPEND_RESP:
+            pr.recent_active = True
+            if m.reject:
+                self._handle_reject(m, pr)
+            elif pr.maybe_update(m.index):
+                if pr.state == ProgressState.PROBE:
+                    pr.become_replicate()
+                if self._maybe_commit():
+                    self._broadcast_append()
+            while self._send_append(m.src, pr):
+                pass
+        elif m.type == MsgType.HEARTBEAT_RESP:
+            pr.recent_active = True
+            pr.probe_sent = False
+            # The follower is alive but our window is full: frames may have been lost. Free one
+            # slot so a frame goes out; a gap makes the follower reject and we probe again.
+            pr.free_one_if_full(self.config.max_inflight, self.config.max_inflight_bytes)
+            if pr.match_index < self.log.last_index:
+                self._send_append(m.src, pr)
+
+    def _handle_reject(self, m: Message, pr: Progress) -> None:
+        probe_hint = m.hint
+        if m.log_term > 0 and m.hint >= self.log.first_index - 1:
+            # Skip every entry of the follower's conflicting term in one round trip.
+            probe_hint = self.log.entries.find_conflict_by_term(
+                min(m.hint, self.log.last_index), m.log_term
+            )
+        pr.maybe_decrease(m.index, probe_hint)
+
+    def _broadcast_append(self) -> None:
+        for peer, pr in self.progress.items():
+            if peer != self.id and self._send_append(peer, pr, allow_empty=True):
+                while self._send_append(peer, pr):  # fill the pipelining window
+                    pass
+
+    def _broadcast_heartbeat(self) -> None:
+        for peer, pr in self.progress.items():
+            if peer != self.id:
+                commit = min(pr.match_index, self.log.committed)
+                self._send(Message(MsgType.HEARTBEAT, self.id, peer, self.term, commit=commit))
+
+    def _send_append(self, peer: str, pr: Progress, allow_empty: bool = False) -> bool:
+        """Send the next frame of entries to ``peer``; True if it carried entries."""
+        cfg = self.config
+        if pr.is_paused(cfg.max_inflight, cfg.max_inflight_bytes):
+            return False
+        log = self.log
+        has_entries = pr.next_index <= log.last_index
+        if not has_entries and not allow_empty:
+            return False
+        prev = pr.next_index - 1
+        prev_term = log.term_at(prev)
+        batch = log.entries.slice(pr.next_index, log.last_index + 1, cfg.max_msg_bytes)
+        count = batch_count(batch)
+        self._send(
+            Message(
+                MsgType.APPEND,
+                self.id,
+                peer,
+                self.term,
+                prev,
+                prev_term,
+                batch if count else _EMPTY,
+                log.committed,
+            )
+        )
+        if count:
+            pr.sent(prev + count, len(batch))
+        return count > 0
+
+    def _maybe_commit(self) -> bool:
+        """Advance the commit index to the quorum's durable match, if it is of our term."""
+        self.progress[self.id].match_index = self.log.stable
+        index = quorum_match(self.progress[v].match_index for v in self.voters)
+        if index > self.log.committed and self.log.term_at(index) == self.term:
+            return self.log.commit_to(index)
+        return False
+
+    def on_persisted(self) -> None:
+        """The driver made our entries durable: the leader may now count itself."""
+        if self.role == Role.LEADER and self._maybe_commit():
+            self._broadcast_append()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _send(self, m: Message) -> None:
+        if self.role == Role.LEADER and m.type in (MsgType.APPEND, MsgType.HEARTBEAT):
+            self.eager_msgs.append(m)
+        else:
+            self.msgs.append(m)
+
+    def hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.log.committed)

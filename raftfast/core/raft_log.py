@@ -1,0 +1,121 @@
+"""The Raft log as the algorithm sees it: entries plus commit, applied and durable positions.
+
+Entries live in an ``EntryLog`` (compiled or pure twin). The log has a first index from day one:
+everything before ``first_index`` was compacted into a snapshot whose last entry is
+``(first_index - 1, prev_term)``.
+"""
+
+from __future__ import annotations
+
+from raftfast.errors import CompactedError, UnavailableError
+
+
+def batch_count(batch: bytes) -> int:
+    """Number of entries in a packed batch (header field; the batch was validated before)."""
+    return int.from_bytes(batch[4:8], "little") if batch else 0
+
+
+class RaftLog:
+    __slots__ = ("entries", "committed", "applied", "stable", "_truncated_floor")
+
+    def __init__(self, entries, committed: int = 0) -> None:
+        self.entries = entries
+        snapshot_index = entries.first_index - 1
+        # A torn write may have kept a hard state whose commit is past the surviving entries.
+        self.committed = max(snapshot_index, min(committed, entries.last_index))
+        self.applied = snapshot_index
+        self.stable = entries.last_index  # everything recovered from storage is durable
+        self._truncated_floor: int | None = None
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def last_index(self) -> int:
+        return self.entries.last_index
+
+    @property
+    def last_term(self) -> int:
+        return self.entries.last_term
+
+    @property
+    def first_index(self) -> int:
+        return self.entries.first_index
+
+    def term_at(self, index: int) -> int:
+        """Term of ``index``, or 0 when it is outside the log (compacted or not yet there)."""
+        try:
+            return self.entries.term_at(index)
+        except (CompactedError, UnavailableError):
+            return 0
+
+    def match_term(self, index: int, term: int) -> bool:
+        if index < self.entries.first_index - 1 or index > self.entries.last_index:
+            return False
+        return self.entries.term_at(index) == term
+
+    def is_up_to_date(self, last_index: int, last_term: int) -> bool:
+        """Raft §5.4.1: is a candidate's log at least as up to date as ours?"""
+        our_term = self.entries.last_term
+        return last_term > our_term or (last_term == our_term and last_index >= self.last_index)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append(self, term: int, payloads, etype: int) -> int:
+        return self.entries.append(term, payloads, etype)
+
+    def merge(self, batch: bytes, committed: int) -> None:
+        """Follower side of AppendEntries: skip entries we have, truncate a conflict, append."""
+        conflict = self.entries.find_conflict(batch)
+        first = int.from_bytes(batch[8:16], "little")
+        if conflict >= first + batch_count(batch):
+            return  # every entry already present
+        if conflict <= committed:
+            raise AssertionError(
+                f"entry {conflict} conflicts with committed index {committed}: safety violated"
+            )
+        if conflict <= self.entries.last_index:
+            self.truncate_after(conflict - 1)
+        self.entries.append_batch(batch, conflict)
+
+    def truncate_after(self, index: int) -> None:
+        self.entries.truncate_after(index)
+        if index < self.stable:
+            self.stable = index
+        if self._truncated_floor is not None and index < self._truncated_floor:
+            self._truncated_floor = index
+
+    def commit_to(self, index: int) -> bool:
+        if index > self.committed:
+            if index > self.last_index:
+                raise AssertionError(f"commit {index} beyond last index {self.last_index}")
+            self.committed = index
+            return True
+        return False
+
+    # -- the Ready cycle -----------------------------------------------------------------------
+
+    def unstable_batch(self) -> tuple[bytes, int, int]:
+        """Entries not yet handed to storage: (packed batch, last index, last term)."""
+        last = self.entries.last_index
+        if last <= self.stable:
+            return b"", 0, 0
+        return self.entries.slice(self.stable + 1, last + 1), last, self.entries.last_term
+
+    def begin_persist(self) -> None:
+        """A Ready with entries was handed out; watch for truncations while it is written."""
+        self._truncated_floor = self.entries.last_index
+
+    def end_persist(self, last_index: int) -> None:
+        """Storage made the Ready's entries durable. A truncation meanwhile voids its suffix."""
+        floor = self._truncated_floor
+        self._truncated_floor = None
+        durable = last_index if floor is None else min(last_index, floor)
+        if durable > self.stable:
+            self.stable = durable
+
+    def committed_batch(self, max_bytes: int) -> tuple[bytes, int]:
+        """Committed entries not yet applied: (packed batch, last index in it)."""
+        if self.committed <= self.applied:
+            return b"", 0
+        batch = self.entries.slice(self.applied + 1, self.committed + 1, max_bytes)
+        return batch, self.applied + batch_count(batch)

@@ -1,0 +1,141 @@
+"""RawNode: the Ready/advance contract between the pure Raft core and whoever drives it.
+
+    node.tick(); node.step(msg); node.propose([b"...", ...])
+    rd = node.ready()          # at most one Ready outstanding
+    persist rd.hard_state + rd.entries (one write, one fdatasync)   | send rd.eager_messages
+    send rd.messages                                                 | (any time)
+    apply rd.committed
+    node.advance(rd)
+
+The driver may keep calling tick/step/propose while a Ready is being persisted; whatever that
+produces goes into the next Ready. That is what makes group commit natural: everything that
+arrived during one fdatasync is written by the next.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from raftfast.core.raft import Config, Raft
+from raftfast.core.types import HardState, Message, MsgType, Ready, Role
+
+
+@dataclass(frozen=True)
+class Status:
+    id: str
+    role: Role
+    term: int
+    leader: str
+    commit_index: int
+    applied_index: int
+    last_index: int
+    durable_index: int
+    progress: dict[str, tuple[int, int]]  # leader only: peer -> (match index, next index)
+
+
+class RawNode:
+    def __init__(
+        self,
+        config: Config,
+        entries,
+        hard_state: HardState = HardState(),
+        rng: random.Random | None = None,
+    ) -> None:
+        """``entries`` is the EntryLog recovered from storage (it is owned by the node from now)."""
+        self.raft = Raft(config, entries, hard_state, rng or random.Random(0))
+        self._prev_hard_state = hard_state
+        self._prev_soft_state = (self.raft.role, self.raft.leader)
+        self._outstanding: Ready | None = None
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        self.raft.tick()
+
+    def step(self, m: Message) -> None:
+        self.raft.step(m)
+
+    def propose(self, payloads: Sequence[bytes]) -> tuple[int, int]:
+        """Append commands as one batch; raises NotLeaderError (with a leader hint) elsewhere."""
+        return self.raft.propose(payloads)
+
+    def campaign(self) -> None:
+        self.raft.campaign()
+
+    # -- Ready / advance -----------------------------------------------------------------------
+
+    def has_ready(self) -> bool:
+        r = self.raft
+        return bool(
+            r.msgs
+            or r.eager_msgs
+            or r.log.last_index > r.log.stable
+            or r.log.committed > r.log.applied
+            or r.hard_state() != self._prev_hard_state
+            or (r.role, r.leader) != self._prev_soft_state
+        )
+
+    def ready(self) -> Ready:
+        if self._outstanding is not None:
+            raise RuntimeError("ready() called again before advance()")
+        r = self.raft
+        rd = Ready()
+        hs = r.hard_state()
+        if hs != self._prev_hard_state:
+            rd.hard_state = hs
+        rd.entries, rd.last_index, rd.last_term = r.log.unstable_batch()
+        if rd.entries:
+            r.log.begin_persist()
+        rd.committed, rd.committed_last = r.log.committed_batch(r.config.max_apply_bytes)
+        rd.messages = _drop_stale_acks(r.msgs, r.term)
+        rd.eager_messages = r.eager_msgs
+        r.msgs, r.eager_msgs = [], []
+        soft = (r.role, r.leader)
+        if soft != self._prev_soft_state:
+            rd.soft_state = soft
+            self._prev_soft_state = soft
+        self._outstanding = rd
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        if rd is not self._outstanding:
+            raise RuntimeError("advance() with a Ready that is not the outstanding one")
+        self._outstanding = None
+        log = self.raft.log
+        if rd.hard_state is not None:
+            self._prev_hard_state = rd.hard_state
+        if rd.entries:
+            log.end_persist(rd.last_index)
+        if rd.committed_last:
+            log.applied = rd.committed_last
+        self.raft.on_persisted()
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        r = self.raft
+        progress = {p: (pr.match_index, pr.next_index) for p, pr in r.progress.items()}
+        return Status(
+            r.id,
+            r.role,
+            r.term,
+            r.leader,
+            r.log.committed,
+            r.log.applied,
+            r.log.last_index,
+            r.log.stable,
+            progress,
+        )
+
+
+def _drop_stale_acks(msgs: list[Message], term: int) -> list[Message]:
+    """Drop acknowledgements made in an earlier term of ours.
+
+    They may refer to entries a newer leader has since overwritten (before they were ever
+    durable), so they must not be sent after this Ready's write completes.
+    """
+    if all(m.term >= term or m.type != MsgType.APPEND_RESP for m in msgs):
+        return msgs
+    return [m for m in msgs if m.term >= term or m.type != MsgType.APPEND_RESP]

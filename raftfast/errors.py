@@ -1,0 +1,47 @@
+"""Exceptions shared by the compiled modules, their pure twins and the public API."""
+
+from __future__ import annotations
+
+
+class RaftfastError(Exception):
+    """Base class of every raftfast error."""
+
+
+class BatchError(RaftfastError, ValueError):
+    """A packed entry batch is malformed: bad magic, truncated, wrong length or CRC mismatch."""
+
+
+class LogError(RaftfastError):
+    """An operation on the in-memory log is not valid for its current bounds."""
+
+
+class CompactedError(LogError, IndexError):
+    """The requested index lies before the log's first index (it was compacted away)."""
+
+
+class UnavailableError(LogError, IndexError):
+    """The requested index lies after the log's last index."""
+
+
+class CorruptionError(RaftfastError):
+    """Durable state is corrupt; the node must not start on it.
+
+    ``path`` and ``offset`` name where the damage was found.
+    """
+
+    def __init__(self, message: str, path: str = "", offset: int = -1) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+class StorageError(RaftfastError):
+    """Durable storage failed (a write or fdatasync error); the node must stop."""
+
+
+class NotLeaderError(RaftfastError):
+    """The node is not the leader; ``leader_id`` is the known leader, or None."""
+
+    def __init__(self, message: str = "not the leader", leader_id: str | None = None) -> None:
+        super().__init__(message)
+        self.leader_id = leader_id

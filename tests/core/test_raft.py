@@ -1,0 +1,335 @@
+"""Unit tests of the pure Raft core: elections, replication, commit rules, the Ready contract."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from raftfast._accel import EntryLog, encode_batch
+from raftfast.core.raft import Config
+from raftfast.core.rawnode import RawNode
+from raftfast.core.types import ENTRY_NOOP, HardState, Message, MsgType, Role
+from raftfast.errors import NotLeaderError
+
+from .netutil import Net
+
+IDS = ["a", "b", "c"]
+
+
+def lone_node(nid: str = "a", voters=IDS, entries=None, hs=HardState(), **cfg) -> RawNode:
+    return RawNode(Config(nid, voters, **cfg), entries or EntryLog(), hs, random.Random(7))
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "voters, kwargs",
+    [
+        (["b", "c"], {}),
+        (["a", "a", "b"], {}),
+        (IDS, {"election_tick": 1, "heartbeat_tick": 1}),
+        (IDS, {"max_inflight": 0}),
+    ],
+)
+def test_bad_config_is_rejected(voters, kwargs):
+    with pytest.raises(ValueError):
+        lone_node(voters=voters, **kwargs)
+
+
+# -- elections -----------------------------------------------------------------------------
+
+
+def test_single_node_elects_itself_and_commits_only_once_durable():
+    node = lone_node(voters=["a"])
+    node.campaign()
+    rd = node.ready()
+    assert node.raft.role == Role.LEADER
+    assert rd.committed == b""  # its no-op is not durable yet
+    node.advance(rd)
+    rd = node.ready()
+    assert rd.committed_last == 1
+    node.advance(rd)
+    node.propose([b"x"])
+    rd = node.ready()
+    assert rd.committed == b"" and rd.last_index == 2
+    node.advance(rd)
+    assert node.ready().committed_last == 2
+
+
+def test_three_nodes_elect_exactly_one_leader_by_ticking():
+    net = Net(IDS)
+    net.tick_all(40)
+    assert len(net.leaders()) == 1
+    leader = net.node(net.leaders()[0])
+    assert leader.raft.term >= 1
+    assert all(n.raft.leader == leader.raft.id for n in net.nodes.values())
+
+
+def test_vote_is_persisted_before_it_is_answered():
+    follower = lone_node("b")
+    follower.step(Message(MsgType.VOTE, "a", "b", term=1, index=0, log_term=0))
+    rd = follower.ready()
+    assert rd.hard_state == HardState(1, "a", 0)
+    assert [m.type for m in rd.messages] == [MsgType.VOTE_RESP]
+    assert not rd.messages[0].reject
+    assert rd.eager_messages == []  # never sent before the vote is durable
+
+
+def test_one_vote_per_term():
+    follower = lone_node("c")
+    follower.step(Message(MsgType.VOTE, "a", "c", term=1))
+    follower.step(Message(MsgType.VOTE, "b", "c", term=1))
+    answers = {m.dst: m.reject for m in follower.ready().messages}
+    assert answers == {"a": False, "b": True}
+
+
+def test_vote_denied_to_a_less_up_to_date_log():
+    entries = EntryLog()
+    entries.append(2, [b"x", b"y"])
+    node = lone_node("c", entries=entries, hs=HardState(2, "", 0))
+    node.step(Message(MsgType.VOTE, "a", "c", term=3, index=5, log_term=1))
+    (resp,) = node.ready().messages
+    assert resp.reject and node.raft.vote == ""
+
+
+def test_pre_vote_does_not_disturb_the_term_of_a_partitioned_node():
+    net = Net(IDS)
+    net.elect("a")
+    term = net.node("a").raft.term
+    net.down.add("c")
+    for _ in range(60):
+        net.node("c").tick()
+        net.drive()
+    c = net.node("c").raft
+    assert c.term == term  # pre-vote never reached a quorum, so no term inflation
+    net.down.clear()
+    net.tick_all(3)
+    assert net.leaders() == ["a"] and net.node("a").raft.term == term
+
+
+def test_without_pre_vote_a_rejoining_node_inflates_terms():
+    net = Net(IDS, pre_vote=False, check_quorum=False)
+    net.elect("a")
+    net.down.add("c")
+    for _ in range(60):
+        net.node("c").tick()
+        net.drive()
+    assert net.node("c").raft.term > net.node("a").raft.term
+
+
+def test_check_quorum_makes_an_isolated_leader_step_down():
+    net = Net(IDS)
+    net.elect("a")
+    net.down.update({"b", "c"})
+    for _ in range(2 * 10):
+        net.node("a").tick()
+        net.drive()
+    assert net.node("a").raft.role == Role.FOLLOWER
+
+
+def test_leader_lease_ignores_vote_requests_while_it_hears_from_the_leader():
+    net = Net(IDS)
+    net.elect("a")
+    b = net.node("b")
+    b.step(Message(MsgType.VOTE, "c", "b", term=9, index=100, log_term=9))
+    assert b.raft.term == 1 and b.raft.vote != "c"
+
+
+def test_stale_leader_steps_down_on_a_higher_term_answer():
+    net = Net(IDS)
+    net.elect("a")
+    net.down.add("a")
+    net.tick_all(40)  # b and c elect a new leader among themselves
+    (new_leader,) = net.leaders()
+    net.down.clear()
+    a = net.node("a")
+    assert a.raft.role == Role.LEADER  # it heard nothing yet
+    a.propose([b"lost?"])
+    net.drive()
+    assert a.raft.role == Role.FOLLOWER
+    assert a.raft.term == net.node(new_leader).raft.term
+    net.tick_all(1)  # the new leader's heartbeat names it
+    assert a.raft.leader == new_leader
+    assert b"lost?" not in net.applied[new_leader]
+
+
+# -- replication ---------------------------------------------------------------------------
+
+
+def test_propose_replicates_and_applies_everywhere():
+    net = Net(IDS)
+    net.elect("a")
+    first, last = net.node("a").propose([b"x", b"y", b"z"])
+    assert (first, last) == (2, 4)
+    net.drive()
+    for nid in IDS:
+        assert net.applied[nid] == [b"", b"x", b"y", b"z"]
+
+
+def test_propose_on_a_follower_names_the_leader():
+    net = Net(IDS)
+    net.elect("a")
+    with pytest.raises(NotLeaderError) as info:
+        net.node("b").propose([b"x"])
+    assert info.value.leader_id == "a"
+
+
+def test_follower_acknowledges_only_after_persisting():
+    net = Net(IDS)
+    net.elect("a")
+    net.node("a").propose([b"x"])
+    leader_rd = net.node("a").ready()
+    (to_b,) = [m for m in leader_rd.eager_messages if m.dst == "b" and m.entries]
+    b = net.node("b")
+    b.step(to_b)
+    rd = b.ready()
+    assert rd.entries and rd.last_index == 2
+    acks = [m for m in rd.messages if m.type == MsgType.APPEND_RESP]
+    assert acks and acks[0].index == 2  # in ``messages``: sent only after rd is durable
+    assert rd.eager_messages == []
+
+
+def test_leader_counts_itself_only_once_durable():
+    net = Net(IDS)
+    net.elect("a")
+    a = net.node("a")
+    a.propose([b"x"])
+    rd = a.ready()  # the leader's write is in progress
+    (to_b,) = [m for m in rd.eager_messages if m.dst == "b" and m.entries]
+    net.node("b").step(to_b)
+    rd_b = net.node("b").ready()
+    net.node("b").advance(rd_b)
+    for m in rd_b.messages:
+        a.step(m)
+    # Index 2 is durable on b only: a's own copy counts once a's write completes.
+    assert a.raft.log.committed == 1
+    a.advance(rd)
+    assert a.raft.log.committed == 2
+
+
+def test_leader_commits_old_term_entries_only_through_an_entry_of_its_term():
+    """Raft §5.4.2 / Figure 8: replicas of an old-term entry alone never commit it."""
+    entries = EntryLog()
+    entries.append(1, [b""])
+    entries.append(2, [b"old"])
+    hs = HardState(3, "a", 1)
+    a = RawNode(Config("a", IDS), entries, hs, random.Random(1))
+    a.raft._campaign(pre=False)  # term 4
+    for voter in ("b", "c"):
+        a.step(Message(MsgType.VOTE_RESP, voter, "a", a.raft.term))
+    assert a.raft.role == Role.LEADER
+    rd = a.ready()
+    a.advance(rd)
+    # b reports a durable match of index 2 (the term-2 entry) only.
+    a.step(Message(MsgType.APPEND_RESP, "b", "a", a.raft.term, index=2))
+    assert a.raft.log.committed == 1, "an old-term entry must not be committed by counting"
+    a.step(Message(MsgType.APPEND_RESP, "b", "a", a.raft.term, index=3))
+    assert a.raft.log.committed == 3  # the no-op of term 4 commits everything before it
+    assert a.raft.log.entries.entry(3)[1] == ENTRY_NOOP
+
+
+def test_conflicting_suffix_is_truncated_and_replaced():
+    entries = EntryLog()
+    entries.append(1, [b"a", b"b"])
+    entries.append(2, [b"stale1", b"stale2"])
+    b = lone_node("b", entries=entries, hs=HardState(2, "", 2))
+    batch = encode_batch(3, [3, 3], [b"new1", b"new2"])
+    b.step(Message(MsgType.APPEND, "a", "b", 3, index=2, log_term=1, entries=batch, commit=4))
+    log = b.raft.log
+    assert [log.entries.entry(i)[2] for i in range(1, 5)] == [b"a", b"b", b"new1", b"new2"]
+    assert log.committed == 4
+    rd = b.ready()
+    assert rd.entries and rd.last_index == 4  # the overwrite is handed to storage again
+
+
+def test_duplicate_append_is_idempotent():
+    b = lone_node("b")
+    batch = encode_batch(1, [1, 1], [b"x", b"y"])
+    m = Message(MsgType.APPEND, "a", "b", 1, index=0, log_term=0, entries=batch, commit=0)
+    b.step(m)
+    b.step(m)
+    assert b.raft.log.last_index == 2
+    assert [r.index for r in b.ready().messages] == [2, 2]
+
+
+def test_corrupt_or_misplaced_batch_is_dropped():
+    b = lone_node("b")
+    batch = bytearray(encode_batch(1, [1], [b"x"]))
+    batch[-1] ^= 0xFF
+    b.step(Message(MsgType.APPEND, "a", "b", 1, index=0, entries=bytes(batch)))
+    b.step(Message(MsgType.APPEND, "a", "b", 1, index=5, log_term=0, entries=batch[:0]))
+    wrong_place = encode_batch(7, [1], [b"x"])
+    b.step(Message(MsgType.APPEND, "a", "b", 1, index=0, entries=wrong_place))
+    assert b.raft.log.last_index == 0
+
+
+def test_fast_backtracking_skips_a_whole_conflicting_term():
+    def log_with(*runs):
+        entries = EntryLog()
+        for term, count in runs:
+            entries.append(term, [b"e%d" % term] * count)
+        return entries
+
+    net = Net(IDS)
+    # a and b share 60 entries of term 3; c holds 50 entries of a term-2 leader nobody kept.
+    for nid, entries in [
+        ("a", log_with((1, 1), (3, 60))),
+        ("b", log_with((1, 1), (3, 60))),
+        ("c", log_with((1, 1), (2, 50))),
+    ]:
+        net.nodes[nid] = RawNode(Config(nid, IDS), entries, HardState(3, "", 1), random.Random(3))
+    net.elect("a")
+    net.drive()
+    rejects = [m for m in net.sent if m.type == MsgType.APPEND_RESP and m.reject]
+    assert len(rejects) == 1  # one round trip skips the whole term-2 run, not 50
+    assert net.node("c").raft.log.entries.slice(1, 63) == net.node("a").raft.log.entries.slice(
+        1, 63
+    )
+
+
+def test_pipelining_keeps_several_frames_in_flight():
+    net = Net(IDS, max_msg_bytes=10, max_inflight=4)
+    net.elect("a")
+    a = net.node("a")
+    a.propose([b"0123456789"] * 20)
+    rd = a.ready()
+    to_b = [m for m in rd.eager_messages if m.dst == "b" and m.entries]
+    assert len(to_b) == 4  # the window, not one frame per round trip
+    a.advance(rd)
+    for m in to_b:
+        net.node("b").step(m)
+    net.drive()
+    assert net.applied["b"][-1] == b"0123456789" and len(net.applied["b"]) == 21
+
+
+def test_follower_learns_commit_index_from_heartbeats():
+    net = Net(IDS)
+    net.elect("a")
+    net.node("a").propose([b"x"])
+    net.drive()
+    assert net.node("b").raft.log.committed == 2
+    net.tick_all(1)
+    assert net.node("c").status().applied_index == 2
+
+
+def test_advance_must_follow_ready():
+    node = lone_node(voters=["a"])
+    node.campaign()
+    rd = node.ready()
+    with pytest.raises(RuntimeError):
+        node.ready()
+    node.advance(rd)
+    with pytest.raises(RuntimeError):
+        node.advance(rd)
+
+
+def test_restart_from_storage_keeps_term_vote_and_commit():
+    entries = EntryLog()
+    entries.append(1, [b"", b"x"])
+    node = lone_node("b", entries=entries, hs=HardState(5, "a", 9))
+    s = node.status()
+    assert (s.term, node.raft.vote) == (5, "a")
+    assert s.commit_index == 2  # clamped to what survived (a torn tail may lose entries)
+    assert s.durable_index == 2

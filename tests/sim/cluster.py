@@ -1,0 +1,395 @@
+"""Deterministic simulation of a Raft cluster: RawNodes over a faulty in-memory network.
+
+Everything random comes from one ``random.Random(seed)``, so a failing seed replays exactly.
+Virtual time advances in units; a node ticks every ``TICK`` units. Each node is driven the way
+the real driver does it: take a Ready, buffer its writes, send the eager messages, and only when
+the (simulated) fdatasync completes send the rest, apply, and advance. A crash loses everything
+not yet synced.
+
+After every event the cluster checks Raft's safety properties (Figure 3 of the Raft paper):
+election safety, log matching, leader completeness and state-machine safety; and the final
+phase checks that every acknowledged proposal was committed on every node.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import dataclass, field
+
+from raftfast._accel import decode_batch
+from raftfast.core.raft import Config
+from raftfast.core.rawnode import RawNode
+from raftfast.core.types import ENTRY_NORMAL, Message, Ready, Role
+from raftfast.errors import NotLeaderError
+from raftfast.storage.memory import MemoryStorage
+
+TICK = 10  # time units per node tick
+
+
+class SafetyViolation(AssertionError):
+    pass
+
+
+@dataclass
+class Faults:
+    """How hostile one simulated run is; drawn from the seed."""
+
+    drop: float = 0.0  # probability a message is lost
+    duplicate: float = 0.0  # probability a message is delivered twice
+    max_delay: int = 5  # delivery delay in units, uniform in [1, max_delay] (reorders messages)
+    max_fsync: int = 5  # fdatasync duration in units, uniform in [0, max_fsync]
+    crash: float = 0.0  # per-unit probability that some node crashes
+    crash_in_sync: float = 0.0  # probability that a node crashes instead of completing a sync
+    partition: float = 0.0  # per-unit probability that the partition changes
+    propose: float = 0.05  # per-unit probability of a client proposal
+
+    @classmethod
+    def random(cls, rng: random.Random) -> Faults:
+        return cls(
+            drop=rng.choice([0.0, 0.01, 0.05, 0.15]),
+            duplicate=rng.choice([0.0, 0.02, 0.1]),
+            max_delay=rng.choice([1, 5, 15, 40]),
+            max_fsync=rng.choice([0, 3, 10, 30]),
+            crash=rng.choice([0.0, 0.001, 0.003, 0.01, 0.03]),
+            crash_in_sync=rng.choice([0.0, 0.0, 0.01, 0.05]),
+            partition=rng.choice([0.0, 0.002, 0.005]),
+            propose=rng.choice([0.02, 0.1, 0.3]),
+        )
+
+
+@dataclass
+class SimNode:
+    id: str
+    storage: MemoryStorage
+    raw: RawNode | None = None
+    pending: Ready | None = None
+    sync_at: int = 0
+    tick_phase: int = 0
+    applied_index: int = 0
+    restart_at: int = 0  # when crashed: time to restart
+
+
+@dataclass(order=True)
+class _Delivery:
+    at: int
+    seq: int
+    msg: Message = field(compare=False)
+
+
+class Cluster:
+    def __init__(self, n: int, seed: int, faults: Faults | None = None, **config) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.faults = faults or Faults.random(self.rng)
+        self.initial_faults = self.faults
+        self.ids = [f"n{i + 1}" for i in range(n)]
+        # Small frames and windows make every ack cover few entries: more interleavings.
+        self.config = {
+            "max_msg_bytes": self.rng.choice([1, 16, 1 << 20]),
+            "max_inflight": self.rng.choice([1, 4, 256]),
+            # Safety must not depend on the optional protections: sometimes run without them.
+            "pre_vote": self.rng.random() < 0.7,
+            "check_quorum": self.rng.random() < 0.7,
+            **config,
+        }
+        self.time = 0
+        self._seq = 0
+        self.queue: list[_Delivery] = []
+        self.blocked: set[tuple[str, str]] = set()  # (src, dst) pairs that cannot talk
+        self.nodes = {nid: SimNode(nid, MemoryStorage()) for nid in self.ids}
+        for i, node in enumerate(self.nodes.values()):
+            node.tick_phase = (i * 3) % TICK
+            self._start(node)
+        # Checker state.
+        self.leaders: dict[int, str] = {}  # term -> the one leader of that term
+        self.committed: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, type, payload)
+        self.proposed: dict[bytes, str] = {}  # payload -> node that accepted it
+        self.acked: set[bytes] = set()
+        self._completeness_checked: set[int] = set()  # terms whose leader was checked
+        self.events: list[str] = []
+        self.stats = {"crashes": 0, "partitions": 0, "proposals": 0, "elections": 0}
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, units: int) -> None:
+        for _ in range(units):
+            self.step()
+
+    def step(self) -> None:
+        self.time += 1
+        now = self.time
+        faults = self.faults
+        while self.queue and self.queue[0].at <= now:
+            self._deliver(heapq.heappop(self.queue).msg)
+        for node in self.nodes.values():
+            if node.raw is None:
+                if now >= node.restart_at:
+                    self._start(node)
+                continue
+            if node.pending is not None and now >= node.sync_at:
+                if faults.crash_in_sync and self.rng.random() < faults.crash_in_sync:
+                    self.crash(node.id)  # power lost while the write was in flight
+                    continue
+                self._complete_sync(node)
+            if (now + node.tick_phase) % TICK == 0:
+                node.raw.tick()
+                self._after_input(node)
+        if faults.crash and self.rng.random() < faults.crash:
+            self.crash(self.rng.choice(self.ids))
+        if faults.partition and self.rng.random() < faults.partition:
+            self._change_partition()
+        if faults.propose and self.rng.random() < faults.propose:
+            self.propose_random()
+
+    def heal(self) -> None:
+        """Stop injecting faults and restart everything: the system must now make progress."""
+        self.blocked.clear()
+        self.faults = Faults(
+            max_delay=self.faults.max_delay, max_fsync=self.faults.max_fsync, propose=0.0
+        )
+        for node in self.nodes.values():
+            if node.raw is None:
+                self._start(node)
+
+    def settle(self, stall_units: int, max_units: int = 400_000) -> None:
+        """After heal(): run until a leader commits a fresh proposal and every node applied it.
+
+        Fails if no node appends, persists or applies anything for ``stall_units`` (liveness is
+        lost), or if the
+        whole catch-up exceeds ``max_units`` (a bound on the test's run time).
+        """
+        marker, retry_at = None, 0
+        last_progress, progress_at = -1, self.time
+        for _ in range(max_units):
+            self.step()
+            leader = self.leader()
+            if leader is not None and self.time >= retry_at:
+                # Like a client: (re)try through whoever leads now; a deposed leader loses it.
+                marker = self._propose(leader, 1) or marker
+                retry_at = self.time + 50 * TICK
+            if marker is not None and self._all_applied(marker):
+                return
+            progress = self._progress_signature()
+            if progress != last_progress:
+                last_progress, progress_at = progress, self.time
+            elif self.time - progress_at > stall_units:
+                break
+        raise SafetyViolation(
+            f"no progress after healing (t={self.time}, leader={self.leader() and self.leader().id}"
+            f", status={self.describe()})"
+        )
+
+    # -- client --------------------------------------------------------------------------------
+
+    def propose_random(self) -> None:
+        alive = [n for n in self.nodes.values() if n.raw is not None]
+        if alive:
+            self._propose(self.rng.choice(alive), self.rng.randint(1, 4))
+
+    def _propose(self, node: SimNode, count: int) -> bytes | None:
+        payloads = []
+        for _ in range(count):
+            self.stats["proposals"] += 1
+            payloads.append(b"s%d-p%d" % (self.seed, self.stats["proposals"]))
+        try:
+            node.raw.propose(payloads)
+        except NotLeaderError:
+            return None
+        for p in payloads:
+            self.proposed[p] = node.id
+        self._after_input(node)
+        return payloads[-1]
+
+    def leader(self) -> SimNode | None:
+        best = None
+        for node in self.nodes.values():
+            if node.raw is not None and node.raw.raft.role == Role.LEADER:
+                if best is None or node.raw.raft.term > best.raw.raft.term:
+                    best = node
+        return best
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def crash(self, nid: str) -> None:
+        node = self.nodes[nid]
+        if node.raw is None:
+            return
+        self.stats["crashes"] += 1
+        self.events.append(f"t={self.time} crash {nid}")
+        node.raw = None
+        node.pending = None
+        node.storage.crash()
+        # Some restarts are quick (a process supervisor), some slow (a machine reboot).
+        downtime = self.rng.choice([TICK, 40 * TICK])
+        node.restart_at = self.time + self.rng.randint(1, downtime)
+
+    def _change_partition(self) -> None:
+        self.stats["partitions"] += 1
+        self.blocked.clear()
+        kind = self.rng.choice(["heal", "split", "isolate", "oneway"])
+        ids = self.ids[:]
+        self.rng.shuffle(ids)
+        if kind == "split":  # a minority cut off from the majority, both ways
+            cut = self.rng.randint(1, len(ids) // 2)
+            minority, majority = ids[:cut], ids[cut:]
+            for a in minority:
+                for b in majority:
+                    self.blocked.update({(a, b), (b, a)})
+        elif kind == "isolate":  # one node (maybe the leader) alone
+            leader = self.leader()
+            lone = leader.id if leader and self.rng.random() < 0.5 else ids[0]
+            for b in self.ids:
+                if b != lone:
+                    self.blocked.update({(lone, b), (b, lone)})
+        elif kind == "oneway":  # asymmetric: a node can send but not receive (or the reverse)
+            a = ids[0]
+            for b in ids[1:]:
+                self.blocked.add((a, b) if self.rng.random() < 0.5 else (b, a))
+        self.events.append(f"t={self.time} partition {kind} {sorted(self.blocked)}")
+
+    # -- the driver, simulated -----------------------------------------------------------------
+
+    def _start(self, node: SimNode) -> None:
+        state = node.storage.recovered()
+        cfg = Config(node.id, self.ids, **self.config)
+        node.raw = RawNode(cfg, state.log, state.hard_state, random.Random(self.rng.random()))
+        node.pending = None
+        node.applied_index = state.log.first_index - 1
+        if self.time:
+            self.events.append(f"t={self.time} restart {node.id}")
+
+    def _after_input(self, node: SimNode) -> None:
+        self._check_leader(node)
+        if node.pending is None and node.raw.has_ready():
+            rd = node.raw.ready()
+            node.storage.append(rd.hard_state, rd.entries or None)
+            self._send_all(rd.eager_messages)
+            node.pending = rd
+            node.sync_at = self.time + self.rng.randint(0, self.faults.max_fsync)
+            if node.sync_at <= self.time:
+                self._complete_sync(node)
+
+    def _complete_sync(self, node: SimNode) -> None:
+        rd = node.pending
+        node.storage.sync()
+        self._send_all(rd.messages)
+        if rd.committed:
+            self._apply(node, rd.committed)
+        node.pending = None
+        node.raw.advance(rd)
+        self._after_input(node)
+
+    def _send_all(self, msgs: list[Message]) -> None:
+        faults = self.faults
+        for m in msgs:
+            if (m.src, m.dst) in self.blocked or self.rng.random() < faults.drop:
+                continue
+            copies = 2 if self.rng.random() < faults.duplicate else 1
+            for _ in range(copies):
+                self._seq += 1
+                at = self.time + self.rng.randint(1, faults.max_delay)
+                heapq.heappush(self.queue, _Delivery(at, self._seq, m))
+
+    def _deliver(self, m: Message) -> None:
+        node = self.nodes[m.dst]
+        if node.raw is None or (m.src, m.dst) in self.blocked:
+            return
+        node.raw.step(m)
+        self._after_input(node)
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def _apply(self, node: SimNode, batch: bytes) -> None:
+        first, terms, types, payloads = decode_batch(batch)
+        if first != node.applied_index + 1:
+            raise SafetyViolation(f"{node.id} applies {first} after {node.applied_index}")
+        for i, entry in enumerate(zip(terms, types, payloads, strict=True)):
+            index = first + i
+            known = self.committed.setdefault(index, entry)
+            if known != entry:
+                raise SafetyViolation(
+                    f"state machine safety: {node.id} applies {entry} at {index}, "
+                    f"another node applied {known}"
+                )
+            if entry[1] == ENTRY_NORMAL and self.proposed.get(entry[2]) == node.id:
+                self.acked.add(entry[2])  # the proposer applied it: a client was told "ok"
+        node.applied_index = first + len(terms) - 1
+
+    def _check_leader(self, node: SimNode) -> None:
+        raft = node.raw.raft
+        if raft.role != Role.LEADER:
+            return
+        holder = self.leaders.setdefault(raft.term, node.id)
+        if holder != node.id:
+            raise SafetyViolation(f"election safety: {holder} and {node.id} lead term {raft.term}")
+        if raft.term not in self._completeness_checked:
+            self._completeness_checked.add(raft.term)
+            self.stats["elections"] += 1
+            self._check_leader_completeness(node)
+
+    def _check_leader_completeness(self, node: SimNode) -> None:
+        log = node.raw.raft.log
+        if not self.committed:
+            return
+        top = max(self.committed)
+        if log.last_index < top or log.term_at(top) != self.committed[top][0]:
+            raise SafetyViolation(
+                f"leader completeness: new leader {node.id} (term {node.raw.raft.term}) lacks "
+                f"committed entry {top} {self.committed[top]}"
+            )
+
+    def check_log_matching(self) -> None:
+        """Two logs that agree on (index, term) agree on every entry up to that index."""
+        alive = [n for n in self.nodes.values() if n.raw is not None]
+        for i, a in enumerate(alive):
+            for b in alive[i + 1 :]:
+                la, lb = a.raw.raft.log, b.raw.raft.log
+                lo = max(la.first_index, lb.first_index)
+                index = min(la.last_index, lb.last_index)
+                while index >= lo and la.term_at(index) != lb.term_at(index):
+                    index -= 1
+                if index >= lo and la.entries.slice(lo, index + 1) != lb.entries.slice(
+                    lo, index + 1
+                ):
+                    raise SafetyViolation(
+                        f"log matching: {a.id} and {b.id} agree at {index} but differ before"
+                    )
+
+    def check_acknowledged(self) -> None:
+        """Every acknowledged proposal is applied, once, on every node."""
+        for node in self.nodes.values():
+            seen: dict[bytes, int] = {}
+            for index in range(1, node.applied_index + 1):
+                term, etype, payload = self.committed[index]
+                if etype == ENTRY_NORMAL:
+                    seen[payload] = seen.get(payload, 0) + 1
+            lost = [p for p in self.acked if p not in seen]
+            if lost:
+                raise SafetyViolation(f"{node.id} lost acknowledged writes: {sorted(lost)[:5]}")
+
+    def _progress_signature(self) -> tuple:
+        return tuple(
+            (n.applied_index, n.raw.raft.log.last_index, n.raw.raft.log.stable)
+            for n in self.nodes.values()
+            if n.raw is not None
+        )
+
+    def _all_applied(self, marker: bytes) -> bool:
+        index = next((i for i, e in self.committed.items() if e[2] == marker), None)
+        return index is not None and all(
+            n.raw is not None and n.applied_index >= index for n in self.nodes.values()
+        )
+
+    def describe(self) -> str:
+        parts = []
+        for n in self.nodes.values():
+            if n.raw is None:
+                parts.append(f"{n.id}:down")
+            else:
+                s = n.raw.status()
+                parts.append(
+                    f"{n.id}:{s.role.name}/t{s.term} last={s.last_index} "
+                    f"commit={s.commit_index} applied={n.applied_index}"
+                )
+        return "; ".join(parts)
