@@ -35,7 +35,7 @@ test-compiled: $(STAMP)
 
 test-pure: $(STAMP)
 	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
-	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests/core tests/storage tests/test_parity.py tests/sim -k "not slow"
+	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests
 
 run: $(STAMP)
 	$(PY) -m raftfast.demo
