@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
 
-.PHONY: venv build test test-compiled test-pure lint run soak bench clean
+.PHONY: venv build test test-compiled test-pure lint run soak bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTEST) -q -p no:cacheprovider bench --benchmark-only --benchmark-columns=min,median,ops
+
+# Regenerate the protobuf/gRPC code from proto/ (never edit raftfast/proto/ by hand).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iraftfast/proto=proto/raftfast/v1 --python_out=. \
+		--grpc_python_out=. --pyi_out=. proto/raftfast/v1/raftfast.proto
 
 clean:
 	rm -rf build dist *.egg-info raftfast/*.so raftfast/_log.c raftfast/_batch.c

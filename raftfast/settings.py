@@ -1,0 +1,42 @@
+"""Settings of one raftfast-node process (filled by the CLI from flags, TOML and environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+READ_MODES = ("linearizable", "lease", "stale")
+
+
+@dataclass
+class NodeSettings:
+    id: str
+    listen: str  # host:port this node serves peers and clients on
+    peers: dict[str, str]  # node id -> host:port, including this node
+    data_dir: str
+    cluster_id: str = "raftfast"
+    fsync: bool = True  # False is UNSAFE: acknowledged writes can be lost on power failure
+    read_mode: str = "linearizable"
+    tick_ms: int = 50
+    election_ticks: int = 10  # 500 ms with the default tick
+    heartbeat_ticks: int = 1
+    max_key_bytes: int = 4 * 1024
+    max_value_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for anything a node cannot start with."""
+        if not self.id:
+            raise ValueError("--id must not be empty")
+        if self.id not in self.peers:
+            raise ValueError(f"--peers must include this node's id {self.id!r}")
+        for nid, addr in self.peers.items():
+            host, sep, port = addr.rpartition(":")
+            if not nid or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bad peer address {nid}={addr!r} (want ID=HOST:PORT)")
+        if self.read_mode not in READ_MODES:
+            raise ValueError(f"--read-mode must be one of {', '.join(READ_MODES)}")
+        if self.tick_ms < 1 or not 1 <= self.heartbeat_ticks < self.election_ticks:
+            raise ValueError("need tick_ms >= 1 and 1 <= heartbeat_ticks < election_ticks")
+        if self.max_key_bytes < 1 or self.max_value_bytes < 0:
+            raise ValueError("key and value limits must be positive")
