@@ -77,6 +77,10 @@ class Raft:
         self.eager_msgs: list[Message] = []
         self.progress: dict[str, Progress] = {}
         self.votes: dict[str, bool] = {}
+        self.read_states: list[tuple[int, int]] = []  # confirmed reads: (request id, index)
+        self._reads: list[tuple[int, int, int]] = []  # waiting: (request id, index, round)
+        self._read_round = 0
+        self._read_acks: dict[str, int] = {}  # voter -> highest round it confirmed
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = 0
@@ -112,6 +116,54 @@ class Raft:
         last = self.log.append(self.term, payloads, ENTRY_NORMAL)
         self._broadcast_append()
         return first, last
+
+    def read_index(self, request_id: int) -> None:
+        """ReadIndex (thesis §6.4): confirm leadership with a heartbeat round, then report
+        ``(request_id, commit index)`` in ``read_states``; reads are linearizable once the state
+        machine has applied that index. Batch many client reads under one request id."""
+        if self.role != Role.LEADER:
+            raise NotLeaderError(leader_id=self.leader or None)
+        if self.log.term_at(self.log.committed) != self.term:
+            # Until our no-op commits we do not know the true commit index (§6.4 step 1).
+            self._reads.append((request_id, -1, 0))
+            return
+        self._add_read(request_id)
+
+    def _add_read(self, request_id: int) -> None:
+        if len(self.voters) == 1:
+            self.read_states.append((request_id, self.log.committed))
+            return
+        self._read_round += 1
+        self._reads.append((request_id, self.log.committed, self._read_round))
+        self._broadcast_heartbeat()
+
+    def _release_reads(self) -> None:
+        """Hand out every read whose heartbeat round a quorum (us included) confirmed."""
+        if not self._reads:
+            return
+        rounds = sorted(
+            (self._read_round if v == self.id else self._read_acks.get(v, 0) for v in self.voters),
+            reverse=True,
+        )
+        confirmed = rounds[quorum_size(len(self.voters)) - 1]
+        can_start = self.log.term_at(self.log.committed) == self.term
+        waiting, start_now = [], []
+        for request_id, index, round_ in self._reads:
+            if index < 0 and can_start:
+                start_now.append(request_id)  # our no-op committed: the read can begin
+            elif 0 < round_ <= confirmed:
+                self.read_states.append((request_id, index))
+            else:
+                waiting.append((request_id, index, round_))
+        self._reads = waiting
+        for request_id in start_now:
+            self._add_read(request_id)
+
+    def report_unreachable(self, peer: str) -> None:
+        """The driver lost its stream to ``peer``: frames in flight are gone, probe again."""
+        pr = self.progress.get(peer)
+        if self.role == Role.LEADER and pr is not None and pr.state == ProgressState.REPLICATE:
+            pr.become_probe()
 
     def step(self, m: Message) -> None:
         if m.term > self.term:
@@ -150,6 +202,7 @@ class Raft:
         self.leader = leader
         self._reset_timers()
         self.progress = {}
+        self._reads = []  # their waiters learn of the lost leadership from the soft state
 
     def _become_pre_candidate(self) -> None:
         # Term and vote stay as they are: a pre-vote must not disturb anyone (thesis §9.6).
@@ -170,6 +223,7 @@ class Raft:
         self._reset_timers()
         next_index = self.log.last_index + 1
         self.progress = {peer: Progress(next_index) for peer in self.voters}
+        self._read_acks = {}
         own = self.progress[self.id]
         own.become_replicate()
         own.match_index = self.log.stable
@@ -261,7 +315,9 @@ class Raft:
             self.election_elapsed = 0
             self.leader = m.src
             self.log.commit_to(min(m.commit, self.log.last_index))
-            self._send(Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term))
+            self._send(
+                Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term, context=m.context)
+            )
         elif m.type == MsgType.TIMEOUT_NOW:
             self._campaign(pre=False)
 
@@ -345,6 +401,9 @@ class Raft:
             # The follower is alive but our window is full: frames may have been lost. Free one
             # slot so a frame goes out; a gap makes the follower reject and we probe again.
             pr.free_one_if_full(self.config.max_inflight, self.config.max_inflight_bytes)
+            if m.context > self._read_acks.get(m.src, 0):
+                self._read_acks[m.src] = m.context
+                self._release_reads()
             if pr.match_index < self.log.last_index:
                 self._send_append(m.src, pr)
 
@@ -367,7 +426,16 @@ class Raft:
         for peer, pr in self.progress.items():
             if peer != self.id:
                 commit = min(pr.match_index, self.log.committed)
-                self._send(Message(MsgType.HEARTBEAT, self.id, peer, self.term, commit=commit))
+                self._send(
+                    Message(
+                        MsgType.HEARTBEAT,
+                        self.id,
+                        peer,
+                        self.term,
+                        commit=commit,
+                        context=self._read_round,
+                    )
+                )
 
     def _send_append(self, peer: str, pr: Progress, allow_empty: bool = False) -> bool:
         """Send the next frame of entries to ``peer``; True if it carried entries."""
@@ -403,7 +471,9 @@ class Raft:
         self.progress[self.id].match_index = self.log.stable
         index = quorum_match(self.progress[v].match_index for v in self.voters)
         if index > self.log.committed and self.log.term_at(index) == self.term:
-            return self.log.commit_to(index)
+            self.log.commit_to(index)
+            self._release_reads()
+            return True
         return False
 
     def on_persisted(self) -> None:

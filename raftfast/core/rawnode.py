@@ -64,6 +64,13 @@ class RawNode:
     def campaign(self) -> None:
         self.raft.campaign()
 
+    def read_index(self, request_id: int) -> None:
+        """Start a linearizable read; ``(request_id, index)`` shows up in ``Ready.read_states``."""
+        self.raft.read_index(request_id)
+
+    def report_unreachable(self, peer: str) -> None:
+        self.raft.report_unreachable(peer)
+
     # -- Ready / advance -----------------------------------------------------------------------
 
     def has_ready(self) -> bool:
@@ -75,6 +82,7 @@ class RawNode:
             or r.log.committed > r.log.applied
             or r.hard_state() != self._prev_hard_state
             or (r.role, r.leader) != self._prev_soft_state
+            or r.read_states
         )
 
     def ready(self) -> Ready:
@@ -92,6 +100,7 @@ class RawNode:
         rd.messages = _drop_stale_acks(r.msgs, r.term)
         rd.eager_messages = r.eager_msgs
         r.msgs, r.eager_msgs = [], []
+        rd.read_states, r.read_states = r.read_states, []
         soft = (r.role, r.leader)
         if soft != self._prev_soft_state:
             rd.soft_state = soft

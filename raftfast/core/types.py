@@ -58,6 +58,7 @@ class Message:
     commit: int = 0
     reject: bool = False
     hint: int = 0  # APPEND_RESP reject: follower's suggested next probe index
+    context: int = 0  # HEARTBEAT(_RESP): the ReadIndex round being confirmed
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class Ready:
     committed: bytes = b""
     committed_last: int = 0  # last index in ``committed`` (0 when empty)
     soft_state: tuple[Role, str] | None = None  # (role, leader id) when it changed
+    read_states: list[tuple[int, int]] = field(default_factory=list)  # (request id, read index)
 
     def is_empty(self) -> bool:
         return not (
@@ -90,4 +92,5 @@ class Ready:
             or self.eager_messages
             or self.committed
             or self.soft_state
+            or self.read_states
         )

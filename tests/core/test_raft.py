@@ -333,3 +333,60 @@ def test_restart_from_storage_keeps_term_vote_and_commit():
     assert (s.term, node.raft.vote) == (5, "a")
     assert s.commit_index == 2  # clamped to what survived (a torn tail may lose entries)
     assert s.durable_index == 2
+
+
+# -- ReadIndex -----------------------------------------------------------------------------
+
+
+def test_read_index_waits_for_a_quorum_heartbeat_round():
+    net = Net(IDS)
+    net.elect("a")
+    a = net.node("a")
+    a.read_index(42)
+    rd = a.ready()
+    assert rd.read_states == []
+    heartbeats = [m for m in rd.eager_messages if m.type == MsgType.HEARTBEAT]
+    assert {m.dst for m in heartbeats} == {"b", "c"} and all(m.context for m in heartbeats)
+    a.advance(rd)
+    net.nodes["b"].step(heartbeats[0] if heartbeats[0].dst == "b" else heartbeats[1])
+    rd_b = net.node("b").ready()
+    net.node("b").advance(rd_b)
+    for m in rd_b.messages:
+        a.step(m)
+    assert a.ready().read_states == [(42, a.raft.log.committed)]
+
+
+def test_read_index_on_a_partitioned_leader_never_confirms():
+    net = Net(IDS)
+    net.elect("a")
+    net.down.update({"b", "c"})
+    net.node("a").read_index(7)
+    net.drive()
+    assert net.node("a").raft.read_states == [] and net.node("a").raft._reads
+
+
+def test_read_index_on_a_follower_names_the_leader():
+    net = Net(IDS)
+    net.elect("a")
+    with pytest.raises(NotLeaderError):
+        net.node("b").read_index(1)
+
+
+def test_read_index_before_the_noop_commits_waits_for_it():
+    net = Net(IDS)
+    a = net.node("a")
+    a.campaign()
+    # Win the election but hold back replication of the no-op.
+    net.down.update({"b", "c"})
+    for voter in ("b", "c"):
+        a.step(Message(MsgType.PRE_VOTE_RESP, voter, "a", a.raft.term + 1))
+    for voter in ("b", "c"):
+        a.step(Message(MsgType.VOTE_RESP, voter, "a", a.raft.term))
+    assert a.raft.role == Role.LEADER
+    a.read_index(5)
+    assert a.raft._reads == [(5, -1, 0)]
+    net.down.clear()
+    net.drive()
+    assert a.raft.log.committed == 1
+    net.tick_all(1)
+    assert net.node("a").raft._reads == []

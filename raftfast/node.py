@@ -1,0 +1,360 @@
+"""The driver: the only place with an event loop. It owns the RawNode, the WAL, the peer
+transport, the KV state machine and the gRPC server.
+
+One loop (``_run``) takes each Ready and carries out the Raft contract:
+
+    send eager messages (the leader's appends: its write overlaps replication, thesis §10.2.1)
+    append hard state + entries to the WAL, fdatasync in a dedicated thread (group commit:
+        everything that arrived during the previous fdatasync goes into this one)
+    send the other messages (acks and votes leave only once durable)
+    apply committed entries to the KV state machine, resolve waiting proposals and reads
+    advance
+
+While the fdatasync runs, peers' messages, ticks and client proposals keep flowing into the core;
+they form the next Ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from raftfast._accel import decode_batch
+from raftfast.core.raft import Config
+from raftfast.core.rawnode import RawNode
+from raftfast.core.types import Message, Ready, Role
+from raftfast.errors import NotLeaderError, StorageError
+from raftfast.kv.fsm import KVStateMachine
+from raftfast.kv.service import KVService
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.settings import NodeSettings
+from raftfast.storage.wal import WAL
+from raftfast.transport.grpc import CHANNEL_OPTIONS, PeerService, PeerTransport
+
+log = logging.getLogger("raftfast.node")
+
+_MAX_PROPOSAL_BATCH = 16384
+
+
+class Node:
+    def __init__(self, settings: NodeSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.id = settings.id
+        self.fsm = KVStateMachine()
+        self.raw: RawNode | None = None
+        self.wal: WAL | None = None
+        self.transport: PeerTransport | None = None
+        self.server: grpc.aio.Server | None = None
+        self._wake = asyncio.Event()
+        self._proposals: list[tuple[list[bytes], asyncio.Future]] = []
+        self._waiting_writes: list[tuple[int, int, int, asyncio.Future]] = []  # first,last,term
+        self._read_requests: list[asyncio.Future] = []
+        self._reads_by_id: dict[int, list[asyncio.Future]] = {}
+        self._reads_at: list[tuple[int, asyncio.Future]] = []  # (read index, waiter)
+        self._read_ids = itertools.count(1)
+        self._fsync_pool = ThreadPoolExecutor(1, thread_name_prefix=f"raftfast-fsync-{self.id}")
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = False
+        self.failed: BaseException | None = None
+        self.stopped = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.wal = WAL.open(os.path.join(s.data_dir, "wal"), fsync=s.fsync)
+        state = self.wal.recovered()
+        config = Config(
+            s.id,
+            sorted(s.peers),
+            election_tick=s.election_ticks,
+            heartbeat_tick=s.heartbeat_ticks,
+        )
+        self.raw = RawNode(config, state.log, state.hard_state, random.Random())
+        log.info(
+            "node %s starting: term %d, %d entries recovered (commit %d), fsync=%s",
+            s.id,
+            state.hard_state.term,
+            state.log.last_index,
+            state.hard_state.commit,
+            s.fsync,
+        )
+        self.transport = PeerTransport(s.id, s.cluster_id, s.peers, self._on_unreachable)
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        pb_grpc.add_PeerServicer_to_server(
+            PeerService(s.cluster_id, set(s.peers), self._deliver), self.server
+        )
+        pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
+        if self.server.add_insecure_port(s.listen) == 0:
+            raise OSError(f"cannot listen on {s.listen}")
+        await self.server.start()
+        self.transport.start()
+        self._tasks = [
+            asyncio.create_task(self._ticker(), name="raftfast-ticker"),
+            asyncio.create_task(self._run(), name="raftfast-run"),
+        ]
+        log.info("node %s listening on %s", s.id, s.listen)
+
+    async def stop(self) -> None:
+        """Graceful stop: refuse new work, let the in-flight Ready finish, close everything."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("node %s stopping", self.id)
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
+        self._wake.set()
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+            except Exception:  # noqa: BLE001 - already logged by _run
+                pass
+        if self.transport is not None:
+            await self.transport.close()
+        self._fail_all(NotLeaderError("node is shutting down"))
+        self._fsync_pool.shutdown(wait=True)
+        if self.wal is not None:
+            self.wal.close()
+        self.stopped.set()
+
+    # -- API used by the KV service ------------------------------------------------------------
+
+    async def propose(self, payloads: list[bytes]) -> list:
+        """Replicate commands; returns the state machine's result for each, once applied here."""
+        self._check_leader()
+        fut = asyncio.get_running_loop().create_future()
+        self._proposals.append((payloads, fut))
+        self._wake.set()
+        return await fut
+
+    async def read_barrier(self, mode: str) -> None:
+        """Return once reading the local state machine is allowed in ``mode``."""
+        if mode == "stale":
+            return
+        self._check_leader()
+        if mode == "lease":
+            # Leader lease: check-quorum deposes a leader cut off for an election timeout, so
+            # within it our state is current, assuming bounded clock drift (opt-in only).
+            await self._wait_applied(self.raw.raft.log.committed)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._read_requests.append(fut)
+        self._wake.set()
+        await fut
+
+    def address_of(self, node_id: str) -> str | None:
+        return self.settings.peers.get(node_id)
+
+    def status(self) -> pb.StatusResponse:
+        st = self.raw.status()
+        leader = st.leader
+        members = [
+            pb.Member(
+                id=nid,
+                address=addr,
+                role="voter",
+                match_index=st.progress.get(nid, (0, 0))[0],
+            )
+            for nid, addr in sorted(self.settings.peers.items())
+        ]
+        return pb.StatusResponse(
+            id=st.id,
+            role=st.role.name.lower(),
+            term=st.term,
+            leader=leader,
+            leader_address=self.settings.peers.get(leader, ""),
+            commit_index=st.commit_index,
+            applied_index=self.fsm.applied_index,
+            last_index=st.last_index,
+            members=members,
+            cluster_id=self.settings.cluster_id,
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_leader(self) -> None:
+        if self._stopping:
+            raise NotLeaderError("node is shutting down")
+        raft = self.raw.raft
+        if raft.role != Role.LEADER:
+            raise NotLeaderError(leader_id=raft.leader or None)
+
+    def _deliver(self, msgs: list[Message]) -> None:
+        if self._stopping:
+            return
+        for m in msgs:
+            if m.dst == self.id:
+                self.raw.step(m)
+        self._wake.set()
+
+    def _on_unreachable(self, peer: str) -> None:
+        if self.raw is not None:
+            self.raw.report_unreachable(peer)
+
+    async def _ticker(self) -> None:
+        interval = self.settings.tick_ms / 1000
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            self.raw.tick()
+            self._wake.set()
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping or self.raw.has_ready():
+                if not self.raw.has_ready() and not self._proposals and not self._read_requests:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    if self._stopping:
+                        break
+                self._feed()
+                if self.raw.has_ready():
+                    await self._handle_ready(self.raw.ready())
+        except Exception as exc:  # noqa: BLE001 - a storage failure must stop the node
+            self.failed = exc
+            log.critical("node %s stopping after a fatal error: %s", self.id, exc)
+            self._fail_all(NotLeaderError(f"node failed: {exc}"))
+            asyncio.get_running_loop().call_soon(lambda: asyncio.create_task(self.stop()))
+
+    def _feed(self) -> None:
+        """Hand queued proposals and reads to the core, as one batch each."""
+        if self._proposals:
+            batch, self._proposals = self._proposals, []
+            payloads = [p for ps, _ in batch for p in ps]
+            try:
+                first, _last = self.raw.propose(payloads)
+            except NotLeaderError as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(NotLeaderError(str(exc), exc.leader_id))
+            else:
+                term = self.raw.raft.term
+                for ps, fut in batch:
+                    self._waiting_writes.append((first, first + len(ps) - 1, term, fut))
+                    first += len(ps)
+        if self._read_requests:
+            waiters, self._read_requests = self._read_requests, []
+            request_id = next(self._read_ids)
+            try:
+                self.raw.read_index(request_id)
+            except NotLeaderError as exc:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(NotLeaderError(str(exc), exc.leader_id))
+            else:
+                self._reads_by_id[request_id] = waiters
+
+    async def _handle_ready(self, rd: Ready) -> None:
+        self.transport.send(rd.eager_messages)
+        if rd.hard_state is not None or rd.entries:
+            self.wal.append(rd.hard_state, rd.entries or None)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._fsync_pool, self.wal.sync)
+            except StorageError:
+                raise
+        self.transport.send(rd.messages)
+        if rd.committed:
+            self._apply(rd.committed)
+        for request_id, index in rd.read_states:
+            for fut in self._reads_by_id.pop(request_id, []):
+                self._reads_at.append((index, fut))
+        self._release_reads()
+        if rd.soft_state is not None:
+            self._on_role_change(*rd.soft_state)
+        self.raw.advance(rd)
+
+    def _apply(self, committed: bytes) -> None:
+        first, terms, types, payloads = decode_batch(committed)
+        results = self.fsm.apply_batch(first, types, payloads)
+        if not self._waiting_writes:
+            return
+        last = first + len(terms) - 1
+        still = []
+        for w_first, w_last, w_term, fut in self._waiting_writes:
+            if w_first > last:
+                still.append((w_first, w_last, w_term, fut))
+                continue
+            if fut.done():
+                continue
+            if w_first < first or terms[w_last - first] != w_term:
+                # Another leader's entry took our place: the write was not applied.
+                fut.set_exception(NotLeaderError("leadership changed before the write committed"))
+            elif w_last > last:
+                still.append((w_first, w_last, w_term, fut))  # partly applied: wait for the rest
+            else:
+                fut.set_result(results[w_first - first : w_last - first + 1])
+        self._waiting_writes = still
+
+    def _release_reads(self) -> None:
+        applied = self.fsm.applied_index
+        if self._reads_at:
+            ready = [f for i, f in self._reads_at if i <= applied]
+            self._reads_at = [(i, f) for i, f in self._reads_at if i > applied]
+            for fut in ready:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _wait_applied(self, index: int) -> None:
+        if self.fsm.applied_index >= index:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._reads_at.append((index, fut))
+        await fut
+
+    def _on_role_change(self, role: Role, leader: str) -> None:
+        term = self.raw.raft.term
+        if role == Role.LEADER:
+            log.info("node %s became leader in term %d", self.id, term)
+        else:
+            log.info(
+                "node %s is %s in term %d (leader: %s)",
+                self.id,
+                role.name.lower(),
+                term,
+                leader or "unknown",
+            )
+            # Waiters of a deposed leader: tell clients to retry at the new leader. Retried
+            # writes carry the same (client id, sequence), so nothing is applied twice.
+            err = NotLeaderError("leadership lost", leader or None)
+            for *_, fut in self._waiting_writes:
+                if not fut.done():
+                    fut.set_exception(err)
+            self._waiting_writes = []
+            for waiters in self._reads_by_id.values():
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(err)
+            self._reads_by_id.clear()
+
+    def _fail_all(self, err: Exception) -> None:
+        waiters = [f for _, f in self._proposals] + [f for *_, f in self._waiting_writes]
+        waiters += self._read_requests + [f for _, f in self._reads_at]
+        waiters += [f for fs in self._reads_by_id.values() for f in fs]
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(err)
+        self._proposals, self._waiting_writes, self._read_requests = [], [], []
+        self._reads_at, self._reads_by_id = [], {}
+
+
+async def serve(settings: NodeSettings) -> None:
+    """Run a node until SIGTERM/SIGINT, then stop gracefully. Raises if the node failed."""
+    node = Node(settings)
+    await node.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.create_task(node.stop()))
+    await node.stopped.wait()
+    if node.failed is not None:
+        raise node.failed
