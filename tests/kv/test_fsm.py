@@ -1,0 +1,338 @@
+"""The KV state machine: command encoding, apply semantics, exactly-once dedup, determinism."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftfast.kv.fsm import (
+    OP_CAS,
+    OP_DELETE,
+    OP_PUT,
+    KVStateMachine,
+    decode,
+    encode_cas,
+    encode_delete,
+    encode_put,
+)
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def test_encoding_round_trips() -> None:
+    assert decode(encode_put(7, 9, b"k", b"v")) == (OP_PUT, 7, 9, b"k", None, b"v")
+    assert decode(encode_put(0, 0, b"k", b"")) == (OP_PUT, 0, 0, b"k", None, b"")
+    assert decode(encode_delete(1, 2, b"key")) == (OP_DELETE, 1, 2, b"key", None, b"")
+    assert decode(encode_cas(3, 4, b"k", b"old", b"new")) == (OP_CAS, 3, 4, b"k", b"old", b"new")
+    assert decode(encode_cas(3, 4, b"k", None, b"new")) == (OP_CAS, 3, 4, b"k", None, b"new")
+    # expecting b"" is not the same as expecting absence
+    assert decode(encode_cas(3, 4, b"k", b"", b"x"))[4] == b""
+    top = (1 << 64) - 1
+    assert decode(encode_put(top, top, b"\x00" * 3, b"\xff"))[1:3] == (top, top)
+
+
+def test_encoding_layout_is_little_endian() -> None:
+    payload = encode_put(1, 2, b"ab", b"xyz")
+    assert payload == struct.pack("<BQQI", 1, 1, 2, 2) + b"ab" + b"xyz"
+    cas = encode_cas(1, 2, b"k", b"e", b"v")
+    assert cas == struct.pack("<BQQI", 3, 1, 2, 1) + b"k" + struct.pack("<BI", 0, 1) + b"ev"
+
+
+def test_encoding_rejects_out_of_range_ids() -> None:
+    with pytest.raises(ValueError):
+        encode_put(-1, 0, b"k", b"v")
+    with pytest.raises(ValueError):
+        encode_delete(0, 1 << 64, b"k")
+
+
+@given(
+    client=st.integers(0, (1 << 64) - 1),
+    seq=st.integers(0, (1 << 64) - 1),
+    key=st.binary(max_size=40),
+    value=st.binary(max_size=40),
+    expected=st.none() | st.binary(max_size=40),
+)
+@settings(max_examples=200, deadline=None)
+def test_encoding_round_trip_property(
+    client: int, seq: int, key: bytes, value: bytes, expected: bytes | None
+) -> None:
+    assert decode(encode_put(client, seq, key, value)) == (OP_PUT, client, seq, key, None, value)
+    assert decode(encode_delete(client, seq, key)) == (OP_DELETE, client, seq, key, None, b"")
+    got = decode(encode_cas(client, seq, key, expected, value))
+    assert got == (OP_CAS, client, seq, key, expected, value)
+
+
+# -- apply semantics --------------------------------------------------------------------------
+
+
+def test_put_get_delete() -> None:
+    m = KVStateMachine()
+    assert m.apply(1, encode_put(0, 0, b"a", b"1")) is True
+    assert m.get(b"a") == b"1"
+    assert m.apply(2, encode_put(0, 0, b"a", b"2")) is True
+    assert m.get(b"a") == b"2" and len(m) == 1
+    assert m.apply(3, encode_delete(0, 0, b"a")) is True
+    assert m.apply(4, encode_delete(0, 0, b"a")) is False  # already gone
+    assert m.get(b"a") is None and len(m) == 0
+    assert m.applied_index == 4
+
+
+def test_empty_value_is_a_value() -> None:
+    m = KVStateMachine()
+    m.apply(1, encode_put(0, 0, b"k", b""))
+    assert m.get(b"k") == b"" and b"k" in m
+
+
+def test_cas_present_and_absent() -> None:
+    m = KVStateMachine()
+    assert m.apply(1, encode_cas(0, 0, b"k", b"x", b"v")) is False  # absent, expected a value
+    assert m.apply(2, encode_cas(0, 0, b"k", b"", b"v")) is False  # b"" is not "absent"
+    assert m.get(b"k") is None
+    assert m.apply(3, encode_cas(0, 0, b"k", None, b"v1")) is True  # create if absent
+    assert m.apply(4, encode_cas(0, 0, b"k", None, b"v2")) is False  # now present
+    assert m.apply(5, encode_cas(0, 0, b"k", b"wrong", b"v2")) is False
+    assert m.get(b"k") == b"v1"
+    assert m.apply(6, encode_cas(0, 0, b"k", b"v1", b"v2")) is True
+    assert m.get(b"k") == b"v2"
+    assert m.scan(b"", 0) == [(b"k", b"v2")]
+
+
+def test_apply_batch_skips_non_commands() -> None:
+    m = KVStateMachine()
+    out = m.apply_batch(
+        10,
+        [0, 1, 0, 2, 0],
+        [encode_put(0, 0, b"a", b"1"), b"", encode_delete(0, 0, b"zz"), b"cfg", b"junk"],
+    )
+    assert out == [True, None, False, None, None]
+    assert m.applied_index == 14
+    assert m.malformed == 1  # only the type-0 junk counts; no-op/config payloads are not parsed
+    assert m.apply_batch(15, [], []) == [] and m.applied_index == 14
+    with pytest.raises(ValueError):
+        m.apply_batch(15, [0], [])
+
+
+# -- malformed payloads -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x01",
+        struct.pack("<BQQI", 1, 0, 0, 10) + b"short",  # key length beyond the payload
+        struct.pack("<BQQI", 9, 0, 0, 1) + b"k",  # unknown op
+        struct.pack("<BQQI", 2, 0, 0, 1) + b"k" + b"extra",  # DELETE with trailing bytes
+        struct.pack("<BQQI", 3, 0, 0, 1) + b"k",  # CAS without its fields
+        struct.pack("<BQQI", 3, 0, 0, 1) + b"k" + struct.pack("<BI", 2, 0),  # bad flag
+        struct.pack("<BQQI", 3, 0, 0, 1) + b"k" + struct.pack("<BI", 1, 3) + b"abc",
+        struct.pack("<BQQI", 3, 0, 0, 1) + b"k" + struct.pack("<BI", 0, 99) + b"abc",
+    ],
+)
+def test_malformed_payload_is_a_counted_no_op(payload: bytes) -> None:
+    m = KVStateMachine()
+    m.apply(1, encode_put(5, 1, b"keep", b"me"))
+    before = m.fingerprint()
+    assert m.apply(2, payload) is None
+    assert m.malformed == 1 and m.applied_index == 2
+    assert m.fingerprint() == before
+    with pytest.raises(ValueError):
+        decode(payload)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_random_bytes_never_crash_apply(payload: bytes) -> None:
+    m = KVStateMachine()
+    result = m.apply(1, payload)
+    assert result in (True, False, None)
+    assert m.applied_index == 1
+
+
+# -- exactly-once -----------------------------------------------------------------------------
+
+
+def test_retry_returns_cached_result_without_reapplying() -> None:
+    m = KVStateMachine()
+    assert m.apply(1, encode_delete(9, 1, b"k")) is False
+    assert m.apply(2, encode_put(9, 2, b"k", b"v1")) is True
+    assert m.apply(3, encode_put(8, 1, b"k", b"other")) is True  # another client
+    # client 9 retries seq 1 (DELETE): cached False, and the key written since is untouched
+    assert m.apply(4, encode_delete(9, 1, b"k")) is False
+    assert m.get(b"k") == b"other"
+    # a retried PUT does not overwrite the newer value
+    assert m.apply(5, encode_put(9, 2, b"k", b"v1")) is True
+    assert m.get(b"k") == b"other"
+
+
+def test_retry_of_cas_keeps_first_answer() -> None:
+    m = KVStateMachine()
+    assert m.apply(1, encode_cas(4, 1, b"lock", None, b"me")) is True
+    assert m.apply(2, encode_cas(4, 1, b"lock", None, b"me")) is True  # retry: still "won"
+    assert m.apply(3, encode_cas(5, 1, b"lock", None, b"you")) is False
+    assert m.get(b"lock") == b"me"
+
+
+def test_pipelined_out_of_order_sequences_apply_once_each() -> None:
+    m = KVStateMachine()
+    for idx, seq in enumerate([3, 1, 2, 5, 4, 2, 5], start=1):
+        m.apply(idx, encode_put(1, seq, b"k%d" % seq, b"%d" % idx))
+    assert [v for _, v in m.scan(b"k", 0)] == [b"2", b"3", b"1", b"5", b"4"]
+
+
+def test_client_id_zero_is_never_deduplicated() -> None:
+    m = KVStateMachine()
+    assert m.apply(1, encode_cas(0, 7, b"k", None, b"a")) is True
+    assert m.apply(2, encode_cas(0, 7, b"k", None, b"a")) is False
+    assert m.client_count == 0
+
+
+def test_sequences_below_the_window_are_not_reapplied() -> None:
+    m = KVStateMachine(dedup_window=4)
+    for seq in range(1, 11):
+        m.apply(seq, encode_put(1, seq, b"k", b"%d" % seq))
+    assert m.apply(11, encode_delete(1, 3, b"k")) is False  # too old: DELETE answers False
+    assert m.apply(12, encode_cas(1, 2, b"k", b"10", b"x")) is False  # too old: CAS False
+    assert m.apply(13, encode_put(1, 1, b"k", b"old")) is True  # too old PUT: True, no write
+    assert m.get(b"k") == b"10"
+    # inside the window (7..10) the cached results still answer
+    assert m.apply(14, encode_put(1, 7, b"k", b"7")) is True and m.get(b"k") == b"10"
+    # the table stays bounded however far the client goes
+    for seq in range(11, 1000):
+        m.apply(seq + 100, encode_put(1, seq, b"k", b"x"))
+    assert len(m._clients[1].results) <= 2 * 4 + 1
+
+
+def test_idle_clients_are_evicted_in_lru_order() -> None:
+    m = KVStateMachine(max_clients=3)
+    for cid in (1, 2, 3):
+        m.apply(cid, encode_delete(cid, 1, b"k"))
+    m.apply(4, encode_delete(1, 2, b"k"))  # client 1 is now the most recently active
+    m.apply(5, encode_put(4, 1, b"k", b"v"))  # evicts client 2, the least recently active
+    assert m.client_count == 3
+    assert m.apply(6, encode_delete(1, 1, b"k")) is False  # still remembered: cached False
+    assert m.get(b"k") == b"v"
+    # client 3 is evicted next (by client 2's return); client 2's retry runs again
+    assert m.apply(7, encode_delete(2, 1, b"k")) is True
+    assert m.get(b"k") is None
+
+
+# -- scan -------------------------------------------------------------------------------------
+
+
+def test_scan_order_prefix_limit() -> None:
+    m = KVStateMachine()
+    keys = [b"b", b"a/2", b"a/10", b"a/1", b"c", b"a", b"a\xff", b"ab"]
+    for i, k in enumerate(keys, start=1):
+        m.apply(i, encode_put(0, 0, k, k.upper()))
+    assert [k for k, _ in m.scan(b"", 0)] == sorted(keys)
+    assert m.scan(b"a/", 0) == [(b"a/1", b"A/1"), (b"a/10", b"A/10"), (b"a/2", b"A/2")]
+    assert [k for k, _ in m.scan(b"a", 3)] == [b"a", b"a/1", b"a/10"]
+    assert m.scan(b"a/", -1) == m.scan(b"a/", 0)
+    assert m.scan(b"zz", 0) == [] and m.scan(b"", 1) == [(b"a", b"A")]
+
+
+def test_scan_index_tracks_adds_and_deletes() -> None:
+    m = KVStateMachine()
+    model: dict[bytes, bytes] = {}
+    idx = 0
+    for round_ in range(6):
+        # few changes (replayed into the index) and many (index rebuilt)
+        n = 5 if round_ % 2 == 0 else 400
+        for i in range(n):
+            idx += 1
+            key = b"k%03d" % ((i * 7 + round_) % 500)
+            if i % 3 == 0 and key in model:
+                m.apply(idx, encode_delete(0, 0, key))
+                del model[key]
+            else:
+                m.apply(idx, encode_put(0, 0, key, b"%d" % idx))
+                model[key] = b"%d" % idx
+        # delete and re-add the same key between scans
+        idx += 2
+        m.apply(idx - 1, encode_delete(0, 0, b"k000"))
+        m.apply(idx, encode_cas(0, 0, b"k000", None, b"again"))
+        model[b"k000"] = b"again"
+        assert m.scan(b"", 0) == sorted(model.items())
+        assert m.scan(b"k01", 0) == sorted(i for i in model.items() if i[0].startswith(b"k01"))
+
+
+# -- determinism ------------------------------------------------------------------------------
+
+_keys = st.sampled_from([b"a", b"b", b"c", b"ab", b"b/1"])
+_vals = st.binary(max_size=3)
+_ids = st.tuples(st.integers(0, 3), st.integers(0, 12))
+
+
+@st.composite
+def _command(draw: st.DrawFn) -> tuple[int, bytes]:
+    (cid, seq), key = draw(_ids), draw(_keys)
+    kind = draw(st.integers(0, 4))
+    if kind == 0:
+        return 0, encode_put(cid, seq, key, draw(_vals))
+    if kind == 1:
+        return 0, encode_delete(cid, seq, key)
+    if kind == 2:
+        return 0, encode_cas(cid, seq, key, draw(st.none() | _vals), draw(_vals))
+    if kind == 3:
+        return draw(st.sampled_from([1, 2])), draw(st.binary(max_size=4))
+    return 0, draw(st.binary(max_size=30))  # malformed (almost always)
+
+
+class _Model:
+    """A naive reference: full history per client, no eviction (window/clients not exceeded)."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.seen: dict[tuple[int, int], bool] = {}
+
+    def apply(self, etype: int, payload: bytes) -> bool | None:
+        if etype != 0:
+            return None
+        try:
+            op, cid, seq, key, expected, value = decode(payload)
+        except ValueError:
+            return None
+        if cid and (cid, seq) in self.seen:
+            return self.seen[(cid, seq)]
+        if op == OP_PUT:
+            self.data[key], result = value, True
+        elif op == OP_DELETE:
+            result = self.data.pop(key, None) is not None
+        else:
+            result = (
+                self.data.get(key) == expected if expected is not None else key not in self.data
+            )
+            if result:
+                self.data[key] = value
+        if cid:
+            self.seen[(cid, seq)] = result
+        return result
+
+
+@given(st.lists(_command(), max_size=60), st.integers(1, 4))
+@settings(max_examples=150, deadline=None)
+def test_replicas_fed_the_same_entries_end_identical(
+    commands: list[tuple[int, bytes]], split: int
+) -> None:
+    one, two, model = KVStateMachine(), KVStateMachine(), _Model()
+    types = [t for t, _ in commands]
+    payloads = [p for _, p in commands]
+    res_one = [one.apply(i + 1, p) if t == 0 else None for i, (t, p) in enumerate(commands)]
+    one.applied_index = len(commands)
+    # the other replica applies the same entries in differently sized batches, scanning between
+    res_two: list[bool | None] = []
+    for start in range(0, len(commands), split):
+        res_two += two.apply_batch(
+            start + 1, types[start : start + split], payloads[start : start + split]
+        )
+        two.scan(b"", 0)
+    expected = [model.apply(t, p) for t, p in commands]
+    assert res_one == res_two == expected
+    assert one.fingerprint() == two.fingerprint()
+    assert one.scan(b"", 0) == two.scan(b"", 0) == sorted(model.data.items())
+    assert one.malformed == two.malformed
+    assert one.applied_index == two.applied_index == len(commands)

@@ -1,0 +1,438 @@
+"""The KV gRPC service over a real grpc.aio server and channel, backed by fake nodes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+
+from raftfast.errors import NotLeaderError
+from raftfast.kv.fsm import KVStateMachine
+from raftfast.kv.service import MAX_SCAN_LIMIT, add_kv_service
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.settings import NodeSettings
+
+PEERS = {"n1": "127.0.0.1:7001", "n2": "127.0.0.1:7002", "n3": "127.0.0.1:7003"}
+
+
+class FakeNode:
+    """A leader that applies proposals straight into its state machine."""
+
+    def __init__(self, node_id: str = "n1", **overrides: object) -> None:
+        self.id = node_id
+        self.fsm = KVStateMachine()
+        self.settings = NodeSettings(
+            id=node_id, listen=PEERS[node_id], peers=dict(PEERS), data_dir="/nonexistent"
+        )
+        for name, value in overrides.items():
+            setattr(self.settings, name, value)
+        self.last_index = 0
+        self.proposals: list[list[bytes]] = []
+        self.barriers: list[str] = []
+        self.gate: Callable[[list[bytes]], Awaitable[None]] | None = None
+
+    async def propose(self, payloads: list[bytes]) -> list[bool | None]:
+        self.proposals.append(list(payloads))
+        if self.gate is not None:
+            await self.gate(payloads)
+        first = self.last_index + 1
+        self.last_index += len(payloads)
+        return self.fsm.apply_batch(first, [0] * len(payloads), payloads)
+
+    async def read_barrier(self, mode: str) -> None:
+        self.barriers.append(mode)
+
+    def address_of(self, node_id: str) -> str | None:
+        return self.settings.peers.get(node_id)
+
+    def status(self) -> pb.StatusResponse:
+        return pb.StatusResponse(
+            id=self.id,
+            role="leader",
+            leader=self.id,
+            leader_address=self.settings.listen,
+            applied_index=self.fsm.applied_index,
+            cluster_id=self.settings.cluster_id,
+        )
+
+
+class FollowerNode(FakeNode):
+    """A follower: writes and non-stale reads are refused with a pointer to n2."""
+
+    def __init__(self, leader: str | None = "n2") -> None:
+        super().__init__("n3")
+        self.leader = leader
+
+    async def propose(self, payloads: list[bytes]) -> list[bool | None]:
+        raise NotLeaderError(leader_id=self.leader)
+
+    async def read_barrier(self, mode: str) -> None:
+        self.barriers.append(mode)
+        if mode != "stale":
+            raise NotLeaderError(leader_id=self.leader)
+
+
+@asynccontextmanager
+async def serve(node: FakeNode) -> AsyncIterator[pb_grpc.KVStub]:
+    server = grpc.aio.server()
+    add_kv_service(server, node)
+    port = server.add_insecure_port("127.0.0.1:0")
+    channel = None
+    try:
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        yield pb_grpc.KVStub(channel)
+    finally:
+        if channel is not None:
+            await channel.close()
+        await server.stop(None)
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
+
+
+async def expect_error(call: Awaitable[object], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    return info.value
+
+
+# -- unary RPCs -------------------------------------------------------------------------------
+
+
+def test_put_get_delete_cas_scan_round_trips() -> None:
+    async def main() -> None:
+        node = FakeNode()
+        async with serve(node) as kv:
+            put = await kv.Put(pb.PutRequest(key=b"a", value=b"1", client_id=5, sequence=1))
+            assert put.index == 1
+            got = await kv.Get(pb.GetRequest(key=b"a"))
+            assert got.found and got.value == b"1"
+            missing = await kv.Get(pb.GetRequest(key=b"nope", read_mode=pb.READ_STALE))
+            assert not missing.found and missing.value == b""
+            assert node.barriers == ["linearizable", "stale"]  # default = settings.read_mode
+
+            # a retried write (same client/sequence) is applied once
+            await kv.Put(pb.PutRequest(key=b"a", value=b"2", client_id=5, sequence=2))
+            await kv.Put(pb.PutRequest(key=b"a", value=b"1", client_id=5, sequence=1))
+            assert (await kv.Get(pb.GetRequest(key=b"a"))).value == b"2"
+
+            cas = await kv.CompareAndSwap(pb.CasRequest(key=b"a", expected=b"1", value=b"x"))
+            assert not cas.swapped
+            cas = await kv.CompareAndSwap(pb.CasRequest(key=b"a", expected=b"2", value=b"3"))
+            assert cas.swapped
+            cas = await kv.CompareAndSwap(pb.CasRequest(key=b"b", expect_absent=True, value=b"B"))
+            assert cas.swapped
+            cas = await kv.CompareAndSwap(pb.CasRequest(key=b"b", expect_absent=True, value=b"C"))
+            assert not cas.swapped
+
+            assert (await kv.Delete(pb.DeleteRequest(key=b"b"))).deleted
+            assert not (await kv.Delete(pb.DeleteRequest(key=b"b"))).deleted
+
+            for k in (b"p/2", b"p/1", b"p/3", b"q"):
+                await kv.Put(pb.PutRequest(key=k, value=k))
+            scan = await kv.Scan(pb.ScanRequest(prefix=b"p/", read_mode=pb.READ_LEASE))
+            assert [(i.key, i.value) for i in scan.items] == [
+                (b"p/1", b"p/1"),
+                (b"p/2", b"p/2"),
+                (b"p/3", b"p/3"),
+            ]
+            scan = await kv.Scan(pb.ScanRequest(limit=2))
+            assert [i.key for i in scan.items] == [b"a", b"p/1"]
+            assert node.barriers[-2] == "lease"
+
+            status = await kv.Status(pb.StatusRequest())
+            assert status.id == "n1" and status.role == "leader" and status.applied_index > 0
+
+    run(main())
+
+
+def test_read_default_follows_node_setting() -> None:
+    async def main() -> None:
+        node = FakeNode(read_mode="lease")
+        async with serve(node) as kv:
+            await kv.Get(pb.GetRequest(key=b"k"))
+            await kv.Get(pb.GetRequest(key=b"k", read_mode=pb.READ_LINEARIZABLE))
+            await kv.Scan(pb.ScanRequest(prefix=b"k"))
+            assert node.barriers == ["lease", "linearizable", "lease"]
+
+    run(main())
+
+
+def test_invalid_arguments_are_rejected_and_server_keeps_serving() -> None:
+    async def main() -> None:
+        node = FakeNode(max_key_bytes=8, max_value_bytes=16)
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        async with serve(node) as kv:
+            err = await expect_error(kv.Put(pb.PutRequest(key=b"", value=b"v")), bad)
+            assert "key must not be empty" in err.details()
+            err = await expect_error(kv.Put(pb.PutRequest(key=b"k" * 9, value=b"v")), bad)
+            assert "9 bytes" in err.details() and "limit is 8" in err.details()
+            err = await expect_error(kv.Put(pb.PutRequest(key=b"k", value=b"v" * 17)), bad)
+            assert "value is 17 bytes" in err.details()
+            await expect_error(kv.Get(pb.GetRequest(key=b"")), bad)
+            await expect_error(kv.Get(pb.GetRequest(key=b"k", read_mode=42)), bad)
+            await expect_error(kv.Delete(pb.DeleteRequest(key=b"k" * 100)), bad)
+            await expect_error(
+                kv.CompareAndSwap(pb.CasRequest(key=b"k", expected=b"e" * 17, value=b"v")), bad
+            )
+            await expect_error(
+                kv.CompareAndSwap(pb.CasRequest(key=b"k", expect_absent=True, expected=b"e")), bad
+            )
+            err = await expect_error(kv.Scan(pb.ScanRequest(limit=MAX_SCAN_LIMIT + 1)), bad)
+            assert "scan limit" in err.details()
+            await expect_error(kv.Scan(pb.ScanRequest(prefix=b"p" * 9)), bad)
+            assert node.proposals == []  # nothing invalid reached the log
+
+            # the boundaries themselves are fine, and the server still serves
+            await kv.Put(pb.PutRequest(key=b"k" * 8, value=b"v" * 16))
+            assert (await kv.Get(pb.GetRequest(key=b"k" * 8))).value == b"v" * 16
+
+    run(main())
+
+
+def test_follower_answers_unavailable_with_leader_hint() -> None:
+    async def main() -> None:
+        node = FollowerNode()
+        async with serve(node) as kv:
+            for call in (
+                kv.Put(pb.PutRequest(key=b"k", value=b"v")),
+                kv.Delete(pb.DeleteRequest(key=b"k")),
+                kv.Get(pb.GetRequest(key=b"k")),
+            ):
+                err = await expect_error(call, grpc.StatusCode.UNAVAILABLE)
+                assert err.details() == "not the leader; leader is n2 at 127.0.0.1:7002"
+                md = dict(err.trailing_metadata() or ())
+                assert md["leader-id"] == "n2"
+                assert md["leader-address"] == "127.0.0.1:7002"
+            # a stale read is served locally by a follower
+            got = await kv.Get(pb.GetRequest(key=b"k", read_mode=pb.READ_STALE))
+            assert not got.found
+
+    run(main())
+
+
+def test_follower_without_known_leader() -> None:
+    async def main() -> None:
+        async with serve(FollowerNode(leader=None)) as kv:
+            err = await expect_error(
+                kv.Put(pb.PutRequest(key=b"k", value=b"v")), grpc.StatusCode.UNAVAILABLE
+            )
+            assert "leader unknown" in err.details()
+            assert "leader-address" not in dict(err.trailing_metadata() or ())
+
+    run(main())
+
+
+def test_deadline_and_internal_errors() -> None:
+    async def main() -> None:
+        node = FakeNode()
+        release = asyncio.Event()
+
+        async def gate(payloads: list[bytes]) -> None:
+            if b"stuck" in payloads[0]:
+                await release.wait()
+            if b"boom" in payloads[0]:
+                raise RuntimeError("disk on fire")
+
+        node.gate = gate
+        async with serve(node) as kv:
+            err = await expect_error(
+                kv.Put(pb.PutRequest(key=b"stuck", value=b"v"), timeout=0.3),
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            assert err.details()  # either ours or grpc's, both say the deadline passed
+            err = await expect_error(
+                kv.Put(pb.PutRequest(key=b"boom", value=b"v")), grpc.StatusCode.INTERNAL
+            )
+            assert "disk on fire" in err.details()
+            await kv.Put(pb.PutRequest(key=b"fine", value=b"v"), timeout=5)
+            assert (await kv.Get(pb.GetRequest(key=b"fine"))).found
+            release.set()
+
+    run(main())
+
+
+def test_server_deadline_message() -> None:
+    """The server's own timeout fires first when the node call hangs past time_remaining()."""
+
+    async def main() -> None:
+        node = FakeNode()
+
+        async def hang(payloads: list[bytes]) -> None:
+            await asyncio.sleep(60)
+
+        node.gate = hang
+        async with serve(node) as kv:
+            err = await expect_error(
+                kv.Delete(pb.DeleteRequest(key=b"k"), timeout=0.5),
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            assert err.details() == (
+                "not committed within the deadline; the write may or may not have been applied"
+            )
+
+    run(main())
+
+
+def test_wrong_cluster_id_is_refused() -> None:
+    async def main() -> None:
+        async with serve(FakeNode()) as kv:
+            err = await expect_error(
+                kv.Get(pb.GetRequest(key=b"k"), metadata=(("cluster-id", "other"),)),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+            assert "wrong cluster" in err.details()
+            ok = await kv.Get(pb.GetRequest(key=b"k"), metadata=(("cluster-id", "raftfast"),))
+            assert not ok.found
+
+    run(main())
+
+
+# -- Session stream ---------------------------------------------------------------------------
+
+
+def _frame(frame_id: int, *ops: pb.Op, client_id: int = 77) -> pb.SessionFrame:
+    return pb.SessionFrame(frame_id=frame_id, client_id=client_id, ops=list(ops))
+
+
+def test_session_many_ops_per_frame_mixed_valid_invalid() -> None:
+    async def main() -> None:
+        node = FakeNode(max_key_bytes=16, max_value_bytes=32)
+        async with serve(node) as kv:
+            frame1 = _frame(
+                1,
+                *(
+                    pb.Op(kind=pb.Op.PUT, key=b"k%02d" % i, value=b"v%d" % i, sequence=i + 1)
+                    for i in range(50)
+                ),
+            )
+            frame2 = _frame(
+                2,
+                pb.Op(kind=pb.Op.GET, key=b"k07"),
+                pb.Op(kind=pb.Op.PUT, key=b"", value=b"x", sequence=100),  # empty key
+                pb.Op(kind=pb.Op.DELETE, key=b"k08", sequence=101),
+                pb.Op(kind=pb.Op.PUT, key=b"big", value=b"v" * 33, sequence=102),  # too big
+                pb.Op(kind=pb.Op.CAS, key=b"k09", expected=b"v9", value=b"nine", sequence=103),
+                pb.Op(kind=pb.Op.CAS, key=b"new", expect_absent=True, value=b"n", sequence=104),
+                pb.Op(kind=pb.Op.GET, key=b"k08", read_mode=pb.READ_STALE),
+                pb.Op(kind=pb.Op.GET, key=b"k09", read_mode=pb.READ_STALE),
+                pb.Op(kind=pb.Op.GET, key=b"k" * 17),  # key too long
+                pb.Op(kind=9, key=b"k"),  # unknown kind
+                pb.Op(kind=pb.Op.GET, key=b"new", read_mode=7),  # unknown read mode
+                pb.Op(kind=pb.Op.PUT, key=b"k00", value=b"dup", sequence=1),  # retried seq 1
+            )
+            frame3 = _frame(3)  # empty frame
+            # (the fake applies without yielding, so frame 1 is applied before frame 2 reads)
+            call = kv.Session()
+            for f in (frame1, frame2, frame3):
+                await call.write(f)
+            await call.done_writing()
+            results = {r.frame_id: r async for r in call}
+            assert sorted(results) == [1, 2, 3]
+
+            r1 = results[1].results
+            assert len(r1) == 50 and all(r.ok and r.code == 0 for r in r1)
+            r2 = results[2].results
+            assert [r.code for r in r2] == [0, 3, 0, 3, 0, 0, 0, 0, 3, 3, 3, 0]
+            assert r2[0].ok and r2[0].value == b"v7"
+            assert "must not be empty" in r2[1].error
+            assert r2[2].ok  # deleted
+            assert "value is 33 bytes" in r2[3].error
+            assert r2[4].ok and r2[5].ok  # both CAS swapped
+            assert not r2[6].ok  # reads in a frame see the frame's writes
+            assert r2[7].ok and r2[7].value == b"nine"
+            assert "unknown op kind" in r2[9].error and "read_mode" in r2[10].error
+            assert r2[11].ok
+            assert node.fsm.get(b"k00") == b"v0"  # the retry was not applied again
+            assert list(results[3].results) == [] and not results[2].leader
+            # one propose per frame, one barrier per distinct mode
+            assert [len(p) for p in node.proposals] == [50, 4]
+            assert sorted(node.barriers) == ["linearizable", "stale"]
+
+    run(main())
+
+
+def test_session_frames_run_concurrently() -> None:
+    async def main() -> None:
+        node = FakeNode()
+        release = asyncio.Event()
+
+        async def gate(payloads: list[bytes]) -> None:
+            if any(b"slow" in p for p in payloads):
+                await release.wait()
+
+        node.gate = gate
+        async with serve(node) as kv:
+            call = kv.Session()
+            await call.write(_frame(1, pb.Op(kind=pb.Op.PUT, key=b"slow", value=b"1")))
+            await call.write(_frame(2, pb.Op(kind=pb.Op.PUT, key=b"fast", value=b"2")))
+            first = await call.read()
+            assert first.frame_id == 2  # not held back behind frame 1
+            release.set()
+            second = await call.read()
+            assert second.frame_id == 1 and second.results[0].ok
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+
+    run(main())
+
+
+def test_session_on_follower_reports_leader_per_op() -> None:
+    async def main() -> None:
+        async with serve(FollowerNode()) as kv:
+            call = kv.Session()
+            await call.write(
+                _frame(
+                    9,
+                    pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v", sequence=1),
+                    pb.Op(kind=pb.Op.GET, key=b"k"),
+                    pb.Op(kind=pb.Op.GET, key=b"k", read_mode=pb.READ_STALE),
+                    pb.Op(kind=pb.Op.PUT, key=b"", value=b"v", sequence=2),
+                )
+            )
+            await call.done_writing()
+            result = await call.read()
+            assert result.frame_id == 9 and result.leader == "127.0.0.1:7002"
+            assert [r.code for r in result.results] == [14, 14, 0, 3]
+            assert "leader is n2" in result.results[0].error
+            assert await call.read() == grpc.aio.EOF
+
+    run(main())
+
+
+def test_session_survives_node_failures_and_stream_cancel() -> None:
+    async def main() -> None:
+        node = FakeNode()
+
+        async def gate(payloads: list[bytes]) -> None:
+            if any(b"boom" in p for p in payloads):
+                raise RuntimeError("kaboom")
+            if any(b"hang" in p for p in payloads):
+                await asyncio.sleep(60)
+
+        node.gate = gate
+        async with serve(node) as kv:
+            call = kv.Session()
+            await call.write(_frame(1, pb.Op(kind=pb.Op.PUT, key=b"boom", value=b"v")))
+            result = await call.read()
+            assert result.results[0].code == 13 and "kaboom" in result.results[0].error
+            # a hanging frame, then the client walks away: the server must clean up
+            await call.write(_frame(2, pb.Op(kind=pb.Op.PUT, key=b"hang", value=b"v")))
+            call.cancel()
+            # a timed session: the hanging write answers DEADLINE_EXCEEDED per op
+            call = kv.Session(timeout=1.0)
+            await call.write(_frame(3, pb.Op(kind=pb.Op.PUT, key=b"hang", value=b"v")))
+            result = await call.read()  # answered just before the stream's own deadline
+            assert result.results[0].code == 4 and "may or may not" in result.results[0].error
+            # and the server still serves
+            await kv.Put(pb.PutRequest(key=b"after", value=b"v"))
+            assert (await kv.Get(pb.GetRequest(key=b"after"))).found
+
+    run(main())
