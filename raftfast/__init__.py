@@ -1,20 +1,31 @@
 """raftfast: a Raft consensus node for Python with compiled hot paths."""
 
 from raftfast._accel import COMPILED
+from raftfast.client import Client, SyncClient
 from raftfast.errors import (
     BatchError,
+    ClusterUnavailableError,
     CompactedError,
     CorruptionError,
+    DeadlineExceededError,
+    InvalidArgumentError,
     LogError,
     NotLeaderError,
     RaftfastError,
+    RequestFailedError,
     StorageError,
     UnavailableError,
 )
 
 __all__ = [
     "COMPILED",
+    "Client",
+    "SyncClient",
     "BatchError",
+    "ClusterUnavailableError",
+    "DeadlineExceededError",
+    "InvalidArgumentError",
+    "RequestFailedError",
     "CompactedError",
     "CorruptionError",
     "LogError",

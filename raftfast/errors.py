@@ -45,3 +45,31 @@ class NotLeaderError(RaftfastError):
     def __init__(self, message: str = "not the leader", leader_id: str | None = None) -> None:
         super().__init__(message)
         self.leader_id = leader_id
+
+
+class DeadlineExceededError(RaftfastError, TimeoutError):
+    """A client call did not complete within its deadline.
+
+    A write that timed out may still have been applied (or be applied later); retrying it with a
+    new call is a new write.
+    """
+
+
+class ClusterUnavailableError(DeadlineExceededError):
+    """The deadline passed while no leader (or, for status, no node) could be reached.
+
+    A subclass of DeadlineExceededError: every endpoint refused, was unreachable or knew no
+    leader for the whole deadline.
+    """
+
+
+class InvalidArgumentError(RaftfastError, ValueError):
+    """The server rejected a request as invalid (oversized key, bad limit...); never retried."""
+
+
+class RequestFailedError(RaftfastError):
+    """The server answered with an unexpected error status; ``code`` is its name (e.g. INTERNAL)."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code

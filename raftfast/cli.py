@@ -1,0 +1,347 @@
+"""The ``raftfast`` command: talk to a raftfast cluster from the shell.
+
+::
+
+    raftfast [--endpoints HOST:PORT,...] [--timeout S] put KEY VALUE
+    raftfast get KEY [--read-mode linearizable|lease|stale]
+    raftfast delete KEY
+    raftfast cas KEY NEW (--expect OLD | --absent)
+    raftfast scan PREFIX [--limit N]
+    raftfast status [--json]
+
+Endpoints come from ``--endpoints``, else ``RAFTFAST_ENDPOINTS``, else 127.0.0.1:7001; the
+timeout from ``--timeout``, else ``RAFTFAST_TIMEOUT``, else 5 s. Both options may also follow
+the command. Keys and values on the command line are taken as the bytes the OS gave (UTF-8
+with surrogate escapes); values are printed raw.
+
+Exit codes: 0 success; 1 a failure (unreachable cluster, server error) or a negative answer
+(``get``: key not found, ``delete``: not found, ``cas``: not swapped); 2 a usage error. Errors
+are one line on stderr, never a traceback.
+
+Adding a command: write ``async def _cmd_x(client, args) -> int`` and an ``_add_x(sub, common)``
+that registers its subparser with ``set_defaults(handler=_cmd_x)``, and list it in
+``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from raftfast.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, READ_MODES, Client, parse_endpoints
+from raftfast.errors import InvalidArgumentError, RaftfastError
+
+__all__ = ["build_parser", "main"]
+
+Handler = Callable[[Client, argparse.Namespace], Awaitable[int]]
+
+# Other nodes of the cluster are asked for their status with at most this deadline, so one
+# dead node does not hold the whole command for the full --timeout.
+_PEER_STATUS_TIMEOUT = 1.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32-1, got {value}")
+    return value
+
+
+def _arg_bytes(text: str) -> bytes:
+    return os.fsencode(text)
+
+
+def _out() -> Any:
+    """A binary stdout (the real one, or the buffer of a replaced sys.stdout)."""
+    sys.stdout.flush()
+    return getattr(sys.stdout, "buffer", None)
+
+
+def _write_line(data: bytes) -> None:
+    out = _out()
+    if out is None:
+        sys.stdout.write(data.decode("utf-8", "replace") + "\n")
+    else:
+        out.write(data + b"\n")
+        out.flush()
+
+
+def _error(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+async def _cmd_put(client: Client, args: argparse.Namespace) -> int:
+    await client.put(args.key, args.value)
+    print("OK")
+    return 0
+
+
+async def _cmd_get(client: Client, args: argparse.Namespace) -> int:
+    value = await client.get(args.key, read_mode=args.read_mode)
+    if value is None:
+        print("key not found", file=sys.stderr)
+        return 1
+    _write_line(value)
+    return 0
+
+
+async def _cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    if await client.delete(args.key):
+        print("deleted")
+        return 0
+    print("not found")
+    return 1
+
+
+async def _cmd_cas(client: Client, args: argparse.Namespace) -> int:
+    expected = None if args.absent else args.expect
+    if await client.cas(args.key, expected, args.new):
+        print("swapped")
+        return 0
+    print("not swapped")
+    return 1
+
+
+async def _cmd_scan(client: Client, args: argparse.Namespace) -> int:
+    items = await client.scan(args.prefix, args.limit, read_mode=args.read_mode)
+    for key, value in items:
+        _write_line(key + b"\t" + value)
+    return 0
+
+
+async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
+    first = await client.status()
+    nodes: list[dict[str, Any]] = [first]
+    others = [
+        m for m in first.get("members", ()) if m.get("id") != first.get("id") and m.get("address")
+    ]
+    timeout = min(client.timeout, _PEER_STATUS_TIMEOUT)
+
+    async def ask(member: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await client.status(member["address"], timeout=timeout)
+        except (RaftfastError, ValueError) as exc:
+            return {
+                "id": member["id"],
+                "endpoint": member["address"],
+                "error": " ".join(str(exc).split()),
+            }
+
+    nodes.extend(await asyncio.gather(*(ask(m) for m in others)))
+    # rows in member order (the answering node's view), unknown ids last
+    order = {m.get("id"): i for i, m in enumerate(first.get("members", ()))}
+    nodes.sort(key=lambda n: order.get(n.get("id"), len(order)))
+    if args.json:
+        print(json.dumps(nodes, indent=2, sort_keys=True))
+        return 0
+    _print_status(nodes, first)
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(len(header))]
+    lines = []
+    for row in cells:
+        parts = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(parts).rstrip())
+    return lines
+
+
+def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) -> None:
+    """A row per node, then the member list as ``first`` (the node that answered) sees it."""
+    rows = []
+    for n in nodes:
+        if "error" in n:
+            rows.append([n["id"], n["endpoint"], "unreachable", "-", "-", "-", "-", "-"])
+            continue
+        leader = n["leader"] or "-"
+        rows.append(
+            [
+                n["id"],
+                n["endpoint"],
+                n["role"],
+                n["term"],
+                leader,
+                n["commit_index"],
+                n["applied_index"],
+                n["last_index"],
+            ]
+        )
+    header = ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST"]
+    lines = _table(header, rows)
+    members = first.get("members") or []
+    lines.append("")
+    cluster = first.get("cluster_id") or "?"
+    lines.append(f"cluster {cluster}: {len(members)} member(s), as seen by {first['id']}")
+    if members:
+        member_rows = [[m["id"], m["address"], m["role"], m["match_index"]] for m in members]
+        lines.extend(_table(["ID", "ADDRESS", "ROLE", "MATCH"], member_rows))
+    errors = [f"{n['id']} ({n['endpoint']}): {n['error']}" for n in nodes if "error" in n]
+    for err in errors:
+        lines.append(f"unreachable: {err}")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def _add_put(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("put", parents=[common], help="set KEY to VALUE")
+    p.add_argument("key", type=_arg_bytes, metavar="KEY")
+    p.add_argument("value", type=_arg_bytes, metavar="VALUE")
+    p.set_defaults(handler=_cmd_put)
+
+
+def _add_get(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("get", parents=[common], help="print the value of KEY")
+    p.add_argument("key", type=_arg_bytes, metavar="KEY")
+    p.add_argument("--read-mode", choices=list(READ_MODES), default=None)
+    p.set_defaults(handler=_cmd_get)
+
+
+def _add_delete(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("delete", parents=[common], help="delete KEY")
+    p.add_argument("key", type=_arg_bytes, metavar="KEY")
+    p.set_defaults(handler=_cmd_delete)
+
+
+def _add_cas(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("cas", parents=[common], help="set KEY to NEW if it holds OLD")
+    p.add_argument("key", type=_arg_bytes, metavar="KEY")
+    p.add_argument("new", type=_arg_bytes, metavar="NEW")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--expect", type=_arg_bytes, metavar="OLD", help="the current value")
+    group.add_argument("--absent", action="store_true", help="KEY must not exist")
+    p.set_defaults(handler=_cmd_cas)
+
+
+def _add_scan(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("scan", parents=[common], help="print KEY<TAB>VALUE lines under PREFIX")
+    p.add_argument("prefix", type=_arg_bytes, metavar="PREFIX", nargs="?", default=b"")
+    p.add_argument(
+        "--limit", type=_limit, default=1000, help="at most N items (0: the server's max)"
+    )
+    p.add_argument("--read-mode", choices=list(READ_MODES), default=None)
+    p.set_defaults(handler=_cmd_scan)
+
+
+def _add_status(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("status", parents=[common], help="show every node's role, term, indexes")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_cmd_status)
+
+
+_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+    _add_put,
+    _add_get,
+    _add_delete,
+    _add_cas,
+    _add_scan,
+    _add_status,
+]
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if environ is None else environ
+    parser = _Parser(
+        prog="raftfast",
+        description="Talk to a raftfast cluster.",
+        epilog="Exit codes: 0 ok, 1 failure or negative answer, 2 usage error.",
+    )
+    parser.add_argument(
+        "--endpoints",
+        default=env.get("RAFTFAST_ENDPOINTS") or DEFAULT_ENDPOINT,
+        metavar="HOST:PORT,...",
+        help="nodes to contact (default: $RAFTFAST_ENDPOINTS or %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        default=env.get("RAFTFAST_TIMEOUT") or str(DEFAULT_TIMEOUT),
+        metavar="S",
+        help="deadline of each request in seconds (default: $RAFTFAST_TIMEOUT or %(default)s)",
+    )
+    # The same options after the command (``raftfast get k --endpoints ...``).
+    common = _Parser(add_help=False)
+    common.add_argument("--endpoints", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--timeout", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(sub, common)
+    return parser
+
+
+async def _run(args: argparse.Namespace, endpoints: list[str], timeout: float) -> int:
+    handler: Handler = args.handler
+    async with Client(endpoints, timeout=timeout) as client:
+        try:
+            return await handler(client, args)
+        except InvalidArgumentError as exc:
+            _error(f"invalid argument: {exc}")
+        except RaftfastError as exc:
+            _error(str(exc))
+        except (TypeError, ValueError) as exc:
+            _error(f"invalid argument: {exc}")
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit code (usage errors raise SystemExit(2))."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        endpoints = parse_endpoints(args.endpoints)
+    except ValueError as exc:
+        parser.error(f"--endpoints: {exc}")
+    try:
+        timeout = _positive_float(args.timeout)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--timeout: {exc}")
+    try:
+        return asyncio.run(_run(args, endpoints, timeout))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout was closed early (e.g. ``raftfast scan | head``): quiet exit.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
+        _error(f"unexpected {type(exc).__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

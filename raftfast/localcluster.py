@@ -1,0 +1,153 @@
+"""A local cluster of real `raftfast-node` processes on 127.0.0.1 with ephemeral ports.
+
+Used by `make run`, `raftfast bench` and the integration tests. Every process is started by a
+``ProcCluster`` and stopped by it, by PID. Nothing sleeps to "let things settle": callers poll a
+condition with a deadline (``wait_for``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0, every: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+            last_error = exc
+        time.sleep(every)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_error})"
+    )
+
+
+class ProcCluster:
+    def __init__(self, tmp: Path, n: int = 3, tick_ms: int = 50, extra: list[str] | None = None):
+        self.tmp = tmp
+        ports = free_ports(n)
+        self.ids = [f"n{i + 1}" for i in range(n)]
+        self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=True)}
+        self.tick_ms = tick_ms
+        self.extra = extra or []
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self.addrs.values())
+
+    def start(self, nid: str, first_time: bool = True) -> None:
+        data = self.tmp / nid
+        log_path = self.tmp / f"{nid}.log"
+        if first_time and not (data / "node.json").exists():
+            peers = ",".join(f"{k}={v}" for k, v in self.addrs.items())
+            args = ["--id", nid, "--listen", self.addrs[nid], "--peers", peers]
+        else:
+            args = []  # a restart needs only the data directory
+        cmd = [
+            sys.executable,
+            "-m",
+            "raftfast.node_cli",
+            *args,
+            "--data-dir",
+            str(data),
+            "--tick-ms",
+            str(self.tick_ms),
+            *self.extra,
+        ]
+        self.logs[nid] = log_path
+        with open(log_path, "ab") as out:
+            self.procs[nid] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+    def start_all(self) -> None:
+        for nid in self.ids:
+            self.start(nid)
+
+    def kill(self, nid: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(nid, None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for nid in list(self.procs):
+            proc = self.procs[nid]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for nid in list(self.procs):
+            proc = self.procs.pop(nid)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+    def status(self, nid: str, timeout: float = 1.0) -> pb.StatusResponse:
+        with grpc.insecure_channel(self.addrs[nid]) as ch:
+            return pb_grpc.KVStub(ch).Status(pb.StatusRequest(), timeout=timeout)
+
+    def leader(self, among: list[str] | None = None) -> str | None:
+        """The node that a majority of the live nodes agree is the leader, if any."""
+        votes: dict[str, int] = {}
+        for nid in among or list(self.procs):
+            try:
+                st = self.status(nid)
+            except grpc.RpcError:
+                continue
+            if st.role == "leader":
+                votes[st.id] = votes.get(st.id, 0) + len(self.ids)  # it claims it itself
+            elif st.leader:
+                votes[st.leader] = votes.get(st.leader, 0) + 1
+        best = max(votes, key=votes.get, default=None)
+        if best is not None and best in self.procs:
+            try:
+                if self.status(best).role == "leader":
+                    return best
+            except grpc.RpcError:
+                return None
+        return None
+
+    def wait_leader(self, timeout: float = 30.0, among: list[str] | None = None) -> str:
+        return wait_for("a leader", lambda: self.leader(among), timeout)
+
+    def log_tail(self) -> str:
+        parts = []
+        for nid, path in self.logs.items():
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()[-15:]
+                parts.append(f"--- {nid} ---\n" + "\n".join(lines))
+        return "\n".join(parts)

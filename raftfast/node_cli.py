@@ -1,0 +1,475 @@
+"""The ``raftfast-node`` command: run one node of a raftfast cluster.
+
+::
+
+    raftfast-node --id n1 --listen 127.0.0.1:7001 \\
+        --peers n1=127.0.0.1:7001,n2=127.0.0.1:7002,n3=127.0.0.1:7003 --data-dir ./data/n1
+
+Settings come from, highest precedence first: command-line flags, ``RAFTFAST_*`` environment
+variables (``RAFTFAST_ID``, ``RAFTFAST_LISTEN``, ``RAFTFAST_PEERS``, ``RAFTFAST_DATA_DIR``,
+``RAFTFAST_CLUSTER_ID``, ``RAFTFAST_NO_FSYNC=1`` or ``RAFTFAST_FSYNC=0``, ``RAFTFAST_READ_MODE``,
+``RAFTFAST_TICK_MS``, ``RAFTFAST_ELECTION_TICKS``, ``RAFTFAST_HEARTBEAT_TICKS``,
+``RAFTFAST_MAX_KEY_BYTES``, ``RAFTFAST_MAX_VALUE_BYTES``, ``RAFTFAST_LOG_LEVEL``,
+``RAFTFAST_CONFIG``), a TOML file (``--config``; keys ``id``, ``listen``, ``peers`` (a table
+id -> address or the comma string), ``data_dir``, ``cluster_id``, ``fsync``, ``read_mode``,
+``tick_ms``, ``election_ticks``, ``heartbeat_ticks``, ``max_key_bytes``, ``max_value_bytes``,
+``log_level``), the identity stored in the data directory, and the defaults of
+``raftfast.settings.NodeSettings``. ``--listen`` defaults to this node's address in ``--peers``.
+
+Identity: the first start writes ``<data-dir>/node.json`` (id, listen, peers, cluster id)
+atomically; a restart needs only ``--data-dir``. Settings that name another id or cluster id
+than the stored ones are refused (that data belongs to another node); a changed listen address
+or peer list replaces the stored one.
+
+Exit codes: 2 for bad flags or configuration (one line on stderr, no traceback), 1 when the
+node fails (storage, address in use...), 130 on Ctrl-C; 0 after a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
+from typing import Any, NoReturn
+
+from raftfast.errors import RaftfastError
+from raftfast.settings import READ_MODES, NodeSettings
+
+__all__ = [
+    "IDENTITY_FILE",
+    "ConfigError",
+    "build_parser",
+    "identity_path",
+    "load_identity",
+    "main",
+    "parse_settings",
+    "write_identity",
+]
+
+PROG = "raftfast-node"
+IDENTITY_FILE = "node.json"
+_IDENTITY_KEYS = ("id", "listen", "peers", "cluster_id")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+UNSAFE_WARNING = (
+    f"{PROG}: WARNING: fsync is disabled (--no-fsync): this is UNSAFE - acknowledged writes "
+    "can be lost or the log corrupted on power failure or OS crash; use it only for tests "
+    "and benchmarks"
+)
+
+
+class ConfigError(ValueError):
+    """Bad flags, environment or configuration file; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------- converters
+
+
+def _is_address(addr: str) -> bool:
+    host, sep, port = addr.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise ConfigError(f"{where} must not be empty")
+    return value
+
+
+def _address(value: Any, where: str) -> str:
+    addr = _str(value, where)
+    if not _is_address(addr):
+        raise ConfigError(f"{where}: bad address {addr!r} (want HOST:PORT)")
+    return addr
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{where} must be an integer, got {value!r}")
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ConfigError(f"{where} must be a boolean (1/0, true/false), got {value!r}")
+
+
+def _peers(value: Any, where: str) -> dict[str, str]:
+    peers: dict[str, str] = {}
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            nid, sep, addr = part.partition("=")
+            if not sep:
+                raise ConfigError(f"{where}: bad entry {part!r} (want ID=HOST:PORT,...)")
+            items.append((nid.strip(), addr.strip()))
+    else:
+        raise ConfigError(f"{where} must be a table or 'ID=HOST:PORT,...', not {value!r}")
+    for nid, addr in items:
+        if not isinstance(nid, str) or not nid:
+            raise ConfigError(f"{where}: empty node id (want ID=HOST:PORT,...)")
+        if nid in peers:
+            raise ConfigError(f"{where}: node id {nid!r} appears twice")
+        peers[nid] = _address(addr, f"{where} {nid}")
+    if not peers:
+        raise ConfigError(f"{where} must name at least one node (want ID=HOST:PORT,...)")
+    return peers
+
+
+def _read_mode(value: Any, where: str) -> str:
+    mode = _str(value, where).lower()
+    if mode not in READ_MODES:
+        raise ConfigError(f"{where} must be one of {', '.join(READ_MODES)}, got {mode!r}")
+    return mode
+
+
+def _log_level(value: Any, where: str) -> str:
+    level = _str(value, where).upper()
+    level = "WARNING" if level == "WARN" else level
+    if level not in _LOG_LEVELS:
+        raise ConfigError(f"{where} must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+_CONVERT: dict[str, Callable[[Any, str], Any]] = {
+    "id": _str,
+    "listen": _address,
+    "peers": _peers,
+    "data_dir": _str,
+    "cluster_id": _str,
+    "fsync": _bool,
+    "read_mode": _read_mode,
+    "tick_ms": _int,
+    "election_ticks": _int,
+    "heartbeat_ticks": _int,
+    "max_key_bytes": _int,
+    "max_value_bytes": _int,
+    "log_level": _log_level,
+}
+_SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
+assert set(_CONVERT) <= _SETTINGS_FIELDS
+
+_ENV = {f"RAFTFAST_{key.upper()}": key for key in _CONVERT}  # RAFTFAST_FSYNC=0 too
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Run one node of a raftfast cluster.",
+        epilog="Precedence: flags > RAFTFAST_* environment > --config TOML > node.json > "
+        "defaults. Exit codes: 2 bad configuration, 1 failure, 0 clean shutdown.",
+    )
+    p.add_argument("--id", help="this node's id (must be a key of --peers)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default: --peers)")
+    p.add_argument("--peers", metavar="ID=HOST:PORT,...", help="every node, this one included")
+    p.add_argument("--data-dir", metavar="DIR", help="where the log and node.json live")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--cluster-id", metavar="X", help="refuse peers and clients of other clusters")
+    p.add_argument(
+        "--fsync",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fdatasync the log before acknowledging (default); --no-fsync is UNSAFE",
+    )
+    p.add_argument("--read-mode", metavar="|".join(READ_MODES), help="default read mode")
+    p.add_argument("--tick-ms", metavar="N", help="Raft tick in milliseconds")
+    p.add_argument("--election-ticks", metavar="N", help="election timeout in ticks")
+    p.add_argument("--heartbeat-ticks", metavar="N", help="heartbeat interval in ticks")
+    p.add_argument("--max-key-bytes", metavar="N", help="largest key accepted")
+    p.add_argument("--max-value-bytes", metavar="N", help="largest value accepted")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    return p
+
+
+# ---------------------------------------------------------------------------------- sources
+
+
+def _from_toml(path: str) -> dict[str, tuple[Any, str]]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"bad TOML in {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"bad TOML in {path}: not UTF-8 ({exc.reason})") from None
+    out: dict[str, tuple[Any, str]] = {}
+    name = os.path.basename(path)
+    for key, value in data.items():
+        if key not in _CONVERT:
+            raise ConfigError(
+                f"unknown key {key!r} in {path} (known: {', '.join(sorted(_CONVERT))})"
+            )
+        where = f"{name}: {key}"
+        out[key] = (_CONVERT[key](value, where), where)
+    return out
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for var, key in _ENV.items():
+        value = environ.get(var, "")
+        if value.strip():
+            out[key] = (_CONVERT[key](value, var), var)
+    no_fsync = environ.get("RAFTFAST_NO_FSYNC", "")
+    if no_fsync.strip():
+        fsync = not _bool(no_fsync, "RAFTFAST_NO_FSYNC")
+        if "fsync" in out and out["fsync"][0] != fsync:
+            raise ConfigError("RAFTFAST_FSYNC and RAFTFAST_NO_FSYNC contradict each other")
+        out["fsync"] = (fsync, "RAFTFAST_NO_FSYNC")
+    return out
+
+
+def _from_flags(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+    out: dict[str, tuple[Any, str]] = {}
+    for key, convert in _CONVERT.items():
+        value = getattr(args, key)
+        if value is not None:
+            flag = "--no-fsync" if key == "fsync" and value is False else _flag(key)
+            out[key] = (convert(value, flag), flag)
+    return out
+
+
+# ---------------------------------------------------------------------------------- identity
+
+
+def identity_path(data_dir: str) -> str:
+    return os.path.join(data_dir, IDENTITY_FILE)
+
+
+def load_identity(data_dir: str) -> dict[str, Any] | None:
+    """The identity stored in ``data_dir``, or None when there is none yet."""
+    path = identity_path(data_dir)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        ident = {
+            "id": _str(data["id"], "id"),
+            "listen": _address(data["listen"], "listen"),
+            "peers": _peers(data["peers"], "peers"),
+            "cluster_id": _str(data["cluster_id"], "cluster_id"),
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        msg = " ".join(str(exc).split())
+        raise ConfigError(f"corrupt identity file {path} ({msg}); restore or remove it") from None
+    return ident
+
+
+def _identity_of(settings: NodeSettings) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "id": settings.id,
+        "listen": settings.listen,
+        "peers": dict(settings.peers),
+        "cluster_id": settings.cluster_id,
+    }
+
+
+def write_identity(settings: NodeSettings) -> bool:
+    """Store the node's identity in ``<data_dir>/node.json`` atomically; False if unchanged.
+
+    Temporary file, fsync, rename, fsync of the directory: after a crash the file is either the
+    old one or the new one, complete.
+    """
+    os.makedirs(settings.data_dir, exist_ok=True)
+    ident = _identity_of(settings)
+    current = load_identity(settings.data_dir)
+    if current is not None and all(current[k] == ident[k] for k in _IDENTITY_KEYS):
+        return False
+    path = identity_path(settings.data_dir)
+    tmp = path + ".tmp"
+    data = (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(settings.data_dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return True
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> NodeSettings:
+    """Flags, environment, TOML and the stored identity -> validated NodeSettings.
+
+    Reads ``node.json`` but writes nothing (``write_identity`` does). Raises ConfigError.
+    """
+    env = os.environ if environ is None else environ
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    config_path = args.config or env.get("RAFTFAST_CONFIG", "").strip() or None
+    merged: dict[str, tuple[Any, str]] = {}
+    if config_path:
+        merged.update(_from_toml(config_path))
+    merged.update(_from_env(env))
+    merged.update(_from_flags(args))
+
+    if "data_dir" not in merged:
+        raise ConfigError(
+            "--data-dir is required (or RAFTFAST_DATA_DIR, or data_dir in the config file)"
+        )
+    data_dir = merged["data_dir"][0]
+    values: dict[str, Any] = {key: value for key, (value, _) in merged.items()}
+
+    stored = load_identity(data_dir)
+    if stored is not None:
+        for key in ("id", "cluster_id"):
+            if key in merged and merged[key][0] != stored[key]:
+                value, where = merged[key]
+                raise ConfigError(
+                    f"{where} {value!r} contradicts the identity stored in "
+                    f"{identity_path(data_dir)} ({key} {stored[key]!r}); that data belongs to "
+                    "another node: use the stored value or a fresh --data-dir"
+                )
+        for key in _IDENTITY_KEYS:
+            values.setdefault(key, stored[key])
+    else:
+        if "id" not in values:
+            raise ConfigError(
+                f"--id is required on the first start (no {IDENTITY_FILE} in {data_dir})"
+            )
+        if "peers" not in values:
+            raise ConfigError(
+                f"--peers is required on the first start (no {IDENTITY_FILE} in {data_dir})"
+            )
+    if values["id"] not in values["peers"]:
+        raise ConfigError(
+            f"--peers must include this node's id {values['id']!r} "
+            f"(peers: {', '.join(values['peers'])})"
+        )
+    values.setdefault("listen", values["peers"][values["id"]])
+    settings = NodeSettings(**values)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
+    return settings
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_serve(settings: NodeSettings) -> None:
+    """Run ``raftfast.node.serve`` on uvloop when available (the loop exists before gRPC)."""
+    from raftfast.node import serve
+
+    loop_factory = None
+    if os.environ.get("RAFTFAST_NO_UVLOOP", "").strip().lower() not in _TRUE:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings))
+
+
+def _fail(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
+    try:
+        settings = parse_settings(argv, os.environ)
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise SystemExit(2) from None
+    if not settings.fsync:
+        print(UNSAFE_WARNING, file=sys.stderr)
+    try:
+        write_identity(settings)
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise SystemExit(2) from None
+    except OSError as exc:
+        _fail(f"cannot write the identity to {settings.data_dir}: {exc.strerror or exc}")
+        return 1
+    _configure_logging(settings.log_level)
+    try:
+        _run_serve(settings)
+    except KeyboardInterrupt:
+        return 130
+    except (RaftfastError, OSError) as exc:
+        logging.getLogger("raftfast.node").debug("node failed", exc_info=True)
+        _fail(f"node {settings.id} failed: {exc}")
+        return 1
+    except Exception:
+        logging.getLogger("raftfast.node").critical("node failed unexpectedly", exc_info=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The ``raftfast`` command against fake servers (in-process) and an unreachable address."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raftfast import cli
+from raftfast.proto import raftfast_pb2 as pb
+from tests.client.test_client import FakeKV, ThreadedServer, closed_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cluster() -> object:
+    """A fake leader n1 and a fake follower n2 that points at it; yields their addresses."""
+    leader, follower = FakeKV("n1"), FakeKV("n2")
+    with ThreadedServer(leader, follower) as servers:
+        laddr, faddr = servers.addresses
+        follower.redirect_to = laddr
+        members = [
+            pb.Member(id="n1", address=laddr, role="voter", match_index=5),
+            pb.Member(id="n2", address=faddr, role="voter", match_index=4),
+            pb.Member(id="n3", address=closed_port(), role="voter", match_index=0),
+        ]
+        leader.members = members
+        follower.members = members
+        yield leader, laddr, faddr
+
+
+def run_cli(capsysbinary: pytest.CaptureFixture[bytes], *argv: str) -> tuple[int, bytes, str]:
+    code = cli.main(list(argv))
+    out, err = capsysbinary.readouterr()
+    return code, out, err.decode()
+
+
+def test_put_get_delete_scan(cluster, capsysbinary) -> None:
+    leader, laddr, faddr = cluster
+    eps = f"{faddr},{laddr}"
+    assert run_cli(capsysbinary, "--endpoints", eps, "put", "k1", "héllo") == (0, b"OK\n", "")
+    assert leader.store[b"k1"] == "héllo".encode()
+    assert run_cli(capsysbinary, "--endpoints", eps, "get", "k1") == (0, "héllo\n".encode(), "")
+    # options may follow the command too
+    code, out, err = run_cli(capsysbinary, "get", "nope", "--endpoints", eps, "--timeout", "2")
+    assert (code, out, err) == (1, b"", "key not found\n")
+    leader.store[b"k2"] = b"\xff\x00raw"
+    code, out, _ = run_cli(capsysbinary, "--endpoints", eps, "scan", "k")
+    assert code == 0
+    assert out == "k1\théllo\n".encode() + b"k2\t\xff\x00raw\n"
+    code, out, _ = run_cli(capsysbinary, "--endpoints", eps, "scan", "k", "--limit", "1")
+    assert out.count(b"\n") == 1
+    assert run_cli(capsysbinary, "--endpoints", eps, "delete", "k1") == (0, b"deleted\n", "")
+    assert run_cli(capsysbinary, "--endpoints", eps, "delete", "k1") == (1, b"not found\n", "")
+    assert run_cli(capsysbinary, "--endpoints", eps, "cas", "c", "1", "--absent")[:2] == (
+        0,
+        b"swapped\n",
+    )
+    assert run_cli(capsysbinary, "--endpoints", eps, "cas", "c", "2", "--expect", "0")[:2] == (
+        1,
+        b"not swapped\n",
+    )
+
+
+def test_endpoints_from_environment(cluster, capsysbinary, monkeypatch) -> None:
+    leader, laddr, _ = cluster
+    monkeypatch.setenv("RAFTFAST_ENDPOINTS", laddr)
+    assert run_cli(capsysbinary, "put", "e", "1") == (0, b"OK\n", "")
+    assert leader.store[b"e"] == b"1"
+
+
+def test_invalid_argument_message(cluster, capsysbinary) -> None:
+    _, laddr, _ = cluster
+    code, out, err = run_cli(capsysbinary, "--endpoints", laddr, "put", "k" * 40, "v")
+    assert code == 1 and out == b""
+    assert err == "error: invalid argument: key exceeds 16 bytes\n"
+
+
+def test_status_table_and_json(cluster, capsysbinary) -> None:
+    _, laddr, faddr = cluster
+    code, out, err = run_cli(capsysbinary, "--endpoints", faddr, "status")
+    assert code == 0, err
+    text = out.decode()
+    lines = text.splitlines()
+    assert lines[0].split() == "ID ADDRESS ROLE TERM LEADER COMMIT APPLIED LAST".split()
+    assert lines[1].split() == ["n1", laddr, "leader", "3", "n1", "0", "0", "0"]
+    assert lines[2].split() == ["n2", faddr, "follower", "3", "n1", "0", "0", "0"]
+    assert lines[3].split()[:3] == ["n3", nodes_n3 := lines[3].split()[1], "unreachable"]
+    assert nodes_n3.startswith("127.0.0.1:")
+    assert "3 member(s), as seen by n2" in text and "MATCH" in text
+
+    code, out, _ = run_cli(capsysbinary, "--endpoints", laddr, "status", "--json")
+    assert code == 0
+    nodes = json.loads(out)
+    assert [n["id"] for n in nodes] == ["n1", "n2", "n3"]
+    assert nodes[0]["role"] == "leader"
+    assert [m["id"] for m in nodes[0]["members"]] == ["n1", "n2", "n3"]
+    by_id = {n["id"]: n for n in nodes}
+    assert by_id["n2"]["role"] == "follower"
+    assert "error" in by_id["n3"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["get"],
+        ["frobnicate"],
+        ["put", "k"],
+        ["--endpoints", "nohostport", "get", "k"],
+        ["--endpoints", "", "get", "k"],
+        ["--timeout", "0", "get", "k"],
+        ["--timeout", "abc", "get", "k"],
+        ["scan", "--limit", "-1"],
+        ["cas", "k", "v"],
+        ["cas", "k", "v", "--absent", "--expect", "x"],
+        ["get", "k", "--read-mode", "fast"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and "error:" in err
+
+
+def test_unreachable_cluster_subprocess() -> None:
+    addr = closed_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("RAFTFAST_ENDPOINTS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raftfast.cli", "--endpoints", addr, "--timeout", "0.5", "get", "k"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: no leader reachable at {addr} within 0.5s")

@@ -1,0 +1,269 @@
+"""``raftfast-node`` argument handling: precedence, the stored identity, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from raftfast import node_cli
+from raftfast.node_cli import ConfigError, load_identity, parse_settings, write_identity
+from raftfast.settings import NodeSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS = "n1=127.0.0.1:7001,n2=127.0.0.1:7002,n3=127.0.0.1:7003"
+
+
+def base(data_dir: Path, *extra: str) -> list[str]:
+    return ["--id", "n1", "--peers", PEERS, "--data-dir", str(data_dir), *extra]
+
+
+@pytest.fixture
+def fake_serve(monkeypatch: pytest.MonkeyPatch) -> list[NodeSettings]:
+    """Replace raftfast.node with a module whose serve() records its settings."""
+    calls: list[NodeSettings] = []
+
+    async def serve(settings: NodeSettings) -> None:
+        calls.append(settings)
+
+    module = types.ModuleType("raftfast.node")
+    module.serve = serve  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "raftfast.node", module)
+    for var in list(os.environ):
+        if var.startswith("RAFTFAST_") and var != "RAFTFAST_PUREPYTHON":
+            monkeypatch.delenv(var)
+    return calls
+
+
+def test_flags_only(tmp_path: Path) -> None:
+    s = parse_settings(base(tmp_path / "d"), {})
+    assert s.id == "n1"
+    assert s.listen == "127.0.0.1:7001"  # defaults to this node's peer address
+    assert s.peers == {"n1": "127.0.0.1:7001", "n2": "127.0.0.1:7002", "n3": "127.0.0.1:7003"}
+    assert s.data_dir == str(tmp_path / "d")
+    assert (s.cluster_id, s.fsync, s.read_mode, s.tick_ms, s.log_level) == (
+        "raftfast",
+        True,
+        "linearizable",
+        50,
+        "INFO",
+    )
+    assert not (tmp_path / "d").exists()  # parsing writes nothing
+
+
+def test_precedence_flag_over_env_over_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        'id = "n1"\n'
+        'data_dir = "' + str(tmp_path / "d") + '"\n'
+        'cluster_id = "from-toml"\n'
+        'read_mode = "stale"\n'
+        "tick_ms = 10\n"
+        'log_level = "debug"\n'
+        "fsync = false\n"
+        "election_ticks = 20\n"
+        "[peers]\n"
+        'n1 = "127.0.0.1:7101"\n'
+        'n2 = "127.0.0.1:7102"\n'
+    )
+    env = {
+        "RAFTFAST_READ_MODE": "lease",
+        "RAFTFAST_TICK_MS": "20",
+        "RAFTFAST_CLUSTER_ID": "from-env",
+        "RAFTFAST_NO_FSYNC": "0",
+        "RAFTFAST_ENDPOINTS": "ignored:1",  # other RAFTFAST_* variables are not ours
+    }
+    s = parse_settings(["--config", str(toml), "--tick-ms", "30"], env)
+    assert s.tick_ms == 30  # flag
+    assert s.read_mode == "lease"  # env over toml
+    assert s.cluster_id == "from-env"
+    assert s.fsync is True  # RAFTFAST_NO_FSYNC=0 over fsync = false
+    assert s.log_level == "DEBUG"  # toml only
+    assert s.election_ticks == 20
+    assert s.peers == {"n1": "127.0.0.1:7101", "n2": "127.0.0.1:7102"}
+    assert s.listen == "127.0.0.1:7101"
+
+    s = parse_settings(["--config", str(toml), "--no-fsync", "--read-mode", "linearizable"], env)
+    assert s.fsync is False and s.read_mode == "linearizable"
+
+    # the config file may come from the environment, and peers may be a string there
+    toml.write_text(f'peers = "{PEERS}"\nid = "n2"\n')
+    s = parse_settings(["--data-dir", str(tmp_path / "e")], {"RAFTFAST_CONFIG": str(toml)})
+    assert s.id == "n2" and s.listen == "127.0.0.1:7002"
+
+    # everything from the environment
+    env = {
+        "RAFTFAST_ID": "n3",
+        "RAFTFAST_PEERS": PEERS,
+        "RAFTFAST_DATA_DIR": str(tmp_path / "f"),
+        "RAFTFAST_LISTEN": "0.0.0.0:7003",
+        "RAFTFAST_NO_FSYNC": "1",
+        "RAFTFAST_LOG_LEVEL": "warn",
+    }
+    s = parse_settings([], env)
+    assert (s.id, s.listen, s.fsync, s.log_level) == ("n3", "0.0.0.0:7003", False, "WARNING")
+
+
+def test_identity_written_and_reloaded(tmp_path: Path, fake_serve, capsys) -> None:
+    d = tmp_path / "data" / "n1"
+    assert node_cli.main(base(d, "--cluster-id", "prod", "--listen", "127.0.0.1:7001")) == 0
+    assert len(fake_serve) == 1
+    stored = json.loads((d / "node.json").read_text())
+    assert stored["id"] == "n1" and stored["cluster_id"] == "prod"
+    assert stored["peers"]["n3"] == "127.0.0.1:7003"
+    assert not (d / "node.json.tmp").exists()
+    assert "UNSAFE" not in capsys.readouterr().err
+
+    # restart with only --data-dir
+    assert node_cli.main(["--data-dir", str(d)]) == 0
+    s = fake_serve[-1]
+    assert (s.id, s.cluster_id, s.listen) == ("n1", "prod", "127.0.0.1:7001")
+    assert s.peers == stored["peers"]
+
+    # same values again are fine; a new listen address replaces the stored one
+    s = parse_settings(["--data-dir", str(d), "--id", "n1", "--listen", "127.0.0.1:7009"], {})
+    assert write_identity(s) is True
+    assert load_identity(str(d))["listen"] == "127.0.0.1:7009"
+    assert write_identity(s) is False  # unchanged: not rewritten
+
+
+def test_contradicting_identity_is_refused(tmp_path: Path, fake_serve, capsys) -> None:
+    d = tmp_path / "n1"
+    write_identity(parse_settings(base(d, "--cluster-id", "prod"), {}))
+    for argv, env, word in (
+        (["--data-dir", str(d), "--id", "n2"], {}, "--id 'n2'"),
+        (["--data-dir", str(d), "--cluster-id", "test"], {}, "--cluster-id 'test'"),
+        (["--data-dir", str(d)], {"RAFTFAST_ID": "n3"}, "RAFTFAST_ID 'n3'"),
+    ):
+        with pytest.raises(ConfigError, match="contradicts the identity stored") as info:
+            parse_settings(argv, env)
+        assert word in str(info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        node_cli.main(["--data-dir", str(d), "--id", "n2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raftfast-node: error: --id 'n2' contradicts") and err.count("\n") == 1
+    assert not fake_serve
+
+    (d / "node.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupt identity file"):
+        parse_settings(["--data-dir", str(d)], {})
+
+
+def test_no_fsync_warns(tmp_path: Path, fake_serve, capsys) -> None:
+    assert node_cli.main(base(tmp_path / "d", "--no-fsync")) == 0
+    assert fake_serve[-1].fsync is False
+    err = capsys.readouterr().err
+    assert "UNSAFE" in err and "fsync" in err
+
+
+def test_serve_failure_is_one_line(tmp_path: Path, fake_serve, monkeypatch, capsys) -> None:
+    from raftfast.errors import StorageError
+
+    async def serve(settings: NodeSettings) -> None:
+        raise StorageError("fdatasync failed: EIO")
+
+    monkeypatch.setattr(sys.modules["raftfast.node"], "serve", serve)
+    assert node_cli.main(base(tmp_path / "d")) == 1
+    err = capsys.readouterr().err
+    assert "raftfast-node: error: node n1 failed: fdatasync failed: EIO" in err
+    assert "Traceback" not in err
+
+
+def _toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD_CASES = [
+    ("unknown flag", lambda t: ["--bogus"], "unrecognized arguments"),
+    ("no data dir", lambda t: ["--id", "n1", "--peers", PEERS], "--data-dir is required"),
+    ("no id", lambda t: ["--peers", PEERS, "--data-dir", str(t / "x")], "--id is required"),
+    ("no peers", lambda t: ["--id", "n1", "--data-dir", str(t / "x")], "--peers is required"),
+    ("id not in peers", lambda t: base(t / "x", "--id", "n9"), "must include this node's id"),
+    ("bad peer address", lambda t: base(t / "x", "--peers", "n1=localhost"), "bad address"),
+    ("bad peer port", lambda t: base(t / "x", "--peers", "n1=h:99999"), "bad address"),
+    ("bad peer entry", lambda t: base(t / "x", "--peers", "n1"), "bad entry"),
+    ("duplicate peer", lambda t: base(t / "x", "--peers", "n1=h:1,n1=h:2"), "appears twice"),
+    ("bad listen", lambda t: base(t / "x", "--listen", "7001"), "bad address"),
+    ("bad read mode", lambda t: base(t / "x", "--read-mode", "fast"), "--read-mode must be"),
+    ("bad tick", lambda t: base(t / "x", "--tick-ms", "ten"), "--tick-ms must be an integer"),
+    ("zero tick", lambda t: base(t / "x", "--tick-ms", "0"), "tick_ms >= 1"),
+    ("bad log level", lambda t: base(t / "x", "--log-level", "loud"), "--log-level must be"),
+    ("missing toml", lambda t: base(t / "x", "--config", str(t / "nope.toml")), "cannot read"),
+    (
+        "unreadable toml",
+        lambda t: base(t / "x", "--config", _toml(t, "id = [unclosed\n")),
+        "bad TOML",
+    ),
+    (
+        "unknown toml key",
+        lambda t: base(t / "x", "--config", _toml(t, "colour = 'blue'\n")),
+        "unknown key 'colour'",
+    ),
+    (
+        "toml wrong type",
+        lambda t: base(t / "x", "--config", _toml(t, "tick_ms = true\n")),
+        "must be an integer",
+    ),
+    (
+        "toml bad fsync",
+        lambda t: base(t / "x", "--config", _toml(t, "fsync = 'maybe'\n")),
+        "must be a boolean",
+    ),
+    (
+        "toml bad peers",
+        lambda t: base(t / "x", "--config", _toml(t, "peers = 3\n")),
+        "must be a table",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_input_exits_2_with_one_line(case, tmp_path: Path, fake_serve, capsys) -> None:
+    _, make_argv, expected = case
+    with pytest.raises(SystemExit) as info:
+        node_cli.main(make_argv(tmp_path))
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("raftfast-node: error: "), err
+    assert err.count("\n") == 1, err
+    assert expected in err
+    assert not fake_serve
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RAFTFAST_NO_FSYNC": "perhaps"}, "RAFTFAST_NO_FSYNC must be a boolean"),
+        ({"RAFTFAST_FSYNC": "1", "RAFTFAST_NO_FSYNC": "1"}, "contradict"),
+        ({"RAFTFAST_TICK_MS": "x"}, "RAFTFAST_TICK_MS must be an integer"),
+        ({"RAFTFAST_PEERS": "n1=nope"}, "RAFTFAST_PEERS n1: bad address"),
+    ],
+)
+def test_bad_environment(env, expected, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_settings(["--id", "n1", "--peers", PEERS, "--data-dir", str(tmp_path)], env)
+
+
+def test_bad_flag_subprocess_has_no_traceback() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTFAST_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raftfast.node_cli", "--bad"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr == "raftfast-node: error: unrecognized arguments: --bad\n"
