@@ -313,16 +313,17 @@ class Node:
         await fut
 
     def _on_role_change(self, role: Role, leader: str) -> None:
-        term = self.raw.raft.term
+        term, reason = self.raw.raft.term, self.raw.raft.reason
         if role == Role.LEADER:
-            log.info("node %s became leader in term %d", self.id, term)
+            log.info("node %s became leader in term %d (%s)", self.id, term, reason)
         else:
             log.info(
-                "node %s is %s in term %d (leader: %s)",
+                "node %s is %s in term %d, leader %s (%s)",
                 self.id,
                 role.name.lower(),
                 term,
                 leader or "unknown",
+                reason,
             )
             # Waiters of a deposed leader: tell clients to retry at the new leader. Retried
             # writes carry the same (client id, sequence), so nothing is applied twice.

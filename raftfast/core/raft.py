@@ -84,6 +84,7 @@ class Raft:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = 0
+        self.reason = "start"  # why the role or term last changed (for the driver's log)
         self.become_follower(self.term, "")
 
     # -- public inputs -------------------------------------------------------------------------
@@ -101,10 +102,8 @@ class Raft:
         """Start an election now (pre-vote first when enabled). No-op on a leader."""
         if self.role == Role.LEADER:
             return
-        if self.config.pre_vote:
-            self._campaign(pre=True)
-        else:
-            self._campaign(pre=False)
+        self.reason = "election timeout"
+        self._campaign(pre=self.config.pre_vote)
 
     def propose(self, payloads: Sequence[bytes]) -> tuple[int, int]:
         """Append client commands as one batch; returns their (first, last) index."""
@@ -172,9 +171,9 @@ class Raft:
             if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
                 pass  # pre-vote traffic never changes our term
             elif m.type in (MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT):
-                self.become_follower(m.term, m.src)
+                self.become_follower(m.term, m.src, f"{m.type.name} of term {m.term} from {m.src}")
             else:
-                self.become_follower(m.term, "")
+                self.become_follower(m.term, "", f"{m.type.name} of term {m.term} from {m.src}")
         elif m.term < self.term:
             if m.type in (MsgType.APPEND, MsgType.HEARTBEAT):
                 # A stale leader (perhaps cut off and back): tell it our term so it steps down.
@@ -194,7 +193,8 @@ class Raft:
 
     # -- roles ---------------------------------------------------------------------------------
 
-    def become_follower(self, term: int, leader: str) -> None:
+    def become_follower(self, term: int, leader: str, reason: str = "start") -> None:
+        self.reason = reason
         if term != self.term:
             self.term = term
             self.vote = ""
@@ -282,7 +282,7 @@ class Raft:
     def _step_candidate(self, m: Message) -> None:
         expected = MsgType.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else MsgType.VOTE_RESP
         if m.type in (MsgType.APPEND, MsgType.HEARTBEAT):
-            self.become_follower(m.term, m.src)  # a leader of our term exists
+            self.become_follower(m.term, m.src, f"leader {m.src} of term {m.term} exists")
             self._step_follower(m)
         elif m.type == expected:
             if self.role == Role.PRE_CANDIDATE and not m.reject and m.term != self.term + 1:
@@ -295,13 +295,14 @@ class Raft:
         granted_n = sum(1 for v in self.votes.values() if v)
         result = vote_result(granted_n, len(self.votes) - granted_n, len(self.voters))
         if result is True:
+            self.reason = "won the pre-vote" if self.role == Role.PRE_CANDIDATE else "won the vote"
             if self.role == Role.PRE_CANDIDATE:
                 self._campaign(pre=False)
             else:
                 self._become_leader()
             return True
         if result is False:
-            self.become_follower(self.term, "")
+            self.become_follower(self.term, "", "lost the election")
         return False
 
     # -- follower ------------------------------------------------------------------------------
@@ -319,6 +320,7 @@ class Raft:
                 Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term, context=m.context)
             )
         elif m.type == MsgType.TIMEOUT_NOW:
+            self.reason = f"leadership transfer from {m.src}"
             self._campaign(pre=False)
 
     def _handle_append(self, m: Message) -> None:
@@ -365,7 +367,7 @@ class Raft:
         if self.election_elapsed >= self.config.election_tick:
             self.election_elapsed = 0
             if self.config.check_quorum and not self._quorum_active():
-                self.become_follower(self.term, "")
+                self.become_follower(self.term, "", "check-quorum: no contact with a quorum")
                 return
         if self.heartbeat_elapsed >= self.config.heartbeat_tick:
             self.heartbeat_elapsed = 0

@@ -60,7 +60,7 @@ def test_kill9_leader_new_leader_fast_and_no_acknowledged_write_lost(cluster):
         new = cluster.wait_leader(timeout=30, among=others)
         elapsed = time.monotonic() - killed_at
         assert new != old
-        assert elapsed < 3.0 + 2.0, f"new leader after {elapsed:.2f}s"  # 3 s, plus poll slack
+        assert elapsed < 3.0, f"new leader only after {elapsed:.2f}s"
         for k, v in acked.items():
             assert c.get(k) == v.encode()
         c.put("after", "x")
