@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
 
-.PHONY: venv build test test-compiled test-pure lint run soak bench proto clean
+.PHONY: venv build test test-compiled test-pure lint run soak chaos bench proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,16 +35,25 @@ test-compiled: $(STAMP)
 
 test-pure: $(STAMP)
 	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
-	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests
+	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests \
+		--ignore=tests/fault/test_chaos.py --ignore=tests/fault/test_durability.py
 
 run: $(STAMP)
 	$(PY) -m raftfast.demo
 
+# Thousands of simulation seeds, and 100,000 fuzz inputs per decoder.
 soak: $(STAMP)
 	RAFTFAST_SIM_SEEDS=$${RAFTFAST_SIM_SEEDS:-3000} $(PYTEST) -q -p no:cacheprovider -m slow tests/sim
+	RAFTFAST_FUZZ_EXAMPLES=$${RAFTFAST_FUZZ_EXAMPLES:-100000} $(PYTEST) -q -p no:cacheprovider \
+		tests/fault/test_fuzz.py
 
 bench: $(STAMP)
 	$(PYTEST) -q -p no:cacheprovider bench --benchmark-only --benchmark-columns=min,median,ops
+
+# The long fault-injection run: >= 20 schedules over 3 and 5 nodes (about 10 minutes).
+chaos: $(STAMP)
+	$(PY) -m tests.fault.chaos --schedules $${RAFTFAST_CHAOS_SCHEDULES:-20} \
+		--duration $${RAFTFAST_CHAOS_DURATION:-20}
 
 # Regenerate the protobuf/gRPC code from proto/ (never edit raftfast/proto/ by hand).
 proto: $(STAMP)

@@ -56,8 +56,21 @@ def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0, every: fl
 
 
 class ProcCluster:
-    def __init__(self, tmp: Path, n: int = 3, tick_ms: int = 50, extra: list[str] | None = None):
+    """``peer_view(nid)`` may give node ``nid`` its own addresses for the others (a fault
+    test routes each directed link through a proxy); by default everyone dials directly."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        n: int = 3,
+        tick_ms: int = 50,
+        extra: list[str] | None = None,
+        peer_view: Callable[[str], dict[str, str]] | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.tmp = tmp
+        self.env = {**os.environ, **env} if env else None
+        self.peer_view = peer_view
         ports = free_ports(n)
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=True)}
@@ -74,7 +87,8 @@ class ProcCluster:
         data = self.tmp / nid
         log_path = self.tmp / f"{nid}.log"
         if first_time and not (data / "node.json").exists():
-            peers = ",".join(f"{k}={v}" for k, v in self.addrs.items())
+            view = self.peer_view(nid) if self.peer_view else self.addrs
+            peers = ",".join(f"{k}={v}" for k, v in view.items())
             args = ["--id", nid, "--listen", self.addrs[nid], "--peers", peers]
         else:
             args = []  # a restart needs only the data directory
@@ -91,7 +105,9 @@ class ProcCluster:
         ]
         self.logs[nid] = log_path
         with open(log_path, "ab") as out:
-            self.procs[nid] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            self.procs[nid] = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env
+            )
 
     def start_all(self) -> None:
         for nid in self.ids:

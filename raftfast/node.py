@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -30,7 +31,7 @@ from raftfast._accel import decode_batch
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import Message, Ready, Role
-from raftfast.errors import NotLeaderError, StorageError
+from raftfast.errors import LogError, NotLeaderError
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.service import KVService
 from raftfast.proto import raftfast_pb2 as pb
@@ -42,6 +43,7 @@ from raftfast.transport.grpc import CHANNEL_OPTIONS, PeerService, PeerTransport
 log = logging.getLogger("raftfast.node")
 
 _MAX_PROPOSAL_BATCH = 16384
+_FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
 
 
 class Node:
@@ -71,7 +73,9 @@ class Node:
 
     async def start(self) -> None:
         s = self.settings
-        self.wal = WAL.open(os.path.join(s.data_dir, "wal"), fsync=s.fsync)
+        self.wal = WAL.open(
+            os.path.join(s.data_dir, "wal"), segment_bytes=s.wal_segment_bytes, fsync=s.fsync
+        )
         state = self.wal.recovered()
         config = Config(
             s.id,
@@ -89,13 +93,19 @@ class Node:
             s.fsync,
         )
         self.transport = PeerTransport(s.id, s.cluster_id, s.peers, self._on_unreachable)
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start,
+        # not silently share the port with us.
+        self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         pb_grpc.add_PeerServicer_to_server(
             PeerService(s.cluster_id, set(s.peers), self._deliver), self.server
         )
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
-        if self.server.add_insecure_port(s.listen) == 0:
-            raise OSError(f"cannot listen on {s.listen}")
+        try:
+            bound = self.server.add_insecure_port(s.listen)
+        except RuntimeError:  # grpcio raises instead of returning 0 when bind() fails
+            bound = 0
+        if bound == 0:
+            raise OSError(f"cannot listen on {s.listen} (address in use?)")
         await self.server.start()
         self.transport.start()
         self._tasks = [
@@ -184,7 +194,9 @@ class Node:
     # -- internals -----------------------------------------------------------------------------
 
     def _check_leader(self) -> None:
-        if self._stopping:
+        if self._stopping or self.failed is not None:
+            # After a fatal error _run is gone: work queued now would wait for stop() instead
+            # of failing at once (and a client would see CANCELLED, not a retryable error).
             raise NotLeaderError("node is shutting down")
         raft = self.raw.raft
         if raft.role != Role.LEADER:
@@ -195,7 +207,19 @@ class Node:
             return
         for m in msgs:
             if m.dst == self.id:
-                self.raw.step(m)
+                try:
+                    self.raw.step(m)
+                except (LogError, ValueError) as exc:
+                    # Entries the log refuses (e.g. terms going backwards): drop this message
+                    # only. Raising would abort the peer's stream and lose the rest of its frame.
+                    log.warning(
+                        "node %s dropped a bad %s from %s (term %d): %s",
+                        self.id,
+                        m.type.name,
+                        m.src,
+                        m.term,
+                        exc,
+                    )
         self._wake.set()
 
     def _on_unreachable(self, peer: str) -> None:
@@ -259,10 +283,8 @@ class Node:
         if rd.hard_state is not None or rd.entries:
             self.wal.append(rd.hard_state, rd.entries or None)
             loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(self._fsync_pool, self.wal.sync)
-            except StorageError:
-                raise
+            # A StorageError propagates: _run stops the node (never retry-and-pretend).
+            await loop.run_in_executor(self._fsync_pool, self._write_and_sync)
         self.transport.send(rd.messages)
         if rd.committed:
             self._apply(rd.committed)
@@ -273,6 +295,14 @@ class Node:
         if rd.soft_state is not None:
             self._on_role_change(*rd.soft_state)
         self.raw.advance(rd)
+
+    def _write_and_sync(self) -> None:
+        """Group commit, in the fsync thread. ``RAFTFAST_FAULT_DISK_DELAY_MS`` (tests only)
+        makes the disk slow and jittery: each write starts up to that much later, which
+        widens any window in which something is acknowledged before it is written."""
+        if _FAULT_DISK_DELAY:
+            time.sleep(random.uniform(0, _FAULT_DISK_DELAY))
+        self.wal.sync()
 
     def _apply(self, committed: bytes) -> None:
         first, terms, types, payloads = decode_batch(committed)

@@ -13,8 +13,10 @@ variables (``RAFTFAST_ID``, ``RAFTFAST_LISTEN``, ``RAFTFAST_PEERS``, ``RAFTFAST_
 ``RAFTFAST_CONFIG``), a TOML file (``--config``; keys ``id``, ``listen``, ``peers`` (a table
 id -> address or the comma string), ``data_dir``, ``cluster_id``, ``fsync``, ``read_mode``,
 ``tick_ms``, ``election_ticks``, ``heartbeat_ticks``, ``max_key_bytes``, ``max_value_bytes``,
-``log_level``), the identity stored in the data directory, and the defaults of
-``raftfast.settings.NodeSettings``. ``--listen`` defaults to this node's address in ``--peers``.
+``log_level``; advanced and hidden: ``wal_segment_bytes``, also ``--wal-segment-bytes`` and
+``RAFTFAST_WAL_SEGMENT_BYTES``, the WAL segment size, 64 MiB by default), the identity stored
+in the data directory, and the defaults of ``raftfast.settings.NodeSettings``. ``--listen``
+defaults to this node's address in ``--peers``.
 
 Identity: the first start writes ``<data-dir>/node.json`` (id, listen, peers, cluster id)
 atomically; a restart needs only ``--data-dir``. Settings that name another id or cluster id
@@ -146,6 +148,16 @@ def _peers(value: Any, where: str) -> dict[str, str]:
     return peers
 
 
+_MIN_SEGMENT_BYTES = 4096
+
+
+def _segment_bytes(value: Any, where: str) -> int:
+    n = _int(value, where)
+    if n < _MIN_SEGMENT_BYTES:
+        raise ConfigError(f"{where} must be at least {_MIN_SEGMENT_BYTES}, got {n}")
+    return n
+
+
 def _read_mode(value: Any, where: str) -> str:
     mode = _str(value, where).lower()
     if mode not in READ_MODES:
@@ -175,6 +187,7 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "max_key_bytes": _int,
     "max_value_bytes": _int,
     "log_level": _log_level,
+    "wal_segment_bytes": _segment_bytes,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
 assert set(_CONVERT) <= _SETTINGS_FIELDS
@@ -220,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-key-bytes", metavar="N", help="largest key accepted")
     p.add_argument("--max-value-bytes", metavar="N", help="largest value accepted")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    # Advanced (hidden): WAL segment size before rotation; small values are for tests.
+    p.add_argument("--wal-segment-bytes", metavar="N", help=argparse.SUPPRESS)
     return p
 
 

@@ -22,6 +22,7 @@ class NodeSettings:
     max_key_bytes: int = 4 * 1024
     max_value_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    wal_segment_bytes: int = 64 * 1024 * 1024  # advanced: WAL segment size before rotation
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:

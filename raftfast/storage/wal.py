@@ -36,6 +36,7 @@ REC_COMPACTED = 3  # payload: index u64 | term u64 — entries <= index live in 
 _HEADER = struct.Struct("<IIB")  # payload length | crc32c(type byte + payload) | type
 _HARD_STATE = struct.Struct("<QQH")
 _COMPACTED = struct.Struct("<QQ")
+_MAX_COMPACTED = (1 << 62) - 1  # EntryLog's first index (compaction index + 1) is below 2**62
 _TYPE_CRC = {t: crc32c(bytes((t,))) for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED)}
 _TYPE_BYTE = re.compile(rb"[\x01-\x03]")  # candidate type bytes when looking past a bad record
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.wal$")
@@ -93,7 +94,10 @@ def _decode(rtype: int, payload: memoryview) -> object:
     if rtype == REC_COMPACTED:
         if len(payload) != _COMPACTED.size:
             raise ValueError(f"compaction record is {len(payload)} bytes")
-        return _COMPACTED.unpack(payload)
+        index, term = _COMPACTED.unpack(payload)
+        if index >= _MAX_COMPACTED:  # the log would start past EntryLog's range
+            raise ValueError(f"compaction index {index} is out of range")
+        return index, term
     raise ValueError(f"unknown record type {rtype}")
 
 
@@ -167,7 +171,9 @@ def _scan(path: str, data: bytes, is_last: bool) -> tuple[list[_Record], int]:
         records.append(rec)
         off = rec.end
     if not records and not is_last:
-        raise CorruptionError(f"{path}: empty segment that is not the last one", path, 0)
+        raise CorruptionError(
+            f"{path}: empty segment that is not the last one (byte offset 0)", path, 0
+        )
     return records, off
 
 

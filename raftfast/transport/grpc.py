@@ -28,6 +28,9 @@ log = logging.getLogger("raftfast.transport")
 
 _VOTES = (MsgType.VOTE, MsgType.PRE_VOTE)
 _MAX_FRAME_MESSAGES = 1024
+# No real term or index comes near this. A forged term close to 2**64 would be adopted and made
+# durable, and then no election could ever bump it again: the cluster would be dead for good.
+_MAX_TERM_OR_INDEX = 1 << 62
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -159,6 +162,11 @@ class PeerService(pb_grpc.PeerServicer):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"message from {m.src!r} in a frame of {f.src!r}",
+                )
+            if max(m.term, m.index, m.log_term, m.commit, m.hint) >= _MAX_TERM_OR_INDEX:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{m.type.name} from {m.src!r}: term or index out of range",
                 )
         return msgs
 

@@ -1,0 +1,355 @@
+"""Chaos schedules on real `raftfast-node` processes: concurrent clients run random operations
+on a few keys while a nemesis kills (-9) and restarts nodes, pauses them (SIGSTOP longer than an
+election timeout), partitions them (majority/minority, isolated leader, asymmetric) and delays or
+drops their traffic. Every schedule is bounded in time and ends with: heal, a quiet period, final
+reads, and three checks — the history is linearizable, no acknowledged write is lost, every node
+holds the same state.
+
+    python -m tests.fault.chaos --schedules 20 --duration 25     (what `make chaos` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from raftfast.client import Client
+from raftfast.errors import InvalidArgumentError
+from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+
+from .linearizability import Op, check
+from .proxy import FaultProxy
+
+KEYS = [b"k%d" % i for i in range(6)]
+OP_TIMEOUT = 2.0
+
+
+@dataclass
+class Report:
+    nodes: int
+    seed: int
+    ops: int = 0
+    ok: int = 0
+    unknown: int = 0
+    faults: dict[str, int] = field(default_factory=dict)
+    linearizable: bool | None = None
+    explanation: str = ""
+    lost_writes: int = 0
+    converged: bool = False
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.linearizable) and self.lost_writes == 0 and self.converged
+
+    def line(self) -> str:
+        faults = ",".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
+        verdict = {True: "linearizable", False: "NOT LINEARIZABLE", None: "unknown"}
+        return (
+            f"nodes={self.nodes} seed={self.seed:<4} ops={self.ops:<5} ok={self.ok:<5} "
+            f"unknown={self.unknown:<3} faults[{faults}] {verdict[self.linearizable]} "
+            f"lost={self.lost_writes} converged={self.converged} {self.seconds:.0f}s"
+        )
+
+
+# -- clients -------------------------------------------------------------------------------------
+
+
+async def _worker(
+    wid: int,
+    endpoints: list[str],
+    rng: random.Random,
+    stop: asyncio.Event,
+    history: list[Op],
+    reader: bool = False,
+) -> None:
+    """A client doing random operations one at a time; a ``reader`` only reads, starting at
+    ``endpoints[0]`` (a follower must redirect it: serving it locally would be a stale read)."""
+    seen: dict[bytes, bytes | None] = {}
+    counter = 0
+    async with Client(endpoints, timeout=OP_TIMEOUT) as client:
+        while not stop.is_set():
+            key = rng.choice(KEYS)
+            roll = 0.5 if reader else rng.random()
+            counter += 1
+            value = b"w%d-%d" % (wid, counter)
+            invoke = time.monotonic()
+            try:
+                if roll < 0.45:
+                    kind, expected = "put", None
+                    await client.put(key, value)
+                    output = None
+                elif roll < 0.80:
+                    kind, expected, value = "get", None, None
+                    output = await client.get(key)
+                    seen[key] = output
+                elif roll < 0.92:
+                    kind, expected = "cas", seen.get(key)
+                    output = await client.cas(key, expected, value)
+                else:
+                    kind, expected, value = "delete", None, None
+                    output = await client.delete(key)
+                complete = time.monotonic()
+            except InvalidArgumentError:
+                raise
+            except Exception:  # noqa: BLE001 - timeouts, no leader: the outcome is unknown
+                if kind == "get":
+                    continue  # a failed read has no effect
+                complete, output = None, None
+            history.append(Op(wid, kind, key, value, expected, invoke, complete, output))
+
+
+# -- nemesis -------------------------------------------------------------------------------------
+
+
+class Nemesis:
+    def __init__(
+        self, cluster: ProcCluster, proxy: FaultProxy, rng: random.Random, report: Report
+    ) -> None:
+        self.cluster = cluster
+        self.proxy = proxy
+        self.rng = rng
+        self.report = report
+        self.paused: set[str] = set()
+        self.dead: set[str] = set()
+
+    def _count(self, name: str) -> None:
+        self.report.faults[name] = self.report.faults.get(name, 0) + 1
+
+    def _target(self) -> str:
+        if self.rng.random() < 0.5:
+            leader = self.cluster.leader()
+            if leader is not None:
+                return leader
+        return self.rng.choice(self.cluster.ids)
+
+    async def run(self, until: float) -> None:
+        faults = ["kill", "kill-majority", "pause", "split", "isolate", "oneway", "slow"]
+        while time.monotonic() < until - 3:
+            await asyncio.sleep(self.rng.uniform(0.5, 1.5))  # a calm stretch between faults
+            fault = self.rng.choice(faults)
+            self._count(fault)
+            await asyncio.to_thread(self._inject, fault)
+            await asyncio.sleep(self.rng.uniform(1.5, 3.0))  # > election timeout (0.5–1 s)
+            await asyncio.to_thread(self.heal)
+
+    def _inject(self, fault: str) -> None:
+        c, p, ids = self.cluster, self.proxy, self.cluster.ids
+        if fault == "kill":
+            victims = [self._target()]
+            if len(ids) == 5 and self.rng.random() < 0.5:
+                victims.append(self.rng.choice([n for n in ids if n not in victims]))
+            for nid in victims:
+                c.kill(nid, signal.SIGKILL)
+                self.dead.add(nid)
+        elif fault == "kill-majority":
+            # The leader and enough others to lose the quorum, at the same instant: only what
+            # was durable survives, so anything acknowledged early would be lost here.
+            victims = [self._target()]
+            others = [n for n in ids if n not in victims]
+            self.rng.shuffle(others)
+            victims += others[: len(ids) // 2]
+            for nid in victims:
+                c.kill(nid, signal.SIGKILL)
+                self.dead.add(nid)
+        elif fault == "pause":
+            nid = self._target()
+            if nid in c.procs:
+                c.procs[nid].send_signal(signal.SIGSTOP)
+                self.paused.add(nid)
+        elif fault == "split":
+            shuffled = ids[:]
+            self.rng.shuffle(shuffled)
+            cut = self.rng.randint(1, len(ids) // 2)
+            p.partition(shuffled[:cut], shuffled[cut:])
+        elif fault == "isolate":
+            lone = self._target()
+            p.partition([lone], [n for n in ids if n != lone])
+        elif fault == "oneway":
+            a = self._target()
+            for b in ids:
+                if b != a:
+                    p.set(a, b, blocked=True) if self.rng.random() < 0.5 else p.set(
+                        b, a, blocked=True
+                    )
+        elif fault == "slow":
+            for src, dst in p.links:
+                p.set(src, dst, delay=self.rng.uniform(0.002, 0.03), loss=self.rng.uniform(0, 0.02))
+
+    def heal(self) -> None:
+        self.proxy.heal()
+        for nid in list(self.paused):
+            if nid in self.cluster.procs:
+                self.cluster.procs[nid].send_signal(signal.SIGCONT)
+        self.paused.clear()
+        for nid in list(self.dead):
+            self.cluster.start(nid, first_time=False)
+        self.dead.clear()
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def _scan_all(addr: str) -> dict[bytes, bytes]:
+    with grpc.insecure_channel(addr) as ch:
+        resp = pb_grpc.KVStub(ch).Scan(
+            pb.ScanRequest(prefix=b"", limit=10_000, read_mode=pb.READ_STALE), timeout=5
+        )
+    return {kv.key: kv.value for kv in resp.items}
+
+
+def _effect(op: Op) -> tuple[bool, bytes | None]:
+    """(does it change the state, the state it leaves) for a write that took effect."""
+    if op.kind == "put":
+        return True, op.value
+    if op.kind == "delete":
+        return True, None
+    if op.kind == "cas":
+        return op.output is not False, op.value
+    return False, None
+
+
+def lost_writes(history: list[Op], final: dict[bytes, bytes | None]) -> int:
+    """Acknowledged writes with nothing after or beside them whose effect is not the final state."""
+    lost = 0
+    for key in KEYS:
+        writes = [o for o in history if o.key == key and o.kind != "get" and _effect(o)[0]]
+        for w in writes:
+            if w.complete is None:
+                continue
+            if any(x.invoke > w.complete for x in writes if x is not w):
+                continue  # overwritten by a later write: nothing to see
+            concurrent = {
+                _effect(x)[1]
+                for x in writes
+                if x is not w and (x.complete is None or x.complete > w.invoke)
+            }
+            if final.get(key) != _effect(w)[1] and final.get(key) not in concurrent:
+                lost += 1
+    return lost
+
+
+async def _final_reads(endpoints: list[str], history: list[Op]) -> dict[bytes, bytes | None]:
+    final = {}
+    async with Client(endpoints, timeout=30) as client:
+        for key in KEYS:
+            invoke = time.monotonic()
+            value = await client.get(key)
+            history.append(Op(-1, "get", key, None, None, invoke, time.monotonic(), value))
+            final[key] = value
+    return final
+
+
+async def _run(
+    cluster: ProcCluster,
+    proxy: FaultProxy,
+    report: Report,
+    seed: int,
+    duration: float,
+    clients: int,
+) -> list[Op]:
+    rng = random.Random(seed)
+    history: list[Op] = []
+    stop = asyncio.Event()
+    nemesis = Nemesis(cluster, proxy, random.Random(seed + 1), report)
+    until = time.monotonic() + duration
+    workers = [
+        asyncio.create_task(
+            _worker(w, cluster.endpoints, random.Random(rng.random()), stop, history)
+        )
+        for w in range(clients)
+    ]
+    workers += [
+        asyncio.create_task(
+            _worker(100 + i, [addr], random.Random(rng.random()), stop, history, reader=True)
+        )
+        for i, addr in enumerate(cluster.endpoints)
+    ]
+    try:
+        await nemesis.run(until)
+        await asyncio.sleep(max(0.0, until - time.monotonic()))
+    finally:
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.to_thread(nemesis.heal)
+    return history
+
+
+def run_schedule(nodes: int, seed: int, duration: float, tmp: Path, clients: int = 3) -> Report:
+    report = Report(nodes, seed)
+    started = time.monotonic()
+    cluster = ProcCluster(tmp, nodes)
+    proxy = FaultProxy(cluster.addrs, seed)
+    proxy.start()
+    cluster.peer_view = lambda nid: proxy.view(nid, cluster.addrs[nid])
+    cluster.start_all()
+    try:
+        cluster.wait_leader(timeout=60)
+        history = asyncio.run(_run(cluster, proxy, report, seed, duration, clients))
+        # Quiet period: a leader, and every node applied everything it committed.
+        leader = cluster.wait_leader(timeout=60)
+
+        def caught_up() -> bool:
+            target = cluster.status(leader).commit_index
+            return all(cluster.status(n).applied_index >= target for n in cluster.ids)
+
+        wait_for("every node to catch up after healing", caught_up, timeout=90)
+        final = asyncio.run(_final_reads(cluster.endpoints, history))
+        states = [_scan_all(cluster.addrs[n]) for n in cluster.ids]
+        report.converged = all(s == states[0] for s in states)
+        report.ops = len(history)
+        report.unknown = sum(o.complete is None for o in history)
+        report.ok = report.ops - report.unknown
+        report.lost_writes = lost_writes(history, final)
+        result = check(history)
+        report.linearizable = result.ok
+        report.explanation = "" if result.ok else result.explanation
+    except BaseException:
+        print(cluster.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        cluster.stop_all()
+        proxy.close()
+        report.seconds = time.monotonic() - started
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schedules", type=int, default=20)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of faults each")
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("RAFTFAST_CHAOS_SEED", 1)))
+    args = parser.parse_args(argv)
+    reports = []
+    for i in range(args.schedules):
+        nodes = 3 if i % 2 == 0 else 5
+        with tempfile.TemporaryDirectory(prefix="raftfast-chaos-") as tmp:
+            report = run_schedule(nodes, args.seed + i, args.duration, Path(tmp))
+        reports.append(report)
+        print(report.line(), flush=True)
+        if report.explanation:
+            print("  " + report.explanation.replace("\n", "\n  "), flush=True)
+    failed = [r for r in reports if not r.passed]
+    total_faults = sum(sum(r.faults.values()) for r in reports)
+    print(
+        f"\n{len(reports)} schedules, {sum(r.ops for r in reports)} operations, "
+        f"{total_faults} faults, {sum(r.lost_writes for r in reports)} acknowledged writes lost, "
+        f"{len(reports) - len(failed)} passed, {len(failed)} failed"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

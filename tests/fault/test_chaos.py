@@ -1,0 +1,22 @@
+"""The bounded chaos subset that runs in `make test`; `make chaos` runs the long version."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .chaos import run_schedule
+
+DURATION = float(os.environ.get("RAFTFAST_CHAOS_DURATION", 15))
+
+
+@pytest.mark.parametrize("nodes, seed", [(3, 101), (5, 202)], ids=["n3", "n5"])
+def test_chaos_schedule(tmp_path, nodes, seed):
+    report = run_schedule(nodes, seed, DURATION, tmp_path)
+    print(report.line())
+    assert sum(report.faults.values()) >= 3, "the nemesis injected too few faults"
+    assert report.ok > 50, f"too little progress under faults: {report.line()}"
+    assert report.linearizable, report.explanation
+    assert report.lost_writes == 0
+    assert report.converged
