@@ -31,6 +31,7 @@ from raftfast.core.types import (
 from raftfast.errors import BatchError, NotLeaderError
 
 _EMPTY = b""
+_FORCED_VOTE = 1  # VOTE context: a leadership transfer, which others' leases must not block
 
 
 @dataclass
@@ -85,6 +86,8 @@ class Raft:
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = 0
         self.reason = "start"  # why the role or term last changed (for the driver's log)
+        self.transferee = ""  # leader: the node leadership is being handed to
+        self.transfer_elapsed = 0
         self.become_follower(self.term, "")
 
     # -- public inputs -------------------------------------------------------------------------
@@ -109,6 +112,11 @@ class Raft:
         """Append client commands as one batch; returns their (first, last) index."""
         if self.role != Role.LEADER:
             raise NotLeaderError(leader_id=self.leader or None)
+        if self.transferee:
+            # Proposals would keep the target behind forever (thesis §3.10).
+            raise NotLeaderError(
+                f"leadership transfer to {self.transferee} in progress", self.transferee
+            )
         if not payloads:
             raise ValueError("propose needs at least one payload")
         first = self.log.last_index + 1
@@ -158,6 +166,27 @@ class Raft:
         for request_id in start_now:
             self._add_read(request_id)
 
+    def transfer_leadership(self, target: str) -> None:
+        """Hand leadership to ``target`` (thesis §3.10): stop taking proposals, bring the target
+        up to date, then send it TimeoutNow so it campaigns at once. Gives up after an election
+        timeout. No-op if ``target`` already leads or a transfer to it is under way."""
+        if self.role != Role.LEADER:
+            raise NotLeaderError(leader_id=self.leader or None)
+        if target not in self.voters:
+            raise ValueError(f"{target!r} is not a voter")
+        if target == self.id or target == self.transferee:
+            return
+        self.transferee = target
+        self.transfer_elapsed = 0
+        pr = self.progress[target]
+        if pr.match_index == self.log.last_index:
+            self._send_timeout_now(target)
+        else:
+            self._send_append(target, pr, allow_empty=True)
+
+    def _send_timeout_now(self, target: str) -> None:
+        self._send(Message(MsgType.TIMEOUT_NOW, self.id, target, self.term))
+
     def report_unreachable(self, peer: str) -> None:
         """The driver lost its stream to ``peer``: frames in flight are gone, probe again."""
         pr = self.progress.get(peer)
@@ -166,7 +195,8 @@ class Raft:
 
     def step(self, m: Message) -> None:
         if m.term > self.term:
-            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE) and self._in_lease():
+            forced = m.type == MsgType.VOTE and m.context == _FORCED_VOTE
+            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE) and self._in_lease() and not forced:
                 return  # we heard from a live leader recently: don't let a stray node disrupt it
             if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
                 pass  # pre-vote traffic never changes our term
@@ -202,6 +232,7 @@ class Raft:
         self.leader = leader
         self._reset_timers()
         self.progress = {}
+        self.transferee = ""
         self._reads = []  # their waiters learn of the lost leadership from the soft state
 
     def _become_pre_candidate(self) -> None:
@@ -224,6 +255,7 @@ class Raft:
         next_index = self.log.last_index + 1
         self.progress = {peer: Progress(next_index) for peer in self.voters}
         self._read_acks = {}
+        self.transferee = ""
         own = self.progress[self.id]
         own.become_replicate()
         own.match_index = self.log.stable
@@ -247,7 +279,7 @@ class Raft:
 
     # -- elections -----------------------------------------------------------------------------
 
-    def _campaign(self, pre: bool) -> None:
+    def _campaign(self, pre: bool, forced: bool = False) -> None:
         if pre:
             self._become_pre_candidate()
             vote_term, kind = self.term + 1, MsgType.PRE_VOTE
@@ -259,7 +291,17 @@ class Raft:
         last_index, last_term = self.log.last_index, self.log.last_term
         for peer in self.voters:
             if peer != self.id:
-                self._send(Message(kind, self.id, peer, vote_term, last_index, last_term))
+                self._send(
+                    Message(
+                        kind,
+                        self.id,
+                        peer,
+                        vote_term,
+                        last_index,
+                        last_term,
+                        context=_FORCED_VOTE if forced else 0,
+                    )
+                )
 
     def _handle_vote_request(self, m: Message) -> None:
         pre = m.type == MsgType.PRE_VOTE
@@ -321,7 +363,7 @@ class Raft:
             )
         elif m.type == MsgType.TIMEOUT_NOW:
             self.reason = f"leadership transfer from {m.src}"
-            self._campaign(pre=False)
+            self._campaign(pre=False, forced=True)  # skip pre-vote and the others' leases
 
     def _handle_append(self, m: Message) -> None:
         log = self.log
@@ -364,6 +406,10 @@ class Raft:
     def _tick_leader(self) -> None:
         self.heartbeat_elapsed += 1
         self.election_elapsed += 1
+        if self.transferee:
+            self.transfer_elapsed += 1
+            if self.transfer_elapsed >= self.config.election_tick:
+                self.transferee = ""  # the target did not take over in time: lead on
         if self.election_elapsed >= self.config.election_tick:
             self.election_elapsed = 0
             if self.config.check_quorum and not self._quorum_active():
@@ -395,6 +441,8 @@ class Raft:
                     pr.become_replicate()
                 if self._maybe_commit():
                     self._broadcast_append()
+                if m.src == self.transferee and pr.match_index == self.log.last_index:
+                    self._send_timeout_now(m.src)
             while self._send_append(m.src, pr):
                 pass
         elif m.type == MsgType.HEARTBEAT_RESP:

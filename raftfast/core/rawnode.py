@@ -71,6 +71,10 @@ class RawNode:
     def report_unreachable(self, peer: str) -> None:
         self.raft.report_unreachable(peer)
 
+    def transfer_leadership(self, target: str) -> None:
+        """Start handing leadership to ``target`` (see Raft.transfer_leadership)."""
+        self.raft.transfer_leadership(target)
+
     # -- Ready / advance -----------------------------------------------------------------------
 
     def has_ready(self) -> bool:

@@ -390,3 +390,51 @@ def test_read_index_before_the_noop_commits_waits_for_it():
     assert a.raft.log.committed == 1
     net.tick_all(1)
     assert net.node("a").raft._reads == []
+
+
+# -- leadership transfer -------------------------------------------------------------------
+
+
+def test_transfer_to_an_up_to_date_follower():
+    net = Net(IDS)
+    net.elect("a")
+    term = net.node("a").raft.term
+    net.node("a").transfer_leadership("c")
+    net.drive()
+    assert net.leaders() == ["c"] and net.node("c").raft.term == term + 1
+    assert net.node("a").raft.leader == "c"
+
+
+def test_transfer_brings_a_lagging_target_up_to_date_first():
+    net = Net(IDS)
+    net.elect("a")
+    net.down.add("c")
+    net.node("a").propose([b"x", b"y"])
+    net.drive()
+    net.down.clear()
+    net.node("a").transfer_leadership("c")
+    with pytest.raises(NotLeaderError):
+        net.node("a").propose([b"refused during the transfer"])
+    net.drive()
+    assert net.leaders() == ["c"]
+    assert net.applied["c"][:3] == [b"", b"x", b"y"]
+
+
+def test_transfer_to_an_unreachable_target_times_out_and_leader_carries_on():
+    net = Net(IDS)
+    net.elect("a")
+    net.down.add("c")
+    a = net.node("a")
+    a.transfer_leadership("c")
+    for _ in range(10):
+        a.tick()
+        net.drive()
+    assert a.raft.role == Role.LEADER and a.raft.transferee == ""
+    a.propose([b"accepted again"])
+
+
+def test_transfer_to_a_non_voter_is_rejected():
+    net = Net(IDS)
+    net.elect("a")
+    with pytest.raises(ValueError):
+        net.node("a").transfer_leadership("zz")

@@ -43,6 +43,7 @@ class Faults:
     crash_in_sync: float = 0.0  # probability that a node crashes instead of completing a sync
     partition: float = 0.0  # per-unit probability that the partition changes
     propose: float = 0.05  # per-unit probability of a client proposal
+    transfer: float = 0.0  # per-unit probability that the leader hands leadership on
 
     @classmethod
     def random(cls, rng: random.Random) -> Faults:
@@ -55,6 +56,7 @@ class Faults:
             crash_in_sync=rng.choice([0.0, 0.0, 0.01, 0.05]),
             partition=rng.choice([0.0, 0.002, 0.005]),
             propose=rng.choice([0.02, 0.1, 0.3]),
+            transfer=rng.choice([0.0, 0.0, 0.001, 0.005]),
         )
 
 
@@ -141,6 +143,8 @@ class Cluster:
             self._change_partition()
         if faults.propose and self.rng.random() < faults.propose:
             self.propose_random()
+        if faults.transfer and self.rng.random() < faults.transfer:
+            self.transfer_random()
 
     def heal(self) -> None:
         """Stop injecting faults and restart everything: the system must now make progress."""
@@ -200,6 +204,15 @@ class Cluster:
             self.proposed[p] = node.id
         self._after_input(node)
         return payloads[-1]
+
+    def transfer_random(self) -> None:
+        leader = self.leader()
+        if leader is not None:
+            target = self.rng.choice([n for n in self.ids if n != leader.id])
+            self.stats["transfers"] = self.stats.get("transfers", 0) + 1
+            self.events.append(f"t={self.time} transfer {leader.id} -> {target}")
+            leader.raw.transfer_leadership(target)
+            self._after_input(leader)
 
     def leader(self) -> SimNode | None:
         best = None
