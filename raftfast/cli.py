@@ -137,6 +137,12 @@ async def _cmd_scan(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_transfer_leader(client: Client, args: argparse.Namespace) -> int:
+    leader = await client.transfer_leader(args.target)
+    print(f"leader is now {leader}")
+    return 0
+
+
 async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     first = await client.status()
     nodes: list[dict[str, Any]] = [first]
@@ -260,6 +266,14 @@ def _add_status(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=_cmd_status)
 
 
+def _add_transfer_leader(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "transfer-leader", parents=[common], help="hand leadership to node ID (no downtime)"
+    )
+    p.add_argument("target", metavar="ID")
+    p.set_defaults(handler=_cmd_transfer_leader)
+
+
 _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_put,
     _add_get,
@@ -267,6 +281,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_cas,
     _add_scan,
     _add_status,
+    _add_transfer_leader,
 ]
 
 

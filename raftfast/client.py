@@ -326,6 +326,7 @@ class Client:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.KVStub] = {}
+        self._admin_stubs: dict[str, pb_grpc.AdminStub] = {}
         self._pending: deque[_Op] = deque()
         self._outstanding: deque[_Op] = deque()  # writes with a sequence, in sequence order
         self._wake: asyncio.Event | None = None
@@ -504,6 +505,16 @@ class Client:
         out["endpoint"] = target
         return out
 
+    async def transfer_leader(self, target: str, *, timeout: float | None = None) -> str:
+        """Hand leadership to node ``target``; returns the leader once the call completes."""
+        if not isinstance(target, str) or not target:
+            raise ValueError("target must be a node id")
+        _, response = await self._unary(
+            "TransferLeader", pb.TransferLeaderRequest(target=target), timeout, admin=True
+        )
+        self._leader = None  # rediscover: the leader just changed
+        return response.leader
+
     # -- internals: common -------------------------------------------------------------------
 
     @staticmethod
@@ -530,7 +541,14 @@ class Client:
             self._session_task = loop.create_task(self._session_loop(), name="raftfast-session")
         return loop
 
-    def _stub(self, address: str) -> pb_grpc.KVStub:
+    def _stub(self, address: str, admin: bool = False) -> Any:
+        """The KV (or Admin) stub for ``address``; both share one channel per address."""
+        if admin:
+            stub = self._admin_stubs.get(address)
+            if stub is None:
+                self._stub(address)  # opens the channel
+                stub = self._admin_stubs[address] = pb_grpc.AdminStub(self._channels[address])
+            return stub
         stub = self._stubs.get(address)
         if stub is None:
             channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
@@ -570,6 +588,7 @@ class Client:
         *,
         endpoint: str | None = None,
         what: str = "leader",
+        admin: bool = False,
     ) -> tuple[str, Any]:
         """One unary call with redirects and retries until the deadline; (address, response)."""
         loop = self._ensure_started()
@@ -589,7 +608,7 @@ class Client:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise self._timeout_error(total, last_error, False, what, target)
-            rpc = getattr(self._stub(target), method)
+            rpc = getattr(self._stub(target, admin), method)
             try:
                 response = await rpc(request, timeout=remaining, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
@@ -1012,3 +1031,6 @@ class SyncClient:
         self, endpoint: str | None = None, *, timeout: float | None = None
     ) -> dict[str, Any]:
         return self._run(self._client.status(endpoint, timeout=timeout))
+
+    def transfer_leader(self, target: str, *, timeout: float | None = None) -> str:
+        return self._run(self._client.transfer_leader(target, timeout=timeout))

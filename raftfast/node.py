@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from raftfast._accel import decode_batch
+from raftfast.admin import AdminService
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import Message, Ready, Role
@@ -66,6 +67,7 @@ class Node:
         self._fsync_pool = ThreadPoolExecutor(1, thread_name_prefix=f"raftfast-fsync-{self.id}")
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
+        self._leader_changed = asyncio.Event()
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
 
@@ -100,6 +102,7 @@ class Node:
             PeerService(s.cluster_id, set(s.peers), self._deliver), self.server
         )
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
+        pb_grpc.add_AdminServicer_to_server(AdminService(self), self.server)
         try:
             bound = self.server.add_insecure_port(s.listen)
         except RuntimeError:  # grpcio raises instead of returning 0 when bind() fails
@@ -162,6 +165,28 @@ class Node:
         self._read_requests.append(fut)
         self._wake.set()
         await fut
+
+    async def transfer_leadership(self, target: str) -> tuple[str, int]:
+        """Hand leadership to ``target``; returns (leader, term) once ``target`` leads.
+
+        Raises TimeoutError if it has not taken over within two election timeouts."""
+        self._check_leader()
+        if target not in self.settings.peers:
+            raise ValueError(f"unknown node id {target!r}")
+        self.raw.transfer_leadership(target)
+        self._wake.set()
+        limit = 2 * self.settings.election_ticks * self.settings.tick_ms / 1000
+        deadline = asyncio.get_running_loop().time() + limit
+        while self.raw.raft.leader != target:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"{target} did not take over within {limit:g}s")
+            self._leader_changed.clear()
+            try:
+                await asyncio.wait_for(self._leader_changed.wait(), remaining)
+            except TimeoutError:
+                pass
+        return target, self.raw.raft.term
 
     def address_of(self, node_id: str) -> str | None:
         return self.settings.peers.get(node_id)
@@ -343,6 +368,7 @@ class Node:
         await fut
 
     def _on_role_change(self, role: Role, leader: str) -> None:
+        self._leader_changed.set()
         term, reason = self.raw.raft.term, self.raw.raft.reason
         if role == Role.LEADER:
             log.info("node %s became leader in term %d (%s)", self.id, term, reason)

@@ -559,3 +559,77 @@ class KV:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.TransferLeader = channel.unary_unary(
+                '/raftfast.v1.Admin/TransferLeader',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def TransferLeader(self, request, context):
+        """Ask the leader to hand leadership to ``target``; returns once ``target`` leads, or fails
+        with DEADLINE_EXCEEDED / ABORTED if it did not take over within an election timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'TransferLeader': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferLeader,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'raftfast.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('raftfast.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def TransferLeader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/TransferLeader',
+            raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -164,3 +164,37 @@ def test_oversized_and_malformed_requests_are_rejected_and_node_keeps_serving(cl
             raw(b"\xff\xff\xff\xff\x0f", timeout=20)
         stub.Put(pb.PutRequest(key=b"still", value=b"ok"), timeout=20)
         assert stub.Get(pb.GetRequest(key=b"still"), timeout=20).value == b"ok"
+
+
+def test_transfer_leadership_under_load(cluster):
+    old = cluster.wait_leader()
+    target = next(n for n in cluster.ids if n != old)
+
+    async def run() -> tuple[str, int]:
+        async with Client(cluster.endpoints, timeout=20) as c:
+            load = asyncio.create_task(c.put_many([(f"t{i}", "v") for i in range(20_000)]))
+            await asyncio.sleep(0.2)  # the load is in flight
+            leader = await c.transfer_leader(target)
+            await load  # every write of the load is acknowledged despite the change
+            values = await asyncio.gather(*(c.get(f"t{i}") for i in range(0, 20_000, 997)))
+            return leader, sum(v == b"v" for v in values)
+
+    leader, found = asyncio.run(run())
+    assert leader == target
+    assert cluster.wait_leader() == target
+    assert found == len(range(0, 20_000, 997))
+
+
+def test_cli_transfer_leader(cluster):
+    import subprocess
+    import sys
+
+    old = cluster.wait_leader()
+    target = next(n for n in cluster.ids if n != old)
+    cmd = [sys.executable, "-m", "raftfast.cli", "--endpoints", ",".join(cluster.endpoints)]
+    out = subprocess.run([*cmd, "transfer-leader", target], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert target in out.stdout
+    bad = subprocess.run([*cmd, "transfer-leader", "nobody"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
