@@ -31,13 +31,14 @@ from raftfast._accel import decode_batch
 from raftfast.admin import AdminService
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import Message, Ready, Role
+from raftfast.core.types import Message, MsgType, Ready, Role
 from raftfast.errors import LogError, NotLeaderError
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.service import KVService
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.settings import NodeSettings
+from raftfast.storage.snapshot import SnapshotStore
 from raftfast.storage.wal import WAL
 from raftfast.transport.grpc import CHANNEL_OPTIONS, PeerService, PeerTransport
 
@@ -68,6 +69,9 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._leader_changed = asyncio.Event()
+        self.snapshots: SnapshotStore | None = None
+        self._snapshot_index = 0  # index of our newest snapshot
+        self._incoming_snapshot = None  # a snapshot streamed from the leader, not yet installed
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
 
@@ -79,13 +83,20 @@ class Node:
             os.path.join(s.data_dir, "wal"), segment_bytes=s.wal_segment_bytes, fsync=s.fsync
         )
         state = self.wal.recovered()
+        self.snapshots = SnapshotStore(os.path.join(s.data_dir, "snap"))
+        latest = self.snapshots.latest()
+        if latest is not None:
+            self.fsm.restore(self.snapshots.read(latest))
+            self._snapshot_index = latest.index
         config = Config(
             s.id,
             sorted(s.peers),
             election_tick=s.election_ticks,
             heartbeat_tick=s.heartbeat_ticks,
         )
-        self.raw = RawNode(config, state.log, state.hard_state, random.Random())
+        self.raw = RawNode(
+            config, state.log, state.hard_state, random.Random(), self._snapshot_index
+        )
         log.info(
             "node %s starting: term %d, %d entries recovered (commit %d), fsync=%s",
             s.id,
@@ -99,7 +110,8 @@ class Node:
         # not silently share the port with us.
         self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         pb_grpc.add_PeerServicer_to_server(
-            PeerService(s.cluster_id, set(s.peers), self._deliver), self.server
+            PeerService(s.cluster_id, set(s.peers), self._deliver, self._receive_snapshot),
+            self.server,
         )
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
         pb_grpc.add_AdminServicer_to_server(AdminService(self), self.server)
@@ -214,6 +226,8 @@ class Node:
             last_index=st.last_index,
             members=members,
             cluster_id=self.settings.cluster_id,
+            first_index=self.raw.raft.log.first_index,
+            snapshot_index=self._snapshot_index,
         )
 
     # -- internals -----------------------------------------------------------------------------
@@ -305,12 +319,17 @@ class Node:
 
     async def _handle_ready(self, rd: Ready) -> None:
         self.transport.send(rd.eager_messages)
+        if rd.snapshot is not None:
+            await self._install_snapshot(rd.snapshot)
         if rd.hard_state is not None or rd.entries:
             self.wal.append(rd.hard_state, rd.entries or None)
             loop = asyncio.get_running_loop()
             # A StorageError propagates: _run stops the node (never retry-and-pretend).
             await loop.run_in_executor(self._fsync_pool, self._write_and_sync)
-        self.transport.send(rd.messages)
+        for m in rd.messages:
+            if m.type == MsgType.SNAPSHOT:
+                asyncio.create_task(self._send_snapshot(m))
+        self.transport.send([m for m in rd.messages if m.type != MsgType.SNAPSHOT])
         if rd.committed:
             self._apply(rd.committed)
         for request_id, index in rd.read_states:
@@ -320,6 +339,65 @@ class Node:
         if rd.soft_state is not None:
             self._on_role_change(*rd.soft_state)
         self.raw.advance(rd)
+        if self.fsm.applied_index - self._snapshot_index >= self.settings.snapshot_entries:
+            await self._take_snapshot()
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    async def _take_snapshot(self) -> None:
+        """Snapshot the state machine, then drop the log it covers (keeping ``snapshot_keep``
+        entries for followers that lag a little). The state is serialized here, in the loop,
+        so it is point-in-time; the file is written and fsynced in the fsync thread."""
+        loop = asyncio.get_running_loop()
+        raft_log = self.raw.raft.log
+        index = self.fsm.applied_index
+        term = raft_log.term_at(index)
+        data = self.fsm.snapshot()
+        await loop.run_in_executor(self._fsync_pool, self.snapshots.save, index, term, data)
+        self._snapshot_index = index
+        upto = min(index - self.settings.snapshot_keep, raft_log.stable)
+        if upto >= raft_log.first_index:
+            upto_term = raft_log.term_at(upto)
+            self.raw.compact(upto)
+            await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
+        log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, len(data))
+
+    def _receive_snapshot(self, meta: Message):
+        """A leader streams us a snapshot: where to write it (a SnapshotStore receiver)."""
+        receiver = self.snapshots.receive(meta.index, meta.log_term)
+        finish = receiver.finish
+
+        def finished():
+            self._incoming_snapshot = finish()
+            return self._incoming_snapshot
+
+        receiver.finish = finished
+        return receiver
+
+    async def _install_snapshot(self, meta: tuple[int, int]) -> None:
+        snap = self._incoming_snapshot
+        if snap is None or (snap.index, snap.term) != meta:
+            raise RuntimeError(f"asked to install snapshot {meta}, but received {snap}")
+        loop = asyncio.get_running_loop()
+        # The log restarts after the snapshot before the state machine jumps to it: a crash in
+        # between restarts from the (durable) snapshot file with a consistent log.
+        await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
+        self.fsm.restore(self.snapshots.read(snap))
+        self._snapshot_index = snap.index
+        self._incoming_snapshot = None
+        log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
+
+    async def _send_snapshot(self, m: Message) -> None:
+        """The core asked for a snapshot to go to ``m.dst``: stream our newest one."""
+        meta = self.snapshots.latest()
+        ok = False
+        if meta is not None and meta.index >= m.index:
+            named = Message(MsgType.SNAPSHOT, m.src, m.dst, m.term, meta.index, meta.term)
+            log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
+            ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
+        if self.raw is not None and not self._stopping:
+            self.raw.report_snapshot(m.dst, ok)
+            self._wake.set()
 
     def _write_and_sync(self) -> None:
         """Group commit, in the fsync thread. ``RAFTFAST_FAULT_DISK_DELAY_MS`` (tests only)

@@ -188,6 +188,8 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "max_value_bytes": _int,
     "log_level": _log_level,
     "wal_segment_bytes": _segment_bytes,
+    "snapshot_entries": _int,
+    "snapshot_keep": _int,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
 assert set(_CONVERT) <= _SETTINGS_FIELDS
@@ -233,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-key-bytes", metavar="N", help="largest key accepted")
     p.add_argument("--max-value-bytes", metavar="N", help="largest value accepted")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--snapshot-entries", metavar="N", help="snapshot every N applied entries (100000)"
+    )
+    p.add_argument(
+        "--snapshot-keep", metavar="N", help="log entries kept behind a snapshot (10000)"
+    )
     # Advanced (hidden): WAL segment size before rotation; small values are for tests.
     p.add_argument("--wal-segment-bytes", metavar="N", help=argparse.SUPPRESS)
     return p

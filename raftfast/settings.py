@@ -23,6 +23,8 @@ class NodeSettings:
     max_value_bytes: int = 1024 * 1024
     log_level: str = "INFO"
     wal_segment_bytes: int = 64 * 1024 * 1024  # advanced: WAL segment size before rotation
+    snapshot_entries: int = 100_000  # snapshot the state machine every N applied entries
+    snapshot_keep: int = 10_000  # entries kept behind a snapshot for followers that lag a little
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -39,5 +41,7 @@ class NodeSettings:
             raise ValueError(f"--read-mode must be one of {', '.join(READ_MODES)}")
         if self.tick_ms < 1 or not 1 <= self.heartbeat_ticks < self.election_ticks:
             raise ValueError("need tick_ms >= 1 and 1 <= heartbeat_ticks < election_ticks")
+        if self.snapshot_entries < 1 or self.snapshot_keep < 0:
+            raise ValueError("need snapshot_entries >= 1 and snapshot_keep >= 0")
         if self.max_key_bytes < 1 or self.max_value_bytes < 0:
             raise ValueError("key and value limits must be positive")

@@ -14,6 +14,7 @@ from enum import IntEnum
 class ProgressState(IntEnum):
     PROBE = 0
     REPLICATE = 1
+    SNAPSHOT = 2  # the follower needs a snapshot; nothing else is sent until it is reported
 
 
 class Progress:
@@ -25,6 +26,7 @@ class Progress:
         "recent_active",
         "_inflight",
         "inflight_bytes",
+        "pending_snapshot",
     )
 
     def __init__(self, next_index: int, match_index: int = 0) -> None:
@@ -35,6 +37,12 @@ class Progress:
         self.recent_active = False  # heard from since the last check-quorum round
         self._inflight: deque[tuple[int, int]] = deque()  # (last index, payload bytes) per frame
         self.inflight_bytes = 0
+        self.pending_snapshot = 0
+
+    def become_snapshot(self, index: int) -> None:
+        self.state = ProgressState.SNAPSHOT
+        self.pending_snapshot = index
+        self._clear_inflight()
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
@@ -51,6 +59,8 @@ class Progress:
     def is_paused(self, max_inflight: int, max_inflight_bytes: int) -> bool:
         if self.state == ProgressState.PROBE:
             return self.probe_sent
+        if self.state == ProgressState.SNAPSHOT:
+            return True
         return len(self._inflight) >= max_inflight or self.inflight_bytes >= max_inflight_bytes
 
     def sent(self, last_index: int, nbytes: int) -> None:

@@ -63,13 +63,21 @@ class Config:
 
 
 class Raft:
-    def __init__(self, config: Config, entries, hard_state: HardState, rng: random.Random) -> None:
+    def __init__(
+        self,
+        config: Config,
+        entries,
+        hard_state: HardState,
+        rng: random.Random,
+        applied: int = 0,
+    ) -> None:
         config.validate()
         self.config = config
         self.id = config.id
         self.voters: list[str] = list(config.voters)
         self.rng = rng
-        self.log = RaftLog(entries, hard_state.commit)
+        self.log = RaftLog(entries, hard_state.commit, applied)
+        self.pending_snapshot: tuple[int, int] | None = None  # follower: (index, term) to install
         self.term = hard_state.term
         self.vote = hard_state.vote
         self.role = Role.FOLLOWER
@@ -186,6 +194,20 @@ class Raft:
 
     def _send_timeout_now(self, target: str) -> None:
         self._send(Message(MsgType.TIMEOUT_NOW, self.id, target, self.term))
+
+    def compact(self, index: int) -> None:
+        """The driver holds a durable snapshot at ``index``: entries up to it may go."""
+        self.log.compact(index)
+
+    def report_snapshot(self, peer: str, ok: bool) -> None:
+        """The driver finished (or failed) streaming a snapshot to ``peer``."""
+        pr = self.progress.get(peer)
+        if self.role != Role.LEADER or pr is None or pr.state != ProgressState.SNAPSHOT:
+            return
+        pending = pr.pending_snapshot
+        pr.become_probe()
+        if ok:
+            pr.next_index = max(pr.match_index + 1, pending + 1)
 
     def report_unreachable(self, peer: str) -> None:
         """The driver lost its stream to ``peer``: frames in flight are gone, probe again."""
@@ -323,7 +345,7 @@ class Raft:
 
     def _step_candidate(self, m: Message) -> None:
         expected = MsgType.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else MsgType.VOTE_RESP
-        if m.type in (MsgType.APPEND, MsgType.HEARTBEAT):
+        if m.type in (MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT):
             self.become_follower(m.term, m.src, f"leader {m.src} of term {m.term} exists")
             self._step_follower(m)
         elif m.type == expected:
@@ -354,6 +376,10 @@ class Raft:
             self.election_elapsed = 0
             self.leader = m.src
             self._handle_append(m)
+        elif m.type == MsgType.SNAPSHOT:
+            self.election_elapsed = 0
+            self.leader = m.src
+            self._handle_snapshot(m)
         elif m.type == MsgType.HEARTBEAT:
             self.election_elapsed = 0
             self.leader = m.src
@@ -364,6 +390,20 @@ class Raft:
         elif m.type == MsgType.TIMEOUT_NOW:
             self.reason = f"leadership transfer from {m.src}"
             self._campaign(pre=False, forced=True)  # skip pre-vote and the others' leases
+
+    def _handle_snapshot(self, m: Message) -> None:
+        """InstallSnapshot (the driver already holds the snapshot data): ``m.index``/``m.log_term``
+        name its last entry."""
+        log = self.log
+        if m.index <= log.committed:
+            self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, log.committed))
+            return
+        if log.match_term(m.index, m.log_term):
+            log.commit_to(m.index)  # we hold that entry already: no need to restore
+        else:
+            log.restore(m.index, m.log_term)
+            self.pending_snapshot = (m.index, m.log_term)
+        self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, m.index))
 
     def _handle_append(self, m: Message) -> None:
         log = self.log
@@ -497,6 +537,14 @@ class Raft:
         if not has_entries and not allow_empty:
             return False
         prev = pr.next_index - 1
+        if prev < log.first_index - 1:
+            # What the follower needs was compacted away: it must catch up from a snapshot.
+            # The driver streams its latest snapshot (at least this recent) and reports back.
+            snap_index = log.first_index - 1
+            snap_term = log.term_at(snap_index)
+            self._send(Message(MsgType.SNAPSHOT, self.id, peer, self.term, snap_index, snap_term))
+            pr.become_snapshot(snap_index)
+            return False
         prev_term = log.term_at(prev)
         batch = log.entries.slice(pr.next_index, log.last_index + 1, cfg.max_msg_bytes)
         count = batch_count(batch)

@@ -18,12 +18,13 @@ def batch_count(batch: bytes) -> int:
 class RaftLog:
     __slots__ = ("entries", "committed", "applied", "stable", "_truncated_floor")
 
-    def __init__(self, entries, committed: int = 0) -> None:
+    def __init__(self, entries, committed: int = 0, applied: int = 0) -> None:
         self.entries = entries
         snapshot_index = entries.first_index - 1
         # A torn write may have kept a hard state whose commit is past the surviving entries.
         self.committed = max(snapshot_index, min(committed, entries.last_index))
-        self.applied = snapshot_index
+        # The state machine may come from a snapshot newer than the log's compaction point.
+        self.applied = max(snapshot_index, min(applied, self.committed))
         self.stable = entries.last_index  # everything recovered from storage is durable
         self._truncated_floor: int | None = None
 
@@ -83,6 +84,23 @@ class RaftLog:
             self.stable = index
         if self._truncated_floor is not None and index < self._truncated_floor:
             self._truncated_floor = index
+
+    def restore(self, index: int, term: int) -> None:
+        """Install a snapshot ending at (index, term): the whole log is replaced by it."""
+        self.entries.reset(index + 1, term)
+        self.committed = index
+        self.stable = index
+        if self._truncated_floor is not None:
+            self._truncated_floor = index  # an outstanding write is void past the snapshot
+
+    def compact(self, index: int) -> None:
+        """Drop entries up to ``index``: they are in a durable snapshot and applied."""
+        if index > self.applied or index > self.stable:
+            raise ValueError(
+                f"cannot compact to {index}: applied {self.applied}, durable {self.stable}"
+            )
+        if index >= self.entries.first_index:
+            self.entries.compact(index)
 
     def commit_to(self, index: int) -> bool:
         if index > self.committed:

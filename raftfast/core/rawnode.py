@@ -42,9 +42,11 @@ class RawNode:
         entries,
         hard_state: HardState = HardState(),
         rng: random.Random | None = None,
+        applied: int = 0,
     ) -> None:
-        """``entries`` is the EntryLog recovered from storage (it is owned by the node from now)."""
-        self.raft = Raft(config, entries, hard_state, rng or random.Random(0))
+        """``entries`` is the EntryLog recovered from storage (it is owned by the node from now);
+        ``applied`` is the index of the snapshot the state machine was restored from."""
+        self.raft = Raft(config, entries, hard_state, rng or random.Random(0), applied)
         self._prev_hard_state = hard_state
         self._prev_soft_state = (self.raft.role, self.raft.leader)
         self._outstanding: Ready | None = None
@@ -71,6 +73,14 @@ class RawNode:
     def report_unreachable(self, peer: str) -> None:
         self.raft.report_unreachable(peer)
 
+    def compact(self, index: int) -> None:
+        """A durable snapshot at ``index`` exists: the log may drop entries up to it."""
+        self.raft.compact(index)
+
+    def report_snapshot(self, peer: str, ok: bool) -> None:
+        """Streaming a snapshot to ``peer`` (asked for by a SNAPSHOT message) ended."""
+        self.raft.report_snapshot(peer, ok)
+
     def transfer_leadership(self, target: str) -> None:
         """Start handing leadership to ``target`` (see Raft.transfer_leadership)."""
         self.raft.transfer_leadership(target)
@@ -80,7 +90,8 @@ class RawNode:
     def has_ready(self) -> bool:
         r = self.raft
         return bool(
-            r.msgs
+            r.pending_snapshot
+            or r.msgs
             or r.eager_msgs
             or r.log.last_index > r.log.stable
             or r.log.committed > r.log.applied
@@ -97,6 +108,9 @@ class RawNode:
         hs = r.hard_state()
         if hs != self._prev_hard_state:
             rd.hard_state = hs
+        if r.pending_snapshot is not None:
+            rd.snapshot, r.pending_snapshot = r.pending_snapshot, None
+            r.log.applied = rd.snapshot[0]  # the snapshot brings the state machine this far
         rd.entries, rd.last_index, rd.last_term = r.log.unstable_batch()
         if rd.entries:
             r.log.begin_persist()

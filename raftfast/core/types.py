@@ -65,6 +65,9 @@ class Message:
 class Ready:
     """What the driver must do now, in this order (see RawNode):
 
+    0. if ``snapshot`` is set ((index, term) of the snapshot the driver received from the
+       leader): make it durable, discard the whole stored log and restart it after ``index``,
+       and restore the state machine from it;
     1. persist ``hard_state`` (if not None) and ``entries`` (a packed batch; may be empty), with
        one write and one fdatasync;
     2. send ``messages`` (only after step 1 is durable) — ``eager_messages`` may be sent at once,
@@ -74,6 +77,7 @@ class Ready:
     """
 
     hard_state: HardState | None = None
+    snapshot: tuple[int, int] | None = None
     entries: bytes = b""
     last_index: int = 0  # last index in ``entries`` (0 when empty)
     last_term: int = 0
@@ -87,6 +91,7 @@ class Ready:
     def is_empty(self) -> bool:
         return not (
             self.hard_state
+            or self.snapshot
             or self.entries
             or self.messages
             or self.eager_messages

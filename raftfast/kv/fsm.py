@@ -30,8 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+from array import array
 from bisect import bisect_left, insort
 from collections import OrderedDict
+from itertools import accumulate
+
+from raftfast._accel import crc32c
+from raftfast.errors import CorruptionError
 
 __all__ = [
     "DEDUP_WINDOW",
@@ -59,6 +65,16 @@ _HEADER = struct.Struct("<BQQI")  # op, client_id, sequence, key length
 _CAS_HEAD = struct.Struct("<BI")  # expect_absent, expected length
 _U64_MAX = (1 << 64) - 1
 _MAX_PENDING_INDEX_OPS = 256  # key-set changes replayed into the scan index before a rebuild
+
+# Snapshot layout (little-endian; see KVStateMachine.snapshot):
+SNAPSHOT_MAGIC = b"RFS1"
+SNAPSHOT_VERSION = 1
+_SNAP_HEADER = struct.Struct("<4sHHQQ")  # magic, version, reserved (0), applied_index, malformed
+_SNAP_COUNT = struct.Struct("<Q")  # number of keys / of clients
+_SNAP_CLIENT = struct.Struct("<QqI")  # client_id, max_seq, live result count
+_SNAP_CRC = struct.Struct("<I")
+_U32 = "I" if array("I").itemsize == 4 else "L"  # 4-byte unsigned array code
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 # -------------------------------------------------------------------------- encoding
@@ -331,3 +347,161 @@ class KVStateMachine:
             for seq, result in live:
                 h.update(struct.pack("<Q?", seq, result))
         return h.hexdigest()
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """A deterministic serialization of the whole replicated state.
+
+        It holds the store, the dedup table (clients in LRU order, each with its live window of
+        results), ``applied_index`` and ``malformed``: two replicas that applied the same entries
+        produce identical bytes. ``dedup_window`` and ``max_clients`` are configuration, not
+        state, and must match across the cluster. Layout (little-endian)::
+
+            header   magic "RFS1" | version u16 (1) | reserved u16 (0)
+                     | applied_index u64 | malformed u64
+            store    count u64 | key lengths u32[count] | value lengths u32[count]
+                     | keys, concatenated | values, concatenated        (sorted by key)
+            clients  count u64 | per client, least recently active first:
+                     client_id u64 | max_seq i64 | n u32 | seqs u64[n] (ascending) | results u8[n]
+            trailer  crc32c u32 of everything before it
+        """
+        keys = self._sorted_keys()
+        values = list(map(self._data.__getitem__, keys))
+        klens = array(_U32, map(len, keys))
+        vlens = array(_U32, map(len, values))
+        if _BIG_ENDIAN:
+            klens.byteswap()
+            vlens.byteswap()
+        parts: list[bytes] = [
+            _SNAP_HEADER.pack(
+                SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, self.applied_index, self.malformed
+            ),
+            _SNAP_COUNT.pack(len(keys)),
+            klens.tobytes(),
+            vlens.tobytes(),
+            b"".join(keys),
+            b"".join(values),
+            _SNAP_COUNT.pack(len(self._clients)),
+        ]
+        window = self._window
+        for client_id, client in self._clients.items():
+            floor = client.max_seq - window
+            live = sorted(s for s in client.results if s > floor)
+            parts.append(_SNAP_CLIENT.pack(client_id, client.max_seq, len(live)))
+            if live:
+                seqs = array("Q", live)
+                if _BIG_ENDIAN:
+                    seqs.byteswap()
+                parts.append(seqs.tobytes())
+                parts.append(bytes(map(client.results.__getitem__, live)))
+        crc = 0
+        for part in parts:
+            crc = crc32c(part, crc)
+        parts.append(_SNAP_CRC.pack(crc))
+        return b"".join(parts)
+
+    def restore(self, data: bytes | bytearray | memoryview) -> None:
+        """Replace the whole state with a ``snapshot()``'s.
+
+        Raises CorruptionError (and changes nothing) if ``data`` is not an intact snapshot. If
+        the snapshot remembers more clients than this machine's ``max_clients``, the least
+        recently active ones are forgotten, as applying would have done.
+        """
+        mv = memoryview(data).cast("B")
+        size = len(mv)
+        minimum = _SNAP_HEADER.size + 2 * _SNAP_COUNT.size + _SNAP_CRC.size
+        if size < minimum:
+            raise CorruptionError(
+                f"KV snapshot truncated: {size} bytes, an empty one has {minimum}", offset=size
+            )
+        magic, version, reserved, applied_index, malformed = _SNAP_HEADER.unpack_from(mv, 0)
+        if magic != SNAPSHOT_MAGIC:
+            raise CorruptionError(
+                f"not a KV snapshot: bad magic {magic!r} (expected {SNAPSHOT_MAGIC!r})", offset=0
+            )
+        if version != SNAPSHOT_VERSION:
+            raise CorruptionError(
+                f"unsupported KV snapshot version {version} (this build reads {SNAPSHOT_VERSION})",
+                offset=4,
+            )
+        end = size - _SNAP_CRC.size
+        (crc,) = _SNAP_CRC.unpack_from(mv, end)
+        if crc32c(mv[:end]) != crc:
+            raise CorruptionError("KV snapshot CRC mismatch: truncated or corrupt", offset=end)
+        if reserved:
+            raise CorruptionError(f"KV snapshot reserved field is {reserved}, not 0", offset=6)
+        data_, index, clients = _parse_snapshot(mv, _SNAP_HEADER.size, end)
+        while len(clients) > self._max_clients:
+            clients.popitem(last=False)
+        self.applied_index = applied_index
+        self.malformed = malformed
+        self._data = data_
+        self._clients = clients
+        self._index = index
+        self._pending = []
+
+
+def _parse_snapshot(
+    mv: memoryview, pos: int, end: int
+) -> tuple[dict[bytes, bytes], list[bytes], OrderedDict[int, _Client]]:
+    """The store, its sorted keys and the dedup table of a snapshot whose CRC matched."""
+
+    def take(n: int, what: str) -> memoryview:
+        nonlocal pos
+        if n > end - pos:
+            raise CorruptionError(
+                f"KV snapshot truncated: {what} needs {n} bytes at offset {pos}, "
+                f"{end - pos} remain",
+                offset=pos,
+            )
+        pos += n
+        return mv[pos - n : pos]
+
+    def u32s(count: int, what: str) -> array:
+        out = array(_U32)
+        out.frombytes(take(4 * count, what))
+        if _BIG_ENDIAN:
+            out.byteswap()
+        return out
+
+    (count,) = _SNAP_COUNT.unpack(take(_SNAP_COUNT.size, "the key count"))
+    klens = u32s(count, "the key lengths")
+    vlens = u32s(count, "the value lengths")
+    kblob = take(sum(klens), "the keys").tobytes()
+    vblob = take(sum(vlens), "the values").tobytes()
+    koffs = list(accumulate(klens, initial=0))
+    voffs = list(accumulate(vlens, initial=0))
+    keys = list(map(kblob.__getitem__, map(slice, koffs, koffs[1:])))
+    values = list(map(vblob.__getitem__, map(slice, voffs, voffs[1:])))
+    if not all(map(bytes.__lt__, keys, keys[1:])):
+        raise CorruptionError("KV snapshot keys are not strictly ascending", offset=pos)
+    store = dict(zip(keys, values, strict=True))
+
+    (ccount,) = _SNAP_COUNT.unpack(take(_SNAP_COUNT.size, "the client count"))
+    clients: OrderedDict[int, _Client] = OrderedDict()
+    for _ in range(ccount):
+        at = pos
+        client_id, max_seq, n = _SNAP_CLIENT.unpack(take(_SNAP_CLIENT.size, "a client"))
+        seqs = array("Q")
+        seqs.frombytes(take(8 * n, "client sequences"))
+        if _BIG_ENDIAN:
+            seqs.byteswap()
+        results = take(n, "client results").tobytes()
+        if client_id == 0 or client_id in clients:
+            raise CorruptionError(f"KV snapshot: bad or repeated client id {client_id}", offset=at)
+        if (
+            max_seq < -1
+            or (n and seqs[-1] > max_seq)
+            or not all(map(int.__lt__, seqs, seqs[1:]))
+            or results.translate(None, b"\x00\x01")
+        ):
+            raise CorruptionError(f"KV snapshot: bad dedup window of client {client_id}", offset=at)
+        client = clients[client_id] = _Client()
+        client.max_seq = max_seq
+        client.results = dict(zip(seqs, map(bool, results), strict=True))
+    if pos != end:
+        raise CorruptionError(
+            f"KV snapshot has {end - pos} unexpected bytes at offset {pos}", offset=pos
+        )
+    return store, keys, clients

@@ -56,6 +56,11 @@ class LogStorage(Protocol):
         """Record that entries <= ``index`` (whose last has ``term``) live in a snapshot now."""
         ...
 
+    def install_snapshot(self, index: int, term: int) -> None:
+        """Discard the whole log (even entries after ``index``) and restart it after the
+        installed snapshot (index, term); durable when it returns."""
+        ...
+
     def close(self) -> None:
         """Release resources. Does not sync: unsynced appends are lost, as in a crash."""
         ...

@@ -82,6 +82,21 @@ class MemoryStorage:
         self._first_index = log.first_index
         self._last_index = max(self._last_index, index)
 
+    def install_snapshot(self, index: int, term: int) -> None:
+        """Discard the whole log and restart it empty at ``index + 1`` with prev term ``term``,
+        durably at once (as the WAL: pending appends are synced first; their entries are
+        dropped with the rest, their hard state is kept).
+        """
+        if not 0 <= index < (1 << 62) - 1 or not 0 <= term < 1 << 64:
+            raise ValueError(f"snapshot index {index} or term {term} is out of range")
+        wrote = bool(self._pending)
+        self.sync()  # with the record below, one write (and one count in ``syncs``)
+        self._log.reset(index + 1, term)
+        self._first_index = index + 1
+        self._last_index = index
+        if not wrote:
+            self.syncs += 1
+
     def close(self) -> None:
         """Stop accepting calls; like the WAL, unsynced appends are dropped."""
         self._pending.clear()

@@ -19,6 +19,7 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -27,18 +28,21 @@ from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, LogError, StorageError
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
 
-__all__ = ["REC_BATCH", "REC_COMPACTED", "REC_HARD_STATE", "WAL"]
+__all__ = ["REC_BATCH", "REC_COMPACTED", "REC_HARD_STATE", "REC_SNAPSHOT", "WAL"]
 
 REC_HARD_STATE = 1  # payload: term u64 | commit u64 | vote length u16 | vote utf-8
 REC_BATCH = 2  # payload: a packed entry batch, as is
 REC_COMPACTED = 3  # payload: index u64 | term u64 — entries <= index live in a snapshot
+REC_SNAPSHOT = 4  # payload: index u64 | term u64 — snapshot installed: the log restarts after it
 
 _HEADER = struct.Struct("<IIB")  # payload length | crc32c(type byte + payload) | type
 _HARD_STATE = struct.Struct("<QQH")
 _COMPACTED = struct.Struct("<QQ")
 _MAX_COMPACTED = (1 << 62) - 1  # EntryLog's first index (compaction index + 1) is below 2**62
-_TYPE_CRC = {t: crc32c(bytes((t,))) for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED)}
-_TYPE_BYTE = re.compile(rb"[\x01-\x03]")  # candidate type bytes when looking past a bad record
+_TYPE_CRC = {
+    t: crc32c(bytes((t,))) for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED, REC_SNAPSHOT)
+}
+_TYPE_BYTE = re.compile(rb"[\x01-\x04]")  # candidate type bytes when looking past a bad record
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.wal$")
 
 
@@ -54,7 +58,7 @@ class _Record:
     offset: int
     end: int
     rtype: int
-    value: Any  # HardState | (first, count) for a batch | (index, term) for compaction
+    value: Any  # HardState | (first, count) for a batch | (index, term) for compaction/snapshot
 
 
 def _segment_name(seq: int) -> str:
@@ -91,12 +95,13 @@ def _decode(rtype: int, payload: memoryview) -> object:
         if len(payload) != _HARD_STATE.size + n:
             raise ValueError(f"hard-state vote length {n} does not match the record")
         return HardState(term, bytes(payload[_HARD_STATE.size :]).decode(), commit)
-    if rtype == REC_COMPACTED:
+    if rtype in (REC_COMPACTED, REC_SNAPSHOT):
+        what = "compaction" if rtype == REC_COMPACTED else "snapshot-installed"
         if len(payload) != _COMPACTED.size:
-            raise ValueError(f"compaction record is {len(payload)} bytes")
+            raise ValueError(f"{what} record is {len(payload)} bytes")
         index, term = _COMPACTED.unpack(payload)
         if index >= _MAX_COMPACTED:  # the log would start past EntryLog's range
-            raise ValueError(f"compaction index {index} is out of range")
+            raise ValueError(f"{what} index {index} is out of range")
         return index, term
     raise ValueError(f"unknown record type {rtype}")
 
@@ -281,18 +286,30 @@ class WAL:
         """Scan and replay every segment; return the intact length of the last one."""
         hard_state = HardState()
         compacted: tuple[int, int] | None = None
-        batches: list[list[_Record]] = []  # per segment
+        installed: tuple[int, int] | None = None  # the latest snapshot-installed record
+        batches: list[list[_Record]] = []  # per segment; only those after `installed`
         good = 0
         for i, seg in enumerate(self._segments):
             records, good = _scan(seg.path, _read(seg.path), i == len(self._segments) - 1)
+            seg_batches: list[_Record] = []
             for rec in records:
                 if rec.rtype == REC_HARD_STATE:
                     hard_state = rec.value
                 elif rec.rtype == REC_COMPACTED:
                     compacted = rec.value
-            batches.append([r for r in records if r.rtype == REC_BATCH and r.value[1]])
-            seg.max_index = max((r.value[0] + r.value[1] - 1 for r in batches[-1]), default=0)
-        if self._segments and self._segments[0].seq != 0 and compacted is None:
+                elif rec.rtype == REC_SNAPSHOT:
+                    # Everything recorded before it is gone: the log restarts after its index.
+                    installed, compacted = rec.value, None
+                    seg_batches.clear()
+                    for earlier, before in zip(batches, self._segments, strict=False):
+                        earlier.clear()
+                        before.max_index = 0  # nothing in it matters any more
+                elif rec.rtype == REC_BATCH and rec.value[1]:
+                    seg_batches.append(rec)
+            batches.append(seg_batches)
+            seg.max_index = max((r.value[0] + r.value[1] - 1 for r in seg_batches), default=0)
+        explained = compacted is not None or installed is not None
+        if self._segments and self._segments[0].seq != 0 and not explained:
             first_seg = self._segments[0].path
             raise CorruptionError(
                 f"{first_seg}: earlier segments are missing and no compaction record explains "
@@ -300,8 +317,12 @@ class WAL:
                 first_seg,
                 0,
             )
-        # Entries <= the latest compaction point are in a snapshot: the log starts after it.
-        index, term = compacted or (0, 0)
+        # Entries <= the latest compaction point are in a snapshot: the log starts after it. A
+        # snapshot-installed record is a compaction point that also dropped every later entry;
+        # compaction records after it can only move the point further.
+        index, term = installed or (0, 0)
+        if compacted is not None and compacted[0] > index:
+            index, term = compacted
         log = EntryLog(index + 1, term)
         # A batch starting at or before index + 1 replaces everything after index, so replay
         # starts at the last such batch. Earlier batches cannot matter, and replaying them could
@@ -364,27 +385,31 @@ class WAL:
         Rotates to a new segment first when the current one has reached ``segment_bytes``.
         """
         with self._sync_lock:
-            with self._buf_lock:
-                self._check_usable()
-                pieces, self._buf = self._buf, []
-                hard_state, self._pending_hs = self._pending_hs, None
-                max_index, self._pending_max = self._pending_max, 0
-            if not pieces:
-                return
-            try:
-                if self._size >= self._segment_bytes:
-                    pieces = self._rotate() + pieces
-                data = b"".join(pieces)
-                self._write(data)
-                if self._fsync:
-                    _datasync(self._fd)
-            except OSError as exc:
-                self._fail(exc)
-            self._size += len(data)
-            seg = self._segments[-1]
-            seg.max_index = max(seg.max_index, max_index)
-            if hard_state is not None:
-                self._synced_hs = hard_state
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        """The body of ``sync``; the caller holds ``_sync_lock``."""
+        with self._buf_lock:
+            self._check_usable()
+            pieces, self._buf = self._buf, []
+            hard_state, self._pending_hs = self._pending_hs, None
+            max_index, self._pending_max = self._pending_max, 0
+        if not pieces:
+            return
+        try:
+            if self._size >= self._segment_bytes:
+                pieces = self._rotate() + pieces
+            data = b"".join(pieces)
+            self._write(data)
+            if self._fsync:
+                _datasync(self._fd)
+        except OSError as exc:
+            self._fail(exc)
+        self._size += len(data)
+        seg = self._segments[-1]
+        seg.max_index = max(seg.max_index, max_index)
+        if hard_state is not None:
+            self._synced_hs = hard_state
 
     def release_before(self, index: int, term: int) -> None:
         """Durably record that entries <= ``index`` (the last with ``term``) are in a snapshot,
@@ -406,15 +431,48 @@ class WAL:
         self.sync()  # the marker must be durable before the segments it covers disappear
         with self._sync_lock:
             self._check_usable()
-            try:
-                # Oldest first, one directory fsync each, so a crash never leaves a numbering gap.
-                while len(self._segments) > 1 and self._segments[0].max_index <= index:
-                    os.unlink(self._segments[0].path)
-                    del self._segments[0]
-                    if self._fsync:
-                        os.fsync(self._dirfd)
-            except OSError as exc:
-                self._fail(exc)
+            self._delete_oldest_segments(lambda seg: seg.max_index <= index)
+
+    def install_snapshot(self, index: int, term: int) -> None:
+        """Durably discard the whole log and restart it empty at ``index + 1`` (prev term
+        ``term``): a follower installing a leader's snapshot.
+
+        Unlike ``release_before``, entries after ``index`` are dropped too (they may conflict
+        with the leader's history), and ``index`` may lie before the current compaction point.
+        Unsynced appends are written first: their entries are dropped with the rest, a hard
+        state among them is kept. One write and one fdatasync, like ``sync``; then the segments
+        before the one holding the record are deleted (nothing in them matters any more).
+        """
+        if not 0 <= index < _MAX_COMPACTED or not 0 <= term < 1 << 64:
+            raise ValueError(f"snapshot index {index} or term {term} is out of range")
+        with self._sync_lock:
+            with self._buf_lock:
+                self._check_usable()
+                self._buf += _record(REC_SNAPSHOT, _COMPACTED.pack(index, term))
+                self._compacted = (index, term)
+                self._first_index = index + 1
+                self._last_index = index
+            self._sync_locked()
+            # The record is in the current segment; _sync_lock keeps another sync from rotating
+            # meanwhile, so every older segment holds only what the record discards.
+            current = self._segments[-1]
+            current.max_index = 0  # what it holds so far is discarded
+            self._delete_oldest_segments(lambda seg: seg is not current)
+
+    def _delete_oldest_segments(self, deletable: Callable[[_Segment], bool]) -> None:
+        """Delete the oldest segments while ``deletable`` says so; the current one is kept.
+
+        Oldest first, one directory fsync each, so a crash never leaves a numbering gap. The
+        caller holds ``_sync_lock``.
+        """
+        try:
+            while len(self._segments) > 1 and deletable(self._segments[0]):
+                os.unlink(self._segments[0].path)
+                del self._segments[0]
+                if self._fsync:
+                    os.fsync(self._dirfd)
+        except OSError as exc:
+            self._fail(exc)
 
     def close(self) -> None:
         """Release the files and the directory lock. Does not sync: unsynced appends are lost."""

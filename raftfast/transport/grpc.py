@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import grpc
 
 from raftfast.core.types import Message, MsgType
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
-from raftfast.transport.codec import CodecError, frame, message_from_pb
+from raftfast.transport.codec import CodecError, frame, message_from_pb, message_to_pb
 
 log = logging.getLogger("raftfast.transport")
 
@@ -92,6 +92,30 @@ class PeerTransport:
                 peer.queue.append(m)
                 peer.wake.set()
 
+    async def send_snapshot(self, m: Message, chunks: Iterable[bytes]) -> bool:
+        """Stream a snapshot (``m`` names its index/term) to ``m.dst``; True once it is durable
+        there. The whole stream is one InstallSnapshot call: on failure it restarts from 0."""
+        peer = self._peers.get(m.dst)
+        if peer is None or peer.channel is None:
+            return False
+        meta = message_to_pb(m)
+
+        def requests() -> Iterator[pb.SnapshotChunk]:
+            offset = 0
+            for data in chunks:
+                yield pb.SnapshotChunk(
+                    cluster_id=self.cluster_id, meta=meta, offset=offset, data=data
+                )
+                offset += len(data)
+            yield pb.SnapshotChunk(cluster_id=self.cluster_id, meta=meta, offset=offset, done=True)
+
+        try:
+            await pb_grpc.PeerStub(peer.channel).InstallSnapshot(requests(), timeout=600)
+            return True
+        except grpc.RpcError as exc:
+            log.warning("snapshot to %s failed: %s %s", peer.id, exc.code(), exc.details())
+            return False
+
     async def _send_vote(self, peer: _Peer, m: Message) -> None:
         try:
             stub = pb_grpc.PeerStub(peer.channel)
@@ -137,10 +161,19 @@ class PeerTransport:
 class PeerService(pb_grpc.PeerServicer):
     """Inbound peer traffic: validate, decode, hand to ``deliver`` (which steps the core)."""
 
-    def __init__(self, cluster_id: str, members: set[str], deliver: Callable[[list], None]):
+    def __init__(
+        self,
+        cluster_id: str,
+        members: set[str],
+        deliver: Callable[[list], None],
+        snapshots=None,
+    ):
+        """``snapshots(meta)`` returns a receiver (write(offset, data), finish(), abort()) for
+        an incoming snapshot; after ``finish`` the meta message is delivered like any other."""
         self.cluster_id = cluster_id
         self.members = members
         self.deliver = deliver
+        self.snapshots = snapshots
 
     async def _check(self, f: pb.Frame, context: grpc.aio.ServicerContext) -> list[Message]:
         if f.cluster_id != self.cluster_id:
@@ -185,4 +218,31 @@ class PeerService(pb_grpc.PeerServicer):
         return pb.PeerEmpty()
 
     async def InstallSnapshot(self, request_iterator, context):  # noqa: N802
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "snapshots are not implemented yet")
+        if self.snapshots is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node takes no snapshots")
+        receiver, meta = None, None
+        try:
+            async for chunk in request_iterator:
+                (m,) = await self._check(
+                    pb.Frame(
+                        cluster_id=chunk.cluster_id, src=chunk.meta.src, messages=[chunk.meta]
+                    ),
+                    context,
+                )
+                if m.type != MsgType.SNAPSHOT or (meta is not None and m != meta):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad snapshot chunk")
+                if receiver is None:
+                    meta, receiver = m, self.snapshots(m)
+                try:
+                    receiver.write(chunk.offset, chunk.data)
+                except ValueError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                if chunk.done:
+                    receiver.finish()
+                    receiver = None
+                    self.deliver([meta])
+                    return pb.PeerEmpty()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "snapshot stream ended early")
+        finally:
+            if receiver is not None:
+                receiver.abort()

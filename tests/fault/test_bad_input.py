@@ -302,12 +302,15 @@ def test_garbage_bytes_to_the_peer_service(duo):
                 vote(junk, timeout=10)
             with pytest.raises(grpc.RpcError):
                 list(stream(iter([junk]), timeout=10))
+        # An empty snapshot chunk names no cluster: refused before anything is written.
         expect_code(
             lambda c=ch: list(
                 c.stream_unary("/raftfast.v1.Peer/InstallSnapshot", **RAW)(iter([b""]))
             ),
-            grpc.StatusCode.UNIMPLEMENTED,
+            grpc.StatusCode.FAILED_PRECONDITION,
         )
+        with pytest.raises(grpc.RpcError):
+            ch.stream_unary("/raftfast.v1.Peer/InstallSnapshot", **RAW)(iter(GARBAGE), timeout=10)
     duo.assert_healthy()
 
 

@@ -13,6 +13,7 @@ phase checks that every acknowledged proposal was committed on every node.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from raftfast._accel import decode_batch
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import ENTRY_NORMAL, Message, Ready, Role
+from raftfast.core.types import ENTRY_NORMAL, Message, MsgType, Ready, Role
 from raftfast.errors import NotLeaderError
 from raftfast.storage.memory import MemoryStorage
 
@@ -44,6 +45,7 @@ class Faults:
     partition: float = 0.0  # per-unit probability that the partition changes
     propose: float = 0.05  # per-unit probability of a client proposal
     transfer: float = 0.0  # per-unit probability that the leader hands leadership on
+    compact: float = 0.0  # per-unit probability that some node snapshots and compacts its log
 
     @classmethod
     def random(cls, rng: random.Random) -> Faults:
@@ -57,6 +59,7 @@ class Faults:
             partition=rng.choice([0.0, 0.002, 0.005]),
             propose=rng.choice([0.02, 0.1, 0.3]),
             transfer=rng.choice([0.0, 0.0, 0.001, 0.005]),
+            compact=rng.choice([0.0, 0.0, 0.002, 0.01, 0.05]),
         )
 
 
@@ -70,6 +73,8 @@ class SimNode:
     tick_phase: int = 0
     applied_index: int = 0
     restart_at: int = 0  # when crashed: time to restart
+    snapshot: tuple[int, int, str] | None = None  # durable: (index, term, digest of entries)
+    incoming: tuple[int, int, str] | None = None  # a snapshot streamed to us, not installed
 
 
 @dataclass(order=True)
@@ -145,6 +150,8 @@ class Cluster:
             self.propose_random()
         if faults.transfer and self.rng.random() < faults.transfer:
             self.transfer_random()
+        if faults.compact and self.rng.random() < faults.compact:
+            self.compact_random()
 
     def heal(self) -> None:
         """Stop injecting faults and restart everything: the system must now make progress."""
@@ -204,6 +211,29 @@ class Cluster:
             self.proposed[p] = node.id
         self._after_input(node)
         return payloads[-1]
+
+    def compact_random(self) -> None:
+        """A node snapshots its state machine, then drops (most of) the log the snapshot covers."""
+        alive = [n for n in self.nodes.values() if n.raw is not None]
+        if not alive:
+            return
+        node = self.rng.choice(alive)
+        log = node.raw.raft.log
+        index = min(node.applied_index, log.stable)
+        if index < log.first_index:
+            return
+        node.snapshot = (index, log.term_at(index), self._digest(index))
+        upto = max(log.first_index - 1, index - self.rng.randint(0, 20))  # keep a little
+        if upto >= log.first_index:
+            node.raw.compact(upto)
+            node.storage.release_before(upto, log.term_at(upto))
+            self.stats["compactions"] = self.stats.get("compactions", 0) + 1
+
+    def _digest(self, index: int) -> str:
+        """What a snapshot at ``index`` holds: every committed entry up to it."""
+        return hashlib.sha256(
+            repr([self.committed[i] for i in range(1, index + 1)]).encode()
+        ).hexdigest()
 
     def transfer_random(self) -> None:
         leader = self.leader()
@@ -266,9 +296,15 @@ class Cluster:
     def _start(self, node: SimNode) -> None:
         state = node.storage.recovered()
         cfg = Config(node.id, self.ids, **self.config)
-        node.raw = RawNode(cfg, state.log, state.hard_state, random.Random(self.rng.random()))
+        applied = node.snapshot[0] if node.snapshot else 0
+        if applied < state.log.first_index - 1:
+            raise SafetyViolation(f"{node.id}: log compacted past its snapshot")
+        node.raw = RawNode(
+            cfg, state.log, state.hard_state, random.Random(self.rng.random()), applied
+        )
         node.pending = None
-        node.applied_index = state.log.first_index - 1
+        node.incoming = None
+        node.applied_index = applied
         if self.time:
             self.events.append(f"t={self.time} restart {node.id}")
 
@@ -276,6 +312,8 @@ class Cluster:
         self._check_leader(node)
         if node.pending is None and node.raw.has_ready():
             rd = node.raw.ready()
+            if rd.snapshot is not None:
+                self._install(node, rd.snapshot)
             node.storage.append(rd.hard_state, rd.entries or None)
             self._send_all(rd.eager_messages)
             node.pending = rd
@@ -293,16 +331,49 @@ class Cluster:
         node.raw.advance(rd)
         self._after_input(node)
 
+    def _install(self, node: SimNode, meta: tuple[int, int]) -> None:
+        snap = node.incoming
+        if snap is None or snap[:2] != meta:
+            raise SafetyViolation(f"{node.id} installs {meta} but received {snap}")
+        if snap[2] != self._digest(meta[0]):
+            raise SafetyViolation(f"{node.id}: snapshot {meta} differs from the committed log")
+        node.storage.install_snapshot(*meta)  # durable, like a renamed and fsynced file
+        node.snapshot, node.incoming = snap, None
+        node.applied_index = meta[0]
+
     def _send_all(self, msgs: list[Message]) -> None:
         faults = self.faults
         for m in msgs:
-            if (m.src, m.dst) in self.blocked or self.rng.random() < faults.drop:
+            lost = (m.src, m.dst) in self.blocked or self.rng.random() < faults.drop
+            if m.type == MsgType.SNAPSHOT:
+                self._stream_snapshot(m, lost)
+                continue
+            if lost:
                 continue
             copies = 2 if self.rng.random() < faults.duplicate else 1
             for _ in range(copies):
                 self._seq += 1
                 at = self.time + self.rng.randint(1, faults.max_delay)
                 heapq.heappush(self.queue, _Delivery(at, self._seq, m))
+
+    def _stream_snapshot(self, m: Message, lost: bool) -> None:
+        """The driver streams the sender's latest snapshot; the receiver then steps a SNAPSHOT
+        message naming it. Either way the sender learns how the stream ended."""
+        sender, receiver = self.nodes[m.src], self.nodes[m.dst]
+        snap = sender.snapshot
+        if snap is None or snap[0] < m.index:
+            raise SafetyViolation(f"{m.src} asked to send a snapshot >= {m.index}, has {snap}")
+        ok = not lost and receiver.raw is not None
+        if ok:
+            receiver.incoming = snap
+            receiver.raw.step(
+                Message(MsgType.SNAPSHOT, m.src, m.dst, m.term, index=snap[0], log_term=snap[1])
+            )
+            self._after_input(receiver)
+        if sender.raw is not None:
+            sender.raw.report_snapshot(m.dst, ok)
+            self._after_input(sender)
+        self.stats["snapshots_sent"] = self.stats.get("snapshots_sent", 0) + 1
 
     def _deliver(self, m: Message) -> None:
         node = self.nodes[m.dst]
@@ -346,6 +417,8 @@ class Cluster:
         if not self.committed:
             return
         top = max(self.committed)
+        if top < log.first_index:
+            return  # covered by the node's snapshot, whose digest was checked on install
         if log.last_index < top or log.term_at(top) != self.committed[top][0]:
             raise SafetyViolation(
                 f"leader completeness: new leader {node.id} (term {node.raw.raft.term}) lacks "

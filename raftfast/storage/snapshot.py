@@ -1,0 +1,332 @@
+"""Durable snapshot files: saving local snapshots, finding the newest, streaming them to
+followers and receiving them from a leader.
+
+A snapshot is one file ``snap-<index:016x>-<term:016x>.snap`` holding the state machine's
+bytes as is (``KVStateMachine.snapshot()`` carries its own CRC). A file only ever gets that name
+complete: it is written under a temporary name (``snap-...snap.<random>.tmp``), fsynced, renamed
+and then the directory is fsynced. A crash therefore leaves at worst a temporary file, which
+``latest()`` deletes. The newest two snapshots are kept, so one can still be read while the next
+is being written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from typing import BinaryIO, NamedTuple
+
+from raftfast.errors import CorruptionError, StorageError
+
+__all__ = ["KEEP", "SnapshotMeta", "SnapshotReceiver", "SnapshotStore"]
+
+KEEP = 2  # complete snapshots kept after a new one is saved
+
+_SNAP_NAME = re.compile(r"^snap-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
+_TEMP_NAME = re.compile(r"^snap-[0-9a-f]{16}-[0-9a-f]{16}\.snap\.[^/]*\.tmp$")
+_U64_MAX = (1 << 64) - 1
+
+
+class SnapshotMeta(NamedTuple):
+    """A complete snapshot file: the last entry it covers (index, term), its path and size."""
+
+    index: int
+    term: int
+    path: str
+    size: int
+
+
+def _snap_name(index: int, term: int) -> str:
+    if not (0 <= index <= _U64_MAX and 0 <= term <= _U64_MAX):
+        raise ValueError(f"snapshot index {index} and term {term} must be unsigned 64-bit")
+    return f"snap-{index:016x}-{term:016x}.snap"
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(f"write returned {n}")
+        view = view[n:]
+
+
+class SnapshotStore:
+    """The snapshot files of one node, in ``directory`` (created if missing).
+
+    ``fsync=False`` skips every fsync: fast and unsafe, for benchmarks and tests only.
+    """
+
+    def __init__(self, directory: str, *, fsync: bool = True) -> None:
+        self._dir = os.fspath(directory)
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._active: set[str] = set()  # temp files of receivers in progress (not leftovers)
+        try:
+            if not os.path.isdir(self._dir):
+                os.makedirs(self._dir, exist_ok=True)
+                if fsync:
+                    self._fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
+        except OSError as exc:
+            raise StorageError(f"cannot create snapshot directory {self._dir}: {exc}") from exc
+
+    @property
+    def directory(self) -> str:
+        return self._dir
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def save(self, index: int, term: int, data: bytes | bytearray | memoryview) -> SnapshotMeta:
+        """Durably store a snapshot covering entries <= ``index`` (the last with ``term``).
+
+        On return the file survives a crash; older snapshots beyond the newest ``KEEP`` are gone.
+        Raises StorageError if the disk fails (nothing is left behind but, at worst, a temp file).
+        """
+        receiver = self.receive(index, term)
+        try:
+            receiver.write(0, data)
+            return receiver.finish()
+        except BaseException:
+            receiver.abort()
+            raise
+
+    def receive(self, index: int, term: int) -> SnapshotReceiver:
+        """Start receiving a snapshot in chunks (from a leader); see ``SnapshotReceiver``."""
+        name = _snap_name(index, term)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=self._dir)
+        except OSError as exc:
+            raise StorageError(f"cannot create a snapshot file in {self._dir}: {exc}") from exc
+        with self._lock:
+            self._active.add(tmp)
+        return SnapshotReceiver(self, index, term, fd, tmp)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def snapshots(self) -> list[SnapshotMeta]:
+        """Every complete snapshot, oldest (lowest index, then term) first."""
+        out = []
+        try:
+            names = os.listdir(self._dir)
+        except OSError as exc:
+            raise StorageError(f"cannot list snapshot directory {self._dir}: {exc}") from exc
+        for name in names:
+            m = _SNAP_NAME.match(name)
+            if m is None:
+                continue
+            path = os.path.join(self._dir, name)
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:  # deleted meanwhile by a concurrent save
+                continue
+            out.append(SnapshotMeta(int(m.group(1), 16), int(m.group(2), 16), path, size))
+        out.sort()
+        return out
+
+    def latest(self) -> SnapshotMeta | None:
+        """The newest complete snapshot (highest index, then term), or None.
+
+        Deletes temporary files left behind by a crash (not those of receivers still open).
+        """
+        self._remove_leftovers()
+        snaps = self.snapshots()
+        return snaps[-1] if snaps else None
+
+    def read(self, meta: SnapshotMeta) -> bytes:
+        """The whole content of a snapshot; CorruptionError if its size changed."""
+        try:
+            with open(meta.path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
+        if len(data) != meta.size:
+            raise CorruptionError(
+                f"{meta.path}: snapshot is {len(data)} bytes, expected {meta.size}",
+                meta.path,
+                min(len(data), meta.size),
+            )
+        return data
+
+    def read_chunks(self, meta: SnapshotMeta, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The content of a snapshot in chunks of ``chunk_bytes`` (the last may be shorter).
+
+        The file stays open while the iterator is alive, so a concurrent save deleting it does
+        not cut the stream short. Raises CorruptionError at the end if the size changed.
+        """
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be positive")
+        try:
+            f = open(meta.path, "rb")  # closed by _chunks, which holds it across yields
+        except OSError as exc:
+            raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
+        return self._chunks(f, meta, chunk_bytes)
+
+    @staticmethod
+    def _chunks(f: BinaryIO, meta: SnapshotMeta, chunk_bytes: int) -> Iterator[bytes]:
+        with f:
+            offset = 0
+            while True:
+                try:
+                    chunk = f.read(chunk_bytes)
+                except OSError as exc:
+                    raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
+                if not chunk:
+                    break
+                offset += len(chunk)
+                if offset > meta.size:
+                    break
+                yield chunk
+            if offset != meta.size:
+                raise CorruptionError(
+                    f"{meta.path}: snapshot is {offset}+ bytes, expected {meta.size}",
+                    meta.path,
+                    min(offset, meta.size),
+                )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _remove_leftovers(self) -> None:
+        try:
+            names = os.listdir(self._dir)
+        except OSError as exc:
+            raise StorageError(f"cannot list snapshot directory {self._dir}: {exc}") from exc
+        with self._lock:
+            active = set(self._active)
+        removed = False
+        for name in names:
+            path = os.path.join(self._dir, name)
+            if _TEMP_NAME.match(name) and path not in active:
+                try:
+                    os.unlink(path)
+                    removed = True
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise StorageError(f"cannot delete {path}: {exc}") from exc
+        if removed and self._fsync:
+            self._fsync_dir(self._dir)
+
+    def _install(self, receiver: SnapshotReceiver) -> SnapshotMeta:
+        """Rename a complete, fsynced temp file into place, then prune old snapshots."""
+        path = os.path.join(self._dir, _snap_name(receiver.index, receiver.term))
+        try:
+            os.replace(receiver.temp_path, path)
+            with self._lock:
+                self._active.discard(receiver.temp_path)
+            if self._fsync:
+                self._fsync_dir(self._dir)
+            meta = SnapshotMeta(receiver.index, receiver.term, path, receiver.offset)
+            self._prune(keep=path)
+        except OSError as exc:
+            raise StorageError(f"cannot install snapshot {path}: {exc}") from exc
+        return meta
+
+    def _prune(self, keep: str) -> None:
+        """Delete all but the newest ``KEEP`` snapshots (never ``keep``, the one just written)."""
+        old = [m for m in self.snapshots()[:-KEEP] if m.path != keep]
+        for meta in old:
+            try:
+                os.unlink(meta.path)
+            except FileNotFoundError:
+                pass
+        if old and self._fsync:
+            self._fsync_dir(self._dir)
+
+    def _forget(self, temp_path: str) -> None:
+        with self._lock:
+            self._active.discard(temp_path)
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class SnapshotReceiver:
+    """A snapshot being written chunk by chunk into a temp file. Get one from
+    ``SnapshotStore.receive``.
+
+    Chunks must arrive in order: ``write(offset, chunk)`` requires ``offset == self.offset``
+    (the bytes received so far), else ValueError and nothing is written; the sender then
+    restarts from ``self.offset`` (or the caller aborts and starts over). ``finish`` makes the
+    file durable under its final name; ``abort`` deletes it. Usable as a context manager that
+    aborts unless finished.
+    """
+
+    def __init__(self, store: SnapshotStore, index: int, term: int, fd: int, temp: str) -> None:
+        self.index = index
+        self.term = term
+        self.temp_path = temp
+        self.offset = 0  # bytes written so far
+        self._store = store
+        self._fd = fd
+        self._done = False
+
+    def write(self, offset: int, chunk: bytes | bytearray | memoryview) -> None:
+        """Append ``chunk``, which must start at byte ``offset`` of the snapshot."""
+        self._check_open()
+        if offset != self.offset:
+            raise ValueError(
+                f"snapshot chunk at offset {offset}, expected {self.offset}: restart from there"
+            )
+        try:
+            _write_all(self._fd, chunk)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"cannot write snapshot {self.temp_path}: {exc}") from exc
+        self.offset += len(memoryview(chunk).cast("B"))
+
+    def finish(self) -> SnapshotMeta:
+        """fsync, rename into place, fsync the directory; return the complete snapshot."""
+        self._check_open()
+        try:
+            if self._store._fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"cannot sync snapshot {self.temp_path}: {exc}") from exc
+        self._done = True
+        try:
+            return self._store._install(self)
+        except BaseException:
+            self._remove_temp()
+            raise
+
+    def abort(self) -> None:
+        """Delete the temp file (idempotent; does nothing after ``finish``)."""
+        if self._done:
+            return
+        self._done = True
+        self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # latest() removes it later
+        self._store._forget(self.temp_path)
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise ValueError("snapshot receiver is already finished or aborted")
+
+    def __enter__(self) -> SnapshotReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
