@@ -79,6 +79,17 @@ class ProcCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
+    def __enter__(self) -> ProcCluster:
+        """``with ProcCluster(...) as c``: every node started; on the way out every node is
+        stopped, and on failure the tail of each node's log is printed first."""
+        self.start_all()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            print(self.log_tail())
+        self.stop_all()
+
     @property
     def endpoints(self) -> list[str]:
         return list(self.addrs.values())

@@ -42,6 +42,7 @@ from typing import Any, NoReturn
 
 from raftfast.errors import RaftfastError
 from raftfast.settings import READ_MODES, NodeSettings
+from raftfast.storage.fsutil import fsync_dir
 
 __all__ = [
     "IDENTITY_FILE",
@@ -362,11 +363,7 @@ def write_identity(settings: NodeSettings) -> bool:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(settings.data_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(settings.data_dir)
     return True
 
 

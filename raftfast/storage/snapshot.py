@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
 from raftfast.errors import CorruptionError, StorageError
+from raftfast.storage.fsutil import fsync_dir
 
 __all__ = ["KEEP", "SnapshotMeta", "SnapshotReceiver", "SnapshotStore"]
 
@@ -68,7 +69,7 @@ class SnapshotStore:
             if not os.path.isdir(self._dir):
                 os.makedirs(self._dir, exist_ok=True)
                 if fsync:
-                    self._fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
+                    fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
         except OSError as exc:
             raise StorageError(f"cannot create snapshot directory {self._dir}: {exc}") from exc
 
@@ -206,7 +207,7 @@ class SnapshotStore:
                 except OSError as exc:
                     raise StorageError(f"cannot delete {path}: {exc}") from exc
         if removed and self._fsync:
-            self._fsync_dir(self._dir)
+            fsync_dir(self._dir)
 
     def _install(self, receiver: SnapshotReceiver) -> SnapshotMeta:
         """Rename a complete, fsynced temp file into place, then prune old snapshots."""
@@ -216,7 +217,7 @@ class SnapshotStore:
             with self._lock:
                 self._active.discard(receiver.temp_path)
             if self._fsync:
-                self._fsync_dir(self._dir)
+                fsync_dir(self._dir)
             meta = SnapshotMeta(receiver.index, receiver.term, path, receiver.offset)
             self._prune(keep=path)
         except OSError as exc:
@@ -232,19 +233,11 @@ class SnapshotStore:
             except FileNotFoundError:
                 pass
         if old and self._fsync:
-            self._fsync_dir(self._dir)
+            fsync_dir(self._dir)
 
     def _forget(self, temp_path: str) -> None:
         with self._lock:
             self._active.discard(temp_path)
-
-    @staticmethod
-    def _fsync_dir(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class SnapshotReceiver:

@@ -27,6 +27,7 @@ from raftfast._accel import EntryLog, batch_info, crc32c
 from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, LogError, StorageError
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
+from raftfast.storage.fsutil import fsync_dir
 
 __all__ = ["REC_BATCH", "REC_COMPACTED", "REC_HARD_STATE", "REC_SNAPSHOT", "WAL"]
 
@@ -241,7 +242,7 @@ class WAL:
             if not os.path.isdir(self._dir):
                 os.makedirs(self._dir)
                 if self._fsync:
-                    self._fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
+                    fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
             self._dirfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -541,11 +542,3 @@ class WAL:
         """Start the next segment; return its opening hard-state record."""
         self._create_segment(self._segments[-1].seq + 1)
         return _record(REC_HARD_STATE, _encode_hard_state(self._synced_hs))
-
-    @staticmethod
-    def _fsync_dir(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

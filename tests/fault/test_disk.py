@@ -158,15 +158,8 @@ def assert_one_line_refusal(code: int, err: str, path: Path, offset: int | None)
 
 @pytest.fixture
 def cluster(tmp_path):
-    c = ProcCluster(tmp_path)
-    c.start_all()
-    try:
+    with ProcCluster(tmp_path) as c:
         yield c
-    except BaseException:
-        print(c.log_tail())
-        raise
-    finally:
-        c.stop_all()
 
 
 def cut_last_record(data_dir: Path, how: str) -> None:

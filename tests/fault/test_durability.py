@@ -71,9 +71,7 @@ def test_whole_cluster_kill9_under_load_loses_no_acknowledged_write(tmp_path):
     rng = random.Random(7)
     # A slow, jittery disk (each group commit starts 0-40 ms late) widens every window in which
     # a write could be acknowledged before a quorum has written it.
-    cluster = ProcCluster(tmp_path, 3, env={"RAFTFAST_FAULT_DISK_DELAY_MS": "40"})
-    cluster.start_all()
-    try:
+    with ProcCluster(tmp_path, 3, env={"RAFTFAST_FAULT_DISK_DELAY_MS": "40"}) as cluster:
         all_acked: set[str] = set()
         for round_no in range(ROUNDS):
             old_leader = cluster.wait_leader(timeout=60)
@@ -93,8 +91,3 @@ def test_whole_cluster_kill9_under_load_loses_no_acknowledged_write(tmp_path):
                     cluster.start(nid, first_time=False)
             lost = asyncio.run(_missing(cluster, all_acked))
             assert not lost, f"{len(lost)} acknowledged writes lost after kill -9: {lost[:5]}"
-    except BaseException:
-        print(cluster.log_tail())
-        raise
-    finally:
-        cluster.stop_all()

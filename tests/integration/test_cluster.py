@@ -21,15 +21,8 @@ from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
 @pytest.fixture
 def cluster(tmp_path):
-    c = ProcCluster(tmp_path)
-    c.start_all()
-    try:
+    with ProcCluster(tmp_path) as c:
         yield c
-    except BaseException:
-        print(c.log_tail())
-        raise
-    finally:
-        c.stop_all()
 
 
 def test_leader_elected_and_reads_through_any_node(cluster):

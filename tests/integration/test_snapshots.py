@@ -15,15 +15,8 @@ SNAPSHOT_FLAGS = ["--snapshot-entries", "2000", "--snapshot-keep", "500"]
 
 @pytest.fixture
 def cluster(tmp_path):
-    c = ProcCluster(tmp_path, extra=SNAPSHOT_FLAGS)
-    c.start_all()
-    try:
+    with ProcCluster(tmp_path, extra=SNAPSHOT_FLAGS) as c:
         yield c
-    except BaseException:
-        print(c.log_tail())
-        raise
-    finally:
-        c.stop_all()
 
 
 def _write(cluster: ProcCluster, prefix: str, count: int) -> None:
