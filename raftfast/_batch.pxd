@@ -45,6 +45,7 @@ cdef extern from *:
 cdef enum:
     C_HEADER_SIZE = 20
     C_META_SIZE = 13
+    C_CRC_OFFSET = 16  # the CRC field; it covers header[:16] (magic, count, first index) + body
 
 cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noexcept nogil
 
@@ -53,8 +54,8 @@ cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noex
 cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
                             uint64_t *first_index, uint32_t *count) except -1
 
-# Write the header (magic, count, first index, CRC over everything after the header) into a
-# fully filled batch buffer of `size` bytes.
+# Write the header (magic, count, first index, and the CRC over every byte of the batch except
+# the CRC field itself) into a fully filled batch buffer of `size` bytes.
 cdef void finish_batch(unsigned char *p, Py_ssize_t size, uint32_t count,
                        uint64_t first_index) noexcept nogil
 

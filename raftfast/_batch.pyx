@@ -50,6 +50,25 @@ cdef extern from *:
         }
     }
 
+    #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+    /* One slicing-by-8 step: fold 8 input bytes, given as their little-endian value, into the
+       (inverted) crc. */
+    static inline uint32_t rf_crc_fold64(uint32_t crc, uint64_t w) {
+        uint32_t lo = (uint32_t)w ^ crc, hi = (uint32_t)(w >> 32);
+        return rf_crc_tab[7][lo & 0xff] ^ rf_crc_tab[6][(lo >> 8) & 0xff]
+            ^ rf_crc_tab[5][(lo >> 16) & 0xff] ^ rf_crc_tab[4][lo >> 24]
+            ^ rf_crc_tab[3][hi & 0xff] ^ rf_crc_tab[2][(hi >> 8) & 0xff]
+            ^ rf_crc_tab[1][(hi >> 16) & 0xff] ^ rf_crc_tab[0][hi >> 24];
+    }
+
+    /* The same for the 8 bytes at p (any alignment). */
+    static inline uint32_t rf_crc_fold8(uint32_t crc, const unsigned char *p) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        return rf_crc_fold64(crc, w);
+    }
+    #endif
+
     static uint32_t rf_crc32c(uint32_t crc, const unsigned char *p, size_t n) {
         crc = ~crc;
     #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
@@ -58,13 +77,7 @@ cdef extern from *:
             n--;
         }
         while (n >= 8) {
-            uint64_t w;
-            memcpy(&w, p, 8);
-            uint32_t lo = (uint32_t)w ^ crc, hi = (uint32_t)(w >> 32);
-            crc = rf_crc_tab[7][lo & 0xff] ^ rf_crc_tab[6][(lo >> 8) & 0xff]
-                ^ rf_crc_tab[5][(lo >> 16) & 0xff] ^ rf_crc_tab[4][lo >> 24]
-                ^ rf_crc_tab[3][hi & 0xff] ^ rf_crc_tab[2][(hi >> 8) & 0xff]
-                ^ rf_crc_tab[1][(hi >> 16) & 0xff] ^ rf_crc_tab[0][hi >> 24];
+            crc = rf_crc_fold8(crc, p);
             p += 8;
             n -= 8;
         }
@@ -72,9 +85,62 @@ cdef extern from *:
         while (n--) crc = rf_crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
         return ~crc;
     }
+
+    #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+    /* Continue an (inverted) crc over the n bytes at p with unaligned 8-byte loads, so there is
+       no byte-wise alignment prologue (a batch body starts 4 bytes off 8-byte alignment). */
+    static inline uint32_t rf_crc_body(uint32_t crc, const unsigned char *p, size_t n) {
+        while (n >= 8) {
+            crc = rf_crc_fold8(crc, p);
+            p += 8;
+            n -= 8;
+        }
+        if (n >= 4) {  /* one slicing-by-4 step instead of four byte steps */
+            uint32_t w;
+            memcpy(&w, p, 4);
+            w ^= crc;
+            crc = rf_crc_tab[3][w & 0xff] ^ rf_crc_tab[2][(w >> 8) & 0xff]
+                ^ rf_crc_tab[1][(w >> 16) & 0xff] ^ rf_crc_tab[0][w >> 24];
+            p += 4;
+            n -= 4;
+        }
+        while (n--) crc = rf_crc_tab[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        return crc;
+    }
+    #endif
+
+    /* The CRC of a packed batch of `size` (>= 20) bytes: crc32c(p[20:], crc32c(p[:16])), i.e.
+       every byte except the CRC field at [16:20].  Covering the header costs two slicing
+       steps. */
+    static uint32_t rf_batch_crc(const unsigned char *p, size_t size) {
+    #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+        uint32_t crc = rf_crc_fold8(rf_crc_fold8(0xFFFFFFFFu, p), p + 8);
+        return ~rf_crc_body(crc, p + 20, size - 20);
+    #else
+        return rf_crc32c(rf_crc32c(0, p, 16), p + 20, size - 20);
+    #endif
+    }
+
+    /* rf_batch_crc of a batch whose header holds magic "RFB1", `count` and `first_index`.
+       The header words come from registers: reading back the separate 4-byte stores of magic
+       and count as one 8-byte load would stall on store forwarding. */
+    static uint32_t rf_batch_crc_new(const unsigned char *p, size_t size, uint32_t count,
+                                     uint64_t first_index) {
+    #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
+        uint64_t w0 = (uint64_t)0x31424652u | ((uint64_t)count << 32);  /* "RFB1" | count */
+        uint32_t crc = rf_crc_fold64(rf_crc_fold64(0xFFFFFFFFu, w0), first_index);
+        return ~rf_crc_body(crc, p + 20, size - 20);
+    #else
+        (void)count; (void)first_index;
+        return rf_batch_crc(p, size);
+    #endif
+    }
     """
     void rf_crc_init() noexcept nogil
     uint32_t rf_crc32c(uint32_t crc, const unsigned char *p, size_t n) noexcept nogil
+    uint32_t rf_batch_crc(const unsigned char *p, size_t size) noexcept nogil
+    uint32_t rf_batch_crc_new(const unsigned char *p, size_t size, uint32_t count,
+                              uint64_t first_index) noexcept nogil
 
 cdef extern from *:
     """
@@ -120,7 +186,7 @@ cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noex
 
 cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
                             uint64_t *first_index, uint32_t *count) except -1:
-    cdef uint32_t cnt, i
+    cdef uint32_t cnt, i, crc
     cdef uint64_t expected
     cdef Py_ssize_t table_end
     if n < C_HEADER_SIZE:
@@ -136,7 +202,13 @@ cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
         expected += rf_load_u32(p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i + 9)
     if expected != <uint64_t>n:
         raise BatchError(f"batch size mismatch: its table describes {expected} bytes, got {n}")
-    if _crc(p + C_HEADER_SIZE, n - C_HEADER_SIZE, 0) != rf_load_u32(p + 16):
+    # The CRC covers the header up to its own field (magic, count, first index), then the rest.
+    if n >= NOGIL_CRC_BYTES:
+        with nogil:
+            crc = rf_batch_crc(p, <size_t>n)
+    else:
+        crc = rf_batch_crc(p, <size_t>n)
+    if crc != rf_load_u32(p + C_CRC_OFFSET):
         raise BatchError("batch CRC32C mismatch")
     first_index[0] = rf_load_u64(p + 8)
     count[0] = cnt
@@ -148,7 +220,8 @@ cdef void finish_batch(unsigned char *p, Py_ssize_t size, uint32_t count,
     memcpy(p, b"RFB1", 4)
     rf_store_u32(p + 4, count)
     rf_store_u64(p + 8, first_index)
-    rf_store_u32(p + 16, rf_crc32c(0, p + C_HEADER_SIZE, size - C_HEADER_SIZE))
+    # Everything but the CRC field itself: header[:16], then the table and payloads.
+    rf_store_u32(p + C_CRC_OFFSET, rf_batch_crc_new(p, <size_t>size, count, first_index))
 
 
 cdef int64_t clamp_index(object value) except? -1:

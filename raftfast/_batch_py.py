@@ -10,7 +10,9 @@ Packed batch format (little-endian), shared by the wire and the WAL::
     table   (13 B * count): term u64 | type u8 | length u32
     payloads concatenated in order
 
-The CRC32C covers every byte after the header.
+The CRC32C covers every byte of the batch except the CRC field itself: the first 16 header bytes
+(magic, count, first_index), then the table and payloads, i.e.
+``crc32c(batch[20:], crc32c(batch[:16]))``.  So any single flipped bit, header included, is caught.
 
 Out-of-range numeric fields (negative, or too wide for their u64/u8 slot) raise OverflowError and
 non-integers raise TypeError, matching what the compiled module's C conversions do.
@@ -46,6 +48,9 @@ MAX_COUNT = 0xFFFFFFFF
 
 _U64_MAX = (1 << 64) - 1
 _HEADER = struct.Struct("<4sIQI")
+_CRC_OFFSET = 16  # header bytes before the CRC field, which the CRC covers
+_CRC_COVERED = struct.Struct("<4sIQ")  # magic | count | first_index
+_CRC_FIELD = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"
 assert array("Q").itemsize == 8 and array("I").itemsize == 4, "unexpected array item sizes"
 
@@ -155,8 +160,9 @@ def _pack(first_index: int, terms: array, types: bytes, lengths: array, body: by
         lengths = array("I", lengths)
         lengths.byteswap()
     table = _table(terms, types, lengths)
-    crc = crc32c(body, crc32c(table))
-    return _HEADER.pack(MAGIC, len(terms), first_index, crc) + table + body
+    head = _CRC_COVERED.pack(MAGIC, len(terms), first_index)
+    crc = crc32c(body, crc32c(table, crc32c(head)))
+    return head + _CRC_FIELD.pack(crc) + table + body
 
 
 def encode_batch(
@@ -214,7 +220,7 @@ def _parse(data: bytes | bytearray | memoryview) -> tuple[memoryview, int, int, 
     expected = table_end + sum(lengths)
     if expected != size:
         raise BatchError(f"batch size mismatch: its table describes {expected} bytes, got {size}")
-    if crc32c(view[HEADER_SIZE:]) != crc:
+    if crc32c(view[HEADER_SIZE:], crc32c(view[:_CRC_OFFSET])) != crc:
         raise BatchError("batch CRC32C mismatch")
     return view, first_index, count, lengths
 

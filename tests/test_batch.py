@@ -82,7 +82,9 @@ def test_layout_is_exactly_as_specified(impls):
     table = data[20 : 20 + 39]
     assert list(struct.iter_unpack("<QBI", table)) == [(1, 0, 1), (1, 5, 0), (2, 255, 3)]
     assert data[59:] == b"axyz"
-    assert crc == impls.batch.crc32c(data[20:])
+    # The CRC covers everything but its own field: header[:16] (magic, count, first), then the rest.
+    assert crc == impls.batch.crc32c(data[20:], impls.batch.crc32c(data[:16]))
+    assert crc == impls.batch.crc32c(data[:16] + data[20:])
     assert len(data) == 20 + 13 * 3 + 4
 
 
@@ -209,18 +211,40 @@ def test_crc_mismatch(impls):
         impls.batch.batch_info(bytes(data))
 
 
-def test_every_bit_flip_outside_first_index_is_rejected(impls):
-    data = _batch(impls)
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda impls: _batch(impls), id="mixed"),
+        pytest.param(lambda impls: impls.batch.encode_batch(5, [], []), id="empty"),
+        pytest.param(lambda impls: impls.batch.encode_uniform(1 << 40, 3, [b"p"] * 4), id="uni"),
+    ],
+)
+def test_every_bit_flip_is_rejected(impls, make):
+    # Header included: the CRC covers magic, count and first_index, not just table and payloads.
+    data = make(impls)
     for pos in range(len(data)):
         for bit in range(8):
             mutated = bytearray(data)
             mutated[pos] ^= 1 << bit
-            if 8 <= pos < 16:
-                # first_index sits in the header, outside the CRC: a flip there goes unnoticed.
-                assert impls.batch.batch_info(bytes(mutated))[0] == 7 ^ (1 << (8 * (pos - 8) + bit))
-                continue
-            with pytest.raises(BatchError):
-                impls.batch.decode_batch(bytes(mutated))
+            for arg in (bytes(mutated), mutated, memoryview(mutated)):
+                with pytest.raises(BatchError):
+                    impls.batch.decode_batch(arg)
+                with pytest.raises(BatchError):
+                    impls.batch.batch_info(arg)
+
+
+def test_header_field_flips_fail_the_crc(impls):
+    # A changed first_index or count that is still structurally consistent is caught by the CRC.
+    data = _batch(impls)
+    for offset, fmt, value in [(8, "<Q", 8), (8, "<Q", 7 | 1 << 63)]:
+        mutated = bytearray(data)
+        struct.pack_into(fmt, mutated, offset, value)
+        with pytest.raises(BatchError, match="CRC"):
+            impls.batch.batch_info(bytes(mutated))
+    empty = bytearray(impls.batch.encode_batch(5, [], []))
+    empty[8] ^= 0x01  # first_index 5 -> 4 in an empty batch: only the CRC can tell
+    with pytest.raises(BatchError, match="CRC"):
+        impls.batch.decode_batch(bytes(empty))
 
 
 def test_batch_error_is_value_error(impls):

@@ -123,7 +123,8 @@ def mutated_batches(draw):
             struct.pack_into("<I", data, 29, draw(st.integers(0, 0xFFFFFFFF)))
         elif kind == "fixcrc" and len(data) >= 20:
             # A consistent CRC, so structural checks behind it are exercised too.
-            struct.pack_into("<I", data, 16, _batch_py.crc32c(data[20:]))
+            crc = _batch_py.crc32c(data[20:], _batch_py.crc32c(data[:16]))
+            struct.pack_into("<I", data, 16, crc)
     return bytes(data)
 
 

@@ -131,7 +131,7 @@ def mutate(draw, data: bytes, max_steps: int = 4) -> bytes:
                 struct.pack_into("<I", b, off + 9, draw(st.integers(0, 0xFFFFFFFF)))
         elif kind == "fixcrc" and len(b) >= 20:
             # A consistent CRC, so the structural checks behind it are reached too.
-            struct.pack_into("<I", b, 16, crc32c(bytes(b[20:])))
+            struct.pack_into("<I", b, 16, crc32c(bytes(b[20:]), crc32c(bytes(b[:16]))))
     return bytes(b)
 
 
