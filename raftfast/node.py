@@ -362,17 +362,9 @@ class Node:
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
         log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, len(data))
 
-    def _receive_snapshot(self, meta: Message):
-        """A leader streams us a snapshot: where to write it (a SnapshotStore receiver)."""
-        receiver = self.snapshots.receive(meta.index, meta.log_term)
-        finish = receiver.finish
-
-        def finished():
-            self._incoming_snapshot = finish()
-            return self._incoming_snapshot
-
-        receiver.finish = finished
-        return receiver
+    def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
+        """A leader streams us a snapshot: where to write it."""
+        return _IncomingSnapshot(self, self.snapshots.receive(meta.index, meta.log_term))
 
     async def _install_snapshot(self, meta: tuple[int, int]) -> None:
         snap = self._incoming_snapshot
@@ -481,6 +473,24 @@ class Node:
                 fut.set_exception(err)
         self._proposals, self._waiting_writes, self._read_requests = [], [], []
         self._reads_at, self._reads_by_id = [], {}
+
+
+class _IncomingSnapshot:
+    """Writes a leader's snapshot into our store; once complete, the node remembers it until the
+    core asks for it to be installed (``Ready.snapshot``)."""
+
+    def __init__(self, node: Node, receiver) -> None:
+        self._node = node
+        self._receiver = receiver
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._receiver.write(offset, data)
+
+    def finish(self) -> None:
+        self._node._incoming_snapshot = self._receiver.finish()
+
+    def abort(self) -> None:
+        self._receiver.abort()
 
 
 async def serve(settings: NodeSettings) -> None:
