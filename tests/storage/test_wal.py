@@ -6,7 +6,6 @@ import errno
 import glob
 import os
 import random
-import struct
 
 import pytest
 
@@ -17,35 +16,7 @@ from raftfast.storage.base import LogStorage
 from raftfast.storage.memory import MemoryStorage
 from raftfast.storage.wal import WAL, _encode_hard_state, _record
 
-HEADER = struct.Struct("<IIB")
-
-
-def batch(first: int, term: int, n: int, tag: str = "e") -> bytes:
-    return encode_uniform(first, term, [f"{tag}{first + i}".encode() for i in range(n)])
-
-
-def contents(log) -> list[tuple[int, int, bytes]]:
-    """(index, term, payload) of every entry in an EntryLog."""
-    if log.last_index < log.first_index:
-        return []
-    first, terms, _, payloads = decode_batch(log.slice(log.first_index, log.last_index + 1))
-    return [(first + i, t, p) for i, (t, p) in enumerate(zip(terms, payloads, strict=True))]
-
-
-def records(path) -> list[tuple[int, int, int]]:
-    """(offset, type, total length) of each record in a segment file."""
-    data = open(path, "rb").read()
-    out, off = [], 0
-    while off < len(data):
-        length, _, rtype = HEADER.unpack_from(data, off)
-        out.append((off, rtype, HEADER.size + length))
-        off += HEADER.size + length
-    return out
-
-
-def reopen(wal: WAL, **kw) -> WAL:
-    wal.close()
-    return WAL.open(wal.path, **kw)
+from .walutil import batch, contents, records, reopen
 
 
 @pytest.fixture

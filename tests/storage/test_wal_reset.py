@@ -9,44 +9,18 @@ import struct
 
 import pytest
 
-from raftfast._accel import decode_batch, encode_uniform
+from raftfast._accel import decode_batch
 from raftfast.core.types import HardState
 from raftfast.errors import StorageError
 from raftfast.storage.memory import MemoryStorage
 from raftfast.storage.wal import REC_SNAPSHOT, WAL, _record
 
-HEADER = struct.Struct("<IIB")
-
-
-def batch(first: int, term: int, n: int, tag: str = "e") -> bytes:
-    return encode_uniform(first, term, [f"{tag}{first + i}".encode() for i in range(n)])
-
-
-def contents(log) -> list[tuple[int, int, bytes]]:
-    if log.last_index < log.first_index:
-        return []
-    first, terms, _, payloads = decode_batch(log.slice(log.first_index, log.last_index + 1))
-    return [(first + i, t, p) for i, (t, p) in enumerate(zip(terms, payloads, strict=True))]
+from .walutil import HEADER, batch, contents, records, reopen
 
 
 def bounds(log) -> tuple[int, int, int]:
     """(first index, last index, prev term) of a recovered log."""
     return log.first_index, log.last_index, log.term_at(log.first_index - 1)
-
-
-def records(path) -> list[tuple[int, int, int]]:
-    data = open(path, "rb").read()
-    out, off = [], 0
-    while off < len(data):
-        length, _, rtype = HEADER.unpack_from(data, off)
-        out.append((off, rtype, HEADER.size + length))
-        off += HEADER.size + length
-    return out
-
-
-def reopen(w: WAL, **kw) -> WAL:
-    w.close()
-    return WAL.open(w.path, **kw)
 
 
 def filled(path: str, n: int = 20, **kw) -> WAL:
