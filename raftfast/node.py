@@ -393,9 +393,9 @@ class Node:
 
     def _write_and_sync(self) -> None:
         """Group commit, in the fsync thread. ``RAFTFAST_FAULT_DISK_DELAY_MS`` (tests only)
-        makes the disk slow and jittery: each write starts up to that much later, which
-        widens any window in which something is acknowledged before it is written."""
-        if _FAULT_DISK_DELAY:
+        gives followers a slow, jittery disk: each of their writes starts up to that much
+        later, which widens any window in which a follower acknowledges before writing."""
+        if _FAULT_DISK_DELAY and self.raw.raft.role != Role.LEADER:
             time.sleep(random.uniform(0, _FAULT_DISK_DELAY))
         self.wal.sync()
 
