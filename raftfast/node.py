@@ -44,7 +44,6 @@ from raftfast.transport.grpc import CHANNEL_OPTIONS, PeerService, PeerTransport
 
 log = logging.getLogger("raftfast.node")
 
-_MAX_PROPOSAL_BATCH = 16384
 _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
 
 
