@@ -31,5 +31,6 @@ encode_batch = batch_impl.encode_batch
 encode_uniform = batch_impl.encode_uniform
 decode_batch = batch_impl.decode_batch
 batch_info = batch_impl.batch_info
+entries_of_type = batch_impl.entries_of_type
 chunk_payloads = batch_impl.chunk_payloads
 commit_index = batch_impl.commit_index

@@ -402,6 +402,35 @@ def decode_batch(data):
         PyBuffer_Release(&view)
 
 
+def entries_of_type(data, etype):
+    """Validate a batch and return ``(index, payload)`` of its entries of type ``etype``.
+
+    The core uses it to spot the rare configuration entry in a frame without decoding the rest.
+    """
+    cdef Py_buffer view
+    cdef uint64_t first
+    cdef uint32_t count, i, length
+    cdef Py_ssize_t off
+    cdef const unsigned char *p
+    cdef const unsigned char *rec
+    cdef uint8_t y = as_u8(etype)
+    get_buffer(data, &view)
+    try:
+        p = <const unsigned char *>view.buf
+        off = parse_batch(p, view.len, &first, &count)
+        out = []
+        for i in range(count):
+            rec = p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i
+            length = rf_load_u32(rec + 9)
+            if rec[8] == y:
+                out.append((first + i,
+                            PyBytes_FromStringAndSize(<const char *>p + off, length)))
+            off += length
+        return out
+    finally:
+        PyBuffer_Release(&view)
+
+
 def batch_info(data):
     """Validate a batch fully (including its CRC) and return (first_index, count)."""
     cdef Py_buffer view

@@ -39,6 +39,7 @@ __all__ = [
     "decode_batch",
     "encode_batch",
     "encode_uniform",
+    "entries_of_type",
 ]
 
 MAGIC = b"RFB1"
@@ -240,6 +241,26 @@ def decode_batch(
         payloads.append(raw[start:end])
         start = end
     return first_index, terms.tolist(), list(types), payloads
+
+
+def entries_of_type(data: bytes | bytearray | memoryview, etype: int) -> list[tuple[int, bytes]]:
+    """Validate a batch and return ``(index, payload)`` of its entries of type ``etype``.
+
+    The core uses it to spot the rare configuration entry in a frame without decoding the rest.
+    """
+    _check_u8(etype, "etype")
+    view, first_index, count, lengths = _parse(data)
+    table_end = HEADER_SIZE + META_SIZE * count
+    types = _columns(view[HEADER_SIZE:table_end])[1]
+    if etype not in types:
+        return []
+    out = []
+    start = table_end
+    for i, length in enumerate(lengths):
+        if types[i] == etype:
+            out.append((first_index + i, bytes(view[start : start + length])))
+        start += length
+    return out
 
 
 def batch_info(data: bytes | bytearray | memoryview) -> tuple[int, int]:

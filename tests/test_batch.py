@@ -99,6 +99,15 @@ def test_round_trip(impls):
     # bytearray and memoryview inputs decode identically.
     assert impls.batch.decode_batch(bytearray(data)) == impls.batch.decode_batch(data)
     assert impls.batch.batch_info(memoryview(data)) == (1 << 40, 50)
+    wanted = types[7]
+    assert impls.batch.entries_of_type(data, wanted) == [
+        ((1 << 40) + i, p) for i, (t, p) in enumerate(zip(types, payloads)) if t == wanted
+    ]
+    assert impls.batch.entries_of_type(bytearray(data), wanted) == impls.batch.entries_of_type(
+        data, wanted
+    )
+    with pytest.raises(OverflowError):
+        impls.batch.entries_of_type(data, 256)
 
 
 def test_empty_batch(impls):

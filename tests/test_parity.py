@@ -79,6 +79,9 @@ def test_encode_decode(first, payloads, data):
         encoded = result[1]
         assert same("decode_batch", encoded) == ("ok", (first, terms, types or [0] * n, payloads))
         assert same("batch_info", encoded) == ("ok", (first, n))
+        etype = (types or [0] * n)[0] if n else 2
+        expected = [(first + i, p) for i, p in enumerate(payloads) if (types or [0] * n)[i] == etype]
+        assert same("entries_of_type", encoded, etype) == ("ok", expected)
 
 
 @parity
@@ -96,6 +99,8 @@ def test_decode_random_bytes(data):
     same("batch_info", data)
     same("decode_batch", b"RFB1" + data)  # get past the magic check
     same("batch_info", bytearray(b"RFB1" + data))
+    same("entries_of_type", b"RFB1" + data, 2)
+    same("entries_of_type", data, 300)
 
 
 def _valid_batch(draw):
