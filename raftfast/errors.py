@@ -73,3 +73,7 @@ class RequestFailedError(RaftfastError):
     def __init__(self, message: str, code: str = "UNKNOWN") -> None:
         super().__init__(message)
         self.code = code
+
+
+class ChangeInProgressError(RaftfastError):
+    """A membership change cannot start yet (one is uncommitted, or the leader is new); retry."""

@@ -101,7 +101,9 @@ def test_round_trip(impls):
     assert impls.batch.batch_info(memoryview(data)) == (1 << 40, 50)
     wanted = types[7]
     assert impls.batch.entries_of_type(data, wanted) == [
-        ((1 << 40) + i, p) for i, (t, p) in enumerate(zip(types, payloads)) if t == wanted
+        ((1 << 40) + i, p)
+        for i, (t, p) in enumerate(zip(types, payloads, strict=True))
+        if t == wanted
     ]
     assert impls.batch.entries_of_type(bytearray(data), wanted) == impls.batch.entries_of_type(
         data, wanted

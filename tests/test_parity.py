@@ -79,8 +79,9 @@ def test_encode_decode(first, payloads, data):
         encoded = result[1]
         assert same("decode_batch", encoded) == ("ok", (first, terms, types or [0] * n, payloads))
         assert same("batch_info", encoded) == ("ok", (first, n))
-        etype = (types or [0] * n)[0] if n else 2
-        expected = [(first + i, p) for i, p in enumerate(payloads) if (types or [0] * n)[i] == etype]
+        all_types = types or [0] * n
+        etype = all_types[0] if n else 2
+        expected = [(first + i, p) for i, p in enumerate(payloads) if all_types[i] == etype]
         assert same("entries_of_type", encoded, etype) == ("ok", expected)
 
 

@@ -16,11 +16,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from raftfast._accel import batch_info
+from raftfast._accel import batch_info, entries_of_type
+from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.progress import Progress, ProgressState
 from raftfast.core.quorum import quorum_match, quorum_size, vote_result
 from raftfast.core.raft_log import RaftLog, batch_count
 from raftfast.core.types import (
+    ENTRY_CONFIG,
     ENTRY_NOOP,
     ENTRY_NORMAL,
     HardState,
@@ -28,7 +30,7 @@ from raftfast.core.types import (
     MsgType,
     Role,
 )
-from raftfast.errors import BatchError, NotLeaderError
+from raftfast.errors import BatchError, ChangeInProgressError, NotLeaderError
 
 _EMPTY = b""
 _FORCED_VOTE = 1  # VOTE context: a leadership transfer, which others' leases must not block
@@ -39,7 +41,7 @@ class Config:
     """Static settings of one Raft node. Times are in ticks (the driver decides a tick's length)."""
 
     id: str
-    voters: Sequence[str]
+    voters: Sequence[str]  # the bootstrap configuration; empty for a node that joins later
     election_tick: int = 10  # followers campaign after election_tick..2*election_tick-1 ticks
     heartbeat_tick: int = 1
     pre_vote: bool = True
@@ -52,7 +54,7 @@ class Config:
     def validate(self) -> None:
         if not self.id:
             raise ValueError("node id must not be empty")
-        if self.id not in self.voters:
+        if self.voters and self.id not in self.voters:
             raise ValueError(f"node {self.id!r} is not among the voters {list(self.voters)}")
         if len(set(self.voters)) != len(self.voters):
             raise ValueError(f"duplicate voter ids in {list(self.voters)}")
@@ -70,13 +72,24 @@ class Raft:
         hard_state: HardState,
         rng: random.Random,
         applied: int = 0,
+        membership: Membership | None = None,
     ) -> None:
+        """``membership`` is the configuration of the snapshot the log starts from (None: the
+        bootstrap configuration ``config.voters``)."""
         config.validate()
         self.config = config
         self.id = config.id
-        self.voters: list[str] = list(config.voters)
         self.rng = rng
         self.log = RaftLog(entries, hard_state.commit, applied)
+        # Every configuration the log still holds, as (index, membership), oldest first. The
+        # first is the one in force where the log starts; the newest is in force now, committed
+        # or not (thesis §4.1: a server uses the latest configuration in its log).
+        base = membership if membership is not None else Membership.of_voters(config.voters)
+        self._configs: list[tuple[int, Membership]] = [(entries.first_index - 1, base)]
+        if entries.last_index >= entries.first_index:
+            self._configs += _configs_in(entries.slice(entries.first_index, entries.last_index + 1))
+        self.membership = self._configs[-1][1]
+        self.voters: list[str] = sorted(self.membership.voters)
         self.pending_snapshot: tuple[int, int] | None = None  # follower: (index, term) to install
         self.term = hard_state.term
         self.vote = hard_state.vote
@@ -107,11 +120,14 @@ class Raft:
             self.election_elapsed += 1
             if self.election_elapsed >= self.randomized_election_timeout:
                 self.election_elapsed = 0
-                self.campaign()
+                if self._can_campaign():
+                    self.campaign()
+                else:
+                    self.leader = ""  # no word from a leader: stop vouching for its lease
 
     def campaign(self) -> None:
         """Start an election now (pre-vote first when enabled). No-op on a leader."""
-        if self.role == Role.LEADER:
+        if self.role == Role.LEADER or not self._can_campaign():
             return
         self.reason = "election timeout"
         self._campaign(pre=self.config.pre_vote)
@@ -145,7 +161,7 @@ class Raft:
         self._add_read(request_id)
 
     def _add_read(self, request_id: int) -> None:
-        if len(self.voters) == 1:
+        if self.voters == [self.id]:
             self.read_states.append((request_id, self.log.committed))
             return
         self._read_round += 1
@@ -159,7 +175,7 @@ class Raft:
         rounds = sorted(
             (self._read_round if v == self.id else self._read_acks.get(v, 0) for v in self.voters),
             reverse=True,
-        )
+        )  # a leader that is removing itself is not among the voters: it does not count
         confirmed = rounds[quorum_size(len(self.voters)) - 1]
         can_start = self.log.term_at(self.log.committed) == self.term
         waiting, start_now = [], []
@@ -198,6 +214,90 @@ class Raft:
     def compact(self, index: int) -> None:
         """The driver holds a durable snapshot at ``index``: entries up to it may go."""
         self.log.compact(index)
+        # Keep the configuration in force at the new start of the log, and the ones after it.
+        keep = max(i for i, (at, _) in enumerate(self._configs) if at <= index)
+        del self._configs[:keep]
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def membership_at(self, index: int) -> Membership:
+        """The configuration in force at ``index`` (for a snapshot taken there)."""
+        found = self._configs[0][1]
+        for at, m in self._configs:
+            if at > index:
+                break
+            found = m
+        return found
+
+    @property
+    def config_index(self) -> int:
+        """Index of the entry that made the current configuration (0: bootstrap)."""
+        return self._configs[-1][0]
+
+    def propose_change(self, kind: ChangeKind, node_id: str, address: str = "") -> int:
+        """Append a single-server configuration change; returns its index. It is in force at
+        once (on every node as soon as it is appended there) and final once committed.
+
+        Refused (ChangeInProgressError, retry later) while another change is uncommitted, and
+        until this leader has committed an entry of its own term: without that rule a change
+        made by a deposed leader and one made by its successor could together skip the overlap
+        that single-server changes rely on (the bug described on raft-dev in 2015)."""
+        if self.role != Role.LEADER:
+            raise NotLeaderError(leader_id=self.leader or None)
+        if self.transferee:
+            raise NotLeaderError(
+                f"leadership transfer to {self.transferee} in progress", self.transferee
+            )
+        if self.config_index > self.log.committed:
+            raise ChangeInProgressError(
+                f"the change at index {self.config_index} is not committed yet"
+            )
+        if self.log.term_at(self.log.committed) != self.term:
+            raise ChangeInProgressError("this leader has not committed an entry of its term yet")
+        new = self.membership.change(kind, node_id, address)
+        index = self.log.append(self.term, [new.encode()], ENTRY_CONFIG)
+        self._configs.append((index, new))
+        self._membership_changed()
+        self._broadcast_append()
+        return index
+
+    def _can_campaign(self) -> bool:
+        """Voters campaign; learners and strangers never do. A voter being removed still may
+        while its removal is uncommitted (thesis §4.2.2): it may be the only one holding that
+        entry, and without it the remaining voters could not elect anyone."""
+        if self.id in self.membership.voters:
+            return True
+        if self.config_index > self.log.committed and len(self._configs) > 1:
+            return self.id in self._configs[-2][1].voters
+        return False
+
+    def _membership_changed(self) -> None:
+        self.membership = self._configs[-1][1]
+        self.voters = sorted(self.membership.voters)
+        if self.role == Role.LEADER:
+            members = self.membership.members()
+            for peer in members:
+                if peer not in self.progress:
+                    self.progress[peer] = Progress(self.log.last_index + 1)
+            for peer in list(self.progress):
+                if peer not in members and peer != self.id:
+                    del self.progress[peer]
+            if self.transferee and self.transferee not in self.membership.voters:
+                self.transferee = ""
+            if self._maybe_commit():  # a smaller quorum may already hold more
+                self._broadcast_append()
+        elif self.role in (Role.PRE_CANDIDATE, Role.CANDIDATE) and not self._can_campaign():
+            self.become_follower(self.term, "", "no longer a voter")
+
+    def _log_rewritten(self, lo: int, hi: int, configs: list[tuple[int, Membership]]) -> None:
+        """Entries ``lo..hi`` were (re)written (anything after ``hi`` may have been truncated);
+        ``configs`` are the configuration entries among them."""
+        last = self.log.last_index
+        current = self._configs[-1]
+        kept = [c for c in self._configs if c[0] < lo or hi < c[0] <= last]
+        self._configs = sorted(kept + configs, key=lambda c: c[0])
+        if self._configs[-1] != current:
+            self._membership_changed()
 
     def report_snapshot(self, peer: str, ok: bool) -> None:
         """The driver finished (or failed) streaming a snapshot to ``peer``."""
@@ -275,7 +375,8 @@ class Raft:
         self.leader = self.id
         self._reset_timers()
         next_index = self.log.last_index + 1
-        self.progress = {peer: Progress(next_index) for peer in self.voters}
+        members = [*self.membership.members(), self.id]
+        self.progress = {peer: Progress(next_index) for peer in members}
         self._read_acks = {}
         self.transferee = ""
         own = self.progress[self.id]
@@ -355,6 +456,8 @@ class Raft:
 
     def _record_vote(self, voter: str, granted: bool) -> bool:
         """Count a vote; returns True when the election was won (and acted on)."""
+        if voter not in self.membership.voters:
+            return False  # a learner's or a stranger's answer does not count
         self.votes.setdefault(voter, granted)
         granted_n = sum(1 for v in self.votes.values() if v)
         result = vote_result(granted_n, len(self.votes) - granted_n, len(self.voters))
@@ -387,7 +490,7 @@ class Raft:
             self._send(
                 Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term, context=m.context)
             )
-        elif m.type == MsgType.TIMEOUT_NOW:
+        elif m.type == MsgType.TIMEOUT_NOW and self._can_campaign():
             self.reason = f"leadership transfer from {m.src}"
             self._campaign(pre=False, forced=True)  # skip pre-vote and the others' leases
 
@@ -401,8 +504,16 @@ class Raft:
         if log.match_term(m.index, m.log_term):
             log.commit_to(m.index)  # we hold that entry already: no need to restore
         else:
+            try:
+                membership = Membership.decode(m.entries)
+            except ValueError:
+                return  # a snapshot without a readable configuration: refuse it
             log.restore(m.index, m.log_term)
             self.pending_snapshot = (m.index, m.log_term)
+            current = self._configs[-1]
+            self._configs = [(m.index, membership)]
+            if self._configs[-1] != current:
+                self._membership_changed()
         self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, m.index))
 
     def _handle_append(self, m: Message) -> None:
@@ -412,17 +523,22 @@ class Raft:
             self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, log.committed))
             return
         count = 0
+        configs: list[tuple[int, Membership]] = []
         if m.entries:
             try:
                 first, count = batch_info(m.entries)
-            except BatchError:
+                configs = _configs_in(m.entries)
+            except (BatchError, ValueError):
                 return  # a corrupt frame: drop it, the leader will send it again
             if first != m.index + 1:
                 return
         if log.match_term(m.index, m.log_term):
             last_new = m.index + count
             if count:
+                rewrites = configs or self.config_index > m.index
                 log.merge(m.entries, log.committed)
+                if rewrites:
+                    self._log_rewritten(m.index + 1, last_new, configs)
             log.commit_to(min(m.commit, last_new))
             self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, last_new))
             return
@@ -460,13 +576,14 @@ class Raft:
             self._broadcast_heartbeat()
 
     def _quorum_active(self) -> bool:
-        """Check-quorum: did a quorum (counting us) talk to us since the last round?"""
+        """Check-quorum: did a quorum of voters (counting us) talk to us since the last round?"""
         active = 0
+        voters = self.membership.voters
         for peer, pr in self.progress.items():
-            if peer == self.id or pr.recent_active:
+            if peer in voters and (peer == self.id or pr.recent_active):
                 active += 1
             pr.recent_active = False
-        return active >= quorum_size(len(self.voters))
+        return active >= quorum_size(len(voters))
 
     def _step_leader(self, m: Message) -> None:
         pr = self.progress.get(m.src)
@@ -481,6 +598,8 @@ class Raft:
                     pr.become_replicate()
                 if self._maybe_commit():
                     self._broadcast_append()
+                if self.role != Role.LEADER:
+                    return  # the commit removed us from the voters: we stepped down
                 if m.src == self.transferee and pr.match_index == self.log.last_index:
                     self._send_timeout_now(m.src)
             while self._send_append(m.src, pr):
@@ -542,7 +661,10 @@ class Raft:
             # The driver streams its latest snapshot (at least this recent) and reports back.
             snap_index = log.first_index - 1
             snap_term = log.term_at(snap_index)
-            self._send(Message(MsgType.SNAPSHOT, self.id, peer, self.term, snap_index, snap_term))
+            config = self.membership_at(snap_index).encode()
+            self._send(
+                Message(MsgType.SNAPSHOT, self.id, peer, self.term, snap_index, snap_term, config)
+            )
             pr.become_snapshot(snap_index)
             return False
         prev_term = log.term_at(prev)
@@ -565,14 +687,25 @@ class Raft:
         return count > 0
 
     def _maybe_commit(self) -> bool:
-        """Advance the commit index to the quorum's durable match, if it is of our term."""
+        """Advance the commit index to the quorum's durable match, if it is of our term.
+        True if it advanced and we still lead (a commit of our own removal steps us down)."""
         self.progress[self.id].match_index = self.log.stable
         index = quorum_match(self.progress[v].match_index for v in self.voters)
         if index > self.log.committed and self.log.term_at(index) == self.term:
             self.log.commit_to(index)
             self._release_reads()
+            if self.id not in self.membership.voters and self.config_index <= index:
+                self._step_down_removed()
+                return False
             return True
         return False
+
+    def _step_down_removed(self) -> None:
+        """Our own removal (or demotion) committed: hand over to the most caught-up voter at
+        once rather than leave the cluster waiting for an election timeout (thesis §4.2.2)."""
+        best = max(self.voters, key=lambda v: self.progress[v].match_index)
+        self.become_follower(self.term, "", "removed from the voters")
+        self._send(Message(MsgType.TIMEOUT_NOW, self.id, best, self.term))
 
     def on_persisted(self) -> None:
         """The driver made our entries durable: the leader may now count itself."""
@@ -589,3 +722,8 @@ class Raft:
 
     def hard_state(self) -> HardState:
         return HardState(self.term, self.vote, self.log.committed)
+
+
+def _configs_in(batch: bytes) -> list[tuple[int, Membership]]:
+    """The configuration entries of a packed batch; ValueError if one is unreadable."""
+    return [(i, Membership.decode(p)) for i, p in entries_of_type(batch, ENTRY_CONFIG)]

@@ -18,6 +18,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config, Raft
 from raftfast.core.types import HardState, Message, MsgType, Ready, Role
 
@@ -33,6 +34,8 @@ class Status:
     last_index: int
     durable_index: int
     progress: dict[str, tuple[int, int]]  # leader only: peer -> (match index, next index)
+    membership: Membership
+    config_index: int
 
 
 class RawNode:
@@ -43,10 +46,12 @@ class RawNode:
         hard_state: HardState = HardState(),
         rng: random.Random | None = None,
         applied: int = 0,
+        membership: Membership | None = None,
     ) -> None:
         """``entries`` is the EntryLog recovered from storage (it is owned by the node from now);
-        ``applied`` is the index of the snapshot the state machine was restored from."""
-        self.raft = Raft(config, entries, hard_state, rng or random.Random(0), applied)
+        ``applied`` is the index of the snapshot the state machine was restored from and
+        ``membership`` the configuration stored in it (None: the bootstrap ``config.voters``)."""
+        self.raft = Raft(config, entries, hard_state, rng or random.Random(0), applied, membership)
         self._prev_hard_state = hard_state
         self._prev_soft_state = (self.raft.role, self.raft.leader)
         self._outstanding: Ready | None = None
@@ -80,6 +85,10 @@ class RawNode:
     def report_snapshot(self, peer: str, ok: bool) -> None:
         """Streaming a snapshot to ``peer`` (asked for by a SNAPSHOT message) ended."""
         self.raft.report_snapshot(peer, ok)
+
+    def propose_change(self, kind: ChangeKind, node_id: str, address: str = "") -> int:
+        """Append a single-server membership change; returns its index (see Raft)."""
+        return self.raft.propose_change(kind, node_id, address)
 
     def transfer_leadership(self, target: str) -> None:
         """Start handing leadership to ``target`` (see Raft.transfer_leadership)."""
@@ -154,6 +163,8 @@ class RawNode:
             r.log.last_index,
             r.log.stable,
             progress,
+            r.membership,
+            r.config_index,
         )
 
 

@@ -21,6 +21,13 @@ class Net:
         self.applied: dict[str, list[bytes]] = {nid: [] for nid in ids}
         self.sent: list[Message] = []
 
+    def add(self, nid: str) -> RawNode:
+        """A new, empty node that knows no configuration (as ``raftfast-node --join``)."""
+        node = RawNode(Config(nid, []), EntryLog(), HardState(), random.Random(len(self.nodes)))
+        self.nodes[nid] = node
+        self.applied[nid] = []
+        return node
+
     def node(self, nid: str) -> RawNode:
         return self.nodes[nid]
 
@@ -38,7 +45,7 @@ class Net:
                 node.advance(rd)
                 for m in rd.eager_messages + rd.messages:
                     self.sent.append(m)
-                    if m.dst not in self.down:
+                    if m.dst not in self.down and m.dst in self.nodes:
                         self.nodes[m.dst].step(m)
             if not busy:
                 return

@@ -9,6 +9,10 @@ not yet synced.
 After every event the cluster checks Raft's safety properties (Figure 3 of the Raft paper):
 election safety, log matching, leader completeness and state-machine safety; and the final
 phase checks that every acknowledged proposal was committed on every node.
+
+Membership changes (add a learner, promote, demote, remove — the leader included) mix with the
+faults. New nodes start empty and unconfigured, as with ``raftfast-node --join``; a node whose
+removal committed is shut down a little later (as its driver or an operator would do).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import random
 from dataclasses import dataclass, field
 
 from raftfast._accel import decode_batch
+from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import ENTRY_NORMAL, Message, MsgType, Ready, Role
-from raftfast.errors import NotLeaderError
+from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Message, MsgType, Ready, Role
+from raftfast.errors import ChangeInProgressError, NotLeaderError
 from raftfast.storage.memory import MemoryStorage
 
 TICK = 10  # time units per node tick
@@ -46,6 +51,7 @@ class Faults:
     propose: float = 0.05  # per-unit probability of a client proposal
     transfer: float = 0.0  # per-unit probability that the leader hands leadership on
     compact: float = 0.0  # per-unit probability that some node snapshots and compacts its log
+    change: float = 0.0  # per-unit probability of a membership change
 
     @classmethod
     def random(cls, rng: random.Random) -> Faults:
@@ -60,6 +66,7 @@ class Faults:
             propose=rng.choice([0.02, 0.1, 0.3]),
             transfer=rng.choice([0.0, 0.0, 0.001, 0.005]),
             compact=rng.choice([0.0, 0.0, 0.002, 0.01, 0.05]),
+            change=rng.choice([0.0, 0.0, 0.001, 0.003, 0.01]),
         )
 
 
@@ -73,8 +80,13 @@ class SimNode:
     tick_phase: int = 0
     applied_index: int = 0
     restart_at: int = 0  # when crashed: time to restart
-    snapshot: tuple[int, int, str] | None = None  # durable: (index, term, digest of entries)
-    incoming: tuple[int, int, str] | None = None  # a snapshot streamed to us, not installed
+    # durable snapshot: (index, term, digest of the entries, encoded membership)
+    snapshot: tuple[int, int, str, bytes] | None = None
+    incoming: tuple[int, int, str, bytes] | None = None  # streamed to us, not installed yet
+    bootstrap: bool = True  # one of the founding nodes (else it joined later, empty)
+    joined_at: int = 0  # index of the configuration entry that added it (0: a founder)
+    retire_at: int | None = None  # removed from the cluster: shut down for good at this time
+    retired: bool = False
 
 
 @dataclass(order=True)
@@ -91,6 +103,8 @@ class Cluster:
         self.faults = faults or Faults.random(self.rng)
         self.initial_faults = self.faults
         self.ids = [f"n{i + 1}" for i in range(n)]
+        self.founders = list(self.ids)
+        self.max_nodes = n + 2
         # Small frames and windows make every ack cover few entries: more interleavings.
         self.config = {
             "max_msg_bytes": self.rng.choice([1, 16, 1 << 20]),
@@ -114,6 +128,7 @@ class Cluster:
         self.proposed: dict[bytes, str] = {}  # payload -> node that accepted it
         self.acked: set[bytes] = set()
         self._completeness_checked: set[int] = set()  # terms whose leader was checked
+        self.latest_config = (0, Membership.of_voters(self.ids))  # newest committed
         self.events: list[str] = []
         self.stats = {"crashes": 0, "partitions": 0, "proposals": 0, "elections": 0}
 
@@ -129,9 +144,11 @@ class Cluster:
         faults = self.faults
         while self.queue and self.queue[0].at <= now:
             self._deliver(heapq.heappop(self.queue).msg)
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):
+            if node.retire_at is not None and now >= node.retire_at:
+                self._retire(node)
             if node.raw is None:
-                if now >= node.restart_at:
+                if now >= node.restart_at and not node.retired:
                     self._start(node)
                 continue
             if node.pending is not None and now >= node.sync_at:
@@ -152,6 +169,8 @@ class Cluster:
             self.transfer_random()
         if faults.compact and self.rng.random() < faults.compact:
             self.compact_random()
+        if faults.change and self.rng.random() < faults.change:
+            self.change_random()
 
     def heal(self) -> None:
         """Stop injecting faults and restart everything: the system must now make progress."""
@@ -160,7 +179,7 @@ class Cluster:
             max_delay=self.faults.max_delay, max_fsync=self.faults.max_fsync, propose=0.0
         )
         for node in self.nodes.values():
-            if node.raw is None:
+            if node.raw is None and not node.retired:
                 self._start(node)
 
     def settle(self, stall_units: int, max_units: int = 400_000) -> None:
@@ -222,7 +241,8 @@ class Cluster:
         index = min(node.applied_index, log.stable)
         if index < log.first_index:
             return
-        node.snapshot = (index, log.term_at(index), self._digest(index))
+        membership = node.raw.raft.membership_at(index).encode()
+        node.snapshot = (index, log.term_at(index), self._digest(index), membership)
         upto = max(log.first_index - 1, index - self.rng.randint(0, 20))  # keep a little
         if upto >= log.first_index:
             node.raw.compact(upto)
@@ -238,11 +258,50 @@ class Cluster:
     def transfer_random(self) -> None:
         leader = self.leader()
         if leader is not None:
-            target = self.rng.choice([n for n in self.ids if n != leader.id])
+            targets = [n for n in leader.raw.raft.voters if n != leader.id]
+            if not targets:
+                return
+            target = self.rng.choice(targets)
             self.stats["transfers"] = self.stats.get("transfers", 0) + 1
             self.events.append(f"t={self.time} transfer {leader.id} -> {target}")
             leader.raw.transfer_leadership(target)
             self._after_input(leader)
+
+    def change_random(self) -> None:
+        """One single-server membership change through the current leader."""
+        leader = self.leader()
+        if leader is None:
+            return
+        m = leader.raw.raft.membership
+        options: list[tuple[ChangeKind, str]] = []
+        if sum(not n.retired for n in self.nodes.values()) < self.max_nodes:
+            options.append((ChangeKind.ADD_LEARNER, f"n{len(self.nodes) + 1}"))
+        for nid in m.learners:
+            options += [(ChangeKind.PROMOTE, nid), (ChangeKind.REMOVE, nid)]
+        if len(m.voters) > 1:
+            options += [(k, v) for v in m.voters for k in (ChangeKind.REMOVE, ChangeKind.DEMOTE)]
+        if not options:
+            return
+        kind, nid = self.rng.choice(options)
+        try:
+            index = leader.raw.raft.propose_change(kind, nid, f"sim:{nid}")
+        except (ChangeInProgressError, NotLeaderError):
+            return
+        self.events.append(f"t={self.time} {leader.id} proposes {kind.value} {nid} at {index}")
+        self.stats["changes"] = self.stats.get("changes", 0) + 1
+        if kind == ChangeKind.ADD_LEARNER:
+            node = SimNode(nid, MemoryStorage(), bootstrap=False, joined_at=index)
+            node.tick_phase = self.rng.randrange(TICK)
+            self.nodes[nid] = node
+            self.ids.append(nid)
+            self._start(node)
+        self._after_input(leader)
+
+    def _retire(self, node: SimNode) -> None:
+        self.events.append(f"t={self.time} retire {node.id} (removed)")
+        node.retire_at, node.retired = None, True
+        node.raw = None
+        node.pending = None
 
     def leader(self) -> SimNode | None:
         best = None
@@ -256,7 +315,7 @@ class Cluster:
 
     def crash(self, nid: str) -> None:
         node = self.nodes[nid]
-        if node.raw is None:
+        if node.raw is None or node.retired:
             return
         self.stats["crashes"] += 1
         self.events.append(f"t={self.time} crash {nid}")
@@ -295,12 +354,18 @@ class Cluster:
 
     def _start(self, node: SimNode) -> None:
         state = node.storage.recovered()
-        cfg = Config(node.id, self.ids, **self.config)
+        cfg = Config(node.id, self.founders if node.bootstrap else [], **self.config)
         applied = node.snapshot[0] if node.snapshot else 0
+        membership = Membership.decode(node.snapshot[3]) if node.snapshot else None
         if applied < state.log.first_index - 1:
             raise SafetyViolation(f"{node.id}: log compacted past its snapshot")
         node.raw = RawNode(
-            cfg, state.log, state.hard_state, random.Random(self.rng.random()), applied
+            cfg,
+            state.log,
+            state.hard_state,
+            random.Random(self.rng.random()),
+            applied,
+            membership,
         )
         node.pending = None
         node.incoming = None
@@ -367,7 +432,15 @@ class Cluster:
         if ok:
             receiver.incoming = snap
             receiver.raw.step(
-                Message(MsgType.SNAPSHOT, m.src, m.dst, m.term, index=snap[0], log_term=snap[1])
+                Message(
+                    MsgType.SNAPSHOT,
+                    m.src,
+                    m.dst,
+                    m.term,
+                    index=snap[0],
+                    log_term=snap[1],
+                    entries=snap[3],
+                )
             )
             self._after_input(receiver)
         if sender.raw is not None:
@@ -398,7 +471,19 @@ class Cluster:
                 )
             if entry[1] == ENTRY_NORMAL and self.proposed.get(entry[2]) == node.id:
                 self.acked.add(entry[2])  # the proposer applied it: a client was told "ok"
+            elif entry[1] == ENTRY_CONFIG and index > self.latest_config[0]:
+                self.latest_config = (index, Membership.decode(entry[2]))
+                self._schedule_retirements(*self.latest_config)
         node.applied_index = first + len(terms) - 1
+
+    def _schedule_retirements(self, index: int, committed: Membership) -> None:
+        """Nodes a committed configuration left out are shut down a little later: until then
+        they may still campaign and disturb, as a real removed node could."""
+        for node in self.nodes.values():
+            if node.joined_at >= index or node.id in committed:
+                continue  # added after this configuration, or still a member
+            if node.retire_at is None and not node.retired:
+                node.retire_at = self.time + self.rng.randint(0, 100 * TICK)
 
     def _check_leader(self, node: SimNode) -> None:
         raft = node.raw.raft
@@ -443,8 +528,8 @@ class Cluster:
                     )
 
     def check_acknowledged(self) -> None:
-        """Every acknowledged proposal is applied, once, on every node."""
-        for node in self.nodes.values():
+        """Every acknowledged proposal is applied, once, on every node still in the cluster."""
+        for node in self.members():
             seen: dict[bytes, int] = {}
             for index in range(1, node.applied_index + 1):
                 term, etype, payload = self.committed[index]
@@ -461,10 +546,15 @@ class Cluster:
             if n.raw is not None
         )
 
+    def members(self) -> list[SimNode]:
+        """Nodes in the newest committed configuration: they must hold every committed entry.
+        (A node whose addition was never committed sits idle outside the cluster.)"""
+        return [n for n in self.nodes.values() if n.id in self.latest_config[1]]
+
     def _all_applied(self, marker: bytes) -> bool:
         index = next((i for i, e in self.committed.items() if e[2] == marker), None)
         return index is not None and all(
-            n.raw is not None and n.applied_index >= index for n in self.nodes.values()
+            n.raw is not None and n.applied_index >= index for n in self.members()
         )
 
     def describe(self) -> str:
