@@ -8,6 +8,9 @@
     raftfast cas KEY NEW (--expect OLD | --absent)
     raftfast scan PREFIX [--limit N]
     raftfast status [--json]
+    raftfast member list [--json] | add ID HOST:PORT [--learner] | promote ID | demote ID
+                         | remove ID
+    raftfast transfer-leader ID
 
 Endpoints come from ``--endpoints``, else ``RAFTFAST_ENDPOINTS``, else 127.0.0.1:7001; the
 timeout from ``--timeout``, else ``RAFTFAST_TIMEOUT``, else 5 s. Both options may also follow
@@ -143,6 +146,48 @@ async def _cmd_transfer_leader(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+# Adding a voter waits for it to catch up before promoting it: longer than one request.
+_MEMBER_ADD_MIN_TIMEOUT = 120.0
+
+
+async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
+    action = args.member_action
+    if action == "list":
+        listing = await client.members()
+    elif action == "add":
+        timeout = max(client.timeout, _MEMBER_ADD_MIN_TIMEOUT)
+        listing = await client.add_member(
+            args.id, args.address, learner=args.learner, timeout=timeout
+        )
+    else:
+        call = {
+            "promote": client.promote_member,
+            "demote": client.demote_member,
+            "remove": client.remove_member,
+        }[action]
+        listing = await call(args.id)
+    if getattr(args, "json", False):
+        print(json.dumps(listing, indent=2, sort_keys=True))
+        return 0
+    rows = [
+        [
+            m["id"],
+            m["address"],
+            m["role"],
+            "leader" if m["id"] == listing["leader"] else "",
+            m["match_index"],
+        ]
+        for m in listing["members"]
+    ]
+    state = "committed" if listing["committed"] else "not committed yet"
+    print("\n".join(_table(["ID", "ADDRESS", "ROLE", "", "MATCH"], rows)))
+    print(
+        f"cluster {listing['cluster_id']}: configuration at index {listing['config_index']} "
+        f"({state}), leader commit {listing['commit_index']}"
+    )
+    return 0
+
+
 async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     first = await client.status()
     nodes: list[dict[str, Any]] = [first]
@@ -274,6 +319,27 @@ def _add_transfer_leader(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=_cmd_transfer_leader)
 
 
+def _add_member(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("member", parents=[common], help="list, add, promote, demote or remove")
+    actions = p.add_subparsers(dest="member_action", metavar="ACTION", required=True)
+    a = actions.add_parser("list", parents=[common], help="voters and learners, with progress")
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = actions.add_parser(
+        "add", parents=[common], help="add node ID at HOST:PORT (learner, then voter)"
+    )
+    a.add_argument("id", metavar="ID")
+    a.add_argument("address", metavar="HOST:PORT")
+    a.add_argument("--learner", action="store_true", help="keep it a learner (no vote)")
+    for name, text in (
+        ("promote", "make learner ID a voter"),
+        ("demote", "make voter ID a learner"),
+        ("remove", "remove node ID (the leader too: it hands over and shuts down)"),
+    ):
+        a = actions.add_parser(name, parents=[common], help=text)
+        a.add_argument("id", metavar="ID")
+    p.set_defaults(handler=_cmd_member)
+
+
 _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_put,
     _add_get,
@@ -281,6 +347,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_cas,
     _add_scan,
     _add_status,
+    _add_member,
     _add_transfer_leader,
 ]
 

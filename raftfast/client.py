@@ -189,6 +189,15 @@ def _leader_hint(metadata: Any) -> str:
     return ""
 
 
+def _check_node_id(node_id: object) -> None:
+    if not isinstance(node_id, str) or not node_id or not node_id.isprintable() or " " in node_id:
+        raise ValueError(f"bad node id {node_id!r}")
+
+
+def _members_dict(response: Any) -> dict[str, Any]:
+    return _message_to_dict(response)
+
+
 def _message_to_dict(msg: Any) -> dict[str, Any]:
     """Every field of a proto message (defaults included) as plain Python values."""
     out: dict[str, Any] = {}
@@ -514,6 +523,47 @@ class Client:
         )
         self._leader = None  # rediscover: the leader just changed
         return response.leader
+
+    # -- membership ------------------------------------------------------------------------
+
+    async def members(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The cluster configuration as the leader sees it: ``members`` (dicts with ``id``,
+        ``address``, ``role`` voter|learner and ``match_index``), ``leader``, ``config_index``,
+        ``committed``, ``commit_index`` and ``cluster_id``."""
+        _, response = await self._unary("MemberList", pb.MemberListRequest(), timeout, admin=True)
+        return _members_dict(response)
+
+    async def add_member(
+        self, node_id: str, address: str, *, learner: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Add node ``node_id`` serving at ``address`` (HOST:PORT) as a learner and, unless
+        ``learner``, promote it to voter once it has caught up. Returns the new configuration.
+        Adding a node that is already a member at that address is not an error."""
+        _check_node_id(node_id)
+        if not _is_address(address):
+            raise ValueError(f"bad address {address!r} (want HOST:PORT)")
+        request = pb.MemberAddRequest(id=node_id, address=address, learner=learner)
+        _, response = await self._unary("MemberAdd", request, timeout, admin=True)
+        return _members_dict(response)
+
+    async def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        """Make learner ``node_id`` a voter; returns the new configuration."""
+        return await self._member_call("MemberPromote", node_id, timeout)
+
+    async def demote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        """Make voter ``node_id`` a learner; returns the new configuration."""
+        return await self._member_call("MemberDemote", node_id, timeout)
+
+    async def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        """Remove ``node_id`` (the leader too: it hands over, then shuts down)."""
+        out = await self._member_call("MemberRemove", node_id, timeout)
+        self._leader = None
+        return out
+
+    async def _member_call(self, method: str, node_id: str, timeout: float | None) -> dict:
+        _check_node_id(node_id)
+        _, response = await self._unary(method, pb.MemberRequest(id=node_id), timeout, admin=True)
+        return _members_dict(response)
 
     # -- internals: common -------------------------------------------------------------------
 
@@ -1034,3 +1084,22 @@ class SyncClient:
 
     def transfer_leader(self, target: str, *, timeout: float | None = None) -> str:
         return self._run(self._client.transfer_leader(target, timeout=timeout))
+
+    def members(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.members(timeout=timeout))
+
+    def add_member(
+        self, node_id: str, address: str, *, learner: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return self._run(
+            self._client.add_member(node_id, address, learner=learner, timeout=timeout)
+        )
+
+    def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.promote_member(node_id, timeout=timeout))
+
+    def demote_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.demote_member(node_id, timeout=timeout))
+
+    def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.remove_member(node_id, timeout=timeout))

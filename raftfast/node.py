@@ -29,16 +29,17 @@ import grpc
 
 from raftfast._accel import decode_batch
 from raftfast.admin import AdminService
+from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import Message, MsgType, Ready, Role
-from raftfast.errors import LogError, NotLeaderError
+from raftfast.core.types import ENTRY_CONFIG, Message, MsgType, Ready, Role
+from raftfast.errors import ChangeInProgressError, CorruptionError, LogError, NotLeaderError
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.service import KVService
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.settings import NodeSettings
-from raftfast.storage.snapshot import SnapshotStore
+from raftfast.storage.snapshot import SnapshotStore, pack_state, unpack_state
 from raftfast.storage.wal import WAL
 from raftfast.transport.grpc import CHANNEL_OPTIONS, PeerService, PeerTransport
 
@@ -73,6 +74,9 @@ class Node:
         self._incoming_snapshot = None  # a snapshot streamed from the leader, not yet installed
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
+        self._membership: Membership | None = None  # the configuration the transport follows
+        self._known_addresses: dict[str, str] = {}  # joining: members learned from the cluster
+        self.removed = False  # a committed configuration left us out: we shut down
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -84,18 +88,32 @@ class Node:
         state = self.wal.recovered()
         self.snapshots = SnapshotStore(os.path.join(s.data_dir, "snap"))
         latest = self.snapshots.latest()
+        # A node that joins an existing cluster starts with no configuration: it learns it from
+        # the leader (never bootstrap it with itself alone: it would elect itself).
+        membership = None if s.join else Membership(dict(s.peers))
         if latest is not None:
-            self.fsm.restore(self.snapshots.read(latest))
+            raw_membership, fsm_state = unpack_state(self.snapshots.read(latest), latest.path)
+            try:
+                membership = Membership.decode(raw_membership)
+            except ValueError as exc:
+                raise CorruptionError(f"{latest.path}: {exc}", latest.path, 0) from None
+            self.fsm.restore(fsm_state)
             self._snapshot_index = latest.index
         config = Config(
             s.id,
-            sorted(s.peers),
+            [] if s.join else sorted(s.peers),
             election_tick=s.election_ticks,
             heartbeat_tick=s.heartbeat_ticks,
         )
         self.raw = RawNode(
-            config, state.log, state.hard_state, random.Random(), self._snapshot_index
+            config,
+            state.log,
+            state.hard_state,
+            random.Random(),
+            self._snapshot_index,
+            membership,
         )
+        fresh = state.log.last_index == 0 and latest is None and state.hard_state.term == 0
         log.info(
             "node %s starting: term %d, %d entries recovered (commit %d), fsync=%s",
             s.id,
@@ -104,12 +122,12 @@ class Node:
             state.hard_state.commit,
             s.fsync,
         )
-        self.transport = PeerTransport(s.id, s.cluster_id, s.peers, self._on_unreachable)
+        self.transport = PeerTransport(s.id, s.cluster_id, {}, self._on_unreachable)
         # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start,
         # not silently share the port with us.
         self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         pb_grpc.add_PeerServicer_to_server(
-            PeerService(s.cluster_id, set(s.peers), self._deliver, self._receive_snapshot),
+            PeerService(s.cluster_id, self._accepts_from, self._deliver, self._receive_snapshot),
             self.server,
         )
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
@@ -122,11 +140,16 @@ class Node:
             raise OSError(f"cannot listen on {s.listen} (address in use?)")
         await self.server.start()
         self.transport.start()
+        self._follow_membership()
         self._tasks = [
             asyncio.create_task(self._ticker(), name="raftfast-ticker"),
             asyncio.create_task(self._run(), name="raftfast-run"),
         ]
         log.info("node %s listening on %s", s.id, s.listen)
+        if s.join and fresh:
+            self._tasks.append(asyncio.create_task(self._join(), name="raftfast-join"))
+        elif s.id not in self.raw.raft.membership:
+            log.warning("node %s is not a member of the cluster configuration", s.id)
 
     async def stop(self) -> None:
         """Graceful stop: refuse new work, let the in-flight Ready finish, close everything."""
@@ -182,8 +205,8 @@ class Node:
 
         Raises TimeoutError if it has not taken over within two election timeouts."""
         self._check_leader()
-        if target not in self.settings.peers:
-            raise ValueError(f"unknown node id {target!r}")
+        if target not in self.raw.raft.membership.voters:
+            raise ValueError(f"{target!r} is not a voter")
         self.raw.transfer_leadership(target)
         self._wake.set()
         limit = 2 * self.settings.election_ticks * self.settings.tick_ms / 1000
@@ -200,26 +223,122 @@ class Node:
         return target, self.raw.raft.term
 
     def address_of(self, node_id: str) -> str | None:
-        return self.settings.peers.get(node_id)
+        return self._address_book().get(node_id) or self.settings.peers.get(node_id)
+
+    def _members_pb(self, st) -> list[pb.Member]:
+        m = st.membership
+        return [
+            pb.Member(
+                id=nid,
+                address=addr,
+                role=m.role_of(nid),
+                match_index=st.progress.get(nid, (0, 0))[0],
+            )
+            for nid, addr in sorted(m.members().items())
+        ]
+
+    def members(self) -> pb.MembersResponse:
+        """The configuration as the leader sees it (with each member's replication progress)."""
+        self._check_leader()
+        st = self.raw.status()
+        return pb.MembersResponse(
+            members=self._members_pb(st),
+            leader=st.leader,
+            config_index=st.config_index,
+            committed=st.config_index <= st.commit_index,
+            cluster_id=self.settings.cluster_id,
+            commit_index=st.commit_index,
+        )
+
+    async def add_member(
+        self, node_id: str, address: str, learner: bool, timeout: float
+    ) -> pb.MembersResponse:
+        """Add ``node_id`` as a learner; unless ``learner``, promote it once it caught up.
+        Idempotent: adding a member again with the same address just carries on."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        current = self.raw.raft.membership.members()
+        if node_id in current:
+            if current[node_id] != address:
+                raise ValueError(f"{node_id} is already a member, at {current[node_id]}")
+        else:
+            await self._change(ChangeKind.ADD_LEARNER, node_id, address, deadline)
+        if not learner and node_id not in self.raw.raft.membership.voters:
+            await self._wait_caught_up(node_id, deadline)
+            await self._change(ChangeKind.PROMOTE, node_id, "", deadline)
+        return self.members()
+
+    async def change_member(self, kind: ChangeKind, node_id: str, timeout: float):
+        """Promote, demote or remove ``node_id``; returns once the change is committed."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        if kind == ChangeKind.PROMOTE and node_id in self.raw.raft.membership.voters:
+            return self.members()  # already done (perhaps by a retry of this very call)
+        await self._change(kind, node_id, "", deadline)
+        if self.raw.raft.role != Role.LEADER:
+            # We removed ourselves and stepped down: answer with what we know.
+            st = self.raw.status()
+            return pb.MembersResponse(
+                members=self._members_pb(st),
+                leader=st.leader,
+                config_index=st.config_index,
+                committed=True,
+                cluster_id=self.settings.cluster_id,
+                commit_index=st.commit_index,
+            )
+        return self.members()
+
+    async def _change(self, kind: ChangeKind, node_id: str, address: str, deadline: float):
+        """Propose one change and wait until it is committed and applied here."""
+        raft = self.raw.raft
+        while True:
+            self._check_leader()
+            try:
+                index = self.raw.propose_change(kind, node_id, address)
+                break
+            except ChangeInProgressError:
+                # Wait for the earlier change (or this leader's no-op) to commit, then retry.
+                await self._wait_applied_until(raft.log.last_index, deadline, "previous change")
+        term = raft.term
+        self._wake.set()
+        log.info("node %s proposed %s %s at %d", self.id, kind.value, node_id, index)
+        await self._wait_applied_until(index, deadline, f"{kind.value} {node_id}")
+        if raft.term != term and raft.log.term_at(index) != term:
+            raise NotLeaderError("leadership changed before the change committed", raft.leader)
+
+    async def _wait_applied_until(self, index: int, deadline: float, what: str) -> None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(self._wait_applied(index), max(remaining, 0))
+        except TimeoutError:
+            raise TimeoutError(f"{what}: not committed before the deadline") from None
+
+    async def _wait_caught_up(self, node_id: str, deadline: float) -> None:
+        """Until the learner holds everything committed when we started waiting."""
+        loop = asyncio.get_running_loop()
+        target = self.raw.raft.log.committed
+        while True:
+            self._check_leader()
+            pr = self.raw.raft.progress.get(node_id)
+            if pr is None:
+                raise ValueError(f"{node_id} is no longer a member")
+            if pr.match_index >= target:
+                return
+            if loop.time() >= deadline:
+                raise TimeoutError(
+                    f"{node_id} is a learner but has not caught up yet (has {pr.match_index} of "
+                    f"{target}); promote it later with: raftfast member promote {node_id}"
+                )
+            await asyncio.sleep(self.settings.tick_ms / 1000)
 
     def status(self) -> pb.StatusResponse:
         st = self.raw.status()
         leader = st.leader
-        members = [
-            pb.Member(
-                id=nid,
-                address=addr,
-                role="voter",
-                match_index=st.progress.get(nid, (0, 0))[0],
-            )
-            for nid, addr in sorted(self.settings.peers.items())
-        ]
+        members = self._members_pb(st)
         return pb.StatusResponse(
             id=st.id,
             role=st.role.name.lower(),
             term=st.term,
             leader=leader,
-            leader_address=self.settings.peers.get(leader, ""),
+            leader_address=self.address_of(leader) or "" if leader else "",
             commit_index=st.commit_index,
             applied_index=self.fsm.applied_index,
             last_index=st.last_index,
@@ -259,6 +378,69 @@ class Node:
                         exc,
                     )
         self._wake.set()
+
+    def _address_book(self) -> dict[str, str]:
+        """Whom the transport talks to: the members of the configuration in force (and, while
+        we are not a member yet, the members the cluster told us about when we joined)."""
+        members = self.raw.raft.membership.members()
+        if self.id in members:
+            return members
+        return {**self._known_addresses, **members}
+
+    def _accepts_from(self, src: str) -> bool:
+        """Peer traffic we take: from members, and from anyone of our cluster id while we are
+        not a member ourselves (a joining node does not know its leader yet)."""
+        membership = self.raw.raft.membership
+        return src in membership or self.id not in membership or src in self._known_addresses
+
+    def _follow_membership(self) -> None:
+        """Point the transport at the configuration in force (it changes on append)."""
+        membership = self.raw.raft.membership
+        if membership is self._membership:
+            return
+        if self._membership is not None:
+            log.info(
+                "node %s configuration now: voters %s, learners %s (index %d)",
+                self.id,
+                sorted(membership.voters) or "none",
+                sorted(membership.learners) or "none",
+                self.raw.raft.config_index,
+            )
+        self._membership = membership
+        self.transport.set_peers(self._address_book())
+
+    async def _join(self) -> None:
+        """``--join``: ask the cluster to add us (as a learner, promoted once caught up)."""
+        from raftfast.client import Client  # the node only needs the client to join
+
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        backoff = 0.2
+        async with Client([s.join], timeout=30.0) as client:
+            while not self._stopping:
+                try:
+                    listing = await client.members(timeout=30.0)
+                    if listing["cluster_id"] != s.cluster_id:
+                        raise ValueError(
+                            f"{s.join} belongs to cluster {listing['cluster_id']!r}, "
+                            f"not {s.cluster_id!r}"
+                        )
+                    self._known_addresses = {m["id"]: m["address"] for m in listing["members"]}
+                    self._membership = None
+                    self._follow_membership()
+                    log.info("node %s asks %s to add it at %s", s.id, s.join, s.listen)
+                    await client.add_member(s.id, s.listen, timeout=600.0)
+                    log.info("node %s joined the cluster as a voter", s.id)
+                    return
+                except ValueError as exc:
+                    self.failed = exc
+                    log.critical("node %s cannot join: %s", s.id, exc)
+                    loop.call_soon(lambda: asyncio.create_task(self.stop()))
+                    return
+                except Exception as exc:  # noqa: BLE001 - retried: the cluster may be busy
+                    log.warning("node %s: join attempt failed (%s); retrying", s.id, exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
 
     def _on_unreachable(self, peer: str) -> None:
         if self.raw is not None:
@@ -337,6 +519,7 @@ class Node:
         self._release_reads()
         if rd.soft_state is not None:
             self._on_role_change(*rd.soft_state)
+        self._follow_membership()
         self.raw.advance(rd)
         if self.fsm.applied_index - self._snapshot_index >= self.settings.snapshot_entries:
             await self._take_snapshot()
@@ -351,7 +534,7 @@ class Node:
         raft_log = self.raw.raft.log
         index = self.fsm.applied_index
         term = raft_log.term_at(index)
-        data = self.fsm.snapshot()
+        data = pack_state(self.raw.raft.membership_at(index).encode(), self.fsm.snapshot())
         await loop.run_in_executor(self._fsync_pool, self.snapshots.save, index, term, data)
         self._snapshot_index = index
         upto = min(index - self.settings.snapshot_keep, raft_log.stable)
@@ -373,7 +556,7 @@ class Node:
         # The log restarts after the snapshot before the state machine jumps to it: a crash in
         # between restarts from the (durable) snapshot file with a consistent log.
         await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
-        self.fsm.restore(self.snapshots.read(snap))
+        self.fsm.restore(unpack_state(self.snapshots.read(snap), snap.path)[1])
         self._snapshot_index = snap.index
         self._incoming_snapshot = None
         log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
@@ -383,7 +566,10 @@ class Node:
         meta = self.snapshots.latest()
         ok = False
         if meta is not None and meta.index >= m.index:
-            named = Message(MsgType.SNAPSHOT, m.src, m.dst, m.term, meta.index, meta.term)
+            membership = self.snapshots.read_membership(meta)
+            named = Message(
+                MsgType.SNAPSHOT, m.src, m.dst, m.term, meta.index, meta.term, membership
+            )
             log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
             ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
         if self.raw is not None and not self._stopping:
@@ -401,6 +587,10 @@ class Node:
     def _apply(self, committed: bytes) -> None:
         first, terms, types, payloads = decode_batch(committed)
         results = self.fsm.apply_batch(first, types, payloads)
+        if ENTRY_CONFIG in types:
+            for i, etype in enumerate(types):
+                if etype == ENTRY_CONFIG:
+                    self._config_committed(first + i, Membership.decode(payloads[i]))
         if not self._waiting_writes:
             return
         last = first + len(terms) - 1
@@ -419,6 +609,22 @@ class Node:
             else:
                 fut.set_result(results[w_first - first : w_last - first + 1])
         self._waiting_writes = still
+
+    def _config_committed(self, index: int, membership: Membership) -> None:
+        """A configuration committed. If it left us out (and we were in one before), we are
+        done: shut down once our last messages (the hand-over to a new leader) are out."""
+        if self.id in membership or self.removed:
+            return
+        if not any(self.id in m for at, m in self.raw.raft.configs() if at < index):
+            return  # we were never a member before it (we are joining, catching up)
+        self.removed = True
+        log.warning(
+            "node %s was removed from the cluster (configuration at index %d); shutting down",
+            self.id,
+            index,
+        )
+        delay = self.settings.election_ticks * self.settings.tick_ms / 1000
+        asyncio.get_running_loop().call_later(delay, lambda: asyncio.create_task(self.stop()))
 
     def _release_reads(self) -> None:
         applied = self.fsm.applied_index

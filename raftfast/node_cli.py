@@ -18,6 +18,10 @@ id -> address or the comma string), ``data_dir``, ``cluster_id``, ``fsync``, ``r
 in the data directory, and the defaults of ``raftfast.settings.NodeSettings``. ``--listen``
 defaults to this node's address in ``--peers``.
 
+Joining a running cluster: ``--join HOST:PORT`` (any member) with ``--id``, ``--listen`` and an
+empty ``--data-dir``, and no ``--peers``: the node asks the cluster to add it as a learner,
+catches up, and is promoted to voter. The configuration then lives in the replicated log.
+
 Identity: the first start writes ``<data-dir>/node.json`` (id, listen, peers, cluster id)
 atomically; a restart needs only ``--data-dir``. Settings that name another id or cluster id
 than the stored ones are refused (that data belongs to another node); a changed listen address
@@ -57,7 +61,7 @@ __all__ = [
 
 PROG = "raftfast-node"
 IDENTITY_FILE = "node.json"
-_IDENTITY_KEYS = ("id", "listen", "peers", "cluster_id")
+_IDENTITY_KEYS = ("id", "listen", "peers", "cluster_id", "join")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -191,6 +195,7 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "wal_segment_bytes": _segment_bytes,
     "snapshot_entries": _int,
     "snapshot_keep": _int,
+    "join": _address,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
 assert set(_CONVERT) <= _SETTINGS_FIELDS
@@ -219,7 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--id", help="this node's id (must be a key of --peers)")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default: --peers)")
-    p.add_argument("--peers", metavar="ID=HOST:PORT,...", help="every node, this one included")
+    p.add_argument(
+        "--peers", metavar="ID=HOST:PORT,...", help="every founding node, this one included"
+    )
+    p.add_argument(
+        "--join",
+        metavar="HOST:PORT",
+        help="join the running cluster this member belongs to (instead of --peers)",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="where the log and node.json live")
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--cluster-id", metavar="X", help="refuse peers and clients of other clusters")
@@ -323,6 +335,7 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
             "listen": _address(data["listen"], "listen"),
             "peers": _peers(data["peers"], "peers"),
             "cluster_id": _str(data["cluster_id"], "cluster_id"),
+            "join": _address(data["join"], "join") if data.get("join") else "",
         }
     except (ValueError, KeyError, TypeError) as exc:
         msg = " ".join(str(exc).split())
@@ -337,6 +350,7 @@ def _identity_of(settings: NodeSettings) -> dict[str, Any]:
         "listen": settings.listen,
         "peers": dict(settings.peers),
         "cluster_id": settings.cluster_id,
+        "join": settings.join,
     }
 
 
@@ -410,9 +424,19 @@ def parse_settings(
             raise ConfigError(
                 f"--id is required on the first start (no {IDENTITY_FILE} in {data_dir})"
             )
-        if "peers" not in values:
+        if values.get("join"):
+            if "peers" in values:
+                raise ConfigError(
+                    "--join and --peers exclude each other (a joining node learns "
+                    "the members from the cluster)"
+                )
+            if "listen" not in values:
+                raise ConfigError("--join needs --listen (the address the cluster will use)")
+            values["peers"] = {values["id"]: values["listen"]}
+        elif "peers" not in values:
             raise ConfigError(
-                f"--peers is required on the first start (no {IDENTITY_FILE} in {data_dir})"
+                f"--peers (or --join) is required on the first start (no {IDENTITY_FILE} in "
+                f"{data_dir})"
             )
     if values["id"] not in values["peers"]:
         raise ConfigError(

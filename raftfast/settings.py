@@ -25,6 +25,7 @@ class NodeSettings:
     wal_segment_bytes: int = 64 * 1024 * 1024  # advanced: WAL segment size before rotation
     snapshot_entries: int = 100_000  # snapshot the state machine every N applied entries
     snapshot_keep: int = 10_000  # entries kept behind a snapshot for followers that lag a little
+    join: str = ""  # host:port of a member: this node joins that cluster (no bootstrap peers)
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:

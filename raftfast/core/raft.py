@@ -229,6 +229,10 @@ class Raft:
             found = m
         return found
 
+    def configs(self) -> list[tuple[int, Membership]]:
+        """Every configuration the log still holds, as (index, membership), oldest first."""
+        return list(self._configs)
+
     @property
     def config_index(self) -> int:
         """Index of the entry that made the current configuration (0: bootstrap)."""

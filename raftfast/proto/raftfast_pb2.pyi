@@ -291,3 +291,39 @@ class TransferLeaderResponse(_message.Message):
     leader: str
     term: int
     def __init__(self, leader: _Optional[str] = ..., term: _Optional[int] = ...) -> None: ...
+
+class MemberListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MemberAddRequest(_message.Message):
+    __slots__ = ("id", "address", "learner")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    address: str
+    learner: bool
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., learner: _Optional[bool] = ...) -> None: ...
+
+class MemberRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class MembersResponse(_message.Message):
+    __slots__ = ("members", "leader", "config_index", "committed", "cluster_id", "commit_index")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    leader: str
+    config_index: int
+    committed: bool
+    cluster_id: str
+    commit_index: int
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., leader: _Optional[str] = ..., config_index: _Optional[int] = ..., committed: _Optional[bool] = ..., cluster_id: _Optional[str] = ..., commit_index: _Optional[int] = ...) -> None: ...

@@ -575,6 +575,31 @@ class AdminStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderRequest.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderResponse.FromString,
                 _registered_method=True)
+        self.MemberList = channel.unary_unary(
+                '/raftfast.v1.Admin/MemberList',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.MemberListRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+                _registered_method=True)
+        self.MemberAdd = channel.unary_unary(
+                '/raftfast.v1.Admin/MemberAdd',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.MemberAddRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+                _registered_method=True)
+        self.MemberPromote = channel.unary_unary(
+                '/raftfast.v1.Admin/MemberPromote',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+                _registered_method=True)
+        self.MemberDemote = channel.unary_unary(
+                '/raftfast.v1.Admin/MemberDemote',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+                _registered_method=True)
+        self.MemberRemove = channel.unary_unary(
+                '/raftfast.v1.Admin/MemberRemove',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -588,6 +613,40 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MemberList(self, request, context):
+        """Membership (served by the leader; others answer UNAVAILABLE with the leader's address).
+        Each change is single-server and returns once committed. ABORTED: another change is in
+        progress, retry. FAILED_PRECONDITION: the change makes no sense (unknown id, last voter...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemberAdd(self, request, context):
+        """Adds as a learner, then (unless ``learner``) promotes it once it has caught up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemberPromote(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemberDemote(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MemberRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -595,6 +654,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.TransferLeader,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderRequest.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderResponse.SerializeToString,
+            ),
+            'MemberList': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberList,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MemberListRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
+            ),
+            'MemberAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberAdd,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MemberAddRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
+            ),
+            'MemberPromote': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberPromote,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
+            ),
+            'MemberDemote': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberDemote,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
+            ),
+            'MemberRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.MemberRemove,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -624,6 +708,141 @@ class Admin:
             '/raftfast.v1.Admin/TransferLeader',
             raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderRequest.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.TransferLeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/MemberList',
+            raftfast_dot_proto_dot_raftfast__pb2.MemberListRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/MemberAdd',
+            raftfast_dot_proto_dot_raftfast__pb2.MemberAddRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberPromote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/MemberPromote',
+            raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberDemote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/MemberDemote',
+            raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MemberRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/MemberRemove',
+            raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

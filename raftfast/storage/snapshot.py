@@ -1,8 +1,10 @@
 """Durable snapshot files: saving local snapshots, finding the newest, streaming them to
 followers and receiving them from a leader.
 
-A snapshot is one file ``snap-<index:016x>-<term:016x>.snap`` holding the state machine's
-bytes as is (``KVStateMachine.snapshot()`` carries its own CRC). A file only ever gets that name
+A snapshot is one file ``snap-<index:016x>-<term:016x>.snap``. The store keeps bytes as given;
+the node stores ``pack_state(membership, state)``: the cluster configuration at the snapshot's
+index (with its own CRC) followed by the state machine's bytes (``KVStateMachine.snapshot()``
+carries its own CRC). A file only ever gets that name
 complete: it is written under a temporary name (``snap-...snap.<random>.tmp``), fsynced, renamed
 and then the directory is fsynced. A crash therefore leaves at worst a temporary file, which
 ``latest()`` deletes. The newest two snapshots are kept, so one can still be read while the next
@@ -13,21 +15,50 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import tempfile
 import threading
 from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
+from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, StorageError
 from raftfast.storage.fsutil import fsync_dir
 
-__all__ = ["KEEP", "SnapshotMeta", "SnapshotReceiver", "SnapshotStore"]
+__all__ = [
+    "KEEP",
+    "SnapshotMeta",
+    "SnapshotReceiver",
+    "SnapshotStore",
+    "pack_state",
+    "unpack_state",
+]
 
 KEEP = 2  # complete snapshots kept after a new one is saved
 
 _SNAP_NAME = re.compile(r"^snap-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 _TEMP_NAME = re.compile(r"^snap-[0-9a-f]{16}-[0-9a-f]{16}\.snap\.[^/]*\.tmp$")
 _U64_MAX = (1 << 64) - 1
+_STATE_MAGIC = b"RFS1"
+_STATE_HEADER = struct.Struct("<4sII")  # magic | membership length | crc32c(membership)
+
+
+def pack_state(membership: bytes, state: bytes) -> bytes:
+    """A snapshot's content: the configuration at its index, then the state machine's bytes."""
+    return (
+        _STATE_HEADER.pack(_STATE_MAGIC, len(membership), crc32c(membership)) + membership + state
+    )
+
+
+def unpack_state(data: bytes, path: str = "") -> tuple[bytes, bytes]:
+    """(membership, state) of a snapshot's content; CorruptionError if the header is bad."""
+    size = _STATE_HEADER.size
+    if len(data) >= size:
+        magic, length, crc = _STATE_HEADER.unpack_from(data)
+        membership = data[size : size + length]
+        if magic == _STATE_MAGIC and len(membership) == length and crc32c(membership) == crc:
+            return membership, data[size + length :]
+    raise CorruptionError(f"{path or 'snapshot'}: bad snapshot header", path, 0)
 
 
 class SnapshotMeta(NamedTuple):
@@ -149,6 +180,17 @@ class SnapshotStore:
                 min(len(data), meta.size),
             )
         return data
+
+    def read_membership(self, meta: SnapshotMeta) -> bytes:
+        """The configuration stored at the head of a snapshot written with ``pack_state``."""
+        try:
+            with open(meta.path, "rb") as f:
+                head = f.read(_STATE_HEADER.size)
+                length = _STATE_HEADER.unpack(head)[1] if len(head) == _STATE_HEADER.size else 0
+                data = head + f.read(length)
+        except OSError as exc:
+            raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
+        return unpack_state(data, meta.path)[0]
 
     def read_chunks(self, meta: SnapshotMeta, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
         """The content of a snapshot in chunks of ``chunk_bytes`` (the last may be shorter).

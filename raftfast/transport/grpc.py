@@ -64,19 +64,44 @@ class PeerTransport:
         self.cluster_id = cluster_id
         self.on_unreachable = on_unreachable
         self._peers = {pid: _Peer(pid, addr) for pid, addr in peers.items() if pid != node_id}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._started = False
         self._closed = False
 
     def start(self) -> None:
+        self._started = True
         for peer in self._peers.values():
-            peer.channel = grpc.aio.insecure_channel(peer.address, options=CHANNEL_OPTIONS)
-            self._tasks.append(asyncio.create_task(self._stream_loop(peer)))
+            self._open(peer)
+
+    def _open(self, peer: _Peer) -> None:
+        peer.channel = grpc.aio.insecure_channel(peer.address, options=CHANNEL_OPTIONS)
+        self._tasks[peer.id] = asyncio.create_task(self._stream_loop(peer))
+
+    def set_peers(self, peers: dict[str, str]) -> None:
+        """Follow a membership change: open streams to new peers (or new addresses), close the
+        streams of nodes that left."""
+        if self._closed:
+            return
+        wanted = {pid: addr for pid, addr in peers.items() if pid != self.node_id}
+        for pid, peer in list(self._peers.items()):
+            if wanted.get(pid) != peer.address:
+                del self._peers[pid]
+                task = self._tasks.pop(pid, None)
+                if task is not None:
+                    task.cancel()
+                if peer.channel is not None:
+                    asyncio.create_task(peer.channel.close(grace=None))
+        for pid, addr in wanted.items():
+            if pid not in self._peers:
+                peer = self._peers[pid] = _Peer(pid, addr)
+                if self._started:
+                    self._open(peer)
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         for peer in self._peers.values():
             if peer.channel is not None:
                 await peer.channel.close(grace=None)
@@ -164,14 +189,15 @@ class PeerService(pb_grpc.PeerServicer):
     def __init__(
         self,
         cluster_id: str,
-        members: set[str],
+        members: Callable[[str], bool] | set[str],
         deliver: Callable[[list], None],
         snapshots=None,
     ):
-        """``snapshots(meta)`` returns a receiver (write(offset, data), finish(), abort()) for
-        an incoming snapshot; after ``finish`` the meta message is delivered like any other."""
+        """``members`` says whose traffic we take (a set of ids, or a predicate: membership
+        changes). ``snapshots(meta)`` returns a receiver (write(offset, data), finish(), abort())
+        for an incoming snapshot; after ``finish`` the meta message is delivered like any other."""
         self.cluster_id = cluster_id
-        self.members = members
+        self.accepts = members if callable(members) else members.__contains__
         self.deliver = deliver
         self.snapshots = snapshots
 
@@ -182,7 +208,7 @@ class PeerService(pb_grpc.PeerServicer):
                 f"cluster id mismatch: this node is in {self.cluster_id!r}, "
                 f"the sender in {f.cluster_id!r}",
             )
-        if f.src not in self.members:
+        if not self.accepts(f.src):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"unknown node id {f.src!r}: not a member"
             )
