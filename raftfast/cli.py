@@ -179,6 +179,8 @@ async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
         ]
         for m in listing["members"]
     ]
+    if listing.get("note"):
+        print(listing["note"])
     state = "committed" if listing["committed"] else "not committed yet"
     print("\n".join(_table(["ID", "ADDRESS", "ROLE", "", "MATCH"], rows)))
     print(

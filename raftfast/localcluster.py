@@ -78,6 +78,7 @@ class ProcCluster:
         self.extra = extra or []
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.joins: dict[str, str] = {}  # node added later -> the member it joined through
 
     def __enter__(self) -> ProcCluster:
         """``with ProcCluster(...) as c``: every node started; on the way out every node is
@@ -97,7 +98,9 @@ class ProcCluster:
     def start(self, nid: str, first_time: bool = True) -> None:
         data = self.tmp / nid
         log_path = self.tmp / f"{nid}.log"
-        if first_time and not (data / "node.json").exists():
+        if first_time and not (data / "node.json").exists() and nid in self.joins:
+            args = ["--id", nid, "--listen", self.addrs[nid], "--join", self.joins[nid]]
+        elif first_time and not (data / "node.json").exists():
             view = self.peer_view(nid) if self.peer_view else self.addrs
             peers = ",".join(f"{k}={v}" for k, v in view.items())
             args = ["--id", nid, "--listen", self.addrs[nid], "--peers", peers]
@@ -119,6 +122,20 @@ class ProcCluster:
             self.procs[nid] = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env
             )
+
+    def join(self, nid: str, via: str) -> None:
+        """Start a new, empty node ``nid`` that joins the cluster through member ``via``."""
+        if nid in self.addrs:
+            raise ValueError(f"{nid} exists already")
+        self.ids.append(nid)
+        self.addrs[nid] = f"127.0.0.1:{free_ports(1)[0]}"
+        self.joins[nid] = self.addrs[via]
+        self.start(nid)
+
+    def exited(self, nid: str) -> int | None:
+        """The exit code of ``nid``'s process, or None while it runs (or was never started)."""
+        proc = self.procs.get(nid)
+        return None if proc is None else proc.poll()
 
     def start_all(self) -> None:
         for nid in self.ids:

@@ -77,6 +77,8 @@ class Node:
         self._membership: Membership | None = None  # the configuration the transport follows
         self._known_addresses: dict[str, str] = {}  # joining: members learned from the cluster
         self.removed = False  # a committed configuration left us out: we shut down
+        self._committed_members: set[str] = set()  # of the newest configuration applied here
+        self._removed_ids: set[str] = set()  # nodes whose removal we applied: refused
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -122,7 +124,10 @@ class Node:
             state.hard_state.commit,
             s.fsync,
         )
-        self.transport = PeerTransport(s.id, s.cluster_id, {}, self._on_unreachable)
+        self._committed_members = set(self.raw.raft.membership_at(self.fsm.applied_index).members())
+        self.transport = PeerTransport(
+            s.id, s.cluster_id, {}, self._on_unreachable, self._on_refused
+        )
         # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start,
         # not silently share the port with us.
         self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
@@ -270,8 +275,18 @@ class Node:
     async def change_member(self, kind: ChangeKind, node_id: str, timeout: float):
         """Promote, demote or remove ``node_id``; returns once the change is committed."""
         deadline = asyncio.get_running_loop().time() + timeout
-        if kind == ChangeKind.PROMOTE and node_id in self.raw.raft.membership.voters:
-            return self.members()  # already done (perhaps by a retry of this very call)
+        m = self.raw.raft.membership
+        done = {
+            ChangeKind.PROMOTE: node_id in m.voters,
+            ChangeKind.DEMOTE: node_id in m.learners,
+            ChangeKind.REMOVE: node_id not in m,
+        }[kind]
+        if done:
+            # Already so (perhaps thanks to an earlier attempt of this very call): say so.
+            self._check_leader()
+            listing = self.members()
+            listing.note = f"{node_id} is already {_DONE_NOTE[kind]}: nothing to do"
+            return listing
         await self._change(kind, node_id, "", deadline)
         if self.raw.raft.role != Role.LEADER:
             # We removed ourselves and stepped down: answer with what we know.
@@ -296,20 +311,33 @@ class Node:
                 break
             except ChangeInProgressError:
                 # Wait for the earlier change (or this leader's no-op) to commit, then retry.
-                await self._wait_applied_until(raft.log.last_index, deadline, "previous change")
-        term = raft.term
+                await self._wait_applied_as_leader(raft.log.last_index, deadline, "earlier change")
         self._wake.set()
         log.info("node %s proposed %s %s at %d", self.id, kind.value, node_id, index)
-        await self._wait_applied_until(index, deadline, f"{kind.value} {node_id}")
-        if raft.term != term and raft.log.term_at(index) != term:
-            raise NotLeaderError("leadership changed before the change committed", raft.leader)
+        await self._wait_applied_as_leader(index, deadline, f"{kind.value} {node_id}")
 
-    async def _wait_applied_until(self, index: int, deadline: float, what: str) -> None:
-        remaining = deadline - asyncio.get_running_loop().time()
+    async def _wait_applied_as_leader(self, index: int, deadline: float, what: str) -> None:
+        """Until ``index`` (an entry of our current term) is applied here. NotLeaderError if we
+        lose leadership first: whether it commits is then up to the next leader, which the
+        client retries at (changes are idempotent). A leader whose own removal commits steps
+        down in the same Ready that applies it, so it still sees the entry applied."""
+        loop = asyncio.get_running_loop()
+        term = self.raw.raft.term
+        applied = asyncio.ensure_future(self._wait_applied(index))
         try:
-            await asyncio.wait_for(self._wait_applied(index), max(remaining, 0))
-        except TimeoutError:
-            raise TimeoutError(f"{what}: not committed before the deadline") from None
+            while not applied.done():
+                raft = self.raw.raft
+                if raft.role != Role.LEADER or raft.term != term:
+                    raise NotLeaderError(
+                        f"leadership lost before {what} committed", raft.leader or None
+                    )
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"{what}: not committed before the deadline")
+                await asyncio.wait({applied}, timeout=min(remaining, self.settings.tick_ms / 1000))
+            applied.result()
+        finally:
+            applied.cancel()
 
     async def _wait_caught_up(self, node_id: str, deadline: float) -> None:
         """Until the learner holds everything committed when we started waiting."""
@@ -388,10 +416,18 @@ class Node:
         return {**self._known_addresses, **members}
 
     def _accepts_from(self, src: str) -> bool:
-        """Peer traffic we take: from members, and from anyone of our cluster id while we are
-        not a member ourselves (a joining node does not know its leader yet)."""
-        membership = self.raw.raft.membership
-        return src in membership or self.id not in membership or src in self._known_addresses
+        """Peer traffic we take: anyone with our cluster id (a member added recently may lead
+        before we learn of it) except nodes whose removal we applied: they are told so."""
+        return src not in self._removed_ids
+
+    def _on_refused(self, peer: str) -> None:
+        """``peer`` says we were removed (it applied our removal). If our own log agrees that we
+        are leaving (we were a member, the newest configuration we hold drops us), stop."""
+        raft = self.raw.raft
+        if self.removed or self.id in raft.membership:
+            return
+        if any(self.id in m for _, m in raft.configs()):
+            self._shut_down_removed(f"{peer} says this node was removed from the cluster")
 
     def _follow_membership(self) -> None:
         """Point the transport at the configuration in force (it changes on append)."""
@@ -613,16 +649,18 @@ class Node:
     def _config_committed(self, index: int, membership: Membership) -> None:
         """A configuration committed. If it left us out (and we were in one before), we are
         done: shut down once our last messages (the hand-over to a new leader) are out."""
+        members = set(membership.members())
+        self._removed_ids = (self._removed_ids | (self._committed_members - members)) - members
+        self._committed_members = members
         if self.id in membership or self.removed:
             return
         if not any(self.id in m for at, m in self.raw.raft.configs() if at < index):
             return  # we were never a member before it (we are joining, catching up)
+        self._shut_down_removed(f"the configuration at index {index} leaves it out")
+
+    def _shut_down_removed(self, why: str) -> None:
         self.removed = True
-        log.warning(
-            "node %s was removed from the cluster (configuration at index %d); shutting down",
-            self.id,
-            index,
-        )
+        log.warning("node %s was removed from the cluster (%s); shutting down", self.id, why)
         delay = self.settings.election_ticks * self.settings.tick_ms / 1000
         asyncio.get_running_loop().call_later(delay, lambda: asyncio.create_task(self.stop()))
 
@@ -678,6 +716,13 @@ class Node:
                 fut.set_exception(err)
         self._proposals, self._waiting_writes, self._read_requests = [], [], []
         self._reads_at, self._reads_by_id = [], {}
+
+
+_DONE_NOTE = {
+    ChangeKind.PROMOTE: "a voter",
+    ChangeKind.DEMOTE: "a learner",
+    ChangeKind.REMOVE: "not a member",
+}
 
 
 class _IncomingSnapshot:

@@ -618,7 +618,9 @@ class Raft:
                 self._read_acks[m.src] = m.context
                 self._release_reads()
             if pr.match_index < self.log.last_index:
-                self._send_append(m.src, pr)
+                # A probe may have been lost (say, before a new member's stream was up): an
+                # empty one finds where the logs agree even when nothing new is to be sent.
+                self._send_append(m.src, pr, allow_empty=pr.state == ProgressState.PROBE)
 
     def _handle_reject(self, m: Message, pr: Progress) -> None:
         probe_hint = m.hint

@@ -313,17 +313,19 @@ class MemberRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class MembersResponse(_message.Message):
-    __slots__ = ("members", "leader", "config_index", "committed", "cluster_id", "commit_index")
+    __slots__ = ("members", "leader", "config_index", "committed", "cluster_id", "commit_index", "note")
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
     CONFIG_INDEX_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     members: _containers.RepeatedCompositeFieldContainer[Member]
     leader: str
     config_index: int
     committed: bool
     cluster_id: str
     commit_index: int
-    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., leader: _Optional[str] = ..., config_index: _Optional[int] = ..., committed: _Optional[bool] = ..., cluster_id: _Optional[str] = ..., commit_index: _Optional[int] = ...) -> None: ...
+    note: str
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., leader: _Optional[str] = ..., config_index: _Optional[int] = ..., committed: _Optional[bool] = ..., cluster_id: _Optional[str] = ..., commit_index: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...

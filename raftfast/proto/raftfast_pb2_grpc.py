@@ -616,7 +616,8 @@ class AdminServicer:
     def MemberList(self, request, context):
         """Membership (served by the leader; others answer UNAVAILABLE with the leader's address).
         Each change is single-server and returns once committed. ABORTED: another change is in
-        progress, retry. FAILED_PRECONDITION: the change makes no sense (unknown id, last voter...).
+        progress, retry. FAILED_PRECONDITION: the change makes no sense (last voter...). A change
+        that is already in effect succeeds with a ``note`` (so retries are safe).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,8 +50,12 @@ class _Peer:
         self.channel: grpc.aio.Channel | None = None
 
 
+NOT_A_MEMBER = "is not (or no longer) a member of this cluster"
+
+
 class PeerTransport:
-    """Sends core messages to peers; ``on_unreachable(peer)`` is called when a stream breaks."""
+    """Sends core messages to peers; ``on_unreachable(peer)`` is called when a stream breaks,
+    ``on_refused(peer)`` when a peer refuses us because we are not a member (any more)."""
 
     def __init__(
         self,
@@ -59,10 +63,12 @@ class PeerTransport:
         cluster_id: str,
         peers: dict[str, str],
         on_unreachable: Callable[[str], None],
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.on_unreachable = on_unreachable
+        self.on_refused = on_refused
         self._peers = {pid: _Peer(pid, addr) for pid, addr in peers.items() if pid != node_id}
         self._tasks: dict[str, asyncio.Task] = {}
         self._started = False
@@ -147,6 +153,15 @@ class PeerTransport:
             await stub.RequestVote(frame(self.cluster_id, self.node_id, [m]), timeout=2.0)
         except grpc.RpcError as exc:
             log.debug("vote request to %s failed: %s", peer.id, exc.code())
+            self._check_refused(peer, exc)
+
+    def _check_refused(self, peer: _Peer, exc: grpc.RpcError) -> None:
+        if (
+            self.on_refused is not None
+            and exc.code() == grpc.StatusCode.PERMISSION_DENIED
+            and NOT_A_MEMBER in (exc.details() or "")
+        ):
+            self.on_refused(peer.id)
 
     async def _frames(self, peer: _Peer) -> AsyncIterator[pb.Frame]:
         while True:
@@ -172,6 +187,8 @@ class PeerTransport:
             except (TimeoutError, grpc.RpcError) as exc:
                 detail = exc.code() if isinstance(exc, grpc.RpcError) else "timeout"
                 log.debug("stream to %s down: %s", peer.id, detail)
+                if isinstance(exc, grpc.RpcError):
+                    self._check_refused(peer, exc)
             finally:
                 if peer.connected:
                     peer.connected = False
@@ -193,9 +210,11 @@ class PeerService(pb_grpc.PeerServicer):
         deliver: Callable[[list], None],
         snapshots=None,
     ):
-        """``members`` says whose traffic we take (a set of ids, or a predicate: membership
-        changes). ``snapshots(meta)`` returns a receiver (write(offset, data), finish(), abort())
-        for an incoming snapshot; after ``finish`` the meta message is delivered like any other."""
+        """``members`` says whose traffic we take: a set of ids, or a predicate (membership
+        changes; a node takes traffic from ids it does not know yet, since a member added
+        recently may already lead, and refuses nodes whose removal it saw committed).
+        ``snapshots(meta)`` returns a receiver (write(offset, data), finish(), abort()) for an
+        incoming snapshot; after ``finish`` the meta message is delivered like any other."""
         self.cluster_id = cluster_id
         self.accepts = members if callable(members) else members.__contains__
         self.deliver = deliver
@@ -208,9 +227,9 @@ class PeerService(pb_grpc.PeerServicer):
                 f"cluster id mismatch: this node is in {self.cluster_id!r}, "
                 f"the sender in {f.cluster_id!r}",
             )
-        if not self.accepts(f.src):
+        if not f.src or not self.accepts(f.src):
             await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"unknown node id {f.src!r}: not a member"
+                grpc.StatusCode.PERMISSION_DENIED, f"node id {f.src!r} {NOT_A_MEMBER}"
             )
         try:
             msgs = [message_from_pb(p) for p in f.messages]

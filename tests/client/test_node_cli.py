@@ -185,7 +185,11 @@ BAD_CASES = [
     ("unknown flag", lambda t: ["--bogus"], "unrecognized arguments"),
     ("no data dir", lambda t: ["--id", "n1", "--peers", PEERS], "--data-dir is required"),
     ("no id", lambda t: ["--peers", PEERS, "--data-dir", str(t / "x")], "--id is required"),
-    ("no peers", lambda t: ["--id", "n1", "--data-dir", str(t / "x")], "--peers (or --join) is required"),
+    (
+        "no peers",
+        lambda t: ["--id", "n1", "--data-dir", str(t / "x")],
+        "--peers (or --join) is required",
+    ),
     ("id not in peers", lambda t: base(t / "x", "--id", "n9"), "must include this node's id"),
     ("bad peer address", lambda t: base(t / "x", "--peers", "n1=localhost"), "bad address"),
     ("bad peer port", lambda t: base(t / "x", "--peers", "n1=h:99999"), "bad address"),

@@ -289,3 +289,17 @@ def test_a_snapshot_without_a_readable_configuration_is_refused():
 
     node.step(Message(MsgType.SNAPSHOT, "n1", "n2", 1, 10, 1, b"garbage"))
     assert node.raft.log.last_index == 0 and node.raft.pending_snapshot is None
+
+
+def test_a_lost_first_probe_to_a_new_learner_is_repeated_on_heartbeats():
+    net = cluster()
+    net.add("n4")
+    net.down.add("n4")  # its stream is not up yet: the first probe is lost
+    net.node("n1").propose_change(ADD, "n4", "h:4")
+    net.drive()
+    net.down.discard("n4")
+    for _ in range(3):  # no new proposals: only heartbeats can get things going
+        net.node("n1").tick()
+        net.drive()
+    assert net.node("n4").raft.membership.learners == {"n4": "h:4"}
+    assert net.node("n1").raft.progress["n4"].match_index == net.node("n1").raft.log.last_index

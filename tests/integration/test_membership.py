@@ -1,0 +1,165 @@
+"""Membership changes with real processes: grow 3 -> 5, shrink 5 -> 3 (leader included),
+replace a failed node, and the ``raftfast member`` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from raftfast.client import Client, SyncClient
+from raftfast.localcluster import ProcCluster, wait_for
+
+# Small snapshots so joining nodes also exercise InstallSnapshot.
+FLAGS = ["--snapshot-entries", "2000", "--snapshot-keep", "500"]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with ProcCluster(tmp_path, extra=FLAGS) as c:
+        yield c
+
+
+def _write(endpoints: list[str], prefix: str, count: int) -> None:
+    async def run() -> None:
+        async with Client(endpoints, timeout=30) as c:
+            for start in range(0, count, 5000):
+                n = min(5000, count - start)
+                await c.put_many([(f"{prefix}{start + i}", f"{start + i}") for i in range(n)])
+
+    asyncio.run(run())
+
+
+def _roles(client: SyncClient) -> dict[str, str]:
+    return {m["id"]: m["role"] for m in client.members()["members"]}
+
+
+def _live(cluster: ProcCluster) -> list[str]:
+    return [n for n in cluster.procs if cluster.exited(n) is None]
+
+
+def _cli(cluster: ProcCluster, *args: str) -> subprocess.CompletedProcess:
+    endpoints = ",".join(cluster.addrs[n] for n in _live(cluster))
+    return subprocess.run(
+        [sys.executable, "-m", "raftfast.cli", "--endpoints", endpoints, "--timeout", "30", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_grow_to_five_by_join_then_shrink_to_three_removing_the_leader(cluster):
+    cluster.wait_leader()
+    _write(cluster.endpoints, "a", 6_000)  # compacted: joiners need a snapshot
+    for nid in ("n4", "n5"):
+        cluster.join(nid, via="n1")
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        wait_for(
+            "n4 and n5 to join as voters",
+            lambda: _roles(c) == {n: "voter" for n in ("n1", "n2", "n3", "n4", "n5")},
+            timeout=90,
+        )
+    for nid in ("n4", "n5"):
+        with SyncClient([cluster.addrs[nid]], timeout=30) as c:
+            assert wait_for(
+                f"{nid} to hold the data written before it joined",
+                lambda c=c: c.get("a5999", read_mode="stale") == b"5999",
+                timeout=60,
+            )
+    assert "installed a snapshot" in cluster.logs["n4"].read_text()
+
+    # Five voters: a quorum is 3, so two nodes down cannot stop writes.
+    cluster.kill("n4")
+    cluster.kill("n5")
+    _write([cluster.addrs[n] for n in ("n1", "n2", "n3")], "b", 100)
+    cluster.start("n4", first_time=False)
+    cluster.start("n5", first_time=False)
+
+    # Shrink to three, removing the leader along the way (once n4 and n5 are back in step).
+    leader = cluster.wait_leader()
+    wait_for(
+        "n4 and n5 to catch up",
+        lambda: (
+            min(cluster.status(n).applied_index for n in ("n4", "n5"))
+            >= cluster.status(leader).commit_index
+        ),
+        timeout=60,
+    )
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        c.remove_member(leader)
+        wait_for("the removed leader to exit", lambda: cluster.exited(leader) == 0, timeout=60)
+        second = next(n for n in ("n1", "n2", "n3") if n != leader)
+        c.remove_member(second)
+        wait_for("the second removed node to exit", lambda: cluster.exited(second) == 0, 60)
+        remaining = sorted(_roles(c))
+        assert len(remaining) == 3 and leader not in remaining and second not in remaining
+        new_leader = cluster.wait_leader(among=remaining)
+        assert new_leader in remaining
+        c.put("after-shrink", "ok")
+        assert c.get("a0") == b"0" and c.get("b99") == b"99"
+    for nid in remaining:
+        with SyncClient([cluster.addrs[nid]], timeout=30) as c:
+            assert wait_for(
+                f"{nid} to apply the write after the shrink",
+                lambda c=c: c.get("after-shrink", read_mode="stale") == b"ok",
+            )
+
+
+def test_replace_a_failed_node(cluster):
+    cluster.wait_leader()
+    _write(cluster.endpoints, "r", 1_000)
+    cluster.kill("n3")  # the machine is gone for good
+    cluster.join("n4", via="n1")
+    with SyncClient([cluster.addrs[n] for n in ("n1", "n2")], timeout=30) as c:
+        wait_for("n4 to become a voter", lambda: _roles(c).get("n4") == "voter", timeout=90)
+        c.remove_member("n3")
+        assert _roles(c) == {"n1": "voter", "n2": "voter", "n4": "voter"}
+        # The new configuration survives a full restart of the cluster.
+    for nid in ("n1", "n2", "n4"):
+        cluster.kill(nid)
+    for nid in ("n1", "n2", "n4"):
+        cluster.start(nid, first_time=False)
+    cluster.wait_leader(among=["n1", "n2", "n4"])
+    with SyncClient([cluster.addrs[n] for n in ("n1", "n2", "n4")], timeout=30) as c:
+        assert _roles(c) == {"n1": "voter", "n2": "voter", "n4": "voter"}
+        # n1 + n4 are a quorum of the new configuration: n2 down, writes go on.
+        cluster.kill("n2")
+        c.put("replaced", "yes")
+        assert c.get("replaced") == b"yes" and c.get("r999") == b"999"
+
+
+def test_member_commands(cluster):
+    cluster.wait_leader()
+    cluster.join("n4", via="n2")  # joins as a voter by default
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        wait_for("n4 to be a voter", lambda: _roles(c).get("n4") == "voter", timeout=90)
+    out = _cli(cluster, "member", "demote", "n4")
+    assert out.returncode == 0, out.stderr
+    assert any(
+        line.split()[:3] == ["n4", cluster.addrs["n4"], "learner"]
+        for line in out.stdout.splitlines()
+    ), out.stdout
+    out = _cli(cluster, "member", "promote", "n4")
+    assert out.returncode == 0, out.stderr
+    out = _cli(cluster, "member", "list")
+    assert out.returncode == 0, out.stderr
+    roles = {line.split()[0]: line.split()[2] for line in out.stdout.splitlines()[1:5]}
+    assert roles == {"n1": "voter", "n2": "voter", "n3": "voter", "n4": "voter"}, out.stdout
+    assert "committed" in out.stdout
+    # Bad requests: one line, exit 1, nothing changed.
+    out = _cli(cluster, "member", "remove", "n9")  # idempotent: retries must be safe
+    assert out.returncode == 0 and "n9 is already not a member: nothing to do" in out.stdout
+    for args, expected in (
+        (("member", "promote", "n9"), "n9 is not a learner"),
+        (("member", "add", "n1", "127.0.0.1:1"), "already a member"),
+        (("member", "add", "n9", "nonsense"), "bad address"),
+    ):
+        out = _cli(cluster, *args)
+        assert out.returncode == 1 and expected in out.stderr, (args, out.stderr)
+        assert out.stderr.count("\n") == 1, out.stderr
+    out = _cli(cluster, "member", "list", "--json")
+    assert out.returncode == 0 and '"learner"' not in out.stdout
+    out = _cli(cluster, "status")
+    assert out.returncode == 0 and "n4" in out.stdout and "voter" in out.stdout
