@@ -46,6 +46,8 @@ soak: $(STAMP)
 	RAFTFAST_SIM_SEEDS=$${RAFTFAST_SIM_SEEDS:-3000} $(PYTEST) -q -p no:cacheprovider -m slow tests/sim
 	RAFTFAST_FUZZ_EXAMPLES=$${RAFTFAST_FUZZ_EXAMPLES:-100000} $(PYTEST) -q -p no:cacheprovider \
 		tests/fault/test_fuzz.py
+	RAFTFAST_BOUND_SECONDS=$${RAFTFAST_BOUND_SECONDS:-600} $(PYTEST) -q -s -p no:cacheprovider \
+		tests/integration/test_bounds.py
 
 bench: $(STAMP)
 	$(PYTEST) -q -p no:cacheprovider bench --benchmark-only --benchmark-columns=min,median,ops
