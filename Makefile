@@ -36,7 +36,8 @@ test-compiled: $(STAMP)
 test-pure: $(STAMP)
 	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
 	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests \
-		--ignore=tests/fault/test_chaos.py --ignore=tests/fault/test_durability.py
+		--ignore=tests/fault/test_chaos.py --ignore=tests/fault/test_durability.py \
+		--ignore=tests/integration/test_bounds.py --ignore=tests/integration/test_catch_up.py
 
 run: $(STAMP)
 	$(PY) -m raftfast.demo

@@ -82,7 +82,7 @@ def test_memory_and_disk_stay_bounded_under_an_endless_write_load(tmp_path):
                 sample(time.monotonic() - started)
 
         asyncio.run(load())
-        assert writes >= 20 * 20_000, f"only {writes} writes: too few snapshot cycles to tell"
+        assert writes >= 5 * 20_000, f"only {writes} writes: too few snapshot cycles to tell"
         peak_rss = max(max(s[1].values()) for s in samples)
         peak_disk = max(max(s[2].values()) for s in samples)
         first = [s for s in samples if s[0] <= DURATION / 2]
