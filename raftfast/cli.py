@@ -11,6 +11,8 @@
     raftfast member list [--json] | add ID HOST:PORT [--learner] | promote ID | demote ID
                          | remove ID
     raftfast transfer-leader ID
+    raftfast bench [--nodes 3,5] [--clients N] [--inflight N] [--batch N] [--duration S]
+                   [--value-size B] [--read-ratio F] [--no-fsync] [--noop] [--json] [--out DIR]
 
 Endpoints come from ``--endpoints``, else ``RAFTFAST_ENDPOINTS``, else 127.0.0.1:7001; the
 timeout from ``--timeout``, else ``RAFTFAST_TIMEOUT``, else 5 s. Both options may also follow
@@ -321,6 +323,19 @@ def _add_transfer_leader(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=_cmd_transfer_leader)
 
 
+def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    from raftfast import benchcmd
+
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="measure throughput and latency (starts a local cluster unless --endpoints)",
+        description=benchcmd.__doc__.split("\n\n")[1].replace("\n", " "),
+    )
+    benchcmd.add_arguments(p)
+    p.set_defaults(handler=None)
+
+
 def _add_member(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("member", parents=[common], help="list, add, promote, demote or remove")
     actions = p.add_subparsers(dest="member_action", metavar="ACTION", required=True)
@@ -351,6 +366,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_status,
     _add_member,
     _add_transfer_leader,
+    _add_bench,
 ]
 
 
@@ -363,9 +379,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--endpoints",
-        default=env.get("RAFTFAST_ENDPOINTS") or DEFAULT_ENDPOINT,
+        default=env.get("RAFTFAST_ENDPOINTS") or None,
         metavar="HOST:PORT,...",
-        help="nodes to contact (default: $RAFTFAST_ENDPOINTS or %(default)s)",
+        help=f"nodes to contact (default: $RAFTFAST_ENDPOINTS or {DEFAULT_ENDPOINT})",
     )
     parser.add_argument(
         "--timeout",
@@ -397,14 +413,32 @@ async def _run(args: argparse.Namespace, endpoints: list[str], timeout: float) -
         return 1
 
 
+def _bench(args: argparse.Namespace, endpoints: list[str] | None) -> int:
+    from raftfast import benchcmd
+
+    try:
+        return benchcmd.main(args, endpoints)
+    except ValueError as exc:
+        _error(f"invalid argument: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
+        _error(f"bench failed: {type(exc).__name__}: {exc}")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (usage errors raise SystemExit(2))."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        endpoints = parse_endpoints(args.endpoints)
+        endpoints = parse_endpoints(args.endpoints or DEFAULT_ENDPOINT)
     except ValueError as exc:
         parser.error(f"--endpoints: {exc}")
+    if args.command == "bench":
+        return _bench(args, endpoints if args.endpoints else None)
     try:
         timeout = _positive_float(args.timeout)
     except argparse.ArgumentTypeError as exc:

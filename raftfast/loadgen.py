@@ -1,0 +1,186 @@
+"""The load generator behind ``raftfast bench``: client processes that keep a fixed number of
+operations in flight against a cluster for a fixed time and report what they saw.
+
+Each worker is its own process (one event loop per core is the most Python can push) running
+one ``raftfast.Client``: ``inflight`` tasks, each issuing one request after another. A request
+is one put/get, or with ``batch`` > 1 one ``put_many`` of that many puts (pipelined clients).
+Latency is recorded per request into a log-bucketed histogram (``Histogram``), which merges
+across processes and costs no memory per operation. Every loop is bounded by the duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Histogram buckets: 1 us to ~100 s, 2% apart (percentiles are within 1% of the truth).
+_BASE = 1.02
+_MIN_S = 1e-6
+_BUCKETS = int(math.log(100.0 / _MIN_S, _BASE)) + 2
+
+
+class Histogram:
+    """Latencies (seconds) in logarithmic buckets; mergeable, percentiles within ~1%."""
+
+    def __init__(self, counts: array | None = None) -> None:
+        self.counts = counts if counts is not None else array("Q", bytes(8 * _BUCKETS))
+
+    def record(self, seconds: float, count: int = 1) -> None:
+        i = int(math.log(seconds / _MIN_S, _BASE)) + 1 if seconds > _MIN_S else 0
+        self.counts[min(i, _BUCKETS - 1)] += count
+
+    def merge(self, other: Histogram) -> None:
+        for i, c in enumerate(other.counts):
+            if c:
+                self.counts[i] += c
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @staticmethod
+    def _upper(i: int) -> float:
+        return _MIN_S * _BASE**i
+
+    def percentile(self, q: float) -> float:
+        """The latency (seconds) below which a fraction ``q`` of the operations finished."""
+        total = self.total
+        if total == 0:
+            return float("nan")
+        rank = q * total
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                return self._upper(i)
+        return self._upper(_BUCKETS - 1)
+
+    def cdf(self) -> list[tuple[float, float]]:
+        """(latency seconds, fraction finished by then) at every non-empty bucket."""
+        total = self.total
+        out, seen = [], 0
+        for i, c in enumerate(self.counts):
+            if c:
+                seen += c
+                out.append((self._upper(i), seen / total))
+        return out
+
+    def to_bytes(self) -> bytes:
+        return self.counts.tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Histogram:
+        counts = array("Q")
+        counts.frombytes(data)
+        return cls(counts)
+
+
+@dataclass
+class Workload:
+    endpoints: list[str]
+    inflight: int = 64  # requests in flight per client process
+    batch: int = 1  # operations per request (put_many); 1 = one operation per request
+    value_size: int = 64
+    read_ratio: float = 0.0  # fraction of requests that are (linearizable) gets
+    duration: float = 10.0
+    warmup: float = 1.0
+    keys: int = 100_000  # key space (keys are overwritten, so the state stays bounded)
+
+
+@dataclass
+class WorkerResult:
+    ops: int = 0
+    requests: int = 0
+    errors: int = 0
+    elapsed: float = 0.0
+    cpu_s: float = 0.0
+    first_error: str = ""
+    histogram: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _run(w: Workload, index: int, progress) -> WorkerResult:
+    from raftfast.client import Client  # imported in the worker process
+
+    hist = Histogram()
+    res = WorkerResult()
+    value = os.urandom(w.value_size // 2 + 1).hex()[: w.value_size].encode()
+    rng = random.Random(index)
+    loop = asyncio.get_running_loop()
+    async with Client(w.endpoints, timeout=30.0) as client:
+        await client.put(f"bench-w{index}", value)  # find the leader before the clock starts
+        start = loop.time()
+        measure_from = start + w.warmup
+        stop_at = measure_from + w.duration
+
+        async def one_task(t: int) -> None:
+            k = rng.randrange(w.keys)
+            while True:
+                now = loop.time()
+                if now >= stop_at:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    if w.read_ratio and rng.random() < w.read_ratio:
+                        await client.get(f"k{k}")
+                        n = 1
+                    elif w.batch > 1:
+                        await client.put_many(
+                            [(f"k{(k + i) % w.keys}", value) for i in range(w.batch)]
+                        )
+                        n = w.batch
+                    else:
+                        await client.put(f"k{k}", value)
+                        n = 1
+                except Exception as exc:  # noqa: BLE001 - counted and reported, not fatal
+                    if now >= measure_from:
+                        res.errors += 1
+                        res.first_error = res.first_error or f"{type(exc).__name__}: {exc}"
+                    continue
+                if now >= measure_from:
+                    hist.record(time.perf_counter() - t0, n)
+                    res.ops += n
+                    res.requests += 1
+                k = (k + 7919 * (t + 1)) % w.keys
+
+        async def report() -> None:
+            while loop.time() < stop_at:
+                await asyncio.sleep(0.25)
+                progress(res.ops)
+
+        cpu0 = time.process_time()
+        reporter = asyncio.create_task(report())
+        await asyncio.gather(*(one_task(t) for t in range(w.inflight)))
+        reporter.cancel()
+        res.elapsed = max(min(loop.time(), stop_at + 30) - measure_from, 1e-9)
+        res.cpu_s = time.process_time() - cpu0
+    res.histogram = hist.to_bytes()
+    return res
+
+
+def worker_main(w: Workload, index: int, conn) -> None:
+    """Entry point of one client process: runs the workload, sends progress and the result."""
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+
+    def progress(ops: int) -> None:
+        conn.send(("progress", index, ops))
+
+    try:
+        with runner:
+            result = runner.run(_run(w, index, progress))
+        conn.send(("done", index, asdict(result)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails cleanly
+        conn.send(("failed", index, f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()

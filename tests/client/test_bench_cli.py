@@ -1,0 +1,70 @@
+"""``raftfast bench``: the table, --json, --out, --noop and bad options (short runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SHORT = ["--duration", "1.5", "--warmup", "0.3", "--inflight", "8"]
+
+
+def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raftfast.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": "/usr/bin:/bin"},  # no RAFTFAST_ENDPOINTS: bench starts its own cluster
+    )
+
+
+def test_json_has_the_promised_fields_and_real_numbers():
+    out = bench("--nodes", "3", "--json", *SHORT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for key in ("ops_per_s", "p50_ms", "p99_ms", "nodes", "fsync", "cpu_percent"):
+        assert key in result, key
+    assert result["nodes"] == 3 and result["fsync"] is True
+    assert result["ops_per_s"] > 100 and result["ops"] > 0 and result["errors"] == 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["p999_ms"]
+    assert set(result["cpu_percent"]) == {"n1", "n2", "n3", "client-1"}
+
+
+def test_table_and_out_dir_with_charts(tmp_path):
+    out = bench("--nodes", "3", "--out", str(tmp_path), "--batch", "50", *SHORT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].split()[:4] == ["TARGET", "NODES", "FSYNC", "OPS/S"], out.stdout
+    assert lines[2].split()[:3] == ["local", "3", "on"], out.stdout
+    assert "CPU" in out.stdout
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved[0]["batch"] == 50 and saved[0]["latency_cdf"][-1][1] == pytest.approx(1.0)
+    for name in ("throughput.png", "latency_cdf.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_noop_server_baseline():
+    out = bench("--noop", "--json", *SHORT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["target"] == "noop" and result["nodes"] == 0 and result["ops_per_s"] > 100
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--nodes", "x"], "--nodes must be numbers"),
+        (["--nodes", "0"], "between 1 and 9"),
+        (["--clients", "0"], "--clients must be at least 1"),
+        (["--read-ratio", "2"], "--read-ratio"),
+        (["--duration", "0"], "--duration"),
+        (["--endpoints", "127.0.0.1:1", "--noop"], "--endpoints measures that cluster"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(args, expected):
+    out = bench(*args, timeout=30)
+    assert out.returncode == 2, out
+    assert expected in out.stderr and out.stderr.count("\n") == 1, out.stderr
