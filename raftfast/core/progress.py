@@ -27,6 +27,7 @@ class Progress:
         "_inflight",
         "inflight_bytes",
         "pending_snapshot",
+        "generation",
     )
 
     def __init__(self, next_index: int, match_index: int = 0) -> None:
@@ -38,19 +39,25 @@ class Progress:
         self._inflight: deque[tuple[int, int]] = deque()  # (last index, payload bytes) per frame
         self.inflight_bytes = 0
         self.pending_snapshot = 0
+        # Bumped at every state change and carried by AppendEntries (and echoed in the answers),
+        # so a rejection of a frame sent under an earlier state can be recognised as stale.
+        self.generation = 0
 
     def become_snapshot(self, index: int) -> None:
+        self.generation += 1
         self.state = ProgressState.SNAPSHOT
         self.pending_snapshot = index
         self._clear_inflight()
 
     def become_probe(self) -> None:
+        self.generation += 1
         self.state = ProgressState.PROBE
         self.next_index = self.match_index + 1
         self.probe_sent = False
         self._clear_inflight()
 
     def become_replicate(self) -> None:
+        self.generation += 1
         self.state = ProgressState.REPLICATE
         self.next_index = self.match_index + 1
         self.probe_sent = False

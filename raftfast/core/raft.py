@@ -524,7 +524,11 @@ class Raft:
         log = self.log
         if m.index < log.committed:
             # Everything up to our commit index is settled; say so and let the leader skip on.
-            self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, log.committed))
+            self._send(
+                Message(
+                    MsgType.APPEND_RESP, self.id, m.src, self.term, log.committed, context=m.context
+                )
+            )
             return
         count = 0
         configs: list[tuple[int, Membership]] = []
@@ -544,7 +548,9 @@ class Raft:
                 if rewrites:
                     self._log_rewritten(m.index + 1, last_new, configs)
             log.commit_to(min(m.commit, last_new))
-            self._send(Message(MsgType.APPEND_RESP, self.id, m.src, self.term, last_new))
+            self._send(
+                Message(MsgType.APPEND_RESP, self.id, m.src, self.term, last_new, context=m.context)
+            )
             return
         # Fast backtracking: point the leader at the last entry that could still match.
         hint = log.entries.find_conflict_by_term(min(m.index, log.last_index), m.log_term)
@@ -558,6 +564,7 @@ class Raft:
                 log.term_at(hint),
                 reject=True,
                 hint=hint,
+                context=m.context,  # the leader's progress generation: stale rejects are ignored
             )
         )
 
@@ -596,7 +603,10 @@ class Raft:
         if m.type == MsgType.APPEND_RESP:
             pr.recent_active = True
             if m.reject:
-                self._handle_reject(m, pr)
+                if m.context == pr.generation:
+                    self._handle_reject(m, pr)
+                # else: an answer to a frame sent before the last probe/replicate switch. On a
+                # network that reorders, acting on it would restart replication again and again.
             elif pr.maybe_update(m.index):
                 if pr.state == ProgressState.PROBE:
                     pr.become_replicate()
@@ -686,6 +696,7 @@ class Raft:
                 prev_term,
                 batch if count else _EMPTY,
                 log.committed,
+                context=pr.generation,
             )
         )
         if count:

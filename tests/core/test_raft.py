@@ -7,6 +7,7 @@ import random
 import pytest
 
 from raftfast._accel import EntryLog, encode_batch
+from raftfast.core.progress import ProgressState
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_NOOP, HardState, Message, MsgType, Role
@@ -438,3 +439,40 @@ def test_transfer_to_a_non_voter_is_rejected():
     net.elect("a")
     with pytest.raises(ValueError):
         net.node("a").transfer_leadership("zz")
+
+
+def test_a_stale_rejection_does_not_restart_replication():
+    """On a network that reorders, a follower may reject frames that arrived before their
+    predecessors; answers to frames of an earlier probe/replicate round must be ignored, or
+    every one of them restarts replication (which the simulation saw turn into a storm)."""
+    net = Net(["n1", "n2", "n3"], max_msg_bytes=1)
+    net.elect("n1")
+    net.node("n1").propose([b"a", b"b", b"c"])
+    net.drive()
+    leader = net.node("n1").raft
+    pr = leader.progress["n2"]
+    assert pr.state == ProgressState.REPLICATE
+    stale = Message(
+        MsgType.APPEND_RESP,
+        "n2",
+        "n1",
+        leader.term,
+        index=pr.match_index + 1,
+        reject=True,
+        hint=pr.match_index,
+        context=pr.generation - 1,
+    )
+    net.node("n1").step(stale)
+    assert pr.state == ProgressState.REPLICATE
+    current = Message(
+        MsgType.APPEND_RESP,
+        "n2",
+        "n1",
+        leader.term,
+        index=pr.match_index + 1,
+        reject=True,
+        hint=pr.match_index,
+        context=pr.generation,
+    )
+    net.node("n1").step(current)
+    assert pr.state == ProgressState.PROBE

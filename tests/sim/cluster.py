@@ -31,6 +31,7 @@ from raftfast.errors import ChangeInProgressError, NotLeaderError
 from raftfast.storage.memory import MemoryStorage
 
 TICK = 10  # time units per node tick
+MAX_QUEUE = 50_000
 
 
 class SafetyViolation(AssertionError):
@@ -144,6 +145,10 @@ class Cluster:
         faults = self.faults
         while self.queue and self.queue[0].at <= now:
             self._deliver(heapq.heappop(self.queue).msg)
+        if len(self.queue) > MAX_QUEUE:
+            # Raft sends O(window) messages per node; a queue this long is a feedback loop
+            # (replication restarting on every stale answer, say): fail instead of hanging.
+            raise SafetyViolation(f"message storm: {len(self.queue)} messages in flight")
         for node in list(self.nodes.values()):
             if node.retire_at is not None and now >= node.retire_at:
                 self._retire(node)
