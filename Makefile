@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
 
-.PHONY: venv build test test-compiled test-pure lint run soak chaos bench proto clean
+.PHONY: venv build test test-compiled test-pure lint run soak chaos bench compare proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,8 @@ lint: $(STAMP)
 test-compiled: $(STAMP)
 	@echo "== compiled run =="
 	$(PY) -c "import raftfast, sys; sys.exit(0 if raftfast.COMPILED else 'compiled modules not in use')"
-	$(PYTEST) -q -p no:cacheprovider --benchmark-disable tests bench
+	RAFTFAST_BENCH_SECONDS=$${RAFTFAST_BENCH_SECONDS:-2} \
+		$(PYTEST) -q -p no:cacheprovider --benchmark-disable tests bench
 
 test-pure: $(STAMP)
 	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
@@ -50,8 +51,18 @@ soak: $(STAMP)
 	RAFTFAST_BOUND_SECONDS=$${RAFTFAST_BOUND_SECONDS:-600} $(PYTEST) -q -s -p no:cacheprovider \
 		tests/integration/test_bounds.py
 
+# Micro (compiled vs pure) and macro (3/5-node clusters, no-op gRPC baseline) benchmarks with
+# their gates; the numbers are printed. Run nothing else meanwhile: the machine has 2 cores.
 bench: $(STAMP)
-	$(PYTEST) -q -p no:cacheprovider bench --benchmark-only --benchmark-columns=min,median,ops
+	RAFTFAST_BENCH_SECONDS=$${RAFTFAST_BENCH_SECONDS:-5} $(PYTEST) -q -s -p no:cacheprovider \
+		bench --benchmark-only --benchmark-columns=min,median,ops
+
+# raftfast, etcd (Debian's etcd-server) and PySyncObj (PyPI) side by side on 127.0.0.1.
+compare: $(STAMP)
+	command -v etcd >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q etcd-server etcd-client; }
+	$(PIP) install -q pysyncobj==0.3.17
+	$(PY) bench/compare.py --duration $${RAFTFAST_COMPARE_SECONDS:-5}
 
 # The long fault-injection run: >= 20 schedules over 3 and 5 nodes (about 10 minutes).
 chaos: $(STAMP)

@@ -53,6 +53,9 @@ def workloads(impl: SimpleNamespace) -> dict[str, tuple[Callable[..., object], t
     full = impl.log.EntryLog()
     full.append(1, payloads)
     batch = impl.batch.encode_uniform(1, 1, payloads)
+    types = [0] * N_ENTRIES
+    types[N_ENTRIES // 2] = 2  # one configuration entry in a frame of normal ones
+    mixed = impl.batch.encode_batch(1, [1] * N_ENTRIES, payloads, types)
     EntryLog = impl.log.EntryLog  # noqa: N806
 
     def log_append(term, payloads):
@@ -65,10 +68,19 @@ def workloads(impl: SimpleNamespace) -> dict[str, tuple[Callable[..., object], t
         "batch_decode": (impl.batch.decode_batch, (batch,)),
         "commit_index": (impl.batch.commit_index, ([17, 12, 19, 12, 15],)),
         "crc32c": (impl.batch.crc32c, (bytes(range(256)) * (CRC_BYTES // 256),)),
+        "entries_of_type": (impl.batch.entries_of_type, (mixed, 2)),
     }
 
 
-FUNCTIONS = ["log_append", "log_slice", "batch_encode", "batch_decode", "commit_index", "crc32c"]
+FUNCTIONS = [
+    "log_append",
+    "log_slice",
+    "batch_encode",
+    "batch_decode",
+    "commit_index",
+    "crc32c",
+    "entries_of_type",
+]
 
 
 def _bench(benchmark, impl: str, name: str) -> None:
@@ -106,6 +118,11 @@ def test_commit_index(benchmark, impl):
 @pytest.mark.parametrize("impl", ["compiled", "pure"])
 def test_crc32c(benchmark, impl):
     _bench(benchmark, impl, "crc32c")
+
+
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+def test_entries_of_type(benchmark, impl):
+    _bench(benchmark, impl, "entries_of_type")
 
 
 # -- speedup gate (no benchmark fixture: runs under --benchmark-disable) ----------------------

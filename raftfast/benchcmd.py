@@ -191,16 +191,7 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
     """One measurement: start what is needed, load it, stop it; the result as a dict."""
     from raftfast.localcluster import ProcCluster, free_ports, wait_for
 
-    workload = Workload(
-        endpoints=[],
-        inflight=args.inflight,
-        batch=args.batch,
-        value_size=args.value_size,
-        read_ratio=args.read_ratio,
-        duration=args.duration,
-        warmup=args.warmup,
-        keys=args.keys,
-    )
+    workload = _workload(args)
     target = "noop" if args.noop else ("endpoints" if endpoints else "local")
     label = "no-op gRPC" if args.noop else f"{nodes} nodes"
     show = not args.quiet and sys.stderr.isatty()
@@ -232,9 +223,36 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
                 workload.endpoints = cluster.endpoints
                 pids = {nid: p.pid for nid, p in cluster.procs.items()}
                 measured = _run_workers(workload, args.clients, label, show, pids)
+    return _describe(args, target, 0 if args.noop else nodes, measured)
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    return Workload(
+        endpoints=[],
+        inflight=args.inflight,
+        batch=args.batch,
+        value_size=args.value_size,
+        read_ratio=args.read_ratio,
+        duration=args.duration,
+        warmup=args.warmup,
+        keys=args.keys,
+        system=getattr(args, "system", "raftfast"),
+    )
+
+
+def run_endpoints(args: argparse.Namespace, endpoints: list[str], pids: dict[str, int]) -> dict:
+    """Measure a running cluster (``args.system`` "raftfast" or "etcd"); ``pids`` of its
+    processes, if known, get their CPU reported."""
+    workload = _workload(args)
+    workload.endpoints = endpoints
+    measured = _run_workers(workload, args.clients, args.system, False, pids)
+    return _describe(args, args.system, len(endpoints), measured)
+
+
+def _describe(args: argparse.Namespace, target: str, nodes: int, measured: dict) -> dict:
     return {
         "target": target,
-        "nodes": 0 if args.noop else nodes,
+        "nodes": nodes,
         "fsync": not args.no_fsync and not args.noop,
         "clients": args.clients,
         "inflight": args.inflight,
@@ -343,4 +361,4 @@ def main(args: argparse.Namespace, endpoints: list[str] | None) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "main", "run_one"]
+__all__ = ["add_arguments", "main", "run_endpoints", "run_one"]

@@ -91,6 +91,7 @@ class Workload:
     duration: float = 10.0
     warmup: float = 1.0
     keys: int = 100_000  # key space (keys are overwritten, so the state stays bounded)
+    system: str = "raftfast"  # or "etcd" (its gRPC KV API; for the side-by-side comparison)
 
 
 @dataclass
@@ -105,6 +106,44 @@ class WorkerResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _field(number: int, data: bytes) -> bytes:
+    """One length-delimited protobuf field (all an etcd Put or Range request needs)."""
+    n, out = len(data), bytearray([number << 3 | 2])
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + data
+
+
+class _EtcdClient:
+    """Just enough of etcd's v3 gRPC API (KV.Put, KV.Range) to load it like raftfast.
+    Requests are encoded by hand; responses are not decoded (only success matters)."""
+
+    def __init__(self, endpoints: list[str], timeout: float) -> None:
+        import grpc
+
+        self._timeout = timeout
+        self._channel = grpc.aio.insecure_channel(endpoints[0])
+        self._put = self._channel.unary_unary("/etcdserverpb.KV/Put")
+        self._range = self._channel.unary_unary("/etcdserverpb.KV/Range")
+
+    async def __aenter__(self) -> _EtcdClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._channel.close()
+
+    async def put(self, key: str, value: bytes) -> None:
+        await self._put(_field(1, key.encode()) + _field(2, value), timeout=self._timeout)
+
+    async def get(self, key: str) -> None:
+        await self._range(_field(1, key.encode()), timeout=self._timeout)
+
+    async def put_many(self, items) -> None:
+        raise NotImplementedError("etcd has no batched put here")
+
+
 async def _run(w: Workload, index: int, progress) -> WorkerResult:
     from raftfast.client import Client  # imported in the worker process
 
@@ -113,7 +152,8 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
     value = os.urandom(w.value_size // 2 + 1).hex()[: w.value_size].encode()
     rng = random.Random(index)
     loop = asyncio.get_running_loop()
-    async with Client(w.endpoints, timeout=30.0) as client:
+    client_cm = _EtcdClient(w.endpoints, 30.0) if w.system == "etcd" else Client(w.endpoints, 30.0)
+    async with client_cm as client:
         await client.put(f"bench-w{index}", value)  # find the leader before the clock starts
         start = loop.time()
         measure_from = start + w.warmup

@@ -1,0 +1,109 @@
+"""Macro benchmarks: real 3- and 5-node clusters (fsync on, 64-byte values) under the load
+generator of ``raftfast bench``, and a no-op gRPC server under the very same client and load.
+
+Every gate is a ratio measured in the same run, plus a generous absolute floor (these 2-core
+machines are noisy); the numbers themselves are printed (``-s``) and stored in the benchmark's
+``extra_info`` (``make bench``). Targets (issue 6) are stated next to each gate; the gates are
+looser than the targets so that they catch regressions, not noise.
+
+    make bench                                   # RAFTFAST_BENCH_SECONDS=5 per measurement
+    RAFTFAST_BENCH_SECONDS=2 pytest bench/test_macro.py --benchmark-disable -s   # the CI subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+
+from raftfast import COMPILED, benchcmd
+
+SECONDS = float(os.environ.get("RAFTFAST_BENCH_SECONDS", "5"))
+
+pytestmark = pytest.mark.skipif(not COMPILED, reason="macro benchmarks measure the compiled build")
+
+
+def measure(nodes: int = 3, **options) -> dict:
+    args = argparse.Namespace(
+        clients=1,
+        inflight=64,
+        batch=1,
+        value_size=64,
+        read_ratio=0.0,
+        duration=SECONDS,
+        warmup=min(1.0, SECONDS / 4),
+        keys=100_000,
+        no_fsync=False,
+        noop=False,
+        quiet=True,
+    )
+    for key, value in options.items():
+        setattr(args, key, value)
+    result = benchcmd.run_one(args, nodes, None)
+    assert result["errors"] == 0, result["first_error"]
+    return result
+
+
+def record(benchmark, result: dict) -> None:
+    for key in ("ops_per_s", "p50_ms", "p99_ms", "nodes", "clients", "inflight", "batch"):
+        benchmark.extra_info[key] = result[key]
+
+
+def show(name: str, r: dict) -> None:
+    print(
+        f"\n{name}: {r['ops_per_s']:,.0f} ops/s, p50 {r['p50_ms']:.2f} ms, p99 "
+        f"{r['p99_ms']:.2f} ms ({r['nodes'] or 'no-op'} nodes, {r['clients']} x "
+        f"{r['inflight']} in flight, batch {r['batch']})"
+    )
+
+
+def test_batched_throughput_three_and_five_nodes(benchmark):
+    """Targets: >= 300,000 ops/s with 3 nodes, >= 200,000 with 5; 5 nodes >= 0.6 x 3 nodes."""
+    results = {}
+
+    def run() -> None:
+        for n in (3, 5):
+            results[n] = measure(n, inflight=8, batch=2000)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, results[3])
+    benchmark.extra_info["ops_per_s_5_nodes"] = results[5]["ops_per_s"]
+    show("batched, 3 nodes", results[3])
+    show("batched, 5 nodes", results[5])
+    ratio = results[5]["ops_per_s"] / results[3]["ops_per_s"]
+    print(f"5 nodes / 3 nodes: {ratio:.2f}")
+    assert results[3]["ops_per_s"] >= 10_000, "batched 3-node floor"
+    assert ratio >= 0.6, f"5 nodes reach only {ratio:.2f} x the 3-node rate"
+
+
+def test_unbatched_against_a_noop_grpc_server(benchmark):
+    """Target: >= 90% of the no-op server's rate with the same clients (one op in flight
+    each). The gate here is far looser: it catches a collapse, and the note gives the ratio."""
+    results = {}
+
+    def run() -> None:
+        results["noop"] = measure(clients=8, inflight=1, noop=True)
+        results["cluster"] = measure(3, clients=8, inflight=1)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, results["cluster"])
+    benchmark.extra_info["noop_ops_per_s"] = results["noop"]["ops_per_s"]
+    show("unbatched, no-op gRPC server", results["noop"])
+    show("unbatched, 3 nodes", results["cluster"])
+    ratio = results["cluster"]["ops_per_s"] / results["noop"]["ops_per_s"]
+    print(f"cluster / no-op: {ratio:.2f}")
+    assert ratio >= 0.05, f"the cluster runs at {ratio:.2f} x the no-op gRPC rate"
+
+
+def test_sequential_put_latency(benchmark):
+    """Target: p50 <= 1 ms for one client, one put at a time (3 nodes, fsync on)."""
+    results = {}
+
+    def run() -> None:
+        results["seq"] = measure(3, clients=1, inflight=1)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, results["seq"])
+    show("sequential puts", results["seq"])
+    assert results["seq"]["p50_ms"] <= 25.0, "sequential put p50 floor"
