@@ -434,11 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        endpoints = parse_endpoints(args.endpoints or DEFAULT_ENDPOINT)
+        endpoints = parse_endpoints(DEFAULT_ENDPOINT if args.endpoints is None else args.endpoints)
     except ValueError as exc:
         parser.error(f"--endpoints: {exc}")
     if args.command == "bench":
-        return _bench(args, endpoints if args.endpoints else None)
+        return _bench(args, None if args.endpoints is None else endpoints)
     try:
         timeout = _positive_float(args.timeout)
     except argparse.ArgumentTypeError as exc:

@@ -47,6 +47,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
+from raftfast._accel import chunk_payloads
 from raftfast.errors import (
     ClusterUnavailableError,
     DeadlineExceededError,
@@ -54,6 +55,7 @@ from raftfast.errors import (
     RaftfastError,
     RequestFailedError,
 )
+from raftfast.kv.fsm import pack_pairs
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
@@ -81,6 +83,11 @@ READ_MODES: dict[str, int] = {
 }
 
 _PUT = pb.Op.PUT
+_PUT_MANY = pb.Op.PUT_MANY
+# put_many packs this much (or this many pairs) into one atomic write: big enough to make the
+# per-write costs vanish, small enough to keep frames and log entries moderate.
+_PUT_MANY_BYTES = 256 * 1024
+_PUT_MANY_PAIRS = 4096
 _GET = pb.Op.GET
 _DELETE = pb.Op.DELETE
 _CAS = pb.Op.CAS
@@ -446,11 +453,20 @@ class Client:
         *,
         timeout: float | None = None,
     ) -> None:
-        """Submit many puts at once (pipelined); raise the first failure once all finished.
+        """Put many pairs at once; raise the first failure once all finished.
 
-        Each item is its own exactly-once write; when one fails, others may have been applied.
+        The pairs travel packed, in groups of up to 256 KiB / 4,096 pairs; each group is one
+        atomic, exactly-once write (one log entry), so the per-write costs are paid per group,
+        not per pair. Groups are pipelined; when one fails, others may have been applied.
+        Later pairs win over earlier ones with the same key.
         """
-        ops = [_Op(_PUT, _to_bytes(k, "key"), _to_bytes(v, "value")) for k, v in items]
+        pairs = [(_to_bytes(k, "key"), _to_bytes(v, "value")) for k, v in items]
+        ops = []
+        for start, end in chunk_payloads([v for _, v in pairs], _PUT_MANY_BYTES, _PUT_MANY_PAIRS):
+            group = pairs[start:end]
+            if not all(k for k, _ in group):
+                raise InvalidArgumentError("key must not be empty")
+            ops.append(_Op(_PUT_MANY, b"", pack_pairs(group)))
         if not ops:
             return
         loop = self._ensure_started()
@@ -926,7 +942,7 @@ class Client:
             if code == _CODE_OK:
                 ok = True
                 kind = op.kind
-                if kind == _PUT:
+                if kind == _PUT or kind == _PUT_MANY:
                     fut.set_result(None)
                 elif kind == _GET:
                     fut.set_result(r.value if r.ok else None)

@@ -152,7 +152,9 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
     value = os.urandom(w.value_size // 2 + 1).hex()[: w.value_size].encode()
     rng = random.Random(index)
     loop = asyncio.get_running_loop()
-    client_cm = _EtcdClient(w.endpoints, 30.0) if w.system == "etcd" else Client(w.endpoints, 30.0)
+    client_cm = (
+        _EtcdClient(w.endpoints, 30.0) if w.system == "etcd" else Client(w.endpoints, timeout=30.0)
+    )
     async with client_cm as client:
         await client.put(f"bench-w{index}", value)  # find the leader before the clock starts
         start = loop.time()

@@ -18,9 +18,9 @@ every replica. ``client_id`` 0 disables dedup for that command. Limits and their
 
 * Per client only the last ``DEDUP_WINDOW`` sequence numbers (counted back from the highest
   sequence applied for that client) are remembered. A command whose sequence lies below that
-  window is assumed to be a late duplicate and is NOT applied: PUT answers True (the write it
-  duplicates was applied), DELETE and CAS answer False (nothing changed now). A client must
-  therefore keep fewer than ``DEDUP_WINDOW`` writes outstanding.
+  window is assumed to be a late duplicate and is NOT applied: PUT and PUT_MANY answer True
+  (the write it duplicates was applied), DELETE and CAS answer False (nothing changed now). A
+  client must therefore keep fewer than ``DEDUP_WINDOW`` writes outstanding.
 * At most ``MAX_CLIENTS`` clients are remembered; beyond that the least recently active client
   (ordered by applied commands, hence identical on every replica) is forgotten, and a retry of
   one of its old writes would be applied again.
@@ -34,10 +34,11 @@ import sys
 from array import array
 from bisect import bisect_left, insort
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import accumulate
 
-from raftfast._accel import crc32c
-from raftfast.errors import CorruptionError
+from raftfast._accel import crc32c, decode_batch, encode_uniform
+from raftfast.errors import BatchError, CorruptionError
 
 __all__ = [
     "DEDUP_WINDOW",
@@ -45,6 +46,7 @@ __all__ = [
     "OP_CAS",
     "OP_DELETE",
     "OP_PUT",
+    "OP_PUT_MANY",
     "KVStateMachine",
     "decode",
     "encode_cas",
@@ -55,6 +57,7 @@ __all__ = [
 OP_PUT = 1
 OP_DELETE = 2
 OP_CAS = 3
+OP_PUT_MANY = 4  # many puts in one entry: one atomic, exactly-once write (pipelined clients)
 
 ENTRY_NORMAL = 0  # raftfast.core.types.ENTRY_NORMAL (repeated to keep this module standalone)
 
@@ -96,6 +99,31 @@ def encode_delete(client_id: int, seq: int, key: bytes) -> bytes:
     return _header(OP_DELETE, client_id, seq, bytes(key))
 
 
+def pack_pairs(items: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """Key/value pairs packed for PUT_MANY: the batch format with payloads key, value, ...
+    (compiled packing and a CRC; the entries' index and term fields are unused, 0)."""
+    return encode_uniform(0, 0, [x for pair in items for x in pair])
+
+
+def unpack_pairs(data: bytes) -> tuple[list[bytes], list[bytes]]:
+    """(keys, values) of ``pack_pairs`` output; ValueError if it is not well formed."""
+    try:
+        _, _, _, flat = decode_batch(data)
+    except BatchError as exc:
+        raise ValueError(f"bad packed pairs: {exc}") from None
+    if len(flat) % 2:
+        raise ValueError("bad packed pairs: an odd number of items")
+    keys = flat[0::2]
+    if not all(keys):
+        raise ValueError("bad packed pairs: an empty key")
+    return keys, flat[1::2]
+
+
+def encode_put_many(client_id: int, seq: int, pairs: bytes) -> bytes:
+    """Encode "set every pair of ``pairs`` (``pack_pairs`` output)" as one command."""
+    return _header(OP_PUT_MANY, client_id, seq, b"") + bytes(pairs)
+
+
 def encode_cas(client_id: int, seq: int, key: bytes, expected: bytes | None, value: bytes) -> bytes:
     """Encode "set key to value if it currently equals expected".
 
@@ -126,7 +154,9 @@ def decode(payload: bytes) -> tuple[int, int, int, bytes, bytes | None, bytes]:
         raise ValueError("key length exceeds the payload")
     key = bytes(mv[pos : pos + klen])
     pos += klen
-    if op == OP_PUT:
+    if op == OP_PUT or op == OP_PUT_MANY:
+        if op == OP_PUT_MANY and klen:
+            raise ValueError("PUT_MANY carries no key")
         return op, client_id, seq, key, None, bytes(mv[pos:])
     if op == OP_DELETE:
         if pos != n:
@@ -192,6 +222,8 @@ class KVStateMachine:
         self.applied_index = index
         try:
             op, client_id, seq, key, expected, value = decode(payload)
+            if op == OP_PUT_MANY:
+                value = unpack_pairs(value)
         except (ValueError, struct.error, TypeError):
             self.malformed += 1
             return None
@@ -206,7 +238,10 @@ class KVStateMachine:
         else:
             self._clients.move_to_end(client_id)
         if seq <= client.max_seq - self._window:
-            return op == OP_PUT  # below the window: a late duplicate, see the module docs
+            return op in (
+                OP_PUT,
+                OP_PUT_MANY,
+            )  # below the window: a late duplicate, see the module docs
         cached = client.results.get(seq)
         if cached is not None:
             return cached
@@ -240,8 +275,16 @@ class KVStateMachine:
             self.applied_index = first_index + len(payloads) - 1
         return out
 
-    def _execute(self, op: int, key: bytes, expected: bytes | None, value: bytes) -> bool:
+    def _execute(self, op: int, key: bytes, expected: bytes | None, value) -> bool:
         data = self._data
+        if op == OP_PUT_MANY:
+            keys, values = value
+            if self._index is not None:
+                # Only keys new to the store touch the scan index (each once).
+                for k in dict.fromkeys(k for k in keys if k not in data):
+                    self._key_added(k)
+            data.update(zip(keys, values, strict=True))
+            return True
         if op == OP_PUT:
             if key not in data:
                 self._key_added(key)

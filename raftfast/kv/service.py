@@ -29,7 +29,14 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from raftfast.errors import NotLeaderError
-from raftfast.kv.fsm import KVStateMachine, encode_cas, encode_delete, encode_put
+from raftfast.kv.fsm import (
+    KVStateMachine,
+    encode_cas,
+    encode_delete,
+    encode_put,
+    encode_put_many,
+    unpack_pairs,
+)
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.settings import NodeSettings
@@ -172,6 +179,28 @@ class KVService(pb_grpc.KVServicer):
         limit = self.node.settings.max_value_bytes
         if len(value) > limit:
             raise _BadRequest(f"{what} is {len(value)} bytes; the limit is {limit}")
+
+    def _put_many(self, client_id: int, op: pb.Op) -> bytes:
+        """Validate a PUT_MANY op (every key and value within the limits) and encode it."""
+        if op.key:
+            raise _BadRequest("PUT_MANY carries its keys in value; key must be empty")
+        try:
+            keys, values = unpack_pairs(op.value)
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+        if not keys:
+            raise _BadRequest("PUT_MANY needs at least one key")
+        settings = self.node.settings
+        longest_key, longest_value = max(map(len, keys)), max(map(len, values))
+        if longest_key > settings.max_key_bytes:
+            raise _BadRequest(
+                f"a key is {longest_key} bytes; the limit is {settings.max_key_bytes}"
+            )
+        if longest_value > settings.max_value_bytes:
+            raise _BadRequest(
+                f"a value is {longest_value} bytes; the limit is {settings.max_value_bytes}"
+            )
+        return encode_put_many(client_id, op.sequence, op.value)
 
     def _mode(self, read_mode: int) -> str:
         if read_mode == pb.READ_DEFAULT:
@@ -335,6 +364,10 @@ class KVService(pb_grpc.KVServicer):
             reads: dict[str, list[int]] = {}
             for i, op in enumerate(ops):
                 try:
+                    if op.kind == pb.Op.PUT_MANY:
+                        payloads.append(self._put_many(frame.client_id, op))
+                        writes.append(i)
+                        continue
                     self._check_key(op.key)
                     if op.kind == pb.Op.GET:
                         reads.setdefault(self._mode(op.read_mode), []).append(i)

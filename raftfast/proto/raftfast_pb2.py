@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1draftfast/proto/raftfast.proto\x12\x0braftfast.v1\"\xb4\x01\n\x0bRaftMessage\x12\x0c\n\x04type\x18\x01 \x01(\r\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\x04\x12\x10\n\x08log_term\x18\x06 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x04\x12\x0e\n\x06reject\x18\t \x01(\x08\x12\x0c\n\x04hint\x18\n \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x0b \x01(\x04\"T\n\x05\x46rame\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.raftfast.v1.RaftMessage\"\x1a\n\x08\x46rameAck\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\"\x0b\n\tPeerEmpty\"w\n\rSnapshotChunk\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12&\n\x04meta\x18\x02 \x01(\x0b\x32\x18.raftfast.v1.RaftMessage\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"M\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"\x1c\n\x0bPutResponse\x12\r\n\x05index\x18\x01 \x01(\x04\"C\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12(\n\tread_mode\x18\x02 \x01(\x0e\x32\x15.raftfast.v1.ReadMode\"+\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"A\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\tclient_id\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"v\n\nCasRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x02 \x01(\x08\x12\x10\n\x08\x65xpected\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12\x11\n\tclient_id\x18\x05 \x01(\x04\x12\x10\n\x08sequence\x18\x06 \x01(\x04\"\x1e\n\x0b\x43\x61sResponse\x12\x0f\n\x07swapped\x18\x01 \x01(\x08\"V\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\r\x12(\n\tread_mode\x18\x03 \x01(\x0e\x32\x15.raftfast.v1.ReadMode\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"4\n\x0cScanResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.raftfast.v1.KeyValue\"\xd8\x01\n\x02Op\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.raftfast.v1.Op.Kind\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x10\n\x08\x65xpected\x18\x04 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x05 \x01(\x08\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12(\n\tread_mode\x18\x07 \x01(\x0e\x32\x15.raftfast.v1.ReadMode\"-\n\x04Kind\x12\x07\n\x03PUT\x10\x00\x12\x07\n\x03GET\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02\x12\x07\n\x03\x43\x41S\x10\x03\"Q\n\x0cSessionFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\x04\x12\x1c\n\x03ops\x18\x03 \x03(\x0b\x32\x0f.raftfast.v1.Op\"B\n\x08OpResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"Y\n\rSessionResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.raftfast.v1.OpResult\x12\x0e\n\x06leader\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"H\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\"\x88\x02\n\x0eStatusResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x0e\n\x06leader\x18\x04 \x01(\t\x12\x16\n\x0eleader_address\x18\x05 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\x12\x12\n\nlast_index\x18\x08 \x01(\x04\x12$\n\x07members\x18\t \x03(\x0b\x32\x13.raftfast.v1.Member\x12\x12\n\ncluster_id\x18\n \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x0b \x01(\x04\x12\x16\n\x0esnapshot_index\x18\x0c \x01(\x04\"\'\n\x15TransferLeaderRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"6\n\x16TransferLeaderResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\"\x13\n\x11MemberListRequest\"@\n\x10MemberAddRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07learner\x18\x03 \x01(\x08\"\x1b\n\rMemberRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xa8\x01\n\x0fMembersResponse\x12$\n\x07members\x18\x01 \x03(\x0b\x32\x13.raftfast.v1.Member\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x14\n\x0c\x63onfig_index\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x12\n\ncluster_id\x18\x05 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x0c\n\x04note\x18\x07 \x01(\t*S\n\x08ReadMode\x12\x10\n\x0cREAD_DEFAULT\x10\x00\x12\x15\n\x11READ_LINEARIZABLE\x10\x01\x12\x0e\n\nREAD_LEASE\x10\x02\x12\x0e\n\nREAD_STALE\x10\x03\x32\x80\x02\n\x04Peer\x12:\n\tReplicate\x12\x12.raftfast.v1.Frame\x1a\x15.raftfast.v1.FrameAck(\x01\x30\x01\x12\x39\n\x0bRequestVote\x12\x12.raftfast.v1.Frame\x1a\x16.raftfast.v1.PeerEmpty\x12G\n\x0fInstallSnapshot\x12\x1a.raftfast.v1.SnapshotChunk\x1a\x16.raftfast.v1.PeerEmpty(\x01\x12\x38\n\nTimeoutNow\x12\x12.raftfast.v1.Frame\x1a\x16.raftfast.v1.PeerEmpty2\xc6\x03\n\x02KV\x12\x38\n\x03Put\x12\x17.raftfast.v1.PutRequest\x1a\x18.raftfast.v1.PutResponse\x12\x38\n\x03Get\x12\x17.raftfast.v1.GetRequest\x1a\x18.raftfast.v1.GetResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.raftfast.v1.DeleteRequest\x1a\x1b.raftfast.v1.DeleteResponse\x12\x43\n\x0e\x43ompareAndSwap\x12\x17.raftfast.v1.CasRequest\x1a\x18.raftfast.v1.CasResponse\x12;\n\x04Scan\x12\x18.raftfast.v1.ScanRequest\x1a\x19.raftfast.v1.ScanResponse\x12\x44\n\x07Session\x12\x19.raftfast.v1.SessionFrame\x1a\x1a.raftfast.v1.SessionResult(\x01\x30\x01\x12\x41\n\x06Status\x12\x1a.raftfast.v1.StatusRequest\x1a\x1b.raftfast.v1.StatusResponse2\xd7\x03\n\x05\x41\x64min\x12Y\n\x0eTransferLeader\x12\".raftfast.v1.TransferLeaderRequest\x1a#.raftfast.v1.TransferLeaderResponse\x12J\n\nMemberList\x12\x1e.raftfast.v1.MemberListRequest\x1a\x1c.raftfast.v1.MembersResponse\x12H\n\tMemberAdd\x12\x1d.raftfast.v1.MemberAddRequest\x1a\x1c.raftfast.v1.MembersResponse\x12I\n\rMemberPromote\x12\x1a.raftfast.v1.MemberRequest\x1a\x1c.raftfast.v1.MembersResponse\x12H\n\x0cMemberDemote\x12\x1a.raftfast.v1.MemberRequest\x1a\x1c.raftfast.v1.MembersResponse\x12H\n\x0cMemberRemove\x12\x1a.raftfast.v1.MemberRequest\x1a\x1c.raftfast.v1.MembersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1draftfast/proto/raftfast.proto\x12\x0braftfast.v1\"\xb4\x01\n\x0bRaftMessage\x12\x0c\n\x04type\x18\x01 \x01(\r\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\x04\x12\x10\n\x08log_term\x18\x06 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x04\x12\x0e\n\x06reject\x18\t \x01(\x08\x12\x0c\n\x04hint\x18\n \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x0b \x01(\x04\"T\n\x05\x46rame\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.raftfast.v1.RaftMessage\"\x1a\n\x08\x46rameAck\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\"\x0b\n\tPeerEmpty\"w\n\rSnapshotChunk\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12&\n\x04meta\x18\x02 \x01(\x0b\x32\x18.raftfast.v1.RaftMessage\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"M\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x10\n\x08sequence\x18\x04 \x01(\x04\"\x1c\n\x0bPutResponse\x12\r\n\x05index\x18\x01 \x01(\x04\"C\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12(\n\tread_mode\x18\x02 \x01(\x0e\x32\x15.raftfast.v1.ReadMode\"+\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"A\n\rDeleteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\tclient_id\x18\x02 \x01(\x04\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"v\n\nCasRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x02 \x01(\x08\x12\x10\n\x08\x65xpected\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12\x11\n\tclient_id\x18\x05 \x01(\x04\x12\x10\n\x08sequence\x18\x06 \x01(\x04\"\x1e\n\x0b\x43\x61sResponse\x12\x0f\n\x07swapped\x18\x01 \x01(\x08\"V\n\x0bScanRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\r\x12(\n\tread_mode\x18\x03 \x01(\x0e\x32\x15.raftfast.v1.ReadMode\"&\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"4\n\x0cScanResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.raftfast.v1.KeyValue\"\xe6\x01\n\x02Op\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.raftfast.v1.Op.Kind\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x10\n\x08\x65xpected\x18\x04 \x01(\x0c\x12\x15\n\rexpect_absent\x18\x05 \x01(\x08\x12\x10\n\x08sequence\x18\x06 \x01(\x04\x12(\n\tread_mode\x18\x07 \x01(\x0e\x32\x15.raftfast.v1.ReadMode\";\n\x04Kind\x12\x07\n\x03PUT\x10\x00\x12\x07\n\x03GET\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02\x12\x07\n\x03\x43\x41S\x10\x03\x12\x0c\n\x08PUT_MANY\x10\x04\"Q\n\x0cSessionFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x11\n\tclient_id\x18\x02 \x01(\x04\x12\x1c\n\x03ops\x18\x03 \x03(\x0b\x32\x0f.raftfast.v1.Op\"B\n\x08OpResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"Y\n\rSessionResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.raftfast.v1.OpResult\x12\x0e\n\x06leader\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"H\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x13\n\x0bmatch_index\x18\x04 \x01(\x04\"\x88\x02\n\x0eStatusResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\x0e\n\x06leader\x18\x04 \x01(\t\x12\x16\n\x0eleader_address\x18\x05 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\x12\x12\n\nlast_index\x18\x08 \x01(\x04\x12$\n\x07members\x18\t \x03(\x0b\x32\x13.raftfast.v1.Member\x12\x12\n\ncluster_id\x18\n \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x0b \x01(\x04\x12\x16\n\x0esnapshot_index\x18\x0c \x01(\x04\"\'\n\x15TransferLeaderRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"6\n\x16TransferLeaderResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\"\x13\n\x11MemberListRequest\"@\n\x10MemberAddRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07learner\x18\x03 \x01(\x08\"\x1b\n\rMemberRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xa8\x01\n\x0fMembersResponse\x12$\n\x07members\x18\x01 \x03(\x0b\x32\x13.raftfast.v1.Member\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x14\n\x0c\x63onfig_index\x18\x03 \x01(\x04\x12\x11\n\tcommitted\x18\x04 \x01(\x08\x12\x12\n\ncluster_id\x18\x05 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\x12\x0c\n\x04note\x18\x07 \x01(\t*S\n\x08ReadMode\x12\x10\n\x0cREAD_DEFAULT\x10\x00\x12\x15\n\x11READ_LINEARIZABLE\x10\x01\x12\x0e\n\nREAD_LEASE\x10\x02\x12\x0e\n\nREAD_STALE\x10\x03\x32\x80\x02\n\x04Peer\x12:\n\tReplicate\x12\x12.raftfast.v1.Frame\x1a\x15.raftfast.v1.FrameAck(\x01\x30\x01\x12\x39\n\x0bRequestVote\x12\x12.raftfast.v1.Frame\x1a\x16.raftfast.v1.PeerEmpty\x12G\n\x0fInstallSnapshot\x12\x1a.raftfast.v1.SnapshotChunk\x1a\x16.raftfast.v1.PeerEmpty(\x01\x12\x38\n\nTimeoutNow\x12\x12.raftfast.v1.Frame\x1a\x16.raftfast.v1.PeerEmpty2\xc6\x03\n\x02KV\x12\x38\n\x03Put\x12\x17.raftfast.v1.PutRequest\x1a\x18.raftfast.v1.PutResponse\x12\x38\n\x03Get\x12\x17.raftfast.v1.GetRequest\x1a\x18.raftfast.v1.GetResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.raftfast.v1.DeleteRequest\x1a\x1b.raftfast.v1.DeleteResponse\x12\x43\n\x0e\x43ompareAndSwap\x12\x17.raftfast.v1.CasRequest\x1a\x18.raftfast.v1.CasResponse\x12;\n\x04Scan\x12\x18.raftfast.v1.ScanRequest\x1a\x19.raftfast.v1.ScanResponse\x12\x44\n\x07Session\x12\x19.raftfast.v1.SessionFrame\x1a\x1a.raftfast.v1.SessionResult(\x01\x30\x01\x12\x41\n\x06Status\x12\x1a.raftfast.v1.StatusRequest\x1a\x1b.raftfast.v1.StatusResponse2\xd7\x03\n\x05\x41\x64min\x12Y\n\x0eTransferLeader\x12\".raftfast.v1.TransferLeaderRequest\x1a#.raftfast.v1.TransferLeaderResponse\x12J\n\nMemberList\x12\x1e.raftfast.v1.MemberListRequest\x1a\x1c.raftfast.v1.MembersResponse\x12H\n\tMemberAdd\x12\x1d.raftfast.v1.MemberAddRequest\x1a\x1c.raftfast.v1.MembersResponse\x12I\n\rMemberPromote\x12\x1a.raftfast.v1.MemberRequest\x1a\x1c.raftfast.v1.MembersResponse\x12H\n\x0cMemberDemote\x12\x1a.raftfast.v1.MemberRequest\x1a\x1c.raftfast.v1.MembersResponse\x12H\n\x0cMemberRemove\x12\x1a.raftfast.v1.MemberRequest\x1a\x1c.raftfast.v1.MembersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raftfast.proto.raftfast_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_READMODE']._serialized_start=2339
-  _globals['_READMODE']._serialized_end=2422
+  _globals['_READMODE']._serialized_start=2353
+  _globals['_READMODE']._serialized_end=2436
   _globals['_RAFTMESSAGE']._serialized_start=47
   _globals['_RAFTMESSAGE']._serialized_end=227
   _globals['_FRAME']._serialized_start=229
@@ -66,37 +66,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCANRESPONSE']._serialized_start=1082
   _globals['_SCANRESPONSE']._serialized_end=1134
   _globals['_OP']._serialized_start=1137
-  _globals['_OP']._serialized_end=1353
+  _globals['_OP']._serialized_end=1367
   _globals['_OP_KIND']._serialized_start=1308
-  _globals['_OP_KIND']._serialized_end=1353
-  _globals['_SESSIONFRAME']._serialized_start=1355
-  _globals['_SESSIONFRAME']._serialized_end=1436
-  _globals['_OPRESULT']._serialized_start=1438
-  _globals['_OPRESULT']._serialized_end=1504
-  _globals['_SESSIONRESULT']._serialized_start=1506
-  _globals['_SESSIONRESULT']._serialized_end=1595
-  _globals['_STATUSREQUEST']._serialized_start=1597
-  _globals['_STATUSREQUEST']._serialized_end=1612
-  _globals['_MEMBER']._serialized_start=1614
-  _globals['_MEMBER']._serialized_end=1686
-  _globals['_STATUSRESPONSE']._serialized_start=1689
-  _globals['_STATUSRESPONSE']._serialized_end=1953
-  _globals['_TRANSFERLEADERREQUEST']._serialized_start=1955
-  _globals['_TRANSFERLEADERREQUEST']._serialized_end=1994
-  _globals['_TRANSFERLEADERRESPONSE']._serialized_start=1996
-  _globals['_TRANSFERLEADERRESPONSE']._serialized_end=2050
-  _globals['_MEMBERLISTREQUEST']._serialized_start=2052
-  _globals['_MEMBERLISTREQUEST']._serialized_end=2071
-  _globals['_MEMBERADDREQUEST']._serialized_start=2073
-  _globals['_MEMBERADDREQUEST']._serialized_end=2137
-  _globals['_MEMBERREQUEST']._serialized_start=2139
-  _globals['_MEMBERREQUEST']._serialized_end=2166
-  _globals['_MEMBERSRESPONSE']._serialized_start=2169
-  _globals['_MEMBERSRESPONSE']._serialized_end=2337
-  _globals['_PEER']._serialized_start=2425
-  _globals['_PEER']._serialized_end=2681
-  _globals['_KV']._serialized_start=2684
-  _globals['_KV']._serialized_end=3138
-  _globals['_ADMIN']._serialized_start=3141
-  _globals['_ADMIN']._serialized_end=3612
+  _globals['_OP_KIND']._serialized_end=1367
+  _globals['_SESSIONFRAME']._serialized_start=1369
+  _globals['_SESSIONFRAME']._serialized_end=1450
+  _globals['_OPRESULT']._serialized_start=1452
+  _globals['_OPRESULT']._serialized_end=1518
+  _globals['_SESSIONRESULT']._serialized_start=1520
+  _globals['_SESSIONRESULT']._serialized_end=1609
+  _globals['_STATUSREQUEST']._serialized_start=1611
+  _globals['_STATUSREQUEST']._serialized_end=1626
+  _globals['_MEMBER']._serialized_start=1628
+  _globals['_MEMBER']._serialized_end=1700
+  _globals['_STATUSRESPONSE']._serialized_start=1703
+  _globals['_STATUSRESPONSE']._serialized_end=1967
+  _globals['_TRANSFERLEADERREQUEST']._serialized_start=1969
+  _globals['_TRANSFERLEADERREQUEST']._serialized_end=2008
+  _globals['_TRANSFERLEADERRESPONSE']._serialized_start=2010
+  _globals['_TRANSFERLEADERRESPONSE']._serialized_end=2064
+  _globals['_MEMBERLISTREQUEST']._serialized_start=2066
+  _globals['_MEMBERLISTREQUEST']._serialized_end=2085
+  _globals['_MEMBERADDREQUEST']._serialized_start=2087
+  _globals['_MEMBERADDREQUEST']._serialized_end=2151
+  _globals['_MEMBERREQUEST']._serialized_start=2153
+  _globals['_MEMBERREQUEST']._serialized_end=2180
+  _globals['_MEMBERSRESPONSE']._serialized_start=2183
+  _globals['_MEMBERSRESPONSE']._serialized_end=2351
+  _globals['_PEER']._serialized_start=2439
+  _globals['_PEER']._serialized_end=2695
+  _globals['_KV']._serialized_start=2698
+  _globals['_KV']._serialized_end=3152
+  _globals['_ADMIN']._serialized_start=3155
+  _globals['_ADMIN']._serialized_end=3626
 # @@protoc_insertion_point(module_scope)

@@ -182,10 +182,12 @@ class Op(_message.Message):
         GET: _ClassVar[Op.Kind]
         DELETE: _ClassVar[Op.Kind]
         CAS: _ClassVar[Op.Kind]
+        PUT_MANY: _ClassVar[Op.Kind]
     PUT: Op.Kind
     GET: Op.Kind
     DELETE: Op.Kind
     CAS: Op.Kind
+    PUT_MANY: Op.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]

@@ -17,6 +17,9 @@ from raftfast.kv.fsm import (
     encode_cas,
     encode_delete,
     encode_put,
+    encode_put_many,
+    pack_pairs,
+    unpack_pairs,
 )
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -336,3 +339,41 @@ def test_replicas_fed_the_same_entries_end_identical(
     assert one.scan(b"", 0) == two.scan(b"", 0) == sorted(model.data.items())
     assert one.malformed == two.malformed
     assert one.applied_index == two.applied_index == len(commands)
+
+
+# -- PUT_MANY ---------------------------------------------------------------------------------
+
+
+def test_put_many_is_one_atomic_exactly_once_write() -> None:
+    m = KVStateMachine()
+    m.apply(1, encode_put(7, 1, b"b", b"old"))
+    pairs = pack_pairs([(b"a", b"1"), (b"b", b"2"), (b"c", b""), (b"a", b"last")])
+    assert m.apply(2, encode_put_many(7, 2, pairs)) is True
+    assert (m.get(b"a"), m.get(b"b"), m.get(b"c")) == (b"last", b"2", b"")  # later pairs win
+    assert [k for k, _ in m.scan(b"", 100)] == [b"a", b"b", b"c"]  # each new key indexed once
+    m.apply(3, encode_put(7, 3, b"a", b"newer"))
+    # A retry of the same group (same client, same sequence) changes nothing.
+    assert m.apply(4, encode_put_many(7, 2, pairs)) is True
+    assert m.get(b"a") == b"newer"
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        b"junk",
+        pack_pairs([(b"k", b"v")])[:-1],  # truncated
+        pack_pairs([(b"", b"v")]),  # empty key
+    ],
+)
+def test_malformed_put_many_is_a_counted_no_op(pairs: bytes) -> None:
+    m = KVStateMachine()
+    assert m.apply(1, encode_put_many(1, 1, pairs)) is None
+    assert m.malformed == 1 and m.scan(b"", 100) == []
+
+
+def test_unpack_pairs_refuses_an_odd_count() -> None:
+    from raftfast._accel import encode_uniform
+
+    with pytest.raises(ValueError, match="odd number"):
+        unpack_pairs(encode_uniform(0, 0, [b"k", b"v", b"k2"]))
+    assert unpack_pairs(pack_pairs([(b"k", b"v")])) == ([b"k"], [b"v"])

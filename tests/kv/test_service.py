@@ -359,6 +359,40 @@ def test_session_many_ops_per_frame_mixed_valid_invalid() -> None:
     run(main())
 
 
+def test_session_put_many_is_validated_and_applied_as_one_write() -> None:
+    from raftfast._accel import encode_uniform
+    from raftfast.kv.fsm import pack_pairs
+
+    async def main() -> None:
+        node = FakeNode(max_key_bytes=16, max_value_bytes=32)
+        async with serve(node) as kv:
+            many = pb.Op.PUT_MANY
+            frame = _frame(
+                1,
+                pb.Op(kind=many, value=pack_pairs([(b"a", b"1"), (b"b", b"2")]), sequence=1),
+                pb.Op(kind=many, value=b"not packed", sequence=2),
+                pb.Op(kind=many, value=encode_uniform(0, 0, [b"a", b"1", b"b"]), sequence=3),
+                pb.Op(kind=many, value=pack_pairs([(b"k" * 17, b"v")]), sequence=4),
+                pb.Op(kind=many, value=pack_pairs([(b"k", b"v" * 33)]), sequence=5),
+                pb.Op(kind=many, key=b"k", value=pack_pairs([(b"k", b"v")]), sequence=6),
+                pb.Op(kind=many, value=pack_pairs([]), sequence=7),
+            )
+            call = kv.Session()
+            await call.write(frame)
+            await call.done_writing()
+            (result,) = [r async for r in call]
+            codes = [r.code for r in result.results]
+            assert codes == [0, 3, 3, 3, 3, 3, 3], result
+            errors = [r.error for r in result.results[1:]]
+            assert "bad packed pairs" in errors[0] and "odd number" in errors[1]
+            assert "key is 17 bytes" in errors[2] and "value is 33 bytes" in errors[3]
+            assert "key must be empty" in errors[4] and "at least one key" in errors[5]
+            assert node.fsm.get(b"a") == b"1" and node.fsm.get(b"b") == b"2"
+            assert [len(p) for p in node.proposals] == [1]  # one entry for both pairs
+
+    run(main())
+
+
 def test_session_frames_run_concurrently() -> None:
     async def main() -> None:
         node = FakeNode()
