@@ -88,6 +88,7 @@ class Node:
             os.path.join(s.data_dir, "wal"), segment_bytes=s.wal_segment_bytes, fsync=s.fsync
         )
         state = self.wal.recovered()
+        self._durable_term_vote = (state.hard_state.term, state.hard_state.vote)
         self.snapshots = SnapshotStore(os.path.join(s.data_dir, "snap"))
         latest = self.snapshots.latest()
         # A node that joins an existing cluster starts with no configuration: it learns it from
@@ -538,11 +539,19 @@ class Node:
         self.transport.send(rd.eager_messages)
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
-        if rd.hard_state is not None or rd.entries:
-            self.wal.append(rd.hard_state, rd.entries or None)
-            loop = asyncio.get_running_loop()
-            # A StorageError propagates: _run stops the node (never retry-and-pretend).
-            await loop.run_in_executor(self._fsync_pool, self._write_and_sync)
+        hs = rd.hard_state
+        if hs is not None or rd.entries:
+            self.wal.append(hs, rd.entries or None)
+            # Entries, term and vote must be durable before anything is sent or applied; the
+            # commit index need not be (a restart relearns it from the leader), so a Ready that
+            # only moves it does not wait for a sync: its record rides on the next one. That
+            # keeps an fdatasync and a thread hand-off off every write's critical path.
+            if rd.entries or (hs is not None and (hs.term, hs.vote) != self._durable_term_vote):
+                loop = asyncio.get_running_loop()
+                # A StorageError propagates: _run stops the node (never retry-and-pretend).
+                await loop.run_in_executor(self._fsync_pool, self._write_and_sync)
+                if hs is not None:
+                    self._durable_term_vote = (hs.term, hs.vote)
         for m in rd.messages:
             if m.type == MsgType.SNAPSHOT:
                 asyncio.create_task(self._send_snapshot(m))

@@ -102,6 +102,10 @@ class Progress:
             return True
         if self.next_index - 1 != rejected:
             return False
+        if probe_hint < self.match_index:
+            # The follower rejects the very entry it acknowledged: its disk lost what it had
+            # made durable (a torn or truncated WAL). Start again from what it still has.
+            self.match_index = probe_hint
         self.next_index = max(min(rejected, probe_hint + 1), self.match_index + 1)
         self.probe_sent = False
         return True

@@ -476,3 +476,25 @@ def test_a_stale_rejection_does_not_restart_replication():
     )
     net.node("n1").step(current)
     assert pr.state == ProgressState.PROBE
+
+
+def test_a_follower_that_lost_acknowledged_entries_is_caught_up_again():
+    """A disk that loses a record it had synced (a torn WAL tail) leaves the follower behind
+    the match index the leader recorded; the leader must not wait for it forever."""
+    net = Net(["n1", "n2", "n3"])
+    net.elect("n1")
+    net.node("n1").propose([b"a", b"b", b"c"])
+    net.drive()
+    leader = net.node("n1").raft
+    assert leader.progress["n2"].match_index == leader.log.last_index == 4
+    old = net.node("n2").raft
+    shorter = EntryLog()
+    shorter.append_batch(old.log.entries.slice(1, 3), 1)  # entries 3 and 4 are gone
+    net.nodes["n2"] = RawNode(
+        Config("n2", ["n1", "n2", "n3"]), shorter, HardState(old.term, old.vote, 2)
+    )
+    net.node("n1").report_unreachable("n2")  # its stream broke when it restarted
+    net.node("n1").propose([b"d"])
+    net.drive()
+    assert net.node("n2").raft.log.last_index == 5
+    assert leader.progress["n2"].match_index == 5

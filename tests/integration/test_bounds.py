@@ -19,6 +19,8 @@ from pathlib import Path
 from raftfast.client import Client
 from raftfast.localcluster import ProcCluster
 
+from .load import put_each
+
 DURATION = float(os.environ.get("RAFTFAST_BOUND_SECONDS", "30"))
 FLAGS = [
     "--snapshot-entries",
@@ -76,7 +78,7 @@ def test_memory_and_disk_stay_bounded_under_an_endless_write_load(tmp_path):
                     if now >= next_sample:
                         sample(now - started)
                         next_sample = now + max(1.0, DURATION / 60)
-                    await c.put_many([(f"k{(i + j) % KEYS}", VALUE) for j in range(2000)])
+                    await put_each(c, ((f"k{(i + j) % KEYS}", VALUE) for j in range(2000)))
                     i += 2000
                     writes += 2000
                 sample(time.monotonic() - started)

@@ -3,14 +3,15 @@ replace a failed node, and the ``raftfast member`` commands."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 
 import pytest
 
-from raftfast.client import Client, SyncClient
+from raftfast.client import SyncClient
 from raftfast.localcluster import ProcCluster, wait_for
+
+from .load import write_each
 
 # Small snapshots so joining nodes also exercise InstallSnapshot.
 FLAGS = ["--snapshot-entries", "2000", "--snapshot-keep", "500"]
@@ -23,13 +24,7 @@ def cluster(tmp_path):
 
 
 def _write(endpoints: list[str], prefix: str, count: int) -> None:
-    async def run() -> None:
-        async with Client(endpoints, timeout=30) as c:
-            for start in range(0, count, 5000):
-                n = min(5000, count - start)
-                await c.put_many([(f"{prefix}{start + i}", f"{start + i}") for i in range(n)])
-
-    asyncio.run(run())
+    write_each(endpoints, prefix, count)
 
 
 def _roles(client: SyncClient) -> dict[str, str]:

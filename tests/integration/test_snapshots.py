@@ -3,12 +3,12 @@ InstallSnapshot, and restarts from a snapshot."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from raftfast.client import Client, SyncClient
+from raftfast.client import SyncClient
 from raftfast.localcluster import ProcCluster, wait_for
+
+from .load import write_each
 
 SNAPSHOT_FLAGS = ["--snapshot-entries", "2000", "--snapshot-keep", "500"]
 
@@ -20,13 +20,7 @@ def cluster(tmp_path):
 
 
 def _write(cluster: ProcCluster, prefix: str, count: int) -> None:
-    async def run() -> None:
-        async with Client(cluster.endpoints, timeout=30) as c:
-            for start in range(0, count, 5000):
-                n = min(5000, count - start)
-                await c.put_many([(f"{prefix}{start + i}", f"{start + i}") for i in range(n)])
-
-    asyncio.run(run())
+    write_each(cluster.endpoints, prefix, count)
 
 
 def test_far_behind_follower_catches_up_by_snapshot_and_restarts_from_it(cluster):
