@@ -22,7 +22,9 @@ class RaftLog:
         self.entries = entries
         snapshot_index = entries.first_index - 1
         # A torn write may have kept a hard state whose commit is past the surviving entries.
-        self.committed = max(snapshot_index, min(committed, entries.last_index))
+        # The commit index is not always synced (a Ready that only moves it is not), so the
+        # state machine's snapshot may be ahead of it: what a snapshot holds is committed.
+        self.committed = max(snapshot_index, min(max(committed, applied), entries.last_index))
         # The state machine may come from a snapshot newer than the log's compaction point.
         self.applied = max(snapshot_index, min(applied, self.committed))
         self.stable = entries.last_index  # everything recovered from storage is durable

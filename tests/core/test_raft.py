@@ -498,3 +498,14 @@ def test_a_follower_that_lost_acknowledged_entries_is_caught_up_again():
     net.drive()
     assert net.node("n2").raft.log.last_index == 5
     assert leader.progress["n2"].match_index == 5
+
+
+def test_restart_with_a_snapshot_newer_than_the_synced_commit_index():
+    """The driver does not sync a Ready that only moves the commit index, so after a crash the
+    state machine's snapshot may be ahead of the recovered commit index; what it holds is
+    committed (the simulation caught the log refusing to compact up to it)."""
+    log = EntryLog()
+    log.append(1, [b"a", b"b", b"c", b"d", b"e", b"f"])
+    node = RawNode(Config("n1", ["n1", "n2", "n3"]), log, HardState(1, "", 4), applied=6)
+    assert node.raft.log.committed == 6 and node.raft.log.applied == 6
+    node.compact(5)  # allowed: entries up to 6 are in the snapshot

@@ -88,6 +88,7 @@ class SimNode:
     joined_at: int = 0  # index of the configuration entry that added it (0: a founder)
     retire_at: int | None = None  # removed from the cluster: shut down for good at this time
     retired: bool = False
+    durable_term_vote: tuple[int, str] = (0, "")
 
 
 @dataclass(order=True)
@@ -375,6 +376,7 @@ class Cluster:
         node.pending = None
         node.incoming = None
         node.applied_index = applied
+        node.durable_term_vote = (state.hard_state.term, state.hard_state.vote)
         if self.time:
             self.events.append(f"t={self.time} restart {node.id}")
 
@@ -387,13 +389,21 @@ class Cluster:
             node.storage.append(rd.hard_state, rd.entries or None)
             self._send_all(rd.eager_messages)
             node.pending = rd
+            hs = rd.hard_state
+            if not rd.entries and (hs is None or (hs.term, hs.vote) == node.durable_term_vote):
+                # Like the driver: a Ready that only moves the commit index is not synced.
+                self._complete_sync(node, sync=False)
+                return
             node.sync_at = self.time + self.rng.randint(0, self.faults.max_fsync)
             if node.sync_at <= self.time:
                 self._complete_sync(node)
 
-    def _complete_sync(self, node: SimNode) -> None:
+    def _complete_sync(self, node: SimNode, sync: bool = True) -> None:
         rd = node.pending
-        node.storage.sync()
+        if sync:
+            node.storage.sync()
+            if rd.hard_state is not None:
+                node.durable_term_vote = (rd.hard_state.term, rd.hard_state.vote)
         self._send_all(rd.messages)
         if rd.committed:
             self._apply(node, rd.committed)
