@@ -223,7 +223,8 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
                 workload.endpoints = cluster.endpoints
                 pids = {nid: p.pid for nid, p in cluster.procs.items()}
                 measured = _run_workers(workload, args.clients, label, show, pids)
-    return _describe(args, target, 0 if args.noop else nodes, measured)
+    reported = 0 if args.noop else (len(endpoints) if endpoints else nodes)
+    return _describe(args, target, reported, measured)
 
 
 def _workload(args: argparse.Namespace) -> Workload:

@@ -68,3 +68,17 @@ def test_bad_options_exit_2_with_one_line(args, expected):
     out = bench(*args, timeout=30)
     assert out.returncode == 2, out
     assert expected in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_endpoints_measures_a_running_cluster(tmp_path):
+    from raftfast.localcluster import ProcCluster
+
+    with ProcCluster(tmp_path, 3) as cluster:
+        cluster.wait_leader()
+        out = bench("--endpoints", ",".join(cluster.endpoints), "--json", *SHORT)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["target"] == "endpoints" and result["nodes"] == 3
+        assert result["ops_per_s"] > 100 and result["errors"] == 0
+        # its writes landed in that cluster
+        assert max(cluster.status(n).commit_index for n in cluster.ids) > result["ops"] / 2
