@@ -201,10 +201,6 @@ def _check_node_id(node_id: object) -> None:
         raise ValueError(f"bad node id {node_id!r}")
 
 
-def _members_dict(response: Any) -> dict[str, Any]:
-    return _message_to_dict(response)
-
-
 def _message_to_dict(msg: Any) -> dict[str, Any]:
     """Every field of a proto message (defaults included) as plain Python values."""
     out: dict[str, Any] = {}
@@ -457,8 +453,8 @@ class Client:
 
         The pairs travel packed, in groups of up to 256 KiB / 4,096 pairs; each group is one
         atomic, exactly-once write (one log entry), so the per-write costs are paid per group,
-        not per pair. Groups are pipelined; when one fails, others may have been applied.
-        Later pairs win over earlier ones with the same key.
+        not per pair. Groups are pipelined in order; when one fails, others may have been
+        applied. Within a group, a later pair wins over an earlier one with the same key.
         """
         pairs = [(_to_bytes(k, "key"), _to_bytes(v, "value")) for k, v in items]
         ops = []
@@ -547,7 +543,7 @@ class Client:
         ``address``, ``role`` voter|learner and ``match_index``), ``leader``, ``config_index``,
         ``committed``, ``commit_index`` and ``cluster_id``."""
         _, response = await self._unary("MemberList", pb.MemberListRequest(), timeout, admin=True)
-        return _members_dict(response)
+        return _message_to_dict(response)
 
     async def add_member(
         self, node_id: str, address: str, *, learner: bool = False, timeout: float | None = None
@@ -560,7 +556,7 @@ class Client:
             raise ValueError(f"bad address {address!r} (want HOST:PORT)")
         request = pb.MemberAddRequest(id=node_id, address=address, learner=learner)
         _, response = await self._unary("MemberAdd", request, timeout, admin=True)
-        return _members_dict(response)
+        return _message_to_dict(response)
 
     async def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
         """Make learner ``node_id`` a voter; returns the new configuration."""
@@ -579,7 +575,7 @@ class Client:
     async def _member_call(self, method: str, node_id: str, timeout: float | None) -> dict:
         _check_node_id(node_id)
         _, response = await self._unary(method, pb.MemberRequest(id=node_id), timeout, admin=True)
-        return _members_dict(response)
+        return _message_to_dict(response)
 
     # -- internals: common -------------------------------------------------------------------
 
