@@ -76,6 +76,8 @@ class Node:
         self.stopped = asyncio.Event()
         self._membership: Membership | None = None  # the configuration the transport follows
         self._known_addresses: dict[str, str] = {}  # joining: members learned from the cluster
+        self._book: dict[str, str] | None = None  # the peers the transport was last pointed at
+        self._joining = False  # --join in progress: entries replayed may predate our addition
         self.removed = False  # a committed configuration left us out: we shut down
         self._committed_members: set[str] = set()  # of the newest configuration applied here
         self._removed_ids: set[str] = set()  # nodes whose removal we applied: refused
@@ -102,6 +104,13 @@ class Node:
                 raise CorruptionError(f"{latest.path}: {exc}", latest.path, 0) from None
             self.fsm.restore(fsm_state)
             self._snapshot_index = latest.index
+            if not _log_holds(state.log, latest.index, latest.term):
+                # A snapshot from the leader whose installation a crash interrupted (the file
+                # is complete, the WAL's "snapshot installed" record is not): finish it, or the
+                # old log would sit under a state machine that no longer matches it.
+                self.wal.install_snapshot(latest.index, latest.term)
+                state.log.reset(latest.index + 1, latest.term)
+                log.warning("node %s completed installing snapshot %d", s.id, latest.index)
         config = Config(
             s.id,
             [] if s.join else sorted(s.peers),
@@ -288,6 +297,9 @@ class Node:
             listing = self.members()
             listing.note = f"{node_id} is already {_DONE_NOTE[kind]}: nothing to do"
             return listing
+        if kind == ChangeKind.PROMOTE and node_id in m.learners:
+            # A voter far behind would stall writes (it counts toward the quorum at once).
+            await self._wait_caught_up(node_id, deadline)
         await self._change(kind, node_id, "", deadline)
         if self.raw.raft.role != Role.LEADER:
             # We removed ourselves and stepped down: answer with what we know.
@@ -328,7 +340,10 @@ class Node:
         try:
             while not applied.done():
                 raft = self.raw.raft
-                if raft.role != Role.LEADER or raft.term != term:
+                committed_here = raft.log.committed >= index and raft.log.term_at(index) == term
+                if (raft.role != Role.LEADER or raft.term != term) and not committed_here:
+                    # (a leader whose own removal just committed has stepped down: the entry
+                    # is committed and applied with the next Ready; wait for that)
                     raise NotLeaderError(
                         f"leadership lost before {what} committed", raft.leader or None
                     )
@@ -409,12 +424,14 @@ class Node:
         self._wake.set()
 
     def _address_book(self) -> dict[str, str]:
-        """Whom the transport talks to: the members of the configuration in force (and, while
-        we are not a member yet, the members the cluster told us about when we joined)."""
-        members = self.raw.raft.membership.members()
-        if self.id in members:
-            return members
-        return {**self._known_addresses, **members}
+        """Whom the transport talks to: the members of the configuration committed here and
+        of every newer one (a node being removed is still needed until its removal commits),
+        and, while we are not a member, the members the cluster told us about when we joined."""
+        raft = self.raw.raft
+        book = raft.peers_in_play()
+        if self.id in raft.membership:
+            return book
+        return {**self._known_addresses, **book}
 
     def _accepts_from(self, src: str) -> bool:
         """Peer traffic we take: anyone with our cluster id (a member added recently may lead
@@ -431,20 +448,22 @@ class Node:
             self._shut_down_removed(f"{peer} says this node was removed from the cluster")
 
     def _follow_membership(self) -> None:
-        """Point the transport at the configuration in force (it changes on append)."""
+        """Point the transport at the peers in play (they change on append and on commit)."""
         membership = self.raw.raft.membership
-        if membership is self._membership:
-            return
-        if self._membership is not None:
-            log.info(
-                "node %s configuration now: voters %s, learners %s (index %d)",
-                self.id,
-                sorted(membership.voters) or "none",
-                sorted(membership.learners) or "none",
-                self.raw.raft.config_index,
-            )
-        self._membership = membership
-        self.transport.set_peers(self._address_book())
+        if membership is not self._membership:
+            if self._membership is not None:
+                log.info(
+                    "node %s configuration now: voters %s, learners %s (index %d)",
+                    self.id,
+                    sorted(membership.voters) or "none",
+                    sorted(membership.learners) or "none",
+                    self.raw.raft.config_index,
+                )
+            self._membership = membership
+        book = self._address_book()
+        if book != self._book:
+            self._book = book
+            self.transport.set_peers(book)
 
     async def _join(self) -> None:
         """``--join``: ask the cluster to add us (as a learner, promoted once caught up)."""
@@ -453,6 +472,7 @@ class Node:
         s = self.settings
         loop = asyncio.get_running_loop()
         backoff = 0.2
+        self._joining = True
         async with Client([s.join], timeout=30.0) as client:
             while not self._stopping:
                 try:
@@ -463,10 +483,10 @@ class Node:
                             f"not {s.cluster_id!r}"
                         )
                     self._known_addresses = {m["id"]: m["address"] for m in listing["members"]}
-                    self._membership = None
                     self._follow_membership()
                     log.info("node %s asks %s to add it at %s", s.id, s.join, s.listen)
                     await client.add_member(s.id, s.listen, timeout=600.0)
+                    self._joining = False
                     log.info("node %s joined the cluster as a voter", s.id)
                     return
                 except ValueError as exc:
@@ -661,9 +681,14 @@ class Node:
         members = set(membership.members())
         self._removed_ids = (self._removed_ids | (self._committed_members - members)) - members
         self._committed_members = members
-        if self.id in membership or self.removed:
-            return
-        if not any(self.id in m for at, m in self.raw.raft.configs() if at < index):
+        raft = self.raw.raft
+        if self.id in membership or self.removed or self._joining:
+            return  # (joining: an earlier node with our id may have been removed long ago)
+        if self.id in raft.membership or any(
+            self.id in m for at, m in raft.configs() if at > index
+        ):
+            return  # added back since
+        if not any(self.id in m for at, m in raft.configs() if at < index):
             return  # we were never a member before it (we are joining, catching up)
         self._shut_down_removed(f"the configuration at index {index} leaves it out")
 
@@ -732,6 +757,13 @@ _DONE_NOTE = {
     ChangeKind.DEMOTE: "a learner",
     ChangeKind.REMOVE: "not a member",
 }
+
+
+def _log_holds(entries, index: int, term: int) -> bool:
+    """Does the log hold entry ``index`` with ``term`` (or start right after it)?"""
+    if not entries.first_index - 1 <= index <= entries.last_index:
+        return False
+    return entries.term_at(index) == term
 
 
 class _IncomingSnapshot:

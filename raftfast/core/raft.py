@@ -275,17 +275,36 @@ class Raft:
             return self.id in self._configs[-2][1].voters
         return False
 
+    def peers_in_play(self) -> dict[str, str]:
+        """Every node messages must still reach (id -> address): the members of the
+        configuration committed here and of every newer one. A node being removed keeps being
+        replicated to, and heard, until its removal commits: it may be needed to commit it,
+        and it must learn of it (to shut down)."""
+        committed = self.log.committed
+        out = dict(self.membership_at(committed).members())
+        for at, m in self._configs:
+            if at > committed:
+                out.update(m.members())
+        return out
+
+    def _sync_progress(self) -> None:
+        """Leader: track exactly the peers in play. Those dropped (their removal committed) get
+        a last heartbeat carrying the commit index, so they learn of it."""
+        wanted = self.peers_in_play()
+        for peer in wanted:
+            if peer not in self.progress:
+                self.progress[peer] = Progress(self.log.last_index + 1)
+        for peer, pr in list(self.progress.items()):
+            if peer not in wanted and peer != self.id:
+                del self.progress[peer]
+                commit = min(pr.match_index, self.log.committed)
+                self._send(Message(MsgType.HEARTBEAT, self.id, peer, self.term, commit=commit))
+
     def _membership_changed(self) -> None:
         self.membership = self._configs[-1][1]
         self.voters = sorted(self.membership.voters)
         if self.role == Role.LEADER:
-            members = self.membership.members()
-            for peer in members:
-                if peer not in self.progress:
-                    self.progress[peer] = Progress(self.log.last_index + 1)
-            for peer in list(self.progress):
-                if peer not in members and peer != self.id:
-                    del self.progress[peer]
+            self._sync_progress()
             if self.transferee and self.transferee not in self.membership.voters:
                 self.transferee = ""
             if self._maybe_commit():  # a smaller quorum may already hold more
@@ -379,7 +398,7 @@ class Raft:
         self.leader = self.id
         self._reset_timers()
         next_index = self.log.last_index + 1
-        members = [*self.membership.members(), self.id]
+        members = [*self.peers_in_play(), self.id]
         self.progress = {peer: Progress(next_index) for peer in members}
         self._read_acks = {}
         self.transferee = ""
@@ -709,8 +728,11 @@ class Raft:
         self.progress[self.id].match_index = self.log.stable
         index = quorum_match(self.progress[v].match_index for v in self.voters)
         if index > self.log.committed and self.log.term_at(index) == self.term:
+            before = self.log.committed
             self.log.commit_to(index)
             self._release_reads()
+            if before < self.config_index <= index:
+                self._sync_progress()  # a removal committed: stop replicating to that node
             if self.id not in self.membership.voters and self.config_index <= index:
                 self._step_down_removed()
                 return False

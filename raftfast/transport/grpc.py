@@ -28,6 +28,7 @@ log = logging.getLogger("raftfast.transport")
 
 _VOTES = (MsgType.VOTE, MsgType.PRE_VOTE)
 _MAX_FRAME_MESSAGES = 1024
+_CLOSE_GRACE_S = 1.0  # a peer that left keeps its stream this long
 # No real term or index comes near this. A forged term close to 2**64 would be adopted and made
 # durable, and then no election could ever bump it again: the cluster would be dead for good.
 _MAX_TERM_OR_INDEX = 1 << 62
@@ -71,6 +72,7 @@ class PeerTransport:
         self.on_refused = on_refused
         self._peers = {pid: _Peer(pid, addr) for pid, addr in peers.items() if pid != node_id}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._leaving: list[tuple[_Peer, asyncio.Task | None]] = []  # closed after a grace
         self._started = False
         self._closed = False
 
@@ -92,23 +94,35 @@ class PeerTransport:
         for pid, peer in list(self._peers.items()):
             if wanted.get(pid) != peer.address:
                 del self._peers[pid]
-                task = self._tasks.pop(pid, None)
-                if task is not None:
-                    task.cancel()
-                if peer.channel is not None:
-                    asyncio.create_task(peer.channel.close(grace=None))
+                # Give what is queued for it (say, the heartbeat telling a removed node that
+                # its removal committed) a moment to leave before the stream closes.
+                leaving = (peer, self._tasks.pop(pid, None))
+                self._leaving.append(leaving)
+                asyncio.get_running_loop().call_later(_CLOSE_GRACE_S, self._close_peer, leaving)
         for pid, addr in wanted.items():
             if pid not in self._peers:
                 peer = self._peers[pid] = _Peer(pid, addr)
                 if self._started:
                     self._open(peer)
 
+    def _close_peer(self, leaving: tuple[_Peer, asyncio.Task | None]) -> None:
+        if leaving not in self._leaving:
+            return  # close() got there first
+        self._leaving.remove(leaving)
+        peer, task = leaving
+        if task is not None:
+            task.cancel()
+        if peer.channel is not None:
+            asyncio.create_task(peer.channel.close(grace=None))
+
     async def close(self) -> None:
         self._closed = True
-        for task in self._tasks.values():
+        leaving, self._leaving = self._leaving, []
+        tasks = [*self._tasks.values(), *(task for _, task in leaving if task is not None)]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        for peer in self._peers.values():
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for peer in [*self._peers.values(), *(peer for peer, _ in leaving)]:
             if peer.channel is not None:
                 await peer.channel.close(grace=None)
 

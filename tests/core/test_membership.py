@@ -303,3 +303,25 @@ def test_a_lost_first_probe_to_a_new_learner_is_repeated_on_heartbeats():
         net.drive()
     assert net.node("n4").raft.membership.learners == {"n4": "h:4"}
     assert net.node("n1").raft.progress["n4"].match_index == net.node("n1").raft.log.last_index
+
+
+def test_a_removed_follower_receives_its_removal():
+    """It is replicated to until the removal commits (and is heard: it may be needed for the
+    commit), so it holds the entry that removes it; its driver then shuts it down once it
+    applies it or once a peer refuses it as removed."""
+    net = cluster()
+    index = net.node("n1").propose_change(REMOVE, "n3")
+    net.drive()
+    n3 = net.node("n3").raft
+    assert n3.config_index == index and "n3" not in n3.membership
+    assert "n3" not in net.node("n1").raft.progress  # dropped once the removal committed
+
+
+def test_peers_in_play_keep_a_node_being_removed_until_the_removal_commits():
+    net = cluster()
+    net.down = {"n2", "n3"}  # nothing commits
+    net.node("n1").propose_change(REMOVE, "n3")
+    leader = net.node("n1").raft
+    assert set(leader.peers_in_play()) == {"n1", "n2", "n3"}
+    assert "n3" in leader.progress
+    assert set(leader.membership.voters) == {"n1", "n2"}  # but it no longer counts

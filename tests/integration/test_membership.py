@@ -3,6 +3,7 @@ replace a failed node, and the ``raftfast member`` commands."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -85,9 +86,11 @@ def test_grow_to_five_by_join_then_shrink_to_three_removing_the_leader(cluster):
     with SyncClient(cluster.endpoints, timeout=30) as c:
         c.remove_member(leader)
         wait_for("the removed leader to exit", lambda: cluster.exited(leader) == 0, timeout=60)
-        second = next(n for n in ("n1", "n2", "n3") if n != leader)
+        # Then a follower: it must learn of its removal too, and go.
+        now_leading = cluster.wait_leader(among=[n for n in cluster.ids if n != leader])
+        second = next(n for n in ("n1", "n2", "n3") if n not in (leader, now_leading))
         c.remove_member(second)
-        wait_for("the second removed node to exit", lambda: cluster.exited(second) == 0, 60)
+        wait_for("the removed follower to exit", lambda: cluster.exited(second) == 0, 60)
         remaining = sorted(_roles(c))
         assert len(remaining) == 3 and leader not in remaining and second not in remaining
         new_leader = cluster.wait_leader(among=remaining)
@@ -158,3 +161,28 @@ def test_member_commands(cluster):
     assert out.returncode == 0 and '"learner"' not in out.stdout
     out = _cli(cluster, "status")
     assert out.returncode == 0 and "n4" in out.stdout and "voter" in out.stdout
+
+
+def test_an_id_can_be_used_again_after_its_removal(cluster):
+    """A fresh node that takes the id of a removed one replays the old removal from the log
+    while it catches up: that must not make it shut down."""
+    cluster.wait_leader()
+    _write(cluster.endpoints, "x", 200)
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        # A configuration entry that names n3 before its removal (a learner nobody runs).
+        c.add_member("n9", "127.0.0.1:9", learner=True)
+        c.remove_member("n3")
+        wait_for("n3 to exit", lambda: cluster.exited("n3") == 0, timeout=60)
+        # The same id on a new machine: a new data dir and address, joining again.
+        cluster.ids.remove("n3")
+        del cluster.addrs["n3"]
+        shutil.rmtree(cluster.tmp / "n3")
+        cluster.join("n3", via="n1")
+        wait_for("n3 to be a voter again", lambda: _roles(c).get("n3") == "voter", timeout=90)
+        c.put("after-rejoin", "ok")
+        with SyncClient([cluster.addrs["n3"]], timeout=30) as c3:
+            assert wait_for(
+                "n3 to apply the write",
+                lambda: c3.get("after-rejoin", read_mode="stale") == b"ok",
+            )
+        assert cluster.exited("n3") is None, cluster.logs["n3"].read_text()[-2000:]

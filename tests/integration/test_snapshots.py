@@ -62,3 +62,44 @@ def test_log_stays_bounded_by_snapshots(cluster):
         )
         # Snapshots every 2,000 entries, 500 kept behind: the log holds a few thousand at most.
         assert st.last_index - st.first_index < 2_000 + 500 + 5_000, st
+
+
+def test_a_snapshot_whose_install_a_crash_interrupted_is_completed_on_restart(tmp_path):
+    """The leader's snapshot file is complete (renamed into the store) but the crash came before
+    the WAL's "snapshot installed" record: the old, shorter log must not sit under it."""
+    import asyncio
+
+    from raftfast._accel import encode_uniform
+    from raftfast.core.membership import Membership
+    from raftfast.core.types import HardState
+    from raftfast.kv.fsm import KVStateMachine, encode_put
+    from raftfast.localcluster import free_ports
+    from raftfast.node import Node
+    from raftfast.settings import NodeSettings
+    from raftfast.storage.snapshot import SnapshotStore, pack_state
+    from raftfast.storage.wal import WAL
+
+    addrs = {f"n{i}": f"127.0.0.1:{p}" for i, p in enumerate(free_ports(3), 1)}
+    data_dir = tmp_path / "n2"
+    with WAL.open(str(data_dir / "wal")) as wal:  # the old log: entries 1..3 of term 1
+        wal.append(HardState(1, "", 3), encode_uniform(1, 1, [b"", b"", b""], 1))
+        wal.sync()
+    fsm = KVStateMachine()
+    fsm.apply(20, encode_put(0, 0, b"from-snapshot", b"yes"))
+    SnapshotStore(str(data_dir / "snap")).save(
+        20, 2, pack_state(Membership(addrs).encode(), fsm.snapshot())
+    )
+
+    async def main() -> None:
+        node = Node(NodeSettings("n2", addrs["n2"], addrs, str(data_dir)))
+        await node.start()
+        try:
+            log = node.raw.raft.log
+            assert (log.first_index, log.last_index, log.committed) == (21, 20, 20)
+            assert node.fsm.get(b"from-snapshot") == b"yes"
+        finally:
+            await node.stop()
+        with WAL.open(str(data_dir / "wal")) as wal:  # and it is durable
+            assert wal.recovered().log.first_index == 21
+
+    asyncio.run(main())
