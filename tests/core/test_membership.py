@@ -122,6 +122,7 @@ def test_a_promoted_learner_counts_toward_the_quorum():
     net.down.add("n2")
     net.node("n1").propose([b"three"])
     net.drive()
+    net.tick_all(1)  # followers learn the commit index from the next heartbeat
     assert b"three" in net.applied["n4"]
     net.down.add("n4")
     before = commit_of(net, "n1")
@@ -170,6 +171,7 @@ def test_removing_a_follower_shrinks_the_quorum():
     net.down.add("n3")
     net.node("n1").propose([b"after"])
     net.drive()
+    net.tick_all(1)
     assert b"after" in net.applied["n2"]
 
 
@@ -187,6 +189,7 @@ def test_removing_the_leader_hands_over_after_the_change_commits():
     new = net.node(net.leaders()[0])
     new.propose([b"under-new-leader"])
     net.drive()
+    net.tick_all(1)
     other = "n3" if new.raft.id == "n2" else "n2"
     assert b"under-new-leader" in net.applied[other]
     # n1 is out: it never campaigns again.

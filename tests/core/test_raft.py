@@ -165,6 +165,7 @@ def test_propose_replicates_and_applies_everywhere():
     first, last = net.node("a").propose([b"x", b"y", b"z"])
     assert (first, last) == (2, 4)
     net.drive()
+    net.tick_all(1)  # followers learn the commit index from the next heartbeat
     for nid in IDS:
         assert net.applied[nid] == [b"", b"x", b"y", b"z"]
 
@@ -302,6 +303,7 @@ def test_pipelining_keeps_several_frames_in_flight():
     for m in to_b:
         net.node("b").step(m)
     net.drive()
+    net.tick_all(1)
     assert net.applied["b"][-1] == b"0123456789" and len(net.applied["b"]) == 21
 
 
@@ -310,8 +312,11 @@ def test_follower_learns_commit_index_from_heartbeats():
     net.elect("a")
     net.node("a").propose([b"x"])
     net.drive()
-    assert net.node("b").raft.log.committed == 2
+    assert net.node("a").raft.log.committed == 2
+    # The new commit index is not broadcast on its own: it rides on the next heartbeat.
+    assert net.node("b").raft.log.committed == 1
     net.tick_all(1)
+    assert net.node("b").raft.log.committed == 2
     assert net.node("c").status().applied_index == 2
 
 
