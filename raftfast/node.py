@@ -80,7 +80,7 @@ class Node:
         self._joining = False  # --join in progress: entries replayed may predate our addition
         self.removed = False  # a committed configuration left us out: we shut down
         self._committed_members: set[str] = set()  # of the newest configuration applied here
-        self._removed_ids: set[str] = set()  # nodes whose removal we applied: refused
+        self._removed_ids: dict[str, int] = {}  # removed node -> index of its removal: refused
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -142,7 +142,13 @@ class Node:
         # not silently share the port with us.
         self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         pb_grpc.add_PeerServicer_to_server(
-            PeerService(s.cluster_id, self._accepts_from, self._deliver, self._receive_snapshot),
+            PeerService(
+                s.cluster_id,
+                self._accepts_from,
+                self._deliver,
+                self._receive_snapshot,
+                self._removed_ids.get,
+            ),
             self.server,
         )
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
@@ -438,14 +444,17 @@ class Node:
         before we learn of it) except nodes whose removal we applied: they are told so."""
         return src not in self._removed_ids
 
-    def _on_refused(self, peer: str) -> None:
-        """``peer`` says we were removed (it applied our removal). If our own log agrees that we
-        are leaving (we were a member, the newest configuration we hold drops us), stop."""
+    def _on_refused(self, peer: str, removed_at: int) -> None:
+        """``peer`` applied a committed configuration (at ``removed_at``) that removed a node
+        with our id. Stop, unless we know a newer configuration (our id was added back since:
+        the peer lags), or we are still joining (an older node with our id was removed)."""
         raft = self.raw.raft
-        if self.removed or self.id in raft.membership:
+        if self.removed or self._joining:
             return
-        if any(self.id in m for _, m in raft.configs()):
-            self._shut_down_removed(f"{peer} says this node was removed from the cluster")
+        newer_than_ours = removed_at > raft.config_index
+        leaving = self.id not in raft.membership and any(self.id in m for _, m in raft.configs())
+        if newer_than_ours or leaving:
+            self._shut_down_removed(f"{peer} says this node was removed at index {removed_at}")
 
     def _follow_membership(self) -> None:
         """Point the transport at the peers in play (they change on append and on commit)."""
@@ -679,7 +688,10 @@ class Node:
         """A configuration committed. If it left us out (and we were in one before), we are
         done: shut down once our last messages (the hand-over to a new leader) are out."""
         members = set(membership.members())
-        self._removed_ids = (self._removed_ids | (self._committed_members - members)) - members
+        for gone in self._committed_members - members:
+            self._removed_ids[gone] = index
+        for back in members & self._removed_ids.keys():
+            del self._removed_ids[back]
         self._committed_members = members
         raft = self.raw.raft
         if self.id in membership or self.removed or self._joining:

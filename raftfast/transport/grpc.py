@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import grpc
@@ -52,6 +53,7 @@ class _Peer:
 
 
 NOT_A_MEMBER = "is not (or no longer) a member of this cluster"
+_REMOVED_AT = re.compile(r"removed at index (\d+)")
 
 
 class PeerTransport:
@@ -64,7 +66,7 @@ class PeerTransport:
         cluster_id: str,
         peers: dict[str, str],
         on_unreachable: Callable[[str], None],
-        on_refused: Callable[[str], None] | None = None,
+        on_refused: Callable[[str, int], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -175,7 +177,8 @@ class PeerTransport:
             and exc.code() == grpc.StatusCode.PERMISSION_DENIED
             and NOT_A_MEMBER in (exc.details() or "")
         ):
-            self.on_refused(peer.id)
+            found = _REMOVED_AT.search(exc.details() or "")
+            self.on_refused(peer.id, int(found.group(1)) if found else 0)
 
     async def _frames(self, peer: _Peer) -> AsyncIterator[pb.Frame]:
         while True:
@@ -223,6 +226,7 @@ class PeerService(pb_grpc.PeerServicer):
         members: Callable[[str], bool] | set[str],
         deliver: Callable[[list], None],
         snapshots=None,
+        removed_at: Callable[[str], int] | None = None,
     ):
         """``members`` says whose traffic we take: a set of ids, or a predicate (membership
         changes; a node takes traffic from ids it does not know yet, since a member added
@@ -231,6 +235,7 @@ class PeerService(pb_grpc.PeerServicer):
         incoming snapshot; after ``finish`` the meta message is delivered like any other."""
         self.cluster_id = cluster_id
         self.accepts = members if callable(members) else members.__contains__
+        self.removed_at = removed_at  # index of the committed removal of a refused id (or 0)
         self.deliver = deliver
         self.snapshots = snapshots
 
@@ -242,8 +247,10 @@ class PeerService(pb_grpc.PeerServicer):
                 f"the sender in {f.cluster_id!r}",
             )
         if not f.src or not self.accepts(f.src):
+            index = self.removed_at(f.src) if self.removed_at and f.src else 0
+            where = f" (removed at index {index})" if index else ""
             await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"node id {f.src!r} {NOT_A_MEMBER}"
+                grpc.StatusCode.PERMISSION_DENIED, f"node id {f.src!r} {NOT_A_MEMBER}{where}"
             )
         try:
             msgs = [message_from_pb(p) for p in f.messages]
