@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from raftfast import benchcmd
+from raftfast.cli import format_table
 from raftfast.localcluster import free_ports, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -215,12 +216,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             r = results[s].get(name)
             row.append(f"{r['p50_ms']:.2f}" if r else "n/a")
         rows.append(row)
-    cells = [header] + rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-        for r in cells
-    )
+    return "\n".join(format_table(header, rows, "<" + ">" * (len(header) - 1)))
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raftfast.cli import format_table
 from raftfast.loadgen import Histogram, WorkerResult, Workload, worker_main
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -280,9 +281,7 @@ def _table(results: list[dict]) -> str:
         ]
         for r in results
     ]
-    cells = [header] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(widths[i]) for i, c in enumerate(row)) for row in cells]
+    lines = format_table(header, rows, ">" * len(header))
     r0 = results[0]
     lines.insert(
         0,

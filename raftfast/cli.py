@@ -184,7 +184,7 @@ async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
     if listing.get("note"):
         print(listing["note"])
     state = "committed" if listing["committed"] else "not committed yet"
-    print("\n".join(_table(["ID", "ADDRESS", "ROLE", "", "MATCH"], rows)))
+    print("\n".join(format_table(["ID", "ADDRESS", "ROLE", "", "MATCH"], rows)))
     print(
         f"cluster {listing['cluster_id']}: configuration at index {listing['config_index']} "
         f"({state}), leader commit {listing['commit_index']}"
@@ -221,12 +221,19 @@ async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def format_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = ""
+) -> list[str]:
+    """Aligned text lines; ``align`` has a character per column, ``<`` (the default for the
+    columns it does not cover) or ``>``."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(len(header))]
     lines = []
     for row in cells:
-        parts = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        parts = [
+            cell.rjust(widths[i]) if align[i : i + 1] == ">" else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
         lines.append("  ".join(parts).rstrip())
     return lines
 
@@ -252,14 +259,14 @@ def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) 
             ]
         )
     header = ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST"]
-    lines = _table(header, rows)
+    lines = format_table(header, rows)
     members = first.get("members") or []
     lines.append("")
     cluster = first.get("cluster_id") or "?"
     lines.append(f"cluster {cluster}: {len(members)} member(s), as seen by {first['id']}")
     if members:
         member_rows = [[m["id"], m["address"], m["role"], m["match_index"]] for m in members]
-        lines.extend(_table(["ID", "ADDRESS", "ROLE", "MATCH"], member_rows))
+        lines.extend(format_table(["ID", "ADDRESS", "ROLE", "MATCH"], member_rows))
     errors = [f"{n['id']} ({n['endpoint']}): {n['error']}" for n in nodes if "error" in n]
     for err in errors:
         lines.append(f"unreachable: {err}")

@@ -185,6 +185,12 @@ class ProcCluster:
                 return None
         return None
 
+    def wait_applied(
+        self, nid: str, index: int, what: str, timeout: float = 60.0, every: float = 0.05
+    ) -> None:
+        """Poll until node ``nid`` has applied ``index`` (say, it caught up after a restart)."""
+        wait_for(what, lambda: self.status(nid).applied_index >= index, timeout, every)
+
     def wait_leader(self, timeout: float = 30.0, among: list[str] | None = None) -> str:
         return wait_for("a leader", lambda: self.leader(among), timeout)
 

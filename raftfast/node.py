@@ -258,9 +258,11 @@ class Node:
             for nid, addr in sorted(m.members().items())
         ]
 
-    def members(self) -> pb.MembersResponse:
-        """The configuration as the leader sees it (with each member's replication progress)."""
-        self._check_leader()
+    def members(self, require_leader: bool = True) -> pb.MembersResponse:
+        """The configuration as the leader sees it (with each member's replication progress);
+        ``require_leader=False``: as this node sees it."""
+        if require_leader:
+            self._check_leader()
         st = self.raw.status()
         return pb.MembersResponse(
             members=self._members_pb(st),
@@ -299,7 +301,6 @@ class Node:
         }[kind]
         if done:
             # Already so (perhaps thanks to an earlier attempt of this very call): say so.
-            self._check_leader()
             listing = self.members()
             listing.note = f"{node_id} is already {_DONE_NOTE[kind]}: nothing to do"
             return listing
@@ -307,18 +308,8 @@ class Node:
             # A voter far behind would stall writes (it counts toward the quorum at once).
             await self._wait_caught_up(node_id, deadline)
         await self._change(kind, node_id, "", deadline)
-        if self.raw.raft.role != Role.LEADER:
-            # We removed ourselves and stepped down: answer with what we know.
-            st = self.raw.status()
-            return pb.MembersResponse(
-                members=self._members_pb(st),
-                leader=st.leader,
-                config_index=st.config_index,
-                committed=True,
-                cluster_id=self.settings.cluster_id,
-                commit_index=st.commit_index,
-            )
-        return self.members()
+        # If we removed ourselves we stepped down once it committed: answer with what we know.
+        return self.members(require_leader=self.raw.raft.role == Role.LEADER)
 
     async def _change(self, kind: ChangeKind, node_id: str, address: str, deadline: float):
         """Propose one change and wait until it is committed and applied here."""

@@ -457,29 +457,22 @@ def test_a_stale_rejection_does_not_restart_replication():
     leader = net.node("n1").raft
     pr = leader.progress["n2"]
     assert pr.state == ProgressState.REPLICATE
-    stale = Message(
-        MsgType.APPEND_RESP,
-        "n2",
-        "n1",
-        leader.term,
-        index=pr.match_index + 1,
-        reject=True,
-        hint=pr.match_index,
-        context=pr.generation - 1,
-    )
-    net.node("n1").step(stale)
+
+    def rejection(generation: int) -> Message:
+        return Message(
+            MsgType.APPEND_RESP,
+            "n2",
+            "n1",
+            leader.term,
+            index=pr.match_index + 1,
+            reject=True,
+            hint=pr.match_index,
+            context=generation,
+        )
+
+    net.node("n1").step(rejection(pr.generation - 1))  # stale
     assert pr.state == ProgressState.REPLICATE
-    current = Message(
-        MsgType.APPEND_RESP,
-        "n2",
-        "n1",
-        leader.term,
-        index=pr.match_index + 1,
-        reject=True,
-        hint=pr.match_index,
-        context=pr.generation,
-    )
-    net.node("n1").step(current)
+    net.node("n1").step(rejection(pr.generation))  # current
     assert pr.state == ProgressState.PROBE
 
 

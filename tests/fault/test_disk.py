@@ -205,10 +205,8 @@ def test_torn_tail_of_a_killed_node_is_cut_and_it_rejoins(cluster):
             acked[f"after-{round_no}"] = "x"
             new_leader = cluster.wait_leader()
             target = cluster.status(new_leader).commit_index
-            wait_for(
-                f"{victim} to catch up after a torn tail ({how})",
-                lambda v=victim, t=target: cluster.status(v).applied_index >= t,
-                timeout=30,
+            cluster.wait_applied(
+                victim, target, f"{victim} to catch up after a torn tail ({how})", timeout=30
             )
             assert cluster.procs[victim].poll() is None
         for key, value in acked.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from raftfast.client import SyncClient
-from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.localcluster import ProcCluster
 
 from .load import write_each
 
@@ -28,11 +28,8 @@ def test_a_node_down_for_a_million_writes_catches_up_by_snapshot(tmp_path):
         assert status.first_index > 1, "the leader never compacted its log"
         cluster.start(down, first_time=False)
         started = time.monotonic()
-        wait_for(
-            "the node to catch up",
-            lambda: cluster.status(down).applied_index >= status.commit_index,
-            timeout=180,
-            every=0.2,
+        cluster.wait_applied(
+            down, status.commit_index, "the node to catch up", timeout=180, every=0.2
         )
         print(f"caught up in {time.monotonic() - started:.1f}s")
         assert "installed a snapshot" in cluster.logs[down].read_text()

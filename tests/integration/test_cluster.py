@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from raftfast.client import Client, SyncClient
-from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.localcluster import ProcCluster
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
@@ -60,11 +60,7 @@ def test_kill9_leader_new_leader_fast_and_no_acknowledged_write_lost(cluster):
         # The old leader restarts from its data directory and catches up.
         cluster.start(old, first_time=False)
         target = cluster.status(new).commit_index
-        wait_for(
-            "the old leader to catch up",
-            lambda: cluster.status(old).applied_index >= target,
-            timeout=30,
-        )
+        cluster.wait_applied(old, target, "the old leader to catch up", timeout=30)
         with SyncClient([cluster.addrs[old]], timeout=20) as c2:
             assert c2.get("after", read_mode="stale") == b"x"
 
@@ -81,11 +77,7 @@ def test_follower_down_during_10000_writes_catches_up(cluster):
     asyncio.run(write_many())
     target = cluster.status(leader).commit_index
     cluster.start(down, first_time=False)
-    wait_for(
-        "the follower to catch up",
-        lambda: cluster.status(down).applied_index >= target,
-        timeout=60,
-    )
+    cluster.wait_applied(down, target, "the follower to catch up")
     with SyncClient([cluster.addrs[down]], timeout=20) as c:
         assert c.get("w9999", read_mode="stale") == b"9999"
         assert c.get("w0", read_mode="stale") == b"0"

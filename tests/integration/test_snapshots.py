@@ -30,11 +30,7 @@ def test_far_behind_follower_catches_up_by_snapshot_and_restarts_from_it(cluster
     _write(cluster, "s", 30_000)  # many snapshots: the entries it misses are compacted away
     target = cluster.status(leader).commit_index
     cluster.start(down, first_time=False)
-    wait_for(
-        "the follower to catch up from a snapshot",
-        lambda: cluster.status(down).applied_index >= target,
-        timeout=60,
-    )
+    cluster.wait_applied(down, target, "the follower to catch up from a snapshot")
     log_text = cluster.logs[down].read_text()
     assert "installed a snapshot" in log_text
     with SyncClient([cluster.addrs[down]], timeout=20) as c:
