@@ -71,9 +71,12 @@ class ProcCluster:
         self.tmp = tmp
         self.env = {**os.environ, **env} if env else None
         self.peer_view = peer_view
-        ports = free_ports(n)
+        ports = free_ports(2 * n)
         self.ids = [f"n{i + 1}" for i in range(n)]
-        self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=True)}
+        self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=False)}
+        # Fixed replication stream ports (not the default "any free port"), so that a fault
+        # proxy can sit in front of them across restarts.
+        self.stream_ports = dict(zip(self.ids, ports[n:], strict=True))
         self.tick_ms = tick_ms
         self.extra = extra or []
         self.procs: dict[str, subprocess.Popen] = {}
@@ -90,6 +93,13 @@ class ProcCluster:
         if exc_type is not None:
             print(self.log_tail())
         self.stop_all()
+
+    def stream_offsets(self) -> dict[str, int]:
+        """Each node's replication stream port minus its gRPC port (what it announces)."""
+        return {
+            nid: self.stream_ports[nid] - int(addr.rpartition(":")[2])
+            for nid, addr in self.addrs.items()
+        }
 
     @property
     def endpoints(self) -> list[str]:
@@ -115,6 +125,8 @@ class ProcCluster:
             str(data),
             "--tick-ms",
             str(self.tick_ms),
+            "--peer-stream-port",
+            str(self.stream_ports[nid]),
             *self.extra,
         ]
         self.logs[nid] = log_path
@@ -128,7 +140,9 @@ class ProcCluster:
         if nid in self.addrs:
             raise ValueError(f"{nid} exists already")
         self.ids.append(nid)
-        self.addrs[nid] = f"127.0.0.1:{free_ports(1)[0]}"
+        port, stream_port = free_ports(2)
+        self.addrs[nid] = f"127.0.0.1:{port}"
+        self.stream_ports[nid] = stream_port
         self.joins[nid] = self.addrs[via]
         self.start(nid)
 

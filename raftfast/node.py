@@ -42,6 +42,7 @@ from raftfast.settings import NodeSettings
 from raftfast.storage.snapshot import SnapshotStore, pack_state, unpack_state
 from raftfast.storage.wal import WAL
 from raftfast.transport.grpc import CHANNEL_OPTIONS, PeerService, PeerTransport
+from raftfast.transport.tcp import ReplicationServer
 
 log = logging.getLogger("raftfast.node")
 
@@ -58,6 +59,7 @@ class Node:
         self.wal: WAL | None = None
         self.transport: PeerTransport | None = None
         self.server: grpc.aio.Server | None = None
+        self.replication_server: ReplicationServer | None = None  # TCP replication streams
         self._wake = asyncio.Event()
         self._proposals: list[tuple[list[bytes], asyncio.Future]] = []
         self._waiting_writes: list[tuple[int, int, int, asyncio.Future]] = []  # first,last,term
@@ -136,21 +138,19 @@ class Node:
         )
         self._committed_members = set(self.raw.raft.membership_at(self.fsm.applied_index).members())
         self.transport = PeerTransport(
-            s.id, s.cluster_id, {}, self._on_unreachable, self._on_refused
+            s.id, s.cluster_id, {}, self._on_unreachable, self._on_refused, s.peer_stream
         )
         # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start,
         # not silently share the port with us.
         self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-        pb_grpc.add_PeerServicer_to_server(
-            PeerService(
-                s.cluster_id,
-                self._accepts_from,
-                self._deliver,
-                self._receive_snapshot,
-                self._removed_ids.get,
-            ),
-            self.server,
+        peer_service = PeerService(
+            s.cluster_id,
+            self._accepts_from,
+            self._deliver,
+            self._receive_snapshot,
+            self._removed_ids.get,
         )
+        pb_grpc.add_PeerServicer_to_server(peer_service, self.server)
         pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
         pb_grpc.add_AdminServicer_to_server(AdminService(self), self.server)
         try:
@@ -159,6 +159,18 @@ class Node:
             bound = 0
         if bound == 0:
             raise OSError(f"cannot listen on {s.listen} (address in use?)")
+        if s.peer_stream == "tcp":
+            self.replication_server = ReplicationServer(peer_service.check, self._deliver)
+            host, _, port = s.listen.rpartition(":")
+            try:
+                stream_port = await self.replication_server.start(
+                    host.strip("[]"), s.peer_stream_port
+                )
+            except OSError as exc:
+                raise OSError(
+                    f"cannot listen for replication on {host}:{s.peer_stream_port}: {exc}"
+                ) from exc
+            peer_service.stream_offset = stream_port - int(port)
         await self.server.start()
         self.transport.start()
         self._follow_membership()
@@ -180,6 +192,8 @@ class Node:
         log.info("node %s stopping", self.id)
         if self.server is not None:
             await self.server.stop(grace=0.5)
+        if self.replication_server is not None:
+            await self.replication_server.close()
         self._wake.set()
         for task in self._tasks:
             try:

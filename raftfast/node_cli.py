@@ -45,7 +45,7 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 from raftfast.errors import RaftfastError
-from raftfast.settings import READ_MODES, NodeSettings
+from raftfast.settings import PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.storage.fsutil import fsync_dir
 
 __all__ = [
@@ -178,6 +178,13 @@ def _log_level(value: Any, where: str) -> str:
     return level
 
 
+def _peer_stream(value: Any, where: str) -> str:
+    kind = _str(value, where).lower()
+    if kind not in PEER_STREAMS:
+        raise ConfigError(f"{where} must be one of {', '.join(PEER_STREAMS)}, got {kind!r}")
+    return kind
+
+
 _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "id": _str,
     "listen": _address,
@@ -196,6 +203,8 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "snapshot_entries": _int,
     "snapshot_keep": _int,
     "join": _address,
+    "peer_stream": _peer_stream,
+    "peer_stream_port": _int,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
 assert set(_CONVERT) <= _SETTINGS_FIELDS
@@ -253,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--snapshot-keep", metavar="N", help="log entries kept behind a snapshot (10000)"
+    )
+    p.add_argument(
+        "--peer-stream",
+        metavar="|".join(PEER_STREAMS),
+        help="replication stream: plain TCP where peers offer it (default) or gRPC only",
+    )
+    p.add_argument(
+        "--peer-stream-port",
+        metavar="N",
+        help="TCP port for replication on the --listen host (default 0: any free port; "
+        "peers learn it over gRPC)",
     )
     # Advanced (hidden): WAL segment size before rotation; small values are for tests.
     p.add_argument("--wal-segment-bytes", metavar="N", help=argparse.SUPPRESS)

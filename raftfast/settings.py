@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 READ_MODES = ("linearizable", "lease", "stale")
+PEER_STREAMS = ("tcp", "grpc")
 
 
 @dataclass
@@ -26,6 +27,10 @@ class NodeSettings:
     snapshot_entries: int = 100_000  # snapshot the state machine every N applied entries
     snapshot_keep: int = 10_000  # entries kept behind a snapshot for followers that lag a little
     join: str = ""  # host:port of a member: this node joins that cluster (no bootstrap peers)
+    # The replication stream: "tcp" (plain TCP where the peer offers it, on peer_stream_port of
+    # the listen host, 0 = any free port; peers learn it over gRPC) or "grpc" (HTTP/2 only).
+    peer_stream: str = "tcp"
+    peer_stream_port: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -38,6 +43,10 @@ class NodeSettings:
             host, sep, port = addr.rpartition(":")
             if not nid or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"bad peer address {nid}={addr!r} (want ID=HOST:PORT)")
+        if self.peer_stream not in PEER_STREAMS:
+            raise ValueError(f"--peer-stream must be one of {', '.join(PEER_STREAMS)}")
+        if not 0 <= self.peer_stream_port < 65536:
+            raise ValueError("--peer-stream-port must be 0 (any free port) or a port number")
         if self.read_mode not in READ_MODES:
             raise ValueError(f"--read-mode must be one of {', '.join(READ_MODES)}")
         if self.tick_ms < 1 or not 1 <= self.heartbeat_ticks < self.election_ticks:

@@ -64,6 +64,20 @@ class PeerEmpty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class StreamEndpoint(_message.Message):
+    __slots__ = ("port_offset",)
+    PORT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    port_offset: int
+    def __init__(self, port_offset: _Optional[int] = ...) -> None: ...
+
+class StreamRefusal(_message.Message):
+    __slots__ = ("code", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
 class SnapshotChunk(_message.Message):
     __slots__ = ("cluster_id", "meta", "offset", "data", "done")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class PeerStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.Frame.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
                 _registered_method=True)
+        self.ReplicationEndpoint = channel.unary_unary(
+                '/raftfast.v1.Peer/ReplicationEndpoint',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.StreamEndpoint.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -75,14 +80,20 @@ class PeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InstallSnapshot(self, request_iterator, context):
-        """reserved
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def TimeoutNow(self, request, context):
-        """reserved
+        """Leadership transfer: the receiver campaigns at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplicationEndpoint(self, request, context):
+        """The TCP port of this node's replication stream (Replicate without gRPC).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +121,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.TimeoutNow,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.Frame.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
+            ),
+            'ReplicationEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplicationEndpoint,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.StreamEndpoint.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +236,33 @@ class Peer:
             '/raftfast.v1.Peer/TimeoutNow',
             raftfast_dot_proto_dot_raftfast__pb2.Frame.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplicationEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Peer/ReplicationEndpoint',
+            raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.StreamEndpoint.FromString,
             options,
             channel_credentials,
             insecure,

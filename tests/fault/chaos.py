@@ -48,6 +48,7 @@ class Report:
     explanation: str = ""
     lost_writes: int = 0
     converged: bool = False
+    streamed_links: int = 0  # links whose replication stream ran over TCP through the proxy
     seconds: float = 0.0
 
     @property
@@ -291,7 +292,7 @@ def run_schedule(nodes: int, seed: int, duration: float, tmp: Path, clients: int
     report = Report(nodes, seed)
     started = time.monotonic()
     cluster = ProcCluster(tmp, nodes)
-    proxy = FaultProxy(cluster.addrs, seed)
+    proxy = FaultProxy(cluster.addrs, seed, cluster.stream_offsets())
     proxy.start()
     cluster.peer_view = lambda nid: proxy.view(nid, cluster.addrs[nid])
     cluster.start_all()
@@ -313,6 +314,7 @@ def run_schedule(nodes: int, seed: int, duration: float, tmp: Path, clients: int
         report.unknown = sum(o.complete is None for o in history)
         report.ok = report.ops - report.unknown
         report.lost_writes = lost_writes(history, final)
+        report.streamed_links = proxy.streamed_links()
         result = check(history)
         report.linearizable = result.ok
         report.explanation = "" if result.ok else result.explanation

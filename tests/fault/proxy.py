@@ -1,6 +1,8 @@
 """A fault-injecting TCP proxy for the links between nodes (127.0.0.1 only).
 
-Each directed link a→b (the connections node a opens to node b) gets its own listening port.
+Each directed link a→b (the connections node a opens to node b) gets its own listening port,
+and, when b announces a TCP replication stream at an offset from its gRPC port, a second one at
+the same offset from the first, so a's stream to b passes through the link too.
 Our transport sends a's messages to b only over a's connections, so blocking a→b alone is an
 asymmetric partition. The kernel here has no netem, so delay and loss are made here too:
 delay holds each chunk back before forwarding (in order), loss resets connections at random
@@ -20,7 +22,9 @@ class Link:
     src: str
     dst: str
     target: tuple[str, int]
+    stream_offset: int = 0  # b's stream port - b's gRPC port (0: no stream port to proxy)
     port: int = 0
+    streams: int = 0  # replication stream connections forwarded (on the stream port)
     blocked: bool = False
     delay: float = 0.0  # seconds added to every chunk
     loss: float = 0.0  # probability that forwarding a chunk resets the connection instead
@@ -28,14 +32,17 @@ class Link:
 
 
 class FaultProxy:
-    def __init__(self, addrs: dict[str, str], seed: int = 0) -> None:
+    def __init__(
+        self, addrs: dict[str, str], seed: int = 0, stream_offsets: dict[str, int] | None = None
+    ) -> None:
         self.rng = random.Random(seed)
         self.links: dict[tuple[str, str], Link] = {}
+        offsets = stream_offsets or {}
         for a in addrs:
             for b, addr in addrs.items():
                 if a != b:
                     host, port = addr.rsplit(":", 1)
-                    self.links[(a, b)] = Link(a, b, (host, int(port)))
+                    self.links[(a, b)] = Link(a, b, (host, int(port)), offsets.get(b, 0))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._servers: list[asyncio.base_events.Server] = []
@@ -83,6 +90,10 @@ class FaultProxy:
 
         self._loop.call_soon_threadsafe(apply)
 
+    def streamed_links(self) -> int:
+        """How many links carried a TCP replication stream (through this proxy, not around it)."""
+        return sum(1 for link in self.links.values() if link.streams)
+
     def heal(self) -> None:
         for src, dst in self.links:
             self.set(src, dst, blocked=False, delay=0.0, loss=0.0)
@@ -97,22 +108,39 @@ class FaultProxy:
 
     async def _listen_all(self) -> None:
         for link in self.links.values():
-            server = await asyncio.start_server(
-                lambda r, w, link=link: self._serve(link, r, w), "127.0.0.1", 0
-            )
-            link.port = server.sockets[0].getsockname()[1]
+            while True:
+                server = await asyncio.start_server(
+                    lambda r, w, link=link: self._serve(link, r, w, 0), "127.0.0.1", 0
+                )
+                link.port = server.sockets[0].getsockname()[1]
+                if not link.stream_offset:
+                    break
+                try:  # the stream port, at b's offset from this one
+                    stream_server = await asyncio.start_server(
+                        lambda r, w, link=link: self._serve(link, r, w, link.stream_offset),
+                        "127.0.0.1",
+                        link.port + link.stream_offset,
+                    )
+                except (OSError, OverflowError):
+                    server.close()  # taken or out of range: try another pair
+                    continue
+                self._servers.append(stream_server)
+                break
             self._servers.append(server)
 
-    async def _serve(self, link: Link, reader, writer) -> None:
+    async def _serve(self, link: Link, reader, writer, offset: int) -> None:
         if link.blocked:
             writer.close()
             return
+        host, port = link.target
         try:
-            up_reader, up_writer = await asyncio.open_connection(*link.target)
+            up_reader, up_writer = await asyncio.open_connection(host, port + offset)
         except OSError:
             writer.close()
             return
         link.conns.update({writer, up_writer})
+        if offset:
+            link.streams += 1
         try:
             await asyncio.gather(
                 self._pump(link, reader, up_writer), self._pump(link, up_reader, writer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ from raftfast.localcluster import free_ports, wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.transport.grpc import CHANNEL_OPTIONS
+from raftfast.transport.tcp import record
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = "raftfast"
@@ -208,6 +210,28 @@ def replicate(stub: pb_grpc.PeerStub, *frames: pb.Frame) -> None:
     list(stub.Replicate(iter(frames), timeout=10))
 
 
+def tcp_stream(duo: Duo, nid: str) -> socket.socket:
+    """A raw connection to ``nid``'s TCP replication stream (the port it announces)."""
+    offset = duo.peer(nid).ReplicationEndpoint(pb.PeerEmpty(), timeout=10).port_offset
+    assert offset != 0, "the node offers no TCP replication stream"
+    port = int(duo.addrs[nid].rpartition(":")[2]) + offset
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def tcp_refusal(duo: Duo, nid: str, data: bytes) -> pb.StreamRefusal:
+    """Write ``data`` on a fresh TCP replication stream; the node must answer with exactly
+    one refusal record and close the stream."""
+    with tcp_stream(duo, nid) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):  # until the node closes (the socket timeout bounds it)
+            received += chunk
+    assert len(received) >= 4, f"no refusal from {nid}: {received!r}"
+    size = int.from_bytes(received[:4], "big")
+    assert len(received) == 4 + size, received
+    return pb.StreamRefusal.FromString(received[4:])
+
+
 def expect_code(call: Callable[[], object], code: grpc.StatusCode) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -314,6 +338,22 @@ def test_garbage_bytes_to_the_peer_service(duo):
     duo.assert_healthy()
 
 
+def test_garbage_bytes_to_the_tcp_replication_stream(duo):
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    for nid in duo.real:
+        for junk in GARBAGE:
+            refusal = tcp_refusal(duo, nid, record(junk))
+            assert refusal.code == invalid and "undecodable frame" in refusal.details
+        # A length beyond the limit is refused before anything that large is buffered.
+        refusal = tcp_refusal(duo, nid, (MAX_MESSAGE + 1).to_bytes(4, "big") + b"x" * 100)
+        assert refusal.code == invalid and "too large" in refusal.details
+        # A stream that ends inside a record, or says nothing, is just closed.
+        for partial in (b"", b"\x00\x00", record(b"abc")[:-1]):
+            with tcp_stream(duo, nid) as sock:
+                sock.sendall(partial)
+    duo.assert_healthy()
+
+
 def refused_frames(dst: str, leader: str, term: int) -> list[tuple[pb.Frame, grpc.StatusCode]]:
     hb = pb.RaftMessage(type=MsgType.HEARTBEAT, src="n3", dst=dst, term=term)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
@@ -360,6 +400,8 @@ def test_refused_frames(duo):
             assert err.details()
             err = expect_code(lambda f=f, stub=stub: replicate(stub, f), code)
             assert err.details()
+            refusal = tcp_refusal(duo, nid, record(f.SerializeToString()))
+            assert (refusal.code, refusal.details) == (code.value[0], err.details())
         st = duo.status(nid)
         assert (st.term, st.leader) == (term, leader)  # none of it reached the core
     duo.assert_healthy()

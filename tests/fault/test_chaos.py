@@ -20,3 +20,5 @@ def test_chaos_schedule(tmp_path, nodes, seed):
     assert report.linearizable, report.explanation
     assert report.lost_writes == 0
     assert report.converged
+    # Every link's replication stream ran over TCP, through the fault proxy.
+    assert report.streamed_links == nodes * (nodes - 1)

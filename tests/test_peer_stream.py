@@ -1,0 +1,145 @@
+"""The peer transport in one process: a sender's ``PeerTransport`` and a receiver's
+``PeerService`` (+ ``ReplicationServer``) on 127.0.0.1, over the TCP replication stream, the
+gRPC ``Replicate`` stream, and the fall-back from one to the other."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from raftfast.core.types import Message, MsgType
+from raftfast.localcluster import free_ports
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.transport.grpc import PeerService, PeerTransport
+from raftfast.transport.tcp import ReplicationServer
+
+CLUSTER = "c1"
+
+
+def heartbeat(i: int) -> Message:
+    return Message(MsgType.HEARTBEAT, "a", "b", term=1, commit=i)
+
+
+class Receiver:
+    """Node "b": records what it is delivered; ``offer_tcp`` False plays a node that only
+    takes the gRPC stream, ``broken_offset`` one that announces a port nobody listens on."""
+
+    def __init__(self, offer_tcp: bool = True, broken_offset: bool = False) -> None:
+        self.port = free_ports(1)[0]
+        self.address = f"127.0.0.1:{self.port}"
+        self.delivered: list[Message] = []
+        self.removed: dict[str, int] = {}
+        self.service = PeerService(
+            CLUSTER, lambda src: src not in self.removed, self.delivered.extend, None,
+            self.removed.get,
+        )  # fmt: skip
+        self.offer_tcp, self.broken_offset = offer_tcp, broken_offset
+        self.server = grpc.aio.server()
+        self.stream_server = ReplicationServer(self.service.check, self.delivered.extend)
+
+    async def start(self) -> None:
+        pb_grpc.add_PeerServicer_to_server(self.service, self.server)
+        self.server.add_insecure_port(self.address)
+        await self.server.start()
+        if self.offer_tcp:
+            stream_port = await self.stream_server.start("127.0.0.1")
+            self.service.stream_offset = stream_port - self.port
+        if self.broken_offset:
+            self.service.stream_offset = free_ports(1)[0] - self.port
+
+    async def stop(self) -> None:
+        await self.stream_server.close()
+        await self.server.stop(None)
+
+
+async def until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def run(
+    test: Callable[[Receiver, PeerTransport, list[tuple[str, int]], list[str]], Awaitable[None]],
+    stream: str = "tcp",
+    **receiver_kwargs: bool,
+) -> None:
+    async def main() -> None:
+        receiver = Receiver(**receiver_kwargs)
+        refused: list[tuple[str, int]] = []
+        unreachable: list[str] = []
+        await receiver.start()
+        sender = PeerTransport(
+            "a", CLUSTER, {"b": receiver.address}, unreachable.append,
+            lambda peer, index: refused.append((peer, index)), stream,
+        )  # fmt: skip
+        sender.start()
+        try:
+            await until("the stream to b", lambda: sender._peers["b"].connected)
+            await test(receiver, sender, refused, unreachable)
+        finally:
+            await sender.close()
+            await receiver.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def send_and_check(receiver: Receiver, sender: PeerTransport, count: int) -> None:
+    """``count`` heartbeats in one send (more than fit one frame) arrive whole and in order."""
+    before = len(receiver.delivered)
+    sender.send([heartbeat(i) for i in range(count)])
+    await until(f"{count} messages", lambda: len(receiver.delivered) >= before + count)
+    assert [m.commit for m in receiver.delivered[before:]] == list(range(count))
+
+
+def test_tcp_stream_carries_frames_in_order():
+    async def test(receiver, sender, refused, unreachable):
+        assert sender._peers["b"].stream is not None  # TCP, not the gRPC stream
+        await send_and_check(receiver, sender, 3000)
+        await send_and_check(receiver, sender, 1)
+        assert receiver.stream_server.connections
+
+    run(test)
+
+
+def test_grpc_stream_when_asked_or_when_the_peer_offers_no_tcp():
+    async def test(receiver, sender, refused, unreachable):
+        assert sender._peers["b"].stream is None
+        assert not receiver.stream_server.connections
+        await send_and_check(receiver, sender, 3000)
+
+    run(test, stream="grpc")
+    run(test, offer_tcp=False)
+
+
+def test_unreachable_stream_port_falls_back_to_grpc():
+    async def test(receiver, sender, refused, unreachable):
+        assert sender._peers["b"].stream is None
+        await send_and_check(receiver, sender, 10)
+
+    run(test, broken_offset=True)
+
+
+def test_refusal_reaches_the_sender_with_the_removal_index():
+    async def test(receiver, sender, refused, unreachable):
+        receiver.removed["a"] = 7
+        sender.send([heartbeat(1)])
+        await until("the refusal", lambda: ("b", 7) in refused)
+        await until("the stream to be reported down", lambda: "b" in unreachable)
+        assert not any(m.commit == 1 for m in receiver.delivered)
+
+    run(test)
+
+
+def test_a_broken_stream_is_reported_and_replaced():
+    async def test(receiver, sender, refused, unreachable):
+        await receiver.stream_server.close()  # drops the connection and stops listening
+        await until("the stream to be reported down", lambda: "b" in unreachable)
+        # The next stream: the TCP port is gone but gRPC answers, so over gRPC.
+        await until("b reconnected", lambda: sender._peers["b"].connected)
+        assert sender._peers["b"].stream is None
+        await send_and_check(receiver, sender, 5)
+
+    run(test)
