@@ -1,4 +1,5 @@
-"""Build the optional Cython extensions; fall back to the pure-Python twins when they cannot be built.
+"""Build the optional Cython extensions; fall back to the pure-Python twins when they cannot be
+built.
 
 Metadata lives in pyproject.toml; this file only declares ext_modules.
 """
@@ -30,7 +31,10 @@ class OptionalBuildExt(build_ext):
     def _warn(self, exc: Exception) -> None:
         if os.environ.get("RAFTFAST_REQUIRE_COMPILED"):
             raise exc
-        print(f"WARNING: raftfast extensions not built ({exc}); installing pure Python", file=sys.stderr)
+        print(
+            f"WARNING: raftfast extensions not built ({exc}); installing pure Python",
+            file=sys.stderr,
+        )
 
 
 def extensions() -> list:
