@@ -117,11 +117,11 @@ class EtcdCluster:
             log.close()
 
 
-def run_etcd(duration: float) -> dict[str, dict]:
+def run_etcd(duration: float, workloads: dict[str, dict]) -> dict[str, dict]:
     if shutil.which("etcd") is None:
         raise RuntimeError("etcd not found: apt-get install etcd-server etcd-client")
     out = {}
-    for name, workload in WORKLOADS.items():
+    for name, workload in workloads.items():
         if workload["batch"] > 1:
             continue
         with tempfile.TemporaryDirectory(prefix="compare-etcd-") as tmp:
@@ -139,9 +139,9 @@ def run_etcd(duration: float) -> dict[str, dict]:
 # -- PySyncObj -----------------------------------------------------------------------------------
 
 
-def run_pysyncobj(duration: float) -> dict[str, dict]:
+def run_pysyncobj(duration: float, workloads: dict[str, dict]) -> dict[str, dict]:
     out = {}
-    for name, workload in WORKLOADS.items():
+    for name, workload in workloads.items():
         if workload["batch"] > 1 or workload["clients"] > 1:
             continue  # load comes from inside the leader process: one "client"
         ports = free_ports(3)
@@ -190,9 +190,9 @@ def run_pysyncobj(duration: float) -> dict[str, dict]:
 # -- raftfast ------------------------------------------------------------------------------------
 
 
-def run_raftfast(duration: float) -> dict[str, dict]:
+def run_raftfast(duration: float, workloads: dict[str, dict]) -> dict[str, dict]:
     out = {}
-    for name, workload in WORKLOADS.items():
+    for name, workload in workloads.items():
         out[name] = benchcmd.run_one(_args(duration, **workload), 3, None)
     return out
 
@@ -200,11 +200,11 @@ def run_raftfast(duration: float) -> dict[str, dict]:
 # -- report --------------------------------------------------------------------------------------
 
 
-def table(results: dict[str, dict[str, dict]]) -> str:
+def table(results: dict[str, dict[str, dict]], workloads: dict[str, dict]) -> str:
     systems = list(results)
     header = ["WORKLOAD"] + [f"{s} ops/s" for s in systems] + [f"{s} p50 ms" for s in systems]
     rows = []
-    for name, w in WORKLOADS.items():
+    for name, w in workloads.items():
         row = [
             f"{name} ({w['clients']}x{w['inflight']}"
             + (f", b{w['batch']})" if w["batch"] > 1 else ")")
@@ -223,13 +223,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--systems", default="raftfast,etcd,pysyncobj")
+    p.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="some of: " + ", ".join(WORKLOADS)
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        p.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    workloads = {n: w for n, w in WORKLOADS.items() if n in args.workloads.split(",")}
     runners = {"raftfast": run_raftfast, "etcd": run_etcd, "pysyncobj": run_pysyncobj}
     results = {}
     for system in args.systems.split(","):
         print(f"measuring {system} ...", file=sys.stderr, flush=True)
-        results[system] = runners[system](args.duration)
+        results[system] = runners[system](args.duration, workloads)
     if args.json:
         slim = {
             s: {w: {k: v for k, v in r.items() if k != "latency_cdf"} for w, r in res.items()}
@@ -241,7 +248,7 @@ def main() -> int:
             "3 nodes + load generator on one 2-core machine, 64-byte values; raftfast and etcd "
             f"with fsync, PySyncObj in memory; {args.duration:g} s per workload"
         )
-        print(table(results))
+        print(table(results, workloads))
     return 0
 
 

@@ -5,6 +5,7 @@ gRPC ``Replicate`` stream, and the fall-back from one to the other."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -13,7 +14,7 @@ from raftfast.core.types import Message, MsgType
 from raftfast.localcluster import free_ports
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.transport.grpc import PeerService, PeerTransport
-from raftfast.transport.tcp import ReplicationServer
+from raftfast.transport.tcp import DEAD_PEER_S, ReplicationServer
 
 CLUSTER = "c1"
 
@@ -100,6 +101,22 @@ def test_tcp_stream_carries_frames_in_order():
         await send_and_check(receiver, sender, 3000)
         await send_and_check(receiver, sender, 1)
         assert receiver.stream_server.connections
+
+    run(test)
+
+
+def test_tcp_streams_give_up_on_a_silent_peer():
+    """Both ends ask the kernel to drop the connection after DEAD_PEER_S without an answer
+    (unacknowledged data or keepalives), instead of TCP's ~15 minutes."""
+
+    async def test(receiver, sender, refused, unreachable):
+        ours = sender._peers["b"].stream.transport.get_extra_info("socket")
+        (theirs,) = [t.get_extra_info("socket") for t in receiver.stream_server.connections]
+        for sock in (ours, theirs):
+            timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+            assert timeout == DEAD_PEER_S * 1000
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     run(test)
 

@@ -72,11 +72,24 @@ class _Records:
         return out
 
 
-def _no_delay(transport: asyncio.BaseTransport) -> None:
+# A peer that vanishes without a reset (power loss, a partition) must not keep our stream
+# "connected" for TCP's default ~15 minutes of retransmissions: after this long with data
+# unacknowledged, or this long idle and unanswered, the kernel drops the connection, the core
+# hears the peer is unreachable, and a fresh stream is dialled (gRPC's keepalive did this before).
+DEAD_PEER_S = 10
+
+
+def _tune(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, DEAD_PEER_S // 2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, DEAD_PEER_S // 2)
 
 
 class _Inbound(asyncio.Protocol):
@@ -87,7 +100,7 @@ class _Inbound(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        _no_delay(transport)
+        _tune(transport)
         self.server.connections.add(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -153,7 +166,7 @@ class OutboundStream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        _no_delay(transport)
+        _tune(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
