@@ -48,8 +48,11 @@ log = logging.getLogger("raftfast.node")
 
 # A small write is synced right here in the loop: handing it to the fsync thread and back costs
 # two thread wake-ups (50-250 us on a busy 2-core machine, measured) for an fdatasync of ~200.
-# A big one (a batched load) goes to the thread, so the loop keeps serving meanwhile.
+# The thread takes a big write (a batched load), and any write while the disk is slow (the last
+# sync took longer than _SLOW_SYNC_S) or a peer is on the gRPC stream (its frames leave from
+# this loop): there the loop must keep serving, sending and heartbeating meanwhile.
 _INLINE_SYNC_BYTES = 64 * 1024
+_SLOW_SYNC_S = 0.002
 _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
 
 
@@ -83,6 +86,7 @@ class Node:
         self._membership: Membership | None = None  # the configuration the transport follows
         self._known_addresses: dict[str, str] = {}  # joining: members learned from the cluster
         self._book: dict[str, str] | None = None  # the peers the transport was last pointed at
+        self._last_sync_s = 0.0  # how long the last sync took (thread hand-offs included)
         self._joining = False  # --join in progress: entries replayed may predate our addition
         self.removed = False  # a committed configuration left us out: we shut down
         self._committed_members: set[str] = set()  # of the newest configuration applied here
@@ -586,11 +590,13 @@ class Node:
             # keeps an fdatasync and a thread hand-off off every write's critical path.
             if rd.entries or (hs is not None and (hs.term, hs.vote) != self._durable_term_vote):
                 # A StorageError propagates: _run stops the node (never retry-and-pretend).
-                if len(rd.entries) <= _INLINE_SYNC_BYTES:
+                started = time.perf_counter()
+                if self._sync_inline(len(rd.entries)):
                     self._write_and_sync()
                 else:
                     loop = asyncio.get_running_loop()
                     await loop.run_in_executor(self._fsync_pool, self._write_and_sync)
+                self._last_sync_s = time.perf_counter() - started
                 if hs is not None:
                     self._durable_term_vote = (hs.term, hs.vote)
         for m in rd.messages:
@@ -662,10 +668,19 @@ class Node:
             self.raw.report_snapshot(m.dst, ok)
             self._wake.set()
 
+    def _sync_inline(self, size: int) -> bool:
+        return (
+            size <= _INLINE_SYNC_BYTES
+            and self._last_sync_s < _SLOW_SYNC_S
+            and not _FAULT_DISK_DELAY
+            and self.transport.all_direct()
+        )
+
     def _write_and_sync(self) -> None:
-        """Group commit, in the fsync thread. ``RAFTFAST_FAULT_DISK_DELAY_MS`` (tests only)
-        gives followers a slow, jittery disk: each of their writes starts up to that much
-        later, which widens any window in which a follower acknowledges before writing."""
+        """Group commit (in the loop or the fsync thread). ``RAFTFAST_FAULT_DISK_DELAY_MS``
+        (tests only) gives followers a slow, jittery disk: each of their writes starts up to
+        that much later, which widens any window in which a follower acknowledges before
+        writing."""
         if _FAULT_DISK_DELAY and self.raw.raft.role != Role.LEADER:
             time.sleep(random.uniform(0, _FAULT_DISK_DELAY))
         self.wal.sync()

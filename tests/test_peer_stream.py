@@ -13,6 +13,7 @@ import grpc
 from raftfast.core.types import Message, MsgType
 from raftfast.localcluster import free_ports
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.transport import grpc as grpc_transport
 from raftfast.transport.grpc import PeerService, PeerTransport
 from raftfast.transport.tcp import DEAD_PEER_S, ReplicationServer
 
@@ -44,11 +45,11 @@ class Receiver:
         pb_grpc.add_PeerServicer_to_server(self.service, self.server)
         self.server.add_insecure_port(self.address)
         await self.server.start()
-        if self.offer_tcp:
-            stream_port = await self.stream_server.start("127.0.0.1")
-            self.service.stream_offset = stream_port - self.port
         if self.broken_offset:
             self.service.stream_offset = free_ports(1)[0] - self.port
+        elif self.offer_tcp:
+            stream_port = await self.stream_server.start("127.0.0.1")
+            self.service.stream_offset = stream_port - self.port
 
     async def stop(self) -> None:
         await self.stream_server.close()
@@ -98,6 +99,7 @@ async def send_and_check(receiver: Receiver, sender: PeerTransport, count: int) 
 def test_tcp_stream_carries_frames_in_order():
     async def test(receiver, sender, refused, unreachable):
         assert sender._peers["b"].stream is not None  # TCP, not the gRPC stream
+        assert sender.all_direct()  # so the node may sync small writes in its loop
         await send_and_check(receiver, sender, 3000)
         await send_and_check(receiver, sender, 1)
         assert receiver.stream_server.connections
@@ -125,6 +127,7 @@ def test_grpc_stream_when_asked_or_when_the_peer_offers_no_tcp():
     async def test(receiver, sender, refused, unreachable):
         assert sender._peers["b"].stream is None
         assert not receiver.stream_server.connections
+        assert not sender.all_direct()  # frames leave from a task: the node syncs in a thread
         await send_and_check(receiver, sender, 3000)
 
     run(test, stream="grpc")
@@ -160,3 +163,17 @@ def test_a_broken_stream_is_reported_and_replaced():
         await send_and_check(receiver, sender, 5)
 
     run(test)
+
+
+def test_the_grpc_fall_back_is_left_for_tcp_once_the_port_answers(monkeypatch):
+    monkeypatch.setattr(grpc_transport, "_FALLBACK_S", 0.5)
+
+    async def test(receiver, sender, refused, unreachable):
+        assert sender._peers["b"].stream is None  # nobody listens on the announced port yet
+        await send_and_check(receiver, sender, 3)
+        port = receiver.port + receiver.service.stream_offset
+        await receiver.stream_server.start("127.0.0.1", port)
+        await until("the TCP stream", lambda: sender._peers["b"].stream is not None)
+        await send_and_check(receiver, sender, 3)
+
+    run(test, broken_offset=True)

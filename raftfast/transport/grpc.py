@@ -34,6 +34,10 @@ log = logging.getLogger("raftfast.transport")
 _VOTES = (MsgType.VOTE, MsgType.PRE_VOTE)
 _MAX_FRAME_MESSAGES = 1024
 _CLOSE_GRACE_S = 1.0  # a peer that left keeps its stream this long
+# A stream that fell back to gRPC because the TCP port did not answer is closed after this
+# long, so that TCP is tried again (the port may have been firewalled or busy for a moment).
+_FALLBACK_S = 30.0
+_STABLE_S = 1.0  # a stream that lived this long was up: the next one is dialled at once
 # No real term or index comes near this. A forged term close to 2**64 would be adopted and made
 # durable, and then no election could ever bump it again: the cluster would be dead for good.
 _MAX_TERM_OR_INDEX = 1 << 62
@@ -150,6 +154,11 @@ class PeerTransport:
             if peer.channel is not None:
                 await peer.channel.close(grace=None)
 
+    def all_direct(self) -> bool:
+        """True if ``send`` writes everything at once: no connected peer is on the gRPC stream
+        (whose frames leave from a task of this event loop, later)."""
+        return all(p.stream is not None for p in self._peers.values() if p.connected)
+
     def send(self, msgs: list[Message]) -> None:
         direct: list[_Peer] = []
         for m in msgs:
@@ -254,9 +263,18 @@ class PeerTransport:
             # Reachable over gRPC but not on the stream port (a firewall, a port forward of
             # the gRPC port only): replicate over gRPC rather than not at all.
             log.warning(
-                "no TCP stream to %s at %s:%d (%s): replicating over gRPC", peer.id, host, port, exc
+                "no TCP stream to %s at %s:%d (%r): replicating over gRPC for %gs",
+                peer.id,
+                host,
+                port,
+                exc,
+                _FALLBACK_S,
             )
-            await self._run_grpc(peer, pb_grpc.PeerStub(peer.channel))
+            try:
+                async with asyncio.timeout(_FALLBACK_S):
+                    await self._run_grpc(peer, pb_grpc.PeerStub(peer.channel))
+            except TimeoutError:
+                log.info("retrying the TCP stream to %s", peer.id)
             return
         peer.stream, peer.connected = stream, True
         log.info("stream to %s (%s, tcp port %d) open", peer.id, peer.address, port)
@@ -280,7 +298,9 @@ class PeerTransport:
     async def _stream_loop(self, peer: _Peer) -> None:
         backoff = 0.05
         stub = pb_grpc.PeerStub(peer.channel)
+        loop = asyncio.get_running_loop()
         while not self._closed:
+            started = loop.time()
             try:
                 await asyncio.wait_for(peer.channel.channel_ready(), timeout=1.0)
                 address = await self._tcp_address(peer, stub)
@@ -293,9 +313,12 @@ class PeerTransport:
                 log.debug("stream to %s down: %s", peer.id, detail)
                 if isinstance(exc, grpc.RpcError):
                     self._check_refused(peer, exc.code(), exc.details())
+            except Exception as exc:  # noqa: BLE001 - keep the peer's loop alive, whatever it was
+                log.warning("stream to %s failed: %r", peer.id, exc)
             finally:
                 if peer.connected:
-                    backoff = 0.05  # it was up: reconnect soon
+                    if loop.time() - started >= _STABLE_S:
+                        backoff = 0.05  # it was up: reconnect soon
                     peer.connected = False
                     peer.queue.clear()
                     self.on_unreachable(peer.id)

@@ -72,11 +72,15 @@ class _Records:
         return out
 
 
-# A peer that vanishes without a reset (power loss, a partition) must not keep our stream
-# "connected" for TCP's default ~15 minutes of retransmissions: after this long with data
+# A peer machine that vanishes without a reset (power loss, a partition) must not keep our
+# stream "connected" for TCP's default ~15 minutes of retransmissions: after this long with data
 # unacknowledged, or this long idle and unanswered, the kernel drops the connection, the core
-# hears the peer is unreachable, and a fresh stream is dialled (gRPC's keepalive did this before).
+# hears the peer is unreachable, and a fresh stream is dialled. (A peer *process* that hangs
+# while its kernel still answers, say under SIGSTOP, is not detected here, unlike with gRPC's
+# keepalive pings: frames for it wait in socket buffers, then are dropped above
+# MAX_BUFFERED_BYTES. Raft does not need to know: the leader's window for it fills and stops.)
 DEAD_PEER_S = 10
+_REFUSAL_LINGER_S = 2.0  # a refused sender gets this long to read the refusal and hang up
 
 
 def _tune(transport: asyncio.BaseTransport) -> None:
@@ -97,6 +101,7 @@ class _Inbound(asyncio.Protocol):
         self.server = server
         self.records = _Records()
         self.transport: asyncio.Transport | None = None
+        self.refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -108,8 +113,8 @@ class _Inbound(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
+        if transport is None or transport.is_closing() or self.refused:
+            return  # after a refusal: read and dropped, so that closing sends no reset
         try:
             for payload in self.records.feed(data):
                 try:
@@ -119,10 +124,17 @@ class _Inbound(asyncio.Protocol):
                 self.server.deliver(self.server.check(f))
         except Refused as exc:
             log.debug("refused a replication stream: %s", exc.details)
+            self.refused = True
             transport.write(
                 record(pb.StreamRefusal(code=exc.code, details=exc.details).SerializeToString())
             )
-            transport.close()
+            # Half-close and keep reading: closing with unread data would send a reset, which
+            # can overtake the refusal. The sender hangs up once it has read it.
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(_REFUSAL_LINGER_S, transport.abort)
+
+    def eof_received(self) -> bool:
+        return False  # the sender hung up: close our side too
 
 
 class ReplicationServer:
@@ -142,8 +154,24 @@ class ReplicationServer:
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Inbound(self), host, port)
-        return self._server.sockets[0].getsockname()[1]
+        for _attempt in range(10):
+            server = await loop.create_server(lambda: _Inbound(self), host, port)
+            ports = {sock.getsockname()[1] for sock in server.sockets}
+            if len(ports) == 1:
+                self._server = server
+                return ports.pop()
+            # A name with several addresses ("localhost": ::1 and 127.0.0.1) got a different
+            # free port on each; peers must find the stream on one port, whatever they dial.
+            first = server.sockets[0].getsockname()[1]
+            server.close()
+            await server.wait_closed()
+            try:
+                server = await loop.create_server(lambda: _Inbound(self), host, first)
+            except OSError:
+                continue  # taken on the other address meanwhile: try another port
+            self._server = server
+            return server.sockets[0].getsockname()[1]
+        raise OSError(f"no free port on every address of {host!r}")
 
     async def close(self) -> None:
         if self._server is not None:

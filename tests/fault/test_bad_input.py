@@ -344,6 +344,10 @@ def test_garbage_bytes_to_the_tcp_replication_stream(duo):
         for junk in GARBAGE:
             refusal = tcp_refusal(duo, nid, record(junk))
             assert refusal.code == invalid and "undecodable frame" in refusal.details
+        # More data after a refused record is read and dropped: the refusal still arrives
+        # (closing with it unread would send a reset that can overtake the refusal).
+        refusal = tcp_refusal(duo, nid, record(GARBAGE[0]) + record(b"x" * 1000) * 2000)
+        assert refusal.code == invalid and "undecodable frame" in refusal.details
         # A length beyond the limit is refused before anything that large is buffered.
         refusal = tcp_refusal(duo, nid, (MAX_MESSAGE + 1).to_bytes(4, "big") + b"x" * 100)
         assert refusal.code == invalid and "too large" in refusal.details
