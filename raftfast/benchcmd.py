@@ -3,7 +3,8 @@
 Without ``--endpoints`` it starts its own local cluster of real ``raftfast-node`` processes
 (data in a temporary directory, fsync on unless ``--no-fsync``) and stops it afterwards;
 ``--nodes 3,5`` measures each size in turn. ``--noop`` measures a no-op gRPC server instead
-(``raftfast.noop_server``), with the same client and load: the ceiling gRPC itself sets.
+(``raftfast.noop_server``), with the same client and load: the ceiling gRPC itself sets;
+``--noop unary`` loads it with one unary call per operation instead of our Session stream.
 
 Prints a table (ops/s; p50, p90, p99, p99.9 latency; CPU of every process), a progress bar on
 stderr while it runs, ``--json`` one JSON object per run on stdout (a list for several node
@@ -48,7 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-ratio", type=float, default=0.0, metavar="F", help="share of gets")
     p.add_argument("--keys", type=int, default=100_000, metavar="N", help="key space")
     p.add_argument("--no-fsync", action="store_true", help="start nodes with --no-fsync (UNSAFE)")
-    p.add_argument("--noop", action="store_true", help="measure a no-op gRPC server instead")
+    p.add_argument(
+        "--noop",
+        nargs="?",
+        const="session",
+        choices=("session", "unary"),
+        help="measure a no-op gRPC server instead, with our client (session, the default) or "
+        "one unary call per operation (unary)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", metavar="DIR", help="write bench.json and PNG charts here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,6 +78,8 @@ def _check(args: argparse.Namespace) -> list[int]:
         raise ValueError("--duration must be in (0, 3600] and --warmup in [0, 600]")
     if not 0 <= args.read_ratio <= 1:
         raise ValueError("--read-ratio must be between 0 and 1")
+    if args.noop == "unary" and args.batch > 1:
+        raise ValueError("--noop unary makes one call per operation: no --batch")
     if args.endpoints_given and (args.noop or len(sizes) > 1):
         raise ValueError("--endpoints measures that cluster: no --noop or several --nodes")
     return sizes
@@ -195,6 +205,8 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
     workload = _workload(args)
     target = "noop" if args.noop else ("endpoints" if endpoints else "local")
     label = "no-op gRPC" if args.noop else f"{nodes} nodes"
+    if args.noop == "unary":
+        target, label, workload.system = "noop-unary", "no-op gRPC, unary", "unary"
     show = not args.quiet and sys.stderr.isatty()
     with tempfile.TemporaryDirectory(prefix="raftfast-bench-") as tmp:
         if endpoints:

@@ -91,7 +91,9 @@ class Workload:
     duration: float = 10.0
     warmup: float = 1.0
     keys: int = 100_000  # key space (keys are overwritten, so the state stays bounded)
-    system: str = "raftfast"  # or "etcd" (its gRPC KV API; for the side-by-side comparison)
+    # "raftfast" (our Client: Session streams), "unary" (raftfast's unary KV.Put/Get, one call
+    # per operation: the no-op baseline the throughput issue names) or "etcd" (its gRPC KV API)
+    system: str = "raftfast"
 
 
 @dataclass
@@ -116,19 +118,26 @@ def _field(number: int, data: bytes) -> bytes:
     return bytes(out) + data
 
 
-class _EtcdClient:
-    """Just enough of etcd's v3 gRPC API (KV.Put, KV.Range) to load it like raftfast.
+_UNARY_METHODS = {  # system -> (put, get); both take the key as field 1, a put's value as 2
+    "etcd": ("/etcdserverpb.KV/Put", "/etcdserverpb.KV/Range"),
+    "unary": ("/raftfast.v1.KV/Put", "/raftfast.v1.KV/Get"),
+}
+
+
+class _UnaryClient:
+    """One unary gRPC call per operation: etcd's v3 KV.Put/KV.Range, or raftfast's KV.Put/Get.
     Requests are encoded by hand; responses are not decoded (only success matters)."""
 
-    def __init__(self, endpoints: list[str], timeout: float) -> None:
+    def __init__(self, endpoints: list[str], timeout: float, system: str) -> None:
         import grpc
 
         self._timeout = timeout
         self._channel = grpc.aio.insecure_channel(endpoints[0])
-        self._put = self._channel.unary_unary("/etcdserverpb.KV/Put")
-        self._range = self._channel.unary_unary("/etcdserverpb.KV/Range")
+        put, get = _UNARY_METHODS[system]
+        self._put = self._channel.unary_unary(put)
+        self._range = self._channel.unary_unary(get)
 
-    async def __aenter__(self) -> _EtcdClient:
+    async def __aenter__(self) -> _UnaryClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -141,7 +150,7 @@ class _EtcdClient:
         await self._range(_field(1, key.encode()), timeout=self._timeout)
 
     async def put_many(self, items) -> None:
-        raise NotImplementedError("etcd has no batched put here")
+        raise NotImplementedError("no batched put over single unary calls")
 
 
 async def _run(w: Workload, index: int, progress) -> WorkerResult:
@@ -153,7 +162,9 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
     rng = random.Random(index)
     loop = asyncio.get_running_loop()
     client_cm = (
-        _EtcdClient(w.endpoints, 30.0) if w.system == "etcd" else Client(w.endpoints, timeout=30.0)
+        _UnaryClient(w.endpoints, 30.0, w.system)
+        if w.system in _UNARY_METHODS
+        else Client(w.endpoints, timeout=30.0)
     )
     async with client_cm as client:
         await client.put(f"bench-w{index}", value)  # find the leader before the clock starts

@@ -46,17 +46,20 @@ def test_table_and_out_dir_with_charts(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_noop_server_baseline():
-    out = bench("--noop", "--json", *SHORT)
+@pytest.mark.parametrize("mode, target", [([], "noop"), (["unary"], "noop-unary")])
+def test_noop_server_baseline(mode, target):
+    out = bench("--noop", *mode, "--json", *SHORT)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["target"] == "noop" and result["nodes"] == 0 and result["ops_per_s"] > 100
+    assert result["target"] == target and result["nodes"] == 0 and result["ops_per_s"] > 100
+    assert result["errors"] == 0
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
         (["--nodes", "x"], "--nodes must be numbers"),
+        (["--noop", "unary", "--batch", "10"], "one call per operation"),
         (["--nodes", "0"], "between 1 and 9"),
         (["--clients", "0"], "--clients must be at least 1"),
         (["--read-ratio", "2"], "--read-ratio"),
