@@ -7,9 +7,10 @@ messages per write (the append and its acknowledgement), so this is most of a wr
 Wire: the sender writes records ``[u32 big-endian length][pb.Frame]``, exactly the frames the
 gRPC ``Replicate`` stream carries, and never reads anything but a refusal. The receiver checks
 each frame like the gRPC service does (cluster id, sender, ranges) and delivers it; if it
-refuses one it writes a single ``[u32 length][pb.StreamRefusal]`` record and closes. Answers
-travel on the receiver's own stream back, as on gRPC. A node learns a peer's port with the
-``ReplicationEndpoint`` RPC (port 0: the peer only takes the gRPC stream).
+refuses one it writes a single ``[u32 length][pb.StreamRefusal]`` record, half-closes, and
+drops whatever else arrives until the sender hangs up. Answers travel on the receiver's own
+stream back, as on gRPC. A node learns where a peer listens with the ``ReplicationEndpoint``
+RPC: an offset from the peer's gRPC port (0: the peer only takes the gRPC stream).
 """
 
 from __future__ import annotations

@@ -620,6 +620,23 @@ def test_port_in_use_exits_1_instead_of_sharing_it(tmp_path):
     assert first.returncode == 0
 
 
+def test_stream_port_in_use_exits_1(tmp_path):
+    port, stream_port = free_ports(2)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", stream_port))
+        busy.listen()
+        proc = run_node(
+            [
+                "--id", "n1", "--peers", f"n1=127.0.0.1:{port}", "--data-dir",
+                str(tmp_path / "a"), "--peer-stream-port", str(stream_port),
+            ],
+            tmp_path,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    line = one_error_line(proc)
+    assert f"cannot listen for replication on 127.0.0.1:{stream_port}" in line, line
+
+
 def _toml(tmp_path: Path, text: str) -> str:
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -645,6 +662,9 @@ BAD = [
     ("toml read mode not a string", ["@toml", "read_mode = ['stale']"], "must be a string"),
     ("toml segment bytes negative", ["@toml", "wal_segment_bytes = -5"], "must be at least"),
     ("toml not utf-8", ["@toml-bytes", b"id = '\xff'"], "not UTF-8"),
+    ("unknown peer stream", ["--peer-stream", "udp"], "--peer-stream must be one of tcp, grpc"),
+    ("stream port too big", ["--peer-stream-port", "70000"], "--peer-stream-port must be 0"),
+    ("toml stream port text", ["@toml", "peer_stream_port = 'x'"], "must be an integer"),
 ]
 
 
