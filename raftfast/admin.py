@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from raftfast.address import is_address
 from raftfast.core.membership import ChangeKind
 from raftfast.errors import ChangeInProgressError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
@@ -18,11 +19,6 @@ from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
 _DEFAULT_TIMEOUT = 60.0  # for callers that set no deadline
 _MIN_TIMEOUT = 0.05
-
-
-def _address_ok(address: str) -> bool:
-    host, sep, port = address.rpartition(":")
-    return bool(host and sep and port.isdigit() and 0 < int(port) < 65536)
 
 
 class AdminService(pb_grpc.AdminServicer):
@@ -69,7 +65,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def MemberAdd(self, request, context):  # noqa: N802
         await self._check_id(context, request.id)
-        if not _address_ok(request.address):
+        if not is_address(request.address):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"bad address {request.address!r} (want HOST:PORT)",

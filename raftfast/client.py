@@ -48,6 +48,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from raftfast._accel import chunk_payloads
+from raftfast.address import is_address
 from raftfast.errors import (
     ClusterUnavailableError,
     DeadlineExceededError,
@@ -139,18 +140,13 @@ def parse_endpoints(endpoints: str | Iterable[str]) -> list[str]:
         addr = raw.strip()
         if not addr:
             continue
-        if not _is_address(addr):
+        if not is_address(addr):
             raise ValueError(f"bad endpoint {addr!r} (want HOST:PORT)")
         if addr not in out:
             out.append(addr)
     if not out:
         raise ValueError("no endpoints given (want HOST:PORT[,HOST:PORT...])")
     return out
-
-
-def _is_address(addr: str) -> bool:
-    host, sep, port = addr.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def _to_bytes(value: object, what: str) -> bytes:
@@ -192,7 +188,7 @@ def _leader_hint(metadata: Any) -> str:
         if key == "leader-address":
             if isinstance(value, bytes):
                 value = value.decode("utf-8", "replace")
-            return value if _is_address(value) else ""
+            return value if is_address(value) else ""
     return ""
 
 
@@ -517,7 +513,7 @@ class Client:
         ``endpoint`` None: the leader if known, else the first endpoint that answers. The dict
         also has ``endpoint``: the address that answered.
         """
-        if endpoint is not None and not _is_address(endpoint):
+        if endpoint is not None and not is_address(endpoint):
             raise ValueError(f"bad endpoint {endpoint!r} (want HOST:PORT)")
         target, response = await self._unary(
             "Status", pb.StatusRequest(), timeout, endpoint=endpoint, what="node"
@@ -552,7 +548,7 @@ class Client:
         ``learner``, promote it to voter once it has caught up. Returns the new configuration.
         Adding a node that is already a member at that address is not an error."""
         _check_node_id(node_id)
-        if not _is_address(address):
+        if not is_address(address):
             raise ValueError(f"bad address {address!r} (want HOST:PORT)")
         request = pb.MemberAddRequest(id=node_id, address=address, learner=learner)
         _, response = await self._unary("MemberAdd", request, timeout, admin=True)
@@ -964,7 +960,7 @@ class Client:
         if first_error:
             self._last_error = f"{stream.target}: {_one_line(first_error)}"
         if unavailable:
-            leader = result.leader if _is_address(result.leader) else ""
+            leader = result.leader if is_address(result.leader) else ""
             if leader and leader == stream.target:
                 later.extend(unavailable)  # the leader itself is not ready: wait, same stream
             else:

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import grpc
 
+from raftfast.address import split_address
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
@@ -97,8 +98,7 @@ class ProcCluster:
     def stream_offsets(self) -> dict[str, int]:
         """Each node's replication stream port minus its gRPC port (what it announces)."""
         return {
-            nid: self.stream_ports[nid] - int(addr.rpartition(":")[2])
-            for nid, addr in self.addrs.items()
+            nid: self.stream_ports[nid] - split_address(addr)[1] for nid, addr in self.addrs.items()
         }
 
     @property

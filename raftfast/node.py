@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from raftfast._accel import decode_batch
+from raftfast.address import split_address
 from raftfast.admin import AdminService
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config
@@ -169,16 +170,14 @@ class Node:
             raise OSError(f"cannot listen on {s.listen} (address in use?)")
         if s.peer_stream == "tcp":
             self.replication_server = ReplicationServer(peer_service.check, self._deliver)
-            host, _, port = s.listen.rpartition(":")
+            host, port = split_address(s.listen)
             try:
-                stream_port = await self.replication_server.start(
-                    host.strip("[]"), s.peer_stream_port
-                )
+                stream_port = await self.replication_server.start(host, s.peer_stream_port)
             except OSError as exc:
                 raise OSError(
                     f"cannot listen for replication on {host}:{s.peer_stream_port}: {exc}"
                 ) from exc
-            peer_service.stream_offset = stream_port - int(port)
+            peer_service.stream_offset = stream_port - port
         await self.server.start()
         self.transport.start()
         self._follow_membership()

@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
 
+from raftfast.address import is_address
 from raftfast.errors import RaftfastError
 from raftfast.settings import PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.storage.fsutil import fsync_dir
@@ -80,11 +81,6 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------- converters
 
 
-def _is_address(addr: str) -> bool:
-    host, sep, port = addr.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
-
-
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, not {type(value).__name__}")
@@ -96,7 +92,7 @@ def _str(value: Any, where: str) -> str:
 
 def _address(value: Any, where: str) -> str:
     addr = _str(value, where)
-    if not _is_address(addr):
+    if not is_address(addr):
         raise ConfigError(f"{where}: bad address {addr!r} (want HOST:PORT)")
     return addr
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from raftfast.address import is_address
+
 READ_MODES = ("linearizable", "lease", "stale")
 PEER_STREAMS = ("tcp", "grpc")
 
@@ -40,8 +42,7 @@ class NodeSettings:
         if self.id not in self.peers:
             raise ValueError(f"--peers must include this node's id {self.id!r}")
         for nid, addr in self.peers.items():
-            host, sep, port = addr.rpartition(":")
-            if not nid or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not nid or not is_address(addr):
                 raise ValueError(f"bad peer address {nid}={addr!r} (want ID=HOST:PORT)")
         if self.peer_stream not in PEER_STREAMS:
             raise ValueError(f"--peer-stream must be one of {', '.join(PEER_STREAMS)}")

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import grpc
 
+from raftfast.address import split_address
 from raftfast.core.types import Message, MsgType
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -251,10 +252,10 @@ class PeerTransport:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None  # a node without it
             raise
-        host, _, port = peer.address.rpartition(":")
-        if not offset or not 0 < int(port) + offset < 65536:
+        host, port = split_address(peer.address)
+        if not offset or not 0 < port + offset < 65536:
             return None
-        return host.strip("[]"), int(port) + offset
+        return host, port + offset
 
     async def _run_tcp(self, peer: _Peer, host: str, port: int) -> None:
         try:

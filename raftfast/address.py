@@ -1,0 +1,15 @@
+"""HOST:PORT addresses, as every raftfast command, setting and message writes them."""
+
+from __future__ import annotations
+
+
+def is_address(address: str) -> bool:
+    """True for HOST:PORT with a non-empty host and a port in 1..65535."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of a HOST:PORT address; an IPv6 host loses its brackets ("[::1]:7001")."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
