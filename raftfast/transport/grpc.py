@@ -27,6 +27,7 @@ from raftfast.address import split_address
 from raftfast.core.types import Message, MsgType
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.settings import PEER_STREAMS
 from raftfast.transport import tcp
 from raftfast.transport.codec import CodecError, frame, message_from_pb, message_to_pb
 
@@ -43,8 +44,8 @@ _STABLE_S = 1.0  # a stream that lived this long was up: the next one is dialled
 # durable, and then no election could ever bump it again: the cluster would be dead for good.
 _MAX_TERM_OR_INDEX = 1 << 62
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", tcp.MAX_RECORD_BYTES),  # one limit on either stream
+    ("grpc.max_receive_message_length", tcp.MAX_RECORD_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
@@ -62,7 +63,6 @@ class _Peer:
         self.stream: tcp.OutboundStream | None = None  # set while the stream runs over TCP
 
 
-STREAM_KINDS = ("tcp", "grpc")
 _STATUS = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -88,8 +88,8 @@ class PeerTransport:
         on_refused: Callable[[str, int], None] | None = None,
         stream: str = "tcp",
     ) -> None:
-        if stream not in STREAM_KINDS:
-            raise ValueError(f"stream must be one of {', '.join(STREAM_KINDS)}, not {stream!r}")
+        if stream not in PEER_STREAMS:
+            raise ValueError(f"stream must be one of {', '.join(PEER_STREAMS)}, not {stream!r}")
         self.node_id = node_id
         self.cluster_id = cluster_id
         self.stream_kind = stream
@@ -177,15 +177,11 @@ class PeerTransport:
         # TCP: written now, one frame per peer, without a hop through a task.
         for peer in direct:
             stream = peer.stream
-            while peer.queue:
-                batch = peer.queue[:_MAX_FRAME_MESSAGES]
-                del peer.queue[:_MAX_FRAME_MESSAGES]
-                if stream is None or not stream.write(
-                    frame(self.cluster_id, self.node_id, batch).SerializeToString()
-                ):
+            for f in self._take_frames(peer):
+                if stream is None or not stream.write(f.SerializeToString()):
                     log.debug(
                         "dropped %d messages for %s (stream closed or backed up)",
-                        len(batch),
+                        len(f.messages),
                         peer.id,
                     )
 
@@ -233,14 +229,20 @@ class PeerTransport:
             found = _REMOVED_AT.search(details)
             self.on_refused(peer.id, int(found.group(1)) if found else 0)
 
+    def _take_frames(self, peer: _Peer) -> Iterator[pb.Frame]:
+        """Empty ``peer.queue`` as frames of at most _MAX_FRAME_MESSAGES messages."""
+        while peer.queue:
+            batch = peer.queue[:_MAX_FRAME_MESSAGES]
+            del peer.queue[:_MAX_FRAME_MESSAGES]
+            yield frame(self.cluster_id, self.node_id, batch)
+
     async def _frames(self, peer: _Peer) -> AsyncIterator[pb.Frame]:
+        """The gRPC stream's request iterator."""
         while True:
             await peer.wake.wait()
             peer.wake.clear()
-            while peer.queue:
-                batch = peer.queue[:_MAX_FRAME_MESSAGES]
-                del peer.queue[:_MAX_FRAME_MESSAGES]
-                yield frame(self.cluster_id, self.node_id, batch)
+            for f in self._take_frames(peer):
+                yield f
 
     async def _tcp_address(self, peer: _Peer, stub: pb_grpc.PeerStub) -> tuple[str, int] | None:
         """Where the peer takes the TCP replication stream, or None for the gRPC stream."""

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from raftfast.core.types import Message
@@ -28,11 +29,11 @@ from raftfast.proto import raftfast_pb2 as pb
 
 log = logging.getLogger("raftfast.transport")
 
-MAX_RECORD_BYTES = 64 * 1024 * 1024  # as grpc.max_receive_message_length on the gRPC stream
+MAX_RECORD_BYTES = 64 * 1024 * 1024  # a peer message, on this stream or the gRPC one
 # A peer that stops reading (SIGSTOP, a full disk) must not make us buffer without bound:
 # above this, frames for it are dropped, as on an unreachable peer, and Raft resends.
 MAX_BUFFERED_BYTES = 32 * 1024 * 1024
-_INVALID_ARGUMENT = 3  # grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
 class Refused(Exception):
