@@ -44,18 +44,7 @@ WORKLOADS = {
 
 
 def _args(duration: float, **workload) -> argparse.Namespace:
-    return argparse.Namespace(
-        value_size=64,
-        read_ratio=0.0,
-        duration=duration,
-        warmup=1.0,
-        keys=100_000,
-        no_fsync=False,
-        noop=False,
-        quiet=True,
-        system="raftfast",
-        **workload,
-    )
+    return benchcmd.options(duration=duration, quiet=True, system="raftfast", **workload)
 
 
 # -- etcd ----------------------------------------------------------------------------------------

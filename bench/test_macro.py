@@ -12,7 +12,6 @@ looser than the targets so that they catch regressions, not noise.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import pytest
@@ -25,21 +24,7 @@ pytestmark = pytest.mark.skipif(not COMPILED, reason="macro benchmarks measure t
 
 
 def measure(nodes: int = 3, **options) -> dict:
-    args = argparse.Namespace(
-        clients=1,
-        inflight=64,
-        batch=1,
-        value_size=64,
-        read_ratio=0.0,
-        duration=SECONDS,
-        warmup=min(1.0, SECONDS / 4),
-        keys=100_000,
-        no_fsync=False,
-        noop=False,
-        quiet=True,
-    )
-    for key, value in options.items():
-        setattr(args, key, value)
+    args = benchcmd.options(duration=SECONDS, warmup=min(1.0, SECONDS / 4), quiet=True, **options)
     result = benchcmd.run_one(args, nodes, None)
     assert result["errors"] == 0, result["first_error"]
     return result

@@ -62,6 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def options(**overrides: Any) -> argparse.Namespace:
+    """``raftfast bench``'s options at their defaults, with ``overrides`` (for measurements
+    run from code: the benchmark suites, the comparison)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
 def _check(args: argparse.Namespace) -> list[int]:
     try:
         sizes = [int(x) for x in str(args.nodes).split(",") if x.strip()]
