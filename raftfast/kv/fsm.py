@@ -238,10 +238,8 @@ class KVStateMachine:
         else:
             self._clients.move_to_end(client_id)
         if seq <= client.max_seq - self._window:
-            return op in (
-                OP_PUT,
-                OP_PUT_MANY,
-            )  # below the window: a late duplicate, see the module docs
+            # Below the window: a late duplicate, see the module docs.
+            return op in (OP_PUT, OP_PUT_MANY)
         cached = client.results.get(seq)
         if cached is not None:
             return cached
