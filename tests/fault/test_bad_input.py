@@ -28,6 +28,7 @@ import grpc
 import pytest
 
 from raftfast._accel import encode_uniform
+from raftfast.address import split_address
 from raftfast.client import SyncClient
 from raftfast.core.types import MsgType
 from raftfast.localcluster import free_ports, wait_for
@@ -214,7 +215,7 @@ def tcp_stream(duo: Duo, nid: str) -> socket.socket:
     """A raw connection to ``nid``'s TCP replication stream (the port it announces)."""
     offset = duo.peer(nid).ReplicationEndpoint(pb.PeerEmpty(), timeout=10).port_offset
     assert offset != 0, "the node offers no TCP replication stream"
-    port = int(duo.addrs[nid].rpartition(":")[2]) + offset
+    port = split_address(duo.addrs[nid])[1] + offset
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
