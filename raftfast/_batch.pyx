@@ -423,7 +423,8 @@ def entries_of_type(data, etype):
             rec = p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i
             length = rf_load_u32(rec + 9)
             if rec[8] == y:
-                out.append((first + i,
+                # A Python int: first + i may pass 2**64 (the pure twin does not wrap either).
+                out.append((<object>first + i,
                             PyBytes_FromStringAndSize(<const char *>p + off, length)))
             off += length
         return out

@@ -112,6 +112,12 @@ def test_round_trip(impls):
         impls.batch.entries_of_type(data, 256)
 
 
+def test_entries_of_type_indexes_do_not_wrap_past_2_to_the_64(impls):
+    # Found by the parity test: the compiled module computed first + i in 64 bits.
+    data = impls.batch.encode_uniform(2**64 - 1, 1, [b"a", b"b"])
+    assert impls.batch.entries_of_type(data, 0) == [(2**64 - 1, b"a"), (2**64, b"b")]
+
+
 def test_empty_batch(impls):
     data = impls.batch.encode_batch(5, [], [])
     assert len(data) == 20
