@@ -19,6 +19,8 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from raftfast.transport.codec import delimited_header
+
 # Histogram buckets: 1 us to ~100 s, 2% apart (percentiles are within 1% of the truth).
 _BASE = 1.02
 _MIN_S = 1e-6
@@ -110,12 +112,7 @@ class WorkerResult:
 
 def _field(number: int, data: bytes) -> bytes:
     """One length-delimited protobuf field (all an etcd Put or Range request needs)."""
-    n, out = len(data), bytearray([number << 3 | 2])
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + data
+    return delimited_header(number, len(data)) + data
 
 
 _UNARY_METHODS = {  # system -> (put, get); both take the key as field 1, a put's value as 2

@@ -13,7 +13,7 @@ class CodecError(ValueError):
     """A peer sent a message the core cannot represent."""
 
 
-def message_to_pb(m: Message) -> pb.RaftMessage:
+def message_to_pb(m: Message, with_entries: bool = True) -> pb.RaftMessage:
     return pb.RaftMessage(
         type=m.type,
         src=m.src,
@@ -21,7 +21,7 @@ def message_to_pb(m: Message) -> pb.RaftMessage:
         term=m.term,
         index=m.index,
         log_term=m.log_term,
-        entries=m.entries,
+        entries=m.entries if with_entries else b"",
         commit=m.commit,
         reject=m.reject,
         hint=m.hint,
@@ -50,3 +50,35 @@ def message_from_pb(p: pb.RaftMessage) -> Message:
 
 def frame(cluster_id: str, src: str, msgs: list[Message]) -> pb.Frame:
     return pb.Frame(cluster_id=cluster_id, src=src, messages=[message_to_pb(m) for m in msgs])
+
+
+def delimited_header(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (number < 16)."""
+    n, out = length, bytearray([number << 3 | 2])
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_FRAME_MESSAGES = 3  # pb.Frame.messages
+_MESSAGE_ENTRIES = 7  # pb.RaftMessage.entries
+
+
+def encode_frame(cluster_id: str, src: str, msgs: list[Message]) -> bytes:
+    """``frame(...).SerializeToString()``, parsing to the same Frame, ~20x faster for big
+    appends: protobuf's serializer copies a 150 KB entries field at ~1.2 GB/s here (124 us,
+    per follower per Ready), so each message is serialized without its entries and the
+    entries are spliced in as their field (protobuf takes fields in any order), with one copy
+    in all."""
+    pieces = [pb.Frame(cluster_id=cluster_id, src=src).SerializeToString()]
+    for m in msgs:
+        head = message_to_pb(m, with_entries=False).SerializeToString()
+        if m.entries:
+            entries = delimited_header(_MESSAGE_ENTRIES, len(m.entries))
+            size = len(head) + len(entries) + len(m.entries)
+            pieces += (delimited_header(_FRAME_MESSAGES, size), head, entries, m.entries)
+        else:
+            pieces += (delimited_header(_FRAME_MESSAGES, len(head)), head)
+    return b"".join(pieces)

@@ -29,7 +29,13 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.settings import PEER_STREAMS
 from raftfast.transport import tcp
-from raftfast.transport.codec import CodecError, frame, message_from_pb, message_to_pb
+from raftfast.transport.codec import (
+    CodecError,
+    encode_frame,
+    frame,
+    message_from_pb,
+    message_to_pb,
+)
 
 log = logging.getLogger("raftfast.transport")
 
@@ -177,11 +183,13 @@ class PeerTransport:
         # TCP: written now, one frame per peer, without a hop through a task.
         for peer in direct:
             stream = peer.stream
-            for f in self._take_frames(peer):
-                if stream is None or not stream.write(f.SerializeToString()):
+            for batch in self._take_batches(peer):
+                if stream is None or not stream.write(
+                    encode_frame(self.cluster_id, self.node_id, batch)
+                ):
                     log.debug(
                         "dropped %d messages for %s (stream closed or backed up)",
-                        len(f.messages),
+                        len(batch),
                         peer.id,
                     )
 
@@ -229,20 +237,20 @@ class PeerTransport:
             found = _REMOVED_AT.search(details)
             self.on_refused(peer.id, int(found.group(1)) if found else 0)
 
-    def _take_frames(self, peer: _Peer) -> Iterator[pb.Frame]:
-        """Empty ``peer.queue`` as frames of at most _MAX_FRAME_MESSAGES messages."""
+    def _take_batches(self, peer: _Peer) -> Iterator[list[Message]]:
+        """Empty ``peer.queue`` in frames' worth of at most _MAX_FRAME_MESSAGES messages."""
         while peer.queue:
             batch = peer.queue[:_MAX_FRAME_MESSAGES]
             del peer.queue[:_MAX_FRAME_MESSAGES]
-            yield frame(self.cluster_id, self.node_id, batch)
+            yield batch
 
     async def _frames(self, peer: _Peer) -> AsyncIterator[pb.Frame]:
         """The gRPC stream's request iterator."""
         while True:
             await peer.wake.wait()
             peer.wake.clear()
-            for f in self._take_frames(peer):
-                yield f
+            for batch in self._take_batches(peer):
+                yield frame(self.cluster_id, self.node_id, batch)
 
     async def _tcp_address(self, peer: _Peer, stub: pb_grpc.PeerStub) -> tuple[str, int] | None:
         """Where the peer takes the TCP replication stream, or None for the gRPC stream."""
