@@ -1,7 +1,7 @@
 """raftfast: a Raft consensus node for Python with compiled hot paths."""
 
 from raftfast._accel import COMPILED
-from raftfast.client import Client, SyncClient
+from raftfast.client import Client, SyncClient, TLSFiles
 from raftfast.errors import (
     BatchError,
     ClusterUnavailableError,
@@ -10,7 +10,9 @@ from raftfast.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     LogError,
+    NoSpaceError,
     NotLeaderError,
+    PermissionDeniedError,
     RaftfastError,
     RequestFailedError,
     StorageError,
@@ -21,6 +23,7 @@ __all__ = [
     "COMPILED",
     "Client",
     "SyncClient",
+    "TLSFiles",
     "BatchError",
     "ClusterUnavailableError",
     "DeadlineExceededError",
@@ -29,7 +32,9 @@ __all__ = [
     "CompactedError",
     "CorruptionError",
     "LogError",
+    "NoSpaceError",
     "NotLeaderError",
+    "PermissionDeniedError",
     "RaftfastError",
     "StorageError",
     "UnavailableError",

@@ -1,4 +1,5 @@
-"""The Admin gRPC service: operator actions on the cluster (membership, leadership transfer).
+"""The Admin gRPC service: operator actions on the cluster (membership, leadership transfer,
+alarms), and the peer ``Join`` of a node started with ``--join``.
 
 Every call is served by the leader; other nodes answer UNAVAILABLE with the leader's id and
 address in the trailing metadata, like the KV service, so clients follow the redirect.
@@ -6,6 +7,7 @@ address in the trailing metadata, like the KV service, so clients follow the red
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ import grpc
 from raftfast.address import is_address
 from raftfast.core.membership import ChangeKind
 from raftfast.errors import ChangeInProgressError, NotLeaderError
+from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
@@ -25,14 +28,18 @@ class AdminService(pb_grpc.AdminServicer):
     def __init__(self, node) -> None:
         self.node = node
 
-    async def _serve(self, context, action: Callable[[float], Awaitable[Any]]) -> Any:
-        """Run ``action(timeout)`` and turn our errors into gRPC statuses."""
+    async def _serve(
+        self, context, action: Callable[[float], Awaitable[Any]], peers: bool = False
+    ) -> Any:
+        """Run ``action(timeout)`` and turn our errors into gRPC statuses. The leader hint is
+        its client address, or with ``peers`` its peer address."""
         remaining = context.time_remaining()
         timeout = _DEFAULT_TIMEOUT if remaining is None else max(remaining - 0.05, _MIN_TIMEOUT)
+        address_of = self.node.peer_address_of if peers else self.node.address_of
         try:
             return await action(timeout)
         except NotLeaderError as exc:
-            address = self.node.address_of(exc.leader_id) if exc.leader_id else None
+            address = address_of(exc.leader_id) if exc.leader_id else None
             if exc.leader_id and address:
                 context.set_trailing_metadata(
                     (("leader-id", exc.leader_id), ("leader-address", address))
@@ -47,8 +54,10 @@ class AdminService(pb_grpc.AdminServicer):
 
     @staticmethod
     async def _check_id(context, node_id: str) -> None:
-        if not node_id or len(node_id) > 256 or not node_id.isprintable() or " " in node_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad node id {node_id!r}")
+        try:
+            check_node_id(node_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def TransferLeader(self, request, context):  # noqa: N802 - gRPC naming
         async def action(_timeout: float):
@@ -75,6 +84,31 @@ class AdminService(pb_grpc.AdminServicer):
             return await self.node.add_member(request.id, request.address, request.learner, timeout)
 
         return await self._serve(context, action)
+
+    async def AlarmList(self, request, context):  # noqa: N802
+        return self.node.quota.alarms()
+
+    async def AlarmDisarm(self, request, context):  # noqa: N802
+        async def action(timeout: float):
+            return await asyncio.wait_for(self.node.quota.disarm(), timeout)
+
+        return await self._serve(context, action)
+
+    async def join(self, request: pb.JoinRequest, context) -> pb.MembersResponse:
+        """Peer ``Join`` (the peer service checked the cluster id, the id and, under TLS, that
+        the caller holds that id's certificate): the members, or add the caller."""
+        if request.list_only:
+            return self.node.members(require_leader=False)
+        if not is_address(request.address):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"bad address {request.address[:300]!r} (want HOST:PORT)",
+            )
+
+        async def action(timeout: float):
+            return await self.node.add_member(request.id, request.address, False, timeout)
+
+        return await self._serve(context, action, peers=True)
 
     async def _change(self, kind: ChangeKind, request, context):
         await self._check_id(context, request.id)

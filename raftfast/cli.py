@@ -11,12 +11,16 @@
     raftfast member list [--json] | add ID HOST:PORT [--learner] | promote ID | demote ID
                          | remove ID
     raftfast transfer-leader ID
+    raftfast alarm list | disarm
+    raftfast certs --nodes n1,n2,n3 [--clients NAME=ROLE,...] [--hosts H,...] [--dir tls]
     raftfast bench [--nodes 3,5] [--clients N] [--inflight N] [--batch N] [--duration S]
                    [--value-size B] [--read-ratio F] [--no-fsync] [--noop] [--json] [--out DIR]
 
 Endpoints come from ``--endpoints``, else ``RAFTFAST_ENDPOINTS``, else 127.0.0.1:7001; the
-timeout from ``--timeout``, else ``RAFTFAST_TIMEOUT``, else 5 s. Both options may also follow
-the command. Keys and values on the command line are taken as the bytes the OS gave (UTF-8
+timeout from ``--timeout``, else ``RAFTFAST_TIMEOUT``, else 5 s. TLS: ``--cacert`` (the CA of
+the nodes' certificates), ``--cert`` and ``--key`` (a client certificate, when the cluster asks
+for one), else ``RAFTFAST_CACERT``, ``RAFTFAST_CERT``, ``RAFTFAST_KEY``. These options may also
+follow the command. Keys and values on the command line are taken as the bytes the OS gave (UTF-8
 with surrogate escapes); values are printed raw.
 
 Exit codes: 0 success; 1 a failure (unreachable cluster, server error) or a negative answer
@@ -38,7 +42,14 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from raftfast.client import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, READ_MODES, Client, parse_endpoints
+from raftfast.client import (
+    DEFAULT_ENDPOINT,
+    DEFAULT_TIMEOUT,
+    READ_MODES,
+    Client,
+    TLSFiles,
+    parse_endpoints,
+)
 from raftfast.errors import InvalidArgumentError, RaftfastError
 
 __all__ = ["build_parser", "main"]
@@ -72,8 +83,8 @@ def _limit(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32-1, got {value}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or positive, got {value}")
     return value
 
 
@@ -192,21 +203,32 @@ async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_alarm(client: Client, args: argparse.Namespace) -> int:
+    if args.alarm_action == "disarm":
+        answer = await client.disarm_alarms()
+    else:
+        answer = await client.alarms()
+    alarms = answer["alarms"]
+    print(", ".join(alarms) if alarms else "no alarm")
+    print(f"state: {answer['state_bytes']} bytes of keys and values; quota {answer['quota_bytes']}")
+    return 0
+
+
 async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     first = await client.status()
     nodes: list[dict[str, Any]] = [first]
     others = [
-        m for m in first.get("members", ()) if m.get("id") != first.get("id") and m.get("address")
+        m for m in first.get("members", ()) if m.get("id") != first.get("id") and _client_address(m)
     ]
     timeout = min(client.timeout, _PEER_STATUS_TIMEOUT)
 
     async def ask(member: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await client.status(member["address"], timeout=timeout)
+            return await client.status(_client_address(member), timeout=timeout)
         except (RaftfastError, ValueError) as exc:
             return {
                 "id": member["id"],
-                "endpoint": member["address"],
+                "endpoint": _client_address(member),
                 "error": " ".join(str(exc).split()),
             }
 
@@ -219,6 +241,12 @@ async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
         return 0
     _print_status(nodes, first)
     return 0
+
+
+def _client_address(member: Mapping[str, Any]) -> str:
+    """Where a member serves clients: as the answering node knows it, else its address (the
+    same port, unless the cluster serves peers apart)."""
+    return member.get("client_address") or member.get("address", "")
 
 
 def format_table(
@@ -270,6 +298,11 @@ def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) 
     errors = [f"{n['id']} ({n['endpoint']}): {n['error']}" for n in nodes if "error" in n]
     for err in errors:
         lines.append(f"unreachable: {err}")
+    if first.get("alarms"):
+        lines.append(
+            f"ALARM {', '.join(first['alarms'])}: writes other than deletes are refused "
+            f"({first.get('state_bytes', 0)} bytes held; see `raftfast alarm`)"
+        )
     print("\n".join(lines))
 
 
@@ -310,7 +343,7 @@ def _add_scan(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("scan", parents=[common], help="print KEY<TAB>VALUE lines under PREFIX")
     p.add_argument("prefix", type=_arg_bytes, metavar="PREFIX", nargs="?", default=b"")
     p.add_argument(
-        "--limit", type=_limit, default=1000, help="at most N items (0: the server's max)"
+        "--limit", type=_limit, default=1000, help="at most N items (0: all, page by page)"
     )
     p.add_argument("--read-mode", choices=list(READ_MODES), default=None)
     p.set_defaults(handler=_cmd_scan)
@@ -340,6 +373,28 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
         description=benchcmd.__doc__.split("\n\n")[1].replace("\n", " "),
     )
     benchcmd.add_arguments(p)
+    p.set_defaults(handler=None)
+
+
+def _add_alarm(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("alarm", parents=[common], help="list or disarm alarms (NOSPACE)")
+    actions = p.add_subparsers(dest="alarm_action", metavar="ACTION", required=True)
+    actions.add_parser("list", parents=[common], help="the raised alarms and the state's size")
+    actions.add_parser(
+        "disarm", parents=[common], help="clear NOSPACE once space is freed (delete keys first)"
+    )
+    p.set_defaults(handler=_cmd_alarm)
+
+
+def _add_certs(sub: Any, common: argparse.ArgumentParser) -> None:
+    from raftfast.security import certs
+
+    p = sub.add_parser(
+        "certs",
+        help="make a development CA and the certificates of a TLS cluster",
+        description=certs.__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    certs.add_arguments(p)
     p.set_defaults(handler=None)
 
 
@@ -373,8 +428,24 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_status,
     _add_member,
     _add_transfer_leader,
+    _add_alarm,
     _add_bench,
+    _add_certs,
 ]
+
+
+_TLS_FLAGS = (  # (flag, environment variable, help); the value lands in tls_<flag>
+    ("--cacert", "RAFTFAST_CACERT", "TLS: trust the nodes' certificates signed by this CA"),
+    ("--cert", "RAFTFAST_CERT", "TLS: this client certificate, if the cluster asks for one"),
+    ("--key", "RAFTFAST_KEY", "TLS: its private key"),
+)
+
+
+def _tls(args: argparse.Namespace) -> TLSFiles | None:
+    """TLS material from --cacert/--cert/--key (None: plain connections)."""
+    if not (args.tls_cacert or args.tls_cert or args.tls_key):
+        return None
+    return TLSFiles(args.tls_cacert, args.tls_cert, args.tls_key)
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -396,19 +467,33 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="S",
         help="deadline of each request in seconds (default: $RAFTFAST_TIMEOUT or %(default)s)",
     )
+    for flag, env_name, text in _TLS_FLAGS:
+        parser.add_argument(
+            flag,
+            dest="tls_" + flag[2:],
+            default=env.get(env_name) or None,
+            metavar="FILE",
+            help=f"{text} (${env_name})",
+        )
     # The same options after the command (``raftfast get k --endpoints ...``).
     common = _Parser(add_help=False)
     common.add_argument("--endpoints", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--timeout", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for flag, _, _ in _TLS_FLAGS:
+        common.add_argument(
+            flag, dest="tls_" + flag[2:], default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(sub, common)
     return parser
 
 
-async def _run(args: argparse.Namespace, endpoints: list[str], timeout: float) -> int:
+async def _run(
+    args: argparse.Namespace, endpoints: list[str], timeout: float, tls: TLSFiles | None
+) -> int:
     handler: Handler = args.handler
-    async with Client(endpoints, timeout=timeout) as client:
+    async with Client(endpoints, timeout=timeout, tls=tls) as client:
         try:
             return await handler(client, args)
         except InvalidArgumentError as exc:
@@ -436,6 +521,19 @@ def _bench(args: argparse.Namespace, endpoints: list[str] | None) -> int:
         return 1
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from raftfast.security import certs
+
+    try:
+        return certs.main(args)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    except OSError as exc:
+        _error(f"cannot write the certificates: {exc.strerror or exc}")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (usage errors raise SystemExit(2))."""
     parser = build_parser()
@@ -446,12 +544,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--endpoints: {exc}")
     if args.command == "bench":
         return _bench(args, None if args.endpoints is None else endpoints)
+    if args.command == "certs":
+        return _certs(args)
     try:
         timeout = _positive_float(args.timeout)
     except argparse.ArgumentTypeError as exc:
         parser.error(f"--timeout: {exc}")
     try:
-        return asyncio.run(_run(args, endpoints, timeout))
+        tls = _tls(args)
+        if tls is not None:
+            tls.read()  # a missing or broken file: a usage error, not a failed request
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return asyncio.run(_run(args, endpoints, timeout, tls))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -53,12 +53,16 @@ from raftfast.errors import (
     ClusterUnavailableError,
     DeadlineExceededError,
     InvalidArgumentError,
+    NoSpaceError,
+    PermissionDeniedError,
     RaftfastError,
     RequestFailedError,
 )
 from raftfast.kv.fsm import pack_pairs
+from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.tls import TLSFiles, channel_credentials
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -68,6 +72,7 @@ __all__ = [
     "Client",
     "ReadModeLike",
     "SyncClient",
+    "TLSFiles",
     "parse_endpoints",
 ]
 
@@ -89,6 +94,7 @@ _PUT_MANY = pb.Op.PUT_MANY
 # per-write costs vanish, small enough to keep frames and log entries moderate.
 _PUT_MANY_BYTES = 256 * 1024
 _PUT_MANY_PAIRS = 4096
+_SCAN_PAGE = 10_000  # items asked for per Scan page (the server's maximum)
 _GET = pb.Op.GET
 _DELETE = pb.Op.DELETE
 _CAS = pb.Op.CAS
@@ -96,6 +102,9 @@ _CAS = pb.Op.CAS
 _CODE_OK = 0
 _CODE_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _CODE_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+_CODE_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+_CODE_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_NOSPACE = "NOSPACE"  # how the cluster's quota refusals start (raftfast.kv.quota)
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # Per-op codes retried on the same stream after a backoff (UNAVAILABLE is handled apart).
 _RETRY_LATER_CODES = frozenset(
@@ -192,11 +201,6 @@ def _leader_hint(metadata: Any) -> str:
     return ""
 
 
-def _check_node_id(node_id: object) -> None:
-    if not isinstance(node_id, str) or not node_id or not node_id.isprintable() or " " in node_id:
-        raise ValueError(f"bad node id {node_id!r}")
-
-
 def _message_to_dict(msg: Any) -> dict[str, Any]:
     """Every field of a proto message (defaults included) as plain Python values."""
     out: dict[str, Any] = {}
@@ -290,6 +294,10 @@ class Client:
     deadline in seconds of every call (each method also takes ``timeout=``). ``cluster_id``:
     when given, sent as ``cluster-id`` metadata so a node of another cluster refuses the calls.
 
+    ``tls``: connect over TLS, trusting ``tls.ca_file`` (None: the system's CAs) and, if the
+    cluster checks client certificates, presenting ``tls.cert_file``/``tls.key_file``
+    (``TLSFiles("ca.crt", "app.crt", "app.key")``).
+
     A Client binds to the event loop it is first used in. Close it (``await c.close()`` or
     ``async with``) to release its channels.
     """
@@ -302,12 +310,16 @@ class Client:
         cluster_id: str | None = None,
         client_id: int | None = None,
         max_ops_per_frame: int = 4096,
-        max_frame_bytes: int = 3 * 1024 * 1024,
+        max_frame_bytes: int = 1024 * 1024,
         max_outstanding_writes: int = 4000,
         backoff_base: float = 0.02,
         backoff_max: float = 1.0,
+        tls: TLSFiles | None = None,
     ) -> None:
         self._endpoints = parse_endpoints(endpoints)
+        if tls is not None and not isinstance(tls, TLSFiles):
+            raise TypeError(f"tls must be a raftfast.TLSFiles, not {type(tls).__name__}")
+        self._credentials = channel_credentials(tls) if tls is not None else None
         self._timeout = self._check_timeout(timeout)
         if client_id is None:
             client_id = _new_client_id()
@@ -491,19 +503,28 @@ class Client:
         read_mode: ReadModeLike = None,
         timeout: float | None = None,
     ) -> list[tuple[bytes, bytes]]:
-        """Up to ``limit`` (key, value) pairs whose key starts with ``prefix``, in key order.
+        """Up to ``limit`` (key, value) pairs whose key starts with ``prefix``, in key order;
+        ``limit`` 0: all of them.
 
-        ``limit`` 0 means the server's maximum.
+        The server answers in pages (at most 10,000 items and about 2 MiB each), which this
+        follows; each page is read at its own moment, so a scan over several pages is not one
+        snapshot. ``timeout`` applies to each page.
         """
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise TypeError(f"limit must be an int, not {type(limit).__name__}")
-        if not 0 <= limit < 2**32:
-            raise ValueError(f"limit must be in [0, 2**32), got {limit}")
+        if limit < 0:
+            raise ValueError(f"limit must be 0 (all) or positive, got {limit}")
         request = pb.ScanRequest(
-            prefix=_to_bytes(prefix, "prefix"), limit=limit, read_mode=_read_mode(read_mode)
+            prefix=_to_bytes(prefix, "prefix"), read_mode=_read_mode(read_mode)
         )
-        _, response = await self._unary("Scan", request, timeout)
-        return [(item.key, item.value) for item in response.items]
+        items: list[tuple[bytes, bytes]] = []
+        while True:
+            request.limit = min(limit - len(items), _SCAN_PAGE) if limit else 0
+            _, response = await self._unary("Scan", request, timeout)
+            items += [(item.key, item.value) for item in response.items]
+            if not response.next_key or (limit and len(items) >= limit):
+                return items
+            request.start = response.next_key
 
     async def status(
         self, endpoint: str | None = None, *, timeout: float | None = None
@@ -532,6 +553,18 @@ class Client:
         self._leader = None  # rediscover: the leader just changed
         return response.leader
 
+    async def alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The raised alarms (``alarms``: ["NOSPACE"] while writes are refused), with the
+        state's size (``state_bytes``) and the quota (``quota_bytes``)."""
+        _, response = await self._unary("AlarmList", pb.AlarmRequest(), timeout, admin=True)
+        return _message_to_dict(response)
+
+    async def disarm_alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Clear the NOSPACE alarm once space is freed (RequestFailedError FAILED_PRECONDITION
+        while it still is not); returns what ``alarms`` returns."""
+        _, response = await self._unary("AlarmDisarm", pb.AlarmRequest(), timeout, admin=True)
+        return _message_to_dict(response)
+
     # -- membership ------------------------------------------------------------------------
 
     async def members(self, *, timeout: float | None = None) -> dict[str, Any]:
@@ -547,7 +580,7 @@ class Client:
         """Add node ``node_id`` serving at ``address`` (HOST:PORT) as a learner and, unless
         ``learner``, promote it to voter once it has caught up. Returns the new configuration.
         Adding a node that is already a member at that address is not an error."""
-        _check_node_id(node_id)
+        check_node_id(node_id)
         if not is_address(address):
             raise ValueError(f"bad address {address!r} (want HOST:PORT)")
         request = pb.MemberAddRequest(id=node_id, address=address, learner=learner)
@@ -569,7 +602,7 @@ class Client:
         return out
 
     async def _member_call(self, method: str, node_id: str, timeout: float | None) -> dict:
-        _check_node_id(node_id)
+        check_node_id(node_id)
         _, response = await self._unary(method, pb.MemberRequest(id=node_id), timeout, admin=True)
         return _message_to_dict(response)
 
@@ -609,7 +642,12 @@ class Client:
             return stub
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(
+                    address, self._credentials, options=_CHANNEL_OPTIONS
+                )
             self._channels[address] = channel
             stub = self._stubs[address] = pb_grpc.KVStub(channel)
         return stub
@@ -674,6 +712,10 @@ class Client:
                 details = _one_line(exc.details() or code.name.lower())
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidArgumentError(details) from None
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    raise PermissionDeniedError(f"{target}: {details}") from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_NOSPACE):
+                    raise NoSpaceError(f"{target}: {details}") from None
                 if code not in _RETRYABLE_STATUS:
                     raise RequestFailedError(f"{target}: {details}", code.name) from None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and loop.time() >= deadline - 1e-3:
@@ -742,6 +784,13 @@ class Client:
         if self._writer_blocked:
             self._wake_writer()
 
+    def _fail_pending(self, err: Exception) -> None:
+        """Fail every queued call with ``err``."""
+        pending, self._pending = self._pending, deque()
+        for op in pending:
+            if op.fut is not None and not op.fut.done():
+                op.fut.set_exception(err)
+
     def _requeue(self, ops: list[_Op], front: bool = True) -> None:
         live = [op for op in ops if op.fut is not None and not op.fut.done()]
         if not live or self._closed:
@@ -803,6 +852,12 @@ class Client:
                         break
             if stream.got_result:
                 failures = 0
+            if call.done() and await call.code() == grpc.StatusCode.PERMISSION_DENIED:
+                # Our certificate may not open a session there: retrying cannot help.
+                self._fail_pending(
+                    PermissionDeniedError(f"{target}: {_one_line(await call.details() or '')}")
+                )
+                continue
             self._last_error = f"{target}: {_one_line(detail)}"
             if hint and hint != target and redirects <= 2 * len(self._endpoints) + 2:
                 self._leader = hint
@@ -943,11 +998,15 @@ class Client:
             elif code == _CODE_UNAVAILABLE:
                 unavailable.append(op)
                 first_error = first_error or r.error or "unavailable"
+            elif code == _CODE_RESOURCE_EXHAUSTED and r.error.startswith(_NOSPACE):
+                fut.set_exception(NoSpaceError(f"{stream.target}: {_one_line(r.error)}"))
             elif code in _RETRY_LATER_CODES:
                 later.append(op)
                 first_error = first_error or r.error or _CODE_NAMES.get(code, str(code))
             elif code == _CODE_INVALID_ARGUMENT:
                 fut.set_exception(InvalidArgumentError(_one_line(r.error or "invalid argument")))
+            elif code == _CODE_PERMISSION_DENIED:
+                fut.set_exception(PermissionDeniedError(f"{stream.target}: {_one_line(r.error)}"))
             else:
                 name = _CODE_NAMES.get(code, str(code))
                 fut.set_exception(
@@ -1108,6 +1167,12 @@ class SyncClient:
 
     def demote_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.demote_member(node_id, timeout=timeout))
+
+    def alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.alarms(timeout=timeout))
+
+    def disarm_alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.disarm_alarms(timeout=timeout))
 
     def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.remove_member(node_id, timeout=timeout))

@@ -75,5 +75,21 @@ class RequestFailedError(RaftfastError):
         self.code = code
 
 
+class PermissionDeniedError(RequestFailedError):
+    """The cluster refused the call: the client's certificate has no role that allows it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "PERMISSION_DENIED")
+
+
+class NoSpaceError(RequestFailedError):
+    """The cluster refused a write: its NOSPACE alarm is raised (the state passed
+    ``--quota-backend-bytes``, or a disk is nearly full). Deletes still work; once space is
+    freed, ``raftfast alarm disarm`` clears the alarm."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "RESOURCE_EXHAUSTED")
+
+
 class ChangeInProgressError(RaftfastError):
     """A membership change cannot start yet (one is uncommitted, or the leader is new); retry."""

@@ -7,6 +7,9 @@ condition with a deadline (``wait_for``).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import signal
 import socket
@@ -22,6 +25,7 @@ import grpc
 from raftfast.address import split_address
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.tls import TLSFiles, channel_credentials
 
 T = TypeVar("T")
 
@@ -56,9 +60,33 @@ def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0, every: fl
     )
 
 
+def make_certs(directory: Path, ids: list[str], clients: str = "admin=admin") -> TLSFiles:
+    """``raftfast certs`` for nodes ``ids`` into ``directory``; the admin client's TLSFiles."""
+    from raftfast.security import certs
+
+    args = argparse.Namespace(
+        dir=str(directory),
+        nodes=",".join(ids),
+        clients=clients,
+        hosts="localhost,127.0.0.1",
+        days=30,
+        force=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        certs.main(args)
+    return TLSFiles(
+        str(directory / "ca.crt"), str(directory / "admin.crt"), str(directory / "admin.key")
+    )
+
+
 class ProcCluster:
     """``peer_view(nid)`` may give node ``nid`` its own addresses for the others (a fault
-    test routes each directed link through a proxy); by default everyone dials directly."""
+    test routes each directed link through a proxy); by default everyone dials directly.
+
+    ``tls``: a directory made by ``make_certs`` (or ``raftfast certs``) naming every node id
+    (those that join later too): each node then serves peers on a port of its own
+    (``peer_addrs``), everything is TLS, clients present certificates, and ``client_tls`` is
+    the admin client's."""
 
     def __init__(
         self,
@@ -68,16 +96,24 @@ class ProcCluster:
         extra: list[str] | None = None,
         peer_view: Callable[[str], dict[str, str]] | None = None,
         env: dict[str, str] | None = None,
+        tls: Path | None = None,
     ):
         self.tmp = tmp
         self.env = {**os.environ, **env} if env else None
         self.peer_view = peer_view
-        ports = free_ports(2 * n)
+        self.tls = tls
+        ports = free_ports(3 * n)
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=False)}
         # Fixed replication stream ports (not the default "any free port"), so that a fault
         # proxy can sit in front of them across restarts.
-        self.stream_ports = dict(zip(self.ids, ports[n:], strict=True))
+        self.stream_ports = dict(zip(self.ids, ports[n : 2 * n], strict=True))
+        # Where peers dial each node: its own port with TLS, else the client port.
+        self.peer_addrs = dict(self.addrs)
+        if tls is not None:
+            self.peer_addrs = {
+                nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports[2 * n :], strict=True)
+            }
         self.tick_ms = tick_ms
         self.extra = extra or []
         self.procs: dict[str, subprocess.Popen] = {}
@@ -95,10 +131,19 @@ class ProcCluster:
             print(self.log_tail())
         self.stop_all()
 
+    @property
+    def client_tls(self) -> TLSFiles | None:
+        if self.tls is None:
+            return None
+        return TLSFiles(
+            str(self.tls / "ca.crt"), str(self.tls / "admin.crt"), str(self.tls / "admin.key")
+        )
+
     def stream_offsets(self) -> dict[str, int]:
-        """Each node's replication stream port minus its gRPC port (what it announces)."""
+        """Each node's replication stream port minus its peer gRPC port (what it announces)."""
         return {
-            nid: self.stream_ports[nid] - split_address(addr)[1] for nid, addr in self.addrs.items()
+            nid: self.stream_ports[nid] - split_address(addr)[1]
+            for nid, addr in self.peer_addrs.items()
         }
 
     @property
@@ -111,11 +156,16 @@ class ProcCluster:
         if first_time and not (data / "node.json").exists() and nid in self.joins:
             args = ["--id", nid, "--listen", self.addrs[nid], "--join", self.joins[nid]]
         elif first_time and not (data / "node.json").exists():
-            view = self.peer_view(nid) if self.peer_view else self.addrs
+            view = self.peer_view(nid) if self.peer_view else self.peer_addrs
             peers = ",".join(f"{k}={v}" for k, v in view.items())
             args = ["--id", nid, "--listen", self.addrs[nid], "--peers", peers]
         else:
             args = []  # a restart needs only the data directory
+        if self.tls is not None:
+            # (TLS settings are not part of the stored identity: every start names them)
+            if args:
+                args += ["--peer-listen", self.peer_addrs[nid]]
+            args += ["--config", str(self.tls / f"{nid}.toml")]
         cmd = [
             sys.executable,
             "-m",
@@ -140,10 +190,11 @@ class ProcCluster:
         if nid in self.addrs:
             raise ValueError(f"{nid} exists already")
         self.ids.append(nid)
-        port, stream_port = free_ports(2)
+        port, stream_port, peer_port = free_ports(3)
         self.addrs[nid] = f"127.0.0.1:{port}"
         self.stream_ports[nid] = stream_port
-        self.joins[nid] = self.addrs[via]
+        self.peer_addrs[nid] = f"127.0.0.1:{peer_port}" if self.tls else self.addrs[nid]
+        self.joins[nid] = self.peer_addrs[via]
         self.start(nid)
 
     def exited(self, nid: str) -> int | None:
@@ -174,8 +225,15 @@ class ProcCluster:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
 
+    def channel(self, nid: str) -> grpc.Channel:
+        """A (blocking) channel to ``nid``'s client port, with the admin certificate if TLS."""
+        tls = self.client_tls
+        if tls is None:
+            return grpc.insecure_channel(self.addrs[nid])
+        return grpc.secure_channel(self.addrs[nid], channel_credentials(tls))
+
     def status(self, nid: str, timeout: float = 1.0) -> pb.StatusResponse:
-        with grpc.insecure_channel(self.addrs[nid]) as ch:
+        with self.channel(nid) as ch:
             return pb_grpc.KVStub(ch).Status(pb.StatusRequest(), timeout=timeout)
 
     def leader(self, among: list[str] | None = None) -> str | None:

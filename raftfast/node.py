@@ -24,6 +24,7 @@ import random
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -36,13 +37,17 @@ from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_CONFIG, Message, MsgType, Ready, Role
 from raftfast.errors import ChangeInProgressError, CorruptionError, LogError, NotLeaderError
 from raftfast.kv.fsm import KVStateMachine
-from raftfast.kv.service import KVService
+from raftfast.kv.quota import Quota
+from raftfast.kv.service import add_kv_service
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
 from raftfast.settings import NodeSettings
+from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
 from raftfast.storage.snapshot import SnapshotStore, pack_state, unpack_state
 from raftfast.storage.wal import WAL
-from raftfast.transport.grpc import CHANNEL_OPTIONS, PeerService, PeerTransport
+from raftfast.transport import tcp
+from raftfast.transport.grpc import PeerService, PeerTransport
 from raftfast.transport.tcp import ReplicationServer
 
 log = logging.getLogger("raftfast.node")
@@ -55,6 +60,15 @@ log = logging.getLogger("raftfast.node")
 _INLINE_SYNC_BYTES = 64 * 1024
 _SLOW_SYNC_S = 0.002
 _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
+_MAX_STREAMS_PER_CONNECTION = 256  # gRPC streams one client connection may have open
+# Join answers that retrying cannot change: another cluster, a certificate of another name, a
+# bad id or address.
+_JOIN_REFUSED = (
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
 
 
 class Node:
@@ -63,14 +77,16 @@ class Node:
         self.settings = settings
         self.id = settings.id
         self.fsm = KVStateMachine()
+        self.quota = Quota(self)
         self.raw: RawNode | None = None
         self.wal: WAL | None = None
         self.transport: PeerTransport | None = None
-        self.server: grpc.aio.Server | None = None
+        self.server: grpc.aio.Server | None = None  # clients (and peers, unless peer_server)
+        self.peer_server: grpc.aio.Server | None = None  # peers, on --peer-listen
         self.replication_server: ReplicationServer | None = None  # TCP replication streams
         self._wake = asyncio.Event()
         self._proposals: list[tuple[list[bytes], asyncio.Future]] = []
-        self._waiting_writes: list[tuple[int, int, int, asyncio.Future]] = []  # first,last,term
+        self._waiting_writes: list[_Waiting] = []
         self._read_requests: list[asyncio.Future] = []
         self._reads_by_id: dict[int, list[asyncio.Future]] = {}
         self._reads_at: list[tuple[int, asyncio.Future]] = []  # (read index, waiter)
@@ -147,30 +163,60 @@ class Node:
         )
         self._committed_members = set(self.raw.raft.membership_at(self.fsm.applied_index).members())
         self.transport = PeerTransport(
-            s.id, s.cluster_id, {}, self._on_unreachable, self._on_refused, s.peer_stream
+            s.id,
+            s.cluster_id,
+            {},
+            self._on_unreachable,
+            self._on_refused,
+            s.peer_stream,
+            tls=s.peer_tls,
         )
-        # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start,
-        # not silently share the port with us.
-        self.server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+        admin = AdminService(self)
         peer_service = PeerService(
             s.cluster_id,
             self._accepts_from,
             self._deliver,
             self._receive_snapshot,
             self._removed_ids.get,
+            authenticated=s.peer_tls is not None,
+            join=admin.join,
         )
-        pb_grpc.add_PeerServicer_to_server(peer_service, self.server)
-        pb_grpc.add_KVServicer_to_server(KVService(self), self.server)
-        pb_grpc.add_AdminServicer_to_server(AdminService(self), self.server)
-        try:
-            bound = self.server.add_insecure_port(s.listen)
-        except RuntimeError:  # grpcio raises instead of returning 0 when bind() fails
-            bound = 0
-        if bound == 0:
-            raise OSError(f"cannot listen on {s.listen} (address in use?)")
+        peer_service.client_address = s.listen
+        shared = s.peer_address == s.listen
+        # Clients' requests are at most --max-request-bytes (plus gRPC's framing, as etcd
+        # allows); a port shared with peers takes their bigger messages too.
+        client_limit = tcp.MAX_RECORD_BYTES if shared else s.max_request_bytes + 512 * 1024
+        authorizer = None
+        if s.client_cert_auth:
+            roles = load_roles(s.auth_roles) if s.auth_roles else None
+            authorizer = Authorizer(roles, checked=True)
+        self.server = _server(client_limit, authorizer)
+        add_kv_service(self.server, self, authorizer, self.quota)
+        pb_grpc.add_AdminServicer_to_server(admin, self.server)
+        if shared:
+            pb_grpc.add_PeerServicer_to_server(peer_service, self.server)
+        else:
+            self.peer_server = _server(tcp.MAX_RECORD_BYTES)
+            pb_grpc.add_PeerServicer_to_server(peer_service, self.peer_server)
+            peer_tls = s.peer_tls
+            _bind(
+                self.peer_server,
+                s.peer_address,
+                peer_tls.server_credentials(require_client_auth=True) if peer_tls else None,
+            )
+        client_tls = s.client_tls
+        _bind(
+            self.server,
+            s.listen,
+            client_tls.server_credentials(s.client_cert_auth) if client_tls else None,
+        )
         if s.peer_stream == "tcp":
-            self.replication_server = ReplicationServer(peer_service.check, self._deliver)
-            host, port = split_address(s.listen)
+            self.replication_server = ReplicationServer(
+                peer_service.check,
+                self._deliver,
+                ssl=s.peer_tls.server_context() if s.peer_tls else None,
+            )
+            host, port = split_address(s.peer_address)
             try:
                 stream_port = await self.replication_server.start(host, s.peer_stream_port)
             except OSError as exc:
@@ -178,6 +224,8 @@ class Node:
                     f"cannot listen for replication on {host}:{s.peer_stream_port}: {exc}"
                 ) from exc
             peer_service.stream_offset = stream_port - port
+        if self.peer_server is not None:
+            await self.peer_server.start()
         await self.server.start()
         self.transport.start()
         self._follow_membership()
@@ -185,7 +233,13 @@ class Node:
             asyncio.create_task(self._ticker(), name="raftfast-ticker"),
             asyncio.create_task(self._run(), name="raftfast-run"),
         ]
-        log.info("node %s listening on %s", s.id, s.listen)
+        log.info(
+            "node %s listening on %s (clients)%s",
+            s.id,
+            s.listen,
+            "" if shared else f", {s.peer_address} (peers)",
+        )
+        _warn_if_open(s)
         if s.join and fresh:
             self._tasks.append(asyncio.create_task(self._join(), name="raftfast-join"))
         elif s.id not in self.raw.raft.membership:
@@ -197,8 +251,9 @@ class Node:
             return
         self._stopping = True
         log.info("node %s stopping", self.id)
-        if self.server is not None:
-            await self.server.stop(grace=0.5)
+        for server in (self.server, self.peer_server):
+            if server is not None:
+                await server.stop(grace=0.5)
         if self.replication_server is not None:
             await self.replication_server.close()
         self._wake.set()
@@ -264,8 +319,19 @@ class Node:
                 pass
         return target, self.raw.raft.term
 
-    def address_of(self, node_id: str) -> str | None:
+    def peer_address_of(self, node_id: str) -> str | None:
+        """Where ``node_id`` serves peers (its address in the configuration)."""
         return self._address_book().get(node_id) or self.settings.peers.get(node_id)
+
+    def address_of(self, node_id: str) -> str | None:
+        """Where ``node_id`` serves clients (for the leader hints clients follow), if known:
+        as it told us, or its peer address if ports are shared here (they are cluster-wide)."""
+        if node_id == self.id:
+            return self.settings.listen
+        told = self.transport.client_address_of(node_id) if self.transport else ""
+        if told:
+            return told
+        return None if self.settings.peer_listen else self.peer_address_of(node_id)
 
     def _members_pb(self, st) -> list[pb.Member]:
         m = st.membership
@@ -275,6 +341,7 @@ class Node:
                 address=addr,
                 role=m.role_of(nid),
                 match_index=st.progress.get(nid, (0, 0))[0],
+                client_address=self.address_of(nid) or "",
             )
             for nid, addr in sorted(m.members().items())
         ]
@@ -408,6 +475,8 @@ class Node:
             cluster_id=self.settings.cluster_id,
             first_index=self.raw.raft.log.first_index,
             snapshot_index=self._snapshot_index,
+            alarms=sorted(a.decode() for a in self.fsm.alarms),
+            state_bytes=self.fsm.size_bytes,
         )
 
     # -- internals -----------------------------------------------------------------------------
@@ -487,38 +556,45 @@ class Node:
             self.transport.set_peers(book)
 
     async def _join(self) -> None:
-        """``--join``: ask the cluster to add us (as a learner, promoted once caught up)."""
-        from raftfast.client import Client  # the node only needs the client to join
-
+        """``--join``: ask the cluster to add us (as a learner, promoted once caught up), over
+        the peer port: first where its members are (so that we can answer the leader), then
+        the change itself, at the leader (followers point us at it)."""
         s = self.settings
-        loop = asyncio.get_running_loop()
         backoff = 0.2
+        target = s.join
         self._joining = True
-        async with Client([s.join], timeout=30.0) as client:
-            while not self._stopping:
-                try:
-                    listing = await client.members(timeout=30.0)
-                    if listing["cluster_id"] != s.cluster_id:
-                        raise ValueError(
-                            f"{s.join} belongs to cluster {listing['cluster_id']!r}, "
-                            f"not {s.cluster_id!r}"
-                        )
-                    self._known_addresses = {m["id"]: m["address"] for m in listing["members"]}
-                    self._follow_membership()
-                    log.info("node %s asks %s to add it at %s", s.id, s.join, s.listen)
-                    await client.add_member(s.id, s.listen, timeout=600.0)
-                    self._joining = False
-                    log.info("node %s joined the cluster as a voter", s.id)
+        request = pb.JoinRequest(cluster_id=s.cluster_id, id=s.id, address=s.peer_address)
+        while not self._stopping:
+            channel = self.transport.channel(target)
+            try:
+                stub = pb_grpc.PeerStub(channel)
+                listing = await stub.Join(
+                    pb.JoinRequest(cluster_id=s.cluster_id, id=s.id, list_only=True), timeout=30
+                )
+                self._known_addresses = {m.id: m.address for m in listing.members}
+                self._follow_membership()
+                log.info("node %s asks %s to add it at %s", s.id, target, s.peer_address)
+                await stub.Join(request, timeout=600.0)
+                self._joining = False
+                log.info("node %s joined the cluster as a voter", s.id)
+                return
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code(), exc.details()
+                if code in _JOIN_REFUSED:
+                    self.failed = ValueError(f"{target} refused the join: {details}")
+                    log.critical("node %s cannot join: %s", s.id, self.failed)
+                    asyncio.get_running_loop().call_soon(lambda: asyncio.create_task(self.stop()))
                     return
-                except ValueError as exc:
-                    self.failed = exc
-                    log.critical("node %s cannot join: %s", s.id, exc)
-                    loop.call_soon(lambda: asyncio.create_task(self.stop()))
-                    return
-                except Exception as exc:  # noqa: BLE001 - retried: the cluster may be busy
-                    log.warning("node %s: join attempt failed (%s); retrying", s.id, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                leader = dict(exc.trailing_metadata() or ()).get("leader-address", "")
+                if code == grpc.StatusCode.UNAVAILABLE and leader and leader != target:
+                    target = leader
+                    continue
+                log.warning("node %s: join attempt failed (%s); retrying", s.id, details)
+                target = s.join  # (a leader we were pointed at may be gone: ask again)
+            finally:
+                await channel.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     def _on_unreachable(self, peer: str) -> None:
         if self.raw is not None:
@@ -562,7 +638,7 @@ class Node:
             else:
                 term = self.raw.raft.term
                 for ps, fut in batch:
-                    self._waiting_writes.append((first, first + len(ps) - 1, term, fut))
+                    self._waiting_writes.append(_Waiting(first, first + len(ps) - 1, term, fut))
                     first += len(ps)
         if self._read_requests:
             waiters, self._read_requests = self._read_requests, []
@@ -612,15 +688,25 @@ class Node:
             self._on_role_change(*rd.soft_state)
         self._follow_membership()
         self.raw.advance(rd)
-        if self.fsm.applied_index - self._snapshot_index >= self.settings.snapshot_entries:
+        if self._snapshot_due():
             await self._take_snapshot()
 
     # -- snapshots -----------------------------------------------------------------------------
 
+    def _snapshot_due(self) -> bool:
+        """Every ``snapshot_entries`` applied entries, and whenever the log held in memory
+        passes ``snapshot_log_bytes`` (big values overwritten again and again make a small
+        state but a big log)."""
+        behind = self.fsm.applied_index - self._snapshot_index
+        return behind >= self.settings.snapshot_entries or (
+            behind > 0 and self.raw.raft.log.entries.nbytes >= self.settings.snapshot_log_bytes
+        )
+
     async def _take_snapshot(self) -> None:
         """Snapshot the state machine, then drop the log it covers (keeping ``snapshot_keep``
-        entries for followers that lag a little). The state is serialized here, in the loop,
-        so it is point-in-time; the file is written and fsynced in the fsync thread."""
+        entries for followers that lag a little, unless they hold a quarter of
+        ``snapshot_log_bytes``: then none). The state is serialized here, in the loop, so it is
+        point-in-time; the file is written and fsynced in the fsync thread."""
         loop = asyncio.get_running_loop()
         raft_log = self.raw.raft.log
         index = self.fsm.applied_index
@@ -628,7 +714,10 @@ class Node:
         data = pack_state(self.raw.raft.membership_at(index).encode(), self.fsm.snapshot())
         await loop.run_in_executor(self._fsync_pool, self.snapshots.save, index, term, data)
         self._snapshot_index = index
-        upto = min(index - self.settings.snapshot_keep, raft_log.stable)
+        keep = self.settings.snapshot_keep
+        if raft_log.entries.nbytes >= self.settings.snapshot_log_bytes // 4:
+            keep = 0
+        upto = min(index - keep, raft_log.stable)
         if upto >= raft_log.first_index:
             upto_term = raft_log.term_at(upto)
             self.raw.compact(upto)
@@ -636,8 +725,18 @@ class Node:
         log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, len(data))
 
     def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
-        """A leader streams us a snapshot: where to write it."""
-        return _IncomingSnapshot(self, self.snapshots.receive(meta.index, meta.log_term))
+        """A leader streams us a snapshot: where to write it. Only the leader of our term may
+        (anyone else could replace our state), and only as much as the disk can take."""
+        raft = self.raw.raft
+        if meta.src != raft.leader or meta.term != raft.term:
+            raise tcp.Refused(
+                grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                f"snapshots are taken from the leader of term {raft.term} only "
+                f"({raft.leader or 'none known here'}), not from {meta.src!r} of term {meta.term}",
+            )
+        room = free_bytes(self.snapshots.directory) - DISK_RESERVE_BYTES
+        receiver = self.snapshots.receive(meta.index, meta.log_term)
+        return _IncomingSnapshot(self, receiver, room)
 
     async def _install_snapshot(self, meta: tuple[int, int]) -> None:
         snap = self._incoming_snapshot
@@ -691,23 +790,37 @@ class Node:
             for i, etype in enumerate(types):
                 if etype == ENTRY_CONFIG:
                     self._config_committed(first + i, Membership.decode(payloads[i]))
-        if not self._waiting_writes:
-            return
+        if self._waiting_writes:
+            self._resolve_writes(first, terms, results)
+
+    def _resolve_writes(self, first: int, terms: list[int], results: list) -> None:
+        """Hand applied results to the proposals waiting for them. A proposal's entries may be
+        applied over several Readys (a Ready applies at most ``max_apply_bytes``): its results
+        are collected until its last entry is in."""
         last = first + len(terms) - 1
         still = []
-        for w_first, w_last, w_term, fut in self._waiting_writes:
-            if w_first > last:
-                still.append((w_first, w_last, w_term, fut))
+        for waiting in self._waiting_writes:
+            if waiting.first > last:
+                still.append(waiting)
                 continue
-            if fut.done():
+            if waiting.fut.done():
                 continue
-            if w_first < first or terms[w_last - first] != w_term:
-                # Another leader's entry took our place: the write was not applied.
-                fut.set_exception(NotLeaderError("leadership changed before the write committed"))
-            elif w_last > last:
-                still.append((w_first, w_last, w_term, fut))  # partly applied: wait for the rest
+            lo, hi = max(waiting.first, first), min(waiting.last, last)
+            if (
+                lo != waiting.first + len(waiting.results)  # a part of it was never applied
+                or terms[lo - first] != waiting.term
+                or terms[hi - first] != waiting.term
+            ):
+                # Another leader's entries took its place: the write was not applied.
+                waiting.fut.set_exception(
+                    NotLeaderError("leadership changed before the write committed")
+                )
+                continue
+            waiting.results += results[lo - first : hi - first + 1]
+            if hi < waiting.last:
+                still.append(waiting)  # partly applied: wait for the rest
             else:
-                fut.set_result(results[w_first - first : w_last - first + 1])
+                waiting.fut.set_result(waiting.results)
         self._waiting_writes = still
 
     def _config_committed(self, index: int, membership: Membership) -> None:
@@ -769,9 +882,9 @@ class Node:
             # Waiters of a deposed leader: tell clients to retry at the new leader. Retried
             # writes carry the same (client id, sequence), so nothing is applied twice.
             err = NotLeaderError("leadership lost", leader or None)
-            for *_, fut in self._waiting_writes:
-                if not fut.done():
-                    fut.set_exception(err)
+            for waiting in self._waiting_writes:
+                if not waiting.fut.done():
+                    waiting.fut.set_exception(err)
             self._waiting_writes = []
             for waiters in self._reads_by_id.values():
                 for fut in waiters:
@@ -780,7 +893,7 @@ class Node:
             self._reads_by_id.clear()
 
     def _fail_all(self, err: Exception) -> None:
-        waiters = [f for _, f in self._proposals] + [f for *_, f in self._waiting_writes]
+        waiters = [f for _, f in self._proposals] + [w.fut for w in self._waiting_writes]
         waiters += self._read_requests + [f for _, f in self._reads_at]
         waiters += [f for fs in self._reads_by_id.values() for f in fs]
         for fut in waiters:
@@ -797,6 +910,18 @@ _DONE_NOTE = {
 }
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A proposal waiting to be applied: its entries first..last, of ``term``, and the results
+    of those applied so far."""
+
+    first: int
+    last: int
+    term: int
+    fut: asyncio.Future
+    results: list = field(default_factory=list)
+
+
 def _log_holds(entries, index: int, term: int) -> bool:
     """Does the log hold entry ``index`` with ``term`` (or start right after it)?"""
     if not entries.first_index - 1 <= index <= entries.last_index:
@@ -808,11 +933,16 @@ class _IncomingSnapshot:
     """Writes a leader's snapshot into our store; once complete, the node remembers it until the
     core asks for it to be installed (``Ready.snapshot``)."""
 
-    def __init__(self, node: Node, receiver) -> None:
+    def __init__(self, node: Node, receiver, max_bytes: int) -> None:
         self._node = node
         self._receiver = receiver
+        self._max_bytes = max_bytes
 
     def write(self, offset: int, data: bytes) -> None:
+        if offset + len(data) > self._max_bytes:
+            raise ValueError(
+                f"a snapshot of over {self._max_bytes} bytes does not fit this node's disk"
+            )
         self._receiver.write(offset, data)
 
     def finish(self) -> None:
@@ -820,6 +950,50 @@ class _IncomingSnapshot:
 
     def abort(self) -> None:
         self._receiver.abort()
+
+
+def _server(max_message_bytes: int, authorizer: Authorizer | None = None) -> grpc.aio.Server:
+    # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start, not
+    # silently share the port with us.
+    return grpc.aio.server(
+        interceptors=[RoleInterceptor(authorizer)] if authorizer is not None else None,
+        options=[
+            ("grpc.max_send_message_length", tcp.MAX_RECORD_BYTES),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", _MAX_STREAMS_PER_CONNECTION),
+        ],
+    )
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials) -> None:
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio raises instead of returning 0 when bind() fails
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {address} (address in use?)")
+
+
+def _warn_if_open(s: NodeSettings) -> None:
+    """Plain mode is for local work: say what it leaves open."""
+    if s.peer_tls is None:
+        log.warning(
+            "node %s: peer traffic on %s is neither encrypted nor authenticated: anyone who "
+            "reaches it can pose as a member (TLS: --peer-cert-file; docs/security.md)",
+            s.id,
+            s.peer_address,
+        )
+    if not s.client_cert_auth:
+        log.warning(
+            "node %s: clients on %s are not authenticated: anyone who reaches it may read, "
+            "write and change the membership (--client-cert-auth; docs/security.md)",
+            s.id,
+            s.listen,
+        )
 
 
 async def serve(settings: NodeSettings) -> None:

@@ -6,26 +6,30 @@
         --peers n1=127.0.0.1:7001,n2=127.0.0.1:7002,n3=127.0.0.1:7003 --data-dir ./data/n1
 
 Settings come from, highest precedence first: command-line flags, ``RAFTFAST_*`` environment
-variables (``RAFTFAST_ID``, ``RAFTFAST_LISTEN``, ``RAFTFAST_PEERS``, ``RAFTFAST_DATA_DIR``,
-``RAFTFAST_CLUSTER_ID``, ``RAFTFAST_NO_FSYNC=1`` or ``RAFTFAST_FSYNC=0``, ``RAFTFAST_READ_MODE``,
-``RAFTFAST_TICK_MS``, ``RAFTFAST_ELECTION_TICKS``, ``RAFTFAST_HEARTBEAT_TICKS``,
-``RAFTFAST_MAX_KEY_BYTES``, ``RAFTFAST_MAX_VALUE_BYTES``, ``RAFTFAST_LOG_LEVEL``,
-``RAFTFAST_CONFIG``), a TOML file (``--config``; keys ``id``, ``listen``, ``peers`` (a table
-id -> address or the comma string), ``data_dir``, ``cluster_id``, ``fsync``, ``read_mode``,
-``tick_ms``, ``election_ticks``, ``heartbeat_ticks``, ``max_key_bytes``, ``max_value_bytes``,
-``log_level``; advanced and hidden: ``wal_segment_bytes``, also ``--wal-segment-bytes`` and
-``RAFTFAST_WAL_SEGMENT_BYTES``, the WAL segment size, 64 MiB by default), the identity stored
-in the data directory, and the defaults of ``raftfast.settings.NodeSettings``. ``--listen``
-defaults to this node's address in ``--peers``.
+variables (the flag's name in capitals: ``--max-key-bytes`` is ``RAFTFAST_MAX_KEY_BYTES``; also
+``RAFTFAST_NO_FSYNC=1`` or ``RAFTFAST_FSYNC=0``, and ``RAFTFAST_CONFIG``), a TOML file
+(``--config``; the flag's name with underscores as the key: ``max_key_bytes``; ``peers`` as a
+table id -> address or the comma string), the identity stored in the data directory, and the
+defaults of ``raftfast.settings.NodeSettings``. Advanced and hidden: ``--wal-segment-bytes``,
+the WAL segment size, 64 MiB by default. ``--listen`` defaults to this node's address in
+``--peers``.
 
-Joining a running cluster: ``--join HOST:PORT`` (any member) with ``--id``, ``--listen`` and an
-empty ``--data-dir``, and no ``--peers``: the node asks the cluster to add it as a learner,
-catches up, and is promoted to voter. The configuration then lives in the replicated log.
+Ports: ``--listen`` serves clients and, unless ``--peer-listen`` gives peers a port of their
+own, peers too. ``--peers`` names the addresses peers dial (so, with ``--peer-listen``, every
+node's peer address). TLS (etcd's flags: ``--cert-file --key-file [--trusted-ca-file
+--client-cert-auth]`` for clients, ``--peer-cert-file --peer-key-file --peer-trusted-ca-file``
+for peers) needs the two ports apart. ``--auth-roles FILE`` gives client certificates roles
+(docs/security.md).
 
-Identity: the first start writes ``<data-dir>/node.json`` (id, listen, peers, cluster id)
-atomically; a restart needs only ``--data-dir``. Settings that name another id or cluster id
-than the stored ones are refused (that data belongs to another node); a changed listen address
-or peer list replaces the stored one.
+Joining a running cluster: ``--join HOST:PORT`` (any member's peer address) with ``--id``,
+``--listen`` (and ``--peer-listen``) and an empty ``--data-dir``, and no ``--peers``: the node
+asks the cluster to add it as a learner, catches up, and is promoted to voter. The
+configuration then lives in the replicated log.
+
+Identity: the first start writes ``<data-dir>/node.json`` (id, listen, peer listen, peers,
+cluster id) atomically; a restart needs only ``--data-dir``. Settings that name another id or
+cluster id than the stored ones are refused (that data belongs to another node); a changed
+listen address or peer list replaces the stored one.
 
 Exit codes: 2 for bad flags or configuration (one line on stderr, no traceback), 1 when the
 node fails (storage, address in use...), 130 on Ctrl-C; 0 after a clean shutdown.
@@ -47,7 +51,7 @@ from typing import Any, NoReturn
 from raftfast.address import is_address
 from raftfast.errors import RaftfastError
 from raftfast.settings import PEER_STREAMS, READ_MODES, NodeSettings
-from raftfast.storage.fsutil import fsync_dir
+from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
 
 __all__ = [
     "IDENTITY_FILE",
@@ -62,7 +66,7 @@ __all__ = [
 
 PROG = "raftfast-node"
 IDENTITY_FILE = "node.json"
-_IDENTITY_KEYS = ("id", "listen", "peers", "cluster_id", "join")
+_IDENTITY_KEYS = ("id", "listen", "peer_listen", "peers", "cluster_id", "join")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -194,13 +198,25 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "heartbeat_ticks": _int,
     "max_key_bytes": _int,
     "max_value_bytes": _int,
+    "max_request_bytes": _int,
     "log_level": _log_level,
     "wal_segment_bytes": _segment_bytes,
     "snapshot_entries": _int,
     "snapshot_keep": _int,
+    "snapshot_log_bytes": _int,
     "join": _address,
     "peer_stream": _peer_stream,
     "peer_stream_port": _int,
+    "peer_listen": _address,
+    "cert_file": _str,
+    "key_file": _str,
+    "trusted_ca_file": _str,
+    "client_cert_auth": _bool,
+    "peer_cert_file": _str,
+    "peer_key_file": _str,
+    "peer_trusted_ca_file": _str,
+    "auth_roles": _str,
+    "quota_backend_bytes": _int,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
 assert set(_CONVERT) <= _SETTINGS_FIELDS
@@ -252,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-ticks", metavar="N", help="heartbeat interval in ticks")
     p.add_argument("--max-key-bytes", metavar="N", help="largest key accepted")
     p.add_argument("--max-value-bytes", metavar="N", help="largest value accepted")
+    p.add_argument(
+        "--max-request-bytes",
+        metavar="N",
+        help="largest client request: a put, a Session frame, a put_many (1572864)",
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument(
         "--snapshot-entries", metavar="N", help="snapshot every N applied entries (100000)"
@@ -270,6 +291,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP port for replication on the --listen host (default 0: any free port; "
         "peers learn it over gRPC)",
     )
+    p.add_argument(
+        "--quota-backend-bytes",
+        metavar="N",
+        help="refuse writes (NOSPACE alarm) past N bytes of keys and values (2 GiB)",
+    )
+    sec = p.add_argument_group("ports and security (docs/security.md)")
+    sec.add_argument(
+        "--peer-listen",
+        metavar="HOST:PORT",
+        help="serve peers on a port of their own (default: --listen; required with TLS)",
+    )
+    sec.add_argument("--cert-file", metavar="FILE", help="TLS certificate for clients (PEM)")
+    sec.add_argument("--key-file", metavar="FILE", help="its private key")
+    sec.add_argument("--trusted-ca-file", metavar="FILE", help="CA that signs client certificates")
+    sec.add_argument(
+        "--client-cert-auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clients must present a certificate signed by --trusted-ca-file",
+    )
+    sec.add_argument("--peer-cert-file", metavar="FILE", help="TLS certificate for peers")
+    sec.add_argument("--peer-key-file", metavar="FILE", help="its private key")
+    sec.add_argument(
+        "--peer-trusted-ca-file", metavar="FILE", help="CA that signs every peer certificate"
+    )
+    sec.add_argument(
+        "--auth-roles",
+        metavar="FILE",
+        help="TOML [roles]: client certificate name = read | write | admin",
+    )
+    # Advanced (hidden): snapshot when the log held in memory passes N bytes (256 MiB).
+    p.add_argument("--snapshot-log-bytes", metavar="N", help=argparse.SUPPRESS)
     # Advanced (hidden): WAL segment size before rotation; small values are for tests.
     p.add_argument("--wal-segment-bytes", metavar="N", help=argparse.SUPPRESS)
     return p
@@ -352,6 +405,9 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
             "peers": _peers(data["peers"], "peers"),
             "cluster_id": _str(data["cluster_id"], "cluster_id"),
             "join": _address(data["join"], "join") if data.get("join") else "",
+            "peer_listen": (
+                _address(data["peer_listen"], "peer_listen") if data.get("peer_listen") else ""
+            ),
         }
     except (ValueError, KeyError, TypeError) as exc:
         msg = " ".join(str(exc).split())
@@ -367,6 +423,7 @@ def _identity_of(settings: NodeSettings) -> dict[str, Any]:
         "peers": dict(settings.peers),
         "cluster_id": settings.cluster_id,
         "join": settings.join,
+        "peer_listen": settings.peer_listen,
     }
 
 
@@ -376,7 +433,7 @@ def write_identity(settings: NodeSettings) -> bool:
     Temporary file, fsync, rename, fsync of the directory: after a crash the file is either the
     old one or the new one, complete.
     """
-    os.makedirs(settings.data_dir, exist_ok=True)
+    os.makedirs(settings.data_dir, mode=DIR_MODE, exist_ok=True)
     ident = _identity_of(settings)
     current = load_identity(settings.data_dir)
     if current is not None and all(current[k] == ident[k] for k in _IDENTITY_KEYS):
@@ -384,7 +441,7 @@ def write_identity(settings: NodeSettings) -> bool:
     path = identity_path(settings.data_dir)
     tmp = path + ".tmp"
     data = (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         view = memoryview(data)
         while view:
@@ -448,7 +505,7 @@ def parse_settings(
                 )
             if "listen" not in values:
                 raise ConfigError("--join needs --listen (the address the cluster will use)")
-            values["peers"] = {values["id"]: values["listen"]}
+            values["peers"] = {values["id"]: values.get("peer_listen") or values["listen"]}
         elif "peers" not in values:
             raise ConfigError(
                 f"--peers (or --join) is required on the first start (no {IDENTITY_FILE} in "
@@ -459,6 +516,8 @@ def parse_settings(
             f"--peers must include this node's id {values['id']!r} "
             f"(peers: {', '.join(values['peers'])})"
         )
+    if values.get("peer_listen") and "listen" not in values:
+        raise ConfigError("--peer-listen needs --listen (where clients connect)")
     values.setdefault("listen", values["peers"][values["id"]])
     settings = NodeSettings(**values)
     try:
@@ -508,6 +567,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(2) from None
     if not settings.fsync:
         print(UNSAFE_WARNING, file=sys.stderr)
+    try:
+        # Before anything is written: a second node on this directory must change nothing.
+        lock = lock_directory(settings.data_dir)
+    except RaftfastError as exc:
+        _fail(str(exc))
+        return 1
+    try:
+        return _run_locked(settings)
+    finally:
+        os.close(lock)
+
+
+def _run_locked(settings: NodeSettings) -> int:
+    """Store the identity and run the node (the data directory is ours)."""
     try:
         write_identity(settings)
     except ConfigError as exc:

@@ -5,16 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raftfast.address import is_address
+from raftfast.limits import MAX_ID_BYTES, check_node_id
+from raftfast.security.roles import load_roles
+from raftfast.security.tls import TLSFiles
 
 READ_MODES = ("linearizable", "lease", "stale")
 PEER_STREAMS = ("tcp", "grpc")
+# A request becomes one log entry, which must fit one peer message (64 MiB) with room to spare.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
+MIN_QUOTA_BYTES = 64 * 1024
 
 
 @dataclass
 class NodeSettings:
     id: str
-    listen: str  # host:port this node serves peers and clients on
-    peers: dict[str, str]  # node id -> host:port, including this node
+    listen: str  # host:port this node serves clients on (and peers, unless peer_listen)
+    peers: dict[str, str]  # node id -> the host:port peers dial, including this node
     data_dir: str
     cluster_id: str = "raftfast"
     fsync: bool = True  # False is UNSAFE: acknowledged writes can be lost on power failure
@@ -24,26 +30,68 @@ class NodeSettings:
     heartbeat_ticks: int = 1
     max_key_bytes: int = 4 * 1024
     max_value_bytes: int = 1024 * 1024
+    # Largest client request (a put, a Session frame, a put_many): etcd's default. The same on
+    # every node, like the key and value limits.
+    max_request_bytes: int = 1536 * 1024
     log_level: str = "INFO"
     wal_segment_bytes: int = 64 * 1024 * 1024  # advanced: WAL segment size before rotation
     snapshot_entries: int = 100_000  # snapshot the state machine every N applied entries
     snapshot_keep: int = 10_000  # entries kept behind a snapshot for followers that lag a little
+    # advanced: snapshot also when the log held in memory passes this (big values rewritten)
+    snapshot_log_bytes: int = 256 * 1024 * 1024
     join: str = ""  # host:port of a member: this node joins that cluster (no bootstrap peers)
     # The replication stream: "tcp" (plain TCP where the peer offers it, on peer_stream_port of
     # the listen host, 0 = any free port; peers learn it over gRPC) or "grpc" (HTTP/2 only).
     peer_stream: str = "tcp"
     peer_stream_port: int = 0
+    # Peers on a port of their own (required with TLS): the Peer service listens here, and
+    # the replication stream on this host. "" = on ``listen``, with the clients.
+    peer_listen: str = ""
+    # TLS with etcd's names. Clients: the node's certificate and key; with client_cert_auth,
+    # clients must present a certificate signed by trusted_ca_file. Peers: always both ways.
+    cert_file: str = ""
+    key_file: str = ""
+    trusted_ca_file: str = ""
+    client_cert_auth: bool = False
+    peer_cert_file: str = ""
+    peer_key_file: str = ""
+    peer_trusted_ca_file: str = ""
+    auth_roles: str = ""  # a TOML file mapping client certificate names to roles
+    # Past this many bytes of state (keys and values), writes are refused (a NOSPACE alarm).
+    quota_backend_bytes: int = 2 * 1024 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def peer_address(self) -> str:
+        """Where this node serves peers."""
+        return self.peer_listen or self.listen
+
+    @property
+    def client_tls(self) -> TLSFiles | None:
+        """The client port's certificate and the CA clients must be signed by (if checked)."""
+        if not self.cert_file:
+            return None
+        return TLSFiles(self.trusted_ca_file or None, self.cert_file, self.key_file)
+
+    @property
+    def peer_tls(self) -> TLSFiles | None:
+        if not self.peer_cert_file:
+            return None
+        return TLSFiles(self.peer_trusted_ca_file, self.peer_cert_file, self.peer_key_file)
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for anything a node cannot start with."""
         if not self.id:
             raise ValueError("--id must not be empty")
+        check_node_id(self.id)
         if self.id not in self.peers:
             raise ValueError(f"--peers must include this node's id {self.id!r}")
         for nid, addr in self.peers.items():
             if not nid or not is_address(addr):
                 raise ValueError(f"bad peer address {nid}={addr!r} (want ID=HOST:PORT)")
+            check_node_id(nid)
+        if not self.cluster_id or len(self.cluster_id.encode()) > MAX_ID_BYTES:
+            raise ValueError(f"--cluster-id must be 1 to {MAX_ID_BYTES} bytes")
         if self.peer_stream not in PEER_STREAMS:
             raise ValueError(f"--peer-stream must be one of {', '.join(PEER_STREAMS)}")
         if not 0 <= self.peer_stream_port < 65536:
@@ -52,7 +100,41 @@ class NodeSettings:
             raise ValueError(f"--read-mode must be one of {', '.join(READ_MODES)}")
         if self.tick_ms < 1 or not 1 <= self.heartbeat_ticks < self.election_ticks:
             raise ValueError("need tick_ms >= 1 and 1 <= heartbeat_ticks < election_ticks")
-        if self.snapshot_entries < 1 or self.snapshot_keep < 0:
-            raise ValueError("need snapshot_entries >= 1 and snapshot_keep >= 0")
+        if self.snapshot_entries < 1 or self.snapshot_keep < 0 or self.snapshot_log_bytes < 1:
+            raise ValueError(
+                "need snapshot_entries >= 1, snapshot_keep >= 0 and snapshot_log_bytes >= 1"
+            )
         if self.max_key_bytes < 1 or self.max_value_bytes < 0:
             raise ValueError("key and value limits must be positive")
+        if not 1024 <= self.max_request_bytes <= MAX_REQUEST_BYTES:
+            raise ValueError(f"--max-request-bytes must be in [1024, {MAX_REQUEST_BYTES}]")
+        if self.quota_backend_bytes < MIN_QUOTA_BYTES:
+            raise ValueError(f"--quota-backend-bytes must be at least {MIN_QUOTA_BYTES}")
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        if self.peer_listen and not is_address(self.peer_listen):
+            raise ValueError(f"--peer-listen: bad address {self.peer_listen!r} (want HOST:PORT)")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("--cert-file and --key-file go together")
+        if self.client_cert_auth and not (self.cert_file and self.trusted_ca_file):
+            raise ValueError("--client-cert-auth needs --cert-file, --key-file, --trusted-ca-file")
+        if self.trusted_ca_file and not self.client_cert_auth:
+            raise ValueError("--trusted-ca-file checks client certificates: add --client-cert-auth")
+        peer_files = (self.peer_cert_file, self.peer_key_file, self.peer_trusted_ca_file)
+        if any(peer_files) and not all(peer_files):
+            raise ValueError(
+                "peer TLS needs --peer-cert-file, --peer-key-file and --peer-trusted-ca-file"
+            )
+        if self.auth_roles and not self.client_cert_auth:
+            raise ValueError("--auth-roles names client certificates: add --client-cert-auth")
+        if (self.cert_file or self.peer_cert_file) and self.peer_address == self.listen:
+            raise ValueError(
+                "with TLS, peers need a port of their own: --peer-listen HOST:PORT (and --peers "
+                "naming every node's peer address)"
+            )
+        for files in (self.client_tls, self.peer_tls):
+            if files is not None:
+                files.read()  # ValueError naming a file that is missing or not PEM
+        if self.auth_roles:
+            load_roles(self.auth_roles)

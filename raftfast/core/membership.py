@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from raftfast.limits import check_node_id
+
 _FORMAT = 1
 
 
@@ -81,8 +83,7 @@ class Membership:
     def change(self, kind: ChangeKind, node_id: str, address: str = "") -> Membership:
         """The configuration after one single-server change; ValueError if it is not allowed."""
         kind = ChangeKind(kind)
-        if not node_id:
-            raise ValueError("node id must not be empty")
+        check_node_id(node_id)
         voters, learners = dict(self.voters), dict(self.learners)
         if kind == ChangeKind.ADD_LEARNER:
             if node_id in self:

@@ -34,6 +34,11 @@ from raftfast.errors import BatchError, ChangeInProgressError, NotLeaderError
 
 _EMPTY = b""
 _FORCED_VOTE = 1  # VOTE context: a leadership transfer, which others' leases must not block
+# 2**32 elections at one every half second take 68 years: no real term jumps further.
+MAX_TERM_JUMP = 1 << 32
+_FROM_STRANGERS = frozenset(
+    (MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT, MsgType.VOTE, MsgType.PRE_VOTE)
+)
 
 
 @dataclass
@@ -339,8 +344,17 @@ class Raft:
             pr.become_probe()
 
     def step(self, m: Message) -> None:
+        if not self._admits(m):
+            return
         if m.term > self.term:
-            forced = m.type == MsgType.VOTE and m.context == _FORCED_VOTE
+            # A leadership transfer: a voter we know, campaigning in the term right after the
+            # leader's.
+            forced = (
+                m.type == MsgType.VOTE
+                and m.context == _FORCED_VOTE
+                and m.term == self.term + 1
+                and any(m.src in c.voters for _, c in self._configs)
+            )
             if m.type in (MsgType.VOTE, MsgType.PRE_VOTE) and self._in_lease() and not forced:
                 return  # we heard from a live leader recently: don't let a stray node disrupt it
             if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
@@ -365,6 +379,28 @@ class Raft:
             self._step_follower(m)
         else:
             self._step_candidate(m)
+
+    def _admits(self, m: Message) -> bool:
+        """Whom we listen to (a message not admitted is dropped, as if lost):
+
+        * nothing whose term is more than ``MAX_TERM_JUMP`` ahead of ours: real terms grow by
+          one an election, and one forged term near the top of the range would leave no term
+          for any election after it;
+        * TimeoutNow only from our leader, in its term (it makes us campaign at once);
+        * anything else from members of a configuration we hold, and from our leader;
+        * from a stranger, only an append, heartbeat, snapshot, vote or pre-vote of our term
+          or a newer one, and only when no leader we know is alive. The leader of a
+          configuration we have not received yet (we lag, or we are joining and the
+          configurations are further on in the log) must be able to reach us, and a voter we
+          do not know yet may need our vote; but a stranger must not depose a healthy leader.
+        """
+        if m.term > self.term + MAX_TERM_JUMP:
+            return False
+        if m.type == MsgType.TIMEOUT_NOW:
+            return m.src == self.leader and m.term == self.term
+        if m.src == self.leader or any(m.src in c for _, c in self._configs):
+            return True
+        return m.type in _FROM_STRANGERS and m.term >= self.term and not self._in_lease()
 
     # -- roles ---------------------------------------------------------------------------------
 
@@ -621,6 +657,8 @@ class Raft:
             return  # not a member of our configuration
         if m.type == MsgType.APPEND_RESP:
             pr.recent_active = True
+            if not m.reject and m.index > self.log.last_index:
+                return  # acknowledges entries we never sent: not a real answer
             if m.reject:
                 if m.context == pr.generation:
                     self._handle_reject(m, pr)
@@ -645,7 +683,7 @@ class Raft:
             # The follower is alive but our window is full: frames may have been lost. Free one
             # slot so a frame goes out; a gap makes the follower reject and we probe again.
             pr.free_one_if_full(self.config.max_inflight, self.config.max_inflight_bytes)
-            if m.context > self._read_acks.get(m.src, 0):
+            if self._read_round >= m.context > self._read_acks.get(m.src, 0):
                 self._read_acks[m.src] = m.context
                 self._release_reads()
             if pr.match_index < self.log.last_index:

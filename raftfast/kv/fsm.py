@@ -11,6 +11,10 @@ Command layout (struct, little-endian)::
     PUT:    value (the rest of the payload)
     DELETE: nothing
     CAS:    expect_absent u8 (0 or 1) | expected_len u32 | expected | value (the rest)
+    ALARM:  key = the alarm's name (b"NOSPACE"); active u8 (1: raise, 0: clear)
+
+Alarms are replicated state, raised and cleared through the log like any write, so every node
+(and every future leader) knows that writes are refused until an operator clears them.
 
 Exactly-once writes: the dedup table (per client, the results of its recent sequences) is part
 of the replicated state, so a retried write returns the result of its first application on
@@ -39,6 +43,7 @@ from itertools import accumulate
 
 from raftfast._accel import crc32c, decode_batch, encode_uniform
 from raftfast.errors import BatchError, CorruptionError
+from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 
 __all__ = [
     "DEDUP_WINDOW",
@@ -47,6 +52,10 @@ __all__ = [
     "OP_DELETE",
     "OP_PUT",
     "OP_PUT_MANY",
+    "OP_ALARM",
+    "NOSPACE",
+    "ALARMS",
+    "encode_alarm",
     "KVStateMachine",
     "decode",
     "encode_cas",
@@ -58,6 +67,9 @@ OP_PUT = 1
 OP_DELETE = 2
 OP_CAS = 3
 OP_PUT_MANY = 4  # many puts in one entry: one atomic, exactly-once write (pipelined clients)
+OP_ALARM = 5  # raise or clear an alarm
+NOSPACE = b"NOSPACE"  # the state passed --quota-backend-bytes, or the disk is nearly full
+ALARMS = (NOSPACE,)  # every alarm there is; bit i of a snapshot's alarm field is ALARMS[i]
 
 ENTRY_NORMAL = 0  # raftfast.core.types.ENTRY_NORMAL (repeated to keep this module standalone)
 
@@ -66,13 +78,12 @@ MAX_CLIENTS = 100_000  # clients remembered before the least recently active is 
 
 _HEADER = struct.Struct("<BQQI")  # op, client_id, sequence, key length
 _CAS_HEAD = struct.Struct("<BI")  # expect_absent, expected length
-_U64_MAX = (1 << 64) - 1
 _MAX_PENDING_INDEX_OPS = 256  # key-set changes replayed into the scan index before a rebuild
 
 # Snapshot layout (little-endian; see KVStateMachine.snapshot):
 SNAPSHOT_MAGIC = b"RFS1"
-SNAPSHOT_VERSION = 1
-_SNAP_HEADER = struct.Struct("<4sHHQQ")  # magic, version, reserved (0), applied_index, malformed
+SNAPSHOT_VERSION = 2  # 2: the alarm field (reserved, 0, in 1)
+_SNAP_HEADER = struct.Struct("<4sHHQQ")  # magic, version, alarms, applied_index, malformed
 _SNAP_COUNT = struct.Struct("<Q")  # number of keys / of clients
 _SNAP_CLIENT = struct.Struct("<QqI")  # client_id, max_seq, live result count
 _SNAP_CRC = struct.Struct("<I")
@@ -84,8 +95,8 @@ _BIG_ENDIAN = sys.byteorder == "big"
 
 
 def _header(op: int, client_id: int, seq: int, key: bytes) -> bytes:
-    if not 0 <= client_id <= _U64_MAX or not 0 <= seq <= _U64_MAX:
-        raise ValueError("client_id and sequence must fit in an unsigned 64-bit integer")
+    if not 0 <= client_id <= MAX_CLIENT_ID or not 0 <= seq <= MAX_SEQUENCE:
+        raise ValueError(f"client_id and sequence must be in [0, {MAX_SEQUENCE}]")
     return _HEADER.pack(op, client_id, seq, len(key)) + key
 
 
@@ -137,6 +148,13 @@ def encode_cas(client_id: int, seq: int, key: bytes, expected: bytes | None, val
     return _header(OP_CAS, client_id, seq, bytes(key)) + tail + bytes(value)
 
 
+def encode_alarm(name: bytes, active: bool) -> bytes:
+    """Encode "raise (or clear) alarm ``name``"."""
+    if name not in ALARMS:
+        raise ValueError(f"unknown alarm {name!r}")
+    return _header(OP_ALARM, 0, 0, name) + (b"\x01" if active else b"\x00")
+
+
 def decode(payload: bytes) -> tuple[int, int, int, bytes, bytes | None, bytes]:
     """Parse a command into ``(op, client_id, seq, key, expected, value)``.
 
@@ -149,6 +167,10 @@ def decode(payload: bytes) -> tuple[int, int, int, bytes, bytes | None, bytes]:
     if n < _HEADER.size:
         raise ValueError(f"command too short ({n} bytes)")
     op, client_id, seq, klen = _HEADER.unpack_from(mv, 0)
+    if client_id > MAX_CLIENT_ID or seq > MAX_SEQUENCE:
+        # The dedup table (and its snapshot) holds sequences below 2**63; such a command can
+        # only come from a log written before the API checked the range: a no-op everywhere.
+        raise ValueError("client_id or sequence out of range")
     pos = _HEADER.size
     if klen > n - pos:
         raise ValueError("key length exceeds the payload")
@@ -174,6 +196,11 @@ def decode(payload: bytes) -> tuple[int, int, int, bytes, bytes | None, bytes]:
         expected = None if absent else bytes(mv[pos : pos + elen])
         pos += elen
         return op, client_id, seq, key, expected, bytes(mv[pos:])
+    if op == OP_ALARM:
+        flag = bytes(mv[pos:])
+        if key not in ALARMS or flag not in (b"\x00", b"\x01") or client_id or seq:
+            raise ValueError("bad ALARM command")
+        return op, client_id, seq, key, None, flag
     raise ValueError(f"unknown op {op}")
 
 
@@ -194,7 +221,10 @@ class KVStateMachine:
     """Deterministic KV store: a dict, a lazily maintained sorted key index and the dedup table.
 
     ``applied_index`` is the index of the last entry handed to ``apply``/``apply_batch``;
-    ``malformed`` counts committed commands that could not be decoded (applied as no-ops).
+    ``malformed`` counts committed commands that could not be decoded (applied as no-ops);
+    ``alarms`` holds the alarms raised (``NOSPACE``); ``size_bytes`` is the bytes of keys and
+    values held, exact but after a PUT_MANY that overwrote keys (it counts them as new: cheap,
+    and never under), until the next ``recount``, snapshot or restore.
     """
 
     def __init__(self, dedup_window: int = DEDUP_WINDOW, max_clients: int = MAX_CLIENTS) -> None:
@@ -202,6 +232,8 @@ class KVStateMachine:
             raise ValueError("dedup_window and max_clients must be positive")
         self.applied_index = 0
         self.malformed = 0
+        self.alarms: set[bytes] = set()
+        self.size_bytes = 0
         self._window = dedup_window
         self._max_clients = max_clients
         self._data: dict[bytes, bytes] = {}
@@ -282,28 +314,49 @@ class KVStateMachine:
                 for k in dict.fromkeys(k for k in keys if k not in data):
                     self._key_added(k)
             data.update(zip(keys, values, strict=True))
+            self.size_bytes += sum(map(len, keys)) + sum(map(len, values))  # see the class doc
             return True
         if op == OP_PUT:
-            if key not in data:
+            current = data.get(key)
+            if current is None:
                 self._key_added(key)
+                self.size_bytes += len(key) + len(value)
+            else:
+                self.size_bytes += len(value) - len(current)
             data[key] = value
             return True
         if op == OP_DELETE:
-            if key in data:
-                del data[key]
-                self._key_removed(key)
-                return True
-            return False
+            current = data.pop(key, None)
+            if current is None:
+                return False
+            self._key_removed(key)
+            self.size_bytes -= len(key) + len(current)
+            return True
+        if op == OP_ALARM:
+            if value == b"\x01":
+                self.alarms.add(key)
+            else:
+                self.alarms.discard(key)
+            return True
         # CAS
         current = data.get(key)
         if expected is None:
             if current is not None:
                 return False
             self._key_added(key)
+            self.size_bytes += len(key) + len(value)
         elif current != expected:
             return False
+        else:
+            self.size_bytes += len(value) - len(current)
         data[key] = value
         return True
+
+    def recount(self) -> int:
+        """Count ``size_bytes`` exactly (a pass over the whole store); returns it."""
+        data = self._data
+        self.size_bytes = sum(map(len, data)) + sum(map(len, data.values()))
+        return self.size_bytes
 
     # -- scan index -----------------------------------------------------------------------
 
@@ -344,20 +397,32 @@ class KVStateMachine:
 
     def scan(self, prefix: bytes, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` (<= 0: all) items whose key starts with ``prefix``, sorted by key."""
+        return self.scan_page(prefix, limit)[0]
+
+    def scan_page(
+        self, prefix: bytes, limit: int, start: bytes = b"", max_bytes: int = 0
+    ) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """One page of ``scan``: items under ``prefix`` from key ``start`` on (at ``prefix`` if
+        empty), at most ``limit`` of them (<= 0: no limit) and, past the first, at most
+        ``max_bytes`` of keys and values (0: no limit). Returns (items, the key the next page
+        starts at, or b"" if this was the last)."""
         keys = self._sorted_keys()
         data = self._data
         out: list[tuple[bytes, bytes]] = []
-        i = bisect_left(keys, prefix)
+        i = bisect_left(keys, max(prefix, start))
         n = len(keys)
+        size = 0
         while i < n:
             key = keys[i]
             if not key.startswith(prefix):
                 break
-            out.append((key, data[key]))
-            if len(out) == limit:
-                break
+            value = data[key]
+            size += len(key) + len(value)
+            if (len(out) == limit or (max_bytes and size > max_bytes)) and out:
+                return out, key
+            out.append((key, value))
             i += 1
-        return out
+        return out, b""
 
     def __len__(self) -> int:
         return len(self._data)
@@ -387,6 +452,8 @@ class KVStateMachine:
             h.update(struct.pack("<Qqq", client_id, client.max_seq, len(live)))
             for seq, result in live:
                 h.update(struct.pack("<Q?", seq, result))
+        if self.alarms:
+            h.update(b"\x00alarms" + b",".join(sorted(self.alarms)))
         return h.hexdigest()
 
     # -- snapshots ------------------------------------------------------------------------
@@ -399,7 +466,7 @@ class KVStateMachine:
         produce identical bytes. ``dedup_window`` and ``max_clients`` are configuration, not
         state, and must match across the cluster. Layout (little-endian)::
 
-            header   magic "RFS1" | version u16 (1) | reserved u16 (0)
+            header   magic "RFS1" | version u16 (2) | alarms u16 (bit i: ALARMS[i] is raised)
                      | applied_index u64 | malformed u64
             store    count u64 | key lengths u32[count] | value lengths u32[count]
                      | keys, concatenated | values, concatenated        (sorted by key)
@@ -411,12 +478,17 @@ class KVStateMachine:
         values = list(map(self._data.__getitem__, keys))
         klens = array(_U32, map(len, keys))
         vlens = array(_U32, map(len, values))
+        self.size_bytes = sum(klens) + sum(vlens)  # exact again (see the class doc)
         if _BIG_ENDIAN:
             klens.byteswap()
             vlens.byteswap()
         parts: list[bytes] = [
             _SNAP_HEADER.pack(
-                SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, self.applied_index, self.malformed
+                SNAPSHOT_MAGIC,
+                SNAPSHOT_VERSION,
+                sum(1 << i for i, name in enumerate(ALARMS) if name in self.alarms),
+                self.applied_index,
+                self.malformed,
             ),
             _SNAP_COUNT.pack(len(keys)),
             klens.tobytes(),
@@ -456,31 +528,34 @@ class KVStateMachine:
             raise CorruptionError(
                 f"KV snapshot truncated: {size} bytes, an empty one has {minimum}", offset=size
             )
-        magic, version, reserved, applied_index, malformed = _SNAP_HEADER.unpack_from(mv, 0)
+        magic, version, alarm_bits, applied_index, malformed = _SNAP_HEADER.unpack_from(mv, 0)
         if magic != SNAPSHOT_MAGIC:
             raise CorruptionError(
                 f"not a KV snapshot: bad magic {magic!r} (expected {SNAPSHOT_MAGIC!r})", offset=0
             )
-        if version != SNAPSHOT_VERSION:
+        if version not in (1, SNAPSHOT_VERSION):
             raise CorruptionError(
-                f"unsupported KV snapshot version {version} (this build reads {SNAPSHOT_VERSION})",
+                f"unsupported KV snapshot version {version} (this build reads 1 to "
+                f"{SNAPSHOT_VERSION})",
                 offset=4,
             )
         end = size - _SNAP_CRC.size
         (crc,) = _SNAP_CRC.unpack_from(mv, end)
         if crc32c(mv[:end]) != crc:
             raise CorruptionError("KV snapshot CRC mismatch: truncated or corrupt", offset=end)
-        if reserved:
-            raise CorruptionError(f"KV snapshot reserved field is {reserved}, not 0", offset=6)
+        if alarm_bits >> (len(ALARMS) if version > 1 else 0):
+            raise CorruptionError(f"KV snapshot: unknown alarm bits {alarm_bits:#x}", offset=6)
         data_, index, clients = _parse_snapshot(mv, _SNAP_HEADER.size, end)
         while len(clients) > self._max_clients:
             clients.popitem(last=False)
         self.applied_index = applied_index
         self.malformed = malformed
+        self.alarms = {name for i, name in enumerate(ALARMS) if alarm_bits >> i & 1}
         self._data = data_
         self._clients = clients
         self._index = index
         self._pending = []
+        self.recount()
 
 
 def _parse_snapshot(

@@ -4,23 +4,34 @@ Writes become commands (``raftfast.kv.fsm``) proposed through ``node.propose``; 
 ``node.read_barrier`` and then read ``node.fsm`` directly. Errors map to gRPC status codes with a
 message a human can act on:
 
-* INVALID_ARGUMENT: empty or oversized key, oversized value, bad scan limit or read mode;
+* INVALID_ARGUMENT: empty or oversized key, oversized value or request (``--max-request-bytes``),
+  client id or sequence out of range, bad scan limit, start key or read mode;
 * UNAVAILABLE: this node is not the leader; trailing metadata ``leader-id`` and
   ``leader-address`` tell the client where to go (when a leader is known);
 * DEADLINE_EXCEEDED: the call's deadline passed before the write committed / the read was safe;
 * FAILED_PRECONDITION: the client sent ``cluster-id`` metadata naming another cluster;
+* RESOURCE_EXHAUSTED: "NOSPACE: ..." past the quota (``raftfast.kv.quota``: deletes still go),
+  or too many open Session streams (retry later);
 * INTERNAL: anything unexpected (logged; the server keeps serving).
+
+Scans are paged: an answer holds at most ``MAX_SCAN_LIMIT`` items and about ``MAX_SCAN_BYTES``,
+and ``next_key`` says where the next page starts (the client follows it).
 
 The Session stream pipelines: each SessionFrame is handled in its own task (one ``propose`` for
 all its writes, then one ``read_barrier`` per distinct read mode for its reads, so reads in a
 frame observe the frame's own writes), and results are written back as frames complete, not in
 frame order. Errors there are reported per op (``OpResult.code``), never by ending the stream.
+What one client can make a node hold is bounded: a frame has at most ``MAX_FRAME_OPS`` ops and
+``--max-request-bytes``; a stream has ``MAX_SESSION_INFLIGHT`` frames under way; the frames under
+way on all streams together stay under ``MAX_SESSION_BYTES`` (a stream's reader waits, and gRPC's
+flow control holds the client back); at most ``MAX_SESSIONS`` streams are open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,21 +48,43 @@ from raftfast.kv.fsm import (
     encode_put_many,
     unpack_pairs,
 )
+from raftfast.kv.quota import Quota
+from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.roles import Authorizer, Role
+from raftfast.security.tls import caller_name
 from raftfast.settings import NodeSettings
 
-__all__ = ["MAX_SCAN_LIMIT", "MAX_SESSION_INFLIGHT", "KVService", "NodeLike", "add_kv_service"]
+__all__ = [
+    "MAX_FRAME_OPS",
+    "MAX_SCAN_BYTES",
+    "MAX_SCAN_LIMIT",
+    "MAX_SESSION_BYTES",
+    "MAX_SESSION_INFLIGHT",
+    "MAX_SESSIONS",
+    "KVService",
+    "NodeLike",
+    "add_kv_service",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_SCAN_LIMIT = 10_000  # items per Scan; ScanRequest.limit 0 means this
+MAX_SCAN_LIMIT = 10_000  # items per Scan page; ScanRequest.limit 0 means this
+# Bytes of keys and values per Scan page (at least one item): under gRPC's default 4 MiB
+# receive limit, so that any gRPC client can read a page.
+MAX_SCAN_BYTES = 2 * 1024 * 1024
 MAX_SESSION_INFLIGHT = 256  # frames of one Session handled concurrently (backpressure beyond)
+MAX_FRAME_OPS = 10_000  # ops in one SessionFrame (the client sends at most 4,096 by default)
+MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
+MAX_SESSIONS = 1024  # open Session streams, node-wide
 DEADLINE_MARGIN = 0.05  # seconds before the RPC deadline at which the service gives up itself
 
 CODE_OK = 0
 CODE_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]  # 3
 CODE_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]  # 4
+CODE_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]  # 7
+CODE_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # 8
 CODE_INTERNAL = grpc.StatusCode.INTERNAL.value[0]  # 13
 CODE_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]  # 14
 
@@ -86,6 +119,10 @@ class _BadRequest(Exception):
     """A request that fails validation; becomes INVALID_ARGUMENT (or per-op code 3)."""
 
 
+class _NoSpace(Exception):
+    """A write the quota refuses; becomes RESOURCE_EXHAUSTED (see raftfast.kv.quota)."""
+
+
 def _rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Map the exceptions of a unary handler to status codes so no error escapes as a crash."""
 
@@ -98,6 +135,8 @@ def _rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise
         except _BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except _NoSpace as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except NotLeaderError as exc:
             leader_id, address = self._leader_hint(exc)
             md: tuple[tuple[str, str], ...] = ()
@@ -120,8 +159,14 @@ def _rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 class KVService(pb_grpc.KVServicer):
     """Serves the KV API of one node; stateless apart from the node it wraps."""
 
-    def __init__(self, node: NodeLike) -> None:
+    def __init__(
+        self, node: NodeLike, authorizer: Authorizer | None = None, quota: Quota | None = None
+    ) -> None:
         self.node = node
+        self.authorizer = authorizer  # None: every client may write
+        self._sessions = 0  # Session streams open
+        self._quota = quota or Quota(node)
+        self._budget = _ByteBudget(MAX_SESSION_BYTES)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -180,6 +225,44 @@ class KVService(pb_grpc.KVServicer):
         if len(value) > limit:
             raise _BadRequest(f"{what} is {len(value)} bytes; the limit is {limit}")
 
+    def _check_size(self, size: int) -> None:
+        limit = self.node.settings.max_request_bytes
+        if size > limit:
+            raise _BadRequest(
+                f"request is {size} bytes; the limit is {limit} (--max-request-bytes)"
+            )
+
+    def _own_client_id(self, client_id: int, context: grpc.aio.ServicerContext) -> int:
+        """The id the dedup table knows a client by. With client certificates it is drawn
+        from the certificate's name too, so that no client can reuse another's id to make the
+        other's writes count as duplicates (0, no dedup, stays 0)."""
+        if not client_id or self.authorizer is None:
+            return client_id
+        owner = (caller_name(context) or "").encode("utf-8", "surrogateescape")
+        digest = hashlib.blake2b(client_id.to_bytes(8, "little") + owner, digest_size=8)
+        return int.from_bytes(digest.digest(), "little") & MAX_CLIENT_ID or 1
+
+    def _check_space(self, nbytes: int) -> None:
+        why = self._quota.refusal(nbytes)
+        if why is not None:
+            raise _NoSpace(why)
+
+    @staticmethod
+    def _check_client_id(client_id: int) -> None:
+        if client_id > MAX_CLIENT_ID:
+            raise _BadRequest(f"client_id {client_id} is out of range [0, {MAX_CLIENT_ID}]")
+
+    @staticmethod
+    def _check_sequence(sequence: int) -> None:
+        if sequence > MAX_SEQUENCE:
+            raise _BadRequest(f"sequence {sequence} is out of range [0, {MAX_SEQUENCE}]")
+
+    def _check_write(self, request: Any) -> None:
+        """What every unary write checks first: its size and its exactly-once numbers."""
+        self._check_size(request.ByteSize())
+        self._check_client_id(request.client_id)
+        self._check_sequence(request.sequence)
+
     def _put_many(self, client_id: int, op: pb.Op) -> bytes:
         """Validate a PUT_MANY op (every key and value within the limits) and encode it."""
         if op.key:
@@ -223,9 +306,12 @@ class KVService(pb_grpc.KVServicer):
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
         """Set a key. ``index`` is an applied index at or after the write (read-your-write)."""
+        self._check_write(request)
         self._check_key(request.key)
         self._check_value(request.value)
-        payload = encode_put(request.client_id, request.sequence, request.key, request.value)
+        self._check_space(request.ByteSize())
+        client_id = self._own_client_id(request.client_id, context)
+        payload = encode_put(client_id, request.sequence, request.key, request.value)
         await self._write(context, payload)
         return pb.PutResponse(index=self.node.fsm.applied_index)
 
@@ -245,22 +331,30 @@ class KVService(pb_grpc.KVServicer):
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
+        self._check_write(request)
         self._check_key(request.key)
-        payload = encode_delete(request.client_id, request.sequence, request.key)
+        client_id = self._own_client_id(request.client_id, context)
+        payload = encode_delete(client_id, request.sequence, request.key)
         return pb.DeleteResponse(deleted=await self._write(context, payload))
 
     @_rpc
     async def CompareAndSwap(
         self, request: pb.CasRequest, context: grpc.aio.ServicerContext
     ) -> pb.CasResponse:
+        self._check_write(request)
         self._check_key(request.key)
         self._check_value(request.value)
         self._check_value(request.expected, "expected value")
         if request.expect_absent and request.expected:
             raise _BadRequest("expect_absent is set, so expected must be empty")
+        self._check_space(request.ByteSize())
         expected = None if request.expect_absent else request.expected
         payload = encode_cas(
-            request.client_id, request.sequence, request.key, expected, request.value
+            self._own_client_id(request.client_id, context),
+            request.sequence,
+            request.key,
+            expected,
+            request.value,
         )
         return pb.CasResponse(swapped=await self._write(context, payload))
 
@@ -268,9 +362,14 @@ class KVService(pb_grpc.KVServicer):
     async def Scan(
         self, request: pb.ScanRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScanResponse:
+        """One page of the keys under ``prefix`` (see the module docs)."""
         limit = self.node.settings.max_key_bytes
         if len(request.prefix) > limit:
             raise _BadRequest(f"prefix is {len(request.prefix)} bytes; the limit is {limit}")
+        if request.start and (
+            len(request.start) > limit or not request.start.startswith(request.prefix)
+        ):
+            raise _BadRequest("start must be a key under prefix (a previous answer's next_key)")
         if request.limit > MAX_SCAN_LIMIT:
             raise _BadRequest(
                 f"scan limit {request.limit} is above the maximum {MAX_SCAN_LIMIT}"
@@ -278,8 +377,12 @@ class KVService(pb_grpc.KVServicer):
             )
         mode = self._mode(request.read_mode)
         await self._timed(context, self.node.read_barrier(mode), _DEADLINE_READ)
-        items = self.node.fsm.scan(request.prefix, request.limit or MAX_SCAN_LIMIT)
-        return pb.ScanResponse(items=[pb.KeyValue(key=k, value=v) for k, v in items])
+        items, next_key = self.node.fsm.scan_page(
+            request.prefix, request.limit or MAX_SCAN_LIMIT, request.start, MAX_SCAN_BYTES
+        )
+        return pb.ScanResponse(
+            items=[pb.KeyValue(key=k, value=v) for k, v in items], next_key=next_key
+        )
 
     @_rpc
     async def Status(
@@ -294,34 +397,49 @@ class KVService(pb_grpc.KVServicer):
 
     async def Session(
         self,
-        request_iterator: AsyncIterator[pb.SessionFrame],
+        request_iterator: AsyncIterator[tuple[int, pb.SessionFrame]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.SessionResult]:
-        """Pipelined ops: frames run concurrently, results stream back as they complete."""
+        """Pipelined ops: frames run concurrently, results stream back as they complete.
+        Each request is ``(its size in bytes, the frame)`` (see ``add_kv_service``)."""
         await self._check_cluster(context)
+        if self._sessions >= MAX_SESSIONS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this node has {MAX_SESSIONS} Session streams open, its maximum; retry later",
+            )
+        self._sessions += 1
+        # (the role interceptor let the stream open: its reads are allowed; its writes?)
+        no_writes = (
+            self.authorizer.refusal(context, Role.WRITE, "a write")
+            if self.authorizer is not None
+            else None
+        )
         done: asyncio.Queue[pb.SessionResult | BaseException | None] = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_SESSION_INFLIGHT)
         tasks: set[asyncio.Task[None]] = set()
         outstanding = 0  # frames started whose result the writer has not yet taken
 
-        async def run(frame: pb.SessionFrame) -> None:
+        async def run(size: int, frame: pb.SessionFrame) -> None:
             try:
-                result = await self._session_frame(frame, context)
+                result = await self._session_frame(frame, size, context, no_writes)
             except Exception as exc:  # noqa: BLE001 - _session_frame should not raise
                 log.exception("Session frame %d failed", frame.frame_id)
                 err = pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}")
                 result = pb.SessionResult(frame_id=frame.frame_id, results=[err] * len(frame.ops))
             finally:
                 slots.release()
+                self._budget.give(size)
             done.put_nowait(result)
 
         async def read_frames() -> None:
             nonlocal outstanding
             try:
-                async for frame in request_iterator:
+                async for size, frame in request_iterator:
                     await slots.acquire()
+                    await self._budget.take(size)
                     outstanding += 1
-                    task = asyncio.create_task(run(frame))
+                    task = asyncio.create_task(run(size, frame))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 done.put_nowait(None)
@@ -346,27 +464,56 @@ class KVService(pb_grpc.KVServicer):
                     outstanding -= 1
                     yield item
         finally:
+            self._sessions -= 1
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(reader, *tasks, return_exceptions=True)
 
+    def _refuse_frame(self, frame: pb.SessionFrame, size: int) -> str | None:
+        """Why a whole frame is refused before any of its ops runs, or None."""
+        if len(frame.ops) > MAX_FRAME_OPS:
+            return f"a frame has at most {MAX_FRAME_OPS} ops, this one {len(frame.ops)}"
+        try:
+            self._check_size(size)
+            self._check_client_id(frame.client_id)
+        except _BadRequest as exc:
+            return str(exc)
+        return None
+
     async def _session_frame(
-        self, frame: pb.SessionFrame, context: grpc.aio.ServicerContext
+        self,
+        frame: pb.SessionFrame,
+        size: int,
+        context: grpc.aio.ServicerContext,
+        no_writes: str | None = None,
     ) -> pb.SessionResult:
-        """Run one frame; never raises (every failure becomes a per-op code)."""
+        """Run one frame; never raises (every failure becomes a per-op code). ``no_writes``:
+        why this client may not write (its write ops are refused), or None."""
         ops = frame.ops
+        refusal = self._refuse_frame(frame, size)
+        if refusal is not None:
+            err = pb.OpResult(code=CODE_INVALID_ARGUMENT, error=refusal)
+            return pb.SessionResult(frame_id=frame.frame_id, results=[err] * len(ops))
         results: list[pb.OpResult | None] = [None] * len(ops)
         leader = ""
+        client_id = self._own_client_id(frame.client_id, context)
         try:
             writes: list[int] = []
             payloads: list[bytes] = []
             reads: dict[str, list[int]] = {}
+            grows = False  # a write other than a delete: the quota decides
             for i, op in enumerate(ops):
                 try:
+                    if op.kind != pb.Op.GET:
+                        if no_writes is not None:
+                            results[i] = pb.OpResult(code=CODE_PERMISSION_DENIED, error=no_writes)
+                            continue
+                        self._check_sequence(op.sequence)
                     if op.kind == pb.Op.PUT_MANY:
-                        payloads.append(self._put_many(frame.client_id, op))
+                        payloads.append(self._put_many(client_id, op))
                         writes.append(i)
+                        grows = True
                         continue
                     self._check_key(op.key)
                     if op.kind == pb.Op.GET:
@@ -374,18 +521,18 @@ class KVService(pb_grpc.KVServicer):
                         continue
                     if op.kind == pb.Op.PUT:
                         self._check_value(op.value)
-                        payload = encode_put(frame.client_id, op.sequence, op.key, op.value)
+                        payload = encode_put(client_id, op.sequence, op.key, op.value)
+                        grows = True
                     elif op.kind == pb.Op.DELETE:
-                        payload = encode_delete(frame.client_id, op.sequence, op.key)
+                        payload = encode_delete(client_id, op.sequence, op.key)
                     elif op.kind == pb.Op.CAS:
                         self._check_value(op.value)
                         self._check_value(op.expected, "expected value")
                         if op.expect_absent and op.expected:
                             raise _BadRequest("expect_absent is set, so expected must be empty")
                         expected = None if op.expect_absent else op.expected
-                        payload = encode_cas(
-                            frame.client_id, op.sequence, op.key, expected, op.value
-                        )
+                        payload = encode_cas(client_id, op.sequence, op.key, expected, op.value)
+                        grows = True
                     else:
                         raise _BadRequest(f"unknown op kind {op.kind}")
                 except (_BadRequest, ValueError) as exc:
@@ -393,6 +540,16 @@ class KVService(pb_grpc.KVServicer):
                     continue
                 writes.append(i)
                 payloads.append(payload)
+
+            no_space = self._quota.refusal(size) if grows else None
+            if no_space is not None:
+                # Deletes still go: they are how space is freed.
+                err = pb.OpResult(code=CODE_RESOURCE_EXHAUSTED, error=no_space)
+                kept = [(i, p) for i, p in zip(writes, payloads, strict=True) if _frees(ops[i])]
+                for i in writes:
+                    if not _frees(ops[i]):
+                        results[i] = err
+                writes, payloads = [i for i, _ in kept], [p for _, p in kept]
 
             if payloads:
                 try:
@@ -460,8 +617,70 @@ class KVService(pb_grpc.KVServicer):
         return pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}"), ""
 
 
-def add_kv_service(server: grpc.aio.Server, node: NodeLike) -> KVService:
-    """Register a KVService for ``node`` on ``server`` and return it."""
-    service = KVService(node)
-    pb_grpc.add_KVServicer_to_server(service, server)
+_UNARY = {
+    "Put": (pb.PutRequest, pb.PutResponse),
+    "Get": (pb.GetRequest, pb.GetResponse),
+    "Delete": (pb.DeleteRequest, pb.DeleteResponse),
+    "CompareAndSwap": (pb.CasRequest, pb.CasResponse),
+    "Scan": (pb.ScanRequest, pb.ScanResponse),
+    "Status": (pb.StatusRequest, pb.StatusResponse),
+}
+
+
+def _sized_frame(raw: bytes) -> tuple[int, pb.SessionFrame]:
+    """A Session request with its size on the wire, which the limits count (free here; after
+    parsing, protobuf would have to compute it)."""
+    return len(raw), pb.SessionFrame.FromString(raw)
+
+
+def add_kv_service(
+    server: grpc.aio.Server,
+    node: NodeLike,
+    authorizer: Authorizer | None = None,
+    quota: Quota | None = None,
+) -> KVService:
+    """Register a KVService for ``node`` on ``server`` and return it. The generated
+    ``add_KVServicer_to_server``, but for the deserializer of Session requests."""
+    service = KVService(node, authorizer, quota)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+        for name, (request, response) in _UNARY.items()
+    }
+    handlers["Session"] = grpc.stream_stream_rpc_method_handler(
+        service.Session,
+        request_deserializer=_sized_frame,
+        response_serializer=pb.SessionResult.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("raftfast.v1.KV", handlers),)
+    )
+    server.add_registered_method_handlers("raftfast.v1.KV", handlers)
     return service
+
+
+def _frees(op: pb.Op) -> bool:
+    return op.kind == pb.Op.DELETE
+
+
+class _ByteBudget:
+    """Bytes in use, shared by every stream: ``take`` waits while taking ``n`` more would pass
+    the limit (unless nothing is in use: one oversized item still goes through)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def take(self, n: int) -> None:
+        while self.used and self.used + n > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self._freed.set()

@@ -65,10 +65,12 @@ class PeerEmpty(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamEndpoint(_message.Message):
-    __slots__ = ("port_offset",)
+    __slots__ = ("port_offset", "client_address")
     PORT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     port_offset: int
-    def __init__(self, port_offset: _Optional[int] = ...) -> None: ...
+    client_address: str
+    def __init__(self, port_offset: _Optional[int] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class StreamRefusal(_message.Message):
     __slots__ = ("code", "details")
@@ -91,6 +93,18 @@ class SnapshotChunk(_message.Message):
     data: bytes
     done: bool
     def __init__(self, cluster_id: _Optional[str] = ..., meta: _Optional[_Union[RaftMessage, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("cluster_id", "id", "address", "list_only")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LIST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    id: str
+    address: str
+    list_only: bool
+    def __init__(self, cluster_id: _Optional[str] = ..., id: _Optional[str] = ..., address: _Optional[str] = ..., list_only: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "client_id", "sequence")
@@ -165,14 +179,16 @@ class CasResponse(_message.Message):
     def __init__(self, swapped: _Optional[bool] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
-    __slots__ = ("prefix", "limit", "read_mode")
+    __slots__ = ("prefix", "limit", "read_mode", "start")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     READ_MODE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     prefix: bytes
     limit: int
     read_mode: ReadMode
-    def __init__(self, prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., read_mode: _Optional[_Union[ReadMode, str]] = ...) -> None: ...
+    start: bytes
+    def __init__(self, prefix: _Optional[bytes] = ..., limit: _Optional[int] = ..., read_mode: _Optional[_Union[ReadMode, str]] = ..., start: _Optional[bytes] = ...) -> None: ...
 
 class KeyValue(_message.Message):
     __slots__ = ("key", "value")
@@ -183,10 +199,12 @@ class KeyValue(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class ScanResponse(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "next_key")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_KEY_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[KeyValue]
-    def __init__(self, items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...) -> None: ...
+    next_key: bytes
+    def __init__(self, items: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., next_key: _Optional[bytes] = ...) -> None: ...
 
 class Op(_message.Message):
     __slots__ = ("kind", "key", "value", "expected", "expect_absent", "sequence", "read_mode")
@@ -255,19 +273,21 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("id", "address", "role", "match_index")
+    __slots__ = ("id", "address", "role", "match_index", "client_address")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     role: str
     match_index: int
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., match_index: _Optional[int] = ...) -> None: ...
+    client_address: str
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., match_index: _Optional[int] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("id", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "last_index", "members", "cluster_id", "first_index", "snapshot_index")
+    __slots__ = ("id", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "last_index", "members", "cluster_id", "first_index", "snapshot_index", "alarms", "state_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +300,8 @@ class StatusResponse(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     term: int
@@ -292,7 +314,9 @@ class StatusResponse(_message.Message):
     cluster_id: str
     first_index: int
     snapshot_index: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., first_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ...) -> None: ...
+    alarms: _containers.RepeatedScalarFieldContainer[str]
+    state_bytes: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., first_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., alarms: _Optional[_Iterable[str]] = ..., state_bytes: _Optional[int] = ...) -> None: ...
 
 class TransferLeaderRequest(_message.Message):
     __slots__ = ("target",)
@@ -345,3 +369,17 @@ class MembersResponse(_message.Message):
     commit_index: int
     note: str
     def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., leader: _Optional[str] = ..., config_index: _Optional[int] = ..., committed: _Optional[bool] = ..., cluster_id: _Optional[str] = ..., commit_index: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+
+class AlarmRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AlarmResponse(_message.Message):
+    __slots__ = ("alarms", "state_bytes", "quota_bytes")
+    ALARMS_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    alarms: _containers.RepeatedScalarFieldContainer[str]
+    state_bytes: int
+    quota_bytes: int
+    def __init__(self, alarms: _Optional[_Iterable[str]] = ..., state_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ...) -> None: ...

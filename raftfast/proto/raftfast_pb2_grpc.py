@@ -59,6 +59,11 @@ class PeerStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.StreamEndpoint.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/raftfast.v1.Peer/Join',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.JoinRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -99,6 +104,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """Adds the caller as a learner and, once it has caught up, promotes it (see JoinRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.ReplicationEndpoint,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.StreamEndpoint.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.JoinRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class Peer:
             '/raftfast.v1.Peer/ReplicationEndpoint',
             raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.StreamEndpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Peer/Join',
+            raftfast_dot_proto_dot_raftfast__pb2.JoinRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -643,6 +687,16 @@ class AdminStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
                 _registered_method=True)
+        self.AlarmList = channel.unary_unary(
+                '/raftfast.v1.Admin/AlarmList',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.FromString,
+                _registered_method=True)
+        self.AlarmDisarm = channel.unary_unary(
+                '/raftfast.v1.Admin/AlarmDisarm',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -691,6 +745,21 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AlarmList(self, request, context):
+        """Alarms (NOSPACE: past --quota-backend-bytes or a nearly full disk, writes other than
+        deletes get RESOURCE_EXHAUSTED). Disarm clears them once there is room again, else
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AlarmDisarm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -723,6 +792,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.MemberRemove,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
+            ),
+            'AlarmList': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlarmList,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.SerializeToString,
+            ),
+            'AlarmDisarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.AlarmDisarm,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -887,6 +966,60 @@ class Admin:
             '/raftfast.v1.Admin/MemberRemove',
             raftfast_dot_proto_dot_raftfast__pb2.MemberRequest.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlarmList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/AlarmList',
+            raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AlarmDisarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Admin/AlarmDisarm',
+            raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.FromString,
             options,
             channel_credentials,
             insecure,

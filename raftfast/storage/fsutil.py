@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+
+from raftfast.errors import StorageError
+
+# Writes stop (a NOSPACE alarm) before a data directory's disk has less than this free, and a
+# snapshot from the leader may not take it below: the log must always be able to grow a little.
+DISK_RESERVE_BYTES = 64 * 1024 * 1024
+DIR_MODE = 0o700  # data directories: the log and snapshots are nobody else's business
+FILE_MODE = 0o600
 
 
 def fsync_dir(path: str) -> None:
@@ -12,3 +21,31 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_directory(path: str) -> int:
+    """Create ``path`` (mode 0700) if missing and lock it against other processes; returns the
+    descriptor that holds the lock (it lasts until closed, or the process ends). StorageError if
+    another process holds it: take it before writing anything there."""
+    try:
+        os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StorageError(f"cannot use data directory {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StorageError(f"data directory {path} is in use by another process") from None
+    try:
+        if os.stat(fd).st_mode & 0o077:
+            os.chmod(fd, DIR_MODE)  # a directory made by hand or by an older version
+    except OSError:
+        pass  # not ours to change (owned by another user): it still works
+    return fd
+
+
+def free_bytes(path: str) -> int:
+    """Bytes free for us on the file system holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

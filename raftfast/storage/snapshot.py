@@ -23,7 +23,7 @@ from typing import BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, StorageError
-from raftfast.storage.fsutil import fsync_dir
+from raftfast.storage.fsutil import DIR_MODE, fsync_dir
 
 __all__ = [
     "KEEP",
@@ -98,7 +98,7 @@ class SnapshotStore:
         self._active: set[str] = set()  # temp files of receivers in progress (not leftovers)
         try:
             if not os.path.isdir(self._dir):
-                os.makedirs(self._dir, exist_ok=True)
+                os.makedirs(self._dir, mode=DIR_MODE, exist_ok=True)
                 if fsync:
                     fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
         except OSError as exc:

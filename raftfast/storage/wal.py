@@ -27,7 +27,7 @@ from raftfast._accel import EntryLog, batch_info, crc32c
 from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, LogError, StorageError
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
-from raftfast.storage.fsutil import fsync_dir
+from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir
 
 __all__ = ["REC_BATCH", "REC_COMPACTED", "REC_HARD_STATE", "REC_SNAPSHOT", "WAL"]
 
@@ -240,7 +240,7 @@ class WAL:
     def _open(self) -> None:
         try:
             if not os.path.isdir(self._dir):
-                os.makedirs(self._dir)
+                os.makedirs(self._dir, mode=DIR_MODE)
                 if self._fsync:
                     fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
             self._dirfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -529,7 +529,7 @@ class WAL:
     def _create_segment(self, seq: int) -> None:
         path = os.path.join(self._dir, _segment_name(seq))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(path, flags, FILE_MODE)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd

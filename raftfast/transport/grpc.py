@@ -19,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any
 
 import grpc
 
 from raftfast.address import split_address
 from raftfast.core.types import Message, MsgType
+from raftfast.limits import MAX_ID_BYTES, MAX_TERM_OR_INDEX, node_id_problem
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.tls import TLSFiles, caller_name, channel_credentials
 from raftfast.settings import PEER_STREAMS
 from raftfast.transport import tcp
 from raftfast.transport.codec import (
@@ -46,9 +49,6 @@ _CLOSE_GRACE_S = 1.0  # a peer that left keeps its stream this long
 # long, so that TCP is tried again (the port may have been firewalled or busy for a moment).
 _FALLBACK_S = 30.0
 _STABLE_S = 1.0  # a stream that lived this long was up: the next one is dialled at once
-# No real term or index comes near this. A forged term close to 2**64 would be adopted and made
-# durable, and then no election could ever bump it again: the cluster would be dead for good.
-_MAX_TERM_OR_INDEX = 1 << 62
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", tcp.MAX_RECORD_BYTES),  # one limit on either stream
     ("grpc.max_receive_message_length", tcp.MAX_RECORD_BYTES),
@@ -67,6 +67,7 @@ class _Peer:
         self.connected = False
         self.channel: grpc.aio.Channel | None = None
         self.stream: tcp.OutboundStream | None = None  # set while the stream runs over TCP
+        self.client_address = ""  # where it serves clients, as it told us
 
 
 _STATUS = {c.value[0]: c for c in grpc.StatusCode}
@@ -83,7 +84,8 @@ _REMOVED_AT = re.compile(r"removed at index (\d+)")
 class PeerTransport:
     """Sends core messages to peers; ``on_unreachable(peer)`` is called when a stream breaks,
     ``on_refused(peer, index)`` when a peer refuses us because we are not a member (any more).
-    ``stream`` is "tcp" (the default: TCP where the peer offers it) or "grpc"."""
+    ``stream`` is "tcp" (the default: TCP where the peer offers it) or "grpc". With ``tls``
+    (our peer certificate and the peer CA) every connection is TLS, both ways authenticated."""
 
     def __init__(
         self,
@@ -93,6 +95,7 @@ class PeerTransport:
         on_unreachable: Callable[[str], None],
         on_refused: Callable[[str, int], None] | None = None,
         stream: str = "tcp",
+        tls: TLSFiles | None = None,
     ) -> None:
         if stream not in PEER_STREAMS:
             raise ValueError(f"stream must be one of {', '.join(PEER_STREAMS)}, not {stream!r}")
@@ -106,6 +109,8 @@ class PeerTransport:
         self._leaving: list[tuple[_Peer, asyncio.Task | None]] = []  # closed after a grace
         self._started = False
         self._closed = False
+        self._credentials = channel_credentials(tls) if tls else None
+        self._ssl = tls.client_context() if tls else None
 
     def start(self) -> None:
         self._started = True
@@ -113,8 +118,19 @@ class PeerTransport:
             self._open(peer)
 
     def _open(self, peer: _Peer) -> None:
-        peer.channel = grpc.aio.insecure_channel(peer.address, options=CHANNEL_OPTIONS)
+        peer.channel = self.channel(peer.address)
         self._tasks[peer.id] = asyncio.create_task(self._stream_loop(peer))
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A gRPC channel to a peer's address (TLS with our peer certificate, if we have one)."""
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+
+    def client_address_of(self, peer_id: str) -> str:
+        """Where ``peer_id`` serves clients, as it told us ("" if it has not)."""
+        peer = self._peers.get(peer_id)
+        return peer.client_address if peer is not None else ""
 
     def set_peers(self, peers: dict[str, str]) -> None:
         """Follow a membership change: open streams to new peers (or new addresses), close the
@@ -253,15 +269,18 @@ class PeerTransport:
                 yield frame(self.cluster_id, self.node_id, batch)
 
     async def _tcp_address(self, peer: _Peer, stub: pb_grpc.PeerStub) -> tuple[str, int] | None:
-        """Where the peer takes the TCP replication stream, or None for the gRPC stream."""
-        if self.stream_kind != "tcp":
-            return None
+        """Where the peer takes the TCP replication stream, or None for the gRPC stream (and,
+        on the way, where it serves clients)."""
         try:
-            offset = (await stub.ReplicationEndpoint(pb.PeerEmpty(), timeout=2.0)).port_offset
+            endpoint = await stub.ReplicationEndpoint(pb.PeerEmpty(), timeout=2.0)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None  # a node without it
             raise
+        peer.client_address = endpoint.client_address
+        offset = endpoint.port_offset
+        if self.stream_kind != "tcp":
+            return None
         host, port = split_address(peer.address)
         if not offset or not 0 < port + offset < 65536:
             return None
@@ -269,7 +288,9 @@ class PeerTransport:
 
     async def _run_tcp(self, peer: _Peer, host: str, port: int) -> None:
         try:
-            stream = await tcp.connect(host, port, timeout=2.0)
+            stream = await tcp.connect(host, port, timeout=2.0, ssl=self._ssl)
+            # The first frame names us: until it has, the receiver takes only small records.
+            stream.write(encode_frame(self.cluster_id, self.node_id, []))
         except (TimeoutError, OSError) as exc:
             # Reachable over gRPC but not on the stream port (a firewall, a port forward of
             # the gRPC port only): replicate over gRPC rather than not at all.
@@ -349,28 +370,35 @@ class PeerService(pb_grpc.PeerServicer):
         deliver: Callable[[list], None],
         snapshots=None,
         removed_at: Callable[[str], int] | None = None,
+        authenticated: bool = False,
+        join: Callable[[pb.JoinRequest, grpc.aio.ServicerContext], Awaitable[Any]] | None = None,
     ):
         """``members`` says whose traffic we take: a set of ids, or a predicate (membership
         changes; a node takes traffic from ids it does not know yet, since a member added
         recently may already lead, and refuses nodes whose removal it saw committed).
         ``snapshots(meta)`` returns a receiver (write(offset, data), finish(), abort()) for an
-        incoming snapshot; after ``finish`` the meta message is delivered like any other."""
+        incoming snapshot, or raises ``tcp.Refused``; after ``finish`` the meta message is
+        delivered like any other. ``authenticated``: peers connect over TLS, and a sender must
+        be the common name of its certificate. ``join(request, context)`` serves ``Join``."""
         self.cluster_id = cluster_id
         self.accepts = members if callable(members) else members.__contains__
         self.removed_at = removed_at  # index of the committed removal of a refused id (or 0)
         self.deliver = deliver
         self.snapshots = snapshots
+        self.authenticated = authenticated
+        self.join = join
         self.stream_offset = 0  # TCP replication port - gRPC port, once listening (0: gRPC only)
+        self.client_address = ""  # where this node serves clients (told to peers)
 
-    def check(self, f: pb.Frame) -> list[Message]:
-        """The frame's messages, or ``tcp.Refused`` with the status its stream ends with."""
-        if f.cluster_id != self.cluster_id:
-            raise tcp.Refused(
-                _code(grpc.StatusCode.FAILED_PRECONDITION),
-                f"cluster id mismatch: this node is in {self.cluster_id!r}, "
-                f"the sender in {f.cluster_id!r}",
-            )
-        if not f.src or not self.accepts(f.src):
+    def check(
+        self, f: pb.Frame, identity: str | None = None, snapshot: bool = False
+    ) -> list[Message]:
+        """The frame's messages, or ``tcp.Refused`` with the status its stream ends with.
+        ``identity``: who the connection authenticated (its certificate's common name).
+        A SNAPSHOT message comes only with its data (``snapshot``: InstallSnapshot's)."""
+        self.check_cluster(f.cluster_id)
+        self.check_sender(f.src, identity)
+        if not self.accepts(f.src):
             index = self.removed_at(f.src) if self.removed_at and f.src else 0
             where = f" (removed at index {index})" if index else ""
             raise tcp.Refused(
@@ -384,18 +412,56 @@ class PeerService(pb_grpc.PeerServicer):
         for m in msgs:
             if m.src != f.src:
                 raise tcp.Refused(invalid, f"message from {m.src!r} in a frame of {f.src!r}")
-            if max(m.term, m.index, m.log_term, m.commit, m.hint) >= _MAX_TERM_OR_INDEX:
+            if (m.type == MsgType.SNAPSHOT) != snapshot:
+                raise tcp.Refused(invalid, "a snapshot travels alone, by InstallSnapshot")
+            if len(m.dst.encode()) > MAX_ID_BYTES:  # (src is the frame's, checked above)
+                raise tcp.Refused(invalid, f"{m.type.name} from {m.src!r}: dst is too long")
+            if max(m.term, m.index, m.log_term, m.commit, m.hint, m.context) > MAX_TERM_OR_INDEX:
                 raise tcp.Refused(
                     invalid, f"{m.type.name} from {m.src!r}: term or index out of range"
                 )
         return msgs
 
-    async def _check(self, f: pb.Frame, context: grpc.aio.ServicerContext) -> list[Message]:
+    def check_cluster(self, cluster_id: str) -> None:
+        if cluster_id != self.cluster_id:
+            raise tcp.Refused(
+                _code(grpc.StatusCode.FAILED_PRECONDITION),
+                f"cluster id mismatch: this node is in {self.cluster_id!r}, "
+                f"the sender in {cluster_id[:300]!r}",
+            )
+
+    def check_sender(self, sender: str, identity: str | None) -> None:
+        """A usable node id and, under TLS, the holder of its certificate."""
+        problem = node_id_problem(sender)
+        if problem is not None:
+            raise tcp.Refused(
+                _code(grpc.StatusCode.INVALID_ARGUMENT), f"bad sender id {sender[:40]!r}: {problem}"
+            )
+        if self.authenticated and sender != identity:
+            raise tcp.Refused(
+                _code(grpc.StatusCode.PERMISSION_DENIED),
+                f"{sender[:40]!r} cannot speak on a connection authenticated as {identity!r}",
+            )
+
+    async def _check(
+        self, f: pb.Frame, context: grpc.aio.ServicerContext, snapshot: bool = False
+    ) -> list[Message]:
         try:
-            return self.check(f)
+            return self.check(f, caller_name(context), snapshot)
         except tcp.Refused as exc:
             await context.abort(_STATUS[exc.code], exc.details)
             raise  # not reached: abort raises
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        if self.join is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node takes no joins")
+        try:
+            # (a removed node's id may join again: no member check)
+            self.check_cluster(request.cluster_id)
+            self.check_sender(request.id, caller_name(context))
+        except tcp.Refused as exc:
+            await context.abort(_STATUS[exc.code], exc.details)
+        return await self.join(request, context)
 
     async def Replicate(self, request_iterator, context):  # noqa: N802 - gRPC naming
         async for f in request_iterator:
@@ -404,7 +470,7 @@ class PeerService(pb_grpc.PeerServicer):
         yield  # an async generator: the response stream stays open until the sender closes
 
     async def ReplicationEndpoint(self, request, context):  # noqa: N802
-        return pb.StreamEndpoint(port_offset=self.stream_offset)
+        return pb.StreamEndpoint(port_offset=self.stream_offset, client_address=self.client_address)
 
     async def RequestVote(self, request, context):  # noqa: N802
         self.deliver(await self._check(request, context))
@@ -425,11 +491,15 @@ class PeerService(pb_grpc.PeerServicer):
                         cluster_id=chunk.cluster_id, src=chunk.meta.src, messages=[chunk.meta]
                     ),
                     context,
+                    snapshot=True,
                 )
-                if m.type != MsgType.SNAPSHOT or (meta is not None and m != meta):
+                if meta is not None and m != meta:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad snapshot chunk")
                 if receiver is None:
-                    meta, receiver = m, self.snapshots(m)
+                    try:
+                        meta, receiver = m, self.snapshots(m)
+                    except tcp.Refused as exc:
+                        await context.abort(_STATUS[exc.code], exc.details)
                 try:
                     receiver.write(chunk.offset, chunk.data)
                 except ValueError as exc:

@@ -11,6 +11,13 @@ refuses one it writes a single ``[u32 length][pb.StreamRefusal]`` record, half-c
 drops whatever else arrives until the sender hangs up. Answers travel on the receiver's own
 stream back, as on gRPC. A node learns where a peer listens with the ``ReplicationEndpoint``
 RPC: an offset from the peer's gRPC port (0: the peer only takes the gRPC stream).
+
+A connection proves who it is before it may send much: its first frame (the sender sends an
+empty one at once) names the sender, who must be the certificate's common name under TLS, and
+is at most ``HANDSHAKE_BYTES``; every later frame must come from the same sender. A connection
+that has not done so within ``HANDSHAKE_S``, or that stops in the middle of a record for
+``STALL_S``, is dropped; at most ``MAX_CONNECTIONS`` are open, and a sender that connects again
+replaces its older connection. So a stranger holds at most a few KiB here, for a few seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from ssl import SSLContext
 from typing import cast
 
 import grpc
@@ -54,24 +62,40 @@ class _Records:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self.limit = MAX_RECORD_BYTES  # the largest record taken
 
-    def feed(self, data: bytes) -> list[bytes]:
+    @property
+    def partial(self) -> bool:
+        """Part of a record has arrived, not all of it."""
+        return bool(self._buf)
+
+    @property
+    def held(self) -> int:
+        """Bytes of unfinished records held."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Take ``data``; yield each record it completes. The limit is checked as each record
+        is reached, so a caller may raise it between two records of one read."""
+        self._buf += data
+        return self._records()
+
+    def _records(self) -> Iterator[bytes]:
         buf = self._buf
-        buf += data
-        out = []
         start = 0
-        while len(buf) - start >= 4:
-            size = int.from_bytes(buf[start : start + 4], "big")
-            if size > MAX_RECORD_BYTES:
-                raise Refused(_INVALID_ARGUMENT, f"record of {size} bytes is too large")
-            end = start + 4 + size
-            if len(buf) < end:
-                break
-            out.append(bytes(buf[start + 4 : end]))
-            start = end
-        if start:
-            del buf[:start]
-        return out
+        try:
+            while len(buf) - start >= 4:
+                size = int.from_bytes(buf[start : start + 4], "big")
+                if size > self.limit:
+                    raise Refused(_INVALID_ARGUMENT, f"record of {size} bytes is too large")
+                end = start + 4 + size
+                if len(buf) < end:
+                    break
+                start = end
+                yield bytes(buf[end - size : end])
+        finally:
+            if start:
+                del buf[:start]
 
 
 # A peer machine that vanishes without a reset (power loss, a partition) must not keep our
@@ -83,6 +107,14 @@ class _Records:
 # MAX_BUFFERED_BYTES. Raft does not need to know: the leader's window for it fills and stops.)
 DEAD_PEER_S = 10
 _REFUSAL_LINGER_S = 2.0  # a refused sender gets this long to read the refusal and hang up
+HANDSHAKE_BYTES = 64 * 1024  # the largest record before the sender has named itself
+HANDSHAKE_S = 5.0  # to connect (TLS included) and name the sender
+STALL_S = 30.0  # an authenticated sender may pause this long in the middle of a record
+MAX_CONNECTIONS = 256  # inbound connections at once (a cluster needs one per peer)
+# Unfinished records held at once, over every connection; past it, the connection that grew
+# the pile is dropped (its sender reconnects: Raft sends again what was lost).
+MAX_PARTIAL_BYTES = 256 * 1024 * 1024
+_SWEEP_S = 1.0
 
 
 def _tune(transport: asyncio.BaseTransport) -> None:
@@ -102,28 +134,53 @@ class _Inbound(asyncio.Protocol):
     def __init__(self, server: ReplicationServer) -> None:
         self.server = server
         self.records = _Records()
+        self.records.limit = HANDSHAKE_BYTES
         self.transport: asyncio.Transport | None = None
         self.refused = False
+        self.sender: str | None = None  # who the first frame named (checked): no more limits
+        self.identity: str | None = None  # the TLS certificate's common name
+        self.opened = self.progress = 0.0  # loop times: connected, last record or empty buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.opened = self.progress = asyncio.get_running_loop().time()
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            log.warning("replication stream refused: %d connections open", MAX_CONNECTIONS)
+            self.transport.abort()
+            return
         _tune(transport)
-        self.server.connections.add(transport)
+        self.identity = common_name(transport.get_extra_info("peercert"))
+        self.server.connections[self.transport] = self
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self.transport)
+        if self.server.connections.pop(self.transport, None) is not None:
+            self.server.partial_bytes -= self.records.held
+        if self.sender is not None and self.server.senders.get(self.sender) is self:
+            del self.server.senders[self.sender]
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self.refused:
             return  # after a refusal: read and dropped, so that closing sends no reset
+        completed = False
+        held = self.records.held
         try:
             for payload in self.records.feed(data):
+                completed = True
                 try:
                     f = pb.Frame.FromString(payload)
                 except DecodeError as exc:
                     raise Refused(_INVALID_ARGUMENT, f"undecodable frame: {exc}") from None
-                self.server.deliver(self.server.check(f))
+                if self.sender is not None and f.src != self.sender:
+                    raise Refused(
+                        _INVALID_ARGUMENT, f"frame of {f.src!r} on the stream of {self.sender!r}"
+                    )
+                msgs = self.server.check(f, self.identity)
+                if self.sender is None:
+                    self._authenticated(f.src)
+                self.server.deliver(msgs)
+            if completed or not self.records.partial:
+                self.progress = asyncio.get_running_loop().time()
         except Refused as exc:
             log.debug("refused a replication stream: %s", exc.details)
             self.refused = True
@@ -134,48 +191,107 @@ class _Inbound(asyncio.Protocol):
             # can overtake the refusal. The sender hangs up once it has read it.
             transport.write_eof()
             asyncio.get_running_loop().call_later(_REFUSAL_LINGER_S, transport.abort)
+        finally:
+            self.server.partial_bytes += self.records.held - held
+        if self.server.partial_bytes > MAX_PARTIAL_BYTES and self.records.partial:
+            log.warning(
+                "dropped a replication stream: %d bytes of unfinished records held",
+                self.server.partial_bytes,
+            )
+            transport.abort()
+
+    def _authenticated(self, sender: str) -> None:
+        """The first frame checked out: lift the size limit; an older stream of the same
+        sender (it reconnected) goes."""
+        self.sender = sender
+        self.records.limit = MAX_RECORD_BYTES
+        older = self.server.senders.get(sender)
+        self.server.senders[sender] = self
+        if older is not None and older.transport is not None:
+            older.transport.abort()
+
+    def overdue(self, now: float) -> str | None:
+        """Why this connection should be dropped now, or None."""
+        if self.sender is None and now - self.opened > HANDSHAKE_S:
+            return f"no frame within {HANDSHAKE_S:g}s"
+        if self.records.partial and now - self.progress > STALL_S:
+            return f"a record unfinished for {STALL_S:g}s"
+        return None
 
     def eof_received(self) -> bool:
         return False  # the sender hung up: close our side too
 
 
+def common_name(cert: dict | None) -> str | None:
+    """The subject's common name of a certificate as ``SSLObject.getpeercert()`` gives it."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
 class ReplicationServer:
-    """Inbound replication streams. ``check(frame)`` returns the frame's messages or raises
-    ``Refused``; ``deliver(messages)`` steps the core."""
+    """Inbound replication streams. ``check(frame, identity)`` returns the frame's messages or
+    raises ``Refused`` (``identity``: the sender's certificate common name under TLS, else
+    None); ``deliver(messages)`` steps the core."""
 
     def __init__(
         self,
-        check: Callable[[pb.Frame], list[Message]],
+        check: Callable[[pb.Frame, str | None], list[Message]],
         deliver: Callable[[list[Message]], None],
+        ssl: SSLContext | None = None,
     ) -> None:
         self.check = check
         self.deliver = deliver
-        self.connections: set[asyncio.Transport] = set()
+        self.ssl = ssl
+        self.connections: dict[asyncio.Transport, _Inbound] = {}
+        self.senders: dict[str, _Inbound] = {}  # the authenticated connection of each sender
+        self.partial_bytes = 0  # unfinished records held, over every connection
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port."""
         loop = asyncio.get_running_loop()
+        extra = {"ssl": self.ssl, "ssl_handshake_timeout": HANDSHAKE_S} if self.ssl else {}
         for _attempt in range(10):
-            server = await loop.create_server(lambda: _Inbound(self), host, port)
+            server = await loop.create_server(lambda: _Inbound(self), host, port, **extra)
             ports = {sock.getsockname()[1] for sock in server.sockets}
             if len(ports) == 1:
-                self._server = server
-                return ports.pop()
+                return self._started(server, ports.pop())
             # A name with several addresses ("localhost": ::1 and 127.0.0.1) got a different
             # free port on each; peers must find the stream on one port, whatever they dial.
             first = server.sockets[0].getsockname()[1]
             server.close()
             await server.wait_closed()
             try:
-                server = await loop.create_server(lambda: _Inbound(self), host, first)
+                server = await loop.create_server(lambda: _Inbound(self), host, first, **extra)
             except OSError:
                 continue  # taken on the other address meanwhile: try another port
-            self._server = server
-            return server.sockets[0].getsockname()[1]
+            return self._started(server, first)
         raise OSError(f"no free port on every address of {host!r}")
 
+    def _started(self, server: asyncio.AbstractServer, port: int) -> int:
+        self._server = server
+        self._sweeper = asyncio.create_task(self._sweep(), name="raftfast-stream-sweep")
+        return port
+
+    async def _sweep(self) -> None:
+        """Drop connections that are too slow to say who they are, or stall mid-record."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = loop.time()
+            for transport, inbound in list(self.connections.items()):
+                why = inbound.overdue(now)
+                if why is not None:
+                    log.info("dropped a replication stream: %s", why)
+                    transport.abort()
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for transport in list(self.connections):
@@ -204,7 +320,7 @@ class OutboundStream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            payloads = self._records.feed(data)
+            payloads = list(self._records.feed(data))
             if not payloads:
                 return  # the rest of the refusal is on its way
             self.refusal = pb.StreamRefusal.FromString(payloads[0])
@@ -227,9 +343,13 @@ class OutboundStream(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect(host: str, port: int, timeout: float) -> OutboundStream:
+async def connect(
+    host: str, port: int, timeout: float, ssl: SSLContext | None = None
+) -> OutboundStream:
+    """Dial a peer's stream (over TLS with ``ssl``, checking its certificate for ``host``)."""
     loop = asyncio.get_running_loop()
+    extra = {"ssl": ssl, "server_hostname": host} if ssl else {}
     _transport, stream = await asyncio.wait_for(
-        loop.create_connection(OutboundStream, host, port), timeout
+        loop.create_connection(OutboundStream, host, port, **extra), timeout
     )
     return stream

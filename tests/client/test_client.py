@@ -478,6 +478,7 @@ def test_status_dict() -> None:
                     "address": "127.0.0.1:2",
                     "role": "learner",
                     "match_index": 3,
+                    "client_address": "",
                 }
                 assert (await c.status(addr))["id"] == "n1"
                 with pytest.raises(ValueError):

@@ -367,10 +367,13 @@ def refused_frames(dst: str, leader: str, term: int) -> list[tuple[pb.Frame, grp
         # An unknown id is heard (a member added recently may lead before we learn of it),
         # but not a message inside its frame that claims to come from someone else.
         (frame("n9", hb), invalid),
-        (frame("", hb), grpc.StatusCode.PERMISSION_DENIED),
+        (frame("", hb), invalid),  # not a node id at all
+        (frame("n" * 257, hb), invalid),  # ids are at most 256 bytes
         (frame("n3", pb.RaftMessage(type=77, src="n3", dst=dst, term=term)), invalid),
         (frame("n3", pb.RaftMessage(type=0, src="n3", dst=dst, term=term)), invalid),
         (frame("n3", hb, pb.RaftMessage(src="n3", type=2**32 - 1)), invalid),
+        # a snapshot without its data (it comes only by InstallSnapshot)
+        (frame("n3", pb.RaftMessage(type=MsgType.SNAPSHOT, src="n3", dst=dst, term=term)), invalid),
         # a message from someone else than the frame's sender
         (frame("n3", pb.RaftMessage(type=MsgType.HEARTBEAT, src=leader, term=term)), invalid),
         # A term this close to 2**64 would be adopted, made durable, and could never be bumped

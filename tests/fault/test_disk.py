@@ -320,7 +320,9 @@ def test_truncated_older_segment_refuses_to_start(golden, tmp_path):
 
 
 def test_data_directory_of_a_running_node_is_refused(golden, tmp_path):
-    """A second process on the same data directory (another port) must not start."""
+    """A second process on the same data directory (another port) must not start, and must
+    change nothing there: it once rewrote node.json (its own address) before the WAL's lock
+    refused it, so the running node's next restart listened on the wrong address."""
     data_dir = copy_of(golden[0], tmp_path)
     addr = f"127.0.0.1:{free_ports(1)[0]}"
     first = subprocess.Popen(
@@ -331,9 +333,11 @@ def test_data_directory_of_a_running_node_is_refused(golden, tmp_path):
     )
     try:
         wait_for("the first node to serve", lambda: status(addr))
+        identity = (data_dir / "node.json").read_bytes()
         code, err, other = run_refused_start(data_dir, tmp_path)
         lines = [line for line in err.splitlines() if line.strip()]
-        assert code == 1 and len(lines) == 1 and "already open" in lines[0], err
+        assert code == 1 and len(lines) == 1 and "in use by another process" in lines[0], err
+        assert (data_dir / "node.json").read_bytes() == identity
         assert status(addr).id == "n1"  # the first node is unaffected
     finally:
         assert stop(first) == 0

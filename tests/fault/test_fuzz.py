@@ -29,6 +29,7 @@ from raftfast._batch_py import encode_uniform as py_encode_uniform
 from raftfast.core.types import HardState, MsgType
 from raftfast.errors import BatchError, CorruptionError, LogError
 from raftfast.kv.fsm import decode, encode_cas, encode_delete, encode_put
+from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.storage.wal import (
     REC_BATCH,
@@ -364,8 +365,8 @@ def test_wal_recovery_of_mutated_segments(segs):
 
 @st.composite
 def commands(draw) -> bytes:
-    cid = draw(st.one_of(st.integers(0, 5), st.integers(0, U64)))
-    seq = draw(st.one_of(st.integers(0, 5), st.integers(0, U64)))
+    cid = draw(st.one_of(st.integers(0, 5), st.integers(0, MAX_CLIENT_ID)))
+    seq = draw(st.one_of(st.integers(0, 5), st.integers(0, MAX_SEQUENCE)))
     key = draw(st.binary(max_size=16))
     value = draw(st.binary(max_size=16))
     kind = draw(st.sampled_from(["put", "delete", "cas"]))

@@ -10,9 +10,11 @@ import pytest
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError
 from raftfast.kv.fsm import (
+    NOSPACE,
     SNAPSHOT_MAGIC,
     SNAPSHOT_VERSION,
     KVStateMachine,
+    encode_alarm,
     encode_cas,
     encode_delete,
     encode_put,
@@ -90,7 +92,7 @@ def test_header_layout() -> None:
     m = KVStateMachine()
     apply_all(m, 41, [encode_put(0, 0, b"k", b"v"), b"bad", encode_put(3, 1, b"k2", b"w")])
     snap = m.snapshot()
-    assert HEADER.unpack_from(snap) == (b"RFS1", 1, 0, 43, 1)
+    assert HEADER.unpack_from(snap) == (b"RFS1", 2, 0, 43, 1)  # version 2, no alarm
     assert struct.unpack_from("<I", snap, len(snap) - 4)[0] == crc32c(snap[:-4])
 
 
@@ -218,8 +220,8 @@ def test_bad_magic_and_version(populated: KVStateMachine) -> None:
     snap = populated.snapshot()
     assert_rejected(populated, b"XXXX" + snap[4:], "bad magic")
     assert_rejected(populated, reseal(b"XXXX" + snap[4:-4]), "bad magic")
-    bumped = snap[:4] + struct.pack("<H", 2) + snap[6:-4]
-    assert_rejected(populated, reseal(bumped), "version 2")
+    bumped = snap[:4] + struct.pack("<H", 3) + snap[6:-4]
+    assert_rejected(populated, reseal(bumped), "version 3")
 
 
 def test_every_truncation_is_rejected(populated: KVStateMachine) -> None:
@@ -247,9 +249,11 @@ def test_trailing_bytes_are_rejected(populated: KVStateMachine) -> None:
     assert_rejected(populated, reseal(snap[:-4] + b"\x00"), "unexpected bytes")
 
 
-def build(keys: list[bytes], values: list[bytes], tail: bytes = b"\x00" * 8) -> bytes:
+def build(
+    keys: list[bytes], values: list[bytes], tail: bytes = b"\x00" * 8, version: int = 1
+) -> bytes:
     """A hand-made, correctly sealed snapshot body (``tail`` = the clients section)."""
-    body = HEADER.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, 5, 0) + struct.pack("<Q", len(keys))
+    body = HEADER.pack(SNAPSHOT_MAGIC, version, 0, 5, 0) + struct.pack("<Q", len(keys))
     body += b"".join(struct.pack("<I", len(k)) for k in keys)
     body += b"".join(struct.pack("<I", len(v)) for v in values)
     return reseal(body + b"".join(keys) + b"".join(values) + tail)
@@ -273,4 +277,22 @@ def test_sealed_but_invalid_content_is_rejected() -> None:
     assert_rejected(m, build([], [], struct.pack("<Q", 1) + above), "dedup window")
     result = struct.pack("<QqI", 9, 1, 1) + struct.pack("<Q", 1) + b"\x02"  # not a bool
     assert_rejected(m, build([], [], struct.pack("<Q", 1) + result), "dedup window")
-    assert_rejected(m, reseal(ok[:6] + b"\x01\x00" + ok[8:-4]), "reserved")
+    # version 1 has no alarms (the field was reserved, 0); version 2 knows one (NOSPACE: bit 0)
+    assert_rejected(m, reseal(ok[:6] + b"\x01\x00" + ok[8:-4]), "alarm bits")
+    assert_rejected(m, reseal(ok[:4] + struct.pack("<HH", 2, 0b10) + ok[8:-4]), "alarm bits")
+    m.restore(build([b"a"], [b"1"], version=SNAPSHOT_VERSION))
+
+
+def test_alarms_and_size_survive_a_snapshot_and_a_version_1_snapshot_still_reads() -> None:
+    m = KVStateMachine()
+    apply_all(m, 1, [encode_put(0, 0, b"ab", b"123"), encode_alarm(NOSPACE, True)])
+    assert m.alarms == {NOSPACE} and m.size_bytes == 5
+    copy = KVStateMachine()
+    copy.restore(m.snapshot())
+    assert copy.alarms == {NOSPACE} and copy.size_bytes == 5
+    assert copy.fingerprint() == m.fingerprint() != KVStateMachine().fingerprint()
+    apply_all(copy, 3, [encode_alarm(NOSPACE, False)])
+    assert copy.alarms == set()
+    old = build([b"a", b"b"], [b"1", b"2"])  # version 1
+    copy.restore(old)
+    assert copy.alarms == set() and copy.size_bytes == 4 and copy.get(b"b") == b"2"

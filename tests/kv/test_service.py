@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from raftfast.errors import NotLeaderError
-from raftfast.kv.fsm import KVStateMachine
-from raftfast.kv.service import MAX_SCAN_LIMIT, add_kv_service
+from raftfast.kv.fsm import NOSPACE, KVStateMachine
+from raftfast.kv.service import MAX_FRAME_OPS, MAX_SCAN_BYTES, MAX_SCAN_LIMIT, add_kv_service
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.settings import NodeSettings
@@ -470,3 +470,98 @@ def test_session_survives_node_failures_and_stream_cancel() -> None:
             assert (await kv.Get(pb.GetRequest(key=b"after"))).found
 
     run(main())
+
+
+# -- limits, paging and the quota (issue 11) -------------------------------------------------
+
+
+def test_requests_over_the_limits_are_refused_whole() -> None:
+    async def main() -> None:
+        node = FakeNode(max_request_bytes=4096, max_value_bytes=8192)
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        async with serve(node) as kv:
+            err = await expect_error(kv.Put(pb.PutRequest(key=b"k", value=b"v" * 5000)), bad)
+            assert "--max-request-bytes" in err.details()
+            for request, what in [
+                (pb.PutRequest(key=b"k", client_id=1 << 63), "client_id"),
+                (pb.PutRequest(key=b"k", client_id=1, sequence=(1 << 64) - 1), "sequence"),
+            ]:
+                assert what in (await expect_error(kv.Put(request), bad)).details()
+            big = _frame(1, *(pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * 1000),) * 5)
+            many = _frame(2, *(pb.Op(kind=pb.Op.GET, key=b"k"),) * (MAX_FRAME_OPS + 1))
+            foreign = _frame(3, pb.Op(kind=pb.Op.PUT, key=b"k"), client_id=(1 << 64) - 1)
+            call = kv.Session()
+            for f in (big, many, foreign):
+                await call.write(f)
+            await call.done_writing()
+            results = {r.frame_id: r async for r in call}
+            assert {r.code for r in results[1].results} == {bad.value[0]}
+            assert "--max-request-bytes" in results[1].results[0].error
+            assert {r.code for r in results[2].results} == {bad.value[0]}
+            assert "at most" in results[2].results[0].error
+            assert {r.code for r in results[3].results} == {bad.value[0]}
+            assert node.proposals == []
+
+    run(main())
+
+
+def test_scans_come_in_pages() -> None:
+    async def main() -> None:
+        node = FakeNode()
+        async with serve(node) as kv:
+            big = b"x" * (MAX_SCAN_BYTES // 3)
+            for i in range(5):
+                await kv.Put(pb.PutRequest(key=b"p/%d" % i, value=big))
+            keys, start = [], b""
+            while True:
+                page = await kv.Scan(pb.ScanRequest(prefix=b"p/", start=start))
+                assert sum(len(i.key) + len(i.value) for i in page.items) <= MAX_SCAN_BYTES
+                keys += [i.key for i in page.items]
+                if not page.next_key:
+                    break
+                start = page.next_key
+            assert keys == [b"p/%d" % i for i in range(5)]
+            page = await kv.Scan(pb.ScanRequest(prefix=b"p/", start=b"p/3", limit=1))
+            assert [i.key for i in page.items] == [b"p/3"] and page.next_key == b"p/4"
+            bad = grpc.StatusCode.INVALID_ARGUMENT
+            await expect_error(kv.Scan(pb.ScanRequest(prefix=b"p/", start=b"q")), bad)
+
+    run(main())
+
+
+def test_past_the_quota_writes_but_deletes_stop_until_the_alarm_is_cleared() -> None:
+    async def main() -> None:
+        node = FakeNode(quota_backend_bytes=100)
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        async with serve(node) as kv:
+            await kv.Put(pb.PutRequest(key=b"a", value=b"x" * 60))
+            err = await expect_error(kv.Put(pb.PutRequest(key=b"b", value=b"x" * 60)), exhausted)
+            assert err.details().startswith("NOSPACE") and "--quota-backend-bytes" in err.details()
+            await wait_until(lambda: node.fsm.alarms == {NOSPACE})
+            # raised, the alarm refuses even a write that would fit, in a Session too
+            await expect_error(kv.Put(pb.PutRequest(key=b"c", value=b"1")), exhausted)
+            call = kv.Session()
+            await call.write(
+                _frame(
+                    1,
+                    pb.Op(kind=pb.Op.PUT, key=b"c", value=b"1", sequence=1),
+                    pb.Op(kind=pb.Op.DELETE, key=b"a", sequence=2),
+                    pb.Op(kind=pb.Op.GET, key=b"a", read_mode=pb.READ_STALE),
+                )
+            )
+            await call.done_writing()
+            (result,) = [r async for r in call]
+            put, delete, get = result.results
+            assert put.code == exhausted.value[0] and put.error.startswith("NOSPACE")
+            assert (delete.code, delete.ok) == (0, True)  # deletes free space: they go
+            assert (get.code, get.ok) == (0, False)  # reads are served
+            assert node.fsm.size_bytes == 0
+
+    run(main())
+
+
+async def wait_until(check, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)

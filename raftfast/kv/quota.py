@@ -1,0 +1,119 @@
+"""The space quota: writes stop before memory or the disk runs out, not after.
+
+A write that would take the state (bytes of keys and values) past ``--quota-backend-bytes``, or
+that arrives while the data directory's disk has less than ``DISK_RESERVE_BYTES`` free, is
+refused with RESOURCE_EXHAUSTED and raises the NOSPACE alarm through the log (etcd's model):
+every node, and every later leader, then refuses writes other than deletes until an operator
+has freed space and cleared it (``raftfast alarm disarm``). Reads are served throughout.
+
+Cheap on the write path: the state machine keeps its size as it applies; the exact count (a
+pass over the store) is taken only when that says the quota is reached, and the disk's free
+space is asked at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from raftfast.kv.fsm import NOSPACE, KVStateMachine, encode_alarm
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.settings import NodeSettings
+from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
+
+__all__ = ["NOSPACE_PREFIX", "Quota"]
+
+log = logging.getLogger(__name__)
+
+NOSPACE_PREFIX = "NOSPACE"  # refusals start with it: clients tell them from a busy server
+_DISK_CHECK_S = 1.0
+
+
+class _Node(Protocol):
+    id: str
+    fsm: KVStateMachine
+    settings: NodeSettings
+
+    async def propose(self, payloads: list[bytes]) -> list: ...
+
+
+class Quota:
+    def __init__(self, node: _Node) -> None:
+        self.node = node
+        self._raising: asyncio.Task | None = None
+        self._disk_checked = 0.0
+        self._disk_free: int | None = None  # None: not known (yet)
+
+    def refusal(self, nbytes: int) -> str | None:
+        """Why a write of about ``nbytes`` may not grow the state now (NOSPACE...), or None."""
+        fsm = self.node.fsm
+        if NOSPACE in fsm.alarms:
+            return (
+                f"{NOSPACE_PREFIX}: the NOSPACE alarm is raised: writes other than deletes are "
+                "refused until space is freed and `raftfast alarm disarm` clears it"
+            )
+        why = self.short_of_space(nbytes)
+        if why is not None:
+            self._raise_alarm(why)
+            return f"{NOSPACE_PREFIX}: {why}; delete keys, then `raftfast alarm disarm`"
+        return None
+
+    def short_of_space(self, nbytes: int = 0) -> str | None:
+        """Why there is no room for ``nbytes`` more (quota or disk), or None."""
+        fsm = self.node.fsm
+        limit = self.node.settings.quota_backend_bytes
+        if fsm.size_bytes + nbytes > limit and fsm.recount() + nbytes > limit:
+            return (
+                f"the state holds {fsm.size_bytes} bytes of keys and values, and "
+                f"--quota-backend-bytes is {limit}"
+            )
+        now = time.monotonic()
+        if now - self._disk_checked >= _DISK_CHECK_S:
+            self._disk_checked = now
+            try:
+                self._disk_free = free_bytes(self.node.settings.data_dir)
+            except OSError:
+                self._disk_free = None  # not knowable here: say nothing rather than refuse
+        if self._disk_free is not None and self._disk_free - nbytes < DISK_RESERVE_BYTES:
+            return (
+                f"node {self.node.id}'s disk has {self._disk_free} bytes free; it keeps "
+                f"{DISK_RESERVE_BYTES} free for the log"
+            )
+        return None
+
+    def alarms(self) -> pb.AlarmResponse:
+        fsm = self.node.fsm
+        return pb.AlarmResponse(
+            alarms=sorted(a.decode() for a in fsm.alarms),
+            state_bytes=fsm.size_bytes,
+            quota_bytes=self.node.settings.quota_backend_bytes,
+        )
+
+    async def disarm(self) -> pb.AlarmResponse:
+        """Clear the NOSPACE alarm (through the log: on the leader) once there is room again:
+        for a tenth of the quota, or a request of the largest size if that is less; ValueError
+        saying why not otherwise."""
+        if NOSPACE in self.node.fsm.alarms:
+            settings = self.node.settings
+            room = min(settings.max_request_bytes, settings.quota_backend_bytes // 10)
+            why = self.short_of_space(room)
+            if why is not None:
+                raise ValueError(f"no room yet: {why}; delete keys first")
+            await self.node.propose([encode_alarm(NOSPACE, False)])
+            log.warning("node %s cleared the NOSPACE alarm", self.node.id)
+        return self.alarms()
+
+    def _raise_alarm(self, why: str) -> None:
+        """Propose the NOSPACE alarm (once at a time; a follower's proposal fails, and the
+        leader raises it when the write reaches it)."""
+        if self._raising is None or self._raising.done():
+            log.warning("node %s raises the NOSPACE alarm: %s", self.node.id, why)
+            self._raising = asyncio.get_running_loop().create_task(self._propose())
+
+    async def _propose(self) -> None:
+        try:
+            await self.node.propose([encode_alarm(NOSPACE, True)])
+        except Exception as exc:  # noqa: BLE001 - raised again by the next refused write
+            log.info("node %s could not raise the NOSPACE alarm yet: %s", self.node.id, exc)

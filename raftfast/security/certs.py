@@ -1,0 +1,244 @@
+"""``raftfast certs``: a development CA and every certificate a TLS cluster needs, in one go.
+
+::
+
+    raftfast certs --dir tls --nodes n1,n2,n3 --clients admin=admin,app=write,viewer=read
+
+writes into ``tls/`` (keys 0600, nothing overwritten without ``--force``):
+
+* ``ca.crt``, ``ca.key``: the client-facing CA. It signs each node's client-port certificate
+  (``n1.crt``) and each client certificate (``admin.crt``); clients trust it (``--cacert``).
+* ``peer-ca.crt``, ``peer-ca.key``: the peer CA, apart from the client one, so that no client
+  certificate can ever pose as a node. It signs each node's peer certificate (``n1-peer.crt``).
+* ``roles.toml``: the ``--clients`` roles (``--auth-roles``);
+* ``n1.toml``...: a ``raftfast-node --config`` file per node with all of the above.
+
+A certificate's common name is its node id or client name; node certificates name every
+``--hosts`` entry (default: localhost, 127.0.0.1, ::1) as the hosts they serve. For production,
+use your own PKI: these are EC P-256 keys, signed by a CA that sits on disk beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from raftfast.limits import check_node_id
+
+__all__ = ["add_arguments", "main"]
+
+ROLES = ("read", "write", "admin")
+_CN_MAX = 64  # X.509's upper bound for a common name
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="tls", help="where to write the files (default: tls)")
+    p.add_argument(
+        "--nodes", required=True, metavar="ID,...", help="node ids (each gets two certificates)"
+    )
+    p.add_argument(
+        "--clients",
+        default="admin=admin",
+        metavar="NAME=ROLE,...",
+        help="client certificates and their roles: read, write or admin (default: admin=admin)",
+    )
+    p.add_argument(
+        "--hosts",
+        default="localhost,127.0.0.1,::1",
+        metavar="HOST,...",
+        help="names and addresses the nodes serve on (default: localhost,127.0.0.1,::1)",
+    )
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"{what}: name at least one")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what}: a name appears twice")
+    for name in names:
+        if len(name) > _CN_MAX:
+            raise ValueError(f"{what}: {name[:40]!r}... is longer than {_CN_MAX} characters")
+    return names
+
+
+def _clients(text: str) -> dict[str, str]:
+    out = {}
+    for item in _names(text, "--clients"):
+        name, sep, role = item.partition("=")
+        name, role = name.strip(), role.strip().lower()
+        if not sep or not name or role not in ROLES:
+            raise ValueError(f"--clients: {item!r} is not NAME=read|write|admin")
+        out[name] = role
+    return out
+
+
+def _hosts(text: str) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for host in _names(text, "--hosts"):
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:
+            out.append(x509.DNSName(host))
+    return out
+
+
+class _Issuer:
+    """A self-signed CA that signs leaf certificates."""
+
+    def __init__(self, name: str, days: int) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.now = datetime.datetime.now(datetime.UTC)
+        self.days = days
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (
+            self._builder(subject, self.key.public_key(), days)
+            .issuer_name(subject)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def _builder(self, subject: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self.now - datetime.timedelta(minutes=5))  # clocks differ a little
+            .not_valid_after(self.now + datetime.timedelta(days=days))
+        )
+
+    def sign(
+        self, common_name: str, hosts: list[x509.GeneralName] | None
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """A key and a certificate for ``common_name``: a node's (serving ``hosts``, and a
+        client of its peers) or, without ``hosts``, a client's."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if hosts:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        builder = (
+            self._builder(subject, key.public_key(), self.days)
+            .issuer_name(self.cert.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        )
+        if hosts:
+            builder = builder.add_extension(x509.SubjectAlternativeName(hosts), critical=False)
+        return key, builder.sign(self.key, hashes.SHA256())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main(args: argparse.Namespace) -> int:
+    """Write the files; returns 0 (ValueError with one line for bad arguments or files that
+    exist)."""
+    nodes = _names(args.nodes, "--nodes")
+    for node in nodes:
+        check_node_id(node)
+    clients = _clients(args.clients)
+    clash = set(nodes) & set(clients)
+    if clash:
+        raise ValueError(f"{sorted(clash)[0]!r} is both a node and a client: name them apart")
+    hosts = _hosts(args.hosts)
+    if args.days < 1:
+        raise ValueError("--days must be positive")
+    out = Path(args.dir)
+    files: dict[str, bytes] = {}
+    client_ca = _Issuer("raftfast client CA", args.days)
+    peer_ca = _Issuer("raftfast peer CA", args.days)
+    files["ca.crt"], files["ca.key"] = _pem_cert(client_ca.cert), _pem_key(client_ca.key)
+    files["peer-ca.crt"], files["peer-ca.key"] = _pem_cert(peer_ca.cert), _pem_key(peer_ca.key)
+    for name in clients:
+        key, cert = client_ca.sign(name, None)
+        files[f"{name}.crt"], files[f"{name}.key"] = _pem_cert(cert), _pem_key(key)
+    files["roles.toml"] = (
+        "# Client certificate common name = read | write | admin (raftfast-node --auth-roles)\n"
+        "[roles]\n"
+        + "".join(
+            f"{_toml_string(name)} = {_toml_string(role)}\n" for name, role in clients.items()
+        )
+    ).encode()
+    where = out.resolve()
+    for node in nodes:
+        key, cert = client_ca.sign(node, hosts)
+        files[f"{node}.crt"], files[f"{node}.key"] = _pem_cert(cert), _pem_key(key)
+        key, cert = peer_ca.sign(node, hosts)
+        files[f"{node}-peer.crt"], files[f"{node}-peer.key"] = _pem_cert(cert), _pem_key(key)
+        settings = {
+            "cert_file": where / f"{node}.crt",
+            "key_file": where / f"{node}.key",
+            "trusted_ca_file": where / "ca.crt",
+            "peer_cert_file": where / f"{node}-peer.crt",
+            "peer_key_file": where / f"{node}-peer.key",
+            "peer_trusted_ca_file": where / "peer-ca.crt",
+            "auth_roles": where / "roles.toml",
+        }
+        files[f"{node}.toml"] = (
+            f"# TLS settings of node {node} (raftfast-node --config)\n"
+            + "".join(f"{k} = {_toml_string(str(v))}\n" for k, v in settings.items())
+            + "client_cert_auth = true\n"
+        ).encode()
+    if not args.force:
+        existing = [name for name in files if (out / name).exists()]
+        if existing:
+            raise ValueError(f"{out / existing[0]} exists (--force overwrites)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        path = out / name
+        mode = 0o600 if name.endswith(".key") else 0o644
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(path, mode)
+    print(f"wrote {len(files)} files to {out}/:")
+    print("  CAs: ca.crt (clients and nodes' client port), peer-ca.crt (peers only)")
+    print(f"  nodes: {', '.join(f'{n}.crt {n}-peer.crt {n}.toml' for n in nodes)}")
+    print(f"  clients: {', '.join(f'{c}.crt ({r})' for c, r in clients.items())}; roles.toml")
+    first = nodes[0]
+    print(f"start a node:  raftfast-node --config {out}/{first}.toml --id {first} ...")
+    some = next(iter(clients))
+    print(
+        f"use a client:  raftfast --cacert {out}/ca.crt --cert {out}/{some}.crt "
+        f"--key {out}/{some}.key ..."
+    )
+    return 0

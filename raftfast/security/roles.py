@@ -1,0 +1,173 @@
+"""Client roles: who may call what on the client port.
+
+With ``--client-cert-auth`` a client is known by its certificate's common name, and
+``--auth-roles FILE`` (TOML) gives each name a role::
+
+    [roles]
+    dashboard = "read"    # Get, Scan, Status, member list
+    app = "write"         # + Put, Delete, CAS, put_many, Session writes
+    ops = "admin"         # + membership, leadership transfer, snapshots, alarms
+
+A name missing from the file may do nothing. Without ``--auth-roles`` every client whose
+certificate checks out is admin; without ``--client-cert-auth`` every client is (plain mode).
+Refusals are PERMISSION_DENIED with a message naming the role needed.
+
+One interceptor (``RoleInterceptor``) checks every call against the least role its method needs
+(``METHOD_ROLES``; a method not listed needs admin), once per call, never per entry. The Session
+stream carries reads and writes: it needs ``read`` to open, and the KV service refuses its write
+ops per op for a client below ``write``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Awaitable, Callable
+from enum import IntEnum
+from typing import Any
+
+import grpc
+
+from raftfast.security.tls import caller_name
+
+__all__ = ["METHOD_ROLES", "Authorizer", "Role", "RoleInterceptor", "load_roles"]
+
+
+class Role(IntEnum):
+    READ = 1
+    WRITE = 2
+    ADMIN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+_KV = "/raftfast.v1.KV/"
+_ADMIN = "/raftfast.v1.Admin/"
+METHOD_ROLES: dict[str, Role] = {
+    _KV + "Get": Role.READ,
+    _KV + "Scan": Role.READ,
+    _KV + "Status": Role.READ,
+    _KV + "Session": Role.READ,  # its writes need write, checked per op
+    _KV + "Put": Role.WRITE,
+    _KV + "Delete": Role.WRITE,
+    _KV + "CompareAndSwap": Role.WRITE,
+    _ADMIN + "MemberList": Role.READ,
+    _ADMIN + "AlarmList": Role.READ,
+}
+
+
+def load_roles(path: str) -> dict[str, Role]:
+    """The ``[roles]`` table of a TOML file; ValueError with one line if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read the roles file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"bad TOML in the roles file {path}: {exc}") from None
+    unknown = set(data) - {"roles"}
+    if unknown:
+        raise ValueError(f"{path}: unknown table or key {sorted(unknown)[0]!r} (want [roles])")
+    table = data.get("roles", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: roles must be a table of name = role")
+    roles: dict[str, Role] = {}
+    for name, role in table.items():
+        label = role.lower() if isinstance(role, str) else role
+        if label not in ("read", "write", "admin"):
+            raise ValueError(f"{path}: the role of {name!r} must be read, write or admin")
+        roles[name] = Role[label.upper()]
+    return roles
+
+
+class Authorizer:
+    """Maps a call's certificate name to its role. ``roles`` None: every checked client is
+    admin; ``checked`` False (no client certificates): every client is."""
+
+    def __init__(self, roles: dict[str, Role] | None, checked: bool) -> None:
+        self.roles = roles
+        self.checked = checked
+
+    def role_of(self, context: grpc.aio.ServicerContext) -> Role | None:
+        if not self.checked or self.roles is None:
+            return Role.ADMIN
+        name = caller_name(context)
+        return self.roles.get(name) if name is not None else None
+
+    def refusal(self, context: grpc.aio.ServicerContext, need: Role, what: str) -> str | None:
+        """Why the caller may not do ``what`` (which needs ``need``), or None if it may."""
+        role = self.role_of(context)
+        if role is not None and role >= need:
+            return None
+        name = caller_name(context)
+        if role is None:
+            return f"client {name!r} has no role here; {what} needs {need.label}"
+        return f"client {name!r} has role {role.label}; {what} needs {need.label}"
+
+
+Handler = Callable[..., Any]
+
+
+class RoleInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a call whose caller's role is below its method's (before the handler runs)."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        need = METHOD_ROLES.get(method, Role.ADMIN)
+        what = method.rsplit("/", 1)[-1]
+        auth = self.authorizer
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            why = auth.refusal(context, need, what)
+            if why is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+        return _guarded(handler, check)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[Any], Awaitable[None]]):
+    """``handler`` with ``check(context)`` run first."""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            await check(context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
+    if handler.stream_unary is not None:
+        inner = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            await check(context)
+            return await inner(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
+    streaming = handler.unary_stream or handler.stream_stream
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream is not None
+        else grpc.stream_stream_rpc_method_handler
+    )
+
+    async def streamed(request_or_requests, context):
+        await check(context)
+        async for response in streaming(request_or_requests, context):
+            yield response
+
+    return make(streamed, **serializers)

@@ -1,0 +1,93 @@
+"""TLS for both faces of a node, built from PEM files: gRPC credentials for the client port and
+the peer port, ``ssl`` contexts for the TCP replication stream, and the authenticated identity
+(the certificate's common name) of whoever is calling.
+
+Peers always authenticate both ways: each presents its certificate and checks the other's
+against the peer CA (``--peer-trusted-ca-file``). Clients are checked only with
+``--client-cert-auth`` (against ``--trusted-ca-file``).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import grpc
+
+__all__ = ["TLSFiles", "caller_name", "channel_credentials", "read_pem"]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA bundle to trust and, optionally, our own certificate and its key (PEM files).
+
+    On a client (``Client(..., tls=TLSFiles("ca.crt", "alice.crt", "alice.key"))``): the CA
+    that signed the nodes' certificates, and the client certificate if the cluster asks for
+    one. On a node: what it presents and whom it trusts, for one face (clients or peers).
+    """
+
+    ca_file: str | None = None  # None: the system's CAs (a client), no client check (a node)
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a certificate needs its key, and a key its certificate")
+
+    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA, certificate, key) as bytes; ValueError naming the file that cannot be read."""
+        ca = read_pem(self.ca_file, "CA") if self.ca_file else None
+        cert = read_pem(self.cert_file, "certificate") if self.cert_file else None
+        key = read_pem(self.key_file, "key") if self.key_file else None
+        return ca, cert, key
+
+    def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
+        ca, cert, key = self.read()
+        if cert is None or key is None:
+            raise ValueError("a TLS server needs a certificate and its key")
+        if require_client_auth and ca is None:
+            raise ValueError("checking client certificates needs the CA that signs them")
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=require_client_auth
+        )
+
+    def server_context(self) -> ssl.SSLContext:
+        """For a TLS listener that requires the other side's certificate, signed by our CA."""
+        if self.cert_file is None or self.key_file is None or self.ca_file is None:
+            raise ValueError("a TLS server that checks its callers needs a certificate, key, CA")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca_file)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """For dialling a TLS listener: checks its certificate (and name), presents ours."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        if self.cert_file is not None and self.key_file is not None:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
+def read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"the {what} file {path} is not PEM")
+    return data
+
+
+def channel_credentials(files: TLSFiles) -> grpc.ChannelCredentials:
+    ca, cert, key = files.read()
+    return grpc.ssl_channel_credentials(ca, key, cert)
+
+
+def caller_name(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the caller's certificate, if the connection checked one."""
+    try:
+        names = context.auth_context().get("x509_common_name")
+    except Exception:  # noqa: BLE001 - a context without auth data (plain connection)
+        return None
+    return names[0].decode("utf-8", "replace") if names else None

@@ -1,0 +1,282 @@
+"""Issue 11's reproductions, each against a real 3-node cluster (plain mode: no TLS). Each of
+these once took a node (or the whole cluster) down, or let a stranger change its state; now
+each gets a clear refusal, and the cluster keeps serving and keeps every acknowledged write,
+across a restart of every node too. Impersonating a member needs TLS to stop: that is
+``tests/security``."""
+
+from __future__ import annotations
+
+import stat
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from raftfast._accel import encode_uniform
+from raftfast.client import SyncClient
+from raftfast.core.membership import Membership
+from raftfast.core.types import MsgType
+from raftfast.kv.fsm import encode_put, pack_pairs
+from raftfast.kv.service import MAX_SCAN_BYTES
+from raftfast.localcluster import wait_for
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.transport.tcp import HANDSHAKE_S, record
+
+from .harness import ACKED_PREFIX, CLUSTER, Trio, frame, handshake, read_refusal, rss_bytes
+
+BIG_REQUESTS = 16 * 1024 * 1024  # this cluster's --max-request-bytes (default 1.5 MiB)
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory) -> Iterator[Trio]:
+    t = Trio(
+        tmp_path_factory.mktemp("repro"),
+        extra=[
+            "--max-request-bytes",
+            str(BIG_REQUESTS),
+            "--snapshot-entries",
+            "200",
+            "--snapshot-keep",
+            "20",
+        ],
+    )
+    try:
+        t.start()
+        t.assert_healthy()
+        yield t
+    except BaseException:
+        print(t.cluster.log_tail())
+        raise
+    finally:
+        t.stop()
+
+
+def expect(call: Callable[[], object], code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    return info.value.details()
+
+
+def terms(trio: Trio) -> dict[str, tuple[int, str]]:
+    return {nid: (st.term, st.leader) for nid in trio.ids for st in [trio.status(nid)]}
+
+
+def test_sequences_and_client_ids_a_snapshot_cannot_hold_are_refused(trio):
+    # A Put with sequence 2**64-1 (or 2**63) was accepted; at the next snapshot two nodes died,
+    # and one died again on every restart (the snapshot packs it as a signed 64-bit field).
+    kv = trio.kv(trio.leader())
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    for seq in (1 << 63, (1 << 64) - 1):
+        put = pb.PutRequest(key=b"k", value=b"v", client_id=7, sequence=seq)
+        assert "sequence" in expect(lambda put=put: kv.Put(put, timeout=10), bad)
+        delete = pb.DeleteRequest(key=b"k", client_id=7, sequence=seq)
+        expect(lambda delete=delete: kv.Delete(delete, timeout=10), bad)
+        cas = pb.CasRequest(key=b"k", value=b"v", client_id=7, sequence=seq, expect_absent=True)
+        expect(lambda cas=cas: kv.CompareAndSwap(cas, timeout=10), bad)
+    put = pb.PutRequest(key=b"k", value=b"v", client_id=1 << 63, sequence=1)
+    assert "client_id" in expect(lambda: kv.Put(put, timeout=10), bad)
+    frames = [
+        pb.SessionFrame(
+            frame_id=1, client_id=5, ops=[pb.Op(kind=pb.Op.PUT, key=b"k", sequence=1 << 63)]
+        ),
+        pb.SessionFrame(
+            frame_id=2, client_id=(1 << 64) - 1, ops=[pb.Op(kind=pb.Op.PUT, key=b"k", sequence=1)]
+        ),
+    ]
+    results = list(kv.Session(iter(frames), timeout=30))
+    assert [r.results[0].code for r in results] == [bad.value[0]] * 2
+    # Snapshots on every node, then a restart of every node: all of them live.
+    before = {nid: trio.status(nid).snapshot_index for nid in trio.ids}
+    trio.write_acked(250)  # --snapshot-entries 200
+    for nid in trio.ids:
+        wait_for(
+            f"{nid} to take a snapshot", lambda n=nid: trio.status(n).snapshot_index > before[n]
+        )
+    trio.alive()
+    trio.restart_all()
+    trio.assert_healthy()
+    trio.assert_acked_intact()
+
+
+def test_a_session_frame_bigger_than_one_apply_is_applied_whole(trio):
+    # 9 PUTs of 1 MiB in one frame (each within the limits) crashed the leader: a Ready applies
+    # at most 8 MiB, and the apply path indexed past the part it had.
+    kv = trio.kv(trio.leader())
+    values = {ACKED_PREFIX + b"big/%d" % i: bytes([i]) * (1 << 20) for i in range(9)}
+    ops = [
+        pb.Op(kind=pb.Op.PUT, key=k, value=v, sequence=i + 1)
+        for i, (k, v) in enumerate(values.items())
+    ]
+    (result,) = kv.Session(iter([pb.SessionFrame(frame_id=1, client_id=4242, ops=ops)]), timeout=60)
+    assert [(r.code, r.ok) for r in result.results] == [(0, True)] * 9, result.results[0].error
+    trio.acked.update(values)
+    trio.assert_healthy()
+    for key, value in values.items():
+        assert kv.Get(pb.GetRequest(key=key), timeout=10).value == value
+
+
+def test_a_vote_from_an_id_of_70000_characters_is_refused(trio):
+    # It was granted; writing the vote to the WAL then failed (a 70 KB id), and the node stopped.
+    before = terms(trio)
+    for nid in trio.ids:
+        term = before[nid][0]
+        for src in ("x" * 70_000, "y" * 257):
+            vote = pb.RaftMessage(
+                type=MsgType.VOTE, src=src, dst=nid, term=term + 1, index=1 << 40, log_term=term
+            )
+            request = frame(src, vote)
+            details = expect(
+                lambda f=request, n=nid: trio.peer(n).RequestVote(f, timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
+            assert "256 bytes" in details
+    trio.alive()
+    assert terms(trio) == before
+    trio.assert_healthy()
+
+
+def test_an_oversized_put_many_is_refused_at_once_and_a_huge_scan_comes_in_pages(trio):
+    # A 64 MiB put_many stalled the leader past its election timeout; a scan answer of ~100 MiB
+    # was built in memory (+300 MiB of RSS) before gRPC's send limit refused it.
+    leader = trio.leader()
+    kv = trio.kv(leader)
+    pairs = pack_pairs([(b"k%d" % i, b"x" * (1 << 20)) for i in range(BIG_REQUESTS >> 20)])
+    op = pb.Op(kind=pb.Op.PUT_MANY, value=pairs, sequence=1)
+    (result,) = kv.Session(iter([pb.SessionFrame(frame_id=1, client_id=99, ops=[op])]), timeout=30)
+    assert result.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "--max-request-bytes" in result.results[0].error
+    assert trio.leader() == leader
+    prefix = ACKED_PREFIX + b"scan/"
+    with SyncClient(trio.cluster.endpoints, timeout=60) as c:
+        c.put_many([(prefix + b"%02d" % i, bytes([i]) * (1 << 20)) for i in range(12)])
+        for i in range(12):
+            trio.acked[prefix + b"%02d" % i] = bytes([i]) * (1 << 20)
+        page = kv.Scan(pb.ScanRequest(prefix=prefix), timeout=30)
+        size = sum(len(i.key) + len(i.value) for i in page.items)
+        assert 0 < len(page.items) < 12 and page.next_key.startswith(prefix)
+        assert size <= MAX_SCAN_BYTES
+        assert [k for k, _ in c.scan(prefix, 0)] == [prefix + b"%02d" % i for i in range(12)]
+        assert len(c.scan(prefix, 5)) == 5
+    trio.assert_healthy()
+
+
+def forged_append(trio: Trio, src: str, dst: str, key: bytes) -> pb.RaftMessage:
+    st = trio.status(dst)
+    term, last = st.term, st.last_index
+    entries = encode_uniform(last + 1, term, [encode_put(0, 0, key, b"forged")])
+    return pb.RaftMessage(
+        type=MsgType.APPEND,
+        src=src,
+        dst=dst,
+        term=term,
+        index=last,
+        log_term=term,  # (a guess: the last entry is of this term while nothing else happens)
+        entries=entries,
+        commit=last + 1,
+    )
+
+
+def test_a_stranger_can_neither_append_nor_install_a_snapshot(trio):
+    # A forged record on the TCP stream made a follower apply an entry no leader wrote; a forged
+    # InstallSnapshot replaced a node's state. From a node no configuration knows, neither lands.
+    follower = trio.follower()
+    with trio.stream_socket(follower) as sock:
+        forged = forged_append(trio, "mallory", follower, b"forged-tcp")
+        sock.sendall(handshake("mallory") + record(frame("mallory", forged).SerializeToString()))
+        trio.assert_healthy()  # (the stream stays open: the core just does not listen)
+    forged = forged_append(trio, "mallory", follower, b"forged-grpc")
+    list(trio.peer(follower).Replicate(iter([frame("mallory", forged)]), timeout=10))
+    trio.assert_healthy()
+    for nid in trio.ids:
+        for key in (b"forged-tcp", b"forged-grpc"):
+            got = trio.kv(nid).Get(pb.GetRequest(key=key, read_mode=pb.READ_STALE), timeout=10)
+            assert not got.found, (nid, key)
+    leader = trio.leader()
+    term = trio.status(follower).term
+    config = Membership({"mallory": "127.0.0.1:1"}).encode()
+    for src, at in [("mallory", term), (leader, term + 1), (trio.follower(), term)]:
+        meta = pb.RaftMessage(
+            type=MsgType.SNAPSHOT,
+            src=src,
+            dst=follower,
+            term=at,
+            index=1 << 30,
+            log_term=at,
+            entries=config,
+        )
+        chunks = [
+            pb.SnapshotChunk(cluster_id=CLUSTER, meta=meta, offset=0, data=b"\0" * (1 << 20)),
+            pb.SnapshotChunk(cluster_id=CLUSTER, meta=meta, offset=1 << 20, done=True),
+        ]
+        details = expect(
+            lambda c=chunks: trio.peer(follower).InstallSnapshot(iter(c), timeout=10),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert "leader of term" in details
+    trio.assert_healthy()
+    assert trio.status(follower).last_index < 1 << 30
+
+
+def test_a_term_near_the_top_of_the_range_is_ignored(trio):
+    # A heartbeat with term 2**62-1 to each node left the cluster without a leader, forever:
+    # the term is durable, and the next one is out of range.
+    before = terms(trio)
+    leader = trio.leader()
+    for nid in trio.ids:
+        for src in (leader, "mallory"):
+            hb = pb.RaftMessage(type=MsgType.HEARTBEAT, src=src, dst=nid, term=(1 << 62) - 1)
+            list(trio.peer(nid).Replicate(iter([frame(src, hb)]), timeout=10))
+    trio.assert_healthy()
+    assert terms(trio) == before
+
+
+def test_timeout_now_and_forced_votes_from_anyone_are_ignored(trio):
+    # TimeoutNow and vote requests with context 1 (a leadership transfer's) from anyone forced
+    # elections: throughput fell from 920 puts to 1 in 3 s.
+    before = terms(trio)
+    leader = trio.leader()
+    followers = [nid for nid in trio.ids if nid != leader]
+    for nid in followers:
+        term = before[nid][0]
+        other = next(f for f in followers if f != nid)
+        for src in ("mallory", other):  # a stranger; a member that is not the leader
+            now = pb.RaftMessage(type=MsgType.TIMEOUT_NOW, src=src, dst=nid, term=term)
+            trio.peer(nid).TimeoutNow(frame(src, now), timeout=10)
+        vote = pb.RaftMessage(
+            type=MsgType.VOTE, src="mallory", dst=nid, term=term + 1, index=1 << 40, context=1
+        )
+        trio.peer(nid).RequestVote(frame("mallory", vote), timeout=10)
+    trio.write_acked(50)
+    trio.assert_healthy()
+    assert terms(trio) == before
+
+
+def test_the_stream_port_holds_little_for_strangers(trio):
+    # 8 connections each sending part of a 48 MiB record took +400 MiB of RSS; idle
+    # connections stayed open forever.
+    follower = trio.follower()
+    pid = trio.cluster.procs[follower].pid
+    rss = rss_bytes(pid)
+    for _ in range(8):
+        with trio.stream_socket(follower) as sock:
+            sock.sendall((48 << 20).to_bytes(4, "big") + b"\0" * (1 << 20))
+            refusal = read_refusal(sock)
+            assert refusal is not None and "too large" in refusal.details
+    assert rss_bytes(pid) - rss < 32 << 20
+    started = time.monotonic()
+    with trio.stream_socket(follower, timeout=HANDSHAKE_S + 30) as idle:
+        assert read_refusal(idle) is None  # closed without a word
+    assert time.monotonic() - started < HANDSHAKE_S + 30
+    trio.assert_healthy()
+
+
+def test_data_files_are_the_owner_s_only(trio):
+    for nid in trio.ids:
+        root = trio.cluster.tmp / nid
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        files = [root / "node.json", *(root / "wal").iterdir(), *(root / "snap").iterdir()]
+        assert len(files) > 2
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

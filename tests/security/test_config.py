@@ -1,0 +1,146 @@
+"""Security settings without a cluster: ``raftfast certs``, the TLS and roles flags of
+``raftfast-node`` (bad ones exit 2 with one line), the roles file, and the authorizer."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raftfast.node_cli import ConfigError, parse_settings
+from raftfast.security.roles import METHOD_ROLES, Authorizer, Role, load_roles
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS = "n1=127.0.0.1:7101,n2=127.0.0.1:7102,n3=127.0.0.1:7103"
+
+
+def certs(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "raftfast.cli", "certs", "--dir", str(tmp / "tls"), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)}
+    )
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("certs")
+    done = certs(tmp, "--nodes", "n1,n2,n3", "--clients", "admin=admin,app=write,viewer=read")
+    assert done.returncode == 0, done.stderr
+    return tmp / "tls"
+
+
+def test_certs_makes_everything_a_tls_node_needs(made):
+    for name in ("ca", "peer-ca", "n1", "n1-peer", "admin", "app", "viewer"):
+        assert (made / f"{name}.crt").read_text().startswith("-----BEGIN CERTIFICATE")
+        assert stat.S_IMODE((made / f"{name}.key").stat().st_mode) == 0o600
+    assert load_roles(str(made / "roles.toml")) == {
+        "admin": Role.ADMIN,
+        "app": Role.WRITE,
+        "viewer": Role.READ,
+    }
+    s = parse_settings(
+        [
+            "--config", str(made / "n1.toml"), "--id", "n1", "--listen", "127.0.0.1:7001",
+            "--peer-listen", "127.0.0.1:7101", "--peers", PEERS, "--data-dir", str(made / "d"),
+        ],
+        {},
+    )  # fmt: skip
+    assert s.client_cert_auth and s.peer_tls is not None and s.client_tls is not None
+    assert s.peer_address == "127.0.0.1:7101" and s.listen == "127.0.0.1:7001"
+
+
+def test_certs_refuses_what_it_cannot_make_and_never_overwrites(made, tmp_path):
+    again = certs(made.parent, "--nodes", "n1")
+    assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
+    for args, words in [
+        (("--nodes", "n1", "--clients", "n1=admin"), "both a node and a client"),
+        (("--nodes", "n1", "--clients", "x=root"), "read|write|admin"),
+        (("--nodes", "n" * 65), "longer than 64"),
+        (("--nodes", ""), "at least one"),
+    ]:
+        done = certs(tmp_path, *args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr
+    assert not (tmp_path / "tls").exists()
+
+
+def _settings(tmp: Path, *extra: str):
+    args = ["--id", "n1", "--listen", "127.0.0.1:7001", "--data-dir", str(tmp / "d")]
+    return parse_settings([*args, "--peers", PEERS, *extra], {})
+
+
+def test_tls_flags_that_cannot_work_are_refused(made, tmp_path):
+    cert, key, ca = str(made / "n1.crt"), str(made / "n1.key"), str(made / "ca.crt")
+    pcert, pkey, pca = (
+        str(made / "n1-peer.crt"),
+        str(made / "n1-peer.key"),
+        str(made / "peer-ca.crt"),
+    )
+    sep = ["--peer-listen", "127.0.0.1:7101"]
+    roles = tmp_path / "roles.toml"
+    roles.write_text('[roles]\nbob = "root"\n')
+    for extra, words in [
+        (["--cert-file", cert, *sep], "go together"),
+        (["--cert-file", cert, "--key-file", key, "--client-cert-auth", *sep], "--trusted-ca-file"),
+        (["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, *sep], "add --client"),
+        (["--peer-cert-file", pcert, "--peer-key-file", pkey, *sep], "peer TLS needs"),
+        (["--cert-file", cert, "--key-file", key], "--peer-listen"),  # one port for both faces
+        (["--auth-roles", str(roles)], "--client-cert-auth"),
+        (
+            ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
+             "--auth-roles", str(roles), *sep],
+            "read, write or admin",
+        ),
+        (["--cert-file", str(tmp_path / "nope.crt"), "--key-file", key, *sep], "cannot read"),
+        (["--cert-file", str(roles), "--key-file", key, *sep], "not PEM"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            _settings(tmp_path, *extra)
+    s = _settings(
+        tmp_path,
+        *sep,
+        "--peer-cert-file", pcert, "--peer-key-file", pkey, "--peer-trusted-ca-file", pca,
+    )  # fmt: skip
+    assert s.peer_tls is not None and s.client_tls is None  # TLS between nodes only
+
+
+def test_a_bad_roles_file_is_one_clear_line(tmp_path):
+    path = tmp_path / "roles.toml"
+    for text, words in [
+        ("[roles\n", "bad TOML"),
+        ('[users]\nbob = "read"\n', "unknown table"),
+        ("roles = 3\n", "a table"),
+        ("[roles]\nbob = 1\n", "read, write or admin"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            load_roles(str(path))
+    with pytest.raises(ValueError, match="cannot read"):
+        load_roles(str(tmp_path / "missing.toml"))
+    path.write_text('[roles]\nBob = "Admin"\n')
+    assert load_roles(str(path)) == {"Bob": Role.ADMIN}
+
+
+class _Context:
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+
+    def auth_context(self) -> dict:
+        return {"x509_common_name": [self.name.encode()]} if self.name else {}
+
+
+def test_the_authorizer_maps_names_to_roles():
+    auth = Authorizer({"viewer": Role.READ, "ops": Role.ADMIN}, checked=True)
+    assert auth.refusal(_Context("viewer"), Role.READ, "Get") is None
+    assert "has role read; Put needs write" in auth.refusal(_Context("viewer"), Role.WRITE, "Put")
+    assert "no role" in auth.refusal(_Context("nobody"), Role.READ, "Get")
+    assert "no role" in auth.refusal(_Context(None), Role.READ, "Get")
+    assert auth.refusal(_Context("ops"), Role.ADMIN, "MemberRemove") is None
+    everyone = Authorizer(None, checked=True)  # --client-cert-auth without --auth-roles
+    assert everyone.refusal(_Context("anyone"), Role.ADMIN, "MemberRemove") is None
+    # a method nobody listed needs admin
+    assert METHOD_ROLES.get("/raftfast.v1.Admin/MemberRemove", Role.ADMIN) == Role.ADMIN
+    assert METHOD_ROLES["/raftfast.v1.KV/Put"] == Role.WRITE
