@@ -43,11 +43,14 @@ test-pure: $(STAMP)
 run: $(STAMP)
 	$(PY) -m raftfast.demo
 
-# Thousands of simulation seeds, and 100,000 fuzz inputs per decoder.
+# Thousands of simulation seeds, 100,000 fuzz inputs per decoder, thousands of hostile requests
+# per RPC family against a real cluster.
 soak: $(STAMP)
 	RAFTFAST_SIM_SEEDS=$${RAFTFAST_SIM_SEEDS:-3000} $(PYTEST) -q -p no:cacheprovider -m slow tests/sim
 	RAFTFAST_FUZZ_EXAMPLES=$${RAFTFAST_FUZZ_EXAMPLES:-100000} $(PYTEST) -q -p no:cacheprovider \
 		tests/fault/test_fuzz.py
+	RAFTFAST_HOSTILE_EXAMPLES=$${RAFTFAST_HOSTILE_EXAMPLES:-2000} $(PYTEST) -q -p no:cacheprovider \
+		tests/hostile/test_hostile_suite.py
 	RAFTFAST_BOUND_SECONDS=$${RAFTFAST_BOUND_SECONDS:-600} $(PYTEST) -q -s -p no:cacheprovider \
 		tests/integration/test_bounds.py
 

@@ -99,3 +99,28 @@ def test_sequential_put_latency(benchmark):
     record(benchmark, results["seq"])
     show("sequential puts", results["seq"])
     assert results["seq"]["p50_ms"] <= 25.0, "sequential put p50 floor"
+
+
+def test_the_cost_of_tls(benchmark):
+    """Target: TLS everywhere (client port, peer port, replication stream, client certificates)
+    costs <= 20% of the batched rate and of the sequential p50, against plain in the same run.
+    The gate only catches a collapse; the note gives the ratios."""
+    results = {}
+
+    def run() -> None:
+        for tls in (False, True):
+            results["batched", tls] = measure(3, inflight=8, batch=2000, tls=tls)
+            results["sequential", tls] = measure(3, clients=1, inflight=1, tls=tls)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, results["batched", True])
+    for kind in ("batched", "sequential"):
+        show(f"{kind}, plain", results[kind, False])
+        show(f"{kind}, TLS", results[kind, True])
+    rate = results["batched", True]["ops_per_s"] / results["batched", False]["ops_per_s"]
+    p50 = results["sequential", True]["p50_ms"] / results["sequential", False]["p50_ms"]
+    benchmark.extra_info["tls_batched_ratio"] = round(rate, 3)
+    benchmark.extra_info["tls_sequential_p50_ratio"] = round(p50, 3)
+    print(f"TLS / plain: batched rate {rate:.2f}, sequential p50 {p50:.2f}")
+    assert rate >= 0.3, f"TLS runs batched at {rate:.2f} x the plain rate"
+    assert p50 <= 4.0, f"TLS makes the sequential p50 {p50:.2f} x the plain one"

@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", type=int, default=100_000, metavar="N", help="key space")
     p.add_argument("--no-fsync", action="store_true", help="start nodes with --no-fsync (UNSAFE)")
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="start the cluster with TLS everywhere and client certificates (raftfast certs)",
+    )
+    p.add_argument(
         "--noop",
         nargs="?",
         const="session",
@@ -91,8 +96,13 @@ def _check(args: argparse.Namespace) -> list[int]:
         raise ValueError("--read-ratio must be between 0 and 1")
     if args.noop == "unary" and args.batch > 1:
         raise ValueError("--noop unary makes one call per operation: no --batch")
-    if args.endpoints_given and (args.noop or len(sizes) > 1):
-        raise ValueError("--endpoints measures that cluster: no --noop or several --nodes")
+    if args.endpoints_given and (args.noop or len(sizes) > 1 or args.tls):
+        raise ValueError(
+            "--endpoints measures that cluster: no --noop, --tls or several --nodes "
+            "(its certificates: --cacert, --cert, --key)"
+        )
+    if args.tls and args.noop:
+        raise ValueError("--tls starts a cluster: not with --noop")
     return sizes
 
 
@@ -211,7 +221,7 @@ def _run_workers(
 
 def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -> dict:
     """One measurement: start what is needed, load it, stop it; the result as a dict."""
-    from raftfast.localcluster import ProcCluster, free_ports, wait_for
+    from raftfast.localcluster import ProcCluster, free_ports, make_certs, wait_for
 
     workload = _workload(args)
     target = "noop" if args.noop else ("endpoints" if endpoints else "local")
@@ -222,6 +232,7 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
     with tempfile.TemporaryDirectory(prefix="raftfast-bench-") as tmp:
         if endpoints:
             workload.endpoints = endpoints
+            workload.tls = getattr(args, "client_tls", None)
             measured = _run_workers(workload, args.clients, label, show, {})
         elif args.noop:
             addr = f"127.0.0.1:{free_ports(1)[0]}"
@@ -242,9 +253,14 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
                 proc.wait(timeout=15)
         else:
             extra = ["--no-fsync"] if args.no_fsync else []
-            with ProcCluster(Path(tmp), nodes, extra=extra) as cluster:
+            certs = None
+            if args.tls:
+                certs = Path(tmp) / "tls"
+                make_certs(certs, [f"n{i + 1}" for i in range(nodes)])
+            with ProcCluster(Path(tmp), nodes, extra=extra, tls=certs) as cluster:
                 cluster.wait_leader(timeout=60)
                 workload.endpoints = cluster.endpoints
+                workload.tls = cluster.client_tls
                 pids = {nid: p.pid for nid, p in cluster.procs.items()}
                 measured = _run_workers(workload, args.clients, label, show, pids)
     reported = 0 if args.noop else (len(endpoints) if endpoints else nodes)
@@ -279,6 +295,7 @@ def _describe(args: argparse.Namespace, target: str, nodes: int, measured: dict)
         "target": target,
         "nodes": nodes,
         "fsync": not args.no_fsync and not args.noop,
+        "tls": bool(args.tls) or getattr(args, "client_tls", None) is not None,
         "clients": args.clients,
         "inflight": args.inflight,
         "batch": args.batch,
@@ -290,12 +307,13 @@ def _describe(args: argparse.Namespace, target: str, nodes: int, measured: dict)
 
 
 def _table(results: list[dict]) -> str:
-    header = ["TARGET", "NODES", "FSYNC", "OPS/S", "P50 MS", "P90 MS", "P99 MS", "P99.9 MS"]
+    header = ["TARGET", "NODES", "FSYNC", "TLS", "OPS/S", "P50 MS", "P90 MS", "P99 MS", "P99.9 MS"]
     rows = [
         [
             r["target"],
             r["nodes"] or "-",
             "on" if r["fsync"] else "off",
+            "on" if r.get("tls") else "off",
             f"{r['ops_per_s']:,.0f}",
             f"{r['p50_ms']:.2f}",
             f"{r['p90_ms']:.2f}",

@@ -509,6 +509,7 @@ def _bench(args: argparse.Namespace, endpoints: list[str] | None) -> int:
     from raftfast import benchcmd
 
     try:
+        args.client_tls = _tls(args)  # a running cluster's certificates (--endpoints)
         return benchcmd.main(args, endpoints)
     except ValueError as exc:
         _error(f"invalid argument: {exc}")

@@ -19,6 +19,7 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from raftfast.security.tls import TLSFiles
 from raftfast.transport.codec import delimited_header
 
 # Histogram buckets: 1 us to ~100 s, 2% apart (percentiles are within 1% of the truth).
@@ -96,6 +97,7 @@ class Workload:
     # "raftfast" (our Client: Session streams), "unary" (raftfast's unary KV.Put/Get, one call
     # per operation: the no-op baseline the throughput issue names) or "etcd" (its gRPC KV API)
     system: str = "raftfast"
+    tls: TLSFiles | None = None  # our Client over TLS, with these files
 
 
 @dataclass
@@ -161,7 +163,7 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
     client_cm = (
         _UnaryClient(w.endpoints, 30.0, w.system)
         if w.system in _UNARY_METHODS
-        else Client(w.endpoints, timeout=30.0)
+        else Client(w.endpoints, timeout=30.0, tls=w.tls)
     )
     async with client_cm as client:
         await client.put(f"bench-w{index}", value)  # find the leader before the clock starts

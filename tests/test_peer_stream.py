@@ -14,6 +14,8 @@ from raftfast.core.types import Message, MsgType
 from raftfast.localcluster import free_ports
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.transport import grpc as grpc_transport
+from raftfast.transport import tcp
+from raftfast.transport.codec import encode_frame
 from raftfast.transport.grpc import PeerService, PeerTransport
 from raftfast.transport.tcp import DEAD_PEER_S, ReplicationServer
 
@@ -177,3 +179,90 @@ def test_the_grpc_fall_back_is_left_for_tcp_once_the_port_answers(monkeypatch):
         await send_and_check(receiver, sender, 3)
 
     run(test, broken_offset=True)
+
+
+# -- what a stranger can make the stream port hold (issue 11) ------------------------------
+
+
+def _raw(receiver: Receiver) -> tuple[str, int]:
+    return "127.0.0.1", receiver.port + receiver.service.stream_offset
+
+
+async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+def test_a_sender_names_itself_before_it_may_send_much_and_keeps_its_name():
+    async def test(receiver, sender, refused, unreachable):
+        await send_and_check(receiver, sender, 3)  # the real sender is known as "a"
+        host, port = _raw(receiver)
+        big = (tcp.HANDSHAKE_BYTES + 1).to_bytes(4, "big")
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(big + b"\0" * 100)  # before any name: too large
+        answer = await _read_to_end(reader)
+        assert b"too large" in answer
+        writer.close()
+        reader, writer = await asyncio.open_connection(host, port)
+        hello = tcp.record(encode_frame(CLUSTER, "c", []))
+        writer.write(hello + tcp.record(encode_frame(CLUSTER, "a", [heartbeat(9)])))
+        answer = await _read_to_end(reader)  # a frame of "a" on the stream of "c"
+        assert b"on the stream of 'c'" in answer
+        writer.close()
+        assert not any(m.commit == 9 for m in receiver.delivered)
+        await send_and_check(receiver, sender, 3)  # "a" is undisturbed
+
+    run(test)
+
+
+def test_slow_or_silent_connections_are_dropped_and_a_new_one_replaces_the_old(monkeypatch):
+    monkeypatch.setattr(tcp, "HANDSHAKE_S", 0.3)
+    monkeypatch.setattr(tcp, "STALL_S", 0.3)
+    monkeypatch.setattr(tcp, "_SWEEP_S", 0.05)
+
+    async def test(receiver, sender, refused, unreachable):
+        server = receiver.stream_server
+        host, port = _raw(receiver)
+        _, silent = await asyncio.open_connection(host, port)  # never says a word
+        reader, stalled = await asyncio.open_connection(host, port)
+        stalled.write(tcp.record(encode_frame(CLUSTER, "c", [])) + (1000).to_bytes(4, "big"))
+        await until("both dropped", lambda: len(server.connections) == 1, timeout=10)
+        assert await _read_to_end(reader) == b"" and server.partial_bytes == 0
+        silent.close(), stalled.close()
+        # "a" connects again (its old stream is replaced, not kept beside it)
+        old = next(iter(server.connections))
+        reader, again = await asyncio.open_connection(host, port)
+        again.write(tcp.record(encode_frame(CLUSTER, "a", [heartbeat(5)])))
+        await until("the new stream", lambda: any(m.commit == 5 for m in receiver.delivered))
+        await until("the old stream dropped", lambda: old not in server.connections)
+        assert list(server.senders) == ["a"]
+        again.close()
+
+    run(test)
+
+
+def test_unfinished_records_of_all_connections_together_are_bounded(monkeypatch):
+    monkeypatch.setattr(tcp, "MAX_PARTIAL_BYTES", 64 * 1024)
+
+    async def test(receiver, sender, refused, unreachable):
+        server = receiver.stream_server
+        host, port = _raw(receiver)
+        writers = []
+        for name in ("c", "d", "e"):
+            _, w = await asyncio.open_connection(host, port)
+            w.write(tcp.record(encode_frame(CLUSTER, name, [])) + (1 << 20).to_bytes(4, "big"))
+            w.write(b"\0" * 30_000)  # a third of a record each, 90 KB in all: one too many
+            writers.append(w)
+        await until(
+            "the one that passed the bound dropped, two others' records held",
+            lambda: len(server.connections) == 3 and server.partial_bytes >= 60_000,
+            timeout=10,
+        )
+        for w in writers:
+            w.close()
+        await until("all gone", lambda: server.partial_bytes == 0, timeout=10)
+        await send_and_check(receiver, sender, 3)
+
+    run(test)

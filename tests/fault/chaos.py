@@ -6,6 +6,9 @@ reads, and three checks — the history is linearizable, no acknowledged write i
 holds the same state.
 
     python -m tests.fault.chaos --schedules 20 --duration 25     (what `make chaos` runs)
+
+``--tls half`` (the default) runs every other pair of schedules with TLS everywhere (client
+certificates, the peer port, the replication stream through the proxy); ``on``, ``off``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from raftfast.client import Client
 from raftfast.errors import InvalidArgumentError
-from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.localcluster import ProcCluster, make_certs, wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.tls import TLSFiles
 
 from .linearizability import Op, check
 from .proxy import FaultProxy
@@ -40,6 +42,7 @@ OP_TIMEOUT = 2.0
 class Report:
     nodes: int
     seed: int
+    tls: bool = False
     ops: int = 0
     ok: int = 0
     unknown: int = 0
@@ -59,7 +62,8 @@ class Report:
         faults = ",".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
         verdict = {True: "linearizable", False: "NOT LINEARIZABLE", None: "unknown"}
         return (
-            f"nodes={self.nodes} seed={self.seed:<4} ops={self.ops:<5} ok={self.ok:<5} "
+            f"nodes={self.nodes} seed={self.seed:<4} tls={'on' if self.tls else 'off':<3} "
+            f"ops={self.ops:<5} ok={self.ok:<5} "
             f"unknown={self.unknown:<3} faults[{faults}] {verdict[self.linearizable]} "
             f"lost={self.lost_writes} converged={self.converged} {self.seconds:.0f}s"
         )
@@ -75,12 +79,13 @@ async def _worker(
     stop: asyncio.Event,
     history: list[Op],
     reader: bool = False,
+    tls: TLSFiles | None = None,
 ) -> None:
     """A client doing random operations one at a time; a ``reader`` only reads, starting at
     ``endpoints[0]`` (a follower must redirect it: serving it locally would be a stale read)."""
     seen: dict[bytes, bytes | None] = {}
     counter = 0
-    async with Client(endpoints, timeout=OP_TIMEOUT) as client:
+    async with Client(endpoints, timeout=OP_TIMEOUT, tls=tls) as client:
         while not stop.is_set():
             key = rng.choice(KEYS)
             roll = 0.5 if reader else rng.random()
@@ -203,8 +208,8 @@ class Nemesis:
 # -- checks --------------------------------------------------------------------------------------
 
 
-def _scan_all(addr: str) -> dict[bytes, bytes]:
-    with grpc.insecure_channel(addr) as ch:
+def _scan_all(cluster: ProcCluster, nid: str) -> dict[bytes, bytes]:
+    with cluster.channel(nid) as ch:
         resp = pb_grpc.KVStub(ch).Scan(
             pb.ScanRequest(prefix=b"", limit=10_000, read_mode=pb.READ_STALE), timeout=5
         )
@@ -242,9 +247,9 @@ def lost_writes(history: list[Op], final: dict[bytes, bytes | None]) -> int:
     return lost
 
 
-async def _final_reads(endpoints: list[str], history: list[Op]) -> dict[bytes, bytes | None]:
+async def _final_reads(cluster: ProcCluster, history: list[Op]) -> dict[bytes, bytes | None]:
     final = {}
-    async with Client(endpoints, timeout=30) as client:
+    async with Client(cluster.endpoints, timeout=30, tls=cluster.client_tls) as client:
         for key in KEYS:
             invoke = time.monotonic()
             value = await client.get(key)
@@ -268,13 +273,28 @@ async def _run(
     until = time.monotonic() + duration
     workers = [
         asyncio.create_task(
-            _worker(w, cluster.endpoints, random.Random(rng.random()), stop, history)
+            _worker(
+                w,
+                cluster.endpoints,
+                random.Random(rng.random()),
+                stop,
+                history,
+                tls=cluster.client_tls,
+            )  # fmt: skip
         )
         for w in range(clients)
     ]
     workers += [
         asyncio.create_task(
-            _worker(100 + i, [addr], random.Random(rng.random()), stop, history, reader=True)
+            _worker(
+                100 + i,
+                [addr],
+                random.Random(rng.random()),
+                stop,
+                history,
+                reader=True,
+                tls=cluster.client_tls,
+            )  # fmt: skip
         )
         for i, addr in enumerate(cluster.endpoints)
     ]
@@ -288,13 +308,19 @@ async def _run(
     return history
 
 
-def run_schedule(nodes: int, seed: int, duration: float, tmp: Path, clients: int = 3) -> Report:
-    report = Report(nodes, seed)
+def run_schedule(
+    nodes: int, seed: int, duration: float, tmp: Path, clients: int = 3, tls: bool = False
+) -> Report:
+    report = Report(nodes, seed, tls)
     started = time.monotonic()
-    cluster = ProcCluster(tmp, nodes)
-    proxy = FaultProxy(cluster.addrs, seed, cluster.stream_offsets())
+    certs = None
+    if tls:
+        certs = tmp / "tls"
+        make_certs(certs, [f"n{i + 1}" for i in range(nodes)])
+    cluster = ProcCluster(tmp, nodes, tls=certs)
+    proxy = FaultProxy(cluster.peer_addrs, seed, cluster.stream_offsets())
     proxy.start()
-    cluster.peer_view = lambda nid: proxy.view(nid, cluster.addrs[nid])
+    cluster.peer_view = lambda nid: proxy.view(nid, cluster.peer_addrs[nid])
     cluster.start_all()
     try:
         cluster.wait_leader(timeout=60)
@@ -307,8 +333,8 @@ def run_schedule(nodes: int, seed: int, duration: float, tmp: Path, clients: int
             return all(cluster.status(n).applied_index >= target for n in cluster.ids)
 
         wait_for("every node to catch up after healing", caught_up, timeout=90)
-        final = asyncio.run(_final_reads(cluster.endpoints, history))
-        states = [_scan_all(cluster.addrs[n]) for n in cluster.ids]
+        final = asyncio.run(_final_reads(cluster, history))
+        states = [_scan_all(cluster, n) for n in cluster.ids]
         report.converged = all(s == states[0] for s in states)
         report.ops = len(history)
         report.unknown = sum(o.complete is None for o in history)
@@ -333,12 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedules", type=int, default=20)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of faults each")
     parser.add_argument("--seed", type=int, default=int(os.environ.get("RAFTFAST_CHAOS_SEED", 1)))
+    parser.add_argument("--tls", choices=("off", "on", "half"), default="half")
     args = parser.parse_args(argv)
     reports = []
     for i in range(args.schedules):
         nodes = 3 if i % 2 == 0 else 5
+        tls = args.tls == "on" or (args.tls == "half" and i % 4 >= 2)
         with tempfile.TemporaryDirectory(prefix="raftfast-chaos-") as tmp:
-            report = run_schedule(nodes, args.seed + i, args.duration, Path(tmp))
+            report = run_schedule(nodes, args.seed + i, args.duration, Path(tmp), tls=tls)
         reports.append(report)
         print(report.line(), flush=True)
         if report.explanation:

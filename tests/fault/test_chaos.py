@@ -11,9 +11,11 @@ from .chaos import run_schedule
 DURATION = float(os.environ.get("RAFTFAST_CHAOS_DURATION", 15))
 
 
-@pytest.mark.parametrize("nodes, seed", [(3, 101), (5, 202)], ids=["n3", "n5"])
-def test_chaos_schedule(tmp_path, nodes, seed):
-    report = run_schedule(nodes, seed, DURATION, tmp_path)
+@pytest.mark.parametrize(
+    "nodes, seed, tls", [(3, 101, False), (5, 202, True)], ids=["n3", "n5-tls"]
+)
+def test_chaos_schedule(tmp_path, nodes, seed, tls):
+    report = run_schedule(nodes, seed, DURATION, tmp_path, tls=tls)
     print(report.line())
     assert sum(report.faults.values()) >= 3, "the nemesis injected too few faults"
     assert report.ok > 50, f"too little progress under faults: {report.line()}"

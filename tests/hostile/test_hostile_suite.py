@@ -35,7 +35,7 @@ from raftfast.transport.tcp import HANDSHAKE_BYTES, record
 
 from .harness import ACKED_PREFIX, CLUSTER, Trio
 
-EXAMPLES = int(os.environ.get("RAFTFAST_HOSTILE_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("RAFTFAST_HOSTILE_EXAMPLES", "40"))
 SOAK = EXAMPLES > 100
 CALL_TIMEOUT = 3.0  # seconds a hostile call may take (admin calls may wait for that long)
 CRASHES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
