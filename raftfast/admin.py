@@ -60,6 +60,8 @@ class AdminService(pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def TransferLeader(self, request, context):  # noqa: N802 - gRPC naming
+        await self._check_id(context, request.target)
+
         async def action(_timeout: float):
             leader, term = await self.node.transfer_leadership(request.target)
             return pb.TransferLeaderResponse(leader=leader, term=term)
@@ -77,7 +79,7 @@ class AdminService(pb_grpc.AdminServicer):
         if not is_address(request.address):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"bad address {request.address!r} (want HOST:PORT)",
+                f"bad address {request.address[:300]!r} (want HOST:PORT)",
             )
 
         async def action(timeout: float):

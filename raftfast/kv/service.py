@@ -177,7 +177,7 @@ class KVService(pb_grpc.KVServicer):
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"wrong cluster: this node serves cluster {self.node.settings.cluster_id!r},"
-                    f" the client expects {value!r}",
+                    f" the client expects {value[:300]!r}",
                 )
 
     def _leader_hint(self, exc: NotLeaderError) -> tuple[str | None, str | None]:

@@ -27,7 +27,7 @@ def test_json_has_the_promised_fields_and_real_numbers():
     result = json.loads(out.stdout)
     for key in ("ops_per_s", "p50_ms", "p99_ms", "nodes", "fsync", "cpu_percent"):
         assert key in result, key
-    assert result["nodes"] == 3 and result["fsync"] is True
+    assert result["nodes"] == 3 and result["fsync"] is True and result["tls"] is False
     assert result["ops_per_s"] > 100 and result["ops"] > 0 and result["errors"] == 0
     assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["p999_ms"]
     assert set(result["cpu_percent"]) == {"n1", "n2", "n3", "client-1"}
@@ -37,8 +37,8 @@ def test_table_and_out_dir_with_charts(tmp_path):
     out = bench("--nodes", "3", "--out", str(tmp_path), "--batch", "50", *SHORT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[1].split()[:4] == ["TARGET", "NODES", "FSYNC", "OPS/S"], out.stdout
-    assert lines[2].split()[:3] == ["local", "3", "on"], out.stdout
+    assert lines[1].split()[:5] == ["TARGET", "NODES", "FSYNC", "TLS", "OPS/S"], out.stdout
+    assert lines[2].split()[:4] == ["local", "3", "on", "off"], out.stdout
     assert "CPU" in out.stdout
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved[0]["batch"] == 50 and saved[0]["latency_cdf"][-1][1] == pytest.approx(1.0)
@@ -65,12 +65,21 @@ def test_noop_server_baseline(mode, target):
         (["--read-ratio", "2"], "--read-ratio"),
         (["--duration", "0"], "--duration"),
         (["--endpoints", "127.0.0.1:1", "--noop"], "--endpoints measures that cluster"),
+        (["--endpoints", "127.0.0.1:1", "--tls"], "--endpoints measures that cluster"),
+        (["--noop", "--tls"], "not with --noop"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(args, expected):
     out = bench(*args, timeout=30)
     assert out.returncode == 2, out
     assert expected in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_tls_starts_a_tls_cluster_and_loads_it_with_a_client_certificate():
+    out = bench("--nodes", "3", "--tls", "--json", *SHORT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["tls"] is True and result["errors"] == 0 and result["ops_per_s"] > 100
 
 
 def test_endpoints_measures_a_running_cluster(tmp_path):
