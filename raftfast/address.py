@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+MAX_ADDRESS_CHARS = 255
+
 
 def is_address(address: str) -> bool:
-    """True for HOST:PORT with a non-empty host and a port in 1..65535."""
+    """True for HOST:PORT with a non-empty host and a port in 1..65535, in at most 255
+    printable ASCII characters (an address is stored in every configuration entry)."""
+    if len(address) > MAX_ADDRESS_CHARS or not address.isascii() or not address.isprintable():
+        return False
+    if " " in address:
+        return False
     host, sep, port = address.rpartition(":")
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 

@@ -8,6 +8,7 @@ hard-state record, sequences in a snapshot's dedup table, terms and indexes in t
 from __future__ import annotations
 
 MAX_ID_BYTES = 256  # node ids, everywhere (UTF-8 bytes)
+MAX_MEMBERS = 64  # voters and learners of a configuration (each is replicated to)
 # Client ids and write sequences are below 2**63: the dedup table stores a client's highest
 # sequence as a signed 64-bit field (-1 = none yet), and the client draws 63-bit ids.
 MAX_CLIENT_ID = (1 << 63) - 1

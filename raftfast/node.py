@@ -36,7 +36,7 @@ from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_CONFIG, Message, MsgType, Ready, Role
 from raftfast.errors import ChangeInProgressError, CorruptionError, LogError, NotLeaderError
-from raftfast.kv.fsm import KVStateMachine
+from raftfast.kv.fsm import NOSPACE, KVStateMachine
 from raftfast.kv.quota import Quota
 from raftfast.kv.service import add_kv_service
 from raftfast.proto import raftfast_pb2 as pb
@@ -97,6 +97,7 @@ class Node:
         self._leader_changed = asyncio.Event()
         self.snapshots: SnapshotStore | None = None
         self._snapshot_index = 0  # index of our newest snapshot
+        self._log_bytes_kept = 0  # bytes the log held in memory right after the last snapshot
         self._incoming_snapshot = None  # a snapshot streamed from the leader, not yet installed
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
@@ -180,6 +181,7 @@ class Node:
             self._removed_ids.get,
             authenticated=s.peer_tls is not None,
             join=admin.join,
+            alarm=self._alarm_reported,
         )
         peer_service.client_address = s.listen
         shared = s.peer_address == s.listen
@@ -232,6 +234,7 @@ class Node:
         self._tasks = [
             asyncio.create_task(self._ticker(), name="raftfast-ticker"),
             asyncio.create_task(self._run(), name="raftfast-run"),
+            asyncio.create_task(self._watch_disk(), name="raftfast-disk"),
         ]
         log.info(
             "node %s listening on %s (clients)%s",
@@ -273,6 +276,10 @@ class Node:
         self.stopped.set()
 
     # -- API used by the KV service ------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.raw is not None and self.raw.raft.role == Role.LEADER
 
     async def propose(self, payloads: list[bytes]) -> list:
         """Replicate commands; returns the state machine's result for each, once applied here."""
@@ -596,6 +603,28 @@ class Node:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
+    async def _watch_disk(self) -> None:
+        """Every second: if this node's disk is nearly full, the NOSPACE alarm is raised (by
+        the leader, which a follower asks), before the log cannot grow any more."""
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            why = self.quota.disk_short()
+            if why is None or NOSPACE in self.fsm.alarms:
+                continue
+            if self.is_leader:
+                self.quota.raise_alarm(why)
+            elif self.raw.raft.leader:
+                await self.transport.report_alarm(self.raw.raft.leader, why)
+
+    def _alarm_reported(self, src: str, why: str) -> str | None:
+        """A member says its disk is nearly full: raise NOSPACE (why not, if we cannot)."""
+        if not self.is_leader:
+            return "not the leader"
+        if src not in self.raw.raft.membership:
+            return f"{src} is not a member"
+        self.quota.raise_alarm(f"{src} reports: {why}")
+        return None
+
     def _on_unreachable(self, peer: str) -> None:
         if self.raw is not None:
             self.raw.report_unreachable(peer)
@@ -694,12 +723,14 @@ class Node:
     # -- snapshots -----------------------------------------------------------------------------
 
     def _snapshot_due(self) -> bool:
-        """Every ``snapshot_entries`` applied entries, and whenever the log held in memory
-        passes ``snapshot_log_bytes`` (big values overwritten again and again make a small
-        state but a big log)."""
+        """Every ``snapshot_entries`` applied entries, and whenever the log held in memory grew
+        by ``snapshot_log_bytes`` since the last snapshot left it (big values overwritten again
+        and again make a small state but a big log; what a snapshot cannot drop, say entries
+        not yet committed, does not make it snapshot again and again)."""
         behind = self.fsm.applied_index - self._snapshot_index
+        grown = self.raw.raft.log.entries.nbytes - self._log_bytes_kept
         return behind >= self.settings.snapshot_entries or (
-            behind > 0 and self.raw.raft.log.entries.nbytes >= self.settings.snapshot_log_bytes
+            behind > 0 and grown >= self.settings.snapshot_log_bytes
         )
 
     async def _take_snapshot(self) -> None:
@@ -722,6 +753,7 @@ class Node:
             upto_term = raft_log.term_at(upto)
             self.raw.compact(upto)
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
+        self._log_bytes_kept = raft_log.entries.nbytes
         log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, len(data))
 
     def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:

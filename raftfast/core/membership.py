@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from raftfast.limits import check_node_id
+from raftfast.limits import MAX_MEMBERS, check_node_id
 
 _FORMAT = 1
 
@@ -88,6 +88,8 @@ class Membership:
         if kind == ChangeKind.ADD_LEARNER:
             if node_id in self:
                 raise ValueError(f"{node_id} is already a {self.role_of(node_id)}")
+            if len(self.members()) >= MAX_MEMBERS:
+                raise ValueError(f"a cluster has at most {MAX_MEMBERS} members")
             if not address:
                 raise ValueError(f"adding {node_id} needs its address")
             if address in self.members().values():

@@ -386,7 +386,8 @@ class Raft:
         * nothing whose term is more than ``MAX_TERM_JUMP`` ahead of ours: real terms grow by
           one an election, and one forged term near the top of the range would leave no term
           for any election after it;
-        * TimeoutNow only from our leader, in its term (it makes us campaign at once);
+        * TimeoutNow only from our leader, in its term (it makes us campaign at once), or from
+          a voter of our term while we know no leader;
         * anything else from members of a configuration we hold, and from our leader;
         * from a stranger, only an append, heartbeat, snapshot, vote or pre-vote of our term
           or a newer one, and only when no leader we know is alive. The leader of a
@@ -397,7 +398,11 @@ class Raft:
         if m.term > self.term + MAX_TERM_JUMP:
             return False
         if m.type == MsgType.TIMEOUT_NOW:
-            return m.src == self.leader and m.term == self.term
+            # (with no leader known, say just after a restart, from a voter of this term)
+            known = m.src == self.leader or (
+                not self.leader and any(m.src in c.voters for _, c in self._configs)
+            )
+            return known and m.term == self.term
         if m.src == self.leader or any(m.src in c for _, c in self._configs):
             return True
         return m.type in _FROM_STRANGERS and m.term >= self.term and not self._in_lease()

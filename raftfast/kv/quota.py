@@ -1,14 +1,17 @@
-"""The space quota: writes stop before memory or the disk runs out, not after.
+"""The space quota: writes stop before memory or a disk runs out, not after.
 
-A write that would take the state (bytes of keys and values) past ``--quota-backend-bytes``, or
-that arrives while the data directory's disk has less than ``DISK_RESERVE_BYTES`` free, is
-refused with RESOURCE_EXHAUSTED and raises the NOSPACE alarm through the log (etcd's model):
-every node, and every later leader, then refuses writes other than deletes until an operator
-has freed space and cleared it (``raftfast alarm disarm``). Reads are served throughout.
+A write that would take the state (bytes of keys and values) past ``--quota-backend-bytes``
+is refused with RESOURCE_EXHAUSTED and raises the NOSPACE alarm through the log (etcd's
+model): every node, and every later leader, then refuses writes other than deletes until an
+operator has freed space and cleared it (``raftfast alarm disarm``). Reads are served
+throughout. Every node also watches its own disk: one with less than ``DISK_RESERVE_BYTES``
+free raises the alarm (a follower asks the leader to), since each node's log must be able to
+grow.
 
-Cheap on the write path: the state machine keeps its size as it applies; the exact count (a
-pass over the store) is taken only when that says the quota is reached, and the disk's free
-space is asked at most once a second.
+Only the leader decides on writes (a follower redirects them). Cheap on the write path: the
+state machine keeps its size as it applies; the exact count (a pass over the store) is taken
+only when that says the quota is reached, at most once a second, and the disk's free space is
+asked at most once a second.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ __all__ = ["NOSPACE_PREFIX", "Quota"]
 log = logging.getLogger(__name__)
 
 NOSPACE_PREFIX = "NOSPACE"  # refusals start with it: clients tell them from a busy server
-_DISK_CHECK_S = 1.0
+_EVERY_S = 1.0  # at most this often: the disk's free space, an exact count of the state
 
 
 class _Node(Protocol):
@@ -43,34 +46,29 @@ class Quota:
     def __init__(self, node: _Node) -> None:
         self.node = node
         self._raising: asyncio.Task | None = None
-        self._disk_checked = 0.0
+        self._disk_checked = -_EVERY_S
         self._disk_free: int | None = None  # None: not known (yet)
+        self._recounted = -_EVERY_S
 
     def refusal(self, nbytes: int) -> str | None:
-        """Why a write of about ``nbytes`` may not grow the state now (NOSPACE...), or None."""
-        fsm = self.node.fsm
-        if NOSPACE in fsm.alarms:
+        """Why a write of about ``nbytes`` may not grow the state now (NOSPACE...), or None.
+        For the leader to ask."""
+        if NOSPACE in self.node.fsm.alarms:
             return (
                 f"{NOSPACE_PREFIX}: the NOSPACE alarm is raised: writes other than deletes are "
                 "refused until space is freed and `raftfast alarm disarm` clears it"
             )
-        why = self.short_of_space(nbytes)
-        if why is not None:
-            self._raise_alarm(why)
-            return f"{NOSPACE_PREFIX}: {why}; delete keys, then `raftfast alarm disarm`"
-        return None
+        why, certain = self._short_of_space(nbytes)
+        if why is None:
+            return None
+        if certain:
+            self.raise_alarm(why)
+        return f"{NOSPACE_PREFIX}: {why}; delete keys, then `raftfast alarm disarm`"
 
-    def short_of_space(self, nbytes: int = 0) -> str | None:
-        """Why there is no room for ``nbytes`` more (quota or disk), or None."""
-        fsm = self.node.fsm
-        limit = self.node.settings.quota_backend_bytes
-        if fsm.size_bytes + nbytes > limit and fsm.recount() + nbytes > limit:
-            return (
-                f"the state holds {fsm.size_bytes} bytes of keys and values, and "
-                f"--quota-backend-bytes is {limit}"
-            )
+    def disk_short(self, nbytes: int = 0) -> str | None:
+        """Why this node's disk has no room for ``nbytes`` more, or None."""
         now = time.monotonic()
-        if now - self._disk_checked >= _DISK_CHECK_S:
+        if now - self._disk_checked >= _EVERY_S:
             self._disk_checked = now
             try:
                 self._disk_free = free_bytes(self.node.settings.data_dir)
@@ -83,6 +81,26 @@ class Quota:
             )
         return None
 
+    def _short_of_space(self, nbytes: int) -> tuple[str | None, bool]:
+        """(why there is no room for ``nbytes`` more, or None; whether that is certain). The
+        state's size is an upper bound between exact counts: over the quota by it, but
+        counted exactly less than a second ago, the write is refused, no alarm raised."""
+        fsm = self.node.fsm
+        limit = self.node.settings.quota_backend_bytes
+        if fsm.size_bytes + nbytes > limit:
+            now = time.monotonic()
+            certain = now - self._recounted >= _EVERY_S
+            if certain:
+                self._recounted = now
+                fsm.recount()
+            if fsm.size_bytes + nbytes > limit:
+                why = (
+                    f"the state holds {fsm.size_bytes} bytes of keys and values, and "
+                    f"--quota-backend-bytes is {limit}"
+                )
+                return why, certain
+        return self.disk_short(nbytes), True
+
     def alarms(self) -> pb.AlarmResponse:
         fsm = self.node.fsm
         return pb.AlarmResponse(
@@ -94,20 +112,22 @@ class Quota:
     async def disarm(self) -> pb.AlarmResponse:
         """Clear the NOSPACE alarm (through the log: on the leader) once there is room again:
         for a tenth of the quota, or a request of the largest size if that is less; ValueError
-        saying why not otherwise."""
+        saying why not otherwise. (A follower short of disk raises it again.)"""
         if NOSPACE in self.node.fsm.alarms:
             settings = self.node.settings
             room = min(settings.max_request_bytes, settings.quota_backend_bytes // 10)
-            why = self.short_of_space(room)
+            self._recounted = -_EVERY_S  # count exactly
+            why, _ = self._short_of_space(room)
             if why is not None:
                 raise ValueError(f"no room yet: {why}; delete keys first")
             await self.node.propose([encode_alarm(NOSPACE, False)])
             log.warning("node %s cleared the NOSPACE alarm", self.node.id)
         return self.alarms()
 
-    def _raise_alarm(self, why: str) -> None:
-        """Propose the NOSPACE alarm (once at a time; a follower's proposal fails, and the
-        leader raises it when the write reaches it)."""
+    def raise_alarm(self, why: str) -> None:
+        """Propose the NOSPACE alarm (once at a time; only the leader can)."""
+        if NOSPACE in self.node.fsm.alarms:
+            return
         if self._raising is None or self._raising.done():
             log.warning("node %s raises the NOSPACE alarm: %s", self.node.id, why)
             self._raising = asyncio.get_running_loop().create_task(self._propose())

@@ -34,7 +34,7 @@ import functools
 import hashlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -78,6 +78,8 @@ MAX_SESSION_INFLIGHT = 256  # frames of one Session handled concurrently (backpr
 MAX_FRAME_OPS = 10_000  # ops in one SessionFrame (the client sends at most 4,096 by default)
 MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
+MAX_ANSWER_BYTES = 2 * 1024 * 1024  # values in the answer to one frame (the first always)
+MAX_STREAM_BYTES = 16 * 1024 * 1024  # one stream's frames under way and answers unsent
 DEADLINE_MARGIN = 0.05  # seconds before the RPC deadline at which the service gives up itself
 
 CODE_OK = 0
@@ -105,6 +107,9 @@ class NodeLike(Protocol):
     id: str
     fsm: KVStateMachine
     settings: NodeSettings
+
+    @property
+    def is_leader(self) -> bool: ...
 
     async def propose(self, payloads: list[bytes]) -> list[bool | None]: ...
 
@@ -242,8 +247,13 @@ class KVService(pb_grpc.KVServicer):
         digest = hashlib.blake2b(client_id.to_bytes(8, "little") + owner, digest_size=8)
         return int.from_bytes(digest.digest(), "little") & MAX_CLIENT_ID or 1
 
+    def _space_refusal(self, nbytes: int) -> str | None:
+        """Why the quota refuses a write that grows the state (the leader decides: a
+        follower's proposal is redirected anyway)."""
+        return self._quota.refusal(nbytes) if self.node.is_leader else None
+
     def _check_space(self, nbytes: int) -> None:
-        why = self._quota.refusal(nbytes)
+        why = self._space_refusal(nbytes)
         if why is not None:
             raise _NoSpace(why)
 
@@ -415,29 +425,38 @@ class KVService(pb_grpc.KVServicer):
             if self.authorizer is not None
             else None
         )
-        done: asyncio.Queue[pb.SessionResult | BaseException | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(MAX_SESSION_INFLIGHT)
+        done: asyncio.Queue[tuple[pb.SessionResult, int] | BaseException | None]
+        done = asyncio.Queue()
+        slots = asyncio.Semaphore(MAX_SESSION_INFLIGHT)  # frames read, answer not yet sent
+        held = _StreamBytes(self._budget)
         tasks: set[asyncio.Task[None]] = set()
         outstanding = 0  # frames started whose result the writer has not yet taken
 
         async def run(size: int, frame: pb.SessionFrame) -> None:
+            settled = False
+            answer = 0
+
+            async def settle(nbytes: int) -> None:
+                nonlocal settled, answer
+                settled, answer = True, nbytes
+                await held.request_done(size, nbytes)
+
             try:
-                result = await self._session_frame(frame, size, context, no_writes)
+                result = await self._session_frame(frame, size, context, no_writes, settle)
             except Exception as exc:  # noqa: BLE001 - _session_frame should not raise
                 log.exception("Session frame %d failed", frame.frame_id)
                 err = pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}")
                 result = pb.SessionResult(frame_id=frame.frame_id, results=[err] * len(frame.ops))
-            finally:
-                slots.release()
-                self._budget.give(size)
-            done.put_nowait(result)
+            if not settled:
+                await settle(0)
+            done.put_nowait((result, answer))
 
         async def read_frames() -> None:
             nonlocal outstanding
             try:
                 async for size, frame in request_iterator:
                     await slots.acquire()
-                    await self._budget.take(size)
+                    await held.take_request(size)
                     outstanding += 1
                     task = asyncio.create_task(run(size, frame))
                     tasks.add(task)
@@ -462,13 +481,17 @@ class KVService(pb_grpc.KVServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, f"session failed: {item!r}")
                 else:
                     outstanding -= 1
-                    yield item
+                    result, answer = item
+                    yield result  # (waits while the client does not read: flow control)
+                    held.answer_sent(answer)
+                    slots.release()
         finally:
             self._sessions -= 1
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(reader, *tasks, return_exceptions=True)
+            held.close()
 
     def _refuse_frame(self, frame: pb.SessionFrame, size: int) -> str | None:
         """Why a whole frame is refused before any of its ops runs, or None."""
@@ -487,9 +510,12 @@ class KVService(pb_grpc.KVServicer):
         size: int,
         context: grpc.aio.ServicerContext,
         no_writes: str | None = None,
+        settle: Callable[[int], Awaitable[None]] | None = None,
     ) -> pb.SessionResult:
         """Run one frame; never raises (every failure becomes a per-op code). ``no_writes``:
-        why this client may not write (its write ops are refused), or None."""
+        why this client may not write (its write ops are refused), or None. ``settle(n)`` is
+        awaited before the answers to reads are built: the request is done with, ``n`` bytes
+        of answers are to come (it may wait for room)."""
         ops = frame.ops
         refusal = self._refuse_frame(frame, size)
         if refusal is not None:
@@ -541,7 +567,7 @@ class KVService(pb_grpc.KVServicer):
                 writes.append(i)
                 payloads.append(payload)
 
-            no_space = self._quota.refusal(size) if grows else None
+            no_space = self._space_refusal(size) if grows else None
             if no_space is not None:
                 # Deletes still go: they are how space is freed.
                 err = pb.OpResult(code=CODE_RESOURCE_EXHAUSTED, error=no_space)
@@ -582,7 +608,7 @@ class KVService(pb_grpc.KVServicer):
                     ),
                     return_exceptions=True,
                 )
-                fsm = self.node.fsm
+                answerable: list[int] = []
                 for mode, outcome in zip(modes, outcomes, strict=True):
                     if isinstance(outcome, asyncio.CancelledError):
                         raise outcome
@@ -592,18 +618,42 @@ class KVService(pb_grpc.KVServicer):
                         for i in reads[mode]:
                             results[i] = err
                         continue
-                    for i in reads[mode]:
-                        value = fsm.get(ops[i].key)
-                        results[i] = (
-                            pb.OpResult(ok=False)
-                            if value is None
-                            else pb.OpResult(ok=True, value=value)
-                        )
+                    answerable += reads[mode]
+                await self._answer_reads(ops, answerable, results, settle)
         except Exception as exc:  # noqa: BLE001 - a frame must never kill the stream
             log.exception("Session frame %d failed", frame.frame_id)
             err = pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}")
             results = [r if r is not None else err for r in results]
         return pb.SessionResult(frame_id=frame.frame_id, results=results, leader=leader)
+
+    async def _answer_reads(
+        self,
+        ops: Sequence[pb.Op],
+        reads: list[int],
+        results: list[pb.OpResult | None],
+        settle: Callable[[int], Awaitable[None]] | None,
+    ) -> None:
+        """Fill in the answers of the reads (all safe to serve now): at most MAX_ANSWER_BYTES
+        of values a frame (the first always), the rest RESOURCE_EXHAUSTED (the client asks
+        again), so that a frame of a few KB cannot make a node build gigabytes."""
+        fsm = self.node.fsm
+        values = []
+        total = 0
+        for i in reads:
+            value = fsm.get(ops[i].key)
+            size = len(value) if value is not None else 0
+            if values and total + size > MAX_ANSWER_BYTES:
+                results[i] = _ANSWER_TOO_BIG
+                continue
+            total += size
+            values.append((i, value))
+        if settle is not None:
+            await settle(total)
+        for i, value in values:
+            value = fsm.get(ops[i].key)  # (as of now: settling may have waited)
+            results[i] = (
+                pb.OpResult(ok=False) if value is None else pb.OpResult(ok=True, value=value)
+            )
 
     def _op_error(self, exc: BaseException) -> tuple[pb.OpResult, str]:
         """Per-op result for a failed node call, and the leader address hint ("" if none)."""
@@ -662,6 +712,12 @@ def add_kv_service(
     return service
 
 
+_ANSWER_TOO_BIG = pb.OpResult(
+    code=CODE_RESOURCE_EXHAUSTED,
+    error=f"the answers to this frame pass {MAX_ANSWER_BYTES} bytes: ask for this one again",
+)
+
+
 def _frees(op: pb.Op) -> bool:
     return op.kind == pb.Op.DELETE
 
@@ -684,3 +740,34 @@ class _ByteBudget:
     def give(self, n: int) -> None:
         self.used -= n
         self._freed.set()
+
+
+class _StreamBytes:
+    """The bytes one Session stream holds: the requests of its frames under way (in its own
+    budget and the node's) and the answers it has not sent yet (its own: a client that does
+    not read its answers holds up itself, not the node)."""
+
+    def __init__(self, node: _ByteBudget) -> None:
+        self.node = node
+        self.own = _ByteBudget(MAX_STREAM_BYTES)
+        self.node_held = 0
+
+    async def take_request(self, n: int) -> None:
+        await self.own.take(n)
+        await self.node.take(n)
+        self.node_held += n
+
+    async def request_done(self, n: int, answer: int) -> None:
+        """A frame's request is processed; room for its ``answer`` (waits for it)."""
+        self.node.give(n)
+        self.node_held -= n
+        self.own.give(n)
+        await self.own.take(answer)
+
+    def answer_sent(self, answer: int) -> None:
+        self.own.give(answer)
+
+    def close(self) -> None:
+        """The stream ended: what its frames still held of the node's budget goes back."""
+        self.node.give(self.node_held)
+        self.node_held = 0

@@ -106,6 +106,18 @@ class JoinRequest(_message.Message):
     list_only: bool
     def __init__(self, cluster_id: _Optional[str] = ..., id: _Optional[str] = ..., address: _Optional[str] = ..., list_only: _Optional[bool] = ...) -> None: ...
 
+class AlarmReport(_message.Message):
+    __slots__ = ("cluster_id", "src", "alarm", "why")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    src: str
+    alarm: str
+    why: str
+    def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., alarm: _Optional[str] = ..., why: _Optional[str] = ...) -> None: ...
+
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "client_id", "sequence")
     KEY_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class PeerStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.JoinRequest.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
                 _registered_method=True)
+        self.ReportAlarm = channel.unary_unary(
+                '/raftfast.v1.Peer/ReportAlarm',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmReport.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -111,6 +116,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportAlarm(self, request, context):
+        """Served by the leader (others: UNAVAILABLE); only from members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.JoinRequest.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.SerializeToString,
+            ),
+            'ReportAlarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportAlarm,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmReport.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +324,33 @@ class Peer:
             '/raftfast.v1.Peer/Join',
             raftfast_dot_proto_dot_raftfast__pb2.JoinRequest.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportAlarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Peer/ReportAlarm',
+            raftfast_dot_proto_dot_raftfast__pb2.AlarmReport.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
             options,
             channel_credentials,
             insecure,

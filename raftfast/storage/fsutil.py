@@ -46,6 +46,10 @@ def lock_directory(path: str) -> int:
 
 
 def free_bytes(path: str) -> int:
-    """Bytes free for us on the file system holding ``path``."""
+    """Bytes free for us on the file system holding ``path``. ``RAFTFAST_FAULT_DISK_FREE_BYTES``
+    (tests only) pretends the disk has that much."""
+    pretend = os.environ.get("RAFTFAST_FAULT_DISK_FREE_BYTES")
+    if pretend:
+        return int(pretend)
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize

@@ -233,6 +233,19 @@ class PeerTransport:
             log.warning("snapshot to %s failed: %s %s", peer.id, exc.code(), exc.details())
             return False
 
+    async def report_alarm(self, peer_id: str, why: str) -> None:
+        """Ask ``peer_id`` (the leader) to raise the NOSPACE alarm: our disk is nearly full."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.channel is None:
+            return
+        report = pb.AlarmReport(
+            cluster_id=self.cluster_id, src=self.node_id, alarm="NOSPACE", why=why
+        )
+        try:
+            await pb_grpc.PeerStub(peer.channel).ReportAlarm(report, timeout=2.0)
+        except grpc.RpcError as exc:
+            log.info("NOSPACE report to %s failed: %s %s", peer_id, exc.code(), exc.details())
+
     async def _send_vote(self, peer: _Peer, m: Message) -> None:
         try:
             stub = pb_grpc.PeerStub(peer.channel)
@@ -372,6 +385,7 @@ class PeerService(pb_grpc.PeerServicer):
         removed_at: Callable[[str], int] | None = None,
         authenticated: bool = False,
         join: Callable[[pb.JoinRequest, grpc.aio.ServicerContext], Awaitable[Any]] | None = None,
+        alarm: Callable[[str, str], str | None] | None = None,
     ):
         """``members`` says whose traffic we take: a set of ids, or a predicate (membership
         changes; a node takes traffic from ids it does not know yet, since a member added
@@ -379,7 +393,8 @@ class PeerService(pb_grpc.PeerServicer):
         ``snapshots(meta)`` returns a receiver (write(offset, data), finish(), abort()) for an
         incoming snapshot, or raises ``tcp.Refused``; after ``finish`` the meta message is
         delivered like any other. ``authenticated``: peers connect over TLS, and a sender must
-        be the common name of its certificate. ``join(request, context)`` serves ``Join``."""
+        be the common name of its certificate. ``join(request, context)`` serves ``Join``;
+        ``alarm(src, why)`` takes a member's NOSPACE report (why it is refused, or None)."""
         self.cluster_id = cluster_id
         self.accepts = members if callable(members) else members.__contains__
         self.removed_at = removed_at  # index of the committed removal of a refused id (or 0)
@@ -387,6 +402,7 @@ class PeerService(pb_grpc.PeerServicer):
         self.snapshots = snapshots
         self.authenticated = authenticated
         self.join = join
+        self.alarm = alarm
         self.stream_offset = 0  # TCP replication port - gRPC port, once listening (0: gRPC only)
         self.client_address = ""  # where this node serves clients (told to peers)
 
@@ -468,6 +484,19 @@ class PeerService(pb_grpc.PeerServicer):
             self.deliver(await self._check(f, context))
         return
         yield  # an async generator: the response stream stays open until the sender closes
+
+    async def ReportAlarm(self, request: pb.AlarmReport, context):  # noqa: N802
+        try:
+            self.check_cluster(request.cluster_id)
+            self.check_sender(request.src, caller_name(context))
+            if self.alarm is None or not self.accepts(request.src):
+                raise tcp.Refused(_code(grpc.StatusCode.PERMISSION_DENIED), "not taken here")
+        except tcp.Refused as exc:
+            await context.abort(_STATUS[exc.code], exc.details)
+        refusal = self.alarm(request.src, request.why[:300])
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        return pb.PeerEmpty()
 
     async def ReplicationEndpoint(self, request, context):  # noqa: N802
         return pb.StreamEndpoint(port_offset=self.stream_offset, client_address=self.client_address)

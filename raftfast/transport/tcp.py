@@ -188,9 +188,13 @@ class _Inbound(asyncio.Protocol):
                 record(pb.StreamRefusal(code=exc.code, details=exc.details).SerializeToString())
             )
             # Half-close and keep reading: closing with unread data would send a reset, which
-            # can overtake the refusal. The sender hangs up once it has read it.
-            transport.write_eof()
-            asyncio.get_running_loop().call_later(_REFUSAL_LINGER_S, transport.abort)
+            # can overtake the refusal. The sender hangs up once it has read it. (TLS cannot
+            # half-close: there, close once the refusal is out.)
+            if transport.can_write_eof():
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(_REFUSAL_LINGER_S, transport.abort)
+            else:
+                transport.close()
         finally:
             self.server.partial_bytes += self.records.held - held
         if self.server.partial_bytes > MAX_PARTIAL_BYTES and self.records.partial:

@@ -125,3 +125,16 @@ def test_a_leader_ignores_answers_about_entries_or_rounds_it_never_sent():
     net.node("a").propose([b"y"])  # and it still commits
     net.drive()
     assert leader.log.committed == last + 1
+
+
+def test_timeout_now_from_a_voter_is_taken_while_no_leader_is_known():
+    # Just after a restart a follower knows no leader yet; the leader's TimeoutNow (a transfer
+    # to it) must still work, while a stranger's must not.
+    net = healthy()
+    b = net.node("b")
+    term = b.raft.term
+    b.raft.leader = ""
+    b.step(Message(MsgType.TIMEOUT_NOW, "mallory", "b", term))
+    assert b.raft.role == Role.FOLLOWER and b.raft.term == term
+    b.step(Message(MsgType.TIMEOUT_NOW, "a", "b", term))
+    assert b.raft.role == Role.CANDIDATE and b.raft.term == term + 1

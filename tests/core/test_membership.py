@@ -328,3 +328,18 @@ def test_peers_in_play_keep_a_node_being_removed_until_the_removal_commits():
     assert set(leader.peers_in_play()) == {"n1", "n2", "n3"}
     assert "n3" in leader.progress
     assert set(leader.membership.voters) == {"n1", "n2"}  # but it no longer counts
+
+
+def test_a_configuration_has_a_bounded_number_of_members_and_sane_addresses():
+    from raftfast.address import is_address
+    from raftfast.limits import MAX_MEMBERS
+
+    m = Membership.of_voters(["n1"], "127.0.0.1:1")
+    for i in range(MAX_MEMBERS - 1):
+        m = m.change(ChangeKind.ADD_LEARNER, f"l{i}", f"127.0.0.1:{i + 2}")
+    with pytest.raises(ValueError, match=f"at most {MAX_MEMBERS}"):
+        m.change(ChangeKind.ADD_LEARNER, "one-too-many", "127.0.0.1:9999")
+    # every address is stored in every configuration entry: short, printable ASCII
+    assert is_address("127.0.0.1:7001") and is_address("[::1]:7001")
+    for bad in ("h" * 300 + ":1", "\x01" * 10 + ":1", "٧:٧٠٠١", "a b:1", "h:0", "h:65536", ":1"):
+        assert not is_address(bad), bad

@@ -4,6 +4,7 @@ node and every later leader knows, shown by `raftfast status`), reads and delete
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,28 @@ def test_writes_stop_at_the_quota_and_go_on_once_space_is_freed(cluster):
         assert disarm.returncode == 0 and "no alarm" in disarm.stdout, disarm.stderr
         c.put("after", "1")
         assert c.get("after") == b"1" and c.alarms()["alarms"] == []
+
+
+def test_a_follower_with_a_nearly_full_disk_raises_the_alarm(cluster):
+    leader = cluster.wait_leader()
+    follower = next(n for n in cluster.ids if n != leader)
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        c.put("before", "1")
+        cluster.kill(follower)
+        env, cluster.env = cluster.env, {**os.environ, "RAFTFAST_FAULT_DISK_FREE_BYTES": "1000"}
+        try:
+            cluster.start(follower, first_time=False)
+        finally:
+            cluster.env = env
+        wait_for(
+            "the leader to raise NOSPACE for its follower",
+            lambda: all(cluster.status(n).alarms == ["NOSPACE"] for n in cluster.ids),
+        )
+        with pytest.raises(NoSpaceError):
+            c.put("after", "1")
+        assert c.get("before") == b"1"
+        cluster.kill(follower)
+        cluster.start(follower, first_time=False)  # room again
+        c.disarm_alarms()
+        c.put("after", "1")
+        assert c.get("after") == b"1"

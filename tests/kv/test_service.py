@@ -11,7 +11,14 @@ import pytest
 
 from raftfast.errors import NotLeaderError
 from raftfast.kv.fsm import NOSPACE, KVStateMachine
-from raftfast.kv.service import MAX_FRAME_OPS, MAX_SCAN_BYTES, MAX_SCAN_LIMIT, add_kv_service
+from raftfast.kv.service import (
+    MAX_ANSWER_BYTES,
+    MAX_FRAME_OPS,
+    MAX_SCAN_BYTES,
+    MAX_SCAN_LIMIT,
+    MAX_STREAM_BYTES,
+    add_kv_service,
+)
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.settings import NodeSettings
@@ -34,6 +41,7 @@ class FakeNode:
         self.proposals: list[list[bytes]] = []
         self.barriers: list[str] = []
         self.gate: Callable[[list[bytes]], Awaitable[None]] | None = None
+        self.is_leader = True
 
     async def propose(self, payloads: list[bytes]) -> list[bool | None]:
         self.proposals.append(list(payloads))
@@ -66,6 +74,7 @@ class FollowerNode(FakeNode):
     def __init__(self, leader: str | None = "n2") -> None:
         super().__init__("n3")
         self.leader = leader
+        self.is_leader = False
 
     async def propose(self, payloads: list[bytes]) -> list[bool | None]:
         raise NotLeaderError(leader_id=self.leader)
@@ -565,3 +574,72 @@ async def wait_until(check, timeout: float = 5.0) -> None:
     while not check():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+def test_answers_are_bounded_per_frame_and_per_stream(monkeypatch) -> None:
+    # A frame of 10,000 GETs of one 1 MiB value asked a node to build 10 GiB; a client that
+    # sends frames and never reads the answers made the node hold them all.
+    import raftfast.kv.service as service
+
+    settled: list[int] = []
+    request_done = service._StreamBytes.request_done
+
+    async def counting(self, n: int, answer: int) -> None:
+        await request_done(self, n, answer)
+        settled.append(answer)
+
+    monkeypatch.setattr(service._StreamBytes, "request_done", counting)
+
+    async def main() -> None:
+        node = FakeNode()
+        async with serve(node) as kv:
+            await kv.Put(pb.PutRequest(key=b"big", value=b"x" * (1 << 20)))
+            gets = [pb.Op(kind=pb.Op.GET, key=b"big", read_mode=pb.READ_STALE)] * 10_000
+            call = kv.Session()
+            await call.write(_frame(1, *gets))
+            (first,) = [await call.read()]
+            ok = [r for r in first.results if r.code == 0]
+            assert len(ok) == MAX_ANSWER_BYTES >> 20
+            assert all(r.value == b"x" * (1 << 20) for r in ok)
+            assert {r.code for r in first.results[len(ok) :]} == {
+                grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            }
+            # Now frames, never reading an answer: the node builds a few and then waits.
+            settled.clear()
+            for frame_id in range(2, 60):
+                await call.write(_frame(frame_id, *gets[:8]))
+            room = MAX_STREAM_BYTES // MAX_ANSWER_BYTES  # answers of 2 MiB this stream may hold
+            await wait_until(lambda: len(settled) >= room)
+            await asyncio.sleep(0.2)  # (and then nothing more happens: a pause to see that)
+            # (gRPC takes a few answers into its own send buffer: they count as sent)
+            assert len(settled) <= 2 * room < 58, len(settled)
+            call.cancel()
+
+    run(main())
+
+
+def test_streams_that_end_give_back_what_they_held() -> None:
+    # A frame whose task a cancelled stream cancels before it ever ran once kept its bytes in
+    # the node-wide budget forever: enough of them and every Session waited for room.
+    async def main() -> None:
+        node = FakeNode()
+        server = grpc.aio.server()
+        service = add_kv_service(server, node)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                kv = pb_grpc.KVStub(channel)
+                for round_ in range(20):
+                    call = kv.Session()
+                    for i in range(5):
+                        op = pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * 100, sequence=i + 1)
+                        await call.write(_frame(round_ * 10 + i, op))
+                    call.cancel()
+                await wait_until(lambda: service._sessions == 0)
+                await wait_until(lambda: service._budget.used == 0)
+                await kv.Put(pb.PutRequest(key=b"still", value=b"ok"))
+        finally:
+            await server.stop(None)
+
+    run(main())
