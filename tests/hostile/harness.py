@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -130,6 +132,21 @@ class Trio:
         assert offset, f"{nid} offers no TCP replication stream"
         port = split_address(self.cluster.addrs[nid])[1] + offset
         return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+@contextmanager
+def running(tmp: Path, extra: list[str] | None = None) -> Iterator[Trio]:
+    """A started, healthy Trio for a module's tests; its nodes' logs are printed on failure."""
+    trio = Trio(tmp, extra)
+    try:
+        trio.start()
+        trio.assert_healthy()
+        yield trio
+    except BaseException:
+        print(trio.cluster.log_tail())
+        raise
+    finally:
+        trio.stop()
 
 
 def frame(src: str, *msgs: pb.RaftMessage, cluster_id: str = CLUSTER) -> pb.Frame:

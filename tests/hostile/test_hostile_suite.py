@@ -33,7 +33,7 @@ from raftfast.limits import MAX_ID_BYTES
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.transport.tcp import HANDSHAKE_BYTES, record
 
-from .harness import ACKED_PREFIX, CLUSTER, Trio
+from .harness import ACKED_PREFIX, CLUSTER, Trio, running
 
 EXAMPLES = int(os.environ.get("RAFTFAST_HOSTILE_EXAMPLES", "40"))
 SOAK = EXAMPLES > 100
@@ -52,16 +52,8 @@ hostile = settings(
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory) -> Iterator[Trio]:
-    t = Trio(tmp_path_factory.mktemp("hostile"), extra=["--snapshot-entries", "300"])
-    try:
-        t.start()
-        t.assert_healthy()
+    with running(tmp_path_factory.mktemp("hostile"), ["--snapshot-entries", "300"]) as t:
         yield t
-    except BaseException:
-        print(t.cluster.log_tail())
-        raise
-    finally:
-        t.stop()
 
 
 # -- values ------------------------------------------------------------------------------------

@@ -23,33 +23,25 @@ from raftfast.localcluster import wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.transport.tcp import HANDSHAKE_S, record
 
-from .harness import ACKED_PREFIX, CLUSTER, Trio, frame, handshake, read_refusal, rss_bytes
+from .harness import (
+    ACKED_PREFIX,
+    CLUSTER,
+    Trio,
+    frame,
+    handshake,
+    read_refusal,
+    rss_bytes,
+    running,
+)
 
 BIG_REQUESTS = 16 * 1024 * 1024  # this cluster's --max-request-bytes (default 1.5 MiB)
 
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory) -> Iterator[Trio]:
-    t = Trio(
-        tmp_path_factory.mktemp("repro"),
-        extra=[
-            "--max-request-bytes",
-            str(BIG_REQUESTS),
-            "--snapshot-entries",
-            "200",
-            "--snapshot-keep",
-            "20",
-        ],
-    )
-    try:
-        t.start()
-        t.assert_healthy()
+    extra = ["--max-request-bytes", str(BIG_REQUESTS), "--snapshot-entries", "200"]
+    with running(tmp_path_factory.mktemp("repro"), [*extra, "--snapshot-keep", "20"]) as t:
         yield t
-    except BaseException:
-        print(t.cluster.log_tail())
-        raise
-    finally:
-        t.stop()
 
 
 def expect(call: Callable[[], object], code: grpc.StatusCode) -> str:
