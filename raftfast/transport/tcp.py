@@ -109,7 +109,7 @@ DEAD_PEER_S = 10
 _REFUSAL_LINGER_S = 2.0  # a refused sender gets this long to read the refusal and hang up
 HANDSHAKE_BYTES = 64 * 1024  # the largest record before the sender has named itself
 HANDSHAKE_S = 5.0  # to connect (TLS included) and name the sender
-STALL_S = 30.0  # an authenticated sender may pause this long in the middle of a record
+STALL_S = 10.0  # a named sender may pause this long in the middle of a record
 MAX_CONNECTIONS = 256  # inbound connections at once (a cluster needs one per peer)
 # Unfinished records held at once, over every connection; past it, the connection that grew
 # the pile is dropped (its sender reconnects: Raft sends again what was lost).

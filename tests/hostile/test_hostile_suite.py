@@ -251,6 +251,13 @@ peer_requests = st.one_of(
         address=addresses,
         list_only=st.booleans(),
     ).map(lambda r: ("Join", r)),
+    st.builds(
+        pb.AlarmReport,
+        cluster_id=st.one_of(st.just(CLUSTER), st.text(max_size=5)),
+        src=strangers,  # (a member's report is no attack: its disk is nearly full)
+        alarm=st.text(max_size=10),
+        why=st.one_of(st.text(max_size=20), st.just("w" * 100_000)),
+    ).map(lambda r: ("ReportAlarm", r)),
 )
 
 
