@@ -34,11 +34,14 @@ test-compiled: $(STAMP)
 	RAFTFAST_BENCH_SECONDS=$${RAFTFAST_BENCH_SECONDS:-2} \
 		$(PYTEST) -q -p no:cacheprovider --benchmark-disable tests bench
 
+# The heavy real-cluster tests run compiled only: the pure twins' CRC32C (~15 MB/s) makes a
+# node with a 9 MiB write block its loop for seconds (elections follow), and the long loads slow.
 test-pure: $(STAMP)
 	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
 	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests \
 		--ignore=tests/fault/test_chaos.py --ignore=tests/fault/test_durability.py \
-		--ignore=tests/integration/test_bounds.py --ignore=tests/integration/test_catch_up.py
+		--ignore=tests/integration/test_bounds.py --ignore=tests/integration/test_catch_up.py \
+		--deselect="tests/hostile/test_reproductions.py::test_a_session_frame_bigger_than_one_apply_is_applied_whole"
 
 run: $(STAMP)
 	$(PY) -m raftfast.demo
