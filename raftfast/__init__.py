@@ -1,10 +1,19 @@
-"""raftfast: a Raft consensus node for Python with compiled hot paths."""
+"""raftfast: a Raft consensus node for Python with compiled hot paths.
+
+The names that need gRPC (the clients, the node) are imported on first use, so that the pure
+core (``raftfast.core``) and the storage work where gRPC is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from raftfast._accel import COMPILED
-from raftfast.client import Client, SyncClient, TLSFiles
 from raftfast.errors import (
     BatchError,
     ClusterUnavailableError,
+    CommandError,
     CompactedError,
     CorruptionError,
     DeadlineExceededError,
@@ -18,14 +27,17 @@ from raftfast.errors import (
     StorageError,
     UnavailableError,
 )
+from raftfast.statemachine import StateMachine
 
 __all__ = [
     "COMPILED",
+    "StateMachine",
     "Client",
     "SyncClient",
     "TLSFiles",
     "BatchError",
     "ClusterUnavailableError",
+    "CommandError",
     "DeadlineExceededError",
     "InvalidArgumentError",
     "RequestFailedError",
@@ -40,3 +52,22 @@ __all__ = [
     "UnavailableError",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {  # name -> module it lives in
+    "Client": "raftfast.client",
+    "SyncClient": "raftfast.client",
+    "TLSFiles": "raftfast.security.tls",
+}
+
+if TYPE_CHECKING:
+    from raftfast.client import Client, SyncClient
+    from raftfast.security.tls import TLSFiles
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'raftfast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

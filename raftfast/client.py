@@ -51,6 +51,7 @@ from raftfast._accel import chunk_payloads
 from raftfast.address import is_address
 from raftfast.errors import (
     ClusterUnavailableError,
+    CommandError,
     DeadlineExceededError,
     InvalidArgumentError,
     NoSpaceError,
@@ -105,6 +106,8 @@ _CODE_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _CODE_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 _CODE_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 _NOSPACE = "NOSPACE"  # how the cluster's quota refusals start (raftfast.kv.quota)
+_REFUSED = "state machine:"  # how a state machine's refusals start (machine_service)
+_STUBS = {"kv": pb_grpc.KVStub, "admin": pb_grpc.AdminStub, "machine": pb_grpc.StateMachineStub}
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # Per-op codes retried on the same stream after a backoff (UNAVAILABLE is handled apart).
 _RETRY_LATER_CODES = frozenset(
@@ -345,8 +348,7 @@ class Client:
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, pb_grpc.KVStub] = {}
-        self._admin_stubs: dict[str, pb_grpc.AdminStub] = {}
+        self._stubs: dict[tuple[str, str], Any] = {}  # (address, service) -> stub
         self._pending: deque[_Op] = deque()
         self._outstanding: deque[_Op] = deque()  # writes with a sequence, in sequence order
         self._wake: asyncio.Event | None = None
@@ -548,21 +550,47 @@ class Client:
         if not isinstance(target, str) or not target:
             raise ValueError("target must be a node id")
         _, response = await self._unary(
-            "TransferLeader", pb.TransferLeaderRequest(target=target), timeout, admin=True
+            "TransferLeader", pb.TransferLeaderRequest(target=target), timeout, service="admin"
         )
         self._leader = None  # rediscover: the leader just changed
         return response.leader
 
+    # -- a state machine of the user's (raftfast-node --state-machine) ------------------------
+
+    async def propose(self, command: BytesLike, *, timeout: float | None = None) -> bytes:
+        """Apply ``command`` to the cluster's state machine, exactly once (a retry reuses its
+        sequence number); its result. CommandError if the state machine refused it."""
+        self._ensure_started()
+        self._seq += 1
+        request = pb.ProposeRequest(
+            client_id=self._client_id,
+            sequence=self._seq,
+            command=_to_bytes(command, "command"),
+        )
+        _, response = await self._unary("Propose", request, timeout, service="machine")
+        return response.result
+
+    async def query(
+        self, request: BytesLike, *, read_mode: ReadModeLike = None, timeout: float | None = None
+    ) -> bytes:
+        """Ask the cluster's state machine ``request`` (read-only): linearizable by default,
+        ``read_mode`` lease or stale at will. CommandError if its query raised."""
+        message = pb.QueryRequest(
+            request=_to_bytes(request, "request"), read_mode=_read_mode(read_mode)
+        )
+        _, response = await self._unary("Query", message, timeout, service="machine")
+        return response.result
+
     async def alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The raised alarms (``alarms``: ["NOSPACE"] while writes are refused), with the
         state's size (``state_bytes``) and the quota (``quota_bytes``)."""
-        _, response = await self._unary("AlarmList", pb.AlarmRequest(), timeout, admin=True)
+        _, response = await self._unary("AlarmList", pb.AlarmRequest(), timeout, service="admin")
         return _message_to_dict(response)
 
     async def disarm_alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Clear the NOSPACE alarm once space is freed (RequestFailedError FAILED_PRECONDITION
         while it still is not); returns what ``alarms`` returns."""
-        _, response = await self._unary("AlarmDisarm", pb.AlarmRequest(), timeout, admin=True)
+        _, response = await self._unary("AlarmDisarm", pb.AlarmRequest(), timeout, service="admin")
         return _message_to_dict(response)
 
     # -- membership ------------------------------------------------------------------------
@@ -571,7 +599,9 @@ class Client:
         """The cluster configuration as the leader sees it: ``members`` (dicts with ``id``,
         ``address``, ``role`` voter|learner and ``match_index``), ``leader``, ``config_index``,
         ``committed``, ``commit_index`` and ``cluster_id``."""
-        _, response = await self._unary("MemberList", pb.MemberListRequest(), timeout, admin=True)
+        _, response = await self._unary(
+            "MemberList", pb.MemberListRequest(), timeout, service="admin"
+        )
         return _message_to_dict(response)
 
     async def add_member(
@@ -584,7 +614,7 @@ class Client:
         if not is_address(address):
             raise ValueError(f"bad address {address!r} (want HOST:PORT)")
         request = pb.MemberAddRequest(id=node_id, address=address, learner=learner)
-        _, response = await self._unary("MemberAdd", request, timeout, admin=True)
+        _, response = await self._unary("MemberAdd", request, timeout, service="admin")
         return _message_to_dict(response)
 
     async def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
@@ -603,7 +633,9 @@ class Client:
 
     async def _member_call(self, method: str, node_id: str, timeout: float | None) -> dict:
         check_node_id(node_id)
-        _, response = await self._unary(method, pb.MemberRequest(id=node_id), timeout, admin=True)
+        _, response = await self._unary(
+            method, pb.MemberRequest(id=node_id), timeout, service="admin"
+        )
         return _message_to_dict(response)
 
     # -- internals: common -------------------------------------------------------------------
@@ -632,24 +664,21 @@ class Client:
             self._session_task = loop.create_task(self._session_loop(), name="raftfast-session")
         return loop
 
-    def _stub(self, address: str, admin: bool = False) -> Any:
-        """The KV (or Admin) stub for ``address``; both share one channel per address."""
-        if admin:
-            stub = self._admin_stubs.get(address)
-            if stub is None:
-                self._stub(address)  # opens the channel
-                stub = self._admin_stubs[address] = pb_grpc.AdminStub(self._channels[address])
-            return stub
-        stub = self._stubs.get(address)
+    def _stub(self, address: str, service: str = "kv") -> Any:
+        """The stub of ``service`` (kv, admin or machine) for ``address``; the services share
+        one channel per address."""
+        stub = self._stubs.get((address, service))
         if stub is None:
-            if self._credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-            else:
-                channel = grpc.aio.secure_channel(
-                    address, self._credentials, options=_CHANNEL_OPTIONS
-                )
-            self._channels[address] = channel
-            stub = self._stubs[address] = pb_grpc.KVStub(channel)
+            channel = self._channels.get(address)
+            if channel is None:
+                if self._credentials is None:
+                    channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                else:
+                    channel = grpc.aio.secure_channel(
+                        address, self._credentials, options=_CHANNEL_OPTIONS
+                    )
+                self._channels[address] = channel
+            stub = self._stubs[address, service] = _STUBS[service](channel)
         return stub
 
     def _backoff(self, attempt: int) -> float:
@@ -684,7 +713,7 @@ class Client:
         *,
         endpoint: str | None = None,
         what: str = "leader",
-        admin: bool = False,
+        service: str = "kv",
     ) -> tuple[str, Any]:
         """One unary call with redirects and retries until the deadline; (address, response)."""
         loop = self._ensure_started()
@@ -704,7 +733,7 @@ class Client:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise self._timeout_error(total, last_error, False, what, target)
-            rpc = getattr(self._stub(target, admin), method)
+            rpc = getattr(self._stub(target, service), method)
             try:
                 response = await rpc(request, timeout=remaining, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
@@ -716,6 +745,8 @@ class Client:
                     raise PermissionDeniedError(f"{target}: {details}") from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_NOSPACE):
                     raise NoSpaceError(f"{target}: {details}") from None
+                if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(_REFUSED):
+                    raise CommandError(details[len(_REFUSED) :].strip()) from None
                 if code not in _RETRYABLE_STATUS:
                     raise RequestFailedError(f"{target}: {details}", code.name) from None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and loop.time() >= deadline - 1e-3:
@@ -1170,6 +1201,14 @@ class SyncClient:
 
     def alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.alarms(timeout=timeout))
+
+    def propose(self, command: BytesLike, *, timeout: float | None = None) -> bytes:
+        return self._run(self._client.propose(command, timeout=timeout))
+
+    def query(
+        self, request: BytesLike, *, read_mode: ReadModeLike = None, timeout: float | None = None
+    ) -> bytes:
+        return self._run(self._client.query(request, read_mode=read_mode, timeout=timeout))
 
     def disarm_alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.disarm_alarms(timeout=timeout))

@@ -91,5 +91,10 @@ class NoSpaceError(RequestFailedError):
         super().__init__(message, "RESOURCE_EXHAUSTED")
 
 
+class CommandError(RaftfastError):
+    """A state machine refused a command or a query: its ``apply`` returned (or raised) an
+    exception, or its ``query`` raised one. Its message is the state machine's."""
+
+
 class ChangeInProgressError(RaftfastError):
     """A membership change cannot start yet (one is uncommitted, or the leader is new); retry."""

@@ -30,21 +30,24 @@ import grpc
 
 from raftfast._accel import decode_batch
 from raftfast.address import split_address
-from raftfast.admin import AdminService
+from raftfast.admin import AdminService, JoinService
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import ENTRY_CONFIG, Message, MsgType, Ready, Role
+from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Message, MsgType, Ready, Role
 from raftfast.errors import ChangeInProgressError, CorruptionError, LogError, NotLeaderError
-from raftfast.kv.fsm import NOSPACE, KVStateMachine
+from raftfast.exactly_once import ExactlyOnce
+from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.quota import Quota
 from raftfast.kv.service import add_kv_service
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
+from raftfast.server.machine_service import MachineService, StatusOnly
 from raftfast.settings import NodeSettings
+from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
-from raftfast.storage.snapshot import SnapshotStore, pack_state, unpack_state
+from raftfast.storage.snapshot import SnapshotMeta, SnapshotStore
 from raftfast.storage.wal import WAL
 from raftfast.transport import tcp
 from raftfast.transport.grpc import PeerService, PeerTransport
@@ -72,12 +75,21 @@ _JOIN_REFUSED = (
 
 
 class Node:
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(self, settings: NodeSettings, state_machine: StateMachine | None = None) -> None:
+        """``state_machine``: what the node replicates (default: the KV store, served by the
+        KV service; any other is served by the generic Propose/Query service)."""
         settings.validate()
         self.settings = settings
         self.id = settings.id
-        self.fsm = KVStateMachine()
-        self.quota = Quota(self)
+        if state_machine is None:
+            state_machine = KVStateMachine()
+        # The KV store dedups its own commands; any other gets exactly-once around it.
+        if not isinstance(state_machine, KVStateMachine):
+            state_machine = ExactlyOnce(state_machine)
+        self.fsm = state_machine
+        # The KV store's extras: its own service and the space quota.
+        self.quota = Quota(self) if isinstance(self.fsm, KVStateMachine) else None
+        self.applied_index = 0  # of the last entry applied (commands, no-ops, configurations)
         self.raw: RawNode | None = None
         self.wal: WAL | None = None
         self.transport: PeerTransport | None = None
@@ -125,13 +137,7 @@ class Node:
         # the leader (never bootstrap it with itself alone: it would elect itself).
         membership = None if s.join else Membership(dict(s.peers))
         if latest is not None:
-            raw_membership, fsm_state = unpack_state(self.snapshots.read(latest), latest.path)
-            try:
-                membership = Membership.decode(raw_membership)
-            except ValueError as exc:
-                raise CorruptionError(f"{latest.path}: {exc}", latest.path, 0) from None
-            self.fsm.restore(fsm_state)
-            self._snapshot_index = latest.index
+            membership = self._restore(latest)
             if not _log_holds(state.log, latest.index, latest.term):
                 # A snapshot from the leader whose installation a crash interrupted (the file
                 # is complete, the WAL's "snapshot installed" record is not): finish it, or the
@@ -162,7 +168,7 @@ class Node:
             state.hard_state.commit,
             s.fsync,
         )
-        self._committed_members = set(self.raw.raft.membership_at(self.fsm.applied_index).members())
+        self._committed_members = set(self.raw.raft.membership_at(self.applied_index).members())
         self.transport = PeerTransport(
             s.id,
             s.cluster_id,
@@ -173,6 +179,7 @@ class Node:
             tls=s.peer_tls,
         )
         admin = AdminService(self)
+        joins = JoinService(self)
         peer_service = PeerService(
             s.cluster_id,
             self._accepts_from,
@@ -180,7 +187,7 @@ class Node:
             self._receive_snapshot,
             self._removed_ids.get,
             authenticated=s.peer_tls is not None,
-            join=admin.join,
+            join=joins.join,
             alarm=self._alarm_reported,
         )
         peer_service.client_address = s.listen
@@ -193,7 +200,11 @@ class Node:
             roles = load_roles(s.auth_roles) if s.auth_roles else None
             authorizer = Authorizer(roles, checked=True)
         self.server = _server(client_limit, authorizer)
-        add_kv_service(self.server, self, authorizer, self.quota)
+        if self.quota is not None:
+            add_kv_service(self.server, self, authorizer, self.quota)
+        else:
+            pb_grpc.add_StateMachineServicer_to_server(MachineService(self), self.server)
+            pb_grpc.add_KVServicer_to_server(StatusOnly(self), self.server)
         pb_grpc.add_AdminServicer_to_server(admin, self.server)
         if shared:
             pb_grpc.add_PeerServicer_to_server(peer_service, self.server)
@@ -476,14 +487,14 @@ class Node:
             leader=leader,
             leader_address=self.address_of(leader) or "" if leader else "",
             commit_index=st.commit_index,
-            applied_index=self.fsm.applied_index,
+            applied_index=self.applied_index,
             last_index=st.last_index,
             members=members,
             cluster_id=self.settings.cluster_id,
             first_index=self.raw.raft.log.first_index,
             snapshot_index=self._snapshot_index,
-            alarms=sorted(a.decode() for a in self.fsm.alarms),
-            state_bytes=self.fsm.size_bytes,
+            alarms=self.quota.alarms().alarms if self.quota else [],
+            state_bytes=self.quota.alarms().state_bytes if self.quota else 0,
         )
 
     # -- internals -----------------------------------------------------------------------------
@@ -606,10 +617,10 @@ class Node:
     async def _watch_disk(self) -> None:
         """Every second: if this node's disk is nearly full, the NOSPACE alarm is raised (by
         the leader, which a follower asks), before the log cannot grow any more."""
-        while not self._stopping:
+        while not self._stopping and self.quota is not None:
             await asyncio.sleep(1.0)
             why = self.quota.disk_short()
-            if why is None or NOSPACE in self.fsm.alarms:
+            if why is None or self.quota.raised():
                 continue
             if self.is_leader:
                 self.quota.raise_alarm(why)
@@ -618,6 +629,8 @@ class Node:
 
     def _alarm_reported(self, src: str, why: str) -> str | None:
         """A member says its disk is nearly full: raise NOSPACE (why not, if we cannot)."""
+        if self.quota is None:
+            return "this node's state machine has no quota"
         if not self.is_leader:
             return "not the leader"
         if src not in self.raw.raft.membership:
@@ -727,7 +740,7 @@ class Node:
         by ``snapshot_log_bytes`` since the last snapshot left it (big values overwritten again
         and again make a small state but a big log; what a snapshot cannot drop, say entries
         not yet committed, does not make it snapshot again and again)."""
-        behind = self.fsm.applied_index - self._snapshot_index
+        behind = self.applied_index - self._snapshot_index
         grown = self.raw.raft.log.entries.nbytes - self._log_bytes_kept
         return behind >= self.settings.snapshot_entries or (
             behind > 0 and grown >= self.settings.snapshot_log_bytes
@@ -740,10 +753,15 @@ class Node:
         point-in-time; the file is written and fsynced in the fsync thread."""
         loop = asyncio.get_running_loop()
         raft_log = self.raw.raft.log
-        index = self.fsm.applied_index
+        index = self.applied_index
         term = raft_log.term_at(index)
-        data = pack_state(self.raw.raft.membership_at(index).encode(), self.fsm.snapshot())
-        await loop.run_in_executor(self._fsync_pool, self.snapshots.save, index, term, data)
+        snapshot = self.snapshots.create(index, term, self.raw.raft.membership_at(index).encode())
+        try:
+            self.fsm.snapshot(snapshot.out)  # (into the page cache; the sync is in the thread)
+        except BaseException:
+            snapshot.abort()
+            raise
+        meta = await loop.run_in_executor(self._fsync_pool, snapshot.finish)
         self._snapshot_index = index
         keep = self.settings.snapshot_keep
         if raft_log.entries.nbytes >= self.settings.snapshot_log_bytes // 4:
@@ -754,7 +772,7 @@ class Node:
             self.raw.compact(upto)
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
         self._log_bytes_kept = raft_log.entries.nbytes
-        log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, len(data))
+        log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, meta.size)
 
     def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
         """A leader streams us a snapshot: where to write it. Only the leader of our term may
@@ -778,10 +796,21 @@ class Node:
         # The log restarts after the snapshot before the state machine jumps to it: a crash in
         # between restarts from the (durable) snapshot file with a consistent log.
         await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
-        self.fsm.restore(unpack_state(self.snapshots.read(snap), snap.path)[1])
-        self._snapshot_index = snap.index
+        self._restore(snap)
         self._incoming_snapshot = None
         log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
+
+    def _restore(self, meta: SnapshotMeta) -> Membership:
+        """The state machine from snapshot ``meta``; its configuration."""
+        raw_membership, inp = self.snapshots.open_state(meta)
+        with inp:
+            try:
+                membership = Membership.decode(raw_membership)
+            except ValueError as exc:
+                raise CorruptionError(f"{meta.path}: {exc}", meta.path, 0) from None
+            self.fsm.restore(inp)
+        self.applied_index = self._snapshot_index = meta.index
+        return membership
 
     async def _send_snapshot(self, m: Message) -> None:
         """The core asked for a snapshot to go to ``m.dst``: stream our newest one."""
@@ -816,12 +845,19 @@ class Node:
         self.wal.sync()
 
     def _apply(self, committed: bytes) -> None:
+        """Commands to the state machine (in runs of consecutive ones: all of them, but for a
+        leader's no-op or a configuration now and then); configurations to the membership."""
         first, terms, types, payloads = decode_batch(committed)
-        results = self.fsm.apply_batch(first, types, payloads)
-        if ENTRY_CONFIG in types:
+        if types.count(ENTRY_NORMAL) == len(types):
+            results = self.fsm.apply_batch(first, payloads)
+        else:
+            results = [None] * len(types)
+            for start, end in _runs_of_commands(types):
+                results[start:end] = self.fsm.apply_batch(first + start, payloads[start:end])
             for i, etype in enumerate(types):
                 if etype == ENTRY_CONFIG:
                     self._config_committed(first + i, Membership.decode(payloads[i]))
+        self.applied_index = first + len(types) - 1
         if self._waiting_writes:
             self._resolve_writes(first, terms, results)
 
@@ -882,7 +918,7 @@ class Node:
         asyncio.get_running_loop().call_later(delay, lambda: asyncio.create_task(self.stop()))
 
     def _release_reads(self) -> None:
-        applied = self.fsm.applied_index
+        applied = self.applied_index
         if self._reads_at:
             ready = [f for i, f in self._reads_at if i <= applied]
             self._reads_at = [(i, f) for i, f in self._reads_at if i > applied]
@@ -891,7 +927,7 @@ class Node:
                     fut.set_result(None)
 
     async def _wait_applied(self, index: int) -> None:
-        if self.fsm.applied_index >= index:
+        if self.applied_index >= index:
             return
         fut = asyncio.get_running_loop().create_future()
         self._reads_at.append((index, fut))
@@ -952,6 +988,21 @@ class _Waiting:
     term: int
     fut: asyncio.Future
     results: list = field(default_factory=list)
+
+
+def _runs_of_commands(types: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of consecutive commands (ENTRY_NORMAL) in ``types``."""
+    runs, start = [], None
+    for i, etype in enumerate(types):
+        if etype == ENTRY_NORMAL:
+            if start is None:
+                start = i
+        elif start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(types)))
+    return runs
 
 
 def _log_holds(entries, index: int, term: int) -> bool:
@@ -1028,9 +1079,9 @@ def _warn_if_open(s: NodeSettings) -> None:
         )
 
 
-async def serve(settings: NodeSettings) -> None:
+async def serve(settings: NodeSettings, state_machine: StateMachine | None = None) -> None:
     """Run a node until SIGTERM/SIGINT, then stop gracefully. Raises if the node failed."""
-    node = Node(settings)
+    node = Node(settings, state_machine)
     await node.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

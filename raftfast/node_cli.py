@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from typing import Any, NoReturn
 from raftfast.address import is_address
 from raftfast.errors import RaftfastError
 from raftfast.settings import PEER_STREAMS, READ_MODES, NodeSettings
+from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
 
 __all__ = [
@@ -66,7 +68,7 @@ __all__ = [
 
 PROG = "raftfast-node"
 IDENTITY_FILE = "node.json"
-_IDENTITY_KEYS = ("id", "listen", "peer_listen", "peers", "cluster_id", "join")
+_IDENTITY_KEYS = ("id", "listen", "peer_listen", "peers", "cluster_id", "join", "state_machine")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -178,6 +180,37 @@ def _log_level(value: Any, where: str) -> str:
     return level
 
 
+def _factory(value: Any, where: str) -> str:
+    spec = _str(value, where)
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name.isidentifier():
+        raise ConfigError(f"{where} must be package.module:Class, got {spec!r}")
+    return spec
+
+
+def load_state_machine(spec: str) -> StateMachine | None:
+    """An instance of the ``package.module:Class`` state machine (None for ""). ConfigError
+    with one line if it cannot be made."""
+    if not spec:
+        return None
+    module_name, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+        machine = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's code: one line, whatever it raised
+        raise ConfigError(
+            f"--state-machine {spec}: cannot make it ({type(exc).__name__}: {exc})"
+        ) from None
+    missing = [
+        m
+        for m in ("apply", "query", "snapshot", "restore")
+        if not callable(getattr(machine, m, None))
+    ]
+    if missing:
+        raise ConfigError(f"--state-machine {spec}: it has no {', '.join(missing)}")
+    return machine
+
+
 def _peer_stream(value: Any, where: str) -> str:
     kind = _str(value, where).lower()
     if kind not in PEER_STREAMS:
@@ -217,6 +250,7 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "peer_trusted_ca_file": _str,
     "auth_roles": _str,
     "quota_backend_bytes": _int,
+    "state_machine": _factory,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
 assert set(_CONVERT) <= _SETTINGS_FIELDS
@@ -290,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="TCP port for replication on the --listen host (default 0: any free port; "
         "peers learn it over gRPC)",
+    )
+    p.add_argument(
+        "--state-machine",
+        metavar="MODULE:CLASS",
+        help="replicate this StateMachine (raftfast.StateMachine) instead of the KV store; "
+        "clients use Propose and Query",
     )
     p.add_argument(
         "--quota-backend-bytes",
@@ -408,6 +448,11 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
             "peer_listen": (
                 _address(data["peer_listen"], "peer_listen") if data.get("peer_listen") else ""
             ),
+            "state_machine": (
+                _factory(data["state_machine"], "state_machine")
+                if data.get("state_machine")
+                else ""
+            ),
         }
     except (ValueError, KeyError, TypeError) as exc:
         msg = " ".join(str(exc).split())
@@ -424,6 +469,7 @@ def _identity_of(settings: NodeSettings) -> dict[str, Any]:
         "cluster_id": settings.cluster_id,
         "join": settings.join,
         "peer_listen": settings.peer_listen,
+        "state_machine": settings.state_machine,
     }
 
 
@@ -482,7 +528,7 @@ def parse_settings(
 
     stored = load_identity(data_dir)
     if stored is not None:
-        for key in ("id", "cluster_id"):
+        for key in ("id", "cluster_id", "state_machine"):
             if key in merged and merged[key][0] != stored[key]:
                 value, where = merged[key]
                 raise ConfigError(
@@ -538,7 +584,7 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _run_serve(settings: NodeSettings) -> None:
+def _run_serve(settings: NodeSettings, state_machine: StateMachine | None = None) -> None:
     """Run ``raftfast.node.serve`` on uvloop when available (the loop exists before gRPC)."""
     from raftfast.node import serve
 
@@ -551,7 +597,7 @@ def _run_serve(settings: NodeSettings) -> None:
         else:
             loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings))
+        runner.run(serve(settings, state_machine))
 
 
 def _fail(message: str) -> None:
@@ -568,18 +614,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings.fsync:
         print(UNSAFE_WARNING, file=sys.stderr)
     try:
+        state_machine = load_state_machine(settings.state_machine)
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise SystemExit(2) from None
+    try:
         # Before anything is written: a second node on this directory must change nothing.
         lock = lock_directory(settings.data_dir)
     except RaftfastError as exc:
         _fail(str(exc))
         return 1
     try:
-        return _run_locked(settings)
+        return _run_locked(settings, state_machine)
     finally:
         os.close(lock)
 
 
-def _run_locked(settings: NodeSettings) -> int:
+def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> int:
     """Store the identity and run the node (the data directory is ours)."""
     try:
         write_identity(settings)
@@ -591,7 +642,7 @@ def _run_locked(settings: NodeSettings) -> int:
         return 1
     _configure_logging(settings.log_level)
     try:
-        _run_serve(settings)
+        _run_serve(settings, state_machine)
     except KeyboardInterrupt:
         return 130
     except (RaftfastError, OSError) as exc:

@@ -57,6 +57,8 @@ class NodeSettings:
     peer_key_file: str = ""
     peer_trusted_ca_file: str = ""
     auth_roles: str = ""  # a TOML file mapping client certificate names to roles
+    # "package.module:Class": a state machine of the user's instead of the KV store
+    state_machine: str = ""
     # Past this many bytes of state (keys and values), writes are refused (a NOSPACE alarm).
     quota_backend_bytes: int = 2 * 1024 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)

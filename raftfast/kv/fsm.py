@@ -40,10 +40,13 @@ from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import accumulate
+from typing import BinaryIO
 
 from raftfast._accel import crc32c, decode_batch, encode_uniform
+from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
 from raftfast.errors import BatchError, CorruptionError
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
+from raftfast.statemachine import StateMachine
 
 __all__ = [
     "DEDUP_WINDOW",
@@ -71,10 +74,6 @@ OP_ALARM = 5  # raise or clear an alarm
 NOSPACE = b"NOSPACE"  # the state passed --quota-backend-bytes, or the disk is nearly full
 ALARMS = (NOSPACE,)  # every alarm there is; bit i of a snapshot's alarm field is ALARMS[i]
 
-ENTRY_NORMAL = 0  # raftfast.core.types.ENTRY_NORMAL (repeated to keep this module standalone)
-
-DEDUP_WINDOW = 4096  # sequences remembered per client
-MAX_CLIENTS = 100_000  # clients remembered before the least recently active is evicted
 
 _HEADER = struct.Struct("<BQQI")  # op, client_id, sequence, key length
 _CAS_HEAD = struct.Struct("<BI")  # expect_absent, expected length
@@ -207,17 +206,7 @@ def decode(payload: bytes) -> tuple[int, int, int, bytes, bytes | None, bytes]:
 # -------------------------------------------------------------------------- state machine
 
 
-class _Client:
-    """Dedup state of one client: results of its sequences in (max_seq - window, max_seq]."""
-
-    __slots__ = ("max_seq", "results")
-
-    def __init__(self) -> None:
-        self.max_seq = -1
-        self.results: dict[int, bool] = {}
-
-
-class KVStateMachine:
+class KVStateMachine(StateMachine):
     """Deterministic KV store: a dict, a lazily maintained sorted key index and the dedup table.
 
     ``applied_index`` is the index of the last entry handed to ``apply``/``apply_batch``;
@@ -237,7 +226,7 @@ class KVStateMachine:
         self._window = dedup_window
         self._max_clients = max_clients
         self._data: dict[bytes, bytes] = {}
-        self._clients: OrderedDict[int, _Client] = OrderedDict()
+        self._clients: OrderedDict[int, ClientWindow] = OrderedDict()
         # Sorted key index for scan. None = must be rebuilt; otherwise _pending holds the
         # key-set changes (True = added, False = removed) made since, replayed on the next scan.
         self._index: list[bytes] | None = []
@@ -262,47 +251,23 @@ class KVStateMachine:
         if client_id == 0:
             return self._execute(op, key, expected, value)
 
-        client = self._clients.get(client_id)
-        if client is None:
-            client = self._clients[client_id] = _Client()
-            if len(self._clients) > self._max_clients:
-                self._clients.popitem(last=False)
-        else:
-            self._clients.move_to_end(client_id)
-        if seq <= client.max_seq - self._window:
+        client = window_of(self._clients, client_id, self._max_clients)
+        if client.is_late(seq, self._window):
             # Below the window: a late duplicate, see the module docs.
             return op in (OP_PUT, OP_PUT_MANY)
         cached = client.results.get(seq)
         if cached is not None:
             return cached
         result = self._execute(op, key, expected, value)
-        client.results[seq] = result
-        if seq > client.max_seq:
-            client.max_seq = seq
-            if len(client.results) > 2 * self._window:
-                floor = seq - self._window
-                client.results = {s: r for s, r in client.results.items() if s > floor}
+        client.remember(seq, result, self._window)
         return result
 
-    def apply_batch(
-        self, first_index: int, types: list[int], payloads: list[bytes]
-    ) -> list[bool | None]:
-        """Apply consecutive committed entries starting at ``first_index``.
-
-        Only ENTRY_NORMAL (0) entries are commands; no-ops and config entries yield None and
-        leave the store alone, but still advance ``applied_index``.
-        """
-        if len(types) != len(payloads):
-            raise ValueError("types and payloads differ in length")
-        out: list[bool | None] = []
+    def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[bool | None]:
+        """Apply consecutive committed commands starting at ``first_index``."""
         apply = self.apply
-        for i, (etype, payload) in enumerate(zip(types, payloads, strict=True)):
-            if etype == ENTRY_NORMAL:
-                out.append(apply(first_index + i, payload))
-            else:
-                out.append(None)
-        if payloads:
-            self.applied_index = first_index + len(payloads) - 1
+        out = [apply(first_index + i, payload) for i, payload in enumerate(commands)]
+        if commands:
+            self.applied_index = first_index + len(commands) - 1
         return out
 
     def _execute(self, op: int, key: bytes, expected: bytes | None, value) -> bool:
@@ -458,7 +423,20 @@ class KVStateMachine:
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def snapshot(self) -> bytes:
+    # -- the StateMachine interface: snapshots through file objects, queries ----------------
+
+    def snapshot(self, out: BinaryIO) -> None:
+        out.write(self.dump())
+
+    def restore(self, inp: BinaryIO) -> None:
+        self.load(inp.read())
+
+    def query(self, request: bytes) -> bytes:
+        """The value of key ``request`` (b"" if it is absent): the KV service reads the store
+        itself; this serves the embeddable node's generic ``query``."""
+        return self._data.get(request, b"")
+
+    def dump(self) -> bytes:
         """A deterministic serialization of the whole replicated state.
 
         It holds the store, the dedup table (clients in LRU order, each with its live window of
@@ -514,8 +492,8 @@ class KVStateMachine:
         parts.append(_SNAP_CRC.pack(crc))
         return b"".join(parts)
 
-    def restore(self, data: bytes | bytearray | memoryview) -> None:
-        """Replace the whole state with a ``snapshot()``'s.
+    def load(self, data: bytes | bytearray | memoryview) -> None:
+        """Replace the whole state with a ``dump()``'s.
 
         Raises CorruptionError (and changes nothing) if ``data`` is not an intact snapshot. If
         the snapshot remembers more clients than this machine's ``max_clients``, the least
@@ -560,7 +538,7 @@ class KVStateMachine:
 
 def _parse_snapshot(
     mv: memoryview, pos: int, end: int
-) -> tuple[dict[bytes, bytes], list[bytes], OrderedDict[int, _Client]]:
+) -> tuple[dict[bytes, bytes], list[bytes], OrderedDict[int, ClientWindow]]:
     """The store, its sorted keys and the dedup table of a snapshot whose CRC matched."""
 
     def take(n: int, what: str) -> memoryview:
@@ -595,7 +573,7 @@ def _parse_snapshot(
     store = dict(zip(keys, values, strict=True))
 
     (ccount,) = _SNAP_COUNT.unpack(take(_SNAP_COUNT.size, "the client count"))
-    clients: OrderedDict[int, _Client] = OrderedDict()
+    clients: OrderedDict[int, ClientWindow] = OrderedDict()
     for _ in range(ccount):
         at = pos
         client_id, max_seq, n = _SNAP_CLIENT.unpack(take(_SNAP_CLIENT.size, "a client"))
@@ -613,7 +591,7 @@ def _parse_snapshot(
             or results.translate(None, b"\x00\x01")
         ):
             raise CorruptionError(f"KV snapshot: bad dedup window of client {client_id}", offset=at)
-        client = clients[client_id] = _Client()
+        client = clients[client_id] = ClientWindow()
         client.max_seq = max_seq
         client.results = dict(zip(seqs, map(bool, results), strict=True))
     if pos != end:

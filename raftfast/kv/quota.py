@@ -101,6 +101,9 @@ class Quota:
                 return why, certain
         return self.disk_short(nbytes), True
 
+    def raised(self) -> bool:
+        return NOSPACE in self.node.fsm.alarms
+
     def alarms(self) -> pb.AlarmResponse:
         fsm = self.node.fsm
         return pb.AlarmResponse(

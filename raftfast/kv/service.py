@@ -30,12 +30,11 @@ flow control holds the client back); at most ``MAX_SESSIONS`` streams are open.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 
@@ -54,6 +53,15 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, Role
 from raftfast.security.tls import caller_name
+from raftfast.server.services import (
+    DEADLINE_READ,
+    DEADLINE_WRITE,
+    BadRequest,
+    NoSpace,
+    Service,
+    rpc,
+    status_of,
+)
 from raftfast.settings import NodeSettings
 
 __all__ = [
@@ -80,25 +88,11 @@ MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
 MAX_ANSWER_BYTES = 2 * 1024 * 1024  # values in the answer to one frame (the first always)
 MAX_STREAM_BYTES = 16 * 1024 * 1024  # one stream's frames under way and answers unsent
-DEADLINE_MARGIN = 0.05  # seconds before the RPC deadline at which the service gives up itself
 
-CODE_OK = 0
 CODE_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]  # 3
-CODE_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]  # 4
 CODE_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]  # 7
 CODE_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]  # 8
 CODE_INTERNAL = grpc.StatusCode.INTERNAL.value[0]  # 13
-CODE_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]  # 14
-
-_MODES = {
-    pb.READ_LINEARIZABLE: "linearizable",
-    pb.READ_LEASE: "lease",
-    pb.READ_STALE: "stale",
-}
-_DEADLINE_WRITE = "not committed within the deadline; the write may or may not have been applied"
-_DEADLINE_READ = "read not safe within the deadline (no confirmed leader in time)"
-
-T = TypeVar("T")
 
 
 class NodeLike(Protocol):
@@ -120,54 +114,13 @@ class NodeLike(Protocol):
     def status(self) -> pb.StatusResponse: ...
 
 
-class _BadRequest(Exception):
-    """A request that fails validation; becomes INVALID_ARGUMENT (or per-op code 3)."""
-
-
-class _NoSpace(Exception):
-    """A write the quota refuses; becomes RESOURCE_EXHAUSTED (see raftfast.kv.quota)."""
-
-
-def _rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map the exceptions of a unary handler to status codes so no error escapes as a crash."""
-
-    @functools.wraps(method)
-    async def wrapper(self: KVService, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            await self._check_cluster(context)
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except _BadRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except _NoSpace as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except NotLeaderError as exc:
-            leader_id, address = self._leader_hint(exc)
-            md: tuple[tuple[str, str], ...] = ()
-            if leader_id:
-                md = (("leader-id", leader_id), ("leader-address", address or ""))
-                context.set_trailing_metadata(md)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._not_leader_msg(exc), md)
-        except TimeoutError as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or _DEADLINE_WRITE)
-        except Exception as exc:  # noqa: BLE001 - the server must survive any handler bug
-            log.exception("KV %s failed", method.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {exc!r}"
-            )
-        raise AssertionError("unreachable: context.abort always raises")
-
-    return wrapper
-
-
-class KVService(pb_grpc.KVServicer):
+class KVService(Service, pb_grpc.KVServicer):
     """Serves the KV API of one node; stateless apart from the node it wraps."""
 
     def __init__(
         self, node: NodeLike, authorizer: Authorizer | None = None, quota: Quota | None = None
     ) -> None:
-        self.node = node
+        super().__init__(node)
         self.authorizer = authorizer  # None: every client may write
         self._sessions = 0  # Session streams open
         self._quota = quota or Quota(node)
@@ -175,67 +128,17 @@ class KVService(pb_grpc.KVServicer):
 
     # -- helpers --------------------------------------------------------------------------
 
-    async def _check_cluster(self, context: grpc.aio.ServicerContext) -> None:
-        """Refuse a client that says it talks to another cluster (a misrouted address)."""
-        for key, value in context.invocation_metadata() or ():
-            if key == "cluster-id" and value != self.node.settings.cluster_id:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"wrong cluster: this node serves cluster {self.node.settings.cluster_id!r},"
-                    f" the client expects {value[:300]!r}",
-                )
-
-    def _leader_hint(self, exc: NotLeaderError) -> tuple[str | None, str | None]:
-        leader_id = exc.leader_id or None
-        if leader_id is None:
-            return None, None
-        try:
-            return leader_id, self.node.address_of(leader_id)
-        except Exception:  # noqa: BLE001 - a hint is best effort
-            return leader_id, None
-
-    def _not_leader_msg(self, exc: NotLeaderError) -> str:
-        leader_id, address = self._leader_hint(exc)
-        if leader_id is None:
-            return "not the leader; leader unknown (election in progress?), retry shortly"
-        return f"not the leader; leader is {leader_id} at {address or 'unknown address'}"
-
-    @staticmethod
-    async def _timed(
-        context: grpc.aio.ServicerContext, awaitable: Awaitable[T], deadline_msg: str
-    ) -> T:
-        """Await a node call within the RPC's deadline (TimeoutError with ``deadline_msg``).
-
-        Gives up slightly before the deadline so the explanatory status still reaches the
-        client instead of its own bare "Deadline Exceeded".
-        """
-        remaining = context.time_remaining()
-        if remaining is None:
-            return await awaitable
-        margin = min(DEADLINE_MARGIN, remaining * 0.1)
-        try:
-            return await asyncio.wait_for(awaitable, max(remaining - margin, 0.0))
-        except TimeoutError:
-            raise TimeoutError(deadline_msg) from None
-
     def _check_key(self, key: bytes, what: str = "key") -> None:
         if not key:
-            raise _BadRequest(f"{what} must not be empty")
+            raise BadRequest(f"{what} must not be empty")
         limit = self.node.settings.max_key_bytes
         if len(key) > limit:
-            raise _BadRequest(f"{what} is {len(key)} bytes; the limit is {limit}")
+            raise BadRequest(f"{what} is {len(key)} bytes; the limit is {limit}")
 
     def _check_value(self, value: bytes, what: str = "value") -> None:
         limit = self.node.settings.max_value_bytes
         if len(value) > limit:
-            raise _BadRequest(f"{what} is {len(value)} bytes; the limit is {limit}")
-
-    def _check_size(self, size: int) -> None:
-        limit = self.node.settings.max_request_bytes
-        if size > limit:
-            raise _BadRequest(
-                f"request is {size} bytes; the limit is {limit} (--max-request-bytes)"
-            )
+            raise BadRequest(f"{what} is {len(value)} bytes; the limit is {limit}")
 
     def _own_client_id(self, client_id: int, context: grpc.aio.ServicerContext) -> int:
         """The id the dedup table knows a client by. With client certificates it is drawn
@@ -255,63 +158,53 @@ class KVService(pb_grpc.KVServicer):
     def _check_space(self, nbytes: int) -> None:
         why = self._space_refusal(nbytes)
         if why is not None:
-            raise _NoSpace(why)
+            raise NoSpace(why)
 
     @staticmethod
     def _check_client_id(client_id: int) -> None:
         if client_id > MAX_CLIENT_ID:
-            raise _BadRequest(f"client_id {client_id} is out of range [0, {MAX_CLIENT_ID}]")
+            raise BadRequest(f"client_id {client_id} is out of range [0, {MAX_CLIENT_ID}]")
 
     @staticmethod
     def _check_sequence(sequence: int) -> None:
         if sequence > MAX_SEQUENCE:
-            raise _BadRequest(f"sequence {sequence} is out of range [0, {MAX_SEQUENCE}]")
+            raise BadRequest(f"sequence {sequence} is out of range [0, {MAX_SEQUENCE}]")
 
     def _check_write(self, request: Any) -> None:
         """What every unary write checks first: its size and its exactly-once numbers."""
-        self._check_size(request.ByteSize())
-        self._check_client_id(request.client_id)
-        self._check_sequence(request.sequence)
+        self.check_size(request.ByteSize())
+        self.check_client_id(request.client_id)
+        self.check_sequence(request.sequence)
 
     def _put_many(self, client_id: int, op: pb.Op) -> bytes:
         """Validate a PUT_MANY op (every key and value within the limits) and encode it."""
         if op.key:
-            raise _BadRequest("PUT_MANY carries its keys in value; key must be empty")
+            raise BadRequest("PUT_MANY carries its keys in value; key must be empty")
         try:
             keys, values = unpack_pairs(op.value)
         except ValueError as exc:
-            raise _BadRequest(str(exc)) from None
+            raise BadRequest(str(exc)) from None
         if not keys:
-            raise _BadRequest("PUT_MANY needs at least one key")
+            raise BadRequest("PUT_MANY needs at least one key")
         settings = self.node.settings
         longest_key, longest_value = max(map(len, keys)), max(map(len, values))
         if longest_key > settings.max_key_bytes:
-            raise _BadRequest(
-                f"a key is {longest_key} bytes; the limit is {settings.max_key_bytes}"
-            )
+            raise BadRequest(f"a key is {longest_key} bytes; the limit is {settings.max_key_bytes}")
         if longest_value > settings.max_value_bytes:
-            raise _BadRequest(
+            raise BadRequest(
                 f"a value is {longest_value} bytes; the limit is {settings.max_value_bytes}"
             )
         return encode_put_many(client_id, op.sequence, op.value)
 
-    def _mode(self, read_mode: int) -> str:
-        if read_mode == pb.READ_DEFAULT:
-            return self.node.settings.read_mode
-        mode = _MODES.get(read_mode)
-        if mode is None:
-            raise _BadRequest(f"unknown read_mode {read_mode}")
-        return mode
-
     async def _write(self, context: grpc.aio.ServicerContext, payload: bytes) -> bool:
-        results = await self._timed(context, self.node.propose([payload]), _DEADLINE_WRITE)
+        results = await self.timed(context, self.node.propose([payload]), DEADLINE_WRITE)
         if len(results) != 1 or results[0] is None:
             raise RuntimeError(f"node returned {results!r} for one command")
         return bool(results[0])
 
     # -- unary RPCs -----------------------------------------------------------------------
 
-    @_rpc
+    @rpc
     async def Put(
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
@@ -325,19 +218,19 @@ class KVService(pb_grpc.KVServicer):
         await self._write(context, payload)
         return pb.PutResponse(index=self.node.fsm.applied_index)
 
-    @_rpc
+    @rpc
     async def Get(
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetResponse:
         self._check_key(request.key)
-        mode = self._mode(request.read_mode)
-        await self._timed(context, self.node.read_barrier(mode), _DEADLINE_READ)
+        mode = self.read_mode(request.read_mode)
+        await self.timed(context, self.node.read_barrier(mode), DEADLINE_READ)
         value = self.node.fsm.get(request.key)
         if value is None:
             return pb.GetResponse(found=False)
         return pb.GetResponse(found=True, value=value)
 
-    @_rpc
+    @rpc
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
@@ -347,7 +240,7 @@ class KVService(pb_grpc.KVServicer):
         payload = encode_delete(client_id, request.sequence, request.key)
         return pb.DeleteResponse(deleted=await self._write(context, payload))
 
-    @_rpc
+    @rpc
     async def CompareAndSwap(
         self, request: pb.CasRequest, context: grpc.aio.ServicerContext
     ) -> pb.CasResponse:
@@ -356,7 +249,7 @@ class KVService(pb_grpc.KVServicer):
         self._check_value(request.value)
         self._check_value(request.expected, "expected value")
         if request.expect_absent and request.expected:
-            raise _BadRequest("expect_absent is set, so expected must be empty")
+            raise BadRequest("expect_absent is set, so expected must be empty")
         self._check_space(request.ByteSize())
         expected = None if request.expect_absent else request.expected
         payload = encode_cas(
@@ -368,25 +261,25 @@ class KVService(pb_grpc.KVServicer):
         )
         return pb.CasResponse(swapped=await self._write(context, payload))
 
-    @_rpc
+    @rpc
     async def Scan(
         self, request: pb.ScanRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScanResponse:
         """One page of the keys under ``prefix`` (see the module docs)."""
         limit = self.node.settings.max_key_bytes
         if len(request.prefix) > limit:
-            raise _BadRequest(f"prefix is {len(request.prefix)} bytes; the limit is {limit}")
+            raise BadRequest(f"prefix is {len(request.prefix)} bytes; the limit is {limit}")
         if request.start and (
             len(request.start) > limit or not request.start.startswith(request.prefix)
         ):
-            raise _BadRequest("start must be a key under prefix (a previous answer's next_key)")
+            raise BadRequest("start must be a key under prefix (a previous answer's next_key)")
         if request.limit > MAX_SCAN_LIMIT:
-            raise _BadRequest(
+            raise BadRequest(
                 f"scan limit {request.limit} is above the maximum {MAX_SCAN_LIMIT}"
                 " (0 means the maximum)"
             )
-        mode = self._mode(request.read_mode)
-        await self._timed(context, self.node.read_barrier(mode), _DEADLINE_READ)
+        mode = self.read_mode(request.read_mode)
+        await self.timed(context, self.node.read_barrier(mode), DEADLINE_READ)
         items, next_key = self.node.fsm.scan_page(
             request.prefix, request.limit or MAX_SCAN_LIMIT, request.start, MAX_SCAN_BYTES
         )
@@ -394,7 +287,7 @@ class KVService(pb_grpc.KVServicer):
             items=[pb.KeyValue(key=k, value=v) for k, v in items], next_key=next_key
         )
 
-    @_rpc
+    @rpc
     async def Status(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatusResponse:
@@ -412,7 +305,7 @@ class KVService(pb_grpc.KVServicer):
     ) -> AsyncIterator[pb.SessionResult]:
         """Pipelined ops: frames run concurrently, results stream back as they complete.
         Each request is ``(its size in bytes, the frame)`` (see ``add_kv_service``)."""
-        await self._check_cluster(context)
+        await self.check_cluster(context)
         if self._sessions >= MAX_SESSIONS:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -498,9 +391,9 @@ class KVService(pb_grpc.KVServicer):
         if len(frame.ops) > MAX_FRAME_OPS:
             return f"a frame has at most {MAX_FRAME_OPS} ops, this one {len(frame.ops)}"
         try:
-            self._check_size(size)
-            self._check_client_id(frame.client_id)
-        except _BadRequest as exc:
+            self.check_size(size)
+            self.check_client_id(frame.client_id)
+        except BadRequest as exc:
             return str(exc)
         return None
 
@@ -535,7 +428,7 @@ class KVService(pb_grpc.KVServicer):
                         if no_writes is not None:
                             results[i] = pb.OpResult(code=CODE_PERMISSION_DENIED, error=no_writes)
                             continue
-                        self._check_sequence(op.sequence)
+                        self.check_sequence(op.sequence)
                     if op.kind == pb.Op.PUT_MANY:
                         payloads.append(self._put_many(client_id, op))
                         writes.append(i)
@@ -543,7 +436,7 @@ class KVService(pb_grpc.KVServicer):
                         continue
                     self._check_key(op.key)
                     if op.kind == pb.Op.GET:
-                        reads.setdefault(self._mode(op.read_mode), []).append(i)
+                        reads.setdefault(self.read_mode(op.read_mode), []).append(i)
                         continue
                     if op.kind == pb.Op.PUT:
                         self._check_value(op.value)
@@ -555,13 +448,13 @@ class KVService(pb_grpc.KVServicer):
                         self._check_value(op.value)
                         self._check_value(op.expected, "expected value")
                         if op.expect_absent and op.expected:
-                            raise _BadRequest("expect_absent is set, so expected must be empty")
+                            raise BadRequest("expect_absent is set, so expected must be empty")
                         expected = None if op.expect_absent else op.expected
                         payload = encode_cas(client_id, op.sequence, op.key, expected, op.value)
                         grows = True
                     else:
-                        raise _BadRequest(f"unknown op kind {op.kind}")
-                except (_BadRequest, ValueError) as exc:
+                        raise BadRequest(f"unknown op kind {op.kind}")
+                except (BadRequest, ValueError) as exc:
                     results[i] = pb.OpResult(code=CODE_INVALID_ARGUMENT, error=str(exc))
                     continue
                 writes.append(i)
@@ -579,9 +472,7 @@ class KVService(pb_grpc.KVServicer):
 
             if payloads:
                 try:
-                    applied = await self._timed(
-                        context, self.node.propose(payloads), _DEADLINE_WRITE
-                    )
+                    applied = await self.timed(context, self.node.propose(payloads), DEADLINE_WRITE)
                     if len(applied) != len(payloads):
                         raise RuntimeError(
                             f"node returned {len(applied)} results for {len(payloads)} commands"
@@ -602,10 +493,7 @@ class KVService(pb_grpc.KVServicer):
             if reads:
                 modes = list(reads)
                 outcomes = await asyncio.gather(
-                    *(
-                        self._timed(context, self.node.read_barrier(m), _DEADLINE_READ)
-                        for m in modes
-                    ),
+                    *(self.timed(context, self.node.read_barrier(m), DEADLINE_READ) for m in modes),
                     return_exceptions=True,
                 )
                 answerable: list[int] = []
@@ -657,14 +545,9 @@ class KVService(pb_grpc.KVServicer):
 
     def _op_error(self, exc: BaseException) -> tuple[pb.OpResult, str]:
         """Per-op result for a failed node call, and the leader address hint ("" if none)."""
-        if isinstance(exc, NotLeaderError):
-            _, address = self._leader_hint(exc)
-            msg = self._not_leader_msg(exc)
-            return pb.OpResult(code=CODE_UNAVAILABLE, error=msg), address or ""
-        if isinstance(exc, TimeoutError):
-            return pb.OpResult(code=CODE_DEADLINE_EXCEEDED, error=str(exc) or _DEADLINE_WRITE), ""
-        log.error("Session node call failed: %r", exc)
-        return pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}"), ""
+        code, message = status_of(self, exc, "Session")
+        address = self.leader_hint(exc)[1] if isinstance(exc, NotLeaderError) else None
+        return pb.OpResult(code=code.value[0], error=message), address or ""
 
 
 _UNARY = {

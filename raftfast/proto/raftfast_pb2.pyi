@@ -330,6 +330,38 @@ class StatusResponse(_message.Message):
     state_bytes: int
     def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., first_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., alarms: _Optional[_Iterable[str]] = ..., state_bytes: _Optional[int] = ...) -> None: ...
 
+class ProposeRequest(_message.Message):
+    __slots__ = ("client_id", "sequence", "command")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    sequence: int
+    command: bytes
+    def __init__(self, client_id: _Optional[int] = ..., sequence: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
+
+class ProposeResponse(_message.Message):
+    __slots__ = ("result", "index")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    result: bytes
+    index: int
+    def __init__(self, result: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
+
+class QueryRequest(_message.Message):
+    __slots__ = ("request", "read_mode")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    READ_MODE_FIELD_NUMBER: _ClassVar[int]
+    request: bytes
+    read_mode: ReadMode
+    def __init__(self, request: _Optional[bytes] = ..., read_mode: _Optional[_Union[ReadMode, str]] = ...) -> None: ...
+
+class QueryResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: bytes
+    def __init__(self, result: _Optional[bytes] = ...) -> None: ...
+
 class TransferLeaderRequest(_message.Message):
     __slots__ = ("target",)
     TARGET_FIELD_NUMBER: _ClassVar[int]

@@ -692,6 +692,127 @@ class KV:
             _registered_method=True)
 
 
+class StateMachineStub:
+    """FAILED_PRECONDITION "state machine: ...": the state machine refused the command or the
+    query (its apply returned an exception, or its query raised one); the others as for KV.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Propose = channel.unary_unary(
+                '/raftfast.v1.StateMachine/Propose',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.ProposeRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.ProposeResponse.FromString,
+                _registered_method=True)
+        self.Query = channel.unary_unary(
+                '/raftfast.v1.StateMachine/Query',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.QueryRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.QueryResponse.FromString,
+                _registered_method=True)
+
+
+class StateMachineServicer:
+    """FAILED_PRECONDITION "state machine: ...": the state machine refused the command or the
+    query (its apply returned an exception, or its query raised one); the others as for KV.
+    """
+
+    def Propose(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Query(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StateMachineServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Propose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Propose,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.ProposeRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.ProposeResponse.SerializeToString,
+            ),
+            'Query': grpc.unary_unary_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.QueryRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.QueryResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'raftfast.v1.StateMachine', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('raftfast.v1.StateMachine', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class StateMachine:
+    """FAILED_PRECONDITION "state machine: ...": the state machine refused the command or the
+    query (its apply returned an exception, or its query raised one); the others as for KV.
+    """
+
+    @staticmethod
+    def Propose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.StateMachine/Propose',
+            raftfast_dot_proto_dot_raftfast__pb2.ProposeRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.StateMachine/Query',
+            raftfast_dot_proto_dot_raftfast__pb2.QueryRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
 

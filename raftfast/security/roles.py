@@ -44,6 +44,7 @@ class Role(IntEnum):
 
 _KV = "/raftfast.v1.KV/"
 _ADMIN = "/raftfast.v1.Admin/"
+_MACHINE = "/raftfast.v1.StateMachine/"
 METHOD_ROLES: dict[str, Role] = {
     _KV + "Get": Role.READ,
     _KV + "Scan": Role.READ,
@@ -52,6 +53,8 @@ METHOD_ROLES: dict[str, Role] = {
     _KV + "Put": Role.WRITE,
     _KV + "Delete": Role.WRITE,
     _KV + "CompareAndSwap": Role.WRITE,
+    _MACHINE + "Query": Role.READ,
+    _MACHINE + "Propose": Role.WRITE,
     _ADMIN + "MemberList": Role.READ,
     _ADMIN + "AlarmList": Role.READ,
 }

@@ -2,17 +2,18 @@
 followers and receiving them from a leader.
 
 A snapshot is one file ``snap-<index:016x>-<term:016x>.snap``. The store keeps bytes as given;
-the node stores ``pack_state(membership, state)``: the cluster configuration at the snapshot's
-index (with its own CRC) followed by the state machine's bytes (``KVStateMachine.snapshot()``
-carries its own CRC). A file only ever gets that name
-complete: it is written under a temporary name (``snap-...snap.<random>.tmp``), fsynced, renamed
-and then the directory is fsynced. A crash therefore leaves at worst a temporary file, which
-``latest()`` deletes. The newest two snapshots are kept, so one can still be read while the next
-is being written.
+the node stores the cluster configuration at the snapshot's index (with its own CRC,
+``state_header``) followed by what the state machine's ``snapshot(out)`` writes (the KV
+store's carries its own CRC), through ``create``; ``open_state`` reads them back. A file only
+ever gets that name complete: it is written under a temporary name
+(``snap-...snap.<random>.tmp``), fsynced, renamed and then the directory is fsynced. A crash
+therefore leaves at worst a temporary file, which ``latest()`` deletes. The newest two
+snapshots are kept, so one can still be read while the next is being written.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -27,10 +28,12 @@ from raftfast.storage.fsutil import DIR_MODE, fsync_dir
 
 __all__ = [
     "KEEP",
+    "SnapshotFile",
     "SnapshotMeta",
     "SnapshotReceiver",
     "SnapshotStore",
     "pack_state",
+    "state_header",
     "unpack_state",
 ]
 
@@ -43,11 +46,14 @@ _STATE_MAGIC = b"RFS1"
 _STATE_HEADER = struct.Struct("<4sII")  # magic | membership length | crc32c(membership)
 
 
+def state_header(membership: bytes) -> bytes:
+    """What a snapshot's content starts with: the configuration at its index, with a CRC."""
+    return _STATE_HEADER.pack(_STATE_MAGIC, len(membership), crc32c(membership)) + membership
+
+
 def pack_state(membership: bytes, state: bytes) -> bytes:
     """A snapshot's content: the configuration at its index, then the state machine's bytes."""
-    return (
-        _STATE_HEADER.pack(_STATE_MAGIC, len(membership), crc32c(membership)) + membership + state
-    )
+    return state_header(membership) + state
 
 
 def unpack_state(data: bytes, path: str = "") -> tuple[bytes, bytes]:
@@ -123,6 +129,28 @@ class SnapshotStore:
         except BaseException:
             receiver.abort()
             raise
+
+    def create(self, index: int, term: int, membership: bytes) -> SnapshotFile:
+        """A snapshot written as a file: ``out`` takes the state machine's bytes after the
+        configuration; ``finish`` makes it durable (``save`` for bytes in hand)."""
+        return SnapshotFile(self.receive(index, term), membership)
+
+    def open_state(self, meta: SnapshotMeta) -> tuple[bytes, BinaryIO]:
+        """(the configuration, the state machine's bytes as a file to read) of a snapshot
+        written with ``create`` or ``pack_state``; CorruptionError if its header is bad. The
+        caller closes the file."""
+        try:
+            f = open(meta.path, "rb")  # noqa: SIM115 - handed to the caller
+        except OSError as exc:
+            raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
+        try:
+            head = f.read(_STATE_HEADER.size)
+            length = _STATE_HEADER.unpack(head)[1] if len(head) == _STATE_HEADER.size else 0
+            membership = unpack_state(head + f.read(length), meta.path)[0]
+        except BaseException:
+            f.close()
+            raise
+        return membership, f
 
     def receive(self, index: int, term: int) -> SnapshotReceiver:
         """Start receiving a snapshot in chunks (from a leader); see ``SnapshotReceiver``."""
@@ -280,6 +308,43 @@ class SnapshotStore:
     def _forget(self, temp_path: str) -> None:
         with self._lock:
             self._active.discard(temp_path)
+
+
+class _Into(io.RawIOBase):
+    """The raw file under a ``SnapshotFile``: writes go to a receiver, in order."""
+
+    def __init__(self, receiver: SnapshotReceiver) -> None:
+        self._receiver = receiver
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        self._receiver.write(self._receiver.offset, view)
+        return len(view)
+
+
+class SnapshotFile:
+    """A snapshot being written as a file (``SnapshotStore.create``): write the state machine's
+    bytes to ``out`` (buffered), then ``finish`` (fsync and rename: off the event loop) or
+    ``abort``."""
+
+    def __init__(self, receiver: SnapshotReceiver, membership: bytes) -> None:
+        self._receiver = receiver
+        self.out: BinaryIO = io.BufferedWriter(_Into(receiver), buffer_size=1 << 20)
+        self.out.write(state_header(membership))
+
+    def finish(self) -> SnapshotMeta:
+        try:
+            self.out.flush()
+        except BaseException:
+            self._receiver.abort()
+            raise
+        return self._receiver.finish()
+
+    def abort(self) -> None:
+        self._receiver.abort()
 
 
 class SnapshotReceiver:

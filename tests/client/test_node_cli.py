@@ -28,7 +28,7 @@ def fake_serve(monkeypatch: pytest.MonkeyPatch) -> list[NodeSettings]:
     """Replace raftfast.node with a module whose serve() records its settings."""
     calls: list[NodeSettings] = []
 
-    async def serve(settings: NodeSettings) -> None:
+    async def serve(settings: NodeSettings, state_machine=None) -> None:
         calls.append(settings)
 
     module = types.ModuleType("raftfast.node")
@@ -165,7 +165,7 @@ def test_no_fsync_warns(tmp_path: Path, fake_serve, capsys) -> None:
 def test_serve_failure_is_one_line(tmp_path: Path, fake_serve, monkeypatch, capsys) -> None:
     from raftfast.errors import StorageError
 
-    async def serve(settings: NodeSettings) -> None:
+    async def serve(settings: NodeSettings, state_machine=None) -> None:
         raise StorageError("fdatasync failed: EIO")
 
     monkeypatch.setattr(sys.modules["raftfast.node"], "serve", serve)

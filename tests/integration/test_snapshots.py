@@ -83,7 +83,7 @@ def test_a_snapshot_whose_install_a_crash_interrupted_is_completed_on_restart(tm
     fsm = KVStateMachine()
     fsm.apply(20, encode_put(0, 0, b"from-snapshot", b"yes"))
     SnapshotStore(str(data_dir / "snap")).save(
-        20, 2, pack_state(Membership(addrs).encode(), fsm.snapshot())
+        20, 2, pack_state(Membership(addrs).encode(), fsm.dump())
     )
 
     async def main() -> None:

@@ -65,7 +65,7 @@ def same_state(a: KVStateMachine, b: KVStateMachine) -> None:
         len(b),
     )
     assert a.scan(b"", 0) == b.scan(b"", 0)
-    assert a.snapshot() == b.snapshot()
+    assert a.dump() == b.dump()
 
 
 def reseal(body: bytes) -> bytes:
@@ -78,12 +78,12 @@ def reseal(body: bytes) -> bytes:
 
 def test_empty_machine_round_trip() -> None:
     empty = KVStateMachine()
-    snap = empty.snapshot()
+    snap = empty.dump()
     assert HEADER.unpack_from(snap) == (SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, 0, 0)
     assert len(snap) == HEADER.size + 8 + 8 + 4
     other = KVStateMachine()
     apply_all(other, 1, [encode_put(1, 1, b"a", b"b"), b"junk"])
-    other.restore(snap)  # replaces everything, including the counters
+    other.load(snap)  # replaces everything, including the counters
     same_state(other, empty)
     assert other.get(b"a") is None and other.client_count == 0
 
@@ -91,7 +91,7 @@ def test_empty_machine_round_trip() -> None:
 def test_header_layout() -> None:
     m = KVStateMachine()
     apply_all(m, 41, [encode_put(0, 0, b"k", b"v"), b"bad", encode_put(3, 1, b"k2", b"w")])
-    snap = m.snapshot()
+    snap = m.dump()
     assert HEADER.unpack_from(snap) == (b"RFS1", 2, 0, 43, 1)  # version 2, no alarm
     assert struct.unpack_from("<I", snap, len(snap) - 4)[0] == crc32c(snap[:-4])
 
@@ -104,10 +104,10 @@ def test_round_trip_then_identical_futures(seed: int) -> None:
     apply_all(a, 1, cmds[:400])
     a.scan(b"k1", 3)  # a built scan index with pending changes must not matter
     apply_all(a, 401, cmds[400:420])
-    snap = a.snapshot()
+    snap = a.dump()
     b = KVStateMachine(dedup_window=8, max_clients=4)
     apply_all(b, 1, random_commands(random.Random(seed + 100), 50))  # unrelated prior state
-    b.restore(snap)
+    b.load(snap)
     same_state(a, b)
     assert b.applied_index == 420
     # Both apply the same commands (including retries of pre-snapshot ones): same answers.
@@ -121,15 +121,15 @@ def test_snapshot_is_deterministic_across_histories() -> None:
     a, b = KVStateMachine(), KVStateMachine()
     apply_all(a, 1, [encode_put(0, 0, b"x", b"1"), encode_put(0, 0, b"y", b"2")])
     apply_all(b, 1, [encode_put(0, 0, b"y", b"2"), encode_put(0, 0, b"x", b"1")])
-    assert a.snapshot() == b.snapshot()
+    assert a.dump() == b.dump()
 
 
 def test_larger_store_round_trip_and_scan() -> None:
     a = KVStateMachine()
     cmds = [encode_put(0, 0, b"key%06d" % i, b"v" * (i % 7)) for i in range(20_000)]
-    a.apply_batch(1, [0] * len(cmds), cmds)
+    a.apply_batch(1, cmds)
     b = KVStateMachine()
-    b.restore(bytearray(a.snapshot()))  # any bytes-like object
+    b.load(bytearray(a.dump()))  # any bytes-like object
     assert b.fingerprint() == a.fingerprint()
     assert b.scan(b"key0199", 0) == a.scan(b"key0199", 0)
     assert len(b.scan(b"key0199", 0)) == 100
@@ -149,7 +149,7 @@ def test_dedup_still_dedups_after_restore() -> None:
     ]
     assert apply_all(a, 1, first) == [True, False, True]
     b = KVStateMachine(dedup_window=4)
-    b.restore(a.snapshot())
+    b.load(a.dump())
     # Retries return their first results and change nothing.
     assert b.apply(4, encode_put(7, 1, b"k", b"retry")) is True
     assert b.apply(5, encode_delete(7, 2, b"missing")) is False
@@ -169,7 +169,7 @@ def test_lru_order_of_clients_survives() -> None:
         [encode_put(1, 1, b"c1", b"x"), encode_put(2, 1, b"c2", b"x"), encode_put(1, 2, b"a", b"")],
     )  # client 2 is now the least recently active
     b = KVStateMachine(max_clients=2)
-    b.restore(a.snapshot())
+    b.load(a.dump())
     for m in (a, b):
         m.apply(4, encode_put(3, 1, b"c3", b"x"))  # evicts client 2, keeps client 1
         assert m.apply(5, encode_put(1, 1, b"c1", b"again")) is True
@@ -183,7 +183,7 @@ def test_restore_into_smaller_max_clients_forgets_least_recent() -> None:
     a = KVStateMachine()
     apply_all(a, 1, [encode_put(c, 1, b"k%d" % c, b"v") for c in (1, 2, 3)])
     b = KVStateMachine(max_clients=2)
-    b.restore(a.snapshot())
+    b.load(a.dump())
     assert b.client_count == 2
     assert b.apply(4, encode_put(1, 1, b"k1", b"again")) is True
     assert b.get(b"k1") == b"again"  # client 1 was the least recently active
@@ -196,7 +196,7 @@ def test_results_outside_the_window_are_not_state() -> None:
     b = KVStateMachine(dedup_window=2)
     apply_all(b, 1, [encode_put(1, s, b"k", b"%d" % s) for s in (1, 2, 3, 4)][-2:])
     b.applied_index = a.applied_index
-    assert a.snapshot() == b.snapshot()
+    assert a.dump() == b.dump()
 
 
 # -- corruption -------------------------------------------------------------------------------
@@ -210,14 +210,14 @@ def populated() -> KVStateMachine:
 
 
 def assert_rejected(m: KVStateMachine, data: bytes, match: str) -> None:
-    before = (m.fingerprint(), m.applied_index, m.malformed, m.snapshot())
+    before = (m.fingerprint(), m.applied_index, m.malformed, m.dump())
     with pytest.raises(CorruptionError, match=match):
-        m.restore(data)
-    assert (m.fingerprint(), m.applied_index, m.malformed, m.snapshot()) == before  # untouched
+        m.load(data)
+    assert (m.fingerprint(), m.applied_index, m.malformed, m.dump()) == before  # untouched
 
 
 def test_bad_magic_and_version(populated: KVStateMachine) -> None:
-    snap = populated.snapshot()
+    snap = populated.dump()
     assert_rejected(populated, b"XXXX" + snap[4:], "bad magic")
     assert_rejected(populated, reseal(b"XXXX" + snap[4:-4]), "bad magic")
     bumped = snap[:4] + struct.pack("<H", 3) + snap[6:-4]
@@ -225,26 +225,26 @@ def test_bad_magic_and_version(populated: KVStateMachine) -> None:
 
 
 def test_every_truncation_is_rejected(populated: KVStateMachine) -> None:
-    snap = populated.snapshot()
+    snap = populated.dump()
     target = KVStateMachine()
     for n in range(len(snap)):
         with pytest.raises(CorruptionError, match="truncated|CRC|magic"):
-            target.restore(snap[:n])
+            target.load(snap[:n])
     assert target.fingerprint() == KVStateMachine().fingerprint()
 
 
 def test_flipped_bits_are_rejected(populated: KVStateMachine) -> None:
-    snap = populated.snapshot()
+    snap = populated.dump()
     rng = random.Random(1)
     for off in [*range(4, 24), len(snap) - 1, *rng.sample(range(len(snap)), 60)]:
         bad = bytearray(snap)
         bad[off] ^= 1 << rng.randrange(8)
         with pytest.raises(CorruptionError):
-            KVStateMachine().restore(bytes(bad))
+            KVStateMachine().load(bytes(bad))
 
 
 def test_trailing_bytes_are_rejected(populated: KVStateMachine) -> None:
-    snap = populated.snapshot()
+    snap = populated.dump()
     assert_rejected(populated, snap + b"\x00", "CRC")
     assert_rejected(populated, reseal(snap[:-4] + b"\x00"), "unexpected bytes")
 
@@ -262,7 +262,7 @@ def build(
 def test_sealed_but_invalid_content_is_rejected() -> None:
     m = KVStateMachine()
     ok = build([b"a", b"b"], [b"1", b"2"])
-    m.restore(ok)
+    m.load(ok)
     assert (m.get(b"b"), m.applied_index) == (b"2", 5)
     assert_rejected(m, build([b"b", b"a"], [b"1", b"2"]), "ascending")
     assert_rejected(m, build([b"a", b"a"], [b"1", b"2"]), "ascending")
@@ -280,7 +280,7 @@ def test_sealed_but_invalid_content_is_rejected() -> None:
     # version 1 has no alarms (the field was reserved, 0); version 2 knows one (NOSPACE: bit 0)
     assert_rejected(m, reseal(ok[:6] + b"\x01\x00" + ok[8:-4]), "alarm bits")
     assert_rejected(m, reseal(ok[:4] + struct.pack("<HH", 2, 0b10) + ok[8:-4]), "alarm bits")
-    m.restore(build([b"a"], [b"1"], version=SNAPSHOT_VERSION))
+    m.load(build([b"a"], [b"1"], version=SNAPSHOT_VERSION))
 
 
 def test_alarms_and_size_survive_a_snapshot_and_a_version_1_snapshot_still_reads() -> None:
@@ -288,11 +288,11 @@ def test_alarms_and_size_survive_a_snapshot_and_a_version_1_snapshot_still_reads
     apply_all(m, 1, [encode_put(0, 0, b"ab", b"123"), encode_alarm(NOSPACE, True)])
     assert m.alarms == {NOSPACE} and m.size_bytes == 5
     copy = KVStateMachine()
-    copy.restore(m.snapshot())
+    copy.load(m.dump())
     assert copy.alarms == {NOSPACE} and copy.size_bytes == 5
     assert copy.fingerprint() == m.fingerprint() != KVStateMachine().fingerprint()
     apply_all(copy, 3, [encode_alarm(NOSPACE, False)])
     assert copy.alarms == set()
     old = build([b"a", b"b"], [b"1", b"2"])  # version 1
-    copy.restore(old)
+    copy.load(old)
     assert copy.alarms == set() and copy.size_bytes == 4 and copy.get(b"b") == b"2"

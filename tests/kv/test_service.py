@@ -49,7 +49,7 @@ class FakeNode:
             await self.gate(payloads)
         first = self.last_index + 1
         self.last_index += len(payloads)
-        return self.fsm.apply_batch(first, [0] * len(payloads), payloads)
+        return self.fsm.apply_batch(first, payloads)
 
     async def read_barrier(self, mode: str) -> None:
         self.barriers.append(mode)

@@ -1,0 +1,161 @@
+"""Exactly-once commands for a state machine of the user's (the KV store has its own).
+
+A command proposed through the node (``Client.propose``, the embeddable node's ``propose``)
+travels as ``client_id u64 | sequence u64 | the user's bytes``. ``ExactlyOnce`` wraps the user's
+state machine: a command it has seen returns its first result instead of being applied again
+(a client retries with the same numbers), and the table of recent results is part of the
+replicated state, so of the snapshot too (written ahead of the user's own snapshot).
+
+Results cross a snapshot as bytes, None or an error's message; any other result (an in-process
+proposer may get any object) is kept in memory only, and a retry that comes after a restart from
+a snapshot gets an error saying its first result is gone, never a second application.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
+from raftfast.errors import CommandError, CorruptionError
+from raftfast.statemachine import StateMachine
+
+__all__ = ["HEADER", "ExactlyOnce", "frame_command"]
+
+HEADER = struct.Struct("<QQ")  # client id, sequence
+_MAGIC = b"RFX1"
+_TABLE = struct.Struct("<4sQ")  # magic, client count
+_CLIENT = struct.Struct("<QqI")  # client id, max sequence, results kept
+_RESULT = struct.Struct("<QBI")  # sequence, kind, length of the data
+_NONE, _BYTES, _ERROR, _GONE = range(4)
+
+
+def frame_command(client_id: int, sequence: int, command: bytes) -> bytes:
+    return HEADER.pack(client_id, sequence) + command
+
+
+class ExactlyOnce(StateMachine):
+    def __init__(
+        self, inner: StateMachine, window: int = DEDUP_WINDOW, max_clients: int = MAX_CLIENTS
+    ) -> None:
+        self.inner = inner
+        self._window = window
+        self._max_clients = max_clients
+        self._clients: OrderedDict[int, ClientWindow] = OrderedDict()
+
+    # -- applying --------------------------------------------------------------------------
+
+    def apply(self, index: int, command: bytes) -> Any:
+        if len(command) < HEADER.size:
+            return CommandError("malformed command: shorter than its header")
+        client_id, seq = HEADER.unpack_from(command)
+        body = command[HEADER.size :]
+        if not client_id:
+            return self._apply(index, body)
+        client = window_of(self._clients, client_id, self._max_clients)
+        if client.is_late(seq, self._window):
+            return CommandError(f"sequence {seq} is a late duplicate: not applied")
+        if seq in client.results:
+            return client.results[seq]
+        result = self._apply(index, body)
+        client.remember(seq, result, self._window)
+        return result
+
+    def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[Any]:
+        """The user's ``apply_batch`` at once when every command is new (the usual case),
+        else one by one."""
+        ids = []
+        seen: set[tuple[int, int]] = set()
+        for command in commands:
+            if len(command) < HEADER.size:
+                return [self.apply(first_index + i, c) for i, c in enumerate(commands)]
+            client_id, seq = HEADER.unpack_from(command)
+            if client_id:
+                window = self._clients.get(client_id)
+                known = window is not None and (
+                    window.is_late(seq, self._window) or seq in window.results
+                )
+                if known or (client_id, seq) in seen:
+                    return [self.apply(first_index + i, c) for i, c in enumerate(commands)]
+                seen.add((client_id, seq))
+            ids.append((client_id, seq))
+        try:
+            results = self.inner.apply_batch(first_index, [c[HEADER.size :] for c in commands])
+        except Exception as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
+            results = [exc] * len(commands)
+        for (client_id, seq), result in zip(ids, results, strict=True):
+            if client_id:
+                window_of(self._clients, client_id, self._max_clients).remember(
+                    seq, result, self._window
+                )
+        return results
+
+    def _apply(self, index: int, body: bytes) -> Any:
+        try:
+            return self.inner.apply(index, body)
+        except Exception as exc:  # noqa: BLE001 - the proposer's error; the node goes on
+            return exc
+
+    def query(self, request: bytes) -> bytes:
+        return self.inner.query(request)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self, out: BinaryIO) -> None:
+        out.write(_TABLE.pack(_MAGIC, len(self._clients)))
+        for client_id, client in self._clients.items():  # least recently active first
+            floor = client.max_seq - self._window
+            live = sorted(s for s in client.results if s > floor)
+            out.write(_CLIENT.pack(client_id, client.max_seq, len(live)))
+            for seq in live:
+                kind, data = _encode(client.results[seq])
+                out.write(_RESULT.pack(seq, kind, len(data)) + data)
+        self.inner.snapshot(out)
+
+    def restore(self, inp: BinaryIO) -> None:
+        magic, count = _TABLE.unpack(_read(inp, _TABLE.size))
+        if magic != _MAGIC:
+            raise CorruptionError(f"not an exactly-once table: magic {magic!r}")
+        clients: OrderedDict[int, ClientWindow] = OrderedDict()
+        for _ in range(count):
+            client_id, max_seq, n = _CLIENT.unpack(_read(inp, _CLIENT.size))
+            client = clients[client_id] = ClientWindow()
+            client.max_seq = max_seq
+            for _ in range(n):
+                seq, kind, length = _RESULT.unpack(_read(inp, _RESULT.size))
+                client.results[seq] = _decode(kind, _read(inp, length))
+        while len(clients) > self._max_clients:
+            clients.popitem(last=False)
+        self.inner.restore(inp)
+        self._clients = clients
+
+
+def _encode(result: Any) -> tuple[int, bytes]:
+    if result is None:
+        return _NONE, b""
+    if isinstance(result, bytes | bytearray | memoryview):
+        return _BYTES, bytes(result)
+    if isinstance(result, BaseException):
+        return _ERROR, str(result).encode("utf-8", "replace")
+    return _GONE, b""
+
+
+def _decode(kind: int, data: bytes) -> Any:
+    if kind == _NONE:
+        return None
+    if kind == _BYTES:
+        return data
+    if kind == _ERROR:
+        return CommandError(data.decode("utf-8", "replace"))
+    if kind == _GONE:
+        return CommandError("applied before a restart; its result was not kept")
+    raise CorruptionError(f"exactly-once table: unknown result kind {kind}")
+
+
+def _read(inp: BinaryIO, n: int) -> bytes:
+    data = inp.read(n)
+    if len(data) != n:
+        raise CorruptionError(f"exactly-once table truncated: {n} bytes wanted, {len(data)} read")
+    return data

@@ -1,0 +1,70 @@
+"""The StateMachine gRPC service: a user's state machine (``raftfast-node --state-machine``)
+answers ``Propose`` (a command, exactly-once) and ``Query`` (a read) from any client.
+
+A command is proposed framed with its client id and sequence (``raftfast.exactly_once``): a
+retry gets the first answer. Results travel as bytes (None as b""; a str as UTF-8); an
+exception the state machine returned, or its query raised, is FAILED_PRECONDITION
+"state machine: ..." (``CommandError`` in the client).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from raftfast.errors import CommandError
+from raftfast.exactly_once import frame_command
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, Service, rpc
+
+__all__ = ["MachineService", "StatusOnly", "as_result_bytes"]
+
+
+class MachineService(Service, pb_grpc.StateMachineServicer):
+    @rpc
+    async def Propose(  # noqa: N802 - gRPC naming
+        self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ProposeResponse:
+        self.check_size(request.ByteSize())
+        self.check_client_id(request.client_id)
+        self.check_sequence(request.sequence)
+        command = frame_command(request.client_id, request.sequence, request.command)
+        (result,) = await self.timed(context, self.node.propose([command]), DEADLINE_WRITE)
+        return pb.ProposeResponse(result=as_result_bytes(result), index=self.node.applied_index)
+
+    @rpc
+    async def Query(  # noqa: N802
+        self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.QueryResponse:
+        self.check_size(request.ByteSize())
+        mode = self.read_mode(request.read_mode)
+        await self.timed(context, self.node.read_barrier(mode), DEADLINE_READ)
+        try:
+            result = self.node.fsm.query(request.request)
+        except Exception as exc:  # noqa: BLE001 - the state machine's refusal, not ours
+            raise CommandError(f"{type(exc).__name__}: {exc}") from None
+        return pb.QueryResponse(result=as_result_bytes(result))
+
+
+class StatusOnly(Service, pb_grpc.KVServicer):
+    """``KV.Status`` on a node that serves a state machine of its own (every node answers
+    it: clients and tools find the leader with it); the other KV calls are UNIMPLEMENTED."""
+
+    @rpc
+    async def Status(self, request, context):  # noqa: N802
+        return self.node.status()
+
+
+def as_result_bytes(result: Any) -> bytes:
+    """A state machine's result as it travels; CommandError for an exception it returned."""
+    if isinstance(result, BaseException):
+        raise CommandError(str(result) or type(result).__name__)
+    if result is None:
+        return b""
+    if isinstance(result, bytes | bytearray | memoryview):
+        return bytes(result)
+    if isinstance(result, str):
+        return result.encode()
+    raise CommandError(f"its result is a {type(result).__name__}, not bytes")

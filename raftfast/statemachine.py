@@ -1,0 +1,70 @@
+"""What raftfast replicates: your state machine.
+
+A ``StateMachine`` changes only when a committed command is applied to it, in log order, on
+every node; so ``apply`` must be deterministic: the same commands in the same order give the
+same state and the same results everywhere (no clocks, no randomness, no I/O, no dict-order
+surprises). Its return value is the proposer's result. ``query`` reads without changing
+anything (the node decides when that is safe: linearizable, lease or stale). ``snapshot`` and
+``restore`` stream the whole state through file objects, so state larger than what fits in one
+``bytes`` works; the node snapshots every so many commands and sends snapshots to followers
+that fell behind.
+
+::
+
+    class Counter(raftfast.StateMachine):
+        def __init__(self):
+            self.value = 0
+
+        def apply(self, index: int, command: bytes) -> bytes:
+            self.value += int(command)
+            return str(self.value).encode()
+
+        def query(self, request: bytes) -> bytes:
+            return str(self.value).encode()
+
+        def snapshot(self, out):
+            out.write(str(self.value).encode())
+
+        def restore(self, inp):
+            self.value = int(inp.read())
+
+This module needs nothing but the standard library: the pure core, the storage and a state
+machine can be used where gRPC is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+__all__ = ["StateMachine"]
+
+
+class StateMachine:
+    """The interface (hashicorp/raft's FSM, etcd-io/raft's "the application applies committed
+    entries"). Subclass it, or write a class with the same methods."""
+
+    def apply(self, index: int, command: bytes) -> Any:
+        """Apply the committed command at log ``index``; return the proposer's result (an
+        exception returned, not raised, is handed to the proposer as its error). Deterministic:
+        every node applies the same commands in the same order."""
+        raise NotImplementedError
+
+    def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[Any]:
+        """Apply consecutive commands at ``first_index``, ``first_index + 1``...; their results
+        in order. Override it when many commands at once can be applied faster than one by
+        one; it must not raise."""
+        return [self.apply(first_index + i, c) for i, c in enumerate(commands)]
+
+    def query(self, request: bytes) -> bytes:
+        """Answer a read without changing anything."""
+        raise NotImplementedError
+
+    def snapshot(self, out: BinaryIO) -> None:
+        """Write the whole state to ``out`` (the same state, the same bytes: a snapshot is
+        taken between two applies, in the node's event loop)."""
+        raise NotImplementedError
+
+    def restore(self, inp: BinaryIO) -> None:
+        """Replace the whole state with the one ``snapshot`` wrote (read from ``inp``)."""
+        raise NotImplementedError

@@ -1,0 +1,90 @@
+"""A state machine of the user's (examples/ledger.py) served by three ``raftfast-node
+--state-machine`` processes: clients propose and query through the generic StateMachine service;
+its state survives kill -9 of the leader and a restart of every node, and a follower that
+missed many commands catches up by snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from raftfast.client import SyncClient
+from raftfast.errors import CommandError
+from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    env = {"PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
+    extra = ["--state-machine", "ledger:Ledger", "--snapshot-entries", "100"]
+    with ProcCluster(tmp_path, 3, extra=[*extra, "--snapshot-keep", "10"], env=env) as c:
+        yield c
+
+
+def deposit(c: SyncClient, account: str, amount: int) -> int:
+    return int(c.propose(json.dumps({"op": "deposit", "account": account, "amount": amount})))
+
+
+def test_a_ledger_of_our_own_across_kills_restarts_and_a_snapshot(cluster):
+    cluster.wait_leader()
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        assert [deposit(c, "alice", 1) for _ in range(50)][-1] == 50
+        with pytest.raises(CommandError, match="alice has 50, not 70"):
+            c.propose(json.dumps({"op": "transfer", "from": "alice", "to": "bob", "amount": 70}))
+        with pytest.raises(CommandError, match="bad command"):
+            c.propose(b"not json")
+        c.propose(json.dumps({"op": "transfer", "from": "alice", "to": "bob", "amount": 20}))
+        assert (c.query("alice"), c.query("bob")) == (b"30", b"20")
+
+        leader = cluster.leader()
+        cluster.kill(leader)  # kill -9 of the leader
+        assert deposit(c, "alice", 5) == 35
+        cluster.start(leader, first_time=False)
+        behind = next(n for n in cluster.ids if n != cluster.wait_leader())
+        cluster.kill(behind)
+        for _ in range(300):  # (snapshots every 100 commands: behind needs one)
+            deposit(c, "carol", 1)
+        for nid in cluster.ids:
+            if nid not in cluster.procs:
+                cluster.start(nid, first_time=False)
+        target = cluster.status(cluster.wait_leader()).commit_index
+        for nid in cluster.ids:
+            cluster.wait_applied(nid, target, f"{nid} to catch up")
+        assert cluster.status(behind).snapshot_index > 0
+        for nid in cluster.ids:
+            with SyncClient([cluster.addrs[nid]], timeout=10) as one:
+                assert one.query("carol", read_mode="stale") == b"300", nid
+
+    cluster.stop_all()
+    for nid in cluster.ids:
+        cluster.start(nid, first_time=False)
+    cluster.wait_leader()
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        assert (c.query("alice"), c.query("bob"), c.query("carol")) == (b"35", b"20", b"300")
+
+
+def test_a_retried_propose_is_applied_once(cluster):
+    leader = cluster.wait_leader()
+    command = json.dumps({"op": "deposit", "account": "dave", "amount": 7}).encode()
+    with grpc.insecure_channel(cluster.addrs[leader]) as ch:
+        stub = pb_grpc.StateMachineStub(ch)
+        request = pb.ProposeRequest(client_id=99, sequence=1, command=command)
+        first = stub.Propose(request, timeout=10)
+        again = stub.Propose(request, timeout=10)  # a retry: the same client id and sequence
+        assert first.result == again.result == b"7"
+        assert stub.Query(pb.QueryRequest(request=b"dave"), timeout=10).result == b"7"
+        # and the KV service is not there: this node serves a state machine of its own
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.KVStub(ch).Get(pb.GetRequest(key=b"k"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    wait_for("every node to apply it", lambda: all(
+        cluster.status(n).applied_index >= first.index for n in cluster.ids
+    ))  # fmt: skip
