@@ -35,6 +35,8 @@ __all__ = [
     "Client",
     "SyncClient",
     "TLSFiles",
+    "Node",
+    "SyncNode",
     "BatchError",
     "ClusterUnavailableError",
     "CommandError",
@@ -57,11 +59,14 @@ _LAZY = {  # name -> module it lives in
     "Client": "raftfast.client",
     "SyncClient": "raftfast.client",
     "TLSFiles": "raftfast.security.tls",
+    "Node": "raftfast.server.embedded",
+    "SyncNode": "raftfast.server.embedded",
 }
 
 if TYPE_CHECKING:
     from raftfast.client import Client, SyncClient
     from raftfast.security.tls import TLSFiles
+    from raftfast.server.embedded import Node, SyncNode
 
 
 def __getattr__(name: str) -> Any:

@@ -74,6 +74,7 @@ __all__ = [
     "ReadModeLike",
     "SyncClient",
     "TLSFiles",
+    "message_to_dict",
     "parse_endpoints",
 ]
 
@@ -204,16 +205,16 @@ def _leader_hint(metadata: Any) -> str:
     return ""
 
 
-def _message_to_dict(msg: Any) -> dict[str, Any]:
+def message_to_dict(msg: Any) -> dict[str, Any]:
     """Every field of a proto message (defaults included) as plain Python values."""
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
         if field.message_type is not None:
             if field.is_repeated:
-                out[field.name] = [_message_to_dict(v) for v in value]
+                out[field.name] = [message_to_dict(v) for v in value]
             else:
-                out[field.name] = _message_to_dict(value)
+                out[field.name] = message_to_dict(value)
         elif field.is_repeated:
             out[field.name] = list(value)
         else:
@@ -541,7 +542,7 @@ class Client:
         target, response = await self._unary(
             "Status", pb.StatusRequest(), timeout, endpoint=endpoint, what="node"
         )
-        out = _message_to_dict(response)
+        out = message_to_dict(response)
         out["endpoint"] = target
         return out
 
@@ -585,13 +586,13 @@ class Client:
         """The raised alarms (``alarms``: ["NOSPACE"] while writes are refused), with the
         state's size (``state_bytes``) and the quota (``quota_bytes``)."""
         _, response = await self._unary("AlarmList", pb.AlarmRequest(), timeout, service="admin")
-        return _message_to_dict(response)
+        return message_to_dict(response)
 
     async def disarm_alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Clear the NOSPACE alarm once space is freed (RequestFailedError FAILED_PRECONDITION
         while it still is not); returns what ``alarms`` returns."""
         _, response = await self._unary("AlarmDisarm", pb.AlarmRequest(), timeout, service="admin")
-        return _message_to_dict(response)
+        return message_to_dict(response)
 
     # -- membership ------------------------------------------------------------------------
 
@@ -602,7 +603,7 @@ class Client:
         _, response = await self._unary(
             "MemberList", pb.MemberListRequest(), timeout, service="admin"
         )
-        return _message_to_dict(response)
+        return message_to_dict(response)
 
     async def add_member(
         self, node_id: str, address: str, *, learner: bool = False, timeout: float | None = None
@@ -615,7 +616,7 @@ class Client:
             raise ValueError(f"bad address {address!r} (want HOST:PORT)")
         request = pb.MemberAddRequest(id=node_id, address=address, learner=learner)
         _, response = await self._unary("MemberAdd", request, timeout, service="admin")
-        return _message_to_dict(response)
+        return message_to_dict(response)
 
     async def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
         """Make learner ``node_id`` a voter; returns the new configuration."""
@@ -636,7 +637,7 @@ class Client:
         _, response = await self._unary(
             method, pb.MemberRequest(id=node_id), timeout, service="admin"
         )
-        return _message_to_dict(response)
+        return message_to_dict(response)
 
     # -- internals: common -------------------------------------------------------------------
 

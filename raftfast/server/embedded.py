@@ -1,0 +1,361 @@
+"""The embeddable node: Raft for your own state machine, in your own process.
+
+::
+
+    async with raftfast.Node(
+        id="n1", listen="127.0.0.1:7001", data_dir="data/n1", state_machine=Counter(),
+        peers={"n1": "127.0.0.1:7001", "n2": "127.0.0.1:7002", "n3": "127.0.0.1:7003"},
+    ) as node:
+        result = await node.propose(b"+1")      # from any member: followers forward it
+        value = await node.query(b"")           # linearizable unless mode= lease or stale
+        node.is_leader, node.leader, await node.status()
+
+``SyncNode`` is the blocking twin for code without asyncio (its event loop runs in a thread).
+Several nodes can run in one process. Every keyword that ``raftfast-node`` takes as a flag is a
+keyword here (``tick_ms=20``, ``peer_listen=...``, TLS files...).
+
+A proposal is exactly-once: it carries this node's client id and a sequence number, and keeps
+them when it is retried (at a new leader after a leader change, say), so it is applied once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import grpc
+
+from raftfast.errors import (
+    ClusterUnavailableError,
+    CommandError,
+    DeadlineExceededError,
+    NotLeaderError,
+    RaftfastError,
+)
+from raftfast.exactly_once import frame_command
+from raftfast.limits import MAX_CLIENT_ID
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.tls import TLSFiles, channel_credentials
+from raftfast.settings import NodeSettings
+from raftfast.statemachine import StateMachine
+
+__all__ = ["Node", "SyncNode"]
+
+log = logging.getLogger("raftfast.node")
+
+T = TypeVar("T")
+_MODES = {"linearizable": pb.READ_LINEARIZABLE, "lease": pb.READ_LEASE, "stale": pb.READ_STALE}
+_RETRY_S = 0.05  # first pause between attempts while no leader answers (doubling, to 1 s)
+
+
+class Node:
+    """One member of a cluster replicating ``state_machine`` (see the module docs)."""
+
+    def __init__(
+        self,
+        id: str,  # noqa: A002 - the name every other raftfast command uses
+        listen: str,
+        data_dir: str,
+        state_machine: StateMachine,
+        peers: dict[str, str] | None = None,
+        *,
+        client_tls: TLSFiles | None = None,
+        timeout: float = 30.0,
+        **settings: Any,
+    ) -> None:
+        """``peers``: every founding member, this one included (id -> address); omit it with
+        ``join="HOST:PORT"`` of a member to join a running cluster. ``client_tls``: the
+        certificate this node presents to the leader's client port when it forwards (with
+        ``client_cert_auth``). ``timeout``: the default deadline of a call."""
+        if peers is None:  # (joining: the cluster tells us the others)
+            peers = {id: settings.get("peer_listen") or listen}
+        self.settings = NodeSettings(
+            id=id, listen=listen, peers=dict(peers), data_dir=data_dir, **settings
+        )
+        self.settings.validate()
+        self.state_machine = state_machine
+        self.timeout = timeout
+        self._client_tls = client_tls
+        self._driver: Any = None
+        self._client_id = secrets.randbelow(MAX_CLIENT_ID) + 1
+        self._seq = 0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> Node:
+        from raftfast.node import Node as Driver  # (the driver; this is its public face)
+
+        if self._driver is not None:
+            raise RaftfastError("this node is started already")
+        self._driver = Driver(self.settings, self.state_machine)
+        await self._driver.start()
+        return self
+
+    async def stop(self) -> None:
+        """Leave gracefully (as on SIGTERM): what is under way finishes, then everything
+        closes. Idempotent."""
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+        if self._driver is not None:
+            await self._driver.stop()
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.settings.id
+
+    @property
+    def is_leader(self) -> bool:
+        return self._running().is_leader
+
+    @property
+    def leader(self) -> str | None:
+        """The leader's id, as this node knows it (None while there is none)."""
+        return self._running().raw.raft.leader or None
+
+    async def status(self) -> dict[str, Any]:
+        from raftfast.client import message_to_dict
+
+        return message_to_dict(self._running().status())
+
+    async def wait_for_leader(self, timeout: float | None = None) -> str:
+        """The leader's id, once there is one."""
+        deadline = asyncio.get_running_loop().time() + (timeout or self.timeout)
+        delay = _RETRY_S
+        while (leader := self.leader) is None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ClusterUnavailableError(f"no leader within {timeout or self.timeout:g}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        return leader
+
+    # -- commands and queries --------------------------------------------------------------
+
+    async def propose(self, command: bytes, *, timeout: float | None = None) -> Any:
+        """Apply ``command`` on every member, exactly once; the state machine's result (an
+        exception it returned is raised here). Any member may propose: a follower forwards to
+        the leader (then the result travels as bytes)."""
+        self._seq += 1
+        framed = frame_command(self._client_id, self._seq, bytes(command))
+        request = pb.ProposeRequest(
+            client_id=self._client_id, sequence=self._seq, command=bytes(command)
+        )
+
+        async def local() -> Any:
+            (result,) = await self._running().propose([framed])
+            return result
+
+        async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
+            return (await stub.Propose(request, timeout=left)).result
+
+        result = await self._at_leader(local, remote, timeout)
+        if isinstance(result, BaseException):
+            raise CommandError(str(result) or type(result).__name__) from None
+        return result
+
+    async def query(
+        self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None
+    ) -> Any:
+        """Ask the state machine ``request`` (read-only). ``linearizable`` (the default) and
+        ``lease`` read at the leader (a follower forwards); ``stale`` reads this node's state
+        as it is."""
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}, not {mode!r}")
+        driver = self._running()
+        if mode == "stale":
+            return driver.fsm.query(bytes(request))
+        message = pb.QueryRequest(request=bytes(request), read_mode=_MODES[mode])
+
+        async def local() -> Any:
+            await driver.read_barrier(mode)
+            return driver.fsm.query(bytes(request))
+
+        async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
+            return (await stub.Query(message, timeout=left)).result
+
+        return await self._at_leader(local, remote, timeout)
+
+    # -- membership and leadership ---------------------------------------------------------
+
+    async def add_member(
+        self, node_id: str, address: str, *, learner: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Add ``node_id`` at ``address`` (a learner; a voter once caught up, unless
+        ``learner``). At the leader: call it there (``is_leader``), or use a Client."""
+        from raftfast.client import message_to_dict
+
+        answer = await self._running().add_member(
+            node_id, address, learner, timeout or self.timeout
+        )
+        return message_to_dict(answer)
+
+    async def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        return await self._change("promote", node_id, timeout)
+
+    async def demote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        return await self._change("demote", node_id, timeout)
+
+    async def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        return await self._change("remove", node_id, timeout)
+
+    async def transfer_leader(self, target: str) -> str:
+        """Hand leadership to ``target`` (from the leader); the new leader's id."""
+        leader, _term = await self._running().transfer_leadership(target)
+        return leader
+
+    async def _change(self, kind: str, node_id: str, timeout: float | None) -> dict:
+        from raftfast.client import message_to_dict
+        from raftfast.core.membership import ChangeKind
+
+        answer = await self._running().change_member(
+            ChangeKind(kind), node_id, timeout or self.timeout
+        )
+        return message_to_dict(answer)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _running(self) -> Any:
+        if self._driver is None:
+            raise RaftfastError("the node is not started (use `async with` or start())")
+        return self._driver
+
+    async def _at_leader(self, local, remote, timeout: float | None) -> Any:
+        """``local()`` if this node leads, else ``remote(stub, seconds left)`` at the leader;
+        again (the same request) until the deadline while there is no leader or it moves."""
+        loop = asyncio.get_running_loop()
+        total = timeout or self.timeout
+        deadline = loop.time() + total
+        delay = _RETRY_S
+        last = "no leader known"
+        while (left := deadline - loop.time()) > 0:
+            driver = self._running()
+            try:
+                if driver.is_leader:
+                    return await asyncio.wait_for(local(), left)
+                leader = self.leader
+                address = driver.address_of(leader) if leader else None
+                if address:
+                    return await remote(self._stub(address), left)
+            except NotLeaderError as exc:
+                last = str(exc)
+            except TimeoutError:
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    details = exc.details() or "refused"
+                    raise CommandError(details.removeprefix("state machine:").strip()) from None
+                if exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.CANCELLED,
+                ):
+                    raise RaftfastError(f"the leader refused: {exc.details()}") from None
+                last = exc.details() or exc.code().name
+            await asyncio.sleep(min(delay, max(deadline - loop.time(), 0)))
+            delay = min(delay * 2, 1.0)
+        raise DeadlineExceededError(f"not done within {total:g}s ({last})")
+
+    def _stub(self, address: str) -> pb_grpc.StateMachineStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            if self._client_tls is None:
+                channel = grpc.aio.insecure_channel(address)
+            else:
+                channel = grpc.aio.secure_channel(address, channel_credentials(self._client_tls))
+            self._channels[address] = channel
+        return pb_grpc.StateMachineStub(channel)
+
+
+class SyncNode:
+    """``Node`` for code without asyncio: the node runs in an event loop of its own, in a
+    thread; every method blocks until it is done. ``with SyncNode(...) as node:``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.node = Node(*args, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"raftfast-{self.node.id}", daemon=True
+        )
+        self._started = False
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if not self._thread.is_alive():
+            coro.close()
+            raise RaftfastError("the node is stopped (or not started)")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def start(self) -> SyncNode:
+        if self._started:
+            raise RaftfastError("this node is started already")
+        self._thread.start()
+        self._run(self.node.start())
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self._run(self.node.stop())
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=30)
+                self._loop.close()
+
+    def __enter__(self) -> SyncNode:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+    @property
+    def is_leader(self) -> bool:
+        return self.node.is_leader
+
+    @property
+    def leader(self) -> str | None:
+        return self.node.leader
+
+    def status(self) -> dict[str, Any]:
+        return self._run(self.node.status())
+
+    def wait_for_leader(self, timeout: float | None = None) -> str:
+        return self._run(self.node.wait_for_leader(timeout))
+
+    def propose(self, command: bytes, *, timeout: float | None = None) -> Any:
+        return self._run(self.node.propose(command, timeout=timeout))
+
+    def query(self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None):
+        return self._run(self.node.query(request, mode=mode, timeout=timeout))
+
+    def add_member(self, node_id: str, address: str, *, learner: bool = False) -> dict:
+        return self._run(self.node.add_member(node_id, address, learner=learner))
+
+    def promote_member(self, node_id: str) -> dict:
+        return self._run(self.node.promote_member(node_id))
+
+    def demote_member(self, node_id: str) -> dict:
+        return self._run(self.node.demote_member(node_id))
+
+    def remove_member(self, node_id: str) -> dict:
+        return self._run(self.node.remove_member(node_id))
+
+    def transfer_leader(self, target: str) -> str:
+        return self._run(self.node.transfer_leader(target))

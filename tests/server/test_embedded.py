@@ -1,0 +1,111 @@
+"""The embeddable node (raftfast.Node, raftfast.SyncNode): three nodes in one process
+replicating a state machine of the test's; proposals from every member (followers forward),
+queries in every mode, a leader that leaves, exactly-once across a forward."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import BinaryIO
+
+import pytest
+
+import raftfast
+from raftfast.errors import CommandError, RaftfastError
+from raftfast.localcluster import free_ports
+
+
+class Counter(raftfast.StateMachine):
+    def __init__(self) -> None:
+        self.value = 0
+        self.applied = 0
+
+    def apply(self, index: int, command: bytes) -> object:
+        if command == b"boom":
+            return ValueError("no booms here")
+        self.applied += 1
+        self.value += int(command)
+        return str(self.value).encode()
+
+    def query(self, request: bytes) -> bytes:
+        return str(self.value).encode()
+
+    def snapshot(self, out: BinaryIO) -> None:
+        out.write(str(self.value).encode())
+
+    def restore(self, inp: BinaryIO) -> None:
+        self.value = int(inp.read())
+
+
+def three(tmp_path, node_class=raftfast.Node) -> list:
+    ports = free_ports(3)
+    peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    return [
+        node_class(
+            id=nid,
+            listen=addr,
+            peers=peers,
+            data_dir=str(tmp_path / nid),
+            state_machine=Counter(),
+            tick_ms=20,
+        )
+        for nid, addr in peers.items()
+    ]
+
+
+def test_three_nodes_in_one_process(tmp_path):
+    async def main() -> None:
+        nodes = three(tmp_path)
+        try:
+            for node in nodes:
+                await node.start()
+            leader = await nodes[0].wait_for_leader()
+            by_id = {n.id: n for n in nodes}
+            results = await asyncio.gather(*(n.propose(b"1") for n in nodes for _ in range(10)))
+            assert sorted(int(r) for r in results) == list(range(1, 31))
+            assert await by_id[leader].propose(b"5") == b"35"
+            for node in nodes:
+                assert await node.query(b"") == b"35"  # linearizable, forwarded if need be
+                assert await node.query(b"", mode="lease") == b"35"
+            with pytest.raises(CommandError, match="no booms"):
+                await nodes[1].propose(b"boom")
+            with pytest.raises(ValueError):
+                await nodes[0].query(b"", mode="fresh")
+            status = await by_id[leader].status()
+            assert status["role"] == "leader" and {m["id"] for m in status["members"]} == {
+                "n1",
+                "n2",
+                "n3",
+            }
+            # the leader leaves; the others elect one and go on
+            await by_id[leader].stop()
+            rest = [n for n in nodes if n.id != leader]
+            await rest[0].wait_for_leader(timeout=30)
+            while rest[0].leader == leader:
+                await asyncio.sleep(0.05)
+            assert int(await rest[1].propose(b"1", timeout=30)) == 36
+            for node in rest:
+                while await node.query(b"", mode="stale") != b"36":  # each node's own state
+                    await asyncio.sleep(0.02)
+            assert [n.state_machine.applied for n in rest] == [32, 32]  # (no double apply)
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_sync_node(tmp_path):
+    nodes = three(tmp_path, raftfast.SyncNode)
+    try:
+        for node in nodes:
+            node.start()
+        nodes[2].wait_for_leader()
+        assert int(nodes[2].propose(b"7")) == 7
+        assert nodes[0].query(b"") == b"7"
+        with pytest.raises(RaftfastError):
+            nodes[0].start()  # once
+    finally:
+        for node in nodes:
+            node.stop()
+    with pytest.raises(RaftfastError, match="stopped"):
+        nodes[0].propose(b"1")
