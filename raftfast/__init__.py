@@ -27,11 +27,18 @@ from raftfast.errors import (
     StorageError,
     UnavailableError,
 )
+from raftfast.objects import Objects, ReplCounter, ReplDict, ReplLock, readonly, replicated
 from raftfast.statemachine import StateMachine
 
 __all__ = [
     "COMPILED",
     "StateMachine",
+    "Objects",
+    "ReplCounter",
+    "ReplDict",
+    "ReplLock",
+    "readonly",
+    "replicated",
     "Client",
     "SyncClient",
     "TLSFiles",

@@ -85,6 +85,9 @@ class Node:
         self._client_id = secrets.randbelow(MAX_CLIENT_ID) + 1
         self._seq = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        bind = getattr(state_machine, "bind", None)  # (raftfast.Objects: calls propose)
+        if bind is not None:
+            bind(self.propose, self.query)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -177,12 +180,12 @@ class Node:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, not {mode!r}")
         driver = self._running()
         if mode == "stale":
-            return driver.fsm.query(bytes(request))
+            return self._query_here(bytes(request))
         message = pb.QueryRequest(request=bytes(request), read_mode=_MODES[mode])
 
         async def local() -> Any:
             await driver.read_barrier(mode)
-            return driver.fsm.query(bytes(request))
+            return self._query_here(bytes(request))
 
         async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
             return (await stub.Query(message, timeout=left)).result
@@ -227,6 +230,12 @@ class Node:
         return message_to_dict(answer)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _query_here(self, request: bytes) -> Any:
+        try:
+            return self._running().fsm.query(request)
+        except Exception as exc:  # noqa: BLE001 - the state machine's refusal, as remotely
+            raise CommandError(f"{type(exc).__name__}: {exc}") from None
 
     def _running(self) -> Any:
         if self._driver is None:
@@ -286,6 +295,9 @@ class SyncNode:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.node = Node(*args, **kwargs)
+        bind = getattr(self.node.state_machine, "bind", None)
+        if bind is not None:  # (replicated objects' calls block here, instead)
+            bind(self.propose, self.query)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name=f"raftfast-{self.node.id}", daemon=True
