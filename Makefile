@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory lint test-compiled test-pure
 
 lint: $(STAMP)
-	$(PY) -m ruff check raftfast tests bench setup.py
+	$(PY) -m ruff check raftfast tests bench examples setup.py
 
 test-compiled: $(STAMP)
 	@echo "== compiled run =="

@@ -56,3 +56,31 @@ class Ledger(StateMachine):
 
     def restore(self, inp: BinaryIO) -> None:
         self.balances = json.loads(inp.read())
+
+
+def main() -> int:
+    """Three ``raftfast-node --state-machine ledger:Ledger`` processes, a few commands through
+    a client; prints one JSON line (exit 0 if the balances are right)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from raftfast import SyncClient
+    from raftfast.localcluster import ProcCluster
+
+    here = str(Path(__file__).resolve().parent)
+    env = {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryDirectory(prefix="ledger-") as tmp:
+        extra = ["--state-machine", "ledger:Ledger", "--log-level", "WARNING"]
+        with ProcCluster(Path(tmp), 3, extra=extra, env=env) as cluster:
+            cluster.wait_leader()
+            with SyncClient(cluster.endpoints, timeout=30) as c:
+                c.propose(json.dumps({"op": "deposit", "account": "alice", "amount": 10}))
+                c.propose(json.dumps({"op": "transfer", "from": "alice", "to": "bob", "amount": 3}))
+                balances = {who: int(c.query(who)) for who in ("alice", "bob")}
+    print(json.dumps(balances))
+    return 0 if balances == {"alice": 7, "bob": 3} else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

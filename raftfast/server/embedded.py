@@ -82,6 +82,7 @@ class Node:
         self.timeout = timeout
         self._client_tls = client_tls
         self._driver: Any = None
+        self._stopped = False
         self._client_id = secrets.randbelow(MAX_CLIENT_ID) + 1
         self._seq = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -108,6 +109,7 @@ class Node:
             await channel.close()
         if self._driver is not None:
             await self._driver.stop()
+            self._stopped = True
 
     async def __aenter__(self) -> Node:
         return await self.start()
@@ -238,8 +240,8 @@ class Node:
             raise CommandError(f"{type(exc).__name__}: {exc}") from None
 
     def _running(self) -> Any:
-        if self._driver is None:
-            raise RaftfastError("the node is not started (use `async with` or start())")
+        if self._driver is None or self._stopped:
+            raise RaftfastError("the node is not running (use `async with` or start())")
         return self._driver
 
     async def _at_leader(self, local, remote, timeout: float | None) -> Any:
