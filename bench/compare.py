@@ -9,7 +9,7 @@ The same workloads, in one run, one system at a time (never two at once on these
   and PySyncObj have no such call).
 
 raftfast and etcd run with fsync on (etcd 3.4 from Debian's etcd-server, its defaults), driven
-by the same load generator (``raftfast.loadgen``; etcd through its gRPC ``KV.Put``, the
+by the same load generator (``raftfast.tools.loadgen``; etcd through its gRPC ``KV.Put``, the
 request encoded by hand). PySyncObj has no network client: its load is generated inside the
 leader process (as in its own benchmarks) and it keeps its log in memory (not durable); with
 its default 100 ms append period a request waits ~100 ms, so it needs many in flight.
@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from raftfast import benchcmd
-from raftfast.cli import format_table
-from raftfast.localcluster import free_ports, wait_for
+from raftfast.client.tables import format_table
+from raftfast.tools import benchcmd
+from raftfast.tools.localcluster import free_ports, wait_for
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = {

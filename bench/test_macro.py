@@ -1,10 +1,12 @@
 """Macro benchmarks: real 3- and 5-node clusters (fsync on, 64-byte values) under the load
 generator of ``raftfast bench``, and a no-op gRPC server under the very same client and load.
 
-Every gate is a ratio measured in the same run, plus a generous absolute floor (these 2-core
-machines are noisy); the numbers themselves are printed (``-s``) and stored in the benchmark's
-``extra_info`` (``make bench``). Targets (issue 6) are stated next to each gate; the gates are
-looser than the targets so that they catch regressions, not noise.
+Every gate is a ratio measured in the same run, plus an absolute floor; the numbers themselves
+are printed (``-s``) and stored in the benchmark's ``extra_info`` (``make bench``). Targets
+(issue 6) are stated next to each gate. Each gate has two bounds (``tests/gates.py``): under
+``make bench`` (nothing else running) one near the target, which catches a regression; under
+``make test`` (a loaded machine, maybe two runs at once) a generous one, which catches a
+collapse, and a ratio there is the best of up to three pairs of short runs.
 
     make bench                                   # RAFTFAST_BENCH_SECONDS=5 per measurement
     RAFTFAST_BENCH_SECONDS=2 pytest bench/test_macro.py --benchmark-disable -s   # the CI subset
@@ -16,7 +18,9 @@ import os
 
 import pytest
 
-from raftfast import COMPILED, benchcmd
+from raftfast import COMPILED
+from raftfast.tools import benchcmd
+from tests.gates import best_of, limit
 
 SECONDS = float(os.environ.get("RAFTFAST_BENCH_SECONDS", "5"))
 
@@ -43,22 +47,28 @@ def show(name: str, r: dict) -> None:
     )
 
 
+def _ratio(pair: dict, of: str = "ops_per_s") -> float:
+    return pair["b"][of] / pair["a"][of]
+
+
 def test_batched_throughput_three_and_five_nodes(benchmark):
     """Targets: >= 300,000 ops/s with 3 nodes, >= 200,000 with 5; 5 nodes >= 0.6 x 3 nodes.
     The ratio is the best of up to three pairs of runs: on a busy machine one pair can land
     on a busy moment for one size and not the other (it did, in CI)."""
     results = {}
+    floor = limit(test=0.3, bench=0.6)
 
     def run() -> None:
-        best = 0.0
-        for _attempt in range(3):
-            pair = {n: measure(n, inflight=8, batch=2000) for n in (3, 5)}
-            ratio = pair[5]["ops_per_s"] / pair[3]["ops_per_s"]
-            if ratio > best:
-                best = ratio
-                results.update(pair)
-            if best >= 0.6:
-                return
+        pair = best_of(
+            3,
+            lambda: {
+                "a": measure(3, inflight=8, batch=2000),
+                "b": measure(5, inflight=8, batch=2000),
+            },
+            _ratio,
+            floor,
+        )
+        results.update({3: pair["a"], 5: pair["b"]})
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     record(benchmark, results[3])
@@ -67,8 +77,8 @@ def test_batched_throughput_three_and_five_nodes(benchmark):
     show("batched, 5 nodes", results[5])
     ratio = results[5]["ops_per_s"] / results[3]["ops_per_s"]
     print(f"5 nodes / 3 nodes: {ratio:.2f}")
-    assert results[3]["ops_per_s"] >= 10_000, "batched 3-node floor"
-    assert ratio >= 0.6, f"5 nodes reach only {ratio:.2f} x the 3-node rate"
+    assert results[3]["ops_per_s"] >= limit(test=10_000, bench=150_000), "batched 3-node floor"
+    assert ratio >= floor, f"5 nodes reach only {ratio:.2f} x the 3-node rate"
 
 
 def test_unbatched_against_a_noop_grpc_server(benchmark):
@@ -78,11 +88,24 @@ def test_unbatched_against_a_noop_grpc_server(benchmark):
     streams, ~2x cheaper per call than unary). The gate is far looser than the target: it
     catches a collapse, and the note gives the ratios."""
     results = {}
+    floor = limit(test=0.05, bench=0.3)  # (of the unary baseline; measured 0.44-0.58)
+
+    def attempt() -> dict:
+        return {
+            "noop": measure(clients=8, inflight=1, noop="session"),
+            "noop_unary": measure(clients=8, inflight=1, noop="unary"),
+            "cluster": measure(3, clients=8, inflight=1),
+        }
 
     def run() -> None:
-        results["noop"] = measure(clients=8, inflight=1, noop="session")
-        results["noop_unary"] = measure(clients=8, inflight=1, noop="unary")
-        results["cluster"] = measure(3, clients=8, inflight=1)
+        results.update(
+            best_of(
+                3,
+                attempt,
+                lambda r: r["cluster"]["ops_per_s"] / r["noop_unary"]["ops_per_s"],
+                floor,
+            )
+        )
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     record(benchmark, results["cluster"])
@@ -94,20 +117,23 @@ def test_unbatched_against_a_noop_grpc_server(benchmark):
     ratio = results["cluster"]["ops_per_s"] / results["noop"]["ops_per_s"]
     unary_ratio = results["cluster"]["ops_per_s"] / results["noop_unary"]["ops_per_s"]
     print(f"cluster / no-op (our client): {ratio:.2f}; cluster / no-op (unary): {unary_ratio:.2f}")
-    assert ratio >= 0.05, f"the cluster runs at {ratio:.2f} x the no-op gRPC rate"
+    assert unary_ratio >= floor, f"the cluster runs at {unary_ratio:.2f} x the no-op unary rate"
 
 
 def test_sequential_put_latency(benchmark):
     """Target: p50 <= 1 ms for one client, one put at a time (3 nodes, fsync on)."""
     results = {}
+    bound = limit(test=25.0, bench=2.0)
 
     def run() -> None:
-        results["seq"] = measure(3, clients=1, inflight=1)
+        results["seq"] = best_of(
+            3, lambda: measure(3, clients=1, inflight=1), lambda r: -r["p50_ms"], -bound
+        )
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     record(benchmark, results["seq"])
     show("sequential puts", results["seq"])
-    assert results["seq"]["p50_ms"] <= 25.0, "sequential put p50 floor"
+    assert results["seq"]["p50_ms"] <= bound, "sequential put p50 bound"
 
 
 def test_the_cost_of_tls(benchmark):
@@ -115,11 +141,21 @@ def test_the_cost_of_tls(benchmark):
     costs <= 20% of the batched rate and of the sequential p50, against plain in the same run.
     The gate only catches a collapse; the note gives the ratios."""
     results = {}
+    rate_floor = limit(test=0.3, bench=0.7)
+    p50_bound = limit(test=4.0, bench=1.5)
+
+    def pair(kind: str, **options) -> None:
+        both = best_of(
+            3,
+            lambda: {"a": measure(3, **options), "b": measure(3, tls=True, **options)},
+            (lambda p: _ratio(p)) if kind == "batched" else (lambda p: -_ratio(p, "p50_ms")),
+            rate_floor if kind == "batched" else -p50_bound,
+        )
+        results[kind, False], results[kind, True] = both["a"], both["b"]
 
     def run() -> None:
-        for tls in (False, True):
-            results["batched", tls] = measure(3, inflight=8, batch=2000, tls=tls)
-            results["sequential", tls] = measure(3, clients=1, inflight=1, tls=tls)
+        pair("batched", inflight=8, batch=2000)
+        pair("sequential", clients=1, inflight=1)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     record(benchmark, results["batched", True])
@@ -131,5 +167,5 @@ def test_the_cost_of_tls(benchmark):
     benchmark.extra_info["tls_batched_ratio"] = round(rate, 3)
     benchmark.extra_info["tls_sequential_p50_ratio"] = round(p50, 3)
     print(f"TLS / plain: batched rate {rate:.2f}, sequential p50 {p50:.2f}")
-    assert rate >= 0.3, f"TLS runs batched at {rate:.2f} x the plain rate"
-    assert p50 <= 4.0, f"TLS makes the sequential p50 {p50:.2f} x the plain one"
+    assert rate >= rate_floor, f"TLS runs batched at {rate:.2f} x the plain rate"
+    assert p50 <= p50_bound, f"TLS makes the sequential p50 {p50:.2f} x the plain one"

@@ -4,8 +4,9 @@
     pytest bench --benchmark-disable -s                        # just the speedup gate, with ratios
 
 ``test_speedup_floor`` measures compiled/pure ratios itself (timeit medians) so it also runs
-under ``--benchmark-disable`` in ``make test``.  Its floor (3x) is deliberately far below the
-target we report (>= 10x) because shared CI machines are noisy.
+under ``--benchmark-disable`` in ``make test``. There its floor (3x) is far below the target we
+report (>= 10x; ``commit_index`` 9-11x) because shared CI machines are noisy, and a function
+under it is measured again, up to three times; ``make bench`` holds 8x (``tests/gates.py``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.gates import best_of, limit
+
 N_ENTRIES = 1000
 PAYLOAD = 64
 CRC_BYTES = 64 * 1024
-FLOOR = 3.0
 
 
 def load(kind: str) -> SimpleNamespace:
@@ -146,13 +148,18 @@ def _per_call(
 def test_speedup_floor():
     compiled = workloads(load("compiled"))
     pure = workloads(load("pure"))
+    floor = limit(test=3.0, bench=8.0)
     ratios = {}
     for name in FUNCTIONS:
-        c = _per_call(*compiled[name])
-        p = _per_call(*pure[name])
+        c, p = best_of(
+            3,
+            lambda: (_per_call(*compiled[name]), _per_call(*pure[name])),  # noqa: B023
+            lambda cp: cp[1] / cp[0],
+            floor,
+        )
         ratios[name] = p / c
         print(
             f"{name:>13}: compiled {c * 1e6:9.2f} us  pure {p * 1e6:10.2f} us  ratio {p / c:7.1f}x"
         )
-    slow = {name: round(r, 1) for name, r in ratios.items() if r < FLOOR}
-    assert not slow, f"compiled not {FLOOR}x faster than pure: {slow}"
+    slow = {name: round(r, 1) for name, r in ratios.items() if r < floor}
+    assert not slow, f"compiled not {floor}x faster than pure: {slow}"

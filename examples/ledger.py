@@ -66,7 +66,7 @@ def main() -> int:
     from pathlib import Path
 
     from raftfast import SyncClient
-    from raftfast.localcluster import ProcCluster
+    from raftfast.tools.localcluster import ProcCluster
 
     here = str(Path(__file__).resolve().parent)
     env = {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}

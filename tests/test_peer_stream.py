@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from raftfast.core.types import Message, MsgType
-from raftfast.localcluster import free_ports
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.tools.localcluster import free_ports
 from raftfast.transport import grpc as grpc_transport
 from raftfast.transport import tcp
 from raftfast.transport.codec import encode_frame

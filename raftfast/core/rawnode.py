@@ -150,6 +150,79 @@ class RawNode:
 
     # -- inspection ----------------------------------------------------------------------------
 
+    # What the driver may ask of the core (read-only; the core's own fields stay its own).
+
+    @property
+    def role(self) -> Role:
+        return self.raft.role
+
+    @property
+    def term(self) -> int:
+        return self.raft.term
+
+    @property
+    def leader(self) -> str:
+        """The leader of the current term as far as we know ("" if none)."""
+        return self.raft.leader
+
+    @property
+    def reason(self) -> str:
+        """Why the role or term last changed (for the log)."""
+        return self.raft.reason
+
+    @property
+    def commit_index(self) -> int:
+        return self.raft.log.committed
+
+    @property
+    def first_index(self) -> int:
+        """The first index the log holds (after the newest snapshot)."""
+        return self.raft.log.first_index
+
+    @property
+    def last_index(self) -> int:
+        return self.raft.log.last_index
+
+    @property
+    def stable_index(self) -> int:
+        """The last index known durable."""
+        return self.raft.log.stable
+
+    @property
+    def log_bytes(self) -> int:
+        """Bytes of entries held in memory."""
+        return self.raft.log.entries.nbytes
+
+    def term_at(self, index: int) -> int:
+        return self.raft.log.term_at(index)
+
+    @property
+    def membership(self) -> Membership:
+        """The newest configuration in the log (committed or not)."""
+        return self.raft.membership
+
+    @property
+    def config_index(self) -> int:
+        """The index of the newest configuration in the log."""
+        return self.raft.config_index
+
+    def membership_at(self, index: int) -> Membership:
+        """The configuration in force at ``index``."""
+        return self.raft.membership_at(index)
+
+    def configs(self) -> list[tuple[int, Membership]]:
+        """(index, configuration) of every configuration still in the log."""
+        return self.raft.configs()
+
+    def peers_in_play(self) -> dict[str, str]:
+        """Members of the committed configuration and of every newer one: id -> address."""
+        return self.raft.peers_in_play()
+
+    def match_index(self, peer: str) -> int | None:
+        """Leader only: how far ``peer``'s log is known to match ours (None: not a peer)."""
+        pr = self.raft.progress.get(peer)
+        return None if pr is None else pr.match_index
+
     def status(self) -> Status:
         r = self.raft
         progress = {p: (pr.match_index, pr.next_index) for p, pr in r.progress.items()}

@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from raftfast.kv.fsm import NOSPACE, KVStateMachine, encode_alarm
+from raftfast.kv.commands import NOSPACE, encode_alarm
+from raftfast.kv.fsm import KVStateMachine
 from raftfast.proto import raftfast_pb2 as pb
-from raftfast.settings import NodeSettings
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
+
+if TYPE_CHECKING:  # (the quota serves a node: it must not import the server)
+    from raftfast.server.settings import NodeSettings
 
 __all__ = ["NOSPACE_PREFIX", "Quota"]
 

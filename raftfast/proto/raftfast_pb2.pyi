@@ -73,12 +73,14 @@ class StreamEndpoint(_message.Message):
     def __init__(self, port_offset: _Optional[int] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class StreamRefusal(_message.Message):
-    __slots__ = ("code", "details")
+    __slots__ = ("code", "details", "removed_at")
     CODE_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
     code: int
     details: str
-    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+    removed_at: int
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ..., removed_at: _Optional[int] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
     __slots__ = ("cluster_id", "meta", "offset", "data", "done")

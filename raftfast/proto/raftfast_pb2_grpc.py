@@ -49,11 +49,6 @@ class PeerStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.SnapshotChunk.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
                 _registered_method=True)
-        self.TimeoutNow = channel.unary_unary(
-                '/raftfast.v1.Peer/TimeoutNow',
-                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.Frame.SerializeToString,
-                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
-                _registered_method=True)
         self.ReplicationEndpoint = channel.unary_unary(
                 '/raftfast.v1.Peer/ReplicationEndpoint',
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
@@ -95,13 +90,6 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def TimeoutNow(self, request, context):
-        """Leadership transfer: the receiver campaigns at once.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def ReplicationEndpoint(self, request, context):
         """The TCP port of this node's replication stream (Replicate without gRPC).
         """
@@ -139,11 +127,6 @@ def add_PeerServicer_to_server(servicer, server):
             'InstallSnapshot': grpc.stream_unary_rpc_method_handler(
                     servicer.InstallSnapshot,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.SnapshotChunk.FromString,
-                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
-            ),
-            'TimeoutNow': grpc.unary_unary_rpc_method_handler(
-                    servicer.TimeoutNow,
-                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.Frame.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
             ),
             'ReplicationEndpoint': grpc.unary_unary_rpc_method_handler(
@@ -242,33 +225,6 @@ class Peer:
             target,
             '/raftfast.v1.Peer/InstallSnapshot',
             raftfast_dot_proto_dot_raftfast__pb2.SnapshotChunk.SerializeToString,
-            raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def TimeoutNow(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/raftfast.v1.Peer/TimeoutNow',
-            raftfast_dot_proto_dot_raftfast__pb2.Frame.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
             options,
             channel_credentials,

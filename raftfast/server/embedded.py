@@ -41,7 +41,7 @@ from raftfast.limits import MAX_CLIENT_ID
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, channel_credentials
-from raftfast.settings import NodeSettings
+from raftfast.server.settings import NodeSettings
 from raftfast.statemachine import StateMachine
 
 __all__ = ["Node", "SyncNode"]
@@ -93,7 +93,7 @@ class Node:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> Node:
-        from raftfast.node import Node as Driver  # (the driver; this is its public face)
+        from raftfast.server.driver import Driver  # (the driver; this is its public face)
 
         if self._driver is not None:
             raise RaftfastError("this node is started already")
@@ -130,7 +130,7 @@ class Node:
     @property
     def leader(self) -> str | None:
         """The leader's id, as this node knows it (None while there is none)."""
-        return self._running().raw.raft.leader or None
+        return self._running().raw.leader or None
 
     async def status(self) -> dict[str, Any]:
         from raftfast.client import message_to_dict

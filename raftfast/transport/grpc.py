@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,8 +29,7 @@ from raftfast.limits import MAX_ID_BYTES, MAX_TERM_OR_INDEX, node_id_problem
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, caller_name, channel_credentials
-from raftfast.settings import PEER_STREAMS
-from raftfast.transport import tcp
+from raftfast.transport import PEER_STREAMS, tcp
 from raftfast.transport.codec import (
     CodecError,
     encode_frame,
@@ -78,7 +76,6 @@ def _code(status: grpc.StatusCode) -> int:
 
 
 NOT_A_MEMBER = "is not (or no longer) a member of this cluster"
-_REMOVED_AT = re.compile(r"removed at index (\d+)")
 
 
 class PeerTransport:
@@ -252,19 +249,26 @@ class PeerTransport:
             await stub.RequestVote(frame(self.cluster_id, self.node_id, [m]), timeout=2.0)
         except grpc.RpcError as exc:
             log.debug("vote request to %s failed: %s", peer.id, exc.code())
-            self._check_refused(peer, exc.code(), exc.details())
+            self._check_refused_rpc(peer, exc)
 
     def _check_refused(
-        self, peer: _Peer, code: grpc.StatusCode | None, details: str | None
+        self, peer: _Peer, code: grpc.StatusCode | None, details: str | None, removed_at: int
     ) -> None:
-        details = details or ""
+        """A peer refused us: if because our id was removed, say so (with the index)."""
         if (
             self.on_refused is not None
             and code == grpc.StatusCode.PERMISSION_DENIED
-            and NOT_A_MEMBER in details
+            and NOT_A_MEMBER in (details or "")
         ):
-            found = _REMOVED_AT.search(details)
-            self.on_refused(peer.id, int(found.group(1)) if found else 0)
+            self.on_refused(peer.id, removed_at)
+
+    def _check_refused_rpc(self, peer: _Peer, exc: grpc.RpcError) -> None:
+        metadata = dict(exc.trailing_metadata() or ())
+        try:
+            removed_at = int(metadata.get("removed-at", 0))
+        except ValueError:
+            removed_at = 0
+        self._check_refused(peer, exc.code(), exc.details(), removed_at)
 
     def _take_batches(self, peer: _Peer) -> Iterator[list[Message]]:
         """Empty ``peer.queue`` in frames' worth of at most _MAX_FRAME_MESSAGES messages."""
@@ -331,7 +335,9 @@ class PeerTransport:
         refusal = stream.refusal
         if refusal is not None:
             log.debug("stream to %s refused: %s", peer.id, refusal.details)
-            self._check_refused(peer, _STATUS.get(refusal.code), refusal.details)
+            self._check_refused(
+                peer, _STATUS.get(refusal.code), refusal.details, refusal.removed_at
+            )
 
     async def _run_grpc(self, peer: _Peer, stub: pb_grpc.PeerStub) -> None:
         call = stub.Replicate(self._frames(peer))
@@ -357,7 +363,7 @@ class PeerTransport:
                 detail = exc.code() if isinstance(exc, grpc.RpcError) else repr(exc)
                 log.debug("stream to %s down: %s", peer.id, detail)
                 if isinstance(exc, grpc.RpcError):
-                    self._check_refused(peer, exc.code(), exc.details())
+                    self._check_refused_rpc(peer, exc)
             except Exception as exc:  # noqa: BLE001 - keep the peer's loop alive, whatever it was
                 log.warning("stream to %s failed: %r", peer.id, exc)
             finally:
@@ -418,7 +424,9 @@ class PeerService(pb_grpc.PeerServicer):
             index = self.removed_at(f.src) if self.removed_at and f.src else 0
             where = f" (removed at index {index})" if index else ""
             raise tcp.Refused(
-                _code(grpc.StatusCode.PERMISSION_DENIED), f"node id {f.src!r} {NOT_A_MEMBER}{where}"
+                _code(grpc.StatusCode.PERMISSION_DENIED),
+                f"node id {f.src!r} {NOT_A_MEMBER}{where}",
+                removed_at=index,
             )
         invalid = _code(grpc.StatusCode.INVALID_ARGUMENT)
         try:
@@ -465,7 +473,7 @@ class PeerService(pb_grpc.PeerServicer):
         try:
             return self.check(f, caller_name(context), snapshot)
         except tcp.Refused as exc:
-            await context.abort(_STATUS[exc.code], exc.details)
+            await context.abort(_STATUS[exc.code], exc.details, exc.trailing_metadata)
             raise  # not reached: abort raises
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext):  # noqa: N802
@@ -476,7 +484,7 @@ class PeerService(pb_grpc.PeerServicer):
             self.check_cluster(request.cluster_id)
             self.check_sender(request.id, caller_name(context))
         except tcp.Refused as exc:
-            await context.abort(_STATUS[exc.code], exc.details)
+            await context.abort(_STATUS[exc.code], exc.details, exc.trailing_metadata)
         return await self.join(request, context)
 
     async def Replicate(self, request_iterator, context):  # noqa: N802 - gRPC naming
@@ -492,7 +500,7 @@ class PeerService(pb_grpc.PeerServicer):
             if self.alarm is None or not self.accepts(request.src):
                 raise tcp.Refused(_code(grpc.StatusCode.PERMISSION_DENIED), "not taken here")
         except tcp.Refused as exc:
-            await context.abort(_STATUS[exc.code], exc.details)
+            await context.abort(_STATUS[exc.code], exc.details, exc.trailing_metadata)
         refusal = self.alarm(request.src, request.why[:300])
         if refusal is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
@@ -502,10 +510,6 @@ class PeerService(pb_grpc.PeerServicer):
         return pb.StreamEndpoint(port_offset=self.stream_offset, client_address=self.client_address)
 
     async def RequestVote(self, request, context):  # noqa: N802
-        self.deliver(await self._check(request, context))
-        return pb.PeerEmpty()
-
-    async def TimeoutNow(self, request, context):  # noqa: N802
         self.deliver(await self._check(request, context))
         return pb.PeerEmpty()
 
@@ -528,7 +532,7 @@ class PeerService(pb_grpc.PeerServicer):
                     try:
                         meta, receiver = m, self.snapshots(m)
                     except tcp.Refused as exc:
-                        await context.abort(_STATUS[exc.code], exc.details)
+                        await context.abort(_STATUS[exc.code], exc.details, exc.trailing_metadata)
                 try:
                     receiver.write(chunk.offset, chunk.data)
                 except ValueError as exc:

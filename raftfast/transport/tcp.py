@@ -47,10 +47,16 @@ _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 class Refused(Exception):
     """A frame the receiver will not take; ends the stream like a gRPC status would."""
 
-    def __init__(self, code: int, details: str) -> None:
+    def __init__(self, code: int, details: str, removed_at: int = 0) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.removed_at = removed_at  # the sender's id was removed at this index (0: no)
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The same, for a gRPC status."""
+        return (("removed-at", str(self.removed_at)),) if self.removed_at else ()
 
 
 def record(payload: bytes) -> bytes:
@@ -185,7 +191,11 @@ class _Inbound(asyncio.Protocol):
             log.debug("refused a replication stream: %s", exc.details)
             self.refused = True
             transport.write(
-                record(pb.StreamRefusal(code=exc.code, details=exc.details).SerializeToString())
+                record(
+                    pb.StreamRefusal(
+                        code=exc.code, details=exc.details, removed_at=exc.removed_at
+                    ).SerializeToString()
+                )
             )
             # Half-close and keep reading: closing with unread data would send a reset, which
             # can overtake the refusal. The sender hangs up once it has read it. (TLS cannot

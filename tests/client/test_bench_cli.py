@@ -13,7 +13,7 @@ SHORT = ["--duration", "1.5", "--warmup", "0.3", "--inflight", "8"]
 
 def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "raftfast.cli", "bench", *args],
+        [sys.executable, "-m", "raftfast.client.cli", "bench", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -83,7 +83,7 @@ def test_tls_starts_a_tls_cluster_and_loads_it_with_a_client_certificate():
 
 
 def test_endpoints_measures_a_running_cluster(tmp_path):
-    from raftfast.localcluster import ProcCluster
+    from raftfast.tools.localcluster import ProcCluster
 
     with ProcCluster(tmp_path, 3) as cluster:
         cluster.wait_leader()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raftfast import cli
+from raftfast.client import cli
 from raftfast.proto import raftfast_pb2 as pb
 from tests.client.test_client import FakeKV, ThreadedServer, closed_port
 
@@ -136,7 +136,17 @@ def test_unreachable_cluster_subprocess() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("RAFTFAST_ENDPOINTS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "raftfast.cli", "--endpoints", addr, "--timeout", "0.5", "get", "k"],
+        [
+            sys.executable,
+            "-m",
+            "raftfast.client.cli",
+            "--endpoints",
+            addr,
+            "--timeout",
+            "0.5",
+            "get",
+            "k",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

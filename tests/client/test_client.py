@@ -25,7 +25,7 @@ from raftfast.errors import (
     RaftfastError,
     RequestFailedError,
 )
-from raftfast.kv.fsm import unpack_pairs
+from raftfast.kv.commands import unpack_pairs
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
@@ -430,7 +430,7 @@ def test_deadline_when_nothing_answers() -> None:
                 with pytest.raises(DeadlineExceededError) as info:
                     await call()
                 elapsed = time.monotonic() - start
-                assert 0.4 < elapsed < 3.0
+                assert 0.4 < elapsed < 10.0  # (the deadline, 0.5 s, and room for a busy machine)
                 assert isinstance(info.value, ClusterUnavailableError)
                 assert isinstance(info.value, TimeoutError)
                 assert "reachable at " + addr in str(info.value)

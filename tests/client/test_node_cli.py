@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from raftfast import node_cli
-from raftfast.node_cli import ConfigError, load_identity, parse_settings, write_identity
-from raftfast.settings import NodeSettings
+from raftfast.server import node_cli
+from raftfast.server.node_cli import ConfigError, load_identity, parse_settings, write_identity
+from raftfast.server.settings import NodeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = "n1=127.0.0.1:7001,n2=127.0.0.1:7002,n3=127.0.0.1:7003"
@@ -25,15 +25,15 @@ def base(data_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture
 def fake_serve(monkeypatch: pytest.MonkeyPatch) -> list[NodeSettings]:
-    """Replace raftfast.node with a module whose serve() records its settings."""
+    """Replace raftfast.server.driver with a module whose serve() records its settings."""
     calls: list[NodeSettings] = []
 
     async def serve(settings: NodeSettings, state_machine=None) -> None:
         calls.append(settings)
 
-    module = types.ModuleType("raftfast.node")
+    module = types.ModuleType("raftfast.server.driver")
     module.serve = serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "raftfast.node", module)
+    monkeypatch.setitem(sys.modules, "raftfast.server.driver", module)
     for var in list(os.environ):
         if var.startswith("RAFTFAST_") and var != "RAFTFAST_PUREPYTHON":
             monkeypatch.delenv(var)
@@ -168,7 +168,7 @@ def test_serve_failure_is_one_line(tmp_path: Path, fake_serve, monkeypatch, caps
     async def serve(settings: NodeSettings, state_machine=None) -> None:
         raise StorageError("fdatasync failed: EIO")
 
-    monkeypatch.setattr(sys.modules["raftfast.node"], "serve", serve)
+    monkeypatch.setattr(sys.modules["raftfast.server.driver"], "serve", serve)
     assert node_cli.main(base(tmp_path / "d")) == 1
     err = capsys.readouterr().err
     assert "raftfast-node: error: node n1 failed: fdatasync failed: EIO" in err
@@ -261,7 +261,7 @@ def test_bad_flag_subprocess_has_no_traceback() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTFAST_")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "raftfast.node_cli", "--bad"],
+        [sys.executable, "-m", "raftfast.server.node_cli", "--bad"],
         capture_output=True,
         text=True,
         timeout=60,

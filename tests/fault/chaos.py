@@ -26,10 +26,10 @@ from pathlib import Path
 
 from raftfast.client import Client
 from raftfast.errors import InvalidArgumentError
-from raftfast.localcluster import ProcCluster, make_certs, wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles
+from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
 
 from .linearizability import Op, check
 from .proxy import FaultProxy

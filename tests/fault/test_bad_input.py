@@ -31,9 +31,9 @@ from raftfast._accel import encode_uniform
 from raftfast.address import split_address
 from raftfast.client import SyncClient
 from raftfast.core.types import MsgType
-from raftfast.localcluster import free_ports, wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.tools.localcluster import free_ports, wait_for
 from raftfast.transport.grpc import CHANNEL_OPTIONS
 from raftfast.transport.tcp import record
 
@@ -107,7 +107,7 @@ class Duo:
             cmd = [
                 sys.executable,
                 "-m",
-                "raftfast.node_cli",
+                "raftfast.server.node_cli",
                 "--id",
                 nid,
                 "--peers",
@@ -536,7 +536,7 @@ def test_messages_for_another_node_are_not_stepped(duo):
 
 def run_node(args: list[str], cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "raftfast.node_cli", *args],
+        [sys.executable, "-m", "raftfast.server.node_cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -585,7 +585,7 @@ def test_port_in_use_exits_1_instead_of_sharing_it(tmp_path):
         [
             sys.executable,
             "-m",
-            "raftfast.node_cli",
+            "raftfast.server.node_cli",
             "--id",
             "n1",
             "--peers",
@@ -674,7 +674,7 @@ BAD = [
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_arguments_and_config_exit_2_with_one_line(case, tmp_path, monkeypatch, capsys):
-    from raftfast import node_cli
+    from raftfast.server import node_cli
 
     for var in list(os.environ):
         if var.startswith("RAFTFAST_") and var != "RAFTFAST_PUREPYTHON":
@@ -702,7 +702,7 @@ def test_bad_arguments_and_config_exit_2_with_one_line(case, tmp_path, monkeypat
 
 
 def test_wal_segment_bytes_is_an_advanced_hidden_setting(tmp_path):
-    from raftfast import node_cli
+    from raftfast.server import node_cli
 
     argv = ["--id", "n1", "--peers", "n1=127.0.0.1:7001", "--data-dir", str(tmp_path / "d")]
     assert node_cli.parse_settings(argv, {}).wal_segment_bytes == 64 * 1024 * 1024

@@ -30,13 +30,13 @@ import pytest
 from raftfast.client import SyncClient
 from raftfast.core.types import Role
 from raftfast.errors import NotLeaderError, StorageError
-from raftfast.kv.fsm import encode_put
-from raftfast.localcluster import ProcCluster, free_ports, wait_for
-from raftfast.node import Node
+from raftfast.kv.commands import encode_put
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
-from raftfast.settings import NodeSettings
+from raftfast.server.driver import Driver as Node
+from raftfast.server.settings import NodeSettings
 from raftfast.storage.wal import WAL
+from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = struct.Struct("<IIB")  # payload length | crc32c | type (docs/disk-format.md)
@@ -84,7 +84,7 @@ def node_cmd(data_dir: Path, addr: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "raftfast.node_cli",
+        "raftfast.server.node_cli",
         "--id",
         "n1",
         "--listen",
@@ -477,7 +477,7 @@ def fdatasync(fd):
         raise OSError(errno.EIO, "Input/output error (injected)")
     return real(fd)
 os.fdatasync = fdatasync
-from raftfast import node_cli
+from raftfast.server import node_cli
 sys.exit(node_cli.main(sys.argv[2:]))
 """
 
@@ -486,7 +486,7 @@ def test_raftfast_node_exits_1_with_one_line_when_fdatasync_fails(tmp_path):
     data_dir = tmp_path / "n1"
     trigger = tmp_path / "fail-now"
     addr = f"127.0.0.1:{free_ports(1)[0]}"
-    args = node_cmd(data_dir, addr)[3:]  # drop "python -m raftfast.node_cli"
+    args = node_cmd(data_dir, addr)[3:]  # drop "python -m raftfast.server.node_cli"
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "wb") as err:
         proc = subprocess.Popen(

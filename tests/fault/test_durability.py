@@ -13,7 +13,7 @@ import random
 import signal
 
 from raftfast.client import Client
-from raftfast.localcluster import ProcCluster
+from raftfast.tools.localcluster import ProcCluster
 
 ROUNDS = 4
 

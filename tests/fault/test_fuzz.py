@@ -28,7 +28,7 @@ from raftfast._batch_py import encode_batch as py_encode_batch
 from raftfast._batch_py import encode_uniform as py_encode_uniform
 from raftfast.core.types import HardState, MsgType
 from raftfast.errors import BatchError, CorruptionError, LogError
-from raftfast.kv.fsm import decode, encode_cas, encode_delete, encode_put
+from raftfast.kv.commands import decode, encode_cas, encode_delete, encode_put
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.storage.wal import (

@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.gates import limit
+
 from .linearizability import Op, Result, check
 
 EXAMPLES = int(os.environ.get("RAFTFAST_HYPOTHESIS_EXAMPLES", "300"))
@@ -530,7 +532,7 @@ def simulated_history(
 def test_performance_3000_ops_10_keys_8_clients() -> None:
     history = simulated_history(random.Random(1), ops=3000, keys=10, clients=8)
     t0 = time.perf_counter()
-    result = check(history, timeout_s=60)
+    result = check(history, timeout_s=120)
     elapsed = time.perf_counter() - t0
     unknown = sum(op.complete is None for op in history)
     print(
@@ -538,7 +540,7 @@ def test_performance_3000_ops_10_keys_8_clients() -> None:
         f"{result.states} states"
     )
     assert result.ok is True, result.explanation
-    assert elapsed < 30
+    assert elapsed < limit(test=90, bench=30)  # (30 s idle; the check itself gives up at 120)
 
 
 def test_performance_finds_injected_stale_read() -> None:
@@ -561,11 +563,11 @@ def test_performance_finds_injected_stale_read() -> None:
         last_get.client, "get", b"k3", None, None, last_get.invoke, last_get.complete, stale
     )
     t0 = time.perf_counter()
-    result = check(history, timeout_s=60)
+    result = check(history, timeout_s=120)
     elapsed = time.perf_counter() - t0
     print(
         f"\ninjected stale read found in {elapsed:.2f} s, {result.states} states\n"
         f"{result.explanation}"
     )
     assert result.ok is False and result.key == b"k3"
-    assert elapsed < 30
+    assert elapsed < limit(test=90, bench=30)  # (30 s idle; the check itself gives up at 120)

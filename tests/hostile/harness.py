@@ -18,9 +18,9 @@ import grpc
 
 from raftfast.address import split_address
 from raftfast.client import SyncClient
-from raftfast.localcluster import ProcCluster, wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.tools.localcluster import ProcCluster, wait_for
 from raftfast.transport.codec import encode_frame
 from raftfast.transport.tcp import record
 

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 
 from raftfast.client import SyncClient
 from raftfast.core.types import MsgType
-from raftfast.kv.fsm import pack_pairs
-from raftfast.kv.service import MAX_FRAME_OPS
+from raftfast.kv.commands import pack_pairs
 from raftfast.limits import MAX_ID_BYTES
 from raftfast.proto import raftfast_pb2 as pb
+from raftfast.server.kv_service import MAX_FRAME_OPS
 from raftfast.transport.tcp import HANDSHAKE_BYTES, record
 
 from .harness import ACKED_PREFIX, CLUSTER, Trio, running
@@ -240,7 +240,6 @@ snapshot_chunks = st.builds(
 )
 peer_requests = st.one_of(
     peer_frames().map(lambda f: ("RequestVote", f)),
-    peer_frames().map(lambda f: ("TimeoutNow", f)),
     st.lists(peer_frames(), min_size=1, max_size=3).map(lambda fs: ("Replicate", fs)),
     st.lists(snapshot_chunks, min_size=1, max_size=3).map(lambda cs: ("InstallSnapshot", cs)),
     st.just(("ReplicationEndpoint", pb.PeerEmpty())),

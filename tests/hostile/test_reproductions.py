@@ -17,10 +17,10 @@ from raftfast._accel import encode_uniform
 from raftfast.client import SyncClient
 from raftfast.core.membership import Membership
 from raftfast.core.types import MsgType
-from raftfast.kv.fsm import encode_put, pack_pairs
-from raftfast.kv.service import MAX_SCAN_BYTES
-from raftfast.localcluster import wait_for
+from raftfast.kv.commands import encode_put, pack_pairs
 from raftfast.proto import raftfast_pb2 as pb
+from raftfast.server.kv_service import MAX_SCAN_BYTES
+from raftfast.tools.localcluster import wait_for
 from raftfast.transport.tcp import HANDSHAKE_S, record
 
 from .harness import (
@@ -244,7 +244,7 @@ def test_timeout_now_and_forced_votes_from_anyone_are_ignored(trio):
         other = next(f for f in followers if f != nid)
         for src in ("mallory", other):  # a stranger; a member that is not the leader
             now = pb.RaftMessage(type=MsgType.TIMEOUT_NOW, src=src, dst=nid, term=term)
-            trio.peer(nid).TimeoutNow(frame(src, now), timeout=10)
+            list(trio.peer(nid).Replicate(iter([frame(src, now)]), timeout=10))
         vote = pb.RaftMessage(
             type=MsgType.VOTE, src="mallory", dst=nid, term=term + 1, index=1 << 40, context=1
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from raftfast.client import SyncClient
-from raftfast.localcluster import ProcCluster
+from raftfast.tools.localcluster import ProcCluster
 
 from .load import write_each
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from raftfast.client import SyncClient
-from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.tools.localcluster import ProcCluster, wait_for
 
 from .load import write_each
 
@@ -39,7 +39,16 @@ def _live(cluster: ProcCluster) -> list[str]:
 def _cli(cluster: ProcCluster, *args: str) -> subprocess.CompletedProcess:
     endpoints = ",".join(cluster.addrs[n] for n in _live(cluster))
     return subprocess.run(
-        [sys.executable, "-m", "raftfast.cli", "--endpoints", endpoints, "--timeout", "30", *args],
+        [
+            sys.executable,
+            "-m",
+            "raftfast.client.cli",
+            "--endpoints",
+            endpoints,
+            "--timeout",
+            "30",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=180,

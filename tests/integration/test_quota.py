@@ -13,7 +13,7 @@ import pytest
 
 from raftfast.client import SyncClient
 from raftfast.errors import NoSpaceError, RequestFailedError
-from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.tools.localcluster import ProcCluster, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 QUOTA = 256 * 1024
@@ -26,7 +26,7 @@ def cluster(tmp_path):
 
 
 def cli(cluster: ProcCluster, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "raftfast.cli", "--endpoints", ",".join(cluster.endpoints)]
+    cmd = [sys.executable, "-m", "raftfast.client.cli", "--endpoints", ",".join(cluster.endpoints)]
     return subprocess.run(
         [*cmd, *args], capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)}
     )

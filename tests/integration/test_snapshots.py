@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from raftfast.client import SyncClient
-from raftfast.localcluster import ProcCluster, wait_for
+from raftfast.tools.localcluster import ProcCluster, wait_for
 
 from .load import write_each
 
@@ -68,12 +68,13 @@ def test_a_snapshot_whose_install_a_crash_interrupted_is_completed_on_restart(tm
     from raftfast._accel import encode_uniform
     from raftfast.core.membership import Membership
     from raftfast.core.types import HardState
-    from raftfast.kv.fsm import KVStateMachine, encode_put
-    from raftfast.localcluster import free_ports
-    from raftfast.node import Node
-    from raftfast.settings import NodeSettings
+    from raftfast.kv.commands import encode_put
+    from raftfast.kv.fsm import KVStateMachine
+    from raftfast.server.driver import Driver as Node
+    from raftfast.server.settings import NodeSettings
     from raftfast.storage.snapshot import SnapshotStore, pack_state
     from raftfast.storage.wal import WAL
+    from raftfast.tools.localcluster import free_ports
 
     addrs = {f"n{i}": f"127.0.0.1:{p}" for i, p in enumerate(free_ports(3), 1)}
     data_dir = tmp_path / "n2"

@@ -14,9 +14,9 @@ import pytest
 
 from raftfast.client import SyncClient
 from raftfast.errors import CommandError
-from raftfast.localcluster import ProcCluster, wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.tools.localcluster import ProcCluster, wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -8,11 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftfast.kv.fsm import (
+from raftfast.kv.commands import (
     OP_CAS,
     OP_DELETE,
     OP_PUT,
-    KVStateMachine,
     decode,
     encode_cas,
     encode_delete,
@@ -21,6 +20,7 @@ from raftfast.kv.fsm import (
     pack_pairs,
     unpack_pairs,
 )
+from raftfast.kv.fsm import KVStateMachine
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 
 # -- encoding ---------------------------------------------------------------------------------

@@ -9,16 +9,8 @@ import pytest
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError
-from raftfast.kv.fsm import (
-    NOSPACE,
-    SNAPSHOT_MAGIC,
-    SNAPSHOT_VERSION,
-    KVStateMachine,
-    encode_alarm,
-    encode_cas,
-    encode_delete,
-    encode_put,
-)
+from raftfast.kv.commands import NOSPACE, encode_alarm, encode_cas, encode_delete, encode_put
+from raftfast.kv.fsm import SNAPSHOT_MAGIC, SNAPSHOT_VERSION, KVStateMachine
 
 HEADER = struct.Struct("<4sHHQQ")
 

@@ -10,8 +10,11 @@ import grpc
 import pytest
 
 from raftfast.errors import NotLeaderError
-from raftfast.kv.fsm import NOSPACE, KVStateMachine
-from raftfast.kv.service import (
+from raftfast.kv.commands import NOSPACE
+from raftfast.kv.fsm import KVStateMachine
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.server.kv_service import (
     MAX_ANSWER_BYTES,
     MAX_FRAME_OPS,
     MAX_SCAN_BYTES,
@@ -19,9 +22,7 @@ from raftfast.kv.service import (
     MAX_STREAM_BYTES,
     add_kv_service,
 )
-from raftfast.proto import raftfast_pb2 as pb
-from raftfast.proto import raftfast_pb2_grpc as pb_grpc
-from raftfast.settings import NodeSettings
+from raftfast.server.settings import NodeSettings
 
 PEERS = {"n1": "127.0.0.1:7001", "n2": "127.0.0.1:7002", "n3": "127.0.0.1:7003"}
 
@@ -370,7 +371,7 @@ def test_session_many_ops_per_frame_mixed_valid_invalid() -> None:
 
 def test_session_put_many_is_validated_and_applied_as_one_write() -> None:
     from raftfast._accel import encode_uniform
-    from raftfast.kv.fsm import pack_pairs
+    from raftfast.kv.commands import pack_pairs
 
     async def main() -> None:
         node = FakeNode(max_key_bytes=16, max_value_bytes=32)
@@ -579,7 +580,7 @@ async def wait_until(check, timeout: float = 5.0) -> None:
 def test_answers_are_bounded_per_frame_and_per_stream(monkeypatch) -> None:
     # A frame of 10,000 GETs of one 1 MiB value asked a node to build 10 GiB; a client that
     # sends frames and never reads the answers made the node hold them all.
-    import raftfast.kv.service as service
+    import raftfast.server.kv_service as service
 
     settled: list[int] = []
     request_done = service._StreamBytes.request_done

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import raftfast
 from raftfast.errors import CommandError, RaftfastError
-from raftfast.localcluster import free_ports
 from raftfast.objects.codec import MAX_DEPTH, decode, encode
+from raftfast.tools.localcluster import free_ports
 
 # -- the codec ------------------------------------------------------------------------------
 

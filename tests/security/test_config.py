@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from raftfast.node_cli import ConfigError, parse_settings
 from raftfast.security.roles import METHOD_ROLES, Authorizer, Role, load_roles
+from raftfast.server.node_cli import ConfigError, parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = "n1=127.0.0.1:7101,n2=127.0.0.1:7102,n3=127.0.0.1:7103"
 
 
 def certs(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "raftfast.cli", "certs", "--dir", str(tmp / "tls"), *args]
+    cmd = [sys.executable, "-m", "raftfast.client.cli", "certs", "--dir", str(tmp / "tls"), *args]
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)}
     )

@@ -22,10 +22,10 @@ from raftfast.address import split_address
 from raftfast.client import SyncClient
 from raftfast.core.types import MsgType
 from raftfast.errors import PermissionDeniedError
-from raftfast.localcluster import ProcCluster, make_certs, wait_for
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, channel_credentials
+from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
 from raftfast.transport.codec import encode_frame
 from raftfast.transport.tcp import record
 
@@ -202,7 +202,13 @@ def test_each_role_may_do_what_it_may_and_no_more(tls):
 def test_the_cli_with_certificates(tls):
     def cli(name: str, *args: str) -> subprocess.CompletedProcess:
         files = tls.files(name)
-        cmd = [sys.executable, "-m", "raftfast.cli", "--endpoints", ",".join(tls.cluster.endpoints)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "raftfast.client.cli",
+            "--endpoints",
+            ",".join(tls.cluster.endpoints),
+        ]
         cmd += ["--cacert", files.ca_file, "--cert", files.cert_file, "--key", files.key_file]
         return subprocess.run(
             [*cmd, *args], capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)}
@@ -216,7 +222,7 @@ def test_the_cli_with_certificates(tls):
         assert refused.returncode == 1 and len(lines) == 1, refused.stderr
         assert "needs" in lines[0] and "Traceback" not in refused.stderr
     plain = subprocess.run(
-        [sys.executable, "-m", "raftfast.cli", "--endpoints", tls.cluster.endpoints[0],
+        [sys.executable, "-m", "raftfast.client.cli", "--endpoints", tls.cluster.endpoints[0],
          "--timeout", "2", "get", "cli"],
         capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)},
     )  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 
 import raftfast
 from raftfast.errors import CommandError, RaftfastError
-from raftfast.localcluster import free_ports
+from raftfast.tools.localcluster import free_ports
 
 
 class Counter(raftfast.StateMachine):

@@ -10,7 +10,7 @@ variables (the flag's name in capitals: ``--max-key-bytes`` is ``RAFTFAST_MAX_KE
 ``RAFTFAST_NO_FSYNC=1`` or ``RAFTFAST_FSYNC=0``, and ``RAFTFAST_CONFIG``), a TOML file
 (``--config``; the flag's name with underscores as the key: ``max_key_bytes``; ``peers`` as a
 table id -> address or the comma string), the identity stored in the data directory, and the
-defaults of ``raftfast.settings.NodeSettings``. Advanced and hidden: ``--wal-segment-bytes``,
+defaults of ``raftfast.server.settings.NodeSettings``. Advanced and hidden: ``--wal-segment-bytes``,
 the WAL segment size, 64 MiB by default. ``--listen`` defaults to this node's address in
 ``--peers``.
 
@@ -51,7 +51,7 @@ from typing import Any, NoReturn
 
 from raftfast.address import is_address
 from raftfast.errors import RaftfastError
-from raftfast.settings import PEER_STREAMS, READ_MODES, NodeSettings
+from raftfast.server.settings import PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
 
@@ -585,8 +585,8 @@ def _configure_logging(level: str) -> None:
 
 
 def _run_serve(settings: NodeSettings, state_machine: StateMachine | None = None) -> None:
-    """Run ``raftfast.node.serve`` on uvloop when available (the loop exists before gRPC)."""
-    from raftfast.node import serve
+    """Run ``raftfast.server.driver.serve`` on uvloop when available (the loop exists first)."""
+    from raftfast.server.driver import serve
 
     loop_factory = None
     if os.environ.get("RAFTFAST_NO_UVLOOP", "").strip().lower() not in _TRUE:

@@ -169,7 +169,7 @@ class ProcCluster:
         cmd = [
             sys.executable,
             "-m",
-            "raftfast.node_cli",
+            "raftfast.server.node_cli",
             *args,
             "--data-dir",
             str(data),

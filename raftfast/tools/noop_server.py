@@ -3,7 +3,7 @@ once, every get finds nothing. ``raftfast bench --noop`` measures it with the ve
 and load as a real cluster, so "cluster rate / no-op rate" tells how much of gRPC's own
 per-message rate the replication leaves (the throughput targets are stated that way).
 
-    python -m raftfast.noop_server --listen 127.0.0.1:7999
+    python -m raftfast.tools.noop_server --listen 127.0.0.1:7999
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ async def serve(listen: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raftfast.noop_server")
+    p = argparse.ArgumentParser(prog="python -m raftfast.tools.noop_server")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     args = p.parse_args(argv)
     try:

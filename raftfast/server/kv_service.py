@@ -1,6 +1,6 @@
 """The client-facing KV gRPC service (grpc.aio) on top of a running raftfast node.
 
-Writes become commands (``raftfast.kv.fsm``) proposed through ``node.propose``; reads wait for
+Writes become commands (``raftfast.kv.commands``) proposed through ``node.propose``; reads wait for
 ``node.read_barrier`` and then read ``node.fsm`` directly. Errors map to gRPC status codes with a
 message a human can act on:
 
@@ -39,14 +39,14 @@ from typing import Any, Protocol
 import grpc
 
 from raftfast.errors import NotLeaderError
-from raftfast.kv.fsm import (
-    KVStateMachine,
+from raftfast.kv.commands import (
     encode_cas,
     encode_delete,
     encode_put,
     encode_put_many,
     unpack_pairs,
 )
+from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.quota import Quota
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
@@ -62,7 +62,7 @@ from raftfast.server.services import (
     rpc,
     status_of,
 )
-from raftfast.settings import NodeSettings
+from raftfast.server.settings import NodeSettings
 
 __all__ = [
     "MAX_FRAME_OPS",
@@ -96,7 +96,7 @@ CODE_INTERNAL = grpc.StatusCode.INTERNAL.value[0]  # 13
 
 
 class NodeLike(Protocol):
-    """The part of the raftfast node this service uses (see raftfast/node.py)."""
+    """The part of the raftfast node this service uses (see raftfast/server/driver.py)."""
 
     id: str
     fsm: KVStateMachine

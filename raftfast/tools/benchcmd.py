@@ -3,7 +3,7 @@
 Without ``--endpoints`` it starts its own local cluster of real ``raftfast-node`` processes
 (data in a temporary directory, fsync on unless ``--no-fsync``) and stops it afterwards;
 ``--nodes 3,5`` measures each size in turn. ``--noop`` measures a no-op gRPC server instead
-(``raftfast.noop_server``), with the same client and load: the ceiling gRPC itself sets;
+(``raftfast.tools.noop_server``), with the same client and load: the ceiling gRPC itself sets;
 ``--noop unary`` loads it with one unary call per operation instead of our Session stream.
 
 Prints a table (ops/s; p50, p90, p99, p99.9 latency; CPU of every process), a progress bar on
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raftfast.cli import format_table
-from raftfast.loadgen import Histogram, WorkerResult, Workload, worker_main
+from raftfast.client.tables import format_table
+from raftfast.tools.loadgen import Histogram, WorkerResult, Workload, worker_main
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -221,7 +221,7 @@ def _run_workers(
 
 def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -> dict:
     """One measurement: start what is needed, load it, stop it; the result as a dict."""
-    from raftfast.localcluster import ProcCluster, free_ports, make_certs, wait_for
+    from raftfast.tools.localcluster import ProcCluster, free_ports, make_certs, wait_for
 
     workload = _workload(args)
     target = "noop" if args.noop else ("endpoints" if endpoints else "local")
@@ -237,7 +237,7 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
         elif args.noop:
             addr = f"127.0.0.1:{free_ports(1)[0]}"
             proc = subprocess.Popen(
-                [sys.executable, "-m", "raftfast.noop_server", "--listen", addr],
+                [sys.executable, "-m", "raftfast.tools.noop_server", "--listen", addr],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raftfast import COMPILED
 from raftfast.client import Client
-from raftfast.localcluster import ProcCluster
+from raftfast.tools.localcluster import ProcCluster
 
 VALUE = b"x" * 64
 

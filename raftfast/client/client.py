@@ -22,7 +22,7 @@ How it talks to the cluster:
 * **Exactly-once writes.** The client has a random nonzero 63-bit ``client_id``; every write gets
   the next number of its sequence counter the first time it is sent, and every retry of that
   write resends the same sequence, so the servers apply it once. Because the servers remember
-  only a window of recent sequences per client (``raftfast.kv.fsm.DEDUP_WINDOW``), at most
+  only a window of recent sequences per client (``raftfast.dedup.DEDUP_WINDOW``), at most
   ``max_outstanding_writes`` sequences are unresolved at a time; further writes wait.
 * **Automatic pipelining.** ``put``, ``get``, ``delete`` and ``cas`` are queued; one sender task
   drains the queue into ``SessionFrame`` messages of up to ``max_ops_per_frame`` operations on a
@@ -59,7 +59,7 @@ from raftfast.errors import (
     RaftfastError,
     RequestFailedError,
 )
-from raftfast.kv.fsm import pack_pairs
+from raftfast.kv.commands import pack_pairs
 from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc

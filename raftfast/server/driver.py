@@ -1,5 +1,7 @@
 """The driver: the only place with an event loop. It owns the RawNode, the WAL, the peer
-transport, the KV state machine and the gRPC server.
+transport, the state machine and the gRPC servers. Its parts: membership changes
+(``membership.py``), snapshots (``snapshots.py``); what it serves on top of the log, the KV
+store or another state machine, is its application (``apps.py``).
 
 One loop (``_run``) takes each Ready and carries out the Raft contract:
 
@@ -7,7 +9,7 @@ One loop (``_run``) takes each Ready and carries out the Raft contract:
     append hard state + entries to the WAL, fdatasync in a dedicated thread (group commit:
         everything that arrived during the previous fdatasync goes into this one)
     send the other messages (acks and votes leave only once durable)
-    apply committed entries to the KV state machine, resolve waiting proposals and reads
+    apply committed entries to the state machine, resolve waiting proposals and reads
     advance
 
 While the fdatasync runs, peers' messages, ticks and client proposals keep flowing into the core;
@@ -30,24 +32,21 @@ import grpc
 
 from raftfast._accel import decode_batch
 from raftfast.address import split_address
-from raftfast.admin import AdminService, JoinService
-from raftfast.core.membership import ChangeKind, Membership
+from raftfast.core.membership import Membership
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Message, MsgType, Ready, Role
-from raftfast.errors import ChangeInProgressError, CorruptionError, LogError, NotLeaderError
-from raftfast.exactly_once import ExactlyOnce
-from raftfast.kv.fsm import KVStateMachine
-from raftfast.kv.quota import Quota
-from raftfast.kv.service import add_kv_service
+from raftfast.errors import LogError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
-from raftfast.server.machine_service import MachineService, StatusOnly
-from raftfast.settings import NodeSettings
+from raftfast.server.admin import AdminService, JoinService
+from raftfast.server.apps import app_for
+from raftfast.server.membership import MembershipMixin
+from raftfast.server.settings import NodeSettings
+from raftfast.server.snapshots import SnapshotMixin, log_holds
 from raftfast.statemachine import StateMachine
-from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
-from raftfast.storage.snapshot import SnapshotMeta, SnapshotStore
+from raftfast.storage.snapshot import SnapshotStore
 from raftfast.storage.wal import WAL
 from raftfast.transport import tcp
 from raftfast.transport.grpc import PeerService, PeerTransport
@@ -64,31 +63,18 @@ _INLINE_SYNC_BYTES = 64 * 1024
 _SLOW_SYNC_S = 0.002
 _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
 _MAX_STREAMS_PER_CONNECTION = 256  # gRPC streams one client connection may have open
-# Join answers that retrying cannot change: another cluster, a certificate of another name, a
-# bad id or address.
-_JOIN_REFUSED = (
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.UNIMPLEMENTED,
-)
 
 
-class Node:
+class Driver(MembershipMixin, SnapshotMixin):
     def __init__(self, settings: NodeSettings, state_machine: StateMachine | None = None) -> None:
         """``state_machine``: what the node replicates (default: the KV store, served by the
         KV service; any other is served by the generic Propose/Query service)."""
         settings.validate()
         self.settings = settings
         self.id = settings.id
-        if state_machine is None:
-            state_machine = KVStateMachine()
-        # The KV store dedups its own commands; any other gets exactly-once around it.
-        if not isinstance(state_machine, KVStateMachine):
-            state_machine = ExactlyOnce(state_machine)
-        self.fsm = state_machine
-        # The KV store's extras: its own service and the space quota.
-        self.quota = Quota(self) if isinstance(self.fsm, KVStateMachine) else None
+        self.app = app_for(self, state_machine)
+        self.fsm = self.app.fsm
+        self.quota = self.app.quota  # (the KV store's; None for other state machines)
         self.applied_index = 0  # of the last entry applied (commands, no-ops, configurations)
         self.raw: RawNode | None = None
         self.wal: WAL | None = None
@@ -138,7 +124,7 @@ class Node:
         membership = None if s.join else Membership(dict(s.peers))
         if latest is not None:
             membership = self._restore(latest)
-            if not _log_holds(state.log, latest.index, latest.term):
+            if not log_holds(state.log, latest.index, latest.term):
                 # A snapshot from the leader whose installation a crash interrupted (the file
                 # is complete, the WAL's "snapshot installed" record is not): finish it, or the
                 # old log would sit under a state machine that no longer matches it.
@@ -168,7 +154,7 @@ class Node:
             state.hard_state.commit,
             s.fsync,
         )
-        self._committed_members = set(self.raw.raft.membership_at(self.applied_index).members())
+        self._committed_members = set(self.raw.membership_at(self.applied_index).members())
         self.transport = PeerTransport(
             s.id,
             s.cluster_id,
@@ -188,7 +174,7 @@ class Node:
             self._removed_ids.get,
             authenticated=s.peer_tls is not None,
             join=joins.join,
-            alarm=self._alarm_reported,
+            alarm=self.app.alarm_reported,
         )
         peer_service.client_address = s.listen
         shared = s.peer_address == s.listen
@@ -200,11 +186,7 @@ class Node:
             roles = load_roles(s.auth_roles) if s.auth_roles else None
             authorizer = Authorizer(roles, checked=True)
         self.server = _server(client_limit, authorizer)
-        if self.quota is not None:
-            add_kv_service(self.server, self, authorizer, self.quota)
-        else:
-            pb_grpc.add_StateMachineServicer_to_server(MachineService(self), self.server)
-            pb_grpc.add_KVServicer_to_server(StatusOnly(self), self.server)
+        self.app.add_services(self.server, authorizer)
         pb_grpc.add_AdminServicer_to_server(admin, self.server)
         if shared:
             pb_grpc.add_PeerServicer_to_server(peer_service, self.server)
@@ -245,7 +227,7 @@ class Node:
         self._tasks = [
             asyncio.create_task(self._ticker(), name="raftfast-ticker"),
             asyncio.create_task(self._run(), name="raftfast-run"),
-            asyncio.create_task(self._watch_disk(), name="raftfast-disk"),
+            asyncio.create_task(self.app.run(), name="raftfast-app"),
         ]
         log.info(
             "node %s listening on %s (clients)%s",
@@ -256,7 +238,7 @@ class Node:
         _warn_if_open(s)
         if s.join and fresh:
             self._tasks.append(asyncio.create_task(self._join(), name="raftfast-join"))
-        elif s.id not in self.raw.raft.membership:
+        elif s.id not in self.raw.membership:
             log.warning("node %s is not a member of the cluster configuration", s.id)
 
     async def stop(self) -> None:
@@ -286,11 +268,15 @@ class Node:
             self.wal.close()
         self.stopped.set()
 
-    # -- API used by the KV service ------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- API used by the services --------------------------------------------------------------
 
     @property
     def is_leader(self) -> bool:
-        return self.raw is not None and self.raw.raft.role == Role.LEADER
+        return self.raw is not None and self.raw.role == Role.LEADER
 
     async def propose(self, payloads: list[bytes]) -> list:
         """Replicate commands; returns the state machine's result for each, once applied here."""
@@ -308,7 +294,7 @@ class Node:
         if mode == "lease":
             # Leader lease: check-quorum deposes a leader cut off for an election timeout, so
             # within it our state is current, assuming bounded clock drift (opt-in only).
-            await self._wait_applied(self.raw.raft.log.committed)
+            await self._wait_applied(self.raw.commit_index)
             return
         fut = asyncio.get_running_loop().create_future()
         self._read_requests.append(fut)
@@ -320,13 +306,13 @@ class Node:
 
         Raises TimeoutError if it has not taken over within two election timeouts."""
         self._check_leader()
-        if target not in self.raw.raft.membership.voters:
+        if target not in self.raw.membership.voters:
             raise ValueError(f"{target!r} is not a voter")
         self.raw.transfer_leadership(target)
         self._wake.set()
         limit = 2 * self.settings.election_ticks * self.settings.tick_ms / 1000
         deadline = asyncio.get_running_loop().time() + limit
-        while self.raw.raft.leader != target:
+        while self.raw.leader != target:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise TimeoutError(f"{target} did not take over within {limit:g}s")
@@ -335,146 +321,7 @@ class Node:
                 await asyncio.wait_for(self._leader_changed.wait(), remaining)
             except TimeoutError:
                 pass
-        return target, self.raw.raft.term
-
-    def peer_address_of(self, node_id: str) -> str | None:
-        """Where ``node_id`` serves peers (its address in the configuration)."""
-        return self._address_book().get(node_id) or self.settings.peers.get(node_id)
-
-    def address_of(self, node_id: str) -> str | None:
-        """Where ``node_id`` serves clients (for the leader hints clients follow), if known:
-        as it told us, or its peer address if ports are shared here (they are cluster-wide)."""
-        if node_id == self.id:
-            return self.settings.listen
-        told = self.transport.client_address_of(node_id) if self.transport else ""
-        if told:
-            return told
-        return None if self.settings.peer_listen else self.peer_address_of(node_id)
-
-    def _members_pb(self, st) -> list[pb.Member]:
-        m = st.membership
-        return [
-            pb.Member(
-                id=nid,
-                address=addr,
-                role=m.role_of(nid),
-                match_index=st.progress.get(nid, (0, 0))[0],
-                client_address=self.address_of(nid) or "",
-            )
-            for nid, addr in sorted(m.members().items())
-        ]
-
-    def members(self, require_leader: bool = True) -> pb.MembersResponse:
-        """The configuration as the leader sees it (with each member's replication progress);
-        ``require_leader=False``: as this node sees it."""
-        if require_leader:
-            self._check_leader()
-        st = self.raw.status()
-        return pb.MembersResponse(
-            members=self._members_pb(st),
-            leader=st.leader,
-            config_index=st.config_index,
-            committed=st.config_index <= st.commit_index,
-            cluster_id=self.settings.cluster_id,
-            commit_index=st.commit_index,
-        )
-
-    async def add_member(
-        self, node_id: str, address: str, learner: bool, timeout: float
-    ) -> pb.MembersResponse:
-        """Add ``node_id`` as a learner; unless ``learner``, promote it once it caught up.
-        Idempotent: adding a member again with the same address just carries on."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        current = self.raw.raft.membership.members()
-        if node_id in current:
-            if current[node_id] != address:
-                raise ValueError(f"{node_id} is already a member, at {current[node_id]}")
-        else:
-            await self._change(ChangeKind.ADD_LEARNER, node_id, address, deadline)
-        if not learner and node_id not in self.raw.raft.membership.voters:
-            await self._wait_caught_up(node_id, deadline)
-            await self._change(ChangeKind.PROMOTE, node_id, "", deadline)
-        return self.members()
-
-    async def change_member(self, kind: ChangeKind, node_id: str, timeout: float):
-        """Promote, demote or remove ``node_id``; returns once the change is committed."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        m = self.raw.raft.membership
-        done = {
-            ChangeKind.PROMOTE: node_id in m.voters,
-            ChangeKind.DEMOTE: node_id in m.learners,
-            ChangeKind.REMOVE: node_id not in m,
-        }[kind]
-        if done:
-            # Already so (perhaps thanks to an earlier attempt of this very call): say so.
-            listing = self.members()
-            listing.note = f"{node_id} is already {_DONE_NOTE[kind]}: nothing to do"
-            return listing
-        if kind == ChangeKind.PROMOTE and node_id in m.learners:
-            # A voter far behind would stall writes (it counts toward the quorum at once).
-            await self._wait_caught_up(node_id, deadline)
-        await self._change(kind, node_id, "", deadline)
-        # If we removed ourselves we stepped down once it committed: answer with what we know.
-        return self.members(require_leader=self.raw.raft.role == Role.LEADER)
-
-    async def _change(self, kind: ChangeKind, node_id: str, address: str, deadline: float):
-        """Propose one change and wait until it is committed and applied here."""
-        raft = self.raw.raft
-        while True:
-            self._check_leader()
-            try:
-                index = self.raw.propose_change(kind, node_id, address)
-                break
-            except ChangeInProgressError:
-                # Wait for the earlier change (or this leader's no-op) to commit, then retry.
-                await self._wait_applied_as_leader(raft.log.last_index, deadline, "earlier change")
-        self._wake.set()
-        log.info("node %s proposed %s %s at %d", self.id, kind.value, node_id, index)
-        await self._wait_applied_as_leader(index, deadline, f"{kind.value} {node_id}")
-
-    async def _wait_applied_as_leader(self, index: int, deadline: float, what: str) -> None:
-        """Until ``index`` (an entry of our current term) is applied here. NotLeaderError if we
-        lose leadership first: whether it commits is then up to the next leader, which the
-        client retries at (changes are idempotent). A leader whose own removal commits steps
-        down in the same Ready that applies it, so it still sees the entry applied."""
-        loop = asyncio.get_running_loop()
-        term = self.raw.raft.term
-        applied = asyncio.ensure_future(self._wait_applied(index))
-        try:
-            while not applied.done():
-                raft = self.raw.raft
-                committed_here = raft.log.committed >= index and raft.log.term_at(index) == term
-                if (raft.role != Role.LEADER or raft.term != term) and not committed_here:
-                    # (a leader whose own removal just committed has stepped down: the entry
-                    # is committed and applied with the next Ready; wait for that)
-                    raise NotLeaderError(
-                        f"leadership lost before {what} committed", raft.leader or None
-                    )
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError(f"{what}: not committed before the deadline")
-                await asyncio.wait({applied}, timeout=min(remaining, self.settings.tick_ms / 1000))
-            applied.result()
-        finally:
-            applied.cancel()
-
-    async def _wait_caught_up(self, node_id: str, deadline: float) -> None:
-        """Until the learner holds everything committed when we started waiting."""
-        loop = asyncio.get_running_loop()
-        target = self.raw.raft.log.committed
-        while True:
-            self._check_leader()
-            pr = self.raw.raft.progress.get(node_id)
-            if pr is None:
-                raise ValueError(f"{node_id} is no longer a member")
-            if pr.match_index >= target:
-                return
-            if loop.time() >= deadline:
-                raise TimeoutError(
-                    f"{node_id} is a learner but has not caught up yet (has {pr.match_index} of "
-                    f"{target}); promote it later with: raftfast member promote {node_id}"
-                )
-            await asyncio.sleep(self.settings.tick_ms / 1000)
+        return target, self.raw.term
 
     def status(self) -> pb.StatusResponse:
         st = self.raw.status()
@@ -491,10 +338,9 @@ class Node:
             last_index=st.last_index,
             members=members,
             cluster_id=self.settings.cluster_id,
-            first_index=self.raw.raft.log.first_index,
+            first_index=self.raw.first_index,
             snapshot_index=self._snapshot_index,
-            alarms=self.quota.alarms().alarms if self.quota else [],
-            state_bytes=self.quota.alarms().state_bytes if self.quota else 0,
+            **self.app.status_fields(),
         )
 
     # -- internals -----------------------------------------------------------------------------
@@ -504,9 +350,9 @@ class Node:
             # After a fatal error _run is gone: work queued now would wait for stop() instead
             # of failing at once (and a client would see CANCELLED, not a retryable error).
             raise NotLeaderError("node is shutting down")
-        raft = self.raw.raft
-        if raft.role != Role.LEADER:
-            raise NotLeaderError(leader_id=raft.leader or None)
+        raw = self.raw
+        if raw.role != Role.LEADER:
+            raise NotLeaderError(leader_id=raw.leader or None)
 
     def _deliver(self, msgs: list[Message]) -> None:
         if self._stopping:
@@ -527,116 +373,6 @@ class Node:
                         exc,
                     )
         self._wake.set()
-
-    def _address_book(self) -> dict[str, str]:
-        """Whom the transport talks to: the members of the configuration committed here and
-        of every newer one (a node being removed is still needed until its removal commits),
-        and, while we are not a member, the members the cluster told us about when we joined."""
-        raft = self.raw.raft
-        book = raft.peers_in_play()
-        if self.id in raft.membership:
-            return book
-        return {**self._known_addresses, **book}
-
-    def _accepts_from(self, src: str) -> bool:
-        """Peer traffic we take: anyone with our cluster id (a member added recently may lead
-        before we learn of it) except nodes whose removal we applied: they are told so."""
-        return src not in self._removed_ids
-
-    def _on_refused(self, peer: str, removed_at: int) -> None:
-        """``peer`` applied a committed configuration (at ``removed_at``) that removed a node
-        with our id. Stop, unless we know a newer configuration (our id was added back since:
-        the peer lags), or we are still joining (an older node with our id was removed)."""
-        raft = self.raw.raft
-        if self.removed or self._joining:
-            return
-        newer_than_ours = removed_at > raft.config_index
-        leaving = self.id not in raft.membership and any(self.id in m for _, m in raft.configs())
-        if newer_than_ours or leaving:
-            self._shut_down_removed(f"{peer} says this node was removed at index {removed_at}")
-
-    def _follow_membership(self) -> None:
-        """Point the transport at the peers in play (they change on append and on commit)."""
-        membership = self.raw.raft.membership
-        if membership is not self._membership:
-            if self._membership is not None:
-                log.info(
-                    "node %s configuration now: voters %s, learners %s (index %d)",
-                    self.id,
-                    sorted(membership.voters) or "none",
-                    sorted(membership.learners) or "none",
-                    self.raw.raft.config_index,
-                )
-            self._membership = membership
-        book = self._address_book()
-        if book != self._book:
-            self._book = book
-            self.transport.set_peers(book)
-
-    async def _join(self) -> None:
-        """``--join``: ask the cluster to add us (as a learner, promoted once caught up), over
-        the peer port: first where its members are (so that we can answer the leader), then
-        the change itself, at the leader (followers point us at it)."""
-        s = self.settings
-        backoff = 0.2
-        target = s.join
-        self._joining = True
-        request = pb.JoinRequest(cluster_id=s.cluster_id, id=s.id, address=s.peer_address)
-        while not self._stopping:
-            channel = self.transport.channel(target)
-            try:
-                stub = pb_grpc.PeerStub(channel)
-                listing = await stub.Join(
-                    pb.JoinRequest(cluster_id=s.cluster_id, id=s.id, list_only=True), timeout=30
-                )
-                self._known_addresses = {m.id: m.address for m in listing.members}
-                self._follow_membership()
-                log.info("node %s asks %s to add it at %s", s.id, target, s.peer_address)
-                await stub.Join(request, timeout=600.0)
-                self._joining = False
-                log.info("node %s joined the cluster as a voter", s.id)
-                return
-            except grpc.aio.AioRpcError as exc:
-                code, details = exc.code(), exc.details()
-                if code in _JOIN_REFUSED:
-                    self.failed = ValueError(f"{target} refused the join: {details}")
-                    log.critical("node %s cannot join: %s", s.id, self.failed)
-                    asyncio.get_running_loop().call_soon(lambda: asyncio.create_task(self.stop()))
-                    return
-                leader = dict(exc.trailing_metadata() or ()).get("leader-address", "")
-                if code == grpc.StatusCode.UNAVAILABLE and leader and leader != target:
-                    target = leader
-                    continue
-                log.warning("node %s: join attempt failed (%s); retrying", s.id, details)
-                target = s.join  # (a leader we were pointed at may be gone: ask again)
-            finally:
-                await channel.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-
-    async def _watch_disk(self) -> None:
-        """Every second: if this node's disk is nearly full, the NOSPACE alarm is raised (by
-        the leader, which a follower asks), before the log cannot grow any more."""
-        while not self._stopping and self.quota is not None:
-            await asyncio.sleep(1.0)
-            why = self.quota.disk_short()
-            if why is None or self.quota.raised():
-                continue
-            if self.is_leader:
-                self.quota.raise_alarm(why)
-            elif self.raw.raft.leader:
-                await self.transport.report_alarm(self.raw.raft.leader, why)
-
-    def _alarm_reported(self, src: str, why: str) -> str | None:
-        """A member says its disk is nearly full: raise NOSPACE (why not, if we cannot)."""
-        if self.quota is None:
-            return "this node's state machine has no quota"
-        if not self.is_leader:
-            return "not the leader"
-        if src not in self.raw.raft.membership:
-            return f"{src} is not a member"
-        self.quota.raise_alarm(f"{src} reports: {why}")
-        return None
 
     def _on_unreachable(self, peer: str) -> None:
         if self.raw is not None:
@@ -678,7 +414,7 @@ class Node:
                     if not fut.done():
                         fut.set_exception(NotLeaderError(str(exc), exc.leader_id))
             else:
-                term = self.raw.raft.term
+                term = self.raw.term
                 for ps, fut in batch:
                     self._waiting_writes.append(_Waiting(first, first + len(ps) - 1, term, fut))
                     first += len(ps)
@@ -735,98 +471,6 @@ class Node:
 
     # -- snapshots -----------------------------------------------------------------------------
 
-    def _snapshot_due(self) -> bool:
-        """Every ``snapshot_entries`` applied entries, and whenever the log held in memory grew
-        by ``snapshot_log_bytes`` since the last snapshot left it (big values overwritten again
-        and again make a small state but a big log; what a snapshot cannot drop, say entries
-        not yet committed, does not make it snapshot again and again)."""
-        behind = self.applied_index - self._snapshot_index
-        grown = self.raw.raft.log.entries.nbytes - self._log_bytes_kept
-        return behind >= self.settings.snapshot_entries or (
-            behind > 0 and grown >= self.settings.snapshot_log_bytes
-        )
-
-    async def _take_snapshot(self) -> None:
-        """Snapshot the state machine, then drop the log it covers (keeping ``snapshot_keep``
-        entries for followers that lag a little, unless they hold a quarter of
-        ``snapshot_log_bytes``: then none). The state is serialized here, in the loop, so it is
-        point-in-time; the file is written and fsynced in the fsync thread."""
-        loop = asyncio.get_running_loop()
-        raft_log = self.raw.raft.log
-        index = self.applied_index
-        term = raft_log.term_at(index)
-        snapshot = self.snapshots.create(index, term, self.raw.raft.membership_at(index).encode())
-        try:
-            self.fsm.snapshot(snapshot.out)  # (into the page cache; the sync is in the thread)
-        except BaseException:
-            snapshot.abort()
-            raise
-        meta = await loop.run_in_executor(self._fsync_pool, snapshot.finish)
-        self._snapshot_index = index
-        keep = self.settings.snapshot_keep
-        if raft_log.entries.nbytes >= self.settings.snapshot_log_bytes // 4:
-            keep = 0
-        upto = min(index - keep, raft_log.stable)
-        if upto >= raft_log.first_index:
-            upto_term = raft_log.term_at(upto)
-            self.raw.compact(upto)
-            await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
-        self._log_bytes_kept = raft_log.entries.nbytes
-        log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, meta.size)
-
-    def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
-        """A leader streams us a snapshot: where to write it. Only the leader of our term may
-        (anyone else could replace our state), and only as much as the disk can take."""
-        raft = self.raw.raft
-        if meta.src != raft.leader or meta.term != raft.term:
-            raise tcp.Refused(
-                grpc.StatusCode.FAILED_PRECONDITION.value[0],
-                f"snapshots are taken from the leader of term {raft.term} only "
-                f"({raft.leader or 'none known here'}), not from {meta.src!r} of term {meta.term}",
-            )
-        room = free_bytes(self.snapshots.directory) - DISK_RESERVE_BYTES
-        receiver = self.snapshots.receive(meta.index, meta.log_term)
-        return _IncomingSnapshot(self, receiver, room)
-
-    async def _install_snapshot(self, meta: tuple[int, int]) -> None:
-        snap = self._incoming_snapshot
-        if snap is None or (snap.index, snap.term) != meta:
-            raise RuntimeError(f"asked to install snapshot {meta}, but received {snap}")
-        loop = asyncio.get_running_loop()
-        # The log restarts after the snapshot before the state machine jumps to it: a crash in
-        # between restarts from the (durable) snapshot file with a consistent log.
-        await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
-        self._restore(snap)
-        self._incoming_snapshot = None
-        log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
-
-    def _restore(self, meta: SnapshotMeta) -> Membership:
-        """The state machine from snapshot ``meta``; its configuration."""
-        raw_membership, inp = self.snapshots.open_state(meta)
-        with inp:
-            try:
-                membership = Membership.decode(raw_membership)
-            except ValueError as exc:
-                raise CorruptionError(f"{meta.path}: {exc}", meta.path, 0) from None
-            self.fsm.restore(inp)
-        self.applied_index = self._snapshot_index = meta.index
-        return membership
-
-    async def _send_snapshot(self, m: Message) -> None:
-        """The core asked for a snapshot to go to ``m.dst``: stream our newest one."""
-        meta = self.snapshots.latest()
-        ok = False
-        if meta is not None and meta.index >= m.index:
-            membership = self.snapshots.read_membership(meta)
-            named = Message(
-                MsgType.SNAPSHOT, m.src, m.dst, m.term, meta.index, meta.term, membership
-            )
-            log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
-            ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
-        if self.raw is not None and not self._stopping:
-            self.raw.report_snapshot(m.dst, ok)
-            self._wake.set()
-
     def _sync_inline(self, size: int) -> bool:
         return (
             size <= _INLINE_SYNC_BYTES
@@ -840,7 +484,7 @@ class Node:
         (tests only) gives followers a slow, jittery disk: each of their writes starts up to
         that much later, which widens any window in which a follower acknowledges before
         writing."""
-        if _FAULT_DISK_DELAY and self.raw.raft.role != Role.LEADER:
+        if _FAULT_DISK_DELAY and self.raw.role != Role.LEADER:
             time.sleep(random.uniform(0, _FAULT_DISK_DELAY))
         self.wal.sync()
 
@@ -891,32 +535,6 @@ class Node:
                 waiting.fut.set_result(waiting.results)
         self._waiting_writes = still
 
-    def _config_committed(self, index: int, membership: Membership) -> None:
-        """A configuration committed. If it left us out (and we were in one before), we are
-        done: shut down once our last messages (the hand-over to a new leader) are out."""
-        members = set(membership.members())
-        for gone in self._committed_members - members:
-            self._removed_ids[gone] = index
-        for back in members & self._removed_ids.keys():
-            del self._removed_ids[back]
-        self._committed_members = members
-        raft = self.raw.raft
-        if self.id in membership or self.removed or self._joining:
-            return  # (joining: an earlier node with our id may have been removed long ago)
-        if self.id in raft.membership or any(
-            self.id in m for at, m in raft.configs() if at > index
-        ):
-            return  # added back since
-        if not any(self.id in m for at, m in raft.configs() if at < index):
-            return  # we were never a member before it (we are joining, catching up)
-        self._shut_down_removed(f"the configuration at index {index} leaves it out")
-
-    def _shut_down_removed(self, why: str) -> None:
-        self.removed = True
-        log.warning("node %s was removed from the cluster (%s); shutting down", self.id, why)
-        delay = self.settings.election_ticks * self.settings.tick_ms / 1000
-        asyncio.get_running_loop().call_later(delay, lambda: asyncio.create_task(self.stop()))
-
     def _release_reads(self) -> None:
         applied = self.applied_index
         if self._reads_at:
@@ -935,7 +553,7 @@ class Node:
 
     def _on_role_change(self, role: Role, leader: str) -> None:
         self._leader_changed.set()
-        term, reason = self.raw.raft.term, self.raw.raft.reason
+        term, reason = self.raw.term, self.raw.reason
         if role == Role.LEADER:
             log.info("node %s became leader in term %d (%s)", self.id, term, reason)
         else:
@@ -971,13 +589,6 @@ class Node:
         self._reads_at, self._reads_by_id = [], {}
 
 
-_DONE_NOTE = {
-    ChangeKind.PROMOTE: "a voter",
-    ChangeKind.DEMOTE: "a learner",
-    ChangeKind.REMOVE: "not a member",
-}
-
-
 @dataclass(slots=True)
 class _Waiting:
     """A proposal waiting to be applied: its entries first..last, of ``term``, and the results
@@ -1003,36 +614,6 @@ def _runs_of_commands(types: list[int]) -> list[tuple[int, int]]:
     if start is not None:
         runs.append((start, len(types)))
     return runs
-
-
-def _log_holds(entries, index: int, term: int) -> bool:
-    """Does the log hold entry ``index`` with ``term`` (or start right after it)?"""
-    if not entries.first_index - 1 <= index <= entries.last_index:
-        return False
-    return entries.term_at(index) == term
-
-
-class _IncomingSnapshot:
-    """Writes a leader's snapshot into our store; once complete, the node remembers it until the
-    core asks for it to be installed (``Ready.snapshot``)."""
-
-    def __init__(self, node: Node, receiver, max_bytes: int) -> None:
-        self._node = node
-        self._receiver = receiver
-        self._max_bytes = max_bytes
-
-    def write(self, offset: int, data: bytes) -> None:
-        if offset + len(data) > self._max_bytes:
-            raise ValueError(
-                f"a snapshot of over {self._max_bytes} bytes does not fit this node's disk"
-            )
-        self._receiver.write(offset, data)
-
-    def finish(self) -> None:
-        self._node._incoming_snapshot = self._receiver.finish()
-
-    def abort(self) -> None:
-        self._receiver.abort()
 
 
 def _server(max_message_bytes: int, authorizer: Authorizer | None = None) -> grpc.aio.Server:
@@ -1081,7 +662,7 @@ def _warn_if_open(s: NodeSettings) -> None:
 
 async def serve(settings: NodeSettings, state_machine: StateMachine | None = None) -> None:
     """Run a node until SIGTERM/SIGINT, then stop gracefully. Raises if the node failed."""
-    node = Node(settings, state_machine)
+    node = Driver(settings, state_machine)
     await node.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

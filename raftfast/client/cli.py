@@ -50,6 +50,7 @@ from raftfast.client import (
     TLSFiles,
     parse_endpoints,
 )
+from raftfast.client.tables import format_table
 from raftfast.errors import InvalidArgumentError, RaftfastError
 
 __all__ = ["build_parser", "main"]
@@ -249,23 +250,6 @@ def _client_address(member: Mapping[str, Any]) -> str:
     return member.get("client_address") or member.get("address", "")
 
 
-def format_table(
-    header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = ""
-) -> list[str]:
-    """Aligned text lines; ``align`` has a character per column, ``<`` (the default for the
-    columns it does not cover) or ``>``."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(len(header))]
-    lines = []
-    for row in cells:
-        parts = [
-            cell.rjust(widths[i]) if align[i : i + 1] == ">" else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        lines.append("  ".join(parts).rstrip())
-    return lines
-
-
 def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) -> None:
     """A row per node, then the member list as ``first`` (the node that answered) sees it."""
     rows = []
@@ -364,7 +348,7 @@ def _add_transfer_leader(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
-    from raftfast import benchcmd
+    from raftfast.tools import benchcmd
 
     p = sub.add_parser(
         "bench",
@@ -506,7 +490,7 @@ async def _run(
 
 
 def _bench(args: argparse.Namespace, endpoints: list[str] | None) -> int:
-    from raftfast import benchcmd
+    from raftfast.tools import benchcmd
 
     try:
         args.client_tls = _tls(args)  # a running cluster's certificates (--endpoints)

@@ -8,9 +8,9 @@ from raftfast.address import is_address
 from raftfast.limits import MAX_ID_BYTES, check_node_id
 from raftfast.security.roles import load_roles
 from raftfast.security.tls import TLSFiles
+from raftfast.transport import PEER_STREAMS
 
 READ_MODES = ("linearizable", "lease", "stale")
-PEER_STREAMS = ("tcp", "grpc")
 # A request becomes one log entry, which must fit one peer message (64 MiB) with room to spare.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MIN_QUOTA_BYTES = 64 * 1024

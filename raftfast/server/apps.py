@@ -1,0 +1,98 @@
+"""What a node serves on top of the replicated log: the KV store (with its own service and its
+space quota) or any other ``StateMachine`` (behind the generic Propose/Query service, with
+exactly-once around it). The driver asks its application for these and knows nothing of KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+
+from raftfast.exactly_once import ExactlyOnce
+from raftfast.kv.fsm import KVStateMachine
+from raftfast.kv.quota import Quota
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.roles import Authorizer
+from raftfast.server.kv_service import add_kv_service
+from raftfast.server.machine_service import MachineService, StatusOnly
+from raftfast.statemachine import StateMachine
+
+if TYPE_CHECKING:
+    from raftfast.server.driver import Driver
+
+__all__ = ["KVApp", "MachineApp", "app_for"]
+
+
+class MachineApp:
+    """A user's state machine: commands framed with a client id and sequence (exactly-once),
+    served by the StateMachine service (Propose, Query); the KV service answers Status only."""
+
+    quota: Quota | None = None
+
+    def __init__(self, driver: Driver, state_machine: StateMachine) -> None:
+        self.driver = driver
+        self.fsm: StateMachine = ExactlyOnce(state_machine)
+
+    def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
+        pb_grpc.add_StateMachineServicer_to_server(MachineService(self.driver), server)
+        pb_grpc.add_KVServicer_to_server(StatusOnly(self.driver), server)
+
+    async def run(self) -> None:
+        """Background work while the node runs: none."""
+
+    def alarm_reported(self, src: str, why: str) -> str | None:
+        return "this node's state machine has no quota"
+
+    def status_fields(self) -> dict:
+        return {}
+
+
+class KVApp:
+    """The KV store: its service (which dedups its own commands) and the space quota, whose
+    NOSPACE alarm any member's nearly full disk raises."""
+
+    def __init__(self, driver: Driver, state_machine: KVStateMachine) -> None:
+        self.driver = driver
+        self.fsm: KVStateMachine = state_machine
+        self.quota: Quota | None = Quota(driver)
+
+    def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
+        add_kv_service(server, self.driver, authorizer, self.quota)
+
+    async def run(self) -> None:
+        """Every second: if this node's disk is nearly full, the NOSPACE alarm is raised (by
+        the leader, which a follower asks), before the log cannot grow any more."""
+        driver, quota = self.driver, self.quota
+        while not driver.stopping:
+            await asyncio.sleep(1.0)
+            why = quota.disk_short()
+            if why is None or quota.raised():
+                continue
+            if driver.is_leader:
+                quota.raise_alarm(why)
+            elif driver.raw.leader:
+                await driver.transport.report_alarm(driver.raw.leader, why)
+
+    def alarm_reported(self, src: str, why: str) -> str | None:
+        """A member says its disk is nearly full: raise NOSPACE (why not, if we cannot)."""
+        if not self.driver.is_leader:
+            return "not the leader"
+        if src not in self.driver.raw.membership:
+            return f"{src} is not a member"
+        self.quota.raise_alarm(f"{src} reports: {why}")
+        return None
+
+    def status_fields(self) -> dict:
+        alarms = self.quota.alarms()
+        return {"alarms": alarms.alarms, "state_bytes": alarms.state_bytes}
+
+
+def app_for(driver: Driver, state_machine: StateMachine | None) -> KVApp | MachineApp:
+    """The application serving ``state_machine`` (None: a new KV store)."""
+    if state_machine is None:
+        state_machine = KVStateMachine()
+    if isinstance(state_machine, KVStateMachine):
+        return KVApp(driver, state_machine)
+    return MachineApp(driver, state_machine)

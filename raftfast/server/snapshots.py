@@ -1,0 +1,154 @@
+"""The driver's snapshot part: taking a snapshot of the state machine (streamed into a file)
+and compacting the log behind it, streaming our newest one to a follower that lags, receiving
+one from the leader and installing it.
+
+``SnapshotMixin`` is a part of ``Driver`` (raftfast/server/driver.py): it uses the driver's
+``raw``, ``fsm``, ``snapshots`` store, ``wal`` and fsync thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from raftfast.core.membership import Membership
+from raftfast.core.types import Message, MsgType
+from raftfast.errors import CorruptionError
+from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
+from raftfast.storage.snapshot import SnapshotMeta
+from raftfast.transport import tcp
+
+log = logging.getLogger("raftfast.node")
+
+
+class SnapshotMixin:
+    """Snapshots: take, send, receive, install, restore (a part of ``Driver``)."""
+
+    # (set up by Driver.__init__)
+    _snapshot_index: int
+    _log_bytes_kept: int
+    _incoming_snapshot: SnapshotMeta | None
+
+    def _snapshot_due(self) -> bool:
+        """Every ``snapshot_entries`` applied entries, and whenever the log held in memory grew
+        by ``snapshot_log_bytes`` since the last snapshot left it (big values overwritten again
+        and again make a small state but a big log; what a snapshot cannot drop, say entries
+        not yet committed, does not make it snapshot again and again)."""
+        behind = self.applied_index - self._snapshot_index
+        grown = self.raw.log_bytes - self._log_bytes_kept
+        return behind >= self.settings.snapshot_entries or (
+            behind > 0 and grown >= self.settings.snapshot_log_bytes
+        )
+
+    async def _take_snapshot(self) -> None:
+        """Snapshot the state machine, then drop the log it covers (keeping ``snapshot_keep``
+        entries for followers that lag a little, unless they hold a quarter of
+        ``snapshot_log_bytes``: then none). The state is serialized here, in the loop, so it is
+        point-in-time; the file is written and fsynced in the fsync thread."""
+        loop = asyncio.get_running_loop()
+        raw = self.raw
+        index = self.applied_index
+        term = raw.term_at(index)
+        snapshot = self.snapshots.create(index, term, self.raw.membership_at(index).encode())
+        try:
+            self.fsm.snapshot(snapshot.out)  # (into the page cache; the sync is in the thread)
+        except BaseException:
+            snapshot.abort()
+            raise
+        meta = await loop.run_in_executor(self._fsync_pool, snapshot.finish)
+        self._snapshot_index = index
+        keep = self.settings.snapshot_keep
+        if raw.log_bytes >= self.settings.snapshot_log_bytes // 4:
+            keep = 0
+        upto = min(index - keep, raw.stable_index)
+        if upto >= raw.first_index:
+            upto_term = raw.term_at(upto)
+            self.raw.compact(upto)
+            await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
+        self._log_bytes_kept = raw.log_bytes
+        log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, meta.size)
+
+    def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
+        """A leader streams us a snapshot: where to write it. Only the leader of our term may
+        (anyone else could replace our state), and only as much as the disk can take."""
+        raw = self.raw
+        if meta.src != raw.leader or meta.term != raw.term:
+            raise tcp.Refused(
+                grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                f"snapshots are taken from the leader of term {raw.term} only "
+                f"({raw.leader or 'none known here'}), not from {meta.src!r} of term {meta.term}",
+            )
+        room = free_bytes(self.snapshots.directory) - DISK_RESERVE_BYTES
+        receiver = self.snapshots.receive(meta.index, meta.log_term)
+        return _IncomingSnapshot(self, receiver, room)
+
+    async def _install_snapshot(self, meta: tuple[int, int]) -> None:
+        snap = self._incoming_snapshot
+        if snap is None or (snap.index, snap.term) != meta:
+            raise RuntimeError(f"asked to install snapshot {meta}, but received {snap}")
+        loop = asyncio.get_running_loop()
+        # The log restarts after the snapshot before the state machine jumps to it: a crash in
+        # between restarts from the (durable) snapshot file with a consistent log.
+        await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
+        self._restore(snap)
+        self._incoming_snapshot = None
+        log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
+
+    def _restore(self, meta: SnapshotMeta) -> Membership:
+        """The state machine from snapshot ``meta``; its configuration."""
+        raw_membership, inp = self.snapshots.open_state(meta)
+        with inp:
+            try:
+                membership = Membership.decode(raw_membership)
+            except ValueError as exc:
+                raise CorruptionError(f"{meta.path}: {exc}", meta.path, 0) from None
+            self.fsm.restore(inp)
+        self.applied_index = self._snapshot_index = meta.index
+        return membership
+
+    async def _send_snapshot(self, m: Message) -> None:
+        """The core asked for a snapshot to go to ``m.dst``: stream our newest one."""
+        meta = self.snapshots.latest()
+        ok = False
+        if meta is not None and meta.index >= m.index:
+            membership = self.snapshots.read_membership(meta)
+            named = Message(
+                MsgType.SNAPSHOT, m.src, m.dst, m.term, meta.index, meta.term, membership
+            )
+            log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
+            ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
+        if self.raw is not None and not self.stopping:
+            self.raw.report_snapshot(m.dst, ok)
+            self._wake.set()
+
+
+class _IncomingSnapshot:
+    """Writes a leader's snapshot into our store; once complete, the node remembers it until the
+    core asks for it to be installed (``Ready.snapshot``)."""
+
+    def __init__(self, node: SnapshotMixin, receiver, max_bytes: int) -> None:
+        self._node = node
+        self._receiver = receiver
+        self._max_bytes = max_bytes
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset + len(data) > self._max_bytes:
+            raise ValueError(
+                f"a snapshot of over {self._max_bytes} bytes does not fit this node's disk"
+            )
+        self._receiver.write(offset, data)
+
+    def finish(self) -> None:
+        self._node._incoming_snapshot = self._receiver.finish()
+
+    def abort(self) -> None:
+        self._receiver.abort()
+
+
+def log_holds(entries, index: int, term: int) -> bool:
+    """Does the log hold entry ``index`` with ``term`` (or start right after it)?"""
+    if not entries.first_index - 1 <= index <= entries.last_index:
+        return False
+    return entries.term_at(index) == term
