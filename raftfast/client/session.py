@@ -1,0 +1,391 @@
+"""The pipelined Session stream: queued ``put``/``get``/``delete``/``cas`` calls travel in
+``SessionFrame``s on one bidirectional stream to the leader, matched to their results by frame
+id; a failed stream is replaced and what was in flight on it retried (writes with their
+sequences). ``SessionMixin`` is a part of ``Client`` (client.py): it uses the client's queues,
+window, stubs and backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+from raftfast.address import is_address
+from raftfast.client.calls import (
+    CODE_INVALID_ARGUMENT,
+    CODE_NAMES,
+    CODE_OK,
+    CODE_PERMISSION_DENIED,
+    CODE_RESOURCE_EXHAUSTED,
+    CODE_UNAVAILABLE,
+    GET,
+    NOSPACE,
+    PUT,
+    PUT_MANY,
+    RETRY_LATER_CODES,
+    leader_hint,
+    one_line,
+)
+from raftfast.errors import (
+    InvalidArgumentError,
+    NoSpaceError,
+    PermissionDeniedError,
+    RequestFailedError,
+)
+from raftfast.proto import raftfast_pb2 as pb
+
+
+class Op:
+    """One queued operation; ``sequence`` is assigned when a write is first sent."""
+
+    __slots__ = (
+        "kind",
+        "key",
+        "value",
+        "expected",
+        "expect_absent",
+        "read_mode",
+        "sequence",
+        "fut",
+        "stream",
+        "sent_at",
+        "attempts",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        key: bytes,
+        value: bytes = b"",
+        expected: bytes = b"",
+        expect_absent: bool = False,
+        read_mode: int = 0,
+    ) -> None:
+        self.kind = kind
+        self.key = key
+        self.value = value
+        self.expected = expected
+        self.expect_absent = expect_absent
+        self.read_mode = read_mode
+        self.sequence = 0
+        self.fut: asyncio.Future[Any] | None = None
+        self.stream: Stream | None = None
+        self.sent_at = 0.0
+        self.attempts = 0
+
+
+class Stream:
+    """One Session stream to one node and the frames in flight on it."""
+
+    __slots__ = ("target", "call", "inflight", "got_result", "last_result", "restart", "reason")
+
+    def __init__(self, target: str, call: Any) -> None:
+        self.target = target
+        self.call = call
+        self.inflight: dict[int, list[Op]] = {}
+        self.got_result = False  # any successful op result on this stream
+        self.last_result = float("-inf")
+        self.restart = asyncio.Event()
+        self.reason: tuple[str, str, str] | None = None  # (kind, detail, leader hint)
+
+    def request_restart(self, kind: str, detail: str, hint: str = "") -> None:
+        if self.reason is None:
+            self.reason = (kind, detail, hint)
+            self.restart.set()
+
+
+class SessionMixin:
+    """The Session stream of a ``Client``."""
+
+    def _wake_writer(self) -> None:
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _submit_one(self, op: Op, timeout: float | None) -> Any:
+        loop = self._ensure_started()
+        total = self._call_timeout(timeout)
+        op.fut = fut = loop.create_future()
+        self._pending.append(op)
+        self._wake_writer()
+        handle = loop.call_later(total, self._expire, (op,), total)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+
+    def _expire(self, ops: Iterable[Op], total: float) -> None:
+        """Deadline of a call: fail its unfinished ops; a silent stream is restarted."""
+        stream = self._stream
+        for op in ops:
+            fut = op.fut
+            if fut is None or fut.done():
+                continue
+            sent_on = op.stream
+            reached = sent_on is not None and sent_on.got_result
+            fut.set_exception(
+                self._timeout_error(
+                    total, self._last_error, reached, "leader", sent_on.target if sent_on else None
+                )
+            )
+            if sent_on is not None and sent_on is stream and sent_on.last_result < op.sent_at:
+                # Nothing came back on this stream since the op was sent: it looks dead.
+                sent_on.request_restart(
+                    "silent", f"no answer from {sent_on.target} within {total:g}s"
+                )
+        if self._writer_blocked:
+            self._wake_writer()
+
+    def _fail_pending(self, err: Exception) -> None:
+        """Fail every queued call with ``err``."""
+        pending, self._pending = self._pending, deque()
+        for op in pending:
+            if op.fut is not None and not op.fut.done():
+                op.fut.set_exception(err)
+
+    def _requeue(self, ops: list[Op], front: bool = True) -> None:
+        live = [op for op in ops if op.fut is not None and not op.fut.done()]
+        if not live or self._closed:
+            return
+        if front:
+            self._pending.extendleft(reversed(live))
+        else:
+            self._pending.extend(live)
+        self._wake_writer()
+
+    def _window_open(self) -> bool:
+        out = self._outstanding
+        while out and out[0].fut is not None and out[0].fut.done():
+            out.popleft()
+        return not out or self._seq + 1 - out[0].sequence < self._max_outstanding
+
+    async def _session_loop(self) -> None:
+        """Keep one Session stream to the leader while there is work; redirect and retry."""
+        assert self._wake is not None
+        wake = self._wake
+        failures = 0
+        redirects = 0
+        while True:
+            while not self._pending:
+                wake.clear()
+                await wake.wait()
+            target = self._leader or self._endpoints[self._rr % len(self._endpoints)]
+            call = self._stub(target).Session(metadata=self._metadata)
+            stream = Stream(target, call)
+            self._stream = stream
+            writer = asyncio.create_task(self._write_loop(stream))
+            reader = asyncio.create_task(self._read_loop(stream))
+            restart = asyncio.create_task(stream.restart.wait())
+            try:
+                await asyncio.wait((writer, reader, restart), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._stream = None
+                self._writer_blocked = False
+                for task in (writer, reader, restart):
+                    task.cancel()
+                call.cancel()
+                await asyncio.gather(writer, reader, restart, return_exceptions=True)
+                retry = [op for fid in sorted(stream.inflight) for op in stream.inflight[fid]]
+                stream.inflight.clear()
+                self._requeue(retry)
+
+            if stream.reason is not None:
+                kind, detail, hint = stream.reason
+            else:
+                kind, hint = "failed", ""
+                detail = "session stream ended"
+                for task in (reader, writer):
+                    if task.done() and not task.cancelled():
+                        exc = task.exception()
+                        if exc is not None:
+                            detail = f"session failed: {exc!r}"
+                        elif task.result() is not None:
+                            detail, hint = task.result()
+                        break
+            if stream.got_result:
+                failures = 0
+            if call.done() and await call.code() == grpc.StatusCode.PERMISSION_DENIED:
+                # Our certificate may not open a session there: retrying cannot help.
+                self._fail_pending(
+                    PermissionDeniedError(f"{target}: {one_line(await call.details() or '')}")
+                )
+                continue
+            self._last_error = f"{target}: {one_line(detail)}"
+            if hint and hint != target and redirects <= 2 * len(self._endpoints) + 2:
+                self._leader = hint
+                redirects += 1
+                continue
+            redirects = 0
+            if kind == "backoff":
+                self._leader = target
+            else:
+                if self._leader == target:
+                    self._leader = None
+                self._rr += 1
+            if not self._pending:
+                continue  # idle: reconnect when there is work again
+            await asyncio.sleep(self._backoff(failures))
+            failures += 1
+
+    async def _write_loop(self, stream: Stream) -> tuple[str, str] | None:
+        assert self._wake is not None and self._loop is not None
+        wake = self._wake
+        pending = self._pending
+        loop = self._loop
+        call = stream.call
+        max_ops = self._max_ops
+        max_bytes = self._max_bytes
+        while True:
+            while not pending:
+                wake.clear()
+                await wake.wait()
+            if stream.reason is not None:
+                return None  # this stream is being replaced: send nothing more on it
+            self._frame_id += 1
+            frame_id = self._frame_id
+            frame = pb.SessionFrame(frame_id=frame_id, client_id=self._client_id)
+            add = frame.ops.add
+            batch: list[Op] = []
+            nbytes = 0
+            blocked = False
+            while pending and len(batch) < max_ops:
+                op = pending[0]
+                if op.fut is None or op.fut.done():
+                    pending.popleft()
+                    continue
+                size = len(op.key) + len(op.value) + len(op.expected) + 16
+                if batch and nbytes + size > max_bytes:
+                    break
+                if op.kind != GET and op.sequence == 0:
+                    if not self._window_open():
+                        blocked = True
+                        break
+                    self._seq += 1
+                    op.sequence = self._seq
+                    self._outstanding.append(op)
+                pending.popleft()
+                add(
+                    kind=op.kind,
+                    key=op.key,
+                    value=op.value,
+                    expected=op.expected,
+                    expect_absent=op.expect_absent,
+                    sequence=op.sequence,
+                    read_mode=op.read_mode,
+                )
+                batch.append(op)
+                nbytes += size
+            if batch:
+                now = loop.time()
+                for op in batch:
+                    op.stream = stream
+                    op.sent_at = now
+                stream.inflight[frame_id] = batch
+                try:
+                    await call.write(frame)
+                except grpc.aio.AioRpcError as exc:
+                    return self._stream_failure(exc.code(), exc.details(), exc.trailing_metadata())
+                except asyncio.InvalidStateError:
+                    return await self._call_failure(call)
+            elif blocked:
+                # Too many unresolved write sequences: wait until some finish.
+                self._writer_blocked = True
+                wake.clear()
+                try:
+                    await wake.wait()
+                finally:
+                    self._writer_blocked = False
+
+    async def _read_loop(self, stream: Stream) -> tuple[str, str]:
+        call = stream.call
+        while True:
+            try:
+                result = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                return self._stream_failure(exc.code(), exc.details(), exc.trailing_metadata())
+            if result is grpc.aio.EOF:
+                return await self._call_failure(call)
+            self._on_result(stream, result)
+
+    async def _call_failure(self, call: Any) -> tuple[str, str]:
+        code = await call.code()
+        details = await call.details()
+        metadata = await call.trailing_metadata()
+        if code == grpc.StatusCode.OK:
+            return "the server closed the session stream", leader_hint(metadata)
+        return self._stream_failure(code, details, metadata)
+
+    @staticmethod
+    def _stream_failure(code: Any, details: str | None, metadata: Any) -> tuple[str, str]:
+        name = getattr(code, "name", str(code)).lower()
+        return f"{name}: {one_line(details or '')}", leader_hint(metadata)
+
+    def _on_result(self, stream: Stream, result: Any) -> None:
+        ops = stream.inflight.pop(result.frame_id, None)
+        if ops is None:
+            return
+        results = result.results
+        unavailable: list[Op] = []
+        later: list[Op] = []
+        first_error = ""
+        ok = False
+        for i, op in enumerate(ops):
+            fut = op.fut
+            if fut is None or fut.done():
+                continue
+            if i >= len(results):  # a malformed answer: retry what it did not cover
+                later.append(op)
+                continue
+            r = results[i]
+            code = r.code
+            if code == CODE_OK:
+                ok = True
+                kind = op.kind
+                if kind == PUT or kind == PUT_MANY:
+                    fut.set_result(None)
+                elif kind == GET:
+                    fut.set_result(r.value if r.ok else None)
+                else:
+                    fut.set_result(r.ok)
+            elif code == CODE_UNAVAILABLE:
+                unavailable.append(op)
+                first_error = first_error or r.error or "unavailable"
+            elif code == CODE_RESOURCE_EXHAUSTED and r.error.startswith(NOSPACE):
+                fut.set_exception(NoSpaceError(f"{stream.target}: {one_line(r.error)}"))
+            elif code in RETRY_LATER_CODES:
+                later.append(op)
+                first_error = first_error or r.error or CODE_NAMES.get(code, str(code))
+            elif code == CODE_INVALID_ARGUMENT:
+                fut.set_exception(InvalidArgumentError(one_line(r.error or "invalid argument")))
+            elif code == CODE_PERMISSION_DENIED:
+                fut.set_exception(PermissionDeniedError(f"{stream.target}: {one_line(r.error)}"))
+            else:
+                name = CODE_NAMES.get(code, str(code))
+                fut.set_exception(
+                    RequestFailedError(f"{stream.target}: {one_line(r.error or name)}", name)
+                )
+        if ok:
+            stream.got_result = True
+            stream.last_result = self._loop.time() if self._loop is not None else 0.0
+            self._last_error = None
+        if first_error:
+            self._last_error = f"{stream.target}: {one_line(first_error)}"
+        if unavailable:
+            leader = result.leader if is_address(result.leader) else ""
+            if leader and leader == stream.target:
+                later.extend(unavailable)  # the leader itself is not ready: wait, same stream
+            else:
+                self._requeue(unavailable)
+                kind = "redirect" if leader else "rotate"
+                stream.request_restart(kind, first_error, leader)
+        if later:
+            delay = self._backoff(max(op.attempts for op in later))
+            for op in later:
+                op.attempts += 1
+            assert self._loop is not None
+            self._loop.call_later(delay, self._requeue, later)
+        if self._writer_blocked:
+            self._wake_writer()

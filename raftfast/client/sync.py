@@ -1,0 +1,163 @@
+"""``SyncClient``: the blocking twin of ``Client``, for code without asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
+
+from raftfast.client.calls import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, BytesLike, ReadModeLike
+from raftfast.client.client import Client
+from raftfast.errors import RaftfastError
+
+__all__ = ["SyncClient"]
+
+_T = TypeVar("_T")
+
+
+class SyncClient:
+    """Blocking twin of ``Client`` for plain synchronous code.
+
+    Runs a private event loop in a daemon thread; every method blocks until its result is in.
+    Thread-safe: calls from several threads share one pipelined session. Close it (``close()``
+    or ``with``) to stop the thread.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str] = (DEFAULT_ENDPOINT,),
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        **options: Any,
+    ) -> None:
+        self._client = Client(endpoints, timeout=timeout, **options)
+        self._loop = asyncio.new_event_loop()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="raftfast-client", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def client_id(self) -> int:
+        return self._client.client_id
+
+    @property
+    def leader(self) -> str | None:
+        return self._client.leader
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self._client.endpoints
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self._closed:
+            coro.close()
+            raise RaftfastError("client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        """Close the client and stop its thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout=10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def put(self, key: BytesLike, value: BytesLike, *, timeout: float | None = None) -> None:
+        self._run(self._client.put(key, value, timeout=timeout))
+
+    def get(
+        self,
+        key: BytesLike,
+        *,
+        read_mode: ReadModeLike = None,
+        timeout: float | None = None,
+    ) -> bytes | None:
+        return self._run(self._client.get(key, read_mode=read_mode, timeout=timeout))
+
+    def delete(self, key: BytesLike, *, timeout: float | None = None) -> bool:
+        return self._run(self._client.delete(key, timeout=timeout))
+
+    def cas(
+        self,
+        key: BytesLike,
+        expected: BytesLike | None,
+        new: BytesLike,
+        *,
+        timeout: float | None = None,
+    ) -> bool:
+        return self._run(self._client.cas(key, expected, new, timeout=timeout))
+
+    def put_many(
+        self,
+        items: Iterable[tuple[BytesLike, BytesLike]],
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self._run(self._client.put_many(list(items), timeout=timeout))
+
+    def scan(
+        self,
+        prefix: BytesLike = b"",
+        limit: int = 1000,
+        *,
+        read_mode: ReadModeLike = None,
+        timeout: float | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        return self._run(self._client.scan(prefix, limit, read_mode=read_mode, timeout=timeout))
+
+    def status(
+        self, endpoint: str | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return self._run(self._client.status(endpoint, timeout=timeout))
+
+    def transfer_leader(self, target: str, *, timeout: float | None = None) -> str:
+        return self._run(self._client.transfer_leader(target, timeout=timeout))
+
+    def members(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.members(timeout=timeout))
+
+    def add_member(
+        self, node_id: str, address: str, *, learner: bool = False, timeout: float | None = None
+    ) -> dict[str, Any]:
+        return self._run(
+            self._client.add_member(node_id, address, learner=learner, timeout=timeout)
+        )
+
+    def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.promote_member(node_id, timeout=timeout))
+
+    def demote_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.demote_member(node_id, timeout=timeout))
+
+    def alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.alarms(timeout=timeout))
+
+    def propose(self, command: BytesLike, *, timeout: float | None = None) -> bytes:
+        return self._run(self._client.propose(command, timeout=timeout))
+
+    def query(
+        self, request: BytesLike, *, read_mode: ReadModeLike = None, timeout: float | None = None
+    ) -> bytes:
+        return self._run(self._client.query(request, read_mode=read_mode, timeout=timeout))
+
+    def disarm_alarms(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.disarm_alarms(timeout=timeout))
+
+    def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.remove_member(node_id, timeout=timeout))
