@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,10 @@ from pathlib import Path
 
 import raftfast
 from raftfast.objects.codec import decode, encode
+from raftfast.tools.localcluster import free_ports
 
 INCREMENTS = 1000
 IN_FLIGHT = 50
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 async def run_node(node_id: str, peers: dict[str, str], data_dir: str) -> None:

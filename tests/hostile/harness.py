@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -26,6 +27,7 @@ from raftfast.transport.tcp import record
 
 CLUSTER = "raftfast"
 ACKED_PREFIX = b"\x00acked/"  # hostile keys never start with it (see the strategies)
+T = TypeVar("T")
 NO_LIMIT = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
@@ -72,6 +74,20 @@ class Trio:
 
     def status(self, nid: str) -> pb.StatusResponse:
         return self.kv(nid).Status(pb.StatusRequest(), timeout=5)
+
+    def at_leader(self, call: Callable[[pb_grpc.KVStub], T], what: str) -> T:
+        """``call`` with the leader's KV stub; again at the new leader while the answer is
+        UNAVAILABLE (leadership moves on a loaded machine; clients do the same)."""
+
+        def attempt() -> tuple[T] | None:
+            try:
+                return (call(self.kv(self.leader())),)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    return None
+                raise
+
+        return wait_for(what, attempt, timeout=60)[0]
 
     def leader(self) -> str:
         """The leader every node agrees on (waits for one)."""

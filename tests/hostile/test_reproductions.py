@@ -111,11 +111,11 @@ def test_a_session_frame_bigger_than_one_apply_is_applied_whole(trio):
 
     result = wait_for("the frame applied at the leader", applied, timeout=120)
     assert [(r.code, r.ok) for r in result.results] == [(0, True)] * 9, result.results[0].error
-    kv = trio.kv(trio.leader())
     trio.acked.update(values)
     trio.assert_healthy()
     for key, value in values.items():
-        assert kv.Get(pb.GetRequest(key=key), timeout=10).value == value
+        got = trio.at_leader(lambda kv, key=key: kv.Get(pb.GetRequest(key=key), timeout=10), "get")
+        assert got.value == value
 
 
 def test_a_vote_from_an_id_of_70000_characters_is_refused(trio):
@@ -154,7 +154,7 @@ def test_an_oversized_put_many_is_refused_at_once_and_a_huge_scan_comes_in_pages
         c.put_many([(prefix + b"%02d" % i, bytes([i]) * (1 << 20)) for i in range(12)])
         for i in range(12):
             trio.acked[prefix + b"%02d" % i] = bytes([i]) * (1 << 20)
-        page = kv.Scan(pb.ScanRequest(prefix=prefix), timeout=30)
+        page = trio.at_leader(lambda kv: kv.Scan(pb.ScanRequest(prefix=prefix), timeout=30), "scan")
         size = sum(len(i.key) + len(i.value) for i in page.items)
         assert 0 < len(page.items) < 12 and page.next_key.startswith(prefix)
         assert size <= MAX_SCAN_BYTES

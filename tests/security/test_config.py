@@ -144,3 +144,20 @@ def test_the_authorizer_maps_names_to_roles():
     # a method nobody listed needs admin
     assert METHOD_ROLES.get("/raftfast.v1.Admin/MemberRemove", Role.ADMIN) == Role.ADMIN
     assert METHOD_ROLES["/raftfast.v1.KV/Put"] == Role.WRITE
+
+
+def test_every_client_method_has_the_role_the_docs_give_it():
+    from raftfast.proto import raftfast_pb2 as pb
+
+    roles = {}
+    for service in ("KV", "StateMachine", "Admin"):
+        for method in pb.DESCRIPTOR.services_by_name[service].methods:
+            path = f"/raftfast.v1.{service}/{method.name}"
+            roles[path] = METHOD_ROLES.get(path, Role.ADMIN)  # (what the interceptor does)
+    assert roles["/raftfast.v1.StateMachine/Propose"] == Role.WRITE
+    assert roles["/raftfast.v1.StateMachine/Query"] == Role.READ
+    writes = {p.rsplit("/", 1)[1] for p, r in roles.items() if r == Role.WRITE}
+    reads = {p.rsplit("/", 1)[1] for p, r in roles.items() if r == Role.READ}
+    assert writes == {"Put", "Delete", "CompareAndSwap", "Propose"}
+    assert reads == {"Get", "Scan", "Status", "Session", "Query", "MemberList", "AlarmList"}
+    assert set(METHOD_ROLES) <= set(roles)  # (no role for a method that does not exist)
