@@ -50,9 +50,11 @@ RETRY_LATER_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     )
 )
+# CANCELLED: a node that shuts down cancels the calls it was serving; another node answers.
 RETRYABLE_STATUS = frozenset(
     (
         grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
@@ -111,6 +113,16 @@ def read_mode_of(mode: ReadModeLike) -> int:
     if isinstance(mode, int) and not isinstance(mode, bool) and mode in READ_MODES.values():
         return int(mode)
     raise ValueError(f"unknown read mode {mode!r} (want one of {', '.join(READ_MODES)})")
+
+
+def not_raftfast(target: str, method: str) -> str:
+    """What UNIMPLEMENTED means to a client: retrying cannot help."""
+    if method in ("Propose", "Query"):
+        return (
+            f"{target} serves no state machine of yours: it runs raftfast's key/value store, or "
+            "it is not a raftfast server"
+        )
+    return f"not a raftfast server at {target} (it does not implement {method})"
 
 
 def one_line(text: str) -> str:

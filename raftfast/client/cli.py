@@ -23,9 +23,11 @@ for one), else ``RAFTFAST_CACERT``, ``RAFTFAST_CERT``, ``RAFTFAST_KEY``. These o
 follow the command. Keys and values on the command line are taken as the bytes the OS gave (UTF-8
 with surrogate escapes); values are printed raw.
 
-Exit codes: 0 success; 1 a failure (unreachable cluster, server error) or a negative answer
-(``get``: key not found, ``delete``: not found, ``cas``: not swapped); 2 a usage error. Errors
-are one line on stderr, never a traceback.
+Exit codes (``ExitCode``): 0 success; 1 a negative answer (``get``: key not found, ``delete``:
+not found, ``cas``: not swapped); 2 a usage error (also an argument the cluster refuses as
+invalid); 3 the cluster is unavailable or the deadline passed; 4 permission denied (TLS
+certificate or role); 5 the cluster refused the request otherwise (no space, a failed request,
+not a raftfast server). Errors are one line on stderr, never a traceback.
 
 Adding a command: write ``async def _cmd_x(client, args) -> int`` and an ``_add_x(sub, common)``
 that registers its subparser with ``set_defaults(handler=_cmd_x)``, and list it in
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import enum
 import json
 import os
 import sys
@@ -51,9 +54,37 @@ from raftfast.client import (
     parse_endpoints,
 )
 from raftfast.client.tables import format_table
-from raftfast.errors import InvalidArgumentError, RaftfastError
+from raftfast.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    RaftfastError,
+)
 
-__all__ = ["build_parser", "main"]
+__all__ = ["ExitCode", "build_parser", "main"]
+
+
+class ExitCode(enum.IntEnum):
+    """What the command's exit status means (documented in ``raftfast --help``)."""
+
+    OK = 0
+    NEGATIVE = 1  # not found, not swapped
+    USAGE = 2  # bad flags or arguments, or an argument the cluster refuses as invalid
+    UNAVAILABLE = 3  # no leader reachable, or the deadline passed
+    PERMISSION = 4  # the certificate (or its role) may not do this
+    FAILED = 5  # refused otherwise: no space, a failed request, not a raftfast server
+
+
+def exit_code_of(exc: BaseException) -> ExitCode:
+    """The exit status for an error a command ended with."""
+    if isinstance(exc, DeadlineExceededError):  # ClusterUnavailableError too
+        return ExitCode.UNAVAILABLE
+    if isinstance(exc, PermissionDeniedError):
+        return ExitCode.PERMISSION
+    if isinstance(exc, InvalidArgumentError | TypeError | ValueError):
+        return ExitCode.USAGE
+    return ExitCode.FAILED
+
 
 Handler = Callable[[Client, argparse.Namespace], Awaitable[int]]
 
@@ -437,7 +468,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser = _Parser(
         prog="raftfast",
         description="Talk to a raftfast cluster.",
-        epilog="Exit codes: 0 ok, 1 failure or negative answer, 2 usage error.",
+        epilog=(
+            "Exit codes: 0 ok; 1 not found or not swapped; 2 usage error; 3 cluster unavailable "
+            "or deadline passed; 4 permission denied; 5 refused otherwise (e.g. no space)."
+        ),
     )
     parser.add_argument(
         "--endpoints",
@@ -480,13 +514,10 @@ async def _run(
     async with Client(endpoints, timeout=timeout, tls=tls) as client:
         try:
             return await handler(client, args)
-        except InvalidArgumentError as exc:
-            _error(f"invalid argument: {exc}")
-        except RaftfastError as exc:
-            _error(str(exc))
-        except (TypeError, ValueError) as exc:
-            _error(f"invalid argument: {exc}")
-        return 1
+        except (RaftfastError, TypeError, ValueError) as exc:
+            code = exit_code_of(exc)
+            _error(f"invalid argument: {exc}" if code == ExitCode.USAGE else str(exc))
+            return code
 
 
 def _bench(args: argparse.Namespace, endpoints: list[str] | None) -> int:
@@ -556,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
         _error(f"unexpected {type(exc).__name__}: {exc}")
-        return 1
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

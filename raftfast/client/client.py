@@ -66,6 +66,7 @@ from raftfast.client.calls import (
     leader_hint,
     message_to_dict,
     new_client_id,
+    not_raftfast,
     one_line,
     parse_endpoints,
     read_mode_of,
@@ -563,6 +564,10 @@ class Client(SessionMixin):
                     raise NoSpaceError(f"{target}: {details}") from None
                 if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(REFUSED):
                     raise CommandError(details[len(REFUSED) :].strip()) from None
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    raise RequestFailedError(not_raftfast(target, method), code.name) from None
+                if code == grpc.StatusCode.CANCELLED and self._closed:
+                    raise RaftfastError("client is closed") from None
                 if code not in RETRYABLE_STATUS:
                     raise RequestFailedError(f"{target}: {details}", code.name) from None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and loop.time() >= deadline - 1e-3:

@@ -28,6 +28,7 @@ from raftfast.client.calls import (
     PUT_MANY,
     RETRY_LATER_CODES,
     leader_hint,
+    not_raftfast,
     one_line,
 )
 from raftfast.errors import (
@@ -207,11 +208,15 @@ class SessionMixin:
                         break
             if stream.got_result:
                 failures = 0
-            if call.done() and await call.code() == grpc.StatusCode.PERMISSION_DENIED:
+            code = await call.code() if call.done() else None
+            if code == grpc.StatusCode.PERMISSION_DENIED:
                 # Our certificate may not open a session there: retrying cannot help.
                 self._fail_pending(
                     PermissionDeniedError(f"{target}: {one_line(await call.details() or '')}")
                 )
+                continue
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self._fail_pending(RequestFailedError(not_raftfast(target, "Session"), code.name))
                 continue
             self._last_error = f"{target}: {one_line(detail)}"
             if hint and hint != target and redirects <= 2 * len(self._endpoints) + 2:

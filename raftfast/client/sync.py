@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -21,7 +22,8 @@ class SyncClient:
 
     Runs a private event loop in a daemon thread; every method blocks until its result is in.
     Thread-safe: calls from several threads share one pipelined session. Close it (``close()``
-    or ``with``) to stop the thread.
+    or ``with``) to stop the thread; one left open is closed when it is collected or when the
+    interpreter exits, so no task of it is left pending.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class SyncClient:
             target=self._loop.run_forever, name="raftfast-client", daemon=True
         )
         self._thread.start()
+        self._shutdown = weakref.finalize(self, _shutdown, self._client, self._loop, self._thread)
 
     @property
     def client_id(self) -> int:
@@ -70,13 +73,7 @@ class SyncClient:
             if self._closed:
                 return
             self._closed = True
-        try:
-            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout=10)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            if not self._thread.is_alive():
-                self._loop.close()
+        self._shutdown()
 
     def put(self, key: BytesLike, value: BytesLike, *, timeout: float | None = None) -> None:
         self._run(self._client.put(key, value, timeout=timeout))
@@ -161,3 +158,16 @@ class SyncClient:
 
     def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.remove_member(node_id, timeout=timeout))
+
+
+def _shutdown(client: Client, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Close ``client`` on its loop, then stop the loop and its thread (not a method: the
+    finalizer must not keep the SyncClient alive)."""
+    try:
+        if thread.is_alive():
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()

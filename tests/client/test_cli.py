@@ -77,8 +77,32 @@ def test_endpoints_from_environment(cluster, capsysbinary, monkeypatch) -> None:
 def test_invalid_argument_message(cluster, capsysbinary) -> None:
     _, laddr, _ = cluster
     code, out, err = run_cli(capsysbinary, "--endpoints", laddr, "put", "k" * 40, "v")
-    assert code == 1 and out == b""
+    assert code == 2 and out == b""  # the cluster refuses it as invalid: a usage error
     assert err == "error: invalid argument: key exceeds 16 bytes\n"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "code", "words"),
+    [
+        ("denied", cli.ExitCode.PERMISSION, "needs the write role"),
+        ("full", cli.ExitCode.FAILED, "NOSPACE"),
+        ("boom", cli.ExitCode.FAILED, "internal error: boom"),
+        ("bad", cli.ExitCode.USAGE, "invalid argument: prefix 'bad'"),
+    ],
+)
+def test_exit_codes_tell_what_happened(cluster, capsysbinary, prefix, code, words) -> None:
+    _, laddr, _ = cluster
+    got, out, err = run_cli(capsysbinary, "--endpoints", laddr, "scan", prefix)
+    assert (got, out) == (code, b"")
+    assert err.count("\n") == 1 and words in err, err
+
+
+def test_a_server_that_is_not_raftfast_exits_5_at_once(capsysbinary) -> None:
+    with ThreadedServer() as servers:  # a gRPC server that serves nothing
+        server = servers.bare()
+        code, out, err = run_cli(capsysbinary, "--endpoints", server, "--timeout", "30", "get", "k")
+    assert (code, out) == (cli.ExitCode.FAILED, b"")
+    assert err == f"error: not a raftfast server at {server} (it does not implement Session)\n"
 
 
 def test_status_table_and_json(cluster, capsysbinary) -> None:
@@ -153,7 +177,7 @@ def test_unreachable_cluster_subprocess() -> None:
         cwd=ROOT,
         env=env,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # ExitCode.UNAVAILABLE
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr

@@ -8,10 +8,14 @@ own event loop in a thread, for the synchronous client and the CLI tests.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +36,7 @@ from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 MAX_KEY = 16
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeKV(pb_grpc.KVServicer):
@@ -59,6 +64,7 @@ class FakeKV(pb_grpc.KVServicer):
         self.abort_after_apply = 0
         self.blackhole = False
         self.members: list[pb.Member] = []
+        self.status_aborts: list[grpc.StatusCode] = []  # Status fails with these first
 
     # -- helpers
 
@@ -131,12 +137,18 @@ class FakeKV(pb_grpc.KVServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefix 'bad' is not allowed")
         if request.prefix == b"boom":
             await context.abort(grpc.StatusCode.INTERNAL, "internal error: boom")
+        if request.prefix == b"denied":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "'x' needs the write role")
+        if request.prefix == b"full":
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "NOSPACE: quota exceeded")
         keys = sorted(k for k in self.store if k.startswith(request.prefix))
         if request.limit:
             keys = keys[: request.limit]
         return pb.ScanResponse(items=[pb.KeyValue(key=k, value=self.store[k]) for k in keys])
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
+        if self.status_aborts:
+            await context.abort(self.status_aborts.pop(0), "injected")
         leader = not self.redirect_to
         return pb.StatusResponse(
             id=self.node_id,
@@ -195,6 +207,19 @@ class ThreadedServer:
             self.__exit__()
             raise
         return self
+
+    def bare(self) -> str:
+        """Start a gRPC server that serves nothing (not raftfast); its address."""
+
+        async def start() -> tuple[grpc.aio.Server, str]:
+            server = grpc.aio.server()
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, f"127.0.0.1:{port}"
+
+        server, address = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        self.servers.append(server)
+        return address
 
     def __exit__(self, *exc_info: object) -> None:
         for server in self.servers:
@@ -544,3 +569,76 @@ def test_sync_client_deadline() -> None:
     with SyncClient(closed_port(), timeout=0.3) as c:
         with pytest.raises(ClusterUnavailableError):
             c.get("k")
+
+
+def test_cancelled_by_a_stopping_node_is_retried() -> None:
+    """A node that shuts down cancels the calls it serves: the client asks again."""
+
+    async def main() -> None:
+        fake = FakeKV()
+        fake.status_aborts = [grpc.StatusCode.CANCELLED, grpc.StatusCode.CANCELLED]
+        server, addr = await start_fake(fake)
+        try:
+            async with Client([addr], timeout=5) as c:
+                assert (await c.status())["id"] == "n1"
+            assert fake.status_aborts == []
+        finally:
+            await server.stop(None)
+
+    run(main)
+
+
+@pytest.mark.parametrize("call", ["put", "status", "scan", "propose"])
+def test_a_server_that_is_not_raftfast_fails_fast(call: str) -> None:
+    """UNIMPLEMENTED cannot get better by waiting: one clear error at once, not at the
+    deadline."""
+
+    async def main() -> None:
+        server = grpc.aio.server()  # serves nothing at all
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        addr = f"127.0.0.1:{port}"
+        try:
+            async with Client([addr], timeout=30) as c:
+                started = time.monotonic()
+                with pytest.raises(RequestFailedError) as info:
+                    if call == "put":
+                        await c.put("k", "v")
+                    elif call == "status":
+                        await c.status()
+                    elif call == "scan":
+                        await c.scan("k")
+                    else:
+                        await c.propose(b"x")
+                assert time.monotonic() - started < 15  # far from the 30 s deadline
+                assert info.value.code == "UNIMPLEMENTED"
+                if call == "propose":
+                    assert "serves no state machine" in str(info.value)
+                else:
+                    assert f"not a raftfast server at {addr}" in str(info.value)
+        finally:
+            await server.stop(None)
+
+    run(main)
+
+
+def test_a_sync_client_left_open_leaves_no_task_behind(tmp_path: Path) -> None:
+    """A script that ends (even by an exception) without closing its SyncClient prints no
+    "Task was destroyed but it is pending!"."""
+    with ThreadedServer(FakeKV()) as servers:
+        script = tmp_path / "script.py"
+        script.write_text(
+            "from raftfast import SyncClient\n"
+            f"c = SyncClient({servers.addresses[0]!r})\n"
+            "c.put('k', 'v')\n"
+            "raise SystemExit(c.get('k').decode())\n"
+        )
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert done.stderr.strip() == "v", done.stderr
+    assert "Task was destroyed" not in done.stderr

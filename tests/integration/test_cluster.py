@@ -184,5 +184,5 @@ def test_cli_transfer_leader(cluster):
     assert out.returncode == 0, out.stderr
     assert target in out.stdout
     bad = subprocess.run([*cmd, "transfer-leader", "nobody"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.returncode == 5 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
