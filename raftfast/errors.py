@@ -35,6 +35,11 @@ class CorruptionError(RaftfastError):
         self.offset = offset
 
 
+class FormatVersionError(CorruptionError):
+    """Durable state in a format this raftfast does not know: written by a newer version (or
+    not by raftfast at all). The node does not start; upgrade raftfast, or restore a backup."""
+
+
 class StorageError(RaftfastError):
     """Durable storage failed (a write or fdatasync error); the node must stop."""
 

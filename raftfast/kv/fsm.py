@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from raftfast._accel import crc32c
 from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
-from raftfast.errors import CorruptionError
+from raftfast.errors import CorruptionError, FormatVersionError
 from raftfast.kv.commands import (
     ALARMS,
     OP_ALARM,
@@ -372,7 +372,7 @@ class KVStateMachine(StateMachine):
                 f"not a KV snapshot: bad magic {magic!r} (expected {SNAPSHOT_MAGIC!r})", offset=0
             )
         if version not in (1, SNAPSHOT_VERSION):
-            raise CorruptionError(
+            raise (FormatVersionError if version > SNAPSHOT_VERSION else CorruptionError)(
                 f"unsupported KV snapshot version {version} (this build reads 1 to "
                 f"{SNAPSHOT_VERSION})",
                 offset=4,

@@ -49,8 +49,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
 
+from raftfast import __version__
 from raftfast.address import is_address
-from raftfast.errors import RaftfastError
+from raftfast.errors import FormatVersionError, RaftfastError
 from raftfast.server.settings import PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
@@ -68,6 +69,7 @@ __all__ = [
 
 PROG = "raftfast-node"
 IDENTITY_FILE = "node.json"
+IDENTITY_FORMAT = 1  # node.json's "format"; a newer one is refused at start
 _IDENTITY_KEYS = ("id", "listen", "peer_listen", "peers", "cluster_id", "join", "state_machine")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -439,6 +441,15 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("not an object")
+        fmt = data.get("format", IDENTITY_FORMAT)
+        if type(fmt) is not int or fmt < 1:
+            raise ValueError(f"bad format {fmt!r}")
+        if fmt > IDENTITY_FORMAT:
+            raise FormatVersionError(
+                f"{path} has format {fmt}, but this raftfast ({__version__}) reads format "
+                f"{IDENTITY_FORMAT} only: it was written by a newer raftfast; upgrade raftfast",
+                path,
+            )
         ident = {
             "id": _str(data["id"], "id"),
             "listen": _address(data["listen"], "listen"),
@@ -462,7 +473,7 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
 
 def _identity_of(settings: NodeSettings) -> dict[str, Any]:
     return {
-        "format": 1,
+        "format": IDENTITY_FORMAT,
         "id": settings.id,
         "listen": settings.listen,
         "peers": dict(settings.peers),
@@ -608,6 +619,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
     try:
         settings = parse_settings(argv, os.environ)
+    except FormatVersionError as exc:  # the data is fine, this raftfast is too old for it
+        _fail(str(exc))
+        return 1
     except ConfigError as exc:
         _fail(str(exc))
         raise SystemExit(2) from None

@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
-from raftfast.errors import CorruptionError, StorageError
+from raftfast.errors import CorruptionError, FormatVersionError, StorageError
 from raftfast.storage.fsutil import DIR_MODE, fsync_dir
 
 __all__ = [
     "KEEP",
+    "SNAPSHOT_FORMAT",
     "SnapshotFile",
     "SnapshotMeta",
     "SnapshotReceiver",
@@ -42,7 +43,8 @@ KEEP = 2  # complete snapshots kept after a new one is saved
 _SNAP_NAME = re.compile(r"^snap-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 _TEMP_NAME = re.compile(r"^snap-[0-9a-f]{16}-[0-9a-f]{16}\.snap\.[^/]*\.tmp$")
 _U64_MAX = (1 << 64) - 1
-_STATE_MAGIC = b"RFS1"
+SNAPSHOT_FORMAT = 1  # the last byte of the magic: "RFS1" (docs/disk-format.md)
+_STATE_MAGIC = b"RFS" + str(SNAPSHOT_FORMAT).encode()
 _STATE_HEADER = struct.Struct("<4sII")  # magic | membership length | crc32c(membership)
 
 
@@ -64,6 +66,13 @@ def unpack_state(data: bytes, path: str = "") -> tuple[bytes, bytes]:
         membership = data[size : size + length]
         if magic == _STATE_MAGIC and len(membership) == length and crc32c(membership) == crc:
             return membership, data[size + length :]
+        if magic[:3] == _STATE_MAGIC[:3] and magic[3:].isdigit() and magic != _STATE_MAGIC:
+            raise FormatVersionError(
+                f"{path or 'snapshot'}: snapshot format {magic[3:].decode()}, but this "
+                f"raftfast reads format {SNAPSHOT_FORMAT} only (written by another version)",
+                path,
+                0,
+            )
     raise CorruptionError(f"{path or 'snapshot'}: bad snapshot header", path, 0)
 
 

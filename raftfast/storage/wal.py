@@ -9,7 +9,8 @@ Why this shape:
   never acknowledged: cut it off) from corruption anywhere else (refuse to start: silently
   dropping acknowledged entries would break Raft's safety).
 - Segments let compaction delete old entries by unlinking whole files; each segment starts with
-  a hard-state record so it is self-describing.
+  a format record (its version, so a newer layout is refused by name instead of read as
+  corruption) and a hard-state record, so it is self-describing.
 """
 
 from __future__ import annotations
@@ -25,25 +26,39 @@ from typing import Any, NoReturn
 
 from raftfast._accel import EntryLog, batch_info, crc32c
 from raftfast.core.types import HardState
-from raftfast.errors import CorruptionError, LogError, StorageError
+from raftfast.errors import CorruptionError, FormatVersionError, LogError, StorageError
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir
 
-__all__ = ["REC_BATCH", "REC_COMPACTED", "REC_HARD_STATE", "REC_SNAPSHOT", "WAL"]
+__all__ = [
+    "REC_BATCH",
+    "REC_COMPACTED",
+    "REC_FORMAT",
+    "REC_HARD_STATE",
+    "REC_SNAPSHOT",
+    "WAL",
+    "WAL_FORMAT",
+]
+
+WAL_FORMAT = 1  # the segment layout this code writes and reads (docs/disk-format.md)
 
 REC_HARD_STATE = 1  # payload: term u64 | commit u64 | vote length u16 | vote utf-8
 REC_BATCH = 2  # payload: a packed entry batch, as is
 REC_COMPACTED = 3  # payload: index u64 | term u64 — entries <= index live in a snapshot
 REC_SNAPSHOT = 4  # payload: index u64 | term u64 — snapshot installed: the log restarts after it
+REC_FORMAT = 5  # payload: magic "RFW" | version u16 — the first record of a segment
 
 _HEADER = struct.Struct("<IIB")  # payload length | crc32c(type byte + payload) | type
 _HARD_STATE = struct.Struct("<QQH")
 _COMPACTED = struct.Struct("<QQ")
+_FORMAT = struct.Struct("<3sH")
+_FORMAT_MAGIC = b"RFW"
 _MAX_COMPACTED = (1 << 62) - 1  # EntryLog's first index (compaction index + 1) is below 2**62
 _TYPE_CRC = {
-    t: crc32c(bytes((t,))) for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED, REC_SNAPSHOT)
+    t: crc32c(bytes((t,)))
+    for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED, REC_SNAPSHOT, REC_FORMAT)
 }
-_TYPE_BYTE = re.compile(rb"[\x01-\x04]")  # candidate type bytes when looking past a bad record
+_TYPE_BYTE = re.compile(rb"[\x01-\x05]")  # candidate type bytes when looking past a bad record
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.wal$")
 
 
@@ -104,6 +119,13 @@ def _decode(rtype: int, payload: memoryview) -> object:
         if index >= _MAX_COMPACTED:  # the log would start past EntryLog's range
             raise ValueError(f"{what} index {index} is out of range")
         return index, term
+    if rtype == REC_FORMAT:
+        if len(payload) != _FORMAT.size:
+            raise ValueError(f"format record is {len(payload)} bytes")
+        magic, version = _FORMAT.unpack(payload)
+        if magic != _FORMAT_MAGIC:
+            raise ValueError(f"format record magic {bytes(magic)!r}")
+        return version
     raise ValueError(f"unknown record type {rtype}")
 
 
@@ -168,12 +190,25 @@ def _scan(path: str, data: bytes, is_last: bool) -> tuple[list[_Record], int]:
             raise CorruptionError(
                 f"{where}, but an intact record follows at byte offset {after}", path, off
             ) from None
-        if not records and rec.rtype != REC_HARD_STATE:
-            raise CorruptionError(
-                f"{path}: segment does not start with a hard-state record (byte offset 0)",
-                path,
-                0,
-            )
+        if rec.rtype == REC_FORMAT:
+            if records:
+                raise CorruptionError(
+                    f"{path}: format record inside the segment (byte offset {off})", path, off
+                )
+            if rec.value != WAL_FORMAT:
+                raise FormatVersionError(
+                    f"{path}: WAL format {rec.value}, but this raftfast reads format "
+                    f"{WAL_FORMAT} only: {_NEWER if rec.value > WAL_FORMAT else _OLDER}",
+                    path,
+                    0,
+                )
+        elif not records or (len(records) == 1 and records[0].rtype == REC_FORMAT):
+            if rec.rtype != REC_HARD_STATE:  # a segment of format 1 written before the record
+                raise CorruptionError(
+                    f"{path}: segment does not start with a hard-state record (byte offset {off})",
+                    path,
+                    off,
+                )
         records.append(rec)
         off = rec.end
     if not records and not is_last:
@@ -181,6 +216,10 @@ def _scan(path: str, data: bytes, is_last: bool) -> tuple[list[_Record], int]:
             f"{path}: empty segment that is not the last one (byte offset 0)", path, 0
         )
     return records, off
+
+
+_NEWER = "it was written by a newer raftfast; upgrade raftfast (docs/operations.md)"
+_OLDER = "it was written by an older raftfast that this one cannot read"
 
 
 def _read(path: str) -> bytes:
@@ -264,7 +303,7 @@ class WAL:
         except OSError as exc:
             raise StorageError(f"cannot open WAL {self._dir}: {exc}") from exc
         if self._size == 0:  # fresh, or a crash tore the first record of a new segment
-            self._buf = _record(REC_HARD_STATE, _encode_hard_state(self._synced_hs))
+            self._buf = self._segment_head()
             self.sync()
 
     def _list_segments(self) -> list[_Segment]:
@@ -290,6 +329,7 @@ class WAL:
         installed: tuple[int, int] | None = None  # the latest snapshot-installed record
         batches: list[list[_Record]] = []  # per segment; only those after `installed`
         good = 0
+        records: list[_Record] = []
         for i, seg in enumerate(self._segments):
             records, good = _scan(seg.path, _read(seg.path), i == len(self._segments) - 1)
             seg_batches: list[_Record] = []
@@ -337,6 +377,8 @@ class WAL:
             todo = batches[i][start[1] :] if i == start[0] else batches[i]
             if todo:
                 self._replay(log, self._segments[i].path, _read(self._segments[i].path), todo)
+        if not any(rec.rtype == REC_HARD_STATE for rec in records):
+            good = 0  # a crash tore the head of the last segment: it is written again
         self._recovered = RecoveredState(hard_state, log)
         self._synced_hs = hard_state
         self._compacted = (index, term)
@@ -539,6 +581,12 @@ class WAL:
             os.fsync(self._dirfd)  # the new name must survive a crash before data relies on it
 
     def _rotate(self) -> list[bytes]:
-        """Start the next segment; return its opening hard-state record."""
+        """Start the next segment; return its opening records."""
         self._create_segment(self._segments[-1].seq + 1)
-        return _record(REC_HARD_STATE, _encode_hard_state(self._synced_hs))
+        return self._segment_head()
+
+    def _segment_head(self) -> list[bytes]:
+        """What every segment starts with: its format, then the hard state as last synced."""
+        return _record(REC_FORMAT, _FORMAT.pack(_FORMAT_MAGIC, WAL_FORMAT)) + _record(
+            REC_HARD_STATE, _encode_hard_state(self._synced_hs)
+        )

@@ -11,10 +11,18 @@ import pytest
 
 from raftfast._accel import decode_batch, encode_uniform
 from raftfast.core.types import HardState
-from raftfast.errors import BatchError, CorruptionError, StorageError
+from raftfast.errors import BatchError, CorruptionError, FormatVersionError, StorageError
 from raftfast.storage.base import LogStorage
 from raftfast.storage.memory import MemoryStorage
-from raftfast.storage.wal import WAL, _encode_hard_state, _record
+from raftfast.storage.wal import (
+    _FORMAT,
+    REC_FORMAT,
+    REC_HARD_STATE,
+    WAL,
+    WAL_FORMAT,
+    _encode_hard_state,
+    _record,
+)
 
 from .walutil import batch, contents, records, reopen
 
@@ -34,7 +42,7 @@ def test_fresh_open_creates_directory_and_first_segment(tmp_path):
         assert state.hard_state == HardState()
         assert (state.log.first_index, state.log.last_index, state.log.last_term) == (1, 0, 0)
         assert [os.path.basename(p) for p in w.segments] == ["0000000000000000.wal"]
-    assert [r[1] for r in records(path / "0000000000000000.wal")] == [1]
+    assert [r[1] for r in records(path / "0000000000000000.wal")] == [REC_FORMAT, 1]
 
 
 def test_round_trip_across_reopen(wal):
@@ -113,7 +121,7 @@ def test_rotation_and_recovery_across_segments(tmp_path):
         segments = w.segments
         assert len(segments) >= 5
         for seg in segments:  # every segment describes itself
-            assert records(seg)[0][1] == 1
+            assert [r[1] for r in records(seg)[:2]] == [REC_FORMAT, 1]
         names = [int(os.path.basename(p)[:16], 16) for p in segments]
         assert names == list(range(len(names)))
         w = reopen(w, segment_bytes=200)
@@ -237,7 +245,7 @@ def test_flipped_bit_in_old_record_refuses_to_start(tmp_path):
         w.sync()
     seg = w.segments[0]
     w.close()
-    off, rtype, _ = records(seg)[2]  # the first batch record, followed by intact records
+    off, rtype, _ = records(seg)[3]  # the first batch record, followed by intact records
     assert rtype == 2
     flip(seg, off + 30)
     with pytest.raises(CorruptionError) as exc:
@@ -489,3 +497,69 @@ def test_random_histories_match_memory_storage(tmp_path, seed):
 
 def batch_len(b: bytes) -> int:
     return len(decode_batch(b)[1])
+
+
+# -- format versions ------------------------------------------------------------------------
+
+
+def _segment_with(path, *recs: tuple[int, bytes]) -> None:
+    path.write_bytes(b"".join(b"".join(_record(rtype, payload)) for rtype, payload in recs))
+
+
+def test_a_segment_of_a_newer_format_is_refused_by_name(tmp_path):
+    seg = tmp_path / "0000000000000000.wal"
+    _segment_with(
+        seg,
+        (REC_FORMAT, _FORMAT.pack(b"RFW", WAL_FORMAT + 1)),
+        (REC_HARD_STATE, _encode_hard_state(HardState(1, "", 0))),
+        (2, batch(1, 1, 1)),
+    )
+    with pytest.raises(FormatVersionError) as exc:
+        WAL.open(str(tmp_path))
+    assert f"WAL format {WAL_FORMAT + 1}" in str(exc.value) and "upgrade raftfast" in str(exc.value)
+    assert str(seg) in str(exc.value)
+
+
+def test_a_segment_written_before_format_records_still_opens(tmp_path):
+    seg = tmp_path / "0000000000000000.wal"
+    _segment_with(
+        seg,
+        (REC_HARD_STATE, _encode_hard_state(HardState(2, "n1", 1))),
+        (2, batch(1, 2, 2)),
+    )
+    with WAL.open(str(tmp_path)) as w:
+        state = w.recovered()
+        assert state.hard_state == HardState(2, "n1", 1)
+        assert state.log.last_index == 2
+
+
+def test_a_format_record_anywhere_but_first_is_corruption(tmp_path):
+    seg = tmp_path / "0000000000000000.wal"
+    fmt = (REC_FORMAT, _FORMAT.pack(b"RFW", WAL_FORMAT))
+    hs = (REC_HARD_STATE, _encode_hard_state(HardState(1, "", 0)))
+    _segment_with(seg, fmt, hs, fmt, hs)
+    with pytest.raises(CorruptionError, match="format record inside the segment"):
+        WAL.open(str(tmp_path))
+
+
+def test_a_crash_after_the_format_record_of_a_new_segment_is_a_torn_head(tmp_path):
+    """Only the format record of the last segment made it to disk: that segment's head is
+    written again, and what it must hold (the hard state) comes from the earlier segment."""
+    with WAL.open(str(tmp_path), segment_bytes=1) as w:
+        w.append(HardState(3, "n2", 0), batch(1, 3, 1))
+        w.sync()
+        w.append(None, batch(2, 3, 1))
+        w.sync()
+        segs = list(w.segments)
+    last = segs[-1]
+    with open(last, "r+b") as f:
+        f.truncate(len(b"".join(_record(REC_FORMAT, _FORMAT.pack(b"RFW", WAL_FORMAT)))))
+    with WAL.open(str(tmp_path), segment_bytes=1) as w:
+        state = w.recovered()
+        assert (state.hard_state.term, state.log.last_index) == (3, 1)
+        w.append(None, batch(2, 3, 1))
+        w.sync()
+    with WAL.open(str(tmp_path)) as w:
+        state = w.recovered()
+        assert (state.hard_state.term, state.log.last_index) == (3, 2)
+    assert [r[1] for r in records(last)][:2] == [REC_FORMAT, REC_HARD_STATE]
