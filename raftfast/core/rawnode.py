@@ -223,6 +223,16 @@ class RawNode:
         pr = self.raft.progress.get(peer)
         return None if pr is None else pr.match_index
 
+    def transfer_candidate(self) -> str | None:
+        """Leader only: the voter (not us) whose log matches ours furthest, or None."""
+        r = self.raft
+        best, best_match = None, 0
+        for peer in sorted(r.voters):
+            pr = r.progress.get(peer)
+            if peer != r.id and pr is not None and pr.match_index > best_match:
+                best, best_match = peer, pr.match_index
+        return best
+
     def status(self) -> Status:
         r = self.raft
         progress = {p: (pr.match_index, pr.next_index) for p, pr in r.progress.items()}

@@ -7,6 +7,7 @@ polls a condition. Each test stops every process it started, by PID, in a finall
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 
@@ -102,10 +103,24 @@ def test_full_cluster_restart_keeps_every_acknowledged_write(cluster):
 
 
 def test_graceful_sigterm_stops_a_node(cluster):
+    """SIGTERM on a leader hands leadership to a caught-up voter first (the log says so, and
+    the next term is the hand-over's: one term later, not an election after a timeout)."""
     leader = cluster.wait_leader()
+    term = cluster.status(leader).term
+    with SyncClient(cluster.endpoints, timeout=20) as c:
+        for i in range(20):
+            c.put(f"t{i}", "x")
     proc = cluster.procs[leader]
     cluster.kill(leader, signal.SIGTERM)
     assert proc.returncode == 0
+    log = cluster.logs[leader].read_text()
+    handed = re.search(r"handed leadership to (\S+) before stopping", log)
+    assert handed, log[-2000:]
+    new = cluster.wait_leader(among=[n for n in cluster.ids if n != leader])
+    assert new == handed.group(1)
+    assert cluster.status(new).term == term + 1
+    with SyncClient([cluster.addrs[new]], timeout=20) as c:
+        assert c.get("t19") == b"x"
 
 
 def _leader_stub(cluster):
