@@ -12,6 +12,7 @@
                          | remove ID
     raftfast transfer-leader ID
     raftfast alarm list | disarm
+    raftfast snapshot save FILE
     raftfast certs --nodes n1,n2,n3 [--clients NAME=ROLE,...] [--hosts H,...] [--dir tls]
     raftfast bench [--nodes 3,5] [--clients N] [--inflight N] [--batch N] [--duration S]
                    [--value-size B] [--read-ratio F] [--no-fsync] [--noop] [--json] [--out DIR]
@@ -246,6 +247,24 @@ async def _cmd_alarm(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+# A backup streams the whole state: give it longer than one request.
+_SNAPSHOT_MIN_TIMEOUT = 600.0
+
+
+async def _cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
+    timeout = max(client.timeout, _SNAPSHOT_MIN_TIMEOUT)
+    try:
+        info = await client.save_snapshot(args.file, timeout=timeout)
+    except OSError as exc:
+        _error(f"cannot write {args.file}: {exc.strerror or exc}")
+        return ExitCode.FAILED
+    print(
+        f"saved {args.file}: index {info['index']}, term {info['term']}, {info['size']} bytes, "
+        f"crc32c {info['crc32c']:08x}"
+    )
+    return 0
+
+
 async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     first = await client.status()
     nodes: list[dict[str, Any]] = [first]
@@ -401,6 +420,18 @@ def _add_alarm(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=_cmd_alarm)
 
 
+def _add_snapshot(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("snapshot", parents=[common], help="back up the cluster's state")
+    actions = p.add_subparsers(dest="snapshot_action", metavar="ACTION", required=True)
+    save = actions.add_parser(
+        "save",
+        parents=[common],
+        help="write a consistent snapshot of the leader to FILE (restore: raftfast-node --restore)",
+    )
+    save.add_argument("file", metavar="FILE")
+    p.set_defaults(handler=_cmd_snapshot)
+
+
 def _add_certs(sub: Any, common: argparse.ArgumentParser) -> None:
     from raftfast.security import certs
 
@@ -444,6 +475,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_member,
     _add_transfer_leader,
     _add_alarm,
+    _add_snapshot,
     _add_bench,
     _add_certs,
 ]

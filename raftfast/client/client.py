@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -87,6 +87,7 @@ from raftfast.kv.commands import pack_pairs
 from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.tls import TLSFiles, channel_credentials
+from raftfast.storage.backup import BackupInfo, BackupWriter
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -412,6 +413,32 @@ class Client(SessionMixin):
 
     # -- membership ------------------------------------------------------------------------
 
+    async def save_snapshot(self, path: str, *, timeout: float | None = None) -> dict[str, int]:
+        """Write a backup of the whole cluster state to ``path``: the leader takes a snapshot
+        covering every write acknowledged before the call and streams it here. Returns its
+        ``index``, ``term``, ``size`` and ``crc32c``. ``raftfast-node --restore`` starts a new
+        cluster from the file (docs/operations.md)."""
+
+        async def consume(call: Any) -> BackupInfo:
+            writer = BackupWriter(path)
+            try:
+                meta = None
+                async for chunk in call:
+                    if meta is None:
+                        meta = chunk
+                    writer.write(chunk.data)
+                if meta is None:
+                    raise RequestFailedError("the snapshot stream ended empty", "DATA_LOSS")
+                return writer.finish(meta.index, meta.term, meta.size)
+            except BaseException:
+                writer.abort()
+                raise
+
+        _, info = await self._unary(
+            "SnapshotSave", pb.SnapshotSaveRequest(), timeout, service="admin", consume=consume
+        )
+        return {"index": info.index, "term": info.term, "size": info.size, "crc32c": info.crc}
+
     async def members(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The cluster configuration as the leader sees it: ``members`` (dicts with ``id``,
         ``address``, ``role`` voter|learner and ``match_index``), ``leader``, ``config_index``,
@@ -531,8 +558,11 @@ class Client(SessionMixin):
         endpoint: str | None = None,
         what: str = "leader",
         service: str = "kv",
+        consume: Callable[[Any], Awaitable[Any]] | None = None,
     ) -> tuple[str, Any]:
-        """One unary call with redirects and retries until the deadline; (address, response)."""
+        """One unary call with redirects and retries until the deadline; (address, response).
+        ``consume``: the call is server-streaming; its answer is what ``consume(call)`` returns
+        (it reads the whole stream; a failure part way is retried like a failed call)."""
         loop = self._ensure_started()
         total = self._call_timeout(timeout)
         deadline = loop.time() + total
@@ -552,7 +582,8 @@ class Client(SessionMixin):
                 raise self._timeout_error(total, last_error, False, what, target)
             rpc = getattr(self._stub(target, service), method)
             try:
-                response = await rpc(request, timeout=remaining, metadata=self._metadata)
+                call = rpc(request, timeout=remaining, metadata=self._metadata)
+                response = await (call if consume is None else consume(call))
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 details = one_line(exc.details() or code.name.lower())

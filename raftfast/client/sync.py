@@ -126,6 +126,9 @@ class SyncClient:
     def transfer_leader(self, target: str, *, timeout: float | None = None) -> str:
         return self._run(self._client.transfer_leader(target, timeout=timeout))
 
+    def save_snapshot(self, path: str, *, timeout: float | None = None) -> dict[str, int]:
+        return self._run(self._client.save_snapshot(path, timeout=timeout))
+
     def members(self, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.members(timeout=timeout))
 

@@ -818,6 +818,11 @@ class AdminStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.FromString,
                 _registered_method=True)
+        self.SnapshotSave = channel.unary_stream(
+                '/raftfast.v1.Admin/SnapshotSave',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.SnapshotSaveRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.BackupChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -881,6 +886,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotSave(self, request, context):
+        """The leader takes a snapshot covering every write acknowledged before the call, and
+        streams it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -923,6 +936,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.AlarmDisarm,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.SerializeToString,
+            ),
+            'SnapshotSave': grpc.unary_stream_rpc_method_handler(
+                    servicer.SnapshotSave,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.SnapshotSaveRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.BackupChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1141,6 +1159,33 @@ class Admin:
             '/raftfast.v1.Admin/AlarmDisarm',
             raftfast_dot_proto_dot_raftfast__pb2.AlarmRequest.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.AlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotSave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/raftfast.v1.Admin/SnapshotSave',
+            raftfast_dot_proto_dot_raftfast__pb2.SnapshotSaveRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.BackupChunk.FromString,
             options,
             channel_credentials,
             insecure,

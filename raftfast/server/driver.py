@@ -93,6 +93,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._handing_over = False  # stop() is handing leadership over first
+        self._snapshot_lock = asyncio.Lock()
         self._leader_changed = asyncio.Event()
         self.snapshots: SnapshotStore | None = None
         self._snapshot_index = 0  # index of our newest snapshot
@@ -489,8 +490,9 @@ class Driver(MembershipMixin, SnapshotMixin):
             self._on_role_change(*rd.soft_state)
         self._follow_membership()
         self.raw.advance(rd)
-        if self._snapshot_due():
-            await self._take_snapshot()
+        if self._snapshot_due() and not self._snapshot_lock.locked():  # (else a backup takes one)
+            async with self._snapshot_lock:
+                await self._take_snapshot()
 
     # -- snapshots -----------------------------------------------------------------------------
 

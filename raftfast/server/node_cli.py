@@ -43,6 +43,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -290,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="join the running cluster this member belongs to (instead of --peers)",
     )
     p.add_argument("--data-dir", metavar="DIR", help="where the log and node.json live")
+    p.add_argument(
+        "--restore",
+        metavar="FILE",
+        help="start a new cluster from a backup (raftfast snapshot save) in an empty --data-dir;"
+        " every founding node restores the same file",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--cluster-id", metavar="X", help="refuse peers and clients of other clusters")
     p.add_argument(
@@ -617,6 +624,7 @@ def _fail(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
+    restore = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)).restore
     try:
         settings = parse_settings(argv, os.environ)
     except FormatVersionError as exc:  # the data is fine, this raftfast is too old for it
@@ -639,9 +647,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
         return 1
     try:
+        if restore is not None:
+            code = _restore(settings, restore)
+            if code:
+                return code
         return _run_locked(settings, state_machine)
     finally:
         os.close(lock)
+
+
+def _restore(settings: NodeSettings, path: str) -> int:
+    """``--restore``: the backup into the (empty) data directory; an exit code if it failed."""
+    from raftfast.server.restore import data_dir_contents, restore_backup
+
+    if settings.join:
+        _fail("--restore starts a new cluster: give --peers (the others --join it later)")
+        return 2
+    held = data_dir_contents(settings.data_dir)
+    if held:
+        _fail(
+            f"--restore needs an empty --data-dir, and {settings.data_dir} holds "
+            f"{', '.join(held)}: a node's state is never overwritten"
+        )
+        return 2
+    try:
+        info = restore_backup(path, settings.data_dir, settings.peers, fsync=settings.fsync)
+    except (RaftfastError, OSError) as exc:
+        _fail(f"cannot restore {path}: {exc}")
+        for name in ("wal", "snap"):  # leave the directory empty for the next try
+            shutil.rmtree(os.path.join(settings.data_dir, name), ignore_errors=True)
+        return 1
+    print(
+        f"{PROG}: restored {path} (index {info.index}, term {info.term}, {info.size} bytes) "
+        f"into {settings.data_dir}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import BinaryIO
 
 import grpc
 
@@ -30,6 +31,7 @@ class SnapshotMixin:
     _snapshot_index: int
     _log_bytes_kept: int
     _incoming_snapshot: SnapshotMeta | None
+    _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
 
     def _snapshot_due(self) -> bool:
         """Every ``snapshot_entries`` applied entries, and whenever the log held in memory grew
@@ -41,6 +43,19 @@ class SnapshotMixin:
         return behind >= self.settings.snapshot_entries or (
             behind > 0 and grown >= self.settings.snapshot_log_bytes
         )
+
+    async def backup_snapshot(self) -> tuple[SnapshotMeta, BinaryIO]:
+        """Leader only: a snapshot covering every write acknowledged before the call (a
+        linearizable read barrier first, then a new snapshot unless the newest covers it),
+        opened for reading (the caller closes it; a later prune cannot take it away)."""
+        await self.read_barrier("linearizable")
+        async with self._snapshot_lock:
+            meta = self.snapshots.latest()
+            if meta is None or meta.index < self.applied_index:
+                await self._take_snapshot()
+                meta = self.snapshots.latest()
+            assert meta is not None
+            return meta, open(meta.path, "rb")  # noqa: SIM115 - handed to the caller
 
     async def _take_snapshot(self) -> None:
         """Snapshot the state machine, then drop the log it covers (keeping ``snapshot_keep``

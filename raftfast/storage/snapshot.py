@@ -34,6 +34,7 @@ __all__ = [
     "SnapshotReceiver",
     "SnapshotStore",
     "pack_state",
+    "read_state_header",
     "state_header",
     "unpack_state",
 ]
@@ -74,6 +75,14 @@ def unpack_state(data: bytes, path: str = "") -> tuple[bytes, bytes]:
                 0,
             )
     raise CorruptionError(f"{path or 'snapshot'}: bad snapshot header", path, 0)
+
+
+def read_state_header(f: BinaryIO, path: str = "") -> bytes:
+    """Read the header of a snapshot's content from ``f``: the configuration; ``f`` is left
+    at the state machine's bytes. CorruptionError (or FormatVersionError) if it is bad."""
+    head = f.read(_STATE_HEADER.size)
+    length = _STATE_HEADER.unpack(head)[1] if len(head) == _STATE_HEADER.size else 0
+    return unpack_state(head + f.read(length), path)[0]
 
 
 class SnapshotMeta(NamedTuple):
@@ -153,9 +162,7 @@ class SnapshotStore:
         except OSError as exc:
             raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
         try:
-            head = f.read(_STATE_HEADER.size)
-            length = _STATE_HEADER.unpack(head)[1] if len(head) == _STATE_HEADER.size else 0
-            membership = unpack_state(head + f.read(length), meta.path)[0]
+            membership = read_state_header(f, meta.path)
         except BaseException:
             f.close()
             raise

@@ -86,7 +86,8 @@ class ProcCluster:
     ``tls``: a directory made by ``make_certs`` (or ``raftfast certs``) naming every node id
     (those that join later too): each node then serves peers on a port of its own
     (``peer_addrs``), everything is TLS, clients present certificates, and ``client_tls`` is
-    the admin client's."""
+    the admin client's. ``restore``: a backup (``raftfast snapshot save``) the nodes start
+    from, the first time."""
 
     def __init__(
         self,
@@ -97,11 +98,13 @@ class ProcCluster:
         peer_view: Callable[[str], dict[str, str]] | None = None,
         env: dict[str, str] | None = None,
         tls: Path | None = None,
+        restore: Path | None = None,
     ):
         self.tmp = tmp
         self.env = {**os.environ, **env} if env else None
         self.peer_view = peer_view
         self.tls = tls
+        self.restore = restore  # a backup every node starts from, the first time
         ports = free_ports(3 * n)
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=False)}
@@ -159,6 +162,8 @@ class ProcCluster:
             view = self.peer_view(nid) if self.peer_view else self.peer_addrs
             peers = ",".join(f"{k}={v}" for k, v in view.items())
             args = ["--id", nid, "--listen", self.addrs[nid], "--peers", peers]
+            if self.restore is not None:
+                args += ["--restore", str(self.restore)]
         else:
             args = []  # a restart needs only the data directory
         if self.tls is not None:

@@ -1,0 +1,56 @@
+"""``raftfast-node --restore FILE``: a new cluster's first state, from a backup made with
+``raftfast snapshot save``.
+
+Every founding node of the new cluster restores the same file into an empty data directory:
+the snapshot becomes the node's (with the new cluster's members in place of the old ones), and
+the log starts right after it, at the snapshot's term. The nodes then elect a leader as any
+cluster does and go on from the snapshot's index.
+"""
+
+from __future__ import annotations
+
+import os
+
+from raftfast.core.membership import Membership
+from raftfast.core.types import HardState
+from raftfast.errors import RaftfastError
+from raftfast.storage.backup import BackupInfo, read_header
+from raftfast.storage.snapshot import SnapshotStore, read_state_header
+from raftfast.storage.wal import WAL
+
+__all__ = ["restore_backup", "data_dir_contents"]
+
+_NODE_FILES = ("node.json", "wal", "snap")
+
+
+def data_dir_contents(data_dir: str) -> list[str]:
+    """What of a node's state ``data_dir`` already holds (empty: a restore may go there)."""
+    return [name for name in _NODE_FILES if os.path.exists(os.path.join(data_dir, name))]
+
+
+def restore_backup(
+    path: str, data_dir: str, peers: dict[str, str], fsync: bool = True
+) -> BackupInfo:
+    """Check the backup at ``path`` whole (format, size, checksum), then write its snapshot and
+    an empty log after it into ``data_dir`` (which holds no node state yet). The configuration
+    becomes ``peers`` (all voters). Raises CorruptionError, FormatVersionError, OSError."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise RaftfastError(f"cannot read the backup {path}: {exc.strerror or exc}") from None
+    with f:
+        info = read_header(f, path)
+        read_state_header(f, path)  # the old cluster's members: replaced by the new ones
+        store = SnapshotStore(os.path.join(data_dir, "snap"), fsync=fsync)
+        snapshot = store.create(info.index, info.term, Membership(dict(peers)).encode())
+        try:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                snapshot.out.write(chunk)
+        except BaseException:
+            snapshot.abort()
+            raise
+        snapshot.finish()
+    with WAL.open(os.path.join(data_dir, "wal"), fsync=fsync) as wal:
+        wal.append(HardState(info.term, "", info.index), None)
+        wal.install_snapshot(info.index, info.term)
+    return info

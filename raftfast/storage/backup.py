@@ -1,0 +1,109 @@
+"""Backup files: one snapshot of the whole cluster state, as ``raftfast snapshot save`` writes
+it and ``raftfast-node --restore`` reads it (the layout is in docs/disk-format.md).
+
+A header names the snapshot (the last entry it covers: index and term), its size and its
+CRC32C; the snapshot file's bytes follow as the node keeps them (the configuration, then the
+state machine's state). The header is written last, so a file cut short by a crash or a full
+disk never passes ``read_header``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO, NamedTuple
+
+from raftfast._accel import crc32c
+from raftfast.errors import CorruptionError, FormatVersionError
+from raftfast.storage.fsutil import FILE_MODE, fsync_dir
+
+__all__ = ["BACKUP_FORMAT", "BackupInfo", "BackupWriter", "read_header", "read_content"]
+
+BACKUP_FORMAT = 1
+_MAGIC = b"RFBK"
+_HEADER = struct.Struct("<4sHHQQQI")  # magic | format | 0 | index | term | size | crc32c
+_CHUNK = 1 << 20
+
+
+class BackupInfo(NamedTuple):
+    index: int
+    term: int
+    size: int
+    crc: int
+
+
+class BackupWriter:
+    """Write a backup to ``path``: ``write`` the snapshot's bytes in order, then ``finish``
+    (index and term as the snapshot's). Until then the file is a temporary one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._temp = f"{path}.{os.getpid()}.tmp"
+        self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        self._size = 0
+        self._crc = 0
+        os.pwrite(self._fd, bytes(_HEADER.size), 0)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, _HEADER.size + self._size)
+            self._size += written
+            view = view[written:]
+        self._crc = crc32c(data, self._crc)
+
+    def finish(self, index: int, term: int, size: int) -> BackupInfo:
+        """Check the size, write the header, make the file durable under its name."""
+        if size != self._size:
+            self.abort()
+            raise CorruptionError(f"snapshot stream ended at {self._size} of {size} bytes")
+        info = BackupInfo(index, term, size, self._crc)
+        header = _HEADER.pack(_MAGIC, BACKUP_FORMAT, 0, index, term, size, self._crc)
+        os.pwrite(self._fd, header, 0)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self._temp, self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        return info
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self._temp)
+        except FileNotFoundError:
+            pass
+
+
+def read_header(f: BinaryIO, path: str) -> BackupInfo:
+    """The header of an open backup file, checked against the file: its format, its size and
+    its CRC (which reads the whole file once). CorruptionError if anything does not match."""
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:4] != _MAGIC:
+        raise CorruptionError(f"{path} is not a raftfast backup (no RFBK header)", path, 0)
+    _, fmt, _, index, term, size, crc = _HEADER.unpack(head)
+    if fmt != BACKUP_FORMAT:
+        raise FormatVersionError(
+            f"{path}: backup format {fmt}, but this raftfast reads format {BACKUP_FORMAT} only",
+            path,
+            4,
+        )
+    got, seen = 0, 0
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        got = crc32c(chunk, got)
+        seen += len(chunk)
+    if seen != size:
+        raise CorruptionError(f"{path}: {seen} bytes of snapshot, the header says {size}", path)
+    if got != crc:
+        raise CorruptionError(f"{path}: checksum mismatch: the backup is damaged", path)
+    f.seek(_HEADER.size)
+    return BackupInfo(index, term, size, crc)
+
+
+def read_content(f: BinaryIO) -> Iterator[bytes]:
+    """The snapshot's bytes of a backup whose header was read, in chunks."""
+    f.seek(_HEADER.size)
+    yield from iter(lambda: f.read(_CHUNK), b"")

@@ -1,0 +1,112 @@
+"""Backup and restore: ``raftfast snapshot save`` from a running cluster, ``raftfast-node
+--restore`` into a new one; every key comes back with its value, nothing written after the save
+does, and a damaged or misplaced restore changes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raftfast.client import SyncClient
+from raftfast.tools.localcluster import ProcCluster, free_ports
+from tests.fault.test_bad_input import clean_env, one_error_line, run_node
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raftfast.client.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+
+
+@pytest.fixture(scope="module")
+def backup(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A backup of a 3-node cluster holding 2,000 keys, saved through a follower (it redirects
+    to the leader); a key written after the save."""
+    tmp = tmp_path_factory.mktemp("old")
+    path = tmp / "cluster.backup"
+    (tmp / "cluster").mkdir()
+    with ProcCluster(tmp / "cluster") as old:
+        leader = old.wait_leader()
+        follower = next(n for n in old.ids if n != leader)
+        data = {f"key{i:05d}": f"value {i} " + "x" * (i % 50) for i in range(2_000)}
+        with SyncClient(old.endpoints, timeout=30) as c:
+            items = list(data.items())
+            c.put_many(items[:1_500])
+            for key, value in items[1_500:]:
+                c.put(key, value)
+            c.delete("key00007")
+            del data["key00007"]
+            done = cli("--endpoints", old.addrs[follower], "snapshot", "save", str(path))
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.startswith(f"saved {path}: index "), done.stdout
+            c.put("after-the-backup", "1")
+    assert not list(tmp.glob("*.tmp"))
+    return path, data
+
+
+def test_restore_into_a_new_cluster_brings_back_every_key(backup, tmp_path):
+    path, data = backup
+    with ProcCluster(tmp_path, restore=path) as new:
+        new.wait_leader()
+        with SyncClient(new.endpoints, timeout=30) as c:
+            assert dict((k.decode(), v.decode()) for k, v in c.scan("key", 0)) == data
+            assert c.get("after-the-backup") is None
+            c.put("new", "write")
+        # a node restarts from its own data (no --restore again) and has it all
+        nid = new.ids[0]
+        new.kill(nid)
+        new.start(nid, first_time=False)
+        new.wait_applied(nid, new.status(new.wait_leader()).commit_index, "the restart")
+        with SyncClient([new.addrs[nid]], timeout=30) as c:
+            assert c.get("new", read_mode="stale") == b"write"
+            assert c.get("key01999", read_mode="stale") == data["key01999"].encode()
+        members = {m.id: m.address for m in new.status(nid).members}
+        assert members == new.addrs  # the new cluster's members, not the old ones
+
+
+def _restore_args(data_dir: Path, backup_file: Path) -> list[str]:
+    port = free_ports(1)[0]
+    return [
+        "--id", "n1", "--peers", f"n1=127.0.0.1:{port}", "--data-dir", str(data_dir),
+        "--restore", str(backup_file),
+    ]  # fmt: skip
+
+
+def test_a_damaged_backup_is_refused_and_changes_nothing(backup, tmp_path):
+    path, _ = backup
+    damaged = tmp_path / "damaged.backup"
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x40
+    damaged.write_bytes(bytes(content))
+    data = tmp_path / "d"
+    proc = run_node(_restore_args(data, damaged), tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "checksum mismatch" in one_error_line(proc)
+    assert os.listdir(data) == []
+    cut = tmp_path / "cut.backup"
+    cut.write_bytes(path.read_bytes()[:1000])
+    proc = run_node(_restore_args(data, cut), tmp_path)
+    assert proc.returncode == 1 and "bytes of snapshot" in one_error_line(proc)
+    proc = run_node(_restore_args(data, tmp_path / "missing"), tmp_path)
+    assert proc.returncode == 1 and "cannot read the backup" in one_error_line(proc)
+    assert os.listdir(data) == []
+
+
+def test_restore_never_overwrites_a_node(backup, tmp_path):
+    path, _ = backup
+    data = tmp_path / "d"
+    (data / "wal").mkdir(parents=True)
+    proc = run_node(_restore_args(data, path), tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs an empty --data-dir" in one_error_line(proc)
+    assert os.listdir(data) == ["wal"]
