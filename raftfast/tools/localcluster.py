@@ -1,4 +1,4 @@
-"""A local cluster of real `raftfast-node` processes on 127.0.0.1 with ephemeral ports.
+"""A local cluster of real `raftfast-node` processes on 127.0.0.1 (ports: tools/ports.py).
 
 Used by `make run`, `raftfast bench` and the integration tests. Every process is started by a
 ``ProcCluster`` and stopped by it, by PID. Nothing sleeps to "let things settle": callers poll a
@@ -12,7 +12,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,21 +25,11 @@ from raftfast.address import split_address
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, channel_credentials
+from raftfast.tools.ports import free_ports, release_ports
+
+__all__ = ["ProcCluster", "free_ports", "make_certs", "wait_for"]
 
 T = TypeVar("T")
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0, every: float = 0.05) -> T:
@@ -106,6 +95,7 @@ class ProcCluster:
         self.tls = tls
         self.restore = restore  # a backup every node starts from, the first time
         ports = free_ports(3 * n)
+        self._ports = ports  # (and those of nodes that join)
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=False)}
         # Fixed replication stream ports (not the default "any free port"), so that a fault
@@ -133,6 +123,7 @@ class ProcCluster:
         if exc_type is not None:
             print(self.log_tail())
         self.stop_all()
+        release_ports(self._ports)
 
     @property
     def client_tls(self) -> TLSFiles | None:
@@ -196,6 +187,7 @@ class ProcCluster:
             raise ValueError(f"{nid} exists already")
         self.ids.append(nid)
         port, stream_port, peer_port = free_ports(3)
+        self._ports += [port, stream_port, peer_port]
         self.addrs[nid] = f"127.0.0.1:{port}"
         self.stream_ports[nid] = stream_port
         self.peer_addrs[nid] = f"127.0.0.1:{peer_port}" if self.tls else self.addrs[nid]
