@@ -42,6 +42,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from raftfast._version import version_text
 from raftfast.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
@@ -255,7 +256,7 @@ def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) 
     rows = []
     for n in nodes:
         if "error" in n:
-            rows.append([n["id"], n["endpoint"], "unreachable", "-", "-", "-", "-", "-"])
+            rows.append([n["id"], n["endpoint"], "unreachable", "-", "-", "-", "-", "-", "-"])
             continue
         leader = n["leader"] or "-"
         rows.append(
@@ -268,9 +269,10 @@ def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) 
                 n["commit_index"],
                 n["applied_index"],
                 n["last_index"],
+                n.get("version") or "-",  # "-": a node too old to tell
             ]
         )
-    header = ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST"]
+    header = ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST", "VERSION"]
     lines = format_table(header, rows)
     members = first.get("members") or []
     lines.append("")
@@ -439,6 +441,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="Talk to a raftfast cluster.",
         epilog="Exit codes: 0 ok, 1 failure or negative answer, 2 usage error.",
     )
+    parser.add_argument("--version", action="version", version=version_text("raftfast"))
     parser.add_argument(
         "--endpoints",
         default=env.get("RAFTFAST_ENDPOINTS") or None,
