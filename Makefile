@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
+SOURCES := pyproject.toml setup.py raftfast/_version.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
 
 .PHONY: venv build test test-compiled test-pure lint run soak chaos bench compare proto wheels clean
 
