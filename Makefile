@@ -5,9 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
+SOURCES := pyproject.toml setup.py raftfast/_version.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
 
-.PHONY: venv build test test-compiled test-pure lint run soak chaos bench compare proto clean
+.PHONY: venv build test test-compiled test-pure lint run soak chaos bench compare proto wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,18 @@ chaos: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iraftfast/proto=proto/raftfast/v1 --python_out=. \
 		--grpc_python_out=. --pyi_out=. proto/raftfast/v1/raftfast.proto
+
+# The sdist and a manylinux wheel of this machine's Python in dist/: built from the sdist
+# (compiled, or it fails), the .so stripped, then tagged by auditwheel (`auditwheel show` tells
+# which policy). Wheels for other Pythons and platforms: cibuildwheel ([tool.cibuildwheel]).
+wheels: $(STAMP)
+	rm -rf build/wheels dist
+	RAFTFAST_REQUIRE_COMPILED=1 $(PY) -m build --outdir build/wheels .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m auditwheel repair --wheel-dir dist \
+		build/wheels/raftfast-*.whl
+	cp build/wheels/raftfast-*.tar.gz dist/
+	$(PY) -m auditwheel show dist/raftfast-*.whl
+	@ls -l dist
 
 clean:
 	rm -rf build dist *.egg-info raftfast/*.so raftfast/_log.c raftfast/_batch.c

@@ -45,8 +45,15 @@ def extensions() -> list:
         from setuptools import Extension
     except ImportError:
         return []
+    # Stripped on Linux (no symbol table or debug info in the wheel's .so); -O3 everywhere.
+    link_args = ["-s"] if sys.platform.startswith("linux") else []
     exts = [
-        Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=["-O3"])
+        Extension(
+            name,
+            [name.replace(".", "/") + ".pyx"],
+            extra_compile_args=["-O3"],
+            extra_link_args=link_args,
+        )
         for name in EXTENSIONS
     ]
     return cythonize(

@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from raftfast._accel import COMPILED
+from raftfast._version import __version__
 from raftfast.errors import (
     BatchError,
     ClusterUnavailableError,
@@ -32,6 +33,7 @@ from raftfast.statemachine import StateMachine
 
 __all__ = [
     "COMPILED",
+    "__version__",
     "StateMachine",
     "Objects",
     "ReplCounter",
@@ -60,7 +62,6 @@ __all__ = [
     "StorageError",
     "UnavailableError",
 ]
-__version__ = "0.1.0"
 
 _LAZY = {  # name -> module it lives in
     "Client": "raftfast.client",

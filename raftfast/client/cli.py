@@ -46,6 +46,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
+from raftfast._version import version_text
 from raftfast.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
@@ -305,7 +306,7 @@ def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) 
     rows = []
     for n in nodes:
         if "error" in n:
-            rows.append([n["id"], n["endpoint"], "unreachable", "-", "-", "-", "-", "-"])
+            rows.append([n["id"], n["endpoint"], "unreachable", "-", "-", "-", "-", "-", "-"])
             continue
         leader = n["leader"] or "-"
         rows.append(
@@ -318,9 +319,10 @@ def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) 
                 n["commit_index"],
                 n["applied_index"],
                 n["last_index"],
+                n.get("version") or "-",  # "-": a node too old to tell
             ]
         )
-    header = ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST"]
+    header = ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST", "VERSION"]
     lines = format_table(header, rows)
     members = first.get("members") or []
     lines.append("")
@@ -505,6 +507,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             "or deadline passed; 4 permission denied; 5 refused otherwise (e.g. no space)."
         ),
     )
+    parser.add_argument("--version", action="version", version=version_text("raftfast"))
     parser.add_argument(
         "--endpoints",
         default=env.get("RAFTFAST_ENDPOINTS") or None,

@@ -301,7 +301,7 @@ class Member(_message.Message):
     def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., match_index: _Optional[int] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("id", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "last_index", "members", "cluster_id", "first_index", "snapshot_index", "alarms", "state_bytes")
+    __slots__ = ("id", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "last_index", "members", "cluster_id", "first_index", "snapshot_index", "alarms", "state_bytes", "version")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,7 @@ class StatusResponse(_message.Message):
     SNAPSHOT_INDEX_FIELD_NUMBER: _ClassVar[int]
     ALARMS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     term: int
@@ -330,7 +331,8 @@ class StatusResponse(_message.Message):
     snapshot_index: int
     alarms: _containers.RepeatedScalarFieldContainer[str]
     state_bytes: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., first_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., alarms: _Optional[_Iterable[str]] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., first_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., alarms: _Optional[_Iterable[str]] = ..., state_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("client_id", "sequence", "command")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from raftfast._accel import decode_batch
+from raftfast._version import __version__
 from raftfast.address import split_address
 from raftfast.core.membership import Membership
 from raftfast.core.raft import Config
@@ -364,6 +365,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             cluster_id=self.settings.cluster_id,
             first_index=self.raw.first_index,
             snapshot_index=self._snapshot_index,
+            version=__version__,
             **self.app.status_fields(),
         )
 

@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
 
-from raftfast import __version__
+from raftfast._version import __version__, version_text
 from raftfast.address import is_address
 from raftfast.errors import FormatVersionError, RaftfastError
 from raftfast.server.settings import PEER_STREAMS, READ_MODES, NodeSettings
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Precedence: flags > RAFTFAST_* environment > --config TOML > node.json > "
         "defaults. Exit codes: 2 bad configuration, 1 failure, 0 clean shutdown.",
     )
+    p.add_argument("--version", action="version", version=version_text(PROG))
     p.add_argument("--id", help="this node's id (must be a key of --peers)")
     p.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default: --peers)")
     p.add_argument(

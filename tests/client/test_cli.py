@@ -111,9 +111,9 @@ def test_status_table_and_json(cluster, capsysbinary) -> None:
     assert code == 0, err
     text = out.decode()
     lines = text.splitlines()
-    assert lines[0].split() == "ID ADDRESS ROLE TERM LEADER COMMIT APPLIED LAST".split()
-    assert lines[1].split() == ["n1", laddr, "leader", "3", "n1", "0", "0", "0"]
-    assert lines[2].split() == ["n2", faddr, "follower", "3", "n1", "0", "0", "0"]
+    assert lines[0].split() == "ID ADDRESS ROLE TERM LEADER COMMIT APPLIED LAST VERSION".split()
+    assert lines[1].split() == ["n1", laddr, "leader", "3", "n1", "0", "0", "0", "1.2.3"]
+    assert lines[2].split() == ["n2", faddr, "follower", "3", "n1", "0", "0", "0", "1.2.3"]
     assert lines[3].split()[:3] == ["n3", nodes_n3 := lines[3].split()[1], "unreachable"]
     assert nodes_n3.startswith("127.0.0.1:")
     assert "3 member(s), as seen by n2" in text and "MATCH" in text
@@ -122,7 +122,7 @@ def test_status_table_and_json(cluster, capsysbinary) -> None:
     assert code == 0
     nodes = json.loads(out)
     assert [n["id"] for n in nodes] == ["n1", "n2", "n3"]
-    assert nodes[0]["role"] == "leader"
+    assert nodes[0]["role"] == "leader" and nodes[0]["version"] == "1.2.3"
     assert [m["id"] for m in nodes[0]["members"]] == ["n1", "n2", "n3"]
     by_id = {n["id"]: n for n in nodes}
     assert by_id["n2"]["role"] == "follower"

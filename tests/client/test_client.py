@@ -161,6 +161,7 @@ class FakeKV(pb_grpc.KVServicer):
             last_index=len(self.results),
             members=self.members,
             cluster_id="test",
+            version="1.2.3",
         )
 
 

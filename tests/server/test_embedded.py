@@ -71,6 +71,7 @@ def test_three_nodes_in_one_process(tmp_path):
             with pytest.raises(ValueError):
                 await nodes[0].query(b"", mode="fresh")
             status = await by_id[leader].status()
+            assert status["version"] == raftfast.__version__
             assert status["role"] == "leader" and {m["id"] for m in status["members"]} == {
                 "n1",
                 "n2",
