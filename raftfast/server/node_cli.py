@@ -625,9 +625,9 @@ def _fail(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
-    restore = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)).restore
     try:
         settings = parse_settings(argv, os.environ)
+        restore = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)).restore
     except FormatVersionError as exc:  # the data is fine, this raftfast is too old for it
         _fail(str(exc))
         return 1
