@@ -15,8 +15,10 @@ How it talks to the cluster:
   that is not the leader answers UNAVAILABLE with ``leader-address`` in its trailing metadata (or,
   on the Session stream, ``SessionResult.leader``); the client follows it. UNAVAILABLE without a
   hint, connection failures and server-side deadline expiries are retried with exponential
-  backoff and jitter until the call's own deadline; then ``ClusterUnavailableError`` (nothing
-  answered: no leader reachable) or ``DeadlineExceededError`` (its base class: a node was
+  backoff (20 ms doubling up to ``backoff_max``, 100 ms) and jitter until the call's own
+  deadline, so a new leader is found within about 100 ms of its election (a follower asked
+  while an election is on answers once it knows the winner). Then ``ClusterUnavailableError``
+  (nothing answered: no leader reachable) or ``DeadlineExceededError`` (its base class: a node was
   reached but the call did not complete). INVALID_ARGUMENT becomes ``InvalidArgumentError`` at
   once, without retry; any other status becomes ``RequestFailedError``.
 * **Exactly-once writes.** The client has a random nonzero 63-bit ``client_id``; every write gets
@@ -134,7 +136,7 @@ class Client(SessionMixin):
         max_frame_bytes: int = 1024 * 1024,
         max_outstanding_writes: int = 4000,
         backoff_base: float = 0.02,
-        backoff_max: float = 1.0,
+        backoff_max: float = 0.1,  # while no leader answers: a new one is found within this
         tls: TLSFiles | None = None,
     ) -> None:
         self._endpoints = parse_endpoints(endpoints)

@@ -168,9 +168,21 @@ def _shutdown(client: Client, loop: asyncio.AbstractEventLoop, thread: threading
     finalizer must not keep the SyncClient alive)."""
     try:
         if thread.is_alive():
-            asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(_close(client), loop).result(timeout=10)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         if not thread.is_alive():
             loop.close()
+
+
+async def _close(client: Client) -> None:
+    """Close ``client``, then let every task still on the loop end (gRPC's own, which finish
+    a call's status a moment after it returned), as ``asyncio.run`` does before closing."""
+    await client.close()
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if others:
+        _, stuck = await asyncio.wait(others, timeout=1.0)
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)

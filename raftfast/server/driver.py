@@ -96,6 +96,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._handing_over = False  # stop() is handing leadership over first
         self._snapshot_lock = asyncio.Lock()
         self._leader_changed = asyncio.Event()
+        self._leader_known = asyncio.Event()  # set while this node knows a leader
         self.snapshots: SnapshotStore | None = None
         self._snapshot_index = 0  # index of our newest snapshot
         self._log_bytes_kept = 0  # bytes the log held in memory right after the last snapshot
@@ -281,9 +282,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         if target is None:
             return
         self._handing_over = True
-        limit = self.settings.election_ticks * self.settings.tick_ms / 1000
         try:
-            await asyncio.wait_for(self.transfer_leadership(target), limit)
+            await asyncio.wait_for(self.transfer_leadership(target), self.election_timeout_s)
         except Exception as exc:  # noqa: BLE001 - stopping goes on whatever happened
             log.warning(
                 "node %s stopping without handing leadership to %s: %s", self.id, target, exc
@@ -347,6 +347,19 @@ class Driver(MembershipMixin, SnapshotMixin):
             except TimeoutError:
                 pass
         return target, self.raw.term
+
+    async def leader_soon(self, timeout: float) -> str | None:
+        """The leader's id; while an election is on, wait up to ``timeout`` for its outcome."""
+        if not self.raw.leader and not self._stopping and timeout > 0:
+            try:
+                await asyncio.wait_for(self._leader_known.wait(), timeout)
+            except TimeoutError:
+                pass
+        return None if self._stopping else self.raw.leader or None
+
+    @property
+    def election_timeout_s(self) -> float:
+        return self.settings.election_ticks * self.settings.tick_ms / 1000
 
     def status(self) -> pb.StatusResponse:
         st = self.raw.status()
@@ -580,6 +593,10 @@ class Driver(MembershipMixin, SnapshotMixin):
 
     def _on_role_change(self, role: Role, leader: str) -> None:
         self._leader_changed.set()
+        if leader:
+            self._leader_known.set()
+        else:
+            self._leader_known.clear()
         term, reason = self.raw.term, self.raw.reason
         if role == Role.LEADER:
             log.info("node %s became leader in term %d (%s)", self.id, term, reason)

@@ -485,7 +485,7 @@ class KVService(Service, pb_grpc.KVServicer):
                         else:
                             results[i] = pb.OpResult(ok=bool(ok))
                 except Exception as exc:  # noqa: BLE001 - reported per op
-                    err, hint = self._op_error(exc)
+                    err, hint = self._op_error(await self.settle_leader(exc, context))
                     leader = leader or hint
                     for i in writes:
                         results[i] = err
@@ -501,7 +501,7 @@ class KVService(Service, pb_grpc.KVServicer):
                     if isinstance(outcome, asyncio.CancelledError):
                         raise outcome
                     if isinstance(outcome, BaseException):
-                        err, hint = self._op_error(outcome)
+                        err, hint = self._op_error(await self.settle_leader(outcome, context))
                         leader = leader or hint
                         for i in reads[mode]:
                             results[i] = err

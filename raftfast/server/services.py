@@ -84,6 +84,21 @@ class Service:
         except Exception:  # noqa: BLE001 - a hint is best effort
             return leader_id, None
 
+    async def settle_leader(
+        self, exc: BaseException, context: grpc.aio.ServicerContext
+    ) -> BaseException:
+        """A "not the leader" while no leader is known (an election is on): wait for the
+        election's outcome, up to an election timeout within the call's deadline, so that the
+        client goes straight to the new leader instead of backing off blind."""
+        if not isinstance(exc, NotLeaderError) or exc.leader_id or self.node.stopping:
+            return exc
+        remaining = context.time_remaining()
+        budget = self.node.election_timeout_s
+        if remaining is not None:
+            budget = min(budget, remaining - DEADLINE_MARGIN)
+        leader = await self.node.leader_soon(budget)
+        return NotLeaderError(str(exc), leader) if leader else exc
+
     def not_leader_message(self, exc: NotLeaderError) -> str:
         leader_id, address = self.leader_hint(exc)
         if leader_id is None:
@@ -157,7 +172,8 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+        except Exception as failure:  # noqa: BLE001 - every failure becomes a status
+            exc = await self.settle_leader(failure, context)
             code, message = status_of(self, exc, method.__name__)
             if isinstance(exc, NotLeaderError):
                 leader_id, address = self.leader_hint(exc)

@@ -82,7 +82,7 @@ class ProcCluster:
         self,
         tmp: Path,
         n: int = 3,
-        tick_ms: int = 50,
+        tick_ms: int | None = 50,  # None: the node's default
         extra: list[str] | None = None,
         peer_view: Callable[[str], dict[str, str]] | None = None,
         env: dict[str, str] | None = None,
@@ -169,8 +169,7 @@ class ProcCluster:
             *args,
             "--data-dir",
             str(data),
-            "--tick-ms",
-            str(self.tick_ms),
+            *(["--tick-ms", str(self.tick_ms)] if self.tick_ms is not None else []),
             "--peer-stream-port",
             str(self.stream_ports[nid]),
             *self.extra,

@@ -55,6 +55,14 @@ class FakeNode:
     async def read_barrier(self, mode: str) -> None:
         self.barriers.append(mode)
 
+    stopping = False
+    election_timeout_s = 0.05
+    leader_waits = 0  # how often a service waited for an election's outcome
+
+    async def leader_soon(self, timeout: float) -> str | None:
+        self.leader_waits += 1
+        return None  # the election never ends here
+
     def address_of(self, node_id: str) -> str | None:
         return self.settings.peers.get(node_id)
 
@@ -230,12 +238,14 @@ def test_follower_answers_unavailable_with_leader_hint() -> None:
 
 def test_follower_without_known_leader() -> None:
     async def main() -> None:
-        async with serve(FollowerNode(leader=None)) as kv:
+        node = FollowerNode(leader=None)
+        async with serve(node) as kv:
             err = await expect_error(
                 kv.Put(pb.PutRequest(key=b"k", value=b"v")), grpc.StatusCode.UNAVAILABLE
             )
             assert "leader unknown" in err.details()
             assert "leader-address" not in dict(err.trailing_metadata() or ())
+            assert node.leader_waits == 1  # it waited for the election before answering
 
     run(main())
 
