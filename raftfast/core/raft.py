@@ -270,6 +270,19 @@ class Raft:
         self._broadcast_append()
         return index
 
+    def force_new_cluster(self, address: str) -> int:
+        """Disaster recovery, when the others are gone for good: make this node the only voter
+        by a configuration entry appended to its own log; returns its index. Everything in the
+        log so far commits under it (entries the old cluster had not committed included), as
+        etcd's --force-new-cluster does. Never while the old cluster may still run."""
+        if self.role == Role.LEADER:
+            raise ValueError("a leader has a quorum: no need to force a new cluster")
+        new = Membership({self.id: address})
+        index = self.log.append(self.term, [new.encode()], ENTRY_CONFIG)
+        self._configs.append((index, new))
+        self._membership_changed()
+        return index
+
     def _can_campaign(self) -> bool:
         """Voters campaign; learners and strangers never do. A voter being removed still may
         while its removal is uncommitted (thesis §4.2.2): it may be the only one holding that

@@ -90,6 +90,10 @@ class RawNode:
         """Append a single-server membership change; returns its index (see Raft)."""
         return self.raft.propose_change(kind, node_id, address)
 
+    def force_new_cluster(self, address: str) -> int:
+        """Make this node the only voter (disaster recovery; see Raft.force_new_cluster)."""
+        return self.raft.force_new_cluster(address)
+
     def transfer_leadership(self, target: str) -> None:
         """Start handing leadership to ``target`` (see Raft.transfer_leadership)."""
         self.raft.transfer_leadership(target)

@@ -149,6 +149,14 @@ class Driver(MembershipMixin, SnapshotMixin):
             self._snapshot_index,
             membership,
         )
+        if s.force_new_cluster:
+            index = self.raw.force_new_cluster(s.peer_address)
+            log.warning(
+                "node %s forced a new cluster: it is the only voter from index %d on (add the "
+                "others with --join)",
+                s.id,
+                index,
+            )
         fresh = state.log.last_index == 0 and latest is None and state.hard_state.term == 0
         log.info(
             "node %s starting: term %d, %d entries recovered (commit %d), fsync=%s",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
@@ -292,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="join the running cluster this member belongs to (instead of --peers)",
     )
     p.add_argument("--data-dir", metavar="DIR", help="where the log and node.json live")
+    p.add_argument(
+        "--force-new-cluster",
+        action="store_true",
+        help="quorum lost for good: start from this node's data as the only voter of a new "
+        "cluster (the others join it again with empty data dirs; docs/operations.md)",
+    )
     p.add_argument(
         "--restore",
         metavar="FILE",
@@ -627,7 +634,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
     try:
         settings = parse_settings(argv, os.environ)
-        restore = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)).restore
+        once = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        restore = once.restore
+        if once.force_new_cluster:  # (a flag only: a config file must not repeat it)
+            settings = dataclasses.replace(settings, force_new_cluster=True)
     except FormatVersionError as exc:  # the data is fine, this raftfast is too old for it
         _fail(str(exc))
         return 1

@@ -5,6 +5,8 @@ does, and a damaged or misplaced restore changes nothing."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from raftfast.client import SyncClient
-from raftfast.tools.localcluster import ProcCluster, free_ports
+from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 from tests.fault.test_bad_input import clean_env, one_error_line, run_node
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,3 +112,43 @@ def test_restore_never_overwrites_a_node(backup, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "needs an empty --data-dir" in one_error_line(proc)
     assert os.listdir(data) == ["wal"]
+
+
+def test_quorum_lost_for_good_one_survivor_starts_a_new_cluster(tmp_path):
+    """Two of three machines are gone with their disks: the survivor restarts with
+    --force-new-cluster as the only voter, keeps every acknowledged write, and the replaced
+    machines join it again with empty data directories (docs/operations.md)."""
+    with ProcCluster(tmp_path) as cluster:
+        survivor = cluster.wait_leader()
+        with SyncClient(cluster.endpoints, timeout=30) as c:
+            for i in range(200):
+                c.put(f"q{i}", f"{i}")
+        lost = [n for n in cluster.ids if n != survivor]
+        for nid in lost:
+            cluster.kill(nid)
+            shutil.rmtree(tmp_path / nid)
+        cluster.kill(survivor, signal.SIGTERM)
+        cluster.extra = ["--force-new-cluster"]
+        cluster.start(survivor, first_time=False)
+        cluster.extra = []
+        assert cluster.wait_leader(among=[survivor]) == survivor
+        with SyncClient([cluster.addrs[survivor]], timeout=30) as c:
+            assert [c.get(f"q{i}") for i in (0, 199)] == [b"0", b"199"]
+            c.put("while-alone", "1")
+        for nid in lost:
+            cluster.joins[nid] = cluster.peer_addrs[survivor]
+            cluster.start(nid)
+
+        def voters() -> set[str]:
+            members = cluster.status(survivor).members
+            return {m.id for m in members if m.role == "voter"}
+
+        wait_for("the replaced nodes to join as voters", lambda: voters() == set(cluster.ids))
+        with SyncClient(cluster.endpoints, timeout=30) as c:
+            c.put("together-again", "1")
+        commit = cluster.status(cluster.wait_leader()).commit_index
+        for nid in lost:
+            cluster.wait_applied(nid, commit, f"{nid} to catch up")
+            with SyncClient([cluster.addrs[nid]], timeout=30) as c:
+                assert c.get("q150", read_mode="stale") == b"150"
+                assert c.get("while-alone", read_mode="stale") == b"1"
