@@ -51,7 +51,7 @@ from typing import Any, NoReturn
 
 from raftfast.address import is_address
 from raftfast.errors import RaftfastError
-from raftfast.server.settings import PEER_STREAMS, READ_MODES, NodeSettings
+from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
 
@@ -180,6 +180,13 @@ def _log_level(value: Any, where: str) -> str:
     return level
 
 
+def _log_format(value: Any, where: str) -> str:
+    kind = _str(value, where).lower()
+    if kind not in LOG_FORMATS:
+        raise ConfigError(f"{where} must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return kind
+
+
 def _factory(value: Any, where: str) -> str:
     spec = _str(value, where)
     module, sep, name = spec.partition(":")
@@ -233,6 +240,8 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "max_value_bytes": _int,
     "max_request_bytes": _int,
     "log_level": _log_level,
+    "log_format": _log_format,
+    "metrics_listen": _address,
     "wal_segment_bytes": _segment_bytes,
     "snapshot_entries": _int,
     "snapshot_keep": _int,
@@ -308,6 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest client request: a put, a Session frame, a put_many (1572864)",
     )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--log-format",
+        metavar="|".join(LOG_FORMATS),
+        help="text (default) or json: one object per line (time, level, node, term, message, "
+        "fields)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
     p.add_argument(
         "--snapshot-entries", metavar="N", help="snapshot every N applied entries (100000)"
     )
@@ -576,7 +596,14 @@ def parse_settings(
 # ---------------------------------------------------------------------------------- main
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str = "text", node_id: str | None = None) -> None:
+    if log_format == "json":
+        from raftfast.server.logs import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter(node_id))
+        logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
+        return
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -640,7 +667,7 @@ def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> i
     except OSError as exc:
         _fail(f"cannot write the identity to {settings.data_dir}: {exc.strerror or exc}")
         return 1
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format, settings.id)
     try:
         _run_serve(settings, state_machine)
     except KeyboardInterrupt:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
 from raftfast.errors import CorruptionError
+from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
 from raftfast.storage.snapshot import SnapshotMeta
 from raftfast.transport import tcp
@@ -30,6 +32,7 @@ class SnapshotMixin:
     _snapshot_index: int
     _log_bytes_kept: int
     _incoming_snapshot: SnapshotMeta | None
+    metrics: NodeMetrics
 
     def _snapshot_due(self) -> bool:
         """Every ``snapshot_entries`` applied entries, and whenever the log held in memory grew
@@ -112,6 +115,7 @@ class SnapshotMixin:
         """The core asked for a snapshot to go to ``m.dst``: stream our newest one."""
         meta = self.snapshots.latest()
         ok = False
+        started = time.perf_counter()
         if meta is not None and meta.index >= m.index:
             membership = self.snapshots.read_membership(meta)
             named = Message(
@@ -119,6 +123,11 @@ class SnapshotMixin:
             )
             log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
             ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
+            self.metrics.snapshot_send.observe(time.perf_counter() - started)
+            if ok:
+                self.metrics.snapshots_sent += 1
+            else:
+                self.metrics.snapshots_send_failed += 1
         if self.raw is not None and not self.stopping:
             self.raw.report_snapshot(m.dst, ok)
             self._wake.set()
@@ -132,6 +141,7 @@ class _IncomingSnapshot:
         self._node = node
         self._receiver = receiver
         self._max_bytes = max_bytes
+        self._started = time.perf_counter()
 
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self._max_bytes:
@@ -142,6 +152,9 @@ class _IncomingSnapshot:
 
     def finish(self) -> None:
         self._node._incoming_snapshot = self._receiver.finish()
+        metrics = self._node.metrics
+        metrics.snapshots_received += 1
+        metrics.snapshot_receive.observe(time.perf_counter() - self._started)
 
     def abort(self) -> None:
         self._receiver.abort()

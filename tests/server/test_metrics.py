@@ -1,0 +1,140 @@
+"""``--metrics-listen``: Prometheus text from real nodes (docs/operations.md lists the series)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from raftfast.client import SyncClient
+from raftfast.server.metrics import Histogram
+from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
+from tests.integration.load import write_each
+
+SERIES = {
+    # name: type
+    "raftfast_term": "gauge",
+    "raftfast_role": "gauge",
+    "raftfast_has_leader": "gauge",
+    "raftfast_leader_changes": "counter",
+    "raftfast_commit_index": "gauge",
+    "raftfast_last_index": "gauge",
+    "raftfast_applied_index": "gauge",
+    "raftfast_snapshot_index": "gauge",
+    "raftfast_proposals": "counter",
+    "raftfast_proposals_failed": "counter",
+    "raftfast_wal_sync_seconds": "histogram",
+    "raftfast_replication_lag_entries": "gauge",
+    "raftfast_snapshots_sent": "counter",
+    "raftfast_snapshot_send_failures": "counter",
+    "raftfast_snapshot_send_seconds": "histogram",
+    "raftfast_snapshots_received": "counter",
+    "raftfast_snapshot_receive_seconds": "histogram",
+    "raftfast_request_seconds": "histogram",
+    "raftfast_sessions_open": "gauge",
+    "raftfast_wal_bytes": "gauge",
+    "raftfast_snapshot_bytes": "gauge",
+    "raftfast_alarm": "gauge",
+}
+
+
+def scrape(address: str) -> tuple[str, dict[str, dict[tuple, float]], dict[str, str]]:
+    """(the text, {sample name: {sorted labels: value}}, {family: type}) of ``address``."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    samples: dict[str, dict[tuple, float]] = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return text, samples, types
+
+
+def one(samples: dict[str, dict[tuple, float]], name: str, **labels: str) -> float:
+    return samples[name][tuple(sorted(labels.items()))]
+
+
+def test_every_series_with_sane_values_and_snapshots_counted(tmp_path):
+    ports = dict(zip(["n1", "n2", "n3"], free_ports(3), strict=True))
+    metrics = {nid: f"127.0.0.1:{port}" for nid, port in ports.items()}
+    flags = ["--snapshot-entries", "200", "--snapshot-keep", "0"]
+    with ProcCluster(
+        tmp_path, extra=flags, node_extra=lambda nid: ["--metrics-listen", metrics[nid]]
+    ) as cluster:
+        leader = cluster.wait_leader()
+        followers = [n for n in cluster.ids if n != leader]
+        with SyncClient(cluster.endpoints, timeout=30) as c:
+            for i in range(20):
+                c.put(f"k{i}", f"v{i}")
+        cluster.status(leader)  # (a unary call: timed by method)
+
+        # A follower that misses compacted entries gets a snapshot.
+        down = followers[0]
+        cluster.kill(down)
+        write_each([cluster.addrs[leader]], "s", 600)
+        target = cluster.status(leader).commit_index
+        cluster.start(down, first_time=False)
+        cluster.wait_applied(down, target, "the follower to catch up by snapshot")
+
+        text, samples, types = scrape(metrics[leader])
+        for name, kind in SERIES.items():
+            assert types.get(name) == kind, (name, types.get(name))
+        assert 'raftfast_wal_sync_seconds_bucket{le="+Inf"}' in text
+        assert one(samples, "raftfast_wal_sync_seconds_count") > 0
+        assert one(samples, "raftfast_wal_sync_seconds_sum") > 0
+        assert one(samples, "raftfast_term") >= 1
+        assert one(samples, "raftfast_role", role="leader") == 1
+        assert one(samples, "raftfast_role", role="follower") == 0
+        assert one(samples, "raftfast_has_leader") == 1
+        assert one(samples, "raftfast_leader_changes_total") >= 1
+        assert one(samples, "raftfast_commit_index") >= target > 0
+        assert one(samples, "raftfast_applied_index") > 0
+        assert one(samples, "raftfast_snapshot_index") >= 200
+        assert one(samples, "raftfast_proposals_total") >= 620
+        assert one(samples, "raftfast_proposals_failed_total") >= 0
+        assert one(samples, "raftfast_snapshots_sent_total") >= 1
+        assert one(samples, "raftfast_snapshot_send_seconds_count") >= 1
+        assert one(samples, "raftfast_wal_bytes") > 0
+        assert one(samples, "raftfast_snapshot_bytes") > 0
+        assert one(samples, "raftfast_sessions_open") >= 0
+        assert one(samples, "raftfast_alarm", type="NOSPACE") == 0
+        status = one(
+            samples,
+            "raftfast_request_seconds_count",
+            service="raftfast.v1.KV",
+            method="Status",
+        )
+        assert status >= 1
+        # Lag: one gauge per follower on the leader, small once they caught up.
+        lags = wait_for(
+            "both followers' lag near 0",
+            lambda: (
+                (lag := scrape(metrics[leader])[1]["raftfast_replication_lag_entries"])
+                and all(v <= 5 for v in lag.values())
+                and lag
+            ),
+        )
+        assert set(lags) == {(("follower", f),) for f in followers}
+
+        # The follower that caught up: it received the snapshot; no lag gauges.
+        _, fs, _ = scrape(metrics[down])
+        assert one(fs, "raftfast_snapshots_received_total") >= 1
+        assert one(fs, "raftfast_snapshot_receive_seconds_count") >= 1
+        assert one(fs, "raftfast_role", role="follower") == 1
+        assert one(fs, "raftfast_has_leader") == 1
+        assert "raftfast_replication_lag_entries" not in fs
+        wait_for(
+            "the follower to apply what the leader committed",
+            lambda: one(scrape(metrics[down])[1], "raftfast_applied_index") >= target,
+        )
+
+
+def test_the_histogram_counts_per_bucket_cumulatively():
+    h = Histogram((0.001, 0.01))
+    for v in (0.0005, 0.001, 0.005, 0.5):
+        h.observe(v)
+    buckets, total = h.buckets()
+    assert buckets == [("0.001", 2), ("0.01", 3), ("+Inf", 4)]
+    assert abs(total - 0.5065) < 1e-9
