@@ -60,3 +60,42 @@ def test_serving_on_a_healthy_cluster_not_serving_when_cut_off_and_reflection(tm
             timeout=30,
         )
         assert cluster.status(leader).role != "leader"
+
+
+def test_serving_needs_a_leader_and_the_start_s_commit_index_applied_and_not_stopping():
+    import asyncio
+    from types import SimpleNamespace
+
+    from raftfast.server.health import Health
+
+    async def run() -> None:
+        driver = SimpleNamespace(raw=SimpleNamespace(leader=""), applied_index=0, stopping=False)
+        health = Health(driver, ("raftfast.v1.KV",))
+        health.ready_from = 10  # (committed when it started: applied before it serves)
+
+        async def status(service: str = "") -> int:
+            ctx = SimpleNamespace()
+            answer = await health.servicer.Check(
+                health_pb2.HealthCheckRequest(service=service), ctx
+            )
+            return answer.status
+
+        await health.update()
+        assert await status() == NOT_SERVING and await status("raftfast.v1.KV") == NOT_SERVING
+        driver.raw.leader = "n2"
+        await health.update()
+        assert await status() == NOT_SERVING  # (still replaying)
+        driver.applied_index = 10
+        await health.update()
+        assert await status() == SERVING and await status("raftfast.v1.KV") == SERVING
+        driver.raw.leader = ""  # (an election, or cut off)
+        await health.update()
+        assert await status() == NOT_SERVING
+        driver.raw.leader = "n3"
+        await health.update()
+        assert await status() == SERVING
+        await health.shutdown()
+        await health.update()
+        assert await status() == NOT_SERVING and await status("raftfast.v1.KV") == NOT_SERVING
+
+    asyncio.run(run())
