@@ -138,3 +138,76 @@ def test_the_histogram_counts_per_bucket_cumulatively():
     buckets, total = h.buckets()
     assert buckets == [("0.001", 2), ("0.01", 3), ("+Inf", 4)]
     assert abs(total - 0.5065) < 1e-9
+
+
+def test_embedded_nodes_in_one_process_each_have_their_own_metrics_and_log_lines(tmp_path):
+    """Three raftfast.Node in one process (a state machine of the test's): each serves its own
+    registry; JSON log lines name the node they come from; stop closes the metrics port."""
+    import asyncio
+    import json
+    import logging
+
+    from raftfast.server.logs import JsonFormatter
+    from tests.server.test_embedded import three
+
+    lines: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(self.format(record)))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("raftfast.node")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    metrics = [f"127.0.0.1:{p}" for p in free_ports(3)]
+
+    async def main() -> None:
+        nodes = three(tmp_path)
+        for node, address in zip(nodes, metrics, strict=True):
+            node.settings.metrics_listen = address
+        try:
+            for node in nodes:
+                await node.start()
+            leader = await nodes[0].wait_for_leader()
+            await asyncio.gather(*(n.propose(b"1") for n in nodes for _ in range(5)))
+            scraped = await asyncio.gather(*(asyncio.to_thread(scrape, m) for m in metrics))
+            roles = {}
+            for node, (_, samples, _types) in zip(nodes, scraped, strict=True):
+                roles[node.id] = one(samples, "raftfast_role", role="leader")
+                assert one(samples, "raftfast_applied_index") > 0
+                assert one(samples, "raftfast_sessions_open") == 0
+                assert one(samples, "raftfast_alarm", type="NOSPACE") == 0
+            assert roles == {n.id: (1.0 if n.id == leader else 0.0) for n in nodes}
+            leader_samples = scraped[[n.id for n in nodes].index(leader)][1]
+            # (followers forward their proposals to the leader's Propose: counted there)
+            assert one(leader_samples, "raftfast_proposals_total") >= 15
+            propose = one(
+                leader_samples,
+                "raftfast_request_seconds_count",
+                service="raftfast.v1.StateMachine",
+                method="Propose",
+            )
+            assert propose >= 10
+        finally:
+            for node in nodes:
+                await node.stop()
+        for address in metrics:
+            try:
+                await asyncio.to_thread(scrape, address)
+            except OSError:
+                continue
+            raise AssertionError(f"metrics still served on {address} after stop")
+        became = [x for x in lines if "became leader" in x["message"]]
+        assert became and all(f"node {x['node']} became" in x["message"] for x in became)
+        assert all(x["term"] is not None for x in became)
+        starting = {x["node"] for x in lines if "starting: term" in x["message"]}
+        assert starting == {"n1", "n2", "n3"}
+
+    try:
+        asyncio.run(main())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
