@@ -21,6 +21,11 @@ node's peer address). TLS (etcd's flags: ``--cert-file --key-file [--trusted-ca-
 for peers) needs the two ports apart. ``--auth-roles FILE`` gives client certificates roles
 (docs/security.md).
 
+Observing it (docs/operations.md, "Monitoring"): ``--metrics-listen HOST:PORT`` serves
+Prometheus metrics at ``/metrics`` (off by default); ``--log-format json`` writes one JSON
+object per log line (time, level, node, term, message, fields) instead of text. The client
+port always serves gRPC health checking and reflection.
+
 Joining a running cluster: ``--join HOST:PORT`` (any member's peer address) with ``--id``,
 ``--listen`` (and ``--peer-listen``) and an empty ``--data-dir``, and no ``--peers``: the node
 asks the cluster to add it as a learner, catches up, and is promoted to voter. The

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -52,6 +54,12 @@ def scrape(address: str) -> tuple[str, dict[str, dict[tuple, float]], dict[str, 
     return text, samples, types
 
 
+def documented_series() -> set[str]:
+    """The series of docs/operations.md's table."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+    return set(re.findall(r"^\| `(raftfast_[a-z_]+)` \|", doc.read_text(), re.MULTILINE))
+
+
 def one(samples: dict[str, dict[tuple, float]], name: str, **labels: str) -> float:
     return samples[name][tuple(sorted(labels.items()))]
 
@@ -81,6 +89,9 @@ def test_every_series_with_sane_values_and_snapshots_counted(tmp_path):
         text, samples, types = scrape(metrics[leader])
         for name, kind in SERIES.items():
             assert types.get(name) == kind, (name, types.get(name))
+        assert set(types) == set(SERIES)  # (no series undocumented here)
+        served = {f"{n}_total" if t == "counter" else n for n, t in types.items()}
+        assert served == documented_series()
         assert 'raftfast_wal_sync_seconds_bucket{le="+Inf"}' in text
         assert one(samples, "raftfast_wal_sync_seconds_count") > 0
         assert one(samples, "raftfast_wal_sync_seconds_sum") > 0
