@@ -222,3 +222,20 @@ def test_embedded_nodes_in_one_process_each_have_their_own_metrics_and_log_lines
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+def test_a_metrics_address_in_use_is_one_clear_error():
+    import socket
+
+    from raftfast.server.metrics import MetricsServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        try:
+            MetricsServer(object(), address)  # (the driver is read only when scraped)
+        except OSError as exc:
+            assert str(exc).startswith(f"cannot serve metrics on {address}: "), exc
+        else:
+            raise AssertionError("a second server on a port in use")
