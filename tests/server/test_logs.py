@@ -13,7 +13,7 @@ from raftfast.client import SyncClient
 from raftfast.server import node_cli
 from raftfast.server.logs import JsonFormatter
 from raftfast.server.node_cli import ConfigError, parse_settings
-from raftfast.tools.localcluster import ProcCluster
+from raftfast.tools.localcluster import ProcCluster, wait_for
 
 KEYS = {"time", "level", "node", "term", "message", "fields"}
 PEERS = "n1=127.0.0.1:7001,n2=127.0.0.1:7002,n3=127.0.0.1:7003"
@@ -24,6 +24,10 @@ def test_every_line_of_a_json_node_is_an_object_with_its_id_and_term(tmp_path):
         leader = cluster.wait_leader()
         with SyncClient(cluster.endpoints, timeout=30) as c:
             c.put("a", "1")
+        wait_for(
+            "every node to know the leader",
+            lambda: all(cluster.status(n).leader == leader for n in cluster.ids),
+        )
     for nid in cluster.ids:
         lines = cluster.logs[nid].read_text().splitlines()
         assert lines, nid
@@ -38,7 +42,7 @@ def test_every_line_of_a_json_node_is_an_object_with_its_id_and_term(tmp_path):
             assert obj["fields"]["logger"].startswith("raftfast")
             assert obj["term"] is None or isinstance(obj["term"], int)
             terms.append(obj["term"])
-        assert any(t is not None and t >= 1 for t in terms), nid
+        assert any(t is not None and t >= 1 for t in terms), "\n".join(lines)  # (stopping)
         assert any("stopping" in json.loads(line)["message"] for line in lines)
     became = [
         json.loads(line)
