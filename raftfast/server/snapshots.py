@@ -124,10 +124,10 @@ class SnapshotMixin:
             log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
             ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
             self.metrics.snapshot_send.observe(time.perf_counter() - started)
-            if ok:
-                self.metrics.snapshots_sent += 1
-            else:
-                self.metrics.snapshots_send_failed += 1
+        if ok:
+            self.metrics.snapshots_sent += 1
+        else:
+            self.metrics.snapshots_send_failed += 1  # (or none new enough to send)
         if self.raw is not None and not self.stopping:
             self.raw.report_snapshot(m.dst, ok)
             self._wake.set()
