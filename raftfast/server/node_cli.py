@@ -608,6 +608,7 @@ def _configure_logging(level: str, log_format: str = "text", node_id: str | None
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter(node_id))
         logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
+        logging.captureWarnings(True)  # (Python's warnings as JSON lines too)
         return
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
@@ -636,6 +637,17 @@ def _fail(message: str) -> None:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
+def _fail_running(settings: NodeSettings, message: str) -> None:
+    """``_fail`` once the node's logging is set up: with --log-format json, a CRITICAL line of
+    its own (every line of a JSON node's output is JSON once it runs)."""
+    if settings.log_format == "json":
+        logging.getLogger("raftfast.node").critical(
+            "%s: error: %s", PROG, " ".join(message.split())
+        )
+    else:
+        _fail(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
     try:
@@ -643,8 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _fail(str(exc))
         raise SystemExit(2) from None
-    if not settings.fsync:
-        print(UNSAFE_WARNING, file=sys.stderr)
+    if not settings.fsync and settings.log_format == "text":
+        print(UNSAFE_WARNING, file=sys.stderr)  # (with json: a log line, once logging is set)
     try:
         state_machine = load_state_machine(settings.state_machine)
     except ConfigError as exc:
@@ -673,13 +685,15 @@ def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> i
         _fail(f"cannot write the identity to {settings.data_dir}: {exc.strerror or exc}")
         return 1
     _configure_logging(settings.log_level, settings.log_format, settings.id)
+    if not settings.fsync and settings.log_format == "json":
+        logging.getLogger("raftfast.node").warning("%s", UNSAFE_WARNING)
     try:
         _run_serve(settings, state_machine)
     except KeyboardInterrupt:
         return 130
     except (RaftfastError, OSError) as exc:
         logging.getLogger("raftfast.node").debug("node failed", exc_info=True)
-        _fail(f"node {settings.id} failed: {exc}")
+        _fail_running(settings, f"node {settings.id} failed: {exc}")
         return 1
     except Exception:
         logging.getLogger("raftfast.node").critical("node failed unexpectedly", exc_info=True)

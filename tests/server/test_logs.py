@@ -118,3 +118,54 @@ def test_flag_toml_and_environment(tmp_path):
     with pytest.raises(ConfigError, match="n.toml: metrics_listen: bad address '9100'"):
         parse_settings(_base(tmp_path, "--config", str(toml)), {})
     assert parse_settings(_base(tmp_path), {}).metrics_listen == ""  # off by default
+
+
+def test_a_json_node_that_fails_to_start_says_so_in_json_and_exits_1(tmp_path):
+    """Its metrics port is taken: one CRITICAL line (JSON like the rest), exit code 1."""
+    import os
+    import socket
+    import subprocess
+
+    from raftfast.tools.localcluster import free_ports
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAFTFAST_")}
+    env["PYTHONPATH"] = str(root)
+    (port,) = free_ports(1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "raftfast.server.node_cli",
+                "--id",
+                "n1",
+                "--peers",
+                f"n1=127.0.0.1:{port}",
+                "--data-dir",
+                str(tmp_path / "n1"),
+                "--log-format",
+                "json",
+                "--metrics-listen",
+                metrics,
+                "--no-fsync",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=root,
+            env=env,
+        )
+    assert proc.returncode == 1, proc.stderr
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # every line
+    assert all(set(x) == KEYS and x["node"] == "n1" for x in lines), proc.stderr
+    assert any(x["level"] == "WARNING" and "UNSAFE" in x["message"] for x in lines)
+    last = lines[-1]
+    assert last["level"] == "CRITICAL", proc.stderr
+    assert last["message"].startswith(
+        f"raftfast-node: error: node n1 failed: cannot serve metrics on {metrics}"
+    )
+    assert "Traceback" not in proc.stderr
