@@ -69,9 +69,16 @@ def tls(tmp_path_factory) -> Iterator[TLSCluster]:
     c = TLSCluster(tmp_path_factory.mktemp("tls"))
     try:
         c.cluster.start_all()
-        c.cluster.wait_leader(timeout=60)
+        leader = c.cluster.wait_leader(timeout=60)
         with c.client("admin") as admin:
             admin.put("ready", "1")
+        # Every node in touch with the leader (a node that started late on a loaded machine
+        # may wait out a gRPC reconnect backoff first): the tests compare their states.
+        wait_for(
+            "every node to know the leader",
+            lambda: all(c.cluster.status(n).leader == leader for n in c.cluster.ids),
+            timeout=60,
+        )
         yield c
     except BaseException:
         print(c.cluster.log_tail())
