@@ -13,9 +13,12 @@ certificate checks out is admin; without ``--client-cert-auth`` every client is 
 Refusals are PERMISSION_DENIED with a message naming the role needed.
 
 One interceptor (``RoleInterceptor``) checks every call against the least role its method needs
-(``METHOD_ROLES``; a method not listed needs admin), once per call, never per entry. The Session
-stream carries reads and writes: it needs ``read`` to open, and the KV service refuses its write
-ops per op for a client below ``write``.
+(``METHOD_ROLES``, or ``STANDARD_METHOD_ROLES`` for gRPC's own services; a method not listed
+needs admin), once per call, never per entry. The Session stream carries reads and writes: it
+needs ``read`` to open, and the KV service refuses its write ops per op for a client below
+``write``. Health checks (``OPEN_METHODS``) need no role: any client whose certificate checks
+out may ask whether the node is serving (a load balancer's probe need not be able to read the
+data); reflection (the API's description, public anyway) needs ``read``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ import grpc
 
 from raftfast.security.tls import caller_name
 
-__all__ = ["METHOD_ROLES", "Authorizer", "Role", "RoleInterceptor", "load_roles"]
+__all__ = [
+    "METHOD_ROLES",
+    "OPEN_METHODS",
+    "STANDARD_METHOD_ROLES",
+    "Authorizer",
+    "Role",
+    "RoleInterceptor",
+    "load_roles",
+]
 
 
 class Role(IntEnum):
@@ -57,6 +68,11 @@ METHOD_ROLES: dict[str, Role] = {
     _MACHINE + "Propose": Role.WRITE,
     _ADMIN + "MemberList": Role.READ,
     _ADMIN + "AlarmList": Role.READ,
+}
+# gRPC's own services on the client port (raftfast/server/health.py)
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+STANDARD_METHOD_ROLES: dict[str, Role] = {
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.READ,
 }
 
 
@@ -127,7 +143,11 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
-        need = METHOD_ROLES.get(method, Role.ADMIN)
+        need = METHOD_ROLES.get(method)
+        if need is None:
+            if method in OPEN_METHODS:
+                return handler  # (the TLS handshake checked the certificate)
+            need = STANDARD_METHOD_ROLES.get(method, Role.ADMIN)
         what = method.rsplit("/", 1)[-1]
         auth = self.authorizer
 

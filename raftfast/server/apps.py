@@ -15,7 +15,7 @@ from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.quota import Quota
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer
-from raftfast.server.kv_service import add_kv_service
+from raftfast.server.kv_service import KVService, add_kv_service
 from raftfast.server.machine_service import MachineService, StatusOnly
 from raftfast.statemachine import StateMachine
 
@@ -30,6 +30,9 @@ class MachineApp:
     served by the StateMachine service (Propose, Query); the KV service answers Status only."""
 
     quota: Quota | None = None
+    # the client services it adds (for health checking and reflection)
+    service_names = ("raftfast.v1.StateMachine", "raftfast.v1.KV")
+    sessions_open = 0  # (no Session stream)
 
     def __init__(self, driver: Driver, state_machine: StateMachine) -> None:
         self.driver = driver
@@ -38,6 +41,9 @@ class MachineApp:
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
         pb_grpc.add_StateMachineServicer_to_server(MachineService(self.driver), server)
         pb_grpc.add_KVServicer_to_server(StatusOnly(self.driver), server)
+
+    def alarms_raised(self) -> frozenset[bytes]:
+        return frozenset()
 
     async def run(self) -> None:
         """Background work while the node runs: none."""
@@ -53,13 +59,30 @@ class KVApp:
     """The KV store: its service (which dedups its own commands) and the space quota, whose
     NOSPACE alarm any member's nearly full disk raises."""
 
+    service_names = ("raftfast.v1.KV",)  # the client services it adds
+
     def __init__(self, driver: Driver, state_machine: KVStateMachine) -> None:
         self.driver = driver
         self.fsm: KVStateMachine = state_machine
         self.quota: Quota | None = Quota(driver)
+        self._service: KVService | None = None
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
-        add_kv_service(server, self.driver, authorizer, self.quota)
+        self._service = add_kv_service(server, self.driver, authorizer, self.quota)
+
+    @property
+    def sessions_open(self) -> int:
+        """Session streams open now (for the metrics)."""
+        return self._service.sessions_open if self._service is not None else 0
+
+    def alarms_raised(self) -> frozenset[bytes]:
+        """The alarms raised now (for the metrics; from any thread)."""
+        for _ in range(10):
+            try:
+                return frozenset(self.fsm.alarms)
+            except RuntimeError:  # (changed size while copied, in the loop's thread)
+                continue
+        return frozenset()
 
     async def run(self) -> None:
         """Every second: if this node's disk is nearly full, the NOSPACE alarm is raised (by

@@ -41,9 +41,12 @@ from raftfast.errors import LogError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
+from raftfast.server import logs
 from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
+from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
 from raftfast.server.membership import MembershipMixin
+from raftfast.server.metrics import MetricsServer, NodeMetrics, RequestTimer
 from raftfast.server.settings import NodeSettings
 from raftfast.server.snapshots import SnapshotMixin, log_holds
 from raftfast.statemachine import StateMachine
@@ -111,10 +114,27 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.removed = False  # a committed configuration left us out: we shut down
         self._committed_members: set[str] = set()  # of the newest configuration applied here
         self._removed_ids: dict[str, int] = {}  # removed node -> index of its removal: refused
+        self.metrics = NodeMetrics()  # counted as it happens; the rest is read on scrape
+        self.metrics_server: MetricsServer | None = None  # --metrics-listen
+        self.health: Health | None = None  # grpc.health.v1 on the client port
+        self._last_leader = ""  # the leader of the last soft state (for leader_changes)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Log lines of this node's tasks (created from here on) carry its id and term.
+        token = logs.bind(self)
+        try:
+            await self._start()
+        except BaseException:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+                self.metrics_server = None
+            raise
+        finally:
+            logs.unbind(token)
+
+    async def _start(self) -> None:
         s = self.settings
         self.wal = WAL.open(
             os.path.join(s.data_dir, "wal"), segment_bytes=s.wal_segment_bytes, fsync=s.fsync
@@ -158,6 +178,10 @@ class Driver(MembershipMixin, SnapshotMixin):
                 index,
             )
         fresh = state.log.last_index == 0 and latest is None and state.hard_state.term == 0
+        self.health = Health(self, (*self.app.service_names, ADMIN_SERVICE))
+        self.health.ready_from = state.hard_state.commit  # applied before SERVING
+        if s.metrics_listen:
+            self.metrics_server = MetricsServer(self, s.metrics_listen)
         log.info(
             "node %s starting: term %d, %d entries recovered (commit %d), fsync=%s",
             s.id,
@@ -197,13 +221,18 @@ class Driver(MembershipMixin, SnapshotMixin):
         if s.client_cert_auth:
             roles = load_roles(s.auth_roles) if s.auth_roles else None
             authorizer = Authorizer(roles, checked=True)
-        self.server = _server(client_limit, authorizer)
+        timer = RequestTimer(self.metrics) if s.metrics_listen else None
+        self.server = _server(client_limit, authorizer, timer)
         self.app.add_services(self.server, authorizer)
         pb_grpc.add_AdminServicer_to_server(admin, self.server)
+        # (after the services: their calls find their handlers first)
+        self.health.add_to(self.server)
+        enable_reflection(self.server, (*self.app.service_names, ADMIN_SERVICE))
+        await self.health.update()  # NOT_SERVING until a leader is known
         if shared:
             pb_grpc.add_PeerServicer_to_server(peer_service, self.server)
         else:
-            self.peer_server = _server(tcp.MAX_RECORD_BYTES)
+            self.peer_server = _server(tcp.MAX_RECORD_BYTES, None, timer)
             pb_grpc.add_PeerServicer_to_server(peer_service, self.peer_server)
             peer_tls = s.peer_tls
             _bind(
@@ -260,6 +289,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         await self._hand_over_leadership()
         self._stopping = True
         log.info("node %s stopping", self.id)
+        if self.health is not None:
+            await self.health.shutdown()
         for server in (self.server, self.peer_server):
             if server is not None:
                 await server.stop(grace=0.5)
@@ -279,6 +310,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._fsync_pool.shutdown(wait=True)
         if self.wal is not None:
             self.wal.close()
+        if self.metrics_server is not None:
+            server, self.metrics_server = self.metrics_server, None
+            await asyncio.get_running_loop().run_in_executor(None, server.close)
         self.stopped.set()
 
     async def _hand_over_leadership(self) -> None:
@@ -317,7 +351,13 @@ class Driver(MembershipMixin, SnapshotMixin):
         fut = asyncio.get_running_loop().create_future()
         self._proposals.append((payloads, fut))
         self._wake.set()
-        return await fut
+        metrics = self.metrics
+        metrics.proposals += len(payloads)
+        try:
+            return await fut
+        except Exception:
+            metrics.proposals_failed += len(payloads)
+            raise
 
     async def read_barrier(self, mode: str) -> None:
         """Return once reading the local state machine is allowed in ``mode``."""
@@ -427,10 +467,12 @@ class Driver(MembershipMixin, SnapshotMixin):
 
     async def _ticker(self) -> None:
         interval = self.settings.tick_ms / 1000
+        health = self.health
         while not self._stopping:
             await asyncio.sleep(interval)
             self.raw.tick()
             self._wake.set()
+            await health.update()
 
     async def _run(self) -> None:
         try:
@@ -497,6 +539,7 @@ class Driver(MembershipMixin, SnapshotMixin):
                     loop = asyncio.get_running_loop()
                     await loop.run_in_executor(self._fsync_pool, self._write_and_sync)
                 self._last_sync_s = time.perf_counter() - started
+                self.metrics.wal_sync.observe(self._last_sync_s)
                 if hs is not None:
                     self._durable_term_vote = (hs.term, hs.vote)
         for m in rd.messages:
@@ -605,6 +648,9 @@ class Driver(MembershipMixin, SnapshotMixin):
             self._leader_known.set()
         else:
             self._leader_known.clear()
+        if leader and leader != self._last_leader:
+            self.metrics.leader_changes += 1
+        self._last_leader = leader
         term, reason = self.raw.term, self.raw.reason
         if role == Role.LEADER:
             log.info("node %s became leader in term %d (%s)", self.id, term, reason)
@@ -668,11 +714,19 @@ def _runs_of_commands(types: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _server(max_message_bytes: int, authorizer: Authorizer | None = None) -> grpc.aio.Server:
+def _server(
+    max_message_bytes: int,
+    authorizer: Authorizer | None = None,
+    timer: RequestTimer | None = None,
+) -> grpc.aio.Server:
     # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start, not
-    # silently share the port with us.
+    # silently share the port with us. The timer comes after the role check: it is handed the
+    # services' own handlers (the same each call), whose timed twins it keeps.
+    interceptors = [RoleInterceptor(authorizer)] if authorizer is not None else []
+    if timer is not None:
+        interceptors.append(timer)
     return grpc.aio.server(
-        interceptors=[RoleInterceptor(authorizer)] if authorizer is not None else None,
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_send_message_length", tcp.MAX_RECORD_BYTES),
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -126,6 +126,10 @@ class KVService(Service, pb_grpc.KVServicer):
         self._quota = quota or Quota(node)
         self._budget = _ByteBudget(MAX_SESSION_BYTES)
 
+    @property
+    def sessions_open(self) -> int:
+        return self._sessions
+
     # -- helpers --------------------------------------------------------------------------
 
     def _check_key(self, key: bytes, what: str = "key") -> None:

@@ -21,6 +21,11 @@ node's peer address). TLS (etcd's flags: ``--cert-file --key-file [--trusted-ca-
 for peers) needs the two ports apart. ``--auth-roles FILE`` gives client certificates roles
 (docs/security.md).
 
+Observing it (docs/operations.md, "Monitoring"): ``--metrics-listen HOST:PORT`` serves
+Prometheus metrics at ``/metrics`` (off by default); ``--log-format json`` writes one JSON
+object per log line (time, level, node, term, message, fields) instead of text. The client
+port always serves gRPC health checking and reflection.
+
 Joining a running cluster: ``--join HOST:PORT`` (any member's peer address) with ``--id``,
 ``--listen`` (and ``--peer-listen``) and an empty ``--data-dir``, and no ``--peers``: the node
 asks the cluster to add it as a learner, catches up, and is promoted to voter. The
@@ -54,7 +59,7 @@ from typing import Any, NoReturn
 from raftfast._version import __version__, version_text
 from raftfast.address import is_address
 from raftfast.errors import FormatVersionError, RaftfastError
-from raftfast.server.settings import PEER_STREAMS, READ_MODES, NodeSettings
+from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
 
@@ -184,6 +189,13 @@ def _log_level(value: Any, where: str) -> str:
     return level
 
 
+def _log_format(value: Any, where: str) -> str:
+    kind = _str(value, where).lower()
+    if kind not in LOG_FORMATS:
+        raise ConfigError(f"{where} must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return kind
+
+
 def _factory(value: Any, where: str) -> str:
     spec = _str(value, where)
     module, sep, name = spec.partition(":")
@@ -237,6 +249,8 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "max_value_bytes": _int,
     "max_request_bytes": _int,
     "log_level": _log_level,
+    "log_format": _log_format,
+    "metrics_listen": _address,
     "wal_segment_bytes": _segment_bytes,
     "snapshot_entries": _int,
     "snapshot_keep": _int,
@@ -325,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest client request: a put, a Session frame, a put_many (1572864)",
     )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--log-format",
+        metavar="|".join(LOG_FORMATS),
+        help="text (default) or json: one object per line (time, level, node, term, message, "
+        "fields)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
     p.add_argument(
         "--snapshot-entries", metavar="N", help="snapshot every N applied entries (100000)"
     )
@@ -602,7 +627,15 @@ def parse_settings(
 # ---------------------------------------------------------------------------------- main
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str = "text", node_id: str | None = None) -> None:
+    if log_format == "json":
+        from raftfast.server.logs import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter(node_id))
+        logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
+        logging.captureWarnings(True)  # (Python's warnings as JSON lines too)
+        return
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -630,6 +663,17 @@ def _fail(message: str) -> None:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
 
 
+def _fail_running(settings: NodeSettings, message: str) -> None:
+    """``_fail`` once the node's logging is set up: with --log-format json, a CRITICAL line of
+    its own (every line of a JSON node's output is JSON once it runs)."""
+    if settings.log_format == "json":
+        logging.getLogger("raftfast.node").critical(
+            "%s: error: %s", PROG, " ".join(message.split())
+        )
+    else:
+        _fail(message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
     try:
@@ -644,8 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _fail(str(exc))
         raise SystemExit(2) from None
-    if not settings.fsync:
-        print(UNSAFE_WARNING, file=sys.stderr)
+    if not settings.fsync and settings.log_format == "text":
+        print(UNSAFE_WARNING, file=sys.stderr)  # (with json: a log line, once logging is set)
     try:
         state_machine = load_state_machine(settings.state_machine)
     except ConfigError as exc:
@@ -706,14 +750,16 @@ def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> i
     except OSError as exc:
         _fail(f"cannot write the identity to {settings.data_dir}: {exc.strerror or exc}")
         return 1
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format, settings.id)
+    if not settings.fsync and settings.log_format == "json":
+        logging.getLogger("raftfast.node").warning("%s", UNSAFE_WARNING)
     try:
         _run_serve(settings, state_machine)
     except KeyboardInterrupt:
         return 130
     except (RaftfastError, OSError) as exc:
         logging.getLogger("raftfast.node").debug("node failed", exc_info=True)
-        _fail(f"node {settings.id} failed: {exc}")
+        _fail_running(settings, f"node {settings.id} failed: {exc}")
         return 1
     except Exception:
         logging.getLogger("raftfast.node").critical("node failed unexpectedly", exc_info=True)

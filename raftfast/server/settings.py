@@ -11,6 +11,7 @@ from raftfast.security.tls import TLSFiles
 from raftfast.transport import PEER_STREAMS
 
 READ_MODES = ("linearizable", "lease", "stale")
+LOG_FORMATS = ("text", "json")
 # A request becomes one log entry, which must fit one peer message (64 MiB) with room to spare.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MIN_QUOTA_BYTES = 64 * 1024
@@ -34,6 +35,9 @@ class NodeSettings:
     # every node, like the key and value limits.
     max_request_bytes: int = 1536 * 1024
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per line (raftfast/server/logs.py)
+    # host:port serving Prometheus metrics at /metrics (raftfast/server/metrics.py); "" = off
+    metrics_listen: str = ""
     wal_segment_bytes: int = 64 * 1024 * 1024  # advanced: WAL segment size before rotation
     snapshot_entries: int = 100_000  # snapshot the state machine every N applied entries
     snapshot_keep: int = 10_000  # entries kept behind a snapshot for followers that lag a little
@@ -112,6 +116,12 @@ class NodeSettings:
             raise ValueError("key and value limits must be positive")
         if not 1024 <= self.max_request_bytes <= MAX_REQUEST_BYTES:
             raise ValueError(f"--max-request-bytes must be in [1024, {MAX_REQUEST_BYTES}]")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.metrics_listen and not is_address(self.metrics_listen):
+            raise ValueError(
+                f"--metrics-listen: bad address {self.metrics_listen!r} (want HOST:PORT)"
+            )
         if self.quota_backend_bytes < MIN_QUOTA_BYTES:
             raise ValueError(f"--quota-backend-bytes must be at least {MIN_QUOTA_BYTES}")
         self._validate_security()

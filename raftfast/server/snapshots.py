@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import BinaryIO
 
 import grpc
@@ -17,6 +18,7 @@ import grpc
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
 from raftfast.errors import CorruptionError
+from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
 from raftfast.storage.snapshot import SnapshotMeta
 from raftfast.transport import tcp
@@ -32,6 +34,7 @@ class SnapshotMixin:
     _log_bytes_kept: int
     _incoming_snapshot: SnapshotMeta | None
     _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
+    metrics: NodeMetrics
 
     def _snapshot_due(self) -> bool:
         """Every ``snapshot_entries`` applied entries, and whenever the log held in memory grew
@@ -127,6 +130,7 @@ class SnapshotMixin:
         """The core asked for a snapshot to go to ``m.dst``: stream our newest one."""
         meta = self.snapshots.latest()
         ok = False
+        started = time.perf_counter()
         if meta is not None and meta.index >= m.index:
             membership = self.snapshots.read_membership(meta)
             named = Message(
@@ -134,6 +138,11 @@ class SnapshotMixin:
             )
             log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
             ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
+            self.metrics.snapshot_send.observe(time.perf_counter() - started)
+        if ok:
+            self.metrics.snapshots_sent += 1
+        else:
+            self.metrics.snapshots_send_failed += 1  # (or none new enough to send)
         if self.raw is not None and not self.stopping:
             self.raw.report_snapshot(m.dst, ok)
             self._wake.set()
@@ -147,6 +156,7 @@ class _IncomingSnapshot:
         self._node = node
         self._receiver = receiver
         self._max_bytes = max_bytes
+        self._started = time.perf_counter()
 
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self._max_bytes:
@@ -157,6 +167,9 @@ class _IncomingSnapshot:
 
     def finish(self) -> None:
         self._node._incoming_snapshot = self._receiver.finish()
+        metrics = self._node.metrics
+        metrics.snapshots_received += 1
+        metrics.snapshot_receive.observe(time.perf_counter() - self._started)
 
     def abort(self) -> None:
         self._receiver.abort()

@@ -72,6 +72,8 @@ class ProcCluster:
     """``peer_view(nid)`` may give node ``nid`` its own addresses for the others (a fault
     test routes each directed link through a proxy); by default everyone dials directly.
 
+    ``node_extra(nid)``: flags for node ``nid`` alone, after ``extra``.
+
     ``tls``: a directory made by ``make_certs`` (or ``raftfast certs``) naming every node id
     (those that join later too): each node then serves peers on a port of its own
     (``peer_addrs``), everything is TLS, clients present certificates, and ``client_tls`` is
@@ -88,8 +90,10 @@ class ProcCluster:
         env: dict[str, str] | None = None,
         tls: Path | None = None,
         restore: Path | None = None,
+        node_extra: Callable[[str], list[str]] | None = None,
     ):
         self.tmp = tmp
+        self.node_extra = node_extra  # more flags for one node (say, its --metrics-listen)
         self.env = {**os.environ, **env} if env else None
         self.peer_view = peer_view
         self.tls = tls
@@ -173,6 +177,7 @@ class ProcCluster:
             "--peer-stream-port",
             str(self.stream_ports[nid]),
             *self.extra,
+            *(self.node_extra(nid) if self.node_extra else ()),
         ]
         self.logs[nid] = log_path
         with open(log_path, "ab") as out:

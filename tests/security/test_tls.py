@@ -69,9 +69,16 @@ def tls(tmp_path_factory) -> Iterator[TLSCluster]:
     c = TLSCluster(tmp_path_factory.mktemp("tls"))
     try:
         c.cluster.start_all()
-        c.cluster.wait_leader(timeout=60)
+        leader = c.cluster.wait_leader(timeout=60)
         with c.client("admin") as admin:
             admin.put("ready", "1")
+        # Every node in touch with the leader (a node that started late on a loaded machine
+        # may wait out a gRPC reconnect backoff first): the tests compare their states.
+        wait_for(
+            "every node to know the leader",
+            lambda: all(c.cluster.status(n).leader == leader for n in c.cluster.ids),
+            timeout=60,
+        )
         yield c
     except BaseException:
         print(c.cluster.log_tail())
@@ -197,6 +204,32 @@ def test_each_role_may_do_what_it_may_and_no_more(tls):
         target = next(n for n in tls.cluster.ids if n != tls.cluster.leader())
         assert admin.transfer_leader(target) == target
         assert admin.disarm_alarms()["alarms"] == []
+
+
+def test_health_needs_no_role_and_reflection_needs_read(tls):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    address = tls.cluster.addrs[tls.cluster.ids[0]]
+    for name in ("ghost", "reader"):  # a certificate the CA signed, with no role; read
+        with tls.channel(address, tls.files(name)) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            wait_for(
+                "the node to serve",
+                lambda stub=stub: (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ),
+            )
+    with tls.channel(address, tls.files("ghost")) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            list(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "needs read" in info.value.details()
+    with tls.channel(address, tls.files("reader")) as ch:
+        assert "raftfast.v1.KV" in ProtoReflectionDescriptorDatabase(ch).get_services()
 
 
 def test_the_cli_with_certificates(tls):

@@ -1,0 +1,86 @@
+"""gRPC health checking (``grpc.health.v1.Health``) and server reflection on the client port.
+
+Health: one status for ``""`` (the server) and for each raftfast service the node serves
+(``raftfast.v1.KV``, ``raftfast.v1.Admin``, and ``raftfast.v1.StateMachine`` with a state
+machine of one's own), all the same:
+
+* SERVING once the node knows a leader of its term (itself included) and has applied at least
+  the commit index it knew when it started (its WAL's; so a restarted node is not sent
+  traffic before it has replayed what it had acknowledged);
+* NOT_SERVING otherwise: no leader known (an election, or cut off from the others: a follower
+  forgets its leader after an election timeout without word from it; a leader that cannot
+  reach a quorum steps down, check-quorum), still catching up, and from the moment the node
+  starts stopping (for good).
+
+The driver asks ``update`` on every tick; only a change is passed to the servicer (which
+wakes the Watch streams).
+
+Reflection (``grpc.reflection.v1alpha.ServerReflection``) lists the client services, health
+and reflection itself, so ``grpcurl`` and the like can list and call the API without the
+.proto file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+if TYPE_CHECKING:
+    from raftfast.server.driver import Driver
+
+__all__ = ["ADMIN_SERVICE", "Health", "enable_reflection"]
+
+ADMIN_SERVICE = "raftfast.v1.Admin"
+HEALTH_SERVICE = health.SERVICE_NAME  # grpc.health.v1.Health
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """The health servicer of one driver, its services NOT_SERVING until ``update`` finds the
+    node ready."""
+
+    def __init__(self, driver: Driver, services: tuple[str, ...]) -> None:
+        self.driver = driver
+        self.services = ("", *services)
+        self.servicer = health.aio.HealthServicer()
+        self.serving: bool | None = None
+        self.ready_from = 0  # the commit index known at start: applied before SERVING
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    def ready(self) -> bool:
+        d = self.driver
+        raw = d.raw
+        return (
+            not d.stopping
+            and raw is not None
+            and bool(raw.leader)
+            and d.applied_index >= self.ready_from
+        )
+
+    async def update(self) -> None:
+        """Pass the node's status on, if it changed (cheap otherwise: a few attribute reads)."""
+        serving = self.ready()
+        if serving == self.serving:
+            return
+        self.serving = serving
+        status = _SERVING if serving else _NOT_SERVING
+        for service in self.services:
+            await self.servicer.set(service, status)
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for good (the node is stopping)."""
+        self.serving = False
+        await self.servicer.enter_graceful_shutdown()
+
+
+def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Reflection on ``server`` for ``services``, health and reflection itself."""
+    reflection.enable_server_reflection(
+        (*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )

@@ -1,0 +1,101 @@
+"""gRPC health checking and reflection on the client port of real nodes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from raftfast.client import SyncClient
+from raftfast.tools.localcluster import ProcCluster, wait_for
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICES = ("", "raftfast.v1.KV", "raftfast.v1.Admin")
+
+
+def check(cluster: ProcCluster, nid: str, service: str = "") -> int:
+    with cluster.channel(nid) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_serving_on_a_healthy_cluster_not_serving_when_cut_off_and_reflection(tmp_path):
+    with ProcCluster(tmp_path) as cluster:
+        leader = cluster.wait_leader()
+        with SyncClient(cluster.endpoints, timeout=30) as c:
+            c.put("a", "1")
+        for nid in cluster.ids:
+            for service in SERVICES:
+                wait_for(
+                    f"{nid} to serve {service or 'the server'}",
+                    lambda nid=nid, service=service: check(cluster, nid, service) == SERVING,
+                )
+        with cluster.channel(leader) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # Reflection lists the services and describes them.
+        with cluster.channel(leader) as ch:
+            db = ProtoReflectionDescriptorDatabase(ch)
+            services = set(db.get_services())
+            assert {"raftfast.v1.KV", "raftfast.v1.Admin", "grpc.health.v1.Health"} <= services
+            assert "raftfast.v1.Peer" not in services  # (for nodes, not clients)
+            kv = DescriptorPool(db).FindServiceByName("raftfast.v1.KV")
+            assert {"Put", "Get", "Session", "Status"} <= {m.name for m in kv.methods}
+
+        # The leader, cut off from the others, steps down (check-quorum): NOT_SERVING.
+        for nid in cluster.ids:
+            if nid != leader:
+                cluster.kill(nid)
+        wait_for(
+            "the cut-off node to stop serving",
+            lambda: all(check(cluster, leader, s) == NOT_SERVING for s in SERVICES),
+            timeout=30,
+        )
+        assert cluster.status(leader).role != "leader"
+
+
+def test_serving_needs_a_leader_and_the_start_s_commit_index_applied_and_not_stopping():
+    import asyncio
+    from types import SimpleNamespace
+
+    from raftfast.server.health import Health
+
+    async def run() -> None:
+        driver = SimpleNamespace(raw=SimpleNamespace(leader=""), applied_index=0, stopping=False)
+        health = Health(driver, ("raftfast.v1.KV",))
+        health.ready_from = 10  # (committed when it started: applied before it serves)
+
+        async def status(service: str = "") -> int:
+            ctx = SimpleNamespace()
+            answer = await health.servicer.Check(
+                health_pb2.HealthCheckRequest(service=service), ctx
+            )
+            return answer.status
+
+        await health.update()
+        assert await status() == NOT_SERVING and await status("raftfast.v1.KV") == NOT_SERVING
+        driver.raw.leader = "n2"
+        await health.update()
+        assert await status() == NOT_SERVING  # (still replaying)
+        driver.applied_index = 10
+        await health.update()
+        assert await status() == SERVING and await status("raftfast.v1.KV") == SERVING
+        driver.raw.leader = ""  # (an election, or cut off)
+        await health.update()
+        assert await status() == NOT_SERVING
+        driver.raw.leader = "n3"
+        await health.update()
+        assert await status() == SERVING
+        await health.shutdown()
+        await health.update()
+        assert await status() == NOT_SERVING and await status("raftfast.v1.KV") == NOT_SERVING
+
+    asyncio.run(run())
