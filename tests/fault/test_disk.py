@@ -40,7 +40,7 @@ from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = struct.Struct("<IIB")  # payload length | crc32c | type (docs/disk-format.md)
-REC_HARD_STATE, REC_BATCH = 1, 2
+REC_HARD_STATE, REC_BATCH, REC_FORMAT = 1, 2, 5
 SEGMENT_BYTES = 4096  # small segments: a few hundred writes make several of them
 
 
@@ -278,8 +278,9 @@ def test_flipped_bit_in_an_old_record_refuses_to_start(golden, tmp_path, where):
         off, _, total = next(r for r in records(seg) if r[1] == REC_BATCH)
     else:
         seg = segs[-1]
-        off, rtype, total = records(seg)[0]  # a segment opens with a hard-state record
-        assert rtype == REC_HARD_STATE
+        # a segment opens with its format record, then a hard-state record
+        assert [r[1] for r in records(seg)[:2]] == [REC_FORMAT, REC_HARD_STATE]
+        off, _, total = records(seg)[0]
     assert off + total < seg.stat().st_size  # intact records follow: not a torn tail
     flip_bit(seg, off + total - 2)
     damaged = seg.read_bytes()
