@@ -27,6 +27,12 @@ class ClientWindow:
         self.max_seq = -1
         self.results: dict[int, Any] = {}
 
+    def copy(self) -> ClientWindow:
+        twin = ClientWindow()
+        twin.max_seq = self.max_seq
+        twin.results = dict(self.results)
+        return twin
+
     def is_late(self, seq: int, window: int) -> bool:
         return seq <= self.max_seq - window
 

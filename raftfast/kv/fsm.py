@@ -24,6 +24,7 @@ every replica. ``client_id`` 0 disables dedup for that command. Limits and their
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import struct
 import sys
@@ -287,6 +288,18 @@ class KVStateMachine(StateMachine):
 
     def snapshot(self, out: BinaryIO) -> None:
         out.write(self.dump())
+
+    def frozen(self) -> KVStateMachine:
+        """The state as of now, in a copy cheap to take (the dicts are copied, the keys and
+        values shared: ~1 ms per 100,000 keys), whose ``snapshot`` may then run in another
+        thread while this machine goes on applying."""
+        twin = copy.copy(self)
+        twin._data = dict(self._data)
+        twin._clients = OrderedDict((cid, w.copy()) for cid, w in self._clients.items())
+        twin._index = None if self._index is None else list(self._index)
+        twin._pending = list(self._pending)
+        twin.alarms = set(self.alarms)
+        return twin
 
     def restore(self, inp: BinaryIO) -> None:
         self.load(inp.read())

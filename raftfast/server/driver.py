@@ -98,6 +98,10 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._stopping = False
         self._handing_over = False  # stop() is handing leadership over first
         self._snapshot_lock = asyncio.Lock()
+        self._snapshot_task: asyncio.Task | None = None
+        self._compact_to = 0
+        # Snapshot files are written and synced here, apart from the WAL's appends.
+        self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix=f"raftfast-snap-{self.id}")
         self._leader_changed = asyncio.Event()
         self._leader_known = asyncio.Event()  # set while this node knows a leader
         self.snapshots: SnapshotStore | None = None
@@ -306,8 +310,11 @@ class Driver(MembershipMixin, SnapshotMixin):
                 pass
         if self.transport is not None:
             await self.transport.close()
+        if self._snapshot_task is not None:
+            await asyncio.gather(self._snapshot_task, return_exceptions=True)
         self._fail_all(NotLeaderError("node is shutting down"))
         self._fsync_pool.shutdown(wait=True)
+        self._snapshot_pool.shutdown(wait=True)
         if self.wal is not None:
             self.wal.close()
         if self.metrics_server is not None:
@@ -482,14 +489,22 @@ class Driver(MembershipMixin, SnapshotMixin):
                     await self._wake.wait()
                     if self._stopping:
                         break
+                if self._compact_to:
+                    await self._compact_log()
                 self._feed()
                 if self.raw.has_ready():
                     await self._handle_ready(self.raw.ready())
         except Exception as exc:  # noqa: BLE001 - a storage failure must stop the node
-            self.failed = exc
-            log.critical("node %s stopping after a fatal error: %s", self.id, exc)
-            self._fail_all(NotLeaderError(f"node failed: {exc}"))
-            asyncio.get_running_loop().call_soon(lambda: asyncio.create_task(self.stop()))
+            self._fatal(exc)
+
+    def _fatal(self, exc: BaseException) -> None:
+        """A failure the node cannot go on after (a disk that failed): stop."""
+        if self.failed is not None:
+            return
+        self.failed = exc
+        log.critical("node %s stopping after a fatal error: %s", self.id, exc)
+        self._fail_all(NotLeaderError(f"node failed: {exc}"))
+        asyncio.get_running_loop().call_soon(lambda: asyncio.create_task(self.stop()))
 
     def _feed(self) -> None:
         """Hand queued proposals and reads to the core, as one batch each."""
@@ -556,9 +571,11 @@ class Driver(MembershipMixin, SnapshotMixin):
             self._on_role_change(*rd.soft_state)
         self._follow_membership()
         self.raw.advance(rd)
-        if self._snapshot_due() and not self._snapshot_lock.locked():  # (else a backup takes one)
-            async with self._snapshot_lock:
-                await self._take_snapshot()
+        busy = self._snapshot_lock.locked() or (
+            self._snapshot_task is not None and not self._snapshot_task.done()
+        )
+        if not (busy or self._compact_to) and self._snapshot_due():
+            self._start_snapshot()
 
     # -- snapshots -----------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ class NodeSettings:
     fsync: bool = True  # False is UNSAFE: acknowledged writes can be lost on power failure
     read_mode: str = "linearizable"
     tick_ms: int = 50
-    election_ticks: int = 10  # 500 ms with the default tick
+    election_ticks: int = 6  # 300 ms with the default tick
     heartbeat_ticks: int = 1
     max_key_bytes: int = 4 * 1024
     max_value_bytes: int = 1024 * 1024

@@ -34,6 +34,7 @@ class SnapshotMixin:
     _log_bytes_kept: int
     _incoming_snapshot: SnapshotMeta | None
     _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
+    _compact_to: int  # a snapshot was taken here: the loop drops the log it covers
     metrics: NodeMetrics
 
     def _snapshot_due(self) -> bool:
@@ -60,33 +61,66 @@ class SnapshotMixin:
             assert meta is not None
             return meta, open(meta.path, "rb")  # noqa: SIM115 - handed to the caller
 
+    def _start_snapshot(self) -> None:
+        """The loop found a snapshot due: take it in the background, so that the loop goes on
+        answering the leader (or its followers) meanwhile."""
+
+        async def take() -> None:
+            async with self._snapshot_lock:
+                try:
+                    await self._take_snapshot()
+                except Exception as exc:  # noqa: BLE001 - a failed disk: the node stops
+                    self._fatal(exc)
+
+        self._snapshot_task = asyncio.create_task(take(), name="raftfast-snapshot")
+
     async def _take_snapshot(self) -> None:
-        """Snapshot the state machine, then drop the log it covers (keeping ``snapshot_keep``
-        entries for followers that lag a little, unless they hold a quarter of
-        ``snapshot_log_bytes``: then none). The state is serialized here, in the loop, so it is
-        point-in-time; the file is written and fsynced in the fsync thread."""
+        """Snapshot the state machine into a file, point in time. A state machine with
+        ``frozen()`` (the KV store) hands over a copy, cheap to take, that is serialized in the
+        snapshot thread; any other is serialized here, in the loop. The file is written and
+        fsynced in the snapshot thread (not the WAL's: appends must not queue behind it). The
+        log it covers is dropped later, between two Readys (``_compact_log``)."""
         loop = asyncio.get_running_loop()
         raw = self.raw
         index = self.applied_index
         term = raw.term_at(index)
         snapshot = self.snapshots.create(index, term, self.raw.membership_at(index).encode())
         try:
-            self.fsm.snapshot(snapshot.out)  # (into the page cache; the sync is in the thread)
+            freeze = getattr(self.fsm, "frozen", None)
+            frozen = freeze() if freeze is not None else None
+            if frozen is None:
+                self.fsm.snapshot(snapshot.out)  # (into the page cache; synced in the thread)
+
+            def write() -> SnapshotMeta:
+                if frozen is not None:
+                    frozen.snapshot(snapshot.out)
+                return snapshot.finish()
+
+            meta = await loop.run_in_executor(self._snapshot_pool, write)
         except BaseException:
             snapshot.abort()
             raise
-        meta = await loop.run_in_executor(self._fsync_pool, snapshot.finish)
         self._snapshot_index = index
+        self._compact_to = max(self._compact_to, index)
+        self._wake.set()
+        log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, meta.size)
+
+    async def _compact_log(self) -> None:
+        """Drop the log a new snapshot covers (keeping ``snapshot_keep`` entries for followers
+        that lag a little, unless they hold a quarter of ``snapshot_log_bytes``: then none).
+        Called by the loop between two Readys."""
+        raw, index = self.raw, self._compact_to
+        self._compact_to = 0
         keep = self.settings.snapshot_keep
         if raw.log_bytes >= self.settings.snapshot_log_bytes // 4:
             keep = 0
         upto = min(index - keep, raw.stable_index)
         if upto >= raw.first_index:
             upto_term = raw.term_at(upto)
-            self.raw.compact(upto)
+            raw.compact(upto)
+            loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
         self._log_bytes_kept = raw.log_bytes
-        log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, meta.size)
 
     def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
         """A leader streams us a snapshot: where to write it. Only the leader of our term may

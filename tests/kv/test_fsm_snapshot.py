@@ -288,3 +288,17 @@ def test_alarms_and_size_survive_a_snapshot_and_a_version_1_snapshot_still_reads
     old = build([b"a", b"b"], [b"1", b"2"])  # version 1
     copy.load(old)
     assert copy.alarms == set() and copy.size_bytes == 4 and copy.get(b"b") == b"2"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_frozen_copy_is_the_state_as_of_then(seed: int) -> None:
+    """``frozen()`` (what the node serializes in another thread) keeps the state of the moment
+    it was taken while the machine goes on applying: its snapshot equals a dump taken then."""
+    rng = random.Random(seed)
+    m = KVStateMachine()
+    apply_all(m, 1, random_commands(rng, 300))
+    then = m.dump()
+    frozen = m.frozen()
+    apply_all(m, 301, random_commands(rng, 300))  # keys added, removed, clients' windows moved
+    assert m.dump() != then
+    assert frozen.dump() == then
