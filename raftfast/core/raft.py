@@ -510,6 +510,17 @@ class Raft:
             or (self.vote == "" and self.leader == "")
             or (pre and m.term > self.term)
         )
+        if (
+            pre
+            and self.role == Role.PRE_CANDIDATE
+            and m.src > self.id
+            and (m.log_term, m.index) == (self.log.entries.last_term, self.log.last_index)
+        ):
+            # Both of us are campaigning with equal logs: granting each other would make two
+            # candidates split the vote (another election timeout). The lower id goes first;
+            # we vote for it when its real request comes. (Pre-votes change no term and no
+            # vote: safety does not depend on them.)
+            can_vote = False
         resp_type = MsgType.PRE_VOTE_RESP if pre else MsgType.VOTE_RESP
         if can_vote and self.log.is_up_to_date(m.index, m.log_term):
             # For a real vote the answer goes in ``msgs``: it is sent only after the vote is

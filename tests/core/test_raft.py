@@ -110,6 +110,32 @@ def test_pre_vote_does_not_disturb_the_term_of_a_partitioned_node():
     assert net.leaders() == ["a"] and net.node("a").raft.term == term
 
 
+def test_two_pre_candidates_with_equal_logs_do_not_split_the_vote():
+    """The leader is gone and both followers start campaigning at once: the higher id grants
+    the lower one's pre-vote, not the other way round, so one real election settles it."""
+
+    def pre_candidate(nid: str) -> RawNode:
+        node = lone_node(nid)
+        while node.raft.role != Role.PRE_CANDIDATE:
+            node.tick()
+        node.advance(node.ready())  # (its own pre-vote requests: delivered by hand below)
+        return node
+
+    a, b = pre_candidate("a"), pre_candidate("b")
+    last = (a.raft.log.last_index, a.raft.log.entries.last_term)
+    term = a.raft.term + 1
+
+    def pre_vote(src: str, dst: RawNode) -> Message:
+        dst.step(Message(MsgType.PRE_VOTE, src, dst.raft.id, term, last[0], last[1]))
+        rd = dst.ready()
+        dst.advance(rd)
+        (answer,) = [m for m in rd.messages if m.type == MsgType.PRE_VOTE_RESP]
+        return answer
+
+    assert not pre_vote("a", b).reject  # b grants the lower id
+    assert pre_vote("b", a).reject  # a, campaigning too, does not grant the higher one
+
+
 def test_without_pre_vote_a_rejoining_node_inflates_terms():
     net = Net(IDS, pre_vote=False, check_quorum=False)
     net.elect("a")
