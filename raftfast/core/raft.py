@@ -467,8 +467,10 @@ class Raft:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.votes = {}
+        # In [E, 1.5 E): a dead leader is noticed ~E + E/6 later by the first of two
+        # followers (with [E, 2 E) it would be E + E/3); near ties are broken by pre-vote.
         timeout = self.config.election_tick
-        self.randomized_election_timeout = timeout + self.rng.randrange(timeout)
+        self.randomized_election_timeout = timeout + self.rng.randrange(max(1, timeout // 2))
 
     def _in_lease(self) -> bool:
         return (

@@ -113,6 +113,21 @@ class RawNode:
             or r.read_states
         )
 
+    @property
+    def leader_silent_ticks(self) -> int:
+        """Follower: ticks since it last heard from its leader (0 on a leader)."""
+        r = self.raft
+        return 0 if r.role == Role.LEADER else r.election_elapsed
+
+    def take_eager_messages(self) -> list[Message]:
+        """The leader's appends and heartbeats produced since the last Ready, to send now, even
+        while a Ready is outstanding (they never wait for our own write: thesis §10.2.1). A
+        driver that awaits its disk calls this on every tick, so heartbeats keep flowing while
+        an fdatasync takes long."""
+        r = self.raft
+        out, r.eager_msgs = r.eager_msgs, []
+        return out
+
     def ready(self) -> Ready:
         if self._outstanding is not None:
             raise RuntimeError("ready() called again before advance()")

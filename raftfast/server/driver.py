@@ -404,13 +404,23 @@ class Driver(MembershipMixin, SnapshotMixin):
         return target, self.raw.term
 
     async def leader_soon(self, timeout: float) -> str | None:
-        """The leader's id; while an election is on, wait up to ``timeout`` for its outcome."""
-        if not self.raw.leader and not self._stopping and timeout > 0:
-            try:
-                await asyncio.wait_for(self._leader_known.wait(), timeout)
-            except TimeoutError:
-                pass
+        """The leader's id, for a redirect. While an election is on, or while the leader we
+        know has been silent for a few heartbeats (it may be dead: sending clients there would
+        waste their time), wait up to ``timeout`` for the outcome."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        tick = self.settings.tick_ms / 1000
+        while not self._stopping and not self._leader_credible():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(tick, remaining))  # (only while leaderless: rare)
         return None if self._stopping else self.raw.leader or None
+
+    def _leader_credible(self) -> bool:
+        """We know a leader, and heard from it within a few heartbeats."""
+        silent = self.raw.leader_silent_ticks
+        return bool(self.raw.leader) and silent <= 3 * self.settings.heartbeat_ticks
 
     @property
     def election_timeout_s(self) -> float:
@@ -478,6 +488,10 @@ class Driver(MembershipMixin, SnapshotMixin):
         while not self._stopping:
             await asyncio.sleep(interval)
             self.raw.tick()
+            # A leader's heartbeats go out now, not after a sync that _run may be awaiting.
+            eager = self.raw.take_eager_messages()
+            if eager:
+                self.transport.send(eager)
             self._wake.set()
             await health.update()
 

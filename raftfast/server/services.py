@@ -87,17 +87,20 @@ class Service:
     async def settle_leader(
         self, exc: BaseException, context: grpc.aio.ServicerContext
     ) -> BaseException:
-        """A "not the leader" while no leader is known (an election is on): wait for the
-        election's outcome, up to an election timeout within the call's deadline, so that the
-        client goes straight to the new leader instead of backing off blind."""
-        if not isinstance(exc, NotLeaderError) or exc.leader_id or self.node.stopping:
+        """A "not the leader" while no leader is known (an election is on), or while the one
+        we know has gone silent (it may be dead): wait for the election's outcome, up to an
+        election timeout within the call's deadline, so that the client goes straight to the
+        new leader instead of to a dead one, or backing off blind."""
+        if not isinstance(exc, NotLeaderError) or self.node.stopping:
             return exc
+        if exc.leader_id and self.node.is_leader:
+            return exc  # (a leader handing over names its successor)
         remaining = context.time_remaining()
         budget = self.node.election_timeout_s
         if remaining is not None:
             budget = min(budget, remaining - DEADLINE_MARGIN)
         leader = await self.node.leader_soon(budget)
-        return NotLeaderError(str(exc), leader) if leader else exc
+        return NotLeaderError(str(exc), leader) if leader and leader != exc.leader_id else exc
 
     def not_leader_message(self, exc: NotLeaderError) -> str:
         leader_id, address = self.leader_hint(exc)

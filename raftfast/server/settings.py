@@ -26,9 +26,9 @@ class NodeSettings:
     cluster_id: str = "raftfast"
     fsync: bool = True  # False is UNSAFE: acknowledged writes can be lost on power failure
     read_mode: str = "linearizable"
-    tick_ms: int = 50
-    election_ticks: int = 6  # 300 ms with the default tick
-    heartbeat_ticks: int = 1
+    tick_ms: int = 25
+    election_ticks: int = 12  # 300-450 ms with the default tick
+    heartbeat_ticks: int = 2  # 50 ms
     max_key_bytes: int = 4 * 1024
     max_value_bytes: int = 1024 * 1024
     # Largest client request (a put, a Session frame, a put_many): etcd's default. The same on

@@ -257,7 +257,7 @@ def run_one(args: argparse.Namespace, nodes: int, endpoints: list[str] | None) -
             if args.tls:
                 certs = Path(tmp) / "tls"
                 make_certs(certs, [f"n{i + 1}" for i in range(nodes)])
-            with ProcCluster(Path(tmp), nodes, extra=extra, tls=certs) as cluster:
+            with ProcCluster(Path(tmp), nodes, extra=extra, tls=certs, tick_ms=None) as cluster:
                 cluster.wait_leader(timeout=60)
                 workload.endpoints = cluster.endpoints
                 workload.tls = cluster.client_tls

@@ -57,7 +57,7 @@ async def _workload(endpoints: list[str], seconds: float) -> None:
 
 def main(seconds: float = 5.0) -> int:
     with tempfile.TemporaryDirectory(prefix="raftfast-run-") as tmp:
-        cluster = ProcCluster(Path(tmp), 3)
+        cluster = ProcCluster(Path(tmp), 3, tick_ms=None)
         print(f"starting 3 raftfast-node processes (compiled={COMPILED}), data in {tmp}")
         cluster.start_all()
         try:

@@ -84,7 +84,9 @@ class ProcCluster:
         self,
         tmp: Path,
         n: int = 3,
-        tick_ms: int | None = 50,  # None: the node's default
+        # Tests run with 50 ms ticks, twice the default (election timeouts 600-900 ms): lenient
+        # on a loaded CI machine. None: the node's defaults (raftfast bench, make run).
+        tick_ms: int | None = 50,
         extra: list[str] | None = None,
         peer_view: Callable[[str], dict[str, str]] | None = None,
         env: dict[str, str] | None = None,

@@ -53,6 +53,11 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # A restarted peer is dialled again within 50-200 ms (gRPC's defaults wait 1 s, then up to
+    # 120 s): until then it cannot answer its leader, who may lose its quorum contact.
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
 ]
 
 
@@ -376,7 +381,7 @@ class PeerTransport:
             if self._closed:
                 return
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            backoff = min(backoff * 2, 0.2)
 
 
 class PeerService(pb_grpc.PeerServicer):
