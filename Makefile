@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py raftfast/_version.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
 
-.PHONY: venv build test test-compiled test-pure lint run soak chaos bench compare proto wheels clean
+.PHONY: venv build test test-compiled test-pure lint run soak chaos bench compare failover proto wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,13 @@ compare: $(STAMP)
 		apt-get install -y -q etcd-server etcd-client; }
 	$(PIP) install -q pysyncobj==0.3.17
 	$(PY) bench/compare.py --duration $${RAFTFAST_COMPARE_SECONDS:-5}
+
+# How long writes stop when a leader dies (kill -9, 10 rounds) or the nodes restart one by one,
+# raftfast beside etcd with the same writer; leader changes under 60 s of batched load.
+failover: $(STAMP)
+	command -v etcd >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q etcd-server etcd-client; }
+	$(PY) bench/failover.py --rounds $${RAFTFAST_FAILOVER_ROUNDS:-10}
 
 # The long fault-injection run: >= 20 schedules over 3 and 5 nodes (about 10 minutes).
 chaos: $(STAMP)
