@@ -174,11 +174,20 @@ def _segment_bytes(value: Any, where: str) -> int:
     return n
 
 
-def _read_mode(value: Any, where: str) -> str:
-    mode = _str(value, where).lower()
-    if mode not in READ_MODES:
-        raise ConfigError(f"{where} must be one of {', '.join(READ_MODES)}, got {mode!r}")
-    return mode
+def _one_of(choices: Sequence[str]) -> Callable[[Any, str], str]:
+    """A converter of a case-insensitive choice among ``choices``."""
+
+    def convert(value: Any, where: str) -> str:
+        kind = _str(value, where).lower()
+        if kind not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+        return kind
+
+    return convert
+
+
+_read_mode = _one_of(READ_MODES)
+_log_format = _one_of(LOG_FORMATS)
 
 
 def _log_level(value: Any, where: str) -> str:
@@ -187,13 +196,6 @@ def _log_level(value: Any, where: str) -> str:
     if level not in _LOG_LEVELS:
         raise ConfigError(f"{where} must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
     return level
-
-
-def _log_format(value: Any, where: str) -> str:
-    kind = _str(value, where).lower()
-    if kind not in LOG_FORMATS:
-        raise ConfigError(f"{where} must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
-    return kind
 
 
 def _factory(value: Any, where: str) -> str:

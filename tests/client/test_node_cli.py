@@ -50,7 +50,7 @@ def test_flags_only(tmp_path: Path) -> None:
         "raftfast",
         True,
         "linearizable",
-        50,
+        25,
         "INFO",
     )
     assert not (tmp_path / "d").exists()  # parsing writes nothing

@@ -653,7 +653,7 @@ BAD = [
     ("port zero", ["--peers", "n1=127.0.0.1:0"], "bad address"),
     ("non-numeric listen port", ["--listen", "127.0.0.1:seven"], "bad address"),
     ("empty id", ["--id", " "], "--id must not be empty"),
-    ("heartbeat not below election", ["--heartbeat-ticks", "10"], "heartbeat_ticks"),
+    ("heartbeat not below election", ["--heartbeat-ticks", "12"], "heartbeat_ticks"),
     ("negative value limit", ["--max-value-bytes", "-1"], "limits must be positive"),
     ("float tick", ["--tick-ms", "2.5"], "--tick-ms must be an integer"),
     ("tiny wal segments", ["--wal-segment-bytes", "10"], "--wal-segment-bytes must be at least"),
