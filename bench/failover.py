@@ -14,7 +14,8 @@ put while it has no leader, so a longer deadline would only slow etcd down):
 * steady load (raftfast, ``--load-seconds``): full batched load (8 requests of 2,000 puts in
   flight) and the number of leader changes it caused (terms moved on).
 
-    make failover, or python bench/failover.py [--rounds 10] [--systems raftfast,etcd] [--load-seconds 60]
+    make failover
+    python bench/failover.py [--rounds 10] [--systems raftfast,etcd] [--load-seconds 60]
 """
 
 from __future__ import annotations
