@@ -16,8 +16,6 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.server.services import BadRequest, Service, rpc
 
-_BACKUP_CHUNK = 1 << 20  # bytes per streamed chunk of a backup
-
 
 class AdminService(Service, pb_grpc.AdminServicer):
     @rpc
@@ -56,19 +54,10 @@ class AdminService(Service, pb_grpc.AdminServicer):
 
     async def SnapshotSave(self, request, context):  # noqa: N802
         """Stream a fresh snapshot of the leader (``raftfast snapshot save``)."""
-        meta, f = await self._backup_snapshot(request, context)
-        with f:
-            first = True
-            for chunk in iter(lambda: f.read(_BACKUP_CHUNK), b""):
-                if first:
-                    yield pb.BackupChunk(
-                        index=meta.index, term=meta.term, size=meta.size, data=chunk
-                    )
-                    first = False
-                else:
-                    yield pb.BackupChunk(data=chunk)
-            if first:  # (a snapshot is never empty: it has a header)
-                yield pb.BackupChunk(index=meta.index, term=meta.term, size=meta.size)
+        meta, chunks = await self._backup_snapshot(request, context)
+        yield pb.BackupChunk(index=meta.index, term=meta.term, size=meta.size)
+        for chunk in chunks:
+            yield pb.BackupChunk(data=chunk)
 
     @rpc
     async def _backup_snapshot(self, request, context):

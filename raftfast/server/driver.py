@@ -103,7 +103,6 @@ class Driver(MembershipMixin, SnapshotMixin):
         # Snapshot files are written and synced here, apart from the WAL's appends.
         self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix=f"raftfast-snap-{self.id}")
         self._leader_changed = asyncio.Event()
-        self._leader_known = asyncio.Event()  # set while this node knows a leader
         self.snapshots: SnapshotStore | None = None
         self._snapshot_index = 0  # index of our newest snapshot
         self._log_bytes_kept = 0  # bytes the log held in memory right after the last snapshot
@@ -390,7 +389,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             raise ValueError(f"{target!r} is not a voter")
         self.raw.transfer_leadership(target)
         self._wake.set()
-        limit = 2 * self.settings.election_ticks * self.settings.tick_ms / 1000
+        limit = 2 * self.election_timeout_s
         deadline = asyncio.get_running_loop().time() + limit
         while self.raw.leader != target:
             remaining = deadline - asyncio.get_running_loop().time()
@@ -675,10 +674,6 @@ class Driver(MembershipMixin, SnapshotMixin):
 
     def _on_role_change(self, role: Role, leader: str) -> None:
         self._leader_changed.set()
-        if leader:
-            self._leader_known.set()
-        else:
-            self._leader_known.clear()
         if leader and leader != self._last_leader:
             self.metrics.leader_changes += 1
         self._last_leader = leader

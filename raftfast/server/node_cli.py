@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib
 import json
 import logging
@@ -618,6 +617,9 @@ def parse_settings(
     if values.get("peer_listen") and "listen" not in values:
         raise ConfigError("--peer-listen needs --listen (where clients connect)")
     values.setdefault("listen", values["peers"][values["id"]])
+    # (flags only: a config file must not repeat them at every start)
+    values["force_new_cluster"] = args.force_new_cluster
+    values["restore"] = args.restore or ""
     settings = NodeSettings(**values)
     try:
         settings.validate()
@@ -680,10 +682,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
     try:
         settings = parse_settings(argv, os.environ)
-        once = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        restore = once.restore
-        if once.force_new_cluster:  # (a flag only: a config file must not repeat it)
-            settings = dataclasses.replace(settings, force_new_cluster=True)
     except FormatVersionError as exc:  # the data is fine, this raftfast is too old for it
         _fail(str(exc))
         return 1
@@ -704,8 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
         return 1
     try:
-        if restore is not None:
-            code = _restore(settings, restore)
+        if settings.restore:
+            code = _restore(settings, settings.restore)
             if code:
                 return code
         return _run_locked(settings, state_machine)

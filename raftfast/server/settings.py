@@ -44,8 +44,10 @@ class NodeSettings:
     # advanced: snapshot also when the log held in memory passes this (big values rewritten)
     snapshot_log_bytes: int = 256 * 1024 * 1024
     join: str = ""  # host:port of a member: this node joins that cluster (no bootstrap peers)
-    # --force-new-cluster (flag only, never stored): start as the only voter (quorum lost)
+    # One-shot flags (never read from a file, never stored): start as the only voter (quorum
+    # lost), or start a new cluster from a backup file.
     force_new_cluster: bool = False
+    restore: str = ""
     # The replication stream: "tcp" (plain TCP where the peer offers it, on peer_stream_port of
     # the listen host, 0 = any free port; peers learn it over gRPC) or "grpc" (HTTP/2 only).
     peer_stream: str = "tcp"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import BinaryIO
+from collections.abc import Iterator
 
 import grpc
 
@@ -48,10 +48,10 @@ class SnapshotMixin:
             behind > 0 and grown >= self.settings.snapshot_log_bytes
         )
 
-    async def backup_snapshot(self) -> tuple[SnapshotMeta, BinaryIO]:
+    async def backup_snapshot(self) -> tuple[SnapshotMeta, Iterator[bytes]]:
         """Leader only: a snapshot covering every write acknowledged before the call (a
-        linearizable read barrier first, then a new snapshot unless the newest covers it),
-        opened for reading (the caller closes it; a later prune cannot take it away)."""
+        linearizable read barrier first, then a new snapshot unless the newest covers it), and
+        its content in chunks (the file is open already: a later prune cannot take it away)."""
         await self.read_barrier("linearizable")
         async with self._snapshot_lock:
             meta = self.snapshots.latest()
@@ -59,7 +59,7 @@ class SnapshotMixin:
                 await self._take_snapshot()
                 meta = self.snapshots.latest()
             assert meta is not None
-            return meta, open(meta.path, "rb")  # noqa: SIM115 - handed to the caller
+            return meta, self.snapshots.read_chunks(meta)
 
     def _start_snapshot(self) -> None:
         """The loop found a snapshot due: take it in the background, so that the loop goes on

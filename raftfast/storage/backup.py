@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, FormatVersionError
 from raftfast.storage.fsutil import FILE_MODE, fsync_dir
 
-__all__ = ["BACKUP_FORMAT", "BackupInfo", "BackupWriter", "read_header", "read_content"]
+__all__ = ["BACKUP_FORMAT", "BackupInfo", "BackupWriter", "read_header"]
 
 BACKUP_FORMAT = 1
 _MAGIC = b"RFBK"
@@ -101,9 +100,3 @@ def read_header(f: BinaryIO, path: str) -> BackupInfo:
         raise CorruptionError(f"{path}: checksum mismatch: the backup is damaged", path)
     f.seek(_HEADER.size)
     return BackupInfo(index, term, size, crc)
-
-
-def read_content(f: BinaryIO) -> Iterator[bytes]:
-    """The snapshot's bytes of a backup whose header was read, in chunks."""
-    f.seek(_HEADER.size)
-    yield from iter(lambda: f.read(_CHUNK), b"")
