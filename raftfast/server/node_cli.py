@@ -727,7 +727,7 @@ def _restore(settings: NodeSettings, path: str) -> int:
         return 2
     try:
         info = restore_backup(path, settings.data_dir, settings.peers, fsync=settings.fsync)
-    except (RaftfastError, OSError) as exc:
+    except (RaftfastError, OSError, ValueError) as exc:
         _fail(f"cannot restore {path}: {exc}")
         for name in ("wal", "snap"):  # leave the directory empty for the next try
             shutil.rmtree(os.path.join(settings.data_dir, name), ignore_errors=True)

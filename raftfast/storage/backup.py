@@ -15,6 +15,7 @@ from typing import BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, FormatVersionError
+from raftfast.limits import MAX_TERM_OR_INDEX
 from raftfast.storage.fsutil import FILE_MODE, fsync_dir
 
 __all__ = ["BACKUP_FORMAT", "BackupInfo", "BackupWriter", "read_header"]
@@ -89,6 +90,10 @@ def read_header(f: BinaryIO, path: str) -> BackupInfo:
             f"{path}: backup format {fmt}, but this raftfast reads format {BACKUP_FORMAT} only",
             path,
             4,
+        )
+    if not (0 < index <= MAX_TERM_OR_INDEX and 0 < term <= MAX_TERM_OR_INDEX):
+        raise CorruptionError(
+            f"{path}: snapshot index {index} or term {term} is out of range", path, 8
         )
     got, seen = 0, 0
     for chunk in iter(lambda: f.read(_CHUNK), b""):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,23 @@ def test_a_damaged_backup_is_refused_and_changes_nothing(backup, tmp_path):
     assert proc.returncode == 1 and "bytes of snapshot" in one_error_line(proc)
     proc = run_node(_restore_args(data, tmp_path / "missing"), tmp_path)
     assert proc.returncode == 1 and "cannot read the backup" in one_error_line(proc)
+    assert os.listdir(data) == []
+
+
+@pytest.mark.parametrize("index, term", [(0, 1), (2**62, 1), (2**64 - 1, 1), (5, 0), (5, 2**63)])
+def test_a_backup_naming_an_impossible_index_or_term_is_refused(backup, tmp_path, index, term):
+    """A well-formed backup (right checksum) whose header names an index or term no log can
+    hold: one line, exit 1, nothing written (not a node that cannot start later)."""
+    path, _ = backup
+    content = path.read_bytes()
+    header = bytearray(content[:36])
+    struct.pack_into("<QQ", header, 8, index, term)
+    forged = tmp_path / "forged.backup"
+    forged.write_bytes(bytes(header) + content[36:])
+    data = tmp_path / "d"
+    proc = run_node(_restore_args(data, forged), tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "out of range" in one_error_line(proc)
     assert os.listdir(data) == []
 
 
