@@ -88,6 +88,8 @@ chaos: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iraftfast/proto=proto/raftfast/v1 --python_out=. \
 		--grpc_python_out=. --pyi_out=. proto/raftfast/v1/raftfast.proto
+	$(PY) -m grpc_tools.protoc -Iraftfast/proto/etcd=proto/etcd --python_out=. \
+		--grpc_python_out=. --pyi_out=. proto/etcd/kv.proto proto/etcd/rpc.proto
 
 # The sdist and a manylinux wheel of this machine's Python in dist/: built from the sdist
 # (compiled, or it fails), the .so stripped, then tagged by auditwheel (`auditwheel show` tells

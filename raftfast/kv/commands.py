@@ -28,6 +28,7 @@ __all__ = [
     "OP_ALARM",
     "OP_CAS",
     "OP_DELETE",
+    "OP_ETCD",
     "OP_PUT",
     "OP_PUT_MANY",
     "decode",
@@ -45,6 +46,7 @@ OP_DELETE = 2
 OP_CAS = 3
 OP_PUT_MANY = 4  # many puts in one entry: one atomic, exactly-once write (pipelined clients)
 OP_ALARM = 5  # raise or clear an alarm
+OP_ETCD = 6  # an etcd v3 API write: the rest is raftfast.etcd.mvcc's command (no dedup)
 NOSPACE = b"NOSPACE"  # the state passed --quota-backend-bytes, or the disk is nearly full
 ALARMS = (NOSPACE,)  # every alarm there is; bit i of a snapshot's alarm field is ALARMS[i]
 

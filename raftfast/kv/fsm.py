@@ -38,10 +38,12 @@ from typing import BinaryIO
 from raftfast._accel import crc32c
 from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
 from raftfast.errors import CorruptionError, FormatVersionError
+from raftfast.etcd.mvcc import MVCCStore
 from raftfast.kv.commands import (
     ALARMS,
     OP_ALARM,
     OP_DELETE,
+    OP_ETCD,
     OP_PUT,
     OP_PUT_MANY,
     decode,
@@ -55,13 +57,14 @@ _MAX_PENDING_INDEX_OPS = 256  # key-set changes replayed into the scan index bef
 
 # Snapshot layout (little-endian; see KVStateMachine.snapshot):
 SNAPSHOT_MAGIC = b"RFS1"
-SNAPSHOT_VERSION = 2  # 2: the alarm field (reserved, 0, in 1)
+SNAPSHOT_VERSION = 3  # 2: the alarm field (reserved, 0, in 1); 3: the etcd keyspace
 _SNAP_HEADER = struct.Struct("<4sHHQQ")  # magic, version, alarms, applied_index, malformed
 _SNAP_COUNT = struct.Struct("<Q")  # number of keys / of clients
 _SNAP_CLIENT = struct.Struct("<QqI")  # client_id, max_seq, live result count
 _SNAP_CRC = struct.Struct("<I")
 _U32 = "I" if array("I").itemsize == 4 else "L"  # 4-byte unsigned array code
 _BIG_ENDIAN = sys.byteorder == "big"
+_ETCD = bytes((OP_ETCD,))
 
 
 # -------------------------------------------------------------------------- state machine
@@ -92,6 +95,8 @@ class KVStateMachine(StateMachine):
         # key-set changes (True = added, False = removed) made since, replayed on the next scan.
         self._index: list[bytes] | None = []
         self._pending: list[tuple[bool, bytes]] = []
+        # The etcd API's keyspace (raftfast.etcd): a namespace of its own, beside this one.
+        self.etcd = MVCCStore()
 
     # -- applying -------------------------------------------------------------------------
 
@@ -102,6 +107,8 @@ class KVStateMachine(StateMachine):
         (client_id, sequence) returns the first result and changes nothing.
         """
         self.applied_index = index
+        if payload[:1] == _ETCD:
+            return self._apply_etcd(payload)
         try:
             op, client_id, seq, key, expected, value = decode(payload)
             if op == OP_PUT_MANY:
@@ -130,6 +137,14 @@ class KVStateMachine(StateMachine):
         if commands:
             self.applied_index = first_index + len(commands) - 1
         return out
+
+    def _apply_etcd(self, payload: bytes):
+        """An etcd API write: the etcd keyspace's response, or its EtcdError (returned)."""
+        etcd = self.etcd
+        before = etcd.size_bytes + etcd.history_bytes
+        result = etcd.apply(memoryview(payload)[1:])
+        self.size_bytes += etcd.size_bytes + etcd.history_bytes - before
+        return result
 
     def _execute(self, op: int, key: bytes, expected: bytes | None, value) -> bool:
         data = self._data
@@ -180,8 +195,9 @@ class KVStateMachine(StateMachine):
 
     def recount(self) -> int:
         """Count ``size_bytes`` exactly (a pass over the whole store); returns it."""
-        data = self._data
+        data, etcd = self._data, self.etcd
         self.size_bytes = sum(map(len, data)) + sum(map(len, data.values()))
+        self.size_bytes += etcd.size_bytes + etcd.history_bytes
         return self.size_bytes
 
     # -- scan index -----------------------------------------------------------------------
@@ -280,6 +296,8 @@ class KVStateMachine(StateMachine):
                 h.update(struct.pack("<Q?", seq, result))
         if self.alarms:
             h.update(b"\x00alarms" + b",".join(sorted(self.alarms)))
+        if self.etcd.revision > 1 or self.etcd.leases:
+            h.update(b"\x00etcd" + self.etcd.dump())
         return h.hexdigest()
 
     # -- snapshots ------------------------------------------------------------------------
@@ -299,6 +317,7 @@ class KVStateMachine(StateMachine):
         twin._index = None if self._index is None else list(self._index)
         twin._pending = list(self._pending)
         twin.alarms = set(self.alarms)
+        twin.etcd = self.etcd.frozen()
         return twin
 
     def restore(self, inp: BinaryIO) -> None:
@@ -323,13 +342,16 @@ class KVStateMachine(StateMachine):
                      | keys, concatenated | values, concatenated        (sorted by key)
             clients  count u64 | per client, least recently active first:
                      client_id u64 | max_seq i64 | n u32 | seqs u64[n] (ascending) | results u8[n]
+            etcd     length u64 | the etcd keyspace (``MVCCStore.dump``; not in versions 1, 2)
             trailer  crc32c u32 of everything before it
         """
         keys = self._sorted_keys()
         values = list(map(self._data.__getitem__, keys))
         klens = array(_U32, map(len, keys))
         vlens = array(_U32, map(len, values))
-        self.size_bytes = sum(klens) + sum(vlens)  # exact again (see the class doc)
+        etcd = self.etcd.dump()
+        # exact again (see the class doc)
+        self.size_bytes = sum(klens) + sum(vlens) + self.etcd.size_bytes + self.etcd.history_bytes
         if _BIG_ENDIAN:
             klens.byteswap()
             vlens.byteswap()
@@ -359,6 +381,7 @@ class KVStateMachine(StateMachine):
                     seqs.byteswap()
                 parts.append(seqs.tobytes())
                 parts.append(bytes(map(client.results.__getitem__, live)))
+        parts += [_SNAP_COUNT.pack(len(etcd)), etcd]
         crc = 0
         for part in parts:
             crc = crc32c(part, crc)
@@ -384,7 +407,7 @@ class KVStateMachine(StateMachine):
             raise CorruptionError(
                 f"not a KV snapshot: bad magic {magic!r} (expected {SNAPSHOT_MAGIC!r})", offset=0
             )
-        if version not in (1, SNAPSHOT_VERSION):
+        if version not in (1, 2, SNAPSHOT_VERSION):
             raise (FormatVersionError if version > SNAPSHOT_VERSION else CorruptionError)(
                 f"unsupported KV snapshot version {version} (this build reads 1 to "
                 f"{SNAPSHOT_VERSION})",
@@ -396,7 +419,7 @@ class KVStateMachine(StateMachine):
             raise CorruptionError("KV snapshot CRC mismatch: truncated or corrupt", offset=end)
         if alarm_bits >> (len(ALARMS) if version > 1 else 0):
             raise CorruptionError(f"KV snapshot: unknown alarm bits {alarm_bits:#x}", offset=6)
-        data_, index, clients = _parse_snapshot(mv, _SNAP_HEADER.size, end)
+        data_, index, clients, etcd = _parse_snapshot(mv, _SNAP_HEADER.size, end, version)
         while len(clients) > self._max_clients:
             clients.popitem(last=False)
         self.applied_index = applied_index
@@ -406,13 +429,15 @@ class KVStateMachine(StateMachine):
         self._clients = clients
         self._index = index
         self._pending = []
+        self.etcd = etcd
         self.recount()
 
 
 def _parse_snapshot(
-    mv: memoryview, pos: int, end: int
-) -> tuple[dict[bytes, bytes], list[bytes], OrderedDict[int, ClientWindow]]:
-    """The store, its sorted keys and the dedup table of a snapshot whose CRC matched."""
+    mv: memoryview, pos: int, end: int, version: int
+) -> tuple[dict[bytes, bytes], list[bytes], OrderedDict[int, ClientWindow], MVCCStore]:
+    """The store, its sorted keys, the dedup table and the etcd keyspace of a snapshot whose
+    CRC matched."""
 
     def take(n: int, what: str) -> memoryview:
         nonlocal pos
@@ -467,8 +492,12 @@ def _parse_snapshot(
         client = clients[client_id] = ClientWindow()
         client.max_seq = max_seq
         client.results = dict(zip(seqs, map(bool, results), strict=True))
+    etcd = MVCCStore()
+    if version >= 3:
+        (n,) = _SNAP_COUNT.unpack(take(_SNAP_COUNT.size, "the etcd keyspace length"))
+        etcd = MVCCStore.load(take(n, "the etcd keyspace"))
     if pos != end:
         raise CorruptionError(
             f"KV snapshot has {end - pos} unexpected bytes at offset {pos}", offset=pos
         )
-    return store, keys, clients
+    return store, keys, clients, etcd

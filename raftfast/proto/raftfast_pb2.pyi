@@ -120,6 +120,24 @@ class AlarmReport(_message.Message):
     why: str
     def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., alarm: _Optional[str] = ..., why: _Optional[str] = ...) -> None: ...
 
+class ForwardRequest(_message.Message):
+    __slots__ = ("cluster_id", "src", "method", "request")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    src: str
+    method: str
+    request: bytes
+    def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("response",)
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    response: bytes
+    def __init__(self, response: _Optional[bytes] = ...) -> None: ...
+
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "client_id", "sequence")
     KEY_FIELD_NUMBER: _ClassVar[int]

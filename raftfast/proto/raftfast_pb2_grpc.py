@@ -64,6 +64,11 @@ class PeerStub:
                 request_serializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmReport.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
                 _registered_method=True)
+        self.Forward = channel.unary_unary(
+                '/raftfast.v1.Peer/Forward',
+                request_serializer=raftfast_dot_proto_dot_raftfast__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_raftfast__pb2.ForwardResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -111,6 +116,14 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forward(self, request, context):
+        """A client request a follower hands to the leader (the etcd API: writes, linearizable
+        reads, leases); served by the leader (others: UNAVAILABLE); only from members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.ReportAlarm,
                     request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.AlarmReport.FromString,
                     response_serializer=raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.SerializeToString,
+            ),
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=raftfast_dot_proto_dot_raftfast__pb2.ForwardRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_raftfast__pb2.ForwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class Peer:
             '/raftfast.v1.Peer/ReportAlarm',
             raftfast_dot_proto_dot_raftfast__pb2.AlarmReport.SerializeToString,
             raftfast_dot_proto_dot_raftfast__pb2.PeerEmpty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raftfast.v1.Peer/Forward',
+            raftfast_dot_proto_dot_raftfast__pb2.ForwardRequest.SerializeToString,
+            raftfast_dot_proto_dot_raftfast__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

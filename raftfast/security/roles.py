@@ -69,6 +69,26 @@ METHOD_ROLES: dict[str, Role] = {
     _ADMIN + "MemberList": Role.READ,
     _ADMIN + "AlarmList": Role.READ,
 }
+_ETCD = "/etcdserverpb."
+METHOD_ROLES.update(
+    {
+        _ETCD + "KV/Range": Role.READ,
+        _ETCD + "KV/Put": Role.WRITE,
+        _ETCD + "KV/DeleteRange": Role.WRITE,
+        _ETCD + "KV/Txn": Role.WRITE,  # (even one that only reads)
+        _ETCD + "KV/Compact": Role.WRITE,
+        _ETCD + "Watch/Watch": Role.READ,
+        _ETCD + "Lease/LeaseGrant": Role.WRITE,
+        _ETCD + "Lease/LeaseRevoke": Role.WRITE,
+        _ETCD + "Lease/LeaseKeepAlive": Role.WRITE,
+        _ETCD + "Lease/LeaseTimeToLive": Role.READ,
+        _ETCD + "Lease/LeaseLeases": Role.READ,
+        _ETCD + "Cluster/MemberList": Role.READ,
+        _ETCD + "Maintenance/Status": Role.READ,
+        _ETCD + "Maintenance/HashKV": Role.READ,
+        # (the rest: MemberAdd/Remove/Promote, Alarm, Defragment, MoveLeader need admin)
+    }
+)
 # gRPC's own services on the client port (raftfast/server/health.py)
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 STANDARD_METHOD_ROLES: dict[str, Role] = {

@@ -10,6 +10,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from raftfast.etcd.api import EtcdAPI
+from raftfast.etcd.errors import EtcdError
+from raftfast.etcd.services import SERVICE_NAMES as ETCD_SERVICE_NAMES
+from raftfast.etcd.services import add_etcd_services
+from raftfast.etcd.watch import WatchService
 from raftfast.exactly_once import ExactlyOnce
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.quota import Quota
@@ -45,6 +50,12 @@ class MachineApp:
     def alarms_raised(self) -> frozenset[bytes]:
         return frozenset()
 
+    def applied(self) -> None:
+        """After every apply: nothing to tell."""
+
+    async def forwarded(self, method: str, request: bytes) -> bytes:
+        raise EtcdError(grpc.StatusCode.UNIMPLEMENTED, "this node serves no etcd API")
+
     async def run(self) -> None:
         """Background work while the node runs: none."""
 
@@ -57,18 +68,34 @@ class MachineApp:
 
 class KVApp:
     """The KV store: its service (which dedups its own commands) and the space quota, whose
-    NOSPACE alarm any member's nearly full disk raises."""
+    NOSPACE alarm any member's nearly full disk raises; beside it, etcd's v3 API over the
+    store's etcd keyspace (raftfast.etcd)."""
 
-    service_names = ("raftfast.v1.KV",)  # the client services it adds
+    service_names = ("raftfast.v1.KV", *ETCD_SERVICE_NAMES)  # the client services it adds
 
     def __init__(self, driver: Driver, state_machine: KVStateMachine) -> None:
         self.driver = driver
         self.fsm: KVStateMachine = state_machine
         self.quota: Quota | None = Quota(driver)
         self._service: KVService | None = None
+        self.etcd: EtcdAPI | None = None
+        self._watch: WatchService | None = None
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
         self._service = add_kv_service(server, self.driver, authorizer, self.quota)
+        self.etcd = EtcdAPI(self.driver)
+        self._watch = add_etcd_services(server, self.etcd)
+
+    def applied(self) -> None:
+        """After every apply: the etcd watchers look for new events."""
+        if self._watch is not None and self._watch.streams:
+            self._watch.notify()
+
+    async def forwarded(self, method: str, request: bytes) -> bytes:
+        """An etcd request a follower handed to us (the leader)."""
+        if self.etcd is None:
+            raise EtcdError(grpc.StatusCode.UNAVAILABLE, "etcdserver: server not started")
+        return await self.etcd.handle_forwarded(method, request)
 
     @property
     def sessions_open(self) -> int:
@@ -86,7 +113,15 @@ class KVApp:
 
     async def run(self) -> None:
         """Every second: if this node's disk is nearly full, the NOSPACE alarm is raised (by
-        the leader, which a follower asks), before the log cannot grow any more."""
+        the leader, which a follower asks), before the log cannot grow any more. Meanwhile the
+        etcd API's leases expire and its history is compacted (on the leader)."""
+        lessor = asyncio.get_running_loop().create_task(self.etcd.lessor.run())
+        try:
+            await self._watch_disk()
+        finally:
+            lessor.cancel()
+
+    async def _watch_disk(self) -> None:
         driver, quota = self.driver, self.quota
         while not driver.stopping:
             await asyncio.sleep(1.0)

@@ -214,6 +214,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             authenticated=s.peer_tls is not None,
             join=joins.join,
             alarm=self.app.alarm_reported,
+            forward=self.app.forwarded,
         )
         peer_service.client_address = s.listen
         shared = s.peer_address == s.listen
@@ -625,6 +626,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.applied_index = first + len(types) - 1
         if self._waiting_writes:
             self._resolve_writes(first, terms, results)
+        self.app.applied()
 
     def _resolve_writes(self, first: int, terms: list[int], results: list) -> None:
         """Hand applied results to the proposals waiting for them. A proposal's entries may be

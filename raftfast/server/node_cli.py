@@ -269,6 +269,8 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "peer_trusted_ca_file": _str,
     "auth_roles": _str,
     "quota_backend_bytes": _int,
+    "auto_compaction_mode": _str,
+    "auto_compaction_retention": _str,
     "state_machine": _factory,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
@@ -378,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--quota-backend-bytes",
         metavar="N",
         help="refuse writes (NOSPACE alarm) past N bytes of keys and values (2 GiB)",
+    )
+    p.add_argument(
+        "--auto-compaction-mode",
+        metavar="revision|periodic",
+        help="how the etcd API's history is compacted (default revision)",
+    )
+    p.add_argument(
+        "--auto-compaction-retention",
+        metavar="N|DURATION",
+        help="revisions of etcd history kept (revision mode; default 100000), or how long "
+        "(periodic mode: 1h, 30m, or hours); 0 keeps it all",
     )
     sec = p.add_argument_group("ports and security (docs/security.md)")
     sec.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raftfast.address import is_address
+from raftfast.etcd.lessor import parse_retention
 from raftfast.limits import MAX_ID_BYTES, check_node_id
 from raftfast.security.roles import load_roles
 from raftfast.security.tls import TLSFiles
@@ -69,6 +70,10 @@ class NodeSettings:
     state_machine: str = ""
     # Past this many bytes of state (keys and values), writes are refused (a NOSPACE alarm).
     quota_backend_bytes: int = 2 * 1024 * 1024 * 1024
+    # The etcd API's history (raftfast.etcd.lessor): keep the newest N revisions ("revision")
+    # or a duration's worth ("periodic": 1h, 30m, or hours); "0": keep all (memory grows).
+    auto_compaction_mode: str = "revision"
+    auto_compaction_retention: str = "100000"
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -124,6 +129,7 @@ class NodeSettings:
             raise ValueError(
                 f"--metrics-listen: bad address {self.metrics_listen!r} (want HOST:PORT)"
             )
+        parse_retention(self.auto_compaction_mode, self.auto_compaction_retention)
         if self.quota_backend_bytes < MIN_QUOTA_BYTES:
             raise ValueError(f"--quota-backend-bytes must be at least {MIN_QUOTA_BYTES}")
         self._validate_security()

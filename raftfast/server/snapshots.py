@@ -158,6 +158,7 @@ class SnapshotMixin:
                 raise CorruptionError(f"{meta.path}: {exc}", meta.path, 0) from None
             self.fsm.restore(inp)
         self.applied_index = self._snapshot_index = meta.index
+        self.app.applied()  # (watchers: the state jumped)
         return membership
 
     async def _send_snapshot(self, m: Message) -> None:

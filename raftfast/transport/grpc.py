@@ -25,6 +25,7 @@ import grpc
 
 from raftfast.address import split_address
 from raftfast.core.types import Message, MsgType
+from raftfast.etcd.errors import EtcdError
 from raftfast.limits import MAX_ID_BYTES, MAX_TERM_OR_INDEX, node_id_problem
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -248,6 +249,32 @@ class PeerTransport:
         except grpc.RpcError as exc:
             log.info("NOSPACE report to %s failed: %s %s", peer_id, exc.code(), exc.details())
 
+    async def forward(self, peer_id: str, method: str, request: bytes, timeout: float) -> bytes:
+        """Hand a client request to ``peer_id`` (the leader) and return its answer; the
+        leader's refusal, or a failure to reach it, as an EtcdError."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.channel is None:
+            raise EtcdError(grpc.StatusCode.UNAVAILABLE, f"etcdserver: leader {peer_id} unknown")
+        forward = pb.ForwardRequest(
+            cluster_id=self.cluster_id, src=self.node_id, method=method, request=request
+        )
+        try:
+            response = await pb_grpc.PeerStub(peer.channel).Forward(forward, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise EtcdError(
+                    grpc.StatusCode.UNAVAILABLE, "etcdserver: request timed out"
+                ) from None
+            if code == grpc.StatusCode.UNAVAILABLE and not (exc.details() or "").startswith(
+                "etcdserver:"
+            ):
+                raise EtcdError(
+                    code, "etcdserver: request timed out, possibly due to connection lost"
+                ) from None
+            raise EtcdError(code, exc.details() or str(code)) from None
+        return response.response
+
     async def _send_vote(self, peer: _Peer, m: Message) -> None:
         try:
             stub = pb_grpc.PeerStub(peer.channel)
@@ -397,6 +424,7 @@ class PeerService(pb_grpc.PeerServicer):
         authenticated: bool = False,
         join: Callable[[pb.JoinRequest, grpc.aio.ServicerContext], Awaitable[Any]] | None = None,
         alarm: Callable[[str, str], str | None] | None = None,
+        forward: Callable[[str, bytes], Awaitable[bytes]] | None = None,
     ):
         """``members`` says whose traffic we take: a set of ids, or a predicate (membership
         changes; a node takes traffic from ids it does not know yet, since a member added
@@ -405,7 +433,9 @@ class PeerService(pb_grpc.PeerServicer):
         incoming snapshot, or raises ``tcp.Refused``; after ``finish`` the meta message is
         delivered like any other. ``authenticated``: peers connect over TLS, and a sender must
         be the common name of its certificate. ``join(request, context)`` serves ``Join``;
-        ``alarm(src, why)`` takes a member's NOSPACE report (why it is refused, or None)."""
+        ``alarm(src, why)`` takes a member's NOSPACE report (why it is refused, or None);
+        ``forward(method, request)`` answers a client request a member hands us (the etcd
+        API's: raises an EtcdError for its status)."""
         self.cluster_id = cluster_id
         self.accepts = members if callable(members) else members.__contains__
         self.removed_at = removed_at  # index of the committed removal of a refused id (or 0)
@@ -414,6 +444,7 @@ class PeerService(pb_grpc.PeerServicer):
         self.authenticated = authenticated
         self.join = join
         self.alarm = alarm
+        self.forward = forward
         self.stream_offset = 0  # TCP replication port - gRPC port, once listening (0: gRPC only)
         self.client_address = ""  # where this node serves clients (told to peers)
 
@@ -510,6 +541,20 @@ class PeerService(pb_grpc.PeerServicer):
         if refusal is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         return pb.PeerEmpty()
+
+    async def Forward(self, request: pb.ForwardRequest, context):  # noqa: N802
+        try:
+            self.check_cluster(request.cluster_id)
+            self.check_sender(request.src, caller_name(context))
+            if self.forward is None or not self.accepts(request.src):
+                raise tcp.Refused(_code(grpc.StatusCode.PERMISSION_DENIED), "not taken here")
+        except tcp.Refused as exc:
+            await context.abort(_STATUS[exc.code], exc.details, exc.trailing_metadata)
+        try:
+            response = await self.forward(request.method, request.request)
+        except EtcdError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.ForwardResponse(response=response)
 
     async def ReplicationEndpoint(self, request, context):  # noqa: N802
         return pb.StreamEndpoint(port_offset=self.stream_offset, client_address=self.client_address)

@@ -9,6 +9,7 @@ import pytest
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError
+from raftfast.etcd.mvcc import MVCCStore
 from raftfast.kv.commands import NOSPACE, encode_alarm, encode_cas, encode_delete, encode_put
 from raftfast.kv.fsm import SNAPSHOT_MAGIC, SNAPSHOT_VERSION, KVStateMachine
 
@@ -72,7 +73,8 @@ def test_empty_machine_round_trip() -> None:
     empty = KVStateMachine()
     snap = empty.dump()
     assert HEADER.unpack_from(snap) == (SNAPSHOT_MAGIC, SNAPSHOT_VERSION, 0, 0, 0)
-    assert len(snap) == HEADER.size + 8 + 8 + 4
+    # header, no keys, no clients, an empty etcd keyspace, the CRC
+    assert len(snap) == HEADER.size + 8 + 8 + 8 + len(MVCCStore().dump()) + 4
     other = KVStateMachine()
     apply_all(other, 1, [encode_put(1, 1, b"a", b"b"), b"junk"])
     other.load(snap)  # replaces everything, including the counters
@@ -84,7 +86,7 @@ def test_header_layout() -> None:
     m = KVStateMachine()
     apply_all(m, 41, [encode_put(0, 0, b"k", b"v"), b"bad", encode_put(3, 1, b"k2", b"w")])
     snap = m.dump()
-    assert HEADER.unpack_from(snap) == (b"RFS1", 2, 0, 43, 1)  # version 2, no alarm
+    assert HEADER.unpack_from(snap) == (b"RFS1", 3, 0, 43, 1)  # version 3, no alarm
     assert struct.unpack_from("<I", snap, len(snap) - 4)[0] == crc32c(snap[:-4])
 
 
@@ -212,8 +214,8 @@ def test_bad_magic_and_version(populated: KVStateMachine) -> None:
     snap = populated.dump()
     assert_rejected(populated, b"XXXX" + snap[4:], "bad magic")
     assert_rejected(populated, reseal(b"XXXX" + snap[4:-4]), "bad magic")
-    bumped = snap[:4] + struct.pack("<H", 3) + snap[6:-4]
-    assert_rejected(populated, reseal(bumped), "version 3")
+    bumped = snap[:4] + struct.pack("<H", 4) + snap[6:-4]
+    assert_rejected(populated, reseal(bumped), "version 4")
 
 
 def test_every_truncation_is_rejected(populated: KVStateMachine) -> None:
@@ -272,7 +274,8 @@ def test_sealed_but_invalid_content_is_rejected() -> None:
     # version 1 has no alarms (the field was reserved, 0); version 2 knows one (NOSPACE: bit 0)
     assert_rejected(m, reseal(ok[:6] + b"\x01\x00" + ok[8:-4]), "alarm bits")
     assert_rejected(m, reseal(ok[:4] + struct.pack("<HH", 2, 0b10) + ok[8:-4]), "alarm bits")
-    m.load(build([b"a"], [b"1"], version=SNAPSHOT_VERSION))
+    etcd = MVCCStore().dump()
+    m.load(build([b"a"], [b"1"], bytes(8) + struct.pack("<Q", len(etcd)) + etcd, SNAPSHOT_VERSION))
 
 
 def test_alarms_and_size_survive_a_snapshot_and_a_version_1_snapshot_still_reads() -> None:

@@ -160,4 +160,32 @@ def test_every_client_method_has_the_role_the_docs_give_it():
     reads = {p.rsplit("/", 1)[1] for p, r in roles.items() if r == Role.READ}
     assert writes == {"Put", "Delete", "CompareAndSwap", "Propose"}
     assert reads == {"Get", "Scan", "Status", "Session", "Query", "MemberList", "AlarmList"}
-    assert set(METHOD_ROLES) <= set(roles)  # (no role for a method that does not exist)
+    from raftfast.proto.etcd import rpc_pb2 as etcd_pb
+
+    etcd = {}
+    for service in etcd_pb.DESCRIPTOR.services_by_name.values():
+        for method in service.methods:
+            path = f"/etcdserverpb.{service.name}/{method.name}"
+            etcd[path] = METHOD_ROLES.get(path, Role.ADMIN)
+    etcd_reads = {p.split(".", 1)[1] for p, r in etcd.items() if r == Role.READ}
+    etcd_writes = {p.split(".", 1)[1] for p, r in etcd.items() if r == Role.WRITE}
+    assert etcd_reads == {
+        "KV/Range",
+        "Watch/Watch",
+        "Lease/LeaseTimeToLive",
+        "Lease/LeaseLeases",
+        "Cluster/MemberList",
+        "Maintenance/Status",
+        "Maintenance/HashKV",
+    }
+    assert etcd_writes == {
+        "KV/Put",
+        "KV/DeleteRange",
+        "KV/Txn",
+        "KV/Compact",
+        "Lease/LeaseGrant",
+        "Lease/LeaseRevoke",
+        "Lease/LeaseKeepAlive",
+    }
+    # (no role for a method that does not exist)
+    assert set(METHOD_ROLES) <= set(roles) | set(etcd)

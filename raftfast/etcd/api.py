@@ -1,0 +1,592 @@
+"""The etcd v3 API's requests, served on top of a raftfast node.
+
+Every request a client can send to any member is answered here as etcd answers it:
+
+* writes (Put, DeleteRange, Txn, Compact, LeaseGrant, LeaseRevoke) become log entries
+  (``raftfast.etcd.mvcc`` commands) proposed by the leader; linearizable Ranges wait for the
+  leader's read barrier; leases' keep-alives and time-to-live are the leader's (it decides
+  expiry); membership changes and MoveLeader are the leader's too. A follower hands these to the
+  leader over the peer connection (``Forward``: mutually authenticated under TLS) and relays the
+  answer, so a client may talk to any member, as with etcd;
+* serializable Ranges, MemberList, Status, Alarm (GET), HashKV and Defragment are answered by
+  the member asked, from its own state.
+
+Errors are ``EtcdError`` with etcd's code and message. ``handle(method, request)`` is the one
+entry point, for the gRPC services and for requests forwarded by a follower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import grpc
+
+from raftfast.errors import NotLeaderError
+from raftfast.etcd import errors
+from raftfast.etcd.errors import EtcdError
+from raftfast.etcd.mvcc import MAX_LEASE_TTL, MAX_TXN_DEPTH, MVCCStore, encode, range_of
+from raftfast.kv.commands import NOSPACE, OP_ETCD
+from raftfast.limits import check_node_id
+from raftfast.proto.etcd import rpc_pb2 as pb
+
+if TYPE_CHECKING:
+    from raftfast.server.driver import Driver
+
+__all__ = ["API_VERSION", "EtcdAPI", "member_id"]
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "3.5.0"  # the etcd version whose API this serves (Status.version)
+MAX_TXN_OPS = 128  # per branch of a Txn (etcd's --max-txn-ops default)
+_REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
+_OP_ETCD = bytes((OP_ETCD,))
+
+
+def id64(text: str) -> int:
+    """A stable, non-zero 64-bit id for ``text`` (a node id, a cluster id)."""
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return value or 1
+
+
+def member_id(node_id: str) -> int:
+    """The etcd member id of raftfast node ``node_id`` (the same on every node, every run)."""
+    return id64("member:" + node_id)
+
+
+class EtcdAPI:
+    """The etcd requests of one node (see the module docs)."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.cluster_id = id64("cluster:" + driver.settings.cluster_id)
+        self.member_id = member_id(driver.id)
+        self.applied = asyncio.Event()  # set after every apply (the watchers wait on it)
+        from raftfast.etcd.lessor import Lessor  # (it needs this class's instance)
+
+        self.lessor = Lessor(self)
+        # method -> (request class, response class, handler, served by the leader)
+        self.methods: dict[str, tuple[type, type, Callable[[Any], Awaitable[Any]], bool]] = {
+            "KV/Range": (pb.RangeRequest, pb.RangeResponse, self._range, True),
+            "KV/Put": (pb.PutRequest, pb.PutResponse, self._put, True),
+            "KV/DeleteRange": (pb.DeleteRangeRequest, pb.DeleteRangeResponse, self._delete, True),
+            "KV/Txn": (pb.TxnRequest, pb.TxnResponse, self._txn, True),
+            "KV/Compact": (pb.CompactionRequest, pb.CompactionResponse, self._compact, True),
+            "Lease/LeaseGrant": (pb.LeaseGrantRequest, pb.LeaseGrantResponse, self._grant, True),
+            "Lease/LeaseRevoke": (
+                pb.LeaseRevokeRequest,
+                pb.LeaseRevokeResponse,
+                self._revoke,
+                True,
+            ),
+            "Lease/LeaseKeepAlive": (
+                pb.LeaseKeepAliveRequest,
+                pb.LeaseKeepAliveResponse,
+                self._keep_alive,
+                True,
+            ),
+            "Lease/LeaseTimeToLive": (
+                pb.LeaseTimeToLiveRequest,
+                pb.LeaseTimeToLiveResponse,
+                self._time_to_live,
+                True,
+            ),
+            "Lease/LeaseLeases": (
+                pb.LeaseLeasesRequest,
+                pb.LeaseLeasesResponse,
+                self._leases,
+                True,
+            ),
+            "Cluster/MemberAdd": (pb.MemberAddRequest, pb.MemberAddResponse, self._add, True),
+            "Cluster/MemberRemove": (
+                pb.MemberRemoveRequest,
+                pb.MemberRemoveResponse,
+                self._remove,
+                True,
+            ),
+            "Cluster/MemberPromote": (
+                pb.MemberPromoteRequest,
+                pb.MemberPromoteResponse,
+                self._promote,
+                True,
+            ),
+            "Cluster/MemberList": (
+                pb.MemberListRequest,
+                pb.MemberListResponse,
+                self._member_list,
+                False,
+            ),
+            "Maintenance/Alarm": (pb.AlarmRequest, pb.AlarmResponse, self._alarm, False),
+            "Maintenance/Status": (pb.StatusRequest, pb.StatusResponse, self._status, False),
+            "Maintenance/Defragment": (
+                pb.DefragmentRequest,
+                pb.DefragmentResponse,
+                self._defragment,
+                False,
+            ),
+            "Maintenance/HashKV": (pb.HashKVRequest, pb.HashKVResponse, self._hash_kv, False),
+            "Maintenance/MoveLeader": (
+                pb.MoveLeaderRequest,
+                pb.MoveLeaderResponse,
+                self._move_leader,
+                True,
+            ),
+        }
+
+    @property
+    def store(self) -> MVCCStore:
+        return self.driver.fsm.etcd
+
+    def header(self, revision: int | None = None) -> pb.ResponseHeader:
+        return pb.ResponseHeader(
+            cluster_id=self.cluster_id,
+            member_id=self.member_id,
+            revision=self.store.revision if revision is None else revision,
+            raft_term=self.driver.raw.term,
+        )
+
+    # -- the entry point --------------------------------------------------------------------
+
+    async def handle(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """Answer ``request`` (of etcdserverpb ``method``, e.g. "KV/Put") here or at the
+        leader; raises EtcdError."""
+        _, response_cls, handler, at_leader = self.methods[method]
+        self.check_request(method, request)
+        if not at_leader or self._local(method, request):
+            return await handler(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (_REQUEST_TIMEOUT_S if timeout is None else timeout)
+        driver = self.driver
+        while True:
+            if driver.stopping:
+                raise errors.STOPPED
+            if driver.is_leader:
+                try:
+                    return await handler(request)
+                except NotLeaderError:
+                    raise errors.LEADER_CHANGED from None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise errors.NO_LEADER if not driver.raw.leader else errors.TIMEOUT
+            leader = await driver.leader_soon(min(remaining, driver.election_timeout_s))
+            if leader is None or leader == driver.id:
+                continue  # (an election under way; or we lead now)
+            try:
+                data = await driver.transport.forward(
+                    leader, method, request.SerializeToString(), max(remaining, 0.05)
+                )
+            except EtcdError as exc:
+                if exc == errors.NOT_LEADER:  # refused before anything was done: again
+                    await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
+                    continue
+                raise
+            response = response_cls()
+            response.ParseFromString(data)
+            return response
+
+    async def handle_forwarded(self, method: str, data: bytes) -> bytes:
+        """A request a follower handed us: answered here, as leader (EtcdError NOT_LEADER
+        if we are not, before anything is done)."""
+        entry = self.methods.get(method)
+        if entry is None:
+            raise EtcdError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method[:100]!r}")
+        request_cls, _, handler, _ = entry
+        request = request_cls()
+        try:
+            request.ParseFromString(data)
+        except Exception:  # noqa: BLE001 - a malformed message from a member: say so
+            raise errors.invalid("malformed forwarded request") from None
+        self.check_request(method, request)
+        if not self.driver.is_leader:
+            raise errors.NOT_LEADER
+        try:
+            response = await handler(request)
+        except NotLeaderError:
+            raise errors.LEADER_CHANGED from None
+        return response.SerializeToString()
+
+    def _local(self, method: str, request: Any) -> bool:
+        """Served from this node's own state (a serializable read)."""
+        return method == "KV/Range" and request.serializable
+
+    # -- validation at the boundary ---------------------------------------------------------
+
+    def check_request(self, method: str, request: Any) -> None:
+        """EtcdError for what etcd refuses before proposing, and for values raftfast cannot
+        hold: too large, too many txn ops, duplicate keys in a txn, an empty key."""
+        settings = self.driver.settings
+        if request.ByteSize() > settings.max_request_bytes:
+            raise errors.REQUEST_TOO_LARGE
+        if method == "KV/Put":
+            _check_put(request)
+        elif method in ("KV/Range", "KV/DeleteRange"):
+            if not request.key:
+                raise errors.EMPTY_KEY
+        elif method == "KV/Txn":
+            _check_txn(request, 0)
+        elif method == "Lease/LeaseGrant":
+            if request.TTL > MAX_LEASE_TTL:
+                raise errors.LEASE_TTL_TOO_LARGE
+
+    # -- KV ---------------------------------------------------------------------------------
+
+    async def _range(self, request: pb.RangeRequest) -> pb.RangeResponse:
+        if not request.serializable:
+            await self.driver.read_barrier("linearizable")
+        response = self.store.range(request)
+        response.header.CopyFrom(self.header())
+        return response
+
+    async def write(self, request: Any) -> Any:
+        """Propose an etcd write and return its response (header filled), or raise its
+        EtcdError. Only on the leader (NotLeaderError otherwise)."""
+        quota = self.driver.quota
+        if quota is not None and _grows(request):
+            why = quota.refusal(request.ByteSize())
+            if why is not None:
+                raise errors.NO_SPACE
+        (result,) = await self.driver.propose([_OP_ETCD + encode(request)])
+        if isinstance(result, EtcdError):
+            raise result
+        if result is None:
+            raise errors.invalid("the write could not be applied")
+        result.header.CopyFrom(self.header(result.header.revision))
+        return result
+
+    async def _put(self, request: pb.PutRequest) -> pb.PutResponse:
+        return await self.write(request)
+
+    async def _delete(self, request: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        return await self.write(request)
+
+    async def _txn(self, request: pb.TxnRequest) -> pb.TxnResponse:
+        response = await self.write(request)
+        _fill_txn_headers(response, response.header)
+        return response
+
+    async def _compact(self, request: pb.CompactionRequest) -> pb.CompactionResponse:
+        store = self.store
+        if request.revision <= store.compact_revision:
+            raise errors.COMPACTED
+        if request.revision > store.revision:
+            raise errors.FUTURE_REV
+        return await self.write(request)
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def _grant(self, request: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
+        grant = pb.LeaseGrantRequest(TTL=max(request.TTL, self.lessor.min_ttl), ID=request.ID)
+        if grant.ID == 0:
+            leases = self.store.leases
+            while grant.ID == 0 or grant.ID in leases:
+                grant.ID = random.getrandbits(62) + 1  # (chosen here: the log holds it)
+        elif grant.ID in self.store.leases:
+            raise errors.LEASE_EXIST
+        response = await self.write(grant)
+        self.lessor.granted(response.ID, response.TTL)
+        return response
+
+    async def _revoke(self, request: pb.LeaseRevokeRequest) -> pb.LeaseRevokeResponse:
+        if request.ID not in self.store.leases:
+            raise errors.LEASE_NOT_FOUND
+        return await self.write(request)
+
+    async def _keep_alive(self, request: pb.LeaseKeepAliveRequest) -> pb.LeaseKeepAliveResponse:
+        await self.driver.read_barrier("linearizable")  # (we still lead: our clock decides)
+        ttl = self.lessor.renew(request.ID)
+        return pb.LeaseKeepAliveResponse(header=self.header(), ID=request.ID, TTL=ttl)
+
+    async def _time_to_live(self, request: pb.LeaseTimeToLiveRequest) -> pb.LeaseTimeToLiveResponse:
+        await self.driver.read_barrier("linearizable")
+        lease = self.store.leases.get(request.ID)
+        response = pb.LeaseTimeToLiveResponse(header=self.header(), ID=request.ID, TTL=-1)
+        if lease is not None:
+            response.TTL = self.lessor.remaining(request.ID)
+            response.grantedTTL = lease.ttl
+            if request.keys:
+                response.keys.extend(sorted(lease.keys))
+        return response
+
+    async def _leases(self, request: pb.LeaseLeasesRequest) -> pb.LeaseLeasesResponse:
+        await self.driver.read_barrier("linearizable")
+        leases = [pb.LeaseStatus(ID=i) for i in sorted(self.store.leases)]
+        return pb.LeaseLeasesResponse(header=self.header(), leases=leases)
+
+    # -- cluster ----------------------------------------------------------------------------
+
+    def members(self) -> list[pb.Member]:
+        raw, driver = self.driver.raw, self.driver
+        membership = raw.membership
+        out = []
+        for node_id, address in sorted(membership.members().items()):
+            client = driver.address_of(node_id) if node_id != driver.id else driver.settings.listen
+            out.append(
+                pb.Member(
+                    ID=member_id(node_id),
+                    name=node_id,
+                    peerURLs=[_url(address)],
+                    clientURLs=[_url(client)] if client else [],
+                    isLearner=node_id in membership.learners,
+                )
+            )
+        return out
+
+    def node_of(self, mid: int) -> str:
+        for node_id in self.driver.raw.membership.members():
+            if member_id(node_id) == mid:
+                return node_id
+        raise errors.MEMBER_NOT_FOUND
+
+    async def _member_list(self, request: pb.MemberListRequest) -> pb.MemberListResponse:
+        return pb.MemberListResponse(header=self.header(), members=self.members())
+
+    async def _add(self, request: pb.MemberAddRequest) -> pb.MemberAddResponse:
+        """A new member at the first peer URL; its raftfast node id is that URL's host:port
+        (start it with ``--id HOST:PORT --join ...``: docs/etcd-api.md)."""
+        if len(request.peerURLs) != 1:
+            raise errors.MEMBER_BAD_URLS
+        address = _address_of_url(request.peerURLs[0])
+        node_id = address
+        members = self.driver.raw.membership.members()
+        if node_id in members or address in members.values():
+            raise errors.PEER_URL_EXIST
+        timeout = 10 * self.driver.election_timeout_s + 10
+        try:
+            await self.driver.add_member(node_id, address, True, timeout)
+            if not request.isLearner:
+                # (etcd adds a voter at once; raftfast lets it catch up first: see the docs)
+                asyncio.get_running_loop().create_task(self._promote_later(node_id, timeout))
+        except ValueError as exc:
+            raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}") from None
+        member = next(m for m in self.members() if m.name == node_id)
+        return pb.MemberAddResponse(header=self.header(), member=member, members=self.members())
+
+    async def _promote_later(self, node_id: str, timeout: float) -> None:
+        from raftfast.core.membership import ChangeKind
+
+        try:
+            await self.driver.change_member(ChangeKind.PROMOTE, node_id, timeout)
+        except Exception as exc:  # noqa: BLE001 - the operator sees a learner; promote by hand
+            log.warning("member %s was added but not promoted: %s", node_id, exc)
+
+    async def _remove(self, request: pb.MemberRemoveRequest) -> pb.MemberRemoveResponse:
+        from raftfast.core.membership import ChangeKind
+
+        node_id = self.node_of(request.ID)
+        await self._change(ChangeKind.REMOVE, node_id)
+        return pb.MemberRemoveResponse(header=self.header(), members=self.members())
+
+    async def _promote(self, request: pb.MemberPromoteRequest) -> pb.MemberPromoteResponse:
+        from raftfast.core.membership import ChangeKind
+
+        node_id = self.node_of(request.ID)
+        if node_id not in self.driver.raw.membership.learners:
+            raise errors.MEMBER_NOT_LEARNER
+        await self._change(ChangeKind.PROMOTE, node_id)
+        return pb.MemberPromoteResponse(header=self.header(), members=self.members())
+
+    async def _change(self, kind: Any, node_id: str) -> None:
+        try:
+            await self.driver.change_member(kind, node_id, 10 * self.driver.election_timeout_s)
+        except TimeoutError:
+            raise errors.LEARNER_NOT_READY from None
+        except ValueError as exc:
+            raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}") from None
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def alarm_members(self) -> list[pb.AlarmMember]:
+        if NOSPACE not in self.driver.fsm.alarms:
+            return []
+        leader = self.driver.raw.leader
+        return [pb.AlarmMember(memberID=member_id(leader or self.driver.id), alarm=pb.NOSPACE)]
+
+    async def _alarm(self, request: pb.AlarmRequest) -> pb.AlarmResponse:
+        if request.action != pb.AlarmRequest.GET:
+            # (only NOSPACE exists here; it is cleared through the quota, on the leader)
+            if request.alarm not in (pb.NONE, pb.NOSPACE):
+                raise errors.invalid(f"alarm {request.alarm} is not one this node raises")
+            if not self.driver.is_leader:
+                raise errors.NOT_LEADER if self.driver.raw.leader else errors.NO_LEADER
+            quota = self.driver.quota
+            if quota is None:
+                raise errors.invalid("this node has no quota")
+            if request.action == pb.AlarmRequest.DEACTIVATE:
+                try:
+                    await quota.disarm()
+                except ValueError as exc:
+                    raise EtcdError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}"
+                    ) from None
+            else:
+                quota.raise_alarm("activated through the etcd API")
+        return pb.AlarmResponse(header=self.header(), alarms=self.alarm_members())
+
+    async def _status(self, request: pb.StatusRequest) -> pb.StatusResponse:
+        driver, store = self.driver, self.store
+        raw = driver.raw
+        alarms = [
+            f"memberID:{a.memberID} alarm:{pb.AlarmType.Name(a.alarm)} "
+            for a in self.alarm_members()
+        ]
+        return pb.StatusResponse(
+            header=self.header(),
+            version=API_VERSION,
+            dbSize=store.size_bytes + store.history_bytes,
+            leader=member_id(raw.leader) if raw.leader else 0,
+            raftIndex=raw.commit_index,
+            raftTerm=raw.term,
+            raftAppliedIndex=driver.applied_index,
+            errors=alarms,
+            dbSizeInUse=store.size_bytes,
+            isLearner=driver.id in raw.membership.learners,
+        )
+
+    async def _defragment(self, request: pb.DefragmentRequest) -> pb.DefragmentResponse:
+        return pb.DefragmentResponse(header=self.header())  # (in memory: nothing to do)
+
+    async def _hash_kv(self, request: pb.HashKVRequest) -> pb.HashKVResponse:
+        """A CRC32 of the keyspace at a revision: equal on members that agree."""
+        store = self.store
+        rev = request.revision if request.revision > 0 else store.revision
+        store.check_revision(rev)
+        view = store.range(pb.RangeRequest(key=b"\x00", range_end=b"\x00", revision=rev))
+        crc = 0
+        for kv in view.kvs:
+            crc = zlib.crc32(kv.SerializeToString(), crc)
+        return pb.HashKVResponse(
+            header=self.header(), hash=crc, compact_revision=store.compact_revision
+        )
+
+    async def _move_leader(self, request: pb.MoveLeaderRequest) -> pb.MoveLeaderResponse:
+        try:
+            target = self.node_of(request.targetID)
+        except EtcdError:
+            raise errors.BAD_LEADER_TRANSFEREE from None
+        if target == self.driver.id:
+            return pb.MoveLeaderResponse(header=self.header())
+        try:
+            await self.driver.transfer_leadership(target)
+        except ValueError:
+            raise errors.BAD_LEADER_TRANSFEREE from None
+        except TimeoutError:
+            raise errors.TIMEOUT from None
+        return pb.MoveLeaderResponse(header=self.header())
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _check_put(r: pb.PutRequest) -> None:
+    if not r.key:
+        raise errors.EMPTY_KEY
+    if r.ignore_value and r.value:
+        raise errors.VALUE_PROVIDED
+    if r.ignore_lease and r.lease:
+        raise errors.LEASE_PROVIDED
+
+
+def _check_txn(r: pb.TxnRequest, depth: int) -> None:
+    if depth >= MAX_TXN_DEPTH:
+        raise errors.invalid(f"txn nested more than {MAX_TXN_DEPTH} levels deep")
+    if len(r.compare) > MAX_TXN_OPS or len(r.success) > MAX_TXN_OPS:
+        raise errors.TOO_MANY_OPS
+    if len(r.failure) > MAX_TXN_OPS:
+        raise errors.TOO_MANY_OPS
+    for c in r.compare:
+        if not c.key:
+            raise errors.EMPTY_KEY
+    for ops in (r.success, r.failure):
+        for op in ops:
+            which = op.WhichOneof("request")
+            if which == "request_put":
+                _check_put(op.request_put)
+            elif which == "request_range":
+                if not op.request_range.key:
+                    raise errors.EMPTY_KEY
+            elif which == "request_delete_range":
+                if not op.request_delete_range.key:
+                    raise errors.EMPTY_KEY
+            elif which == "request_txn":
+                _check_txn(op.request_txn, depth + 1)
+        _check_intervals(ops)
+
+
+def _writes_of(ops) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+    """(keys put, ranges deleted) by ``ops``, nested txns' branches included."""
+    puts: list[bytes] = []
+    deletes: list[tuple[bytes, bytes]] = []
+    for op in ops:
+        which = op.WhichOneof("request")
+        if which == "request_put":
+            puts.append(op.request_put.key)
+        elif which == "request_delete_range":
+            deletes.append((op.request_delete_range.key, op.request_delete_range.range_end))
+        elif which == "request_txn":
+            for branch in (op.request_txn.success, op.request_txn.failure):
+                p, d = _writes_of(branch)
+                puts += p
+                deletes += d
+    return puts, deletes
+
+
+def _check_intervals(ops) -> None:
+    """etcd refuses a txn branch that puts a key twice, or puts a key it also deletes."""
+    puts, deletes = _writes_of(ops)
+    if len(set(puts)) != len(puts):
+        raise errors.DUPLICATE_KEY
+    for key, range_end in deletes:
+        bounds = range_of(key, range_end)
+        for k in puts:
+            if (
+                (k == key)
+                if bounds is None
+                else (k >= bounds[0] and (bounds[1] is None or k < bounds[1]))
+            ):
+                raise errors.DUPLICATE_KEY
+
+
+def _grows(request: Any) -> bool:
+    """Whether ``request`` can add to the state (the quota refuses it; deletes still go)."""
+    if isinstance(request, pb.PutRequest | pb.LeaseGrantRequest):
+        return True
+    if isinstance(request, pb.TxnRequest):
+        return bool(_writes_of(request.success)[0] or _writes_of(request.failure)[0])
+    return False
+
+
+def _fill_txn_headers(response: pb.TxnResponse, header: pb.ResponseHeader) -> None:
+    for op in response.responses:
+        which = op.WhichOneof("response")
+        if which is None:
+            continue
+        inner = getattr(op, which)
+        inner.header.CopyFrom(header)
+        if which == "response_txn":
+            _fill_txn_headers(inner, header)
+
+
+def _url(address: str) -> str:
+    return address if "://" in address else f"http://{address}"
+
+
+def _address_of_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise errors.MEMBER_BAD_URLS from None
+    if parts.scheme not in ("http", "https") or not host or not port:
+        raise errors.MEMBER_BAD_URLS
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        check_node_id(address)
+    except ValueError:
+        raise errors.MEMBER_BAD_URLS from None
+    return address

@@ -1,0 +1,97 @@
+"""etcd's errors: the gRPC status code and the exact message etcd sends, which etcd clients map
+back to their own error types (clientv3's rpctypes, python-etcd3's exceptions) by the text."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+__all__ = ["EtcdError"]
+
+# (names of grpc.StatusCode: the state machine uses these errors, and runs without grpc)
+_C = SimpleNamespace(
+    **{
+        name: name
+        for name in (
+            "INVALID_ARGUMENT",
+            "OUT_OF_RANGE",
+            "RESOURCE_EXHAUSTED",
+            "NOT_FOUND",
+            "FAILED_PRECONDITION",
+            "UNAVAILABLE",
+        )
+    }
+)
+
+
+class EtcdError(Exception):
+    """An etcd API error: ``code`` (a grpc.StatusCode) and ``message`` (etcd's own text).
+
+    The state machine returns these (deterministically, the same on every node) instead of
+    raising; the services raise them and answer with the status."""
+
+    def __init__(self, code: Any, message: str) -> None:
+        """``code``: a grpc.StatusCode or its name."""
+        super().__init__(message)
+        self.code_name: str = code if isinstance(code, str) else code.name
+        self.message = message
+
+    @property
+    def code(self) -> Any:
+        """The grpc.StatusCode."""
+        import grpc
+
+        return grpc.StatusCode[self.code_name]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EtcdError) and (self.code_name, self.message) == (
+            other.code_name,
+            other.message,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.code_name, self.message))
+
+    def __repr__(self) -> str:
+        return f"EtcdError({self.code_name}, {self.message!r})"
+
+
+def _e(code: str, message: str) -> EtcdError:
+    return EtcdError(code, message)
+
+
+EMPTY_KEY = _e(_C.INVALID_ARGUMENT, "etcdserver: key is not provided")
+KEY_NOT_FOUND = _e(_C.INVALID_ARGUMENT, "etcdserver: key not found")
+VALUE_PROVIDED = _e(_C.INVALID_ARGUMENT, "etcdserver: value is provided")
+LEASE_PROVIDED = _e(_C.INVALID_ARGUMENT, "etcdserver: lease is provided")
+TOO_MANY_OPS = _e(_C.INVALID_ARGUMENT, "etcdserver: too many operations in txn request")
+DUPLICATE_KEY = _e(_C.INVALID_ARGUMENT, "etcdserver: duplicate key given in txn request")
+COMPACTED = _e(_C.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted")
+FUTURE_REV = _e(_C.OUT_OF_RANGE, "etcdserver: mvcc: required revision is a future revision")
+NO_SPACE = _e(_C.RESOURCE_EXHAUSTED, "etcdserver: mvcc: database space exceeded")
+LEASE_NOT_FOUND = _e(_C.NOT_FOUND, "etcdserver: requested lease not found")
+LEASE_EXIST = _e(_C.FAILED_PRECONDITION, "etcdserver: lease already exists")
+LEASE_TTL_TOO_LARGE = _e(_C.OUT_OF_RANGE, "etcdserver: too large lease TTL")
+MEMBER_EXIST = _e(_C.FAILED_PRECONDITION, "etcdserver: member ID already exist")
+PEER_URL_EXIST = _e(_C.FAILED_PRECONDITION, "etcdserver: Peer URLs already exists")
+MEMBER_BAD_URLS = _e(_C.INVALID_ARGUMENT, "etcdserver: given member URLs are invalid")
+MEMBER_NOT_FOUND = _e(_C.NOT_FOUND, "etcdserver: member not found")
+MEMBER_NOT_LEARNER = _e(_C.FAILED_PRECONDITION, "etcdserver: can only promote a learner member")
+LEARNER_NOT_READY = _e(
+    _C.FAILED_PRECONDITION,
+    "etcdserver: can only promote a learner member which is in sync with leader",
+)
+REQUEST_TOO_LARGE = _e(_C.INVALID_ARGUMENT, "etcdserver: request is too large")
+TOO_MANY_REQUESTS = _e(_C.RESOURCE_EXHAUSTED, "etcdserver: too many requests")
+NO_LEADER = _e(_C.UNAVAILABLE, "etcdserver: no leader")
+NOT_LEADER = _e(_C.FAILED_PRECONDITION, "etcdserver: not leader")
+LEADER_CHANGED = _e(_C.UNAVAILABLE, "etcdserver: leader changed")
+STOPPED = _e(_C.UNAVAILABLE, "etcdserver: server stopped")
+TIMEOUT = _e(_C.UNAVAILABLE, "etcdserver: request timed out")
+BAD_LEADER_TRANSFEREE = _e(_C.FAILED_PRECONDITION, "etcdserver: bad leader transferee")
+
+
+def invalid(message: str) -> EtcdError:
+    """A request etcd would take but raftfast cannot hold (an out-of-range value, a txn
+    nested too deep): INVALID_ARGUMENT with a message that says which limit."""
+    return EtcdError(_C.INVALID_ARGUMENT, f"etcdserver: {message}")

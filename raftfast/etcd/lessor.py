@@ -1,0 +1,182 @@
+"""The leader's clock work for the etcd API: lease expiry and auto-compaction.
+
+Leases: which leases exist is replicated state (``MVCCStore.leases``); when each expires is the
+leader's alone, kept here in memory (monotonic clock). A keep-alive renews a lease for its
+granted TTL. An expired lease is revoked through the log (a LeaseRevoke entry: its keys are
+deleted in one revision, on every node). A new leader starts every lease afresh, its full TTL
+plus an election timeout from its first term as leader (as etcd's lessor "promotes"), so a
+leader change never expires a lease early; a lease is therefore never revoked before its TTL.
+Followers keep no expiry: they ask the leader (``Forward``).
+
+Auto-compaction (``--auto-compaction-mode``/``--auto-compaction-retention``, etcd's flags):
+"revision" keeps the newest N revisions of history; "periodic" keeps a duration's worth (samples
+of the revision every tenth of it). The leader proposes the Compact; retention 0 turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from raftfast.etcd.mvcc import encode
+from raftfast.kv.commands import OP_ETCD
+from raftfast.proto.etcd import rpc_pb2 as pb
+
+if TYPE_CHECKING:
+    from raftfast.etcd.api import EtcdAPI
+
+__all__ = ["Lessor", "parse_retention"]
+
+log = logging.getLogger(__name__)
+
+_EVERY_S = 0.1  # how often expiry is checked
+_REVOKE_BATCH = 500  # leases revoked in one proposal at most (etcd: 1,000 a second)
+_OP_ETCD = bytes((OP_ETCD,))
+
+
+def parse_retention(mode: str, retention: str) -> float:
+    """The retention as a number: revisions ("revision" mode) or seconds ("periodic": "1h",
+    "30m", "90s", or a bare number of hours, as etcd reads it). ValueError if malformed."""
+    text = retention.strip()
+    if mode == "revision":
+        if not text.isdigit():
+            raise ValueError(f"--auto-compaction-retention {retention!r}: want revisions (N)")
+        return float(int(text))
+    if mode != "periodic":
+        raise ValueError(f"--auto-compaction-mode {mode!r}: want periodic or revision")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text) * 3600
+    total = 0.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"--auto-compaction-retention {retention!r}: want e.g. 1h, 30m, 90s")
+    for number, unit in parts:
+        total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
+    return total
+
+
+class Lessor:
+    def __init__(self, api: EtcdAPI) -> None:
+        self.api = api
+        self.driver = api.driver
+        self.expiry: dict[int, float] = {}  # lease id -> when it expires (the leader's clock)
+        self._term = 0  # the term we lead in (0: not leading)
+        s = self.driver.settings
+        # A lease shorter than an election or two could expire during a leader change
+        # (etcd's minimum is 1.5 election timeouts, rounded up).
+        self.min_ttl = max(1, math.ceil(1.5 * self.driver.election_timeout_s))
+        self._mode = s.auto_compaction_mode
+        self._retention = parse_retention(s.auto_compaction_mode, s.auto_compaction_retention)
+        self._samples: deque[tuple[float, int]] = deque()  # periodic: (time, revision)
+        self._compacting: asyncio.Task | None = None
+
+    # -- leases (on the leader) -------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Follow leadership and the replicated lease set (cheap: called often)."""
+        raw = self.driver.raw
+        if not self.driver.is_leader:
+            if self._term:
+                self.expiry.clear()
+                self._term = 0
+            return
+        now = time.monotonic()
+        leases = self.api.store.leases
+        if self._term != raw.term:
+            # newly leader: every lease starts afresh (see the module docs)
+            grace = self.driver.election_timeout_s
+            self.expiry = {i: now + lease.ttl + grace for i, lease in leases.items()}
+            self._term = raw.term
+            return
+        expiry = self.expiry
+        if len(expiry) != len(leases) or any(i not in leases for i in expiry):
+            for i in [i for i in expiry if i not in leases]:
+                del expiry[i]
+            for i, lease in leases.items():
+                if i not in expiry:
+                    expiry[i] = now + lease.ttl
+
+    def granted(self, lease_id: int, ttl: int) -> None:
+        self.sync()
+        self.expiry[lease_id] = time.monotonic() + ttl
+
+    def renew(self, lease_id: int) -> int:
+        """Keep ``lease_id`` alive for its TTL again: the TTL, or 0 if it is gone."""
+        self.sync()
+        lease = self.api.store.leases.get(lease_id)
+        if lease is None or lease_id not in self.expiry:
+            return 0
+        if self.expiry[lease_id] <= time.monotonic():
+            return 0  # expired: its revocation is on the way
+        self.expiry[lease_id] = time.monotonic() + lease.ttl
+        return lease.ttl
+
+    def remaining(self, lease_id: int) -> int:
+        """Seconds ``lease_id`` has left (-1: gone or expired)."""
+        self.sync()
+        at = self.expiry.get(lease_id)
+        if at is None:
+            return -1
+        left = at - time.monotonic()
+        return max(math.ceil(left), 0) if left > 0 else -1
+
+    async def run(self) -> None:
+        """Revoke expired leases, compact history: while the node runs."""
+        driver = self.driver
+        while not driver.stopping:
+            await asyncio.sleep(_EVERY_S)
+            try:
+                self.sync()
+                if driver.is_leader:
+                    await self._revoke_expired()
+                    self._auto_compact()
+            except Exception as exc:  # noqa: BLE001 - tried again next round
+                log.info("lease expiry or compaction deferred: %s", exc)
+
+    async def _revoke_expired(self) -> None:
+        now = time.monotonic()
+        expired = [i for i, at in self.expiry.items() if at <= now][:_REVOKE_BATCH]
+        if not expired:
+            return
+        for i in expired:
+            self.expiry[i] = now + 1.0  # (not again before this proposal had its chance)
+        payloads = [_OP_ETCD + encode(pb.LeaseRevokeRequest(ID=i)) for i in expired]
+        await self.driver.propose(payloads)
+        log.debug("revoked %d expired leases", len(expired))
+
+    # -- auto-compaction (on the leader) ----------------------------------------------------
+
+    def _auto_compact(self) -> None:
+        if not self._retention or (self._compacting and not self._compacting.done()):
+            return
+        store = self.api.store
+        if self._mode == "revision":
+            target = store.revision - int(self._retention)
+            # (not for every revision: compact in steps of a tenth of the retention)
+            step = max(int(self._retention) // 10, 1)
+            if target - store.compact_revision < step:
+                return
+        else:
+            now = time.monotonic()
+            samples = self._samples
+            if not samples or now - samples[-1][0] >= self._retention / 10:
+                samples.append((now, store.revision))
+            target = 0
+            while samples and now - samples[0][0] >= self._retention:
+                target = samples.popleft()[1]
+            if target <= store.compact_revision:
+                return
+        request = pb.CompactionRequest(revision=target)
+        self._compacting = asyncio.get_running_loop().create_task(self._compact(request))
+
+    async def _compact(self, request: pb.CompactionRequest) -> None:
+        try:
+            await self.driver.propose([_OP_ETCD + encode(request)])
+            log.info("auto-compacted the etcd keyspace to revision %d", request.revision)
+        except Exception as exc:  # noqa: BLE001 - the next round tries again
+            log.info("auto-compaction deferred: %s", exc)

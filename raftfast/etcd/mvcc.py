@@ -1,0 +1,704 @@
+"""The etcd v3 data model as a deterministic state machine part: MVCC keys, revisions, history,
+compaction and leases (what etcd's mvcc and lease packages keep), applied from the log.
+
+* The store has one revision, 1 when empty; every write (a Put, a DeleteRange that deletes, a
+  Txn that writes, a lease revocation that deletes keys) makes it one higher, and all changes of
+  one write share that revision. Each key holds create_revision, mod_revision, version (1 when
+  created, +1 per change) and its lease.
+* History: the changes of every revision after ``compact_revision`` (``Event``: key, the record
+  after, the record before). A read at a past revision undoes the newer changes; watches read
+  it from any revision on. ``compact`` forgets history up to a revision (auto-compaction keeps
+  memory bounded, ``raftfast.etcd.lessor``).
+* Leases: id -> granted TTL and the keys attached. When a lease expires is decided by the
+  leader's clock, outside the state machine; its revocation is a logged command like any other,
+  and deletes its keys in one revision.
+
+Commands are a tag byte and the etcd request message (``encode``). ``apply`` returns the
+response (its header's revision set) or an ``EtcdError``, never raises for a bad command: the
+same entry gives the same result on every node. Nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from raftfast.errors import CorruptionError
+from raftfast.etcd import errors
+from raftfast.etcd.errors import EtcdError
+from raftfast.proto.etcd import kv_pb2 as mvccpb
+from raftfast.proto.etcd import rpc_pb2 as pb
+
+__all__ = [
+    "MAX_LEASE_TTL",
+    "MAX_TXN_DEPTH",
+    "Event",
+    "MVCCStore",
+    "Record",
+    "decode",
+    "encode",
+]
+
+# Command tags (the byte after the KV store's OP_ETCD)
+T_PUT = 1
+T_DELETE = 2
+T_TXN = 3
+T_COMPACT = 4
+T_LEASE_GRANT = 5
+T_LEASE_REVOKE = 6
+_REQUESTS = {
+    T_PUT: pb.PutRequest,
+    T_DELETE: pb.DeleteRangeRequest,
+    T_TXN: pb.TxnRequest,
+    T_COMPACT: pb.CompactionRequest,
+    T_LEASE_GRANT: pb.LeaseGrantRequest,
+    T_LEASE_REVOKE: pb.LeaseRevokeRequest,
+}
+_TAGS = {cls: tag for tag, cls in _REQUESTS.items()}
+
+MAX_LEASE_TTL = 9_000_000_000  # seconds (etcd's MaxLeaseTTL)
+MAX_TXN_DEPTH = 16  # nested Txn levels (protobuf itself parses at most 100)
+_INT64_MAX = (1 << 63) - 1
+
+_CMP = pb.Compare
+_SORT = pb.RangeRequest
+
+
+def encode(request: Any) -> bytes:
+    """The command for an etcd write request (without the KV store's op byte)."""
+    return bytes((_TAGS[type(request)],)) + request.SerializeToString()
+
+
+def decode(command: bytes | memoryview) -> Any:
+    """The request of an ``encode``d command; ValueError if it is not one."""
+    if not command:
+        raise ValueError("empty etcd command")
+    cls = _REQUESTS.get(command[0])
+    if cls is None:
+        raise ValueError(f"unknown etcd command tag {command[0]}")
+    request = cls()
+    try:
+        request.ParseFromString(bytes(command[1:]))
+    except Exception as exc:  # protobuf's DecodeError, RecursionError...
+        raise ValueError(f"malformed etcd command: {exc}") from None
+    return request
+
+
+class Record:
+    """A key's state at one revision (immutable once made: history shares them)."""
+
+    __slots__ = ("key", "value", "create", "mod", "version", "lease")
+
+    def __init__(
+        self, key: bytes, value: bytes, create: int, mod: int, version: int, lease: int
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.create = create
+        self.mod = mod
+        self.version = version
+        self.lease = lease
+
+    def to_pb(self, keys_only: bool = False) -> mvccpb.KeyValue:
+        return mvccpb.KeyValue(
+            key=self.key,
+            value=b"" if keys_only else self.value,
+            create_revision=self.create,
+            mod_revision=self.mod,
+            version=self.version,
+            lease=self.lease,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and all(
+            getattr(self, f) == getattr(other, f) for f in self.__slots__
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Record({self.key!r}, {self.value[:20]!r}, create={self.create}, mod={self.mod}, "
+            f"version={self.version}, lease={self.lease})"
+        )
+
+
+class Event:
+    """One change: ``key`` became ``after`` (None: deleted) at revision ``revision``; it was
+    ``prev`` (None: absent)."""
+
+    __slots__ = ("key", "after", "prev", "revision")
+
+    def __init__(self, key: bytes, after: Record | None, prev: Record | None, revision: int):
+        self.key = key
+        self.after = after
+        self.prev = prev
+        self.revision = revision
+
+    def to_pb(self, with_prev: bool) -> mvccpb.Event:
+        if self.after is not None:
+            ev = mvccpb.Event(type=mvccpb.Event.PUT, kv=self.after.to_pb())
+        else:
+            ev = mvccpb.Event(
+                type=mvccpb.Event.DELETE,
+                kv=mvccpb.KeyValue(key=self.key, mod_revision=self.revision),
+            )
+        if with_prev and self.prev is not None:
+            ev.prev_kv.CopyFrom(self.prev.to_pb())
+        return ev
+
+
+def range_of(key: bytes, range_end: bytes) -> tuple[bytes, bytes | None] | None:
+    """etcd's range convention as (first key, end or None for "no end"); None: ``key`` alone.
+    ``range_end`` b"\\0" means every key >= ``key`` (and key b"\\0" with it: every key)."""
+    if not range_end:
+        return None
+    if range_end == b"\x00":
+        return (b"" if key == b"\x00" else key), None
+    return key, range_end
+
+
+def in_range(k: bytes, key: bytes, bounds: tuple[bytes, bytes | None] | None) -> bool:
+    if bounds is None:
+        return k == key
+    lo, hi = bounds
+    return k >= lo and (hi is None or k < hi)
+
+
+class Lease:
+    __slots__ = ("id", "ttl", "keys")
+
+    def __init__(self, lease_id: int, ttl: int) -> None:
+        self.id = lease_id
+        self.ttl = ttl
+        self.keys: set[bytes] = set()
+
+
+class MVCCStore:
+    """The etcd keyspace of one node (see the module docs)."""
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.compact_revision = 0
+        self.kvs: SortedDict = SortedDict()  # key -> Record (live keys only)
+        self.leases: dict[int, Lease] = {}
+        self.size_bytes = 0  # keys and values of the live keys
+        self.history_bytes = 0  # keys and values the history holds (approximately)
+        # _history[i] holds the events of revision _history_base + i; the newest is ``revision``
+        self._history: list[tuple[Event, ...]] = []
+        self._history_base = 2
+        # while a write is applied: its revision and its events
+        self._pending: list[Event] | None = None
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(self, command: bytes | memoryview) -> Any:
+        """Apply one committed command: its response, or an EtcdError (see the module docs)."""
+        try:
+            request = decode(command)
+        except ValueError as exc:
+            return errors.invalid(str(exc))
+        try:
+            if isinstance(request, pb.PutRequest):
+                return self._write(lambda: self._put(request), pb.PutResponse)
+            if isinstance(request, pb.DeleteRangeRequest):
+                return self._write(lambda: self._delete(request), pb.DeleteRangeResponse)
+            if isinstance(request, pb.TxnRequest):
+                return self._write(lambda: self._txn(request, 0), pb.TxnResponse)
+            if isinstance(request, pb.CompactionRequest):
+                self.compact(request.revision)
+                return self._header(pb.CompactionResponse())
+            if isinstance(request, pb.LeaseGrantRequest):
+                return self._grant(request)
+            return self._write(lambda: self._revoke(request.ID), pb.LeaseRevokeResponse)
+        except EtcdError as exc:
+            return exc
+
+    def _header(self, response: Any) -> Any:
+        response.header.revision = self.revision
+        return response
+
+    def _write(self, body, cls) -> Any:
+        """Run ``body`` as one write: its changes get the next revision, together."""
+        self._pending = []
+        try:
+            response = body()
+        except EtcdError:
+            self._rollback()
+            raise
+        finally:
+            events, self._pending = self._pending, None
+        if response is None:
+            response = cls()
+        if events:
+            self.revision += 1
+            self._history.append(tuple(events))
+            self.history_bytes += sum(
+                len(e.key) + (len(e.after.value) if e.after is not None else 0) + 64 for e in events
+            )
+        return self._header(response)
+
+    def _rollback(self) -> None:
+        """Undo the changes of a write that failed part-way (in reverse)."""
+        for ev in reversed(self._pending or ()):
+            self._set(ev.key, ev.prev)
+
+    def _set(self, key: bytes, rec: Record | None) -> None:
+        """Make ``key`` hold ``rec`` (None: absent), keeping sizes and lease key sets."""
+        old = self.kvs.get(key)
+        if old is not None:
+            self.size_bytes -= len(key) + len(old.value)
+            if old.lease:
+                lease = self.leases.get(old.lease)
+                if lease is not None:
+                    lease.keys.discard(key)
+        if rec is None:
+            if old is not None:
+                del self.kvs[key]
+            return
+        self.kvs[key] = rec
+        self.size_bytes += len(key) + len(rec.value)
+        if rec.lease:
+            lease = self.leases.get(rec.lease)
+            if lease is not None:
+                lease.keys.add(key)
+
+    def _change(self, key: bytes, rec: Record | None) -> Record | None:
+        """Record one change of the write under way; returns the key's previous record."""
+        prev = self.kvs.get(key)
+        self._set(key, rec)
+        self._pending.append(Event(key, rec, prev, self.revision + 1))
+        return prev
+
+    def _put(self, r: pb.PutRequest) -> pb.PutResponse:
+        key = r.key
+        if not key:
+            raise errors.EMPTY_KEY
+        prev = self.kvs.get(key)
+        value, lease = r.value, r.lease
+        if r.ignore_value or r.ignore_lease:
+            if prev is None:
+                raise errors.KEY_NOT_FOUND
+            if r.ignore_value:
+                value = prev.value
+            if r.ignore_lease:
+                lease = prev.lease
+        if lease and lease not in self.leases:
+            raise errors.LEASE_NOT_FOUND
+        rev = self.revision + 1
+        if prev is None:
+            rec = Record(key, value, rev, rev, 1, lease)
+        else:
+            rec = Record(key, value, prev.create, rev, prev.version + 1, lease)
+        self._change(key, rec)
+        response = pb.PutResponse()
+        if r.prev_kv and prev is not None:
+            response.prev_kv.CopyFrom(prev.to_pb())
+        return response
+
+    def _delete(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        if not r.key:
+            raise errors.EMPTY_KEY
+        response = pb.DeleteRangeResponse()
+        keys = list(self._keys_in(r.key, r.range_end))
+        for key in keys:
+            prev = self._change(key, None)
+            if r.prev_kv:
+                response.prev_kvs.append(prev.to_pb())
+        response.deleted = len(keys)
+        return response
+
+    def _keys_in(self, key: bytes, range_end: bytes) -> Iterator[bytes]:
+        bounds = range_of(key, range_end)
+        if bounds is None:
+            if key in self.kvs:
+                yield key
+            return
+        lo, hi = bounds
+        if hi is not None and hi <= lo:
+            return
+        yield from self.kvs.irange(lo, hi, inclusive=(True, False))
+
+    # -- txn --------------------------------------------------------------------------------
+
+    def _txn(self, r: pb.TxnRequest, depth: int) -> pb.TxnResponse:
+        if depth >= MAX_TXN_DEPTH:
+            raise errors.invalid(f"txn nested more than {MAX_TXN_DEPTH} levels deep")
+        ok = all(self._compare(c) for c in r.compare)
+        ops = r.success if ok else r.failure
+        self._check_ops(ops, depth)
+        response = pb.TxnResponse(succeeded=ok)
+        for op in ops:
+            which = op.WhichOneof("request")
+            out = response.responses.add()
+            if which == "request_range":
+                out.response_range.CopyFrom(self.range(op.request_range, in_txn=True))
+            elif which == "request_put":
+                out.response_put.CopyFrom(self._put(op.request_put))
+            elif which == "request_delete_range":
+                out.response_delete_range.CopyFrom(self._delete(op.request_delete_range))
+            elif which == "request_txn":
+                out.response_txn.CopyFrom(self._txn(op.request_txn, depth + 1))
+            else:
+                out.response_range.CopyFrom(pb.RangeResponse())  # (an empty RequestOp)
+            # (each op's header carries the revision the txn ends at: set by the caller)
+        return response
+
+    def _check_ops(self, ops, depth: int) -> None:
+        """As etcd does before applying a txn's branch: the leases its puts name exist, and
+        keys that ignore_value/ignore_lease exist (else nothing of it is applied)."""
+        for op in ops:
+            which = op.WhichOneof("request")
+            if which == "request_put":
+                put = op.request_put
+                if (put.ignore_value or put.ignore_lease) and put.key not in self.kvs:
+                    raise errors.KEY_NOT_FOUND
+                if put.lease and put.lease not in self.leases:
+                    raise errors.LEASE_NOT_FOUND
+
+    def _compare(self, c: pb.Compare) -> bool:
+        if not c.key:
+            raise errors.EMPTY_KEY
+        bounds = range_of(c.key, c.range_end)
+        if bounds is None:
+            return self._compare_one(c, self.kvs.get(c.key))
+        keys = list(self._keys_in(c.key, c.range_end))
+        # (a range compare holds when it holds for every key in it; none: false, as etcd)
+        return bool(keys) and all(self._compare_one(c, self.kvs[k]) for k in keys)
+
+    @staticmethod
+    def _compare_one(c: pb.Compare, rec: Record | None) -> bool:
+        target = c.target
+        if target == _CMP.VALUE:
+            if rec is None:
+                return False  # (etcd: a value compare on an absent key fails)
+            mine, theirs = rec.value, c.value
+        elif target == _CMP.VERSION:
+            mine, theirs = (rec.version if rec else 0), c.version
+        elif target == _CMP.CREATE:
+            mine, theirs = (rec.create if rec else 0), c.create_revision
+        elif target == _CMP.MOD:
+            mine, theirs = (rec.mod if rec else 0), c.mod_revision
+        elif target == _CMP.LEASE:
+            mine, theirs = (rec.lease if rec else 0), c.lease
+        else:
+            return False
+        result = c.result
+        if result == _CMP.EQUAL:
+            return mine == theirs
+        if result == _CMP.NOT_EQUAL:
+            return mine != theirs
+        if result == _CMP.GREATER:
+            return mine > theirs
+        if result == _CMP.LESS:
+            return mine < theirs
+        return False
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def _grant(self, r: pb.LeaseGrantRequest) -> Any:
+        if r.ID == 0:
+            return errors.invalid("a lease id is chosen before it is logged")
+        if r.ID in self.leases:
+            return errors.LEASE_EXIST
+        if r.TTL > MAX_LEASE_TTL:
+            return errors.LEASE_TTL_TOO_LARGE
+        self.leases[r.ID] = Lease(r.ID, max(r.TTL, 1))
+        return self._header(pb.LeaseGrantResponse(ID=r.ID, TTL=max(r.TTL, 1)))
+
+    def _revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise errors.LEASE_NOT_FOUND
+        for key in sorted(lease.keys):
+            self._change(key, None)
+        del self.leases[lease_id]
+        return pb.LeaseRevokeResponse()
+
+    # -- compaction -------------------------------------------------------------------------
+
+    def compact(self, revision: int) -> None:
+        """Forget the history up to ``revision`` (reads and watches before it fail)."""
+        if revision <= self.compact_revision:
+            raise errors.COMPACTED
+        if revision > self.revision:
+            raise errors.FUTURE_REV
+        drop = revision - self._history_base + 1
+        if drop > 0:
+            for events in self._history[:drop]:
+                self.history_bytes -= sum(
+                    len(e.key) + (len(e.after.value) if e.after is not None else 0) + 64
+                    for e in events
+                )
+            del self._history[:drop]
+            self._history_base += drop
+        self.compact_revision = revision
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def check_revision(self, revision: int) -> None:
+        """EtcdError unless the state at ``revision`` (> 0) can be read."""
+        if revision > self.revision:
+            raise errors.FUTURE_REV
+        if revision < self.compact_revision:
+            raise errors.COMPACTED
+
+    def range(self, r: pb.RangeRequest, in_txn: bool = False) -> pb.RangeResponse:
+        """Answer a Range (raises EtcdError); header.revision is the store's revision."""
+        if not r.key:
+            raise errors.EMPTY_KEY
+        rev = r.revision
+        if rev > 0 and rev != self.revision and not in_txn:
+            self.check_revision(rev)
+            view = self._view_at(rev, r.key, r.range_end)
+        else:
+            view = None
+        bounds = range_of(r.key, r.range_end)
+        if view is None:
+            if bounds is None:
+                rec = self.kvs.get(r.key)
+                items = [] if rec is None else [rec]
+            else:
+                items = (self.kvs[k] for k in self._keys_in(r.key, r.range_end))
+        else:
+            items = view
+        sort_order, target = r.sort_order, r.sort_target
+        if sort_order == _SORT.NONE and target != _SORT.KEY:
+            sort_order = _SORT.ASCEND  # (etcd sorts by another target ascending by default)
+        filtered = bool(
+            r.min_mod_revision
+            or r.max_mod_revision
+            or r.min_create_revision
+            or r.max_create_revision
+        )
+        plain = not filtered and (
+            sort_order == _SORT.NONE or (sort_order == _SORT.ASCEND and target == _SORT.KEY)
+        )
+        response = pb.RangeResponse()
+        limit = r.limit if r.limit > 0 else 0
+        if plain and limit and view is None and bounds is not None:
+            # the common case: the newest state in key order; count by bisection, read only
+            # limit + 1 records
+            response.count = self._count(*bounds)
+            out = [] if r.count_only else list(islice(items, limit + 1))
+            if len(out) > limit:
+                out = out[:limit]
+                response.more = True
+        else:
+            out = list(items)
+            response.count = len(out)
+            if filtered:
+                out = [rec for rec in out if _passes(rec, r)]
+            if sort_order == _SORT.DESCEND or (sort_order == _SORT.ASCEND and target != _SORT.KEY):
+                out.sort(key=_SORT_KEYS[target], reverse=sort_order == _SORT.DESCEND)
+            if limit and len(out) > limit:
+                out = out[:limit]
+                response.more = True
+            if r.count_only:
+                out = []
+        keys_only = r.keys_only
+        response.kvs.extend([rec.to_pb(keys_only) for rec in out])
+        response.header.revision = self.revision
+        return response
+
+    def _count(self, lo: bytes, hi: bytes | None) -> int:
+        kvs = self.kvs
+        end = len(kvs) if hi is None else kvs.bisect_left(hi)
+        return max(end - kvs.bisect_left(lo), 0)
+
+    def _view_at(self, rev: int, key: bytes, range_end: bytes) -> list[Record]:
+        """The records of the range as they were at revision ``rev`` (checked), by key."""
+        bounds = range_of(key, range_end)
+        undo: dict[bytes, Record | None] = {}
+        start = rev + 1 - self._history_base
+        for events in reversed(self._history[max(start, 0) :]):
+            for ev in reversed(events):
+                if in_range(ev.key, key, bounds):
+                    undo[ev.key] = ev.prev
+        current = {k: self.kvs[k] for k in self._keys_in(key, range_end)}
+        current.update(undo)
+        return [current[k] for k in sorted(current) if current[k] is not None]
+
+    def events_from(self, revision: int, max_events: int = 1000) -> tuple[list[Event], int]:
+        """Events of revisions ``revision``.. (whole revisions, about ``max_events`` of them at
+        most, at least one revision) and the revision to read next. EtcdError COMPACTED if
+        that history is gone."""
+        if revision <= self.compact_revision:
+            raise errors.COMPACTED
+        i = max(revision - self._history_base, 0)
+        out: list[Event] = []
+        history = self._history
+        while i < len(history) and (not out or len(out) + len(history[i]) <= max_events):
+            out.extend(history[i])
+            i += 1
+        return out, self._history_base + i
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def frozen(self) -> MVCCStore:
+        """A copy of the state as of now, cheap to take (records are shared: immutable)."""
+        twin = MVCCStore()
+        twin.revision = self.revision
+        twin.compact_revision = self.compact_revision
+        twin.kvs = self.kvs.copy()
+        twin.leases = {i: _copy_lease(lease) for i, lease in self.leases.items()}
+        twin.size_bytes = self.size_bytes
+        twin.history_bytes = self.history_bytes
+        twin._history = list(self._history)
+        twin._history_base = self._history_base
+        return twin
+
+    def dump(self) -> bytes:
+        """The whole state, deterministic (two nodes that applied the same entries give the
+        same bytes). Layout (little-endian)::
+
+            magic "RFE1" | revision q | compact_revision q | history_base q
+            | count Q | records (key-ordered)        record: klen I | key | value record
+            | leases Q | (id q, ttl q) by id         value record: vlen I | value | create q
+            | revisions Q | per revision: n I | n events   | mod q | version q | lease q
+            event: klen I | key | flags B (1: after, 2: prev) | value records
+            | crc32 I of everything before
+        """
+        out = bytearray(b"RFE1")
+        out += _Q3.pack(self.revision, self.compact_revision, self._history_base)
+        out += _U64.pack(len(self.kvs))
+        for key, rec in self.kvs.items():
+            out += _U32.pack(len(key))
+            out += key
+            _put_record(out, rec)
+        out += _U64.pack(len(self.leases))
+        for lease_id in sorted(self.leases):
+            out += _Q2.pack(lease_id, self.leases[lease_id].ttl)
+        out += _U64.pack(len(self._history))
+        for events in self._history:
+            out += _U32.pack(len(events))
+            for ev in events:
+                out += _U32.pack(len(ev.key))
+                out += ev.key
+                out.append((ev.after is not None) | (ev.prev is not None) << 1)
+                if ev.after is not None:
+                    _put_record(out, ev.after)
+                if ev.prev is not None:
+                    _put_record(out, ev.prev)
+        out += _U32.pack(zlib.crc32(out))
+        return bytes(out)
+
+    @classmethod
+    def load(cls, data: bytes | memoryview) -> MVCCStore:
+        """The store a ``dump`` holds; CorruptionError if it is not an intact one."""
+        mv = memoryview(data)
+        if len(mv) < 4 + _Q3.size + 3 * _U64.size + _U32.size or bytes(mv[:4]) != b"RFE1":
+            raise CorruptionError("not an etcd keyspace snapshot (bad magic or too short)")
+        end = len(mv) - _U32.size
+        if zlib.crc32(mv[:end]) != _U32.unpack_from(mv, end)[0]:
+            raise CorruptionError("etcd keyspace snapshot CRC mismatch")
+        reader = _Reader(mv, 4, end)
+        store = cls()
+        store.revision, store.compact_revision, store._history_base = reader.take(_Q3)
+        items = []
+        for _ in range(reader.take(_U64)[0]):
+            key = reader.bytes_()
+            items.append((key, reader.record(key)))
+        for _ in range(reader.take(_U64)[0]):
+            lease_id, ttl = reader.take(_Q2)
+            store.leases[lease_id] = Lease(lease_id, ttl)
+        history = []
+        rev = store._history_base
+        for _ in range(reader.take(_U64)[0]):
+            events = []
+            for _ in range(reader.take(_U32)[0]):
+                key = reader.bytes_()
+                (flags,) = reader.take(_U8)
+                after = reader.record(key) if flags & 1 else None
+                prev = reader.record(key) if flags & 2 else None
+                events.append(Event(key, after, prev, rev))
+            history.append(tuple(events))
+            rev += 1
+        if reader.pos != end:
+            raise CorruptionError("etcd keyspace snapshot has trailing bytes")
+        keys = [k for k, _ in items]
+        if not all(a < b for a, b in zip(keys, keys[1:], strict=False)):
+            raise CorruptionError("etcd keyspace snapshot keys are not ascending")
+        if store.revision < 1 or rev - 1 != store.revision and history:
+            raise CorruptionError("etcd keyspace snapshot history does not end at its revision")
+        store.kvs = SortedDict(items)
+        store._history = history
+        for key, rec in items:
+            store.size_bytes += len(key) + len(rec.value)
+            if rec.lease in store.leases:
+                store.leases[rec.lease].keys.add(key)
+        store.history_bytes = sum(
+            len(e.key) + (len(e.after.value) if e.after is not None else 0) + 64
+            for events in history
+            for e in events
+        )
+        return store
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MVCCStore) and self.dump() == other.dump()
+
+
+def _passes(rec: Record, r: pb.RangeRequest) -> bool:
+    return not (
+        (r.min_mod_revision and rec.mod < r.min_mod_revision)
+        or (r.max_mod_revision and rec.mod > r.max_mod_revision)
+        or (r.min_create_revision and rec.create < r.min_create_revision)
+        or (r.max_create_revision and rec.create > r.max_create_revision)
+    )
+
+
+_SORT_KEYS = {
+    _SORT.KEY: lambda rec: rec.key,
+    _SORT.VERSION: lambda rec: rec.version,
+    _SORT.CREATE: lambda rec: rec.create,
+    _SORT.MOD: lambda rec: rec.mod,
+    _SORT.VALUE: lambda rec: rec.value,
+}
+
+
+def _copy_lease(lease: Lease) -> Lease:
+    twin = Lease(lease.id, lease.ttl)
+    twin.keys = set(lease.keys)
+    return twin
+
+
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_Q2 = struct.Struct("<qq")
+_Q3 = struct.Struct("<qqq")
+_REC = struct.Struct("<qqqq")
+
+
+def _put_record(out: bytearray, rec: Record) -> None:
+    out += _U32.pack(len(rec.value))
+    out += rec.value
+    out += _REC.pack(rec.create, rec.mod, rec.version, rec.lease)
+
+
+class _Reader:
+    def __init__(self, mv: memoryview, pos: int, end: int) -> None:
+        self.mv, self.pos, self.end = mv, pos, end
+
+    def _advance(self, n: int) -> int:
+        at = self.pos
+        if n > self.end - at:
+            raise CorruptionError(f"etcd keyspace snapshot truncated at offset {at}")
+        self.pos = at + n
+        return at
+
+    def take(self, st: struct.Struct) -> tuple:
+        return st.unpack_from(self.mv, self._advance(st.size))
+
+    def bytes_(self) -> bytes:
+        (n,) = self.take(_U32)
+        at = self._advance(n)
+        return bytes(self.mv[at : at + n])
+
+    def record(self, key: bytes) -> Record:
+        value = self.bytes_()
+        create, mod, version, lease = self.take(_REC)
+        return Record(key, value, create, mod, version, lease)

@@ -1,0 +1,105 @@
+"""etcd's gRPC services (etcdserverpb KV, Lease, Cluster, Maintenance; Watch is in
+``raftfast.etcd.watch``) on a node's client port: each call is handed to ``EtcdAPI.handle``,
+and its ``EtcdError`` becomes the status etcd would send. Nothing else escapes: an unexpected
+failure is logged and answered INTERNAL, and the node goes on serving."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from raftfast.etcd.api import EtcdAPI
+from raftfast.etcd.errors import EtcdError
+from raftfast.etcd.watch import WatchService
+from raftfast.proto.etcd import rpc_pb2 as pb
+from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
+
+__all__ = ["SERVICE_NAMES", "add_etcd_services"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    "etcdserverpb.KV",
+    "etcdserverpb.Watch",
+    "etcdserverpb.Lease",
+    "etcdserverpb.Cluster",
+    "etcdserverpb.Maintenance",
+)
+
+
+async def _call(api: EtcdAPI, method: str, request: Any, context: grpc.aio.ServicerContext):
+    try:
+        return await api.handle(method, request, context.time_remaining())
+    except EtcdError as exc:
+        await context.abort(exc.code, exc.message)
+    except (grpc.aio.AbortError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a status, never a crash
+        log.error("etcd %s failed", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc!r}")
+
+
+def _unary(method: str):
+    async def handler(self, request, context):
+        return await _call(self.api, method, request, context)
+
+    handler.__name__ = method.split("/")[1]
+    return handler
+
+
+class _Base:
+    def __init__(self, api: EtcdAPI) -> None:
+        self.api = api
+
+
+class KVService(_Base, pb_grpc.KVServicer):
+    Range = _unary("KV/Range")
+    Put = _unary("KV/Put")
+    DeleteRange = _unary("KV/DeleteRange")
+    Txn = _unary("KV/Txn")
+    Compact = _unary("KV/Compact")
+
+
+class LeaseService(_Base, pb_grpc.LeaseServicer):
+    LeaseGrant = _unary("Lease/LeaseGrant")
+    LeaseRevoke = _unary("Lease/LeaseRevoke")
+    LeaseTimeToLive = _unary("Lease/LeaseTimeToLive")
+    LeaseLeases = _unary("Lease/LeaseLeases")
+
+    async def LeaseKeepAlive(  # noqa: N802 - gRPC naming
+        self,
+        request_iterator: AsyncIterator[pb.LeaseKeepAliveRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.LeaseKeepAliveResponse]:
+        async for request in request_iterator:
+            yield await _call(self.api, "Lease/LeaseKeepAlive", request, context)
+
+
+class ClusterService(_Base, pb_grpc.ClusterServicer):
+    MemberAdd = _unary("Cluster/MemberAdd")
+    MemberRemove = _unary("Cluster/MemberRemove")
+    MemberList = _unary("Cluster/MemberList")
+    MemberPromote = _unary("Cluster/MemberPromote")
+
+
+class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
+    Alarm = _unary("Maintenance/Alarm")
+    Status = _unary("Maintenance/Status")
+    Defragment = _unary("Maintenance/Defragment")
+    HashKV = _unary("Maintenance/HashKV")
+    MoveLeader = _unary("Maintenance/MoveLeader")
+
+
+def add_etcd_services(server: grpc.aio.Server, api: EtcdAPI) -> WatchService:
+    """Serve the etcd API on ``server``; returns the Watch service (to be told of applies)."""
+    pb_grpc.add_KVServicer_to_server(KVService(api), server)
+    pb_grpc.add_LeaseServicer_to_server(LeaseService(api), server)
+    pb_grpc.add_ClusterServicer_to_server(ClusterService(api), server)
+    pb_grpc.add_MaintenanceServicer_to_server(MaintenanceService(api), server)
+    watch = WatchService(api)
+    pb_grpc.add_WatchServicer_to_server(watch, server)
+    return watch
