@@ -122,7 +122,7 @@ class EtcdAPI:
                 self._member_list,
                 False,
             ),
-            "Maintenance/Alarm": (pb.AlarmRequest, pb.AlarmResponse, self._alarm, False),
+            "Maintenance/Alarm": (pb.AlarmRequest, pb.AlarmResponse, self._alarm, True),
             "Maintenance/Status": (pb.StatusRequest, pb.StatusResponse, self._status, False),
             "Maintenance/Defragment": (
                 pb.DefragmentRequest,
@@ -212,8 +212,10 @@ class EtcdAPI:
         return response.SerializeToString()
 
     def _local(self, method: str, request: Any) -> bool:
-        """Served from this node's own state (a serializable read)."""
-        return method == "KV/Range" and request.serializable
+        """Served from this node's own state (a serializable read, the alarms raised)."""
+        if method == "KV/Range":
+            return request.serializable
+        return method == "Maintenance/Alarm" and request.action == pb.AlarmRequest.GET
 
     # -- validation at the boundary ---------------------------------------------------------
 
@@ -412,8 +414,6 @@ class EtcdAPI:
             # (only NOSPACE exists here; it is cleared through the quota, on the leader)
             if request.alarm not in (pb.NONE, pb.NOSPACE):
                 raise errors.invalid(f"alarm {request.alarm} is not one this node raises")
-            if not self.driver.is_leader:
-                raise errors.NOT_LEADER if self.driver.raw.leader else errors.NO_LEADER
             quota = self.driver.quota
             if quota is None:
                 raise errors.invalid("this node has no quota")

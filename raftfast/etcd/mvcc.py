@@ -366,8 +366,9 @@ class MVCCStore:
         if bounds is None:
             return self._compare_one(c, self.kvs.get(c.key))
         keys = list(self._keys_in(c.key, c.range_end))
-        # (a range compare holds when it holds for every key in it; none: false, as etcd)
-        return bool(keys) and all(self._compare_one(c, self.kvs[k]) for k in keys)
+        if not keys:  # (as etcd: an empty range compares like an absent key)
+            return self._compare_one(c, None)
+        return all(self._compare_one(c, self.kvs[k]) for k in keys)
 
     @staticmethod
     def _compare_one(c: pb.Compare, rec: Record | None) -> bool:

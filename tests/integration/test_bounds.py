@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+import grpc
+
 from raftfast.client import Client
 from raftfast.tools.localcluster import ProcCluster
 
@@ -110,3 +112,64 @@ def test_memory_and_disk_stay_bounded_under_an_endless_write_load(tmp_path):
         assert second_disk <= first_disk + GROWTH_MARGIN_DISK, "disk use keeps growing"
         for nid in cluster.ids:
             assert cluster.status(nid).first_index > 1, f"{nid} never compacted its log"
+
+
+ETCD_RETENTION = 10_000  # revisions of etcd history kept (--auto-compaction-retention)
+ETCD_MIN_WRITES = 4 * ETCD_RETENTION  # several compactions
+ETCD_INFLIGHT = 64
+
+
+def test_etcd_api_memory_stays_bounded_with_auto_compaction(tmp_path):
+    """Puts through etcd's API, forever overwriting a working set: the history is compacted
+    (revision mode), so resident memory levels off instead of growing with every revision."""
+    from raftfast.proto.etcd import rpc_pb2 as epb
+    from raftfast.proto.etcd import rpc_pb2_grpc as epb_grpc
+
+    flags = [*FLAGS, "--auto-compaction-retention", str(ETCD_RETENTION)]
+    with ProcCluster(tmp_path, extra=flags) as cluster:
+        leader = cluster.wait_leader()
+        samples: list[tuple[float, dict[str, int]]] = []
+        writes = 0
+
+        async def load() -> tuple[float, int]:
+            nonlocal writes
+            async with grpc.aio.insecure_channel(cluster.addrs[leader]) as channel:
+                kv = epb_grpc.KVStub(channel)
+                started = time.monotonic()
+                next_sample = started
+
+                async def put(i: int) -> None:
+                    await kv.Put(epb.PutRequest(key=b"k%d" % (i % KEYS), value=VALUE), timeout=30)
+
+                i = 0
+                while (now := time.monotonic()) - started < DURATION or (
+                    writes < ETCD_MIN_WRITES and now - started < 4 * DURATION
+                ):
+                    if now >= next_sample:
+                        samples.append(
+                            (now - started, {n: _rss(p.pid) for n, p in cluster.procs.items()})
+                        )
+                        next_sample = now + max(1.0, DURATION / 60)
+                    await asyncio.gather(*(put(i + j) for j in range(ETCD_INFLIGHT)))
+                    i += ETCD_INFLIGHT
+                    writes += ETCD_INFLIGHT
+                elapsed = time.monotonic() - started
+                samples.append((elapsed, {n: _rss(p.pid) for n, p in cluster.procs.items()}))
+                hashed = await epb_grpc.MaintenanceStub(channel).HashKV(
+                    epb.HashKVRequest(), timeout=30
+                )
+                return elapsed, hashed.compact_revision
+
+        duration, compacted = asyncio.run(load())
+        assert writes >= ETCD_MIN_WRITES, f"only {writes} writes: too few compactions to tell"
+        # (revision = writes + 1: the history kept is at most the retention and one step)
+        assert compacted >= writes - 2 * ETCD_RETENTION, f"compacted only to {compacted}"
+        peak = max(max(s[1].values()) for s in samples)
+        first = max(max(s[1].values()) for s in samples if s[0] <= duration / 2)
+        second = max(max(s[1].values()) for s in samples if s[0] > duration / 2)
+        print(
+            f"etcd API: {writes} puts in {duration:.0f}s, compacted to revision {compacted}; "
+            f"peak RSS {peak >> 20} MiB (halves {first >> 20}/{second >> 20})"
+        )
+        assert peak <= RSS_LIMIT, f"resident memory {peak >> 20} MiB"
+        assert second <= first + GROWTH_MARGIN_RSS, "memory keeps growing"
