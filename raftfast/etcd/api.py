@@ -410,6 +410,12 @@ class EtcdAPI:
         return [pb.AlarmMember(memberID=member_id(leader or self.driver.id), alarm=pb.NOSPACE)]
 
     async def _alarm(self, request: pb.AlarmRequest) -> pb.AlarmResponse:
+        if request.action not in (
+            pb.AlarmRequest.GET,
+            pb.AlarmRequest.ACTIVATE,
+            pb.AlarmRequest.DEACTIVATE,
+        ):
+            raise errors.invalid(f"unknown alarm action {request.action}")
         if request.action != pb.AlarmRequest.GET:
             # (only NOSPACE exists here; it is cleared through the quota, on the leader)
             if request.alarm not in (pb.NONE, pb.NOSPACE):

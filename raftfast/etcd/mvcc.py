@@ -216,6 +216,8 @@ class MVCCStore:
             return self._write(lambda: self._revoke(request.ID), pb.LeaseRevokeResponse)
         except EtcdError as exc:
             return exc
+        except Exception as exc:  # noqa: BLE001 - apply never raises (module docs)
+            return errors.invalid(f"cannot apply the request: {exc!r}"[:300])
 
     def _header(self, response: Any) -> Any:
         response.header.revision = self.revision
@@ -226,9 +228,13 @@ class MVCCStore:
         self._pending = []
         try:
             response = body()
-        except EtcdError:
+        except Exception as exc:
+            # Nothing of a failed write stays (and nothing escapes apply: the same command
+            # fails the same way on every node).
             self._rollback()
-            raise
+            if isinstance(exc, EtcdError):
+                raise
+            raise errors.invalid(f"cannot apply the request: {exc!r}"[:300]) from None
         finally:
             events, self._pending = self._pending, None
         if response is None:
@@ -467,6 +473,8 @@ class MVCCStore:
         else:
             items = view
         sort_order, target = r.sort_order, r.sort_target
+        if sort_order not in _SORT_ORDERS or target not in _SORT_KEYS:
+            raise errors.invalid(f"unknown sort order {sort_order} or target {target}")
         if sort_order == _SORT.NONE and target != _SORT.KEY:
             sort_order = _SORT.ASCEND  # (etcd sorts by another target ascending by default)
         filtered = bool(
@@ -651,6 +659,7 @@ def _passes(rec: Record, r: pb.RangeRequest) -> bool:
     )
 
 
+_SORT_ORDERS = (_SORT.NONE, _SORT.ASCEND, _SORT.DESCEND)
 _SORT_KEYS = {
     _SORT.KEY: lambda rec: rec.key,
     _SORT.VERSION: lambda rec: rec.version,
