@@ -207,7 +207,7 @@ class MVCCStore:
             if isinstance(request, pb.DeleteRangeRequest):
                 return self._write(lambda: self._delete(request), pb.DeleteRangeResponse)
             if isinstance(request, pb.TxnRequest):
-                return self._write(lambda: self._txn(request, 0), pb.TxnResponse)
+                return self._write(lambda: self._txn(request), pb.TxnResponse)
             if isinstance(request, pb.CompactionRequest):
                 self.compact(request.revision)
                 return self._header(pb.CompactionResponse())
@@ -285,6 +285,8 @@ class MVCCStore:
             raise errors.EMPTY_KEY
         prev = self.kvs.get(key)
         value, lease = r.value, r.lease
+        if lease and lease not in self.leases:
+            raise errors.LEASE_NOT_FOUND  # (etcd looks for the lease before the key)
         if r.ignore_value or r.ignore_lease:
             if prev is None:
                 raise errors.KEY_NOT_FOUND
@@ -292,8 +294,6 @@ class MVCCStore:
                 value = prev.value
             if r.ignore_lease:
                 lease = prev.lease
-        if lease and lease not in self.leases:
-            raise errors.LEASE_NOT_FOUND
         rev = self.revision + 1
         if prev is None:
             rec = Record(key, value, rev, rev, 1, lease)
@@ -330,14 +330,29 @@ class MVCCStore:
 
     # -- txn --------------------------------------------------------------------------------
 
-    def _txn(self, r: pb.TxnRequest, depth: int) -> pb.TxnResponse:
+    def _txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
+        # As etcd (compareToPath, checkRequests): the branch of the txn, and of every txn nested
+        # in a branch taken, is chosen on the state before the txn, and the requests of those
+        # branches checked on it too; only then do they run, in order.
+        path: list[bool] = []
+        self._choose(r, 0, path)
+        return self._run(r, iter(path))
+
+    def _choose(self, r: pb.TxnRequest, depth: int, path: list[bool]) -> None:
         if depth >= MAX_TXN_DEPTH:
             raise errors.invalid(f"txn nested more than {MAX_TXN_DEPTH} levels deep")
         ok = all(self._compare(c) for c in r.compare)
-        ops = r.success if ok else r.failure
-        self._check_ops(ops, depth)
+        path.append(ok)
+        for op in r.success if ok else r.failure:
+            if op.WhichOneof("request") == "request_txn":
+                self._choose(op.request_txn, depth + 1, path)
+            else:
+                self._check_op(op)
+
+    def _run(self, r: pb.TxnRequest, path: Iterator[bool]) -> pb.TxnResponse:
+        ok = next(path)
         response = pb.TxnResponse(succeeded=ok)
-        for op in ops:
+        for op in r.success if ok else r.failure:
             which = op.WhichOneof("request")
             out = response.responses.add()
             if which == "request_range":
@@ -347,23 +362,25 @@ class MVCCStore:
             elif which == "request_delete_range":
                 out.response_delete_range.CopyFrom(self._delete(op.request_delete_range))
             elif which == "request_txn":
-                out.response_txn.CopyFrom(self._txn(op.request_txn, depth + 1))
+                out.response_txn.CopyFrom(self._run(op.request_txn, path))
             else:
                 out.response_range.CopyFrom(pb.RangeResponse())  # (an empty RequestOp)
             # (each op's header carries the revision the txn ends at: set by the caller)
         return response
 
-    def _check_ops(self, ops, depth: int) -> None:
-        """As etcd does before applying a txn's branch: the leases its puts name exist, and
-        keys that ignore_value/ignore_lease exist (else nothing of it is applied)."""
-        for op in ops:
-            which = op.WhichOneof("request")
-            if which == "request_put":
-                put = op.request_put
-                if (put.ignore_value or put.ignore_lease) and put.key not in self.kvs:
-                    raise errors.KEY_NOT_FOUND
-                if put.lease and put.lease not in self.leases:
-                    raise errors.LEASE_NOT_FOUND
+    def _check_op(self, op: pb.RequestOp) -> None:
+        """As etcd does before applying a txn: the leases its puts name exist, keys that
+        ignore_value/ignore_lease exist, and its ranges' revisions can be read (else nothing
+        of it is applied)."""
+        which = op.WhichOneof("request")
+        if which == "request_put":
+            put = op.request_put
+            if (put.ignore_value or put.ignore_lease) and put.key not in self.kvs:
+                raise errors.KEY_NOT_FOUND
+            if put.lease and put.lease not in self.leases:
+                raise errors.LEASE_NOT_FOUND
+        elif which == "request_range" and op.request_range.revision > 0:
+            self.check_revision(op.request_range.revision)
 
     def _compare(self, c: pb.Compare) -> bool:
         if not c.key:
@@ -458,9 +475,10 @@ class MVCCStore:
         if not r.key:
             raise errors.EMPTY_KEY
         rev = r.revision
-        if rev > 0 and rev != self.revision and not in_txn:
+        # (in a txn after a write, its revision too is read through the history: as etcd)
+        if rev > 0 and (rev != self.revision or (in_txn and self._pending)):
             self.check_revision(rev)
-            view = self._view_at(rev, r.key, r.range_end)
+            view = self._view_at(rev, r.key, r.range_end, self._pending if in_txn else None)
         else:
             view = None
         bounds = range_of(r.key, r.range_end)
@@ -503,11 +521,11 @@ class MVCCStore:
                 out = [rec for rec in out if _passes(rec, r)]
             if sort_order == _SORT.DESCEND or (sort_order == _SORT.ASCEND and target != _SORT.KEY):
                 out.sort(key=_SORT_KEYS[target], reverse=sort_order == _SORT.DESCEND)
+            if r.count_only:
+                out = []  # (no kvs, hence never "more": as etcd)
             if limit and len(out) > limit:
                 out = out[:limit]
                 response.more = True
-            if r.count_only:
-                out = []
         keys_only = r.keys_only
         response.kvs.extend([rec.to_pb(keys_only) for rec in out])
         response.header.revision = self.revision
@@ -518,12 +536,18 @@ class MVCCStore:
         end = len(kvs) if hi is None else kvs.bisect_left(hi)
         return max(end - kvs.bisect_left(lo), 0)
 
-    def _view_at(self, rev: int, key: bytes, range_end: bytes) -> list[Record]:
-        """The records of the range as they were at revision ``rev`` (checked), by key."""
+    def _view_at(
+        self, rev: int, key: bytes, range_end: bytes, pending: list[Event] | None = None
+    ) -> list[Record]:
+        """The records of the range as they were at revision ``rev`` (checked), by key;
+        ``pending``: the changes so far of a txn under way (newer still)."""
         bounds = range_of(key, range_end)
         undo: dict[bytes, Record | None] = {}
         start = rev + 1 - self._history_base
-        for events in reversed(self._history[max(start, 0) :]):
+        history = self._history[max(start, 0) :]
+        if pending:
+            history.append(tuple(pending))
+        for events in reversed(history):
             for ev in reversed(events):
                 if in_range(ev.key, key, bounds):
                     undo[ev.key] = ev.prev

@@ -66,7 +66,10 @@ log = logging.getLogger("raftfast.node")
 _INLINE_SYNC_BYTES = 64 * 1024
 _SLOW_SYNC_S = 0.002
 _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
-_MAX_STREAMS_PER_CONNECTION = 256  # gRPC streams one client connection may have open
+# gRPC streams one client connection may have open: enough for an etcd client's 256 unary calls
+# in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
+# by --max-request-bytes each and by HTTP/2 flow control per connection.
+_MAX_STREAMS_PER_CONNECTION = 1024
 
 
 class Driver(MembershipMixin, SnapshotMixin):

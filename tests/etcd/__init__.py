@@ -1,0 +1,1 @@
+"""Tests of raftfast.etcd: the etcd v3 API's data model and services."""
