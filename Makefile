@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py raftfast/_version.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
 
-.PHONY: venv build test test-compiled test-pure lint run soak chaos bench compare failover proto wheels clean
+.PHONY: venv build test test-compiled test-pure etcd-client lint run soak chaos bench compare failover proto wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,20 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check raftfast tests bench examples setup.py
 
-test-compiled: $(STAMP)
+test-compiled: $(STAMP) etcd-client
 	@echo "== compiled run =="
 	$(PY) -c "import raftfast, sys; sys.exit(0 if raftfast.COMPILED else 'compiled modules not in use')"
 	RAFTFAST_BENCH_SECONDS=$${RAFTFAST_BENCH_SECONDS:-2} \
 		$(PYTEST) -q -p no:cacheprovider --benchmark-disable tests bench
 
+# etcdctl (Debian's etcd-client), a client tests/etcd/test_etcdctl.py runs against the etcd API.
+etcd-client:
+	command -v etcdctl >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q etcd-client; }
+
 # The heavy real-cluster tests run compiled only: the pure twins' CRC32C (~15 MB/s) makes a
 # node with a 9 MiB write block its loop for seconds (elections follow), and the long loads slow.
-test-pure: $(STAMP)
+test-pure: $(STAMP) etcd-client
 	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
 	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests \
 		--ignore=tests/fault/test_chaos.py --ignore=tests/fault/test_durability.py \
@@ -79,7 +84,8 @@ failover: $(STAMP)
 		apt-get install -y -q etcd-server etcd-client; }
 	$(PY) bench/failover.py --rounds $${RAFTFAST_FAILOVER_ROUNDS:-10}
 
-# The long fault-injection run: >= 20 schedules over 3 and 5 nodes (about 10 minutes).
+# The long fault-injection run: >= 20 schedules over 3 and 5 nodes, half of them through the
+# etcd API (about 10 minutes).
 chaos: $(STAMP)
 	$(PY) -m tests.fault.chaos --schedules $${RAFTFAST_CHAOS_SCHEDULES:-20} \
 		--duration $${RAFTFAST_CHAOS_DURATION:-20}

@@ -9,6 +9,13 @@ holds the same state.
 
 ``--tls half`` (the default) runs every other pair of schedules with TLS everywhere (client
 certificates, the peer port, the replication stream through the proxy); ``on``, ``off``.
+
+``--api both`` (the default) runs half the schedules through etcd's v3 API instead of raftfast's
+own client: the clients then speak only etcdserverpb.KV (Put, linearizable Range, DeleteRange, a
+compare-and-swap Txn) to any node, which hands writes and linearizable reads to the leader; the
+final reads and the state compared at the end are etcd's too. Every pair of schedules has one of
+each, and every 8 schedules cover each (nodes, TLS, API) combination once; ``etcd``,
+``raftfast``.
 """
 
 from __future__ import annotations
@@ -24,11 +31,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from raftfast.client import Client
 from raftfast.errors import InvalidArgumentError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
-from raftfast.security.tls import TLSFiles
+from raftfast.proto.etcd import rpc_pb2 as etcd_pb
+from raftfast.proto.etcd import rpc_pb2_grpc as etcd_grpc
+from raftfast.security.tls import TLSFiles, channel_credentials
 from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
 
 from .linearizability import Op, check
@@ -36,6 +47,7 @@ from .proxy import FaultProxy
 
 KEYS = [b"k%d" % i for i in range(6)]
 OP_TIMEOUT = 2.0
+APIS = ("raftfast", "etcd")
 
 
 @dataclass
@@ -43,6 +55,7 @@ class Report:
     nodes: int
     seed: int
     tls: bool = False
+    api: str = "raftfast"
     ops: int = 0
     ok: int = 0
     unknown: int = 0
@@ -53,19 +66,28 @@ class Report:
     converged: bool = False
     streamed_links: int = 0  # links whose replication stream ran over TCP through the proxy
     seconds: float = 0.0
+    # What no fault explains: a client that crashed, an answer no node should give (INTERNAL,
+    # INVALID_ARGUMENT...). Each fails the schedule.
+    problems: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.linearizable) and self.lost_writes == 0 and self.converged
+        return (
+            bool(self.linearizable)
+            and self.lost_writes == 0
+            and self.converged
+            and not self.problems
+        )
 
     def line(self) -> str:
         faults = ",".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
         verdict = {True: "linearizable", False: "NOT LINEARIZABLE", None: "unknown"}
         return (
             f"nodes={self.nodes} seed={self.seed:<4} tls={'on' if self.tls else 'off':<3} "
-            f"ops={self.ops:<5} ok={self.ok:<5} "
+            f"api={self.api:<8} ops={self.ops:<5} ok={self.ok:<5} "
             f"unknown={self.unknown:<3} faults[{faults}] {verdict[self.linearizable]} "
             f"lost={self.lost_writes} converged={self.converged} {self.seconds:.0f}s"
+            + (f" PROBLEMS={len(self.problems)}" if self.problems else "")
         )
 
 
@@ -115,6 +137,173 @@ async def _worker(
                     continue  # a failed read has no effect
                 complete, output = None, None
             history.append(Op(wid, kind, key, value, expected, invoke, complete, output))
+
+
+# -- etcd API clients ----------------------------------------------------------------------------
+
+# Reconnect soon after a node restarts (gRPC's defaults wait 1 s, then up to 120 s).
+ETCD_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+# The statuses faults cause (a node down, paused or cut off, no leader, a timeout): the op's
+# outcome is unknown. Any other status is a problem (the op is still recorded as unknown: that
+# is always sound).
+ETCD_FAULT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def _etcd_channel(address: str, tls: TLSFiles | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=ETCD_CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, channel_credentials(tls), options=ETCD_CHANNEL_OPTIONS)
+
+
+async def _connected(channel: grpc.aio.Channel, wait: float = 0.5) -> bool:
+    """Whether ``channel`` is connected (waiting up to ``wait`` s for it). Nothing is sent
+    over a channel that is not, so an op not invoked for that has no outcome to record."""
+    if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+        return True
+    try:
+        await asyncio.wait_for(channel.channel_ready(), wait)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _etcd_cas(key: bytes, expected: bytes | None, value: bytes) -> etcd_pb.TxnRequest:
+    """Put ``value`` if the key holds ``expected`` (None: if it is absent, version 0)."""
+    if expected is None:
+        compare = etcd_pb.Compare(
+            key=key, target=etcd_pb.Compare.VERSION, result=etcd_pb.Compare.EQUAL, version=0
+        )
+    else:
+        compare = etcd_pb.Compare(
+            key=key, target=etcd_pb.Compare.VALUE, result=etcd_pb.Compare.EQUAL, value=expected
+        )
+    put = etcd_pb.RequestOp(request_put=etcd_pb.PutRequest(key=key, value=value))
+    return etcd_pb.TxnRequest(compare=[compare], success=[put])
+
+
+async def _etcd_worker(
+    wid: int,
+    endpoints: list[str],
+    rng: random.Random,
+    stop: asyncio.Event,
+    history: list[Op],
+    problems: list[str],
+    reader: bool = False,
+    tls: TLSFiles | None = None,
+) -> None:
+    """``_worker``'s operations through etcd's KV service alone: put = Put, get = a
+    linearizable Range, cas = a Txn (compare the value, or version 0 for "absent", then put),
+    delete = DeleteRange. Writers use every node (one at random now and then, the next one
+    after an error): a follower hands the request to the leader. A ``reader`` stays on
+    ``endpoints[0]``.
+
+    etcd has no exactly-once: a write retried after an unknown outcome may apply twice. So
+    nothing is retried: an error after sending leaves the op unknown (it may take effect
+    later, or never), and the next op is a new one with a value never written before."""
+    channels = [_etcd_channel(a, tls) for a in endpoints]
+    stubs = [etcd_grpc.KVStub(ch) for ch in channels]
+    at = 0 if reader else wid % len(stubs)
+    seen: dict[bytes, bytes | None] = {}
+    counter = 0
+    try:
+        while not stop.is_set():
+            if not reader and rng.random() < 0.2:
+                at = rng.randrange(len(stubs))
+            if not await _connected(channels[at]):
+                if not reader:
+                    at = (at + 1) % len(stubs)
+                continue
+            stub = stubs[at]
+            key = rng.choice(KEYS)
+            roll = 0.5 if reader else rng.random()
+            counter += 1
+            value = b"e%d-%d" % (wid, counter)
+            invoke = time.monotonic()
+            try:
+                if roll < 0.45:
+                    kind, expected = "put", None
+                    await stub.Put(etcd_pb.PutRequest(key=key, value=value), timeout=OP_TIMEOUT)
+                    output = None
+                elif roll < 0.80:
+                    kind, expected, value = "get", None, None
+                    resp = await stub.Range(etcd_pb.RangeRequest(key=key), timeout=OP_TIMEOUT)
+                    output = resp.kvs[0].value if resp.kvs else None
+                    seen[key] = output
+                elif roll < 0.92:
+                    kind, expected = "cas", seen.get(key)
+                    resp = await stub.Txn(_etcd_cas(key, expected, value), timeout=OP_TIMEOUT)
+                    output = resp.succeeded
+                else:
+                    kind, expected, value = "delete", None, None
+                    resp = await stub.DeleteRange(
+                        etcd_pb.DeleteRangeRequest(key=key), timeout=OP_TIMEOUT
+                    )
+                    output = resp.deleted > 0
+                complete = time.monotonic()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in ETCD_FAULT_CODES:
+                    problems.append(
+                        f"c{wid} {kind} {key!r} at {endpoints[at]}: {exc.code().name} "
+                        f"{exc.details()}"
+                    )
+                if not reader:
+                    at = (at + 1) % len(stubs)
+                await asyncio.sleep(rng.uniform(0.02, 0.1))
+                if kind == "get":
+                    continue  # a failed read has no effect
+                complete, output = None, None
+            history.append(Op(wid, kind, key, value, expected, invoke, complete, output))
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def _etcd_final_reads(
+    cluster: ProcCluster, history: list[Op], timeout: float = 60.0
+) -> dict[bytes, bytes | None]:
+    """A linearizable Range of every key, each asked of another node (after an error, the
+    next), recorded in the history like the clients' reads."""
+    channels = [_etcd_channel(a, cluster.client_tls) for a in cluster.endpoints]
+    stubs = [etcd_grpc.KVStub(ch) for ch in channels]
+    final: dict[bytes, bytes | None] = {}
+    try:
+        for i, key in enumerate(KEYS):
+            deadline = time.monotonic() + timeout
+            at = i
+            while True:
+                invoke = time.monotonic()
+                try:
+                    resp = await stubs[at % len(stubs)].Range(
+                        etcd_pb.RangeRequest(key=key), timeout=10
+                    )
+                    break
+                except grpc.aio.AioRpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    at += 1
+                    await asyncio.sleep(0.2)
+            value = resp.kvs[0].value if resp.kvs else None
+            history.append(Op(-1, "get", key, None, None, invoke, time.monotonic(), value))
+            final[key] = value
+    finally:
+        for ch in channels:
+            await ch.close()
+    return final
+
+
+def _etcd_state(cluster: ProcCluster, nid: str) -> tuple:
+    """Node ``nid``'s own etcd keyspace (a serializable Range of every key): its revision and
+    every key's value, create and mod revisions and version."""
+    with cluster.channel(nid) as ch:
+        resp = etcd_grpc.KVStub(ch).Range(
+            etcd_pb.RangeRequest(key=b"\0", range_end=b"\0", serializable=True), timeout=5
+        )
+    kvs = [(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version) for kv in resp.kvs]
+    return resp.header.revision, kvs
 
 
 # -- nemesis -------------------------------------------------------------------------------------
@@ -271,31 +460,25 @@ async def _run(
     stop = asyncio.Event()
     nemesis = Nemesis(cluster, proxy, random.Random(seed + 1), report)
     until = time.monotonic() + duration
-    workers = [
-        asyncio.create_task(
-            _worker(
-                w,
-                cluster.endpoints,
-                random.Random(rng.random()),
-                stop,
-                history,
-                tls=cluster.client_tls,
-            )  # fmt: skip
-        )
-        for w in range(clients)
-    ]
+    tls = cluster.client_tls
+    if report.api == "etcd":
+
+        def client(wid: int, endpoints: list[str], reader: bool = False):
+            seeded = random.Random(rng.random())
+            return _etcd_worker(
+                wid, endpoints, seeded, stop, history, report.problems, reader=reader, tls=tls
+            )
+    else:
+
+        def client(wid: int, endpoints: list[str], reader: bool = False):
+            return _worker(
+                wid, endpoints, random.Random(rng.random()), stop, history, reader=reader, tls=tls
+            )
+
+    workers = [asyncio.create_task(client(w, cluster.endpoints)) for w in range(clients)]
+    # One reader per node, starting there: a follower must not answer it from its own state.
     workers += [
-        asyncio.create_task(
-            _worker(
-                100 + i,
-                [addr],
-                random.Random(rng.random()),
-                stop,
-                history,
-                reader=True,
-                tls=cluster.client_tls,
-            )  # fmt: skip
-        )
+        asyncio.create_task(client(100 + i, [addr], reader=True))
         for i, addr in enumerate(cluster.endpoints)
     ]
     try:
@@ -303,15 +486,27 @@ async def _run(
         await asyncio.sleep(max(0.0, until - time.monotonic()))
     finally:
         stop.set()
-        await asyncio.gather(*workers, return_exceptions=True)
+        results = await asyncio.gather(*workers, return_exceptions=True)
         await asyncio.to_thread(nemesis.heal)
+    for result in results:
+        if isinstance(result, BaseException):
+            report.problems.append(f"a client failed: {result!r}")
     return history
 
 
 def run_schedule(
-    nodes: int, seed: int, duration: float, tmp: Path, clients: int = 3, tls: bool = False
+    nodes: int,
+    seed: int,
+    duration: float,
+    tmp: Path,
+    clients: int = 3,
+    tls: bool = False,
+    api: str = "raftfast",
 ) -> Report:
-    report = Report(nodes, seed, tls)
+    """One schedule; ``api``: the clients use raftfast's own client or etcd's v3 API."""
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, not {api!r}")
+    report = Report(nodes, seed, tls, api)
     started = time.monotonic()
     certs = None
     if tls:
@@ -333,8 +528,12 @@ def run_schedule(
             return all(cluster.status(n).applied_index >= target for n in cluster.ids)
 
         wait_for("every node to catch up after healing", caught_up, timeout=90)
-        final = asyncio.run(_final_reads(cluster, history))
-        states = [_scan_all(cluster, n) for n in cluster.ids]
+        if api == "etcd":
+            final = asyncio.run(_etcd_final_reads(cluster, history))
+            states = [_etcd_state(cluster, n) for n in cluster.ids]
+        else:
+            final = asyncio.run(_final_reads(cluster, history))
+            states = [_scan_all(cluster, n) for n in cluster.ids]
         report.converged = all(s == states[0] for s in states)
         report.ops = len(history)
         report.unknown = sum(o.complete is None for o in history)
@@ -360,17 +559,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of faults each")
     parser.add_argument("--seed", type=int, default=int(os.environ.get("RAFTFAST_CHAOS_SEED", 1)))
     parser.add_argument("--tls", choices=("off", "on", "half"), default="half")
+    parser.add_argument("--api", choices=(*APIS, "both"), default="both")
     args = parser.parse_args(argv)
     reports = []
     for i in range(args.schedules):
         nodes = 3 if i % 2 == 0 else 5
         tls = args.tls == "on" or (args.tls == "half" and i % 4 >= 2)
+        # both: etcd when bits 0-2 of i hold an odd number of ones (1, 2, 4, 7): one of each
+        # pair, and each (nodes, tls, api) once in every 8 schedules.
+        api = args.api
+        if api == "both":
+            api = "etcd" if bin(i % 8).count("1") % 2 else "raftfast"
         with tempfile.TemporaryDirectory(prefix="raftfast-chaos-") as tmp:
-            report = run_schedule(nodes, args.seed + i, args.duration, Path(tmp), tls=tls)
+            report = run_schedule(nodes, args.seed + i, args.duration, Path(tmp), tls=tls, api=api)
         reports.append(report)
         print(report.line(), flush=True)
         if report.explanation:
             print("  " + report.explanation.replace("\n", "\n  "), flush=True)
+        for problem in report.problems[:20]:
+            print("  problem: " + problem, flush=True)
     failed = [r for r in reports if not r.passed]
     total_faults = sum(sum(r.faults.values()) for r in reports)
     print(
