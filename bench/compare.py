@@ -14,12 +14,30 @@ request encoded by hand). PySyncObj has no network client: its load is generated
 leader process (as in its own benchmarks) and it keeps its log in memory (not durable); with
 its default 100 ms append period a request waits ~100 ms, so it needs many in flight.
 
+A second table, "through etcd's API (same client)", drives raftfast and etcd both through
+etcd's gRPC API (raftfast serves it on its client port) with the same load generator: one
+unary ``KV.Put``/``KV.Range`` per operation (loadgen system "etcd"), every client process
+talking to the leader's client port, for both systems. Its workloads: sequential (1x1),
+unbatched (8x1) and pipelined (1x256) puts, and serializable and linearizable ranges (a Range
+of one key that exists), 1x64: one client process keeps the servers busy without taking the
+other core from them. Each row gives the rate ratio raftfast/etcd and the issue's target:
+raftfast >= 3x etcd's rate on pipelined puts, its sequential p50 at most etcd's (reported as
+etcd p50 / raftfast p50 >= 1), its unbatched rate and both range rates at least etcd's.
+
+Each workload of each system gets a fresh cluster. ``--workloads`` picks from both tables (a
+name in one table only runs there); ``--etcd-api-only`` runs the second table alone.
+
     python bench/compare.py [--duration 5] [--systems raftfast,etcd,pysyncobj] [--json]
+    python bench/compare.py --etcd-api-only --systems raftfast,etcd --duration 1  # quick check
+
+``--json`` prints {system: {workload: result}} for the first table and, under "etcd_api",
+{"results": {system: {workload: result}}, "vs_etcd": {workload: ratios, target, met}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,7 +49,7 @@ from pathlib import Path
 
 from raftfast.client.tables import format_table
 from raftfast.tools import benchcmd
-from raftfast.tools.localcluster import free_ports, wait_for
+from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = {
@@ -41,10 +59,28 @@ WORKLOADS = {
     "pipelined-2k": {"clients": 1, "inflight": 2048, "batch": 1},
     "batched": {"clients": 1, "inflight": 8, "batch": 2000},
 }
+# Through etcd's API, for raftfast and etcd alike (the module docs).
+RANGES = {"clients": 1, "inflight": 64, "read_ratio": 1.0}
+API_WORKLOADS = {
+    "sequential": {"clients": 1, "inflight": 1},
+    "unbatched": {"clients": 8, "inflight": 1},
+    "pipelined": {"clients": 1, "inflight": 256},
+    "ranges-serializable": {**RANGES, "serializable": True},
+    "ranges-linearizable": RANGES,
+}
+# The issue's targets through etcd's API: workload -> (measure, at least). "rate" is raftfast's
+# ops/s over etcd's; "p50" is etcd's p50 over raftfast's (a lower latency is better).
+TARGETS = {
+    "sequential": ("p50", 1.0),
+    "unbatched": ("rate", 1.0),
+    "pipelined": ("rate", 3.0),
+    "ranges-serializable": ("rate", 1.0),
+    "ranges-linearizable": ("rate", 1.0),
+}
 
 
-def _args(duration: float, **workload) -> argparse.Namespace:
-    return benchcmd.options(duration=duration, quiet=True, system="raftfast", **workload)
+def _args(duration: float, system: str = "raftfast", **workload) -> argparse.Namespace:
+    return benchcmd.options(duration=duration, quiet=True, system=system, **workload)
 
 
 # -- etcd ----------------------------------------------------------------------------------------
@@ -106,22 +142,92 @@ class EtcdCluster:
             log.close()
 
 
+@contextlib.contextmanager
+def _cluster(system: str, tmp: Path):
+    """A fresh 3-node cluster of ``system`` ("etcd" or "raftfast"; fsync on, their defaults):
+    yields its client endpoints, the leader's first, and its processes' PIDs; stops them."""
+    if system == "etcd":
+        if shutil.which("etcd") is None:
+            raise RuntimeError("etcd not found: apt-get install etcd-server etcd-client")
+        cluster = EtcdCluster(tmp)
+        try:
+            endpoints = wait_for("an etcd leader", cluster.leader_first, timeout=60)
+            yield endpoints, {f"e{i + 1}": proc.pid for i, (proc, _) in enumerate(cluster.procs)}
+        finally:
+            cluster.stop()
+        return
+    with ProcCluster(tmp, 3, tick_ms=None) as cluster:
+        leader = cluster.addrs[cluster.wait_leader(timeout=60)]
+        try:
+            yield (
+                [leader] + [e for e in cluster.endpoints if e != leader],
+                {nid: proc.pid for nid, proc in cluster.procs.items()},
+            )
+        finally:
+            _warn_log_errors(cluster.logs)
+
+
+def _warn_log_errors(logs: dict[str, Path]) -> None:
+    """On stderr: the ERROR/CRITICAL lines and tracebacks in raftfast's node logs, if any."""
+    for nid, path in logs.items():
+        text = path.read_text(errors="replace") if path.exists() else ""
+        bad = [
+            line
+            for line in text.splitlines()
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+        ]
+        if bad:
+            print(
+                f"warning: {nid}'s log has {len(bad)} error line(s); first: {bad[0]}",
+                file=sys.stderr,
+            )
+
+
 def run_etcd(duration: float, workloads: dict[str, dict]) -> dict[str, dict]:
-    if shutil.which("etcd") is None:
-        raise RuntimeError("etcd not found: apt-get install etcd-server etcd-client")
     out = {}
     for name, workload in workloads.items():
         if workload["batch"] > 1:
             continue
         with tempfile.TemporaryDirectory(prefix="compare-etcd-") as tmp:
-            cluster = EtcdCluster(Path(tmp))
-            try:
-                endpoints = wait_for("an etcd leader", cluster.leader_first, timeout=60)
-                args = _args(duration, **workload)
-                args.system = "etcd"
-                out[name] = benchcmd.run_endpoints(args, endpoints, {})
-            finally:
-                cluster.stop()
+            with _cluster("etcd", Path(tmp)) as (endpoints, pids):
+                out[name] = benchcmd.run_endpoints(
+                    _args(duration, "etcd", **workload), endpoints, pids
+                )
+    return out
+
+
+# -- through etcd's API --------------------------------------------------------------------------
+
+
+def run_etcd_api(system: str, duration: float, workloads: dict[str, dict]) -> dict[str, dict]:
+    """``system`` ("raftfast" or "etcd") loaded through etcd's gRPC API at its leader."""
+    out = {}
+    for name, workload in workloads.items():
+        with tempfile.TemporaryDirectory(prefix=f"compare-api-{system}-") as tmp:
+            with _cluster(system, Path(tmp)) as (endpoints, pids):
+                args = _args(duration, "etcd", **workload)
+                out[name] = {**benchcmd.run_endpoints(args, endpoints, pids), "target": system}
+    return out
+
+
+def vs_etcd(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """Per workload measured on both: raftfast/etcd rate, etcd/raftfast p50, the target, met."""
+    out = {}
+    for name, (measure, at_least) in TARGETS.items():
+        rf, etcd = results.get("raftfast", {}).get(name), results.get("etcd", {}).get(name)
+        if not rf or not etcd:
+            continue
+        ratios = {
+            "rate": rf["ops_per_s"] / etcd["ops_per_s"] if etcd["ops_per_s"] else float("inf"),
+            "p50": etcd["p50_ms"] / rf["p50_ms"] if rf["p50_ms"] else float("nan"),
+        }
+        out[name] = {
+            "rate_raftfast_over_etcd": round(ratios["rate"], 3),
+            "p50_etcd_over_raftfast": round(ratios["p50"], 3),
+            "target": f"{measure} >= {at_least:g}x",
+            "measured": round(ratios[measure], 3),
+            "met": ratios[measure] >= at_least,
+        }
     return out
 
 
@@ -208,36 +314,99 @@ def table(results: dict[str, dict[str, dict]], workloads: dict[str, dict]) -> st
     return "\n".join(format_table(header, rows, "<" + ">" * (len(header) - 1)))
 
 
+def api_table(results: dict[str, dict[str, dict]], workloads: dict[str, dict]) -> str:
+    """The second table: rate, p50/p99 per system, and the ratio and target where both ran."""
+    systems = list(results)
+    compared = vs_etcd(results)
+    header = ["WORKLOAD"]
+    for s in systems:
+        header += [f"{s} ops/s", f"{s} p50/p99 ms"]
+    if compared:
+        header += ["raftfast/etcd rate", "TARGET", "RESULT"]
+    rows, notes = [], []
+    for name, w in workloads.items():
+        row = [f"{name} ({w['clients']}x{w['inflight']})"]
+        for s in systems:
+            r = results[s].get(name)
+            row += (
+                [f"{r['ops_per_s']:,.0f}", f"{r['p50_ms']:.2f}/{r['p99_ms']:.2f}"]
+                if r
+                else ["n/a"] * 2
+            )
+            if r and r["errors"]:
+                first = " ".join(r["first_error"].split())[:160]  # one line
+                notes.append(f"{s} {name}: {r['errors']:,} errors (first: {first})")
+        if compared:
+            c = compared.get(name)
+            if c:
+                met = "met" if c["met"] else "NOT met"
+                row += [
+                    f"{c['rate_raftfast_over_etcd']:.2f}x",
+                    c["target"],
+                    f"{c['measured']:.2f}x {met}",
+                ]
+            else:
+                row += ["n/a"] * 3
+        rows.append(row)
+    lines = format_table(header, rows, "<" + ">" * (len(header) - 1))
+    return "\n".join(lines + notes)
+
+
+def _slim(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    return {
+        s: {w: {k: v for k, v in r.items() if k != "latency_cdf"} for w, r in res.items()}
+        for s, res in results.items()
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--systems", default="raftfast,etcd,pysyncobj")
+    names = list(dict.fromkeys([*WORKLOADS, *API_WORKLOADS]))
+    p.add_argument("--workloads", default=",".join(names), help="some of: " + ", ".join(names))
     p.add_argument(
-        "--workloads", default=",".join(WORKLOADS), help="some of: " + ", ".join(WORKLOADS)
+        "--etcd-api-only",
+        action="store_true",
+        help="only the second table: raftfast and etcd through etcd's API",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
-    if unknown:
-        p.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
-    workloads = {n: w for n, w in WORKLOADS.items() if n in args.workloads.split(",")}
+    chosen = args.workloads.split(",")
+    systems = args.systems.split(",")
     runners = {"raftfast": run_raftfast, "etcd": run_etcd, "pysyncobj": run_pysyncobj}
-    results = {}
-    for system in args.systems.split(","):
+    if set(chosen) - set(names):
+        p.error(f"unknown workload(s): {', '.join(sorted(set(chosen) - set(names)))}")
+    if set(systems) - set(runners):
+        p.error(f"unknown system(s): {', '.join(sorted(set(systems) - set(runners)))}")
+    workloads = {n: w for n, w in WORKLOADS.items() if n in chosen and not args.etcd_api_only}
+    api_workloads = {n: w for n, w in API_WORKLOADS.items() if n in chosen}
+    results, api_results = {}, {}
+    for system in systems if workloads else []:
         print(f"measuring {system} ...", file=sys.stderr, flush=True)
         results[system] = runners[system](args.duration, workloads)
+    for system in [s for s in systems if s in ("raftfast", "etcd")] if api_workloads else []:
+        print(f"measuring {system} through etcd's API ...", file=sys.stderr, flush=True)
+        api_results[system] = run_etcd_api(system, args.duration, api_workloads)
     if args.json:
-        slim = {
-            s: {w: {k: v for k, v in r.items() if k != "latency_cdf"} for w, r in res.items()}
-            for s, res in results.items()
-        }
-        print(json.dumps(slim, indent=2))
-    else:
-        print(
-            "3 nodes + load generator on one 2-core machine, 64-byte values; raftfast and etcd "
-            f"with fsync, PySyncObj in memory; {args.duration:g} s per workload"
-        )
+        out = _slim(results)
+        if api_results:
+            out["etcd_api"] = {"results": _slim(api_results), "vs_etcd": vs_etcd(api_results)}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        "3 nodes + load generator on one 2-core machine, 64-byte values; raftfast and etcd "
+        f"with fsync, PySyncObj in memory; {args.duration:g} s per workload"
+    )
+    if results:
         print(table(results, workloads))
+    if api_results:
+        print(
+            "\nthrough etcd's API (same client): one unary KV.Put/KV.Range per operation at the "
+            "leader's client port; ranges read one existing key; targets: rate = raftfast/etcd "
+            "ops/s, p50 = etcd p50 / raftfast p50 (> 1: raftfast ahead)"
+        )
+        print(api_table(api_results, api_workloads))
     return 0
 
 

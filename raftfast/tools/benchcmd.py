@@ -278,6 +278,7 @@ def _workload(args: argparse.Namespace) -> Workload:
         warmup=args.warmup,
         keys=args.keys,
         system=getattr(args, "system", "raftfast"),
+        serializable=getattr(args, "serializable", False),
     )
 
 

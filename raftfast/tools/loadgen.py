@@ -4,6 +4,8 @@ operations in flight against a cluster for a fixed time and report what they saw
 Each worker is its own process (one event loop per core is the most Python can push) running
 one ``raftfast.Client``: ``inflight`` tasks, each issuing one request after another. A request
 is one put/get, or with ``batch`` > 1 one ``put_many`` of that many puts (pipelined clients).
+A read-only load (``read_ratio`` 1) writes nothing, so its gets read the one key each worker
+puts before the clock starts (a key that exists); otherwise gets read random keys.
 Latency is recorded per request into a log-bucketed histogram (``Histogram``), which merges
 across processes and costs no memory per operation. Every loop is bounded by the duration.
 """
@@ -95,8 +97,10 @@ class Workload:
     warmup: float = 1.0
     keys: int = 100_000  # key space (keys are overwritten, so the state stays bounded)
     # "raftfast" (our Client: Session streams), "unary" (raftfast's unary KV.Put/Get, one call
-    # per operation: the no-op baseline the throughput issue names) or "etcd" (its gRPC KV API)
+    # per operation: the no-op baseline the throughput issue names) or "etcd" (etcd's gRPC KV
+    # API: etcd itself, or raftfast's etcd API on its client port)
     system: str = "raftfast"
+    serializable: bool = False  # "etcd" only: gets are serializable Ranges (else linearizable)
     tls: TLSFiles | None = None  # our Client over TLS, with these files
 
 
@@ -117,6 +121,8 @@ def _field(number: int, data: bytes) -> bytes:
     return delimited_header(number, len(data)) + data
 
 
+_SERIALIZABLE = b"\x38\x01"  # RangeRequest field 7 (serializable, a bool, varint) = true
+
 _UNARY_METHODS = {  # system -> (put, get); both take the key as field 1, a put's value as 2
     "etcd": ("/etcdserverpb.KV/Put", "/etcdserverpb.KV/Range"),
     "unary": ("/raftfast.v1.KV/Put", "/raftfast.v1.KV/Get"),
@@ -127,10 +133,13 @@ class _UnaryClient:
     """One unary gRPC call per operation: etcd's v3 KV.Put/KV.Range, or raftfast's KV.Put/Get.
     Requests are encoded by hand; responses are not decoded (only success matters)."""
 
-    def __init__(self, endpoints: list[str], timeout: float, system: str) -> None:
+    def __init__(
+        self, endpoints: list[str], timeout: float, system: str, serializable: bool = False
+    ) -> None:
         import grpc
 
         self._timeout = timeout
+        self._range_extra = _SERIALIZABLE if serializable else b""
         self._channel = grpc.aio.insecure_channel(endpoints[0])
         put, get = _UNARY_METHODS[system]
         self._put = self._channel.unary_unary(put)
@@ -146,7 +155,7 @@ class _UnaryClient:
         await self._put(_field(1, key.encode()) + _field(2, value), timeout=self._timeout)
 
     async def get(self, key: str) -> None:
-        await self._range(_field(1, key.encode()), timeout=self._timeout)
+        await self._range(_field(1, key.encode()) + self._range_extra, timeout=self._timeout)
 
     async def put_many(self, items) -> None:
         raise NotImplementedError("no batched put over single unary calls")
@@ -160,13 +169,17 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
     value = os.urandom(w.value_size // 2 + 1).hex()[: w.value_size].encode()
     rng = random.Random(index)
     loop = asyncio.get_running_loop()
+    if w.serializable and w.system != "etcd":
+        raise ValueError("serializable gets: etcd's KV.Range only (system 'etcd')")
     client_cm = (
-        _UnaryClient(w.endpoints, 30.0, w.system)
+        _UnaryClient(w.endpoints, 30.0, w.system, w.serializable)
         if w.system in _UNARY_METHODS
         else Client(w.endpoints, timeout=30.0, tls=w.tls)
     )
+    own_key = f"bench-w{index}"
+    read_key = own_key if w.read_ratio >= 1 else None  # read-only: read a key that exists
     async with client_cm as client:
-        await client.put(f"bench-w{index}", value)  # find the leader before the clock starts
+        await client.put(own_key, value)  # find the leader before the clock starts
         start = loop.time()
         measure_from = start + w.warmup
         stop_at = measure_from + w.duration
@@ -180,7 +193,7 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
                 t0 = time.perf_counter()
                 try:
                     if w.read_ratio and rng.random() < w.read_ratio:
-                        await client.get(f"k{k}")
+                        await client.get(read_key or f"k{k}")
                         n = 1
                     elif w.batch > 1:
                         await client.put_many(
