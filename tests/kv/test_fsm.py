@@ -9,9 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftfast.etcd.errors import EtcdError
+from raftfast.etcd.mvcc import MVCCStore
+from raftfast.etcd.mvcc import encode as etcd_encode
 from raftfast.kv.commands import (
     OP_CAS,
     OP_DELETE,
+    OP_ETCD,
     OP_PUT,
     decode,
     encode_cas,
@@ -23,6 +26,7 @@ from raftfast.kv.commands import (
 )
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
+from raftfast.proto.etcd import rpc_pb2 as pb
 
 # -- encoding ---------------------------------------------------------------------------------
 
@@ -295,7 +299,14 @@ _ids = st.tuples(st.integers(0, 3), st.integers(0, 12))
 @st.composite
 def _command(draw: st.DrawFn) -> tuple[int, bytes]:
     (cid, seq), key = draw(_ids), draw(_keys)
-    kind = draw(st.integers(0, 4))
+    kind = draw(st.integers(0, 6))
+    if kind == 5:  # an etcd API write: a put or a delete of the same small keys
+        request = draw(
+            st.sampled_from([pb.PutRequest(key=key, value=b"v"), pb.DeleteRangeRequest(key=key)])
+        )
+        return 0, bytes([OP_ETCD]) + etcd_encode(request)
+    if kind == 6:  # an etcd command with a malformed body
+        return 0, bytes([OP_ETCD]) + draw(st.binary(max_size=8))
     if kind == 0:
         return 0, encode_put(cid, seq, key, draw(_vals))
     if kind == 1:
@@ -308,15 +319,22 @@ def _command(draw: st.DrawFn) -> tuple[int, bytes]:
 
 
 class _Model:
-    """A naive reference: full history per client, no eviction (window/clients not exceeded)."""
+    """A naive reference: full history per client, no eviction (window/clients not exceeded).
+
+    Commands whose first byte is OP_ETCD belong to the etcd keyspace, a namespace of its own
+    (checked against its own model in tests/etcd/test_mvcc.py): here they go to a store of
+    the model's, and must leave the KV keyspace alone."""
 
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
         self.seen: dict[tuple[int, int], bool] = {}
+        self.etcd = MVCCStore()
 
-    def apply(self, etype: int, payload: bytes) -> bool | None:
+    def apply(self, etype: int, payload: bytes) -> object:
         if etype != 0:
             return None
+        if payload[:1] == bytes([OP_ETCD]):
+            return self.etcd.apply(memoryview(payload)[1:])
         try:
             op, cid, seq, key, expected, value = decode(payload)
         except ValueError:
@@ -348,7 +366,7 @@ def test_replicas_fed_the_same_entries_end_identical(
     payloads = [p for _, p in commands]
     res_one = [one.apply(i + 1, p) if t == 0 else None for i, (t, p) in enumerate(commands)]
     # the other replica applies the same entries in differently sized batches, scanning between
-    res_two: list[bool | None] = []
+    res_two: list[object] = []
     for start in range(0, len(commands), split):
         for i in range(start, min(start + split, len(commands))):
             # runs of commands; the other entries are the node's (no-ops, configurations)
@@ -358,6 +376,7 @@ def test_replicas_fed_the_same_entries_end_identical(
     assert res_one == res_two == expected
     assert one.fingerprint() == two.fingerprint()
     assert one.scan(b"", 0) == two.scan(b"", 0) == sorted(model.data.items())
+    assert one.etcd == two.etcd == model.etcd
     assert one.malformed == two.malformed
     assert one.applied_index == two.applied_index  # (the last command's index)
 
