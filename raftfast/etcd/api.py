@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import random
+import socket
 import zlib
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -47,6 +50,7 @@ API_VERSION = "3.5.0"  # the etcd version whose API this serves (Status.version)
 MAX_TXN_OPS = 128  # per branch of a Txn (etcd's --max-txn-ops default)
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
 _OP_ETCD = bytes((OP_ETCD,))
+_RESOLVE_S = 2.0  # how long a MemberAdd waits for its URL's host (and members') to resolve
 
 
 def id64(text: str) -> int:
@@ -209,6 +213,13 @@ class EtcdAPI:
             response = await handler(request)
         except NotLeaderError:
             raise errors.LEADER_CHANGED from None
+        except EtcdError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the follower relays INTERNAL, never UNKNOWN
+            log.error("forwarded etcd %s failed", method, exc_info=exc)
+            raise EtcdError(
+                grpc.StatusCode.INTERNAL, f"etcdserver: internal error: {exc!r}"[:300]
+            ) from None
         return response.SerializeToString()
 
     def _local(self, method: str, request: Any) -> bool:
@@ -358,6 +369,11 @@ class EtcdAPI:
         members = self.driver.raw.membership.members()
         if node_id in members or address in members.values():
             raise errors.PEER_URL_EXIST
+        if await _same_endpoint(address, list(members.values())):
+            # Another name for a member (localhost:PORT for 127.0.0.1:PORT): its peers would
+            # dial that member twice, and its two streams from each peer take turns replacing
+            # each other: the cluster stopped committing.
+            raise errors.PEER_URL_EXIST
         timeout = 10 * self.driver.election_timeout_s + 10
         try:
             await self.driver.add_member(node_id, address, True, timeout)
@@ -366,6 +382,8 @@ class EtcdAPI:
                 asyncio.get_running_loop().create_task(self._promote_later(node_id, timeout))
         except ValueError as exc:
             raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}") from None
+        except TimeoutError:
+            raise errors.TIMEOUT from None
         member = next(m for m in self.members() if m.name == node_id)
         return pb.MemberAddResponse(header=self.header(), member=member, members=self.members())
 
@@ -394,10 +412,14 @@ class EtcdAPI:
         return pb.MemberPromoteResponse(header=self.header(), members=self.members())
 
     async def _change(self, kind: Any, node_id: str) -> None:
+        from raftfast.core.membership import ChangeKind
+
         try:
             await self.driver.change_member(kind, node_id, 10 * self.driver.election_timeout_s)
         except TimeoutError:
-            raise errors.LEARNER_NOT_READY from None
+            # (a learner that has not caught up; a removal is not about a learner's progress)
+            slow = errors.LEARNER_NOT_READY if kind == ChangeKind.PROMOTE else errors.TIMEOUT
+            raise slow from None
         except ValueError as exc:
             raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}") from None
 
@@ -432,6 +454,9 @@ class EtcdAPI:
                     ) from None
             else:
                 quota.raise_alarm("activated through the etcd API")
+                raising = quota._raising  # noqa: SLF001 - answered once applied, as etcd does
+                if raising is not None:
+                    await asyncio.shield(raising)
         return pb.AlarmResponse(header=self.header(), alarms=self.alarm_members())
 
     async def _status(self, request: pb.StatusRequest) -> pb.StatusResponse:
@@ -508,6 +533,8 @@ def _check_txn(r: pb.TxnRequest, depth: int) -> None:
     for c in r.compare:
         if not c.key:
             raise errors.EMPTY_KEY
+        if c.result not in _COMPARE_RESULTS or c.target not in _COMPARE_TARGETS:
+            raise errors.invalid(f"unknown compare result {c.result} or target {c.target}")
     for ops in (r.success, r.failure):
         for op in ops:
             which = op.WhichOneof("request")
@@ -522,6 +549,10 @@ def _check_txn(r: pb.TxnRequest, depth: int) -> None:
             elif which == "request_txn":
                 _check_txn(op.request_txn, depth + 1)
         _check_intervals(ops)
+
+
+_COMPARE_RESULTS = frozenset(pb.Compare.CompareResult.values())
+_COMPARE_TARGETS = frozenset(pb.Compare.CompareTarget.values())
 
 
 def _writes_of(ops) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
@@ -547,15 +578,17 @@ def _check_intervals(ops) -> None:
     puts, deletes = _writes_of(ops)
     if len(set(puts)) != len(puts):
         raise errors.DUPLICATE_KEY
+    if not deletes:
+        return
+    # (by bisection: nested txns let a request hold ~10^5 puts and deletes, and comparing
+    # each with each kept the event loop busy for hours)
+    keys = sorted(puts)
     for key, range_end in deletes:
         bounds = range_of(key, range_end)
-        for k in puts:
-            if (
-                (k == key)
-                if bounds is None
-                else (k >= bounds[0] and (bounds[1] is None or k < bounds[1]))
-            ):
-                raise errors.DUPLICATE_KEY
+        lo, hi = (key, key + b"\0") if bounds is None else bounds
+        i = bisect_left(keys, lo)
+        if i < len(keys) and (hi is None or keys[i] < hi):
+            raise errors.DUPLICATE_KEY
 
 
 def _grows(request: Any) -> bool:
@@ -590,9 +623,49 @@ def _address_of_url(url: str) -> str:
         raise errors.MEMBER_BAD_URLS from None
     if parts.scheme not in ("http", "https") or not host or not port:
         raise errors.MEMBER_BAD_URLS
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise errors.MEMBER_BAD_URLS  # (etcd: a peer URL has no path; nor userinfo here)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         check_node_id(address)
     except ValueError:
         raise errors.MEMBER_BAD_URLS from None
     return address
+
+
+async def _endpoints(address: str) -> set[tuple[str, int]]:
+    """The (IP, port) pairs ``address`` (host:port) reaches; none if it does not resolve soon.
+    An unspecified IP (0.0.0.0, ::) reaches the loopback; IPv4-mapped IPv6 is IPv4."""
+    try:
+        host, port_text = address.rsplit(":", 1)
+        port = int(port_text)
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM),
+            _RESOLVE_S,
+        )
+    except (OSError, ValueError, TimeoutError, UnicodeError):
+        return set()
+    out: set[tuple[str, int]] = set()
+    for info in infos:
+        try:
+            ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        except ValueError:
+            continue
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_unspecified:
+            out |= {("127.0.0.1", port), ("::1", port)}
+        else:
+            out.add((str(ip), port))
+    return out
+
+
+async def _same_endpoint(address: str, members: list[str]) -> bool:
+    """Whether ``address`` reaches where one of ``members`` listens (another name for it)."""
+    mine = await _endpoints(address)
+    if not mine:
+        return False
+    for theirs in await asyncio.gather(*(_endpoints(m) for m in members)):
+        if mine & theirs:
+            return True
+    return False

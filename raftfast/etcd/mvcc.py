@@ -63,6 +63,13 @@ _TAGS = {cls: tag for tag, cls in _REQUESTS.items()}
 
 MAX_LEASE_TTL = 9_000_000_000  # seconds (etcd's MaxLeaseTTL)
 MAX_TXN_DEPTH = 16  # nested Txn levels (protobuf itself parses at most 100)
+# What the reads of one Txn (its ranges and compares, nested txns' too) may cost: about the
+# bytes of their answers, and _RECORD_COST per record (or event of the history) looked at. A
+# bigger answer could not be sent (gRPC's limit, 64 MiB); nesting multiplies the 128 ops a
+# level may hold, and without this one small request could have every node work for hours and
+# build gigabytes in apply.
+MAX_TXN_READ_BYTES = 64 * 1024 * 1024
+_RECORD_COST = 64
 _INT64_MAX = (1 << 63) - 1
 
 _CMP = pb.Compare
@@ -138,6 +145,15 @@ class Event:
         self.prev = prev
         self.revision = revision
 
+    def nbytes(self) -> int:
+        """About the bytes this event takes in a WatchResponse (with its prev_kv)."""
+        return (
+            len(self.key)
+            + (len(self.after.value) if self.after is not None else 0)
+            + (len(self.prev.value) if self.prev is not None else 0)
+            + 64
+        )
+
     def to_pb(self, with_prev: bool) -> mvccpb.Event:
         if self.after is not None:
             ev = mvccpb.Event(type=mvccpb.Event.PUT, kv=self.after.to_pb())
@@ -192,6 +208,7 @@ class MVCCStore:
         self._history_base = 2
         # while a write is applied: its revision and its events
         self._pending: list[Event] | None = None
+        self._read_budget: int | None = None  # while a Txn is applied (MAX_TXN_READ_BYTES)
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -207,7 +224,11 @@ class MVCCStore:
             if isinstance(request, pb.DeleteRangeRequest):
                 return self._write(lambda: self._delete(request), pb.DeleteRangeResponse)
             if isinstance(request, pb.TxnRequest):
-                return self._write(lambda: self._txn(request), pb.TxnResponse)
+                self._read_budget = MAX_TXN_READ_BYTES
+                try:
+                    return self._write(lambda: self._txn(request), pb.TxnResponse)
+                finally:
+                    self._read_budget = None
             if isinstance(request, pb.CompactionRequest):
                 self.compact(request.revision)
                 return self._header(pb.CompactionResponse())
@@ -382,13 +403,25 @@ class MVCCStore:
         elif which == "request_range" and op.request_range.revision > 0:
             self.check_revision(op.request_range.revision)
 
+    def _charge(self, cost: int) -> None:
+        """Count ``cost`` against the read budget of the Txn being applied (if one is)."""
+        if self._read_budget is None:
+            return
+        self._read_budget -= cost
+        if self._read_budget < 0:
+            raise errors.invalid(
+                f"txn reads too much (more than {MAX_TXN_READ_BYTES} bytes of answers)"
+            )
+
     def _compare(self, c: pb.Compare) -> bool:
         if not c.key:
             raise errors.EMPTY_KEY
         bounds = range_of(c.key, c.range_end)
         if bounds is None:
+            self._charge(_RECORD_COST)
             return self._compare_one(c, self.kvs.get(c.key))
         keys = list(self._keys_in(c.key, c.range_end))
+        self._charge(_RECORD_COST * (len(keys) + 1))
         if not keys:  # (as etcd: an empty range compares like an absent key)
             return self._compare_one(c, None)
         return all(self._compare_one(c, self.kvs[k]) for k in keys)
@@ -505,18 +538,19 @@ class MVCCStore:
             sort_order == _SORT.NONE or (sort_order == _SORT.ASCEND and target == _SORT.KEY)
         )
         response = pb.RangeResponse()
-        limit = r.limit if r.limit > 0 else 0
+        limit = min(r.limit, _INT64_MAX - 1) if r.limit > 0 else 0  # (islice takes limit + 1)
         if plain and limit and view is None and bounds is not None:
             # the common case: the newest state in key order; count by bisection, read only
             # limit + 1 records
             response.count = self._count(*bounds)
             out = [] if r.count_only else list(islice(items, limit + 1))
+            looked_at = len(out)
             if len(out) > limit:
                 out = out[:limit]
                 response.more = True
         else:
             out = list(items)
-            response.count = len(out)
+            response.count = looked_at = len(out)
             if filtered:
                 out = [rec for rec in out if _passes(rec, r)]
             if sort_order == _SORT.DESCEND or (sort_order == _SORT.ASCEND and target != _SORT.KEY):
@@ -527,6 +561,11 @@ class MVCCStore:
                 out = out[:limit]
                 response.more = True
         keys_only = r.keys_only
+        if self._read_budget is not None:
+            self._charge(
+                _RECORD_COST * (looked_at + 1)
+                + sum(len(rec.key) + (0 if keys_only else len(rec.value)) for rec in out)
+            )
         response.kvs.extend([rec.to_pb(keys_only) for rec in out])
         response.header.revision = self.revision
         return response
@@ -547,6 +586,8 @@ class MVCCStore:
         history = self._history[max(start, 0) :]
         if pending:
             history.append(tuple(pending))
+        if self._read_budget is not None:
+            self._charge(_RECORD_COST * sum(len(events) + 1 for events in history))
         for events in reversed(history):
             for ev in reversed(events):
                 if in_range(ev.key, key, bounds):
@@ -555,17 +596,27 @@ class MVCCStore:
         current.update(undo)
         return [current[k] for k in sorted(current) if current[k] is not None]
 
-    def events_from(self, revision: int, max_events: int = 1000) -> tuple[list[Event], int]:
-        """Events of revisions ``revision``.. (whole revisions, about ``max_events`` of them at
-        most, at least one revision) and the revision to read next. EtcdError COMPACTED if
-        that history is gone."""
+    def events_from(
+        self, revision: int, max_events: int = 1000, max_bytes: int | None = None
+    ) -> tuple[list[Event], int]:
+        """Events of revisions ``revision``.. (whole revisions, about ``max_events`` of them
+        and ``max_bytes`` of them (``Event.nbytes``) at most, at least one revision) and the
+        revision to read next. EtcdError COMPACTED if that history is gone."""
         if revision <= self.compact_revision:
             raise errors.COMPACTED
         i = max(revision - self._history_base, 0)
         out: list[Event] = []
         history = self._history
-        while i < len(history) and (not out or len(out) + len(history[i]) <= max_events):
-            out.extend(history[i])
+        size = 0
+        while i < len(history):
+            events = history[i]
+            if max_bytes is not None:
+                size += sum(e.nbytes() for e in events)
+                if out and size > max_bytes:
+                    break
+            if out and len(out) + len(events) > max_events:
+                break
+            out.extend(events)
             i += 1
         return out, self._history_base + i
 

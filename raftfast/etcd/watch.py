@@ -6,9 +6,10 @@ and goes on across leader changes. A watcher is a cursor over the store's histor
 created, each stream sends its watchers the events they have not had yet, whole revisions in
 order, each event once: a watcher from a past revision reads the history first, then goes on
 live with no gap and no repeat. A watcher whose next revision was compacted away is canceled
-with ``compact_revision`` set (etcd's "required revision has been compacted"). A slow client
-costs nothing but its cursor: what it has not read stays in the history, and gRPC's flow control
-holds the sender.
+with ``compact_revision`` set (etcd's "required revision has been compacted"); as with etcd, not
+at the compaction revision itself (etcd keeps that revision's puts, not its deletes: a watcher
+may start there and gets those). A slow client costs nothing but its cursor: what it has not
+read stays in the history, and gRPC's flow control holds the sender.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import grpc
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
 from raftfast.etcd.mvcc import Event, in_range, range_of
+from raftfast.proto.etcd import kv_pb2 as mvccpb
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
 
@@ -38,18 +40,26 @@ log = logging.getLogger(__name__)
 MAX_WATCHERS_PER_STREAM = 10_000
 MAX_WATCH_STREAMS = 4_096  # open Watch streams, node-wide
 MAX_EVENTS_PER_RESPONSE = 1_000
+# What the watchers of a node may hold (their keys, and _WATCHER_BYTES each): a create beyond
+# it is refused (one stream of 30 MiB keys took 1.5 GB).
+MAX_WATCH_BYTES = 256 * 1024 * 1024
+_WATCHER_BYTES = 512
+# Answers a stream holds for a client that does not read them: the stream stops reading its
+# requests until they are sent (else a client that only writes grows the node without bound).
+_MAX_OUTBOX = 1_000
 PROGRESS_NOTIFY_S = 600.0  # etcd's default progress-notify interval
 _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 
 
 class _Watcher:
-    __slots__ = ("id", "key", "bounds", "next_rev", "prev_kv", "noput", "nodelete",
-                 "progress_notify", "fragment", "last_sent")  # fmt: skip
+    __slots__ = ("id", "key", "range_end", "bounds", "next_rev", "prev_kv", "noput",
+                 "nodelete", "progress_notify", "fragment", "last_sent")  # fmt: skip
 
     def __init__(self, watch_id: int, r: pb.WatchCreateRequest, next_rev: int) -> None:
         self.id = watch_id
         self.key = r.key
+        self.range_end = r.range_end
         self.bounds = range_of(r.key, r.range_end)
         self.next_rev = next_rev
         self.prev_kv = r.prev_kv
@@ -71,22 +81,27 @@ class _Watcher:
 class _Stream:
     """One Watch call's watchers and what it has to send."""
 
-    def __init__(self, api: EtcdAPI) -> None:
+    def __init__(self, api: EtcdAPI, budget: _Budget | None = None) -> None:
         self.api = api
+        self.budget = budget if budget is not None else _Budget()
+        self.cost = 0  # what its watchers take of the budget
         self.watchers: dict[int, _Watcher] = {}
         self.outbox: deque[pb.WatchResponse] = deque()
         self.wake = asyncio.Event()
+        self.drained = asyncio.Event()  # the outbox was emptied
         self.progress_wanted = False
         self._next_id = 0
         self.done = False
 
     def take(self, request: pb.WatchRequest) -> None:
+        if not isinstance(request, pb.WatchRequest):  # (services.Malformed: did not parse)
+            raise request.error
         which = request.WhichOneof("request_union")
         if which == "create_request":
             self._create(request.create_request)
         elif which == "cancel_request":
             watch_id = request.cancel_request.watch_id
-            if self.watchers.pop(watch_id, None) is not None:
+            if self._drop(watch_id):
                 self.outbox.append(
                     pb.WatchResponse(header=self.api.header(), watch_id=watch_id, canceled=True)
                 )
@@ -106,6 +121,10 @@ class _Stream:
             refusal = f"etcdserver: at most {MAX_WATCHERS_PER_STREAM} watchers on one stream"
         elif r.start_revision < 0:
             refusal = "etcdserver: start_revision must not be negative"
+        elif r.ByteSize() > api.driver.settings.max_request_bytes:
+            refusal = errors.REQUEST_TOO_LARGE.message
+        elif self.budget.used + _cost(r) > self.budget.limit:
+            refusal = f"etcdserver: too many watchers on this node ({self.budget.limit} bytes)"
         if refusal is not None:
             self.outbox.append(
                 pb.WatchResponse(
@@ -124,10 +143,27 @@ class _Stream:
             self._next_id += 1
         start = r.start_revision or store.revision + 1
         self.outbox.append(pb.WatchResponse(header=api.header(), watch_id=watch_id, created=True))
-        if start <= store.compact_revision:
+        if start < store.compact_revision:  # (etcd: minRev < compactRev)
             self.outbox.append(self._compacted(watch_id))
             return
         self.watchers[watch_id] = _Watcher(watch_id, r, start)
+        self.cost += _cost(r)
+        self.budget.used += _cost(r)
+
+    def _drop(self, watch_id: int) -> bool:
+        """Forget watcher ``watch_id``; whether there was one."""
+        w = self.watchers.pop(watch_id, None)
+        if w is None:
+            return False
+        self.cost -= _cost(w)
+        self.budget.used -= _cost(w)
+        return True
+
+    def close(self) -> None:
+        """The stream ended: its watchers go."""
+        self.budget.used -= self.cost
+        self.cost = 0
+        self.watchers.clear()
 
     def _compacted(self, watch_id: int) -> pb.WatchResponse:
         return pb.WatchResponse(
@@ -138,26 +174,76 @@ class _Stream:
             cancel_reason=errors.COMPACTED.message,
         )
 
+    def _at_compaction(self, w: _Watcher) -> pb.WatchResponse | None:
+        """The events of the compaction revision, where ``w`` is (its history is gone, but
+        etcd keeps the puts of that revision: they are the keys whose mod_revision it is, in
+        the keyspace as of then; its deletes are lost, prev_kv too, as with etcd)."""
+        rev = w.next_rev
+        w.next_rev = rev + 1
+        if w.noput:
+            return None
+        request = pb.RangeRequest(key=w.key, range_end=w.range_end, revision=rev)
+        try:
+            kvs = self.api.store.range(request).kvs
+        except EtcdError:
+            return None
+        events = [
+            mvccpb.Event(type=mvccpb.Event.PUT, kv=kv) for kv in kvs if kv.mod_revision == rev
+        ]
+        if not events:
+            return None
+        w.last_sent = time.monotonic()
+        return pb.WatchResponse(header=self.api.header(rev), watch_id=w.id, events=events)
+
     def pending(self) -> list[pb.WatchResponse]:
         """What to send now: queued answers, then new events for each watcher (a bounded
         amount per watcher and call), then a progress answer once all have caught up."""
         out = list(self.outbox)
         self.outbox.clear()
+        self.drained.set()
         store = self.api.store
+        max_bytes = self.api.driver.settings.max_request_bytes
+        spent = 0
         for w in list(self.watchers.values()):
             if w.next_rev > store.revision:
                 continue
+            if spent >= max_bytes:
+                self.wake.set()  # (the others in the next call, at once: see Watch)
+                break
+            # (the next call begins with the others)
+            self.watchers[w.id] = self.watchers.pop(w.id)
+            if w.next_rev == store.compact_revision:
+                response = self._at_compaction(w)
+                if response is not None:
+                    out.append(response)
+                if w.next_rev > store.revision:
+                    continue
             try:
-                events, w.next_rev = store.events_from(w.next_rev, MAX_EVENTS_PER_RESPONSE)
+                events, w.next_rev = store.events_from(
+                    w.next_rev, MAX_EVENTS_PER_RESPONSE, max_bytes
+                )
             except EtcdError:
-                del self.watchers[w.id]
+                self._drop(w.id)
                 out.append(self._compacted(w.id))
                 continue
             chosen = [e for e in events if w.wants(e)]
+            spent += 64 * len(events)
             header = self.api.header(w.next_rev - 1)
-            for i in range(0, len(chosen), MAX_EVENTS_PER_RESPONSE):
-                part = chosen[i : i + MAX_EVENTS_PER_RESPONSE]
-                more = i + MAX_EVENTS_PER_RESPONSE < len(chosen)
+            # (a response of at most MAX_EVENTS_PER_RESPONSE events and about max_bytes: gRPC
+            # sends none over 64 MiB, and a watcher behind by more would never catch up)
+            parts: list[list[Event]] = [[]]
+            size = 0
+            for e in chosen:
+                n = e.nbytes()
+                full = len(parts[-1]) >= MAX_EVENTS_PER_RESPONSE or size + n > max_bytes
+                if parts[-1] and full:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(e)
+                size += n
+                spent += n
+            for i, part in enumerate(parts if chosen else ()):
+                more = i + 1 < len(parts)
                 out.append(
                     pb.WatchResponse(
                         header=header,
@@ -182,10 +268,23 @@ class _Stream:
         return all(w.next_rev > revision for w in self.watchers.values())
 
 
+class _Budget:
+    """The bytes the watchers of a node hold (MAX_WATCH_BYTES)."""
+
+    def __init__(self, limit: int = MAX_WATCH_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+def _cost(w: pb.WatchCreateRequest | _Watcher) -> int:
+    return _WATCHER_BYTES + len(w.key) + len(w.range_end)
+
+
 class WatchService(pb_grpc.WatchServicer):
     def __init__(self, api: EtcdAPI) -> None:
         self.api = api
         self.streams: set[_Stream] = set()
+        self.budget = _Budget()
 
     def notify(self) -> None:
         """After an apply: every stream looks for new events."""
@@ -197,27 +296,33 @@ class WatchService(pb_grpc.WatchServicer):
     ) -> AsyncIterator[pb.WatchResponse]:
         if len(self.streams) >= MAX_WATCH_STREAMS:
             await context.abort(errors.TOO_MANY_REQUESTS.code, errors.TOO_MANY_REQUESTS.message)
-        stream = _Stream(self.api)
+        stream = _Stream(self.api, self.budget)
         self.streams.add(stream)
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, stream))
         driver = self.api.driver
         try:
             while not stream.done and not driver.stopping:
+                stream.wake.clear()
                 responses = stream.pending()
                 if responses:
                     for response in responses:
                         yield response
                     continue
-                stream.wake.clear()
+                if stream.wake.is_set():
+                    await asyncio.sleep(0)  # (pending stopped short: the rest after others)
+                    continue
                 try:
                     await asyncio.wait_for(stream.wake.wait(), 1.0)
                 except TimeoutError:
                     pass
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()
+                if isinstance(exc, EtcdError):  # (a request that did not parse)
+                    await context.abort(exc.code, exc.message)
                 await context.abort(grpc.StatusCode.INTERNAL, f"watch stream failed: {exc!r}")
         finally:
             self.streams.discard(stream)
+            stream.close()
             reader.cancel()
 
     @staticmethod
@@ -225,6 +330,9 @@ class WatchService(pb_grpc.WatchServicer):
         try:
             async for request in requests:
                 stream.take(request)
+                while len(stream.outbox) >= _MAX_OUTBOX and not stream.done:
+                    stream.drained.clear()  # (until Watch takes them: see _MAX_OUTBOX)
+                    await stream.drained.wait()
         except asyncio.CancelledError:
             raise
         except grpc.RpcError:
