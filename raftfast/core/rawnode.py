@@ -75,6 +75,15 @@ class RawNode:
         """Start a linearizable read; ``(request_id, index)`` shows up in ``Ready.read_states``."""
         self.raft.read_index(request_id)
 
+    def heartbeat_now(self) -> None:
+        """Leader: send a heartbeat round now (it carries the commit index, so followers
+        apply without waiting for the next one); the next regular one is a full interval
+        later. Elsewhere: nothing."""
+        r = self.raft
+        if r.role == Role.LEADER:
+            r.heartbeat_elapsed = 0
+            r._broadcast_heartbeat()
+
     def report_unreachable(self, peer: str) -> None:
         self.raft.report_unreachable(peer)
 

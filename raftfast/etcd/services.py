@@ -114,6 +114,7 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
     Alarm = _unary("Maintenance/Alarm")
     Status = _unary("Maintenance/Status")
     Defragment = _unary("Maintenance/Defragment")
+    Hash = _unary("Maintenance/Hash")
     HashKV = _unary("Maintenance/HashKV")
     MoveLeader = _unary("Maintenance/MoveLeader")
 

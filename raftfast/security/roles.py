@@ -85,6 +85,7 @@ METHOD_ROLES.update(
         _ETCD + "Lease/LeaseLeases": Role.READ,
         _ETCD + "Cluster/MemberList": Role.READ,
         _ETCD + "Maintenance/Status": Role.READ,
+        _ETCD + "Maintenance/Hash": Role.READ,
         _ETCD + "Maintenance/HashKV": Role.READ,
         # (the rest: MemberAdd/Remove/Promote, Alarm, Defragment, MoveLeader need admin)
     }

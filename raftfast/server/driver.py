@@ -68,6 +68,11 @@ log = logging.getLogger("raftfast.node")
 # heartbeating meanwhile.
 _INLINE_SYNC_BYTES = 64 * 1024
 _SLOW_SYNC_S = 0.002
+# A commit index reaches the followers on the next append or heartbeat (not by a message of its
+# own per write: that cost sequential latency). When no write follows within this long, a
+# heartbeat round takes it, so followers apply (serializable reads, watches on followers) a few
+# milliseconds after the leader, not a heartbeat interval later (etcd's followers are that close).
+_COMMIT_NOTICE_S = 0.002
 _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
 # gRPC streams one client connection may have open: enough for an etcd client's 256 unary calls
 # in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
@@ -94,6 +99,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.replication_server: ReplicationServer | None = None  # TCP replication streams
         self._wake = asyncio.Event()
         self._proposals: list[tuple[list[bytes], asyncio.Future]] = []
+        self._commit_notice: asyncio.TimerHandle | None = None
+        self._proposed_since_notice = False
         self._waiting_writes: list[_Waiting] = []
         self._read_requests: list[asyncio.Future] = []
         self._reads_by_id: dict[int, list[asyncio.Future]] = {}
@@ -533,6 +540,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             payloads = [p for ps, _ in batch for p in ps]
             try:
                 first, _last = self.raw.propose(payloads)
+                self._proposed_since_notice = True
             except NotLeaderError as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -553,6 +561,13 @@ class Driver(MembershipMixin, SnapshotMixin):
                         fut.set_exception(NotLeaderError(str(exc), exc.leader_id))
             else:
                 self._reads_by_id[request_id] = waiters
+
+    def _notify_commit(self) -> None:
+        """See _COMMIT_NOTICE_S: unless appends went out since (they carry the commit index)."""
+        self._commit_notice = None
+        if not self._proposed_since_notice and self.is_leader and not self._stopping:
+            self.raw.heartbeat_now()
+            self._wake.set()
 
     async def _handle_ready(self, rd: Ready) -> None:
         self.transport.send(rd.eager_messages)
@@ -583,6 +598,11 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.transport.send([m for m in rd.messages if m.type != MsgType.SNAPSHOT])
         if rd.committed:
             self._apply(rd.committed)
+            if self._commit_notice is None and self.is_leader:
+                self._proposed_since_notice = False
+                self._commit_notice = asyncio.get_running_loop().call_later(
+                    _COMMIT_NOTICE_S, self._notify_commit
+                )
         for request_id, index in rd.read_states:
             for fut in self._reads_by_id.pop(request_id, []):
                 self._reads_at.append((index, fut))

@@ -447,6 +447,28 @@ def test_member_list(cluster):
         assert again["header"]["cluster_id"] == response["header"]["cluster_id"]
 
 
+def test_endpoint_hashkv_and_hash_agree_on_every_member(cluster):
+    import grpc
+
+    from raftfast.proto.etcd import rpc_pb2 as pb
+    from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
+
+    ctl(cluster, "put", "hash-me", "1")
+
+    def hashes():
+        rows = json_of(ctl(cluster, "endpoint", "hashkv", "-w", "json"))
+        got = {row["Endpoint"]: row["HashKV"].get("hash", 0) for row in rows}
+        agreed = len(got) == 3 and len(set(got.values())) == 1 and 0 not in got.values()
+        return got if agreed else None
+
+    hashkv = wait_for("the members to agree on HashKV", hashes)
+    for nid, addr in cluster.addrs.items():  # Maintenance.Hash (no etcdctl command): the same
+        with grpc.insecure_channel(addr) as channel:
+            got = pb_grpc.MaintenanceStub(channel).Hash(pb.HashRequest(), timeout=RUN_TIMEOUT)
+        assert got.hash == hashkv[addr]
+        assert got.header.member_id == member_id(nid)
+
+
 def test_endpoint_status(cluster):
     def agreed():
         rows = json_of(ctl(cluster, "endpoint", "status", "-w", "json"))

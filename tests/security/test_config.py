@@ -176,6 +176,7 @@ def test_every_client_method_has_the_role_the_docs_give_it():
         "Lease/LeaseLeases",
         "Cluster/MemberList",
         "Maintenance/Status",
+        "Maintenance/Hash",
         "Maintenance/HashKV",
     }
     assert etcd_writes == {

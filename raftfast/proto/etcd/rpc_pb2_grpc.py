@@ -810,6 +810,11 @@ class MaintenanceStub:
                 request_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.DefragmentRequest.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.DefragmentResponse.FromString,
                 _registered_method=True)
+        self.Hash = channel.unary_unary(
+                '/etcdserverpb.Maintenance/Hash',
+                request_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.HashRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.HashResponse.FromString,
+                _registered_method=True)
         self.HashKV = channel.unary_unary(
                 '/etcdserverpb.Maintenance/HashKV',
                 request_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.HashKVRequest.SerializeToString,
@@ -838,6 +843,12 @@ class MaintenanceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Defragment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Hash(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -872,6 +883,11 @@ def add_MaintenanceServicer_to_server(servicer, server):
                     servicer.Defragment,
                     request_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.DefragmentRequest.FromString,
                     response_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.DefragmentResponse.SerializeToString,
+            ),
+            'Hash': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hash,
+                    request_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.HashRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.HashResponse.SerializeToString,
             ),
             'HashKV': grpc.unary_unary_rpc_method_handler(
                     servicer.HashKV,
@@ -965,6 +981,33 @@ class Maintenance:
             '/etcdserverpb.Maintenance/Defragment',
             raftfast_dot_proto_dot_etcd_dot_rpc__pb2.DefragmentRequest.SerializeToString,
             raftfast_dot_proto_dot_etcd_dot_rpc__pb2.DefragmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hash(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/etcdserverpb.Maintenance/Hash',
+            raftfast_dot_proto_dot_etcd_dot_rpc__pb2.HashRequest.SerializeToString,
+            raftfast_dot_proto_dot_etcd_dot_rpc__pb2.HashResponse.FromString,
             options,
             channel_credentials,
             insecure,
