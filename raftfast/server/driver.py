@@ -598,11 +598,13 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.transport.send([m for m in rd.messages if m.type != MsgType.SNAPSHOT])
         if rd.committed:
             self._apply(rd.committed)
-            if self._commit_notice is None and self.is_leader:
+            if self.is_leader:
+                # (no append has carried this commit index yet: one sent from now on will)
                 self._proposed_since_notice = False
-                self._commit_notice = asyncio.get_running_loop().call_later(
-                    _COMMIT_NOTICE_S, self._notify_commit
-                )
+                if self._commit_notice is None:
+                    self._commit_notice = asyncio.get_running_loop().call_later(
+                        _COMMIT_NOTICE_S, self._notify_commit
+                    )
         for request_id, index in rd.read_states:
             for fut in self._reads_by_id.pop(request_id, []):
                 self._reads_at.append((index, fut))
