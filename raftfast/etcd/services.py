@@ -1,8 +1,8 @@
 """etcd's gRPC services (etcdserverpb KV, Lease, Cluster, Maintenance; Watch is in
 ``raftfast.etcd.watch``) on a node's client port: each call is handed to ``EtcdAPI.handle``,
-and its ``EtcdError`` becomes the status etcd would send. Bytes that are no request are answered
-INVALID_ARGUMENT (``Malformed``). Nothing else escapes: an unexpected failure is logged and
-answered INTERNAL, and the node goes on serving."""
+and its ``EtcdError`` becomes the status etcd would send. Bytes that are no request are
+answered INVALID_ARGUMENT (``raftfast.server.handlers``). Nothing else escapes: an unexpected
+failure is logged and answered INTERNAL, and the node goes on serving."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Any
 
 import grpc
 
-from raftfast.etcd import errors
 from raftfast.etcd.api import EtcdAPI
 from raftfast.etcd.errors import EtcdError
 from raftfast.etcd.watch import WatchService
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
+from raftfast.server.handlers import Malformed, register
 
 __all__ = ["SERVICE_NAMES", "add_etcd_services"]
 
@@ -33,30 +33,10 @@ SERVICE_NAMES = (
 )
 
 
-class Malformed:
-    """A request that did not parse (garbage bytes, a Txn nested past protobuf's limit): its
-    handler answers INVALID_ARGUMENT. (A deserializer that raises makes gRPC answer UNKNOWN.)"""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: EtcdError) -> None:
-        self.error = error
-
-
-def _parser(cls: type) -> Any:
-    def parse(data: bytes) -> Any:
-        try:
-            return cls.FromString(data)
-        except Exception as exc:  # noqa: BLE001 - DecodeError, too deep a message...
-            return Malformed(errors.invalid(f"malformed {cls.__name__}: {exc}"[:300]))
-
-    return parse
-
-
 async def _call(api: EtcdAPI, method: str, request: Any, context: grpc.aio.ServicerContext):
     try:
-        if isinstance(request, Malformed):
-            raise request.error
+        if isinstance(request, Malformed):  # (in a stream: a one-request call never gets here)
+            raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await api.handle(method, request, context.time_remaining())
     except EtcdError as exc:
         await context.abort(exc.code, exc.message)
@@ -122,35 +102,12 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
 def add_etcd_services(server: grpc.aio.Server, api: EtcdAPI) -> WatchService:
     """Serve the etcd API on ``server``; returns the Watch service (to be told of applies)."""
     watch = WatchService(api)
-    _register(server, "KV", KVService(api))
-    _register(server, "Lease", LeaseService(api))
-    _register(server, "Cluster", ClusterService(api))
-    _register(server, "Maintenance", MaintenanceService(api))
-    _register(server, "Watch", watch)
+    for name, servicer in (
+        ("KV", KVService(api)),
+        ("Lease", LeaseService(api)),
+        ("Cluster", ClusterService(api)),
+        ("Maintenance", MaintenanceService(api)),
+        ("Watch", watch),
+    ):
+        register(server, pb, name, servicer, tolerant_streams=True, prefix="etcdserver: ")
     return watch
-
-
-_HANDLERS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def _register(server: grpc.aio.Server, name: str, servicer: Any) -> None:
-    """What the generated ``add_<name>Servicer_to_server`` does, but with request parsers that
-    never raise (``Malformed``)."""
-    service = pb.DESCRIPTOR.services_by_name[name]
-    handlers = {
-        m.name: _HANDLERS[m.client_streaming, m.server_streaming](
-            getattr(servicer, m.name),
-            request_deserializer=_parser(getattr(pb, m.input_type.name)),
-            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
-        )
-        for m in service.methods
-    }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)

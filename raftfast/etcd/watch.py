@@ -94,8 +94,8 @@ class _Stream:
         self.done = False
 
     def take(self, request: pb.WatchRequest) -> None:
-        if not isinstance(request, pb.WatchRequest):  # (services.Malformed: did not parse)
-            raise request.error
+        if not isinstance(request, pb.WatchRequest):  # (handlers.Malformed: did not parse)
+            raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         which = request.WhichOneof("request_union")
         if which == "create_request":
             self._create(request.create_request)

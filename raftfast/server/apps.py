@@ -18,8 +18,9 @@ from raftfast.etcd.watch import WatchService
 from raftfast.exactly_once import ExactlyOnce
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.quota import Quota
-from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer
+from raftfast.server.handlers import register
 from raftfast.server.kv_service import KVService, add_kv_service
 from raftfast.server.machine_service import MachineService, StatusOnly
 from raftfast.statemachine import StateMachine
@@ -44,8 +45,8 @@ class MachineApp:
         self.fsm: StateMachine = ExactlyOnce(state_machine)
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
-        pb_grpc.add_StateMachineServicer_to_server(MachineService(self.driver), server)
-        pb_grpc.add_KVServicer_to_server(StatusOnly(self.driver), server)
+        register(server, pb, "StateMachine", MachineService(self.driver))
+        register(server, pb, "KV", StatusOnly(self.driver))
 
     def alarms_raised(self) -> frozenset[bytes]:
         return frozenset()

@@ -39,11 +39,11 @@ from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Message, MsgType, Ready, Role
 from raftfast.errors import LogError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
-from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
 from raftfast.server import logs
 from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
+from raftfast.server.handlers import register
 from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
 from raftfast.server.membership import MembershipMixin
 from raftfast.server.metrics import MetricsServer, NodeMetrics, RequestTimer
@@ -241,16 +241,16 @@ class Driver(MembershipMixin, SnapshotMixin):
         timer = RequestTimer(self.metrics) if s.metrics_listen else None
         self.server = _server(client_limit, authorizer, timer)
         self.app.add_services(self.server, authorizer)
-        pb_grpc.add_AdminServicer_to_server(admin, self.server)
+        register(self.server, pb, "Admin", admin)
         # (after the services: their calls find their handlers first)
         self.health.add_to(self.server)
         enable_reflection(self.server, (*self.app.service_names, ADMIN_SERVICE))
         await self.health.update()  # NOT_SERVING until a leader is known
         if shared:
-            pb_grpc.add_PeerServicer_to_server(peer_service, self.server)
+            register(self.server, pb, "Peer", peer_service)
         else:
             self.peer_server = _server(tcp.MAX_RECORD_BYTES, None, timer)
-            pb_grpc.add_PeerServicer_to_server(peer_service, self.peer_server)
+            register(self.peer_server, pb, "Peer", peer_service)
             peer_tls = s.peer_tls
             _bind(
                 self.peer_server,
