@@ -46,13 +46,15 @@ etcd3-suite: $(STAMP) etcd-client
 
 # The heavy real-cluster tests run compiled only: the pure twins' CRC32C (~15 MB/s) makes a
 # node with a 9 MiB write block its loop for seconds (elections follow), and the long loads slow
-# (the etcd API's hostile suite writes dozens of 1.5 MiB values).
+# (the etcd API's hostile suite writes dozens of 1.5 MiB values). The etcd clients' tests
+# (etcdctl, etcd3aio) run compiled only too: the etcd layer is the same Python in both runs.
 test-pure: $(STAMP) etcd-client
 	@echo "== pure-Python run (RAFTFAST_PUREPYTHON=1) =="
 	RAFTFAST_PUREPYTHON=1 $(PYTEST) -q -p no:cacheprovider --benchmark-disable tests \
 		--ignore=tests/fault/test_chaos.py --ignore=tests/fault/test_durability.py \
 		--ignore=tests/integration/test_bounds.py --ignore=tests/integration/test_catch_up.py \
-		--ignore=tests/hostile/test_etcd_hostile.py \
+		--ignore=tests/hostile/test_etcd_hostile.py --ignore=tests/etcd/test_etcdctl.py \
+		--ignore=tests/etcd/test_python_client.py \
 		--deselect="tests/hostile/test_reproductions.py::test_a_session_frame_bigger_than_one_apply_is_applied_whole"
 
 run: $(STAMP)
