@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["Malformed", "register", "tolerant", "unary_handler"]
+__all__ = ["Malformed", "method_handler", "register", "tolerant"]
 
 _HANDLERS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -67,11 +67,27 @@ def _refusing_malformed(behavior: Callable, server_streaming: bool) -> Callable:
     return unary
 
 
-def unary_handler(behavior: Callable, request_cls: Any, response_cls: Any) -> grpc.RpcMethodHandler:
-    """A unary-unary handler whose request parsing never raises."""
-    return grpc.unary_unary_rpc_method_handler(
-        _refusing_malformed(behavior, False),
-        request_deserializer=tolerant(request_cls.FromString, request_cls.__name__),
+def method_handler(
+    behavior: Callable,
+    request_cls: Any,
+    response_cls: Any,
+    client_streaming: bool = False,
+    server_streaming: bool = False,
+    tolerant_streams: bool = False,
+    prefix: str = "",
+) -> grpc.RpcMethodHandler:
+    """The handler of one method whose request parsing never raises (see the module doc);
+    ``prefix`` begins the message of a refusal (etcd's: "etcdserver: ")."""
+    parse = request_cls.FromString
+    # (only our own async methods: the generated servicer's stubs answer UNIMPLEMENTED)
+    ours = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+    if ours and not client_streaming:
+        behavior = _refusing_malformed(behavior, server_streaming)
+    if ours and (not client_streaming or tolerant_streams):
+        parse = tolerant(parse, request_cls.__name__, prefix)
+    return _HANDLERS[client_streaming, server_streaming](
+        behavior,
+        request_deserializer=parse,
         response_serializer=response_cls.SerializeToString,
     )
 
@@ -84,26 +100,20 @@ def register(
     tolerant_streams: bool = False,
     prefix: str = "",
 ) -> None:
-    """Serve ``servicer`` as service ``name`` of the generated ``module`` (its ``_pb2``);
-    ``prefix`` begins the message of a refusal (etcd's: "etcdserver: ")."""
+    """Serve ``servicer`` as service ``name`` of the generated ``module`` (its ``_pb2``)."""
     service = module.DESCRIPTOR.services_by_name[name]
-    handlers = {}
-    for m in service.methods:
-        request_cls = getattr(module, m.input_type.name)
-        behavior = getattr(servicer, m.name)
-        parse = request_cls.FromString
-        # (only our own async methods: the generated servicer's stubs answer UNIMPLEMENTED)
-        ours = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
-        if ours and not m.client_streaming:
-            behavior = _refusing_malformed(behavior, m.server_streaming)
-            parse = tolerant(parse, request_cls.__name__, prefix)
-        elif ours and tolerant_streams:
-            parse = tolerant(parse, request_cls.__name__, prefix)
-        handlers[m.name] = _HANDLERS[m.client_streaming, m.server_streaming](
-            behavior,
-            request_deserializer=parse,
-            response_serializer=getattr(module, m.output_type.name).SerializeToString,
+    handlers = {
+        m.name: method_handler(
+            getattr(servicer, m.name),
+            getattr(module, m.input_type.name),
+            getattr(module, m.output_type.name),
+            m.client_streaming,
+            m.server_streaming,
+            tolerant_streams,
+            prefix,
         )
+        for m in service.methods
+    }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )

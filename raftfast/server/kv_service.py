@@ -53,7 +53,7 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, Role
 from raftfast.security.tls import caller_name
-from raftfast.server.handlers import unary_handler
+from raftfast.server.handlers import method_handler
 from raftfast.server.services import (
     DEADLINE_READ,
     DEADLINE_WRITE,
@@ -581,7 +581,7 @@ def add_kv_service(
     ``add_KVServicer_to_server``, but for the deserializer of Session requests."""
     service = KVService(node, authorizer, quota)
     handlers = {
-        name: unary_handler(getattr(service, name), request, response)
+        name: method_handler(getattr(service, name), request, response)
         for name, (request, response) in _UNARY.items()
     }
     handlers["Session"] = grpc.stream_stream_rpc_method_handler(
