@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py raftfast/_version.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd
+SOURCES := pyproject.toml setup.py raftfast/_version.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd raftfast/_store.pyx
 
 .PHONY: venv build test test-compiled test-pure etcd-client etcd3-suite lint run soak chaos bench compare failover proto wheels clean
 
@@ -119,4 +119,4 @@ wheels: $(STAMP)
 	@ls -l dist
 
 clean:
-	rm -rf build dist *.egg-info raftfast/*.so raftfast/_log.c raftfast/_batch.c
+	rm -rf build dist *.egg-info raftfast/*.so raftfast/_log.c raftfast/_batch.c raftfast/_store.c

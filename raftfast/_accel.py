@@ -10,20 +10,20 @@ import os
 from types import ModuleType
 
 
-def _load() -> tuple[ModuleType, ModuleType, bool]:
+def _load() -> tuple[ModuleType, ModuleType, ModuleType, bool]:
     if not os.environ.get("RAFTFAST_PUREPYTHON"):
         try:
-            from raftfast import _batch, _log  # type: ignore[attr-defined]
+            from raftfast import _batch, _log, _store  # type: ignore[attr-defined]
 
-            return _log, _batch, True
+            return _log, _batch, _store, True
         except ImportError:
             pass
-    from raftfast import _batch_py, _log_py
+    from raftfast import _batch_py, _log_py, _store_py
 
-    return _log_py, _batch_py, False
+    return _log_py, _batch_py, _store_py, False
 
 
-log_impl, batch_impl, COMPILED = _load()
+log_impl, batch_impl, store_impl, COMPILED = _load()
 
 EntryLog = log_impl.EntryLog
 crc32c = batch_impl.crc32c
@@ -34,3 +34,6 @@ batch_info = batch_impl.batch_info
 entries_of_type = batch_impl.entries_of_type
 chunk_payloads = batch_impl.chunk_payloads
 commit_index = batch_impl.commit_index
+KeyStore = store_impl.KeyStore
+load_store = store_impl.load_store
+check_packed = store_impl.check_packed

@@ -77,6 +77,7 @@ _IGNORE = shutil.ignore_patterns(
     "*.pyd",
     "_log.c",
     "_batch.c",
+    "_store.c",
     ".pytest_cache",
     ".hypothesis",
     ".benchmarks",
@@ -153,7 +154,7 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         assert [n for n in names if n.endswith((".c", ".pyx", ".pxd"))] == []
-        for module in ("_log", "_batch"):
+        for module in ("_log", "_batch", "_store"):
             (so,) = [n for n in names if re.fullmatch(rf"raftfast/{module}\.[^/]*(\.so|\.pyd)", n)]
             if LINUX:
                 sections = elf_section_names(zf.read(so))
@@ -186,6 +187,7 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
         "raftfast/_log.pxd",
         "raftfast/_batch.pyx",
         "raftfast/_batch.pxd",
+        "raftfast/_store.pyx",
         "raftfast/py.typed",
         "deploy/node.toml",
         "deploy/raftfast-node.service",
@@ -194,7 +196,7 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
         assert needed in members, f"{needed} missing from {sdist.name}"
     docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*") if p.is_file()}
     assert docs <= members
-    assert [m for m in members if m.endswith((".so", ".pyd", ".pyc")) or m.endswith("_log.c")] == []
+    assert [m for m in members if m.endswith((".so", ".pyd", ".pyc")) or m.endswith(("_log.c", "_batch.c", "_store.c"))] == []
 
 
 def _auditwheel(wheel: Path, out: Path) -> Path:

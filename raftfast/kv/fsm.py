@@ -29,13 +29,11 @@ import hashlib
 import struct
 import sys
 from array import array
-from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Sequence
-from itertools import accumulate
 from typing import BinaryIO
 
-from raftfast._accel import crc32c
+from raftfast._accel import KeyStore, check_packed, crc32c, load_store
 from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
 from raftfast.errors import CorruptionError, FormatVersionError
 from raftfast.etcd.mvcc import MVCCStore
@@ -47,13 +45,10 @@ from raftfast.kv.commands import (
     OP_PUT,
     OP_PUT_MANY,
     decode,
-    unpack_pairs,
 )
 from raftfast.statemachine import StateMachine
 
 __all__ = ["DEDUP_WINDOW", "MAX_CLIENTS", "KVStateMachine"]
-
-_MAX_PENDING_INDEX_OPS = 256  # key-set changes replayed into the scan index before a rebuild
 
 # Snapshot layout (little-endian; see KVStateMachine.snapshot):
 SNAPSHOT_MAGIC = b"RFS1"
@@ -71,13 +66,13 @@ _ETCD = bytes((OP_ETCD,))
 
 
 class KVStateMachine(StateMachine):
-    """Deterministic KV store: a dict, a lazily maintained sorted key index and the dedup table.
+    """Deterministic KV store: the keys and values (``raftfast._accel.KeyStore``: compact,
+    with reads in key order) and the dedup table.
 
     ``applied_index`` is the index of the last entry handed to ``apply``/``apply_batch``;
     ``malformed`` counts committed commands that could not be decoded (applied as no-ops);
     ``alarms`` holds the alarms raised (``NOSPACE``); ``size_bytes`` is the bytes of keys and
-    values held, exact but after a PUT_MANY that overwrote keys (it counts them as new: cheap,
-    and never under), until the next ``recount``, snapshot or restore.
+    values held (the etcd keyspace's, with its history, included).
     """
 
     def __init__(self, dedup_window: int = DEDUP_WINDOW, max_clients: int = MAX_CLIENTS) -> None:
@@ -89,12 +84,8 @@ class KVStateMachine(StateMachine):
         self.size_bytes = 0
         self._window = dedup_window
         self._max_clients = max_clients
-        self._data: dict[bytes, bytes] = {}
+        self._data = KeyStore()
         self._clients: OrderedDict[int, ClientWindow] = OrderedDict()
-        # Sorted key index for scan. None = must be rebuilt; otherwise _pending holds the
-        # key-set changes (True = added, False = removed) made since, replayed on the next scan.
-        self._index: list[bytes] | None = []
-        self._pending: list[tuple[bool, bytes]] = []
         # The etcd API's keyspace (raftfast.etcd): a namespace of its own, beside this one.
         self.etcd = MVCCStore()
 
@@ -112,7 +103,7 @@ class KVStateMachine(StateMachine):
         try:
             op, client_id, seq, key, expected, value = decode(payload)
             if op == OP_PUT_MANY:
-                value = unpack_pairs(value)
+                check_packed(value)  # (applied straight from the packed bytes)
         except (ValueError, struct.error, TypeError):
             self.malformed += 1
             return None
@@ -148,88 +139,32 @@ class KVStateMachine(StateMachine):
 
     def _execute(self, op: int, key: bytes, expected: bytes | None, value) -> bool:
         data = self._data
+        before = data.size_bytes
         if op == OP_PUT_MANY:
-            keys, values = value
-            if self._index is not None:
-                # Only keys new to the store touch the scan index (each once).
-                for k in dict.fromkeys(k for k in keys if k not in data):
-                    self._key_added(k)
-            data.update(zip(keys, values, strict=True))
-            self.size_bytes += sum(map(len, keys)) + sum(map(len, values))  # see the class doc
-            return True
-        if op == OP_PUT:
-            current = data.get(key)
-            if current is None:
-                self._key_added(key)
-                self.size_bytes += len(key) + len(value)
-            else:
-                self.size_bytes += len(value) - len(current)
-            data[key] = value
-            return True
-        if op == OP_DELETE:
-            current = data.pop(key, None)
-            if current is None:
+            data.put_packed(value)
+        elif op == OP_PUT:
+            data.put(key, value)
+        elif op == OP_DELETE:
+            if data.delete(key) < 0:
                 return False
-            self._key_removed(key)
-            self.size_bytes -= len(key) + len(current)
-            return True
-        if op == OP_ALARM:
+        elif op == OP_ALARM:
             if value == b"\x01":
                 self.alarms.add(key)
             else:
                 self.alarms.discard(key)
-            return True
-        # CAS
-        current = data.get(key)
-        if expected is None:
-            if current is not None:
+        else:  # CAS
+            current = data.get(key)
+            if current != expected:  # (None expected: the key must be absent)
                 return False
-            self._key_added(key)
-            self.size_bytes += len(key) + len(value)
-        elif current != expected:
-            return False
-        else:
-            self.size_bytes += len(value) - len(current)
-        data[key] = value
+            data.put(key, value)
+        self.size_bytes += data.size_bytes - before
         return True
 
     def recount(self) -> int:
         """Count ``size_bytes`` exactly (a pass over the whole store); returns it."""
-        data, etcd = self._data, self.etcd
-        self.size_bytes = sum(map(len, data)) + sum(map(len, data.values()))
-        self.size_bytes += etcd.size_bytes + etcd.history_bytes
+        etcd = self.etcd
+        self.size_bytes = self._data.size_bytes + etcd.size_bytes + etcd.history_bytes
         return self.size_bytes
-
-    # -- scan index -----------------------------------------------------------------------
-
-    def _key_added(self, key: bytes) -> None:
-        if self._index is not None:
-            self._pending.append((True, key))
-            if len(self._pending) > _MAX_PENDING_INDEX_OPS:
-                self._index = None
-                self._pending = []
-
-    def _key_removed(self, key: bytes) -> None:
-        if self._index is not None:
-            self._pending.append((False, key))
-            if len(self._pending) > _MAX_PENDING_INDEX_OPS:
-                self._index = None
-                self._pending = []
-
-    def _sorted_keys(self) -> list[bytes]:
-        index = self._index
-        if index is None:
-            index = self._index = sorted(self._data)
-        elif self._pending:
-            # Replaying in order is exact: an add is always of an absent key and a remove of a
-            # present one, at the time it happened.
-            for added, key in self._pending:
-                if added:
-                    insort(index, key)
-                else:
-                    del index[bisect_left(index, key)]
-            self._pending = []
-        return index
 
     # -- reading --------------------------------------------------------------------------
 
@@ -248,23 +183,7 @@ class KVStateMachine(StateMachine):
         empty), at most ``limit`` of them (<= 0: no limit) and, past the first, at most
         ``max_bytes`` of keys and values (0: no limit). Returns (items, the key the next page
         starts at, or b"" if this was the last)."""
-        keys = self._sorted_keys()
-        data = self._data
-        out: list[tuple[bytes, bytes]] = []
-        i = bisect_left(keys, max(prefix, start))
-        n = len(keys)
-        size = 0
-        while i < n:
-            key = keys[i]
-            if not key.startswith(prefix):
-                break
-            value = data[key]
-            size += len(key) + len(value)
-            if (len(out) == limit or (max_bytes and size > max_bytes)) and out:
-                return out, key
-            out.append((key, value))
-            i += 1
-        return out, b""
+        return self._data.scan_page(prefix, limit, start, max_bytes)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -284,8 +203,7 @@ class KVStateMachine(StateMachine):
         divergence checks compare these instead of reaching into private state.
         """
         h = hashlib.sha256()
-        for key in self._sorted_keys():
-            value = self._data[key]
+        for key, value in self._data.items():
             h.update(struct.pack("<I", len(key)) + key + struct.pack("<I", len(value)) + value)
         h.update(b"\x00clients")
         for client_id, client in self._clients.items():  # LRU order is replicated state too
@@ -305,17 +223,16 @@ class KVStateMachine(StateMachine):
     # -- the StateMachine interface: snapshots through file objects, queries ----------------
 
     def snapshot(self, out: BinaryIO) -> None:
-        out.write(self.dump())
+        for part in self._dump_parts():  # (no joined copy of the whole state in memory)
+            out.write(part)
 
     def frozen(self) -> KVStateMachine:
-        """The state as of now, in a copy cheap to take (the dicts are copied, the keys and
-        values shared: ~1 ms per 100,000 keys), whose ``snapshot`` may then run in another
-        thread while this machine goes on applying."""
+        """The state as of now, in a copy cheap to take (the store's arena and table copied
+        whole: a few ms per 100,000 keys), whose ``snapshot`` may then run in another thread
+        while this machine goes on applying."""
         twin = copy.copy(self)
-        twin._data = dict(self._data)
+        twin._data = self._data.copy()
         twin._clients = OrderedDict((cid, w.copy()) for cid, w in self._clients.items())
-        twin._index = None if self._index is None else list(self._index)
-        twin._pending = list(self._pending)
         twin.alarms = set(self.alarms)
         twin.etcd = self.etcd.frozen()
         return twin
@@ -326,7 +243,7 @@ class KVStateMachine(StateMachine):
     def query(self, request: bytes) -> bytes:
         """The value of key ``request`` (b"" if it is absent): the KV service reads the store
         itself; this serves the embeddable node's generic ``query``."""
-        return self._data.get(request, b"")
+        return self._data.get(bytes(request)) or b""
 
     def dump(self) -> bytes:
         """A deterministic serialization of the whole replicated state.
@@ -345,16 +262,12 @@ class KVStateMachine(StateMachine):
             etcd     length u64 | the etcd keyspace (``MVCCStore.dump``; not in versions 1, 2)
             trailer  crc32c u32 of everything before it
         """
-        keys = self._sorted_keys()
-        values = list(map(self._data.__getitem__, keys))
-        klens = array(_U32, map(len, keys))
-        vlens = array(_U32, map(len, values))
+        return b"".join(self._dump_parts())
+
+    def _dump_parts(self) -> list[bytes]:
+        """``dump``'s bytes in parts (a snapshot writes them one by one)."""
+        count, klens, vlens, keys, values = self._data.dump()
         etcd = self.etcd.dump()
-        # exact again (see the class doc)
-        self.size_bytes = sum(klens) + sum(vlens) + self.etcd.size_bytes + self.etcd.history_bytes
-        if _BIG_ENDIAN:
-            klens.byteswap()
-            vlens.byteswap()
         parts: list[bytes] = [
             _SNAP_HEADER.pack(
                 SNAPSHOT_MAGIC,
@@ -363,11 +276,11 @@ class KVStateMachine(StateMachine):
                 self.applied_index,
                 self.malformed,
             ),
-            _SNAP_COUNT.pack(len(keys)),
-            klens.tobytes(),
-            vlens.tobytes(),
-            b"".join(keys),
-            b"".join(values),
+            _SNAP_COUNT.pack(count),
+            klens,
+            vlens,
+            keys,
+            values,
             _SNAP_COUNT.pack(len(self._clients)),
         ]
         window = self._window
@@ -386,7 +299,7 @@ class KVStateMachine(StateMachine):
         for part in parts:
             crc = crc32c(part, crc)
         parts.append(_SNAP_CRC.pack(crc))
-        return b"".join(parts)
+        return parts
 
     def load(self, data: bytes | bytearray | memoryview) -> None:
         """Replace the whole state with a ``dump()``'s.
@@ -419,7 +332,7 @@ class KVStateMachine(StateMachine):
             raise CorruptionError("KV snapshot CRC mismatch: truncated or corrupt", offset=end)
         if alarm_bits >> (len(ALARMS) if version > 1 else 0):
             raise CorruptionError(f"KV snapshot: unknown alarm bits {alarm_bits:#x}", offset=6)
-        data_, index, clients, etcd = _parse_snapshot(mv, _SNAP_HEADER.size, end, version)
+        data_, clients, etcd = _parse_snapshot(mv, _SNAP_HEADER.size, end, version)
         while len(clients) > self._max_clients:
             clients.popitem(last=False)
         self.applied_index = applied_index
@@ -427,16 +340,14 @@ class KVStateMachine(StateMachine):
         self.alarms = {name for i, name in enumerate(ALARMS) if alarm_bits >> i & 1}
         self._data = data_
         self._clients = clients
-        self._index = index
-        self._pending = []
         self.etcd = etcd
         self.recount()
 
 
 def _parse_snapshot(
     mv: memoryview, pos: int, end: int, version: int
-) -> tuple[dict[bytes, bytes], list[bytes], OrderedDict[int, ClientWindow], MVCCStore]:
-    """The store, its sorted keys, the dedup table and the etcd keyspace of a snapshot whose
+) -> tuple[KeyStore, OrderedDict[int, ClientWindow], MVCCStore]:
+    """The store, the dedup table and the etcd keyspace of a snapshot whose
     CRC matched."""
 
     def take(n: int, what: str) -> memoryview:
@@ -450,25 +361,23 @@ def _parse_snapshot(
         pos += n
         return mv[pos - n : pos]
 
-    def u32s(count: int, what: str) -> array:
+    def u32s(data: memoryview) -> array:
         out = array(_U32)
-        out.frombytes(take(4 * count, what))
+        out.frombytes(data)
         if _BIG_ENDIAN:
             out.byteswap()
         return out
 
     (count,) = _SNAP_COUNT.unpack(take(_SNAP_COUNT.size, "the key count"))
-    klens = u32s(count, "the key lengths")
-    vlens = u32s(count, "the value lengths")
-    kblob = take(sum(klens), "the keys").tobytes()
-    vblob = take(sum(vlens), "the values").tobytes()
-    koffs = list(accumulate(klens, initial=0))
-    voffs = list(accumulate(vlens, initial=0))
-    keys = list(map(kblob.__getitem__, map(slice, koffs, koffs[1:])))
-    values = list(map(vblob.__getitem__, map(slice, voffs, voffs[1:])))
-    if not all(map(bytes.__lt__, keys, keys[1:])):
-        raise CorruptionError("KV snapshot keys are not strictly ascending", offset=pos)
-    store = dict(zip(keys, values, strict=True))
+    at = pos
+    klens = take(4 * count, "the key lengths")
+    vlens = take(4 * count, "the value lengths")
+    kblob = take(sum(u32s(klens)), "the keys")
+    vblob = take(sum(u32s(vlens)), "the values")
+    try:
+        store = load_store(count, klens, vlens, kblob, vblob)
+    except ValueError as exc:
+        raise CorruptionError(f"KV snapshot: {exc}", offset=at) from None
 
     (ccount,) = _SNAP_COUNT.unpack(take(_SNAP_COUNT.size, "the client count"))
     clients: OrderedDict[int, ClientWindow] = OrderedDict()
@@ -500,4 +409,4 @@ def _parse_snapshot(
         raise CorruptionError(
             f"KV snapshot has {end - pos} unexpected bytes at offset {pos}", offset=pos
         )
-    return store, keys, clients, etcd
+    return store, clients, etcd

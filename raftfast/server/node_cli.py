@@ -58,6 +58,7 @@ from typing import Any, NoReturn
 from raftfast._version import __version__, version_text
 from raftfast.address import is_address
 from raftfast.errors import FormatVersionError, RaftfastError
+from raftfast.server.malloc import keep_big_blocks_mapped
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
@@ -417,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML [roles]: client certificate name = read | write | admin",
     )
-    # Advanced (hidden): snapshot when the log held in memory passes N bytes (256 MiB).
+    # Advanced (hidden): snapshot when the log held in memory passes N bytes (32 MiB).
     p.add_argument("--snapshot-log-bytes", metavar="N", help=argparse.SUPPRESS)
     # Advanced (hidden): WAL segment size before rotation; small values are for tests.
     p.add_argument("--wal-segment-bytes", metavar="N", help=argparse.SUPPRESS)
@@ -764,6 +765,7 @@ def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> i
         _fail(f"cannot write the identity to {settings.data_dir}: {exc.strerror or exc}")
         return 1
     _configure_logging(settings.log_level, settings.log_format, settings.id)
+    keep_big_blocks_mapped()
     if not settings.fsync and settings.log_format == "json":
         logging.getLogger("raftfast.node").warning("%s", UNSAFE_WARNING)
     try:

@@ -43,7 +43,7 @@ class NodeSettings:
     snapshot_entries: int = 100_000  # snapshot the state machine every N applied entries
     snapshot_keep: int = 10_000  # entries kept behind a snapshot for followers that lag a little
     # advanced: snapshot also when the log held in memory passes this (big values rewritten)
-    snapshot_log_bytes: int = 256 * 1024 * 1024
+    snapshot_log_bytes: int = 32 * 1024 * 1024
     join: str = ""  # host:port of a member: this node joins that cluster (no bootstrap peers)
     # One-shot flags (never read from a file, never stored): start as the only voter (quorum
     # lost), or start a new cluster from a backup file.

@@ -1,0 +1,721 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The KV store's keys and values in compact form (twin of raftfast._store_py).
+
+A Python dict of bytes costs ~230 bytes for a key of 16 bytes and a value of 64 (two objects
+with their headers, the dict's entry and index, a sorted list for scans). Here:
+
+* an *arena*, one growing byte buffer of records ``klen u32 | vlen u32 | key | value``; a
+  record is rewritten in place when a value keeps its length, else a new one is appended and
+  the old one becomes garbage, reclaimed by compacting the arena once garbage is half of it;
+* a *table*, open addressing with linear probing, one u64 per slot: the record's offset + 1
+  (40 bits) and 24 bits of the key's hash, so most probes that miss never touch the arena.
+  The hash is Python's own for bytes (SipHash with the process's random key): keys chosen to
+  collide cannot be chosen from outside;
+* a *sorted index* of record offsets for ordered reads, kept lazily: keys added since the
+  last ordered read wait unsorted in a short list (past 256 the index is rebuilt instead), a
+  removed key's entry is marked removed (found by binary search), and the next ordered read
+  merges both in one pass.
+
+So a key of 16 bytes with a value of 64 costs 88 bytes of record, 8-16 bytes of table and 8
+of index. Behaviour, including exceptions, is the pure twin's (tests/test_store.py).
+"""
+
+from cpython.object cimport PyObject_Hash
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy
+
+from raftfast._batch cimport C_HEADER_SIZE, C_META_SIZE, parse_batch, rf_load_u32
+
+from raftfast.errors import BatchError
+
+cdef extern from "Python.h":
+    Py_hash_t _Py_HashBytes(const void *src, Py_ssize_t len)
+
+DEF HEADER = 8                      # klen u32 | vlen u32
+DEF EMPTY = 0
+DEF TOMB = 1
+DEF TAG_BITS = 24
+DEF TAG_MASK = 0xFFFFFF
+DEF MAX_OFFSET = (1 << 40) - 2      # an arena of up to 1 TiB
+DEF REMOVED = 0x8000000000000000    # an index entry whose key was deleted
+DEF MAX_EXTRA = 256                 # added keys waiting outside the index
+DEF MIN_SLOTS = 8
+DEF MAX_LEN = 0xFFFFFFFF
+
+__all__ = ["KeyStore", "check_packed", "load_store"]
+
+
+cdef inline uint32_t load_u32(const unsigned char *p) noexcept nogil:
+    return <uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline void store_u32(unsigned char *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = v >> 24
+
+
+cdef inline int compare_keys(const unsigned char *arena, uint64_t a, uint64_t b) noexcept nogil:
+    """memcmp order of the keys of records ``a`` and ``b`` (shorter first on a tie)."""
+    cdef uint32_t la = load_u32(arena + a), lb = load_u32(arena + b)
+    cdef int c = memcmp(arena + a + HEADER, arena + b + HEADER, la if la < lb else lb)
+    if c:
+        return c
+    return (la > lb) - (la < lb)
+
+
+cdef inline int compare_to(const unsigned char *arena, uint64_t a, const unsigned char *key,
+                           Py_ssize_t klen) noexcept nogil:
+    """The order of record ``a``'s key against ``key``."""
+    cdef uint32_t la = load_u32(arena + a)
+    cdef int c = memcmp(arena + a + HEADER, key, la if la < <uint64_t>klen else klen)
+    if c:
+        return c
+    return (la > klen) - (la < klen)
+
+
+cdef void merge_sort(uint64_t *items, uint64_t *scratch, Py_ssize_t n,
+                     const unsigned char *arena) noexcept nogil:
+    """Sort record offsets by key (bottom-up merge sort; no comparator globals, so two stores
+    may sort at once in two threads)."""
+    cdef Py_ssize_t width = 1, lo, mid, hi, i, j, k
+    cdef uint64_t *src = items
+    cdef uint64_t *dst = scratch
+    cdef uint64_t *tmp
+    while width < n:
+        lo = 0
+        while lo < n:
+            mid = lo + width if lo + width < n else n
+            hi = lo + 2 * width if lo + 2 * width < n else n
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if compare_keys(arena, src[i], src[j]) <= 0:
+                    dst[k] = src[i]
+                    i += 1
+                else:
+                    dst[k] = src[j]
+                    j += 1
+                k += 1
+            while i < mid:
+                dst[k] = src[i]
+                i += 1
+                k += 1
+            while j < hi:
+                dst[k] = src[j]
+                j += 1
+                k += 1
+            lo = hi
+        tmp = src
+        src = dst
+        dst = tmp
+        width *= 2
+    if src != items:
+        memcpy(items, src, n * sizeof(uint64_t))
+
+
+cdef inline Py_hash_t key_hash(bytes key) except? -1:
+    return PyObject_Hash(key)  # cached on the bytes object; _Py_HashBytes of its content
+
+
+cdef class KeyStore:
+    """Keys and values (``bytes``), with reads in key order."""
+
+    cdef unsigned char *_arena
+    cdef uint64_t _used           # arena bytes written
+    cdef uint64_t _cap            # arena bytes allocated
+    cdef uint64_t _garbage        # arena bytes of records no longer live
+    cdef uint64_t *_slots
+    cdef uint64_t _mask           # slots - 1
+    cdef Py_ssize_t _count        # live keys
+    cdef Py_ssize_t _tombs        # deleted slots
+    cdef uint64_t *_index         # sorted offsets (REMOVED bit: deleted); NULL: to rebuild
+    cdef Py_ssize_t _index_len
+    cdef Py_ssize_t _removed      # entries of _index marked REMOVED
+    cdef uint64_t _extra[MAX_EXTRA]  # offsets of keys added since, unsorted
+    cdef Py_ssize_t _extra_len
+    cdef readonly long long size_bytes  # of the keys and values held
+
+    def __cinit__(self):
+        self._slots = <uint64_t *>malloc(MIN_SLOTS * sizeof(uint64_t))
+        self._index = <uint64_t *>malloc(sizeof(uint64_t))
+        if self._slots == NULL or self._index == NULL:
+            raise MemoryError()
+        for i in range(MIN_SLOTS):
+            self._slots[i] = EMPTY
+        self._mask = MIN_SLOTS - 1
+
+    def __dealloc__(self):
+        free(self._arena)
+        free(self._slots)
+        free(self._index)
+
+    def __len__(self):
+        return self._count
+
+    def __contains__(self, key):
+        if type(key) is not bytes:
+            return False
+        return self._find(key) != <Py_ssize_t>-1
+
+    # -- the table ---------------------------------------------------------------------------
+
+    cdef Py_ssize_t _find(self, bytes key) except -2:
+        """The slot holding ``key``, or -1."""
+        return self._find_raw(
+            <const unsigned char *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+            <uint64_t>key_hash(key),
+        )
+
+    cdef Py_ssize_t _find_raw(self, const unsigned char *k, Py_ssize_t klen, uint64_t h) noexcept:
+        cdef uint64_t tag = (h >> 40) & TAG_MASK, i = h & self._mask, s, off
+        while True:
+            s = self._slots[i]
+            if s == EMPTY:
+                return -1
+            if s != TOMB and (s & TAG_MASK) == tag:
+                off = (s >> TAG_BITS) - 1
+                if load_u32(self._arena + off) == klen and memcmp(
+                    self._arena + off + HEADER, k, klen
+                ) == 0:
+                    return i
+            i = (i + 1) & self._mask
+
+    cdef int _resize(self, uint64_t slots) except -1:
+        cdef uint64_t *old = self._slots
+        cdef uint64_t old_n = self._mask + 1, i, j, s, off, h, mask = slots - 1
+        cdef uint64_t *new = <uint64_t *>malloc(slots * sizeof(uint64_t))
+        if new == NULL:
+            raise MemoryError()
+        for i in range(slots):
+            new[i] = EMPTY
+        for i in range(old_n):
+            s = old[i]
+            if s == EMPTY or s == TOMB:
+                continue
+            off = (s >> TAG_BITS) - 1
+            h = <uint64_t>_Py_HashBytes(self._arena + off + HEADER, load_u32(self._arena + off))
+            j = h & mask
+            while new[j] != EMPTY:
+                j = (j + 1) & mask
+            new[j] = s
+        self._slots = new
+        self._mask = mask
+        self._tombs = 0
+        free(old)
+        return 0
+
+    cdef int _room_for_one(self) except -1:
+        """Keep the table at most 3/4 full, tombstones counted."""
+        cdef uint64_t n = self._mask + 1
+        if (self._count + self._tombs + 1) * 4 > n * 3:
+            while (self._count + 1) * 2 > n:  # grow to at most half full
+                n *= 2
+            self._resize(n)
+        return 0
+
+    cdef uint64_t _append(self, const unsigned char *key, Py_ssize_t klen,
+                          const unsigned char *value, Py_ssize_t vlen) except? 0:
+        """A new record in the arena; its offset (the arena may move)."""
+        cdef uint64_t need = HEADER + klen + vlen, cap, off
+        cdef unsigned char *grown
+        if self._used + need > self._cap:
+            cap = self._cap * 2 if self._cap else 4096
+            while cap < self._used + need:
+                cap *= 2
+            if cap > MAX_OFFSET:
+                if self._used + need > MAX_OFFSET:
+                    raise MemoryError("the KV store's arena is full (1 TiB)")
+                cap = MAX_OFFSET
+            grown = <unsigned char *>realloc(self._arena, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self._arena = grown
+            self._cap = cap
+        off = self._used
+        store_u32(self._arena + off, <uint32_t>klen)
+        store_u32(self._arena + off + 4, <uint32_t>vlen)
+        memcpy(self._arena + off + HEADER, key, klen)
+        memcpy(self._arena + off + HEADER + klen, value, vlen)
+        self._used += need
+        return off
+
+    cdef inline uint64_t _record_size(self, uint64_t off) noexcept:
+        return HEADER + load_u32(self._arena + off) + load_u32(self._arena + off + 4)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(self, bytes key not None, bytes value not None):
+        """Set ``key``; the length of the value it replaced, or -1 if it was new."""
+        return self._put(key, value)
+
+    cdef long long _put(self, bytes key, bytes value) except -2:
+        cdef Py_ssize_t klen = PyBytes_GET_SIZE(key), vlen = PyBytes_GET_SIZE(value)
+        if klen > MAX_LEN or vlen > MAX_LEN:
+            raise ValueError("keys and values are at most 4 GiB")
+        return self._put_raw(
+            <const unsigned char *>PyBytes_AS_STRING(key), klen,
+            <const unsigned char *>PyBytes_AS_STRING(value), vlen, <uint64_t>key_hash(key),
+        )
+
+    cdef long long _put_raw(self, const unsigned char *k, Py_ssize_t klen,
+                            const unsigned char *v, Py_ssize_t vlen, uint64_t h) except -2:
+        cdef Py_ssize_t slot
+        cdef uint64_t tag, i, s, off, old_off, old_vlen
+        slot = self._find_raw(k, klen, h)
+        if slot >= 0:
+            s = self._slots[slot]
+            old_off = (s >> TAG_BITS) - 1
+            old_vlen = load_u32(self._arena + old_off + 4)
+            self.size_bytes += vlen - <long long>old_vlen
+            if old_vlen == <uint64_t>vlen:
+                memcpy(self._arena + old_off + HEADER + klen, v, vlen)
+                return old_vlen
+            off = self._append(k, klen, v, vlen)
+            self._slots[slot] = ((off + 1) << TAG_BITS) | (s & TAG_MASK)
+            self._garbage += HEADER + klen + old_vlen
+            self._moved(old_off, off)
+            self._maybe_compact()
+            return old_vlen
+        self._room_for_one()
+        off = self._append(k, klen, v, vlen)
+        tag = (h >> 40) & TAG_MASK
+        i = h & self._mask
+        while True:
+            s = self._slots[i]
+            if s == EMPTY or s == TOMB:
+                break
+            i = (i + 1) & self._mask
+        if s == TOMB:
+            self._tombs -= 1
+        self._slots[i] = ((off + 1) << TAG_BITS) | tag
+        self._count += 1
+        self.size_bytes += klen + vlen
+        self._added(off)
+        return -1
+
+    def put_many(self, keys, values):
+        if len(keys) != len(values):
+            raise ValueError("put_many: as many values as keys are needed")
+        for key, value in zip(keys, values):
+            if type(key) is not bytes or type(value) is not bytes:
+                raise TypeError(
+                    f"keys and values are bytes, not {type(key if type(key) is not bytes else value).__name__}"
+                )
+            self._put(key, value)
+
+    def put_packed(self, data):
+        """Set every pair of ``data`` (``raftfast.kv.commands.pack_pairs`` output), all or
+        none: ValueError, and nothing changed, if it is not well formed."""
+        cdef const unsigned char[::1] view = memoryview(data).cast("B")
+        cdef const unsigned char *p
+        cdef const unsigned char *rec
+        cdef uint32_t count = 0, i, klen, vlen
+        cdef Py_ssize_t off
+        if view.shape[0] == 0:
+            raise ValueError("bad packed pairs: empty")
+        p = &view[0]
+        off = packed_pairs(p, view.shape[0], &count)
+        for i in range(0, count, 2):
+            rec = p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i
+            klen = rf_load_u32(rec + 9)
+            vlen = rf_load_u32(rec + C_META_SIZE + 9)
+            self._put_raw(p + off, klen, p + off + klen, vlen, <uint64_t>_Py_HashBytes(p + off, klen))
+            off += klen + vlen
+
+    def delete(self, bytes key not None):
+        """Remove ``key``; the length of its value, or -1 if it was absent."""
+        cdef Py_ssize_t slot = self._find(key)
+        cdef uint64_t off, vlen
+        if slot < 0:
+            return -1
+        off = (self._slots[slot] >> TAG_BITS) - 1
+        vlen = load_u32(self._arena + off + 4)
+        self._slots[slot] = TOMB
+        self._tombs += 1
+        self._count -= 1
+        self.size_bytes -= PyBytes_GET_SIZE(key) + <long long>vlen
+        self._garbage += HEADER + PyBytes_GET_SIZE(key) + vlen
+        self._removed_key(off)
+        self._maybe_compact()
+        return vlen
+
+    # -- the sorted index --------------------------------------------------------------------
+
+    cdef void _invalidate(self) noexcept:
+        free(self._index)
+        self._index = NULL
+        self._index_len = 0
+        self._removed = 0
+        self._extra_len = 0
+
+    cdef void _added(self, uint64_t off) noexcept:
+        if self._index == NULL:
+            return
+        if self._extra_len == MAX_EXTRA:
+            self._invalidate()
+            return
+        self._extra[self._extra_len] = off
+        self._extra_len += 1
+
+    cdef Py_ssize_t _position(self, uint64_t off) noexcept:
+        """Where in the index the key of record ``off`` is (marked removed or not), or -1."""
+        cdef Py_ssize_t lo = 0, hi = self._index_len, mid
+        cdef int c
+        while lo < hi:
+            mid = (lo + hi) // 2
+            c = compare_keys(self._arena, self._index[mid] & ~REMOVED, off)
+            if c < 0:
+                lo = mid + 1
+            elif c > 0:
+                hi = mid
+            else:
+                return mid
+        return -1
+
+    cdef void _removed_key(self, uint64_t off) noexcept:
+        cdef Py_ssize_t i
+        if self._index == NULL:
+            return
+        for i in range(self._extra_len):
+            if self._extra[i] == off:
+                self._extra_len -= 1
+                self._extra[i] = self._extra[self._extra_len]
+                return
+        i = self._position(off)
+        if i >= 0 and not self._index[i] & REMOVED:
+            self._index[i] |= REMOVED
+            self._removed += 1
+
+    cdef void _moved(self, uint64_t old, uint64_t new) noexcept:
+        cdef Py_ssize_t i
+        if self._index == NULL:
+            return
+        for i in range(self._extra_len):
+            if self._extra[i] == old:
+                self._extra[i] = new
+                return
+        i = self._position(new)
+        if i >= 0 and self._index[i] == old:
+            self._index[i] = new
+
+    cdef int _ordered(self) except -1:
+        """Bring the index up to date: every live key once, in order, nothing marked."""
+        cdef uint64_t *items
+        cdef uint64_t *scratch
+        cdef uint64_t s
+        cdef Py_ssize_t n = 0, i, j, k, extra = self._extra_len
+        if self._index != NULL and extra == 0 and self._removed == 0:
+            return 0
+        if self._index == NULL:
+            items = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
+            scratch = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
+            if items == NULL or scratch == NULL:
+                free(items)
+                free(scratch)
+                raise MemoryError()
+            for i in range(self._mask + 1):
+                s = self._slots[i]
+                if s != EMPTY and s != TOMB:
+                    items[n] = (s >> TAG_BITS) - 1
+                    n += 1
+            with nogil:
+                merge_sort(items, scratch, n, self._arena)
+            free(scratch)
+            self._index = items
+            self._index_len = n
+            self._removed = 0
+            self._extra_len = 0
+            return 0
+        # merge the sorted extras into the index, dropping the removed entries
+        items = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
+        if items == NULL:
+            raise MemoryError()
+        merge_sort(self._extra, items, extra, self._arena)  # (items as scratch)
+        i = j = k = 0
+        while i < self._index_len or j < extra:
+            if i < self._index_len and self._index[i] & REMOVED:
+                i += 1
+            elif j == extra or (
+                i < self._index_len and compare_keys(self._arena, self._index[i], self._extra[j]) < 0
+            ):
+                items[k] = self._index[i]
+                i += 1
+                k += 1
+            else:
+                items[k] = self._extra[j]
+                j += 1
+                k += 1
+        free(self._index)
+        self._index = items
+        self._index_len = k
+        self._removed = 0
+        self._extra_len = 0
+        return 0
+
+    # -- the arena ---------------------------------------------------------------------------
+
+    cdef int _maybe_compact(self) except -1:
+        """Copy the live records into a new arena once half of the old one is garbage (in key
+        order when the index is known, so it stays valid)."""
+        cdef unsigned char *old = self._arena
+        cdef unsigned char *new
+        cdef uint64_t used = 0, i, s, off, size, cap
+        if self._garbage < 65536 or self._garbage * 2 < self._used:
+            return 0
+        if self._index != NULL:
+            self._ordered()
+        cap = self._used - self._garbage
+        cap = cap + cap // 4 + 4096
+        new = <unsigned char *>malloc(cap)
+        if new == NULL:
+            raise MemoryError()
+        # Records move in table order; each old record's header then holds where it went.
+        for i in range(self._mask + 1):
+            s = self._slots[i]
+            if s == EMPTY or s == TOMB:
+                continue
+            off = (s >> TAG_BITS) - 1
+            size = self._record_size(off)
+            memcpy(new + used, old + off, size)
+            self._slots[i] = ((used + 1) << TAG_BITS) | (s & TAG_MASK)
+            memcpy(old + off, &used, sizeof(uint64_t))  # the forwarding address
+            used += size
+        if self._index != NULL:
+            for i in range(<uint64_t>self._index_len):
+                memcpy(&off, old + self._index[i], sizeof(uint64_t))
+                self._index[i] = off
+        free(old)
+        self._arena = new
+        self._used = used
+        self._cap = cap
+        self._garbage = 0
+        return 0
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, bytes key not None):
+        cdef Py_ssize_t slot = self._find(key)
+        cdef uint64_t off
+        if slot < 0:
+            return None
+        off = (self._slots[slot] >> TAG_BITS) - 1
+        return self._value_at(off)
+
+    cdef inline bytes _key_at(self, uint64_t off):
+        return PyBytes_FromStringAndSize(<char *>self._arena + off + HEADER, load_u32(self._arena + off))
+
+    cdef inline bytes _value_at(self, uint64_t off):
+        cdef uint32_t klen = load_u32(self._arena + off)
+        return PyBytes_FromStringAndSize(
+            <char *>self._arena + off + HEADER + klen, load_u32(self._arena + off + 4)
+        )
+
+    cdef Py_ssize_t _lower_bound(self, bytes key) noexcept:
+        cdef Py_ssize_t lo = 0, hi = self._index_len, mid
+        cdef const unsigned char *k = <const unsigned char *>PyBytes_AS_STRING(key)
+        cdef Py_ssize_t klen = PyBytes_GET_SIZE(key)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if compare_to(self._arena, self._index[mid], k, klen) < 0:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def scan_page(self, bytes prefix not None, long long limit, bytes start not None = b"",
+                  long long max_bytes = 0):
+        """Items under ``prefix`` from key ``start`` on, in key order: at most ``limit`` of
+        them (<= 0: no limit) and, past the first, at most ``max_bytes`` of keys and values (0:
+        no limit). Returns (items, the key the next page starts at, or b"" after the last)."""
+        cdef Py_ssize_t i, n, plen = PyBytes_GET_SIZE(prefix)
+        cdef uint64_t off
+        cdef uint32_t klen
+        cdef long long size = 0
+        cdef list out = []
+        cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(prefix)
+        self._ordered()
+        i = self._lower_bound(max(prefix, start))
+        n = self._index_len
+        while i < n:
+            off = self._index[i]
+            klen = load_u32(self._arena + off)
+            if klen < plen or memcmp(self._arena + off + HEADER, p, plen) != 0:
+                break
+            size += klen + load_u32(self._arena + off + 4)
+            if (len(out) == limit or (max_bytes and size > max_bytes)) and out:
+                return out, self._key_at(off)
+            out.append((self._key_at(off), self._value_at(off)))
+            i += 1
+        return out, b""
+
+    def items(self):
+        """Every item in key order (the store must not change meanwhile)."""
+        cdef Py_ssize_t i
+        self._ordered()
+        for i in range(self._index_len):
+            yield self._key_at(self._index[i]), self._value_at(self._index[i])
+
+    def dump(self):
+        """(count, key lengths as u32 little-endian, value lengths likewise, the keys
+        concatenated, the values concatenated), in key order: the snapshot's store section."""
+        cdef Py_ssize_t i, n
+        cdef uint64_t off, ksum = 0, vsum = 0
+        cdef uint32_t klen, vlen
+        cdef unsigned char *kl
+        cdef unsigned char *vl
+        cdef unsigned char *kb
+        cdef unsigned char *vb
+        self._ordered()
+        n = self._index_len
+        for i in range(n):
+            off = self._index[i]
+            ksum += load_u32(self._arena + off)
+            vsum += load_u32(self._arena + off + 4)
+        klens = PyBytes_FromStringAndSize(NULL, 4 * n)
+        vlens = PyBytes_FromStringAndSize(NULL, 4 * n)
+        keys = PyBytes_FromStringAndSize(NULL, ksum)
+        values = PyBytes_FromStringAndSize(NULL, vsum)
+        kl = <unsigned char *>PyBytes_AS_STRING(klens)
+        vl = <unsigned char *>PyBytes_AS_STRING(vlens)
+        kb = <unsigned char *>PyBytes_AS_STRING(keys)
+        vb = <unsigned char *>PyBytes_AS_STRING(values)
+        with nogil:
+            for i in range(n):
+                off = self._index[i]
+                klen = load_u32(self._arena + off)
+                vlen = load_u32(self._arena + off + 4)
+                store_u32(kl + 4 * i, klen)
+                store_u32(vl + 4 * i, vlen)
+                memcpy(kb, self._arena + off + HEADER, klen)
+                memcpy(vb, self._arena + off + HEADER + klen, vlen)
+                kb += klen
+                vb += vlen
+        return n, klens, vlens, keys, values
+
+    def copy(self):
+        cdef KeyStore twin = KeyStore()
+        cdef uint64_t slots = self._mask + 1
+        cdef uint64_t *table = <uint64_t *>malloc(slots * sizeof(uint64_t))
+        cdef unsigned char *arena = <unsigned char *>malloc(self._used + 1)
+        cdef uint64_t *index = NULL
+        if self._index != NULL:
+            index = <uint64_t *>malloc((self._index_len + 1) * sizeof(uint64_t))
+        if table == NULL or arena == NULL or (self._index != NULL and index == NULL):
+            free(table)
+            free(arena)
+            free(index)
+            raise MemoryError()
+        memcpy(table, self._slots, slots * sizeof(uint64_t))
+        memcpy(arena, self._arena, self._used)
+        free(twin._slots)
+        free(twin._index)
+        twin._slots, twin._mask = table, self._mask
+        twin._arena, twin._used, twin._cap = arena, self._used, self._used + 1
+        twin._garbage, twin._count, twin._tombs = self._garbage, self._count, self._tombs
+        twin._index, twin._index_len, twin._removed = index, self._index_len, self._removed
+        if index != NULL:
+            memcpy(index, self._index, self._index_len * sizeof(uint64_t))
+            memcpy(twin._extra, self._extra, self._extra_len * sizeof(uint64_t))
+            twin._extra_len = self._extra_len
+        twin.size_bytes = self.size_bytes
+        return twin
+
+    @property
+    def memory_bytes(self):
+        """The bytes the arena, the table and the index take."""
+        return self._cap + 8 * (self._mask + 1) + 8 * self._index_len
+
+
+cdef Py_ssize_t packed_pairs(const unsigned char *p, Py_ssize_t n, uint32_t *count) except -1:
+    """Check packed pairs (the batch format, an even count, no empty key); where the payloads
+    start."""
+    cdef uint64_t first
+    cdef uint32_t i
+    cdef Py_ssize_t off
+    try:
+        off = parse_batch(p, n, &first, count)
+    except BatchError as exc:
+        raise ValueError(f"bad packed pairs: {exc}") from None
+    if count[0] % 2:
+        raise ValueError("bad packed pairs: an odd number of items")
+    for i in range(0, count[0], 2):
+        if rf_load_u32(p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i + 9) == 0:
+            raise ValueError("bad packed pairs: an empty key")
+    return off
+
+
+def check_packed(data):
+    """ValueError unless ``data`` is well-formed packed pairs; the number of pairs."""
+    cdef const unsigned char[::1] view = memoryview(data).cast("B")
+    cdef uint32_t count = 0
+    if view.shape[0] == 0:
+        raise ValueError("bad packed pairs: empty")
+    packed_pairs(&view[0], view.shape[0], &count)
+    return count // 2
+
+
+def load_store(Py_ssize_t count, klens, vlens, keys, values):
+    """A store from ``dump``'s parts (any buffers). ValueError if they do not add up or the
+    keys are not strictly ascending."""
+    cdef const unsigned char[::1] kl = memoryview(klens).cast("B")
+    cdef const unsigned char[::1] vl = memoryview(vlens).cast("B")
+    cdef const unsigned char[::1] kb = memoryview(keys).cast("B")
+    cdef const unsigned char[::1] vb = memoryview(values).cast("B")
+    cdef KeyStore store = KeyStore()
+    cdef uint64_t ksum = 0, vsum = 0, kpos = 0, vpos = 0, off = 0, need, slots, h, j, prev = 0
+    cdef uint32_t klen, vlen
+    cdef Py_ssize_t i
+    if count < 0 or kl.shape[0] != 4 * count or vl.shape[0] != 4 * count:
+        raise ValueError("store: the length columns do not match the count")
+    for i in range(count):
+        ksum += load_u32(&kl[4 * i])
+        vsum += load_u32(&vl[4 * i])
+    if ksum != <uint64_t>kb.shape[0] or vsum != <uint64_t>vb.shape[0]:
+        raise ValueError("store: the keys or values do not match their lengths")
+    need = ksum + vsum + HEADER * <uint64_t>count
+    if need > MAX_OFFSET:
+        raise ValueError("store: over 1 TiB")
+    slots = MIN_SLOTS
+    while <uint64_t>count * 2 > slots:
+        slots *= 2
+    free(store._slots)
+    free(store._index)
+    store._slots = <uint64_t *>malloc(slots * sizeof(uint64_t))
+    store._index = <uint64_t *>malloc((count + 1) * sizeof(uint64_t))
+    store._arena = <unsigned char *>malloc(need + 1)
+    if store._slots == NULL or store._index == NULL or store._arena == NULL:
+        raise MemoryError()
+    store._mask = slots - 1
+    store._cap = need + 1
+    for j in range(slots):
+        store._slots[j] = EMPTY
+    for i in range(count):
+        klen = load_u32(&kl[4 * i])
+        vlen = load_u32(&vl[4 * i])
+        store_u32(store._arena + off, klen)
+        store_u32(store._arena + off + 4, vlen)
+        if klen:
+            memcpy(store._arena + off + HEADER, &kb[kpos], klen)
+        if vlen:
+            memcpy(store._arena + off + HEADER + klen, &vb[vpos], vlen)
+        if i and compare_keys(store._arena, prev, off) >= 0:
+            store._used = off  # (what the destructor frees is all it needs)
+            raise ValueError("store: keys are not strictly ascending")
+        h = <uint64_t>_Py_HashBytes(store._arena + off + HEADER, klen)
+        j = h & store._mask
+        while store._slots[j] != EMPTY:
+            j = (j + 1) & store._mask
+        store._slots[j] = ((off + 1) << TAG_BITS) | ((h >> 40) & TAG_MASK)
+        store._index[i] = off
+        prev = off
+        kpos += klen
+        vpos += vlen
+        off += HEADER + klen + vlen
+    store._used = off
+    store._count = count
+    store._index_len = count
+    store.size_bytes = ksum + vsum
+    return store
