@@ -196,7 +196,8 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
         assert needed in members, f"{needed} missing from {sdist.name}"
     docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*") if p.is_file()}
     assert docs <= members
-    assert [m for m in members if m.endswith((".so", ".pyd", ".pyc")) or m.endswith(("_log.c", "_batch.c", "_store.c"))] == []
+    generated = (".so", ".pyd", ".pyc", "_log.c", "_batch.c", "_store.c")
+    assert [m for m in members if m.endswith(generated)] == []
 
 
 def _auditwheel(wheel: Path, out: Path) -> Path:
