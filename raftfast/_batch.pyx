@@ -35,7 +35,43 @@ cdef extern from *:
        let the loop fold 8 input bytes per iteration with independent lookups. */
     static uint32_t rf_crc_tab[8][256];
 
+    /* The CPU's own CRC32C instruction (SSE 4.2), when it has it: ~10x the tables' speed,
+       which a follower checksumming every batch several times over feels (bench/: perf). */
+    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    #define RF_HAVE_HW_CRC 1
+    #include <nmmintrin.h>
+    static int rf_hw_crc = 0;
+
+    /* Continue an inverted crc over n bytes. */
+    __attribute__((target("sse4.2")))
+    static uint32_t rf_crc_hw(uint32_t crc, const unsigned char *p, size_t n) {
+        uint64_t c = crc;
+        while (n >= 8) {
+            uint64_t w;
+            memcpy(&w, p, 8);
+            c = _mm_crc32_u64(c, w);
+            p += 8;
+            n -= 8;
+        }
+        crc = (uint32_t)c;
+        while (n--) crc = _mm_crc32_u8(crc, *p++);
+        return crc;
+    }
+    #endif
+
+    static int rf_crc_hardware(void) {
+    #ifdef RF_HAVE_HW_CRC
+        return rf_hw_crc;
+    #else
+        return 0;
+    #endif
+    }
+
     static void rf_crc_init(void) {
+    #ifdef RF_HAVE_HW_CRC
+        __builtin_cpu_init();
+        rf_hw_crc = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    #endif
         for (uint32_t n = 0; n < 256; n++) {
             uint32_t c = n;
             for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
@@ -69,7 +105,8 @@ cdef extern from *:
     }
     #endif
 
-    static uint32_t rf_crc32c(uint32_t crc, const unsigned char *p, size_t n) {
+    /* The tables alone (tests compare both ways). */
+    static uint32_t rf_crc32c_tables(uint32_t crc, const unsigned char *p, size_t n) {
         crc = ~crc;
     #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
         while (n && ((uintptr_t)p & 7)) {
@@ -86,10 +123,20 @@ cdef extern from *:
         return ~crc;
     }
 
+    static uint32_t rf_crc32c(uint32_t crc, const unsigned char *p, size_t n) {
+    #ifdef RF_HAVE_HW_CRC
+        if (rf_hw_crc) return ~rf_crc_hw(~crc, p, n);
+    #endif
+        return rf_crc32c_tables(crc, p, n);
+    }
+
     #if !(defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__)
     /* Continue an (inverted) crc over the n bytes at p with unaligned 8-byte loads, so there is
        no byte-wise alignment prologue (a batch body starts 4 bytes off 8-byte alignment). */
     static inline uint32_t rf_crc_body(uint32_t crc, const unsigned char *p, size_t n) {
+    #ifdef RF_HAVE_HW_CRC
+        if (rf_hw_crc) return rf_crc_hw(crc, p, n);
+    #endif
         while (n >= 8) {
             crc = rf_crc_fold8(crc, p);
             p += 8;
@@ -137,7 +184,9 @@ cdef extern from *:
     }
     """
     void rf_crc_init() noexcept nogil
+    int rf_crc_hardware() noexcept nogil
     uint32_t rf_crc32c(uint32_t crc, const unsigned char *p, size_t n) noexcept nogil
+    uint32_t rf_crc32c_tables(uint32_t crc, const unsigned char *p, size_t n) noexcept nogil
     uint32_t rf_batch_crc(const unsigned char *p, size_t size) noexcept nogil
     uint32_t rf_batch_crc_new(const unsigned char *p, size_t size, uint32_t count,
                               uint64_t first_index) noexcept nogil
@@ -354,6 +403,22 @@ def crc32c(data, crc=0):
         return _crc(<const unsigned char *>view.buf, view.len, <uint32_t>c)
     finally:
         PyBuffer_Release(&view)
+
+
+def crc32c_hardware():
+    """Whether ``crc32c`` uses the CPU's CRC32C instruction (else slicing-by-8 tables)."""
+    return bool(rf_crc_hardware())
+
+
+def crc32c_tables(data, crc=0):
+    """``crc32c`` with the tables alone, whatever the CPU (tests compare the two)."""
+    cdef const unsigned char[::1] view = memoryview(data).cast("B")
+    cdef uint64_t c = as_u64(crc)
+    if c > 0xFFFFFFFF:
+        raise OverflowError("crc must be an unsigned 32-bit value")
+    if view.shape[0] == 0:
+        return c
+    return rf_crc32c_tables(<uint32_t>c, &view[0], view.shape[0])
 
 
 def encode_batch(first_index, terms, payloads, types=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 from array import array
@@ -51,6 +52,22 @@ def test_crc32c_continuation_and_alignment(impls):
         for length in (0, 1, 7, 8, 9, 17, 100):
             expected = _batch_py.crc32c(data[start : start + length])
             assert impls.batch.crc32c(view[start : start + length]) == expected
+
+
+def test_crc32c_instruction_and_tables_agree():
+    """Where the CPU has a CRC32C instruction the compiled module uses it; its tables (the
+    path of every other CPU) must give the same results."""
+    _batch = pytest.importorskip("raftfast._batch")
+    if os.environ.get("RAFTFAST_PUREPYTHON"):
+        pytest.skip("the compiled module's paths: checked in the compiled run")
+    rng = random.Random(3)
+    for length in (0, 1, 3, 7, 8, 9, 15, 16, 17, 100, 4099, 70_000):
+        data = rng.randbytes(length)
+        for start in (0, 1, 5):
+            part = memoryview(data)[start:]
+            seed = rng.randrange(1 << 32)
+            assert _batch.crc32c(part, seed) == _batch.crc32c_tables(part, seed)
+    print("CRC32C instruction:", _batch.crc32c_hardware())
 
 
 def test_crc32c_large_input(impls):
