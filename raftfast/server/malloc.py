@@ -19,7 +19,7 @@ __all__ = ["keep_big_blocks_mapped"]
 _M_MMAP_THRESHOLD = -3  # (malloc.h)
 
 
-def keep_big_blocks_mapped(threshold: int = 1 << 20) -> bool:
+def keep_big_blocks_mapped(threshold: int = 4 << 20) -> bool:
     """Blocks of ``threshold`` bytes and more are mapped and unmapped on their own, always.
     False where the C library is not glibc (nothing is changed)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
