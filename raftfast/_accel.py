@@ -33,6 +33,7 @@ decode_batch = batch_impl.decode_batch
 batch_info = batch_impl.batch_info
 entries_of_type = batch_impl.entries_of_type
 chunk_payloads = batch_impl.chunk_payloads
+flatten_pairs = batch_impl.flatten_pairs
 commit_index = batch_impl.commit_index
 KeyStore = store_impl.KeyStore
 load_store = store_impl.load_store

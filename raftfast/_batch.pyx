@@ -510,6 +510,26 @@ def batch_info(data):
     return first, count
 
 
+cdef inline object _pair_item(object x, str what):
+    if type(x) is bytes:
+        return x
+    if isinstance(x, str):
+        return (<str>x).encode("utf-8")
+    if isinstance(x, (bytearray, memoryview)):
+        return bytes(x)
+    raise TypeError(f"{what} must be bytes or str, not {type(x).__name__}")
+
+
+def flatten_pairs(items):
+    """``[key, value, key, value, ...]`` of (key, value) pairs, each as bytes (str as UTF-8,
+    bytearray and memoryview copied); TypeError for anything else (a client's put_many)."""
+    cdef list out = []
+    for key, value in items:
+        out.append(_pair_item(key, "key"))
+        out.append(_pair_item(value, "value"))
+    return out
+
+
 def chunk_payloads(payloads, max_bytes, max_count):
     """Greedily split proposals into [start, end) runs that each fit one batch.
 

@@ -269,6 +269,26 @@ def batch_info(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     return first_index, count
 
 
+def _pair_item(x: object, what: str) -> bytes:
+    if type(x) is bytes:
+        return x
+    if isinstance(x, str):
+        return x.encode("utf-8")
+    if isinstance(x, bytearray | memoryview):
+        return bytes(x)
+    raise TypeError(f"{what} must be bytes or str, not {type(x).__name__}")
+
+
+def flatten_pairs(items: Iterable) -> list[bytes]:
+    """``[key, value, key, value, ...]`` of (key, value) pairs, each as bytes (str as UTF-8,
+    bytearray and memoryview copied); TypeError for anything else (a client's put_many)."""
+    out: list[bytes] = []
+    for key, value in items:
+        out.append(_pair_item(key, "key"))
+        out.append(_pair_item(value, "value"))
+    return out
+
+
 def chunk_payloads(
     payloads: Sequence[bytes], max_bytes: int, max_count: int
 ) -> list[tuple[int, int]]:

@@ -368,3 +368,21 @@ def test_commit_index_random_against_sorted(impls):
 def test_commit_index_empty(impls):
     with pytest.raises(ValueError):
         impls.batch.commit_index([])
+
+
+# -- flatten_pairs ----------------------------------------------------------------------------
+
+
+def test_flatten_pairs(impls):
+    flat = impls.batch.flatten_pairs([(b"a", "é"), ("k", bytearray(b"v")), (memoryview(b"m"), b"")])
+    assert flat == [b"a", "é".encode(), b"k", b"v", b"m", b""]
+    assert all(type(x) is bytes for x in flat)
+    assert impls.batch.flatten_pairs(iter([])) == []
+    with pytest.raises(TypeError, match="key must be bytes or str, not int"):
+        impls.batch.flatten_pairs([(1, b"v")])
+    with pytest.raises(TypeError, match="value must be bytes or str, not NoneType"):
+        impls.batch.flatten_pairs([(b"k", None)])
+    with pytest.raises(ValueError):
+        impls.batch.flatten_pairs([(b"k", b"v", b"x")])
+    with pytest.raises(TypeError):
+        impls.batch.flatten_pairs([5])

@@ -47,7 +47,7 @@ from typing import Any
 
 import grpc
 
-from raftfast._accel import chunk_payloads
+from raftfast._accel import chunk_payloads, encode_uniform, flatten_pairs
 from raftfast.address import is_address
 from raftfast.client.calls import (
     CAS,
@@ -85,7 +85,6 @@ from raftfast.errors import (
     RaftfastError,
     RequestFailedError,
 )
-from raftfast.kv.commands import pack_pairs
 from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.tls import TLSFiles, channel_credentials
@@ -286,13 +285,13 @@ class Client(SessionMixin):
         not per pair. Groups are pipelined in order; when one fails, others may have been
         applied. Within a group, a later pair wins over an earlier one with the same key.
         """
-        pairs = [(to_bytes(k, "key"), to_bytes(v, "value")) for k, v in items]
+        flat = flatten_pairs(items)  # key, value, key, ... (compiled: no call per pair)
         ops = []
-        for start, end in chunk_payloads([v for _, v in pairs], _PUT_MANY_BYTES, _PUT_MANY_PAIRS):
-            group = pairs[start:end]
-            if not all(k for k, _ in group):
+        for start, end in chunk_payloads(flat[1::2], _PUT_MANY_BYTES, _PUT_MANY_PAIRS):
+            group = flat[2 * start : 2 * end]
+            if not all(group[0::2]):
                 raise InvalidArgumentError("key must not be empty")
-            ops.append(Op(PUT_MANY, b"", pack_pairs(group)))
+            ops.append(Op(PUT_MANY, b"", encode_uniform(0, 0, group)))  # (= pack_pairs)
         if not ops:
             return
         loop = self._ensure_started()

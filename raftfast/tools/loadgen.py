@@ -197,7 +197,7 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
                         n = 1
                     elif w.batch > 1:
                         await client.put_many(
-                            [(f"k{(k + i) % w.keys}", value) for i in range(w.batch)]
+                            [(b"k%d" % ((k + i) % w.keys), value) for i in range(w.batch)]
                         )
                         n = w.batch
                     else:
