@@ -648,13 +648,21 @@ cdef Py_ssize_t packed_pairs(const unsigned char *p, Py_ssize_t n, uint32_t *cou
 
 
 def check_packed(data):
-    """ValueError unless ``data`` is well-formed packed pairs; the number of pairs."""
+    """ValueError unless ``data`` is well-formed packed pairs; (the number of pairs, the
+    longest key's length, the longest value's)."""
     cdef const unsigned char[::1] view = memoryview(data).cast("B")
-    cdef uint32_t count = 0
+    cdef uint32_t count = 0, i, klen, vlen, longest_key = 0, longest_value = 0
+    cdef const unsigned char *table
     if view.shape[0] == 0:
         raise ValueError("bad packed pairs: empty")
     packed_pairs(&view[0], view.shape[0], &count)
-    return count // 2
+    table = &view[0] + C_HEADER_SIZE
+    for i in range(0, count, 2):
+        klen = rf_load_u32(table + <Py_ssize_t>C_META_SIZE * i + 9)
+        vlen = rf_load_u32(table + <Py_ssize_t>C_META_SIZE * (i + 1) + 9)
+        longest_key = max(longest_key, klen)
+        longest_value = max(longest_value, vlen)
+    return count // 2, longest_key, longest_value
 
 
 def load_store(Py_ssize_t count, klens, vlens, keys, values):

@@ -172,9 +172,12 @@ def _pairs(data) -> list[bytes]:
     return flat
 
 
-def check_packed(data) -> int:
-    """ValueError unless ``data`` is well-formed packed pairs; the number of pairs."""
-    return len(_pairs(data)) // 2
+def check_packed(data) -> tuple[int, int, int]:
+    """ValueError unless ``data`` is well-formed packed pairs; (the number of pairs, the
+    longest key's length, the longest value's)."""
+    flat = _pairs(data)
+    keys, values = flat[0::2], flat[1::2]
+    return len(keys), max(map(len, keys), default=0), max(map(len, values), default=0)
 
 
 def load_store(count: int, klens, vlens, keys, values) -> KeyStore:

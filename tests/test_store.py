@@ -158,7 +158,8 @@ def test_bad_arguments_and_bad_snapshots_are_refused(impl):
         for call in (store.put_packed, impl.check_packed):
             with pytest.raises(ValueError):
                 call(bad)
-    assert impl.check_packed(good) == 2 and len(store) == 0
+    assert impl.check_packed(good) == (2, 1, 1) and len(store) == 0
+    assert impl.check_packed(pack_pairs([(b"k", b""), (b"key", b"v")])) == (2, 3, 1)
     assert "k" not in store and len(store) == 0
     store.put_many([b"b", b"a"], [b"2", b"1"])
     count, klens, vlens, keys_, values_ = store.dump()

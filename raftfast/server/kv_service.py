@@ -38,13 +38,13 @@ from typing import Any, Protocol
 
 import grpc
 
+from raftfast._accel import check_packed
 from raftfast.errors import NotLeaderError
 from raftfast.kv.commands import (
     encode_cas,
     encode_delete,
     encode_put,
     encode_put_many,
-    unpack_pairs,
 )
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.quota import Quota
@@ -186,13 +186,12 @@ class KVService(Service, pb_grpc.KVServicer):
         if op.key:
             raise BadRequest("PUT_MANY carries its keys in value; key must be empty")
         try:
-            keys, values = unpack_pairs(op.value)
+            pairs, longest_key, longest_value = check_packed(op.value)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        if not keys:
+        if not pairs:
             raise BadRequest("PUT_MANY needs at least one key")
         settings = self.node.settings
-        longest_key, longest_value = max(map(len, keys)), max(map(len, values))
         if longest_key > settings.max_key_bytes:
             raise BadRequest(f"a key is {longest_key} bytes; the limit is {settings.max_key_bytes}")
         if longest_value > settings.max_value_bytes:
