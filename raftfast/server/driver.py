@@ -574,12 +574,13 @@ class Driver(MembershipMixin, SnapshotMixin):
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
         hs = rd.hard_state
+        applied = False
         if hs is not None or rd.entries:
             self.wal.append(hs, rd.entries or None)
-            # Entries, term and vote must be durable before anything is sent or applied; the
-            # commit index need not be (a restart relearns it from the leader), so a Ready that
-            # only moves it does not wait for a sync: its record rides on the next one. That
-            # keeps an fdatasync and a thread hand-off off every write's critical path.
+            # Entries, term and vote must be durable before anything is sent; the commit
+            # index need not be (a restart relearns it from the leader), so a Ready that only
+            # moves it does not wait for a sync: its record rides on the next one. That keeps
+            # an fdatasync and a thread hand-off off every write's critical path.
             if rd.entries or (hs is not None and (hs.term, hs.vote) != self._durable_term_vote):
                 # A StorageError propagates: _run stops the node (never retry-and-pretend).
                 started = time.perf_counter()
@@ -587,7 +588,16 @@ class Driver(MembershipMixin, SnapshotMixin):
                     self._write_and_sync()
                 else:
                     loop = asyncio.get_running_loop()
-                    await loop.run_in_executor(self._fsync_pool, self._write_and_sync)
+                    syncing = loop.run_in_executor(self._fsync_pool, self._write_and_sync)
+                    if self.is_leader and rd.committed:
+                        # What is committed is durable on a quorum already (the leader counts
+                        # its own copy only once synced): a leader applies it, and answers its
+                        # clients, while its disk syncs the entries of this Ready. (Not a
+                        # follower: its acknowledgements, the leader's commit, wait for this
+                        # sync, and must not wait for an apply too.)
+                        self._apply_committed(rd.committed)
+                        applied = True
+                    await syncing
                 self._last_sync_s = time.perf_counter() - started
                 self.metrics.wal_sync.observe(self._last_sync_s)
                 if hs is not None:
@@ -596,15 +606,8 @@ class Driver(MembershipMixin, SnapshotMixin):
             if m.type == MsgType.SNAPSHOT:
                 asyncio.create_task(self._send_snapshot(m))
         self.transport.send([m for m in rd.messages if m.type != MsgType.SNAPSHOT])
-        if rd.committed:
-            self._apply(rd.committed)
-            if self.is_leader:
-                # (no append has carried this commit index yet: one sent from now on will)
-                self._proposed_since_notice = False
-                if self._commit_notice is None:
-                    self._commit_notice = asyncio.get_running_loop().call_later(
-                        _COMMIT_NOTICE_S, self._notify_commit
-                    )
+        if rd.committed and not applied:
+            self._apply_committed(rd.committed)
         for request_id, index in rd.read_states:
             for fut in self._reads_by_id.pop(request_id, []):
                 self._reads_at.append((index, fut))
@@ -618,6 +621,16 @@ class Driver(MembershipMixin, SnapshotMixin):
         )
         if not (busy or self._compact_to) and self._snapshot_due():
             self._start_snapshot()
+
+    def _apply_committed(self, committed: bytes) -> None:
+        self._apply(committed)
+        if self.is_leader:
+            # (no append has carried this commit index yet: one sent from now on will)
+            self._proposed_since_notice = False
+            if self._commit_notice is None:
+                self._commit_notice = asyncio.get_running_loop().call_later(
+                    _COMMIT_NOTICE_S, self._notify_commit
+                )
 
     # -- snapshots -----------------------------------------------------------------------------
 
