@@ -3,7 +3,7 @@
 The same workloads, in one run, one system at a time (never two at once on these 2 cores):
 
 * sequential: one client, one put at a time (latency);
-* unbatched: 8 client processes, one put in flight each;
+* unbatched: 8 client processes, one put in flight each (and 64: unbatched-64);
 * pipelined: one client process, 256 (and 2,048) puts in flight;
 * batched: one client process, 8 requests of 2,000 puts in flight (raftfast's put_many; etcd
   and PySyncObj have no such call).
@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 WORKLOADS = {
     "sequential": {"clients": 1, "inflight": 1, "batch": 1},
     "unbatched": {"clients": 8, "inflight": 1, "batch": 1},
+    "unbatched-64": {"clients": 64, "inflight": 1, "batch": 1},
     "pipelined": {"clients": 1, "inflight": 256, "batch": 1},
     "pipelined-2k": {"clients": 1, "inflight": 2048, "batch": 1},
     "batched": {"clients": 1, "inflight": 8, "batch": 2000},
@@ -68,6 +69,18 @@ API_WORKLOADS = {
     "ranges-serializable": {**RANGES, "serializable": True},
     "ranges-linearizable": RANGES,
 }
+# Issue 15's targets for the first table (raftfast's own client, etcd's unary Put): workload ->
+# (measure, at least). "p50" here is raftfast's p50 over etcd's, at most the number; "best" is
+# raftfast's rate over etcd's best rate of any workload; "noop" the 8x1 rate over a no-op gRPC
+# server's answering the same unary calls (measured in the same run).
+SINGLE_WRITE_TARGETS = {
+    "sequential": ("p50", 0.6),
+    "unbatched": ("rate", 1.5),
+    "unbatched-64": ("rate", 3.0),
+    "batched": ("best", 100.0),
+}
+NOOP_TARGET = 0.9
+
 # The issue's targets through etcd's API: workload -> (measure, at least). "rate" is raftfast's
 # ops/s over etcd's; "p50" is etcd's p50 over raftfast's (a lower latency is better).
 TARGETS = {
@@ -289,7 +302,48 @@ def run_raftfast(duration: float, workloads: dict[str, dict]) -> dict[str, dict]
     out = {}
     for name, workload in workloads.items():
         out[name] = benchcmd.run_one(_args(duration, **workload), 3, None)
+    if "unbatched" in workloads:  # the ceiling issue 15 names: a no-op server, unary calls
+        noop = _args(duration, **workloads["unbatched"], noop="unary")
+        out["noop-unary"] = benchcmd.run_one(noop, 3, None)
     return out
+
+
+def single_write_targets(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """Issue 15's ratios for the first table, where both systems ran."""
+    rf, etcd = results.get("raftfast", {}), results.get("etcd", {})
+    out = {}
+    best = max((r["ops_per_s"] for r in etcd.values()), default=0)
+    for name, (measure, bound) in SINGLE_WRITE_TARGETS.items():
+        r, e = rf.get(name), etcd.get(name)
+        if r is None or (e is None and measure != "best") or (measure == "best" and not best):
+            continue
+        if measure == "p50":
+            ratio, met, target = r["p50_ms"] / e["p50_ms"], None, f"p50 <= {bound:g}x etcd's"
+            met = ratio <= bound
+        elif measure == "rate":
+            ratio, target = r["ops_per_s"] / e["ops_per_s"], f">= {bound:g}x etcd's rate"
+            met = ratio >= bound
+        else:
+            ratio, target = r["ops_per_s"] / best, f">= {bound:g}x etcd's best rate"
+            met = ratio >= bound
+        out[name] = {"ratio": round(ratio, 3), "target": target, "met": met}
+    noop, unbatched = rf.get("noop-unary"), rf.get("unbatched")
+    if noop and unbatched:
+        ratio = unbatched["ops_per_s"] / noop["ops_per_s"]
+        out["unbatched vs no-op"] = {
+            "ratio": round(ratio, 3),
+            "target": f">= {NOOP_TARGET:g}x a no-op unary server's rate",
+            "met": ratio >= NOOP_TARGET,
+        }
+    return out
+
+
+def targets_table(compared: dict[str, dict]) -> str:
+    rows = [
+        [name, f"{c['ratio']:.2f}x", c["target"], "met" if c["met"] else "NOT met"]
+        for name, c in compared.items()
+    ]
+    return "\n".join(format_table(["WORKLOAD", "RATIO", "TARGET", "RESULT"], rows, "<>>>"))
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -390,6 +444,8 @@ def main() -> int:
         api_results[system] = run_etcd_api(system, args.duration, api_workloads)
     if args.json:
         out = _slim(results)
+        if results:
+            out["targets"] = single_write_targets(results)
         if api_results:
             out["etcd_api"] = {"results": _slim(api_results), "vs_etcd": vs_etcd(api_results)}
         print(json.dumps(out, indent=2))
@@ -400,6 +456,14 @@ def main() -> int:
     )
     if results:
         print(table(results, workloads))
+        compared = single_write_targets(results)
+        if compared:
+            noop = results.get("raftfast", {}).get("noop-unary")
+            print(
+                "\nissue 15's targets, ratios from this run"
+                + (f" (no-op unary server, 8x1: {noop['ops_per_s']:,.0f} ops/s)" if noop else "")
+            )
+            print(targets_table(compared))
     if api_results:
         print(
             "\nthrough etcd's API (same client): one unary KV.Put/KV.Range per operation at the "

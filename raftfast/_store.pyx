@@ -429,8 +429,9 @@ cdef class KeyStore:
             self._removed = 0
             self._extra_len = 0
             return 0
-        # merge the sorted extras into the index, dropping the removed entries
-        items = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
+        # merge the sorted extras into the index, dropping the removed entries (sized for
+        # both whole: the merge can never write past it)
+        items = <uint64_t *>malloc((self._index_len + extra + 1) * sizeof(uint64_t))
         if items == NULL:
             raise MemoryError()
         merge_sort(self._extra, items, extra, self._arena)  # (items as scratch)
