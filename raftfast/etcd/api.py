@@ -71,7 +71,7 @@ class EtcdAPI:
         self.driver = driver
         self.cluster_id = id64("cluster:" + driver.settings.cluster_id)
         self.member_id = member_id(driver.id)
-        self.applied = asyncio.Event()  # set after every apply (the watchers wait on it)
+        self.applied = asyncio.Event()  # set after every apply (see _caught_up)
         from raftfast.etcd.lessor import Lessor  # (it needs this class's instance)
 
         self.lessor = Lessor(self)
@@ -193,7 +193,25 @@ class EtcdAPI:
                 raise
             response = response_cls()
             response.ParseFromString(data)
+            await self._caught_up(response.header.revision, deadline)
             return response
+
+    async def _caught_up(self, revision: int, deadline: float) -> None:
+        """Wait (until ``deadline``) for this member's store to reach ``revision``: as etcd's
+        member that took a request answers once its own store applied it, so that what the
+        client does next here (a watch from that revision, a serializable read) sees it."""
+        loop = asyncio.get_running_loop()
+        applied = self.applied
+        while self.store.revision < revision and not self.driver.stopping:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return  # (the request is done at the leader: answer it anyway)
+            applied.clear()  # (no await between the check and the wait: no apply is missed)
+            try:
+                async with asyncio.timeout(remaining):
+                    await applied.wait()
+            except TimeoutError:
+                return
 
     async def handle_forwarded(self, method: str, data: bytes) -> bytes:
         """A request a follower handed us: answered here, as leader (EtcdError NOT_LEADER

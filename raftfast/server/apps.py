@@ -88,7 +88,10 @@ class KVApp:
         self._watch = add_etcd_services(server, self.etcd)
 
     def applied(self) -> None:
-        """After every apply: the etcd watchers look for new events."""
+        """After every apply: the etcd watchers look for new events, and requests a follower
+        forwarded wait for its store to catch up (EtcdAPI._caught_up)."""
+        if self.etcd is not None:
+            self.etcd.applied.set()
         if self._watch is not None and self._watch.streams:
             self._watch.notify()
 

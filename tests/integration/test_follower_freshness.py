@@ -46,3 +46,33 @@ def test_a_follower_applies_the_last_write_without_waiting_for_a_heartbeat(tmp_p
                 waits.append(round(waited, 3))
             # (the median: one sample a loaded machine starved does not decide)
             assert sorted(waits)[len(waits) // 2] < SOON_S, f"applied after {waits} s"
+
+
+def test_a_write_through_a_follower_is_seen_there_when_it_returns(tmp_path):
+    """A follower forwards a write to the leader and answers once its own store has applied
+    it (as the etcd member that took a request does): a serializable read or a watch from the
+    write's revision at that follower right after sees it, every time."""
+    flags = ["--heartbeat-ticks", "30", "--election-ticks", "60"]
+    with ProcCluster(tmp_path, extra=flags) as cluster:
+        leader = cluster.wait_leader()
+        follower = next(n for n in cluster.ids if n != leader)
+        with grpc.insecure_channel(cluster.addrs[follower]) as channel:
+            kv, watch = pb_grpc.KVStub(channel), pb_grpc.WatchStub(channel)
+            for i in range(20):
+                value = b"v%d" % i
+                put = kv.Put(pb.PutRequest(key=b"mine", value=value), timeout=30)
+                got = kv.Range(pb.RangeRequest(key=b"mine", serializable=True), timeout=30)
+                assert got.kvs and got.kvs[0].value == value, f"write {i} not seen"
+                assert got.header.revision >= put.header.revision
+            create = pb.WatchRequest(
+                create_request=pb.WatchCreateRequest(
+                    key=b"mine", start_revision=put.header.revision
+                )
+            )
+            kv.Put(pb.PutRequest(key=b"mine", value=b"last"), timeout=30)
+            events = []
+            for response in watch.Watch(iter([create]), timeout=30):
+                events += response.events
+                if len(events) >= 2:
+                    break
+            assert [e.kv.value for e in events[:2]] == [value, b"last"]
