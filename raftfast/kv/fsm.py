@@ -161,7 +161,7 @@ class KVStateMachine(StateMachine):
         return True
 
     def recount(self) -> int:
-        """Count ``size_bytes`` exactly (a pass over the whole store); returns it."""
+        """``size_bytes`` from its parts (each keeps its own exact count); returns it."""
         etcd = self.etcd
         self.size_bytes = self._data.size_bytes + etcd.size_bytes + etcd.history_bytes
         return self.size_bytes

@@ -589,15 +589,17 @@ class Driver(MembershipMixin, SnapshotMixin):
                 else:
                     loop = asyncio.get_running_loop()
                     syncing = loop.run_in_executor(self._fsync_pool, self._write_and_sync)
-                    if self.is_leader and rd.committed:
-                        # What is committed is durable on a quorum already (the leader counts
-                        # its own copy only once synced): a leader applies it, and answers its
-                        # clients, while its disk syncs the entries of this Ready. (Not a
-                        # follower: its acknowledgements, the leader's commit, wait for this
-                        # sync, and must not wait for an apply too.)
-                        self._apply_committed(rd.committed)
-                        applied = True
-                    await syncing
+                    try:
+                        if self.is_leader and rd.committed:
+                            # What is committed is durable on a quorum already (the leader
+                            # counts its own copy only once synced): a leader applies it, and
+                            # answers its clients, while its disk syncs the entries of this
+                            # Ready. (Not a follower: its acknowledgements, the leader's
+                            # commit, wait for this sync, and must not wait for an apply too.)
+                            self._apply_committed(rd.committed)
+                            applied = True
+                    finally:
+                        await syncing
                 self._last_sync_s = time.perf_counter() - started
                 self.metrics.wal_sync.observe(self._last_sync_s)
                 if hs is not None:
