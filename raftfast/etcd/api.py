@@ -183,7 +183,7 @@ class EtcdAPI:
             if leader is None or leader == driver.id:
                 continue  # (an election under way; or we lead now)
             try:
-                data = await driver.transport.forward(
+                data, applied = await driver.transport.forward(
                     leader, method, request.SerializeToString(), max(remaining, 0.05)
                 )
             except EtcdError as exc:
@@ -193,16 +193,17 @@ class EtcdAPI:
                 raise
             response = response_cls()
             response.ParseFromString(data)
-            await self._caught_up(response.header.revision, deadline)
+            await self._caught_up(applied, deadline)
             return response
 
-    async def _caught_up(self, revision: int, deadline: float) -> None:
-        """Wait (until ``deadline``) for this member's store to reach ``revision``: as etcd's
-        member that took a request answers once its own store applied it, so that what the
-        client does next here (a watch from that revision, a serializable read) sees it."""
+    async def _caught_up(self, index: int, deadline: float) -> None:
+        """Wait (until ``deadline``) for this member to apply up to ``index``, the leader's
+        applied index once it answered a forwarded request: as etcd's member that took a
+        request answers once it applied it itself, so that what the client does next here (a
+        watch from the write's revision, a serializable read, an alarm list) sees it."""
         loop = asyncio.get_running_loop()
         applied = self.applied
-        while self.store.revision < revision and not self.driver.stopping:
+        while self.driver.applied_index < index and not self.driver.stopping:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return  # (the request is done at the leader: answer it anyway)

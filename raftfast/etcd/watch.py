@@ -327,16 +327,18 @@ class WatchService(pb_grpc.WatchServicer):
 
     @staticmethod
     async def _read(requests: AsyncIterator[pb.WatchRequest], stream: _Stream) -> None:
+        """The client's requests. When it closes its side the stream goes on sending events
+        until the call ends (as etcd's does: a client may send its creates and close)."""
         try:
             async for request in requests:
                 stream.take(request)
                 while len(stream.outbox) >= _MAX_OUTBOX and not stream.done:
                     stream.drained.clear()  # (until Watch takes them: see _MAX_OUTBOX)
                     await stream.drained.wait()
-        except asyncio.CancelledError:
-            raise
         except grpc.RpcError:
-            pass  # (the client went away)
-        finally:
+            stream.done = True  # (the client went away)
+        except BaseException:
             stream.done = True
+            raise
+        finally:
             stream.wake.set()

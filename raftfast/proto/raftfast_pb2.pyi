@@ -133,10 +133,12 @@ class ForwardRequest(_message.Message):
     def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("response",)
+    __slots__ = ("response", "applied_index")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
     response: bytes
-    def __init__(self, response: _Optional[bytes] = ...) -> None: ...
+    applied_index: int
+    def __init__(self, response: _Optional[bytes] = ..., applied_index: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "client_id", "sequence")

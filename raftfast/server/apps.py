@@ -88,18 +88,20 @@ class KVApp:
         self._watch = add_etcd_services(server, self.etcd)
 
     def applied(self) -> None:
-        """After every apply: the etcd watchers look for new events, and requests a follower
-        forwarded wait for its store to catch up (EtcdAPI._caught_up)."""
+        """After every apply: the etcd watchers look for new events, and the requests this
+        member forwarded wait for its state to catch up (EtcdAPI._caught_up)."""
         if self.etcd is not None:
             self.etcd.applied.set()
         if self._watch is not None and self._watch.streams:
             self._watch.notify()
 
-    async def forwarded(self, method: str, request: bytes) -> bytes:
-        """An etcd request a follower handed to us (the leader)."""
+    async def forwarded(self, method: str, request: bytes) -> tuple[bytes, int]:
+        """An etcd request a follower handed to us (the leader): the answer, and our applied
+        index once answered (the follower answers its client once it applied as far)."""
         if self.etcd is None:
             raise EtcdError(grpc.StatusCode.UNAVAILABLE, "etcdserver: server not started")
-        return await self.etcd.handle_forwarded(method, request)
+        answer = await self.etcd.handle_forwarded(method, request)
+        return answer, self.driver.applied_index
 
     @property
     def sessions_open(self) -> int:

@@ -249,9 +249,11 @@ class PeerTransport:
         except grpc.RpcError as exc:
             log.info("NOSPACE report to %s failed: %s %s", peer_id, exc.code(), exc.details())
 
-    async def forward(self, peer_id: str, method: str, request: bytes, timeout: float) -> bytes:
-        """Hand a client request to ``peer_id`` (the leader) and return its answer; the
-        leader's refusal, or a failure to reach it, as an EtcdError."""
+    async def forward(
+        self, peer_id: str, method: str, request: bytes, timeout: float
+    ) -> tuple[bytes, int]:
+        """Hand a client request to ``peer_id`` (the leader); its answer and its applied index
+        once it answered. The leader's refusal, or a failure to reach it, as an EtcdError."""
         peer = self._peers.get(peer_id)
         if peer is None or peer.channel is None:
             raise EtcdError(grpc.StatusCode.UNAVAILABLE, f"etcdserver: leader {peer_id} unknown")
@@ -273,7 +275,7 @@ class PeerTransport:
                     code, "etcdserver: request timed out, possibly due to connection lost"
                 ) from None
             raise EtcdError(code, exc.details() or str(code)) from None
-        return response.response
+        return response.response, response.applied_index
 
     async def _send_vote(self, peer: _Peer, m: Message) -> None:
         try:
@@ -424,7 +426,7 @@ class PeerService(pb_grpc.PeerServicer):
         authenticated: bool = False,
         join: Callable[[pb.JoinRequest, grpc.aio.ServicerContext], Awaitable[Any]] | None = None,
         alarm: Callable[[str, str], str | None] | None = None,
-        forward: Callable[[str, bytes], Awaitable[bytes]] | None = None,
+        forward: Callable[[str, bytes], Awaitable[tuple[bytes, int]]] | None = None,
     ):
         """``members`` says whose traffic we take: a set of ids, or a predicate (membership
         changes; a node takes traffic from ids it does not know yet, since a member added
@@ -551,10 +553,10 @@ class PeerService(pb_grpc.PeerServicer):
         except tcp.Refused as exc:
             await context.abort(_STATUS[exc.code], exc.details, exc.trailing_metadata)
         try:
-            response = await self.forward(request.method, request.request)
+            response, applied = await self.forward(request.method, request.request)
         except EtcdError as exc:
             await context.abort(exc.code, exc.message)
-        return pb.ForwardResponse(response=response)
+        return pb.ForwardResponse(response=response, applied_index=applied)
 
     async def ReplicationEndpoint(self, request, context):  # noqa: N802
         return pb.StreamEndpoint(port_offset=self.stream_offset, client_address=self.client_address)
