@@ -515,7 +515,7 @@ cdef inline object _pair_item(object x, str what):
         return x
     if isinstance(x, str):
         return (<str>x).encode("utf-8")
-    if isinstance(x, (bytearray, memoryview)):
+    if isinstance(x, (bytes, bytearray, memoryview)):
         return bytes(x)
     raise TypeError(f"{what} must be bytes or str, not {type(x).__name__}")
 

@@ -269,12 +269,13 @@ def batch_info(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     return first_index, count
 
 
-def _pair_item(x: object, what: str) -> bytes:
+def to_bytes(x: object, what: str) -> bytes:
+    """``x`` as bytes: str as UTF-8, bytearray and memoryview copied; TypeError otherwise."""
     if type(x) is bytes:
         return x
     if isinstance(x, str):
         return x.encode("utf-8")
-    if isinstance(x, bytearray | memoryview):
+    if isinstance(x, bytes | bytearray | memoryview):
         return bytes(x)
     raise TypeError(f"{what} must be bytes or str, not {type(x).__name__}")
 
@@ -284,8 +285,8 @@ def flatten_pairs(items: Iterable) -> list[bytes]:
     bytearray and memoryview copied); TypeError for anything else (a client's put_many)."""
     out: list[bytes] = []
     for key, value in items:
-        out.append(_pair_item(key, "key"))
-        out.append(_pair_item(value, "value"))
+        out.append(to_bytes(key, "key"))
+        out.append(to_bytes(value, "value"))
     return out
 
 

@@ -26,7 +26,13 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy
 
-from raftfast._batch cimport C_HEADER_SIZE, C_META_SIZE, parse_batch, rf_load_u32
+from raftfast._batch cimport (
+    C_HEADER_SIZE,
+    C_META_SIZE,
+    parse_batch,
+    rf_load_u32,
+    rf_store_u32,
+)
 
 from raftfast.errors import BatchError
 
@@ -47,20 +53,9 @@ DEF MAX_LEN = 0xFFFFFFFF
 __all__ = ["KeyStore", "check_packed", "load_store"]
 
 
-cdef inline uint32_t load_u32(const unsigned char *p) noexcept nogil:
-    return <uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
-
-
-cdef inline void store_u32(unsigned char *p, uint32_t v) noexcept nogil:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-    p[2] = (v >> 16) & 0xFF
-    p[3] = v >> 24
-
-
 cdef inline int compare_keys(const unsigned char *arena, uint64_t a, uint64_t b) noexcept nogil:
     """memcmp order of the keys of records ``a`` and ``b`` (shorter first on a tie)."""
-    cdef uint32_t la = load_u32(arena + a), lb = load_u32(arena + b)
+    cdef uint32_t la = rf_load_u32(arena + a), lb = rf_load_u32(arena + b)
     cdef int c = memcmp(arena + a + HEADER, arena + b + HEADER, la if la < lb else lb)
     if c:
         return c
@@ -70,7 +65,7 @@ cdef inline int compare_keys(const unsigned char *arena, uint64_t a, uint64_t b)
 cdef inline int compare_to(const unsigned char *arena, uint64_t a, const unsigned char *key,
                            Py_ssize_t klen) noexcept nogil:
     """The order of record ``a``'s key against ``key``."""
-    cdef uint32_t la = load_u32(arena + a)
+    cdef uint32_t la = rf_load_u32(arena + a)
     cdef int c = memcmp(arena + a + HEADER, key, la if la < <uint64_t>klen else klen)
     if c:
         return c
@@ -177,7 +172,7 @@ cdef class KeyStore:
                 return -1
             if s != TOMB and (s & TAG_MASK) == tag:
                 off = (s >> TAG_BITS) - 1
-                if load_u32(self._arena + off) == klen and memcmp(
+                if rf_load_u32(self._arena + off) == klen and memcmp(
                     self._arena + off + HEADER, k, klen
                 ) == 0:
                     return i
@@ -196,7 +191,7 @@ cdef class KeyStore:
             if s == EMPTY or s == TOMB:
                 continue
             off = (s >> TAG_BITS) - 1
-            h = <uint64_t>_Py_HashBytes(self._arena + off + HEADER, load_u32(self._arena + off))
+            h = <uint64_t>_Py_HashBytes(self._arena + off + HEADER, rf_load_u32(self._arena + off))
             j = h & mask
             while new[j] != EMPTY:
                 j = (j + 1) & mask
@@ -235,15 +230,15 @@ cdef class KeyStore:
             self._arena = grown
             self._cap = cap
         off = self._used
-        store_u32(self._arena + off, <uint32_t>klen)
-        store_u32(self._arena + off + 4, <uint32_t>vlen)
+        rf_store_u32(self._arena + off, <uint32_t>klen)
+        rf_store_u32(self._arena + off + 4, <uint32_t>vlen)
         memcpy(self._arena + off + HEADER, key, klen)
         memcpy(self._arena + off + HEADER + klen, value, vlen)
         self._used += need
         return off
 
     cdef inline uint64_t _record_size(self, uint64_t off) noexcept:
-        return HEADER + load_u32(self._arena + off) + load_u32(self._arena + off + 4)
+        return HEADER + rf_load_u32(self._arena + off) + rf_load_u32(self._arena + off + 4)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -268,7 +263,7 @@ cdef class KeyStore:
         if slot >= 0:
             s = self._slots[slot]
             old_off = (s >> TAG_BITS) - 1
-            old_vlen = load_u32(self._arena + old_off + 4)
+            old_vlen = rf_load_u32(self._arena + old_off + 4)
             self.size_bytes += vlen - <long long>old_vlen
             if old_vlen == <uint64_t>vlen:
                 memcpy(self._arena + old_off + HEADER + klen, v, vlen)
@@ -332,7 +327,7 @@ cdef class KeyStore:
         if slot < 0:
             return -1
         off = (self._slots[slot] >> TAG_BITS) - 1
-        vlen = load_u32(self._arena + off + 4)
+        vlen = rf_load_u32(self._arena + off + 4)
         self._slots[slot] = TOMB
         self._tombs += 1
         self._count -= 1
@@ -506,12 +501,12 @@ cdef class KeyStore:
         return self._value_at(off)
 
     cdef inline bytes _key_at(self, uint64_t off):
-        return PyBytes_FromStringAndSize(<char *>self._arena + off + HEADER, load_u32(self._arena + off))
+        return PyBytes_FromStringAndSize(<char *>self._arena + off + HEADER, rf_load_u32(self._arena + off))
 
     cdef inline bytes _value_at(self, uint64_t off):
-        cdef uint32_t klen = load_u32(self._arena + off)
+        cdef uint32_t klen = rf_load_u32(self._arena + off)
         return PyBytes_FromStringAndSize(
-            <char *>self._arena + off + HEADER + klen, load_u32(self._arena + off + 4)
+            <char *>self._arena + off + HEADER + klen, rf_load_u32(self._arena + off + 4)
         )
 
     cdef Py_ssize_t _lower_bound(self, bytes key) noexcept:
@@ -542,10 +537,10 @@ cdef class KeyStore:
         n = self._index_len
         while i < n:
             off = self._index[i]
-            klen = load_u32(self._arena + off)
+            klen = rf_load_u32(self._arena + off)
             if klen < plen or memcmp(self._arena + off + HEADER, p, plen) != 0:
                 break
-            size += klen + load_u32(self._arena + off + 4)
+            size += klen + rf_load_u32(self._arena + off + 4)
             if (len(out) == limit or (max_bytes and size > max_bytes)) and out:
                 return out, self._key_at(off)
             out.append((self._key_at(off), self._value_at(off)))
@@ -573,8 +568,8 @@ cdef class KeyStore:
         n = self._index_len
         for i in range(n):
             off = self._index[i]
-            ksum += load_u32(self._arena + off)
-            vsum += load_u32(self._arena + off + 4)
+            ksum += rf_load_u32(self._arena + off)
+            vsum += rf_load_u32(self._arena + off + 4)
         klens = PyBytes_FromStringAndSize(NULL, 4 * n)
         vlens = PyBytes_FromStringAndSize(NULL, 4 * n)
         keys = PyBytes_FromStringAndSize(NULL, ksum)
@@ -586,10 +581,10 @@ cdef class KeyStore:
         with nogil:
             for i in range(n):
                 off = self._index[i]
-                klen = load_u32(self._arena + off)
-                vlen = load_u32(self._arena + off + 4)
-                store_u32(kl + 4 * i, klen)
-                store_u32(vl + 4 * i, vlen)
+                klen = rf_load_u32(self._arena + off)
+                vlen = rf_load_u32(self._arena + off + 4)
+                rf_store_u32(kl + 4 * i, klen)
+                rf_store_u32(vl + 4 * i, vlen)
                 memcpy(kb, self._arena + off + HEADER, klen)
                 memcpy(vb, self._arena + off + HEADER + klen, vlen)
                 kb += klen
@@ -623,11 +618,6 @@ cdef class KeyStore:
             twin._extra_len = self._extra_len
         twin.size_bytes = self.size_bytes
         return twin
-
-    @property
-    def memory_bytes(self):
-        """The bytes the arena, the table and the index take."""
-        return self._cap + 8 * (self._mask + 1) + 8 * self._index_len
 
 
 cdef Py_ssize_t packed_pairs(const unsigned char *p, Py_ssize_t n, uint32_t *count) except -1:
@@ -680,8 +670,8 @@ def load_store(Py_ssize_t count, klens, vlens, keys, values):
     if count < 0 or kl.shape[0] != 4 * count or vl.shape[0] != 4 * count:
         raise ValueError("store: the length columns do not match the count")
     for i in range(count):
-        ksum += load_u32(&kl[4 * i])
-        vsum += load_u32(&vl[4 * i])
+        ksum += rf_load_u32(&kl[4 * i])
+        vsum += rf_load_u32(&vl[4 * i])
     if ksum != <uint64_t>kb.shape[0] or vsum != <uint64_t>vb.shape[0]:
         raise ValueError("store: the keys or values do not match their lengths")
     need = ksum + vsum + HEADER * <uint64_t>count
@@ -702,10 +692,10 @@ def load_store(Py_ssize_t count, klens, vlens, keys, values):
     for j in range(slots):
         store._slots[j] = EMPTY
     for i in range(count):
-        klen = load_u32(&kl[4 * i])
-        vlen = load_u32(&vl[4 * i])
-        store_u32(store._arena + off, klen)
-        store_u32(store._arena + off + 4, vlen)
+        klen = rf_load_u32(&kl[4 * i])
+        vlen = rf_load_u32(&vl[4 * i])
+        rf_store_u32(store._arena + off, klen)
+        rf_store_u32(store._arena + off + 4, vlen)
         if klen:
             memcpy(store._arena + off + HEADER, &kb[kpos], klen)
         if vlen:

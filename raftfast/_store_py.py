@@ -16,7 +16,7 @@ from itertools import accumulate
 from raftfast._batch_py import decode_batch
 from raftfast.errors import BatchError
 
-__all__ = ["KeyStore", "check_packed", "load_store"]
+__all__ = ["KeyStore", "check_packed", "load_store", "packed_items"]
 
 _MAX_PENDING = 256  # key-set changes replayed into the index before it is rebuilt instead
 
@@ -62,7 +62,7 @@ class KeyStore:
     def put_packed(self, data) -> None:
         """Set every pair of ``data`` (``raftfast.kv.commands.pack_pairs`` output), all or
         none: ValueError, and nothing changed, if it is not well formed."""
-        flat = _pairs(data)
+        flat = packed_items(data)
         self.put_many(flat[0::2], flat[1::2])
 
     def delete(self, key: bytes) -> int:
@@ -149,16 +149,9 @@ class KeyStore:
         twin.size_bytes = self.size_bytes
         return twin
 
-    @property
-    def memory_bytes(self) -> int:
-        """Roughly what the store's containers take (not the keys and values themselves)."""
-        import sys
 
-        index = self._index or []
-        return sys.getsizeof(self._data) + sys.getsizeof(index)
-
-
-def _pairs(data) -> list[bytes]:
+def packed_items(data) -> list[bytes]:
+    """``[key, value, key, value, ...]`` of packed pairs; ValueError if not well formed."""
     if not len(data):
         raise ValueError("bad packed pairs: empty")
     try:
@@ -175,7 +168,7 @@ def _pairs(data) -> list[bytes]:
 def check_packed(data) -> tuple[int, int, int]:
     """ValueError unless ``data`` is well-formed packed pairs; (the number of pairs, the
     longest key's length, the longest value's)."""
-    flat = _pairs(data)
+    flat = packed_items(data)
     keys, values = flat[0::2], flat[1::2]
     return len(keys), max(map(len, keys), default=0), max(map(len, values), default=0)
 

@@ -90,16 +90,6 @@ def parse_endpoints(endpoints: str | Iterable[str]) -> list[str]:
     return out
 
 
-def to_bytes(value: object, what: str) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"{what} must be bytes or str, not {type(value).__name__}")
-
-
 def read_mode_of(mode: ReadModeLike) -> int:
     if mode is None:
         return pb.READ_DEFAULT

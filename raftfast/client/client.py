@@ -48,6 +48,7 @@ from typing import Any
 import grpc
 
 from raftfast._accel import chunk_payloads, encode_uniform, flatten_pairs
+from raftfast._batch_py import to_bytes  # (flatten_pairs's, for one key or value)
 from raftfast.address import is_address
 from raftfast.client.calls import (
     CAS,
@@ -72,7 +73,6 @@ from raftfast.client.calls import (
     one_line,
     parse_endpoints,
     read_mode_of,
-    to_bytes,
 )
 from raftfast.client.session import Op, SessionMixin, Stream
 from raftfast.errors import (

@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from raftfast._accel import decode_batch, encode_uniform
-from raftfast.errors import BatchError
+from raftfast._accel import encode_uniform
+from raftfast._store_py import packed_items
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 
 __all__ = [
@@ -78,17 +78,11 @@ def pack_pairs(items: Sequence[tuple[bytes, bytes]]) -> bytes:
 
 
 def unpack_pairs(data: bytes) -> tuple[list[bytes], list[bytes]]:
-    """(keys, values) of ``pack_pairs`` output; ValueError if it is not well formed."""
-    try:
-        _, _, _, flat = decode_batch(data)
-    except BatchError as exc:
-        raise ValueError(f"bad packed pairs: {exc}") from None
-    if len(flat) % 2:
-        raise ValueError("bad packed pairs: an odd number of items")
-    keys = flat[0::2]
-    if not all(keys):
-        raise ValueError("bad packed pairs: an empty key")
-    return keys, flat[1::2]
+    """(keys, values) of ``pack_pairs`` output; ValueError if it is not well formed. (The
+    state machine and the server read packed pairs in place: ``raftfast._accel``'s
+    ``check_packed`` and ``KeyStore.put_packed``; this is for code that wants the objects.)"""
+    flat = packed_items(data)
+    return flat[0::2], flat[1::2]
 
 
 def encode_put_many(client_id: int, seq: int, pairs: bytes) -> bytes:
