@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config, Raft
+from raftfast.core.raft_log import batch_count
 from raftfast.core.types import HardState, Message, MsgType, Ready, Role
 
 
@@ -172,9 +173,28 @@ class RawNode:
             self._prev_hard_state = rd.hard_state
         if rd.entries:
             log.end_persist(rd.last_index)
-        if rd.committed_last:
+        if rd.committed_last > log.applied:  # (take_committed may have gone further)
             log.applied = rd.committed_last
         self.raft.on_persisted()
+
+    def take_committed(self) -> tuple[bytes, int]:
+        """Committed entries past those of the outstanding Ready, to apply now instead of in
+        the next Ready: (packed batch, its last index), or (b"", 0). They count as applied
+        from here on. A leader calls this while its own write syncs (whatever is committed is
+        durable on a quorum already), once it has applied the outstanding Ready's entries."""
+        log = self.raft.log
+        start = log.applied
+        rd = self._outstanding
+        if rd is not None:
+            if rd.snapshot is not None:
+                return b"", 0  # the state machine is being replaced: apply after it
+            start = max(start, rd.committed_last)
+        if log.committed <= start:
+            return b"", 0
+        batch = log.entries.slice(start + 1, log.committed + 1, self.raft.config.max_apply_bytes)
+        last = start + batch_count(batch)
+        log.applied = last
+        return batch, last
 
     # -- inspection ----------------------------------------------------------------------------
 

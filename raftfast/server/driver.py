@@ -126,6 +126,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._known_addresses: dict[str, str] = {}  # joining: members learned from the cluster
         self._book: dict[str, str] | None = None  # the peers the transport was last pointed at
         self._last_sync_s = 0.0  # how long the last sync took (thread hand-offs included)
+        self._syncing = False  # the leader's own write is syncing in the fsync thread: _pump
+        self._pump_scheduled = False
         self._joining = False  # --join in progress: entries replayed may predate our addition
         self.removed = False  # a committed configuration left us out: we shut down
         self._committed_members: set[str] = set()  # of the newest configuration applied here
@@ -371,6 +373,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         fut = asyncio.get_running_loop().create_future()
         self._proposals.append((payloads, fut))
         self._wake.set()
+        if self._syncing:
+            self._schedule_pump()
         metrics = self.metrics
         metrics.proposals += len(payloads)
         try:
@@ -392,6 +396,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         fut = asyncio.get_running_loop().create_future()
         self._read_requests.append(fut)
         self._wake.set()
+        if self._syncing:
+            self._schedule_pump()
         await fut
 
     async def transfer_leadership(self, target: str) -> tuple[str, int]:
@@ -490,6 +496,8 @@ class Driver(MembershipMixin, SnapshotMixin):
                         exc,
                     )
         self._wake.set()
+        if self._syncing:
+            self._schedule_pump()
 
     def _on_unreachable(self, peer: str) -> None:
         if self.raw is not None:
@@ -590,16 +598,26 @@ class Driver(MembershipMixin, SnapshotMixin):
                     loop = asyncio.get_running_loop()
                     syncing = loop.run_in_executor(self._fsync_pool, self._write_and_sync)
                     try:
-                        if self.is_leader and rd.committed:
+                        if self.is_leader:
                             # What is committed is durable on a quorum already (the leader
                             # counts its own copy only once synced): a leader applies it, and
                             # answers its clients, while its disk syncs the entries of this
                             # Ready. (Not a follower: its acknowledgements, the leader's
                             # commit, wait for this sync, and must not wait for an apply too.)
-                            self._apply_committed(rd.committed)
+                            if rd.committed:
+                                self._apply_committed(rd.committed)
                             applied = True
+                            # Meanwhile new writes go out to the followers at once, and what
+                            # their acknowledgements commit is applied at once (_pump): a
+                            # write does not wait for the leader's sync to begin replicating.
+                            self._syncing = True
+                            if self._proposals:
+                                self._schedule_pump()
                     finally:
-                        await syncing
+                        try:
+                            await syncing
+                        finally:
+                            self._syncing = False
                 self._last_sync_s = time.perf_counter() - started
                 self.metrics.wal_sync.observe(self._last_sync_s)
                 if hs is not None:
@@ -623,6 +641,31 @@ class Driver(MembershipMixin, SnapshotMixin):
         )
         if not (busy or self._compact_to) and self._snapshot_due():
             self._start_snapshot()
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """While the leader's own write syncs: hand new proposals and reads to the core, send
+        the appends and heartbeats they make (the core allows it while a Ready is out), and
+        apply what the followers' acknowledgements committed. What arrives in one turn of the
+        loop goes out together."""
+        self._pump_scheduled = False
+        if not self._syncing or self._stopping:
+            return
+        try:
+            self._feed()
+            eager = self.raw.take_eager_messages()
+            if eager:
+                self.transport.send(eager)
+            committed, _last = self.raw.take_committed()
+            if committed:
+                self._apply_committed(committed)
+                self._release_reads()
+        except Exception as exc:  # noqa: BLE001 - as in _run: a failure here stops the node
+            self._fatal(exc)
 
     def _apply_committed(self, committed: bytes) -> None:
         self._apply(committed)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from raftfast._accel import EntryLog, encode_batch
+from raftfast._accel import EntryLog, decode_batch, encode_batch
 from raftfast.core.progress import ProgressState
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
@@ -235,6 +235,35 @@ def test_leader_counts_itself_only_once_durable():
     assert a.raft.log.committed == 1
     a.advance(rd)
     assert a.raft.log.committed == 2
+
+
+def test_a_leader_applies_what_its_followers_commit_while_its_own_write_syncs():
+    net = Net(IDS)
+    net.elect("a")
+    a = net.node("a")
+    a.propose([b"x"])
+    rd = a.ready()  # the leader's write of index 2 is in progress
+    assert a.take_committed() == (b"", 0)  # nothing committed yet
+    a.propose([b"y"])  # more writes meanwhile: their appends leave at once
+    appends = rd.eager_messages + a.take_eager_messages()
+    for follower in ("b", "c"):
+        f = net.node(follower)
+        for m in appends:
+            if m.dst == follower:
+                f.step(m)
+        rd_f = f.ready()
+        f.advance(rd_f)
+        for m in rd_f.messages:
+            a.step(m)
+    # Both followers hold 2 and 3 durably: a quorum without the leader's own copy.
+    batch, last = a.take_committed()
+    assert last == 3 and decode_batch(batch)[3] == [b"x", b"y"]
+    assert a.take_committed() == (b"", 0)  # taken once
+    a.advance(rd)
+    assert a.raft.log.applied == 3  # advance does not take it back to rd's
+    rd = a.ready()
+    assert rd.committed == b""  # and the next Ready does not apply them again
+    a.advance(rd)
 
 
 def test_leader_commits_old_term_entries_only_through_an_entry_of_its_term():

@@ -89,6 +89,9 @@ class SimNode:
     retire_at: int | None = None  # removed from the cluster: shut down for good at this time
     retired: bool = False
     durable_term_vote: tuple[int, str] = (0, "")
+    # A leader's Ready is syncing: like the driver, it applied the Ready's committed entries at
+    # once, and meanwhile sends its appends and applies what commits as inputs arrive.
+    pumping: bool = False
 
 
 @dataclass(order=True)
@@ -250,6 +253,9 @@ class Cluster:
         membership = node.raw.raft.membership_at(index).encode()
         node.snapshot = (index, log.term_at(index), self._digest(index), membership)
         upto = max(log.first_index - 1, index - self.rng.randint(0, 20))  # keep a little
+        # (the driver compacts between Readys; here a leader's Ready may be syncing, its
+        # entries applied but not yet reported by advance)
+        upto = min(upto, log.applied)
         if upto >= log.first_index:
             node.raw.compact(upto)
             node.storage.release_before(upto, log.term_at(upto))
@@ -327,6 +333,7 @@ class Cluster:
         self.events.append(f"t={self.time} crash {nid}")
         node.raw = None
         node.pending = None
+        node.pumping = False
         node.storage.crash()
         # Some restarts are quick (a process supervisor), some slow (a machine reboot).
         downtime = self.rng.choice([TICK, 40 * TICK])
@@ -382,6 +389,12 @@ class Cluster:
 
     def _after_input(self, node: SimNode) -> None:
         self._check_leader(node)
+        if node.pending is not None and node.pumping:
+            self._send_all(node.raw.take_eager_messages())
+            committed, _last = node.raw.take_committed()
+            if committed:
+                self._apply(node, committed)
+                self.stats["applied_while_syncing"] = self.stats.get("applied_while_syncing", 0) + 1
         if node.pending is None and node.raw.has_ready():
             rd = node.raw.ready()
             if rd.snapshot is not None:
@@ -394,6 +407,10 @@ class Cluster:
                 # Like the driver: a Ready that only moves the commit index is not synced.
                 self._complete_sync(node, sync=False)
                 return
+            if node.raw.role == Role.LEADER:
+                if rd.committed:
+                    self._apply(node, rd.committed)
+                node.pumping = True
             node.sync_at = self.time + self.rng.randint(0, self.faults.max_fsync)
             if node.sync_at <= self.time:
                 self._complete_sync(node)
@@ -405,9 +422,10 @@ class Cluster:
             if rd.hard_state is not None:
                 node.durable_term_vote = (rd.hard_state.term, rd.hard_state.vote)
         self._send_all(rd.messages)
-        if rd.committed:
+        if rd.committed and not node.pumping:
             self._apply(node, rd.committed)
         node.pending = None
+        node.pumping = False
         node.raw.advance(rd)
         self._after_input(node)
 
