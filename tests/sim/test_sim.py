@@ -60,9 +60,7 @@ def test_seed(n: int, seed: int) -> None:
 def test_leaders_apply_what_commits_while_their_own_write_syncs() -> None:
     """The schedules above exercise it (and check it is safe): a leader applies entries the
     followers' acknowledgements committed before its own sync of them completes."""
-    applied = sum(
-        run_schedule(3, seed).stats.get("applied_while_syncing", 0) for seed in range(5)
-    )
+    applied = sum(run_schedule(3, seed).stats.get("applied_while_syncing", 0) for seed in range(5))
     assert applied > 0
 
 
