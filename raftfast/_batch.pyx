@@ -35,6 +35,64 @@ cdef extern from *:
        let the loop fold 8 input bytes per iteration with independent lookups. */
     static uint32_t rf_crc_tab[8][256];
 
+    /* Shifting a crc register over runs of zero bytes: the register after `len` zeros is a
+       linear function of the register before, applied as four byte-indexed tables (Mark
+       Adler's method for combining CRCs). RF_CRC_LONG and RF_CRC_SHORT are powers of two. */
+    #define RF_CRC_LONG 8192
+    #define RF_CRC_SHORT 256
+    static uint32_t rf_crc_long[4][256];
+    static uint32_t rf_crc_short[4][256];
+
+    static uint32_t rf_gf2_times(const uint32_t *mat, uint32_t vec) {
+        uint32_t sum = 0;
+        while (vec) {
+            if (vec & 1) sum ^= *mat;
+            vec >>= 1;
+            mat++;
+        }
+        return sum;
+    }
+
+    static void rf_gf2_square(uint32_t *square, const uint32_t *mat) {
+        for (int n = 0; n < 32; n++) square[n] = rf_gf2_times(mat, mat[n]);
+    }
+
+    /* The operator that runs a register through `len` zero bytes (len a power of two). */
+    static void rf_crc_zeros_op(uint32_t *even, size_t len) {
+        uint32_t odd[32], row = 1;
+        odd[0] = 0x82F63B78u;  /* one zero bit */
+        for (int n = 1; n < 32; n++) {
+            odd[n] = row;
+            row <<= 1;
+        }
+        rf_gf2_square(even, odd);  /* two zero bits */
+        rf_gf2_square(odd, even);  /* four */
+        do {  /* each square doubles it: one zero byte first, in even */
+            rf_gf2_square(even, odd);
+            len >>= 1;
+            if (len == 0) return;
+            rf_gf2_square(odd, even);
+            len >>= 1;
+        } while (len);
+        for (int n = 0; n < 32; n++) even[n] = odd[n];
+    }
+
+    static void rf_crc_zeros(uint32_t zeros[][256], size_t len) {
+        uint32_t op[32];
+        rf_crc_zeros_op(op, len);
+        for (uint32_t n = 0; n < 256; n++) {
+            zeros[0][n] = rf_gf2_times(op, n);
+            zeros[1][n] = rf_gf2_times(op, n << 8);
+            zeros[2][n] = rf_gf2_times(op, n << 16);
+            zeros[3][n] = rf_gf2_times(op, n << 24);
+        }
+    }
+
+    static inline uint32_t rf_crc_shift(uint32_t zeros[][256], uint32_t crc) {
+        return zeros[0][crc & 0xff] ^ zeros[1][(crc >> 8) & 0xff]
+            ^ zeros[2][(crc >> 16) & 0xff] ^ zeros[3][crc >> 24];
+    }
+
     /* The CPU's own CRC32C instruction (SSE 4.2), when it has it: ~10x the tables' speed,
        which a follower checksumming every batch several times over feels (bench/: perf). */
     #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -42,18 +100,41 @@ cdef extern from *:
     #include <nmmintrin.h>
     static int rf_hw_crc = 0;
 
-    /* Continue an inverted crc over n bytes. */
+    /* Continue an inverted crc over n bytes. The instruction takes 3 cycles but can start one
+       every cycle: three independent runs over three consecutive blocks keep it busy, and
+       their registers are combined by shifting (a register after block A, run through B's
+       length of zeros, xor B's own register from 0, is the register after A then B). */
     __attribute__((target("sse4.2")))
     static uint32_t rf_crc_hw(uint32_t crc, const unsigned char *p, size_t n) {
-        uint64_t c = crc;
+        uint64_t c0 = crc;
+        while (n >= 3 * RF_CRC_LONG || n >= 3 * RF_CRC_SHORT) {
+            size_t block = n >= 3 * RF_CRC_LONG ? RF_CRC_LONG : RF_CRC_SHORT;
+            uint64_t c1 = 0, c2 = 0;
+            const unsigned char *end = p + block;
+            do {
+                uint64_t w0, w1, w2;
+                memcpy(&w0, p, 8);
+                memcpy(&w1, p + block, 8);
+                memcpy(&w2, p + 2 * block, 8);
+                c0 = _mm_crc32_u64(c0, w0);
+                c1 = _mm_crc32_u64(c1, w1);
+                c2 = _mm_crc32_u64(c2, w2);
+                p += 8;
+            } while (p < end);
+            uint32_t (*zeros)[256] = block == RF_CRC_LONG ? rf_crc_long : rf_crc_short;
+            c0 = rf_crc_shift(zeros, (uint32_t)c0) ^ (uint32_t)c1;
+            c0 = rf_crc_shift(zeros, (uint32_t)c0) ^ (uint32_t)c2;
+            p += 2 * block;
+            n -= 3 * block;
+        }
         while (n >= 8) {
             uint64_t w;
             memcpy(&w, p, 8);
-            c = _mm_crc32_u64(c, w);
+            c0 = _mm_crc32_u64(c0, w);
             p += 8;
             n -= 8;
         }
-        crc = (uint32_t)c;
+        crc = (uint32_t)c0;
         while (n--) crc = _mm_crc32_u8(crc, *p++);
         return crc;
     }
@@ -71,6 +152,8 @@ cdef extern from *:
     #ifdef RF_HAVE_HW_CRC
         __builtin_cpu_init();
         rf_hw_crc = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+        rf_crc_zeros(rf_crc_long, RF_CRC_LONG);
+        rf_crc_zeros(rf_crc_short, RF_CRC_SHORT);
     #endif
         for (uint32_t n = 0; n < 256; n++) {
             uint32_t c = n;

@@ -61,7 +61,29 @@ def test_crc32c_instruction_and_tables_agree():
     if os.environ.get("RAFTFAST_PUREPYTHON"):
         pytest.skip("the compiled module's paths: checked in the compiled run")
     rng = random.Random(3)
-    for length in (0, 1, 3, 7, 8, 9, 15, 16, 17, 100, 4099, 70_000):
+    # (the instruction runs three streams over blocks of 256 and 8,192 bytes, then combines
+    # them: lengths around three of either block)
+    for length in (
+        0,
+        1,
+        3,
+        7,
+        8,
+        9,
+        15,
+        16,
+        17,
+        100,
+        767,
+        768,
+        775,
+        4099,
+        24_575,
+        24_576,
+        24_583,
+        70_000,
+        300_001,
+    ):
         data = rng.randbytes(length)
         for start in (0, 1, 5):
             part = memoryview(data)[start:]
