@@ -373,8 +373,6 @@ class Driver(MembershipMixin, SnapshotMixin):
         fut = asyncio.get_running_loop().create_future()
         self._proposals.append((payloads, fut))
         self._wake.set()
-        if self._syncing:
-            self._schedule_pump()
         metrics = self.metrics
         metrics.proposals += len(payloads)
         try:
@@ -396,8 +394,6 @@ class Driver(MembershipMixin, SnapshotMixin):
         fut = asyncio.get_running_loop().create_future()
         self._read_requests.append(fut)
         self._wake.set()
-        if self._syncing:
-            self._schedule_pump()
         await fut
 
     async def transfer_leadership(self, target: str) -> tuple[str, int]:
@@ -607,12 +603,9 @@ class Driver(MembershipMixin, SnapshotMixin):
                             if rd.committed:
                                 self._apply_committed(rd.committed)
                             applied = True
-                            # Meanwhile new writes go out to the followers at once, and what
-                            # their acknowledgements commit is applied at once (_pump): a
-                            # write does not wait for the leader's sync to begin replicating.
+                            # Meanwhile what the followers' acknowledgements commit is
+                            # applied and answered at once, not after this sync (_pump).
                             self._syncing = True
-                            if self._proposals:
-                                self._schedule_pump()
                     finally:
                         try:
                             await syncing
@@ -648,15 +641,15 @@ class Driver(MembershipMixin, SnapshotMixin):
             asyncio.get_running_loop().call_soon(self._pump)
 
     def _pump(self) -> None:
-        """While the leader's own write syncs: hand new proposals and reads to the core, send
-        the appends and heartbeats they make (the core allows it while a Ready is out), and
-        apply what the followers' acknowledgements committed. What arrives in one turn of the
-        loop goes out together."""
+        """While the leader's own write syncs: apply what the followers' acknowledgements
+        committed (all that arrived in one turn of the loop), and send the appends they let
+        out (the core allows both while a Ready is out). New proposals wait for the next
+        Ready: handing each to the core as it came cost a frame to every follower per write,
+        and through etcd's API 1x256 went from ~2,000 to ~1,200 puts/s (no gain at 8x1)."""
         self._pump_scheduled = False
         if not self._syncing or self._stopping:
             return
         try:
-            self._feed()
             eager = self.raw.take_eager_messages()
             if eager:
                 self.transport.send(eager)
