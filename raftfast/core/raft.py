@@ -774,7 +774,7 @@ class Raft:
             pr.become_snapshot(snap_index)
             return False
         prev_term = log.term_at(prev)
-        batch = log.entries.slice(pr.next_index, log.last_index + 1, cfg.max_msg_bytes)
+        batch = log.slice(pr.next_index, log.last_index + 1, cfg.max_msg_bytes)
         count = batch_count(batch)
         self._send(
             Message(

@@ -16,7 +16,7 @@ def batch_count(batch: bytes) -> int:
 
 
 class RaftLog:
-    __slots__ = ("entries", "committed", "applied", "stable", "_truncated_floor")
+    __slots__ = ("entries", "committed", "applied", "stable", "_truncated_floor", "_last_slice")
 
     def __init__(self, entries, committed: int = 0, applied: int = 0) -> None:
         self.entries = entries
@@ -29,6 +29,7 @@ class RaftLog:
         self.applied = max(snapshot_index, min(applied, self.committed))
         self.stable = entries.last_index  # everything recovered from storage is durable
         self._truncated_floor: int | None = None
+        self._last_slice: tuple[int, int, int, bytes] | None = None  # (lo, hi, max_bytes, batch)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -56,6 +57,18 @@ class RaftLog:
             return False
         return self.entries.term_at(index) == term
 
+    def slice(self, lo: int, hi: int, max_bytes: int) -> bytes:
+        """``entries.slice(lo, hi, max_bytes)``, the last one remembered. A slice is a copy and
+        a checksum, and the same one is often asked for again: a leader's followers are mostly
+        at the same index (with 4 followers, 3 of every 4 appends were the same), and a
+        follower writes to its WAL the batch it was just sent (see merge)."""
+        last = self._last_slice
+        if last is not None and last[0] == lo and last[1] == hi and last[2] == max_bytes:
+            return last[3]
+        batch = self.entries.slice(lo, hi, max_bytes)
+        self._last_slice = (lo, hi, max_bytes, batch)
+        return batch
+
     def is_up_to_date(self, last_index: int, last_term: int) -> bool:
         """Raft §5.4.1: is a candidate's log at least as up to date as ours?"""
         our_term = self.entries.last_term
@@ -79,8 +92,11 @@ class RaftLog:
         if conflict <= self.entries.last_index:
             self.truncate_after(conflict - 1)
         self.entries.append_batch(batch, conflict)
+        if conflict == first:  # the entries are the batch's, as they are: it is their slice
+            self._last_slice = (first, first + batch_count(batch), 0, batch)
 
     def truncate_after(self, index: int) -> None:
+        self._last_slice = None  # (entries after index change)
         self.entries.truncate_after(index)
         if index < self.stable:
             self.stable = index
@@ -89,6 +105,7 @@ class RaftLog:
 
     def restore(self, index: int, term: int) -> None:
         """Install a snapshot ending at (index, term): the whole log is replaced by it."""
+        self._last_slice = None
         self.entries.reset(index + 1, term)
         self.committed = index
         self.stable = index
@@ -102,6 +119,7 @@ class RaftLog:
                 f"cannot compact to {index}: applied {self.applied}, durable {self.stable}"
             )
         if index >= self.entries.first_index:
+            self._last_slice = None
             self.entries.compact(index)
 
     def commit_to(self, index: int) -> bool:
@@ -119,7 +137,7 @@ class RaftLog:
         last = self.entries.last_index
         if last <= self.stable:
             return b"", 0, 0
-        return self.entries.slice(self.stable + 1, last + 1), last, self.entries.last_term
+        return self.slice(self.stable + 1, last + 1, 0), last, self.entries.last_term
 
     def begin_persist(self) -> None:
         """A Ready with entries was handed out; watch for truncations while it is written."""

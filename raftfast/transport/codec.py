@@ -67,11 +67,16 @@ _MESSAGE_ENTRIES = 7  # pb.RaftMessage.entries
 
 
 def encode_frame(cluster_id: str, src: str, msgs: list[Message]) -> bytes:
-    """``frame(...).SerializeToString()``, parsing to the same Frame, ~20x faster for big
-    appends: protobuf's serializer copies a 150 KB entries field at ~1.2 GB/s here (124 us,
-    per follower per Ready), so each message is serialized without its entries and the
-    entries are spliced in as their field (protobuf takes fields in any order), with one copy
-    in all."""
+    """``frame(...).SerializeToString()``, parsing to the same Frame (see frame_pieces)."""
+    return b"".join(frame_pieces(cluster_id, src, msgs))
+
+
+def frame_pieces(cluster_id: str, src: str, msgs: list[Message]) -> list[bytes]:
+    """``encode_frame`` in pieces, to be written as they are: each message is serialized
+    without its entries and the entries follow as their field (protobuf takes fields in any
+    order). protobuf's serializer copies a 150 KB entries field at ~1.2 GB/s here (124 us, per
+    follower per Ready); a stream writes the pieces with one writev, without copying the
+    entries at all."""
     pieces = [pb.Frame(cluster_id=cluster_id, src=src).SerializeToString()]
     for m in msgs:
         head = message_to_pb(m, with_entries=False).SerializeToString()
@@ -81,4 +86,4 @@ def encode_frame(cluster_id: str, src: str, msgs: list[Message]) -> bytes:
             pieces += (delimited_header(_FRAME_MESSAGES, size), head, entries, m.entries)
         else:
             pieces += (delimited_header(_FRAME_MESSAGES, len(head)), head)
-    return b"".join(pieces)
+    return pieces

@@ -33,8 +33,8 @@ from raftfast.security.tls import TLSFiles, caller_name, channel_credentials
 from raftfast.transport import PEER_STREAMS, tcp
 from raftfast.transport.codec import (
     CodecError,
-    encode_frame,
     frame,
+    frame_pieces,
     message_from_pb,
     message_to_pb,
 )
@@ -204,7 +204,7 @@ class PeerTransport:
             stream = peer.stream
             for batch in self._take_batches(peer):
                 if stream is None or not stream.write(
-                    encode_frame(self.cluster_id, self.node_id, batch)
+                    frame_pieces(self.cluster_id, self.node_id, batch)
                 ):
                     log.debug(
                         "dropped %d messages for %s (stream closed or backed up)",
@@ -341,7 +341,7 @@ class PeerTransport:
         try:
             stream = await tcp.connect(host, port, timeout=2.0, ssl=self._ssl)
             # The first frame names us: until it has, the receiver takes only small records.
-            stream.write(encode_frame(self.cluster_id, self.node_id, []))
+            stream.write(frame_pieces(self.cluster_id, self.node_id, []))
         except (TimeoutError, OSError) as exc:
             # Reachable over gRPC but not on the stream port (a firewall, a port forward of
             # the gRPC port only): replicate over gRPC rather than not at all.

@@ -342,14 +342,17 @@ class OutboundStream(asyncio.Protocol):
             pass  # not a refusal we can read: just a broken stream
         self.close()
 
-    def write(self, frame: bytes) -> bool:
-        """Send one serialized ``pb.Frame``; False if it was dropped (closed or backed up)."""
+    def write(self, pieces: list[bytes]) -> bool:
+        """Send one serialized ``pb.Frame``, given in pieces (``codec.frame_pieces``: written
+        with one writev where the loop is uvloop, joined by asyncio's own); False if it was
+        dropped (closed or backed up)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
         if transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             return False
-        transport.write(record(frame))
+        size = sum(map(len, pieces))
+        transport.writelines([size.to_bytes(4, "big"), *pieces])
         return True
 
     def close(self) -> None:

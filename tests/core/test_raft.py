@@ -9,8 +9,9 @@ import pytest
 from raftfast._accel import EntryLog, decode_batch, encode_batch
 from raftfast.core.progress import ProgressState
 from raftfast.core.raft import Config
+from raftfast.core.raft_log import RaftLog
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import ENTRY_NOOP, HardState, Message, MsgType, Role
+from raftfast.core.types import ENTRY_NOOP, ENTRY_NORMAL, HardState, Message, MsgType, Role
 from raftfast.errors import NotLeaderError
 
 from .netutil import Net
@@ -264,6 +265,22 @@ def test_a_leader_applies_what_its_followers_commit_while_its_own_write_syncs():
     rd = a.ready()
     assert rd.committed == b""  # and the next Ready does not apply them again
     a.advance(rd)
+
+
+def test_a_remembered_append_slice_never_outlives_the_entries_it_copied():
+    log = RaftLog(EntryLog())
+    log.append(1, [b"a", b"b", b"c"], ENTRY_NORMAL)
+    first = log.slice(2, 4, 0)
+    assert log.slice(2, 4, 0) is first  # the next follower at 2 gets the same bytes
+    log.truncate_after(1)  # a new leader overwrote 2..3
+    log.append(2, [b"x", b"y"], ENTRY_NORMAL)
+    assert log.slice(2, 4, 0) == log.entries.slice(2, 4) != first
+    log.stable = log.applied = log.committed = 3
+    log.compact(2)
+    assert log.slice(3, 4, 0) == log.entries.slice(3, 4)
+    log.restore(10, 3)
+    log.append(3, [b"z"], ENTRY_NORMAL)
+    assert decode_batch(log.slice(11, 12, 0))[3] == [b"z"]
 
 
 def test_leader_commits_old_term_entries_only_through_an_entry_of_its_term():
