@@ -9,6 +9,7 @@ sorted index past its waiting list.
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -137,6 +138,23 @@ def test_many_keys_big_values_and_compaction(impl):
         assert store.scan_page(b"key0012", 0) == model_scan(model, b"key0012", 0, b"", 0)
     check(store, model)
     check(store.copy(), model)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_big_packed_batches_that_grow_and_move_the_store_midway(impl):
+    """put_packed looks ahead (the compiled one prefetches slots and records): batches of
+    thousands of pairs, a key twice in one batch, the table growing and the arena moving or
+    compacting while one batch is applied."""
+    store, model, rng = impl.KeyStore(), {}, random.Random(5)
+    for round_ in range(6):
+        pairs = [
+            (b"key%05d" % rng.randrange(4000), b"v" * rng.choice((0, 8, 64, 300)))
+            for _ in range(3000)
+        ]
+        pairs.append(pairs[0][:1] + (b"last of round %d" % round_,))  # twice: the last wins
+        store.put_packed(pack_pairs(pairs))
+        model.update(pairs)
+        check(store, model)
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
