@@ -98,7 +98,9 @@ class _Records:
                 if len(buf) < end:
                     break
                 start = end
-                yield bytes(buf[end - size : end])
+                with memoryview(buf) as view:  # (one copy: a bytearray slice is one more)
+                    payload = bytes(view[end - size : end])
+                yield payload
         finally:
             if start:
                 del buf[:start]
