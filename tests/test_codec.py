@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raftfast.core.types import Message, MsgType
@@ -39,3 +39,31 @@ def test_delimited_header_is_protobufs(n):
     # (n >= 1: proto3 leaves an empty bytes field out, and so does encode_frame)
     data = b"x" * n
     assert delimited_header(7, n) + data == pb.RaftMessage(entries=data).SerializeToString()
+
+
+@given(
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.lists(
+        st.tuples(st.sampled_from([0, 1, 4]), st.binary(max_size=8), st.integers(0, 70_000)),
+        max_size=5,
+    ),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_session_frame_with_spliced_values_parses_to_the_same_frame(frame_id, client_id, ops):
+    from raftfast.client.session import _SPLICE_BYTES, serialize_frame
+
+    whole = pb.SessionFrame(frame_id=frame_id, client_id=client_id)
+    lean = pb.SessionFrame(frame_id=frame_id, client_id=client_id)
+    big = {}
+    for i, (kind, key, size) in enumerate(ops):
+        value = bytes([i]) * size
+        whole.ops.add(kind=kind, key=key, value=value, sequence=i + 1)
+        lean.ops.add(
+            kind=kind, key=key, value=b"" if size >= _SPLICE_BYTES else value, sequence=i + 1
+        )
+        if size >= _SPLICE_BYTES:
+            big[i] = value
+    encoded = serialize_frame((lean, big))
+    assert pb.SessionFrame.FromString(encoded) == whole
+    assert len(encoded) == whole.ByteSize()

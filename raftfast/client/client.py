@@ -74,7 +74,7 @@ from raftfast.client.calls import (
     parse_endpoints,
     read_mode_of,
 )
-from raftfast.client.session import Op, SessionMixin, Stream
+from raftfast.client.session import Op, SessionMixin, SessionStub, Stream
 from raftfast.errors import (
     ClusterUnavailableError,
     CommandError,
@@ -107,6 +107,8 @@ __all__ = [
 _PUT_MANY_BYTES = 256 * 1024
 _PUT_MANY_PAIRS = 4096
 _SCAN_PAGE = 10_000  # items asked for per Scan page (the server's maximum)
+
+_STUBS = {**STUBS, "session": SessionStub}  # (Session with spliced frames)
 
 
 class Client(SessionMixin):
@@ -523,7 +525,7 @@ class Client(SessionMixin):
                         address, self._credentials, options=CHANNEL_OPTIONS
                     )
                 self._channels[address] = channel
-            stub = self._stubs[address, service] = STUBS[service](channel)
+            stub = self._stubs[address, service] = _STUBS[service](channel)
         return stub
 
     def _backoff(self, attempt: int) -> float:

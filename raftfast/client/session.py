@@ -38,6 +38,7 @@ from raftfast.errors import (
     RequestFailedError,
 )
 from raftfast.proto import raftfast_pb2 as pb
+from raftfast.transport.codec import delimited_header
 
 
 class Op:
@@ -97,6 +98,46 @@ class Stream:
         if self.reason is None:
             self.reason = (kind, detail, hint)
             self.restart.set()
+
+
+_SPLICE_BYTES = 64 * 1024  # an op value this big is spliced in (serialize_frame)
+_FRAME_OPS = 3  # pb.SessionFrame.ops
+_OP_VALUE = 3  # pb.Op.value
+
+
+def serialize_frame(item: tuple[pb.SessionFrame, dict[int, bytes]]) -> bytes:
+    """A ``SessionFrame`` whose big op values were left out, with them (op index -> value)
+    spliced in as their field (protobuf takes fields in any order). protobuf's serializer
+    copies a bytes field at ~1.2 GB/s here: put_many's packed pairs cost the load generator a
+    fifth of its CPU (py-spy) before."""
+    frame, big = item
+    if not big:
+        return frame.SerializeToString()
+    pieces = [
+        pb.SessionFrame(frame_id=frame.frame_id, client_id=frame.client_id).SerializeToString()
+    ]
+    for i, op in enumerate(frame.ops):
+        head = op.SerializeToString()
+        value = big.get(i)
+        if value is None:
+            pieces += (delimited_header(_FRAME_OPS, len(head)), head)
+        else:
+            field = delimited_header(_OP_VALUE, len(value))
+            size = len(head) + len(field) + len(value)
+            pieces += (delimited_header(_FRAME_OPS, size), head, field, value)
+    return b"".join(pieces)
+
+
+class SessionStub:
+    """KV's Session method with ``serialize_frame`` (the generated stub's serializer takes
+    a whole SessionFrame)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.Session = channel.stream_stream(
+            "/raftfast.v1.KV/Session",
+            request_serializer=serialize_frame,
+            response_deserializer=pb.SessionResult.FromString,
+        )
 
 
 class SessionMixin:
@@ -174,7 +215,7 @@ class SessionMixin:
                 wake.clear()
                 await wake.wait()
             target = self._leader or self._endpoints[self._rr % len(self._endpoints)]
-            call = self._stub(target).Session(metadata=self._metadata)
+            call = self._stub(target, "session").Session(metadata=self._metadata)
             stream = Stream(target, call)
             self._stream = stream
             writer = asyncio.create_task(self._write_loop(stream))
@@ -253,6 +294,7 @@ class SessionMixin:
             frame_id = self._frame_id
             frame = pb.SessionFrame(frame_id=frame_id, client_id=self._client_id)
             add = frame.ops.add
+            big: dict[int, bytes] = {}  # spliced in by serialize_frame
             batch: list[Op] = []
             nbytes = 0
             blocked = False
@@ -272,10 +314,14 @@ class SessionMixin:
                     op.sequence = self._seq
                     self._outstanding.append(op)
                 pending.popleft()
+                value = op.value
+                if len(value) >= _SPLICE_BYTES:
+                    big[len(batch)] = value
+                    value = b""
                 add(
                     kind=op.kind,
                     key=op.key,
-                    value=op.value,
+                    value=value,
                     expected=op.expected,
                     expect_absent=op.expect_absent,
                     sequence=op.sequence,
@@ -290,7 +336,7 @@ class SessionMixin:
                     op.sent_at = now
                 stream.inflight[frame_id] = batch
                 try:
-                    await call.write(frame)
+                    await call.write((frame, big))
                 except grpc.aio.AioRpcError as exc:
                     return self._stream_failure(exc.code(), exc.details(), exc.trailing_metadata())
                 except asyncio.InvalidStateError:
