@@ -107,7 +107,7 @@ cdef extern from *:
     __attribute__((target("sse4.2")))
     static uint32_t rf_crc_hw(uint32_t crc, const unsigned char *p, size_t n) {
         uint64_t c0 = crc;
-        while (n >= 3 * RF_CRC_LONG || n >= 3 * RF_CRC_SHORT) {
+        while (n >= 3 * RF_CRC_SHORT) {
             size_t block = n >= 3 * RF_CRC_LONG ? RF_CRC_LONG : RF_CRC_SHORT;
             uint64_t c1 = 0, c2 = 0;
             const unsigned char *end = p + block;
