@@ -3,7 +3,7 @@
 Why this shape:
 
 - ``append`` only buffers, so the driver can hand over every Ready cheaply; ``sync`` then writes
-  the whole buffer with one ``os.write`` and one ``os.fdatasync`` (group commit), which is what
+  the whole buffer with one ``os.writev`` and one ``os.fdatasync`` (group commit), which is what
   bounds Raft's latency and throughput.
 - Records carry their own CRC32C, so recovery can tell a torn tail (the last write of a crash,
   never acknowledged: cut it off) from corruption anywhere else (refuse to start: silently
@@ -59,6 +59,7 @@ _TYPE_CRC = {
     for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED, REC_SNAPSHOT, REC_FORMAT)
 }
 _TYPE_BYTE = re.compile(rb"[\x01-\x05]")  # candidate type bytes when looking past a bad record
+_IOV_MAX = 1024  # buffers per writev (Linux's limit)
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.wal$")
 
 
@@ -442,13 +443,12 @@ class WAL:
         try:
             if self._size >= self._segment_bytes:
                 pieces = self._rotate() + pieces
-            data = b"".join(pieces)
-            self._write(data)
+            written = self._write(pieces)
             if self._fsync:
                 _datasync(self._fd)
         except OSError as exc:
             self._fail(exc)
-        self._size += len(data)
+        self._size += written
         seg = self._segments[-1]
         seg.max_index = max(seg.max_index, max_index)
         if hard_state is not None:
@@ -560,13 +560,23 @@ class WAL:
         self._failed = exc
         raise StorageError(f"WAL {self._dir}: {exc}; the log is unusable until reopened") from exc
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
+    def _write(self, pieces: list[bytes]) -> int:
+        """Write ``pieces`` in order with writev, not joined first (a Ready's records are
+        megabytes under a batched load: joining them was one more copy of every byte); returns
+        the bytes written. A short write goes on from where it stopped."""
+        views = [memoryview(p) for p in pieces if p]
+        total = sum(map(len, views))
+        first = 0
+        while first < len(views):
+            n = os.writev(self._fd, views[first : first + _IOV_MAX])
             if n <= 0:
                 raise OSError(f"write returned {n}")
-            view = view[n:]
+            while first < len(views) and n >= len(views[first]):
+                n -= len(views[first])
+                first += 1
+            if n:
+                views[first] = views[first][n:]
+        return total
 
     def _create_segment(self, seq: int) -> None:
         path = os.path.join(self._dir, _segment_name(seq))

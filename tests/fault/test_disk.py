@@ -451,19 +451,19 @@ def test_failing_fdatasync_stops_the_node_and_acknowledges_nothing(tmp_path, mon
 
 
 def test_disk_full_stops_the_node_and_acknowledges_nothing(tmp_path, monkeypatch):
-    real_write = os.write
+    real_writev = os.writev
     failed: list[int] = []
 
     def inject(node: Node) -> None:
         wal_fd = node.wal._fd
 
-        def enospc(fd: int, data) -> int:
+        def enospc(fd: int, buffers) -> int:
             if fd == wal_fd:
                 failed.append(fd)
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
-            return real_write(fd, data)
+            return real_writev(fd, buffers)
 
-        monkeypatch.setattr(os, "write", enospc)
+        monkeypatch.setattr(os, "writev", enospc)
 
     node, outcomes = asyncio.run(_storage_failure_scenario(tmp_path, inject))
     _check_nothing_acknowledged(node, outcomes)

@@ -141,8 +141,8 @@ def test_appends_after_install_are_validated(tmp_path):
 
 def test_record_layout_and_one_write_one_fdatasync(tmp_path, monkeypatch):
     w = filled(str(tmp_path), n=3)
-    write, datasync = Counter(os.write), Counter(os.fdatasync)
-    monkeypatch.setattr(os, "write", write)
+    write, datasync = Counter(os.writev), Counter(os.fdatasync)
+    monkeypatch.setattr(os, "writev", write)
     monkeypatch.setattr(os, "fdatasync", datasync)
     try:
         w.append(HardState(5, "", 0), batch(4, 5, 1))  # pending: goes out in the same write
