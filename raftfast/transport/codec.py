@@ -62,6 +62,18 @@ def delimited_header(number: int, length: int) -> bytes:
     return bytes(out)
 
 
+def nested_pieces(field: int, head: bytes, inner: int, value: bytes) -> tuple[bytes, ...]:
+    """A message as field ``field`` of its parent, in pieces: ``head`` (the message serialized
+    without field ``inner``), then ``value`` spliced in as that bytes field (protobuf takes
+    fields in any order; an empty value is left out, as proto3 does). Its serializer copies a
+    bytes field at ~1.2 GB/s here: a join of the pieces copies it once, a writev not at all."""
+    if not value:
+        return delimited_header(field, len(head)), head
+    value_header = delimited_header(inner, len(value))
+    size = len(head) + len(value_header) + len(value)
+    return delimited_header(field, size), head, value_header, value
+
+
 _FRAME_MESSAGES = 3  # pb.Frame.messages
 _MESSAGE_ENTRIES = 7  # pb.RaftMessage.entries
 
@@ -72,18 +84,11 @@ def encode_frame(cluster_id: str, src: str, msgs: list[Message]) -> bytes:
 
 
 def frame_pieces(cluster_id: str, src: str, msgs: list[Message]) -> list[bytes]:
-    """``encode_frame`` in pieces, to be written as they are: each message is serialized
-    without its entries and the entries follow as their field (protobuf takes fields in any
-    order). protobuf's serializer copies a 150 KB entries field at ~1.2 GB/s here (124 us, per
-    follower per Ready); a stream writes the pieces with one writev, without copying the
-    entries at all."""
+    """``encode_frame`` in pieces, to be written as they are (a stream writes them with one
+    writev): each message's entries are spliced in (``nested_pieces``), not copied by
+    protobuf's serializer (124 us for 150 KB, per follower per Ready)."""
     pieces = [pb.Frame(cluster_id=cluster_id, src=src).SerializeToString()]
     for m in msgs:
         head = message_to_pb(m, with_entries=False).SerializeToString()
-        if m.entries:
-            entries = delimited_header(_MESSAGE_ENTRIES, len(m.entries))
-            size = len(head) + len(entries) + len(m.entries)
-            pieces += (delimited_header(_FRAME_MESSAGES, size), head, entries, m.entries)
-        else:
-            pieces += (delimited_header(_FRAME_MESSAGES, len(head)), head)
+        pieces += nested_pieces(_FRAME_MESSAGES, head, _MESSAGE_ENTRIES, m.entries)
     return pieces
