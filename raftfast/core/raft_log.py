@@ -151,9 +151,11 @@ class RaftLog:
         if durable > self.stable:
             self.stable = durable
 
-    def committed_batch(self, max_bytes: int) -> tuple[bytes, int]:
-        """Committed entries not yet applied: (packed batch, last index in it)."""
-        if self.committed <= self.applied:
+    def committed_batch(self, max_bytes: int, after: int | None = None) -> tuple[bytes, int]:
+        """Committed entries after ``after`` (default: those not yet applied): (packed batch,
+        last index in it), or (b"", 0)."""
+        start = self.applied if after is None else after
+        if self.committed <= start:
             return b"", 0
-        batch = self.entries.slice(self.applied + 1, self.committed + 1, max_bytes)
-        return batch, self.applied + batch_count(batch)
+        batch = self.entries.slice(start + 1, self.committed + 1, max_bytes)
+        return batch, start + batch_count(batch)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config, Raft
-from raftfast.core.raft_log import batch_count
 from raftfast.core.types import HardState, Message, MsgType, Ready, Role
 
 
@@ -189,11 +188,9 @@ class RawNode:
             if rd.snapshot is not None:
                 return b"", 0  # the state machine is being replaced: apply after it
             start = max(start, rd.committed_last)
-        if log.committed <= start:
-            return b"", 0
-        batch = log.entries.slice(start + 1, log.committed + 1, self.raft.config.max_apply_bytes)
-        last = start + batch_count(batch)
-        log.applied = last
+        batch, last = log.committed_batch(self.raft.config.max_apply_bytes, after=start)
+        if batch:
+            log.applied = last
         return batch, last
 
     # -- inspection ----------------------------------------------------------------------------
