@@ -157,6 +157,66 @@ def test_big_packed_batches_that_grow_and_move_the_store_midway(impl):
         check(store, model)
 
 
+# Keys that make an ordering by 8-byte chunks work: shared prefixes ending on either side of
+# a chunk's edge, zero bytes (a key ending ties with one going on in zeros), long shared
+# prefixes (skipped at once), runs past 32 keys alike so far.
+PREFIXES = [b"", b"k", b"key-0000", b"key-00000", b"\0" * 7, b"\0" * 8, b"\0" * 17]
+PREFIXES += [b"/registry/pods/default/" + b"x" * n for n in (0, 9, 200, 530)]
+sort_keys = st.lists(
+    st.tuples(
+        st.sampled_from(PREFIXES),
+        st.binary(max_size=10) | st.integers(0, 10**6).map(lambda n: b"%d" % n),
+        st.integers(0, 9).map(lambda n: b"\0" * n),
+    ).map(b"".join),
+    min_size=1,
+    max_size=400,
+)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+@ops_settings
+@given(keys_=sort_keys, seed=st.integers(0, 2**32))
+def test_ordered_reads_of_keys_alike_for_many_bytes(impl, keys_, seed):
+    """The first ordered read sorts every key (the compiled store by chunks of 8 bytes, runs
+    of keys alike on into the next chunk): the same order as sorted(), snapshots included."""
+    keys_ = [k for k in keys_ if k]
+    store, rng = impl.KeyStore(), random.Random(seed)
+    for key in keys_ + rng.sample(keys_, len(keys_) // 2):  # (rewritten: records move about)
+        store.put(key, key[:3])
+    model = {k: k[:3] for k in keys_}
+    check(store.copy(), model)
+    check(reload(impl, store), model)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("seed", range(4))
+def test_ordered_reads_of_many_keys_from_a_small_alphabet(impl, seed):
+    """Thousands of keys of 0-60 bytes, mostly "a"s, after a shared prefix: runs of keys
+    alike for 8, 16, 24... bytes, keys ending inside a chunk, everywhere."""
+    rng = random.Random(seed)
+    prefix = rng.choice(PREFIXES)
+    keys_ = {
+        prefix + bytes(rng.choices(b"\0\1a", weights=(1, 1, 12), k=rng.randrange(61)))
+        for _ in range(3000)
+    }
+    keys_.discard(b"")
+    store = impl.KeyStore()
+    for key in keys_:
+        store.put(key, b"v")
+    check(store.copy(), dict.fromkeys(keys_, b"v"))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
+def test_ordered_reads_of_keys_that_are_all_zeros(impl):
+    """Each key a prefix of the next: no 8 bytes tell them apart, ever (the compiled sort
+    goes 64 chunks deep, then merge-sorts what is left)."""
+    keys_ = [b"\0" * n for n in range(1, 700)] + [b"\0" * n + b"\1" for n in range(0, 700, 7)]
+    store = impl.KeyStore()
+    for key in reversed(keys_):
+        store.put(key, b"")
+    check(store.copy(), dict.fromkeys(keys_, b""))
+
+
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__)
 def test_bad_arguments_and_bad_snapshots_are_refused(impl):
     store = impl.KeyStore()
