@@ -19,3 +19,5 @@ cdef class EntryLog:
     cdef void _shrink(self) noexcept
     cdef uint64_t _last_term(self) noexcept
     cdef Py_ssize_t _held(self, object index) except -1
+    cdef int _span(self, object lo, object hi, object max_bytes, Py_ssize_t *a,
+                   Py_ssize_t *b) except -1

@@ -203,18 +203,14 @@ cdef class EntryLog:
                                             self._offs[pos + 1] - off)
         return self._terms[pos], self._types[pos], payload
 
-    def slice(self, lo, hi, max_bytes=0):
-        """Packed batch of entries [lo, hi), cut short once payloads would exceed ``max_bytes``.
-
-        At least one entry is returned when lo < hi, so an oversized entry still makes progress;
-        ``max_bytes == 0`` means no limit.
-        """
+    cdef int _span(self, object lo, object hi, object max_bytes, Py_ssize_t *a,
+                   Py_ssize_t *b) except -1:
+        """Positions [a, b) of entries [lo, hi), cut short once payloads would exceed
+        ``max_bytes`` (at least one entry when lo < hi; 0: no limit)."""
         cdef int64_t limit = clamp_index(max_bytes)
         cdef int64_t l, h
-        cdef Py_ssize_t a, b, m, k, i, count, table_end
-        cdef uint64_t base, body
-        cdef unsigned char *out
-        cdef unsigned char *rec
+        cdef Py_ssize_t m, k, i
+        cdef uint64_t base
         if limit < 0:
             raise ValueError("max_bytes must be >= 0")
         l = clamp_index(lo)
@@ -226,23 +222,37 @@ cdef class EntryLog:
                 f"slice end {hi} is after last index {self._first + self._n - 1} + 1")
         if l > h:
             raise UnavailableError(f"slice start {lo} is after its end {hi}")
-        a = <Py_ssize_t>(l - self._first)
-        b = <Py_ssize_t>(h - self._first)
-        base = self._offs[a]
-        if limit and b > a and self._offs[b] - base > <uint64_t>limit:
+        a[0] = <Py_ssize_t>(l - self._first)
+        b[0] = <Py_ssize_t>(h - self._first)
+        base = self._offs[a[0]]
+        if limit and b[0] > a[0] and self._offs[b[0]] - base > <uint64_t>limit:
             # Largest b' in [a+1, b] with offs[b'] - base <= limit, but at least one entry.
-            m = a + 1
-            k = b
+            m = a[0] + 1
+            k = b[0]
             while m < k:
                 i = (m + k + 1) // 2
                 if self._offs[i] - base <= <uint64_t>limit:
                     m = i
                 else:
                     k = i - 1
-            b = m
+            b[0] = m
+        if b[0] - a[0] > 0xFFFFFFFF:
+            raise ValueError(f"too many entries for one batch: {b[0] - a[0]}")
+        return 0
+
+    def slice(self, lo, hi, max_bytes=0):
+        """Packed batch of entries [lo, hi), cut short once payloads would exceed ``max_bytes``.
+
+        At least one entry is returned when lo < hi, so an oversized entry still makes progress;
+        ``max_bytes == 0`` means no limit.
+        """
+        cdef Py_ssize_t a, b, i, count, table_end
+        cdef uint64_t base, body
+        cdef unsigned char *out
+        cdef unsigned char *rec
+        self._span(lo, hi, max_bytes, &a, &b)
         count = b - a
-        if count > 0xFFFFFFFF:
-            raise ValueError(f"too many entries for one batch: {count}")
+        base = self._offs[a]
         body = self._offs[b] - base
         table_end = C_HEADER_SIZE + C_META_SIZE * count
         result = PyBytes_FromStringAndSize(NULL, table_end + <Py_ssize_t>body)
@@ -254,8 +264,22 @@ cdef class EntryLog:
             rf_store_u32(rec + 9, <uint32_t>(self._offs[i + 1] - self._offs[i]))
             rec += C_META_SIZE
         memcpy(out + table_end, self._buf + base, body)
-        finish_batch(out, table_end + <Py_ssize_t>body, <uint32_t>count, <uint64_t>l)
+        finish_batch(out, table_end + <Py_ssize_t>body, <uint32_t>count, <uint64_t>(self._first + a))
         return result
+
+    def unpack(self, lo, hi, max_bytes=0):
+        """``decode_batch(self.slice(lo, hi, max_bytes))`` — (lo, terms, types, payloads) —
+        without the packed batch: its copy and checksum are for the disk and the wire, not
+        for entries applied here."""
+        cdef Py_ssize_t a, b, i
+        cdef list terms = [], types = [], payloads = []
+        self._span(lo, hi, max_bytes, &a, &b)
+        for i in range(a, b):
+            terms.append(self._terms[i])
+            types.append(self._types[i])
+            payloads.append(PyBytes_FromStringAndSize(
+                <const char *>self._buf + self._offs[i], self._offs[i + 1] - self._offs[i]))
+        return self._first + a, terms, types, payloads
 
     def find_conflict(self, batch):
         """First index of ``batch`` whose entry is not in this log with the same term.

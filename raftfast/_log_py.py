@@ -108,12 +108,9 @@ class EntryLog:
         payload = bytes(self._buf[self._offs[pos] - base : self._offs[pos + 1] - base])
         return self._terms[pos], self._types[pos], payload
 
-    def slice(self, lo: int, hi: int, max_bytes: int = 0) -> bytes:
-        """Packed batch of entries [lo, hi), cut short once payloads would exceed ``max_bytes``.
-
-        At least one entry is returned when lo < hi, so an oversized entry still makes progress;
-        ``max_bytes == 0`` means no limit.
-        """
+    def _span(self, lo: int, hi: int, max_bytes: int) -> tuple[int, int]:
+        """Positions [a, b) of entries [lo, hi), cut short once payloads would exceed
+        ``max_bytes`` (at least one entry when lo < hi; 0: no limit)."""
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         first = self._first
@@ -129,9 +126,29 @@ class EntryLog:
         if max_bytes and b > a and offs[b] - offs[a] > max_bytes:
             # Largest b' with offs[b'] - offs[a] <= max_bytes, but never fewer than one entry.
             b = max(bisect_right(offs, offs[a] + max_bytes, a + 1, b + 1) - 1, a + 1)
+        return a, b
+
+    def slice(self, lo: int, hi: int, max_bytes: int = 0) -> bytes:
+        """Packed batch of entries [lo, hi), cut short once payloads would exceed ``max_bytes``.
+
+        At least one entry is returned when lo < hi, so an oversized entry still makes progress;
+        ``max_bytes == 0`` means no limit.
+        """
+        a, b = self._span(lo, hi, max_bytes)
+        offs = self._offs
         base = offs[0]
         body = bytes(self._buf[offs[a] - base : offs[b] - base])
         return _pack(lo, self._terms[a:b], self._types[a:b], self._lens[a:b], body)
+
+    def unpack(self, lo: int, hi: int, max_bytes: int = 0) -> tuple[int, list, list, list]:
+        """``decode_batch(self.slice(lo, hi, max_bytes))`` — (lo, terms, types, payloads) —
+        without the packed batch: its copy and checksum are for the disk and the wire, not
+        for entries applied here."""
+        a, b = self._span(lo, hi, max_bytes)
+        offs, buf = self._offs, self._buf
+        base = offs[0]
+        payloads = [bytes(buf[offs[i] - base : offs[i + 1] - base]) for i in range(a, b)]
+        return lo, list(self._terms[a:b]), list(self._types[a:b]), payloads
 
     def find_conflict(self, batch: bytes | bytearray | memoryview) -> int:
         """First index of ``batch`` whose entry is not in this log with the same term.

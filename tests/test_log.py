@@ -113,38 +113,47 @@ def test_append_errors_leave_log_unchanged(EntryLog):  # noqa: N803
 # -- slice ------------------------------------------------------------------------------------
 
 
+def _decoded(impls, log, lo, hi, max_bytes=0):
+    """The decoded slice, which ``unpack`` gives without the packed batch."""
+    decoded = impls.batch.decode_batch(log.slice(lo, hi, max_bytes))
+    assert log.unpack(lo, hi, max_bytes) == decoded
+    return decoded
+
+
 def test_slice_round_trip(impls, EntryLog):  # noqa: N803
     log = _log(EntryLog)
-    first, terms, types, payloads = impls.batch.decode_batch(log.slice(2, 5))
+    first, terms, types, payloads = _decoded(impls, log, 2, 5)
     assert (first, terms, types, payloads) == (2, [1, 2, 3], [1, 2, 0], [b"e2", b"e3", b"e4"])
     assert impls.batch.batch_info(log.slice(1, 6)) == (1, 5)
 
 
 def test_slice_empty_ranges(impls, EntryLog):  # noqa: N803
     log = _log(EntryLog)
-    assert impls.batch.decode_batch(log.slice(1, 1)) == (1, [], [], [])
-    assert impls.batch.decode_batch(log.slice(6, 6)) == (6, [], [], [])
-    assert impls.batch.decode_batch(log.slice(3, 3)) == (3, [], [], [])
-    assert impls.batch.decode_batch(EntryLog(4, 2).slice(4, 4)) == (4, [], [], [])
+    assert _decoded(impls, log, 1, 1) == (1, [], [], [])
+    assert _decoded(impls, log, 6, 6) == (6, [], [], [])
+    assert _decoded(impls, log, 3, 3) == (3, [], [], [])
+    assert _decoded(impls, EntryLog(4, 2), 4, 4) == (4, [], [], [])
 
 
-def test_slice_bounds(EntryLog):  # noqa: N803
+@pytest.mark.parametrize("method", ["slice", "unpack"])
+def test_slice_bounds(EntryLog, method):  # noqa: N803
     log = _log(EntryLog)
     log.compact(2)
+    read = getattr(log, method)
     with pytest.raises(CompactedError):
-        log.slice(2, 4)
+        read(2, 4)
     with pytest.raises(CompactedError):
-        log.slice(-HUGE, 4)
+        read(-HUGE, 4)
     with pytest.raises(CompactedError):
-        log.slice(2, HUGE)  # the start is checked first
+        read(2, HUGE)  # the start is checked first
     with pytest.raises(UnavailableError):
-        log.slice(3, 7)
+        read(3, 7)
     with pytest.raises(UnavailableError):
-        log.slice(3, HUGE)
+        read(3, HUGE)
     with pytest.raises(UnavailableError):
-        log.slice(5, 4)
+        read(5, 4)
     with pytest.raises(ValueError):
-        log.slice(3, 4, -1)
+        read(3, 4, -1)
 
 
 def test_slice_max_bytes(impls, EntryLog):  # noqa: N803
@@ -152,7 +161,7 @@ def test_slice_max_bytes(impls, EntryLog):  # noqa: N803
     log.append(1, [b"a" * 10, b"b" * 10, b"c" * 30, b"d" * 5])
 
     def indexes(lo, hi, max_bytes):
-        first, terms, _, payloads = impls.batch.decode_batch(log.slice(lo, hi, max_bytes))
+        first, terms, _, payloads = _decoded(impls, log, lo, hi, max_bytes)
         return list(range(first, first + len(terms))), [len(p) for p in payloads]
 
     assert indexes(1, 5, 0) == ([1, 2, 3, 4], [10, 10, 30, 5])  # 0 = unlimited

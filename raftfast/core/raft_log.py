@@ -7,12 +7,19 @@ everything before ``first_index`` was compacted into a snapshot whose last entry
 
 from __future__ import annotations
 
+from raftfast._accel import batch_impl
+from raftfast.core.types import Committed
 from raftfast.errors import CompactedError, UnavailableError
 
 
 def batch_count(batch: bytes) -> int:
     """Number of entries in a packed batch (header field; the batch was validated before)."""
     return int.from_bytes(batch[4:8], "little") if batch else 0
+
+
+def _body_bytes(batch: bytes, count: int) -> int:
+    """The payloads' bytes in a packed batch of ``count`` entries (header and table aside)."""
+    return len(batch) - batch_impl.HEADER_SIZE - batch_impl.META_SIZE * count
 
 
 class RaftLog:
@@ -29,7 +36,8 @@ class RaftLog:
         self.applied = max(snapshot_index, min(applied, self.committed))
         self.stable = entries.last_index  # everything recovered from storage is durable
         self._truncated_floor: int | None = None
-        self._last_slice: tuple[int, int, int, bytes] | None = None  # (lo, hi, max_bytes, batch)
+        # (lo, hi, max_bytes, batch): the last slice asked for, and what it gave
+        self._last_slice: tuple[int, int, int, bytes] | None = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -60,11 +68,18 @@ class RaftLog:
     def slice(self, lo: int, hi: int, max_bytes: int) -> bytes:
         """``entries.slice(lo, hi, max_bytes)``, the last one remembered. A slice is a copy and
         a checksum, and the same one is often asked for again: a leader's followers are mostly
-        at the same index (with 4 followers, 3 of every 4 appends were the same), and a
-        follower writes to its WAL the batch it was just sent (see merge)."""
+        at the same index (with 4 followers, 3 of every 4 appends were the same), a leader
+        writes to its WAL the entries it has just sent (the limit aside: the same batch when
+        it was not cut), and a follower writes to its WAL the batch it was just sent (see
+        merge)."""
         last = self._last_slice
-        if last is not None and last[0] == lo and last[1] == hi and last[2] == max_bytes:
-            return last[3]
+        if last is not None and last[0] == lo:
+            batch = last[3]
+            if last[1] == hi and last[2] == max_bytes:
+                return batch
+            count = batch_count(batch)
+            if lo + count == hi and (not max_bytes or _body_bytes(batch, count) <= max_bytes):
+                return batch  # (all of [lo, hi), within the limit: the very slice asked for)
         batch = self.entries.slice(lo, hi, max_bytes)
         self._last_slice = (lo, hi, max_bytes, batch)
         return batch
@@ -151,11 +166,10 @@ class RaftLog:
         if durable > self.stable:
             self.stable = durable
 
-    def committed_batch(self, max_bytes: int, after: int | None = None) -> tuple[bytes, int]:
-        """Committed entries after ``after`` (default: those not yet applied): (packed batch,
-        last index in it), or (b"", 0)."""
+    def committed_entries(self, max_bytes: int, after: int | None = None) -> Committed | None:
+        """Committed entries after ``after`` (default: those not yet applied), up to about
+        ``max_bytes`` of payloads, or None."""
         start = self.applied if after is None else after
         if self.committed <= start:
-            return b"", 0
-        batch = self.entries.slice(start + 1, self.committed + 1, max_bytes)
-        return batch, start + batch_count(batch)
+            return None
+        return Committed(*self.entries.unpack(start + 1, self.committed + 1, max_bytes))

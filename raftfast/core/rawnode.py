@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config, Raft
-from raftfast.core.types import HardState, Message, MsgType, Ready, Role
+from raftfast.core.types import Committed, HardState, Message, MsgType, Ready, Role
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ class RawNode:
         rd.entries, rd.last_index, rd.last_term = r.log.unstable_batch()
         if rd.entries:
             r.log.begin_persist()
-        rd.committed, rd.committed_last = r.log.committed_batch(r.config.max_apply_bytes)
+        rd.committed = r.log.committed_entries(r.config.max_apply_bytes)
+        rd.committed_last = rd.committed.last if rd.committed is not None else 0
         rd.messages = _drop_stale_acks(r.msgs, r.term)
         rd.eager_messages = r.eager_msgs
         r.msgs, r.eager_msgs = [], []
@@ -176,22 +177,22 @@ class RawNode:
             log.applied = rd.committed_last
         self.raft.on_persisted()
 
-    def take_committed(self) -> tuple[bytes, int]:
+    def take_committed(self) -> Committed | None:
         """Committed entries past those of the outstanding Ready, to apply now instead of in
-        the next Ready: (packed batch, its last index), or (b"", 0). They count as applied
-        from here on. A leader calls this while its own write syncs (whatever is committed is
-        durable on a quorum already), once it has applied the outstanding Ready's entries."""
+        the next Ready, or None. They count as applied from here on. A leader calls this
+        while its own write syncs (whatever is committed is durable on a quorum already),
+        once it has applied the outstanding Ready's entries."""
         log = self.raft.log
         start = log.applied
         rd = self._outstanding
         if rd is not None:
             if rd.snapshot is not None:
-                return b"", 0  # the state machine is being replaced: apply after it
+                return None  # the state machine is being replaced: apply after it
             start = max(start, rd.committed_last)
-        batch, last = log.committed_batch(self.raft.config.max_apply_bytes, after=start)
-        if batch:
-            log.applied = last
-        return batch, last
+        committed = log.committed_entries(self.raft.config.max_apply_bytes, after=start)
+        if committed is not None:
+            log.applied = committed.last
+        return committed
 
     # -- inspection ----------------------------------------------------------------------------
 

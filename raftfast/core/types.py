@@ -61,6 +61,19 @@ class Message:
     context: int = 0  # HEARTBEAT(_RESP): the ReadIndex round being confirmed
 
 
+class Committed(NamedTuple):
+    """Entries to apply: ``first`` and each one's term, type and payload."""
+
+    first: int
+    terms: list[int]
+    types: list[int]
+    payloads: list[bytes]
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.terms) - 1
+
+
 @dataclass(slots=True)
 class Ready:
     """What the driver must do now, in this order (see RawNode):
@@ -72,7 +85,7 @@ class Ready:
        one write and one fdatasync;
     2. send ``messages`` (only after step 1 is durable) — ``eager_messages`` may be sent at once,
        before or while persisting (the leader's AppendEntries and heartbeats, thesis §10.2.1);
-    3. apply ``committed`` (a packed batch of entries now known committed) to the state machine;
+    3. apply ``committed`` (the entries now known committed, if any) to the state machine;
     4. call ``RawNode.advance(ready)``.
     """
 
@@ -83,8 +96,8 @@ class Ready:
     last_term: int = 0
     messages: list[Message] = field(default_factory=list)
     eager_messages: list[Message] = field(default_factory=list)
-    committed: bytes = b""
-    committed_last: int = 0  # last index in ``committed`` (0 when empty)
+    committed: Committed | None = None
+    committed_last: int = 0  # last index in ``committed`` (0 when None)
     soft_state: tuple[Role, str] | None = None  # (role, leader id) when it changed
     read_states: list[tuple[int, int]] = field(default_factory=list)  # (request id, read index)
 

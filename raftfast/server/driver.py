@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from raftfast._accel import decode_batch
 from raftfast._version import __version__
 from raftfast.address import split_address
 from raftfast.core.membership import Membership
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Message, MsgType, Ready, Role
+from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Committed, Message, MsgType, Ready, Role
 from raftfast.errors import LogError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
@@ -600,7 +599,7 @@ class Driver(MembershipMixin, SnapshotMixin):
                             # answers its clients, while its disk syncs the entries of this
                             # Ready. (Not a follower: its acknowledgements, the leader's
                             # commit, wait for this sync, and must not wait for an apply too.)
-                            if rd.committed:
+                            if rd.committed is not None:
                                 self._apply_committed(rd.committed)
                             applied = True
                             # Meanwhile what the followers' acknowledgements commit is
@@ -619,7 +618,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             if m.type == MsgType.SNAPSHOT:
                 asyncio.create_task(self._send_snapshot(m))
         self.transport.send([m for m in rd.messages if m.type != MsgType.SNAPSHOT])
-        if rd.committed and not applied:
+        if rd.committed is not None and not applied:
             self._apply_committed(rd.committed)
         for request_id, index in rd.read_states:
             for fut in self._reads_by_id.pop(request_id, []):
@@ -653,14 +652,14 @@ class Driver(MembershipMixin, SnapshotMixin):
             eager = self.raw.take_eager_messages()
             if eager:
                 self.transport.send(eager)
-            committed, _last = self.raw.take_committed()
-            if committed:
+            committed = self.raw.take_committed()
+            if committed is not None:
                 self._apply_committed(committed)
                 self._release_reads()
         except Exception as exc:  # noqa: BLE001 - as in _run: a failure here stops the node
             self._fatal(exc)
 
-    def _apply_committed(self, committed: bytes) -> None:
+    def _apply_committed(self, committed: Committed) -> None:
         self._apply(committed)
         if self.is_leader:
             # (no append has carried this commit index yet: one sent from now on will)
@@ -690,10 +689,10 @@ class Driver(MembershipMixin, SnapshotMixin):
             time.sleep(random.uniform(0, _FAULT_DISK_DELAY))
         self.wal.sync()
 
-    def _apply(self, committed: bytes) -> None:
+    def _apply(self, committed: Committed) -> None:
         """Commands to the state machine (in runs of consecutive ones: all of them, but for a
         leader's no-op or a configuration now and then); configurations to the membership."""
-        first, terms, types, payloads = decode_batch(committed)
+        first, terms, types, payloads = committed
         if types.count(ENTRY_NORMAL) == len(types):
             results = self.fsm.apply_batch(first, payloads)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from raftfast._accel import EntryLog, decode_batch
+from raftfast._accel import EntryLog
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import HardState, Message, Role
@@ -40,8 +40,8 @@ class Net:
                     continue
                 busy = True
                 rd = node.ready()
-                if rd.committed:
-                    self.applied[nid].extend(decode_batch(rd.committed)[3])
+                if rd.committed is not None:
+                    self.applied[nid].extend(rd.committed.payloads)
                 node.advance(rd)
                 for m in rd.eager_messages + rd.messages:
                     self.sent.append(m)

@@ -48,14 +48,14 @@ def test_single_node_elects_itself_and_commits_only_once_durable():
     node.campaign()
     rd = node.ready()
     assert node.raft.role == Role.LEADER
-    assert rd.committed == b""  # its no-op is not durable yet
+    assert rd.committed is None  # its no-op is not durable yet
     node.advance(rd)
     rd = node.ready()
     assert rd.committed_last == 1
     node.advance(rd)
     node.propose([b"x"])
     rd = node.ready()
-    assert rd.committed == b"" and rd.last_index == 2
+    assert rd.committed is None and rd.last_index == 2
     node.advance(rd)
     assert node.ready().committed_last == 2
 
@@ -244,7 +244,7 @@ def test_a_leader_applies_what_its_followers_commit_while_its_own_write_syncs():
     a = net.node("a")
     a.propose([b"x"])
     rd = a.ready()  # the leader's write of index 2 is in progress
-    assert a.take_committed() == (b"", 0)  # nothing committed yet
+    assert a.take_committed() is None  # nothing committed yet
     a.propose([b"y"])  # more writes meanwhile: their appends leave at once
     appends = rd.eager_messages + a.take_eager_messages()
     for follower in ("b", "c"):
@@ -257,13 +257,13 @@ def test_a_leader_applies_what_its_followers_commit_while_its_own_write_syncs():
         for m in rd_f.messages:
             a.step(m)
     # Both followers hold 2 and 3 durably: a quorum without the leader's own copy.
-    batch, last = a.take_committed()
-    assert last == 3 and decode_batch(batch)[3] == [b"x", b"y"]
-    assert a.take_committed() == (b"", 0)  # taken once
+    committed = a.take_committed()
+    assert committed.last == 3 and committed.payloads == [b"x", b"y"]
+    assert a.take_committed() is None  # taken once
     a.advance(rd)
     assert a.raft.log.applied == 3  # advance does not take it back to rd's
     rd = a.ready()
-    assert rd.committed == b""  # and the next Ready does not apply them again
+    assert rd.committed is None  # and the next Ready does not apply them again
     a.advance(rd)
 
 
@@ -281,6 +281,22 @@ def test_a_remembered_append_slice_never_outlives_the_entries_it_copied():
     log.restore(10, 3)
     log.append(3, [b"z"], ENTRY_NORMAL)
     assert decode_batch(log.slice(11, 12, 0))[3] == [b"z"]
+
+
+def test_a_remembered_slice_serves_another_limit_only_when_it_is_the_same_slice():
+    """A leader sends [2, 4) under the message limit, then writes [2, 4) to its WAL with no
+    limit: the same bytes, unless the limit cut the first slice short."""
+    log = RaftLog(EntryLog())
+    log.append(1, [b"a" * 10, b"b" * 10, b"c" * 10], ENTRY_NORMAL)
+    sent = log.slice(2, 4, 20)
+    assert log.slice(2, 4, 0) is sent and log.slice(2, 4, 1000) is sent
+    assert log.slice(2, 4, 19) == log.entries.slice(2, 4, 19)  # (over this one's limit)
+    assert decode_batch(log.slice(2, 4, 19))[3] == [b"b" * 10]
+    cut = log.slice(2, 4, 15)
+    assert decode_batch(cut)[3] == [b"b" * 10]
+    assert log.slice(2, 4, 0) == log.entries.slice(2, 4) != cut  # (cut short: not the same)
+    assert log.slice(2, 3, 0) == cut  # ... but all of [2, 3)
+    assert log.slice(3, 4, 0) == log.entries.slice(3, 4)
 
 
 def test_leader_commits_old_term_entries_only_through_an_entry_of_its_term():

@@ -22,11 +22,10 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from raftfast._accel import decode_batch
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
-from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Message, MsgType, Ready, Role
+from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Committed, Message, MsgType, Ready, Role
 from raftfast.errors import ChangeInProgressError, NotLeaderError
 from raftfast.storage.memory import MemoryStorage
 
@@ -391,8 +390,8 @@ class Cluster:
         self._check_leader(node)
         if node.pending is not None and node.pumping:
             self._send_all(node.raw.take_eager_messages())
-            committed, _last = node.raw.take_committed()
-            if committed:
+            committed = node.raw.take_committed()
+            if committed is not None:
                 self._apply(node, committed)
                 self.stats["applied_while_syncing"] = self.stats.get("applied_while_syncing", 0) + 1
         if node.pending is None and node.raw.has_ready():
@@ -408,7 +407,7 @@ class Cluster:
                 self._complete_sync(node, sync=False)
                 return
             if node.raw.role == Role.LEADER:
-                if rd.committed:
+                if rd.committed is not None:
                     self._apply(node, rd.committed)
                 node.pumping = True
             node.sync_at = self.time + self.rng.randint(0, self.faults.max_fsync)
@@ -422,7 +421,7 @@ class Cluster:
             if rd.hard_state is not None:
                 node.durable_term_vote = (rd.hard_state.term, rd.hard_state.vote)
         self._send_all(rd.messages)
-        if rd.committed and not node.pumping:
+        if rd.committed is not None and not node.pumping:
             self._apply(node, rd.committed)
         node.pending = None
         node.pumping = False
@@ -490,8 +489,8 @@ class Cluster:
 
     # -- checks --------------------------------------------------------------------------------
 
-    def _apply(self, node: SimNode, batch: bytes) -> None:
-        first, terms, types, payloads = decode_batch(batch)
+    def _apply(self, node: SimNode, committed: Committed) -> None:
+        first, terms, types, payloads = committed
         if first != node.applied_index + 1:
             raise SafetyViolation(f"{node.id} applies {first} after {node.applied_index}")
         for i, entry in enumerate(zip(terms, types, payloads, strict=True)):
