@@ -54,6 +54,11 @@ cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noex
 cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
                             uint64_t *first_index, uint32_t *count) except -1
 
+# parse_batch of `data`, whose bytes are at `p`: the CRC is left out when `data` is the very
+# bytes object that checked out last (bytes cannot change).
+cdef Py_ssize_t parse_batch_of(object data, const unsigned char *p, Py_ssize_t n,
+                               uint64_t *first_index, uint32_t *count) except -1
+
 # Write the header (magic, count, first index, and the CRC over every byte of the batch except
 # the CRC field itself) into a fully filled batch buffer of `size` bytes.
 cdef void finish_batch(unsigned char *p, Py_ssize_t size, uint32_t count,

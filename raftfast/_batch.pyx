@@ -318,6 +318,29 @@ cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noex
 
 cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
                             uint64_t *first_index, uint32_t *count) except -1:
+    return _parse_batch(p, n, first_index, count, True)
+
+
+cdef object _checked = None  # the bytes object that last checked out whole (parse_batch_of)
+
+
+cdef Py_ssize_t parse_batch_of(object data, const unsigned char *p, Py_ssize_t n,
+                               uint64_t *first_index, uint32_t *count) except -1:
+    """parse_batch; but the very bytes object that checked out last is not checksummed again:
+    bytes cannot change, and a batch is looked at several times on its way (a follower's
+    frame where it arrives, for a configuration among it, by find_conflict, by append_batch;
+    a put_many's pairs by check_packed, then by put_packed). Its sizes are checked always."""
+    global _checked
+    if data is _checked:
+        return _parse_batch(p, n, first_index, count, False)
+    cdef Py_ssize_t off = _parse_batch(p, n, first_index, count, True)
+    if type(data) is bytes:
+        _checked = data
+    return off
+
+
+cdef Py_ssize_t _parse_batch(const unsigned char *p, Py_ssize_t n, uint64_t *first_index,
+                             uint32_t *count, bint check_crc) except -1:
     cdef uint32_t cnt, i, crc
     cdef uint64_t expected
     cdef Py_ssize_t table_end
@@ -334,14 +357,16 @@ cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
         expected += rf_load_u32(p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i + 9)
     if expected != <uint64_t>n:
         raise BatchError(f"batch size mismatch: its table describes {expected} bytes, got {n}")
-    # The CRC covers the header up to its own field (magic, count, first index), then the rest.
-    if n >= NOGIL_CRC_BYTES:
-        with nogil:
+    if check_crc:
+        # The CRC covers the header up to its own field (magic, count, first index), then the
+        # rest.
+        if n >= NOGIL_CRC_BYTES:
+            with nogil:
+                crc = rf_batch_crc(p, <size_t>n)
+        else:
             crc = rf_batch_crc(p, <size_t>n)
-    else:
-        crc = rf_batch_crc(p, <size_t>n)
-    if crc != rf_load_u32(p + C_CRC_OFFSET):
-        raise BatchError("batch CRC32C mismatch")
+        if crc != rf_load_u32(p + C_CRC_OFFSET):
+            raise BatchError("batch CRC32C mismatch")
     first_index[0] = rf_load_u64(p + 8)
     count[0] = cnt
     return table_end
@@ -534,7 +559,7 @@ def decode_batch(data):
     get_buffer(data, &view)
     try:
         p = <const unsigned char *>view.buf
-        off = parse_batch(p, view.len, &first, &count)
+        off = parse_batch_of(data, p, view.len, &first, &count)
         terms = []
         types = []
         payloads = []
@@ -565,7 +590,7 @@ def entries_of_type(data, etype):
     get_buffer(data, &view)
     try:
         p = <const unsigned char *>view.buf
-        off = parse_batch(p, view.len, &first, &count)
+        off = parse_batch_of(data, p, view.len, &first, &count)
         out = []
         for i in range(count):
             rec = p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * i
@@ -587,7 +612,7 @@ def batch_info(data):
     cdef uint32_t count
     get_buffer(data, &view)
     try:
-        parse_batch(<const unsigned char *>view.buf, view.len, &first, &count)
+        parse_batch_of(data, <const unsigned char *>view.buf, view.len, &first, &count)
     finally:
         PyBuffer_Release(&view)
     return first, count

@@ -22,7 +22,7 @@ from raftfast._batch cimport (
     copy_payload,
     finish_batch,
     get_buffer,
-    parse_batch,
+    parse_batch_of,
     payload_len,
     rf_load_u32,
     rf_load_u64,
@@ -296,7 +296,7 @@ cdef class EntryLog:
         try:
             p = <const unsigned char *>view.buf
             # Read the bounds only after parsing: a large batch's CRC runs without the GIL.
-            parse_batch(p, view.len, &bfirst, &count)
+            parse_batch_of(batch, p, view.len, &bfirst, &count)
             last = self._first + self._n - 1
             if bfirst > <uint64_t>(last + 1):
                 raise UnavailableError(
@@ -401,7 +401,7 @@ cdef class EntryLog:
         try:
             p = <const unsigned char *>view.buf
             # Read the bounds only after parsing: a large batch's CRC runs without the GIL.
-            table_end = parse_batch(p, view.len, &bfirst, &count)
+            table_end = parse_batch_of(batch, p, view.len, &bfirst, &count)
             last = self._first + self._n - 1
             if start_index is None:
                 if bfirst != <uint64_t>(last + 1):

@@ -29,7 +29,7 @@ from libc.string cimport memcmp, memcpy, memset
 from raftfast._batch cimport (
     C_HEADER_SIZE,
     C_META_SIZE,
-    parse_batch,
+    parse_batch_of,
     rf_load_u32,
     rf_store_u32,
 )
@@ -494,7 +494,7 @@ cdef class KeyStore:
         if view.shape[0] == 0:
             raise ValueError("bad packed pairs: empty")
         p = &view[0]
-        off = packed_pairs(p, view.shape[0], &count)
+        off = packed_pairs(data, p, view.shape[0], &count)
         n = count // 2
         # Each put reads a table slot and the record it points to, at random: two cache misses
         # that were a quarter of a follower's CPU under a batched load. So the hashes come
@@ -832,14 +832,15 @@ cdef class KeyStore:
         return twin
 
 
-cdef Py_ssize_t packed_pairs(const unsigned char *p, Py_ssize_t n, uint32_t *count) except -1:
-    """Check packed pairs (the batch format, an even count, no empty key); where the payloads
-    start."""
+cdef Py_ssize_t packed_pairs(object data, const unsigned char *p, Py_ssize_t n,
+                             uint32_t *count) except -1:
+    """Check packed pairs ``data`` at ``p`` (the batch format, an even count, no empty key);
+    where the payloads start."""
     cdef uint64_t first
     cdef uint32_t i
     cdef Py_ssize_t off
     try:
-        off = parse_batch(p, n, &first, count)
+        off = parse_batch_of(data, p, n, &first, count)
     except BatchError as exc:
         raise ValueError(f"bad packed pairs: {exc}") from None
     if count[0] % 2:
@@ -858,7 +859,7 @@ def check_packed(data):
     cdef const unsigned char *table
     if view.shape[0] == 0:
         raise ValueError("bad packed pairs: empty")
-    packed_pairs(&view[0], view.shape[0], &count)
+    packed_pairs(data, &view[0], view.shape[0], &count)
     table = &view[0] + C_HEADER_SIZE
     for i in range(0, count, 2):
         klen = rf_load_u32(table + <Py_ssize_t>C_META_SIZE * i + 9)

@@ -151,6 +151,34 @@ def test_round_trip(impls):
         impls.batch.entries_of_type(data, 256)
 
 
+def test_a_batch_that_checked_out_is_checked_again_wherever_it_can_differ(impls):
+    """The compiled twin leaves out the CRC for the very bytes object that checked out last
+    (bytes cannot change): a copy, a bytearray changed in place, a look-alike are checked."""
+    batch = _batch(impls)
+    log = impls.log.EntryLog(7)
+    for _ in range(2):  # (the second time: the object that checked out)
+        assert impls.batch.batch_info(batch) == (7, 3)
+        assert impls.batch.decode_batch(batch)[3] == [b"a", b"", b"xyz"]
+        assert impls.batch.entries_of_type(batch, 5) == [(8, b"")]
+        assert log.find_conflict(batch) == 7
+    mutable = bytearray(batch)
+    assert impls.batch.batch_info(mutable) == (7, 3)
+    mutable[-1] ^= 1  # (a payload byte: only the CRC tells)
+    bad = bytes(mutable)
+    for data in (mutable, bad, memoryview(bad)):
+        for check in (
+            impls.batch.batch_info,
+            impls.batch.decode_batch,
+            lambda d: impls.batch.entries_of_type(d, 5),
+            log.find_conflict,
+            log.append_batch,
+        ):
+            with pytest.raises(BatchError, match="CRC"):
+                check(data)
+        assert impls.batch.batch_info(batch) == (7, 3)  # (the good one, between the bad ones)
+    assert log.append_batch(batch) == 9 and log.entry(9) == (2, 255, b"xyz")
+
+
 def test_entries_of_type_indexes_do_not_wrap_past_2_to_the_64(impls):
     # Found by the parity test: the compiled module computed first + i in 64 bits.
     data = impls.batch.encode_uniform(2**64 - 1, 1, [b"a", b"b"])

@@ -237,6 +237,10 @@ def test_bad_arguments_and_bad_snapshots_are_refused(impl):
             with pytest.raises(ValueError):
                 call(bad)
     assert impl.check_packed(good) == (2, 1, 1) and len(store) == 0
+    flipped = good[:-1] + bytes([good[-1] ^ 1])  # (after good checked out: checked all the same)
+    for call in (store.put_packed, impl.check_packed):
+        with pytest.raises(ValueError, match="CRC"):
+            call(flipped)
     assert impl.check_packed(pack_pairs([(b"k", b""), (b"key", b"v")])) == (2, 3, 1)
     assert "k" not in store and len(store) == 0
     store.put_many([b"b", b"a"], [b"2", b"1"])
