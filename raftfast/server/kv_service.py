@@ -185,8 +185,9 @@ class KVService(Service, pb_grpc.KVServicer):
         """Validate a PUT_MANY op (every key and value within the limits) and encode it."""
         if op.key:
             raise BadRequest("PUT_MANY carries its keys in value; key must be empty")
+        value = op.value  # (each read of a bytes field is a copy of it)
         try:
-            pairs, longest_key, longest_value = check_packed(op.value)
+            pairs, longest_key, longest_value = check_packed(value)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if not pairs:
@@ -198,7 +199,7 @@ class KVService(Service, pb_grpc.KVServicer):
             raise BadRequest(
                 f"a value is {longest_value} bytes; the limit is {settings.max_value_bytes}"
             )
-        return encode_put_many(client_id, op.sequence, op.value)
+        return encode_put_many(client_id, op.sequence, value)
 
     async def _write(self, context: grpc.aio.ServicerContext, payload: bytes) -> bool:
         results = await self.timed(context, self.node.propose([payload]), DEADLINE_WRITE)
@@ -214,11 +215,12 @@ class KVService(Service, pb_grpc.KVServicer):
     ) -> pb.PutResponse:
         """Set a key. ``index`` is an applied index at or after the write (read-your-write)."""
         self._check_write(request)
-        self._check_key(request.key)
-        self._check_value(request.value)
+        key, value = request.key, request.value  # (each read of a bytes field is a copy)
+        self._check_key(key)
+        self._check_value(value)
         self._check_space(request.ByteSize())
         client_id = self._own_client_id(request.client_id, context)
-        payload = encode_put(client_id, request.sequence, request.key, request.value)
+        payload = encode_put(client_id, request.sequence, key, value)
         await self._write(context, payload)
         return pb.PutResponse(index=self.node.fsm.applied_index)
 
@@ -438,23 +440,27 @@ class KVService(Service, pb_grpc.KVServicer):
                         writes.append(i)
                         grows = True
                         continue
-                    self._check_key(op.key)
+                    key = op.key  # (each read of a bytes field is a copy of it: once)
+                    self._check_key(key)
                     if op.kind == pb.Op.GET:
                         reads.setdefault(self.read_mode(op.read_mode), []).append(i)
                         continue
                     if op.kind == pb.Op.PUT:
-                        self._check_value(op.value)
-                        payload = encode_put(client_id, op.sequence, op.key, op.value)
+                        value = op.value
+                        self._check_value(value)
+                        payload = encode_put(client_id, op.sequence, key, value)
                         grows = True
                     elif op.kind == pb.Op.DELETE:
-                        payload = encode_delete(client_id, op.sequence, op.key)
+                        payload = encode_delete(client_id, op.sequence, key)
                     elif op.kind == pb.Op.CAS:
-                        self._check_value(op.value)
-                        self._check_value(op.expected, "expected value")
-                        if op.expect_absent and op.expected:
+                        value, expected = op.value, op.expected
+                        self._check_value(value)
+                        self._check_value(expected, "expected value")
+                        if op.expect_absent and expected:
                             raise BadRequest("expect_absent is set, so expected must be empty")
-                        expected = None if op.expect_absent else op.expected
-                        payload = encode_cas(client_id, op.sequence, op.key, expected, op.value)
+                        if op.expect_absent:
+                            expected = None
+                        payload = encode_cas(client_id, op.sequence, key, expected, value)
                         grows = True
                     else:
                         raise BadRequest(f"unknown op kind {op.kind}")
