@@ -14,7 +14,7 @@ with their headers, the dict's entry and index, a sorted list for scans). Here:
 * a *sorted index* of record offsets for ordered reads, kept lazily: keys added since the
   last ordered read wait unsorted in a short list (past 256 the index is rebuilt instead), a
   removed key's entry is marked removed (found by binary search), and the next ordered read
-  merges both in one pass.
+  merges both in one pass; built from nothing, it is sorted by 8-byte chunks (sort_by_key).
 
 So a key of 16 bytes with a value of 64 costs 88 bytes of record, 8-16 bytes of table and 8
 of index. Behaviour, including exceptions, is the pure twin's (tests/test_store.py).
