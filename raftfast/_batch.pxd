@@ -49,12 +49,8 @@ cdef enum:
 
 cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noexcept nogil
 
-# Validate a packed batch (magic, sizes, CRC) and return the offset of its payload area;
-# raises BatchError.
-cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
-                            uint64_t *first_index, uint32_t *count) except -1
-
-# parse_batch of `data`, whose bytes are at `p`: the CRC is left out when `data` is the very
+# Validate the packed batch `data`, whose bytes are at `p` (magic, sizes, CRC), and return the
+# offset of its payload area; raises BatchError. The CRC is left out when `data` is the very
 # bytes object that checked out last (bytes cannot change).
 cdef Py_ssize_t parse_batch_of(object data, const unsigned char *p, Py_ssize_t n,
                                uint64_t *first_index, uint32_t *count) except -1

@@ -316,17 +316,12 @@ cdef uint32_t crc32c_update(uint32_t crc, const unsigned char *p, size_t n) noex
     return rf_crc32c(crc, p, n)
 
 
-cdef Py_ssize_t parse_batch(const unsigned char *p, Py_ssize_t n,
-                            uint64_t *first_index, uint32_t *count) except -1:
-    return _parse_batch(p, n, first_index, count, True)
-
-
 cdef object _checked = None  # the bytes object that last checked out whole (parse_batch_of)
 
 
 cdef Py_ssize_t parse_batch_of(object data, const unsigned char *p, Py_ssize_t n,
                                uint64_t *first_index, uint32_t *count) except -1:
-    """parse_batch; but the very bytes object that checked out last is not checksummed again:
+    """_parse_batch; but the very bytes object that checked out last is not checksummed again:
     bytes cannot change, and a batch is looked at several times on its way (a follower's
     frame where it arrives, for a configuration among it, by find_conflict, by append_batch;
     a put_many's pairs by check_packed, then by put_packed). Its sizes are checked always."""

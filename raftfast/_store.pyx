@@ -243,9 +243,7 @@ cdef int radix_sort(KeyChunk *a, KeyChunk *tmp, Py_ssize_t n, const unsigned cha
             for c in range(i, j):
                 if rf_load_u32(arena + a[c].off) > longest:
                     longest = rf_load_u32(arena + a[c].off)
-        if j - i == 1:
-            pass
-        elif j - i <= RADIX_MIN_RUN or longest <= at + 8:
+        if j - i <= RADIX_MIN_RUN or longest <= at + 8:
             # (within a run of whole keys tied with zeros, shorter first: compare_keys)
             insertion_sort(a + i, j - i, arena)
         elif depth < RADIX_MAX_DEPTH:
