@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["free_ports", "release_ports"]
+__all__ = ["claim_port", "free_ports", "release_ports"]
 
 _LOW, _HIGH = 10_000, 32_000  # (Linux's ephemeral ports start at 32768)
 _CLAIMS = Path(tempfile.gettempdir()) / "raftfast-ports"
@@ -37,6 +37,21 @@ def free_ports(count: int) -> list[int]:
                 (_CLAIMS / str(port)).write_text(str(os.getpid()))
                 ports.append(port)
     raise OSError(f"no {count} free ports between {_LOW} and {_HIGH}")
+
+
+def claim_port(port: int) -> bool:
+    """Claim ``port``, one a caller must use at a given place (say, at an offset from another),
+    as ``free_ports`` claims its own: False if another process claimed it or it is taken now.
+    A port outside the range ``free_ports`` hands out is no one's to claim: only whether it
+    is free counts."""
+    with _claims_locked():
+        if not 0 < port < 65536 or not _bindable(port):
+            return False
+        if _LOW <= port < _HIGH:
+            if not _unclaimed(port):
+                return False
+            (_CLAIMS / str(port)).write_text(str(os.getpid()))
+        return True
 
 
 def release_ports(ports: Iterable[int]) -> None:

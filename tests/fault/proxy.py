@@ -16,6 +16,8 @@ import random
 import threading
 from dataclasses import dataclass, field
 
+from raftfast.tools.ports import claim_port, release_ports
+
 
 @dataclass
 class Link:
@@ -46,6 +48,7 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._servers: list[asyncio.base_events.Server] = []
+        self._claimed: list[int] = []  # stream ports in the range other clusters' ports claim
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -64,6 +67,7 @@ class FaultProxy:
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+        release_ports(self._claimed)
 
     def view(self, nid: str, own_addr: str) -> dict[str, str]:
         """Node ``nid``'s peer addresses: itself directly, every other node through its link."""
@@ -115,11 +119,19 @@ class FaultProxy:
                 link.port = server.sockets[0].getsockname()[1]
                 if not link.stream_offset:
                     break
-                try:  # the stream port, at b's offset from this one
+                # The stream port, at b's offset from this one, where clusters take their
+                # ports (free_ports): claimed like theirs, or a node of this or another test
+                # run may find it taken when it starts (seen once).
+                stream_port = link.port + link.stream_offset
+                if not claim_port(stream_port):
+                    server.close()  # claimed or taken: try another pair
+                    continue
+                self._claimed.append(stream_port)
+                try:
                     stream_server = await asyncio.start_server(
                         lambda r, w, link=link: self._serve(link, r, w, link.stream_offset),
                         "127.0.0.1",
-                        link.port + link.stream_offset,
+                        stream_port,
                     )
                 except (OSError, OverflowError):
                     server.close()  # taken or out of range: try another pair
