@@ -10,7 +10,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-EXTENSIONS = ["raftfast._log", "raftfast._batch", "raftfast._store"]
+EXTENSIONS = ["raftfast._log", "raftfast._batch", "raftfast._store", "raftfast._sync"]
 
 
 class OptionalBuildExt(build_ext):

@@ -10,20 +10,20 @@ import os
 from types import ModuleType
 
 
-def _load() -> tuple[ModuleType, ModuleType, ModuleType, bool]:
+def _load() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType, bool]:
     if not os.environ.get("RAFTFAST_PUREPYTHON"):
         try:
-            from raftfast import _batch, _log, _store  # type: ignore[attr-defined]
+            from raftfast import _batch, _log, _store, _sync  # type: ignore[attr-defined]
 
-            return _log, _batch, _store, True
+            return _log, _batch, _store, _sync, True
         except ImportError:
             pass
-    from raftfast import _batch_py, _log_py, _store_py
+    from raftfast import _batch_py, _log_py, _store_py, _sync_py
 
-    return _log_py, _batch_py, _store_py, False
+    return _log_py, _batch_py, _store_py, _sync_py, False
 
 
-log_impl, batch_impl, store_impl, COMPILED = _load()
+log_impl, batch_impl, store_impl, sync_impl, COMPILED = _load()
 
 EntryLog = log_impl.EntryLog
 crc32c = batch_impl.crc32c

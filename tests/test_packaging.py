@@ -78,6 +78,7 @@ _IGNORE = shutil.ignore_patterns(
     "_log.c",
     "_batch.c",
     "_store.c",
+    "_sync.c",
     ".pytest_cache",
     ".hypothesis",
     ".benchmarks",
@@ -154,7 +155,7 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         assert [n for n in names if n.endswith((".c", ".pyx", ".pxd"))] == []
-        for module in ("_log", "_batch", "_store"):
+        for module in ("_log", "_batch", "_store", "_sync"):
             (so,) = [n for n in names if re.fullmatch(rf"raftfast/{module}\.[^/]*(\.so|\.pyd)", n)]
             if LINUX:
                 sections = elf_section_names(zf.read(so))
@@ -188,6 +189,7 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
         "raftfast/_batch.pyx",
         "raftfast/_batch.pxd",
         "raftfast/_store.pyx",
+        "raftfast/_sync.pyx",
         "raftfast/py.typed",
         "deploy/node.toml",
         "deploy/raftfast-node.service",
@@ -196,7 +198,7 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
         assert needed in members, f"{needed} missing from {sdist.name}"
     docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*") if p.is_file()}
     assert docs <= members
-    generated = (".so", ".pyd", ".pyc", "_log.c", "_batch.c", "_store.c")
+    generated = (".so", ".pyd", ".pyc", "_log.c", "_batch.c", "_store.c", "_sync.c")
     assert [m for m in members if m.endswith(generated)] == []
 
 

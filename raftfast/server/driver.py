@@ -6,8 +6,8 @@ store or another state machine, is its application (``apps.py``).
 One loop (``_run``) takes each Ready and carries out the Raft contract:
 
     send eager messages (the leader's appends: its write overlaps replication, thesis §10.2.1)
-    append hard state + entries to the WAL, fdatasync in a dedicated thread (group commit:
-        everything that arrived during the previous fdatasync goes into this one)
+    append hard state + entries to the WAL, fdatasync on a writer thread or in the loop (group
+        commit: everything that arrived during the previous fdatasync goes into this one)
     send the other messages (acks and votes leave only once durable)
     apply committed entries to the state machine, resolve waiting proposals and reads
     advance
@@ -51,20 +51,23 @@ from raftfast.server.snapshots import SnapshotMixin, log_holds
 from raftfast.statemachine import StateMachine
 from raftfast.storage.snapshot import SnapshotStore
 from raftfast.storage.wal import WAL
+from raftfast.storage.writer import WALWriter
 from raftfast.transport import tcp
 from raftfast.transport.grpc import PeerService, PeerTransport
 from raftfast.transport.tcp import ReplicationServer
 
 log = logging.getLogger("raftfast.node")
 
-# A small write is synced right here in the loop: handing it to the fsync thread and back costs
-# two thread wake-ups (50-250 us on a busy 2-core machine, measured) for an fdatasync of ~200.
-# The thread takes a big write (a batched load), any write while other writes wait (many
-# clients with unary calls: gRPC hands the loop their calls one at a time, and a loop blocked in
-# fdatasync took one call per Ready, 850 puts/s at 256 in flight; with the thread, 2,000), any
-# write while the disk is slow (the last sync took longer than _SLOW_SYNC_S) or a peer is on the
-# gRPC stream (its frames leave from this loop): there the loop must keep serving, sending and
-# heartbeating meanwhile.
+# A follower (or a leader alone) syncs a small write right here in the loop: its sync is on the
+# write's critical path, and handing it to the writer thread and back costs two wake-ups. The
+# writer (raftfast.storage.writer: a C thread that needs no GIL) takes a big write (a batched
+# load), any write while other writes wait (many clients with unary calls: gRPC hands the loop
+# their calls one at a time, and a loop blocked in fdatasync took one call per Ready, 850
+# puts/s at 256 in flight; with the thread, 2,000), any write while the disk is slow (the last
+# sync took longer than _SLOW_SYNC_S) or a peer is on the gRPC stream (its frames leave from
+# this loop), and every write of a leader with followers: their acknowledgements commit its
+# entries meanwhile (_pump), and the loop must keep taking them (sequential put p50 1.13-1.18
+# -> 1.11 ms, alternating runs), sending and heartbeating.
 _INLINE_SYNC_BYTES = 64 * 1024
 _SLOW_SYNC_S = 0.002
 # A commit index reaches the followers on the next append or heartbeat (not by a message of its
@@ -92,6 +95,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.applied_index = 0  # of the last entry applied (commands, no-ops, configurations)
         self.raw: RawNode | None = None
         self.wal: WAL | None = None
+        self._wal_writer: WALWriter | None = None  # the WAL's syncs off the loop
         self.transport: PeerTransport | None = None
         self.server: grpc.aio.Server | None = None  # clients (and peers, unless peer_server)
         self.peer_server: grpc.aio.Server | None = None  # peers, on --peer-listen
@@ -156,6 +160,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.wal = WAL.open(
             os.path.join(s.data_dir, "wal"), segment_bytes=s.wal_segment_bytes, fsync=s.fsync
         )
+        self._wal_writer = WALWriter(self.wal)
         state = self.wal.recovered()
         self._durable_term_vote = (state.hard_state.term, state.hard_state.vote)
         self.snapshots = SnapshotStore(os.path.join(s.data_dir, "snap"))
@@ -327,6 +332,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         if self._snapshot_task is not None:
             await asyncio.gather(self._snapshot_task, return_exceptions=True)
         self._fail_all(NotLeaderError("node is shutting down"))
+        if self._wal_writer is not None:
+            await self._wal_writer.drain()  # (its end holds the WAL's lock until the loop ends it)
+            self._wal_writer.close()
         self._fsync_pool.shutdown(wait=True)
         self._snapshot_pool.shutdown(wait=True)
         if self.wal is not None:
@@ -588,10 +596,15 @@ class Driver(MembershipMixin, SnapshotMixin):
                 # A StorageError propagates: _run stops the node (never retry-and-pretend).
                 started = time.perf_counter()
                 if self._sync_inline(len(rd.entries)):
-                    self._write_and_sync()
+                    self.wal.sync()  # group commit: one write, one fdatasync
                 else:
-                    loop = asyncio.get_running_loop()
-                    syncing = loop.run_in_executor(self._fsync_pool, self._write_and_sync)
+                    # RAFTFAST_FAULT_DISK_DELAY_MS (tests only) gives followers a slow, jittery
+                    # disk: each write starts up to that much later, which widens any window
+                    # in which a follower acknowledges before writing.
+                    delay = 0.0
+                    if _FAULT_DISK_DELAY and self.raw.role != Role.LEADER:
+                        delay = random.uniform(0, _FAULT_DISK_DELAY)
+                    syncing = self._wal_writer.start(delay)
                     try:
                         if self.is_leader:
                             # What is committed is durable on a quorum already (the leader
@@ -607,7 +620,8 @@ class Driver(MembershipMixin, SnapshotMixin):
                             self._syncing = True
                     finally:
                         try:
-                            await syncing
+                            if syncing is not None:
+                                await syncing
                         finally:
                             self._syncing = False
                 self._last_sync_s = time.perf_counter() - started
@@ -672,6 +686,8 @@ class Driver(MembershipMixin, SnapshotMixin):
     # -- snapshots -----------------------------------------------------------------------------
 
     def _sync_inline(self, size: int) -> bool:
+        if self.raw.role == Role.LEADER and len(self.raw.membership.voters) > 1:
+            return False  # (see _INLINE_SYNC_BYTES)
         return (
             size <= _INLINE_SYNC_BYTES
             and len(self._waiting_writes) <= 1
@@ -679,15 +695,6 @@ class Driver(MembershipMixin, SnapshotMixin):
             and not _FAULT_DISK_DELAY
             and self.transport.all_direct()
         )
-
-    def _write_and_sync(self) -> None:
-        """Group commit (in the loop or the fsync thread). ``RAFTFAST_FAULT_DISK_DELAY_MS``
-        (tests only) gives followers a slow, jittery disk: each of their writes starts up to
-        that much later, which widens any window in which a follower acknowledges before
-        writing."""
-        if _FAULT_DISK_DELAY and self.raw.role != Role.LEADER:
-            time.sleep(random.uniform(0, _FAULT_DISK_DELAY))
-        self.wal.sync()
 
     def _apply(self, committed: Committed) -> None:
         """Commands to the state machine (in runs of consecutive ones: all of them, but for a

@@ -22,7 +22,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from raftfast._accel import EntryLog, batch_info, crc32c
 from raftfast.core.types import HardState
@@ -76,6 +76,15 @@ class _Record:
     end: int
     rtype: int
     value: Any  # HardState | (first, count) for a batch | (index, term) for compaction/snapshot
+
+
+class PendingSync(NamedTuple):
+    """A sync taken out of the WAL (``begin_sync``): write ``pieces`` to ``fd``, in order."""
+
+    fd: int
+    pieces: list[bytes]
+    hard_state: HardState | None
+    max_index: int
 
 
 def _segment_name(seq: int) -> str:
@@ -433,26 +442,68 @@ class WAL:
 
     def _sync_locked(self) -> None:
         """The body of ``sync``; the caller holds ``_sync_lock``."""
+        job = self._take_buffered()
+        if job is None:
+            return
+        try:
+            written = self._write(job.pieces)
+            if self._fsync:
+                _datasync(self._fd)
+        except OSError as exc:
+            self._fail(exc)
+        self._synced(job, written)
+
+    def begin_sync(self) -> PendingSync | None:
+        """``sync`` in two halves, for a writer on another thread that needs no lock of ours
+        (``raftfast.storage.writer``): what to write to which file (then fdatasync it, if
+        ``fsync``), or None when nothing is buffered. ``_sync_lock`` is held from here until
+        ``end_sync``, which must follow once the write is done."""
+        self._sync_lock.acquire()
+        try:
+            job = self._take_buffered()
+        except BaseException:
+            self._sync_lock.release()
+            raise
+        if job is None:
+            self._sync_lock.release()
+        return job
+
+    def end_sync(self, job: PendingSync, outcome: int | OSError) -> None:
+        """The second half: ``outcome`` is the bytes written, or the error that failed the
+        write or the fdatasync (the WAL then fails: StorageError)."""
+        try:
+            if isinstance(outcome, OSError):
+                self._fail(outcome)
+            self._synced(job, outcome)
+        finally:
+            self._sync_lock.release()
+
+    @property
+    def fsync(self) -> bool:
+        return self._fsync
+
+    def _take_buffered(self) -> PendingSync | None:
+        """What was appended since the last sync, in a new segment if the current one is full."""
         with self._buf_lock:
             self._check_usable()
             pieces, self._buf = self._buf, []
             hard_state, self._pending_hs = self._pending_hs, None
             max_index, self._pending_max = self._pending_max, 0
         if not pieces:
-            return
-        try:
-            if self._size >= self._segment_bytes:
+            return None
+        if self._size >= self._segment_bytes:
+            try:
                 pieces = self._rotate() + pieces
-            written = self._write(pieces)
-            if self._fsync:
-                _datasync(self._fd)
-        except OSError as exc:
-            self._fail(exc)
+            except OSError as exc:
+                self._fail(exc)
+        return PendingSync(self._fd, pieces, hard_state, max_index)
+
+    def _synced(self, job: PendingSync, written: int) -> None:
         self._size += written
         seg = self._segments[-1]
-        seg.max_index = max(seg.max_index, max_index)
-        if hard_state is not None:
-            self._synced_hs = hard_state
+        seg.max_index = max(seg.max_index, job.max_index)
+        if job.hard_state is not None:
+            self._synced_hs = job.hard_state
 
     def release_before(self, index: int, term: int) -> None:
         """Durably record that entries <= ``index`` (the last with ``term``) are in a snapshot,

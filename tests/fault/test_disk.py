@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from raftfast import _sync_py
 from raftfast.client import SyncClient
 from raftfast.core.types import Role
 from raftfast.errors import NotLeaderError, StorageError
@@ -35,6 +36,7 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.server.driver import Driver as Node
 from raftfast.server.settings import NodeSettings
+from raftfast.storage import writer as writer_module
 from raftfast.storage.wal import WAL
 from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 
@@ -431,8 +433,15 @@ def _check_nothing_acknowledged(node: Node, outcomes: list) -> None:
             ), out
 
 
+def _pure_writer(monkeypatch) -> None:
+    """The WAL writer's system calls, like the loop's, go through ``os`` (so this module can
+    fail them): the pure twin. The compiled one's failures: tests/storage/test_writer.py."""
+    monkeypatch.setattr(writer_module, "FileWriter", _sync_py.FileWriter)
+
+
 def test_failing_fdatasync_stops_the_node_and_acknowledges_nothing(tmp_path, monkeypatch):
     calls: list[int] = []
+    _pure_writer(monkeypatch)
 
     def inject(node: Node) -> None:
         def eio(fd: int) -> None:
@@ -452,6 +461,7 @@ def test_failing_fdatasync_stops_the_node_and_acknowledges_nothing(tmp_path, mon
 
 def test_disk_full_stops_the_node_and_acknowledges_nothing(tmp_path, monkeypatch):
     real_writev = os.writev
+    _pure_writer(monkeypatch)
     failed: list[int] = []
 
     def inject(node: Node) -> None:
@@ -484,6 +494,9 @@ def fdatasync(fd):
         raise OSError(errno.EIO, "Input/output error (injected)")
     return real(fd)
 os.fdatasync = fdatasync
+from raftfast import _sync_py
+from raftfast.storage import writer
+writer.FileWriter = _sync_py.FileWriter  # (its fdatasync is os.fdatasync)
 from raftfast.server import node_cli
 sys.exit(node_cli.main(sys.argv[2:]))
 """
