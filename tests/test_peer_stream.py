@@ -5,10 +5,12 @@ gRPC ``Replicate`` stream, and the fall-back from one to the other."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from collections.abc import Awaitable, Callable
 
 import grpc
+import pytest
 
 from raftfast.core.types import Message, MsgType
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -266,3 +268,62 @@ def test_unfinished_records_of_all_connections_together_are_bounded(monkeypatch)
         await send_and_check(receiver, sender, 3)
 
     run(test)
+
+
+# -- the receiver's buffer (tcp._Records) ---------------------------------------------------
+
+
+def _read(records, data: bytes, chunk: int) -> list[bytes]:
+    """Feed ``data`` as a BufferedProtocol would: reads of at most ``chunk`` bytes."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        with records.get_buffer() as room:
+            assert len(room) > 0
+            n = min(len(room), chunk, len(data) - pos)
+            room[:n] = data[pos : pos + n]
+        out += [bytes(p) for p in records.updated(n)]
+        pos += n
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 1000, 300_000, 10_000_000])
+def test_records_come_out_whole_however_the_stream_is_cut(chunk):
+    rng = random.Random(chunk)
+    sizes = [0, 1, 3, 4, 5, 100, 0, 9, 700]
+    if chunk > 5:  # (byte by byte, megabytes take minutes)
+        sizes += [70_000, 0, 2_000_000, 9, 600_000]
+    payloads = [rng.randbytes(n) for n in sizes]
+    data = b"".join(tcp.record(p) for p in payloads)
+    records = tcp._Records()
+    assert _read(records, data, chunk) == payloads
+    assert not records.partial and records.held == 0
+
+
+def test_a_header_that_claims_much_does_not_make_the_buffer_grow():
+    records = tcp._Records()
+    _read(records, (60 * 1024 * 1024).to_bytes(4, "big") + b"x" * 1000, 1000)
+    assert records.held == 4 + 1000
+    assert len(records._buf) <= 2 * tcp._MIN_READ  # not 60 MiB before the bytes arrive
+    with records.get_buffer() as room:
+        assert len(room) <= 2 * tcp._MIN_READ
+
+
+def test_the_limit_is_checked_at_each_record_and_a_big_buffer_shrinks_when_idle():
+    records = tcp._Records()
+    records.limit = 10
+    data = tcp.record(b"small") + tcp.record(b"x" * 11)
+    with pytest.raises(tcp.Refused, match="11 bytes is too large"):
+        _read(records, data, len(data))
+    records = tcp._Records()
+    assert _read(records, tcp.record(b"y" * 20_000_000), 5_000_000) == [b"y" * 20_000_000]
+    assert len(records._buf) >= 20_000_000
+    records.get_buffer().release()  # idle: back to a small buffer
+    assert len(records._buf) == tcp._MIN_READ
+
+
+def test_records_fed_as_bytes():
+    records = tcp._Records()
+    first = tcp.record(b"abc") + tcp.record(b"d" * 500_000)
+    assert [bytes(p) for p in records.feed(first[:7])] == [b"abc"]
+    assert [bytes(p) for p in records.feed(first[7:])] == [b"d" * 500_000]

@@ -63,47 +63,96 @@ def record(payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
+_MIN_READ = 256 * 1024  # room offered to a read (uvloop reads up to 256 KiB at a time)
+_SHRINK_ABOVE = 8 * 1024 * 1024  # an idle buffer bigger than this goes back to _MIN_READ
+
+
 class _Records:
-    """Splits a byte stream into length-prefixed records."""
+    """Splits a byte stream into length-prefixed records.
+
+    The stream is read straight into one buffer (``get_buffer`` / ``updated``, for an
+    ``asyncio.BufferedProtocol``), and each record is handed out as a view of it: a frame of a
+    few MiB was copied three times on its way in (the read's bytes, appended to a buffer, cut
+    out as bytes), ~7% of a follower's CPU under a batched load (perf). The buffer grows only
+    as data arrives (at most twice what is held, plus one read), never to a size a header
+    merely claims."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray(_MIN_READ)
+        self._start = 0  # the first byte not yet handed out
+        self._end = 0  # the end of what was read
         self.limit = MAX_RECORD_BYTES  # the largest record taken
 
     @property
     def partial(self) -> bool:
         """Part of a record has arrived, not all of it."""
-        return bool(self._buf)
+        return self._end > self._start
 
     @property
     def held(self) -> int:
         """Bytes of unfinished records held."""
-        return len(self._buf)
+        return self._end - self._start
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Take ``data``; yield each record it completes. The limit is checked as each record
-        is reached, so a caller may raise it between two records of one read."""
-        self._buf += data
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes. (Called between reads: no view of the buffer is alive,
+        so it may move.)"""
+        buf, start, end = self._buf, self._start, self._end
+        held = end - start
+        room = _MIN_READ
+        if held >= 4:
+            size = int.from_bytes(buf[start : start + 4], "big")
+            if size <= self.limit:  # (a bigger one is refused once its header is taken)
+                room = max(room, min(start + 4 + size - end, held + _MIN_READ))
+        if len(buf) - end < room:
+            if held + room <= len(buf):
+                buf[:held] = buf[start:end]  # (the unfinished record to the front)
+            else:  # (a new buffer, not a resize: a view of the old one may still be alive)
+                self._buf = bytearray(held + room)
+                self._buf[:held] = buf[start:end]
+            self._start, self._end = 0, held
+            return memoryview(self._buf)[held:]
+        if not held and len(buf) > _SHRINK_ABOVE:
+            self._buf = bytearray(_MIN_READ)
+            self._start = self._end = end = 0
+        return memoryview(self._buf)[end:]
+
+    def clear(self) -> None:
+        """Drop what is held."""
+        self._start = self._end = 0
+
+    def updated(self, nbytes: int) -> Iterator[memoryview]:
+        """``nbytes`` were read into the buffer; yield each record they complete, as a view
+        that is released once the loop over them moves on. The limit is checked as each
+        record is reached, so a caller may raise it between two records of one read."""
+        self._end += nbytes
         return self._records()
 
-    def _records(self) -> Iterator[bytes]:
-        buf = self._buf
-        start = 0
-        try:
-            while len(buf) - start >= 4:
-                size = int.from_bytes(buf[start : start + 4], "big")
+    def feed(self, data: bytes) -> Iterator[memoryview]:
+        """Take ``data`` (a stream read as bytes); yield each record it completes."""
+        written = 0
+        while written < len(data):
+            with self.get_buffer() as room:
+                n = min(len(room), len(data) - written)
+                room[:n] = data[written : written + n]
+            self._end += n
+            written += n
+        return self._records()
+
+    def _records(self) -> Iterator[memoryview]:
+        with memoryview(self._buf) as view:
+            while self._end - self._start >= 4:
+                start = self._start
+                size = int.from_bytes(view[start : start + 4], "big")
                 if size > self.limit:
                     raise Refused(_INVALID_ARGUMENT, f"record of {size} bytes is too large")
                 end = start + 4 + size
-                if len(buf) < end:
+                if self._end < end:
                     break
-                start = end
-                with memoryview(buf) as view:  # (one copy: a bytearray slice is one more)
-                    payload = bytes(view[end - size : end])
-                yield payload
-        finally:
-            if start:
-                del buf[:start]
+                self._start = end
+                if self._start == self._end:
+                    self._start = self._end = 0
+                with view[end - size : end] as payload:
+                    yield payload
 
 
 # A peer machine that vanishes without a reset (power loss, a partition) must not keep our
@@ -138,7 +187,7 @@ def _tune(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, DEAD_PEER_S // 2)
 
 
-class _Inbound(asyncio.Protocol):
+class _Inbound(asyncio.BufferedProtocol):
     def __init__(self, server: ReplicationServer) -> None:
         self.server = server
         self.records = _Records()
@@ -166,14 +215,20 @@ class _Inbound(asyncio.Protocol):
         if self.sender is not None and self.server.senders.get(self.sender) is self:
             del self.server.senders[self.sender]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.records.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         transport = self.transport
         if transport is None or transport.is_closing() or self.refused:
-            return  # after a refusal: read and dropped, so that closing sends no reset
+            # After a refusal: read and dropped, so that closing sends no reset.
+            self.server.partial_bytes -= self.records.held  # (the read is not counted yet)
+            self.records.clear()
+            return
         completed = False
-        held = self.records.held
+        held = self.records.held  # (before the read)
         try:
-            for payload in self.records.feed(data):
+            for payload in self.records.updated(nbytes):
                 completed = True
                 try:
                     f = pb.Frame.FromString(payload)
@@ -336,7 +391,7 @@ class OutboundStream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            payloads = list(self._records.feed(data))
+            payloads = [bytes(p) for p in self._records.feed(data)]
             if not payloads:
                 return  # the rest of the refusal is on its way
             self.refusal = pb.StreamRefusal.FromString(payloads[0])
