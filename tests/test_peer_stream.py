@@ -320,6 +320,10 @@ def test_the_limit_is_checked_at_each_record_and_a_big_buffer_shrinks_when_idle(
     assert len(records._buf) >= 20_000_000
     records.get_buffer().release()  # idle: back to a small buffer
     assert len(records._buf) == tcp._MIN_READ
+    stranger = tcp._Records()
+    stranger.limit = tcp.HANDSHAKE_BYTES
+    stranger.get_buffer().release()
+    assert len(stranger._buf) == tcp.HANDSHAKE_BYTES + 4  # what one record of it may take
 
 
 def test_records_fed_as_bytes():

@@ -17,7 +17,8 @@ empty one at once) names the sender, who must be the certificate's common name u
 is at most ``HANDSHAKE_BYTES``; every later frame must come from the same sender. A connection
 that has not done so within ``HANDSHAKE_S``, or that stops in the middle of a record for
 ``STALL_S``, is dropped; at most ``MAX_CONNECTIONS`` are open, and a sender that connects again
-replaces its older connection. So a stranger holds at most a few KiB here, for a few seconds.
+replaces its older connection. So a stranger makes us hold at most one buffer of
+``HANDSHAKE_BYTES`` (64 KiB) per connection here, for a few seconds.
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ class _Records:
     few MiB was copied three times on its way in (the read's bytes, appended to a buffer, cut
     out as bytes), ~7% of a follower's CPU under a batched load (perf). The buffer grows only
     as data arrives (at most twice what is held, plus one read), never to a size a header
-    merely claims."""
+    merely claims, nor past one record while the limit is small (a stranger's connection)."""
 
     def __init__(self) -> None:
-        self._buf = bytearray(_MIN_READ)
+        self._buf = bytearray()  # (until the first read)
         self._start = 0  # the first byte not yet handed out
         self._end = 0  # the end of what was read
         self.limit = MAX_RECORD_BYTES  # the largest record taken
@@ -98,7 +99,7 @@ class _Records:
         so it may move.)"""
         buf, start, end = self._buf, self._start, self._end
         held = end - start
-        room = _MIN_READ
+        room = min(_MIN_READ, self.limit + 4)  # (a stranger's first record is small)
         if held >= 4:
             size = int.from_bytes(buf[start : start + 4], "big")
             if size <= self.limit:  # (a bigger one is refused once its header is taken)
@@ -112,7 +113,7 @@ class _Records:
             self._start, self._end = 0, held
             return memoryview(self._buf)[held:]
         if not held and len(buf) > _SHRINK_ABOVE:
-            self._buf = bytearray(_MIN_READ)
+            self._buf = bytearray(room)
             self._start = self._end = end = 0
         return memoryview(self._buf)[end:]
 
