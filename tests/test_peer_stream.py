@@ -331,3 +331,16 @@ def test_records_fed_as_bytes():
     first = tcp.record(b"abc") + tcp.record(b"d" * 500_000)
     assert [bytes(p) for p in records.feed(first[:7])] == [b"abc"]
     assert [bytes(p) for p in records.feed(first[7:])] == [b"d" * 500_000]
+
+
+def test_a_stream_that_went_quiet_gives_back_its_big_buffer():
+    records = tcp._Records()
+    unfinished = (100).to_bytes(4, "big") + b"pa"
+    _read(records, tcp.record(b"z" * 3_000_000) + unfinished, 1_000_000)
+    records.shrink()  # part of a record is held: kept
+    assert len(records._buf) >= 3_000_000 and records.held == 6
+    records = tcp._Records()
+    _read(records, tcp.record(b"z" * 3_000_000), 1_000_000)
+    records.shrink()
+    assert len(records._buf) == 0
+    assert _read(records, tcp.record(b"after"), 10) == [b"after"]

@@ -13,9 +13,11 @@ the heap back as soon as 128 KiB of it is free: a node's hot path frees and make
 to a few MiB for every replication frame (the record read, its decoded batch), so the heap's
 top was given back and faulted in again, zeroed, page by page: ~20% of a follower's CPU under
 a batched load (perf: page faults, clear_page, unmap). Up to ``keep_free`` bytes of free heap
-top are now kept (8 MiB: ~8 bytes per key of a store of 1M keys, within bench/memory.py's
-noise). Batched puts, alternating runs: 3 nodes 1,012k/977k -> 1,105k/1,083k per second, 5
-nodes 652k/657k -> 748k/711k.
+top are now kept. Batched puts per second, alternating runs (3 nodes / 5 nodes): 128 KiB
+1,102k/1,093k / 768k/805k; 2 MiB 1,135k/1,163k / 787k/799k; 4 MiB 1,188k/1,169k /
+811k/820k; 8 MiB 1,199k/1,187k / 835k/832k. bench/memory.py (three runs each): 128 KiB
+155/149/152 bytes of RSS per key of a store of 1M keys, 8 MiB 158/155/164. 4 MiB takes most
+of the gain for half of the memory.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _M_TRIM_THRESHOLD = -1  # (malloc.h)
 _M_MMAP_THRESHOLD = -3
 
 
-def keep_big_blocks_mapped(threshold: int = 4 << 20, keep_free: int = 8 << 20) -> bool:
+def keep_big_blocks_mapped(threshold: int = 4 << 20, keep_free: int = 4 << 20) -> bool:
     """Blocks of ``threshold`` bytes and more are mapped and unmapped on their own, always;
     the heap keeps up to ``keep_free`` bytes of its free top. False where the C library is not
     glibc (nothing is changed)."""

@@ -66,6 +66,7 @@ def record(payload: bytes) -> bytes:
 
 _MIN_READ = 256 * 1024  # room offered to a read (uvloop reads up to 256 KiB at a time)
 _SHRINK_ABOVE = 8 * 1024 * 1024  # an idle buffer bigger than this goes back to _MIN_READ
+_IDLE_S = 1.0  # a stream without a big record for this long gives back its buffer
 
 
 class _Records:
@@ -120,6 +121,12 @@ class _Records:
     def clear(self) -> None:
         """Drop what is held."""
         self._start = self._end = 0
+
+    def shrink(self) -> None:
+        """Give back a buffer grown for big records, if it holds nothing now."""
+        if not self.partial and len(self._buf) > _MIN_READ:
+            self._buf = bytearray()
+            self._start = self._end = 0
 
     def updated(self, nbytes: int) -> Iterator[memoryview]:
         """``nbytes`` were read into the buffer; yield each record they complete, as a view
@@ -198,6 +205,7 @@ class _Inbound(asyncio.BufferedProtocol):
         self.sender: str | None = None  # who the first frame named (checked): no more limits
         self.identity: str | None = None  # the TLS certificate's common name
         self.opened = self.progress = 0.0  # loop times: connected, last record or empty buffer
+        self.big_record_at = 0.0  # loop time of the last record bigger than a read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -231,6 +239,8 @@ class _Inbound(asyncio.BufferedProtocol):
         try:
             for payload in self.records.updated(nbytes):
                 completed = True
+                if len(payload) > _MIN_READ:
+                    self.big_record_at = asyncio.get_running_loop().time()
                 try:
                     f = pb.Frame.FromString(payload)
                 except DecodeError as exc:
@@ -288,6 +298,8 @@ class _Inbound(asyncio.BufferedProtocol):
             return f"no frame within {HANDSHAKE_S:g}s"
         if self.records.partial and now - self.progress > STALL_S:
             return f"a record unfinished for {STALL_S:g}s"
+        if now - self.big_record_at > _IDLE_S:
+            self.records.shrink()  # (a stream that went quiet keeps no buffer of its busiest frame)
         return None
 
     def eof_received(self) -> bool:
