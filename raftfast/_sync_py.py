@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-_IOV_MAX = 1024
+_IOV_MAX = 1024  # buffers per writev (Linux's limit)
 
 
 class FileWriter:
@@ -87,7 +87,7 @@ class FileWriter:
                 time.sleep(delay)
             outcome: int | OSError
             try:
-                outcome = _write_all(fd, views)
+                outcome = write_all(fd, views)
                 if datasync:
                     os.fdatasync(fd)
             except OSError as exc:
@@ -98,8 +98,9 @@ class FileWriter:
             os.eventfd_write(self._done_fd, 1)
 
 
-def _write_all(fd: int, views: list[memoryview]) -> int:
-    """writev until every piece is written (short writes go on from where they stopped)."""
+def write_all(fd: int, views: list[memoryview]) -> int:
+    """writev until every piece is written (short writes go on from where they stopped); the
+    bytes written. (The WAL's own writes in the loop go through here too.)"""
     views = [v for v in views if len(v)]
     total = sum(map(len, views))
     first = 0

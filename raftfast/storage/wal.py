@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
 from raftfast._accel import EntryLog, batch_info, crc32c
+from raftfast._sync_py import write_all
 from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, FormatVersionError, LogError, StorageError
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
@@ -59,7 +60,6 @@ _TYPE_CRC = {
     for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED, REC_SNAPSHOT, REC_FORMAT)
 }
 _TYPE_BYTE = re.compile(rb"[\x01-\x05]")  # candidate type bytes when looking past a bad record
-_IOV_MAX = 1024  # buffers per writev (Linux's limit)
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})\.wal$")
 
 
@@ -614,20 +614,8 @@ class WAL:
     def _write(self, pieces: list[bytes]) -> int:
         """Write ``pieces`` in order with writev, not joined first (a Ready's records are
         megabytes under a batched load: joining them was one more copy of every byte); returns
-        the bytes written. A short write goes on from where it stopped."""
-        views = [memoryview(p) for p in pieces if p]
-        total = sum(map(len, views))
-        first = 0
-        while first < len(views):
-            n = os.writev(self._fd, views[first : first + _IOV_MAX])
-            if n <= 0:
-                raise OSError(f"write returned {n}")
-            while first < len(views) and n >= len(views[first]):
-                n -= len(views[first])
-                first += 1
-            if n:
-                views[first] = views[first][n:]
-        return total
+        the bytes written."""
+        return write_all(self._fd, [memoryview(p) for p in pieces])
 
     def _create_segment(self, seq: int) -> None:
         path = os.path.join(self._dir, _segment_name(seq))
