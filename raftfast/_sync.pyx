@@ -7,8 +7,9 @@ each of the two system calls, and to hand the result back: each time it may wait
 event loop to let go of it, and each hand-off is a context switch. Measured under 8 clients x 1
 put in flight: ~1 ms from submit to result for a ~0.3 ms fdatasync, and the executor thread
 switched ~6 times per sync. This thread is C: it waits on a condition variable, does the
-system calls, and writes to an eventfd the event loop watches (``fileno``); nothing of it needs
-the GIL, so the loop is woken once, when the job is done.
+system calls, and writes a byte to a pipe the event loop watches (``fileno``); nothing of it
+needs the GIL, so the loop is woken once, when the job is done. (fdatasync; fsync on macOS,
+which has no fdatasync.)
 
 One job at a time: ``submit`` a file descriptor and the pieces to write (any objects with the
 buffer protocol: they are held, read-only, until ``result``), wait for ``fileno`` to be
@@ -17,7 +18,6 @@ readable, then ``result`` gives the bytes written or raises the OSError of the f
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport uint64_t
 from libc.stdlib cimport calloc, free
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -30,13 +30,27 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t write(int fd, const void *buf, size_t count)
     ssize_t read(int fd, void *buf, size_t count)
     int close(int fd)
-    int fdatasync(int fd)
+    int pipe(int fds[2])
     int usleep(unsigned int usec)
 
-cdef extern from "<sys/eventfd.h>" nogil:
-    int eventfd(unsigned int initval, int flags)
-    int EFD_CLOEXEC
-    int EFD_NONBLOCK
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    int F_GETFL
+    int F_SETFL
+    int F_SETFD
+    int FD_CLOEXEC
+    int O_NONBLOCK
+
+cdef extern from *:
+    """
+    #include <unistd.h>
+    #ifdef __APPLE__
+    static int raftfast_datasync(int fd) { return fsync(fd); }  /* (no fdatasync there) */
+    #else
+    static int raftfast_datasync(int fd) { return fdatasync(fd); }
+    #endif
+    """
+    int raftfast_datasync(int fd) nogil
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -73,7 +87,8 @@ cdef struct Shared:
     long long written
     int err  # errno of the failed call, 0 if none
     int failed_call  # 1: writev, 2: fdatasync
-    int done_fd
+    int done_fd  # a pipe's read end: one byte per job done
+    int signal_fd  # its write end
 
 
 cdef int _write_all(Shared *s) noexcept nogil:
@@ -104,7 +119,7 @@ cdef int _write_all(Shared *s) noexcept nogil:
 
 cdef void *_thread_main(void *arg) noexcept nogil:
     cdef Shared *s = <Shared *>arg
-    cdef uint64_t one = 1
+    cdef char one = 1
     cdef int err
     while True:
         pthread_mutex_lock(&s.lock)
@@ -124,7 +139,7 @@ cdef void *_thread_main(void *arg) noexcept nogil:
         if err:
             s.failed_call = 1
         elif s.datasync:
-            while fdatasync(s.fd) != 0:
+            while raftfast_datasync(s.fd) != 0:
                 if errno != EINTR:
                     err = errno
                     s.failed_call = 2
@@ -133,7 +148,7 @@ cdef void *_thread_main(void *arg) noexcept nogil:
         s.err = err
         s.pending = 0
         pthread_mutex_unlock(&s.lock)
-        while write(s.done_fd, &one, 8) < 0 and errno == EINTR:
+        while write(s.signal_fd, &one, 1) < 0 and errno == EINTR:
             pass
 
 
@@ -152,19 +167,23 @@ cdef class FileWriter:
         self.s = <Shared *>calloc(1, sizeof(Shared))
         if self.s == NULL:
             raise MemoryError()
-        self.s.done_fd = -1
+        self.s.done_fd = self.s.signal_fd = -1
         pthread_mutex_init(&self.s.lock, NULL)
         pthread_cond_init(&self.s.cond, NULL)
-        self.s.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if self.s.done_fd < 0:
-            raise OSError(errno, "eventfd failed")
+        cdef int fds[2]
+        if pipe(fds) != 0:
+            raise OSError(errno, "pipe failed")
+        self.s.done_fd, self.s.signal_fd = fds[0], fds[1]
+        fcntl(fds[0], F_SETFL, fcntl(fds[0], F_GETFL) | O_NONBLOCK)
+        fcntl(fds[0], F_SETFD, FD_CLOEXEC)
+        fcntl(fds[1], F_SETFD, FD_CLOEXEC)
         cdef int err = pthread_create(&self.thread, NULL, _thread_main, self.s)
         if err:
             raise OSError(err, "cannot start the writer thread")
         self.running = True
 
     def fileno(self) -> int:
-        """Readable once a submitted job is done (an eventfd)."""
+        """Readable once a submitted job is done (a pipe)."""
         return self.s.done_fd
 
     @property
@@ -223,9 +242,9 @@ cdef class FileWriter:
         if not self.busy:
             raise RuntimeError("no job was submitted")
         cdef Shared *s = self.s
-        cdef uint64_t count
-        # The thread writes the eventfd once per job, after the job's outcome is stored.
-        if read(s.done_fd, &count, 8) != 8:
+        cdef char byte
+        # The thread writes one byte per job, after the job's outcome is stored.
+        if read(s.done_fd, &byte, 1) != 1:
             return None
         pthread_mutex_lock(&s.lock)  # (pairs with the thread's store of the outcome)
         err, failed_call, written = s.err, s.failed_call, s.written
@@ -268,6 +287,8 @@ cdef class FileWriter:
             self.close()
         if self.s.done_fd >= 0:
             close(self.s.done_fd)
+        if self.s.signal_fd >= 0:
+            close(self.s.signal_fd)
         free(self.s.iov)
         pthread_cond_destroy(&self.s.cond)
         pthread_mutex_destroy(&self.s.lock)

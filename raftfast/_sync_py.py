@@ -8,28 +8,38 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 
 _IOV_MAX = 1024  # buffers per writev (Linux's limit)
+
+
+class _State:
+    """What the thread shares with the writer (the thread holds no reference to the writer,
+    so one dropped unclosed is collected, and its finalizer stops the thread)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.job: tuple[int, list[memoryview], bool, float] | None = None
+        self.outcome: int | OSError = 0
+        self.stop = False
+        self.done_fd, self.signal_fd = os.pipe()  # (one byte per job done)
+        os.set_blocking(self.done_fd, False)
 
 
 class FileWriter:
     """A thread of its own that writes pieces to a file descriptor, then fdatasyncs it."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._job: tuple[int, list[memoryview], bool, float] | None = None
-        self._outcome: int | OSError = 0
-        self._stop = False
+        self._state = state = _State()
         self._busy = False
-        self._running = True
-        self._done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread = threading.Thread(target=self._main, name="raftfast-writer", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=_main, args=(state,), name="raftfast-writer", daemon=True)
+        thread.start()
+        self._close = weakref.finalize(self, _close, state, thread)
 
     def fileno(self) -> int:
-        """Readable once a submitted job is done (an eventfd)."""
-        return self._done_fd
+        """Readable once a submitted job is done (a pipe)."""
+        return self._state.done_fd
 
     @property
     def busy(self) -> bool:
@@ -38,64 +48,71 @@ class FileWriter:
     def submit(self, fd: int, pieces: Iterable, datasync: bool, delay: float = 0.0) -> None:
         """Write ``pieces`` in order to ``fd``, then fdatasync it if ``datasync``. ``delay``
         (seconds, tests only) makes the thread start that much later."""
-        if not self._running:
+        if not self._close.alive:
             raise RuntimeError("the writer is closed")
         if self._busy:
             raise RuntimeError("the writer is busy with an earlier job")
         views = [memoryview(p) for p in pieces]  # TypeError for what is not bytes-like
         self._busy = True
-        with self._cond:
-            self._job = (fd, views, bool(datasync), delay)
-            self._cond.notify()
+        state = self._state
+        with state.cond:
+            state.job = (fd, views, bool(datasync), delay)
+            state.cond.notify()
 
     def result(self) -> int | None:
         """The bytes the finished job wrote (raises its OSError); None while it runs."""
         if not self._busy:
             raise RuntimeError("no job was submitted")
+        state = self._state
         try:
-            os.eventfd_read(self._done_fd)
+            if not os.read(state.done_fd, 1):
+                return None
         except BlockingIOError:
             return None
         self._busy = False
-        with self._cond:
-            outcome = self._outcome
+        with state.cond:
+            outcome = state.outcome
         if isinstance(outcome, OSError):
             raise outcome
         return outcome
 
     def close(self) -> None:
         """Stop the thread once its job (if any) is done; then the writer cannot be used."""
-        if not self._running:
-            return
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self._thread.join()
-        self._running = False
         self._busy = False
-        os.close(self._done_fd)
+        self._close()
 
-    def _main(self) -> None:
-        while True:
-            with self._cond:
-                while self._job is None and not self._stop:
-                    self._cond.wait()
-                if self._job is None:
-                    return
-                fd, views, datasync, delay = self._job
-            if delay > 0:
-                time.sleep(delay)
-            outcome: int | OSError
-            try:
-                outcome = write_all(fd, views)
-                if datasync:
-                    os.fdatasync(fd)
-            except OSError as exc:
-                outcome = exc
-            with self._cond:
-                self._outcome = outcome
-                self._job = None
-            os.eventfd_write(self._done_fd, 1)
+
+def _close(state: _State, thread: threading.Thread) -> None:
+    with state.cond:
+        state.stop = True
+        state.cond.notify()
+    if thread is not threading.current_thread():
+        thread.join()
+    os.close(state.done_fd)
+    os.close(state.signal_fd)
+
+
+def _main(state: _State) -> None:
+    while True:
+        with state.cond:
+            while state.job is None and not state.stop:
+                state.cond.wait()
+            if state.job is None:
+                return
+            fd, views, datasync, delay = state.job
+        if delay > 0:
+            time.sleep(delay)
+        outcome: int | OSError
+        try:
+            outcome = write_all(fd, views)
+            if datasync:
+                (getattr(os, "fdatasync", None) or os.fsync)(fd)  # (macOS: fsync)
+        except OSError as exc:
+            outcome = exc
+        with state.cond:
+            state.outcome = outcome
+            state.job = None
+        os.write(state.signal_fd, b"\x01")
 
 
 def write_all(fd: int, views: list[memoryview]) -> int:

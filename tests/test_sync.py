@@ -27,7 +27,7 @@ def writer(request):
 
 
 def finish(w, timeout: float = 10.0):
-    """Wait for the job's eventfd, then its result (as the event loop's reader does)."""
+    """Wait for the job's pipe, then its result (as the event loop's reader does)."""
     readable, _, _ = select.select([w.fileno()], [], [], timeout)
     assert readable, "the writer did not finish its job"
     return w.result()
@@ -141,3 +141,18 @@ def test_the_pieces_are_held_while_the_thread_writes(writer, tmp_path):
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"".join(bytes([i]) * 4096 for i in range(64))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_closed_writers_leave_no_descriptor_or_thread(impl):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("counts descriptors in /proc")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        w = impl.FileWriter()
+        w.close()
+        del w
+    for _ in range(200):
+        impl.FileWriter()  # dropped unclosed: collected, closed
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    assert len(os.listdir("/proc/self/task")) <= 10

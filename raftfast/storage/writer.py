@@ -2,7 +2,7 @@
 
 ``WALWriter.sync`` takes what the WAL buffered (``WAL.begin_sync``), hands it to a
 ``FileWriter`` (compiled: a C thread, see raftfast/_sync.pyx; pure twin: a Python thread), and
-finishes it (``WAL.end_sync``) from a reader callback on the writer's eventfd: the loop is woken
+finishes it (``WAL.end_sync``) from a reader callback on the writer's pipe: the loop is woken
 once per sync, and the WAL's bookkeeping is done even if the task awaiting it was cancelled.
 """
 
