@@ -16,8 +16,10 @@ buffer protocol: they are held, read-only, until ``result``), wait for ``fileno`
 readable, then ``result`` gives the bytes written or raises the OSError of the failed call.
 """
 
+import os
+
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EINTR, EIO, errno
 from libc.stdlib cimport calloc, free
 
 cdef extern from "<sys/uio.h>" nogil:
@@ -105,7 +107,7 @@ cdef int _write_all(Shared *s) noexcept nogil:
                 continue
             return errno
         if n == 0:
-            return 5  # EIO: no progress
+            return EIO  # (no progress)
         s.written += n
         while left > 0 and <size_t>n >= iov[0].iov_len:
             n -= iov[0].iov_len
@@ -296,7 +298,5 @@ cdef class FileWriter:
         self.s = NULL
 
 
-def _strerror(int err) -> str:
-    import os
-
+cdef str _strerror(int err):
     return os.strerror(err)

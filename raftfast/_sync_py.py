@@ -99,20 +99,29 @@ def _main(state: _State) -> None:
                 state.cond.wait()
             if state.job is None:
                 return
-            fd, views, datasync, delay = state.job
+            fd, views, sync, delay = state.job
         if delay > 0:
             time.sleep(delay)
         outcome: int | OSError
         try:
             outcome = write_all(fd, views)
-            if datasync:
-                (getattr(os, "fdatasync", None) or os.fsync)(fd)  # (macOS: fsync)
+            if sync:
+                datasync(fd)
         except OSError as exc:
             outcome = exc
+        except Exception as exc:  # noqa: BLE001 - a dead thread would leave the WAL waiting
+            outcome = OSError(f"the WAL writer failed: {exc!r}")
         with state.cond:
             state.outcome = outcome
             state.job = None
         os.write(state.signal_fd, b"\x01")
+
+
+def datasync(fd: int) -> None:
+    """fdatasync (fsync on macOS, which has none), looked up at call time so tests can count
+    or fail it. (The WAL's own syncs in the loop go through here too.)"""
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
 
 
 def write_all(fd: int, views: list[memoryview]) -> int:

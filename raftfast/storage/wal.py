@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
 from raftfast._accel import EntryLog, batch_info, crc32c
-from raftfast._sync_py import write_all
+from raftfast._sync_py import datasync, write_all
 from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, FormatVersionError, LogError, StorageError
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
@@ -89,12 +89,6 @@ class PendingSync(NamedTuple):
 
 def _segment_name(seq: int) -> str:
     return f"{seq:016x}.wal"
-
-
-def _datasync(fd: int) -> None:
-    # Looked up at call time so tests can count or fail it; macOS has no fdatasync.
-    sync = getattr(os, "fdatasync", None) or os.fsync
-    sync(fd)
 
 
 def _record(rtype: int, payload: bytes) -> list[bytes]:
@@ -448,7 +442,7 @@ class WAL:
         try:
             written = self._write(job.pieces)
             if self._fsync:
-                _datasync(self._fd)
+                datasync(self._fd)
         except OSError as exc:
             self._fail(exc)
         self._synced(job, written)

@@ -5,8 +5,10 @@ leaves the WAL consistent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,11 +22,21 @@ from raftfast.storage.writer import WALWriter
 from .walutil import batch, contents, reopen
 
 
+@contextlib.contextmanager
+def writer_on(path, **kw) -> Iterator[tuple[WAL, WALWriter]]:
+    """A WAL at ``path`` and a WALWriter on it, both closed at the end."""
+    wal = WAL.open(str(path), **kw)
+    w = WALWriter(wal)
+    try:
+        yield wal, w
+    finally:
+        w.close()
+        wal.close()
+
+
 def test_syncs_on_the_writer_recover_like_inline_ones(tmp_path):
     async def main() -> None:
-        wal = WAL.open(str(tmp_path / "w"), segment_bytes=300)  # rotates every few writes
-        w = WALWriter(wal)
-        try:
+        with writer_on(tmp_path / "w", segment_bytes=300) as (wal, w):  # rotates every few writes
             for i in range(1, 31):
                 wal.append(HardState(1 + i // 10, "n1", i - 1), batch(i, 1 + i // 10, 1))
                 if i % 3:
@@ -33,8 +45,6 @@ def test_syncs_on_the_writer_recover_like_inline_ones(tmp_path):
                     wal.sync()  # inline and on the writer, mixed
             assert len(wal.segments) > 3
             assert w.start() is None  # nothing buffered: no job
-        finally:
-            w.close()
         again = reopen(wal)
         try:
             state = again.recovered()
@@ -48,9 +58,7 @@ def test_syncs_on_the_writer_recover_like_inline_ones(tmp_path):
 
 def test_one_sync_at_a_time(tmp_path):
     async def main() -> None:
-        wal = WAL.open(str(tmp_path / "w"))
-        w = WALWriter(wal)
-        try:
+        with writer_on(tmp_path / "w") as (wal, w):
             wal.append(HardState(1, "a", 0), batch(1, 1, 1))
             first = w.start(0.05)
             wal.append(None, batch(2, 1, 1))
@@ -58,9 +66,6 @@ def test_one_sync_at_a_time(tmp_path):
                 w.start()
             await first
             await w.sync()
-        finally:
-            w.close()
-            wal.close()
 
     asyncio.run(main())
 
@@ -73,9 +78,7 @@ def test_a_failed_write_fails_the_wal(tmp_path, monkeypatch):
         raise OSError(errno.EIO, "Input/output error (injected)")
 
     async def main() -> None:
-        wal = WAL.open(str(tmp_path / "w"))
-        w = WALWriter(wal)
-        try:
+        with writer_on(tmp_path / "w") as (wal, w):
             wal.append(HardState(1, "a", 0), batch(1, 1, 1))
             await w.sync()
             monkeypatch.setattr(os, "fdatasync", eio)
@@ -85,9 +88,6 @@ def test_a_failed_write_fails_the_wal(tmp_path, monkeypatch):
             monkeypatch.undo()
             with pytest.raises(StorageError):  # the WAL does not pretend afterwards
                 wal.append(None, batch(3, 1, 1))
-        finally:
-            w.close()
-            wal.close()
 
     asyncio.run(main())
 
@@ -96,29 +96,24 @@ def test_a_full_disk_fails_the_wal(tmp_path):
     """The compiled writer's own failure (and the twin's): a write to /dev/full."""
 
     async def main() -> None:
-        wal = WAL.open(str(tmp_path / "w"))
-        w = WALWriter(wal)
         full = os.open("/dev/full", os.O_WRONLY)
         try:
-            wal.append(HardState(1, "a", 0), batch(1, 1, 1))
-            os.dup2(full, wal._fd)  # the segment's descriptor now writes to a full disk
-            with pytest.raises(StorageError, match="No space left"):
-                await w.sync()
-            with pytest.raises(StorageError):
-                wal.sync()
+            with writer_on(tmp_path / "w") as (wal, w):
+                wal.append(HardState(1, "a", 0), batch(1, 1, 1))
+                os.dup2(full, wal._fd)  # the segment's descriptor now writes to a full disk
+                with pytest.raises(StorageError, match="No space left"):
+                    await w.sync()
+                with pytest.raises(StorageError):
+                    wal.sync()
         finally:
             os.close(full)
-            w.close()
-            wal.close()
 
     asyncio.run(main())
 
 
 def test_a_cancelled_waiter_leaves_the_wal_consistent(tmp_path):
     async def main() -> None:
-        wal = WAL.open(str(tmp_path / "w"))
-        w = WALWriter(wal)
-        try:
+        with writer_on(tmp_path / "w") as (wal, w):
             wal.append(HardState(1, "a", 0), batch(1, 1, 2))
             task = asyncio.ensure_future(w.sync(0.1))
             await asyncio.sleep(0.01)
@@ -128,8 +123,6 @@ def test_a_cancelled_waiter_leaves_the_wal_consistent(tmp_path):
             await asyncio.wait_for(w.drain(), 10)  # the write finishes all the same
             wal.append(None, batch(3, 1, 1))
             wal.sync()  # the WAL's lock was released
-        finally:
-            w.close()
         again = reopen(wal)
         try:
             assert again.recovered().log.last_index == 3
