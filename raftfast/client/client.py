@@ -32,6 +32,11 @@ How it talks to the cluster:
   ``frame_id``. Many concurrent calls therefore travel as a few frames. When the stream fails,
   every operation still in flight is retried on a new stream (writes with their sequences).
   ``scan`` and ``status`` are unary calls.
+* **The stream's transport.** Where a node offers the Session stream over plain TCP (its
+  ``Status`` names the port: ``--client-stream-port``), the client uses it (under the same TLS):
+  a gRPC stream message costs ~0.2 ms of CPU at each end, and a write is two.
+  ``session_transport="grpc"`` keeps to the gRPC call; a node whose TCP port cannot be reached
+  is asked over gRPC for 10 s before the client tries TCP there again.
 
 Keys and values are ``bytes`` (``bytearray`` and ``memoryview`` are copied); ``str`` is encoded
 as UTF-8; anything else raises ``TypeError``.
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -74,7 +80,7 @@ from raftfast.client.calls import (
     parse_endpoints,
     read_mode_of,
 )
-from raftfast.client.session import Op, SessionMixin, SessionStub, Stream
+from raftfast.client.session import SESSION_TRANSPORTS, Op, SessionMixin, SessionStub, Stream
 from raftfast.errors import (
     ClusterUnavailableError,
     CommandError,
@@ -139,11 +145,21 @@ class Client(SessionMixin):
         backoff_base: float = 0.02,
         backoff_max: float = 0.1,  # while no leader answers: a new one is found within this
         tls: TLSFiles | None = None,
+        session_transport: str = "auto",
     ) -> None:
         self._endpoints = parse_endpoints(endpoints)
+        if session_transport not in SESSION_TRANSPORTS:
+            raise ValueError(f"session_transport must be one of {', '.join(SESSION_TRANSPORTS)}")
         if tls is not None and not isinstance(tls, TLSFiles):
             raise TypeError(f"tls must be a raftfast.TLSFiles, not {type(tls).__name__}")
         self._credentials = channel_credentials(tls) if tls is not None else None
+        self._tls = tls
+        self._ssl_context: ssl.SSLContext | None = None  # (made on first use)
+        self._session_transport = session_transport
+        self._session_ports: dict[str, int] = {}  # address -> its Session port over TCP (0: none)
+        # address -> (Session streams over TCP that could not connect in a row, when the last)
+        self._tcp_failures: dict[str, tuple[int, float]] = {}
+        self._hello = pb.SessionHello(cluster_id=cluster_id or "")
         self._timeout = self._check_timeout(timeout)
         if client_id is None:
             client_id = new_client_id()

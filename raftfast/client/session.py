@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from raftfast.address import is_address
+from raftfast.address import is_address, split_address
 from raftfast.client.calls import (
     CODE_INVALID_ARGUMENT,
     CODE_NAMES,
@@ -31,6 +31,7 @@ from raftfast.client.calls import (
     not_raftfast,
     one_line,
 )
+from raftfast.client.session_tcp import TcpSessionCall
 from raftfast.errors import (
     InvalidArgumentError,
     NoSpaceError,
@@ -100,6 +101,9 @@ class Stream:
             self.restart.set()
 
 
+SESSION_TRANSPORTS = ("auto", "grpc")  # the node's TCP stream where offered / gRPC only
+_NO_TCP_S = 10.0  # after a node's Session port could not be reached: gRPC there, this long
+_STATUS_TIMEOUT_S = 2.0  # asking a node where its Session port is
 _SPLICE_BYTES = 64 * 1024  # an op value this big is spliced in (serialize_frame)
 _FRAME_OPS = 3  # pb.SessionFrame.ops
 _OP_VALUE = 3  # pb.Op.value
@@ -207,7 +211,7 @@ class SessionMixin:
                 wake.clear()
                 await wake.wait()
             target = self._leader or self._endpoints[self._rr % len(self._endpoints)]
-            call = self._stub(target, "session").Session(metadata=self._metadata)
+            call = await self._open_session(target)
             stream = Stream(target, call)
             self._stream = stream
             writer = asyncio.create_task(self._write_loop(stream))
@@ -241,6 +245,8 @@ class SessionMixin:
                         break
             if stream.got_result:
                 failures = 0
+            if isinstance(call, TcpSessionCall) and call.connect_failed:
+                self._tcp_unreachable(target)
             code = await call.code() if call.done() else None
             if code == grpc.StatusCode.PERMISSION_DENIED:
                 # Our certificate may not open a session there: retrying cannot help.
@@ -267,6 +273,54 @@ class SessionMixin:
                 continue  # idle: reconnect when there is work again
             await asyncio.sleep(self._backoff(failures))
             failures += 1
+
+    async def _open_session(self, target: str) -> Any:
+        """A Session stream to ``target``: over TCP where it offers that, else the gRPC call."""
+        port = await self._session_port(target)
+        if not port:
+            return self._stub(target, "session").Session(metadata=self._metadata)
+        if self._tls is not None and self._ssl_context is None:
+            self._ssl_context = self._tls.client_context()
+        host = split_address(target)[0]
+        return TcpSessionCall(
+            host,
+            port,
+            self._hello,
+            serialize_frame,
+            self._timeout,
+            self._ssl_context,
+            on_open=lambda: self._tcp_failures.pop(target, None),
+        )
+
+    def _tcp_unreachable(self, target: str) -> None:
+        """A Session port that could not be reached is asked for again (the node may have
+        restarted on another); twice in a row, the gRPC call there for _NO_TCP_S."""
+        self._session_ports.pop(target, None)
+        failures = self._tcp_failures.get(target, (0, 0.0))[0] + 1
+        self._tcp_failures[target] = (failures, self._loop.time())
+
+    async def _session_port(self, target: str) -> int:
+        """The port of ``target``'s Session stream over TCP (0: none, or not now)."""
+        if self._session_transport == "grpc":
+            return 0
+        failures, last = self._tcp_failures.get(target, (0, 0.0))
+        if failures >= 2:
+            if self._loop.time() - last < _NO_TCP_S:
+                return 0
+            del self._tcp_failures[target]
+        known = self._session_ports.get(target)
+        if known is not None:
+            return known
+        try:
+            status = await self._stub(target).Status(
+                pb.StatusRequest(),
+                timeout=min(self._timeout, _STATUS_TIMEOUT_S),
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError:
+            return 0  # (the gRPC call this time: it reports why the node cannot be used)
+        self._session_ports[target] = status.session_port
+        return status.session_port
 
     async def _write_loop(self, stream: Stream) -> tuple[str, str] | None:
         assert self._wake is not None and self._loop is not None

@@ -293,14 +293,24 @@ class OpResult(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., value: _Optional[bytes] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SessionResult(_message.Message):
-    __slots__ = ("frame_id", "results", "leader")
+    __slots__ = ("frame_id", "results", "leader", "code", "error")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     results: _containers.RepeatedCompositeFieldContainer[OpResult]
     leader: str
-    def __init__(self, frame_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[OpResult, _Mapping]]] = ..., leader: _Optional[str] = ...) -> None: ...
+    code: int
+    error: str
+    def __init__(self, frame_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[OpResult, _Mapping]]] = ..., leader: _Optional[str] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SessionHello(_message.Message):
+    __slots__ = ("cluster_id",)
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    def __init__(self, cluster_id: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -321,7 +331,7 @@ class Member(_message.Message):
     def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., match_index: _Optional[int] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("id", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "last_index", "members", "cluster_id", "first_index", "snapshot_index", "alarms", "state_bytes", "version")
+    __slots__ = ("id", "role", "term", "leader", "leader_address", "commit_index", "applied_index", "last_index", "members", "cluster_id", "first_index", "snapshot_index", "alarms", "state_bytes", "version", "session_port")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +347,7 @@ class StatusResponse(_message.Message):
     ALARMS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PORT_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     term: int
@@ -352,7 +363,8 @@ class StatusResponse(_message.Message):
     alarms: _containers.RepeatedScalarFieldContainer[str]
     state_bytes: int
     version: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., first_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., alarms: _Optional[_Iterable[str]] = ..., state_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    session_port: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., leader: _Optional[str] = ..., leader_address: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., last_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., cluster_id: _Optional[str] = ..., first_index: _Optional[int] = ..., snapshot_index: _Optional[int] = ..., alarms: _Optional[_Iterable[str]] = ..., state_bytes: _Optional[int] = ..., version: _Optional[str] = ..., session_port: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("client_id", "sequence", "command")

@@ -104,6 +104,11 @@ class KVApp:
         return answer, self.driver.applied_index
 
     @property
+    def kv_service(self) -> KVService | None:
+        """The KV service, once added (its Session streams also run over TCP)."""
+        return self._service
+
+    @property
     def sessions_open(self) -> int:
         """Session streams open now (for the metrics)."""
         return self._service.sessions_open if self._service is not None else 0

@@ -46,6 +46,7 @@ from raftfast.server.handlers import register
 from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
 from raftfast.server.membership import MembershipMixin
 from raftfast.server.metrics import MetricsServer, NodeMetrics, RequestTimer
+from raftfast.server.session_stream import SessionServer, server_context
 from raftfast.server.settings import NodeSettings
 from raftfast.server.snapshots import SnapshotMixin, log_holds
 from raftfast.statemachine import StateMachine
@@ -100,6 +101,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.server: grpc.aio.Server | None = None  # clients (and peers, unless peer_server)
         self.peer_server: grpc.aio.Server | None = None  # peers, on --peer-listen
         self.replication_server: ReplicationServer | None = None  # TCP replication streams
+        self.session_server: SessionServer | None = None  # clients' Session streams over TCP
+        self.session_port = 0  # where session_server listens (0: not offered)
         self._wake = asyncio.Event()
         self._proposals: list[tuple[list[bytes], asyncio.Future]] = []
         self._commit_notice: asyncio.TimerHandle | None = None
@@ -283,6 +286,7 @@ class Driver(MembershipMixin, SnapshotMixin):
                     f"cannot listen for replication on {host}:{s.peer_stream_port}: {exc}"
                 ) from exc
             peer_service.stream_offset = stream_port - port
+        await self._serve_sessions(authorizer)
         if self.peer_server is not None:
             await self.peer_server.start()
         await self.server.start()
@@ -305,6 +309,26 @@ class Driver(MembershipMixin, SnapshotMixin):
         elif s.id not in self.raw.membership:
             log.warning("node %s is not a member of the cluster configuration", s.id)
 
+    async def _serve_sessions(self, authorizer: Authorizer | None) -> None:
+        """Clients' Session streams over TCP too (``--client-stream tcp``; the KV store's)."""
+        s = self.settings
+        service = getattr(self.app, "kv_service", None)
+        if s.client_stream != "tcp" or service is None:
+            return
+        client_tls = s.client_tls
+        self.session_server = SessionServer(
+            service,
+            authorizer,
+            server_context(client_tls, s.client_cert_auth) if client_tls else None,
+        )
+        host = split_address(s.listen)[0]
+        try:
+            self.session_port = await self.session_server.start(host, s.client_stream_port)
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen for Session streams on {host}:{s.client_stream_port}: {exc}"
+            ) from exc
+
     async def stop(self) -> None:
         """Graceful stop: refuse new work, let the in-flight Ready finish, close everything."""
         if self._stopping or self._handing_over:
@@ -317,8 +341,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         for server in (self.server, self.peer_server):
             if server is not None:
                 await server.stop(grace=0.5)
-        if self.replication_server is not None:
-            await self.replication_server.close()
+        for stream_server in (self.replication_server, self.session_server):
+            if stream_server is not None:
+                await stream_server.close()
         self._wake.set()
         for task in self._tasks:
             try:
@@ -466,6 +491,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             first_index=self.raw.first_index,
             snapshot_index=self._snapshot_index,
             version=__version__,
+            session_port=self.session_port,
             **self.app.status_fields(),
         )
 

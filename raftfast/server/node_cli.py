@@ -229,7 +229,7 @@ def load_state_machine(spec: str) -> StateMachine | None:
     return machine
 
 
-def _peer_stream(value: Any, where: str) -> str:
+def _stream_kind(value: Any, where: str) -> str:
     kind = _str(value, where).lower()
     if kind not in PEER_STREAMS:
         raise ConfigError(f"{where} must be one of {', '.join(PEER_STREAMS)}, got {kind!r}")
@@ -258,8 +258,10 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "snapshot_keep": _int,
     "snapshot_log_bytes": _int,
     "join": _address,
-    "peer_stream": _peer_stream,
+    "peer_stream": _stream_kind,
     "peer_stream_port": _int,
+    "client_stream": _stream_kind,
+    "client_stream_port": _int,
     "peer_listen": _address,
     "cert_file": _str,
     "key_file": _str,
@@ -370,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="TCP port for replication on the --listen host (default 0: any free port; "
         "peers learn it over gRPC)",
+    )
+    p.add_argument(
+        "--client-stream",
+        metavar="|".join(PEER_STREAMS),
+        help="clients' Session stream: also over plain TCP (default) or the gRPC call only",
+    )
+    p.add_argument(
+        "--client-stream-port",
+        metavar="N",
+        help="TCP port of the clients' Session stream on the --listen host (default 0: any "
+        "free port; clients learn it from Status)",
     )
     p.add_argument(
         "--state-machine",

@@ -53,6 +53,10 @@ class NodeSettings:
     # the listen host, 0 = any free port; peers learn it over gRPC) or "grpc" (HTTP/2 only).
     peer_stream: str = "tcp"
     peer_stream_port: int = 0
+    # The clients' Session stream: "tcp" (also on client_stream_port of the listen host, 0 =
+    # any free port; clients learn it from Status) or "grpc" (the Session RPC only).
+    client_stream: str = "tcp"
+    client_stream_port: int = 0
     # Peers on a port of their own (required with TLS): the Peer service listens here, and
     # the replication stream on this host. "" = on ``listen``, with the clients.
     peer_listen: str = ""
@@ -111,6 +115,10 @@ class NodeSettings:
             raise ValueError(f"--peer-stream must be one of {', '.join(PEER_STREAMS)}")
         if not 0 <= self.peer_stream_port < 65536:
             raise ValueError("--peer-stream-port must be 0 (any free port) or a port number")
+        if self.client_stream not in PEER_STREAMS:
+            raise ValueError(f"--client-stream must be one of {', '.join(PEER_STREAMS)}")
+        if not 0 <= self.client_stream_port < 65536:
+            raise ValueError("--client-stream-port must be 0 (any free port) or a port number")
         if self.read_mode not in READ_MODES:
             raise ValueError(f"--read-mode must be one of {', '.join(READ_MODES)}")
         if self.tick_ms < 1 or not 1 <= self.heartbeat_ticks < self.election_ticks:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raftfast.client.session import SESSION_TRANSPORTS
 from raftfast.client.tables import format_table
 from raftfast.tools.loadgen import Histogram, WorkerResult, Workload, worker_main
 
@@ -61,6 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("session", "unary"),
         help="measure a no-op gRPC server instead, with our client (session, the default) or "
         "one unary call per operation (unary)",
+    )
+    p.add_argument(
+        "--session-transport",
+        choices=SESSION_TRANSPORTS,
+        default="auto",
+        help="our client's Session stream: over TCP where the nodes offer it (auto, the "
+        "default) or the gRPC call only",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", metavar="DIR", help="write bench.json and PNG charts here")
@@ -279,6 +287,7 @@ def _workload(args: argparse.Namespace) -> Workload:
         keys=args.keys,
         system=getattr(args, "system", "raftfast"),
         serializable=getattr(args, "serializable", False),
+        session_transport=getattr(args, "session_transport", "auto"),
     )
 
 

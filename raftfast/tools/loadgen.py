@@ -103,6 +103,7 @@ class Workload:
     system: str = "raftfast"
     serializable: bool = False  # "etcd" only: gets are serializable Ranges (else linearizable)
     tls: TLSFiles | None = None  # our Client over TLS, with these files
+    session_transport: str = "auto"  # our Client's (Client(session_transport=...))
 
 
 @dataclass
@@ -175,7 +176,7 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
     client_cm = (
         _UnaryClient(w.endpoints, 30.0, w.system, w.serializable)
         if w.system in _UNARY_METHODS
-        else Client(w.endpoints, timeout=30.0, tls=w.tls)
+        else Client(w.endpoints, timeout=30.0, tls=w.tls, session_transport=w.session_transport)
     )
     # put_many's keys made once: formatting 2,000 keys per request in Python was half of
     # this process's CPU, on the cores the nodes it measures run on

@@ -100,18 +100,21 @@ class ProcCluster:
         self.peer_view = peer_view
         self.tls = tls
         self.restore = restore  # a backup every node starts from, the first time
-        ports = free_ports(3 * n)
+        ports = free_ports(4 * n)
         self._ports = ports  # (and those of nodes that join)
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.addrs = {nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports, strict=False)}
         # Fixed replication stream ports (not the default "any free port"), so that a fault
         # proxy can sit in front of them across restarts.
         self.stream_ports = dict(zip(self.ids, ports[n : 2 * n], strict=True))
+        # Fixed Session stream ports too: a client that knows one finds a restarted node there.
+        self.session_ports = dict(zip(self.ids, ports[3 * n :], strict=True))
         # Where peers dial each node: its own port with TLS, else the client port.
         self.peer_addrs = dict(self.addrs)
         if tls is not None:
             self.peer_addrs = {
-                nid: f"127.0.0.1:{port}" for nid, port in zip(self.ids, ports[2 * n :], strict=True)
+                nid: f"127.0.0.1:{port}"
+                for nid, port in zip(self.ids, ports[2 * n : 3 * n], strict=True)
             }
         self.tick_ms = tick_ms
         self.extra = extra or []
@@ -178,6 +181,8 @@ class ProcCluster:
             *(["--tick-ms", str(self.tick_ms)] if self.tick_ms is not None else []),
             "--peer-stream-port",
             str(self.stream_ports[nid]),
+            "--client-stream-port",
+            str(self.session_ports[nid]),
             *self.extra,
             *(self.node_extra(nid) if self.node_extra else ()),
         ]
@@ -192,8 +197,9 @@ class ProcCluster:
         if nid in self.addrs:
             raise ValueError(f"{nid} exists already")
         self.ids.append(nid)
-        port, stream_port, peer_port = free_ports(3)
-        self._ports += [port, stream_port, peer_port]
+        port, stream_port, peer_port, session_port = free_ports(4)
+        self._ports += [port, stream_port, peer_port, session_port]
+        self.session_ports[nid] = session_port
         self.addrs[nid] = f"127.0.0.1:{port}"
         self.stream_ports[nid] = stream_port
         self.peer_addrs[nid] = f"127.0.0.1:{peer_port}" if self.tls else self.addrs[nid]

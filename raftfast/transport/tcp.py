@@ -182,7 +182,7 @@ MAX_PARTIAL_BYTES = 256 * 1024 * 1024
 _SWEEP_S = 1.0
 
 
-def _tune(transport: asyncio.BaseTransport) -> None:
+def tune(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
@@ -214,7 +214,7 @@ class _Inbound(asyncio.BufferedProtocol):
             log.warning("replication stream refused: %d connections open", MAX_CONNECTIONS)
             self.transport.abort()
             return
-        _tune(transport)
+        tune(transport)
         self.identity = common_name(transport.get_extra_info("peercert"))
         self.server.connections[self.transport] = self
 
@@ -306,6 +306,34 @@ class _Inbound(asyncio.BufferedProtocol):
         return False  # the sender hung up: close our side too
 
 
+async def listen(
+    factory: Callable[[], asyncio.BaseProtocol],
+    host: str,
+    port: int,
+    ssl: SSLContext | None = None,
+) -> tuple[asyncio.AbstractServer, int]:
+    """A server on ``host:port`` (0: a free port, the same on every address of ``host``), TLS
+    with ``ssl``; returns it and its port."""
+    loop = asyncio.get_running_loop()
+    extra = {"ssl": ssl, "ssl_handshake_timeout": HANDSHAKE_S} if ssl else {}
+    for _attempt in range(10):
+        server = await loop.create_server(factory, host, port, **extra)
+        ports = {sock.getsockname()[1] for sock in server.sockets}
+        if len(ports) == 1:
+            return server, ports.pop()
+        # A name with several addresses ("localhost": ::1 and 127.0.0.1) got a different
+        # free port on each; clients must find the stream on one port, whatever they dial.
+        first = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        try:
+            server = await loop.create_server(factory, host, first, **extra)
+        except OSError:
+            continue  # taken on the other address meanwhile: try another port
+        return server, first
+    raise OSError(f"no free port on every address of {host!r}")
+
+
 def common_name(cert: dict | None) -> str | None:
     """The subject's common name of a certificate as ``SSLObject.getpeercert()`` gives it."""
     for rdn in (cert or {}).get("subject", ()):
@@ -337,27 +365,7 @@ class ReplicationServer:
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port."""
-        loop = asyncio.get_running_loop()
-        extra = {"ssl": self.ssl, "ssl_handshake_timeout": HANDSHAKE_S} if self.ssl else {}
-        for _attempt in range(10):
-            server = await loop.create_server(lambda: _Inbound(self), host, port, **extra)
-            ports = {sock.getsockname()[1] for sock in server.sockets}
-            if len(ports) == 1:
-                return self._started(server, ports.pop())
-            # A name with several addresses ("localhost": ::1 and 127.0.0.1) got a different
-            # free port on each; peers must find the stream on one port, whatever they dial.
-            first = server.sockets[0].getsockname()[1]
-            server.close()
-            await server.wait_closed()
-            try:
-                server = await loop.create_server(lambda: _Inbound(self), host, first, **extra)
-            except OSError:
-                continue  # taken on the other address meanwhile: try another port
-            return self._started(server, first)
-        raise OSError(f"no free port on every address of {host!r}")
-
-    def _started(self, server: asyncio.AbstractServer, port: int) -> int:
-        self._server = server
+        self._server, port = await listen(lambda: _Inbound(self), host, port, self.ssl)
         self._sweeper = asyncio.create_task(self._sweep(), name="raftfast-stream-sweep")
         return port
 
@@ -396,7 +404,7 @@ class OutboundStream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        _tune(transport)
+        tune(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():

@@ -149,6 +149,12 @@ class Trio:
         port = split_address(self.cluster.addrs[nid])[1] + offset
         return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
+    def session_socket(self, nid: str, timeout: float = 10.0) -> socket.socket:
+        """A connection to ``nid``'s Session stream over TCP."""
+        port = self.status(nid).session_port
+        assert port, f"{nid} offers no Session stream over TCP"
+        return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
 
 @contextmanager
 def running(tmp: Path, extra: list[str] | None = None) -> Iterator[Trio]:

@@ -310,6 +310,60 @@ def test_the_cluster_serves_after_the_stream_traffic(trio):
     trio.assert_healthy()
 
 
+# -- the Session stream over TCP ---------------------------------------------------------------
+
+hellos = st.one_of(
+    st.just(CLUSTER).map(lambda c: record(pb.SessionHello(cluster_id=c).SerializeToString())),
+    ids.map(lambda c: record(pb.SessionHello(cluster_id=c).SerializeToString())),
+    st.binary(max_size=64).map(record),  # garbage in a record
+    st.sampled_from([b"", b"\0\0", (1 << 20).to_bytes(4, "big") + b"\0" * 100]),
+)
+session_records = st.one_of(
+    frames.map(lambda f: record(f.SerializeToString())),
+    st.binary(max_size=64).map(record),
+    st.binary(max_size=64),
+    st.sampled_from([(1 << 20) + 1, 2**31, 2**32 - 1]).map(
+        lambda n: n.to_bytes(4, "big") + b"\0" * 100  # a big record, begun and abandoned
+    ),
+)
+
+
+def _answers(data: bytes) -> list[pb.SessionResult]:
+    out = []
+    while len(data) >= 4 and len(data) >= 4 + int.from_bytes(data[:4], "big"):
+        size = int.from_bytes(data[:4], "big")
+        out.append(pb.SessionResult.FromString(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return out
+
+
+@hostile
+@given(
+    first=hellos,
+    data=st.lists(session_records, min_size=1, max_size=4),
+    node=st.sampled_from(REAL),
+)
+def test_session_stream_records(trio, first, data, node):
+    crashes = {c.value[0] for c in CRASHES}
+    received = b""
+    with trio.session_socket(node, timeout=CALL_TIMEOUT) as sock:
+        try:
+            sock.sendall(first + b"".join(data))
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):  # answers, then one status, then it closes
+                received += chunk
+        except (TimeoutError, ConnectionError):
+            pass  # (it may also wait for more: an unfinished record is dropped later)
+    for answer in _answers(received):
+        assert answer.code not in crashes, answer
+        assert not {r.code for r in answer.results} & crashes, answer
+    trio.alive()
+
+
+def test_the_cluster_serves_after_the_session_stream_traffic(trio):
+    trio.assert_healthy()
+
+
 def test_every_acknowledged_write_survives_a_restart_of_every_node(trio):
     trio.write_acked(20)
     trio.restart_all()

@@ -302,3 +302,64 @@ def test_no_client_can_spend_another_clients_exactly_once_numbers(tls):
         kv = pb_grpc.KVStub(ch)
         kv.Put(pb.PutRequest(key=b"spent", value=b"admin", client_id=77, sequence=1), timeout=10)
         assert kv.Get(pb.GetRequest(key=b"spent"), timeout=10).value == b"admin"
+
+
+def _session_results(sock, hello: bytes, frames: bytes = b"") -> list[pb.SessionResult]:
+    sock.sendall(hello + frames)
+    data = _read_all(sock)
+    out = []
+    while len(data) >= 4:
+        size = int.from_bytes(data[:4], "big")
+        out.append(pb.SessionResult.FromString(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return out
+
+
+def test_the_session_stream_over_tcp_takes_the_client_ports_tls_and_roles(tls):
+    hello = record(pb.SessionHello(cluster_id="raftfast").SerializeToString())
+    put = pb.Op(kind=pb.Op.PUT, key=b"tcp", value=b"reader", sequence=1)
+    get = pb.Op(kind=pb.Op.GET, key=b"tcp-k")
+    frame = pb.SessionFrame(frame_id=1, client_id=5, ops=[put, get])
+    ca_only = TLSFiles(str(tls.certs / "ca.crt"))
+    with tls.client("admin") as admin:
+        admin.put("tcp-k", "1")
+    for nid in ("n1", "n2", "n3"):  # (n4 has left)
+        addr = tls.cluster.addrs[nid]
+        with tls.client("admin") as admin:
+            port = admin.status(addr)["session_port"]
+        host = split_address(addr)[0]
+        with socket.create_connection((host, port), timeout=10) as plain:
+            plain.sendall(hello)
+            assert _read_all(plain) == b""  # no status record: the TLS handshake failed
+        for tls_files in (ca_only, tls.files("admin", tls.other)):  # no certificate, another CA
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                with socket.create_connection((host, port), timeout=10) as raw:
+                    with tls_files.client_context().wrap_socket(raw, server_hostname=host) as s:
+                        assert _session_results(s, hello) == []
+                        raise ConnectionError("closed")
+
+        def over_tls(
+            name: str, frames: bytes = b"", host: str = host, port: int = port
+        ) -> list[pb.SessionResult]:
+            ctx = tls.files(name).client_context()
+            with socket.create_connection((host, port), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname=host) as s:
+                    if frames:
+                        s.sendall(hello + frames)
+                        answer = s.recv(65536)  # (TLS cannot half-close: one answer, then go)
+                        while len(answer) < 4 or len(answer) < 4 + int.from_bytes(answer[:4]):
+                            answer += s.recv(65536)
+                        return [pb.SessionResult.FromString(answer[4:])]
+                    return _session_results(s, hello)
+
+        (end,) = over_tls("ghost")  # a certificate with no role: not even a read
+        assert (end.frame_id, end.code) == (0, grpc.StatusCode.PERMISSION_DENIED.value[0])
+        assert "no role" in end.error
+        (answer,) = over_tls("reader", record(frame.SerializeToString()))
+        put_result, get_result = answer.results
+        assert put_result.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "role read" in put_result.error
+        assert get_result.code in (0, grpc.StatusCode.UNAVAILABLE.value[0])  # (a follower)
+    with tls.client("reader") as reader:  # our client goes over TCP under TLS
+        assert reader.get("tcp-k") == b"1"
+        assert any(reader._client._session_ports.values())

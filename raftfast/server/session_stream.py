@@ -1,0 +1,310 @@
+"""The Session stream over plain TCP: ``KV.Session`` without gRPC.
+
+A grpc.aio stream message costs ~0.2 ms of CPU at each end, most of it threads handing the
+message on (the peers left gRPC for the same reason: raftfast/transport/tcp.py); a single
+write is two messages. A node offers the same stream on a TCP port of its ``--listen`` host
+(``--client-stream-port``), under the client port's TLS, and says where in ``Status``
+(``session_port``); ``raftfast.Client`` uses it where offered, gRPC's Session call elsewhere.
+
+Wire: records ``[u32 big-endian length][protobuf]``, as on the replication stream. The client
+writes a ``SessionHello`` (the cluster it expects: the gRPC call's ``cluster-id`` metadata),
+then ``SessionFrame``s; the node writes ``SessionResult``s, run by the very code that serves
+the gRPC call (``KVService.Session``: the same checks, limits and per-op errors). A result
+with ``frame_id`` 0 ends the stream with its ``code`` and ``error``, as the gRPC call would
+have ended (a wrong cluster, no role to read, too many streams, a record too big or not a
+frame; 0 once a client that half-closed has all its answers); then the node closes.
+
+What a stranger can make a node hold: a connection says hello within ``HANDSHAKE_S`` in at
+most ``HELLO_BYTES``; a record is at most ``--max-request-bytes`` plus a little (the gRPC
+port's own limit); at most ``MAX_CONNECTIONS`` connections are open; a connection that stops
+in the middle of a record for ``STALL_S`` is dropped; frames read ahead of the service are
+few (``_READ_AHEAD``: past it, reading pauses and TCP holds the client back); the KV service's
+limits on streams, frames under way and their bytes apply as on gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from typing import cast
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.security.roles import Authorizer, Role
+from raftfast.security.tls import TLSFiles
+from raftfast.server.kv_service import MAX_SESSIONS, KVService
+from raftfast.transport import tcp
+
+log = logging.getLogger("raftfast.session")
+
+HELLO_BYTES = 4096  # the largest record before the hello
+HANDSHAKE_S = tcp.HANDSHAKE_S  # to connect (TLS included) and say hello
+STALL_S = tcp.STALL_S  # a client may pause this long in the middle of a record
+MAX_CONNECTIONS = MAX_SESSIONS + 64  # (the last ones hear "too many streams", not a reset)
+_FRAME_SLACK = 64 * 1024  # a frame's own fields beyond --max-request-bytes (gRPC allows 512K)
+_READ_AHEAD = 64  # frames parsed and not yet taken by the service: past it, reading pauses
+_LINGER_S = 2.0  # a refused client gets this long to read why before the connection goes
+_SWEEP_S = 1.0
+_OK = grpc.StatusCode.OK.value[0]
+_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+
+
+class Ended(Exception):
+    """The stream ends with a status (``code``, a grpc.StatusCode value)."""
+
+    def __init__(self, code: int, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class StreamContext:
+    """What ``KVService.Session`` reads of a ``grpc.aio.ServicerContext``, for a stream over
+    TCP: the hello's cluster id as metadata, the certificate's name as auth data, no deadline
+    (a stream has none; each op's deadline is the client's), and ``abort`` ending the stream."""
+
+    def __init__(self, cluster_id: str, caller: str | None) -> None:
+        self._metadata = (("cluster-id", cluster_id),) if cluster_id else ()
+        self._auth = {"x509_common_name": [caller.encode()]} if caller is not None else {}
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass  # (a leader hint travels in each op's result)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise Ended(code.value[0], details)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client's stream: records in, frames to the service, results out."""
+
+    def __init__(self, server: SessionServer) -> None:
+        self.server = server
+        self.records = tcp._Records()
+        self.records.limit = HELLO_BYTES
+        self.transport: asyncio.Transport | None = None
+        self.caller: str | None = None  # the TLS certificate's common name
+        self.frames: asyncio.Queue[tuple[int, pb.SessionFrame] | None] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None  # serving, once the hello is in
+        self.ended = False  # the end status is written: everything else read is dropped
+        self.reading = True
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.opened = self.progress = 0.0  # loop times: connected, last record or none partial
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.opened = self.progress = asyncio.get_running_loop().time()
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            log.warning("Session stream refused: %d connections open", MAX_CONNECTIONS)
+            self.transport.abort()
+            return
+        tcp.tune(transport)
+        self.caller = tcp.common_name(transport.get_extra_info("peercert"))
+        self.server.connections[self.transport] = self
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.pop(self.transport, None)  # type: ignore[arg-type]
+        self.writable.set()
+        if self.task is not None:
+            self.task.cancel()  # (as a cancelled gRPC call: its frames' waits end)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.records.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.ended:
+            self.records.clear()  # (read and dropped: closing with unread data sends a reset)
+            return
+        try:
+            completed = False
+            for payload in self.records.updated(nbytes):
+                completed = True
+                if self.task is None:
+                    self._hello(payload)
+                    continue
+                try:
+                    frame = pb.SessionFrame.FromString(payload)
+                except DecodeError as exc:
+                    raise Ended(_INVALID_ARGUMENT, f"not a SessionFrame: {exc}") from None
+                self.frames.put_nowait((len(payload), frame))
+            if completed or not self.records.partial:
+                self.progress = asyncio.get_running_loop().time()
+        except tcp.Refused as exc:
+            limit = "a hello" if self.task is None else "--max-request-bytes"
+            self.end(_RESOURCE_EXHAUSTED, f"{exc.details} for {limit}")
+            return
+        except Ended as exc:
+            self.end(exc.code, exc.details)
+            return
+        if self.frames.qsize() >= _READ_AHEAD and self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _hello(self, payload: memoryview) -> None:
+        try:
+            hello = pb.SessionHello.FromString(payload)
+        except DecodeError as exc:
+            raise Ended(_INVALID_ARGUMENT, f"not a SessionHello: {exc}") from None
+        context = StreamContext(hello.cluster_id, self.caller)
+        authorizer = self.server.authorizer
+        if authorizer is not None:  # (the gRPC call's role interceptor: read to open)
+            why = authorizer.refusal(context, Role.READ, "Session")  # type: ignore[arg-type]
+            if why is not None:
+                raise Ended(_PERMISSION_DENIED, why)
+        self.records.limit = self.server.max_record_bytes()
+        self.task = asyncio.create_task(self._serve(context), name="raftfast-session")
+
+    async def _frames(self) -> AsyncIterator[tuple[int, pb.SessionFrame]]:
+        frames = self.frames
+        while True:
+            item = await frames.get()
+            if item is None:
+                return
+            if not self.reading and frames.qsize() < _READ_AHEAD // 2:
+                self.reading = True
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.resume_reading()
+            yield item
+
+    async def _serve(self, context: StreamContext) -> None:
+        transport = self.transport
+        assert transport is not None
+        results = self.server.service.Session(self._frames(), context)  # type: ignore[arg-type]
+        try:
+            async for result in results:
+                if transport.is_closing():
+                    break
+                transport.write(tcp.record(result.SerializeToString()))
+                if not self.writable.is_set():
+                    await self.writable.wait()  # (the client does not read: hold the results)
+            self.end(_OK, "")  # (the client said it was done, and has every answer)
+        except Ended as exc:
+            self.end(exc.code, exc.details)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stream must never take the node down
+            log.exception("Session stream failed")
+            self.end(grpc.StatusCode.INTERNAL.value[0], f"session failed: {exc!r}")
+        finally:
+            await results.aclose()  # (the service's own cleanup: its count of streams)
+
+    def eof_received(self) -> bool:
+        if not self.ended:
+            self.frames.put_nowait(None)  # the client is done: answer what it sent, then end
+        return True  # (keep our side open for the answers)
+
+    def end(self, code: int, details: str) -> None:
+        """Write the status that ends the stream (once) and close: half-close and linger
+        where TCP can, so that the status is read before the connection goes."""
+        transport = self.transport
+        if self.ended or transport is None or transport.is_closing():
+            return
+        self.ended = True
+        self.records.clear()
+        result = pb.SessionResult(frame_id=0, code=code, error=details)
+        transport.write(tcp.record(result.SerializeToString()))
+        if not self.reading:
+            self.reading = True
+            transport.resume_reading()
+        if not transport.can_write_eof():
+            transport.close()  # (TLS: after the status is out)
+            return
+        try:
+            transport.write_eof()
+        except OSError:  # (the client is gone already)
+            transport.abort()
+            return
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.abort)
+
+    def overdue(self, now: float) -> str | None:
+        """Why this connection should be dropped now, or None."""
+        if self.task is None and not self.ended and now - self.opened > HANDSHAKE_S:
+            return f"no hello within {HANDSHAKE_S:g}s"
+        if self.records.partial and now - self.progress > STALL_S:
+            return f"a record unfinished for {STALL_S:g}s"
+        if not self.records.partial:
+            self.records.shrink()
+        return None
+
+
+class SessionServer:
+    """The Session streams over TCP of one node's KV ``service``."""
+
+    def __init__(
+        self,
+        service: KVService,
+        authorizer: Authorizer | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.service = service
+        self.authorizer = authorizer
+        self.ssl = ssl_context
+        self.connections: dict[asyncio.Transport, _Connection] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def max_record_bytes(self) -> int:
+        return self.service.node.settings.max_request_bytes + _FRAME_SLACK
+
+    async def start(self, host: str, port: int = 0) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port."""
+        self._server, port = await tcp.listen(lambda: _Connection(self), host, port, self.ssl)
+        self._sweeper = asyncio.create_task(self._sweep(), name="raftfast-session-sweep")
+        return port
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            now = loop.time()
+            for transport, connection in list(self.connections.items()):
+                why = connection.overdue(now)
+                if why is not None:
+                    log.info("dropped a Session stream: %s", why)
+                    transport.abort()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        for transport in list(self.connections):
+            transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def server_context(files: TLSFiles, client_cert_auth: bool) -> ssl.SSLContext:
+    """TLS for the stream as for the client port: our certificate; the client's checked
+    against ``files.ca_file`` with ``client_cert_auth``."""
+    if files.cert_file is None or files.key_file is None:
+        raise ValueError("a TLS server needs a certificate and its key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(files.cert_file, files.key_file)
+    if client_cert_auth:
+        if files.ca_file is None:
+            raise ValueError("checking client certificates needs the CA that signs them")
+        ctx.load_verify_locations(cafile=files.ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx

@@ -1,0 +1,283 @@
+"""The Session stream over plain TCP (raftfast/server/session_stream.py, the client's
+raftfast/client/session_tcp.py), on a one-node KV store in this process: our client uses it
+where offered and gRPC where not, or where it cannot connect; raw records get the statuses the
+module promises (a wrong cluster, a bad hello, a record over the limit, garbage), the
+connection limits hold (no hello in time, a stalled record, too many connections), and the
+node serves on after each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import pytest
+
+import raftfast
+from raftfast.client import Client
+from raftfast.kv.fsm import KVStateMachine
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.server import session_stream
+from raftfast.tools.localcluster import free_ports
+from raftfast.transport.tcp import record
+
+CLUSTER = "raftfast"
+MAX_REQUEST = 64 * 1024
+
+
+@contextlib.asynccontextmanager
+async def one_node(tmp_path, **settings) -> AsyncIterator[raftfast.Node]:
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    node = raftfast.Node(
+        id="n1",
+        listen=addr,
+        peers={"n1": addr},
+        data_dir=str(tmp_path / "n1"),
+        state_machine=KVStateMachine(),
+        tick_ms=20,
+        max_request_bytes=MAX_REQUEST,
+        **settings,
+    )
+    await node.start()
+    try:
+        await node.wait_for_leader(timeout=30)
+        yield node
+    finally:
+        await node.stop()
+
+
+def run(tmp_path, test: Callable[[raftfast.Node], Awaitable[None]], **settings) -> None:
+    async def main() -> None:
+        async with one_node(tmp_path, **settings) as node:
+            await test(node)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def address(node: raftfast.Node) -> str:
+    return node.settings.listen
+
+
+async def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+# -- raw records --------------------------------------------------------------------------------
+
+
+async def connect(node: raftfast.Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", node._driver.session_port)
+
+
+async def read_results(reader: asyncio.StreamReader) -> list[pb.SessionResult]:
+    """Every result until the node closes the connection."""
+    data = await asyncio.wait_for(reader.read(), 20)  # (to EOF)
+    out = []
+    while data:
+        size = int.from_bytes(data[:4], "big")
+        assert len(data) >= 4 + size, "the node closed in the middle of a record"
+        out.append(pb.SessionResult.FromString(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return out
+
+
+def hello(cluster_id: str = CLUSTER) -> bytes:
+    return record(pb.SessionHello(cluster_id=cluster_id).SerializeToString())
+
+
+def put_frame(frame_id: int, key: bytes, value: bytes, sequence: int) -> bytes:
+    op = pb.Op(kind=pb.Op.PUT, key=key, value=value, sequence=sequence)
+    return record(pb.SessionFrame(frame_id=frame_id, client_id=7, ops=[op]).SerializeToString())
+
+
+async def ended_with(node: raftfast.Node, data: bytes) -> pb.SessionResult:
+    """Send ``data``; the one status record the node ends the stream with."""
+    reader, writer = await connect(node)
+    try:
+        writer.write(data)
+        await writer.drain()
+        results = await read_results(reader)
+    finally:
+        writer.close()
+    assert results and results[-1].frame_id == 0, results
+    return results[-1]
+
+
+async def serves(node: raftfast.Node) -> None:
+    async with Client(address(node), timeout=20, cluster_id=CLUSTER) as c:
+        await c.put(b"still", b"here")
+        assert await c.get(b"still") == b"here"
+
+
+def test_our_client_uses_the_tcp_stream_where_offered(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        driver = node._driver
+        assert driver.session_port and driver.status().session_port == driver.session_port
+        async with Client(address(node), timeout=20) as c:
+            await c.put(b"k", b"v")
+            assert c._session_ports[address(node)] == driver.session_port
+            assert len(driver.session_server.connections) == 1
+            assert await c.get(b"k") == b"v"
+            assert await c.cas(b"k", b"v", b"w") and not await c.cas(b"k", b"v", b"x")
+            await c.put_many([(b"a%d" % i, b"%d" % i) for i in range(1000)])
+            assert await c.scan(b"a") == sorted((b"a%d" % i, b"%d" % i) for i in range(1000))
+            assert await c.delete(b"k") and await c.get(b"k") is None
+            many = await asyncio.gather(*(c.put(b"p%d" % i, b"x") for i in range(500)))
+            assert many == [None] * 500
+            assert driver.app.kv_service.sessions_open == 1
+        await wait_until("the stream to close", lambda: not driver.session_server.connections)
+        await wait_until("the session to end", lambda: driver.app.kv_service.sessions_open == 0)
+
+    run(tmp_path, test)
+
+
+def test_the_grpc_call_where_tcp_is_not_offered_or_not_wanted(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        assert node._driver.session_server is None
+        assert node._driver.status().session_port == 0
+        async with Client(address(node), timeout=20) as c:
+            await c.put(b"k", b"v")
+            assert await c.get(b"k") == b"v"
+            assert c._session_ports[address(node)] == 0
+
+    run(tmp_path, test, client_stream="grpc")
+
+    async def not_wanted(node: raftfast.Node) -> None:
+        async with Client(address(node), timeout=20, session_transport="grpc") as c:
+            await c.put(b"k", b"v")
+            assert not node._driver.session_server.connections and not c._session_ports
+
+    run(tmp_path / "2", not_wanted)
+    with pytest.raises(ValueError, match="session_transport"):
+        Client("127.0.0.1:1", session_transport="udp")
+
+
+def test_a_port_that_cannot_be_reached_is_asked_for_again_then_left_for_grpc(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        driver = node._driver
+        real = driver.session_port
+        closed = free_ports(1)[0]  # (claimed: nothing listens there)
+        async with Client(address(node), timeout=20) as c:
+            c._session_ports[address(node)] = closed  # as if the node had moved
+            await c.put(b"k", b"1")  # a failed connect, Status again, the real port
+            assert c._session_ports[address(node)] == real
+            assert not c._tcp_failures
+        driver.session_port = closed  # a port the node names but no one can reach
+        async with Client(address(node), timeout=20) as c:
+            await c.put(b"k", b"2")  # twice in vain: the gRPC call
+            assert c._tcp_failures[address(node)][0] >= 2
+            assert await c.get(b"k") == b"2"
+        driver.session_port = real
+
+    run(tmp_path, test)
+
+
+def test_a_client_that_half_closes_gets_every_answer_then_ok(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        reader, writer = await connect(node)
+        writer.write(hello() + b"".join(put_frame(i, b"h%d" % i, b"v", i) for i in range(1, 51)))
+        writer.write_eof()
+        results = await read_results(reader)
+        writer.close()
+        assert sorted(r.frame_id for r in results[:-1]) == list(range(1, 51))
+        assert all(r.results[0].code == 0 and r.results[0].ok for r in results[:-1])
+        assert (results[-1].frame_id, results[-1].code) == (0, 0)
+        await serves(node)
+
+    run(tmp_path, test)
+
+
+def test_refusals_end_the_stream_with_a_status(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        status = grpc.StatusCode
+        end = await ended_with(node, hello("another") + put_frame(1, b"k", b"v", 1))
+        assert end.code == status.FAILED_PRECONDITION.value[0] and "wrong cluster" in end.error
+        end = await ended_with(node, record(b"\xff" * 10))
+        assert end.code == status.INVALID_ARGUMENT.value[0] and "SessionHello" in end.error
+        too_big = session_stream.HELLO_BYTES + 1
+        end = await ended_with(node, too_big.to_bytes(4, "big") + b"\0" * 100)
+        assert end.code == status.RESOURCE_EXHAUSTED.value[0] and "a hello" in end.error
+        end = await ended_with(node, hello() + record(b"\xff" * 10))
+        assert end.code == status.INVALID_ARGUMENT.value[0] and "SessionFrame" in end.error
+        for size in (MAX_REQUEST + 64 * 1024 + 1, 2**32 - 1):
+            end = await ended_with(node, hello() + size.to_bytes(4, "big") + b"\0" * 100)
+            assert end.code == status.RESOURCE_EXHAUSTED.value[0], end
+            assert "--max-request-bytes" in end.error
+        # a frame under the record limit but over --max-request-bytes: refused per op
+        op = pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * MAX_REQUEST, sequence=1)
+        frame = pb.SessionFrame(frame_id=5, client_id=7, ops=[op]).SerializeToString()
+        reader, writer = await connect(node)
+        writer.write(hello() + record(frame))
+        writer.write_eof()
+        results = await read_results(reader)
+        writer.close()
+        assert results[0].frame_id == 5
+        assert results[0].results[0].code == status.INVALID_ARGUMENT.value[0]
+        assert "--max-request-bytes" in results[0].results[0].error
+        await serves(node)
+
+    run(tmp_path, test)
+
+
+def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(session_stream, "HANDSHAKE_S", 0.3)
+    monkeypatch.setattr(session_stream, "STALL_S", 0.3)
+    monkeypatch.setattr(session_stream, "_SWEEP_S", 0.1)
+
+    async def test(node: raftfast.Node) -> None:
+        server = node._driver.session_server
+        for data in (b"", hello()[:3], hello() + put_frame(1, b"k", b"v", 1)[:10]):
+            reader, writer = await connect(node)
+            writer.write(data)
+            assert await closed(reader)  # dropped
+            writer.close()
+        await wait_until("no connection left", lambda: not server.connections)
+        monkeypatch.setattr(session_stream, "MAX_CONNECTIONS", 2)
+        kept = [await connect(node) for _ in range(2)]
+        for _, writer in kept:
+            writer.write(hello())
+        await wait_until("two connections", lambda: len(server.connections) == 2)
+        reader, writer = await connect(node)
+        assert await closed(reader)  # the third: refused
+        writer.close()
+        for _, writer in kept:
+            writer.close()
+        await wait_until("no connection left", lambda: not server.connections)
+        await serves(node)
+
+    run(tmp_path, test)
+
+
+def test_a_stopping_node_closes_its_streams(tmp_path):
+    async def main() -> None:
+        async with one_node(tmp_path) as node:
+            reader, writer = await connect(node)
+            writer.write(hello() + put_frame(1, b"k", b"v", 1))
+            await writer.drain()
+            assert (await read_results_one(reader)).frame_id == 1
+            await node.stop()
+            assert await closed(reader)
+            writer.close()
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", node._driver.session_port), timeout=5)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """The node closed (or reset) the connection without a word."""
+    try:
+        return await asyncio.wait_for(reader.read(), 10) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def read_results_one(reader: asyncio.StreamReader) -> pb.SessionResult:
+    size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 20), "big")
+    return pb.SessionResult.FromString(await reader.readexactly(size))
