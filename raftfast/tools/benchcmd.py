@@ -2,9 +2,10 @@
 
 Without ``--endpoints`` it starts its own local cluster of real ``raftfast-node`` processes
 (data in a temporary directory, fsync on unless ``--no-fsync``) and stops it afterwards;
-``--nodes 3,5`` measures each size in turn. ``--noop`` measures a no-op gRPC server instead
-(``raftfast.tools.noop_server``), with the same client and load: the ceiling gRPC itself sets;
-``--noop unary`` loads it with one unary call per operation instead of our Session stream.
+``--nodes 3,5`` measures each size in turn. ``--noop`` measures a no-op server instead
+(``raftfast.tools.noop_server``), with the same client and load: the ceiling the transport
+itself sets (our client's Session stream over TCP, or with ``--session-transport grpc`` over
+gRPC); ``--noop unary`` loads it with one unary gRPC call per operation instead.
 
 Prints a table (ops/s; p50, p90, p99, p99.9 latency; CPU of every process), a progress bar on
 stderr while it runs, ``--json`` one JSON object per run on stdout (a list for several node

@@ -46,7 +46,14 @@ def test_table_and_out_dir_with_charts(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-@pytest.mark.parametrize("mode, target", [([], "noop"), (["unary"], "noop-unary")])
+@pytest.mark.parametrize(
+    "mode, target",
+    [
+        ([], "noop"),  # our client, over TCP
+        (["session", "--session-transport", "grpc"], "noop"),
+        (["unary"], "noop-unary"),
+    ],
+)
 def test_noop_server_baseline(mode, target):
     out = bench("--noop", *mode, "--json", *SHORT)
     assert out.returncode == 0, out.stderr
