@@ -84,11 +84,11 @@ def test_batched_throughput_three_and_five_nodes(benchmark):
 def test_unbatched_against_a_noop_grpc_server(benchmark):
     """Target: >= 90% of a no-op gRPC server's rate (one op in flight per client). Measured
     against two no-op baselines in the same run: the issue's, a unary server (one unary call
-    per operation), and a stricter one, the no-op server loaded by our own client (Session
-    streams, ~2x cheaper per call than unary). The gate is far looser than the target: it
-    catches a collapse, and the note gives the ratios."""
+    per operation), and a far stricter one, the no-op server loaded by our own client (its
+    Session stream over TCP, as against a cluster: ~5x cheaper per call than unary gRPC). The
+    gate is looser than the target: it catches a collapse, and the note gives the ratios."""
     results = {}
-    floor = limit(test=0.05, bench=0.3)  # (of the unary baseline; measured 0.44-0.58)
+    floor = limit(test=0.05, bench=0.6)  # (of the unary baseline; measured 1.0-1.1)
 
     def attempt() -> dict:
         return {
@@ -111,7 +111,7 @@ def test_unbatched_against_a_noop_grpc_server(benchmark):
     record(benchmark, results["cluster"])
     benchmark.extra_info["noop_ops_per_s"] = results["noop"]["ops_per_s"]
     benchmark.extra_info["noop_unary_ops_per_s"] = results["noop_unary"]["ops_per_s"]
-    show("unbatched, no-op gRPC server, our client", results["noop"])
+    show("unbatched, no-op server, our client (TCP)", results["noop"])
     show("unbatched, no-op gRPC server, unary calls", results["noop_unary"])
     show("unbatched, 3 nodes", results["cluster"])
     ratio = results["cluster"]["ops_per_s"] / results["noop"]["ops_per_s"]

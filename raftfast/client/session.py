@@ -104,6 +104,10 @@ class Stream:
 SESSION_TRANSPORTS = ("auto", "grpc")  # the node's TCP stream where offered / gRPC only
 _NO_TCP_S = 10.0  # after a node's Session port could not be reached: gRPC there, this long
 _STATUS_TIMEOUT_S = 2.0  # asking a node where its Session port is
+# Connecting (TLS included) to a node's Session port: one that does not answer by then is
+# taken to be behind a firewall that drops what is not for its gRPC port (a call's whole
+# deadline must not go on it).
+_CONNECT_S = 1.0
 _SPLICE_BYTES = 64 * 1024  # an op value this big is spliced in (serialize_frame)
 _FRAME_OPS = 3  # pb.SessionFrame.ops
 _OP_VALUE = 3  # pb.Op.value
@@ -246,7 +250,7 @@ class SessionMixin:
             if stream.got_result:
                 failures = 0
             if isinstance(call, TcpSessionCall) and call.connect_failed:
-                self._tcp_unreachable(target)
+                self._tcp_unreachable(target, call.connect_failed == "timeout")
             code = await call.code() if call.done() else None
             if code == grpc.StatusCode.PERMISSION_DENIED:
                 # Our certificate may not open a session there: retrying cannot help.
@@ -287,16 +291,17 @@ class SessionMixin:
             port,
             self._hello,
             serialize_frame,
-            self._timeout,
+            min(self._timeout, _CONNECT_S),
             self._ssl_context,
             on_open=lambda: self._tcp_failures.pop(target, None),
         )
 
-    def _tcp_unreachable(self, target: str) -> None:
-        """A Session port that could not be reached is asked for again (the node may have
-        restarted on another); twice in a row, the gRPC call there for _NO_TCP_S."""
+    def _tcp_unreachable(self, target: str, timed_out: bool) -> None:
+        """A Session port that refused us is asked for again (the node may have restarted on
+        another); twice in a row, or once silent (a firewall), the gRPC call there for
+        _NO_TCP_S."""
         self._session_ports.pop(target, None)
-        failures = self._tcp_failures.get(target, (0, 0.0))[0] + 1
+        failures = 2 if timed_out else self._tcp_failures.get(target, (0, 0.0))[0] + 1
         self._tcp_failures[target] = (failures, self._loop.time())
 
     async def _session_port(self, target: str) -> int:

@@ -4,7 +4,8 @@
 uses (``write``, ``read``, ``cancel``, ``done``, ``code``, ``details``,
 ``trailing_metadata``), so the loop's retries, redirects and deadlines are the same on
 either; a failure is an ``AioRpcError`` with the status the node ended the stream with, or
-UNAVAILABLE when the connection failed (``connect_failed``: it never opened).
+UNAVAILABLE when the connection failed (``connect_failed``: it never opened; "timeout" if it
+was not answered in time, a firewall's silence, "refused" if it failed otherwise).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class TcpSessionCall:
         on_open: Callable[[], None] | None = None,
     ) -> None:
         self.target = f"{host}:{port}"
-        self.connect_failed = False
+        self.connect_failed = ""  # "timeout" | "refused": the connection never opened
         self._serialize = serialize
         self._on_open = on_open
         self._transport: asyncio.Transport | None = None
@@ -102,7 +103,7 @@ class TcpSessionCall:
                 loop.create_connection(lambda: _Protocol(self), host, port, **extra), timeout
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            self.connect_failed = True
+            self.connect_failed = "timeout" if isinstance(exc, TimeoutError) else "refused"
             self._end(_UNAVAILABLE, f"cannot open the Session stream at {self.target}: {exc!r}")
             return
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass

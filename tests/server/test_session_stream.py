@@ -281,3 +281,31 @@ async def closed(reader: asyncio.StreamReader) -> bool:
 async def read_results_one(reader: asyncio.StreamReader) -> pb.SessionResult:
     size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 20), "big")
     return pb.SessionResult.FromString(await reader.readexactly(size))
+
+
+def test_a_port_that_does_not_answer_is_left_for_grpc_at_once(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        driver = node._driver
+        real = driver.session_port
+        # A listener whose queue is full: the kernel drops further connection attempts, as a
+        # firewall that lets only the gRPC port through would.
+        full = socket.socket()
+        full.bind(("127.0.0.1", free_ports(1)[0]))
+        full.listen(0)
+        queued = [socket.create_connection(full.getsockname(), timeout=5)]  # (backlog 0: one)
+        with pytest.raises(TimeoutError):  # (the next is not answered)
+            socket.create_connection(full.getsockname(), timeout=0.2)
+        driver.session_port = full.getsockname()[1]
+        try:
+            async with Client(address(node), timeout=5) as c:
+                started = asyncio.get_running_loop().time()
+                await c.put(b"k", b"v")  # one silent connect (~1 s), then the gRPC call
+                assert asyncio.get_running_loop().time() - started < 4.5
+                assert c._tcp_failures[address(node)][0] == 2
+                assert await c.get(b"k") == b"v"
+        finally:
+            driver.session_port = real
+            for sock in (*queued, full):
+                sock.close()
+
+    run(tmp_path, test)
