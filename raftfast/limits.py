@@ -16,6 +16,7 @@ MAX_SEQUENCE = (1 << 63) - 1
 # No real term or index comes near this. A forged term close to 2**64 would be adopted and made
 # durable, and then no election could ever bump it again: the cluster would be dead for good.
 MAX_TERM_OR_INDEX = (1 << 62) - 1
+MAX_FRAME_OPS = 10_000  # ops in one Session frame (the client sends at most 4,096 by default)
 
 
 def node_id_problem(node_id: object) -> str | None:

@@ -91,7 +91,7 @@ from raftfast.errors import (
     RaftfastError,
     RequestFailedError,
 )
-from raftfast.limits import check_node_id
+from raftfast.limits import MAX_FRAME_OPS, check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.tls import TLSFiles, channel_credentials
 from raftfast.storage.backup import BackupInfo, BackupWriter
@@ -167,6 +167,8 @@ class Client(SessionMixin):
             raise ValueError("client_id must be an integer in [1, 2**63)")
         if max_ops_per_frame < 1 or max_frame_bytes < 1 or max_outstanding_writes < 1:
             raise ValueError("frame and window limits must be positive")
+        if max_ops_per_frame > MAX_FRAME_OPS:
+            raise ValueError(f"max_ops_per_frame is at most {MAX_FRAME_OPS} (what a node takes)")
         self._client_id = client_id
         self._metadata: tuple[tuple[str, str], ...] | None = (
             (("cluster-id", cluster_id),) if cluster_id else None

@@ -249,7 +249,9 @@ class SessionMixin:
                         break
             if stream.got_result:
                 failures = 0
-            if isinstance(call, TcpSessionCall) and call.connect_failed:
+            if isinstance(call, TcpSessionCall) and not call.answered:
+                # (it never opened, or it closed before the node said a word: a node that
+                # is full, or anything in the way that takes connections and drops them)
                 self._tcp_unreachable(target, call.connect_failed == "timeout")
             code = await call.code() if call.done() else None
             if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -293,13 +295,13 @@ class SessionMixin:
             serialize_frame,
             min(self._timeout, _CONNECT_S),
             self._ssl_context,
-            on_open=lambda: self._tcp_failures.pop(target, None),
+            on_answer=lambda: self._tcp_failures.pop(target, None),
         )
 
     def _tcp_unreachable(self, target: str, timed_out: bool) -> None:
-        """A Session port that refused us is asked for again (the node may have restarted on
-        another); twice in a row, or once silent (a firewall), the gRPC call there for
-        _NO_TCP_S."""
+        """A Session port that failed us without a word is asked for again (the node may
+        have restarted on another); twice in a row, or once silent (a firewall), the gRPC
+        call there for _NO_TCP_S."""
         self._session_ports.pop(target, None)
         failures = 2 if timed_out else self._tcp_failures.get(target, (0, 0.0))[0] + 1
         self._tcp_failures[target] = (failures, self._loop.time())
@@ -430,6 +432,8 @@ class SessionMixin:
         if ops is None:
             return
         results = result.results
+        if len(results) == 1 < len(ops) and results[0].code != CODE_OK:
+            results = [results[0]] * len(ops)  # (the node refused the frame as a whole)
         unavailable: list[Op] = []
         later: list[Op] = []
         first_error = ""

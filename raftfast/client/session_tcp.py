@@ -6,6 +6,7 @@ uses (``write``, ``read``, ``cancel``, ``done``, ``code``, ``details``,
 either; a failure is an ``AioRpcError`` with the status the node ended the stream with, or
 UNAVAILABLE when the connection failed (``connect_failed``: it never opened; "timeout" if it
 was not answered in time, a firewall's silence, "refused" if it failed otherwise).
+``answered``: the node said anything at all (a result, or the status it ended with).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class _Protocol(asyncio.Protocol):
         try:
             for payload in self.records.feed(data):
                 result = pb.SessionResult.FromString(payload)
+                call._answered()
                 if result.frame_id == 0:
                     call._end(_CODES.get(result.code, grpc.StatusCode.UNKNOWN), result.error)
                     return
@@ -71,12 +73,13 @@ class TcpSessionCall:
         serialize: Any,
         connect_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
-        on_open: Callable[[], None] | None = None,
+        on_answer: Callable[[], None] | None = None,
     ) -> None:
         self.target = f"{host}:{port}"
         self.connect_failed = ""  # "timeout" | "refused": the connection never opened
         self._serialize = serialize
-        self._on_open = on_open
+        self._on_answer = on_answer
+        self.answered = False
         self._transport: asyncio.Transport | None = None
         self._results: deque[pb.SessionResult] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -111,8 +114,6 @@ class TcpSessionCall:
             transport.close()
             return
         self._transport.write(tcp.record(hello))
-        if self._on_open is not None:
-            self._on_open()
 
     # -- what the Session loop calls --------------------------------------------------------
 
@@ -163,6 +164,12 @@ class TcpSessionCall:
         return grpc.aio.Metadata()  # (a leader hint travels in each op's result)
 
     # -- from the connection ----------------------------------------------------------------
+
+    def _answered(self) -> None:
+        if not self.answered:
+            self.answered = True
+            if self._on_answer is not None:
+                self._on_answer()
 
     def _deliver(self, result: pb.SessionResult) -> None:
         self._results.append(result)

@@ -48,7 +48,7 @@ from raftfast.kv.commands import (
 )
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.kv.quota import Quota
-from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
+from raftfast.limits import MAX_CLIENT_ID, MAX_FRAME_OPS, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, Role
@@ -84,11 +84,14 @@ MAX_SCAN_LIMIT = 10_000  # items per Scan page; ScanRequest.limit 0 means this
 # receive limit, so that any gRPC client can read a page.
 MAX_SCAN_BYTES = 2 * 1024 * 1024
 MAX_SESSION_INFLIGHT = 256  # frames of one Session handled concurrently (backpressure beyond)
-MAX_FRAME_OPS = 10_000  # ops in one SessionFrame (the client sends at most 4,096 by default)
 MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
 MAX_ANSWER_BYTES = 2 * 1024 * 1024  # values in the answer to one frame (the first always)
 MAX_STREAM_BYTES = 16 * 1024 * 1024  # one stream's frames under way and answers unsent
+# What a parsed op (or an op's result) holds in memory beyond its bytes on the wire (upb's
+# objects: ~100 bytes measured): a 20 KB frame of 10,000 empty ops is ~1 MB once parsed, and
+# the budgets count that.
+PARSED_OP_BYTES = 128
 
 CODE_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]  # 3
 CODE_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]  # 7
@@ -331,23 +334,29 @@ class KVService(Service, pb_grpc.KVServicer):
         tasks: set[asyncio.Task[None]] = set()
         outstanding = 0  # frames started whose result the writer has not yet taken
 
-        async def run(size: int, frame: pb.SessionFrame) -> None:
+        async def run(size: int, cost: int, frame: pb.SessionFrame) -> None:
             settled = False
             answer = 0
 
             async def settle(nbytes: int) -> None:
                 nonlocal settled, answer
                 settled, answer = True, nbytes
-                await held.request_done(size, nbytes)
+                await held.request_done(cost, nbytes)
 
             try:
                 result = await self._session_frame(frame, size, context, no_writes, settle)
             except Exception as exc:  # noqa: BLE001 - _session_frame should not raise
                 log.exception("Session frame %d failed", frame.frame_id)
                 err = pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}")
-                result = pb.SessionResult(frame_id=frame.frame_id, results=[err] * len(frame.ops))
+                result = pb.SessionResult(frame_id=frame.frame_id, results=[err])
             if not settled:
                 await settle(0)
+            # The whole answer counts, not only its values: per-op errors can make it many
+            # times the request (10,000 empty ops: 20 KB in, ~1 MB of errors out).
+            held_bytes = result.ByteSize() + PARSED_OP_BYTES * len(result.results)
+            if held_bytes > answer:
+                await held.own.take(held_bytes - answer)
+                answer = held_bytes
             done.put_nowait((result, answer))
 
         async def read_frames() -> None:
@@ -355,9 +364,10 @@ class KVService(Service, pb_grpc.KVServicer):
             try:
                 async for size, frame in request_iterator:
                     await slots.acquire()
-                    await held.take_request(size)
+                    cost = size + PARSED_OP_BYTES * len(frame.ops)
+                    await held.take_request(cost)
                     outstanding += 1
-                    task = asyncio.create_task(run(size, frame))
+                    task = asyncio.create_task(run(size, cost, frame))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 done.put_nowait(None)
@@ -418,8 +428,10 @@ class KVService(Service, pb_grpc.KVServicer):
         ops = frame.ops
         refusal = self._refuse_frame(frame, size)
         if refusal is not None:
+            # One result, not one per op: no client of ours sends such a frame, and a
+            # stranger's 800,000 empty ops must not become 800,000 errors (40 MiB).
             err = pb.OpResult(code=CODE_INVALID_ARGUMENT, error=refusal)
-            return pb.SessionResult(frame_id=frame.frame_id, results=[err] * len(ops))
+            return pb.SessionResult(frame_id=frame.frame_id, results=[err])
         results: list[pb.OpResult | None] = [None] * len(ops)
         leader = ""
         client_id = self._own_client_id(frame.client_id, context)

@@ -36,7 +36,7 @@ from google.protobuf.message import DecodeError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer, Role
 from raftfast.security.tls import TLSFiles
-from raftfast.server.kv_service import MAX_SESSIONS, KVService
+from raftfast.server.kv_service import MAX_SESSIONS, PARSED_OP_BYTES, KVService
 from raftfast.transport import tcp
 
 log = logging.getLogger("raftfast.session")
@@ -100,7 +100,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.caller: str | None = None  # the TLS certificate's common name
         self.frames: asyncio.Queue[tuple[int, pb.SessionFrame] | None] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None  # serving, once the hello is in
-        self.ended = False  # the end status is written: everything else read is dropped
+        self.queued_bytes = 0  # of the frames in ``frames``
+        # Input is over (EOF, or a record we refuse: then the status to end with, once the
+        # frames taken before it are answered); what else arrives is read and dropped.
+        self.input_over = False
+        self.failure: tuple[int, str] | None = None
+        self.ended = False  # the end status is written
         self.reading = True
         self.writable = asyncio.Event()
         self.writable.set()
@@ -133,7 +138,7 @@ class _Connection(asyncio.BufferedProtocol):
         return self.records.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.ended:
+        if self.input_over:
             self.records.clear()  # (read and dropped: closing with unread data sends a reset)
             return
         try:
@@ -147,19 +152,42 @@ class _Connection(asyncio.BufferedProtocol):
                     frame = pb.SessionFrame.FromString(payload)
                 except DecodeError as exc:
                     raise Ended(_INVALID_ARGUMENT, f"not a SessionFrame: {exc}") from None
+                if not frame.frame_id:
+                    raise Ended(_INVALID_ARGUMENT, "frame_id 0 is the stream's own; start at 1")
                 self.frames.put_nowait((len(payload), frame))
+                self.queued_bytes += len(payload) + PARSED_OP_BYTES * len(frame.ops)
             if completed or not self.records.partial:
                 self.progress = asyncio.get_running_loop().time()
         except tcp.Refused as exc:
             limit = "a hello" if self.task is None else "--max-request-bytes"
-            self.end(_RESOURCE_EXHAUSTED, f"{exc.details} for {limit}")
+            self._stop_input((_RESOURCE_EXHAUSTED, f"{exc.details} for {limit}"))
             return
         except Ended as exc:
-            self.end(exc.code, exc.details)
+            self._stop_input((exc.code, exc.details))
             return
-        if self.frames.qsize() >= _READ_AHEAD and self.reading and self.transport is not None:
+        # Read ahead a little, counted in frames and in bytes (a stranger's frames are not in
+        # the service's budget until it takes them): past it, TCP holds the client back.
+        full = self.frames.qsize() >= _READ_AHEAD or self.queued_bytes >= self.records.limit
+        if full and self.reading and self.transport is not None:
             self.reading = False
             self.transport.pause_reading()
+
+    def _stop_input(self, failure: tuple[int, str] | None) -> None:
+        """No more frames: the frames taken are answered, then the stream ends (with
+        ``failure``, else OK). Before the hello, at once."""
+        if self.input_over:
+            return
+        self.input_over = True
+        self.failure = failure
+        self.records.clear()
+        if self.task is None:
+            code, details = failure or (_OK, "")
+            self.end(code, details)
+        else:
+            self.frames.put_nowait(None)
+        if not self.reading and self.transport is not None and not self.transport.is_closing():
+            self.reading = True  # (read and drop: a reset could overtake the answers)
+            self.transport.resume_reading()
 
     def _hello(self, payload: memoryview) -> None:
         try:
@@ -181,7 +209,9 @@ class _Connection(asyncio.BufferedProtocol):
             item = await frames.get()
             if item is None:
                 return
-            if not self.reading and frames.qsize() < _READ_AHEAD // 2:
+            self.queued_bytes -= item[0] + PARSED_OP_BYTES * len(item[1].ops)
+            low = frames.qsize() < _READ_AHEAD // 2 and self.queued_bytes < self.records.limit // 2
+            if not self.reading and low and not self.input_over:
                 self.reading = True
                 if self.transport is not None and not self.transport.is_closing():
                     self.transport.resume_reading()
@@ -193,12 +223,13 @@ class _Connection(asyncio.BufferedProtocol):
         results = self.server.service.Session(self._frames(), context)  # type: ignore[arg-type]
         try:
             async for result in results:
-                if transport.is_closing():
+                if self.ended or transport.is_closing():
                     break
                 transport.write(tcp.record(result.SerializeToString()))
                 if not self.writable.is_set():
                     await self.writable.wait()  # (the client does not read: hold the results)
-            self.end(_OK, "")  # (the client said it was done, and has every answer)
+            code, details = self.failure or (_OK, "")
+            self.end(code, details)  # (every frame taken is answered)
         except Ended as exc:
             self.end(exc.code, exc.details)
         except asyncio.CancelledError:
@@ -210,8 +241,14 @@ class _Connection(asyncio.BufferedProtocol):
             await results.aclose()  # (the service's own cleanup: its count of streams)
 
     def eof_received(self) -> bool:
-        if not self.ended:
-            self.frames.put_nowait(None)  # the client is done: answer what it sent, then end
+        """The client is done: answer what it sent, then end (a record cut off by the end is
+        refused). Over TLS, which cannot half-close, the connection simply ends."""
+        if self.server.ssl is not None:
+            return False
+        if self.records.partial:
+            self._stop_input((_INVALID_ARGUMENT, "the stream ended inside a record"))
+        else:
+            self._stop_input(None)
         return True  # (keep our side open for the answers)
 
     def end(self, code: int, details: str) -> None:
@@ -220,7 +257,7 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if self.ended or transport is None or transport.is_closing():
             return
-        self.ended = True
+        self.ended = self.input_over = True
         self.records.clear()
         result = pb.SessionResult(frame_id=0, code=code, error=details)
         transport.write(tcp.record(result.SerializeToString()))
@@ -239,7 +276,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def overdue(self, now: float) -> str | None:
         """Why this connection should be dropped now, or None."""
-        if self.task is None and not self.ended and now - self.opened > HANDSHAKE_S:
+        if self.task is None and not self.input_over and now - self.opened > HANDSHAKE_S:
             return f"no hello within {HANDSHAKE_S:g}s"
         if self.records.partial and now - self.progress > STALL_S:
             return f"a record unfinished for {STALL_S:g}s"

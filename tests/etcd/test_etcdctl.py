@@ -138,7 +138,8 @@ class Stream:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
@@ -173,13 +174,17 @@ class Stream:
         raise AssertionError(f"etcdctl {self.args} printed {line!r}, but {why}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop it (if it still runs); its exit code, once all it wrote to stderr is read
+        (a test that checks ``stderr`` after this found it empty on a loaded machine)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout=RUN_TIMEOUT)
+            code = self.proc.wait(timeout=RUN_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(timeout=RUN_TIMEOUT)
+            code = self.proc.wait(timeout=RUN_TIMEOUT)
+        self._drainer.join(timeout=RUN_TIMEOUT)
+        return code
 
     def __enter__(self) -> Stream:
         return self

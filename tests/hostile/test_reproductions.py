@@ -273,6 +273,27 @@ def test_the_stream_port_holds_little_for_strangers(trio):
     trio.assert_healthy()
 
 
+def test_a_session_client_that_does_not_read_holds_little(trio):
+    # Frames of 10,000 empty ops (20 KB) answered by 10,000 errors (~400 KB) each, never read:
+    # 330 of them took a node to 335 MB (the answers were bounded in number, not in bytes).
+    leader = trio.leader()
+    pid = trio.cluster.procs[leader].pid
+    rss = rss_bytes(pid)
+    hello = record(pb.SessionHello(cluster_id=CLUSTER).SerializeToString())
+    empty = pb.SessionFrame(ops=[pb.Op()] * 10_000)
+    with trio.session_socket(leader, timeout=5) as sock:
+        sock.sendall(hello)
+        try:
+            for i in range(1, 331):
+                empty.frame_id = i
+                sock.sendall(record(empty.SerializeToString()))
+        except TimeoutError:
+            pass  # (the node stopped reading: TCP holds us back)
+        grown = rss_bytes(pid) - rss
+    assert grown < 96 << 20, f"{grown >> 20} MiB"
+    trio.assert_healthy()
+
+
 def test_data_files_are_the_owner_s_only(trio):
     for nid in trio.ids:
         root = trio.cluster.tmp / nid

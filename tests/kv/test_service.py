@@ -519,6 +519,7 @@ def test_requests_over_the_limits_are_refused_whole() -> None:
             assert "--max-request-bytes" in results[1].results[0].error
             assert {r.code for r in results[2].results} == {bad.value[0]}
             assert "at most" in results[2].results[0].error
+            assert len(results[2].results) == 1  # (one error for the frame, not one per op)
             assert {r.code for r in results[3].results} == {bad.value[0]}
             assert node.proposals == []
 

@@ -309,3 +309,92 @@ def test_a_port_that_does_not_answer_is_left_for_grpc_at_once(tmp_path):
                 sock.close()
 
     run(tmp_path, test)
+
+
+def test_a_client_that_does_not_read_holds_little(tmp_path, monkeypatch):
+    # One frame under way (so that the next waits for its answer to be sent), answers of
+    # 1.8 MB, more than the sockets buffer: the node stops taking frames, and reads ahead at
+    # most one record's worth of bytes (it read 64 frames ahead, whatever their size).
+    from raftfast.server import kv_service
+
+    monkeypatch.setattr(kv_service, "MAX_SESSION_INFLIGHT", 1)
+
+    async def test(node: raftfast.Node) -> None:
+        async with Client(address(node), timeout=20) as c:
+            await c.put(b"big", b"x" * 30_000)
+        get = pb.Op(kind=pb.Op.GET, key=b"big")
+        reads = b"".join(
+            record(pb.SessionFrame(frame_id=i, ops=[get] * 60).SerializeToString())
+            for i in range(1, 13)
+        )
+        puts = b"".join(put_frame(i, b"p%d" % i, b"y" * 60_000, i) for i in range(100, 200))
+        reader, writer = await connect(node)
+        writer.transport.set_write_buffer_limits(high=64 << 20)  # (we keep sending)
+        writer.write(hello() + reads + puts)
+        server = node._driver.session_server
+        await wait_until("a connection", lambda: len(server.connections) == 1)
+        (conn,) = server.connections.values()
+        await wait_until("the node to stop reading", lambda: not conn.reading)
+        await asyncio.sleep(0.3)  # (nothing to wait for: it must stay so)
+        assert not conn.reading
+        assert conn.queued_bytes <= conn.records.limit + 70_000
+        writer.close()
+        await wait_until("the stream to close", lambda: not server.connections)
+        await serves(node)
+
+    run(tmp_path, test)
+
+
+def test_answers_to_frames_before_a_bad_record_still_come(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        reader, writer = await connect(node)
+        writer.write(hello() + b"".join(put_frame(i, b"b%d" % i, b"v", i) for i in range(1, 6)))
+        writer.write(record(b"\xff" * 10))
+        results = await read_results(reader)
+        writer.close()
+        assert sorted(r.frame_id for r in results[:-1]) == [1, 2, 3, 4, 5]
+        assert all(r.results[0].code == 0 for r in results[:-1])
+        assert results[-1].frame_id == 0
+        assert results[-1].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        # frame id 0 is the stream's own; a record cut off by the end is refused
+        end = await ended_with(node, hello() + put_frame(0, b"k", b"v", 1))
+        assert end.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "frame_id 0" in end.error
+        reader, writer = await connect(node)
+        writer.write(hello() + put_frame(1, b"k", b"v", 1)[:-3])
+        writer.write_eof()
+        results = await read_results(reader)
+        writer.close()
+        assert [r.frame_id for r in results] == [0]
+        assert "inside a record" in results[0].error
+        # a frame over the op limit gets one answer, not one error per op
+        many = pb.SessionFrame(frame_id=3, ops=[pb.Op()] * 10_001).SerializeToString()
+        reader, writer = await connect(node)
+        writer.write(hello() + record(many))
+        writer.write_eof()
+        results = await read_results(reader)
+        writer.close()
+        assert len(results[0].results) == 1 and "at most" in results[0].results[0].error
+        await serves(node)
+
+    run(tmp_path, test)
+
+
+def test_a_port_that_takes_connections_and_drops_them_is_left_for_grpc(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        driver = node._driver
+        real = driver.session_port
+
+        async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.abort()  # (as a node with no room left, or a middlebox)
+
+        dropper = await asyncio.start_server(drop, "127.0.0.1", 0)
+        driver.session_port = dropper.sockets[0].getsockname()[1]
+        try:
+            async with Client(address(node), timeout=5) as c:
+                await c.put(b"k", b"v")  # dropped twice without a word: the gRPC call
+                assert c._tcp_failures[address(node)][0] >= 2
+        finally:
+            driver.session_port = real
+            dropper.close()
+
+    run(tmp_path, test)
