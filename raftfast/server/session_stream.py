@@ -48,7 +48,6 @@ MAX_CONNECTIONS = MAX_SESSIONS + 64  # (the last ones hear "too many streams", n
 _FRAME_SLACK = 64 * 1024  # a frame's own fields beyond --max-request-bytes (gRPC allows 512K)
 _READ_AHEAD = 64  # frames parsed and not yet taken by the service: past it, reading pauses
 _LINGER_S = 2.0  # a refused client gets this long to read why before the connection goes
-_SWEEP_S = 1.0
 _OK = grpc.StatusCode.OK.value[0]
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -285,8 +284,10 @@ class _Connection(asyncio.BufferedProtocol):
         return None
 
 
-class SessionServer:
+class SessionServer(tcp.RecordListener):
     """The Session streams over TCP of one node's KV ``service``."""
+
+    what = "Session stream"
 
     def __init__(
         self,
@@ -294,42 +295,15 @@ class SessionServer:
         authorizer: Authorizer | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        super().__init__(ssl_context)
         self.service = service
         self.authorizer = authorizer
-        self.ssl = ssl_context
-        self.connections: dict[asyncio.Transport, _Connection] = {}
-        self._server: asyncio.AbstractServer | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+
+    def protocol(self) -> _Connection:
+        return _Connection(self)
 
     def max_record_bytes(self) -> int:
         return self.service.node.settings.max_request_bytes + _FRAME_SLACK
-
-    async def start(self, host: str, port: int = 0) -> int:
-        """Listen on ``host:port`` (0: any free port); returns the port."""
-        self._server, port = await tcp.listen(lambda: _Connection(self), host, port, self.ssl)
-        self._sweeper = asyncio.create_task(self._sweep(), name="raftfast-session-sweep")
-        return port
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(_SWEEP_S)
-            now = loop.time()
-            for transport, connection in list(self.connections.items()):
-                why = connection.overdue(now)
-                if why is not None:
-                    log.info("dropped a Session stream: %s", why)
-                    transport.abort()
-
-    async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
-        for transport in list(self.connections):
-            transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
 
 
 def server_context(files: TLSFiles, client_cert_auth: bool) -> ssl.SSLContext:

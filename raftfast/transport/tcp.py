@@ -343,42 +343,38 @@ def common_name(cert: dict | None) -> str | None:
     return None
 
 
-class ReplicationServer:
-    """Inbound replication streams. ``check(frame, identity)`` returns the frame's messages or
-    raises ``Refused`` (``identity``: the sender's certificate common name under TLS, else
-    None); ``deliver(messages)`` steps the core."""
+class RecordListener:
+    """A listener of record streams: its connections (protocols with ``overdue(now)``, which
+    add themselves to ``connections``), swept every ``_SWEEP_S`` for those too slow to say
+    who they are or stalled mid-record; ``close`` drops them all. A subclass makes the
+    protocol of a connection (``protocol``)."""
 
-    def __init__(
-        self,
-        check: Callable[[pb.Frame, str | None], list[Message]],
-        deliver: Callable[[list[Message]], None],
-        ssl: SSLContext | None = None,
-    ) -> None:
-        self.check = check
-        self.deliver = deliver
+    what = "stream"  # (for the log)
+
+    def __init__(self, ssl: SSLContext | None = None) -> None:
         self.ssl = ssl
-        self.connections: dict[asyncio.Transport, _Inbound] = {}
-        self.senders: dict[str, _Inbound] = {}  # the authenticated connection of each sender
-        self.partial_bytes = 0  # unfinished records held, over every connection
+        self.connections: dict[asyncio.Transport, asyncio.BaseProtocol] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
 
+    def protocol(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
+
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port."""
-        self._server, port = await listen(lambda: _Inbound(self), host, port, self.ssl)
-        self._sweeper = asyncio.create_task(self._sweep(), name="raftfast-stream-sweep")
+        self._server, port = await listen(self.protocol, host, port, self.ssl)
+        self._sweeper = asyncio.create_task(self._sweep(), name=f"raftfast-{self.what}-sweep")
         return port
 
     async def _sweep(self) -> None:
-        """Drop connections that are too slow to say who they are, or stall mid-record."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_SWEEP_S)
             now = loop.time()
-            for transport, inbound in list(self.connections.items()):
-                why = inbound.overdue(now)
+            for transport, connection in list(self.connections.items()):
+                why = connection.overdue(now)  # type: ignore[attr-defined]
                 if why is not None:
-                    log.info("dropped a replication stream: %s", why)
+                    log.info("dropped a %s: %s", self.what, why)
                     transport.abort()
 
     async def close(self) -> None:
@@ -390,6 +386,29 @@ class ReplicationServer:
             transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
+
+
+class ReplicationServer(RecordListener):
+    """Inbound replication streams. ``check(frame, identity)`` returns the frame's messages or
+    raises ``Refused`` (``identity``: the sender's certificate common name under TLS, else
+    None); ``deliver(messages)`` steps the core."""
+
+    what = "replication stream"
+
+    def __init__(
+        self,
+        check: Callable[[pb.Frame, str | None], list[Message]],
+        deliver: Callable[[list[Message]], None],
+        ssl: SSLContext | None = None,
+    ) -> None:
+        super().__init__(ssl)
+        self.check = check
+        self.deliver = deliver
+        self.senders: dict[str, _Inbound] = {}  # the authenticated connection of each sender
+        self.partial_bytes = 0  # unfinished records held, over every connection
+
+    def protocol(self) -> _Inbound:
+        return _Inbound(self)
 
 
 class OutboundStream(asyncio.Protocol):

@@ -21,6 +21,7 @@ from raftfast.kv.fsm import KVStateMachine
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.server import session_stream
 from raftfast.tools.localcluster import free_ports
+from raftfast.transport import tcp
 from raftfast.transport.tcp import record
 
 CLUSTER = "raftfast"
@@ -228,7 +229,7 @@ def test_refusals_end_the_stream_with_a_status(tmp_path):
 def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatch):
     monkeypatch.setattr(session_stream, "HANDSHAKE_S", 0.3)
     monkeypatch.setattr(session_stream, "STALL_S", 0.3)
-    monkeypatch.setattr(session_stream, "_SWEEP_S", 0.1)
+    monkeypatch.setattr(tcp, "_SWEEP_S", 0.1)
 
     async def test(node: raftfast.Node) -> None:
         server = node._driver.session_server
