@@ -81,6 +81,7 @@ _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) /
 # in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
 # by --max-request-bytes each and by HTTP/2 flow control per connection.
 _MAX_STREAMS_PER_CONNECTION = 1024
+GRPC_HANDSHAKE_MS = 10_000  # a gRPC connection's TLS and HTTP/2 handshakes, at most
 
 
 class Driver(MembershipMixin, SnapshotMixin):
@@ -248,7 +249,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             roles = load_roles(s.auth_roles) if s.auth_roles else None
             authorizer = Authorizer(roles, checked=True)
         timer = RequestTimer(self.metrics) if s.metrics_listen else None
-        self.server = _server(client_limit, authorizer, timer)
+        self.server = _server(client_limit, s.max_client_connections, authorizer, timer)
         self.app.add_services(self.server, authorizer)
         register(self.server, pb, "Admin", admin)
         # (after the services: their calls find their handlers first)
@@ -258,7 +259,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         if shared:
             register(self.server, pb, "Peer", peer_service)
         else:
-            self.peer_server = _server(tcp.MAX_RECORD_BYTES, None, timer)
+            self.peer_server = _server(tcp.MAX_RECORD_BYTES, tcp.MAX_CONNECTIONS, None, timer)
             register(self.peer_server, pb, "Peer", peer_service)
             peer_tls = s.peer_tls
             _bind(
@@ -856,12 +857,16 @@ def _runs_of_commands(types: list[int]) -> list[tuple[int, int]]:
 
 def _server(
     max_message_bytes: int,
+    max_connections: int,
     authorizer: Authorizer | None = None,
     timer: RequestTimer | None = None,
 ) -> grpc.aio.Server:
     # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start, not
     # silently share the port with us. The timer comes after the role check: it is handed the
-    # services' own handlers (the same each call), whose timed twins it keeps.
+    # services' own handlers (the same each call), whose timed twins it keeps. Connections
+    # are capped (past the cap gRPC closes new ones at once) and one that has not finished its
+    # TLS and HTTP/2 handshakes in GRPC_HANDSHAKE_MS is closed (gRPC's default: 120 s), so
+    # that a stranger's idle connections cannot hold every descriptor the node has.
     interceptors = [RoleInterceptor(authorizer)] if authorizer is not None else []
     if timer is not None:
         interceptors.append(timer)
@@ -872,6 +877,8 @@ def _server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", _MAX_STREAMS_PER_CONNECTION),
+            ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.server_handshake_timeout_ms", GRPC_HANDSHAKE_MS),
         ],
     )
 

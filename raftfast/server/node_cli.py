@@ -58,6 +58,7 @@ from typing import Any, NoReturn
 from raftfast._version import __version__, version_text
 from raftfast.address import is_address
 from raftfast.errors import FormatVersionError, RaftfastError
+from raftfast.server import descriptors
 from raftfast.server.malloc import keep_big_blocks_mapped
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
@@ -250,6 +251,7 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "max_key_bytes": _int,
     "max_value_bytes": _int,
     "max_request_bytes": _int,
+    "max_client_connections": _int,
     "log_level": _log_level,
     "log_format": _log_format,
     "metrics_listen": _address,
@@ -343,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-bytes",
         metavar="N",
         help="largest client request: a put, a Session frame, a put_many (1572864)",
+    )
+    p.add_argument(
+        "--max-client-connections",
+        metavar="N",
+        help="connections at once on the client port; more are closed at once (4096)",
     )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument(
@@ -767,6 +774,19 @@ def _restore(settings: NodeSettings, path: str) -> int:
     return 0
 
 
+def _connection_caps(settings: NodeSettings) -> list[int]:
+    """What each of the node's listeners may hold at once (raftfast/server/descriptors.py)."""
+    from raftfast.server import session_stream
+    from raftfast.transport import tcp
+
+    caps = [settings.max_client_connections, tcp.MAX_CONNECTIONS]  # client port, replication
+    if settings.client_stream == "tcp":
+        caps.append(session_stream.MAX_CONNECTIONS)
+    if settings.peer_listen and settings.peer_listen != settings.listen:
+        caps.append(tcp.MAX_CONNECTIONS)  # the peer port's gRPC server
+    return caps
+
+
 def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> int:
     """Store the identity and run the node (the data directory is ours)."""
     try:
@@ -779,6 +799,9 @@ def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> i
         return 1
     _configure_logging(settings.log_level, settings.log_format, settings.id)
     keep_big_blocks_mapped()
+    short = descriptors.raise_limit(descriptors.needed(_connection_caps(settings)))
+    if short is not None:
+        logging.getLogger("raftfast.node").warning("%s", short)
     if not settings.fsync and settings.log_format == "json":
         logging.getLogger("raftfast.node").warning("%s", UNSAFE_WARNING)
     try:

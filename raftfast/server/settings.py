@@ -16,6 +16,7 @@ LOG_FORMATS = ("text", "json")
 # A request becomes one log entry, which must fit one peer message (64 MiB) with room to spare.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MIN_QUOTA_BYTES = 64 * 1024
+MAX_CLIENT_CONNECTIONS = 65536
 
 
 @dataclass
@@ -35,6 +36,9 @@ class NodeSettings:
     # Largest client request (a put, a Session frame, a put_many): etcd's default. The same on
     # every node, like the key and value limits.
     max_request_bytes: int = 1536 * 1024
+    # Connections at once on the client port (gRPC): past it, new ones are closed at once.
+    # Each is a descriptor; a stranger opening connections must not take them all.
+    max_client_connections: int = 4096
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object per line (raftfast/server/logs.py)
     # host:port serving Prometheus metrics at /metrics (raftfast/server/metrics.py); "" = off
@@ -131,6 +135,8 @@ class NodeSettings:
             raise ValueError("key and value limits must be positive")
         if not 1024 <= self.max_request_bytes <= MAX_REQUEST_BYTES:
             raise ValueError(f"--max-request-bytes must be in [1024, {MAX_REQUEST_BYTES}]")
+        if not 1 <= self.max_client_connections <= MAX_CLIENT_CONNECTIONS:
+            raise ValueError(f"--max-client-connections must be in [1, {MAX_CLIENT_CONNECTIONS}]")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.metrics_listen and not is_address(self.metrics_listen):

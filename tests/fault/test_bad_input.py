@@ -669,6 +669,8 @@ BAD = [
     ("unknown peer stream", ["--peer-stream", "udp"], "--peer-stream must be one of tcp, grpc"),
     ("stream port too big", ["--peer-stream-port", "70000"], "--peer-stream-port must be 0"),
     ("toml stream port text", ["@toml", "peer_stream_port = 'x'"], "must be an integer"),
+    ("no client connections", ["--max-client-connections", "0"], "must be in [1, 65536]"),
+    ("2^64 client connections", ["--max-client-connections", str(2**64)], "must be in [1,"),
 ]
 
 
