@@ -288,6 +288,7 @@ class SessionServer(tcp.RecordListener):
     """The Session streams over TCP of one node's KV ``service``."""
 
     what = "Session stream"
+    max_connections = MAX_CONNECTIONS
 
     def __init__(
         self,

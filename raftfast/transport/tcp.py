@@ -311,13 +311,18 @@ async def listen(
     host: str,
     port: int,
     ssl: SSLContext | None = None,
-) -> tuple[asyncio.AbstractServer, int]:
+    room: Callable[[], int] | None = None,
+) -> tuple[asyncio.AbstractServer | TlsAcceptor, int]:
     """A server on ``host:port`` (0: a free port, the same on every address of ``host``), TLS
-    with ``ssl``; returns it and its port."""
+    with ``ssl``; returns it and its port. Under TLS, a connection is counted from the moment
+    it is accepted: one arriving while ``room()`` connections or more are in their handshake
+    is closed at once (``TlsAcceptor``)."""
+    if ssl is not None:
+        acceptor = TlsAcceptor(factory, ssl, room or (lambda: MAX_CONNECTIONS))
+        return acceptor, await acceptor.start(host, port)
     loop = asyncio.get_running_loop()
-    extra = {"ssl": ssl, "ssl_handshake_timeout": HANDSHAKE_S} if ssl else {}
     for _attempt in range(10):
-        server = await loop.create_server(factory, host, port, **extra)
+        server = await loop.create_server(factory, host, port)
         ports = {sock.getsockname()[1] for sock in server.sockets}
         if len(ports) == 1:
             return server, ports.pop()
@@ -327,11 +332,114 @@ async def listen(
         server.close()
         await server.wait_closed()
         try:
-            server = await loop.create_server(factory, host, first, **extra)
+            server = await loop.create_server(factory, host, first)
         except OSError:
             continue  # taken on the other address meanwhile: try another port
         return server, first
     raise OSError(f"no free port on every address of {host!r}")
+
+
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host``, all on one port (0: a free one)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, addr[0]) for family, _, _, _, addr in infos))
+    for _attempt in range(10):
+        sockets: list[socket.socket] = []
+        chosen = port
+        try:
+            for family, address in addresses:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address, chosen))
+                chosen = sock.getsockname()[1]
+                sock.listen(128)
+                sock.setblocking(False)
+            return sockets
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            if port or len(sockets) <= 1:
+                raise  # (the port asked for is taken; or the first bind failed)
+            # A free port on the first address was taken on another: try another port.
+    raise OSError(f"no free port on every address of {host!r}")
+
+
+class TlsAcceptor:
+    """A TLS listener that counts a connection from its accept, not from the end of its
+    handshake: an asyncio TLS server makes the protocol only once the handshake is done, so a
+    flood of connections that never finish one was not counted against the listener's limit
+    and each held a descriptor for up to HANDSHAKE_S. Here a connection accepted while
+    ``room()`` or more are in their handshake is closed at once; the handshake itself is
+    asyncio's (``loop.connect_accepted_socket``), with HANDSHAKE_S to finish."""
+
+    def __init__(
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        ssl: SSLContext,
+        room: Callable[[], int],
+    ) -> None:
+        self.factory = factory
+        self.ssl = ssl
+        self.room = room
+        self.handshaking: set[asyncio.Task[None]] = set()
+        self.sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._refused_logged = 0.0
+
+    async def start(self, host: str, port: int) -> int:
+        self.sockets = _listening_sockets(host, port)
+        self._accepting = [
+            asyncio.create_task(self._accept(sock), name="raftfast-tls-accept")
+            for sock in self.sockets
+        ]
+        return self.sockets[0].getsockname()[1]
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listening)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:  # out of descriptors: let some go before trying again
+                log.warning("TLS listener cannot accept: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(self.handshaking) >= self.room():
+                sock.close()
+                now = loop.time()
+                if now - self._refused_logged > 10:
+                    self._refused_logged = now
+                    log.warning("TLS connections refused: the listener is full")
+                continue
+            task = asyncio.create_task(self._handshake(sock))
+            self.handshaking.add(task)
+            task.add_done_callback(self.handshaking.discard)
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                self.factory, sock, ssl=self.ssl, ssl_handshake_timeout=HANDSHAKE_S
+            )
+        except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+            log.debug("TLS handshake failed: %r", exc)
+            sock.close()
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        for task in (*self._accepting, *self.handshaking):
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, *self.handshaking, return_exceptions=True)
 
 
 def common_name(cert: dict | None) -> str | None:
@@ -350,11 +458,12 @@ class RecordListener:
     protocol of a connection (``protocol``)."""
 
     what = "stream"  # (for the log)
+    max_connections = MAX_CONNECTIONS  # (its protocols refuse past it; TLS: its handshakes too)
 
     def __init__(self, ssl: SSLContext | None = None) -> None:
         self.ssl = ssl
         self.connections: dict[asyncio.Transport, asyncio.BaseProtocol] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.AbstractServer | TlsAcceptor | None = None
         self._sweeper: asyncio.Task | None = None
 
     def protocol(self) -> asyncio.BaseProtocol:
@@ -362,9 +471,12 @@ class RecordListener:
 
     async def start(self, host: str, port: int = 0) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port."""
-        self._server, port = await listen(self.protocol, host, port, self.ssl)
+        self._server, port = await listen(self.protocol, host, port, self.ssl, self._room)
         self._sweeper = asyncio.create_task(self._sweep(), name=f"raftfast-{self.what}-sweep")
         return port
+
+    def _room(self) -> int:
+        return self.max_connections - len(self.connections)
 
     async def _sweep(self) -> None:
         loop = asyncio.get_running_loop()

@@ -5,16 +5,21 @@ connections took every descriptor the node had."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
 
 from raftfast.address import split_address
 from raftfast.client import SyncClient
+from raftfast.security.tls import TLSFiles
 from raftfast.server.driver import GRPC_HANDSHAKE_MS
-from raftfast.tools.localcluster import ProcCluster, wait_for
+from raftfast.server.session_stream import server_context
+from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
+from raftfast.transport import tcp
 
 CAP = 16  # this node's --max-client-connections
 
@@ -91,3 +96,83 @@ print(descriptors.raise_limit(4096) or "")
     assert out[0] == "None"  # raised to the hard limit: enough
     assert out[1] == "2048"
     assert "2048" in out[2] and "--max-client-connections" in out[2]
+
+
+class _Echo(asyncio.Protocol):
+    """A connection of ``_EchoListener``: sends back what it gets."""
+
+    def __init__(self, listener: _EchoListener) -> None:
+        self.listener = listener
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.listener.connections[transport] = self
+
+    def connection_lost(self, exc) -> None:
+        self.listener.connections.pop(self.transport, None)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def overdue(self, now: float) -> str | None:
+        return None
+
+
+class _EchoListener(tcp.RecordListener):
+    max_connections = 8
+
+    def protocol(self) -> _Echo:
+        return _Echo(self)
+
+
+def test_tls_handshakes_never_finished_count_against_a_stream_listener(tmp_path):
+    # A TLS listener's connection was counted once its handshake was done: strangers that
+    # never began one each held a descriptor for up to 5 s, uncounted (docs/security.md).
+    make_certs(tmp_path, ["n1"])
+    server_ctx = server_context(
+        TLSFiles(None, str(tmp_path / "n1.crt"), str(tmp_path / "n1.key")), False
+    )
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+
+    async def scenario() -> None:
+        listener = _EchoListener(server_ctx)
+        port = await listener.start("127.0.0.1")
+        pid = os.getpid()
+        held = _descriptors(pid)
+        strangers = []
+        try:
+            for _ in range(5 * _EchoListener.max_connections):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.setblocking(False)
+                strangers.append(sock)
+            loop = asyncio.get_running_loop()
+            # Closed at once: well before the handshake time is up (it closed them all, too).
+            deadline = loop.time() + tcp.HANDSHAKE_S / 2
+            while sum(_closed(s) for s in strangers) < 4 * _EchoListener.max_connections:
+                assert loop.time() < deadline, "connections past the limit were kept"
+                await asyncio.sleep(0.05)
+            # (ours: 40 client ends; the listener's: at most 8 in their handshakes)
+            assert _descriptors(pid) <= held + len(strangers) + _EchoListener.max_connections + 4
+        finally:
+            for sock in strangers:
+                sock.close()
+        # Once the strangers are gone, a real client gets in.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(
+                        "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
+                    ),
+                    10,
+                )
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                writer.close()
+                break
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                assert asyncio.get_running_loop().time() < deadline, "no room after the flood"
+                await asyncio.sleep(0.1)
+        await listener.close()
+
+    asyncio.run(scenario())
