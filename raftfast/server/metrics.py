@@ -342,17 +342,19 @@ def _dir_bytes(path: str) -> int:
 
 
 class MetricsServer:
-    """``/metrics`` of one driver on ``address`` (prometheus_client's HTTP server, in a
-    thread of its own, with a registry of its own)."""
+    """``/metrics`` of one driver on ``address`` (prometheus_client's app behind a bounded
+    HTTP server, ``metrics_http``, in a thread of its own, with a registry of its own)."""
 
     def __init__(self, driver: Driver, address: str) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
+
+        from raftfast.server import metrics_http
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(driver))
         host, port = split_address(address)
         try:
-            self._httpd, self._thread = start_http_server(port, host, registry=self.registry)
+            self._httpd, self._thread = metrics_http.serve(host, port, self.registry)
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
         self._thread.name = f"raftfast-metrics-{driver.id}"

@@ -12,13 +12,15 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 
 from raftfast.address import split_address
 from raftfast.client import SyncClient
 from raftfast.security.tls import TLSFiles
+from raftfast.server import metrics_http
 from raftfast.server.driver import GRPC_HANDSHAKE_MS
 from raftfast.server.session_stream import server_context
-from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
+from raftfast.tools.localcluster import ProcCluster, free_ports, make_certs, wait_for
 from raftfast.transport import tcp
 
 CAP = 16  # this node's --max-client-connections
@@ -176,3 +178,43 @@ def test_tls_handshakes_never_finished_count_against_a_stream_listener(tmp_path)
         await listener.close()
 
     asyncio.run(scenario())
+
+
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def test_idle_connections_to_the_metrics_port_are_capped_then_dropped(tmp_path):
+    # prometheus_client's server ran a thread per connection and waited for its request
+    # forever: 300 idle connections, 300 threads, for good.
+    port = free_ports(1)[0]
+    with ProcCluster(tmp_path, 1, extra=["--metrics-listen", f"127.0.0.1:{port}"]) as cluster:
+        nid = cluster.wait_leader()
+        pid = cluster.procs[nid].pid
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert b"raftfast_" in urllib.request.urlopen(url, timeout=30).read()
+        threads = _threads(pid)
+        strangers = []
+        try:
+            for _ in range(8 * metrics_http.MAX_CONNECTIONS):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.setblocking(False)
+                strangers.append(sock)
+            wait_for(
+                "connections past the cap closed",
+                lambda: sum(_closed(s) for s in strangers) >= 7 * metrics_http.MAX_CONNECTIONS,
+                timeout=metrics_http.TIMEOUT_S / 2,
+            )
+            assert _threads(pid) <= threads + metrics_http.MAX_CONNECTIONS + 2
+            wait_for(
+                "idle connections dropped",
+                lambda: all(_closed(s) for s in strangers),
+                timeout=metrics_http.TIMEOUT_S + 30,
+                every=0.25,
+            )
+        finally:
+            for sock in strangers:
+                sock.close()
+        assert b"raftfast_" in urllib.request.urlopen(url, timeout=30).read()
+        assert cluster.procs[nid].poll() is None
