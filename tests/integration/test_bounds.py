@@ -6,7 +6,7 @@ directory holds two snapshots (~2 MB each) and the WAL written since the older o
 point, in whole segments (a few MiB); its resident memory is the interpreter, gRPC, the state
 and the log tail (~60 MiB measured). The test asserts generous limits (DISK_LIMIT, RSS_LIMIT)
 and that nothing keeps growing: the second half of the run peaks no higher than the first half
-plus a margin. CI runs it for ``RAFTFAST_BOUND_SECONDS`` = 30 s; ``make soak`` for 10 minutes.
+plus a margin. CI runs it for ``RAFTFAST_BOUND_SECONDS`` = 15 s; ``make soak`` for 10 minutes.
 A loaded machine writes less in that time: the load then goes on until it has written
 ``MIN_WRITES`` (five snapshot cycles), for up to four times as long.
 """
@@ -25,7 +25,7 @@ from raftfast.tools.localcluster import ProcCluster
 
 from .load import put_each
 
-DURATION = float(os.environ.get("RAFTFAST_BOUND_SECONDS", "30"))
+DURATION = float(os.environ.get("RAFTFAST_BOUND_SECONDS", "15"))
 FLAGS = [
     "--snapshot-entries",
     "20000",
