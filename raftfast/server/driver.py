@@ -81,7 +81,7 @@ _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) /
 # in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
 # by --max-request-bytes each and by HTTP/2 flow control per connection.
 _MAX_STREAMS_PER_CONNECTION = 1024
-GRPC_HANDSHAKE_MS = 10_000  # a gRPC connection's TLS and HTTP/2 handshakes, at most
+GRPC_HANDSHAKE_MS = 5_000  # a gRPC connection's TLS and HTTP/2 handshakes, at most
 
 
 class Driver(MembershipMixin, SnapshotMixin):
@@ -259,7 +259,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         if shared:
             register(self.server, pb, "Peer", peer_service)
         else:
-            self.peer_server = _server(tcp.MAX_RECORD_BYTES, tcp.MAX_CONNECTIONS, None, timer)
+            # (peers are few; the cap is headroom: with a small one, a stranger reopening
+            # silent connections as gRPC drops them kept every peer's vote out)
+            self.peer_server = _server(tcp.MAX_RECORD_BYTES, s.max_client_connections, None, timer)
             register(self.peer_server, pb, "Peer", peer_service)
             peer_tls = s.peer_tls
             _bind(

@@ -2,16 +2,20 @@
 
 prometheus_client's own server (``start_http_server``) runs a thread per connection and waits
 for a request without a deadline: each idle connection a stranger opened held a thread and a
-descriptor for good (300 of them: 300 threads). Here a connection has ``TIMEOUT_S`` to send
-its request and take the answer, and at most ``MAX_CONNECTIONS`` are served at once; past
-that a new one is closed at once. A Prometheus server needs one.
+descriptor for good (300 of them: 300 threads). Here a connection has ``TIMEOUT_S`` in all to
+send its request and take the answer (a socket timeout alone is per read: a byte every 9 s
+kept a connection forever), and at most ``MAX_CONNECTIONS`` are served at once; past that a
+new one is closed at once. A Prometheus server needs one. A connection that fails (reset,
+timed out) is logged at debug level: a stranger must not fill the node's log with tracebacks.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import socketserver
 import threading
+import time
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -19,9 +23,20 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 MAX_CONNECTIONS = 16
 TIMEOUT_S = 10.0
 
+log = logging.getLogger("raftfast.metrics")
+
 
 class _Handler(WSGIRequestHandler):
     timeout = TIMEOUT_S  # (StreamRequestHandler: the socket's timeout, reads and writes)
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.deadlines[self.connection] = time.monotonic() + TIMEOUT_S
+
+    def finish(self) -> None:
+        self.server.deadlines.pop(self.connection, None)
+        super().finish()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
         pass  # (a scrape every few seconds is not news)
@@ -35,7 +50,29 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # Each connection's deadline (the socket timeout above is per read or write), kept by
+        # one thread for all of them.
+        self.deadlines: dict[socket.socket, float] = {}
+        self._closed = threading.Event()
         super().__init__(address, _Handler)
+        threading.Thread(
+            target=self._cut_late, daemon=True, name="raftfast-metrics-deadlines"
+        ).start()
+
+    def _cut_late(self) -> None:
+        while not self._closed.wait(0.5):
+            now = time.monotonic()
+            for connection, deadline in list(self.deadlines.items()):
+                if now > deadline:
+                    self.deadlines.pop(connection, None)
+                    try:
+                        connection.shutdown(socket.SHUT_RDWR)  # (its next read or write fails)
+                    except OSError:
+                        pass
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         if not self._slots.acquire(blocking=False):
@@ -52,6 +89,9 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        log.debug("metrics connection from %s failed", client_address, exc_info=True)
 
 
 def serve(host: str, port: int, registry: CollectorRegistry) -> tuple[WSGIServer, threading.Thread]:

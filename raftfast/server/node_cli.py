@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-client-connections",
         metavar="N",
-        help="connections at once on the client port; more are closed at once (4096)",
+        help="gRPC connections at once on the client port and on the peer port; more are "
+        "closed at once (4096)",
     )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument(
@@ -783,7 +784,7 @@ def _connection_caps(settings: NodeSettings) -> list[int]:
     if settings.client_stream == "tcp":
         caps.append(session_stream.MAX_CONNECTIONS)
     if settings.peer_listen and settings.peer_listen != settings.listen:
-        caps.append(tcp.MAX_CONNECTIONS)  # the peer port's gRPC server
+        caps.append(settings.max_client_connections)  # the peer port's gRPC server
     return caps
 
 

@@ -340,23 +340,29 @@ async def listen(
 
 
 def _listening_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address of ``host``, all on one port (0: a free one)."""
+    """Listening sockets on every address of ``host`` this machine supports, all on one port
+    (0: a free one)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    addresses = list(dict.fromkeys((family, addr[0]) for family, _, _, _, addr in infos))
+    addresses = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
     for _attempt in range(10):
         sockets: list[socket.socket] = []
         chosen = port
         try:
-            for family, address in addresses:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+            for family, addr in addresses:
+                try:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                except OSError:
+                    continue  # (say, IPv6 on a kernel without it: "localhost" still works)
                 sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((address, chosen))
+                sock.bind((addr[0], chosen, *addr[2:]))  # (an IPv6 scope id kept)
                 chosen = sock.getsockname()[1]
                 sock.listen(128)
                 sock.setblocking(False)
+            if not sockets:
+                raise OSError(f"cannot listen on {host!r}: no address family it has works here")
             return sockets
         except OSError:
             for sock in sockets:
@@ -367,13 +373,26 @@ def _listening_sockets(host: str, port: int) -> list[socket.socket]:
     raise OSError(f"no free port on every address of {host!r}")
 
 
+class _Handshake:
+    """An accepted connection in its TLS handshake."""
+
+    __slots__ = ("sock", "started")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.started = False  # (once started, asyncio's transport owns the socket)
+
+
 class TlsAcceptor:
     """A TLS listener that counts a connection from its accept, not from the end of its
     handshake: an asyncio TLS server makes the protocol only once the handshake is done, so a
     flood of connections that never finish one was not counted against the listener's limit
-    and each held a descriptor for up to HANDSHAKE_S. Here a connection accepted while
-    ``room()`` or more are in their handshake is closed at once; the handshake itself is
-    asyncio's (``loop.connect_accepted_socket``), with HANDSHAKE_S to finish."""
+    and each held a descriptor for up to HANDSHAKE_S. Here at most ``room()`` connections are
+    in their handshake at once: when one more arrives, the oldest of them is dropped (not the
+    newcomer: a slow flood of silent connections, each reopened when dropped, would otherwise
+    keep peers and clients out), and when the listener's established connections leave no room
+    at all, the newcomer is closed at once. The handshake itself is asyncio's
+    (``loop.connect_accepted_socket``), with HANDSHAKE_S to finish."""
 
     def __init__(
         self,
@@ -384,62 +403,94 @@ class TlsAcceptor:
         self.factory = factory
         self.ssl = ssl
         self.room = room
-        self.handshaking: set[asyncio.Task[None]] = set()
+        # in arrival order: the first is the oldest
+        self.handshaking: dict[asyncio.Task[None], _Handshake] = {}
         self.sockets: list[socket.socket] = []
-        self._accepting: list[asyncio.Task[None]] = []
-        self._refused_logged = 0.0
+        self._closed = False
+        self._dropped: list[asyncio.Task[None]] = []  # the handshakes close() ended
+        self._logged: dict[str, float] = {}
 
     async def start(self, host: str, port: int) -> int:
         self.sockets = _listening_sockets(host, port)
-        self._accepting = [
-            asyncio.create_task(self._accept(sock), name="raftfast-tls-accept")
-            for sock in self.sockets
-        ]
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            # (a reader callback, not a task in sock_accept: cancelled under a flood, that
+            # raced the accept it had under way on the plain asyncio loop)
+            loop.add_reader(sock.fileno(), self._accept, sock)
         return self.sockets[0].getsockname()[1]
 
-    async def _accept(self, listening: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listening)
-            except (ConnectionAbortedError, InterruptedError):
-                continue
-            except OSError as exc:  # out of descriptors: let some go before trying again
-                log.warning("TLS listener cannot accept: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            if len(self.handshaking) >= self.room():
-                sock.close()
-                now = loop.time()
-                if now - self._refused_logged > 10:
-                    self._refused_logged = now
-                    log.warning("TLS connections refused: the listener is full")
-                continue
-            task = asyncio.create_task(self._handshake(sock))
-            self.handshaking.add(task)
-            task.add_done_callback(self.handshaking.discard)
+    def _log(self, what: str, message: str, *args: object) -> None:
+        """A warning at most every 10 s per kind (a flood must not flood the log)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._logged.get(what, -1e9) > 10:
+            self._logged[what] = now
+            log.warning(message, *args)
 
-    async def _handshake(self, sock: socket.socket) -> None:
+    def _accept(self, listening: socket.socket) -> None:
+        for _ in range(128):  # (what a wake-up found waiting, at most a backlog's worth)
+            try:
+                sock, _ = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # out of descriptors: let some go before trying again
+                self._log("accept", "TLS listener cannot accept: %s", exc)
+                self._pause(listening)
+                return
+            room = self.room()
+            if room <= 0:
+                sock.close()
+                self._log("full", "TLS connection refused: the listener is full")
+                continue
+            while len(self.handshaking) >= room:
+                self._drop(next(iter(self.handshaking)))  # (the oldest)
+                self._log("evicted", "TLS handshakes dropped for newer ones: a flood?")
+            sock.setblocking(False)
+            pending = _Handshake(sock)
+            task = asyncio.create_task(self._handshake(pending))
+            self.handshaking[task] = pending
+            task.add_done_callback(self._finished)
+
+    def _pause(self, listening: socket.socket) -> None:
+        """Stop accepting on ``listening`` for 0.1 s (out of descriptors: no busy loop)."""
         loop = asyncio.get_running_loop()
+        loop.remove_reader(listening.fileno())
+
+        def resume() -> None:
+            if not self._closed:
+                loop.add_reader(listening.fileno(), self._accept, listening)
+
+        loop.call_later(0.1, resume)
+
+    async def _handshake(self, pending: _Handshake) -> None:
+        pending.started = True
         try:
-            await loop.connect_accepted_socket(
-                self.factory, sock, ssl=self.ssl, ssl_handshake_timeout=HANDSHAKE_S
+            await asyncio.get_running_loop().connect_accepted_socket(
+                self.factory, pending.sock, ssl=self.ssl, ssl_handshake_timeout=HANDSHAKE_S
             )
         except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
             log.debug("TLS handshake failed: %r", exc)
-            sock.close()
-        except asyncio.CancelledError:
-            sock.close()
-            raise
+
+    def _drop(self, task: asyncio.Task[None]) -> None:
+        task.cancel()  # (its transport closes the socket; _finished, one never started)
+        self._finished(task)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        pending = self.handshaking.pop(task, None)
+        if pending is not None and not pending.started:
+            pending.sock.close()
 
     def close(self) -> None:
-        for task in (*self._accepting, *self.handshaking):
-            task.cancel()
+        self._closed = True
+        loop = asyncio.get_running_loop()
         for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
             sock.close()
+        self._dropped = list(self.handshaking)
+        for task in self._dropped:
+            self._drop(task)
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(*self._accepting, *self.handshaking, return_exceptions=True)
+        await asyncio.gather(*self._dropped, return_exceptions=True)
 
 
 def common_name(cert: dict | None) -> str | None:
