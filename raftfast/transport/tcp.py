@@ -34,6 +34,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from raftfast.core.types import Message
+from raftfast.heap import release_free_memory
 from raftfast.proto import raftfast_pb2 as pb
 
 log = logging.getLogger("raftfast.transport")
@@ -174,6 +175,10 @@ DEAD_PEER_S = 10
 _REFUSAL_LINGER_S = 2.0  # a refused sender gets this long to read the refusal and hang up
 HANDSHAKE_BYTES = 64 * 1024  # the largest record before the sender has named itself
 HANDSHAKE_S = 5.0  # to connect (TLS included) and name the sender
+# TLS handshakes under way at once on a listener (more: one is dropped). asyncio's TLS takes
+# a 256 KiB buffer a connection, and glibc keeps what a flood freed: 1,344 silent connections
+# at once (both listeners full) took a node from 50 to 195 MiB, more each flood.
+MAX_HANDSHAKES = 256
 STALL_S = 10.0  # a named sender may pause this long in the middle of a record
 MAX_CONNECTIONS = 256  # inbound connections at once (a cluster needs one per peer)
 # Unfinished records held at once, over every connection; past it, the connection that grew
@@ -376,10 +381,11 @@ def _listening_sockets(host: str, port: int) -> list[socket.socket]:
 class _Handshake:
     """An accepted connection in its TLS handshake."""
 
-    __slots__ = ("sock", "started")
+    __slots__ = ("sock", "source", "started")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, source: str) -> None:
         self.sock = sock
+        self.source = source  # the peer's address, without the port
         self.started = False  # (once started, asyncio's transport owns the socket)
 
 
@@ -387,12 +393,13 @@ class TlsAcceptor:
     """A TLS listener that counts a connection from its accept, not from the end of its
     handshake: an asyncio TLS server makes the protocol only once the handshake is done, so a
     flood of connections that never finish one was not counted against the listener's limit
-    and each held a descriptor for up to HANDSHAKE_S. Here at most ``room()`` connections are
-    in their handshake at once: when one more arrives, the oldest of them is dropped (not the
-    newcomer: a slow flood of silent connections, each reopened when dropped, would otherwise
-    keep peers and clients out), and when the listener's established connections leave no room
-    at all, the newcomer is closed at once. The handshake itself is asyncio's
-    (``loop.connect_accepted_socket``), with HANDSHAKE_S to finish."""
+    and each held a descriptor for up to HANDSHAKE_S. Here at most ``room()`` connections (and
+    MAX_HANDSHAKES) are in their handshake at once: when one more arrives, the oldest of those
+    from the address that has the most under way is dropped (not the newcomer: a slow flood of
+    silent connections, each reopened when dropped, would otherwise keep peers and clients
+    out), and when the listener's established connections leave no room at all, the newcomer
+    is closed at once. The handshake itself is asyncio's (``loop.connect_accepted_socket``),
+    with HANDSHAKE_S to finish."""
 
     def __init__(
         self,
@@ -408,6 +415,7 @@ class TlsAcceptor:
         self.sockets: list[socket.socket] = []
         self._closed = False
         self._dropped: list[asyncio.Task[None]] = []  # the handshakes close() ended
+        self._dropped_since_trim = 0
         self._logged: dict[str, float] = {}
 
     async def start(self, host: str, port: int) -> int:
@@ -429,7 +437,8 @@ class TlsAcceptor:
     def _accept(self, listening: socket.socket) -> None:
         for _ in range(128):  # (what a wake-up found waiting, at most a backlog's worth)
             try:
-                sock, _ = listening.accept()
+                sock, address = listening.accept()
+                source = address[0] if isinstance(address, tuple) else str(address)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:  # out of descriptors: let some go before trying again
@@ -441,14 +450,24 @@ class TlsAcceptor:
                 sock.close()
                 self._log("full", "TLS connection refused: the listener is full")
                 continue
+            room = min(room, MAX_HANDSHAKES)
             while len(self.handshaking) >= room:
-                self._drop(next(iter(self.handshaking)))  # (the oldest)
+                self._drop(self._evictable())
                 self._log("evicted", "TLS handshakes dropped for newer ones: a flood?")
             sock.setblocking(False)
-            pending = _Handshake(sock)
+            pending = _Handshake(sock, source)
             task = asyncio.create_task(self._handshake(pending))
             self.handshaking[task] = pending
             task.add_done_callback(self._finished)
+
+    def _evictable(self) -> asyncio.Task[None]:
+        """The oldest handshake of the address that has the most under way: a stranger
+        flooding from one address makes way with its own connections, not others'."""
+        counts: dict[str, int] = {}
+        for pending in self.handshaking.values():
+            counts[pending.source] = counts.get(pending.source, 0) + 1
+        busiest = max(counts, key=counts.__getitem__)
+        return next(t for t, p in self.handshaking.items() if p.source == busiest)
 
     def _pause(self, listening: socket.socket) -> None:
         """Stop accepting on ``listening`` for 0.1 s (out of descriptors: no busy loop)."""
@@ -473,11 +492,16 @@ class TlsAcceptor:
     def _drop(self, task: asyncio.Task[None]) -> None:
         task.cancel()  # (its transport closes the socket; _finished, one never started)
         self._finished(task)
+        self._dropped_since_trim += 1
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         pending = self.handshaking.pop(task, None)
         if pending is not None and not pending.started:
             pending.sock.close()
+        if not self.handshaking and self._dropped_since_trim >= MAX_HANDSHAKES:
+            # A flood is over: give back what its handshakes' buffers left in the heap.
+            self._dropped_since_trim = 0
+            asyncio.get_running_loop().call_later(1.0, release_free_memory)
 
     def close(self) -> None:
         self._closed = True
