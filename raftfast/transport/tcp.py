@@ -320,8 +320,7 @@ async def listen(
 ) -> tuple[asyncio.AbstractServer | TlsAcceptor, int]:
     """A server on ``host:port`` (0: a free port, the same on every address of ``host``), TLS
     with ``ssl``; returns it and its port. Under TLS, a connection is counted from the moment
-    it is accepted: one arriving while ``room()`` connections or more are in their handshake
-    is closed at once (``TlsAcceptor``)."""
+    it is accepted, against ``room()`` (``TlsAcceptor``)."""
     if ssl is not None:
         acceptor = TlsAcceptor(factory, ssl, room or (lambda: MAX_CONNECTIONS))
         return acceptor, await acceptor.start(host, port)
@@ -410,8 +409,9 @@ class TlsAcceptor:
         self.factory = factory
         self.ssl = ssl
         self.room = room
-        # in arrival order: the first is the oldest
         self.handshaking: dict[asyncio.Task[None], _Handshake] = {}
+        # the same, by the address they come from, each in arrival order (oldest first)
+        self.by_source: dict[str, dict[asyncio.Task[None], None]] = {}
         self.sockets: list[socket.socket] = []
         self._closed = False
         self._dropped: list[asyncio.Task[None]] = []  # the handshakes close() ended
@@ -458,16 +458,14 @@ class TlsAcceptor:
             pending = _Handshake(sock, source)
             task = asyncio.create_task(self._handshake(pending))
             self.handshaking[task] = pending
+            self.by_source.setdefault(source, {})[task] = None
             task.add_done_callback(self._finished)
 
     def _evictable(self) -> asyncio.Task[None]:
         """The oldest handshake of the address that has the most under way: a stranger
         flooding from one address makes way with its own connections, not others'."""
-        counts: dict[str, int] = {}
-        for pending in self.handshaking.values():
-            counts[pending.source] = counts.get(pending.source, 0) + 1
-        busiest = max(counts, key=counts.__getitem__)
-        return next(t for t, p in self.handshaking.items() if p.source == busiest)
+        busiest = max(self.by_source.values(), key=len)
+        return next(iter(busiest))
 
     def _pause(self, listening: socket.socket) -> None:
         """Stop accepting on ``listening`` for 0.1 s (out of descriptors: no busy loop)."""
@@ -488,6 +486,7 @@ class TlsAcceptor:
             )
         except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
             log.debug("TLS handshake failed: %r", exc)
+            self._dropped_since_trim += 1
 
     def _drop(self, task: asyncio.Task[None]) -> None:
         task.cancel()  # (its transport closes the socket; _finished, one never started)
@@ -496,7 +495,13 @@ class TlsAcceptor:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         pending = self.handshaking.pop(task, None)
-        if pending is not None and not pending.started:
+        if pending is None:
+            return  # (dropped before it was done)
+        same = self.by_source[pending.source]
+        del same[task]
+        if not same:
+            del self.by_source[pending.source]
+        if not pending.started:
             pending.sock.close()
         if not self.handshaking and self._dropped_since_trim >= MAX_HANDSHAKES:
             # A flood is over: give back what its handshakes' buffers left in the heap.
