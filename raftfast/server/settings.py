@@ -36,9 +36,8 @@ class NodeSettings:
     # Largest client request (a put, a Session frame, a put_many): etcd's default. The same on
     # every node, like the key and value limits.
     max_request_bytes: int = 1536 * 1024
-    # Connections at once on the client port (gRPC), and on the peer port: past it, new ones
-    # are closed at once.
-    # Each is a descriptor; a stranger opening connections must not take them all.
+    # gRPC connections at once on the client port, and on the peer port: past it, new ones are
+    # closed at once (each is a descriptor: a stranger opening connections must not take all).
     max_client_connections: int = 4096
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object per line (raftfast/server/logs.py)
