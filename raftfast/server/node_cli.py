@@ -58,8 +58,8 @@ from typing import Any, NoReturn
 from raftfast._version import __version__, version_text
 from raftfast.address import is_address
 from raftfast.errors import FormatVersionError, RaftfastError
+from raftfast.heap import keep_big_blocks_mapped
 from raftfast.server import descriptors
-from raftfast.server.malloc import keep_big_blocks_mapped
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory

@@ -438,7 +438,7 @@ class TlsAcceptor:
         for _ in range(128):  # (what a wake-up found waiting, at most a backlog's worth)
             try:
                 sock, address = listening.accept()
-                source = address[0] if isinstance(address, tuple) else str(address)
+                source = address[0]  # (the host of an IPv4 or IPv6 address; no port)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:  # out of descriptors: let some go before trying again

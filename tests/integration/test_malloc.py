@@ -1,4 +1,4 @@
-"""raftfast-node's malloc settings (raftfast/server/malloc.py): a block of a few MiB freed and
+"""raftfast-node's malloc settings (raftfast/heap.py): a block of a few MiB freed and
 made again, as a replication frame's buffers are, is not given back to the system and faulted
 in again each time."""
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 _FAULTS = """
 import resource, sys
-from raftfast.server.malloc import keep_big_blocks_mapped
+from raftfast.heap import keep_big_blocks_mapped
 assert keep_big_blocks_mapped(keep_free=int(sys.argv[1]))
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
