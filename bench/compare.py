@@ -7,6 +7,11 @@ The same workloads, in one run, one system at a time (never two at once on these
 * pipelined: one client process, 256 (and 2,048) puts in flight;
 * batched: one client process, 8 requests of 2,000 puts in flight (raftfast's put_many; etcd
   and PySyncObj have no such call).
+* sequential-sync, unbatched-sync, unbatched-64-sync: the same from ``raftfast.SyncClient``
+  (plain blocking code), raftfast only; each is compared with etcd's row of the same shape.
+
+Every client process connects and is ready before any starts its clock (the load generator's
+start barrier): 64 processes importing gRPC take seconds of both cores.
 
 raftfast and etcd run with fsync on (etcd 3.4 from Debian's etcd-server, its defaults), driven
 by the same load generator (``raftfast.tools.loadgen``; etcd through its gRPC ``KV.Put``, the
@@ -56,6 +61,11 @@ WORKLOADS = {
     "sequential": {"clients": 1, "inflight": 1, "batch": 1},
     "unbatched": {"clients": 8, "inflight": 1, "batch": 1},
     "unbatched-64": {"clients": 64, "inflight": 1, "batch": 1},
+    # The same loads from raftfast.SyncClient (what code without asyncio calls), raftfast only:
+    # its etcd row is the workload of the same shape (etcd's client is the same either way).
+    "sequential-sync": {"clients": 1, "inflight": 1, "batch": 1, "client": "sync"},
+    "unbatched-sync": {"clients": 8, "inflight": 1, "batch": 1, "client": "sync"},
+    "unbatched-64-sync": {"clients": 64, "inflight": 1, "batch": 1, "client": "sync"},
     "pipelined": {"clients": 1, "inflight": 256, "batch": 1},
     "pipelined-2k": {"clients": 1, "inflight": 2048, "batch": 1},
     "batched": {"clients": 1, "inflight": 8, "batch": 2000},
@@ -78,7 +88,17 @@ SINGLE_WRITE_TARGETS = {
     "unbatched": ("rate", 1.5),
     "unbatched-64": ("rate", 3.0),
     "batched": ("best", 100.0),
+    "sequential-sync": ("p50", 0.6),
+    "unbatched-sync": ("rate", 1.5),
+    "unbatched-64-sync": ("rate", 3.0),
 }
+
+
+def _etcd_twin(name: str) -> str:
+    """The etcd workload a raftfast one is compared with (a SyncClient row: its shape's)."""
+    return name.removesuffix("-sync")
+
+
 NOOP_TARGET = 0.9
 
 # The issue's targets through etcd's API: workload -> (measure, at least). "rate" is raftfast's
@@ -199,7 +219,7 @@ def _warn_log_errors(logs: dict[str, Path]) -> None:
 def run_etcd(duration: float, workloads: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for name, workload in workloads.items():
-        if workload["batch"] > 1:
+        if workload["batch"] > 1 or workload.get("client", "async") != "async":
             continue
         with tempfile.TemporaryDirectory(prefix="compare-etcd-") as tmp:
             with _cluster("etcd", Path(tmp)) as (endpoints, pids):
@@ -314,7 +334,7 @@ def single_write_targets(results: dict[str, dict[str, dict]]) -> dict[str, dict]
     out = {}
     best = max((r["ops_per_s"] for r in etcd.values()), default=0)
     for name, (measure, bound) in SINGLE_WRITE_TARGETS.items():
-        r, e = rf.get(name), etcd.get(name)
+        r, e = rf.get(name), etcd.get(_etcd_twin(name))
         if r is None or (e is None and measure != "best") or (measure == "best" and not best):
             continue
         if measure == "p50":
@@ -327,14 +347,15 @@ def single_write_targets(results: dict[str, dict[str, dict]]) -> dict[str, dict]
             ratio, target = r["ops_per_s"] / best, f">= {bound:g}x etcd's best rate"
             met = ratio >= bound
         out[name] = {"ratio": round(ratio, 3), "target": target, "met": met}
-    noop, unbatched = rf.get("noop-unary"), rf.get("unbatched")
-    if noop and unbatched:
-        ratio = unbatched["ops_per_s"] / noop["ops_per_s"]
-        out["unbatched vs no-op"] = {
-            "ratio": round(ratio, 3),
-            "target": f">= {NOOP_TARGET:g}x a no-op unary server's rate",
-            "met": ratio >= NOOP_TARGET,
-        }
+    noop = rf.get("noop-unary")
+    for name in ("unbatched", "unbatched-sync"):
+        if noop and name in rf:
+            ratio = rf[name]["ops_per_s"] / noop["ops_per_s"]
+            out[f"{name} vs no-op"] = {
+                "ratio": round(ratio, 3),
+                "target": f">= {NOOP_TARGET:g}x a no-op unary server's rate",
+                "met": ratio >= NOOP_TARGET,
+            }
     return out
 
 
@@ -357,7 +378,7 @@ def table(results: dict[str, dict[str, dict]], workloads: dict[str, dict]) -> st
         row = [
             f"{name} ({w['clients']}x{w['inflight']}"
             + (f", b{w['batch']})" if w["batch"] > 1 else ")")
-        ]
+        ]  # (a -sync row: raftfast.SyncClient; etcd has the same client on every row)
         for s in systems:
             r = results[s].get(name)
             row.append(f"{r['ops_per_s']:,.0f}" if r else "n/a")

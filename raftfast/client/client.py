@@ -117,6 +117,15 @@ _SCAN_PAGE = 10_000  # items asked for per Scan page (the server's maximum)
 _STUBS = {**STUBS, "session": SessionStub}  # (Session with spliced frames)
 
 
+def cas_op(key: BytesLike, expected: BytesLike | None, new: BytesLike) -> Op:
+    """The op of ``cas(key, expected, new)``."""
+    if expected is None:
+        return Op(CAS, to_bytes(key, "key"), to_bytes(new, "new"), expect_absent=True)
+    return Op(
+        CAS, to_bytes(key, "key"), to_bytes(new, "new"), expected=to_bytes(expected, "expected")
+    )
+
+
 class Client(SessionMixin):
     """Asynchronous raftfast client (see the module docstring).
 
@@ -280,16 +289,7 @@ class Client(SessionMixin):
         timeout: float | None = None,
     ) -> bool:
         """Set ``key`` to ``new`` if its value is ``expected`` (None: if it is absent)."""
-        if expected is None:
-            op = Op(CAS, to_bytes(key, "key"), to_bytes(new, "new"), expect_absent=True)
-        else:
-            op = Op(
-                CAS,
-                to_bytes(key, "key"),
-                to_bytes(new, "new"),
-                expected=to_bytes(expected, "expected"),
-            )
-        result: bool = await self._submit_one(op, timeout)
+        result: bool = await self._submit_one(cas_op(key, expected, new), timeout)
         return result
 
     async def put_many(

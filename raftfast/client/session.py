@@ -36,6 +36,7 @@ from raftfast.errors import (
     InvalidArgumentError,
     NoSpaceError,
     PermissionDeniedError,
+    RaftfastError,
     RequestFailedError,
 )
 from raftfast.proto import raftfast_pb2 as pb
@@ -126,6 +127,36 @@ def serialize_frame(item: tuple[pb.SessionFrame, dict[int, bytes]]) -> bytes:
     for i, op in enumerate(frame.ops):
         pieces += nested_pieces(_FRAME_OPS, op.SerializeToString(), _OP_VALUE, big.get(i, b""))
     return b"".join(pieces)
+
+
+def op_result_value(kind: int, result: Any) -> Any:
+    """What a call returns for an op the node did (``result``: its OpResult, code OK)."""
+    if kind == PUT or kind == PUT_MANY:
+        return None
+    if kind == GET:
+        return result.value if result.ok else None
+    return result.ok
+
+
+def is_retried_later(code: int, error: str) -> bool:
+    """An op refused for now (busy, its deadline on the node passed): sent again after a
+    backoff. NOSPACE is not: the cluster is full until an operator frees space."""
+    return code in RETRY_LATER_CODES and not (
+        code == CODE_RESOURCE_EXHAUSTED and error.startswith(NOSPACE)
+    )
+
+
+def op_error(code: int, error: str, target: str) -> RaftfastError:
+    """The error a call raises for an op the node refused for good (not UNAVAILABLE, not
+    ``is_retried_later``)."""
+    if code == CODE_RESOURCE_EXHAUSTED and error.startswith(NOSPACE):
+        return NoSpaceError(f"{target}: {one_line(error)}")
+    if code == CODE_INVALID_ARGUMENT:
+        return InvalidArgumentError(one_line(error or "invalid argument"))
+    if code == CODE_PERMISSION_DENIED:
+        return PermissionDeniedError(f"{target}: {one_line(error)}")
+    name = CODE_NAMES.get(code, str(code))
+    return RequestFailedError(f"{target}: {one_line(error or name)}", name)
 
 
 class SessionStub:
@@ -319,15 +350,20 @@ class SessionMixin:
         if known is not None:
             return known
         try:
-            status = await self._stub(target).Status(
-                pb.StatusRequest(),
-                timeout=min(self._timeout, _STATUS_TIMEOUT_S),
-                metadata=self._metadata,
-            )
+            port = await self._ask_session_port(target, min(self._timeout, _STATUS_TIMEOUT_S))
         except grpc.aio.AioRpcError:
             return 0  # (the gRPC call this time: it reports why the node cannot be used)
-        self._session_ports[target] = status.session_port
-        return status.session_port
+        self._session_ports[target] = port
+        return port
+
+    async def _ask_session_port(self, target: str, timeout: float) -> int:
+        """Where ``target``'s Session stream over TCP is (0: nowhere), from its Status: one
+        call, its ``AioRpcError`` if it fails."""
+        status = await self._stub(target).Status(
+            pb.StatusRequest(), timeout=timeout, metadata=self._metadata
+        )
+        port: int = status.session_port
+        return port
 
     async def _write_loop(self, stream: Stream) -> tuple[str, str] | None:
         assert self._wake is not None and self._loop is not None
@@ -449,30 +485,15 @@ class SessionMixin:
             code = r.code
             if code == CODE_OK:
                 ok = True
-                kind = op.kind
-                if kind == PUT or kind == PUT_MANY:
-                    fut.set_result(None)
-                elif kind == GET:
-                    fut.set_result(r.value if r.ok else None)
-                else:
-                    fut.set_result(r.ok)
+                fut.set_result(op_result_value(op.kind, r))
             elif code == CODE_UNAVAILABLE:
                 unavailable.append(op)
                 first_error = first_error or r.error or "unavailable"
-            elif code == CODE_RESOURCE_EXHAUSTED and r.error.startswith(NOSPACE):
-                fut.set_exception(NoSpaceError(f"{stream.target}: {one_line(r.error)}"))
-            elif code in RETRY_LATER_CODES:
+            elif is_retried_later(code, r.error):
                 later.append(op)
                 first_error = first_error or r.error or CODE_NAMES.get(code, str(code))
-            elif code == CODE_INVALID_ARGUMENT:
-                fut.set_exception(InvalidArgumentError(one_line(r.error or "invalid argument")))
-            elif code == CODE_PERMISSION_DENIED:
-                fut.set_exception(PermissionDeniedError(f"{stream.target}: {one_line(r.error)}"))
             else:
-                name = CODE_NAMES.get(code, str(code))
-                fut.set_exception(
-                    RequestFailedError(f"{stream.target}: {one_line(r.error or name)}", name)
-                )
+                fut.set_exception(op_error(code, r.error, stream.target))
         if ok:
             stream.got_result = True
             stream.last_result = self._loop.time() if self._loop is not None else 0.0

@@ -8,9 +8,30 @@ import weakref
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
-from raftfast.client.calls import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT, BytesLike, ReadModeLike
-from raftfast.client.client import Client
-from raftfast.errors import RaftfastError
+import grpc
+
+from raftfast._batch_py import to_bytes
+from raftfast.client.blocking import BlockingSession, NoTcpSession
+from raftfast.client.calls import (
+    DEFAULT_ENDPOINT,
+    DEFAULT_TIMEOUT,
+    DELETE,
+    GET,
+    PUT,
+    BytesLike,
+    ReadModeLike,
+    not_raftfast,
+    one_line,
+    read_mode_of,
+)
+from raftfast.client.client import Client, cas_op
+from raftfast.client.session import Op
+from raftfast.errors import (
+    ClusterUnavailableError,
+    PermissionDeniedError,
+    RaftfastError,
+    RequestFailedError,
+)
 
 __all__ = ["SyncClient"]
 
@@ -20,10 +41,14 @@ _T = TypeVar("_T")
 class SyncClient:
     """Blocking twin of ``Client`` for plain synchronous code.
 
-    Runs a private event loop in a daemon thread; every method blocks until its result is in.
-    Thread-safe: calls from several threads share one pipelined session. Close it (``close()``
-    or ``with``) to stop the thread; one left open is closed when it is collected or when the
-    interpreter exits, so no task of it is left pending.
+    ``put``, ``get``, ``delete`` and ``cas`` go on a blocking connection of their own to the
+    leader's Session stream over TCP (``BlockingSession``: a frame sent, its result read, no
+    thread in between), where the node offers one. Every other call, and those of a thread that
+    finds that connection busy (several threads at once), runs on a private event loop in a
+    daemon thread: a ``Client`` whose calls from several threads share one pipelined session.
+    Every method blocks until its result is in. Close it (``close()`` or ``with``) to stop the
+    thread; one left open is closed when it is collected or when the interpreter exits, so no
+    task of it is left pending.
     """
 
     def __init__(
@@ -34,6 +59,9 @@ class SyncClient:
         **options: Any,
     ) -> None:
         self._client = Client(endpoints, timeout=timeout, **options)
+        self._blocking: BlockingSession | None = None
+        if options.get("session_transport", "auto") == "auto":
+            self._blocking = BlockingSession(self._client, self._session_port)
         self._loop = asyncio.new_event_loop()
         self._closed = False
         self._lock = threading.Lock()
@@ -41,7 +69,9 @@ class SyncClient:
             target=self._loop.run_forever, name="raftfast-client", daemon=True
         )
         self._thread.start()
-        self._shutdown = weakref.finalize(self, _shutdown, self._client, self._loop, self._thread)
+        self._shutdown = weakref.finalize(
+            self, _shutdown, self._client, self._blocking, self._loop, self._thread
+        )
 
     @property
     def client_id(self) -> int:
@@ -49,7 +79,8 @@ class SyncClient:
 
     @property
     def leader(self) -> str | None:
-        return self._client.leader
+        blocking = self._blocking
+        return (blocking.leader if blocking is not None else None) or self._client.leader
 
     @property
     def endpoints(self) -> list[str]:
@@ -75,8 +106,36 @@ class SyncClient:
             self._closed = True
         self._shutdown()
 
+    def _session_port(self, target: str, timeout: float) -> int:
+        """``target``'s Session port over TCP, from its Status (for ``BlockingSession``):
+        PermissionDeniedError or RequestFailedError if it refuses to say,
+        ClusterUnavailableError if it cannot be asked."""
+        try:
+            return self._run(self._client._ask_session_port(target, timeout))
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), one_line(exc.details() or exc.code().name.lower())
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise PermissionDeniedError(f"{target}: {details}") from None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                raise RequestFailedError(not_raftfast(target, "Status"), code.name) from None
+            raise ClusterUnavailableError(f"{target}: {details}") from None
+
+    def _call(self, op: Op, timeout: float | None) -> Any:
+        """``op`` on the blocking connection if it is free and usable, else on the loop."""
+        if self._closed:
+            raise RaftfastError("client is closed")
+        blocking = self._blocking
+        if blocking is not None and blocking.lock.acquire(blocking=False):
+            try:
+                return blocking.call(op, timeout)
+            except NoTcpSession as exc:
+                timeout = max(exc.remaining, 1e-3)  # (not sent: the loop's way, in the time left)
+            finally:
+                blocking.lock.release()
+        return self._run(self._client._submit_one(op, timeout))
+
     def put(self, key: BytesLike, value: BytesLike, *, timeout: float | None = None) -> None:
-        self._run(self._client.put(key, value, timeout=timeout))
+        self._call(Op(PUT, to_bytes(key, "key"), to_bytes(value, "value")), timeout)
 
     def get(
         self,
@@ -85,10 +144,13 @@ class SyncClient:
         read_mode: ReadModeLike = None,
         timeout: float | None = None,
     ) -> bytes | None:
-        return self._run(self._client.get(key, read_mode=read_mode, timeout=timeout))
+        op = Op(GET, to_bytes(key, "key"), read_mode=read_mode_of(read_mode))
+        result: bytes | None = self._call(op, timeout)
+        return result
 
     def delete(self, key: BytesLike, *, timeout: float | None = None) -> bool:
-        return self._run(self._client.delete(key, timeout=timeout))
+        result: bool = self._call(Op(DELETE, to_bytes(key, "key")), timeout)
+        return result
 
     def cas(
         self,
@@ -98,7 +160,8 @@ class SyncClient:
         *,
         timeout: float | None = None,
     ) -> bool:
-        return self._run(self._client.cas(key, expected, new, timeout=timeout))
+        result: bool = self._call(cas_op(key, expected, new), timeout)
+        return result
 
     def put_many(
         self,
@@ -163,9 +226,16 @@ class SyncClient:
         return self._run(self._client.remove_member(node_id, timeout=timeout))
 
 
-def _shutdown(client: Client, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """Close ``client`` on its loop, then stop the loop and its thread (not a method: the
-    finalizer must not keep the SyncClient alive)."""
+def _shutdown(
+    client: Client,
+    blocking: BlockingSession | None,
+    loop: asyncio.AbstractEventLoop,
+    thread: threading.Thread,
+) -> None:
+    """Close ``blocking`` and ``client`` (on its loop), then stop the loop and its thread (not
+    a method: the finalizer must not keep the SyncClient alive)."""
+    if blocking is not None:
+        blocking.close()
     try:
         if thread.is_alive():
             asyncio.run_coroutine_threadsafe(_close(client), loop).result(timeout=10)

@@ -29,7 +29,7 @@ from typing import Any
 
 from raftfast.client.session import SESSION_TRANSPORTS
 from raftfast.client.tables import format_table
-from raftfast.tools.loadgen import Histogram, WorkerResult, Workload, worker_main
+from raftfast.tools.loadgen import START_S, Histogram, WorkerResult, Workload, worker_main
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -71,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="our client's Session stream: over TCP where the nodes offer it (auto, the "
         "default) or the gRPC call only",
     )
+    p.add_argument(
+        "--client",
+        choices=("async", "sync"),
+        default="async",
+        help="our client: raftfast.Client with --inflight tasks per process (async, the "
+        "default) or raftfast.SyncClient in a plain loop, one request at a time (sync: "
+        "--inflight 1)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", metavar="DIR", help="write bench.json and PNG charts here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -109,6 +117,10 @@ def _check(args: argparse.Namespace) -> list[int]:
         raise ValueError(
             "--endpoints measures that cluster: no --noop, --tls or several --nodes "
             "(its certificates: --cacert, --cert, --key)"
+        )
+    if args.client == "sync" and (args.inflight != 1 or args.noop == "unary"):
+        raise ValueError(
+            "--client sync waits for each answer: --inflight 1, and not the unary no-op server"
         )
     if args.tls and args.noop:
         raise ValueError("--tls starts a cluster: not with --noop")
@@ -155,35 +167,48 @@ def _run_workers(
 ) -> dict[str, Any]:
     """Run ``clients`` worker processes; CPU of ``pids`` (and the workers) over the run."""
     ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()  # set once every client process is ready: the clocks start
     pipes, procs = [], []
     for i in range(clients):
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=worker_main, args=(workload, i, child), daemon=True)
+        proc = ctx.Process(target=worker_main, args=(workload, i, child, go), daemon=True)
         proc.start()
         child.close()
         pipes.append(parent)
         procs.append(proc)
-    cpu0 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-    cpu0.update({f"client-{i + 1}": _cpu_seconds(p.pid) for i, p in enumerate(procs)})
-    wall0 = time.monotonic()
     progress = _Progress(label, workload.warmup + workload.duration, show_progress)
     ops = [0] * clients
+    ready = 0
     results: dict[int, WorkerResult] = {}
     failures: list[str] = []
-    deadline = wall0 + workload.warmup + workload.duration + 120  # startup + slow finish
+    deadline = time.monotonic() + START_S
+    cpu0: dict[str, float] = {}
+    wall0 = 0.0
     try:
         while len(results) + len(failures) < clients:
             if time.monotonic() > deadline:
                 raise RuntimeError("client processes did not finish in time")
-            ready = multiprocessing.connection.wait(pipes, timeout=0.5)
-            for conn in ready:
+            if failures and not go.is_set():
+                break  # (one failed to start: the others wait for go in vain)
+            for conn in multiprocessing.connection.wait(pipes, timeout=0.5):
                 try:
                     kind, index, payload = conn.recv()
                 except EOFError:
                     pipes.remove(conn)
                     failures.append("a client process died")
                     continue
-                if kind == "progress":
+                if kind == "ready":
+                    ready += 1
+                    if ready == clients:  # every one connected: measure from here
+                        cpu0 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                        cpu0.update(
+                            {f"client-{i + 1}": _cpu_seconds(p.pid) for i, p in enumerate(procs)}
+                        )
+                        wall0 = time.monotonic()
+                        go.set()
+                        # (slow finish: a request may take its whole timeout)
+                        deadline = wall0 + workload.warmup + workload.duration + 120
+                elif kind == "progress":
                     ops[index] = payload
                     progress.show(sum(ops))
                 elif kind == "done":
@@ -192,14 +217,15 @@ def _run_workers(
                 else:
                     failures.append(payload)
                     pipes.remove(conn)
-        cpu_cli = {f"client-{i + 1}": _cpu_seconds(p.pid) for i, p in enumerate(procs)}
-        wall = time.monotonic() - wall0
-        cpu1 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-        cpu1.update(cpu_cli)
+        if not failures:
+            cpu_cli = {f"client-{i + 1}": _cpu_seconds(p.pid) for i, p in enumerate(procs)}
+            wall = time.monotonic() - wall0
+            cpu1 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            cpu1.update(cpu_cli)
     finally:
         progress.done()
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=10 if go.is_set() else 0.1)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -211,7 +237,7 @@ def _run_workers(
     total_ops = sum(r.ops for r in results.values())
     rate = sum(r.ops / r.elapsed for r in results.values())
     errors = sum(r.errors for r in results.values())
-    # CPU as a share of one core over the whole run (startup and warmup included).
+    # CPU as a share of one core from the start of the clocks (warmup included).
     cpu = {name: round(100 * (cpu1[name] - cpu0[name]) / wall, 1) for name in cpu1}
     return {
         "ops": total_ops,
@@ -289,6 +315,7 @@ def _workload(args: argparse.Namespace) -> Workload:
         system=getattr(args, "system", "raftfast"),
         serializable=getattr(args, "serializable", False),
         session_transport=getattr(args, "session_transport", "auto"),
+        client=getattr(args, "client", "async"),
     )
 
 
@@ -309,6 +336,7 @@ def _describe(args: argparse.Namespace, target: str, nodes: int, measured: dict)
         "tls": bool(args.tls) or getattr(args, "client_tls", None) is not None,
         "clients": args.clients,
         "inflight": args.inflight,
+        "client": getattr(args, "client", "async"),
         "batch": args.batch,
         "value_size": args.value_size,
         "read_ratio": args.read_ratio,
@@ -337,7 +365,8 @@ def _table(results: list[dict]) -> str:
     r0 = results[0]
     lines.insert(
         0,
-        f"raftfast bench: {r0['clients']} client process(es) x {r0['inflight']} in flight, "
+        f"raftfast bench: {r0['clients']} client process(es) x {r0['inflight']} in flight "
+        f"({r0.get('client', 'async')} client), "
         f"batch {r0['batch']}, {r0['value_size']} B values, read ratio {r0['read_ratio']:g}, "
         f"{r0['duration_s']:g} s measured",
     )

@@ -104,6 +104,9 @@ class Workload:
     serializable: bool = False  # "etcd" only: gets are serializable Ranges (else linearizable)
     tls: TLSFiles | None = None  # our Client over TLS, with these files
     session_transport: str = "auto"  # our Client's (Client(session_transport=...))
+    # "async": a Client with ``inflight`` tasks; "sync": a SyncClient in a plain loop, one
+    # request at a time (what code without asyncio calls; ``inflight`` 1)
+    client: str = "async"
 
 
 @dataclass
@@ -163,13 +166,56 @@ class _UnaryClient:
         raise NotImplementedError("no batched put over single unary calls")
 
 
-async def _run(w: Workload, index: int, progress) -> WorkerResult:
+class _Requests:
+    """What a worker sends: one put/get, or a put_many of ``batch`` pairs, on key number
+    ``k``; the same for either kind of client (a ``Client``'s methods return what to await)."""
+
+    def __init__(self, w: Workload, index: int) -> None:
+        self.w = w
+        self.rng = random.Random(index)
+        self.value = os.urandom(w.value_size // 2 + 1).hex()[: w.value_size].encode()
+        # put_many's keys made once: formatting 2,000 keys per request in Python was half of
+        # this process's CPU, on the cores the nodes it measures run on
+        self.batch_keys = [b"k%d" % i for i in range(w.keys)] if w.batch > 1 else []
+        self.own_key = f"bench-w{index}"
+        # read-only: read a key that exists
+        self.read_key = self.own_key if w.read_ratio >= 1 else None
+
+    def send(self, client: Any, k: int) -> tuple[Any, int]:
+        """Send one request: (what the client's method returned, operations in it)."""
+        w = self.w
+        if w.read_ratio and self.rng.random() < w.read_ratio:
+            return client.get(self.read_key or f"k{k}"), 1
+        if w.batch > 1:
+            keys = self.batch_keys[k : k + w.batch]
+            while len(keys) < w.batch:  # (wrapping around the key space)
+                keys += self.batch_keys[: w.batch - len(keys)]
+            return client.put_many(list(zip(keys, itertools.repeat(self.value)))), w.batch
+        return client.put(f"k{k}", self.value), 1
+
+
+def _count(
+    res: WorkerResult, hist: Histogram, measured: bool, t0: float, n: int, exc: Exception | None
+) -> None:
+    """One request's outcome (``measured``: it started after the warmup)."""
+    if not measured:
+        return
+    if exc is not None:
+        res.errors += 1
+        res.first_error = res.first_error or f"{type(exc).__name__}: {exc}"
+        return
+    hist.record(time.perf_counter() - t0, n)
+    res.ops += n
+    res.requests += 1
+
+
+async def _run(w: Workload, index: int, progress, ready) -> WorkerResult:
     from raftfast.client import Client  # imported in the worker process
 
     hist = Histogram()
     res = WorkerResult()
-    value = os.urandom(w.value_size // 2 + 1).hex()[: w.value_size].encode()
-    rng = random.Random(index)
+    requests = _Requests(w, index)
+    rng = requests.rng
     loop = asyncio.get_running_loop()
     if w.serializable and w.system != "etcd":
         raise ValueError("serializable gets: etcd's KV.Range only (system 'etcd')")
@@ -178,13 +224,9 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
         if w.system in _UNARY_METHODS
         else Client(w.endpoints, timeout=30.0, tls=w.tls, session_transport=w.session_transport)
     )
-    # put_many's keys made once: formatting 2,000 keys per request in Python was half of
-    # this process's CPU, on the cores the nodes it measures run on
-    batch_keys = [b"k%d" % i for i in range(w.keys)] if w.batch > 1 else []
-    own_key = f"bench-w{index}"
-    read_key = own_key if w.read_ratio >= 1 else None  # read-only: read a key that exists
     async with client_cm as client:
-        await client.put(own_key, value)  # find the leader before the clock starts
+        await client.put(requests.own_key, requests.value)  # find the leader first
+        await asyncio.to_thread(ready)
         start = loop.time()
         measure_from = start + w.warmup
         stop_at = measure_from + w.duration
@@ -196,29 +238,15 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
                 if now >= stop_at:
                     return
                 t0 = time.perf_counter()
+                n, failure = 1, None
                 try:
-                    if w.read_ratio and rng.random() < w.read_ratio:
-                        await client.get(read_key or f"k{k}")
-                        n = 1
-                    elif w.batch > 1:
-                        keys = batch_keys[k : k + w.batch]
-                        while len(keys) < w.batch:  # (wrapping around the key space)
-                            keys += batch_keys[: w.batch - len(keys)]
-                        await client.put_many(list(zip(keys, itertools.repeat(value))))
-                        n = w.batch
-                    else:
-                        await client.put(f"k{k}", value)
-                        n = 1
+                    call, n = requests.send(client, k)
+                    await call
                 except Exception as exc:  # noqa: BLE001 - counted and reported, not fatal
-                    if now >= measure_from:
-                        res.errors += 1
-                        res.first_error = res.first_error or f"{type(exc).__name__}: {exc}"
-                    continue
-                if now >= measure_from:
-                    hist.record(time.perf_counter() - t0, n)
-                    res.ops += n
-                    res.requests += 1
-                k = (k + 7919 * (t + 1)) % w.keys
+                    failure = exc
+                _count(res, hist, now >= measure_from, t0, n, failure)
+                if failure is None:
+                    k = (k + 7919 * (t + 1)) % w.keys
 
         async def report() -> None:
             while loop.time() < stop_at:
@@ -235,8 +263,56 @@ async def _run(w: Workload, index: int, progress) -> WorkerResult:
     return res
 
 
-def worker_main(w: Workload, index: int, conn) -> None:
-    """Entry point of one client process: runs the workload, sends progress and the result."""
+def _run_sync(w: Workload, index: int, progress, ready) -> WorkerResult:
+    """One ``SyncClient`` in a plain loop: one request at a time (``--client sync``)."""
+    from raftfast.client import SyncClient  # imported in the worker process
+
+    if w.system != "raftfast":
+        raise ValueError("--client sync: raftfast's own client only")
+    hist = Histogram()
+    res = WorkerResult()
+    requests = _Requests(w, index)
+    with SyncClient(
+        w.endpoints, timeout=30.0, tls=w.tls, session_transport=w.session_transport
+    ) as client:
+        client.put(requests.own_key, requests.value)  # find the leader first
+        ready()
+        start = time.monotonic()
+        measure_from = start + w.warmup
+        stop_at = measure_from + w.duration
+        report_at = start
+        k = requests.rng.randrange(w.keys)
+        cpu0 = time.process_time()
+        while True:
+            now = time.monotonic()
+            if now >= stop_at:
+                break
+            if now >= report_at:
+                progress(res.ops)
+                report_at = now + 0.25
+            t0 = time.perf_counter()
+            n, failure = 1, None
+            try:
+                _, n = requests.send(client, k)
+            except Exception as exc:  # noqa: BLE001 - counted and reported, not fatal
+                failure = exc
+            _count(res, hist, now >= measure_from, t0, n, failure)
+            if failure is None:
+                k = (k + 7919) % w.keys
+        res.elapsed = max(min(time.monotonic(), stop_at + 30) - measure_from, 1e-9)
+        res.cpu_s = time.process_time() - cpu0
+    res.histogram = hist.to_bytes()
+    return res
+
+
+START_S = 120.0  # for every client process to be ready (imported, connected)
+
+
+def worker_main(w: Workload, index: int, conn, go) -> None:
+    """Entry point of one client process: runs the workload, sends progress and the result.
+    It says "ready" once connected, and starts its clock when ``go`` (an Event) is set: once
+    every process is ready, so that none measures while others still start (64 processes
+    importing gRPC take seconds of both cores)."""
     try:
         import uvloop
 
@@ -247,9 +323,17 @@ def worker_main(w: Workload, index: int, conn) -> None:
     def progress(ops: int) -> None:
         conn.send(("progress", index, ops))
 
+    def ready() -> None:
+        conn.send(("ready", index, 0))
+        if not go.wait(START_S):
+            raise RuntimeError("the other client processes were not ready in time")
+
     try:
-        with runner:
-            result = runner.run(_run(w, index, progress))
+        if w.client == "sync":
+            result = _run_sync(w, index, progress, ready)
+        else:
+            with runner:
+                result = runner.run(_run(w, index, progress, ready))
         conn.send(("done", index, asdict(result)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails cleanly
         conn.send(("failed", index, f"{type(exc).__name__}: {exc}"))

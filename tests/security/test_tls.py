@@ -362,4 +362,4 @@ def test_the_session_stream_over_tcp_takes_the_client_ports_tls_and_roles(tls):
         assert get_result.code in (0, grpc.StatusCode.UNAVAILABLE.value[0])  # (a follower)
     with tls.client("reader") as reader:  # our client goes over TCP under TLS
         assert reader.get("tcp-k") == b"1"
-        assert any(reader._client._session_ports.values())
+        assert reader._blocking is not None and reader._blocking.connected_to

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
 
 import raftfast
-from raftfast.client import Client
+from raftfast.client import Client, SyncClient
+from raftfast.errors import InvalidArgumentError
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.server import session_stream
@@ -399,3 +402,75 @@ def test_a_port_that_takes_connections_and_drops_them_is_left_for_grpc(tmp_path)
             dropper.close()
 
     run(tmp_path, test)
+
+
+# -- SyncClient's blocking connection (raftfast/client/blocking.py) ----------------------------
+
+
+def test_sync_client_puts_on_a_blocking_connection_and_threads_share_the_loop(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        driver = node._driver
+
+        def one_thread() -> None:
+            with SyncClient(address(node), timeout=20) as c:
+                c.put(b"k", b"v")
+                assert c._blocking is not None and c._blocking.connected_to == address(node)
+                assert len(driver.session_server.connections) == 1  # (not the loop's stream)
+                assert c.get(b"k") == b"v" and c.get(b"none") is None
+                assert c.cas(b"k", b"v", b"w") and not c.cas(b"k", b"v", b"x")
+                assert c.cas(b"new", None, b"1") and not c.cas(b"new", None, b"2")
+                assert c.delete(b"k") and not c.delete(b"k")
+                with pytest.raises(InvalidArgumentError):
+                    c.put(b"", b"v")  # (an empty key: refused at once, the connection kept)
+                assert c._blocking.connected_to == address(node)
+
+                # Threads at once: one has the connection, the others the loop's stream.
+                def puts(t: int) -> None:
+                    for i in range(40):
+                        c.put(b"t%d-%d" % (t, i), b"%d" % i)
+
+                threads = [threading.Thread(target=puts, args=(t,)) for t in range(8)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(60)
+                assert len(c.scan(b"t", 0)) == 8 * 40
+                assert c.get(b"t7-39") == b"39"
+
+        await asyncio.to_thread(one_thread)
+        await wait_until("the streams to close", lambda: not driver.session_server.connections)
+
+    run(tmp_path, test)
+
+
+def test_sync_client_takes_the_loop_where_tcp_is_not_offered_or_does_not_answer(tmp_path):
+    def puts(node: raftfast.Node) -> None:
+        with SyncClient(address(node), timeout=10) as c:
+            started = time.monotonic()
+            c.put(b"k", b"v")
+            assert time.monotonic() - started < 8
+            assert c.get(b"k") == b"v"
+            assert c._blocking is not None and c._blocking.connected_to is None
+
+    async def not_offered(node: raftfast.Node) -> None:
+        assert node._driver.session_port == 0
+        await asyncio.to_thread(puts, node)
+
+    run(tmp_path, not_offered, client_stream="grpc")
+
+    async def silent(node: raftfast.Node) -> None:
+        driver = node._driver
+        real = driver.session_port
+        full = socket.socket()  # (a full listen queue: connects are not answered)
+        full.bind(("127.0.0.1", free_ports(1)[0]))
+        full.listen(0)
+        queued = [socket.create_connection(full.getsockname(), timeout=5)]
+        driver.session_port = full.getsockname()[1]
+        try:
+            await asyncio.to_thread(puts, node)
+        finally:
+            driver.session_port = real
+            for sock in (*queued, full):
+                sock.close()
+
+    run(tmp_path / "2", silent)

@@ -1,0 +1,327 @@
+"""``BlockingSession``: the Session stream over TCP on a plain blocking socket, one call at a
+time: how ``SyncClient`` puts, gets, deletes and swaps.
+
+``SyncClient`` runs a ``Client`` on an event loop in a thread of its own; a call handed to that
+thread and its result handed back cost two thread wake-ups on top of the loop's tasks: ~210-280
+us of CPU a put, and ~0.2 ms more latency than ``Client`` itself (bench/sync_client.py). A
+caller that waits for each answer anyway needs none of it: a frame sent and its result
+received on a socket, ~50 us a put.
+
+What the pipelined stream does (session.py), for one op: the leader is found by following
+``SessionResult.leader`` and trying the endpoints in turn with backoff; a write keeps its
+sequence through every retry, on any connection, so it is applied once (this session has a
+client id of its own: it numbers its writes itself); per-op errors are the same. A result of an
+earlier frame (one whose call timed out) is skipped.
+
+``NoTcpSession``: this cannot serve the call (the node offers no Session port, or its port did
+not answer: a firewall; or twice in a row closed a connection before a word: a middlebox): the
+caller takes ``Client``'s way instead (gRPC there), for the next 10 s. Only ever raised before
+the op was sent, so a write is never sent under two client ids; a write that was sent is
+retried here, with its sequence, until its deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.message import DecodeError
+
+from raftfast.address import is_address, split_address
+from raftfast.client.calls import (
+    CODE_OK,
+    CODE_PERMISSION_DENIED,
+    CODE_UNAVAILABLE,
+    GET,
+    new_client_id,
+    not_raftfast,
+    one_line,
+)
+from raftfast.client.session import Op, is_retried_later, op_error, op_result_value
+from raftfast.errors import (
+    DeadlineExceededError,
+    PermissionDeniedError,
+    RaftfastError,
+    RequestFailedError,
+)
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.transport import tcp
+
+if TYPE_CHECKING:
+    from raftfast.client.client import Client
+
+__all__ = ["BlockingSession", "NoTcpSession"]
+
+_CONNECT_S = 1.0  # a Session port silent this long is behind a firewall (session.py's)
+_STATUS_S = 2.0  # asking a node where its Session port is
+_NO_TCP_S = 10.0  # after a silent Session port: the caller's other way, this long
+_MAX_RESULT_BYTES = 256 * 1024 * 1024  # (session_tcp.py's)
+_READ_BYTES = 64 * 1024
+_CODE_UNIMPLEMENTED = 12
+
+
+class NoTcpSession(Exception):
+    """The call was not sent: take the other way, with ``remaining`` seconds left of it."""
+
+    def __init__(self, reason: str, remaining: float) -> None:
+        super().__init__(reason)
+        self.remaining = remaining
+
+
+class _Broken(Exception):
+    """The connection is of no more use (it failed, closed, or the node ended the stream)."""
+
+    def __init__(self, detail: str, code: int = CODE_UNAVAILABLE) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+class BlockingSession:
+    """One op at a time on one blocking connection to the leader's Session port.
+
+    ``client``: the ``Client`` whose settings this follows (endpoints, TLS, cluster id,
+    default timeout, backoff). ``session_port(target, timeout)``: the port of ``target``'s
+    Session stream over TCP (0: none); raises ``RaftfastError`` if it cannot tell.
+    Not thread-safe: hold ``lock`` around ``call``.
+    """
+
+    def __init__(self, client: Client, session_port: Callable[[str, float], int]) -> None:
+        self.lock = threading.Lock()
+        self._client = client
+        self._session_port = session_port
+        self._hello = tcp.record(client._hello.SerializeToString())
+        self._tls = client._tls
+        self._ssl_context: ssl.SSLContext | None = None  # (made on first use)
+        self._client_id = new_client_id()
+        self._ports: dict[str, int] = {}  # address -> its Session port (0: none)
+        self._sock: socket.socket | None = None
+        self._target = ""  # where _sock goes
+        self._buf = bytearray()  # what was read of _sock and not yet taken
+        self._leader: str | None = None
+        self._rr = 0
+        self._seq = 0
+        self._frame_id = 0
+        self._no_tcp_until = 0.0  # (time.monotonic) a Session port failed us: not before
+        self._answered = False  # the node said anything on this connection
+        self._silent_drops = 0  # connections in a row closed before the node said a word
+        self._closed = False
+
+    @property
+    def leader(self) -> str | None:
+        return self._leader
+
+    @property
+    def connected_to(self) -> str | None:
+        """The node whose Session port the connection goes to, if one is open."""
+        return self._target if self._sock is not None else None
+
+    def close(self) -> None:
+        """Close the connection; a call under way (another thread) ends "client is closed"."""
+        self._closed = True
+        self._drop()
+
+    def call(self, op: Op, timeout: float | None) -> Any:
+        """Do ``op``: its result (what ``Client``'s method returns), or raise its error."""
+        client = self._client
+        total = client._call_timeout(timeout)
+        deadline = time.monotonic() + total
+        endpoints = client._endpoints
+        sent = False  # (then it is finished here, whatever happens)
+        attempt = 0  # backoff rounds
+        tried = 0  # endpoints tried since the last backoff
+        redirects = 0
+        reached = False  # the leader answered, only not yet with a result
+        last_error: str | None = None
+        while True:
+            if self._closed:
+                raise RaftfastError("client is closed")
+            if not sent and time.monotonic() < self._no_tcp_until:
+                raise NoTcpSession("no Session port answered lately", deadline - time.monotonic())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                target = self._target or self._leader
+                raise client._timeout_error(total, last_error, reached, "leader", target)
+            backoff = False
+            try:
+                if self._sock is None:
+                    target = self._leader or endpoints[self._rr % len(endpoints)]
+                    self._connect(target, remaining, sent)
+                target = self._target
+                result = self._exchange(op, deadline)
+                sent = sent or op.kind != GET
+            except _Broken as exc:
+                sent = sent or op.kind != GET
+                if self._sock is not None and not self._answered:
+                    self._silent_drops += 1  # (closed before the node said a word)
+                    if self._silent_drops >= 2:  # (twice in a row: a middlebox's way)
+                        self._no_tcp_until = time.monotonic() + _NO_TCP_S
+                self._drop()
+                if exc.code == CODE_PERMISSION_DENIED:
+                    raise PermissionDeniedError(f"{target}: {one_line(str(exc))}") from None
+                if exc.code == _CODE_UNIMPLEMENTED:
+                    raise RequestFailedError(
+                        not_raftfast(target, "Session"), "UNIMPLEMENTED"
+                    ) from None
+                last_error = f"{target}: {one_line(str(exc))}"
+                if self._leader == target:
+                    self._leader = None
+                self._rr += 1
+                tried += 1
+                if tried >= len(endpoints):
+                    backoff = True
+            except TimeoutError:
+                self._drop()  # (silent: the next call starts afresh)
+                continue  # (the deadline: raised above)
+            else:
+                r = result.results[0] if result.results else pb.OpResult(code=CODE_UNAVAILABLE)
+                code = r.code
+                if code == CODE_OK:
+                    self._leader = target
+                    return op_result_value(op.kind, r)
+                last_error = f"{target}: {one_line(r.error or 'unavailable')}"
+                if code == CODE_UNAVAILABLE:
+                    hint = result.leader if is_address(result.leader) else ""
+                    if hint == target:
+                        reached = backoff = True  # the leader is not ready: wait, same stream
+                    elif hint and redirects <= 2 * len(endpoints) + 2:
+                        self._drop()
+                        self._leader = hint
+                        redirects += 1
+                    else:
+                        self._drop()
+                        self._leader = None
+                        self._rr += 1
+                        backoff = True
+                elif is_retried_later(code, r.error):
+                    reached = backoff = True  # (busy: the leader is there)
+                else:
+                    raise op_error(code, r.error, target)
+            if backoff:
+                tried = redirects = 0
+                delay = min(client._backoff(attempt), deadline - time.monotonic())
+                attempt += 1
+                if delay > 0:
+                    time.sleep(delay)
+
+    # -- the connection ----------------------------------------------------------------------
+
+    def _connect(self, target: str, remaining: float, sent: bool) -> None:
+        """Open a connection to ``target``'s Session port and say hello; ``_Broken`` if it
+        cannot, ``NoTcpSession`` (before the op was sent) if there is none to use."""
+        port = self._ports.get(target)
+        if port is None:
+            try:
+                port = self._session_port(target, min(remaining, _STATUS_S))
+            except DeadlineExceededError as exc:  # (unreachable, or no answer in time)
+                raise _Broken(str(exc)) from None
+            except RaftfastError as exc:  # (refused: the other way tells the caller why)
+                if not sent:
+                    raise NoTcpSession(str(exc), remaining) from None
+                raise
+            self._ports[target] = port
+        if not port:
+            if not sent:
+                raise NoTcpSession(f"{target} offers no Session stream over TCP", remaining)
+            raise _Broken(f"{target} offers no Session stream over TCP")
+        host = split_address(target)[0]
+        timeout = min(remaining, _CONNECT_S)
+        sock: socket.socket | None = None
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            tcp.tune_socket(sock)
+            if self._tls is not None:
+                if self._ssl_context is None:
+                    self._ssl_context = self._tls.client_context()
+                sock = self._ssl_context.wrap_socket(sock, server_hostname=host)
+            sock.sendall(self._hello)
+        except TimeoutError:
+            if sock is not None:
+                sock.close()
+            self._ports.pop(target, None)
+            if timeout >= _CONNECT_S and not sent:  # (silent: a firewall's way)
+                self._no_tcp_until = time.monotonic() + _NO_TCP_S
+                why = f"{target}'s Session port is silent"
+                raise NoTcpSession(why, remaining - timeout) from None
+            raise _Broken(f"cannot open the Session stream at {host}:{port}: timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            if sock is not None:
+                sock.close()
+            self._ports.pop(target, None)  # (the node may have restarted on another port)
+            raise _Broken(f"cannot open the Session stream at {host}:{port}: {exc!r}") from None
+        self._sock, self._target = sock, target
+        self._buf.clear()
+        self._answered = False
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # (wakes a thread blocked reading it)
+            except OSError:
+                pass
+            sock.close()
+
+    def _exchange(self, op: Op, deadline: float) -> pb.SessionResult:
+        """Send ``op`` in a frame of its own; the result of that frame."""
+        sock = self._sock
+        assert sock is not None
+        if op.kind != GET and op.sequence == 0:
+            self._seq += 1
+            op.sequence = self._seq
+        self._frame_id += 1
+        frame_id = self._frame_id
+        frame = pb.SessionFrame(frame_id=frame_id, client_id=self._client_id)
+        frame.ops.add(
+            kind=op.kind,
+            key=op.key,
+            value=op.value,
+            expected=op.expected,
+            expect_absent=op.expect_absent,
+            sequence=op.sequence,
+            read_mode=op.read_mode,
+        )
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            sock.sendall(tcp.record(frame.SerializeToString()))
+            while True:
+                payload = self._read_record(sock, deadline)
+                self._answered, self._silent_drops = True, 0
+                try:
+                    result = pb.SessionResult.FromString(payload)
+                except DecodeError as exc:
+                    raise _Broken(f"unreadable answer on the Session stream: {exc}") from None
+                if result.frame_id == frame_id:
+                    return result
+                if result.frame_id == 0:  # the node ended the stream, and says why
+                    raise _Broken(result.error or "the Session stream ended", result.code)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise _Broken(f"the Session stream's connection failed: {exc!r}") from None
+
+    def _read_record(self, sock: socket.socket, deadline: float) -> bytes:
+        buf = self._buf
+        while True:
+            if len(buf) >= 4:
+                size = int.from_bytes(buf[:4], "big")
+                if size > _MAX_RESULT_BYTES:
+                    raise _Broken(f"an answer of {size} bytes on the Session stream")
+                if len(buf) >= 4 + size:
+                    payload = bytes(buf[4 : 4 + size])
+                    del buf[: 4 + size]
+                    return payload
+                want = 4 + size - len(buf)
+            else:
+                want = 4 - len(buf)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            data = sock.recv(max(want, _READ_BYTES))
+            if not data:
+                raise _Broken("the Session stream's connection closed")
+            buf += data

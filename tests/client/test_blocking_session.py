@@ -1,0 +1,309 @@
+"""``BlockingSession`` (raftfast/client/blocking.py) against fake Session ports over TCP
+(threads with plain sockets, no Raft): redirects, a lost answer retried with its sequence (the
+write is applied once), stale answers skipped, the statuses a node ends a stream with, backoff
+while busy, deadlines, ``NoTcpSession`` before anything was sent, and ``close`` from another
+thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from raftfast.client import Client
+from raftfast.client.blocking import BlockingSession, NoTcpSession
+from raftfast.client.calls import DELETE, GET, PUT
+from raftfast.client.session import Op
+from raftfast.errors import (
+    ClusterUnavailableError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    RaftfastError,
+)
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.transport.tcp import record
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def read_record(conn: socket.socket) -> bytes | None:
+    head = b""
+    while len(head) < 4:
+        chunk = conn.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    size = int.from_bytes(head, "big")
+    body = b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return body
+
+
+class FakePort:
+    """A Session port over TCP: a hello, then frames of one op each, answered by ``answer``
+    (frame -> the results to send, or None to close the connection without a word). Its
+    store and exactly-once table are a node's in miniature."""
+
+    def __init__(
+        self, answer: Callable[[FakePort, pb.SessionFrame], list[pb.SessionResult] | None]
+    ):
+        self.answer = answer
+        self.store: dict[bytes, bytes] = {}
+        self.table: dict[tuple[int, int], pb.OpResult] = {}  # (client, sequence) -> result
+        self.applied = 0
+        self.frames: list[pb.SessionFrame] = []
+        self.connections = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"  # (the "endpoint": its gRPC port is fake too)
+        self.open: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def apply(self, frame: pb.SessionFrame) -> pb.SessionResult:
+        op = frame.ops[0]
+        key = (frame.client_id, op.sequence)
+        if op.kind != GET and key in self.table:
+            r = self.table[key]
+        else:
+            if op.kind == PUT:
+                self.store[op.key] = op.value
+                r = pb.OpResult(ok=True)
+            elif op.kind == DELETE:
+                r = pb.OpResult(ok=self.store.pop(op.key, None) is not None)
+            else:
+                value = self.store.get(op.key)
+                r = pb.OpResult(ok=value is not None, value=value or b"")
+            if op.kind != GET:
+                self.applied += 1
+                self.table[key] = r
+        return pb.SessionResult(frame_id=frame.frame_id, results=[r])
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.open.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if read_record(conn) is None:  # the hello
+                    return
+                while (payload := read_record(conn)) is not None:
+                    frame = pb.SessionFrame.FromString(payload)
+                    self.frames.append(frame)
+                    results = self.answer(self, frame)
+                    if results is None:
+                        return
+                    conn.sendall(b"".join(record(r.SerializeToString()) for r in results))
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.open:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def serve_all(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
+    return [port.apply(frame)]
+
+
+@pytest.fixture
+def fakes() -> Iterator[Callable[..., FakePort]]:
+    made: list[FakePort] = []
+
+    def make(answer=serve_all) -> FakePort:
+        made.append(FakePort(answer))
+        return made[-1]
+
+    yield make
+    for port in made:
+        port.close()
+
+
+def session(*ports: FakePort, timeout: float = 5.0, lookup=None) -> BlockingSession:
+    """A BlockingSession whose endpoints are ``ports`` (their Status: the port itself)."""
+    client = Client([p.address for p in ports], timeout=timeout, backoff_base=0.005)
+    by_address = {p.address: p.port for p in ports}
+    return BlockingSession(client, lookup or (lambda target, timeout: by_address[target]))
+
+
+def test_ops_and_their_results(fakes) -> None:
+    port = fakes()
+    s = session(port)
+    assert s.call(Op(PUT, b"k", b"v"), None) is None
+    assert s.call(Op(GET, b"k"), None) == b"v"
+    assert s.call(Op(DELETE, b"k"), None) is True
+    assert s.call(Op(DELETE, b"k"), None) is False
+    assert s.call(Op(GET, b"k"), None) is None
+    assert port.connections == 1 and s.connected_to == port.address == s.leader
+    sequences = [f.ops[0].sequence for f in port.frames]
+    assert sequences == [1, 0, 2, 3, 0]  # (writes numbered, reads not)
+    assert len({f.client_id for f in port.frames}) == 1
+
+
+def test_a_follower_sends_it_to_the_leader(fakes) -> None:
+    leader = fakes()
+
+    def follower(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
+        r = pb.OpResult(code=UNAVAILABLE, error="not the leader")
+        return [pb.SessionResult(frame_id=frame.frame_id, results=[r], leader=leader.address)]
+
+    follow = fakes(follower)
+    s = session(follow, leader)
+    s.call(Op(PUT, b"k", b"v"), None)
+    assert leader.store == {b"k": b"v"} and s.leader == leader.address
+    s.call(Op(PUT, b"k", b"w"), None)  # straight to the leader now
+    assert len(follow.frames) == 1 and leader.store == {b"k": b"w"}
+
+
+def test_a_lost_answer_is_retried_with_its_sequence_and_applied_once(fakes) -> None:
+    lost = {"left": 1}
+
+    def drop_first(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult] | None:
+        result = port.apply(frame)
+        if lost["left"]:
+            lost["left"] -= 1
+            return None  # applied, then the connection closes without the answer
+        return [result]
+
+    port = fakes(drop_first)
+    s = session(port)
+    s.call(Op(PUT, b"k", b"v"), None)
+    assert s.call(Op(DELETE, b"k"), None) is True
+    lost["left"] = 1
+    s.call(Op(PUT, b"k", b"again"), None)
+    assert port.applied == 3 and port.connections == 3
+    puts = [f.ops[0] for f in port.frames if f.ops[0].kind == PUT]
+    assert [op.sequence for op in puts] == [1, 1, 3, 3]  # (the retries: the same sequence)
+    assert port.store == {b"k": b"again"}
+
+
+def test_an_answer_to_an_earlier_frame_is_skipped(fakes) -> None:
+    def stale_first(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
+        old = pb.SessionResult(frame_id=frame.frame_id - 1, results=[pb.OpResult(ok=True)])
+        return [old, port.apply(frame)]
+
+    port = fakes(stale_first)
+    s = session(port)
+    s.call(Op(PUT, b"k", b"v"), None)
+    assert s.call(Op(GET, b"k"), None) == b"v"
+
+
+def test_busy_is_retried_after_a_backoff_and_a_refusal_is_raised(fakes) -> None:
+    busy = {"left": 3}
+
+    def answer(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
+        op = frame.ops[0]
+        if op.key == b"bad":
+            r = pb.OpResult(code=INVALID, error="key too long")
+            return [pb.SessionResult(frame_id=frame.frame_id, results=[r])]
+        if op.key == b"full":
+            r = pb.OpResult(code=EXHAUSTED, error="NOSPACE: the quota is reached")
+            return [pb.SessionResult(frame_id=frame.frame_id, results=[r])]
+        if busy["left"]:
+            busy["left"] -= 1
+            r = pb.OpResult(code=EXHAUSTED, error="too many frames under way")
+            return [pb.SessionResult(frame_id=frame.frame_id, results=[r])]
+        return [port.apply(frame)]
+
+    port = fakes(answer)
+    s = session(port)
+    s.call(Op(PUT, b"k", b"v"), None)
+    assert port.store == {b"k": b"v"} and len(port.frames) == 4 and port.connections == 1
+    with pytest.raises(InvalidArgumentError, match="key too long"):
+        s.call(Op(PUT, b"bad", b"v"), None)
+    with pytest.raises(RaftfastError, match="NOSPACE"):
+        s.call(Op(PUT, b"full", b"v"), None)
+    assert s.call(Op(GET, b"k"), None) == b"v"  # (the connection serves on)
+
+
+def test_a_stream_ended_for_want_of_a_role_raises_at_once(fakes) -> None:
+    def refuse(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
+        return [pb.SessionResult(frame_id=0, code=DENIED, error="client 'x' has no role here")]
+
+    s = session(fakes(refuse), timeout=30)
+    start = time.monotonic()
+    with pytest.raises(PermissionDeniedError, match="no role"):
+        s.call(Op(PUT, b"k", b"v"), None)
+    assert time.monotonic() - start < 10  # (not retried until the deadline)
+
+
+def test_a_silent_node_ends_in_the_deadline(fakes) -> None:
+    port = fakes(lambda port, frame: (time.sleep(30), None)[1])
+    s = session(port, timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="deadline of 0.5s exceeded"):
+        s.call(Op(PUT, b"k", b"v"), None)
+    assert time.monotonic() - start < 5
+    assert s.connected_to is None  # (a silent connection is not kept)
+
+
+def test_no_node_reachable_is_cluster_unavailable(fakes) -> None:
+    def unreachable(target: str, timeout: float) -> int:
+        raise ClusterUnavailableError(f"{target}: connection refused")
+
+    s = session(fakes(), fakes(), timeout=0.5, lookup=unreachable)
+    with pytest.raises(ClusterUnavailableError, match="connection refused"):
+        s.call(Op(PUT, b"k", b"v"), None)
+
+
+def test_no_tcp_session_before_anything_was_sent(fakes) -> None:
+    port = fakes()
+    s = session(port, lookup=lambda target, timeout: 0)  # (the node offers none)
+    with pytest.raises(NoTcpSession) as info:
+        s.call(Op(PUT, b"k", b"v"), 2.0)
+    assert 0 < info.value.remaining <= 2.0 and not port.frames
+
+    def refused(target: str, timeout: float) -> int:
+        raise PermissionDeniedError(f"{target}: Status needs read")
+
+    with pytest.raises(NoTcpSession, match="needs read"):  # (the other way says why)
+        session(port, lookup=refused).call(Op(GET, b"k"), None)
+
+
+def test_close_from_another_thread_ends_a_call_under_way(fakes) -> None:
+    started = threading.Event()
+
+    def hold(port: FakePort, frame: pb.SessionFrame) -> None:
+        started.set()
+        time.sleep(30)
+        return None
+
+    s = session(fakes(hold), timeout=30)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            s.call(Op(PUT, b"k", b"v"), None)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert started.wait(10)
+    s.close()
+    caller.join(10)
+    assert not caller.is_alive()
+    assert len(errors) == 1 and "client is closed" in str(errors[0])
