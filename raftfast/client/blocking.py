@@ -22,8 +22,10 @@ retried here, with its sequence, until its deadline.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +56,7 @@ from raftfast.transport import tcp
 if TYPE_CHECKING:
     from raftfast.client.client import Client
 
-__all__ = ["BlockingSession", "NoTcpSession"]
+__all__ = ["FORKED", "BlockingSession", "NoTcpSession"]
 
 _CONNECT_S = 1.0  # a Session port silent this long is behind a firewall (session.py's)
 _STATUS_S = 2.0  # asking a node where its Session port is
@@ -62,6 +64,9 @@ _NO_TCP_S = 10.0  # after a silent Session port: the caller's other way, this lo
 _MAX_RESULT_BYTES = 256 * 1024 * 1024  # (session_tcp.py's)
 _READ_BYTES = 64 * 1024
 _CODE_UNIMPLEMENTED = 12
+# Two processes on one connection would read each other's answers, and their writes would
+# share sequence numbers under one client id: the node would drop one as the other's retry.
+FORKED = "this client was made in another process (before a fork): make one in each process"
 
 
 class NoTcpSession(Exception):
@@ -107,8 +112,10 @@ class BlockingSession:
         self._frame_id = 0
         self._no_tcp_until = 0.0  # (time.monotonic) a Session port failed us: not before
         self._answered = False  # the node said anything on this connection
+        self._bound_s = -1.0  # the kernel's send/receive timeouts on the plain socket (_bound)
         self._silent_drops = 0  # connections in a row closed before the node said a word
         self._closed = False
+        self._pid = os.getpid()  # (a child of a fork must not touch the parent's connection)
 
     @property
     def leader(self) -> str | None:
@@ -126,6 +133,8 @@ class BlockingSession:
 
     def call(self, op: Op, timeout: float | None) -> Any:
         """Do ``op``: its result (what ``Client``'s method returns), or raise its error."""
+        if os.getpid() != self._pid:
+            raise RaftfastError(FORKED)
         client = self._client
         total = client._call_timeout(timeout)
         deadline = time.monotonic() + total
@@ -252,17 +261,21 @@ class BlockingSession:
                 sock.close()
             self._ports.pop(target, None)  # (the node may have restarted on another port)
             raise _Broken(f"cannot open the Session stream at {host}:{port}: {exc!r}") from None
+        if not isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(None)  # (blocking, bounded by the kernel's timeouts: _bound)
         self._sock, self._target = sock, target
         self._buf.clear()
         self._answered = False
+        self._bound_s = -1.0
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # (wakes a thread blocked reading it)
-            except OSError:
-                pass
+            if os.getpid() == self._pid:  # (in a forked child, the parent's: only let go)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # (wakes a thread blocked reading it)
+                except OSError:
+                    pass
             sock.close()
 
     def _exchange(self, op: Op, deadline: float) -> pb.SessionResult:
@@ -285,8 +298,11 @@ class BlockingSession:
             read_mode=op.read_mode,
         )
         try:
-            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            sock.sendall(tcp.record(frame.SerializeToString()))
+            self._bound(sock, deadline - time.monotonic())
+            try:
+                sock.sendall(tcp.record(frame.SerializeToString()))
+            except BlockingIOError:  # (the kernel's send timeout: part of it may be out)
+                raise TimeoutError from None
             while True:
                 payload = self._read_record(sock, deadline)
                 self._answered, self._silent_drops = True, 0
@@ -302,6 +318,25 @@ class BlockingSession:
             raise
         except OSError as exc:
             raise _Broken(f"the Session stream's connection failed: {exc!r}") from None
+
+    def _bound(self, sock: socket.socket, seconds: float) -> None:
+        """Make the next send or receive on ``sock`` give up after about ``seconds``.
+
+        A TLS socket takes Python's timeout. A plain one stays blocking, under the kernel's
+        send and receive timeouts: with Python's, a send or a receive is three system calls
+        (fcntl, poll, the call), six a put instead of two (strace). The kernel's are set again
+        only when the bound wanted moved by more than 2 ms + 2% (the next call's deadline is
+        as far as the last one's: no system call), so a call may end that much late."""
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(max(seconds, 1e-3))
+            return
+        if abs(self._bound_s - seconds) > 0.002 + 0.02 * seconds:
+            seconds = max(seconds, 1e-3)  # (a zero timeval would mean no timeout at all)
+            whole = int(seconds)
+            timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self._bound_s = seconds
 
     def _read_record(self, sock: socket.socket, deadline: float) -> bytes:
         buf = self._buf
@@ -320,8 +355,11 @@ class BlockingSession:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            sock.settimeout(remaining)
-            data = sock.recv(max(want, _READ_BYTES))
+            self._bound(sock, remaining)
+            try:
+                data = sock.recv(max(want, _READ_BYTES))
+            except BlockingIOError:  # (the kernel's receive timeout: is the deadline past?)
+                continue
             if not data:
                 raise _Broken("the Session stream's connection closed")
             buf += data

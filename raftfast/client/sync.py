@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
 from collections.abc import Coroutine, Iterable, Sequence
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from raftfast._batch_py import to_bytes
-from raftfast.client.blocking import BlockingSession, NoTcpSession
+from raftfast.client.blocking import FORKED, BlockingSession, NoTcpSession
 from raftfast.client.calls import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
@@ -64,6 +65,7 @@ class SyncClient:
             self._blocking = BlockingSession(self._client, self._session_port)
         self._loop = asyncio.new_event_loop()
         self._closed = False
+        self._pid = os.getpid()  # (its thread and connections are of this process only)
         self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="raftfast-client", daemon=True
@@ -93,9 +95,9 @@ class SyncClient:
         self.close()
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             coro.close()
-            raise RaftfastError("client is closed")
+            raise RaftfastError("client is closed" if self._closed else FORKED)
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ thread."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -307,3 +308,23 @@ def test_close_from_another_thread_ends_a_call_under_way(fakes) -> None:
     caller.join(10)
     assert not caller.is_alive()
     assert len(errors) == 1 and "client is closed" in str(errors[0])
+
+
+def test_a_forked_child_neither_uses_nor_breaks_the_parents_connection(fakes) -> None:
+    port = fakes()
+    s = session(port)
+    s.call(Op(PUT, b"k", b"v"), None)
+    pid = os.fork()
+    if pid == 0:  # the child: refused, and its close leaves the parent's connection open
+        ok = False
+        try:
+            s.call(Op(PUT, b"k", b"child"), None)
+        except RaftfastError as exc:
+            ok = "another process" in str(exc)
+        finally:
+            s.close()
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    s.call(Op(PUT, b"k", b"parent"), None)
+    assert port.store == {b"k": b"parent"} and port.connections == 1
