@@ -120,6 +120,36 @@ def test_unbatched_against_a_noop_grpc_server(benchmark):
     assert unary_ratio >= floor, f"the cluster runs at {unary_ratio:.2f} x the no-op unary rate"
 
 
+def test_sync_client_against_the_asyncio_one(benchmark):
+    """8 client processes x 1 put at a time, from ``SyncClient`` (its blocking connection)
+    and from ``Client`` (an event loop), on clusters alike: the blocking one must not be the
+    slower (measured 1.2-1.3x the rate: about two thirds of the client's CPU a put). Best of
+    up to three pairs."""
+    results = {}
+    floor = limit(test=0.3, bench=0.9)
+
+    def run() -> None:
+        pair = best_of(
+            3,
+            lambda: {
+                "a": measure(3, clients=8, inflight=1),
+                "b": measure(3, clients=8, inflight=1, client="sync"),
+            },
+            _ratio,
+            floor,
+        )
+        results.update(pair)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    record(benchmark, results["b"])
+    benchmark.extra_info["async_ops_per_s"] = results["a"]["ops_per_s"]
+    show("unbatched, 3 nodes, Client (asyncio)", results["a"])
+    show("unbatched, 3 nodes, SyncClient", results["b"])
+    ratio = _ratio(results)
+    print(f"SyncClient / Client: {ratio:.2f}")
+    assert ratio >= floor, f"SyncClient runs at {ratio:.2f} x Client's rate"
+
+
 def test_sequential_put_latency(benchmark):
     """Target: p50 <= 1 ms for one client, one put at a time (3 nodes, fsync on)."""
     results = {}

@@ -62,9 +62,21 @@ def test_noop_server_baseline(mode, target):
     assert result["errors"] == 0
 
 
+def test_sync_client_one_request_at_a_time():
+    out = bench(
+        "--noop", "--client", "sync", "--clients", "2", "--json", *SHORT[:4], "--inflight", "1"
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["client"] == "sync" and result["inflight"] == 1 and result["ops_per_s"] > 100
+    assert result["errors"] == 0 and set(result["cpu_percent"]) == {"noop", "client-1", "client-2"}
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
+        (["--client", "sync"], "--client sync waits for each answer"),
+        (["--noop", "unary", "--client", "sync", "--inflight", "1"], "not the unary no-op"),
         (["--nodes", "x"], "--nodes must be numbers"),
         (["--noop", "unary", "--batch", "10"], "one call per operation"),
         (["--nodes", "0"], "between 1 and 9"),
