@@ -15,9 +15,9 @@ earlier frame (one whose call timed out) is skipped.
 
 ``NoTcpSession``: this cannot serve the call (the node offers no Session port, or its port did
 not answer: a firewall; or twice in a row closed a connection before a word: a middlebox): the
-caller takes ``Client``'s way instead (gRPC there), for the next 10 s. Only ever raised before
-the op was sent, so a write is never sent under two client ids; a write that was sent is
-retried here, with its sequence, until its deadline.
+caller takes ``Client``'s way instead (gRPC there), for the next 10 s. A write that may have
+been sent goes on under this session's client id and with its sequence (``SyncClient``), so
+it is never applied twice.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 
 from raftfast.address import is_address, split_address
 from raftfast.client.calls import (
+    CODE_INVALID_ARGUMENT,
     CODE_OK,
     CODE_PERMISSION_DENIED,
     CODE_UNAVAILABLE,
@@ -46,6 +47,7 @@ from raftfast.client.calls import (
 from raftfast.client.session import Op, is_retried_later, op_error, op_result_value
 from raftfast.errors import (
     DeadlineExceededError,
+    InvalidArgumentError,
     PermissionDeniedError,
     RaftfastError,
     RequestFailedError,
@@ -70,11 +72,14 @@ FORKED = "this client was made in another process (before a fork): make one in e
 
 
 class NoTcpSession(Exception):
-    """The call was not sent: take the other way, with ``remaining`` seconds left of it."""
+    """Take the other way, with ``remaining`` seconds left of the call. A write that has a
+    sequence (``op.sequence``) may have been sent, under ``client_id``: it must be finished
+    under that id (the node's exactly-once table is per client id)."""
 
-    def __init__(self, reason: str, remaining: float) -> None:
+    def __init__(self, reason: str, remaining: float, client_id: int) -> None:
         super().__init__(reason)
         self.remaining = remaining
+        self.client_id = client_id
 
 
 class _Broken(Exception):
@@ -139,7 +144,6 @@ class BlockingSession:
         total = client._call_timeout(timeout)
         deadline = time.monotonic() + total
         endpoints = client._endpoints
-        sent = False  # (then it is finished here, whatever happens)
         attempt = 0  # backoff rounds
         tried = 0  # endpoints tried since the last backoff
         redirects = 0
@@ -148,8 +152,9 @@ class BlockingSession:
         while True:
             if self._closed:
                 raise RaftfastError("client is closed")
-            if not sent and time.monotonic() < self._no_tcp_until:
-                raise NoTcpSession("no Session port answered lately", deadline - time.monotonic())
+            if time.monotonic() < self._no_tcp_until:
+                why = "no Session port answered lately"
+                raise NoTcpSession(why, deadline - time.monotonic(), self._client_id)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 target = self._target or self._leader
@@ -158,12 +163,10 @@ class BlockingSession:
             try:
                 if self._sock is None:
                     target = self._leader or endpoints[self._rr % len(endpoints)]
-                    self._connect(target, remaining, sent)
+                    self._connect(target, remaining)
                 target = self._target
                 result = self._exchange(op, deadline)
-                sent = sent or op.kind != GET
             except _Broken as exc:
-                sent = sent or op.kind != GET
                 if self._sock is not None and not self._answered:
                     self._silent_drops += 1  # (closed before the node said a word)
                     if self._silent_drops >= 2:  # (twice in a row: a middlebox's way)
@@ -175,6 +178,8 @@ class BlockingSession:
                     raise RequestFailedError(
                         not_raftfast(target, "Session"), "UNIMPLEMENTED"
                     ) from None
+                if exc.code == CODE_INVALID_ARGUMENT:  # (our one frame: too big, say)
+                    raise InvalidArgumentError(one_line(str(exc))) from None
                 last_error = f"{target}: {one_line(str(exc))}"
                 if self._leader == target:
                     self._leader = None
@@ -183,7 +188,12 @@ class BlockingSession:
                 if tried >= len(endpoints):
                     backoff = True
             except TimeoutError:
-                self._drop()  # (silent: the next call starts afresh)
+                # Silent until the deadline: the next call starts at another node (a frozen
+                # leader's kernel still takes connections; if it is alive, it redirects back).
+                self._drop()
+                if self._leader == target:
+                    self._leader = None
+                self._rr += 1
                 continue  # (the deadline: raised above)
             else:
                 r = result.results[0] if result.results else pb.OpResult(code=CODE_UNAVAILABLE)
@@ -218,9 +228,9 @@ class BlockingSession:
 
     # -- the connection ----------------------------------------------------------------------
 
-    def _connect(self, target: str, remaining: float, sent: bool) -> None:
+    def _connect(self, target: str, remaining: float) -> None:
         """Open a connection to ``target``'s Session port and say hello; ``_Broken`` if it
-        cannot, ``NoTcpSession`` (before the op was sent) if there is none to use."""
+        cannot, ``NoTcpSession`` if there is none to use."""
         port = self._ports.get(target)
         if port is None:
             try:
@@ -228,14 +238,11 @@ class BlockingSession:
             except DeadlineExceededError as exc:  # (unreachable, or no answer in time)
                 raise _Broken(str(exc)) from None
             except RaftfastError as exc:  # (refused: the other way tells the caller why)
-                if not sent:
-                    raise NoTcpSession(str(exc), remaining) from None
-                raise
+                raise NoTcpSession(str(exc), remaining, self._client_id) from None
             self._ports[target] = port
         if not port:
-            if not sent:
-                raise NoTcpSession(f"{target} offers no Session stream over TCP", remaining)
-            raise _Broken(f"{target} offers no Session stream over TCP")
+            why = f"{target} offers no Session stream over TCP"
+            raise NoTcpSession(why, remaining, self._client_id)
         host = split_address(target)[0]
         timeout = min(remaining, _CONNECT_S)
         sock: socket.socket | None = None
@@ -251,10 +258,10 @@ class BlockingSession:
             if sock is not None:
                 sock.close()
             self._ports.pop(target, None)
-            if timeout >= _CONNECT_S and not sent:  # (silent: a firewall's way)
+            if timeout >= _CONNECT_S:  # (silent: a firewall's way)
                 self._no_tcp_until = time.monotonic() + _NO_TCP_S
                 why = f"{target}'s Session port is silent"
-                raise NoTcpSession(why, remaining - timeout) from None
+                raise NoTcpSession(why, remaining - timeout, self._client_id) from None
             raise _Broken(f"cannot open the Session stream at {host}:{port}: timed out") from None
         except (OSError, ssl.SSLError) as exc:
             if sock is not None:
@@ -298,11 +305,7 @@ class BlockingSession:
             read_mode=op.read_mode,
         )
         try:
-            self._bound(sock, deadline - time.monotonic())
-            try:
-                sock.sendall(tcp.record(frame.SerializeToString()))
-            except BlockingIOError:  # (the kernel's send timeout: part of it may be out)
-                raise TimeoutError from None
+            self._send(sock, tcp.record(frame.SerializeToString()), deadline)
             while True:
                 payload = self._read_record(sock, deadline)
                 self._answered, self._silent_drops = True, 0
@@ -318,6 +321,20 @@ class BlockingSession:
             raise
         except OSError as exc:
             raise _Broken(f"the Session stream's connection failed: {exc!r}") from None
+
+    def _send(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+        """All of ``data``, by ``deadline`` (``sendall``'s timeout is per send: a peer that
+        reads a little now and then would hold it for ever); TimeoutError if not."""
+        view = memoryview(data)
+        while view:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self._bound(sock, remaining)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:  # (the kernel's send timeout: is the deadline past?)
+                continue
 
     def _bound(self, sock: socket.socket, seconds: float) -> None:
         """Make the next send or receive on ``sock`` give up after about ``seconds``.

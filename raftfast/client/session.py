@@ -159,6 +159,16 @@ def op_error(code: int, error: str, target: str) -> RaftfastError:
     return RequestFailedError(f"{target}: {one_line(error or name)}", name)
 
 
+async def _refused_a_frame(call: Any) -> bool:
+    """The Session stream over TCP ended with INVALID_ARGUMENT: a frame the node could not
+    take (over gRPC such a frame's ops are refused one by one, in its answer)."""
+    return (
+        isinstance(call, TcpSessionCall)
+        and call.done()
+        and await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
 class SessionStub:
     """KV's Session method with ``serialize_frame`` (the generated stub's serializer takes
     a whole SessionFrame)."""
@@ -261,9 +271,18 @@ class SessionMixin:
                     task.cancel()
                 call.cancel()
                 await asyncio.gather(writer, reader, restart, return_exceptions=True)
-                retry = [op for fid in sorted(stream.inflight) for op in stream.inflight[fid]]
+                unanswered = [stream.inflight[fid] for fid in sorted(stream.inflight)]
                 stream.inflight.clear()
-                self._requeue(retry)
+                if unanswered and len(unanswered[0]) == 1 and await _refused_a_frame(call):
+                    # The node answered every frame before the one it could not take (too big:
+                    # an op over max_frame_bytes travels alone): that op fails; the node read no
+                    # frame after it, and they go again. (Several ops, when the node takes less
+                    # than max_frame_bytes: which one? They go again, until their deadline.)
+                    err = InvalidArgumentError(one_line(await call.details() or "invalid frame"))
+                    for op in unanswered.pop(0):
+                        if op.fut is not None and not op.fut.done():
+                            op.fut.set_exception(err)
+                self._requeue([op for ops in unanswered for op in ops])
 
             if stream.reason is not None:
                 kind, detail, hint = stream.reason

@@ -60,6 +60,7 @@ class SyncClient:
         **options: Any,
     ) -> None:
         self._client = Client(endpoints, timeout=timeout, **options)
+        self._options = {k: v for k, v in options.items() if k != "client_id"}
         self._blocking: BlockingSession | None = None
         if options.get("session_transport", "auto") == "auto":
             self._blocking = BlockingSession(self._client, self._session_port)
@@ -131,10 +132,22 @@ class SyncClient:
             try:
                 return blocking.call(op, timeout)
             except NoTcpSession as exc:
-                timeout = max(exc.remaining, 1e-3)  # (not sent: the loop's way, in the time left)
+                timeout = max(exc.remaining, 1e-3)  # (the loop's way, in the time left)
+                if op.sequence:  # (a write that may be out under the blocking session's id)
+                    return self._run(self._finish_as(exc.client_id, op, timeout))
             finally:
                 blocking.lock.release()
         return self._run(self._client._submit_one(op, timeout))
+
+    async def _finish_as(self, client_id: int, op: Op, timeout: float) -> Any:
+        """``op``, a write that may have reached a node under ``client_id`` with its sequence,
+        by a ``Client`` with that id (gRPC where TCP fails): applied once whichever copy gets
+        there. The twin never numbers a write of its own (``op`` has its number), so it
+        shares no sequence with the blocking session's later writes."""
+        async with Client(
+            self._client.endpoints, timeout=timeout, client_id=client_id, **self._options
+        ) as twin:
+            return await twin._submit_one(op, timeout)
 
     def put(self, key: BytesLike, value: BytesLike, *, timeout: float | None = None) -> None:
         self._call(Op(PUT, to_bytes(key, "key"), to_bytes(value, "value")), timeout)

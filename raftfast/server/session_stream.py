@@ -12,7 +12,8 @@ then ``SessionFrame``s; the node writes ``SessionResult``s, run by the very code
 the gRPC call (``KVService.Session``: the same checks, limits and per-op errors). A result
 with ``frame_id`` 0 ends the stream with its ``code`` and ``error``, as the gRPC call would
 have ended (a wrong cluster, no role to read, too many streams, a record too big or not a
-frame; 0 once a client that half-closed has all its answers); then the node closes.
+frame: INVALID_ARGUMENT, the first frame the client has no answer to; 0 once a client that
+half-closed has all its answers); then the node closes.
 
 What a stranger can make a node hold: a connection says hello within ``HANDSHAKE_S`` in at
 most ``HELLO_BYTES``; a record is at most ``--max-request-bytes`` plus a little (the gRPC
@@ -158,8 +159,12 @@ class _Connection(asyncio.BufferedProtocol):
             if completed or not self.records.partial:
                 self.progress = asyncio.get_running_loop().time()
         except tcp.Refused as exc:
-            limit = "a hello" if self.task is None else "--max-request-bytes"
-            self._stop_input((_RESOURCE_EXHAUSTED, f"{exc.details} for {limit}"))
+            # A frame too big is the request's fault, as over gRPC (an op over the limit is
+            # INVALID_ARGUMENT there): the client fails that frame instead of sending it again.
+            if self.task is None:
+                self._stop_input((_RESOURCE_EXHAUSTED, f"{exc.details} for a hello"))
+            else:
+                self._stop_input((_INVALID_ARGUMENT, f"{exc.details} for --max-request-bytes"))
             return
         except Ended as exc:
             self._stop_input((exc.code, exc.details))

@@ -328,3 +328,80 @@ def test_a_forked_child_neither_uses_nor_breaks_the_parents_connection(fakes) ->
     assert os.waitstatus_to_exitcode(status) == 0
     s.call(Op(PUT, b"k", b"parent"), None)
     assert port.store == {b"k": b"parent"} and port.connections == 1
+
+
+def test_a_leader_silent_until_the_deadline_is_left_for_the_next_call(fakes) -> None:
+    frozen = fakes(lambda port, frame: (time.sleep(30), None)[1])  # (takes, never answers)
+    alive = fakes()
+    s = session(frozen, alive, timeout=0.5)
+    with pytest.raises(DeadlineExceededError):
+        s.call(Op(PUT, b"k", b"v"), None)
+    s.call(Op(PUT, b"k", b"w"), None)  # (at the other node: a frozen kernel still accepts)
+    assert alive.store == {b"k": b"w"} and s.leader == alive.address
+
+
+def test_a_node_that_reads_slowly_does_not_hold_a_call_past_its_deadline() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:  # reads 64 KiB every 0.2 s, never answers
+        conn, _ = server.accept()
+        with conn:
+            while not stop.wait(0.2):
+                if not conn.recv(64 * 1024):
+                    return
+
+    reader = threading.Thread(target=trickle, daemon=True)
+    reader.start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    client = Client([address], timeout=1.0)
+    s = BlockingSession(client, lambda target, timeout: server.getsockname()[1])
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeadlineExceededError):
+            s.call(Op(PUT, b"k", b"v" * (16 << 20)), None)
+        assert time.monotonic() - started < 4
+    finally:
+        stop.set()
+        s.close()
+        server.close()
+
+
+def test_no_tcp_session_carries_whether_the_write_may_be_out(fakes) -> None:
+    no_port = fakes()
+
+    def lookup(target: str, timeout: float) -> int:
+        if target == down.address:
+            raise ClusterUnavailableError(f"{target}: connection refused")
+        return 0  # (the leader offers no Session port)
+
+    down = fakes()
+    s = session(down, no_port, lookup=lookup)
+    op = Op(PUT, b"k", b"v")
+    with pytest.raises(NoTcpSession) as info:
+        s.call(op, None)
+    assert op.sequence == 0 and not no_port.frames  # (nothing was sent: any way will do)
+
+    def follower(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
+        r = pb.OpResult(code=UNAVAILABLE, error="not the leader")
+        return [pb.SessionResult(frame_id=frame.frame_id, results=[r], leader=no_port.address)]
+
+    follow = fakes(follower)
+    ports = {follow.address: follow.port, no_port.address: 0}
+    s = session(follow, no_port, lookup=lambda target, timeout: ports[target])
+    op = Op(PUT, b"k", b"v")
+    with pytest.raises(NoTcpSession) as info:
+        s.call(op, None)
+    assert op.sequence == 1 and info.value.client_id == follow.frames[0].client_id
+
+
+def test_a_frame_the_node_cannot_take_fails_at_once(fakes) -> None:
+    def too_big(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
+        error = "record of 70000000 bytes is too large for --max-request-bytes"
+        return [pb.SessionResult(frame_id=0, code=INVALID, error=error)]
+
+    s = session(fakes(too_big), timeout=30)
+    started = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="too large"):
+        s.call(Op(PUT, b"k", b"v"), None)
+    assert time.monotonic() - started < 10

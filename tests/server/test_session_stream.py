@@ -19,6 +19,7 @@ import pytest
 
 import raftfast
 from raftfast.client import Client, SyncClient
+from raftfast.client.blocking import NoTcpSession
 from raftfast.errors import InvalidArgumentError
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.proto import raftfast_pb2 as pb
@@ -211,7 +212,7 @@ def test_refusals_end_the_stream_with_a_status(tmp_path):
         assert end.code == status.INVALID_ARGUMENT.value[0] and "SessionFrame" in end.error
         for size in (MAX_REQUEST + 64 * 1024 + 1, 2**32 - 1):
             end = await ended_with(node, hello() + size.to_bytes(4, "big") + b"\0" * 100)
-            assert end.code == status.RESOURCE_EXHAUSTED.value[0], end
+            assert end.code == status.INVALID_ARGUMENT.value[0], end  # (that frame's fault)
             assert "--max-request-bytes" in end.error
         # a frame under the record limit but over --max-request-bytes: refused per op
         op = pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * MAX_REQUEST, sequence=1)
@@ -474,3 +475,62 @@ def test_sync_client_takes_the_loop_where_tcp_is_not_offered_or_does_not_answer(
                 sock.close()
 
     run(tmp_path / "2", silent)
+
+
+def test_a_frame_too_big_for_the_node_fails_at_once_in_either_client(tmp_path):
+    big = b"v" * (MAX_REQUEST + 128 * 1024)  # (over the record limit: the stream ends)
+
+    async def test(node: raftfast.Node) -> None:
+        loop = asyncio.get_running_loop()
+        # (frames of at most what the node takes: then an op too big travels alone)
+        async with Client(address(node), timeout=20, max_frame_bytes=MAX_REQUEST) as c:
+            started = loop.time()
+            put = asyncio.ensure_future(c.put(b"big", big))
+            others = [asyncio.ensure_future(c.put(b"p%d" % i, b"x")) for i in range(20)]
+            with pytest.raises(InvalidArgumentError, match="max-request-bytes"):
+                await put
+            await asyncio.gather(*others)  # (the frames after it go again)
+            assert loop.time() - started < 10
+
+        def sync() -> None:
+            with SyncClient(address(node), timeout=20) as c:
+                started = time.monotonic()
+                with pytest.raises(InvalidArgumentError, match="max-request-bytes"):
+                    c.put(b"big", big)
+                assert time.monotonic() - started < 10
+                c.put(b"k", b"v")
+
+        await asyncio.to_thread(sync)
+        assert node._driver.app.fsm._data.get(b"big") is None
+        await serves(node)
+
+    run(tmp_path, test)
+
+
+def test_a_write_the_blocking_connection_may_have_sent_is_finished_under_its_id(tmp_path):
+    # As when the leader offers no Session port after a follower took the frame and redirected:
+    # the blocking connection gives the write up with its sequence; a Client with the
+    # connection's client id finishes it, so the node's exactly-once table holds it once.
+    async def test(node: raftfast.Node) -> None:
+        fsm = node._driver.app.fsm
+
+        def sync() -> None:
+            with SyncClient(address(node), timeout=20) as c:
+                c.put(b"k", b"1")
+                blocking = c._blocking
+                assert blocking is not None
+                client_id, real_call = blocking._client_id, blocking.call
+
+                def gives_up(op, timeout):
+                    op.sequence = 1  # (the sequence of the write above, as if resent)
+                    raise NoTcpSession("no Session port", 5.0, client_id)
+
+                blocking.call = gives_up
+                c.put(b"k", b"2")  # a retry of sequence 1: the node answers its first result
+                blocking.call = real_call
+                assert c.get(b"k") == b"1"
+                assert fsm._clients[client_id].max_seq == 1
+
+        await asyncio.to_thread(sync)
+
+    run(tmp_path, test)
