@@ -270,7 +270,7 @@ def vs_etcd(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
 def run_pysyncobj(duration: float, workloads: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for name, workload in workloads.items():
-        if workload["batch"] > 1 or workload["clients"] > 1:
+        if workload["batch"] > 1 or workload["clients"] > 1 or "client" in workload:
             continue  # load comes from inside the leader process: one "client"
         ports = free_ports(3)
         addrs = [f"127.0.0.1:{p}" for p in ports]

@@ -28,12 +28,14 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from raftfast.client import Client
+from raftfast.client import Client, SyncClient
 from raftfast.errors import InvalidArgumentError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -102,12 +104,21 @@ async def _worker(
     history: list[Op],
     reader: bool = False,
     tls: TLSFiles | None = None,
+    sync: bool = False,
 ) -> None:
     """A client doing random operations one at a time; a ``reader`` only reads, starting at
-    ``endpoints[0]`` (a follower must redirect it: serving it locally would be a stale read)."""
+    ``endpoints[0]`` (a follower must redirect it: serving it locally would be a stale read).
+    ``sync``: a ``SyncClient`` (its blocking connection), called from a thread."""
     seen: dict[bytes, bytes | None] = {}
     counter = 0
-    async with Client(endpoints, timeout=OP_TIMEOUT, tls=tls) as client:
+    if sync:
+        blocking = SyncClient(endpoints, timeout=OP_TIMEOUT, tls=tls)
+        client: Any = _InThread(blocking)
+        closing = asyncio.to_thread(blocking.close)
+    else:
+        client = Client(endpoints, timeout=OP_TIMEOUT, tls=tls)
+        closing = client.close()
+    try:
         while not stop.is_set():
             key = rng.choice(KEYS)
             roll = 0.5 if reader else rng.random()
@@ -137,6 +148,19 @@ async def _worker(
                     continue  # a failed read has no effect
                 complete, output = None, None
             history.append(Op(wid, kind, key, value, expected, invoke, complete, output))
+    finally:
+        await closing
+
+
+class _InThread:
+    """A SyncClient's put/get/cas/delete, awaitable: each runs in a thread."""
+
+    def __init__(self, client: SyncClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._client, name)
+        return lambda *args: asyncio.to_thread(method, *args)
 
 
 # -- etcd API clients ----------------------------------------------------------------------------
@@ -471,9 +495,9 @@ async def _run(
     else:
 
         def client(wid: int, endpoints: list[str], reader: bool = False):
-            return _worker(
-                wid, endpoints, random.Random(rng.random()), stop, history, reader=reader, tls=tls
-            )
+            seeded = random.Random(rng.random())
+            sync = wid % 2 == 1 and not reader  # (half the writers: SyncClient)
+            return _worker(wid, endpoints, seeded, stop, history, reader=reader, tls=tls, sync=sync)
 
     workers = [asyncio.create_task(client(w, cluster.endpoints)) for w in range(clients)]
     # One reader per node, starting there: a follower must not answer it from its own state.
