@@ -152,13 +152,13 @@ class BlockingSession:
         while True:
             if self._closed:
                 raise RaftfastError("client is closed")
-            if time.monotonic() < self._no_tcp_until:
-                why = "no Session port answered lately"
-                raise NoTcpSession(why, deadline - time.monotonic(), self._client_id)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 target = self._target or self._leader
                 raise client._timeout_error(total, last_error, reached, "leader", target)
+            if time.monotonic() < self._no_tcp_until:
+                why = "no Session port answered lately"
+                raise NoTcpSession(why, remaining, self._client_id)
             backoff = False
             try:
                 if self._sock is None:
