@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import os
 import threading
 import weakref
@@ -61,10 +63,12 @@ class SyncClient:
     ) -> None:
         self._client = Client(endpoints, timeout=timeout, **options)
         self._options = {k: v for k, v in options.items() if k != "client_id"}
+        self._loop = asyncio.new_event_loop()
         self._blocking: BlockingSession | None = None
         if options.get("session_transport", "auto") == "auto":
-            self._blocking = BlockingSession(self._client, self._session_port)
-        self._loop = asyncio.new_event_loop()
+            # (not a bound method: the finalizer holds the session, which must not hold us)
+            ports = functools.partial(_session_port, self._client, self._loop)
+            self._blocking = BlockingSession(self._client, ports)
         self._closed = False
         self._pid = os.getpid()  # (its thread and connections are of this process only)
         self._lock = threading.Lock()
@@ -108,20 +112,6 @@ class SyncClient:
                 return
             self._closed = True
         self._shutdown()
-
-    def _session_port(self, target: str, timeout: float) -> int:
-        """``target``'s Session port over TCP, from its Status (for ``BlockingSession``):
-        PermissionDeniedError or RequestFailedError if it refuses to say,
-        ClusterUnavailableError if it cannot be asked."""
-        try:
-            return self._run(self._client._ask_session_port(target, timeout))
-        except grpc.aio.AioRpcError as exc:
-            code, details = exc.code(), one_line(exc.details() or exc.code().name.lower())
-            if code == grpc.StatusCode.PERMISSION_DENIED:
-                raise PermissionDeniedError(f"{target}: {details}") from None
-            if code == grpc.StatusCode.UNIMPLEMENTED:
-                raise RequestFailedError(not_raftfast(target, "Status"), code.name) from None
-            raise ClusterUnavailableError(f"{target}: {details}") from None
 
     def _call(self, op: Op, timeout: float | None) -> Any:
         """``op`` on the blocking connection if it is free and usable, else on the loop."""
@@ -239,6 +229,26 @@ class SyncClient:
 
     def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict[str, Any]:
         return self._run(self._client.remove_member(node_id, timeout=timeout))
+
+
+def _session_port(
+    client: Client, loop: asyncio.AbstractEventLoop, target: str, timeout: float
+) -> int:
+    """``target``'s Session port over TCP, from its Status asked on ``loop`` (for
+    ``BlockingSession``): PermissionDeniedError or RequestFailedError if it refuses to say,
+    ClusterUnavailableError if it cannot be asked."""
+    try:
+        call = client._ask_session_port(target, timeout)
+        return asyncio.run_coroutine_threadsafe(call, loop).result(timeout + 5)
+    except concurrent.futures.TimeoutError:  # (the loop is stopping: the client closes)
+        raise ClusterUnavailableError(f"{target}: no answer to Status") from None
+    except grpc.aio.AioRpcError as exc:
+        code, details = exc.code(), one_line(exc.details() or exc.code().name.lower())
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            raise PermissionDeniedError(f"{target}: {details}") from None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            raise RequestFailedError(not_raftfast(target, "Status"), code.name) from None
+        raise ClusterUnavailableError(f"{target}: {details}") from None
 
 
 def _shutdown(

@@ -6,6 +6,7 @@ thread."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from raftfast.client import Client
+from raftfast.client import Client, SyncClient
 from raftfast.client.blocking import BlockingSession, NoTcpSession
 from raftfast.client.calls import DELETE, GET, PUT
 from raftfast.client.session import Op
@@ -70,8 +71,9 @@ class FakePort:
         self.port = self.sock.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"  # (the "endpoint": its gRPC port is fake too)
         self.open: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        self.stopping = threading.Event()  # (answers that hold on end when it is set)
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
 
     def apply(self, frame: pb.SessionFrame) -> pb.SessionResult:
         op = frame.ops[0]
@@ -100,7 +102,8 @@ class FakePort:
                 return
             self.connections += 1
             self.open.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            self.threads.append(threading.Thread(target=self._serve, args=(conn,), daemon=True))
+            self.threads[-1].start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -118,12 +121,21 @@ class FakePort:
                 return
 
     def close(self) -> None:
+        """Stop, leaving no thread behind (tests/test_sync.py counts the process's threads)."""
+        self.stopping.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # (wakes the accept: Linux)
+        except OSError:
+            pass
         self.sock.close()
         for conn in self.open:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for thread in self.threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a fake port's thread is still running"
 
 
 def serve_all(port: FakePort, frame: pb.SessionFrame) -> list[pb.SessionResult]:
@@ -252,7 +264,7 @@ def test_a_stream_ended_for_want_of_a_role_raises_at_once(fakes) -> None:
 
 
 def test_a_silent_node_ends_in_the_deadline(fakes) -> None:
-    port = fakes(lambda port, frame: (time.sleep(30), None)[1])
+    port = fakes(lambda port, frame: (port.stopping.wait(30), None)[1])
     s = session(port, timeout=0.5)
     start = time.monotonic()
     with pytest.raises(DeadlineExceededError, match="deadline of 0.5s exceeded"):
@@ -289,7 +301,7 @@ def test_close_from_another_thread_ends_a_call_under_way(fakes) -> None:
 
     def hold(port: FakePort, frame: pb.SessionFrame) -> None:
         started.set()
-        time.sleep(30)
+        port.stopping.wait(30)
         return None
 
     s = session(fakes(hold), timeout=30)
@@ -331,7 +343,7 @@ def test_a_forked_child_neither_uses_nor_breaks_the_parents_connection(fakes) ->
 
 
 def test_a_leader_silent_until_the_deadline_is_left_for_the_next_call(fakes) -> None:
-    frozen = fakes(lambda port, frame: (time.sleep(30), None)[1])  # (takes, never answers)
+    frozen = fakes(lambda port, frame: (port.stopping.wait(30), None)[1])  # (takes, never answers)
     alive = fakes()
     s = session(frozen, alive, timeout=0.5)
     with pytest.raises(DeadlineExceededError):
@@ -365,6 +377,7 @@ def test_a_node_that_reads_slowly_does_not_hold_a_call_past_its_deadline() -> No
         stop.set()
         s.close()
         server.close()
+        reader.join(10)
 
 
 def test_no_tcp_session_carries_whether_the_write_may_be_out(fakes) -> None:
@@ -405,3 +418,12 @@ def test_a_frame_the_node_cannot_take_fails_at_once(fakes) -> None:
     with pytest.raises(InvalidArgumentError, match="too large"):
         s.call(Op(PUT, b"k", b"v"), None)
     assert time.monotonic() - started < 10
+
+
+def test_a_sync_client_dropped_unclosed_is_collected_with_its_thread() -> None:
+    client = SyncClient("127.0.0.1:1")
+    thread = client._thread
+    del client
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()  # (the finalizer ran: nothing it holds holds the client)
