@@ -25,14 +25,14 @@ from raftfast.transport import tcp
 
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-_MAX_RESULT_BYTES = 256 * 1024 * 1024  # an answer is at most a few MiB of values (the node)
+MAX_RESULT_BYTES = 256 * 1024 * 1024  # an answer is at most a few MiB of values (the node)
 
 
 class _Protocol(asyncio.Protocol):
     def __init__(self, call: TcpSessionCall) -> None:
         self.call = call
         self.records = tcp._Records()
-        self.records.limit = _MAX_RESULT_BYTES
+        self.records.limit = MAX_RESULT_BYTES
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp.tune(transport)

@@ -427,3 +427,38 @@ def test_a_sync_client_dropped_unclosed_is_collected_with_its_thread() -> None:
     gc.collect()
     thread.join(10)
     assert not thread.is_alive()  # (the finalizer ran: nothing it holds holds the client)
+
+
+def test_an_answer_claiming_4_gib_is_not_waited_for() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def huge_header() -> None:  # answers each connection's first frame with a 4 GiB header
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                read_record(conn)  # (the hello)
+                read_record(conn)
+                conn.sendall((2**32 - 1).to_bytes(4, "big") + b"\0" * 64)
+                stop.wait(0.5)
+
+    thread = threading.Thread(target=huge_header, daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    client = Client([address], timeout=1.0, backoff_base=0.005)
+    s = BlockingSession(client, lambda target, timeout: server.getsockname()[1])
+    started = time.monotonic()
+    try:
+        op = Op(PUT, b"k", b"v")
+        with pytest.raises(NoTcpSession):  # (twice no answer: the other way, with its id)
+            s.call(op, None)
+        assert time.monotonic() - started < 4 and op.sequence == 1
+    finally:
+        stop.set()
+        s.close()
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(10)
