@@ -27,10 +27,13 @@ How it talks to the cluster:
   only a window of recent sequences per client (``raftfast.dedup.DEDUP_WINDOW``), at most
   ``max_outstanding_writes`` sequences are unresolved at a time; further writes wait.
 * **Automatic pipelining.** ``put``, ``get``, ``delete`` and ``cas`` are queued; one sender task
-  drains the queue into ``SessionFrame`` messages of up to ``max_ops_per_frame`` operations on a
-  single bidirectional ``Session`` stream to the leader, and results are matched by
-  ``frame_id``. Many concurrent calls therefore travel as a few frames. When the stream fails,
-  every operation still in flight is retried on a new stream (writes with their sequences).
+  drains the queue into ``SessionFrame`` messages of up to ``max_ops_per_frame`` operations
+  and ``max_frame_bytes`` on a single bidirectional ``Session`` stream to the leader, and
+  results are matched by ``frame_id``. Many concurrent calls therefore travel as a few frames.
+  When the stream fails, every operation still in flight is retried on a new stream (writes
+  with their sequences). A frame of several ops that a node refuses as too big (its
+  ``--max-request-bytes`` is below ``max_frame_bytes``) goes again as frames of half its size,
+  and so on: an op too big for the node fails alone (``InvalidArgumentError``), at once.
   ``scan`` and ``status`` are unary calls.
 * **The stream's transport.** Where a node offers the Session stream over plain TCP (its
   ``Status`` names the port: ``--client-stream-port``), the client uses it (under the same TLS):

@@ -159,14 +159,29 @@ def op_error(code: int, error: str, target: str) -> RaftfastError:
     return RequestFailedError(f"{target}: {one_line(error or name)}", name)
 
 
-async def _refused_a_frame(call: Any) -> bool:
-    """The Session stream over TCP ended with INVALID_ARGUMENT: a frame the node could not
-    take (over gRPC such a frame's ops are refused one by one, in its answer)."""
-    return (
-        isinstance(call, TcpSessionCall)
-        and call.done()
-        and await call.code() == grpc.StatusCode.INVALID_ARGUMENT
-    )
+def frame_bytes(ops: Iterable[Op]) -> int:
+    """What a frame of ``ops`` counts against ``max_frame_bytes`` (the write loop's measure)."""
+    return sum(len(op.key) + len(op.value) + len(op.expected) + 16 for op in ops)
+
+
+async def _refused_frame(call: Any, unanswered: list[list[Op]]) -> int | None:
+    """Which of the unanswered frames (in the order sent) ended the stream by being too big
+    for the node, or None. Over TCP the node ends the stream with INVALID_ARGUMENT at such a
+    frame, having answered every frame before it and read none after: the first. Over gRPC,
+    gRPC itself ends the stream with RESOURCE_EXHAUSTED at a message above the node's limit
+    (its words: "Received message larger than max"), answers of earlier frames may be lost
+    with it: the biggest."""
+    if not unanswered or not call.done():
+        return None
+    code = await call.code()
+    if isinstance(call, TcpSessionCall):
+        return 0 if code == grpc.StatusCode.INVALID_ARGUMENT else None
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (
+        await call.details() or ""
+    ):
+        sizes = [frame_bytes(ops) for ops in unanswered]
+        return sizes.index(max(sizes))
+    return None
 
 
 class SessionStub:
@@ -239,6 +254,13 @@ class SessionMixin:
             self._pending.extend(live)
         self._wake_writer()
 
+    def _smaller_frames(self, ops: list[Op]) -> None:
+        """The node refused a frame of several ops as too big (its --max-request-bytes is
+        below our max_frame_bytes): from now on frames of at most half that size. The ops
+        go again (a refused frame runs none of them); halving each time, they end up one to a
+        frame, where an op too big for the node fails alone."""
+        self._max_bytes = max(1, min(self._max_bytes, frame_bytes(ops) // 2))
+
     def _window_open(self) -> bool:
         out = self._outstanding
         while out and out[0].fut is not None and out[0].fut.done():
@@ -273,15 +295,17 @@ class SessionMixin:
                 await asyncio.gather(writer, reader, restart, return_exceptions=True)
                 unanswered = [stream.inflight[fid] for fid in sorted(stream.inflight)]
                 stream.inflight.clear()
-                if unanswered and len(unanswered[0]) == 1 and await _refused_a_frame(call):
-                    # The node answered every frame before the one it could not take (too big:
-                    # an op over max_frame_bytes travels alone): that op fails; the node read no
-                    # frame after it, and they go again. (Several ops, when the node takes less
-                    # than max_frame_bytes: which one? They go again, until their deadline.)
-                    err = InvalidArgumentError(one_line(await call.details() or "invalid frame"))
-                    for op in unanswered.pop(0):
-                        if op.fut is not None and not op.fut.done():
-                            op.fut.set_exception(err)
+                refused = await _refused_frame(call, unanswered)
+                if refused is not None:
+                    ops = unanswered.pop(refused)
+                    if len(ops) == 1:  # (an op over max_frame_bytes travels alone)
+                        details = await call.details() or "too big for the node"
+                        err = InvalidArgumentError(f"{target}: {one_line(details)}")
+                        if ops[0].fut is not None and not ops[0].fut.done():
+                            ops[0].fut.set_exception(err)
+                    else:
+                        self._smaller_frames(ops)
+                        unanswered.insert(0, ops)
                 self._requeue([op for ops in unanswered for op in ops])
 
             if stream.reason is not None:
@@ -391,13 +415,13 @@ class SessionMixin:
         loop = self._loop
         call = stream.call
         max_ops = self._max_ops
-        max_bytes = self._max_bytes
         while True:
             while not pending:
                 wake.clear()
                 await wake.wait()
             if stream.reason is not None:
                 return None  # this stream is being replaced: send nothing more on it
+            max_bytes = self._max_bytes  # (a refused frame lowers it: _smaller_frames)
             self._frame_id += 1
             frame_id = self._frame_id
             frame = pb.SessionFrame(frame_id=frame_id, client_id=self._client_id)
@@ -411,7 +435,7 @@ class SessionMixin:
                 if op.fut is None or op.fut.done():
                     pending.popleft()
                     continue
-                size = len(op.key) + len(op.value) + len(op.expected) + 16
+                size = len(op.key) + len(op.value) + len(op.expected) + 16  # (frame_bytes, inline)
                 if batch and nbytes + size > max_bytes:
                     break
                 if op.kind != GET and op.sequence == 0:
@@ -488,7 +512,13 @@ class SessionMixin:
             return
         results = result.results
         if len(results) == 1 < len(ops) and results[0].code != CODE_OK:
-            results = [results[0]] * len(ops)  # (the node refused the frame as a whole)
+            # The node refused the frame as a whole. INVALID_ARGUMENT: too big for it (none
+            # of its ops is bad alone: each is checked on its own when it runs): smaller.
+            if results[0].code == CODE_INVALID_ARGUMENT:
+                self._smaller_frames(ops)
+                self._requeue(ops)
+                return
+            results = [results[0]] * len(ops)
         unavailable: list[Op] = []
         later: list[Op] = []
         first_error = ""

@@ -507,6 +507,31 @@ def test_a_frame_too_big_for_the_node_fails_at_once_in_either_client(tmp_path):
     run(tmp_path, test)
 
 
+@pytest.mark.parametrize("transport", ["auto", "grpc"])  # (auto: TCP here)
+def test_frames_bigger_than_the_node_takes_go_again_smaller(tmp_path, transport):
+    # A client's frames (up to 1 MiB by default) above a node's --max-request-bytes (64 KiB
+    # here): 2,000 small puts at once were refused as one frame: over TCP retried until the
+    # deadline (ClusterUnavailableError), over gRPC every put failed (InvalidArgumentError).
+    async def test(node: raftfast.Node) -> None:
+        loop = asyncio.get_running_loop()
+        async with Client(address(node), timeout=20, session_transport=transport) as c:
+            started = loop.time()
+            await asyncio.gather(*(c.put(b"s%d" % i, b"x" * 300) for i in range(2000)))
+            assert loop.time() - started < 15
+            assert c._max_bytes < MAX_REQUEST  # (it learned: later frames are smaller)
+            if transport == "grpc":  # over gRPC's own limit on a message: gRPC refuses it
+                started = loop.time()
+                with pytest.raises(InvalidArgumentError, match="larger than max"):
+                    await c.put(b"huge", bytes(tcp.MAX_RECORD_BYTES + 1))
+                assert loop.time() - started < 15
+        data = node._driver.app.fsm._data
+        assert all(data.get(b"s%d" % i) == b"x" * 300 for i in range(2000))
+        assert data.get(b"huge") is None
+        await serves(node)
+
+    run(tmp_path, test)
+
+
 def test_a_write_the_blocking_connection_may_have_sent_is_finished_under_its_id(tmp_path):
     # As when the leader offers no Session port after a follower took the frame and redirected:
     # the blocking connection gives the write up with its sequence; a Client with the
