@@ -101,5 +101,10 @@ class CommandError(RaftfastError):
     exception, or its ``query`` raised one. Its message is the state machine's."""
 
 
+class LockLostError(RaftfastError):
+    """A ``ReplLock.hold`` block lost its lock (its lease ran out, or another holder took it):
+    the block was cancelled."""
+
+
 class ChangeInProgressError(RaftfastError):
     """A membership change cannot start yet (one is uncommitted, or the leader is new); retry."""

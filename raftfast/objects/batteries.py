@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from raftfast.errors import RaftfastError
+from raftfast.errors import LockLostError, RaftfastError
 from raftfast.objects.replicated import readonly, replicated
 
 __all__ = ["ReplCounter", "ReplDict", "ReplLock"]
@@ -72,7 +73,8 @@ class ReplDict:
 
     @readonly
     def items(self) -> list:
-        return sorted(self.data.items(), key=repr)
+        """The pairs, in the order their keys were first set (the same on every node)."""
+        return list(self.data.items())
 
     def __getitem__(self, key: Any) -> Any:  # this node's copy
         return self.data[key]
@@ -90,7 +92,8 @@ class ReplLock:
     the cluster, the lease runs out and another can take the lock.
 
     Time comes with each command (the proposer's wall clock), so that applying stays the same
-    on every node: holders' clocks must agree to well within the lease.
+    on every node: holders' clocks must agree to well within the lease. A time that is not a
+    finite number is refused (NaN would make the lock nobody's yet nobody could take it).
     """
 
     def __init__(self, lease: float = 10.0) -> None:
@@ -105,6 +108,7 @@ class ReplLock:
         """Take the lock (or renew it) for ``holder`` if it is free, expired or already its."""
         if not isinstance(holder, str) or not holder:
             raise TypeError("a holder is a non-empty string")
+        _check_time(now)
         if self.holder in (None, holder) or now >= self.until:
             self.holder, self.until = holder, float(now) + self.lease
             return True
@@ -120,6 +124,7 @@ class ReplLock:
     @readonly
     def owner(self, now: float) -> str | None:
         """Who holds it at ``now`` (None: nobody, or the lease ran out)."""
+        _check_time(now)
         return self.holder if self.holder is not None and now < self.until else None
 
     def try_acquire(self, holder: str) -> Any:
@@ -129,24 +134,73 @@ class ReplLock:
     @contextlib.asynccontextmanager
     async def hold(self, holder: str, timeout: float = 30.0) -> AsyncIterator[None]:
         """``async with lock.hold("me"):`` take the lock (waiting up to ``timeout`` seconds),
-        renew it in the background while inside, release it on the way out."""
+        renew it in the background while inside, release it on the way out (asyncio nodes;
+        with ``SyncNode``, call ``try_acquire`` again within each lease, and ``release``).
+
+        A renewal that fails (no quorum for a moment) is tried again until the lease, as this
+        process last renewed it, runs out. If it runs out, or someone else took the lock, the
+        body is cancelled and ``LockLostError`` raised out of the ``async with``: code inside
+        never runs on without the lock held, unawares."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not await self.try_acquire(holder):
+        while True:
+            asked = loop.time()
+            if await self._acquired(holder):
+                break
             if loop.time() > deadline:
                 raise RaftfastError(f"the lock is held by someone else for {timeout:g}s")
             await asyncio.sleep(min(self.lease / 10, 0.5))
+        held_until = asked + self.lease  # (our lease ends then, at the latest: this clock)
+        body = asyncio.current_task()
+        lost: list[str] = []
 
         async def renew() -> None:
+            nonlocal held_until
             while True:
-                await asyncio.sleep(self.lease / 3)
-                await self.try_acquire(holder)
+                await asyncio.sleep(min(self.lease / 3, max(held_until - loop.time(), 0) / 2))
+                asked = loop.time()
+                try:
+                    if await self._acquired(holder):
+                        held_until = asked + self.lease
+                        continue
+                    lost.append("someone else holds it")
+                except RaftfastError as exc:
+                    if loop.time() < held_until:
+                        continue  # (again, sooner: the sleep is bounded by what is left)
+                    lost.append(f"its lease ran out: {exc}")
+                assert body is not None
+                body.cancel()
+                return
 
         renewing = asyncio.create_task(renew())
         try:
             yield
+        except asyncio.CancelledError:
+            if lost and body is not None and body.uncancel() == 0:
+                raise LockLostError(f"{holder!r} lost the lock: {lost[0]}") from None
+            raise
         finally:
             renewing.cancel()
             with contextlib.suppress(asyncio.CancelledError, RaftfastError):
                 await renewing
-            await self.release(holder)
+            if not lost:
+                await self.release(holder)
+
+    async def _acquired(self, holder: str) -> bool:
+        answer = self.try_acquire(holder)
+        if not hasattr(answer, "__await__"):
+            raise TypeError(
+                "ReplLock.hold is for asyncio nodes; with SyncNode, call try_acquire again "
+                "within each lease, and release"
+            )
+        return bool(await answer)
+
+
+def _check_time(now: Any) -> None:
+    try:
+        finite = not isinstance(now, bool) and math.isfinite(now)
+    except (TypeError, OverflowError):  # (not a number; an int past float's range)
+        finite = False
+    if not finite or not isinstance(now, int | float):
+        what = repr(now)[:40] if isinstance(now, float | str) else f"a {type(now).__name__}"
+        raise TypeError(f"a time is a finite number of seconds, not {what}")

@@ -1,30 +1,52 @@
-"""A small, safe binary encoding for the commands and results of replicated objects.
+"""A small, safe binary encoding for the commands, results and snapshots of replicated objects.
 
 Never pickle: a node decodes what anyone who reaches it sent. This decodes data, nothing else:
-None, booleans, integers (any size), floats, strings, bytes, lists, tuples and dicts (their keys
-of the same kinds, hashable). Anything else raises TypeError on encoding; malformed input,
-nesting deeper than ``MAX_DEPTH`` or lengths past the end raise ValueError on decoding.
+None, booleans, integers (any size), floats, strings, bytes, bytearrays, lists, tuples, dicts,
+sets, frozensets and defaultdicts whose default is one of ``DEFAULT_FACTORIES`` (keys and
+items of the same kinds, hashable where they must be). Each comes back as the very type it was.
+Anything else raises TypeError on encoding; malformed input, nesting deeper than the limit or
+lengths past the end raise ValueError on decoding.
+
+Subclasses of these (an ``IntEnum``, a ``namedtuple``, an ``OrderedDict``...) travel as their
+base type in a command or a result (the method gets the same value on every node). A snapshot
+must give back exactly what it was taken of, or a restored node would run the next command
+differently from the others: ``encode(..., exact=True)`` refuses them there.
+
+Commands and results nest at most ``MAX_DEPTH`` deep; a snapshot, which puts an object's state
+a few levels further in, at most ``MAX_STATE_DEPTH`` (a value a call may carry fits in state).
 
 Layout: a tag byte, then ``N`` (an unsigned LEB128 length or count) and the payload:
 ``n`` None, ``t``/``f`` booleans, ``i``/``I`` a non-negative/negative integer (N bytes of its
-magnitude, little-endian), ``d`` a float (8 bytes), ``s`` UTF-8 text, ``b`` bytes, ``l``/``u``
-a list/tuple (N items), ``m`` a dict (N key/value pairs).
+magnitude, little-endian), ``d`` a float (8 bytes), ``s`` UTF-8 text, ``b`` bytes, ``a`` a
+bytearray, ``l``/``u`` a list/tuple (N items), ``m`` a dict (N key/value pairs), ``e``/``z`` a
+set/frozenset (N items), ``D`` a defaultdict (its factory's name as a string item, then N
+key/value pairs).
 """
 
 from __future__ import annotations
 
 import struct
+from collections import defaultdict
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "decode", "encode"]
+__all__ = ["DEFAULT_FACTORIES", "MAX_DEPTH", "MAX_STATE_DEPTH", "decode", "encode"]
 
 MAX_DEPTH = 64
+MAX_STATE_DEPTH = 256  # (each level is a frame of Python's stack: well within its 1,000)
 _FLOAT = struct.Struct("<d")
+# A defaultdict's default, by name (a name, not code: nothing else is called on decoding).
+DEFAULT_FACTORIES: dict[str, Any] = {
+    f.__name__: f for f in (int, float, str, bytes, list, tuple, dict, set, frozenset, bool)
+}
+DEFAULT_FACTORIES["None"] = None
+_EXACT = (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset)
 
 
-def encode(value: Any) -> bytes:
+def encode(value: Any, *, exact: bool = False, max_depth: int = MAX_DEPTH) -> bytes:
+    """``value``'s bytes; ``exact``: refuse what would not come back as its very type (a
+    snapshot's rule)."""
     out = bytearray()
-    _encode(value, out, 0)
+    _encode(value, out, max_depth, exact)
     return bytes(out)
 
 
@@ -35,9 +57,27 @@ def _length(n: int, out: bytearray) -> None:
     out.append(n)
 
 
-def _encode(value: Any, out: bytearray, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise TypeError(f"nested deeper than {MAX_DEPTH}")
+def _encode(value: Any, out: bytearray, room: int, exact: bool) -> None:
+    """``room``: how many levels deeper containers may still go."""
+    if room < 0:
+        raise TypeError("nested deeper than allowed")
+    kind = type(value)
+    if kind is defaultdict:
+        factory = value.default_factory
+        name = "None" if factory is None else getattr(factory, "__name__", "")
+        if DEFAULT_FACTORIES.get(name, 0) is not factory:
+            raise TypeError(f"cannot encode a defaultdict of {factory!r} (only of builtins)")
+        out += b"D"
+        _length(len(value), out)
+        _encode(name, out, room - 1, exact)
+        for key, item in value.items():
+            _encode(key, out, room - 1, exact)
+            _encode(item, out, room - 1, exact)
+        return
+    if exact and kind not in _EXACT:
+        raise TypeError(
+            f"cannot keep a {kind.__name__} in a snapshot as it is (data only: see the docs)"
+        )
     if value is None:
         out += b"n"
     elif value is True:
@@ -53,33 +93,38 @@ def _encode(value: Any, out: bytearray, depth: int) -> None:
     elif isinstance(value, float):
         out += b"d" + _FLOAT.pack(value)
     elif isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
+        data = str.encode(value, "utf-8", "surrogatepass")
         out += b"s"
         _length(len(data), out)
         out += data
     elif isinstance(value, bytes | bytearray | memoryview):
         data = bytes(value)
-        out += b"b"
+        out += b"a" if kind is bytearray else b"b"
         _length(len(data), out)
         out += data
-    elif isinstance(value, list | tuple):
-        out += b"l" if isinstance(value, list) else b"u"
+    elif isinstance(value, list | tuple | set | frozenset):
+        if isinstance(value, list):
+            out += b"l"
+        elif isinstance(value, tuple):
+            out += b"u"
+        else:
+            out += b"e" if isinstance(value, set) else b"z"
         _length(len(value), out)
         for item in value:
-            _encode(item, out, depth + 1)
+            _encode(item, out, room - 1, exact)
     elif isinstance(value, dict):
         out += b"m"
         _length(len(value), out)
         for key, item in value.items():
-            _encode(key, out, depth + 1)
-            _encode(item, out, depth + 1)
+            _encode(key, out, room - 1, exact)
+            _encode(item, out, room - 1, exact)
     else:
-        raise TypeError(f"cannot encode a {type(value).__name__} (data only: see the docs)")
+        raise TypeError(f"cannot encode a {kind.__name__} (data only: see the docs)")
 
 
-def decode(data: bytes) -> Any:
+def decode(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     view = memoryview(bytes(data))
-    value, pos = _decode(view, 0, 0)
+    value, pos = _decode(view, 0, max_depth)
     if pos != len(view):
         raise ValueError(f"{len(view) - pos} bytes after the value")
     return value
@@ -106,9 +151,9 @@ def _take(view: memoryview, pos: int, n: int) -> tuple[memoryview, int]:
     return view[pos : pos + n], pos + n
 
 
-def _decode(view: memoryview, pos: int, depth: int) -> tuple[Any, int]:
-    if depth > MAX_DEPTH:
-        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+def _decode(view: memoryview, pos: int, room: int) -> tuple[Any, int]:
+    if room < 0:
+        raise ValueError("nested deeper than allowed")
     if pos >= len(view):
         raise ValueError("truncated")
     tag = view[pos]
@@ -122,7 +167,7 @@ def _decode(view: memoryview, pos: int, depth: int) -> tuple[Any, int]:
     if tag == ord("d"):
         raw, pos = _take(view, pos, 8)
         return _FLOAT.unpack(raw)[0], pos
-    if tag in (ord("i"), ord("I"), ord("s"), ord("b")):
+    if tag in (ord("i"), ord("I"), ord("s"), ord("b"), ord("a")):
         n, pos = _read_length(view, pos)
         raw, pos = _take(view, pos, n)
         if tag == ord("s"):
@@ -132,17 +177,24 @@ def _decode(view: memoryview, pos: int, depth: int) -> tuple[Any, int]:
                 raise ValueError(f"bad text: {exc}") from None
         if tag == ord("b"):
             return bytes(raw), pos
+        if tag == ord("a"):
+            return bytearray(raw), pos
         magnitude = int.from_bytes(raw, "little")
         return (magnitude if tag == ord("i") else -magnitude), pos
-    if tag in (ord("l"), ord("u"), ord("m")):
+    if tag in (ord("l"), ord("u"), ord("m"), ord("e"), ord("z"), ord("D")):
         count, pos = _read_length(view, pos)
         if count > len(view) - pos:  # every item takes a byte at least
             raise ValueError("a count past the end")
-        if tag == ord("m"):
+        if tag in (ord("m"), ord("D")):
             out: dict = {}
+            if tag == ord("D"):
+                name, pos = _decode(view, pos, room - 1)
+                if not isinstance(name, str) or name not in DEFAULT_FACTORIES:
+                    raise ValueError(f"a defaultdict of {name!r}: not a builtin")
+                out = defaultdict(DEFAULT_FACTORIES[name])
             for _ in range(count):
-                key, pos = _decode(view, pos, depth + 1)
-                value, pos = _decode(view, pos, depth + 1)
+                key, pos = _decode(view, pos, room - 1)
+                value, pos = _decode(view, pos, room - 1)
                 try:
                     out[key] = value
                 except TypeError:
@@ -150,7 +202,14 @@ def _decode(view: memoryview, pos: int, depth: int) -> tuple[Any, int]:
             return out, pos
         items = []
         for _ in range(count):
-            item, pos = _decode(view, pos, depth + 1)
+            item, pos = _decode(view, pos, room - 1)
             items.append(item)
-        return (items if tag == ord("l") else tuple(items)), pos
+        if tag == ord("l"):
+            return items, pos
+        if tag == ord("u"):
+            return tuple(items), pos
+        try:
+            return (set(items) if tag == ord("e") else frozenset(items)), pos
+        except TypeError:
+            raise ValueError("an unhashable item in a set") from None
     raise ValueError(f"unknown tag {tag:#x}")

@@ -25,21 +25,29 @@ A ``@replicated`` method called on an object of a started node proposes the call
 arguments) and returns its result once applied; every node applies it to its own copy, so the
 method must be deterministic and change only the object. With ``SyncNode`` the call blocks
 instead of returning an awaitable. ``@readonly`` methods answer linearizable reads through the
-leader. Inside a method, calls to other replicated methods run directly.
+leader. Inside a method, calls to other replicated methods run directly (inside a read, other
+reads only: a read changes nothing).
 
 Commands, results and snapshots use ``raftfast.objects.codec`` (data only: never pickle), so
-arguments, results and an object's state (its public attributes, or what ``__getstate__``
-returns) must be None, booleans, numbers, strings, bytes, lists, tuples or dicts of them.
+arguments, results and an object's state must be None, booleans, numbers, strings, bytes,
+bytearrays, lists, tuples, dicts, sets, frozensets or defaultdicts (of builtins) of them. An
+object's state is its ``__dict__``, every attribute, private ones too (PySyncObj's
+``self.__counter`` style), or what ``__getstate__`` returns (``__setstate__`` takes it back):
+keep anything that must stay local (a cache, a lock, a handle) out that way. A snapshot gives
+back exactly that state: the same types (no subclasses: an ``OrderedDict`` or an ``IntEnum``
+in state makes the snapshot fail, logged by the node, which goes on and tries again later),
+no attribute a command deleted.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from raftfast.errors import RaftfastError
-from raftfast.objects.codec import decode, encode
+from raftfast.objects.codec import MAX_STATE_DEPTH, decode, encode
 from raftfast.statemachine import StateMachine
 
 __all__ = ["Objects", "readonly", "replicated"]
@@ -68,8 +76,11 @@ class replicated:  # noqa: N801 - a decorator, named like one
 
     def _call(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
         objects: Objects | None = getattr(obj, _BOUND, None)
-        if objects is not None and objects.applying:
-            return self.fn(obj, *args, **kwargs)  # (called from an applying method)
+        running = objects.running.kind if objects is not None else None
+        if running == "write" or running == self.kind:
+            return self.fn(obj, *args, **kwargs)  # (called from a method this thread runs)
+        if running == "read":
+            raise RaftfastError(f"{type(obj).__name__}.{self.name}: a read cannot call a write")
         if objects is None or objects.send is None:
             raise RaftfastError(
                 f"{type(obj).__name__}.{self.name}: the object is not on a started node "
@@ -95,7 +106,10 @@ class Objects(StateMachine):
         for name, obj in named.items():
             self._add(name, obj)
         self.send: Callable[[str, list], Any] | None = None
-        self.applying = False
+        # What this thread runs now ("write": an apply, "read": a query; else None): calls
+        # from inside run directly. Per thread: with SyncNode, the node's thread applies while
+        # the user's threads call methods, which must be proposed.
+        self.running = _Running()
 
     def _add(self, name: str, obj: Any) -> None:
         if name in self.objects:
@@ -125,23 +139,30 @@ class Objects(StateMachine):
             method, obj, args, kwargs = self._method(command, "write")
         except ValueError as exc:
             return exc
-        self.applying = True
+        self.running.kind = "write"
         try:
             return encode(method.fn(obj, *args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - the proposer's error, the node goes on
             return exc
         finally:
-            self.applying = False
+            self.running.kind = None
 
     def query(self, request: bytes) -> bytes:
         method, obj, args, kwargs = self._method(request, "read")
-        return encode(method.fn(obj, *args, **kwargs))
+        self.running.kind = "read"
+        try:
+            return encode(method.fn(obj, *args, **kwargs))
+        finally:
+            self.running.kind = None
 
     def snapshot(self, out: BinaryIO) -> None:
-        out.write(encode({name: _state_of(obj) for name, obj in self.objects.items()}))
+        states = {name: _state_of(obj) for name, obj in self.objects.items()}
+        out.write(encode(states, exact=True, max_depth=MAX_STATE_DEPTH))
 
     def restore(self, inp: BinaryIO) -> None:
-        states = decode(inp.read())
+        states = decode(inp.read(), max_depth=MAX_STATE_DEPTH)
+        if not isinstance(states, dict):
+            raise ValueError("not a snapshot of replicated objects")
         for name, obj in self.objects.items():
             if name in states:
                 _set_state(obj, states[name])
@@ -166,6 +187,10 @@ class Objects(StateMachine):
         return method, obj, args, kwargs
 
 
+class _Running(threading.local):
+    kind: str | None = None
+
+
 async def _decoded(answer: Any) -> Any:
     return decode(await answer)
 
@@ -173,12 +198,17 @@ async def _decoded(answer: Any) -> Any:
 def _state_of(obj: Any) -> Any:
     if hasattr(obj, "__getstate__") and type(obj).__getstate__ is not object.__getstate__:
         return obj.__getstate__()
-    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+    return {k: v for k, v in vars(obj).items() if k not in (_BOUND, _NAME)}
 
 
 def _set_state(obj: Any, state: Any) -> None:
+    """``obj`` as it was when ``state`` was taken: no attribute more, none less."""
     if hasattr(obj, "__setstate__"):
         obj.__setstate__(state)
-    else:
-        for key, value in state.items():
-            setattr(obj, key, value)
+        return
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"not the state of a {type(obj).__name__}: {type(state).__name__}")
+    attributes = vars(obj)
+    for key in [k for k in attributes if k not in state and k not in (_BOUND, _NAME)]:
+        del attributes[key]
+    attributes.update(state)

@@ -33,6 +33,7 @@ from raftfast.errors import (
     ClusterUnavailableError,
     CommandError,
     DeadlineExceededError,
+    InvalidArgumentError,
     NotLeaderError,
     RaftfastError,
 )
@@ -41,6 +42,7 @@ from raftfast.limits import MAX_CLIENT_ID
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, channel_credentials
+from raftfast.server.machine_service import as_result_bytes
 from raftfast.server.settings import NodeSettings
 from raftfast.statemachine import StateMachine
 
@@ -151,9 +153,16 @@ class Node:
     # -- commands and queries --------------------------------------------------------------
 
     async def propose(self, command: bytes, *, timeout: float | None = None) -> Any:
-        """Apply ``command`` on every member, exactly once; the state machine's result (an
-        exception it returned is raised here). Any member may propose: a follower forwards to
-        the leader (then the result travels as bytes)."""
+        """Apply ``command`` on every member, exactly once; the state machine's result as
+        bytes (None as b"", a str as UTF-8; an exception it returned is raised here as
+        ``CommandError``), the same whichever member proposes: a follower forwards to the
+        leader, and results travel as bytes. A command over ``max_request_bytes`` is refused
+        (``InvalidArgumentError``), here as at any member."""
+        if len(command) > self.settings.max_request_bytes:
+            raise InvalidArgumentError(
+                f"a command of {len(command)} bytes; the limit is "
+                f"{self.settings.max_request_bytes} (max_request_bytes)"
+            )
         self._seq += 1
         framed = frame_command(self._client_id, self._seq, bytes(command))
         request = pb.ProposeRequest(
@@ -162,15 +171,12 @@ class Node:
 
         async def local() -> Any:
             (result,) = await self._running().propose([framed])
-            return result
+            return as_result_bytes(result)
 
         async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
             return (await stub.Propose(request, timeout=left)).result
 
-        result = await self._at_leader(local, remote, timeout)
-        if isinstance(result, BaseException):
-            raise CommandError(str(result) or type(result).__name__) from None
-        return result
+        return await self._at_leader(local, remote, timeout)
 
     async def query(
         self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None
@@ -235,9 +241,10 @@ class Node:
 
     def _query_here(self, request: bytes) -> Any:
         try:
-            return self._running().fsm.query(request)
+            result = self._running().fsm.query(request)
         except Exception as exc:  # noqa: BLE001 - the state machine's refusal, as remotely
             raise CommandError(f"{type(exc).__name__}: {exc}") from None
+        return as_result_bytes(result, applied=False)  # (as from any other member)
 
     def _running(self) -> Any:
         if self._driver is None or self._stopped:

@@ -45,7 +45,7 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
             result = self.node.fsm.query(request.request)
         except Exception as exc:  # noqa: BLE001 - the state machine's refusal, not ours
             raise CommandError(f"{type(exc).__name__}: {exc}") from None
-        return pb.QueryResponse(result=as_result_bytes(result))
+        return pb.QueryResponse(result=as_result_bytes(result, applied=False))
 
 
 class StatusOnly(Service, pb_grpc.KVServicer):
@@ -57,8 +57,9 @@ class StatusOnly(Service, pb_grpc.KVServicer):
         return self.node.status()
 
 
-def as_result_bytes(result: Any) -> bytes:
-    """A state machine's result as it travels; CommandError for an exception it returned."""
+def as_result_bytes(result: Any, applied: bool = True) -> bytes:
+    """A state machine's result as it travels; CommandError for an exception it returned
+    (``applied``: a command's result, not a query's)."""
     if isinstance(result, BaseException):
         raise CommandError(str(result) or type(result).__name__)
     if result is None:
@@ -67,4 +68,7 @@ def as_result_bytes(result: Any) -> bytes:
         return bytes(result)
     if isinstance(result, str):
         return result.encode()
-    raise CommandError(f"its result is a {type(result).__name__}, not bytes")
+    raise CommandError(
+        f"{'applied, but ' if applied else ''}its result is a {type(result).__name__}: a state "
+        "machine's results are bytes, str or None (they travel between members as bytes)"
+    )

@@ -107,6 +107,7 @@ class NodeMetrics:
         self.proposals_failed = 0  # of those, the ones that ended in an error
         self.snapshots_sent = 0
         self.snapshots_send_failed = 0
+        self.snapshots_refused = 0  # the state machine's snapshot raised
         self.snapshots_received = 0
         self.wal_sync = Histogram(LATENCY_BUCKETS)  # one WAL write + fdatasync (a Ready)
         self.snapshot_send = Histogram(SNAPSHOT_BUCKETS)
@@ -271,6 +272,12 @@ class _Collector:
         )
         yield histogram(
             "snapshot_send_seconds", "Streaming a snapshot to a follower.", m.snapshot_send
+        )
+        yield counter(
+            "snapshots_refused",
+            "Snapshots the state machine could not write (its state holds what it cannot "
+            "encode); the node keeps its log and tries again later.",
+            m.snapshots_refused,
         )
         yield counter(
             "snapshots_received", "Snapshots received in full from a leader.", m.snapshots_received

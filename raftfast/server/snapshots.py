@@ -17,13 +17,20 @@ import grpc
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
-from raftfast.errors import CorruptionError
+from raftfast.errors import CommandError, CorruptionError
 from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
 from raftfast.storage.snapshot import SnapshotMeta
 from raftfast.transport import tcp
 
 log = logging.getLogger("raftfast.node")
+
+SNAPSHOT_RETRY_S = 30.0  # after a state machine could not be snapshotted
+
+
+class SnapshotRefusedError(CommandError):
+    """The state machine's ``snapshot`` raised (its state holds what it cannot write): not a
+    disk failure. The node goes on with its log and tries again later."""
 
 
 class SnapshotMixin:
@@ -35,6 +42,7 @@ class SnapshotMixin:
     _incoming_snapshot: SnapshotMeta | None
     _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
     _compact_to: int  # a snapshot was taken here: the loop drops the log it covers
+    _snapshot_retry_at: float  # (time.monotonic) after a refused snapshot, not before
     metrics: NodeMetrics
 
     def _snapshot_due(self) -> bool:
@@ -44,9 +52,10 @@ class SnapshotMixin:
         not yet committed, does not make it snapshot again and again)."""
         behind = self.applied_index - self._snapshot_index
         grown = self.raw.log_bytes - self._log_bytes_kept
-        return behind >= self.settings.snapshot_entries or (
+        due = behind >= self.settings.snapshot_entries or (
             behind > 0 and grown >= self.settings.snapshot_log_bytes
         )
+        return due and time.monotonic() >= self._snapshot_retry_at
 
     async def backup_snapshot(self) -> tuple[SnapshotMeta, Iterator[bytes]]:
         """Leader only: a snapshot covering every write acknowledged before the call (a
@@ -69,6 +78,18 @@ class SnapshotMixin:
             async with self._snapshot_lock:
                 try:
                     await self._take_snapshot()
+                except SnapshotRefusedError as exc:
+                    # (every node would stop at the same point of the log, and again after
+                    # each restart: the state cannot be written, the node can go on)
+                    self._snapshot_retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+                    self.metrics.snapshots_refused += 1
+                    log.error(
+                        "node %s cannot take a snapshot; it goes on with its log and tries "
+                        "again in %gs: %s",
+                        self.id,
+                        SNAPSHOT_RETRY_S,
+                        exc,
+                    )
                 except Exception as exc:  # noqa: BLE001 - a failed disk: the node stops
                     self._fatal(exc)
 
@@ -89,7 +110,15 @@ class SnapshotMixin:
             freeze = getattr(self.fsm, "frozen", None)
             frozen = freeze() if freeze is not None else None
             if frozen is None:
-                self.fsm.snapshot(snapshot.out)  # (into the page cache; synced in the thread)
+                try:
+                    self.fsm.snapshot(snapshot.out)  # (into the page cache; synced in the thread)
+                except OSError:
+                    raise
+                except Exception as exc:
+                    raise SnapshotRefusedError(
+                        f"the state machine's snapshot failed at index {index}: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
 
             def write() -> SnapshotMeta:
                 if frozen is not None:

@@ -4,8 +4,13 @@ embedded nodes sharing a counter, a dict and a lock."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import enum
 import io
 import math
+import threading
+import time
+from collections import OrderedDict, defaultdict
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +18,9 @@ from hypothesis import strategies as st
 
 import raftfast
 from raftfast.errors import CommandError, RaftfastError
-from raftfast.objects.codec import MAX_DEPTH, decode, encode
+from raftfast.exactly_once import ExactlyOnce, frame_command
+from raftfast.objects.codec import MAX_DEPTH, MAX_STATE_DEPTH, decode, encode
+from raftfast.server import snapshots
 from raftfast.tools.localcluster import free_ports
 
 # -- the codec ------------------------------------------------------------------------------
@@ -60,7 +67,7 @@ def test_the_codec_decodes_anything_or_says_no(data, draw):
 
 
 def test_the_codec_refuses_what_is_not_data():
-    for bad in (object(), {1, 2}, print, io.BytesIO()):
+    for bad in (object(), print, io.BytesIO(), defaultdict(lambda: 0), {1: [object()]}):
         with pytest.raises(TypeError):
             encode(bad)
     deep: list = []
@@ -75,6 +82,36 @@ def test_the_codec_refuses_what_is_not_data():
     with pytest.raises(ValueError, match="unhashable"):
         decode(b"m\x01l\x00n")  # a list as a dict key
     assert math.isinf(decode(encode(float("inf"))))
+    with pytest.raises(ValueError, match="not a builtin"):
+        decode(b"D\x00s\x04exit")  # (a defaultdict's factory is a name among builtins)
+
+
+def test_the_codec_gives_back_the_very_types_and_a_snapshot_refuses_subclasses():
+    value = [
+        {1, 2}, frozenset({"a"}), bytearray(b"x"), defaultdict(int, a=1), defaultdict(None),
+        defaultdict(list, {(1, 2): [3]}), {"nested": defaultdict(set)},
+    ]  # fmt: skip
+    back = decode(encode(value, exact=True))
+    assert back == value and [type(v) for v in back] == [type(v) for v in value]
+    assert back[3].default_factory is int and back[5].default_factory is list
+    assert back[6]["nested"].default_factory is set
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    Point = collections.namedtuple("Point", "x y")
+    for subclass in (OrderedDict(a=1), Level.HIGH, Point(1, 2), collections.Counter("ab")):
+        assert decode(encode(subclass)) == subclass  # (an argument: its base type)
+        with pytest.raises(TypeError, match="snapshot"):
+            encode([subclass], exact=True)
+    # state nests deeper than a call may: a value a call carried fits a snapshot
+    deep: list = []
+    for _ in range(MAX_DEPTH):
+        deep = [deep]
+    state = {"obj": {"data": {"k": deep}}}
+    with pytest.raises(TypeError):
+        encode(state)
+    assert decode(encode(state, max_depth=MAX_STATE_DEPTH), max_depth=MAX_STATE_DEPTH) == state
 
 
 # -- Objects on its own ---------------------------------------------------------------------
@@ -106,6 +143,123 @@ def test_objects_apply_snapshot_and_restore():
         raftfast.ReplCounter().add(1)
     with pytest.raises(ValueError, match="two objects"):
         raftfast.Objects(raftfast.ReplCounter(), raftfast.ReplCounter())
+
+
+class Tally:
+    """PySyncObj style: private attributes, a defaultdict, a bytearray, an attribute that
+    comes and goes."""
+
+    def __init__(self) -> None:
+        self.__total = 0
+        self.hits: defaultdict[str, int] = defaultdict(int)
+        self.log = bytearray()
+        self.pending = True
+
+    @raftfast.replicated
+    def hit(self, name: str) -> int:
+        self.__total += 1
+        self.hits[name] += 1
+        self.log.extend(name.encode())
+        return self.__total
+
+    @raftfast.replicated
+    def finish(self) -> None:
+        del self.pending
+
+    @raftfast.readonly
+    def total(self) -> int:
+        return self.__total
+
+    @raftfast.readonly
+    def both(self) -> list:
+        return [self.total(), self.hits["a"]]  # (a read calling a read: run directly)
+
+    @raftfast.readonly
+    def sneaky(self) -> None:
+        self.hit("x")  # (a read calling a write: refused)
+
+    @raftfast.replicated
+    def remember(self, value: object) -> None:
+        self.kept = value
+
+
+def test_a_snapshot_gives_back_exactly_the_state():
+    tally = Tally()
+    objects = raftfast.Objects(tally)
+    for i, name in enumerate(["a", "b", "a"]):
+        assert decode(objects.apply(i + 1, encode(["Tally", "hit", [name], {}]))) == i + 1
+    assert decode(objects.apply(4, encode(["Tally", "finish", [], {}]))) is None
+    out = io.BytesIO()
+    objects.snapshot(out)
+    copy = Tally()  # (from __init__: pending is back, the total 0)
+    restored = raftfast.Objects(copy)
+    restored.restore(io.BytesIO(out.getvalue()))
+    assert vars(copy).keys() == vars(tally).keys() and not hasattr(copy, "pending")
+    assert copy._Tally__total == 3 and copy.hits == {"a": 2, "b": 1} and copy.log == b"aba"
+    assert type(copy.hits) is defaultdict and type(copy.log) is bytearray
+    assert decode(restored.apply(5, encode(["Tally", "hit", ["new"], {}]))) == 4
+    # reads: one calling another runs it; one calling a write is refused
+    assert decode(objects.query(encode(["Tally", "both", [], {}]))) == [3, 2]
+    with pytest.raises(RaftfastError, match="a read cannot call a write"):
+        objects.query(encode(["Tally", "sneaky", [], {}]))
+    # state a snapshot cannot give back as it is: the snapshot fails (the node goes on)
+    objects.apply(6, encode(["Tally", "remember", [1], {}]))
+    tally.kept = OrderedDict(a=1)
+    with pytest.raises(TypeError, match="OrderedDict"):
+        objects.snapshot(io.BytesIO())
+
+
+def test_only_the_applying_thread_runs_calls_directly():
+    tally = Tally()
+    objects = raftfast.Objects(tally)
+    sent: list = []
+    objects.send = lambda kind, call: sent.append((kind, call))
+    inside, release = threading.Event(), threading.Event()
+
+    class Slow:
+        @raftfast.replicated
+        def work(self) -> None:
+            inside.set()
+            release.wait(10)
+
+    slow = Slow()
+    objects._add("Slow", slow)
+    applying = threading.Thread(target=objects.apply, args=(1, encode(["Slow", "work", [], {}])))
+    applying.start()
+    assert inside.wait(10)
+    tally.hit("a")  # another thread while the node applies: proposed, not run here
+    release.set()
+    applying.join(10)
+    assert sent == [("write", ["Tally", "hit", ["a"], {}])] and tally.hits == {}
+
+
+def test_an_apply_that_raises_fails_its_command_only():
+    class Ledger(raftfast.StateMachine):
+        def __init__(self) -> None:
+            self.seen: list[bytes] = []
+
+        def apply(self, index: int, command: bytes) -> bytes:
+            if command == b"bad":
+                raise OverflowError("cannot convert float infinity to integer")
+            self.seen.append(command)
+            return command
+
+    class Plain:  # (the same methods, no StateMachine: no apply_batch of its own)
+        def __init__(self) -> None:
+            self.seen: list[bytes] = []
+
+        def apply(self, index: int, command: bytes) -> bytes:
+            if command == b"bad":
+                raise ValueError("no")
+            self.seen.append(command)
+            return command
+
+    for inner in (Ledger(), Plain()):
+        machine = ExactlyOnce(inner)
+        commands = [frame_command(7, i + 1, c) for i, c in enumerate([b"a", b"bad", b"b"])]
+        results = machine.apply_batch(1, commands)
+        assert results[0] == b"a" and results[2] == b"b" and isinstance(results[1], Exception)
+        assert inner.seen == [b"a", b"b"]
 
 
 # -- three embedded nodes -------------------------------------------------------------------
@@ -186,3 +340,77 @@ def test_replicated_calls_block_on_a_sync_node(tmp_path):
     ) as node:  # fmt: skip
         node.wait_for_leader()
         assert counter.add(3) == 3 and counter.add(4) == 7 and counter.get() == 7
+
+
+def test_a_node_whose_state_cannot_be_snapshotted_goes_on(tmp_path, monkeypatch):
+    # It stopped (a disk failure, as it was taken for), and again after every restart.
+    monkeypatch.setattr(snapshots, "SNAPSHOT_RETRY_S", 0.2)
+    [port] = free_ports(1)
+    tally, lock = Tally(), raftfast.ReplLock(1.0)
+
+    async def main() -> None:
+        node = raftfast.Node(
+            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
+            state_machine=raftfast.Objects(tally, lock=lock), tick_ms=20, snapshot_entries=5,
+            max_request_bytes=64 * 1024,
+        )  # fmt: skip
+        async with node:
+            await node.wait_for_leader()
+            await tally.remember([1, OrderedDict(a=1)])  # (an argument: a list and a dict)
+            tally.kept = [OrderedDict(a=1)]  # (kept as it is: no snapshot can give it back)
+            for name in "abcdefghij":
+                await tally.hit(name)
+            driver = node._driver
+            async with asyncio.timeout(20):
+                while driver.metrics.snapshots_refused < 2:  # (tried again, failed again)
+                    await tally.hit("z")
+            assert await tally.total() >= 10
+            await tally.remember(None)  # the state is data again: the next snapshot is taken
+            async with asyncio.timeout(20):
+                while driver._snapshot_index < driver.applied_index - 5:
+                    await tally.hit("y")
+            # a lock's time must be a number; a holder that loses the lock is told
+            with pytest.raises(CommandError, match="finite number"):
+                await lock.acquire("mallory", float("nan"))
+            with pytest.raises(raftfast.LockLostError, match="someone else"):
+                async with lock.hold("alice", timeout=5):
+                    assert await lock.release("alice")
+                    assert await lock.try_acquire("bob")
+                    await asyncio.sleep(10)  # (cancelled at alice's next renewal)
+            assert await lock.owner(time.time()) == "bob"
+            # one size limit, wherever the command is proposed
+            with pytest.raises(raftfast.InvalidArgumentError, match="limit"):
+                await node.propose(bytes(65 * 1024))
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_results_are_bytes_at_any_member(tmp_path):
+    # At the leader a proposer got the object apply returned, at a follower CommandError for
+    # the same (applied) command: one convention now, the follower's.
+    [port] = free_ports(1)
+
+    class Echo(raftfast.StateMachine):
+        def apply(self, index: int, command: bytes) -> object:
+            return {b"int": 1, b"none": None, b"str": "s"}.get(command, command)
+
+        def query(self, request: bytes) -> object:
+            return self.apply(0, request)
+
+        def snapshot(self, out) -> None:
+            pass
+
+        def restore(self, inp) -> None:
+            pass
+
+    with raftfast.SyncNode(
+        id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
+        state_machine=Echo(), tick_ms=20,
+    ) as node:  # fmt: skip
+        node.wait_for_leader()
+        assert node.propose(b"none") == b"" and node.propose(b"str") == b"s"
+        assert node.propose(b"raw") == b"raw" and node.query(b"str") == b"s"
+        with pytest.raises(CommandError, match="applied, but its result is a int"):
+            node.propose(b"int")
+        with pytest.raises(CommandError, match="its result is a int"):
+            node.query(b"int")

@@ -30,6 +30,7 @@ SERIES = {
     "raftfast_snapshots_sent": "counter",
     "raftfast_snapshot_send_failures": "counter",
     "raftfast_snapshot_send_seconds": "histogram",
+    "raftfast_snapshots_refused": "counter",
     "raftfast_snapshots_received": "counter",
     "raftfast_snapshot_receive_seconds": "histogram",
     "raftfast_request_seconds": "histogram",
