@@ -31,7 +31,7 @@ class Ledger(StateMachine):
         try:
             cmd = json.loads(command)
             op, amount = cmd["op"], int(cmd["amount"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:  # (Infinity)
             return ValueError(f"bad command: {exc}")  # returned: the proposer's error
         if amount <= 0:
             return ValueError("amounts are positive")
