@@ -97,7 +97,7 @@ from raftfast.errors import (
 from raftfast.limits import MAX_FRAME_OPS, check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.tls import TLSFiles, channel_credentials
-from raftfast.storage.backup import BackupInfo, BackupWriter
+from raftfast.storage.backup import BackupInfo, BackupWriter, backup_target
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -442,6 +442,8 @@ class Client(SessionMixin):
         covering every write acknowledged before the call and streams it here. Returns its
         ``index``, ``term``, ``size`` and ``crc32c``. ``raftfast-node --restore`` starts a new
         cluster from the file (docs/operations.md)."""
+
+        backup_target(path)  # (OSError before asking the leader for anything)
 
         async def consume(call: Any) -> BackupInfo:
             writer = BackupWriter(path)

@@ -654,6 +654,9 @@ def parse_settings(
     values.setdefault("listen", values["peers"][values["id"]])
     # (flags only: a config file must not repeat them at every start)
     values["force_new_cluster"] = args.force_new_cluster
+    if args.restore is not None and not args.restore.strip():
+        # (an unset $BACKUP: starting a new, empty cluster instead would be a surprise)
+        raise ConfigError("--restore needs a backup file, got an empty name")
     values["restore"] = args.restore or ""
     settings = NodeSettings(**values)
     try:

@@ -17,6 +17,9 @@ LOG_FORMATS = ("text", "json")
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 MIN_QUOTA_BYTES = 64 * 1024
 MAX_CLIENT_CONNECTIONS = 65536
+MAX_SETTING = 2**63 - 1  # any number a setting holds (what protobuf and the formats carry)
+MAX_TICK_MS = 10_000
+MAX_ELECTION_MS = 50_000  # etcd's bound on its election timeout
 
 
 @dataclass
@@ -127,6 +130,12 @@ class NodeSettings:
             raise ValueError(f"--read-mode must be one of {', '.join(READ_MODES)}")
         if self.tick_ms < 1 or not 1 <= self.heartbeat_ticks < self.election_ticks:
             raise ValueError("need tick_ms >= 1 and 1 <= heartbeat_ticks < election_ticks")
+        if self.tick_ms > MAX_TICK_MS or self.tick_ms * self.election_ticks > MAX_ELECTION_MS:
+            raise ValueError(
+                f"need tick_ms <= {MAX_TICK_MS} and an election timeout (tick_ms x "
+                f"election_ticks) of at most {MAX_ELECTION_MS} ms, got {self.tick_ms} x "
+                f"{self.election_ticks}"
+            )
         if self.snapshot_entries < 1 or self.snapshot_keep < 0 or self.snapshot_log_bytes < 1:
             raise ValueError(
                 "need snapshot_entries >= 1, snapshot_keep >= 0 and snapshot_log_bytes >= 1"
@@ -146,6 +155,10 @@ class NodeSettings:
         parse_retention(self.auto_compaction_mode, self.auto_compaction_retention)
         if self.quota_backend_bytes < MIN_QUOTA_BYTES:
             raise ValueError(f"--quota-backend-bytes must be at least {MIN_QUOTA_BYTES}")
+        for name, value in vars(self).items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SETTING:
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag} must be at most {MAX_SETTING}, got {value}")
         self._validate_security()
 
     def _validate_security(self) -> None:

@@ -9,7 +9,9 @@ disk never passes ``read_header``.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from typing import BinaryIO, NamedTuple
 
@@ -33,12 +35,27 @@ class BackupInfo(NamedTuple):
     crc: int
 
 
+def backup_target(path: str) -> str:
+    """The file a backup to ``path`` replaces: ``path``, or the file a symlink there names.
+    OSError (EINVAL) for anything else that is there (a FIFO, a device, /dev/stdout, a
+    directory): the backup is written beside it and renamed over it, which would replace a
+    device node with a plain file."""
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "it exists and is not a regular file (a backup is one)")
+    return target
+
+
 class BackupWriter:
     """Write a backup to ``path``: ``write`` the snapshot's bytes in order, then ``finish``
     (index and term as the snapshot's). Until then the file is a temporary one."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = path = backup_target(path)
         self._temp = f"{path}.{os.getpid()}.tmp"
         self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         self._size = 0

@@ -671,6 +671,14 @@ BAD = [
     ("toml stream port text", ["@toml", "peer_stream_port = 'x'"], "must be an integer"),
     ("no client connections", ["--max-client-connections", "0"], "must be in [1, 65536]"),
     ("2^64 client connections", ["--max-client-connections", str(2**64)], "must be in [1,"),
+    # (accepted, they left a node that never elected a leader or a status nobody could read)
+    ("2^63 tick", ["--tick-ms", str(2**63)], "need tick_ms <= 10000"),
+    ("2^64 election ticks", ["--election-ticks", str(2**64)], "election timeout"),
+    ("2^63 snapshot entries", ["--snapshot-entries", str(2**63)], "must be at most"),
+    ("a minute's tick", ["--tick-ms", "60000"], "need tick_ms <= 10000"),
+    ("toml election of hours", ["@toml", "tick_ms = 1000\nelection_ticks = 3600"], "at most 50000"),
+    ("2^64 quota", ["--quota-backend-bytes", str(2**64)], "--quota-backend-bytes must be at most"),
+    ("empty restore", ["--restore", ""], "--restore needs a backup file"),
 ]
 
 

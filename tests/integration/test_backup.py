@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def backup(tmp_path_factory) -> tuple[Path, dict[str, str]]:
             assert done.returncode == 0, done.stderr
             assert done.stdout.startswith(f"saved {path}: index "), done.stdout
             c.put("after-the-backup", "1")
+            # a symlink: the file it names gets the backup; anything else but a file is left
+            # alone (a FIFO, a device, /dev/stdout were replaced by a plain file)
+            (tmp / "link.backup").symlink_to(tmp / "real.backup")
+            at = ("--endpoints", old.addrs[leader], "snapshot", "save")
+            done = cli(*at, str(tmp / "link.backup"))
+            assert done.returncode == 0, done.stderr
+            assert (tmp / "link.backup").is_symlink() and (tmp / "real.backup").stat().st_size
+            os.mkfifo(tmp / "fifo")
+            done = cli(*at, str(tmp / "fifo"))
+            assert done.returncode == 5 and "not a regular file" in done.stderr, done.stderr
+            assert stat.S_ISFIFO(os.stat(tmp / "fifo").st_mode)
     assert not list(tmp.glob("*.tmp"))
     return path, data
 
