@@ -566,10 +566,12 @@ class Client(SessionMixin):
         reached: bool,
         what: str = "leader",
         target: str | None = None,
+        at: str | None = None,
     ) -> DeadlineExceededError:
+        """``at``: the one address asked (else the client's endpoints)."""
         if last_error is not None and not reached:
             return ClusterUnavailableError(
-                f"no {what} reachable at {','.join(self._endpoints)} within {total:g}s"
+                f"no {what} reachable at {at or ','.join(self._endpoints)} within {total:g}s"
                 f" (last error: {one_line(last_error)})"
             )
         where = f" waiting for {target}" if target else ""
@@ -605,7 +607,7 @@ class Client(SessionMixin):
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise self._timeout_error(total, last_error, False, what, target)
+                raise self._timeout_error(total, last_error, False, what, target, endpoint)
             rpc = getattr(self._stub(target, service), method)
             try:
                 call = rpc(request, timeout=remaining, metadata=self._metadata)
@@ -629,7 +631,7 @@ class Client(SessionMixin):
                     raise RequestFailedError(f"{target}: {details}", code.name) from None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED and loop.time() >= deadline - 1e-3:
                     raise self._timeout_error(
-                        total, last_error, last_error is None, what, target
+                        total, last_error, last_error is None, what, target, endpoint
                     ) from None
                 last_error = f"{target}: {details}"
                 if endpoint is None:

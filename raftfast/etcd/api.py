@@ -22,10 +22,11 @@ import hashlib
 import ipaddress
 import logging
 import random
+import re
 import socket
 import zlib
-from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from bisect import bisect_right
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "3.5.0"  # the etcd version whose API this serves (Status.version)
 MAX_TXN_OPS = 128  # per branch of a Txn (etcd's --max-txn-ops default)
+# In all, nested txns included (etcd has no such bound: 16 levels of 128 are 10^33; the request
+# size alone let 117,000 puts in, 0.8 s of checks on the leader's loop and as long to apply)
+MAX_TXN_TOTAL_OPS = 4096
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
 _OP_ETCD = bytes((OP_ETCD,))
 _RESOLVE_S = 2.0  # how long a MemberAdd waits for its URL's host (and members') to resolve
@@ -272,7 +276,10 @@ class EtcdAPI:
     async def _range(self, request: pb.RangeRequest) -> pb.RangeResponse:
         if not request.serializable:
             await self.driver.read_barrier("linearizable")
-        response = self.store.range(request)
+        response, records = self.store.range_records(request)
+        keys_only = request.keys_only
+        async for part in _parts(records):
+            response.kvs.extend([rec.to_pb(keys_only) for rec in part])
         response.header.CopyFrom(self.header())
         return response
 
@@ -458,9 +465,10 @@ class EtcdAPI:
             pb.AlarmRequest.DEACTIVATE,
         ):
             raise errors.invalid(f"unknown alarm action {request.action}")
-        if request.action != pb.AlarmRequest.GET:
-            # (only NOSPACE exists here; it is cleared through the quota, on the leader)
-            if request.alarm not in (pb.NONE, pb.NOSPACE):
+        if request.action != pb.AlarmRequest.GET and request.alarm != pb.NONE:
+            # (only NOSPACE exists here; it is cleared through the quota, on the leader. NONE
+            # names no alarm: etcd changes nothing, so neither do we.)
+            if request.alarm != pb.NOSPACE:
                 raise errors.invalid(f"alarm {request.alarm} is not one this node raises")
             quota = self.driver.quota
             if quota is None:
@@ -507,10 +515,13 @@ class EtcdAPI:
         store = self.store
         rev = request.revision if request.revision > 0 else store.revision
         store.check_revision(rev)
-        view = store.range(pb.RangeRequest(key=b"\x00", range_end=b"\x00", revision=rev))
+        _, records = store.range_records(
+            pb.RangeRequest(key=b"\x00", range_end=b"\x00", revision=rev)
+        )
         crc = 0
-        for kv in view.kvs:
-            crc = zlib.crc32(kv.SerializeToString(), crc)
+        async for part in _parts(records):
+            for rec in part:
+                crc = zlib.crc32(rec.to_pb().SerializeToString(), crc)
         return pb.HashKVResponse(
             header=self.header(), hash=crc, compact_revision=store.compact_revision
         )
@@ -540,6 +551,15 @@ class EtcdAPI:
 # -- helpers ----------------------------------------------------------------------------------
 
 
+async def _parts(records: list, size: int = 4096) -> AsyncIterator[list]:
+    """``records`` a part at a time, the loop let go between parts: 327,000 keys made into
+    messages at once held it ~1 s (the node missed its heartbeats: an election per read)."""
+    for start in range(0, len(records), size):
+        if start:
+            await asyncio.sleep(0)
+        yield records[start : start + size]
+
+
 def _check_put(r: pb.PutRequest) -> None:
     if not r.key:
         raise errors.EMPTY_KEY
@@ -549,13 +569,16 @@ def _check_put(r: pb.PutRequest) -> None:
         raise errors.LEASE_PROVIDED
 
 
-def _check_txn(r: pb.TxnRequest, depth: int) -> None:
+def _check_txn(r: pb.TxnRequest, depth: int) -> int:
+    """etcd's checks of a txn (``checkTxnReq``), nested ones included; how many compares and
+    operations it holds in all."""
     if depth >= MAX_TXN_DEPTH:
         raise errors.invalid(f"txn nested more than {MAX_TXN_DEPTH} levels deep")
     if len(r.compare) > MAX_TXN_OPS or len(r.success) > MAX_TXN_OPS:
         raise errors.TOO_MANY_OPS
     if len(r.failure) > MAX_TXN_OPS:
         raise errors.TOO_MANY_OPS
+    total = len(r.compare) + len(r.success) + len(r.failure)
     for c in r.compare:
         if not c.key:
             raise errors.EMPTY_KEY
@@ -573,24 +596,35 @@ def _check_txn(r: pb.TxnRequest, depth: int) -> None:
                 if not op.request_delete_range.key:
                     raise errors.EMPTY_KEY
             elif which == "request_txn":
-                _check_txn(op.request_txn, depth + 1)
-        _check_intervals(ops)
+                total += _check_txn(op.request_txn, depth + 1)
+                if total > MAX_TXN_TOTAL_OPS:  # (at once: the rest is not even looked at)
+                    raise errors.invalid(
+                        f"txn holds more than {MAX_TXN_TOTAL_OPS} compares and operations "
+                        "(nested txns included)"
+                    )
+            else:  # (an empty RequestOp)
+                raise errors.KEY_NOT_FOUND
+    if depth == 0:
+        _check_intervals(r.success)
+        _check_intervals(r.failure)
+    return total
 
 
 _COMPARE_RESULTS = frozenset(pb.Compare.CompareResult.values())
 _COMPARE_TARGETS = frozenset(pb.Compare.CompareTarget.values())
+_Interval = tuple[bytes, bytes | None]  # [lo, hi): a key range (hi None: to the end)
 
 
-def _writes_of(ops) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
+def _writes_of(ops) -> tuple[list[bytes], list[_Interval]]:
     """(keys put, ranges deleted) by ``ops``, nested txns' branches included."""
     puts: list[bytes] = []
-    deletes: list[tuple[bytes, bytes]] = []
+    deletes: list[_Interval] = []
     for op in ops:
         which = op.WhichOneof("request")
         if which == "request_put":
             puts.append(op.request_put.key)
         elif which == "request_delete_range":
-            deletes.append((op.request_delete_range.key, op.request_delete_range.range_end))
+            deletes.append(_deleted(op.request_delete_range))
         elif which == "request_txn":
             for branch in (op.request_txn.success, op.request_txn.failure):
                 p, d = _writes_of(branch)
@@ -599,22 +633,61 @@ def _writes_of(ops) -> tuple[list[bytes], list[tuple[bytes, bytes]]]:
     return puts, deletes
 
 
-def _check_intervals(ops) -> None:
-    """etcd refuses a txn branch that puts a key twice, or puts a key it also deletes."""
-    puts, deletes = _writes_of(ops)
-    if len(set(puts)) != len(puts):
-        raise errors.DUPLICATE_KEY
-    if not deletes:
-        return
-    # (by bisection: nested txns let a request hold ~10^5 puts and deletes, and comparing
-    # each with each kept the event loop busy for hours)
-    keys = sorted(puts)
-    for key, range_end in deletes:
-        bounds = range_of(key, range_end)
-        lo, hi = (key, key + b"\0") if bounds is None else bounds
-        i = bisect_left(keys, lo)
-        if i < len(keys) and (hi is None or keys[i] < hi):
-            raise errors.DUPLICATE_KEY
+def _deleted(r: pb.DeleteRangeRequest) -> _Interval:
+    bounds = range_of(r.key, r.range_end)
+    return (r.key, r.key + b"\0") if bounds is None else bounds
+
+
+def _check_intervals(ops) -> tuple[set[bytes], list[_Interval]]:
+    """etcd's ``checkIntervals``: a txn branch may not put a key twice, nor put a key it also
+    deletes, nested txns included (but the two branches of a nested txn may write the same
+    key: only one runs). Each level is looked at once (walking every subtree again at each
+    level kept the loop busy for 0.8 s on one 1.5 MB txn: elections)."""
+    dels = [_deleted(op.request_delete_range) for op in ops if op.HasField("request_delete_range")]
+    covers = _Covers(dels)
+    puts: set[bytes] = set()
+    for op in ops:
+        if not op.HasField("request_txn"):
+            continue
+        then_puts, then_dels = _check_intervals(op.request_txn.success)
+        else_puts, else_dels = _check_intervals(op.request_txn.failure)
+        for key in then_puts:
+            if key in puts or covers(key):
+                raise errors.DUPLICATE_KEY
+        puts |= then_puts
+        for key in else_puts:
+            if (key in puts and key not in then_puts) or covers(key):
+                raise errors.DUPLICATE_KEY
+        puts |= else_puts
+        if then_dels or else_dels:
+            dels += then_dels + else_dels
+            covers = _Covers(dels)
+    for op in ops:
+        if op.HasField("request_put"):
+            key = op.request_put.key
+            if key in puts or covers(key):
+                raise errors.DUPLICATE_KEY
+            puts.add(key)
+    return puts, dels
+
+
+class _Covers:
+    """Whether a key lies in any of some ranges: merged, then a bisection per key."""
+
+    def __init__(self, ranges: list[_Interval]) -> None:
+        merged: list[list] = []
+        for lo, hi in sorted(ranges, key=lambda r: r[0]):
+            if merged and (merged[-1][1] is None or lo <= merged[-1][1]):
+                last = merged[-1]
+                last[1] = None if hi is None or last[1] is None else max(last[1], hi)
+            else:
+                merged.append([lo, hi])
+        self._los = [lo for lo, _ in merged]
+        self._his = [hi for _, hi in merged]
+
+    def __call__(self, key: bytes) -> bool:
+        i = bisect_right(self._los, key) - 1
+        return i >= 0 and (self._his[i] is None or key < self._his[i])
 
 
 def _grows(request: Any) -> bool:
@@ -641,6 +714,9 @@ def _url(address: str) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?")
+
+
 def _address_of_url(url: str) -> str:
     try:
         parts = urlsplit(url)
@@ -651,6 +727,8 @@ def _address_of_url(url: str) -> str:
         raise errors.MEMBER_BAD_URLS
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise errors.MEMBER_BAD_URLS  # (etcd: a peer URL has no path; nor userinfo here)
+    if not _HOST.fullmatch(host):  # (a name or an IP address: not "%zz", which etcd refuses)
+        raise errors.MEMBER_BAD_URLS
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         check_node_id(address)

@@ -66,6 +66,7 @@ class Lessor:
         self.driver = api.driver
         self.expiry: dict[int, float] = {}  # lease id -> when it expires (the leader's clock)
         self._term = 0  # the term we lead in (0: not leading)
+        self._synced: tuple[object, int] | None = None  # (store, its lease_changes) synced to
         s = self.driver.settings
         # A lease shorter than an election or two could expire during a leader change
         # (etcd's minimum is 1.5 election timeouts, rounded up).
@@ -85,8 +86,13 @@ class Lessor:
                 self.expiry.clear()
                 self._term = 0
             return
+        store = self.api.store
+        synced = (store, store.lease_changes)
+        if self._term == raw.term and self._synced == synced:
+            return  # (nothing granted or revoked since: no walk over every lease per call)
+        self._synced = synced
         now = time.monotonic()
-        leases = self.api.store.leases
+        leases = store.leases
         if self._term != raw.term:
             # newly leader: every lease starts afresh (see the module docs)
             grace = self.driver.election_timeout_s

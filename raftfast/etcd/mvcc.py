@@ -201,6 +201,7 @@ class MVCCStore:
         self.compact_revision = 0
         self.kvs: SortedDict = SortedDict()  # key -> Record (live keys only)
         self.leases: dict[int, Lease] = {}
+        self.lease_changes = 0  # grants and revokes applied (the lessor syncs when it moves)
         self.size_bytes = 0  # keys and values of the live keys
         self.history_bytes = 0  # keys and values the history holds (approximately)
         # _history[i] holds the events of revision _history_base + i; the newest is ``revision``
@@ -222,7 +223,13 @@ class MVCCStore:
             if isinstance(request, pb.PutRequest):
                 return self._write(lambda: self._put(request), pb.PutResponse)
             if isinstance(request, pb.DeleteRangeRequest):
-                return self._write(lambda: self._delete(request), pb.DeleteRangeResponse)
+                # (its prev_kvs are an answer too: over gRPC's limit it could not be sent,
+                # and the keys would be gone with the client told it failed)
+                self._read_budget = MAX_TXN_READ_BYTES if request.prev_kv else None
+                try:
+                    return self._write(lambda: self._delete(request), pb.DeleteRangeResponse)
+                finally:
+                    self._read_budget = None
             if isinstance(request, pb.TxnRequest):
                 self._read_budget = MAX_TXN_READ_BYTES
                 try:
@@ -323,6 +330,7 @@ class MVCCStore:
         self._change(key, rec)
         response = pb.PutResponse()
         if r.prev_kv and prev is not None:
+            self._charge(_RECORD_COST + len(prev.key) + len(prev.value))
             response.prev_kv.CopyFrom(prev.to_pb())
         return response
 
@@ -334,6 +342,7 @@ class MVCCStore:
         for key in keys:
             prev = self._change(key, None)
             if r.prev_kv:
+                self._charge(_RECORD_COST + len(key) + len(prev.value))
                 response.prev_kvs.append(prev.to_pb())
         response.deleted = len(keys)
         return response
@@ -410,7 +419,8 @@ class MVCCStore:
         self._read_budget -= cost
         if self._read_budget < 0:
             raise errors.invalid(
-                f"txn reads too much (more than {MAX_TXN_READ_BYTES} bytes of answers)"
+                f"the answer would be too big (more than {MAX_TXN_READ_BYTES} bytes of values "
+                "read or prev_kv): nothing is written"
             )
 
     def _compare(self, c: pb.Compare) -> bool:
@@ -464,6 +474,7 @@ class MVCCStore:
         if r.TTL > MAX_LEASE_TTL:
             return errors.LEASE_TTL_TOO_LARGE
         self.leases[r.ID] = Lease(r.ID, max(r.TTL, 1))
+        self.lease_changes += 1
         return self._header(pb.LeaseGrantResponse(ID=r.ID, TTL=max(r.TTL, 1)))
 
     def _revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
@@ -473,6 +484,7 @@ class MVCCStore:
         for key in sorted(lease.keys):
             self._change(key, None)
         del self.leases[lease_id]
+        self.lease_changes += 1
         return pb.LeaseRevokeResponse()
 
     # -- compaction -------------------------------------------------------------------------
@@ -505,6 +517,16 @@ class MVCCStore:
 
     def range(self, r: pb.RangeRequest, in_txn: bool = False) -> pb.RangeResponse:
         """Answer a Range (raises EtcdError); header.revision is the store's revision."""
+        response, records = self.range_records(r, in_txn)
+        keys_only = r.keys_only
+        response.kvs.extend([rec.to_pb(keys_only) for rec in records])
+        return response
+
+    def range_records(
+        self, r: pb.RangeRequest, in_txn: bool = False
+    ) -> tuple[pb.RangeResponse, list[Record]]:
+        """A Range's answer but for its ``kvs``, and the records they are made of (immutable:
+        a caller may make them into messages later, a part at a time, as the store goes on)."""
         if not r.key:
             raise errors.EMPTY_KEY
         rev = r.revision
@@ -566,9 +588,8 @@ class MVCCStore:
                 _RECORD_COST * (looked_at + 1)
                 + sum(len(rec.key) + (0 if keys_only else len(rec.value)) for rec in out)
             )
-        response.kvs.extend([rec.to_pb(keys_only) for rec in out])
         response.header.revision = self.revision
-        return response
+        return response, out
 
     def _count(self, lo: bytes, hi: bytes | None) -> int:
         kvs = self.kvs

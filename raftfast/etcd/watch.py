@@ -146,6 +146,8 @@ class _Stream:
         if start < store.compact_revision:  # (etcd: minRev < compactRev)
             self.outbox.append(self._compacted(watch_id))
             return
+        if not r.key:
+            r.key = b"\0"  # (etcd: the smallest key; with range_end "\0", every key)
         self.watchers[watch_id] = _Watcher(watch_id, r, start)
         self.cost += _cost(r)
         self.budget.used += _cost(r)
@@ -184,11 +186,11 @@ class _Stream:
             return None
         request = pb.RangeRequest(key=w.key, range_end=w.range_end, revision=rev)
         try:
-            kvs = self.api.store.range(request).kvs
+            _, records = self.api.store.range_records(request)
         except EtcdError:
             return None
         events = [
-            mvccpb.Event(type=mvccpb.Event.PUT, kv=kv) for kv in kvs if kv.mod_revision == rev
+            mvccpb.Event(type=mvccpb.Event.PUT, kv=rec.to_pb()) for rec in records if rec.mod == rev
         ]
         if not events:
             return None

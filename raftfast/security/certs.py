@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
+MAX_DAYS = 365 * 1000  # (past year 9999 a date cannot be written)
+
+
 def _names(text: str, what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -79,6 +82,8 @@ def _clients(text: str) -> dict[str, str]:
         name, role = name.strip(), role.strip().lower()
         if not sep or not name or role not in ROLES:
             raise ValueError(f"--clients: {item!r} is not NAME=read|write|admin")
+        if name in out:  # (admin=admin,admin=read: which did they mean?)
+            raise ValueError(f"--clients: {name!r} appears twice")
         out[name] = role
     return out
 
@@ -180,8 +185,8 @@ def main(args: argparse.Namespace) -> int:
     if clash:
         raise ValueError(f"{sorted(clash)[0]!r} is both a node and a client: name them apart")
     hosts = _hosts(args.hosts)
-    if args.days < 1:
-        raise ValueError("--days must be positive")
+    if not 1 <= args.days <= MAX_DAYS:
+        raise ValueError(f"--days must be in [1, {MAX_DAYS}] (a certificate ends by 9999)")
     out = Path(args.dir)
     files: dict[str, bytes] = {}
     client_ca = _Issuer("raftfast client CA", args.days)

@@ -39,6 +39,15 @@ class TLSFiles:
         ca = read_pem(self.ca_file, "CA") if self.ca_file else None
         cert = read_pem(self.cert_file, "certificate") if self.cert_file else None
         key = read_pem(self.key_file, "key") if self.key_file else None
+        if cert is not None and key is not None:
+            # (gRPC itself only says it cannot listen, or a client waits out its deadline)
+            try:
+                ssl.create_default_context().load_cert_chain(self.cert_file, self.key_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"the key {self.key_file} does not go with the certificate "
+                    f"{self.cert_file}: {getattr(exc, 'reason', None) or exc}"
+                ) from None
         return ca, cert, key
 
     def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:

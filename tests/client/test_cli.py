@@ -117,6 +117,8 @@ def test_status_table_and_json(cluster, capsysbinary) -> None:
     assert lines[3].split()[:3] == ["n3", nodes_n3 := lines[3].split()[1], "unreachable"]
     assert nodes_n3.startswith("127.0.0.1:")
     assert "3 member(s), as seen by n2" in text and "MATCH" in text
+    # (the address asked, not the client's endpoints)
+    assert f"unreachable: n3 ({nodes_n3}): no node reachable at {nodes_n3} " in text, text
 
     code, out, _ = run_cli(capsysbinary, "--endpoints", laddr, "status", "--json")
     assert code == 0

@@ -60,6 +60,10 @@ def test_certs_refuses_what_it_cannot_make_and_never_overwrites(made, tmp_path):
         (("--nodes", "n1", "--clients", "x=root"), "read|write|admin"),
         (("--nodes", "n" * 65), "longer than 64"),
         (("--nodes", ""), "at least one"),
+        (("--nodes", "n1", "--clients", "app=write,app=admin"), "'app' appears twice"),
+        (("--nodes", "n1", "--days", "999999999"), "--days must be in"),  # (a traceback)
+        (("--nodes", "n1", "--days", str(2**64)), "--days must be in"),
+        (("--nodes", "n1", "--days", "0"), "--days must be in"),
     ]:
         done = certs(tmp_path, *args)
         lines = done.stderr.strip().splitlines()
@@ -96,6 +100,8 @@ def test_tls_flags_that_cannot_work_are_refused(made, tmp_path):
         ),
         (["--cert-file", str(tmp_path / "nope.crt"), "--key-file", key, *sep], "cannot read"),
         (["--cert-file", str(roles), "--key-file", key, *sep], "not PEM"),
+        # (gRPC said "cannot listen ... (address in use?)", exit 1: restarted for ever)
+        (["--cert-file", cert, "--key-file", str(made / "n2.key"), *sep], "does not go with"),
     ]:  # fmt: skip
         with pytest.raises(ConfigError, match=words):
             _settings(tmp_path, *extra)
