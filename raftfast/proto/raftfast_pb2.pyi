@@ -45,14 +45,16 @@ class RaftMessage(_message.Message):
     def __init__(self, type: _Optional[int] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., entries: _Optional[bytes] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., hint: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("cluster_id", "src", "messages")
+    __slots__ = ("cluster_id", "src", "messages", "incarnation")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     src: str
     messages: _containers.RepeatedCompositeFieldContainer[RaftMessage]
-    def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[RaftMessage, _Mapping]]] = ...) -> None: ...
+    incarnation: int
+    def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[RaftMessage, _Mapping]]] = ..., incarnation: _Optional[int] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("frames",)

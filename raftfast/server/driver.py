@@ -44,6 +44,7 @@ from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
 from raftfast.server.handlers import register
 from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
+from raftfast.server.incarnations import Incarnations
 from raftfast.server.membership import MembershipMixin
 from raftfast.server.metrics import MetricsServer, NodeMetrics, RequestTimer
 from raftfast.server.session_stream import SessionServer, server_context
@@ -218,6 +219,9 @@ class Driver(MembershipMixin, SnapshotMixin):
             s.fsync,
         )
         self._committed_members = set(self.raw.membership_at(self.applied_index).members())
+        self.incarnations = Incarnations(s.data_dir, fsync=s.fsync)
+        if s.force_new_cluster:  # (the others were removed: they come back anew)
+            self.incarnations.forget(list(self.incarnations.peers))
         self.transport = PeerTransport(
             s.id,
             s.cluster_id,
@@ -226,6 +230,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             self._on_refused,
             s.peer_stream,
             tls=s.peer_tls,
+            incarnation=self.incarnations.own,
         )
         admin = AdminService(self)
         joins = JoinService(self)
@@ -239,6 +244,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             join=joins.join,
             alarm=self.app.alarm_reported,
             forward=self.app.forwarded,
+            incarnations=self.incarnations.check,
         )
         peer_service.client_address = s.listen
         shared = s.peer_address == s.listen

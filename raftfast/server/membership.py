@@ -19,6 +19,7 @@ from raftfast.core.types import Role
 from raftfast.errors import ChangeInProgressError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.server.incarnations import Incarnations
 
 log = logging.getLogger("raftfast.node")
 
@@ -49,6 +50,7 @@ class MembershipMixin:
     removed: bool
     _committed_members: set[str]
     _removed_ids: dict[str, int]
+    incarnations: Incarnations
 
     def peer_address_of(self, node_id: str) -> str | None:
         """Where ``node_id`` serves peers (its address in the configuration)."""
@@ -281,6 +283,8 @@ class MembershipMixin:
         members = set(membership.members())
         for gone in self._committed_members - members:
             self._removed_ids[gone] = index
+        # (a removed id may come back anew; one added is new: what we knew of it is gone)
+        self.incarnations.forget(self._committed_members ^ members)
         for back in members & self._removed_ids.keys():
             del self._removed_ids[back]
         self._committed_members = members

@@ -20,7 +20,7 @@ from raftfast.storage.wal import WAL
 
 __all__ = ["restore_backup", "data_dir_contents"]
 
-_NODE_FILES = ("node.json", "wal", "snap")
+_NODE_FILES = ("node.json", "incarnations.json", "wal", "snap")
 
 
 def data_dir_contents(data_dir: str) -> list[str]:

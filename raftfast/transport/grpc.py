@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
@@ -82,6 +83,8 @@ def _code(status: grpc.StatusCode) -> int:
 
 
 NOT_A_MEMBER = "is not (or no longer) a member of this cluster"
+NEW_DATA_DIRECTORY = "speaks from a new data directory"  # (raftfast/server/incarnations.py)
+_REFUSAL_LOG_S = 60.0  # a refusal we cannot mend by retrying: logged once a minute a peer
 
 
 class PeerTransport:
@@ -99,11 +102,13 @@ class PeerTransport:
         on_refused: Callable[[str, int], None] | None = None,
         stream: str = "tcp",
         tls: TLSFiles | None = None,
+        incarnation: int = 0,
     ) -> None:
         if stream not in PEER_STREAMS:
             raise ValueError(f"stream must be one of {', '.join(PEER_STREAMS)}, not {stream!r}")
         self.node_id = node_id
         self.cluster_id = cluster_id
+        self.incarnation = incarnation  # our data directory's (raftfast/server/incarnations.py)
         self.stream_kind = stream
         self.on_unreachable = on_unreachable
         self.on_refused = on_refused
@@ -114,6 +119,7 @@ class PeerTransport:
         self._closed = False
         self._credentials = channel_credentials(tls) if tls else None
         self._ssl = tls.client_context() if tls else None
+        self._refusals_logged: dict[str, float] = {}
 
     def start(self) -> None:
         self._started = True
@@ -204,7 +210,7 @@ class PeerTransport:
             stream = peer.stream
             for batch in self._take_batches(peer):
                 if stream is None or not stream.write(
-                    frame_pieces(self.cluster_id, self.node_id, batch)
+                    frame_pieces(self.cluster_id, self.node_id, batch, self.incarnation)
                 ):
                     log.debug(
                         "dropped %d messages for %s (stream closed or backed up)",
@@ -280,7 +286,9 @@ class PeerTransport:
     async def _send_vote(self, peer: _Peer, m: Message) -> None:
         try:
             stub = pb_grpc.PeerStub(peer.channel)
-            await stub.RequestVote(frame(self.cluster_id, self.node_id, [m]), timeout=2.0)
+            await stub.RequestVote(
+                frame(self.cluster_id, self.node_id, [m], self.incarnation), timeout=2.0
+            )
         except grpc.RpcError as exc:
             log.debug("vote request to %s failed: %s", peer.id, exc.code())
             self._check_refused_rpc(peer, exc)
@@ -289,6 +297,11 @@ class PeerTransport:
         self, peer: _Peer, code: grpc.StatusCode | None, details: str | None, removed_at: int
     ) -> None:
         """A peer refused us: if because our id was removed, say so (with the index)."""
+        if code == grpc.StatusCode.FAILED_PRECONDITION and NEW_DATA_DIRECTORY in (details or ""):
+            now = time.monotonic()
+            if now - self._refusals_logged.get(peer.id, -_REFUSAL_LOG_S) >= _REFUSAL_LOG_S:
+                self._refusals_logged[peer.id] = now
+                log.error("%s refuses this node: %s", peer.id, details)
         if (
             self.on_refused is not None
             and code == grpc.StatusCode.PERMISSION_DENIED
@@ -317,7 +330,7 @@ class PeerTransport:
             await peer.wake.wait()
             peer.wake.clear()
             for batch in self._take_batches(peer):
-                yield frame(self.cluster_id, self.node_id, batch)
+                yield frame(self.cluster_id, self.node_id, batch, self.incarnation)
 
     async def _tcp_address(self, peer: _Peer, stub: pb_grpc.PeerStub) -> tuple[str, int] | None:
         """Where the peer takes the TCP replication stream, or None for the gRPC stream (and,
@@ -341,7 +354,7 @@ class PeerTransport:
         try:
             stream = await tcp.connect(host, port, timeout=2.0, ssl=self._ssl)
             # The first frame names us: until it has, the receiver takes only small records.
-            stream.write(frame_pieces(self.cluster_id, self.node_id, []))
+            stream.write(frame_pieces(self.cluster_id, self.node_id, [], self.incarnation))
         except (TimeoutError, OSError) as exc:
             # Reachable over gRPC but not on the stream port (a firewall, a port forward of
             # the gRPC port only): replicate over gRPC rather than not at all.
@@ -427,6 +440,7 @@ class PeerService(pb_grpc.PeerServicer):
         join: Callable[[pb.JoinRequest, grpc.aio.ServicerContext], Awaitable[Any]] | None = None,
         alarm: Callable[[str, str], str | None] | None = None,
         forward: Callable[[str, bytes], Awaitable[tuple[bytes, int]]] | None = None,
+        incarnations: Callable[[str, int], str | None] | None = None,
     ):
         """``members`` says whose traffic we take: a set of ids, or a predicate (membership
         changes; a node takes traffic from ids it does not know yet, since a member added
@@ -437,8 +451,10 @@ class PeerService(pb_grpc.PeerServicer):
         be the common name of its certificate. ``join(request, context)`` serves ``Join``;
         ``alarm(src, why)`` takes a member's NOSPACE report (why it is refused, or None);
         ``forward(method, request)`` answers a client request a member hands us (the etcd
-        API's: raises an EtcdError for its status)."""
+        API's: raises an EtcdError for its status). ``incarnations(src, incarnation)`` says
+        why a member speaking from another data directory than before is refused (or None)."""
         self.cluster_id = cluster_id
+        self.incarnations = incarnations
         self.accepts = members if callable(members) else members.__contains__
         self.removed_at = removed_at  # index of the committed removal of a refused id (or 0)
         self.deliver = deliver
@@ -466,6 +482,10 @@ class PeerService(pb_grpc.PeerServicer):
                 f"node id {f.src!r} {NOT_A_MEMBER}{where}",
                 removed_at=index,
             )
+        if self.incarnations is not None:
+            why = self.incarnations(f.src, f.incarnation)
+            if why is not None:
+                raise tcp.Refused(_code(grpc.StatusCode.FAILED_PRECONDITION), why)
         invalid = _code(grpc.StatusCode.INVALID_ARGUMENT)
         try:
             msgs = [message_from_pb(p) for p in f.messages]
