@@ -278,8 +278,11 @@ class EtcdAPI:
             await self.driver.read_barrier("linearizable")
         response, records = self.store.range_records(request)
         keys_only = request.keys_only
-        async for part in _parts(records):
-            response.kvs.extend([rec.to_pb(keys_only) for rec in part])
+        if len(records) <= _PART:  # (the usual: no async generator for a key or a few)
+            response.kvs.extend([rec.to_pb(keys_only) for rec in records])
+        else:
+            async for part in _parts(records):
+                response.kvs.extend([rec.to_pb(keys_only) for rec in part])
         response.header.CopyFrom(self.header())
         return response
 
@@ -551,7 +554,10 @@ class EtcdAPI:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-async def _parts(records: list, size: int = 4096) -> AsyncIterator[list]:
+_PART = 4096
+
+
+async def _parts(records: list, size: int = _PART) -> AsyncIterator[list]:
     """``records`` a part at a time, the loop let go between parts: 327,000 keys made into
     messages at once held it ~1 s (the node missed its heartbeats: an election per read)."""
     for start in range(0, len(records), size):
