@@ -449,10 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- sources
 
 
+_MAX_CONFIG_BYTES = 1024 * 1024  # (a config of --config /dev/zero was read until memory ran out)
+
+
 def _from_toml(path: str) -> dict[str, tuple[Any, str]]:
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            text = fh.read(_MAX_CONFIG_BYTES + 1)
+        if len(text) > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {_MAX_CONFIG_BYTES} bytes")
+        data = tomllib.loads(text.decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
