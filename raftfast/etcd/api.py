@@ -277,13 +277,16 @@ class EtcdAPI:
         if not request.serializable:
             await self.driver.read_barrier("linearizable")
         response, records = self.store.range_records(request)
+        # (the revision read, not the store's after the parts below: a client lists, then
+        # watches from header.revision + 1, and would miss writes made meanwhile)
+        header = self.header(response.header.revision)
         keys_only = request.keys_only
         if len(records) <= _PART:  # (the usual: no async generator for a key or a few)
             response.kvs.extend([rec.to_pb(keys_only) for rec in records])
         else:
             async for part in _parts(records):
                 response.kvs.extend([rec.to_pb(keys_only) for rec in part])
-        response.header.CopyFrom(self.header())
+        response.header.CopyFrom(header)
         return response
 
     async def write(self, request: Any) -> Any:
@@ -521,13 +524,12 @@ class EtcdAPI:
         _, records = store.range_records(
             pb.RangeRequest(key=b"\x00", range_end=b"\x00", revision=rev)
         )
+        header, compacted = self.header(), store.compact_revision  # (as of the records)
         crc = 0
         async for part in _parts(records):
             for rec in part:
                 crc = zlib.crc32(rec.to_pb().SerializeToString(), crc)
-        return pb.HashKVResponse(
-            header=self.header(), hash=crc, compact_revision=store.compact_revision
-        )
+        return pb.HashKVResponse(header=header, hash=crc, compact_revision=compacted)
 
     async def _hash(self, request: pb.HashRequest) -> pb.HashResponse:
         """etcd hashes its database file; there is none here: the hash of the keyspace at the

@@ -160,14 +160,17 @@ class ReplLock:
                 await asyncio.sleep(min(self.lease / 3, max(held_until - loop.time(), 0) / 2))
                 asked = loop.time()
                 try:
-                    if await self._acquired(holder):
+                    # (a renewal that hangs, as a proposal does without a quorum, may not keep
+                    # the body running past the lease it knows of)
+                    left = max(held_until - asked, 0.0)
+                    if await asyncio.wait_for(self._acquired(holder), left):
                         held_until = asked + self.lease
                         continue
                     lost.append("someone else holds it")
-                except RaftfastError as exc:
+                except (RaftfastError, TimeoutError) as exc:
                     if loop.time() < held_until:
                         continue  # (again, sooner: the sleep is bounded by what is left)
-                    lost.append(f"its lease ran out: {exc}")
+                    lost.append(f"its lease ran out: {str(exc) or 'no renewal in time'}")
                 assert body is not None
                 body.cancel()
                 return

@@ -221,7 +221,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._committed_members = set(self.raw.membership_at(self.applied_index).members())
         self.incarnations = Incarnations(s.data_dir, fsync=s.fsync)
         if s.force_new_cluster:  # (the others were removed: they come back anew)
-            self.incarnations.forget(list(self.incarnations.peers))
+            self.incarnations.forget_all()
         self.transport = PeerTransport(
             s.id,
             s.cluster_id,

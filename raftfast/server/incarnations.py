@@ -13,8 +13,12 @@ carries the sender's (``pb.Frame.incarnation``). A node remembers the incarnatio
 it has heard from (in ``incarnations.json``, next to the log, written before the first frame is
 taken) and refuses frames of a member that comes back with another one: FAILED_PRECONDITION,
 and an error in its log saying what to do (remove the member, add it back, start it with
-``--join``). Removing a member forgets its incarnation, so that the id can be used again.
-Frames without one (a raftfast from before this) are taken, as before.
+``--join``). Removing or adding a member forgets its incarnation, so that the id can be used
+again: once, when that configuration is first applied (``through``, kept in the file, is the
+newest configuration index done: a restart re-applies its log, and forgetting again then would
+let a wiped member that joined since back in). A snapshot from the leader may hide a removal and
+a re-addition of the same id: installing one newer than ``through`` forgets every peer (each is
+heard again at once). Frames without one (a raftfast from before this) are taken, as before.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ class Incarnations:
         self._fsync = fsync
         self._logged: dict[str, float] = {}
         self.peers: dict[str, int] = {}
+        self.through = 0  # the newest configuration index whose changes were applied here
         if os.path.exists(self.path):
-            self.own, self.peers = self._load()
+            self.own, self.peers, self.through = self._load()
         else:
             # A new directory (or a log from before incarnations: nobody knows ours yet). Not
             # "whenever the log is empty": a node that only ever pre-voted was heard already.
@@ -62,7 +67,11 @@ class Incarnations:
             return None
         if known is None:
             self.peers[src] = incarnation
-            self._save()
+            try:
+                self._save()
+            except OSError as exc:  # (not taken before it is written down)
+                del self.peers[src]
+                return f"cannot record the incarnation of {src}: {exc.strerror or exc}"
             return None
         why = (
             f"{src} {NEW_DATA_DIRECTORY} (incarnation {incarnation:x}, known as "
@@ -76,21 +85,37 @@ class Incarnations:
             log.error("refusing %s", why)
         return why
 
-    def forget(self, ids: Iterable[str]) -> None:
-        """Forget these peers (removed members: their ids may come back, anew)."""
-        gone = [nid for nid in ids if nid in self.peers]
-        if gone:
-            for nid in gone:
-                del self.peers[nid]
+    def configuration(self, index: int, changed: Iterable[str]) -> None:
+        """The configuration at ``index`` was applied; ``changed``: the ids it removed or added
+        (they may come back anew). Nothing, if it was applied here before (a restart)."""
+        if index <= self.through:
+            return
+        for nid in changed:
+            self.peers.pop(nid, None)
+        self.through = index
+        self._save()
+
+    def snapshot_installed(self, index: int) -> None:
+        """A snapshot up to ``index`` from the leader replaced our state (and the
+        configurations in it, which we never applied one by one)."""
+        if index > self.through:
+            self.peers.clear()
+            self.through = index
             self._save()
 
-    def _load(self) -> tuple[int, dict[str, int]]:
+    def forget_all(self) -> None:
+        self.peers.clear()
+        self._save()
+
+    def _load(self) -> tuple[int, dict[str, int], int]:
         try:
             with open(self.path, "rb") as f:
                 data = json.loads(f.read())
-            own, peers = data["own"], data["peers"]
+            own, peers, through = data["own"], data["peers"], data.get("through", 0)
             if not (isinstance(own, int) and 0 < own < 2**63 and isinstance(peers, dict)):
                 raise ValueError("bad values")
+            if not (isinstance(through, int) and 0 <= through < 2**64):
+                raise ValueError("bad through")
             if not all(isinstance(v, int) and 0 < v < 2**64 for v in peers.values()):
                 raise ValueError("bad peer values")
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -100,11 +125,12 @@ class Incarnations:
                 self.path,
                 0,
             ) from None
-        return own, {str(k): v for k, v in peers.items()}
+        return own, {str(k): v for k, v in peers.items()}, through
 
     def _save(self) -> None:
         """Written whole to a temporary file, synced, renamed over the old one."""
-        data = json.dumps({"own": self.own, "peers": self.peers}, sort_keys=True).encode()
+        state = {"own": self.own, "peers": self.peers, "through": self.through}
+        data = json.dumps(state, sort_keys=True).encode()
         temp = f"{self.path}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:

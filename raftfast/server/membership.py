@@ -284,7 +284,7 @@ class MembershipMixin:
         for gone in self._committed_members - members:
             self._removed_ids[gone] = index
         # (a removed id may come back anew; one added is new: what we knew of it is gone)
-        self.incarnations.forget(self._committed_members ^ members)
+        self.incarnations.configuration(index, self._committed_members ^ members)
         for back in members & self._removed_ids.keys():
             del self._removed_ids[back]
         self._committed_members = members

@@ -18,6 +18,7 @@ import grpc
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
 from raftfast.errors import CommandError, CorruptionError
+from raftfast.server.incarnations import Incarnations
 from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
 from raftfast.storage.snapshot import SnapshotMeta
@@ -43,6 +44,8 @@ class SnapshotMixin:
     _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
     _compact_to: int  # a snapshot was taken here: the loop drops the log it covers
     _snapshot_retry_at: float  # (time.monotonic) after a refused snapshot, not before
+    _committed_members: set[str]
+    incarnations: Incarnations
     metrics: NodeMetrics
 
     def _snapshot_due(self) -> bool:
@@ -173,7 +176,9 @@ class SnapshotMixin:
         # The log restarts after the snapshot before the state machine jumps to it: a crash in
         # between restarts from the (durable) snapshot file with a consistent log.
         await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
-        self._restore(snap)
+        membership = self._restore(snap)
+        self._committed_members = set(membership.members())
+        self.incarnations.snapshot_installed(snap.index)
         self._incoming_snapshot = None
         log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
 

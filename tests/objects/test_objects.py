@@ -414,3 +414,29 @@ def test_results_are_bytes_at_any_member(tmp_path):
             node.propose(b"int")
         with pytest.raises(CommandError, match="its result is a int"):
             node.query(b"int")
+
+
+def test_a_hold_whose_renewal_hangs_ends_at_the_lease():
+    # A renewal's proposal waits out its deadline without a quorum: the body ran on 4 s under a
+    # 1 s lease (another holder may have had the lock meanwhile).
+    class Hanging(raftfast.ReplLock):
+        calls = 0
+
+        async def _acquired(self, holder: str) -> bool:
+            Hanging.calls += 1
+            if Hanging.calls > 1:
+                await asyncio.sleep(30)
+            return True
+
+        async def release(self, holder: str) -> bool:  # (not on a node here)
+            return True
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(raftfast.LockLostError, match="lease ran out"):
+            async with Hanging(lease=1.0).hold("me"):
+                await asyncio.sleep(30)
+        return loop.time() - started
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) < 10  # (about the 1 s lease)
