@@ -244,7 +244,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             join=joins.join,
             alarm=self.app.alarm_reported,
             forward=self.app.forwarded,
-            incarnations=self.incarnations.check,
+            incarnations=self._check_incarnation,
         )
         peer_service.client_address = s.listen
         shared = s.peer_address == s.listen

@@ -8,10 +8,11 @@ acknowledge entries as if it had always held them, so a write acknowledged by it
 leader could be lost (`/tmp/hunt_ops/wipe_loss.py` lost one). etcd refuses such a member at its
 start ("member has already been bootstrapped"); here its peers refuse it.
 
-Each data directory gets a random *incarnation* when its log is created, and every peer frame
-carries the sender's (``pb.Frame.incarnation``). A node remembers the incarnation of each peer
-it has heard from (in ``incarnations.json``, next to the log, written before the first frame is
-taken) and refuses frames of a member that comes back with another one: FAILED_PRECONDITION,
+Each data directory gets a random *incarnation* when a node first starts on it, and every peer
+frame carries the sender's (``pb.Frame.incarnation``). A node remembers the incarnation of each
+member it has heard from (in ``incarnations.json``, next to the log, written before the first
+frame is taken; ids that are no members are not remembered: ``MembershipMixin``) and refuses
+frames of a member that comes back with another one: FAILED_PRECONDITION,
 and an error in its log saying what to do (remove the member, add it back, start it with
 ``--join``). Removing or adding a member forgets its incarnation, so that the id can be used
 again: once, when that configuration is first applied (``through``, kept in the file, is the

@@ -206,6 +206,15 @@ class MembershipMixin:
         before we learn of it) except nodes whose removal we applied: they are told so."""
         return src not in self._removed_ids
 
+    def _check_incarnation(self, src: str, incarnation: int) -> str | None:
+        """Why a peer's frame is refused for its incarnation (raftfast/server/incarnations.py),
+        or None. Only members are remembered: frames of ids we do not know yet are taken (one
+        added recently may lead already) but would otherwise let a stranger make us write a
+        file per made-up id."""
+        if src not in self.raw.membership:
+            return None
+        return self.incarnations.check(src, incarnation)
+
     def _on_refused(self, peer: str, removed_at: int) -> None:
         """``peer`` applied a committed configuration (at ``removed_at``) that removed a node
         with our id. Stop, unless we know a newer configuration (our id was added back since:

@@ -6,6 +6,7 @@ across a restart of every node too. Impersonating a member needs TLS to stop: th
 
 from __future__ import annotations
 
+import json
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -220,6 +221,25 @@ def test_a_stranger_can_neither_append_nor_install_a_snapshot(trio):
         assert "leader of term" in details
     trio.assert_healthy()
     assert trio.status(follower).last_index < 1 << 30
+
+
+def test_incarnations_hold_for_members_and_cost_strangers_nothing(trio):
+    # Peer frames name their sender's incarnation (raftfast/server/incarnations.py). A member's
+    # id with another one is refused; made-up ids are not remembered (each would have cost a
+    # write of the whole file, and the file would grow for good).
+    follower = trio.follower()
+    other = next(n for n in trio.ids if n not in (follower, trio.leader()))
+    impostor = pb.Frame(cluster_id=CLUSTER, src=other, incarnation=12345)
+    details = expect(
+        lambda: list(trio.peer(follower).Replicate(iter([impostor]), timeout=10)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "new data directory" in details
+    strangers = [pb.Frame(cluster_id=CLUSTER, src=f"s{i}", incarnation=i + 1) for i in range(300)]
+    list(trio.peer(follower).Replicate(iter(strangers), timeout=30))
+    path = trio.cluster.tmp / follower / "incarnations.json"
+    assert set(json.loads(path.read_text())["peers"]) <= set(trio.ids)
+    trio.assert_healthy()
 
 
 def test_a_term_near_the_top_of_the_range_is_ignored(trio):
