@@ -106,7 +106,7 @@ class ExactlyOnce(StateMachine):
     def _apply(self, index: int, body: bytes) -> Any:
         try:
             return self.inner.apply(index, body)
-        except Exception as exc:  # noqa: BLE001 - the proposer's error; the node goes on
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the proposer's error, not ours
             return exc
 
     def query(self, request: bytes) -> bytes:

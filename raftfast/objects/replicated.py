@@ -142,7 +142,7 @@ class Objects(StateMachine):
         self.running.kind = "write"
         try:
             return encode(method.fn(obj, *args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - the proposer's error, the node goes on
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the proposer's error, not ours
             return exc
         finally:
             self.running.kind = None
