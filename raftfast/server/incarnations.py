@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 
 from raftfast.errors import CorruptionError
-from raftfast.storage.fsutil import FILE_MODE, fsync_dir
+from raftfast.storage.fsutil import write_file_atomically
 from raftfast.transport.grpc import NEW_DATA_DIRECTORY
 
 __all__ = ["FILE", "Incarnations"]
@@ -129,17 +129,5 @@ class Incarnations:
         return own, {str(k): v for k, v in peers.items()}, through
 
     def _save(self) -> None:
-        """Written whole to a temporary file, synced, renamed over the old one."""
         state = {"own": self.own, "peers": self.peers, "through": self.through}
-        data = json.dumps(state, sort_keys=True).encode()
-        temp = f"{self.path}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        try:
-            os.write(fd, data)
-            if self._fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        if self._fsync:
-            fsync_dir(os.path.dirname(self.path))
+        write_file_atomically(self.path, json.dumps(state, sort_keys=True).encode(), self._fsync)

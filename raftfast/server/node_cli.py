@@ -62,7 +62,7 @@ from raftfast.heap import keep_big_blocks_mapped
 from raftfast.server import descriptors
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
-from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, lock_directory
+from raftfast.storage.fsutil import DIR_MODE, lock_directory, write_file_atomically
 
 __all__ = [
     "IDENTITY_FILE",
@@ -569,27 +569,15 @@ def _identity_of(settings: NodeSettings) -> dict[str, Any]:
 def write_identity(settings: NodeSettings) -> bool:
     """Store the node's identity in ``<data_dir>/node.json`` atomically; False if unchanged.
 
-    Temporary file, fsync, rename, fsync of the directory: after a crash the file is either the
-    old one or the new one, complete.
+    After a crash the file is either the old one or the new one, complete.
     """
     os.makedirs(settings.data_dir, mode=DIR_MODE, exist_ok=True)
     ident = _identity_of(settings)
     current = load_identity(settings.data_dir)
     if current is not None and all(current[k] == ident[k] for k in _IDENTITY_KEYS):
         return False
-    path = identity_path(settings.data_dir)
-    tmp = path + ".tmp"
     data = (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(settings.data_dir)
+    write_file_atomically(identity_path(settings.data_dir), data)
     return True
 
 

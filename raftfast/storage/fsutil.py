@@ -1,4 +1,5 @@
-"""Small file-system helpers shared by the WAL, the snapshot store and the node identity."""
+"""Small file-system helpers shared by the WAL, the snapshot store, the node identity and the
+incarnations file."""
 
 from __future__ import annotations
 
@@ -21,6 +22,25 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file_atomically(path: str, data: bytes, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data``: a temporary file beside it, written whole, fsynced,
+    renamed over it, the directory fsynced; after a crash the file is the old one or the new
+    one, complete. (``fsync=False``: the same without the syncs, as a node run without fsync.)"""
+    temp = path + ".tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    if fsync:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def lock_directory(path: str) -> int:
