@@ -24,7 +24,9 @@ of the gain for half of the memory.
 After a flood of TLS handshakes (asyncio's TLS takes a 256 KiB buffer a connection) glibc kept
 what was freed in the middle of its heap: ~20-70 MiB more after each flood, though nothing was
 left alive. ``release_free_memory`` (``malloc_trim(0)``, a few ms for a big heap) gives such
-pages back; it is called only after such a burst, never on the hot path.
+pages back; it is called only after such a burst, and after a snapshot let the log it covers
+go (the freed entries, the snapshot's copy of the store: bench/memory.py, three runs each,
+153.7/155.6/149.4 bytes of RSS per key before, 145.7/145.6/147.7 after), never on the hot path.
 """
 
 from __future__ import annotations

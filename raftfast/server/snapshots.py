@@ -18,6 +18,7 @@ import grpc
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
 from raftfast.errors import CommandError, CorruptionError
+from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
@@ -152,6 +153,8 @@ class SnapshotMixin:
             raw.compact(upto)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
+            # (the entries just dropped and the snapshot's copy of the state stay resident)
+            await loop.run_in_executor(self._snapshot_pool, release_free_memory)
         self._log_bytes_kept = raw.log_bytes
 
     def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
