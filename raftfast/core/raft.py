@@ -351,9 +351,15 @@ class Raft:
             pr.next_index = max(pr.match_index + 1, pending + 1)
 
     def report_unreachable(self, peer: str) -> None:
-        """The driver lost its stream to ``peer``: frames in flight are gone, probe again."""
+        """The driver lost its stream to ``peer``: frames in flight are gone, probe again. A
+        leadership transfer to it is given up (it is likely stopping, as when a whole cluster
+        is: lead on rather than wait an election timeout for it)."""
+        if self.role != Role.LEADER:
+            return
+        if peer == self.transferee:
+            self.transferee = ""
         pr = self.progress.get(peer)
-        if self.role == Role.LEADER and pr is not None and pr.state == ProgressState.REPLICATE:
+        if pr is not None and pr.state == ProgressState.REPLICATE:
             pr.become_probe()
 
     def step(self, m: Message) -> None:

@@ -15,7 +15,7 @@ arrived during one fdatasync is written by the next.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from raftfast.core.membership import ChangeKind, Membership
@@ -106,6 +106,11 @@ class RawNode:
     def transfer_leadership(self, target: str) -> None:
         """Start handing leadership to ``target`` (see Raft.transfer_leadership)."""
         self.raft.transfer_leadership(target)
+
+    @property
+    def transferee(self) -> str:
+        """Leader: the node leadership is being handed to, or ""."""
+        return self.raft.transferee
 
     # -- Ready / advance -----------------------------------------------------------------------
 
@@ -269,13 +274,14 @@ class RawNode:
         pr = self.raft.progress.get(peer)
         return None if pr is None else pr.match_index
 
-    def transfer_candidate(self) -> str | None:
-        """Leader only: the voter (not us) whose log matches ours furthest, or None."""
+    def transfer_candidate(self, skip: Collection[str] = ()) -> str | None:
+        """Leader only: the voter (not us, not in ``skip``) whose log matches ours furthest,
+        or None."""
         r = self.raft
         best, best_match = None, 0
         for peer in sorted(r.voters):
             pr = r.progress.get(peer)
-            if peer != r.id and pr is not None and pr.match_index > best_match:
+            if peer != r.id and peer not in skip and pr is not None and pr.match_index > best_match:
                 best, best_match = peer, pr.match_index
         return best
 

@@ -60,6 +60,8 @@ from raftfast.transport.tcp import ReplicationServer
 
 log = logging.getLogger("raftfast.node")
 
+APP_TASK = "raftfast-app"  # the application's background work (KVApp.run)
+
 # A follower (or a leader alone) syncs a small write right here in the loop: its sync is on the
 # write's critical path, and handing it to the writer thread and back costs two wake-ups. The
 # writer (raftfast.storage.writer: a C thread that needs no GIL) takes a big write (a batched
@@ -305,7 +307,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._tasks = [
             asyncio.create_task(self._ticker(), name="raftfast-ticker"),
             asyncio.create_task(self._run(), name="raftfast-run"),
-            asyncio.create_task(self.app.run(), name="raftfast-app"),
+            asyncio.create_task(self.app.run(), name=APP_TASK),
         ]
         log.info(
             "node %s listening on %s (clients)%s",
@@ -348,14 +350,19 @@ class Driver(MembershipMixin, SnapshotMixin):
         log.info("node %s stopping", self.id)
         if self.health is not None:
             await self.health.shutdown()
-        for server in (self.server, self.peer_server):
-            if server is not None:
-                await server.stop(grace=0.5)
+        # (together: each waits up to its grace for the streams it serves, which never end)
+        await asyncio.gather(
+            *(server.stop(grace=0.5) for server in (self.server, self.peer_server) if server)
+        )
         for stream_server in (self.replication_server, self.session_server):
             if stream_server is not None:
                 await stream_server.close()
         self._wake.set()
         for task in self._tasks:
+            if task.get_name() == APP_TASK:
+                # (its rounds, a disk check a second apart and the leases' expiry, have nothing
+                # to finish: waiting for the next round made every stop ~0.5 s longer)
+                task.cancel()
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
             except (TimeoutError, asyncio.CancelledError):
@@ -384,7 +391,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         rolling restart costs the clients a hand-over (milliseconds), not an election."""
         if self.raw is None or not self.is_leader or self.failed is not None:
             return
-        target = self.raw.transfer_candidate()
+        # (not to one we have no stream to: it is likely stopping too, as in a whole cluster)
+        target = self.raw.transfer_candidate(skip=self.transport.unreachable())
         if target is None:
             return
         self._handing_over = True
@@ -392,7 +400,10 @@ class Driver(MembershipMixin, SnapshotMixin):
             await asyncio.wait_for(self.transfer_leadership(target), self.election_timeout_s)
         except Exception as exc:  # noqa: BLE001 - stopping goes on whatever happened
             log.warning(
-                "node %s stopping without handing leadership to %s: %s", self.id, target, exc
+                "node %s stopping without handing leadership to %s: %s",
+                self.id,
+                target,
+                exc if str(exc) else f"no answer within {self.election_timeout_s:g}s",
             )
         else:
             log.info("node %s handed leadership to %s before stopping", self.id, target)
@@ -453,6 +464,8 @@ class Driver(MembershipMixin, SnapshotMixin):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise TimeoutError(f"{target} did not take over within {limit:g}s")
+            if target in self.transport.unreachable():  # (woken by _on_unreachable)
+                raise TimeoutError(f"{target} is unreachable (stopping?) and did not take over")
             self._leader_changed.clear()
             try:
                 await asyncio.wait_for(self._leader_changed.wait(), remaining)
@@ -541,6 +554,7 @@ class Driver(MembershipMixin, SnapshotMixin):
     def _on_unreachable(self, peer: str) -> None:
         if self.raw is not None:
             self.raw.report_unreachable(peer)
+            self._leader_changed.set()  # (a transfer to it may have been given up)
 
     async def _ticker(self) -> None:
         interval = self.settings.tick_ms / 1000

@@ -186,6 +186,10 @@ class PeerTransport:
             if peer.channel is not None:
                 await peer.channel.close(grace=None)
 
+    def unreachable(self) -> set[str]:
+        """The peers whose stream is down now."""
+        return {pid for pid, peer in self._peers.items() if not peer.connected}
+
     def all_direct(self) -> bool:
         """True if ``send`` writes everything at once: no connected peer is on the gRPC stream
         (whose frames leave from a task of this event loop, later)."""

@@ -527,6 +527,24 @@ def test_transfer_to_an_unreachable_target_times_out_and_leader_carries_on():
     a.propose([b"accepted again"])
 
 
+def test_transfer_to_a_target_whose_stream_broke_is_given_up_at_once():
+    # (it is likely stopping, as in a whole cluster's stop: leading on beats an election
+    # timeout of refused proposals)
+    net = Net(IDS)
+    net.elect("a")
+    a = net.node("a")
+    assert a.transfer_candidate() == "b" and a.transfer_candidate(skip={"b"}) == "c"
+    assert a.transfer_candidate(skip={"b", "c"}) is None
+    net.down.add("c")
+    a.transfer_leadership("c")
+    assert a.transferee == "c"
+    a.report_unreachable("b")
+    assert a.transferee == "c"
+    a.report_unreachable("c")
+    assert a.raft.role == Role.LEADER and a.transferee == ""
+    a.propose([b"accepted at once"])
+
+
 def test_transfer_to_a_non_voter_is_rejected():
     net = Net(IDS)
     net.elect("a")
