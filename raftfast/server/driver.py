@@ -126,6 +126,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         # Snapshot files are written and synced here, apart from the WAL's appends.
         self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix=f"raftfast-snap-{self.id}")
         self._leader_changed = asyncio.Event()
+        self._streams_lost: set[str] = set()  # peers whose stream broke (transfer_leadership)
         self.snapshots: SnapshotStore | None = None
         self._snapshot_index = 0  # index of our newest snapshot
         self._snapshot_retry_at = 0.0  # (after a refused snapshot: SnapshotMixin)
@@ -452,10 +453,12 @@ class Driver(MembershipMixin, SnapshotMixin):
     async def transfer_leadership(self, target: str) -> tuple[str, int]:
         """Hand leadership to ``target``; returns (leader, term) once ``target`` leads.
 
-        Raises TimeoutError if it has not taken over within two election timeouts."""
+        Raises TimeoutError if it has not taken over within two election timeouts, or once our
+        stream to it breaks (it is stopping, say, as when a whole cluster stops)."""
         self._check_leader()
         if target not in self.raw.membership.voters:
             raise ValueError(f"{target!r} is not a voter")
+        self._streams_lost.discard(target)
         self.raw.transfer_leadership(target)
         self._wake.set()
         limit = 2 * self.election_timeout_s
@@ -464,8 +467,8 @@ class Driver(MembershipMixin, SnapshotMixin):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise TimeoutError(f"{target} did not take over within {limit:g}s")
-            if target in self.transport.unreachable():  # (woken by _on_unreachable)
-                raise TimeoutError(f"{target} is unreachable (stopping?) and did not take over")
+            if target in self._streams_lost:  # (and the core gave the transfer up)
+                raise TimeoutError(f"our stream to {target} broke (stopping?): no hand-over")
             self._leader_changed.clear()
             try:
                 await asyncio.wait_for(self._leader_changed.wait(), remaining)
@@ -554,7 +557,8 @@ class Driver(MembershipMixin, SnapshotMixin):
     def _on_unreachable(self, peer: str) -> None:
         if self.raw is not None:
             self.raw.report_unreachable(peer)
-            self._leader_changed.set()  # (a transfer to it may have been given up)
+            self._streams_lost.add(peer)  # (peers only: a few ids)
+            self._leader_changed.set()  # (a transfer to it is given up)
 
     async def _ticker(self) -> None:
         interval = self.settings.tick_ms / 1000
