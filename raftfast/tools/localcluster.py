@@ -129,10 +129,12 @@ class ProcCluster:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            print(self.log_tail())
-        self.stop_all()
-        release_ports(self._ports)
+        try:
+            if exc_type is not None:
+                print(self.log_tail())
+        finally:  # (stopped even when the print fails: a closed pipe left nodes running)
+            self.stop_all()
+            release_ports(self._ports)
 
     @property
     def client_tls(self) -> TLSFiles | None:
