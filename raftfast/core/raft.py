@@ -113,6 +113,7 @@ class Raft:
         self.randomized_election_timeout = 0
         self.reason = "start"  # why the role or term last changed (for the driver's log)
         self.transferee = ""  # leader: the node leadership is being handed to
+        self.timeout_now_sent = False  # ... and it was told to campaign
         self.transfer_elapsed = 0
         self.become_follower(self.term, "")
 
@@ -207,6 +208,7 @@ class Raft:
             return
         self.transferee = target
         self.transfer_elapsed = 0
+        self.timeout_now_sent = False
         pr = self.progress[target]
         if pr.match_index == self.log.last_index:
             self._send_timeout_now(target)
@@ -214,6 +216,7 @@ class Raft:
             self._send_append(target, pr, allow_empty=True)
 
     def _send_timeout_now(self, target: str) -> None:
+        self.timeout_now_sent = True
         self._send(Message(MsgType.TIMEOUT_NOW, self.id, target, self.term))
 
     def compact(self, index: int) -> None:
@@ -352,11 +355,14 @@ class Raft:
 
     def report_unreachable(self, peer: str) -> None:
         """The driver lost its stream to ``peer``: frames in flight are gone, probe again. A
-        leadership transfer to it is given up (it is likely stopping, as when a whole cluster
-        is: lead on rather than wait an election timeout for it)."""
+        leadership transfer to it that has not told it to campaign yet is given up (it is
+        likely stopping, as when a whole cluster is: lead on rather than wait an election
+        timeout for it). Once told, it may campaign even so: taking writes again would leave
+        it behind, its campaign would unseat us and fail, and nobody would lead for an
+        election timeout; the transfer runs out as usual (_tick_leader)."""
         if self.role != Role.LEADER:
             return
-        if peer == self.transferee:
+        if peer == self.transferee and not self.timeout_now_sent:
             self.transferee = ""
         pr = self.progress.get(peer)
         if pr is not None and pr.state == ProgressState.REPLICATE:

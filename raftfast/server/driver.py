@@ -398,7 +398,9 @@ class Driver(MembershipMixin, SnapshotMixin):
             return
         self._handing_over = True
         try:
-            await asyncio.wait_for(self.transfer_leadership(target), self.election_timeout_s)
+            await asyncio.wait_for(
+                self.transfer_leadership(target, stopping=True), self.election_timeout_s
+            )
         except Exception as exc:  # noqa: BLE001 - stopping goes on whatever happened
             log.warning(
                 "node %s stopping without handing leadership to %s: %s",
@@ -450,11 +452,13 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._wake.set()
         await fut
 
-    async def transfer_leadership(self, target: str) -> tuple[str, int]:
+    async def transfer_leadership(self, target: str, *, stopping: bool = False) -> tuple[str, int]:
         """Hand leadership to ``target``; returns (leader, term) once ``target`` leads.
 
-        Raises TimeoutError if it has not taken over within two election timeouts, or once our
-        stream to it breaks (it is stopping, say, as when a whole cluster stops)."""
+        Raises TimeoutError if it has not taken over within two election timeouts, or when our
+        stream to it broke and the core gave the transfer up (we lead on), or, ``stopping``
+        (this node's own hand-over), as soon as that stream breaks: the target is likely
+        stopping too, as when a whole cluster stops."""
         self._check_leader()
         if target not in self.raw.membership.voters:
             raise ValueError(f"{target!r} is not a voter")
@@ -467,7 +471,9 @@ class Driver(MembershipMixin, SnapshotMixin):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 raise TimeoutError(f"{target} did not take over within {limit:g}s")
-            if target in self._streams_lost:  # (and the core gave the transfer up)
+            if target in self._streams_lost and (
+                stopping or (self.raw.leader == self.id and self.raw.transferee != target)
+            ):
                 raise TimeoutError(f"our stream to {target} broke (stopping?): no hand-over")
             self._leader_changed.clear()
             try:

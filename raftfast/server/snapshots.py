@@ -150,11 +150,15 @@ class SnapshotMixin:
         upto = min(index - keep, raw.stable_index)
         if upto >= raw.first_index:
             upto_term = raw.term_at(upto)
+            held = raw.log_bytes
             raw.compact(upto)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
-            # (the entries just dropped and the snapshot's copy of the state stay resident)
-            await loop.run_in_executor(self._snapshot_pool, release_free_memory)
+            if held - raw.log_bytes >= self.settings.snapshot_log_bytes // 4:
+                # The entries just dropped and the snapshot's copy of the state stayed
+                # resident. (Not awaited; only after a big drop: glibc holds its heap's lock
+                # while it trims, a few ms, longer the more the heap is fragmented.)
+                self._snapshot_pool.submit(release_free_memory)
         self._log_bytes_kept = raw.log_bytes
 
     def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:

@@ -536,13 +536,37 @@ def test_transfer_to_a_target_whose_stream_broke_is_given_up_at_once():
     assert a.transfer_candidate() == "b" and a.transfer_candidate(skip={"b"}) == "c"
     assert a.transfer_candidate(skip={"b", "c"}) is None
     net.down.add("c")
+    a.propose([b"c lags: no TimeoutNow yet"])
+    net.drive()
     a.transfer_leadership("c")
-    assert a.transferee == "c"
+    assert a.transferee == "c" and not a.raft.timeout_now_sent
     a.report_unreachable("b")
     assert a.transferee == "c"
     a.report_unreachable("c")
     assert a.raft.role == Role.LEADER and a.transferee == ""
     a.propose([b"accepted at once"])
+
+
+def test_a_target_told_to_campaign_keeps_the_transfer_when_its_stream_breaks():
+    # Taking writes again would leave the target behind: its forced campaign would unseat the
+    # leader and fail, and nobody would lead for an election timeout (a review found it).
+    net = Net(IDS)
+    net.elect("a")
+    a, c = net.node("a"), net.node("c")
+    a.propose([b"base"])
+    net.drive()
+    a.transfer_leadership("c")  # c is caught up: TimeoutNow goes out in this Ready
+    rd = a.ready()
+    a.advance(rd)
+    held = [m for m in rd.eager_messages + rd.messages if m.type == MsgType.TIMEOUT_NOW]
+    assert held and held[0].dst == "c"
+    a.report_unreachable("c")  # the stream broke just after the frame left
+    assert a.transferee == "c"
+    with pytest.raises(NotLeaderError):
+        a.propose([b"refused: the transfer goes on"])
+    c.step(held[0])
+    net.drive()
+    assert net.leaders() == ["c"]
 
 
 def test_transfer_to_a_non_voter_is_rejected():
