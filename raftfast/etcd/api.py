@@ -276,7 +276,13 @@ class EtcdAPI:
     async def _range(self, request: pb.RangeRequest) -> pb.RangeResponse:
         if not request.serializable:
             await self.driver.read_barrier("linearizable")
-        response, records = self.store.range_records(request)
+        store = self.store
+        steps = store.view_steps(request)
+        view = None if steps is None else next(steps)  # (the state read now, at once)
+        while steps is not None and view is None:
+            await asyncio.sleep(0)  # (an old revision: its history walked a part at a time)
+            view = next(steps)
+        response, records = store.range_records(request, view=view)
         # (the revision read, not the store's after the parts below: a client lists, then
         # watches from header.revision + 1, and would miss writes made meanwhile)
         header = self.header(response.header.revision)

@@ -70,6 +70,7 @@ MAX_TXN_DEPTH = 16  # nested Txn levels (protobuf itself parses at most 100)
 # build gigabytes in apply.
 MAX_TXN_READ_BYTES = 64 * 1024 * 1024
 _RECORD_COST = 64
+_HISTORY_PART = 20_000  # events of the history walked at a time by a read at an old revision
 _INT64_MAX = (1 << 63) - 1
 
 _CMP = pb.Compare
@@ -523,19 +524,18 @@ class MVCCStore:
         return response
 
     def range_records(
-        self, r: pb.RangeRequest, in_txn: bool = False
+        self, r: pb.RangeRequest, in_txn: bool = False, view: list[Record] | None = None
     ) -> tuple[pb.RangeResponse, list[Record]]:
         """A Range's answer but for its ``kvs``, and the records they are made of (immutable:
-        a caller may make them into messages later, a part at a time, as the store goes on)."""
+        a caller may make them into messages later, a part at a time, as the store goes on).
+        ``view``: the records at ``r.revision`` already read (``view_steps``)."""
         if not r.key:
             raise errors.EMPTY_KEY
         rev = r.revision
         # (in a txn after a write, its revision too is read through the history: as etcd)
-        if rev > 0 and (rev != self.revision or (in_txn and self._pending)):
+        if view is None and rev > 0 and (rev != self.revision or (in_txn and self._pending)):
             self.check_revision(rev)
             view = self._view_at(rev, r.key, r.range_end, self._pending if in_txn else None)
-        else:
-            view = None
         bounds = range_of(r.key, r.range_end)
         if view is None:
             if bounds is None:
@@ -596,11 +596,34 @@ class MVCCStore:
         end = len(kvs) if hi is None else kvs.bisect_left(hi)
         return max(end - kvs.bisect_left(lo), 0)
 
+    def view_steps(self, r: pb.RangeRequest) -> Iterator[list[Record] | None] | None:
+        """A Range outside a txn at an older revision (checked: EtcdError), read in steps:
+        the state it reads is taken by the first ``next``, then the history after that revision
+        is walked a part at a time (``None`` between parts); the last item is the records, for
+        ``range_records(r, view=...)``. None: ``r`` reads the current state. A caller that
+        awaits between parts lets the loop go on: millions of revisions (no auto-compaction)
+        took ~0.13 s per million in one go, and a few such reads held a leader past its
+        election timeout."""
+        if not r.key:
+            raise errors.EMPTY_KEY
+        rev = r.revision
+        if rev <= 0 or rev == self.revision:
+            return None
+        self.check_revision(rev)
+        return self._view_steps(rev, r.key, r.range_end)
+
     def _view_at(
         self, rev: int, key: bytes, range_end: bytes, pending: list[Event] | None = None
     ) -> list[Record]:
         """The records of the range as they were at revision ``rev`` (checked), by key;
         ``pending``: the changes so far of a txn under way (newer still)."""
+        *_, records = self._view_steps(rev, key, range_end, pending)
+        assert records is not None
+        return records
+
+    def _view_steps(
+        self, rev: int, key: bytes, range_end: bytes, pending: list[Event] | None = None
+    ) -> Iterator[list[Record] | None]:
         bounds = range_of(key, range_end)
         undo: dict[bytes, Record | None] = {}
         start = rev + 1 - self._history_base
@@ -609,13 +632,18 @@ class MVCCStore:
             history.append(tuple(pending))
         if self._read_budget is not None:
             self._charge(_RECORD_COST * sum(len(events) + 1 for events in history))
+        current = {k: self.kvs[k] for k in self._keys_in(key, range_end)}
+        walked = 0
         for events in reversed(history):
             for ev in reversed(events):
                 if in_range(ev.key, key, bounds):
                     undo[ev.key] = ev.prev
-        current = {k: self.kvs[k] for k in self._keys_in(key, range_end)}
+            walked += len(events)
+            if walked >= _HISTORY_PART:
+                walked = 0
+                yield None
         current.update(undo)
-        return [current[k] for k in sorted(current) if current[k] is not None]
+        yield [current[k] for k in sorted(current) if current[k] is not None]
 
     def events_from(
         self, revision: int, max_events: int = 1000, max_bytes: int | None = None

@@ -548,6 +548,41 @@ def test_reads_at_every_past_revision() -> None:
     assert kvs(get(store, b"a")) == [(b"a", b"4", 10, 10, 1, 0)]
 
 
+def test_a_read_at_an_old_revision_walks_the_history_in_parts(monkeypatch) -> None:
+    # One walk of millions of revisions held a leader's loop past its election timeout.
+    from raftfast.etcd import mvcc
+
+    monkeypatch.setattr(mvcc, "_HISTORY_PART", 3)
+    store, seen = _history_store()
+    assert store.view_steps(R(key=b"a")) is None  # (the current state: no walk)
+    assert store.view_steps(R(key=b"a", revision=store.revision)) is None
+    for revision, state in seen.items():
+        if revision == store.revision:
+            continue
+        request = R(revision=revision, **ALL)
+        steps = store.view_steps(request)
+        items = list(steps)
+        newer = store._history[revision + 1 - store._history_base :]
+        walked = 0
+        parts = 0
+        for events in reversed(newer):  # (newest first, a part once it has 3 events)
+            walked += len(events)
+            if walked >= 3:
+                walked, parts = 0, parts + 1
+        assert items[:-1] == [None] * parts and items[-1] is not None
+        response, records = store.range_records(request, view=items[-1])
+        assert [kvs(pb.RangeResponse(kvs=[r.to_pb() for r in records]))] == [state]
+        assert response.count == len(state)
+    # the state is taken at the first step: writes made during the walk are not seen
+    steps = store.view_steps(R(key=b"a", revision=4))
+    assert next(steps) is None
+    ok(store, pb.PutRequest(key=b"a", value=b"later"))
+    *_, records = steps
+    assert [(r.key, r.value) for r in records] == [(b"a", b"2")]
+    with pytest.raises(EtcdError):
+        store.view_steps(R(key=b"a", revision=store.revision + 1))
+
+
 def test_read_revision_errors() -> None:
     store, seen = _history_store()
     future = read_error(store, key=b"a", revision=store.revision + 1)
