@@ -76,6 +76,8 @@ class EtcdAPI:
         self.cluster_id = id64("cluster:" + driver.settings.cluster_id)
         self.member_id = member_id(driver.id)
         self.applied = asyncio.Event()  # set after every apply (see _caught_up)
+        # Reads at an old revision walked at once (each holds a copy of its range meanwhile)
+        self._history_walks = asyncio.Semaphore(_HISTORY_WALKS)
         from raftfast.etcd.lessor import Lessor  # (it needs this class's instance)
 
         self.lessor = Lessor(self)
@@ -277,12 +279,20 @@ class EtcdAPI:
         if not request.serializable:
             await self.driver.read_barrier("linearizable")
         store = self.store
-        steps = store.view_steps(request)
-        view = None if steps is None else next(steps)  # (the state read now, at once)
-        while steps is not None and view is None:
-            await asyncio.sleep(0)  # (an old revision: its history walked a part at a time)
-            view = next(steps)
-        response, records = store.range_records(request, view=view)
+        if store.view_steps(request) is None:  # (the current state: the everyday read)
+            response, records = store.range_records(request)
+        else:
+            async with self._history_walks:
+                # An old revision: its history walked a part at a time, from the state taken
+                # by the first step (the header's revision too, as etcd's read transaction).
+                steps = store.view_steps(request)
+                read_at = store.revision
+                view = None if steps is None else next(steps)
+                while steps is not None and view is None:
+                    await asyncio.sleep(0)
+                    view = next(steps)
+                response, records = store.range_records(request, view=view)
+                response.header.revision = read_at
         # (the revision read, not the store's after the parts below: a client lists, then
         # watches from header.revision + 1, and would miss writes made meanwhile)
         header = self.header(response.header.revision)
@@ -563,6 +573,7 @@ class EtcdAPI:
 
 
 _PART = 4096
+_HISTORY_WALKS = 2  # Ranges at an old revision walking the history at once
 
 
 async def _parts(records: list, size: int = _PART) -> AsyncIterator[list]:

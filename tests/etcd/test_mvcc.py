@@ -1601,3 +1601,40 @@ def test_member_urls_name_a_host() -> None:
         with pytest.raises(EtcdError) as info:
             _address_of_url(bad)
         assert info.value == errors.MEMBER_BAD_URLS
+
+
+def test_the_api_reads_an_old_revision_in_parts_with_the_header_of_the_state_read(
+    monkeypatch,
+) -> None:
+    # Writes between the parts are not seen, and the header names the revision the state was
+    # taken at (etcd's read transaction), not the store's when the walk ended (a review).
+    import asyncio
+    import types
+
+    from raftfast.etcd import api as etcd_api
+    from raftfast.etcd import mvcc
+
+    monkeypatch.setattr(mvcc, "_HISTORY_PART", 1)
+    store = MVCCStore()
+    for i in range(5):
+        ok(store, pb.PutRequest(key=b"a", value=b"%d" % i))
+
+    class Driver:
+        fsm = types.SimpleNamespace(etcd=store)
+        raw = types.SimpleNamespace(term=1)
+
+    api = etcd_api.EtcdAPI.__new__(etcd_api.EtcdAPI)
+    api.driver, api.cluster_id, api.member_id = Driver(), 1, 1
+    api._history_walks = asyncio.Semaphore(1)
+
+    async def main() -> tuple[pb.RangeResponse, int]:
+        read = asyncio.ensure_future(api._range(R(key=b"a", revision=3, serializable=True)))
+        await asyncio.sleep(0)
+        taken_at = store.revision
+        for _ in range(3):
+            ok(store, pb.PutRequest(key=b"a", value=b"later"))
+        return await read, taken_at
+
+    response, taken_at = asyncio.run(main())
+    assert [(kv.key, kv.value) for kv in response.kvs] == [(b"a", b"1")]
+    assert response.header.revision == taken_at < store.revision
