@@ -13,6 +13,7 @@ a snapshot gets an error saying its first result is gone, never a second applica
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections import OrderedDict
@@ -84,18 +85,16 @@ class ExactlyOnce(StateMachine):
                     return [self.apply(first_index + i, c) for i, c in enumerate(commands)]
                 seen.add((client_id, seq))
             ids.append((client_id, seq))
-        own = getattr(type(self.inner), "apply_batch", StateMachine.apply_batch)
-        if own is StateMachine.apply_batch:  # (none of its own: one by one, each its result)
-            results = [
-                self._apply(first_index + i, c[HEADER.size :]) for i, c in enumerate(commands)
-            ]
-        else:
-            try:
-                results = self.inner.apply_batch(first_index, [c[HEADER.size :] for c in commands])
-            except Exception as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
-                # (it must not raise: which of the commands did it apply? Nobody knows now.)
-                log.error("the state machine's apply_batch raised (it must not): %r", exc)
-                results = [exc] * len(commands)
+        # (a duck-typed machine with ``apply`` only: StateMachine's, one by one, each its result)
+        apply_batch = getattr(self.inner, "apply_batch", None) or functools.partial(
+            StateMachine.apply_batch, self.inner
+        )
+        try:
+            results = apply_batch(first_index, [c[HEADER.size :] for c in commands])
+        except Exception as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
+            # (it must not raise: which of the commands did it apply? Nobody knows now.)
+            log.error("the state machine's apply_batch raised (it must not): %r", exc)
+            results = [exc] * len(commands)
         for (client_id, seq), result in zip(ids, results, strict=True):
             if client_id:
                 window_of(self._clients, client_id, self._max_clients).remember(

@@ -279,16 +279,16 @@ class EtcdAPI:
         if not request.serializable:
             await self.driver.read_barrier("linearizable")
         store = self.store
-        if store.view_steps(request) is None:  # (the current state: the everyday read)
+        steps = store.view_steps(request)
+        if steps is None:  # (the current state: the everyday read)
             response, records = store.range_records(request)
         else:
             async with self._history_walks:
                 # An old revision: its history walked a part at a time, from the state taken
                 # by the first step (the header's revision too, as etcd's read transaction).
-                steps = store.view_steps(request)
                 read_at = store.revision
-                view = None if steps is None else next(steps)
-                while steps is not None and view is None:
+                view = next(steps)
+                while view is None:
                     await asyncio.sleep(0)
                     view = next(steps)
                 response, records = store.range_records(request, view=view)

@@ -534,7 +534,6 @@ class MVCCStore:
         rev = r.revision
         # (in a txn after a write, its revision too is read through the history: as etcd)
         if view is None and rev > 0 and (rev != self.revision or (in_txn and self._pending)):
-            self.check_revision(rev)
             view = self._view_at(rev, r.key, r.range_end, self._pending if in_txn else None)
         bounds = range_of(r.key, r.range_end)
         if view is None:
@@ -598,7 +597,8 @@ class MVCCStore:
 
     def view_steps(self, r: pb.RangeRequest) -> Iterator[list[Record] | None] | None:
         """A Range outside a txn at an older revision (checked: EtcdError), read in steps:
-        the state it reads is taken by the first ``next``, then the history after that revision
+        the state it reads is taken by the first ``next`` (checked again then: it may have been
+        compacted meanwhile), then the history after that revision
         is walked a part at a time (``None`` between parts); the last item is the records, for
         ``range_records(r, view=...)``. None: ``r`` reads the current state. A caller that
         awaits between parts lets the loop go on: millions of revisions (no auto-compaction)
@@ -624,6 +624,7 @@ class MVCCStore:
     def _view_steps(
         self, rev: int, key: bytes, range_end: bytes, pending: list[Event] | None = None
     ) -> Iterator[list[Record] | None]:
+        self.check_revision(rev)  # (at the first step: a caller may start it later)
         bounds = range_of(key, range_end)
         undo: dict[bytes, Record | None] = {}
         start = rev + 1 - self._history_base
