@@ -268,6 +268,10 @@ class EntryLog:
         del self._types[:drop]
         self._first = index + 1
 
+    def release_unused(self) -> None:
+        """Give back the memory past the data (for a log at rest). A bytearray shrinks as it
+        is cut, so there is nothing more to give back here."""
+
     def reset(self, first_index: int, prev_term: int) -> None:
         """Drop everything and start empty at ``first_index`` (snapshot install)."""
         _check_first(first_index)

@@ -91,6 +91,11 @@ class RawNode:
         """A durable snapshot at ``index`` exists: the log may drop entries up to it."""
         self.raft.compact(index)
 
+    def release_log_memory(self) -> None:
+        """Give back the memory the log holds past its entries (a compaction keeps it for the
+        entries to come): for a log at rest."""
+        self.raft.log.entries.release_unused()
+
     def report_snapshot(self, peer: str, ok: bool) -> None:
         """Streaming a snapshot to ``peer`` (asked for by a SNAPSHOT message) ended."""
         self.raft.report_snapshot(peer, ok)

@@ -131,6 +131,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._snapshot_index = 0  # index of our newest snapshot
         self._snapshot_retry_at = 0.0  # (after a refused snapshot: SnapshotMixin)
         self._log_bytes_kept = 0  # bytes the log held in memory right after the last snapshot
+        self._release_at_rest = 0  # (SnapshotMixin)
+        self._release_seen = (0, 0.0)
         self._incoming_snapshot = None  # a snapshot streamed from the leader, not yet installed
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
@@ -589,6 +591,8 @@ class Driver(MembershipMixin, SnapshotMixin):
                         break
                 if self._compact_to:
                     await self._compact_log()
+                if self._release_at_rest:
+                    self._release_memory_at_rest()
                 self._feed()
                 if self.raw.has_ready():
                     await self._handle_ready(self.raw.ready())

@@ -28,6 +28,8 @@ from raftfast.transport import tcp
 log = logging.getLogger("raftfast.node")
 
 SNAPSHOT_RETRY_S = 30.0  # after a state machine could not be snapshotted
+RELEASE_AFTER_S = 0.5  # the log has not grown this long: it is at rest (_release_memory_at_rest)
+TRIM_HEAP = 2  # (_release_at_rest: 0 nothing to give back, 1 the log's memory, 2 and the heap)
 
 
 class SnapshotRefusedError(CommandError):
@@ -45,6 +47,8 @@ class SnapshotMixin:
     _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
     _compact_to: int  # a snapshot was taken here: the loop drops the log it covers
     _snapshot_retry_at: float  # (time.monotonic) after a refused snapshot, not before
+    _release_at_rest: int  # what to give back once the log is at rest (0, 1 or TRIM_HEAP)
+    _release_seen: tuple[int, float]  # the last index seen, since when (time.monotonic)
     _committed_members: set[str]
     incarnations: Incarnations
     metrics: NodeMetrics
@@ -154,12 +158,31 @@ class SnapshotMixin:
             raw.compact(upto)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
-            if held - raw.log_bytes >= self.settings.snapshot_log_bytes // 4:
-                # The entries just dropped and the snapshot's copy of the state stayed
-                # resident. (Not awaited; only after a big drop: glibc holds its heap's lock
-                # while it trims, a few ms, longer the more the heap is fragmented.)
-                self._snapshot_pool.submit(release_free_memory)
+            self._release_at_rest = max(
+                self._release_at_rest,
+                TRIM_HEAP if held - raw.log_bytes >= self.settings.snapshot_log_bytes // 4 else 1,
+            )
         self._log_bytes_kept = raw.log_bytes
+
+    def _release_memory_at_rest(self) -> None:
+        """Once the log has not grown for ``RELEASE_AFTER_S``, give back what a compaction
+        kept: the log's memory past its entries and, after a big drop, the heap's free pages
+        (the entries dropped, the snapshot's copy of the state). Not at the compaction itself:
+        under a steady load the log grows back before the next one, and pages given back were
+        faulted in again (~10% of a node's CPU under batched puts, perf). Called by the loop
+        between two Readys, every tick at least."""
+        now, last = time.monotonic(), self.raw.last_index
+        if last != self._release_seen[0]:
+            self._release_seen = (last, now)
+            return
+        if now - self._release_seen[1] < RELEASE_AFTER_S:
+            return
+        trim, self._release_at_rest = self._release_at_rest == TRIM_HEAP, 0
+        self.raw.release_log_memory()
+        if trim:
+            # (Not awaited: glibc holds its heap's lock while it trims, a few ms, longer the
+            # more the heap is fragmented.)
+            self._snapshot_pool.submit(release_free_memory)
 
     def _receive_snapshot(self, meta: Message) -> _IncomingSnapshot:
         """A leader streams us a snapshot: where to write it. Only the leader of our term may
