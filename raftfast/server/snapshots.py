@@ -28,7 +28,10 @@ from raftfast.transport import tcp
 log = logging.getLogger("raftfast.node")
 
 SNAPSHOT_RETRY_S = 30.0  # after a state machine could not be snapshotted
-RELEASE_AFTER_S = 0.5  # the log has not grown this long: it is at rest (_release_memory_at_rest)
+# The log is at rest once it grew by less than RELEASE_GROWTH bytes in RELEASE_AFTER_S (a
+# trickle of writes re-faults a few pages; a load re-faulted ~100 MB/s: _release_memory_at_rest).
+RELEASE_AFTER_S = 0.5
+RELEASE_GROWTH = 1 << 20
 TRIM_HEAP = 2  # (_release_at_rest: 0 nothing to give back, 1 the log's memory, 2 and the heap)
 
 
@@ -48,7 +51,7 @@ class SnapshotMixin:
     _compact_to: int  # a snapshot was taken here: the loop drops the log it covers
     _snapshot_retry_at: float  # (time.monotonic) after a refused snapshot, not before
     _release_at_rest: int  # what to give back once the log is at rest (0, 1 or TRIM_HEAP)
-    _release_seen: tuple[int, float]  # the last index seen, since when (time.monotonic)
+    _release_seen: tuple[int, float]  # the log's bytes when the wait began, and when (monotonic)
     _committed_members: set[str]
     incarnations: Incarnations
     metrics: NodeMetrics
@@ -162,20 +165,22 @@ class SnapshotMixin:
                 self._release_at_rest,
                 TRIM_HEAP if held - raw.log_bytes >= self.settings.snapshot_log_bytes // 4 else 1,
             )
+            self._release_seen = (raw.log_bytes, time.monotonic())
         self._log_bytes_kept = raw.log_bytes
 
     def _release_memory_at_rest(self) -> None:
-        """Once the log has not grown for ``RELEASE_AFTER_S``, give back what a compaction
-        kept: the log's memory past its entries and, after a big drop, the heap's free pages
-        (the entries dropped, the snapshot's copy of the state). Not at the compaction itself:
-        under a steady load the log grows back before the next one, and pages given back were
-        faulted in again (~10% of a node's CPU under batched puts, perf). Called by the loop
-        between two Readys, every tick at least."""
-        now, last = time.monotonic(), self.raw.last_index
-        if last != self._release_seen[0]:
-            self._release_seen = (last, now)
+        """Once the log is at rest (``RELEASE_GROWTH``), give back what a compaction kept: the
+        log's memory past its entries and, after a big drop, the heap's free pages (the entries
+        dropped, the snapshot's copy of the state). Not at the compaction itself: under a
+        steady load the log grows back before the next one, and pages given back were faulted
+        in again (~10% of a node's CPU under batched puts, perf). Called by the loop between
+        two Readys, every tick at least."""
+        now, size = time.monotonic(), self.raw.log_bytes
+        since_bytes, since = self._release_seen
+        if size - since_bytes >= RELEASE_GROWTH:
+            self._release_seen = (size, now)
             return
-        if now - self._release_seen[1] < RELEASE_AFTER_S:
+        if now - since < RELEASE_AFTER_S:
             return
         trim, self._release_at_rest = self._release_at_rest == TRIM_HEAP, 0
         self.raw.release_log_memory()
