@@ -204,6 +204,7 @@ class Client(SessionMixin):
         self._outstanding: deque[Op] = deque()  # writes with a sequence, in sequence order
         self._wake: asyncio.Event | None = None
         self._writer_blocked = False
+        self._writer_idle = False  # the writer task waits for work (SessionMixin._write_now)
         self._stream: Stream | None = None
         self._session_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -324,7 +325,8 @@ class Client(SessionMixin):
             op.fut = loop.create_future()
             futs.append(op.fut)
         self._pending.extend(ops)
-        self._wake_writer()
+        if not self._write_now():
+            self._wake_writer()
         handle = loop.call_later(total, self._expire, ops, total)
         try:
             results = await asyncio.gather(*futs, return_exceptions=True)

@@ -8,6 +8,7 @@ window, stubs and backoff.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -208,7 +209,8 @@ class SessionMixin:
         total = self._call_timeout(timeout)
         op.fut = fut = loop.create_future()
         self._pending.append(op)
-        self._wake_writer()
+        if not self._write_now():
+            self._wake_writer()
         handle = loop.call_later(total, self._expire, (op,), total)
         try:
             return await fut
@@ -280,6 +282,8 @@ class SessionMixin:
             target = self._leader or self._endpoints[self._rr % len(self._endpoints)]
             call = await self._open_session(target)
             stream = Stream(target, call)
+            if isinstance(call, TcpSessionCall):
+                call.on_result = functools.partial(self._on_result, stream)
             self._stream = stream
             writer = asyncio.create_task(self._write_loop(stream))
             reader = asyncio.create_task(self._read_loop(stream))
@@ -408,67 +412,97 @@ class SessionMixin:
         port: int = status.session_port
         return port
 
+    def _write_now(self) -> bool:
+        """Write what is pending from the caller's own task, when the writer task sleeps for
+        want of work and the stream can take a frame at once (over TCP): no hand-over to the
+        writer task and back (one task step and a future less per call). False: wake it."""
+        stream = self._stream
+        if not self._writer_idle or stream is None or stream.reason is not None:
+            return False
+        call = stream.call
+        if not isinstance(call, TcpSessionCall) or not call.writable_now():
+            return False
+        item, blocked = self._next_frame(stream)
+        if item is not None:
+            call.write_now(item)
+        return not blocked and not self._pending
+
+    def _next_frame(
+        self, stream: Stream
+    ) -> tuple[tuple[pb.SessionFrame, dict[int, bytes]] | None, bool]:
+        """The next frame of pending ops (taken from ``_pending``, in flight on ``stream``
+        from now on) with its big values, or None; and whether ops wait for the window of
+        unresolved write sequences."""
+        pending = self._pending
+        assert self._loop is not None
+        max_ops = self._max_ops
+        max_bytes = self._max_bytes  # (a refused frame lowers it: _smaller_frames)
+        frame = pb.SessionFrame(frame_id=self._frame_id + 1, client_id=self._client_id)
+        add = frame.ops.add
+        big: dict[int, bytes] = {}  # spliced in by serialize_frame
+        batch: list[Op] = []
+        nbytes = 0
+        blocked = False
+        while pending and len(batch) < max_ops:
+            op = pending[0]
+            if op.fut is None or op.fut.done():
+                pending.popleft()
+                continue
+            size = len(op.key) + len(op.value) + len(op.expected) + 16  # (frame_bytes, inline)
+            if batch and nbytes + size > max_bytes:
+                break
+            if op.kind != GET and op.sequence == 0:
+                if not self._window_open():
+                    blocked = True
+                    break
+                self._seq += 1
+                op.sequence = self._seq
+                self._outstanding.append(op)
+            pending.popleft()
+            value = op.value
+            if len(value) >= _SPLICE_BYTES:
+                big[len(batch)] = value
+                value = b""
+            add(
+                kind=op.kind,
+                key=op.key,
+                value=value,
+                expected=op.expected,
+                expect_absent=op.expect_absent,
+                sequence=op.sequence,
+                read_mode=op.read_mode,
+            )
+            batch.append(op)
+            nbytes += size
+        if not batch:
+            return None, blocked
+        self._frame_id += 1
+        now = self._loop.time()
+        for op in batch:
+            op.stream = stream
+            op.sent_at = now
+        stream.inflight[self._frame_id] = batch
+        return (frame, big), blocked
+
     async def _write_loop(self, stream: Stream) -> tuple[str, str] | None:
         assert self._wake is not None and self._loop is not None
         wake = self._wake
         pending = self._pending
-        loop = self._loop
         call = stream.call
-        max_ops = self._max_ops
         while True:
             while not pending:
                 wake.clear()
-                await wake.wait()
+                self._writer_idle = True  # (_write_now may write meanwhile)
+                try:
+                    await wake.wait()
+                finally:
+                    self._writer_idle = False
             if stream.reason is not None:
                 return None  # this stream is being replaced: send nothing more on it
-            max_bytes = self._max_bytes  # (a refused frame lowers it: _smaller_frames)
-            self._frame_id += 1
-            frame_id = self._frame_id
-            frame = pb.SessionFrame(frame_id=frame_id, client_id=self._client_id)
-            add = frame.ops.add
-            big: dict[int, bytes] = {}  # spliced in by serialize_frame
-            batch: list[Op] = []
-            nbytes = 0
-            blocked = False
-            while pending and len(batch) < max_ops:
-                op = pending[0]
-                if op.fut is None or op.fut.done():
-                    pending.popleft()
-                    continue
-                size = len(op.key) + len(op.value) + len(op.expected) + 16  # (frame_bytes, inline)
-                if batch and nbytes + size > max_bytes:
-                    break
-                if op.kind != GET and op.sequence == 0:
-                    if not self._window_open():
-                        blocked = True
-                        break
-                    self._seq += 1
-                    op.sequence = self._seq
-                    self._outstanding.append(op)
-                pending.popleft()
-                value = op.value
-                if len(value) >= _SPLICE_BYTES:
-                    big[len(batch)] = value
-                    value = b""
-                add(
-                    kind=op.kind,
-                    key=op.key,
-                    value=value,
-                    expected=op.expected,
-                    expect_absent=op.expect_absent,
-                    sequence=op.sequence,
-                    read_mode=op.read_mode,
-                )
-                batch.append(op)
-                nbytes += size
-            if batch:
-                now = loop.time()
-                for op in batch:
-                    op.stream = stream
-                    op.sent_at = now
-                stream.inflight[frame_id] = batch
+            item, blocked = self._next_frame(stream)
+            if item is not None:
                 try:
-                    await call.write((frame, big))
+                    await call.write(item)
                 except grpc.aio.AioRpcError as exc:
                     return self._stream_failure(exc.code(), exc.details(), exc.trailing_metadata())
                 except asyncio.InvalidStateError:

@@ -12,6 +12,7 @@ was not answered in time, a firewall's silence, "refused" if it failed otherwise
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from google.protobuf.message import DecodeError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.transport import tcp
 
+log = logging.getLogger("raftfast.client")
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 MAX_RESULT_BYTES = 256 * 1024 * 1024  # an answer is at most a few MiB of values (the node)
@@ -49,6 +51,9 @@ class _Protocol(asyncio.Protocol):
                 call._deliver(result)
         except (tcp.Refused, DecodeError) as exc:
             call._end(grpc.StatusCode.INTERNAL, f"unreadable answer on the Session stream: {exc}")
+        except Exception as exc:  # noqa: BLE001 - (on_result) the stream ends, the client goes on
+            log.exception("a Session result could not be taken")
+            call._end(grpc.StatusCode.INTERNAL, f"a result could not be taken: {exc!r}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {exc}" if exc is not None else ""
@@ -80,6 +85,9 @@ class TcpSessionCall:
         self._serialize = serialize
         self._on_answer = on_answer
         self.answered = False
+        # Where results go as they arrive; None: ``read`` returns them. (``read`` still ends
+        # with the stream either way.)
+        self.on_result: Callable[[pb.SessionResult], None] | None = None
         self._transport: asyncio.Transport | None = None
         self._results: deque[pb.SessionResult] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -116,6 +124,15 @@ class TcpSessionCall:
         self._transport.write(tcp.record(hello))
 
     # -- what the Session loop calls --------------------------------------------------------
+
+    def writable_now(self) -> bool:
+        """``write_now`` may be called: the connection is open, not over, not held back."""
+        return self._transport is not None and self._code is None and self._writable.is_set()
+
+    def write_now(self, item: Any) -> None:
+        """``write`` when ``writable_now()``: at once, from any task."""
+        payload = self._serialize(item)
+        self._transport.writelines((len(payload).to_bytes(4, "big"), payload))  # type: ignore[union-attr]
 
     async def write(self, item: Any) -> None:
         if self._transport is None:
@@ -172,6 +189,9 @@ class TcpSessionCall:
                 self._on_answer()
 
     def _deliver(self, result: pb.SessionResult) -> None:
+        if self.on_result is not None:
+            self.on_result(result)  # (straight from the connection: no task step in between)
+            return
         self._results.append(result)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
