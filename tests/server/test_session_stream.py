@@ -142,6 +142,72 @@ def test_our_client_uses_the_tcp_stream_where_offered(tmp_path):
     run(tmp_path, test)
 
 
+def test_calls_write_from_their_own_task_while_the_writer_sleeps(tmp_path, monkeypatch):
+    # One at a time, each call writes its frame itself (no hand-over to the writer task);
+    # many at once, or while the connection is held back, the writer task takes them.
+    from raftfast.client import session as client_session
+
+    written: list[int] = []
+    real = client_session.SessionMixin._write_now
+
+    def counting(self) -> bool:
+        wrote = real(self)
+        written.append(wrote)
+        return wrote
+
+    monkeypatch.setattr(client_session.SessionMixin, "_write_now", counting)
+
+    async def test(node: raftfast.Node) -> None:
+        async with Client(address(node), timeout=20) as c:
+            await c.put(b"first", b"x")  # (the stream opens: the writer task sends it)
+            written.clear()
+            for i in range(50):
+                await c.put(b"k%d" % i, b"%d" % i)
+            assert written == [True] * 50
+            c._stream.call._writable.clear()  # as if the node did not read: the writer's
+            held = asyncio.ensure_future(c.put(b"held", b"back"))  # (it writes, then waits)
+            await wait_until("the writer to take it", lambda: written[-1] is False)
+            c._stream.call._writable.set()
+            await held
+            assert (
+                await asyncio.gather(*(c.put(b"p%d" % i, b"x") for i in range(300))) == [None] * 300
+            )
+            assert [await c.get(b"k%d" % i) for i in (0, 49)] == [b"0", b"49"]
+            assert await c.get(b"held") == b"back"
+
+    run(tmp_path, test)
+
+
+def test_a_result_the_client_cannot_take_ends_the_stream_and_the_call_goes_again(
+    tmp_path, monkeypatch, caplog
+):
+    # Results are taken as they arrive, inside the connection's callback: a failure there
+    # ends that stream (the call is sent again on a new one: exactly once), never the client.
+    from raftfast.client import session as client_session
+
+    real = client_session.SessionMixin._on_result
+    failures = [1]
+
+    def failing_once(self, stream, result) -> None:
+        if failures:
+            failures.pop()
+            raise RuntimeError("boom")
+        real(self, stream, result)
+
+    monkeypatch.setattr(client_session.SessionMixin, "_on_result", failing_once)
+
+    async def test(node: raftfast.Node) -> None:
+        async with Client(address(node), timeout=20) as c:
+            await c.put(b"k", b"v")  # (applied, its result lost: sent again, done once)
+            assert not failures
+            assert await c.cas(b"k", b"v", b"w")
+            assert await c.get(b"k") == b"w"
+        taken = [r for r in caplog.records if "could not be taken" in r.getMessage()]
+        assert taken and taken[0].name == "raftfast.client"
+
+    run(tmp_path, test)
+
+
 def test_the_grpc_call_where_tcp_is_not_offered_or_not_wanted(tmp_path):
     async def test(node: raftfast.Node) -> None:
         assert node._driver.session_server is None
