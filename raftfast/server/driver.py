@@ -36,7 +36,7 @@ from raftfast.core.membership import Membership
 from raftfast.core.raft import Config
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Committed, Message, MsgType, Ready, Role
-from raftfast.errors import LogError, NotLeaderError
+from raftfast.errors import CorruptionError, LogError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
 from raftfast.server import logs
@@ -44,6 +44,7 @@ from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
 from raftfast.server.handlers import register
 from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
+from raftfast.server.incarnations import FILE as INCARNATIONS_FILE
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.membership import MembershipMixin
 from raftfast.server.metrics import MetricsServer, NodeMetrics, RequestTimer
@@ -51,7 +52,7 @@ from raftfast.server.session_stream import SessionServer, server_context
 from raftfast.server.settings import NodeSettings
 from raftfast.server.snapshots import SnapshotMixin, log_holds
 from raftfast.statemachine import StateMachine
-from raftfast.storage.snapshot import SnapshotStore
+from raftfast.storage.snapshot import SnapshotMeta, SnapshotStore
 from raftfast.storage.wal import WAL
 from raftfast.storage.writer import WALWriter
 from raftfast.transport import tcp
@@ -84,6 +85,10 @@ _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) /
 # in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
 # by --max-request-bytes each and by HTTP/2 flow control per connection.
 _MAX_STREAMS_PER_CONNECTION = 1024
+_MISSING_REMEDY = (  # a data directory that lost files the node needs
+    "put the missing files back, restore a backup (--restore), or remove this node's data and "
+    "add it back (docs/operations.md)"
+)
 GRPC_HANDSHAKE_MS = 5_000  # a gRPC connection's TLS and HTTP/2 handshakes, at most
 
 
@@ -159,23 +164,57 @@ class Driver(MembershipMixin, SnapshotMixin):
         try:
             await self._start()
         except BaseException:
-            if self.metrics_server is not None:
-                self.metrics_server.close()
-                self.metrics_server = None
+            # What the start opened is closed (the WAL's lock, listeners, threads): an
+            # embedded node that failed to start may be started again.
+            self._stopping = True
+            try:
+                await self._close()
+            except Exception:  # noqa: BLE001 - the start's own failure is the one to report
+                log.debug("closing after a failed start", exc_info=True)
             raise
         finally:
             logs.unbind(token)
 
+    def _check_log_kept(self, wal_dir: str) -> None:
+        """Refuse (CorruptionError, before anything is written) a data directory that ran a
+        node and lost its log: started on a new one, the node would forget its entries, its
+        term and its vote (and could vote twice in a term). A first start makes its log before
+        its incarnation (``incarnations.json``), so a directory with one had a log."""
+        s = self.settings
+        if not WAL.holds_log(wal_dir) and os.path.exists(
+            os.path.join(s.data_dir, INCARNATIONS_FILE)
+        ):
+            raise CorruptionError(
+                f"{wal_dir} holds no log, but this data directory ran a node before: its "
+                f"entries, term and vote are gone; {_MISSING_REMEDY}",
+                wal_dir,
+            )
+
+    def _check_snapshot_kept(self, first_index: int, latest: SnapshotMeta | None) -> None:
+        """Refuse (CorruptionError) a log compacted behind a snapshot that is gone: started on
+        an older snapshot (or none), the node would serve a store without what the lost one
+        held, or take the older one for a leader's interrupted install and drop its log."""
+        snap_dir = os.path.join(self.settings.data_dir, "snap")
+        compacted = first_index - 1  # the log dropped what a snapshot then held
+        if compacted and (latest is None or latest.index < compacted):
+            newest = "none" if latest is None else f"the newest is at {latest.index}"
+            raise CorruptionError(
+                f"the log starts after index {compacted}, behind a snapshot at {compacted} "
+                f"or later, and {snap_dir} has no such snapshot ({newest}); {_MISSING_REMEDY}",
+                snap_dir,
+            )
+
     async def _start(self) -> None:
         s = self.settings
-        self.wal = WAL.open(
-            os.path.join(s.data_dir, "wal"), segment_bytes=s.wal_segment_bytes, fsync=s.fsync
-        )
+        wal_dir = os.path.join(s.data_dir, "wal")
+        self._check_log_kept(wal_dir)
+        self.wal = WAL.open(wal_dir, segment_bytes=s.wal_segment_bytes, fsync=s.fsync)
         self._wal_writer = WALWriter(self.wal)
         state = self.wal.recovered()
         self._durable_term_vote = (state.hard_state.term, state.hard_state.vote)
         self.snapshots = SnapshotStore(os.path.join(s.data_dir, "snap"))
         latest = self.snapshots.latest()
+        self._check_snapshot_kept(state.log.first_index, latest)
         # A node that joins an existing cluster starts with no configuration: it learns it from
         # the leader (never bootstrap it with itself alone: it would elect itself).
         membership = None if s.join else Membership(dict(s.peers))
@@ -351,6 +390,10 @@ class Driver(MembershipMixin, SnapshotMixin):
         await self._hand_over_leadership()
         self._stopping = True
         log.info("node %s stopping", self.id)
+        await self._close()
+
+    async def _close(self) -> None:
+        """Close everything (``stop``'s part once it stops; all of a start that failed)."""
         if self.health is not None:
             await self.health.shutdown()
         # (together: each waits up to its grace for the streams it serves, which never end)

@@ -100,7 +100,11 @@ class Node:
         if self._driver is not None:
             raise RaftfastError("this node is started already")
         self._driver = Driver(self.settings, self.state_machine)
-        await self._driver.start()
+        try:
+            await self._driver.start()
+        except BaseException:
+            self._driver = None  # (closed: it may be started again)
+            raise
         return self
 
     async def stop(self) -> None:

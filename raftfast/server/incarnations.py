@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 
 from raftfast.errors import CorruptionError
-from raftfast.storage.fsutil import write_file_atomically
+from raftfast.storage.fsutil import read_small_file, write_file_atomically
 from raftfast.transport.grpc import NEW_DATA_DIRECTORY
 
 __all__ = ["FILE", "Incarnations"]
@@ -40,6 +40,7 @@ __all__ = ["FILE", "Incarnations"]
 log = logging.getLogger("raftfast.node")
 
 FILE = "incarnations.json"
+MAX_FILE_BYTES = 1 << 20  # (a few dozen bytes a member; more is not a file we wrote)
 _LOG_EVERY_S = 60.0  # a refused peer reconnects all the time: one error a minute each
 
 
@@ -110,8 +111,7 @@ class Incarnations:
 
     def _load(self) -> tuple[int, dict[str, int], int]:
         try:
-            with open(self.path, "rb") as f:
-                data = json.loads(f.read())
+            data = json.loads(read_small_file(self.path, MAX_FILE_BYTES))
             own, peers, through = data["own"], data["peers"], data.get("through", 0)
             if not (isinstance(own, int) and 0 < own < 2**63 and isinstance(peers, dict)):
                 raise ValueError("bad values")
@@ -119,7 +119,7 @@ class Incarnations:
                 raise ValueError("bad through")
             if not all(isinstance(v, int) and 0 < v < 2**64 for v in peers.values()):
                 raise ValueError("bad peer values")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise CorruptionError(
                 f"{self.path} cannot be read ({exc}): restore it from a backup of this "
                 "directory, or remove this node's data and add it back (docs/operations.md)",

@@ -57,12 +57,17 @@ from typing import Any, NoReturn
 
 from raftfast._version import __version__, version_text
 from raftfast.address import is_address
-from raftfast.errors import FormatVersionError, RaftfastError
+from raftfast.errors import CorruptionError, FormatVersionError, RaftfastError, StorageError
 from raftfast.heap import keep_big_blocks_mapped
 from raftfast.server import descriptors
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
-from raftfast.storage.fsutil import DIR_MODE, lock_directory, write_file_atomically
+from raftfast.storage.fsutil import (
+    DIR_MODE,
+    lock_directory,
+    read_small_file,
+    write_file_atomically,
+)
 
 __all__ = [
     "IDENTITY_FILE",
@@ -77,6 +82,7 @@ __all__ = [
 
 PROG = "raftfast-node"
 IDENTITY_FILE = "node.json"
+_MAX_IDENTITY_BYTES = 1 << 20  # (a few hundred bytes; a link to /dev/zero is not read forever)
 IDENTITY_FORMAT = 1  # node.json's "format"; a newer one is refused at start
 _IDENTITY_KEYS = ("id", "listen", "peer_listen", "peers", "cluster_id", "join", "state_machine")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -513,12 +519,15 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
     """The identity stored in ``data_dir``, or None when there is none yet."""
     path = identity_path(data_dir)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = read_small_file(path, _MAX_IDENTITY_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except NotADirectoryError:  # (--data-dir names a file: a bad flag)
+        raise ConfigError(f"--data-dir {data_dir} is not a directory") from None
+    except OSError as exc:  # (a data directory that cannot be read: exit 1, as a damaged one)
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise CorruptionError(f"corrupt identity file {path} ({exc}); restore it", path) from None
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):
@@ -547,9 +556,11 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
                 else ""
             ),
         }
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         msg = " ".join(str(exc).split())
-        raise ConfigError(f"corrupt identity file {path} ({msg}); restore or remove it") from None
+        raise CorruptionError(
+            f"corrupt identity file {path} ({msg}); restore or remove it", path
+        ) from None
     return ident
 
 
@@ -714,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a node; returns the exit code. Bad configuration raises SystemExit(2)."""
     try:
         settings = parse_settings(argv, os.environ)
-    except FormatVersionError as exc:  # the data is fine, this raftfast is too old for it
+    except (CorruptionError, StorageError) as exc:  # (or newer than this raftfast reads)
         _fail(str(exc))
         return 1
     except ConfigError as exc:
@@ -744,8 +755,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _restore(settings: NodeSettings, path: str) -> int:
-    """``--restore``: the backup into the (empty) data directory; an exit code if it failed."""
-    from raftfast.server.restore import data_dir_contents, restore_backup
+    """``--restore``: the backup into the (empty) data directory, its state read by the state
+    machine the node will run (a backup of another kind of cluster is refused before anything
+    is kept); an exit code if it failed."""
+    from raftfast.server.restore import check_state, data_dir_contents, restore_backup
 
     if settings.join:
         _fail("--restore starts a new cluster: give --peers (the others --join it later)")
@@ -759,6 +772,7 @@ def _restore(settings: NodeSettings, path: str) -> int:
         return 2
     try:
         info = restore_backup(path, settings.data_dir, settings.peers, fsync=settings.fsync)
+        check_state(settings.data_dir, load_state_machine(settings.state_machine))  # (a new one)
     except (RaftfastError, OSError, ValueError) as exc:
         _fail(f"cannot restore {path}: {exc}")
         for name in ("wal", "snap"):  # leave the directory empty for the next try

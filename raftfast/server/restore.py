@@ -10,15 +10,20 @@ cluster does and go on from the snapshot's index.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import HardState
-from raftfast.errors import RaftfastError
+from raftfast.errors import CorruptionError, RaftfastError
 from raftfast.storage.backup import BackupInfo, read_header
+from raftfast.storage.fsutil import open_regular
 from raftfast.storage.snapshot import SnapshotStore, read_state_header
 from raftfast.storage.wal import WAL
 
-__all__ = ["restore_backup", "data_dir_contents"]
+if TYPE_CHECKING:
+    from raftfast.statemachine import StateMachine
+
+__all__ = ["check_state", "data_dir_contents", "restore_backup"]
 
 _NODE_FILES = ("node.json", "incarnations.json", "wal", "snap")
 
@@ -35,7 +40,7 @@ def restore_backup(
     an empty log after it into ``data_dir`` (which holds no node state yet). The configuration
     becomes ``peers`` (all voters). Raises CorruptionError, FormatVersionError, OSError."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
+        f = open_regular(path)  # (closed below)
     except OSError as exc:
         raise RaftfastError(f"cannot read the backup {path}: {exc.strerror or exc}") from None
     with f:
@@ -54,3 +59,26 @@ def restore_backup(
         wal.append(HardState(info.term, "", info.index), None)
         wal.install_snapshot(info.index, info.term)
     return info
+
+
+def check_state(data_dir: str, state_machine: StateMachine | None) -> None:
+    """Read the state restored into ``data_dir`` with ``state_machine`` (None: a new KV
+    store), as the node will at its start: CorruptionError if it cannot (a backup of another
+    kind of cluster, or of another state machine)."""
+    from raftfast.kv.fsm import KVStateMachine  # (the KV store only when it is the one)
+
+    machine = state_machine if state_machine is not None else KVStateMachine()
+    store = SnapshotStore(os.path.join(data_dir, "snap"))
+    meta = store.latest()
+    if meta is None:
+        raise CorruptionError(f"no snapshot was restored into {data_dir}", data_dir)
+    _, state = store.open_state(meta)
+    with state:
+        try:
+            machine.restore(state)
+        except Exception as exc:  # noqa: BLE001 - a user's state machine may raise anything
+            raise CorruptionError(
+                f"this node's state machine cannot read the backup's state (a backup of "
+                f"another kind of cluster?): {type(exc).__name__}: {exc}",
+                meta.path,
+            ) from None

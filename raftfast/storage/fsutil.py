@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
+from typing import BinaryIO
 
 from raftfast.errors import StorageError
 
@@ -22,6 +24,32 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only: a FIFO, a device or a directory in its
+    place raises OSError at once (opening a FIFO for reading waits for a writer: a node
+    starting on such a data directory hung, silent)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_small_file(path: str, limit: int) -> bytes:
+    """The content of the regular file ``path`` (``open_regular``); ValueError if it holds
+    more than ``limit`` bytes (a file swapped for a link to /dev/zero is not read forever)."""
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is bigger than {limit} bytes")
+    return data
 
 
 def write_file_atomically(path: str, data: bytes, fsync: bool = True) -> None:

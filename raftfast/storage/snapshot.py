@@ -24,7 +24,7 @@ from typing import BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, FormatVersionError, StorageError
-from raftfast.storage.fsutil import DIR_MODE, fsync_dir
+from raftfast.storage.fsutil import DIR_MODE, fsync_dir, open_regular
 
 __all__ = [
     "KEEP",
@@ -158,7 +158,7 @@ class SnapshotStore:
         written with ``create`` or ``pack_state``; CorruptionError if its header is bad. The
         caller closes the file."""
         try:
-            f = open(meta.path, "rb")  # noqa: SIM115 - handed to the caller
+            f = open_regular(meta.path)  # (handed to the caller)
         except OSError as exc:
             raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
         try:
@@ -213,7 +213,7 @@ class SnapshotStore:
     def read(self, meta: SnapshotMeta) -> bytes:
         """The whole content of a snapshot; CorruptionError if its size changed."""
         try:
-            with open(meta.path, "rb") as f:
+            with open_regular(meta.path) as f:
                 data = f.read()
         except OSError as exc:
             raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
@@ -228,7 +228,7 @@ class SnapshotStore:
     def read_membership(self, meta: SnapshotMeta) -> bytes:
         """The configuration stored at the head of a snapshot written with ``pack_state``."""
         try:
-            with open(meta.path, "rb") as f:
+            with open_regular(meta.path) as f:
                 head = f.read(_STATE_HEADER.size)
                 length = _STATE_HEADER.unpack(head)[1] if len(head) == _STATE_HEADER.size else 0
                 data = head + f.read(length)
@@ -245,7 +245,7 @@ class SnapshotStore:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
         try:
-            f = open(meta.path, "rb")  # closed by _chunks, which holds it across yields
+            f = open_regular(meta.path)  # closed by _chunks, which holds it across yields
         except OSError as exc:
             raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
         return self._chunks(f, meta, chunk_bytes)

@@ -29,7 +29,7 @@ from raftfast._sync_py import datasync, write_all
 from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, FormatVersionError, LogError, StorageError
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
-from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir
+from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, open_regular
 
 __all__ = [
     "REC_BATCH",
@@ -227,7 +227,7 @@ _OLDER = "it was written by an older raftfast that this one cannot read"
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         return f.read()
 
 
@@ -263,6 +263,17 @@ class WAL:
         self._sync_lock = threading.Lock()
 
     # -- opening and recovery -------------------------------------------------------------------
+
+    @staticmethod
+    def holds_log(path: str) -> bool:
+        """Whether directory ``path`` holds a WAL segment (else ``open`` makes a new log). A
+        path that cannot be listed counts as holding one: ``open`` says what is wrong."""
+        try:
+            return any(map(_SEGMENT_NAME.match, os.listdir(path)))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
 
     @classmethod
     def open(cls, path: str, *, segment_bytes: int = 64 * 1024 * 1024, fsync: bool = True) -> WAL:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from raftfast.errors import CorruptionError
 from raftfast.server import node_cli
 from raftfast.server.node_cli import ConfigError, load_identity, parse_settings, write_identity
 from raftfast.server.settings import NodeSettings
@@ -150,9 +151,23 @@ def test_contradicting_identity_is_refused(tmp_path: Path, fake_serve, capsys) -
     assert err.startswith("raftfast-node: error: --id 'n2' contradicts") and err.count("\n") == 1
     assert not fake_serve
 
-    (d / "node.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="corrupt identity file"):
-        parse_settings(["--data-dir", str(d)], {})
+    # A damaged identity is a damaged data directory: exit 1, one line.
+    for content in ("{not json", "", "[" * 200_000):
+        (d / "node.json").write_text(content)
+        with pytest.raises(CorruptionError, match="corrupt identity file"):
+            parse_settings(["--data-dir", str(d)], {})
+        assert node_cli.main(["--data-dir", str(d)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("raftfast-node: error: corrupt identity") and err.count("\n") == 1
+    (d / "node.json").unlink()
+    os.mkfifo(d / "node.json")  # (opening it to read would wait for a writer for ever)
+    assert node_cli.main(["--data-dir", str(d)]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+    (d / "node.json").unlink()
+    (d / "node.json").symlink_to("/dev/zero")
+    assert node_cli.main(["--data-dir", str(d)]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+    assert not fake_serve
 
 
 def test_no_fsync_warns(tmp_path: Path, fake_serve, capsys) -> None:

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from raftfast.client import SyncClient
+from raftfast.core.membership import Membership
+from raftfast.storage.backup import BackupWriter
+from raftfast.storage.snapshot import pack_state
 from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 from tests.fault.test_bad_input import clean_env, one_error_line, run_node
 
@@ -114,6 +117,27 @@ def test_a_damaged_backup_is_refused_and_changes_nothing(backup, tmp_path):
     assert proc.returncode == 1 and "bytes of snapshot" in one_error_line(proc)
     proc = run_node(_restore_args(data, tmp_path / "missing"), tmp_path)
     assert proc.returncode == 1 and "cannot read the backup" in one_error_line(proc)
+    assert os.listdir(data) == []
+
+
+@pytest.mark.parametrize(
+    "state", [b"RFX1" + bytes(64), b"", b"\x00" * 1000], ids=["another machine", "empty", "zeros"]
+)
+def test_a_backup_of_another_kind_of_cluster_is_refused_and_changes_nothing(tmp_path, state):
+    """A well-formed backup (right checksums) whose state this node's state machine cannot read
+    (one of a --state-machine cluster restored into a KV node): one line, exit 1, nothing kept;
+    it had reported success and left a directory that could not start nor be restored into."""
+    membership = Membership({"x": "127.0.0.1:1"}).encode()
+    content = pack_state(membership, state)
+    foreign = tmp_path / "foreign.backup"
+    writer = BackupWriter(str(foreign))
+    writer.write(content)
+    writer.finish(7, 2, len(content))
+    data = tmp_path / "d"
+    proc = run_node(_restore_args(data, foreign), tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "state machine cannot read the backup's state" in one_error_line(proc)
+    assert "restored" not in proc.stderr
     assert os.listdir(data) == []
 
 
