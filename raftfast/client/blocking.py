@@ -66,6 +66,7 @@ _STATUS_S = 2.0  # asking a node where its Session port is
 _NO_TCP_S = 10.0  # after a silent Session port: the caller's other way, this long
 _READ_BYTES = 64 * 1024
 _CODE_UNIMPLEMENTED = 12
+_CODE_FAILED_PRECONDITION = 9
 # Two processes on one connection would read each other's answers, and their writes would
 # share sequence numbers under one client id: the node would drop one as the other's retry.
 FORKED = "this client was made in another process (before a fork): make one in each process"
@@ -180,6 +181,10 @@ class BlockingSession:
                     ) from None
                 if exc.code == CODE_INVALID_ARGUMENT:  # (our one frame: too big, say)
                     raise InvalidArgumentError(one_line(str(exc))) from None
+                if exc.code == _CODE_FAILED_PRECONDITION:  # (a node of another cluster)
+                    raise RequestFailedError(
+                        f"{target}: {one_line(str(exc))}", "FAILED_PRECONDITION"
+                    ) from None
                 last_error = f"{target}: {one_line(str(exc))}"
                 if self._leader == target:
                     self._leader = None

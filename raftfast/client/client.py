@@ -84,6 +84,7 @@ from raftfast.client.calls import (
     read_mode_of,
 )
 from raftfast.client.session import SESSION_TRANSPORTS, Op, SessionMixin, SessionStub, Stream
+from raftfast.dedup import DEDUP_WINDOW
 from raftfast.errors import (
     ClusterUnavailableError,
     CommandError,
@@ -113,6 +114,7 @@ __all__ = [
 
 # put_many packs this much (or this many pairs) into one atomic write: big enough to make the
 # per-write costs vanish, small enough to keep frames and log entries moderate.
+MAX_TIMEOUT_S = 365 * 24 * 3600.0  # a longer timeout (inf too) is this one
 _PUT_MANY_BYTES = 256 * 1024
 _PUT_MANY_PAIRS = 4096
 _SCAN_PAGE = 10_000  # items asked for per Scan page (the server's maximum)
@@ -133,8 +135,9 @@ class Client(SessionMixin):
     """Asynchronous raftfast client (see the module docstring).
 
     ``endpoints``: "host:port,host:port" or a list of "host:port". ``timeout``: the default
-    deadline in seconds of every call (each method also takes ``timeout=``). ``cluster_id``:
-    when given, sent as ``cluster-id`` metadata so a node of another cluster refuses the calls.
+    deadline in seconds of every call (each method also takes ``timeout=``; above a year, inf
+    included, it is a year). ``cluster_id``: when given, sent as ``cluster-id`` metadata so a
+    node of another cluster refuses the calls (printable ASCII, as gRPC metadata).
 
     ``tls``: connect over TLS, trusting ``tls.ca_file`` (None: the system's CAs) and, if the
     cluster checks client certificates, presenting ``tls.cert_file``/``tls.key_file``
@@ -160,6 +163,10 @@ class Client(SessionMixin):
         session_transport: str = "auto",
     ) -> None:
         self._endpoints = parse_endpoints(endpoints)
+        if cluster_id is not None and not isinstance(cluster_id, str):
+            raise TypeError(f"cluster_id must be a str, not {type(cluster_id).__name__}")
+        if cluster_id and not all(" " <= c <= "~" for c in cluster_id):
+            raise ValueError("cluster_id must be printable ASCII (it travels as gRPC metadata)")
         if session_transport not in SESSION_TRANSPORTS:
             raise ValueError(f"session_transport must be one of {', '.join(SESSION_TRANSPORTS)}")
         if tls is not None and not isinstance(tls, TLSFiles):
@@ -181,6 +188,15 @@ class Client(SessionMixin):
             raise ValueError("frame and window limits must be positive")
         if max_ops_per_frame > MAX_FRAME_OPS:
             raise ValueError(f"max_ops_per_frame is at most {MAX_FRAME_OPS} (what a node takes)")
+        if max_outstanding_writes >= DEDUP_WINDOW:
+            # (a node remembers a client's last DEDUP_WINDOW writes: a retried write older
+            # than that could be applied twice)
+            raise ValueError(f"max_outstanding_writes must be below {DEDUP_WINDOW}")
+        for name, seconds in (("backoff_base", backoff_base), ("backoff_max", backoff_max)):
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+                raise TypeError(f"{name} must be a number, not {type(seconds).__name__}")
+            if not 0 <= seconds <= 60:
+                raise ValueError(f"{name} must be within [0, 60] seconds, got {seconds}")
         self._client_id = client_id
         self._metadata: tuple[tuple[str, str], ...] | None = (
             (("cluster-id", cluster_id),) if cluster_id else None
@@ -514,11 +530,14 @@ class Client(SessionMixin):
 
     @staticmethod
     def _check_timeout(timeout: float) -> float:
+        """A call's deadline in seconds: positive; past MAX_TIMEOUT_S (inf included) it is
+        MAX_TIMEOUT_S (gRPC's deadlines and the kernel's socket timeouts hold no more: a call
+        with 1e10 s hung, one with 1e19 failed inside the client)."""
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise TypeError(f"timeout must be a number, not {type(timeout).__name__}")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
-        return float(timeout)
+        return min(float(timeout), MAX_TIMEOUT_S)
 
     def _call_timeout(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else self._check_timeout(timeout)
@@ -614,6 +633,12 @@ class Client(SessionMixin):
             try:
                 call = rpc(request, timeout=remaining, metadata=self._metadata)
                 response = await (call if consume is None else consume(call))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and (task is None or not task.cancelling()):
+                    # (closing the channel cancels its calls; the caller was not cancelled)
+                    raise RaftfastError("client is closed") from None
+                raise
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 details = one_line(exc.details() or code.name.lower())

@@ -103,7 +103,12 @@ class SyncClient:
         if self._closed or os.getpid() != self._pid:
             coro.close()
             raise RaftfastError("client is closed" if self._closed else FORKED)
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        except concurrent.futures.CancelledError:
+            if self._closed:  # (closed by another thread while this call ran)
+                raise RaftfastError("client is closed") from None
+            raise
 
     def close(self) -> None:
         """Close the client and stop its thread. Idempotent."""
@@ -248,6 +253,8 @@ def _session_port(
             raise PermissionDeniedError(f"{target}: {details}") from None
         if code == grpc.StatusCode.UNIMPLEMENTED:
             raise RequestFailedError(not_raftfast(target, "Status"), code.name) from None
+        if code == grpc.StatusCode.FAILED_PRECONDITION:  # (a node of another cluster)
+            raise RequestFailedError(f"{target}: {details}", code.name) from None
         raise ClusterUnavailableError(f"{target}: {details}") from None
 
 

@@ -486,6 +486,70 @@ def test_deadline_when_the_leader_is_silent() -> None:
     run(main)
 
 
+def test_huge_and_infinite_timeouts_are_a_year() -> None:
+    # (1e10 s hung unary calls in gRPC; 1e19 s failed inside SyncClient with struct.error)
+    async def main() -> None:
+        fake = FakeKV()
+        server, addr = await start_fake(fake)
+        try:
+            async with Client([addr], timeout=float("inf")) as c:
+                assert c.timeout == 365 * 24 * 3600.0
+                await asyncio.wait_for(c.put(b"k", b"v"), 10)
+                assert (await asyncio.wait_for(c.status(), 10))["id"] == "n1"
+                assert await asyncio.wait_for(c.get(b"k", timeout=1e12), 10) == b"v"
+                assert await asyncio.wait_for(c.scan(b"", timeout=1e19), 10) == [(b"k", b"v")]
+        finally:
+            await server.stop(None)
+
+    run(main)
+    with ThreadedServer(FakeKV()) as servers, SyncClient(servers.addresses, timeout=1e19) as c:
+        c.put(b"a", b"1", timeout=float("inf"))
+        assert c.get(b"a") == b"1" and c.status()["id"] == "n1"
+
+
+def test_calls_in_flight_end_when_the_client_closes() -> None:
+    # They waited out their whole deadline (20 s), or raised a bare CancelledError.
+    async def main() -> None:
+        fake = FakeKV()
+        fake.blackhole = True  # (frames taken, never answered)
+        server, addr = await start_fake(fake)
+        try:
+            c = Client([addr], timeout=20)
+            puts = [asyncio.ensure_future(c.put(b"k%d" % i, b"v")) for i in range(50)]
+            while fake.frames == 0:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            await c.close()
+            outcomes = await asyncio.gather(*puts, return_exceptions=True)
+            assert time.monotonic() - started < 5
+            assert all(isinstance(o, RaftfastError) and "closed" in str(o) for o in outcomes)
+        finally:
+            await server.stop(None)
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        ({"cluster_id": "é"}, ValueError),
+        ({"cluster_id": "a\nb"}, ValueError),
+        ({"cluster_id": 5}, TypeError),
+        ({"backoff_base": float("nan")}, ValueError),
+        ({"backoff_max": -1}, ValueError),
+        ({"backoff_max": "1"}, TypeError),
+        ({"max_outstanding_writes": 4096}, ValueError),
+    ],
+)
+def test_bad_options_are_refused_by_the_constructor(options, error) -> None:
+    # (a cluster_id gRPC cannot send killed the client's session task: every call then
+    # waited out its deadline; a window past the node's exactly-once memory voids it)
+    with pytest.raises(error):
+        Client("127.0.0.1:1", **options)
+    with pytest.raises(error):
+        SyncClient("127.0.0.1:1", **options)
+
+
 def test_status_dict() -> None:
     async def main() -> None:
         fake = FakeKV()
