@@ -241,12 +241,13 @@ def _session_port(
 ) -> int:
     """``target``'s Session port over TCP, from its Status asked on ``loop`` (for
     ``BlockingSession``): PermissionDeniedError or RequestFailedError if it refuses to say,
-    ClusterUnavailableError if it cannot be asked."""
+    ClusterUnavailableError if it cannot be asked (why, without ``target``: the caller adds it
+    to its last error)."""
     try:
         call = client._ask_session_port(target, timeout)
         return asyncio.run_coroutine_threadsafe(call, loop).result(timeout + 5)
     except concurrent.futures.TimeoutError:  # (the loop is stopping: the client closes)
-        raise ClusterUnavailableError(f"{target}: no answer to Status") from None
+        raise ClusterUnavailableError("no answer to Status") from None
     except grpc.aio.AioRpcError as exc:
         code, details = exc.code(), one_line(exc.details() or exc.code().name.lower())
         if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -255,7 +256,7 @@ def _session_port(
             raise RequestFailedError(not_raftfast(target, "Status"), code.name) from None
         if code == grpc.StatusCode.FAILED_PRECONDITION:  # (a node of another cluster)
             raise RequestFailedError(f"{target}: {details}", code.name) from None
-        raise ClusterUnavailableError(f"{target}: {details}") from None
+        raise ClusterUnavailableError(details) from None  # (the caller names ``target``)
 
 
 def _shutdown(
