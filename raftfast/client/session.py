@@ -448,11 +448,13 @@ class SessionMixin:
         return port
 
     def _write_now(self) -> bool:
-        """Write what is pending from the caller's own task, when the writer task sleeps for
-        want of work and the stream can take a frame at once (over TCP): no hand-over to the
-        writer task and back (one task step and a future less per call). False: wake it."""
+        """Write what is pending from the caller's own task, when nothing is in flight, the
+        writer task sleeps for want of work and the stream can take a frame at once (over
+        TCP): no hand-over to the writer task and back (one task step and a future less per
+        call). False: wake it. (With frames in flight, calls wait for the writer and share a
+        frame: written at once, 256 calls in flight went out one to a frame, 2.5x slower.)"""
         stream = self._stream
-        if not self._writer_idle or stream is None or stream.reason is not None:
+        if not self._writer_idle or stream is None or stream.reason is not None or stream.inflight:
             return False
         call = stream.call
         if not isinstance(call, TcpSessionCall) or not call.writable_now():

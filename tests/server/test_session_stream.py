@@ -169,9 +169,9 @@ def test_calls_write_from_their_own_task_while_the_writer_sleeps(tmp_path, monke
             await wait_until("the writer to take it", lambda: written[-1] is False)
             c._stream.call._writable.set()
             await held
-            assert (
-                await asyncio.gather(*(c.put(b"p%d" % i, b"x") for i in range(300))) == [None] * 300
-            )
+            written.clear()  # many at once: the first goes at once, the others share frames
+            puts = await asyncio.gather(*(c.put(b"p%d" % i, b"x") for i in range(300)))
+            assert puts == [None] * 300 and written.count(True) <= 3, written.count(True)
             assert [await c.get(b"k%d" % i) for i in (0, 49)] == [b"0", b"49"]
             assert await c.get(b"held") == b"back"
 
