@@ -153,6 +153,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._removed_ids: dict[str, int] = {}  # removed node -> index of its removal: refused
         self.metrics = NodeMetrics()  # counted as it happens; the rest is read on scrape
         self.metrics_server: MetricsServer | None = None  # --metrics-listen
+        self._grpc_started: set[grpc.aio.Server] = set()  # (the others were only bound)
         self.health: Health | None = None  # grpc.health.v1 on the client port
         self._last_leader = ""  # the leader of the last soft state (for leader_changes)
 
@@ -343,7 +344,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         await self._serve_sessions(authorizer)
         if self.peer_server is not None:
             await self.peer_server.start()
+            self._grpc_started.add(self.peer_server)
         await self.server.start()
+        self._grpc_started.add(self.server)
         self.transport.start()
         self._follow_membership()
         self._tasks = [
@@ -398,7 +401,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             await self.health.shutdown()
         # (together: each waits up to its grace for the streams it serves, which never end)
         await asyncio.gather(
-            *(server.stop(grace=0.5) for server in (self.server, self.peer_server) if server)
+            *(self._stop_grpc(server) for server in (self.server, self.peer_server) if server)
         )
         for stream_server in (self.replication_server, self.session_server):
             if stream_server is not None:
@@ -431,6 +434,19 @@ class Driver(MembershipMixin, SnapshotMixin):
             server, self.metrics_server = self.metrics_server, None
             await asyncio.get_running_loop().run_in_executor(None, server.close)
         self.stopped.set()
+
+    async def _stop_grpc(self, server: grpc.aio.Server) -> None:
+        """Stop a gRPC server. One bound but never started (a start that failed after its
+        bind) keeps its port until started: it is started to be stopped at once, or a retried
+        start in this process found the port taken."""
+        if server not in self._grpc_started:
+            try:
+                await server.start()
+            except Exception:  # noqa: BLE001 - nothing bound: nothing to give back
+                return
+            await server.stop(None)
+            return
+        await server.stop(grace=0.5)
 
     async def _hand_over_leadership(self) -> None:
         """A leader that stops hands leadership to its most caught-up voter first, so a

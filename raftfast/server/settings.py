@@ -118,9 +118,6 @@ class NodeSettings:
             check_node_id(nid)
         if not self.cluster_id or len(self.cluster_id.encode()) > MAX_ID_BYTES:
             raise ValueError(f"--cluster-id must be 1 to {MAX_ID_BYTES} bytes")
-        if not all(" " <= c <= "~" for c in self.cluster_id):
-            # (clients send it as gRPC metadata, which holds nothing else)
-            raise ValueError("--cluster-id must be printable ASCII")
         if self.peer_stream not in PEER_STREAMS:
             raise ValueError(f"--peer-stream must be one of {', '.join(PEER_STREAMS)}")
         if not 0 <= self.peer_stream_port < 65536:

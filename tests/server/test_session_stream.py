@@ -273,6 +273,39 @@ def test_one_callers_short_deadlines_leave_the_shared_stream_alone(tmp_path, mon
     run(tmp_path, test)
 
 
+def test_a_node_whose_port_is_taken_fails_to_start_and_starts_once_it_is_free(tmp_path):
+    # A failed start closes what it opened: the client port, bound but never started, stayed
+    # taken in this process and every later start failed on it.
+    async def main() -> None:
+        client_port, session_port = free_ports(2)
+        addr = f"127.0.0.1:{client_port}"
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", session_port))
+            taken.listen()
+            node = raftfast.Node(
+                id="n1", listen=addr, peers={"n1": addr}, data_dir=str(tmp_path / "n1"),
+                state_machine=KVStateMachine(), tick_ms=20, client_stream_port=session_port,
+            )  # fmt: skip
+            for _ in range(3):
+                with pytest.raises(OSError, match="cannot listen for Session streams"):
+                    await node.start()
+        async with node:
+            await node.wait_for_leader(timeout=30)
+            async with Client(addr, timeout=20) as c:
+                await c.put(b"k", b"v")
+                assert await c.get(b"k") == b"v"
+
+    asyncio.run(main())
+
+
+def test_a_cluster_id_clients_cannot_send_still_starts(tmp_path):
+    # (a node of an older version may have one: upgrading must not refuse it; our clients
+    # refuse to send one gRPC metadata cannot hold)
+    run(tmp_path, lambda node: asyncio.sleep(0), cluster_id="é")
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Client("127.0.0.1:1", cluster_id="é")
+
+
 def test_the_grpc_call_where_tcp_is_not_offered_or_not_wanted(tmp_path):
     async def test(node: raftfast.Node) -> None:
         assert node._driver.session_server is None
