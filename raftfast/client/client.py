@@ -656,9 +656,12 @@ class Client(SessionMixin):
                     raise RaftfastError("client is closed") from None
                 if code not in RETRYABLE_STATUS:
                     raise RequestFailedError(f"{target}: {details}", code.name) from None
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED and loop.time() >= deadline - 1e-3:
-                    raise self._timeout_error(
-                        total, last_error, last_error is None, what, target, endpoint
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and loop.time() >= deadline - 0.1:
+                    # (the node gives up DEADLINE_MARGIN before the deadline, saying why: a
+                    # learner that has not caught up, say; that is the answer, not another
+                    # endpoint's "not the leader" in the time left)
+                    raise DeadlineExceededError(
+                        f"deadline of {total:g}s exceeded at {target}: {details}"
                     ) from None
                 last_error = f"{target}: {details}"
                 if endpoint is None:

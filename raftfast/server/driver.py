@@ -154,6 +154,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.metrics = NodeMetrics()  # counted as it happens; the rest is read on scrape
         self.metrics_server: MetricsServer | None = None  # --metrics-listen
         self._grpc_started: set[grpc.aio.Server] = set()  # (the others were only bound)
+        self._starting = False  # start() is under way
+        self._start_over = asyncio.Event()  # start() returned or raised
         self.health: Health | None = None  # grpc.health.v1 on the client port
         self._last_leader = ""  # the leader of the last soft state (for leader_changes)
 
@@ -162,6 +164,7 @@ class Driver(MembershipMixin, SnapshotMixin):
     async def start(self) -> None:
         # Log lines of this node's tasks (created from here on) carry its id and term.
         token = logs.bind(self)
+        self._starting = True
         try:
             await self._start()
         except BaseException:
@@ -174,6 +177,8 @@ class Driver(MembershipMixin, SnapshotMixin):
                 log.debug("closing after a failed start", exc_info=True)
             raise
         finally:
+            self._starting = False
+            self._start_over.set()
             logs.unbind(token)
 
     def _check_log_kept(self, wal_dir: str) -> None:
@@ -387,7 +392,11 @@ class Driver(MembershipMixin, SnapshotMixin):
             ) from exc
 
     async def stop(self) -> None:
-        """Graceful stop: refuse new work, let the in-flight Ready finish, close everything."""
+        """Graceful stop: refuse new work, let the in-flight Ready finish, close everything.
+        During ``start``, once it is over (closing what it is still opening crashed the
+        process: the WAL's writer freed under it)."""
+        if self._starting:
+            await self._start_over.wait()
         if self._stopping or self._handing_over:
             return
         await self._hand_over_leadership()

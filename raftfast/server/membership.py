@@ -14,9 +14,11 @@ import logging
 
 import grpc
 
+from raftfast.address import is_address
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.types import Role
 from raftfast.errors import ChangeInProgressError, NotLeaderError
+from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.server.incarnations import Incarnations
@@ -99,6 +101,9 @@ class MembershipMixin:
     ) -> pb.MembersResponse:
         """Add ``node_id`` as a learner; unless ``learner``, promote it once it caught up.
         Idempotent: adding a member again with the same address just carries on."""
+        check_node_id(node_id)  # (the services check both first; an embedded node's caller
+        if not is_address(address):  # reaches this directly)
+            raise ValueError(f"bad address {address[:300]!r} (want HOST:PORT)")
         deadline = asyncio.get_running_loop().time() + timeout
         current = self.raw.membership.members()
         if node_id in current:

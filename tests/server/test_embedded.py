@@ -110,3 +110,47 @@ def test_sync_node(tmp_path):
             node.stop()
     with pytest.raises(RaftfastError, match="stopped"):
         nodes[0].propose(b"1")
+
+
+def _one(tmp_path) -> raftfast.Node:
+    [port] = free_ports(1)
+    addr = f"127.0.0.1:{port}"
+    return raftfast.Node(
+        id="n1", listen=addr, peers={"n1": addr}, data_dir=str(tmp_path / "n1"),
+        state_machine=Counter(), tick_ms=20, timeout=5,
+    )  # fmt: skip
+
+
+def test_a_node_stopped_while_it_starts_stops_after_the_start(tmp_path):
+    # stop() closed what start() was still opening: the process died (segmentation fault).
+    async def main() -> None:
+        for delay in (0.0, 0.001, 0.003, 0.01, 0.03):
+            node = _one(tmp_path)
+            starting = asyncio.ensure_future(node.start())
+            await asyncio.sleep(delay)
+            await node.stop()
+            assert await starting is node
+            assert node._driver.stopped.is_set()
+
+    asyncio.run(main())
+
+
+def test_members_with_bad_addresses_are_refused_and_a_stuck_promote_says_why(tmp_path):
+    # An embedded node committed "garbage" or "127.0.0.1:99999" as a member's address; a
+    # promote that could not finish was reported as "no leader reachable".
+    async def main() -> None:
+        async with _one(tmp_path) as node:
+            await node.wait_for_leader(timeout=30)
+            for address in ("garbage", "127.0.0.1:99999", "h:-1", "a b:5", ""):
+                with pytest.raises(ValueError, match="bad address"):
+                    await node.add_member("n9", address)
+            with pytest.raises(ValueError, match="bad node id"):
+                await node.add_member("n 9", "127.0.0.1:7")
+            assert set(node._driver.raw.membership.members()) == {"n1"}  # (nothing committed)
+            [dead] = free_ports(1)  # (nobody there: the learner never catches up)
+            await node.add_member("n8", f"127.0.0.1:{dead}", learner=True)
+            with pytest.raises(raftfast.DeadlineExceededError, match="caught up"):
+                async with raftfast.Client(node.settings.listen, timeout=2) as client:
+                    await client.promote_member("n8")
+
+    asyncio.run(main())
