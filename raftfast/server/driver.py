@@ -136,7 +136,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._snapshot_index = 0  # index of our newest snapshot
         self._snapshot_retry_at = 0.0  # (after a refused snapshot: SnapshotMixin)
         self._log_bytes_kept = 0  # bytes the log held in memory right after the last snapshot
-        self._release_at_rest = 0  # (SnapshotMixin)
+        self._release_at_rest = self._trim_at_rest = False  # (SnapshotMixin)
         self._release_seen = (0, 0.0)
         self._incoming_snapshot = None  # a snapshot streamed from the leader, not yet installed
         self.failed: BaseException | None = None

@@ -32,7 +32,6 @@ SNAPSHOT_RETRY_S = 30.0  # after a state machine could not be snapshotted
 # trickle of writes re-faults a few pages; a load re-faulted ~100 MB/s: _release_memory_at_rest).
 RELEASE_AFTER_S = 0.5
 RELEASE_GROWTH = 1 << 20
-TRIM_HEAP = 2  # (_release_at_rest: 0 nothing to give back, 1 the log's memory, 2 and the heap)
 
 
 class SnapshotRefusedError(CommandError):
@@ -50,7 +49,8 @@ class SnapshotMixin:
     _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
     _compact_to: int  # a snapshot was taken here: the loop drops the log it covers
     _snapshot_retry_at: float  # (time.monotonic) after a refused snapshot, not before
-    _release_at_rest: int  # what to give back once the log is at rest (0, 1 or TRIM_HEAP)
+    _release_at_rest: bool  # a compaction kept memory to give back once the log is at rest
+    _trim_at_rest: bool  # ... and dropped enough that the heap's free pages go back too
     _release_seen: tuple[int, float]  # the log's bytes when the wait began, and when (monotonic)
     _committed_members: set[str]
     incarnations: Incarnations
@@ -161,10 +161,9 @@ class SnapshotMixin:
             raw.compact(upto)
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._fsync_pool, self.wal.release_before, upto, upto_term)
-            self._release_at_rest = max(
-                self._release_at_rest,
-                TRIM_HEAP if held - raw.log_bytes >= self.settings.snapshot_log_bytes // 4 else 1,
-            )
+            self._release_at_rest = True
+            if held - raw.log_bytes >= self.settings.snapshot_log_bytes // 4:
+                self._trim_at_rest = True
             self._release_seen = (raw.log_bytes, time.monotonic())
         self._log_bytes_kept = raw.log_bytes
 
@@ -182,9 +181,10 @@ class SnapshotMixin:
             return
         if now - since < RELEASE_AFTER_S:
             return
-        trim, self._release_at_rest = self._release_at_rest == TRIM_HEAP, 0
+        self._release_at_rest = False
         self.raw.release_log_memory()
-        if trim:
+        if self._trim_at_rest:
+            self._trim_at_rest = False
             # (Not awaited: glibc holds its heap's lock while it trims, a few ms, longer the
             # more the heap is fragmented.)
             self._snapshot_pool.submit(release_free_memory)
