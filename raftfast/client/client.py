@@ -112,9 +112,9 @@ __all__ = [
     "parse_endpoints",
 ]
 
+MAX_TIMEOUT_S = 365 * 24 * 3600.0  # a longer timeout (inf too) is this one
 # put_many packs this much (or this many pairs) into one atomic write: big enough to make the
 # per-write costs vanish, small enough to keep frames and log entries moderate.
-MAX_TIMEOUT_S = 365 * 24 * 3600.0  # a longer timeout (inf too) is this one
 _PUT_MANY_BYTES = 256 * 1024
 _PUT_MANY_PAIRS = 4096
 _SCAN_PAGE = 10_000  # items asked for per Scan page (the server's maximum)
@@ -264,11 +264,7 @@ class Client(SessionMixin):
                 await task
             except asyncio.CancelledError:
                 pass
-        err = RaftfastError("client is closed")
-        for op in self._pending:
-            if op.fut is not None and not op.fut.done():
-                op.fut.set_exception(err)
-        self._pending.clear()
+        self._fail_pending(RaftfastError("client is closed"))
         self._outstanding.clear()
         channels, self._channels = list(self._channels.values()), {}
         self._stubs.clear()
