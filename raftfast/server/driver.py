@@ -312,7 +312,6 @@ class Driver(MembershipMixin, SnapshotMixin):
         # (after the services: their calls find their handlers first)
         self.health.add_to(self.server)
         enable_reflection(self.server, (*self.app.service_names, ADMIN_SERVICE))
-        await self.health.update()  # NOT_SERVING until a leader is known
         if shared:
             register(self.server, pb, "Peer", peer_service)
         else:
@@ -407,7 +406,7 @@ class Driver(MembershipMixin, SnapshotMixin):
     async def _close(self) -> None:
         """Close everything (``stop``'s part once it stops; all of a start that failed)."""
         if self.health is not None:
-            await self.health.shutdown()
+            self.health.shutdown()
         # (together: each waits up to its grace for the streams it serves, which never end)
         await asyncio.gather(
             *(self._stop_grpc(server) for server in (self.server, self.peer_server) if server)
@@ -647,7 +646,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             if eager:
                 self.transport.send(eager)
             self._wake.set()
-            await health.update()
+            health.update()
 
     async def _run(self) -> None:
         try:

@@ -13,7 +13,10 @@ machine of one's own), all the same:
   starts stopping (for good).
 
 The driver asks ``update`` on every tick; only a change is passed to the servicer (which
-wakes the Watch streams).
+wakes the Watch streams). Nothing here waits for a client: a Watch stream its client does not
+read holds up only itself (grpc_health's own asyncio servicer held a lock while it wrote, and
+every status change waited for it: one such client stopped a node's ticker, so its elections,
+and its shutdown).
 
 Reflection (``grpc.reflection.v1alpha.ServerReflection``) lists the client services, health
 and reflection itself, so ``grpcurl`` and the like can list and call the API without the
@@ -22,6 +25,8 @@ and reflection itself, so ``grpcurl`` and the like can list and call the API wit
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import grpc
@@ -37,6 +42,55 @@ ADMIN_SERVICE = "raftfast.v1.Admin"
 HEALTH_SERVICE = health.SERVICE_NAME  # grpc.health.v1.Health
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+log = logging.getLogger(__name__)
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1.Health`` for a fixed set of services: ``Check``, and ``Watch`` streams
+    that send each status as it changes (the newest one: a stream that fell behind skips the
+    ones between, as the protocol allows). ``set`` never waits."""
+
+    def __init__(self, services: tuple[str, ...], status: int) -> None:
+        self._status = dict.fromkeys(services, status)
+        self._changed = asyncio.Event()  # set, and replaced, at every change
+        self._final = False
+
+    def set(self, status: int) -> None:
+        """Every service's status (after ``shutdown``: nothing changes any more)."""
+        if self._final:
+            return
+        for service in self._status:
+            self._status[service] = status
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def shutdown(self) -> None:
+        """NOT_SERVING for good."""
+        self.set(_NOT_SERVING)
+        self._final = True
+
+    async def Check(self, request, context):  # noqa: N802 - gRPC naming
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):  # noqa: N802 - gRPC naming
+        sent = None
+        while True:
+            changed = self._changed
+            status = self._status.get(request.service, _UNKNOWN)
+            if status == sent:
+                await changed.wait()
+                continue
+            try:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+            except Exception as exc:  # noqa: BLE001 - the client went away: its stream is over
+                log.debug("a health Watch stream ended: %r", exc)
+                return
+            sent = status
 
 
 class Health:
@@ -45,9 +99,8 @@ class Health:
 
     def __init__(self, driver: Driver, services: tuple[str, ...]) -> None:
         self.driver = driver
-        self.services = ("", *services)
-        self.servicer = health.aio.HealthServicer()
-        self.serving: bool | None = None
+        self.servicer = HealthServicer(("", *services), _NOT_SERVING)
+        self.serving: bool | None = False
         self.ready_from = 0  # the commit index known at start: applied before SERVING
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -63,20 +116,17 @@ class Health:
             and d.applied_index >= self.ready_from
         )
 
-    async def update(self) -> None:
+    def update(self) -> None:
         """Pass the node's status on, if it changed (cheap otherwise: a few attribute reads)."""
         serving = self.ready()
-        if serving == self.serving:
-            return
-        self.serving = serving
-        status = _SERVING if serving else _NOT_SERVING
-        for service in self.services:
-            await self.servicer.set(service, status)
+        if serving != self.serving:
+            self.serving = serving
+            self.servicer.set(_SERVING if serving else _NOT_SERVING)
 
-    async def shutdown(self) -> None:
+    def shutdown(self) -> None:
         """NOT_SERVING for good (the node is stopping)."""
         self.serving = False
-        await self.servicer.enter_graceful_shutdown()
+        self.servicer.shutdown()
 
 
 def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+
 import grpc
+import h2.config
+import h2.connection
+import h2.settings
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -80,22 +86,72 @@ def test_serving_needs_a_leader_and_the_start_s_commit_index_applied_and_not_sto
             )
             return answer.status
 
-        await health.update()
+        health.update()
         assert await status() == NOT_SERVING and await status("raftfast.v1.KV") == NOT_SERVING
         driver.raw.leader = "n2"
-        await health.update()
+        health.update()
         assert await status() == NOT_SERVING  # (still replaying)
         driver.applied_index = 10
-        await health.update()
+        health.update()
         assert await status() == SERVING and await status("raftfast.v1.KV") == SERVING
         driver.raw.leader = ""  # (an election, or cut off)
-        await health.update()
+        health.update()
         assert await status() == NOT_SERVING
         driver.raw.leader = "n3"
-        await health.update()
+        health.update()
         assert await status() == SERVING
-        await health.shutdown()
-        await health.update()
+        health.shutdown()
+        health.update()
         assert await status() == NOT_SERVING and await status("raftfast.v1.KV") == NOT_SERVING
 
     asyncio.run(run())
+
+
+def _unread_watch(port: int) -> socket.socket:
+    """A Health/Watch stream from a raw HTTP/2 client that gives the server no flow-control
+    window and reads nothing: the server's first write of a status never completes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(
+        stream,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/grpc.health.v1.Health/Watch"),
+            (":authority", f"127.0.0.1:{port}"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    conn.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # (an empty request)
+    sock.sendall(conn.data_to_send())
+    return sock
+
+
+def test_watch_streams_their_clients_do_not_read_hold_up_nothing_else(tmp_path):
+    """Unread Watch streams on every node: the nodes still elect, change their health for
+    the clients that do read, and stop when told (the library's servicer held a lock while it
+    wrote: the ticker, so elections, and the shutdown waited for such a client forever)."""
+    with ProcCluster(tmp_path) as cluster:
+        first = cluster.wait_leader()
+        ports = {nid: int(addr.rsplit(":", 1)[1]) for nid, addr in cluster.addrs.items()}
+        unread = [_unread_watch(port) for port in ports.values()]
+        try:
+            cluster.kill(first)
+            second = cluster.wait_leader(among=[n for n in cluster.ids if n != first])
+            cluster.kill(second)
+            cluster.start(first, first_time=False)
+            third = cluster.wait_leader(among=[n for n in cluster.ids if n != second])
+            assert third != second
+            for nid in (first, third):
+                wait_for(f"{nid} to serve", lambda nid=nid: check(cluster, nid) == SERVING)
+            for nid in (first, third):
+                cluster.procs[nid].send_signal(signal.SIGTERM)
+            for nid in (first, third):  # (else stop_all kills them after its own wait)
+                wait_for(f"{nid} to stop", lambda nid=nid: cluster.exited(nid) is not None)
+        finally:
+            for sock in unread:
+                sock.close()
