@@ -75,6 +75,25 @@ def _names(text: str, what: str) -> list[str]:
     return names
 
 
+def _check_file_name(name: str, what: str) -> None:
+    """Nodes and clients name their files here: a name that is a path would write elsewhere."""
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"{what}: {name[:40]!r} cannot name files (a '/' or '\\', '.' or '..')")
+
+
+class _Files(dict):
+    """The files to write, by name: one name twice (a node called "ca" or "roles", a node
+    "a-peer" beside a node "a") is refused, not one file silently written over another."""
+
+    def __setitem__(self, name: str, data: bytes) -> None:
+        if name in self:
+            raise ValueError(
+                f"{name} would be written twice: rename the node or client it belongs to "
+                "(ca, peer-ca and roles are taken; a node NAME also writes NAME-peer.*)"
+            )
+        super().__setitem__(name, data)
+
+
 def _clients(text: str) -> dict[str, str]:
     out = {}
     for item in _names(text, "--clients"):
@@ -180,7 +199,10 @@ def main(args: argparse.Namespace) -> int:
     nodes = _names(args.nodes, "--nodes")
     for node in nodes:
         check_node_id(node)
+        _check_file_name(node, "--nodes")
     clients = _clients(args.clients)
+    for client in clients:
+        _check_file_name(client, "--clients")
     clash = set(nodes) & set(clients)
     if clash:
         raise ValueError(f"{sorted(clash)[0]!r} is both a node and a client: name them apart")
@@ -188,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= MAX_DAYS:
         raise ValueError(f"--days must be in [1, {MAX_DAYS}] (a certificate ends by 9999)")
     out = Path(args.dir)
-    files: dict[str, bytes] = {}
+    files = _Files()
     client_ca = _Issuer("raftfast client CA", args.days)
     peer_ca = _Issuer("raftfast peer CA", args.days)
     files["ca.crt"], files["ca.key"] = _pem_cert(client_ca.cert), _pem_key(client_ca.key)

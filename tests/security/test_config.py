@@ -64,6 +64,15 @@ def test_certs_refuses_what_it_cannot_make_and_never_overwrites(made, tmp_path):
         (("--nodes", "n1", "--days", "999999999"), "--days must be in"),  # (a traceback)
         (("--nodes", "n1", "--days", str(2**64)), "--days must be in"),
         (("--nodes", "n1", "--days", "0"), "--days must be in"),
+        # Names are file names: none may write over another file or outside --dir.
+        (("--nodes", "ca"), "ca.crt would be written twice"),  # (the client CA's)
+        (("--nodes", "roles"), "roles.toml would be written twice"),  # (--auth-roles')
+        (("--nodes", "peer-ca"), "peer-ca.crt would be written twice"),
+        (("--nodes", "n1,n1-peer"), "n1-peer.crt would be written twice"),
+        (("--nodes", "n1", "--clients", "ca=admin"), "ca.crt would be written twice"),
+        (("--nodes", "n1", "--clients", "../x=admin"), "cannot name files"),
+        (("--nodes", "a/b"), "cannot name files"),
+        (("--nodes", ".."), "cannot name files"),
     ]:
         done = certs(tmp_path, *args)
         lines = done.stderr.strip().splitlines()
