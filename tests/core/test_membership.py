@@ -343,3 +343,7 @@ def test_a_configuration_has_a_bounded_number_of_members_and_sane_addresses():
     assert is_address("127.0.0.1:7001") and is_address("[::1]:7001")
     for bad in ("h" * 300 + ":1", "\x01" * 10 + ":1", "٧:٧٠٠١", "a b:1", "h:0", "h:65536", ":1"):
         assert not is_address(bad), bad
+    # IPv6 only in brackets ("::1" was host ":" and port 1: gRPC dialed [::1]:443)
+    assert is_address("[fe80::1%eth0]:7001") and is_address("[::]:1")
+    for bad in ("::1", "::1:7001", "[:1", "a:b:1", "[::1:7001", "a]:1", "[1.2.3.4]:5", "[x]:1"):
+        assert not is_address(bad), bad
