@@ -170,7 +170,7 @@ def test_wheel_and_sdist(dists: dict[str, object]) -> None:
     assert "License-Expression: MIT" in headers
     assert f"Version: {VERSION}" in headers
     assert not [h for h in headers if h.startswith("License:")]  # the old form: gone
-    assert "raftfast = raftfast.client.cli:main" in entry_points
+    assert "raftfast = raftfast.command:main" in entry_points
     assert "raftfast-node = raftfast.server.node_cli:main" in entry_points
 
     with tarfile.open(sdist) as tf:

@@ -28,7 +28,8 @@ Exit codes (``ExitCode``): 0 success; 1 a negative answer (``get``: key not foun
 not found, ``cas``: not swapped); 2 a usage error (also an argument the cluster refuses as
 invalid); 3 the cluster is unavailable or the deadline passed; 4 permission denied (TLS
 certificate or role); 5 the cluster refused the request otherwise (no space, a failed request,
-not a raftfast server). Errors are one line on stderr, never a traceback.
+not a raftfast server); 6 the answer could not be written (stdout closed or its disk full: the
+request itself was carried out). Errors are one line on stderr, never a traceback.
 
 Adding a command: write ``async def _cmd_x(client, args) -> int`` and an ``_add_x(sub, common)``
 that registers its subparser with ``set_defaults(handler=_cmd_x)``, and list it in
@@ -75,6 +76,7 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 3  # no leader reachable, or the deadline passed
     PERMISSION = 4  # the certificate (or its role) may not do this
     FAILED = 5  # refused otherwise: no space, a failed request, not a raftfast server
+    OUTPUT = 6  # the answer could not be written to stdout (the request was carried out)
 
 
 def exit_code_of(exc: BaseException) -> ExitCode:
@@ -126,19 +128,34 @@ def _arg_bytes(text: str) -> bytes:
     return os.fsencode(text)
 
 
-def _out() -> Any:
-    """A binary stdout (the real one, or the buffer of a replaced sys.stdout)."""
-    sys.stdout.flush()
-    return getattr(sys.stdout, "buffer", None)
+class OutputError(Exception):
+    """The answer could not be written to stdout (closed, or its disk full)."""
+
+
+def _print(text: str) -> None:
+    """A line of the answer on stdout."""
+    _write_line(text.encode("utf-8", "surrogateescape"))
 
 
 def _write_line(data: bytes) -> None:
-    out = _out()
-    if out is None:
-        sys.stdout.write(data.decode("utf-8", "replace") + "\n")
-    else:
-        out.write(data + b"\n")
-        out.flush()
+    """A line of the answer on stdout: raw bytes to the real one (or the buffer of a replaced
+    sys.stdout), decoded for a text-only one."""
+    stdout = sys.stdout
+    if stdout is None:  # (started with stdout closed: `raftfast get k >&-`)
+        raise OutputError("stdout is closed")
+    try:
+        stdout.flush()
+        out = getattr(stdout, "buffer", None)
+        if out is None:
+            stdout.write(data.decode("utf-8", "replace") + "\n")
+            stdout.flush()
+        else:
+            out.write(data + b"\n")
+            out.flush()
+    except BrokenPipeError:
+        raise  # (the reader went away, e.g. `| head`: a quiet exit, see main)
+    except (OSError, ValueError) as exc:  # (ValueError: a closed file)
+        raise OutputError(getattr(exc, "strerror", None) or str(exc)) from None
 
 
 def _error(message: str) -> None:
@@ -150,7 +167,7 @@ def _error(message: str) -> None:
 
 async def _cmd_put(client: Client, args: argparse.Namespace) -> int:
     await client.put(args.key, args.value)
-    print("OK")
+    _print("OK")
     return 0
 
 
@@ -165,18 +182,18 @@ async def _cmd_get(client: Client, args: argparse.Namespace) -> int:
 
 async def _cmd_delete(client: Client, args: argparse.Namespace) -> int:
     if await client.delete(args.key):
-        print("deleted")
+        _print("deleted")
         return 0
-    print("not found")
+    _print("not found")
     return 1
 
 
 async def _cmd_cas(client: Client, args: argparse.Namespace) -> int:
     expected = None if args.absent else args.expect
     if await client.cas(args.key, expected, args.new):
-        print("swapped")
+        _print("swapped")
         return 0
-    print("not swapped")
+    _print("not swapped")
     return 1
 
 
@@ -189,7 +206,7 @@ async def _cmd_scan(client: Client, args: argparse.Namespace) -> int:
 
 async def _cmd_transfer_leader(client: Client, args: argparse.Namespace) -> int:
     leader = await client.transfer_leader(args.target)
-    print(f"leader is now {leader}")
+    _print(f"leader is now {leader}")
     return 0
 
 
@@ -197,12 +214,18 @@ async def _cmd_transfer_leader(client: Client, args: argparse.Namespace) -> int:
 _MEMBER_ADD_MIN_TIMEOUT = 120.0
 
 
+def _long_timeout(client: Client, args: argparse.Namespace, floor: float) -> float:
+    """The deadline of a long command: at least ``floor`` unless the user chose one
+    (--timeout or $RAFTFAST_TIMEOUT: then that, as for any command)."""
+    return client.timeout if args.timeout is not None else max(client.timeout, floor)
+
+
 async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
     action = args.member_action
     if action == "list":
         listing = await client.members()
     elif action == "add":
-        timeout = max(client.timeout, _MEMBER_ADD_MIN_TIMEOUT)
+        timeout = _long_timeout(client, args, _MEMBER_ADD_MIN_TIMEOUT)
         listing = await client.add_member(
             args.id, args.address, learner=args.learner, timeout=timeout
         )
@@ -214,7 +237,7 @@ async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
         }[action]
         listing = await call(args.id)
     if getattr(args, "json", False):
-        print(json.dumps(listing, indent=2, sort_keys=True))
+        _print(json.dumps(listing, indent=2, sort_keys=True))
         return 0
     rows = [
         [
@@ -227,10 +250,10 @@ async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
         for m in listing["members"]
     ]
     if listing.get("note"):
-        print(listing["note"])
+        _print(listing["note"])
     state = "committed" if listing["committed"] else "not committed yet"
-    print("\n".join(format_table(["ID", "ADDRESS", "ROLE", "", "MATCH"], rows)))
-    print(
+    _print("\n".join(format_table(["ID", "ADDRESS", "ROLE", "", "MATCH"], rows)))
+    _print(
         f"cluster {listing['cluster_id']}: configuration at index {listing['config_index']} "
         f"({state}), leader commit {listing['commit_index']}"
     )
@@ -243,8 +266,10 @@ async def _cmd_alarm(client: Client, args: argparse.Namespace) -> int:
     else:
         answer = await client.alarms()
     alarms = answer["alarms"]
-    print(", ".join(alarms) if alarms else "no alarm")
-    print(f"state: {answer['state_bytes']} bytes of keys and values; quota {answer['quota_bytes']}")
+    _print(", ".join(alarms) if alarms else "no alarm")
+    _print(
+        f"state: {answer['state_bytes']} bytes of keys and values; quota {answer['quota_bytes']}"
+    )
     return 0
 
 
@@ -253,13 +278,15 @@ _SNAPSHOT_MIN_TIMEOUT = 600.0
 
 
 async def _cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
-    timeout = max(client.timeout, _SNAPSHOT_MIN_TIMEOUT)
+    timeout = _long_timeout(client, args, _SNAPSHOT_MIN_TIMEOUT)
     try:
         info = await client.save_snapshot(args.file, timeout=timeout)
+    except RaftfastError:
+        raise  # (a deadline is a TimeoutError, so an OSError: not the file's fault)
     except OSError as exc:
         _error(f"cannot write {args.file}: {exc.strerror or exc}")
         return ExitCode.FAILED
-    print(
+    _print(
         f"saved {args.file}: index {info['index']}, term {info['term']}, {info['size']} bytes, "
         f"crc32c {info['crc32c']:08x}"
     )
@@ -289,7 +316,7 @@ async def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     order = {m.get("id"): i for i, m in enumerate(first.get("members", ()))}
     nodes.sort(key=lambda n: order.get(n.get("id"), len(order)))
     if args.json:
-        print(json.dumps(nodes, indent=2, sort_keys=True))
+        _print(json.dumps(nodes, indent=2, sort_keys=True))
         return 0
     _print_status(nodes, first)
     return 0
@@ -339,7 +366,7 @@ def _print_status(nodes: Sequence[Mapping[str, Any]], first: Mapping[str, Any]) 
             f"ALARM {', '.join(first['alarms'])}: writes other than deletes are refused "
             f"({first.get('state_bytes', 0)} bytes held; see `raftfast alarm`)"
         )
-    print("\n".join(lines))
+    _print("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -504,7 +531,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         description="Talk to a raftfast cluster.",
         epilog=(
             "Exit codes: 0 ok; 1 not found or not swapped; 2 usage error; 3 cluster unavailable "
-            "or deadline passed; 4 permission denied; 5 refused otherwise (e.g. no space)."
+            "or deadline passed; 4 permission denied; 5 refused otherwise (e.g. no space); "
+            "6 the answer could not be written to stdout."
         ),
     )
     parser.add_argument("--version", action="version", version=version_text("raftfast"))
@@ -516,9 +544,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--timeout",
-        default=env.get("RAFTFAST_TIMEOUT") or str(DEFAULT_TIMEOUT),
+        default=env.get("RAFTFAST_TIMEOUT") or None,
         metavar="S",
-        help="deadline of each request in seconds (default: $RAFTFAST_TIMEOUT or %(default)s)",
+        help=(
+            f"deadline of each request in seconds (default: $RAFTFAST_TIMEOUT or "
+            f"{DEFAULT_TIMEOUT:g}; snapshot save {_SNAPSHOT_MIN_TIMEOUT:g}, member add "
+            f"{_MEMBER_ADD_MIN_TIMEOUT:g})"
+        ),
     )
     for flag, env_name, text in _TLS_FLAGS:
         parser.add_argument(
@@ -598,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "certs":
         return _certs(args)
     try:
-        timeout = _positive_float(args.timeout)
+        timeout = _positive_float(str(DEFAULT_TIMEOUT) if args.timeout is None else args.timeout)
     except argparse.ArgumentTypeError as exc:
         parser.error(f"--timeout: {exc}")
     try:
@@ -612,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OutputError as exc:
+        _error(f"cannot write the answer to stdout: {exc}")
+        return ExitCode.OUTPUT
     except BrokenPipeError:
         # stdout was closed early (e.g. ``raftfast scan | head``): quiet exit.
         try:

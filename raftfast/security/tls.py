@@ -77,12 +77,19 @@ class TLSFiles:
         return ctx
 
 
+# A PEM file's size, at most: a CA bundle of every public root is ~220 KB. (Not only regular
+# files: `--cacert <(vault read ...)` is a pipe; /dev/zero in its place is read this far.)
+MAX_PEM_BYTES = 16 * 1024 * 1024
+
+
 def read_pem(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_PEM_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise ValueError(f"the {what} file {path} is bigger than {MAX_PEM_BYTES} bytes")
     if b"-----BEGIN " not in data:
         raise ValueError(f"the {what} file {path} is not PEM")
     return data

@@ -12,6 +12,7 @@ import pytest
 
 from raftfast.client import cli
 from raftfast.proto import raftfast_pb2 as pb
+from raftfast.tools.localcluster import make_certs
 from tests.client.test_client import FakeKV, ThreadedServer, closed_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,6 +147,7 @@ def test_status_table_and_json(cluster, capsysbinary) -> None:
         ["cas", "k", "v"],
         ["cas", "k", "v", "--absent", "--expect", "x"],
         ["get", "k", "--read-mode", "fast"],
+        ["--cacert", "/dev/zero", "get", "k"],  # (read until memory ran out)
     ],
 )
 def test_usage_errors_exit_2_with_one_line(argv, capsys) -> None:
@@ -184,3 +186,72 @@ def test_unreachable_cluster_subprocess() -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: no leader reachable at {addr} within 0.5s")
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
+def test_an_answer_stdout_cannot_take_exits_6_with_one_line(cluster, redirect) -> None:
+    """stdout closed, or on a full disk: the request is carried out, the answer is lost, and
+    the command says so (it printed "unexpected AttributeError/OSError" and exited 5)."""
+    leader, laddr, _ = cluster
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "raftfast.client.cli", "--endpoints", laddr]
+    for args in (["put", "k", "v"], ["get", "k"], ["status"]):
+        proc = subprocess.run(
+            ["sh", "-c", f'exec "$@" {redirect}', "sh", *command, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=env,
+        )
+        assert proc.returncode == 6, (args, proc.stderr)  # ExitCode.OUTPUT
+        assert proc.stderr.count("\n") == 1 and "cannot write the answer" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert leader.store[b"k"] == b"v"  # (the put was made)
+
+
+@pytest.mark.parametrize(
+    "command", [["snapshot", "save", "backup.snap"], ["member", "add", "n9", "127.0.0.1:9"]]
+)
+def test_a_long_command_keeps_the_timeout_it_is_given(command, tmp_path) -> None:
+    """snapshot save and member add wait longer than one request by default (600 s, 120 s),
+    but not past a --timeout the user gave: against no cluster at all, they retried for the
+    whole default."""
+    addr = closed_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raftfast.client.cli",
+            "--endpoints",
+            addr,
+            "--timeout",
+            "1",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 3, proc.stderr  # ExitCode.UNAVAILABLE
+    assert "within 1s" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_tls_client_at_a_plain_port_says_so_in_one_line(cluster, tmp_path) -> None:
+    """The installed command (raftfast.command) keeps gRPC's C core to errors: it logged each
+    failed handshake, a line per retry, before the command's own line."""
+    _, laddr, _ = cluster
+    tls = make_certs(tmp_path / "tls", ["n1"])
+    command = Path(sys.executable).parent / "raftfast"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    proc = subprocess.run(
+        [command, "--endpoints", laddr, "--timeout", "1.5", "--cacert", tls.ca_file,
+         "--cert", tls.cert_file, "--key", tls.key_file, "get", "k"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 3  # ExitCode.UNAVAILABLE
+    assert proc.stderr.count("\n") == 1 and "handshake" in proc.stderr.lower(), proc.stderr
