@@ -119,11 +119,6 @@ class RawNode:
 
     # -- Ready / advance -----------------------------------------------------------------------
 
-    @property
-    def ready_outstanding(self) -> bool:
-        """A Ready was handed out and not yet advanced."""
-        return self._outstanding is not None
-
     def has_ready(self) -> bool:
         r = self.raft
         return bool(
