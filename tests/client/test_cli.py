@@ -159,28 +159,19 @@ def test_usage_errors_exit_2_with_one_line(argv, capsys) -> None:
     assert err.count("\n") == 1 and "error:" in err
 
 
-def test_unreachable_cluster_subprocess() -> None:
-    addr = closed_port()
+def cli_process(*argv: str, cwd: Path = ROOT, redirect: str = "") -> subprocess.CompletedProcess:
+    """``python -m raftfast.client.cli ARGV`` in a process of its own, its stdout redirected
+    by the shell if ``redirect`` says how (">&-": closed)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("RAFTFAST_ENDPOINTS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raftfast.client.cli",
-            "--endpoints",
-            addr,
-            "--timeout",
-            "0.5",
-            "get",
-            "k",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-    )
+    shell = ["sh", "-c", f'exec "$@" {redirect}', "sh"] if redirect else []
+    command = [*shell, sys.executable, "-m", "raftfast.client.cli", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=cwd, env=env)
+
+
+def test_unreachable_cluster_subprocess() -> None:
+    addr = closed_port()
+    proc = cli_process("--endpoints", addr, "--timeout", "0.5", "get", "k")
     assert proc.returncode == 3  # ExitCode.UNAVAILABLE
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
@@ -193,18 +184,8 @@ def test_an_answer_stdout_cannot_take_exits_6_with_one_line(cluster, redirect) -
     """stdout closed, or on a full disk: the request is carried out, the answer is lost, and
     the command says so (it printed "unexpected AttributeError/OSError" and exited 5)."""
     leader, laddr, _ = cluster
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "raftfast.client.cli", "--endpoints", laddr]
     for args in (["put", "k", "v"], ["get", "k"], ["status"]):
-        proc = subprocess.run(
-            ["sh", "-c", f'exec "$@" {redirect}', "sh", *command, *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            env=env,
-        )
+        proc = cli_process("--endpoints", laddr, *args, redirect=redirect)
         assert proc.returncode == 6, (args, proc.stderr)  # ExitCode.OUTPUT
         assert proc.stderr.count("\n") == 1 and "cannot write the answer" in proc.stderr
         assert "Traceback" not in proc.stderr
@@ -218,25 +199,7 @@ def test_a_long_command_keeps_the_timeout_it_is_given(command, tmp_path) -> None
     """snapshot save and member add wait longer than one request by default (600 s, 120 s),
     but not past a --timeout the user gave: against no cluster at all, they retried for the
     whole default."""
-    addr = closed_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "raftfast.client.cli",
-            "--endpoints",
-            addr,
-            "--timeout",
-            "1",
-            *command,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=env,
-    )
+    proc = cli_process("--endpoints", closed_port(), "--timeout", "1", *command, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr  # ExitCode.UNAVAILABLE
     assert "within 1s" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
