@@ -10,7 +10,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from raftfast.address import is_address
+from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 
@@ -82,7 +82,7 @@ def parse_endpoints(endpoints: str | Iterable[str]) -> list[str]:
         if not addr:
             continue
         if not is_address(addr):
-            raise ValueError(f"bad endpoint {addr!r} (want HOST:PORT)")
+            raise ValueError(f"bad endpoint {addr!r} (want {ADDRESS_FORM})")
         if addr not in out:
             out.append(addr)
     if not out:

@@ -58,7 +58,7 @@ import grpc
 
 from raftfast._accel import chunk_payloads, encode_uniform, flatten_pairs
 from raftfast._batch_py import to_bytes  # (flatten_pairs's, for one key or value)
-from raftfast.address import is_address
+from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.client.calls import (
     CAS,
     CHANNEL_OPTIONS,
@@ -393,7 +393,7 @@ class Client(SessionMixin):
         also has ``endpoint``: the address that answered.
         """
         if endpoint is not None and not is_address(endpoint):
-            raise ValueError(f"bad endpoint {endpoint!r} (want HOST:PORT)")
+            raise ValueError(f"bad endpoint {endpoint!r} (want {ADDRESS_FORM})")
         target, response = await self._unary(
             "Status", pb.StatusRequest(), timeout, endpoint=endpoint, what="node"
         )
@@ -496,7 +496,7 @@ class Client(SessionMixin):
         Adding a node that is already a member at that address is not an error."""
         check_node_id(node_id)
         if not is_address(address):
-            raise ValueError(f"bad address {address!r} (want HOST:PORT)")
+            raise ValueError(f"bad address {address!r} (want {ADDRESS_FORM})")
         request = pb.MemberAddRequest(id=node_id, address=address, learner=learner)
         _, response = await self._unary("MemberAdd", request, timeout, service="admin")
         return message_to_dict(response)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from raftfast.address import is_address
+from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.core.membership import ChangeKind
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -95,4 +95,4 @@ class JoinService(Service):
 
 def _check_address(address: str) -> None:
     if not is_address(address):
-        raise BadRequest(f"bad address {address[:300]!r} (want HOST:PORT)")
+        raise BadRequest(f"bad address {address[:300]!r} (want {ADDRESS_FORM})")

@@ -14,7 +14,7 @@ import logging
 
 import grpc
 
-from raftfast.address import is_address
+from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.types import Role
 from raftfast.errors import ChangeInProgressError, NotLeaderError
@@ -103,7 +103,7 @@ class MembershipMixin:
         Idempotent: adding a member again with the same address just carries on."""
         check_node_id(node_id)  # (the services check both first; an embedded node's caller
         if not is_address(address):  # reaches this directly)
-            raise ValueError(f"bad address {address[:300]!r} (want HOST:PORT)")
+            raise ValueError(f"bad address {address[:300]!r} (want {ADDRESS_FORM})")
         deadline = asyncio.get_running_loop().time() + timeout
         current = self.raw.membership.members()
         if node_id in current:

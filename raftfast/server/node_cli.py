@@ -56,7 +56,7 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 from raftfast._version import __version__, version_text
-from raftfast.address import is_address
+from raftfast.address import ADDRESS_FORM, is_address, is_host_port
 from raftfast.errors import CorruptionError, FormatVersionError, RaftfastError, StorageError
 from raftfast.heap import keep_big_blocks_mapped
 from raftfast.server import descriptors
@@ -112,10 +112,12 @@ def _str(value: Any, where: str) -> str:
     return value
 
 
-def _address(value: Any, where: str) -> str:
+def _address(value: Any, where: str, stored: bool = False) -> str:
+    """A HOST:PORT setting; ``stored``: read from node.json, which an older raftfast may have
+    written (the rule then: ``is_host_port``; a node must start again after an upgrade)."""
     addr = _str(value, where)
-    if not is_address(addr):
-        raise ConfigError(f"{where}: bad address {addr!r} (want HOST:PORT)")
+    if not (is_host_port if stored else is_address)(addr):
+        raise ConfigError(f"{where}: bad address {addr!r} (want {ADDRESS_FORM})")
     return addr
 
 
@@ -144,7 +146,7 @@ def _bool(value: Any, where: str) -> bool:
     raise ConfigError(f"{where} must be a boolean (1/0, true/false), got {value!r}")
 
 
-def _peers(value: Any, where: str) -> dict[str, str]:
+def _peers(value: Any, where: str, stored: bool = False) -> dict[str, str]:
     peers: dict[str, str] = {}
     if isinstance(value, Mapping):
         items = list(value.items())
@@ -165,7 +167,7 @@ def _peers(value: Any, where: str) -> dict[str, str]:
             raise ConfigError(f"{where}: empty node id (want ID=HOST:PORT,...)")
         if nid in peers:
             raise ConfigError(f"{where}: node id {nid!r} appears twice")
-        peers[nid] = _address(addr, f"{where} {nid}")
+        peers[nid] = _address(addr, f"{where} {nid}", stored)
     if not peers:
         raise ConfigError(f"{where} must name at least one node (want ID=HOST:PORT,...)")
     return peers
@@ -543,12 +545,14 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
             )
         ident = {
             "id": _str(data["id"], "id"),
-            "listen": _address(data["listen"], "listen"),
-            "peers": _peers(data["peers"], "peers"),
+            "listen": _address(data["listen"], "listen", stored=True),
+            "peers": _peers(data["peers"], "peers", stored=True),
             "cluster_id": _str(data["cluster_id"], "cluster_id"),
-            "join": _address(data["join"], "join") if data.get("join") else "",
+            "join": _address(data["join"], "join", stored=True) if data.get("join") else "",
             "peer_listen": (
-                _address(data["peer_listen"], "peer_listen") if data.get("peer_listen") else ""
+                _address(data["peer_listen"], "peer_listen", stored=True)
+                if data.get("peer_listen")
+                else ""
             ),
             "state_machine": (
                 _factory(data["state_machine"], "state_machine")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raftfast.address import is_address
+from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.etcd.lessor import parse_retention
 from raftfast.limits import MAX_ID_BYTES, check_node_id
 from raftfast.security.roles import load_roles
@@ -150,7 +150,7 @@ class NodeSettings:
             raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         if self.metrics_listen and not is_address(self.metrics_listen):
             raise ValueError(
-                f"--metrics-listen: bad address {self.metrics_listen!r} (want HOST:PORT)"
+                f"--metrics-listen: bad address {self.metrics_listen!r} (want {ADDRESS_FORM})"
             )
         parse_retention(self.auto_compaction_mode, self.auto_compaction_retention)
         if self.quota_backend_bytes < MIN_QUOTA_BYTES:
@@ -163,7 +163,9 @@ class NodeSettings:
 
     def _validate_security(self) -> None:
         if self.peer_listen and not is_address(self.peer_listen):
-            raise ValueError(f"--peer-listen: bad address {self.peer_listen!r} (want HOST:PORT)")
+            raise ValueError(
+                f"--peer-listen: bad address {self.peer_listen!r} (want {ADDRESS_FORM})"
+            )
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("--cert-file and --key-file go together")
         if self.client_cert_auth and not (self.cert_file and self.trusted_ca_file):
