@@ -132,6 +132,16 @@ class OutputError(Exception):
     """The answer could not be written to stdout (closed, or its disk full)."""
 
 
+def _drop_stdout() -> None:
+    """What stdout could not take goes nowhere: the interpreter's last flush at exit would
+    fail again (a second message, exit status 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # (no stdout at all: nothing to flush)
+        pass
+
+
 def _print(text: str) -> None:
     """A line of the answer on stdout."""
     _write_line(text.encode("utf-8", "surrogateescape"))
@@ -608,7 +618,11 @@ def _certs(args: argparse.Namespace) -> int:
     from raftfast.security import certs
 
     try:
-        return certs.main(args)
+        return certs.main(args, _print)
+    except OutputError as exc:
+        _error(f"wrote the files, but cannot write what they are to stdout: {exc}")
+        _drop_stdout()
+        return ExitCode.OUTPUT
     except ValueError as exc:
         _error(str(exc))
         return 2
@@ -646,14 +660,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OutputError as exc:
         _error(f"cannot write the answer to stdout: {exc}")
+        _drop_stdout()
         return ExitCode.OUTPUT
     except BrokenPipeError:
         # stdout was closed early (e.g. ``raftfast scan | head``): quiet exit.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+        _drop_stdout()
         return 1
     except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
         _error(f"unexpected {type(exc).__name__}: {exc}")

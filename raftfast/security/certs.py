@@ -24,6 +24,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -83,14 +84,17 @@ def _check_file_name(name: str, what: str) -> None:
 
 class _Files(dict):
     """The files to write, by name: one name twice (a node called "ca" or "roles", a node
-    "a-peer" beside a node "a") is refused, not one file silently written over another."""
+    "a-peer" beside a node "a"; "CA" and "ca" too, one file where case does not count, as on
+    macOS) is refused, not one file silently written over another."""
 
     def __setitem__(self, name: str, data: bytes) -> None:
-        if name in self:
-            raise ValueError(
-                f"{name} would be written twice: rename the node or client it belongs to "
-                "(ca, peer-ca and roles are taken; a node NAME also writes NAME-peer.*)"
-            )
+        for taken in self:
+            if name.casefold() == taken.casefold():
+                what = "twice" if name == taken else f"over {taken} (case does not count)"
+                raise ValueError(
+                    f"{name} would be written {what}: rename the node or client it belongs to "
+                    "(ca, peer-ca and roles are taken; a node NAME also writes NAME-peer.*)"
+                )
         super().__setitem__(name, data)
 
 
@@ -193,9 +197,9 @@ def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def main(args: argparse.Namespace) -> int:
-    """Write the files; returns 0 (ValueError with one line for bad arguments or files that
-    exist)."""
+def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
+    """Write the files, then ``say`` what was written, line by line; returns 0 (ValueError
+    with one line for bad arguments or files that exist)."""
     nodes = _names(args.nodes, "--nodes")
     for node in nodes:
         check_node_id(node)
@@ -203,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
     clients = _clients(args.clients)
     for client in clients:
         _check_file_name(client, "--clients")
-    clash = set(nodes) & set(clients)
+    clash = {n.casefold() for n in nodes} & {c.casefold() for c in clients}
     if clash:
         raise ValueError(f"{sorted(clash)[0]!r} is both a node and a client: name them apart")
     hosts = _hosts(args.hosts)
@@ -257,14 +261,14 @@ def main(args: argparse.Namespace) -> int:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(path, mode)
-    print(f"wrote {len(files)} files to {out}/:")
-    print("  CAs: ca.crt (clients and nodes' client port), peer-ca.crt (peers only)")
-    print(f"  nodes: {', '.join(f'{n}.crt {n}-peer.crt {n}.toml' for n in nodes)}")
-    print(f"  clients: {', '.join(f'{c}.crt ({r})' for c, r in clients.items())}; roles.toml")
+    say(f"wrote {len(files)} files to {out}/:")
+    say("  CAs: ca.crt (clients and nodes' client port), peer-ca.crt (peers only)")
+    say(f"  nodes: {', '.join(f'{n}.crt {n}-peer.crt {n}.toml' for n in nodes)}")
+    say(f"  clients: {', '.join(f'{c}.crt ({r})' for c, r in clients.items())}; roles.toml")
     first = nodes[0]
-    print(f"start a node:  raftfast-node --config {out}/{first}.toml --id {first} ...")
+    say(f"start a node:  raftfast-node --config {out}/{first}.toml --id {first} ...")
     some = next(iter(clients))
-    print(
+    say(
         f"use a client:  raftfast --cacert {out}/ca.crt --cert {out}/{some}.crt "
         f"--key {out}/{some}.key ..."
     )

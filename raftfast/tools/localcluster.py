@@ -8,8 +8,6 @@ condition with a deadline (``wait_for``).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -61,8 +59,7 @@ def make_certs(directory: Path, ids: list[str], clients: str = "admin=admin") ->
         days=30,
         force=True,
     )
-    with contextlib.redirect_stdout(io.StringIO()):
-        certs.main(args)
+    certs.main(args, say=lambda line: None)
     return TLSFiles(
         str(directory / "ca.crt"), str(directory / "admin.crt"), str(directory / "admin.key")
     )

@@ -71,6 +71,9 @@ def test_certs_refuses_what_it_cannot_make_and_never_overwrites(made, tmp_path):
         (("--nodes", "n1,n1-peer"), "n1-peer.crt would be written twice"),
         (("--nodes", "n1", "--clients", "ca=admin"), "ca.crt would be written twice"),
         (("--nodes", "n1", "--clients", "../x=admin"), "cannot name files"),
+        (("--nodes", "CA"), "CA.crt would be written over ca.crt"),  # (one file on macOS)
+        (("--nodes", "n1,N1"), "N1.crt would be written over n1.crt"),
+        (("--nodes", "n1", "--clients", "N1=admin"), "both a node and a client"),
         (("--nodes", "a/b"), "cannot name files"),
         (("--nodes", ".."), "cannot name files"),
     ]:
@@ -205,3 +208,16 @@ def test_every_client_method_has_the_role_the_docs_give_it():
     }
     # (no role for a method that does not exist)
     assert set(METHOD_ROLES) <= set(roles) | set(etcd)
+
+
+def test_certs_says_when_stdout_cannot_take_what_it_wrote(tmp_path):
+    """The files are written; the list of them is not: exit 6 (OutputError), not "cannot
+    write the certificates" (exit 1: a rerun then found the files and refused)."""
+    cmd = [sys.executable, "-m", "raftfast.client.cli", "certs", "--dir", str(tmp_path / "tls")]
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" >/dev/full', "sh", *cmd, "--nodes", "n1"],
+        capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 6 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot write what they are to stdout" in done.stderr
+    assert (tmp_path / "tls" / "n1.toml").exists()
