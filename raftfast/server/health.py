@@ -74,7 +74,9 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Check(self, request, context):  # noqa: N802 - gRPC naming
         status = self._status.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            # (a stranger's name may be megabytes: a status message that long is not sent)
+            name = request.service[:100]
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {name!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context):  # noqa: N802 - gRPC naming
@@ -100,7 +102,7 @@ class Health:
     def __init__(self, driver: Driver, services: tuple[str, ...]) -> None:
         self.driver = driver
         self.servicer = HealthServicer(("", *services), _NOT_SERVING)
-        self.serving: bool | None = False
+        self.serving = False
         self.ready_from = 0  # the commit index known at start: applied before SERVING
 
     def add_to(self, server: grpc.aio.Server) -> None:
