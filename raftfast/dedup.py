@@ -9,10 +9,13 @@ is a *late duplicate*: it is not applied; what it answers is the state machine's
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Any
 
-__all__ = ["DEDUP_WINDOW", "MAX_CLIENTS", "ClientWindow", "window_of"]
+from raftfast.limits import MAX_CLIENT_ID
+
+__all__ = ["DEDUP_WINDOW", "MAX_CLIENTS", "ClientWindow", "owned_client_id", "window_of"]
 
 DEDUP_WINDOW = 4096  # sequences remembered per client
 MAX_CLIENTS = 100_000  # clients remembered before the least recently active is forgotten
@@ -58,3 +61,15 @@ def window_of(
     else:
         clients.move_to_end(client_id)
     return window
+
+
+def owned_client_id(client_id: int, owner: str | None) -> int:
+    """The id the table knows a client by when clients show certificates: drawn from the
+    certificate's name (``owner``) too, so that no client can take another's id, to make the
+    other's writes count as duplicates (acknowledged, never applied) or to be handed their
+    results. 0 (no exactly-once) stays 0."""
+    if not client_id:
+        return 0
+    name = (owner or "").encode("utf-8", "surrogateescape")
+    digest = hashlib.blake2b(client_id.to_bytes(8, "little") + name, digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & MAX_CLIENT_ID or 1

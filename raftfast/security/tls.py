@@ -95,6 +95,17 @@ def read_pem(path: str, what: str) -> bytes:
     return data
 
 
+def certificate_name(cert_file: str) -> str | None:
+    """The subject's common name of the PEM certificate in ``cert_file`` (as gRPC reports a
+    caller's: ``caller_name``)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate(read_pem(cert_file, "certificate"))
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
 def channel_credentials(files: TLSFiles) -> grpc.ChannelCredentials:
     ca, cert, key = files.read()
     return grpc.ssl_channel_credentials(ca, key, cert)

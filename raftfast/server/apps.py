@@ -45,7 +45,7 @@ class MachineApp:
         self.fsm: StateMachine = ExactlyOnce(state_machine)
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
-        register(server, pb, "StateMachine", MachineService(self.driver))
+        register(server, pb, "StateMachine", MachineService(self.driver, authorizer))
         register(server, pb, "KV", StatusOnly(self.driver))
 
     def alarms_raised(self) -> frozenset[bytes]:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from raftfast.dedup import owned_client_id
 from raftfast.errors import (
     ClusterUnavailableError,
     CommandError,
@@ -41,7 +42,7 @@ from raftfast.exactly_once import frame_command
 from raftfast.limits import MAX_CLIENT_ID
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
-from raftfast.security.tls import TLSFiles, channel_credentials
+from raftfast.security.tls import TLSFiles, certificate_name, channel_credentials
 from raftfast.server.machine_service import as_result_bytes
 from raftfast.server.settings import NodeSettings
 from raftfast.statemachine import StateMachine
@@ -86,6 +87,7 @@ class Node:
         self._driver: Any = None
         self._stopped = False
         self._client_id = secrets.randbelow(MAX_CLIENT_ID) + 1
+        self._owned_id: int | None = None  # (_own_client_id)
         self._seq = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         bind = getattr(state_machine, "bind", None)  # (raftfast.Objects: calls propose)
@@ -168,7 +170,7 @@ class Node:
                 f"{self.settings.max_request_bytes} (max_request_bytes)"
             )
         self._seq += 1
-        framed = frame_command(self._client_id, self._seq, bytes(command))
+        framed = frame_command(self._own_client_id(), self._seq, bytes(command))
         request = pb.ProposeRequest(
             client_id=self._client_id, sequence=self._seq, command=bytes(command)
         )
@@ -181,6 +183,21 @@ class Node:
             return (await stub.Propose(request, timeout=left)).result
 
         return await self._at_leader(local, remote, timeout)
+
+    def _own_client_id(self) -> int:
+        """The id the leader's exactly-once table knows this node's commands by: with client
+        certificates, the StateMachine service mixes the caller's name into the id a forwarded
+        command carries (``owned_client_id``), so a command proposed here is framed with the
+        same mix for the certificate this node forwards with: a retry is the same command
+        whether it goes here or to another leader."""
+        if self._owned_id is None:
+            if not self.settings.client_cert_auth:
+                self._owned_id = self._client_id
+            else:
+                tls = self._client_tls
+                name = certificate_name(tls.cert_file) if tls and tls.cert_file else None
+                self._owned_id = owned_client_id(self._client_id, name)
+        return self._owned_id
 
     async def query(
         self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None

@@ -30,7 +30,6 @@ flow control holds the client back); at most ``MAX_SESSIONS`` streams are open.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,6 +38,7 @@ from typing import Any, Protocol
 import grpc
 
 from raftfast._accel import check_packed
+from raftfast.dedup import owned_client_id
 from raftfast.errors import NotLeaderError
 from raftfast.kv.commands import (
     encode_cas,
@@ -152,11 +152,9 @@ class KVService(Service, pb_grpc.KVServicer):
         """The id the dedup table knows a client by. With client certificates it is drawn
         from the certificate's name too, so that no client can reuse another's id to make the
         other's writes count as duplicates (0, no dedup, stays 0)."""
-        if not client_id or self.authorizer is None:
+        if self.authorizer is None:
             return client_id
-        owner = (caller_name(context) or "").encode("utf-8", "surrogateescape")
-        digest = hashlib.blake2b(client_id.to_bytes(8, "little") + owner, digest_size=8)
-        return int.from_bytes(digest.digest(), "little") & MAX_CLIENT_ID or 1
+        return owned_client_id(client_id, caller_name(context))
 
     def _space_refusal(self, nbytes: int) -> str | None:
         """Why the quota refuses a write that grows the state (the leader decides: a

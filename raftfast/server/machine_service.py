@@ -13,16 +13,23 @@ from typing import Any
 
 import grpc
 
+from raftfast.dedup import owned_client_id
 from raftfast.errors import CommandError
 from raftfast.exactly_once import frame_command
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.security.roles import Authorizer
+from raftfast.security.tls import caller_name
 from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, Service, rpc
 
 __all__ = ["MachineService", "StatusOnly", "as_result_bytes"]
 
 
 class MachineService(Service, pb_grpc.StateMachineServicer):
+    def __init__(self, node: Any, authorizer: Authorizer | None = None) -> None:
+        super().__init__(node)
+        self.authorizer = authorizer  # (client certificates are checked: ids are owned)
+
     @rpc
     async def Propose(  # noqa: N802 - gRPC naming
         self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
@@ -30,7 +37,10 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
         self.check_size(request.ByteSize())
         self.check_client_id(request.client_id)
         self.check_sequence(request.sequence)
-        command = frame_command(request.client_id, request.sequence, request.command)
+        client_id = request.client_id
+        if self.authorizer is not None:  # (each certificate's ids are its own, as over KV)
+            client_id = owned_client_id(client_id, caller_name(context))
+        command = frame_command(client_id, request.sequence, request.command)
         (result,) = await self.timed(context, self.node.propose([command]), DEADLINE_WRITE)
         return pb.ProposeResponse(result=as_result_bytes(result), index=self.node.applied_index)
 

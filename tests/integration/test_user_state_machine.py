@@ -16,7 +16,8 @@ from raftfast.client import SyncClient
 from raftfast.errors import CommandError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
-from raftfast.tools.localcluster import ProcCluster, wait_for
+from raftfast.security.tls import TLSFiles, channel_credentials
+from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -88,3 +89,34 @@ def test_a_retried_propose_is_applied_once(cluster):
     wait_for("every node to apply it", lambda: all(
         cluster.status(n).applied_index >= first.index for n in cluster.ids
     ))  # fmt: skip
+
+
+def test_with_client_certificates_each_certificates_exactly_once_ids_are_its_own(tmp_path):
+    """Over the StateMachine service as over KV: a writer that takes another certificate's
+    client id neither makes the other's next command a duplicate (acknowledged, never
+    applied) nor is handed the other's results (it was: found by a hostile hunt)."""
+    certs = tmp_path / "tls"
+    make_certs(certs, ["n1"], clients="admin=admin,victim=write,attacker=write")
+    env = {"PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
+    extra = ["--state-machine", "ledger:Ledger"]
+    (tmp_path / "data").mkdir()
+    with ProcCluster(tmp_path / "data", 1, extra=extra, env=env, tls=certs) as cluster:
+        cluster.wait_leader()
+
+        def propose(who: str, client_id: int, sequence: int, account: str, amount: int) -> bytes:
+            command = json.dumps({"op": "deposit", "account": account, "amount": amount})
+            request = pb.ProposeRequest(
+                client_id=client_id, sequence=sequence, command=command.encode()
+            )
+            files = TLSFiles(
+                str(certs / "ca.crt"), str(certs / f"{who}.crt"), str(certs / f"{who}.key")
+            )
+            with grpc.secure_channel(cluster.addrs["n1"], channel_credentials(files)) as ch:
+                return pb_grpc.StateMachineStub(ch).Propose(request, timeout=30).result
+
+        victim_id = 0x1234_5678_9ABC
+        assert propose("victim", victim_id, 1, "secret", 777) == b"777"
+        assert propose("attacker", victim_id, 1, "x", 1) == b"1"  # (its own, applied)
+        assert propose("attacker", victim_id, 2, "attacker", 1) == b"1"
+        assert propose("victim", victim_id, 2, "secret", 100) == b"877"  # (applied)
+        assert propose("victim", victim_id, 2, "secret", 100) == b"877"  # (a retry: once)

@@ -10,8 +10,10 @@ from typing import BinaryIO
 import pytest
 
 import raftfast
+from raftfast.dedup import owned_client_id
 from raftfast.errors import CommandError, RaftfastError
-from raftfast.tools.localcluster import free_ports
+from raftfast.security.tls import TLSFiles
+from raftfast.tools.localcluster import free_ports, make_certs
 
 
 class Counter(raftfast.StateMachine):
@@ -154,3 +156,47 @@ def test_members_with_bad_addresses_are_refused_and_a_stuck_promote_says_why(tmp
                     await client.promote_member("n8")
 
     asyncio.run(main())
+
+
+def test_with_client_certificates_a_command_is_the_same_here_and_forwarded(tmp_path):
+    """Under client_cert_auth the leader's StateMachine service mixes the caller's certificate
+    name into a forwarded command's client id; a node frames its own commands with the same mix
+    for the certificate it forwards with, so a retry that lands on another leader is still a
+    retry (the ids differed: it would have been applied twice)."""
+    ports = free_ports(6)
+    certs = tmp_path / "tls"
+    make_certs(certs, ["n1", "n2", "n3"])
+    peers = {f"n{i + 1}": f"127.0.0.1:{ports[3 + i]}" for i in range(3)}
+
+    def node(i: int) -> raftfast.Node:
+        nid = f"n{i + 1}"
+        return raftfast.Node(
+            id=nid, listen=f"127.0.0.1:{ports[i]}", peer_listen=peers[nid], peers=peers,
+            data_dir=str(tmp_path / nid), state_machine=Counter(), tick_ms=20,
+            cert_file=str(certs / f"{nid}.crt"), key_file=str(certs / f"{nid}.key"),
+            trusted_ca_file=str(certs / "ca.crt"), client_cert_auth=True,
+            peer_cert_file=str(certs / f"{nid}-peer.crt"),
+            peer_key_file=str(certs / f"{nid}-peer.key"),
+            peer_trusted_ca_file=str(certs / "peer-ca.crt"),
+            client_tls=TLSFiles(
+                str(certs / "ca.crt"), str(certs / f"{nid}.crt"), str(certs / f"{nid}.key")
+            ),
+        )  # fmt: skip
+
+    async def main() -> None:
+        nodes = [node(i) for i in range(3)]
+        try:
+            for n in nodes:
+                await n.start()
+            leader = await nodes[0].wait_for_leader()
+            results = await asyncio.gather(*(n.propose(b"1") for n in nodes for _ in range(5)))
+            assert sorted(int(r) for r in results) == list(range(1, 16))  # (forwarded too)
+            for n in nodes:
+                assert n._own_client_id() == owned_client_id(n._client_id, n.id)
+            follower = next(n for n in nodes if n.id != leader)
+            assert follower._own_client_id() != follower._client_id
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
