@@ -38,7 +38,6 @@ from typing import Any, Protocol
 import grpc
 
 from raftfast._accel import check_packed
-from raftfast.dedup import owned_client_id
 from raftfast.errors import NotLeaderError
 from raftfast.kv.commands import (
     encode_cas,
@@ -52,7 +51,6 @@ from raftfast.limits import MAX_CLIENT_ID, MAX_FRAME_OPS, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, Role
-from raftfast.security.tls import caller_name
 from raftfast.server.handlers import method_handler
 from raftfast.server.services import (
     DEADLINE_READ,
@@ -148,14 +146,6 @@ class KVService(Service, pb_grpc.KVServicer):
         if len(value) > limit:
             raise BadRequest(f"{what} is {len(value)} bytes; the limit is {limit}")
 
-    def _own_client_id(self, client_id: int, context: grpc.aio.ServicerContext) -> int:
-        """The id the dedup table knows a client by. With client certificates it is drawn
-        from the certificate's name too, so that no client can reuse another's id to make the
-        other's writes count as duplicates (0, no dedup, stays 0)."""
-        if self.authorizer is None:
-            return client_id
-        return owned_client_id(client_id, caller_name(context))
-
     def _space_refusal(self, nbytes: int) -> str | None:
         """Why the quota refuses a write that grows the state (the leader decides: a
         follower's proposal is redirected anyway)."""
@@ -220,7 +210,7 @@ class KVService(Service, pb_grpc.KVServicer):
         self._check_key(key)
         self._check_value(value)
         self._check_space(request.ByteSize())
-        client_id = self._own_client_id(request.client_id, context)
+        client_id = self.own_client_id(request.client_id, context)
         payload = encode_put(client_id, request.sequence, key, value)
         await self._write(context, payload)
         return pb.PutResponse(index=self.node.fsm.applied_index)
@@ -243,7 +233,7 @@ class KVService(Service, pb_grpc.KVServicer):
     ) -> pb.DeleteResponse:
         self._check_write(request)
         self._check_key(request.key)
-        client_id = self._own_client_id(request.client_id, context)
+        client_id = self.own_client_id(request.client_id, context)
         payload = encode_delete(client_id, request.sequence, request.key)
         return pb.DeleteResponse(deleted=await self._write(context, payload))
 
@@ -260,7 +250,7 @@ class KVService(Service, pb_grpc.KVServicer):
         self._check_space(request.ByteSize())
         expected = None if request.expect_absent else request.expected
         payload = encode_cas(
-            self._own_client_id(request.client_id, context),
+            self.own_client_id(request.client_id, context),
             request.sequence,
             request.key,
             expected,
@@ -432,7 +422,7 @@ class KVService(Service, pb_grpc.KVServicer):
             return pb.SessionResult(frame_id=frame.frame_id, results=[err])
         results: list[pb.OpResult | None] = [None] * len(ops)
         leader = ""
-        client_id = self._own_client_id(frame.client_id, context)
+        client_id = self.own_client_id(frame.client_id, context)
         try:
             writes: list[int] = []
             payloads: list[bytes] = []

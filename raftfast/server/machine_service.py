@@ -13,13 +13,11 @@ from typing import Any
 
 import grpc
 
-from raftfast.dedup import owned_client_id
 from raftfast.errors import CommandError
 from raftfast.exactly_once import frame_command
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer
-from raftfast.security.tls import caller_name
 from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, Service, rpc
 
 __all__ = ["MachineService", "StatusOnly", "as_result_bytes"]
@@ -37,9 +35,7 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
         self.check_size(request.ByteSize())
         self.check_client_id(request.client_id)
         self.check_sequence(request.sequence)
-        client_id = request.client_id
-        if self.authorizer is not None:  # (each certificate's ids are its own, as over KV)
-            client_id = owned_client_id(client_id, caller_name(context))
+        client_id = self.own_client_id(request.client_id, context)  # (as over KV)
         command = frame_command(client_id, request.sequence, request.command)
         (result,) = await self.timed(context, self.node.propose([command]), DEADLINE_WRITE)
         return pb.ProposeResponse(result=as_result_bytes(result), index=self.node.applied_index)

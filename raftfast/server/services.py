@@ -28,9 +28,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from raftfast.dedup import owned_client_id
 from raftfast.errors import ChangeInProgressError, CommandError, NotLeaderError
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE, check_node_id
 from raftfast.proto import raftfast_pb2 as pb
+from raftfast.security.roles import Authorizer
+from raftfast.security.tls import caller_name
 
 __all__ = ["BadRequest", "NoSpace", "Service", "rpc"]
 
@@ -59,9 +62,18 @@ class Service:
     """The shared half of a client-facing service over ``node`` (the driver)."""
 
     peer_hints = False  # leader hints name peer addresses (the peer port's services)
+    authorizer: Authorizer | None = None  # client certificates are checked (roles)
 
     def __init__(self, node: Any) -> None:
         self.node = node
+
+    def own_client_id(self, client_id: int, context: grpc.aio.ServicerContext) -> int:
+        """The id the exactly-once table knows a caller's ``client_id`` by: with client
+        certificates, drawn from the certificate's name too (``owned_client_id``), so that no
+        client can reuse another's id (0, no exactly-once, stays 0)."""
+        if self.authorizer is None:
+            return client_id
+        return owned_client_id(client_id, caller_name(context))
 
     async def check_cluster(self, context: grpc.aio.ServicerContext) -> None:
         """Refuse a client that says it talks to another cluster (a misrouted address)."""
