@@ -99,6 +99,9 @@ class Node:
     async def start(self) -> Node:
         from raftfast.server.driver import Driver  # (the driver; this is its public face)
 
+        if self._stopped:
+            # Its state machine holds what it applied: a start would replay the log onto it.
+            raise RaftfastError("this node was stopped: make a new Node to start it again")
         if self._driver is not None:
             raise RaftfastError("this node is started already")
         self._driver = Driver(self.settings, self.state_machine)
@@ -116,8 +119,8 @@ class Node:
         for channel in channels:
             await channel.close()
         if self._driver is not None:
-            await self._driver.stop()
             self._stopped = True
+            await self._driver.stop()
 
     async def __aenter__(self) -> Node:
         return await self.start()
@@ -328,11 +331,16 @@ class SyncNode:
         bind = getattr(self.node.state_machine, "bind", None)
         if bind is not None:  # (replicated objects' calls block here, instead)
             bind(self.propose, self.query)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"raftfast-{self.node.id}", daemon=True
-        )
+        self._loop, self._thread = self._new_loop()
         self._started = False
+        self._stopped = False
+
+    def _new_loop(self) -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=loop.run_forever, name=f"raftfast-{self.node.id}", daemon=True
+        )
+        return loop, thread
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if not self._thread.is_alive():
@@ -341,10 +349,17 @@ class SyncNode:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def start(self) -> SyncNode:
+        if self._stopped:
+            raise RaftfastError("this node was stopped: make a new SyncNode to start it again")
         if self._started:
             raise RaftfastError("this node is started already")
         self._thread.start()
-        self._run(self.node.start())
+        try:
+            self._run(self.node.start())
+        except BaseException:
+            self._close_loop()
+            self._loop, self._thread = self._new_loop()  # (it may be started again)
+            raise
         self._started = True
         return self
 
@@ -353,9 +368,13 @@ class SyncNode:
             try:
                 self._run(self.node.stop())
             finally:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout=30)
-                self._loop.close()
+                self._close_loop()
+                self._stopped = True
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
 
     def __enter__(self) -> SyncNode:
         return self.start()

@@ -5,6 +5,7 @@ queries in every mode, a leader that leaves, exactly-once across a forward."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import BinaryIO
 
 import pytest
@@ -114,13 +115,17 @@ def test_sync_node(tmp_path):
         nodes[0].propose(b"1")
 
 
-def _one(tmp_path) -> raftfast.Node:
+def _one_settings(tmp_path) -> dict:
     [port] = free_ports(1)
     addr = f"127.0.0.1:{port}"
-    return raftfast.Node(
+    return dict(
         id="n1", listen=addr, peers={"n1": addr}, data_dir=str(tmp_path / "n1"),
         state_machine=Counter(), tick_ms=20, timeout=5,
     )  # fmt: skip
+
+
+def _one(tmp_path) -> raftfast.Node:
+    return raftfast.Node(**_one_settings(tmp_path))
 
 
 def test_a_node_stopped_while_it_starts_stops_after_the_start(tmp_path):
@@ -135,6 +140,36 @@ def test_a_node_stopped_while_it_starts_stops_after_the_start(tmp_path):
             assert node._driver.stopped.is_set()
 
     asyncio.run(main())
+
+
+def test_a_stopped_node_says_so_and_a_failed_start_can_be_retried(tmp_path):
+    # A stopped node's state machine holds what it applied: starting it again would replay the
+    # log onto it, so it is refused ("started already" before). A SyncNode whose start failed
+    # (its port taken) could not be started again: its thread had been started once.
+    async def stopped_async() -> None:
+        node = _one(tmp_path / "a")
+        await node.start()
+        await node.stop()
+        with pytest.raises(RaftfastError, match="was stopped: make a new Node"):
+            await node.start()
+
+    asyncio.run(stopped_async())
+
+    node = raftfast.SyncNode(**_one_settings(tmp_path / "s"))
+    with socket.socket() as taken:
+        host, port = node.node.settings.listen.rsplit(":", 1)
+        taken.bind((host, int(port)))
+        taken.listen()
+        with pytest.raises(Exception):  # noqa: B017 - (whatever the bind failure is called)
+            node.start()
+    node.start()  # the port is free now
+    try:
+        node.wait_for_leader()
+        assert int(node.propose(b"5")) == 5
+    finally:
+        node.stop()
+    with pytest.raises(RaftfastError, match="was stopped: make a new SyncNode"):
+        node.start()
 
 
 def test_members_with_bad_addresses_are_refused_and_a_stuck_promote_says_why(tmp_path):
