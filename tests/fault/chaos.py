@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -569,12 +570,37 @@ def run_schedule(
         report.explanation = "" if result.ok else result.explanation
     except BaseException:
         print(cluster.log_tail(), file=sys.stderr)
+        print(_statuses(cluster), file=sys.stderr)
         raise
     finally:
         cluster.stop_all()
         proxy.close()
         report.seconds = time.monotonic() - started
     return report
+
+
+def _keep(keep: Path | None, tmp: Path, seed: int) -> None:
+    if keep is not None:
+        kept = keep / f"seed-{seed}"
+        shutil.copytree(tmp, kept, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+        print(f"kept the failed schedule's files in {kept}", file=sys.stderr, flush=True)
+
+
+def _statuses(cluster: ProcCluster) -> str:
+    """One line per node: what it thinks of the cluster (for a failed schedule's report)."""
+    lines = []
+    for nid in cluster.ids:
+        try:
+            st = cluster.status(nid)
+        except grpc.RpcError as exc:
+            lines.append(f"{nid}: no status ({exc.code().name})")
+            continue
+        lines.append(
+            f"{nid}: {st.role} term {st.term} leader {st.leader or '-'} first {st.first_index} "
+            f"last {st.last_index} commit {st.commit_index} applied {st.applied_index} "
+            f"snapshot {st.snapshot_index}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=int(os.environ.get("RAFTFAST_CHAOS_SEED", 1)))
     parser.add_argument("--tls", choices=("off", "on", "half"), default="half")
     parser.add_argument("--api", choices=(*APIS, "both"), default="both")
+    parser.add_argument(
+        "--keep", type=Path, help="copy a failed schedule's data directories and logs under here"
+    )
     args = parser.parse_args(argv)
     reports = []
     for i in range(args.schedules):
@@ -595,7 +624,15 @@ def main(argv: list[str] | None = None) -> int:
         if api == "both":
             api = "etcd" if bin(i % 8).count("1") % 2 else "raftfast"
         with tempfile.TemporaryDirectory(prefix="raftfast-chaos-") as tmp:
-            report = run_schedule(nodes, args.seed + i, args.duration, Path(tmp), tls=tls, api=api)
+            try:
+                report = run_schedule(
+                    nodes, args.seed + i, args.duration, Path(tmp), tls=tls, api=api
+                )
+            except BaseException:
+                _keep(args.keep, Path(tmp), args.seed + i)
+                raise
+            if not report.passed:
+                _keep(args.keep, Path(tmp), args.seed + i)
         reports.append(report)
         print(report.line(), flush=True)
         if report.explanation:
