@@ -114,7 +114,8 @@ class Node:
 
     async def stop(self) -> None:
         """Leave gracefully (as on SIGTERM): what is under way finishes, then everything
-        closes. Idempotent."""
+        closes. Idempotent. To run the member again, make a new Node (with a new state
+        machine) on the same data directory."""
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
