@@ -9,6 +9,10 @@ map to statuses in one place (``raftfast.server.services``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import closing
+
+import grpc
 
 from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.core.membership import ChangeKind
@@ -16,8 +20,17 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.server.services import BadRequest, Service, rpc
 
+# SnapshotSave streams a node serves at once. Each holds its snapshot file open until its
+# client has read it all (a pruned one stays on disk meanwhile) and each may have taken a new
+# snapshot: unread streams must not pile up files. Past this, RESOURCE_EXHAUSTED.
+SNAPSHOT_SAVES_AT_ONCE = 2
+
 
 class AdminService(Service, pb_grpc.AdminServicer):
+    def __init__(self, node) -> None:
+        super().__init__(node)
+        self._snapshot_saves = 0  # SnapshotSave streams under way
+
     @rpc
     async def TransferLeader(self, request, context):  # noqa: N802 - gRPC naming
         self.check_node_id(request.target)
@@ -52,12 +65,26 @@ class AdminService(Service, pb_grpc.AdminServicer):
     async def MemberRemove(self, request, context):  # noqa: N802
         return await self._change(ChangeKind.REMOVE, request, context)
 
-    async def SnapshotSave(self, request, context):  # noqa: N802
-        """Stream a fresh snapshot of the leader (``raftfast snapshot save``)."""
-        meta, chunks = await self._backup_snapshot(request, context)
-        yield pb.BackupChunk(index=meta.index, term=meta.term, size=meta.size)
-        for chunk in chunks:
-            yield pb.BackupChunk(data=chunk)
+    async def SnapshotSave(  # noqa: N802
+        self, request: pb.SnapshotSaveRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BackupChunk]:
+        """Stream a fresh snapshot of the leader (``raftfast snapshot save``), at most
+        ``SNAPSHOT_SAVES_AT_ONCE`` at a time (calls of the same applied index share a file)."""
+        if self._snapshot_saves >= SNAPSHOT_SAVES_AT_ONCE:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many snapshot saves: this node streams {SNAPSHOT_SAVES_AT_ONCE} at once "
+                "at most; retry once one has finished",
+            )
+        self._snapshot_saves += 1
+        try:
+            meta, chunks = await self._backup_snapshot(request, context)
+            with closing(chunks):  # (the file closes when the stream ends, read or not)
+                yield pb.BackupChunk(index=meta.index, term=meta.term, size=meta.size)
+                for chunk in chunks:
+                    yield pb.BackupChunk(data=chunk)
+        finally:
+            self._snapshot_saves -= 1
 
     @rpc
     async def _backup_snapshot(self, request, context):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 
 import grpc
 
@@ -22,7 +21,7 @@ from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
-from raftfast.storage.snapshot import SnapshotMeta
+from raftfast.storage.snapshot import SnapshotChunks, SnapshotMeta
 from raftfast.transport import tcp
 
 log = logging.getLogger("raftfast.node")
@@ -68,10 +67,11 @@ class SnapshotMixin:
         )
         return due and time.monotonic() >= self._snapshot_retry_at
 
-    async def backup_snapshot(self) -> tuple[SnapshotMeta, Iterator[bytes]]:
+    async def backup_snapshot(self) -> tuple[SnapshotMeta, SnapshotChunks]:
         """Leader only: a snapshot covering every write acknowledged before the call (a
         linearizable read barrier first, then a new snapshot unless the newest covers it), and
-        its content in chunks (the file is open already: a later prune cannot take it away)."""
+        its content in chunks (the file is open already: a later prune cannot take it away;
+        the caller closes it). Calls while nothing new was applied share the newest file."""
         await self.read_barrier("linearizable")
         async with self._snapshot_lock:
             meta = self.snapshots.latest()

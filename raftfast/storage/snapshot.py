@@ -19,7 +19,7 @@ import re
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
@@ -29,6 +29,7 @@ from raftfast.storage.fsutil import DIR_MODE, fsync_dir, open_regular
 __all__ = [
     "KEEP",
     "SNAPSHOT_FORMAT",
+    "SnapshotChunks",
     "SnapshotFile",
     "SnapshotMeta",
     "SnapshotReceiver",
@@ -236,41 +237,21 @@ class SnapshotStore:
             raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
         return unpack_state(data, meta.path)[0]
 
-    def read_chunks(self, meta: SnapshotMeta, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    def read_chunks(self, meta: SnapshotMeta, chunk_bytes: int = 1 << 20) -> SnapshotChunks:
         """The content of a snapshot in chunks of ``chunk_bytes`` (the last may be shorter).
 
-        The file stays open while the iterator is alive, so a concurrent save deleting it does
-        not cut the stream short. Raises CorruptionError at the end if the size changed.
+        The file is open from now until the last chunk is read or the iterator is closed, so a
+        concurrent save deleting it does not cut the stream short (its disk space comes back
+        only then: close what you do not read to the end). Raises CorruptionError at the end
+        if the size changed.
         """
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
         try:
-            f = open_regular(meta.path)  # closed by _chunks, which holds it across yields
+            f = open_regular(meta.path)  # closed by SnapshotChunks
         except OSError as exc:
             raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
-        return self._chunks(f, meta, chunk_bytes)
-
-    @staticmethod
-    def _chunks(f: BinaryIO, meta: SnapshotMeta, chunk_bytes: int) -> Iterator[bytes]:
-        with f:
-            offset = 0
-            while True:
-                try:
-                    chunk = f.read(chunk_bytes)
-                except OSError as exc:
-                    raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
-                if not chunk:
-                    break
-                offset += len(chunk)
-                if offset > meta.size:
-                    break
-                yield chunk
-            if offset != meta.size:
-                raise CorruptionError(
-                    f"{meta.path}: snapshot is {offset}+ bytes, expected {meta.size}",
-                    meta.path,
-                    min(offset, meta.size),
-                )
+        return SnapshotChunks(f, meta, chunk_bytes)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -324,6 +305,45 @@ class SnapshotStore:
     def _forget(self, temp_path: str) -> None:
         with self._lock:
             self._active.discard(temp_path)
+
+
+class SnapshotChunks(Iterator[bytes]):
+    """A snapshot's content in chunks over its open file (``SnapshotStore.read_chunks``).
+    ``close`` closes the file at once, whether the chunks were read or not (a generator never
+    started would leave it to the garbage collector)."""
+
+    def __init__(self, f: BinaryIO, meta: SnapshotMeta, chunk_bytes: int) -> None:
+        self._f = f
+        self._chunks = _chunks(f, meta, chunk_bytes)
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._f.close()
+
+
+def _chunks(f: BinaryIO, meta: SnapshotMeta, chunk_bytes: int) -> Generator[bytes, None, None]:
+    with f:
+        offset = 0
+        while True:
+            try:
+                chunk = f.read(chunk_bytes)
+            except OSError as exc:
+                raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
+            if not chunk:
+                break
+            offset += len(chunk)
+            if offset > meta.size:
+                break
+            yield chunk
+        if offset != meta.size:
+            raise CorruptionError(
+                f"{meta.path}: snapshot is {offset}+ bytes, expected {meta.size}",
+                meta.path,
+                min(offset, meta.size),
+            )
 
 
 class _Into(io.RawIOBase):

@@ -1,0 +1,142 @@
+"""Admin/SnapshotSave streams whose clients never read cannot make a node take snapshot after
+snapshot and hold every file open (pruned snapshots stayed on disk while their streams
+waited): a node serves a few at once and refuses more with RESOURCE_EXHAUSTED; once those
+clients are gone, backups work again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+
+import raftfast
+from raftfast.server import admin
+from raftfast.storage.snapshot import SnapshotStore
+from raftfast.tools.localcluster import free_ports
+
+RESOURCE_EXHAUSTED = "8"
+
+
+class _UnreadStreams:
+    """SnapshotSave calls over one raw HTTP/2 connection that gives the server no flow-control
+    window: the server can answer a status, never a message (as tests/server/test_health.py)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        self.sock.sendall(self.conn.data_to_send())
+        self.status: dict[int, str] = {}  # stream -> grpc-status, once answered
+        self.reset: set[int] = set()  # streams the server reset
+
+    def open(self) -> int:
+        stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            stream,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/raftfast.v1.Admin/SnapshotSave"),
+                (":authority", f"127.0.0.1:{self.port}"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        self.conn.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # (empty request)
+        self.sock.sendall(self.conn.data_to_send())
+        return stream
+
+    def pump(self, seconds: float) -> None:
+        """Read what the server sends for ``seconds`` (answering its pings and settings)."""
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(1 << 16)
+        except TimeoutError:
+            return
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                headers = {bytes(k).decode(): bytes(v).decode() for k, v in event.headers}
+                if "grpc-status" in headers:
+                    self.status[event.stream_id] = headers["grpc-status"]
+            elif isinstance(event, h2.events.StreamReset):
+                self.reset.add(event.stream_id)
+        self.sock.sendall(self.conn.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _open_snapshot_files() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if ".snap" in target:
+            out.append(target)
+    return out
+
+
+def test_unread_snapshot_saves_are_bounded_and_refused_past_the_limit(tmp_path):
+    [port] = free_ports(1)
+    counter = raftfast.ReplCounter()
+    calls = 8
+
+    async def main() -> None:
+        node = raftfast.Node(
+            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
+            state_machine=raftfast.Objects(counter), tick_ms=20,
+        )  # fmt: skip
+        async with node:
+            await node.wait_for_leader()
+            snapshot_dir = node._driver.snapshots.directory
+            limit = admin.SNAPSHOT_SAVES_AT_ONCE
+            raw = await asyncio.to_thread(_UnreadStreams, port)
+            try:
+                streams = []
+                for _ in range(calls):
+                    await counter.add(1)  # (something new applied: each call wants a snapshot)
+                    streams.append(await asyncio.to_thread(raw.open))
+                    await asyncio.to_thread(raw.pump, 0.2)
+                loop = asyncio.get_running_loop()
+                until = loop.time() + 10
+                while len(raw.status) < calls - limit and loop.time() < until:
+                    await asyncio.to_thread(raw.pump, 0.1)
+                # A bounded number of snapshot files held open (and on disk).
+                assert len(_open_snapshot_files()) <= limit, _open_snapshot_files()
+                assert len([n for n in os.listdir(snapshot_dir) if ".snap" in n]) <= 3
+                refused = [s for s in streams if raw.status.get(s) == RESOURCE_EXHAUSTED]
+                assert len(refused) == calls - limit, raw.status
+                assert not raw.reset and len(raw.status) == calls - limit  # (the rest wait)
+            finally:
+                await asyncio.to_thread(raw.close)
+
+            # The client gone, its streams end and close their files: backups work again.
+            async with asyncio.timeout(10):
+                while _open_snapshot_files():
+                    await asyncio.sleep(0.05)
+            backup = tmp_path / "backup"
+            async with raftfast.Client([f"127.0.0.1:{port}"], timeout=30) as client:
+                info = await client.save_snapshot(str(backup))
+            assert info["index"] >= calls and backup.stat().st_size > info["size"]
+            assert not _open_snapshot_files()
+
+    asyncio.run(main())
+
+
+def test_read_chunks_closed_unread_closes_its_file_at_once(tmp_path):
+    store = SnapshotStore(str(tmp_path), fsync=False)
+    meta = store.save(1, 1, b"x" * 10)
+    chunks = store.read_chunks(meta)
+    assert len(_open_snapshot_files()) == 1
+    chunks.close()  # (never iterated: closed all the same)
+    assert not _open_snapshot_files()
+    assert b"".join(store.read_chunks(meta)) == b"x" * 10 and not _open_snapshot_files()
