@@ -24,7 +24,9 @@ frame order. Errors there are reported per op (``OpResult.code``), never by endi
 What one client can make a node hold is bounded: a frame has at most ``MAX_FRAME_OPS`` ops and
 ``--max-request-bytes``; a stream has ``MAX_SESSION_INFLIGHT`` frames under way; the frames under
 way on all streams together stay under ``MAX_SESSION_BYTES`` (a stream's reader waits, and gRPC's
-flow control holds the client back); at most ``MAX_SESSIONS`` streams are open.
+flow control holds the client back); a stream's answers not yet sent stay under
+``MAX_STREAM_BYTES``, and all streams' under ``MAX_UNSENT_BYTES`` (but for one small answer a
+stream that holds none); at most ``MAX_SESSIONS`` streams are open.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ __all__ = [
     "MAX_SESSION_BYTES",
     "MAX_SESSION_INFLIGHT",
     "MAX_SESSIONS",
+    "MAX_UNSENT_BYTES",
     "KVService",
     "NodeLike",
     "add_kv_service",
@@ -86,6 +89,12 @@ MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
 MAX_ANSWER_BYTES = 2 * 1024 * 1024  # values in the answer to one frame (the first always)
 MAX_STREAM_BYTES = 16 * 1024 * 1024  # one stream's frames under way and answers unsent
+# Answers unsent on all streams together. Past it, a stream's next answer waits until there is
+# room again, unless the stream holds no answer and this one is small (SMALL_ANSWER_BYTES): a
+# client that reads its answers is still served while others do not read theirs. 1,024 streams
+# of MAX_STREAM_BYTES each, never read, held 16 GiB.
+MAX_UNSENT_BYTES = 256 * 1024 * 1024
+SMALL_ANSWER_BYTES = 64 * 1024
 # What a parsed op (or an op's result) holds in memory beyond its bytes on the wire (upb's
 # objects: ~100 bytes measured): a 20 KB frame of 10,000 empty ops is ~1 MB once parsed, and
 # the budgets count that.
@@ -127,6 +136,7 @@ class KVService(Service, pb_grpc.KVServicer):
         self._sessions = 0  # Session streams open
         self._quota = quota or Quota(node)
         self._budget = _ByteBudget(MAX_SESSION_BYTES)
+        self._unsent = _UnsentAnswers(MAX_UNSENT_BYTES)
 
     @property
     def sessions_open(self) -> int:
@@ -318,7 +328,7 @@ class KVService(Service, pb_grpc.KVServicer):
         done: asyncio.Queue[tuple[pb.SessionResult, int] | BaseException | None]
         done = asyncio.Queue()
         slots = asyncio.Semaphore(MAX_SESSION_INFLIGHT)  # frames read, answer not yet sent
-        held = _StreamBytes(self._budget)
+        held = _StreamBytes(self._budget, self._unsent)
         tasks: set[asyncio.Task[None]] = set()
         outstanding = 0  # frames started whose result the writer has not yet taken
 
@@ -343,7 +353,7 @@ class KVService(Service, pb_grpc.KVServicer):
             # times the request (10,000 empty ops: 20 KB in, ~1 MB of errors out).
             held_bytes = result.ByteSize() + PARSED_OP_BYTES * len(result.results)
             if held_bytes > answer:
-                await held.own.take(held_bytes - answer)
+                await held.take_answer(held_bytes - answer)
                 answer = held_bytes
             done.put_nowait((result, answer))
 
@@ -631,15 +641,41 @@ class _ByteBudget:
         self._freed.set()
 
 
+class _UnsentAnswers:
+    """Answers built and not yet sent, over every stream: ``take`` waits while taking ``n``
+    more would pass the limit, unless the stream holds no answer and ``n`` is small (its client
+    reads: it is served one answer at a time while the node is full of others' answers)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def take(self, stream: _StreamBytes, n: int) -> None:
+        while self.used + n > self.limit and (stream.unsent or n > SMALL_ANSWER_BYTES):
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += n
+        stream.unsent += n
+
+    def give(self, stream: _StreamBytes, n: int) -> None:
+        self.used -= n
+        stream.unsent -= n
+        self._freed.set()
+
+
 class _StreamBytes:
     """The bytes one Session stream holds: the requests of its frames under way (in its own
-    budget and the node's) and the answers it has not sent yet (its own: a client that does
-    not read its answers holds up itself, not the node)."""
+    budget and the node's) and the answers it has not sent yet (in its own budget and the
+    node's budget of answers: a client that does not read its answers holds up itself, and,
+    past that node-wide limit, only the large answers of others)."""
 
-    def __init__(self, node: _ByteBudget) -> None:
+    def __init__(self, node: _ByteBudget, answers: _UnsentAnswers) -> None:
         self.node = node
         self.own = _ByteBudget(MAX_STREAM_BYTES)
         self.node_held = 0
+        self.answers = answers
+        self.unsent = 0  # (of ``answers``)
 
     async def take_request(self, n: int) -> None:
         await self.own.take(n)
@@ -651,12 +687,23 @@ class _StreamBytes:
         self.node.give(n)
         self.node_held -= n
         self.own.give(n)
-        await self.own.take(answer)
+        await self.take_answer(answer)
+
+    async def take_answer(self, n: int) -> None:
+        await self.own.take(n)  # (first: a stream waiting for its own room holds up only itself)
+        try:
+            await self.answers.take(self, n)
+        except BaseException:
+            self.own.give(n)
+            raise
 
     def answer_sent(self, answer: int) -> None:
         self.own.give(answer)
+        self.answers.give(self, answer)
 
     def close(self) -> None:
-        """The stream ended: what its frames still held of the node's budget goes back."""
+        """The stream ended: what its frames still held of the node's budgets goes back."""
         self.node.give(self.node_held)
         self.node_held = 0
+        if self.unsent:
+            self.answers.give(self, self.unsent)

@@ -630,6 +630,77 @@ def test_answers_are_bounded_per_frame_and_per_stream(monkeypatch) -> None:
     run(main())
 
 
+def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
+    # Each stream may hold MAX_STREAM_BYTES of answers its client has not read, but 150
+    # connections that never read took a node from 57 MB to 3.4 GB (helper hunt). Past
+    # MAX_UNSENT_BYTES in all, answers wait, but for a small one to a client that reads.
+    import raftfast.server.kv_service as kv_service
+
+    limit = 20 << 20
+    monkeypatch.setattr(kv_service, "MAX_UNSENT_BYTES", limit)
+    built = [0]  # bytes of answers built and not yet sent, on every stream
+    request_done = kv_service._StreamBytes.request_done
+    answer_sent = kv_service._StreamBytes.answer_sent
+
+    async def counting_done(self, n: int, answer: int) -> None:
+        await request_done(self, n, answer)
+        built[0] += answer  # (the answer is built once there is room for it)
+
+    def counting_sent(self, answer: int) -> None:
+        answer_sent(self, answer)
+        built[0] -= answer
+
+    monkeypatch.setattr(kv_service._StreamBytes, "request_done", counting_done)
+    monkeypatch.setattr(kv_service._StreamBytes, "answer_sent", counting_sent)
+
+    def held() -> int:
+        return built[0]
+
+    big = pb.Op(kind=pb.Op.GET, key=b"big", read_mode=pb.READ_STALE)
+    small = pb.Op(kind=pb.Op.GET, key=b"small", read_mode=pb.READ_STALE)
+
+    async def main() -> None:
+        node = FakeNode()
+        server = grpc.aio.server()
+        service = add_kv_service(server, node)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                kv = pb_grpc.KVStub(channel)
+                await kv.Put(pb.PutRequest(key=b"big", value=b"x" * (1 << 20)))
+                await kv.Put(pb.PutRequest(key=b"small", value=b"s" * 1000))
+                hogs = []
+                for h in range(3):  # (each would hold ~16 MiB: 48 MiB in all)
+                    call = kv.Session()
+                    for frame_id in range(1, 60):
+                        await call.write(_frame(frame_id, big, big, client_id=h + 1))
+                    hogs.append(call)
+                await wait_until(lambda: held() > limit - (4 << 20))
+                await asyncio.sleep(0.3)  # (and it grows no more: a pause to see that)
+                assert held() <= limit + (1 << 20)
+                # A client that reads is served its small answers, one at a time.
+                reader = kv.Session()
+                for frame_id in range(1, 21):
+                    await reader.write(_frame(frame_id, small, client_id=9))
+                    result = await reader.read()
+                    assert result.results[0].value == b"s" * 1000
+                assert held() <= limit + (1 << 20)
+                for call in hogs:
+                    call.cancel()
+                await wait_until(lambda: service._sessions == 1)
+                assert service._unsent.used < (1 << 20)  # (theirs went back)
+                await reader.write(_frame(21, big, client_id=9))
+                assert (await reader.read()).results[0].value == b"x" * (1 << 20)
+                reader.cancel()
+                await wait_until(lambda: service._sessions == 0)
+                assert service._unsent.used == 0
+        finally:
+            await server.stop(None)
+
+    run(main())
+
+
 def test_streams_that_end_give_back_what_they_held() -> None:
     # A frame whose task a cancelled stream cancels before it ever ran once kept its bytes in
     # the node-wide budget forever: enough of them and every Session waited for room.
