@@ -670,6 +670,61 @@ class MVCCStore:
             i += 1
         return out, self._history_base + i
 
+    def puts_at_steps(
+        self, rev: int, key: bytes, range_end: bytes, part: int = _HISTORY_PART
+    ) -> Iterator[list[Record] | None]:
+        """The records of the range written at revision ``rev``, as they were then, by key:
+        the puts of ``rev`` even once its events are compacted away (a watcher at the
+        compaction revision gets them). Found in steps, as ``view_steps``: ``None`` after
+        each ``part`` keys or events looked at, the last item the records. A key not changed
+        since ``rev`` still has ``mod == rev``; one changed since has its record at ``rev``
+        as the ``prev`` of its first event after ``rev``. Neither walk holds an iterator
+        across steps, so the store may go on meanwhile (a key looked at before a change is
+        also found in the history: the same record). EtcdError (COMPACTED) if ``rev`` is
+        compacted away between steps."""
+        self.check_revision(rev)
+        bounds = range_of(key, range_end)
+        found: dict[bytes, Record] = {}
+        if bounds is None:
+            rec = self.kvs.get(key)
+            if rec is not None and rec.mod == rev:
+                found[key] = rec
+        elif bounds[1] is None or bounds[0] < bounds[1]:
+            lo, hi = bounds
+            first = True
+            while True:
+                # (from the last key looked at, anew each step: the keys may have changed)
+                keys = self.kvs.irange(lo, hi, inclusive=(first, False))
+                taken = 0
+                for k in islice(keys, part):
+                    rec = self.kvs[k]
+                    if rec.mod == rev:
+                        found[k] = rec
+                    lo = k
+                    taken += 1
+                if taken < part:
+                    break
+                first = False
+                yield None
+                self.check_revision(rev)
+        seen: set[bytes] = set()
+        r = rev + 1  # (by revision, not index: a compaction up to rev moves the indexes)
+        walked = 0
+        while r <= self.revision:
+            events = self._history[r - self._history_base]
+            for ev in events:
+                if ev.key not in seen and in_range(ev.key, key, bounds):
+                    seen.add(ev.key)
+                    if ev.prev is not None and ev.prev.mod == rev:
+                        found[ev.key] = ev.prev
+            walked += 1 + len(events)
+            r += 1
+            if walked >= part:
+                walked = 0
+                yield None
+                self.check_revision(rev)
+        yield [found[k] for k in sorted(found)]
+
     # -- snapshots --------------------------------------------------------------------------
 
     def frozen(self) -> MVCCStore:

@@ -18,14 +18,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 import grpc
 
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
-from raftfast.etcd.mvcc import Event, in_range, range_of
+from raftfast.etcd.mvcc import Event, Record, in_range, range_of
 from raftfast.proto.etcd import kv_pb2 as mvccpb
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
@@ -48,13 +48,20 @@ _WATCHER_BYTES = 512
 # requests until they are sent (else a client that only writes grows the node without bound).
 _MAX_OUTBOX = 1_000
 PROGRESS_NOTIFY_S = 600.0  # etcd's default progress-notify interval
+# Progress notifications one call of _Stream.pending makes (the others in the next calls): a
+# stream's 10,000 watchers all due at once held the loop for seconds.
+_PROGRESS_PER_CALL = 500
+# Keys and events of the keyspace and history one step of a walk for a watcher at the
+# compaction revision looks at (each counts _WALK_COST against the bytes of a call).
+_WALK_PART = 1_000
+_WALK_COST = 64
 _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 
 
 class _Watcher:
     __slots__ = ("id", "key", "range_end", "bounds", "next_rev", "prev_kv", "noput",
-                 "nodelete", "progress_notify", "fragment", "last_sent")  # fmt: skip
+                 "nodelete", "progress_notify", "fragment", "last_sent", "walk")  # fmt: skip
 
     def __init__(self, watch_id: int, r: pb.WatchCreateRequest, next_rev: int) -> None:
         self.id = watch_id
@@ -68,6 +75,8 @@ class _Watcher:
         self.progress_notify = r.progress_notify
         self.fragment = r.fragment
         self.last_sent = time.monotonic()
+        # at the compaction revision: the walk under way for its puts (_Stream._at_compaction)
+        self.walk: Iterator[list[Record] | None] | None = None
 
     def wants(self, ev: Event) -> bool:
         if ev.after is None:
@@ -176,26 +185,36 @@ class _Stream:
             cancel_reason=errors.COMPACTED.message,
         )
 
-    def _at_compaction(self, w: _Watcher) -> pb.WatchResponse | None:
+    def _at_compaction(self, w: _Watcher, allowance: int) -> tuple[int, pb.WatchResponse | None]:
         """The events of the compaction revision, where ``w`` is (its history is gone, but
         etcd keeps the puts of that revision: they are the keys whose mod_revision it is, in
-        the keyspace as of then; its deletes are lost, prev_kv too, as with etcd)."""
+        the keyspace as of then; its deletes are lost, prev_kv too, as with etcd). The walk
+        that finds them goes a step at a time (see ``MVCCStore.view_steps``: a walk at once
+        held the loop for seconds) until ``allowance`` bytes are spent, and goes on in the next
+        call. Returns the bytes spent and, once it is done (``w.next_rev`` past the revision),
+        the response if any. EtcdError (COMPACTED) if the revision is compacted meanwhile."""
         rev = w.next_rev
-        w.next_rev = rev + 1
         if w.noput:
-            return None
-        request = pb.RangeRequest(key=w.key, range_end=w.range_end, revision=rev)
-        try:
-            _, records = self.api.store.range_records(request)
-        except EtcdError:
-            return None
-        events = [
-            mvccpb.Event(type=mvccpb.Event.PUT, kv=rec.to_pb()) for rec in records if rec.mod == rev
-        ]
-        if not events:
-            return None
+            w.next_rev = rev + 1
+            return 0, None
+        if w.walk is None:
+            w.walk = self.api.store.puts_at_steps(rev, w.key, w.range_end, _WALK_PART)
+        spent = 0
+        while True:
+            records = next(w.walk)
+            spent += _WALK_COST * _WALK_PART
+            if records is not None:
+                break
+            if spent >= allowance:
+                return spent, None
+        w.walk = None
+        w.next_rev = rev + 1
+        if not records:
+            return spent, None
+        spent += sum(len(rec.key) + len(rec.value) + 64 for rec in records)
+        events = [mvccpb.Event(type=mvccpb.Event.PUT, kv=rec.to_pb()) for rec in records]
         w.last_sent = time.monotonic()
-        return pb.WatchResponse(header=self.api.header(rev), watch_id=w.id, events=events)
+        return spent, pb.WatchResponse(header=self.api.header(rev), watch_id=w.id, events=events)
 
     def pending(self) -> list[pb.WatchResponse]:
         """What to send now: queued answers, then new events for each watcher (a bounded
@@ -215,9 +234,18 @@ class _Stream:
             # (the next call begins with the others)
             self.watchers[w.id] = self.watchers.pop(w.id)
             if w.next_rev == store.compact_revision:
-                response = self._at_compaction(w)
+                try:
+                    cost, response = self._at_compaction(w, max_bytes - spent)
+                except EtcdError:
+                    self._drop(w.id)
+                    out.append(self._compacted(w.id))
+                    continue
+                spent += cost
                 if response is not None:
                     out.append(response)
+                if w.next_rev == store.compact_revision:
+                    self.wake.set()  # (its walk goes on in the next call)
+                    continue
                 if w.next_rev > store.revision:
                     continue
             try:
@@ -259,10 +287,20 @@ class _Stream:
             self.progress_wanted = False
             out.append(pb.WatchResponse(header=self.api.header(), watch_id=-1))
         now = time.monotonic()
-        for w in self.watchers.values():
-            if w.progress_notify and now - w.last_sent >= PROGRESS_NOTIFY_S and self.caught_up():
+        due = [
+            w
+            for w in self.watchers.values()
+            if w.progress_notify and now - w.last_sent >= PROGRESS_NOTIFY_S
+        ]
+        # (caught_up once, not per watcher: it looks at every watcher)
+        if due and self.caught_up():
+            if len(due) > _PROGRESS_PER_CALL:
+                due = due[:_PROGRESS_PER_CALL]
+                self.wake.set()  # (the others in the next call)
+            header = self.api.header()
+            for w in due:
                 w.last_sent = now
-                out.append(pb.WatchResponse(header=self.api.header(), watch_id=w.id))
+                out.append(pb.WatchResponse(header=header, watch_id=w.id))
         return out
 
     def caught_up(self) -> bool:

@@ -1,0 +1,266 @@
+"""Watch streams must not hold the event loop: one ``_Stream.pending()`` call does a bounded
+amount of work however many watchers are due for a progress notification or start at the
+compaction revision (the rest comes in later calls), and what the watchers get is unchanged.
+Unit level: the real MVCCStore and _Stream, a fake api."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sortedcontainers import SortedDict
+
+from raftfast.etcd import watch
+from raftfast.etcd.mvcc import MVCCStore, encode, in_range, range_of
+from raftfast.proto.etcd import kv_pb2 as mvccpb
+from raftfast.proto.etcd import rpc_pb2 as pb
+
+MAX_BYTES = 1536 * 1024  # etcd's max request bytes
+ALL = {"key": b"\x00", "range_end": b"\x00"}  # every key
+
+
+def _api(store: MVCCStore, max_bytes: int = MAX_BYTES) -> Any:
+    return SimpleNamespace(
+        store=store,
+        header=lambda rev=None: pb.ResponseHeader(revision=store.revision if rev is None else rev),
+        driver=SimpleNamespace(settings=SimpleNamespace(max_request_bytes=max_bytes)),
+    )
+
+
+def _create(stream: watch._Stream, **fields: Any) -> None:
+    stream.take(pb.WatchRequest(create_request=pb.WatchCreateRequest(**fields)))
+
+
+def _put(store: MVCCStore, key: bytes, value: bytes = b"v") -> None:
+    store.apply(encode(pb.PutRequest(key=key, value=value)))
+
+
+def _drain(stream: watch._Stream, between: Any = None, limit: int = 10_000) -> list[list]:
+    """pending() until it has nothing more to send; the responses of each call."""
+    calls = []
+    for _ in range(limit):
+        stream.wake.clear()
+        out = stream.pending()
+        calls.append(out)
+        if not out and not stream.wake.is_set():
+            return calls
+        if between is not None:
+            between()
+    raise AssertionError("pending() never ran dry")
+
+
+class _CountingDict(SortedDict):
+    """A keyspace that counts the records read from it."""
+
+    reads = 0
+
+    def __getitem__(self, key: bytes) -> Any:
+        _CountingDict.reads += 1
+        return super().__getitem__(key)
+
+
+# -- progress notifications -----------------------------------------------------------------
+
+
+def test_progress_notify_due_watchers_cost_linear_and_bounded_per_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n = 3_000
+    store = MVCCStore()
+    stream = watch._Stream(_api(store))
+    for i in range(n):
+        _create(stream, key=f"idle/{i}".encode(), progress_notify=True)
+    assert len(stream.pending()) == n  # (the created answers)
+    for w in stream.watchers.values():
+        w.last_sent -= watch.PROGRESS_NOTIFY_S + 1
+    checks = 0
+    caught_up = stream.caught_up
+
+    def counting() -> bool:
+        nonlocal checks
+        checks += 1
+        return caught_up()
+
+    monkeypatch.setattr(stream, "caught_up", counting)
+    calls = _drain(stream)
+    # whether all have caught up is asked once a call, not once per due watcher (quadratic)
+    assert checks <= 2 * len(calls)
+    # a bounded number of notifications a call, the others in the next calls
+    assert max(len(out) for out in calls) <= 1_000
+    ids = [r.watch_id for out in calls for r in out]
+    assert sorted(ids) == sorted(stream.watchers)  # each watcher once
+    assert all(not r.events and not r.canceled for out in calls for r in out)
+
+
+def test_progress_notify_waits_until_caught_up() -> None:
+    store = MVCCStore()
+    for i in range(5):
+        _put(store, f"k{i}".encode())
+    stream = watch._Stream(_api(store, max_bytes=16))  # (a revision a call)
+    _create(stream, key=b"idle", progress_notify=True)
+    _create(stream, start_revision=1, **ALL)
+    idle, behind = stream.watchers
+    stream.watchers[idle].last_sent -= watch.PROGRESS_NOTIFY_S + 1
+    responses = [r for out in _drain(stream) for r in out if not r.created]
+    # the watcher behind gets its events first, the idle one its notification once, after
+    assert [r.watch_id for r in responses] == [behind] * 5 + [idle]
+    assert not responses[-1].events
+
+
+# -- watchers at the compaction revision ----------------------------------------------------
+
+
+def _compacted_store(keys: int, after: int) -> tuple[MVCCStore, int]:
+    """``keys`` keys, compacted at the last of their puts, then ``after`` more puts."""
+    store = MVCCStore()
+    for i in range(keys):
+        _put(store, f"k{i:08d}".encode())
+    store.apply(encode(pb.CompactionRequest(revision=store.revision)))
+    for i in range(after):
+        _put(store, f"k{i % keys:08d}".encode(), b"w")
+    return store, store.compact_revision
+
+
+@pytest.mark.parametrize(("keys", "after"), [(20_000, 0), (2_000, 30_000)])
+def test_at_compaction_walk_bounded_per_call(keys: int, after: int) -> None:
+    watchers = 20
+    store, crev = _compacted_store(keys, after)
+    store.kvs = _CountingDict(store.kvs)
+    stream = watch._Stream(_api(store))
+    for _ in range(watchers):
+        _create(stream, start_revision=crev, **ALL)
+    reads: list[int] = []
+
+    def count() -> None:
+        reads.append(_CountingDict.reads)
+        _CountingDict.reads = 0
+
+    _CountingDict.reads = 0
+    calls = _drain(stream, between=count)
+    count()
+    answers = [[r for r in out if r.events and r.header.revision == crev] for out in calls]
+    # one call walks a bounded part of the keyspace and history (the old code walked them all,
+    # once per watcher: 20 x 20,000 records in one call)
+    assert max(reads) <= 60_000
+    assert max(len(a) for a in answers) <= watchers // 4
+    # and each watcher got the puts of the compaction revision once
+    got = [r for a in answers for r in a]
+    assert sorted(r.watch_id for r in got) == sorted(stream.watchers)
+    assert {tuple((e.kv.key, e.kv.mod_revision) for e in r.events) for r in got} == {
+        ((f"k{keys - 1:08d}".encode(), crev),)
+    }
+
+
+def _event(e: mvccpb.Event) -> tuple:
+    kv, prev = e.kv, e.prev_kv
+    return (e.type, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version) + (
+        prev.key,
+        prev.value,
+        prev.mod_revision,
+    )
+
+
+def _events(responses: list[pb.WatchResponse]) -> dict[int, list[tuple[int, list[tuple]]]]:
+    """The events of each watcher: (header revision, events) a response."""
+    by_id: dict[int, list[tuple[int, list[tuple]]]] = {}
+    for r in responses:
+        if r.events:
+            assert not r.created and not r.canceled
+            by_id.setdefault(r.watch_id, []).append(
+                (r.header.revision, [_event(e) for e in r.events])
+            )
+    return by_id
+
+
+@pytest.mark.parametrize("part", [1, 2, 1_000])
+def test_at_compaction_same_events_while_store_moves(
+    monkeypatch: pytest.MonkeyPatch, part: int
+) -> None:
+    """Walked in tiny steps, with writes between the calls (to keys written at the compaction
+    revision, before and after the walk passes them): each watcher gets the puts of that
+    revision as they were then, then every later event, once, in order (as etcd)."""
+    monkeypatch.setattr(watch, "_WALK_PART", part, raising=False)
+    store = MVCCStore()
+    for k in (b"a", b"b", b"c", b"d", b"e", b"x"):
+        _put(store, k, b"0")
+    put = pb.RequestOp
+
+    def put_op(key: bytes, value: bytes) -> Any:
+        return put(request_put=pb.PutRequest(key=key, value=value))
+
+    txn = pb.TxnRequest(
+        success=[
+            put_op(b"b", b"1"),
+            put_op(b"d", b"1"),
+            put_op(b"x", b"1"),
+            put(request_delete_range=pb.DeleteRangeRequest(key=b"c")),
+            put_op(b"f", b"1"),
+        ]
+    )
+    store.apply(encode(txn))
+    crev = store.revision
+    then = store.frozen()  # the keyspace at the compaction revision
+    _put(store, b"d", b"2")  # (changed before the walk)
+    store.apply(encode(pb.CompactionRequest(revision=crev)))
+    specs = [
+        dict(ALL),
+        {"key": b"a", "range_end": b"e"},
+        {"key": b"d"},
+        {"key": b"a"},
+        {"key": b"b", "prev_kv": True},
+        {"filters": [pb.WatchCreateRequest.NODELETE], **ALL},
+        {"filters": [pb.WatchCreateRequest.NOPUT], **ALL},
+    ]
+    stream = watch._Stream(_api(store, max_bytes=256))
+    for spec in specs:
+        _create(stream, start_revision=crev, **spec)
+    watchers = dict(stream.watchers)
+    writes = iter(
+        [
+            lambda: _put(store, b"f", b"2"),
+            lambda: store.apply(encode(pb.DeleteRangeRequest(key=b"b"))),
+            lambda: _put(store, b"b", b"3"),
+            lambda: _put(store, b"zz", b"1"),
+            lambda: _put(store, b"x", b"2"),
+        ]
+    )
+
+    def between() -> None:
+        write = next(writes, None)
+        if write is not None:
+            write()
+
+    calls = _drain(stream, between)
+    for write in writes:  # (if the walk was over before they all were made)
+        write()
+    calls += _drain(stream)
+    got = _events([r for out in calls for r in out])
+
+    later, _ = store.events_from(crev + 1, 10**6)
+    for wid, w in watchers.items():
+        bounds = range_of(w.key, w.range_end)
+        first = [
+            rec.to_pb()
+            for k, rec in then.kvs.items()
+            if rec.mod == crev and in_range(k, w.key, bounds) and not w.noput
+        ]
+        responses = got.get(wid, [])
+        if first:  # (one response at the compaction revision, its puts by key)
+            header, events = responses.pop(0)
+            assert header == crev
+            assert events == [_event(mvccpb.Event(type=mvccpb.Event.PUT, kv=kv)) for kv in first]
+        expected = [_event(e.to_pb(w.prev_kv)) for e in later if w.wants(e)]
+        assert [e for _, events in responses for e in events] == expected, w.key
+
+
+def test_at_compaction_compacted_again_during_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "_WALK_PART", 1, raising=False)
+    store, crev = _compacted_store(50, 5)
+    stream = watch._Stream(_api(store, max_bytes=256))
+    _create(stream, start_revision=crev, **ALL)
+    stream.pending()
+    store.apply(encode(pb.CompactionRequest(revision=crev + 2)))
+    out = [r for call in _drain(stream) for r in call]
+    assert out[-1].canceled and out[-1].compact_revision == crev + 2
+    assert not stream.watchers
