@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -670,6 +671,7 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                 kv = pb_grpc.KVStub(channel)
                 await kv.Put(pb.PutRequest(key=b"big", value=b"x" * (1 << 20)))
                 await kv.Put(pb.PutRequest(key=b"small", value=b"s" * 1000))
+                tracemalloc.start()
                 hogs = []
                 for h in range(3):  # (each would hold ~16 MiB: 48 MiB in all)
                     call = kv.Session()
@@ -679,6 +681,8 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                 await wait_until(lambda: held() > limit - (4 << 20))
                 await asyncio.sleep(0.3)  # (and it grows no more: a pause to see that)
                 assert held() <= limit + (1 << 20)
+                # Nor do the frames that wait for room hold their values meanwhile (2.3 GB).
+                assert tracemalloc.get_traced_memory()[0] < limit + (16 << 20)
                 # A client that reads is served its small answers, one at a time.
                 reader = kv.Session()
                 for frame_id in range(1, 21):
@@ -696,6 +700,7 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                 await wait_until(lambda: service._sessions == 0)
                 assert service._unsent.used == 0
         finally:
+            tracemalloc.stop()
             await server.stop(None)
 
     run(main())
