@@ -692,8 +692,7 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                 assert held() <= limit + (1 << 20)
                 for call in hogs:
                     call.cancel()
-                await wait_until(lambda: service._sessions == 1)
-                assert service._unsent.used < (1 << 20)  # (theirs went back)
+                await wait_until(lambda: service._unsent.used < (1 << 20))  # (theirs went back)
                 await reader.write(_frame(21, big, client_id=9))
                 assert (await reader.read()).results[0].value == b"x" * (1 << 20)
                 reader.cancel()
