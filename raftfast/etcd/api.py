@@ -52,6 +52,12 @@ MAX_TXN_OPS = 128  # per branch of a Txn (etcd's --max-txn-ops default)
 # In all, nested txns included (etcd has no such bound: 16 levels of 128 are 10^33; the request
 # size alone let 117,000 puts in, 0.8 s of checks on the leader's loop and as long to apply)
 MAX_TXN_TOTAL_OPS = 4096
+# Keys one lease may hold (a put that would attach one more is refused): revoking a lease
+# deletes all its keys in one entry, applied at once on every node, and LeaseTimeToLive lists
+# them all: 500,000 keys held each node's loop 4 s (elections) and made answers of 6 MB.
+# Kubernetes attaches at most 1,000 (its --lease-max-object-count). Checked when a write is
+# proposed, not applied: an old log replays as it was written.
+MAX_LEASE_KEYS = 10_000
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
 _OP_ETCD = bytes((OP_ETCD,))
 _RESOLVE_S = 2.0  # how long a MemberAdd waits for its URL's host (and members') to resolve
@@ -308,6 +314,8 @@ class EtcdAPI:
     async def write(self, request: Any) -> Any:
         """Propose an etcd write and return its response (header filled), or raise its
         EtcdError. Only on the leader (NotLeaderError otherwise)."""
+        if isinstance(request, pb.PutRequest | pb.TxnRequest):
+            self._check_lease_room(request)
         quota = self.driver.quota
         if quota is not None and _grows(request):
             why = quota.refusal(request.ByteSize())
@@ -320,6 +328,17 @@ class EtcdAPI:
             raise errors.invalid("the write could not be applied")
         result.header.CopyFrom(self.header(result.header.revision))
         return result
+
+    def _check_lease_room(self, request: pb.PutRequest | pb.TxnRequest) -> None:
+        """EtcdError if a put of ``request`` attaches a key to a lease that holds
+        ``MAX_LEASE_KEYS`` already."""
+        puts = [request] if isinstance(request, pb.PutRequest) else _lease_puts(request)
+        leases = self.store.leases
+        for put in puts:
+            lease = leases.get(put.lease) if put.lease else None
+            if lease is not None and len(lease.keys) >= MAX_LEASE_KEYS:
+                if put.key not in lease.keys:
+                    raise errors.lease_full(put.lease, MAX_LEASE_KEYS)
 
     async def _put(self, request: pb.PutRequest) -> pb.PutResponse:
         return await self.write(request)
@@ -656,6 +675,20 @@ def _writes_of(ops) -> tuple[list[bytes], list[_Interval]]:
                 puts += p
                 deletes += d
     return puts, deletes
+
+
+def _lease_puts(txn: pb.TxnRequest) -> list[pb.PutRequest]:
+    """The puts with a lease in both branches of ``txn``, nested txns' included."""
+    puts = []
+    branches = [txn.success, txn.failure]
+    while branches:
+        for op in branches.pop():
+            which = op.WhichOneof("request")
+            if which == "request_put" and op.request_put.lease:
+                puts.append(op.request_put)
+            elif which == "request_txn":
+                branches += [op.request_txn.success, op.request_txn.failure]
+    return puts
 
 
 def _deleted(r: pb.DeleteRangeRequest) -> _Interval:

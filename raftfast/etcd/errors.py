@@ -91,6 +91,14 @@ TIMEOUT = _e(_C.UNAVAILABLE, "etcdserver: request timed out")
 BAD_LEADER_TRANSFEREE = _e(_C.FAILED_PRECONDITION, "etcdserver: bad leader transferee")
 
 
+def lease_full(lease_id: int, most: int) -> EtcdError:
+    """A put would attach a key to a lease that holds the most keys a lease may hold here."""
+    return EtcdError(
+        _C.RESOURCE_EXHAUSTED,
+        f"etcdserver: lease {lease_id:x} holds {most} keys, the most a lease may hold here",
+    )
+
+
 def invalid(message: str) -> EtcdError:
     """A request etcd would take but raftfast cannot hold (an out-of-range value, a txn
     nested too deep): INVALID_ARGUMENT with a message that says which limit."""

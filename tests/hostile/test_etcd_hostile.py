@@ -26,7 +26,7 @@ from google.protobuf.internal.encoder import _VarintBytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raftfast.etcd.api import member_id
+from raftfast.etcd.api import MAX_LEASE_KEYS, member_id
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
 from raftfast.tools.localcluster import wait_for
@@ -555,6 +555,42 @@ def test_extreme_lease_requests(trio, role):
     live = {a.ID for a in answers if a.TTL}
     assert -1 - offset in live and 0 not in live
     assert len(lease.LeaseLeases(pb.LeaseLeasesRequest(), timeout=T).leases) >= 3
+    served(trio)
+
+
+def test_a_lease_holds_at_most_max_lease_keys(trio):
+    # 500,000 keys on one lease: its revoke held every node's loop 4 s (elections), and each
+    # LeaseTimeToLive(keys) 0.7 s (a 6 MB answer). A lease now holds at most MAX_LEASE_KEYS.
+    leader, follower = etcd(trio, trio.leader()), etcd(trio, trio.follower())
+    lease_id = leader.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=600), timeout=T).ID
+    keys = [b"full/%05d" % i for i in range(MAX_LEASE_KEYS)]
+    for first in range(0, len(keys), 128):  # (128 puts a txn branch, etcd's default)
+        puts = [
+            pb.RequestOp(request_put=pb.PutRequest(key=k, value=b"v", lease=lease_id))
+            for k in keys[first : first + 128]
+        ]
+        assert leader.kv.Txn(pb.TxnRequest(success=puts), timeout=T).succeeded
+    one_more = pb.PutRequest(key=b"full/more", value=b"v", lease=lease_id)
+    nested = pb.TxnRequest(
+        failure=[
+            pb.RequestOp(request_txn=pb.TxnRequest(success=[pb.RequestOp(request_put=one_more)]))
+        ]
+    )
+    for kv in (leader.kv, follower.kv):  # (a follower hands the put to the leader)
+        refused(
+            lambda kv=kv: kv.Put(one_more, timeout=T), grpc.StatusCode.RESOURCE_EXHAUSTED, "keys"
+        )
+        refused(lambda kv=kv: kv.Txn(nested, timeout=T), grpc.StatusCode.RESOURCE_EXHAUSTED, "keys")
+    # A key it holds may be written again; other leases and no lease are as before.
+    leader.kv.Put(pb.PutRequest(key=keys[0], value=b"again", lease=lease_id), timeout=T)
+    leader.kv.Put(pb.PutRequest(key=b"full/more", value=b"v"), timeout=T)
+    answer = leader.lease.LeaseTimeToLive(
+        pb.LeaseTimeToLiveRequest(ID=lease_id, keys=True), timeout=T
+    )
+    assert sorted(answer.keys) == keys
+    leader.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=lease_id), timeout=T)
+    left = leader.kv.Range(pb.RangeRequest(key=b"full/", range_end=b"full0"), timeout=T)
+    assert [kv.key for kv in left.kvs] == [b"full/more"]
     served(trio)
 
 
