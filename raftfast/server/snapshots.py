@@ -231,25 +231,30 @@ class SnapshotMixin:
         return membership
 
     async def _send_snapshot(self, m: Message) -> None:
-        """The core asked for a snapshot to go to ``m.dst``: stream our newest one."""
-        meta = self.snapshots.latest()
+        """The core asked for a snapshot to go to ``m.dst``: stream our newest one. Whatever
+        happens, the core hears how it ended: until then it sends that follower nothing else."""
         ok = False
         started = time.perf_counter()
-        if meta is not None and meta.index >= m.index:
-            membership = self.snapshots.read_membership(meta)
-            named = Message(
-                MsgType.SNAPSHOT, m.src, m.dst, m.term, meta.index, meta.term, membership
-            )
-            log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
-            ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
-            self.metrics.snapshot_send.observe(time.perf_counter() - started)
-        if ok:
-            self.metrics.snapshots_sent += 1
-        else:
-            self.metrics.snapshots_send_failed += 1  # (or none new enough to send)
-        if self.raw is not None and not self.stopping:
-            self.raw.report_snapshot(m.dst, ok)
-            self._wake.set()
+        try:
+            meta = self.snapshots.latest()
+            if meta is not None and meta.index >= m.index:
+                membership = self.snapshots.read_membership(meta)
+                named = Message(
+                    MsgType.SNAPSHOT, m.src, m.dst, m.term, meta.index, meta.term, membership
+                )
+                log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
+                ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
+                self.metrics.snapshot_send.observe(time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - (a newer snapshot pruned this one, say)
+            log.warning("node %s could not send a snapshot to %s: %s", self.id, m.dst, exc)
+        finally:
+            if ok:
+                self.metrics.snapshots_sent += 1
+            else:
+                self.metrics.snapshots_send_failed += 1  # (or none new enough to send)
+            if self.raw is not None and not self.stopping:
+                self.raw.report_snapshot(m.dst, ok)
+                self._wake.set()
 
 
 class _IncomingSnapshot:
