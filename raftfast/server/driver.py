@@ -128,6 +128,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._handing_over = False  # stop() is handing leadership over first
         self._snapshot_lock = asyncio.Lock()
         self._snapshot_task: asyncio.Task | None = None
+        self._snapshot_sends: set[asyncio.Task] = set()  # (held: the loop keeps weak references)
         self._compact_to = 0
         # Snapshot files are written and synced here, apart from the WAL's appends.
         self._snapshot_pool = ThreadPoolExecutor(1, thread_name_prefix=f"raftfast-snap-{self.id}")
@@ -772,7 +773,9 @@ class Driver(MembershipMixin, SnapshotMixin):
                     self._durable_term_vote = (hs.term, hs.vote)
         for m in rd.messages:
             if m.type == MsgType.SNAPSHOT:
-                asyncio.create_task(self._send_snapshot(m))
+                send = asyncio.create_task(self._send_snapshot(m))
+                self._snapshot_sends.add(send)
+                send.add_done_callback(self._snapshot_sends.discard)
         self.transport.send([m for m in rd.messages if m.type != MsgType.SNAPSHOT])
         if rd.committed is not None and not applied:
             self._apply_committed(rd.committed)
