@@ -353,7 +353,7 @@ class KVService(Service, pb_grpc.KVServicer):
             # times the request (10,000 empty ops: 20 KB in, ~1 MB of errors out).
             held_bytes = result.ByteSize() + PARSED_OP_BYTES * len(result.results)
             if held_bytes > answer:
-                await held.take_answer(held_bytes - answer)
+                held.built(held_bytes - answer)  # (built already: waiting would free nothing)
                 answer = held_bytes
             done.put_nowait((result, answer))
 
@@ -659,6 +659,9 @@ class _UnsentAnswers:
         while self.used + n > self.limit and (stream.unsent or n > SMALL_ANSWER_BYTES):
             self._freed.clear()
             await self._freed.wait()
+        self.count(stream, n)
+
+    def count(self, stream: _StreamBytes, n: int) -> None:
         self.used += n
         stream.unsent += n
 
@@ -700,6 +703,11 @@ class _StreamBytes:
         except BaseException:
             self.own.give(n)
             raise
+
+    def built(self, n: int) -> None:
+        """``n`` more bytes of an answer already built (counted without waiting for room)."""
+        self.own.used += n
+        self.answers.count(self, n)
 
     def answer_sent(self, answer: int) -> None:
         self.own.give(answer)

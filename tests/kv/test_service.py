@@ -705,6 +705,41 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
     run(main())
 
 
+def test_a_stream_that_holds_no_answer_is_served_while_others_fill_the_node() -> None:
+    # Past MAX_UNSENT_BYTES an answer waits for room, but a stream that holds none gets one
+    # small answer at once, and the bytes of an answer found bigger once built are counted
+    # without waiting (waiting frees nothing then; the reader's frame waited for the others).
+    from raftfast.server.kv_service import (
+        SMALL_ANSWER_BYTES,
+        _ByteBudget,
+        _StreamBytes,
+        _UnsentAnswers,
+    )
+
+    async def main() -> None:
+        answers, requests = _UnsentAnswers(1000), _ByteBudget(1000)
+        hog, reader = _StreamBytes(requests, answers), _StreamBytes(requests, answers)
+        await hog.take_answer(1000)  # (the node is full)
+        await asyncio.wait_for(reader.request_done(0, 10), 1)  # (it held none: it goes)
+        reader.built(5)  # (does not wait)
+        assert answers.used == 1015
+        second = asyncio.ensure_future(reader.take_answer(10))  # (it holds one: it waits)
+        big = asyncio.ensure_future(
+            _StreamBytes(requests, answers).take_answer(SMALL_ANSWER_BYTES + 1)
+        )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not second.done() and not big.done()
+        hog.answer_sent(1000)
+        await asyncio.wait_for(second, 1)
+        assert not big.done()  # (there is room for 10 bytes, not for 64 KiB)
+        reader.answer_sent(25)
+        big.cancel()
+        assert answers.used == 0 and reader.own.used == 0
+
+    run(main())
+
+
 def test_streams_that_end_give_back_what_they_held() -> None:
     # A frame whose task a cancelled stream cancels before it ever ran once kept its bytes in
     # the node-wide budget forever: enough of them and every Session waited for room.
