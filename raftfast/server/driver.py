@@ -85,6 +85,11 @@ _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) /
 # in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
 # by --max-request-bytes each and by HTTP/2 flow control per connection.
 _MAX_STREAMS_PER_CONNECTION = 1024
+# Calls under way on a port at once (more are answered RESOURCE_EXHAUSTED at once): beyond the
+# Session (1,024) and Watch (4,096) streams, room for unary calls. Calls whose request never
+# arrives cost ~12 KB each: 100 connections of 1,024 such calls took 1.2 GB and cost a leader
+# its leadership.
+MAX_CONCURRENT_RPCS = 16_384
 _MISSING_REMEDY = (  # a data directory that lost files the node needs
     "put the missing files back, restore a backup (--restore), or remove this node's data and "
     "add it back (docs/operations.md)"
@@ -315,12 +320,12 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.health.add_to(self.server)
         enable_reflection(self.server, (*self.app.service_names, ADMIN_SERVICE))
         if shared:
-            register(self.server, pb, "Peer", peer_service)
+            register(self.server, pb, "Peer", peer_service, bounded_answers=False)
         else:
             # (peers are few; the cap is headroom: with a small one, a stranger reopening
             # silent connections as gRPC drops them kept every peer's vote out)
             self.peer_server = _server(tcp.MAX_RECORD_BYTES, s.max_client_connections, None, timer)
-            register(self.peer_server, pb, "Peer", peer_service)
+            register(self.peer_server, pb, "Peer", peer_service, bounded_answers=False)
             peer_tls = s.peer_tls
             _bind(
                 self.peer_server,
@@ -990,6 +995,7 @@ def _server(
         interceptors.append(timer)
     return grpc.aio.server(
         interceptors=interceptors or None,
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         options=[
             ("grpc.max_send_message_length", tcp.MAX_RECORD_BYTES),
             ("grpc.max_receive_message_length", max_message_bytes),

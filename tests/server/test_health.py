@@ -6,9 +6,6 @@ import signal
 import socket
 
 import grpc
-import h2.config
-import h2.connection
-import h2.settings
 import pytest
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from raftfast.client import SyncClient
 from raftfast.tools.localcluster import ProcCluster, wait_for
+from tests.unread_calls import UnreadCalls
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -112,25 +110,9 @@ def test_serving_needs_a_leader_and_the_start_s_commit_index_applied_and_not_sto
 def _unread_watch(port: int) -> socket.socket:
     """A Health/Watch stream from a raw HTTP/2 client that gives the server no flow-control
     window and reads nothing: the server's first write of a status never completes."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-    stream = conn.get_next_available_stream_id()
-    conn.send_headers(
-        stream,
-        [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/grpc.health.v1.Health/Watch"),
-            (":authority", f"127.0.0.1:{port}"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ],
-    )
-    conn.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # (an empty request)
-    sock.sendall(conn.data_to_send())
-    return sock
+    calls = UnreadCalls(port)
+    calls.open("/grpc.health.v1.Health/Watch")  # (an empty request)
+    return calls.sock
 
 
 def test_watch_streams_their_clients_do_not_read_hold_up_nothing_else(tmp_path):

@@ -7,70 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-
-import h2.config
-import h2.connection
-import h2.events
-import h2.settings
 
 import raftfast
 from raftfast.server import admin
 from raftfast.storage.snapshot import SnapshotStore
 from raftfast.tools.localcluster import free_ports
+from tests.unread_calls import UnreadCalls
 
 RESOURCE_EXHAUSTED = "8"
-
-
-class _UnreadStreams:
-    """SnapshotSave calls over one raw HTTP/2 connection that gives the server no flow-control
-    window: the server can answer a status, never a message (as tests/server/test_health.py)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.conn.initiate_connection()
-        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
-        self.sock.sendall(self.conn.data_to_send())
-        self.status: dict[int, str] = {}  # stream -> grpc-status, once answered
-        self.reset: set[int] = set()  # streams the server reset
-
-    def open(self) -> int:
-        stream = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(
-            stream,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", "/raftfast.v1.Admin/SnapshotSave"),
-                (":authority", f"127.0.0.1:{self.port}"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
-        )
-        self.conn.send_data(stream, b"\x00\x00\x00\x00\x00", end_stream=True)  # (empty request)
-        self.sock.sendall(self.conn.data_to_send())
-        return stream
-
-    def pump(self, seconds: float) -> None:
-        """Read what the server sends for ``seconds`` (answering its pings and settings)."""
-        self.sock.settimeout(seconds)
-        try:
-            data = self.sock.recv(1 << 16)
-        except TimeoutError:
-            return
-        for event in self.conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                headers = {bytes(k).decode(): bytes(v).decode() for k, v in event.headers}
-                if "grpc-status" in headers:
-                    self.status[event.stream_id] = headers["grpc-status"]
-            elif isinstance(event, h2.events.StreamReset):
-                self.reset.add(event.stream_id)
-        self.sock.sendall(self.conn.data_to_send())
-
-    def close(self) -> None:
-        self.sock.close()
+SNAPSHOT_SAVE = "/raftfast.v1.Admin/SnapshotSave"
 
 
 def _open_snapshot_files() -> list[str]:
@@ -99,12 +44,12 @@ def test_unread_snapshot_saves_are_bounded_and_refused_past_the_limit(tmp_path):
             await node.wait_for_leader()
             snapshot_dir = node._driver.snapshots.directory
             limit = admin.SNAPSHOT_SAVES_AT_ONCE
-            raw = await asyncio.to_thread(_UnreadStreams, port)
+            raw = await asyncio.to_thread(UnreadCalls, port)
             try:
                 streams = []
                 for _ in range(calls):
                     await counter.add(1)  # (something new applied: each call wants a snapshot)
-                    streams.append(await asyncio.to_thread(raw.open))
+                    streams.append(await asyncio.to_thread(raw.open, SNAPSHOT_SAVE))
                     await asyncio.to_thread(raw.pump, 0.2)
                 loop = asyncio.get_running_loop()
                 until = loop.time() + 10
