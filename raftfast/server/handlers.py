@@ -10,38 +10,55 @@ and answers it itself, or the stream fails as before.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from raftfast.heap import release_free_memory
+
 __all__ = ["MAX_UNREAD_ANSWER_BYTES", "Malformed", "method_handler", "register", "tolerant"]
 
 # Answers to one-request calls that their clients have not read yet, in this process: gRPC
 # holds each until its client reads it (10 connections of 200 Gets of 1 MB, never read, took a
-# node to 5.6 GB and cost it its leadership). Past this, such calls are refused with
-# RESOURCE_EXHAUSTED until some are read. Answers under _COUNTED_BYTES are not counted (they
-# are what peers and most calls get: no callback for them).
-MAX_UNREAD_ANSWER_BYTES = 256 * 1024 * 1024
+# node to 5.6 GB and cost it its leadership). Past this, a call whose answer is bigger than
+# _COUNTED_BYTES is refused with RESOURCE_EXHAUSTED until some are read; smaller answers (a
+# Status, a put's) are not counted and always go.
+MAX_UNREAD_ANSWER_BYTES = 128 * 1024 * 1024  # (each held costs ~3 times its size: copies)
 _COUNTED_BYTES = 16 * 1024
+# Once they are all read, the heap's free pages go back to the system if this many were held
+# (glibc kept 1.4 of 2.9 GB after such a flood; raftfast.heap).
+_TRIM_AFTER_BYTES = 32 * 1024 * 1024
 
 
 class _UnreadAnswers:
     """Bytes of counted answers whose calls have not ended (their client has not read them)."""
 
     used = 0
+    peak = 0  # (since the last time none were held)
 
     @classmethod
-    def hold(cls, response: Any, context: grpc.aio.ServicerContext) -> None:
+    def hold(cls, response: Any, context: grpc.aio.ServicerContext) -> bool:
+        """Count ``response`` until its call ends; False if there is no room for it (a small
+        one always goes: Status, a put's answer)."""
         size = response.ByteSize() if hasattr(response, "ByteSize") else 0
-        if size >= _COUNTED_BYTES:
-            cls.used += size
-            context.add_done_callback(lambda _call: cls._release(size))
+        if size < _COUNTED_BYTES:
+            return True
+        if cls.used and cls.used + size > MAX_UNREAD_ANSWER_BYTES:
+            return False
+        cls.used += size
+        cls.peak = max(cls.peak, cls.used)
+        context.add_done_callback(lambda _call: cls._release(size))
+        return True
 
     @classmethod
     def _release(cls, size: int) -> None:
         cls.used -= size
+        if cls.used == 0 and cls.peak >= _TRIM_AFTER_BYTES:
+            cls.peak = 0
+            asyncio.get_running_loop().call_later(1.0, release_free_memory)
 
 
 _HANDLERS = {
@@ -92,16 +109,13 @@ def _refusing_malformed(
     async def unary(request, context):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        if not bounded:
-            return await behavior(request, context)
-        if _UnreadAnswers.used > MAX_UNREAD_ANSWER_BYTES:
+        response = await behavior(request, context)
+        if bounded and not _UnreadAnswers.hold(response, context):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{prefix}this node holds {MAX_UNREAD_ANSWER_BYTES} bytes of answers its "
                 "clients have not read, its maximum; retry later",
             )
-        response = await behavior(request, context)
-        _UnreadAnswers.hold(response, context)
         return response
 
     return unary

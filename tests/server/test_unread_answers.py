@@ -57,6 +57,8 @@ def test_unread_answers_are_bounded_then_calls_are_refused(tmp_path, monkeypatch
                     # ~8 answers of 1 MB held, the rest refused
                     assert len(refused) >= calls - limit // (1 << 20) - 2, raw.status
                     assert handlers._UnreadAnswers.used <= limit + (2 << 20)
+                    # Small answers still go (Status: how an operator sees the node).
+                    assert (await client.status())["role"] == "leader"
                 finally:
                     await asyncio.to_thread(raw.close)
                 loop = asyncio.get_running_loop()
