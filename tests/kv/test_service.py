@@ -21,6 +21,7 @@ from raftfast.server.kv_service import (
     MAX_SCAN_BYTES,
     MAX_SCAN_LIMIT,
     MAX_STREAM_BYTES,
+    KVService,
     add_kv_service,
 )
 from raftfast.server.settings import NodeSettings
@@ -97,14 +98,21 @@ class FollowerNode(FakeNode):
 
 @asynccontextmanager
 async def serve(node: FakeNode) -> AsyncIterator[pb_grpc.KVStub]:
+    async with serve_service(node) as (_service, kv):
+        yield kv
+
+
+@asynccontextmanager
+async def serve_service(node: FakeNode) -> AsyncIterator[tuple[KVService, pb_grpc.KVStub]]:
+    """The service itself too (its budgets and counts)."""
     server = grpc.aio.server()
-    add_kv_service(server, node)
+    service = add_kv_service(server, node)
     port = server.add_insecure_port("127.0.0.1:0")
     channel = None
     try:
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        yield pb_grpc.KVStub(channel)
+        yield service, pb_grpc.KVStub(channel)
     finally:
         if channel is not None:
             await channel.close()
@@ -661,14 +669,8 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
     small = pb.Op(kind=pb.Op.GET, key=b"small", read_mode=pb.READ_STALE)
 
     async def main() -> None:
-        node = FakeNode()
-        server = grpc.aio.server()
-        service = add_kv_service(server, node)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                kv = pb_grpc.KVStub(channel)
+        async with serve_service(FakeNode()) as (service, kv):
+            try:
                 await kv.Put(pb.PutRequest(key=b"big", value=b"x" * (1 << 20)))
                 await kv.Put(pb.PutRequest(key=b"small", value=b"s" * 1000))
                 tracemalloc.start()
@@ -698,9 +700,8 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                 reader.cancel()
                 await wait_until(lambda: service._sessions == 0)
                 assert service._unsent.used == 0
-        finally:
-            tracemalloc.stop()
-            await server.stop(None)
+            finally:
+                tracemalloc.stop()
 
     run(main())
 
@@ -744,24 +745,15 @@ def test_streams_that_end_give_back_what_they_held() -> None:
     # A frame whose task a cancelled stream cancels before it ever ran once kept its bytes in
     # the node-wide budget forever: enough of them and every Session waited for room.
     async def main() -> None:
-        node = FakeNode()
-        server = grpc.aio.server()
-        service = add_kv_service(server, node)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                kv = pb_grpc.KVStub(channel)
-                for round_ in range(20):
-                    call = kv.Session()
-                    for i in range(5):
-                        op = pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * 100, sequence=i + 1)
-                        await call.write(_frame(round_ * 10 + i, op))
-                    call.cancel()
-                await wait_until(lambda: service._sessions == 0)
-                await wait_until(lambda: service._budget.used == 0)
-                await kv.Put(pb.PutRequest(key=b"still", value=b"ok"))
-        finally:
-            await server.stop(None)
+        async with serve_service(FakeNode()) as (service, kv):
+            for round_ in range(20):
+                call = kv.Session()
+                for i in range(5):
+                    op = pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * 100, sequence=i + 1)
+                    await call.write(_frame(round_ * 10 + i, op))
+                call.cancel()
+            await wait_until(lambda: service._sessions == 0)
+            await wait_until(lambda: service._budget.used == 0)
+            await kv.Put(pb.PutRequest(key=b"still", value=b"ok"))
 
     run(main())
