@@ -330,14 +330,18 @@ class EtcdAPI:
         return result
 
     def _check_lease_room(self, request: pb.PutRequest | pb.TxnRequest) -> None:
-        """EtcdError if a put of ``request`` attaches a key to a lease that holds
-        ``MAX_LEASE_KEYS`` already."""
+        """EtcdError if the puts of ``request`` (a Txn's in either branch) would take a lease
+        past ``MAX_LEASE_KEYS``. Against the applied state: writes proposed at once may pass
+        it by as many as are under way."""
         puts = [request] if isinstance(request, pb.PutRequest) else _lease_puts(request)
         leases = self.store.leases
+        new_keys: dict[int, set[bytes]] = {}  # (a Txn's own count: up to 4,096 puts)
         for put in puts:
             lease = leases.get(put.lease) if put.lease else None
-            if lease is not None and len(lease.keys) >= MAX_LEASE_KEYS:
-                if put.key not in lease.keys:
+            if lease is not None and put.key not in lease.keys:
+                adding = new_keys.setdefault(put.lease, set())
+                adding.add(put.key)
+                if len(lease.keys) + len(adding) > MAX_LEASE_KEYS:
                     raise errors.lease_full(put.lease, MAX_LEASE_KEYS)
 
     async def _put(self, request: pb.PutRequest) -> pb.PutResponse:

@@ -99,6 +99,13 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
     MoveLeader = _unary("Maintenance/MoveLeader")
 
 
+# The methods that only read (their big answers may be refused once built:
+# raftfast.server.handlers); every other one is refused, if at all, before it runs.
+_READS = frozenset(
+    {"Range", "LeaseTimeToLive", "LeaseLeases", "MemberList", "Status", "Hash", "HashKV"}
+)
+
+
 def add_etcd_services(server: grpc.aio.Server, api: EtcdAPI) -> WatchService:
     """Serve the etcd API on ``server``; returns the Watch service (to be told of applies)."""
     watch = WatchService(api)
@@ -109,5 +116,7 @@ def add_etcd_services(server: grpc.aio.Server, api: EtcdAPI) -> WatchService:
         ("Maintenance", MaintenanceService(api)),
         ("Watch", watch),
     ):
-        register(server, pb, name, servicer, tolerant_streams=True, prefix="etcdserver: ")
+        register(
+            server, pb, name, servicer, tolerant_streams=True, prefix="etcdserver: ", reads=_READS
+        )
     return watch

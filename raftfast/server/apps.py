@@ -45,8 +45,10 @@ class MachineApp:
         self.fsm: StateMachine = ExactlyOnce(state_machine)
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
-        register(server, pb, "StateMachine", MachineService(self.driver, authorizer))
-        register(server, pb, "KV", StatusOnly(self.driver))
+        register(
+            server, pb, "StateMachine", MachineService(self.driver, authorizer), reads=("Query",)
+        )
+        register(server, pb, "KV", StatusOnly(self.driver), reads=("Status",))
 
     def alarms_raised(self) -> frozenset[bytes]:
         return frozenset()

@@ -320,12 +320,12 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.health.add_to(self.server)
         enable_reflection(self.server, (*self.app.service_names, ADMIN_SERVICE))
         if shared:
-            register(self.server, pb, "Peer", peer_service, bounded_answers=False)
+            register(self.server, pb, "Peer", peer_service, free=True)
         else:
             # (peers are few; the cap is headroom: with a small one, a stranger reopening
             # silent connections as gRPC drops them kept every peer's vote out)
             self.peer_server = _server(tcp.MAX_RECORD_BYTES, s.max_client_connections, None, timer)
-            register(self.peer_server, pb, "Peer", peer_service, bounded_answers=False)
+            register(self.peer_server, pb, "Peer", peer_service, free=True)
             peer_tls = s.peer_tls
             _bind(
                 self.peer_server,

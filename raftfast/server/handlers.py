@@ -10,55 +10,86 @@ and answers it itself, or the stream fails as before.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Collection
 from typing import Any
 
 import grpc
 
 from raftfast.heap import release_free_memory
 
-__all__ = ["MAX_UNREAD_ANSWER_BYTES", "Malformed", "method_handler", "register", "tolerant"]
+__all__ = [
+    "FREE",
+    "MAX_UNREAD_ANSWER_BYTES",
+    "READS",
+    "WRITES",
+    "Malformed",
+    "method_handler",
+    "register",
+    "tolerant",
+]
 
 # Answers to one-request calls that their clients have not read yet, in this process: gRPC
 # holds each until its client reads it (10 connections of 200 Gets of 1 MB, never read, took a
-# node to 5.6 GB and cost it its leadership). Past this, a call whose answer is bigger than
-# _COUNTED_BYTES is refused with RESOURCE_EXHAUSTED until some are read; smaller answers (a
-# Status, a put's) are not counted and always go.
+# node to 5.6 GB and cost it its leadership). Answers of _COUNTED_BYTES or more count; past
+# the bound, a read whose answer is that big is refused with RESOURCE_EXHAUSTED (its smaller
+# answers, a Status, still go), and so is a write before it is proposed (after, never: it is
+# done). Answers on their way to clients that do read count too, while they travel.
 MAX_UNREAD_ANSWER_BYTES = 128 * 1024 * 1024  # (each held costs ~3 times its size: copies)
 _COUNTED_BYTES = 16 * 1024
 # Once they are all read, the heap's free pages go back to the system if this many were held
 # (glibc kept 1.4 of 2.9 GB after such a flood; raftfast.heap).
 _TRIM_AFTER_BYTES = 32 * 1024 * 1024
+# How a method's answers are bounded (``method_handler``): READS are refused once built if
+# there is no room; WRITES (the default: what is not known to be a read) before they run;
+# FREE are neither (a peer's calls: its votes must go through).
+READS, WRITES, FREE = "reads", "writes", "free"
 
 
 class _UnreadAnswers:
-    """Bytes of counted answers whose calls have not ended (their client has not read them)."""
+    """Bytes of counted answers whose calls have not ended (their client has not read them).
+    One count a process (embedded nodes share it; a SyncNode's loop runs in its own thread)."""
 
     used = 0
     peak = 0  # (since the last time none were held)
+    _lock = threading.Lock()
 
     @classmethod
-    def hold(cls, response: Any, context: grpc.aio.ServicerContext) -> bool:
-        """Count ``response`` until its call ends; False if there is no room for it (a small
-        one always goes: Status, a put's answer)."""
+    def full(cls) -> bool:
+        return cls.used > MAX_UNREAD_ANSWER_BYTES
+
+    @classmethod
+    def hold(cls, response: Any, context: grpc.aio.ServicerContext, may_refuse: bool) -> bool:
+        """Count ``response`` until its call ends; False (and not counted) if there is no
+        room for it and ``may_refuse`` (a small one always goes: Status, a put's answer)."""
         size = response.ByteSize() if hasattr(response, "ByteSize") else 0
         if size < _COUNTED_BYTES:
             return True
-        if cls.used and cls.used + size > MAX_UNREAD_ANSWER_BYTES:
-            return False
-        cls.used += size
-        cls.peak = max(cls.peak, cls.used)
+        with cls._lock:
+            if may_refuse and cls.used and cls.used + size > MAX_UNREAD_ANSWER_BYTES:
+                return False
+            cls.used += size
+            cls.peak = max(cls.peak, cls.used)
         context.add_done_callback(lambda _call: cls._release(size))
         return True
 
     @classmethod
     def _release(cls, size: int) -> None:
-        cls.used -= size
-        if cls.used == 0 and cls.peak >= _TRIM_AFTER_BYTES:
-            cls.peak = 0
-            asyncio.get_running_loop().call_later(1.0, release_free_memory)
+        with cls._lock:
+            cls.used -= size
+            trim = cls.used == 0 and cls.peak >= _TRIM_AFTER_BYTES
+            if trim:
+                cls.peak = 0
+        if trim:  # (off the loop: a big heap's trim takes a few ms)
+            threading.Timer(1.0, release_free_memory).start()
+
+
+def _refusal(prefix: str) -> str:
+    return (
+        f"{prefix}this node's process holds {MAX_UNREAD_ANSWER_BYTES} bytes of answers its "
+        "clients have not read, its maximum; retry later"
+    )
 
 
 _HANDLERS = {
@@ -91,10 +122,10 @@ def tolerant(parse: Callable[[bytes], Any], name: str, prefix: str = "") -> Call
 
 
 def _refusing_malformed(
-    behavior: Callable, server_streaming: bool, bounded: bool = True, prefix: str = ""
+    behavior: Callable, server_streaming: bool, answers: str = WRITES, prefix: str = ""
 ) -> Callable:
     """``behavior`` of a one-request method, answering a ``Malformed`` INVALID_ARGUMENT;
-    ``bounded``: a unary one is refused while too many answers are unread (see
+    ``answers``: how a unary one's answers are bounded (READS, WRITES or FREE: see
     ``MAX_UNREAD_ANSWER_BYTES``)."""
     if server_streaming:
 
@@ -109,13 +140,13 @@ def _refusing_malformed(
     async def unary(request, context):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if answers == FREE:
+            return await behavior(request, context)
+        if answers == WRITES and _UnreadAnswers.full():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal(prefix))
         response = await behavior(request, context)
-        if bounded and not _UnreadAnswers.hold(response, context):
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{prefix}this node holds {MAX_UNREAD_ANSWER_BYTES} bytes of answers its "
-                "clients have not read, its maximum; retry later",
-            )
+        if not _UnreadAnswers.hold(response, context, may_refuse=answers == READS):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal(prefix))
         return response
 
     return unary
@@ -129,16 +160,16 @@ def method_handler(
     server_streaming: bool = False,
     tolerant_streams: bool = False,
     prefix: str = "",
-    bounded_answers: bool = True,
+    answers: str = WRITES,
 ) -> grpc.RpcMethodHandler:
     """The handler of one method whose request parsing never raises (see the module doc);
-    ``prefix`` begins the message of a refusal (etcd's: "etcdserver: "); ``bounded_answers``:
-    refused while too many answers are unread (not a peer's: its votes must go through)."""
+    ``prefix`` begins the message of a refusal (etcd's: "etcdserver: "); ``answers``: READS,
+    WRITES or FREE (how its answers are bounded: see ``MAX_UNREAD_ANSWER_BYTES``)."""
     parse = request_cls.FromString
     # (only our own async methods: the generated servicer's stubs answer UNIMPLEMENTED)
     ours = inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
     if ours and not client_streaming:
-        behavior = _refusing_malformed(behavior, server_streaming, bounded_answers, prefix)
+        behavior = _refusing_malformed(behavior, server_streaming, answers, prefix)
     if ours and (not client_streaming or tolerant_streams):
         parse = tolerant(parse, request_cls.__name__, prefix)
     return _HANDLERS[client_streaming, server_streaming](
@@ -155,9 +186,12 @@ def register(
     servicer: Any,
     tolerant_streams: bool = False,
     prefix: str = "",
-    bounded_answers: bool = True,
+    reads: Collection[str] = (),
+    free: bool = False,
 ) -> None:
-    """Serve ``servicer`` as service ``name`` of the generated ``module`` (its ``_pb2``)."""
+    """Serve ``servicer`` as service ``name`` of the generated ``module`` (its ``_pb2``):
+    ``reads`` names its methods that only read (their big answers may be refused once built);
+    ``free``: none of its answers is bounded (a peer's)."""
     service = module.DESCRIPTOR.services_by_name[name]
     handlers = {
         m.name: method_handler(
@@ -168,7 +202,7 @@ def register(
             m.server_streaming,
             tolerant_streams,
             prefix,
-            bounded_answers,
+            FREE if free else READS if m.name in reads else WRITES,
         )
         for m in service.methods
     }

@@ -53,7 +53,7 @@ from raftfast.limits import MAX_CLIENT_ID, MAX_FRAME_OPS, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, Role
-from raftfast.server.handlers import method_handler
+from raftfast.server.handlers import READS, WRITES, method_handler
 from raftfast.server.services import (
     DEADLINE_READ,
     DEADLINE_WRITE,
@@ -580,6 +580,9 @@ _UNARY = {
 }
 
 
+_READS = ("Get", "Scan", "Status")  # (their big answers may be refused once built: handlers)
+
+
 def _sized_frame(raw: bytes) -> tuple[int, pb.SessionFrame]:
     """A Session request with its size on the wire, which the limits count (free here; after
     parsing, protobuf would have to compute it)."""
@@ -596,7 +599,9 @@ def add_kv_service(
     ``add_KVServicer_to_server``, but for the deserializer of Session requests."""
     service = KVService(node, authorizer, quota)
     handlers = {
-        name: method_handler(getattr(service, name), request, response)
+        name: method_handler(
+            getattr(service, name), request, response, answers=READS if name in _READS else WRITES
+        )
         for name, (request, response) in _UNARY.items()
     }
     handlers["Session"] = grpc.stream_stream_rpc_method_handler(

@@ -16,7 +16,7 @@ import grpc
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
-from raftfast.errors import CommandError, CorruptionError
+from raftfast.errors import CommandError, CorruptionError, StorageError
 from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.metrics import NodeMetrics
@@ -245,8 +245,10 @@ class SnapshotMixin:
                 log.info("node %s sends snapshot %d to %s", self.id, meta.index, m.dst)
                 ok = await self.transport.send_snapshot(named, self.snapshots.read_chunks(meta))
                 self.metrics.snapshot_send.observe(time.perf_counter() - started)
-        except Exception as exc:  # noqa: BLE001 - (a newer snapshot pruned this one, say)
+        except (StorageError, OSError) as exc:  # (a newer snapshot pruned this one, say)
             log.warning("node %s could not send a snapshot to %s: %s", self.id, m.dst, exc)
+        except Exception:  # noqa: BLE001 - reported all the same; a bug shows its traceback
+            log.exception("node %s could not send a snapshot to %s", self.id, m.dst)
         finally:
             if ok:
                 self.metrics.snapshots_sent += 1

@@ -564,12 +564,22 @@ def test_a_lease_holds_at_most_max_lease_keys(trio):
     leader, follower = etcd(trio, trio.leader()), etcd(trio, trio.follower())
     lease_id = leader.lease.LeaseGrant(pb.LeaseGrantRequest(TTL=600), timeout=T).ID
     keys = [b"full/%05d" % i for i in range(MAX_LEASE_KEYS)]
-    for first in range(0, len(keys), 128):  # (128 puts a txn branch, etcd's default)
-        puts = [
-            pb.RequestOp(request_put=pb.PutRequest(key=k, value=b"v", lease=lease_id))
-            for k in keys[first : first + 128]
-        ]
-        assert leader.kv.Txn(pb.TxnRequest(success=puts), timeout=T).succeeded
+
+    def puts(some: list[bytes]) -> list[pb.RequestOp]:
+        return [pb.RequestOp(request_put=pb.PutRequest(key=k, lease=lease_id)) for k in some]
+
+    almost = MAX_LEASE_KEYS - 50
+    for first in range(0, almost, 128):  # (128 puts a txn branch, etcd's default)
+        last = min(first + 128, almost)
+        assert leader.kv.Txn(pb.TxnRequest(success=puts(keys[first:last])), timeout=T).succeeded
+    # A Txn whose own puts would take it past the bound (the review: 4 + 100 made 104 of 5).
+    over = [b"over/%03d" % i for i in range(100)]
+    refused(
+        lambda: leader.kv.Txn(pb.TxnRequest(failure=puts(over)), timeout=T),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "keys",
+    )
+    assert leader.kv.Txn(pb.TxnRequest(success=puts(keys[almost:])), timeout=T).succeeded
     one_more = pb.PutRequest(key=b"full/more", value=b"v", lease=lease_id)
     nested = pb.TxnRequest(
         failure=[

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 import raftfast
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto.etcd import rpc_pb2 as etcd_pb
+from raftfast.proto.etcd import rpc_pb2_grpc as etcd_grpc
 from raftfast.server import driver, handlers
 from raftfast.tools.localcluster import free_ports
 from tests.unread_calls import UnreadCalls
@@ -44,8 +48,13 @@ def test_unread_answers_are_bounded_then_calls_are_refused(tmp_path, monkeypatch
         async with _node(tmp_path) as node:
             await node.wait_for_leader()
             address = node.settings.listen
-            async with raftfast.Client([address], timeout=30) as client:
+            async with (
+                raftfast.Client([address], timeout=30) as client,
+                grpc.aio.insecure_channel(address) as channel,
+            ):
+                etcd = etcd_grpc.KVStub(channel)
                 await client.put(b"big", b"x" * (1 << 20))
+                await etcd.Put(etcd_pb.PutRequest(key=b"e", value=b"1" * (1 << 20)))
                 raw = await asyncio.to_thread(UnreadCalls, int(address.rsplit(":", 1)[1]))
                 try:
                     get = pb.GetRequest(key=b"big", read_mode=pb.READ_STALE).SerializeToString()
@@ -59,6 +68,12 @@ def test_unread_answers_are_bounded_then_calls_are_refused(tmp_path, monkeypatch
                     assert handlers._UnreadAnswers.used <= limit + (2 << 20)
                     # Small answers still go (Status: how an operator sees the node).
                     assert (await client.status())["role"] == "leader"
+                    # A write is never refused once done: its big answer (the previous value)
+                    # counts past the bound (the review: applied, then told RESOURCE_EXHAUSTED).
+                    answer = await etcd.Put(
+                        etcd_pb.PutRequest(key=b"e", value=b"2" * (1 << 20), prev_kv=True)
+                    )
+                    assert answer.prev_kv.value == b"1" * (1 << 20)
                 finally:
                     await asyncio.to_thread(raw.close)
                 loop = asyncio.get_running_loop()
