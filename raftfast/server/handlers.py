@@ -60,10 +60,10 @@ class _UnreadAnswers:
         return cls.used > MAX_UNREAD_ANSWER_BYTES
 
     @classmethod
-    def hold(cls, response: Any, context: grpc.aio.ServicerContext, may_refuse: bool) -> bool:
-        """Count ``response`` until its call ends; False (and not counted) if there is no
-        room for it and ``may_refuse`` (a small one always goes: Status, a put's answer)."""
-        size = response.ByteSize() if hasattr(response, "ByteSize") else 0
+    def hold(cls, size: int, context: grpc.aio.ServicerContext, may_refuse: bool) -> bool:
+        """Count an answer of ``size`` bytes until its call ends; False (and not counted) if
+        there is no room for it and ``may_refuse`` (a small one always goes: Status, a put's
+        answer)."""
         if size < _COUNTED_BYTES:
             return True
         with cls._lock:
@@ -144,10 +144,11 @@ def _refusing_malformed(
             return await behavior(request, context)
         if answers == WRITES and _UnreadAnswers.full():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal(prefix))
-        response = await behavior(request, context)
-        if not _UnreadAnswers.hold(response, context, may_refuse=answers == READS):
+        # Serialized here, once: its size is what is counted (``_serialize`` passes it on).
+        data = (await behavior(request, context)).SerializeToString()
+        if not _UnreadAnswers.hold(len(data), context, may_refuse=answers == READS):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal(prefix))
-        return response
+        return data
 
     return unary
 
@@ -155,7 +156,6 @@ def _refusing_malformed(
 def method_handler(
     behavior: Callable,
     request_cls: Any,
-    response_cls: Any,
     client_streaming: bool = False,
     server_streaming: bool = False,
     tolerant_streams: bool = False,
@@ -175,8 +175,13 @@ def method_handler(
     return _HANDLERS[client_streaming, server_streaming](
         behavior,
         request_deserializer=parse,
-        response_serializer=response_cls.SerializeToString,
+        response_serializer=_serialize,
     )
+
+
+def _serialize(response: Any) -> bytes:
+    """An answer on the wire (a counted one is serialized already: ``_refusing_malformed``)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 def register(
@@ -197,7 +202,6 @@ def register(
         m.name: method_handler(
             getattr(servicer, m.name),
             getattr(module, m.input_type.name),
-            getattr(module, m.output_type.name),
             m.client_streaming,
             m.server_streaming,
             tolerant_streams,

@@ -570,13 +570,13 @@ class KVService(Service, pb_grpc.KVServicer):
         return pb.OpResult(code=code.value[0], error=message), address or ""
 
 
-_UNARY = {
-    "Put": (pb.PutRequest, pb.PutResponse),
-    "Get": (pb.GetRequest, pb.GetResponse),
-    "Delete": (pb.DeleteRequest, pb.DeleteResponse),
-    "CompareAndSwap": (pb.CasRequest, pb.CasResponse),
-    "Scan": (pb.ScanRequest, pb.ScanResponse),
-    "Status": (pb.StatusRequest, pb.StatusResponse),
+_UNARY = {  # name -> its request (answers: handlers' serializer)
+    "Put": pb.PutRequest,
+    "Get": pb.GetRequest,
+    "Delete": pb.DeleteRequest,
+    "CompareAndSwap": pb.CasRequest,
+    "Scan": pb.ScanRequest,
+    "Status": pb.StatusRequest,
 }
 
 
@@ -600,9 +600,9 @@ def add_kv_service(
     service = KVService(node, authorizer, quota)
     handlers = {
         name: method_handler(
-            getattr(service, name), request, response, answers=READS if name in _READS else WRITES
+            getattr(service, name), request, answers=READS if name in _READS else WRITES
         )
-        for name, (request, response) in _UNARY.items()
+        for name, request in _UNARY.items()
     }
     handlers["Session"] = grpc.stream_stream_rpc_method_handler(
         service.Session,
