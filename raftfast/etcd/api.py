@@ -26,7 +26,7 @@ import re
 import socket
 import zlib
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -663,36 +663,36 @@ _COMPARE_TARGETS = frozenset(pb.Compare.CompareTarget.values())
 _Interval = tuple[bytes, bytes | None]  # [lo, hi): a key range (hi None: to the end)
 
 
+def _flat_ops(ops) -> Iterator[pb.RequestOp]:
+    """``ops`` and, within them, both branches of nested txns."""
+    for op in ops:
+        yield op
+        if op.WhichOneof("request") == "request_txn":
+            yield from _flat_ops(op.request_txn.success)
+            yield from _flat_ops(op.request_txn.failure)
+
+
 def _writes_of(ops) -> tuple[list[bytes], list[_Interval]]:
     """(keys put, ranges deleted) by ``ops``, nested txns' branches included."""
     puts: list[bytes] = []
     deletes: list[_Interval] = []
-    for op in ops:
+    for op in _flat_ops(ops):
         which = op.WhichOneof("request")
         if which == "request_put":
             puts.append(op.request_put.key)
         elif which == "request_delete_range":
             deletes.append(_deleted(op.request_delete_range))
-        elif which == "request_txn":
-            for branch in (op.request_txn.success, op.request_txn.failure):
-                p, d = _writes_of(branch)
-                puts += p
-                deletes += d
     return puts, deletes
 
 
 def _lease_puts(txn: pb.TxnRequest) -> list[pb.PutRequest]:
     """The puts with a lease in both branches of ``txn``, nested txns' included."""
-    puts = []
-    branches = [txn.success, txn.failure]
-    while branches:
-        for op in branches.pop():
-            which = op.WhichOneof("request")
-            if which == "request_put" and op.request_put.lease:
-                puts.append(op.request_put)
-            elif which == "request_txn":
-                branches += [op.request_txn.success, op.request_txn.failure]
-    return puts
+    return [
+        op.request_put
+        for branch in (txn.success, txn.failure)
+        for op in _flat_ops(branch)
+        if op.WhichOneof("request") == "request_put" and op.request_put.lease
+    ]
 
 
 def _deleted(r: pb.DeleteRangeRequest) -> _Interval:
