@@ -343,6 +343,7 @@ class Driver(MembershipMixin, SnapshotMixin):
                 peer_service.check,
                 self._deliver,
                 ssl=s.peer_tls.server_context() if s.peer_tls else None,
+                learned=self.transport.learned,
             )
             host, port = split_address(s.peer_address)
             try:
@@ -352,6 +353,9 @@ class Driver(MembershipMixin, SnapshotMixin):
                     f"cannot listen for replication on {host}:{s.peer_stream_port}: {exc}"
                 ) from exc
             peer_service.stream_offset = stream_port - port
+            self.transport.endpoint = pb.StreamEndpoint(
+                port_offset=peer_service.stream_offset, client_address=s.listen
+            )
         await self._serve_sessions(authorizer)
         if self.peer_server is not None:
             await self.peer_server.start()

@@ -6,8 +6,15 @@ the per-message cost is paid once per batch, not once per Raft message. The stre
 plain TCP (``tcp.py``) when the peer offers it (``ReplicationEndpoint``), since a grpc.aio
 stream message costs ~0.2 ms of CPU per end and ~0.4 ms of round trip; otherwise, or with
 ``stream="grpc"``, over the gRPC ``Replicate`` stream. Pipelining comes from the core's
-in-flight window. Vote requests use the unary ``RequestVote`` RPC so an election never waits
-behind a stream; snapshots go over ``InstallSnapshot``.
+in-flight window. Vote requests go on a TCP stream that is open and not backed up, else by
+the unary ``RequestVote`` RPC, so an election never waits behind a stream; snapshots go over
+``InstallSnapshot``.
+
+Peers may share a port with clients, whose cap of calls under way counts theirs too: a client
+holding every call that port takes refuses peers' RPCs as well. So what Raft needs to go on
+avoids new calls once streams are up: votes travel on the streams, and the first frame of a
+TCP stream says where its sender takes streams (``Frame.endpoint``), so a node that cannot ask
+by ``ReplicationEndpoint`` still dials back.
 
 Inbound: ``PeerService`` checks the cluster id and the sender, decodes, and steps the core.
 Messages are never queued while a peer is unreachable: Raft retransmits, and a stale backlog
@@ -49,6 +56,8 @@ _CLOSE_GRACE_S = 1.0  # a peer that left keeps its stream this long
 # long, so that TCP is tried again (the port may have been firewalled or busy for a moment).
 _FALLBACK_S = 30.0
 _STABLE_S = 1.0  # a stream that lived this long was up: the next one is dialled at once
+# A vote behind more than this on a stream (a deposed leader's backlog) goes by RPC instead.
+_VOTE_BACKLOG_BYTES = 256 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", tcp.MAX_RECORD_BYTES),  # one limit on either stream
     ("grpc.max_receive_message_length", tcp.MAX_RECORD_BYTES),
@@ -73,6 +82,7 @@ class _Peer:
         self.channel: grpc.aio.Channel | None = None
         self.stream: tcp.OutboundStream | None = None  # set while the stream runs over TCP
         self.client_address = ""  # where it serves clients, as it told us
+        self.endpoint: pb.StreamEndpoint | None = None  # where it takes streams, as it told us
 
 
 _STATUS = {c.value[0]: c for c in grpc.StatusCode}
@@ -120,6 +130,9 @@ class PeerTransport:
         self._credentials = channel_credentials(tls) if tls else None
         self._ssl = tls.client_context() if tls else None
         self._refusals_logged: dict[str, float] = {}
+        self._votes: set[asyncio.Task] = set()  # vote RPCs under way (held until done)
+        # Where we take TCP streams, said in each stream's first frame (None: not said).
+        self.endpoint: pb.StreamEndpoint | None = None
 
     def start(self) -> None:
         self._started = True
@@ -135,6 +148,13 @@ class PeerTransport:
         if self._credentials is None:
             return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+
+    def learned(self, peer_id: str, endpoint: pb.StreamEndpoint) -> None:
+        """``peer_id`` told us (its stream's first frame) where it takes streams."""
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.endpoint = endpoint
+            peer.client_address = endpoint.client_address
 
     def client_address_of(self, peer_id: str) -> str:
         """Where ``peer_id`` serves clients, as it told us ("" if it has not)."""
@@ -190,6 +210,12 @@ class PeerTransport:
         """The peers whose stream is down now."""
         return {pid for pid, peer in self._peers.items() if not peer.connected}
 
+    @staticmethod
+    def _vote_streams(peer: _Peer) -> bool:
+        """A vote for ``peer`` can go on its TCP stream: open and not backed up."""
+        stream = peer.stream
+        return peer.connected and stream is not None and stream.backlog() < _VOTE_BACKLOG_BYTES
+
     def all_direct(self) -> bool:
         """True if ``send`` writes everything at once: no connected peer is on the gRPC stream
         (whose frames leave from a task of this event loop, later)."""
@@ -201,8 +227,10 @@ class PeerTransport:
             peer = self._peers.get(m.dst)
             if peer is None:
                 continue
-            if m.type in _VOTES:
-                asyncio.create_task(self._send_vote(peer, m))
+            if m.type in _VOTES and not self._vote_streams(peer):
+                task = asyncio.create_task(self._send_vote(peer, m))
+                self._votes.add(task)
+                task.add_done_callback(self._votes.discard)
             elif peer.connected:
                 peer.queue.append(m)
                 if peer.stream is None:
@@ -344,7 +372,12 @@ class PeerTransport:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return None  # a node without it
-            raise
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or peer.endpoint is None:
+                raise
+            # Its port takes no more calls (a client holds them all): dial where it said.
+            endpoint = peer.endpoint
+            log.debug("%s takes no calls (%s): its stream port as it said", peer.id, exc.details())
+        peer.endpoint = endpoint
         peer.client_address = endpoint.client_address
         offset = endpoint.port_offset
         if self.stream_kind != "tcp":
@@ -358,7 +391,11 @@ class PeerTransport:
         try:
             stream = await tcp.connect(host, port, timeout=2.0, ssl=self._ssl)
             # The first frame names us: until it has, the receiver takes only small records.
-            stream.write(frame_pieces(self.cluster_id, self.node_id, [], self.incarnation))
+            stream.write(
+                frame_pieces(
+                    self.cluster_id, self.node_id, [], self.incarnation, endpoint=self.endpoint
+                )
+            )
         except (TimeoutError, OSError) as exc:
             # Reachable over gRPC but not on the stream port (a firewall, a port forward of
             # the gRPC port only): replicate over gRPC rather than not at all.

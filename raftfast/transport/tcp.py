@@ -261,6 +261,8 @@ class _Inbound(asyncio.BufferedProtocol):
                 msgs = self.server.check(f, self.identity)
                 if self.sender is None:
                     self._authenticated(f.src)
+                    if f.HasField("endpoint") and self.server.learned is not None:
+                        self.server.learned(f.src, f.endpoint)
                 self.server.deliver(msgs)
             if completed or not self.records.partial:
                 self.progress = asyncio.get_running_loop().time()
@@ -587,7 +589,8 @@ class RecordListener:
 class ReplicationServer(RecordListener):
     """Inbound replication streams. ``check(frame, identity)`` returns the frame's messages or
     raises ``Refused`` (``identity``: the sender's certificate common name under TLS, else
-    None); ``deliver(messages)`` steps the core."""
+    None); ``deliver(messages)`` steps the core; ``learned(sender, endpoint)`` hears where a
+    sender takes streams itself, if its first frame says."""
 
     what = "replication stream"
 
@@ -596,10 +599,12 @@ class ReplicationServer(RecordListener):
         check: Callable[[pb.Frame, str | None], list[Message]],
         deliver: Callable[[list[Message]], None],
         ssl: SSLContext | None = None,
+        learned: Callable[[str, pb.StreamEndpoint], None] | None = None,
     ) -> None:
         super().__init__(ssl)
         self.check = check
         self.deliver = deliver
+        self.learned = learned  # (sender, where it takes streams): its first frame said so
         self.senders: dict[str, _Inbound] = {}  # the authenticated connection of each sender
         self.partial_bytes = 0  # unfinished records held, over every connection
 
@@ -634,6 +639,11 @@ class OutboundStream(asyncio.Protocol):
         except (Refused, DecodeError):
             pass  # not a refusal we can read: just a broken stream
         self.close()
+
+    def backlog(self) -> int:
+        """Bytes written and not yet sent."""
+        transport = self.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
 
     def write(self, pieces: list[bytes]) -> bool:
         """Send one serialized ``pb.Frame``, given in pieces (``codec.frame_pieces``: written
