@@ -98,7 +98,20 @@ class NoSpaceError(RequestFailedError):
 
 class CommandError(RaftfastError):
     """A state machine refused a command or a query: its ``apply`` returned (or raised) an
-    exception, or its ``query`` raised one. Its message is the state machine's."""
+    exception, or its ``query`` raised one. Its message is the state machine's (at most
+    ``MAX_MESSAGE_CHARS`` of it: ``clipped``)."""
+
+
+# An error's message may repeat what a client sent (megabytes); a gRPC status carries at most
+# 16 KiB of metadata (past it the client sees "received metadata size exceeds hard limit").
+MAX_MESSAGE_CHARS = 1024
+
+
+def clipped(message: str) -> str:
+    """``message``, cut to ``MAX_MESSAGE_CHARS`` (saying how much was left out)."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
 
 
 class LockLostError(RaftfastError):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
-from raftfast.errors import CommandError, CorruptionError
+from raftfast.errors import MAX_MESSAGE_CHARS, CommandError, CorruptionError, clipped
 from raftfast.statemachine import StateMachine
 
 __all__ = ["HEADER", "ExactlyOnce", "frame_command"]
@@ -63,7 +63,7 @@ class ExactlyOnce(StateMachine):
             return CommandError(f"sequence {seq} is a late duplicate: not applied")
         if seq in client.results:
             return client.results[seq]
-        result = self._apply(index, body)
+        result = _kept(self._apply(index, body))
         client.remember(seq, result, self._window)
         return result
 
@@ -95,6 +95,7 @@ class ExactlyOnce(StateMachine):
             # (it must not raise: which of the commands did it apply? Nobody knows now.)
             log.error("the state machine's apply_batch raised (it must not): %r", exc)
             results = [exc] * len(commands)
+        results = [_kept(result) for result in results]
         for (client_id, seq), result in zip(ids, results, strict=True):
             if client_id:
                 window_of(self._clients, client_id, self._max_clients).remember(
@@ -107,6 +108,12 @@ class ExactlyOnce(StateMachine):
             return self.inner.apply(index, body)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - the proposer's error, not ours
             return exc
+
+    def check(self, command: bytes) -> None:
+        """The state machine's own check of a command (before it is framed), if it has one."""
+        check = getattr(self.inner, "check", None)  # (a class with the same methods may not)
+        if check is not None:
+            check(command)
 
     def query(self, request: bytes) -> bytes:
         return self.inner.query(request)
@@ -140,6 +147,14 @@ class ExactlyOnce(StateMachine):
             clients.popitem(last=False)
         self.inner.restore(inp)
         self._clients = clients
+
+
+def _kept(result: Any) -> Any:
+    """A result as the table keeps it (and its proposer gets it): an error whose message may
+    repeat megabytes of the command, clipped (20 such commands took every node up ~250 MB)."""
+    if isinstance(result, BaseException) and len(message := str(result)) > MAX_MESSAGE_CHARS:
+        return CommandError(clipped(message))
+    return result
 
 
 def _encode(result: Any) -> tuple[int, bytes]:

@@ -66,6 +66,11 @@ class StateMachine:
                 results.append(exc)
         return results
 
+    def check(self, command: bytes) -> None:
+        """Optional: raise ValueError to refuse a client's command before it is proposed (the
+        node it was sent to calls it: a refused command never reaches the log). ``apply`` must
+        still take any command: a log written before a check changed replays as it was."""
+
     def query(self, request: bytes) -> bytes:
         """Answer a read without changing anything."""
         raise NotImplementedError

@@ -147,8 +147,14 @@ class Objects(StateMachine):
         finally:
             self.running.kind = None
 
+    def check(self, command: bytes) -> None:
+        """Refuse a command before it is proposed (ValueError): one that names no write
+        method, or that a client sent too big to decode quickly (``codec``'s limits; its
+        apply decodes it whole: a log written before these limits replays as it was)."""
+        self._method(command, "write", limited=True)
+
     def query(self, request: bytes) -> bytes:
-        method, obj, args, kwargs = self._method(request, "read")
+        method, obj, args, kwargs = self._method(request, "read", limited=True)
         self.running.kind = "read"
         try:
             return encode(method.fn(obj, *args, **kwargs))
@@ -167,24 +173,38 @@ class Objects(StateMachine):
             if name in states:
                 _set_state(obj, states[name])
 
-    def _method(self, command: bytes, kind: str) -> tuple[replicated, Any, list, dict]:
+    def _method(
+        self, command: bytes, kind: str, limited: bool = False
+    ) -> tuple[replicated, Any, list, dict]:
         """The method, object and arguments a command names; ValueError if it names none
-        (commands come from the network)."""
-        call = decode(command)
+        (commands come from the network; ``limited``: decoded with a client's limits)."""
+        call = decode(command, limited=limited)
         if not (isinstance(call, list) and len(call) == 4):
             raise ValueError("not a call: [object, method, args, kwargs]")
         name, method_name, args, kwargs = call
         obj = self.objects.get(name) if isinstance(name, str) else None
         if obj is None:
-            raise ValueError(f"no object named {name!r}")
+            raise ValueError(f"no object named {_short(name)}")
         method = getattr(type(obj), method_name, None) if isinstance(method_name, str) else None
         if not isinstance(method, replicated) or method.kind != kind:
-            raise ValueError(f"{name}.{method_name} is not a {kind} method")
+            raise ValueError(f"{name}.{_short(method_name)} is not a {kind} method")
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ValueError("arguments: a list and a dict")
         if not all(isinstance(k, str) for k in kwargs):
             raise ValueError("keyword arguments are named by strings")
         return method, obj, args, kwargs
+
+
+_NAME_SHOWN = 64  # characters of a name a client sent, in an error (it may be megabytes)
+
+
+def _short(value: Any) -> str:
+    """A client's value, as an error names it: a string shortened, anything else its type."""
+    if not isinstance(value, str):
+        return f"(a {type(value).__name__})"
+    if len(value) <= _NAME_SHOWN:
+        return repr(value)
+    return f"{value[:_NAME_SHOWN]!r}... ({len(value)} characters)"
 
 
 class _Running(threading.local):

@@ -173,6 +173,12 @@ class Node:
                 f"a command of {len(command)} bytes; the limit is "
                 f"{self.settings.max_request_bytes} (max_request_bytes)"
             )
+        check = getattr(self._running().fsm, "check", None)
+        try:
+            if check is not None:
+                check(bytes(command))  # (as at the leader: a command refused never is logged)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"command refused: {exc}") from None
         self._seq += 1
         framed = frame_command(self._own_client_id(), self._seq, bytes(command))
         request = pb.ProposeRequest(

@@ -18,7 +18,7 @@ from raftfast.exactly_once import frame_command
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer
-from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, Service, rpc
+from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, BadRequest, Service, rpc
 
 __all__ = ["MachineService", "StatusOnly", "as_result_bytes"]
 
@@ -36,6 +36,12 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
         self.check_client_id(request.client_id)
         self.check_sequence(request.sequence)
         client_id = self.own_client_id(request.client_id, context)  # (as over KV)
+        check = getattr(self.node.fsm, "check", None)
+        try:
+            if check is not None:
+                check(request.command)  # (refused here, it never reaches the log)
+        except ValueError as exc:
+            raise BadRequest(f"command refused: {exc}") from None
         command = frame_command(client_id, request.sequence, request.command)
         (result,) = await self.timed(context, self.node.propose([command]), DEADLINE_WRITE)
         return pb.ProposeResponse(result=as_result_bytes(result), index=self.node.applied_index)

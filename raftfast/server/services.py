@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from raftfast.dedup import owned_client_id
-from raftfast.errors import ChangeInProgressError, CommandError, NotLeaderError
+from raftfast.errors import ChangeInProgressError, CommandError, NotLeaderError, clipped
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE, check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer
@@ -193,6 +193,7 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except Exception as failure:  # noqa: BLE001 - every failure becomes a status
             exc = await self.settle_leader(failure, context)
             code, message = status_of(self, exc, method.__name__)
+            message = clipped(message)
             if isinstance(exc, NotLeaderError):
                 leader_id, address = self.leader_hint(exc)
                 if leader_id:

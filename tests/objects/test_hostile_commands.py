@@ -1,0 +1,98 @@
+"""Commands and queries a stranger crafts for replicated objects (a hunt's findings).
+
+A set of 30,000 integers that all hash to 0 (multiples of 2**61 - 1) took 9.6 s to build, on
+every node, and stayed in the log; a command of 700,000 empty sets held a node 1.5 s; an
+object name of 1.4 MB came back four times over in the error, which the exactly-once table
+kept (20 such calls: +250 MB on every node) and which no client could read (a status's
+metadata is at most 16 KiB). Now a client's value is decoded within limits and refused before
+it is proposed, and errors are clipped."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+import raftfast
+from raftfast.errors import MAX_MESSAGE_CHARS, CommandError
+from raftfast.exactly_once import ExactlyOnce, frame_command
+from raftfast.objects.codec import MAX_ITEMS, MAX_SAME_HASH, decode, encode
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.tools.localcluster import free_ports
+
+ZERO_HASH = 2**61 - 1  # (every multiple of it hashes to 0)
+
+
+def colliding(n: int) -> list[int]:
+    return [ZERO_HASH * k for k in range(1, n + 1)]
+
+
+def test_a_clients_value_is_decoded_within_limits():
+    few = colliding(MAX_SAME_HASH)
+    assert decode(encode(set(few)), limited=True) == set(few)
+    assert decode(encode(dict.fromkeys(few, 1)), limited=True) == dict.fromkeys(few, 1)
+    for value in (set(colliding(30_000)), frozenset(colliding(100)), dict.fromkeys(colliding(100))):
+        with pytest.raises(ValueError, match="share a hash"):
+            decode(encode(value), limited=True)
+        assert decode(encode(value)) == value  # (a snapshot holds what commands built)
+    with pytest.raises(ValueError, match=f"more than {MAX_ITEMS} values"):
+        decode(encode([set() for _ in range(MAX_ITEMS)]), limited=True)  # (+1: the list)
+    assert len(decode(encode([None] * (MAX_ITEMS - 1)), limited=True)) == MAX_ITEMS - 1
+    with pytest.raises(ValueError, match="unhashable"):
+        decode(b"e\x01l\x00", limited=True)  # a set holding a list
+
+
+def test_errors_are_clipped_where_they_are_kept():
+    class Loud(raftfast.StateMachine):
+        def apply(self, index: int, command: bytes) -> object:
+            return ValueError("no " + command.decode())
+
+    machine = ExactlyOnce(Loud())
+    command = frame_command(7, 1, b"x" * 1_000_000)
+    first = machine.apply(1, command)
+    again = machine.apply(2, command)  # (a retry: the result kept)
+    assert isinstance(first, CommandError) and again is first
+    assert str(first).startswith("no xxx") and len(str(first)) < MAX_MESSAGE_CHARS + 100
+    assert "1000003 characters" not in str(first) and "more characters" in str(first)
+
+
+def test_hostile_commands_are_refused_before_the_log(tmp_path):
+    [port] = free_ports(1)
+    table = raftfast.ReplDict()
+
+    async def main() -> None:
+        node = raftfast.Node(
+            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
+            state_machine=raftfast.Objects(table=table), tick_ms=20,
+        )  # fmt: skip
+        async with node, grpc.aio.insecure_channel(node.settings.listen) as channel:
+            await node.wait_for_leader()
+            stub = pb_grpc.StateMachineStub(channel)
+            await table.set("a", 1)
+            before = (await node.status())["last_index"]
+            hostile = [
+                (["table", "set", ["k", set(colliding(30_000))], {}], "share a hash"),
+                (["table", "set", ["k", [set() for _ in range(MAX_ITEMS)]], {}], "values"),
+                (["\0" * 1_400_000, "set", [], {}], "no object named"),
+                (["table", "x" * 1_400_000, [], {}], "is not a write method"),
+            ]
+            for sequence, (call, why) in enumerate(hostile, 1):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Propose(
+                        pb.ProposeRequest(client_id=9, sequence=sequence, command=encode(call)),
+                        timeout=10,
+                    )
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+                assert why in caught.value.details()
+                assert len(caught.value.details()) < 2 * MAX_MESSAGE_CHARS
+                with pytest.raises(raftfast.InvalidArgumentError, match=why):
+                    await node.propose(encode(call))  # (embedded: the same check)
+            assert (await node.status())["last_index"] == before  # none reached the log
+            query = ["table", "get", [set(colliding(30_000))], {}]
+            with pytest.raises(grpc.aio.AioRpcError, match="share a hash"):
+                await stub.Query(pb.QueryRequest(request=encode(query)), timeout=10)
+            assert await table.get("a") == 1
+
+    asyncio.run(main())
