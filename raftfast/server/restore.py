@@ -64,10 +64,13 @@ def restore_backup(
 def check_state(data_dir: str, state_machine: StateMachine | None) -> None:
     """Read the state restored into ``data_dir`` with ``state_machine`` (None: a new KV
     store), as the node will at its start: CorruptionError if it cannot (a backup of another
-    kind of cluster, or of another state machine)."""
+    kind of cluster, or of another state machine). A user's state machine reads it behind its
+    exactly-once table, as the node runs it (the bare one met the table first: no backup of
+    such a cluster ever restored)."""
+    from raftfast.exactly_once import ExactlyOnce
     from raftfast.kv.fsm import KVStateMachine  # (the KV store only when it is the one)
 
-    machine = state_machine if state_machine is not None else KVStateMachine()
+    machine = KVStateMachine() if state_machine is None else ExactlyOnce(state_machine)
     store = SnapshotStore(os.path.join(data_dir, "snap"))
     meta = store.latest()
     if meta is None:

@@ -16,7 +16,7 @@ import grpc
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
-from raftfast.errors import CommandError, CorruptionError, StorageError
+from raftfast.errors import CommandError, CorruptionError, StorageError, clipped
 from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.metrics import NodeMetrics
@@ -225,7 +225,18 @@ class SnapshotMixin:
                 membership = Membership.decode(raw_membership)
             except ValueError as exc:
                 raise CorruptionError(f"{meta.path}: {exc}", meta.path, 0) from None
-            self.fsm.restore(inp)
+            try:
+                self.fsm.restore(inp)
+            except (CorruptionError, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a user's state machine may raise anything
+                # (one line naming the file, not a traceback through the user's code)
+                raise CorruptionError(
+                    f"{meta.path}: the state machine cannot read this snapshot: "
+                    f"{type(exc).__name__}: {clipped(str(exc))}",
+                    meta.path,
+                    0,
+                ) from None
         self.applied_index = self._snapshot_index = meta.index
         self.app.applied()  # (watchers: the state jumped)
         return membership
