@@ -32,6 +32,7 @@ stream that holds none); at most ``MAX_SESSIONS`` streams are open.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -630,41 +631,106 @@ def _frees(op: pb.Op) -> bool:
     return op.kind == pb.Op.DELETE
 
 
+class _Wait:
+    """One taker in a ``_Line``: its future resolves once its ``n`` bytes are counted."""
+
+    __slots__ = ("fut", "n", "stream")
+
+    def __init__(self, n: int, stream: _StreamBytes | None = None) -> None:
+        self.fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.n = n
+        self.stream = stream
+
+
+class _Line:
+    """Takers waiting for room, let in in the order they came: a release wakes only those it
+    makes room for. (An event set at each release woke every waiter to look again: with
+    thousands of frames waiting, a node spent its loop on wake-ups.)"""
+
+    def __init__(self) -> None:
+        self._waits: collections.deque[_Wait] = collections.deque()
+        self._gone = 0  # waits in the line whose taker stopped waiting (dropped lazily)
+
+    async def wait(self, wait: _Wait, give_back: Callable[[], None]) -> None:
+        """Queue ``wait`` and wait to be let in; ``give_back`` if let in, then cancelled."""
+        self._waits.append(wait)
+        try:
+            await wait.fut
+        except asyncio.CancelledError:
+            if wait.fut.done() and not wait.fut.cancelled():
+                give_back()  # (let in as it was being cancelled: what it was counted for)
+            else:
+                wait.fut.cancel()
+                self._gone += 1
+                if self._gone > 64 and self._gone > len(self._waits) // 2:
+                    self._waits = collections.deque(w for w in self._waits if not w.fut.done())
+                    self._gone = 0
+            raise
+
+    def head(self) -> _Wait | None:
+        """The first taker still waiting."""
+        while self._waits:
+            wait = self._waits[0]
+            if not wait.fut.done():
+                return wait
+            self._waits.popleft()
+            self._gone -= wait.fut.cancelled()
+        return None
+
+    def let_in(self, wait: _Wait) -> None:
+        """``wait`` is counted: wake it (it leaves the line when it reaches the head)."""
+        wait.fut.set_result(None)
+        if self._waits and self._waits[0] is wait:
+            self._waits.popleft()
+
+
 class _ByteBudget:
     """Bytes in use, shared by every stream: ``take`` waits while taking ``n`` more would pass
-    the limit (unless nothing is in use: one oversized item still goes through)."""
+    the limit (unless nothing is in use: one oversized item still goes through), in line."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._freed = asyncio.Event()
+        self._line = _Line()
+
+    def _fits(self, n: int) -> bool:
+        return not self.used or self.used + n <= self.limit
 
     async def take(self, n: int) -> None:
-        while self.used and self.used + n > self.limit:
-            self._freed.clear()
-            await self._freed.wait()
-        self.used += n
+        if self._line.head() is None and self._fits(n):
+            self.used += n
+            return
+        await self._line.wait(_Wait(n), lambda: self.give(n))
 
     def give(self, n: int) -> None:
         self.used -= n
-        self._freed.set()
+        while (wait := self._line.head()) is not None and self._fits(wait.n):
+            self.used += wait.n
+            self._line.let_in(wait)
 
 
 class _UnsentAnswers:
-    """Answers built and not yet sent, over every stream: ``take`` waits while taking ``n``
-    more would pass the limit, unless the stream holds no answer and ``n`` is small (its client
-    reads: it is served one answer at a time while the node is full of others' answers)."""
+    """Answers built and not yet sent, over every stream: ``take`` waits (in line) while taking
+    ``n`` more would pass the limit, unless the stream holds no answer and ``n`` is small (its
+    client reads: it is served one answer at a time while the node is full of others')."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._freed = asyncio.Event()
+        self._line = _Line()
 
     async def take(self, stream: _StreamBytes, n: int) -> None:
-        while self.used + n > self.limit and (stream.unsent or n > SMALL_ANSWER_BYTES):
-            self._freed.clear()
-            await self._freed.wait()
-        self.count(stream, n)
+        if (not stream.unsent and n <= SMALL_ANSWER_BYTES) or (
+            self._line.head() is None and self.used + n <= self.limit
+        ):
+            self.count(stream, n)
+            return
+        wait = _Wait(n, stream)
+        stream.waits.append(wait)
+        try:
+            await self._line.wait(wait, lambda: self.give(stream, n))
+        finally:
+            stream.waits.remove(wait)
 
     def count(self, stream: _StreamBytes, n: int) -> None:
         self.used += n
@@ -673,7 +739,16 @@ class _UnsentAnswers:
     def give(self, stream: _StreamBytes, n: int) -> None:
         self.used -= n
         stream.unsent -= n
-        self._freed.set()
+        if not stream.unsent:  # (its next small answer may go now, whoever is first in line)
+            for wait in stream.waits:
+                if not wait.fut.done():
+                    if wait.n <= SMALL_ANSWER_BYTES:
+                        self.count(stream, wait.n)
+                        self._line.let_in(wait)
+                    break
+        while (wait := self._line.head()) is not None and self.used + wait.n <= self.limit:
+            self.count(wait.stream, wait.n)  # type: ignore[arg-type] # (every wait here has one)
+            self._line.let_in(wait)
 
 
 class _StreamBytes:
@@ -688,6 +763,7 @@ class _StreamBytes:
         self.node_held = 0
         self.answers = answers
         self.unsent = 0  # (of ``answers``)
+        self.waits: list[_Wait] = []  # its answers waiting in ``answers``' line
 
     async def take_request(self, n: int) -> None:
         await self.own.take(n)

@@ -741,6 +741,81 @@ def test_a_stream_that_holds_no_answer_is_served_while_others_fill_the_node() ->
     run(main())
 
 
+def test_a_release_wakes_only_the_answers_it_lets_in() -> None:
+    # Every answer waiting for room was woken at each release anywhere, to look again: with
+    # thousands of frames of streams that do not read waiting, the loop went to wake-ups. Now
+    # they wait in line, and a release wakes those it makes room for (counted as the loop's
+    # callbacks: a woken task is one).
+    from raftfast.server.kv_service import _ByteBudget, _StreamBytes, _UnsentAnswers
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        calls = 0
+
+        def call_soon(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            self.calls += 1
+            return super().call_soon(*args, **kwargs)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        answers, requests = _UnsentAnswers(1000), _ByteBudget(10**9)
+        hog = _StreamBytes(requests, answers)
+        await hog.take_answer(1000)  # (the node is full)
+        streams = [_StreamBytes(requests, answers) for _ in range(2000)]
+        for stream in streams:
+            await stream.take_answer(1)  # (each held none: it went)
+        waiting = [asyncio.ensure_future(s.take_answer(1)) for s in streams]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not any(w.done() for w in waiting) and answers.used == 3000
+        before = loop.calls
+        hog.answer_sent(1000)  # (2,000 bytes unsent still: room for none of them)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert loop.calls - before < 20 and not any(w.done() for w in waiting)
+        before = loop.calls
+        streams[5].answer_sent(1)  # (it holds none now: its next small answer goes)
+        await asyncio.wait_for(waiting[5], 1)
+        assert loop.calls - before < 20
+        assert sum(w.done() for w in waiting) == 1
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert answers.used == 2000 and all(not s.waits for s in streams)
+
+    with asyncio.Runner(loop_factory=CountingLoop) as runner:
+        runner.run(main())
+
+
+def test_the_line_of_a_budget_keeps_its_order_and_its_count() -> None:
+    from raftfast.server.kv_service import _ByteBudget
+
+    async def main() -> None:
+        budget = _ByteBudget(100)
+        await budget.take(100)
+        first, second, third = (asyncio.ensure_future(budget.take(n)) for n in (60, 40, 1))
+        gone = asyncio.ensure_future(budget.take(1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gone.cancel()  # (waiting: it leaves the line, counted for nothing)
+        budget.give(60)  # room for the first; the third fits too but waits its turn
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert first.done() and not second.done() and not third.done()
+        second.cancel()  # (it was not let in: nothing to give back)
+        budget.give(40)  # (the third is next)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert third.done() and budget.used == 61
+        late = asyncio.ensure_future(budget.take(40))
+        await asyncio.sleep(0)
+        budget.give(1)  # let in (100)...
+        late.cancel()  # ...and cancelled before it ran: its 40 come back
+        await asyncio.gather(late, gone, second, return_exceptions=True)
+        assert budget.used == 60
+
+    run(main())
+
+
 def test_streams_that_end_give_back_what_they_held() -> None:
     # A frame whose task a cancelled stream cancels before it ever ran once kept its bytes in
     # the node-wide budget forever: enough of them and every Session waited for room.
