@@ -107,6 +107,16 @@ class CommandError(RaftfastError):
 MAX_MESSAGE_CHARS = 1024
 
 
+def message_of(exc: BaseException) -> str:
+    """``exc``'s message, clipped, or its type's name; never raises (``str`` of a KeyError of
+    a 5,000-digit int does: a client's command made every node stop at each replay)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - any message at all is better than a crash
+        text = ""
+    return clipped(text) or type(exc).__name__
+
+
 def clipped(message: str) -> str:
     """``message``, cut to ``MAX_MESSAGE_CHARS`` (saying how much was left out)."""
     if len(message) <= MAX_MESSAGE_CHARS:

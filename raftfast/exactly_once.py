@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
-from raftfast.errors import MAX_MESSAGE_CHARS, CommandError, CorruptionError, clipped
+from raftfast.errors import MAX_MESSAGE_CHARS, CommandError, CorruptionError, message_of
 from raftfast.statemachine import StateMachine
 
 __all__ = ["HEADER", "ExactlyOnce", "frame_command"]
@@ -151,9 +151,15 @@ class ExactlyOnce(StateMachine):
 
 def _kept(result: Any) -> Any:
     """A result as the table keeps it (and its proposer gets it): an error whose message may
-    repeat megabytes of the command, clipped (20 such commands took every node up ~250 MB)."""
-    if isinstance(result, BaseException) and len(message := str(result)) > MAX_MESSAGE_CHARS:
-        return CommandError(clipped(message))
+    repeat megabytes of the command is clipped (20 such commands took every node up ~250 MB),
+    one whose message cannot be made is named by its type (``message_of``)."""
+    if isinstance(result, BaseException):
+        try:
+            if len(str(result)) <= MAX_MESSAGE_CHARS:
+                return result
+        except Exception:  # noqa: BLE001 - (message_of says what it can)
+            pass
+        return CommandError(message_of(result))
     return result
 
 
@@ -163,7 +169,7 @@ def _encode(result: Any) -> tuple[int, bytes]:
     if isinstance(result, bytes | bytearray | memoryview):
         return _BYTES, bytes(result)
     if isinstance(result, BaseException):
-        return _ERROR, str(result).encode("utf-8", "replace")
+        return _ERROR, message_of(result).encode("utf-8", "replace")
     return _GONE, b""
 
 

@@ -37,13 +37,14 @@ from raftfast.errors import (
     InvalidArgumentError,
     NotLeaderError,
     RaftfastError,
+    message_of,
 )
 from raftfast.exactly_once import frame_command
 from raftfast.limits import MAX_CLIENT_ID
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, certificate_name, channel_credentials
-from raftfast.server.machine_service import as_result_bytes
+from raftfast.server.machine_service import as_result_bytes, check_refusal
 from raftfast.server.settings import NodeSettings
 from raftfast.statemachine import StateMachine
 
@@ -177,8 +178,8 @@ class Node:
         try:
             if check is not None:
                 check(bytes(command))  # (as at the leader: a command refused never is logged)
-        except ValueError as exc:
-            raise InvalidArgumentError(f"command refused: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a user's check: any refusal is the caller's
+            raise InvalidArgumentError(f"command refused: {check_refusal(exc)}") from None
         self._seq += 1
         framed = frame_command(self._own_client_id(), self._seq, bytes(command))
         request = pb.ProposeRequest(
@@ -274,7 +275,7 @@ class Node:
         try:
             result = self._running().fsm.query(request)
         except Exception as exc:  # noqa: BLE001 - the state machine's refusal, as remotely
-            raise CommandError(f"{type(exc).__name__}: {exc}") from None
+            raise CommandError(f"{type(exc).__name__}: {message_of(exc)}") from None
         return as_result_bytes(result, applied=False)  # (as from any other member)
 
     def _running(self) -> Any:

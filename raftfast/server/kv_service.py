@@ -651,20 +651,23 @@ class _Line:
         self._waits: collections.deque[_Wait] = collections.deque()
         self._gone = 0  # waits in the line whose taker stopped waiting (dropped lazily)
 
-    async def wait(self, wait: _Wait, give_back: Callable[[], None]) -> None:
-        """Queue ``wait`` and wait to be let in; ``give_back`` if let in, then cancelled."""
+    async def wait(self, wait: _Wait, give: Callable[[int], None]) -> None:
+        """Queue ``wait`` and wait to be let in. Cancelled, it calls ``give``: with what it was
+        counted for if it was let in meanwhile, else with 0 (it may have been first in line,
+        holding up others that fit now)."""
         self._waits.append(wait)
         try:
             await wait.fut
         except asyncio.CancelledError:
             if wait.fut.done() and not wait.fut.cancelled():
-                give_back()  # (let in as it was being cancelled: what it was counted for)
+                give(wait.n)
             else:
                 wait.fut.cancel()
                 self._gone += 1
                 if self._gone > 64 and self._gone > len(self._waits) // 2:
                     self._waits = collections.deque(w for w in self._waits if not w.fut.done())
                     self._gone = 0
+                give(0)
             raise
 
     def head(self) -> _Wait | None:
@@ -700,7 +703,7 @@ class _ByteBudget:
         if self._line.head() is None and self._fits(n):
             self.used += n
             return
-        await self._line.wait(_Wait(n), lambda: self.give(n))
+        await self._line.wait(_Wait(n), self.give)
 
     def give(self, n: int) -> None:
         self.used -= n
@@ -728,7 +731,7 @@ class _UnsentAnswers:
         wait = _Wait(n, stream)
         stream.waits.append(wait)
         try:
-            await self._line.wait(wait, lambda: self.give(stream, n))
+            await self._line.wait(wait, lambda k: self.give(stream, k))
         finally:
             stream.waits.remove(wait)
 

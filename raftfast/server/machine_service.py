@@ -13,14 +13,14 @@ from typing import Any
 
 import grpc
 
-from raftfast.errors import CommandError
+from raftfast.errors import CommandError, message_of
 from raftfast.exactly_once import frame_command
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer
 from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, BadRequest, Service, rpc
 
-__all__ = ["MachineService", "StatusOnly", "as_result_bytes"]
+__all__ = ["MachineService", "StatusOnly", "as_result_bytes", "check_refusal"]
 
 
 class MachineService(Service, pb_grpc.StateMachineServicer):
@@ -40,8 +40,8 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
         try:
             if check is not None:
                 check(request.command)  # (refused here, it never reaches the log)
-        except ValueError as exc:
-            raise BadRequest(f"command refused: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a user's check: any refusal is the client's
+            raise BadRequest(f"command refused: {check_refusal(exc)}") from None
         command = frame_command(client_id, request.sequence, request.command)
         (result,) = await self.timed(context, self.node.propose([command]), DEADLINE_WRITE)
         return pb.ProposeResponse(result=as_result_bytes(result), index=self.node.applied_index)
@@ -56,7 +56,7 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
         try:
             result = self.node.fsm.query(request.request)
         except Exception as exc:  # noqa: BLE001 - the state machine's refusal, not ours
-            raise CommandError(f"{type(exc).__name__}: {exc}") from None
+            raise CommandError(f"{type(exc).__name__}: {message_of(exc)}") from None
         return pb.QueryResponse(result=as_result_bytes(result, applied=False))
 
 
@@ -73,7 +73,7 @@ def as_result_bytes(result: Any, applied: bool = True) -> bytes:
     """A state machine's result as it travels; CommandError for an exception it returned
     (``applied``: a command's result, not a query's)."""
     if isinstance(result, BaseException):
-        raise CommandError(str(result) or type(result).__name__)
+        raise CommandError(message_of(result))
     if result is None:
         return b""
     if isinstance(result, bytes | bytearray | memoryview):
@@ -84,3 +84,9 @@ def as_result_bytes(result: Any, applied: bool = True) -> bytes:
         f"{'applied, but ' if applied else ''}its result is a {type(result).__name__}: a state "
         "machine's results are bytes, str or None (they travel between members as bytes)"
     )
+
+
+def check_refusal(exc: Exception) -> str:
+    """A check's refusal as a client reads it: its message (a ValueError's), else its type too."""
+    message = message_of(exc)
+    return message if type(exc) is ValueError else f"{type(exc).__name__}: {message}"

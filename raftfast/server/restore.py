@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import HardState
-from raftfast.errors import CorruptionError, RaftfastError
+from raftfast.errors import CorruptionError, RaftfastError, message_of
 from raftfast.storage.backup import BackupInfo, read_header
 from raftfast.storage.fsutil import open_regular
 from raftfast.storage.snapshot import SnapshotStore, read_state_header
@@ -82,6 +82,6 @@ def check_state(data_dir: str, state_machine: StateMachine | None) -> None:
         except Exception as exc:  # noqa: BLE001 - a user's state machine may raise anything
             raise CorruptionError(
                 f"this node's state machine cannot read the backup's state (a backup of "
-                f"another kind of cluster?): {type(exc).__name__}: {exc}",
+                f"another kind of cluster?): {type(exc).__name__}: {message_of(exc)}",
                 meta.path,
             ) from None

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from raftfast.dedup import owned_client_id
-from raftfast.errors import ChangeInProgressError, CommandError, NotLeaderError, clipped
+from raftfast.errors import ChangeInProgressError, CommandError, NotLeaderError, clipped, message_of
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE, check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer
@@ -222,4 +222,5 @@ def status_of(service: Service, exc: BaseException, what: str) -> tuple[grpc.Sta
     if isinstance(exc, ValueError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     log.error("%s failed", what, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error in {what}: {exc!r}"
+    failure = f"{type(exc).__name__}: {message_of(exc)}"
+    return grpc.StatusCode.INTERNAL, f"internal error in {what}: {failure}"

@@ -16,7 +16,7 @@ import grpc
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import Message, MsgType
-from raftfast.errors import CommandError, CorruptionError, StorageError, clipped
+from raftfast.errors import CommandError, CorruptionError, StorageError, message_of
 from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.metrics import NodeMetrics
@@ -233,10 +233,10 @@ class SnapshotMixin:
                 # (one line naming the file, not a traceback through the user's code)
                 raise CorruptionError(
                     f"{meta.path}: the state machine cannot read this snapshot: "
-                    f"{type(exc).__name__}: {clipped(str(exc))}",
+                    f"{type(exc).__name__}: {message_of(exc)}",
                     meta.path,
                     0,
-                ) from None
+                ) from exc  # (the cause kept for a debugger; the node says one line)
         self.applied_index = self._snapshot_index = meta.index
         self.app.applied()  # (watchers: the state jumped)
         return membership

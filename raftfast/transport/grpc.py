@@ -196,7 +196,11 @@ class PeerTransport:
     async def close(self) -> None:
         self._closed = True
         leaving, self._leaving = self._leaving, []
-        tasks = [*self._tasks.values(), *(task for _, task in leaving if task is not None)]
+        tasks = [
+            *self._tasks.values(),
+            *(task for _, task in leaving if task is not None),
+            *self._votes,
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

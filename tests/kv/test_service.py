@@ -812,6 +812,15 @@ def test_the_line_of_a_budget_keeps_its_order_and_its_count() -> None:
         late.cancel()  # ...and cancelled before it ran: its 40 come back
         await asyncio.gather(late, gone, second, return_exceptions=True)
         assert budget.used == 60
+        # the first in line leaves: those behind it that fit go in (they waited on)
+        head = asyncio.ensure_future(budget.take(50))
+        behind = asyncio.ensure_future(budget.take(30))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not head.done() and not behind.done()
+        head.cancel()
+        await asyncio.wait_for(behind, 1)
+        assert budget.used == 90
 
     run(main())
 

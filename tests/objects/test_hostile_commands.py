@@ -10,6 +10,7 @@ it is proposed, and errors are clipped."""
 from __future__ import annotations
 
 import asyncio
+import io
 
 import grpc
 import pytest
@@ -29,11 +30,23 @@ def colliding(n: int) -> list[int]:
     return [ZERO_HASH * k for k in range(1, n + 1)]
 
 
+def with_colliding_set(call: list, n: int) -> bytes:
+    """``call`` encoded, its item ``SET`` a set of ``n`` colliding integers (encoded as such:
+    a Python set of them takes time quadratic in ``n`` to build, here as on a node)."""
+    as_set = b"e" + encode(colliding(n))[1:]  # (a list's layout, a set's tag)
+    return encode(call).replace(encode(SET), as_set)
+
+
+SET = b"(the colliding set)"
+
+
 def test_a_clients_value_is_decoded_within_limits():
     few = colliding(MAX_SAME_HASH)
     assert decode(encode(set(few)), limited=True) == set(few)
     assert decode(encode(dict.fromkeys(few, 1)), limited=True) == dict.fromkeys(few, 1)
-    for value in (set(colliding(30_000)), frozenset(colliding(100)), dict.fromkeys(colliding(100))):
+    with pytest.raises(ValueError, match="share a hash"):
+        decode(with_colliding_set([SET], 30_000), limited=True)
+    for value in (set(colliding(100)), frozenset(colliding(100)), dict.fromkeys(colliding(100))):
         with pytest.raises(ValueError, match="share a hash"):
             decode(encode(value), limited=True)
         assert decode(encode(value)) == value  # (a snapshot holds what commands built)
@@ -58,6 +71,26 @@ def test_errors_are_clipped_where_they_are_kept():
     assert "1000003 characters" not in str(first) and "more characters" in str(first)
 
 
+def test_a_result_whose_message_cannot_be_made_fails_its_command_only():
+    # str(KeyError(10**5000)) raises (Python's 4,300-digit limit): the exactly-once table's
+    # clipping made apply raise, and every node stopped at each replay of such a command.
+    class Registry(raftfast.StateMachine):
+        def apply(self, index: int, command: bytes) -> object:
+            return KeyError(10**5000)
+
+        def snapshot(self, out) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    machine = ExactlyOnce(Registry())
+    result = machine.apply(1, frame_command(7, 1, b"take"))
+    assert isinstance(result, CommandError) and str(result) == "KeyError"
+    [again] = machine.apply_batch(2, [frame_command(7, 2, b"take")])
+    assert isinstance(again, CommandError) and str(again) == "KeyError"
+    out = io.BytesIO()
+    machine.snapshot(out)  # (the table keeps what it can say)
+    assert b"KeyError" in out.getvalue()
+
+
 def test_hostile_commands_are_refused_before_the_log(tmp_path):
     [port] = free_ports(1)
     table = raftfast.ReplDict()
@@ -73,26 +106,26 @@ def test_hostile_commands_are_refused_before_the_log(tmp_path):
             await table.set("a", 1)
             before = (await node.status())["last_index"]
             hostile = [
-                (["table", "set", ["k", set(colliding(30_000))], {}], "share a hash"),
-                (["table", "set", ["k", [set() for _ in range(MAX_ITEMS)]], {}], "values"),
-                (["\0" * 1_400_000, "set", [], {}], "no object named"),
-                (["table", "x" * 1_400_000, [], {}], "is not a write method"),
+                (with_colliding_set(["table", "set", ["k", SET], {}], 30_000), "share a hash"),
+                (encode(["table", "set", ["k", [set()] * MAX_ITEMS], {}]), "values"),
+                (encode(["\0" * 1_400_000, "set", [], {}]), "no object named"),
+                (encode(["table", "x" * 1_400_000, [], {}]), "is not a write method"),
             ]
-            for sequence, (call, why) in enumerate(hostile, 1):
+            for sequence, (command, why) in enumerate(hostile, 1):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await stub.Propose(
-                        pb.ProposeRequest(client_id=9, sequence=sequence, command=encode(call)),
+                        pb.ProposeRequest(client_id=9, sequence=sequence, command=command),
                         timeout=10,
                     )
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
                 assert why in caught.value.details()
                 assert len(caught.value.details()) < 2 * MAX_MESSAGE_CHARS
                 with pytest.raises(raftfast.InvalidArgumentError, match=why):
-                    await node.propose(encode(call))  # (embedded: the same check)
+                    await node.propose(command)  # (embedded: the same check)
             assert (await node.status())["last_index"] == before  # none reached the log
-            query = ["table", "get", [set(colliding(30_000))], {}]
+            query = with_colliding_set(["table", "get", [SET], {}], 30_000)
             with pytest.raises(grpc.aio.AioRpcError, match="share a hash"):
-                await stub.Query(pb.QueryRequest(request=encode(query)), timeout=10)
+                await stub.Query(pb.QueryRequest(request=query), timeout=10)
             assert await table.get("a") == 1
 
     asyncio.run(main())

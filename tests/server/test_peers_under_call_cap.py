@@ -38,7 +38,8 @@ async def _hold_every_call(port: int) -> UnreadCalls:
     until = loop.time() + 10
     while len(raw.status) < 4 and loop.time() < until:
         await asyncio.to_thread(raw.pump, 0.1)
-    assert sorted(raw.status.values()) == [RESOURCE_EXHAUSTED] * 4, raw.status
+    # (4 refused at least: a peer's call under way at that moment counts too)
+    assert len(raw.status) >= 4 and set(raw.status.values()) == {RESOURCE_EXHAUSTED}, raw.status
     return raw
 
 
