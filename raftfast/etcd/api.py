@@ -58,6 +58,11 @@ MAX_TXN_TOTAL_OPS = 4096
 # Kubernetes attaches at most 1,000 (its --lease-max-object-count). Checked when a write is
 # proposed, not applied: an old log replays as it was written.
 MAX_LEASE_KEYS = 10_000
+# Keys one write (a DeleteRange, or all the deletes of a Txn's branches) may delete: every node
+# deletes them in one apply, ~4 us a key here with its history event, and a DeleteRange of
+# 500,000 keys held every node ~2 s (elections; etcd has no bound). Counted on the leader's
+# state when it is proposed, like the lease bound (an old log replays as written).
+MAX_DELETE_KEYS = 50_000
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
 _OP_ETCD = bytes((OP_ETCD,))
 _RESOLVE_S = 2.0  # how long a MemberAdd waits for its URL's host (and members') to resolve
@@ -303,6 +308,12 @@ class EtcdAPI:
         # watches from header.revision + 1, and would miss writes made meanwhile)
         header = self.header(response.header.revision)
         keys_only = request.keys_only
+        size = sum(len(rec.key) + (0 if keys_only else len(rec.value)) for rec in records)
+        size += _KV_OVERHEAD * len(records)
+        if size > MAX_RANGE_ANSWER_BYTES:
+            # (gRPC would refuse to send it, after the loop had spent seconds building it:
+            # 400 values of 1 MB, four such reads at once, a node at 3.2 GB and elections)
+            raise errors.answer_too_big(size, MAX_RANGE_ANSWER_BYTES)
         if len(records) <= _PART:  # (the usual: no async generator for a key or a few)
             response.kvs.extend([rec.to_pb(keys_only) for rec in records])
         else:
@@ -316,6 +327,8 @@ class EtcdAPI:
         EtcdError. Only on the leader (NotLeaderError otherwise)."""
         if isinstance(request, pb.PutRequest | pb.TxnRequest):
             self._check_lease_room(request)
+        if isinstance(request, pb.DeleteRangeRequest | pb.TxnRequest):
+            self._check_deletes(request)
         quota = self.driver.quota
         if quota is not None and _grows(request):
             why = quota.refusal(request.ByteSize())
@@ -343,6 +356,22 @@ class EtcdAPI:
                 adding.add(put.key)
                 if len(lease.keys) + len(adding) > MAX_LEASE_KEYS:
                     raise errors.lease_full(put.lease, MAX_LEASE_KEYS)
+
+    def _check_deletes(self, request: pb.DeleteRangeRequest | pb.TxnRequest) -> None:
+        """EtcdError if ``request`` (a Txn: its deletes in every branch) would delete more than
+        ``MAX_DELETE_KEYS`` keys of the applied state."""
+        if isinstance(request, pb.DeleteRangeRequest):
+            deletes = [request]
+        else:
+            deletes = [
+                op.request_delete_range
+                for branch in (request.success, request.failure)
+                for op in _flat_ops(branch)
+                if op.WhichOneof("request") == "request_delete_range"
+            ]
+        count = sum(self.store.count_in(d.key, d.range_end) for d in deletes)
+        if count > MAX_DELETE_KEYS:
+            raise errors.too_many_deletes(count, MAX_DELETE_KEYS)
 
     async def _put(self, request: pb.PutRequest) -> pb.PutResponse:
         return await self.write(request)
@@ -596,6 +625,11 @@ class EtcdAPI:
 
 
 _PART = 4096
+# What an answer to a Range may hold: what the client port sends at most (its messages are at
+# most tcp.MAX_RECORD_BYTES), less room for the header; a KeyValue's fields besides its key
+# and value take up to ~40 bytes.
+MAX_RANGE_ANSWER_BYTES = 63 * 1024 * 1024
+_KV_OVERHEAD = 40
 _HISTORY_WALKS = 2  # Ranges at an old revision walking the history at once
 
 

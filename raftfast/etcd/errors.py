@@ -99,6 +99,24 @@ def lease_full(lease_id: int, most: int) -> EtcdError:
     )
 
 
+def too_many_deletes(count: int, most: int) -> EtcdError:
+    """A write would delete more keys at once than a node deletes in one apply here."""
+    return EtcdError(
+        _C.INVALID_ARGUMENT,
+        f"etcdserver: the request would delete {count} keys, more than {most} at once: "
+        "delete the range in parts",
+    )
+
+
+def answer_too_big(size: int, most: int) -> EtcdError:
+    """A Range whose answer could not be sent (gRPC's limit): refused before it is built."""
+    return EtcdError(
+        _C.RESOURCE_EXHAUSTED,
+        f"etcdserver: the answer would hold {size} bytes of keys and values, more than "
+        f"{most}: read the range in parts (limit, then from the last key)",
+    )
+
+
 def invalid(message: str) -> EtcdError:
     """A request etcd would take but raftfast cannot hold (an out-of-range value, a txn
     nested too deep): INVALID_ARGUMENT with a message that says which limit."""

@@ -194,6 +194,22 @@ class Lease:
         self.keys: set[bytes] = set()
 
 
+class _KeyOrder:
+    """A frozen store's keys and records in key order: what ``dump`` reads of ``kvs``."""
+
+    __slots__ = ("keys", "records")
+
+    def __init__(self, keys: list[bytes], records: list[Record]) -> None:
+        self.keys = keys
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def items(self) -> Iterator[tuple[bytes, Record]]:
+        return zip(self.keys, self.records, strict=True)
+
+
 class MVCCStore:
     """The etcd keyspace of one node (see the module docs)."""
 
@@ -560,9 +576,14 @@ class MVCCStore:
         )
         response = pb.RangeResponse()
         limit = min(r.limit, _INT64_MAX - 1) if r.limit > 0 else 0  # (islice takes limit + 1)
-        if plain and limit and view is None and bounds is not None:
+        if (
+            view is None
+            and bounds is not None
+            and ((plain and limit) or (r.count_only and not filtered))
+        ):
             # the common case: the newest state in key order; count by bisection, read only
-            # limit + 1 records
+            # limit + 1 records (none for a count: its order does not matter; a count of
+            # 1,000,000 keys read them all, ~0.5 s of the loop)
             response.count = self._count(*bounds)
             out = [] if r.count_only else list(islice(items, limit + 1))
             looked_at = len(out)
@@ -589,6 +610,13 @@ class MVCCStore:
             )
         response.header.revision = self.revision
         return response, out
+
+    def count_in(self, key: bytes, range_end: bytes) -> int:
+        """How many live keys the range (etcd's convention) holds, by bisection."""
+        bounds = range_of(key, range_end)
+        if bounds is None:
+            return int(key in self.kvs)
+        return self._count(*bounds)
 
     def _count(self, lo: bytes, hi: bytes | None) -> int:
         kvs = self.kvs
@@ -732,7 +760,10 @@ class MVCCStore:
         twin = MVCCStore()
         twin.revision = self.revision
         twin.compact_revision = self.compact_revision
-        twin.kvs = self.kvs.copy()
+        # (only dumped: the keys in order and their records, not a SortedDict, whose copy
+        # rebuilds it: 0.87 s of the loop for 1,000,000 keys here; this takes ~0.3 s)
+        keys = list(self.kvs.keys())
+        twin.kvs = _KeyOrder(keys, list(map(self.kvs.__getitem__, keys)))  # type: ignore[assignment]
         twin.leases = {i: _copy_lease(lease) for i, lease in self.leases.items()}
         twin.size_bytes = self.size_bytes
         twin.history_bytes = self.history_bytes

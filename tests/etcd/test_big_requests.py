@@ -1,0 +1,113 @@
+"""Requests through etcd's API that are well formed and within every limit, but whose work
+held a node's loop for seconds (a hunt over 500,000-1,000,000 keys; the default election
+timeout is 300-450 ms): a DeleteRange of every key (2-3 s on every node, elections), a
+count of 1,000,000 keys (read one by one), a Range of 400 MB (built, then refused by gRPC),
+a snapshot (the keyspace copied: 0.87 s per million keys). Unit level: the real MVCCStore
+and EtcdAPI methods, a fake node."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sortedcontainers import SortedDict
+
+from raftfast.etcd.api import MAX_DELETE_KEYS, MAX_RANGE_ANSWER_BYTES, EtcdAPI
+from raftfast.etcd.errors import EtcdError
+from raftfast.etcd.mvcc import MVCCStore, Record, encode
+from raftfast.proto.etcd import rpc_pb2 as pb
+
+
+def _store(count: int, prefix: bytes = b"k/", value: bytes = b"v") -> MVCCStore:
+    store = MVCCStore()
+    for i in range(count):
+        key = prefix + b"%07d" % i
+        store.kvs[key] = Record(key, value, 2, 2, 1, 0)
+    store.revision = 2
+    return store
+
+
+class _Counting(SortedDict):
+    """A keyspace that counts the records read from it."""
+
+    reads = 0
+
+    def __getitem__(self, key: bytes) -> Any:
+        _Counting.reads += 1
+        return super().__getitem__(key)
+
+
+def _api(store: MVCCStore) -> Any:
+    """What EtcdAPI's write and range use of a node: proposals applied at once."""
+
+    async def propose(commands: list[bytes]) -> list[Any]:
+        return [store.apply(command[1:]) for command in commands]
+
+    fake = SimpleNamespace(
+        store=store,
+        driver=SimpleNamespace(quota=None, propose=propose),
+        header=lambda rev=None: pb.ResponseHeader(revision=store.revision if rev is None else rev),
+        _check_lease_room=lambda request: None,
+    )
+    fake._check_deletes = lambda request: EtcdAPI._check_deletes(fake, request)
+    return fake
+
+
+def _write(store: MVCCStore, request: Any) -> Any:
+    return asyncio.run(EtcdAPI.write(_api(store), request))
+
+
+def test_a_write_that_would_delete_too_many_keys_is_refused_before_it_is_proposed():
+    store = _store(MAX_DELETE_KEYS + 1)
+    everything = pb.DeleteRangeRequest(key=b"\0", range_end=b"\0")
+    with pytest.raises(EtcdError, match=f"delete {MAX_DELETE_KEYS + 1} keys"):
+        _write(store, everything)
+    deletes = [
+        pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=b"k/", range_end=b"k/%07d" % n))
+        for n in (MAX_DELETE_KEYS // 2, MAX_DELETE_KEYS // 2 + 1)
+    ]
+    nested = pb.TxnRequest(failure=[pb.RequestOp(request_txn=pb.TxnRequest(success=deletes))])
+    with pytest.raises(EtcdError, match="delete the range in parts"):
+        _write(store, nested)  # (every branch counts: ~MAX_DELETE_KEYS + 1 in all)
+    assert len(store.kvs) == MAX_DELETE_KEYS + 1 and store.revision == 2  # nothing proposed
+    part = pb.DeleteRangeRequest(key=b"k/", range_end=b"k/%07d" % MAX_DELETE_KEYS)
+    assert _write(store, part).deleted == MAX_DELETE_KEYS
+    assert _write(store, everything).deleted == 1
+
+
+def test_a_count_reads_no_record_whatever_its_order():
+    store = _store(0)
+    store.kvs = _Counting(_store(20_000).kvs)
+    store.revision = 2
+    for sort in ({}, {"sort_order": 2, "sort_target": 4}, {"limit": 5, "sort_order": 1}):
+        _Counting.reads = 0
+        request = pb.RangeRequest(key=b"k/", range_end=b"k0", count_only=True, **sort)
+        response = store.range(request)
+        assert response.count == 20_000 and not response.kvs and not response.more
+        assert _Counting.reads == 0, sort
+    filtered = pb.RangeRequest(key=b"k/", range_end=b"k0", count_only=True, min_mod_revision=3)
+    assert store.range(filtered).count == 20_000  # (a filter reads them: as before)
+
+
+def test_a_range_whose_answer_could_not_be_sent_is_refused_before_it_is_built():
+    store = _store(70, value=b"x" * (1 << 20))  # (70 MiB)
+    fake = _api(store)
+    request = pb.RangeRequest(key=b"k/", range_end=b"k0", serializable=True)
+    with pytest.raises(EtcdError, match="read the range in parts") as caught:
+        asyncio.run(EtcdAPI._range(fake, request))
+    assert str(MAX_RANGE_ANSWER_BYTES) in str(caught.value)
+    request.limit = 60
+    assert len(asyncio.run(EtcdAPI._range(fake, request)).kvs) == 60
+    request.limit, request.keys_only = 0, True
+    assert len(asyncio.run(EtcdAPI._range(fake, request)).kvs) == 70
+
+
+def test_a_frozen_store_dumps_as_the_store_did_then():
+    store = _store(1_000)
+    store.apply(encode(pb.PutRequest(key=b"k/0000005", value=b"new")))
+    frozen = store.frozen()
+    then = store.dump()
+    store.apply(encode(pb.DeleteRangeRequest(key=b"k/", range_end=b"k0")))
+    assert frozen.dump() == then and store.dump() != then
