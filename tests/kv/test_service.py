@@ -825,6 +825,45 @@ def test_the_line_of_a_budget_keeps_its_order_and_its_count() -> None:
     run(main())
 
 
+def test_frames_under_way_are_bounded_node_wide_not_only_by_their_bytes(monkeypatch) -> None:
+    # Frames were counted by their bytes only (~150 B for a one-op Get): 1,024 streams of 256
+    # such frames, never read, made 262,144 tasks (~7.6 KB each: 2 GB) and a loop that
+    # answered nothing for 28 s. Each frame now counts FRAME_BYTES more.
+    import raftfast.server.kv_service as kv_service
+
+    limit = 20 * 8 * 1024  # (20 frames' worth)
+    monkeypatch.setattr(kv_service, "MAX_SESSION_BYTES", limit)
+    held = asyncio.Event()  # (reads wait here: the frames stay under way)
+
+    class Slow(FakeNode):
+        waiting = 0
+
+        async def read_barrier(self, mode: str) -> None:
+            Slow.waiting += 1
+            await held.wait()
+            Slow.waiting -= 1
+
+    async def main() -> None:
+        async with serve_service(Slow()) as (service, kv):
+            calls = [kv.Session() for _ in range(4)]
+            get = pb.Op(kind=pb.Op.GET, key=b"k")
+            for call in calls:
+                for frame_id in range(1, 31):  # (120 frames in all)
+                    await call.write(_frame(frame_id, get))
+            await wait_until(lambda: Slow.waiting >= 15)
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert Slow.waiting <= 20 and service._budget.used <= limit
+            held.set()  # the rest are served once room comes back
+            for call in calls:
+                for _ in range(30):
+                    assert (await call.read()).results[0].code == 0
+                call.cancel()
+            await wait_until(lambda: service._sessions == 0 and service._budget.used == 0)
+
+    run(main())
+
+
 def test_streams_that_end_give_back_what_they_held() -> None:
     # A frame whose task a cancelled stream cancels before it ever ran once kept its bytes in
     # the node-wide budget forever: enough of them and every Session waited for room.
