@@ -100,11 +100,13 @@ SMALL_ANSWER_BYTES = 64 * 1024
 # objects: ~100 bytes measured): a 20 KB frame of 10,000 empty ops is ~1 MB once parsed, and
 # the budgets count that.
 PARSED_OP_BYTES = 128
-# What a frame under way holds besides (its task, coroutines, futures): ~7.6 KB measured. The
-# budgets count it, so frames under way are at most MAX_SESSION_BYTES / FRAME_BYTES (8,192) a
-# node: counted by their bytes alone, 1,024 streams of 256 one-op frames (3.7 MB sent, never
-# read) made 262,144 tasks, 2 GB, and a loop that answered nothing for 28 s.
-FRAME_BYTES = 8 * 1024
+# What a frame under way costs besides its bytes: its task (~7.6 KB measured) and its share of
+# the loop's turns (the frames a Ready completes all run before the loop polls again). The
+# budgets count it, so a node has at most MAX_SESSION_BYTES / FRAME_BYTES (2,048) frames under
+# way: counted by their bytes alone, 1,024 streams of 256 one-op frames (3.7 MB sent, never
+# read) made 262,144 tasks, 2 GB, and a loop that answered nothing for 28 s (8 KiB a frame
+# still let 8,192 at once hold it ~0.6-1.7 s at a time).
+FRAME_BYTES = 32 * 1024
 
 CODE_INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]  # 3
 CODE_PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]  # 7

@@ -831,7 +831,7 @@ def test_frames_under_way_are_bounded_node_wide_not_only_by_their_bytes(monkeypa
     # answered nothing for 28 s. Each frame now counts FRAME_BYTES more.
     import raftfast.server.kv_service as kv_service
 
-    limit = 20 * 8 * 1024  # (20 frames' worth)
+    limit = 20 * 32 * 1024  # (20 frames' worth)
     monkeypatch.setattr(kv_service, "MAX_SESSION_BYTES", limit)
     held = asyncio.Event()  # (reads wait here: the frames stay under way)
 
