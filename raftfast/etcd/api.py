@@ -358,18 +358,26 @@ class EtcdAPI:
                     raise errors.lease_full(put.lease, MAX_LEASE_KEYS)
 
     def _check_deletes(self, request: pb.DeleteRangeRequest | pb.TxnRequest) -> None:
-        """EtcdError if ``request`` (a Txn: its deletes in every branch) would delete more than
-        ``MAX_DELETE_KEYS`` keys of the applied state."""
+        """EtcdError if ``request`` would delete more than ``MAX_DELETE_KEYS`` keys of the
+        applied state (a Txn: the branch that deletes the most, nested ones likewise; the
+        ranges of one branch are added up, overlapping or not)."""
+        count_in = self.store.count_in
+
+        def most(ops: Any) -> int:
+            count = 0
+            for op in ops:
+                which = op.WhichOneof("request")
+                if which == "request_delete_range":
+                    delete = op.request_delete_range
+                    count += count_in(delete.key, delete.range_end)
+                elif which == "request_txn":
+                    count += max(most(op.request_txn.success), most(op.request_txn.failure))
+            return count
+
         if isinstance(request, pb.DeleteRangeRequest):
-            deletes = [request]
+            count = count_in(request.key, request.range_end)
         else:
-            deletes = [
-                op.request_delete_range
-                for branch in (request.success, request.failure)
-                for op in _flat_ops(branch)
-                if op.WhichOneof("request") == "request_delete_range"
-            ]
-        count = sum(self.store.count_in(d.key, d.range_end) for d in deletes)
+            count = max(most(request.success), most(request.failure))
         if count > MAX_DELETE_KEYS:
             raise errors.too_many_deletes(count, MAX_DELETE_KEYS)
 

@@ -586,7 +586,9 @@ class MVCCStore:
             # 1,000,000 keys read them all, ~0.5 s of the loop)
             response.count = self._count(*bounds)
             out = [] if r.count_only else list(islice(items, limit + 1))
-            looked_at = len(out)
+            # (a Txn's read budget is charged as when every key was read: a log applied
+            # before this shortcut must end the same way now)
+            looked_at = len(out) if plain and limit else response.count
             if len(out) > limit:
                 out = out[:limit]
                 response.more = True

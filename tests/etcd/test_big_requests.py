@@ -72,6 +72,12 @@ def test_a_write_that_would_delete_too_many_keys_is_refused_before_it_is_propose
     with pytest.raises(EtcdError, match="delete the range in parts"):
         _write(store, nested)  # (every branch counts: ~MAX_DELETE_KEYS + 1 in all)
     assert len(store.kvs) == MAX_DELETE_KEYS + 1 and store.revision == 2  # nothing proposed
+    half = pb.RequestOp(
+        request_delete_range=pb.DeleteRangeRequest(key=b"k/", range_end=b"k/0040000")
+    )
+    either = pb.TxnRequest(success=[half], failure=[half])  # (one branch runs: 40,000)
+    assert _write(store, either).succeeded
+    store = _store(MAX_DELETE_KEYS + 1)
     part = pb.DeleteRangeRequest(key=b"k/", range_end=b"k/%07d" % MAX_DELETE_KEYS)
     assert _write(store, part).deleted == MAX_DELETE_KEYS
     assert _write(store, everything).deleted == 1
@@ -102,6 +108,20 @@ def test_a_range_whose_answer_could_not_be_sent_is_refused_before_it_is_built():
     assert len(asyncio.run(EtcdAPI._range(fake, request)).kvs) == 60
     request.limit, request.keys_only = 0, True
     assert len(asyncio.run(EtcdAPI._range(fake, request)).kvs) == 70
+
+
+def test_a_txn_charges_a_count_as_before_the_shortcut():
+    # A count in a Txn is charged its keys against the Txn's read budget, as when it read
+    # them all: the same log entry must fail (or not) on a node of either release.
+    from raftfast.etcd.mvcc import _RECORD_COST, MAX_TXN_READ_BYTES
+
+    store = _store(MAX_TXN_READ_BYTES // _RECORD_COST)  # (its count alone passes the budget)
+    count = pb.RangeRequest(key=b"k/", range_end=b"k0", count_only=True)
+    flag = pb.PutRequest(key=b"flag", value=b"1")
+    txn = pb.TxnRequest(success=[pb.RequestOp(request_put=flag), pb.RequestOp(request_range=count)])
+    assert isinstance(store.apply(encode(txn)), EtcdError)
+    assert b"flag" not in store.kvs and store.revision == 2
+    assert store.range(count).count == MAX_TXN_READ_BYTES // _RECORD_COST  # (outside: a count)
 
 
 def test_a_frozen_store_dumps_as_the_store_did_then():
