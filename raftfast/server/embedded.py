@@ -44,7 +44,7 @@ from raftfast.limits import MAX_CLIENT_ID
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, certificate_name, channel_credentials
-from raftfast.server.machine_service import as_result_bytes, check_refusal
+from raftfast.server.machine_service import as_result_bytes, command_refusal
 from raftfast.server.settings import NodeSettings
 from raftfast.statemachine import StateMachine
 
@@ -174,12 +174,9 @@ class Node:
                 f"a command of {len(command)} bytes; the limit is "
                 f"{self.settings.max_request_bytes} (max_request_bytes)"
             )
-        check = getattr(self._running().fsm, "check", None)
-        try:
-            if check is not None:
-                check(bytes(command))  # (as at the leader: a command refused never is logged)
-        except Exception as exc:  # noqa: BLE001 - a user's check: any refusal is the caller's
-            raise InvalidArgumentError(f"command refused: {check_refusal(exc)}") from None
+        refusal = command_refusal(self._running().fsm, bytes(command))
+        if refusal is not None:  # (as at the leader: a command refused never is logged)
+            raise InvalidArgumentError(refusal)
         self._seq += 1
         framed = frame_command(self._own_client_id(), self._seq, bytes(command))
         request = pb.ProposeRequest(

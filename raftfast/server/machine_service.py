@@ -20,7 +20,7 @@ from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer
 from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, BadRequest, Service, rpc
 
-__all__ = ["MachineService", "StatusOnly", "as_result_bytes", "check_refusal"]
+__all__ = ["MachineService", "StatusOnly", "as_result_bytes", "command_refusal"]
 
 
 class MachineService(Service, pb_grpc.StateMachineServicer):
@@ -36,12 +36,9 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
         self.check_client_id(request.client_id)
         self.check_sequence(request.sequence)
         client_id = self.own_client_id(request.client_id, context)  # (as over KV)
-        check = getattr(self.node.fsm, "check", None)
-        try:
-            if check is not None:
-                check(request.command)  # (refused here, it never reaches the log)
-        except Exception as exc:  # noqa: BLE001 - a user's check: any refusal is the client's
-            raise BadRequest(f"command refused: {check_refusal(exc)}") from None
+        refusal = command_refusal(self.node.fsm, request.command)
+        if refusal is not None:
+            raise BadRequest(refusal)  # (refused here, it never reaches the log)
         command = frame_command(client_id, request.sequence, request.command)
         (result,) = await self.timed(context, self.node.propose([command]), DEADLINE_WRITE)
         return pb.ProposeResponse(result=as_result_bytes(result), index=self.node.applied_index)
@@ -86,7 +83,16 @@ def as_result_bytes(result: Any, applied: bool = True) -> bytes:
     )
 
 
-def check_refusal(exc: Exception) -> str:
-    """A check's refusal as a client reads it: its message (a ValueError's), else its type too."""
-    message = message_of(exc)
-    return message if type(exc) is ValueError else f"{type(exc).__name__}: {message}"
+def command_refusal(fsm: Any, command: bytes) -> str | None:
+    """Why the state machine's optional ``check`` refuses ``command`` (None: it takes it), as
+    a client reads it: a ValueError's message, any other exception's type too."""
+    check = getattr(fsm, "check", None)  # (the KV store, or a duck-typed machine: none)
+    if check is None:
+        return None
+    try:
+        check(command)
+    except Exception as exc:  # noqa: BLE001 - a user's check: any refusal is the client's
+        message = message_of(exc)
+        named = message if type(exc) is ValueError else f"{type(exc).__name__}: {message}"
+        return f"command refused: {named}"
+    return None
