@@ -344,3 +344,35 @@ def test_a_stream_that_went_quiet_gives_back_its_big_buffer():
     records.shrink()
     assert len(records._buf) == 0
     assert _read(records, tcp.record(b"after"), 10) == [b"after"]
+
+
+def test_only_a_member_s_first_frame_says_where_it_takes_streams():
+    # Frame.endpoint (where a node dials back when a port refuses calls) is heard from a
+    # stream's first frame once the frame checks out: never from a stranger, another cluster,
+    # or a later frame.
+    from raftfast.proto import raftfast_pb2 as pb
+
+    async def test(receiver, sender, refused, unreachable):
+        learned: list[tuple[str, int]] = []
+        receiver.stream_server.learned = lambda src, ep: learned.append((src, ep.port_offset))
+        receiver.removed["x"] = 5
+        host, port = _raw(receiver)
+
+        def first(cluster: str, src: str, offset: int) -> bytes:
+            endpoint = pb.StreamEndpoint(port_offset=offset)
+            frame = pb.Frame(cluster_id=cluster, src=src, endpoint=endpoint)
+            return tcp.record(frame.SerializeToString())
+
+        for hello in (first(CLUSTER, "x", 7), first("other", "d", 7), first(CLUSTER, "", -(2**31))):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(hello)
+            await _read_to_end(reader)  # (refused: the stream ends)
+            writer.close()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(first(CLUSTER, "d", 2**31 - 1) + first(CLUSTER, "d", 9))
+        await until("d's endpoint", lambda: bool(learned))
+        await send_and_check(receiver, sender, 3)  # (a turn of the loop for d's second frame)
+        assert learned == [("d", 2**31 - 1)]
+        writer.close()
+
+    run(test)
