@@ -63,6 +63,12 @@ MAX_LEASE_KEYS = 10_000
 # 500,000 keys held every node ~2 s (elections; etcd has no bound). Counted on the leader's
 # state when it is proposed, like the lease bound (an old log replays as written).
 MAX_DELETE_KEYS = 50_000
+# Records one Txn's ranges and compares may look at (its ranges read at an old revision count
+# the revisions since too): a Txn is applied at once on every node, and one that read 300,000
+# keys held each ~0.7 s (etcd has no bound; a Range outside a Txn is answered in parts, on
+# the node asked only). Counted on the leader's state when proposed (an old log replays as
+# written).
+MAX_TXN_READ_KEYS = 50_000
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
 _OP_ETCD = bytes((OP_ETCD,))
 _RESOLVE_S = 2.0  # how long a MemberAdd waits for its URL's host (and members') to resolve
@@ -328,7 +334,7 @@ class EtcdAPI:
         if isinstance(request, pb.PutRequest | pb.TxnRequest):
             self._check_lease_room(request)
         if isinstance(request, pb.DeleteRangeRequest | pb.TxnRequest):
-            self._check_deletes(request)
+            self._check_work(request)
         quota = self.driver.quota
         if quota is not None and _grows(request):
             why = quota.refusal(request.ByteSize())
@@ -357,29 +363,41 @@ class EtcdAPI:
                 if len(lease.keys) + len(adding) > MAX_LEASE_KEYS:
                     raise errors.lease_full(put.lease, MAX_LEASE_KEYS)
 
-    def _check_deletes(self, request: pb.DeleteRangeRequest | pb.TxnRequest) -> None:
-        """EtcdError if ``request`` would delete more than ``MAX_DELETE_KEYS`` keys of the
-        applied state (a Txn: the branch that deletes the most, nested ones likewise; the
-        ranges of one branch are added up, overlapping or not)."""
-        count_in = self.store.count_in
+    def _check_work(self, request: pb.DeleteRangeRequest | pb.TxnRequest) -> None:
+        """EtcdError if ``request`` would delete more than ``MAX_DELETE_KEYS`` keys, or (a Txn)
+        look at more than ``MAX_TXN_READ_KEYS`` records, of the applied state. A Txn counts its
+        compares and the branch that does the most of each, nested ones likewise; the ranges of
+        one branch are added up, overlapping or not."""
+        store = self.store
 
-        def most(ops: Any) -> int:
-            count = 0
+        def compares(txn: pb.TxnRequest) -> int:
+            return sum(store.count_in(c.key, c.range_end) for c in txn.compare)
+
+        def most(ops: Any) -> tuple[int, int]:  # (keys deleted, records read)
+            deleted = read = 0
             for op in ops:
                 which = op.WhichOneof("request")
                 if which == "request_delete_range":
                     delete = op.request_delete_range
-                    count += count_in(delete.key, delete.range_end)
+                    deleted += store.count_in(delete.key, delete.range_end)
+                elif which == "request_range":
+                    read += store.read_cost(op.request_range)
                 elif which == "request_txn":
-                    count += max(most(op.request_txn.success), most(op.request_txn.failure))
-            return count
+                    nested = op.request_txn
+                    (d1, r1), (d2, r2) = most(nested.success), most(nested.failure)
+                    deleted += max(d1, d2)
+                    read += compares(nested) + max(r1, r2)
+            return deleted, read
 
         if isinstance(request, pb.DeleteRangeRequest):
-            count = count_in(request.key, request.range_end)
+            deleted, read = store.count_in(request.key, request.range_end), 0
         else:
-            count = max(most(request.success), most(request.failure))
-        if count > MAX_DELETE_KEYS:
-            raise errors.too_many_deletes(count, MAX_DELETE_KEYS)
+            (d1, r1), (d2, r2) = most(request.success), most(request.failure)
+            deleted, read = max(d1, d2), compares(request) + max(r1, r2)
+        if deleted > MAX_DELETE_KEYS:
+            raise errors.too_many_deletes(deleted, MAX_DELETE_KEYS)
+        if read > MAX_TXN_READ_KEYS:
+            raise errors.txn_reads_too_much(read, MAX_TXN_READ_KEYS)
 
     async def _put(self, request: pb.PutRequest) -> pb.PutResponse:
         return await self.write(request)

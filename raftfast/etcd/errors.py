@@ -99,6 +99,15 @@ def lease_full(lease_id: int, most: int) -> EtcdError:
     )
 
 
+def txn_reads_too_much(count: int, most: int) -> EtcdError:
+    """A Txn would look at more records than a node reads in one apply here."""
+    return EtcdError(
+        _C.INVALID_ARGUMENT,
+        f"etcdserver: the txn would read {count} keys, more than {most} at once: "
+        "read them with a Range in pages (limit), outside the txn",
+    )
+
+
 def too_many_deletes(count: int, most: int) -> EtcdError:
     """A write would delete more keys at once than a node deletes in one apply here."""
     return EtcdError(

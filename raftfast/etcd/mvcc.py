@@ -620,6 +620,21 @@ class MVCCStore:
             return int(key in self.kvs)
         return self._count(*bounds)
 
+    def read_cost(self, r: pb.RangeRequest) -> int:
+        """About how many records (and revisions of the history) answering ``r`` inside a
+        Txn looks at, from the newest state; by bisection, without reading them."""
+        count = self.count_in(r.key, r.range_end)
+        if r.revision > 0 and r.revision != self.revision:
+            return count + max(self.revision - r.revision, 0)  # (its history walked too)
+        filtered = r.min_mod_revision or r.max_mod_revision
+        filtered = filtered or r.min_create_revision or r.max_create_revision
+        if filtered:
+            return count
+        if r.count_only:
+            return 0
+        in_key_order = r.sort_target == _SORT.KEY and r.sort_order in (_SORT.NONE, _SORT.ASCEND)
+        return min(count, r.limit + 1) if in_key_order and r.limit > 0 else count
+
     def _count(self, lo: bytes, hi: bytes | None) -> int:
         kvs = self.kvs
         end = len(kvs) if hi is None else kvs.bisect_left(hi)
