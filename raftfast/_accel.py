@@ -38,3 +38,5 @@ commit_index = batch_impl.commit_index
 KeyStore = store_impl.KeyStore
 load_store = store_impl.load_store
 check_packed = store_impl.check_packed
+Record = store_impl.Record  # (etcd's, raftfast.etcd.mvcc)
+Event = store_impl.Event

@@ -16,7 +16,7 @@ from itertools import accumulate
 from raftfast._batch_py import decode_batch
 from raftfast.errors import BatchError
 
-__all__ = ["KeyStore", "check_packed", "load_store", "packed_items"]
+__all__ = ["Event", "KeyStore", "Record", "check_packed", "load_store", "packed_items"]
 
 _MAX_PENDING = 256  # key-set changes replayed into the index before it is rebuilt instead
 
@@ -201,3 +201,66 @@ def _check(*items: object) -> None:
     for item in items:
         if type(item) is not bytes:
             raise TypeError(f"keys and values are bytes, not {type(item).__name__}")
+
+
+# -- etcd's records and events (raftfast.etcd.mvcc; the compiled twin keeps them out of the
+# cycle collector) ----------------------------------------------------------------------------
+
+
+class Record:
+    """A key's state at one revision (immutable once made: history shares them)."""
+
+    __slots__ = ("key", "value", "create", "mod", "version", "lease")
+
+    def __init__(
+        self, key: bytes, value: bytes, create: int, mod: int, version: int, lease: int
+    ) -> None:
+        _check(key, value)
+        self.key = key
+        self.value = value
+        self.create = create
+        self.mod = mod
+        self.version = version
+        self.lease = lease
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Record({self.key!r}, {self.value[:20]!r}, create={self.create}, mod={self.mod}, "
+            f"version={self.version}, lease={self.lease})"
+        )
+
+
+class Event:
+    """One change: ``key`` became ``after`` (None: deleted) at revision ``revision``; it was
+    ``prev`` (None: absent)."""
+
+    __slots__ = ("key", "after", "prev", "revision")
+
+    def __init__(self, key: bytes, after: Record | None, prev: Record | None, revision: int):
+        _check(key)
+        for rec in (after, prev):
+            if rec is not None and type(rec) is not Record:
+                raise TypeError(f"expected a Record or None, not {type(rec).__name__}")
+        self.key = key
+        self.after = after
+        self.prev = prev
+        self.revision = revision
+
+    def nbytes(self) -> int:
+        """About the bytes this event takes in a WatchResponse (with its prev_kv)."""
+        return (
+            len(self.key)
+            + (len(self.after.value) if self.after is not None else 0)
+            + (len(self.prev.value) if self.prev is not None else 0)
+            + 64
+        )
+
+    def __repr__(self) -> str:
+        return f"Event({self.key!r}, {self.after!r}, {self.prev!r}, {self.revision})"

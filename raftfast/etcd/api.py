@@ -35,7 +35,7 @@ import grpc
 from raftfast.errors import NotLeaderError
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
-from raftfast.etcd.mvcc import MAX_LEASE_TTL, MAX_TXN_DEPTH, MVCCStore, encode, range_of
+from raftfast.etcd.mvcc import MAX_LEASE_TTL, MAX_TXN_DEPTH, MVCCStore, encode, kv_pb, range_of
 from raftfast.kv.commands import NOSPACE, OP_ETCD
 from raftfast.limits import check_node_id
 from raftfast.proto.etcd import rpc_pb2 as pb
@@ -321,10 +321,10 @@ class EtcdAPI:
             # 400 values of 1 MB, four such reads at once, a node at 3.2 GB and elections)
             raise errors.answer_too_big(size, MAX_RANGE_ANSWER_BYTES)
         if len(records) <= _PART:  # (the usual: no async generator for a key or a few)
-            response.kvs.extend([rec.to_pb(keys_only) for rec in records])
+            response.kvs.extend([kv_pb(rec, keys_only) for rec in records])
         else:
             async for part in _parts(records):
-                response.kvs.extend([rec.to_pb(keys_only) for rec in part])
+                response.kvs.extend([kv_pb(rec, keys_only) for rec in part])
         response.header.CopyFrom(header)
         return response
 
@@ -622,7 +622,7 @@ class EtcdAPI:
         crc = 0
         async for part in _parts(records):
             for rec in part:
-                crc = zlib.crc32(rec.to_pb().SerializeToString(), crc)
+                crc = zlib.crc32(kv_pb(rec).SerializeToString(), crc)
         return pb.HashKVResponse(header=header, hash=crc, compact_revision=compacted)
 
     async def _hash(self, request: pb.HashRequest) -> pb.HashResponse:

@@ -28,6 +28,7 @@ from typing import Any
 
 from sortedcontainers import SortedDict
 
+from raftfast._accel import Event, Record  # (kept out of the cycle collector: _store.pyx)
 from raftfast.errors import CorruptionError
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
@@ -42,6 +43,8 @@ __all__ = [
     "Record",
     "decode",
     "encode",
+    "event_pb",
+    "kv_pb",
 ]
 
 # Command tags (the byte after the KV store's OP_ETCD)
@@ -97,75 +100,30 @@ def decode(command: bytes | memoryview) -> Any:
     return request
 
 
-class Record:
-    """A key's state at one revision (immutable once made: history shares them)."""
+def kv_pb(rec: Record, keys_only: bool = False) -> mvccpb.KeyValue:
+    """``rec`` as etcd's KeyValue (without its value: ``keys_only``)."""
+    return mvccpb.KeyValue(
+        key=rec.key,
+        value=b"" if keys_only else rec.value,
+        create_revision=rec.create,
+        mod_revision=rec.mod,
+        version=rec.version,
+        lease=rec.lease,
+    )
 
-    __slots__ = ("key", "value", "create", "mod", "version", "lease")
 
-    def __init__(
-        self, key: bytes, value: bytes, create: int, mod: int, version: int, lease: int
-    ) -> None:
-        self.key = key
-        self.value = value
-        self.create = create
-        self.mod = mod
-        self.version = version
-        self.lease = lease
-
-    def to_pb(self, keys_only: bool = False) -> mvccpb.KeyValue:
-        return mvccpb.KeyValue(
-            key=self.key,
-            value=b"" if keys_only else self.value,
-            create_revision=self.create,
-            mod_revision=self.mod,
-            version=self.version,
-            lease=self.lease,
+def event_pb(ev: Event, with_prev: bool) -> mvccpb.Event:
+    """``ev`` as etcd's Event (with the key's previous state: ``with_prev``)."""
+    if ev.after is not None:
+        out = mvccpb.Event(type=mvccpb.Event.PUT, kv=kv_pb(ev.after))
+    else:
+        out = mvccpb.Event(
+            type=mvccpb.Event.DELETE,
+            kv=mvccpb.KeyValue(key=ev.key, mod_revision=ev.revision),
         )
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Record) and all(
-            getattr(self, f) == getattr(other, f) for f in self.__slots__
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"Record({self.key!r}, {self.value[:20]!r}, create={self.create}, mod={self.mod}, "
-            f"version={self.version}, lease={self.lease})"
-        )
-
-
-class Event:
-    """One change: ``key`` became ``after`` (None: deleted) at revision ``revision``; it was
-    ``prev`` (None: absent)."""
-
-    __slots__ = ("key", "after", "prev", "revision")
-
-    def __init__(self, key: bytes, after: Record | None, prev: Record | None, revision: int):
-        self.key = key
-        self.after = after
-        self.prev = prev
-        self.revision = revision
-
-    def nbytes(self) -> int:
-        """About the bytes this event takes in a WatchResponse (with its prev_kv)."""
-        return (
-            len(self.key)
-            + (len(self.after.value) if self.after is not None else 0)
-            + (len(self.prev.value) if self.prev is not None else 0)
-            + 64
-        )
-
-    def to_pb(self, with_prev: bool) -> mvccpb.Event:
-        if self.after is not None:
-            ev = mvccpb.Event(type=mvccpb.Event.PUT, kv=self.after.to_pb())
-        else:
-            ev = mvccpb.Event(
-                type=mvccpb.Event.DELETE,
-                kv=mvccpb.KeyValue(key=self.key, mod_revision=self.revision),
-            )
-        if with_prev and self.prev is not None:
-            ev.prev_kv.CopyFrom(self.prev.to_pb())
-        return ev
+    if with_prev and ev.prev is not None:
+        out.prev_kv.CopyFrom(kv_pb(ev.prev))
+    return out
 
 
 def range_of(key: bytes, range_end: bytes) -> tuple[bytes, bytes | None] | None:
@@ -348,7 +306,7 @@ class MVCCStore:
         response = pb.PutResponse()
         if r.prev_kv and prev is not None:
             self._charge(_RECORD_COST + len(prev.key) + len(prev.value))
-            response.prev_kv.CopyFrom(prev.to_pb())
+            response.prev_kv.CopyFrom(kv_pb(prev))
         return response
 
     def _delete(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
@@ -360,7 +318,7 @@ class MVCCStore:
             prev = self._change(key, None)
             if r.prev_kv:
                 self._charge(_RECORD_COST + len(key) + len(prev.value))
-                response.prev_kvs.append(prev.to_pb())
+                response.prev_kvs.append(kv_pb(prev))
         response.deleted = len(keys)
         return response
 
@@ -536,7 +494,7 @@ class MVCCStore:
         """Answer a Range (raises EtcdError); header.revision is the store's revision."""
         response, records = self.range_records(r, in_txn)
         keys_only = r.keys_only
-        response.kvs.extend([rec.to_pb(keys_only) for rec in records])
+        response.kvs.extend([kv_pb(rec, keys_only) for rec in records])
         return response
 
     def range_records(
@@ -861,7 +819,10 @@ class MVCCStore:
             raise CorruptionError("etcd keyspace snapshot keys are not ascending")
         if store.revision < 1 or rev - 1 != store.revision and history:
             raise CorruptionError("etcd keyspace snapshot history does not end at its revision")
-        store.kvs = SortedDict(items)
+        # (fed by a generator, not the list: from a list the dict is built in one C call that
+        # holds the GIL, ~0.2 s for 1M keys, and a follower's loop waits for a restore made
+        # in a worker thread; a generator's bytecode lets the loop's thread in every 5 ms)
+        store.kvs = SortedDict(item for item in items)
         store._history = history
         for key, rec in items:
             store.size_bytes += len(key) + len(rec.value)

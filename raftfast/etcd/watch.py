@@ -25,7 +25,7 @@ import grpc
 
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
-from raftfast.etcd.mvcc import Event, Record, in_range, range_of
+from raftfast.etcd.mvcc import Event, Record, event_pb, in_range, kv_pb, range_of
 from raftfast.proto.etcd import kv_pb2 as mvccpb
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
@@ -212,7 +212,7 @@ class _Stream:
         if not records:
             return spent, None
         spent += sum(len(rec.key) + len(rec.value) + 64 for rec in records)
-        events = [mvccpb.Event(type=mvccpb.Event.PUT, kv=rec.to_pb()) for rec in records]
+        events = [mvccpb.Event(type=mvccpb.Event.PUT, kv=kv_pb(rec)) for rec in records]
         w.last_sent = time.monotonic()
         return spent, pb.WatchResponse(header=self.api.header(rev), watch_id=w.id, events=events)
 
@@ -278,7 +278,7 @@ class _Stream:
                     pb.WatchResponse(
                         header=header,
                         watch_id=w.id,
-                        events=[e.to_pb(w.prev_kv) for e in part],
+                        events=[event_pb(e, w.prev_kv) for e in part],
                         fragment=more and w.fragment,
                     )
                 )

@@ -17,7 +17,7 @@ from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
-from raftfast.etcd.mvcc import MAX_TXN_DEPTH, MVCCStore, decode, encode
+from raftfast.etcd.mvcc import MAX_TXN_DEPTH, MVCCStore, decode, encode, event_pb, kv_pb
 from raftfast.kv.commands import OP_ETCD, encode_put
 from raftfast.kv.fsm import SNAPSHOT_VERSION, KVStateMachine
 from raftfast.proto.etcd import kv_pb2 as mvccpb
@@ -571,7 +571,7 @@ def test_a_read_at_an_old_revision_walks_the_history_in_parts(monkeypatch) -> No
                 walked, parts = 0, parts + 1
         assert items[:-1] == [None] * parts and items[-1] is not None
         response, records = store.range_records(request, view=items[-1])
-        assert [kvs(pb.RangeResponse(kvs=[r.to_pb() for r in records]))] == [state]
+        assert [kvs(pb.RangeResponse(kvs=[kv_pb(r) for r in records]))] == [state]
         assert response.count == len(state)
     # the state is taken at the first step: writes made during the walk are not seen
     steps = store.view_steps(R(key=b"a", revision=4))
@@ -976,17 +976,17 @@ def test_events_from() -> None:
     for e in events:  # an event's records are the key's after and before it
         before = kvs(get(store, e.key, revision=e.revision - 1))
         after = kvs(get(store, e.key, revision=e.revision))
-        assert ([kv(e.prev.to_pb())] if e.prev else []) == before, e
-        assert ([kv(e.after.to_pb())] if e.after else []) == after, e
+        assert ([kv(kv_pb(e.prev))] if e.prev else []) == before, e
+        assert ([kv(kv_pb(e.after))] if e.after else []) == after, e
     # a delete event as etcd sends it: the key and the revision of the delete
     deleted = events[3]
     assert (deleted.key, deleted.after) == (b"b", None)
-    ev = deleted.to_pb(with_prev=True)
+    ev = event_pb(deleted, with_prev=True)
     assert ev.type == mvccpb.Event.DELETE
     assert (ev.kv.key, ev.kv.mod_revision, ev.kv.value, ev.kv.version) == (b"b", 5, b"", 0)
     assert kv(ev.prev_kv) == (b"b", b"1", 3, 3, 1, 0)
-    assert not deleted.to_pb(with_prev=False).HasField("prev_kv")
-    ev = events[0].to_pb(with_prev=True)
+    assert not event_pb(deleted, with_prev=False).HasField("prev_kv")
+    ev = event_pb(events[0], with_prev=True)
     assert ev.type == mvccpb.Event.PUT and kv(ev.kv) == (b"a", b"1", 2, 2, 1, 0)
     assert not ev.HasField("prev_kv")  # created: nothing before
     # from a later revision; past the end: nothing yet
@@ -1056,7 +1056,7 @@ def _same_behaviour(a: MVCCStore, b: MVCCStore) -> None:
     for revision in range(max(a.compact_revision, 1), a.revision + 1):
         assert get(a, revision=revision, **ALL) == get(b, revision=revision, **ALL)
     ea, eb = a.events_from(a.compact_revision + 1), b.events_from(b.compact_revision + 1)
-    assert [e.to_pb(True) for e in ea[0]] == [e.to_pb(True) for e in eb[0]]
+    assert [event_pb(e, True) for e in ea[0]] == [event_pb(e, True) for e in eb[0]]
     assert ea[1] == eb[1]
 
 

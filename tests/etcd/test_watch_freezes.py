@@ -12,7 +12,7 @@ import pytest
 from sortedcontainers import SortedDict
 
 from raftfast.etcd import watch
-from raftfast.etcd.mvcc import MVCCStore, encode, in_range, range_of
+from raftfast.etcd.mvcc import MVCCStore, encode, event_pb, in_range, kv_pb, range_of
 from raftfast.proto.etcd import kv_pb2 as mvccpb
 from raftfast.proto.etcd import rpc_pb2 as pb
 
@@ -241,7 +241,7 @@ def test_at_compaction_same_events_while_store_moves(
     for wid, w in watchers.items():
         bounds = range_of(w.key, w.range_end)
         first = [
-            rec.to_pb()
+            kv_pb(rec)
             for k, rec in then.kvs.items()
             if rec.mod == crev and in_range(k, w.key, bounds) and not w.noput
         ]
@@ -250,7 +250,7 @@ def test_at_compaction_same_events_while_store_moves(
             header, events = responses.pop(0)
             assert header == crev
             assert events == [_event(mvccpb.Event(type=mvccpb.Event.PUT, kv=kv)) for kv in first]
-        expected = [_event(e.to_pb(w.prev_kv)) for e in later if w.wants(e)]
+        expected = [_event(event_pb(e, w.prev_kv)) for e in later if w.wants(e)]
         assert [e for _, events in responses for e in events] == expected, w.key
 
 
