@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from raftfast._accel import EntryLog, batch_info
 from raftfast.core.types import HardState
+from raftfast.errors import CorruptionError
 
 __all__ = ["LogStorage", "RecoveredState", "apply_batch", "check_batch", "copy_log"]
 
@@ -26,6 +27,21 @@ class RecoveredState:
 
     hard_state: HardState
     log: Any  # an EntryLog (compiled or pure twin)
+
+    def check_terms(self, where: str) -> None:
+        """CorruptionError naming ``where`` if the log holds an entry of a term above the hard
+        state's: a node's term is never below its entries' (it adopts a term before it writes
+        an entry of it, and the WAL writes the hard state first), so such a log was not written
+        by a node, and a node started on it would campaign with a log "newer" than any other.
+        EntryLog refuses terms that decrease, so the last entry's term is the highest. (The
+        WAL does not check this itself: it stores any terms, and its tests rely on that.)"""
+        log, term = self.log, self.hard_state.term
+        if log.last_index >= log.first_index and log.last_term > term:
+            raise CorruptionError(
+                f"{where}: entry {log.last_index} has term {log.last_term}, above the hard "
+                f"state's term {term} (the persisted current term)",
+                where,
+            )
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ from typing import BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, FormatVersionError, StorageError
+from raftfast.limits import MAX_TERM_OR_INDEX
 from raftfast.storage.fsutil import DIR_MODE, fsync_dir, open_regular
 
 __all__ = [
@@ -48,6 +49,9 @@ _U64_MAX = (1 << 64) - 1
 SNAPSHOT_FORMAT = 1  # the last byte of the magic: "RFS1" (docs/disk-format.md)
 _STATE_MAGIC = b"RFS" + str(SNAPSHOT_FORMAT).encode()
 _STATE_HEADER = struct.Struct("<4sII")  # magic | membership length | crc32c(membership)
+# A configuration is at most 64 voters and 64 learners (limits.py): a few dozen KiB of JSON. A
+# bigger length is damage, refused before it is read (a crafted one asked for a 4 GiB read).
+MAX_MEMBERSHIP_BYTES = 1 << 20
 
 
 def state_header(membership: bytes) -> bytes:
@@ -66,7 +70,12 @@ def unpack_state(data: bytes, path: str = "") -> tuple[bytes, bytes]:
     if len(data) >= size:
         magic, length, crc = _STATE_HEADER.unpack_from(data)
         membership = data[size : size + length]
-        if magic == _STATE_MAGIC and len(membership) == length and crc32c(membership) == crc:
+        if (
+            magic == _STATE_MAGIC
+            and length <= MAX_MEMBERSHIP_BYTES
+            and len(membership) == length
+            and crc32c(membership) == crc
+        ):
             return membership, data[size + length :]
         if magic[:3] == _STATE_MAGIC[:3] and magic[3:].isdigit() and magic != _STATE_MAGIC:
             raise FormatVersionError(
@@ -81,9 +90,15 @@ def unpack_state(data: bytes, path: str = "") -> tuple[bytes, bytes]:
 def read_state_header(f: BinaryIO, path: str = "") -> bytes:
     """Read the header of a snapshot's content from ``f``: the configuration; ``f`` is left
     at the state machine's bytes. CorruptionError (or FormatVersionError) if it is bad."""
+    return unpack_state(_read_head(f), path)[0]
+
+
+def _read_head(f: BinaryIO) -> bytes:
+    """The header and configuration of a snapshot's content, read from ``f``; at most
+    ``MAX_MEMBERSHIP_BYTES`` of configuration (``unpack_state`` refuses a longer one)."""
     head = f.read(_STATE_HEADER.size)
     length = _STATE_HEADER.unpack(head)[1] if len(head) == _STATE_HEADER.size else 0
-    return unpack_state(head + f.read(length), path)[0]
+    return head + f.read(min(length, MAX_MEMBERSHIP_BYTES))
 
 
 class SnapshotMeta(NamedTuple):
@@ -194,11 +209,20 @@ class SnapshotStore:
             if m is None:
                 continue
             path = os.path.join(self._dir, name)
+            index, term = int(m.group(1), 16), int(m.group(2), 16)
+            if index >= MAX_TERM_OR_INDEX or term > MAX_TERM_OR_INDEX:
+                # (no log can start after such an index; no peer sends such a term)
+                raise CorruptionError(
+                    f"{path}: snapshot index {index} or term {term} is out of range (the index "
+                    f"must be below {MAX_TERM_OR_INDEX}, the term at most that)",
+                    path,
+                    0,
+                )
             try:
                 size = os.stat(path).st_size
             except FileNotFoundError:  # deleted meanwhile by a concurrent save
                 continue
-            out.append(SnapshotMeta(int(m.group(1), 16), int(m.group(2), 16), path, size))
+            out.append(SnapshotMeta(index, term, path, size))
         out.sort()
         return out
 
@@ -230,9 +254,7 @@ class SnapshotStore:
         """The configuration stored at the head of a snapshot written with ``pack_state``."""
         try:
             with open_regular(meta.path) as f:
-                head = f.read(_STATE_HEADER.size)
-                length = _STATE_HEADER.unpack(head)[1] if len(head) == _STATE_HEADER.size else 0
-                data = head + f.read(length)
+                data = _read_head(f)
         except OSError as exc:
             raise StorageError(f"cannot read snapshot {meta.path}: {exc}") from exc
         return unpack_state(data, meta.path)[0]

@@ -24,10 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn
 
-from raftfast._accel import EntryLog, batch_info, crc32c
+from raftfast._accel import EntryLog, batch_info, crc32c, entries_of_type
 from raftfast._sync_py import datasync, write_all
-from raftfast.core.types import HardState
+from raftfast.core.membership import Membership
+from raftfast.core.types import ENTRY_CONFIG, HardState
 from raftfast.errors import CorruptionError, FormatVersionError, LogError, StorageError
+from raftfast.limits import MAX_TERM_OR_INDEX, node_id_problem
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
 from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, open_regular
 
@@ -55,6 +57,11 @@ _COMPACTED = struct.Struct("<QQ")
 _FORMAT = struct.Struct("<3sH")
 _FORMAT_MAGIC = b"RFW"
 _MAX_COMPACTED = (1 << 62) - 1  # EntryLog's first index (compaction index + 1) is below 2**62
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+# A segment grows past segment_bytes by at most one sync (one Ready's records), and no Ready
+# comes near this. A bigger file is not a segment raftfast wrote: it is refused before it is
+# read (a crafted 6 GiB sparse file was read whole: 6.2 GB of memory at start).
+MAX_SEGMENT_OVERSHOOT = 1 << 30
 _TYPE_CRC = {
     t: crc32c(bytes((t,)))
     for t in (REC_HARD_STATE, REC_BATCH, REC_COMPACTED, REC_SNAPSHOT, REC_FORMAT)
@@ -114,7 +121,14 @@ def _decode(rtype: int, payload: memoryview) -> object:
         term, commit, n = _HARD_STATE.unpack_from(payload)
         if len(payload) != _HARD_STATE.size + n:
             raise ValueError(f"hard-state vote length {n} does not match the record")
-        return HardState(term, bytes(payload[_HARD_STATE.size :]).decode(), commit)
+        # A term past the range every boundary checks could never be bumped to one a peer
+        # accepts: the node would start and never work.
+        if term > MAX_TERM_OR_INDEX or commit > MAX_TERM_OR_INDEX:
+            raise ValueError(f"hard-state term {term} or commit {commit} is out of range")
+        vote = bytes(payload[_HARD_STATE.size :]).decode()
+        if vote and node_id_problem(vote):  # "" is no vote; anything else names a node
+            raise ValueError(f"hard-state vote {vote[:40]!r}: {node_id_problem(vote)}")
+        return HardState(term, vote, commit)
     if rtype in (REC_COMPACTED, REC_SNAPSHOT):
         what = "compaction" if rtype == REC_COMPACTED else "snapshot-installed"
         if len(payload) != _COMPACTED.size:
@@ -122,6 +136,8 @@ def _decode(rtype: int, payload: memoryview) -> object:
         index, term = _COMPACTED.unpack(payload)
         if index >= _MAX_COMPACTED:  # the log would start past EntryLog's range
             raise ValueError(f"{what} index {index} is out of range")
+        if term > MAX_TERM_OR_INDEX:
+            raise ValueError(f"{what} term {term} is out of range")
         return index, term
     if rtype == REC_FORMAT:
         if len(payload) != _FORMAT.size:
@@ -226,9 +242,20 @@ _NEWER = "it was written by a newer raftfast; upgrade raftfast (docs/operations.
 _OLDER = "it was written by an older raftfast that this one cannot read"
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, limit: int) -> bytes:
+    """The segment at ``path``; CorruptionError, before reading it, if it holds more than
+    ``limit`` bytes (more than any segment raftfast writes)."""
     with open_regular(path) as f:
-        return f.read()
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        raise CorruptionError(
+            f"{path}: segment is {max(size, len(data))} bytes, more than any segment this WAL "
+            f"writes ({limit}; a larger --wal-segment-bytes allows more) (byte offset {limit})",
+            path,
+            limit,
+        )
+    return data
 
 
 class WAL:
@@ -276,7 +303,9 @@ class WAL:
             return True
 
     @classmethod
-    def open(cls, path: str, *, segment_bytes: int = 64 * 1024 * 1024, fsync: bool = True) -> WAL:
+    def open(
+        cls, path: str, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync: bool = True
+    ) -> WAL:
         """Open (creating if needed) the WAL in directory ``path`` and recover its state.
 
         Raises CorruptionError if the log is damaged anywhere but a torn tail, and StorageError
@@ -346,7 +375,8 @@ class WAL:
         good = 0
         records: list[_Record] = []
         for i, seg in enumerate(self._segments):
-            records, good = _scan(seg.path, _read(seg.path), i == len(self._segments) - 1)
+            data = _read(seg.path, self._max_segment_file())
+            records, good = _scan(seg.path, data, i == len(self._segments) - 1)
             seg_batches: list[_Record] = []
             for rec in records:
                 if rec.rtype == REC_HARD_STATE:
@@ -391,7 +421,8 @@ class WAL:
         for i in range(start[0], len(self._segments)):
             todo = batches[i][start[1] :] if i == start[0] else batches[i]
             if todo:
-                self._replay(log, self._segments[i].path, _read(self._segments[i].path), todo)
+                path = self._segments[i].path
+                self._replay(log, path, _read(path, self._max_segment_file()), todo)
         if not any(rec.rtype == REC_HARD_STATE for rec in records):
             good = 0  # a crash tore the head of the last segment: it is written again
         self._recovered = RecoveredState(hard_state, log)
@@ -401,13 +432,30 @@ class WAL:
         self._last_index = log.last_index
         return good
 
+    def _max_segment_file(self) -> int:
+        """The largest segment file recovery reads: what the writer can have made, with the
+        default segment size at least (a node restarted with a smaller one still starts)."""
+        return max(self._segment_bytes, DEFAULT_SEGMENT_BYTES) + MAX_SEGMENT_OVERSHOOT
+
     @staticmethod
     def _replay(log: Any, path: str, data: bytes, batches: list[_Record]) -> None:
         view = memoryview(data)
         for rec in batches:
             first, count = rec.value
+            batch = view[rec.offset + _HEADER.size : rec.end]
+            # A configuration entry that does not decode stopped the node later with a traceback.
+            for index, payload in entries_of_type(batch, ENTRY_CONFIG):
+                try:
+                    Membership.decode(payload)
+                except ValueError as exc:
+                    raise CorruptionError(
+                        f"{path}: batch record at byte offset {rec.offset}: configuration "
+                        f"entry {index}: {exc}",
+                        path,
+                        rec.offset,
+                    ) from None
             try:
-                apply_batch(log, view[rec.offset + _HEADER.size : rec.end], first, count)
+                apply_batch(log, batch, first, count)
             except (ValueError, LogError) as exc:
                 raise CorruptionError(
                     f"{path}: batch record at byte offset {rec.offset} does not continue the "
@@ -415,6 +463,14 @@ class WAL:
                     path,
                     rec.offset,
                 ) from exc
+            # (EntryLog refuses terms that decrease, so the last term is the highest.)
+            if log.last_term > MAX_TERM_OR_INDEX:
+                raise CorruptionError(
+                    f"{path}: batch record at byte offset {rec.offset}: entry term "
+                    f"{log.last_term} is out of range (at most {MAX_TERM_OR_INDEX})",
+                    path,
+                    rec.offset,
+                )
 
     # -- the LogStorage API ---------------------------------------------------------------------
 
