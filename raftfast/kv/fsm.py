@@ -30,7 +30,7 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from raftfast._accel import KeyStore, check_packed, crc32c, load_store
@@ -240,6 +240,14 @@ class KVStateMachine(StateMachine):
     def restore(self, inp: BinaryIO) -> None:
         self.load(inp.read())
 
+    def restore_later(self, inp: BinaryIO) -> Callable[[], None]:
+        """``restore`` in two steps, so that the driver can decode a leader's snapshot in a
+        worker thread (seconds for 1M keys) while its loop goes on: this reads and checks
+        ``inp`` into new objects, changing nothing of this machine (reads go on meanwhile),
+        and returns what swaps them in, at once, to be called on the loop. Raises as
+        ``restore``."""
+        return self._decoded(inp.read())
+
     def query(self, request: bytes) -> bytes:
         """The value of key ``request`` (b"" if it is absent): the KV service reads the store
         itself; this serves the embeddable node's generic ``query``."""
@@ -308,6 +316,11 @@ class KVStateMachine(StateMachine):
         the snapshot remembers more clients than this machine's ``max_clients``, the least
         recently active ones are forgotten, as applying would have done.
         """
+        self._decoded(data)()
+
+    def _decoded(self, data: bytes | bytearray | memoryview) -> Callable[[], None]:
+        """``load``'s work but the last step: the state ``data`` holds, in new objects, and
+        the function that makes it this machine's (``load``; ``restore_later``)."""
         mv = memoryview(data).cast("B")
         size = len(mv)
         minimum = _SNAP_HEADER.size + 2 * _SNAP_COUNT.size + _SNAP_CRC.size
@@ -335,13 +348,18 @@ class KVStateMachine(StateMachine):
         data_, clients, etcd = _parse_snapshot(mv, _SNAP_HEADER.size, end, version)
         while len(clients) > self._max_clients:
             clients.popitem(last=False)
-        self.applied_index = applied_index
-        self.malformed = malformed
-        self.alarms = {name for i, name in enumerate(ALARMS) if alarm_bits >> i & 1}
-        self._data = data_
-        self._clients = clients
-        self.etcd = etcd
-        self.recount()
+        alarms = {name for i, name in enumerate(ALARMS) if alarm_bits >> i & 1}
+
+        def swap() -> None:
+            self.applied_index = applied_index
+            self.malformed = malformed
+            self.alarms = alarms
+            self._data = data_
+            self._clients = clients
+            self.etcd = etcd
+            self.recount()
+
+        return swap
 
 
 def _parse_snapshot(

@@ -146,6 +146,8 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._release_at_rest = self._trim_at_rest = False  # (SnapshotMixin)
         self._release_seen = (0, 0.0)
         self._incoming_snapshot = None  # a snapshot streamed from the leader, not yet installed
+        self._restoring: asyncio.Task | None = None  # a leader's snapshot decoded off the loop
+        self._held_commits: list[Committed] = []  # committed after it: applied once it is in
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
         self._membership: Membership | None = None  # the configuration the transport follows
@@ -224,6 +226,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.wal = WAL.open(wal_dir, segment_bytes=s.wal_segment_bytes, fsync=s.fsync)
         self._wal_writer = WALWriter(self.wal)
         state = self.wal.recovered()
+        state.check_terms(wal_dir)  # (a crafted log "newer" than the node's term: refused)
         self._durable_term_vote = (state.hard_state.term, state.hard_state.vote)
         self.snapshots = SnapshotStore(os.path.join(s.data_dir, "snap"))
         latest = self.snapshots.latest()
@@ -441,6 +444,9 @@ class Driver(MembershipMixin, SnapshotMixin):
             await self.transport.close()
         if self._snapshot_task is not None:
             await asyncio.gather(self._snapshot_task, return_exceptions=True)
+        if self._restoring is not None:  # (its file and WAL record are durable: a restart ends it)
+            self._restoring.cancel()
+            await asyncio.gather(self._restoring, return_exceptions=True)
         self._fail_all(NotLeaderError("node is shutting down"))
         if self._wal_writer is not None:
             await self._wal_writer.drain()  # (its end holds the WAL's lock until the loop ends it)
@@ -853,6 +859,9 @@ class Driver(MembershipMixin, SnapshotMixin):
     def _apply(self, committed: Committed) -> None:
         """Commands to the state machine (in runs of consecutive ones: all of them, but for a
         leader's no-op or a configuration now and then); configurations to the membership."""
+        if self._restoring is not None:
+            self._held_commits.append(committed)  # (after the snapshot being restored: then)
+            return
         first, terms, types, payloads = committed
         if types.count(ENTRY_NORMAL) == len(types):
             results = self.fsm.apply_batch(first, payloads)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
 
 import grpc
 
 from raftfast.core.membership import Membership
-from raftfast.core.types import Message, MsgType
+from raftfast.core.types import Committed, Message, MsgType
 from raftfast.errors import CommandError, CorruptionError, StorageError, message_of
 from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
@@ -25,6 +27,7 @@ from raftfast.storage.snapshot import SnapshotChunks, SnapshotMeta
 from raftfast.transport import tcp
 
 log = logging.getLogger("raftfast.node")
+T = TypeVar("T")
 
 SNAPSHOT_RETRY_S = 30.0  # after a state machine could not be snapshotted
 # The log is at rest once it grew by less than RELEASE_GROWTH bytes in RELEASE_AFTER_S (a
@@ -52,6 +55,10 @@ class SnapshotMixin:
     _trim_at_rest: bool  # ... and dropped enough that the heap's free pages go back too
     _release_seen: tuple[int, float]  # the log's bytes when the wait began, and when (monotonic)
     _committed_members: set[str]
+    # A leader's snapshot decoded in a worker thread (_restore_off_loop), and meanwhile the
+    # committed entries that come after it, applied once it is in (Driver._apply)
+    _restoring: asyncio.Task | None
+    _held_commits: list[Committed]
     incarnations: Incarnations
     metrics: NodeMetrics
 
@@ -65,7 +72,7 @@ class SnapshotMixin:
         due = behind >= self.settings.snapshot_entries or (
             behind > 0 and grown >= self.settings.snapshot_log_bytes
         )
-        return due and time.monotonic() >= self._snapshot_retry_at
+        return due and time.monotonic() >= self._snapshot_retry_at and self._restoring is None
 
     async def backup_snapshot(self) -> tuple[SnapshotMeta, SnapshotChunks]:
         """Leader only: a snapshot covering every write acknowledged before the call (a
@@ -112,6 +119,9 @@ class SnapshotMixin:
         snapshot thread; any other is serialized here, in the loop. The file is written and
         fsynced in the snapshot thread (not the WAL's: appends must not queue behind it). The
         log it covers is dropped later, between two Readys (``_compact_log``)."""
+        while self._restoring is not None:
+            # (the state is being replaced, and the log no longer has the index it is at)
+            await asyncio.shield(self._restoring)
         loop = asyncio.get_running_loop()
         raw = self.raw
         index = self.applied_index
@@ -140,7 +150,7 @@ class SnapshotMixin:
         except BaseException:
             snapshot.abort()
             raise
-        self._snapshot_index = index
+        self._snapshot_index = max(self._snapshot_index, index)  # (one installed meanwhile)
         self._compact_to = max(self._compact_to, index)
         self._wake.set()
         log.info("node %s took a snapshot at %d (%d bytes)", self.id, index, meta.size)
@@ -204,21 +214,76 @@ class SnapshotMixin:
         return _IncomingSnapshot(self, receiver, room)
 
     async def _install_snapshot(self, meta: tuple[int, int]) -> None:
+        """The core replaced its log with a leader's snapshot (``Ready.snapshot``): the state
+        machine follows. A state machine with ``restore_later`` (the KV store: seconds for 1M
+        keys, which held the loop: no heartbeat answered, no client served) decodes it in a
+        worker thread while this Ready goes on (its acknowledgement needs only the durable
+        file and WAL record); until it is swapped in, the old state stays whole and current
+        for reads that may be stale, and nothing else moves it: entries committed meanwhile
+        are held (``Driver._apply``), reads that wait for an index wait, no snapshot of it is
+        taken. Any other state machine (a user's, restored in place) restores here, in the
+        loop, as at startup."""
         snap = self._incoming_snapshot
         if snap is None or (snap.index, snap.term) != meta:
             raise RuntimeError(f"asked to install snapshot {meta}, but received {snap}")
+        self._incoming_snapshot = None  # (another may arrive while this one is restored)
+        if self._restoring is not None:
+            await asyncio.shield(self._restoring)  # (the one before, then this one)
         loop = asyncio.get_running_loop()
         # The log restarts after the snapshot before the state machine jumps to it: a crash in
         # between restarts from the (durable) snapshot file with a consistent log.
         await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
-        membership = self._restore(snap)
+        restore_later = getattr(self.fsm, "restore_later", None)
+        if restore_later is None:
+            self._installed(snap, self._restore(snap))
+            return
+        self._restoring = asyncio.create_task(
+            self._restore_off_loop(snap, restore_later), name="raftfast-restore"
+        )
+        self._restoring.add_done_callback(self._restore_ended)
+
+    async def _restore_off_loop(
+        self, snap: SnapshotMeta, restore_later: Callable[[BinaryIO], Callable[[], None]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        membership, swap = await loop.run_in_executor(
+            None, self._read_snapshot, snap, restore_later
+        )
+        swap()  # (on the loop, in one go: no read sees half of it)
+        self._restored_at(snap.index)
+        self._installed(snap, membership)
+        held, self._held_commits = self._held_commits, []
+        self._restoring = None
+        for committed in held:  # (in order, before any new Ready's)
+            self._apply(committed)
+        self._release_reads()
+        self._wake.set()
+
+    def _restore_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # As when it failed in the loop: the node stops (_restoring stays: nothing more is
+            # applied to the old state)
+            self._fatal(task.exception())
+
+    def _installed(self, snap: SnapshotMeta, membership: Membership) -> None:
         self._committed_members = set(membership.members())
         self.incarnations.snapshot_installed(snap.index)
-        self._incoming_snapshot = None
         log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
 
     def _restore(self, meta: SnapshotMeta) -> Membership:
-        """The state machine from snapshot ``meta``; its configuration."""
+        """The state machine from snapshot ``meta``, in the loop; its configuration."""
+        membership, _ = self._read_snapshot(meta, self.fsm.restore)
+        self._restored_at(meta.index)
+        return membership
+
+    def _restored_at(self, index: int) -> None:
+        self.applied_index = self._snapshot_index = index
+        self.app.applied()  # (watchers: the state jumped)
+
+    def _read_snapshot(
+        self, meta: SnapshotMeta, restore: Callable[[BinaryIO], T]
+    ) -> tuple[Membership, T]:
+        """Snapshot ``meta``'s configuration, and what ``restore`` makes of its state."""
         raw_membership, inp = self.snapshots.open_state(meta)
         with inp:
             try:
@@ -226,7 +291,7 @@ class SnapshotMixin:
             except ValueError as exc:
                 raise CorruptionError(f"{meta.path}: {exc}", meta.path, 0) from None
             try:
-                self.fsm.restore(inp)
+                return membership, restore(inp)
             except (CorruptionError, OSError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a user's state machine may raise anything
@@ -237,9 +302,6 @@ class SnapshotMixin:
                     meta.path,
                     0,
                 ) from exc  # (the cause kept for a debugger; the node says one line)
-        self.applied_index = self._snapshot_index = meta.index
-        self.app.applied()  # (watchers: the state jumped)
-        return membership
 
     async def _send_snapshot(self, m: Message) -> None:
         """The core asked for a snapshot to go to ``m.dst``: stream our newest one. Whatever
