@@ -185,6 +185,37 @@ def _threads(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
 
 
+def test_a_scrape_gets_in_while_strangers_hold_every_metrics_connection(tmp_path):
+    # 50 connections sending a byte a second held all 16 places: no scrape got in for as long
+    # as they went on (Prometheus saw the node down). The oldest connection still sending its
+    # request now makes way for a new one.
+    port = free_ports(1)[0]
+    with ProcCluster(tmp_path, 1, extra=["--metrics-listen", f"127.0.0.1:{port}"]) as cluster:
+        nid = cluster.wait_leader()
+        url = f"http://127.0.0.1:{port}/metrics"
+        strangers = []
+        try:
+            for _ in range(2 * metrics_http.MAX_CONNECTIONS):
+                sock = socket.create_connection(
+                    ("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)
+                )
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    sock.send(b"GET /metrics HTTP/1.1\r\n")  # (and never the rest)
+                strangers.append(sock)
+            wait_for(
+                "connections past the cap closed",
+                lambda: sum(_closed(s) for s in strangers) >= metrics_http.MAX_CONNECTIONS,
+                timeout=metrics_http.TIMEOUT_S / 2,
+            )
+            for _ in range(3):  # (each time the oldest stranger still there makes way)
+                assert b"raftfast_" in urllib.request.urlopen(url, timeout=10).read()
+        finally:
+            for sock in strangers:
+                sock.close()
+        assert cluster.procs[nid].poll() is None
+
+
 def test_idle_connections_to_the_metrics_port_are_capped_then_dropped(tmp_path):
     # prometheus_client's server ran a thread per connection and waited for its request
     # forever: 300 idle connections, 300 threads, for good. Then a timeout per read let a
