@@ -8,7 +8,7 @@ from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.etcd.lessor import parse_retention
 from raftfast.limits import MAX_ID_BYTES, check_node_id
 from raftfast.security.roles import load_roles
-from raftfast.security.tls import TLSFiles
+from raftfast.security.tls import TLSFiles, certificate_name
 from raftfast.transport import PEER_STREAMS
 
 READ_MODES = ("linearizable", "lease", "stale")
@@ -187,5 +187,15 @@ class NodeSettings:
         for files in (self.client_tls, self.peer_tls):
             if files is not None:
                 files.read()  # ValueError naming a file that is missing or not PEM
+        if self.peer_cert_file:
+            # Peers take a member's messages only under a certificate of its name: a node
+            # started with another's ran, refused by all, and said nothing of why.
+            name = certificate_name(self.peer_cert_file)
+            if name != self.id:
+                raise ValueError(
+                    f"--peer-cert-file {self.peer_cert_file} is a certificate for "
+                    f"{'no name' if name is None else repr(name[:100])} (its common name), "
+                    f"not for this node {self.id!r}: peers would refuse every message from it"
+                )
         if self.auth_roles:
             load_roles(self.auth_roles)

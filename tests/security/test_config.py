@@ -114,6 +114,12 @@ def test_tls_flags_that_cannot_work_are_refused(made, tmp_path):
         (["--cert-file", str(roles), "--key-file", key, *sep], "not PEM"),
         # (gRPC said "cannot listen ... (address in use?)", exit 1: restarted for ever)
         (["--cert-file", cert, "--key-file", str(made / "n2.key"), *sep], "does not go with"),
+        # (n2's certificate: n1 ran, every peer refused it, and nothing said why)
+        (
+            ["--peer-cert-file", str(made / "n2-peer.crt"), "--peer-key-file",
+             str(made / "n2-peer.key"), "--peer-trusted-ca-file", pca, *sep],
+            "a certificate for 'n2' .* not for this node 'n1'",
+        ),
     ]:  # fmt: skip
         with pytest.raises(ConfigError, match=words):
             _settings(tmp_path, *extra)
