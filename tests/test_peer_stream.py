@@ -5,6 +5,7 @@ gRPC ``Replicate`` stream, and the fall-back from one to the other."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
@@ -153,6 +154,36 @@ def test_refusal_reaches_the_sender_with_the_removal_index():
         await until("the refusal", lambda: ("b", 7) in refused)
         await until("the stream to be reported down", lambda: "b" in unreachable)
         assert not any(m.commit == 1 for m in receiver.delivered)
+
+    run(test)
+
+
+def test_a_refused_node_says_why_once_and_does_not_log_every_retry(caplog):
+    # A node every peer refused (another's certificate, a removed id) logged "stream to ...
+    # open" ten times a second and never why (a hostile hunt).
+    caplog.set_level(logging.DEBUG, logger="raftfast.transport")
+
+    async def test(receiver, sender, refused, unreachable):
+        receiver.removed["a"] = 7
+        first_refusal = len(caplog.records)
+
+        def opens() -> list[logging.LogRecord]:
+            return [r for r in caplog.records[first_refusal:] if " open" in r.getMessage()]
+
+        async def keep_sending() -> None:
+            while True:
+                sender.send([heartbeat(1)])
+                await asyncio.sleep(0.01)
+
+        sending = asyncio.ensure_future(keep_sending())
+        try:
+            await until("three streams after the refusal", lambda: len(opens()) >= 3)
+        finally:
+            sending.cancel()
+        said = [r for r in caplog.records if "refuses this node" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelno == logging.WARNING, said
+        assert "not (or no longer) a member" in said[0].getMessage()
+        assert all(r.levelno == logging.DEBUG for r in opens()[1:]), opens()
 
     run(test)
 

@@ -83,9 +83,15 @@ class _Peer:
         self.stream: tcp.OutboundStream | None = None  # set while the stream runs over TCP
         self.client_address = ""  # where it serves clients, as it told us
         self.endpoint: pb.StreamEndpoint | None = None  # where it takes streams, as it told us
+        self.refused = False  # it refused our last stream (until one stays up)
 
 
 _STATUS = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _open_level(peer: _Peer) -> int:
+    """A stream's opening is news, unless the peer refused the one before (once a minute)."""
+    return logging.DEBUG if peer.refused else logging.INFO
 
 
 def _code(status: grpc.StatusCode) -> int:
@@ -95,6 +101,15 @@ def _code(status: grpc.StatusCode) -> int:
 NOT_A_MEMBER = "is not (or no longer) a member of this cluster"
 NEW_DATA_DIRECTORY = "speaks from a new data directory"  # (raftfast/server/incarnations.py)
 _REFUSAL_LOG_S = 60.0  # a refusal we cannot mend by retrying: logged once a minute a peer
+# What a peer answers when it refuses us (not when it is down or busy)
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
 
 
 class PeerTransport:
@@ -332,12 +347,21 @@ class PeerTransport:
     def _check_refused(
         self, peer: _Peer, code: grpc.StatusCode | None, details: str | None, removed_at: int
     ) -> None:
-        """A peer refused us: if because our id was removed, say so (with the index)."""
-        if code == grpc.StatusCode.FAILED_PRECONDITION and NEW_DATA_DIRECTORY in (details or ""):
+        """A peer refused us (or the call failed: ``code``): say why, once a minute a peer (we
+        retry meanwhile: a node that every peer refused said nothing of it but "stream open"
+        ten times a second); if because our id was removed, tell the node (with the index)."""
+        if code in _REFUSALS:
+            peer.refused = True  # (its next "open" is no news)
             now = time.monotonic()
             if now - self._refusals_logged.get(peer.id, -_REFUSAL_LOG_S) >= _REFUSAL_LOG_S:
                 self._refusals_logged[peer.id] = now
-                log.error("%s refuses this node: %s", peer.id, details)
+                lost = NEW_DATA_DIRECTORY in (details or "")  # (this node's state is gone)
+                log.log(
+                    logging.ERROR if lost else logging.WARNING,
+                    "%s refuses this node: %s",
+                    peer.id,
+                    details,
+                )
         if (
             self.on_refused is not None
             and code == grpc.StatusCode.PERMISSION_DENIED
@@ -418,7 +442,9 @@ class PeerTransport:
                 log.info("retrying the TCP stream to %s", peer.id)
             return
         peer.stream, peer.connected = stream, True
-        log.info("stream to %s (%s, tcp port %d) open", peer.id, peer.address, port)
+        log.log(
+            _open_level(peer), "stream to %s (%s, tcp port %d) open", peer.id, peer.address, port
+        )
         try:
             await stream.closed
         finally:
@@ -434,7 +460,7 @@ class PeerTransport:
     async def _run_grpc(self, peer: _Peer, stub: pb_grpc.PeerStub) -> None:
         call = stub.Replicate(self._frames(peer))
         peer.connected = True
-        log.info("stream to %s (%s) open", peer.id, peer.address)
+        log.log(_open_level(peer), "stream to %s (%s) open", peer.id, peer.address)
         async for _ack in call:
             pass
 
@@ -462,6 +488,7 @@ class PeerTransport:
                 if peer.connected:
                     if loop.time() - started >= _STABLE_S:
                         backoff = 0.05  # it was up: reconnect soon
+                        peer.refused = False
                     peer.connected = False
                     peer.queue.clear()
                     self.on_unreachable(peer.id)
