@@ -35,7 +35,15 @@ import grpc
 from raftfast.errors import NotLeaderError
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
-from raftfast.etcd.mvcc import MAX_LEASE_TTL, MAX_TXN_DEPTH, MVCCStore, encode, kv_pb, range_of
+from raftfast.etcd.mvcc import (
+    MAX_LEASE_TTL,
+    MAX_TXN_DEPTH,
+    MVCCStore,
+    Record,
+    encode,
+    kv_pb,
+    range_of,
+)
 from raftfast.kv.commands import NOSPACE, OP_ETCD
 from raftfast.limits import check_node_id
 from raftfast.proto.etcd import rpc_pb2 as pb
@@ -94,7 +102,7 @@ class EtcdAPI:
         self.member_id = member_id(driver.id)
         self.applied = asyncio.Event()  # set after every apply (see _caught_up)
         # Reads at an old revision walked at once (each holds a copy of its range meanwhile)
-        self._history_walks = asyncio.Semaphore(_HISTORY_WALKS)
+        self._stepped_reads = asyncio.Semaphore(_STEPPED_READS)
         from raftfast.etcd.lessor import Lessor  # (it needs this class's instance)
 
         self.lessor = Lessor(self)
@@ -295,21 +303,7 @@ class EtcdAPI:
     async def _range(self, request: pb.RangeRequest) -> pb.RangeResponse:
         if not request.serializable:
             await self.driver.read_barrier("linearizable")
-        store = self.store
-        steps = store.view_steps(request)
-        if steps is None:  # (the current state: the everyday read)
-            response, records = store.range_records(request)
-        else:
-            async with self._history_walks:
-                # An old revision: its history walked a part at a time, from the state taken
-                # by the first step (the header's revision too, as etcd's read transaction).
-                read_at = store.revision
-                view = next(steps)
-                while view is None:
-                    await asyncio.sleep(0)
-                    view = next(steps)
-                response, records = store.range_records(request, view=view)
-                response.header.revision = read_at
+        response, records = await self._read(request)
         # (the revision read, not the store's after the parts below: a client lists, then
         # watches from header.revision + 1, and would miss writes made meanwhile)
         header = self.header(response.header.revision)
@@ -327,6 +321,24 @@ class EtcdAPI:
                 response.kvs.extend([kv_pb(rec, keys_only) for rec in part])
         response.header.CopyFrom(header)
         return response
+
+    async def _read(self, request: pb.RangeRequest) -> tuple[pb.RangeResponse, list[Record]]:
+        """``store.range_records(request)``; one that reads many records (an old revision,
+        a big range) a part at a time, the loop let go between parts (``read_steps``)."""
+        store = self.store
+        steps = store.read_steps(request)
+        if steps is None:  # (the everyday read)
+            return store.range_records(request)
+        async with self._stepped_reads:
+            # (the header's revision: the store's at the first step, as etcd's read txn's)
+            read_at = store.revision
+            view = next(steps)
+            while view is None:
+                await asyncio.sleep(0)
+                view = next(steps)
+            response, records = store.range_records(request, view=view)
+            response.header.revision = read_at
+            return response, records
 
     async def write(self, request: Any) -> Any:
         """Propose an etcd write and return its response (header filled), or raise its
@@ -615,10 +627,8 @@ class EtcdAPI:
         store = self.store
         rev = request.revision if request.revision > 0 else store.revision
         store.check_revision(rev)
-        _, records = store.range_records(
-            pb.RangeRequest(key=b"\x00", range_end=b"\x00", revision=rev)
-        )
         header, compacted = self.header(), store.compact_revision  # (as of the records)
+        _, records = await self._read(pb.RangeRequest(key=b"\x00", range_end=b"\x00", revision=rev))
         crc = 0
         async for part in _parts(records):
             for rec in part:
@@ -656,7 +666,7 @@ _PART = 4096
 # and value take up to ~40 bytes.
 MAX_RANGE_ANSWER_BYTES = 63 * 1024 * 1024
 _KV_OVERHEAD = 40
-_HISTORY_WALKS = 2  # Ranges at an old revision walking the history at once
+_STEPPED_READS = 2  # reads of many records (read_steps) at once: each holds its records
 
 
 async def _parts(records: list, size: int = _PART) -> AsyncIterator[list]:

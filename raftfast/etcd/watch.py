@@ -189,7 +189,7 @@ class _Stream:
         """The events of the compaction revision, where ``w`` is (its history is gone, but
         etcd keeps the puts of that revision: they are the keys whose mod_revision it is, in
         the keyspace as of then; its deletes are lost, prev_kv too, as with etcd). The walk
-        that finds them goes a step at a time (see ``MVCCStore.view_steps``: a walk at once
+        that finds them goes a step at a time (see ``MVCCStore.read_steps``: a walk at once
         held the loop for seconds) until ``allowance`` bytes are spent, and goes on in the next
         call. Returns the bytes spent and, once it is done (``w.next_rev`` past the revision),
         the response if any. EtcdError (COMPACTED) if the revision is compacted meanwhile."""

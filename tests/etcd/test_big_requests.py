@@ -53,6 +53,8 @@ def _api(store: MVCCStore) -> Any:
         _check_lease_room=lambda request: None,
     )
     fake._check_work = lambda request: EtcdAPI._check_work(fake, request)
+    fake._read = lambda request: EtcdAPI._read(fake, request)
+    fake._stepped_reads = asyncio.Semaphore(2)
     return fake
 
 

@@ -4,6 +4,7 @@ in KVStateMachine (OP_ETCD commands, snapshots, fingerprints)."""
 
 from __future__ import annotations
 
+import random
 import struct
 import zlib
 from typing import Any
@@ -554,13 +555,13 @@ def test_a_read_at_an_old_revision_walks_the_history_in_parts(monkeypatch) -> No
 
     monkeypatch.setattr(mvcc, "_HISTORY_PART", 3)
     store, seen = _history_store()
-    assert store.view_steps(R(key=b"a")) is None  # (the current state: no walk)
-    assert store.view_steps(R(key=b"a", revision=store.revision)) is None
+    assert store.read_steps(R(key=b"a")) is None  # (the current state: no walk)
+    assert store.read_steps(R(key=b"a", revision=store.revision)) is None
     for revision, state in seen.items():
         if revision == store.revision:
             continue
         request = R(revision=revision, **ALL)
-        steps = store.view_steps(request)
+        steps = store.read_steps(request)
         items = list(steps)
         newer = store._history[revision + 1 - store._history_base :]
         walked = 0
@@ -574,13 +575,76 @@ def test_a_read_at_an_old_revision_walks_the_history_in_parts(monkeypatch) -> No
         assert [kvs(pb.RangeResponse(kvs=[kv_pb(r) for r in records]))] == [state]
         assert response.count == len(state)
     # the state is taken at the first step: writes made during the walk are not seen
-    steps = store.view_steps(R(key=b"a", revision=4))
+    steps = store.read_steps(R(key=b"a", revision=4))
     assert next(steps) is None
     ok(store, pb.PutRequest(key=b"a", value=b"later"))
     *_, records = steps
     assert [(r.key, r.value) for r in records] == [(b"a", b"2")]
     with pytest.raises(EtcdError):
-        store.view_steps(R(key=b"a", revision=store.revision + 1))
+        store.read_steps(R(key=b"a", revision=store.revision + 1))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_big_read_in_steps_sees_one_revision_while_the_store_goes_on(monkeypatch, seed):
+    # 1,000,000 keys read at once held the loop ~0.2-0.5 s: a read of more than _WALK_PART
+    # keys walks the keyspace a part at a time, writes in between, and undoes what changed
+    # after its revision. Against the same read of a frozen copy, whatever the writes.
+    from raftfast.etcd import mvcc
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(mvcc, "_WALK_PART", rng.choice([1, 2, 3, 7]))
+    monkeypatch.setattr(mvcc, "_HISTORY_PART", rng.choice([1, 2, 5]))
+    store = MVCCStore()
+    keys = [b"k%02d" % i for i in range(30)]
+
+    def write() -> None:
+        key = rng.choice(keys)
+        if rng.random() < 0.3:
+            end = rng.choice([b"", key + b"\0", rng.choice(keys)])
+            ok(store, pb.DeleteRangeRequest(key=key, range_end=end))
+        else:
+            ok(store, pb.PutRequest(key=key, value=b"%d" % rng.randrange(100)))
+
+    for _ in range(rng.randrange(20, 80)):
+        write()
+    lo, hi = sorted(rng.sample(keys, 2))
+    request = R(key=lo, range_end=rng.choice([hi, b"\0"]))
+    if rng.random() < 0.5:
+        request.revision = rng.randrange(store.compact_revision + 1, store.revision + 1)
+    if rng.random() < 0.3:
+        request.sort_order, request.sort_target = 2, rng.choice([0, 3, 4])  # (a sort)
+    steps = store.read_steps(request)
+    if steps is None:  # (a small range of the current state: read at once)
+        assert store._count(*mvcc.range_of(request.key, request.range_end)) <= mvcc._WALK_PART
+        return
+    read_at = request.revision or store.revision
+    for item in steps:
+        if item is not None:
+            break
+        for _ in range(rng.randrange(0, 4)):
+            write()
+    response, records = store.range_records(request, view=item)
+    response.kvs.extend([kv_pb(rec, request.keys_only) for rec in records])
+    # (the same read at once, through the history: as a Txn reads an old revision)
+    request.revision = read_at
+    assert response.kvs == store.range(request).kvs and response.count == len(records)
+
+
+def test_a_read_in_steps_ends_compacted_if_its_revision_is_compacted_meanwhile(monkeypatch):
+    from raftfast.etcd import mvcc
+
+    monkeypatch.setattr(mvcc, "_WALK_PART", 2)
+    store = MVCCStore()
+    for i in range(10):
+        ok(store, pb.PutRequest(key=b"k%d" % i, value=b"v"))
+    steps = store.read_steps(R(key=b"k", range_end=b"l"))
+    assert next(steps) is None
+    read_at = store.revision
+    ok(store, pb.PutRequest(key=b"k1", value=b"new"))
+    compact(store, read_at + 1)  # (past the revision read: its undo is gone)
+    with pytest.raises(EtcdError) as caught:
+        list(steps)
+    assert caught.value == errors.COMPACTED
 
 
 def test_read_revision_errors() -> None:
@@ -1625,7 +1689,7 @@ def test_the_api_reads_an_old_revision_in_parts_with_the_header_of_the_state_rea
 
     api = etcd_api.EtcdAPI.__new__(etcd_api.EtcdAPI)
     api.driver, api.cluster_id, api.member_id = Driver(), 1, 1
-    api._history_walks = asyncio.Semaphore(1)
+    api._stepped_reads = asyncio.Semaphore(1)
 
     async def main() -> tuple[pb.RangeResponse, int]:
         read = asyncio.ensure_future(api._range(R(key=b"a", revision=3, serializable=True)))
