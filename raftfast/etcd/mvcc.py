@@ -155,7 +155,8 @@ class Lease:
 
 
 class _KeyOrder:
-    """A frozen store's keys and records in key order: what ``dump`` reads of ``kvs``."""
+    """A frozen store's keys in key order and its records in any order: what ``dump`` reads
+    of ``kvs``, in key order once ``items`` is called (in the snapshot thread)."""
 
     __slots__ = ("keys", "records")
 
@@ -167,7 +168,17 @@ class _KeyOrder:
         return len(self.keys)
 
     def items(self) -> Iterator[tuple[bytes, Record]]:
-        return zip(self.keys, self.records, strict=True)
+        # (in parts: one call into C over 1,000,000 records would hold the loop's thread
+        # out of the interpreter; between calls it gets in)
+        by_key: dict[bytes, Record] = {}
+        records, keys = self.records, self.keys
+        for start in range(0, len(records), _WALK_PART):
+            part = records[start : start + _WALK_PART]
+            by_key.update(zip(map(_BY_KEY, part), part))
+        ordered: list[Record] = []
+        for start in range(0, len(keys), _WALK_PART):
+            ordered += map(by_key.__getitem__, keys[start : start + _WALK_PART])
+        return zip(keys, ordered, strict=True)
 
 
 class MVCCStore:
@@ -753,10 +764,11 @@ class MVCCStore:
         twin = MVCCStore()
         twin.revision = self.revision
         twin.compact_revision = self.compact_revision
-        # (only dumped: the keys in order and their records, not a SortedDict, whose copy
-        # rebuilds it: 0.87 s of the loop for 1,000,000 keys here; this takes ~0.3 s)
-        keys = list(self.kvs.keys())
-        twin.kvs = _KeyOrder(keys, list(map(self.kvs.__getitem__, keys)))  # type: ignore[assignment]
+        # (only dumped, in the snapshot thread: the keys in order and the records as the dict
+        # holds them, ~35 ms of the loop for 1,000,000 keys here; a SortedDict's copy rebuilt
+        # it, 0.87 s, and the records read key by key took 0.1-0.3 s)
+        records = list(dict.values(self.kvs))
+        twin.kvs = _KeyOrder(list(self.kvs.keys()), records)  # type: ignore[assignment]
         twin.leases = {i: _copy_lease(lease) for i, lease in self.leases.items()}
         twin.size_bytes = self.size_bytes
         twin.history_bytes = self.history_bytes
