@@ -174,7 +174,7 @@ class _KeyOrder:
         records, keys = self.records, self.keys
         for start in range(0, len(records), _WALK_PART):
             part = records[start : start + _WALK_PART]
-            by_key.update(zip(map(_BY_KEY, part), part))
+            by_key.update(zip(map(_BY_KEY, part), part, strict=True))
         ordered: list[Record] = []
         for start in range(0, len(keys), _WALK_PART):
             ordered += map(by_key.__getitem__, keys[start : start + _WALK_PART])
