@@ -81,7 +81,9 @@ class Lessor:
     def sync(self) -> None:
         """Follow leadership and the replicated lease set (cheap: called often)."""
         raw = self.driver.raw
-        if not self.driver.is_leader:
+        # (while a snapshot is restored the store is the old one, and a lease kept alive
+        # meanwhile is renewed only after it: no clock runs on leases until then)
+        if not self.driver.is_leader or self.driver.restoring:
             if self._term:
                 self.expiry.clear()
                 self._term = 0
@@ -138,7 +140,7 @@ class Lessor:
             await asyncio.sleep(_EVERY_S)
             try:
                 self.sync()
-                if driver.is_leader:
+                if driver.is_leader and not driver.restoring:
                     await self._revoke_expired()
                     self._auto_compact()
             except Exception as exc:  # noqa: BLE001 - tried again next round

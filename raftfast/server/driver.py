@@ -509,6 +509,12 @@ class Driver(MembershipMixin, SnapshotMixin):
     def is_leader(self) -> bool:
         return self.raw is not None and self.raw.role == Role.LEADER
 
+    @property
+    def restoring(self) -> bool:
+        """A leader's snapshot is being restored off the loop: the state machine is the old
+        one, and what is committed meanwhile waits (``SnapshotMixin._install_snapshot``)."""
+        return self._restoring is not None
+
     async def propose(self, payloads: list[bytes]) -> list:
         """Replicate commands; returns the state machine's result for each, once applied here."""
         self._check_leader()

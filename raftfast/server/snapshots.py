@@ -233,6 +233,9 @@ class SnapshotMixin:
         # The log restarts after the snapshot before the state machine jumps to it: a crash in
         # between restarts from the (durable) snapshot file with a consistent log.
         await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
+        # (now, with the WAL's record: a node stopped before the restore ends must not
+        # keep incarnations the snapshot made stale, a restart does not install it again)
+        self.incarnations.snapshot_installed(snap.index)
         restore_later = getattr(self.fsm, "restore_later", None)
         if restore_later is None:
             self._installed(snap, self._restore(snap))
@@ -267,7 +270,6 @@ class SnapshotMixin:
 
     def _installed(self, snap: SnapshotMeta, membership: Membership) -> None:
         self._committed_members = set(membership.members())
-        self.incarnations.snapshot_installed(snap.index)
         log.info("node %s installed a snapshot at %d from the leader", self.id, snap.index)
 
     def _restore(self, meta: SnapshotMeta) -> Membership:

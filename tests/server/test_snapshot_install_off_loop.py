@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
 import raftfast
 import raftfast.kv.fsm as kv_fsm
 from raftfast.errors import CorruptionError
+from raftfast.etcd.lessor import Lessor
+from raftfast.etcd.mvcc import MVCCStore, encode
 from raftfast.kv.commands import encode_put
 from raftfast.kv.fsm import KVStateMachine
+from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.tools.localcluster import free_ports
 
 GATE_S = 10.0  # the longest the gate holds a decoding (a loop it blocks: the test fails)
@@ -94,6 +99,9 @@ def test_the_loop_runs_while_a_leaders_snapshot_is_restored(tmp_path, monkeypatc
             await _until(gate.started.is_set, "no snapshot came to the follower")
             assert not gate.timed_out, "the loop stood still while the snapshot was decoded"
             assert not gate.on_loop_thread, "the snapshot was decoded in the loop's thread"
+            # (recorded with the WAL's record, before the restore: a node stopped meanwhile
+            # kept the incarnations the snapshot made stale, and refused a re-added member)
+            assert follower.incarnations.through == follower.raw.first_index - 1
 
             # Meanwhile: a leader (maybe re-elected when `other` went) commits with it alone.
             leader_id = await nodes[behind].wait_for_leader(timeout=30)
@@ -147,3 +155,24 @@ def test_restore_later_changes_nothing_until_swapped_in():
 
     with pytest.raises(CorruptionError):
         target.restore_later(io.BytesIO(out.getvalue()[:-1] + b"\x00"))
+
+
+def test_no_lease_clock_runs_on_the_old_state_while_a_snapshot_is_restored():
+    # A follower restoring a snapshot may be elected meanwhile: its lessor ran on the old
+    # store, and revoked leases whose keep-alives waited for the restore (a review).
+    store = MVCCStore()
+    store.apply(encode(pb.LeaseGrantRequest(ID=1, TTL=5)))
+    driver = SimpleNamespace(
+        is_leader=True,
+        restoring=True,
+        raw=SimpleNamespace(term=3),
+        settings=SimpleNamespace(auto_compaction_mode="periodic", auto_compaction_retention="0"),
+        election_timeout_s=0.3,
+    )
+    lessor = Lessor(SimpleNamespace(driver=driver, store=store))
+    lessor.sync()
+    assert lessor.expiry == {}  # (no clock on the old state's leases)
+    driver.restoring = False
+    before = time.monotonic()
+    lessor.sync()  # (as newly leader: every lease starts afresh, with an election's grace)
+    assert lessor.expiry[1] >= before + 5 + 0.3
