@@ -730,9 +730,13 @@ class Raft:
                 self._read_acks[m.src] = m.context
                 self._release_reads()
             if pr.match_index < self.log.last_index:
-                # A probe may have been lost (say, before a new member's stream was up): an
-                # empty one finds where the logs agree even when nothing new is to be sent.
-                self._send_append(m.src, pr, allow_empty=pr.state == ProgressState.PROBE)
+                # A probe, or the last frames sent in REPLICATE, may have been lost (a stream
+                # that broke before the transport said so): an empty append at the follower's
+                # next index finds where the logs agree even when nothing new is to be sent.
+                # (Without it, a follower whose last frames were lost stayed behind until the
+                # next write. Behind frames still under way on the same stream, it is only
+                # acknowledged.)
+                self._send_append(m.src, pr, allow_empty=True)
 
     def _handle_reject(self, m: Message, pr: Progress) -> None:
         probe_hint = m.hint

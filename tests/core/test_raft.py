@@ -395,6 +395,32 @@ def test_pipelining_keeps_several_frames_in_flight():
     assert net.applied["b"][-1] == b"0123456789" and len(net.applied["b"]) == 21
 
 
+def test_a_follower_whose_last_appends_were_lost_catches_up_with_no_new_write():
+    # A follower in REPLICATE whose last frames were lost (a stream that broke before the
+    # transport could say so) stayed behind until the next write: heartbeat answers sent it
+    # nothing, the leader's next index being past its last entry (a chaos schedule: one
+    # node 5 entries behind for the 90 s of the quiet period).
+    net = Net(IDS)
+    net.elect("a")
+    a = net.node("a")
+    b = net.node("b")
+    a.propose([b"x"])
+    net.drive()
+    assert b.raft.log.last_index == a.raft.log.last_index
+    a.propose([b"lost"])
+    rd = a.ready()
+    a.advance(rd)
+    for m in rd.eager_messages + rd.messages:
+        if not (m.dst == "b" and m.entries):
+            net.nodes[m.dst].step(m)
+    net.drive()
+    assert net.applied["a"][-1] == b"lost"
+    assert b.raft.log.last_index == a.raft.log.last_index - 1
+    net.tick_all(3 * a.raft.config.heartbeat_tick)  # (heartbeats only: nothing proposed)
+    assert b.raft.log.last_index == a.raft.log.last_index
+    assert net.applied["b"][-1] == b"lost"
+
+
 def test_follower_learns_commit_index_from_heartbeats():
     net = Net(IDS)
     net.elect("a")
