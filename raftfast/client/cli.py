@@ -28,8 +28,9 @@ Exit codes (``ExitCode``): 0 success; 1 a negative answer (``get``: key not foun
 not found, ``cas``: not swapped); 2 a usage error (also an argument the cluster refuses as
 invalid); 3 the cluster is unavailable or the deadline passed; 4 permission denied (TLS
 certificate or role); 5 the cluster refused the request otherwise (no space, a failed request,
-not a raftfast server); 6 the answer could not be written (stdout closed or its disk full: the
-request itself was carried out). Errors are one line on stderr, never a traceback.
+not a raftfast server), or a file could not be written; 6 the answer could not be written
+(stdout closed, its reader gone, or its disk full: the request itself was carried out). Errors
+are one line on stderr, never a traceback (a reader that went away gets none).
 
 Adding a command: write ``async def _cmd_x(client, args) -> int`` and an ``_add_x(sub, common)``
 that registers its subparser with ``set_defaults(handler=_cmd_x)``, and list it in
@@ -126,6 +127,12 @@ def _limit(text: str) -> int:
 
 def _arg_bytes(text: str) -> bytes:
     return os.fsencode(text)
+
+
+def _file_name(text: str) -> str:
+    if not text.strip():  # (an unset $BACKUP: "cannot write : No such file" said it ill)
+        raise argparse.ArgumentTypeError("needs a file name, got an empty one")
+    return text
 
 
 class OutputError(Exception):
@@ -467,7 +474,7 @@ def _add_snapshot(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="write a consistent snapshot of the leader to FILE (restore: raftfast-node --restore)",
     )
-    save.add_argument("file", metavar="FILE")
+    save.add_argument("file", type=_file_name, metavar="FILE")
     p.set_defaults(handler=_cmd_snapshot)
 
 
@@ -623,12 +630,15 @@ def _certs(args: argparse.Namespace) -> int:
         _error(f"wrote the files, but cannot write what they are to stdout: {exc}")
         _drop_stdout()
         return ExitCode.OUTPUT
+    except BrokenPipeError:  # (the files are written; the reader of their list went away)
+        _drop_stdout()
+        return ExitCode.OUTPUT
     except ValueError as exc:
         _error(str(exc))
-        return 2
-    except OSError as exc:
-        _error(f"cannot write the certificates: {exc.strerror or exc}")
-        return 1
+        return ExitCode.USAGE
+    except OSError as exc:  # (not 1, which says "not found": a file that cannot be written)
+        _error(f"cannot write the certificates to {args.dir}: {exc.strerror or exc}")
+        return ExitCode.FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -663,9 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _drop_stdout()
         return ExitCode.OUTPUT
     except BrokenPipeError:
-        # stdout was closed early (e.g. ``raftfast scan | head``): quiet exit.
+        # The reader went away (``raftfast scan | head``): the answer was not all written, as
+        # with stdout closed (6, not 1: "not found"); quietly, the reader wanted no more.
         _drop_stdout()
-        return 1
+        return ExitCode.OUTPUT
     except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
         _error(f"unexpected {type(exc).__name__}: {exc}")
         return ExitCode.FAILED

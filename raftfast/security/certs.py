@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import ipaddress
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,13 +113,26 @@ def _clients(text: str) -> dict[str, str]:
     return out
 
 
+# A DNS name as a certificate may hold it: ASCII labels of letters, digits, '-' (and '_',
+# which some internal names use), 1 to 63 characters; a wildcard '*.' only first.
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")  # (_names bounds its length)
+
+
 def _hosts(text: str) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     for host in _names(text, "--hosts"):
         try:
             out.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+            continue
         except ValueError:
-            out.append(x509.DNSName(host))
+            pass
+        if not _DNS_NAME.fullmatch(host):
+            raise ValueError(
+                f"--hosts: {host[:40]!r} is neither an IP address nor a host name (ASCII "
+                "letters, digits, '-' between dots; a name in another script in its xn-- form)"
+            )
+        out.append(x509.DNSName(host))
     return out
 
 
@@ -253,7 +268,10 @@ def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
         existing = [name for name in files if (out / name).exists()]
         if existing:
             raise ValueError(f"{out / existing[0]} exists (--force overwrites)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # (a file of that name: mkdir's "File exists" says it ill)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out)) from None
     for name, data in files.items():
         path = out / name
         mode = 0o600 if name.endswith(".key") else 0o644

@@ -40,6 +40,7 @@ __all__ = [
     "Role",
     "RoleInterceptor",
     "load_roles",
+    "read_toml",
 ]
 
 
@@ -97,15 +98,40 @@ STANDARD_METHOD_ROLES: dict[str, Role] = {
 }
 
 
+# A config or roles file is a few KB. tomllib's time grows with the square of a dotted key's
+# depth (``a.a.a...b = 1``: 64 KiB on one line took 12 s): both bounds keep it under a second.
+MAX_TOML_BYTES = 64 * 1024
+MAX_TOML_LINE_BYTES = 4096  # (a line holding a path of PATH_MAX fits)
+
+
+def read_toml(path: str, what: str) -> dict[str, Any]:
+    """The TOML file ``path`` (``what`` names it in messages: "config file"); ValueError with
+    one line if it cannot be read or is not TOML."""
+    try:
+        with open(path, "rb") as f:  # (not only regular files: --config <(...) is fine)
+            raw = f.read(MAX_TOML_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TOML_BYTES:
+        raise ValueError(f"{what} {path} is larger than {MAX_TOML_BYTES} bytes")
+    for number, line in enumerate(raw.splitlines(), 1):
+        if len(line) > MAX_TOML_LINE_BYTES:
+            raise ValueError(
+                f"{what} {path}: line {number} is longer than {MAX_TOML_LINE_BYTES} bytes"
+            )
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"bad TOML in {what} {path}: not UTF-8 ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"bad TOML in {what} {path}: {exc}") from None
+    except RecursionError:  # (x = [[[[...: tomllib recurses once per level)
+        raise ValueError(f"bad TOML in {what} {path}: nested too deeply") from None
+
+
 def load_roles(path: str) -> dict[str, Role]:
     """The ``[roles]`` table of a TOML file; ValueError with one line if it is not one."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ValueError(f"cannot read the roles file {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"bad TOML in the roles file {path}: {exc}") from None
+    data = read_toml(path, "the roles file")
     unknown = set(data) - {"roles"}
     if unknown:
         raise ValueError(f"{path}: unknown table or key {sorted(unknown)[0]!r} (want [roles])")
@@ -114,6 +140,8 @@ def load_roles(path: str) -> dict[str, Role]:
         raise ValueError(f"{path}: roles must be a table of name = role")
     roles: dict[str, Role] = {}
     for name, role in table.items():
+        if not name.strip():  # (no certificate is named so: a slip, say so)
+            raise ValueError(f"{path}: a client name is empty or only spaces ({name!r})")
         label = role.lower() if isinstance(role, str) else role
         if label not in ("read", "write", "admin"):
             raise ValueError(f"{path}: the role of {name!r} must be read, write or admin")

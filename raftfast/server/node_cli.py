@@ -50,7 +50,6 @@ import logging
 import os
 import shutil
 import sys
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
@@ -59,6 +58,7 @@ from raftfast._version import __version__, version_text
 from raftfast.address import ADDRESS_FORM, is_address, is_host_port
 from raftfast.errors import CorruptionError, FormatVersionError, RaftfastError, StorageError
 from raftfast.heap import keep_big_blocks_mapped
+from raftfast.security.roles import read_toml
 from raftfast.server import descriptors
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine
@@ -143,7 +143,7 @@ def _bool(value: Any, where: str) -> bool:
             return True
         if text in _FALSE:
             return False
-    raise ConfigError(f"{where} must be a boolean (1/0, true/false), got {value!r}")
+    raise ConfigError(f"{where} must be a boolean (1/0, true/false, yes/no, on/off), got {value!r}")
 
 
 def _peers(value: Any, where: str, stored: bool = False) -> dict[str, str]:
@@ -290,6 +290,18 @@ _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}
 assert set(_CONVERT) <= _SETTINGS_FIELDS
 
 _ENV = {f"RAFTFAST_{key.upper()}": key for key in _CONVERT}  # RAFTFAST_FSYNC=0 too
+
+# A TOML file has integers and booleans of its own: there, "25" and 1 are slips (the
+# environment and flags are text, and their converters parse it).
+_TOML_INTEGERS = {key for key, convert in _CONVERT.items() if convert in (_int, _segment_bytes)}
+_TOML_BOOLEANS = {key for key, convert in _CONVERT.items() if convert is _bool}
+
+
+def _check_toml_type(key: str, value: Any, where: str) -> None:
+    if key in _TOML_INTEGERS and type(value) is not int:
+        raise ConfigError(f'{where} must be an integer (a TOML one: 25, not "25"), got {value!r}')
+    if key in _TOML_BOOLEANS and type(value) is not bool:
+        raise ConfigError(f"{where} must be a boolean (TOML true or false), got {value!r}")
 
 
 def _flag(key: str) -> str:
@@ -457,22 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- sources
 
 
-_MAX_CONFIG_BYTES = 1024 * 1024  # (a config of --config /dev/zero was read until memory ran out)
-
-
 def _from_toml(path: str) -> dict[str, tuple[Any, str]]:
     try:
-        with open(path, "rb") as fh:
-            text = fh.read(_MAX_CONFIG_BYTES + 1)
-        if len(text) > _MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {path} is larger than {_MAX_CONFIG_BYTES} bytes")
-        data = tomllib.loads(text.decode("utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"bad TOML in {path}: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"bad TOML in {path}: not UTF-8 ({exc.reason})") from None
+        data = read_toml(path, "config file")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     out: dict[str, tuple[Any, str]] = {}
     name = os.path.basename(path)
     for key, value in data.items():
@@ -481,6 +482,7 @@ def _from_toml(path: str) -> dict[str, tuple[Any, str]]:
                 f"unknown key {key!r} in {path} (known: {', '.join(sorted(_CONVERT))})"
             )
         where = f"{name}: {key}"
+        _check_toml_type(key, value, where)
         out[key] = (_CONVERT[key](value, where), where)
     return out
 
@@ -818,6 +820,9 @@ def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> i
     short = descriptors.raise_limit(descriptors.needed(_connection_caps(settings)))
     if short is not None:
         logging.getLogger("raftfast.node").warning("%s", short)
+    shared_ca = settings.shared_ca_warning()
+    if shared_ca is not None:
+        logging.getLogger("raftfast.node").warning("%s", shared_ca)
     if not settings.fsync and settings.log_format == "json":
         logging.getLogger("raftfast.node").warning("%s", UNSAFE_WARNING)
     try:

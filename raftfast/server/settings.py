@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.etcd.lessor import parse_retention
 from raftfast.limits import MAX_ID_BYTES, check_node_id
 from raftfast.security.roles import load_roles
-from raftfast.security.tls import TLSFiles, certificate_name
+from raftfast.security.tls import TLSFiles, certificate_name, read_pem
 from raftfast.transport import PEER_STREAMS
 
 READ_MODES = ("linearizable", "lease", "stale")
@@ -105,6 +106,26 @@ class NodeSettings:
             return None
         return TLSFiles(self.peer_trusted_ca_file, self.peer_cert_file, self.peer_key_file)
 
+    def shared_ca_warning(self) -> str | None:
+        """A warning if the peer CA is the clients' CA (one path, or the same bytes): then a
+        client certificate named like a node can speak as that node (docs/security.md)."""
+        client_ca, peer_ca = self.trusted_ca_file, self.peer_trusted_ca_file
+        if not (client_ca and peer_ca):
+            return None
+        same = os.path.realpath(client_ca) == os.path.realpath(peer_ca)
+        if not same:
+            try:
+                same = read_pem(client_ca, "CA") == read_pem(peer_ca, "CA")
+            except ValueError:  # (validate() read them; one changed since: say nothing)
+                return None
+        if not same:
+            return None
+        return (
+            f"--peer-trusted-ca-file {peer_ca} is the clients' CA (--trusted-ca-file "
+            f"{client_ca}): a client certificate whose name is a node id can speak as that "
+            "node on the peer port; give peers a CA of their own (docs/security.md)"
+        )
+
     def validate(self) -> None:
         """Raise ValueError with a one-line message for anything a node cannot start with."""
         if not self.id:
@@ -116,6 +137,7 @@ class NodeSettings:
             if not nid or not is_address(addr):
                 raise ValueError(f"bad peer address {nid}={addr!r} (want ID=HOST:PORT)")
             check_node_id(nid)
+        _check_one_member_per_address(self.peers)
         if not self.cluster_id or len(self.cluster_id.encode()) > MAX_ID_BYTES:
             raise ValueError(f"--cluster-id must be 1 to {MAX_ID_BYTES} bytes")
         if self.peer_stream not in PEER_STREAMS:
@@ -199,3 +221,16 @@ class NodeSettings:
                 )
         if self.auth_roles:
             load_roles(self.auth_roles)
+
+
+def _check_one_member_per_address(peers: dict[str, str]) -> None:
+    """Two members at one address cannot both serve: MemberAdd's rule (raftfast.core.membership)
+    at start, where a typo in --peers would otherwise start a cluster that never works."""
+    owner: dict[str, str] = {}
+    for nid, addr in peers.items():
+        if addr in owner:
+            raise ValueError(
+                f"--peers: {owner[addr]} and {nid} have the same address {addr}; each member "
+                "needs its own"
+            )
+        owner[addr] = nid

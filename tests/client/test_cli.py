@@ -148,6 +148,9 @@ def test_status_table_and_json(cluster, capsysbinary) -> None:
         ["cas", "k", "v", "--absent", "--expect", "x"],
         ["get", "k", "--read-mode", "fast"],
         ["--cacert", "/dev/zero", "get", "k"],  # (read until memory ran out)
+        # (an unset $FILE: "cannot write : No such file", exit 5)
+        ["--timeout", "1", "snapshot", "save", ""],
+        ["--timeout", "1", "snapshot", "save", " "],
     ],
 )
 def test_usage_errors_exit_2_with_one_line(argv, capsys) -> None:
@@ -190,6 +193,23 @@ def test_an_answer_stdout_cannot_take_exits_6_with_one_line(cluster, redirect) -
         assert proc.stderr.count("\n") == 1 and "cannot write the answer" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert leader.store[b"k"] == b"v"  # (the put was made)
+
+
+def test_a_reader_that_goes_away_exits_6_quietly(cluster) -> None:
+    """``raftfast get k | head -0``: the answer cannot be written, as with stdout closed (it
+    exited 1, which says "key not found"); nothing on stderr, the reader wanted no more."""
+    leader, laddr, _ = cluster
+    leader.store[b"k"] = b"v"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for args in (["get", "k"], ["scan", "k"], ["status"]):
+        command = [sys.executable, "-m", "raftfast.client.cli", "--endpoints", laddr, *args]
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env
+        )
+        proc.stdout.close()  # (before the answer: its write finds no reader, EPIPE)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 6, (args, err)  # ExitCode.OUTPUT
+        assert err == b"", err
 
 
 @pytest.mark.parametrize(

@@ -254,6 +254,45 @@ BAD_CASES = [
         lambda t: base(t / "x", "--config", _toml(t, "peers = 3\n")),
         "must be a table",
     ),
+    # (a RecursionError traceback, exit 1: systemd restarted the node for ever)
+    (
+        "toml nested too deeply",
+        lambda t: base(t / "x", "--config", _toml(t, "x = " + "[\n" * 3000 + "]" * 3000)),
+        "nested too deeply",
+    ),
+    # (tomllib's time grows with the square of a dotted key's depth: 29 s of CPU for 100 KB)
+    (
+        "toml too big",
+        lambda t: base(t / "x", "--config", _toml(t, "a." * 50_000 + "b = 1\n")),
+        "is larger than 65536 bytes",
+    ),
+    (
+        "toml line too long",
+        lambda t: base(t / "x", "--config", _toml(t, "id = 'n1'\n" + "a." * 2100 + "b = 1\n")),
+        "line 2 is longer than 4096 bytes",
+    ),
+    # TOML has integers and booleans: "25" and 1 are slips there (both were taken, or refused
+    # with a message that said 1 was fine)
+    (
+        "toml integer as a string",
+        lambda t: base(t / "x", "--config", _toml(t, 'tick_ms = "25"\n')),
+        """tick_ms must be an integer (a TOML one: 25, not "25"), got '25'""",
+    ),
+    (
+        "toml boolean as a number",
+        lambda t: base(t / "x", "--config", _toml(t, "fsync = 1\n")),
+        "fsync must be a boolean (TOML true or false), got 1",
+    ),
+    (
+        "toml boolean as a string",
+        lambda t: base(t / "x", "--config", _toml(t, 'client_cert_auth = "yes"\n')),
+        "client_cert_auth must be a boolean (TOML true or false), got 'yes'",
+    ),
+    (
+        "two members at one address",
+        lambda t: base(t / "x", "--peers", "n1=127.0.0.1:7001,n2=127.0.0.1:7001"),
+        "--peers: n1 and n2 have the same address 127.0.0.1:7001",
+    ),
 ]
 
 
@@ -283,6 +322,22 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path: Path, fake_serve, capsy
 def test_bad_environment(env, expected, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=expected):
         parse_settings(["--id", "n1", "--peers", PEERS, "--data-dir", str(tmp_path)], env)
+
+
+def test_the_environment_is_text_and_a_config_file_typed(tmp_path: Path) -> None:
+    """The environment holds strings (RAFTFAST_FSYNC=off, RAFTFAST_TICK_MS=20, as documented);
+    a config file holds TOML's integers and booleans, and only those."""
+    toml = tmp_path / "node.toml"
+    toml.write_text("tick_ms = 20\nfsync = false\nclient_stream_port = 0\n")
+    argv = ["--id", "n1", "--peers", PEERS, "--data-dir", str(tmp_path / "d")]
+    s = parse_settings([*argv, "--config", str(toml)], {})
+    assert (s.tick_ms, s.fsync) == (20, False)
+    s = parse_settings(argv, {"RAFTFAST_FSYNC": "off", "RAFTFAST_TICK_MS": " 20 "})
+    assert (s.tick_ms, s.fsync) == (20, False)
+    for text in ('tick_ms = "20"\n', "fsync = 0\n", 'fsync = "false"\n', "tick_ms = 20.0\n"):
+        toml.write_text(text)
+        with pytest.raises(ConfigError, match="a TOML one|TOML true or false"):
+            parse_settings([*argv, "--config", str(toml)], {})
 
 
 def test_bad_flag_subprocess_has_no_traceback() -> None:

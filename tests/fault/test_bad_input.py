@@ -679,7 +679,7 @@ BAD = [
     ("toml election of hours", ["@toml", "tick_ms = 1000\nelection_ticks = 3600"], "at most 50000"),
     ("2^64 quota", ["--quota-backend-bytes", str(2**64)], "--quota-backend-bytes must be at most"),
     ("empty restore", ["--restore", ""], "--restore needs a backup file"),
-    ("endless config", ["--config", "/dev/zero"], "larger than 1048576 bytes"),
+    ("endless config", ["--config", "/dev/zero"], "larger than 65536 bytes"),
 ]
 
 

@@ -148,6 +148,94 @@ def test_a_bad_roles_file_is_one_clear_line(tmp_path):
     assert load_roles(str(path)) == {"Bob": Role.ADMIN}
 
 
+def test_a_roles_file_with_no_name_too_deep_or_too_big_is_one_line(made, tmp_path):
+    """(An empty name was taken; deep nesting was a RecursionError traceback, exit 1; there was
+    no bound at all: --auth-roles /dev/zero was read until memory ran out.)"""
+    path = tmp_path / "roles.toml"
+    for text, words in [
+        ('[roles]\n"" = "admin"\n', "a client name is empty"),
+        ('[roles]\n" " = "read"\n', "a client name is empty"),
+        ("[roles]\nx = " + "[\n" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+        ("[roles]\n" + 'a = "read"\n' * 7000, "larger than 65536 bytes"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            load_roles(str(path))
+    with pytest.raises(ValueError, match="larger than 65536 bytes"):
+        load_roles("/dev/zero")
+    # and at the node's start: exit 2, one line
+    path.write_text('[roles]\n"" = "admin"\n')
+    tls = [
+        "--cert-file", str(made / "n1.crt"), "--key-file", str(made / "n1.key"),
+        "--trusted-ca-file", str(made / "ca.crt"), "--client-cert-auth",
+        "--peer-listen", "127.0.0.1:7101", "--auth-roles", str(path),
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="a client name is empty"):
+        _settings(tmp_path, *tls)
+
+
+def test_a_peer_ca_that_is_the_client_ca_is_warned_of_once(made, tmp_path, monkeypatch, caplog):
+    """docs/security.md: with one CA for both, a client certificate named like a node speaks
+    as that node on the peer port. Refused it is not (a test cluster may want it): a WARNING."""
+    from raftfast.server import node_cli
+
+    monkeypatch.setattr(node_cli, "_run_serve", lambda settings, machine=None: None)
+    copy = tmp_path / "copy-of-ca.crt"
+    copy.write_bytes((made / "ca.crt").read_bytes())
+    common = [
+        "--id", "n1", "--listen", "127.0.0.1:7001", "--peers", PEERS,
+        "--cert-file", str(made / "n1.crt"), "--key-file", str(made / "n1.key"),
+        "--trusted-ca-file", str(made / "ca.crt"), "--client-cert-auth",
+        "--peer-listen", "127.0.0.1:7101", "--peer-cert-file", str(made / "n1-peer.crt"),
+        "--peer-key-file", str(made / "n1-peer.key"),
+    ]  # fmt: skip
+    for n, (peer_ca, warned) in enumerate(
+        [(made / "ca.crt", True), (copy, True), (made / "peer-ca.crt", False)]
+    ):
+        caplog.clear()
+        argv = [
+            *common,
+            "--peer-trusted-ca-file",
+            str(peer_ca),
+            "--data-dir",
+            str(tmp_path / f"d{n}"),
+        ]
+        assert node_cli.main(argv) == 0
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        lines = [line for line in lines if "--peer-trusted-ca-file" in line]
+        assert len(lines) == (1 if warned else 0), (peer_ca, lines)
+        if warned:
+            assert "is the clients' CA" in lines[0] and "speak as that node" in lines[0]
+
+
+def test_certs_refuses_bad_hosts_and_says_when_it_cannot_write(tmp_path):
+    """(--hosts "a b" wrote a certificate for the DNS name "a b"; a byte that is no character
+    showed the cryptography library's advice; --dir naming a file exited 1, "not found".)"""
+    for hosts, words in [
+        ("a b", "'a b' is neither an IP address nor a host name"),
+        (b"\xff", "is neither an IP address nor a host name"),  # (not UTF-8)
+        ("bad..name", "'bad..name' is neither"),
+        ("-x.example", "is neither"),
+        ("x-.example", "is neither"),
+        ("a/b", "is neither"),
+    ]:
+        flag = b"--hosts=" + hosts if isinstance(hosts, bytes) else f"--hosts={hosts}"
+        done = certs(tmp_path, "--nodes", "n1", flag)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and words in lines[0], done.stderr
+    assert not (tmp_path / "tls").exists()
+    (tmp_path / "tls").write_text("a file")
+    done = certs(tmp_path, "--nodes", "n1")
+    assert done.returncode == 5, done.stderr  # ExitCode.FAILED: a file that cannot be written
+    assert (
+        done.stderr
+        == f"error: cannot write the certificates to {tmp_path / 'tls'}: Not a directory\n"
+    )
+    hosts = "localhost,*.example.com,node_1.internal,xn--bcher-kva.example,[::1],10.0.0.1"
+    done = certs(tmp_path / "ok", "--nodes", "n1", "--hosts", hosts)
+    assert done.returncode == 0, done.stderr
+
+
 class _Context:
     def __init__(self, name: str | None) -> None:
         self.name = name
