@@ -238,6 +238,13 @@ def load_state_machine(spec: str) -> StateMachine | None:
     return machine
 
 
+def _retention(value: Any, where: str) -> str:
+    """etcd's --auto-compaction-retention: text ("1h", "1000"), or in TOML a count too."""
+    if type(value) is int and value >= 0:  # (retention = 1000 in a config file)
+        return str(value)
+    return _str(value, where)
+
+
 def _stream_kind(value: Any, where: str) -> str:
     kind = _str(value, where).lower()
     if kind not in PEER_STREAMS:
@@ -283,7 +290,7 @@ _CONVERT: dict[str, Callable[[Any, str], Any]] = {
     "auth_roles": _str,
     "quota_backend_bytes": _int,
     "auto_compaction_mode": _str,
-    "auto_compaction_retention": _str,
+    "auto_compaction_retention": _retention,
     "state_machine": _factory,
 }
 _SETTINGS_FIELDS = {f.name for f in fields(NodeSettings)}

@@ -328,10 +328,12 @@ def test_the_environment_is_text_and_a_config_file_typed(tmp_path: Path) -> None
     """The environment holds strings (RAFTFAST_FSYNC=off, RAFTFAST_TICK_MS=20, as documented);
     a config file holds TOML's integers and booleans, and only those."""
     toml = tmp_path / "node.toml"
-    toml.write_text("tick_ms = 20\nfsync = false\nclient_stream_port = 0\n")
+    toml.write_text(
+        "tick_ms = 20\nfsync = false\nclient_stream_port = 0\nauto_compaction_retention = 1000\n"
+    )
     argv = ["--id", "n1", "--peers", PEERS, "--data-dir", str(tmp_path / "d")]
     s = parse_settings([*argv, "--config", str(toml)], {})
-    assert (s.tick_ms, s.fsync) == (20, False)
+    assert (s.tick_ms, s.fsync, s.auto_compaction_retention) == (20, False, "1000")
     s = parse_settings(argv, {"RAFTFAST_FSYNC": "off", "RAFTFAST_TICK_MS": " 20 "})
     assert (s.tick_ms, s.fsync) == (20, False)
     for text in ('tick_ms = "20"\n', "fsync = 0\n", 'fsync = "false"\n', "tick_ms = 20.0\n"):
