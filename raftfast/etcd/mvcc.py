@@ -678,6 +678,12 @@ class MVCCStore:
         current.update(undo)
         return [current[k] for k in sorted(current) if current[k] is not None]
 
+    def events_at(self, revision: int) -> tuple[Event, ...]:
+        """The events of ``revision`` (at most the store's; EtcdError COMPACTED if gone)."""
+        if revision <= self.compact_revision:
+            raise errors.COMPACTED
+        return self._history[revision - self._history_base]
+
     def events_from(
         self, revision: int, max_events: int = 1000, max_bytes: int | None = None
     ) -> tuple[list[Event], int]:

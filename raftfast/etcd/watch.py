@@ -55,12 +55,15 @@ _PROGRESS_PER_CALL = 500
 # compaction revision looks at (each counts _WALK_COST against the bytes of a call).
 _WALK_PART = 1_000
 _WALK_COST = 64
+# What looking at one watcher costs a call of _Stream.pending (against the bytes of a call,
+# as _WALK_COST): ~9 us each, and a put matched by 50,000 watchers held the loop 0.45 s.
+_WATCHER_COST = 512
 _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 
 
 class _Watcher:
-    __slots__ = ("id", "key", "range_end", "bounds", "next_rev", "prev_kv", "noput",
+    __slots__ = ("id", "key", "range_end", "bounds", "next_rev", "skip", "prev_kv", "noput",
                  "nodelete", "progress_notify", "fragment", "last_sent", "walk")  # fmt: skip
 
     def __init__(self, watch_id: int, r: pb.WatchCreateRequest, next_rev: int) -> None:
@@ -69,6 +72,7 @@ class _Watcher:
         self.range_end = r.range_end
         self.bounds = range_of(r.key, r.range_end)
         self.next_rev = next_rev
+        self.skip = 0  # events of revision next_rev already sent (a revision sent in parts)
         self.prev_kv = r.prev_kv
         self.noput = _NOPUT in r.filters
         self.nodelete = _NODELETE in r.filters
@@ -248,17 +252,16 @@ class _Stream:
                     continue
                 if w.next_rev > store.revision:
                     continue
+            spent += _WATCHER_COST
             try:
-                events, w.next_rev = store.events_from(
-                    w.next_rev, MAX_EVENTS_PER_RESPONSE, max_bytes
-                )
+                events, whole = self._next_events(w, max_bytes)
             except EtcdError:
                 self._drop(w.id)
                 out.append(self._compacted(w.id))
                 continue
             chosen = [e for e in events if w.wants(e)]
             spent += 64 * len(events)
-            header = self.api.header(w.next_rev - 1)
+            header = self.api.header(w.next_rev - 1 if whole else w.next_rev)
             # (a response of at most MAX_EVENTS_PER_RESPONSE events and about max_bytes: gRPC
             # sends none over 64 MiB, and a watcher behind by more would never catch up)
             parts: list[list[Event]] = [[]]
@@ -273,7 +276,7 @@ class _Stream:
                 size += n
                 spent += n
             for i, part in enumerate(parts if chosen else ()):
-                more = i + 1 < len(parts)
+                more = i + 1 < len(parts) or not whole
                 out.append(
                     pb.WatchResponse(
                         header=header,
@@ -303,6 +306,27 @@ class _Stream:
                 out.append(pb.WatchResponse(header=header, watch_id=w.id))
         return out
 
+    def _next_events(self, w: _Watcher, max_bytes: int) -> tuple[list[Event], bool]:
+        """The events ``w`` looks at next, and whether they end a revision: whole revisions,
+        or the next MAX_EVENTS_PER_RESPONSE of one bigger than that (a DeleteRange of 50,000
+        keys was made into events for each watcher at once: 0.26 s with one watcher, an
+        election with 20). Moves ``w`` past them."""
+        store = self.api.store
+        if w.skip:  # (in the middle of a big revision)
+            events = store.events_at(w.next_rev)
+            part = list(events[w.skip : w.skip + MAX_EVENTS_PER_RESPONSE])
+            if w.skip + MAX_EVENTS_PER_RESPONSE < len(events):
+                w.skip += MAX_EVENTS_PER_RESPONSE
+                return part, False
+            w.next_rev, w.skip = w.next_rev + 1, 0
+            return part, True
+        events, after = store.events_from(w.next_rev, MAX_EVENTS_PER_RESPONSE, max_bytes)
+        if len(events) > MAX_EVENTS_PER_RESPONSE:  # (one revision, bigger than a response)
+            w.skip = MAX_EVENTS_PER_RESPONSE
+            return events[:MAX_EVENTS_PER_RESPONSE], False
+        w.next_rev = after
+        return events, True
+
     def caught_up(self) -> bool:
         revision = self.api.store.revision
         return all(w.next_rev > revision for w in self.watchers.values())
@@ -325,6 +349,11 @@ class WatchService(pb_grpc.WatchServicer):
         self.api = api
         self.streams: set[_Stream] = set()
         self.budget = _Budget()
+        # One stream looks for events at a time, and holds its turn for a loop turn: a write
+        # matched by the watchers of many streams was made into answers for all of them in
+        # one loop turn (50,000 watchers on 5 streams: 0.45 s, an election). Between two
+        # streams' calls the loop now polls its sockets (a call does a bounded amount).
+        self.turns = asyncio.Lock()
 
     def notify(self) -> None:
         """After an apply: every stream looks for new events."""
@@ -343,7 +372,10 @@ class WatchService(pb_grpc.WatchServicer):
         try:
             while not stream.done and not driver.stopping:
                 stream.wake.clear()
-                responses = stream.pending()
+                async with self.turns:
+                    responses = stream.pending()
+                    if responses or stream.wake.is_set():
+                        await asyncio.sleep(0)  # (the next stream's call in the next turn)
                 if responses:
                     for response in responses:
                         yield response

@@ -264,3 +264,60 @@ def test_at_compaction_compacted_again_during_walk(monkeypatch: pytest.MonkeyPat
     out = [r for call in _drain(stream) for r in call]
     assert out[-1].canceled and out[-1].compact_revision == crev + 2
     assert not stream.watchers
+
+
+# -- fan-out: many watchers, big revisions --------------------------------------------------
+
+
+def test_a_big_revision_goes_to_a_watcher_in_parts_across_calls() -> None:
+    # A DeleteRange of 50,000 keys was made into events for each watcher in one call (0.26 s
+    # with one prev_kv watcher, an election with 20): now at most MAX_EVENTS_PER_RESPONSE
+    # events of it per watcher and call, in order, fragments marked.
+    n = 3 * watch.MAX_EVENTS_PER_RESPONSE + 7
+    store = MVCCStore()
+    for i in range(0, n, 128):
+        ops = [
+            pb.RequestOp(request_put=pb.PutRequest(key=b"d/%06d" % j, value=b"v"))
+            for j in range(i, min(i + 128, n))
+        ]
+        store.apply(encode(pb.TxnRequest(success=ops)))
+    stream = watch._Stream(_api(store))
+    _create(stream, key=b"d/", range_end=b"d0", prev_kv=True, fragment=True)
+    _create(stream, key=b"d/000005")  # (one key of the revision: one event)
+    assert len(stream.pending()) == 2  # (the created answers)
+    store.apply(encode(pb.DeleteRangeRequest(key=b"d/", range_end=b"d0")))
+    deleted_at = store.revision
+    _put(store, b"d/after")
+    calls = _drain(stream)
+    by_watcher: dict[int, list[pb.WatchResponse]] = {0: [], 1: []}
+    for call in calls:
+        per_watcher = [r for r in call if r.events]
+        assert all(len(r.events) <= watch.MAX_EVENTS_PER_RESPONSE for r in per_watcher)
+        for r in per_watcher:
+            by_watcher[r.watch_id].append(r)
+    big = by_watcher[0]
+    events = [e for r in big for e in r.events]
+    assert [e.kv.key for e in events] == [b"d/%06d" % j for j in range(n)] + [b"d/after"]
+    assert all(e.prev_kv.value == b"v" for e in events[:n])
+    deletes = [r for r in big if r.header.revision == deleted_at]
+    assert len(deletes) == 4 and [r.fragment for r in deletes] == [True, True, True, False]
+    assert [len(r.events) for r in deletes] == [1000, 1000, 1000, 7]
+    assert len(calls) >= 4  # (the parts came in calls of their own)
+    small = [e.kv.key for r in by_watcher[1] for e in r.events]
+    assert small == [b"d/000005"]
+
+
+def test_one_call_looks_at_a_bounded_number_of_watchers() -> None:
+    # A put matched by 50,000 watchers of 5 streams held the loop 0.45 s: each watcher looked
+    # at now costs a call _WATCHER_COST, so a call stops after a bounded number of them.
+    store = MVCCStore()
+    stream = watch._Stream(_api(store))
+    n = watch.MAX_WATCHERS_PER_STREAM
+    for _ in range(n):
+        _create(stream, key=b"k")
+    stream.pending()
+    _put(store, b"k")
+    calls = _drain(stream)
+    assert sum(len(c) for c in calls) == n  # (every watcher got the put, once)
+    most = MAX_BYTES // watch._WATCHER_COST + 1
+    assert max(len(c) for c in calls) <= most and len(calls) > n // most
