@@ -57,7 +57,7 @@ _WALK_PART = 1_000
 _WALK_COST = 64
 # What looking at one watcher costs a call of _Stream.pending (against the bytes of a call,
 # as _WALK_COST): ~9 us each, and a put matched by 50,000 watchers held the loop 0.45 s.
-_WATCHER_COST = 512
+_WATCHER_COST = 1536
 _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 
