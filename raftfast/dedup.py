@@ -15,14 +15,29 @@ from typing import Any
 
 from raftfast.limits import MAX_CLIENT_ID
 
-__all__ = ["DEDUP_WINDOW", "MAX_CLIENTS", "ClientWindow", "owned_client_id", "window_of"]
+__all__ = [
+    "DEDUP_WINDOW",
+    "MAX_CLIENTS",
+    "MAX_RESULTS",
+    "ClientTable",
+    "ClientWindow",
+    "owned_client_id",
+    "remember",
+    "window_of",
+]
 
 DEDUP_WINDOW = 4096  # sequences remembered per client
 MAX_CLIENTS = 100_000  # clients remembered before the least recently active is forgotten
+# Results remembered by all clients together: past it the least recently active clients are
+# forgotten. Without it 100,000 made-up client ids of 4,096+ writes each were hundreds of
+# millions of results, tens of GB on every node (a hostile hunt: 10-15 MB/s a node).
+MAX_RESULTS = 4_000_000
 
 
 class ClientWindow:
-    """One client's results of its sequences in (max_seq - window, max_seq]."""
+    """One client's results of its sequences in (max_seq - window, max_seq], and only those
+    (what a snapshot keeps: so a replica restored from one holds the same results as one
+    that applied every entry, and ``ClientTable.held`` is the same everywhere)."""
 
     __slots__ = ("max_seq", "results")
 
@@ -39,28 +54,55 @@ class ClientWindow:
     def is_late(self, seq: int, window: int) -> bool:
         return seq <= self.max_seq - window
 
-    def remember(self, seq: int, result: Any, window: int) -> None:
-        self.results[seq] = result
+    def remember(self, seq: int, result: Any, window: int) -> int:
+        """Keep ``result`` (``seq`` is not below the window); returns how many more results
+        the window holds (fewer when it slid past some)."""
+        before = len(self.results)
         if seq > self.max_seq:
+            if seq - self.max_seq >= window:
+                self.results.clear()  # (every one remembered is below the new window)
+            else:  # (those the window slides past: one a write for a client in sequence)
+                for gone in range(self.max_seq - window + 1, seq - window + 1):
+                    self.results.pop(gone, None)
             self.max_seq = seq
-            if len(self.results) > 2 * window:  # (prune now and then, not on every write)
-                floor = seq - window
-                self.results = {s: r for s, r in self.results.items() if s > floor}
+        self.results[seq] = result
+        return len(self.results) - before
 
 
-def window_of(
-    clients: OrderedDict[int, ClientWindow], client_id: int, max_clients: int
-) -> ClientWindow:
+class ClientTable(OrderedDict[int, ClientWindow]):
+    """The clients' windows, least recently active first, and ``held``: the results they hold
+    in all (kept by ``window_of`` and ``remember``)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.held = sum(len(w.results) for w in self.values())
+
+    def forget_oldest(self) -> None:
+        _, window = self.popitem(last=False)
+        self.held -= len(window.results)
+
+
+def window_of(clients: ClientTable, client_id: int, max_clients: int) -> ClientWindow:
     """``client_id``'s window, now the most recently active; a new client's is created, and
     the least recently active is forgotten past ``max_clients``."""
     window = clients.get(client_id)
     if window is None:
         window = clients[client_id] = ClientWindow()
         if len(clients) > max_clients:
-            clients.popitem(last=False)
+            clients.forget_oldest()
     else:
         clients.move_to_end(client_id)
     return window
+
+
+def remember(
+    clients: ClientTable, client: ClientWindow, seq: int, result: Any, window: int
+) -> None:
+    """``client.remember``, and past MAX_RESULTS in all the least recently active clients
+    forgotten (``client``, the most recent, stays): deterministic, as the table is."""
+    clients.held += client.remember(seq, result, window)
+    while clients.held > MAX_RESULTS and len(clients) > 1:
+        clients.forget_oldest()
 
 
 def owned_client_id(client_id: int, owner: str | None) -> int:

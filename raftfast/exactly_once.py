@@ -20,7 +20,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
+from raftfast.dedup import (
+    DEDUP_WINDOW,
+    MAX_CLIENTS,
+    ClientTable,
+    ClientWindow,
+    remember,
+    window_of,
+)
 from raftfast.errors import MAX_MESSAGE_CHARS, CommandError, CorruptionError, message_of
 from raftfast.statemachine import StateMachine
 
@@ -47,7 +54,7 @@ class ExactlyOnce(StateMachine):
         self.inner = inner
         self._window = window
         self._max_clients = max_clients
-        self._clients: OrderedDict[int, ClientWindow] = OrderedDict()
+        self._clients = ClientTable()
 
     # -- applying --------------------------------------------------------------------------
 
@@ -64,7 +71,7 @@ class ExactlyOnce(StateMachine):
         if seq in client.results:
             return client.results[seq]
         result = _kept(self._apply(index, body))
-        client.remember(seq, result, self._window)
+        remember(self._clients, client, seq, result, self._window)
         return result
 
     def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[Any]:
@@ -98,9 +105,8 @@ class ExactlyOnce(StateMachine):
         results = [_kept(result) for result in results]
         for (client_id, seq), result in zip(ids, results, strict=True):
             if client_id:
-                window_of(self._clients, client_id, self._max_clients).remember(
-                    seq, result, self._window
-                )
+                window = window_of(self._clients, client_id, self._max_clients)
+                remember(self._clients, window, seq, result, self._window)
         return results
 
     def _apply(self, index: int, body: bytes) -> Any:
@@ -143,10 +149,11 @@ class ExactlyOnce(StateMachine):
             for _ in range(n):
                 seq, kind, length = _RESULT.unpack(_read(inp, _RESULT.size))
                 client.results[seq] = _decode(kind, _read(inp, length))
-        while len(clients) > self._max_clients:
-            clients.popitem(last=False)
+        table = ClientTable(clients)
+        while len(table) > self._max_clients:
+            table.forget_oldest()
         self.inner.restore(inp)
-        self._clients = clients
+        self._clients = table
 
 
 def _kept(result: Any) -> Any:

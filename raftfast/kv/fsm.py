@@ -34,7 +34,14 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 from raftfast._accel import KeyStore, check_packed, crc32c, load_store
-from raftfast.dedup import DEDUP_WINDOW, MAX_CLIENTS, ClientWindow, window_of
+from raftfast.dedup import (
+    DEDUP_WINDOW,
+    MAX_CLIENTS,
+    ClientTable,
+    ClientWindow,
+    remember,
+    window_of,
+)
 from raftfast.errors import CorruptionError, FormatVersionError
 from raftfast.etcd.mvcc import MVCCStore
 from raftfast.kv.commands import (
@@ -85,7 +92,7 @@ class KVStateMachine(StateMachine):
         self._window = dedup_window
         self._max_clients = max_clients
         self._data = KeyStore()
-        self._clients: OrderedDict[int, ClientWindow] = OrderedDict()
+        self._clients = ClientTable()
         # The etcd API's keyspace (raftfast.etcd): a namespace of its own, beside this one.
         self.etcd = MVCCStore()
 
@@ -118,7 +125,7 @@ class KVStateMachine(StateMachine):
         if cached is not None:
             return cached
         result = self._execute(op, key, expected, value)
-        client.remember(seq, result, self._window)
+        remember(self._clients, client, seq, result, self._window)
         return result
 
     def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[bool | None]:
@@ -232,7 +239,7 @@ class KVStateMachine(StateMachine):
         while this machine goes on applying."""
         twin = copy.copy(self)
         twin._data = self._data.copy()
-        twin._clients = OrderedDict((cid, w.copy()) for cid, w in self._clients.items())
+        twin._clients = ClientTable((cid, w.copy()) for cid, w in self._clients.items())
         twin.alarms = set(self.alarms)
         twin.etcd = self.etcd.frozen()
         return twin
@@ -345,9 +352,10 @@ class KVStateMachine(StateMachine):
             raise CorruptionError("KV snapshot CRC mismatch: truncated or corrupt", offset=end)
         if alarm_bits >> (len(ALARMS) if version > 1 else 0):
             raise CorruptionError(f"KV snapshot: unknown alarm bits {alarm_bits:#x}", offset=6)
-        data_, clients, etcd = _parse_snapshot(mv, _SNAP_HEADER.size, end, version)
+        data_, parsed, etcd = _parse_snapshot(mv, _SNAP_HEADER.size, end, version)
+        clients = ClientTable(parsed)
         while len(clients) > self._max_clients:
-            clients.popitem(last=False)
+            clients.forget_oldest()
         alarms = {name for i, name in enumerate(ALARMS) if alarm_bits >> i & 1}
 
         def swap() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 
 import pytest
@@ -247,6 +248,42 @@ def test_idle_clients_are_evicted_in_lru_order() -> None:
     # client 3 is evicted next (by client 2's return); client 2's retry runs again
     assert m.apply(7, encode_delete(2, 1, b"k")) is True
     assert m.get(b"k") is None
+
+
+def test_the_results_all_clients_hold_are_bounded_the_same_on_every_replica(monkeypatch) -> None:
+    # 100,000 made-up client ids of 4,096+ writes each: hundreds of millions of results, tens
+    # of GB on every node (a hostile hunt). Past MAX_RESULTS in all, the least recently active
+    # clients go; what is counted is what a snapshot keeps, so a replica restored from one
+    # forgets the same clients as one that applied every entry.
+    from raftfast import dedup
+
+    monkeypatch.setattr(dedup, "MAX_RESULTS", 20)
+    live = KVStateMachine(dedup_window=8)
+    restored = None
+    index = 0
+    for cid in range(1, 11):
+        seqs = [*range(1, 13), 40, 38, 39, 41, 42, 43, 44]  # (in order, a jump, out of order)
+        for seq in seqs:
+            index += 1
+            command = encode_put(cid, seq, b"k%d" % cid, b"v%d" % seq)
+            live.apply(index, command)
+            if restored is not None:
+                restored.apply(index, command)
+            held = sum(len(w.results) for w in live._clients.values())
+            assert live._clients.held == held <= 20
+            assert all(s > w.max_seq - 8 for w in live._clients.values() for s in w.results)
+        if cid == 4:  # (a replica that starts from a snapshot here)
+            out = io.BytesIO()
+            live.snapshot(out)
+            restored = KVStateMachine(dedup_window=8)
+            restored.restore(io.BytesIO(out.getvalue()))
+            assert restored._clients.held == live._clients.held
+    assert list(live._clients)[-1] == 10 and live.client_count < 10  # (the oldest forgotten)
+    assert restored is not None and restored.fingerprint() == live.fingerprint()
+    assert list(restored._clients) == list(live._clients)
+    assert live.frozen()._clients.held == live._clients.held
+    assert live.apply(index + 1, encode_put(10, 44, b"k10", b"again")) is True  # (cached)
+    assert live.get(b"k10") == b"v44"
 
 
 # -- scan -------------------------------------------------------------------------------------
