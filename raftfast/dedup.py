@@ -28,10 +28,11 @@ __all__ = [
 
 DEDUP_WINDOW = 4096  # sequences remembered per client
 MAX_CLIENTS = 100_000  # clients remembered before the least recently active is forgotten
-# Results remembered by all clients together: past it the least recently active clients are
-# forgotten. Without it 100,000 made-up client ids of 4,096+ writes each were hundreds of
-# millions of results, tens of GB on every node (a hostile hunt: 10-15 MB/s a node).
-MAX_RESULTS = 4_000_000
+# Results remembered by all clients together (~150 bytes each here: ~300 MB at most, the
+# windows of ~490 clients that have each written 4,096 times): past it the least recently
+# active clients are forgotten. Without it 100,000 made-up client ids of 4,096+ writes each
+# were hundreds of millions of results, tens of GB on every node (a hostile hunt: 10-15 MB/s).
+MAX_RESULTS = 2_000_000
 
 
 class ClientWindow:
