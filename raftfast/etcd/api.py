@@ -71,6 +71,11 @@ MAX_LEASE_KEYS = 10_000
 # 500,000 keys held every node ~2 s (elections; etcd has no bound). Counted on the leader's
 # state when it is proposed, like the lease bound (an old log replays as written).
 MAX_DELETE_KEYS = 50_000
+# Leases a cluster holds (a grant past it is refused, counted on the applied state when it is
+# asked: grants at the same moment may pass it by as many). The leader's lessor looks at every
+# lease when the set changes and every 0.1 s for expiry: unbounded, 100,000 leases were granted
+# at only ~700 a second, and millions would hold the leader's loop (a hostile hunt).
+MAX_LEASES = 100_000
 # Records one Txn's ranges and compares may look at (its ranges read at an old revision count
 # the revisions since too): a Txn is applied at once on every node, and one that read 300,000
 # keys held each ~0.7 s (etcd has no bound; a Range outside a Txn is answered in parts, on
@@ -297,6 +302,8 @@ class EtcdAPI:
         elif method == "Lease/LeaseGrant":
             if request.TTL > MAX_LEASE_TTL:
                 raise errors.LEASE_TTL_TOO_LARGE
+            if len(self.store.leases) >= MAX_LEASES:
+                raise errors.too_many_leases(MAX_LEASES)
 
     # -- KV ---------------------------------------------------------------------------------
 

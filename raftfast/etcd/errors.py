@@ -99,6 +99,14 @@ def lease_full(lease_id: int, most: int) -> EtcdError:
     )
 
 
+def too_many_leases(most: int) -> EtcdError:
+    """A grant past the most leases a cluster holds here."""
+    return EtcdError(
+        _C.RESOURCE_EXHAUSTED,
+        f"etcdserver: the cluster holds {most} leases, the most it may hold here: revoke some",
+    )
+
+
 def txn_reads_too_much(count: int, most: int) -> EtcdError:
     """A Txn would look at more records than a node reads in one apply here."""
     return EtcdError(

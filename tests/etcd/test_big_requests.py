@@ -173,3 +173,23 @@ def test_a_frozen_store_dumps_as_the_store_did_then():
     then = store.dump()
     store.apply(encode(pb.DeleteRangeRequest(key=b"k/", range_end=b"k0")))
     assert frozen.dump() == then and store.dump() != then
+
+
+def test_a_grant_past_the_most_leases_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Leases had no bound: the leader's lessor looks at each when the set changes and every
+    # 0.1 s (100,000 were granted at only ~700 a second; millions would hold its loop).
+    from raftfast.etcd import api as etcd_api
+
+    monkeypatch.setattr(etcd_api, "MAX_LEASES", 3)
+    store = MVCCStore()
+    fake = SimpleNamespace(
+        store=store, driver=SimpleNamespace(settings=SimpleNamespace(max_request_bytes=1 << 20))
+    )
+    for lease_id in (1, 2, 3):
+        EtcdAPI.check_request(fake, "Lease/LeaseGrant", pb.LeaseGrantRequest(ID=lease_id, TTL=60))
+        store.apply(encode(pb.LeaseGrantRequest(ID=lease_id, TTL=60)))
+    with pytest.raises(EtcdError, match="holds 3 leases") as caught:
+        EtcdAPI.check_request(fake, "Lease/LeaseGrant", pb.LeaseGrantRequest(ID=4, TTL=60))
+    assert caught.value.code.name == "RESOURCE_EXHAUSTED"
+    store.apply(encode(pb.LeaseRevokeRequest(ID=2)))
+    EtcdAPI.check_request(fake, "Lease/LeaseGrant", pb.LeaseGrantRequest(ID=4, TTL=60))
