@@ -28,6 +28,7 @@ class Progress:
         "inflight_bytes",
         "pending_snapshot",
         "generation",
+        "heartbeat_match",
     )
 
     def __init__(self, next_index: int, match_index: int = 0) -> None:
@@ -42,6 +43,7 @@ class Progress:
         # Bumped at every state change and carried by AppendEntries (and echoed in the answers),
         # so a rejection of a frame sent under an earlier state can be recognised as stale.
         self.generation = 0
+        self.heartbeat_match = -1  # match_index at its last heartbeat answer (REPLICATE)
 
     def become_snapshot(self, index: int) -> None:
         self.generation += 1

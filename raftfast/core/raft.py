@@ -733,10 +733,14 @@ class Raft:
                 # A probe, or the last frames sent in REPLICATE, may have been lost (a stream
                 # that broke before the transport said so): an empty append at the follower's
                 # next index finds where the logs agree even when nothing new is to be sent.
-                # (Without it, a follower whose last frames were lost stayed behind until the
-                # next write. Behind frames still under way on the same stream, it is only
-                # acknowledged.)
-                self._send_append(m.src, pr, allow_empty=True)
+                # In REPLICATE only once the follower made no progress for a heartbeat (frames
+                # under way would answer it anyway). Without it, a follower whose last frames
+                # were lost stayed behind until the next write.
+                stalled = pr.match_index == pr.heartbeat_match
+                pr.heartbeat_match = pr.match_index
+                self._send_append(
+                    m.src, pr, allow_empty=stalled or pr.state == ProgressState.PROBE
+                )
 
     def _handle_reject(self, m: Message, pr: Progress) -> None:
         probe_hint = m.hint
