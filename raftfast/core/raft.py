@@ -738,9 +738,7 @@ class Raft:
                 # were lost stayed behind until the next write.
                 stalled = pr.match_index == pr.heartbeat_match
                 pr.heartbeat_match = pr.match_index
-                self._send_append(
-                    m.src, pr, allow_empty=stalled or pr.state == ProgressState.PROBE
-                )
+                self._send_append(m.src, pr, allow_empty=stalled or pr.state == ProgressState.PROBE)
 
     def _handle_reject(self, m: Message, pr: Progress) -> None:
         probe_hint = m.hint
