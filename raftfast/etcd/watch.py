@@ -237,7 +237,8 @@ class _Stream:
                 break
             # (the next call begins with the others)
             self.watchers[w.id] = self.watchers.pop(w.id)
-            if w.next_rev == store.compact_revision:
+            # (a watcher in the middle of that revision lost the rest of it: compacted)
+            if w.next_rev == store.compact_revision and not w.skip:
                 try:
                     cost, response = self._at_compaction(w, max_bytes - spent)
                 except EtcdError:

@@ -321,3 +321,21 @@ def test_one_call_looks_at_a_bounded_number_of_watchers() -> None:
     assert sum(len(c) for c in calls) == n  # (every watcher got the put, once)
     most = MAX_BYTES // watch._WATCHER_COST + 1
     assert max(len(c) for c in calls) <= most and len(calls) > n // most
+
+
+def test_a_watcher_in_the_middle_of_a_revision_compacted_meanwhile_is_told_so() -> None:
+    n = 2 * watch.MAX_EVENTS_PER_RESPONSE + 1
+    store = MVCCStore()
+    ops = [pb.RequestOp(request_put=pb.PutRequest(key=b"t/%05d" % j, value=b"v")) for j in range(n)]
+    for i in range(0, n, 128):
+        store.apply(encode(pb.TxnRequest(success=ops[i : i + 128])))
+    stream = watch._Stream(_api(store))
+    _create(stream, key=b"t/", range_end=b"t0")
+    stream.pending()
+    store.apply(encode(pb.DeleteRangeRequest(key=b"t/", range_end=b"t0")))
+    first = [r for r in stream.pending() if r.events]
+    assert len(first) == 1 and len(first[0].events) == watch.MAX_EVENTS_PER_RESPONSE
+    store.apply(encode(pb.CompactionRequest(revision=store.revision)))  # (the delete's)
+    answers = stream.pending()
+    assert [r.canceled for r in answers] == [True] and answers[0].compact_revision > 0
+    assert not stream.watchers
