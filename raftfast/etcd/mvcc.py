@@ -580,12 +580,19 @@ class MVCCStore:
             return int(key in self.kvs)
         return self._count(*bounds)
 
-    def read_cost(self, r: pb.RangeRequest) -> int:
-        """About how many records (and revisions of the history) answering ``r`` inside a
-        Txn looks at, from the newest state; by bisection, without reading them."""
+    def read_cost(self, r: pb.RangeRequest, most: int = 1 << 62) -> int:
+        """About how many records (and events of the history) answering ``r`` inside a Txn
+        looks at, from the newest state; by bisection, without reading them. Past ``most``
+        it stops counting (an answer above ``most`` is enough)."""
         count = self.count_in(r.key, r.range_end)
         if r.revision > 0 and r.revision != self.revision:
-            return count + max(self.revision - r.revision, 0)  # (its history walked too)
+            # (its history walked too: the events since, a revision at a time, each >= 1)
+            start = max(r.revision + 1 - self._history_base, 0)
+            for events in islice(self._history, start, None):
+                count += len(events)
+                if count > most:
+                    break
+            return count
         if _filtered(r):
             return count
         if r.count_only:
