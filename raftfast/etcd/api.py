@@ -77,7 +77,7 @@ MAX_DELETE_KEYS = 50_000
 # at only ~700 a second, and millions would hold the leader's loop (a hostile hunt).
 MAX_LEASES = 100_000
 # Records one Txn's ranges and compares may look at (its ranges read at an old revision count
-# the revisions since too): a Txn is applied at once on every node, and one that read 300,000
+# the history's events since too): a Txn is applied at once on every node, and one that read 300,000
 # keys held each ~0.7 s (etcd has no bound; a Range outside a Txn is answered in parts, on
 # the node asked only). Counted on the leader's state when proposed (an old log replays as
 # written).
@@ -106,7 +106,7 @@ class EtcdAPI:
         self.cluster_id = id64("cluster:" + driver.settings.cluster_id)
         self.member_id = member_id(driver.id)
         self.applied = asyncio.Event()  # set after every apply (see _caught_up)
-        # Reads at an old revision walked at once (each holds a copy of its range meanwhile)
+        # Reads of many records in steps at once (each holds its records meanwhile)
         self._stepped_reads = asyncio.Semaphore(_STEPPED_READS)
         from raftfast.etcd.lessor import Lessor  # (it needs this class's instance)
 
