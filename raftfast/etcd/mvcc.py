@@ -647,16 +647,8 @@ class MVCCStore:
             yield None
         self.check_revision(rev)  # (a compaction past it meanwhile took the changes to undo)
         history = self._history[max(rev + 1 - self._history_base, 0) :]
-        undo: dict[bytes, Record | None] = {}  # key -> its record at rev (None: absent)
-        count = 0
-        for events in reversed(history):  # (newest first: the oldest change's prev stays)
-            for ev in reversed(events):
-                if in_range(ev.key, key, bounds):
-                    undo[ev.key] = ev.prev
-            count += len(events)
-            if count >= _HISTORY_PART:
-                count = 0
-                yield None
+        undo: dict[bytes, Record | None] = {}
+        yield from _undo_steps(history, key, bounds, undo)
         if undo:
             walked = [rec for rec in walked if rec.key not in undo]
             walked += [rec for rec in undo.values() if rec is not None]
@@ -678,10 +670,8 @@ class MVCCStore:
         if self._read_budget is not None:
             self._charge(_RECORD_COST * sum(len(events) + 1 for events in history))
         current = {k: self.kvs[k] for k in self._keys_in(key, range_end)}
-        for events in reversed(history):
-            for ev in reversed(events):
-                if in_range(ev.key, key, bounds):
-                    undo[ev.key] = ev.prev
+        for _ in _undo_steps(history, key, bounds, undo):
+            pass  # (at once)
         current.update(undo)
         return [current[k] for k in sorted(current) if current[k] is not None]
 
@@ -880,6 +870,26 @@ class MVCCStore:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MVCCStore) and self.dump() == other.dump()
+
+
+def _undo_steps(
+    history: list[tuple[Event, ...]],
+    key: bytes,
+    bounds: tuple[bytes, bytes | None] | None,
+    undo: dict[bytes, Record | None],
+) -> Iterator[None]:
+    """Fill ``undo`` with each key of the range that ``history`` changed -> its record before
+    it (None: absent), walking newest first (the oldest change's prev stays); None after each
+    ``_HISTORY_PART`` events, for a caller that lets the loop go on between parts."""
+    count = 0
+    for events in reversed(history):
+        for ev in reversed(events):
+            if in_range(ev.key, key, bounds):
+                undo[ev.key] = ev.prev
+        count += len(events)
+        if count >= _HISTORY_PART:
+            count = 0
+            yield None
 
 
 def _filtered(r: pb.RangeRequest) -> bool:
