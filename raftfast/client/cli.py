@@ -231,10 +231,15 @@ async def _cmd_transfer_leader(client: Client, args: argparse.Namespace) -> int:
 _MEMBER_ADD_MIN_TIMEOUT = 120.0
 
 
-def _long_timeout(client: Client, args: argparse.Namespace, floor: float) -> float:
+async def _long_timeout(client: Client, args: argparse.Namespace, floor: float) -> float:
     """The deadline of a long command: at least ``floor`` unless the user chose one
-    (--timeout or $RAFTFAST_TIMEOUT: then that, as for any command)."""
-    return client.timeout if args.timeout is not None else max(client.timeout, floor)
+    (--timeout or $RAFTFAST_TIMEOUT: then that, as for any command). A cluster that does not
+    answer within the ordinary timeout (down, a wrong endpoint, TLS against plain) fails the
+    command then, not ``floor`` later: the members are asked first."""
+    if args.timeout is not None:
+        return client.timeout
+    await client.members(timeout=client.timeout)
+    return max(client.timeout, floor)
 
 
 async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
@@ -242,7 +247,7 @@ async def _cmd_member(client: Client, args: argparse.Namespace) -> int:
     if action == "list":
         listing = await client.members()
     elif action == "add":
-        timeout = _long_timeout(client, args, _MEMBER_ADD_MIN_TIMEOUT)
+        timeout = await _long_timeout(client, args, _MEMBER_ADD_MIN_TIMEOUT)
         listing = await client.add_member(
             args.id, args.address, learner=args.learner, timeout=timeout
         )
@@ -295,7 +300,7 @@ _SNAPSHOT_MIN_TIMEOUT = 600.0
 
 
 async def _cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
-    timeout = _long_timeout(client, args, _SNAPSHOT_MIN_TIMEOUT)
+    timeout = await _long_timeout(client, args, _SNAPSHOT_MIN_TIMEOUT)
     try:
         info = await client.save_snapshot(args.file, timeout=timeout)
     except RaftfastError:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,7 @@ def cli_process(*argv: str, cwd: Path = ROOT, redirect: str = "") -> subprocess.
     by the shell if ``redirect`` says how (">&-": closed)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("RAFTFAST_ENDPOINTS", None)
+    env.pop("RAFTFAST_TIMEOUT", None)
     shell = ["sh", "-c", f'exec "$@" {redirect}', "sh"] if redirect else []
     command = [*shell, sys.executable, "-m", "raftfast.client.cli", *argv]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=cwd, env=env)
@@ -222,6 +224,22 @@ def test_a_long_command_keeps_the_timeout_it_is_given(command, tmp_path) -> None
     proc = cli_process("--endpoints", closed_port(), "--timeout", "1", *command, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr  # ExitCode.UNAVAILABLE
     assert "within 1s" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["snapshot", "save", "backup.snap"], ["member", "add", "n9", "127.0.0.1:9"]]
+)
+def test_a_long_command_against_no_cluster_fails_within_the_usual_timeout(
+    command, tmp_path
+) -> None:
+    """Without --timeout, snapshot save and member add get 600 s and 120 s for their work,
+    but a cluster that does not answer at all (a wrong endpoint, TLS against a plain port)
+    fails them within the ordinary timeout: they waited the 600 s (a hostile hunt)."""
+    started = time.monotonic()
+    proc = cli_process("--endpoints", closed_port(), *command, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr  # ExitCode.UNAVAILABLE
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert time.monotonic() - started < 60  # (the ordinary 5 s, and Python's start-up)
 
 
 def test_a_tls_client_at_a_plain_port_says_so_in_one_line(cluster, tmp_path) -> None:
