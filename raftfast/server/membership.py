@@ -295,6 +295,7 @@ class MembershipMixin:
         """A configuration committed. If it left us out (and we were in one before), we are
         done: shut down once our last messages (the hand-over to a new leader) are out."""
         members = set(membership.members())
+        were_in = self.id in self._committed_members
         for gone in self._committed_members - members:
             self._removed_ids[gone] = index
         # (a removed id may come back anew; one added is new: what we knew of it is gone)
@@ -307,8 +308,11 @@ class MembershipMixin:
             return  # (joining: an earlier node with our id may have been removed long ago)
         if self.id in raw.membership or any(self.id in m for at, m in raw.configs() if at > index):
             return  # added back since
-        if not any(self.id in m for at, m in raw.configs() if at < index):
-            return  # we were never a member before it (we are joining, catching up)
+        if not were_in and not any(self.id in m for at, m in raw.configs() if at < index):
+            # We were never a member before it (we are joining, catching up). (The log's
+            # configurations alone do not say: a snapshot installed while the commits before
+            # it were held for the one restored had replaced them: a review.)
+            return
         self._shut_down_removed(f"the configuration at index {index} leaves it out")
 
     def _shut_down_removed(self, why: str) -> None:

@@ -236,7 +236,7 @@ class SnapshotMixin:
         # (now, with the WAL's record: a node stopped before the restore ends must not
         # keep incarnations the snapshot made stale, a restart does not install it again)
         self.incarnations.snapshot_installed(snap.index)
-        restore_later = getattr(self.fsm, "restore_later", None)
+        restore_later = _restore_later(self.fsm)
         if restore_later is None:
             self._installed(snap, self._restore(snap))
             return
@@ -366,3 +366,17 @@ def log_holds(entries, index: int, term: int) -> bool:
     if not entries.first_index - 1 <= index <= entries.last_index:
         return False
     return entries.term_at(index) == term
+
+
+def _restore_later(fsm: object) -> Callable[[BinaryIO], Callable[[], None]] | None:
+    """``fsm.restore_later``, unless a subclass overrides ``restore`` below the class that
+    defines it (that ``restore_later`` knows nothing of the override: a subclass of
+    KVStateMachine rebuilding something of its own in ``restore`` would miss it)."""
+    mro = type(fsm).__mro__
+    later = next((c for c in mro if "restore_later" in vars(c)), None)
+    restore = next((c for c in mro if "restore" in vars(c)), None)
+    if later is None or (
+        restore is not None and restore is not later and issubclass(restore, later)
+    ):
+        return None
+    return fsm.restore_later  # type: ignore[attr-defined]
