@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from raftfast.client import cli
+from raftfast.client.tables import _width, format_table
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.tools.localcluster import make_certs
 from tests.client.test_client import FakeKV, ThreadedServer, closed_port
@@ -131,6 +132,14 @@ def test_status_table_and_json(cluster, capsysbinary) -> None:
     by_id = {n["id"]: n for n in nodes}
     assert by_id["n2"]["role"] == "follower"
     assert "error" in by_id["n3"]
+
+
+def test_tables_align_ids_that_are_not_ascii() -> None:
+    # Node ids may be any printable text: a wide or combining character is not one column.
+    rows = [["nœud-1", "leader"], ["節点2", "follower"], ["e\u0301", "learner"]]
+    lines = format_table(["ID", "ROLE"], rows)
+    starts = {_width(line[: line.rfind(" ") + 1]) for line in lines}  # (where ROLE begins)
+    assert len(starts) == 1, lines
 
 
 @pytest.mark.parametrize(
