@@ -177,7 +177,7 @@ class BlockingSession:
                     raise PermissionDeniedError(f"{target}: {one_line(str(exc))}") from None
                 if exc.code == _CODE_UNIMPLEMENTED:
                     raise RequestFailedError(
-                        not_raftfast(target, "Session"), "UNIMPLEMENTED"
+                        not_raftfast(target, "Session", one_line(str(exc))), "UNIMPLEMENTED"
                     ) from None
                 if exc.code == CODE_INVALID_ARGUMENT:  # (our one frame: too big, say)
                     raise InvalidArgumentError(one_line(str(exc))) from None

@@ -105,8 +105,11 @@ def read_mode_of(mode: ReadModeLike) -> int:
     raise ValueError(f"unknown read mode {mode!r} (want one of {', '.join(READ_MODES)})")
 
 
-def not_raftfast(target: str, method: str) -> str:
-    """What UNIMPLEMENTED means to a client: retrying cannot help."""
+def not_raftfast(target: str, method: str, details: str = "") -> str:
+    """What UNIMPLEMENTED means to a client: retrying cannot help. (A raftfast node says why
+    in ``details``: one serving a state machine of its own has no key/value calls.)"""
+    if details.startswith("raftfast: "):
+        return f"{target}: {details.removeprefix('raftfast: ')}"
     if method in ("Propose", "Query"):
         return (
             f"{target} serves no state machine of yours: it runs raftfast's key/value store, or "

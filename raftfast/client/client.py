@@ -647,7 +647,9 @@ class Client(SessionMixin):
                 if code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith(REFUSED):
                     raise CommandError(details[len(REFUSED) :].strip()) from None
                 if code == grpc.StatusCode.UNIMPLEMENTED:
-                    raise RequestFailedError(not_raftfast(target, method), code.name) from None
+                    raise RequestFailedError(
+                        not_raftfast(target, method, details), code.name
+                    ) from None
                 if code == grpc.StatusCode.CANCELLED and self._closed:
                     raise RaftfastError("client is closed") from None
                 if code not in RETRYABLE_STATUS:

@@ -369,7 +369,9 @@ class SessionMixin:
                 )
                 continue
             if code == grpc.StatusCode.UNIMPLEMENTED:
-                self._fail_pending(RequestFailedError(not_raftfast(target, "Session"), code.name))
+                details = one_line(await call.details() or "")
+                error = RequestFailedError(not_raftfast(target, "Session", details), code.name)
+                self._fail_pending(error)
                 continue
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 # A node of another cluster (cluster_id): as a unary call there, at once.

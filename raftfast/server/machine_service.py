@@ -20,7 +20,13 @@ from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer
 from raftfast.server.services import DEADLINE_READ, DEADLINE_WRITE, BadRequest, Service, rpc
 
-__all__ = ["MachineService", "StatusOnly", "as_result_bytes", "command_refusal"]
+# UNIMPLEMENTED's text for the key/value calls on such a node (raftfast.client shows it).
+NO_KV_STORE = (
+    "raftfast: this node serves a state machine of its own (--state-machine), not the "
+    "key/value store: send its commands with Propose and Query (Client.propose, Client.query)"
+)
+
+__all__ = ["NO_KV_STORE", "MachineService", "StatusOnly", "as_result_bytes", "command_refusal"]
 
 
 class MachineService(Service, pb_grpc.StateMachineServicer):
@@ -64,6 +70,16 @@ class StatusOnly(Service, pb_grpc.KVServicer):
     @rpc
     async def Status(self, request, context):  # noqa: N802
         return self.node.status()
+
+
+async def _no_kv_store(self, request, context):  # noqa: ARG001 - a servicer method's signature
+    # (the client shows the text: it said "not a raftfast server" to `raftfast get` here)
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_KV_STORE)
+
+
+for _method in pb.DESCRIPTOR.services_by_name["KV"].methods:
+    if _method.name != "Status":
+        setattr(StatusOnly, _method.name, _no_kv_store)
 
 
 def as_result_bytes(result: Any, applied: bool = True) -> bytes:

@@ -5,6 +5,7 @@ missed many commands catches up by snapshot."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from raftfast.client import SyncClient
-from raftfast.errors import CommandError
+from raftfast.client import Client, SyncClient
+from raftfast.errors import CommandError, RequestFailedError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, channel_credentials
@@ -88,6 +89,23 @@ def test_a_retried_propose_is_applied_once(cluster):
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.KVStub(ch).Get(pb.GetRequest(key=b"k"), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # ... and the clients say so, not "not a raftfast server" (a hunt)
+    for client_cls in (SyncClient, Client):
+        with pytest.raises(RequestFailedError, match="serves a state machine of its own"):
+            if client_cls is SyncClient:
+                with SyncClient(cluster.endpoints, timeout=10) as c:
+                    c.get("k")
+            else:
+
+                async def get() -> None:
+                    async with Client(cluster.endpoints, timeout=10) as c:
+                        await c.get("k")
+
+                asyncio.run(get())
+    cli = [sys.executable, "-m", "raftfast.client.cli", "--endpoints", cluster.endpoints[0]]
+    proc = subprocess.run([*cli, "get", "k"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5 and "serves a state machine of its own" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
     wait_for("every node to apply it", lambda: all(
         cluster.status(n).applied_index >= first.index for n in cluster.ids
     ))  # fmt: skip
