@@ -80,6 +80,12 @@ _SLOW_SYNC_S = 0.002
 # heartbeat round takes it, so followers apply (serializable reads, watches on followers) a few
 # milliseconds after the leader, not a heartbeat interval later (etcd's followers are that close).
 _COMMIT_NOTICE_S = 0.002
+# An apply holds the loop for about this long at most: what is left of the committed entries
+# waits for the next turn of the loop (_apply_held), in order, with everything committed after
+# it. A Ready hands over up to 8 MiB of entries, and 8 MiB of etcd Txns of tiny puts (416,000
+# puts) held every node 1.7 s: elections (a hostile hunt). Entries are applied in parts, the
+# clock looked at between parts (_apply_slice).
+_APPLY_SLICE_S = 0.01
 _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) / 1000
 # gRPC streams one client connection may have open: enough for an etcd client's 256 unary calls
 # in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
@@ -674,11 +680,19 @@ class Driver(MembershipMixin, SnapshotMixin):
     async def _run(self) -> None:
         try:
             while not self._stopping or self.raw.has_ready():
-                if not self.raw.has_ready() and not self._proposals and not self._read_requests:
+                if (
+                    not self.raw.has_ready()
+                    and not self._proposals
+                    and not self._read_requests
+                    and not self._apply_due()
+                ):
                     self._wake.clear()
                     await self._wake.wait()
                     if self._stopping:
                         break
+                if self._apply_due():
+                    self._apply_held()
+                    await asyncio.sleep(0)  # (the loop's other work between two slices)
                 if self._compact_to:
                     await self._compact_log()
                 if self._release_at_rest:
@@ -863,11 +877,67 @@ class Driver(MembershipMixin, SnapshotMixin):
         )
 
     def _apply(self, committed: Committed) -> None:
+        """Apply ``committed`` now, as much of it as _APPLY_SLICE_S allows: the rest, and what
+        comes after it, is held and applied in later turns of the loop (as everything
+        committed while a leader's snapshot is restored: after it)."""
+        if self._restoring is not None or self._held_commits:
+            self._held_commits.append(committed)  # (in order: after what is held already)
+            return
+        rest = self._apply_slice(committed, time.perf_counter() + _APPLY_SLICE_S)
+        if rest is not None:
+            self._held_commits.append(rest)
+            self._wake.set()  # (_run goes on with it after a turn of the loop)
+
+    def _apply_due(self) -> bool:
+        return bool(self._held_commits) and self._restoring is None
+
+    def _apply_held(self) -> None:
+        """A slice of the held entries (see _APPLY_SLICE_S), and the reads they let go."""
+        deadline = time.perf_counter() + _APPLY_SLICE_S
+        held = self._held_commits
+        while held and self._restoring is None:
+            rest = self._apply_slice(held.pop(0), deadline)
+            if rest is not None:
+                held.insert(0, rest)
+                break
+        self._release_reads()
+
+    def _apply_slice(self, committed: Committed, deadline: float) -> Committed | None:
+        """Apply ``committed`` part by part until ``deadline``; the entries left, if any. The
+        first part is one entry; each next one is as many entries, and bytes, as the part
+        before it says fit in half the time left (entries of a batch cost alike, mostly: a
+        command's cost is not known before it is applied)."""
+        first, terms, types, payloads = committed
+        count = len(types)
+        if count == 1:
+            self._apply_part(committed)
+            return None
+        start, most_entries, most_bytes = 0, 1, 0
+        while True:
+            end, size = start + 1, len(payloads[start])
+            while end < count and end - start < most_entries:
+                more = len(payloads[end])
+                if size + more > most_bytes:
+                    break
+                size += more
+                end += 1
+            began = time.perf_counter()
+            self._apply_part(
+                Committed(first + start, terms[start:end], types[start:end], payloads[start:end])
+            )
+            now = time.perf_counter()
+            if end == count:
+                return None
+            if now >= deadline:
+                return Committed(first + end, terms[end:], types[end:], payloads[end:])
+            grow = (deadline - now) / max(now - began, 1e-6) / 2
+            most_entries = max(int((end - start) * grow), 1)
+            most_bytes = int(max(size, 1) * grow)
+            start = end
+
+    def _apply_part(self, committed: Committed) -> None:
         """Commands to the state machine (in runs of consecutive ones: all of them, but for a
         leader's no-op or a configuration now and then); configurations to the membership."""
-        if self._restoring is not None:
-            self._held_commits.append(committed)  # (after the snapshot being restored: then)
-            return
         first, terms, types, payloads = committed
         if types.count(ENTRY_NORMAL) == len(types):
             results = self.fsm.apply_batch(first, payloads)

@@ -230,6 +230,7 @@ class SnapshotMixin:
         if self._restoring is not None:
             await asyncio.shield(self._restoring)  # (the one before, then this one)
         loop = asyncio.get_running_loop()
+        self._drop_held_through(snap.index)  # (entries handed out before it, not applied yet)
         # The log restarts after the snapshot before the state machine jumps to it: a crash in
         # between restarts from the (durable) snapshot file with a consistent log.
         await loop.run_in_executor(self._fsync_pool, self.wal.install_snapshot, *meta)
@@ -244,6 +245,16 @@ class SnapshotMixin:
             self._restore_off_loop(snap, restore_later), name="raftfast-restore"
         )
         self._restoring.add_done_callback(self._restore_ended)
+
+    def _drop_held_through(self, index: int) -> None:
+        """A snapshot at ``index`` replaces the state: held entries up to it are in it (held
+        because an apply stops after a slice of time: Driver._apply)."""
+        kept = []
+        for c in self._held_commits:
+            if c.last > index:
+                cut = max(index + 1 - c.first, 0)
+                kept.append(Committed(c.first + cut, *(part[cut:] for part in c[1:])))
+        self._held_commits = kept
 
     async def _restore_off_loop(
         self, snap: SnapshotMeta, restore_later: Callable[[BinaryIO], Callable[[], None]]
