@@ -8,8 +8,12 @@ order, each event once: a watcher from a past revision reads the history first, 
 live with no gap and no repeat. A watcher whose next revision was compacted away is canceled
 with ``compact_revision`` set (etcd's "required revision has been compacted"); as with etcd, not
 at the compaction revision itself (etcd keeps that revision's puts, not its deletes: a watcher
-may start there and gets those). A slow client costs nothing but its cursor: what it has not
-read stays in the history, and gRPC's flow control holds the sender.
+may start there and gets those). A slow client costs little more than its cursor: what it
+has not read stays in the history, and gRPC's flow control holds the sender, which keeps the
+answers of one call (about ``_CALL_BYTES``) until the client takes them. What all streams keep
+so is bounded node-wide (``MAX_UNSENT_WATCH_BYTES``): past that, the stream whose client has
+taken nothing for the longest is ended (UNAVAILABLE: etcd's clients watch again from the last
+revision they read) so that the others go on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 import grpc
@@ -47,6 +52,30 @@ _WATCHER_BYTES = 512
 # Answers a stream holds for a client that does not read them: the stream stops reading its
 # requests until they are sent (else a client that only writes grows the node without bound).
 _MAX_OUTBOX = 1_000
+# Answers built and not yet taken by gRPC, node-wide (the yield that sends one returns once
+# gRPC took it; a client that does not read holds it there: HTTP/2 flow control). 400 streams
+# whose clients stopped reading held 1 GB (each held its last call's answers, ~1.5 MiB built,
+# and a copy in gRPC; 4,096 streams may be open: 10-16 GB). Past this bound a stream waits
+# before it builds more, and the stream whose client has taken nothing for the longest (at
+# least _STALLED_S) is ended. 128 MiB, as the one-request answers' (MAX_UNREAD_ANSWER_BYTES,
+# raftfast.server.handlers): each costs up to twice its size while gRPC sends it (these bytes
+# and gRPC's copy).
+MAX_UNSENT_WATCH_BYTES = 128 * 1024 * 1024
+# What one call of _Stream.pending builds, about (the answer of one revision may be more): what
+# a stream whose client does not read holds (it was max_request_bytes, 1.5 MiB, and more).
+_CALL_BYTES = 256 * 1024
+# A stream holding answers its client has not taken for this long may be ended to make room;
+# a client that reads takes an answer of _CALL_BYTES in milliseconds.
+_STALLED_S = 2.0
+# How a stream that had to make way ends: UNAVAILABLE is what etcd's clients (clientv3, so
+# etcdctl and Kubernetes; etcd3aio) take for "watch again": they open a new stream from the
+# revision after the last one they read, and miss nothing (on RESOURCE_EXHAUSTED they give up).
+_ENDED = (
+    grpc.StatusCode.UNAVAILABLE,
+    "etcdserver: watch stream ended: its client has not read its answers for {s:.0f} s and this "
+    "node holds {limit} bytes of watch answers not read, its most; watch again from the last "
+    "revision read",
+)
 PROGRESS_NOTIFY_S = 600.0  # etcd's default progress-notify interval
 # Progress notifications one call of _Stream.pending makes (the others in the next calls): a
 # stream's 10,000 watchers all due at once held the loop for seconds.
@@ -105,6 +134,17 @@ class _Stream:
         self.progress_wanted = False
         self._next_id = 0
         self.done = False
+        # Answers built and not yet taken by gRPC (WatchService.unsent), and since when its
+        # client has taken none of them (the last one taken, or the first built).
+        self.held = 0
+        self.since = 0.0
+        self.context: grpc.aio.ServicerContext | None = None  # (how it is ended: WatchService)
+        self.ended = False  # (it made way for others: WatchService._end)
+        # Every watcher had all events up to this revision (the next calls need not look at
+        # them until the store moves on or a watcher is created: a stream of 10,000 watchers
+        # looked at each one for every create, cancel or progress request).
+        self._caught_rev = -1
+        self._progress = 0  # watchers that asked for progress notifications
 
     def take(self, request: pb.WatchRequest) -> None:
         if not isinstance(request, pb.WatchRequest):  # (handlers.Malformed: did not parse)
@@ -162,6 +202,8 @@ class _Stream:
         if not r.key:
             r.key = b"\0"  # (etcd: the smallest key; with range_end "\0", every key)
         self.watchers[watch_id] = _Watcher(watch_id, r, start)
+        self._caught_rev = -1
+        self._progress += r.progress_notify
         self.cost += _cost(r)
         self.budget.used += _cost(r)
 
@@ -170,6 +212,7 @@ class _Stream:
         w = self.watchers.pop(watch_id, None)
         if w is None:
             return False
+        self._progress -= w.progress_notify
         self.cost -= _cost(w)
         self.budget.used -= _cost(w)
         return True
@@ -178,6 +221,7 @@ class _Stream:
         """The stream ended: its watchers go."""
         self.budget.used -= self.cost
         self.cost = 0
+        self._progress = 0
         self.watchers.clear()
 
     def _compacted(self, watch_id: int) -> pb.WatchResponse:
@@ -222,18 +266,24 @@ class _Stream:
 
     def pending(self) -> list[pb.WatchResponse]:
         """What to send now: queued answers, then new events for each watcher (a bounded
-        amount per watcher and call), then a progress answer once all have caught up."""
+        amount per watcher and call), then a progress answer once all have caught up. A call
+        does about max_request_bytes of work (watchers looked at, walks, events) and builds
+        about _CALL_BYTES of events (a revision's may be more): what the stream holds while
+        its client does not read."""
         out = list(self.outbox)
         self.outbox.clear()
         self.drained.set()
         store = self.api.store
         max_bytes = self.api.driver.settings.max_request_bytes
-        spent = 0
-        for w in list(self.watchers.values()):
+        call_bytes = min(_CALL_BYTES, max_bytes)
+        spent = built = 0
+        lagging = False  # (a watcher looked at still has events to get)
+        for w in list(self.watchers.values()) if self._caught_rev != store.revision else ():
             if w.next_rev > store.revision:
                 continue
-            if spent >= max_bytes:
+            if spent >= max_bytes or built >= call_bytes:
                 self.wake.set()  # (the others in the next call, at once: see Watch)
+                lagging = True
                 break
             # (the next call begins with the others)
             self.watchers[w.id] = self.watchers.pop(w.id)
@@ -248,18 +298,21 @@ class _Stream:
                 spent += cost
                 if response is not None:
                     out.append(response)
+                    built += response.ByteSize()
                 if w.next_rev == store.compact_revision:
                     self.wake.set()  # (its walk goes on in the next call)
+                    lagging = True
                     continue
                 if w.next_rev > store.revision:
                     continue
             spent += _WATCHER_COST
             try:
-                events, whole = self._next_events(w, max_bytes)
+                events, whole = self._next_events(w, max(call_bytes - built, 1))
             except EtcdError:
                 self._drop(w.id)
                 out.append(self._compacted(w.id))
                 continue
+            lagging = lagging or w.next_rev <= store.revision
             chosen = [e for e in events if w.wants(e)]
             spent += 64 * len(events)
             header = self.api.header(w.next_rev - 1 if whole else w.next_rev)
@@ -276,6 +329,7 @@ class _Stream:
                 parts[-1].append(e)
                 size += n
                 spent += n
+                built += n
             for i, part in enumerate(parts if chosen else ()):
                 more = i + 1 < len(parts) or not whole
                 out.append(
@@ -287,9 +341,14 @@ class _Stream:
                     )
                 )
                 w.last_sent = time.monotonic()
+        else:
+            if not lagging:
+                self._caught_rev = store.revision
         if self.progress_wanted and self.caught_up():
             self.progress_wanted = False
             out.append(pb.WatchResponse(header=self.api.header(), watch_id=-1))
+        if not self._progress:
+            return out
         now = time.monotonic()
         due = [
             w
@@ -308,10 +367,10 @@ class _Stream:
         return out
 
     def _next_events(self, w: _Watcher, max_bytes: int) -> tuple[list[Event], bool]:
-        """The events ``w`` looks at next, and whether they end a revision: whole revisions,
-        or the next MAX_EVENTS_PER_RESPONSE of one bigger than that (a DeleteRange of 50,000
-        keys was made into events for each watcher at once: 0.26 s with one watcher, an
-        election with 20). Moves ``w`` past them."""
+        """The events ``w`` looks at next, and whether they end a revision: whole revisions
+        (about ``max_bytes`` of them, at least one), or the next MAX_EVENTS_PER_RESPONSE of one
+        bigger than that (a DeleteRange of 50,000 keys was made into events for each watcher
+        at once: 0.26 s with one watcher, an election with 20). Moves ``w`` past them."""
         store = self.api.store
         if w.skip:  # (in the middle of a big revision)
             events = store.events_at(w.next_rev)
@@ -330,6 +389,8 @@ class _Stream:
 
     def caught_up(self) -> bool:
         revision = self.api.store.revision
+        if self._caught_rev == revision:
+            return True
         return all(w.next_rev > revision for w in self.watchers.values())
 
 
@@ -355,6 +416,13 @@ class WatchService(pb_grpc.WatchServicer):
         # one loop turn (50,000 watchers on 5 streams: 0.45 s, an election). Between two
         # streams' calls the loop now polls its sockets (a call does a bounded amount).
         self.turns = asyncio.Lock()
+        # Bytes of answers built and not yet taken by gRPC (MAX_UNSENT_WATCH_BYTES); the
+        # streams holding some, the one whose client has taken nothing for the longest first;
+        # the streams waiting for room, in order; the ends under way (_end).
+        self.unsent = 0
+        self.holders: dict[_Stream, None] = {}
+        self.waiting: deque[asyncio.Future[None]] = deque()
+        self._ending: set[asyncio.Task[None]] = set()
 
     def notify(self) -> None:
         """After an apply: every stream looks for new events."""
@@ -363,45 +431,145 @@ class WatchService(pb_grpc.WatchServicer):
 
     async def Watch(  # noqa: N802 - gRPC naming
         self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchResponse]:
+    ) -> AsyncIterator[pb.WatchResponse | bytes]:
         if len(self.streams) >= MAX_WATCH_STREAMS:
             await context.abort(errors.TOO_MANY_REQUESTS.code, errors.TOO_MANY_REQUESTS.message)
         stream = _Stream(self.api, self.budget)
+        stream.context = context
         self.streams.add(stream)
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, stream))
         driver = self.api.driver
+        unsent: deque[bytes] = deque()
         try:
             while not stream.done and not driver.stopping:
                 stream.wake.clear()
+                if not self._room():
+                    await self._wait_for_room(stream)
+                    continue
                 async with self.turns:
-                    responses = stream.pending()
-                    if responses or stream.wake.is_set():
+                    if stream.done or not self._room():
+                        continue  # (taken meanwhile)
+                    # Serialized here, once: what the node holds is counted (gRPC passes bytes
+                    # on as they are: raftfast.server.handlers._serialize).
+                    unsent.extend(r.SerializeToString() for r in stream.pending())
+                    self._hold(stream, sum(map(len, unsent)))
+                    if unsent or stream.wake.is_set():
                         await asyncio.sleep(0)  # (the next stream's call in the next turn)
-                if responses:
-                    for response in responses:
-                        yield response
+                self._wake_next()  # (the room it left, to the next stream waiting)
+                if unsent:
+                    while unsent and not stream.done:
+                        data = unsent.popleft()
+                        yield data  # (back once gRPC took it: its client read enough)
+                        self._taken(stream, len(data))
                     continue
                 if stream.wake.is_set():
                     await asyncio.sleep(0)  # (pending stopped short: the rest after others)
                     continue
                 try:
-                    await asyncio.wait_for(stream.wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):  # (not wait_for: a task each time)
+                        await stream.wake.wait()
                 except TimeoutError:
                     pass
+            if stream.ended:
+                return  # (its status is sent: _end)
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()
                 if isinstance(exc, EtcdError):  # (a request that did not parse)
                     await context.abort(exc.code, exc.message)
                 await context.abort(grpc.StatusCode.INTERNAL, f"watch stream failed: {exc!r}")
         finally:
+            unsent.clear()
+            self._release(stream)
             self.streams.discard(stream)
             stream.close()
             reader.cancel()
 
+    # -- what the streams hold for clients that do not read (MAX_UNSENT_WATCH_BYTES) ----------
+
+    def _room(self) -> bool:
+        """Whether a stream may build a call's answers."""
+        return not self.unsent or self.unsent + _CALL_BYTES <= MAX_UNSENT_WATCH_BYTES
+
+    def _hold(self, stream: _Stream, size: int) -> None:
+        if not size:
+            return
+        if not stream.held:
+            stream.since = time.monotonic()
+            self.holders[stream] = None
+        stream.held += size
+        self.unsent += size
+
+    def _taken(self, stream: _Stream, size: int) -> None:
+        """gRPC took ``size`` bytes of ``stream``'s answers."""
+        if stream.ended:
+            return  # (released: _end)
+        stream.held -= size
+        self.unsent -= size
+        del self.holders[stream]
+        if stream.held:
+            stream.since = time.monotonic()
+            self.holders[stream] = None  # (last: its client reads)
+        self._wake_next()
+
+    def _release(self, stream: _Stream) -> None:
+        """``stream`` holds nothing any more (it ended)."""
+        self.unsent -= stream.held
+        stream.held = 0
+        self.holders.pop(stream, None)
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self.waiting and self._room():
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _wait_for_room(self, stream: _Stream) -> None:
+        """Until there is room for ``stream`` to build a call's answers (``_room``): when the
+        stream whose client has taken nothing for the longest has done so for _STALLED_S, it is
+        ended; until then, room left as clients read goes to the streams waiting, in order."""
+        loop = asyncio.get_running_loop()
+        while not self._room() and not stream.done and not self.api.driver.stopping:
+            oldest = next(iter(self.holders), None)
+            if oldest is None:
+                return
+            stalled = time.monotonic() - oldest.since
+            if stalled >= _STALLED_S:
+                self._end(oldest, stalled)
+                continue
+            waiter: asyncio.Future[None] = loop.create_future()
+            self.waiting.append(waiter)
+            try:
+                async with asyncio.timeout(_STALLED_S - stalled):
+                    await waiter
+            except TimeoutError:
+                with suppress(ValueError):
+                    self.waiting.remove(waiter)
+
+    def _end(self, stream: _Stream, stalled: float) -> None:
+        """End ``stream``, whose client has not read its answers for ``stalled`` seconds, to
+        make room: with a status (not a cancel of each watcher: answers it would not read
+        either), sent at once (HTTP/2 trailers pass the answers stuck behind flow control); gRPC
+        drops what it held. Its handler ends as its yield fails."""
+        stream.ended = stream.done = True
+        self._release(stream)
+        stream.wake.set()
+        code, text = _ENDED
+        message = text.format(s=stalled, limit=MAX_UNSENT_WATCH_BYTES)
+        log.warning("%s (%d watchers)", message, len(stream.watchers))
+        if stream.context is not None:
+            task = asyncio.get_running_loop().create_task(_abort(stream.context, code, message))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
     @staticmethod
     async def _read(requests: AsyncIterator[pb.WatchRequest], stream: _Stream) -> None:
         """The client's requests. When it closes its side the stream goes on sending events
-        until the call ends (as etcd's does: a client may send its creates and close)."""
+        until the call ends (as etcd's does: a client may send its creates and close). Each
+        request is taken alone, in bounded work (``_Stream.take``: a create does not look at
+        the history, the stream's next calls do, a bounded amount each), and each read lets go
+        of the loop (it waits for gRPC's completion queue)."""
         try:
             async for request in requests:
                 stream.take(request)
@@ -415,3 +583,9 @@ class WatchService(pb_grpc.WatchServicer):
             raise
         finally:
             stream.wake.set()
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End a call from outside its handler (``WatchService._end``)."""
+    with suppress(Exception):  # (AbortError: done; or the call had ended meanwhile)
+        await context.abort(code, message)

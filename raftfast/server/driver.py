@@ -922,9 +922,11 @@ class Driver(MembershipMixin, SnapshotMixin):
                 size += more
                 end += 1
             began = time.perf_counter()
-            self._apply_part(
-                Committed(first + start, terms[start:end], types[start:end], payloads[start:end])
-            )
+            if start == 0 and end == count:
+                self._apply_part(committed)
+            else:
+                part = terms[start:end], types[start:end], payloads[start:end]
+                self._apply_part(Committed(first + start, *part))
             now = time.perf_counter()
             if end == count:
                 return None
