@@ -239,7 +239,7 @@ class KVStateMachine(StateMachine):
         while this machine goes on applying."""
         twin = copy.copy(self)
         twin._data = self._data.copy()
-        twin._clients = ClientTable((cid, w.copy()) for cid, w in self._clients.items())
+        twin._clients = self._clients.frozen()
         twin.alarms = set(self.alarms)
         twin.etcd = self.etcd.frozen()
         return twin
