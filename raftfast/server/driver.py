@@ -148,6 +148,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.snapshots: SnapshotStore | None = None
         self._snapshot_index = 0  # index of our newest snapshot
         self._snapshot_retry_at = 0.0  # (after a refused snapshot: SnapshotMixin)
+        self._backup_taken_at = -1e9  # (the last snapshot a backup took: SnapshotMixin)
         self._log_bytes_kept = 0  # bytes the log held in memory right after the last snapshot
         self._release_at_rest = self._trim_at_rest = False  # (SnapshotMixin)
         self._release_seen = (0, 0.0)
