@@ -474,8 +474,16 @@ class EtcdAPI:
 
     async def _leases(self, request: pb.LeaseLeasesRequest) -> pb.LeaseLeasesResponse:
         await self.driver.read_barrier("linearizable")
-        leases = [pb.LeaseStatus(ID=i) for i in sorted(self.store.leases)]
-        return pb.LeaseLeasesResponse(header=self.header(), leases=leases)
+        # (built in parts and kept until the lease set changes: 100,000 leases sorted and made
+        # into messages at once held the leader ~0.1 s a call, 20 calls 0.46-0.60 s; and a
+        # couple at a time: 20 copies of the answer at once, ~2 ms each, in one turn of the
+        # loop held it ~40 ms)
+        async with self._stepped_reads:
+            listing = await _LeaseList.of(self.store)
+            response = pb.LeaseLeasesResponse()
+            response.CopyFrom(listing)  # (~2 ms for 100,000 leases)
+        response.header.CopyFrom(self.header())
+        return response
 
     # -- cluster ----------------------------------------------------------------------------
 
@@ -683,6 +691,56 @@ async def _parts(records: list, size: int = _PART) -> AsyncIterator[list]:
         if start:
             await asyncio.sleep(0)
         yield records[start : start + size]
+
+
+_LEASE_PART = 10_000  # leases sorted, or made into LeaseStatus messages, in one step (~2-3 ms)
+
+
+class _LeaseList:
+    """LeaseLeases' answer but its header, for one store (kept in it: ``store.lease_list``):
+    built in steps, the loop let go between parts of ``_LEASE_PART`` leases (sorted in parts,
+    then the sorted parts merged: ~6 ms for 100,000), and kept until the next grant or revoke
+    (``store.lease_changes``). One build at a time: calls at once share it. Built at once in
+    each call, 100,000 leases held the leader ~0.1 s a call, and 20 calls at once 0.46-0.60 s
+    (leader changes)."""
+
+    __slots__ = ("answer", "building", "changes")
+
+    def __init__(self) -> None:
+        self.answer: pb.LeaseLeasesResponse | None = None  # (never changed once built)
+        self.changes = -1  # the store's lease_changes it was built at
+        self.building: asyncio.Future | None = None
+
+    @staticmethod
+    async def of(store: MVCCStore) -> pb.LeaseLeasesResponse:
+        """The answer for the lease set as of now or later (linearizable after a barrier)."""
+        listing = store.lease_list
+        if listing is None:
+            listing = store.lease_list = _LeaseList()
+        wanted = store.lease_changes
+        while listing.answer is None or listing.changes < wanted:
+            if listing.building is None:  # (or the one under way began before we came)
+                listing.building = asyncio.ensure_future(listing._build(store))
+            await asyncio.shield(listing.building)  # (one caller gone: the others wait on)
+        return listing.answer
+
+    async def _build(self, store: MVCCStore) -> None:
+        try:
+            changes = store.lease_changes
+            ids = list(store.leases)  # (the set as of now: ~1 ms for 100,000)
+            for start in range(0, len(ids), _LEASE_PART):
+                await asyncio.sleep(0)
+                ids[start : start + _LEASE_PART] = sorted(ids[start : start + _LEASE_PART])
+            ids.sort()
+            answer = pb.LeaseLeasesResponse()
+            add = answer.leases.add
+            for start in range(0, len(ids), _LEASE_PART):
+                await asyncio.sleep(0)
+                for lease_id in ids[start : start + _LEASE_PART]:
+                    add(ID=lease_id)
+            self.answer, self.changes = answer, changes
+        finally:
+            self.building = None
 
 
 def _check_put(r: pb.PutRequest) -> None:

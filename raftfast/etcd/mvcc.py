@@ -20,7 +20,9 @@ same entry gives the same result on every node. Nothing here does I/O or reads a
 
 from __future__ import annotations
 
+import os
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -83,20 +85,23 @@ _RECORD_COST = 64
 _WALK_PART = 20_000  # keys of the keyspace read at a time by a read in steps (~7 ms)
 _HISTORY_PART = 20_000  # events of the history walked at a time by a read at an old revision
 # What one history event is counted as (``history_bytes``, hence the quota) beyond its key and
-# its value: what it costs in memory. Measured (tracemalloc and sys.getallocatedblocks, one
-# process, compiled Record/Event, Python 3.11; Txns of 3,968 puts, keys rewritten past version
-# 256): the Event 48 B, its Record 64, the key's bytes object ~48 (33 + the key, rounded to 16
-# by pymalloc), the value's ~48 when not empty, the version's int 32 (past 256), the slot in the
-# revision's tuple 8: ~200 B (2-byte keys, empty values: 186 B traced), ~235 B with a value
-# (16-byte keys and 10-byte values: 232 B traced beyond them); the revision's int is shared by
-# the revision's events and records. (It was counted as 64: 66 B against ~250 B of RSS, so the
-# 2 GiB quota let ~8 GB of history in.) A delete's event is smaller, but it may keep alive the
-# record it deleted (once its put is compacted away): counted the same.
+# its value: about what it costs in memory. Measured in one process (compiled Record/Event,
+# Python 3.11; Txns of 1,000-4,000 puts of keys written again and again, versions past 256;
+# tracemalloc's traced bytes and sys.getallocatedblocks per event added, and RSS): the Event
+# 48 B, its Record 64, the key's bytes object 33 + the key, the value's 33 + the value (none
+# when empty: b"" is shared), the version's int 28, the slot in the revision's tuple 8, each
+# rounded up to 16 by pymalloc; the revision's int is one for all the events and records of
+# a revision. Traced: 185 B beyond the key (2-byte keys, empty values; RSS 194 B an event in
+# all), 218 B beyond key and value (16-byte keys and 10-byte values, 32 and 100), ~32 B more
+# with RAFTFAST_PUREPYTHON=1. A delete's event is smaller, but it may hold the record it
+# deleted alone (once its put is compacted away): counted the same. (It was counted 64: 66 B
+# against 245 B of RSS an event, so the 2 GiB quota let ~8 GB of history in.)
 EVENT_OVERHEAD = 256
 # A compaction that drops more than this (history_bytes) leaves the freeing of the events to
 # the history reaper's thread (below): 5,000,000 events freed at once held each node 0.6 s.
 _FREE_LATER_BYTES = 1 << 20
 _REAP_PART = 8192  # events freed by the reaper between two chances for the loop's thread
+LEASE_LOG = 4096  # the last lease ids granted or revoked that a store remembers (lease_log)
 _INT64_MAX = (1 << 63) - 1
 
 _CMP = pb.Compare
@@ -211,6 +216,12 @@ class MVCCStore:
         self.kvs: SortedDict = SortedDict()  # key -> Record (live keys only)
         self.leases: dict[int, Lease] = {}
         self.lease_changes = 0  # grants and revokes applied (the lessor syncs when it moves)
+        # the ids of the last grants and revokes, one per change (the lessor follows them
+        # instead of walking every lease; not state: not dumped, empty after a restore)
+        self.lease_log: deque[int] = deque(maxlen=LEASE_LOG)
+        # (the API's LeaseLeases answer, built of ``leases`` as of some ``lease_changes``: a
+        # cache beside the state, gone with the store; not dumped, not copied)
+        self.lease_list: Any = None
         self.size_bytes = 0  # keys and values of the live keys
         # what the history holds in memory: its keys and values, EVENT_OVERHEAD per event
         self.history_bytes = 0
@@ -491,6 +502,7 @@ class MVCCStore:
             return errors.LEASE_TTL_TOO_LARGE
         self.leases[r.ID] = Lease(r.ID, max(r.TTL, 1))
         self.lease_changes += 1
+        self.lease_log.append(r.ID)
         return self._header(pb.LeaseGrantResponse(ID=r.ID, TTL=max(r.TTL, 1)))
 
     def _revoke(self, lease_id: int) -> pb.LeaseRevokeResponse:
@@ -501,6 +513,7 @@ class MVCCStore:
             self._change(key, None)
         del self.leases[lease_id]
         self.lease_changes += 1
+        self.lease_log.append(lease_id)
         return pb.LeaseRevokeResponse()
 
     # -- compaction -------------------------------------------------------------------------
@@ -539,12 +552,12 @@ class MVCCStore:
             # (else freed here, with ``dropped``: a few thousand events at most)
         self.compact_revision = revision
 
-    def __del__(self) -> None:
+    def __del__(self, _finalizing=sys.is_finalizing) -> None:
         # A store let go with a long history (a snapshot's frozen copy that a compaction outran,
         # the state a snapshot restore replaced) has it freed by the reaper too, not in the
-        # thread that lets it go (the loop's).
+        # thread that lets it go (the loop's). (Not at interpreter exit: freed then and there.)
         try:
-            if self.history_bytes > _FREE_LATER_BYTES:
+            if self.history_bytes > _FREE_LATER_BYTES and not _finalizing():
                 _REAPER.take(self._history, len(self._history))
         except Exception:  # noqa: BLE001, S110 - (at interpreter exit, or half-made)
             pass
@@ -734,6 +747,8 @@ class MVCCStore:
         """The events of ``revision`` (at most the store's; EtcdError COMPACTED if gone)."""
         if revision <= self.compact_revision:
             raise errors.COMPACTED
+        if revision < self._history_base:
+            return ()  # (revision 1: the empty store's)
         return self._history[revision - self._history_base]
 
     def events_from(
@@ -818,7 +833,8 @@ class MVCCStore:
     # -- snapshots --------------------------------------------------------------------------
 
     def frozen(self) -> MVCCStore:
-        """A copy of the state as of now, cheap to take (records are shared: immutable)."""
+        """A copy of the state as of now, cheap to take (records are shared: immutable), for
+        ``dump`` (and reads of its records and history; its leases' key sets are the store's)."""
         twin = MVCCStore()
         twin.revision = self.revision
         twin.compact_revision = self.compact_revision
@@ -827,7 +843,9 @@ class MVCCStore:
         # it, 0.87 s, and the records read key by key took 0.1-0.3 s)
         records = list(dict.values(self.kvs))
         twin.kvs = _KeyOrder(list(self.kvs.keys()), records)  # type: ignore[assignment]
-        twin.leases = {i: _copy_lease(lease) for i, lease in self.leases.items()}
+        # (only dumped: the leases' ids and TTLs, which a Lease never changes; the Lease objects
+        # are shared, their key sets the store's. Each copied, 100,000 leases took 0.15-0.25 s)
+        twin.leases = self.leases.copy()
         twin.size_bytes = self.size_bytes
         twin.history_bytes = self.history_bytes
         twin._history = list(self._history)  # (~8 ms a million revisions)
@@ -984,11 +1002,14 @@ class _Reaper:
 
     def take(self, revisions: list[tuple[Event, ...]], count: int) -> None:
         """Free the first ``count`` of ``revisions`` (a list no one else holds) later; the
-        others, still the store's, are only let go of."""
+        others, still the store's, are only let go of. (At interpreter exit, where no thread
+        starts, the caller frees them.)"""
+        if sys.is_finalizing():
+            return
         with self._cond:
             self._parts.append((revisions, count))
             self.pending += count
-            if self._thread is None or not self._thread.is_alive():  # (also after a fork)
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="raftfast-history-reaper", daemon=True
                 )
@@ -1014,8 +1035,15 @@ class _Reaper:
             with cond:
                 self.pending -= count
 
+    def _after_fork(self) -> None:
+        # (in a child, no reaper runs, and its lock may have been held: the next take starts
+        # one, which frees what is left too)
+        self._cond = threading.Condition()
+        self._thread = None
+
 
 _REAPER = _Reaper()
+os.register_at_fork(after_in_child=_REAPER._after_fork)
 
 
 def reaping() -> int:
@@ -1059,12 +1087,6 @@ _SORT_KEYS = {
     _SORT.VALUE: attrgetter("value"),
 }
 _BY_KEY = _SORT_KEYS[_SORT.KEY]
-
-
-def _copy_lease(lease: Lease) -> Lease:
-    twin = Lease(lease.id, lease.ttl)
-    twin.keys = set(lease.keys)
-    return twin
 
 
 _U8 = struct.Struct("<B")
