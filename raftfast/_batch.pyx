@@ -707,3 +707,58 @@ def commit_index(match_indexes, /):
     if n // 2 < n:   # always true; tells the compiler pos[n // 2] was written
         kp = pos[n // 2]
     return <object>items[kp]
+
+
+cdef inline bint _varint(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i,
+                         uint64_t *out) noexcept nogil:
+    """Read a protobuf varint at p[i[0]:n] into out, advancing i; False if it is cut off or
+    longer than 10 bytes."""
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    cdef unsigned char b
+    while i[0] < n and shift < 70:
+        b = p[i[0]]
+        i[0] += 1
+        v |= (<uint64_t>(b & 0x7F)) << shift if shift < 64 else 0
+        if not (b & 0x80):
+            out[0] = v
+            return True
+        shift += 7
+    return False
+
+
+def count_field(data, field, limit):
+    """How many times the field numbered ``field`` occurs at the top level of the protobuf
+    message ``data``, without parsing it: counting stops past ``limit`` (``limit + 1`` then),
+    and where the wire format breaks (the count so far: the parser will refuse the message)."""
+    cdef Py_buffer view
+    cdef const unsigned char *p
+    cdef Py_ssize_t n, i = 0
+    cdef uint64_t wire, tag, length, want = field if field >= 0 else 0xFFFFFFFFFFFFFFFF
+    cdef int64_t count = 0, most = clamp_index(limit)
+    get_buffer(data, &view)
+    try:
+        p = <const unsigned char *>view.buf
+        n = view.len
+        while i < n and count <= most:
+            if not _varint(p, n, &i, &tag):
+                break
+            if (tag >> 3) == want:
+                count += 1
+            wire = tag & 7
+            if wire == 0:
+                if not _varint(p, n, &i, &length):
+                    break
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            elif wire == 2:
+                if not _varint(p, n, &i, &length) or length > <uint64_t>(n - i):
+                    break
+                i += <Py_ssize_t>length
+            else:
+                break
+    finally:
+        PyBuffer_Release(&view)
+    return count

@@ -35,6 +35,7 @@ __all__ = [
     "batch_info",
     "chunk_payloads",
     "commit_index",
+    "count_field",
     "crc32c",
     "decode_batch",
     "encode_batch",
@@ -321,3 +322,53 @@ def commit_index(match_indexes: Sequence[int], /) -> int:
     if n == 0:
         raise ValueError("commit_index needs at least one match index")
     return sorted(match_indexes, reverse=True)[n // 2]
+
+
+def _varint(data: memoryview, i: int) -> tuple[int, int] | None:
+    """The protobuf varint at ``data[i:]`` and the offset after it; None if it is cut off or
+    longer than 10 bytes."""
+    value = shift = 0
+    n = len(data)
+    while i < n and shift < 70:
+        b = data[i]
+        i += 1
+        if shift < 64:
+            value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value & _U64_MAX, i
+        shift += 7
+    return None
+
+
+def count_field(data: bytes | bytearray | memoryview, field: int, limit: int) -> int:
+    """How many times the field numbered ``field`` occurs at the top level of the protobuf
+    message ``data``, without parsing it: counting stops past ``limit`` (``limit + 1`` then),
+    and where the wire format breaks (the count so far: the parser will refuse the message)."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    i = count = 0
+    while i < n and count <= limit:
+        read = _varint(view, i)
+        if read is None:
+            break
+        tag, i = read
+        if tag >> 3 == field:
+            count += 1
+        wire = tag & 7
+        if wire == 0:
+            read = _varint(view, i)
+            if read is None:
+                break
+            i = read[1]
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            read = _varint(view, i)
+            if read is None or read[0] > n - read[1]:
+                break
+            i = read[1] + read[0]
+        else:
+            break
+    return count

@@ -39,8 +39,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from raftfast._accel import check_packed
+from raftfast._accel import batch_impl, check_packed
 from raftfast.errors import NotLeaderError
 from raftfast.kv.commands import (
     encode_cas,
@@ -66,6 +67,8 @@ from raftfast.server.services import (
 )
 from raftfast.server.settings import NodeSettings
 
+count_field = batch_impl.count_field
+
 __all__ = [
     "MAX_FRAME_OPS",
     "MAX_SCAN_BYTES",
@@ -88,6 +91,9 @@ MAX_SCAN_BYTES = 2 * 1024 * 1024
 MAX_SESSION_INFLIGHT = 256  # frames of one Session handled concurrently (backpressure beyond)
 MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
+# A full node ends the stream idle longest to open a new one, if it has been idle this long
+# (1,024 streams that said nothing locked every other client out).
+IDLE_SESSION_S = 5.0
 MAX_ANSWER_BYTES = 2 * 1024 * 1024  # values in the answer to one frame (the first always)
 MAX_STREAM_BYTES = 16 * 1024 * 1024  # one stream's frames under way and answers unsent
 # Answers unsent on all streams together. Past it, a stream's next answer waits until there is
@@ -96,6 +102,8 @@ MAX_STREAM_BYTES = 16 * 1024 * 1024  # one stream's frames under way and answers
 # of MAX_STREAM_BYTES each, never read, held 16 GiB.
 MAX_UNSENT_BYTES = 256 * 1024 * 1024
 SMALL_ANSWER_BYTES = 64 * 1024
+# Bytes of values a loop turn copies into answers, node-wide (past it, the next turn).
+TURN_ANSWER_BYTES = 2 * 1024 * 1024
 # What a parsed op (or an op's result) holds in memory beyond its bytes on the wire (upb's
 # objects: ~100 bytes measured): a 20 KB frame of 10,000 empty ops is ~1 MB once parsed, and
 # the budgets count that.
@@ -141,14 +149,31 @@ class KVService(Service, pb_grpc.KVServicer):
     ) -> None:
         super().__init__(node)
         self.authorizer = authorizer  # None: every client may write
-        self._sessions = 0  # Session streams open
+        self._uses: set[_SessionUse] = set()  # Session streams open
         self._quota = quota or Quota(node)
         self._budget = _ByteBudget(MAX_SESSION_BYTES)
         self._unsent = _UnsentAnswers(MAX_UNSENT_BYTES)
+        self._turn = _TurnBytes(TURN_ANSWER_BYTES)
 
     @property
     def sessions_open(self) -> int:
-        return self._sessions
+        return len(self._uses)
+
+    @property
+    def _sessions(self) -> int:
+        return len(self._uses)
+
+    def _make_way(self) -> bool:
+        """The node is full: the stream idle longest (for at least IDLE_SESSION_S, nothing
+        under way) is ended (its client opens another when it has work), else False."""
+        now = asyncio.get_running_loop().time()
+        idle = [s for s in self._uses if s.idle_since(now) >= IDLE_SESSION_S]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda s: s.last)
+        self._uses.discard(oldest)
+        oldest.done.put_nowait(_EVICTED)
+        return True
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -315,26 +340,28 @@ class KVService(Service, pb_grpc.KVServicer):
 
     async def Session(
         self,
-        request_iterator: AsyncIterator[tuple[int, pb.SessionFrame]],
+        request_iterator: AsyncIterator[tuple[int, pb.SessionFrame | TooManyOps | bytes]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.SessionResult]:
         """Pipelined ops: frames run concurrently, results stream back as they complete.
-        Each request is ``(its size in bytes, the frame)`` (see ``add_kv_service``)."""
+        Each request is ``(its size in bytes, the frame)``, the frame parsed or its bytes
+        (parsed here: see ``add_kv_service``)."""
         await self.check_cluster(context)
-        if self._sessions >= MAX_SESSIONS:
+        if len(self._uses) >= MAX_SESSIONS and not self._make_way():
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this node has {MAX_SESSIONS} Session streams open, its maximum; retry later",
+                f"this node has {MAX_SESSIONS} Session streams open, all busy; retry later",
             )
-        self._sessions += 1
         # (the role interceptor let the stream open: its reads are allowed; its writes?)
         no_writes = (
             self.authorizer.refusal(context, Role.WRITE, "a write")
             if self.authorizer is not None
             else None
         )
-        done: asyncio.Queue[tuple[pb.SessionResult, int] | BaseException | None]
+        done: asyncio.Queue[tuple[pb.SessionResult, int] | BaseException | object | None]
         done = asyncio.Queue()
+        use = _SessionUse(done)
+        self._uses.add(use)
         slots = asyncio.Semaphore(MAX_SESSION_INFLIGHT)  # frames read, answer not yet sent
         held = _StreamBytes(self._budget, self._unsent)
         tasks: set[asyncio.Task[None]] = set()
@@ -365,13 +392,38 @@ class KVService(Service, pb_grpc.KVServicer):
                 answer = held_bytes
             done.put_nowait((result, answer))
 
+        bad_frame: str | None = None  # why the stream ends after the answers, if it must
+        frame_refusal = getattr(context, "frame_refusal", None)  # (the TCP stream's own rule)
+
         async def read_frames() -> None:
-            nonlocal outstanding
+            nonlocal outstanding, bad_frame
             try:
-                async for size, frame in request_iterator:
+                async for size, item in request_iterator:
+                    use.frames += 1
+                    use.last = asyncio.get_running_loop().time()
                     await slots.acquire()
-                    cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
-                    await held.take_request(cost)
+                    if isinstance(item, bytes):
+                        # Counted before it is parsed, as the most parsing can make of it
+                        # (each op PARSED_OP_BYTES, the smallest op 2 bytes), then as parsed.
+                        ops = min(size // _SMALLEST_OP_BYTES, MAX_FRAME_OPS)
+                        bound = size + PARSED_OP_BYTES * ops + FRAME_BYTES
+                        await held.take_request(bound)
+                        try:
+                            frame = parse_frame(item)
+                            bad_frame = frame_refusal(frame) if frame_refusal else None
+                        except DecodeError as exc:
+                            bad_frame = f"not a SessionFrame: {exc}"
+                        if bad_frame is not None:
+                            held.give_request(bound)
+                            use.frames -= 1
+                            slots.release()
+                            break
+                        cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
+                        held.give_request(bound - cost)
+                    else:
+                        frame = item
+                        cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
+                        await held.take_request(cost)
                     outstanding += 1
                     task = asyncio.create_task(run(size, cost, frame))
                     tasks.add(task)
@@ -389,6 +441,11 @@ class KVService(Service, pb_grpc.KVServicer):
                 item = await done.get()
                 if item is None:
                     finished_reading = True
+                elif item is _EVICTED:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "this node is full of Session streams: an idle one made way; reconnect",
+                    )
                 elif isinstance(item, BaseException):
                     if isinstance(item, grpc.aio.AbortError | grpc.RpcError):
                         return  # the stream itself is gone (client cancelled or reset)
@@ -396,12 +453,16 @@ class KVService(Service, pb_grpc.KVServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, f"session failed: {item!r}")
                 else:
                     outstanding -= 1
-                    result, answer = item
+                    result, answer = item  # type: ignore[misc]
                     yield result  # (waits while the client does not read: flow control)
                     held.answer_sent(answer)
                     slots.release()
+                    use.frames -= 1
+                    use.last = asyncio.get_running_loop().time()
+            if bad_frame is not None:  # (every frame before it is answered)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad_frame)
         finally:
-            self._sessions -= 1
+            self._uses.discard(use)
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
@@ -410,6 +471,8 @@ class KVService(Service, pb_grpc.KVServicer):
 
     def _refuse_frame(self, frame: pb.SessionFrame, size: int) -> str | None:
         """Why a whole frame is refused before any of its ops runs, or None."""
+        if isinstance(frame, TooManyOps):
+            return f"a frame has at most {MAX_FRAME_OPS} ops, this one more"
         if len(frame.ops) > MAX_FRAME_OPS:
             return f"a frame has at most {MAX_FRAME_OPS} ops, this one {len(frame.ops)}"
         try:
@@ -553,11 +616,15 @@ class KVService(Service, pb_grpc.KVServicer):
         of values a frame (the first always), the rest RESOURCE_EXHAUSTED (the client asks
         again), so that a frame of a few KB cannot make a node build gigabytes."""
         fsm = self.node.fsm
+        turn = self._turn
         answered = []
         total = 0
         for i in reads:
-            # (its size only: frames waiting in ``settle`` with their values held 2.3 GB)
+            await turn.room()
+            # (its size only: frames waiting in ``settle`` with their values held 2.3 GB;
+            # the store has no way to learn it without copying the value out)
             size = _value_size(fsm.get(ops[i].key))
+            turn.add(size)
             if answered and total + size > MAX_ANSWER_BYTES:
                 results[i] = _ANSWER_TOO_BIG
                 continue
@@ -566,7 +633,9 @@ class KVService(Service, pb_grpc.KVServicer):
         if settle is not None:
             await settle(total)
         for i in answered:
+            await turn.room()
             value = fsm.get(ops[i].key)  # (as of now: settling may have waited)
+            turn.add(3 * _value_size(value))  # (copied again into its result, then sent)
             results[i] = (
                 pb.OpResult(ok=False) if value is None else pb.OpResult(ok=True, value=value)
             )
@@ -591,10 +660,50 @@ _UNARY = {  # name -> its request (answers: handlers' serializer)
 _READS = ("Get", "Scan", "Status")  # (their big answers may be refused once built: handlers)
 
 
-def _sized_frame(raw: bytes) -> tuple[int, pb.SessionFrame]:
-    """A Session request with its size on the wire, which the limits count (free here; after
-    parsing, protobuf would have to compute it)."""
-    return len(raw), pb.SessionFrame.FromString(raw)
+# The smallest op on the wire: its tag and an empty length (``\x1a\x00``). A frame of at most
+# MAX_FRAME_OPS * this many bytes cannot hold too many ops: only a bigger one is counted.
+_SMALLEST_OP_BYTES = 2
+_OPS_FIELD = pb.SessionFrame.DESCRIPTOR.fields_by_name["ops"].number
+
+
+class TooManyOps:
+    """Stands for a frame with more than MAX_FRAME_OPS ops, refused unparsed: parsed, a 1.5 MB
+    frame of 780,000 empty ops took ~45 ms of the loop and ~73 MB (8 streams of them, 2 GB)."""
+
+    ops = ()
+    client_id = 0
+
+    def __init__(self, frame_id: int) -> None:
+        self.frame_id = frame_id
+
+
+def parse_frame(raw: bytes | memoryview) -> pb.SessionFrame | TooManyOps:
+    """A SessionFrame from its bytes (DecodeError if it is not one), or, if it has more ops
+    than MAX_FRAME_OPS, a ``TooManyOps`` for it: its ops are counted first, not parsed."""
+    if len(raw) > MAX_FRAME_OPS * _SMALLEST_OP_BYTES:
+        if count_field(raw, _OPS_FIELD, MAX_FRAME_OPS) > MAX_FRAME_OPS:
+            return TooManyOps(_frame_id(raw))
+    return pb.SessionFrame.FromString(raw)
+
+
+def _frame_id(raw: bytes | memoryview) -> int:
+    """The frame_id of a frame that starts with it (as every serializer writes it: fields in
+    order), else 0."""
+    if not raw or raw[0] != 0x08:
+        return 0
+    value = shift = 0
+    for b in bytes(raw[1:11]):
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value & 0xFFFFFFFFFFFFFFFF
+        shift += 7
+    return 0
+
+
+def _sized_frame(raw: bytes) -> tuple[int, bytes]:
+    """A Session request with its size on the wire, which the limits count; ``Session``
+    parses it once its budgets have room for what parsing makes of it."""
+    return len(raw), raw
 
 
 def add_kv_service(
@@ -622,6 +731,48 @@ def add_kv_service(
     )
     server.add_registered_method_handlers("raftfast.v1.KV", handlers)
     return service
+
+
+class _TurnBytes:
+    """Bytes of values copied in the loop's current turn, node-wide: past ``limit``, whoever
+    would copy more first lets the loop go on to its reads, timers and heartbeats. (When a
+    read barrier resolved, every frame waiting on it built its answers in that one turn:
+    16 streams of 1 MiB GETs, never read, stalled a leader 0.6-1 s and it lost leadership.)"""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._reset: asyncio.Handle | None = None
+
+    async def room(self) -> None:
+        while self.used >= self.limit:
+            await asyncio.sleep(0)
+
+    def add(self, n: int) -> None:
+        self.used += n
+        if self._reset is None:  # (runs first thing in the next turn)
+            self._reset = asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.used = 0
+        self._reset = None
+
+
+_EVICTED = object()  # (in a stream's queue of results: it made way for a new stream)
+
+
+class _SessionUse:
+    """When a Session stream was last used, and its frames read and not yet answered."""
+
+    __slots__ = ("done", "frames", "last")
+
+    def __init__(self, done: asyncio.Queue[Any]) -> None:
+        self.done = done  # (its results: ``_EVICTED`` ends it)
+        self.frames = 0
+        self.last = asyncio.get_running_loop().time()
+
+    def idle_since(self, now: float) -> float:
+        return now - self.last if not self.frames else 0.0
 
 
 _ANSWER_TOO_BIG = pb.OpResult(
@@ -780,11 +931,15 @@ class _StreamBytes:
         await self.node.take(n)
         self.node_held += n
 
-    async def request_done(self, n: int, answer: int) -> None:
-        """A frame's request is processed; room for its ``answer`` (waits for it)."""
+    def give_request(self, n: int) -> None:
+        """``n`` bytes of a request taken are not held (any more)."""
         self.node.give(n)
         self.node_held -= n
         self.own.give(n)
+
+    async def request_done(self, n: int, answer: int) -> None:
+        """A frame's request is processed; room for its ``answer`` (waits for it)."""
+        self.give_request(n)
         await self.take_answer(answer)
 
     async def take_answer(self, n: int) -> None:

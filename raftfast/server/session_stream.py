@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer, Role
 from raftfast.security.tls import TLSFiles
-from raftfast.server.kv_service import MAX_SESSIONS, PARSED_OP_BYTES, KVService
+from raftfast.server.kv_service import MAX_SESSIONS, KVService, TooManyOps
 from raftfast.transport import tcp
 
 log = logging.getLogger("raftfast.session")
@@ -88,6 +88,11 @@ class StreamContext:
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise Ended(code.value[0], details)
 
+    @staticmethod
+    def frame_refusal(frame: pb.SessionFrame | TooManyOps) -> str | None:
+        """Why the service must end the stream at ``frame`` (its answer would end it)."""
+        return None if frame.frame_id else "frame_id 0 is the stream's own; start at 1"
+
 
 class _Connection(asyncio.BufferedProtocol):
     """One client's stream: records in, frames to the service, results out."""
@@ -98,7 +103,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.records.limit = HELLO_BYTES
         self.transport: asyncio.Transport | None = None
         self.caller: str | None = None  # the TLS certificate's common name
-        self.frames: asyncio.Queue[tuple[int, pb.SessionFrame] | None] = asyncio.Queue()
+        self.frames: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None  # serving, once the hello is in
         self.queued_bytes = 0  # of the frames in ``frames``
         # Input is over (EOF, or a record we refuse: then the status to end with, once the
@@ -148,14 +153,10 @@ class _Connection(asyncio.BufferedProtocol):
                 if self.task is None:
                     self._hello(payload)
                     continue
-                try:
-                    frame = pb.SessionFrame.FromString(payload)
-                except DecodeError as exc:
-                    raise Ended(_INVALID_ARGUMENT, f"not a SessionFrame: {exc}") from None
-                if not frame.frame_id:
-                    raise Ended(_INVALID_ARGUMENT, "frame_id 0 is the stream's own; start at 1")
-                self.frames.put_nowait((len(payload), frame))
-                self.queued_bytes += len(payload) + PARSED_OP_BYTES * len(frame.ops)
+                # Held as bytes, parsed by the service once its budgets have room for what
+                # parsing makes of it (up to ~60 times its bytes: PARSED_OP_BYTES an op).
+                self.frames.put_nowait(bytes(payload))
+                self.queued_bytes += len(payload)
             if completed or not self.records.partial:
                 self.progress = asyncio.get_running_loop().time()
         except tcp.Refused as exc:
@@ -207,19 +208,21 @@ class _Connection(asyncio.BufferedProtocol):
         self.records.limit = self.server.max_record_bytes()
         self.task = asyncio.create_task(self._serve(context), name="raftfast-session")
 
-    async def _frames(self) -> AsyncIterator[tuple[int, pb.SessionFrame]]:
+    async def _frames(self) -> AsyncIterator[tuple[int, bytes | pb.SessionFrame]]:
         frames = self.frames
+        parsed_here = not isinstance(self.server.service, KVService)  # (the noop server's)
         while True:
-            item = await frames.get()
-            if item is None:
+            raw = await frames.get()
+            if raw is None:
                 return
-            self.queued_bytes -= item[0] + PARSED_OP_BYTES * len(item[1].ops)
+            self.queued_bytes -= len(raw)
             low = frames.qsize() < _READ_AHEAD // 2 and self.queued_bytes < self.records.limit // 2
             if not self.reading and low and not self.input_over:
                 self.reading = True
                 if self.transport is not None and not self.transport.is_closing():
                     self.transport.resume_reading()
-            yield item
+            # (KVService parses it, once its budgets have room for what parsing makes of it)
+            yield len(raw), pb.SessionFrame.FromString(raw) if parsed_here else raw
 
     async def _serve(self, context: StreamContext) -> None:
         transport = self.transport

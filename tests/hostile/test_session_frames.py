@@ -1,0 +1,191 @@
+"""Session frames a stranger crafts to make a node work or hold much for little: a frame of
+780,000 empty ops (1.5 MB) is refused without being parsed (parsed, ~73 MB and ~45 ms of the
+loop each), over TCP and gRPC; answers to big GETs nobody reads are built a few MB a loop turn
+(built all at once, they froze a leader's loop for most of a second)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+import raftfast
+from raftfast import _batch_py
+from raftfast._accel import COMPILED, batch_impl
+from raftfast.kv.fsm import KVStateMachine
+from raftfast.limits import MAX_FRAME_OPS
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.tools.localcluster import ProcCluster, free_ports
+from raftfast.transport.tcp import record
+
+HUGE = b"\x08\x07" + b"\x1a\x00" * 780_000  # frame_id 7, 780,000 empty ops
+
+
+@contextlib.asynccontextmanager
+async def one_node(tmp_path) -> AsyncIterator[raftfast.Node]:
+    addr = f"127.0.0.1:{free_ports(1)[0]}"
+    node = raftfast.Node(
+        id="n1",
+        listen=addr,
+        peers={"n1": addr},
+        data_dir=str(tmp_path / "n1"),
+        state_machine=KVStateMachine(),
+        tick_ms=20,
+        max_request_bytes=2 * 1024 * 1024,
+    )
+    await node.start()
+    try:
+        await node.wait_for_leader(timeout=30)
+        yield node
+    finally:
+        await node.stop()
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class Ticker:
+    """The loop's longest gap between two turns, and the highest RSS seen, while running."""
+
+    def __init__(self) -> None:
+        self.gap = 0.0
+        self.rss = _rss()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.002)
+            now = time.monotonic()
+            self.gap = max(self.gap, now - last)
+            self.rss = max(self.rss, _rss())
+            last = now
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def _refused(result: pb.SessionResult) -> bool:
+    return (
+        result.frame_id == 7
+        and len(result.results) == 1
+        and result.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        and f"at most {MAX_FRAME_OPS} ops" in result.results[0].error
+    )
+
+
+async def _read_record(reader: asyncio.StreamReader) -> pb.SessionResult:
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    return pb.SessionResult.FromString(await reader.readexactly(size))
+
+
+def test_count_field_twins_agree_and_stop_past_the_limit():
+    frame = pb.SessionFrame(
+        frame_id=3, client_id=9, ops=[pb.Op(kind=1, key=b"k" * i, sequence=i) for i in range(50)]
+    ).SerializeToString()
+    impls = [_batch_py, batch_impl] if COMPILED else [_batch_py]
+    for impl in impls:
+        assert impl.count_field(frame, 3, 10_000) == 50
+        assert impl.count_field(frame, 3, 10) == 11
+        assert impl.count_field(HUGE, 3, MAX_FRAME_OPS) == MAX_FRAME_OPS + 1
+    rnd = random.Random(5)
+    for _ in range(3000):
+        data = frame[: rnd.randrange(len(frame))]
+        if rnd.random() < 0.5:
+            data = bytes(rnd.randrange(256) for _ in range(rnd.randrange(40)))
+        field, limit = rnd.randrange(-1, 6), rnd.randrange(-1, 60)
+        want = _batch_py.count_field(data, field, limit)
+        assert batch_impl.count_field(data, field, limit) == want, (data, field, limit)
+
+
+def _node_peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("way", ["tcp", "grpc"])
+def test_a_frame_of_too_many_ops_is_refused_unparsed(tmp_path, way):
+    frames = 6  # (parsed, ~73 MB each: 440 MB)
+    extra = ["--max-request-bytes", str(2 * 1024 * 1024)]
+    with ProcCluster(tmp_path, 1, extra=extra) as cluster:
+        nid = cluster.wait_leader()
+        pid = cluster.procs[nid].pid
+
+        async def main() -> list[pb.SessionResult]:
+            if way == "tcp":
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", cluster.session_ports[nid]
+                )
+                writer.write(record(pb.SessionHello().SerializeToString()))
+                writer.write(record(HUGE) * frames)
+                results = [await asyncio.wait_for(_read_record(reader), 20) for _ in range(frames)]
+                writer.close()
+                return results
+            async with grpc.aio.insecure_channel(
+                cluster.addrs[nid], options=[("grpc.max_send_message_length", 4 << 20)]
+            ) as channel:
+                session = channel.stream_stream(
+                    "/raftfast.v1.KV/Session",
+                    request_serializer=lambda raw: raw,
+                    response_deserializer=pb.SessionResult.FromString,
+                )
+                calls = [session(iter([HUGE])) for _ in range(frames)]
+                return [result for call in calls async for result in call]
+
+        before = _node_peak_rss(pid)
+        results = asyncio.run(asyncio.wait_for(main(), 30))
+        grew = _node_peak_rss(pid) - before
+        assert len(results) == frames and all(_refused(r) for r in results), results
+        assert grew < 50 * 1024 * 1024, grew >> 20
+
+
+def test_big_answers_nobody_reads_do_not_freeze_the_loop(tmp_path):
+    streams, frames = 12, 12
+
+    async def main() -> None:
+        async with one_node(tmp_path) as node:
+            from raftfast.client import Client
+
+            async with Client(node.settings.listen, timeout=20) as c:
+                await c.put(b"big1", b"x" * (1 << 20))
+                await c.put(b"big2", b"y" * (1 << 20))
+            gets = [pb.Op(kind=pb.Op.GET, key=k) for k in (b"big1", b"big2")]
+            data = b"".join(
+                record(pb.SessionFrame(frame_id=i + 1, client_id=1, ops=gets).SerializeToString())
+                for i in range(frames)
+            )
+            hello = record(pb.SessionHello().SerializeToString())
+            conns = [
+                await asyncio.open_connection("127.0.0.1", node._driver.session_port)
+                for _ in range(streams)
+            ]
+            ticker = Ticker()
+            for _, writer in conns:  # (all at once: their reads wait on the same barriers)
+                writer.transport.set_write_buffer_limits(1 << 24)
+                writer.write(hello + data)
+            service = node._driver.app.kv_service
+            deadline = time.monotonic() + 20
+            while service._unsent.used < 8 * streams * (2 << 20) * 3 // 4:
+                assert time.monotonic() < deadline, service._unsent.used >> 20
+                await asyncio.sleep(0.01)
+            await ticker.stop()
+            for _, writer in conns:
+                writer.transport.abort()
+            assert ticker.gap < 0.15, ticker.gap
+
+    asyncio.run(asyncio.wait_for(main(), 60))
