@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ import grpc
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
 from raftfast.etcd.mvcc import Event, Record, event_pb, in_range, kv_pb, range_of
+from raftfast.heap import release_free_memory
 from raftfast.proto.etcd import kv_pb2 as mvccpb
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
@@ -38,7 +40,7 @@ from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from raftfast.etcd.api import EtcdAPI
 
-__all__ = ["MAX_WATCH_STREAMS", "MAX_WATCHERS_PER_STREAM", "WatchService"]
+__all__ = ["MAX_UNSENT_WATCH_BYTES", "MAX_WATCH_STREAMS", "MAX_WATCHERS_PER_STREAM", "WatchService"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ _WATCHER_BYTES = 512
 # Answers a stream holds for a client that does not read them: the stream stops reading its
 # requests until they are sent (else a client that only writes grows the node without bound).
 _MAX_OUTBOX = 1_000
+# A stream's requests are taken in batches of at most this many, or this long, the loop let go
+# between (a gRPC read waits for its completion queue already; this holds whatever gRPC does).
+_READ_BATCH = 64
+_READ_BATCH_S = 0.005
 # Answers built and not yet taken by gRPC, node-wide (the yield that sends one returns once
 # gRPC took it; a client that does not read holds it there: HTTP/2 flow control). 400 streams
 # whose clients stopped reading held 1 GB (each held its last call's answers, ~1.5 MiB built,
@@ -64,9 +70,17 @@ MAX_UNSENT_WATCH_BYTES = 128 * 1024 * 1024
 # What one call of _Stream.pending builds, about (the answer of one revision may be more): what
 # a stream whose client does not read holds (it was max_request_bytes, 1.5 MiB, and more).
 _CALL_BYTES = 256 * 1024
+# A response holds whole revisions of about this many bytes (a revision is split only past
+# max_request_bytes or MAX_EVENTS_PER_RESPONSE events): gRPC keeps the answer it was given until
+# the client reads it, even once the stream is ended (its status waits behind it: HTTP/2), so
+# what a stream ended to make room keeps is one answer of about this size or one revision.
+_RESPONSE_BYTES = 64 * 1024
 # A stream holding answers its client has not taken for this long may be ended to make room;
 # a client that reads takes an answer of _CALL_BYTES in milliseconds.
 _STALLED_S = 2.0
+# Once none are held, the heap's free pages go back to the system if this many were held (as
+# after unread one-request answers: raftfast.server.handlers).
+_TRIM_AFTER_BYTES = 32 * 1024 * 1024
 # How a stream that had to make way ends: UNAVAILABLE is what etcd's clients (clientv3, so
 # etcdctl and Kubernetes; etcd3aio) take for "watch again": they open a new stream from the
 # revision after the last one they read, and miss nothing (on RESOURCE_EXHAUSTED they give up).
@@ -134,16 +148,21 @@ class _Stream:
         self.progress_wanted = False
         self._next_id = 0
         self.done = False
-        # Answers built and not yet taken by gRPC (WatchService.unsent), and since when its
-        # client has taken none of them (the last one taken, or the first built).
+        # Answers built and not yet taken by gRPC (serialized: WatchService.unsent), their
+        # bytes, the bytes of the one gRPC is sending, and since when its client has taken
+        # none of them (the last one taken, or the first built).
+        self.unsent: deque[bytes] = deque()
         self.held = 0
+        self.in_flight = 0
         self.since = 0.0
         self.context: grpc.aio.ServicerContext | None = None  # (how it is ended: WatchService)
         self.ended = False  # (it made way for others: WatchService._end)
-        # Every watcher had all events up to this revision (the next calls need not look at
-        # them until the store moves on or a watcher is created: a stream of 10,000 watchers
-        # looked at each one for every create, cancel or progress request).
+        # Every watcher but those created since (``_fresh``) had all events up to this
+        # revision: the next calls look only at those until the store moves on (a stream of
+        # 10,000 watchers looked at each one for every create, cancel or progress request:
+        # 0.64 ms a create and its cancel, 13 us now).
         self._caught_rev = -1
+        self._fresh: list[_Watcher] = []
         self._progress = 0  # watchers that asked for progress notifications
 
     def take(self, request: pb.WatchRequest) -> None:
@@ -201,8 +220,8 @@ class _Stream:
             return
         if not r.key:
             r.key = b"\0"  # (etcd: the smallest key; with range_end "\0", every key)
-        self.watchers[watch_id] = _Watcher(watch_id, r, start)
-        self._caught_rev = -1
+        self.watchers[watch_id] = w = _Watcher(watch_id, r, start)
+        self._fresh.append(w)
         self._progress += r.progress_notify
         self.cost += _cost(r)
         self.budget.used += _cost(r)
@@ -222,6 +241,7 @@ class _Stream:
         self.budget.used -= self.cost
         self.cost = 0
         self._progress = 0
+        self._fresh.clear()
         self.watchers.clear()
 
     def _compacted(self, watch_id: int) -> pb.WatchResponse:
@@ -277,8 +297,13 @@ class _Stream:
         max_bytes = self.api.driver.settings.max_request_bytes
         call_bytes = min(_CALL_BYTES, max_bytes)
         spent = built = 0
-        lagging = False  # (a watcher looked at still has events to get)
-        for w in list(self.watchers.values()) if self._caught_rev != store.revision else ():
+        if self._caught_rev == store.revision:
+            looked = [w for w in self._fresh if self.watchers.get(w.id) is w]
+        else:
+            looked = list(self.watchers.values())
+        self._fresh.clear()
+        lagging = False  # (a watcher looked at still has events to get, or one was not looked at)
+        for w in looked:
             if w.next_rev > store.revision:
                 continue
             if spent >= max_bytes or built >= call_bytes:
@@ -315,15 +340,19 @@ class _Stream:
             lagging = lagging or w.next_rev <= store.revision
             chosen = [e for e in events if w.wants(e)]
             spent += 64 * len(events)
-            header = self.api.header(w.next_rev - 1 if whole else w.next_rev)
-            # (a response of at most MAX_EVENTS_PER_RESPONSE events and about max_bytes: gRPC
-            # sends none over 64 MiB, and a watcher behind by more would never catch up)
+            # A response of at most MAX_EVENTS_PER_RESPONSE events and about max_bytes (gRPC
+            # sends none over 64 MiB, and a watcher behind by more would never catch up), and
+            # of whole revisions of about _RESPONSE_BYTES (see there).
             parts: list[list[Event]] = [[]]
             size = 0
             for e in chosen:
                 n = e.nbytes()
-                full = len(parts[-1]) >= MAX_EVENTS_PER_RESPONSE or size + n > max_bytes
-                if parts[-1] and full:
+                part = parts[-1]
+                if part and (
+                    len(part) >= MAX_EVENTS_PER_RESPONSE
+                    or size + n > max_bytes
+                    or (size + n > _RESPONSE_BYTES and e.revision != part[-1].revision)
+                ):
                     parts.append([])
                     size = 0
                 parts[-1].append(e)
@@ -331,19 +360,22 @@ class _Stream:
                 spent += n
                 built += n
             for i, part in enumerate(parts if chosen else ()):
-                more = i + 1 < len(parts) or not whole
+                if i + 1 < len(parts):  # (what it holds, to its last revision)
+                    rev = part[-1].revision
+                    more = parts[i + 1][0].revision == rev  # (the rest of it follows)
+                else:  # (every revision looked at; or the one sent in parts, not all of it)
+                    rev = w.next_rev - 1 if whole else w.next_rev
+                    more = not whole
                 out.append(
                     pb.WatchResponse(
-                        header=header,
+                        header=self.api.header(rev),
                         watch_id=w.id,
                         events=[event_pb(e, w.prev_kv) for e in part],
                         fragment=more and w.fragment,
                     )
                 )
                 w.last_sent = time.monotonic()
-        else:
-            if not lagging:
-                self._caught_rev = store.revision
+        self._caught_rev = -1 if lagging else store.revision
         if self.progress_wanted and self.caught_up():
             self.progress_wanted = False
             out.append(pb.WatchResponse(header=self.api.header(), watch_id=-1))
@@ -418,8 +450,11 @@ class WatchService(pb_grpc.WatchServicer):
         self.turns = asyncio.Lock()
         # Bytes of answers built and not yet taken by gRPC (MAX_UNSENT_WATCH_BYTES); the
         # streams holding some, the one whose client has taken nothing for the longest first;
-        # the streams waiting for room, in order; the ends under way (_end).
+        # the streams waiting for room, in order; the ends under way (_end). ``stuck``: the
+        # answers gRPC still holds for streams ended to make room (see _RESPONSE_BYTES).
         self.unsent = 0
+        self.stuck = 0
+        self.peak = 0  # (of unsent + stuck, since none were held: _TRIM_AFTER_BYTES)
         self.holders: dict[_Stream, None] = {}
         self.waiting: deque[asyncio.Future[None]] = deque()
         self._ending: set[asyncio.Task[None]] = set()
@@ -439,7 +474,7 @@ class WatchService(pb_grpc.WatchServicer):
         self.streams.add(stream)
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, stream))
         driver = self.api.driver
-        unsent: deque[bytes] = deque()
+        unsent = stream.unsent
         try:
             while not stream.done and not driver.stopping:
                 stream.wake.clear()
@@ -451,15 +486,19 @@ class WatchService(pb_grpc.WatchServicer):
                         continue  # (taken meanwhile)
                     # Serialized here, once: what the node holds is counted (gRPC passes bytes
                     # on as they are: raftfast.server.handlers._serialize).
-                    unsent.extend(r.SerializeToString() for r in stream.pending())
-                    self._hold(stream, sum(map(len, unsent)))
+                    built = [r.SerializeToString() for r in stream.pending()]
+                    unsent.extend(built)
+                    self._hold(stream, sum(map(len, built)))
+                    del built
                     if unsent or stream.wake.is_set():
                         await asyncio.sleep(0)  # (the next stream's call in the next turn)
                 self._wake_next()  # (the room it left, to the next stream waiting)
                 if unsent:
                     while unsent and not stream.done:
                         data = unsent.popleft()
+                        stream.in_flight = len(data)
                         yield data  # (back once gRPC took it: its client read enough)
+                        stream.in_flight = 0
                         self._taken(stream, len(data))
                     continue
                 if stream.wake.is_set():
@@ -478,7 +517,6 @@ class WatchService(pb_grpc.WatchServicer):
                     await context.abort(exc.code, exc.message)
                 await context.abort(grpc.StatusCode.INTERNAL, f"watch stream failed: {exc!r}")
         finally:
-            unsent.clear()
             self._release(stream)
             self.streams.discard(stream)
             stream.close()
@@ -498,27 +536,37 @@ class WatchService(pb_grpc.WatchServicer):
             self.holders[stream] = None
         stream.held += size
         self.unsent += size
+        self.peak = max(self.peak, self.unsent + self.stuck)
 
     def _taken(self, stream: _Stream, size: int) -> None:
         """gRPC took ``size`` bytes of ``stream``'s answers."""
         if stream.ended:
-            return  # (released: _end)
+            self.stuck -= size  # (its client read after all)
+            self._wake_next()
+            return
         stream.held -= size
         self.unsent -= size
-        del self.holders[stream]
+        self.holders.pop(stream, None)
         if stream.held:
             stream.since = time.monotonic()
             self.holders[stream] = None  # (last: its client reads)
         self._wake_next()
 
     def _release(self, stream: _Stream) -> None:
-        """``stream`` holds nothing any more (it ended)."""
-        self.unsent -= stream.held
-        stream.held = 0
-        self.holders.pop(stream, None)
+        """``stream`` ended: what it held is gone."""
+        if stream.ended:
+            self.stuck -= stream.in_flight
+        else:
+            self.unsent -= stream.held
+            self.holders.pop(stream, None)
+        stream.held = stream.in_flight = 0
+        stream.unsent.clear()
         self._wake_next()
 
     def _wake_next(self) -> None:
+        if not self.unsent and not self.stuck and self.peak >= _TRIM_AFTER_BYTES:
+            self.peak = 0
+            threading.Timer(1.0, release_free_memory).start()  # (off the loop: a few ms)
         while self.waiting and self._room():
             waiter = self.waiting.popleft()
             if not waiter.done():
@@ -532,7 +580,8 @@ class WatchService(pb_grpc.WatchServicer):
         loop = asyncio.get_running_loop()
         while not self._room() and not stream.done and not self.api.driver.stopping:
             oldest = next(iter(self.holders), None)
-            if oldest is None:
+            if oldest is None:  # (cannot be: nothing held, nothing unsent)
+                self.unsent = 0
                 return
             stalled = time.monotonic() - oldest.since
             if stalled >= _STALLED_S:
@@ -549,11 +598,18 @@ class WatchService(pb_grpc.WatchServicer):
 
     def _end(self, stream: _Stream, stalled: float) -> None:
         """End ``stream``, whose client has not read its answers for ``stalled`` seconds, to
-        make room: with a status (not a cancel of each watcher: answers it would not read
-        either), sent at once (HTTP/2 trailers pass the answers stuck behind flow control); gRPC
-        drops what it held. Its handler ends as its yield fails."""
+        make room: the answers it built go, and it builds no more. gRPC has no way to drop the
+        one it was given (neither a status nor cancelling the handler's task does: the status
+        waits behind it, HTTP/2 flow control; the task's end leaves it in gRPC's hands): that
+        one stays until the client reads it, and then the status, or goes away (``stuck``).
+        A status, not a cancel of each watcher: answers it would not read either."""
+        self.unsent -= stream.held
+        self.stuck += stream.in_flight
+        self.holders.pop(stream, None)
         stream.ended = stream.done = True
-        self._release(stream)
+        stream.held = 0
+        stream.unsent.clear()
+        self._wake_next()
         stream.wake.set()
         code, text = _ENDED
         message = text.format(s=stalled, limit=MAX_UNSENT_WATCH_BYTES)
@@ -568,11 +624,17 @@ class WatchService(pb_grpc.WatchServicer):
         """The client's requests. When it closes its side the stream goes on sending events
         until the call ends (as etcd's does: a client may send its creates and close). Each
         request is taken alone, in bounded work (``_Stream.take``: a create does not look at
-        the history, the stream's next calls do, a bounded amount each), and each read lets go
-        of the loop (it waits for gRPC's completion queue)."""
+        the history, the stream's next calls do, a bounded amount each); a read waits for
+        gRPC's completion queue, and the loop is let go at least every _READ_BATCH requests
+        or _READ_BATCH_S seconds."""
         try:
+            taken, since = 0, time.perf_counter()
             async for request in requests:
                 stream.take(request)
+                taken += 1
+                if taken >= _READ_BATCH or time.perf_counter() - since >= _READ_BATCH_S:
+                    await asyncio.sleep(0)
+                    taken, since = 0, time.perf_counter()
                 while len(stream.outbox) >= _MAX_OUTBOX and not stream.done:
                     stream.drained.clear()  # (until Watch takes them: see _MAX_OUTBOX)
                     await stream.drained.wait()
