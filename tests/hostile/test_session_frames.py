@@ -9,41 +9,19 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
-import raftfast
 from raftfast import _batch_py
 from raftfast._accel import COMPILED, batch_impl
-from raftfast.kv.fsm import KVStateMachine
 from raftfast.limits import MAX_FRAME_OPS
 from raftfast.proto import raftfast_pb2 as pb
-from raftfast.tools.localcluster import ProcCluster, free_ports
+from raftfast.tools.localcluster import ProcCluster
 from raftfast.transport.tcp import record
+from tests.server.test_session_stream import one_node
 
 HUGE = b"\x08\x07" + b"\x1a\x00" * 780_000  # frame_id 7, 780,000 empty ops
-
-
-@contextlib.asynccontextmanager
-async def one_node(tmp_path) -> AsyncIterator[raftfast.Node]:
-    addr = f"127.0.0.1:{free_ports(1)[0]}"
-    node = raftfast.Node(
-        id="n1",
-        listen=addr,
-        peers={"n1": addr},
-        data_dir=str(tmp_path / "n1"),
-        state_machine=KVStateMachine(),
-        tick_ms=20,
-        max_request_bytes=2 * 1024 * 1024,
-    )
-    await node.start()
-    try:
-        await node.wait_for_leader(timeout=30)
-        yield node
-    finally:
-        await node.stop()
 
 
 def _rss() -> int:
@@ -158,7 +136,7 @@ def test_big_answers_nobody_reads_do_not_freeze_the_loop(tmp_path):
     streams, frames = 12, 12
 
     async def main() -> None:
-        async with one_node(tmp_path) as node:
+        async with one_node(tmp_path, max_request_bytes=2 * 1024 * 1024) as node:
             from raftfast.client import Client
 
             async with Client(node.settings.listen, timeout=20) as c:

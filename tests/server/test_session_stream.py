@@ -42,8 +42,7 @@ async def one_node(tmp_path, **settings) -> AsyncIterator[raftfast.Node]:
         data_dir=str(tmp_path / "n1"),
         state_machine=KVStateMachine(),
         tick_ms=20,
-        max_request_bytes=MAX_REQUEST,
-        **settings,
+        **{"max_request_bytes": MAX_REQUEST, **settings},
     )
     await node.start()
     try:
