@@ -342,8 +342,10 @@ def _varint(data: memoryview, i: int) -> tuple[int, int] | None:
 
 def count_field(data: bytes | bytearray | memoryview, field: int, limit: int) -> int:
     """How many times the field numbered ``field`` occurs at the top level of the protobuf
-    message ``data``, without parsing it: counting stops past ``limit`` (``limit + 1`` then),
-    and where the wire format breaks (the count so far: the parser will refuse the message)."""
+    message ``data``, without parsing it: counting stops past ``limit`` (``limit + 1`` then).
+    A message it cannot walk to its end (the wire format breaks, or it holds a group, which
+    the parser skips over with whatever it holds) counts ``limit + 1`` too: its ops cannot be
+    counted, and the parser would keep them (a review: a group in front hid 780,000 ops)."""
     view = memoryview(data).cast("B")
     n = len(view)
     i = count = 0
@@ -370,5 +372,7 @@ def count_field(data: bytes | bytearray | memoryview, field: int, limit: int) ->
                 break
             i = read[1] + read[0]
         else:
-            break
-    return count
+            return limit + 1
+    else:
+        return count if i <= n else limit + 1  # (a fixed-size field cut short: cannot tell)
+    return limit + 1 if count <= limit else count

@@ -17,6 +17,7 @@ from raftfast import _batch_py
 from raftfast._accel import COMPILED, batch_impl
 from raftfast.limits import MAX_FRAME_OPS
 from raftfast.proto import raftfast_pb2 as pb
+from raftfast.server.kv_service import TooManyOps, parse_frame
 from raftfast.tools.localcluster import ProcCluster
 from raftfast.transport.tcp import record
 from tests.server.test_session_stream import one_node
@@ -78,6 +79,14 @@ def test_count_field_twins_agree_and_stop_past_the_limit():
         assert impl.count_field(frame, 3, 10_000) == 50
         assert impl.count_field(frame, 3, 10) == 11
         assert impl.count_field(HUGE, 3, MAX_FRAME_OPS) == MAX_FRAME_OPS + 1
+        # What cannot be walked to its end cannot be counted, and the parser keeps what follows
+        # a group (an empty one in front hid 780,000 ops: a review): past the limit, so refused.
+        grouped = b"\x0b\x0c" + HUGE
+        assert len(pb.SessionFrame.FromString(grouped[:200]).ops) == 98  # (the parser's view)
+        assert impl.count_field(grouped, 3, MAX_FRAME_OPS) == MAX_FRAME_OPS + 1
+        assert impl.count_field(frame[:-1], 3, 10_000) == 10_001  # (cut short)
+        assert impl.count_field(frame + b"\x09\x00", 3, 10_000) == 10_001  # (fixed64 cut)
+    assert isinstance(parse_frame(b"\x0b\x0c" + HUGE), TooManyOps)
     rnd = random.Random(5)
     for _ in range(3000):
         data = frame[: rnd.randrange(len(frame))]
