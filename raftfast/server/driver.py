@@ -454,6 +454,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         if self._restoring is not None:  # (its file and WAL record are durable: a restart ends it)
             self._restoring.cancel()
             await asyncio.gather(self._restoring, return_exceptions=True)
+        if self._restoring is None and self.failed is None:
+            while self._held_commits:  # (committed: applied and answered, not failed)
+                self._apply_held()
         self._fail_all(NotLeaderError("node is shutting down"))
         if self._wal_writer is not None:
             await self._wal_writer.drain()  # (its end holds the WAL's lock until the loop ends it)
@@ -893,8 +896,11 @@ class Driver(MembershipMixin, SnapshotMixin):
         return bool(self._held_commits) and self._restoring is None
 
     def _apply_held(self) -> None:
-        """A slice of the held entries (see _APPLY_SLICE_S), and the reads they let go."""
-        deadline = time.perf_counter() + _APPLY_SLICE_S
+        """A slice of the held entries (see _APPLY_SLICE_S), and the reads they let go. The
+        slice grows with what is held, up to ten: a node whose applies fall behind what it
+        acknowledges gives them more of its time (the held entries, and the log they keep,
+        do not grow for good; applied at once, it acknowledged nothing meanwhile)."""
+        deadline = time.perf_counter() + _APPLY_SLICE_S * min(len(self._held_commits), 10)
         held = self._held_commits
         while held and self._restoring is None:
             rest = self._apply_slice(held.pop(0), deadline)
@@ -1022,10 +1028,16 @@ class Driver(MembershipMixin, SnapshotMixin):
             # Waiters of a deposed leader: tell clients to retry at the new leader. Retried
             # writes carry the same (client id, sequence), so nothing is applied twice.
             err = NotLeaderError("leadership lost", leader or None)
+            # (not those committed: their entries wait to be applied, in a later slice or
+            # Ready, and are answered then: failed, a retry without an id applied twice)
+            committed = self.raw.commit_index
+            still = []
             for waiting in self._waiting_writes:
-                if not waiting.fut.done():
+                if waiting.last <= committed:
+                    still.append(waiting)
+                elif not waiting.fut.done():
                     waiting.fut.set_exception(err)
-            self._waiting_writes = []
+            self._waiting_writes = still
             for waiters in self._reads_by_id.values():
                 for fut in waiters:
                     if not fut.done():

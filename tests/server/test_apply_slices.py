@@ -76,6 +76,36 @@ def test_a_long_apply_lets_the_loop_run_between_slices(tmp_path):
     asyncio.run(main())
 
 
+def test_entries_held_when_the_node_stops_are_applied_and_answered(tmp_path):
+    # Committed, so answered with their results: failed ("shutting down"), a client without
+    # an id that retried would have had its write applied twice (a review).
+    async def main() -> None:
+        port = free_ports(1)[0]
+        machine = Slow()
+        node = raftfast.Node(
+            id="n1",
+            listen=f"127.0.0.1:{port}",
+            peers={"n1": f"127.0.0.1:{port}"},
+            data_dir=str(tmp_path / "n1"),
+            state_machine=machine,
+            tick_ms=20,
+        )
+        await node.start()
+        await node.wait_for_leader(timeout=30)
+        calls = [asyncio.ensure_future(node.propose(b"1", timeout=60)) for _ in range(COMMANDS)]
+        deadline = time.monotonic() + 30
+        while not machine.indexes:  # (the first slice applied: the rest is held)
+            assert time.monotonic() < deadline, "nothing applied"
+            await asyncio.sleep(0.001)
+        await node.stop()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert sorted(int(r) for r in results) == list(range(1, COMMANDS + 1)), [
+            r for r in results if isinstance(r, BaseException)
+        ][:1]
+
+    asyncio.run(main())
+
+
 def test_a_snapshot_drops_the_held_entries_it_holds():
     def committed(first: int, count: int) -> Committed:
         return Committed(first, [1] * count, [0] * count, [b"x%d" % i for i in range(count)])
