@@ -42,18 +42,22 @@ class Slow(raftfast.StateMachine):
         self.total = int(inp.read())
 
 
+def _node(tmp_path, machine: Slow) -> raftfast.Node:
+    port = free_ports(1)[0]
+    return raftfast.Node(
+        id="n1",
+        listen=f"127.0.0.1:{port}",
+        peers={"n1": f"127.0.0.1:{port}"},
+        data_dir=str(tmp_path / "n1"),
+        state_machine=machine,
+        tick_ms=20,
+    )
+
+
 def test_a_long_apply_lets_the_loop_run_between_slices(tmp_path):
     async def main() -> None:
-        port = free_ports(1)[0]
         machine = Slow()
-        node = raftfast.Node(
-            id="n1",
-            listen=f"127.0.0.1:{port}",
-            peers={"n1": f"127.0.0.1:{port}"},
-            data_dir=str(tmp_path / "n1"),
-            state_machine=machine,
-            tick_ms=20,
-        )
+        node = _node(tmp_path, machine)
         await node.start()
         try:
             await node.wait_for_leader(timeout=30)
@@ -80,16 +84,8 @@ def test_entries_held_when_the_node_stops_are_applied_and_answered(tmp_path):
     # Committed, so answered with their results: failed ("shutting down"), a client without
     # an id that retried would have had its write applied twice (a review).
     async def main() -> None:
-        port = free_ports(1)[0]
         machine = Slow()
-        node = raftfast.Node(
-            id="n1",
-            listen=f"127.0.0.1:{port}",
-            peers={"n1": f"127.0.0.1:{port}"},
-            data_dir=str(tmp_path / "n1"),
-            state_machine=machine,
-            tick_ms=20,
-        )
+        node = _node(tmp_path, machine)
         await node.start()
         await node.wait_for_leader(timeout=30)
         calls = [asyncio.ensure_future(node.propose(b"1", timeout=60)) for _ in range(COMMANDS)]

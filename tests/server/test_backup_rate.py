@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import raftfast
 import raftfast.server.snapshots as snapshots
 from raftfast.kv.commands import encode_put
-from raftfast.kv.fsm import KVStateMachine
-from raftfast.tools.localcluster import free_ports
+from tests.server.test_session_stream import one_node
 
 EVERY_S = 1.0
 
@@ -22,18 +20,7 @@ def test_backups_force_one_snapshot_per_interval_and_cover_every_write(tmp_path,
     monkeypatch.setattr(snapshots, "BACKUP_SNAPSHOT_EVERY_S", EVERY_S)
 
     async def main() -> None:
-        port = free_ports(1)[0]
-        node = raftfast.Node(
-            id="n1",
-            listen=f"127.0.0.1:{port}",
-            peers={"n1": f"127.0.0.1:{port}"},
-            data_dir=str(tmp_path / "n1"),
-            state_machine=KVStateMachine(),
-            tick_ms=20,
-        )
-        await node.start()
-        try:
-            await node.wait_for_leader(timeout=30)
+        async with one_node(tmp_path) as node:
             driver = node._driver
             taken = 0
             take = driver._take_snapshot
@@ -70,7 +57,5 @@ def test_backups_force_one_snapshot_per_interval_and_cover_every_write(tmp_path,
             before = time.monotonic()
             await save()
             assert taken == 4 and time.monotonic() - before < EVERY_S
-        finally:
-            await node.stop()
 
     asyncio.run(main())
