@@ -33,6 +33,7 @@ from raftfast.etcd.mvcc import MVCCStore, encode
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
 from raftfast.tools.ports import free_ports, release_ports
+from tests.hostile.harness import rss_bytes
 
 LIMIT = 4 << 20  # the node's MAX_UNSENT_WATCH_BYTES here
 STALLED_S = 0.5  # its _STALLED_S: how long a stream holds answers unread before it may go
@@ -57,20 +58,12 @@ MAX_GROWTH = 2 * LIMIT + STALLED * 2 * (64 << 10) + (32 << 20)
 DEADLINE = 30.0
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 class _Peak:
     """The node's largest RSS while it runs, sampled on a thread."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.peak = _rss(pid)
+        self.peak = rss_bytes(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -78,7 +71,7 @@ class _Peak:
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             try:
-                self.peak = max(self.peak, _rss(self.pid))
+                self.peak = max(self.peak, rss_bytes(self.pid))
             except (OSError, AssertionError):
                 return
 
@@ -111,7 +104,7 @@ async def _scenario(addr: str, pid: int) -> None:
     await _until("a leader", ready, deadline)
     for i in range(REVISIONS):
         await kv.Put(pb.PutRequest(key=b"w/%03d" % i, value=bytes([i]) * VALUE), timeout=10)
-    start = _rss(pid)
+    start = rss_bytes(pid)
     peak = _Peak(pid)
     # Streams from revision 1 that read their created answer and one with events, and stop.
     # (Connections of their own, without BDP probes: the client's windows stay small, as a

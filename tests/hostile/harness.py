@@ -195,9 +195,10 @@ def read_refusal(sock: socket.socket) -> pb.StreamRefusal | None:
     return pb.StreamRefusal.FromString(received[4:])
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """A process's resident memory (``field``: VmRSS now, VmHWM its peak), in bytes."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")

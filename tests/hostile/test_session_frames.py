@@ -20,17 +20,10 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.server.kv_service import TooManyOps, parse_frame
 from raftfast.tools.localcluster import ProcCluster
 from raftfast.transport.tcp import record
+from tests.hostile.harness import rss_bytes
 from tests.server.test_session_stream import one_node
 
 HUGE = b"\x08\x07" + b"\x1a\x00" * 780_000  # frame_id 7, 780,000 empty ops
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 class Ticker:
@@ -38,7 +31,7 @@ class Ticker:
 
     def __init__(self) -> None:
         self.gap = 0.0
-        self.rss = _rss()
+        self.rss = rss_bytes()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -47,7 +40,7 @@ class Ticker:
             await asyncio.sleep(0.002)
             now = time.monotonic()
             self.gap = max(self.gap, now - last)
-            self.rss = max(self.rss, _rss())
+            self.rss = max(self.rss, rss_bytes())
             last = now
 
     async def stop(self) -> None:
@@ -97,14 +90,6 @@ def test_count_field_twins_agree_and_stop_past_the_limit():
         assert batch_impl.count_field(data, field, limit) == want, (data, field, limit)
 
 
-def _node_peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.parametrize("way", ["tcp", "grpc"])
 def test_a_frame_of_too_many_ops_is_refused_unparsed(tmp_path, way):
     frames = 6  # (parsed, ~73 MB each: 440 MB)
@@ -134,9 +119,9 @@ def test_a_frame_of_too_many_ops_is_refused_unparsed(tmp_path, way):
                 calls = [session(iter([HUGE])) for _ in range(frames)]
                 return [result for call in calls async for result in call]
 
-        before = _node_peak_rss(pid)
+        before = rss_bytes(pid, "VmHWM")
         results = asyncio.run(asyncio.wait_for(main(), 30))
-        grew = _node_peak_rss(pid) - before
+        grew = rss_bytes(pid, "VmHWM") - before
         assert len(results) == frames and all(_refused(r) for r in results), results
         assert grew < 50 * 1024 * 1024, grew >> 20
 
