@@ -33,6 +33,8 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._data)
 
+    compacting = False  # (the compiled store's arena is compacted a step per write)
+
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
