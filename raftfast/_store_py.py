@@ -143,6 +143,11 @@ class KeyStore:
             b"".join(values),
         )
 
+    def freeze(self) -> KeyStore:
+        """The store as of now, for ``dump`` in another thread (the compiled one hands out a
+        view of its arena; here, a copy)."""
+        return self.copy()
+
     def copy(self) -> KeyStore:
         twin = KeyStore()
         twin._data = dict(self._data)

@@ -234,11 +234,11 @@ class KVStateMachine(StateMachine):
             out.write(part)
 
     def frozen(self) -> KVStateMachine:
-        """The state as of now, in a copy cheap to take (the store's arena and table copied
-        whole: a few ms per 100,000 keys), whose ``snapshot`` may then run in another thread
-        while this machine goes on applying."""
+        """The state as of now, cheap to take, whose ``snapshot`` (its only use) may then run
+        in another thread while this machine goes on applying: the store hands out a frozen
+        view of its records (``KeyStore.freeze``: nothing copied), the rest is copied."""
         twin = copy.copy(self)
-        twin._data = self._data.copy()
+        twin._data = self._data.freeze()
         twin._clients = self._clients.frozen()
         twin.alarms = set(self.alarms)
         twin.etcd = self.etcd.frozen()
