@@ -59,6 +59,8 @@ cdef extern from *:
 
 cdef extern from "Python.h":
     Py_hash_t _Py_HashBytes(const void *src, Py_ssize_t len)
+    # (the same, where the GIL is let go: it reads only the process's hash key)
+    Py_hash_t hash_bytes_nogil "_Py_HashBytes" (const void *src, Py_ssize_t len) nogil
 
 DEF HEADER = 8                      # klen u32 | vlen u32
 DEF EMPTY = 0
@@ -77,7 +79,7 @@ DEF MAX_KEY_LEN = 0x7FFFFFFF       # (a garbage record's klen has the top bit se
 DEF SLOT_AHEAD = 16                 # put_packed: prefetch the slot of the pair this far ahead
 DEF RECORD_AHEAD = 8                # ... and the record that slot points to
 
-__all__ = ["FrozenStore", "KeyStore", "check_packed", "load_store"]
+__all__ = ["FrozenStore", "KeyStore", "check_packed", "load_store", "sum_u32"]
 
 
 ctypedef struct Shared:
@@ -1266,23 +1268,34 @@ def check_packed(data):
     return count // 2, longest_key, longest_value
 
 
+def sum_u32(data):
+    """The sum of the little-endian u32s ``data`` holds (a snapshot's length columns: the
+    GIL let go, for a restore decoded in a worker thread)."""
+    cdef const unsigned char[::1] view = memoryview(data).cast("B")
+    cdef const unsigned char *p = &view[0] if view.shape[0] else NULL
+    cdef Py_ssize_t i, n = view.shape[0] // 4
+    cdef uint64_t total = 0
+    with nogil:
+        for i in range(n):
+            total += rf_load_u32(p + 4 * i)
+    return total
+
+
 def load_store(Py_ssize_t count, klens, vlens, keys, values):
     """A store from ``dump``'s parts (any buffers). ValueError if they do not add up or the
-    keys are not strictly ascending."""
+    keys are not strictly ascending. (The GIL is let go while the store is built: a follower
+    decodes a leader's snapshot in a worker thread while its loop goes on.)"""
     cdef const unsigned char[::1] kl = memoryview(klens).cast("B")
     cdef const unsigned char[::1] vl = memoryview(vlens).cast("B")
     cdef const unsigned char[::1] kb = memoryview(keys).cast("B")
     cdef const unsigned char[::1] vb = memoryview(values).cast("B")
     cdef KeyStore store = KeyStore()
-    cdef uint64_t ksum = 0, vsum = 0, kpos = 0, vpos = 0, off = 0, need, slots, h, j, prev = 0
+    cdef uint64_t ksum, vsum, need, slots
     cdef uint64_t *items
-    cdef uint32_t klen, vlen
-    cdef Py_ssize_t i
+    cdef int bad
     if count < 0 or kl.shape[0] != 4 * count or vl.shape[0] != 4 * count:
         raise ValueError("store: the length columns do not match the count")
-    for i in range(count):
-        ksum += rf_load_u32(&kl[4 * i])
-        vsum += rf_load_u32(&vl[4 * i])
+    ksum, vsum = sum_u32(klens), sum_u32(vlens)
     if ksum != <uint64_t>kb.shape[0] or vsum != <uint64_t>vb.shape[0]:
         raise ValueError("store: the keys or values do not match their lengths")
     need = ksum + vsum + HEADER * <uint64_t>count
@@ -1292,50 +1305,70 @@ def load_store(Py_ssize_t count, klens, vlens, keys, values):
     while <uint64_t>count * 2 > slots:
         slots *= 2
     free(store._slots)
-    store._slots = <uint64_t *>malloc(slots * sizeof(uint64_t))
+    store._slots = <uint64_t *>calloc(slots, sizeof(uint64_t))  # (EMPTY is 0)
     store._arena = <unsigned char *>malloc(need + 1)
     if store._slots == NULL or store._arena == NULL:
         raise MemoryError()
     store._mask = slots - 1
     store._cap = need + 1
-    for j in range(slots):
-        store._slots[j] = EMPTY
     items = <uint64_t *>malloc((count + 1) * sizeof(uint64_t))  # (the index, in key order)
     if items == NULL:
         raise MemoryError()
     try:
-        for i in range(count):
-            klen = rf_load_u32(&kl[4 * i])
-            vlen = rf_load_u32(&vl[4 * i])
-            if klen > MAX_KEY_LEN:
-                store._used = off
-                raise ValueError("store: a key over 2 GiB")
-            rf_store_u32(store._arena + off, klen)
-            rf_store_u32(store._arena + off + 4, vlen)
-            if klen:
-                memcpy(store._arena + off + HEADER, &kb[kpos], klen)
-            if vlen:
-                memcpy(store._arena + off + HEADER + klen, &vb[vpos], vlen)
-            if i and compare_keys(store._arena, prev, off) >= 0:
-                store._used = off  # (what the destructor frees is all it needs)
-                raise ValueError("store: keys are not strictly ascending")
-            h = <uint64_t>_Py_HashBytes(store._arena + off + HEADER, klen)
-            j = h & store._mask
-            while store._slots[j] != EMPTY:
-                j = (j + 1) & store._mask
-            store._slots[j] = ((off + 1) << TAG_BITS) | ((h >> 40) & TAG_MASK)
-            items[i] = off
-            prev = off
-            kpos += klen
-            vpos += vlen
-            off += HEADER + klen + vlen
+        with nogil:
+            bad = fill_store(
+                store._arena, store._slots, store._mask, count,
+                &kl[0] if count else NULL, &vl[0] if count else NULL,
+                &kb[0] if kb.shape[0] else NULL, &vb[0] if vb.shape[0] else NULL,
+                items, &store._used,
+            )
+        if bad == 1:
+            raise ValueError("store: a key over 2 GiB")
+        if bad == 2:
+            raise ValueError("store: keys are not strictly ascending")
         store._set_index(items, count)
     finally:
         free(items)
-    store._used = off
     store._count = count
     store.size_bytes = ksum + vsum
     return store
+
+
+cdef int fill_store(unsigned char *arena, uint64_t *slots, uint64_t mask, Py_ssize_t count,
+                    const unsigned char *kl, const unsigned char *vl, const unsigned char *kb,
+                    const unsigned char *vb, uint64_t *items, uint64_t *used) noexcept nogil:
+    """load_store's records into ``arena`` and ``slots``, their offsets into ``items``; 0, or
+    1 (a key over 2 GiB) or 2 (keys not ascending), ``used`` then covering the records made."""
+    cdef uint64_t kpos = 0, vpos = 0, off = 0, prev = 0, h, j
+    cdef uint32_t klen, vlen
+    cdef Py_ssize_t i
+    for i in range(count):
+        klen = rf_load_u32(kl + 4 * i)
+        vlen = rf_load_u32(vl + 4 * i)
+        if klen > MAX_KEY_LEN:
+            used[0] = off
+            return 1
+        rf_store_u32(arena + off, klen)
+        rf_store_u32(arena + off + 4, vlen)
+        if klen:
+            memcpy(arena + off + HEADER, kb + kpos, klen)
+        if vlen:
+            memcpy(arena + off + HEADER + klen, vb + vpos, vlen)
+        if i and compare_keys(arena, prev, off) >= 0:
+            used[0] = off
+            return 2
+        h = <uint64_t>hash_bytes_nogil(arena + off + HEADER, klen)
+        j = h & mask
+        while slots[j] != EMPTY:
+            j = (j + 1) & mask
+        slots[j] = ((off + 1) << TAG_BITS) | ((h >> 40) & TAG_MASK)
+        items[i] = off
+        prev = off
+        kpos += klen
+        vpos += vlen
+        off += HEADER + klen + vlen
+    used[0] = off
+    return 0
 
 
 # -- etcd's records and events, outside the cycle collector ----------------------------------

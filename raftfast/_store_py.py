@@ -9,6 +9,8 @@ is the same (tests/test_store.py).
 
 from __future__ import annotations
 
+import sys
+from array import array
 from bisect import bisect_left, insort
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
@@ -16,7 +18,7 @@ from itertools import accumulate
 from raftfast._batch_py import decode_batch
 from raftfast.errors import BatchError
 
-__all__ = ["Event", "KeyStore", "Record", "check_packed", "load_store", "packed_items"]
+__all__ = ["Event", "KeyStore", "Record", "check_packed", "load_store", "packed_items", "sum_u32"]
 
 _MAX_PENDING = 256  # key-set changes replayed into the index before it is rebuilt instead
 
@@ -178,6 +180,15 @@ def check_packed(data) -> tuple[int, int, int]:
     flat = packed_items(data)
     keys, values = flat[0::2], flat[1::2]
     return len(keys), max(map(len, keys), default=0), max(map(len, values), default=0)
+
+
+def sum_u32(data) -> int:
+    """The sum of the little-endian u32s ``data`` holds (a snapshot's length columns)."""
+    column = array("I" if array("I").itemsize == 4 else "L")
+    column.frombytes(memoryview(data).cast("B"))
+    if sys.byteorder == "big":
+        column.byteswap()
+    return sum(column)
 
 
 def load_store(count: int, klens, vlens, keys, values) -> KeyStore:

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from raftfast._accel import KeyStore, check_packed, crc32c, load_store
+from raftfast._accel import KeyStore, check_packed, crc32c, load_store, sum_u32
 from raftfast.dedup import (
     DEDUP_WINDOW,
     MAX_CLIENTS,
@@ -64,7 +64,6 @@ _SNAP_HEADER = struct.Struct("<4sHHQQ")  # magic, version, alarms, applied_index
 _SNAP_COUNT = struct.Struct("<Q")  # number of keys / of clients
 _SNAP_CLIENT = struct.Struct("<QqI")  # client_id, max_seq, live result count
 _SNAP_CRC = struct.Struct("<I")
-_U32 = "I" if array("I").itemsize == 4 else "L"  # 4-byte unsigned array code
 _BIG_ENDIAN = sys.byteorder == "big"
 _ETCD = bytes((OP_ETCD,))
 
@@ -387,19 +386,12 @@ def _parse_snapshot(
         pos += n
         return mv[pos - n : pos]
 
-    def u32s(data: memoryview) -> array:
-        out = array(_U32)
-        out.frombytes(data)
-        if _BIG_ENDIAN:
-            out.byteswap()
-        return out
-
     (count,) = _SNAP_COUNT.unpack(take(_SNAP_COUNT.size, "the key count"))
     at = pos
     klens = take(4 * count, "the key lengths")
     vlens = take(4 * count, "the value lengths")
-    kblob = take(sum(u32s(klens)), "the keys")
-    vblob = take(sum(u32s(vlens)), "the values")
+    kblob = take(sum_u32(klens), "the keys")
+    vblob = take(sum_u32(vlens), "the values")
     try:
         store = load_store(count, klens, vlens, kblob, vblob)
     except ValueError as exc:
