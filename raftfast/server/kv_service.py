@@ -104,6 +104,11 @@ MAX_UNSENT_BYTES = 256 * 1024 * 1024
 SMALL_ANSWER_BYTES = 64 * 1024
 # Bytes of values a loop turn copies into answers, node-wide (past it, the next turn).
 TURN_ANSWER_BYTES = 2 * 1024 * 1024
+# ... where an op's own work (checked, looked up, answered: ~3 us) counts as this many bytes,
+# so that a turn does ~2,000 ops (~6 ms), and a unary read (gRPC's share too) as that many:
+# frames of 10,000 GETs of absent keys counted 0 and held a leader 0.8-2.4 s (elections).
+TURN_OP_BYTES = 1024
+TURN_CALL_BYTES = 8 * 1024
 # What a parsed op (or an op's result) holds in memory beyond its bytes on the wire (upb's
 # objects: ~100 bytes measured): a 20 KB frame of 10,000 empty ops is ~1 MB once parsed, and
 # the budgets count that.
@@ -265,7 +270,9 @@ class KVService(Service, pb_grpc.KVServicer):
         self._check_key(request.key)
         mode = self.read_mode(request.read_mode)
         await self.timed(context, self.node.read_barrier(mode), DEADLINE_READ)
+        await self._turn.room()
         value = self.node.fsm.get(request.key)
+        self._turn.add(TURN_CALL_BYTES + 3 * _value_size(value))
         if value is None:
             return pb.GetResponse(found=False)
         return pb.GetResponse(found=True, value=value)
@@ -320,8 +327,13 @@ class KVService(Service, pb_grpc.KVServicer):
             )
         mode = self.read_mode(request.read_mode)
         await self.timed(context, self.node.read_barrier(mode), DEADLINE_READ)
+        # (64 full pages released by one read barrier were built in one turn: 0.3-0.5 s)
+        await self._turn.room()
         items, next_key = self.node.fsm.scan_page(
             request.prefix, request.limit or MAX_SCAN_LIMIT, request.start, MAX_SCAN_BYTES
+        )
+        self._turn.add(
+            TURN_CALL_BYTES + sum(3 * (len(k) + len(v)) + TURN_OP_BYTES for k, v in items)
         )
         return pb.ScanResponse(
             items=[pb.KeyValue(key=k, value=v) for k, v in items], next_key=next_key
@@ -501,6 +513,8 @@ class KVService(Service, pb_grpc.KVServicer):
             # stranger's 800,000 empty ops must not become 800,000 errors (40 MiB).
             err = pb.OpResult(code=CODE_INVALID_ARGUMENT, error=refusal)
             return pb.SessionResult(frame_id=frame.frame_id, results=[err])
+        await self._turn.room()  # (checking 10,000 ops is ~15 ms: one such frame a turn)
+        self._turn.add(TURN_CALL_BYTES + len(ops) * TURN_OP_BYTES)
         results: list[pb.OpResult | None] = [None] * len(ops)
         leader = ""
         client_id = self.own_client_id(frame.client_id, context)
@@ -624,7 +638,7 @@ class KVService(Service, pb_grpc.KVServicer):
             # (its size only: frames waiting in ``settle`` with their values held 2.3 GB;
             # the store has no way to learn it without copying the value out)
             size = _value_size(fsm.get(ops[i].key))
-            turn.add(size)
+            turn.add(size + TURN_OP_BYTES)
             if answered and total + size > MAX_ANSWER_BYTES:
                 results[i] = _ANSWER_TOO_BIG
                 continue
@@ -635,7 +649,7 @@ class KVService(Service, pb_grpc.KVServicer):
         for i in answered:
             await turn.room()
             value = fsm.get(ops[i].key)  # (as of now: settling may have waited)
-            turn.add(3 * _value_size(value))  # (copied again into its result, then sent)
+            turn.add(3 * _value_size(value) + TURN_OP_BYTES)  # (copied into its result, sent)
             results[i] = (
                 pb.OpResult(ok=False) if value is None else pb.OpResult(ok=True, value=value)
             )
