@@ -21,8 +21,9 @@ with their headers, the dict's entry and index, a sorted list for scans). Here:
   never read in order pays nothing for it; the first ordered read of a big one sorts it all
   (~0.1 s per 1M keys), once.
 
-So a key of 16 bytes with a value of 64 costs 88 bytes of record, 8-16 bytes of table and 8
-of index. Behaviour, including exceptions, is the pure twin's (tests/test_store.py).
+So a key of 16 bytes with a value of 64 costs 88 bytes of record, 8-16 bytes of table and,
+once read in order, 11-16 of index. Behaviour, including exceptions, is the pure twin's
+(tests/test_store.py).
 """
 
 cimport cython
@@ -387,6 +388,11 @@ cdef class KeyStore:
         return self._count
 
     @property
+    def table_moving(self):
+        """Slots of the table before it grew still to look at (0: none; a step per write)."""
+        return self._old_mask + 1 - self._old_next if self._old != NULL else 0
+
+    @property
     def compacting(self):
         """Whether a compaction of the arena is under way (taken a step per write)."""
         return bool(self._sliding)
@@ -531,19 +537,20 @@ cdef class KeyStore:
             s = self._slots[slot]
             old_off = (s >> TAG_BITS) - 1
             old_vlen = rf_load_u32(self._arena + old_off + 4)
-            self.size_bytes += vlen - <long long>old_vlen
             frozen = self._shared() and old_off < self._frozen_used
             if old_vlen == <uint64_t>vlen and not frozen:
                 memcpy(self._arena + old_off + HEADER + klen, v, vlen)
-                return old_vlen
-            if frozen:
-                self._defer_room()
-            off = self._append(k, klen, v, vlen)
-            self._slots[slot] = ((off + 1) << TAG_BITS) | (s & TAG_MASK)
-            self._garbage += HEADER + klen + old_vlen
-            self._moved(old_off, off)
-            self._became_garbage(old_off)
-            self._compact_some(HEADER + klen + vlen)
+            else:
+                if frozen:
+                    self._defer_room()
+                off = self._append(k, klen, v, vlen)
+                self._slots[slot] = ((off + 1) << TAG_BITS) | (s & TAG_MASK)
+                self._garbage += HEADER + klen + old_vlen
+                self._moved(old_off, off)
+                self._became_garbage(old_off)
+                self._compact_some(HEADER + klen + vlen)
+            self.size_bytes += vlen - <long long>old_vlen
+            self._migrate(MIGRATE_STEP)  # (a store only rewritten finishes its move too)
             return old_vlen
         self._room_for_one()
         off = self._append(k, klen, v, vlen)
@@ -970,21 +977,23 @@ cdef class KeyStore:
         gets a copy."""
         cdef FrozenStore view
         cdef unsigned char *grown
+        cdef uint64_t cap
         if self._shared():
             return self.copy()
-        if self._cap < self._used + self._used // 2 + 4096:
+        view = FrozenStore.__new__(FrozenStore)
+        cap = min(2 * self._used + 4096, <uint64_t>MAX_OFFSET)
+        if self._cap < self._used + self._used // 2 + 4096 and cap > self._cap:
             # (room for what is written while it is read: growing then is a copy on the loop)
-            grown = <unsigned char *>realloc(self._arena, 2 * self._used + 4096)
+            grown = <unsigned char *>realloc(self._arena, cap)
             if grown != NULL:
                 self._arena = grown
-                self._cap = 2 * self._used + 4096
+                self._cap = cap
         self._share = <Shared *>malloc(sizeof(Shared))
         if self._share == NULL:
             raise MemoryError()
         self._share.data = self._arena
         self._share.refs = 2
         self._frozen_used = self._used
-        view = FrozenStore.__new__(FrozenStore)
         view._share = self._share
         view._used = self._used
         view._count = self._count
@@ -1189,6 +1198,8 @@ cdef class FrozenStore:
 
     def dump(self):
         """As ``KeyStore.dump``: the live records found by a walk of the arena, sorted."""
+        if self._share == NULL:
+            raise TypeError("a FrozenStore comes from KeyStore.freeze()")
         cdef const unsigned char *arena = self._share.data
         cdef uint64_t *items = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
         cdef uint64_t *scratch

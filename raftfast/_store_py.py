@@ -18,7 +18,16 @@ from itertools import accumulate
 from raftfast._batch_py import decode_batch
 from raftfast.errors import BatchError
 
-__all__ = ["Event", "KeyStore", "Record", "check_packed", "load_store", "packed_items", "sum_u32"]
+__all__ = [
+    "Event",
+    "FrozenStore",
+    "KeyStore",
+    "Record",
+    "check_packed",
+    "load_store",
+    "packed_items",
+    "sum_u32",
+]
 
 _MAX_PENDING = 256  # key-set changes replayed into the index before it is rebuilt instead
 
@@ -36,6 +45,7 @@ class KeyStore:
         return len(self._data)
 
     compacting = False  # (the compiled store's arena is compacted a step per write)
+    table_moving = 0  # (... and its table grows a step per write)
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
@@ -145,10 +155,10 @@ class KeyStore:
             b"".join(values),
         )
 
-    def freeze(self) -> KeyStore:
+    def freeze(self) -> FrozenStore:
         """The store as of now, for ``dump`` in another thread (the compiled one hands out a
-        view of its arena; here, a copy)."""
-        return self.copy()
+        view of its arena; here, a copy, behind the same narrow interface)."""
+        return FrozenStore(self.copy())
 
     def copy(self) -> KeyStore:
         twin = KeyStore()
@@ -157,6 +167,25 @@ class KeyStore:
         twin._pending = list(self._pending)
         twin.size_bytes = self.size_bytes
         return twin
+
+
+class FrozenStore:
+    """A KeyStore as it was at ``KeyStore.freeze()``, for ``dump`` only."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: KeyStore) -> None:
+        self._store = store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._store.size_bytes
+
+    def dump(self) -> tuple[int, bytes, bytes, bytes, bytes]:
+        return self._store.dump()
 
 
 def packed_items(data) -> list[bytes]:
