@@ -104,9 +104,11 @@ MAX_UNSENT_BYTES = 256 * 1024 * 1024
 SMALL_ANSWER_BYTES = 64 * 1024
 # Bytes of values a loop turn copies into answers, node-wide (past it, the next turn).
 TURN_ANSWER_BYTES = 2 * 1024 * 1024
-# ... where an op's own work (checked, looked up, answered: ~3 us) counts as this many bytes,
-# so that a turn does ~2,000 ops (~6 ms), and a unary read (gRPC's share too) as that many:
-# frames of 10,000 GETs of absent keys counted 0 and held a leader 0.8-2.4 s (elections).
+# ... where each step of an op's own work (checked; a read looked up, answered: ~1 us each)
+# counts as this many bytes, and a unary read (gRPC's share too) as that many: a turn does
+# ~700-2,000 ops (~2-6 ms) or ~256 reads, and then the one that takes it over the budget (a
+# frame of 10,000 ops: ~15 ms more). Frames of 10,000 GETs of absent keys had counted 0 and
+# held a leader 0.8-2.4 s (elections).
 TURN_OP_BYTES = 1024
 TURN_CALL_BYTES = 8 * 1024
 # What a parsed op (or an op's result) holds in memory beyond its bytes on the wire (upb's
@@ -751,25 +753,64 @@ class _TurnBytes:
     """Bytes of values copied in the loop's current turn, node-wide: past ``limit``, whoever
     would copy more first lets the loop go on to its reads, timers and heartbeats. (When a
     read barrier resolved, every frame waiting on it built its answers in that one turn:
-    16 streams of 1 MiB GETs, never read, stalled a leader 0.6-1 s and it lost leadership.)"""
+    16 streams of 1 MiB GETs, never read, stalled a leader 0.6-1 s and it lost leadership.)
+
+    Those that wait queue, first come first served. A new turn lets go about as many as its
+    room holds at what a step has cost lately (each charges its work with ``add`` in the step
+    that follows ``room``: only then is it known); one let go that finds the turn full after
+    all goes back to the head of the line. (Each waiter re-checking every turn cost the loop
+    more than it waited for: 8,192 reads, ~0.2 s.)"""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.step = 1024.0  # what a step has cost lately (bytes charged per ``add``)
         self._reset: asyncio.Handle | None = None
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._back = 0  # of those let go this turn, how many found it full (at the head, in order)
 
     async def room(self) -> None:
-        while self.used >= self.limit:
-            await asyncio.sleep(0)
+        if self.used < self.limit and not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        back = False
+        while True:
+            turn = loop.create_future()
+            if back:
+                self._waiting.insert(self._back, turn)
+                self._back += 1
+            else:
+                self._waiting.append(turn)
+            if self._reset is None:
+                self._reset = loop.call_soon(self._next_turn)  # (nothing else would let it go)
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if not turn.done():
+                    self._waiting.remove(turn)
+                raise
+            if self.used < self.limit:
+                return
+            back = True  # (the ones let go before it filled the turn: the next one, first)
 
     def add(self, n: int) -> None:
         self.used += n
+        self.step += (n - self.step) / 16
         if self._reset is None:  # (runs first thing in the next turn)
             self._reset = asyncio.get_running_loop().call_soon(self._next_turn)
 
     def _next_turn(self) -> None:
         self.used = 0
         self._reset = None
+        self._back = 0
+        let_go = max(1, int(self.limit // max(self.step, 1.0)))
+        while self._waiting and let_go:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                let_go -= 1
+        if self._waiting:
+            self._reset = asyncio.get_running_loop().call_soon(self._next_turn)
 
 
 _EVICTED = object()  # (in a stream's queue of results: it made way for a new stream)
