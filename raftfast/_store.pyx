@@ -1286,6 +1286,8 @@ def sum_u32(data):
     cdef const unsigned char *p = &view[0] if view.shape[0] else NULL
     cdef Py_ssize_t i, n = view.shape[0] // 4
     cdef uint64_t total = 0
+    if view.shape[0] % 4:
+        raise ValueError("bytes length not a multiple of 4")
     with nogil:
         for i in range(n):
             total += rf_load_u32(p + 4 * i)
@@ -1331,8 +1333,10 @@ def load_store(Py_ssize_t count, klens, vlens, keys, values):
                 store._arena, store._slots, store._mask, count,
                 &kl[0] if count else NULL, &vl[0] if count else NULL,
                 &kb[0] if kb.shape[0] else NULL, &vb[0] if vb.shape[0] else NULL,
-                items, &store._used,
+                kb.shape[0], vb.shape[0], items, &store._used,
             )
+        if bad == 3:  # (a buffer another thread wrote to meanwhile)
+            raise ValueError("store: the keys or values do not match their lengths")
         if bad == 1:
             raise ValueError("store: a key over 2 GiB")
         if bad == 2:
@@ -1347,9 +1351,11 @@ def load_store(Py_ssize_t count, klens, vlens, keys, values):
 
 cdef int fill_store(unsigned char *arena, uint64_t *slots, uint64_t mask, Py_ssize_t count,
                     const unsigned char *kl, const unsigned char *vl, const unsigned char *kb,
-                    const unsigned char *vb, uint64_t *items, uint64_t *used) noexcept nogil:
+                    const unsigned char *vb, uint64_t kb_len, uint64_t vb_len, uint64_t *items,
+                    uint64_t *used) noexcept nogil:
     """load_store's records into ``arena`` and ``slots``, their offsets into ``items``; 0, or
-    1 (a key over 2 GiB) or 2 (keys not ascending), ``used`` then covering the records made."""
+    1 (a key over 2 GiB), 2 (keys not ascending) or 3 (lengths past the buffers: the sums
+    checked were taken before the GIL was let go), ``used`` then covering the records made."""
     cdef uint64_t kpos = 0, vpos = 0, off = 0, prev = 0, h, j
     cdef uint32_t klen, vlen
     cdef Py_ssize_t i
@@ -1359,6 +1365,9 @@ cdef int fill_store(unsigned char *arena, uint64_t *slots, uint64_t mask, Py_ssi
         if klen > MAX_KEY_LEN:
             used[0] = off
             return 1
+        if kpos + klen > kb_len or vpos + vlen > vb_len:
+            used[0] = off
+            return 3
         rf_store_u32(arena + off, klen)
         rf_store_u32(arena + off + 4, vlen)
         if klen:

@@ -552,6 +552,10 @@ def test_bad_arguments_and_bad_snapshots_are_refused(impl):
     ):
         with pytest.raises(ValueError):
             impl.load_store(*bad)
+    assert impl.sum_u32(b"") == 0 and impl.sum_u32(klens + vlens) == 4
+    assert impl.sum_u32(b"\xff\xff\xff\xff" * 3) == 3 * (2**32 - 1)
+    with pytest.raises(ValueError):
+        impl.sum_u32(b"\x01\x00\x00\x00\x02")  # (not a whole number of u32s)
 
 
 # -- etcd's records and events (raftfast.etcd.mvcc uses the selected twin's) ---------------------
