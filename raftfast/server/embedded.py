@@ -292,7 +292,10 @@ class Node:
             driver = self._running()
             try:
                 if driver.is_leader:
-                    return await asyncio.wait_for(local(), left)
+                    # (not wait_for: in 3.11 it can swallow a cancellation that comes as the
+                    # call ends, and a caller's own timeout around a loop of calls never fires)
+                    async with asyncio.timeout(left):
+                        return await local()
                 leader = self.leader
                 address = driver.address_of(leader) if leader else None
                 if address:

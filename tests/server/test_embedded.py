@@ -235,3 +235,25 @@ def test_with_client_certificates_a_command_is_the_same_here_and_forwarded(tmp_p
                 await n.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_callers_timeout_around_a_loop_of_proposals_fires(tmp_path):
+    """asyncio.wait_for in Python 3.11 can swallow a cancellation that comes as the call it
+    waits for ends: a caller's own ``asyncio.timeout`` around a loop of proposals (its
+    cancellation landing in one of them) never fired, and the loop ran on for good."""
+    [port] = free_ports(1)
+
+    async def main() -> None:
+        node = raftfast.Node(
+            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
+            state_machine=Counter(), tick_ms=20,
+        )  # fmt: skip
+        async with node:
+            await node.wait_for_leader()
+            for _ in range(5):
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        for _ in range(20_000):  # (~2 s: bounded, should it not fire)
+                            await node.propose(b"1")
+
+    asyncio.run(asyncio.wait_for(main(), 60))
