@@ -13,6 +13,7 @@ a snapshot gets an error saying its first result is gone, never a second applica
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import struct
@@ -136,6 +137,19 @@ class ExactlyOnce(StateMachine):
                 kind, data = _encode(client.results[seq])
                 out.write(_RESULT.pack(seq, kind, len(data)) + data)
         self.inner.snapshot(out)
+
+    def frozen(self) -> ExactlyOnce | None:
+        """If the machine has ``frozen()`` (StateMachine's), this table as of now (its
+        windows shared until one changes: ``ClientTable.frozen``) around the machine's frozen
+        state, for the snapshot thread; else None (the snapshot is taken in the loop)."""
+        freeze = getattr(self.inner, "frozen", None)  # (a class with the same methods may not)
+        inner = freeze() if freeze is not None else None
+        if inner is None:
+            return None
+        twin = copy.copy(self)
+        twin.inner = inner
+        twin._clients = self._clients.frozen()
+        return twin
 
     def restore(self, inp: BinaryIO) -> None:
         magic, count = _TABLE.unpack(_read(inp, _TABLE.size))

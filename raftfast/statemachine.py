@@ -83,3 +83,12 @@ class StateMachine:
     def restore(self, inp: BinaryIO) -> None:
         """Replace the whole state with the one ``snapshot`` wrote (read from ``inp``)."""
         raise NotImplementedError
+
+    def frozen(self) -> Any:
+        """Optional: the state as of now in an object whose ``snapshot(out)`` writes what
+        ``snapshot`` would write now; the node calls it in a snapshot thread of its own while
+        this machine goes on applying (hashicorp/raft's FSMSnapshot). It must be cheap to take
+        (an immutable structure shared, a copy-on-write view: the loop waits for it) and must
+        not change afterwards. None, the default: ``snapshot`` runs in the event loop, between
+        two applies (a big state holds the node's loop that long at every snapshot)."""
+        return None
