@@ -162,8 +162,11 @@ class ReplLock:
                 try:
                     # (a renewal that hangs, as a proposal does without a quorum, may not keep
                     # the body running past the lease it knows of)
-                    left = max(held_until - asked, 0.0)
-                    if await asyncio.wait_for(self._acquired(holder), left):
+                    # (not wait_for: in 3.11 it can swallow the cancellation that ends this
+                    # task as the body leaves, and a renewal would go on after the release)
+                    async with asyncio.timeout(max(held_until - asked, 0.0)):
+                        acquired = await self._acquired(holder)
+                    if acquired:
                         held_until = asked + self.lease
                         continue
                     lost.append("someone else holds it")
