@@ -61,6 +61,11 @@ def _refused(result: pb.SessionResult) -> bool:
     )
 
 
+async def _session_streams(node, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``n`` raw TCP Session connections to ``node`` (the caller aborts them)."""
+    return [await asyncio.open_connection("127.0.0.1", node._driver.session_port) for _ in range(n)]
+
+
 async def _read_record(reader: asyncio.StreamReader) -> pb.SessionResult:
     size = int.from_bytes(await reader.readexactly(4), "big")
     return pb.SessionResult.FromString(await reader.readexactly(size))
@@ -143,10 +148,7 @@ def test_big_answers_nobody_reads_do_not_freeze_the_loop(tmp_path):
                 for i in range(frames)
             )
             hello = record(pb.SessionHello().SerializeToString())
-            conns = [
-                await asyncio.open_connection("127.0.0.1", node._driver.session_port)
-                for _ in range(streams)
-            ]
+            conns = await _session_streams(node, streams)
             ticker = Ticker()
             for _, writer in conns:  # (all at once: their reads wait on the same barriers)
                 writer.transport.set_write_buffer_limits(1 << 24)
@@ -174,10 +176,7 @@ def test_frames_of_many_cheap_ops_do_not_freeze_the_loop(tmp_path):
     async def main() -> None:
         async with one_node(tmp_path, max_request_bytes=2 * 1024 * 1024) as node:
             hello = record(pb.SessionHello().SerializeToString())
-            conns = [
-                await asyncio.open_connection("127.0.0.1", node._driver.session_port)
-                for _ in range(streams)
-            ]
+            conns = await _session_streams(node, streams)
             frame_data = []
             for s in range(streams):
                 ops = [

@@ -51,12 +51,14 @@ def test_a_frozen_state_is_written_in_the_snapshot_thread_while_applies_go_on(tm
     [port] = free_ports(1)
     ledger = Ledger()
 
-    async def main() -> None:
-        node = raftfast.Node(
+    def solo(machine: Ledger) -> raftfast.Node:
+        return raftfast.Node(
             id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
-            state_machine=ledger, tick_ms=20, snapshot_entries=20,
+            state_machine=machine, tick_ms=20, snapshot_entries=20,
         )  # fmt: skip
-        async with node:
+
+    async def main() -> None:
+        async with solo(ledger) as node:
             await node.wait_for_leader()
             async with asyncio.timeout(20):
                 while not ledger.frozen_at:
@@ -72,11 +74,7 @@ def test_a_frozen_state_is_written_in_the_snapshot_thread_while_applies_go_on(tm
             assert ledger.written[0] == (frozen_at, False)
         restarted = Ledger()
         restarted.gate.set()
-        node = raftfast.Node(
-            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
-            state_machine=restarted, tick_ms=20, snapshot_entries=20,
-        )  # fmt: skip
-        async with node:
+        async with solo(restarted) as node:
             await node.wait_for_leader()
             assert await node.query(b"") == str(ledger.value).encode()
 
