@@ -142,10 +142,14 @@ class ExactlyOnce(StateMachine):
         """If the machine has ``frozen()`` (StateMachine's), this table as of now (its
         windows shared until one changes: ``ClientTable.frozen``) around the machine's frozen
         state, for the snapshot thread; else None (the snapshot is taken in the loop)."""
-        freeze = getattr(self.inner, "frozen", None)  # (a class with the same methods may not)
-        inner = freeze() if freeze is not None else None
-        if inner is None:
+        # (only a method of that name, StateMachine's or one of the same shape: before this
+        # hook, a machine's own ``frozen`` attribute of another meaning was never called)
+        freeze = getattr(type(self.inner), "frozen", None)
+        if not callable(freeze) or freeze is StateMachine.frozen:
             return None
+        inner = freeze(self.inner)
+        if not callable(getattr(inner, "snapshot", None)):
+            return None  # (not a frozen state: the snapshot is taken in the loop)
         twin = copy.copy(self)
         twin.inner = inner
         twin._clients = self._clients.frozen()

@@ -89,6 +89,9 @@ class StateMachine:
         ``snapshot`` would write now; the node calls it in a snapshot thread of its own while
         this machine goes on applying (hashicorp/raft's FSMSnapshot). It must be cheap to take
         (an immutable structure shared, a copy-on-write view: the loop waits for it) and must
-        not change afterwards. None, the default: ``snapshot`` runs in the event loop, between
-        two applies (a big state holds the node's loop that long at every snapshot)."""
+        not change afterwards, whatever this machine does meanwhile (``apply``, and ``restore``
+        of a leader's snapshot). None, the default (or anything without ``snapshot``): the
+        node calls ``snapshot`` in its event loop, between two applies (a big state holds the
+        loop that long at every snapshot). A ``frozen`` or its ``snapshot`` that raises is a
+        snapshot refused, tried again later, as a ``snapshot`` that raises."""
         return None

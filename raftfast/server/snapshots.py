@@ -9,9 +9,10 @@ one from the leader and installing it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO, TypeVar
 
 import grpc
@@ -140,22 +141,16 @@ class SnapshotMixin:
         term = raw.term_at(index)
         snapshot = self.snapshots.create(index, term, self.raw.membership_at(index).encode())
         try:
-            freeze = getattr(self.fsm, "frozen", None)
-            frozen = freeze() if freeze is not None else None
-            if frozen is None:
-                try:
+            with _refused_unless_os_error(index):
+                freeze = getattr(self.fsm, "frozen", None)
+                frozen = freeze() if freeze is not None else None
+                if frozen is None:
                     self.fsm.snapshot(snapshot.out)  # (into the page cache; synced in the thread)
-                except OSError:
-                    raise
-                except Exception as exc:
-                    raise SnapshotRefusedError(
-                        f"the state machine's snapshot failed at index {index}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
 
             def write() -> SnapshotMeta:
                 if frozen is not None:
-                    frozen.snapshot(snapshot.out)
+                    with _refused_unless_os_error(index):
+                        frozen.snapshot(snapshot.out)
                 return snapshot.finish()
 
             meta = await loop.run_in_executor(self._snapshot_pool, write)
@@ -382,6 +377,21 @@ class _IncomingSnapshot:
 
     def abort(self) -> None:
         self._receiver.abort()
+
+
+@contextlib.contextmanager
+def _refused_unless_os_error(index: int) -> Iterator[None]:
+    """A state machine's snapshot (or frozen state) that raises is refused, not fatal (every
+    node would stop at the same point of the log, and again after each restart); a failed disk
+    (OSError) stops the node."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        raise SnapshotRefusedError(
+            f"the state machine's snapshot failed at index {index}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def log_holds(entries, index: int, term: int) -> bool:
