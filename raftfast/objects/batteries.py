@@ -164,7 +164,9 @@ class ReplLock:
                     # the body running past the lease it knows of)
                     # (not wait_for: in 3.11 it can swallow the cancellation that ends this
                     # task as the body leaves, and a renewal would go on after the release)
-                    async with asyncio.timeout(max(held_until - asked, 0.0)):
+                    if held_until <= asked:
+                        raise TimeoutError  # (no time left: no renewal proposed, to linger)
+                    async with asyncio.timeout(held_until - asked):
                         acquired = await self._acquired(holder)
                     if acquired:
                         held_until = asked + self.lease

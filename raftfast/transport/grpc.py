@@ -471,7 +471,8 @@ class PeerTransport:
         while not self._closed:
             started = loop.time()
             try:
-                await asyncio.wait_for(peer.channel.channel_ready(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # (not wait_for: see tcp.connect)
+                    await peer.channel.channel_ready()
                 address = await self._tcp_address(peer, stub)
                 if address is not None:
                     await self._run_tcp(peer, *address)

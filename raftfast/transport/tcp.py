@@ -669,7 +669,8 @@ async def connect(
     """Dial a peer's stream (over TLS with ``ssl``, checking its certificate for ``host``)."""
     loop = asyncio.get_running_loop()
     extra = {"ssl": ssl, "server_hostname": host} if ssl else {}
-    _transport, stream = await asyncio.wait_for(
-        loop.create_connection(OutboundStream, host, port, **extra), timeout
-    )
+    # (not wait_for: in 3.11 it can swallow the cancellation of a node's stop that comes as
+    # the connection is made, and the stop then waits on the stream)
+    async with asyncio.timeout(timeout):
+        _transport, stream = await loop.create_connection(OutboundStream, host, port, **extra)
     return stream
