@@ -540,6 +540,9 @@ cdef class KeyStore:
             frozen = self._shared() and old_off < self._frozen_used
             if old_vlen == <uint64_t>vlen and not frozen:
                 memcpy(self._arena + old_off + HEADER + klen, v, vlen)
+                # (garbage left by rewrites appended while a snapshot read the arena: a load
+                # of rewrites in place never compacted it, and it grew at every snapshot)
+                self._compact_some(0)
             else:
                 if frozen:
                     self._defer_room()
@@ -982,8 +985,9 @@ cdef class KeyStore:
             return self.copy()
         view = FrozenStore.__new__(FrozenStore)
         cap = min(2 * self._used + 4096, <uint64_t>MAX_OFFSET)
-        if self._cap < self._used + self._used // 2 + 4096 and cap > self._cap:
-            # (room for what is written while it is read: growing then is a copy on the loop)
+        if cap > self._cap:
+            # (room for as much again as it holds, for what is written while it is read:
+            # growing then is a copy on the loop; the pages are touched only when written)
             grown = <unsigned char *>realloc(self._arena, cap)
             if grown != NULL:
                 self._arena = grown
