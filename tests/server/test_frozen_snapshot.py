@@ -14,6 +14,7 @@ import pytest
 import raftfast
 from raftfast.exactly_once import ExactlyOnce, frame_command
 from raftfast.tools.localcluster import free_ports
+from tests.server.test_embedded import Counter
 
 
 class Frozen:
@@ -26,25 +27,15 @@ class Frozen:
         self.written.append((self.value, threading.current_thread() is threading.main_thread()))
 
 
-class Ledger(raftfast.StateMachine):
+class Ledger(Counter):
     def __init__(self) -> None:
-        self.value = 0
+        super().__init__()
         self.gate = threading.Event()
         self.written: list[tuple[int, bool]] = []
         self.frozen_at: list[int] = []
 
-    def apply(self, index: int, command: bytes) -> bytes:
-        self.value += int(command)
-        return str(self.value).encode()
-
-    def query(self, request: bytes) -> bytes:
-        return str(self.value).encode()
-
     def snapshot(self, out: BinaryIO) -> None:
         raise AssertionError("frozen() is there: snapshot is not called in the loop")
-
-    def restore(self, inp: BinaryIO) -> None:
-        self.value = int(inp.read())
 
     def frozen(self) -> Frozen:
         self.frozen_at.append(self.value)
@@ -85,26 +76,13 @@ def test_a_frozen_state_is_written_in_the_snapshot_thread_while_applies_go_on(tm
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-class Tally(raftfast.StateMachine):
+class Tally(Counter):
     """A machine whose ``snapshot`` works, with a ``frozen`` of the test's choosing."""
 
     def __init__(self, frozen: Any = None) -> None:
-        self.value = 0
+        super().__init__()
         if frozen is not None:
             self.frozen = frozen  # (an attribute of another meaning, or a callable)
-
-    def apply(self, index: int, command: bytes) -> bytes:
-        self.value += int(command)
-        return str(self.value).encode()
-
-    def query(self, request: bytes) -> bytes:
-        return str(self.value).encode()
-
-    def snapshot(self, out: BinaryIO) -> None:
-        out.write(str(self.value).encode())
-
-    def restore(self, inp: BinaryIO) -> None:
-        self.value = int(inp.read())
 
 
 class Counts(Tally):
