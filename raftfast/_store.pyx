@@ -314,6 +314,20 @@ cdef int sort_by_key(uint64_t *items, Py_ssize_t n, const unsigned char *arena) 
     return ok
 
 
+cdef int sort_offsets(uint64_t *items, Py_ssize_t n, const unsigned char *arena) noexcept nogil:
+    """Sort record offsets by key: by 8-byte chunks, else (no memory for that) by merges;
+    -1 if there is no memory for either."""
+    cdef uint64_t *scratch
+    if sort_by_key(items, n, arena) >= 0:
+        return 0
+    scratch = <uint64_t *>malloc((n + 1) * sizeof(uint64_t))
+    if scratch == NULL:
+        return -1
+    merge_sort(items, scratch, n, arena)
+    free(scratch)
+    return 0
+
+
 cdef inline Py_hash_t key_hash(bytes key) except? -1:
     return PyObject_Hash(key)  # cached on the bytes object; _Py_HashBytes of its content
 
@@ -423,15 +437,19 @@ cdef class KeyStore:
                 return self._move_over(i)
         return i
 
-    cdef Py_ssize_t _move_over(self, uint64_t i) noexcept:
-        """Move the key in slot ``i`` of the old table to the new one; its slot there."""
-        cdef uint64_t s = self._old[i], off = (s >> TAG_BITS) - 1, h, j
-        h = <uint64_t>_Py_HashBytes(self._arena + off + HEADER, rf_load_u32(self._arena + off))
-        j = h & self._mask
+    cdef uint64_t _claim(self, uint64_t h) noexcept:
+        """The first free slot (empty, or a tombstone: reused) of the table for hash ``h``."""
+        cdef uint64_t j = h & self._mask
         while self._slots[j] != EMPTY and self._slots[j] != TOMB:
             j = (j + 1) & self._mask
         if self._slots[j] == TOMB:
             self._tombs -= 1
+        return j
+
+    cdef Py_ssize_t _move_over(self, uint64_t i) noexcept:
+        """Move the key in slot ``i`` of the old table to the new one; its slot there."""
+        cdef uint64_t s = self._old[i], off = (s >> TAG_BITS) - 1, j
+        j = self._claim(<uint64_t>_Py_HashBytes(self._arena + off + HEADER, rf_load_u32(self._arena + off)))
         self._slots[j] = s
         self._old[i] = TOMB  # (not EMPTY: later keys of its probe run are still found)
         return j
@@ -557,16 +575,7 @@ cdef class KeyStore:
             return old_vlen
         self._room_for_one()
         off = self._append(k, klen, v, vlen)
-        tag = (h >> 40) & TAG_MASK
-        i = h & self._mask
-        while True:
-            s = self._slots[i]
-            if s == EMPTY or s == TOMB:
-                break
-            i = (i + 1) & self._mask
-        if s == TOMB:
-            self._tombs -= 1
-        self._slots[i] = ((off + 1) << TAG_BITS) | tag
+        self._slots[self._claim(h)] = ((off + 1) << TAG_BITS) | ((h >> 40) & TAG_MASK)
         self._count += 1
         self.size_bytes += klen + vlen
         self._added(off)
@@ -845,19 +854,16 @@ cdef class KeyStore:
     cdef int _ordered(self) except -1:
         """Bring the index up to date: every live key once, in order."""
         cdef uint64_t *items
-        cdef uint64_t *scratch
         cdef uint64_t s
         cdef Py_ssize_t n = 0, i
+        cdef int sorted_
         if self._blocks != NULL:
             if self._extra_len and self._merge_extra() < 0:
                 raise MemoryError()
             return 0
         self._migrate(self._old_mask + 1)  # (a pass over every key anyway)
         items = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
-        scratch = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
-        if items == NULL or scratch == NULL:
-            free(items)
-            free(scratch)
+        if items == NULL:
             raise MemoryError()
         for i in range(self._mask + 1):
             s = self._slots[i]
@@ -865,10 +871,10 @@ cdef class KeyStore:
                 items[n] = (s >> TAG_BITS) - 1
                 n += 1
         with nogil:
-            if sort_by_key(items, n, self._arena) < 0:
-                merge_sort(items, scratch, n, self._arena)
-        free(scratch)
+            sorted_ = sort_offsets(items, n, self._arena)
         try:
+            if sorted_ < 0:
+                raise MemoryError()
             self._set_index(items, n)
         finally:
             free(items)
@@ -1082,19 +1088,24 @@ cdef class KeyStore:
     def dump(self):
         """(count, key lengths as u32 little-endian, value lengths likewise, the keys
         concatenated, the values concatenated), in key order: the snapshot's store section."""
-        cdef Py_ssize_t n = 0, b
         cdef uint64_t *items
         self._ordered()
-        items = <uint64_t *>malloc((self._index_len + 1) * sizeof(uint64_t))
-        if items == NULL:
-            raise MemoryError()
+        items = self._index_items()
         try:
-            for b in range(self._nblocks):
-                memcpy(items + n, self._blocks[b], self._blens[b] * sizeof(uint64_t))
-                n += self._blens[b]
-            return columns(self._arena, items, n)
+            return columns(self._arena, items, self._index_len)
         finally:
             free(items)
+
+    cdef uint64_t *_index_items(self) except NULL:
+        """The index's offsets in one array, in key order (the caller frees it)."""
+        cdef uint64_t *items = <uint64_t *>malloc((self._index_len + 1) * sizeof(uint64_t))
+        cdef Py_ssize_t n = 0, b
+        if items == NULL:
+            raise MemoryError()
+        for b in range(self._nblocks):
+            memcpy(items + n, self._blocks[b], self._blens[b] * sizeof(uint64_t))
+            n += self._blens[b]
+        return items
 
     def copy(self):
         cdef KeyStore twin = KeyStore()
@@ -1102,7 +1113,8 @@ cdef class KeyStore:
         cdef uint64_t *table = <uint64_t *>malloc(slots * sizeof(uint64_t))
         cdef unsigned char *arena = <unsigned char *>malloc(self._used + 1)
         cdef uint64_t *old = NULL
-        cdef Py_ssize_t b, i
+        cdef uint64_t *items
+        cdef Py_ssize_t i
         if self._old != NULL:
             old = <uint64_t *>malloc((self._old_mask + 1) * sizeof(uint64_t))
         if table == NULL or arena == NULL or (self._old != NULL and old == NULL):
@@ -1124,25 +1136,16 @@ cdef class KeyStore:
         twin._sliding, twin._slide_from, twin._slide_to = self._sliding, self._slide_from, self._slide_to
         twin._drop_index()
         if self._blocks != NULL:
-            twin._blocks = <uint64_t **>malloc((self._nblocks + 8) * sizeof(uint64_t *))
-            twin._blens = <uint32_t *>malloc((self._nblocks + 8) * sizeof(uint32_t))
-            if twin._blocks == NULL or twin._blens == NULL:
+            try:
+                items = self._index_items()
+                try:
+                    twin._set_index(items, self._index_len)
+                finally:
+                    free(items)
+                memcpy(twin._extra, self._extra, self._extra_len * sizeof(uint64_t))
+                twin._extra_len = self._extra_len
+            except MemoryError:
                 twin._drop_index()  # (rebuilt by its first ordered read)
-            else:
-                twin._blocks_cap = self._nblocks + 8
-                for b in range(self._nblocks):
-                    twin._blocks[b] = <uint64_t *>malloc(BLOCK * sizeof(uint64_t))
-                    if twin._blocks[b] == NULL:
-                        twin._nblocks = b
-                        twin._drop_index()
-                        break
-                    memcpy(twin._blocks[b], self._blocks[b], self._blens[b] * sizeof(uint64_t))
-                    twin._blens[b] = self._blens[b]
-                    twin._nblocks = b + 1
-                if twin._blocks != NULL:
-                    twin._index_len = self._index_len
-                    memcpy(twin._extra, self._extra, self._extra_len * sizeof(uint64_t))
-                    twin._extra_len = self._extra_len
         twin.size_bytes = self.size_bytes
         return twin
 
@@ -1206,7 +1209,6 @@ cdef class FrozenStore:
             raise TypeError("a FrozenStore comes from KeyStore.freeze()")
         cdef const unsigned char *arena = self._share.data
         cdef uint64_t *items = <uint64_t *>malloc((self._count + 1) * sizeof(uint64_t))
-        cdef uint64_t *scratch
         cdef uint64_t p = 0, used = self._used, skip_from = self._skip_from, skip_to = self._skip_to
         cdef uint32_t klen
         cdef Py_ssize_t n = 0, count = self._count
@@ -1229,13 +1231,7 @@ cdef class FrozenStore:
             if n != count or p > used:
                 raise RuntimeError(f"a frozen KV store walked {n} live records, not {count}")
             with nogil:
-                if sort_by_key(items, n, arena) < 0:
-                    scratch = <uint64_t *>malloc((n + 1) * sizeof(uint64_t))
-                    if scratch != NULL:
-                        merge_sort(items, scratch, n, arena)
-                        free(scratch)
-                    else:
-                        n = -1
+                n = n if sort_offsets(items, n, arena) >= 0 else -1
             if n < 0:
                 raise MemoryError()
             return columns(arena, items, n)
