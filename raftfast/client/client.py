@@ -83,6 +83,7 @@ from raftfast.client.calls import (
     parse_endpoints,
     read_mode_of,
 )
+from raftfast.client.deadlines import Deadlines
 from raftfast.client.session import SESSION_TRANSPORTS, Op, SessionMixin, SessionStub, Stream
 from raftfast.dedup import DEDUP_WINDOW
 from raftfast.errors import (
@@ -219,6 +220,7 @@ class Client(SessionMixin):
         self._pending: deque[Op] = deque()
         self._outstanding: deque[Op] = deque()  # writes with a sequence, in sequence order
         self._wake: asyncio.Event | None = None
+        self._deadlines: Deadlines | None = None  # (of the calls in flight: set with _loop)
         self._writer_blocked = False
         self._writer_idle = False  # the writer task waits for work (SessionMixin._write_now)
         self._stream: Stream | None = None
@@ -339,11 +341,12 @@ class Client(SessionMixin):
         self._pending.extend(ops)
         if not self._write_now():
             self._wake_writer()
-        handle = loop.call_later(total, self._expire, ops, total)
+        assert self._deadlines is not None
+        for op in ops:
+            self._deadlines.add(op, total)
         try:
             results = await asyncio.gather(*futs, return_exceptions=True)
         finally:
-            handle.cancel()
             for fut in futs:
                 if not fut.done():
                     fut.cancel()
@@ -545,6 +548,7 @@ class Client(SessionMixin):
         if self._loop is None:
             self._loop = loop
             self._wake = asyncio.Event()
+            self._deadlines = Deadlines(loop, self._expire)
         elif self._loop is not loop:
             raise RuntimeError("this Client is bound to the event loop it was first used in")
         if self._session_task is None:

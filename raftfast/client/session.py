@@ -215,11 +215,8 @@ class SessionMixin:
         self._pending.append(op)
         if not self._write_now():
             self._wake_writer()
-        handle = loop.call_later(total, self._expire, (op,), total)
-        try:
-            return await fut
-        finally:
-            handle.cancel()
+        self._deadlines.add(op, total)
+        return await fut
 
     def _expire(self, ops: Iterable[Op], total: float) -> None:
         """Deadline of a call: fail its unfinished ops; a silent stream is restarted."""
