@@ -8,7 +8,7 @@ import functools
 import os
 import threading
 import weakref
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -132,7 +132,7 @@ class SyncClient:
                     return self._run(self._finish_as(exc.client_id, op, timeout))
             finally:
                 blocking.lock.release()
-        return self._run(self._client._submit_one(op, timeout))
+        return self._run(_awaited(self._client._submit_one, op, timeout))
 
     async def _finish_as(self, client_id: int, op: Op, timeout: float) -> Any:
         """``op``, a write that may have reached a node under ``client_id`` with its sequence,
@@ -289,3 +289,11 @@ async def _close(client: Client) -> None:
         for task in stuck:
             task.cancel()
         await asyncio.gather(*stuck, return_exceptions=True)
+
+
+async def _awaited(
+    submit: Callable[[Op, float | None], Awaitable[_T]], op: Op, timeout: float | None
+) -> _T:
+    """``submit(op, timeout)``'s result, called in the client's loop (run_coroutine_threadsafe
+    takes a coroutine)."""
+    return await submit(op, timeout)
