@@ -38,6 +38,7 @@ commit_index = batch_impl.commit_index
 KeyStore = store_impl.KeyStore
 load_store = store_impl.load_store
 sum_u32 = store_impl.sum_u32
+apply_writes = store_impl.apply_writes  # (KVStateMachine's PUTs and DELETEs)
 check_packed = store_impl.check_packed
 Record = store_impl.Record  # (etcd's, raftfast.etcd.mvcc)
 Event = store_impl.Event

@@ -9,6 +9,7 @@ is the same (tests/test_store.py).
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from bisect import bisect_left, insort
@@ -16,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from itertools import accumulate
 
 from raftfast._batch_py import decode_batch
+from raftfast.dedup import ClientTable, remember, window_of
 from raftfast.errors import BatchError
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "FrozenStore",
     "KeyStore",
     "Record",
+    "apply_writes",
     "check_packed",
     "load_store",
     "packed_items",
@@ -248,6 +251,63 @@ def _check(*items: object) -> None:
     for item in items:
         if type(item) is not bytes:
             raise TypeError(f"keys and values are bytes, not {type(item).__name__}")
+
+
+# -- the KV state machine's plain writes (the compiled twin applies them from their bytes) -------
+
+_CMD = struct.Struct("<BQQI")  # op, client_id, sequence, key length (raftfast.kv.commands)
+_CMD_PUT, _CMD_DELETE = 1, 2  # (its OP_PUT and OP_DELETE)
+_MAX_ID = (1 << 63) - 1  # MAX_CLIENT_ID and MAX_SEQUENCE (raftfast.limits)
+
+
+def _write(store: KeyStore, op: int, key: bytes, value: bytes) -> bool:
+    if op == _CMD_PUT:
+        store.put(key, value)
+        return True
+    return store.delete(key) >= 0
+
+
+def apply_writes(
+    store: KeyStore,
+    clients: ClientTable,
+    payloads: list,
+    start: int,
+    window: int,
+    max_clients: int,
+    results: list,
+) -> int:
+    """Apply ``payloads[start:]`` to ``store`` while they are well-formed PUT or DELETE
+    commands (raftfast.kv.commands), each result appended to ``results``, with the
+    exactly-once rules of KVStateMachine.apply (``clients``: its ClientTable, ``window`` and
+    ``max_clients`` its limits); return the index of the first that is anything else (or
+    ``len(payloads)``), for the state machine to apply."""
+    head = _CMD.size
+    for i in range(start, len(payloads)):
+        payload = payloads[i]
+        if type(payload) is not bytes or len(payload) < head:
+            return i
+        op, client_id, seq, klen = _CMD.unpack_from(payload)
+        if op not in (_CMD_PUT, _CMD_DELETE) or client_id > _MAX_ID or seq > _MAX_ID:
+            return i
+        vlen = len(payload) - head - klen
+        if vlen < 0 or (op == _CMD_DELETE and vlen):
+            return i
+        key, value = payload[head : head + klen], payload[head + klen :]
+        if client_id == 0:
+            results.append(_write(store, op, key, value))
+            continue
+        client = window_of(clients, client_id, max_clients)
+        if client.is_late(seq, window):
+            results.append(op == _CMD_PUT)
+            continue
+        cached = client.results.get(seq)
+        if cached is not None:
+            results.append(cached)
+            continue
+        result = _write(store, op, key, value)
+        remember(clients, client, seq, result, window)
+        results.append(result)
+    return len(payloads)
 
 
 # -- etcd's records and events (raftfast.etcd.mvcc; the compiled twin keeps them out of the

@@ -275,3 +275,66 @@ def test_entry_log_operation_sequences(start, prev_term, script):
         want = _apply(pure, _batch_py, op)
         assert got == want, (step, op)
         assert _snapshot(compiled) == _snapshot(pure), (step, op)
+
+
+# -- the KV state machine's plain writes (raftfast._store.apply_writes) ------------------------
+
+from raftfast import _store, _store_py, dedup  # noqa: E402
+from raftfast.kv.commands import encode_cas, encode_delete, encode_put  # noqa: E402
+
+_CLIENT_IDS = st.sampled_from([0, 1, 2, 3, 4, (1 << 63) - 1])
+_SEQS = st.one_of(st.integers(0, 40), st.sampled_from([(1 << 63) - 1, 1 << 63, (1 << 64) - 1]))
+_KEYS = st.sampled_from([b"", b"a", b"b", b"key-c", b"\x00" * 3])
+
+
+def _raw_header(op: int, client_id: int, seq: int, key: bytes) -> bytes:
+    # (encode_* refuse ids out of range: a crafted log need not)
+    return struct.pack("<BQQI", op, client_id, seq, len(key)) + key
+
+
+_commands = st.one_of(
+    st.builds(encode_put, _CLIENT_IDS, st.integers(0, 40), _KEYS, st.binary(max_size=8)),
+    st.builds(encode_delete, _CLIENT_IDS, st.integers(0, 40), _KEYS),
+    st.builds(
+        lambda op, c, s, k, tail: _raw_header(op, c, s, k) + tail,
+        st.sampled_from([1, 2, 3, 4, 0, 9]),
+        st.integers(0, U64),
+        _SEQS,
+        _KEYS,
+        st.binary(max_size=6),
+    ),
+    st.builds(encode_cas, _CLIENT_IDS, st.integers(0, 40), _KEYS, st.none(), st.binary(max_size=4)),
+    st.binary(max_size=30),  # (mostly too short or an unknown op: not theirs)
+)
+
+
+def _applied(module, commands, window, max_clients):
+    """Every command through ``module.apply_writes``; one it leaves is skipped (the state
+    machine's), and what each call returned is kept."""
+    store, clients, results, stops = module.KeyStore(), dedup.ClientTable(), [], []
+    i = 0
+    while i < len(commands):
+        i = module.apply_writes(store, clients, commands, i, window, max_clients, results)
+        stops.append(i)
+        results.append("left")
+        i += 1
+    table = [(cid, w.max_seq, sorted(w.results.items())) for cid, w in clients.items()]
+    return results, stops, store.size_bytes, len(store), sorted(store.items()), table, clients.held
+
+
+@parity
+@given(
+    commands=st.lists(_commands, max_size=60),
+    window=st.integers(1, 6),
+    max_clients=st.integers(1, 4),
+    max_results=st.integers(1, 12),
+)
+def test_apply_writes(commands, window, max_clients, max_results):
+    saved = dedup.MAX_RESULTS
+    dedup.MAX_RESULTS = max_results  # (all clients' results held, read by both)
+    try:
+        got = _applied(_store, commands, window, max_clients)
+        want = _applied(_store_py, commands, window, max_clients)
+    finally:
+        dedup.MAX_RESULTS = saved
+    assert got == want

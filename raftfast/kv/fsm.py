@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from raftfast._accel import KeyStore, check_packed, crc32c, load_store, sum_u32
+from raftfast._accel import KeyStore, apply_writes, check_packed, crc32c, load_store, sum_u32
 from raftfast.dedup import (
     DEDUP_WINDOW,
     MAX_CLIENTS,
@@ -104,6 +104,38 @@ class KVStateMachine(StateMachine):
         (client_id, sequence) returns the first result and changes nothing.
         """
         self.applied_index = index
+        out: list[bool | None] = []
+        self._apply_writes([payload], 0, out)
+        return out[0] if out else self._apply_other(payload)
+
+    def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[bool | None]:
+        """Apply consecutive committed commands starting at ``first_index``."""
+        commands = commands if type(commands) is list else list(commands)
+        out: list[bool | None] = []
+        i, n = 0, len(commands)
+        while True:
+            i = self._apply_writes(commands, i, out)  # (the PUTs and DELETEs: compiled)
+            if i == n:
+                break
+            self.applied_index = first_index + i
+            out.append(self._apply_other(commands[i]))
+            i += 1
+        if commands:
+            self.applied_index = first_index + n - 1
+        return out
+
+    def _apply_writes(self, commands: list[bytes], start: int, out: list[bool | None]) -> int:
+        data = self._data
+        before = data.size_bytes
+        end = apply_writes(
+            data, self._clients, commands, start, self._window, self._max_clients, out
+        )
+        self.size_bytes += data.size_bytes - before
+        return end
+
+    def _apply_other(self, payload: bytes) -> bool | None:
+        """``apply`` of a command ``apply_writes`` leaves: an etcd write, a CAS, a PUT_MANY, an
+        alarm, or one that is malformed."""
         if payload[:1] == _ETCD:
             return self._apply_etcd(payload)
         try:
@@ -126,14 +158,6 @@ class KVStateMachine(StateMachine):
         result = self._execute(op, key, expected, value)
         remember(self._clients, client, seq, result, self._window)
         return result
-
-    def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[bool | None]:
-        """Apply consecutive committed commands starting at ``first_index``."""
-        apply = self.apply
-        out = [apply(first_index + i, payload) for i, payload in enumerate(commands)]
-        if commands:
-            self.applied_index = first_index + len(commands) - 1
-        return out
 
     def _apply_etcd(self, payload: bytes):
         """An etcd API write: the etcd keyspace's response, or its EtcdError (returned)."""
