@@ -1439,6 +1439,8 @@ def apply_writes(KeyStore store not None, clients, list payloads not None, Py_ss
     cdef object most_results = _dedup.MAX_RESULTS, window_of = _dedup.window_of
     cdef dict held_results
     cdef PyObject *found
+    if not 0 <= start <= n:  # (no bounds checks in this module: a bad start read anywhere)
+        raise IndexError(f"start {start} is outside the {n} payloads")
     for i in range(start, n):
         payload = payloads[i]
         if type(payload) is not bytes:
@@ -1491,10 +1493,9 @@ def apply_writes(KeyStore store not None, clients, list payloads not None, Py_ss
                     held_results.pop(gone, None)
             window_obj.max_seq = seq_obj
         held_results[seq_obj] = result
-        if len(held_results) != before:
-            clients.held += len(held_results) - before
-            while clients.held > most_results and len(clients) > 1:
-                clients.forget_oldest()
+        clients.held += len(held_results) - before
+        while clients.held > most_results and len(clients) > 1:  # (a table restored over it)
+            clients.forget_oldest()
         results.append(result)
     return n
 

@@ -282,6 +282,8 @@ def apply_writes(
     ``max_clients`` its limits); return the index of the first that is anything else (or
     ``len(payloads)``), for the state machine to apply."""
     head = _CMD.size
+    if not 0 <= start <= len(payloads):
+        raise IndexError(f"start {start} is outside the {len(payloads)} payloads")
     for i in range(start, len(payloads)):
         payload = payloads[i]
         if type(payload) is not bytes or len(payload) < head:

@@ -308,13 +308,19 @@ _commands = st.one_of(
 )
 
 
-def _applied(module, commands, window, max_clients):
+def _applied(module, commands, window, max_clients, max_results, lowered_at):
     """Every command through ``module.apply_writes``; one it leaves is skipped (the state
-    machine's), and what each call returned is kept."""
+    machine's), and what each call returned is kept. ``dedup.MAX_RESULTS`` (read by both) is
+    lowered to ``max_results`` after the first ``lowered_at`` commands: a table over it, as
+    one restored from an older snapshot can be."""
     store, clients, results, stops = module.KeyStore(), dedup.ClientTable(), [], []
     i = 0
     while i < len(commands):
-        i = module.apply_writes(store, clients, commands, i, window, max_clients, results)
+        dedup.MAX_RESULTS = max_results if i >= lowered_at else 10**6
+        end = len(commands) if i >= lowered_at else lowered_at
+        i = module.apply_writes(store, clients, commands[:end], i, window, max_clients, results)
+        if i == end and end < len(commands):
+            continue
         stops.append(i)
         results.append("left")
         i += 1
@@ -328,13 +334,23 @@ def _applied(module, commands, window, max_clients):
     window=st.integers(1, 6),
     max_clients=st.integers(1, 4),
     max_results=st.integers(1, 12),
+    lowered_at=st.integers(0, 60),
 )
-def test_apply_writes(commands, window, max_clients, max_results):
-    saved = dedup.MAX_RESULTS
-    dedup.MAX_RESULTS = max_results  # (all clients' results held, read by both)
+def test_apply_writes(commands, window, max_clients, max_results, lowered_at):
+    saved = dedup.MAX_RESULTS  # (all clients' results held)
     try:
-        got = _applied(_store, commands, window, max_clients)
-        want = _applied(_store_py, commands, window, max_clients)
+        got = _applied(_store, commands, window, max_clients, max_results, lowered_at)
+        want = _applied(_store_py, commands, window, max_clients, max_results, lowered_at)
     finally:
         dedup.MAX_RESULTS = saved
     assert got == want
+
+
+def test_apply_writes_refuses_a_start_outside_the_payloads():
+    for module in (_store, _store_py):
+        for start in (-1, 3, -(1 << 40)):
+            with pytest.raises(IndexError):
+                module.apply_writes(
+                    module.KeyStore(), dedup.ClientTable(), [b"", b""], start, 8, 8, []
+                )
+        assert module.apply_writes(module.KeyStore(), dedup.ClientTable(), [b""], 1, 8, 8, []) == 1

@@ -267,6 +267,9 @@ class Client(SessionMixin):
             except asyncio.CancelledError:
                 pass
         self._fail_pending(RaftfastError("client is closed"))
+        if self._deadlines is not None:
+            for op in self._deadlines.drain():
+                op.fut.set_exception(RaftfastError("client is closed"))
         self._outstanding.clear()
         channels, self._channels = list(self._channels.values()), {}
         self._stubs.clear()

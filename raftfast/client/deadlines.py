@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,6 +26,8 @@ _COMPACT_AT = 1024
 # close when the timer fires has passed, or the timer would be armed again and again for it.
 _GRAIN_S = 0.001
 
+log = logging.getLogger("raftfast.client")
+
 
 class _Call(Protocol):
     fut: asyncio.Future[Any] | None
@@ -36,7 +39,8 @@ def _finished(call: _Call) -> bool:
 
 class Deadlines:
     """``add(call, timeout)``; ``expire(calls, timeout)`` is called, from the event loop,
-    with the unfinished calls whose deadline has passed (grouped by their timeout)."""
+    with the unfinished calls whose deadline has passed (grouped by their timeout; a deadline
+    within _GRAIN_S of the timer's firing counts as passed, as a per-call timer's would)."""
 
     def __init__(
         self,
@@ -98,4 +102,19 @@ class Deadlines:
         if nxt != float("inf"):
             self._arm(nxt)
         for timeout, calls in due.items():
-            self._expire(calls, timeout)
+            try:
+                self._expire(calls, timeout)
+            except Exception:  # (a failure with one group must not leave the others hanging)
+                log.exception("expiring calls failed")
+
+    def drain(self) -> list[Any]:
+        """Forget every deadline and the timer; returns the calls not finished (the client is
+        closing: they fail now, and nothing here keeps a finished call's bytes alive)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._when = None, float("inf")
+        left = [e[2] for e in self._queue if not _finished(e[2])]
+        left += [e[3] for e in self._heap if not _finished(e[3])]
+        self._queue.clear()
+        self._heap.clear()
+        return left

@@ -66,6 +66,7 @@ _SNAP_CLIENT = struct.Struct("<QqI")  # client_id, max_seq, live result count
 _SNAP_CRC = struct.Struct("<I")
 _BIG_ENDIAN = sys.byteorder == "big"
 _ETCD = bytes((OP_ETCD,))
+_MOST_FAST = 1 << 62  # dedup_window and max_clients apply_writes takes (C integers)
 
 
 # -------------------------------------------------------------------------- state machine
@@ -90,6 +91,13 @@ class KVStateMachine(StateMachine):
         self.size_bytes = 0
         self._window = dedup_window
         self._max_clients = max_clients
+        # PUTs and DELETEs go to the compiled apply_writes, unless a subclass applies them its
+        # own way or the limits do not fit its C integers (then all go through _apply_other).
+        self._fast_writes = (
+            type(self).apply is KVStateMachine.apply
+            and dedup_window <= _MOST_FAST
+            and max_clients <= _MOST_FAST
+        )
         self._data = KeyStore()
         self._clients = ClientTable()
         # The etcd API's keyspace (raftfast.etcd): a namespace of its own, beside this one.
@@ -110,6 +118,11 @@ class KVStateMachine(StateMachine):
 
     def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[bool | None]:
         """Apply consecutive committed commands starting at ``first_index``."""
+        if type(self).apply is not KVStateMachine.apply:  # (a subclass's own apply: each)
+            each = [self.apply(first_index + i, payload) for i, payload in enumerate(commands)]
+            if commands:
+                self.applied_index = first_index + len(commands) - 1
+            return each
         commands = commands if type(commands) is list else list(commands)
         out: list[bool | None] = []
         i, n = 0, len(commands)
@@ -125,6 +138,8 @@ class KVStateMachine(StateMachine):
         return out
 
     def _apply_writes(self, commands: list[bytes], start: int, out: list[bool | None]) -> int:
+        if not self._fast_writes:
+            return start
         data = self._data
         before = data.size_bytes
         end = apply_writes(

@@ -533,6 +533,7 @@ class KVService(Service, pb_grpc.KVServicer):
                     # call per check, cost ~1 us an op)
                     key, value, seq = op.key, op.value, op.sequence
                     if 0 < len(key) <= max_key and len(value) <= max_value and seq <= MAX_SEQUENCE:
+                        # (cannot raise: the client id was checked by _refuse_frame)
                         payloads.append(encode_put(client_id, seq, key, value))
                         writes.append(i)
                         grows = True

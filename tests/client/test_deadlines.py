@@ -89,3 +89,40 @@ async def _test_a_later_earlier_deadline_rearms_the_timer() -> None:
     await _until(lambda: expired == [0.05], seconds=5.0)
     with pytest.raises(AssertionError):
         await _until(lambda: len(expired) > 1, seconds=0.1)
+
+
+def test_a_failing_group_does_not_keep_the_others_from_expiring() -> None:
+    asyncio.run(_test_a_failing_group_does_not_keep_the_others_from_expiring())
+
+
+async def _test_a_failing_group_does_not_keep_the_others_from_expiring() -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[float] = []
+
+    def expire(calls: list[Call], timeout: float) -> None:
+        seen.append(timeout)
+        if len(seen) == 1:
+            raise RuntimeError("the first group fails")
+
+    dl = Deadlines(loop, expire)
+    dl.add(Call(loop), 0.0101)
+    dl.add(Call(loop), 0.01)  # (due in the same firing, another group)
+    await _until(lambda: len(seen) == 2)
+
+
+def test_drain_hands_back_the_unfinished_calls_and_forgets_all() -> None:
+    asyncio.run(_test_drain_hands_back_the_unfinished_calls_and_forgets_all())
+
+
+async def _test_drain_hands_back_the_unfinished_calls_and_forgets_all() -> None:
+    loop = asyncio.get_running_loop()
+    expired: list[Call] = []
+    dl = Deadlines(loop, lambda calls, timeout: expired.extend(calls))
+    calls = [Call(loop) for _ in range(4)]
+    for call, timeout in zip(calls, (0.05, 3600.0, 0.01, 0.05), strict=True):
+        dl.add(call, timeout)
+    calls[0].fut.set_result(None)  # type: ignore[union-attr]
+    assert set(dl.drain()) == set(calls[1:])
+    assert len(dl) == 0
+    await asyncio.sleep(0.1)
+    assert expired == []  # (its timer is gone)

@@ -492,3 +492,23 @@ def test_size_bytes_is_exact_but_after_put_many_never_under(commands) -> None:
         assert m.size_bytes >= _exact_size(m)
     m.dump()
     assert m.size_bytes == _exact_size(m) == m.recount()
+
+
+def test_a_subclass_apply_is_used_by_apply_batch_and_huge_limits_still_apply() -> None:
+    class Counting(KVStateMachine):
+        calls = 0
+
+        def apply(self, index: int, payload: bytes) -> bool | None:
+            Counting.calls += 1
+            return super().apply(index, payload)
+
+    machine = Counting()
+    assert machine.apply_batch(1, [encode_put(1, 1, b"k", b"v"), encode_put(1, 2, b"j", b"w")])
+    assert Counting.calls == 2 and machine.get(b"k") == b"v" and machine.applied_index == 2
+    # (limits past what the compiled apply takes: the Python path, the same results)
+    big = KVStateMachine(dedup_window=1 << 64, max_clients=1 << 64)
+    assert big.apply_batch(1, [encode_put(1, 1, b"k", b"v"), encode_put(1, 1, b"k", b"x")]) == [
+        True,
+        True,
+    ]
+    assert big.get(b"k") == b"v"  # (the second is a duplicate: not applied)
