@@ -63,10 +63,7 @@ def _header(op: int, client_id: int, seq: int, key: bytes) -> bytes:
 
 def encode_put(client_id: int, seq: int, key: bytes, value: bytes) -> bytes:
     """Encode "set key to value" (always succeeds when applied)."""
-    if not 0 <= client_id <= MAX_CLIENT_ID or not 0 <= seq <= MAX_SEQUENCE:
-        raise ValueError(f"client_id and sequence must be in [0, {MAX_SEQUENCE}]")
-    key = bytes(key)  # (_header's, inline: the command every single write is)
-    return _HEADER.pack(OP_PUT, client_id, seq, len(key)) + key + bytes(value)
+    return _header(OP_PUT, client_id, seq, bytes(key)) + bytes(value)
 
 
 def encode_delete(client_id: int, seq: int, key: bytes) -> bytes:
