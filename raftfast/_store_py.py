@@ -19,6 +19,7 @@ from itertools import accumulate
 from raftfast._batch_py import decode_batch
 from raftfast.dedup import ClientTable, remember, window_of
 from raftfast.errors import BatchError
+from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 
 __all__ = [
     "Event",
@@ -257,7 +258,6 @@ def _check(*items: object) -> None:
 
 _CMD = struct.Struct("<BQQI")  # op, client_id, sequence, key length (raftfast.kv.commands)
 _CMD_PUT, _CMD_DELETE = 1, 2  # (its OP_PUT and OP_DELETE)
-_MAX_ID = (1 << 63) - 1  # MAX_CLIENT_ID and MAX_SEQUENCE (raftfast.limits)
 
 
 def _write(store: KeyStore, op: int, key: bytes, value: bytes) -> bool:
@@ -289,7 +289,7 @@ def apply_writes(
         if type(payload) is not bytes or len(payload) < head:
             return i
         op, client_id, seq, klen = _CMD.unpack_from(payload)
-        if op not in (_CMD_PUT, _CMD_DELETE) or client_id > _MAX_ID or seq > _MAX_ID:
+        if op not in (_CMD_PUT, _CMD_DELETE) or client_id > MAX_CLIENT_ID or seq > MAX_SEQUENCE:
             return i
         vlen = len(payload) - head - klen
         if vlen < 0 or (op == _CMD_DELETE and vlen):
