@@ -52,6 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import disk_sync
+
 from raftfast.client.tables import format_table
 from raftfast.tools import benchcmd
 from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
@@ -456,6 +458,8 @@ def main() -> int:
         p.error(f"unknown system(s): {', '.join(sorted(set(systems) - set(runners)))}")
     workloads = {n: w for n, w in WORKLOADS.items() if n in chosen and not args.etcd_api_only}
     api_workloads = {n: w for n, w in API_WORKLOADS.items() if n in chosen}
+    # (where the clusters keep their logs: the floor under the sequential rows; see disk_sync)
+    disk = disk_sync.measure(tempfile.gettempdir(), [0, 1], 300)
     results, api_results = {}, {}
     for system in systems if workloads else []:
         print(f"measuring {system} ...", file=sys.stderr, flush=True)
@@ -465,6 +469,7 @@ def main() -> int:
         api_results[system] = run_etcd_api(system, args.duration, api_workloads)
     if args.json:
         out = _slim(results)
+        out["disk_sync"] = disk
         if results:
             out["targets"] = single_write_targets(results)
         if api_results:
@@ -475,6 +480,7 @@ def main() -> int:
         "3 nodes + load generator on one 2-core machine, 64-byte values; raftfast and etcd "
         f"with fsync, PySyncObj in memory; {args.duration:g} s per workload"
     )
+    print(f"this disk's fdatasync of a small append, before the runs: {disk_sync.summary(disk)}")
     if results:
         print(table(results, workloads))
         compared = single_write_targets(results)
