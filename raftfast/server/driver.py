@@ -19,6 +19,7 @@ they form the next Ready.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -527,17 +528,23 @@ class Driver(MembershipMixin, SnapshotMixin):
 
     async def propose(self, payloads: list[bytes]) -> list:
         """Replicate commands; returns the state machine's result for each, once applied here."""
+        return await self.submit(payloads)
+
+    def submit(self, payloads: list[bytes]) -> asyncio.Future[list]:
+        """``propose`` without a coroutine: the future of its results, for a caller that goes
+        on in a callback (a Session frame of PUTs: no task of its own). Raises NotLeaderError
+        here, as ``propose`` does."""
         self._check_leader()
         fut = asyncio.get_running_loop().create_future()
         self._proposals.append((payloads, fut))
         self._wake.set()
-        metrics = self.metrics
-        metrics.proposals += len(payloads)
-        try:
-            return await fut
-        except Exception:
-            metrics.proposals_failed += len(payloads)
-            raise
+        self.metrics.proposals += len(payloads)
+        fut.add_done_callback(functools.partial(self._count_failed, len(payloads)))
+        return fut
+
+    def _count_failed(self, count: int, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self.metrics.proposals_failed += count
 
     async def read_barrier(self, mode: str) -> None:
         """Return once reading the local state machine is allowed in ``mode``."""

@@ -1,0 +1,170 @@
+"""Session frames of a few PUTs go the short way (``KVService._puts_now``: proposed as they
+are read, answered from a callback, no task of their own): the same answers, the same state,
+the same order and the same budgets as the general path (``_session_frame``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from raftfast.errors import NotLeaderError
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.server.kv_service import FAST_FRAME_OPS
+from tests.kv.test_service import FakeNode, _frame, run, serve_service, wait_until
+
+
+class SubmittingNode(FakeNode):
+    """A FakeNode with ``submit``, as the Driver has: short PUT frames use it."""
+
+    def __init__(self, *args: object, leader: str | None = None, **overrides: object) -> None:
+        super().__init__(*args, **overrides)
+        self.submitted = 0
+        self.leader = leader
+
+    def submit(self, payloads: list[bytes]) -> asyncio.Future:
+        if not self.is_leader:
+            raise NotLeaderError(leader_id=self.leader)
+        self.submitted += 1
+        return asyncio.ensure_future(self.propose(payloads))
+
+
+def put(key: bytes, value: bytes = b"v", sequence: int = 0) -> pb.Op:
+    return pb.Op(kind=pb.Op.PUT, key=key, value=value, sequence=sequence)
+
+
+FRAMES = [
+    _frame(1, put(b"a", b"1", 1)),
+    _frame(2, put(b"a", b"1", 1)),  # the same write again: a duplicate
+    _frame(3, put(b"b", b"2", 2), put(b"c", b"3", 3)),
+    _frame(4, put(b"", b"x", 4)),  # an empty key: INVALID_ARGUMENT, from the general path
+    _frame(5, pb.Op(kind=pb.Op.GET, key=b"a")),
+    _frame(6, *(put(b"k%d" % i, b"x", 10 + i) for i in range(FAST_FRAME_OPS + 1))),
+    _frame(7, put(b"d", b"4", 2**64 - 1)),  # a sequence past the limit
+    _frame(8, pb.Op(kind=pb.Op.CAS, key=b"a", expected=b"1", value=b"5", sequence=200)),
+    _frame(9, put(b"e", b"v" * 40, 201)),  # a value over max_value_bytes
+    _frame(10, put(b"f", b"6", 202), pb.Op(kind=pb.Op.DELETE, key=b"b", sequence=203)),
+    _frame(11),  # no ops
+]
+SHORT_WAY = {1, 2, 3}  # the frames that qualify
+
+
+async def answers(node: FakeNode, frames: list[pb.SessionFrame]) -> dict[int, pb.SessionResult]:
+    """Each frame sent and answered alone, in order (the fake applies as it proposes)."""
+    out = {}
+    async with serve_service(node) as (_service, kv):
+        call = kv.Session()
+        for frame in frames:
+            await call.write(frame)
+            result = await call.read()
+            out[result.frame_id] = result
+        await call.done_writing()
+    return out
+
+
+def test_short_frames_answer_as_the_general_path_does() -> None:
+    async def main() -> None:
+        general, short = FakeNode(max_value_bytes=32), SubmittingNode(max_value_bytes=32)
+        expected, got = await answers(general, FRAMES), await answers(short, FRAMES)
+        assert got == expected
+        assert [r.code for r in got[4].results] == [3] and got[1].results[0].ok
+        assert short.submitted == len(SHORT_WAY)
+        assert len(short.proposals) == len(general.proposals)
+        assert short.fsm.dump() == general.fsm.dump()
+
+    run(main())
+
+
+def test_a_short_frame_waits_behind_a_general_one_of_its_stream() -> None:
+    # Proposed as it is read, frame 2 would have overtaken frame 1, still in its task.
+    async def main() -> None:
+        node = SubmittingNode()
+        release = asyncio.Event()
+
+        async def gate(payloads: list[bytes]) -> None:
+            if len(payloads) > 1:
+                await release.wait()
+
+        node.gate = gate
+        async with serve_service(node) as (_service, kv):
+            call = kv.Session()
+            first = [put(b"x", b"old", 1)] + [put(b"y%d" % i, sequence=2 + i) for i in range(40)]
+            await call.write(_frame(1, *first))
+            await wait_until(lambda: len(node.proposals) == 1)
+            await call.write(_frame(2, put(b"x", b"new", 100)))
+            assert (await call.read()).frame_id == 2  # (the fake applies it at once)
+            assert node.submitted == 0  # the general path: proposed after frame 1
+            assert [len(p) for p in node.proposals] == [41, 1]
+            release.set()
+            assert (await call.read()).frame_id == 1
+            await call.write(_frame(3, put(b"z", b"1", 101)))  # none pending: the short way
+            assert (await call.read()).results[0].ok and node.submitted == 1
+            await call.done_writing()
+
+    run(main())
+
+
+def test_failures_after_a_short_frame_was_proposed_are_answered_per_op() -> None:
+    async def main() -> None:
+        async def gate(payloads: list[bytes]) -> None:
+            if any(b"boom" in p for p in payloads):
+                raise RuntimeError("kaboom")
+            if any(b"lost" in p for p in payloads):
+                raise NotLeaderError(leader_id="n2")
+
+        results = {}
+        for node in (FakeNode(), SubmittingNode()):
+            node.gate = gate
+            results[type(node)] = await answers(
+                node, [_frame(1, put(b"boom"), put(b"ok")), _frame(2, put(b"lost"))]
+            )
+            assert getattr(node, "submitted", 2) == 2
+        general, short = results.values()
+        assert short == general
+        assert [r.code for r in short[1].results] == [13, 13] and "kaboom" in str(short[1])
+        assert short[2].results[0].code == 14 and short[2].leader == "127.0.0.1:7002"
+
+    run(main())
+
+
+def test_a_follower_refuses_short_frames_as_it_refuses_others() -> None:
+    async def main() -> None:
+        class Follower(SubmittingNode):
+            async def propose(self, payloads: list[bytes]) -> list[bool | None]:
+                raise NotLeaderError(leader_id="n2")
+
+        node = Follower(leader="n2")
+        node.is_leader = False
+        got = await answers(node, [_frame(1, put(b"k", b"v", 1))])
+        assert node.submitted == 0
+        assert got[1].results[0].code == 14 and got[1].leader == "127.0.0.1:7002"
+
+    run(main())
+
+
+def test_a_stream_that_ends_with_short_frames_under_way_gives_back_what_they_held() -> None:
+    async def main() -> None:
+        node = SubmittingNode()
+        release = asyncio.Event()
+
+        async def gate(payloads: list[bytes]) -> None:
+            await release.wait()
+
+        node.gate = gate
+        async with serve_service(node) as (service, kv):
+            call = kv.Session()
+            for i in range(5):
+                await call.write(_frame(i, put(b"k%d" % i, b"v" * 100, i + 1)))
+            await wait_until(lambda: node.submitted == 5)
+            assert service._budget.used > 0
+            call.cancel()
+            await wait_until(lambda: service._sessions == 0)
+            await wait_until(lambda: service._budget.used == 0)
+            release.set()  # (their results come after the stream: nothing more to give back)
+            await wait_until(lambda: node.fsm.get(b"k4") is not None)
+            await asyncio.sleep(0.05)
+            assert service._budget.used == 0
+            node.gate = None
+            call = kv.Session()
+            await call.write(_frame(9, put(b"after", b"ok", 9)))
+            assert (await call.read()).results[0].ok
+
+    run(main())
