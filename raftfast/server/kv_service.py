@@ -386,6 +386,8 @@ class KVService(Service, pb_grpc.KVServicer):
         outstanding = 0  # frames started whose result the writer has not yet taken
         general = 0  # frames in tasks of their own that have not finished
         ended = False
+        read_all = False  # the reader is done (None is queued for the writer)
+        send_now = getattr(context, "send_now", None)  # (TCP streams: session_stream.py)
 
         async def run(
             size: int, cost: int, frame: pb.SessionFrame, applied: asyncio.Future | None = None
@@ -431,13 +433,24 @@ class KVService(Service, pb_grpc.KVServicer):
             (the usual case), else in a task, as the general path would give it."""
             if ended:
                 return  # (the stream is gone: ``held.close`` gave back what the frame held)
+            nonlocal outstanding
             result = None
             if not fut.cancelled() and fut.exception() is None and not self._turn.full():
                 result = self._puts_answer(frame, fut.result())
             if result is None or not held.request_done_now(cost):
                 start(run(size, cost, frame, fut))
                 return
-            answered(result, 0)
+            if not (send_now is not None and done.empty() and send_now(result)):
+                answered(result, 0)
+                return
+            # Sent here (over TCP, when nothing is queued and the client reads): what the
+            # writer does after it sends an answer, without the turn of the loop it takes.
+            outstanding -= 1
+            slots.release()
+            use.frames -= 1
+            use.last = asyncio.get_running_loop().time()
+            if read_all and not outstanding:
+                done.put_nowait(_NUDGE)  # (the writer may be waiting for this last answer)
 
         def start(coro: Coroutine[Any, Any, None]) -> None:
             task = asyncio.create_task(coro)
@@ -448,7 +461,7 @@ class KVService(Service, pb_grpc.KVServicer):
         frame_refusal = getattr(context, "frame_refusal", None)  # (the TCP stream's own rule)
 
         async def read_frames() -> None:
-            nonlocal outstanding, bad_frame, general
+            nonlocal outstanding, bad_frame, general, read_all
             try:
                 async for size, item in request_iterator:
                     use.frames += 1
@@ -485,6 +498,7 @@ class KVService(Service, pb_grpc.KVServicer):
                         continue
                     general += 1
                     start(run(size, cost, frame))
+                read_all = True
                 done.put_nowait(None)
             except asyncio.CancelledError:
                 raise
@@ -498,6 +512,8 @@ class KVService(Service, pb_grpc.KVServicer):
                 item = await done.get()
                 if item is None:
                     finished_reading = True
+                elif item is _NUDGE:
+                    continue
                 elif item is _EVICTED:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE,
@@ -952,6 +968,7 @@ class _TurnBytes:
 
 
 _EVICTED = object()  # (in a stream's queue of results: it made way for a new stream)
+_NUDGE = object()  # (... the last answer under way was sent without the writer: see if done)
 
 
 class _SessionUse:

@@ -361,6 +361,40 @@ def test_a_client_that_half_closes_gets_every_answer_then_ok(tmp_path):
     run(tmp_path, test)
 
 
+def test_answers_to_short_frames_go_out_from_their_callback_and_the_end_still_comes_last(
+    tmp_path, monkeypatch
+):
+    # (KVService._puts_now + _Connection._send_now: the writer task neither sends them nor
+    # misses that the last one went)
+    sent = []
+    send_now = session_stream._Connection._send_now
+
+    def counting(self, result):
+        done = send_now(self, result)
+        sent.append(done)
+        return done
+
+    monkeypatch.setattr(session_stream._Connection, "_send_now", counting)
+
+    async def test(node: raftfast.Node) -> None:
+        for round_ in range(3):
+            reader, writer = await connect(node)
+            writer.write(hello())
+            for i in range(1, 21):  # one at a time: each answered before the next is sent
+                writer.write(put_frame(i, b"s%d-%d" % (round_, i), b"v", 100 * round_ + i))
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                result = pb.SessionResult.FromString(await reader.readexactly(size))
+                assert (result.frame_id, result.results[0].ok) == (i, True)
+            writer.write_eof()
+            results = await read_results(reader)
+            writer.close()
+            assert [(r.frame_id, r.code) for r in results] == [(0, 0)]
+        assert sent.count(True) == 60
+        await serves(node)
+
+    run(tmp_path, test)
+
+
 def test_refusals_end_the_stream_with_a_status(tmp_path):
     async def test(node: raftfast.Node) -> None:
         status = grpc.StatusCode
