@@ -380,7 +380,7 @@ class KVService(Service, pb_grpc.KVServicer):
         done = asyncio.Queue()
         use = _SessionUse(done)
         self._uses.add(use)
-        slots = asyncio.Semaphore(MAX_SESSION_INFLIGHT)  # frames read, answer not yet sent
+        slots = _ByteBudget(MAX_SESSION_INFLIGHT)  # frames read, answer not yet sent (1 each)
         held = _StreamBytes(self._budget, self._unsent)
         tasks: set[asyncio.Task[None]] = set()
         outstanding = 0  # frames started whose result the writer has not yet taken
@@ -446,7 +446,7 @@ class KVService(Service, pb_grpc.KVServicer):
             # Sent here (over TCP, when nothing is queued and the client reads): what the
             # writer does after it sends an answer, without the turn of the loop it takes.
             outstanding -= 1
-            slots.release()
+            slots.give(1)
             use.frames -= 1
             use.last = asyncio.get_running_loop().time()
             if read_all and not outstanding:
@@ -460,13 +460,55 @@ class KVService(Service, pb_grpc.KVServicer):
         bad_frame: str | None = None  # why the stream ends after the answers, if it must
         frame_refusal = getattr(context, "frame_refusal", None)  # (the TCP stream's own rule)
 
+        def begin(size: int, cost: int, frame: pb.SessionFrame) -> None:
+            """A frame read and counted in the budgets: proposed at once (``_puts_now``) or
+            started in a task of its own."""
+            nonlocal outstanding, general
+            outstanding += 1
+            # (a frame of a few PUTs goes at once, unless one before it is still on the
+            # general path: frames are proposed in the order they came)
+            applied = None if general else self._puts_now(frame, size, context, no_writes)
+            if applied is not None:
+                applied.add_done_callback(partial(puts_applied, size, cost, frame))
+                return
+            general += 1
+            start(run(size, cost, frame))
+
+        def take_frame(size: int, raw: bytes) -> bool:
+            """A frame handed over by the TCP stream as it arrives (``StreamContext``), taken
+            here if nothing would wait and nothing came before it: no turn of the loop for
+            ``read_frames`` to wake in. False: it goes the usual way, in the queue."""
+            if ended or read_all or in_hand:
+                return False
+            ops = min(size // _SMALLEST_OP_BYTES, MAX_FRAME_OPS)
+            bound = size + PARSED_OP_BYTES * ops + FRAME_BYTES
+            if not (slots.fits_now(1) and held.request_fits_now(bound)):
+                return False
+            try:
+                frame = parse_frame(raw)
+            except Exception:  # noqa: BLE001 - read_frames says why, and ends the stream
+                return False
+            if frame_refusal is not None and frame_refusal(frame) is not None:
+                return False
+            slots.take_now(1)
+            held.take_request_now(bound)
+            use.frames += 1
+            use.last = asyncio.get_running_loop().time()
+            cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
+            held.give_request(bound - cost)
+            begin(size, cost, frame)
+            return True
+
+        in_hand = False  # read_frames holds a frame it has not begun yet
+
         async def read_frames() -> None:
-            nonlocal outstanding, bad_frame, general, read_all
+            nonlocal bad_frame, read_all, in_hand
             try:
                 async for size, item in request_iterator:
+                    in_hand = True
                     use.frames += 1
                     use.last = asyncio.get_running_loop().time()
-                    await slots.acquire()
+                    await slots.take(1)
                     if isinstance(item, bytes):
                         # Counted before it is parsed, as the most parsing can make of it
                         # (each op PARSED_OP_BYTES, the smallest op 2 bytes), then as parsed.
@@ -481,7 +523,7 @@ class KVService(Service, pb_grpc.KVServicer):
                         if bad_frame is not None:
                             held.give_request(bound)
                             use.frames -= 1
-                            slots.release()
+                            slots.give(1)
                             break
                         cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
                         held.give_request(bound - cost)
@@ -489,15 +531,9 @@ class KVService(Service, pb_grpc.KVServicer):
                         frame = item
                         cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
                         await held.take_request(cost)
-                    outstanding += 1
-                    # (a frame of a few PUTs goes at once, unless one before it is still on
-                    # the general path: frames are proposed in the order they came)
-                    applied = None if general else self._puts_now(frame, size, context, no_writes)
-                    if applied is not None:
-                        applied.add_done_callback(partial(puts_applied, size, cost, frame))
-                        continue
-                    general += 1
-                    start(run(size, cost, frame))
+                    in_hand = False
+                    begin(size, cost, frame)
+                in_hand = False
                 read_all = True
                 done.put_nowait(None)
             except asyncio.CancelledError:
@@ -506,6 +542,8 @@ class KVService(Service, pb_grpc.KVServicer):
                 done.put_nowait(exc)
 
         reader = asyncio.create_task(read_frames())
+        if hasattr(context, "take_frame"):
+            context.take_frame = take_frame
         try:
             finished_reading = False
             while not finished_reading or outstanding:
@@ -529,13 +567,15 @@ class KVService(Service, pb_grpc.KVServicer):
                     result, answer = item  # type: ignore[misc]
                     yield result  # (waits while the client does not read: flow control)
                     held.answer_sent(answer)
-                    slots.release()
+                    slots.give(1)
                     use.frames -= 1
                     use.last = asyncio.get_running_loop().time()
             if bad_frame is not None:  # (every frame before it is answered)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad_frame)
         finally:
             ended = True
+            if hasattr(context, "take_frame"):
+                context.take_frame = None
             self._uses.discard(use)
             reader.cancel()
             for task in list(tasks):
@@ -1076,11 +1116,16 @@ class _ByteBudget:
         """Whether ``take(n)`` would take it without waiting."""
         return self._line.head() is None and self._fits(n)
 
+    def take_now(self, n: int) -> bool:
+        """``take(n)`` if it would not wait (True); else nothing (False)."""
+        if not self.fits_now(n):
+            return False
+        self.used += n
+        return True
+
     async def take(self, n: int) -> None:
-        if self.fits_now(n):
-            self.used += n
-            return
-        await self._line.wait(_Wait(n), self.give)
+        if not self.take_now(n):
+            await self._line.wait(_Wait(n), self.give)
 
     def give(self, n: int) -> None:
         self.used -= n
@@ -1153,6 +1198,19 @@ class _StreamBytes:
         await self.own.take(n)
         await self.node.take(n)
         self.node_held += n
+
+    def request_fits_now(self, n: int) -> bool:
+        """Whether ``take_request(n)`` would take it without waiting."""
+        return self.own.fits_now(n) and self.node.fits_now(n)
+
+    def take_request_now(self, n: int) -> bool:
+        """``take_request(n)`` if it would not wait (True); else nothing (False)."""
+        if not self.request_fits_now(n):
+            return False
+        self.own.take_now(n)
+        self.node.take_now(n)
+        self.node_held += n
+        return True
 
     def give_request(self, n: int) -> None:
         """``n`` bytes of a request taken are not held (any more)."""

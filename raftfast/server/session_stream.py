@@ -79,6 +79,9 @@ class StreamContext:
         self._auth = {"x509_common_name": [caller.encode()]} if caller is not None else {}
         # Write an answer at once, bypassing the stream's writer (False: it could not).
         self.send_now = send_now
+        # Set by the service while it reads the stream: hand it a frame (its size, its bytes)
+        # as it arrives; False: it did not take it (queue it).
+        self.take_frame: Callable[[int, bytes], bool] | None = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
@@ -112,6 +115,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.caller: str | None = None  # the TLS certificate's common name
         self.frames: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None  # serving, once the hello is in
+        self.context: StreamContext | None = None  # (once the hello is in)
         self.queued_bytes = 0  # of the frames in ``frames``
         # Input is over (EOF, or a record we refuse: then the status to end with, once the
         # frames taken before it are answered); what else arrives is read and dropped.
@@ -161,9 +165,14 @@ class _Connection(asyncio.BufferedProtocol):
                     self._hello(payload)
                     continue
                 # Held as bytes, parsed by the service once its budgets have room for what
-                # parsing makes of it (up to ~60 times its bytes: PARSED_OP_BYTES an op).
-                self.frames.put_nowait(bytes(payload))
-                self.queued_bytes += len(payload)
+                # parsing makes of it (up to ~60 times its bytes: PARSED_OP_BYTES an op):
+                # here and now if it has room and none is queued before it.
+                raw = bytes(payload)
+                take = self.context.take_frame if self.context is not None else None
+                if take is not None and self.frames.empty() and take(len(raw), raw):
+                    continue
+                self.frames.put_nowait(raw)
+                self.queued_bytes += len(raw)
             if completed or not self.records.partial:
                 self.progress = asyncio.get_running_loop().time()
         except tcp.Refused as exc:
@@ -206,7 +215,7 @@ class _Connection(asyncio.BufferedProtocol):
             hello = pb.SessionHello.FromString(payload)
         except DecodeError as exc:
             raise Ended(_INVALID_ARGUMENT, f"not a SessionHello: {exc}") from None
-        context = StreamContext(hello.cluster_id, self.caller, self._send_now)
+        context = self.context = StreamContext(hello.cluster_id, self.caller, self._send_now)
         authorizer = self.server.authorizer
         if authorizer is not None:  # (the gRPC call's role interceptor: read to open)
             why = authorizer.refusal(context, Role.READ, "Session")  # type: ignore[arg-type]

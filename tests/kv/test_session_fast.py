@@ -168,3 +168,65 @@ def test_a_stream_that_ends_with_short_frames_under_way_gives_back_what_they_hel
             assert (await call.read()).results[0].ok
 
     run(main())
+
+
+# -- frames handed over as they arrive (the TCP stream: StreamContext.take_frame) -------------
+
+
+async def drive(service, context, queue: asyncio.Queue) -> list[pb.SessionResult]:
+    """``service.Session`` over ``context``, its queued frames from ``queue`` (None: the end)."""
+
+    async def frames():
+        while (raw := await queue.get()) is not None:
+            yield len(raw), raw
+
+    return [result async for result in service.Session(frames(), context)]
+
+
+def test_frames_handed_over_as_they_arrive_are_taken_unless_something_would_wait(
+    monkeypatch,
+) -> None:
+    from raftfast.server import kv_service
+    from raftfast.server.session_stream import StreamContext
+
+    monkeypatch.setattr(kv_service, "MAX_SESSION_INFLIGHT", 2)  # two frames under way at most
+
+    async def main() -> None:
+        node = SubmittingNode()
+        release = asyncio.Event()
+
+        async def gate(payloads: list[bytes]) -> None:
+            if any(b"held" in p for p in payloads):
+                await release.wait()
+
+        node.gate = gate
+        async with serve_service(node) as (service, _kv):
+            context, queue = StreamContext("", None), asyncio.Queue()
+            session = asyncio.create_task(drive(service, context, queue))
+            await wait_until(lambda: context.take_frame is not None)
+            take = context.take_frame
+
+            def frame(i: int, key: bytes) -> bytes:
+                return _frame(i, put(key, b"v", i)).SerializeToString()
+
+            assert take(len(frame(1, b"held1")), frame(1, b"held1"))
+            assert not take(3, b"\xff\xff\xff")  # not a frame: the queue's reader says so
+            zero = _frame(0, put(b"k0")).SerializeToString()
+            assert not take(len(zero), zero)  # (the stream's own frame id)
+            assert take(len(frame(2, b"held2")), frame(2, b"held2"))
+            assert node.submitted == 2
+            assert not take(len(frame(3, b"k3")), frame(3, b"k3"))  # both slots taken
+            queue.put_nowait(frame(3, b"k3"))
+            await asyncio.sleep(0.05)
+            assert node.submitted == 2  # read, waiting for a slot: nothing overtakes it
+            assert not take(len(frame(4, b"k4")), frame(4, b"k4"))
+            release.set()
+            queue.put_nowait(frame(4, b"k4"))
+            queue.put_nowait(None)
+            results = await session
+            assert sorted(r.frame_id for r in results) == [1, 2, 3, 4]
+            assert all(r.results[0].ok for r in results)
+            assert context.take_frame is None  # (the stream is over: nothing more is taken)
+            assert service._budget.used == 0
+
+    run(main())
