@@ -20,7 +20,9 @@ and ``next_key`` says where the next page starts (the client follows it).
 The Session stream pipelines: each SessionFrame is handled in its own task (one ``propose`` for
 all its writes, then one ``read_barrier`` per distinct read mode for its reads, so reads in a
 frame observe the frame's own writes), and results are written back as frames complete, not in
-frame order. Errors there are reported per op (``OpResult.code``), never by ending the stream.
+frame order; a frame of a few PUTs is proposed as it is read and answered from a callback, with
+no task (``_puts_now``; frames are still proposed in the order they came). Errors there are
+reported per op (``OpResult.code``), never by ending the stream.
 What one client can make a node hold is bounded: a frame has at most ``MAX_FRAME_OPS`` ops and
 ``--max-request-bytes``; a stream has ``MAX_SESSION_INFLIGHT`` frames under way; the frames under
 way on all streams together stay under ``MAX_SESSION_BYTES`` (a stream's reader waits, and gRPC's
@@ -144,6 +146,10 @@ class NodeLike(Protocol):
     def is_leader(self) -> bool: ...
 
     async def propose(self, payloads: list[bytes]) -> list[bool | None]: ...
+
+    # (optional) def submit(self, payloads: list[bytes]) -> asyncio.Future: ``propose``'s
+    # future, for frames of a few PUTs (``KVService._puts_now``); without it they take the
+    # general path.
 
     async def read_barrier(self, mode: str) -> None: ...
 
@@ -434,13 +440,22 @@ class KVService(Service, pb_grpc.KVServicer):
             if ended:
                 return  # (the stream is gone: ``held.close`` gave back what the frame held)
             nonlocal outstanding
-            result = None
-            if not fut.cancelled() and fut.exception() is None and not self._turn.full():
-                result = self._puts_answer(frame, fut.result())
-            if result is None or not held.request_done_now(cost):
-                start(run(size, cost, frame, fut))
+            if (
+                fut.cancelled()
+                or fut.exception() is not None
+                or len(fut.result()) != len(frame.ops)
+                or self._turn.full()
+                or not held.request_done_now(cost)
+            ):
+                start(run(size, cost, frame, fut))  # (the general path's answer, or wait)
                 return
-            if not (send_now is not None and done.empty() and send_now(result)):
+            result = self._puts_answer(frame, fut.result())
+            try:
+                sent = send_now is not None and done.empty() and send_now(result)
+            except Exception:  # noqa: BLE001 - the writer sends it (or ends the stream)
+                log.exception("a Session answer could not be sent from its callback")
+                sent = False
+            if not sent:
                 answered(result, 0)
                 return
             # Sent here (over TCP, when nothing is queued and the client reads): what the
@@ -467,7 +482,11 @@ class KVService(Service, pb_grpc.KVServicer):
             outstanding += 1
             # (a frame of a few PUTs goes at once, unless one before it is still on the
             # general path: frames are proposed in the order they came)
-            applied = None if general else self._puts_now(frame, size, context, no_writes)
+            try:
+                applied = None if general else self._puts_now(frame, size, context, no_writes)
+            except Exception:  # noqa: BLE001 - nothing is proposed: the general path says why
+                log.exception("Session frame %d: the short way failed", frame.frame_id)
+                applied = None
             if applied is not None:
                 applied.add_done_callback(partial(puts_applied, size, cost, frame))
                 return
@@ -629,11 +648,8 @@ class KVService(Service, pb_grpc.KVServicer):
         self._turn.add(TURN_CALL_BYTES + len(ops) * TURN_OP_BYTES)
         return applied
 
-    def _puts_answer(self, frame: pb.SessionFrame, applied: list) -> pb.SessionResult | None:
-        """The answer of a ``_puts_now`` frame whose results are ``applied``; None if they
-        do not fit it (``_puts_result`` says why)."""
-        if len(applied) != len(frame.ops):
-            return None
+    def _puts_answer(self, frame: pb.SessionFrame, applied: list) -> pb.SessionResult:
+        """The answer of a ``_puts_now`` frame whose results are ``applied`` (one per op)."""
         self._turn.add(len(applied) * TURN_OP_BYTES)
         results = [_MALFORMED if ok is None else _DONE[bool(ok)] for ok in applied]
         return pb.SessionResult(frame_id=frame.frame_id, results=results)
@@ -644,17 +660,16 @@ class KVService(Service, pb_grpc.KVServicer):
         """The answer of a ``_puts_now`` frame, as ``_session_frame`` gives it, once ``applied``
         is done: its results, or every op failed with the node's error (and a leader hint)."""
         try:
-            if applied.cancelled():
-                raise NotLeaderError("the write was given up (the node is stopping?)")
+            if applied.cancelled():  # (nothing cancels it: the node fails it, if anything)
+                raise RuntimeError("the write's proposal was cancelled")
             results = applied.result()  # (raises the node's error)
-            if self._turn.full():
-                await self._turn.room()
-            answer = self._puts_answer(frame, results)
-            if answer is None:
+            if len(results) != len(frame.ops):
                 raise RuntimeError(
                     f"node returned {len(results)} results for {len(frame.ops)} commands"
                 )
-            return answer
+            if self._turn.full():
+                await self._turn.room()
+            return self._puts_answer(frame, results)
         except Exception as exc:  # noqa: BLE001 - reported per op
             err, leader = self._op_error(await self.settle_leader(exc, context))
             return pb.SessionResult(

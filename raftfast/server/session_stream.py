@@ -80,7 +80,8 @@ class StreamContext:
         # Write an answer at once, bypassing the stream's writer (False: it could not).
         self.send_now = send_now
         # Set by the service while it reads the stream: hand it a frame (its size, its bytes)
-        # as it arrives; False: it did not take it (queue it).
+        # as it arrives, when no frame is queued before it (the caller's rule; the service's
+        # own: none in hand, no budget would wait); False: it did not take it (queue it).
         self.take_frame: Callable[[int, bytes], bool] | None = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:

@@ -5,10 +5,15 @@ the same order and the same budgets as the general path (``_session_frame``)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+
+import pytest
 
 from raftfast.errors import NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.server.kv_service import FAST_FRAME_OPS
+from raftfast.server.session_stream import StreamContext
+from tests.kv import test_service
 from tests.kv.test_service import FakeNode, _frame, run, serve_service, wait_until
 
 
@@ -152,7 +157,7 @@ def test_a_stream_that_ends_with_short_frames_under_way_gives_back_what_they_hel
         async with serve_service(node) as (service, kv):
             call = kv.Session()
             for i in range(5):
-                await call.write(_frame(i, put(b"k%d" % i, b"v" * 100, i + 1)))
+                await call.write(_frame(i + 1, put(b"k%d" % i, b"v" * 100, i + 1)))
             await wait_until(lambda: node.submitted == 5)
             assert service._budget.used > 0
             call.cancel()
@@ -187,7 +192,6 @@ def test_frames_handed_over_as_they_arrive_are_taken_unless_something_would_wait
     monkeypatch,
 ) -> None:
     from raftfast.server import kv_service
-    from raftfast.server.session_stream import StreamContext
 
     monkeypatch.setattr(kv_service, "MAX_SESSION_INFLIGHT", 2)  # two frames under way at most
 
@@ -230,3 +234,87 @@ def test_frames_handed_over_as_they_arrive_are_taken_unless_something_would_wait
             assert service._budget.used == 0
 
     run(main())
+
+
+def test_an_answer_sent_from_its_callback_still_lets_the_stream_end() -> None:
+    # (every answer sent at once: the writer, waiting for the last of them, is woken to end)
+    async def main() -> None:
+        sent: list[int] = []
+
+        def send_now(result: pb.SessionResult) -> bool:
+            sent.append(result.frame_id)
+            return True
+
+        node, release = SubmittingNode(), asyncio.Event()
+
+        async def gate(payloads: list[bytes]) -> None:
+            await release.wait()
+
+        node.gate = gate
+        async with serve_service(node) as (service, _kv):
+            context, queue = StreamContext("", None, send_now), asyncio.Queue()
+            session = asyncio.create_task(drive(service, context, queue))
+            await wait_until(lambda: context.take_frame is not None)
+            for i in range(1, 11):
+                raw = _frame(i, put(b"k%d" % i, b"v", i)).SerializeToString()
+                assert context.take_frame(len(raw), raw)
+            queue.put_nowait(None)  # the input ends: the writer waits for the 10 answers
+            await asyncio.sleep(0.05)
+            release.set()
+            assert await asyncio.wait_for(session, 5) == []  # (nothing left for the writer)
+            assert sorted(sent) == list(range(1, 11))
+            assert service._budget.used == 0
+
+    run(main())
+
+
+def test_a_failure_on_the_short_way_leaves_the_frame_to_the_general_path() -> None:
+    async def main() -> None:
+        class Broken(SubmittingNode):
+            def submit(self, payloads: list[bytes]) -> asyncio.Future:
+                raise RuntimeError("submit is broken")
+
+        def send_now(result: pb.SessionResult) -> bool:
+            raise OSError("the connection is broken")
+
+        for node, sender in ((Broken(), None), (SubmittingNode(), send_now)):
+            async with serve_service(node) as (_service, _kv):
+                context, queue = StreamContext("", None, sender), asyncio.Queue()
+                session = asyncio.create_task(drive(_service, context, queue))
+                await wait_until(lambda: context.take_frame is not None)  # noqa: B023
+                raw = _frame(1, put(b"k", b"v", 1)).SerializeToString()
+                assert context.take_frame(len(raw), raw)
+                queue.put_nowait(None)
+                results = await asyncio.wait_for(session, 5)  # (the writer sent it)
+                assert [(r.frame_id, r.results[0].ok) for r in results] == [(1, True)]
+                assert node.fsm.get(b"k") == b"v"
+
+    run(main())
+
+
+def test_a_stream_with_a_deadline_takes_the_general_path() -> None:
+    async def main() -> None:
+        node = SubmittingNode()
+        async with serve_service(node) as (_service, kv):
+            call = kv.Session(timeout=10)
+            await call.write(_frame(1, put(b"k", b"v", 1)))
+            assert (await call.read()).results[0].ok
+            await call.done_writing()
+        assert node.submitted == 0 and len(node.proposals) == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("name", [n for n in dir(test_service) if n.startswith("test_")])
+def test_the_service_tests_hold_on_the_short_way(name: str, monkeypatch) -> None:
+    # (each test of the general path, its FakeNode with ``submit``: every short frame goes
+    # the short way, and the answers, budgets, quota and limits they check stay the same)
+    monkeypatch.setattr(test_service, "FakeNode", SubmittingNode)
+    test = getattr(test_service, name)
+    test(
+        **(
+            {"monkeypatch": monkeypatch}
+            if "monkeypatch" in inspect.signature(test).parameters
+            else {}
+        )
+    )
