@@ -94,7 +94,7 @@ MAX_SCAN_BYTES = 2 * 1024 * 1024
 MAX_SESSION_INFLIGHT = 256  # frames of one Session handled concurrently (backpressure beyond)
 # A Session frame of at most this many PUTs is proposed as it is read, with no task of its own
 # (KVService._puts_now); bigger frames share their task's cost among their ops.
-FAST_FRAME_OPS = 32
+FAST_FRAME_OPS = 256
 MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
 # A full node ends the stream idle longest to open a new one, if it has been idle this long

@@ -91,13 +91,14 @@ def test_a_short_frame_waits_behind_a_general_one_of_its_stream() -> None:
         node.gate = gate
         async with serve_service(node) as (_service, kv):
             call = kv.Session()
-            first = [put(b"x", b"old", 1)] + [put(b"y%d" % i, sequence=2 + i) for i in range(40)]
+            more = FAST_FRAME_OPS  # (too many for the short way)
+            first = [put(b"x", b"old", 1)] + [put(b"y%d" % i, sequence=2 + i) for i in range(more)]
             await call.write(_frame(1, *first))
             await wait_until(lambda: len(node.proposals) == 1)
             await call.write(_frame(2, put(b"x", b"new", 100)))
             assert (await call.read()).frame_id == 2  # (the fake applies it at once)
             assert node.submitted == 0  # the general path: proposed after frame 1
-            assert [len(p) for p in node.proposals] == [41, 1]
+            assert [len(p) for p in node.proposals] == [more + 1, 1]
             release.set()
             assert (await call.read()).frame_id == 1
             await call.write(_frame(3, put(b"z", b"1", 101)))  # none pending: the short way
