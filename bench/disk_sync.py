@@ -47,10 +47,7 @@ def sync_latency(directory: str, gap_ms: float, count: int) -> dict[str, float]:
         os.close(fd)
         os.unlink(path)
     took.sort()
-    return {
-        f"p{q}_ms": round(took[min(len(took) - 1, len(took) * q // 100)] * 1000, 3)
-        for q in (50, 90, 99)
-    }
+    return {f"p{q}_ms": took[min(len(took) - 1, len(took) * q // 100)] * 1000 for q in (50, 90, 99)}
 
 
 def measure(directory: str, gaps_ms: list[float], count: int) -> dict[str, dict[str, float]]:

@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 def test_sync_latency_reports_ordered_percentiles_and_leaves_no_file(tmp_path: Path) -> None:
     result = disk_sync.sync_latency(str(tmp_path), gap_ms=0.5, count=20)
     assert set(result) == {"p50_ms", "p90_ms", "p99_ms"}
-    assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"]
+    assert 0 <= result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"]  # (~0 on a tmpfs)
     assert list(tmp_path.iterdir()) == []
 
 

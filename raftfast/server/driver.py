@@ -528,18 +528,27 @@ class Driver(MembershipMixin, SnapshotMixin):
 
     async def propose(self, payloads: list[bytes]) -> list:
         """Replicate commands; returns the state machine's result for each, once applied here."""
-        return await self.submit(payloads)
+        fut = self._queue_proposal(payloads)
+        try:
+            return await fut
+        except Exception:
+            self.metrics.proposals_failed += len(payloads)
+            raise
 
     def submit(self, payloads: list[bytes]) -> asyncio.Future[list]:
         """``propose`` without a coroutine: the future of its results, for a caller that goes
         on in a callback (a Session frame of PUTs: no task of its own). Raises NotLeaderError
         here, as ``propose`` does."""
+        fut = self._queue_proposal(payloads)
+        fut.add_done_callback(functools.partial(self._count_failed, len(payloads)))
+        return fut
+
+    def _queue_proposal(self, payloads: list[bytes]) -> asyncio.Future[list]:
         self._check_leader()
         fut = asyncio.get_running_loop().create_future()
         self._proposals.append((payloads, fut))
         self._wake.set()
         self.metrics.proposals += len(payloads)
-        fut.add_done_callback(functools.partial(self._count_failed, len(payloads)))
         return fut
 
     def _count_failed(self, count: int, fut: asyncio.Future) -> None:

@@ -20,9 +20,9 @@ and ``next_key`` says where the next page starts (the client follows it).
 The Session stream pipelines: each SessionFrame is handled in its own task (one ``propose`` for
 all its writes, then one ``read_barrier`` per distinct read mode for its reads, so reads in a
 frame observe the frame's own writes), and results are written back as frames complete, not in
-frame order; a frame of a few PUTs is proposed as it is read and answered from a callback, with
-no task (``_puts_now``; frames are still proposed in the order they came). Errors there are
-reported per op (``OpResult.code``), never by ending the stream.
+frame order; a frame of up to ``FAST_FRAME_OPS`` PUTs is proposed as it is read and answered
+from a callback, with no task (``_puts_now``; frames are still proposed in the order they
+came). Errors there are reported per op (``OpResult.code``), never by ending the stream.
 What one client can make a node hold is bounded: a frame has at most ``MAX_FRAME_OPS`` ops and
 ``--max-request-bytes``; a stream has ``MAX_SESSION_INFLIGHT`` frames under way; the frames under
 way on all streams together stay under ``MAX_SESSION_BYTES`` (a stream's reader waits, and gRPC's
@@ -148,8 +148,8 @@ class NodeLike(Protocol):
     async def propose(self, payloads: list[bytes]) -> list[bool | None]: ...
 
     # (optional) def submit(self, payloads: list[bytes]) -> asyncio.Future: ``propose``'s
-    # future, for frames of a few PUTs (``KVService._puts_now``); without it they take the
-    # general path.
+    # future, for frames of up to FAST_FRAME_OPS PUTs (``KVService._puts_now``); without it
+    # they take the general path.
 
     async def read_barrier(self, mode: str) -> None: ...
 
@@ -386,11 +386,13 @@ class KVService(Service, pb_grpc.KVServicer):
         done = asyncio.Queue()
         use = _SessionUse(done)
         self._uses.add(use)
-        slots = _ByteBudget(MAX_SESSION_INFLIGHT)  # frames read, answer not yet sent (1 each)
+        # frames read whose answer is not sent yet, 1 each (a budget, not a Semaphore: it can
+        # be taken without awaiting, in ``take_frame``)
+        slots = _ByteBudget(MAX_SESSION_INFLIGHT)
         held = _StreamBytes(self._budget, self._unsent)
         tasks: set[asyncio.Task[None]] = set()
-        outstanding = 0  # frames started whose result the writer has not yet taken
-        general = 0  # frames in tasks of their own that have not finished
+        outstanding = 0  # frames started whose answer is not sent or queued for the writer
+        general_unfinished = 0  # frames in tasks of their own (the general path) not finished
         ended = False
         read_all = False  # the reader is done (None is queued for the writer)
         send_now = getattr(context, "send_now", None)  # (TCP streams: session_stream.py)
@@ -400,7 +402,7 @@ class KVService(Service, pb_grpc.KVServicer):
         ) -> None:
             """A frame in a task of its own; or, given ``applied``, the rest of one proposed
             by ``_puts_now`` whose answer could not be given in the callback."""
-            nonlocal general
+            nonlocal general_unfinished
             settled = False
             answer = 0
 
@@ -420,7 +422,7 @@ class KVService(Service, pb_grpc.KVServicer):
                 result = pb.SessionResult(frame_id=frame.frame_id, results=[err])
             finally:
                 if applied is None:
-                    general -= 1
+                    general_unfinished -= 1
             if not settled:
                 await settle(0)
             answered(result, answer)
@@ -434,7 +436,9 @@ class KVService(Service, pb_grpc.KVServicer):
                 answer = held_bytes
             done.put_nowait((result, answer))
 
-        def puts_applied(size: int, cost: int, frame: pb.SessionFrame, fut: asyncio.Future) -> None:
+        def on_puts_applied(
+            size: int, cost: int, frame: pb.SessionFrame, fut: asyncio.Future
+        ) -> None:
             """A ``_puts_now`` frame's results are in: its answer, here if nothing has to wait
             (the usual case), else in a task, as the general path would give it."""
             if ended:
@@ -449,7 +453,12 @@ class KVService(Service, pb_grpc.KVServicer):
             ):
                 start(run(size, cost, frame, fut))  # (the general path's answer, or wait)
                 return
-            result = self._puts_answer(frame, fut.result())
+            try:
+                result = self._puts_answer(frame, fut.result())
+            except Exception as exc:  # noqa: BLE001 - (its request is given back: answer it here)
+                log.exception("Session frame %d: its answer could not be built", frame.frame_id)
+                err = pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}")
+                result = pb.SessionResult(frame_id=frame.frame_id, results=[err])
             try:
                 sent = send_now is not None and done.empty() and send_now(result)
             except Exception:  # noqa: BLE001 - the writer sends it (or ends the stream)
@@ -478,19 +487,21 @@ class KVService(Service, pb_grpc.KVServicer):
         def begin(size: int, cost: int, frame: pb.SessionFrame) -> None:
             """A frame read and counted in the budgets: proposed at once (``_puts_now``) or
             started in a task of its own."""
-            nonlocal outstanding, general
+            nonlocal outstanding, general_unfinished
             outstanding += 1
-            # (a frame of a few PUTs goes at once, unless one before it is still on the
-            # general path: frames are proposed in the order they came)
+            # (a frame of up to FAST_FRAME_OPS PUTs goes at once, unless one before it is still
+            # on the general path: frames are proposed in the order they came)
             try:
-                applied = None if general else self._puts_now(frame, size, context, no_writes)
+                applied = (
+                    None if general_unfinished else self._puts_now(frame, size, context, no_writes)
+                )
             except Exception:  # noqa: BLE001 - nothing is proposed: the general path says why
                 log.exception("Session frame %d: the short way failed", frame.frame_id)
                 applied = None
             if applied is not None:
-                applied.add_done_callback(partial(puts_applied, size, cost, frame))
+                applied.add_done_callback(partial(on_puts_applied, size, cost, frame))
                 return
-            general += 1
+            general_unfinished += 1
             start(run(size, cost, frame))
 
         def take_frame(size: int, raw: bytes) -> bool:
@@ -499,8 +510,7 @@ class KVService(Service, pb_grpc.KVServicer):
             ``read_frames`` to wake in. False: it goes the usual way, in the queue."""
             if ended or read_all or in_hand:
                 return False
-            ops = min(size // _SMALLEST_OP_BYTES, MAX_FRAME_OPS)
-            bound = size + PARSED_OP_BYTES * ops + FRAME_BYTES
+            bound = _frame_bound(size)
             if not (slots.fits_now(1) and held.request_fits_now(bound)):
                 return False
             try:
@@ -513,7 +523,7 @@ class KVService(Service, pb_grpc.KVServicer):
             held.take_request_now(bound)
             use.frames += 1
             use.last = asyncio.get_running_loop().time()
-            cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
+            cost = _frame_cost(size, frame)
             held.give_request(bound - cost)
             begin(size, cost, frame)
             return True
@@ -531,8 +541,7 @@ class KVService(Service, pb_grpc.KVServicer):
                     if isinstance(item, bytes):
                         # Counted before it is parsed, as the most parsing can make of it
                         # (each op PARSED_OP_BYTES, the smallest op 2 bytes), then as parsed.
-                        ops = min(size // _SMALLEST_OP_BYTES, MAX_FRAME_OPS)
-                        bound = size + PARSED_OP_BYTES * ops + FRAME_BYTES
+                        bound = _frame_bound(size)
                         await held.take_request(bound)
                         try:
                             frame = parse_frame(item)
@@ -544,11 +553,11 @@ class KVService(Service, pb_grpc.KVServicer):
                             use.frames -= 1
                             slots.give(1)
                             break
-                        cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
+                        cost = _frame_cost(size, frame)
                         held.give_request(bound - cost)
                     else:
                         frame = item
-                        cost = size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
+                        cost = _frame_cost(size, frame)
                         await held.take_request(cost)
                     in_hand = False
                     begin(size, cost, frame)
@@ -558,6 +567,7 @@ class KVService(Service, pb_grpc.KVServicer):
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - hand the failure to the writer
+                read_all = True  # (the stream ends: take_frame takes nothing more)
                 done.put_nowait(exc)
 
         reader = asyncio.create_task(read_frames())
@@ -609,13 +619,15 @@ class KVService(Service, pb_grpc.KVServicer):
         context: grpc.aio.ServicerContext,
         no_writes: str | None,
     ) -> asyncio.Future | None:
-        """The usual frame -- a few PUTs, each well formed, from a client that may write, on a
-        stream with no deadline, with room in this turn of the loop and under the quota --
-        proposed here and now: the future of its results (``Driver.submit``). None for any
-        other frame, and for one the node refuses (not the leader): the general path,
-        ``_session_frame``, takes it in a task of its own, with the same checks and errors.
-        Under 8 clients x 1 put in flight a frame's task cost two turns of the leader's loop,
-        ~0.06 ms each, of a put's ~1.4 ms there."""
+        """The usual frame -- up to FAST_FRAME_OPS PUTs, each well formed, from a client that
+        may write, on a stream with no deadline, with room in this turn of the loop and under
+        the quota -- proposed here and now: the future of its results (``Driver.submit``).
+        None for any other frame, and for one the node refuses (not the leader): the general
+        path, ``_session_frame``, takes it in a task of its own, with the same checks and
+        errors. Under 8 clients x 1 put in flight a frame's task cost two turns of the
+        leader's loop, ~0.06 ms each, of a put's ~1.4 ms there. (Its PUTs are checked and
+        encoded inline, as ``_session_frame`` does: a call per op is ~1 us of a 10,000-op
+        frame's ~13 ms.)"""
         submit = getattr(self.node, "submit", None)
         ops = frame.ops
         if (
@@ -885,6 +897,17 @@ _READS = ("Get", "Scan", "Status")  # (their big answers may be refused once bui
 # MAX_FRAME_OPS * this many bytes cannot hold too many ops: only a bigger one is counted.
 _SMALLEST_OP_BYTES = 2
 _OPS_FIELD = pb.SessionFrame.DESCRIPTOR.fields_by_name["ops"].number
+
+
+def _frame_bound(size: int) -> int:
+    """What a Session frame of ``size`` bytes is counted as before it is parsed: the most
+    parsing can make of it (each op PARSED_OP_BYTES, the smallest op 2 bytes)."""
+    return size + PARSED_OP_BYTES * min(size // _SMALLEST_OP_BYTES, MAX_FRAME_OPS) + FRAME_BYTES
+
+
+def _frame_cost(size: int, frame: pb.SessionFrame) -> int:
+    """... and once parsed (its ops counted)."""
+    return size + PARSED_OP_BYTES * len(frame.ops) + FRAME_BYTES
 
 
 class TooManyOps:

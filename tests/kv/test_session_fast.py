@@ -319,3 +319,38 @@ def test_the_service_tests_hold_on_the_short_way(name: str, monkeypatch) -> None
             else {}
         )
     )
+
+
+@pytest.mark.parametrize("why", ["a budget line", "a full turn"])
+def test_a_short_frame_whose_answer_must_wait_is_answered_from_a_task(
+    why: str, monkeypatch
+) -> None:
+    from raftfast.server import kv_service
+
+    async def main() -> None:
+        node = SubmittingNode()
+        async with serve_service(node) as (service, kv):
+            if why == "a budget line":
+                monkeypatch.setattr(kv_service._StreamBytes, "request_done_now", lambda *_: False)
+            else:
+                # (full when the answer is built: after the frame was proposed)
+                monkeypatch.setattr(service._turn, "full", lambda: node.submitted > 0)
+            call = kv.Session()
+            await call.write(_frame(1, put(b"k", b"v", 1), put(b"l", b"w", 2)))
+            result = await asyncio.wait_for(call.read(), 5)
+            assert [r.ok for r in result.results] == [True, True] and node.submitted == 1
+            # and a stream cancelled while such a task waits gives back what it held
+            release = asyncio.Event()
+
+            async def gate(payloads: list[bytes]) -> None:
+                await release.wait()
+
+            node.gate = gate
+            await call.write(_frame(2, put(b"m", b"x", 3)))
+            await wait_until(lambda: len(node.proposals) == 2)
+            call.cancel()
+            release.set()
+            await wait_until(lambda: service._sessions == 0)
+            await wait_until(lambda: service._budget.used == 0)
+
+    run(main())
