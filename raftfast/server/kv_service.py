@@ -20,9 +20,9 @@ and ``next_key`` says where the next page starts (the client follows it).
 The Session stream pipelines: each SessionFrame is handled in its own task (one ``propose`` for
 all its writes, then one ``read_barrier`` per distinct read mode for its reads, so reads in a
 frame observe the frame's own writes), and results are written back as frames complete, not in
-frame order; a frame of up to ``FAST_FRAME_OPS`` PUTs is proposed as it is read and answered
-from a callback, with no task (``_puts_now``; frames are still proposed in the order they
-came). Errors there are reported per op (``OpResult.code``), never by ending the stream.
+frame order; a frame of up to ``FAST_FRAME_OPS`` PUTs and DELETEs is proposed as it is read and
+answered from a callback, with no task (``_writes_now``; frames are still proposed in the order
+they came). Errors there are reported per op (``OpResult.code``), never by ending the stream.
 What one client can make a node hold is bounded: a frame has at most ``MAX_FRAME_OPS`` ops and
 ``--max-request-bytes``; a stream has ``MAX_SESSION_INFLIGHT`` frames under way; the frames under
 way on all streams together stay under ``MAX_SESSION_BYTES`` (a stream's reader waits, and gRPC's
@@ -92,8 +92,8 @@ MAX_SCAN_LIMIT = 10_000  # items per Scan page; ScanRequest.limit 0 means this
 # receive limit, so that any gRPC client can read a page.
 MAX_SCAN_BYTES = 2 * 1024 * 1024
 MAX_SESSION_INFLIGHT = 256  # frames of one Session handled concurrently (backpressure beyond)
-# A Session frame of at most this many PUTs is proposed as it is read, with no task of its own
-# (KVService._puts_now); bigger frames share their task's cost among their ops.
+# A Session frame of at most this many PUTs and DELETEs is proposed as it is read, with no task
+# of its own (KVService._writes_now); bigger frames share their task's cost among their ops.
 FAST_FRAME_OPS = 256
 MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
@@ -148,7 +148,7 @@ class NodeLike(Protocol):
     async def propose(self, payloads: list[bytes]) -> list[bool | None]: ...
 
     # (optional) def submit(self, payloads: list[bytes]) -> asyncio.Future: ``propose``'s
-    # future, for frames of up to FAST_FRAME_OPS PUTs (``KVService._puts_now``); without it
+    # future, for frames of up to FAST_FRAME_OPS writes (``KVService._writes_now``); without it
     # they take the general path.
 
     async def read_barrier(self, mode: str) -> None: ...
@@ -401,7 +401,7 @@ class KVService(Service, pb_grpc.KVServicer):
             size: int, cost: int, frame: pb.SessionFrame, applied: asyncio.Future | None = None
         ) -> None:
             """A frame in a task of its own; or, given ``applied``, the rest of one proposed
-            by ``_puts_now`` whose answer could not be given in the callback."""
+            by ``_writes_now`` whose answer could not be given in the callback."""
             nonlocal general_unfinished
             settled = False
             answer = 0
@@ -415,7 +415,7 @@ class KVService(Service, pb_grpc.KVServicer):
                 if applied is None:
                     result = await self._session_frame(frame, size, context, no_writes, settle)
                 else:
-                    result = await self._puts_result(frame, applied, context)
+                    result = await self._writes_result(frame, applied, context)
             except Exception as exc:  # noqa: BLE001 - _session_frame should not raise
                 log.exception("Session frame %d failed", frame.frame_id)
                 err = pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}")
@@ -436,10 +436,10 @@ class KVService(Service, pb_grpc.KVServicer):
                 answer = held_bytes
             done.put_nowait((result, answer))
 
-        def on_puts_applied(
+        def on_writes_applied(
             size: int, cost: int, frame: pb.SessionFrame, fut: asyncio.Future
         ) -> None:
-            """A ``_puts_now`` frame's results are in: its answer, here if nothing has to wait
+            """A ``_writes_now`` frame's results are in: its answer, here if nothing has to wait
             (the usual case), else in a task, as the general path would give it."""
             if ended:
                 return  # (the stream is gone: ``held.close`` gave back what the frame held)
@@ -454,7 +454,7 @@ class KVService(Service, pb_grpc.KVServicer):
                 start(run(size, cost, frame, fut))  # (the general path's answer, or wait)
                 return
             try:
-                result = self._puts_answer(frame, fut.result())
+                result = self._writes_answer(frame, fut.result())
             except Exception as exc:  # noqa: BLE001 - (its request is given back: answer it here)
                 log.exception("Session frame %d: its answer could not be built", frame.frame_id)
                 err = pb.OpResult(code=CODE_INTERNAL, error=f"internal error: {exc!r}")
@@ -485,21 +485,23 @@ class KVService(Service, pb_grpc.KVServicer):
         frame_refusal = getattr(context, "frame_refusal", None)  # (the TCP stream's own rule)
 
         def begin(size: int, cost: int, frame: pb.SessionFrame) -> None:
-            """A frame read and counted in the budgets: proposed at once (``_puts_now``) or
+            """A frame read and counted in the budgets: proposed at once (``_writes_now``) or
             started in a task of its own."""
             nonlocal outstanding, general_unfinished
             outstanding += 1
-            # (a frame of up to FAST_FRAME_OPS PUTs goes at once, unless one before it is still
+            # (a frame of up to FAST_FRAME_OPS writes goes at once, unless one before it is still
             # on the general path: frames are proposed in the order they came)
             try:
                 applied = (
-                    None if general_unfinished else self._puts_now(frame, size, context, no_writes)
+                    None
+                    if general_unfinished
+                    else self._writes_now(frame, size, context, no_writes)
                 )
             except Exception:  # noqa: BLE001 - nothing is proposed: the general path says why
                 log.exception("Session frame %d: the short way failed", frame.frame_id)
                 applied = None
             if applied is not None:
-                applied.add_done_callback(partial(on_puts_applied, size, cost, frame))
+                applied.add_done_callback(partial(on_writes_applied, size, cost, frame))
                 return
             general_unfinished += 1
             start(run(size, cost, frame))
@@ -612,20 +614,20 @@ class KVService(Service, pb_grpc.KVServicer):
             await asyncio.gather(reader, *tasks, return_exceptions=True)
             held.close()
 
-    def _puts_now(
+    def _writes_now(
         self,
         frame: pb.SessionFrame | TooManyOps,
         size: int,
         context: grpc.aio.ServicerContext,
         no_writes: str | None,
     ) -> asyncio.Future | None:
-        """The usual frame -- up to FAST_FRAME_OPS PUTs, each well formed, from a client that
-        may write, on a stream with no deadline, with room in this turn of the loop and under
-        the quota -- proposed here and now: the future of its results (``Driver.submit``).
+        """The usual frame -- up to FAST_FRAME_OPS PUTs and DELETEs, each well formed, from a
+        client that may write, on a stream with no deadline, with room in this turn of the loop
+        and under the quota -- proposed here and now: the future of its results (``Driver.submit``).
         None for any other frame, and for one the node refuses (not the leader): the general
         path, ``_session_frame``, takes it in a task of its own, with the same checks and
         errors. Under 8 clients x 1 put in flight a frame's task cost two turns of the
-        leader's loop, ~0.06 ms each, of a put's ~1.4 ms there. (Its PUTs are checked and
+        leader's loop, ~0.06 ms each, of a put's ~1.4 ms there. (Its ops are checked and
         encoded inline, as ``_session_frame`` does: a call per op is ~1 us of a 10,000-op
         frame's ~13 ms.)"""
         submit = getattr(self.node, "submit", None)
@@ -644,13 +646,19 @@ class KVService(Service, pb_grpc.KVServicer):
         client_id = self.own_client_id(frame.client_id, context)
         payloads = []
         for op in ops:
-            if op.kind != _PUT:
-                return None
-            key, value, seq = op.key, op.value, op.sequence
-            if not (0 < len(key) <= max_key and len(value) <= max_value and seq <= MAX_SEQUENCE):
+            kind, key, seq = op.kind, op.key, op.sequence
+            if not (0 < len(key) <= max_key and seq <= MAX_SEQUENCE):
                 return None
             # (cannot raise: the client id was checked by _refuse_frame)
-            payloads.append(encode_put(client_id, seq, key, value))
+            if kind == _PUT:
+                value = op.value
+                if len(value) > max_value:
+                    return None
+                payloads.append(encode_put(client_id, seq, key, value))
+            elif kind == _DELETE:
+                payloads.append(encode_delete(client_id, seq, key))
+            else:
+                return None
         if self._space_refusal(size) is not None:
             return None
         try:
@@ -660,16 +668,16 @@ class KVService(Service, pb_grpc.KVServicer):
         self._turn.add(TURN_CALL_BYTES + len(ops) * TURN_OP_BYTES)
         return applied
 
-    def _puts_answer(self, frame: pb.SessionFrame, applied: list) -> pb.SessionResult:
-        """The answer of a ``_puts_now`` frame whose results are ``applied`` (one per op)."""
+    def _writes_answer(self, frame: pb.SessionFrame, applied: list) -> pb.SessionResult:
+        """The answer of a ``_writes_now`` frame whose results are ``applied`` (one per op)."""
         self._turn.add(len(applied) * TURN_OP_BYTES)
         results = [_MALFORMED if ok is None else _DONE[bool(ok)] for ok in applied]
         return pb.SessionResult(frame_id=frame.frame_id, results=results)
 
-    async def _puts_result(
+    async def _writes_result(
         self, frame: pb.SessionFrame, applied: asyncio.Future, context: grpc.aio.ServicerContext
     ) -> pb.SessionResult:
-        """The answer of a ``_puts_now`` frame, as ``_session_frame`` gives it, once ``applied``
+        """The answer of a ``_writes_now`` frame, as ``_session_frame`` gives it, once ``applied``
         is done: its results, or every op failed with the node's error (and a leader hint)."""
         try:
             if applied.cancelled():  # (nothing cancels it: the node fails it, if anything)
@@ -681,7 +689,7 @@ class KVService(Service, pb_grpc.KVServicer):
                 )
             if self._turn.full():
                 await self._turn.room()
-            return self._puts_answer(frame, results)
+            return self._writes_answer(frame, results)
         except Exception as exc:  # noqa: BLE001 - reported per op
             err, leader = self._op_error(await self.settle_leader(exc, context))
             return pb.SessionResult(
@@ -1066,6 +1074,7 @@ class _SessionUse:
 # Results many ops share: a SessionResult copies the messages it is given, so one of each
 # serves every frame (a new OpResult per op was two thirds of building a frame's answer).
 _PUT = pb.Op.PUT
+_DELETE = pb.Op.DELETE
 _DONE = {True: pb.OpResult(ok=True), False: pb.OpResult(ok=False)}
 _MALFORMED = pb.OpResult(code=CODE_INTERNAL, error="command was rejected as malformed")
 _ANSWER_TOO_BIG = pb.OpResult(

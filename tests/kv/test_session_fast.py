@@ -1,6 +1,6 @@
-"""Session frames of a few PUTs go the short way (``KVService._puts_now``: proposed as they
-are read, answered from a callback, no task of their own): the same answers, the same state,
-the same order and the same budgets as the general path (``_session_frame``)."""
+"""Session frames of PUTs and DELETEs go the short way (``KVService._writes_now``: proposed as
+they are read, answered from a callback, no task of their own): the same answers, the same
+state, the same order and the same budgets as the general path (``_session_frame``)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,12 @@ FRAMES = [
     _frame(9, put(b"e", b"v" * 40, 201)),  # a value over max_value_bytes
     _frame(10, put(b"f", b"6", 202), pb.Op(kind=pb.Op.DELETE, key=b"b", sequence=203)),
     _frame(11),  # no ops
+    _frame(12, pb.Op(kind=pb.Op.DELETE, key=b"c", sequence=204)),
+    _frame(13, pb.Op(kind=pb.Op.DELETE, key=b"never", sequence=205)),  # nothing to delete
+    _frame(14, pb.Op(kind=pb.Op.DELETE, key=b"", sequence=206)),  # an empty key
+    _frame(15, pb.Op(kind=pb.Op.DELETE, key=b"f", sequence=2**63)),  # a sequence past it
 ]
-SHORT_WAY = {1, 2, 3}  # the frames that qualify
+SHORT_WAY = {1, 2, 3, 10, 12, 13}  # the frames that qualify
 
 
 async def answers(node: FakeNode, frames: list[pb.SessionFrame]) -> dict[int, pb.SessionResult]:

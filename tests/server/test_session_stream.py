@@ -364,7 +364,7 @@ def test_a_client_that_half_closes_gets_every_answer_then_ok(tmp_path):
 def test_answers_to_short_frames_go_out_from_their_callback_and_the_end_still_comes_last(
     tmp_path, monkeypatch
 ):
-    # (KVService._puts_now + _Connection._send_now: the writer task neither sends them nor
+    # (KVService._writes_now + _Connection._send_now: the writer task neither sends them nor
     # misses that the last one went)
     sent = []
     send_now = session_stream._Connection._send_now
