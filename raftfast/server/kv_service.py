@@ -470,11 +470,15 @@ class KVService(Service, pb_grpc.KVServicer):
             # Sent here (over TCP, when nothing is queued and the client reads): what the
             # writer does after it sends an answer, without the turn of the loop it takes.
             outstanding -= 1
+            answer_gone()
+            if read_all and not outstanding:
+                done.put_nowait(_NUDGE)  # (the writer may be waiting for this last answer)
+
+        def answer_gone() -> None:
+            """A frame's answer is sent (by the writer or from its callback): its slot is free."""
             slots.give(1)
             use.frames -= 1
             use.last = asyncio.get_running_loop().time()
-            if read_all and not outstanding:
-                done.put_nowait(_NUDGE)  # (the writer may be waiting for this last answer)
 
         def start(coro: Coroutine[Any, Any, None]) -> None:
             task = asyncio.create_task(coro)
@@ -598,9 +602,7 @@ class KVService(Service, pb_grpc.KVServicer):
                     result, answer = item  # type: ignore[misc]
                     yield result  # (waits while the client does not read: flow control)
                     held.answer_sent(answer)
-                    slots.give(1)
-                    use.frames -= 1
-                    use.last = asyncio.get_running_loop().time()
+                    answer_gone()
             if bad_frame is not None:  # (every frame before it is answered)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad_frame)
         finally:
