@@ -33,6 +33,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from raftfast.server.handlers import GenericOnly
+
 if TYPE_CHECKING:
     from raftfast.server.driver import Driver
 
@@ -106,7 +108,7 @@ class Health:
         self.ready_from = 0  # the commit index known at start: applied before SERVING
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, GenericOnly(server))
 
     def ready(self) -> bool:
         d = self.driver
@@ -134,5 +136,5 @@ class Health:
 def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
     """Reflection on ``server`` for ``services``, health and reflection itself."""
     reflection.enable_server_reflection(
-        (*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        (*services, HEALTH_SERVICE, reflection.SERVICE_NAME), GenericOnly(server)
     )

@@ -983,7 +983,6 @@ def add_kv_service(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("raftfast.v1.KV", handlers),)
     )
-    server.add_registered_method_handlers("raftfast.v1.KV", handlers)
     return service
 
 

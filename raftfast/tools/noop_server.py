@@ -21,6 +21,7 @@ import grpc
 from raftfast.address import split_address
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.server.handlers import GenericOnly
 from raftfast.server.session_stream import SessionServer
 from raftfast.server.settings import MAX_REQUEST_BYTES
 from raftfast.transport.grpc import CHANNEL_OPTIONS
@@ -60,7 +61,7 @@ class NoopKV(pb_grpc.KVServicer):
 async def serve(listen: str) -> None:
     server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     kv = NoopKV()
-    pb_grpc.add_KVServicer_to_server(kv, server)
+    pb_grpc.add_KVServicer_to_server(kv, GenericOnly(server))  # (as the nodes do)
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")
     sessions = SessionServer(NoopSessions())  # type: ignore[arg-type]
