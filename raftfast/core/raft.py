@@ -792,7 +792,7 @@ class Raft:
             pr.become_snapshot(snap_index)
             return False
         prev_term = log.term_at(prev)
-        batch = log.slice(pr.next_index, log.last_index + 1, cfg.max_msg_bytes)
+        batch = log.slice(pr.next_index, log.last_index + 1, cfg.max_msg_bytes, prefix=True)
         count = batch_count(batch)
         self._send(
             Message(

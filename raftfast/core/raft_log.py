@@ -22,8 +22,14 @@ def _body_bytes(batch: bytes, count: int) -> int:
     return len(batch) - batch_impl.HEADER_SIZE - batch_impl.META_SIZE * count
 
 
+# Slices a log remembers (see slice): one per follower of a big cluster, its WAL's, and bytes
+# they may hold (the newest slice aside) for a log at rest.
+_SLICES_KEPT = 6
+_SLICES_BYTES = 4 << 20
+
+
 class RaftLog:
-    __slots__ = ("entries", "committed", "applied", "stable", "_truncated_floor", "_last_slice")
+    __slots__ = ("entries", "committed", "applied", "stable", "_truncated_floor", "_slices")
 
     def __init__(self, entries, committed: int = 0, applied: int = 0) -> None:
         self.entries = entries
@@ -36,8 +42,9 @@ class RaftLog:
         self.applied = max(snapshot_index, min(applied, self.committed))
         self.stable = entries.last_index  # everything recovered from storage is durable
         self._truncated_floor: int | None = None
-        # (lo, hi, max_bytes, batch): the last slice asked for, and what it gave
-        self._last_slice: tuple[int, int, int, bytes] | None = None
+        # (lo, hi, max_bytes, batch): the last few slices asked for, and what they gave, newest
+        # first (see slice)
+        self._slices: list[tuple[int, int, int, bytes]] = []
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -65,24 +72,36 @@ class RaftLog:
             return False
         return self.entries.term_at(index) == term
 
-    def slice(self, lo: int, hi: int, max_bytes: int) -> bytes:
-        """``entries.slice(lo, hi, max_bytes)``, the last one remembered. A slice is a copy and
+    def slice(self, lo: int, hi: int, max_bytes: int, prefix: bool = False) -> bytes:
+        """``entries.slice(lo, hi, max_bytes)``, the last few remembered. A slice is a copy and
         a checksum, and the same one is often asked for again: a leader's followers are mostly
-        at the same index (with 4 followers, 3 of every 4 appends were the same), a leader
-        writes to its WAL the entries it has just sent (the limit aside: the same batch when
-        it was not cut), and a follower writes to its WAL the batch it was just sent (see
-        merge)."""
-        last = self._last_slice
-        if last is not None and last[0] == lo:
-            batch = last[3]
-            if last[1] == hi and last[2] == max_bytes:
+        at the same index, a leader writes to its WAL the entries it has just sent (the limit
+        aside: the same batch when it was not cut), and a follower writes to its WAL the batch
+        it was just sent (see merge). ``prefix``: fewer entries from ``lo`` will do (a leader
+        sends the rest in its next message): followers a few entries apart then share the
+        batches one of them was sent, where each had a copy of its own (with 4 followers, 4 in
+        10 slices were copies; ~13% of the leader's CPU under batched puts)."""
+        for slo, shi, smax, batch in self._slices:
+            if slo != lo:
+                continue
+            if shi == hi and smax == max_bytes:
                 return batch
             count = batch_count(batch)
-            if lo + count == hi and (not max_bytes or _body_bytes(batch, count) <= max_bytes):
-                return batch  # (all of [lo, hi), within the limit: the very slice asked for)
+            if (lo + count == hi or (prefix and lo < lo + count < hi)) and (
+                not max_bytes or _body_bytes(batch, count) <= max_bytes
+            ):
+                return batch  # (all of [lo, hi) within the limit, or a prefix of it)
         batch = self.entries.slice(lo, hi, max_bytes)
-        self._last_slice = (lo, hi, max_bytes, batch)
+        self._remember(lo, hi, max_bytes, batch)
         return batch
+
+    def _remember(self, lo: int, hi: int, max_bytes: int, batch: bytes) -> None:
+        slices = self._slices
+        slices.insert(0, (lo, hi, max_bytes, batch))
+        while len(slices) > 1 and (
+            len(slices) > _SLICES_KEPT or sum(len(s[3]) for s in slices) > _SLICES_BYTES
+        ):
+            slices.pop()
 
     def is_up_to_date(self, last_index: int, last_term: int) -> bool:
         """Raft §5.4.1: is a candidate's log at least as up to date as ours?"""
@@ -108,10 +127,10 @@ class RaftLog:
             self.truncate_after(conflict - 1)
         self.entries.append_batch(batch, conflict)
         if conflict == first:  # the entries are the batch's, as they are: it is their slice
-            self._last_slice = (first, first + batch_count(batch), 0, batch)
+            self._remember(first, first + batch_count(batch), 0, batch)
 
     def truncate_after(self, index: int) -> None:
-        self._last_slice = None  # (entries after index change)
+        self._slices = []  # (entries after index change)
         self.entries.truncate_after(index)
         if index < self.stable:
             self.stable = index
@@ -120,7 +139,7 @@ class RaftLog:
 
     def restore(self, index: int, term: int) -> None:
         """Install a snapshot ending at (index, term): the whole log is replaced by it."""
-        self._last_slice = None
+        self._slices = []
         self.entries.reset(index + 1, term)
         self.committed = index
         self.stable = index
@@ -134,7 +153,7 @@ class RaftLog:
                 f"cannot compact to {index}: applied {self.applied}, durable {self.stable}"
             )
         if index >= self.entries.first_index:
-            self._last_slice = None
+            self._slices = []
             self.entries.compact(index)
 
     def commit_to(self, index: int) -> bool:

@@ -299,6 +299,41 @@ def test_a_remembered_slice_serves_another_limit_only_when_it_is_the_same_slice(
     assert log.slice(3, 4, 0) == log.entries.slice(3, 4)
 
 
+def test_a_sender_shares_a_remembered_prefix_and_never_an_empty_one():
+    """Followers a few entries apart: the one behind gets the batch the other was sent and the
+    rest in a second one, both remembered; an empty slice (a heartbeat-like append) is never
+    handed out for entries, nor a prefix to the WAL, which needs all it asks for."""
+    log = RaftLog(EntryLog())
+    log.append(1, [b"a", b"b"], ENTRY_NORMAL)
+    empty = log.slice(3, 3, 1000)  # (a follower with everything: an empty append)
+    first = log.slice(1, 3, 1000)
+    log.append(1, [b"c", b"d"], ENTRY_NORMAL)
+    assert decode_batch(log.slice(3, 5, 1000, prefix=True))[3] == [b"c", b"d"] != empty
+    assert log.slice(1, 5, 1000, prefix=True) is first  # [1, 3) now, [3, 5) next
+    rest = log.slice(3, 5, 1000, prefix=True)
+    assert log.slice(3, 5, 1000) is rest
+    whole = log.slice(1, 5, 0)  # the WAL: no prefix
+    assert decode_batch(whole)[3] == [b"a", b"b", b"c", b"d"] and whole is not first
+    assert log.slice(1, 5, 1000) is whole  # (all of it, within the limit)
+    assert decode_batch(log.slice(1, 5, 2, prefix=True))[3] == [b"a", b"b"]  # (the limit)
+
+
+def test_remembered_slices_are_few_and_hold_few_bytes_besides_the_newest(monkeypatch):
+    from raftfast.core import raft_log
+
+    monkeypatch.setattr(raft_log, "_SLICES_BYTES", 300)
+    log = RaftLog(EntryLog())
+    log.append(1, [b"x" * 100] * 10, ENTRY_NORMAL)
+    batches = [log.slice(i, i + 1, 0) for i in range(1, 10)]
+    assert [b for *_, b in log._slices] == [batches[8], batches[7]]  # (133 bytes each)
+    big = log.slice(1, 11, 0)
+    assert [b for *_, b in log._slices] == [big]  # (the newest stays, however big)
+    monkeypatch.setattr(raft_log, "_SLICES_BYTES", 1 << 20)
+    for i in range(1, 10):
+        log.slice(i, i + 1, 0)
+    assert len(log._slices) == raft_log._SLICES_KEPT
+
+
 def test_leader_commits_old_term_entries_only_through_an_entry_of_its_term():
     """Raft §5.4.2 / Figure 8: replicas of an old-term entry alone never commit it."""
     entries = EntryLog()
