@@ -22,8 +22,8 @@ def _body_bytes(batch: bytes, count: int) -> int:
     return len(batch) - batch_impl.HEADER_SIZE - batch_impl.META_SIZE * count
 
 
-# Slices a log remembers (see slice): one per follower of a big cluster, its WAL's, and bytes
-# they may hold (the newest slice aside) for a log at rest.
+# Slices a log remembers (see slice): one per follower of a big cluster and its WAL's; and
+# the bytes they may hold in all, for a log at rest (the newest alone may hold more).
 _SLICES_KEPT = 6
 _SLICES_BYTES = 4 << 20
 
@@ -81,21 +81,25 @@ class RaftLog:
         sends the rest in its next message): followers a few entries apart then share the
         batches one of them was sent, where each had a copy of its own (with 4 followers, 4 in
         10 slices were copies; ~13% of the leader's CPU under batched puts)."""
-        for slo, shi, smax, batch in self._slices:
+        slices = self._slices
+        for i, (slo, shi, smax, batch) in enumerate(slices):
             if slo != lo:
                 continue
-            if shi == hi and smax == max_bytes:
-                return batch
             count = batch_count(batch)
-            if (lo + count == hi or (prefix and lo < lo + count < hi)) and (
-                not max_bytes or _body_bytes(batch, count) <= max_bytes
-            ):
-                return batch  # (all of [lo, hi) within the limit, or a prefix of it)
+            if (shi == hi and smax == max_bytes) or (
+                (lo + count == hi or (prefix and lo < lo + count < hi))
+                and (not max_bytes or _body_bytes(batch, count) <= max_bytes)
+            ):  # (the very slice, all of [lo, hi) within the limit, or a prefix of it)
+                if i:
+                    slices.insert(0, slices.pop(i))  # (kept longest: the one most asked for)
+                return batch
         batch = self.entries.slice(lo, hi, max_bytes)
         self._remember(lo, hi, max_bytes, batch)
         return batch
 
     def _remember(self, lo: int, hi: int, max_bytes: int, batch: bytes) -> None:
+        if hi <= lo:
+            return  # (an empty append's: made at no cost, not worth a place)
         slices = self._slices
         slices.insert(0, (lo, hi, max_bytes, batch))
         while len(slices) > 1 and (

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from raftfast.server.handlers import GenericOnly
 
@@ -134,7 +134,10 @@ class Health:
 
 
 def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
-    """Reflection on ``server`` for ``services``, health and reflection itself."""
-    reflection.enable_server_reflection(
-        (*services, HEALTH_SERVICE, reflection.SERVICE_NAME), GenericOnly(server)
+    """Reflection on ``server`` for ``services``, health and reflection itself: the asyncio
+    servicer, named here (``enable_server_reflection`` picks it by the server's type, and
+    would take GenericOnly's for a sync server's: a thread held by every open stream)."""
+    names = (*services, HEALTH_SERVICE, reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(names), GenericOnly(server)
     )

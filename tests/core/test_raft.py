@@ -9,7 +9,7 @@ import pytest
 from raftfast._accel import EntryLog, decode_batch, encode_batch
 from raftfast.core.progress import ProgressState
 from raftfast.core.raft import Config
-from raftfast.core.raft_log import RaftLog
+from raftfast.core.raft_log import RaftLog, batch_count
 from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_NOOP, ENTRY_NORMAL, HardState, Message, MsgType, Role
 from raftfast.errors import NotLeaderError
@@ -305,12 +305,13 @@ def test_a_sender_shares_a_remembered_prefix_and_never_an_empty_one():
     handed out for entries, nor a prefix to the WAL, which needs all it asks for."""
     log = RaftLog(EntryLog())
     log.append(1, [b"a", b"b"], ENTRY_NORMAL)
-    empty = log.slice(3, 3, 1000)  # (a follower with everything: an empty append)
+    assert batch_count(log.slice(3, 3, 1000)) == 0  # (a follower with all: an empty append)
+    assert log._slices == []  # (not remembered: made at no cost)
     first = log.slice(1, 3, 1000)
     log.append(1, [b"c", b"d"], ENTRY_NORMAL)
-    assert decode_batch(log.slice(3, 5, 1000, prefix=True))[3] == [b"c", b"d"] != empty
-    assert log.slice(1, 5, 1000, prefix=True) is first  # [1, 3) now, [3, 5) next
     rest = log.slice(3, 5, 1000, prefix=True)
+    assert decode_batch(rest)[3] == [b"c", b"d"]
+    assert log.slice(1, 5, 1000, prefix=True) is first  # [1, 3) now, [3, 5) next
     assert log.slice(3, 5, 1000) is rest
     whole = log.slice(1, 5, 0)  # the WAL: no prefix
     assert decode_batch(whole)[3] == [b"a", b"b", b"c", b"d"] and whole is not first
@@ -329,9 +330,12 @@ def test_remembered_slices_are_few_and_hold_few_bytes_besides_the_newest(monkeyp
     big = log.slice(1, 11, 0)
     assert [b for *_, b in log._slices] == [big]  # (the newest stays, however big)
     monkeypatch.setattr(raft_log, "_SLICES_BYTES", 1 << 20)
-    for i in range(1, 10):
-        log.slice(i, i + 1, 0)
+    batches = [log.slice(i, i + 1, 0) for i in range(1, 10)]
     assert len(log._slices) == raft_log._SLICES_KEPT
+    assert log.slice(4, 5, 0) is batches[3]  # (asked for again: kept longest)
+    for lo in (1, 2, 3, 5, 6):  # (five others, each of two entries)
+        log.slice(lo, lo + 2, 0)
+    assert [b for *_, b in log._slices][-1] is batches[3]
 
 
 def test_leader_commits_old_term_entries_only_through_an_entry_of_its_term():
