@@ -191,8 +191,8 @@ class GenericOnly:
     For every call it accepts, grpc.aio's server waits (``asyncio.wait``) on one pending
     request per registered method and one for all generic ones: with the ~70 methods of a
     node's client port that wait, its set and its callbacks were ~10% of a leader's CPU under
-    etcd's unary puts. A call's generic handler is found by asking each service's in the
-    order they were added (a dozen dict lookups at most)."""
+    etcd's unary puts. A call's generic handler is found by asking each service's handler in
+    turn, in the order they were added (a dozen dict lookups at most)."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server

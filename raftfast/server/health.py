@@ -134,9 +134,9 @@ class Health:
 
 
 def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
-    """Reflection on ``server`` for ``services``, health and reflection itself: the asyncio
-    servicer, named here (``enable_server_reflection`` picks it by the server's type, and
-    would take GenericOnly's for a sync server's: a thread held by every open stream)."""
+    """Reflection on ``server`` for ``services``, health and reflection itself, by its
+    asyncio servicer, named here: ``enable_server_reflection`` picks one by the server's type
+    and takes a GenericOnly for a sync server (whose servicer holds a thread per open stream)."""
     names = (*services, HEALTH_SERVICE, reflection.SERVICE_NAME)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         reflection.aio.ReflectionServicer(names), GenericOnly(server)
