@@ -234,6 +234,9 @@ class Cluster:
             node.raw.propose(payloads)
         except NotLeaderError:
             return None
+        if node.pending is not None:
+            # (as the driver feeds a big proposal while its own write syncs: sent at once)
+            self.stats["proposed_while_syncing"] = self.stats.get("proposed_while_syncing", 0) + 1
         for p in payloads:
             self.proposed[p] = node.id
         self._after_input(node)
