@@ -65,6 +65,31 @@ def record(payload: bytes) -> bytes:
     return len(payload).to_bytes(4, "big") + payload
 
 
+# Under TLS every piece a transport is given is a TLS record of its own: a call into the ssl
+# module to write it, and on the other end one to read it (uvloop's SSL transport). A small
+# append was 6 records, its acknowledgement 4, a client's frame 2: joined, each is one, and
+# the sequential put p50 under TLS went from ~0.45 to ~0.40 ms (no fsync). A big piece (a
+# batch of entries) goes as it is: a copy of it costs more than the record it spares.
+TLS_JOIN_BYTES = 16 * 1024
+
+
+def tls_pieces(pieces: list[bytes]) -> list[bytes]:
+    """``pieces`` with each run of small ones (under ``TLS_JOIN_BYTES``) joined into one."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    for piece in pieces:
+        if len(piece) < TLS_JOIN_BYTES:
+            run.append(piece)
+            continue
+        if run:
+            out.append(b"".join(run))
+            run = []
+        out.append(piece)
+    if run:
+        out.append(b"".join(run))
+    return out
+
+
 _MIN_READ = 256 * 1024  # room offered to a read (uvloop reads up to 256 KiB at a time)
 _SHRINK_ABOVE = 8 * 1024 * 1024  # an idle buffer bigger than this goes back to _MIN_READ
 _IDLE_S = 1.0  # a stream without a big record for this long gives back its buffer
@@ -621,9 +646,11 @@ class OutboundStream(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.refusal: pb.StreamRefusal | None = None
         self._records = _Records()
+        self._tls = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._tls = transport.get_extra_info("ssl_object") is not None
         tune(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -647,15 +674,15 @@ class OutboundStream(asyncio.Protocol):
 
     def write(self, pieces: list[bytes]) -> bool:
         """Send one serialized ``pb.Frame``, given in pieces (``codec.frame_pieces``: written
-        with one writev where the loop is uvloop, joined by asyncio's own); False if it was
-        dropped (closed or backed up)."""
+        with one writev where the loop is uvloop, joined by asyncio's own; under TLS, small
+        ones joined here: ``tls_pieces``); False if it was dropped (closed or backed up)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
         if transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             return False
-        size = sum(map(len, pieces))
-        transport.writelines([size.to_bytes(4, "big"), *pieces])
+        pieces = [sum(map(len, pieces)).to_bytes(4, "big"), *pieces]
+        transport.writelines(tls_pieces(pieces) if self._tls else pieces)
         return True
 
     def close(self) -> None:
