@@ -21,6 +21,7 @@ from raftfast.transport import tcp
 from raftfast.transport.codec import encode_frame
 from raftfast.transport.grpc import PeerService, PeerTransport
 from raftfast.transport.tcp import DEAD_PEER_S, ReplicationServer
+from tests.polling import until
 
 CLUSTER = "c1"
 
@@ -59,13 +60,6 @@ class Receiver:
     async def stop(self) -> None:
         await self.stream_server.close()
         await self.server.stop(None)
-
-
-async def until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def run(

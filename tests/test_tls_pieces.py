@@ -6,7 +6,9 @@ node runs) they are one, and what arrives is the same bytes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
 
 import pytest
 import uvloop
@@ -18,6 +20,7 @@ from raftfast.tools.localcluster import free_ports, make_certs
 from raftfast.transport import tcp
 from raftfast.transport.codec import frame_pieces
 from raftfast.transport.tcp import TLS_JOIN_BYTES, tls_pieces
+from tests.polling import until
 
 BIG = b"B" * TLS_JOIN_BYTES
 
@@ -67,10 +70,17 @@ def _count_writes(monkeypatch) -> list[int]:
     return sizes
 
 
-async def _until(check, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
+@contextlib.asynccontextmanager
+async def _tls_server(server_ctx: ssl.SSLContext) -> AsyncIterator[tuple[_Sink, int]]:
+    """A TLS server on 127.0.0.1 that keeps what it is sent: (its sink, its port)."""
+    sink = _Sink()
+    port = free_ports(1)[0]
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: sink, "127.0.0.1", port, ssl=server_ctx)
+    try:
+        yield sink, port
+    finally:
+        server.close()
 
 
 def test_a_small_append_is_one_record_and_a_big_one_keeps_its_batch_whole(tmp_path, monkeypatch):
@@ -78,11 +88,7 @@ def test_a_small_append_is_one_record_and_a_big_one_keeps_its_batch_whole(tmp_pa
     sizes = _count_writes(monkeypatch)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        sink = _Sink()
-        port = free_ports(1)[0]
-        server = await loop.create_server(lambda: sink, "127.0.0.1", port, ssl=server_ctx)
-        try:
+        async with _tls_server(server_ctx) as (sink, port):
             stream = await tcp.connect("localhost", port, 30, client_ctx)
             small = Message(MsgType.APPEND, "n1", "n2", 3, 10, 3, b"e" * 100, 9, context=1)
             big = Message(MsgType.APPEND, "n1", "n2", 3, 11, 3, b"E" * 200_000, 9, context=2)
@@ -94,15 +100,13 @@ def test_a_small_append_is_one_record_and_a_big_one_keeps_its_batch_whole(tmp_pa
                 sizes.clear()
                 assert stream.write(pieces)
                 want = len(expected)
-                await _until(lambda want=want: len(sink.data) == want)
+                await until("the frame", lambda want=want: len(sink.data) == want)
                 if m is small:
                     assert len(sizes) == 1
                 else:  # (the head joined; the batch as it was, not copied)
                     assert sizes[1:] == [len(m.entries)] and len(sizes) == 2
             assert bytes(sink.data) == bytes(expected)
             stream.close()
-        finally:
-            server.close()
 
     uvloop.run(main())
 
@@ -112,28 +116,22 @@ def test_a_clients_frame_is_one_record(tmp_path, monkeypatch):
     sizes = _count_writes(monkeypatch)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        sink = _Sink()
-        port = free_ports(1)[0]
-        server = await loop.create_server(lambda: sink, "127.0.0.1", port, ssl=server_ctx)
-        try:
+        async with _tls_server(server_ctx) as (sink, port):
             hello = pb.SessionHello(cluster_id="c1")
             call = TcpSessionCall(
                 "localhost", port, hello, lambda f: f.SerializeToString(), 30, client_ctx
             )
-            await _until(call.writable_now)
+            await until("the connection", call.writable_now)
             said = len(tcp.record(hello.SerializeToString()))
-            await _until(lambda: len(sink.data) == said)
+            await until("the hello", lambda: len(sink.data) == said)
             frame = pb.SessionFrame(frame_id=1, client_id=7)
             frame.ops.add(kind=1, key=b"k", value=b"v" * 64, sequence=1)
             sizes.clear()
             call.write_now(frame)
             payload = tcp.record(frame.SerializeToString())
-            await _until(lambda: len(sink.data) == said + len(payload))
+            await until("the frame", lambda: len(sink.data) == said + len(payload))
             assert sizes == [len(payload)]
             assert bytes(sink.data).endswith(payload)
             call.cancel()
-        finally:
-            server.close()
 
     uvloop.run(main())

@@ -13,6 +13,7 @@ from raftfast.kv.commands import encode_put
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.server import driver as driver_module
 from raftfast.tools.localcluster import free_ports
+from tests.polling import until
 
 BIG = getattr(driver_module, "_FEED_WHILE_SYNCING_BYTES", 64 * 1024) + 1024
 
@@ -26,14 +27,6 @@ def _node(nid: str, peers: dict[str, str], tmp_path) -> raftfast.Node:
         state_machine=KVStateMachine(),
         tick_ms=20,
     )
-
-
-async def _until(check, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, what
-        await asyncio.sleep(0.01)
 
 
 def test_a_big_proposal_commits_while_the_leaders_own_sync_is_held(tmp_path):
@@ -86,7 +79,7 @@ def test_a_big_proposal_commits_while_the_leaders_own_sync_is_held(tmp_path):
             await asyncio.wait_for(driver.propose([last]), 30)
             for node in nodes.values():
                 fsm = node._driver.fsm
-                await _until(lambda fsm=fsm: fsm.get(b"last") == b"3", "converged")
+                await until("converged", lambda fsm=fsm: fsm.get(b"last") == b"3")
                 assert fsm.get(b"big") == b"x" * BIG
                 assert fsm.get(b"small") == b"2"
         finally:

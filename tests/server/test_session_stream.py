@@ -27,6 +27,7 @@ from raftfast.server import session_stream
 from raftfast.tools.localcluster import free_ports
 from raftfast.transport import tcp
 from raftfast.transport.tcp import record
+from tests.polling import until as wait_until
 
 CLUSTER = "raftfast"
 MAX_REQUEST = 64 * 1024
@@ -62,14 +63,6 @@ def run(tmp_path, test: Callable[[raftfast.Node], Awaitable[None]], **settings) 
 
 def address(node: raftfast.Node) -> str:
     return node.settings.listen
-
-
-async def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 # -- raw records --------------------------------------------------------------------------------
