@@ -1,7 +1,7 @@
 """Under TLS a frame is written as few pieces as it can be (``tcp.tls_pieces``): every piece a
 transport is given becomes a TLS record of its own, a call into the ssl module on each end. A
 small append was 6 records, a client's frame 2; here over a real TLS connection (uvloop, as the
-node runs) they are one, and what arrives is the same bytes."""
+node runs, and asyncio's own loop) they are one, and what arrives is the same bytes."""
 
 from __future__ import annotations
 
@@ -83,7 +83,13 @@ async def _tls_server(server_ctx: ssl.SSLContext) -> AsyncIterator[tuple[_Sink, 
         server.close()
 
 
-def test_a_small_append_is_one_record_and_a_big_one_keeps_its_batch_whole(tmp_path, monkeypatch):
+LOOPS = pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+
+
+@LOOPS
+def test_a_small_append_is_one_record_and_a_big_one_keeps_its_batch_whole(
+    tmp_path, monkeypatch, run
+):
     server_ctx, client_ctx = _contexts(tmp_path)
     sizes = _count_writes(monkeypatch)
 
@@ -108,10 +114,11 @@ def test_a_small_append_is_one_record_and_a_big_one_keeps_its_batch_whole(tmp_pa
             assert bytes(sink.data) == bytes(expected)
             stream.close()
 
-    uvloop.run(main())
+    run(main())
 
 
-def test_a_clients_frame_is_one_record(tmp_path, monkeypatch):
+@LOOPS
+def test_a_clients_frame_is_one_record(tmp_path, monkeypatch, run):
     server_ctx, client_ctx = _contexts(tmp_path)
     sizes = _count_writes(monkeypatch)
 
@@ -134,4 +141,4 @@ def test_a_clients_frame_is_one_record(tmp_path, monkeypatch):
             assert bytes(sink.data).endswith(payload)
             call.cancel()
 
-    uvloop.run(main())
+    run(main())

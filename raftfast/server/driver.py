@@ -82,11 +82,11 @@ _SLOW_SYNC_S = 0.002
 # milliseconds after the leader, not a heartbeat interval later (etcd's followers are that close).
 _COMMIT_NOTICE_S = 0.002
 # While the leader's own write syncs, a proposal of this many bytes or more (a put_many, a big
-# value) is handed to the core at once, with those queued before it, and sent to the followers
-# (_pump), not after the sync (batched loads waited one sync of the leader per round). Smaller
-# ones wait for the next Ready to share its frame to each follower: fed as soon as they added up
-# to as much, 1x2048 unbatched puts went from ~100,000 a second to ~87,000 in two runs of three
-# (more frames, more Readys on the followers, on the same two cores).
+# value) is handed to the core at once, with every proposal queued by then, and sent to the
+# followers (_pump), not after the sync (batched loads waited one sync of the leader per round).
+# Smaller ones wait for the next Ready to share its frame to each follower: fed as soon as they
+# added up to as much, 1x2048 unbatched puts went from ~100,000 a second to ~87,000 in two runs
+# of three (more frames, more Readys on the followers, on the same two cores).
 _FEED_WHILE_SYNCING_BYTES = 64 * 1024
 # An apply holds the loop for about this long at most: what is left of the committed entries
 # waits for the next turn of the loop (_apply_held), in order, with everything committed after

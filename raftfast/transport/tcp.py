@@ -74,7 +74,9 @@ TLS_JOIN_BYTES = 16 * 1024
 
 
 def tls_pieces(pieces: list[bytes]) -> list[bytes]:
-    """``pieces`` with each run of small ones (under ``TLS_JOIN_BYTES``) joined into one."""
+    """``pieces`` with each run of small ones (under ``TLS_JOIN_BYTES`` each) joined into one.
+    (A run is not capped: a frame of many small pieces becomes one piece; a big piece's small
+    head stays a record of its own.)"""
     out: list[bytes] = []
     run: list[bytes] = []
     for piece in pieces:

@@ -50,6 +50,10 @@ from .proxy import FaultProxy
 
 KEYS = [b"k%d" % i for i in range(6)]
 OP_TIMEOUT = 2.0
+# A share of the raftfast client's puts carry a value big enough that a leader hands it to its
+# followers while its own write syncs (driver._FEED_WHILE_SYNCING_BYTES), not after.
+BIG_SHARE = 0.05
+BIG_PAD = b"." * (80 * 1024)
 APIS = ("raftfast", "etcd")
 
 
@@ -129,6 +133,8 @@ async def _worker(
             try:
                 if roll < 0.45:
                     kind, expected = "put", None
+                    if roll < 0.45 * BIG_SHARE:
+                        value += BIG_PAD  # (may be sent while the leader's own write syncs)
                     await client.put(key, value)
                     output = None
                 elif roll < 0.80:

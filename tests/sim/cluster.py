@@ -234,7 +234,7 @@ class Cluster:
             node.raw.propose(payloads)
         except NotLeaderError:
             return None
-        if node.pending is not None:
+        if node.pending is not None and node.pumping:
             # (as the driver feeds a big proposal while its own write syncs: sent at once)
             self.stats["proposed_while_syncing"] = self.stats.get("proposed_while_syncing", 0) + 1
         for p in payloads:

@@ -65,9 +65,10 @@ def test_leaders_apply_what_commits_while_their_own_write_syncs() -> None:
 
 
 def test_leaders_take_proposals_while_their_own_write_syncs() -> None:
-    """The schedules above exercise it (and check it is safe): a leader hands a proposal to
-    the core and sends it while a Ready of its own is still syncing (the driver does so for a
-    big one: _FEED_WHILE_SYNCING_BYTES)."""
+    """The schedules above cover it (and check it is safe): a leader hands a proposal to the
+    core and sends it while a Ready of its own is still syncing, as the driver does for a big
+    one (_FEED_WHILE_SYNCING_BYTES). This checks the simulation's coverage, not the driver
+    (tests/server/test_feed_while_syncing.py does)."""
     fed = sum(run_schedule(3, seed).stats.get("proposed_while_syncing", 0) for seed in range(5))
     assert fed > 0
 
