@@ -68,7 +68,7 @@ def record(payload: bytes) -> bytes:
 # Under TLS every piece a transport is given is a TLS record of its own: a call into the ssl
 # module to write it, and on the other end one to read it (uvloop's SSL transport). A small
 # append was 6 records, its acknowledgement 4, a client's frame 2: joined, each is one, and
-# the sequential put p50 under TLS went from ~0.45 to ~0.40 ms (no fsync). A big piece (a
+# the sequential put p50 under TLS went from ~0.46 to ~0.42 ms (no fsync). A big piece (a
 # batch of entries) goes as it is: a copy of it costs more than the record it spares.
 TLS_JOIN_BYTES = 16 * 1024
 
