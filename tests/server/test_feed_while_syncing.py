@@ -14,28 +14,20 @@ from raftfast.kv.commands import encode_put
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.server import driver as driver_module
 from raftfast.storage.wal import WAL
-from raftfast.tools.localcluster import free_ports
 from tests.polling import until
+from tests.server import in_process
 
 BIG = getattr(driver_module, "_FEED_WHILE_SYNCING_BYTES", 64 * 1024) + 1024
 VALUES = [b"1", b"2", b"x" * BIG, b"3"]
 
 
 def _node(nid: str, peers: dict[str, str], tmp_path) -> raftfast.Node:
-    return raftfast.Node(
-        id=nid,
-        listen=peers[nid],
-        peers=peers,
-        data_dir=str(tmp_path / nid),
-        state_machine=KVStateMachine(),
-        tick_ms=20,
-    )
+    return in_process.node(nid, peers, tmp_path, KVStateMachine())
 
 
 def test_a_big_proposal_commits_while_the_leaders_own_sync_is_held(tmp_path):
     async def main() -> None:
-        ports = free_ports(3)
-        peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+        peers = in_process.peers(3)
         nodes = {nid: _node(nid, peers, tmp_path) for nid in peers}
         for node in nodes.values():
             await node.start()

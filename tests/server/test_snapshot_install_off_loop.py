@@ -25,21 +25,14 @@ from raftfast.kv.commands import encode_put
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.server.snapshots import _restore_later
-from raftfast.tools.localcluster import free_ports
+from tests.server import in_process
 
 GATE_S = 10.0  # the longest the gate holds a decoding (a loop it blocks: the test fails)
 
 
 def _node(nid: str, peers: dict[str, str], tmp_path) -> raftfast.Node:
-    return raftfast.Node(
-        id=nid,
-        listen=peers[nid],
-        peers=peers,
-        data_dir=str(tmp_path / nid),
-        state_machine=KVStateMachine(),
-        tick_ms=20,
-        snapshot_entries=20,
-        snapshot_keep=0,
+    return in_process.node(
+        nid, peers, tmp_path, KVStateMachine(), snapshot_entries=20, snapshot_keep=0
     )
 
 
@@ -77,8 +70,7 @@ async def _put(driver, key: bytes, value: bytes) -> None:
 
 def test_the_loop_runs_while_a_leaders_snapshot_is_restored(tmp_path, monkeypatch):
     async def main() -> None:
-        ports = free_ports(3)
-        peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+        peers = in_process.peers(3)
         nodes = {nid: _node(nid, peers, tmp_path) for nid in peers}
         for node in nodes.values():
             await node.start()

@@ -9,28 +9,18 @@ import asyncio
 
 import raftfast
 from raftfast.errors import StorageError
-from raftfast.tools.localcluster import free_ports
+from tests.server import in_process
 
 from .test_embedded import Counter
 
 
 def _node(nid: str, peers: dict[str, str], tmp_path) -> raftfast.Node:
-    return raftfast.Node(
-        id=nid,
-        listen=peers[nid],
-        peers=peers,
-        data_dir=str(tmp_path / nid),
-        state_machine=Counter(),
-        tick_ms=20,
-        snapshot_entries=20,
-        snapshot_keep=0,
-    )
+    return in_process.node(nid, peers, tmp_path, Counter(), snapshot_entries=20, snapshot_keep=0)
 
 
 def test_a_snapshot_that_could_not_be_sent_is_sent_again(tmp_path):
     async def main() -> None:
-        ports = free_ports(3)
-        peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+        peers = in_process.peers(3)
         nodes = {nid: _node(nid, peers, tmp_path) for nid in peers}
         for node in nodes.values():
             await node.start()
