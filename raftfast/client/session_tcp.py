@@ -93,7 +93,7 @@ class TcpSessionCall:
         self._waiter: asyncio.Future[None] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
-        self._tls = ssl_context is not None  # (tcp.tls_pieces)
+        self._tls = ssl_context is not None  # (tcp.write_record)
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._opened = asyncio.ensure_future(
@@ -132,11 +132,7 @@ class TcpSessionCall:
 
     def write_now(self, item: Any) -> None:
         """``write`` when ``writable_now()``: at once, from any task."""
-        self._send(self._transport, self._serialize(item))  # type: ignore[arg-type]
-
-    def _send(self, transport: asyncio.Transport, payload: bytes) -> None:
-        pieces = [len(payload).to_bytes(4, "big"), payload]
-        transport.writelines(tcp.tls_pieces(pieces) if self._tls else pieces)
+        tcp.write_record(self._transport, [self._serialize(item)], self._tls)  # type: ignore[arg-type]
 
     async def write(self, item: Any) -> None:
         if self._transport is None:
@@ -145,7 +141,7 @@ class TcpSessionCall:
             raise self._error()
         transport = self._transport
         assert transport is not None
-        self._send(transport, self._serialize(item))
+        tcp.write_record(transport, [self._serialize(item)], self._tls)
         if not self._writable.is_set():
             await self._writable.wait()  # (the node does not read: hold back, as HTTP/2 does)
             if self._code is not None:

@@ -92,6 +92,13 @@ def tls_pieces(pieces: list[bytes]) -> list[bytes]:
     return out
 
 
+def write_record(transport: asyncio.Transport, pieces: list[bytes], tls: bool) -> None:
+    """Write ``pieces`` as one record (``record``'s length prefix, then the pieces as they are:
+    one writev on uvloop), their small ones joined first when the transport is ``tls``."""
+    pieces = [sum(map(len, pieces)).to_bytes(4, "big"), *pieces]
+    transport.writelines(tls_pieces(pieces) if tls else pieces)
+
+
 _MIN_READ = 256 * 1024  # room offered to a read (uvloop reads up to 256 KiB at a time)
 _SHRINK_ABOVE = 8 * 1024 * 1024  # an idle buffer bigger than this goes back to _MIN_READ
 _IDLE_S = 1.0  # a stream without a big record for this long gives back its buffer
@@ -683,8 +690,7 @@ class OutboundStream(asyncio.Protocol):
             return False
         if transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             return False
-        pieces = [sum(map(len, pieces)).to_bytes(4, "big"), *pieces]
-        transport.writelines(tls_pieces(pieces) if self._tls else pieces)
+        write_record(transport, pieces, self._tls)
         return True
 
     def close(self) -> None:
