@@ -88,7 +88,8 @@ compare: $(STAMP)
 	command -v etcd >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -q etcd-server etcd-client; }
 	$(PIP) install -q pysyncobj==0.3.17
-	$(PY) bench/compare.py --duration $${RAFTFAST_COMPARE_SECONDS:-5}
+	$(PY) bench/compare.py --duration $${RAFTFAST_COMPARE_SECONDS:-3} \
+		--rounds $${RAFTFAST_COMPARE_ROUNDS:-3}
 
 # How long writes stop when a leader dies (kill -9, 10 rounds) or the nodes restart one by one,
 # raftfast beside etcd with the same writer; leader changes under 60 s of batched load.

@@ -32,7 +32,12 @@ etcd p50 / raftfast p50 >= 1), its unbatched rate and both range rates at least 
 Each workload of each system gets a fresh cluster. ``--workloads`` picks from both tables (a
 name in one table only runs there); ``--etcd-api-only`` runs the second table alone.
 
-    python bench/compare.py [--duration 5] [--systems raftfast,etcd,pysyncobj] [--json]
+``--rounds N`` measures everything N times, the systems in turn and in the other order every
+other round, and reports each workload's median: this machine's speed drifts by up to 2x within
+minutes (the disk's syncs most), and a system measured only in a slow spell would lose a ratio
+it wins the rest of the time. ``make compare`` takes 3 rounds.
+
+    python bench/compare.py [--duration 5] [--rounds 3] [--systems raftfast,etcd,pysyncobj] [--json]
     python bench/compare.py --etcd-api-only --systems raftfast,etcd --duration 1  # quick check
 
 ``--json`` prints {system: {workload: result}} for the first table and, under "etcd_api",
@@ -46,6 +51,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -429,6 +435,30 @@ def api_table(results: dict[str, dict[str, dict]], workloads: dict[str, dict]) -
     return "\n".join(lines + notes)
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One workload's runs as one result: the run of median rate (the lower of the middle two
+    of an even number), with the median p50 and p99 of all runs, every run's rate and p50
+    (``rounds_ops_per_s``, ``rounds_p50_ms``), and the errors of all of them."""
+    if not runs:
+        raise ValueError("no runs to take the median of")
+    by_rate = sorted(runs, key=lambda r: r["ops_per_s"])
+    out = dict(by_rate[(len(by_rate) - 1) // 2])
+    for key in ("p50_ms", "p99_ms"):
+        if all(key in r for r in runs):
+            out[key] = statistics.median_low([r[key] for r in runs])
+    out["rounds_ops_per_s"] = [r["ops_per_s"] for r in runs]
+    out["rounds_p50_ms"] = [r.get("p50_ms") for r in runs]
+    if "errors" in out:
+        out["errors"] = sum(r.get("errors", 0) for r in runs)
+        out["first_error"] = next((r["first_error"] for r in runs if r.get("first_error")), "")
+    return out
+
+
+def medians(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict]]:
+    """{system: {workload: [run, ...]}} -> {system: {workload: median_result}}."""
+    return {s: {w: median_result(rs) for w, rs in by_w.items()} for s, by_w in runs.items()}
+
+
 def _slim(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
     return {
         s: {w: {k: v for k, v in r.items() if k != "latency_cdf"} for w, r in res.items()}
@@ -439,6 +469,7 @@ def _slim(results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=1, help="measure N times, report medians")
     p.add_argument("--systems", default="raftfast,etcd,pysyncobj")
     names = list(dict.fromkeys([*WORKLOADS, *API_WORKLOADS]))
     p.add_argument("--workloads", default=",".join(names), help="some of: " + ", ".join(names))
@@ -456,6 +487,8 @@ def main() -> int:
         p.error(f"unknown workload(s): {', '.join(sorted(set(chosen) - set(names)))}")
     if set(systems) - set(runners):
         p.error(f"unknown system(s): {', '.join(sorted(set(systems) - set(runners)))}")
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     workloads = {n: w for n, w in WORKLOADS.items() if n in chosen and not args.etcd_api_only}
     api_workloads = {n: w for n, w in API_WORKLOADS.items() if n in chosen}
     # (where the clusters keep their logs: the floor under the sequential rows; see disk_sync)
@@ -465,13 +498,21 @@ def main() -> int:
             disk = disk_sync.measure(tempfile.gettempdir(), [0, 1], 300)
         except OSError as exc:
             print(f"the disk's sync latency could not be measured: {exc}", file=sys.stderr)
-    results, api_results = {}, {}
-    for system in systems if workloads else []:
-        print(f"measuring {system} ...", file=sys.stderr, flush=True)
-        results[system] = runners[system](args.duration, workloads)
-    for system in [s for s in systems if s in ("raftfast", "etcd")] if api_workloads else []:
-        print(f"measuring {system} through etcd's API ...", file=sys.stderr, flush=True)
-        api_results[system] = run_etcd_api(system, args.duration, api_workloads)
+    # {system: {workload: [one result per round]}}; the systems' own order for the tables
+    runs: dict = {s: {} for s in systems if workloads}
+    api_runs: dict = {s: {} for s in systems if s in ("raftfast", "etcd") and api_workloads}
+    for round_no in range(args.rounds):
+        turn = "" if args.rounds == 1 else f" (round {round_no + 1} of {args.rounds})"
+        order = systems if round_no % 2 == 0 else systems[::-1]
+        for system in [s for s in order if s in runs]:
+            print(f"measuring {system}{turn} ...", file=sys.stderr, flush=True)
+            for name, result in runners[system](args.duration, workloads).items():
+                runs[system].setdefault(name, []).append(result)
+        for system in [s for s in order if s in api_runs]:
+            print(f"measuring {system} through etcd's API{turn} ...", file=sys.stderr, flush=True)
+            for name, result in run_etcd_api(system, args.duration, api_workloads).items():
+                api_runs[system].setdefault(name, []).append(result)
+    results, api_results = medians(runs), medians(api_runs)
     if args.json:
         out = _slim(results)
         if disk is not None:
@@ -482,9 +523,15 @@ def main() -> int:
             out["etcd_api"] = {"results": _slim(api_results), "vs_etcd": vs_etcd(api_results)}
         print(json.dumps(out, indent=2))
         return 0
+    rounds = (
+        f"; medians of {args.rounds} rounds, the systems in turn, in the other order every "
+        "other round"
+        if args.rounds > 1
+        else ""
+    )
     print(
         "3 nodes + load generator on one 2-core machine, 64-byte values; raftfast and etcd "
-        f"with fsync, PySyncObj in memory; {args.duration:g} s per workload"
+        f"with fsync, PySyncObj in memory; {args.duration:g} s per workload{rounds}"
     )
     if disk is not None:
         print(
@@ -497,6 +544,7 @@ def main() -> int:
             noop = results.get("raftfast", {}).get("noop-unary")
             print(
                 "\nissue 15's targets, ratios from this run"
+                + (" (of the medians)" if args.rounds > 1 else "")
                 + (f" (no-op unary server, 8x1: {noop['ops_per_s']:,.0f} ops/s)" if noop else "")
             )
             print(targets_table(compared))
