@@ -5,24 +5,19 @@ finished calls never expire and are not held on to."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from raftfast.client import deadlines
 from raftfast.client.deadlines import Deadlines
+from tests.polling import until
+
+_EVERY = 0.005  # (deadlines of 10-50 ms: looked at more often than tests/polling's default)
 
 
 class Call:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.fut: asyncio.Future[None] | None = loop.create_future()
-
-
-async def _until(check, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "not within the deadline"
-        await asyncio.sleep(0.005)
 
 
 def test_each_call_expires_with_its_timeout_in_any_order() -> None:
@@ -44,7 +39,7 @@ async def _test_each_call_expires_with_its_timeout_in_any_order() -> None:
     calls = [Call(loop) for _ in timeouts]
     for call, timeout in zip(calls, timeouts, strict=True):
         dl.add(call, timeout)
-    await _until(lambda: len(expired) == len(calls))
+    await until("every call to expire", lambda: len(expired) == len(calls), every=_EVERY)
     assert [t for _, t, _ in expired] == sorted(timeouts)
     for call, timeout, at in expired:
         assert at >= timeout - 0.002  # (never before it: a timer's grain at most)
@@ -71,7 +66,7 @@ async def _test_finished_calls_never_expire_and_are_dropped() -> None:
     short = Call(loop)
     dl.add(short, 0.01)  # (out of order: the heap)
     short.fut.cancel()  # type: ignore[union-attr]  # (its caller gave up)
-    await _until(lambda: bool(expired))
+    await until("the unfinished call to expire", lambda: bool(expired), every=_EVERY)
     assert expired == [stuck]
     assert len(dl) == 0
 
@@ -86,9 +81,9 @@ async def _test_a_later_earlier_deadline_rearms_the_timer() -> None:
     dl = Deadlines(loop, lambda calls, timeout: expired.append(timeout))
     dl.add(Call(loop), 30.0)
     dl.add(Call(loop), 0.05)
-    await _until(lambda: expired == [0.05], seconds=5.0)
+    await until("the 50 ms call to expire", lambda: expired == [0.05], 5.0, _EVERY)
     with pytest.raises(AssertionError):
-        await _until(lambda: len(expired) > 1, seconds=0.1)
+        await until("no other call to expire", lambda: len(expired) > 1, 0.1, _EVERY)
 
 
 def test_a_failing_group_does_not_keep_the_others_from_expiring() -> None:
@@ -107,7 +102,7 @@ async def _test_a_failing_group_does_not_keep_the_others_from_expiring() -> None
     dl = Deadlines(loop, expire)
     dl.add(Call(loop), 0.0101)
     dl.add(Call(loop), 0.01)  # (due in the same firing, another group)
-    await _until(lambda: len(seen) == 2)
+    await until("both groups to expire", lambda: len(seen) == 2, every=_EVERY)
 
 
 def test_drain_hands_back_the_unfinished_calls_and_forgets_all() -> None:

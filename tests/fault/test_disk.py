@@ -39,6 +39,7 @@ from raftfast.server.settings import NodeSettings
 from raftfast.storage import writer as writer_module
 from raftfast.storage.wal import WAL
 from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
+from tests.polling import until
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = struct.Struct("<IIB")  # payload length | crc32c | type (docs/disk-format.md)
@@ -349,13 +350,6 @@ def test_data_directory_of_a_running_node_is_refused(golden, tmp_path):
 # -- failing writes and fdatasyncs: the node stops, nothing is acknowledged ---------------------
 
 
-async def _wait_until(what: str, check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 def propose_now(node: Node, payloads: list[bytes]) -> str:
     """Run ``node.propose`` up to its first suspension: "refused", "queued" or "done"."""
     coro = node.propose(payloads)
@@ -380,7 +374,7 @@ async def _storage_failure_scenario(tmp: Path, inject) -> tuple[Node, list]:
     node = Node(settings)
     await node.start()
     try:
-        await _wait_until("n1 to lead", lambda: node.raw.raft.role == Role.LEADER)
+        await until("n1 to lead", lambda: node.raw.raft.role == Role.LEADER, timeout=10.0)
         assert await node.propose([encode_put(7, 1, b"before", b"1")]) == [True]
         inject(node)
         # Writes through the node API and through gRPC, all in flight when the disk fails.

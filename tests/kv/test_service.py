@@ -25,6 +25,7 @@ from raftfast.server.kv_service import (
     add_kv_service,
 )
 from raftfast.server.settings import NodeSettings
+from tests.polling import until
 
 PEERS = {"n1": "127.0.0.1:7001", "n2": "127.0.0.1:7002", "n3": "127.0.0.1:7003"}
 
@@ -567,7 +568,7 @@ def test_past_the_quota_writes_but_deletes_stop_until_the_alarm_is_cleared() -> 
             await kv.Put(pb.PutRequest(key=b"a", value=b"x" * 60))
             err = await expect_error(kv.Put(pb.PutRequest(key=b"b", value=b"x" * 60)), exhausted)
             assert err.details().startswith("NOSPACE") and "--quota-backend-bytes" in err.details()
-            await wait_until(lambda: node.fsm.alarms == {NOSPACE})
+            await until("the NOSPACE alarm", lambda: node.fsm.alarms == {NOSPACE}, 5.0)
             # raised, the alarm refuses even a write that would fit, in a Session too
             await expect_error(kv.Put(pb.PutRequest(key=b"c", value=b"1")), exhausted)
             call = kv.Session()
@@ -588,13 +589,6 @@ def test_past_the_quota_writes_but_deletes_stop_until_the_alarm_is_cleared() -> 
             assert node.fsm.size_bytes == 0
 
     run(main())
-
-
-async def wait_until(check, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_answers_are_bounded_per_frame_and_per_stream(monkeypatch) -> None:
@@ -630,7 +624,7 @@ def test_answers_are_bounded_per_frame_and_per_stream(monkeypatch) -> None:
             for frame_id in range(2, 60):
                 await call.write(_frame(frame_id, *gets[:8]))
             room = MAX_STREAM_BYTES // MAX_ANSWER_BYTES  # answers of 2 MiB this stream may hold
-            await wait_until(lambda: len(settled) >= room)
+            await until("the frames that fit to settle", lambda: len(settled) >= room, 5.0)
             await asyncio.sleep(0.2)  # (and then nothing more happens: a pause to see that)
             # (gRPC takes a few answers into its own send buffer: they count as sent)
             assert len(settled) <= 2 * room < 58, len(settled)
@@ -680,7 +674,9 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                     for frame_id in range(1, 60):
                         await call.write(_frame(frame_id, big, big, client_id=h + 1))
                     hogs.append(call)
-                await wait_until(lambda: held() > limit - (4 << 20))
+                await until(
+                    "the answers to fill the budget", lambda: held() > limit - (4 << 20), 5.0
+                )
                 await asyncio.sleep(0.3)  # (and it grows no more: a pause to see that)
                 assert held() <= limit + (1 << 20)
                 # Nor do the frames that wait for room hold their values meanwhile (2.3 GB).
@@ -694,11 +690,11 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                 assert held() <= limit + (1 << 20)
                 for call in hogs:
                     call.cancel()
-                await wait_until(lambda: service._unsent.used < (1 << 20))  # (theirs went back)
+                await until("their budget back", lambda: service._unsent.used < (1 << 20), 5.0)
                 await reader.write(_frame(21, big, client_id=9))
                 assert (await reader.read()).results[0].value == b"x" * (1 << 20)
                 reader.cancel()
-                await wait_until(lambda: service._sessions == 0)
+                await until("no session left", lambda: service._sessions == 0, 5.0)
                 assert service._unsent.used == 0
             finally:
                 tracemalloc.stop()
@@ -850,7 +846,7 @@ def test_frames_under_way_are_bounded_node_wide_not_only_by_their_bytes(monkeypa
             for call in calls:
                 for frame_id in range(1, 31):  # (120 frames in all)
                     await call.write(_frame(frame_id, get))
-            await wait_until(lambda: Slow.waiting >= 15)
+            await until("15 slow requests", lambda: Slow.waiting >= 15, 5.0)
             for _ in range(20):
                 await asyncio.sleep(0)
             assert Slow.waiting <= 20 and service._budget.used <= limit
@@ -859,7 +855,11 @@ def test_frames_under_way_are_bounded_node_wide_not_only_by_their_bytes(monkeypa
                 for _ in range(30):
                     assert (await call.read()).results[0].code == 0
                 call.cancel()
-            await wait_until(lambda: service._sessions == 0 and service._budget.used == 0)
+            await until(
+                "no session and no budget held",
+                lambda: service._sessions == 0 and service._budget.used == 0,
+                5.0,
+            )
 
     run(main())
 
@@ -875,8 +875,8 @@ def test_streams_that_end_give_back_what_they_held() -> None:
                     op = pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * 100, sequence=i + 1)
                     await call.write(_frame(round_ * 10 + i, op))
                 call.cancel()
-            await wait_until(lambda: service._sessions == 0)
-            await wait_until(lambda: service._budget.used == 0)
+            await until("no session left", lambda: service._sessions == 0, 5.0)
+            await until("no budget held", lambda: service._budget.used == 0, 5.0)
             await kv.Put(pb.PutRequest(key=b"still", value=b"ok"))
 
     run(main())

@@ -25,6 +25,7 @@ from raftfast.kv.commands import encode_put
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.server.snapshots import _restore_later
+from tests.polling import until
 from tests.server import in_process
 
 GATE_S = 10.0  # the longest the gate holds a decoding (a loop it blocks: the test fails)
@@ -34,14 +35,6 @@ def _node(nid: str, peers: dict[str, str], tmp_path) -> raftfast.Node:
     return in_process.node(
         nid, peers, tmp_path, KVStateMachine(), snapshot_entries=20, snapshot_keep=0
     )
-
-
-async def _until(check, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, what
-        await asyncio.sleep(0.01)
 
 
 class _Gate:
@@ -81,7 +74,7 @@ def test_the_loop_runs_while_a_leaders_snapshot_is_restored(tmp_path, monkeypatc
             leader = nodes[leader_id]._driver
             for i in range(100):  # (snapshots every 20 entries: the log behind them goes)
                 await _put(leader, b"k%03d" % i, b"v%d" % i)
-            await _until(lambda: leader.raw.first_index > 50, "the leader kept its log")
+            await until("the leader to keep its log", lambda: leader.raw.first_index > 50)
             # The other follower goes: from now on the leader commits only with `behind`.
             await nodes[other].stop()
 
@@ -89,7 +82,7 @@ def test_the_loop_runs_while_a_leaders_snapshot_is_restored(tmp_path, monkeypatc
             await nodes[behind].start()
             follower = nodes[behind]._driver
             gate = _Gate(monkeypatch)
-            await _until(gate.started.is_set, "no snapshot came to the follower")
+            await until("a snapshot to come to the follower", gate.started.is_set)
             assert not gate.timed_out, "the loop stood still while the snapshot was decoded"
             assert not gate.on_loop_thread, "the snapshot was decoded in the loop's thread"
             # (recorded with the WAL's record, before the restore: a node stopped meanwhile
@@ -114,12 +107,12 @@ def test_the_loop_runs_while_a_leaders_snapshot_is_restored(tmp_path, monkeypatc
 
             gate.opened.set()
             await asyncio.wait_for(waiting, 30)
-            await _until(
+            await until(
+                "the follower to catch up",
                 lambda: (
                     follower.applied_index >= leader.applied_index
                     and follower.fsm.get(b"during") is not None
                 ),
-                "the follower did not catch up",
             )
             assert follower.fsm.get(b"k099") == b"v99"
             assert follower.fsm.get(b"during") == b"the restore"
