@@ -83,7 +83,8 @@ bench: $(STAMP)
 		-p no:cacheprovider --benchmark-columns=min,median,ops bench \
 		tests/integration/test_cluster.py::test_kill9_leader_new_leader_fast_and_no_acknowledged_write_lost
 
-# raftfast, etcd (Debian's etcd-server) and PySyncObj (PyPI) side by side on 127.0.0.1.
+# raftfast, etcd (Debian's etcd-server) and PySyncObj (PyPI) side by side on 127.0.0.1: every
+# workload 3 times (the systems in turn), each row the median (bench/compare.py --rounds).
 compare: $(STAMP)
 	command -v etcd >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -q etcd-server etcd-client; }

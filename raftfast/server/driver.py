@@ -771,6 +771,8 @@ class Driver(MembershipMixin, SnapshotMixin):
                     if not fut.done():
                         fut.set_exception(NotLeaderError(str(exc), exc.leader_id))
             else:
+                fed = "while_syncing" if self._syncing else "after_sync"
+                self.metrics.proposal_batches[fed] += 1
                 term = self.raw.term
                 for ps, fut in batch:
                     self._waiting_writes.append(_Waiting(first, first + len(ps) - 1, term, fut))

@@ -105,6 +105,9 @@ class NodeMetrics:
         self.leader_changes = 0  # a leader became known that is not the one known before
         self.proposals = 0  # commands proposed as leader (a put, a frame's write, a put_many)
         self.proposals_failed = 0  # of those, the ones that ended in an error
+        # Proposals handed to Raft together (one log append each): once the leader's last
+        # write synced, or while it syncs (driver._pump: a big proposal and those with it).
+        self.proposal_batches = {"after_sync": 0, "while_syncing": 0}
         self.snapshots_sent = 0
         self.snapshots_send_failed = 0
         self.snapshots_refused = 0  # the state machine's snapshot raised
@@ -256,6 +259,17 @@ class _Collector:
             "Proposed commands that ended in an error (leadership lost, shutting down).",
             m.proposals_failed,
         )
+        batches = CounterMetricFamily(
+            "raftfast_proposal_batches",
+            "Batches of proposals this node handed to Raft as leader, one log append each: "
+            "proposals_total over this is the batch's mean size. fed: after_sync (its last "
+            "WAL write had synced) or while_syncing (a big proposal, and those queued with it, "
+            "sent to the followers before that sync ended).",
+            labels=["fed"],
+        )
+        for fed, count in m.proposal_batches.items():
+            batches.add_metric([fed], count)
+        yield batches
         yield histogram(
             "wal_sync_seconds",
             "One WAL write + fdatasync (one per Ready with entries or a new term/vote; thread "

@@ -72,6 +72,8 @@ def test_a_big_proposal_commits_while_the_leaders_own_sync_is_held(tmp_path):
             await asyncio.wait_for(asyncio.shield(small), 30)
             assert driver.fsm.get(b"big") == b"x" * BIG
             assert not driver._proposals and not driver._big_proposal
+            # (counted: one batch fed while the sync was out, the small write with the big)
+            assert driver.metrics.proposal_batches["while_syncing"] == 1
 
             gate.set()
             writer.start = start

@@ -25,6 +25,7 @@ SERIES = {
     "raftfast_snapshot_index": "gauge",
     "raftfast_proposals": "counter",
     "raftfast_proposals_failed": "counter",
+    "raftfast_proposal_batches": "counter",
     "raftfast_wal_sync_seconds": "histogram",
     "raftfast_replication_lag_entries": "gauge",
     "raftfast_snapshots_sent": "counter",
@@ -124,6 +125,13 @@ def test_every_series_with_sane_values_and_snapshots_counted(tmp_path):
         assert one(samples, "raftfast_snapshot_index") >= 200
         assert one(samples, "raftfast_snapshot_bytes") > 0
         assert total("raftfast_proposals_total") >= 620  # (by whichever node led)
+        # Each batch is one proposal or more: never more batches than proposals.
+        batches = sum(
+            one(scraped[nid][1], "raftfast_proposal_batches_total", fed=fed)
+            for nid in cluster.ids
+            for fed in ("after_sync", "while_syncing")
+        )
+        assert 1 <= batches <= total("raftfast_proposals_total")
         assert total("raftfast_snapshots_sent_total") >= 1
         assert total("raftfast_snapshot_send_seconds_count") >= 1
 
