@@ -14,7 +14,8 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.server.kv_service import FAST_FRAME_OPS
 from raftfast.server.session_stream import StreamContext
 from tests.kv import test_service
-from tests.kv.test_service import FakeNode, _frame, run, serve_service, wait_until
+from tests.kv.test_service import FakeNode, _frame, run, serve_service
+from tests.polling import until
 
 
 class SubmittingNode(FakeNode):
@@ -98,7 +99,7 @@ def test_a_short_frame_waits_behind_a_general_one_of_its_stream() -> None:
             more = FAST_FRAME_OPS  # (too many for the short way)
             first = [put(b"x", b"old", 1)] + [put(b"y%d" % i, sequence=2 + i) for i in range(more)]
             await call.write(_frame(1, *first))
-            await wait_until(lambda: len(node.proposals) == 1)
+            await until("len(node.proposals) == 1", lambda: len(node.proposals) == 1, 5.0)
             await call.write(_frame(2, put(b"x", b"new", 100)))
             assert (await call.read()).frame_id == 2  # (the fake applies it at once)
             assert node.submitted == 0  # the general path: proposed after frame 1
@@ -163,13 +164,15 @@ def test_a_stream_that_ends_with_short_frames_under_way_gives_back_what_they_hel
             call = kv.Session()
             for i in range(5):
                 await call.write(_frame(i + 1, put(b"k%d" % i, b"v" * 100, i + 1)))
-            await wait_until(lambda: node.submitted == 5)
+            await until("node.submitted == 5", lambda: node.submitted == 5, 5.0)
             assert service._budget.used > 0
             call.cancel()
-            await wait_until(lambda: service._sessions == 0)
-            await wait_until(lambda: service._budget.used == 0)
+            await until("service._sessions == 0", lambda: service._sessions == 0, 5.0)
+            await until("service._budget.used == 0", lambda: service._budget.used == 0, 5.0)
             release.set()  # (their results come after the stream: nothing more to give back)
-            await wait_until(lambda: node.fsm.get(b"k4") is not None)
+            await until(
+                'node.fsm.get(b"k4") is not None', lambda: node.fsm.get(b"k4") is not None, 5.0
+            )
             await asyncio.sleep(0.05)
             assert service._budget.used == 0
             node.gate = None
@@ -212,7 +215,9 @@ def test_frames_handed_over_as_they_arrive_are_taken_unless_something_would_wait
         async with serve_service(node) as (service, _kv):
             context, queue = StreamContext("", None), asyncio.Queue()
             session = asyncio.create_task(drive(service, context, queue))
-            await wait_until(lambda: context.take_frame is not None)
+            await until(
+                "context.take_frame is not None", lambda: context.take_frame is not None, 5.0
+            )
             take = context.take_frame
 
             def frame(i: int, key: bytes) -> bytes:
@@ -259,7 +264,9 @@ def test_an_answer_sent_from_its_callback_still_lets_the_stream_end() -> None:
         async with serve_service(node) as (service, _kv):
             context, queue = StreamContext("", None, send_now), asyncio.Queue()
             session = asyncio.create_task(drive(service, context, queue))
-            await wait_until(lambda: context.take_frame is not None)
+            await until(
+                "context.take_frame is not None", lambda: context.take_frame is not None, 5.0
+            )
             for i in range(1, 11):
                 raw = _frame(i, put(b"k%d" % i, b"v", i)).SerializeToString()
                 assert context.take_frame(len(raw), raw)
@@ -286,7 +293,11 @@ def test_a_failure_on_the_short_way_leaves_the_frame_to_the_general_path() -> No
             async with serve_service(node) as (_service, _kv):
                 context, queue = StreamContext("", None, sender), asyncio.Queue()
                 session = asyncio.create_task(drive(_service, context, queue))
-                await wait_until(lambda: context.take_frame is not None)  # noqa: B023
+                await until(
+                    "context.take_frame is not None",
+                    lambda: context.take_frame is not None,  # noqa: B023
+                    5.0,
+                )
                 raw = _frame(1, put(b"k", b"v", 1)).SerializeToString()
                 assert context.take_frame(len(raw), raw)
                 queue.put_nowait(None)
@@ -351,10 +362,10 @@ def test_a_short_frame_whose_answer_must_wait_is_answered_from_a_task(
 
             node.gate = gate
             await call.write(_frame(2, put(b"m", b"x", 3)))
-            await wait_until(lambda: len(node.proposals) == 2)
+            await until("len(node.proposals) == 2", lambda: len(node.proposals) == 2, 5.0)
             call.cancel()
             release.set()
-            await wait_until(lambda: service._sessions == 0)
-            await wait_until(lambda: service._budget.used == 0)
+            await until("service._sessions == 0", lambda: service._sessions == 0, 5.0)
+            await until("service._budget.used == 0", lambda: service._budget.used == 0, 5.0)
 
     run(main())
