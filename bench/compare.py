@@ -418,7 +418,8 @@ def api_table(results: dict[str, dict[str, dict]], workloads: dict[str, dict]) -
             )
             if r and r["errors"]:
                 first = " ".join(r["first_error"].split())[:160]  # one line
-                notes.append(f"{s} {name}: {r['errors']:,} errors (first: {first})")
+                over = f" over {r['rounds']} rounds" if r.get("rounds", 1) > 1 else ""
+                notes.append(f"{s} {name}: {r['errors']:,} errors{over} (first: {first})")
         if compared:
             c = compared.get(name)
             if c:
@@ -435,22 +436,32 @@ def api_table(results: dict[str, dict[str, dict]], workloads: dict[str, dict]) -
     return "\n".join(lines + notes)
 
 
+_LATENCIES = ("p50_ms", "p90_ms", "p99_ms", "p999_ms")
+_TOTALS = ("ops", "requests", "errors")
+
+
 def median_result(runs: list[dict]) -> dict:
-    """One workload's runs as one result: the run of median rate (the lower of the middle two
-    of an even number), with the median p50 and p99 of all runs, every run's rate and p50
-    (``rounds_ops_per_s``, ``rounds_p50_ms``), and the errors of all of them."""
+    """One workload's rounds as one result: the median rate and the median of each latency
+    percentile, each taken by itself (of an even number of rounds, the less flattering middle
+    one: the lower rate, the higher latency); ops, requests and errors added up over the
+    rounds; the rest (``cpu_percent`` among it) of the round of median rate; and every round's
+    rate and p50 (``rounds_ops_per_s``, ``rounds_p50_ms``)."""
     if not runs:
         raise ValueError("no runs to take the median of")
     by_rate = sorted(runs, key=lambda r: r["ops_per_s"])
     out = dict(by_rate[(len(by_rate) - 1) // 2])
-    for key in ("p50_ms", "p99_ms"):
+    out.pop("latency_cdf", None)  # (one round's: it would not match the medians)
+    for key in _LATENCIES:
         if all(key in r for r in runs):
-            out[key] = statistics.median_low([r[key] for r in runs])
+            out[key] = statistics.median_high([r[key] for r in runs])
+    for key in _TOTALS:
+        if all(key in r for r in runs):
+            out[key] = sum(r[key] for r in runs)
+    if "first_error" in out:
+        out["first_error"] = next((r["first_error"] for r in runs if r.get("first_error")), "")
+    out["rounds"] = len(runs)
     out["rounds_ops_per_s"] = [r["ops_per_s"] for r in runs]
     out["rounds_p50_ms"] = [r.get("p50_ms") for r in runs]
-    if "errors" in out:
-        out["errors"] = sum(r.get("errors", 0) for r in runs)
-        out["first_error"] = next((r["first_error"] for r in runs if r.get("first_error")), "")
     return out
 
 
@@ -481,7 +492,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     chosen = args.workloads.split(",")
-    systems = args.systems.split(",")
+    systems = list(dict.fromkeys(args.systems.split(",")))  # (each once)
     runners = {"raftfast": run_raftfast, "etcd": run_etcd, "pysyncobj": run_pysyncobj}
     if set(chosen) - set(names):
         p.error(f"unknown workload(s): {', '.join(sorted(set(chosen) - set(names)))}")
