@@ -758,7 +758,8 @@ class Driver(MembershipMixin, SnapshotMixin):
             else:
                 self._reads_by_id[request_id] = waiters
 
-    def _feed_proposals(self) -> None:
+    def _feed_proposals(self, fed: str = "after_sync") -> None:
+        """``fed``: when, for the metric (``_pump`` feeds while the leader's write syncs)."""
         if self._proposals:
             batch, self._proposals = self._proposals, []
             self._big_proposal = False
@@ -771,7 +772,6 @@ class Driver(MembershipMixin, SnapshotMixin):
                     if not fut.done():
                         fut.set_exception(NotLeaderError(str(exc), exc.leader_id))
             else:
-                fed = "while_syncing" if self._syncing else "after_sync"
                 self.metrics.proposal_batches[fed] += 1
                 term = self.raw.term
                 for ps, fut in batch:
@@ -882,7 +882,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             return
         try:
             if self._big_proposal:
-                self._feed_proposals()
+                self._feed_proposals("while_syncing")
             eager = self.raw.take_eager_messages()
             if eager:
                 self.transport.send(eager)

@@ -690,11 +690,15 @@ def test_answers_unsent_are_bounded_node_wide(monkeypatch) -> None:
                 assert held() <= limit + (1 << 20)
                 for call in hogs:
                     call.cancel()
-                await until("their budget back", lambda: service._unsent.used < (1 << 20), 5.0)
+                await until(
+                    "the cancelled streams' budget to come back",
+                    lambda: service._unsent.used < (1 << 20),
+                    5.0,
+                )
                 await reader.write(_frame(21, big, client_id=9))
                 assert (await reader.read()).results[0].value == b"x" * (1 << 20)
                 reader.cancel()
-                await until("no session left", lambda: service._sessions == 0, 5.0)
+                await until("every session to end", lambda: service._sessions == 0, 5.0)
                 assert service._unsent.used == 0
             finally:
                 tracemalloc.stop()
@@ -856,7 +860,7 @@ def test_frames_under_way_are_bounded_node_wide_not_only_by_their_bytes(monkeypa
                     assert (await call.read()).results[0].code == 0
                 call.cancel()
             await until(
-                "no session and no budget held",
+                "every session to end, all the budget back",
                 lambda: service._sessions == 0 and service._budget.used == 0,
                 5.0,
             )
@@ -875,8 +879,8 @@ def test_streams_that_end_give_back_what_they_held() -> None:
                     op = pb.Op(kind=pb.Op.PUT, key=b"k", value=b"v" * 100, sequence=i + 1)
                     await call.write(_frame(round_ * 10 + i, op))
                 call.cancel()
-            await until("no session left", lambda: service._sessions == 0, 5.0)
-            await until("no budget held", lambda: service._budget.used == 0, 5.0)
+            await until("every session to end", lambda: service._sessions == 0, 5.0)
+            await until("all the budget back", lambda: service._budget.used == 0, 5.0)
             await kv.Put(pb.PutRequest(key=b"still", value=b"ok"))
 
     run(main())

@@ -74,7 +74,9 @@ def test_the_loop_runs_while_a_leaders_snapshot_is_restored(tmp_path, monkeypatc
             leader = nodes[leader_id]._driver
             for i in range(100):  # (snapshots every 20 entries: the log behind them goes)
                 await _put(leader, b"k%03d" % i, b"v%d" % i)
-            await until("the leader to keep its log", lambda: leader.raw.first_index > 50)
+            await until(
+                "the leader to compact its log past index 50", lambda: leader.raw.first_index > 50
+            )
             # The other follower goes: from now on the leader commits only with `behind`.
             await nodes[other].stop()
 
