@@ -30,21 +30,29 @@ HUGE = b"\x08\x07" + b"\x1a\x00" * 780_000  # frame_id 7, 780,000 empty ops
 
 
 class Ticker:
-    """The loop's longest gap between two turns, and the highest RSS seen, while running."""
+    """How long the loop went without a turn for this ticker, and the highest RSS seen.
+
+    ``gap``: the most CPU time the loop's thread spent between two of the ticker's turns: the
+    work one turn did, which is what these tests bound. Wall time between turns (``wall_gap``,
+    shown) also counts the time the thread waited for a core: on a loaded 2-core machine
+    that stretched a 0.05 s turn past the bound (0.28 s), where all the pages in one turn (the
+    bug) are 0.6 s of CPU or more."""
 
     def __init__(self) -> None:
         self.gap = 0.0
+        self.wall_gap = 0.0
         self.rss = rss_bytes()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        last = time.monotonic()
+        last, last_cpu = time.monotonic(), time.thread_time()
         while True:
             await asyncio.sleep(0.002)
-            now = time.monotonic()
-            self.gap = max(self.gap, now - last)
+            now, cpu = time.monotonic(), time.thread_time()
+            self.gap = max(self.gap, cpu - last_cpu)
+            self.wall_gap = max(self.wall_gap, now - last)
             self.rss = max(self.rss, rss_bytes())
-            last = now
+            last, last_cpu = now, cpu
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -161,7 +169,7 @@ def test_big_answers_nobody_reads_do_not_freeze_the_loop(tmp_path):
             await ticker.stop()
             for _, writer in conns:
                 writer.transport.abort()
-            assert ticker.gap < 0.15, ticker.gap
+            assert ticker.gap < 0.15, (ticker.gap, ticker.wall_gap)
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -204,7 +212,7 @@ def test_frames_of_many_cheap_ops_do_not_freeze_the_loop(tmp_path):
             await ticker.stop()
             for _, writer in conns:
                 writer.transport.abort()
-            assert ticker.gap < 0.25, ticker.gap
+            assert ticker.gap < 0.25, (ticker.gap, ticker.wall_gap)
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
@@ -248,7 +256,7 @@ def test_full_scan_pages_released_together_do_not_freeze_the_loop(tmp_path):
                 pages = await asyncio.gather(*calls)
                 await ticker.stop()
             assert all(len(p.items) == 10_000 and not p.next_key for p in pages)
-            assert ticker.gap < 0.25, ticker.gap
+            assert ticker.gap < 0.25, (ticker.gap, ticker.wall_gap)
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
