@@ -262,7 +262,7 @@ class _Collector:
         batches = CounterMetricFamily(
             "raftfast_proposal_batches",
             "Batches of proposals this node handed to Raft as leader, one log append each: "
-            "proposals_total over this is the batch's mean size. fed: after_sync (its last "
+            "proposals_total over this is about the mean batch. fed: after_sync (its last "
             "WAL write had synced) or while_syncing (a big proposal, and those queued with it, "
             "sent to the followers before that sync ended).",
             labels=["fed"],
