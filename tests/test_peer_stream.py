@@ -5,6 +5,7 @@ gRPC ``Replicate`` stream, and the fall-back from one to the other."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import socket
@@ -21,9 +22,11 @@ from raftfast.transport import tcp
 from raftfast.transport.codec import encode_frame
 from raftfast.transport.grpc import PeerService, PeerTransport
 from raftfast.transport.tcp import DEAD_PEER_S, ReplicationServer
-from tests.polling import until
+from tests.polling import until as _until
 
 CLUSTER = "c1"
+# (this suite's own poll waited 20 s at most: so does it with the shared one)
+until = functools.partial(_until, timeout=20.0)
 
 
 def heartbeat(i: int) -> Message:

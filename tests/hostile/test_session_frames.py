@@ -37,7 +37,7 @@ class Ticker:
     (``wall_gap``, shown) also counts the time the thread waited for a core. ``check`` bounds
     a turn by ``bound`` seconds or, on a machine that slow, a quarter of all the work: a
     loaded CI machine made a turn that is ~0.1 s here 0.26-0.28 s, where the bugs these tests
-    catch do all of it in one turn (0.7-1.2 s of CPU with the turn budget lifted)."""
+    catch do all of it in one turn (0.49-1.23 s of CPU with the turn budget lifted)."""
 
     def __init__(self) -> None:
         self.gap = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import threading
 import time
@@ -27,9 +28,11 @@ from raftfast.server import session_stream
 from raftfast.tools.localcluster import free_ports
 from raftfast.transport import tcp
 from raftfast.transport.tcp import record
-from tests.polling import until as wait_until
+from tests.polling import until
 
 CLUSTER = "raftfast"
+# (this suite's own poll waited 20 s at most: so does it with the shared one)
+wait_until = functools.partial(until, timeout=20.0)
 MAX_REQUEST = 64 * 1024
 
 
