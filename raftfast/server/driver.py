@@ -714,7 +714,7 @@ class Driver(MembershipMixin, SnapshotMixin):
                 if (
                     not self.raw.has_ready()
                     and not self._proposals
-                    and not self._read_requests
+                    and not self._reads_to_start()
                     and not self._apply_due()
                 ):
                     self._wake.clear()
@@ -743,10 +743,20 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._fail_all(NotLeaderError(f"node failed: {exc}"))
         asyncio.get_running_loop().call_soon(lambda: asyncio.create_task(self.stop()))
 
+    def _reads_to_start(self) -> bool:
+        """Linearizable reads wait and no read round is under way: one may start. One round
+        at a time, as etcd's read loop does: reads that come while a round confirms the
+        leadership go together in the next, instead of a heartbeat round each (at 1x64 etcd
+        Ranges, ~a round per read: every read paid two heartbeats, two answers and a wake of
+        each follower). A round whose heartbeats or answers were lost is confirmed by the
+        next tick's heartbeats, which carry its number."""
+        return bool(self._read_requests) and not self._reads_by_id
+
     def _feed(self) -> None:
-        """Hand queued proposals and reads to the core, as one batch each."""
+        """Hand queued proposals, and reads if no read round is under way, to the core, as
+        one batch each."""
         self._feed_proposals()
-        if self._read_requests:
+        if self._reads_to_start():
             waiters, self._read_requests = self._read_requests, []
             request_id = next(self._read_ids)
             try:
@@ -757,6 +767,8 @@ class Driver(MembershipMixin, SnapshotMixin):
                         fut.set_exception(NotLeaderError(str(exc), exc.leader_id))
             else:
                 self._reads_by_id[request_id] = waiters
+                self.metrics.read_rounds += 1
+                self.metrics.reads += len(waiters)
 
     def _feed_proposals(self, fed: str = "after_sync") -> None:
         """``fed``: when, for the metric (``_pump`` feeds while the leader's write syncs)."""

@@ -108,6 +108,8 @@ class NodeMetrics:
         # Proposals handed to Raft together (one log append each): once the leader's last
         # write synced, or while it syncs (driver._pump: a big proposal and those with it).
         self.proposal_batches = {"after_sync": 0, "while_syncing": 0}
+        self.reads = 0  # linearizable reads handed to Raft as leader (ReadIndex)
+        self.read_rounds = 0  # ... in rounds of heartbeats, one at a time (driver._feed)
         self.snapshots_sent = 0
         self.snapshots_send_failed = 0
         self.snapshots_refused = 0  # the state machine's snapshot raised
@@ -270,6 +272,17 @@ class _Collector:
         for fed, count in m.proposal_batches.items():
             batches.add_metric([fed], count)
         yield batches
+        yield counter(
+            "linearizable_reads",
+            "Linearizable reads this node confirmed its leadership for as leader (ReadIndex).",
+            m.reads,
+        )
+        yield counter(
+            "read_rounds",
+            "Heartbeat rounds those reads went in, one at a time: reads over this is the mean "
+            "a round.",
+            m.read_rounds,
+        )
         yield histogram(
             "wal_sync_seconds",
             "One WAL write + fdatasync (one per Ready with entries or a new term/vote; thread "

@@ -26,6 +26,8 @@ SERIES = {
     "raftfast_proposals": "counter",
     "raftfast_proposals_failed": "counter",
     "raftfast_proposal_batches": "counter",
+    "raftfast_linearizable_reads": "counter",
+    "raftfast_read_rounds": "counter",
     "raftfast_wal_sync_seconds": "histogram",
     "raftfast_replication_lag_entries": "gauge",
     "raftfast_snapshots_sent": "counter",
@@ -78,6 +80,7 @@ def test_every_series_with_sane_values_and_snapshots_counted(tmp_path):
         with SyncClient(cluster.endpoints, timeout=30) as c:
             for i in range(20):
                 c.put(f"k{i}", f"v{i}")
+                assert c.get(f"k{i}") == f"v{i}".encode()  # (a linearizable read each)
         cluster.status(leader)  # (a unary call: timed by method)
 
         # A follower that misses compacted entries gets a snapshot.
@@ -136,6 +139,13 @@ def test_every_series_with_sane_values_and_snapshots_counted(tmp_path):
         for nid, count in batches.items():
             assert count <= one(scraped[nid][1], "raftfast_proposals_total"), nid
         assert sum(batches.values()) >= 1
+        # Each read round confirmed one linearizable read or more (20 reads, at the leader).
+        for nid in cluster.ids:
+            _, ns, _ = scraped[nid]
+            assert one(ns, "raftfast_read_rounds_total") <= one(
+                ns, "raftfast_linearizable_reads_total"
+            ), nid
+        assert total("raftfast_linearizable_reads_total") >= 20
         assert total("raftfast_snapshots_sent_total") >= 1
         assert total("raftfast_snapshot_send_seconds_count") >= 1
 

@@ -1,0 +1,105 @@
+"""Linearizable reads confirm the leadership one heartbeat round at a time (driver._feed):
+reads that come while a round is under way wait and go together in the next one, instead of a
+round each. A round whose heartbeats were lost is confirmed by the ticks' heartbeats, which
+carry its number, so the reads behind it do not hang. Here the leader's outgoing heartbeats are
+held back (or dropped) for as long as the test likes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import raftfast
+from raftfast.core.types import MsgType
+from raftfast.kv.fsm import KVStateMachine
+from tests.polling import until
+from tests.server import in_process
+
+READS = 20
+
+
+async def _cluster(tmp_path) -> tuple[dict[str, raftfast.Node], raftfast.Node]:
+    peers = in_process.peers(3)
+    # (a long election timeout: heartbeats held back here must not depose the leader)
+    nodes = {
+        nid: in_process.node(nid, peers, tmp_path, KVStateMachine(), election_ticks=100)
+        for nid in peers
+    }
+    for node in nodes.values():
+        await node.start()
+    leader_id = await nodes["n1"].wait_for_leader(timeout=30)
+    return nodes, nodes[leader_id]
+
+
+def _filter_heartbeats(driver, keep: Callable[[object], bool]) -> list:
+    """Route the leader's outgoing messages through ``keep``: heartbeats it refuses are set
+    aside (returned list), everything else goes out as before."""
+    send = driver.transport.send
+    held: list = []
+
+    def filtered(messages) -> None:
+        out = []
+        for m in messages:
+            if m.type == MsgType.HEARTBEAT and not keep(m):
+                held.append(m)
+            else:
+                out.append(m)
+        if out:
+            send(out)
+
+    driver.transport.send = filtered
+    driver.transport.send_unfiltered = send
+    return held
+
+
+def test_reads_that_come_during_a_round_go_together_in_the_next(tmp_path):
+    async def main() -> None:
+        nodes, leader = await _cluster(tmp_path)
+        try:
+            driver = leader._driver
+            await asyncio.wait_for(driver.read_barrier("linearizable"), 30)  # (no-op committed)
+            rounds0, reads0 = driver.metrics.read_rounds, driver.metrics.reads
+            holding = True
+            held = _filter_heartbeats(driver, lambda m: not holding)
+            first = asyncio.ensure_future(driver.read_barrier("linearizable"))
+            await until("the first read's heartbeats", lambda: held, timeout=10)
+            later = []
+            for _ in range(READS):  # (each in a turn of the loop of its own)
+                later.append(asyncio.ensure_future(driver.read_barrier("linearizable")))
+                await asyncio.sleep(0.005)
+            assert not first.done() and not any(f.done() for f in later)
+            # Only the first read's round is under way: the others wait for the next.
+            assert driver.metrics.read_rounds == rounds0 + 1
+            holding = False
+            driver.transport.send_unfiltered(held)
+            await asyncio.wait_for(asyncio.gather(first, *later), 10)
+            assert driver.metrics.reads == reads0 + 1 + READS
+            assert driver.metrics.read_rounds == rounds0 + 2, "the later reads share one round"
+        finally:
+            for node in nodes.values():
+                await node.stop()
+
+    asyncio.run(main())
+
+
+def test_reads_behind_a_round_whose_heartbeats_were_lost_still_finish(tmp_path):
+    async def main() -> None:
+        nodes, leader = await _cluster(tmp_path)
+        try:
+            driver = leader._driver
+            await asyncio.wait_for(driver.read_barrier("linearizable"), 30)
+            dropping = True
+            dropped = _filter_heartbeats(driver, lambda m: not dropping)
+            first = asyncio.ensure_future(driver.read_barrier("linearizable"))
+            await until("the first read's heartbeats", lambda: dropped, timeout=10)
+            later = [asyncio.ensure_future(driver.read_barrier("linearizable")) for _ in range(5)]
+            # (the heartbeats of two ticks after it lost too: 2 followers, 2 messages each)
+            await until("ticks' heartbeats dropped", lambda: len(dropped) >= 6, timeout=10)
+            assert not first.done() and not any(f.done() for f in later)
+            dropping = False  # (the lost ones stay lost: the next tick's heartbeats confirm)
+            await asyncio.wait_for(asyncio.gather(first, *later), 10)
+        finally:
+            for node in nodes.values():
+                await node.stop()
+
+    asyncio.run(main())
