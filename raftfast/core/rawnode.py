@@ -75,6 +75,11 @@ class RawNode:
         """Start a linearizable read; ``(request_id, index)`` shows up in ``Ready.read_states``."""
         self.raft.read_index(request_id)
 
+    def reads_waiting(self) -> bool:
+        """Reads started with ``read_index`` wait for their heartbeat round (or for the
+        leader's first commit of its term); a change of role drops them."""
+        return bool(self.raft._reads)
+
     def heartbeat_now(self) -> None:
         """Leader: send a heartbeat round now (it carries the commit index, so followers
         apply without waiting for the next one); the next regular one is a full interval

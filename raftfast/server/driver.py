@@ -749,8 +749,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         leadership go together in the next, instead of a heartbeat round each (at 1x64 etcd
         Ranges, ~a round per read: every read paid two heartbeats, two answers and a wake of
         each follower). A round whose heartbeats or answers were lost is confirmed by the
-        next tick's heartbeats, which carry its number."""
-        return bool(self._read_requests) and not self._reads_by_id
+        next tick's heartbeats, which carry its number. (The core's own list of waiting reads
+        decides: a change of role empties it, so a round it dropped never holds later reads.)"""
+        return bool(self._read_requests) and not self.raw.reads_waiting()
 
     def _feed(self) -> None:
         """Hand queued proposals, and reads if no read round is under way, to the core, as

@@ -524,6 +524,23 @@ def test_read_index_on_a_partitioned_leader_never_confirms():
     assert net.node("a").raft.read_states == [] and net.node("a").raft._reads
 
 
+def test_reads_waiting_until_confirmed_or_the_leader_steps_down():
+    net = Net(IDS)
+    net.elect("a")
+    a = net.node("a")
+    assert not a.reads_waiting()
+    a.read_index(1)
+    assert a.reads_waiting()
+    net.drive()  # (the heartbeat round answered)
+    assert not a.reads_waiting()
+    net.down.update({"b", "c"})
+    a.read_index(2)
+    net.drive()
+    assert a.reads_waiting()  # (no quorum answers)
+    a.step(Message(MsgType.HEARTBEAT, "b", "a", a.raft.term + 1))  # (a newer leader)
+    assert a.raft.role == Role.FOLLOWER and not a.reads_waiting()
+
+
 def test_read_index_on_a_follower_names_the_leader():
     net = Net(IDS)
     net.elect("a")
