@@ -400,7 +400,7 @@ class EtcdAPI:
                     delete = op.request_delete_range
                     deleted += store.count_in(delete.key, delete.range_end)
                 elif which == "request_range":
-                    read += store.read_cost(op.request_range, MAX_TXN_READ_KEYS)
+                    read += store.read_cost(op.request_range)
                 elif which == "request_txn":
                     nested = op.request_txn
                     (d1, r1), (d2, r2) = most(nested.success), most(nested.failure)

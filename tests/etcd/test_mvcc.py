@@ -1702,3 +1702,47 @@ def test_the_api_reads_an_old_revision_in_parts_with_the_header_of_the_state_rea
     response, taken_at = asyncio.run(main())
     assert [(kv.key, kv.value) for kv in response.kvs] == [(b"a", b"1")]
     assert response.header.revision == taken_at < store.revision
+
+
+class _NoWalk(list):
+    """A history that fails the test if walked (read_cost must not)."""
+
+    def __iter__(self):
+        raise AssertionError("the history was walked")
+
+
+def test_read_cost_counts_the_events_since_a_revision_without_walking_the_history() -> None:
+    store = MVCCStore()
+    for i in range(300):
+        put(store, b"k%d" % (i % 7))
+    delete(store, b"k", b"l")  # (a revision of 7 events)
+    for i in range(50):
+        put(store, b"x%d" % i)
+
+    def check(s: MVCCStore, ranges: bool = True) -> None:
+        kept = list(s._history)
+        s._history = _NoWalk(kept)
+        try:
+            for rev in (1, 2, s.compact_revision, s.compact_revision + 1, 150, 300, 301, 302):
+                if rev <= s.compact_revision and rev > 0:
+                    continue
+                r = pb.RangeRequest(key=b"k0", revision=rev)
+                start = max(rev + 1 - s._history_base, 0)
+                since = sum(len(events) for events in kept[start:])
+                assert s.events_since(rev) == since, rev
+                if ranges and 0 < rev != s.revision:  # (0: the newest revision)
+                    assert s.read_cost(r) == s.count_in(b"k0", b"") + since, rev
+            assert s.events_since(s.revision) == 0
+            assert s.events_since(s.revision + 10) == 0
+        finally:
+            s._history = kept
+
+    check(store)
+    compact(store, 120)
+    check(store)
+    check(store.frozen(), ranges=False)  # (a snapshot's twin: its history only)
+    check(MVCCStore.load(store.dump()))
+    compact(store, store.revision)  # (every revision's events dropped)
+    check(store)
+    put(store, b"y")
+    check(store)
