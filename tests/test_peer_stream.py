@@ -259,7 +259,7 @@ def test_slow_or_silent_connections_are_dropped_and_a_new_one_replaces_the_old(m
         reader, stalled = await asyncio.open_connection(host, port)
         stalled.write(tcp.record(encode_frame(CLUSTER, "c", [])) + (1000).to_bytes(4, "big"))
         await until("both dropped", lambda: len(server.connections) == 1, timeout=10)
-        assert await _read_to_end(reader) == b"" and server.partial_bytes == 0
+        assert await _read_to_end(reader) == b"" and server.held_bytes == 0
         silent.close(), stalled.close()
         # "a" connects again (its old stream is replaced, not kept beside it)
         old = next(iter(server.connections))
@@ -287,12 +287,12 @@ def test_unfinished_records_of_all_connections_together_are_bounded(monkeypatch)
             writers.append(w)
         await until(
             "the one that passed the bound dropped, two others' records held",
-            lambda: len(server.connections) == 3 and server.partial_bytes >= 60_000,
+            lambda: len(server.connections) == 3 and server.held_bytes >= 60_000,
             timeout=10,
         )
         for w in writers:
             w.close()
-        await until("all gone", lambda: server.partial_bytes == 0, timeout=10)
+        await until("all gone", lambda: server.held_bytes == 0, timeout=10)
         await send_and_check(receiver, sender, 3)
 
     run(test)

@@ -19,7 +19,11 @@ What a stranger can make a node hold: a connection says hello within ``HANDSHAKE
 most ``HELLO_BYTES``; a record is at most ``--max-request-bytes`` plus a little (the gRPC
 port's own limit); at most ``MAX_CONNECTIONS`` connections are open; a connection that stops
 in the middle of a record for ``STALL_S`` is dropped; frames read ahead of the service are
-few (``_READ_AHEAD``: past it, reading pauses and TCP holds the client back); the KV service's
+few (``_READ_AHEAD``: past it, reading pauses and TCP holds the client back); over every
+connection, unfinished records and frames read ahead are at most ``MAX_HELD_BYTES`` (or four
+records of the largest size, if more): past it, a connection that adds an unfinished record
+is dropped and one that reads ahead pauses (1,000 connections each holding all but the last
+byte of a 1.6 MB record took a node to 2.4 GB, kept after they closed); the KV service's
 limits on streams, frames under way and their bytes apply as on gRPC.
 """
 
@@ -48,6 +52,8 @@ STALL_S = tcp.STALL_S  # a client may pause this long in the middle of a record
 MAX_CONNECTIONS = MAX_SESSIONS + 64  # (the last ones hear "too many streams", not a reset)
 _FRAME_SLACK = 64 * 1024  # a frame's own fields beyond --max-request-bytes (gRPC allows 512K)
 _READ_AHEAD = 64  # frames parsed and not yet taken by the service: past it, reading pauses
+MAX_HELD_BYTES = tcp.MAX_PARTIAL_BYTES  # unfinished records and frames read ahead, all streams
+_DROPS_LOGGED_EVERY_S = 10.0  # (a flood's drops are logged as a count, not a line each)
 _LINGER_S = 2.0  # a refused client gets this long to read why before the connection goes
 _OK = grpc.StatusCode.OK.value[0]
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -127,6 +133,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.opened = self.progress = 0.0  # loop times: connected, last record or none partial
+        self.counted = 0  # bytes of records this connection holds, as the server counts them
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -141,6 +149,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.pop(self.transport, None)  # type: ignore[arg-type]
+        self.closed = True
+        self.server.hold(-self.counted)
+        self.counted = 0
         self.writable.set()
         if self.task is not None:
             self.task.cancel()  # (as a cancelled gRPC call: its frames' waits end)
@@ -154,9 +165,18 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.records.get_buffer()
 
+    def _recount(self) -> None:
+        """Tell the server what this connection holds now: its unfinished record and the
+        frames it read ahead."""
+        now = self.records.held + self.queued_bytes
+        if now != self.counted and not self.closed:
+            self.server.hold(now - self.counted)
+            self.counted = now
+
     def buffer_updated(self, nbytes: int) -> None:
         if self.input_over:
             self.records.clear()  # (read and dropped: closing with unread data sends a reset)
+            self._recount()
             return
         try:
             completed = False
@@ -187,9 +207,17 @@ class _Connection(asyncio.BufferedProtocol):
         except Ended as exc:
             self._stop_input((exc.code, exc.details))
             return
-        # Read ahead a little, counted in frames and in bytes (a stranger's frames are not in
-        # the service's budget until it takes them): past it, TCP holds the client back.
-        full = self.frames.qsize() >= _READ_AHEAD or self.queued_bytes >= self.records.limit
+        self._recount()
+        server = self.server
+        if server.held_bytes > server.max_held_bytes() and self.transport is not None:
+            if self.records.partial:
+                server.dropped_for_held(self.transport)
+                return
+            full = bool(self.queued_bytes)  # (reading resumes as the service takes them)
+        else:
+            # Read ahead a little, counted in frames and in bytes (a stranger's frames are not
+            # in the service's budget until it takes them): past it, TCP holds the client back.
+            full = self.frames.qsize() >= _READ_AHEAD or self.queued_bytes >= self.records.limit
         if full and self.reading and self.transport is not None:
             self.reading = False
             self.transport.pause_reading()
@@ -202,6 +230,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.input_over = True
         self.failure = failure
         self.records.clear()
+        self._recount()
         if self.task is None:
             code, details = failure or (_OK, "")
             self.end(code, details)
@@ -233,6 +262,7 @@ class _Connection(asyncio.BufferedProtocol):
             if raw is None:
                 return
             self.queued_bytes -= len(raw)
+            self._recount()
             low = frames.qsize() < _READ_AHEAD // 2 and self.queued_bytes < self.records.limit // 2
             if not self.reading and low and not self.input_over:
                 self.reading = True
@@ -293,6 +323,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.ended = self.input_over = True
         self.records.clear()
+        self._recount()
         result = pb.SessionResult(frame_id=0, code=code, error=details)
         transport.write(tcp.record(result.SerializeToString()))
         if not self.reading:
@@ -334,12 +365,35 @@ class SessionServer(tcp.RecordListener):
         super().__init__(ssl_context)
         self.service = service
         self.authorizer = authorizer
+        self._drops = 0  # connections dropped for the records held, since the last log line
+        self._drops_logged_at = float("-inf")
 
     def protocol(self) -> _Connection:
         return _Connection(self)
 
     def max_record_bytes(self) -> int:
         return self.service.node.settings.max_request_bytes + _FRAME_SLACK
+
+    def max_held_bytes(self) -> int:
+        """Unfinished records and frames read ahead, over every connection (a few records
+        of the largest size at least, whatever --max-request-bytes says)."""
+        return max(MAX_HELD_BYTES, 4 * self.max_record_bytes())
+
+    def dropped_for_held(self, transport: asyncio.Transport) -> None:
+        """Drop a connection that added an unfinished record past ``max_held_bytes`` (its
+        client reconnects and sends again: a write carries its id, applied once)."""
+        transport.abort()
+        self._drops += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._drops_logged_at >= _DROPS_LOGGED_EVERY_S:
+            log.warning(
+                "dropped %d Session stream(s): %d bytes of unfinished records and frames read "
+                "ahead held, over %d",
+                self._drops,
+                self.held_bytes,
+                self.max_held_bytes(),
+            )
+            self._drops, self._drops_logged_at = 0, now
 
 
 def server_context(files: TLSFiles, client_cert_auth: bool) -> ssl.SSLContext:

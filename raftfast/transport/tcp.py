@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from ssl import SSLContext
 from typing import cast
@@ -218,6 +219,10 @@ MAX_CONNECTIONS = 256  # inbound connections at once (a cluster needs one per pe
 # Unfinished records held at once, over every connection; past it, the connection that grew
 # the pile is dropped (its sender reconnects: Raft sends again what was lost).
 MAX_PARTIAL_BYTES = 256 * 1024 * 1024
+# Once a listener's connections let go of a pile of records this big, the heap's free pages go
+# back to the system (glibc kept ~2.4 GB after 1,000 connections each held an unfinished
+# Session record of 1.6 MB and closed; raftfast.heap).
+TRIM_AFTER_BYTES = 32 * 1024 * 1024
 _SWEEP_S = 1.0
 
 
@@ -263,7 +268,7 @@ class _Inbound(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.server.connections.pop(self.transport, None) is not None:
-            self.server.partial_bytes -= self.records.held
+            self.server.hold(-self.records.held)
         if self.sender is not None and self.server.senders.get(self.sender) is self:
             del self.server.senders[self.sender]
 
@@ -274,7 +279,7 @@ class _Inbound(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self.refused:
             # After a refusal: read and dropped, so that closing sends no reset.
-            self.server.partial_bytes -= self.records.held  # (the read is not counted yet)
+            self.server.hold(-self.records.held)  # (the read is not counted yet)
             self.records.clear()
             return
         completed = False
@@ -319,11 +324,11 @@ class _Inbound(asyncio.BufferedProtocol):
             else:
                 transport.close()
         finally:
-            self.server.partial_bytes += self.records.held - held
-        if self.server.partial_bytes > MAX_PARTIAL_BYTES and self.records.partial:
+            self.server.hold(self.records.held - held)
+        if self.server.held_bytes > MAX_PARTIAL_BYTES and self.records.partial:
             log.warning(
                 "dropped a replication stream: %d bytes of unfinished records held",
-                self.server.partial_bytes,
+                self.server.held_bytes,
             )
             transport.abort()
 
@@ -585,6 +590,21 @@ class RecordListener:
         self.connections: dict[asyncio.Transport, asyncio.BaseProtocol] = {}
         self._server: asyncio.AbstractServer | TlsAcceptor | None = None
         self._sweeper: asyncio.Task | None = None
+        # Records its connections hold, over all of them (unfinished ones; a Session stream's
+        # frames read ahead too), and the most since the last trim of the heap.
+        self.held_bytes = 0
+        self._held_peak = 0
+
+    def hold(self, delta: int) -> None:
+        """The connections hold ``delta`` bytes more of records (less, if negative). Once a
+        pile of ``TRIM_AFTER_BYTES`` or more is (nearly) all let go, the heap's free pages go
+        back to the system, off the loop (a big heap's trim takes a few ms)."""
+        self.held_bytes += delta
+        if self.held_bytes > self._held_peak:
+            self._held_peak = self.held_bytes
+        elif self._held_peak >= TRIM_AFTER_BYTES and self.held_bytes <= TRIM_AFTER_BYTES // 16:
+            self._held_peak = 0
+            threading.Timer(1.0, release_free_memory).start()
 
     def protocol(self) -> asyncio.BaseProtocol:
         raise NotImplementedError
@@ -640,7 +660,6 @@ class ReplicationServer(RecordListener):
         self.deliver = deliver
         self.learned = learned  # (sender, where it takes streams): its first frame said so
         self.senders: dict[str, _Inbound] = {}  # the authenticated connection of each sender
-        self.partial_bytes = 0  # unfinished records held, over every connection
 
     def protocol(self) -> _Inbound:
         return _Inbound(self)

@@ -452,6 +452,54 @@ def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatc
     run(tmp_path, test)
 
 
+def test_unfinished_records_over_every_connection_are_bounded(tmp_path, monkeypatch):
+    # Each connection holds all but the last byte of a record of the largest size (a hunt's
+    # 1,000 such connections took a node to 2.4 GB, kept after they closed): past the bound
+    # over all of them, a connection that adds one more is dropped; once they close the count
+    # is back to 0 and the heap is trimmed.
+    trims: list[int] = []
+    monkeypatch.setattr(tcp, "TRIM_AFTER_BYTES", 100_000)
+    monkeypatch.setattr(tcp, "release_free_memory", lambda: trims.append(1) or True)
+
+    async def test(node: raftfast.Node) -> None:
+        server = node._driver.session_server
+        size = server.max_record_bytes()
+        bound = server.max_held_bytes()
+        assert bound == max(session_stream.MAX_HELD_BYTES, 4 * size)
+        monkeypatch.setattr(session_stream, "MAX_HELD_BYTES", 0)  # (4 records, then)
+        bound = server.max_held_bytes()
+        unfinished = size.to_bytes(4, "big") + b"\x0a" * (size - 1)
+        kept, dropped = [], 0
+        for _ in range(8):
+            reader, writer = await connect(node)
+            writer.write(hello() + unfinished)
+            await writer.drain()
+            before = len(kept)
+
+            def settled(before: int = before, reader: asyncio.StreamReader = reader) -> bool:
+                conns = [c for c in server.connections.values() if c.records.partial]
+                full = [c for c in conns if c.records.held >= size]
+                return len(full) == before + 1 or reader.at_eof()
+
+            await wait_until("the record held, or the connection dropped", settled)
+            if reader.at_eof() or len(server.connections) == before:
+                assert await closed(reader)
+                dropped += 1
+                writer.close()
+            else:
+                kept.append(writer)
+            assert server.held_bytes <= bound + size + 4
+        assert 3 <= len(kept) <= 4 and dropped == 8 - len(kept), (len(kept), dropped)
+        for writer in kept:
+            writer.close()
+        await wait_until("no connection left", lambda: not server.connections)
+        assert server.held_bytes == 0
+        await wait_until("the heap trimmed", lambda: trims)
+        await serves(node)
+
+    run(tmp_path, test)
+
+
 def test_a_stopping_node_closes_its_streams(tmp_path):
     async def main() -> None:
         async with one_node(tmp_path) as node:
