@@ -40,14 +40,31 @@ _REVOKE_BATCH = 500  # leases revoked in one proposal at most (etcd: 1,000 a sec
 _OP_ETCD = bytes((OP_ETCD,))
 
 
+MAX_RETENTION_REVISIONS = 2**63 - 1  # (a revision is an int64)
+MAX_RETENTION_S = (2**63 - 1) / 1e9  # (etcd's: a Go duration, ~292 years)
+
+
 def parse_retention(mode: str, retention: str) -> float:
     """The retention as a number: revisions ("revision" mode) or seconds ("periodic": "1h",
-    "30m", "90s", or a bare number of hours, as etcd reads it). ValueError if malformed."""
+    "30m", "90s", or a bare number of hours, as etcd reads it). ValueError if malformed or
+    beyond ``MAX_RETENTION_REVISIONS`` / ``MAX_RETENTION_S``."""
     text = retention.strip()
     if mode == "revision":
-        if not text.isdigit():
-            raise ValueError(f"--auto-compaction-retention {retention!r}: want revisions (N)")
+        if not text.isdigit() or len(text) > 40:
+            raise ValueError(f"--auto-compaction-retention {retention[:40]!r}: want revisions (N)")
+        if int(text) > MAX_RETENTION_REVISIONS:
+            raise ValueError(
+                f"--auto-compaction-retention: at most {MAX_RETENTION_REVISIONS} revisions"
+            )
         return float(int(text))
+    seconds = _periodic_seconds(mode, retention, text)
+    if not seconds <= MAX_RETENTION_S:  # (a number too long to read is inf here)
+        raise ValueError(f"--auto-compaction-retention: at most {MAX_RETENTION_S:.0f} seconds")
+    return seconds
+
+
+def _periodic_seconds(mode: str, retention: str, text: str) -> float:
+    """The "periodic" retention in seconds (inf if a number is too long for a float)."""
     if mode != "periodic":
         raise ValueError(f"--auto-compaction-mode {mode!r}: want periodic or revision")
     if re.fullmatch(r"\d+(\.\d+)?", text):
@@ -55,7 +72,7 @@ def parse_retention(mode: str, retention: str) -> float:
     total = 0.0
     parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"--auto-compaction-retention {retention!r}: want e.g. 1h, 30m, 90s")
+        raise ValueError(f"--auto-compaction-retention {retention[:40]!r}: want e.g. 1h, 30m, 90s")
     for number, unit in parts:
         total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 0.001}[unit]
     return total

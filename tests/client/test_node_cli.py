@@ -289,6 +289,38 @@ BAD_CASES = [
         "client_cert_auth must be a boolean (TOML true or false), got 'yes'",
     ),
     (
+        "a revision retention of 400 digits",
+        lambda t: (
+            base(t / "x", "--auto-compaction-mode", "revision")
+            + ["--auto-compaction-retention", "1" * 400]
+        ),
+        "want revisions (N)",
+    ),
+    (
+        "a revision retention past int64",
+        lambda t: (
+            base(t / "x", "--auto-compaction-mode", "revision")
+            + ["--auto-compaction-retention", str(2**63)]
+        ),
+        "at most 9223372036854775807 revisions",
+    ),
+    (
+        "a periodic retention of 400 digits",
+        lambda t: (
+            base(t / "x", "--auto-compaction-mode", "periodic")
+            + ["--auto-compaction-retention", "1" * 400]
+        ),
+        "--auto-compaction-retention: at most",
+    ),
+    (
+        "a periodic retention of 400 digits of seconds",
+        lambda t: (
+            base(t / "x", "--auto-compaction-mode", "periodic")
+            + ["--auto-compaction-retention", "1" * 400 + "s"]
+        ),
+        "--auto-compaction-retention: at most",
+    ),
+    (
         "two members at one address",
         lambda t: base(t / "x", "--peers", "n1=127.0.0.1:7001,n2=127.0.0.1:7001"),
         "--peers: n1 and n2 have the same address 127.0.0.1:7001",
