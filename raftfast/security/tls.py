@@ -37,6 +37,16 @@ class TLSFiles:
     def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(CA, certificate, key) as bytes; ValueError naming the file that cannot be read."""
         ca = read_pem(self.ca_file, "CA") if self.ca_file else None
+        if ca is not None:
+            # (a CA that only looks like PEM: gRPC said the port was in use, the TCP stream
+            # "[X509] PEM lib", neither naming the file)
+            try:
+                ssl.create_default_context().load_verify_locations(cadata=ca.decode("ascii"))
+            except (ssl.SSLError, UnicodeDecodeError) as exc:
+                raise ValueError(
+                    f"the CA file {self.ca_file} holds no certificate that can be read: "
+                    f"{getattr(exc, 'reason', None) or exc}"
+                ) from None
         cert = read_pem(self.cert_file, "certificate") if self.cert_file else None
         key = read_pem(self.key_file, "key") if self.key_file else None
         if cert is not None and key is not None:

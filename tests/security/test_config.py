@@ -98,6 +98,8 @@ def test_tls_flags_that_cannot_work_are_refused(made, tmp_path):
     sep = ["--peer-listen", "127.0.0.1:7101"]
     roles = tmp_path / "roles.toml"
     roles.write_text('[roles]\nbob = "root"\n')
+    fake_ca = tmp_path / "fake-ca.crt"
+    fake_ca.write_text("-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n")
     for extra, words in [
         (["--cert-file", cert, *sep], "go together"),
         (["--cert-file", cert, "--key-file", key, "--client-cert-auth", *sep], "--trusted-ca-file"),
@@ -112,6 +114,18 @@ def test_tls_flags_that_cannot_work_are_refused(made, tmp_path):
         ),
         (["--cert-file", str(tmp_path / "nope.crt"), "--key-file", key, *sep], "cannot read"),
         (["--cert-file", str(roles), "--key-file", key, *sep], "not PEM"),
+        # (a CA that only looks like PEM: gRPC said "cannot listen ... (address in use?)",
+        # the TCP stream "[X509] PEM lib", exit 1, after the data directory was made)
+        (
+            ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", str(fake_ca),
+             "--client-cert-auth", *sep],
+            "CA file .* holds no certificate",
+        ),
+        (
+            ["--peer-cert-file", pcert, "--peer-key-file", pkey, "--peer-trusted-ca-file",
+             str(fake_ca), *sep],
+            "CA file .* holds no certificate",
+        ),
         # (gRPC said "cannot listen ... (address in use?)", exit 1: restarted for ever)
         (["--cert-file", cert, "--key-file", str(made / "n2.key"), *sep], "does not go with"),
         # (n2's certificate: n1 ran, every peer refused it, and nothing said why)
