@@ -614,16 +614,21 @@ def _bench(args: argparse.Namespace, endpoints: list[str] | None) -> int:
 
     try:
         args.client_tls = _tls(args)  # a running cluster's certificates (--endpoints)
+        if args.client_tls is not None:
+            args.client_tls.read()  # (here, not in every client process: ValueError)
         return benchcmd.main(args, endpoints)
     except ValueError as exc:
         _error(f"invalid argument: {exc}")
-        return 2
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except benchcmd.BenchFailed as exc:
+        _error(f"bench failed: {exc}")
+        return exc.code
     except Exception as exc:  # noqa: BLE001 - the CLI promises no tracebacks
         _error(f"bench failed: {type(exc).__name__}: {exc}")
-        return 1
+        return ExitCode.FAILED
 
 
 def _certs(args: argparse.Namespace) -> int:

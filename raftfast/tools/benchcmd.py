@@ -95,6 +95,18 @@ def options(**overrides: Any) -> argparse.Namespace:
     return args
 
 
+_FAILED = 5  # (raftfast.client.cli.ExitCode.FAILED)
+
+
+class BenchFailed(RuntimeError):
+    """The run failed; ``code``: the CLI's exit code for why (3: the cluster could not be
+    reached in time, 4: permission denied, ...)."""
+
+    def __init__(self, message: str, code: int = _FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _check(args: argparse.Namespace) -> list[int]:
     try:
         sizes = [int(x) for x in str(args.nodes).split(",") if x.strip()]
@@ -124,6 +136,11 @@ def _check(args: argparse.Namespace) -> list[int]:
         )
     if args.tls and args.noop:
         raise ValueError("--tls starts a cluster: not with --noop")
+    if args.out:  # (before the run: its results must have somewhere to go)
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--out {args.out}: {exc.strerror or exc}") from None
     return sizes
 
 
@@ -180,7 +197,7 @@ def _run_workers(
     ops = [0] * clients
     ready = 0
     results: dict[int, WorkerResult] = {}
-    failures: list[str] = []
+    failures: list[tuple[str, int]] = []  # (what, the CLI's exit code for it)
     deadline = time.monotonic() + START_S
     cpu0: dict[str, float] = {}
     wall0 = 0.0
@@ -195,7 +212,7 @@ def _run_workers(
                     kind, index, payload = conn.recv()
                 except EOFError:
                     pipes.remove(conn)
-                    failures.append("a client process died")
+                    failures.append(("a client process died", _FAILED))
                     continue
                 if kind == "ready":
                     ready += 1
@@ -230,7 +247,8 @@ def _run_workers(
                 proc.kill()
                 proc.join()
     if failures:
-        raise RuntimeError(f"client process failed: {failures[0]}")
+        what, code = failures[0]
+        raise BenchFailed(f"client process failed: {what}", code)
     hist = Histogram()
     for r in results.values():
         hist.merge(Histogram.from_bytes(r.histogram))

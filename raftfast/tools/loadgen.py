@@ -336,6 +336,8 @@ def worker_main(w: Workload, index: int, conn, go) -> None:
                 result = runner.run(_run(w, index, progress, ready))
         conn.send(("done", index, asdict(result)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails cleanly
-        conn.send(("failed", index, f"{type(exc).__name__}: {exc}"))
+        from raftfast.client.cli import exit_code_of  # (the exit code the CLI gives it)
+
+        conn.send(("failed", index, (f"{type(exc).__name__}: {exc}", int(exit_code_of(exc)))))
     finally:
         conn.close()

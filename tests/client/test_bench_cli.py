@@ -113,3 +113,22 @@ def test_endpoints_measures_a_running_cluster(tmp_path):
         assert result["ops_per_s"] > 100 and result["errors"] == 0
         # its writes landed in that cluster
         assert max(cluster.status(n).commit_index for n in cluster.ids) > result["ops"] / 2
+
+
+def test_a_bad_out_dir_or_ca_file_is_refused_before_the_run(tmp_path):
+    # (--out was made after the whole run, its results lost; a bad CA failed in every client
+    # process: both exit 1, "not found")
+    out = bench("--out", "/dev/null/x", "--endpoints", "127.0.0.1:1", timeout=30)
+    assert out.returncode == 2 and "--out /dev/null/x" in out.stderr, out
+    fake = tmp_path / "ca.crt"
+    fake.write_text("-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "raftfast.client.cli", "--cacert", str(fake), "bench"]
+        + ["--endpoints", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 2 and "holds no certificate" in out.stderr, out
+    assert out.stderr.count("\n") == 1, out.stderr
