@@ -152,6 +152,12 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = True
         self.server.hold(-self.counted)
         self.counted = 0
+        # (what it held goes now, not when a cycle through its task is collected: the heap is
+        # trimmed once a pile of records is let go)
+        self.records.release()
+        while not self.frames.empty():
+            self.frames.get_nowait()
+        self.queued_bytes = 0
         self.writable.set()
         if self.task is not None:
             self.task.cancel()  # (as a cancelled gRPC call: its frames' waits end)

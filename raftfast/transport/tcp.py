@@ -158,6 +158,12 @@ class _Records:
         """Drop what is held."""
         self._start = self._end = 0
 
+    def release(self) -> None:
+        """Drop what is held and give back the buffer (the connection is over: its protocol
+        object may live on, in a reference cycle, until the garbage collector's next pass)."""
+        self._buf = bytearray()
+        self._start = self._end = 0
+
     def shrink(self) -> None:
         """Give back a buffer grown for big records, if it holds nothing now."""
         if not self.partial and len(self._buf) > _MIN_READ:
@@ -269,6 +275,7 @@ class _Inbound(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.server.connections.pop(self.transport, None) is not None:
             self.server.hold(-self.records.held)
+        self.records.release()
         if self.sender is not None and self.server.senders.get(self.sender) is self:
             del self.server.senders[self.sender]
 

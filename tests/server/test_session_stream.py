@@ -490,10 +490,13 @@ def test_unfinished_records_over_every_connection_are_bounded(tmp_path, monkeypa
                 kept.append(writer)
             assert server.held_bytes <= bound + size + 4
         assert 3 <= len(kept) <= 4 and dropped == 8 - len(kept), (len(kept), dropped)
+        conns = list(server.connections.values())
         for writer in kept:
             writer.close()
         await wait_until("no connection left", lambda: not server.connections)
         assert server.held_bytes == 0
+        # (their buffers let go at once, not when a reference cycle is collected)
+        assert all(len(c.records._buf) == 0 for c in conns)  # type: ignore[attr-defined]
         await wait_until("the heap trimmed", lambda: trims)
         await serves(node)
 
