@@ -31,7 +31,14 @@ from raftfast.core.types import ENTRY_CONFIG, HardState
 from raftfast.errors import CorruptionError, FormatVersionError, LogError, StorageError
 from raftfast.limits import MAX_TERM_OR_INDEX, node_id_problem
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
-from raftfast.storage.fsutil import DIR_MODE, FILE_MODE, fsync_dir, open_regular
+from raftfast.storage.fsutil import (
+    DIR_MODE,
+    FILE_MODE,
+    fsync_dir,
+    open_regular,
+    read_small_file,
+    write_file_atomically,
+)
 
 __all__ = [
     "REC_BATCH",
@@ -96,6 +103,14 @@ class PendingSync(NamedTuple):
 
 def _segment_name(seq: int) -> str:
     return f"{seq:016x}.wal"
+
+
+# The number of the newest segment the WAL made, written (atomically) once that segment's name
+# is durable: a lower bound on what must be there. Without it, a data directory whose newest
+# segments were deleted (a clean-up, a partial copy) started on what was left, its acknowledged
+# writes gone without a word. A directory written before it has none: nothing is checked.
+NEWEST_SEGMENT_FILE = "newest-segment"
+_NEWEST_SEGMENT = re.compile(r"([0-9a-f]{16})\n")
 
 
 def _record(rtype: int, payload: bytes) -> list[bytes]:
@@ -332,6 +347,7 @@ class WAL:
             except BlockingIOError:
                 raise StorageError(f"WAL {self._dir} is already open (close it first)") from None
             self._segments = self._list_segments()
+            self._check_newest_segment()
             good = self._recover()
             if not self._segments:
                 self._create_segment(0)
@@ -365,6 +381,30 @@ class WAL:
                     0,
                 )
         return segments
+
+    def _check_newest_segment(self) -> None:
+        """CorruptionError if the newest segment this WAL recorded making is not there."""
+        path = os.path.join(self._dir, NEWEST_SEGMENT_FILE)
+        try:
+            text = read_small_file(path, 64).decode("ascii", "replace")
+        except FileNotFoundError:
+            return  # (written before the file existed, or a fresh directory)
+        except (OSError, ValueError) as exc:
+            raise CorruptionError(f"{path}: unreadable: {exc}", path, 0) from None
+        m = _NEWEST_SEGMENT.fullmatch(text)
+        if m is None:
+            raise CorruptionError(f"{path}: not a segment number: {text[:40]!r}", path, 0)
+        newest = int(m.group(1), 16)
+        have = self._segments[-1].seq if self._segments else -1
+        if have < newest:
+            missing = os.path.join(self._dir, _segment_name(newest))
+            raise CorruptionError(
+                f"{missing}: the newest segment this WAL made is missing (its number is in "
+                f"{path}): the log's newest entries are gone; restore the directory from a "
+                "backup, or replace this member",
+                missing,
+                0,
+            )
 
     def _recover(self) -> int:
         """Scan and replay every segment; return the intact length of the last one."""
@@ -689,6 +729,9 @@ class WAL:
         self._segments.append(_Segment(seq, path))
         if self._fsync:
             os.fsync(self._dirfd)  # the new name must survive a crash before data relies on it
+        write_file_atomically(
+            os.path.join(self._dir, NEWEST_SEGMENT_FILE), f"{seq:016x}\n".encode(), self._fsync
+        )
 
     def _rotate(self) -> list[bytes]:
         """Start the next segment; return its opening records."""

@@ -16,6 +16,7 @@ from raftfast.storage.base import LogStorage
 from raftfast.storage.memory import MemoryStorage
 from raftfast.storage.wal import (
     _FORMAT,
+    NEWEST_SEGMENT_FILE,
     REC_FORMAT,
     REC_HARD_STATE,
     WAL,
@@ -306,6 +307,49 @@ def test_missing_segments_refuse_to_start(tmp_path):
     with pytest.raises(CorruptionError, match="missing") as exc:
         WAL.open(str(tmp_path))
     assert exc.value.path == segments[1]
+
+
+def test_a_missing_newest_segment_refuses_to_start(tmp_path):
+    # (deleted, a directory copied in part: the node started on what was left, its newest
+    # acknowledged entries gone, without a word)
+    w = WAL.open(str(tmp_path), segment_bytes=100)
+    for i in range(1, 10):
+        w.append(None, batch(i, 1, 1))
+        w.sync()
+    segments = w.segments
+    w.close()
+    marker = tmp_path / NEWEST_SEGMENT_FILE
+    assert marker.read_text() == os.path.basename(segments[-1])[:16] + "\n"
+    os.rename(segments[-1], str(tmp_path / "aside"))
+    with pytest.raises(CorruptionError, match="newest segment this WAL made is missing") as exc:
+        WAL.open(str(tmp_path))
+    assert exc.value.path == segments[-1]
+    for path in segments[:-1]:
+        os.unlink(path)  # (every one of them)
+    with pytest.raises(CorruptionError, match="newest segment"):
+        WAL.open(str(tmp_path))
+    os.rename(str(tmp_path / "aside"), segments[-1])
+    marker.write_text("not a number\n")
+    with pytest.raises(CorruptionError, match="not a segment number"):
+        WAL.open(str(tmp_path))
+
+
+def test_a_directory_without_the_newest_segment_file_still_opens(tmp_path):
+    w = WAL.open(str(tmp_path), segment_bytes=100)
+    for i in range(1, 6):
+        w.append(None, batch(i, 1, 1))
+        w.sync()
+    w.close()
+    os.unlink(tmp_path / NEWEST_SEGMENT_FILE)  # (as written before the file existed)
+    with WAL.open(str(tmp_path), segment_bytes=100) as w:
+        assert w.recovered().log.last_index == 5
+        before = len(w.segments)
+        for i in range(6, 10):
+            w.append(None, batch(i, 1, 1))
+            w.sync()
+        assert len(w.segments) > before  # (a new segment: the file is written again)
+        newest = os.path.basename(w.segments[-1])[:16]
+    assert (tmp_path / NEWEST_SEGMENT_FILE).read_text() == newest + "\n"
 
 
 def write_segment(path, *recs: list[bytes]) -> None:
