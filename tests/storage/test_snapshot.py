@@ -215,3 +215,43 @@ def test_save_fsyncs_file_and_directory(tmp_path, monkeypatch):
     calls.clear()
     SnapshotStore(str(tmp_path / "t"), fsync=False).save(1, 1, b"x")
     assert calls == []
+
+
+def test_a_snapshot_renamed_or_copied_under_another_name_is_refused(tmp_path):
+    # (a hunt renamed the newest snapshot to another term or a higher index, or copied an
+    # older one under a newer name: the node trusted the name and lost acknowledged writes)
+    store = SnapshotStore(str(tmp_path / "snap"))
+    members = b'{"format":1,"learners":{},"voters":{"n1":"127.0.0.1:7001"}}'
+    made = store.create(180, 1, members)
+    made.out.write(b"state")
+    meta = made.finish()
+    membership, f = store.open_state(meta)
+    with f:
+        assert f.read() == b"state"
+    assert b'"snapshot_at":[180,1]' in membership
+    directory = os.path.dirname(meta.path)
+    for index, term, how in [(180, 2, os.rename), (4095, 1, os.rename), (188, 1, os.link)]:
+        other = os.path.join(directory, f"snap-{index:016x}-{term:016x}.snap")
+        how(meta.path, other)
+        moved = store.latest()
+        assert moved is not None and (moved.index, moved.term) == (index, term)
+        with pytest.raises(CorruptionError, match="renamed or copied") as exc:
+            store.open_state(moved)
+        assert exc.value.path == other
+        if how is os.rename:
+            os.rename(other, meta.path)
+        else:
+            os.unlink(other)
+    membership, f = store.open_state(store.latest())  # (back under its own name)
+    f.close()
+
+
+def test_a_snapshot_without_its_position_still_opens(tmp_path):
+    from raftfast.storage.snapshot import state_header
+
+    store = SnapshotStore(str(tmp_path / "snap"))
+    members = b'{"format":1,"learners":{},"voters":{"n1":"127.0.0.1:7001"}}'
+    meta = store.save(7, 1, state_header(members) + b"state")  # (as written before)
+    membership, f = store.open_state(meta)
+    with f:
+        assert membership == members and f.read() == b"state"
