@@ -312,7 +312,12 @@ class SnapshotMixin:
                 raise CorruptionError(f"{meta.path}: {exc}", meta.path, 0) from None
             try:
                 return membership, restore(inp)
-            except (CorruptionError, OSError):
+            except CorruptionError as exc:
+                if exc.path or meta.path in str(exc):
+                    raise
+                # (the state machine's own words, "KV snapshot CRC mismatch", named no file)
+                raise type(exc)(f"{meta.path}: {exc}", meta.path, exc.offset) from exc
+            except OSError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a user's state machine may raise anything
                 # (one line naming the file, not a traceback through the user's code)

@@ -16,6 +16,7 @@ Why this shape:
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import struct
@@ -49,6 +50,8 @@ __all__ = [
     "WAL",
     "WAL_FORMAT",
 ]
+
+log = logging.getLogger(__name__)
 
 WAL_FORMAT = 1  # the segment layout this code writes and reads (docs/disk-format.md)
 
@@ -356,6 +359,15 @@ class WAL:
                 self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
                 self._size = os.fstat(self._fd).st_size
                 if good < self._size:  # cut the torn tail only once recovery has succeeded
+                    # (said: a tail cut after a crash is normal, one seen without a crash
+                    # before it is a disk or a hand that changed the file)
+                    log.warning(
+                        "%s: cut a torn tail of %d bytes at offset %d (the last write before a "
+                        "crash, never acknowledged)",
+                        last.path,
+                        self._size - good,
+                        good,
+                    )
                     os.ftruncate(self._fd, good)
                     if self._fsync:
                         os.fsync(self._fd)

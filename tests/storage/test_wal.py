@@ -181,7 +181,7 @@ def test_fsync_false_never_syncs(tmp_path, monkeypatch):
         w.close()
 
 
-def test_torn_tail_at_every_offset_is_truncated(tmp_path):
+def test_torn_tail_at_every_offset_is_truncated(tmp_path, caplog):
     src = tmp_path / "src"
     w = WAL.open(str(src))
     w.append(HardState(1, "a", 0), batch(1, 1, 3))
@@ -206,6 +206,11 @@ def test_torn_tail_at_every_offset_is_truncated(tmp_path):
             assert state.hard_state == (HardState(2, "b", 3) if whole_hs else HardState(1, "a", 0))
             assert state.log.last_index == 3, cut
             assert os.path.getsize(w.segments[0]) == (hs_end if whole_hs else before), cut
+            cut_off = cut - (hs_end if whole_hs else before)
+            said = [r.getMessage() for r in caplog.records if "torn tail" in r.getMessage()]
+            assert bool(said) == bool(cut_off), (cut, said)  # (a cut is said, with its size)
+            assert not said or f"of {cut_off} bytes" in said[-1]
+            caplog.clear()
             w.append(None, batch(4, 3, 1, tag="new"))
             w.sync()
             w = reopen(w)
