@@ -108,7 +108,7 @@ class NodeMetrics:
         # Proposals handed to Raft together (one log append each): once the leader's last
         # write synced, or while it syncs (driver._pump: a big proposal and those with it).
         self.proposal_batches = {"after_sync": 0, "while_syncing": 0}
-        self.reads = 0  # linearizable reads handed to Raft as leader (ReadIndex)
+        self.reads = 0  # linearizable read requests handed to Raft as leader (ReadIndex)
         self.read_rounds = 0  # ... in rounds of heartbeats, one at a time (driver._feed)
         self.snapshots_sent = 0
         self.snapshots_send_failed = 0
@@ -274,7 +274,8 @@ class _Collector:
         yield batches
         yield counter(
             "linearizable_reads",
-            "Linearizable reads this node confirmed its leadership for as leader (ReadIndex).",
+            "Linearizable read requests this node confirmed its leadership for as leader "
+            "(ReadIndex; a Session frame's reads are one).",
             m.reads,
         )
         yield counter(
