@@ -285,7 +285,11 @@ def flatten_pairs(items: Iterable) -> list[bytes]:
     """``[key, value, key, value, ...]`` of (key, value) pairs, each as bytes (str as UTF-8,
     bytearray and memoryview copied); TypeError for anything else (a client's put_many)."""
     out: list[bytes] = []
-    for key, value in items:
+    for item in items:
+        if isinstance(item, str | bytes | bytearray | memoryview):
+            # (a 2-character string unpacked as a pair: put_many(["ab"]) wrote a = b)
+            raise TypeError(f"put_many takes (key, value) pairs, got a {type(item).__name__}")
+        key, value = item
         out.append(to_bytes(key, "key"))
         out.append(to_bytes(value, "value"))
     return out

@@ -436,3 +436,9 @@ def test_flatten_pairs(impls):
         impls.batch.flatten_pairs([(b"k", b"v", b"x")])
     with pytest.raises(TypeError):
         impls.batch.flatten_pairs([5])
+    # (a 2-character string is no pair: put_many(["ab"]) wrote key a = b)
+    for item in ("ab", b"ab", bytearray(b"ab"), memoryview(b"ab")):
+        with pytest.raises(TypeError, match="takes .key, value. pairs"):
+            impls.batch.flatten_pairs([item])
+    with pytest.raises(TypeError, match="takes .key, value. pairs, got a str"):
+        impls.batch.flatten_pairs({"ab": "v"})  # (a dict's iteration: its keys)
