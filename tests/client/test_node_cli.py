@@ -288,37 +288,20 @@ BAD_CASES = [
         lambda t: base(t / "x", "--config", _toml(t, 'client_cert_auth = "yes"\n')),
         "client_cert_auth must be a boolean (TOML true or false), got 'yes'",
     ),
-    (
-        "a revision retention of 400 digits",
-        lambda t: (
-            base(t / "x", "--auto-compaction-mode", "revision")
-            + ["--auto-compaction-retention", "1" * 400]
-        ),
-        "want revisions (N)",
-    ),
-    (
-        "a revision retention past int64",
-        lambda t: (
-            base(t / "x", "--auto-compaction-mode", "revision")
-            + ["--auto-compaction-retention", str(2**63)]
-        ),
-        "at most 9223372036854775807 revisions",
-    ),
-    (
-        "a periodic retention of 400 digits",
-        lambda t: (
-            base(t / "x", "--auto-compaction-mode", "periodic")
-            + ["--auto-compaction-retention", "1" * 400]
-        ),
-        "--auto-compaction-retention: at most",
-    ),
-    (
-        "a periodic retention of 400 digits of seconds",
-        lambda t: (
-            base(t / "x", "--auto-compaction-mode", "periodic")
-            + ["--auto-compaction-retention", "1" * 400 + "s"]
-        ),
-        "--auto-compaction-retention: at most",
+    *(
+        (
+            f"a {mode} retention of {value[:12]}",
+            lambda t, mode=mode, value=value: base(
+                t / "x", "--auto-compaction-mode", mode, "--auto-compaction-retention", value
+            ),
+            expected,
+        )
+        for mode, value, expected in [
+            ("revision", "1" * 400, "want revisions (N)"),
+            ("revision", str(2**63), "at most 9223372036854775807 revisions"),
+            ("periodic", "1" * 400, "--auto-compaction-retention: at most"),
+            ("periodic", "1" * 400 + "s", "--auto-compaction-retention: at most"),
+        ]
     ),
     (
         "two members at one address",

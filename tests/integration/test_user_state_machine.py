@@ -178,10 +178,9 @@ def test_a_backup_of_a_state_machine_cluster_restores_into_a_new_one(tmp_path):
             assert c.query("al") == b"5"
 
 
-def test_a_node_whose_snapshot_its_state_machine_cannot_read_says_so(tmp_path):
-    """A data directory whose snapshot holds a state the state machine refuses (a crafted or
-    foreign one, put there without --restore's check): one line naming the file, exit 1; it
-    was a CRITICAL "failed unexpectedly" and a traceback through the user's code."""
+def _start_on_crafted_state(tmp_path, state: bytes, *flags: str) -> tuple[Path, str]:
+    """A data directory restored from a backup whose snapshot holds ``state`` (a snapshot at
+    index 7, term 2); the stderr of a node started on it (exit 1 asserted, no traceback)."""
     from raftfast.core.membership import Membership
     from raftfast.server.restore import restore_backup
     from raftfast.storage.backup import BackupWriter
@@ -191,7 +190,7 @@ def test_a_node_whose_snapshot_its_state_machine_cannot_read_says_so(tmp_path):
 
     [port] = free_ports(1)
     peers = {"n1": f"127.0.0.1:{port}"}
-    content = pack_state(Membership(peers).encode(), b"RFX1" + bytes(8) + b"not json")
+    content = pack_state(Membership(peers).encode(), state)
     crafted = tmp_path / "crafted.backup"
     writer = BackupWriter(str(crafted))
     writer.write(content)
@@ -201,42 +200,30 @@ def test_a_node_whose_snapshot_its_state_machine_cannot_read_says_so(tmp_path):
     env = {**clean_env(), "PYTHONPATH": str(EXAMPLES)}
     proc = subprocess.run(
         [sys.executable, "-m", "raftfast.server.node_cli", "--id", "n1", "--peers",
-         f"n1=127.0.0.1:{port}", "--data-dir", str(data), "--state-machine", "ledger:Ledger"],
+         f"n1=127.0.0.1:{port}", "--data-dir", str(data), *flags],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert "the state machine cannot read this snapshot: JSONDecodeError" in proc.stderr
+    return data, proc.stderr
+
+
+def test_a_node_whose_snapshot_its_state_machine_cannot_read_says_so(tmp_path):
+    """A data directory whose snapshot holds a state the state machine refuses (a crafted or
+    foreign one, put there without --restore's check): one line naming the file, exit 1; it
+    was a CRITICAL "failed unexpectedly" and a traceback through the user's code."""
+    state = b"RFX1" + bytes(8) + b"not json"
+    _, stderr = _start_on_crafted_state(tmp_path, state, "--state-machine", "ledger:Ledger")
+    assert "the state machine cannot read this snapshot: JSONDecodeError" in stderr
 
 
 def test_a_kv_snapshot_that_does_not_check_out_is_named(tmp_path):
     """The KV store's own refusal of its snapshot ("KV snapshot CRC mismatch") named no file
     (a hunt): one line naming it, exit 1."""
-    from raftfast.core.membership import Membership
     from raftfast.kv.fsm import KVStateMachine
-    from raftfast.server.restore import restore_backup
-    from raftfast.storage.backup import BackupWriter
-    from raftfast.storage.snapshot import pack_state
-    from raftfast.tools.localcluster import free_ports
-    from tests.fault.test_bad_input import clean_env
 
-    [port] = free_ports(1)
-    peers = {"n1": f"127.0.0.1:{port}"}
     state = bytearray(KVStateMachine().dump())
     state[-1] ^= 0xFF  # (its CRC)
-    content = pack_state(Membership(peers).encode(), bytes(state))
-    crafted = tmp_path / "crafted.backup"
-    writer = BackupWriter(str(crafted))
-    writer.write(content)
-    writer.finish(7, 2, len(content))
-    data = tmp_path / "d"
-    restore_backup(str(crafted), str(data), peers, fsync=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "raftfast.server.node_cli", "--id", "n1", "--peers",
-         f"n1=127.0.0.1:{port}", "--data-dir", str(data)],
-        capture_output=True, text=True, timeout=60, env=clean_env(),
-    )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    data, stderr = _start_on_crafted_state(tmp_path, bytes(state))
     snap = data / "snap" / f"snap-{7:016x}-{2:016x}.snap"
-    assert f"{snap}: KV snapshot CRC mismatch" in proc.stderr, proc.stderr
+    assert f"{snap}: KV snapshot CRC mismatch" in stderr, stderr

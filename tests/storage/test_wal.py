@@ -295,13 +295,18 @@ def test_damage_in_a_non_last_segment_refuses_to_start(tmp_path):
     assert exc.value.path == second
 
 
+def _segments_written(path, entries: int = 9) -> list[str]:
+    """A WAL at ``path`` of segments of ~100 bytes holding entries 1..``entries``, one a sync;
+    its segments' paths (closed)."""
+    with WAL.open(str(path), segment_bytes=100) as w:
+        for i in range(1, entries + 1):
+            w.append(None, batch(i, 1, 1))
+            w.sync()
+        return w.segments
+
+
 def test_missing_segments_refuse_to_start(tmp_path):
-    w = WAL.open(str(tmp_path), segment_bytes=100)
-    for i in range(1, 10):
-        w.append(None, batch(i, 1, 1))
-        w.sync()
-    segments = w.segments
-    w.close()
+    segments = _segments_written(tmp_path)
     assert len(segments) >= 3
     os.rename(segments[1], str(tmp_path / "aside"))
     with pytest.raises(CorruptionError, match="missing") as exc:
@@ -317,12 +322,7 @@ def test_missing_segments_refuse_to_start(tmp_path):
 def test_a_missing_newest_segment_refuses_to_start(tmp_path):
     # (deleted, a directory copied in part: the node started on what was left, its newest
     # acknowledged entries gone, without a word)
-    w = WAL.open(str(tmp_path), segment_bytes=100)
-    for i in range(1, 10):
-        w.append(None, batch(i, 1, 1))
-        w.sync()
-    segments = w.segments
-    w.close()
+    segments = _segments_written(tmp_path)
     marker = tmp_path / NEWEST_SEGMENT_FILE
     assert marker.read_text() == os.path.basename(segments[-1])[:16] + "\n"
     os.rename(segments[-1], str(tmp_path / "aside"))
@@ -340,11 +340,7 @@ def test_a_missing_newest_segment_refuses_to_start(tmp_path):
 
 
 def test_a_directory_without_the_newest_segment_file_still_opens(tmp_path):
-    w = WAL.open(str(tmp_path), segment_bytes=100)
-    for i in range(1, 6):
-        w.append(None, batch(i, 1, 1))
-        w.sync()
-    w.close()
+    _segments_written(tmp_path, 5)
     os.unlink(tmp_path / NEWEST_SEGMENT_FILE)  # (as written before the file existed)
     with WAL.open(str(tmp_path), segment_bytes=100) as w:
         assert w.recovered().log.last_index == 5
