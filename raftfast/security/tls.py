@@ -41,8 +41,11 @@ class TLSFiles:
             # (a CA that only looks like PEM: gRPC said the port was in use, the TCP stream
             # "[X509] PEM lib", neither naming the file)
             try:
-                ssl.create_default_context().load_verify_locations(cadata=ca.decode("ascii"))
-            except (ssl.SSLError, UnicodeDecodeError) as exc:
+                # (the PEM blocks are ASCII; text around them, a bundle's comments, may not be;
+                # a bare context: not the system's CAs loaded at every call)
+                pem = ca.decode("ascii", errors="ignore")
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+            except ssl.SSLError as exc:
                 raise ValueError(
                     f"the CA file {self.ca_file} holds no certificate that can be read: "
                     f"{getattr(exc, 'reason', None) or exc}"

@@ -274,8 +274,8 @@ class _Collector:
         yield batches
         yield counter(
             "linearizable_reads",
-            "Linearizable read requests this node confirmed its leadership for as leader "
-            "(ReadIndex; a Session frame's reads are one).",
+            "Linearizable read requests this node handed to ReadIndex as leader (a Session "
+            "frame's reads are one).",
             m.reads,
         )
         yield counter(

@@ -20,10 +20,11 @@ most ``HELLO_BYTES``; a record is at most ``--max-request-bytes`` plus a little 
 port's own limit); at most ``MAX_CONNECTIONS`` connections are open; a connection that stops
 in the middle of a record for ``STALL_S`` is dropped; frames read ahead of the service are
 few (``_READ_AHEAD``: past it, reading pauses and TCP holds the client back); over every
-connection, unfinished records and frames read ahead are at most ``MAX_HELD_BYTES`` (or four
-records of the largest size, if more): past it, a connection that adds an unfinished record
-is dropped and one that reads ahead pauses (1,000 connections each holding all but the last
-byte of a 1.6 MB record took a node to 2.4 GB, kept after they closed); the KV service's
+connection, unfinished records are at most ``MAX_HELD_BYTES`` (or four records of the largest
+size, if more; past it, a connection that adds one is dropped, as on the replication stream)
+and so are frames read ahead (past it, a connection that reads one ahead pauses until the
+service takes it): 1,000 connections each holding all but the last byte of a 1.6 MB record
+took a node to 2.4 GB, kept after they closed; the KV service's
 limits on streams, frames under way and their bytes apply as on gRPC.
 """
 
@@ -52,7 +53,7 @@ STALL_S = tcp.STALL_S  # a client may pause this long in the middle of a record
 MAX_CONNECTIONS = MAX_SESSIONS + 64  # (the last ones hear "too many streams", not a reset)
 _FRAME_SLACK = 64 * 1024  # a frame's own fields beyond --max-request-bytes (gRPC allows 512K)
 _READ_AHEAD = 64  # frames parsed and not yet taken by the service: past it, reading pauses
-MAX_HELD_BYTES = tcp.MAX_PARTIAL_BYTES  # unfinished records and frames read ahead, all streams
+MAX_HELD_BYTES = tcp.MAX_PARTIAL_BYTES  # unfinished records, and frames read ahead, all streams
 _DROPS_LOGGED_EVERY_S = 10.0  # (a flood's drops are logged as a count, not a line each)
 _LINGER_S = 2.0  # a refused client gets this long to read why before the connection goes
 _OK = grpc.StatusCode.OK.value[0]
@@ -133,7 +134,8 @@ class _Connection(asyncio.BufferedProtocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.opened = self.progress = 0.0  # loop times: connected, last record or none partial
-        self.counted = 0  # bytes of records this connection holds, as the server counts them
+        # bytes of unfinished records and of frames read ahead, as the server counts them
+        self.counted = self.counted_ahead = 0
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,15 +151,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.pop(self.transport, None)  # type: ignore[arg-type]
-        self.closed = True
-        self.server.hold(-self.counted)
-        self.counted = 0
-        # (what it held goes now, not when a cycle through its task is collected: the heap is
-        # trimmed once a pile of records is let go)
-        self.records.release()
-        while not self.frames.empty():
-            self.frames.get_nowait()
-        self.queued_bytes = 0
+        self.let_go()
         self.writable.set()
         if self.task is not None:
             self.task.cancel()  # (as a cancelled gRPC call: its frames' waits end)
@@ -174,10 +168,27 @@ class _Connection(asyncio.BufferedProtocol):
     def _recount(self) -> None:
         """Tell the server what this connection holds now: its unfinished record and the
         frames it read ahead."""
-        now = self.records.held + self.queued_bytes
-        if now != self.counted and not self.closed:
-            self.server.hold(now - self.counted)
-            self.counted = now
+        held, ahead = self.records.held, self.queued_bytes
+        if (held != self.counted or ahead != self.counted_ahead) and not self.closed:
+            self.server.hold(held - self.counted, ahead - self.counted_ahead)
+            self.counted, self.counted_ahead = held, ahead
+
+    def _drop_read_ahead(self) -> None:
+        """Frames read ahead that will never be served go (the stream is over)."""
+        while not self.frames.empty():
+            self.frames.get_nowait()
+        self.queued_bytes = 0
+
+    def let_go(self) -> None:
+        """The connection is over (or being dropped): what it held goes now, not when a
+        reference cycle through its task is collected, and the server stops counting it."""
+        if self.closed:
+            return
+        self.closed = True
+        self.server.hold(-self.counted, -self.counted_ahead)
+        self.counted = self.counted_ahead = 0
+        self.records.release()
+        self._drop_read_ahead()
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.input_over:
@@ -215,15 +226,18 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._recount()
         server = self.server
-        if server.held_bytes > server.max_held_bytes() and self.transport is not None:
-            if self.records.partial:
-                server.dropped_for_held(self.transport)
-                return
-            full = bool(self.queued_bytes)  # (reading resumes as the service takes them)
-        else:
-            # Read ahead a little, counted in frames and in bytes (a stranger's frames are not
-            # in the service's budget until it takes them): past it, TCP holds the client back.
-            full = self.frames.qsize() >= _READ_AHEAD or self.queued_bytes >= self.records.limit
+        bound = server.max_held_bytes()
+        if server.held_bytes > bound and self.records.partial:
+            server.dropped_for_held(self)
+            return
+        # Read ahead a little, counted in frames and in bytes (a stranger's frames are not in
+        # the service's budget until it takes them), and not past the bound over every stream:
+        # past it, TCP holds the client back until the service takes what it read ahead.
+        full = (
+            self.frames.qsize() >= _READ_AHEAD
+            or self.queued_bytes >= self.records.limit
+            or (server.read_ahead_bytes > bound and self.queued_bytes > 0)
+        )
         if full and self.reading and self.transport is not None:
             self.reading = False
             self.transport.pause_reading()
@@ -329,6 +343,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.ended = self.input_over = True
         self.records.clear()
+        self._drop_read_ahead()
         self._recount()
         result = pb.SessionResult(frame_id=0, code=code, error=details)
         transport.write(tcp.record(result.SerializeToString()))
@@ -336,7 +351,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.reading = True
             transport.resume_reading()
         if not transport.can_write_eof():
-            transport.close()  # (TLS: after the status is out)
+            transport.close()  # (TLS: after the status is out, if the client reads it)
+            asyncio.get_running_loop().call_later(_LINGER_S, transport.abort)
             return
         try:
             transport.write_eof()
@@ -385,16 +401,18 @@ class SessionServer(tcp.RecordListener):
         of the largest size at least, whatever --max-request-bytes says)."""
         return max(MAX_HELD_BYTES, 4 * self.max_record_bytes())
 
-    def dropped_for_held(self, transport: asyncio.Transport) -> None:
+    def dropped_for_held(self, connection: _Connection) -> None:
         """Drop a connection that added an unfinished record past ``max_held_bytes`` (its
-        client reconnects and sends again: a write carries its id, applied once)."""
-        transport.abort()
+        client reconnects and sends again: a write carries its id, applied once). It stops
+        counting at once: the others read in this turn of the loop are not dropped for it."""
+        connection.let_go()
+        if connection.transport is not None:
+            connection.transport.abort()
         self._drops += 1
         now = asyncio.get_running_loop().time()
         if now - self._drops_logged_at >= _DROPS_LOGGED_EVERY_S:
             log.warning(
-                "dropped %d Session stream(s): %d bytes of unfinished records and frames read "
-                "ahead held, over %d",
+                "dropped %d Session stream(s): %d bytes of unfinished records held, over %d",
                 self._drops,
                 self.held_bytes,
                 self.max_held_bytes(),

@@ -316,7 +316,11 @@ class SnapshotMixin:
                 if exc.path or meta.path in str(exc):
                     raise
                 # (the state machine's own words, "KV snapshot CRC mismatch", named no file)
-                raise type(exc)(f"{meta.path}: {exc}", meta.path, exc.offset) from exc
+                try:
+                    named = type(exc)(f"{meta.path}: {exc}", meta.path, exc.offset)
+                except Exception:  # noqa: BLE001 - a user's subclass may take other arguments
+                    named = CorruptionError(f"{meta.path}: {exc}", meta.path, exc.offset)
+                raise named from exc
             except OSError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a user's state machine may raise anything

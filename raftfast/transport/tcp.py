@@ -27,6 +27,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from ssl import SSLContext
 from typing import cast
@@ -229,6 +230,7 @@ MAX_PARTIAL_BYTES = 256 * 1024 * 1024
 # back to the system (glibc kept ~2.4 GB after 1,000 connections each held an unfinished
 # Session record of 1.6 MB and closed; raftfast.heap).
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
+_TRIM_EVERY_S = 10.0  # (at most: each trim holds glibc's arena lock for a few ms)
 _SWEEP_S = 1.0
 
 
@@ -597,21 +599,31 @@ class RecordListener:
         self.connections: dict[asyncio.Transport, asyncio.BaseProtocol] = {}
         self._server: asyncio.AbstractServer | TlsAcceptor | None = None
         self._sweeper: asyncio.Task | None = None
-        # Records its connections hold, over all of them (unfinished ones; a Session stream's
-        # frames read ahead too), and the most since the last trim of the heap.
+        # Unfinished records its connections hold, over all of them; a Session stream's frames
+        # read ahead (complete, waiting for the service); the most of both since the last trim.
         self.held_bytes = 0
+        self.read_ahead_bytes = 0
         self._held_peak = 0
+        self._trimmed_at = float("-inf")
 
-    def hold(self, delta: int) -> None:
-        """The connections hold ``delta`` bytes more of records (less, if negative). Once a
-        pile of ``TRIM_AFTER_BYTES`` or more is (nearly) all let go, the heap's free pages go
-        back to the system, off the loop (a big heap's trim takes a few ms)."""
+    def hold(self, delta: int, read_ahead: int = 0) -> None:
+        """The connections hold ``delta`` bytes more of unfinished records and ``read_ahead``
+        more of frames read ahead (less, if negative). Once a pile of ``TRIM_AFTER_BYTES`` or
+        more is (nearly) all let go, the heap's free pages go back to the system, off the loop
+        (a big heap's trim takes a few ms), at most every ``_TRIM_EVERY_S``."""
         self.held_bytes += delta
-        if self.held_bytes > self._held_peak:
-            self._held_peak = self.held_bytes
-        elif self._held_peak >= TRIM_AFTER_BYTES and self.held_bytes <= TRIM_AFTER_BYTES // 16:
+        self.read_ahead_bytes += read_ahead
+        pile = self.held_bytes + self.read_ahead_bytes
+        if pile > self._held_peak:
+            self._held_peak = pile
+        elif self._held_peak >= TRIM_AFTER_BYTES and pile <= TRIM_AFTER_BYTES // 16:
             self._held_peak = 0
-            threading.Timer(1.0, release_free_memory).start()
+            now = time.monotonic()
+            if now - self._trimmed_at >= _TRIM_EVERY_S:
+                self._trimmed_at = now
+                trim = threading.Timer(1.0, release_free_memory)
+                trim.daemon = True
+                trim.start()
 
     def protocol(self) -> asyncio.BaseProtocol:
         raise NotImplementedError

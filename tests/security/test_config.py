@@ -143,6 +143,17 @@ def test_tls_flags_that_cannot_work_are_refused(made, tmp_path):
         "--peer-cert-file", pcert, "--peer-key-file", pkey, "--peer-trusted-ca-file", pca,
     )  # fmt: skip
     assert s.peer_tls is not None and s.client_tls is None  # TLS between nodes only
+    # A bundle's comments need not be ASCII (OpenSSL and gRPC skip them): taken.
+    commented = tmp_path / "commented-ca.crt"
+    comment = "# Issuer: Főtanúsítvány\n".encode()
+    commented.write_bytes(comment + (made / "peer-ca.crt").read_bytes())
+    s = _settings(
+        tmp_path,
+        *sep,
+        "--peer-cert-file", pcert, "--peer-key-file", pkey, "--peer-trusted-ca-file",
+        str(commented),
+    )  # fmt: skip
+    assert s.peer_tls is not None
 
 
 def test_a_bad_roles_file_is_one_clear_line(tmp_path):

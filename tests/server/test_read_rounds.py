@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
+
 import raftfast
 from raftfast.core.types import MsgType
+from raftfast.errors import NotLeaderError
 from raftfast.kv.fsm import KVStateMachine
 from tests.polling import until
 from tests.server import in_process
@@ -98,6 +101,31 @@ def test_reads_behind_a_round_whose_heartbeats_were_lost_still_finish(tmp_path):
             assert not first.done() and not any(f.done() for f in later)
             dropping = False  # (the lost ones stay lost: the next tick's heartbeats confirm)
             await asyncio.wait_for(asyncio.gather(first, *later), 10)
+        finally:
+            for node in nodes.values():
+                await node.stop()
+
+    asyncio.run(main())
+
+
+def test_reads_behind_a_round_fail_at_once_when_the_leader_steps_down(tmp_path):
+    async def main() -> None:
+        nodes, leader = await _cluster(tmp_path)
+        try:
+            driver = leader._driver
+            await asyncio.wait_for(driver.read_barrier("linearizable"), 30)
+            dropped = _filter_heartbeats(driver, lambda m: False)  # (the round never confirms)
+            first = asyncio.ensure_future(driver.read_barrier("linearizable"))
+            await until("the first read's heartbeats", lambda: dropped, timeout=10)
+            later = [asyncio.ensure_future(driver.read_barrier("linearizable")) for _ in range(5)]
+            await until("the later reads queued", lambda: len(driver._read_requests) == 5)
+            other = next(nid for nid in nodes if nodes[nid] is not leader)
+            await driver.transfer_leadership(other)  # (its messages are no heartbeats)
+            for fut in [first, *later]:
+                with pytest.raises(NotLeaderError):
+                    await asyncio.wait_for(fut, 10)  # (at once: not at a deadline)
+            new = nodes[other]._driver
+            await asyncio.wait_for(new.read_barrier("linearizable"), 10)  # (the new leader's)
         finally:
             for node in nodes.values():
                 await node.stop()

@@ -503,6 +503,82 @@ def test_unfinished_records_over_every_connection_are_bounded(tmp_path, monkeypa
     run(tmp_path, test)
 
 
+def test_frames_read_ahead_over_the_bound_pause_their_streams_and_drop_none(tmp_path, monkeypatch):
+    # Clients that do not read their answers hold frames read ahead (the service took none
+    # more): over the bound for every stream they hold the others back only where those too
+    # have frames waiting, and never get anyone dropped (a review: read-ahead counted with
+    # unfinished records got every later connection that paused mid-record dropped).
+    from raftfast.server import kv_service
+
+    monkeypatch.setattr(kv_service, "MAX_SESSION_INFLIGHT", 1)
+    monkeypatch.setattr(session_stream, "MAX_HELD_BYTES", 0)  # (four records, then)
+
+    async def test(node: raftfast.Node) -> None:
+        server = node._driver.session_server
+        bound = server.max_held_bytes()
+        async with Client(address(node), timeout=20) as c:
+            await c.put(b"big", b"x" * 30_000)
+        get = pb.Op(kind=pb.Op.GET, key=b"big")
+        reads = b"".join(
+            record(pb.SessionFrame(frame_id=i, ops=[get] * 60).SerializeToString())
+            for i in range(1, 13)
+        )
+        puts = b"".join(put_frame(i, b"p%d" % i, b"y" * 60_000, i) for i in range(100, 120))
+        parked = []
+        while server.read_ahead_bytes <= bound:
+            assert len(parked) < 12, server.read_ahead_bytes
+            reader, writer = await connect(node)
+            writer.transport.set_write_buffer_limits(high=64 << 20)  # (we keep sending)
+            writer.write(hello() + reads + puts)
+            parked.append(writer)
+            count = len(parked)
+            await wait_until(
+                "its frames read ahead",
+                lambda count=count: (
+                    sum(1 for c in server.connections.values() if c.queued_bytes) >= count
+                ),
+            )
+        size = server.max_record_bytes()
+        reader, writer = await connect(node)  # (one more, in the middle of a record)
+        writer.write(hello() + size.to_bytes(4, "big") + b"\x0a" * 1000)
+        await wait_until("its record held", lambda: server.held_bytes >= 1000)
+        assert not reader.at_eof() and len(server.connections) == len(parked) + 1
+        await serves(node)  # (a client whose frames are taken at once goes on)
+        for w in [*parked, writer]:
+            w.transport.abort()
+        await wait_until("no connection left", lambda: not server.connections)
+        assert (server.held_bytes, server.read_ahead_bytes) == (0, 0)
+
+    run(tmp_path, test)
+
+
+def test_what_a_stream_held_is_let_go_however_it_ends(tmp_path):
+    async def test(node: raftfast.Node) -> None:
+        server = node._driver.session_server
+        size = server.max_record_bytes()
+        for data, how in [
+            (b"\x00\x00", "closed before its hello is whole"),
+            (hello() + (size + 1).to_bytes(4, "big") + b"x" * 100, "a record too big"),
+            (hello() + size.to_bytes(4, "big") + b"x" * 100, "closed mid-record"),
+            (hello() + put_frame(1, b"k", b"v", 1) + b"\x00\x00\x00", "EOF mid-record"),
+        ]:
+            reader, writer = await connect(node)
+            writer.write(data)
+            await writer.drain()
+            if how != "a record too big":
+                await wait_until(how, lambda: server.held_bytes or server.connections)
+                if how == "EOF mid-record":
+                    writer.write_eof()
+                else:
+                    writer.close()
+            await wait_until(f"{how}: no connection left", lambda: not server.connections)
+            assert (server.held_bytes, server.read_ahead_bytes) == (0, 0), how
+            writer.close()
+        await serves(node)
+
+    run(tmp_path, test)
+
+
 def test_a_stopping_node_closes_its_streams(tmp_path):
     async def main() -> None:
         async with one_node(tmp_path) as node:
