@@ -109,6 +109,8 @@ def _str(value: Any, where: str) -> str:
     value = value.strip()
     if not value:
         raise ConfigError(f"{where} must not be empty")
+    if "\x00" in value:  # (only a config file can hold one: a path with it was "corrupt data")
+        raise ConfigError(f"{where} must not contain a NUL byte")
     return value
 
 

@@ -304,6 +304,11 @@ BAD_CASES = [
         ]
     ),
     (
+        "a NUL byte in a path of the config file",
+        lambda t: base(t / "x", "--config", _toml(t, 'data_dir = "a\\u0000b"\n')),
+        "must not contain a NUL byte",
+    ),
+    (
         "two members at one address",
         lambda t: base(t / "x", "--peers", "n1=127.0.0.1:7001,n2=127.0.0.1:7001"),
         "--peers: n1 and n2 have the same address 127.0.0.1:7001",
