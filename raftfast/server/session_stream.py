@@ -397,8 +397,9 @@ class SessionServer(tcp.RecordListener):
         return self.service.node.settings.max_request_bytes + _FRAME_SLACK
 
     def max_held_bytes(self) -> int:
-        """Unfinished records and frames read ahead, over every connection (a few records
-        of the largest size at least, whatever --max-request-bytes says)."""
+        """The bound on unfinished records over every connection, and the same on frames
+        read ahead (a few records of the largest size at least, whatever
+        --max-request-bytes says)."""
         return max(MAX_HELD_BYTES, 4 * self.max_record_bytes())
 
     def dropped_for_held(self, connection: _Connection) -> None:
