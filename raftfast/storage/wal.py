@@ -109,10 +109,10 @@ def _segment_name(seq: int) -> str:
 
 
 # The number of the newest segment the WAL made, written (atomically) once that segment's name
-# is durable: a lower bound on what must be there. (Two fsyncs more per new segment, on the
-# thread that rotates: once per 64 MiB of log by default.) Without it, a data directory whose newest
+# is durable: a lower bound on what must be there. Without it, a data directory whose newest
 # segments were deleted (a clean-up, a partial copy) started on what was left, its acknowledged
 # writes gone without a word. A directory written before it has none: nothing is checked.
+# (Two fsyncs more per new segment, on the thread that rotates: once per 64 MiB by default.)
 NEWEST_SEGMENT_FILE = "newest-segment"
 _NEWEST_SEGMENT = re.compile(r"([0-9a-f]{16})\n")
 
