@@ -109,6 +109,21 @@ async def ended_with(node: raftfast.Node, data: bytes) -> pb.SessionResult:
     return results[-1]
 
 
+async def big_answers_then_puts(node: raftfast.Node, puts: int) -> bytes:
+    """A stream's bytes: a hello, 12 frames of 60 reads of a 30 KB value (1.8 MB of answers,
+    more than the sockets hold, for a client that does not read them), then ``puts`` frames
+    of a 60 KB put: the node takes no frame more once its answers wait."""
+    async with Client(address(node), timeout=20) as c:
+        await c.put(b"big", b"x" * 30_000)
+    get = pb.Op(kind=pb.Op.GET, key=b"big")
+    reads = b"".join(
+        record(pb.SessionFrame(frame_id=i, ops=[get] * 60).SerializeToString())
+        for i in range(1, 13)
+    )
+    writes = b"".join(put_frame(i, b"p%d" % i, b"y" * 60_000, i) for i in range(100, 100 + puts))
+    return hello() + reads + writes
+
+
 async def serves(node: raftfast.Node) -> None:
     async with Client(address(node), timeout=20, cluster_id=CLUSTER) as c:
         await c.put(b"still", b"here")
@@ -516,20 +531,13 @@ def test_frames_read_ahead_over_the_bound_pause_their_streams_and_drop_none(tmp_
     async def test(node: raftfast.Node) -> None:
         server = node._driver.session_server
         bound = server.max_held_bytes()
-        async with Client(address(node), timeout=20) as c:
-            await c.put(b"big", b"x" * 30_000)
-        get = pb.Op(kind=pb.Op.GET, key=b"big")
-        reads = b"".join(
-            record(pb.SessionFrame(frame_id=i, ops=[get] * 60).SerializeToString())
-            for i in range(1, 13)
-        )
-        puts = b"".join(put_frame(i, b"p%d" % i, b"y" * 60_000, i) for i in range(100, 120))
+        unread = await big_answers_then_puts(node, 20)
         parked = []
         while server.read_ahead_bytes <= bound:
             assert len(parked) < 12, server.read_ahead_bytes
             reader, writer = await connect(node)
             writer.transport.set_write_buffer_limits(high=64 << 20)  # (we keep sending)
-            writer.write(hello() + reads + puts)
+            writer.write(unread)
             parked.append(writer)
             count = len(parked)
             await wait_until(
@@ -645,17 +653,10 @@ def test_a_client_that_does_not_read_holds_little(tmp_path, monkeypatch):
     monkeypatch.setattr(kv_service, "MAX_SESSION_INFLIGHT", 1)
 
     async def test(node: raftfast.Node) -> None:
-        async with Client(address(node), timeout=20) as c:
-            await c.put(b"big", b"x" * 30_000)
-        get = pb.Op(kind=pb.Op.GET, key=b"big")
-        reads = b"".join(
-            record(pb.SessionFrame(frame_id=i, ops=[get] * 60).SerializeToString())
-            for i in range(1, 13)
-        )
-        puts = b"".join(put_frame(i, b"p%d" % i, b"y" * 60_000, i) for i in range(100, 200))
+        unread = await big_answers_then_puts(node, 100)
         reader, writer = await connect(node)
         writer.transport.set_write_buffer_limits(high=64 << 20)  # (we keep sending)
-        writer.write(hello() + reads + puts)
+        writer.write(unread)
         server = node._driver.session_server
         await wait_until("a connection", lambda: len(server.connections) == 1)
         (conn,) = server.connections.values()
