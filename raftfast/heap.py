@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import threading
 from typing import Any
 
-__all__ = ["keep_big_blocks_mapped", "release_free_memory"]
+__all__ = ["keep_big_blocks_mapped", "release_free_memory", "release_free_memory_soon"]
 
 _M_TRIM_THRESHOLD = -1  # (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -74,3 +75,12 @@ def release_free_memory() -> bool:
         return bool(libc.malloc_trim(0))
     except AttributeError:
         return False
+
+
+def release_free_memory_soon(delay: float = 1.0) -> None:
+    """``release_free_memory`` ``delay`` seconds from now, in a thread of its own (off the
+    event loop: a big heap's trim takes a few ms); a daemon, which an exiting process does not
+    wait for."""
+    timer = threading.Timer(delay, lambda: release_free_memory())  # (looked up when it runs)
+    timer.daemon = True
+    timer.start()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -32,7 +31,7 @@ import grpc
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
 from raftfast.etcd.mvcc import Event, Record, event_pb, in_range, kv_pb, range_of
-from raftfast.heap import release_free_memory
+from raftfast.heap import release_free_memory_soon
 from raftfast.proto.etcd import kv_pb2 as mvccpb
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
@@ -566,7 +565,7 @@ class WatchService(pb_grpc.WatchServicer):
     def _wake_next(self) -> None:
         if not self.unsent and not self.stuck and self.peak >= _TRIM_AFTER_BYTES:
             self.peak = 0
-            threading.Timer(1.0, release_free_memory).start()  # (off the loop: a few ms)
+            release_free_memory_soon()
         while self.waiting and self._room():
             waiter = self.waiting.popleft()
             if not waiter.done():

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from raftfast.heap import release_free_memory
+from raftfast.heap import release_free_memory_soon
 
 __all__ = [
     "FREE",
@@ -81,8 +81,8 @@ class _UnreadAnswers:
             trim = cls.used == 0 and cls.peak >= _TRIM_AFTER_BYTES
             if trim:
                 cls.peak = 0
-        if trim:  # (off the loop: a big heap's trim takes a few ms)
-            threading.Timer(1.0, release_free_memory).start()
+        if trim:
+            release_free_memory_soon()
 
 
 def _refusal(prefix: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from ssl import SSLContext
@@ -36,7 +35,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from raftfast.core.types import Message
-from raftfast.heap import release_free_memory
+from raftfast.heap import release_free_memory, release_free_memory_soon
 from raftfast.proto import raftfast_pb2 as pb
 
 log = logging.getLogger("raftfast.transport")
@@ -621,9 +620,7 @@ class RecordListener:
             now = time.monotonic()
             if now - self._trimmed_at >= _TRIM_EVERY_S:
                 self._trimmed_at = now
-                trim = threading.Timer(1.0, release_free_memory)
-                trim.daemon = True
-                trim.start()
+                release_free_memory_soon()
 
     def protocol(self) -> asyncio.BaseProtocol:
         raise NotImplementedError

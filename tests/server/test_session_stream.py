@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 import raftfast
+from raftfast import heap
 from raftfast.client import Client, SyncClient
 from raftfast.client.blocking import NoTcpSession
 from raftfast.errors import DeadlineExceededError, InvalidArgumentError, RequestFailedError
@@ -474,7 +475,7 @@ def test_unfinished_records_over_every_connection_are_bounded(tmp_path, monkeypa
     # is back to 0 and the heap is trimmed.
     trims: list[int] = []
     monkeypatch.setattr(tcp, "TRIM_AFTER_BYTES", 100_000)
-    monkeypatch.setattr(tcp, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(1) or True)
 
     async def test(node: raftfast.Node) -> None:
         server = node._driver.session_server
