@@ -52,11 +52,12 @@ def parse_retention(mode: str, retention: str) -> float:
     if mode == "revision":
         if not text.isdigit() or len(text) > 40:
             raise ValueError(f"--auto-compaction-retention {retention[:40]!r}: want revisions (N)")
-        if int(text) > MAX_RETENTION_REVISIONS:
+        revisions = int(text)
+        if revisions > MAX_RETENTION_REVISIONS:
             raise ValueError(
                 f"--auto-compaction-retention: at most {MAX_RETENTION_REVISIONS} revisions"
             )
-        return float(int(text))
+        return float(revisions)
     seconds = _periodic_seconds(mode, retention, text)
     if not seconds <= MAX_RETENTION_S:  # (a number too long to read is inf here)
         raise ValueError(f"--auto-compaction-retention: at most {MAX_RETENTION_S:.0f} seconds")

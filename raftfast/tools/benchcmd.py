@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from raftfast.client.cli import ExitCode
 from raftfast.client.session import SESSION_TRANSPORTS
 from raftfast.client.tables import format_table
 from raftfast.tools.loadgen import START_S, Histogram, WorkerResult, Workload, worker_main
@@ -95,14 +96,11 @@ def options(**overrides: Any) -> argparse.Namespace:
     return args
 
 
-_FAILED = 5  # (raftfast.client.cli.ExitCode.FAILED)
-
-
 class BenchFailed(RuntimeError):
     """The run failed; ``code``: the CLI's exit code for why (3: the cluster could not be
     reached in time, 4: permission denied, ...)."""
 
-    def __init__(self, message: str, code: int = _FAILED) -> None:
+    def __init__(self, message: str, code: int = ExitCode.FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -212,7 +210,7 @@ def _run_workers(
                     kind, index, payload = conn.recv()
                 except EOFError:
                     pipes.remove(conn)
-                    failures.append(("a client process died", _FAILED))
+                    failures.append(("a client process died", ExitCode.FAILED))
                     continue
                 if kind == "ready":
                     ready += 1
