@@ -7,7 +7,7 @@ held back (or dropped) for as long as the test likes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -21,17 +21,28 @@ from tests.server import in_process
 READS = 20
 
 
-async def _cluster(tmp_path) -> tuple[dict[str, raftfast.Node], raftfast.Node]:
-    peers = in_process.peers(3)
-    # (a long election timeout: heartbeats held back here must not depose the leader)
-    nodes = {
-        nid: in_process.node(nid, peers, tmp_path, KVStateMachine(), election_ticks=100)
-        for nid in peers
-    }
-    for node in nodes.values():
-        await node.start()
-    leader_id = await nodes["n1"].wait_for_leader(timeout=30)
-    return nodes, nodes[leader_id]
+def _run(tmp_path, test: Callable[[dict[str, raftfast.Node], raftfast.Node], Awaitable[None]]):
+    """``test(nodes, leader)`` on 3 in-process nodes whose leader has read once (its no-op
+    committed); every node stopped afterwards."""
+
+    async def main() -> None:
+        peers = in_process.peers(3)
+        # (a long election timeout: heartbeats held back here must not depose the leader)
+        nodes = {
+            nid: in_process.node(nid, peers, tmp_path, KVStateMachine(), election_ticks=100)
+            for nid in peers
+        }
+        try:
+            for node in nodes.values():
+                await node.start()
+            leader = nodes[await nodes["n1"].wait_for_leader(timeout=30)]
+            await asyncio.wait_for(leader._driver.read_barrier("linearizable"), 30)
+            await test(nodes, leader)
+        finally:
+            for node in nodes.values():
+                await node.stop()
+
+    asyncio.run(main())
 
 
 def _filter_heartbeats(driver, keep: Callable[[object], bool]) -> list:
@@ -56,78 +67,60 @@ def _filter_heartbeats(driver, keep: Callable[[object], bool]) -> list:
 
 
 def test_reads_that_come_during_a_round_go_together_in_the_next(tmp_path):
-    async def main() -> None:
-        nodes, leader = await _cluster(tmp_path)
-        try:
-            driver = leader._driver
-            await asyncio.wait_for(driver.read_barrier("linearizable"), 30)  # (no-op committed)
-            rounds0, reads0 = driver.metrics.read_rounds, driver.metrics.reads
-            holding = True
-            held = _filter_heartbeats(driver, lambda m: not holding)
-            first = asyncio.ensure_future(driver.read_barrier("linearizable"))
-            await until("the first read's heartbeats", lambda: held, timeout=10)
-            later = []
-            for _ in range(READS):  # (each in a turn of the loop of its own)
-                later.append(asyncio.ensure_future(driver.read_barrier("linearizable")))
-                await asyncio.sleep(0.005)
-            assert not first.done() and not any(f.done() for f in later)
-            # Only the first read's round is under way: the others wait for the next.
-            assert driver.metrics.read_rounds == rounds0 + 1
-            holding = False
-            driver.transport.send_unfiltered(held)
-            await asyncio.wait_for(asyncio.gather(first, *later), 10)
-            assert driver.metrics.reads == reads0 + 1 + READS
-            assert driver.metrics.read_rounds == rounds0 + 2, "the later reads share one round"
-        finally:
-            for node in nodes.values():
-                await node.stop()
+    async def test(nodes: dict[str, raftfast.Node], leader: raftfast.Node) -> None:
+        driver = leader._driver
+        rounds0, reads0 = driver.metrics.read_rounds, driver.metrics.reads
+        holding = True
+        held = _filter_heartbeats(driver, lambda m: not holding)
+        first = asyncio.ensure_future(driver.read_barrier("linearizable"))
+        await until("the first read's heartbeats", lambda: held, timeout=10)
+        later = []
+        for _ in range(READS):  # (each in a turn of the loop of its own)
+            later.append(asyncio.ensure_future(driver.read_barrier("linearizable")))
+            await asyncio.sleep(0.005)
+        assert not first.done() and not any(f.done() for f in later)
+        # Only the first read's round is under way: the others wait for the next.
+        assert driver.metrics.read_rounds == rounds0 + 1
+        holding = False
+        driver.transport.send_unfiltered(held)
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)
+        assert driver.metrics.reads == reads0 + 1 + READS
+        assert driver.metrics.read_rounds == rounds0 + 2, "the later reads share one round"
 
-    asyncio.run(main())
+    _run(tmp_path, test)
 
 
 def test_reads_behind_a_round_whose_heartbeats_were_lost_still_finish(tmp_path):
-    async def main() -> None:
-        nodes, leader = await _cluster(tmp_path)
-        try:
-            driver = leader._driver
-            await asyncio.wait_for(driver.read_barrier("linearizable"), 30)
-            dropping = True
-            dropped = _filter_heartbeats(driver, lambda m: not dropping)
-            first = asyncio.ensure_future(driver.read_barrier("linearizable"))
-            await until("the first read's heartbeats", lambda: dropped, timeout=10)
-            later = [asyncio.ensure_future(driver.read_barrier("linearizable")) for _ in range(5)]
-            # (the heartbeats of two ticks after it lost too: 2 followers, 2 messages each)
-            await until("ticks' heartbeats dropped", lambda: len(dropped) >= 6, timeout=10)
-            assert not first.done() and not any(f.done() for f in later)
-            dropping = False  # (the lost ones stay lost: the next tick's heartbeats confirm)
-            await asyncio.wait_for(asyncio.gather(first, *later), 10)
-        finally:
-            for node in nodes.values():
-                await node.stop()
+    async def test(nodes: dict[str, raftfast.Node], leader: raftfast.Node) -> None:
+        driver = leader._driver
+        dropping = True
+        dropped = _filter_heartbeats(driver, lambda m: not dropping)
+        first = asyncio.ensure_future(driver.read_barrier("linearizable"))
+        await until("the first read's heartbeats", lambda: dropped, timeout=10)
+        later = [asyncio.ensure_future(driver.read_barrier("linearizable")) for _ in range(5)]
+        # (the heartbeats of two ticks after it lost too: 2 followers, 2 messages each)
+        await until("ticks' heartbeats dropped", lambda: len(dropped) >= 6, timeout=10)
+        assert not first.done() and not any(f.done() for f in later)
+        dropping = False  # (the lost ones stay lost: the next tick's heartbeats confirm)
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)
 
-    asyncio.run(main())
+    _run(tmp_path, test)
 
 
 def test_reads_behind_a_round_fail_at_once_when_the_leader_steps_down(tmp_path):
-    async def main() -> None:
-        nodes, leader = await _cluster(tmp_path)
-        try:
-            driver = leader._driver
-            await asyncio.wait_for(driver.read_barrier("linearizable"), 30)
-            dropped = _filter_heartbeats(driver, lambda m: False)  # (the round never confirms)
-            first = asyncio.ensure_future(driver.read_barrier("linearizable"))
-            await until("the first read's heartbeats", lambda: dropped, timeout=10)
-            later = [asyncio.ensure_future(driver.read_barrier("linearizable")) for _ in range(5)]
-            await until("the later reads queued", lambda: len(driver._read_requests) == 5)
-            other = next(nid for nid in nodes if nodes[nid] is not leader)
-            await driver.transfer_leadership(other)  # (its messages are no heartbeats)
-            for fut in [first, *later]:
-                with pytest.raises(NotLeaderError):
-                    await asyncio.wait_for(fut, 10)  # (at once: not at a deadline)
-            new = nodes[other]._driver
-            await asyncio.wait_for(new.read_barrier("linearizable"), 10)  # (the new leader's)
-        finally:
-            for node in nodes.values():
-                await node.stop()
+    async def test(nodes: dict[str, raftfast.Node], leader: raftfast.Node) -> None:
+        driver = leader._driver
+        dropped = _filter_heartbeats(driver, lambda m: False)  # (the round never confirms)
+        first = asyncio.ensure_future(driver.read_barrier("linearizable"))
+        await until("the first read's heartbeats", lambda: dropped, timeout=10)
+        later = [asyncio.ensure_future(driver.read_barrier("linearizable")) for _ in range(5)]
+        await until("the later reads queued", lambda: len(driver._read_requests) == 5)
+        other = next(nid for nid in nodes if nodes[nid] is not leader)
+        await driver.transfer_leadership(other)  # (its messages are no heartbeats)
+        for fut in [first, *later]:
+            with pytest.raises(NotLeaderError):
+                await asyncio.wait_for(fut, 10)  # (at once: not at a deadline)
+        new = nodes[other]._driver
+        await asyncio.wait_for(new.read_barrier("linearizable"), 10)  # (the new leader's)
 
-    asyncio.run(main())
+    _run(tmp_path, test)
