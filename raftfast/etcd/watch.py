@@ -5,15 +5,17 @@ and goes on across leader changes. A watcher is a cursor over the store's histor
 (``MVCCStore.events_from``): its next revision. After each apply, and when a watcher is
 created, each stream sends its watchers the events they have not had yet, whole revisions in
 order, each event once: a watcher from a past revision reads the history first, then goes on
-live with no gap and no repeat. A watcher whose next revision was compacted away is canceled
-with ``compact_revision`` set (etcd's "required revision has been compacted"); as with etcd, not
-at the compaction revision itself (etcd keeps that revision's puts, not its deletes: a watcher
-may start there and gets those). A slow client costs little more than its cursor: what it
-has not read stays in the history, and gRPC's flow control holds the sender, which keeps the
-answers of one call (about ``_CALL_BYTES``) until the client takes them. What all streams keep
-so is bounded node-wide (``MAX_UNSENT_WATCH_BYTES``): past that, the stream whose client has
-taken nothing for the longest is ended (UNAVAILABLE: etcd's clients watch again from the last
-revision they read) so that the others go on.
+live with no gap and no repeat. As etcd's, the watchers of a stream that have caught up are
+found by the keys of new events, so a revision costs its events and the watchers they match;
+the others (new, behind) read the history each on its own. A watcher whose next revision was
+compacted away is canceled with ``compact_revision`` set (etcd's "required revision has been
+compacted"); as with etcd, not at the compaction revision itself (etcd keeps that revision's
+puts, not its deletes: a watcher may start there and gets those). A slow client costs little
+more than its cursor: what it has not read stays in the history, and gRPC's flow control
+holds the sender, which keeps the answers of one call (about ``_CALL_BYTES``) until the client
+takes them. What all streams keep so is bounded node-wide (``MAX_UNSENT_WATCH_BYTES``): past
+that, the stream whose client has taken nothing for the longest is ended (UNAVAILABLE: etcd's
+clients watch again from the last revision they read) so that the others go on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
@@ -100,6 +103,9 @@ _WALK_COST = 64
 # What looking at one watcher costs a call of _Stream.pending (against the bytes of a call,
 # as _WALK_COST): ~9 us each, and a put matched by 50,000 watchers held the loop 0.45 s.
 _WATCHER_COST = 1536
+# Events of new revisions one call finds the synced watchers of, by key (whole revisions, at
+# least one): each costs a lookup, and a range watcher a search of them, sorted.
+_ROUTE_EVENTS = 4_096
 _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 
@@ -156,12 +162,17 @@ class _Stream:
         self.since = 0.0
         self.context: grpc.aio.ServicerContext | None = None  # (how it is ended: WatchService)
         self.ended = False  # (it made way for others: WatchService._end)
-        # Every watcher but those created since (``_fresh``) had all events up to this
-        # revision: the next calls look only at those until the store moves on (a stream of
-        # 10,000 watchers looked at each one for every create, cancel or progress request:
-        # 0.64 ms a create and its cancel, 13 us now).
-        self._caught_rev = -1
-        self._fresh: list[_Watcher] = []
+        # etcd's synced and unsynced watchers. Those that had every event up to _synced_rev
+        # are found by the keys of new events (_by_key: one key; _ranged: a range), so that a
+        # revision costs its events and the watchers it matches, not every watcher (10,000
+        # watchers of keys no one wrote and a DeleteRange of 50,000 keys were 500 million
+        # checks). The others (``_behind``: new, behind, in the middle of a big revision, at
+        # the compaction revision) each read the history from their own next revision, and
+        # join the first once they reach it.
+        self._synced_rev = api.store.revision
+        self._by_key: dict[bytes, dict[int, _Watcher]] = {}
+        self._ranged: dict[int, _Watcher] = {}
+        self._behind: dict[int, _Watcher] = {}
         self._progress = 0  # watchers that asked for progress notifications
 
     def take(self, request: pb.WatchRequest) -> None:
@@ -219,8 +230,7 @@ class _Stream:
             return
         if not r.key:
             r.key = b"\0"  # (etcd: the smallest key; with range_end "\0", every key)
-        self.watchers[watch_id] = w = _Watcher(watch_id, r, start)
-        self._fresh.append(w)
+        self.watchers[watch_id] = self._behind[watch_id] = _Watcher(watch_id, r, start)
         self._progress += r.progress_notify
         self.cost += _cost(r)
         self.budget.used += _cost(r)
@@ -230,6 +240,8 @@ class _Stream:
         w = self.watchers.pop(watch_id, None)
         if w is None:
             return False
+        if self._behind.pop(watch_id, None) is None:
+            self._unindex(w)
         self._progress -= w.progress_notify
         self.cost -= _cost(w)
         self.budget.used -= _cost(w)
@@ -240,8 +252,144 @@ class _Stream:
         self.budget.used -= self.cost
         self.cost = 0
         self._progress = 0
-        self._fresh.clear()
+        self._by_key.clear()
+        self._ranged.clear()
+        self._behind.clear()
         self.watchers.clear()
+
+    # -- the synced watchers, by key --------------------------------------------------------
+
+    def _index(self, w: _Watcher) -> None:
+        """``w`` had every event up to _synced_rev: found by key from now on."""
+        if w.bounds is None:
+            self._by_key.setdefault(w.key, {})[w.id] = w
+        else:
+            self._ranged[w.id] = w
+
+    def _unindex(self, w: _Watcher) -> None:
+        if w.bounds is None:
+            same = self._by_key.get(w.key)
+            if same is not None:
+                same.pop(w.id, None)
+                if not same:
+                    del self._by_key[w.key]
+        else:
+            self._ranged.pop(w.id, None)
+
+    def _demote(self, w: _Watcher, next_rev: int) -> None:
+        """``w`` reads the history on its own again, from ``next_rev``."""
+        self._unindex(w)
+        w.next_rev, w.skip = next_rev, 0
+        self._behind[w.id] = w
+
+    def _route(self, max_bytes: int, call_bytes: int) -> tuple[list[pb.WatchResponse], int, int]:
+        """The synced watchers' events of the revisions after _synced_rev (whole revisions,
+        about _ROUTE_EVENTS events, at least one revision), found by key: the responses, the
+        work spent and the bytes built (as ``pending`` counts them). A watcher whose share is
+        more than one response or than the call has room for is demoted (``_behind``: the
+        calls after send it in parts); the others have had everything up to the new
+        _synced_rev."""
+        store = self.api.store
+        first = self._synced_rev + 1
+        if first > store.revision:
+            return [], 0, 0
+        if not self._by_key and not self._ranged:
+            self._synced_rev = store.revision
+            return [], 0, 0
+        if first <= store.compact_revision:  # (compacted meanwhile: each sees to it alone)
+            for w in [
+                *self._ranged.values(),
+                *(w for ws in self._by_key.values() for w in ws.values()),
+            ]:
+                self._demote(w, first)
+            self._synced_rev = store.revision
+            return [], 0, 0
+        events: list[Event] = []
+        rev = first
+        while rev <= store.revision:
+            of_rev = store.events_at(rev)
+            if events and len(events) + len(of_rev) > _ROUTE_EVENTS:
+                break
+            events.extend(of_rev)
+            rev += 1
+        last = rev - 1
+        spent = 64 * len(events)
+        shares: list[tuple[_Watcher, list[Event]]] = []
+        if self._by_key:
+            hits: dict[bytes, list[Event]] = {}
+            for e in events:
+                if e.key in self._by_key:
+                    hits.setdefault(e.key, []).append(e)
+            shares.extend((w, evs) for key, evs in hits.items() for w in self._by_key[key].values())
+        if self._ranged:
+            keys = [e.key for e in events]
+            order = sorted(range(len(events)), key=keys.__getitem__)
+            sorted_keys = [keys[i] for i in order]
+            for w in self._ranged.values():
+                lo, hi = w.bounds  # type: ignore[misc]  # (ranged: bounds is set)
+                i = bisect_left(sorted_keys, lo)
+                j = len(sorted_keys) if hi is None else bisect_left(sorted_keys, hi, i)
+                if i < j:
+                    shares.append((w, [events[k] for k in sorted(order[i:j])]))
+            spent += 16 * len(self._ranged)
+        out: list[pb.WatchResponse] = []
+        built = 0
+        for w, evs in shares:
+            chosen = [e for e in evs if w.wants(e)]
+            if not chosen:
+                continue
+            size = sum(e.nbytes() for e in chosen)
+            if (
+                len(chosen) > MAX_EVENTS_PER_RESPONSE
+                or spent + _WATCHER_COST + size > max_bytes
+                or built + size > call_bytes
+            ):
+                self._demote(w, first)
+                continue
+            spent += _WATCHER_COST + size
+            built += size
+            out.extend(self._responses(w, chosen, last, True, max_bytes))
+        self._synced_rev = last
+        return out, spent, built
+
+    def _responses(
+        self, w: _Watcher, chosen: list[Event], rev: int, whole: bool, max_bytes: int
+    ) -> list[pb.WatchResponse]:
+        """``chosen`` (events of ``w``'s revisions up to ``rev``: all of them if ``whole``,
+        else a part of ``rev``'s) as responses of at most MAX_EVENTS_PER_RESPONSE events and
+        about ``max_bytes`` (gRPC sends none over 64 MiB, and a watcher behind by more would
+        never catch up), and of whole revisions of about _RESPONSE_BYTES (see there)."""
+        parts: list[list[Event]] = [[]]
+        size = 0
+        for e in chosen:
+            n = e.nbytes()
+            part = parts[-1]
+            if part and (
+                len(part) >= MAX_EVENTS_PER_RESPONSE
+                or size + n > max_bytes
+                or (size + n > _RESPONSE_BYTES and e.revision != part[-1].revision)
+            ):
+                parts.append([])
+                size = 0
+            parts[-1].append(e)
+            size += n
+        out = []
+        for i, part in enumerate(parts):
+            if i + 1 < len(parts):  # (what it holds, to its last revision)
+                upto = part[-1].revision
+                more = parts[i + 1][0].revision == upto  # (the rest of it follows)
+            else:  # (every revision looked at; or the one sent in parts, not all of it)
+                upto, more = rev, not whole
+            out.append(
+                pb.WatchResponse(
+                    header=self.api.header(upto),
+                    watch_id=w.id,
+                    events=[event_pb(e, w.prev_kv) for e in part],
+                    fragment=more and w.fragment,
+                )
+            )
+        w.last_sent = time.monotonic()
+        return out
 
     def _compacted(self, watch_id: int) -> pb.WatchResponse:
         return pb.WatchResponse(
@@ -295,22 +443,18 @@ class _Stream:
         store = self.api.store
         max_bytes = self.api.driver.settings.max_request_bytes
         call_bytes = min(_CALL_BYTES, max_bytes)
-        spent = built = 0
-        if self._caught_rev == store.revision:
-            looked = [w for w in self._fresh if self.watchers.get(w.id) is w]
-        else:
-            looked = list(self.watchers.values())
-        self._fresh.clear()
-        lagging = False  # (a watcher looked at still has events to get, or one was not looked at)
-        for w in looked:
+        routed, spent, built = self._route(max_bytes, call_bytes)
+        out.extend(routed)
+        if self._synced_rev < store.revision:
+            self.wake.set()  # (the next revisions in the next call)
+        for w in list(self._behind.values()):
             if w.next_rev > store.revision:
                 continue
             if spent >= max_bytes or built >= call_bytes:
                 self.wake.set()  # (the others in the next call, at once: see Watch)
-                lagging = True
                 break
             # (the next call begins with the others)
-            self.watchers[w.id] = self.watchers.pop(w.id)
+            self._behind[w.id] = self._behind.pop(w.id)
             # (a watcher in the middle of that revision lost the rest of it: compacted)
             if w.next_rev == store.compact_revision and not w.skip:
                 try:
@@ -325,7 +469,6 @@ class _Stream:
                     built += response.ByteSize()
                 if w.next_rev == store.compact_revision:
                     self.wake.set()  # (its walk goes on in the next call)
-                    lagging = True
                     continue
                 if w.next_rev > store.revision:
                     continue
@@ -336,45 +479,22 @@ class _Stream:
                 self._drop(w.id)
                 out.append(self._compacted(w.id))
                 continue
-            lagging = lagging or w.next_rev <= store.revision
+            if w.next_rev <= store.revision:
+                self.wake.set()  # (it goes on in the next call)
             chosen = [e for e in events if w.wants(e)]
             spent += 64 * len(events)
-            # A response of at most MAX_EVENTS_PER_RESPONSE events and about max_bytes (gRPC
-            # sends none over 64 MiB, and a watcher behind by more would never catch up), and
-            # of whole revisions of about _RESPONSE_BYTES (see there).
-            parts: list[list[Event]] = [[]]
-            size = 0
-            for e in chosen:
-                n = e.nbytes()
-                part = parts[-1]
-                if part and (
-                    len(part) >= MAX_EVENTS_PER_RESPONSE
-                    or size + n > max_bytes
-                    or (size + n > _RESPONSE_BYTES and e.revision != part[-1].revision)
-                ):
-                    parts.append([])
-                    size = 0
-                parts[-1].append(e)
-                size += n
-                spent += n
-                built += n
-            for i, part in enumerate(parts if chosen else ()):
-                if i + 1 < len(parts):  # (what it holds, to its last revision)
-                    rev = part[-1].revision
-                    more = parts[i + 1][0].revision == rev  # (the rest of it follows)
-                else:  # (every revision looked at; or the one sent in parts, not all of it)
-                    rev = w.next_rev - 1 if whole else w.next_rev
-                    more = not whole
-                out.append(
-                    pb.WatchResponse(
-                        header=self.api.header(rev),
-                        watch_id=w.id,
-                        events=[event_pb(e, w.prev_kv) for e in part],
-                        fragment=more and w.fragment,
-                    )
-                )
-                w.last_sent = time.monotonic()
-        self._caught_rev = -1 if lagging else store.revision
+            if chosen:
+                size = sum(e.nbytes() for e in chosen)
+                spent += size
+                built += size
+                rev = w.next_rev - 1 if whole else w.next_rev
+                out.extend(self._responses(w, chosen, rev, whole, max_bytes))
+        # those that reached the synced ones join them
+        joining = self._synced_rev + 1
+        for w in [w for w in self._behind.values() if w.next_rev == joining]:
+            if not w.skip and w.walk is None:
+                del self._behind[w.id]
+                self._index(w)
         if self.progress_wanted and self.caught_up():
             self.progress_wanted = False
             out.append(pb.WatchResponse(header=self.api.header(), watch_id=-1))
@@ -420,9 +540,9 @@ class _Stream:
 
     def caught_up(self) -> bool:
         revision = self.api.store.revision
-        if self._caught_rev == revision:
-            return True
-        return all(w.next_rev > revision for w in self.watchers.values())
+        if self._synced_rev < revision and (self._by_key or self._ranged):
+            return False
+        return all(w.next_rev > revision for w in self._behind.values())
 
 
 class _Budget:
