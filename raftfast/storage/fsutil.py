@@ -26,6 +26,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def make_directory(path: str, fsync: bool) -> None:
+    """Create the directory ``path`` (mode 0700) if missing, the parent fsynced so that it
+    survives a crash. OSError naming what is there if something else has the name (a file
+    or a dangling link gave "File exists")."""
+    if os.path.isdir(path):
+        return
+    if os.path.lexists(path):
+        what = "a link to nothing" if os.path.islink(path) else "not a directory"
+        raise OSError(f"{path} is {what}; a directory is expected there")
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    if fsync:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def open_regular(path: str) -> BinaryIO:
     """``open(path, "rb")`` for a regular file only: a FIFO, a device or a directory in its
     place raises OSError at once (opening a FIFO for reading waits for a writer: a node

@@ -26,7 +26,7 @@ from typing import BinaryIO, NamedTuple
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, FormatVersionError, StorageError
 from raftfast.limits import MAX_TERM_OR_INDEX
-from raftfast.storage.fsutil import DIR_MODE, fsync_dir, open_regular
+from raftfast.storage.fsutil import fsync_dir, make_directory, open_regular
 
 __all__ = [
     "KEEP",
@@ -176,10 +176,7 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._active: set[str] = set()  # temp files of receivers in progress (not leftovers)
         try:
-            if not os.path.isdir(self._dir):
-                os.makedirs(self._dir, mode=DIR_MODE, exist_ok=True)
-                if fsync:
-                    fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
+            make_directory(self._dir, fsync)
         except OSError as exc:
             raise StorageError(f"cannot create snapshot directory {self._dir}: {exc}") from exc
 

@@ -33,9 +33,8 @@ from raftfast.errors import CorruptionError, FormatVersionError, LogError, Stora
 from raftfast.limits import MAX_TERM_OR_INDEX, node_id_problem
 from raftfast.storage.base import RecoveredState, apply_batch, check_batch
 from raftfast.storage.fsutil import (
-    DIR_MODE,
     FILE_MODE,
-    fsync_dir,
+    make_directory,
     open_regular,
     read_small_file,
     write_file_atomically,
@@ -341,10 +340,7 @@ class WAL:
 
     def _open(self) -> None:
         try:
-            if not os.path.isdir(self._dir):
-                os.makedirs(self._dir, mode=DIR_MODE)
-                if self._fsync:
-                    fsync_dir(os.path.dirname(os.path.abspath(self._dir)))
+            make_directory(self._dir, self._fsync)
             self._dirfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -255,3 +255,10 @@ def test_a_snapshot_without_its_position_still_opens(tmp_path):
     membership, f = store.open_state(meta)
     with f:
         assert membership == members and f.read() == b"state"
+
+
+def test_a_snapshot_path_that_is_not_a_directory_is_named_as_such(tmp_path):
+    path = tmp_path / "snap"
+    path.write_bytes(b"")
+    with pytest.raises(StorageError, match=f"{path} is not a directory; a directory is expected"):
+        SnapshotStore(str(path))

@@ -429,6 +429,18 @@ def test_short_writes_are_completed(wal, monkeypatch):
         w.close()
 
 
+@pytest.mark.parametrize("make", ["file", "dangling link"])
+def test_a_wal_path_that_is_not_a_directory_is_named_as_such(tmp_path, make):
+    path = tmp_path / "wal"
+    if make == "file":
+        path.write_bytes(b"")
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    what = "not a directory" if make == "file" else "a link to nothing"
+    with pytest.raises(StorageError, match=f"{path} is {what}; a directory is expected there"):
+        WAL.open(str(path))
+
+
 def test_second_open_of_the_same_directory_is_refused(wal):
     with pytest.raises(StorageError, match="already open"):
         WAL.open(wal.path)
