@@ -42,7 +42,6 @@ from raftfast.etcd.mvcc import (
     Record,
     encode,
     kv_pb,
-    range_of,
 )
 from raftfast.kv.commands import NOSPACE, OP_ETCD
 from raftfast.limits import check_node_id
@@ -425,9 +424,7 @@ class EtcdAPI:
         return await self.write(request)
 
     async def _txn(self, request: pb.TxnRequest) -> pb.TxnResponse:
-        response = await self.write(request)
-        _fill_txn_headers(response, response.header)
-        return response
+        return await self.write(request)
 
     async def _compact(self, request: pb.CompactionRequest) -> pb.CompactionResponse:
         store = self.store
@@ -830,9 +827,13 @@ def _lease_puts(txn: pb.TxnRequest) -> list[pb.PutRequest]:
     ]
 
 
-def _deleted(r: pb.DeleteRangeRequest) -> _Interval:
-    bounds = range_of(r.key, r.range_end)
-    return (r.key, r.key + b"\0") if bounds is None else bounds
+def _deleted(r: pb.DeleteRangeRequest) -> _Interval | None:
+    """The keys a delete covers for the duplicate check, as etcd's ``checkIntervals`` reads
+    them: ``range_end`` taken literally, so a delete "from key" (range_end "\0") covers none
+    there (a txn that deletes from a key and then puts a key after it runs on etcd)."""
+    if not r.range_end:
+        return r.key, r.key + b"\0"
+    return (r.key, r.range_end) if r.key < r.range_end else None
 
 
 def _check_intervals(ops) -> tuple[set[bytes], list[_Interval]]:
@@ -840,7 +841,12 @@ def _check_intervals(ops) -> tuple[set[bytes], list[_Interval]]:
     deletes, nested txns included (but the two branches of a nested txn may write the same
     key: only one runs). Each level is looked at once (walking every subtree again at each
     level kept the loop busy for 0.8 s on one 1.5 MB txn: elections)."""
-    dels = [_deleted(op.request_delete_range) for op in ops if op.HasField("request_delete_range")]
+    dels = [
+        interval
+        for op in ops
+        if op.HasField("request_delete_range")
+        and (interval := _deleted(op.request_delete_range)) is not None
+    ]
     covers = _Covers(dels)
     puts: set[bytes] = set()
     for op in ops:
@@ -894,17 +900,6 @@ def _grows(request: Any) -> bool:
     if isinstance(request, pb.TxnRequest):
         return bool(_writes_of(request.success)[0] or _writes_of(request.failure)[0])
     return False
-
-
-def _fill_txn_headers(response: pb.TxnResponse, header: pb.ResponseHeader) -> None:
-    for op in response.responses:
-        which = op.WhichOneof("response")
-        if which is None:
-            continue
-        inner = getattr(op, which)
-        inner.header.CopyFrom(header)
-        if which == "response_txn":
-            _fill_txn_headers(inner, header)
 
 
 def _url(address: str) -> str:

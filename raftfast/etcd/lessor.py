@@ -160,13 +160,14 @@ class Lessor:
         return lease.ttl
 
     def remaining(self, lease_id: int) -> int:
-        """Seconds ``lease_id`` has left (-1: gone or expired)."""
+        """Whole seconds ``lease_id`` has left, as etcd's LeaseTimeToLive counts them (cut, not
+        rounded: 99 just after a grant of 100, 0 in its last second); -1: gone or expired."""
         self.sync()
         at = self.expiry.get(lease_id)
         if at is None:
             return -1
         left = at - time.monotonic()
-        return max(math.ceil(left), 0) if left > 0 else -1
+        return int(left) if left > 0 else -1
 
     async def run(self) -> None:
         """Revoke expired leases, compact history: while the node runs."""

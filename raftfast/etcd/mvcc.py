@@ -416,20 +416,27 @@ class MVCCStore:
     def _run(self, r: pb.TxnRequest, path: Iterator[bool]) -> pb.TxnResponse:
         ok = next(path)
         response = pb.TxnResponse(succeeded=ok)
+        # Each op's header holds the revision it saw, as etcd's: a read, the one before the
+        # txn until the txn has changed something, then the txn's; a put, the txn's; a delete,
+        # the txn's if it deleted something. A nested txn's own header stays empty (etcd's).
+        written = self._next_revision
         for op in r.success if ok else r.failure:
             which = op.WhichOneof("request")
             out = response.responses.add()
             if which == "request_range":
                 out.response_range.CopyFrom(self.range(op.request_range, in_txn=True))
+                out.response_range.header.revision = written if self._pending else written - 1
             elif which == "request_put":
                 out.response_put.CopyFrom(self._put(op.request_put))
+                out.response_put.header.revision = written
             elif which == "request_delete_range":
                 out.response_delete_range.CopyFrom(self._delete(op.request_delete_range))
+                deleted = out.response_delete_range.deleted
+                out.response_delete_range.header.revision = written if deleted else written - 1
             elif which == "request_txn":
                 out.response_txn.CopyFrom(self._run(op.request_txn, path))
             else:
                 out.response_range.CopyFrom(pb.RangeResponse())  # (an empty RequestOp)
-            # (each op's header carries the revision the txn ends at: set by the caller)
         return response
 
     def _check_op(self, op: pb.RequestOp) -> None:
@@ -611,9 +618,13 @@ class MVCCStore:
         sort_order, target = r.sort_order, r.sort_target
         if sort_order not in _SORT_ORDERS or target not in _SORT_KEYS:
             raise errors.invalid(f"unknown sort order {sort_order} or target {target}")
-        if sort_order == _SORT.NONE and target != _SORT.KEY:
-            sort_order = _SORT.ASCEND  # (etcd sorts by another target ascending by default)
         filtered = _filtered(r)
+        # etcd sorts by another target ascending by default, but with a limit and no filter
+        # it reads only limit + 1 keys first, in key order, and sorts those (etcd 3.4 and 3.5:
+        # clients paging so get the same pages here)
+        first_keys = sort_order == _SORT.NONE and target != _SORT.KEY and not filtered
+        if sort_order == _SORT.NONE and target != _SORT.KEY:
+            sort_order = _SORT.ASCEND
         plain = not filtered and _in_key_order(r)
         response = pb.RangeResponse()
         limit = min(r.limit, _INT64_MAX - 1) if r.limit > 0 else 0  # (islice takes limit + 1)
@@ -632,6 +643,8 @@ class MVCCStore:
         else:
             out = list(items)
             response.count = looked_at = len(out)
+            if first_keys and limit:
+                del out[limit + 1 :]
             if filtered:
                 out = [rec for rec in out if _passes(rec, r)]
             if sort_order == _SORT.DESCEND or (sort_order == _SORT.ASCEND and target != _SORT.KEY):

@@ -198,7 +198,9 @@ class _Stream:
         if watch_id < 0:
             refusal = "etcdserver: watch id must not be negative"
         elif watch_id and watch_id in self.watchers:
-            refusal = "etcdserver: watcher ID already in use"  # (etcd's mvcc error text)
+            refusal = "mvcc: duplicate watch ID provided on the WatchStream"  # (etcd's text)
+        elif r.range_end and r.range_end != b"\0" and (r.key or b"\0") >= r.range_end:
+            refusal = "mvcc: watcher range is empty"  # (etcd's: it would never fire)
         elif len(self.watchers) >= MAX_WATCHERS_PER_STREAM:
             refusal = f"etcdserver: at most {MAX_WATCHERS_PER_STREAM} watchers on one stream"
         elif r.start_revision < 0:

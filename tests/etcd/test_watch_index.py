@@ -220,3 +220,27 @@ def test_a_revision_costs_its_events_not_every_watcher(monkeypatch: pytest.Monke
     # the events each matched watcher gets, looked at once or twice; before, every watcher
     # looked at every event (10,000,000 here)
     assert looked <= 2 * (n_keys + 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"key": b"b", "range_end": b"a"}, "mvcc: watcher range is empty"),
+        ({"key": b"a", "range_end": b"a"}, "mvcc: watcher range is empty"),
+        ({"key": b"", "range_end": b"\x00"}, None),  # every key
+        ({"key": b"a", "range_end": b"\x00"}, None),  # from a key
+        ({"watch_id": 7}, "mvcc: duplicate watch ID provided on the WatchStream"),
+    ],
+)
+def test_creates_etcd_refuses_are_refused_with_its_reason(fields: dict, reason: str | None) -> None:
+    store = MVCCStore()
+    stream = watch._Stream(_api(store, 1536 * 1024))
+    stream.take(pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"k", watch_id=7)))
+    stream.pending()
+    stream.take(pb.WatchRequest(create_request=pb.WatchCreateRequest(**fields)))
+    (answer,) = stream.pending()
+    assert answer.created
+    if reason is None:
+        assert not answer.canceled and answer.watch_id != -1
+    else:
+        assert (answer.canceled, answer.watch_id, answer.cancel_reason) == (True, -1, reason)
