@@ -416,9 +416,9 @@ class MVCCStore:
     def _run(self, r: pb.TxnRequest, path: Iterator[bool]) -> pb.TxnResponse:
         ok = next(path)
         response = pb.TxnResponse(succeeded=ok)
-        # Each op's header holds the revision it saw, as etcd's: a read, the one before the
-        # txn until the txn has changed something, then the txn's; a put, the txn's; a delete,
-        # the txn's if it deleted something. A nested txn's own header stays empty (etcd's).
+        # Each op's header holds the revision it saw, as etcd's: a read or a delete, the one
+        # before the txn until the txn has changed something, then the txn's; a put, the
+        # txn's. A nested txn's own header is there, empty (etcd's).
         written = self._next_revision
         for op in r.success if ok else r.failure:
             which = op.WhichOneof("request")
@@ -431,10 +431,12 @@ class MVCCStore:
                 out.response_put.header.revision = written
             elif which == "request_delete_range":
                 out.response_delete_range.CopyFrom(self._delete(op.request_delete_range))
-                deleted = out.response_delete_range.deleted
-                out.response_delete_range.header.revision = written if deleted else written - 1
+                out.response_delete_range.header.revision = (
+                    written if self._pending else written - 1
+                )
             elif which == "request_txn":
                 out.response_txn.CopyFrom(self._run(op.request_txn, path))
+                out.response_txn.header.SetInParent()
             else:
                 out.response_range.CopyFrom(pb.RangeResponse())  # (an empty RequestOp)
         return response

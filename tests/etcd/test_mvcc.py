@@ -797,14 +797,15 @@ def test_txn_op_headers_hold_the_revision_each_op_saw_as_etcd() -> None:
         op_del(b"nothing"),  # deleted nothing: the same
         op_put(b"a", b"2"),  # the txn's
         op_get(b"a"),  # after a change: the txn's
-        op_del(b"nothing"),  # deleted nothing, after a change: still the one before (etcd's)
+        op_del(b"nothing"),  # deleted nothing, after a change: the txn's
         op_del(b"b"),
     ]
     inner = pb.RequestOp(request_txn=pb.TxnRequest(success=[op_get(b"a")]))
     response = txn(store, [], [*ops, inner], [])
     assert response.header.revision == 4
     revisions = [getattr(r, r.WhichOneof("response")).header.revision for r in response.responses]
-    assert revisions == [3, 3, 4, 4, 3, 4, 0]  # (a nested txn's own header: empty, as etcd's)
+    assert revisions == [3, 3, 4, 4, 4, 4, 0]  # (a nested txn's own header: empty, as etcd's)
+    assert response.responses[-1].response_txn.HasField("header")
     assert response.responses[-1].response_txn.responses[0].response_range.header.revision == 4
 
 
