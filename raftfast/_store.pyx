@@ -1493,7 +1493,7 @@ def apply_writes(KeyStore store not None, clients, list payloads not None, Py_ss
                     held_results.pop(gone, None)
             window_obj.max_seq = seq_obj
         held_results[seq_obj] = result
-        clients.held += len(held_results) - before
+        clients.held += len(held_results) - before  # (a KV result is a bool: one unit)
         while clients.held > most_results and len(clients) > 1:  # (a table restored over it)
             clients.forget_oldest()
         results.append(result)

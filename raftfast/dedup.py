@@ -23,16 +23,29 @@ __all__ = [
     "ClientWindow",
     "owned_client_id",
     "remember",
+    "units",
     "window_of",
 ]
 
 DEDUP_WINDOW = 4096  # sequences remembered per client
 MAX_CLIENTS = 100_000  # clients remembered before the least recently active is forgotten
-# Results remembered by all clients together (~150 bytes each here: ~300 MB at most, the
-# windows of ~490 clients that have each written 4,096 times): past it the least recently
+# Results remembered by all clients together, in units (``units``: one a result, and one more
+# per _UNIT_BYTES of bytes it holds; ~150 bytes of memory a unit at most: ~300 MB, the windows
+# of ~490 clients that have each written 4,096 small results): past it the least recently
 # active clients are forgotten. Without it 100,000 made-up client ids of 4,096+ writes each
-# were hundreds of millions of results, tens of GB on every node (a hostile hunt: 10-15 MB/s).
+# were hundreds of millions of results, tens of GB on every node (a hostile hunt: 10-15 MB/s);
+# counted by results alone, 300 commands of 17 bytes whose results were 1 MB each grew every
+# node by ~300 MB (another).
 MAX_RESULTS = 2_000_000
+_UNIT_BYTES = 128
+_MISSING = object()
+
+
+def units(result: Any) -> int:
+    """What ``result`` counts against MAX_RESULTS (the same on every replica)."""
+    if isinstance(result, bytes | bytearray):
+        return 1 + len(result) // _UNIT_BYTES
+    return 1
 
 
 class ClientWindow:
@@ -57,33 +70,44 @@ class ClientWindow:
         return seq <= self.max_seq - window
 
     def remember(self, seq: int, result: Any, window: int) -> int:
-        """Keep ``result`` (``seq`` is not below the window); returns how many more results
-        the window holds (fewer when it slid past some)."""
-        before = len(self.results)
+        """Keep ``result`` (``seq`` is not below the window); returns how many more units
+        (``units``) the window holds (fewer when it slid past some)."""
+        results = self.results
+        added = units(result)
         if seq > self.max_seq:
             if seq - self.max_seq >= window:
-                self.results.clear()  # (every one remembered is below the new window)
+                added -= self.units()
+                results.clear()  # (every one remembered is below the new window)
             else:  # (those the window slides past: one a write for a client in sequence)
                 for gone in range(self.max_seq - window + 1, seq - window + 1):
-                    self.results.pop(gone, None)
+                    old = results.pop(gone, _MISSING)
+                    if old is not _MISSING:
+                        added -= units(old)
             self.max_seq = seq
-        self.results[seq] = result
-        return len(self.results) - before
+        old = results.get(seq, _MISSING)
+        if old is not _MISSING:
+            added -= units(old)
+        results[seq] = result
+        return added
+
+    def units(self) -> int:
+        """What its results count against MAX_RESULTS."""
+        return sum(map(units, self.results.values()))
 
 
 class ClientTable(OrderedDict[int, ClientWindow]):
-    """The clients' windows, least recently active first, and ``held``: the results they hold
-    in all (kept by ``window_of`` and ``remember``)."""
+    """The clients' windows, least recently active first, and ``held``: the units (``units``)
+    of the results they hold in all (kept by ``window_of`` and ``remember``)."""
 
     gen = 0  # bumped by ``frozen``: a window of an older generation is shared with a copy
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.held = sum(len(w.results) for w in self.values())
+        self.held = sum(w.units() for w in self.values())
 
     def forget_oldest(self) -> None:
         _, window = self.popitem(last=False)
-        self.held -= len(window.results)
+        self.held -= window.units()
 
     def frozen(self) -> ClientTable:
         """The table as of now, for a snapshot to read in another thread while this one goes

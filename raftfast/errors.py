@@ -118,10 +118,16 @@ def message_of(exc: BaseException) -> str:
 
 
 def clipped(message: str) -> str:
-    """``message``, cut to ``MAX_MESSAGE_CHARS`` (saying how much was left out)."""
-    if len(message) <= MAX_MESSAGE_CHARS:
+    """``message``, cut to ``MAX_MESSAGE_CHARS`` (saying how much was left out), and made
+    valid UTF-8: a lone surrogate (a client's string decoded with ``surrogatepass``, repeated
+    in an error) is written as its escape. gRPC could not send such a status, and the call
+    was never answered."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        cut = len(message) - MAX_MESSAGE_CHARS
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({cut} more characters)"
+    if message.isascii():
         return message
-    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class LockLostError(RaftfastError):

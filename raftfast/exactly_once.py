@@ -40,6 +40,10 @@ _TABLE = struct.Struct("<4sQ")  # magic, client count
 _CLIENT = struct.Struct("<QqI")  # client id, max sequence, results kept
 _RESULT = struct.Struct("<QBI")  # sequence, kind, length of the data
 _NONE, _BYTES, _ERROR, _GONE = range(4)
+# The biggest result kept for a retry: its proposer gets a bigger one, and a retry of that
+# command an error saying it was applied (a client's window of 4,096 results of 1 MB each
+# was 4 GB on every node, and in every snapshot).
+MAX_KEPT_RESULT_BYTES = 64 * 1024
 
 log = logging.getLogger("raftfast.node")
 
@@ -72,7 +76,7 @@ class ExactlyOnce(StateMachine):
         if seq in client.results:
             return client.results[seq]
         result = _kept(self._apply(index, body))
-        remember(self._clients, client, seq, result, self._window)
+        remember(self._clients, client, seq, _for_retry(result), self._window)
         return result
 
     def apply_batch(self, first_index: int, commands: Sequence[bytes]) -> list[Any]:
@@ -107,7 +111,7 @@ class ExactlyOnce(StateMachine):
         for (client_id, seq), result in zip(ids, results, strict=True):
             if client_id:
                 window = window_of(self._clients, client_id, self._max_clients)
-                remember(self._clients, window, seq, result, self._window)
+                remember(self._clients, window, seq, _for_retry(result), self._window)
         return results
 
     def _apply(self, index: int, body: bytes) -> Any:
@@ -185,6 +189,17 @@ def _kept(result: Any) -> Any:
         except Exception:  # noqa: BLE001 - (message_of says what it can)
             pass
         return CommandError(message_of(result))
+    return result
+
+
+def _for_retry(result: Any) -> Any:
+    """What the table keeps of a result for a retry: the result, or past
+    MAX_KEPT_RESULT_BYTES an error saying the command was applied."""
+    if isinstance(result, bytes | bytearray | memoryview) and len(result) > MAX_KEPT_RESULT_BYTES:
+        return CommandError(
+            f"applied; its result ({len(result)} bytes) was more than the "
+            f"{MAX_KEPT_RESULT_BYTES} bytes kept for a retry: read the state instead"
+        )
     return result
 
 

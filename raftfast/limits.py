@@ -27,6 +27,8 @@ def node_id_problem(node_id: object) -> str | None:
         return f"a node id is at most {MAX_ID_BYTES} bytes"
     if not node_id.isprintable() or " " in node_id:
         return "a node id has no spaces or control characters"
+    if "=" in node_id or "," in node_id:
+        return "a node id has no '=' or ',' (--peers could not name it)"
     return None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from raftfast.errors import clipped
 from raftfast.etcd.api import EtcdAPI
 from raftfast.etcd.errors import EtcdError
 from raftfast.etcd.watch import WatchService
@@ -39,7 +40,7 @@ async def _call(api: EtcdAPI, method: str, request: Any, context: grpc.aio.Servi
             raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await api.handle(method, request, context.time_remaining())
     except EtcdError as exc:
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, clipped(exc.message))
     except (grpc.aio.AbortError, asyncio.CancelledError):
         raise
     except Exception as exc:  # noqa: BLE001 - a status, never a crash

@@ -193,7 +193,6 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except Exception as failure:  # noqa: BLE001 - every failure becomes a status
             exc = await self.settle_leader(failure, context)
             code, message = status_of(self, exc, method.__name__)
-            message = clipped(message)
             if isinstance(exc, NotLeaderError):
                 leader_id, address = self.leader_hint(exc)
                 if leader_id:
@@ -206,7 +205,13 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 def status_of(service: Service, exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
-    """The status and message a failure of ``what`` becomes (per op in a Session too)."""
+    """The status and message a failure of ``what`` becomes (per op in a Session too); the
+    message valid UTF-8, however it was made (``clipped``)."""
+    code, message = _status_of(service, exc, what)
+    return code, clipped(message)
+
+
+def _status_of(service: Service, exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, BadRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NoSpace):

@@ -16,8 +16,10 @@ import grpc
 import pytest
 
 import raftfast
+from raftfast.dedup import units
 from raftfast.errors import MAX_MESSAGE_CHARS, CommandError
-from raftfast.exactly_once import ExactlyOnce, frame_command
+from raftfast.exactly_once import MAX_KEPT_RESULT_BYTES, ExactlyOnce, frame_command
+from raftfast.objects.batteries import MAX_SAME_HASH_KEYS
 from raftfast.objects.codec import MAX_ITEMS, MAX_SAME_HASH, decode, encode
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -129,3 +131,124 @@ def test_hostile_commands_are_refused_before_the_log(tmp_path):
             assert await table.get("a") == 1
 
     asyncio.run(main())
+
+
+def test_a_dict_refuses_keys_sharing_a_hash_across_commands() -> None:
+    # 2,500 commands of 16 multiples of 2**61 - 1 each (every one within a command's own
+    # limit) built a dict whose restore took 8 s on a node's loop: a hostile hunt.
+    table = raftfast.ReplDict()
+    objects = raftfast.Objects(table=table)
+    keys = colliding(MAX_SAME_HASH_KEYS + 1)
+    index = 0
+
+    def call(method: str, *args: object) -> object:
+        nonlocal index
+        index += 1
+        return objects.apply(index, encode(["table", method, list(args), {}]))
+
+    for i in range(0, MAX_SAME_HASH_KEYS, 16):
+        assert decode(call("update", dict.fromkeys(keys[i : i + 16], 1))) is None
+    assert decode(call("set", "text", 1)) is None  # (str keys: seeded hashes, not counted)
+    refused = call("set", keys[-1], 1)
+    assert isinstance(refused, ValueError) and "share a hash" in str(refused)
+    refused = call("update", {keys[-1]: 1, "more text": 2})
+    assert isinstance(refused, ValueError) and keys[-1] not in table
+    assert "more text" not in table  # (refused whole)
+    assert decode(call("set", keys[0], 2)) is None  # (a key it holds: written again)
+    assert decode(call("pop", keys[0])) == 2
+    assert decode(call("set", keys[-1], 1)) is None  # (room again)
+    # a node restored from a snapshot counts the same, and refuses the same
+    out = io.BytesIO()
+    objects.snapshot(out)
+    copy = raftfast.ReplDict()
+    restored = raftfast.Objects(table=copy)
+    restored.restore(io.BytesIO(out.getvalue()))
+    refused = restored.apply(index + 1, encode(["table", "set", [keys[0], 1], {}]))
+    assert isinstance(refused, ValueError) and "share a hash" in str(refused)
+    assert decode(restored.apply(index + 2, encode(["table", "set", [7, 1], {}]))) is None
+
+
+def test_big_results_are_not_kept_for_a_retry_and_count_by_size() -> None:
+    big = b"r" * (MAX_KEPT_RESULT_BYTES + 1)
+
+    class Echo(raftfast.StateMachine):
+        def apply(self, index: int, command: bytes) -> object:
+            return big if command == b"big" else command
+
+        def snapshot(self, out) -> None:
+            pass
+
+        def restore(self, inp) -> None:
+            pass
+
+    machine = ExactlyOnce(Echo())
+    assert machine.apply(1, frame_command(7, 1, b"big")) == big  # (its proposer gets it all)
+    retried = machine.apply(2, frame_command(7, 1, b"big"))
+    assert isinstance(retried, CommandError) and "applied" in str(retried)
+    assert f"more than the {MAX_KEPT_RESULT_BYTES} bytes" in str(retried)
+    small = b"s" * 1000
+    assert machine.apply(3, frame_command(7, 2, small)) == small
+    assert machine.apply(4, frame_command(7, 2, small)) == small  # (kept whole)
+    # what the table holds counts a result by its size: 1 MB results of 17-byte commands grew
+    # every node by ~300 MB for 300 of them, counted as 300
+    table = machine._clients
+    assert table.held == units(retried) + units(small) == 1 + 1 + 1000 // 128
+    out = io.BytesIO()
+    machine.snapshot(out)
+    restored = ExactlyOnce(Echo())
+    restored.restore(io.BytesIO(out.getvalue()))
+    assert restored._clients.held == table.held
+    again = restored.apply(5, frame_command(7, 1, b"big"))
+    assert isinstance(again, CommandError) and "applied" in str(again)
+
+
+def test_a_client_text_with_a_lone_surrogate_in_an_error_is_answered(tmp_path):
+    # A kwarg named "\ud800" (the codec takes such text: surrogatepass) came back in the
+    # error's message, which gRPC could not send: the call was never answered, and the node
+    # logged a traceback.
+    [port] = free_ports(1)
+    table = raftfast.ReplDict()
+
+    async def main() -> None:
+        node = raftfast.Node(
+            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
+            state_machine=raftfast.Objects(table=table), tick_ms=20,
+        )  # fmt: skip
+        async with node, grpc.aio.insecure_channel(node.settings.listen) as channel:
+            await node.wait_for_leader()
+            stub = pb_grpc.StateMachineStub(channel)
+            command = encode(["table", "set", [], {"\ud800": 1}])
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Propose(
+                    pb.ProposeRequest(client_id=9, sequence=1, command=command), timeout=10
+                )
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value
+            assert "\\ud800" in caught.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:  # (a retry: the kept error)
+                await stub.Propose(
+                    pb.ProposeRequest(client_id=9, sequence=1, command=command), timeout=10
+                )
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value
+            query = encode(["table", "get", [], {"\udcff": 1}])
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Query(pb.QueryRequest(request=query), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value
+            assert "\\udcff" in caught.value.details()
+
+    asyncio.run(main())
+
+
+def test_a_dicts_items_come_a_page_at_a_time() -> None:
+    table = raftfast.ReplDict()
+    objects = raftfast.Objects(table=table)
+    objects.apply(1, encode(["table", "update", [{i: str(i) for i in range(10)}], {}]))
+
+    def items(*args: object) -> object:
+        return decode(objects.query(encode(["table", "items", list(args), {}])))
+
+    assert items() == [(i, str(i)) for i in range(10)]
+    assert items(3, 4) == [(i, str(i)) for i in range(3, 7)]
+    assert items(8) == [(8, "8"), (9, "9")] and items(20, 5) == []
+    for bad in ((-1,), (0, -2), ("x",)):
+        with pytest.raises(ValueError, match="non-negative"):
+            items(*bad)
