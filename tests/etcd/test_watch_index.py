@@ -27,6 +27,19 @@ def _api(store: MVCCStore, max_bytes: int) -> Any:
     )
 
 
+ALL = {"key": b"\x00", "range_end": b"\x00"}  # every key
+
+
+class _CountingWatchers(dict):
+    """A stream's watchers, counting the passes over all of them."""
+
+    passes = 0
+
+    def values(self) -> Any:
+        self.passes += 1
+        return super().values()
+
+
 KEYS = [b"a", b"a/1", b"a/2", b"ab", b"b", b"b/x", b"c", b"\x00", b"\xff"]
 RANGES = [
     (b"a", b""),
@@ -244,3 +257,86 @@ def test_creates_etcd_refuses_are_refused_with_its_reason(fields: dict, reason: 
         assert not answer.canceled and answer.watch_id != -1
     else:
         assert (answer.canceled, answer.watch_id, answer.cancel_reason) == (True, -1, reason)
+
+
+def _count_wants(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    looked = [0]
+    wants = watch._Watcher.wants
+
+    def counting(self: watch._Watcher, ev: Any) -> bool:
+        looked[0] += 1
+        return wants(self, ev)
+
+    monkeypatch.setattr(watch._Watcher, "wants", counting)
+    return looked
+
+
+def test_one_call_weighs_a_watchers_share_before_it_looks_at_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1,000 prefix watchers and a DeleteRange of 50,000 keys: each watcher's 50,000 events
+    # were listed and looked at in the first call (8 s, 200 MB) before its share was found
+    # too big for one response. Now too big a share is known by its count, and goes in parts
+    # in the calls after, a call's budget at a time.
+    n_keys, n_watchers = 5 * watch.MAX_EVENTS_PER_RESPONSE, 200
+    store = MVCCStore()
+    for i in range(0, n_keys, 500):
+        ops = [
+            pb.RequestOp(request_put=pb.PutRequest(key=b"d/%06d" % j)) for j in range(i, i + 500)
+        ]
+        store.apply(encode(pb.TxnRequest(success=ops)))
+    stream = watch._Stream(_api(store, 1536 * 1024))
+    for _ in range(n_watchers):
+        stream.take(
+            pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"d/", range_end=b"d0"))
+        )
+    stream.pending()
+    stream.pending()  # (they joined the synced ones)
+    looked = _count_wants(monkeypatch)
+    store.apply(encode(pb.DeleteRangeRequest(key=b"d/", range_end=b"d0")))
+    answers = stream.pending()
+    # what one call does is bounded (an event counts 64 bytes of its budget): was every
+    # watcher's share, n_keys * n_watchers
+    assert looked[0] <= 1536 * 1024 // 64 < n_keys * n_watchers
+    for _ in range(100_000):  # the parts come in the calls after, each watcher's in order
+        stream.wake.clear()
+        answers += stream.pending()
+        if not stream.wake.is_set():
+            break
+    for w in range(n_watchers):
+        keys = [e.kv.key for r in answers if r.watch_id == w for e in r.events]
+        assert keys == [b"d/%06d" % j for j in range(n_keys)]
+
+
+def test_a_watcher_from_revision_1_gets_a_big_first_revision_once() -> None:
+    # revision 1 has no events: a watcher from it was sent revision 2 in parts under header
+    # revision 1, then revision 2 again from its start
+    n = watch.MAX_EVENTS_PER_RESPONSE + 24
+    store = MVCCStore()
+    ops = [pb.RequestOp(request_put=pb.PutRequest(key=b"k/%05d" % j)) for j in range(n)]
+    store.apply(encode(pb.TxnRequest(success=ops)))
+    stream = watch._Stream(_api(store, 1536 * 1024))
+    stream.take(pb.WatchRequest(create_request=pb.WatchCreateRequest(start_revision=1, **ALL)))
+    answers = [r for _ in range(10) for r in stream.pending() if r.events]
+    keys = [e.kv.key for r in answers for e in r.events]
+    assert keys == [b"k/%05d" % j for j in range(n)]
+    assert [r.header.revision for r in answers] == [2, 2]
+
+
+def test_watchers_from_a_revision_to_come_cost_a_call_nothing() -> None:
+    store = MVCCStore()
+    stream = watch._Stream(_api(store, 1536 * 1024))
+    stream.watchers = _CountingWatchers()
+    for i in range(2_000):
+        stream.take(
+            pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"k%d" % i, start_revision=5))
+        )
+    stream.pending()
+    assert not stream._behind  # (held apart until their revision comes)
+    for i in range(3):
+        store.apply(encode(pb.PutRequest(key=b"k%d" % i)))  # revisions 2, 3, 4
+        assert [r.events for r in stream.pending()] == []
+    store.apply(encode(pb.PutRequest(key=b"k7")))  # 5: their start
+    got = [(r.watch_id, e.kv.key) for r in stream.pending() for e in r.events]
+    assert got == [(7, b"k7")]
+    assert stream.caught_up() and stream.watchers.passes == 0
