@@ -7,19 +7,24 @@ failure is logged and answered INTERNAL, and the node goes on serving."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator
+from contextlib import closing
 from typing import Any
 
 import grpc
 
-from raftfast.errors import clipped
+from raftfast.errors import NotLeaderError, clipped
+from raftfast.etcd import errors
 from raftfast.etcd.api import EtcdAPI
 from raftfast.etcd.errors import EtcdError
 from raftfast.etcd.watch import WatchService
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
+from raftfast.server.admin import SNAPSHOT_SAVES_AT_ONCE
 from raftfast.server.handlers import Malformed, register
+from raftfast.storage.backup import BackupInfo, header_bytes, seal
 
 __all__ = ["SERVICE_NAMES", "add_etcd_services"]
 
@@ -98,6 +103,47 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
     Hash = _unary("Maintenance/Hash")
     HashKV = _unary("Maintenance/HashKV")
     MoveLeader = _unary("Maintenance/MoveLeader")
+
+    def __init__(self, api: EtcdAPI) -> None:
+        super().__init__(api)
+        self._snapshots = 0  # Snapshot streams under way
+
+    async def Snapshot(  # noqa: N802 - gRPC naming
+        self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SnapshotResponse]:
+        """etcd's ``snapshot save``: this member's state as a raftfast backup file, the one
+        ``raftfast snapshot save`` writes (``raftfast-node --restore`` reads it; etcdctl's
+        ``snapshot status`` and ``restore`` read etcd's database files only). As etcd's, the
+        state of the member asked: on the leader every write acknowledged before the call, on
+        a follower what it has applied. At most SNAPSHOT_SAVES_AT_ONCE at a time (each holds a
+        snapshot file open until its client has read it)."""
+        if self._snapshots >= SNAPSHOT_SAVES_AT_ONCE:
+            await context.abort(errors.TOO_MANY_REQUESTS.code, errors.TOO_MANY_REQUESTS.message)
+        self._snapshots += 1
+        try:
+            driver = self.api.driver
+            mode = "linearizable" if driver.is_leader else "stale"
+            try:
+                meta, chunks = await driver.backup_snapshot(mode)
+            except NotLeaderError:
+                await context.abort(errors.LEADER_CHANGED.code, errors.LEADER_CHANGED.message)
+            except Exception as exc:  # noqa: BLE001 - a status, never a crash
+                log.error("etcd snapshot failed", exc_info=exc)
+                await context.abort(grpc.StatusCode.INTERNAL, clipped(f"etcdserver: {exc}"))
+            with closing(chunks):  # (the file closes when the stream ends, read or not)
+                crc = await asyncio.to_thread(chunks.crc32c, meta.size)
+                head = header_bytes(BackupInfo(meta.index, meta.term, meta.size, crc))
+                digest = hashlib.sha256(head)
+                end = len(seal(digest, len(head) + meta.size))
+                left = meta.size + end
+                yield pb.SnapshotResponse(header=self.api.header(), remaining_bytes=left, blob=head)
+                for chunk in chunks:
+                    digest.update(chunk)
+                    left -= len(chunk)
+                    yield pb.SnapshotResponse(remaining_bytes=left, blob=chunk)
+                yield pb.SnapshotResponse(blob=seal(digest, len(head) + meta.size))
+        finally:
+            self._snapshots -= 1
 
 
 # The methods that only read (their big answers may be refused once built:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from raftfast.core.membership import Membership
 from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, RaftfastError, message_of
-from raftfast.storage.backup import BackupInfo, read_header
+from raftfast.storage.backup import HEADER_SIZE, BackupInfo, read_header
 from raftfast.storage.fsutil import open_regular
 from raftfast.storage.snapshot import SnapshotStore, read_state_header
 from raftfast.storage.wal import WAL
@@ -48,8 +48,12 @@ def restore_backup(
         read_state_header(f, path)  # the old cluster's members: replaced by the new ones
         store = SnapshotStore(os.path.join(data_dir, "snap"), fsync=fsync)
         snapshot = store.create(info.index, info.term, Membership(dict(peers)).encode())
+        end = HEADER_SIZE + info.size  # (a seal may follow: a backup etcdctl saved)
         try:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
+            while (left := end - f.tell()) > 0:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
                 snapshot.out.write(chunk)
         except BaseException:
             snapshot.abort()

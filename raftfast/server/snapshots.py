@@ -81,12 +81,15 @@ class SnapshotMixin:
         )
         return due and time.monotonic() >= self._snapshot_retry_at and self._restoring is None
 
-    async def backup_snapshot(self) -> tuple[SnapshotMeta, SnapshotChunks]:
-        """Leader only: a snapshot covering every write acknowledged before the call (a
-        linearizable read barrier first, then a new snapshot unless the newest covers it), and
-        its content in chunks (the file is open already: a later prune cannot take it away;
-        the caller closes it). Calls while nothing new was applied share the newest file."""
-        await self.read_barrier("linearizable")
+    async def backup_snapshot(
+        self, read_mode: str = "linearizable"
+    ) -> tuple[SnapshotMeta, SnapshotChunks]:
+        """A snapshot covering every write acknowledged before the call (leader only: a
+        linearizable read barrier first; ``read_mode`` "stale": what this node has applied,
+        as etcd's snapshot of a member), a new one unless the newest covers it, and its
+        content in chunks (the file is open already: a later prune cannot take it away; the
+        caller closes it). Calls while nothing new was applied share the newest file."""
+        await self.read_barrier(read_mode)
         needed = self.applied_index  # (every write acknowledged before the call is in)
         latest = self.snapshots.latest()
         wait = self._backup_taken_at + BACKUP_SNAPSHOT_EVERY_S - time.monotonic()

@@ -4,28 +4,41 @@ it and ``raftfast-node --restore`` reads it (the layout is in docs/disk-format.m
 A header names the snapshot (the last entry it covers: index and term), its size and its
 CRC32C; the snapshot file's bytes follow as the node keeps them (the configuration, then the
 state machine's state). The header is written last, so a file cut short by a crash or a full
-disk never passes ``read_header``.
+disk never passes ``read_header``. A backup streamed to etcdctl (``etcdctl snapshot save``)
+ends with a seal etcdctl looks for (``seal``); ``read_header`` checks it too.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import struct
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, FormatVersionError
 from raftfast.limits import MAX_TERM_OR_INDEX
 from raftfast.storage.fsutil import FILE_MODE, fsync_dir
 
-__all__ = ["BACKUP_FORMAT", "BackupInfo", "BackupWriter", "read_header"]
+__all__ = [
+    "BACKUP_FORMAT",
+    "HEADER_SIZE",
+    "BackupInfo",
+    "BackupWriter",
+    "header_bytes",
+    "read_header",
+    "seal",
+]
 
 BACKUP_FORMAT = 1
 _MAGIC = b"RFBK"
 _HEADER = struct.Struct("<4sHHQQQI")  # magic | format | 0 | index | term | size | crc32c
+HEADER_SIZE = _HEADER.size
 _CHUNK = 1 << 20
+_SEAL_BLOCK = 512  # (etcd's snapshot files: pages of 512 bytes, then a SHA-256)
+_SEAL_MAX = _SEAL_BLOCK - 1 + 32
 
 
 class BackupInfo(NamedTuple):
@@ -76,8 +89,7 @@ class BackupWriter:
             self.abort()
             raise CorruptionError(f"snapshot stream ended at {self._size} of {size} bytes")
         info = BackupInfo(index, term, size, self._crc)
-        header = _HEADER.pack(_MAGIC, BACKUP_FORMAT, 0, index, term, size, self._crc)
-        os.pwrite(self._fd, header, 0)
+        os.pwrite(self._fd, header_bytes(info), 0)
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
@@ -93,6 +105,11 @@ class BackupWriter:
             os.unlink(self._temp)
         except FileNotFoundError:
             pass
+
+
+def header_bytes(info: BackupInfo) -> bytes:
+    """The header of a backup of the snapshot ``info`` describes; its bytes follow it."""
+    return _HEADER.pack(_MAGIC, BACKUP_FORMAT, 0, info.index, info.term, info.size, info.crc)
 
 
 def read_header(f: BinaryIO, path: str) -> BackupInfo:
@@ -113,12 +130,34 @@ def read_header(f: BinaryIO, path: str) -> BackupInfo:
             f"{path}: snapshot index {index} or term {term} is out of range", path, 8
         )
     got, seen = 0, 0
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
+    sealed = hashlib.sha256(head)
+    while seen < size:
+        chunk = f.read(min(_CHUNK, size - seen))
+        if not chunk:
+            break
         got = crc32c(chunk, got)
+        sealed.update(chunk)
         seen += len(chunk)
-    if seen != size:
+    rest = f.read(_SEAL_MAX + 1)
+    if seen != size or (rest and not _is_seal(rest, sealed, _HEADER.size + size)):
+        seen += len(rest)
         raise CorruptionError(f"{path}: {seen} bytes of snapshot, the header says {size}", path)
     if got != crc:
         raise CorruptionError(f"{path}: checksum mismatch: the backup is damaged", path)
     f.seek(_HEADER.size)
     return BackupInfo(index, term, size, crc)
+
+
+def seal(digest: Any, length: int) -> bytes:
+    """What ends a backup streamed to etcdctl (``snapshot save``), after its ``length`` bytes
+    whose SHA-256 ``digest`` holds so far: zeros up to a multiple of 512 bytes, then the
+    SHA-256 of all before it, as etcd's own snapshot files end (etcdctl refuses a download
+    whose length is not 32 past a multiple of 512: "sha256 checksum not found")."""
+    pad = b"\0" * (-length % _SEAL_BLOCK)
+    digest = digest.copy()
+    digest.update(pad)
+    return pad + digest.digest()
+
+
+def _is_seal(rest: bytes, digest: Any, length: int) -> bool:
+    return rest == seal(digest, length)

@@ -373,6 +373,7 @@ class SnapshotChunks(Iterator[bytes]):
 
     def __init__(self, f: BinaryIO, meta: SnapshotMeta, chunk_bytes: int) -> None:
         self._f = f
+        self._meta = meta
         self._chunks = _chunks(f, meta, chunk_bytes)
 
     def __next__(self) -> bytes:
@@ -381,6 +382,19 @@ class SnapshotChunks(Iterator[bytes]):
     def close(self) -> None:
         self._chunks.close()
         self._f.close()
+
+    def crc32c(self, size: int, chunk_bytes: int = 1 << 20) -> int:
+        """The CRC32C of the file's first ``size`` bytes, read beside the chunks (they are
+        not moved): for a header that goes before them (a backup streamed to etcdctl).
+        CorruptionError if the file is shorter."""
+        fd, crc, offset = self._f.fileno(), 0, 0
+        while offset < size:
+            data = os.pread(fd, min(chunk_bytes, size - offset), offset)
+            if not data:
+                raise CorruptionError(f"snapshot {self._meta.path} ended at {offset} of {size}")
+            crc = crc32c(data, crc)
+            offset += len(data)
+        return crc
 
 
 def _chunks(f: BinaryIO, meta: SnapshotMeta, chunk_bytes: int) -> Generator[bytes, None, None]:

@@ -620,3 +620,28 @@ def test_a_watch_on_a_follower_survives_leader_changes(cluster):
     commit = cluster.status(leader).commit_index
     for nid in cluster.ids:
         cluster.wait_applied(nid, commit, f"{nid} to catch up")
+
+
+# -- backups ----------------------------------------------------------------------------------
+
+
+def test_snapshot_save_writes_a_backup_the_node_restores(cluster, tmp_path):
+    # etcdctl snapshot save (a cron job's backup) gets a raftfast backup file: every key
+    # written before it, from the leader or a follower (each member's own state, as etcd's)
+    for i in range(50):
+        put(cluster, f"snap/{i:02d}", f"v{i}")
+    leader, (follower, _) = leader_and_followers(cluster)
+    files = {}
+    for nid in (leader, follower):
+        path = tmp_path / f"{nid}.db"
+        saved = ctl(cluster, "snapshot", "save", path, nodes=[nid])
+        assert "Snapshot saved at" in saved.stdout + saved.stderr, saved
+        files[nid] = path
+    put(cluster, "snap/after", "later")
+    for nid, path in files.items():
+        (tmp_path / f"restored-{nid}").mkdir()
+        with ProcCluster(tmp_path / f"restored-{nid}", restore=str(path)) as new:
+            new.wait_leader()
+            got = json_of(ctl(new, "get", "snap/", "--prefix", "-w", "json"))
+            pairs = {unb64(kv["key"]): unb64(kv["value"]) for kv in got["kvs"]}
+            assert pairs == {f"snap/{i:02d}": f"v{i}" for i in range(50)}

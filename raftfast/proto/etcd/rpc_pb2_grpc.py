@@ -825,6 +825,11 @@ class MaintenanceStub:
                 request_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.MoveLeaderRequest.SerializeToString,
                 response_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.MoveLeaderResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/etcdserverpb.Maintenance/Snapshot',
+                request_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class MaintenanceServicer:
@@ -866,6 +871,13 @@ class MaintenanceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """the member's state as a raftfast backup file (raftfast-node --restore reads it)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MaintenanceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -898,6 +910,11 @@ def add_MaintenanceServicer_to_server(servicer, server):
                     servicer.MoveLeader,
                     request_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.MoveLeaderRequest.FromString,
                     response_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.MoveLeaderResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.SnapshotRequest.FromString,
+                    response_serializer=raftfast_dot_proto_dot_etcd_dot_rpc__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1062,6 +1079,33 @@ class Maintenance:
             '/etcdserverpb.Maintenance/MoveLeader',
             raftfast_dot_proto_dot_etcd_dot_rpc__pb2.MoveLeaderRequest.SerializeToString,
             raftfast_dot_proto_dot_etcd_dot_rpc__pb2.MoveLeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/etcdserverpb.Maintenance/Snapshot',
+            raftfast_dot_proto_dot_etcd_dot_rpc__pb2.SnapshotRequest.SerializeToString,
+            raftfast_dot_proto_dot_etcd_dot_rpc__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,
