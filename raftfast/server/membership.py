@@ -28,7 +28,7 @@ log = logging.getLogger("raftfast.node")
 _DONE_NOTE = {
     ChangeKind.PROMOTE: "a voter",
     ChangeKind.DEMOTE: "a learner",
-    ChangeKind.REMOVE: "not a member",
+    ChangeKind.REMOVE: "removed",
 }
 
 # Join answers that retrying cannot change: another cluster, a certificate of another name, a
@@ -125,6 +125,10 @@ class MembershipMixin:
             ChangeKind.DEMOTE: node_id in m.learners,
             ChangeKind.REMOVE: node_id not in m,
         }[kind]
+        if kind == ChangeKind.REMOVE and done and node_id not in self._removed_ids:
+            # (never a member, or removed before what this node's log holds: a typo in a
+            # replacement looked like a success; a retry of a removal just done still is one)
+            raise ValueError(f"{node_id!r} is not a member")
         if done:
             # Already so (perhaps thanks to an earlier attempt of this very call): say so.
             listing = self.members()

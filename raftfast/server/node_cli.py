@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster (the others join it again with empty data dirs; docs/operations.md)",
     )
     p.add_argument(
+        "--drop-tls",
+        action="store_true",
+        help="start without the TLS or client certificates this node was started with before "
+        "(node.json records them: a restart that left them out is refused otherwise)",
+    )
+    p.add_argument(
         "--restore",
         metavar="FILE",
         help="start a new cluster from a backup (raftfast snapshot save) in an empty --data-dir;"
@@ -570,6 +576,7 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
                 if data.get("state_machine")
                 else ""
             ),
+            "secured": _secured(data.get("secured", [])),
         }
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         msg = " ".join(str(exc).split())
@@ -589,7 +596,46 @@ def _identity_of(settings: NodeSettings) -> dict[str, Any]:
         "join": settings.join,
         "peer_listen": settings.peer_listen,
         "state_machine": settings.state_machine,
+        "secured": _secured_by(settings),
     }
+
+
+# What a node was started with that a restart must not drop unnoticed (node.json "secured"):
+# a restart with --data-dir alone came back plain, and with two such nodes a plain majority
+# served anyone (a hostile hunt). The flags that give each back, for the refusal.
+_SECURED = {
+    "peer_tls": "--peer-cert-file, --peer-key-file and --peer-trusted-ca-file",
+    "client_tls": "--cert-file and --key-file",
+    "client_cert_auth": "--client-cert-auth and --trusted-ca-file",
+}
+
+
+def _secured_by(settings: NodeSettings) -> list[str]:
+    on = {
+        "peer_tls": bool(settings.peer_cert_file),
+        "client_tls": bool(settings.cert_file),
+        "client_cert_auth": settings.client_cert_auth,
+    }
+    return [name for name in _SECURED if on[name]]
+
+
+def _secured(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(v in _SECURED for v in value):
+        raise ValueError(f"secured: {value!r} is not a list of {', '.join(_SECURED)}")
+    return list(value)
+
+
+def _check_still_secured(settings: NodeSettings, stored: dict[str, Any], data_dir: str) -> None:
+    """ConfigError if ``settings`` drop a protection the node was started with before."""
+    dropped = [name for name in stored["secured"] if name not in _secured_by(settings)]
+    if dropped:
+        flags = "; ".join(_SECURED[name] for name in dropped)
+        raise ConfigError(
+            f"this node was started with {', '.join(dropped)} (recorded in "
+            f"{identity_path(data_dir)}), which these settings leave out: a plain node would "
+            f"serve anyone who reaches it. Start it with its --config file, or with {flags}; "
+            "to turn them off for good, add --drop-tls"
+        )
 
 
 def write_identity(settings: NodeSettings) -> bool:
@@ -600,7 +646,7 @@ def write_identity(settings: NodeSettings) -> bool:
     os.makedirs(settings.data_dir, mode=DIR_MODE, exist_ok=True)
     ident = _identity_of(settings)
     current = load_identity(settings.data_dir)
-    if current is not None and all(current[k] == ident[k] for k in _IDENTITY_KEYS):
+    if current is not None and all(current[k] == ident[k] for k in (*_IDENTITY_KEYS, "secured")):
         return False
     data = (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()
     write_file_atomically(identity_path(settings.data_dir), data)
@@ -683,6 +729,8 @@ def parse_settings(
         settings.validate()
     except ValueError as exc:
         raise ConfigError(" ".join(str(exc).split())) from None
+    if stored is not None and not args.drop_tls:
+        _check_still_secured(settings, stored, data_dir)
     return settings
 
 

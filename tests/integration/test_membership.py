@@ -156,9 +156,9 @@ def test_member_commands(cluster):
     assert roles == {"n1": "voter", "n2": "voter", "n3": "voter", "n4": "voter"}, out.stdout
     assert "committed" in out.stdout
     # Bad requests: one line, exit 1, nothing changed.
-    out = _cli(cluster, "member", "remove", "n9")  # idempotent: retries must be safe
-    assert out.returncode == 0 and "n9 is already not a member: nothing to do" in out.stdout
     for args, expected, code in (  # 5: the cluster refuses; 2: a bad argument
+        # (never a member: a typo in a replacement must not look like a success)
+        (("member", "remove", "n9"), "'n9' is not a member", 5),
         (("member", "promote", "n9"), "n9 is not a learner", 5),
         (("member", "add", "n1", "127.0.0.1:1"), "already a member", 5),
         (("member", "add", "n9", "nonsense"), "bad address", 2),
@@ -181,6 +181,9 @@ def test_an_id_can_be_used_again_after_its_removal(cluster):
         # A configuration entry that names n3 before its removal (a learner nobody runs).
         c.add_member("n9", "127.0.0.1:9", learner=True)
         c.remove_member("n3")
+        again = _cli(cluster, "member", "remove", "n3")  # idempotent: retries must be safe
+        assert again.returncode == 0, again.stderr
+        assert "n3 is already removed: nothing to do" in again.stdout
         wait_for("n3 to exit", lambda: cluster.exited("n3") == 0, timeout=60)
         # The same id on a new machine: a new data dir and address, joining again.
         cluster.ids.remove("n3")

@@ -340,3 +340,36 @@ def test_certs_says_when_stdout_cannot_take_what_it_wrote(tmp_path):
     assert done.returncode == 6 and done.stderr.count("\n") == 1, done.stderr
     assert "cannot write what they are to stdout" in done.stderr
     assert (tmp_path / "tls" / "n1.toml").exists()
+
+
+def test_a_restart_that_leaves_tls_out_is_refused(made, tmp_path):
+    # A TLS node restarted with --data-dir alone came back plain: with two such nodes a plain
+    # majority served reads and writes to anyone (an operators' hunt). node.json records what
+    # the node was started with, and a restart without it is refused unless asked for.
+    from raftfast.server.node_cli import load_identity, write_identity
+
+    data = tmp_path / "n1"
+    first = [
+        "--config", str(made / "n1.toml"), "--id", "n1", "--listen", "127.0.0.1:7001",
+        "--peer-listen", "127.0.0.1:7101", "--peers", PEERS, "--data-dir", str(data),
+    ]  # fmt: skip
+    write_identity(parse_settings(first, {}))
+    assert load_identity(str(data))["secured"] == ["peer_tls", "client_tls", "client_cert_auth"]
+    with pytest.raises(ConfigError, match="peer_tls, client_tls, client_cert_auth") as refused:
+        parse_settings(["--data-dir", str(data)], {})
+    assert "--config" in str(refused.value) and "--drop-tls" in str(refused.value)
+    again = parse_settings(["--config", str(made / "n1.toml"), "--data-dir", str(data)], {})
+    assert again.peer_tls is not None and again.client_cert_auth
+    # turned off on purpose: started plain, and recorded so
+    plain = parse_settings(["--data-dir", str(data), "--drop-tls"], {})
+    assert plain.peer_tls is None and plain.client_tls is None
+    write_identity(plain)
+    assert load_identity(str(data))["secured"] == []
+    assert parse_settings(["--data-dir", str(data)], {}).peer_tls is None
+    # (a node.json of an older release, without the record, starts as before)
+    older = tmp_path / "older"
+    write_identity(parse_settings(["--id", "n1", "--peers", PEERS, "--data-dir", str(older)], {}))
+    text = (older / "node.json").read_text().replace('"secured": [],', "")
+    assert "secured" not in text
+    (older / "node.json").write_text(text)
+    assert load_identity(str(older))["secured"] == []
