@@ -33,10 +33,23 @@ arguments, results and an object's state must be None, booleans, numbers, string
 bytearrays, lists, tuples, dicts, sets, frozensets or defaultdicts (of builtins) of them. An
 object's state is its ``__dict__``, every attribute, private ones too (PySyncObj's
 ``self.__counter`` style), or what ``__getstate__`` returns (``__setstate__`` takes it back):
-keep anything that must stay local (a cache, a lock, a handle) out that way. A snapshot gives
-back exactly that state: the same types (no subclasses: an ``OrderedDict`` or an ``IntEnum``
-in state makes the snapshot fail, logged by the node, which goes on and tries again later),
-no attribute a command deleted.
+keep anything that must stay local (a cache, a lock, a handle) out that way (without
+``__setstate__`` a restore sets the state's attributes and keeps the local ones). A snapshot
+gives back exactly that state: the same types (no subclasses: an ``OrderedDict`` or an
+``IntEnum`` in state makes the snapshot fail, logged by the node, which goes on and tries
+again later; ``Objects`` refuses an object whose state cannot be snapshotted at the start), no
+attribute a command deleted.
+
+The order in which a set (or frozenset) iterates is not part of the state: another process
+iterates the same set of strings in another order (each hashes strings with its own seed), and
+a node restored from a snapshot may iterate a set of numbers in another order than one that
+applied every command. A method must not let it show (``set.pop()``, the first item of a loop
+over a set, in a result or a change): sort the items, or keep a dict, whose order (insertion)
+every node and every snapshot keeps.
+
+An asyncio ``Node``'s objects are called from the loop that runs the node; ``SyncNode``'s from
+any thread but its own (calls from inside a replicated method run directly, but a call of the
+node's own methods there would wait for itself: refused).
 """
 
 from __future__ import annotations
@@ -46,7 +59,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from raftfast.errors import RaftfastError
+from raftfast.errors import CommandError, RaftfastError, message_of
 from raftfast.objects.codec import MAX_STATE_DEPTH, decode, encode
 from raftfast.statemachine import StateMachine
 
@@ -116,6 +129,14 @@ class Objects(StateMachine):
             raise ValueError(f"two objects named {name!r}: name them (Objects(a=..., b=...))")
         if getattr(obj, _BOUND, None) is not None:
             raise ValueError(f"{name!r} belongs to another Objects already")
+        try:  # (else its first snapshot fails, after snapshot_entries commands)
+            encode(_state_of(obj), exact=True, max_depth=MAX_STATE_DEPTH)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(
+                f"{name!r}: its state cannot be snapshotted ({message_of(exc)}): keep it to "
+                "data (see raftfast.objects.replicated), or keep what is local out of it "
+                "with __getstate__"
+            ) from None
         setattr(obj, _BOUND, self)
         setattr(obj, _NAME, name)
         self.objects[name] = obj
@@ -141,11 +162,16 @@ class Objects(StateMachine):
             return exc
         self.running.kind = "write"
         try:
-            return encode(method.fn(obj, *args, **kwargs))
+            result = method.fn(obj, *args, **kwargs)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - the proposer's error, not ours
             return exc
         finally:
             self.running.kind = None
+        try:
+            return encode(result)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # (applied: the proposer must not take it for a call that never ran, and retry)
+            return CommandError(f"applied, but its result cannot be sent: {message_of(exc)}")
 
     def check(self, command: bytes) -> None:
         """Refuse a command before it is proposed (ValueError): one that names no write
@@ -229,6 +255,12 @@ def _set_state(obj: Any, state: Any) -> None:
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(f"not the state of a {type(obj).__name__}: {type(state).__name__}")
     attributes = vars(obj)
-    for key in [k for k in attributes if k not in state and k not in (_BOUND, _NAME)]:
-        del attributes[key]
+    if hasattr(obj, "__getstate__") and type(obj).__getstate__ is not object.__getstate__:
+        # (its own __getstate__ keeps local attributes out: they stay; the state's go)
+        held = obj.__getstate__()
+        ours = set(held) if isinstance(held, dict) else set()
+    else:
+        ours = set(attributes)
+    for key in [k for k in ours if k not in state and k not in (_BOUND, _NAME)]:
+        attributes.pop(key, None)
     attributes.update(state)

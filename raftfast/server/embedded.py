@@ -21,6 +21,8 @@ them when it is retried (at a new leader after a leader change, say), so it is a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import secrets
 import threading
@@ -55,6 +57,7 @@ log = logging.getLogger("raftfast.node")
 T = TypeVar("T")
 _MODES = {"linearizable": pb.READ_LINEARIZABLE, "lease": pb.READ_LEASE, "stale": pb.READ_STALE}
 _RETRY_S = 0.05  # first pause between attempts while no leader answers (doubling, to 1 s)
+_STOPPED_CHECK_S = 0.5  # how often a SyncNode caller looks whether the node stopped meanwhile
 
 
 class Node:
@@ -87,6 +90,7 @@ class Node:
         self._client_tls = client_tls
         self._driver: Any = None
         self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # (the one it runs in, once started)
         self._client_id = secrets.randbelow(MAX_CLIENT_ID) + 1
         self._owned_id: int | None = None  # (_own_client_id)
         self._seq = 0
@@ -106,6 +110,7 @@ class Node:
         if self._driver is not None:
             raise RaftfastError("this node is started already")
         self._driver = Driver(self.settings, self.state_machine)
+        self._loop = asyncio.get_running_loop()
         try:
             await self._driver.start()
         except BaseException:
@@ -152,11 +157,12 @@ class Node:
 
     async def wait_for_leader(self, timeout: float | None = None) -> str:
         """The leader's id, once there is one."""
-        deadline = asyncio.get_running_loop().time() + (timeout or self.timeout)
+        total = self._seconds(timeout)
+        deadline = asyncio.get_running_loop().time() + total
         delay = _RETRY_S
         while (leader := self.leader) is None:
             if asyncio.get_running_loop().time() > deadline:
-                raise ClusterUnavailableError(f"no leader within {timeout or self.timeout:g}s")
+                raise ClusterUnavailableError(f"no leader within {total:g}s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
         return leader
@@ -238,9 +244,7 @@ class Node:
         ``learner``). At the leader: call it there (``is_leader``), or use a Client."""
         from raftfast.client import message_to_dict
 
-        answer = await self._running().add_member(
-            node_id, address, learner, timeout or self.timeout
-        )
+        answer = await self._running().add_member(node_id, address, learner, self._seconds(timeout))
         return message_to_dict(answer)
 
     async def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
@@ -262,7 +266,7 @@ class Node:
         from raftfast.core.membership import ChangeKind
 
         answer = await self._running().change_member(
-            ChangeKind(kind), node_id, timeout or self.timeout
+            ChangeKind(kind), node_id, self._seconds(timeout)
         )
         return message_to_dict(answer)
 
@@ -275,16 +279,38 @@ class Node:
             raise CommandError(f"{type(exc).__name__}: {message_of(exc)}") from None
         return as_result_bytes(result, applied=False)  # (as from any other member)
 
+    def _seconds(self, timeout: float | None) -> float:
+        """A call's timeout: ``timeout``, or the node's when None (0 meant the default)."""
+        if timeout is None:
+            return self.timeout
+        if not isinstance(timeout, int | float) or not timeout > 0:
+            raise InvalidArgumentError(
+                f"a timeout is a positive number of seconds, not {timeout!r}"
+            )
+        return float(timeout)
+
     def _running(self) -> Any:
         if self._driver is None or self._stopped:
             raise RaftfastError("the node is not running (use `async with` or start())")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # (a plain read from a thread: is_leader, a query here)
+        if loop is not None and loop is not self._loop:
+            # (its futures and channels belong to its loop: from another, a call waited out
+            # its timeout, or broke the node's forwarding for good)
+            raise RaftfastError(
+                "this Node runs in another event loop (another thread): call it from there "
+                "(asyncio.run_coroutine_threadsafe), or use SyncNode, whose methods any "
+                "thread may call"
+            )
         return self._driver
 
     async def _at_leader(self, local, remote, timeout: float | None) -> Any:
         """``local()`` if this node leads, else ``remote(stub, seconds left)`` at the leader;
         again (the same request) until the deadline while there is no leader or it moves."""
         loop = asyncio.get_running_loop()
-        total = timeout or self.timeout
+        total = self._seconds(timeout)
         deadline = loop.time() + total
         delay = _RETRY_S
         last = "no leader known"
@@ -330,6 +356,15 @@ class Node:
         return pb_grpc.StateMachineStub(channel)
 
 
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of the running loop, and let them end (a few seconds at most)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
+
+
 class SyncNode:
     """``Node`` for code without asyncio: the node runs in an event loop of its own, in a
     thread; every method blocks until it is done. ``with SyncNode(...) as node:``."""
@@ -354,7 +389,23 @@ class SyncNode:
         if not self._thread.is_alive():
             coro.close()
             raise RaftfastError("the node is stopped (or not started)")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        if threading.current_thread() is self._thread:
+            coro.close()  # (it would wait for the very thread that waits: for ever)
+            raise RaftfastError(
+                "a SyncNode's methods block, so its own thread cannot call them (from inside "
+                "a replicated method or a state machine's apply): call them from another thread"
+            )
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        while True:
+            try:
+                return future.result(timeout=_STOPPED_CHECK_S)
+            except concurrent.futures.CancelledError:  # (stop() ends what is under way)
+                raise RaftfastError("the node stopped before the call was done") from None
+            except TimeoutError:
+                if future.done():
+                    raise  # (the call's own TimeoutError)
+                if not self._thread.is_alive():  # (stopped meanwhile: never to be done)
+                    raise RaftfastError("the node stopped before the call was done") from None
 
     def start(self) -> SyncNode:
         if self._stopped:
@@ -380,6 +431,9 @@ class SyncNode:
                 self._stopped = True
 
     def _close_loop(self) -> None:
+        if self._thread.is_alive():  # (calls still under way end: their callers are told)
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()
