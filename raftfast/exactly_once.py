@@ -189,13 +189,17 @@ def _kept(result: Any) -> Any:
         except Exception:  # noqa: BLE001 - (message_of says what it can)
             pass
         return CommandError(message_of(result))
+    if isinstance(result, bytearray | memoryview):
+        # (bytes, as a snapshot keeps it: the table counts the same on every replica, and
+        # the state machine cannot change a result it keeps after the fact)
+        return bytes(result)
     return result
 
 
 def _for_retry(result: Any) -> Any:
     """What the table keeps of a result for a retry: the result, or past
     MAX_KEPT_RESULT_BYTES an error saying the command was applied."""
-    if isinstance(result, bytes | bytearray | memoryview) and len(result) > MAX_KEPT_RESULT_BYTES:
+    if isinstance(result, bytes) and len(result) > MAX_KEPT_RESULT_BYTES:
         return CommandError(
             f"applied; its result ({len(result)} bytes) was more than the "
             f"{MAX_KEPT_RESULT_BYTES} bytes kept for a retry: read the state instead"

@@ -68,6 +68,7 @@ class ReplDict:
 
     @replicated
     def update(self, items: dict) -> None:
+        items = dict(items)  # (pairs too, as dict.update takes them)
         self._admit([key for key in items if key not in self.data])
         self.data.update(items)
 
@@ -80,28 +81,31 @@ class ReplDict:
     @replicated
     def clear(self) -> None:
         self.data.clear()
+        _SAME_HASH.pop(self, None)
 
     def _same_hash(self) -> Counter[int]:
-        """How many keys share each hash (``_shared_hashes``), counted again when ``data`` is
-        another dict (a restore: it is not part of the state, so snapshots are unchanged)."""
+        """How many keys share each hash (``_shared_hashes``): a function of ``data`` alone,
+        as every replica must count alike; counted again when ``data`` is another dict (a
+        restore: it is not part of the state, so snapshots are unchanged) or holds another
+        number of keys than the count knows of (a write that went around the methods)."""
         held = _SAME_HASH.get(self)
-        if held is None or held[0] is not self.data:
-            held = _SAME_HASH[self] = (self.data, Counter(_shared_hashes(self.data)))
+        if held is None or held[0] is not self.data or held[2] != len(self.data):
+            counts = Counter(_shared_hashes(self.data))
+            held = _SAME_HASH[self] = [self.data, counts, len(self.data)]
         return held[1]
 
     def _admit(self, keys: list) -> None:
         """Count the hashes of new ``keys``; ValueError (nothing counted) if that takes one
         past MAX_SAME_HASH_KEYS."""
-        hashes = Counter(_shared_hashes(keys))
-        if not hashes:
-            return
         same = self._same_hash()
+        hashes = Counter(_shared_hashes(keys))
         if any(same[h] + n > MAX_SAME_HASH_KEYS for h, n in hashes.items()):
             raise ValueError(
                 f"more than {MAX_SAME_HASH_KEYS} keys of this dict would share a hash (it "
                 "would take time quadratic in their number to store)"
             )
         same.update(hashes)
+        _SAME_HASH[self][2] += len(keys)  # (the keys about to be added)
 
     def _forget(self, key: Any) -> None:
         same = self._same_hash()
@@ -109,6 +113,7 @@ class ReplDict:
             same[h] -= 1
             if same[h] <= 0:
                 del same[h]
+        _SAME_HASH[self][2] -= 1  # (the key about to go)
 
     @readonly
     def get(self, key: Any, default: Any = None) -> Any:
@@ -139,10 +144,9 @@ class ReplDict:
 
 
 MAX_SAME_HASH_KEYS = 64
-# ReplDict -> (its data dict, the count of its keys per hash), out of the replicated state
-_SAME_HASH: weakref.WeakKeyDictionary[ReplDict, tuple[dict, Counter[int]]] = (
-    weakref.WeakKeyDictionary()
-)
+# ReplDict -> [its data dict, the count of its keys per hash, how many keys that counted],
+# out of the replicated state
+_SAME_HASH: weakref.WeakKeyDictionary[ReplDict, list] = weakref.WeakKeyDictionary()
 
 
 def _shared_hashes(keys: Any) -> list[int]:

@@ -143,12 +143,12 @@ class Node:
 
     @property
     def is_leader(self) -> bool:
-        return self._running().is_leader
+        return self._running(any_loop=True).is_leader
 
     @property
     def leader(self) -> str | None:
         """The leader's id, as this node knows it (None while there is none)."""
-        return self._running().raw.leader or None
+        return self._running(any_loop=True).raw.leader or None
 
     async def status(self) -> dict[str, Any]:
         from raftfast.client import message_to_dict
@@ -289,13 +289,15 @@ class Node:
             )
         return float(timeout)
 
-    def _running(self) -> Any:
+    def _running(self, any_loop: bool = False) -> Any:
+        """The driver; RaftfastError if the node is not running, or (unless ``any_loop``: a
+        plain read, as ``is_leader``) if the caller runs in another event loop."""
         if self._driver is None or self._stopped:
             raise RaftfastError("the node is not running (use `async with` or start())")
         try:
-            loop = asyncio.get_running_loop()
+            loop = None if any_loop else asyncio.get_running_loop()
         except RuntimeError:
-            loop = None  # (a plain read from a thread: is_leader, a query here)
+            loop = None  # (a plain read from a thread: a query here)
         if loop is not None and loop is not self._loop:
             # (its futures and channels belong to its loop: from another, a call waited out
             # its timeout, or broke the node's forwarding for good)
@@ -403,7 +405,7 @@ class SyncNode:
                 raise RaftfastError("the node stopped before the call was done") from None
             except TimeoutError:
                 if future.done():
-                    raise  # (the call's own TimeoutError)
+                    continue  # (done meanwhile, or its own TimeoutError: result() tells)
                 if not self._thread.is_alive():  # (stopped meanwhile: never to be done)
                     raise RaftfastError("the node stopped before the call was done") from None
 

@@ -125,9 +125,15 @@ class MembershipMixin:
             ChangeKind.DEMOTE: node_id in m.learners,
             ChangeKind.REMOVE: node_id not in m,
         }[kind]
-        if kind == ChangeKind.REMOVE and done and node_id not in self._removed_ids:
+        if (
+            kind == ChangeKind.REMOVE
+            and done
+            and node_id not in self._removed_ids
+            and node_id not in self.raw.membership_at(self.raw.commit_index)
+        ):
             # (never a member, or removed before what this node's log holds: a typo in a
-            # replacement looked like a success; a retry of a removal just done still is one)
+            # replacement looked like a success; a retry of a removal just done, or still to
+            # commit, still is one)
             raise ValueError(f"{node_id!r} is not a member")
         if done:
             # Already so (perhaps thanks to an earlier attempt of this very call): say so.

@@ -607,6 +607,7 @@ _SECURED = {
     "peer_tls": "--peer-cert-file, --peer-key-file and --peer-trusted-ca-file",
     "client_tls": "--cert-file and --key-file",
     "client_cert_auth": "--client-cert-auth and --trusted-ca-file",
+    "auth_roles": "--auth-roles",  # (without it every certificate is admin)
 }
 
 
@@ -615,6 +616,7 @@ def _secured_by(settings: NodeSettings) -> list[str]:
         "peer_tls": bool(settings.peer_cert_file),
         "client_tls": bool(settings.cert_file),
         "client_cert_auth": settings.client_cert_auth,
+        "auth_roles": bool(settings.auth_roles),
     }
     return [name for name in _SECURED if on[name]]
 

@@ -132,6 +132,11 @@ def test_a_sync_node_refuses_calls_from_its_own_thread_and_frees_callers_at_stop
         with pytest.raises(CommandError, match="its own thread cannot call them"):
             nosy.look()
         assert node.status()["role"] == "leader"  # (the node is fine)
+
+        async def in_a_loop_of_its_own() -> tuple:  # (a web handler's, a notebook's)
+            return node.is_leader, node.leader
+
+        assert asyncio.run(in_a_loop_of_its_own()) == (True, "solo")
     # a caller blocked on a node that stops is told, at once
     [port2] = free_ports(1)
     blocked = raftfast.SyncNode(

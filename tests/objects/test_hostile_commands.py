@@ -252,3 +252,57 @@ def test_a_dicts_items_come_a_page_at_a_time() -> None:
     for bad in ((-1,), (0, -2), ("x",)):
         with pytest.raises(ValueError, match="non-negative"):
             items(*bad)
+
+
+def test_a_dicts_hash_counts_follow_its_keys_whatever_the_writes() -> None:
+    # The counts must be a function of the keys alone (a restored replica counts afresh):
+    # clear() left them behind, and update() with pairs counted the pairs.
+    table = raftfast.ReplDict()
+    objects = raftfast.Objects(table=table)
+    index = 0
+
+    def call(method: str, *args: object) -> object:
+        nonlocal index
+        index += 1
+        return objects.apply(index, encode(["table", method, list(args), {}]))
+
+    for _ in range(MAX_SAME_HASH_KEYS + 2):
+        assert decode(call("set", 5, "x")) is None
+        assert decode(call("clear")) is None
+        assert decode(call("update", [(1, 2)])) is None  # (pairs: as dict.update takes them)
+    assert table.data == {1: 2}
+    for key in colliding(MAX_SAME_HASH_KEYS):
+        assert decode(call("set", key, 0)) is None
+    table.data.pop(colliding(1)[0])  # (a write around the methods: counted again)
+    assert decode(call("set", colliding(MAX_SAME_HASH_KEYS + 1)[-1], 0)) is None
+    assert isinstance(call("set", colliding(MAX_SAME_HASH_KEYS + 2)[-1], 0), ValueError)
+
+
+def test_results_the_table_keeps_count_the_same_after_a_restore() -> None:
+    class Views(raftfast.StateMachine):
+        def __init__(self) -> None:
+            self.buffer = bytearray(b"x" * 5000)
+
+        def apply(self, index: int, command: bytes) -> object:
+            if command == b"view":
+                return memoryview(bytes(8 * 70_000)).cast("Q")  # (70,000 items, 560 KB)
+            return self.buffer  # (its own buffer, which it changes later)
+
+        def snapshot(self, out) -> None:
+            pass
+
+        def restore(self, inp) -> None:
+            pass
+
+    inner = Views()
+    machine = ExactlyOnce(inner)
+    machine.apply(1, frame_command(3, 1, b"view"))
+    machine.apply(2, frame_command(3, 2, b"buffer"))
+    inner.buffer.extend(b"y" * 100_000)  # (a result kept by reference would change here)
+    retried = machine.apply(3, frame_command(3, 1, b"view"))
+    assert isinstance(retried, CommandError)  # (560 KB: over the bound, as bytes count)
+    out = io.BytesIO()
+    machine.snapshot(out)
+    restored = ExactlyOnce(Views())
+    restored.restore(io.BytesIO(out.getvalue()))
+    assert restored._clients.held == machine._clients.held == 1 + 1 + 5000 // 128

@@ -354,12 +354,20 @@ def test_a_restart_that_leaves_tls_out_is_refused(made, tmp_path):
         "--peer-listen", "127.0.0.1:7101", "--peers", PEERS, "--data-dir", str(data),
     ]  # fmt: skip
     write_identity(parse_settings(first, {}))
-    assert load_identity(str(data))["secured"] == ["peer_tls", "client_tls", "client_cert_auth"]
-    with pytest.raises(ConfigError, match="peer_tls, client_tls, client_cert_auth") as refused:
+    secured = ["peer_tls", "client_tls", "client_cert_auth", "auth_roles"]
+    assert load_identity(str(data))["secured"] == secured
+    with pytest.raises(ConfigError, match=", ".join(secured)) as refused:
         parse_settings(["--data-dir", str(data)], {})
     assert "--config" in str(refused.value) and "--drop-tls" in str(refused.value)
     again = parse_settings(["--config", str(made / "n1.toml"), "--data-dir", str(data)], {})
-    assert again.peer_tls is not None and again.client_cert_auth
+    assert again.peer_tls is not None and again.client_cert_auth and again.auth_roles
+    # (the roles left out alone: every certificate would be admin)
+    toml = (made / "n1.toml").read_text()
+    assert "auth_roles" in toml
+    no_roles = tmp_path / "no-roles.toml"
+    no_roles.write_text("\n".join(x for x in toml.splitlines() if "auth_roles" not in x))
+    with pytest.raises(ConfigError, match="this node was started with auth_roles"):
+        parse_settings(["--config", str(no_roles), "--data-dir", str(data)], {})
     # turned off on purpose: started plain, and recorded so
     plain = parse_settings(["--data-dir", str(data), "--drop-tls"], {})
     assert plain.peer_tls is None and plain.client_tls is None
