@@ -404,8 +404,8 @@ class SyncNode:
             except concurrent.futures.CancelledError:  # (stop() ends what is under way)
                 raise RaftfastError("the node stopped before the call was done") from None
             except TimeoutError:
-                if future.done():
-                    continue  # (done meanwhile, or its own TimeoutError: result() tells)
+                if future.done():  # (done meanwhile: its result, or its own TimeoutError)
+                    return future.result()
                 if not self._thread.is_alive():  # (stopped meanwhile: never to be done)
                     raise RaftfastError("the node stopped before the call was done") from None
 

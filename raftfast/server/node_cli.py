@@ -353,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drop-tls",
         action="store_true",
-        help="start without the TLS or client certificates this node was started with before "
-        "(node.json records them: a restart that left them out is refused otherwise)",
+        help="start without the TLS, client certificates or roles this node was started with "
+        "before (node.json records them: a restart that left them out is refused otherwise)",
     )
     p.add_argument(
         "--restore",
@@ -634,9 +634,9 @@ def _check_still_secured(settings: NodeSettings, stored: dict[str, Any], data_di
         flags = "; ".join(_SECURED[name] for name in dropped)
         raise ConfigError(
             f"this node was started with {', '.join(dropped)} (recorded in "
-            f"{identity_path(data_dir)}), which these settings leave out: a plain node would "
-            f"serve anyone who reaches it. Start it with its --config file, or with {flags}; "
-            "to turn them off for good, add --drop-tls"
+            f"{identity_path(data_dir)}), which these settings leave out: the node would let "
+            f"in more than it did. Start it with its --config file, or with {flags}; to turn "
+            "them off for good, add --drop-tls"
         )
 
 

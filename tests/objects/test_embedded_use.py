@@ -137,6 +137,13 @@ def test_a_sync_node_refuses_calls_from_its_own_thread_and_frees_callers_at_stop
             return node.is_leader, node.leader
 
         assert asyncio.run(in_a_loop_of_its_own()) == (True, "solo")
+
+        async def times_out() -> None:
+            await asyncio.sleep(0.6)  # (past one wait of the caller's: it looks again)
+            raise TimeoutError("its own")
+
+        with pytest.raises(TimeoutError, match="its own"):  # (not waited on for ever)
+            node._run(times_out())
     # a caller blocked on a node that stops is told, at once
     [port2] = free_ports(1)
     blocked = raftfast.SyncNode(
