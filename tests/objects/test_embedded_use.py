@@ -20,6 +20,7 @@ import raftfast
 from raftfast.errors import CommandError, InvalidArgumentError, RaftfastError
 from raftfast.objects.codec import decode, encode
 from raftfast.tools.localcluster import free_ports
+from tests.objects.solo import solo_node
 
 
 class Cache:
@@ -80,14 +81,10 @@ def test_state_that_can_never_be_snapshotted_is_refused_at_the_start() -> None:
 
 
 def test_a_node_called_from_another_loop_says_so_and_goes_on(tmp_path) -> None:
-    [port] = free_ports(1)
     counter = raftfast.ReplCounter()
 
     async def main() -> None:
-        node = raftfast.Node(
-            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
-            state_machine=raftfast.Objects(counter), tick_ms=20,
-        )  # fmt: skip
+        node = solo_node(tmp_path, counter)
         async with node:
             await node.wait_for_leader()
             assert await counter.add(1) == 1

@@ -23,7 +23,7 @@ from raftfast.objects.batteries import MAX_SAME_HASH_KEYS
 from raftfast.objects.codec import MAX_ITEMS, MAX_SAME_HASH, decode, encode
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
-from raftfast.tools.localcluster import free_ports
+from tests.objects.solo import solo_node
 
 ZERO_HASH = 2**61 - 1  # (every multiple of it hashes to 0)
 
@@ -94,14 +94,10 @@ def test_a_result_whose_message_cannot_be_made_fails_its_command_only():
 
 
 def test_hostile_commands_are_refused_before_the_log(tmp_path):
-    [port] = free_ports(1)
     table = raftfast.ReplDict()
 
     async def main() -> None:
-        node = raftfast.Node(
-            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
-            state_machine=raftfast.Objects(table=table), tick_ms=20,
-        )  # fmt: skip
+        node = solo_node(tmp_path, table=table)
         async with node, grpc.aio.insecure_channel(node.settings.listen) as channel:
             await node.wait_for_leader()
             stub = pb_grpc.StateMachineStub(channel)
@@ -206,14 +202,10 @@ def test_a_client_text_with_a_lone_surrogate_in_an_error_is_answered(tmp_path):
     # A kwarg named "\ud800" (the codec takes such text: surrogatepass) came back in the
     # error's message, which gRPC could not send: the call was never answered, and the node
     # logged a traceback.
-    [port] = free_ports(1)
     table = raftfast.ReplDict()
 
     async def main() -> None:
-        node = raftfast.Node(
-            id="solo", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "solo"),
-            state_machine=raftfast.Objects(table=table), tick_ms=20,
-        )  # fmt: skip
+        node = solo_node(tmp_path, table=table)
         async with node, grpc.aio.insecure_channel(node.settings.listen) as channel:
             await node.wait_for_leader()
             stub = pb_grpc.StateMachineStub(channel)
