@@ -795,6 +795,10 @@ class MVCCStore:
         size = 0
         while i < len(history):
             events = history[i]
+            if not out and len(events) > max_events:  # (one revision alone: not sized)
+                out.extend(events)
+                i += 1
+                break
             if max_bytes is not None:
                 size += sum(e.nbytes() for e in events)
                 if out and size > max_bytes:

@@ -107,6 +107,7 @@ _WATCHER_COST = 1536
 # Events of new revisions one call finds the synced watchers of, by key (whole revisions, at
 # least one): each costs a lookup, and a range watcher a search of them, sorted.
 _ROUTE_EVENTS = 4_096
+_ROUTE_COST = 8  # (against the bytes of a call: a lookup an event, against 64 a watcher's look)
 _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 
@@ -331,7 +332,7 @@ class _Stream:
         # them is made: one whose share is too big for a response or for what is left of the
         # call is demoted at once (1,000 prefix watchers and a DeleteRange of 50,000 keys
         # made 1,000 lists of 50,000 events first: 8 s and 200 MB in one call).
-        spent = 64 * len(events)
+        spent = _ROUTE_COST * len(events)
         out: list[pb.WatchResponse] = []
         built = 0
 
