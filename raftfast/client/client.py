@@ -132,6 +132,11 @@ def cas_op(key: BytesLike, expected: BytesLike | None, new: BytesLike) -> Op:
     )
 
 
+# What gRPC says when the address answers, but not with HTTP/2 (a node's replication or Session
+# port, a web server): "not a raftfast server" (exit 5), not "no node reachable" (exit 3).
+_NOT_GRPC = ("Failed parsing HTTP/2", "Trying to connect an http1.x server")
+
+
 class Client(SessionMixin):
     """Asynchronous raftfast client (see the module docstring).
 
@@ -591,9 +596,15 @@ class Client(SessionMixin):
         what: str = "leader",
         target: str | None = None,
         at: str | None = None,
-    ) -> DeadlineExceededError:
+    ) -> RaftfastError:
         """``at``: the one address asked (else the client's endpoints)."""
         if last_error is not None and not reached:
+            if any(sign in last_error for sign in _NOT_GRPC):  # (retrying cannot help)
+                return RequestFailedError(
+                    f"not a raftfast server at {at or ','.join(self._endpoints)}: it does not "
+                    f"speak gRPC ({one_line(last_error)})",
+                    "UNAVAILABLE",
+                )
             return ClusterUnavailableError(
                 f"no {what} reachable at {at or ','.join(self._endpoints)} within {total:g}s"
                 f" (last error: {one_line(last_error)})"
