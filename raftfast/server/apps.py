@@ -43,6 +43,9 @@ class MachineApp:
     def __init__(self, driver: Driver, state_machine: StateMachine) -> None:
         self.driver = driver
         self.fsm: StateMachine = ExactlyOnce(state_machine)
+        # what its snapshots name it by (--state-machine; None: an object handed to an
+        # embedded node, which names none)
+        self.state_machine_name: str | None = driver.settings.state_machine or None
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
         register(
@@ -75,6 +78,7 @@ class KVApp:
     store's etcd keyspace (raftfast.etcd)."""
 
     service_names = ("raftfast.v1.KV", *ETCD_SERVICE_NAMES)  # the client services it adds
+    state_machine_name = ""  # (what its snapshots name it by: --state-machine's "")
 
     def __init__(self, driver: Driver, state_machine: KVStateMachine) -> None:
         self.driver = driver

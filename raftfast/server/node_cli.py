@@ -836,7 +836,9 @@ def _restore(settings: NodeSettings, path: str) -> int:
         )
         return 2
     try:
-        info = restore_backup(path, settings.data_dir, settings.peers, fsync=settings.fsync)
+        info = restore_backup(
+            path, settings.data_dir, settings.peers, settings.fsync, settings.state_machine
+        )
         check_state(settings.data_dir, load_state_machine(settings.state_machine))  # (a new one)
     except (RaftfastError, OSError, ValueError) as exc:
         _fail(f"cannot restore {path}: {exc}")

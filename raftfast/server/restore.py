@@ -17,7 +17,12 @@ from raftfast.core.types import HardState
 from raftfast.errors import CorruptionError, RaftfastError, message_of
 from raftfast.storage.backup import HEADER_SIZE, BackupInfo, read_header
 from raftfast.storage.fsutil import open_regular
-from raftfast.storage.snapshot import SnapshotStore, read_state_header
+from raftfast.storage.snapshot import (
+    SnapshotStore,
+    read_state_header,
+    state_machine_of,
+    with_state_machine,
+)
 from raftfast.storage.wal import WAL
 
 if TYPE_CHECKING:
@@ -34,20 +39,36 @@ def data_dir_contents(data_dir: str) -> list[str]:
 
 
 def restore_backup(
-    path: str, data_dir: str, peers: dict[str, str], fsync: bool = True
+    path: str,
+    data_dir: str,
+    peers: dict[str, str],
+    fsync: bool = True,
+    state_machine: str | None = None,
 ) -> BackupInfo:
-    """Check the backup at ``path`` whole (format, size, checksum), then write its snapshot and
-    an empty log after it into ``data_dir`` (which holds no node state yet). The configuration
-    becomes ``peers`` (all voters). Raises CorruptionError, FormatVersionError, OSError."""
+    """Check the backup at ``path`` whole (format, size, checksum, and, given this node's
+    ``state_machine`` (its --state-machine, "" for the key/value store), that it is a state of
+    that one when it names one), then write its snapshot and an empty log after it into
+    ``data_dir`` (which holds no node state yet). The configuration becomes ``peers`` (all
+    voters). Raises CorruptionError, FormatVersionError, OSError."""
     try:
         f = open_regular(path)  # (closed below)
     except OSError as exc:
         raise RaftfastError(f"cannot read the backup {path}: {exc.strerror or exc}") from None
     with f:
         info = read_header(f, path)
-        read_state_header(f, path)  # the old cluster's members: replaced by the new ones
+        old = read_state_header(f, path)  # the old cluster's members: replaced by the new ones
+        recorded = state_machine_of(old)
+        if state_machine is not None and recorded is not None and recorded != state_machine:
+            raise CorruptionError(
+                f"{path} is a backup of a cluster that ran {_named(recorded)}; this node runs "
+                f"{_named(state_machine)}: restore it with the same --state-machine",
+                path,
+            )
         store = SnapshotStore(os.path.join(data_dir, "snap"), fsync=fsync)
-        snapshot = store.create(info.index, info.term, Membership(dict(peers)).encode())
+        config = Membership(dict(peers)).encode()
+        if recorded is not None:
+            config = with_state_machine(config, recorded)
+        snapshot = store.create(info.index, info.term, config)
         end = HEADER_SIZE + info.size  # (a seal may follow: a backup etcdctl saved)
         try:
             while (left := end - f.tell()) > 0:
@@ -63,6 +84,10 @@ def restore_backup(
         wal.append(HardState(info.term, "", info.index), None)
         wal.install_snapshot(info.index, info.term)
     return info
+
+
+def _named(state_machine: str) -> str:
+    return f"--state-machine {state_machine}" if state_machine else "the key/value store"
 
 
 def check_state(data_dir: str, state_machine: StateMachine | None) -> None:

@@ -24,7 +24,7 @@ from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
-from raftfast.storage.snapshot import SnapshotChunks, SnapshotMeta
+from raftfast.storage.snapshot import SnapshotChunks, SnapshotMeta, with_state_machine
 from raftfast.transport import tcp
 
 log = logging.getLogger("raftfast.node")
@@ -142,7 +142,10 @@ class SnapshotMixin:
         raw = self.raw
         index = self.applied_index
         term = raw.term_at(index)
-        snapshot = self.snapshots.create(index, term, self.raw.membership_at(index).encode())
+        config = self.raw.membership_at(index).encode()
+        if self.app.state_machine_name is not None:
+            config = with_state_machine(config, self.app.state_machine_name)
+        snapshot = self.snapshots.create(index, term, config)
         try:
             with _refused_unless_os_error(index):
                 freeze = getattr(self.fsm, "frozen", None)

@@ -74,6 +74,35 @@ def _positioned(membership: bytes, index: int, term: int) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+# The --state-machine of the node that took it (its factory, "" for the key/value store), in
+# its configuration's JSON too: a backup restored into a node of another state machine is
+# refused, even when that one's restore would take the bytes (a hunt restored a job queue's
+# backup into a ledger: no error). Snapshots written before it have none.
+_MACHINE_KEY = "state_machine"
+
+
+def with_state_machine(membership: bytes, name: str) -> bytes:
+    """``membership`` (a configuration's JSON) naming the state machine it is a state of."""
+    try:
+        obj = json.loads(membership)
+    except ValueError:
+        return membership
+    if not isinstance(obj, dict):
+        return membership
+    obj[_MACHINE_KEY] = name
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def state_machine_of(membership: bytes) -> str | None:
+    """The state machine a snapshot's configuration names (None: it names none)."""
+    try:
+        obj = json.loads(membership)
+    except ValueError:
+        return None
+    name = obj.get(_MACHINE_KEY) if isinstance(obj, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _check_position(membership: bytes, meta: SnapshotMeta) -> None:
     """CorruptionError if the snapshot says it covers another index or term than its name."""
     try:

@@ -17,8 +17,13 @@ import pytest
 
 from raftfast.client import SyncClient
 from raftfast.core.membership import Membership
-from raftfast.storage.backup import BackupWriter
-from raftfast.storage.snapshot import pack_state
+from raftfast.storage.backup import HEADER_SIZE, BackupWriter
+from raftfast.storage.snapshot import (
+    pack_state,
+    read_state_header,
+    state_machine_of,
+    with_state_machine,
+)
 from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 from tests.fault.test_bad_input import clean_env, one_error_line, run_node
 
@@ -138,6 +143,29 @@ def test_a_backup_of_another_kind_of_cluster_is_refused_and_changes_nothing(tmp_
     assert proc.returncode == 1, proc.stderr
     assert "state machine cannot read the backup's state" in one_error_line(proc)
     assert "restored" not in proc.stderr
+    assert os.listdir(data) == []
+
+
+def test_a_backup_of_another_state_machine_is_refused_by_name(backup, tmp_path):
+    """Snapshots name the node's --state-machine: a backup of one restored into a node of
+    another was taken whenever that one's restore took the bytes (a job queue's into a
+    ledger: no error). The KV store's own backups name it too ("")."""
+    path, _ = backup
+    with open(path, "rb") as f:
+        f.seek(HEADER_SIZE)
+        assert state_machine_of(read_state_header(f)) == ""
+    membership = with_state_machine(Membership({"x": "127.0.0.1:1"}).encode(), "jobq:JobQueue")
+    content = pack_state(membership, b"RFX1" + bytes(64))
+    foreign = tmp_path / "jobs.backup"
+    writer = BackupWriter(str(foreign))
+    writer.write(content)
+    writer.finish(7, 2, len(content))
+    data = tmp_path / "d"
+    proc = run_node(_restore_args(data, foreign), tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    line = one_error_line(proc)
+    assert "a cluster that ran --state-machine jobq:JobQueue" in line, line
+    assert "this node runs the key/value store" in line
     assert os.listdir(data) == []
 
 
