@@ -259,6 +259,16 @@ def test_creates_etcd_refuses_are_refused_with_its_reason(fields: dict, reason: 
         assert (answer.canceled, answer.watch_id, answer.cancel_reason) == (True, -1, reason)
 
 
+def _filled(n_keys: int) -> MVCCStore:
+    """A store of keys d/000000.. (``n_keys`` of them, 500 a revision)."""
+    store = MVCCStore()
+    for i in range(0, n_keys, 500):
+        keys = range(i, min(i + 500, n_keys))
+        ops = [pb.RequestOp(request_put=pb.PutRequest(key=b"d/%06d" % j)) for j in keys]
+        store.apply(encode(pb.TxnRequest(success=ops)))
+    return store
+
+
 def _count_wants(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     looked = [0]
     wants = watch._Watcher.wants
@@ -279,12 +289,7 @@ def test_one_call_weighs_a_watchers_share_before_it_looks_at_it(
     # too big for one response. Now too big a share is known by its count, and goes in parts
     # in the calls after, a call's budget at a time.
     n_keys, n_watchers = 5 * watch.MAX_EVENTS_PER_RESPONSE, 200
-    store = MVCCStore()
-    for i in range(0, n_keys, 500):
-        ops = [
-            pb.RequestOp(request_put=pb.PutRequest(key=b"d/%06d" % j)) for j in range(i, i + 500)
-        ]
-        store.apply(encode(pb.TxnRequest(success=ops)))
+    store = _filled(n_keys)
     stream = watch._Stream(_api(store, 1536 * 1024))
     for _ in range(n_watchers):
         stream.take(
@@ -347,12 +352,7 @@ def test_one_key_watchers_of_a_big_revision_get_it_in_the_first_call() -> None:
     # call's budget: every matched watcher was demoted and read the revision alone, 1,000
     # events a call (18 s of calls for 1,000 watchers of a 50,000-key delete).
     n_keys, n_watchers = 30_000, 100
-    store = MVCCStore()
-    for i in range(0, n_keys, 1000):
-        ops = [
-            pb.RequestOp(request_put=pb.PutRequest(key=b"d/%06d" % j)) for j in range(i, i + 1000)
-        ]
-        store.apply(encode(pb.TxnRequest(success=ops)))
+    store = _filled(n_keys)
     stream = watch._Stream(_api(store, 1536 * 1024))
     for i in range(n_watchers):
         key = b"d/%06d" % (i * (n_keys // n_watchers))

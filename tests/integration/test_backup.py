@@ -125,6 +125,16 @@ def test_a_damaged_backup_is_refused_and_changes_nothing(backup, tmp_path):
     assert os.listdir(data) == []
 
 
+def _restore_made(tmp_path: Path, membership: bytes, state: bytes, data: Path):
+    """``raftfast-node --restore`` into ``data`` of a backup made of these (index 7, term 2)."""
+    content = pack_state(membership, state)
+    made = tmp_path / "made.backup"
+    writer = BackupWriter(str(made))
+    writer.write(content)
+    writer.finish(7, 2, len(content))
+    return run_node(_restore_args(data, made), tmp_path)
+
+
 @pytest.mark.parametrize(
     "state", [b"RFX1" + bytes(64), b"", b"\x00" * 1000], ids=["another machine", "empty", "zeros"]
 )
@@ -133,13 +143,8 @@ def test_a_backup_of_another_kind_of_cluster_is_refused_and_changes_nothing(tmp_
     (one of a --state-machine cluster restored into a KV node): one line, exit 1, nothing kept;
     it had reported success and left a directory that could not start nor be restored into."""
     membership = Membership({"x": "127.0.0.1:1"}).encode()
-    content = pack_state(membership, state)
-    foreign = tmp_path / "foreign.backup"
-    writer = BackupWriter(str(foreign))
-    writer.write(content)
-    writer.finish(7, 2, len(content))
     data = tmp_path / "d"
-    proc = run_node(_restore_args(data, foreign), tmp_path)
+    proc = _restore_made(tmp_path, membership, state, data)
     assert proc.returncode == 1, proc.stderr
     assert "state machine cannot read the backup's state" in one_error_line(proc)
     assert "restored" not in proc.stderr
@@ -155,13 +160,8 @@ def test_a_backup_of_another_state_machine_is_refused_by_name(backup, tmp_path):
         f.seek(HEADER_SIZE)
         assert state_machine_of(read_state_header(f)) == ""
     membership = with_state_machine(Membership({"x": "127.0.0.1:1"}).encode(), "jobq:JobQueue")
-    content = pack_state(membership, b"RFX1" + bytes(64))
-    foreign = tmp_path / "jobs.backup"
-    writer = BackupWriter(str(foreign))
-    writer.write(content)
-    writer.finish(7, 2, len(content))
     data = tmp_path / "d"
-    proc = run_node(_restore_args(data, foreign), tmp_path)
+    proc = _restore_made(tmp_path, membership, b"RFX1" + bytes(64), data)
     assert proc.returncode == 1, proc.stderr
     line = one_error_line(proc)
     assert "a cluster that ran --state-machine jobq:JobQueue" in line, line
