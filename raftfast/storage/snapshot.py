@@ -21,7 +21,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Generator, Iterator
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError, FormatVersionError, StorageError
@@ -62,16 +62,34 @@ MAX_MEMBERSHIP_BYTES = 1 << 20
 _POSITION_KEY = "snapshot_at"
 
 
-def _positioned(membership: bytes, index: int, term: int) -> bytes:
-    """``membership`` (a configuration's JSON) with the snapshot's index and term in it."""
+def _with_key(membership: bytes, key: str, value: Any) -> bytes:
+    """``membership`` (a configuration's JSON) with ``key`` set to ``value`` (as it was, if it
+    is not a JSON object: its own decoding says what is wrong with it)."""
     try:
         obj = json.loads(membership)
     except ValueError:
-        return membership  # (not JSON: nothing to add it to)
+        return membership
     if not isinstance(obj, dict):
         return membership
-    obj[_POSITION_KEY] = [index, term]
+    obj[key] = value
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+_ABSENT = object()
+
+
+def _value_of(membership: bytes, key: str) -> Any:
+    """``key``'s value in ``membership`` (a configuration's JSON); _ABSENT if it has none."""
+    try:
+        obj = json.loads(membership)
+    except ValueError:
+        return _ABSENT  # (the configuration's own decoding says what is wrong with it)
+    return obj.get(key, _ABSENT) if isinstance(obj, dict) else _ABSENT
+
+
+def _positioned(membership: bytes, index: int, term: int) -> bytes:
+    """``membership`` (a configuration's JSON) with the snapshot's index and term in it."""
+    return _with_key(membership, _POSITION_KEY, [index, term])
 
 
 # The --state-machine of the node that took it (its factory, "" for the key/value store), in
@@ -83,36 +101,19 @@ _MACHINE_KEY = "state_machine"
 
 def with_state_machine(membership: bytes, name: str) -> bytes:
     """``membership`` (a configuration's JSON) naming the state machine it is a state of."""
-    try:
-        obj = json.loads(membership)
-    except ValueError:
-        return membership
-    if not isinstance(obj, dict):
-        return membership
-    obj[_MACHINE_KEY] = name
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return _with_key(membership, _MACHINE_KEY, name)
 
 
 def state_machine_of(membership: bytes) -> str | None:
     """The state machine a snapshot's configuration names (None: it names none)."""
-    try:
-        obj = json.loads(membership)
-    except ValueError:
-        return None
-    name = obj.get(_MACHINE_KEY) if isinstance(obj, dict) else None
+    name = _value_of(membership, _MACHINE_KEY)
     return name if isinstance(name, str) else None
 
 
 def _check_position(membership: bytes, meta: SnapshotMeta) -> None:
     """CorruptionError if the snapshot says it covers another index or term than its name."""
-    try:
-        obj = json.loads(membership)
-    except ValueError:
-        return  # (the configuration's own decoding says what is wrong with it)
-    if not isinstance(obj, dict) or _POSITION_KEY not in obj:
-        return
-    at = obj[_POSITION_KEY]
-    if at != [meta.index, meta.term]:
+    at = _value_of(membership, _POSITION_KEY)
+    if at is not _ABSENT and at != [meta.index, meta.term]:
         raise CorruptionError(
             f"{meta.path}: the snapshot covers (index, term) {str(at)[:60]}, its file name says "
             f"({meta.index}, {meta.term}): renamed or copied? Put it back under its own name, or "
