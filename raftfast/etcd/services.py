@@ -24,7 +24,7 @@ from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
 from raftfast.server.admin import SNAPSHOT_SAVES_AT_ONCE
 from raftfast.server.handlers import Malformed, register
-from raftfast.storage.backup import BackupInfo, header_bytes, seal
+from raftfast.storage.backup import BackupInfo, header_bytes, seal, seal_size
 
 __all__ = ["SERVICE_NAMES", "add_etcd_services"]
 
@@ -134,8 +134,7 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
                 crc = await asyncio.to_thread(chunks.crc32c, meta.size)
                 head = header_bytes(BackupInfo(meta.index, meta.term, meta.size, crc))
                 digest = hashlib.sha256(head)
-                end = len(seal(digest, len(head) + meta.size))
-                left = meta.size + end
+                left = meta.size + seal_size(len(head) + meta.size)
                 yield pb.SnapshotResponse(header=self.api.header(), remaining_bytes=left, blob=head)
                 for chunk in chunks:
                     digest.update(chunk)

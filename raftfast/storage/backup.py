@@ -30,6 +30,7 @@ __all__ = [
     "header_bytes",
     "read_header",
     "seal",
+    "seal_size",
 ]
 
 BACKUP_FORMAT = 1
@@ -130,22 +131,30 @@ def read_header(f: BinaryIO, path: str) -> BackupInfo:
             f"{path}: snapshot index {index} or term {term} is out of range", path, 8
         )
     got, seen = 0, 0
-    sealed = hashlib.sha256(head)
+    # (the SHA-256 only when bytes follow the snapshot: a seal, or damage)
+    sealed = hashlib.sha256(head) if f.seek(0, os.SEEK_END) > _HEADER.size + size else None
+    f.seek(_HEADER.size)
     while seen < size:
         chunk = f.read(min(_CHUNK, size - seen))
         if not chunk:
             break
         got = crc32c(chunk, got)
-        sealed.update(chunk)
+        if sealed is not None:
+            sealed.update(chunk)
         seen += len(chunk)
     rest = f.read(_SEAL_MAX + 1)
-    if seen != size or (rest and not _is_seal(rest, sealed, _HEADER.size + size)):
+    if seen != size or (rest and (sealed is None or rest != seal(sealed, _HEADER.size + size))):
         seen += len(rest)
         raise CorruptionError(f"{path}: {seen} bytes of snapshot, the header says {size}", path)
     if got != crc:
         raise CorruptionError(f"{path}: checksum mismatch: the backup is damaged", path)
     f.seek(_HEADER.size)
     return BackupInfo(index, term, size, crc)
+
+
+def seal_size(length: int) -> int:
+    """The bytes of the seal after ``length`` bytes (``seal``)."""
+    return -length % _SEAL_BLOCK + 32
 
 
 def seal(digest: Any, length: int) -> bytes:
@@ -157,7 +166,3 @@ def seal(digest: Any, length: int) -> bytes:
     digest = digest.copy()
     digest.update(pad)
     return pad + digest.digest()
-
-
-def _is_seal(rest: bytes, digest: Any, length: int) -> bool:
-    return rest == seal(digest, length)
