@@ -425,21 +425,24 @@ class MVCCStore:
             out = response.responses.add()
             if which == "request_range":
                 out.response_range.CopyFrom(self.range(op.request_range, in_txn=True))
-                out.response_range.header.revision = written if self._pending else written - 1
+                out.response_range.header.revision = self._seen(written)
             elif which == "request_put":
                 out.response_put.CopyFrom(self._put(op.request_put))
                 out.response_put.header.revision = written
             elif which == "request_delete_range":
                 out.response_delete_range.CopyFrom(self._delete(op.request_delete_range))
-                out.response_delete_range.header.revision = (
-                    written if self._pending else written - 1
-                )
+                out.response_delete_range.header.revision = self._seen(written)
             elif which == "request_txn":
                 out.response_txn.CopyFrom(self._run(op.request_txn, path))
                 out.response_txn.header.SetInParent()
             else:
                 out.response_range.CopyFrom(pb.RangeResponse())  # (an empty RequestOp)
         return response
+
+    def _seen(self, written: int) -> int:
+        """The revision a txn's read or delete saw: the txn's own (``written``) once it has
+        changed something, else the one before it."""
+        return written if self._pending else written - 1
 
     def _check_op(self, op: pb.RequestOp) -> None:
         """As etcd does before applying a txn: the leases its puts name exist, keys that
@@ -624,8 +627,9 @@ class MVCCStore:
         # etcd sorts by another target ascending by default, but with a limit and no filter
         # it reads only limit + 1 keys first, in key order, and sorts those (etcd 3.4 and 3.5:
         # clients paging so get the same pages here)
-        first_keys = sort_order == _SORT.NONE and target != _SORT.KEY and not filtered
-        if sort_order == _SORT.NONE and target != _SORT.KEY:
+        by_another = sort_order == _SORT.NONE and target != _SORT.KEY
+        first_keys = by_another and not filtered
+        if by_another:
             sort_order = _SORT.ASCEND
         plain = not filtered and _in_key_order(r)
         response = pb.RangeResponse()

@@ -35,7 +35,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from raftfast.core.types import Message
-from raftfast.heap import release_free_memory, release_free_memory_soon
+from raftfast.heap import release_free_memory_soon
 from raftfast.proto import raftfast_pb2 as pb
 
 log = logging.getLogger("raftfast.transport")
@@ -559,7 +559,7 @@ class TlsAcceptor:
         if not self.handshaking and self._dropped_since_trim >= MAX_HANDSHAKES:
             # A flood is over: give back what its handshakes' buffers left in the heap.
             self._dropped_since_trim = 0
-            asyncio.get_running_loop().call_later(1.0, release_free_memory)
+            release_free_memory_soon()
 
     def close(self) -> None:
         self._closed = True
