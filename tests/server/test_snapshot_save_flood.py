@@ -1,4 +1,5 @@
-"""Admin/SnapshotSave streams whose clients never read cannot make a node take snapshot after
+"""Snapshot streams whose clients never read (raftfast's Admin/SnapshotSave, etcd's
+Maintenance/Snapshot: ``etcdctl snapshot save``) cannot make a node take snapshot after
 snapshot and hold every file open (pruned snapshots stayed on disk while their streams
 waited): a node serves a few at once and refuses more with RESOURCE_EXHAUSTED; once those
 clients are gone, backups work again."""
@@ -7,22 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import time
 
 import raftfast
 from raftfast.server import admin
 from raftfast.storage.snapshot import SnapshotStore
-from raftfast.tools.localcluster import free_ports
+from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 from tests.unread_calls import UnreadCalls
 
 RESOURCE_EXHAUSTED = "8"
 SNAPSHOT_SAVE = "/raftfast.v1.Admin/SnapshotSave"
+ETCD_SNAPSHOT = "/etcdserverpb.Maintenance/Snapshot"
 
 
-def _open_snapshot_files() -> list[str]:
+def _open_snapshot_files(pid: int | str = "self") -> list[str]:
     out = []
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if ".snap" in target:
@@ -85,3 +89,39 @@ def test_read_chunks_closed_unread_closes_its_file_at_once(tmp_path):
     chunks.close()  # (never iterated: closed all the same)
     assert not _open_snapshot_files()
     assert b"".join(store.read_chunks(meta)) == b"x" * 10 and not _open_snapshot_files()
+
+
+def test_unread_etcd_snapshots_are_bounded_and_refused_past_the_limit(tmp_path):
+    calls = 8
+    with ProcCluster(tmp_path, 1) as cluster:
+        leader = cluster.wait_leader()
+        pid = cluster.procs[leader].pid
+        port = int(cluster.addrs[leader].rsplit(":", 1)[1])
+        limit = admin.SNAPSHOT_SAVES_AT_ONCE
+        raw = UnreadCalls(port)
+        try:
+            with raftfast.SyncClient([cluster.addrs[leader]], timeout=30) as client:
+                streams = []
+                for i in range(calls):
+                    client.put(b"k", b"%d" % i)  # (each call wants a snapshot of its own)
+                    streams.append(raw.open(ETCD_SNAPSHOT))
+                    raw.pump(0.2)
+                until = time.monotonic() + 10
+                while len(raw.status) < calls - limit and time.monotonic() < until:
+                    raw.pump(0.1)
+                assert len(_open_snapshot_files(pid)) <= limit, _open_snapshot_files(pid)
+                refused = [s for s in streams if raw.status.get(s) == RESOURCE_EXHAUSTED]
+                assert len(refused) == calls - limit, raw.status
+                assert not raw.reset and len(raw.status) == calls - limit  # (the rest wait)
+        finally:
+            raw.close()
+
+        # The client gone, its streams end and close their files: etcdctl's backups work again.
+        wait_for("the unread streams' files closed", lambda: not _open_snapshot_files(pid), 10)
+        backup = tmp_path / "etcd.backup"
+        saved = subprocess.run(
+            ["etcdctl", f"--endpoints={cluster.addrs[leader]}", "snapshot", "save", str(backup)],
+            env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert saved.returncode == 0, saved.stderr
+        assert backup.stat().st_size > 0 and not _open_snapshot_files(pid)
