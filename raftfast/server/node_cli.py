@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, NoReturn
 
+import raftfast._grpc_quiet  # noqa: F401 - first: before anything imports gRPC
 from raftfast._version import __version__, version_text
 from raftfast.address import ADDRESS_FORM, is_address, is_host_port
 from raftfast.errors import CorruptionError, FormatVersionError, RaftfastError, StorageError

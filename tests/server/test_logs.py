@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from raftfast.client import SyncClient
 from raftfast.server import node_cli
 from raftfast.server.logs import JsonFormatter
 from raftfast.server.node_cli import ConfigError, parse_settings
-from raftfast.tools.localcluster import ProcCluster, wait_for
+from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
 
 KEYS = {"time", "level", "node", "term", "message", "fields"}
 PEERS = "n1=127.0.0.1:7001,n2=127.0.0.1:7002,n3=127.0.0.1:7003"
@@ -50,6 +52,34 @@ def test_every_line_of_a_json_node_is_an_object_with_its_id_and_term(tmp_path):
         if "became leader" in line
     ]
     assert became and all(f"in term {b['term']}" in b["message"] for b in became)
+
+
+def test_failed_tls_handshakes_add_no_line_that_is_not_json(tmp_path):
+    """gRPC's C core writes an INFO line per failed TLS handshake unless told otherwise at
+    its import (raftfast._grpc_quiet): plain text among the JSON, one per stranger's try."""
+    tls = tmp_path / "tls"
+    make_certs(tls, ["n1"])
+    env = {"GRPC_VERBOSITY": ""}  # (as if unset: this process may have set it)
+    with ProcCluster(tmp_path, 1, tls=tls, env=env, extra=["--log-format", "json"]) as cluster:
+        cluster.wait_leader()
+        for address in (cluster.addrs["n1"], cluster.peer_addrs["n1"]):
+            host, port = address.rsplit(":", 1)
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                try:
+                    with context.wrap_socket(sock) as conn:  # (no client certificate)
+                        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                        answer = conn.recv(1)
+                except (ssl.SSLError, OSError):
+                    answer = b""
+                assert answer == b"", f"{address} served a client without a certificate"
+        with SyncClient(list(cluster.addrs.values()), timeout=30, tls=cluster.client_tls) as c:
+            c.put("a", "1")  # (after the refusals: their lines, if any, came before its end)
+    lines = cluster.logs["n1"].read_text().splitlines()
+    assert lines and [line for line in lines if not line.startswith("{")] == []
+    for line in lines:
+        assert set(json.loads(line)) == KEYS, line
 
 
 def test_the_formatter_puts_extras_and_exceptions_in_fields():
