@@ -84,7 +84,14 @@ from raftfast.client.calls import (
     read_mode_of,
 )
 from raftfast.client.deadlines import Deadlines
-from raftfast.client.session import SESSION_TRANSPORTS, Op, SessionMixin, SessionStub, Stream
+from raftfast.client.session import (
+    SESSION_TRANSPORTS,
+    Op,
+    Sequenced,
+    SessionMixin,
+    SessionStub,
+    Stream,
+)
 from raftfast.dedup import DEDUP_WINDOW
 from raftfast.errors import (
     ClusterUnavailableError,
@@ -223,7 +230,8 @@ class Client(SessionMixin):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}  # (address, service) -> stub
         self._pending: deque[Op] = deque()
-        self._outstanding: deque[Op] = deque()  # writes with a sequence, in sequence order
+        # writes with a sequence, in sequence order (queued ops; proposals: Sequenced)
+        self._outstanding: deque[Op | Sequenced] = deque()
         self._wake: asyncio.Event | None = None
         self._deadlines: Deadlines | None = None  # (of the calls in flight: set with _loop)
         self._writer_blocked = False
@@ -427,14 +435,19 @@ class Client(SessionMixin):
     async def propose(self, command: BytesLike, *, timeout: float | None = None) -> bytes:
         """Apply ``command`` to the cluster's state machine, exactly once (a retry reuses its
         sequence number); its result. CommandError if the state machine refused it."""
-        self._ensure_started()
-        self._seq += 1
-        request = pb.ProposeRequest(
-            client_id=self._client_id,
-            sequence=self._seq,
-            command=to_bytes(command, "command"),
-        )
-        _, response = await self._unary("Propose", request, timeout, service="machine")
+        command = to_bytes(command, "command")
+        total = self._call_timeout(timeout)
+        loop = self._ensure_started()
+        started = loop.time()
+        slot = await self._take_sequence(total)
+        try:
+            request = pb.ProposeRequest(
+                client_id=self._client_id, sequence=slot.sequence, command=command
+            )
+            left = max(total - (loop.time() - started), 0.001)  # (the window's wait spent)
+            _, response = await self._unary("Propose", request, left, service="machine")
+        finally:
+            self._release(slot)
         return response.result
 
     async def query(

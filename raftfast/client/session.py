@@ -35,6 +35,7 @@ from raftfast.client.calls import (
 )
 from raftfast.client.session_tcp import TcpSessionCall
 from raftfast.errors import (
+    DeadlineExceededError,
     InvalidArgumentError,
     NoSpaceError,
     PermissionDeniedError,
@@ -84,6 +85,18 @@ class Op:
         self.stream: Stream | None = None
         self.sent_at = 0.0
         self.attempts = 0
+
+
+class Sequenced:
+    """A write outside the Session stream (``propose``, a unary call) holding its sequence in
+    the window of unresolved ones, as a queued write does (``_window_open``) until ``fut``
+    is done."""
+
+    __slots__ = ("sequence", "fut")
+
+    def __init__(self, sequence: int, fut: asyncio.Future[None]) -> None:
+        self.sequence = sequence
+        self.fut = fut
 
 
 class Stream:
@@ -284,6 +297,34 @@ class SessionMixin:
         while out and out[0].fut is not None and out[0].fut.done():
             out.popleft()
         return not out or self._seq + 1 - out[0].sequence < self._max_outstanding
+
+    async def _take_sequence(self, total: float) -> Sequenced:
+        """The next write sequence for a unary write, once the window has room for it (as a
+        queued write waits in _next_frame): a node refuses a sequence DEDUP_WINDOW behind a
+        newer one of the same client as a late duplicate, not applied (10,000 proposals at
+        once from one client: a quarter refused so, some of them applied). The wait counts
+        against the call's ``total`` seconds, started now. ``_release`` it when the call ends."""
+        loop = self._ensure_started()
+        deadline = loop.time() + total
+        while not self._window_open():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceededError(
+                    f"deadline of {total:g}s exceeded waiting for one of this client's "
+                    f"{self._max_outstanding} unresolved writes to finish"
+                )
+            # (the oldest unresolved write: waited on, never cancelled from here)
+            await asyncio.wait([self._outstanding[0].fut], timeout=remaining)
+        self._seq += 1
+        slot = Sequenced(self._seq, loop.create_future())
+        self._outstanding.append(slot)
+        return slot
+
+    def _release(self, slot: Sequenced) -> None:
+        if not slot.fut.done():
+            slot.fut.set_result(None)
+        if self._writer_blocked:
+            self._wake_writer()
 
     async def _session_loop(self) -> None:
         """``_session_rounds``, started again after a failure it did not expect (logged; the
