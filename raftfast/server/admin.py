@@ -34,7 +34,12 @@ class AdminService(Service, pb_grpc.AdminServicer):
     @rpc
     async def TransferLeader(self, request, context):  # noqa: N802 - gRPC naming
         self.check_node_id(request.target)
-        leader, term = await self.node.transfer_leadership(request.target)
+        try:
+            leader, term = await self.node.transfer_leadership(request.target)
+        except TimeoutError as exc:
+            # The answer, not the call's deadline: a client retrying it would hold proposals
+            # for a hand-over at a time and end with gRPC's bare "Deadline Exceeded".
+            raise ValueError(f"no hand-over: {exc}") from None
         return pb.TransferLeaderResponse(leader=leader, term=term)
 
     @rpc

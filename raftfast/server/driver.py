@@ -591,6 +591,9 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._check_leader()
         if target not in self.raw.membership.voters:
             raise ValueError(f"{target!r} is not a voter")
+        if target != self.id and target in self.transport.unreachable():
+            # (down, or cut off: it could not take over, and proposals would wait meanwhile)
+            raise TimeoutError(f"{target} is not reachable from the leader: its stream is down")
         self._streams_lost.discard(target)
         self.raw.transfer_leadership(target)
         self._wake.set()

@@ -201,3 +201,14 @@ def test_cli_transfer_leader(cluster):
     bad = subprocess.run([*cmd, "transfer-leader", "nobody"], capture_output=True, text=True)
     assert bad.returncode == 5 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+    # A voter that is down cannot take over: the node says so (exit 5), and the command does
+    # not retry the hand-over (proposals waiting each time) until its deadline (it ended
+    # with exit 3 and gRPC's bare "Deadline Exceeded" after the whole --timeout).
+    down = next(n for n in cluster.ids if n != target)
+    cluster.kill(down)
+    cmd = [*cmd[:-1], cluster.addrs[target], "--timeout", "60"]
+    refused = subprocess.run([*cmd, "transfer-leader", down], capture_output=True, text=True)
+    assert refused.returncode == 5, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert "no hand-over" in line and down in line, line
