@@ -17,6 +17,9 @@ MAX_SEQUENCE = (1 << 63) - 1
 # durable, and then no election could ever bump it again: the cluster would be dead for good.
 MAX_TERM_OR_INDEX = (1 << 62) - 1
 MAX_FRAME_OPS = 10_000  # ops in one Session frame (the client sends at most 4,096 by default)
+# A call's timeout: a longer one (inf, 10**400 too) is this one (gRPC's deadlines and the
+# kernel's socket timeouts hold no more: a call with 1e10 s hung, one with 1e19 failed).
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
 
 def node_id_problem(node_id: object) -> str | None:

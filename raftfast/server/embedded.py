@@ -42,7 +42,7 @@ from raftfast.errors import (
     message_of,
 )
 from raftfast.exactly_once import frame_command
-from raftfast.limits import MAX_CLIENT_ID
+from raftfast.limits import MAX_CLIENT_ID, MAX_TIMEOUT_S
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, certificate_name, channel_credentials
@@ -283,11 +283,11 @@ class Node:
         """A call's timeout: ``timeout``, or the node's when None (0 meant the default)."""
         if timeout is None:
             return self.timeout
-        if not isinstance(timeout, int | float) or not timeout > 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise InvalidArgumentError(
                 f"a timeout is a positive number of seconds, not {timeout!r}"
             )
-        return float(timeout)
+        return min(timeout, MAX_TIMEOUT_S) * 1.0  # (as a client's: 10**400 and inf are a year)
 
     def _running(self, any_loop: bool = False) -> Any:
         """The driver; RaftfastError if the node is not running, or (unless ``any_loop``: a

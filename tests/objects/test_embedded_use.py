@@ -106,6 +106,9 @@ def test_a_node_called_from_another_loop_says_so_and_goes_on(tmp_path) -> None:
             assert await counter.add(1) == 2  # (the node is fine)
             with pytest.raises(InvalidArgumentError, match="positive number"):
                 await node.wait_for_leader(timeout=0)  # (0 meant the default: 30 s)
+            with pytest.raises(InvalidArgumentError, match="positive number"):
+                await node.wait_for_leader(timeout=True)
+            await node.wait_for_leader(timeout=10**400)  # (a year, as a client's)
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
