@@ -17,7 +17,7 @@ import grpc
 from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.types import Role
-from raftfast.errors import ChangeInProgressError, NotLeaderError
+from raftfast.errors import ChangeInProgressError, NotLeaderError, RaftfastError
 from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -286,7 +286,7 @@ class MembershipMixin:
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details()
                 if code in _JOIN_REFUSED:
-                    self.failed = ValueError(f"{target} refused the join: {details}")
+                    self.failed = RaftfastError(f"{target} refused the join: {details}")
                     log.critical("node %s cannot join: %s", s.id, self.failed)
                     asyncio.get_running_loop().call_soon(lambda: asyncio.create_task(self.stop()))
                     return

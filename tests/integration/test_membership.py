@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from raftfast.client import SyncClient
-from raftfast.tools.localcluster import ProcCluster, wait_for
+from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 
 from .load import write_each
 
@@ -198,3 +198,23 @@ def test_an_id_can_be_used_again_after_its_removal(cluster):
                 lambda: c3.get("after-rejoin", read_mode="stale") == b"ok",
             )
         assert cluster.exited("n3") is None, cluster.logs["n3"].read_text()[-2000:]
+
+
+def test_a_join_the_cluster_refuses_ends_in_one_line(tmp_path, cluster):
+    """A --join under a member's id is refused: the node says so in its one error line and
+    exits 1 (it ended in "node failed unexpectedly" and a traceback)."""
+    leader = cluster.wait_leader()
+    port, stream_port, session_port = free_ports(3)
+    joiner = subprocess.run(
+        [
+            sys.executable, "-m", "raftfast.server.node_cli", "--id", "n1",
+            "--listen", f"127.0.0.1:{port}", "--join", cluster.addrs[leader],
+            "--data-dir", str(tmp_path / "joiner"), "--peer-stream-port", str(stream_port),
+            "--client-stream-port", str(session_port),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert joiner.returncode == 1, joiner.stderr
+    assert "Traceback" not in joiner.stderr and "unexpectedly" not in joiner.stderr
+    assert "raftfast-node: error: node n1 failed:" in joiner.stderr
+    assert "refused the join" in joiner.stderr
