@@ -51,6 +51,7 @@ class MembershipMixin:
     _joining: bool
     removed: bool
     _committed_members: set[str]
+    applied_index: int
     _removed_ids: dict[str, int]
     incarnations: Incarnations
 
@@ -109,6 +110,7 @@ class MembershipMixin:
         if node_id in current:
             if current[node_id] != address:
                 raise ValueError(f"{node_id} is already a member, at {current[node_id]}")
+            await self._configuration_committed(deadline, f"add {node_id}")
         else:
             await self._change(ChangeKind.ADD_LEARNER, node_id, address, deadline)
         if not learner and node_id not in self.raw.membership.voters:
@@ -136,7 +138,9 @@ class MembershipMixin:
             # commit, still is one)
             raise ValueError(f"{node_id!r} is not a member")
         if done:
-            # Already so (perhaps thanks to an earlier attempt of this very call): say so.
+            # Already so (perhaps thanks to an earlier attempt of this very call): say so,
+            # once that is committed.
+            await self._configuration_committed(deadline, f"{kind.value} {node_id}")
             listing = self.members()
             listing.note = f"{node_id} is already {_DONE_NOTE[kind]}: nothing to do"
             return listing
@@ -146,6 +150,15 @@ class MembershipMixin:
         await self._change(kind, node_id, "", deadline)
         # If we removed ourselves we stepped down once it committed: answer with what we know.
         return self.members(require_leader=self.raw.role == Role.LEADER)
+
+    async def _configuration_committed(self, deadline: float, what: str) -> None:
+        """Until the latest configuration is committed and applied here: a change it already
+        holds (an earlier attempt's, another caller's) is not "done" before that, since a new
+        leader could still drop it (a retry answered "nothing to do" at an uncommitted one)."""
+        index = self.raw.config_index
+        if index > self.applied_index:
+            self._check_leader()
+            await self._wait_applied_as_leader(index, deadline, what)
 
     async def _change(self, kind: ChangeKind, node_id: str, address: str, deadline: float):
         """Propose one change and wait until it is committed and applied here."""

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from raftfast.client import SyncClient
+from raftfast.errors import DeadlineExceededError
 from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 
 from .load import write_each
@@ -218,3 +219,28 @@ def test_a_join_the_cluster_refuses_ends_in_one_line(tmp_path, cluster):
     assert "Traceback" not in joiner.stderr and "unexpectedly" not in joiner.stderr
     assert "raftfast-node: error: node n1 failed:" in joiner.stderr
     assert "refused the join" in joiner.stderr
+
+
+def test_a_change_made_but_not_committed_is_not_done_yet(tmp_path):
+    """A retry of a change the leader holds but has not committed (its first attempt timed
+    out; or another caller's) waits for the commit: it said "nothing to do" at once, and a new
+    leader could still have dropped the change (a hunt: three terminals, one change)."""
+    # (elections 5 s away: the leader left alone keeps leading while it is asked twice)
+    with ProcCluster(tmp_path, 3, extra=["--election-ticks", "100"]) as cluster:
+        leader = cluster.wait_leader(timeout=60)
+        followers = [n for n in cluster.ids if n != leader]
+        with SyncClient([cluster.addrs[leader]], timeout=30) as c:
+            for what, change in (
+                ("add", lambda: c.add_member("x", "127.0.0.1:9", learner=True, timeout=1)),
+                ("remove", lambda: c.remove_member("x", timeout=1)),
+            ):
+                for nid in followers:
+                    cluster.kill(nid)
+                with pytest.raises(DeadlineExceededError):
+                    change()  # (proposed: the leader's latest configuration has it)
+                with pytest.raises(DeadlineExceededError):
+                    change()  # (the retry: "nothing to do", at once)
+                for nid in followers:
+                    cluster.start(nid, first_time=False)
+                listing = change()  # (committed now: done)
+                assert listing["committed"], (what, listing)
