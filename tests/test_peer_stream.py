@@ -44,7 +44,7 @@ class Receiver:
         self.removed: dict[str, int] = {}
         self.service = PeerService(
             CLUSTER, lambda src: src not in self.removed, self.delivered.extend, None,
-            self.removed.get,
+            self.removed.get, node_id="b",
         )  # fmt: skip
         self.offer_tcp, self.broken_offset = offer_tcp, broken_offset
         self.server = grpc.aio.server()
@@ -181,6 +181,25 @@ def test_a_refused_node_says_why_once_and_does_not_log_every_retry(caplog):
         assert len(said) == 1 and said[0].levelno == logging.WARNING, said
         assert "not (or no longer) a member" in said[0].getMessage()
         assert all(r.levelno == logging.DEBUG for r in opens()[1:]), opens()
+
+    run(test)
+
+
+def test_another_members_name_for_our_address_is_refused_and_displaces_nothing(caplog):
+    # A member added at another spelling of b's address ("ghost"): the streams to b and to
+    # "ghost" reached b from the same sender and each displaced the other, over and over.
+    caplog.set_level(logging.WARNING, logger="raftfast.transport")
+
+    async def test(receiver, sender, refused, unreachable):
+        stream = receiver.stream_server.senders["a"]
+        sender.set_peers({"b": receiver.address, "ghost": receiver.address})
+        await until("ghost refused", lambda: any(
+            "this is 'b', not 'ghost'" in r.getMessage() for r in caplog.records
+        ))  # fmt: skip
+        sender.send([Message(MsgType.HEARTBEAT, "a", "ghost", term=1, commit=99)])
+        await send_and_check(receiver, sender, 200)
+        assert receiver.stream_server.senders["a"] is stream  # (never displaced)
+        assert not any(m.dst == "ghost" for m in receiver.delivered)
 
     run(test)
 

@@ -45,18 +45,20 @@ class RaftMessage(_message.Message):
     def __init__(self, type: _Optional[int] = ..., src: _Optional[str] = ..., dst: _Optional[str] = ..., term: _Optional[int] = ..., index: _Optional[int] = ..., log_term: _Optional[int] = ..., entries: _Optional[bytes] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., hint: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("cluster_id", "src", "messages", "incarnation", "endpoint")
+    __slots__ = ("cluster_id", "src", "messages", "incarnation", "endpoint", "dst")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     src: str
     messages: _containers.RepeatedCompositeFieldContainer[RaftMessage]
     incarnation: int
     endpoint: StreamEndpoint
-    def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[RaftMessage, _Mapping]]] = ..., incarnation: _Optional[int] = ..., endpoint: _Optional[_Union[StreamEndpoint, _Mapping]] = ...) -> None: ...
+    dst: str
+    def __init__(self, cluster_id: _Optional[str] = ..., src: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[RaftMessage, _Mapping]]] = ..., incarnation: _Optional[int] = ..., endpoint: _Optional[_Union[StreamEndpoint, _Mapping]] = ..., dst: _Optional[str] = ...) -> None: ...
 
 class FrameAck(_message.Message):
     __slots__ = ("frames",)

@@ -321,6 +321,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             alarm=self.app.alarm_reported,
             forward=self.app.forwarded,
             incarnations=self._check_incarnation,
+            node_id=s.id,
         )
         peer_service.client_address = s.listen
         shared = s.peer_address == s.listen

@@ -94,12 +94,15 @@ def frame_pieces(
     msgs: list[Message],
     incarnation: int = 0,
     endpoint: pb.StreamEndpoint | None = None,
+    dst: str = "",
 ) -> list[bytes]:
     """``encode_frame`` in pieces, to be written as they are (a stream writes them with one
     writev): each message's entries are spliced in (``nested_pieces``), not copied by
-    protobuf's serializer (124 us for 150 KB, per follower per Ready). ``endpoint``: said in
-    a TCP stream's first frame."""
-    head = pb.Frame(cluster_id=cluster_id, src=src, incarnation=incarnation, endpoint=endpoint)
+    protobuf's serializer (124 us for 150 KB, per follower per Ready). ``endpoint`` and
+    ``dst`` (the peer meant): said in a TCP stream's first frame."""
+    head = pb.Frame(
+        cluster_id=cluster_id, src=src, incarnation=incarnation, endpoint=endpoint, dst=dst
+    )
     pieces = [head.SerializeToString()]
     for m in msgs:
         head = message_to_pb(m, with_entries=False).SerializeToString()

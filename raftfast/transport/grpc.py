@@ -421,7 +421,12 @@ class PeerTransport:
             # The first frame names us: until it has, the receiver takes only small records.
             stream.write(
                 frame_pieces(
-                    self.cluster_id, self.node_id, [], self.incarnation, endpoint=self.endpoint
+                    self.cluster_id,
+                    self.node_id,
+                    [],
+                    self.incarnation,
+                    endpoint=self.endpoint,
+                    dst=peer.id,
                 )
             )
         except (TimeoutError, OSError) as exc:
@@ -514,6 +519,7 @@ class PeerService(pb_grpc.PeerServicer):
         alarm: Callable[[str, str], str | None] | None = None,
         forward: Callable[[str, bytes], Awaitable[tuple[bytes, int]]] | None = None,
         incarnations: Callable[[str, int], str | None] | None = None,
+        node_id: str = "",
     ):
         """``members`` says whose traffic we take: a set of ids, or a predicate (membership
         changes; a node takes traffic from ids it does not know yet, since a member added
@@ -525,8 +531,10 @@ class PeerService(pb_grpc.PeerServicer):
         ``alarm(src, why)`` takes a member's NOSPACE report (why it is refused, or None);
         ``forward(method, request)`` answers a client request a member hands us (the etcd
         API's: raises an EtcdError for its status). ``incarnations(src, incarnation)`` says
-        why a member speaking from another data directory than before is refused (or None)."""
+        why a member speaking from another data directory than before is refused (or None).
+        ``node_id``: ours; traffic meant for another id is refused (its address reaches us)."""
         self.cluster_id = cluster_id
+        self.node_id = node_id
         self.incarnations = incarnations
         self.accepts = members if callable(members) else members.__contains__
         self.removed_at = removed_at  # index of the committed removal of a refused id (or 0)
@@ -547,6 +555,7 @@ class PeerService(pb_grpc.PeerServicer):
         A SNAPSHOT message comes only with its data (``snapshot``: InstallSnapshot's)."""
         self.check_cluster(f.cluster_id)
         self.check_sender(f.src, identity)
+        self.check_addressee(f.dst)
         if not self.accepts(f.src):
             index = self.removed_at(f.src) if self.removed_at and f.src else 0
             where = f" (removed at index {index})" if index else ""
@@ -571,6 +580,7 @@ class PeerService(pb_grpc.PeerServicer):
                 raise tcp.Refused(invalid, "a snapshot travels alone, by InstallSnapshot")
             if len(m.dst.encode()) > MAX_ID_BYTES:  # (src is the frame's, checked above)
                 raise tcp.Refused(invalid, f"{m.type.name} from {m.src!r}: dst is too long")
+            self.check_addressee(m.dst)
             if max(m.term, m.index, m.log_term, m.commit, m.hint, m.context) > MAX_TERM_OR_INDEX:
                 raise tcp.Refused(
                     invalid, f"{m.type.name} from {m.src!r}: term or index out of range"
@@ -583,6 +593,16 @@ class PeerService(pb_grpc.PeerServicer):
                 _code(grpc.StatusCode.FAILED_PRECONDITION),
                 f"cluster id mismatch: this node is in {self.cluster_id!r}, "
                 f"the sender in {cluster_id[:300]!r}",
+            )
+
+    def check_addressee(self, dst: str) -> None:
+        """Traffic meant for another member (``dst``; "": not said) is refused: the sender was
+        given an address of ours for it (an operator's alias, `localhost` for `127.0.0.1`)."""
+        if dst and self.node_id and dst != self.node_id:
+            raise tcp.Refused(
+                _code(grpc.StatusCode.FAILED_PRECONDITION),
+                f"this is {self.node_id!r}, not {dst[:40]!r}: the address {dst[:40]!r} was "
+                f"given reaches {self.node_id!r}",
             )
 
     def check_sender(self, sender: str, identity: str | None) -> None:
