@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 
 MAX_ADDRESS_CHARS = 255
 
@@ -44,3 +46,47 @@ def split_address(address: str) -> tuple[str, int]:
     """(host, port) of a HOST:PORT address; an IPv6 host loses its brackets ("[::1]:7001")."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+_RESOLVE_S = 2.0  # how long a member add waits for its address's name (and members') to resolve
+
+
+async def places_of(address: str) -> set[tuple[str, int]]:
+    """The (IP, port) pairs ``address`` (HOST:PORT) reaches; none if it does not resolve soon
+    (a machine still to come may be added). An unspecified IP (0.0.0.0, ::) reaches the
+    loopback; IPv4-mapped IPv6 is IPv4."""
+    try:
+        host, port = split_address(address)
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
+            _RESOLVE_S,
+        )
+    except (OSError, ValueError, TimeoutError, UnicodeError):
+        return set()
+    out: set[tuple[str, int]] = set()
+    for info in infos:
+        try:
+            ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        except ValueError:
+            continue
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_unspecified:
+            out |= {("127.0.0.1", port), ("::1", port)}
+        else:
+            out.add((str(ip), port))
+    return out
+
+
+async def member_at_same_place(address: str, members: dict[str, str]) -> str | None:
+    """The member (id -> address) whose address reaches where ``address`` does, spelled
+    otherwise (`localhost:7002` for `127.0.0.1:7002`, `127.0.0.1:07002`), or None. Two members
+    at one place: each peer dialled it twice, and its two streams displaced each other."""
+    mine = await places_of(address)
+    if not mine:
+        return None
+    theirs = await asyncio.gather(*(places_of(a) for a in members.values()))
+    for member, place in zip(members, theirs, strict=True):
+        if mine & place:
+            return member
+    return None

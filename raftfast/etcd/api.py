@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
 import random
 import re
-import socket
 import zlib
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -32,6 +30,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from raftfast.address import member_at_same_place
 from raftfast.errors import NotLeaderError
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
@@ -83,7 +82,6 @@ MAX_LEASES = 100_000
 MAX_TXN_READ_KEYS = 50_000
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
 _OP_ETCD = bytes((OP_ETCD,))
-_RESOLVE_S = 2.0  # how long a MemberAdd waits for its URL's host (and members') to resolve
 
 
 def id64(text: str) -> int:
@@ -490,16 +488,29 @@ class EtcdAPI:
         out = []
         for node_id, address in sorted(membership.members().items()):
             client = driver.address_of(node_id) if node_id != driver.id else driver.settings.listen
+            started = self._started(node_id)
             out.append(
                 pb.Member(
                     ID=member_id(node_id),
-                    name=node_id,
+                    name=node_id if started else "",
                     peerURLs=[_url(address)],
-                    clientURLs=[_url(client)] if client else [],
+                    clientURLs=[_url(client)] if client and started else [],
                     isLearner=node_id in membership.learners,
                 )
             )
         return out
+
+    def _started(self, node_id: str) -> bool:
+        """Whether ``node_id`` has run, as far as this node knows: it is this node, a
+        founding member, or it has spoken to us. etcd names a member (and gives its client
+        URLs) once it has started; etcdctl says "unstarted" of one without a name, and scripts
+        wait for that to change after a member add."""
+        driver = self.driver
+        return (
+            node_id == driver.id
+            or node_id in driver.settings.peers
+            or bool(driver.transport.client_address_of(node_id))
+        )
 
     def node_of(self, mid: int) -> str:
         for node_id in self.driver.raw.membership.members():
@@ -520,7 +531,7 @@ class EtcdAPI:
         members = self.driver.raw.membership.members()
         if node_id in members or address in members.values():
             raise errors.PEER_URL_EXIST
-        if await _same_endpoint(address, list(members.values())):
+        if await member_at_same_place(address, members) is not None:
             # Another name for a member (localhost:PORT for 127.0.0.1:PORT): its peers would
             # dial that member twice, and its two streams from each peer take turns replacing
             # each other: the cluster stopped committing.
@@ -535,7 +546,7 @@ class EtcdAPI:
             raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}") from None
         except TimeoutError:
             raise errors.TIMEOUT from None
-        member = next(m for m in self.members() if m.name == node_id)
+        member = next(m for m in self.members() if m.ID == member_id(node_id))
         return pb.MemberAddResponse(header=self.header(), member=member, members=self.members())
 
     async def _promote_later(self, node_id: str, timeout: float) -> None:
@@ -598,12 +609,15 @@ class EtcdAPI:
             if quota is None:
                 raise errors.invalid("this node has no quota")
             if request.action == pb.AlarmRequest.DEACTIVATE:
+                disarmed = self.alarm_members()
                 try:
                     await quota.disarm()
                 except ValueError as exc:
                     raise EtcdError(
                         grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}"
                     ) from None
+                # (as etcd: the alarms deactivated; etcdctl prints them)
+                return pb.AlarmResponse(header=self.header(), alarms=disarmed)
             else:
                 quota.raise_alarm("activated through the etcd API")
                 raising = quota._raising  # noqa: SLF001 - answered once applied, as etcd does
@@ -618,6 +632,8 @@ class EtcdAPI:
             f"memberID:{a.memberID} alarm:{pb.AlarmType.Name(a.alarm)} "
             for a in self.alarm_members()
         ]
+        if not raw.leader:
+            alarms.append("etcdserver: no leader")  # (as etcd: monitoring reads it here)
         return pb.StatusResponse(
             header=self.header(),
             version=API_VERSION,
@@ -927,41 +943,3 @@ def _address_of_url(url: str) -> str:
     except ValueError:
         raise errors.MEMBER_BAD_URLS from None
     return address
-
-
-async def _endpoints(address: str) -> set[tuple[str, int]]:
-    """The (IP, port) pairs ``address`` (host:port) reaches; none if it does not resolve soon.
-    An unspecified IP (0.0.0.0, ::) reaches the loopback; IPv4-mapped IPv6 is IPv4."""
-    try:
-        host, port_text = address.rsplit(":", 1)
-        port = int(port_text)
-        infos = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM),
-            _RESOLVE_S,
-        )
-    except (OSError, ValueError, TimeoutError, UnicodeError):
-        return set()
-    out: set[tuple[str, int]] = set()
-    for info in infos:
-        try:
-            ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        except ValueError:
-            continue
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if ip.is_unspecified:
-            out |= {("127.0.0.1", port), ("::1", port)}
-        else:
-            out.add((str(ip), port))
-    return out
-
-
-async def _same_endpoint(address: str, members: list[str]) -> bool:
-    """Whether ``address`` reaches where one of ``members`` listens (another name for it)."""
-    mine = await _endpoints(address)
-    if not mine:
-        return False
-    for theirs in await asyncio.gather(*(_endpoints(m) for m in members)):
-        if mine & theirs:
-            return True
-    return False

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import grpc
 
-from raftfast.address import ADDRESS_FORM, is_address, split_address
+from raftfast.address import ADDRESS_FORM, is_address, member_at_same_place
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.types import Role
 from raftfast.errors import ChangeInProgressError, NotLeaderError, RaftfastError
@@ -113,7 +112,7 @@ class MembershipMixin:
                 raise ValueError(f"{node_id} is already a member, at {current[node_id]}")
             await self._configuration_committed(deadline, f"add {node_id}")
         else:
-            taken = await _member_reached_at(address, current)
+            taken = await member_at_same_place(address, current)
             if taken is not None:
                 raise ValueError(
                     f"address {address} reaches {taken}'s ({current[taken]}): it is another "
@@ -350,33 +349,3 @@ class MembershipMixin:
         log.warning("node %s was removed from the cluster (%s); shutting down", self.id, why)
         delay = self.settings.election_ticks * self.settings.tick_ms / 1000
         asyncio.get_running_loop().call_later(delay, lambda: asyncio.create_task(self.stop()))
-
-
-_RESOLVE_S = 2.0  # looking up the names of a member add's address and of the members
-
-
-async def _places(address: str) -> set[tuple[str, int]]:
-    """Where ``address`` leads: (IP, port) pairs, or none if its name does not resolve (in
-    _RESOLVE_S): a name that does not resolve yet may be added (a machine still to come)."""
-    host, port = split_address(address)
-    try:
-        async with asyncio.timeout(_RESOLVE_S):
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-    except (OSError, TimeoutError, UnicodeError):
-        return set()
-    return {(info[4][0], info[4][1]) for info in infos}
-
-
-async def _member_reached_at(address: str, members: dict[str, str]) -> str | None:
-    """The member whose address leads where ``address`` does (the core compares the text
-    alone: `localhost:7002` for `127.0.0.1:7002`, or `127.0.0.1:07002`), or None."""
-    wanted = await _places(address)
-    if not wanted:
-        return None
-    places = await asyncio.gather(*(_places(a) for a in members.values()))
-    for member, place in zip(members, places, strict=True):
-        if wanted & place:
-            return member
-    return None

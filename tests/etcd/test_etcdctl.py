@@ -445,6 +445,17 @@ def test_member_list(cluster):
     assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
         (format(member_id(n), "x"), "started", n) for n in cluster.ids
     )
+    # a member added but never started: no name, no client URLs, "unstarted" (etcd's; it said
+    # "started", named and with a made-up client URL: a script waiting for it went on at once)
+    added = json_of(ctl(cluster, "member", "add", "newbie", "--learner",
+                        "--peer-urls=http://127.0.0.1:9", "-w", "json"))  # fmt: skip
+    new = format(added["member"]["ID"], "x")
+    try:
+        rows = [line.split(", ") for line in ctl(cluster, "member", "list").stdout.splitlines()]
+        [row] = [r for r in rows if r[0] == new]
+        assert row[1:5] == ["unstarted", "", "http://127.0.0.1:9", ""] and row[5] == "true", row
+    finally:
+        ctl(cluster, "member", "remove", new)
     # every member gives the same list
     for nid in cluster.ids:
         again = json_of(ctl(cluster, "member", "list", "-w", "json", nodes=[nid]))
@@ -497,6 +508,39 @@ def test_endpoint_status(cluster):
     assert sorted(row["Endpoint"] for row in rows) == sorted(
         f"http://{a}" for a in cluster.endpoints
     )
+
+
+def test_alarm_disarm_says_which_alarm_it_cleared(cluster):
+    import grpc
+
+    from raftfast.proto.etcd import rpc_pb2 as pb
+    from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
+
+    leader = cluster.wait_leader()
+    with grpc.insecure_channel(cluster.addrs[leader]) as channel:
+        pb_grpc.MaintenanceStub(channel).Alarm(
+            pb.AlarmRequest(action=pb.AlarmRequest.ACTIVATE, alarm=pb.NOSPACE), timeout=RUN_TIMEOUT
+        )
+    assert "alarm:NOSPACE" in ctl(cluster, "alarm", "list").stdout
+    # (as etcd's: what it deactivated; it printed nothing)
+    assert "alarm:NOSPACE" in ctl(cluster, "alarm", "disarm").stdout
+    assert ctl(cluster, "alarm", "list").stdout.strip() == ""
+
+
+def test_endpoint_status_says_no_leader_once_the_quorum_is_gone(tmp_path):
+    with ProcCluster(tmp_path, 3) as c:
+        leader = c.wait_leader()
+        for nid in c.ids[:2]:
+            c.kill(nid)
+        last = c.ids[2]
+
+        def no_leader() -> list[str] | None:
+            rows = json_of(ctl(c, "endpoint", "status", "-w", "json", nodes=[last], ok=None))
+            errors = rows[0]["Status"].get("errors") or [] if rows else []
+            return errors if "etcdserver: no leader" in errors else None
+
+        # (etcd's words, where monitoring looks: its ERRORS column was empty)
+        wait_for(f"{last} to say it has no leader (the leader was {leader})", no_leader, 60)
 
 
 # -- concurrency recipes (sessions on leases, txn, watch) -----------------------------------

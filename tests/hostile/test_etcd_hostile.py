@@ -676,7 +676,9 @@ def test_member_changes_with_bad_urls_and_unknown_ids(trio, role):
     added = cluster.MemberAdd(
         pb.MemberAddRequest(peerURLs=[f"http://{host}"], isLearner=True), timeout=T
     )
-    assert added.member.name == host and added.member.isLearner
+    # (never started: no name and no client URLs yet, as etcd's, so etcdctl says "unstarted")
+    assert added.member.name == "" and not added.member.clientURLs and added.member.isLearner
+    assert list(added.member.peerURLs) == [f"http://{host}"]
     maintenance = etcd(trio, nid).maintenance
     refused(
         lambda: maintenance.MoveLeader(pb.MoveLeaderRequest(targetID=added.member.ID), timeout=T),
