@@ -59,6 +59,7 @@ import grpc
 from raftfast._accel import chunk_payloads, encode_uniform, flatten_pairs
 from raftfast._batch_py import to_bytes  # (flatten_pairs's, for one key or value)
 from raftfast.address import ADDRESS_FORM, is_address
+from raftfast.client import forks
 from raftfast.client.calls import (
     CAS,
     CHANNEL_OPTIONS,
@@ -156,7 +157,8 @@ class Client(SessionMixin):
     (``TLSFiles("ca.crt", "app.crt", "app.key")``).
 
     A Client binds to the event loop it is first used in. Close it (``await c.close()`` or
-    ``async with``) to release its channels.
+    ``async with``) to release its channels: its background task holds it, so one dropped
+    unclosed is never collected. Make clients after a fork, not before (raftfast.client.forks).
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class Client(SessionMixin):
         tls: TLSFiles | None = None,
         session_transport: str = "auto",
     ) -> None:
+        forks.check()
         self._endpoints = parse_endpoints(endpoints)
         if cluster_id is not None and not isinstance(cluster_id, str):
             raise TypeError(f"cluster_id must be a str, not {type(cluster_id).__name__}")

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from raftfast.client import Client, SyncClient, parse_endpoints
+from raftfast.client import Client, SyncClient, forks, parse_endpoints
 from raftfast.errors import (
     ClusterUnavailableError,
     DeadlineExceededError,
@@ -523,6 +523,29 @@ def test_finished_writes_are_not_held_until_the_next_one() -> None:
             await server.stop(None)
 
     run(main)
+
+
+def test_a_child_forked_while_a_sync_client_is_open_is_told_gRPC_cannot_work_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (a client made there waited out its whole timeout, then said no leader was reachable.
+    # The fork's hooks are run here, not a fork: a child of this process, threads and all,
+    # crashed in CPython's own after-fork code now and then.)
+    monkeypatch.setattr(forks, "_cannot_use_grpc", False)
+    with ThreadedServer(FakeKV()) as servers:
+        forks._before_fork()
+        forks._after_fork_in_child()  # (no client open: a child may make them)
+        forks._after_fork_in_parent()
+        with SyncClient(servers.addresses, timeout=30) as c:
+            c.put(b"k", b"v")
+            forks._before_fork()
+            forks._after_fork_in_parent()  # (the parent goes on)
+            assert c.get(b"k") == b"v"
+            forks._before_fork()
+            forks._after_fork_in_child()
+        for make in (lambda: SyncClient(servers.addresses), lambda: Client(servers.addresses)):
+            with pytest.raises(RaftfastError, match="forked while a SyncClient was open"):
+                make()
 
 
 def test_calls_in_flight_end_when_the_client_closes() -> None:
