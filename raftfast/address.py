@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import socket
 
@@ -49,6 +50,9 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 _RESOLVE_S = 2.0  # how long a member add waits for its address's name (and members') to resolve
+# Names are looked up on threads of their own: a caller's slow names (a member add's) must not
+# hold the loop's default executor, which other work (dialling peers by name) waits on.
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="raftfast-resolve")
 
 
 async def places_of(address: str) -> set[tuple[str, int]]:
@@ -57,16 +61,21 @@ async def places_of(address: str) -> set[tuple[str, int]]:
     loopback; IPv4-mapped IPv6 is IPv4."""
     try:
         host, port = split_address(address)
-        infos = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
-            _RESOLVE_S,
-        )
+        try:
+            ips: list[str] = [host.split("%", 1)[0]]
+            ipaddress.ip_address(ips[0])  # (an IP needs no lookup)
+        except ValueError:
+            lookup = asyncio.get_running_loop().run_in_executor(
+                _RESOLVER, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM
+            )
+            infos = await asyncio.wait_for(lookup, _RESOLVE_S)
+            ips = [str(info[4][0]).split("%", 1)[0] for info in infos]
     except (OSError, ValueError, TimeoutError, UnicodeError):
         return set()
     out: set[tuple[str, int]] = set()
-    for info in infos:
+    for text in ips:
         try:
-            ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+            ip = ipaddress.ip_address(text)
         except ValueError:
             continue
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -85,8 +94,9 @@ async def member_at_same_place(address: str, members: dict[str, str]) -> str | N
     mine = await places_of(address)
     if not mine:
         return None
-    theirs = await asyncio.gather(*(places_of(a) for a in members.values()))
-    for member, place in zip(members, theirs, strict=True):
-        if mine & place:
+    addresses = sorted(set(members.values()))  # (each looked up once)
+    places = dict(zip(addresses, await asyncio.gather(*map(places_of, addresses)), strict=True))
+    for member, theirs in members.items():
+        if mine & places[theirs]:
             return member
     return None

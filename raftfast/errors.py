@@ -137,3 +137,8 @@ class LockLostError(RaftfastError):
 
 class ChangeInProgressError(RaftfastError):
     """A membership change cannot start yet (one is uncommitted, or the leader is new); retry."""
+
+
+class AddressTakenError(ValueError):
+    """A member add at an address that reaches another member's host and port (the etcd API
+    answers it as PEER_URL_EXIST)."""

@@ -59,7 +59,6 @@ import grpc
 from raftfast._accel import chunk_payloads, encode_uniform, flatten_pairs
 from raftfast._batch_py import to_bytes  # (flatten_pairs's, for one key or value)
 from raftfast.address import ADDRESS_FORM, is_address
-from raftfast.client import forks
 from raftfast.client.calls import (
     CAS,
     CHANNEL_OPTIONS,
@@ -85,6 +84,7 @@ from raftfast.client.calls import (
     read_mode_of,
 )
 from raftfast.client.deadlines import Deadlines
+from raftfast.client.forks import refuse_if_forked_while_open
 from raftfast.client.session import (
     SESSION_TRANSPORTS,
     Op,
@@ -176,7 +176,7 @@ class Client(SessionMixin):
         tls: TLSFiles | None = None,
         session_transport: str = "auto",
     ) -> None:
-        forks.check()
+        refuse_if_forked_while_open()
         self._endpoints = parse_endpoints(endpoints)
         if cluster_id is not None and not isinstance(cluster_id, str):
             raise TypeError(f"cluster_id must be a str, not {type(cluster_id).__name__}")
@@ -234,6 +234,7 @@ class Client(SessionMixin):
         self._pending: deque[Op] = deque()
         # writes with a sequence, in sequence order (queued ops; proposals: Sequenced)
         self._outstanding: deque[Op | Sequenced] = deque()
+        self._window_lock: asyncio.Lock | None = None  # (proposals waiting for the window)
         self._wake: asyncio.Event | None = None
         self._deadlines: Deadlines | None = None  # (of the calls in flight: set with _loop)
         self._writer_blocked = False

@@ -1,7 +1,7 @@
 """gRPC and ``os.fork``: a process forked while a ``SyncClient``'s thread ran in its parent
 cannot use gRPC (gRPC skips its fork handlers while another thread is inside it): a client made
-there waited out its whole timeout and then said no leader was reachable. ``check`` says why
-at once instead."""
+there waited out its whole timeout and then said no leader was reachable.
+``refuse_if_forked_while_open`` says why at once instead."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def client_thread_started(thread: threading.Thread) -> None:
     _threads.add(thread)
 
 
-def check() -> None:
+def refuse_if_forked_while_open() -> None:
     """RaftfastError if this process cannot use gRPC for the reason above."""
     if _cannot_use_grpc:
         raise RaftfastError(FORKED_WHILE_OPEN)

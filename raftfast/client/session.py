@@ -310,16 +310,24 @@ class SessionMixin:
         once from one client: a quarter refused so, some of them applied). The wait counts
         against the call's ``total`` seconds, started now. ``_release`` it when the call ends."""
         loop = self._ensure_started()
-        deadline = loop.time() + total
-        while not self._window_open():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise DeadlineExceededError(
-                    f"deadline of {total:g}s exceeded waiting for one of this client's "
-                    f"{self._max_outstanding} unresolved writes to finish"
-                )
-            # (the oldest unresolved write: waited on, never cancelled from here)
-            await asyncio.wait([self._outstanding[0].fut], timeout=remaining)
+        if self._window_lock is None:
+            self._window_lock = asyncio.Lock()
+        try:
+            async with asyncio.timeout(total):
+                # One waits for the oldest write at a time, the others for their turn (all
+                # woken by each finished write: 20,000 at once took 190 us of CPU each).
+                async with self._window_lock:
+                    while not self._window_open():
+                        # (the oldest unresolved write: waited on, never cancelled from here)
+                        await asyncio.wait([self._outstanding[0].fut])
+                    return self._new_slot(loop)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"deadline of {total:g}s exceeded waiting for one of this client's "
+                f"{self._max_outstanding} unresolved writes to finish"
+            ) from None
+
+    def _new_slot(self, loop: asyncio.AbstractEventLoop) -> Sequenced:
         self._seq += 1
         slot = Sequenced(self._seq, loop.create_future())
         self._outstanding.append(slot)

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import grpc
 
 from raftfast._batch_py import to_bytes
-from raftfast.client import forks
 from raftfast.client.blocking import FORKED, BlockingSession, NoTcpSession
 from raftfast.client.calls import (
     DEFAULT_ENDPOINT,
@@ -29,6 +28,7 @@ from raftfast.client.calls import (
     read_mode_of,
 )
 from raftfast.client.client import Client, cas_op
+from raftfast.client.forks import client_thread_started
 from raftfast.client.session import Op
 from raftfast.errors import (
     ClusterUnavailableError,
@@ -62,7 +62,7 @@ class SyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         **options: Any,
     ) -> None:
-        self._client = Client(endpoints, timeout=timeout, **options)  # (forks.check)
+        self._client = Client(endpoints, timeout=timeout, **options)  # (forks: refused?)
         self._options = {k: v for k, v in options.items() if k != "client_id"}
         self._loop = asyncio.new_event_loop()
         self._blocking: BlockingSession | None = None
@@ -77,7 +77,7 @@ class SyncClient:
             target=self._loop.run_forever, name="raftfast-client", daemon=True
         )
         self._thread.start()
-        forks.client_thread_started(self._thread)
+        client_thread_started(self._thread)
         self._shutdown = weakref.finalize(
             self, _shutdown, self._client, self._blocking, self._loop, self._thread
         )

@@ -30,8 +30,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from raftfast.address import member_at_same_place
-from raftfast.errors import NotLeaderError
+from raftfast.errors import AddressTakenError, NotLeaderError
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
 from raftfast.etcd.mvcc import (
@@ -502,13 +501,16 @@ class EtcdAPI:
 
     def _started(self, node_id: str) -> bool:
         """Whether ``node_id`` has run, as far as this node knows: it is this node, a
-        founding member, or it has spoken to us. etcd names a member (and gives its client
-        URLs) once it has started; etcdctl says "unstarted" of one without a name, and scripts
-        wait for that to change after a member add."""
+        founding member, a voter (promoted only once it had caught up), or it has spoken to
+        us. etcd names a member (and gives its client URLs) once it has started; etcdctl says
+        "unstarted" of one without a name, and scripts wait for that to change after a member
+        add. (A learner that ran, then stopped before this node restarted, reads unstarted
+        here until it is back.)"""
         driver = self.driver
         return (
             node_id == driver.id
             or node_id in driver.settings.peers
+            or node_id in driver.raw.membership.voters
             or bool(driver.transport.client_address_of(node_id))
         )
 
@@ -531,17 +533,16 @@ class EtcdAPI:
         members = self.driver.raw.membership.members()
         if node_id in members or address in members.values():
             raise errors.PEER_URL_EXIST
-        if await member_at_same_place(address, members) is not None:
-            # Another name for a member (localhost:PORT for 127.0.0.1:PORT): its peers would
-            # dial that member twice, and its two streams from each peer take turns replacing
-            # each other: the cluster stopped committing.
-            raise errors.PEER_URL_EXIST
         timeout = 10 * self.driver.election_timeout_s + 10
         try:
+            # (which refuses another name for a member's address, localhost:PORT for
+            # 127.0.0.1:PORT: AddressTakenError)
             await self.driver.add_member(node_id, address, True, timeout)
             if not request.isLearner:
                 # (etcd adds a voter at once; raftfast lets it catch up first: see the docs)
                 asyncio.get_running_loop().create_task(self._promote_later(node_id, timeout))
+        except AddressTakenError:
+            raise errors.PEER_URL_EXIST from None
         except ValueError as exc:
             raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION, f"etcdserver: {exc}") from None
         except TimeoutError:

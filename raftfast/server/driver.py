@@ -593,8 +593,19 @@ class Driver(MembershipMixin, SnapshotMixin):
         if target not in self.raw.membership.voters:
             raise ValueError(f"{target!r} is not a voter")
         if target != self.id and target in self.transport.unreachable():
-            # (down, or cut off: it could not take over, and proposals would wait meanwhile)
-            raise TimeoutError(f"{target} is not reachable from the leader: its stream is down")
+            # Down, or cut off: it could not take over, and proposals would wait meanwhile.
+            # (A stream being dialled again, a target just restarted, gets an election timeout.)
+            loop = asyncio.get_running_loop()
+            until = loop.time() + self.election_timeout_s
+            while target in self.transport.unreachable():
+                if loop.time() >= until:
+                    raise TimeoutError(
+                        f"{target} is not reachable from the leader: its stream is down"
+                    )
+                await asyncio.sleep(self.settings.tick_ms / 1000)
+            self._check_leader()
+            if target not in self.raw.membership.voters:
+                raise ValueError(f"{target!r} is not a voter")
         self._streams_lost.discard(target)
         self.raw.transfer_leadership(target)
         self._wake.set()

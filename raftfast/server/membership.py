@@ -17,7 +17,12 @@ import grpc
 from raftfast.address import ADDRESS_FORM, is_address, member_at_same_place
 from raftfast.core.membership import ChangeKind, Membership
 from raftfast.core.types import Role
-from raftfast.errors import ChangeInProgressError, NotLeaderError, RaftfastError
+from raftfast.errors import (
+    AddressTakenError,
+    ChangeInProgressError,
+    NotLeaderError,
+    RaftfastError,
+)
 from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
@@ -107,17 +112,20 @@ class MembershipMixin:
             raise ValueError(f"bad address {address[:300]!r} (want {ADDRESS_FORM})")
         deadline = asyncio.get_running_loop().time() + timeout
         current = self.raw.membership.members()
+        if node_id not in current:
+            self._check_leader()  # (before any name is looked up: the leader's to do)
+            taken = await member_at_same_place(address, current)
+            if taken is not None and taken != node_id:
+                raise AddressTakenError(
+                    f"address {address} reaches {taken}'s ({current[taken]}): it is another "
+                    "member's already"
+                )
+            current = self.raw.membership.members()  # (another call may have added it since)
         if node_id in current:
             if current[node_id] != address:
                 raise ValueError(f"{node_id} is already a member, at {current[node_id]}")
             await self._configuration_committed(deadline, f"add {node_id}")
         else:
-            taken = await member_at_same_place(address, current)
-            if taken is not None:
-                raise ValueError(
-                    f"address {address} reaches {taken}'s ({current[taken]}): it is another "
-                    "member's already"
-                )
             await self._change(ChangeKind.ADD_LEARNER, node_id, address, deadline)
         if not learner and node_id not in self.raw.membership.voters:
             await self._wait_caught_up(node_id, deadline)

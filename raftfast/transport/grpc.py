@@ -601,8 +601,8 @@ class PeerService(pb_grpc.PeerServicer):
         if dst and self.node_id and dst != self.node_id:
             raise tcp.Refused(
                 _code(grpc.StatusCode.FAILED_PRECONDITION),
-                f"this is {self.node_id!r}, not {dst[:40]!r}: the address {dst[:40]!r} was "
-                f"given reaches {self.node_id!r}",
+                f"this is {self.node_id!r}, not {dst[:40]!r}: the address given for "
+                f"{dst[:40]!r} reaches {self.node_id!r}",
             )
 
     def check_sender(self, sender: str, identity: str | None) -> None:

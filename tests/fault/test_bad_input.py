@@ -521,12 +521,15 @@ def test_disruptive_vote_requests_are_ignored_while_the_leader_is_alive(duo):
     duo.assert_healthy()
 
 
-def test_messages_for_another_node_are_not_stepped(duo):
+def test_messages_for_another_node_are_refused_not_stepped(duo):
     leader = duo.leader()
     term = duo.status(leader).term
     for nid in duo.real:
         m = pb.RaftMessage(type=MsgType.HEARTBEAT, src="n3", dst="n3", term=term + 7)
-        duo.peer(nid).RequestVote(frame("n3", m), timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:  # (said: it was dropped silently)
+            duo.peer(nid).RequestVote(frame("n3", m), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"this is {nid!r}, not 'n3'" in refused.value.details()
         assert duo.status(nid).term == term
     duo.assert_healthy()
 

@@ -235,9 +235,17 @@ def test_a_change_made_but_not_committed_is_not_done_yet(tmp_path):
         leader = cluster.wait_leader(timeout=60)
         followers = [n for n in cluster.ids if n != leader]
         with SyncClient([cluster.addrs[leader]], timeout=30) as c:
-            for what, change in (
-                ("add", lambda: c.add_member("x", "127.0.0.1:9", learner=True, timeout=1)),
-                ("remove", lambda: c.remove_member("x", timeout=1)),
+            for what, change, later in (
+                (
+                    "add",
+                    lambda: c.add_member("x", "127.0.0.1:9", learner=True, timeout=1),
+                    lambda t: c.add_member("x", "127.0.0.1:9", learner=True, timeout=t),
+                ),
+                (
+                    "remove",
+                    lambda: c.remove_member("x", timeout=1),
+                    lambda t: c.remove_member("x", timeout=t),
+                ),
             ):
                 for nid in followers:
                     cluster.kill(nid)
@@ -247,5 +255,5 @@ def test_a_change_made_but_not_committed_is_not_done_yet(tmp_path):
                     change()  # (the retry: "nothing to do", at once)
                 for nid in followers:
                     cluster.start(nid, first_time=False)
-                listing = change()  # (committed now: done)
+                listing = later(60)  # (committed once the followers are back: done)
                 assert listing["committed"], (what, listing)
