@@ -14,11 +14,14 @@ the node's log with tracebacks.
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import socketserver
 import threading
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -48,6 +51,36 @@ class _Handler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
         pass  # (a scrape every few seconds is not news)
+
+    def get_stderr(self) -> io.StringIO:
+        return _DebugLog()  # (wsgiref writes an app's failure there: sys.stderr by default)
+
+
+class _DebugLog(io.StringIO):
+    """What wsgiref would print to stderr (a traceback per failed request: any stranger's to
+    cause, 1 KB each, plain text among JSON lines), logged at debug level instead."""
+
+    def flush(self) -> None:
+        text = self.getvalue().strip()
+        if text:
+            log.debug("metrics request failed: %s", text)
+        self.seek(0)
+        self.truncate()
+
+
+def _without_bad_accept(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """``app``, asked again without the request's Accept header if that made it fail:
+    prometheus_client raised on `Accept: text/plain; version=x` (a 500 per request)."""
+
+    def answer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return app(environ, start_response)
+        except (TypeError, ValueError):
+            if "HTTP_ACCEPT" not in environ:
+                raise
+            return app({k: v for k, v in environ.items() if k != "HTTP_ACCEPT"}, start_response)
+
+    return answer
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
@@ -131,7 +164,7 @@ def serve(host: str, port: int, registry: CollectorRegistry) -> tuple[WSGIServer
     """Serve ``registry`` at ``host:port`` from a thread of its own; the server and thread."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     server = _Server((host, port), family)
-    server.set_app(make_wsgi_app(registry))
+    server.set_app(_without_bad_accept(make_wsgi_app(registry)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return server, thread

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from raftfast.address import split_address
@@ -256,3 +257,34 @@ def test_idle_connections_to_the_metrics_port_are_capped_then_dropped(tmp_path):
                 sock.close()
         assert b"raftfast_" in urllib.request.urlopen(url, timeout=30).read()
         assert cluster.procs[nid].poll() is None
+
+
+def test_a_metrics_request_that_fails_writes_nothing_to_stderr(capfd):
+    """A stranger's `Accept: text/plain; version=x` made prometheus_client raise: a 500 and a
+    1 KB traceback on the node's stderr per request (plain text among JSON log lines). Now
+    such a request gets the text format, and a request that fails is logged at debug level."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    Counter("raftfast_probe", "a series to see", registry=registry).inc()
+    [port] = free_ports(1)
+    server, thread = metrics_http.serve("127.0.0.1", port, registry)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        for accept in ("text/plain; version=x", "application/openmetrics-text; version=abc"):
+            request = urllib.request.Request(url, headers={"Accept": accept})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status == 200 and b"raftfast_probe_total 1.0" in answer.read()
+
+        class Broken:
+            def collect(self):
+                raise RuntimeError("a collector failed")
+
+        registry.register(Broken())
+        with contextlib.suppress(urllib.error.HTTPError):
+            urllib.request.urlopen(url, timeout=10).read()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert capfd.readouterr().err == ""
