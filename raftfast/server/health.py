@@ -21,6 +21,12 @@ and its shutdown).
 Reflection (``grpc.reflection.v1alpha.ServerReflection``) lists the client services, health
 and reflection itself, so ``grpcurl`` and the like can list and call the API without the
 .proto file.
+
+Both are streams anyone may hold open (health needs no role): at most ``MAX_WATCHES`` Watch
+and ``MAX_REFLECTION_STREAMS`` reflection streams at once, more are refused with
+RESOURCE_EXHAUSTED. 8,192 unread Watch streams (a certificate without a role can open them)
+took every call the client port serves: no client got in (a hostile hunt). A load balancer
+needs a few; ``Check`` is never refused.
 """
 
 from __future__ import annotations
@@ -48,6 +54,27 @@ _UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 log = logging.getLogger(__name__)
 
+MAX_WATCHES = 256
+MAX_REFLECTION_STREAMS = 64
+
+
+class _Streams:
+    """How many streams of one kind are open, against their bound."""
+
+    def __init__(self, what: str, most: int) -> None:
+        self.what, self.most, self.open = what, most, 0
+
+    async def enter(self, context: grpc.aio.ServicerContext) -> None:
+        if self.open >= self.most:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this node serves at most {self.most} {self.what} streams at once",
+            )
+        self.open += 1
+
+    def leave(self) -> None:
+        self.open -= 1
+
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """``grpc.health.v1.Health`` for a fixed set of services: ``Check``, and ``Watch`` streams
@@ -56,6 +83,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     def __init__(self, services: tuple[str, ...], status: int) -> None:
         self._status = dict.fromkeys(services, status)
+        self._watches = _Streams("health Watch", MAX_WATCHES)
         self._changed = asyncio.Event()  # set, and replaced, at every change
         self._final = False
 
@@ -82,10 +110,17 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context):  # noqa: N802 - gRPC naming
+        await self._watches.enter(context)
+        try:
+            await self._watch(request.service, context)
+        finally:
+            self._watches.leave()
+
+    async def _watch(self, service: str, context: grpc.aio.ServicerContext) -> None:
         sent = None
         while True:
             changed = self._changed
-            status = self._status.get(request.service, _UNKNOWN)
+            status = self._status.get(service, _UNKNOWN)
             if status == sent:
                 await changed.wait()
                 continue
@@ -139,5 +174,25 @@ def enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> Non
     and takes a GenericOnly for a sync server (whose servicer holds a thread per open stream)."""
     names = (*services, HEALTH_SERVICE, reflection.SERVICE_NAME)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer(names), GenericOnly(server)
+        _Reflection(names), GenericOnly(server)
     )
+
+
+class _Reflection(reflection.aio.ReflectionServicer):
+    """grpc_reflection's servicer, its streams bounded (MAX_REFLECTION_STREAMS) and its
+    answers written here: a client that went away with answers unread made gRPC log an ERROR
+    and a traceback per stream (any client's to cause)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__(names)
+        self._streams = _Streams("reflection", MAX_REFLECTION_STREAMS)
+
+    async def ServerReflectionInfo(self, request_iterator, context):  # noqa: N802
+        await self._streams.enter(context)
+        try:
+            async for answer in super().ServerReflectionInfo(request_iterator, context):
+                await context.write(answer)
+        except Exception as exc:  # noqa: BLE001 - the client went away: its stream is over
+            log.debug("a reflection stream ended: %r", exc)
+        finally:
+            self._streams.leave()

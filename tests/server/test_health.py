@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from raftfast.client import SyncClient
+from raftfast.server import health
 from raftfast.tools.localcluster import ProcCluster, wait_for
 from tests.unread_calls import UnreadCalls
 
@@ -139,3 +140,46 @@ def test_watch_streams_their_clients_do_not_read_hold_up_nothing_else(tmp_path):
         finally:
             for sock in unread:
                 sock.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "most"),
+    [
+        ("/grpc.health.v1.Health/Watch", health.MAX_WATCHES),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", (
+            health.MAX_REFLECTION_STREAMS
+        )),
+    ],
+)  # fmt: skip
+def test_streams_anyone_may_hold_open_are_bounded_and_checks_still_answer(tmp_path, path, most):
+    """8,192 unread health Watch streams (a certificate without a role may open them) took
+    every call the client port serves: no client got in. Past the bound, refused."""
+    extra = 10
+    with ProcCluster(tmp_path, 1) as cluster:
+        nid = cluster.wait_leader()
+        calls = UnreadCalls(int(cluster.addrs[nid].rsplit(":", 1)[1]))
+        try:
+            for _ in range(most + extra):
+                calls.open(path, None if "Reflection" in path else b"")  # (held open)
+
+            def refused() -> list[int] | None:
+                calls.pump(0.2)
+                got = [stream for stream, code in calls.status.items() if code == "8"]
+                return got if len(got) >= extra else None
+
+            assert len(wait_for(f"{extra} of the streams refused", refused)) == extra
+            # (only those: a refused stream whose request is still open is reset after it)
+            assert len(calls.status) == extra and calls.reset <= set(calls.status), calls.status
+            assert check(cluster, nid) == SERVING  # (and a client gets in)
+            with SyncClient([cluster.addrs[nid]], timeout=30) as c:
+                c.put("a", "1")
+        finally:
+            calls.close()
+        # The streams gone, their places are free again.
+        wait_for("a Watch to be served again", lambda: _watch_answers(cluster, nid))
+
+
+def _watch_answers(cluster: ProcCluster, nid: str) -> bool:
+    with cluster.channel(nid) as ch:
+        stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        return next(stream).status == SERVING
