@@ -51,8 +51,10 @@ def split_address(address: str) -> tuple[str, int]:
 
 _RESOLVE_S = 2.0  # how long a member add waits for its address's name (and members') to resolve
 # Names are looked up on threads of their own: a caller's slow names (a member add's) must not
-# hold the loop's default executor, which other work (dialling peers by name) waits on.
-_RESOLVER = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="raftfast-resolve")
+# hold the loop's default executor, which other work (dialling peers by name) waits on. As many
+# as a cluster's members may be looked up at once (each within _RESOLVE_S: two threads let the
+# later ones of 5 slow names time out, and the check pass).
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="raftfast-resolve")
 
 
 async def places_of(address: str) -> set[tuple[str, int]]:

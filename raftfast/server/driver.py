@@ -173,6 +173,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._syncing = False  # the leader's own write is syncing in the fsync thread: _pump
         self._pump_scheduled = False
         self._joining = False  # --join in progress: entries replayed may predate our addition
+        self._adding = asyncio.Lock()  # (membership: one member add at a time)
         self.removed = False  # a committed configuration left us out: we shut down
         self._committed_members: set[str] = set()  # of the newest configuration applied here
         self._removed_ids: dict[str, int] = {}  # removed node -> index of its removal: refused

@@ -191,8 +191,14 @@ class _Reflection(reflection.aio.ReflectionServicer):
         await self._streams.enter(context)
         try:
             async for answer in super().ServerReflectionInfo(request_iterator, context):
-                await context.write(answer)
-        except Exception as exc:  # noqa: BLE001 - the client went away: its stream is over
-            log.debug("a reflection stream ended: %r", exc)
+                try:
+                    await context.write(answer)
+                except Exception as exc:  # noqa: BLE001 - the client went away: it is over
+                    log.debug("a reflection stream ended: %r", exc)
+                    return
+        except Exception as exc:
+            if not context.done():
+                raise  # (a bad request: gRPC answers it, as before)
+            log.debug("a reflection stream ended: %r", exc)  # (its reads failed, the same)
         finally:
             self._streams.leave()

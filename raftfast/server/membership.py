@@ -58,6 +58,7 @@ class MembershipMixin:
     _committed_members: set[str]
     applied_index: int
     _removed_ids: dict[str, int]
+    _adding: asyncio.Lock  # (add_member's)
     incarnations: Incarnations
 
     def peer_address_of(self, node_id: str) -> str | None:
@@ -111,22 +112,32 @@ class MembershipMixin:
         if not is_address(address):  # reaches this directly)
             raise ValueError(f"bad address {address[:300]!r} (want {ADDRESS_FORM})")
         deadline = asyncio.get_running_loop().time() + timeout
-        current = self.raw.membership.members()
-        if node_id not in current:
+        if node_id not in self.raw.membership.members():
             self._check_leader()  # (before any name is looked up: the leader's to do)
-            taken = await member_at_same_place(address, current)
-            if taken is not None and taken != node_id:
-                raise AddressTakenError(
-                    f"address {address} reaches {taken}'s ({current[taken]}): it is another "
-                    "member's already"
-                )
-            current = self.raw.membership.members()  # (another call may have added it since)
+            # One add at a time from its lookup to its commit: two at once, at two spellings
+            # of one place, were both let in (each looked at the members before the other).
+            try:
+                async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop().time())):
+                    await self._adding.acquire()
+            except TimeoutError:
+                raise TimeoutError(f"add {node_id}: another add was still under way") from None
+            try:
+                current = self.raw.membership.members()
+                if node_id not in current:
+                    taken = await member_at_same_place(address, current)
+                    if taken is not None:
+                        raise AddressTakenError(
+                            f"address {address} reaches {taken}'s ({current[taken]}): it is "
+                            "another member's already"
+                        )
+                    await self._change(ChangeKind.ADD_LEARNER, node_id, address, deadline)
+            finally:
+                self._adding.release()
+        current = self.raw.membership.members()
         if node_id in current:
             if current[node_id] != address:
                 raise ValueError(f"{node_id} is already a member, at {current[node_id]}")
             await self._configuration_committed(deadline, f"add {node_id}")
-        else:
-            await self._change(ChangeKind.ADD_LEARNER, node_id, address, deadline)
         if not learner and node_id not in self.raw.membership.voters:
             await self._wait_caught_up(node_id, deadline)
             await self._change(ChangeKind.PROMOTE, node_id, "", deadline)

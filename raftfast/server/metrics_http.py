@@ -25,6 +25,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import choose_encoder
 
 MAX_CONNECTIONS = 16
 TIMEOUT_S = 10.0
@@ -69,16 +70,15 @@ class _DebugLog(io.StringIO):
 
 
 def _without_bad_accept(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """``app``, asked again without the request's Accept header if that made it fail:
-    prometheus_client raised on `Accept: text/plain; version=x` (a 500 per request)."""
+    """``app``, without the request's Accept header if prometheus_client cannot read it: it
+    raised on `Accept: text/plain; version=x` (a 500 per request)."""
 
     def answer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
-            return app(environ, start_response)
+            choose_encoder(environ.get("HTTP_ACCEPT"))
         except (TypeError, ValueError):
-            if "HTTP_ACCEPT" not in environ:
-                raise
-            return app({k: v for k, v in environ.items() if k != "HTTP_ACCEPT"}, start_response)
+            environ = {k: v for k, v in environ.items() if k != "HTTP_ACCEPT"}
+        return app(environ, start_response)
 
     return answer
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from raftfast.client import SyncClient
-from raftfast.errors import DeadlineExceededError
+from raftfast.errors import DeadlineExceededError, RaftfastError
 from raftfast.tools.localcluster import ProcCluster, free_ports, wait_for
 
 from .load import write_each
@@ -257,3 +258,31 @@ def test_a_change_made_but_not_committed_is_not_done_yet(tmp_path):
                     cluster.start(nid, first_time=False)
                 listing = later(60)  # (committed once the followers are back: done)
                 assert listing["committed"], (what, listing)
+
+
+def test_two_adds_at_once_at_two_spellings_of_one_place_let_one_in(cluster):
+    """Each add looked at the members before the other had proposed: both were let in, two
+    members at one place (a review)."""
+    leader = cluster.wait_leader()
+    with SyncClient([cluster.addrs[leader]], timeout=30) as c:
+        for round_ in range(3):
+            [port] = free_ports(1)
+            spellings = {f"a{round_}": f"localhost:{port}", f"b{round_}": f"127.0.0.1:{port}"}
+            outcomes: dict[str, object] = {}
+
+            def add(nid: str, address: str, outcomes: dict = outcomes) -> None:
+                try:
+                    outcomes[nid] = c.add_member(nid, address, learner=True)
+                except RaftfastError as exc:
+                    outcomes[nid] = exc
+
+            threads = [threading.Thread(target=add, args=item) for item in spellings.items()]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            added = [nid for nid, got in outcomes.items() if isinstance(got, dict)]
+            refused = [got for got in outcomes.values() if isinstance(got, RaftfastError)]
+            assert len(added) == 1 and len(refused) == 1, outcomes
+            assert "another member's already" in str(refused[0])
+            c.remove_member(added[0])
