@@ -23,6 +23,7 @@ data); reflection (the API's description, public anyway) needs ``read``.
 
 from __future__ import annotations
 
+import inspect
 import tomllib
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
@@ -236,6 +237,14 @@ def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[Any], Awaitable[No
         if handler.unary_stream is not None
         else grpc.stream_stream_rpc_method_handler
     )
+
+    if inspect.iscoroutinefunction(streaming):  # (one that writes its answers itself)
+
+        async def writes(request_or_requests, context):
+            await check(context)
+            return await streaming(request_or_requests, context)
+
+        return make(writes, **serializers)
 
     async def streamed(request_or_requests, context):
         await check(context)
