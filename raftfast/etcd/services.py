@@ -23,7 +23,7 @@ from raftfast.etcd.watch import WatchService
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
 from raftfast.server.admin import SNAPSHOT_SAVES_AT_ONCE
-from raftfast.server.handlers import Malformed, register
+from raftfast.server.handlers import Malformed, StreamBound, register
 from raftfast.storage.backup import BackupInfo, header_bytes, seal, seal_size
 
 __all__ = ["SERVICE_NAMES", "add_etcd_services"]
@@ -106,7 +106,7 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
 
     def __init__(self, api: EtcdAPI) -> None:
         super().__init__(api)
-        self._snapshots = 0  # Snapshot streams under way
+        self._snapshots = StreamBound(SNAPSHOT_SAVES_AT_ONCE)  # Snapshot streams under way
 
     async def Snapshot(  # noqa: N802 - gRPC naming
         self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext
@@ -117,10 +117,8 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
         state of the member asked: on the leader every write acknowledged before the call, on
         a follower what it has applied. At most SNAPSHOT_SAVES_AT_ONCE at a time (each holds a
         snapshot file open until its client has read it)."""
-        if self._snapshots >= SNAPSHOT_SAVES_AT_ONCE:
-            await context.abort(errors.TOO_MANY_REQUESTS.code, errors.TOO_MANY_REQUESTS.message)
-        self._snapshots += 1
-        try:
+        too_many = errors.TOO_MANY_REQUESTS
+        async with self._snapshots.held(context, too_many.message, too_many.code):
             driver = self.api.driver
             mode = "linearizable" if driver.is_leader else "stale"
             try:
@@ -141,8 +139,6 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
                     left -= len(chunk)
                     yield pb.SnapshotResponse(remaining_bytes=left, blob=chunk)
                 yield pb.SnapshotResponse(blob=seal(digest, len(head) + meta.size))
-        finally:
-            self._snapshots -= 1
 
 
 # The methods that only read (their big answers may be refused once built:

@@ -18,6 +18,7 @@ from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.core.membership import ChangeKind
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
+from raftfast.server.handlers import StreamBound
 from raftfast.server.services import BadRequest, Service, rpc
 
 # SnapshotSave streams a node serves at once. Each holds its snapshot file open until its
@@ -29,7 +30,7 @@ SNAPSHOT_SAVES_AT_ONCE = 2
 class AdminService(Service, pb_grpc.AdminServicer):
     def __init__(self, node) -> None:
         super().__init__(node)
-        self._snapshot_saves = 0  # SnapshotSave streams under way
+        self._snapshot_saves = StreamBound(SNAPSHOT_SAVES_AT_ONCE)  # SnapshotSave streams
 
     @rpc
     async def TransferLeader(self, request, context):  # noqa: N802 - gRPC naming
@@ -75,21 +76,16 @@ class AdminService(Service, pb_grpc.AdminServicer):
     ) -> AsyncIterator[pb.BackupChunk]:
         """Stream a fresh snapshot of the leader (``raftfast snapshot save``), at most
         ``SNAPSHOT_SAVES_AT_ONCE`` at a time (calls of the same applied index share a file)."""
-        if self._snapshot_saves >= SNAPSHOT_SAVES_AT_ONCE:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many snapshot saves: this node streams {SNAPSHOT_SAVES_AT_ONCE} at once "
-                "at most; retry once one has finished",
-            )
-        self._snapshot_saves += 1
-        try:
+        refusal = (
+            f"too many snapshot saves: this node streams {SNAPSHOT_SAVES_AT_ONCE} at once "
+            "at most; retry once one has finished"
+        )
+        async with self._snapshot_saves.held(context, refusal):
             meta, chunks = await self._backup_snapshot(request, context)
             with closing(chunks):  # (the file closes when the stream ends, read or not)
                 yield pb.BackupChunk(index=meta.index, term=meta.term, size=meta.size)
                 for chunk in chunks:
                     yield pb.BackupChunk(data=chunk)
-        finally:
-            self._snapshot_saves -= 1
 
     @rpc
     async def _backup_snapshot(self, request, context):

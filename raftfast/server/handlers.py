@@ -10,9 +10,10 @@ and answers it itself, or the stream fails as before.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
@@ -233,3 +234,29 @@ def register(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+
+
+class StreamBound:
+    """How many calls of one kind are under way, against their bound (``most``): ``held``
+    refuses one past it before it starts (RESOURCE_EXHAUSTED unless told otherwise) and
+    counts it until it ends, however it ends. For streams a client may hold open without
+    reading: snapshot saves, health watches, reflection."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.open = 0
+
+    @contextlib.asynccontextmanager
+    async def held(
+        self,
+        context: grpc.aio.ServicerContext,
+        refusal: str,
+        code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ) -> AsyncIterator[None]:
+        if self.open >= self.most:
+            await context.abort(code, refusal)
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1

@@ -39,7 +39,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from raftfast.server.handlers import GenericOnly
+from raftfast.server.handlers import GenericOnly, StreamBound
 
 if TYPE_CHECKING:
     from raftfast.server.driver import Driver
@@ -58,22 +58,8 @@ MAX_WATCHES = 256
 MAX_REFLECTION_STREAMS = 64
 
 
-class _Streams:
-    """How many streams of one kind are open, against their bound."""
-
-    def __init__(self, what: str, most: int) -> None:
-        self.what, self.most, self.open = what, most, 0
-
-    async def enter(self, context: grpc.aio.ServicerContext) -> None:
-        if self.open >= self.most:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this node serves at most {self.most} {self.what} streams at once",
-            )
-        self.open += 1
-
-    def leave(self) -> None:
-        self.open -= 1
+def _refusal(what: str, most: int) -> str:
+    return f"this node serves at most {most} {what} streams at once"
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -83,7 +69,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     def __init__(self, services: tuple[str, ...], status: int) -> None:
         self._status = dict.fromkeys(services, status)
-        self._watches = _Streams("health Watch", MAX_WATCHES)
+        self._watches = StreamBound(MAX_WATCHES)
         self._changed = asyncio.Event()  # set, and replaced, at every change
         self._final = False
 
@@ -110,11 +96,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context):  # noqa: N802 - gRPC naming
-        await self._watches.enter(context)
-        try:
+        async with self._watches.held(context, _refusal("health Watch", MAX_WATCHES)):
             await self._watch(request.service, context)
-        finally:
-            self._watches.leave()
 
     async def _watch(self, service: str, context: grpc.aio.ServicerContext) -> None:
         sent = None
@@ -185,20 +168,18 @@ class _Reflection(reflection.aio.ReflectionServicer):
 
     def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__(names)
-        self._streams = _Streams("reflection", MAX_REFLECTION_STREAMS)
+        self._streams = StreamBound(MAX_REFLECTION_STREAMS)
 
     async def ServerReflectionInfo(self, request_iterator, context):  # noqa: N802
-        await self._streams.enter(context)
-        try:
-            async for answer in super().ServerReflectionInfo(request_iterator, context):
-                try:
-                    await context.write(answer)
-                except Exception as exc:  # noqa: BLE001 - the client went away: it is over
-                    log.debug("a reflection stream ended: %r", exc)
-                    return
-        except Exception as exc:
-            if not context.done():
-                raise  # (a bad request: gRPC answers it, as before)
-            log.debug("a reflection stream ended: %r", exc)  # (its reads failed, the same)
-        finally:
-            self._streams.leave()
+        async with self._streams.held(context, _refusal("reflection", MAX_REFLECTION_STREAMS)):
+            try:
+                async for answer in super().ServerReflectionInfo(request_iterator, context):
+                    try:
+                        await context.write(answer)
+                    except Exception as exc:  # noqa: BLE001 - the client went away: it is over
+                        log.debug("a reflection stream ended: %r", exc)
+                        return
+            except Exception as exc:
+                if not context.done():
+                    raise  # (a bad request: gRPC answers it, as before)
+                log.debug("a reflection stream ended: %r", exc)  # (its reads failed, the same)
