@@ -590,9 +590,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         stream to it broke and the core gave the transfer up (we lead on), or, ``stopping``
         (this node's own hand-over), as soon as that stream breaks: the target is likely
         stopping too, as when a whole cluster stops."""
-        self._check_leader()
-        if target not in self.raw.membership.voters:
-            raise ValueError(f"{target!r} is not a voter")
+        self._check_transferee(target)
         if target != self.id and target in self.transport.unreachable():
             # Down, or cut off: it could not take over, and proposals would wait meanwhile.
             # (A stream being dialled again, a target just restarted, gets an election timeout.)
@@ -604,9 +602,7 @@ class Driver(MembershipMixin, SnapshotMixin):
                         f"{target} is not reachable from the leader: its stream is down"
                     )
                 await asyncio.sleep(self.settings.tick_ms / 1000)
-            self._check_leader()
-            if target not in self.raw.membership.voters:
-                raise ValueError(f"{target!r} is not a voter")
+            self._check_transferee(target)  # (still, after the wait)
         self._streams_lost.discard(target)
         self.raw.transfer_leadership(target)
         self._wake.set()
@@ -626,6 +622,12 @@ class Driver(MembershipMixin, SnapshotMixin):
             except TimeoutError:
                 pass
         return target, self.raw.term
+
+    def _check_transferee(self, target: str) -> None:
+        """We lead, and ``target`` is a voter that could."""
+        self._check_leader()
+        if target not in self.raw.membership.voters:
+            raise ValueError(f"{target!r} is not a voter")
 
     async def leader_soon(self, timeout: float) -> str | None:
         """The leader's id, for a redirect. While an election is on, or while the leader we
