@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
+from raftfast.address import split_address
 from raftfast.client import Client, SyncClient
 from raftfast.client.blocking import BlockingSession, NoTcpSession
 from raftfast.client.calls import DELETE, GET, PUT
@@ -29,6 +30,7 @@ from raftfast.errors import (
 )
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.transport.tcp import record
+from tests.raw_server import raw_server
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -353,31 +355,21 @@ def test_a_leader_silent_until_the_deadline_is_left_for_the_next_call(fakes) -> 
 
 
 def test_a_node_that_reads_slowly_does_not_hold_a_call_past_its_deadline() -> None:
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    def trickle(conn: socket.socket, stop: threading.Event) -> None:
+        while not stop.wait(0.2):  # reads 64 KiB every 0.2 s, never answers
+            if not conn.recv(64 * 1024):
+                return
 
-    def trickle() -> None:  # reads 64 KiB every 0.2 s, never answers
-        conn, _ = server.accept()
-        with conn:
-            while not stop.wait(0.2):
-                if not conn.recv(64 * 1024):
-                    return
-
-    reader = threading.Thread(target=trickle, daemon=True)
-    reader.start()
-    address = f"127.0.0.1:{server.getsockname()[1]}"
-    client = Client([address], timeout=1.0)
-    s = BlockingSession(client, lambda target, timeout: server.getsockname()[1])
-    started = time.monotonic()
-    try:
-        with pytest.raises(DeadlineExceededError):
-            s.call(Op(PUT, b"k", b"v" * (16 << 20)), None)
-        assert time.monotonic() - started < 4
-    finally:
-        stop.set()
-        s.close()
-        server.close()
-        reader.join(10)
+    with raw_server(trickle) as address:
+        client = Client([address], timeout=1.0)
+        s = BlockingSession(client, lambda target, timeout: split_address(address)[1])
+        started = time.monotonic()
+        try:
+            with pytest.raises(DeadlineExceededError):
+                s.call(Op(PUT, b"k", b"v" * (16 << 20)), None)
+            assert time.monotonic() - started < 4
+        finally:
+            s.close()
 
 
 def test_no_tcp_session_carries_whether_the_write_may_be_out(fakes) -> None:
@@ -430,35 +422,20 @@ def test_a_sync_client_dropped_unclosed_is_collected_with_its_thread() -> None:
 
 
 def test_an_answer_claiming_4_gib_is_not_waited_for() -> None:
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    def huge_header(conn: socket.socket, stop: threading.Event) -> None:
+        read_record(conn)  # (the hello)
+        read_record(conn)  # the first frame, answered with a 4 GiB header
+        conn.sendall((2**32 - 1).to_bytes(4, "big") + b"\0" * 64)
+        stop.wait(0.5)
 
-    def huge_header() -> None:  # answers each connection's first frame with a 4 GiB header
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                read_record(conn)  # (the hello)
-                read_record(conn)
-                conn.sendall((2**32 - 1).to_bytes(4, "big") + b"\0" * 64)
-                stop.wait(0.5)
-
-    thread = threading.Thread(target=huge_header, daemon=True)
-    thread.start()
-    address = f"127.0.0.1:{server.getsockname()[1]}"
-    client = Client([address], timeout=1.0, backoff_base=0.005)
-    s = BlockingSession(client, lambda target, timeout: server.getsockname()[1])
-    started = time.monotonic()
-    try:
-        op = Op(PUT, b"k", b"v")
-        with pytest.raises(NoTcpSession):  # (twice no answer: the other way, with its id)
-            s.call(op, None)
-        assert time.monotonic() - started < 4 and op.sequence == 1
-    finally:
-        stop.set()
-        s.close()
-        server.shutdown(socket.SHUT_RDWR)
-        server.close()
-        thread.join(10)
+    with raw_server(huge_header) as address:
+        client = Client([address], timeout=1.0, backoff_base=0.005)
+        s = BlockingSession(client, lambda target, timeout: split_address(address)[1])
+        started = time.monotonic()
+        try:
+            op = Op(PUT, b"k", b"v")
+            with pytest.raises(NoTcpSession):  # (twice no answer: the other way, with its id)
+                s.call(op, None)
+            assert time.monotonic() - started < 4 and op.sequence == 1
+        finally:
+            s.close()

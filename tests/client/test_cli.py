@@ -18,6 +18,7 @@ from raftfast.client.tables import _width, format_table
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.tools.localcluster import make_certs
 from tests.client.test_client import FakeKV, ThreadedServer, closed_port
+from tests.raw_server import raw_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,28 +114,11 @@ def test_a_server_that_is_not_raftfast_exits_5_at_once(capsysbinary) -> None:
 def test_an_address_that_does_not_speak_grpc_exits_5(capsysbinary) -> None:
     # A node's replication or Session port (or a web server) answered "no node reachable",
     # exit 3, as if the cluster were down: retrying cannot help there.
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+    def answer_junk(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"RFSS not HTTP/2 at all\r\n" * 8)
 
-    def answer_junk() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.sendall(b"RFSS not HTTP/2 at all\r\n" * 8)
-
-    thread = threading.Thread(target=answer_junk, daemon=True)
-    thread.start()
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-    try:
+    with raw_server(answer_junk) as address:
         code, out, err = run_cli(capsysbinary, "--endpoints", address, "--timeout", "3", "status")
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
     assert (code, out) == (cli.ExitCode.FAILED, b"")
     assert err.startswith(f"error: not a raftfast server at {address}: it does not speak gRPC")
 
