@@ -20,6 +20,7 @@ same entry gives the same result on every node. Nothing here does I/O or reads a
 
 from __future__ import annotations
 
+import heapq
 import os
 import struct
 import sys
@@ -605,6 +606,18 @@ class MVCCStore:
         """A Range's answer but for its ``kvs``, and the records they are made of (immutable:
         a caller may make them into messages later, a part at a time, as the store goes on).
         ``view``: the records at ``r.revision`` already read (``read_steps``)."""
+        for step in self.range_records_steps(r, in_txn, view):
+            if step is not None:
+                return step
+        raise AssertionError("range_records_steps ended without an answer")
+
+    def range_records_steps(
+        self, r: pb.RangeRequest, in_txn: bool = False, view: list[Record] | None = None
+    ) -> Iterator[tuple[pb.RangeResponse, list[Record]] | None]:
+        """``range_records`` in steps: None between parts of a filter or a sort of many
+        records (``_WALK_PART`` at a time: a caller that awaits there lets the loop go on),
+        the answer last. A sort of 1,000,000 records by value, or a filter of them, at once
+        held the loop 0.2-0.3 s (three such reads at once cost the leader its term)."""
         if not r.key:
             raise errors.EMPTY_KEY
         rev = r.revision
@@ -652,9 +665,14 @@ class MVCCStore:
             if first_keys and limit:
                 del out[limit + 1 :]
             if filtered:
-                out = [rec for rec in out if _passes(rec, r)]
+                kept: list[Record] = []
+                for start in range(0, len(out), _WALK_PART):
+                    if start:
+                        yield None
+                    kept += [rec for rec in out[start : start + _WALK_PART] if _passes(rec, r)]
+                out = kept
             if sort_order == _SORT.DESCEND or (sort_order == _SORT.ASCEND and target != _SORT.KEY):
-                out.sort(key=_SORT_KEYS[target], reverse=sort_order == _SORT.DESCEND)
+                out = yield from _sorted_steps(out, _SORT_KEYS[target], sort_order == _SORT.DESCEND)
             if r.count_only:
                 out = []  # (no kvs, hence never "more": as etcd)
             if limit and len(out) > limit:
@@ -667,7 +685,7 @@ class MVCCStore:
                 + sum(len(rec.key) + (0 if keys_only else len(rec.value)) for rec in out)
             )
         response.header.revision = self.revision
-        return response, out
+        yield response, out
 
     def count_in(self, key: bytes, range_end: bytes) -> int:
         """How many live keys the range (etcd's convention) holds, by bisection."""
@@ -1091,6 +1109,24 @@ os.register_at_fork(after_in_child=_REAPER._after_fork)
 def reaping() -> int:
     """How many revisions of compacted history are not freed yet (the reaper's work)."""
     return _REAPER.pending
+
+
+def _sorted_steps(records: list[Record], key: Any, reverse: bool) -> Iterator[None | list[Record]]:
+    """``sorted(records, key=key, reverse=reverse)`` (as stable), in steps (``yield from``:
+    None between them, the sorted list its value): parts of ``_WALK_PART`` sorted one at a
+    time, then merged ``_WALK_PART`` records at a time."""
+    if len(records) <= _WALK_PART:
+        return sorted(records, key=key, reverse=reverse)
+    runs = []
+    for start in range(0, len(records), _WALK_PART):
+        runs.append(sorted(records[start : start + _WALK_PART], key=key, reverse=reverse))
+        yield None
+    merged = heapq.merge(*runs, key=key, reverse=reverse)  # (stable: earlier runs first)
+    out: list[Record] = []
+    while len(out) < len(records):
+        out += islice(merged, _WALK_PART)
+        yield None
+    return out
 
 
 def _filtered(r: pb.RangeRequest) -> bool:

@@ -146,7 +146,7 @@ def _refusing_malformed(
         if answers == WRITES and _UnreadAnswers.full():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal(prefix))
         # Serialized here, once: its size is what is counted (``_serialize`` passes it on).
-        data = (await behavior(request, context)).SerializeToString()
+        data = _serialize(await behavior(request, context))
         if not _UnreadAnswers.hold(len(data), context, may_refuse=answers == READS):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refusal(prefix))
         return data
@@ -181,7 +181,7 @@ def method_handler(
 
 
 def _serialize(response: Any) -> bytes:
-    """An answer on the wire (a counted one is serialized already: ``_refusing_malformed``)."""
+    """An answer on the wire (one serialized already passes: counted ones, built in parts)."""
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
