@@ -99,6 +99,7 @@ _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) /
 # in flight plus its watches and keep-alives (etcd sets no limit); what they may hold is bounded
 # by --max-request-bytes each and by HTTP/2 flow control per connection.
 _MAX_STREAMS_PER_CONNECTION = 1024
+_IDENTITY_ONLY = 1  # gRPC's compression algorithms as a bitset: "identity" alone
 # Calls under way on a port at once (more are answered RESOURCE_EXHAUSTED at once): beyond the
 # Session (1,024) and Watch (4,096) streams, room for unary calls. Calls whose request never
 # arrives cost ~12-24 KB each: 100 connections of 1,024 such calls took 1.2 GB and cost a leader
@@ -1173,6 +1174,11 @@ def _server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", _MAX_STREAMS_PER_CONNECTION),
+            # No compressed requests (UNIMPLEMENTED, "Compression algorithm 'gzip' is
+            # disabled."; no client of ours or etcd's compresses): a 64 KB gzip body is a
+            # 63 MiB request once inflated, and 32 such calls on one connection took a
+            # leader from 91 MB to 2.5 GB, and its term.
+            ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
             ("grpc.max_allowed_incoming_connections", max_connections),
             ("grpc.server_handshake_timeout_ms", GRPC_HANDSHAKE_MS),
         ],
