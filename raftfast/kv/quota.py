@@ -98,7 +98,8 @@ class Quota:
                 fsm.recount()
             if fsm.size_bytes + nbytes > limit:
                 why = (
-                    f"the state holds {fsm.size_bytes} bytes of keys and values, and "
+                    f"the state holds {fsm.size_bytes} bytes (keys and values, and what each key "
+                    "costs besides), and "
                     f"--quota-backend-bytes is {limit}"
                 )
                 return why, certain

@@ -18,7 +18,15 @@ from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError
 from raftfast.etcd import errors
 from raftfast.etcd.errors import EtcdError
-from raftfast.etcd.mvcc import MAX_TXN_DEPTH, MVCCStore, decode, encode, event_pb, kv_pb
+from raftfast.etcd.mvcc import (
+    LIVE_KEY_OVERHEAD,
+    MAX_TXN_DEPTH,
+    MVCCStore,
+    decode,
+    encode,
+    event_pb,
+    kv_pb,
+)
 from raftfast.kv.commands import OP_ETCD, encode_put
 from raftfast.kv.fsm import SNAPSHOT_VERSION, KVStateMachine
 from raftfast.proto.etcd import kv_pb2 as mvccpb
@@ -1799,3 +1807,16 @@ def test_read_cost_counts_the_events_since_a_revision_without_walking_the_histor
     check(store)
     put(store, b"y")
     check(store)
+
+
+def test_live_keys_count_what_they_cost_after_the_history_is_compacted() -> None:
+    # After a compaction the quota saw only the live keys' bytes: 1,000,000 keys of 4 bytes
+    # were 4 MB to it and ~270 MB of every node. Each counts LIVE_KEY_OVERHEAD besides.
+    store = MVCCStore()
+    for i in range(50):
+        store.apply(encode(pb.PutRequest(key=b"k%02d" % i, value=b"x" * (i % 3))))
+    store.apply(encode(pb.DeleteRangeRequest(key=b"k00", range_end=b"k10")))
+    store.compact(store.revision)
+    live = sum(len(k) + len(r.value) for k, r in store.kvs.items())
+    assert store.size_bytes == live + 40 * LIVE_KEY_OVERHEAD
+    assert MVCCStore.load(store.dump()).size_bytes == store.size_bytes

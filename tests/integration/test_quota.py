@@ -13,6 +13,7 @@ import pytest
 
 from raftfast.client import SyncClient
 from raftfast.errors import NoSpaceError, RequestFailedError
+from raftfast.kv.fsm import KEY_OVERHEAD
 from raftfast.tools.localcluster import ProcCluster, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +42,8 @@ def test_writes_stop_at_the_quota_and_go_on_once_space_is_freed(cluster):
             for i in range(QUOTA // 1000 + 10):
                 c.put(b"k%04d" % i, value)
                 written.append(b"k%04d" % i)
-        assert len(written) >= QUOTA // 1000 - 10
+        assert len(written) >= QUOTA // (1000 + 5 + KEY_OVERHEAD) - 10  # (each key counts)
+        assert len(written) <= QUOTA // (1000 + 5 + KEY_OVERHEAD) + 1
         wait_for(
             "every node to know the alarm",
             lambda: all(cluster.status(n).alarms == ["NOSPACE"] for n in cluster.ids),

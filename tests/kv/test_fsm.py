@@ -25,7 +25,7 @@ from raftfast.kv.commands import (
     pack_pairs,
     unpack_pairs,
 )
-from raftfast.kv.fsm import KVStateMachine
+from raftfast.kv.fsm import KEY_OVERHEAD, KVStateMachine
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE
 from raftfast.proto.etcd import rpc_pb2 as pb
 
@@ -457,7 +457,7 @@ def test_unpack_pairs_refuses_an_odd_count() -> None:
 
 
 def _exact_size(m: KVStateMachine) -> int:
-    return sum(len(k) + len(v) for k, v in m.scan(b"", 0))
+    return sum(len(k) + len(v) + KEY_OVERHEAD for k, v in m.scan(b"", 0))
 
 
 @given(

@@ -11,7 +11,7 @@ from raftfast._accel import crc32c
 from raftfast.errors import CorruptionError
 from raftfast.etcd.mvcc import MVCCStore
 from raftfast.kv.commands import NOSPACE, encode_alarm, encode_cas, encode_delete, encode_put
-from raftfast.kv.fsm import SNAPSHOT_MAGIC, SNAPSHOT_VERSION, KVStateMachine
+from raftfast.kv.fsm import KEY_OVERHEAD, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, KVStateMachine
 
 HEADER = struct.Struct("<4sHHQQ")
 
@@ -281,16 +281,17 @@ def test_sealed_but_invalid_content_is_rejected() -> None:
 def test_alarms_and_size_survive_a_snapshot_and_a_version_1_snapshot_still_reads() -> None:
     m = KVStateMachine()
     apply_all(m, 1, [encode_put(0, 0, b"ab", b"123"), encode_alarm(NOSPACE, True)])
-    assert m.alarms == {NOSPACE} and m.size_bytes == 5
+    assert m.alarms == {NOSPACE} and m.size_bytes == 5 + KEY_OVERHEAD
     copy = KVStateMachine()
     copy.load(m.dump())
-    assert copy.alarms == {NOSPACE} and copy.size_bytes == 5
+    assert copy.alarms == {NOSPACE} and copy.size_bytes == 5 + KEY_OVERHEAD
     assert copy.fingerprint() == m.fingerprint() != KVStateMachine().fingerprint()
     apply_all(copy, 3, [encode_alarm(NOSPACE, False)])
     assert copy.alarms == set()
     old = build([b"a", b"b"], [b"1", b"2"])  # version 1
     copy.load(old)
-    assert copy.alarms == set() and copy.size_bytes == 4 and copy.get(b"b") == b"2"
+    assert copy.alarms == set() and copy.size_bytes == 4 + 2 * KEY_OVERHEAD
+    assert copy.get(b"b") == b"2"
 
 
 @pytest.mark.parametrize("seed", range(5))
