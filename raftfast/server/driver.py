@@ -43,7 +43,7 @@ from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
 from raftfast.server import logs
 from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
-from raftfast.server.handlers import register
+from raftfast.server.handlers import quiet_answers_not_sent, register
 from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
 from raftfast.server.incarnations import FILE as INCARNATIONS_FILE
 from raftfast.server.incarnations import Incarnations
@@ -1163,6 +1163,7 @@ def _server(
     # are capped (past the cap gRPC closes new ones at once) and one that has not finished its
     # TLS and HTTP/2 handshakes in GRPC_HANDSHAKE_MS is closed (gRPC's default: 120 s), so
     # that a stranger's idle connections cannot hold every descriptor the node has.
+    quiet_answers_not_sent()
     interceptors = [RoleInterceptor(authorizer)] if authorizer is not None else []
     if timer is not None:
         interceptors.append(timer)

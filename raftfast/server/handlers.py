@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "WRITES",
     "Malformed",
     "method_handler",
+    "quiet_answers_not_sent",
     "register",
     "tolerant",
 ]
@@ -260,3 +262,29 @@ class StreamBound:
             yield
         finally:
             self.open -= 1
+
+
+class _AnswerNotSent(logging.Filter):
+    """grpc.aio logs an ERROR and a traceback whenever a call's answer cannot be sent because
+    its client has gone (cancelled, disconnected, or refused the answer as too big for it):
+    a line anyone can cause per call (etcd's Node.js client refusing a 7.5 MB Range wrote
+    four). Kept for DEBUG, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ != "ExecuteBatchError":
+            return True
+        _log.debug("an answer was not sent, its client gone: %s", record.getMessage())
+        return False
+
+
+_log = logging.getLogger("raftfast.server")
+_ANSWER_NOT_SENT = _AnswerNotSent()
+
+
+def quiet_answers_not_sent() -> None:
+    """Drop grpc.aio's traceback for an answer its client left before it was sent (once a
+    process: a node's server calls it)."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if _ANSWER_NOT_SENT not in logger.filters:
+        logger.addFilter(_ANSWER_NOT_SENT)

@@ -13,6 +13,7 @@ import pytest
 
 from raftfast.client import SyncClient
 from raftfast.server import node_cli
+from raftfast.server.handlers import quiet_answers_not_sent
 from raftfast.server.logs import JsonFormatter
 from raftfast.server.node_cli import ConfigError, parse_settings
 from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
@@ -199,3 +200,26 @@ def test_a_json_node_that_fails_to_start_says_so_in_json_and_exits_1(tmp_path):
         f"raftfast-node: error: node n1 failed: cannot serve metrics on {metrics}"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_an_answer_whose_client_left_logs_no_traceback(caplog) -> None:
+    # grpc.aio logged an ERROR and a traceback per answer it could not send (a client that
+    # left, or refused it as too big: etcd's Node.js client wrote four with one Range).
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    quiet_answers_not_sent()
+    quiet_answers_not_sent()  # (once a process, however many servers)
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    assert grpc_log.filters.count(grpc_log.filters[-1]) == 1
+    with caplog.at_level(logging.DEBUG):
+        try:
+            raise ExecuteBatchError('Failed "execute_batch"')
+        except ExecuteBatchError:
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [/a/B]")
+        try:
+            raise ValueError("a real failure")
+        except ValueError:
+            grpc_log.exception("Unexpected error in servicer method [/a/C]")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["Unexpected error in servicer method [/a/C]"]
+    assert any("[/a/B]" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
