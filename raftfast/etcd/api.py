@@ -196,6 +196,7 @@ class EtcdAPI:
         EtcdError."""
         _, _, handler, at_leader = self.methods[method]
         self.check_request(method, request)
+        _gte_where_empty(method, request)
         if not at_leader or self._local(method, request):
             return await handler(request)
         loop = asyncio.get_running_loop()
@@ -848,6 +849,23 @@ def _check_txn(r: pb.TxnRequest, depth: int) -> int:
 _COMPARE_RESULTS = frozenset(pb.Compare.CompareResult.values())
 _COMPARE_TARGETS = frozenset(pb.Compare.CompareTarget.values())
 _Interval = tuple[bytes, bytes | None]  # [lo, hi): a key range (hi None: to the end)
+
+
+def _gte_where_empty(method: str, request: Any) -> None:
+    """A ``range_end`` sent but empty, read as etcd 3.4 reads it: every key from the key on
+    (made "\0", which says so here) in what etcd answers without its log, a Range and a Txn
+    that only reads (Go decodes it as an empty, not a nil, slice; etcd's Node.js client sends
+    one for a range with no end); the key alone in what goes through etcd's log (encoded
+    again, it is left out): a DeleteRange, a Txn that writes (checked against etcd 3.4)."""
+    if method == "KV/Range":
+        if request.HasField("range_end") and not request.range_end:
+            request.range_end = b"\0"
+    elif method == "KV/Txn" and all(
+        op.WhichOneof("request") == "request_range" for op in (*request.success, *request.failure)
+    ):  # (etcd's isTxnReadonly)
+        reads = [op.request_range for op in (*request.success, *request.failure)]
+        for part in (*request.compare, *reads):
+            _gte_where_empty("KV/Range", part)
 
 
 def _flat_ops(ops) -> Iterator[pb.RequestOp]:
