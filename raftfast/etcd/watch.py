@@ -224,6 +224,9 @@ class _Stream:
                     created=True,
                     canceled=True,
                     cancel_reason=refusal,
+                    # (etcd 3.4 cancels a watch from a negative revision as compacted once
+                    # it compacted: clients that read only this field raise rather than wait)
+                    compact_revision=store.compact_revision if r.start_revision < 0 else 0,
                 )
             )
             return

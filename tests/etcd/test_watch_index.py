@@ -259,6 +259,22 @@ def test_creates_etcd_refuses_are_refused_with_its_reason(fields: dict, reason: 
         assert (answer.canceled, answer.watch_id, answer.cancel_reason) == (True, -1, reason)
 
 
+def test_a_watch_from_a_negative_revision_is_refused_as_compacted_once_compacted() -> None:
+    # etcd 3.4 cancels it with compact_revision set once it compacted (and never answers
+    # before): aetcd reads only that field, and waited for ever on a refusal without it.
+    store = MVCCStore()
+    for i in range(5):
+        store.apply(encode(pb.PutRequest(key=b"k", value=b"%d" % i)))
+    stream = watch._Stream(_api(store, 1536 * 1024))
+    for compacted in (0, 3):
+        if compacted:
+            store.compact(compacted)
+        stream.take(pb.WatchRequest(create_request=pb.WatchCreateRequest(start_revision=-1)))
+        (answer,) = stream.pending()
+        assert (answer.created, answer.canceled, answer.compact_revision) == (True, True, compacted)
+        assert answer.cancel_reason == "etcdserver: start_revision must not be negative"
+
+
 def _filled(n_keys: int) -> MVCCStore:
     """A store of keys d/000000.. (``n_keys`` of them, 500 a revision)."""
     store = MVCCStore()
