@@ -78,12 +78,14 @@ DEF BLOCK = 1024                    # index entries a block holds at most
 DEF BLOCK_FILL = 768                # ... when the index is built from a sorted array
 DEF MIN_SLOTS = 8
 DEF SLIDE_STEP = 16384              # arena bytes a compaction under way looks at per write
-# Slots of a grown table's old one moved over per write. The old table holds 4/3 of the keys
-# in slots, and the new one takes at least half the keys again (added or deleted) before it
-# grows: 4 a write finish the move with room to spare (1.33 needed). It was 64: a put_many
-# of 50,000 keys, 50,000 writes in one apply, moved 3,200,000 slots at once (0.4-0.5 s of
-# the loop at 6.4M keys, elections; a hunt).
-DEF MIGRATE_STEP = 4
+DEF MIGRATE_STEP = 64               # slots of a grown table's old one moved over per write
+# ... but a put_many moves at most MOVE_PER_CALL in all (at least MIN_MIGRATE_STEP a pair):
+# one of 50,000 new keys is 50,000 writes in one apply, and at 64 each moved 3,200,000 slots
+# at once (0.4-0.5 s of the loop at 6.4M keys, leader changes; a hunt). The old table holds
+# 4/3 of the keys in slots, and the new one takes at least half the keys again (added or
+# deleted) before it grows: 4 a write end the move with room to spare (1.33 needed).
+DEF MOVE_PER_CALL = 262144
+DEF MIN_MIGRATE_STEP = 4
 DEF MAX_LEN = 0xFFFFFFFF
 DEF MAX_KEY_LEN = 0x7FFFFFFF       # (a garbage record's klen has the top bit set: mark_garbage)
 DEF SLOT_AHEAD = 16                 # put_packed: prefetch the slot of the pair this far ahead
@@ -387,9 +389,11 @@ cdef class KeyStore:
     cdef Py_ssize_t _index_len    # entries in all blocks
     cdef uint64_t _extra[MAX_EXTRA]  # offsets of keys added since, unsorted
     cdef Py_ssize_t _extra_len
+    cdef uint64_t _step           # slots of the old table moved per write (MIGRATE_STEP)
     cdef readonly long long size_bytes  # of the keys and values held
 
     def __cinit__(self):
+        self._step = MIGRATE_STEP
         self._slots = <uint64_t *>malloc(MIN_SLOTS * sizeof(uint64_t))
         if self._slots == NULL:
             raise MemoryError()
@@ -428,7 +432,7 @@ cdef class KeyStore:
     # -- the table ---------------------------------------------------------------------------
     # It grows in steps, not at once: doubling a table of 6M keys rehashed them all in one
     # write, 0.7 s of the loop (1.5 s at 12M). The old table stays beside the new one while
-    # every later write moves MIGRATE_STEP of its slots over; a key looked up meanwhile is
+    # every later write moves MIGRATE_STEP of its slots over (a put_many fewer: MOVE_PER_CALL); a key looked up meanwhile is
     # found in either (and moved over on the way), so callers only ever see slots of the new.
 
     cdef Py_ssize_t _find(self, bytes key) except -2:
@@ -493,7 +497,7 @@ cdef class KeyStore:
         """Keep the table at most 3/4 full, tombstones counted (a move under way gets its
         steps: it is over long before the new table could fill)."""
         cdef uint64_t n = self._mask + 1
-        self._migrate(MIGRATE_STEP)
+        self._migrate(self._step)
         if (self._count + self._tombs + 1) * 4 > n * 3:
             while (self._count + 1) * 2 > n:  # grow to at most half full
                 n *= 2
@@ -580,7 +584,7 @@ cdef class KeyStore:
                 self._became_garbage(old_off)
                 self._compact_some(HEADER + klen + vlen)
             self.size_bytes += vlen - <long long>old_vlen
-            self._migrate(MIGRATE_STEP)  # (a store only rewritten finishes its move too)
+            self._migrate(self._step)  # (a store only rewritten finishes its move too)
             return old_vlen
         self._room_for_one()
         off = self._append(k, klen, v, vlen)
@@ -629,6 +633,8 @@ cdef class KeyStore:
             free(hashes)
             free(offs)
             raise MemoryError()
+        if n * MIGRATE_STEP > MOVE_PER_CALL:
+            self._step = max(MIN_MIGRATE_STEP, MOVE_PER_CALL // n)
         try:
             for j in range(n):
                 rec = p + C_HEADER_SIZE + <Py_ssize_t>C_META_SIZE * (2 * j)
@@ -650,6 +656,7 @@ cdef class KeyStore:
                 vlen = rf_load_u32(rec + C_META_SIZE + 9)
                 self._put_raw(p + offs[j], klen, p + offs[j] + klen, vlen, hashes[j])
         finally:
+            self._step = MIGRATE_STEP
             free(hashes)
             free(offs)
 
