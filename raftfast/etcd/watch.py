@@ -112,6 +112,9 @@ _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 
 
+_NEGATIVE_START = "etcdserver: start_revision must not be negative"
+
+
 class _Watcher:
     __slots__ = ("id", "key", "range_end", "bounds", "next_rev", "skip", "prev_kv", "noput",
                  "nodelete", "progress_notify", "fragment", "last_sent", "walk")  # fmt: skip
@@ -211,7 +214,7 @@ class _Stream:
         elif len(self.watchers) >= MAX_WATCHERS_PER_STREAM:
             refusal = f"etcdserver: at most {MAX_WATCHERS_PER_STREAM} watchers on one stream"
         elif r.start_revision < 0:
-            refusal = "etcdserver: start_revision must not be negative"
+            refusal = _NEGATIVE_START
         elif r.ByteSize() > api.driver.settings.max_request_bytes:
             refusal = errors.REQUEST_TOO_LARGE.message
         elif self.budget.used + _cost(r) > self.budget.limit:
@@ -226,7 +229,7 @@ class _Stream:
                     cancel_reason=refusal,
                     # (etcd 3.4 cancels a watch from a negative revision as compacted once
                     # it compacted: clients that read only this field raise rather than wait)
-                    compact_revision=store.compact_revision if r.start_revision < 0 else 0,
+                    compact_revision=store.compact_revision if refusal == _NEGATIVE_START else 0,
                 )
             )
             return

@@ -273,6 +273,14 @@ def test_a_watch_from_a_negative_revision_is_refused_as_compacted_once_compacted
         (answer,) = stream.pending()
         assert (answer.created, answer.canceled, answer.compact_revision) == (True, True, compacted)
         assert answer.cancel_reason == "etcdserver: start_revision must not be negative"
+    # (refused for another reason, it says nothing of a compaction)
+    stream.take(pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"b", range_end=b"a")))
+    (answer,) = stream.pending()
+    assert answer.cancel_reason == "mvcc: watcher range is empty"
+    bad_range = pb.WatchCreateRequest(key=b"b", range_end=b"a", start_revision=-1)
+    stream.take(pb.WatchRequest(create_request=bad_range))
+    (answer,) = stream.pending()
+    assert answer.canceled and answer.compact_revision == 0
 
 
 def _filled(n_keys: int) -> MVCCStore:
