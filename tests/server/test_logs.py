@@ -220,6 +220,13 @@ def test_an_answer_whose_client_left_logs_no_traceback(caplog) -> None:
             raise ValueError("a real failure")
         except ValueError:
             grpc_log.exception("Unexpected error in servicer method [/a/C]")
+        for _ in range(100):  # (a flood: counted, said at most once a minute)
+            try:
+                raise ExecuteBatchError('Failed "execute_batch"')
+            except ExecuteBatchError:
+                grpc_log.exception("ExecuteBatchError raised in core by servicer method [/a/D]")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in errors] == ["Unexpected error in servicer method [/a/C]"]
     assert any("[/a/B]" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) <= 1 and all("not sent" in w for w in warnings)
