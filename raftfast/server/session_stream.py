@@ -137,20 +137,39 @@ class _Connection(asyncio.BufferedProtocol):
         # bytes of unfinished records and of frames read ahead, as the server counts them
         self.counted = self.counted_ahead = 0
         self.closed = False
+        self.silent = False  # connected, no hello yet (counted in the server's ``silent``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.opened = self.progress = asyncio.get_running_loop().time()
-        if len(self.server.connections) >= MAX_CONNECTIONS:
-            log.warning("Session stream refused: %d connections open", MAX_CONNECTIONS)
+        server = self.server
+        if len(server.connections) >= MAX_CONNECTIONS and not server.drop_a_silent_one():
+            server.note_refused()
             self.transport.abort()
             return
         tcp.tune(transport)
         self.caller = tcp.common_name(transport.get_extra_info("peercert"))
-        self.server.connections[self.transport] = self
+        server.connections[self.transport] = self
+        self.silent = True
+        server.silent += 1
+        if server.authorizer is not None:
+            # (the certificate says it all: one with no role to read is told now, not left
+            # to hold a connection of the port's until its hello is overdue; a hunt's 1,200
+            # such connections, reopened as they were dropped, kept clients out)
+            context = StreamContext("", self.caller, self._send_now)
+            why = server.authorizer.refusal(context, Role.READ, "Session")  # type: ignore[arg-type]
+            if why is not None:
+                self.end(_PERMISSION_DENIED, why)  # (still silent: first to make way)
+
+    def _spoke(self) -> None:
+        """No longer a connection that has said nothing (a hello, a refusal, or gone)."""
+        if self.silent:
+            self.silent = False
+            self.server.silent -= 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.pop(self.transport, None)  # type: ignore[arg-type]
+        self._spoke()
         self.let_go()
         self.writable.set()
         if self.task is not None:
@@ -247,6 +266,7 @@ class _Connection(asyncio.BufferedProtocol):
         ``failure``, else OK). Before the hello, at once."""
         if self.input_over:
             return
+        self._spoke()
         self.input_over = True
         self.failure = failure
         self.records.clear()
@@ -261,6 +281,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _hello(self, payload: memoryview) -> None:
+        self._spoke()
         try:
             hello = pb.SessionHello.FromString(payload)
         except DecodeError as exc:
@@ -389,9 +410,42 @@ class SessionServer(tcp.RecordListener):
         self.authorizer = authorizer
         self._drops = 0  # connections dropped for the records held, since the last log line
         self._drops_logged_at = float("-inf")
+        self.silent = 0  # connections that have not said hello yet
+        self._refused = 0  # connections refused with the port full, since the last log line
+        self._refused_logged_at = float("-inf")
 
     def protocol(self) -> _Connection:
         return _Connection(self)
+
+    def _room(self) -> int:
+        # (a connection that has said nothing yet makes way for a new one: drop_a_silent_one)
+        return self.max_connections - len(self.connections) + self.silent
+
+    def drop_a_silent_one(self) -> bool:
+        """Make room for a new connection: drop the oldest that has not said hello yet (a
+        client says it at once). False if every connection has: the newcomer is refused."""
+        if not self.silent:
+            return False
+        for transport, connection in self.connections.items():
+            if connection.silent:
+                connection.let_go()
+                connection._spoke()
+                del self.connections[transport]
+                transport.abort()
+                return True
+        return False
+
+    def note_refused(self) -> None:
+        """A connection refused with the port full: said in the log once in a while."""
+        self._refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refused_logged_at >= _DROPS_LOGGED_EVERY_S:
+            log.warning(
+                "refused %d Session stream(s): %d connections open, each past its hello",
+                self._refused,
+                MAX_CONNECTIONS,
+            )
+            self._refused, self._refused_logged_at = 0, now
 
     def max_record_bytes(self) -> int:
         return self.service.node.settings.max_request_bytes + _FRAME_SLACK

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from ssl import SSLContext
 from typing import cast
@@ -231,6 +232,7 @@ MAX_PARTIAL_BYTES = 256 * 1024 * 1024
 TRIM_AFTER_BYTES = 32 * 1024 * 1024
 _TRIM_EVERY_S = 10.0  # (at most: each trim holds glibc's arena lock for a few ms)
 _SWEEP_S = 1.0
+_SWEEP_LOGGED_S = 10.0  # connections a sweep dropped are logged at most this often
 
 
 def tune(transport: asyncio.BaseTransport) -> None:
@@ -635,15 +637,24 @@ class RecordListener:
         return self.max_connections - len(self.connections)
 
     async def _sweep(self) -> None:
+        """Drop overdue connections; say so in the log at most every ``_SWEEP_LOGGED_S``, as
+        counts (a line each was ~160 lines a second under a flood of silent connections)."""
         loop = asyncio.get_running_loop()
+        dropped: Counter[str] = Counter()
+        logged_at = float("-inf")
         while True:
             await asyncio.sleep(_SWEEP_S)
             now = loop.time()
             for transport, connection in list(self.connections.items()):
                 why = connection.overdue(now)  # type: ignore[attr-defined]
                 if why is not None:
-                    log.info("dropped a %s: %s", self.what, why)
+                    dropped[why] += 1
                     transport.abort()
+            if dropped and now - logged_at >= _SWEEP_LOGGED_S:
+                said = "; ".join(f"{n} for {why}" for why, n in dropped.items())
+                log.info("dropped %d %s(s): %s", dropped.total(), self.what, said)
+                dropped.clear()
+                logged_at = now
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -355,6 +355,16 @@ def test_the_session_stream_over_tcp_takes_the_client_ports_tls_and_roles(tls):
         (end,) = over_tls("ghost")  # a certificate with no role: not even a read
         assert (end.frame_id, end.code) == (0, grpc.StatusCode.PERMISSION_DENIED.value[0])
         assert "no role" in end.error
+        # ... told at once, before any hello (it held a connection of the port's until its
+        # hello was overdue, 5 s: 1,200 of them, reopened as they were dropped, kept every
+        # client out of a hunt's port)
+        with socket.create_connection((host, port), timeout=10) as raw:
+            ctx = tls.files("ghost").client_context()
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                s.settimeout(3)  # (< the 5 s a silent connection has)
+                told = _read_all(s)
+        end = pb.SessionResult.FromString(told[4 : 4 + int.from_bytes(told[:4], "big")])
+        assert (end.frame_id, end.code) == (0, grpc.StatusCode.PERMISSION_DENIED.value[0])
         (answer,) = over_tls("reader", record(frame.SerializeToString()))
         put_result, get_result = answer.results
         assert put_result.code == grpc.StatusCode.PERMISSION_DENIED.value[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import socket
 import threading
 import time
@@ -439,10 +440,11 @@ def test_refusals_end_the_stream_with_a_status(tmp_path):
     run(tmp_path, test)
 
 
-def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatch):
+def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(session_stream, "HANDSHAKE_S", 0.3)
     monkeypatch.setattr(session_stream, "STALL_S", 0.3)
     monkeypatch.setattr(tcp, "_SWEEP_S", 0.1)
+    caplog.set_level(logging.INFO, logger="raftfast.transport")
 
     async def test(node: raftfast.Node) -> None:
         server = node._driver.session_server
@@ -452,6 +454,9 @@ def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatc
             assert await closed(reader)  # dropped
             writer.close()
         await wait_until("no connection left", lambda: not server.connections)
+        # (said as a count at most every 10 s: a line each was ~160 a second under a flood)
+        drops = [r for r in caplog.records if r.getMessage().startswith("dropped ")]
+        assert len(drops) == 1 and "Session stream" in drops[0].getMessage()
         monkeypatch.setattr(session_stream, "MAX_CONNECTIONS", 2)
         kept = [await connect(node) for _ in range(2)]
         for _, writer in kept:
@@ -460,9 +465,20 @@ def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatc
         reader, writer = await connect(node)
         assert await closed(reader)  # the third: refused
         writer.close()
-        for _, writer in kept:
-            writer.close()
+        # ... unless a connection has said nothing yet: the oldest such makes way
+        kept[1][1].close()
+        await wait_until("one connection", lambda: len(server.connections) == 1)
+        silent, silent_writer = await connect(node)
+        await wait_until("two again", lambda: len(server.connections) == 2 and server.silent)
+        reader, writer = await connect(node)
+        assert await closed(silent)
+        writer.write(hello())
+        await wait_until("the new one in", lambda: len(server.connections) == 2)
+        await wait_until("it said hello", lambda: server.silent == 0)
+        for w in (writer, silent_writer, kept[0][1]):
+            w.close()
         await wait_until("no connection left", lambda: not server.connections)
+        assert server.silent == 0
         await serves(node)
 
     run(tmp_path, test)
