@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -408,11 +409,9 @@ class SessionServer(tcp.RecordListener):
         super().__init__(ssl_context)
         self.service = service
         self.authorizer = authorizer
-        self._drops = 0  # connections dropped for the records held, since the last log line
-        self._drops_logged_at = float("-inf")
         self.silent = 0  # connections that have not said hello yet
-        self._refused = 0  # connections refused with the port full, since the last log line
-        self._refused_logged_at = float("-inf")
+        self._unsaid: Counter[str] = Counter()  # what ``_say`` has not logged yet, by kind
+        self._said_at: dict[str, float] = {}
 
     def protocol(self) -> _Connection:
         return _Connection(self)
@@ -435,17 +434,23 @@ class SessionServer(tcp.RecordListener):
                 return True
         return False
 
-    def note_refused(self) -> None:
-        """A connection refused with the port full: said in the log once in a while."""
-        self._refused += 1
+    def _say(self, kind: str, message: str, *args: object) -> None:
+        """One more ``kind`` of drop: logged as ``message`` (its first ``%d`` their count since
+        the last line) at most every ``_DROPS_LOGGED_EVERY_S`` (a flood's drops are a count,
+        not a line each)."""
+        self._unsaid[kind] += 1
         now = asyncio.get_running_loop().time()
-        if now - self._refused_logged_at >= _DROPS_LOGGED_EVERY_S:
-            log.warning(
-                "refused %d Session stream(s): %d connections open, each past its hello",
-                self._refused,
-                MAX_CONNECTIONS,
-            )
-            self._refused, self._refused_logged_at = 0, now
+        if now - self._said_at.get(kind, float("-inf")) >= _DROPS_LOGGED_EVERY_S:
+            log.warning(message, self._unsaid[kind], *args)
+            self._unsaid[kind], self._said_at[kind] = 0, now
+
+    def note_refused(self) -> None:
+        """A connection refused with the port full."""
+        self._say(
+            "refused",
+            "refused %d Session stream(s): %d connections open, each past its hello",
+            MAX_CONNECTIONS,
+        )
 
     def max_record_bytes(self) -> int:
         return self.service.node.settings.max_request_bytes + _FRAME_SLACK
@@ -463,16 +468,12 @@ class SessionServer(tcp.RecordListener):
         connection.let_go()
         if connection.transport is not None:
             connection.transport.abort()
-        self._drops += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._drops_logged_at >= _DROPS_LOGGED_EVERY_S:
-            log.warning(
-                "dropped %d Session stream(s): %d bytes of unfinished records held, over %d",
-                self._drops,
-                self.held_bytes,
-                self.max_held_bytes(),
-            )
-            self._drops, self._drops_logged_at = 0, now
+        self._say(
+            "held",
+            "dropped %d Session stream(s): %d bytes of unfinished records held, over %d",
+            self.held_bytes,
+            self.max_held_bytes(),
+        )
 
 
 def server_context(files: TLSFiles, client_cert_auth: bool) -> ssl.SSLContext:
