@@ -14,13 +14,13 @@ import contextlib
 import inspect
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import grpc
 
 from raftfast.heap import release_free_memory_soon
+from raftfast.server.log_counts import CountedWarning
 
 __all__ = [
     "FREE",
@@ -270,32 +270,26 @@ class _AnswerNotSent(logging.Filter):
     client has gone (cancelled, disconnected, or refused the answer as too big for it), or
     the answer is over the server's own send limit. The first is a line anyone can cause per
     call (etcd's Node.js client refusing a 7.5 MB Range wrote four): each becomes a DEBUG
-    line, and a WARNING with their count says so at most once a minute."""
+    line, and a WARNING says how many at most once a minute."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._unsaid = 0
-        self._said_at = -_SAY_EVERY_S
+        self.counted = CountedWarning(
+            _log,
+            "%d answer(s) not sent (their clients left, or an answer was over the send "
+            "limit); the last: %s",
+            60.0,
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if type(exc).__name__ != "ExecuteBatchError":
             return True
         _log.debug("an answer was not sent: %s", record.getMessage())
-        self._unsaid += 1
-        now = time.monotonic()
-        if now - self._said_at >= _SAY_EVERY_S:
-            _log.warning(
-                "%d answer(s) not sent since the last such line (their clients left, or an "
-                "answer was over the send limit); the last: %s",
-                self._unsaid,
-                record.getMessage(),
-            )
-            self._unsaid, self._said_at = 0, now
+        self.counted.note(record.getMessage())
         return False
 
 
-_SAY_EVERY_S = 60.0
 _log = logging.getLogger("raftfast.server")
 _ANSWER_NOT_SENT = _AnswerNotSent()
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
@@ -44,6 +43,7 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer, Role
 from raftfast.security.tls import TLSFiles
 from raftfast.server.kv_service import MAX_SESSIONS, KVService, TooManyOps
+from raftfast.server.log_counts import CountedWarning
 from raftfast.transport import tcp
 
 log = logging.getLogger("raftfast.session")
@@ -56,6 +56,7 @@ _FRAME_SLACK = 64 * 1024  # a frame's own fields beyond --max-request-bytes (gRP
 _READ_AHEAD = 64  # frames parsed and not yet taken by the service: past it, reading pauses
 MAX_HELD_BYTES = tcp.MAX_PARTIAL_BYTES  # unfinished records, and frames read ahead, all streams
 _DROPS_LOGGED_EVERY_S = 10.0  # (a flood's drops are logged as a count, not a line each)
+SILENT_MAKES_WAY_S = 0.5  # a connection without a hello this long may be dropped for another
 _LINGER_S = 2.0  # a refused client gets this long to read why before the connection goes
 _OK = grpc.StatusCode.OK.value[0]
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -138,7 +139,6 @@ class _Connection(asyncio.BufferedProtocol):
         # bytes of unfinished records and of frames read ahead, as the server counts them
         self.counted = self.counted_ahead = 0
         self.closed = False
-        self.silent = False  # connected, no hello yet (counted in the server's ``silent``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -151,8 +151,7 @@ class _Connection(asyncio.BufferedProtocol):
         tcp.tune(transport)
         self.caller = tcp.common_name(transport.get_extra_info("peercert"))
         server.connections[self.transport] = self
-        self.silent = True
-        server.silent += 1
+        server.silent[self.transport] = self  # (until its hello)
         if server.authorizer is not None:
             # (the certificate says it all: one with no role to read is told now, not left
             # to hold a connection of the port's until its hello is overdue; a hunt's 1,200
@@ -164,9 +163,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _spoke(self) -> None:
         """No longer a connection that has said nothing (a hello, a refusal, or gone)."""
-        if self.silent:
-            self.silent = False
-            self.server.silent -= 1
+        self.server.silent.pop(self.transport, None)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.pop(self.transport, None)  # type: ignore[arg-type]
@@ -409,48 +406,44 @@ class SessionServer(tcp.RecordListener):
         super().__init__(ssl_context)
         self.service = service
         self.authorizer = authorizer
-        self.silent = 0  # connections that have not said hello yet
-        self._unsaid: Counter[str] = Counter()  # what ``_say`` has not logged yet, by kind
-        self._said_at: dict[str, float] = {}
+        # the connections that have not said hello yet, oldest first
+        self.silent: dict[asyncio.Transport, _Connection] = {}
+        every = _DROPS_LOGGED_EVERY_S  # (a flood's drops are logged as a count, not a line each)
+        self._held_drops = CountedWarning(
+            log, "dropped %d Session stream(s): %d bytes of unfinished records held, over %d", every
+        )
+        self._refusals = CountedWarning(
+            log, "refused %d Session stream(s): %d connections open, each past its hello", every
+        )
+        self._made_way = CountedWarning(
+            log, "dropped %d Session stream(s) silent for %gs or more, to let newcomers in", every
+        )
 
     def protocol(self) -> _Connection:
         return _Connection(self)
 
     def _room(self) -> int:
         # (a connection that has said nothing yet makes way for a new one: drop_a_silent_one)
-        return self.max_connections - len(self.connections) + self.silent
+        return self.max_connections - len(self.connections) + len(self.silent)
 
     def drop_a_silent_one(self) -> bool:
-        """Make room for a new connection: drop the oldest that has not said hello yet (a
-        client says it at once). False if every connection has: the newcomer is refused."""
-        if not self.silent:
-            return False
-        for transport, connection in self.connections.items():
-            if connection.silent:
-                connection.let_go()
-                connection._spoke()
-                del self.connections[transport]
-                transport.abort()
-                return True
+        """Make room for a new connection: drop the oldest that has not said hello yet, if it
+        has been silent ``SILENT_MAKES_WAY_S`` (a client says it at once; one whose hello is
+        on its way, not read yet, is not dropped). False if none: the newcomer is refused."""
+        for transport, connection in self.silent.items():
+            if asyncio.get_running_loop().time() - connection.opened < SILENT_MAKES_WAY_S:
+                return False  # (the oldest: the others are younger still)
+            del self.silent[transport]
+            self.connections.pop(transport, None)
+            connection.let_go()
+            transport.abort()
+            self._made_way.note(SILENT_MAKES_WAY_S)
+            return True
         return False
-
-    def _say(self, kind: str, message: str, *args: object) -> None:
-        """One more ``kind`` of drop: logged as ``message`` (its first ``%d`` their count since
-        the last line) at most every ``_DROPS_LOGGED_EVERY_S`` (a flood's drops are a count,
-        not a line each)."""
-        self._unsaid[kind] += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._said_at.get(kind, float("-inf")) >= _DROPS_LOGGED_EVERY_S:
-            log.warning(message, self._unsaid[kind], *args)
-            self._unsaid[kind], self._said_at[kind] = 0, now
 
     def note_refused(self) -> None:
         """A connection refused with the port full."""
-        self._say(
-            "refused",
-            "refused %d Session stream(s): %d connections open, each past its hello",
-            MAX_CONNECTIONS,
-        )
+        self._refusals.note(MAX_CONNECTIONS)
 
     def max_record_bytes(self) -> int:
         return self.service.node.settings.max_request_bytes + _FRAME_SLACK
@@ -468,12 +461,7 @@ class SessionServer(tcp.RecordListener):
         connection.let_go()
         if connection.transport is not None:
             connection.transport.abort()
-        self._say(
-            "held",
-            "dropped %d Session stream(s): %d bytes of unfinished records held, over %d",
-            self.held_bytes,
-            self.max_held_bytes(),
-        )
+        self._held_drops.note(self.held_bytes, self.max_held_bytes())
 
 
 def server_context(files: TLSFiles, client_cert_auth: bool) -> ssl.SSLContext:

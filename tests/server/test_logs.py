@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from raftfast.client import SyncClient
-from raftfast.server import node_cli
+from raftfast.server import handlers, node_cli
 from raftfast.server.handlers import quiet_answers_not_sent
+from raftfast.server.log_counts import CountedWarning
 from raftfast.server.logs import JsonFormatter
 from raftfast.server.node_cli import ConfigError, parse_settings
 from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
+from tests.polling import until
 
 KEYS = {"time", "level", "node", "term", "message", "fields"}
 PEERS = "n1=127.0.0.1:7001,n2=127.0.0.1:7002,n3=127.0.0.1:7003"
@@ -202,7 +205,7 @@ def test_a_json_node_that_fails_to_start_says_so_in_json_and_exits_1(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_an_answer_whose_client_left_logs_no_traceback(caplog) -> None:
+def test_an_answer_whose_client_left_logs_no_traceback(caplog, monkeypatch) -> None:
     # grpc.aio logged an ERROR and a traceback per answer it could not send (a client that
     # left, or refused it as too big: etcd's Node.js client wrote four with one Range).
     from grpc._cython.cygrpc import ExecuteBatchError
@@ -210,23 +213,39 @@ def test_an_answer_whose_client_left_logs_no_traceback(caplog) -> None:
     quiet_answers_not_sent()
     quiet_answers_not_sent()  # (once a process, however many servers)
     grpc_log = logging.getLogger("grpc._cython.cygrpc")
-    assert grpc_log.filters.count(grpc_log.filters[-1]) == 1
-    with caplog.at_level(logging.DEBUG):
+    ours = [f for f in grpc_log.filters if isinstance(f, handlers._AnswerNotSent)]
+    assert len(ours) == 1
+    monkeypatch.setattr(ours[0], "counted", CountedWarning(handlers._log, "%d: %s", 60))
+
+    def not_sent(method: str) -> None:
         try:
             raise ExecuteBatchError('Failed "execute_batch"')
         except ExecuteBatchError:
-            grpc_log.exception("ExecuteBatchError raised in core by servicer method [/a/B]")
+            grpc_log.exception(f"ExecuteBatchError raised in core by servicer method [{method}]")
+
+    with caplog.at_level(logging.DEBUG):
+        not_sent("/a/B")
         try:
             raise ValueError("a real failure")
         except ValueError:
             grpc_log.exception("Unexpected error in servicer method [/a/C]")
         for _ in range(100):  # (a flood: counted, said at most once a minute)
-            try:
-                raise ExecuteBatchError('Failed "execute_batch"')
-            except ExecuteBatchError:
-                grpc_log.exception("ExecuteBatchError raised in core by servicer method [/a/D]")
+            not_sent("/a/D")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in errors] == ["Unexpected error in servicer method [/a/C]"]
     assert any("[/a/B]" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) <= 1 and all("not sent" in w for w in warnings)
+    assert len(warnings) == 1 and warnings[0].startswith("1: ") and "[/a/B]" in warnings[0]
+
+
+def test_a_counted_warning_says_what_a_flood_left_unsaid_once_it_stops(caplog) -> None:
+    counted = CountedWarning(logging.getLogger("test.counted"), "%d dropped, %s", 0.05)
+
+    async def flood() -> None:
+        for i in range(5):
+            counted.note(f"last {i}")
+        await until("the rest said", lambda: len(caplog.records) == 2, timeout=10)
+
+    with caplog.at_level(logging.WARNING, logger="test.counted"):
+        asyncio.run(flood())
+    assert [r.getMessage() for r in caplog.records] == ["1 dropped, last 0", "4 dropped, last 4"]

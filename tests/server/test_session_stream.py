@@ -465,20 +465,28 @@ def test_silent_stalled_and_surplus_connections_are_dropped(tmp_path, monkeypatc
         reader, writer = await connect(node)
         assert await closed(reader)  # the third: refused
         writer.close()
-        # ... unless a connection has said nothing yet: the oldest such makes way
+        # ... unless a connection has said nothing yet for a while: the oldest such makes way
+        # (not one whose hello is on its way: a client says it at once)
+        monkeypatch.setattr(session_stream, "HANDSHAKE_S", 30.0)  # (not dropped meanwhile)
+        monkeypatch.setattr(session_stream, "SILENT_MAKES_WAY_S", 0.2)
         kept[1][1].close()
         await wait_until("one connection", lambda: len(server.connections) == 1)
         silent, silent_writer = await connect(node)
         await wait_until("two again", lambda: len(server.connections) == 2 and server.silent)
+        (quiet,) = server.silent.values()
+        loop = asyncio.get_running_loop()
+        await wait_until("it silent a while", lambda: loop.time() - quiet.opened >= 0.25)
         reader, writer = await connect(node)
-        assert await closed(silent)
         writer.write(hello())
-        await wait_until("the new one in", lambda: len(server.connections) == 2)
-        await wait_until("it said hello", lambda: server.silent == 0)
-        for w in (writer, silent_writer, kept[0][1]):
+        assert await closed(silent)
+        await wait_until("the new one in, hello said", lambda: not server.silent)
+        assert len(server.connections) == 2
+        reader, late = await connect(node)  # (the port full, no one silent: refused)
+        assert await closed(reader)
+        for w in (writer, silent_writer, kept[0][1], late):
             w.close()
         await wait_until("no connection left", lambda: not server.connections)
-        assert server.silent == 0
+        assert not server.silent
         await serves(node)
 
     run(tmp_path, test)
