@@ -39,6 +39,7 @@ from raftfast.etcd.mvcc import (
     MVCCStore,
     Record,
     encode,
+    fill_kv,
     kv_pb,
 )
 from raftfast.kv.commands import NOSPACE, OP_ETCD
@@ -714,14 +715,7 @@ def _add_kvs(response: pb.RangeResponse, records: list[Record], keys_only: bool)
     cycle collector, whose full passes walk the keyspace: ~0.1 s each at 1,000,000 keys)."""
     add = response.kvs.add
     for rec in records:
-        add(
-            key=rec.key,
-            value=b"" if keys_only else rec.value,
-            create_revision=rec.create,
-            mod_revision=rec.mod,
-            version=rec.version,
-            lease=rec.lease,
-        )
+        fill_kv(add(), rec, keys_only)
 
 
 def _answer_bytes(records: list[Record], keys_only: bool) -> int:

@@ -54,6 +54,7 @@ __all__ = [
     "decode",
     "encode",
     "event_pb",
+    "fill_kv",
     "kv_pb",
     "reaping",
 ]
@@ -138,14 +139,21 @@ def decode(command: bytes | memoryview) -> Any:
 
 def kv_pb(rec: Record, keys_only: bool = False) -> mvccpb.KeyValue:
     """``rec`` as etcd's KeyValue (without its value: ``keys_only``)."""
-    return mvccpb.KeyValue(
-        key=rec.key,
-        value=b"" if keys_only else rec.value,
-        create_revision=rec.create,
-        mod_revision=rec.mod,
-        version=rec.version,
-        lease=rec.lease,
-    )
+    out = mvccpb.KeyValue()
+    fill_kv(out, rec, keys_only)
+    return out
+
+
+def fill_kv(kv: mvccpb.KeyValue, rec: Record, keys_only: bool = False) -> None:
+    """Set etcd's KeyValue ``kv`` (a new one: ``kv_pb``; one added in place to an answer's
+    list) to ``rec`` (without its value: ``keys_only``)."""
+    kv.key = rec.key
+    if not keys_only:
+        kv.value = rec.value
+    kv.create_revision = rec.create
+    kv.mod_revision = rec.mod
+    kv.version = rec.version
+    kv.lease = rec.lease
 
 
 def event_pb(ev: Event, with_prev: bool) -> mvccpb.Event:
