@@ -413,7 +413,7 @@ class SessionServer(tcp.RecordListener):
             log, "dropped %d Session stream(s): %d bytes of unfinished records held, over %d", every
         )
         self._refusals = CountedWarning(
-            log, "refused %d Session stream(s): %d connections open, each past its hello", every
+            log, "refused %d Session stream(s): %d connections open, none silent a while", every
         )
         self._made_way = CountedWarning(
             log, "dropped %d Session stream(s) silent for %gs or more, to let newcomers in", every
@@ -430,16 +430,18 @@ class SessionServer(tcp.RecordListener):
         """Make room for a new connection: drop the oldest that has not said hello yet, if it
         has been silent ``SILENT_MAKES_WAY_S`` (a client says it at once; one whose hello is
         on its way, not read yet, is not dropped). False if none: the newcomer is refused."""
-        for transport, connection in self.silent.items():
-            if asyncio.get_running_loop().time() - connection.opened < SILENT_MAKES_WAY_S:
-                return False  # (the oldest: the others are younger still)
-            del self.silent[transport]
-            self.connections.pop(transport, None)
-            connection.let_go()
-            transport.abort()
-            self._made_way.note(SILENT_MAKES_WAY_S)
-            return True
-        return False
+        oldest = next(iter(self.silent.items()), None)  # (the others are younger still)
+        if oldest is None:
+            return False
+        transport, connection = oldest
+        if asyncio.get_running_loop().time() - connection.opened < SILENT_MAKES_WAY_S:
+            return False
+        del self.silent[transport]
+        self.connections.pop(transport, None)
+        connection.let_go()
+        transport.abort()
+        self._made_way.note(SILENT_MAKES_WAY_S)
+        return True
 
     def note_refused(self) -> None:
         """A connection refused with the port full."""
