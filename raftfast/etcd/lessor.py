@@ -85,7 +85,8 @@ class Deadlines(dict):
     the expired ones without a walk over every lease (with 76,000 leases that walk, ten times
     a second, kept an idle leader at 7% of a core). A heap entry is stale once its lease was
     renewed or is gone (its time is no longer the dict's); the heap is built again when the
-    stale ones outnumber the live."""
+    stale ones outnumber the live. Times are set by item assignment only (``update`` and
+    ``setdefault`` would leave them off the heap)."""
 
     def __init__(self, deadlines: dict[int, float] | None = None) -> None:
         super().__init__(deadlines or {})

@@ -295,8 +295,8 @@ _ANSWER_NOT_SENT = _AnswerNotSent()
 
 
 def quiet_answers_not_sent() -> None:
-    """Drop grpc.aio's traceback for an answer its client left before it was sent (once a
-    process: a node's server calls it)."""
+    """Make grpc.aio's tracebacks for answers it could not send DEBUG lines and a counted
+    warning (``_AnswerNotSent``; once a process: a node's server calls it)."""
     logger = logging.getLogger("grpc._cython.cygrpc")
     if _ANSWER_NOT_SENT not in logger.filters:
         logger.addFilter(_ANSWER_NOT_SENT)
