@@ -152,7 +152,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.caller = tcp.common_name(transport.get_extra_info("peercert"))
         server.connections[self.transport] = self
         server.silent[self.transport] = self  # (until its hello)
-        if server.authorizer is not None:
+        if server.authorizer is not None:  # (read to open, as the gRPC call's interceptor)
             # (the certificate says it all: one with no role to read is told now, not left
             # to hold a connection of the port's until its hello is overdue; a hunt's 1,200
             # such connections, reopened as they were dropped, kept clients out)
@@ -284,12 +284,8 @@ class _Connection(asyncio.BufferedProtocol):
             hello = pb.SessionHello.FromString(payload)
         except DecodeError as exc:
             raise Ended(_INVALID_ARGUMENT, f"not a SessionHello: {exc}") from None
+        # (its role was checked as it connected: read to open, as the gRPC call's interceptor)
         context = self.context = StreamContext(hello.cluster_id, self.caller, self._send_now)
-        authorizer = self.server.authorizer
-        if authorizer is not None:  # (the gRPC call's role interceptor: read to open)
-            why = authorizer.refusal(context, Role.READ, "Session")  # type: ignore[arg-type]
-            if why is not None:
-                raise Ended(_PERMISSION_DENIED, why)
         self.records.limit = self.server.max_record_bytes()
         self.task = asyncio.create_task(self._serve(context), name="raftfast-session")
 
