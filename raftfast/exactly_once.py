@@ -103,10 +103,18 @@ class ExactlyOnce(StateMachine):
         )
         try:
             results = apply_batch(first_index, [c[HEADER.size :] for c in commands])
-        except Exception as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
             # (it must not raise: which of the commands did it apply? Nobody knows now.)
             log.error("the state machine's apply_batch raised (it must not): %r", exc)
             results = [exc] * len(commands)
+        if not isinstance(results, list | tuple) or len(results) != len(commands):
+            # (applied, but whose result is which? The node cannot say: it stops, saying why)
+            raise TypeError(
+                f"the state machine's apply_batch returned {_count_of(results)} for "
+                f"{len(commands)} commands: it must return a list of one result a command"
+            )
         results = [_kept(result) for result in results]
         for (client_id, seq), result in zip(ids, results, strict=True):
             if client_id:
@@ -117,7 +125,9 @@ class ExactlyOnce(StateMachine):
     def _apply(self, index: int, body: bytes) -> Any:
         try:
             return self.inner.apply(index, body)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the proposer's error, not ours
+        except KeyboardInterrupt:  # (a signal, not the command: StateMachine.apply_batch)
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the proposer's error, not ours
             return exc
 
     def check(self, command: bytes) -> None:
@@ -178,6 +188,13 @@ class ExactlyOnce(StateMachine):
         self._clients = table
 
 
+def _count_of(results: Any) -> str:
+    try:
+        return f"{len(results)} results"
+    except TypeError:
+        return f"a {type(results).__name__}"
+
+
 def _kept(result: Any) -> Any:
     """A result as the table keeps it (and its proposer gets it): an error whose message may
     repeat megabytes of the command is clipped (20 such commands took every node up ~250 MB),
@@ -193,6 +210,14 @@ def _kept(result: Any) -> Any:
         # (bytes, as a snapshot keeps it: the table counts the same on every replica, and
         # the state machine cannot change a result it keeps after the fact)
         return bytes(result)
+    if isinstance(result, str):  # (as it travels: UTF-8, and so a snapshot keeps it)
+        try:
+            return result.encode()
+        except UnicodeEncodeError as exc:
+            return CommandError(
+                f"applied, but its result cannot be sent: text that is not UTF-8 "
+                f"({exc.reason} at {exc.start})"
+            )
     return result
 
 

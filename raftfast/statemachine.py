@@ -56,13 +56,18 @@ class StateMachine:
         one; it must not raise, and must give each command the result ``apply`` would (how
         committed commands are grouped differs from node to node, and after a restart).
         Here, an ``apply`` that raises is that command's result (its proposer's error), as
-        when it is applied alone: the others are not touched. (SystemExit too: a command that
-        made every node exit would make them exit again at each restart, replaying it.)"""
+        when it is applied alone: the others are not touched. (Any exception but
+        KeyboardInterrupt, a signal that comes to one node and not the others: SystemExit too,
+        a command that made every node exit would make them exit again at each restart,
+        replaying it; asyncio's CancelledError raised by a command stopped every node's
+        applying for good.)"""
         results: list[Any] = []
         for i, command in enumerate(commands):
             try:
                 results.append(self.apply(first_index + i, command))
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - that proposer's error
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - that proposer's error
                 results.append(exc)
         return results
 

@@ -10,7 +10,11 @@ lengths past the end raise ValueError on decoding.
 Subclasses of these (an ``IntEnum``, a ``namedtuple``, an ``OrderedDict``...) travel as their
 base type in a command or a result (the method gets the same value on every node). A snapshot
 must give back exactly what it was taken of, or a restored node would run the next command
-differently from the others: ``encode(..., exact=True)`` refuses them there.
+differently from the others: ``encode(..., exact=True)`` refuses them there, and keeps shared
+references: a list, dict, set, bytearray or defaultdict met again (two indexes of one record,
+a cycle) is written as a reference to the first, and ``decode(..., references=True)`` gives
+back one object where there was one (without it a restored node held two copies, and the next
+command changed only one of them).
 
 Commands and results nest at most ``MAX_DEPTH`` deep; a snapshot, which puts an object's state
 a few levels further in, at most ``MAX_STATE_DEPTH`` (a value a call may carry fits in state).
@@ -27,7 +31,8 @@ Layout: a tag byte, then ``N`` (an unsigned LEB128 length or count) and the payl
 magnitude, little-endian), ``d`` a float (8 bytes), ``s`` UTF-8 text, ``b`` bytes, ``a`` a
 bytearray, ``l``/``u`` a list/tuple (N items), ``m`` a dict (N key/value pairs), ``e``/``z`` a
 set/frozenset (N items), ``D`` a defaultdict (its factory's name as a string item, then N
-key/value pairs).
+key/value pairs); in a snapshot, ``r`` the N-th list, dict, set, bytearray or defaultdict met
+before (counted from 0 in the order each first began).
 """
 
 from __future__ import annotations
@@ -57,13 +62,14 @@ DEFAULT_FACTORIES: dict[str, Any] = {
 }
 DEFAULT_FACTORIES["None"] = None
 _EXACT = (type(None), bool, int, float, str, bytes, bytearray, list, tuple, dict, set, frozenset)
+_MUTABLE = (list, dict, set, bytearray, defaultdict)  # (shared references kept in a snapshot)
 
 
 def encode(value: Any, *, exact: bool = False, max_depth: int = MAX_DEPTH) -> bytes:
-    """``value``'s bytes; ``exact``: refuse what would not come back as its very type (a
-    snapshot's rule)."""
+    """``value``'s bytes; ``exact``: refuse what would not come back as its very type, and
+    keep shared references (a snapshot's rules)."""
     out = bytearray()
-    _encode(value, out, max_depth, exact)
+    _encode(value, out, max_depth, exact, {} if exact else None)
     return bytes(out)
 
 
@@ -74,11 +80,21 @@ def _length(n: int, out: bytearray) -> None:
     out.append(n)
 
 
-def _encode(value: Any, out: bytearray, room: int, exact: bool) -> None:
-    """``room``: how many levels deeper containers may still go."""
+def _encode(
+    value: Any, out: bytearray, room: int, exact: bool, seen: dict[int, int] | None
+) -> None:
+    """``room``: how many levels deeper containers may still go; ``seen``: the mutable
+    containers met so far (id -> their number), if references are kept."""
     if room < 0:
         raise TypeError("nested deeper than allowed")
     kind = type(value)
+    if seen is not None and kind in _MUTABLE:
+        number = seen.get(id(value))
+        if number is not None:  # (the state holds it, and so keeps its id, until encoded)
+            out += b"r"
+            _length(number, out)
+            return
+        seen[id(value)] = len(seen)
     if kind is defaultdict:
         factory = value.default_factory
         name = "None" if factory is None else getattr(factory, "__name__", "")
@@ -86,10 +102,10 @@ def _encode(value: Any, out: bytearray, room: int, exact: bool) -> None:
             raise TypeError(f"cannot encode a defaultdict of {factory!r} (only of builtins)")
         out += b"D"
         _length(len(value), out)
-        _encode(name, out, room - 1, exact)
+        _encode(name, out, room - 1, exact, seen)
         for key, item in value.items():
-            _encode(key, out, room - 1, exact)
-            _encode(item, out, room - 1, exact)
+            _encode(key, out, room - 1, exact, seen)
+            _encode(item, out, room - 1, exact, seen)
         return
     if exact and kind not in _EXACT:
         raise TypeError(
@@ -128,21 +144,25 @@ def _encode(value: Any, out: bytearray, room: int, exact: bool) -> None:
             out += b"e" if isinstance(value, set) else b"z"
         _length(len(value), out)
         for item in value:
-            _encode(item, out, room - 1, exact)
+            _encode(item, out, room - 1, exact, seen)
     elif isinstance(value, dict):
         out += b"m"
         _length(len(value), out)
         for key, item in value.items():
-            _encode(key, out, room - 1, exact)
-            _encode(item, out, room - 1, exact)
+            _encode(key, out, room - 1, exact, seen)
+            _encode(item, out, room - 1, exact, seen)
     else:
         raise TypeError(f"cannot encode a {kind.__name__} (data only: see the docs)")
 
 
-def decode(data: bytes, *, max_depth: int = MAX_DEPTH, limited: bool = False) -> Any:
-    """The value ``data`` holds; ``limited``: a client's (see the module docs)."""
+def decode(
+    data: bytes, *, max_depth: int = MAX_DEPTH, limited: bool = False, references: bool = False
+) -> Any:
+    """The value ``data`` holds; ``limited``: a client's (see the module docs);
+    ``references``: a snapshot's, which may refer to a container met before."""
     view = memoryview(bytes(data))
-    value, pos = _decode(view, 0, max_depth, [MAX_ITEMS] if limited else None)
+    made: list | None = [] if references else None
+    value, pos = _decode(view, 0, max_depth, [MAX_ITEMS] if limited else None, made)
     if pos != len(view):
         raise ValueError(f"{len(view) - pos} bytes after the value")
     return value
@@ -182,8 +202,11 @@ def _check_hashes(keys: list) -> None:
         )
 
 
-def _decode(view: memoryview, pos: int, room: int, budget: list[int] | None) -> tuple[Any, int]:
-    """``budget``: [values still allowed], or None for no limit."""
+def _decode(
+    view: memoryview, pos: int, room: int, budget: list[int] | None, made: list | None
+) -> tuple[Any, int]:
+    """``budget``: [values still allowed], or None for no limit; ``made``: the mutable
+    containers made so far, in order, if references may refer to them."""
     if room < 0:
         raise ValueError("nested deeper than allowed")
     if pos >= len(view):
@@ -214,7 +237,10 @@ def _decode(view: memoryview, pos: int, room: int, budget: list[int] | None) -> 
         if tag == ord("b"):
             return bytes(raw), pos
         if tag == ord("a"):
-            return bytearray(raw), pos
+            made_array = bytearray(raw)
+            if made is not None:
+                made.append(made_array)
+            return made_array, pos
         magnitude = int.from_bytes(raw, "little")
         return (magnitude if tag == ord("i") else -magnitude), pos
     if tag in (ord("l"), ord("u"), ord("m"), ord("e"), ord("z"), ord("D")):
@@ -223,15 +249,19 @@ def _decode(view: memoryview, pos: int, room: int, budget: list[int] | None) -> 
             raise ValueError("a count past the end")
         if tag in (ord("m"), ord("D")):
             out: dict = {}
+            if tag == ord("m") and made is not None:  # (before its items, numbered as in
+                made.append(out)  # encode: one of them may refer to it)
             if tag == ord("D"):
-                name, pos = _decode(view, pos, room - 1, budget)
+                name, pos = _decode(view, pos, room - 1, budget, made)
                 if not isinstance(name, str) or name not in DEFAULT_FACTORIES:
                     raise ValueError(f"a defaultdict of {name!r}: not a builtin")
                 out = defaultdict(DEFAULT_FACTORIES[name])
+                if made is not None:
+                    made.append(out)
             keys, values = [], []
             for _ in range(count):
-                key, pos = _decode(view, pos, room - 1, budget)
-                value, pos = _decode(view, pos, room - 1, budget)
+                key, pos = _decode(view, pos, room - 1, budget, made)
+                value, pos = _decode(view, pos, room - 1, budget, made)
                 keys.append(key)
                 values.append(value)
             if budget is not None:
@@ -241,9 +271,12 @@ def _decode(view: memoryview, pos: int, room: int, budget: list[int] | None) -> 
             except TypeError:
                 raise ValueError("an unhashable dict key") from None
             return out, pos
-        items = []
+        items: list = []
+        made_set: set = set()
+        if made is not None and tag in (ord("l"), ord("e")):
+            made.append(items if tag == ord("l") else made_set)
         for _ in range(count):
-            item, pos = _decode(view, pos, room - 1, budget)
+            item, pos = _decode(view, pos, room - 1, budget, made)
             items.append(item)
         if budget is not None and tag in (ord("e"), ord("z")):
             _check_hashes(items)
@@ -252,7 +285,15 @@ def _decode(view: memoryview, pos: int, room: int, budget: list[int] | None) -> 
         if tag == ord("u"):
             return tuple(items), pos
         try:
-            return (set(items) if tag == ord("e") else frozenset(items)), pos
+            if tag == ord("e"):
+                made_set.update(items)
+                return made_set, pos
+            return frozenset(items), pos
         except TypeError:
             raise ValueError("an unhashable item in a set") from None
+    if tag == ord("r") and made is not None:
+        n, pos = _read_length(view, pos)
+        if n >= len(made):
+            raise ValueError(f"a reference to container {n} of {len(made)}")
+        return made[n], pos
     raise ValueError(f"unknown tag {tag:#x}")

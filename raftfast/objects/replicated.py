@@ -55,6 +55,7 @@ node's own methods there would wait for itself: refused).
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -75,6 +76,17 @@ class replicated:  # noqa: N801 - a decorator, named like one
     kind = "write"
 
     def __init__(self, fn: Callable[..., Any]) -> None:
+        if (
+            inspect.iscoroutinefunction(fn)
+            or inspect.isasyncgenfunction(fn)
+            or (inspect.isgeneratorfunction(fn))
+        ):
+            # (its body would run only when awaited or iterated, which no node does: the call
+            # was answered "applied" and changed nothing)
+            raise TypeError(
+                f"@{type(self).__name__} {fn.__name__}: an async or generator method never runs "
+                "its body when applied; make it a plain method"
+            )
         self.fn = fn
         self.name = fn.__name__
         functools.update_wrapper(self, fn)
@@ -163,7 +175,9 @@ class Objects(StateMachine):
         self.running.kind = "write"
         try:
             result = method.fn(obj, *args, **kwargs)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the proposer's error, not ours
+        except KeyboardInterrupt:  # (a signal, not the call: StateMachine.apply_batch)
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the proposer's error, not ours
             return exc
         finally:
             self.running.kind = None
@@ -192,7 +206,7 @@ class Objects(StateMachine):
         out.write(encode(states, exact=True, max_depth=MAX_STATE_DEPTH))
 
     def restore(self, inp: BinaryIO) -> None:
-        states = decode(inp.read(), max_depth=MAX_STATE_DEPTH)
+        states = decode(inp.read(), max_depth=MAX_STATE_DEPTH, references=True)
         if not isinstance(states, dict):
             raise ValueError("not a snapshot of replicated objects")
         for name, obj in self.objects.items():

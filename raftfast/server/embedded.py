@@ -26,11 +26,15 @@ import contextlib
 import logging
 import secrets
 import threading
+import weakref
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import grpc
 
+from raftfast._batch_py import to_bytes
+from raftfast.client.calls import CHANNEL_OPTIONS
 from raftfast.dedup import owned_client_id
 from raftfast.errors import (
     ClusterUnavailableError,
@@ -58,6 +62,14 @@ T = TypeVar("T")
 _MODES = {"linearizable": pb.READ_LINEARIZABLE, "lease": pb.READ_LEASE, "stale": pb.READ_STALE}
 _RETRY_S = 0.05  # first pause between attempts while no leader answers (doubling, to 1 s)
 _STOPPED_CHECK_S = 0.5  # how often a SyncNode caller looks whether the node stopped meanwhile
+# Proposals of one node unresolved at a time (a Client's default): a member refuses a sequence
+# DEDUP_WINDOW (4,096) behind a newer one of the same client as a late duplicate, not applied,
+# and forwarded proposals arrive in any order (6,000 at once from a follower: hundreds refused).
+MAX_UNRESOLVED_PROPOSALS = 4000
+# State machines a node has started with: what they applied is in them, and a new node on the
+# same data directory would replay its log onto it (every count doubled, silently).
+# (by identity, id -> the machine: machines equal by value are still different machines)
+_SERVED: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 class Node:
@@ -93,7 +105,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None  # (the one it runs in, once started)
         self._client_id = secrets.randbelow(MAX_CLIENT_ID) + 1
         self._owned_id: int | None = None  # (_own_client_id)
-        self._seq = 0
+        self._sequences = _Sequences(MAX_UNRESOLVED_PROPOSALS)
         self._channels: dict[str, grpc.aio.Channel] = {}
         bind = getattr(state_machine, "bind", None)  # (raftfast.Objects: calls propose)
         if bind is not None:
@@ -106,14 +118,20 @@ class Node:
 
         if self._stopped:
             # Its state machine holds what it applied: a start would replay the log onto it.
-            raise RaftfastError("this node was stopped: make a new Node to start it again")
+            raise RaftfastError(
+                "this node was stopped: make a new Node, with a new state machine, to start it "
+                "again"
+            )
         if self._driver is not None:
             raise RaftfastError("this node is started already")
+        _claim(self.state_machine)
         self._driver = Driver(self.settings, self.state_machine)
         self._loop = asyncio.get_running_loop()
         try:
             await self._driver.start()
         except BaseException:
+            if not self._driver.applied_index:  # (nothing applied to it: it may serve again)
+                _SERVED.pop(id(self.state_machine), None)
             self._driver = None  # (closed: it may be started again)
             raise
         return self
@@ -174,29 +192,35 @@ class Node:
         bytes (None as b"", a str as UTF-8; an exception it returned is raised here as
         ``CommandError``), the same whichever member proposes: a follower forwards to the
         leader, and results travel as bytes. A command over ``max_request_bytes`` is refused
-        (``InvalidArgumentError``), here as at any member."""
+        (``InvalidArgumentError``), here as at any member. A str command is sent as UTF-8."""
+        command = to_bytes(command, "command")
         if len(command) > self.settings.max_request_bytes:
             raise InvalidArgumentError(
                 f"a command of {len(command)} bytes; the limit is "
                 f"{self.settings.max_request_bytes} (max_request_bytes)"
             )
-        refusal = command_refusal(self._running().fsm, bytes(command))
+        refusal = command_refusal(self._running().fsm, command)
         if refusal is not None:  # (as at the leader: a command refused never is logged)
             raise InvalidArgumentError(refusal)
-        self._seq += 1
-        framed = frame_command(self._own_client_id(), self._seq, bytes(command))
-        request = pb.ProposeRequest(
-            client_id=self._client_id, sequence=self._seq, command=bytes(command)
-        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._seconds(timeout)
+        sequence, done = await self._sequences.take(deadline)
+        try:
+            framed = frame_command(self._own_client_id(), sequence, command)
+            request = pb.ProposeRequest(
+                client_id=self._client_id, sequence=sequence, command=command
+            )
 
-        async def local() -> Any:
-            (result,) = await self._running().propose([framed])
-            return as_result_bytes(result)
+            async def local() -> Any:
+                (result,) = await self._running().propose([framed])
+                return as_result_bytes(result)
 
-        async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
-            return (await stub.Propose(request, timeout=left)).result
+            async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
+                return (await stub.Propose(request, timeout=left)).result
 
-        return await self._at_leader(local, remote, timeout)
+            return await self._at_leader(local, remote, max(deadline - loop.time(), 0.001))
+        finally:
+            self._sequences.release(done)
 
     def _own_client_id(self) -> int:
         """The id the leader's exactly-once table knows this node's commands by: with client
@@ -218,7 +242,8 @@ class Node:
     ) -> Any:
         """Ask the state machine ``request`` (read-only). ``linearizable`` (the default) and
         ``lease`` read at the leader (a follower forwards); ``stale`` reads this node's state
-        as it is."""
+        as it is. A str request is sent as UTF-8."""
+        request = to_bytes(request, "request")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}, not {mode!r}")
         driver = self._running()
@@ -350,12 +375,76 @@ class Node:
     def _stub(self, address: str) -> pb_grpc.StateMachineStub:
         channel = self._channels.get(address)
         if channel is None:
+            # (a Client's options: without them a result over 4 MiB, applied, came back as
+            # "the leader refused")
             if self._client_tls is None:
-                channel = grpc.aio.insecure_channel(address)
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             else:
-                channel = grpc.aio.secure_channel(address, channel_credentials(self._client_tls))
+                channel = grpc.aio.secure_channel(
+                    address, channel_credentials(self._client_tls), options=CHANNEL_OPTIONS
+                )
             self._channels[address] = channel
         return pb_grpc.StateMachineStub(channel)
+
+
+def _claim(state_machine: Any) -> None:
+    """Refuse a state machine another node started with (``_SERVED``)."""
+    if _SERVED.get(id(state_machine)) is state_machine:
+        raise RaftfastError(
+            "this state machine served a node already and holds what that node applied: give "
+            "each Node a new one (it is restored from the data directory's snapshot and log)"
+        )
+    with contextlib.suppress(TypeError):  # (no weak reference to it: __slots__ without one)
+        _SERVED[id(state_machine)] = state_machine
+
+
+class _Sequences:
+    """A node's proposal sequences, at most ``most`` unresolved at a time (see
+    MAX_UNRESOLVED_PROPOSALS): a proposal takes the next one once the oldest unresolved is
+    near enough, and releases it when done, whatever its outcome."""
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self._last = 0
+        self._unresolved: deque[tuple[int, asyncio.Future]] = deque()
+        self._lock: asyncio.Lock | None = None
+
+    async def take(self, deadline: float) -> tuple[int, asyncio.Future]:
+        """The next sequence and its done future; DeadlineExceededError if the window stays
+        full until ``deadline`` (the loop's time)."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with self._lock:  # (one waits for the oldest, the others for their turn)
+                    while self._full():
+                        await asyncio.wait([self._unresolved[0][1]])
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"{self._most} of this node's proposals still unresolved at the deadline"
+            ) from None
+        self._last += 1
+        done = loop.create_future()
+        self._unresolved.append((self._last, done))
+        return self._last, done
+
+    def release(self, done: asyncio.Future) -> None:
+        if not done.done():
+            done.set_result(None)
+        self._drop_done()
+
+    def _full(self) -> bool:
+        """Would the next sequence be ``most`` past the oldest unresolved one?"""
+        self._drop_done()
+        unresolved = self._unresolved
+        return bool(unresolved) and self._last + 1 - unresolved[0][0] >= self._most
+
+    def _drop_done(self) -> None:
+        """Forget the resolved ones at the head."""
+        unresolved = self._unresolved
+        while unresolved and unresolved[0][1].done():
+            unresolved.popleft()
 
 
 async def _cancel_the_rest() -> None:
@@ -411,7 +500,10 @@ class SyncNode:
 
     def start(self) -> SyncNode:
         if self._stopped:
-            raise RaftfastError("this node was stopped: make a new SyncNode to start it again")
+            raise RaftfastError(
+                "this node was stopped: make a new SyncNode, with a new state machine, to start "
+                "it again"
+            )
         if self._started:
             raise RaftfastError("this node is started already")
         self._thread.start()

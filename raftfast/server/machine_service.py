@@ -92,7 +92,13 @@ def as_result_bytes(result: Any, applied: bool = True) -> bytes:
     if isinstance(result, bytes | bytearray | memoryview):
         return bytes(result)
     if isinstance(result, str):
-        return result.encode()
+        try:
+            return result.encode()
+        except UnicodeEncodeError as exc:  # (a lone surrogate: it was applied all the same)
+            raise CommandError(
+                f"{'applied, but ' if applied else ''}its result cannot be sent: text that is "
+                f"not UTF-8 ({exc.reason} at {exc.start})"
+            ) from None
     raise CommandError(
         f"{'applied, but ' if applied else ''}its result is a {type(result).__name__}: a state "
         "machine's results are bytes, str or None (they travel between members as bytes)"

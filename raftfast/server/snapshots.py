@@ -401,9 +401,9 @@ def _refused_unless_os_error(index: int) -> Iterator[None]:
     (OSError) stops the node."""
     try:
         yield
-    except OSError:
+    except (OSError, KeyboardInterrupt):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # (SystemExit and CancelledError too: the state machine's)
         raise SnapshotRefusedError(
             f"the state machine's snapshot failed at index {index}: {type(exc).__name__}: {exc}"
         ) from exc

@@ -39,7 +39,7 @@ class Counter(raftfast.StateMachine):
         self.value = int(inp.read())
 
 
-def three(tmp_path, node_class=raftfast.Node) -> list:
+def three(tmp_path, node_class=raftfast.Node, machine=Counter) -> list:
     ports = free_ports(3)
     peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
     return [
@@ -48,7 +48,7 @@ def three(tmp_path, node_class=raftfast.Node) -> list:
             listen=addr,
             peers=peers,
             data_dir=str(tmp_path / nid),
-            state_machine=Counter(),
+            state_machine=machine(),
             tick_ms=20,
         )
         for nid, addr in peers.items()
