@@ -89,6 +89,18 @@ async def places_of(address: str) -> set[tuple[str, int]]:
     return out
 
 
+async def members_at_one_place(members: dict[str, str]) -> tuple[str, str] | None:
+    """Two members (id -> address) whose addresses, spelled apart, reach one place, or None
+    (``member_at_same_place``'s rule, for the founding members given to a node)."""
+    ids = list(members)
+    places = await asyncio.gather(*(places_of(members[nid]) for nid in ids))
+    for i, first in enumerate(ids):
+        for j in range(i + 1, len(ids)):
+            if places[i] & places[j]:
+                return first, ids[j]
+    return None
+
+
 async def member_at_same_place(address: str, members: dict[str, str]) -> str | None:
     """The member (id -> address) whose address reaches where ``address`` does, spelled
     otherwise (`localhost:7002` for `127.0.0.1:7002`, `127.0.0.1:07002`), or None. Two members

@@ -427,8 +427,9 @@ def _add_cas(sub: Any, common: argparse.ArgumentParser) -> None:
 def _add_scan(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("scan", parents=[common], help="print KEY<TAB>VALUE lines under PREFIX")
     p.add_argument("prefix", type=_arg_bytes, metavar="PREFIX", nargs="?", default=b"")
+    # (all by default, as etcdctl's get --prefix: 1,000 cut a dump short with exit 0)
     p.add_argument(
-        "--limit", type=_limit, default=1000, help="at most N items (0: all, page by page)"
+        "--limit", type=_limit, default=0, help="at most N items (default 0: all, page by page)"
     )
     p.add_argument("--read-mode", choices=list(READ_MODES), default=None)
     p.set_defaults(handler=_cmd_scan)

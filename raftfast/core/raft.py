@@ -112,6 +112,11 @@ class Raft:
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = 0
         self.reason = "start"  # why the role or term last changed (for the driver's log)
+        # Followers that acknowledged entries past the end of this leader's log, and the index
+        # they named (for the driver to report, and clear). Within one cluster a follower never
+        # holds more than its leader (leader completeness): such a follower's state came from
+        # elsewhere, say another backup restored at a founding node, and it never catches up.
+        self.foreign_acks: dict[str, int] = {}
         self.transferee = ""  # leader: the node leadership is being handed to
         self.timeout_now_sent = False  # ... and it was told to campaign
         self.transfer_elapsed = 0
@@ -701,7 +706,8 @@ class Raft:
         if m.type == MsgType.APPEND_RESP:
             pr.recent_active = True
             if not m.reject and m.index > self.log.last_index:
-                return  # acknowledges entries we never sent: not a real answer
+                self.foreign_acks[m.src] = m.index  # (entries we never sent: not an answer)
+                return
             if m.reject:
                 if m.context == pr.generation:
                     self._handle_reject(m, pr)

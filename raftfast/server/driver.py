@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from raftfast._accel import COMPILED
 from raftfast._version import __version__
 from raftfast.address import split_address
 from raftfast.core.membership import Membership
@@ -110,6 +111,7 @@ _MISSING_REMEDY = (  # a data directory that lost files the node needs
     "add it back (docs/operations.md)"
 )
 GRPC_HANDSHAKE_MS = 5_000  # a gRPC connection's TLS and HTTP/2 handshakes, at most
+FOREIGN_SAID_EVERY_S = 60.0  # a follower holding another cluster's state: an error this often
 
 
 class Driver(MembershipMixin, SnapshotMixin):
@@ -185,6 +187,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._start_over = asyncio.Event()  # start() returned or raised
         self.health: Health | None = None  # grpc.health.v1 on the client port
         self._last_leader = ""  # the leader of the last soft state (for leader_changes)
+        self._foreign_said: dict[str, float] = {}  # (_say_foreign_acks: when, per follower)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -398,6 +401,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             "" if shared else f", {s.peer_address} (peers)",
         )
         _warn_if_open(s)
+        _warn_if_pure(s)
         if s.join and fresh:
             self._tasks.append(asyncio.create_task(self._join(), name="raftfast-join"))
         elif s.id not in self.raw.membership:
@@ -720,12 +724,35 @@ class Driver(MembershipMixin, SnapshotMixin):
         while not self._stopping:
             await asyncio.sleep(interval)
             self.raw.tick()
+            if self.raw.raft.foreign_acks:
+                self._say_foreign_acks()
             # A leader's heartbeats go out now, not after a sync that _run may be awaiting.
             eager = self.raw.take_eager_messages()
             if eager:
                 self.transport.send(eager)
             self._wake.set()
             health.update()
+
+    def _say_foreign_acks(self) -> None:
+        """A follower acknowledged entries past the end of our log (``Raft.foreign_acks``): it
+        holds another cluster's state and never catches up; say so, once a minute a follower
+        (it was only seen as a follower stuck at match 0)."""
+        now = time.monotonic()
+        acks = self.raw.raft.foreign_acks
+        for peer, index in acks.items():
+            if now - self._foreign_said.get(peer, -FOREIGN_SAID_EVERY_S) >= FOREIGN_SAID_EVERY_S:
+                self._foreign_said[peer] = now
+                log.error(
+                    "node %s: %s answers that it holds entries through %d, past the end of "
+                    "this leader's log (%d): its state is not this cluster's (did the founding "
+                    "nodes restore different backups?); remove it and add it back with an "
+                    "empty data directory (docs/operations.md)",
+                    self.id,
+                    peer,
+                    index,
+                    self.raw.last_index,
+                )
+        acks.clear()
 
     async def _run(self) -> None:
         try:
@@ -1196,6 +1223,19 @@ def _bind(server: grpc.aio.Server, address: str, credentials) -> None:
         bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {address} (address in use?)")
+
+
+def _warn_if_pure(s: NodeSettings) -> None:
+    """A build without a C compiler installs the pure-Python twins, and pip shows no word of
+    it (a wheel without its compiled modules, tagged as one with them): say so where an
+    operator looks, unless they were asked for (RAFTFAST_PUREPYTHON)."""
+    if not COMPILED and not os.environ.get("RAFTFAST_PUREPYTHON"):
+        log.warning(
+            "node %s runs raftfast's pure-Python modules: its compiled ones were not built "
+            "(no C compiler at install?), and it is several times slower; reinstall where gcc "
+            "is (docs/operations.md, Installing)",
+            s.id,
+        )
 
 
 def _warn_if_open(s: NodeSettings) -> None:

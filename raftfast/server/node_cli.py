@@ -56,7 +56,7 @@ from typing import Any, NoReturn
 
 import raftfast._grpc_quiet  # noqa: F401 - first: before anything imports gRPC
 from raftfast._version import __version__, version_text
-from raftfast.address import ADDRESS_FORM, is_address, is_host_port
+from raftfast.address import ADDRESS_FORM, is_address, is_host_port, members_at_one_place
 from raftfast.errors import CorruptionError, FormatVersionError, RaftfastError, StorageError
 from raftfast.heap import keep_big_blocks_mapped
 from raftfast.security.roles import read_toml
@@ -804,6 +804,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _fail(str(exc))
         raise SystemExit(2) from None
+    # (the strings are checked in parse_settings; this looks the names up: n2=localhost:P
+    # beside n1=127.0.0.1:P started a node that stayed a pre-candidate, saying little)
+    aliased = asyncio.run(members_at_one_place(settings.peers)) if settings.peers else None
+    if aliased is not None:
+        first, second = aliased
+        _fail(
+            f"--peers: {first} ({settings.peers[first]}) and {second} "
+            f"({settings.peers[second]}) reach the same address; each member needs its own"
+        )
+        raise SystemExit(2)
     try:
         # Before anything is written: a second node on this directory must change nothing.
         lock = lock_directory(settings.data_dir)
@@ -847,8 +857,8 @@ def _restore(settings: NodeSettings, path: str) -> int:
             shutil.rmtree(os.path.join(settings.data_dir, name), ignore_errors=True)
         return 1
     print(
-        f"{PROG}: restored {path} (index {info.index}, term {info.term}, {info.size} bytes) "
-        f"into {settings.data_dir}",
+        f"{PROG}: restored {path} (index {info.index}, term {info.term}, {info.size} bytes, "
+        f"crc32c {info.crc:08x}) into {settings.data_dir}",
         file=sys.stderr,
     )
     return 0

@@ -1,11 +1,14 @@
 """Backup files: one snapshot of the whole cluster state, as ``raftfast snapshot save`` writes
 it and ``raftfast-node --restore`` reads it (the layout is in docs/disk-format.md).
 
-A header names the snapshot (the last entry it covers: index and term), its size and its
-CRC32C; the snapshot file's bytes follow as the node keeps them (the configuration, then the
-state machine's state). The header is written last, so a file cut short by a crash or a full
-disk never passes ``read_header``. A backup streamed to etcdctl (``etcdctl snapshot save``)
-ends with a seal etcdctl looks for (``seal``); ``read_header`` checks it too.
+A header names the snapshot (the last entry it covers: index and term), its size and a
+CRC32C of the snapshot's bytes and of those three (format 2; format 1's covered the snapshot
+only: one flipped bit in its index or term restored a node at another point of the log, which
+then diverged from the others silently); the snapshot file's bytes follow as the node keeps
+them (the configuration, then the state machine's state). The header is written last, so a
+file cut short by a crash or a full disk never passes ``read_header``. A backup streamed to
+etcdctl (``etcdctl snapshot save``) ends with a seal etcdctl looks for (``seal``);
+``read_header`` checks it too.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ __all__ = [
     "seal_size",
 ]
 
-BACKUP_FORMAT = 1
+BACKUP_FORMAT = 2  # (1 is still read)
 _MAGIC = b"RFBK"
 _HEADER = struct.Struct("<4sHHQQQI")  # magic | format | 0 | index | term | size | crc32c
+_COVERED = struct.Struct("<QQQ")  # index | term | size: after the snapshot, under the CRC
 HEADER_SIZE = _HEADER.size
 _CHUNK = 1 << 20
 _SEAL_BLOCK = 512  # (etcd's snapshot files: pages of 512 bytes, then a SHA-256)
@@ -46,7 +50,13 @@ class BackupInfo(NamedTuple):
     index: int
     term: int
     size: int
-    crc: int
+    crc: int  # (the snapshot's bytes' CRC32C, as the snapshot store keeps it)
+
+
+def _header_crc(index: int, term: int, size: int, snapshot_crc: int) -> int:
+    """What a format-2 header holds: the snapshot's CRC32C carried on over its index, term and
+    size."""
+    return crc32c(_COVERED.pack(index, term, size), snapshot_crc)
 
 
 def backup_target(path: str) -> str:
@@ -110,19 +120,22 @@ class BackupWriter:
 
 def header_bytes(info: BackupInfo) -> bytes:
     """The header of a backup of the snapshot ``info`` describes; its bytes follow it."""
-    return _HEADER.pack(_MAGIC, BACKUP_FORMAT, 0, info.index, info.term, info.size, info.crc)
+    crc = _header_crc(info.index, info.term, info.size, info.crc)
+    return _HEADER.pack(_MAGIC, BACKUP_FORMAT, 0, info.index, info.term, info.size, crc)
 
 
 def read_header(f: BinaryIO, path: str) -> BackupInfo:
     """The header of an open backup file, checked against the file: its format, its size and
-    its CRC (which reads the whole file once). CorruptionError if anything does not match."""
+    its CRC (which reads the whole file once). CorruptionError if anything does not match.
+    Reads format 1 too (its CRC covers the snapshot only)."""
     head = f.read(_HEADER.size)
     if len(head) < _HEADER.size or head[:4] != _MAGIC:
         raise CorruptionError(f"{path} is not a raftfast backup (no RFBK header)", path, 0)
     _, fmt, _, index, term, size, crc = _HEADER.unpack(head)
-    if fmt != BACKUP_FORMAT:
+    if fmt not in (1, BACKUP_FORMAT):
         raise FormatVersionError(
-            f"{path}: backup format {fmt}, but this raftfast reads format {BACKUP_FORMAT} only",
+            f"{path}: backup format {fmt}, but this raftfast reads formats 1 to "
+            f"{BACKUP_FORMAT} only",
             path,
             4,
         )
@@ -146,10 +159,10 @@ def read_header(f: BinaryIO, path: str) -> BackupInfo:
     if seen != size or (rest and (sealed is None or rest != seal(sealed, _HEADER.size + size))):
         seen += len(rest)
         raise CorruptionError(f"{path}: {seen} bytes of snapshot, the header says {size}", path)
-    if got != crc:
+    if crc != (got if fmt == 1 else _header_crc(index, term, size, got)):
         raise CorruptionError(f"{path}: checksum mismatch: the backup is damaged", path)
     f.seek(_HEADER.size)
-    return BackupInfo(index, term, size, crc)
+    return BackupInfo(index, term, size, got)
 
 
 def seal_size(length: int) -> int:

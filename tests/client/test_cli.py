@@ -61,6 +61,10 @@ def test_put_get_delete_scan(cluster, capsysbinary) -> None:
     assert out == "k1\théllo\n".encode() + b"k2\t\xff\x00raw\n"
     code, out, _ = run_cli(capsysbinary, "--endpoints", eps, "scan", "k", "--limit", "1")
     assert out.count(b"\n") == 1
+    for i in range(1500):  # (all of them, as etcdctl's get --prefix: it stopped at 1,000)
+        leader.store[b"m%04d" % i] = b"v"
+    code, out, _ = run_cli(capsysbinary, "--endpoints", eps, "scan", "m")
+    assert code == 0 and out.count(b"\n") == 1500
     assert run_cli(capsysbinary, "--endpoints", eps, "delete", "k1") == (0, b"deleted\n", "")
     assert run_cli(capsysbinary, "--endpoints", eps, "delete", "k1") == (1, b"not found\n", "")
     assert run_cli(capsysbinary, "--endpoints", eps, "cas", "c", "1", "--absent")[:2] == (

@@ -313,6 +313,11 @@ BAD_CASES = [
         lambda t: base(t / "x", "--peers", "n1=127.0.0.1:7001,n2=127.0.0.1:7001"),
         "--peers: n1 and n2 have the same address 127.0.0.1:7001",
     ),
+    (
+        "two members at one address spelled apart",  # (a node that never elected: exit 2)
+        lambda t: base(t / "x", "--peers", "n1=127.0.0.1:7001,n2=localhost:7001,n3=[::1]:7002"),
+        "--peers: n1 (127.0.0.1:7001) and n2 (localhost:7001) reach the same address",
+    ),
 ]
 
 

@@ -122,9 +122,13 @@ def test_a_leader_ignores_answers_about_entries_or_rounds_it_never_sent():
         net.node("a").step(Message(MsgType.HEARTBEAT_RESP, src, "a", term, context=1 << 40))
     assert leader.progress["b"].match_index <= last and leader.log.committed == commit
     assert all(ack < 1 << 40 for ack in leader._read_acks.values())
+    # ... but kept for the driver to report: such a follower holds another cluster's state
+    assert leader.foreign_acks == {"b": last + 1000, "c": last + 1000}
+    leader.foreign_acks.clear()
     net.node("a").propose([b"y"])  # and it still commits
     net.drive()
     assert leader.log.committed == last + 1
+    assert leader.foreign_acks == {}  # (true answers are not reported)
 
 
 def test_timeout_now_from_a_voter_is_taken_while_no_leader_is_known():

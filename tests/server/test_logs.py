@@ -249,3 +249,26 @@ def test_a_counted_warning_says_what_a_flood_left_unsaid_once_it_stops(caplog) -
     with caplog.at_level(logging.WARNING, logger="test.counted"):
         asyncio.run(flood())
     assert [r.getMessage() for r in caplog.records] == ["1 dropped, last 0", "4 dropped, last 4"]
+
+
+def test_a_node_without_its_compiled_modules_says_so(caplog, monkeypatch) -> None:
+    """pip builds a wheel without them, silently, where no C compiler is: the node warns at
+    each start unless the pure twins were asked for (RAFTFAST_PUREPYTHON)."""
+    from raftfast.server import driver
+
+    settings = parse_settings(["--id", "n1", "--peers", "n1=127.0.0.1:7001", "--data-dir", "d"])
+    caplog.set_level(logging.WARNING, logger="raftfast.node")
+    monkeypatch.delenv("RAFTFAST_PUREPYTHON", raising=False)
+    monkeypatch.setattr(driver, "COMPILED", True)
+    driver._warn_if_pure(settings)
+    assert not caplog.records
+    monkeypatch.setattr(driver, "COMPILED", False)
+    driver._warn_if_pure(settings)
+    assert [r.getMessage() for r in caplog.records] == [
+        "node n1 runs raftfast's pure-Python modules: its compiled ones were not built (no C "
+        "compiler at install?), and it is several times slower; reinstall where gcc is "
+        "(docs/operations.md, Installing)"
+    ]
+    monkeypatch.setenv("RAFTFAST_PUREPYTHON", "1")
+    driver._warn_if_pure(settings)
+    assert len(caplog.records) == 1
