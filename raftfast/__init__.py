@@ -29,7 +29,17 @@ from raftfast.errors import (
     StorageError,
     UnavailableError,
 )
-from raftfast.objects import Objects, ReplCounter, ReplDict, ReplLock, readonly, replicated
+from raftfast.objects import (
+    Objects,
+    ReplCounter,
+    ReplDict,
+    ReplList,
+    ReplLock,
+    ReplQueue,
+    ReplSet,
+    readonly,
+    replicated,
+)
 from raftfast.statemachine import StateMachine
 
 __all__ = [
@@ -39,7 +49,10 @@ __all__ = [
     "Objects",
     "ReplCounter",
     "ReplDict",
+    "ReplList",
     "ReplLock",
+    "ReplQueue",
+    "ReplSet",
     "readonly",
     "replicated",
     "Client",

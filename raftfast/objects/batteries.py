@@ -1,5 +1,6 @@
-"""Ready-made replicated objects (PySyncObj's batteries): a counter, a dict, and a lock whose
-lease runs out when its holder stops renewing it (it died, or lost touch).
+"""Ready-made replicated objects (PySyncObj's batteries): a counter, a dict, a list, a set, a
+queue, and a lock whose lease runs out when its holder stops renewing it (it died, or lost
+touch).
 
 Every write is a ``@replicated`` method: ``await counter.add(5)`` (or, with ``SyncNode``,
 ``counter.add(5)``). Plain attribute reads are this node's copy; ``@readonly`` methods read at
@@ -15,13 +16,21 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from raftfast.errors import LockLostError, RaftfastError
 from raftfast.objects.replicated import readonly, replicated
 
-__all__ = ["MAX_SAME_HASH_KEYS", "ReplCounter", "ReplDict", "ReplLock"]
+__all__ = [
+    "MAX_SAME_HASH_KEYS",
+    "ReplCounter",
+    "ReplDict",
+    "ReplList",
+    "ReplLock",
+    "ReplQueue",
+    "ReplSet",
+]
 
 
 class ReplCounter:
@@ -48,40 +57,15 @@ class ReplCounter:
         return self.value
 
 
-class ReplDict:
-    """A dict of data (keys and values: what ``raftfast.objects.codec`` carries).
+class _FewSharedHashes:
+    """Keys kept in ``self.data`` (a dict), at most ``MAX_SAME_HASH_KEYS`` of them sharing a
+    hash: numbers (and tuples of them) hash the same in every process, and a dict of keys
+    that all share one takes time quadratic in their number to grow or to restore from a
+    snapshot (2,500 commands of 16 multiples of 2**61 - 1 each, every one within a command's
+    own limit, made a node's restore take 8 s on its loop). A write past it is refused, the
+    same on every node."""
 
-    At most ``MAX_SAME_HASH_KEYS`` of its keys share a hash: numbers (and tuples of them) hash
-    the same in every process, and a dict of keys that all share one takes time quadratic in
-    their number to grow or to restore from a snapshot (2,500 commands of 16 multiples of
-    2**61 - 1 each, every one within a command's own limit, made a node's restore take 8 s
-    on its loop). A write past it is refused, the same on every node."""
-
-    def __init__(self) -> None:
-        self.data: dict[Any, Any] = {}
-
-    @replicated
-    def set(self, key: Any, value: Any) -> None:
-        if key not in self.data:
-            self._admit([key])
-        self.data[key] = value
-
-    @replicated
-    def update(self, items: dict) -> None:
-        items = dict(items)  # (pairs too, as dict.update takes them)
-        self._admit([key for key in items if key not in self.data])
-        self.data.update(items)
-
-    @replicated
-    def pop(self, key: Any, default: Any = None) -> Any:
-        if key in self.data:
-            self._forget(key)
-        return self.data.pop(key, default)
-
-    @replicated
-    def clear(self) -> None:
-        self.data.clear()
-        _SAME_HASH.pop(self, None)
+    data: dict[Any, Any]
 
     def _same_hash(self) -> Counter[int]:
         """How many keys share each hash (``_shared_hashes``): a function of ``data`` alone,
@@ -115,6 +99,37 @@ class ReplDict:
                 del same[h]
         _SAME_HASH[self][2] -= 1  # (the key about to go)
 
+
+class ReplDict(_FewSharedHashes):
+    """A dict of data (keys and values: what ``raftfast.objects.codec`` carries); at most
+    ``MAX_SAME_HASH_KEYS`` of its keys share a hash (``_FewSharedHashes``)."""
+
+    def __init__(self) -> None:
+        self.data: dict[Any, Any] = {}
+
+    @replicated
+    def set(self, key: Any, value: Any) -> None:
+        if key not in self.data:
+            self._admit([key])
+        self.data[key] = value
+
+    @replicated
+    def update(self, items: dict) -> None:
+        items = dict(items)  # (pairs too, as dict.update takes them)
+        self._admit([key for key in items if key not in self.data])
+        self.data.update(items)
+
+    @replicated
+    def pop(self, key: Any, default: Any = None) -> Any:
+        if key in self.data:
+            self._forget(key)
+        return self.data.pop(key, default)
+
+    @replicated
+    def clear(self) -> None:
+        self.data.clear()
+        _SAME_HASH.pop(self, None)
+
     @readonly
     def get(self, key: Any, default: Any = None) -> Any:
         return self.data.get(key, default)
@@ -124,14 +139,7 @@ class ReplDict:
         """The pairs, in the order their keys were first set (the same on every node): all of
         them, or ``limit`` from the ``start``-th. An answer is built on the node's loop, about
         1 s per million pairs: page a big dict."""
-        if not isinstance(start, int) or start < 0:
-            raise ValueError("start is a non-negative integer")
-        if limit is not None and (not isinstance(limit, int) or limit < 0):
-            raise ValueError("limit is a non-negative integer or None")
-        if not start and limit is None:
-            return list(self.data.items())
-        stop = None if limit is None else start + limit
-        return list(itertools.islice(self.data.items(), start, stop))
+        return _page(self.data.items(), start, limit)
 
     def __getitem__(self, key: Any) -> Any:  # this node's copy
         return self.data[key]
@@ -143,10 +151,219 @@ class ReplDict:
         return len(self.data)
 
 
+class ReplSet(_FewSharedHashes):
+    """A set of data, kept in the order items were first added (a dict's keys: every node
+    and every snapshot iterate it alike, where a set's order differs from process to
+    process), so ``pop`` takes the oldest; at most ``MAX_SAME_HASH_KEYS`` items share a hash."""
+
+    def __init__(self) -> None:
+        self.data: dict[Any, None] = {}
+
+    @replicated
+    def add(self, item: Any) -> bool:
+        """Add ``item``; whether it was not there yet."""
+        if item in self.data:
+            return False
+        self._admit([item])
+        self.data[item] = None
+        return True
+
+    @replicated
+    def update(self, items: list) -> int:
+        """Add every one of ``items`` (a list or tuple); how many were new."""
+        new = list(dict.fromkeys(item for item in _in_order(items) if item not in self.data))
+        self._admit(new)
+        self.data.update(dict.fromkeys(new))
+        return len(new)
+
+    @replicated
+    def discard(self, item: Any) -> bool:
+        """Remove ``item`` if it is there; whether it was."""
+        if item not in self.data:
+            return False
+        self._forget(item)
+        del self.data[item]
+        return True
+
+    @replicated
+    def pop(self, default: Any = None) -> Any:
+        """Remove and return the oldest item (``default`` if there is none)."""
+        if not self.data:
+            return default
+        item = next(iter(self.data))
+        self._forget(item)
+        del self.data[item]
+        return item
+
+    @replicated
+    def clear(self) -> None:
+        self.data.clear()
+        _SAME_HASH.pop(self, None)
+
+    @readonly
+    def contains(self, item: Any) -> bool:
+        return item in self.data
+
+    @readonly
+    def items(self, start: int = 0, limit: int | None = None) -> list:
+        """The items, oldest first: all of them, or ``limit`` from the ``start``-th."""
+        return _page(self.data, start, limit)
+
+    def __contains__(self, item: object) -> bool:  # this node's copy
+        return item in self.data
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.data))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class ReplList:
+    """A list of data."""
+
+    def __init__(self) -> None:
+        self.data: list[Any] = []
+
+    @replicated
+    def append(self, item: Any) -> int:
+        """Append ``item``; the new length."""
+        self.data.append(item)
+        return len(self.data)
+
+    @replicated
+    def extend(self, items: list) -> int:
+        """Append every one of ``items`` (a list or tuple); the new length."""
+        self.data.extend(_in_order(items))
+        return len(self.data)
+
+    @replicated
+    def insert(self, index: int, item: Any) -> int:
+        self.data.insert(_index(index), item)
+        return len(self.data)
+
+    @replicated
+    def set(self, index: int, item: Any) -> None:
+        """Replace the ``index``-th item (IndexError past the end)."""
+        self.data[_index(index)] = item
+
+    @replicated
+    def pop(self, index: int = -1) -> Any:
+        """Remove and return the ``index``-th item (IndexError if there is none)."""
+        return self.data.pop(_index(index))
+
+    @replicated
+    def remove(self, item: Any) -> bool:
+        """Remove the first ``item``; whether there was one."""
+        try:
+            self.data.remove(item)
+        except ValueError:
+            return False
+        return True
+
+    @replicated
+    def clear(self) -> None:
+        self.data.clear()
+
+    @readonly
+    def get(self, index: int, default: Any = None) -> Any:
+        """The ``index``-th item (``default`` past the end)."""
+        try:
+            return self.data[_index(index)]
+        except IndexError:
+            return default
+
+    @readonly
+    def items(self, start: int = 0, limit: int | None = None) -> list:
+        """The items: all of them, or ``limit`` from the ``start``-th."""
+        return _page(self.data, start, limit)
+
+    def __getitem__(self, index: int) -> Any:  # this node's copy
+        return self.data[index]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+class ReplQueue:
+    """A first-in, first-out queue of data, of at most ``maxsize`` items (0: no bound).
+    ``get`` is a write (it takes the item away, on every node). Kept as a dict of positions,
+    so that taking from the front is one step however long the queue."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        if not isinstance(maxsize, int) or maxsize < 0:
+            raise ValueError("maxsize is a non-negative integer")
+        self.maxsize = maxsize
+        self.queued: dict[int, Any] = {}
+        self.head = 0  # the position of the oldest item (the next ``get``)
+
+    @replicated
+    def put(self, item: Any) -> bool:
+        """Add ``item`` at the back; False (and nothing added) if the queue is full."""
+        if self.maxsize and len(self.queued) >= self.maxsize:
+            return False
+        self.queued[self.head + len(self.queued)] = item
+        return True
+
+    @replicated
+    def get(self, default: Any = None) -> Any:
+        """Take the oldest item (``default`` if the queue is empty)."""
+        if not self.queued:
+            return default
+        item = self.queued.pop(self.head)
+        self.head += 1
+        return item
+
+    @readonly
+    def peek(self, default: Any = None) -> Any:
+        """The oldest item, left in place (``default`` if the queue is empty)."""
+        return self.queued.get(self.head, default) if self.queued else default
+
+    @readonly
+    def size(self) -> int:
+        return len(self.queued)
+
+    def __len__(self) -> int:  # this node's copy
+        return len(self.queued)
+
+    def empty(self) -> bool:
+        return not self.queued
+
+    def full(self) -> bool:
+        return bool(self.maxsize) and len(self.queued) >= self.maxsize
+
+
+def _in_order(items: Any) -> list | tuple:
+    """Items a command adds one after another: a list or a tuple, whose order every node
+    decodes alike (a set's order differs from process to process: the replicas would differ)."""
+    if not isinstance(items, list | tuple):
+        raise TypeError(f"items come in a list or a tuple, not a {type(items).__name__}")
+    return items
+
+
+def _index(index: Any) -> int:
+    """A list position a client sent: an int (not a bool: True is 1 to a list)."""
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"a list index is an integer, not a {type(index).__name__}")
+    return index
+
+
+def _page(rows: Any, start: int, limit: int | None) -> list:
+    """``limit`` of ``rows`` (None: all of them) from the ``start``-th, as a list."""
+    if not isinstance(start, int) or start < 0:
+        raise ValueError("start is a non-negative integer")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError("limit is a non-negative integer or None")
+    if not start and limit is None:
+        return list(rows)
+    stop = None if limit is None else start + limit
+    return list(itertools.islice(rows, start, stop))
+
+
 MAX_SAME_HASH_KEYS = 64
-# ReplDict -> [its data dict, the count of its keys per hash, how many keys that counted],
-# out of the replicated state
-_SAME_HASH: weakref.WeakKeyDictionary[ReplDict, list] = weakref.WeakKeyDictionary()
+# ReplDict or ReplSet -> [its data dict, the count of its keys per hash, how many keys that
+# counted], out of the replicated state
+_SAME_HASH: weakref.WeakKeyDictionary[_FewSharedHashes, list] = weakref.WeakKeyDictionary()
 
 
 def _shared_hashes(keys: Any) -> list[int]:
