@@ -16,6 +16,10 @@ writes into ``tls/`` (keys 0600, nothing overwritten without ``--force``):
 A certificate's common name is its node id or client name; node certificates name every
 ``--hosts`` entry (default: localhost, 127.0.0.1, ::1) as the hosts they serve. For production,
 use your own PKI: these are EC P-256 keys, signed by a CA that sits on disk beside them.
+
+``--add`` signs certificates for more nodes or clients with the CAs already in ``--dir`` (a
+node added to a running cluster, a dead one replaced under a new id, a new application);
+new clients join ``roles.toml``, which the nodes read when they start.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import errno
 import ipaddress
 import os
 import re
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,14 +49,12 @@ _CN_MAX = 64  # X.509's upper bound for a common name
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="tls", help="where to write the files (default: tls)")
-    p.add_argument(
-        "--nodes", required=True, metavar="ID,...", help="node ids (each gets two certificates)"
-    )
+    p.add_argument("--nodes", metavar="ID,...", help="node ids (each gets two certificates)")
     p.add_argument(
         "--clients",
-        default="admin=admin",
         metavar="NAME=ROLE,...",
-        help="client certificates and their roles: read, write or admin (default: admin=admin)",
+        help="client certificates and their roles: read, write or admin (default: admin=admin, "
+        "none with --add)",
     )
     p.add_argument(
         "--hosts",
@@ -61,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--days", type=int, default=365, help="validity of the certificates")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument(
+        "--add",
+        action="store_true",
+        help="sign more nodes' or clients' certificates with the CAs already in --dir",
+    )
 
 
 MAX_DAYS = 365 * 1000  # (past year 9999 a date cannot be written)
@@ -137,7 +145,7 @@ def _hosts(text: str) -> list[x509.GeneralName]:
 
 
 class _Issuer:
-    """A self-signed CA that signs leaf certificates."""
+    """A self-signed CA that signs leaf certificates: a new one, or (``loaded``) one on disk."""
 
     def __init__(self, name: str, days: int) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
@@ -164,6 +172,35 @@ class _Issuer:
             )
             .sign(self.key, hashes.SHA256())
         )
+
+    @classmethod
+    def loaded(cls, directory: Path, name: str, days: int) -> _Issuer:
+        """The CA ``name``.crt and ``name``.key in ``directory`` (ValueError if they cannot
+        be read, or do not match)."""
+        issuer = cls.__new__(cls)
+        try:
+            issuer.cert = x509.load_pem_x509_certificate((directory / f"{name}.crt").read_bytes())
+            key = serialization.load_pem_private_key(
+                (directory / f"{name}.key").read_bytes(), password=None
+            )
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(
+                f"--add: cannot read the CA {directory / name}.crt/.key ({exc}); make the CAs "
+                "first (raftfast certs without --add)"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or (
+            key.public_key().public_numbers() != issuer.cert.public_key().public_numbers()
+        ):
+            raise ValueError(f"--add: {directory / name}.key is not the key of {name}.crt")
+        issuer.key = key
+        issuer.now = datetime.datetime.now(datetime.UTC)
+        issuer.days = days
+        end = issuer.cert.not_valid_after_utc
+        if issuer.now + datetime.timedelta(days=days) > end:  # (a leaf outlives its CA: invalid)
+            issuer.days = max((end - issuer.now).days, 0)
+            if issuer.days < 1:
+                raise ValueError(f"--add: the CA {name}.crt has expired, or ends within a day")
+        return issuer
 
     def _builder(self, subject: x509.Name, public_key, days: int) -> x509.CertificateBuilder:
         return (
@@ -215,11 +252,18 @@ def _toml_string(text: str) -> str:
 def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
     """Write the files, then ``say`` what was written, line by line; returns 0 (ValueError
     with one line for bad arguments or files that exist)."""
-    nodes = _names(args.nodes, "--nodes")
+    if args.add and args.nodes is None and args.clients is None:
+        raise ValueError("--add: name the --nodes or --clients to add")
+    if not args.add and args.nodes is None:
+        raise ValueError("--nodes: name the cluster's nodes (ID,...)")
+    nodes = _names(args.nodes, "--nodes") if args.nodes is not None else []
     for node in nodes:
         check_node_id(node)
         _check_file_name(node, "--nodes")
-    clients = _clients(args.clients)
+    if args.clients is not None:
+        clients = _clients(args.clients)
+    else:
+        clients = {} if args.add else _clients("admin=admin")
     for client in clients:
         _check_file_name(client, "--clients")
     clash = {n.casefold() for n in nodes} & {c.casefold() for c in clients}
@@ -230,20 +274,32 @@ def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
         raise ValueError(f"--days must be in [1, {MAX_DAYS}] (a certificate ends by 9999)")
     out = Path(args.dir)
     files = _Files()
-    client_ca = _Issuer("raftfast client CA", args.days)
-    peer_ca = _Issuer("raftfast peer CA", args.days)
-    files["ca.crt"], files["ca.key"] = _pem_cert(client_ca.cert), _pem_key(client_ca.key)
-    files["peer-ca.crt"], files["peer-ca.key"] = _pem_cert(peer_ca.cert), _pem_key(peer_ca.key)
+    roles: dict[str, str] = {}
+    if args.add:
+        client_ca = _Issuer.loaded(out, "ca", args.days)
+        peer_ca = _Issuer.loaded(out, "peer-ca", args.days)
+        roles = _roles_in(out / "roles.toml")
+        taken = sorted(set(roles) & set(clients))
+        if taken and not args.force:
+            raise ValueError(f"--add: {taken[0]!r} is in roles.toml already (--force replaces)")
+    else:
+        client_ca = _Issuer("raftfast client CA", args.days)
+        peer_ca = _Issuer("raftfast peer CA", args.days)
+        files["ca.crt"], files["ca.key"] = _pem_cert(client_ca.cert), _pem_key(client_ca.key)
+        files["peer-ca.crt"] = _pem_cert(peer_ca.cert)
+        files["peer-ca.key"] = _pem_key(peer_ca.key)
     for name in clients:
         key, cert = client_ca.sign(name, None)
         files[f"{name}.crt"], files[f"{name}.key"] = _pem_cert(cert), _pem_key(key)
-    files["roles.toml"] = (
-        "# Client certificate common name = read | write | admin (raftfast-node --auth-roles)\n"
-        "[roles]\n"
-        + "".join(
-            f"{_toml_string(name)} = {_toml_string(role)}\n" for name, role in clients.items()
-        )
-    ).encode()
+    if clients or not args.add:
+        roles.update(clients)
+        files["roles.toml"] = (
+            "# Client certificate common name = read | write | admin (raftfast-node "
+            "--auth-roles)\n[roles]\n"
+            + "".join(
+                f"{_toml_string(name)} = {_toml_string(role)}\n" for name, role in roles.items()
+            )
+        ).encode()
     where = out.resolve()
     for node in nodes:
         key, cert = client_ca.sign(node, hosts)
@@ -264,8 +320,8 @@ def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
             + "".join(f"{k} = {_toml_string(str(v))}\n" for k, v in settings.items())
             + "client_cert_auth = true\n"
         ).encode()
-    if not args.force:
-        existing = [name for name in files if (out / name).exists()]
+    if not args.force:  # (with --add, roles.toml is read above and written whole again)
+        existing = [n for n in files if (out / n).exists() and not (args.add and n == "roles.toml")]
         if existing:
             raise ValueError(f"{out / existing[0]} exists (--force overwrites)")
     try:
@@ -280,14 +336,37 @@ def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
             f.write(data)
         os.chmod(path, mode)
     say(f"wrote {len(files)} files to {out}/:")
-    say("  CAs: ca.crt (clients and nodes' client port), peer-ca.crt (peers only)")
-    say(f"  nodes: {', '.join(f'{n}.crt {n}-peer.crt {n}.toml' for n in nodes)}")
-    say(f"  clients: {', '.join(f'{c}.crt ({r})' for c, r in clients.items())}; roles.toml")
-    first = nodes[0]
-    say(f"start a node:  raftfast-node --config {out}/{first}.toml --id {first} ...")
-    some = next(iter(clients))
-    say(
-        f"use a client:  raftfast --cacert {out}/ca.crt --cert {out}/{some}.crt "
-        f"--key {out}/{some}.key ..."
-    )
+    if not args.add:
+        say("  CAs: ca.crt (clients and nodes' client port), peer-ca.crt (peers only)")
+    if nodes:
+        say(f"  nodes: {', '.join(f'{n}.crt {n}-peer.crt {n}.toml' for n in nodes)}")
+    if clients:
+        say(f"  clients: {', '.join(f'{c}.crt ({r})' for c, r in clients.items())}; roles.toml")
+    if nodes:
+        first = nodes[0]
+        say(f"start a node:  raftfast-node --config {out}/{first}.toml --id {first} ...")
+    if clients:
+        some = next(iter(clients))
+        say(
+            f"use a client:  raftfast --cacert {out}/ca.crt --cert {out}/{some}.crt "
+            f"--key {out}/{some}.key ..."
+        )
+    if args.add and clients:
+        say("the nodes read roles.toml when they start: restart them one by one to let them in")
     return 0
+
+
+def _roles_in(path: Path) -> dict[str, str]:
+    """The roles of ``path`` (a roles.toml ``raftfast certs`` wrote), in order."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("roles", {})
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"--add: cannot read {path} ({exc})") from None
+    if not isinstance(table, dict) or not all(
+        isinstance(k, str) and v in ROLES for k, v in table.items()
+    ):
+        raise ValueError(f"--add: {path} holds roles other than read, write or admin")
+    return dict(table)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from raftfast.security.roles import METHOD_ROLES, Authorizer, Role, load_roles
 from raftfast.server.node_cli import ConfigError, parse_settings
@@ -86,6 +87,33 @@ def test_certs_refuses_what_it_cannot_make_and_never_overwrites(made, tmp_path):
 def _settings(tmp: Path, *extra: str):
     args = ["--id", "n1", "--listen", "127.0.0.1:7001", "--data-dir", str(tmp / "d")]
     return parse_settings([*args, "--peers", PEERS, *extra], {})
+
+
+def test_certs_add_signs_more_with_the_cas_already_there(tmp_path):
+    """A node added to a running TLS cluster (or a dead one replaced under a new id) needs
+    certificates from the cluster's CAs: `certs` could only make new CAs."""
+    assert certs(tmp_path, "--nodes", "n1", "--clients", "admin=admin").returncode == 0
+    tls = tmp_path / "tls"
+    cas = {name: (tls / name).read_bytes() for name in ("ca.crt", "ca.key", "peer-ca.crt")}
+    done = certs(tmp_path, "--add", "--nodes", "n4", "--clients", "app=write")
+    assert done.returncode == 0, done.stderr
+    assert cas == {name: (tls / name).read_bytes() for name in cas}  # (the same CAs)
+    assert load_roles(str(tls / "roles.toml")) == {"admin": Role.ADMIN, "app": Role.WRITE}
+    for leaf, ca in (("n4.crt", "ca.crt"), ("n4-peer.crt", "peer-ca.crt"), ("app.crt", "ca.crt")):
+        issuer = x509.load_pem_x509_certificate((tls / ca).read_bytes())
+        cert = x509.load_pem_x509_certificate((tls / leaf).read_bytes())
+        cert.verify_directly_issued_by(issuer)  # (raises if another CA signed it)
+        assert cert.not_valid_after_utc <= issuer.not_valid_after_utc
+    assert (tls / "n4.toml").exists()
+    for args, words in [
+        (("--add", "--nodes", "n4"), "n4.crt exists"),
+        (("--add", "--clients", "app=read"), "'app' is in roles.toml already"),
+        (("--add",), "name the --nodes or --clients"),
+    ]:
+        done = certs(tmp_path, *args)
+        assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
+    done = certs(tmp_path / "elsewhere", "--add", "--nodes", "n5")
+    assert done.returncode == 2 and "make the CAs first" in done.stderr
 
 
 def test_tls_flags_that_cannot_work_are_refused(made, tmp_path):
