@@ -356,6 +356,7 @@ class Node:
             except NotLeaderError as exc:
                 last = str(exc)
             except TimeoutError:
+                last = "not done at this node, the leader, in time"  # (not "no leader known")
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
