@@ -13,6 +13,7 @@ a snapshot gets an error saying its first result is gone, never a second applica
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -109,6 +110,9 @@ class ExactlyOnce(StateMachine):
             # (it must not raise: which of the commands did it apply? Nobody knows now.)
             log.error("the state machine's apply_batch raised (it must not): %r", exc)
             results = [exc] * len(commands)
+        if not isinstance(results, list | tuple | str | bytes):
+            with contextlib.suppress(TypeError):
+                results = list(results)  # (a generator, say: the results, in order)
         if not isinstance(results, list | tuple) or len(results) != len(commands):
             # (applied, but whose result is which? The node cannot say: it stops, saying why)
             raise TypeError(

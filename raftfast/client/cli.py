@@ -215,9 +215,10 @@ async def _cmd_cas(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _cmd_scan(client: Client, args: argparse.Namespace) -> int:
-    items = await client.scan(args.prefix, args.limit, read_mode=args.read_mode)
-    for key, value in items:
-        _write_line(key + b"\t" + value)
+    # (printed a page at a time: a whole keyspace, the default, need not be held at once)
+    async for page in client.scan_pages(args.prefix, args.limit, read_mode=args.read_mode):
+        for key, value in page:
+            _write_line(key + b"\t" + value)
     return 0
 
 

@@ -51,7 +51,7 @@ import asyncio
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -388,8 +388,23 @@ class Client(SessionMixin):
 
         The server answers in pages (at most 10,000 items and about 2 MiB each), which this
         follows; each page is read at its own moment, so a scan over several pages is not one
-        snapshot. ``timeout`` applies to each page.
+        snapshot. ``timeout`` applies to each page. ``scan_pages`` hands each page over as it
+        comes (a whole keyspace need not be held at once).
         """
+        items: list[tuple[bytes, bytes]] = []
+        async for page in self.scan_pages(prefix, limit, read_mode=read_mode, timeout=timeout):
+            items += page
+        return items
+
+    async def scan_pages(
+        self,
+        prefix: BytesLike = b"",
+        limit: int = 0,
+        *,
+        read_mode: ReadModeLike = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+        """``scan``, a page of (key, value) pairs at a time (``limit`` 0: all of them)."""
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise TypeError(f"limit must be an int, not {type(limit).__name__}")
         if limit < 0:
@@ -397,13 +412,15 @@ class Client(SessionMixin):
         request = pb.ScanRequest(
             prefix=to_bytes(prefix, "prefix"), read_mode=read_mode_of(read_mode)
         )
-        items: list[tuple[bytes, bytes]] = []
+        count = 0
         while True:
-            request.limit = min(limit - len(items), _SCAN_PAGE) if limit else 0
+            request.limit = min(limit - count, _SCAN_PAGE) if limit else 0
             _, response = await self._unary("Scan", request, timeout)
-            items += [(item.key, item.value) for item in response.items]
-            if not response.next_key or (limit and len(items) >= limit):
-                return items
+            page = [(item.key, item.value) for item in response.items]
+            count += len(page)
+            yield page
+            if not response.next_key or (limit and count >= limit):
+                return
             request.start = response.next_key
 
     async def status(

@@ -112,11 +112,15 @@ class Raft:
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = 0
         self.reason = "start"  # why the role or term last changed (for the driver's log)
-        # Followers that acknowledged entries past the end of this leader's log, and the index
-        # they named (for the driver to report, and clear). Within one cluster a follower never
-        # holds more than its leader (leader completeness): such a follower's state came from
-        # elsewhere, say another backup restored at a founding node, and it never catches up.
-        self.foreign_acks: dict[str, int] = {}
+        # Followers that acknowledged entries past the end of this leader's log: within one
+        # cluster a follower never holds more than its leader (leader completeness), so such a
+        # follower's state came from elsewhere (another backup restored at a founding node).
+        # None of its answers counts for the rest of this leadership (once our log passed the
+        # index it named, they would have passed for matches: it skipped our entries), and each
+        # is noted in ``foreign_acks`` for the driver to report (and clear): the index it
+        # first named, and where our log ended then.
+        self._foreign: dict[str, tuple[int, int]] = {}
+        self.foreign_acks: dict[str, tuple[int, int]] = {}
         self.transferee = ""  # leader: the node leadership is being handed to
         self.timeout_now_sent = False  # ... and it was told to campaign
         self.transfer_elapsed = 0
@@ -472,6 +476,7 @@ class Raft:
         members = [*self.peers_in_play(), self.id]
         self.progress = {peer: Progress(next_index) for peer in members}
         self._read_acks = {}
+        self._foreign = {}
         self.transferee = ""
         own = self.progress[self.id]
         own.become_replicate()
@@ -705,8 +710,9 @@ class Raft:
             return  # not a member of our configuration
         if m.type == MsgType.APPEND_RESP:
             pr.recent_active = True
-            if not m.reject and m.index > self.log.last_index:
-                self.foreign_acks[m.src] = m.index  # (entries we never sent: not an answer)
+            if m.src in self._foreign or (not m.reject and m.index > self.log.last_index):
+                first = self._foreign.setdefault(m.src, (m.index, self.log.last_index))
+                self.foreign_acks[m.src] = first  # (entries we never sent: not an answer)
                 return
             if m.reject:
                 if m.context == pr.generation:

@@ -739,18 +739,19 @@ class Driver(MembershipMixin, SnapshotMixin):
         (it was only seen as a follower stuck at match 0)."""
         now = time.monotonic()
         acks = self.raw.raft.foreign_acks
-        for peer, index in acks.items():
+        for peer, (index, ours) in acks.items():
             if now - self._foreign_said.get(peer, -FOREIGN_SAID_EVERY_S) >= FOREIGN_SAID_EVERY_S:
                 self._foreign_said[peer] = now
                 log.error(
-                    "node %s: %s answers that it holds entries through %d, past the end of "
-                    "this leader's log (%d): its state is not this cluster's (did the founding "
-                    "nodes restore different backups?); remove it and add it back with an "
-                    "empty data directory (docs/operations.md)",
+                    "node %s: %s answered that it holds entries through %d, past the end of "
+                    "this leader's log (%d then): its state is not this cluster's (did the "
+                    "founding nodes restore different backups?); its answers are ignored: "
+                    "remove it and add it back with an empty data directory "
+                    "(docs/operations.md)",
                     self.id,
                     peer,
                     index,
-                    self.raw.last_index,
+                    ours,
                 )
         acks.clear()
 

@@ -130,7 +130,9 @@ class Node:
         try:
             await self._driver.start()
         except BaseException:
-            if not self._driver.applied_index:  # (nothing applied to it: it may serve again)
+            # (nothing applied to it past a snapshot, which the next start restores again,
+            # replacing the whole state: it may serve again)
+            if self._driver.applied_index <= self._driver._snapshot_index:
                 _SERVED.pop(id(self.state_machine), None)
             self._driver = None  # (closed: it may be started again)
             raise
@@ -390,7 +392,7 @@ class Node:
 
 def _claim(state_machine: Any) -> None:
     """Refuse a state machine another node started with (``_SERVED``)."""
-    if _SERVED.get(id(state_machine)) is state_machine:
+    if state_machine is not None and _SERVED.get(id(state_machine)) is state_machine:
         raise RaftfastError(
             "this state machine served a node already and holds what that node applied: give "
             "each Node a new one (it is restored from the data directory's snapshot and log)"

@@ -804,9 +804,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _fail(str(exc))
         raise SystemExit(2) from None
-    # (the strings are checked in parse_settings; this looks the names up: n2=localhost:P
-    # beside n1=127.0.0.1:P started a node that stayed a pre-candidate, saying little)
-    aliased = asyncio.run(members_at_one_place(settings.peers)) if settings.peers else None
+    # (the strings are checked in parse_settings; this looks the names up, at a first start:
+    # n2=localhost:P beside n1=127.0.0.1:P started a node that stayed a pre-candidate, saying
+    # little; a restart does not wait on names, nor exits 2 for a resolver's answer of the day)
+    first_start = not os.path.exists(os.path.join(settings.data_dir, "node.json"))
+    aliased = None
+    if first_start and settings.peers:
+        aliased = asyncio.run(members_at_one_place(settings.peers))
     if aliased is not None:
         first, second = aliased
         _fail(

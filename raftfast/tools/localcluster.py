@@ -58,6 +58,7 @@ def make_certs(directory: Path, ids: list[str], clients: str = "admin=admin") ->
         hosts="localhost,127.0.0.1",
         days=30,
         force=True,
+        add=False,
     )
     certs.main(args, say=lambda line: None)
     return TLSFiles(

@@ -123,12 +123,16 @@ def test_a_leader_ignores_answers_about_entries_or_rounds_it_never_sent():
     assert leader.progress["b"].match_index <= last and leader.log.committed == commit
     assert all(ack < 1 << 40 for ack in leader._read_acks.values())
     # ... but kept for the driver to report: such a follower holds another cluster's state
-    assert leader.foreign_acks == {"b": last + 1000, "c": last + 1000}
+    assert leader.foreign_acks == {"b": (last + 1000, last), "c": (last + 1000, last)}
     leader.foreign_acks.clear()
-    net.node("a").propose([b"y"])  # and it still commits
+    leader._foreign.pop("c")  # (c, as if it never said so)
+    net.node("a").propose([b"y"])  # and it still commits, with c
     net.drive()
     assert leader.log.committed == last + 1
-    assert leader.foreign_acks == {}  # (true answers are not reported)
+    # b's answers count no more, now that the log is longer (they passed for matches): each is
+    # noted again, as first seen
+    assert leader.progress["b"].match_index <= last and leader.progress["c"].match_index == last + 1
+    assert leader.foreign_acks == {"b": (last + 1000, last)}
 
 
 def test_timeout_now_from_a_voter_is_taken_while_no_leader_is_known():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from typing import BinaryIO
 
 import pytest
@@ -17,6 +18,7 @@ import raftfast
 from raftfast.errors import CommandError, RaftfastError
 from raftfast.exactly_once import ExactlyOnce, frame_command
 from raftfast.objects.codec import MAX_STATE_DEPTH, decode, encode
+from raftfast.server import embedded
 from raftfast.server.embedded import _Sequences
 from raftfast.server.machine_service import as_result_bytes
 from tests.server.test_embedded import Counter, _one_settings, three
@@ -132,6 +134,13 @@ def test_an_apply_batch_that_returns_another_count_says_so() -> None:
     with pytest.raises(TypeError, match="returned 1 results for 2 commands"):
         ExactlyOnce(Short()).apply_batch(1, [frame_command(7, 1, b"a"), frame_command(7, 2, b"b")])
 
+    class Lazy(Raises):  # (results as an iterable of the right length: taken, as before)
+        def apply_batch(self, first_index: int, commands: list):
+            return (command.upper() for command in commands)
+
+    results = ExactlyOnce(Lazy()).apply_batch(1, [frame_command(7, 1, b"a")])
+    assert results == [b"A"]
+
 
 def test_async_and_generator_methods_are_refused_when_marked() -> None:
     with pytest.raises(TypeError, match="never runs its body"):
@@ -188,6 +197,21 @@ def test_a_state_machine_serves_one_node(tmp_path) -> None:
         async with raftfast.Node(**{**settings, "state_machine": Counter()}) as node:
             await node.wait_for_leader()
             assert await node.propose(b"1") == b"6"  # (restored from the log: 5, then 1)
+            await node._driver._take_snapshot()
+        # a start that fails (its port taken) after restoring the snapshot may be tried again:
+        # the next start restores it again, replacing the state
+        again = raftfast.Node(**{**settings, "state_machine": Counter()})
+        with socket.socket() as taken:
+            host, port = settings["listen"].rsplit(":", 1)
+            taken.bind((host, int(port)))
+            taken.listen()
+            with pytest.raises(Exception):  # noqa: B017 - (whatever the bind failure is called)
+                await again.start()
+        async with again:
+            await again.wait_for_leader()
+            assert await again.query(b"") == b"6"
+        embedded._claim(None)  # (a node of the KV store: no state machine of the user's)
+        embedded._claim(None)
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
