@@ -262,6 +262,12 @@ class _Stream:
             return False
         if self._behind.pop(watch_id, None) is None:
             self._unindex(w)
+        future = self._future
+        if len(future) > 2 * len(self.watchers) + 64:
+            # (cancelled ones wait in the heap for their revision: a stream that creates and
+            # cancels watches of a revision to come held them all; kept to about its watchers)
+            future[:] = [f for f in future if self.watchers.get(f[2].id) is f[2]]
+            heapq.heapify(future)
         self._progress -= w.progress_notify
         self.cost -= _cost(w)
         self.budget.used -= _cost(w)

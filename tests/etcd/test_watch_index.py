@@ -371,6 +371,22 @@ def test_watchers_from_a_revision_to_come_cost_a_call_nothing() -> None:
     assert stream.caught_up() and stream.watchers.passes == 0
 
 
+def test_watchers_of_a_revision_to_come_cancelled_are_not_held() -> None:
+    # (they waited in the stream's heap for their revision: a long-lived stream creating and
+    # cancelling such watches held every one of them)
+    store = MVCCStore()
+    stream = watch._Stream(_api(store, 1536 * 1024))
+    for i in range(1, 5_001):
+        create = pb.WatchCreateRequest(key=b"k", start_revision=10**12, watch_id=i)
+        stream.take(pb.WatchRequest(create_request=create))
+        if i > 1:
+            stream.take(pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=i - 1)))
+        stream.pending()
+    assert len(stream.watchers) == 1 and len(stream._future) <= 2 + 64
+    store.apply(encode(pb.PutRequest(key=b"k")))
+    assert [r.events for r in stream.pending()] == []  # (the one left still waits)
+
+
 def test_one_key_watchers_of_a_big_revision_get_it_in_the_first_call() -> None:
     # Routing the 30,000 events of a DeleteRange cost the call 64 bytes an event, more than a
     # call's budget: every matched watcher was demoted and read the revision alone, 1,000
