@@ -13,13 +13,12 @@ a snapshot gets an error saying its first result is gone, never a second applica
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
 from raftfast.dedup import (
@@ -104,15 +103,14 @@ class ExactlyOnce(StateMachine):
         )
         try:
             results = apply_batch(first_index, [c[HEADER.size :] for c in commands])
+            if isinstance(results, Iterator):
+                results = list(results)  # (a generator, say: the results, in order)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
             # (it must not raise: which of the commands did it apply? Nobody knows now.)
             log.error("the state machine's apply_batch raised (it must not): %r", exc)
             results = [exc] * len(commands)
-        if not isinstance(results, list | tuple | str | bytes):
-            with contextlib.suppress(TypeError):
-                results = list(results)  # (a generator, say: the results, in order)
         if not isinstance(results, list | tuple) or len(results) != len(commands):
             # (applied, but whose result is which? The node cannot say: it stops, saying why)
             raise TypeError(

@@ -115,10 +115,11 @@ class Raft:
         # Followers that acknowledged entries past the end of this leader's log: within one
         # cluster a follower never holds more than its leader (leader completeness), so such a
         # follower's state came from elsewhere (another backup restored at a founding node).
-        # None of its answers counts for the rest of this leadership (once our log passed the
-        # index it named, they would have passed for matches: it skipped our entries), and each
-        # is noted in ``foreign_acks`` for the driver to report (and clear): the index it
-        # first named, and where our log ended then.
+        # None of its answers counts for the rest of this leadership or until it leaves the
+        # configuration (once our log passed the index it named, they would have passed for
+        # matches: it skipped our entries), nor for check-quorum, and each is noted in
+        # ``foreign_acks`` for the driver to report (and clear): the index it first named, and
+        # where our log ended then.
         self._foreign: dict[str, tuple[int, int]] = {}
         self.foreign_acks: dict[str, tuple[int, int]] = {}
         self.transferee = ""  # leader: the node leadership is being handed to
@@ -327,6 +328,7 @@ class Raft:
         for peer, pr in list(self.progress.items()):
             if peer not in wanted and peer != self.id:
                 del self.progress[peer]
+                self._foreign.pop(peer, None)  # (added back, with a new data directory, say)
                 commit = min(pr.match_index, self.log.committed)
                 self._send(Message(MsgType.HEARTBEAT, self.id, peer, self.term, commit=commit))
 
@@ -699,7 +701,13 @@ class Raft:
         active = 0
         voters = self.membership.voters
         for peer, pr in self.progress.items():
-            if peer in voters and (peer == self.id or pr.recent_active):
+            # (a follower whose answers do not count (_foreign) is no quorum either: without a
+            # real one, the leader steps down and a new term, which forgets, is elected)
+            if (
+                peer in voters
+                and (peer == self.id or pr.recent_active)
+                and peer not in self._foreign
+            ):
                 active += 1
             pr.recent_active = False
         return active >= quorum_size(len(voters))

@@ -115,7 +115,9 @@ class ReplDict(_FewSharedHashes):
 
     @replicated
     def update(self, items: dict) -> None:
-        items = dict(items)  # (pairs too, as dict.update takes them)
+        # (pairs too, as dict.update takes them, in a list or tuple: a set of pairs is read
+        # in each process's own order, and the replicas differed)
+        items = dict(items) if isinstance(items, dict) else dict(_in_order(items))
         self._admit([key for key in items if key not in self.data])
         self.data.update(items)
 

@@ -282,6 +282,15 @@ def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
         taken = sorted(set(roles) & set(clients))
         if taken and not args.force:
             raise ValueError(f"--add: {taken[0]!r} is in roles.toml already (--force replaces)")
+        # (a node's certificate comes from the client CA too: a node named as a client is
+        # that client, admin say; a client named as a node poses as it on the client port)
+        known_nodes = {p.name.removesuffix("-peer.crt").casefold() for p in out.glob("*-peer.crt")}
+        for node in nodes:
+            if node.casefold() in {name.casefold() for name in roles}:
+                raise ValueError(f"--add: {node!r} is a client in roles.toml: name the node apart")
+        for client in clients:
+            if client.casefold() in known_nodes:
+                raise ValueError(f"--add: {client!r} is a node here: name the client apart")
     else:
         client_ca = _Issuer("raftfast client CA", args.days)
         peer_ca = _Issuer("raftfast peer CA", args.days)
@@ -366,7 +375,7 @@ def _roles_in(path: Path) -> dict[str, str]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"--add: cannot read {path} ({exc})") from None
     if not isinstance(table, dict) or not all(
-        isinstance(k, str) and v in ROLES for k, v in table.items()
+        isinstance(k, str) and isinstance(v, str) and v.lower() in ROLES for k, v in table.items()
     ):
         raise ValueError(f"--add: {path} holds roles other than read, write or admin")
-    return dict(table)
+    return {name: role.lower() for name, role in table.items()}  # (as the nodes read them)

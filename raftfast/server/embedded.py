@@ -106,6 +106,7 @@ class Node:
         self._client_id = secrets.randbelow(MAX_CLIENT_ID) + 1
         self._owned_id: int | None = None  # (_own_client_id)
         self._sequences = _Sequences(MAX_UNRESOLVED_PROPOSALS)
+        self._may_start_again = False  # (after a failed start: start() below)
         self._channels: dict[str, grpc.aio.Channel] = {}
         bind = getattr(state_machine, "bind", None)  # (raftfast.Objects: calls propose)
         if bind is not None:
@@ -124,16 +125,17 @@ class Node:
             )
         if self._driver is not None:
             raise RaftfastError("this node is started already")
-        _claim(self.state_machine)
+        if not self._may_start_again:
+            _claim(self.state_machine)
         self._driver = Driver(self.settings, self.state_machine)
         self._loop = asyncio.get_running_loop()
         try:
             await self._driver.start()
         except BaseException:
-            # (nothing applied to it past a snapshot, which the next start restores again,
-            # replacing the whole state: it may serve again)
-            if self._driver.applied_index <= self._driver._snapshot_index:
-                _SERVED.pop(id(self.state_machine), None)
+            # (nothing applied to it past a snapshot, which this node's next start restores
+            # again, replacing the whole state: it may start again; another node, on another
+            # data directory, may not have it)
+            self._may_start_again = self._driver.applied_index <= self._driver._snapshot_index
             self._driver = None  # (closed: it may be started again)
             raise
         return self

@@ -4,6 +4,7 @@ node exactly as it was."""
 
 from __future__ import annotations
 
+from raftfast.core.membership import ChangeKind
 from raftfast.core.raft import MAX_TERM_JUMP
 from raftfast.core.types import Message, MsgType, Role
 
@@ -146,3 +147,41 @@ def test_timeout_now_from_a_voter_is_taken_while_no_leader_is_known():
     assert b.raft.role == Role.FOLLOWER and b.raft.term == term
     b.step(Message(MsgType.TIMEOUT_NOW, "a", "b", term))
     assert b.raft.role == Role.CANDIDATE and b.raft.term == term + 1
+
+
+def test_a_follower_taken_for_another_clusters_costs_a_term_at_most():
+    # One answer "from b" past the end of the leader's log (a forged one, in plain mode) made
+    # the leader ignore b for the rest of its leadership: with c down, a and b are a quorum,
+    # yet nothing committed while a led. b is no quorum for check-quorum either: a steps down,
+    # and the next term (which forgets) commits.
+    net = healthy()
+    a = net.node("a").raft
+    net.node("a").step(Message(MsgType.APPEND_RESP, "b", "a", a.term, a.log.last_index + 1000))
+    net.down.add("c")
+    before = a.log.committed
+    net.node("a").propose([b"y"])
+    net.drive()
+    assert a.log.committed == before  # (b's answers do not count)
+    for _ in range(40):  # (20 election timeouts at most)
+        net.tick_all(5)
+        net.drive()
+        leaders = net.leaders()
+        if leaders and net.node(leaders[0]).raft.log.committed > before:
+            break
+    assert leaders and net.node(leaders[0]).raft.log.committed > before
+
+
+def test_a_follower_removed_and_added_back_is_heard_again():
+    net = healthy()
+    a = net.node("a").raft
+    net.node("a").step(Message(MsgType.APPEND_RESP, "c", "a", a.term, a.log.last_index + 1000))
+    assert "c" in a._foreign
+    net.node("a").propose_change(ChangeKind.REMOVE, "c")
+    net.drive()
+    del net.nodes["c"]
+    net.add("c")  # (an empty data directory)
+    net.node("a").propose_change(ChangeKind.ADD_LEARNER, "c", "c:1")
+    net.drive()
+    net.tick_all(50)
+    net.drive()
+    assert "c" not in a._foreign and net.node("c").raft.log.last_index == a.log.last_index

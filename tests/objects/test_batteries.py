@@ -58,6 +58,13 @@ def test_a_list_set_and_queue_apply_as_their_python_twins() -> None:
     assert m.write("tags", "pop") == "x" and m.write("tags", "discard", "v") is True
     assert isinstance(m.write("tags", "update", {"a", "b"}), TypeError)  # (no order to keep)
     assert isinstance(m.write("items", "extend", {"a", "b"}), TypeError)
+    # a dict's update takes a dict or pairs in a list: a set of pairs has no order every node
+    # shares (which of ("k", 1) and ("k", 2) was kept differed from process to process)
+    table = raftfast.Objects(d=raftfast.ReplDict())
+    pairs = encode(["d", "update", [frozenset({("k", 1), ("k", 2)})], {}])
+    assert isinstance(table.apply(1, pairs), TypeError)
+    assert decode(table.apply(2, encode(["d", "update", [[("k", 1), ("k", 2)]], {}]))) is None
+    assert table.objects["d"].data == {"k": 2}
     # a queue: first in, first out, at most maxsize
     assert [m.write("jobs", "put", j) for j in (1, 2, 3, 4)] == [True, True, True, False]
     assert m.write("jobs", "get") == 1 and m.read("jobs", "peek") == 2

@@ -141,6 +141,21 @@ def test_an_apply_batch_that_returns_another_count_says_so() -> None:
     results = ExactlyOnce(Lazy()).apply_batch(1, [frame_command(7, 1, b"a")])
     assert results == [b"A"]
 
+    class Unordered(Raises):  # (a set's order differs from process to process: refused)
+        def apply_batch(self, first_index: int, commands: list):
+            return {command.upper() for command in commands}
+
+    with pytest.raises(TypeError, match="returned 1 results for 1 commands|must return a list"):
+        ExactlyOnce(Unordered()).apply_batch(1, [frame_command(7, 1, b"a")])
+
+    class Broken(Raises):  # (a generator that raises half way: every proposer's error)
+        def apply_batch(self, first_index: int, commands: list):
+            yield b"one"
+            raise ValueError("half way")
+
+    results = ExactlyOnce(Broken()).apply_batch(1, [frame_command(7, 1, b"a")])
+    assert isinstance(results[0], ValueError)
+
 
 def test_async_and_generator_methods_are_refused_when_marked() -> None:
     with pytest.raises(TypeError, match="never runs its body"):
@@ -207,7 +222,9 @@ def test_a_state_machine_serves_one_node(tmp_path) -> None:
             taken.listen()
             with pytest.raises(Exception):  # noqa: B017 - (whatever the bind failure is called)
                 await again.start()
-        async with again:
+        with pytest.raises(RaftfastError, match="served a node already"):  # (another node may
+            await raftfast.Node(**{**settings, "state_machine": again.state_machine}).start()
+        async with again:  # not have it: it may start on another data directory)
             await again.wait_for_leader()
             assert await again.query(b"") == b"6"
         embedded._claim(None)  # (a node of the KV store: no state machine of the user's)

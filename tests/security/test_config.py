@@ -109,6 +109,8 @@ def test_certs_add_signs_more_with_the_cas_already_there(tmp_path):
         (("--add", "--nodes", "n4"), "n4.crt exists"),
         (("--add", "--clients", "app=read"), "'app' is in roles.toml already"),
         (("--add",), "name the --nodes or --clients"),
+        (("--add", "--nodes", "admin"), "'admin' is a client in roles.toml"),
+        (("--add", "--clients", "N4=read"), "'N4' is a node here"),
     ]:
         done = certs(tmp_path, *args)
         assert done.returncode == 2 and words in done.stderr, (args, done.stderr)
