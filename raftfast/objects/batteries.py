@@ -179,6 +179,14 @@ class ReplSet(_FewSharedHashes):
         return len(new)
 
     @replicated
+    def remove(self, item: Any) -> None:
+        """Remove ``item``; KeyError if it is not there (``discard`` does not mind)."""
+        if item not in self.data:
+            raise KeyError(item)
+        self._forget(item)
+        del self.data[item]
+
+    @replicated
     def discard(self, item: Any) -> bool:
         """Remove ``item`` if it is there; whether it was."""
         if item not in self.data:
@@ -264,8 +272,22 @@ class ReplList:
         return True
 
     @replicated
+    def sort(self, reverse: bool = False) -> None:
+        """Sort the items in place (TypeError, and nothing changed, if they do not compare)."""
+        self.data[:] = sorted(self.data, reverse=bool(reverse))
+
+    @replicated
     def clear(self) -> None:
         self.data.clear()
+
+    @readonly
+    def index(self, item: Any) -> int:
+        """Where ``item`` first is (ValueError if it is not there)."""
+        return self.data.index(item)
+
+    @readonly
+    def count(self, item: Any) -> int:
+        return self.data.count(item)
 
     @readonly
     def get(self, index: int, default: Any = None) -> Any:

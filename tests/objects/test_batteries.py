@@ -49,6 +49,21 @@ def test_a_list_set_and_queue_apply_as_their_python_twins() -> None:
     assert m.write("items", "remove", "b") is True and m.write("items", "remove", "q") is False
     m.write("items", "set", 1, "C")
     assert m.read("items", "items") == ["a", "C"] and m.read("items", "get", 5, "none") == "none"
+    m.write("items", "extend", ["b", "a"])
+    assert m.read("items", "count", "a") == 2 and m.read("items", "index", "b") == 2
+    assert m.write("items", "sort", True) is None and m.read("items", "items") == [
+        "b",
+        "a",
+        "a",
+        "C",
+    ]
+    assert isinstance(m.write("items", "append", 1) and m.write("items", "sort"), TypeError)
+    assert m.read("items", "items") == ["b", "a", "a", "C", 1]  # (a sort that failed: unchanged)
+    for _ in range(3):
+        m.write("items", "pop", 1)
+    assert m.read("items", "items") == ["b", 1] and m.write("items", "pop") == 1
+    m.write("items", "set", 0, "a")
+    m.write("items", "append", "C")
     assert isinstance(m.write("items", "pop", 9), IndexError)
     assert isinstance(m.write("items", "set", True, "x"), TypeError)  # (True is 1 to a list)
     # a set keeps the order items came in (a set's own order differs from node to node)
@@ -56,6 +71,8 @@ def test_a_list_set_and_queue_apply_as_their_python_twins() -> None:
     assert m.write("tags", "update", ["w", "y", "v", "w"]) == 2
     assert m.read("tags", "items") == ["x", "y", "w", "v"] and m.read("tags", "contains", "v")
     assert m.write("tags", "pop") == "x" and m.write("tags", "discard", "v") is True
+    assert isinstance(m.write("tags", "remove", "v"), KeyError)
+    assert m.write("tags", "add", "v") and m.write("tags", "remove", "v") is None
     assert isinstance(m.write("tags", "update", {"a", "b"}), TypeError)  # (no order to keep)
     assert isinstance(m.write("items", "extend", {"a", "b"}), TypeError)
     # a dict's update takes a dict or pairs in a list: a set of pairs has no order every node
