@@ -99,6 +99,16 @@ class _FewSharedHashes:
                 del same[h]
         _SAME_HASH[self][2] -= 1  # (the key about to go)
 
+    def _drop(self, key: Any) -> None:
+        """Remove ``key`` (there), its hash uncounted."""
+        self._forget(key)
+        del self.data[key]
+
+    @replicated
+    def clear(self) -> None:
+        self.data.clear()
+        _SAME_HASH.pop(self, None)
+
 
 class ReplDict(_FewSharedHashes):
     """A dict of data (keys and values: what ``raftfast.objects.codec`` carries); at most
@@ -126,11 +136,6 @@ class ReplDict(_FewSharedHashes):
         if key in self.data:
             self._forget(key)
         return self.data.pop(key, default)
-
-    @replicated
-    def clear(self) -> None:
-        self.data.clear()
-        _SAME_HASH.pop(self, None)
 
     @readonly
     def get(self, key: Any, default: Any = None) -> Any:
@@ -183,16 +188,14 @@ class ReplSet(_FewSharedHashes):
         """Remove ``item``; KeyError if it is not there (``discard`` does not mind)."""
         if item not in self.data:
             raise KeyError(item)
-        self._forget(item)
-        del self.data[item]
+        self._drop(item)
 
     @replicated
     def discard(self, item: Any) -> bool:
         """Remove ``item`` if it is there; whether it was."""
         if item not in self.data:
             return False
-        self._forget(item)
-        del self.data[item]
+        self._drop(item)
         return True
 
     @replicated
@@ -201,14 +204,8 @@ class ReplSet(_FewSharedHashes):
         if not self.data:
             return default
         item = next(iter(self.data))
-        self._forget(item)
-        del self.data[item]
+        self._drop(item)
         return item
-
-    @replicated
-    def clear(self) -> None:
-        self.data.clear()
-        _SAME_HASH.pop(self, None)
 
     @readonly
     def contains(self, item: Any) -> bool:
@@ -324,7 +321,7 @@ class ReplQueue:
     @replicated
     def put(self, item: Any) -> bool:
         """Add ``item`` at the back; False (and nothing added) if the queue is full."""
-        if self.maxsize and len(self.queued) >= self.maxsize:
+        if self.full():
             return False
         self.queued[self.head + len(self.queued)] = item
         return True
