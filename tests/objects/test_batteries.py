@@ -119,3 +119,23 @@ def test_the_batteries_on_a_running_node(tmp_path) -> None:
             assert await items.items() == [{"k": [1, 2]}] and list(tags) == ["a"]
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("index", [0, -1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, -(2**63), 10**40])
+def test_extreme_list_positions_are_a_commands_result_or_error(index: int) -> None:
+    m = Machine()
+    m.write("items", "extend", ["a", "b"])
+    for method, args in [
+        ("insert", (index, "x")),
+        ("set", (index, "y")),
+        ("pop", (index,)),
+        ("get", (index, "none")),
+    ]:
+        if method == "get":
+            got = m.read("items", method, *args)
+        else:
+            got = m.write("items", method, *args)
+        assert isinstance(got, int | str | type(None) | IndexError | OverflowError), got
+    twin = m.restored()  # (the same state on a restored replica)
+    assert twin.read("items", "items") == m.read("items", "items")
+    assert m.write("items", "append", "z") == len(m.read("items", "items"))  # (still usable)
