@@ -41,13 +41,14 @@ from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Committed, Message, 
 from raftfast.errors import CorruptionError, LogError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
-from raftfast.server import logs
+from raftfast.server import lease, logs
 from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
 from raftfast.server.handlers import quiet_answers_not_sent, register
 from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
 from raftfast.server.incarnations import FILE as INCARNATIONS_FILE
 from raftfast.server.incarnations import Incarnations
+from raftfast.server.lease import LeaderLease
 from raftfast.server.membership import MembershipMixin
 from raftfast.server.metrics import MetricsServer, NodeMetrics, RequestTimer
 from raftfast.server.session_stream import SessionServer, server_context
@@ -145,6 +146,7 @@ class Driver(MembershipMixin, SnapshotMixin):
         self._reads_by_id: dict[int, list[asyncio.Future]] = {}
         self._reads_at: list[tuple[int, asyncio.Future]] = []  # (read index, waiter)
         self._read_ids = itertools.count(1)
+        self._lease = LeaderLease(settings.tick_ms, settings.election_ticks)
         self._fsync_pool = ThreadPoolExecutor(1, thread_name_prefix=f"raftfast-fsync-{self.id}")
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
@@ -578,15 +580,20 @@ class Driver(MembershipMixin, SnapshotMixin):
         if mode == "stale":
             return
         self._check_leader()
+        term = self.raw.term
         if mode == "lease":
-            # Leader lease: check-quorum deposes a leader cut off for an election timeout, so
-            # within it our state is current, assuming bounded clock drift (opt-in only).
-            await self._wait_applied(self.raw.commit_index)
-            return
+            # Within the lease of a round a quorum confirmed, no other leader can have been
+            # elected: our commit index is the cluster's (raftfast/server/lease.py).
+            if self._lease.holds(term):
+                await self._wait_applied(self.raw.commit_index)
+                return
+            asked = lease.now()  # (before the round's heartbeats go out: _feed)
         fut = asyncio.get_running_loop().create_future()
         self._read_requests.append(fut)
         self._wake.set()
         await fut
+        if mode == "lease":
+            self._lease.confirmed(term, asked)  # (a round of a later term: no lease of it)
 
     async def transfer_leadership(self, target: str, *, stopping: bool = False) -> tuple[str, int]:
         """Hand leadership to ``target``; returns (leader, term) once ``target`` leads.
@@ -609,6 +616,7 @@ class Driver(MembershipMixin, SnapshotMixin):
                 await asyncio.sleep(self.settings.tick_ms / 1000)
             self._check_transferee(target)  # (still, after the wait)
         self._streams_lost.discard(target)
+        self._lease.spoil(self.raw.term)  # (the target's forced vote ignores leases)
         self.raw.transfer_leadership(target)
         self._wake.set()
         limit = 2 * self.election_timeout_s

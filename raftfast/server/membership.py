@@ -27,6 +27,7 @@ from raftfast.limits import check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.server.incarnations import Incarnations
+from raftfast.server.lease import LeaderLease
 
 log = logging.getLogger("raftfast.node")
 
@@ -59,6 +60,7 @@ class MembershipMixin:
     applied_index: int
     _removed_ids: dict[str, int]
     _adding: asyncio.Lock  # (add_member's)
+    _lease: LeaderLease
     incarnations: Incarnations
 
     def peer_address_of(self, node_id: str) -> str | None:
@@ -191,6 +193,7 @@ class MembershipMixin:
         while True:
             self._check_leader()
             try:
+                self._lease.spoil(raw.term)  # (a new voter never heard us: it votes at once)
                 index = self.raw.propose_change(kind, node_id, address)
                 break
             except ChangeInProgressError:
