@@ -47,4 +47,3 @@ def test_a_spoiled_term_has_no_lease_again(clock):
     assert not held.holds(7), "a transfer or a membership change spoils the rest of the term"
     held.confirmed(8, asked=clock[0])
     assert held.holds(8)
-
