@@ -276,6 +276,9 @@ class BlockingSession:
         if not isinstance(sock, ssl.SSLSocket):
             sock.settimeout(None)  # (blocking, bounded by the kernel's timeouts: _bound)
         self._sock, self._target = sock, target
+        if self._closed:  # (closed by another thread while connecting: close() missed it)
+            self._drop()
+            raise RaftfastError("client is closed")
         self._buf.clear()
         self._answered = False
         self._bound_s = -1.0

@@ -73,7 +73,12 @@ CHANNEL_OPTIONS = (
 
 def parse_endpoints(endpoints: str | Iterable[str]) -> list[str]:
     """``"h1:p1,h2:p2"`` or an iterable of ``"host:port"`` -> a list; ValueError if malformed."""
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    if isinstance(endpoints, str):
+        items = endpoints.split(",")
+    elif isinstance(endpoints, Iterable):
+        items = list(endpoints)
+    else:
+        raise TypeError(f"endpoints must be a str or a list of str, not {type(endpoints).__name__}")
     out: list[str] = []
     for raw in items:
         if not isinstance(raw, str):

@@ -199,6 +199,13 @@ class Client(SessionMixin):
             client_id = new_client_id()
         if not isinstance(client_id, int) or not 0 < client_id < 2**63:
             raise ValueError("client_id must be an integer in [1, 2**63)")
+        for name, count in (
+            ("max_ops_per_frame", max_ops_per_frame),
+            ("max_frame_bytes", max_frame_bytes),
+            ("max_outstanding_writes", max_outstanding_writes),
+        ):
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise TypeError(f"{name} must be an int, not {type(count).__name__}")
         if max_ops_per_frame < 1 or max_frame_bytes < 1 or max_outstanding_writes < 1:
             raise ValueError("frame and window limits must be positive")
         if max_ops_per_frame > MAX_FRAME_OPS:
@@ -242,6 +249,7 @@ class Client(SessionMixin):
         self._stream: Stream | None = None
         self._session_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing: asyncio.Event | None = None  # (set by close(): ends backoffs' sleeps)
 
     # -- public properties -------------------------------------------------------------------
 
@@ -275,6 +283,8 @@ class Client(SessionMixin):
         if self._closed:
             return
         self._closed = True
+        if self._closing is not None:
+            self._closing.set()
         task, self._session_task = self._session_task, None
         if task is not None:
             task.cancel()
@@ -589,15 +599,19 @@ class Client(SessionMixin):
             self._loop = loop
             self._wake = asyncio.Event()
             self._deadlines = Deadlines(loop, self._expire)
+            self._closing = asyncio.Event()
         elif self._loop is not loop:
             raise RuntimeError("this Client is bound to the event loop it was first used in")
-        if self._session_task is None:
+        task = self._session_task
+        if task is None or task.done():  # (done: cancelled by the application, at a shutdown)
             self._session_task = loop.create_task(self._session_loop(), name="raftfast-session")
         return loop
 
     def _stub(self, address: str, service: str = "kv") -> Any:
         """The stub of ``service`` (kv, admin or machine) for ``address``; the services share
         one channel per address."""
+        if self._closed:  # (a channel opened now would never be closed)
+            raise RaftfastError("client is closed")
         stub = self._stubs.get((address, service))
         if stub is None:
             channel = self._channels.get(address)
@@ -672,6 +686,8 @@ class Client(SessionMixin):
         redirects = 0
         last_error: str | None = None
         while True:
+            if self._closed:  # (closed while this call backed off: it ends now)
+                raise RaftfastError("client is closed")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise self._timeout_error(total, last_error, False, what, target, endpoint)
@@ -729,6 +745,16 @@ class Client(SessionMixin):
                 delay = min(self._backoff(attempt), deadline - loop.time())
                 attempt += 1
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    await self._back_off(delay)
                 continue
             return target, response
+
+    async def _back_off(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until the client closes."""
+        closing = self._closing
+        assert closing is not None  # (set with the loop: _ensure_started)
+        try:
+            async with asyncio.timeout(seconds):
+                await closing.wait()
+        except TimeoutError:
+            pass

@@ -250,6 +250,8 @@ def _session_port(
         return asyncio.run_coroutine_threadsafe(call, loop).result(timeout + 5)
     except concurrent.futures.TimeoutError:  # (the loop is stopping: the client closes)
         raise ClusterUnavailableError("no answer to Status") from None
+    except concurrent.futures.CancelledError:  # (closed by another thread meanwhile)
+        raise RaftfastError("client is closed") from None
     except grpc.aio.AioRpcError as exc:
         code, details = exc.code(), one_line(exc.details() or exc.code().name.lower())
         if code == grpc.StatusCode.PERMISSION_DENIED:

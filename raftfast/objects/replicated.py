@@ -18,12 +18,14 @@
     scores = Scores()
     async with raftfast.Node(..., state_machine=raftfast.Objects(scores)) as node:
         await scores.record("ann", 7)          # proposed, applied on every node, its result
-        scores.best                            # this node's copy (a stale read)
+        scores.best                            # this node's copy (shows the record above)
         await scores.top(3)                    # a linearizable read (at the leader)
 
 A ``@replicated`` method called on an object of a started node proposes the call (its name and
 arguments) and returns its result once applied; every node applies it to its own copy, so the
-method must be deterministic and change only the object. With ``SyncNode`` the call blocks
+method must be deterministic and change only the object. It returns once this node has
+applied the call too (a follower waits for its own copy, up to the call's deadline), so this
+node's copy shows it. With ``SyncNode`` the call blocks
 instead of returning an awaitable. ``@readonly`` methods answer linearizable reads through the
 leader. Inside a method, calls to other replicated methods run directly (inside a read, other
 reads only: a read changes nothing).

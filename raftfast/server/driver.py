@@ -585,7 +585,7 @@ class Driver(MembershipMixin, SnapshotMixin):
             # Within the lease of a round a quorum confirmed, no other leader can have been
             # elected: our commit index is the cluster's (raftfast/server/lease.py).
             if self._lease.holds(term):
-                await self._wait_applied(self.raw.commit_index)
+                await self.wait_applied(self.raw.commit_index)
                 return
             asked = lease.now()  # (before the round's heartbeats go out: _feed)
         fut = asyncio.get_running_loop().create_future()
@@ -1105,7 +1105,8 @@ class Driver(MembershipMixin, SnapshotMixin):
                 if not fut.done():
                     fut.set_result(None)
 
-    async def _wait_applied(self, index: int) -> None:
+    async def wait_applied(self, index: int) -> None:
+        """Until this node has applied ``index``."""
         if self.applied_index >= index:
             return
         fut = asyncio.get_running_loop().create_future()

@@ -57,6 +57,7 @@ from raftfast.statemachine import StateMachine
 __all__ = ["Node", "SyncNode"]
 
 log = logging.getLogger("raftfast.node")
+_DEFAULT_TIMEOUT_S = 30.0  # a call's deadline unless the node's or the call's says otherwise
 
 T = TypeVar("T")
 _MODES = {"linearizable": pb.READ_LINEARIZABLE, "lease": pb.READ_LEASE, "stale": pb.READ_STALE}
@@ -84,7 +85,7 @@ class Node:
         peers: dict[str, str] | None = None,
         *,
         client_tls: TLSFiles | None = None,
-        timeout: float = 30.0,
+        timeout: float = _DEFAULT_TIMEOUT_S,
         **settings: Any,
     ) -> None:
         """``peers``: every founding member, this one included (id -> address); omit it with
@@ -98,7 +99,8 @@ class Node:
         )
         self.settings.validate()
         self.state_machine = state_machine
-        self.timeout = timeout
+        self.timeout = _DEFAULT_TIMEOUT_S
+        self.timeout = self._seconds(timeout)  # (refused here, not at every call)
         self._client_tls = client_tls
         self._driver: Any = None
         self._stopped = False
@@ -195,7 +197,8 @@ class Node:
         """Apply ``command`` on every member, exactly once; the state machine's result as
         bytes (None as b"", a str as UTF-8; an exception it returned is raised here as
         ``CommandError``), the same whichever member proposes: a follower forwards to the
-        leader, and results travel as bytes. A command over ``max_request_bytes`` is refused
+        leader, and results travel as bytes; a follower returns once it has applied the
+        command too (or at the deadline). A command over ``max_request_bytes`` is refused
         (``InvalidArgumentError``), here as at any member. A str command is sent as UTF-8."""
         command = to_bytes(command, "command")
         if len(command) > self.settings.max_request_bytes:
@@ -220,11 +223,25 @@ class Node:
                 return as_result_bytes(result)
 
             async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
-                return (await stub.Propose(request, timeout=left)).result
+                response = await stub.Propose(request, timeout=left)
+                await self._applied_here(response.index, deadline)
+                return response.result
 
             return await self._at_leader(local, remote, max(deadline - loop.time(), 0.001))
         finally:
             self._sequences.release(done)
+
+    async def _applied_here(self, index: int, deadline: float) -> None:
+        """Until this node has applied ``index`` too, so that its own state shows a command
+        the leader applied (``await d.set(k, v); d[k]`` on a follower, as PySyncObj's), or
+        until ``deadline``: the command is done either way."""
+        driver = self._running()
+        if driver.applied_index >= index:
+            return
+        # (TimeoutError: the deadline; RaftfastError: the node stops or fails meanwhile)
+        with contextlib.suppress(TimeoutError, RaftfastError):
+            async with asyncio.timeout_at(deadline):
+                await driver.wait_applied(index)
 
     def _own_client_id(self) -> int:
         """The id the leader's exactly-once table knows this node's commands by: with client
@@ -522,6 +539,12 @@ class SyncNode:
         return self
 
     def stop(self) -> None:
+        if threading.current_thread() is self._thread:
+            # (it would wait for its own thread, then leave its port and WAL open for good)
+            raise RaftfastError(
+                "a SyncNode cannot stop itself from its own thread (from inside a replicated "
+                "method or a state machine's apply): call stop() from another thread"
+            )
         if self._thread.is_alive():
             try:
                 self._run(self.node.stop())
@@ -564,20 +587,24 @@ class SyncNode:
     def propose(self, command: bytes, *, timeout: float | None = None) -> Any:
         return self._run(self.node.propose(command, timeout=timeout))
 
-    def query(self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None):
+    def query(
+        self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None
+    ) -> Any:
         return self._run(self.node.query(request, mode=mode, timeout=timeout))
 
-    def add_member(self, node_id: str, address: str, *, learner: bool = False) -> dict:
-        return self._run(self.node.add_member(node_id, address, learner=learner))
+    def add_member(
+        self, node_id: str, address: str, *, learner: bool = False, timeout: float | None = None
+    ) -> dict:
+        return self._run(self.node.add_member(node_id, address, learner=learner, timeout=timeout))
 
-    def promote_member(self, node_id: str) -> dict:
-        return self._run(self.node.promote_member(node_id))
+    def promote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        return self._run(self.node.promote_member(node_id, timeout=timeout))
 
-    def demote_member(self, node_id: str) -> dict:
-        return self._run(self.node.demote_member(node_id))
+    def demote_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        return self._run(self.node.demote_member(node_id, timeout=timeout))
 
-    def remove_member(self, node_id: str) -> dict:
-        return self._run(self.node.remove_member(node_id))
+    def remove_member(self, node_id: str, *, timeout: float | None = None) -> dict:
+        return self._run(self.node.remove_member(node_id, timeout=timeout))
 
     def transfer_leader(self, target: str) -> str:
         return self._run(self.node.transfer_leader(target))

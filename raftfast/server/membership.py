@@ -210,7 +210,7 @@ class MembershipMixin:
         down in the same Ready that applies it, so it still sees the entry applied."""
         loop = asyncio.get_running_loop()
         term = self.raw.term
-        applied = asyncio.ensure_future(self._wait_applied(index))
+        applied = asyncio.ensure_future(self.wait_applied(index))
         try:
             while not applied.done():
                 raw = self.raw

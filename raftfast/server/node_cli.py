@@ -730,7 +730,7 @@ def parse_settings(
     settings = NodeSettings(**values)
     try:
         settings.validate()
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(" ".join(str(exc).split())) from None
     if stored is not None and not args.drop_tls:
         _check_still_secured(settings, stored, data_dir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from raftfast.address import ADDRESS_FORM, is_address
 from raftfast.etcd.lessor import parse_retention
@@ -21,6 +21,11 @@ MAX_CLIENT_CONNECTIONS = 65536
 MAX_SETTING = 2**63 - 1  # any number a setting holds (what protobuf and the formats carry)
 MAX_TICK_MS = 10_000
 MAX_ELECTION_MS = 50_000  # etcd's bound on its election timeout
+
+
+# (the annotations are strings: ``from __future__ import annotations``)
+_TYPES = {"str": str, "int": int, "bool": bool, "dict[str, str]": dict}
+_TYPE_NAMES = {str: "a str", int: "an int", bool: "a bool (True or False)", dict: "a dict"}
 
 
 @dataclass
@@ -88,6 +93,21 @@ class NodeSettings:
     auto_compaction_retention: str = "100000"
     extra: dict[str, str] = field(default_factory=dict)
 
+    def _check_types(self) -> None:
+        """Each setting of its declared type: raftfast.Node passes its keywords as given
+        (``fsync="no"`` would have been true, ``data_dir=None`` a traceback at start)."""
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            kind = _TYPES[setting.type]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TypeError(
+                    f"setting {setting.name} must be {_TYPE_NAMES[kind]}, not "
+                    f"{type(value).__name__} ({value!r:.60})"
+                )
+        for name, mapping in (("peers", self.peers), ("extra", self.extra)):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+                raise TypeError(f"setting {name} must map strings to strings")
+
     @property
     def peer_address(self) -> str:
         """Where this node serves peers."""
@@ -128,6 +148,7 @@ class NodeSettings:
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for anything a node cannot start with."""
+        self._check_types()
         if not self.id:
             raise ValueError("--id must not be empty")
         check_node_id(self.id)

@@ -6,6 +6,7 @@ thread."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import socket
@@ -21,6 +22,7 @@ from raftfast.client import Client, SyncClient
 from raftfast.client.blocking import BlockingSession, NoTcpSession
 from raftfast.client.calls import DELETE, GET, PUT
 from raftfast.client.session import Op
+from raftfast.client.sync import _session_port
 from raftfast.errors import (
     ClusterUnavailableError,
     DeadlineExceededError,
@@ -439,3 +441,49 @@ def test_an_answer_claiming_4_gib_is_not_waited_for() -> None:
             assert time.monotonic() - started < 4 and op.sequence == 1
         finally:
             s.close()
+
+
+def test_a_close_while_connecting_leaves_no_connection(fakes) -> None:
+    # Another thread's close() came while the connection opened: the put then went out on a
+    # connection of the closed client (about 6% of such races), which stayed open.
+    port = fakes()
+    closing: list[BlockingSession] = []
+
+    def lookup(target: str, timeout: float) -> int:
+        closing[0].close()  # (as another thread would, while this one connects)
+        return port.port
+
+    s = session(port, lookup=lookup)
+    closing.append(s)
+    with pytest.raises(RaftfastError, match="client is closed"):
+        s.call(Op(PUT, b"k", b"v"), None)
+    assert s.connected_to is None and not port.frames
+
+
+def test_the_session_port_asked_as_the_client_closes_says_so() -> None:
+    # A bare concurrent.futures.CancelledError, with an empty message, before.
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asked = threading.Event()
+
+    class Asking:  # (a Client whose Status is never answered)
+        async def _ask_session_port(self, target: str, timeout: float) -> int:
+            asked.set()
+            await asyncio.Event().wait()
+            return 0
+
+    def close_when_asked() -> None:  # (closing cancels what is left on the client's loop)
+        assert asked.wait(10)
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+
+    closer = threading.Thread(target=close_when_asked)
+    closer.start()
+    try:
+        with pytest.raises(RaftfastError, match="client is closed"):
+            _session_port(Asking(), loop, "127.0.0.1:1", 30)  # type: ignore[arg-type]
+    finally:
+        closer.join(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -234,6 +234,8 @@ class ThreadedServer:
 
 
 def test_parse_endpoints() -> None:
+    with pytest.raises(TypeError, match="endpoints must be"):
+        parse_endpoints(None)  # type: ignore[arg-type]
     assert parse_endpoints("a:1, b:2,,a:1") == ["a:1", "b:2"]
     assert parse_endpoints(["[::1]:7001"]) == ["[::1]:7001"]
     for bad in ("", "host", "host:port", "host:0", ":7001", "h:70000"):
@@ -570,9 +572,56 @@ def test_calls_in_flight_end_when_the_client_closes() -> None:
     run(main)
 
 
+def test_unary_calls_that_retry_end_when_the_client_closes() -> None:
+    # They went on retrying an unreachable node to their deadline (a year with timeout=inf),
+    # on channels the closed client opened again and never closed.
+    async def main() -> None:
+        c = Client([closed_port()], timeout=float("inf"), backoff_max=1.0)
+        calls = [
+            asyncio.ensure_future(call)
+            for call in (c.status(), c.members(), c.scan(b""), c.propose(b"x"))
+        ]
+        deadline = time.monotonic() + 10
+        while not c._channels:  # (the first attempts made: they retry now)
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await c.close()
+        done, _ = await asyncio.wait(calls, timeout=10)
+        assert len(done) == len(calls), "calls still retrying after close()"
+        for call in calls:
+            with pytest.raises(RaftfastError, match="client is closed"):
+                call.result()
+        assert not c._channels
+
+    run(main)
+
+
+def test_a_session_task_cancelled_by_the_application_is_started_again() -> None:
+    # A shutdown that cancels every other task took the client's session with it: each later
+    # put or get waited out its whole deadline.
+    async def main(addr: str) -> None:
+        async with Client([addr], timeout=5) as c:
+            await c.put(b"a", b"1")
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            deadline = time.monotonic() + 10
+            while not c._session_task.done():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            await c.put(b"b", b"2", timeout=30)
+            assert await c.get(b"b", timeout=30) == b"2"
+
+    with ThreadedServer(FakeKV()) as servers:  # (its tasks are not the application's)
+        asyncio.run(main(servers.addresses[0]))
+
+
 @pytest.mark.parametrize(
     "options, error",
     [
+        ({"max_ops_per_frame": "5"}, TypeError),
+        ({"max_outstanding_writes": None}, TypeError),
+        ({"max_frame_bytes": 1.5}, TypeError),
         ({"cluster_id": "é"}, ValueError),
         ({"cluster_id": "a\nb"}, ValueError),
         ({"cluster_id": 5}, TypeError),

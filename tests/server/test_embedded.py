@@ -266,3 +266,74 @@ def test_a_cancellation_that_comes_as_a_proposal_ends_is_not_swallowed(tmp_path)
                 await caller[0]
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_command_proposed_at_a_follower_shows_in_its_own_state_when_it_returns(tmp_path):
+    # As PySyncObj's: `await counter.add(1)` on a follower, then its own copy showed the old
+    # value (195 of 200 times): the call returned with the leader's answer.
+    async def main() -> None:
+        nodes = three(tmp_path)
+        try:
+            for node in nodes:
+                await node.start()
+            leader = await nodes[0].wait_for_leader()
+            follower = next(node for node in nodes if node.id != leader)
+            for _ in range(30):
+                result = int(await follower.propose(b"1"))
+                assert follower.state_machine.value >= result
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+class _StopsItself(Counter):
+    node: raftfast.SyncNode | None = None
+
+    def apply(self, index: int, command: bytes) -> object:
+        if command == b"stop":
+            assert self.node is not None
+            try:
+                self.node.stop()
+            except RaftfastError as exc:
+                return str(exc).encode()
+            return b"stopped"
+        return super().apply(index, command)
+
+
+def test_a_sync_node_stopped_from_its_own_apply_says_so_and_runs_on(tmp_path):
+    # It froze 10 s, raised "cannot join current thread", and held its port and WAL until
+    # the process exited.
+    settings = _one_settings(tmp_path)
+    machine = settings["state_machine"] = _StopsItself()
+    node = machine.node = raftfast.SyncNode(**settings)
+    node.start()
+    try:
+        node.wait_for_leader()
+        assert b"cannot stop itself from its own thread" in node.propose(b"stop")
+        assert int(node.propose(b"2")) == 2
+    finally:
+        node.stop()
+    host, port = settings["listen"].rsplit(":", 1)
+    with socket.socket() as again:  # (its port is free)
+        again.bind((host, int(port)))
+
+
+@pytest.mark.parametrize(
+    "setting, error",
+    [
+        ({"timeout": 0}, ValueError),
+        ({"timeout": -1}, ValueError),
+        ({"timeout": float("nan")}, ValueError),
+        ({"timeout": "x"}, ValueError),
+        ({"fsync": "no"}, TypeError),
+        ({"data_dir": None}, TypeError),
+        ({"tick_ms": 2.5}, TypeError),
+        ({"peers": {"n1": 7001}}, TypeError),
+    ],
+)
+def test_bad_settings_are_refused_by_the_constructor(tmp_path, setting, error):
+    # (a timeout of 0 failed every later call with "no leader known"; fsync="no" was true)
+    with pytest.raises(error):
+        raftfast.Node(**{**_one_settings(tmp_path), **setting})

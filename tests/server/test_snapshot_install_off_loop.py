@@ -101,7 +101,7 @@ def test_the_loop_runs_while_a_leaders_snapshot_is_restored(tmp_path, monkeypatc
             before = follower.applied_index
             assert follower.applied_index < follower.raw.commit_index
             assert follower.fsm.get(b"k099") is None
-            waiting = asyncio.ensure_future(follower._wait_applied(follower.raw.commit_index))
+            waiting = asyncio.ensure_future(follower.wait_applied(follower.raw.commit_index))
             await asyncio.sleep(0)
             assert not waiting.done()
             assert follower.applied_index == before
