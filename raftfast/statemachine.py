@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-__all__ = ["StateMachine"]
+__all__ = ["StateMachine", "missing_methods"]
 
 
 class StateMachine:
@@ -100,3 +100,13 @@ class StateMachine:
         loop that long at every snapshot). A ``frozen`` or its ``snapshot`` that raises is a
         snapshot refused, tried again later, as a ``snapshot`` that raises."""
         return None
+
+
+def missing_methods(machine: object) -> list[str]:
+    """The methods a state machine must have that ``machine`` lacks (duck-typed: a class with
+    the same methods as StateMachine will do)."""
+    return [
+        m
+        for m in ("apply", "query", "snapshot", "restore")
+        if not callable(getattr(machine, m, None))
+    ]

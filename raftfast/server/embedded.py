@@ -52,7 +52,7 @@ from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, certificate_name, channel_credentials
 from raftfast.server.machine_service import as_result_bytes, command_refusal
 from raftfast.server.settings import NodeSettings
-from raftfast.statemachine import StateMachine
+from raftfast.statemachine import StateMachine, missing_methods
 
 __all__ = ["Node", "SyncNode"]
 
@@ -98,6 +98,15 @@ class Node:
             id=id, listen=listen, peers=dict(peers), data_dir=data_dir, **settings
         )
         self.settings.validate()
+        if state_machine is not None and (missing := missing_methods(state_machine)):
+            raise TypeError(
+                f"state_machine {type(state_machine).__name__} has no {', '.join(missing)} "
+                "(a raftfast.StateMachine's methods)"
+            )
+        if client_tls is not None and not isinstance(client_tls, TLSFiles):
+            raise TypeError(
+                f"client_tls must be a raftfast.TLSFiles, not {type(client_tls).__name__}"
+            )
         self.state_machine = state_machine
         self.timeout = _DEFAULT_TIMEOUT_S
         self.timeout = self._seconds(timeout)  # (refused here, not at every call)

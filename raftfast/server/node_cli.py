@@ -62,7 +62,7 @@ from raftfast.heap import keep_big_blocks_mapped
 from raftfast.security.roles import read_toml
 from raftfast.server import descriptors
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
-from raftfast.statemachine import StateMachine
+from raftfast.statemachine import StateMachine, missing_methods
 from raftfast.storage.fsutil import (
     DIR_MODE,
     lock_directory,
@@ -231,11 +231,7 @@ def load_state_machine(spec: str) -> StateMachine | None:
         raise ConfigError(
             f"--state-machine {spec}: cannot make it ({type(exc).__name__}: {exc})"
         ) from None
-    missing = [
-        m
-        for m in ("apply", "query", "snapshot", "restore")
-        if not callable(getattr(machine, m, None))
-    ]
+    missing = missing_methods(machine)
     if missing:
         raise ConfigError(f"--state-machine {spec}: it has no {', '.join(missing)}")
     return machine

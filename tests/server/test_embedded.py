@@ -331,6 +331,8 @@ def test_a_sync_node_stopped_from_its_own_apply_says_so_and_runs_on(tmp_path):
         ({"data_dir": None}, TypeError),
         ({"tick_ms": 2.5}, TypeError),
         ({"peers": {"n1": 7001}}, TypeError),
+        ({"state_machine": object()}, TypeError),  # (every command failed "has no apply")
+        ({"client_tls": "x"}, TypeError),
     ],
 )
 def test_bad_settings_are_refused_by_the_constructor(tmp_path, setting, error):
