@@ -604,8 +604,24 @@ class Client(SessionMixin):
             raise RuntimeError("this Client is bound to the event loop it was first used in")
         task = self._session_task
         if task is None or task.done():  # (done: cancelled by the application, at a shutdown)
-            self._session_task = loop.create_task(self._session_loop(), name="raftfast-session")
+            self._start_session(loop)
         return loop
+
+    def _start_session(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self._session_loop(), name="raftfast-session")
+        task.add_done_callback(self._session_ended)
+        self._session_task = task
+
+    def _session_ended(self, task: asyncio.Task[None]) -> None:
+        """The session task ended (cancelled: it never returns): an application that cancels
+        every task but its own, say. If calls still wait for it, it starts again now, not at
+        the next call; when the client closes, or the loop ends (its tasks cancelled, and
+        with them the calls), it does not."""
+        loop = self._loop
+        if self._closed or task is not self._session_task or loop is None or loop.is_closed():
+            return
+        if any(op.fut is not None and not op.fut.done() for op in self._pending):
+            self._start_session(loop)
 
     def _stub(self, address: str, service: str = "kv") -> Any:
         """The stub of ``service`` (kv, admin or machine) for ``address``; the services share

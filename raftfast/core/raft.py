@@ -33,6 +33,10 @@ from raftfast.core.types import (
 from raftfast.errors import BatchError, ChangeInProgressError, NotLeaderError
 
 _EMPTY = b""
+# Votes, pre-votes and their answers: of a newer term, ignored while in a leader's lease.
+_ELECTION_TRAFFIC = frozenset(
+    (MsgType.VOTE, MsgType.PRE_VOTE, MsgType.VOTE_RESP, MsgType.PRE_VOTE_RESP)
+)
 _FORCED_VOTE = 1  # VOTE context: a leadership transfer, which others' leases must not block
 # 2**32 elections at one every half second take 68 years: no real term jumps further.
 MAX_TERM_JUMP = 1 << 32
@@ -163,6 +167,17 @@ class Raft:
         last = self.log.append(self.term, payloads, ENTRY_NORMAL)
         self._broadcast_append()
         return first, last
+
+    def learn_commit(self, index: int, term: int) -> bool:
+        """A follower told by its leader, out of band (the answer to a proposal it forwarded),
+        that entry ``index`` of ``term`` is committed: if our log holds that very entry, our
+        log up to it is the leader's (log matching), so it is committed here too; True if that
+        moved our commit index. (An append or heartbeat would tell us a moment later.)"""
+        if self.role != Role.FOLLOWER or term == 0 or index <= self.log.committed:
+            return False
+        if not self.log.match_term(index, term):
+            return False
+        return self.log.commit_to(index)
 
     def read_index(self, request_id: int) -> None:
         """ReadIndex (thesis §6.4): confirm leadership with a heartbeat round, then report
@@ -391,8 +406,11 @@ class Raft:
                 and m.term == self.term + 1
                 and any(m.src in c.voters for _, c in self._configs)
             )
-            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE) and self._in_lease() and not forced:
-                return  # we heard from a live leader recently: don't let a stray node disrupt it
+            if m.type in _ELECTION_TRAFFIC and self._in_lease() and not forced:
+                # We heard from a live leader recently: don't let a stray node disrupt it, nor
+                # a late answer to a campaign of ours from before (a higher-term rejection
+                # made us forget the leader, and vote, within its lease).
+                return
             if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
                 pass  # pre-vote traffic never changes our term
             elif m.type in (MsgType.APPEND, MsgType.HEARTBEAT, MsgType.SNAPSHOT):

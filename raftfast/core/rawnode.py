@@ -71,6 +71,11 @@ class RawNode:
     def campaign(self) -> None:
         self.raft.campaign()
 
+    def learn_commit(self, index: int, term: int) -> bool:
+        """The leader said, out of band, that entry ``index`` of ``term`` is committed: True
+        if that commits more here (see RaftCore.learn_commit)."""
+        return self.raft.learn_commit(index, term)
+
     def read_index(self, request_id: int) -> None:
         """Start a linearizable read; ``(request_id, index)`` shows up in ``Ready.read_states``."""
         self.raft.read_index(request_id)

@@ -383,12 +383,14 @@ class ProposeRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., sequence: _Optional[int] = ..., command: _Optional[bytes] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("result", "index")
+    __slots__ = ("result", "index", "term")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
     result: bytes
     index: int
-    def __init__(self, result: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
+    term: int
+    def __init__(self, result: _Optional[bytes] = ..., index: _Optional[int] = ..., term: _Optional[int] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("request", "read_mode")

@@ -1105,6 +1105,12 @@ class Driver(MembershipMixin, SnapshotMixin):
                 if not fut.done():
                     fut.set_result(None)
 
+    def learn_commit(self, index: int, term: int) -> None:
+        """The leader said entry ``index`` of ``term`` is committed (RawNode.learn_commit):
+        applied with the next Ready, not at the leader's next append or heartbeat."""
+        if self.raw is not None and not self._stopping and self.raw.learn_commit(index, term):
+            self._wake.set()
+
     async def wait_applied(self, index: int) -> None:
         """Until this node has applied ``index``."""
         if self.applied_index >= index:

@@ -233,22 +233,24 @@ class Node:
 
             async def remote(stub: pb_grpc.StateMachineStub, left: float) -> Any:
                 response = await stub.Propose(request, timeout=left)
-                await self._applied_here(response.index, deadline)
+                await self._applied_here(response.index, response.term, deadline)
                 return response.result
 
             return await self._at_leader(local, remote, max(deadline - loop.time(), 0.001))
         finally:
             self._sequences.release(done)
 
-    async def _applied_here(self, index: int, deadline: float) -> None:
-        """Until this node has applied ``index`` too, so that its own state shows a command
-        the leader applied (``await d.set(k, v); d[k]`` on a follower, as PySyncObj's), or
-        until ``deadline``: the command is done either way."""
-        driver = self._running()
-        if driver.applied_index >= index:
-            return
+    async def _applied_here(self, index: int, term: int, deadline: float) -> None:
+        """Until this node has applied ``index`` (of ``term``) too, so that its own state
+        shows a command the leader applied (``await d.set(k, v); d[k]`` on a follower, as
+        PySyncObj's), or until ``deadline``: the command is done either way. The leader's
+        answer says that entry is committed: applied here at once if this log holds it."""
         # (TimeoutError: the deadline; RaftfastError: the node stops or fails meanwhile)
         with contextlib.suppress(TimeoutError, RaftfastError):
+            driver = self._running()
+            if driver.applied_index >= index:
+                return
+            driver.learn_commit(index, term)
             async with asyncio.timeout_at(deadline):
                 await driver.wait_applied(index)
 

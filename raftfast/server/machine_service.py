@@ -47,7 +47,10 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
             raise BadRequest(refusal)  # (refused here, it never reaches the log)
         command = frame_command(client_id, request.sequence, request.command)
         (result,) = await self.timed(context, self.node.propose([command]), DEADLINE_WRITE)
-        return pb.ProposeResponse(result=as_result_bytes(result), index=self.node.applied_index)
+        applied = self.node.applied_index
+        return pb.ProposeResponse(
+            result=as_result_bytes(result), index=applied, term=self.node.raw.term_at(applied)
+        )
 
     @rpc
     async def Query(  # noqa: N802

@@ -95,10 +95,16 @@ class NodeSettings:
 
     def _check_types(self) -> None:
         """Each setting of its declared type: raftfast.Node passes its keywords as given
-        (``fsync="no"`` would have been true, ``data_dir=None`` a traceback at start)."""
+        (``fsync="no"`` would have been true, ``data_dir=None`` a traceback at start). A path
+        (``pathlib.Path``) is taken for a str, 0 and 1 for a bool."""
         for setting in fields(self):
             value = getattr(self, setting.name)
             kind = _TYPES[setting.type]
+            if kind is str and isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif kind is bool and type(value) is int and value in (0, 1):
+                value = bool(value)
+            setattr(self, setting.name, value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise TypeError(
                     f"setting {setting.name} must be {_TYPE_NAMES[kind]}, not "

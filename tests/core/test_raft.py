@@ -165,6 +165,44 @@ def test_leader_lease_ignores_vote_requests_while_it_hears_from_the_leader():
     assert b.raft.term == 1 and b.raft.vote != "c"
 
 
+@pytest.mark.parametrize("kind", [MsgType.PRE_VOTE_RESP, MsgType.VOTE_RESP])
+def test_leader_lease_ignores_late_higher_term_answers_to_an_old_campaign(kind):
+    # A late rejection of one of b's pre-votes from before it heard a (c had moved to a newer
+    # term) made b forget its leader and vote for c at once: c was elected within a's lease,
+    # and a's lease reads were stale.
+    net = Net(IDS)
+    net.elect("a")
+    a, b, c = (net.node(x) for x in IDS)
+    net.down.add("a")  # (cut off right after its last round: it still leads, in its lease)
+    c.raft.term += 1
+    b.step(Message(kind, "c", "b", c.raft.term, reject=True))
+    assert b.raft.term == a.raft.term and b.raft.leader == "a"
+    c.raft.become_follower(c.raft.term, "", "test")
+    c.campaign()
+    net.drive()
+    assert c.raft.role != Role.LEADER and a.raft.role == Role.LEADER
+
+
+def test_a_follower_told_out_of_band_that_an_entry_it_holds_is_committed_commits_it():
+    # (the answer to a proposal a follower forwarded: it applies at once, not at the leader's
+    # next append or heartbeat)
+    net = Net(IDS)
+    net.elect("a")
+    a, b = net.node("a"), net.node("b")
+    index, _ = a.propose([b"x"])
+    net.drive()
+    assert a.commit_index >= index > b.commit_index  # (the commit rides on the next append)
+    term = a.term_at(index)
+    assert not b.learn_commit(index, term + 1), "another entry at that index"
+    assert not b.learn_commit(index + 1, term), "not in its log"
+    assert not b.learn_commit(index, 0)
+    assert not a.learn_commit(index, term), "a leader knows"
+    assert b.learn_commit(index, term) and b.commit_index == index
+    net.drive()
+    assert net.applied["b"][-1:] == [b"x"]
+    assert not b.learn_commit(index, term)
+
+
 def test_stale_leader_steps_down_on_a_higher_term_answer():
     net = Net(IDS)
     net.elect("a")

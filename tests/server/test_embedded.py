@@ -339,3 +339,13 @@ def test_bad_settings_are_refused_by_the_constructor(tmp_path, setting, error):
     # (a timeout of 0 failed every later call with "no leader known"; fsync="no" was true)
     with pytest.raises(error):
         raftfast.Node(**{**_one_settings(tmp_path), **setting})
+
+
+def test_a_path_is_taken_for_a_str_setting_and_0_or_1_for_a_bool(tmp_path):
+    settings = {**_one_settings(tmp_path), "data_dir": tmp_path / "n1", "fsync": 0}
+    node = raftfast.SyncNode(**settings)
+    assert node.node.settings.data_dir == str(tmp_path / "n1")
+    assert node.node.settings.fsync is False
+    with node:
+        node.wait_for_leader()
+        assert int(node.propose(b"3")) == 3
