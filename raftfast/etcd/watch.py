@@ -78,6 +78,9 @@ _CALL_BYTES = 256 * 1024
 # the client reads it, even once the stream is ended (its status waits behind it: HTTP/2), so
 # what a stream ended to make room keeps is one answer of about this size or one revision.
 _RESPONSE_BYTES = 64 * 1024
+# A revision's answer for a watcher that did not ask for fragments is one message up to this
+# size (gRPC sends none over tcp.MAX_RECORD_BYTES, 64 MiB); past it, in parts (_Stream.serialized).
+_WHOLE_REVISION_BYTES = 60 * 1024 * 1024
 # A stream holding answers its client has not taken for this long may be ended to make room;
 # a client that reads takes an answer of _CALL_BYTES in milliseconds.
 _STALLED_S = 2.0
@@ -184,6 +187,9 @@ class _Stream:
         self._future: list[tuple[int, int, _Watcher]] = []
         self._made = 0
         self._progress = 0  # watchers that asked for progress notifications
+        # The parts of a revision so far, serialized, of the watchers that did not ask for
+        # fragments (``serialized``), by watch id: [their bytes, part, part...], sent whole.
+        self._joining: dict[int, list] = {}
 
     def take(self, request: pb.WatchRequest) -> None:
         if not isinstance(request, pb.WatchRequest):  # (handlers.Malformed: did not parse)
@@ -283,6 +289,7 @@ class _Stream:
         self._behind.clear()
         self._future.clear()
         self.watchers.clear()
+        self._joining.clear()
 
     # -- the synced watchers, by key --------------------------------------------------------
 
@@ -424,7 +431,7 @@ class _Stream:
                     header=self.api.header(upto),
                     watch_id=w.id,
                     events=[event_pb(e, w.prev_kv) for e in part],
-                    fragment=more and w.fragment,
+                    fragment=more,  # (kept only for a watcher that asked: pending, serialized)
                 )
             )
         w.last_sent = time.monotonic()
@@ -471,6 +478,60 @@ class _Stream:
         return spent, pb.WatchResponse(header=self.api.header(rev), watch_id=w.id, events=events)
 
     def pending(self) -> list[pb.WatchResponse]:
+        """``_pending``'s answers, a part of a revision marked ``fragment`` only for a watcher
+        that asked for fragments."""
+        out = self._pending()
+        for r in out:
+            if r.fragment and not self._wants_fragments(r.watch_id):
+                r.fragment = False
+        return out
+
+    def serialized(self) -> tuple[list[bytes], int, int]:
+        """``_pending``'s answers as gRPC sends them (bytes), the bytes built (what the stream
+        holds now: parts held back too) and the bytes of held parts let go. The parts of a
+        revision, for a watcher that did not ask for fragments, go as one answer once it is
+        whole (serialized answers joined are one: protobuf's repeated fields concatenate), as
+        etcd sends each revision: clientv3 watches again after a broken stream from the last
+        event's revision + 1, and lost the rest of a revision cut there (3,000 of a DeleteRange's
+        5,000 events seen, when a node was killed). Past _WHOLE_REVISION_BYTES, in parts."""
+        out: list[bytes] = []
+        built = 0
+        joining = self._joining
+        for r in self._pending():
+            part = r.fragment and not self._wants_fragments(r.watch_id)
+            if part:
+                r.fragment = False
+            data = r.SerializeToString()
+            built += len(data)
+            held = joining.get(r.watch_id)
+            if held is None:
+                if part:
+                    joining[r.watch_id] = [len(data), data]
+                else:
+                    out.append(data)
+                continue
+            if not r.events or r.canceled:  # (canceled: the held parts are let go below)
+                out.append(data)
+                continue
+            held.append(data)
+            held[0] += len(data)
+            if part and held[0] < _WHOLE_REVISION_BYTES:
+                continue
+            del joining[r.watch_id]
+            if held[0] < _WHOLE_REVISION_BYTES:
+                out.append(b"".join(held[1:]))
+            else:
+                out.extend(held[1:])
+        let_go = 0
+        for watch_id in [i for i in joining if self.watchers.get(i) is None]:
+            let_go += joining.pop(watch_id)[0]
+        return out, built, let_go
+
+    def _wants_fragments(self, watch_id: int) -> bool:
+        w = self.watchers.get(watch_id)
+        return w is not None and w.fragment
+
+    def _pending(self) -> list[pb.WatchResponse]:
         """What to send now: queued answers, then new events for each watcher (a bounded
         amount per watcher and call), then a progress answer once all have caught up. A call
         does about max_request_bytes of work (watchers looked at, walks, events) and builds
@@ -652,9 +713,11 @@ class WatchService(pb_grpc.WatchServicer):
                         continue  # (taken meanwhile)
                     # Serialized here, once: what the node holds is counted (gRPC passes bytes
                     # on as they are: raftfast.server.handlers._serialize).
-                    built = [r.SerializeToString() for r in stream.pending()]
+                    built, size, let_go = stream.serialized()
                     unsent.extend(built)
-                    self._hold(stream, sum(map(len, built)))
+                    self._hold(stream, size)
+                    if let_go:
+                        self._let_go(stream, let_go)
                     del built
                     if unsent or stream.wake.is_set():
                         await asyncio.sleep(0)  # (the next stream's call in the next turn)
@@ -703,6 +766,14 @@ class WatchService(pb_grpc.WatchServicer):
         stream.held += size
         self.unsent += size
         self.peak = max(self.peak, self.unsent + self.stuck)
+
+    def _let_go(self, stream: _Stream, size: int) -> None:
+        """``stream`` let go of ``size`` bytes it held, never to be sent."""
+        stream.held -= size
+        self.unsent -= size
+        if not stream.held:
+            self.holders.pop(stream, None)
+        self._wake_next()
 
     def _taken(self, stream: _Stream, size: int) -> None:
         """gRPC took ``size`` bytes of ``stream``'s answers."""
