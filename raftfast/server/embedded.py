@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import grpc
 
 from raftfast._batch_py import to_bytes
-from raftfast.client.calls import CHANNEL_OPTIONS
+from raftfast.client.calls import CHANNEL_OPTIONS, BytesLike
 from raftfast.dedup import owned_client_id
 from raftfast.errors import (
     ClusterUnavailableError,
@@ -202,7 +202,7 @@ class Node:
 
     # -- commands and queries --------------------------------------------------------------
 
-    async def propose(self, command: bytes, *, timeout: float | None = None) -> Any:
+    async def propose(self, command: BytesLike, *, timeout: float | None = None) -> bytes:
         """Apply ``command`` on every member, exactly once; the state machine's result as
         bytes (None as b"", a str as UTF-8; an exception it returned is raised here as
         ``CommandError``), the same whichever member proposes: a follower forwards to the
@@ -270,8 +270,8 @@ class Node:
         return self._owned_id
 
     async def query(
-        self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None
-    ) -> Any:
+        self, request: BytesLike, *, mode: str = "linearizable", timeout: float | None = None
+    ) -> bytes:
         """Ask the state machine ``request`` (read-only). ``linearizable`` (the default) and
         ``lease`` read at the leader (a follower forwards); ``stale`` reads this node's state
         as it is. A str request is sent as UTF-8."""
@@ -595,12 +595,12 @@ class SyncNode:
     def wait_for_leader(self, timeout: float | None = None) -> str:
         return self._run(self.node.wait_for_leader(timeout))
 
-    def propose(self, command: bytes, *, timeout: float | None = None) -> Any:
+    def propose(self, command: BytesLike, *, timeout: float | None = None) -> bytes:
         return self._run(self.node.propose(command, timeout=timeout))
 
     def query(
-        self, request: bytes, *, mode: str = "linearizable", timeout: float | None = None
-    ) -> Any:
+        self, request: BytesLike, *, mode: str = "linearizable", timeout: float | None = None
+    ) -> bytes:
         return self._run(self.node.query(request, mode=mode, timeout=timeout))
 
     def add_member(
