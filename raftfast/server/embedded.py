@@ -43,14 +43,13 @@ from raftfast.errors import (
     InvalidArgumentError,
     NotLeaderError,
     RaftfastError,
-    message_of,
 )
 from raftfast.exactly_once import frame_command
 from raftfast.limits import MAX_CLIENT_ID, MAX_TIMEOUT_S
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, certificate_name, channel_credentials
-from raftfast.server.machine_service import as_result_bytes, command_refusal
+from raftfast.server.machine_service import as_result_bytes, asked, command_refusal
 from raftfast.server.settings import NodeSettings
 from raftfast.statemachine import StateMachine, missing_methods
 
@@ -330,11 +329,7 @@ class Node:
     # -- internals -------------------------------------------------------------------------
 
     def _query_here(self, request: bytes) -> Any:
-        try:
-            result = self._running().fsm.query(request)
-        except Exception as exc:  # noqa: BLE001 - the state machine's refusal, as remotely
-            raise CommandError(f"{type(exc).__name__}: {message_of(exc)}") from None
-        return as_result_bytes(result, applied=False)  # (as from any other member)
+        return asked(self._running().fsm, request)  # (as from any other member)
 
     def _seconds(self, timeout: float | None) -> float:
         """A call's timeout: ``timeout``, or the node's when None (0 meant the default)."""

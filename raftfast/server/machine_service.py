@@ -59,11 +59,7 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
         self.check_size(request.ByteSize())
         mode = self.read_mode(request.read_mode)
         await self.timed(context, self.node.read_barrier(mode), DEADLINE_READ)
-        try:
-            result = self.node.fsm.query(request.request)
-        except Exception as exc:  # noqa: BLE001 - the state machine's refusal, not ours
-            raise CommandError(f"{type(exc).__name__}: {message_of(exc)}") from None
-        return pb.QueryResponse(result=as_result_bytes(result, applied=False))
+        return pb.QueryResponse(result=asked(self.node.fsm, request.request))
 
 
 class StatusOnly(Service, pb_grpc.KVServicer):
@@ -108,6 +104,19 @@ def as_result_bytes(result: Any, applied: bool = True) -> bytes:
     )
 
 
+def asked(fsm: Any, request: bytes) -> Any:
+    """The state machine's answer to ``request`` (its ``query``), or CommandError for any
+    exception it raises but KeyboardInterrupt (SystemExit too: a query must not stop the
+    node, nor each node the client tries next), as results in bytes (as_result_bytes)."""
+    try:
+        result = fsm.query(request)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the state machine's refusal, not ours
+        raise CommandError(f"{type(exc).__name__}: {message_of(exc)}") from None
+    return as_result_bytes(result, applied=False)
+
+
 def command_refusal(fsm: Any, command: bytes) -> str | None:
     """Why the state machine's optional ``check`` refuses ``command`` (None: it takes it), as
     a client reads it: a ValueError's message, any other exception's type too."""
@@ -116,7 +125,10 @@ def command_refusal(fsm: Any, command: bytes) -> str | None:
         return None
     try:
         check(command)
-    except Exception as exc:  # noqa: BLE001 - a user's check: any refusal is the client's
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a user's check: any refusal is the client's
+        # (SystemExit too: one request made every node it reached exit, the client retrying)
         message = message_of(exc)
         named = message if type(exc) is ValueError else f"{type(exc).__name__}: {message}"
         return f"command refused: {named}"

@@ -349,3 +349,35 @@ def test_a_path_is_taken_for_a_str_setting_and_0_or_1_for_a_bool(tmp_path):
     with node:
         node.wait_for_leader()
         assert int(node.propose(b"3")) == 3
+
+
+class _Exits(Counter):
+    """A state machine whose check and query raise SystemExit (a library it calls, say)."""
+
+    def check(self, command: bytes) -> None:
+        if command == b"exit":
+            raise SystemExit(3)
+
+    def query(self, request: bytes) -> bytes:
+        if request == b"exit":
+            raise SystemExit(4)
+        return super().query(request)
+
+
+def test_a_check_or_query_that_raises_system_exit_fails_the_call_only(tmp_path):
+    # One such request made every node it reached exit (the client retrying at the next).
+    settings = {**_one_settings(tmp_path), "state_machine": _Exits()}
+    with raftfast.SyncNode(**settings) as node:
+        node.wait_for_leader()
+        with pytest.raises(raftfast.InvalidArgumentError, match="SystemExit"):
+            node.propose(b"exit")
+        for mode in ("linearizable", "stale"):
+            with pytest.raises(CommandError, match="SystemExit"):
+                node.query(b"exit", mode=mode)
+        assert int(node.propose(b"2")) == 2
+        with raftfast.SyncClient(settings["listen"], timeout=10) as client:
+            with pytest.raises(raftfast.InvalidArgumentError, match="SystemExit"):
+                client.propose(b"exit")
+            with pytest.raises(CommandError, match="SystemExit"):
+                client.query(b"exit")
+            assert client.query(b"") == b"2"
