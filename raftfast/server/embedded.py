@@ -389,6 +389,8 @@ class Node:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     details = exc.details() or "refused"
                     raise CommandError(details.removeprefix("state machine:").strip()) from None
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # (as it is refused here)
+                    raise InvalidArgumentError(f"the leader refused: {exc.details()}") from None
                 if exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -38,7 +38,7 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
     async def Propose(  # noqa: N802 - gRPC naming
         self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ProposeResponse:
-        self.check_size(request.ByteSize())
+        self.check_size(len(request.command))  # (the command: as Node.propose counts it)
         self.check_client_id(request.client_id)
         self.check_sequence(request.sequence)
         client_id = self.own_client_id(request.client_id, context)  # (as over KV)
@@ -56,7 +56,7 @@ class MachineService(Service, pb_grpc.StateMachineServicer):
     async def Query(  # noqa: N802
         self, request: pb.QueryRequest, context: grpc.aio.ServicerContext
     ) -> pb.QueryResponse:
-        self.check_size(request.ByteSize())
+        self.check_size(len(request.request))
         mode = self.read_mode(request.read_mode)
         await self.timed(context, self.node.read_barrier(mode), DEADLINE_READ)
         return pb.QueryResponse(result=asked(self.node.fsm, request.request))

@@ -381,3 +381,43 @@ def test_a_check_or_query_that_raises_system_exit_fails_the_call_only(tmp_path):
             with pytest.raises(CommandError, match="SystemExit"):
                 client.query(b"exit")
             assert client.query(b"") == b"2"
+
+
+class _Sizes(Counter):
+    def apply(self, index: int, command: bytes) -> object:
+        return str(len(command)).encode()
+
+
+def test_a_command_at_the_size_limit_is_taken_at_every_member_and_one_over_refused(tmp_path):
+    # The leader's service counted the request's other fields too: a command of the limit was
+    # applied when proposed at the leader, refused ("the leader refused", untyped) through a
+    # follower, and a client's from ~16 bytes under the limit.
+    limit = 65_536
+    ports = free_ports(3)
+    peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
+    nodes = [
+        raftfast.SyncNode(
+            id=nid,
+            listen=addr,
+            peers=peers,
+            data_dir=str(tmp_path / nid),
+            state_machine=_Sizes(),
+            tick_ms=20,
+            max_request_bytes=limit,
+            timeout=30,
+        )  # fmt: skip
+        for nid, addr in peers.items()
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        nodes[0].wait_for_leader()
+        whole = b"x" * limit
+        with raftfast.SyncClient(list(peers.values()), timeout=30) as client:
+            for propose in [node.propose for node in nodes] + [client.propose]:
+                assert propose(whole) == str(limit).encode()
+                with pytest.raises(raftfast.InvalidArgumentError, match="limit"):
+                    propose(whole + b"x")
+    finally:
+        for node in nodes:
+            node.stop()
