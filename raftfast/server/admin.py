@@ -116,6 +116,13 @@ class JoinService(Service):
         if request.list_only:
             return self.node.members(require_leader=False)
         _check_address(request.address)
+        ours, theirs = self.node.app.served, request.state_machine
+        if theirs and theirs != ours:  # ("": a node of an earlier release, which does not say)
+            raise ValueError(
+                f"this cluster serves {ours[:100]!r}, {request.id[:100]!r} serves "
+                f"{theirs[:100]!r}: a member must serve the same state machine (it would apply "
+                "the cluster's commands to its own, and answer for it as leader)"
+            )
         return await self.node.add_member(
             request.id, request.address, False, self.timeout_of(context)
         )

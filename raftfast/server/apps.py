@@ -46,6 +46,8 @@ class MachineApp:
         # what its snapshots name it by (--state-machine; None: an object handed to an
         # embedded node, which names none)
         self.state_machine_name: str | None = driver.settings.state_machine or None
+        # what it serves, as a joining node says (JoinRequest.state_machine)
+        self.served = f"machine:{type(state_machine).__qualname__}"
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
         register(
@@ -79,6 +81,7 @@ class KVApp:
 
     service_names = ("raftfast.v1.KV", *ETCD_SERVICE_NAMES)  # the client services it adds
     state_machine_name = ""  # (what its snapshots name it by: --state-machine's "")
+    served = "kv"  # (what it serves, as a joining node says: JoinRequest.state_machine)
 
     def __init__(self, driver: Driver, state_machine: KVStateMachine) -> None:
         self.driver = driver

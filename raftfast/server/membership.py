@@ -309,7 +309,9 @@ class MembershipMixin:
         backoff = 0.2
         target = s.join
         self._joining = True
-        request = pb.JoinRequest(cluster_id=s.cluster_id, id=s.id, address=s.peer_address)
+        request = pb.JoinRequest(
+            cluster_id=s.cluster_id, id=s.id, address=s.peer_address, state_machine=self.app.served
+        )
         while not self.stopping:
             channel = self.transport.channel(target)
             try:

@@ -421,3 +421,32 @@ def test_a_command_at_the_size_limit_is_taken_at_every_member_and_one_over_refus
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_node_serving_another_state_machine_cannot_join(tmp_path):
+    # A node of the KV store (or of another class) joined a cluster of counters as a voter,
+    # applied their commands to its own state and, once leader, refused every proposal.
+    async def main() -> None:
+        nodes = three(tmp_path)
+        [port] = free_ports(1)
+        stranger = raftfast.Node(
+            id="n4", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "n4"),
+            state_machine=None, join=nodes[0].settings.listen, tick_ms=20,
+        )  # fmt: skip
+        try:
+            for node in nodes:
+                await node.start()
+            await nodes[0].wait_for_leader()
+            await stranger.start()
+            deadline = asyncio.get_running_loop().time() + 60
+            while stranger._driver.failed is None:
+                assert asyncio.get_running_loop().time() < deadline, "the join went on"
+                await asyncio.sleep(0.05)
+            assert "serves 'machine:Counter', 'n4' serves 'kv'" in str(stranger._driver.failed)
+            members = (await nodes[0].status())["members"]
+            assert {m["id"] for m in members} == {"n1", "n2", "n3"}
+        finally:
+            for node in [*nodes, stranger]:
+                await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
