@@ -4,6 +4,7 @@ built.
 Metadata lives in pyproject.toml; this file only declares ext_modules.
 """
 
+import multiprocessing
 import os
 import sys
 
@@ -15,6 +16,11 @@ EXTENSIONS = ["raftfast._log", "raftfast._batch", "raftfast._store", "raftfast._
 
 class OptionalBuildExt(build_ext):
     """Compile the extensions, but let the install succeed (pure Python) without a C compiler."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if not self.parallel:  # (one module per core: 29 s -> 20 s here, with 2)
+            self.parallel = os.cpu_count() or 1
 
     def run(self) -> None:
         try:
@@ -65,6 +71,8 @@ def extensions() -> list:
             "cdivision": True,
         },
         quiet=True,
+        # (processes: only where they fork; spawned ones would run this file again)
+        nthreads=(os.cpu_count() or 1) if multiprocessing.get_start_method() == "fork" else 0,
     )
 
 
