@@ -269,11 +269,8 @@ def test_at_compaction_compacted_again_during_walk(monkeypatch: pytest.MonkeyPat
 # -- fan-out: many watchers, big revisions --------------------------------------------------
 
 
-def test_a_big_revision_goes_to_a_watcher_in_parts_across_calls() -> None:
-    # A DeleteRange of 50,000 keys was made into events for each watcher in one call (0.26 s
-    # with one prev_kv watcher, an election with 20): now at most MAX_EVENTS_PER_RESPONSE
-    # events of it per watcher and call, in order, fragments marked.
-    n = 3 * watch.MAX_EVENTS_PER_RESPONSE + 7
+def _big_delete(n: int) -> tuple[MVCCStore, watch._Stream]:
+    """A store of ``n`` keys d/000000... (one revision per 128) and a stream on it."""
     store = MVCCStore()
     for i in range(0, n, 128):
         ops = [
@@ -281,7 +278,15 @@ def test_a_big_revision_goes_to_a_watcher_in_parts_across_calls() -> None:
             for j in range(i, min(i + 128, n))
         ]
         store.apply(encode(pb.TxnRequest(success=ops)))
-    stream = watch._Stream(_api(store))
+    return store, watch._Stream(_api(store))
+
+
+def test_a_big_revision_goes_to_a_watcher_in_parts_across_calls() -> None:
+    # A DeleteRange of 50,000 keys was made into events for each watcher in one call (0.26 s
+    # with one prev_kv watcher, an election with 20): now at most MAX_EVENTS_PER_RESPONSE
+    # events of it per watcher and call, in order, fragments marked.
+    n = 3 * watch.MAX_EVENTS_PER_RESPONSE + 7
+    store, stream = _big_delete(n)
     _create(stream, key=b"d/", range_end=b"d0", prev_kv=True, fragment=True)
     _create(stream, key=b"d/000005")  # (one key of the revision: one event)
     assert len(stream.pending()) == 2  # (the created answers)
@@ -305,17 +310,6 @@ def test_a_big_revision_goes_to_a_watcher_in_parts_across_calls() -> None:
     assert len(calls) >= 4  # (the parts came in calls of their own)
     small = [e.kv.key for r in by_watcher[1] for e in r.events]
     assert small == [b"d/000005"]
-
-
-def _big_delete(n: int) -> tuple[MVCCStore, watch._Stream]:
-    store = MVCCStore()
-    for i in range(0, n, 128):
-        ops = [
-            pb.RequestOp(request_put=pb.PutRequest(key=b"d/%06d" % j, value=b"v"))
-            for j in range(i, min(i + 128, n))
-        ]
-        store.apply(encode(pb.TxnRequest(success=ops)))
-    return store, watch._Stream(_api(store))
 
 
 def test_a_big_revision_goes_whole_to_a_watcher_that_did_not_ask_for_fragments() -> None:

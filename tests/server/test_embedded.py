@@ -5,7 +5,9 @@ queries in every mode, a leader that leaves, exactly-once across a forward."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from typing import BinaryIO
 
 import pytest
@@ -39,7 +41,7 @@ class Counter(raftfast.StateMachine):
         self.value = int(inp.read())
 
 
-def three(tmp_path, node_class=raftfast.Node, machine=Counter) -> list:
+def three(tmp_path, node_class=raftfast.Node, machine=Counter, **settings) -> list:
     ports = free_ports(3)
     peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
     return [
@@ -50,9 +52,22 @@ def three(tmp_path, node_class=raftfast.Node, machine=Counter) -> list:
             data_dir=str(tmp_path / nid),
             state_machine=machine(),
             tick_ms=20,
+            **settings,
         )
         for nid, addr in peers.items()
     ]
+
+
+@contextlib.asynccontextmanager
+async def started(nodes: list) -> AsyncIterator[str]:
+    """``nodes`` started: the leader's id; every one stopped afterwards."""
+    try:
+        for node in nodes:
+            await node.start()
+        yield await nodes[0].wait_for_leader()
+    finally:
+        for node in nodes:
+            await node.stop()
 
 
 def test_three_nodes_in_one_process(tmp_path):
@@ -273,17 +288,11 @@ def test_a_command_proposed_at_a_follower_shows_in_its_own_state_when_it_returns
     # value (195 of 200 times): the call returned with the leader's answer.
     async def main() -> None:
         nodes = three(tmp_path)
-        try:
-            for node in nodes:
-                await node.start()
-            leader = await nodes[0].wait_for_leader()
+        async with started(nodes) as leader:
             follower = next(node for node in nodes if node.id != leader)
             for _ in range(30):
                 result = int(await follower.propose(b"1"))
                 assert follower.state_machine.value >= result
-        finally:
-            for node in nodes:
-                await node.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
@@ -393,27 +402,14 @@ def test_a_command_at_the_size_limit_is_taken_at_every_member_and_one_over_refus
     # applied when proposed at the leader, refused ("the leader refused", untyped) through a
     # follower, and a client's from ~16 bytes under the limit.
     limit = 65_536
-    ports = free_ports(3)
-    peers = {f"n{i + 1}": f"127.0.0.1:{p}" for i, p in enumerate(ports)}
-    nodes = [
-        raftfast.SyncNode(
-            id=nid,
-            listen=addr,
-            peers=peers,
-            data_dir=str(tmp_path / nid),
-            state_machine=_Sizes(),
-            tick_ms=20,
-            max_request_bytes=limit,
-            timeout=30,
-        )  # fmt: skip
-        for nid, addr in peers.items()
-    ]
+    nodes = three(tmp_path, raftfast.SyncNode, _Sizes, max_request_bytes=limit, timeout=30)
     try:
         for node in nodes:
             node.start()
         nodes[0].wait_for_leader()
         whole = b"x" * limit
-        with raftfast.SyncClient(list(peers.values()), timeout=30) as client:
+        endpoints = [node.node.settings.listen for node in nodes]
+        with raftfast.SyncClient(endpoints, timeout=30) as client:
             for propose in [node.propose for node in nodes] + [client.propose]:
                 assert propose(whole) == str(limit).encode()
                 with pytest.raises(raftfast.InvalidArgumentError, match="limit"):
@@ -433,10 +429,8 @@ def test_a_node_serving_another_state_machine_cannot_join(tmp_path):
             id="n4", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "n4"),
             state_machine=None, join=nodes[0].settings.listen, tick_ms=20,
         )  # fmt: skip
-        try:
-            for node in nodes:
-                await node.start()
-            await nodes[0].wait_for_leader()
+        async with started(nodes), contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(stranger.stop)
             await stranger.start()
             deadline = asyncio.get_running_loop().time() + 60
             while stranger._driver.failed is None:
@@ -445,8 +439,5 @@ def test_a_node_serving_another_state_machine_cannot_join(tmp_path):
             assert "serves 'machine:Counter', 'n4' serves 'kv'" in str(stranger._driver.failed)
             members = (await nodes[0].status())["members"]
             assert {m["id"] for m in members} == {"n1", "n2", "n3"}
-        finally:
-            for node in [*nodes, stranger]:
-                await node.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
