@@ -20,7 +20,7 @@ class OptionalBuildExt(build_ext):
     def finalize_options(self) -> None:
         super().finalize_options()
         if not self.parallel:  # (one module per core: 29 s -> 20 s here, with 2)
-            self.parallel = os.cpu_count() or 1
+            self.parallel = _workers()
 
     def run(self) -> None:
         try:
@@ -41,6 +41,11 @@ class OptionalBuildExt(build_ext):
             f"WARNING: raftfast extensions not built ({exc}); installing pure Python",
             file=sys.stderr,
         )
+
+
+def _workers() -> int:
+    """Modules built at once: one per core, no more than there are modules."""
+    return min(len(EXTENSIONS), os.cpu_count() or 1)
 
 
 def extensions() -> list:
@@ -72,7 +77,7 @@ def extensions() -> list:
         },
         quiet=True,
         # (processes: only where they fork; spawned ones would run this file again)
-        nthreads=(os.cpu_count() or 1) if multiprocessing.get_start_method() == "fork" else 0,
+        nthreads=_workers() if multiprocessing.get_start_method() == "fork" else 0,
     )
 
 

@@ -81,6 +81,10 @@ _RESPONSE_BYTES = 64 * 1024
 # A revision's answer for a watcher that did not ask for fragments is one message up to this
 # size (gRPC sends none over tcp.MAX_RECORD_BYTES, 64 MiB); past it, in parts (_Stream.serialized).
 _WHOLE_REVISION_BYTES = 60 * 1024 * 1024
+# The parts of revisions all streams hold to send them whole (_Stream.serialized), at most:
+# apart from MAX_UNSENT_WATCH_BYTES, which they must not fill (they cannot be sent yet: a
+# stream whose own parts took the room waited for it, then was ended, again and again).
+MAX_JOINING_WATCH_BYTES = 64 * 1024 * 1024
 # A stream holding answers its client has not taken for this long may be ended to make room;
 # a client that reads takes an answer of _CALL_BYTES in milliseconds.
 _STALLED_S = 2.0
@@ -190,6 +194,7 @@ class _Stream:
         # The parts of a revision so far, serialized, of the watchers that did not ask for
         # fragments (``serialized``), by watch id: [their bytes, part, part...], sent whole.
         self._joining: dict[int, list] = {}
+        self.joining_bytes = 0
 
     def take(self, request: pb.WatchRequest) -> None:
         if not isinstance(request, pb.WatchRequest):  # (handlers.Malformed: did not parse)
@@ -290,6 +295,7 @@ class _Stream:
         self._future.clear()
         self.watchers.clear()
         self._joining.clear()
+        self.joining_bytes = 0
 
     # -- the synced watchers, by key --------------------------------------------------------
 
@@ -486,46 +492,47 @@ class _Stream:
                 r.fragment = False
         return out
 
-    def serialized(self) -> tuple[list[bytes], int, int]:
-        """``_pending``'s answers as gRPC sends them (bytes), the bytes built (what the stream
-        holds now: parts held back too) and the bytes of held parts let go. The parts of a
-        revision, for a watcher that did not ask for fragments, go as one answer once it is
-        whole (serialized answers joined are one: protobuf's repeated fields concatenate), as
-        etcd sends each revision: clientv3 watches again after a broken stream from the last
-        event's revision + 1, and lost the rest of a revision cut there (3,000 of a DeleteRange's
-        5,000 events seen, when a node was killed). Past _WHOLE_REVISION_BYTES, in parts."""
+    def serialized(self, may_hold: int) -> list[bytes]:
+        """``_pending``'s answers as gRPC sends them (bytes). The parts of a revision, for a
+        watcher that did not ask for fragments, go as one answer once it is whole (serialized
+        answers joined are one: protobuf's repeated fields concatenate), as etcd sends each
+        revision: clientv3 watches again after a broken stream from the last event's revision
+        + 1, and lost the rest of a revision cut there (3,000 of a DeleteRange's 5,000 events
+        seen, when a node was killed). The parts held meanwhile (``joining_bytes``) are at most
+        ``may_hold`` bytes (the node's room for them: MAX_JOINING_WATCH_BYTES) and
+        _WHOLE_REVISION_BYTES a watcher; past either, they go as they are, as before."""
         out: list[bytes] = []
-        built = 0
         joining = self._joining
         for r in self._pending():
             part = r.fragment and not self._wants_fragments(r.watch_id)
             if part:
                 r.fragment = False
             data = r.SerializeToString()
-            built += len(data)
             held = joining.get(r.watch_id)
-            if held is None:
-                if part:
-                    joining[r.watch_id] = [len(data), data]
-                else:
-                    out.append(data)
-                continue
-            if not r.events or r.canceled:  # (canceled: the held parts are let go below)
+            if r.canceled or not r.events:  # (canceled: the rest of the revision is gone)
+                if held is not None:
+                    self.joining_bytes -= joining.pop(r.watch_id)[0]
                 out.append(data)
                 continue
+            if held is None:
+                if not part:
+                    out.append(data)
+                    continue
+                held = joining[r.watch_id] = [0]
             held.append(data)
             held[0] += len(data)
-            if part and held[0] < _WHOLE_REVISION_BYTES:
+            self.joining_bytes += len(data)
+            if part and held[0] < _WHOLE_REVISION_BYTES and self.joining_bytes <= may_hold:
                 continue
             del joining[r.watch_id]
-            if held[0] < _WHOLE_REVISION_BYTES:
-                out.append(b"".join(held[1:]))
-            else:
+            self.joining_bytes -= held[0]
+            if part or held[0] >= _WHOLE_REVISION_BYTES:  # (too much to hold: in parts)
                 out.extend(held[1:])
-        let_go = 0
+            else:
+                out.append(b"".join(held[1:]))
         for watch_id in [i for i in joining if self.watchers.get(i) is None]:
-            let_go += joining.pop(watch_id)[0]
-        return out, built, let_go
+            self.joining_bytes -= joining.pop(watch_id)[0]  # (its watcher is gone)
+        return out
 
     def _wants_fragments(self, watch_id: int) -> bool:
         w = self.watchers.get(watch_id)
@@ -681,6 +688,7 @@ class WatchService(pb_grpc.WatchServicer):
         # answers gRPC still holds for streams ended to make room (see _RESPONSE_BYTES).
         self.unsent = 0
         self.stuck = 0
+        self.joining = 0  # (bytes the streams hold to send revisions whole: _Stream.serialized)
         self.peak = 0  # (of unsent + stuck, since none were held: _TRIM_AFTER_BYTES)
         self.holders: dict[_Stream, None] = {}
         self.waiting: deque[asyncio.Future[None]] = deque()
@@ -713,11 +721,11 @@ class WatchService(pb_grpc.WatchServicer):
                         continue  # (taken meanwhile)
                     # Serialized here, once: what the node holds is counted (gRPC passes bytes
                     # on as they are: raftfast.server.handlers._serialize).
-                    built, size, let_go = stream.serialized()
+                    before = stream.joining_bytes
+                    built = stream.serialized(MAX_JOINING_WATCH_BYTES - self.joining + before)
+                    self.joining += stream.joining_bytes - before
                     unsent.extend(built)
-                    self._hold(stream, size)
-                    if let_go:
-                        self._let_go(stream, let_go)
+                    self._hold(stream, sum(map(len, built)))
                     del built
                     if unsent or stream.wake.is_set():
                         await asyncio.sleep(0)  # (the next stream's call in the next turn)
@@ -767,14 +775,6 @@ class WatchService(pb_grpc.WatchServicer):
         self.unsent += size
         self.peak = max(self.peak, self.unsent + self.stuck)
 
-    def _let_go(self, stream: _Stream, size: int) -> None:
-        """``stream`` let go of ``size`` bytes it held, never to be sent."""
-        stream.held -= size
-        self.unsent -= size
-        if not stream.held:
-            self.holders.pop(stream, None)
-        self._wake_next()
-
     def _taken(self, stream: _Stream, size: int) -> None:
         """gRPC took ``size`` bytes of ``stream``'s answers."""
         if stream.ended:
@@ -791,6 +791,8 @@ class WatchService(pb_grpc.WatchServicer):
 
     def _release(self, stream: _Stream) -> None:
         """``stream`` ended: what it held is gone."""
+        self.joining -= stream.joining_bytes
+        stream.joining_bytes = 0
         if stream.ended:
             self.stuck -= stream.in_flight
         else:

@@ -5,6 +5,8 @@ Unit level: the real MVCCStore and _Stream, a fake api."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from types import SimpleNamespace
 from typing import Any
 
@@ -312,6 +314,18 @@ def test_a_big_revision_goes_to_a_watcher_in_parts_across_calls() -> None:
     assert small == [b"d/000005"]
 
 
+def _serialized_until_dry(stream: watch._Stream, may_hold: int = 1 << 40) -> list:
+    """``serialized`` until it has nothing more to send: the answers, parsed."""
+    sent: list[bytes] = []
+    for _ in range(100):
+        stream.wake.clear()
+        out = stream.serialized(may_hold)
+        sent += out
+        if not out and not stream.wake.is_set():
+            return [pb.WatchResponse.FromString(data) for data in sent]
+    raise AssertionError("serialized() never ran dry")
+
+
 def test_a_big_revision_goes_whole_to_a_watcher_that_did_not_ask_for_fragments() -> None:
     # clientv3 watches again after a broken stream from the last event's revision + 1: the
     # parts of a revision sent as answers of their own lost the rest of it (3,000 of a
@@ -319,41 +333,94 @@ def test_a_big_revision_goes_whole_to_a_watcher_that_did_not_ask_for_fragments()
     n = 3 * watch.MAX_EVENTS_PER_RESPONSE + 7
     store, stream = _big_delete(n)
     _create(stream, key=b"d/", range_end=b"d0", prev_kv=True)
-    assert len(stream.serialized()[0]) == 1  # (created)
+    assert len(stream.serialized(0)) == 1  # (created)
     store.apply(encode(pb.DeleteRangeRequest(key=b"d/", range_end=b"d0")))
     deleted_at = store.revision
     _put(store, b"d/after")
-    sent, built_total, calls = [], 0, 0
-    while calls < 100:
-        calls += 1
-        stream.wake.clear()
-        out, built, let_go = stream.serialized()
-        assert let_go == 0
-        sent += out
-        built_total += built
-        if not out and not stream.wake.is_set():
-            break
-    answers = [pb.WatchResponse.FromString(data) for data in sent]
-    assert built_total == sum(map(len, sent))  # (every byte built was sent)
-    assert calls >= 4  # (the parts were still made in calls of their own)
+    answers = _serialized_until_dry(stream)
     assert [len(r.events) for r in answers] == [n, 1]
     assert [r.header.revision for r in answers] == [deleted_at, deleted_at + 1]
     assert not any(r.fragment for r in answers)
     assert [e.kv.key for e in answers[0].events] == [b"d/%06d" % j for j in range(n)]
     assert all(e.type == mvccpb.Event.DELETE and e.prev_kv.value == b"v" for e in answers[0].events)
+    assert stream.joining_bytes == 0
+
+
+def test_past_the_room_for_held_parts_a_revision_goes_in_parts_as_before() -> None:
+    n = 3 * watch.MAX_EVENTS_PER_RESPONSE + 7
+    store, stream = _big_delete(n)
+    _create(stream, key=b"d/", range_end=b"d0")
+    stream.serialized(0)
+    store.apply(encode(pb.DeleteRangeRequest(key=b"d/", range_end=b"d0")))
+    answers = _serialized_until_dry(stream, may_hold=0)
+    assert [len(r.events) for r in answers] == [1000, 1000, 1000, 7]
+    assert [e.kv.key for r in answers for e in r.events] == [b"d/%06d" % j for j in range(n)]
+    assert stream.joining_bytes == 0
 
 
 def test_the_held_parts_of_a_watcher_canceled_in_the_middle_of_a_revision_are_let_go() -> None:
+    # ... and not joined to the first answer of a new watcher given the same id (a review).
     store, stream = _big_delete(3 * watch.MAX_EVENTS_PER_RESPONSE)
     _create(stream, key=b"d/", range_end=b"d0")
-    stream.serialized()
+    stream.serialized(1 << 40)
     store.apply(encode(pb.DeleteRangeRequest(key=b"d/", range_end=b"d0")))
-    out, built, let_go = stream.serialized()
-    assert out == [] and built > 0 and let_go == 0  # (a first part, held)
+    assert stream.serialized(1 << 40) == [] and stream.joining_bytes > 0  # (a part, held)
     stream.take(pb.WatchRequest(cancel_request=pb.WatchCancelRequest(watch_id=0)))
-    out, _, let_go = stream.serialized()
-    assert let_go == built
-    assert [pb.WatchResponse.FromString(data).canceled for data in out] == [True]
+    _create(stream, key=b"other", watch_id=0)
+    _put(store, b"other")
+    answers = _serialized_until_dry(stream)
+    assert stream.joining_bytes == 0
+    assert [(r.canceled, r.created) for r in answers[:2]] == [(True, False), (False, True)]
+    assert [[e.kv.key for e in r.events] for r in answers[2:]] == [[b"other"]]
+
+
+def test_parts_held_to_send_a_revision_whole_never_take_the_room_for_answers(monkeypatch):
+    # They were counted in MAX_UNSENT_WATCH_BYTES: a stream whose held parts filled it waited
+    # for room only it held, and was ended as stalled though its client had read everything;
+    # watching again did the same (a review). Scaled down: 2 MiB of room, ~1 MiB a watcher.
+    monkeypatch.setattr(watch, "MAX_UNSENT_WATCH_BYTES", 2 * 1024 * 1024)
+    monkeypatch.setattr(watch, "_STALLED_S", 0.3)
+    n, watchers = 3000, 3
+    store = MVCCStore()
+    for i in range(0, n, 100):
+        ops = [
+            pb.RequestOp(request_put=pb.PutRequest(key=b"d/%06d" % j, value=b"v" * 300))
+            for j in range(i, i + 100)
+        ]
+        store.apply(encode(pb.TxnRequest(success=ops)))
+    api = _api(store)
+    api.driver.stopping = False
+    service = watch.WatchService(api)
+    create = pb.WatchRequest(
+        create_request=pb.WatchCreateRequest(
+            key=b"d/", range_end=b"d0", prev_kv=True, start_revision=store.revision + 1
+        )
+    )
+    ended: list = []
+
+    class Context:
+        async def abort(self, code: object, message: str) -> None:
+            ended.append(message)
+            raise asyncio.CancelledError
+
+    async def requests() -> Any:
+        for _ in range(watchers):
+            yield create
+        await asyncio.Event().wait()  # (the client keeps its side open)
+
+    async def main() -> int:
+        store.apply(encode(pb.DeleteRangeRequest(key=b"d/", range_end=b"d0")))
+        got = 0
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(60):
+                async for data in service.Watch(requests(), Context()):  # (read at once)
+                    got += len(pb.WatchResponse.FromString(data).events)
+                    if got >= watchers * n:
+                        break
+        return got
+
+    assert asyncio.run(main()) == watchers * n, ended
+    assert not ended
 
 
 def test_one_call_looks_at_a_bounded_number_of_watchers() -> None:
