@@ -81,6 +81,11 @@ MAX_LEASES = 100_000
 # written).
 MAX_TXN_READ_KEYS = 50_000
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
+# Requests a follower forwards again when the leader could not be reached (it may have done
+# them): they change nothing, or nothing twice (a keep-alive renews the lease again).
+_SAFE_TO_REPEAT = frozenset(
+    ("KV/Range", "Lease/LeaseKeepAlive", "Lease/LeaseTimeToLive", "Lease/LeaseLeases")
+)
 _OP_ETCD = bytes((OP_ETCD,))
 
 
@@ -222,7 +227,12 @@ class EtcdAPI:
                     leader, method, request.SerializeToString(), max(remaining, 0.05)
                 )
             except EtcdError as exc:
-                if exc == errors.NOT_LEADER:  # refused before anything was done: again
+                lost = exc.code_name == "UNAVAILABLE" and method in _SAFE_TO_REPEAT
+                if exc == errors.NOT_LEADER or lost:
+                    # (NOT_LEADER: refused before anything was done; lost: the leader went
+                    # away, and this request may be done again: at the next leader, as etcd's
+                    # member waits for one. A keep-alive failed at once, and the client's
+                    # keep-alive task ended, its lease's keys deleted when it expired.)
                     await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
                     continue
                 raise
