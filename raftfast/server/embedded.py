@@ -107,8 +107,8 @@ class Node:
                 f"client_tls must be a raftfast.TLSFiles, not {type(client_tls).__name__}"
             )
         self.state_machine = state_machine
-        self.timeout = _DEFAULT_TIMEOUT_S
-        self.timeout = self._seconds(timeout)  # (refused here, not at every call)
+        # (a bad one refused here, not at every call that takes the default)
+        self.timeout = _DEFAULT_TIMEOUT_S if timeout is None else self._seconds(timeout)
         self._client_tls = client_tls
         self._driver: Any = None
         self._stopped = False

@@ -104,10 +104,10 @@ def as_result_bytes(result: Any, applied: bool = True) -> bytes:
     )
 
 
-def asked(fsm: Any, request: bytes) -> Any:
-    """The state machine's answer to ``request`` (its ``query``), or CommandError for any
-    exception it raises but KeyboardInterrupt (SystemExit too: a query must not stop the
-    node, nor each node the client tries next), as results in bytes (as_result_bytes)."""
+def asked(fsm: Any, request: bytes) -> bytes:
+    """The state machine's answer to ``request`` (its ``query``) as it travels
+    (``as_result_bytes``), or CommandError for any exception it raises but KeyboardInterrupt
+    (SystemExit too: a query must not stop the node, nor each node the client tries next)."""
     try:
         result = fsm.query(request)
     except KeyboardInterrupt:
