@@ -73,7 +73,7 @@ class RawNode:
 
     def learn_commit(self, index: int, term: int) -> bool:
         """The leader said, out of band, that entry ``index`` of ``term`` is committed: True
-        if that commits more here (see RaftCore.learn_commit)."""
+        if that commits more here (see Raft.learn_commit)."""
         return self.raft.learn_commit(index, term)
 
     def read_index(self, request_id: int) -> None:

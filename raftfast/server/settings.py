@@ -153,7 +153,8 @@ class NodeSettings:
         )
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line message for anything a node cannot start with."""
+        """Raise ValueError with a one-line message for anything a node cannot start with
+        (TypeError for a setting of another type)."""
         self._check_types()
         if not self.id:
             raise ValueError("--id must not be empty")
