@@ -285,8 +285,9 @@ def main(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
         # (a node's certificate comes from the client CA too: a node named as a client is
         # that client, admin say; a client named as a node poses as it on the client port)
         known_nodes = {p.name.removesuffix("-peer.crt").casefold() for p in out.glob("*-peer.crt")}
+        known_clients = {name.casefold() for name in roles}
         for node in nodes:
-            if node.casefold() in {name.casefold() for name in roles}:
+            if node.casefold() in known_clients:
                 raise ValueError(f"--add: {node!r} is a client in roles.toml: name the node apart")
         for client in clients:
             if client.casefold() in known_nodes:

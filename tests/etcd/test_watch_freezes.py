@@ -38,12 +38,16 @@ def _put(store: MVCCStore, key: bytes, value: bytes = b"v") -> None:
     store.apply(encode(pb.PutRequest(key=key, value=value)))
 
 
-def _drain(stream: watch._Stream, between: Any = None, limit: int = 10_000) -> list[list]:
-    """pending() until it has nothing more to send; the responses of each call."""
+def _drain(
+    stream: watch._Stream, between: Any = None, limit: int = 10_000, take: Any = None
+) -> list[list]:
+    """``take()`` (``stream.pending`` unless given) until it has nothing more to send; what
+    each call gave."""
+    take = take or stream.pending
     calls = []
     for _ in range(limit):
         stream.wake.clear()
-        out = stream.pending()
+        out = take()
         calls.append(out)
         if not out and not stream.wake.is_set():
             return calls
@@ -316,14 +320,8 @@ def test_a_big_revision_goes_to_a_watcher_in_parts_across_calls() -> None:
 
 def _serialized_until_dry(stream: watch._Stream, may_hold: int = 1 << 40) -> list:
     """``serialized`` until it has nothing more to send: the answers, parsed."""
-    sent: list[bytes] = []
-    for _ in range(100):
-        stream.wake.clear()
-        out = stream.serialized(may_hold)
-        sent += out
-        if not out and not stream.wake.is_set():
-            return [pb.WatchResponse.FromString(data) for data in sent]
-    raise AssertionError("serialized() never ran dry")
+    calls = _drain(stream, limit=100, take=lambda: stream.serialized(may_hold))
+    return [pb.WatchResponse.FromString(data) for call in calls for data in call]
 
 
 def test_a_big_revision_goes_whole_to_a_watcher_that_did_not_ask_for_fragments() -> None:
