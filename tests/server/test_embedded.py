@@ -10,11 +10,14 @@ import socket
 from collections.abc import AsyncIterator
 from typing import BinaryIO
 
+import grpc
 import pytest
 
 import raftfast
 from raftfast.dedup import owned_client_id
 from raftfast.errors import CommandError, RaftfastError
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles
 from raftfast.tools.localcluster import free_ports, make_certs
 
@@ -437,6 +440,29 @@ def test_a_node_serving_another_state_machine_cannot_join(tmp_path):
                 assert asyncio.get_running_loop().time() < deadline, "the join went on"
                 await asyncio.sleep(0.05)
             assert "serves 'machine:Counter', 'n4' serves 'kv'" in str(stranger._driver.failed)
+            members = (await nodes[0].status())["members"]
+            assert {m["id"] for m in members} == {"n1", "n2", "n3"}
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+@pytest.mark.parametrize("served", ["\0" * 200_000, "machine:" + "é" * 50_000, "kv\n" * 1000])
+def test_a_join_saying_any_state_machine_is_refused_in_one_bounded_line(tmp_path, served):
+    # (a stranger's JoinRequest.state_machine: any text, of any length)
+    async def main() -> None:
+        nodes = three(tmp_path)
+        async with started(nodes) as leader:
+            at = next(node for node in nodes if node.id == leader).settings.listen
+            async with grpc.aio.insecure_channel(at) as channel:
+                join = pb.JoinRequest(
+                    cluster_id="raftfast", id="n9", address="127.0.0.1:9", state_machine=served
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await pb_grpc.PeerStub(channel).Join(join, timeout=30)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "a member must serve the same state machine" in info.value.details()
+            assert len(info.value.details()) < 2_000
+            assert int(await nodes[0].propose(b"1")) == 1  # (the cluster goes on)
             members = (await nodes[0].status())["members"]
             assert {m["id"] for m in members} == {"n1", "n2", "n3"}
 
