@@ -22,8 +22,11 @@ $(STAMP): $(PY) $(SOURCES)
 
 venv build: $(STAMP)
 
+# The two runs go side by side (their tests wait on clusters more than they use the cores),
+# each run's output printed whole once it ends.
 test: $(STAMP)
-	$(MAKE) --no-print-directory lint test-compiled test-pure
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-compiled test-pure
 
 lint: $(STAMP)
 	$(PY) -m ruff check raftfast tests bench examples setup.py
