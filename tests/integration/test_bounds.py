@@ -114,8 +114,8 @@ def test_memory_and_disk_stay_bounded_under_an_endless_write_load(tmp_path):
             assert cluster.status(nid).first_index > 1, f"{nid} never compacted its log"
 
 
-ETCD_RETENTION = 10_000  # revisions of etcd history kept (--auto-compaction-retention)
-ETCD_MIN_WRITES = 4 * ETCD_RETENTION  # several compactions
+ETCD_RETENTION = 2_500  # revisions of etcd history kept (--auto-compaction-retention)
+ETCD_MIN_WRITES = 4 * ETCD_RETENTION  # several compactions (each in steps of a tenth)
 ETCD_INFLIGHT = 64
 
 
