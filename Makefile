@@ -7,7 +7,7 @@ PYTEST := $(PY) -m pytest
 STAMP  := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py raftfast/_version.py raftfast/_log.pyx raftfast/_log.pxd raftfast/_batch.pyx raftfast/_batch.pxd raftfast/_store.pyx
 
-.PHONY: venv build test test-compiled test-pure etcd-client etcd3-suite lint run soak chaos bench compare failover proto wheels clean
+.PHONY: venv build test test-compiled test-compiled-clusters test-compiled-rest test-pure etcd-client etcd3-suite lint run soak chaos bench compare failover proto wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,8 @@ $(STAMP): $(PY) $(SOURCES)
 
 venv build: $(STAMP)
 
-# The two runs go side by side (their tests wait on clusters more than they use the cores),
-# each run's output printed whole once it ends.
+# The compiled run (in two parts) and the pure run go two at a time: their tests wait on
+# clusters more than they use the cores. Each part's output is printed whole once it ends.
 test: $(STAMP)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-compiled test-pure
@@ -31,11 +31,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check raftfast tests bench examples setup.py
 
-test-compiled: $(STAMP) etcd-client
-	@echo "== compiled run =="
+# The compiled run: the real clusters' suites, then everything else.
+CLUSTER_SUITES := tests/integration tests/fault tests/etcd tests/test_packaging.py bench
+COMPILED_PYTEST := RAFTFAST_BENCH_SECONDS=$${RAFTFAST_BENCH_SECONDS:-2} \
+	$(PYTEST) -q -p no:cacheprovider --benchmark-disable
+test-compiled: test-compiled-clusters test-compiled-rest
+
+test-compiled-clusters test-compiled-rest: $(STAMP) etcd-client
+	@echo "== compiled run: $(if $(filter %clusters,$@),the clusters' suites,the rest) =="
 	$(PY) -c "import raftfast, sys; sys.exit(0 if raftfast.COMPILED else 'compiled modules not in use')"
-	RAFTFAST_BENCH_SECONDS=$${RAFTFAST_BENCH_SECONDS:-2} \
-		$(PYTEST) -q -p no:cacheprovider --benchmark-disable tests bench
+	$(COMPILED_PYTEST) $(if $(filter %clusters,$@),$(CLUSTER_SUITES),\
+		tests $(addprefix --ignore=,$(CLUSTER_SUITES)))
 
 # etcdctl (Debian's etcd-client), a client tests/etcd/test_etcdctl.py runs against the etcd API.
 etcd-client:
