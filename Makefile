@@ -31,8 +31,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check raftfast tests bench examples setup.py
 
-# The compiled run: the real clusters' suites, then everything else.
-CLUSTER_SUITES := tests/integration tests/fault tests/etcd tests/test_packaging.py bench
+# The compiled run in two parts: the real clusters' suites (as long as the other two runs
+# together, which follow each other beside it), and the rest.
+CLUSTER_SUITES := tests/integration tests/fault tests/etcd tests/hostile tests/test_packaging.py bench
 COMPILED_PYTEST := RAFTFAST_BENCH_SECONDS=$${RAFTFAST_BENCH_SECONDS:-2} \
 	$(PYTEST) -q -p no:cacheprovider --benchmark-disable
 test-compiled: test-compiled-clusters test-compiled-rest
