@@ -44,6 +44,11 @@ class StorageError(RaftfastError):
     """Durable storage failed (a write or fdatasync error); the node must stop."""
 
 
+class DiskFullError(StorageError):
+    """A snapshot found no room on its disk (ENOSPC, or it would have taken the room kept for
+    the log): its file is deleted, and the node goes on with its log (it raises NOSPACE)."""
+
+
 class NotLeaderError(RaftfastError):
     """The node is not the leader; ``leader_id`` is the known leader, or None."""
 

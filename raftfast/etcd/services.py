@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from raftfast.errors import NotLeaderError, clipped
+from raftfast.errors import DiskFullError, NotLeaderError, clipped
 from raftfast.etcd import errors
 from raftfast.etcd.api import EtcdAPI
 from raftfast.etcd.errors import EtcdError
@@ -125,6 +125,10 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
                 meta, chunks = await driver.backup_snapshot(mode)
             except NotLeaderError:
                 await context.abort(errors.LEADER_CHANGED.code, errors.LEADER_CHANGED.message)
+            except DiskFullError as exc:  # (the node logged it; it goes on)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, clipped(f"etcdserver: {exc}")
+                )
             except Exception as exc:  # noqa: BLE001 - a status, never a crash
                 log.error("etcd snapshot failed", exc_info=exc)
                 await context.abort(grpc.StatusCode.INTERNAL, clipped(f"etcdserver: {exc}"))

@@ -66,7 +66,7 @@ class Quota:
             return None
         if certain:
             self.raise_alarm(why)
-        return f"{NOSPACE_PREFIX}: {why}; delete keys, then `raftfast alarm disarm`"
+        return f"{NOSPACE_PREFIX}: {why}; {_remedy(why)}, then `raftfast alarm disarm`"
 
     def disk_short(self, nbytes: int = 0) -> str | None:
         """Why this node's disk has no room for ``nbytes`` more, or None."""
@@ -126,7 +126,7 @@ class Quota:
             self._recounted = -_EVERY_S  # count exactly
             why, _ = self._short_of_space(room)
             if why is not None:
-                raise ValueError(f"no room yet: {why}; delete keys first")
+                raise ValueError(f"no room yet: {why}; {_remedy(why)} first")
             await self.node.propose([encode_alarm(NOSPACE, False)])
             log.warning("node %s cleared the NOSPACE alarm", self.node.id)
         return self.alarms()
@@ -144,3 +144,10 @@ class Quota:
             await self.node.propose([encode_alarm(NOSPACE, True)])
         except Exception as exc:  # noqa: BLE001 - raised again by the next refused write
             log.info("node %s could not raise the NOSPACE alarm yet: %s", self.node.id, exc)
+
+
+def _remedy(why: str) -> str:
+    """What an operator does about ``why`` (a full disk is freed where it is, not by keys)."""
+    if why.startswith("the state holds"):
+        return "delete keys"
+    return "free space on that disk (its --data-dir's file system), or delete keys"

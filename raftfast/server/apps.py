@@ -70,6 +70,9 @@ class MachineApp:
     def alarm_reported(self, src: str, why: str) -> str | None:
         return "this node's state machine has no quota"
 
+    def disk_full(self, why: str) -> None:
+        """A snapshot found no room on this node's disk: no alarm to raise (the node logs it)."""
+
     def status_fields(self) -> dict:
         return {}
 
@@ -90,6 +93,7 @@ class KVApp:
         self._service: KVService | None = None
         self.etcd: EtcdAPI | None = None
         self._watch: WatchService | None = None
+        self._reporting: asyncio.Task | None = None  # (a follower asking for NOSPACE)
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
         self._service = add_kv_service(server, self.driver, authorizer, self.quota)
@@ -152,6 +156,22 @@ class KVApp:
                 quota.raise_alarm(why)
             elif driver.raw.leader:
                 await driver.transport.report_alarm(driver.raw.leader, why)
+
+    def disk_full(self, why: str) -> None:
+        """A snapshot found no room on this node's disk: NOSPACE, raised by the leader (which a
+        follower asks), as for a disk nearly full."""
+        driver, quota = self.driver, self.quota
+        if quota is None or quota.raised():
+            return
+        if driver.is_leader:
+            quota.raise_alarm(why)
+        elif driver.raw.leader and self._reporting is None:
+            report = driver.transport.report_alarm(driver.raw.leader, why)
+            self._reporting = asyncio.get_running_loop().create_task(report)
+            self._reporting.add_done_callback(self._reported)
+
+    def _reported(self, _task: asyncio.Task) -> None:
+        self._reporting = None
 
     def alarm_reported(self, src: str, why: str) -> str | None:
         """A member says its disk is nearly full: raise NOSPACE (why not, if we cannot)."""

@@ -49,6 +49,7 @@ from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
 from raftfast.server.incarnations import FILE as INCARNATIONS_FILE
 from raftfast.server.incarnations import Incarnations
 from raftfast.server.lease import LeaderLease
+from raftfast.server.log_counts import CountedWarning
 from raftfast.server.membership import MembershipMixin
 from raftfast.server.metrics import MetricsServer, NodeMetrics, RequestTimer
 from raftfast.server.session_stream import SessionServer, server_context
@@ -162,6 +163,10 @@ class Driver(MembershipMixin, SnapshotMixin):
         self.snapshots: SnapshotStore | None = None
         self._snapshot_index = 0  # index of our newest snapshot
         self._snapshot_retry_at = 0.0  # (after a refused snapshot: SnapshotMixin)
+        self._snapshot_resend_s: dict[str, float] = {}
+        self._no_room_warning = CountedWarning(
+            log, "%d snapshot(s) found no room on the disk of node %s; the latest: %s", 60.0
+        )
         self._backup_taken_at = -1e9  # (the last snapshot a backup took: SnapshotMixin)
         self._log_bytes_kept = 0  # bytes the log held in memory right after the last snapshot
         self._release_at_rest = self._trim_at_rest = False  # (SnapshotMixin)

@@ -113,6 +113,7 @@ class NodeMetrics:
         self.snapshots_sent = 0
         self.snapshots_send_failed = 0
         self.snapshots_refused = 0  # the state machine's snapshot raised
+        self.snapshots_no_room = 0  # ours, or a leader's for us, stopped: the disk was full
         self.snapshots_received = 0
         self.wal_sync = Histogram(LATENCY_BUCKETS)  # one WAL write + fdatasync (a Ready)
         self.snapshot_send = Histogram(SNAPSHOT_BUCKETS)
@@ -306,6 +307,12 @@ class _Collector:
             "Snapshots the state machine could not write (its state holds what it cannot "
             "encode); the node keeps its log and tries again later.",
             m.snapshots_refused,
+        )
+        yield counter(
+            "snapshots_no_room",
+            "Snapshots (this node's own, or a leader's for it) stopped for lack of room on the "
+            "disk; the node keeps its log, raises NOSPACE and tries again later.",
+            m.snapshots_no_room,
         )
         yield counter(
             "snapshots_received", "Snapshots received in full from a leader.", m.snapshots_received

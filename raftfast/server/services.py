@@ -29,7 +29,14 @@ from typing import Any, TypeVar
 import grpc
 
 from raftfast.dedup import owned_client_id
-from raftfast.errors import ChangeInProgressError, CommandError, NotLeaderError, clipped, message_of
+from raftfast.errors import (
+    ChangeInProgressError,
+    CommandError,
+    DiskFullError,
+    NotLeaderError,
+    clipped,
+    message_of,
+)
 from raftfast.limits import MAX_CLIENT_ID, MAX_SEQUENCE, check_node_id
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer
@@ -214,7 +221,7 @@ def status_of(service: Service, exc: BaseException, what: str) -> tuple[grpc.Sta
 def _status_of(service: Service, exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, BadRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, NoSpace):
+    if isinstance(exc, NoSpace | DiskFullError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, NotLeaderError):
         return grpc.StatusCode.UNAVAILABLE, service.not_leader_message(exc)

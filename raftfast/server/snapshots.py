@@ -19,9 +19,16 @@ import grpc
 
 from raftfast.core.membership import Membership
 from raftfast.core.types import Committed, Message, MsgType
-from raftfast.errors import CommandError, CorruptionError, StorageError, message_of
+from raftfast.errors import (
+    CommandError,
+    CorruptionError,
+    DiskFullError,
+    StorageError,
+    message_of,
+)
 from raftfast.heap import release_free_memory
 from raftfast.server.incarnations import Incarnations
+from raftfast.server.log_counts import CountedWarning
 from raftfast.server.metrics import NodeMetrics
 from raftfast.storage.fsutil import DISK_RESERVE_BYTES, free_bytes
 from raftfast.storage.snapshot import SnapshotChunks, SnapshotMeta, with_state_machine
@@ -30,7 +37,12 @@ from raftfast.transport import tcp
 log = logging.getLogger("raftfast.node")
 T = TypeVar("T")
 
-SNAPSHOT_RETRY_S = 30.0  # after a state machine could not be snapshotted
+SNAPSHOT_RETRY_S = 30.0  # after a state machine could not be snapshotted, or its disk was full
+# A leader waits this long before it sends a follower a snapshot again after one failed,
+# doubling up to SNAPSHOT_RESEND_MAX_S (a follower without room for it was sent one 10-20
+# times a second: its memory grew by 0.5 GB, and an election followed).
+SNAPSHOT_RESEND_S = 0.5
+SNAPSHOT_RESEND_MAX_S = 10.0
 # A backup takes a new snapshot unless the newest covers it, at most one per this long: a save
 # that comes sooner waits, and the saves that waited share the next one. A loop of write,
 # save, cancel forced a snapshot each time (with 100,000 client ids, 14 leader changes in
@@ -57,6 +69,8 @@ class SnapshotMixin:
     _snapshot_lock: asyncio.Lock  # one snapshot at a time (the loop's, or a backup's)
     _compact_to: int  # a snapshot was taken here: the loop drops the log it covers
     _snapshot_retry_at: float  # (time.monotonic) after a refused snapshot, not before
+    _snapshot_resend_s: dict[str, float]  # a follower's wait after its snapshot failed
+    _no_room_warning: CountedWarning
     _backup_taken_at: float  # (time.monotonic) when a backup last took a snapshot
     _release_at_rest: bool  # a compaction kept memory to give back once the log is at rest
     _trim_at_rest: bool  # ... and dropped enough that the heap's free pages go back too
@@ -98,7 +112,11 @@ class SnapshotMixin:
         async with self._snapshot_lock:
             meta = self.snapshots.latest()
             if meta is None or meta.index < needed:
-                await self._take_snapshot()
+                try:
+                    await self._take_snapshot()
+                except DiskFullError as exc:
+                    self._no_room_for_snapshot(f"a backup's failed: {exc}")
+                    raise
                 self._backup_taken_at = time.monotonic()
                 meta = self.snapshots.latest()
             assert meta is not None
@@ -112,6 +130,11 @@ class SnapshotMixin:
             async with self._snapshot_lock:
                 try:
                     await self._take_snapshot()
+                except DiskFullError as exc:
+                    self._snapshot_retry_at = time.monotonic() + SNAPSHOT_RETRY_S
+                    self._no_room_for_snapshot(
+                        f"it goes on with its log and tries again in {SNAPSHOT_RETRY_S:g}s: {exc}"
+                    )
                 except SnapshotRefusedError as exc:
                     # (every node would stop at the same point of the log, and again after
                     # each restart: the state cannot be written, the node can go on)
@@ -145,7 +168,8 @@ class SnapshotMixin:
         config = self.raw.membership_at(index).encode()
         if self.app.state_machine_name is not None:
             config = with_state_machine(config, self.app.state_machine_name)
-        snapshot = self.snapshots.create(index, term, config)
+        # (the snapshot stops, deleted, rather than take the room the log needs meanwhile)
+        snapshot = self.snapshots.create(index, term, config, DISK_RESERVE_BYTES // 2)
         try:
             with _refused_unless_os_error(index):
                 freeze = getattr(self.fsm, "frozen", None)
@@ -222,9 +246,24 @@ class SnapshotMixin:
                 f"snapshots are taken from the leader of term {raw.term} only "
                 f"({raw.leader or 'none known here'}), not from {meta.src!r} of term {meta.term}",
             )
-        room = free_bytes(self.snapshots.directory) - DISK_RESERVE_BYTES
+        free = free_bytes(self.snapshots.directory)
+        if free <= DISK_RESERVE_BYTES:
+            why = (
+                f"node {self.id}'s disk has {free} bytes free and keeps {DISK_RESERVE_BYTES} "
+                "for its log: no room for a snapshot"
+            )
+            self._no_room_for_snapshot(f"it refused the leader's: {why}")
+            raise tcp.Refused(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], why)
         receiver = self.snapshots.receive(meta.index, meta.log_term)
-        return _IncomingSnapshot(self, receiver, room)
+        return _IncomingSnapshot(self, receiver, free - DISK_RESERVE_BYTES)
+
+    def _no_room_for_snapshot(self, what_now: str) -> None:
+        """A snapshot (ours, or the leader's for us) found no room on the disk: say so (at most
+        once a minute), count it, and raise NOSPACE (where the state machine has the alarm):
+        with the log growing instead, the disk fills up further."""
+        self.metrics.snapshots_no_room += 1
+        self._no_room_warning.note(self.id, what_now)
+        self.app.disk_full(f"a snapshot found no room on node {self.id}'s disk")
 
     async def _install_snapshot(self, meta: tuple[int, int]) -> None:
         """The core replaced its log with a leader's snapshot (``Ready.snapshot``): the state
@@ -360,11 +399,17 @@ class SnapshotMixin:
         finally:
             if ok:
                 self.metrics.snapshots_sent += 1
+                self._snapshot_resend_s.pop(m.dst, None)
             else:
                 self.metrics.snapshots_send_failed += 1  # (or none new enough to send)
-            if self.raw is not None and not self.stopping:
-                self.raw.report_snapshot(m.dst, ok)
-                self._wake.set()
+        if not ok:
+            # (the core sends that follower nothing until it hears: a pause before it retries)
+            wait = self._snapshot_resend_s.get(m.dst, SNAPSHOT_RESEND_S / 2) * 2
+            self._snapshot_resend_s[m.dst] = min(wait, SNAPSHOT_RESEND_MAX_S)
+            await asyncio.sleep(self._snapshot_resend_s[m.dst])
+        if self.raw is not None and not self.stopping:
+            self.raw.report_snapshot(m.dst, ok)
+            self._wake.set()
 
 
 class _IncomingSnapshot:
@@ -378,11 +423,19 @@ class _IncomingSnapshot:
         self._started = time.perf_counter()
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset + len(data) > self._max_bytes:
-            raise ValueError(
-                f"a snapshot of over {self._max_bytes} bytes does not fit this node's disk"
-            )
-        self._receiver.write(offset, data)
+        """Write a chunk; DiskFullError if the disk has no room for it (the file deleted)."""
+        try:
+            if offset + len(data) > self._max_bytes:
+                self._receiver.abort()
+                raise DiskFullError(
+                    f"a snapshot of over {self._max_bytes} bytes (the free space of node "
+                    f"{self._node.id}'s disk, less {DISK_RESERVE_BYTES} kept for its log) "
+                    "does not fit"
+                )
+            self._receiver.write(offset, data)
+        except DiskFullError as exc:
+            self._node._no_room_for_snapshot(f"it refused the leader's: {exc}")
+            raise
 
     def finish(self) -> None:
         self._node._incoming_snapshot = self._receiver.finish()
@@ -401,8 +454,8 @@ def _refused_unless_os_error(index: int) -> Iterator[None]:
     (OSError) stops the node."""
     try:
         yield
-    except (OSError, KeyboardInterrupt):
-        raise
+    except (OSError, StorageError, KeyboardInterrupt):
+        raise  # (StorageError: the snapshot's own file, as DiskFullError: not the state machine)
     except BaseException as exc:  # (SystemExit and CancelledError too: the state machine's)
         raise SnapshotRefusedError(
             f"the state machine's snapshot failed at index {index}: {type(exc).__name__}: {exc}"

@@ -13,6 +13,7 @@ snapshots are kept, so one can still be read while the next is being written.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -24,9 +25,9 @@ from collections.abc import Generator, Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 from raftfast._accel import crc32c
-from raftfast.errors import CorruptionError, FormatVersionError, StorageError
+from raftfast.errors import CorruptionError, DiskFullError, FormatVersionError, StorageError
 from raftfast.limits import MAX_TERM_OR_INDEX
-from raftfast.storage.fsutil import fsync_dir, make_directory, open_regular
+from raftfast.storage.fsutil import free_bytes, fsync_dir, make_directory, open_regular
 
 __all__ = [
     "KEEP",
@@ -185,6 +186,10 @@ def _snap_name(index: int, term: int) -> str:
     return f"snap-{index:016x}-{term:016x}.snap"
 
 
+ROOM_CHECK_BYTES = 8 << 20  # a snapshot being written asks the disk's free space this often
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -230,10 +235,11 @@ class SnapshotStore:
             receiver.abort()
             raise
 
-    def create(self, index: int, term: int, membership: bytes) -> SnapshotFile:
+    def create(self, index: int, term: int, membership: bytes, keep_free: int = 0) -> SnapshotFile:
         """A snapshot written as a file: ``out`` takes the state machine's bytes after the
-        configuration; ``finish`` makes it durable (``save`` for bytes in hand)."""
-        return SnapshotFile(self.receive(index, term), membership)
+        configuration; ``finish`` makes it durable (``save`` for bytes in hand). ``keep_free``:
+        see ``receive``."""
+        return SnapshotFile(self.receive(index, term, keep_free), membership)
 
     def open_state(self, meta: SnapshotMeta) -> tuple[bytes, BinaryIO]:
         """(the configuration, the state machine's bytes as a file to read) of a snapshot
@@ -251,8 +257,10 @@ class SnapshotStore:
             raise
         return membership, f
 
-    def receive(self, index: int, term: int) -> SnapshotReceiver:
-        """Start receiving a snapshot in chunks (from a leader); see ``SnapshotReceiver``."""
+    def receive(self, index: int, term: int, keep_free: int = 0) -> SnapshotReceiver:
+        """Start receiving a snapshot in chunks (from a leader); see ``SnapshotReceiver``. Its
+        writes stop with DiskFullError (the file deleted) where the disk would have less than
+        ``keep_free`` bytes free (asked every ``ROOM_CHECK_BYTES``), or has no room at all."""
         name = _snap_name(index, term)
         try:
             fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=self._dir)
@@ -260,7 +268,7 @@ class SnapshotStore:
             raise StorageError(f"cannot create a snapshot file in {self._dir}: {exc}") from exc
         with self._lock:
             self._active.add(tmp)
-        return SnapshotReceiver(self, index, term, fd, tmp)
+        return SnapshotReceiver(self, index, term, fd, tmp, keep_free)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -497,7 +505,9 @@ class SnapshotReceiver:
     aborts unless finished.
     """
 
-    def __init__(self, store: SnapshotStore, index: int, term: int, fd: int, temp: str) -> None:
+    def __init__(
+        self, store: SnapshotStore, index: int, term: int, fd: int, temp: str, keep_free: int = 0
+    ) -> None:
         self.index = index
         self.term = term
         self.temp_path = temp
@@ -505,6 +515,8 @@ class SnapshotReceiver:
         self._store = store
         self._fd = fd
         self._done = False
+        self._keep_free = keep_free
+        self._room_checked_at = 0  # (the offset where the disk's free space was last asked)
 
     def write(self, offset: int, chunk: bytes | bytearray | memoryview) -> None:
         """Append ``chunk``, which must start at byte ``offset`` of the snapshot."""
@@ -513,12 +525,32 @@ class SnapshotReceiver:
             raise ValueError(
                 f"snapshot chunk at offset {offset}, expected {self.offset}: restart from there"
             )
+        if self._keep_free and self.offset - self._room_checked_at >= ROOM_CHECK_BYTES:
+            self._room_checked_at = self.offset
+            self._check_room()
         try:
             _write_all(self._fd, chunk)
         except OSError as exc:
             self.abort()
+            if exc.errno in _NO_ROOM:
+                raise DiskFullError(f"no room for snapshot {self.temp_path}: {exc}") from exc
             raise StorageError(f"cannot write snapshot {self.temp_path}: {exc}") from exc
         self.offset += len(memoryview(chunk).cast("B"))
+
+    def _check_room(self) -> None:
+        """DiskFullError (the file deleted) if the disk has less than ``keep_free`` free: the
+        log must be able to grow while a snapshot is written (a snapshot of the whole state
+        filled the disk, and the next log write stopped the node)."""
+        try:
+            free = free_bytes(os.path.dirname(self.temp_path))
+        except OSError:
+            return  # (not knowable here: the writes say)
+        if free < self._keep_free:
+            self.abort()
+            raise DiskFullError(
+                f"snapshot {self.index} stopped at {self.offset} bytes: the disk has {free} "
+                f"bytes free, and {self._keep_free} are kept for the log"
+            )
 
     def finish(self) -> SnapshotMeta:
         """fsync, rename into place, fsync the directory; return the complete snapshot."""
@@ -530,6 +562,8 @@ class SnapshotReceiver:
             self._fd = -1
         except OSError as exc:
             self.abort()
+            if exc.errno in _NO_ROOM:
+                raise DiskFullError(f"no room for snapshot {self.temp_path}: {exc}") from exc
             raise StorageError(f"cannot sync snapshot {self.temp_path}: {exc}") from exc
         self._done = True
         try:

@@ -33,6 +33,7 @@ import grpc
 
 from raftfast.address import split_address
 from raftfast.core.types import Message, MsgType
+from raftfast.errors import DiskFullError
 from raftfast.etcd.errors import EtcdError
 from raftfast.limits import MAX_ID_BYTES, MAX_TERM_OR_INDEX, node_id_problem
 from raftfast.proto import raftfast_pb2 as pb
@@ -702,8 +703,15 @@ class PeerService(pb_grpc.PeerServicer):
                     receiver.write(chunk.offset, chunk.data)
                 except ValueError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                except DiskFullError as exc:
+                    receiver = None  # (deleted)
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
                 if chunk.done:
-                    receiver.finish()
+                    try:
+                        receiver.finish()
+                    except DiskFullError as exc:
+                        receiver = None
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
                     receiver = None
                     self.deliver([meta])
                     return pb.PeerEmpty()

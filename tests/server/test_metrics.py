@@ -34,6 +34,7 @@ SERIES = {
     "raftfast_snapshot_send_failures": "counter",
     "raftfast_snapshot_send_seconds": "histogram",
     "raftfast_snapshots_refused": "counter",
+    "raftfast_snapshots_no_room": "counter",
     "raftfast_snapshots_received": "counter",
     "raftfast_snapshot_receive_seconds": "histogram",
     "raftfast_request_seconds": "histogram",
