@@ -81,6 +81,7 @@ MAX_LEASES = 100_000
 # written).
 MAX_TXN_READ_KEYS = 50_000
 _REQUEST_TIMEOUT_S = 7.0  # etcd's: 5 s + 2 election timeouts (about)
+_ANSWER_MARGIN_S = 0.5  # a forwarded request's answer goes this early, at the latest
 # Requests a follower forwards again when the leader could not be reached (it may have done
 # them): they change nothing, or nothing twice (a keep-alive renews the lease again).
 _SAFE_TO_REPEAT = frozenset(
@@ -206,7 +207,12 @@ class EtcdAPI:
         if not at_leader or self._local(method, request):
             return await handler(request)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (_REQUEST_TIMEOUT_S if timeout is None else timeout)
+        budget = _REQUEST_TIMEOUT_S if timeout is None else timeout
+        deadline = loop.time() + budget
+        # (the answer of a request done at the leader must reach the client before its
+        # deadline, even if this member never catches up: a member its peers refused answered
+        # a write done with "context deadline exceeded")
+        answer_by = deadline - min(_ANSWER_MARGIN_S, budget / 10)
         driver = self.driver
         while True:
             if driver.stopping:
@@ -236,7 +242,7 @@ class EtcdAPI:
                     await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0)))
                     continue
                 raise
-            await self._caught_up(applied, deadline)
+            await self._caught_up(applied, answer_by)
             return data  # (the leader's answer as it came: parsed by the client, not here)
 
     async def _caught_up(self, index: int, deadline: float) -> None:
