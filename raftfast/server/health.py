@@ -9,8 +9,10 @@ machine of one's own), all the same:
   traffic before it has replayed what it had acknowledged);
 * NOT_SERVING otherwise: no leader known (an election, or cut off from the others: a follower
   forgets its leader after an election timeout without word from it; a leader that cannot
-  reach a quorum steps down, check-quorum), still catching up, and from the moment the node
-  starts stopping (for good).
+  reach a quorum steps down, check-quorum), still catching up, refused by its leader (a
+  member restarted on a wiped data directory, whose peers refuse it: it was SERVING with
+  nothing applied, and its etcd requests waited out their deadlines), and from the moment
+  the node starts stopping (for good).
 
 The driver asks ``update`` on every tick; only a change is passed to the servicer (which
 wakes the Watch streams). Nothing here waits for a client: a Watch stream its client does not
@@ -136,6 +138,8 @@ class Health:
             and raw is not None
             and bool(raw.leader)
             and d.applied_index >= self.ready_from
+            # (a leader that refuses us, say as a wiped member, sends us nothing to apply)
+            and not d.transport.refused_by(raw.leader)
         )
 
     def update(self) -> None:

@@ -177,6 +177,11 @@ class PeerTransport:
         peer = self._peers.get(peer_id)
         return peer.client_address if peer is not None else ""
 
+    def refused_by(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` refused our last streams (none has stayed up since)."""
+        peer = self._peers.get(peer_id)
+        return peer is not None and peer.refused
+
     def set_peers(self, peers: dict[str, str]) -> None:
         """Follow a membership change: open streams to new peers (or new addresses), close the
         streams of nodes that left."""

@@ -9,8 +9,20 @@ from __future__ import annotations
 import shutil
 import signal
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from raftfast.client import SyncClient
 from raftfast.tools.localcluster import ProcCluster, wait_for
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest()
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
 
 
 def test_a_wiped_member_cannot_vote_until_removed_and_added_back(tmp_path):
@@ -40,6 +52,12 @@ def test_a_wiped_member_cannot_vote_until_removed_and_added_back(tmp_path):
             c.put("after", "1")
             # what its log tells the operator: remove it, add it back, start it with --join
             assert "refuses this node" in cluster.logs[wiped].read_text()
+            # ... and what a load balancer hears: not serving, though it knows the leader (it
+            # said SERVING with nothing applied, and its etcd requests waited out their deadline)
+            leader = cluster.wait_leader(among=[old_leader, stale])
+            wait_for(f"{wiped} to know the leader", lambda: cluster.status(wiped).leader == leader)
+            wait_for(f"{leader} to serve", lambda: _health(cluster.addrs[leader]) == SERVING)
+            assert _health(cluster.addrs[wiped]) == NOT_SERVING
             c.remove_member(wiped)
         cluster.kill(wiped)
         shutil.rmtree(tmp_path / wiped)

@@ -70,13 +70,18 @@ def test_serving_on_a_healthy_cluster_not_serving_when_cut_off_and_reflection(tm
 
 
 def test_serving_needs_a_leader_and_the_start_s_commit_index_applied_and_not_stopping():
+    """... and a leader that does not refuse this node."""
     import asyncio
     from types import SimpleNamespace
 
     from raftfast.server.health import Health
 
     async def run() -> None:
-        driver = SimpleNamespace(raw=SimpleNamespace(leader=""), applied_index=0, stopping=False)
+        refusing: set[str] = set()  # (peers that refuse this node's streams)
+        transport = SimpleNamespace(refused_by=refusing.__contains__)
+        driver = SimpleNamespace(
+            raw=SimpleNamespace(leader=""), applied_index=0, stopping=False, transport=transport
+        )
         health = Health(driver, ("raftfast.v1.KV",))
         health.ready_from = 10  # (committed when it started: applied before it serves)
 
@@ -99,6 +104,12 @@ def test_serving_needs_a_leader_and_the_start_s_commit_index_applied_and_not_sto
         health.update()
         assert await status() == NOT_SERVING
         driver.raw.leader = "n3"
+        health.update()
+        assert await status() == SERVING
+        refusing.add("n3")  # (the leader refuses us: a wiped member, say)
+        health.update()
+        assert await status() == NOT_SERVING
+        refusing.clear()
         health.update()
         assert await status() == SERVING
         health.shutdown()
