@@ -124,7 +124,7 @@ class JoinService(Service):
                 "the cluster's commands to its own, and answer for it as leader)"
             )
         return await self.node.add_member(
-            request.id, request.address, False, self.timeout_of(context)
+            request.id, request.address, request.learner, self.timeout_of(context)
         )
 
 

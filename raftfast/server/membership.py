@@ -310,7 +310,11 @@ class MembershipMixin:
         target = s.join
         self._joining = True
         request = pb.JoinRequest(
-            cluster_id=s.cluster_id, id=s.id, address=s.peer_address, state_machine=self.app.served
+            cluster_id=s.cluster_id,
+            id=s.id,
+            address=s.peer_address,
+            state_machine=self.app.served,
+            learner=s.join_as_learner,
         )
         while not self.stopping:
             channel = self.transport.channel(target)
@@ -324,7 +328,8 @@ class MembershipMixin:
                 log.info("node %s asks %s to add it at %s", s.id, target, s.peer_address)
                 await stub.Join(request, timeout=600.0)
                 self._joining = False
-                log.info("node %s joined the cluster as a voter", s.id)
+                role = "a learner" if s.join_as_learner else "a voter"
+                log.info("node %s joined the cluster as %s", s.id, role)
                 return
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details()

@@ -340,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="join the running cluster this member belongs to (instead of --peers)",
     )
+    p.add_argument(
+        "--learner",
+        action="store_true",
+        help="with --join: join as a learner and stay one (no vote: a backup, say); without "
+        "it a joining node is promoted to voter once caught up",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="where the log and node.json live")
     p.add_argument(
         "--force-new-cluster",
@@ -719,6 +725,9 @@ def parse_settings(
     values.setdefault("listen", values["peers"][values["id"]])
     # (flags only: a config file must not repeat them at every start)
     values["force_new_cluster"] = args.force_new_cluster
+    if args.learner and not values.get("join"):
+        raise ConfigError("--learner goes with --join (a node joining as a learner)")
+    values["join_as_learner"] = args.learner
     if args.restore is not None and not args.restore.strip():
         # (an unset $BACKUP: starting a new, empty cluster instead would be a surprise)
         raise ConfigError("--restore needs a backup file, got an empty name")

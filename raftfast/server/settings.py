@@ -62,6 +62,7 @@ class NodeSettings:
     # lost), or start a new cluster from a backup file.
     force_new_cluster: bool = False
     restore: str = ""
+    join_as_learner: bool = False  # with join: added as a learner, and never promoted
     # The replication stream: "tcp" (plain TCP where the peer offers it, on peer_stream_port of
     # the listen host, 0 = any free port; peers learn it over gRPC) or "grpc" (HTTP/2 only).
     peer_stream: str = "tcp"

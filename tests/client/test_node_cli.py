@@ -382,3 +382,13 @@ def test_bad_flag_subprocess_has_no_traceback() -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr == "raftfast-node: error: unrecognized arguments: --bad\n"
+
+
+def test_learner_goes_with_join(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--learner goes with --join"):
+        parse_settings(["--id", "n1", "--peers", PEERS, "--data-dir", str(tmp_path), "--learner"])
+    joining = parse_settings(
+        ["--id", "n4", "--listen", "127.0.0.1:7004", "--join", "127.0.0.1:7001"]
+        + ["--data-dir", str(tmp_path), "--learner"]
+    )
+    assert joining.join_as_learner and joining.join == "127.0.0.1:7001"

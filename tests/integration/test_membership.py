@@ -286,3 +286,23 @@ def test_two_adds_at_once_at_two_spellings_of_one_place_let_one_in(cluster):
             assert len(added) == 1 and len(refused) == 1, outcomes
             assert "another member's already" in str(refused[0])
             c.remove_member(added[0])
+
+
+def test_a_node_joining_as_a_learner_stays_one(cluster):
+    """``--join ... --learner``: a backup's way in (a learner an admin added was promoted once
+    it joined, as every joining node is: the docs hunt)."""
+    cluster.wait_leader()
+    _write(cluster.endpoints, "a", 100)
+    cluster.node_extra = lambda nid: ["--learner"] if nid == "n4" else []
+    cluster.join("n4", via="n1")
+    wait_for(
+        "n4 to say it joined",
+        lambda: "joined the cluster as a learner" in cluster.logs["n4"].read_text(),
+        timeout=60,
+    )
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        assert _roles(c) == {"n1": "voter", "n2": "voter", "n3": "voter", "n4": "learner"}
+    with SyncClient([cluster.addrs["n4"]], timeout=30) as c:
+        wait_for("n4 to catch up", lambda: c.get("a99", read_mode="stale") == b"99", timeout=60)
+    with SyncClient(cluster.endpoints, timeout=30) as c:
+        assert _roles(c)["n4"] == "learner"  # (caught up, and still one)
