@@ -457,7 +457,7 @@ def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
         "bench",
         parents=[common],
         help="measure throughput and latency (starts a local cluster unless --endpoints)",
-        description=benchcmd.__doc__.split("\n\n")[1].replace("\n", " "),
+        description=benchcmd.__doc__.split("\n\n")[1].replace("\n", " ").replace("``", ""),
     )
     benchcmd.add_arguments(p)
     p.set_defaults(handler=None)

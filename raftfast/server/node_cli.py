@@ -10,9 +10,8 @@ variables (the flag's name in capitals: ``--max-key-bytes`` is ``RAFTFAST_MAX_KE
 ``RAFTFAST_NO_FSYNC=1`` or ``RAFTFAST_FSYNC=0``, and ``RAFTFAST_CONFIG``), a TOML file
 (``--config``; the flag's name with underscores as the key: ``max_key_bytes``; ``peers`` as a
 table id -> address or the comma string), the identity stored in the data directory, and the
-defaults of ``raftfast.server.settings.NodeSettings``. Advanced and hidden: ``--wal-segment-bytes``,
-the WAL segment size, 64 MiB by default. ``--listen`` defaults to this node's address in
-``--peers``.
+defaults of ``raftfast.server.settings.NodeSettings``. ``--listen`` defaults to this node's
+address in ``--peers``.
 
 Ports: ``--listen`` serves clients and, unless ``--peer-listen`` gives peers a port of their
 own, peers too. ``--peers`` names the addresses peers dial (so, with ``--peer-listen``, every
@@ -477,14 +476,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML [roles]: client certificate name = read | write | admin",
     )
-    # Advanced (hidden): snapshot when the log held in memory passes N bytes (32 MiB).
-    p.add_argument("--snapshot-log-bytes", metavar="N", help=argparse.SUPPRESS)
-    # Advanced (hidden): WAL segment size before rotation; small values are for tests.
-    p.add_argument("--wal-segment-bytes", metavar="N", help=argparse.SUPPRESS)
+    adv = p.add_argument_group("advanced")
+    adv.add_argument(
+        "--snapshot-log-bytes",
+        metavar="N",
+        help="snapshot also when the log held in memory passes N bytes (default 32 MiB)",
+    )
+    adv.add_argument(
+        "--wal-segment-bytes",
+        metavar="N",
+        help="WAL segment size before rotation (default 64 MiB; small values are for tests)",
+    )
     return p
 
 
 # ---------------------------------------------------------------------------------- sources
+
+
+_FLAGS_ONLY = ("force_new_cluster", "restore", "learner")
 
 
 def _from_toml(path: str) -> dict[str, tuple[Any, str]]:
@@ -495,6 +504,11 @@ def _from_toml(path: str) -> dict[str, tuple[Any, str]]:
     out: dict[str, tuple[Any, str]] = {}
     name = os.path.basename(path)
     for key, value in data.items():
+        if key in _FLAGS_ONLY:
+            raise ConfigError(
+                f"{key!r} in {path}: --{key.replace('_', '-')} is a flag only (one start's: a "
+                "file would repeat it at every start)"
+            )
         if key not in _CONVERT:
             raise ConfigError(
                 f"unknown key {key!r} in {path} (known: {', '.join(sorted(_CONVERT))})"

@@ -392,3 +392,14 @@ def test_learner_goes_with_join(tmp_path: Path) -> None:
         + ["--data-dir", str(tmp_path), "--learner"]
     )
     assert joining.join_as_learner and joining.join == "127.0.0.1:7001"
+
+
+@pytest.mark.parametrize("key", ["force_new_cluster", "restore", "learner"])
+def test_a_one_start_flag_in_a_config_file_is_refused_as_a_flag_only(key, tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f"{key} = true\n")
+    with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')} is a flag only"):
+        parse_settings(
+            ["--id", "n1", "--peers", PEERS, "--data-dir", str(tmp_path / "d")]
+            + ["--config", str(config)]
+        )
