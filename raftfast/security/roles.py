@@ -56,6 +56,8 @@ class Role(IntEnum):
 
 
 _KV = "/raftfast.v1.KV/"
+# (what a refused Session stream is said to need: the client never named the stream)
+SESSION_WHAT = "reading (a Session stream)"
 _ADMIN = "/raftfast.v1.Admin/"
 _MACHINE = "/raftfast.v1.StateMachine/"
 METHOD_ROLES: dict[str, Role] = {
@@ -199,6 +201,8 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
                 return handler  # (the TLS handshake checked the certificate)
             need = STANDARD_METHOD_ROLES.get(method, Role.ADMIN)
         what = method.rsplit("/", 1)[-1]
+        if method == _KV + "Session":
+            what = SESSION_WHAT
         auth = self.authorizer
 
         async def check(context: grpc.aio.ServicerContext) -> None:

@@ -40,7 +40,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from raftfast.proto import raftfast_pb2 as pb
-from raftfast.security.roles import Authorizer, Role
+from raftfast.security.roles import SESSION_WHAT, Authorizer, Role
 from raftfast.security.tls import TLSFiles
 from raftfast.server.kv_service import MAX_SESSIONS, KVService, TooManyOps
 from raftfast.server.log_counts import CountedWarning
@@ -157,7 +157,7 @@ class _Connection(asyncio.BufferedProtocol):
             # to hold a connection of the port's until its hello is overdue; a hunt's 1,200
             # such connections, reopened as they were dropped, kept clients out)
             context = StreamContext("", self.caller, self._send_now)
-            why = server.authorizer.refusal(context, Role.READ, "Session")  # type: ignore[arg-type]
+            why = server.authorizer.refusal(context, Role.READ, SESSION_WHAT)  # type: ignore[arg-type]
             if why is not None:
                 self.end(_PERMISSION_DENIED, why)  # (still silent: first to make way)
 
