@@ -6,6 +6,7 @@ exactly-once around it). The driver asks its application for these and knows not
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import grpc
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from raftfast.server.driver import Driver
 
 __all__ = ["KVApp", "MachineApp", "app_for"]
+
+log = logging.getLogger("raftfast.node")
 
 
 class MachineApp:
@@ -170,8 +173,10 @@ class KVApp:
             self._reporting = asyncio.get_running_loop().create_task(report)
             self._reporting.add_done_callback(self._reported)
 
-    def _reported(self, _task: asyncio.Task) -> None:
+    def _reported(self, task: asyncio.Task) -> None:
         self._reporting = None
+        if not task.cancelled() and task.exception() is not None:
+            log.info("NOSPACE report failed: %s", task.exception())
 
     def alarm_reported(self, src: str, why: str) -> str | None:
         """A member says its disk is nearly full: raise NOSPACE (why not, if we cannot)."""

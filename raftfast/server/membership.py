@@ -114,7 +114,9 @@ class MembershipMixin:
         if not is_address(address):  # reaches this directly)
             raise ValueError(f"bad address {address[:300]!r} (want {ADDRESS_FORM})")
         deadline = asyncio.get_running_loop().time() + timeout
-        if node_id not in self.raw.membership.members():
+        was_voter = node_id in self.raw.membership.voters
+        existed = node_id in self.raw.membership.members()
+        if not existed:
             self._check_leader()  # (before any name is looked up: the leader's to do)
             # One add at a time from its lookup to its commit: two at once, at two spellings
             # of one place, were both let in (each looked at the members before the other).
@@ -143,7 +145,11 @@ class MembershipMixin:
         if not learner and node_id not in self.raw.membership.voters:
             await self._wait_caught_up(node_id, deadline)
             await self._change(ChangeKind.PROMOTE, node_id, "", deadline)
-        return self.members()
+        listing = self.members()
+        if existed and (learner or was_voter):  # (a retry, say: as the other changes say)
+            role = "a voter" if was_voter else "a learner"
+            listing.note = f"{node_id} is already {role} at {address}: nothing to do"
+        return listing
 
     async def change_member(self, kind: ChangeKind, node_id: str, timeout: float):
         """Promote, demote or remove ``node_id``; returns once the change is committed."""

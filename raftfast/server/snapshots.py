@@ -407,7 +407,8 @@ class SnapshotMixin:
             wait = self._snapshot_resend_s.get(m.dst, SNAPSHOT_RESEND_S / 2) * 2
             self._snapshot_resend_s[m.dst] = min(wait, SNAPSHOT_RESEND_MAX_S)
             await asyncio.sleep(self._snapshot_resend_s[m.dst])
-        if self.raw is not None and not self.stopping:
+        # (not to the core of a later term, which may have a snapshot of its own under way)
+        if self.raw is not None and not self.stopping and self.raw.term == m.term:
             self.raw.report_snapshot(m.dst, ok)
             self._wake.set()
 
@@ -428,9 +429,9 @@ class _IncomingSnapshot:
             if offset + len(data) > self._max_bytes:
                 self._receiver.abort()
                 raise DiskFullError(
-                    f"a snapshot of over {self._max_bytes} bytes (the free space of node "
-                    f"{self._node.id}'s disk, less {DISK_RESERVE_BYTES} kept for its log) "
-                    "does not fit"
+                    f"the leader's snapshot is bigger than the {self._max_bytes} bytes node "
+                    f"{self._node.id}'s disk has room for (its free space, less "
+                    f"{DISK_RESERVE_BYTES} kept for its log)"
                 )
             self._receiver.write(offset, data)
         except DiskFullError as exc:
@@ -438,7 +439,11 @@ class _IncomingSnapshot:
             raise
 
     def finish(self) -> None:
-        self._node._incoming_snapshot = self._receiver.finish()
+        try:
+            self._node._incoming_snapshot = self._receiver.finish()
+        except DiskFullError as exc:
+            self._node._no_room_for_snapshot(f"it refused the leader's: {exc}")
+            raise
         metrics = self._node.metrics
         metrics.snapshots_received += 1
         metrics.snapshot_receive.observe(time.perf_counter() - self._started)

@@ -186,7 +186,7 @@ def _snap_name(index: int, term: int) -> str:
     return f"snap-{index:016x}-{term:016x}.snap"
 
 
-ROOM_CHECK_BYTES = 8 << 20  # a snapshot being written asks the disk's free space this often
+ROOM_CHECK_BYTES = 8 << 20  # a snapshot written with keep_free asks the free space this often
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -260,7 +260,8 @@ class SnapshotStore:
     def receive(self, index: int, term: int, keep_free: int = 0) -> SnapshotReceiver:
         """Start receiving a snapshot in chunks (from a leader); see ``SnapshotReceiver``. Its
         writes stop with DiskFullError (the file deleted) where the disk would have less than
-        ``keep_free`` bytes free (asked every ``ROOM_CHECK_BYTES``), or has no room at all."""
+        ``keep_free`` bytes free (asked before each write of at most ``ROOM_CHECK_BYTES``), or
+        has no room at all."""
         name = _snap_name(index, term)
         try:
             fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=self._dir)
@@ -516,7 +517,6 @@ class SnapshotReceiver:
         self._fd = fd
         self._done = False
         self._keep_free = keep_free
-        self._room_checked_at = 0  # (the offset where the disk's free space was last asked)
 
     def write(self, offset: int, chunk: bytes | bytearray | memoryview) -> None:
         """Append ``chunk``, which must start at byte ``offset`` of the snapshot."""
@@ -525,27 +525,33 @@ class SnapshotReceiver:
             raise ValueError(
                 f"snapshot chunk at offset {offset}, expected {self.offset}: restart from there"
             )
-        if self._keep_free and self.offset - self._room_checked_at >= ROOM_CHECK_BYTES:
-            self._room_checked_at = self.offset
-            self._check_room()
-        try:
-            _write_all(self._fd, chunk)
-        except OSError as exc:
-            self.abort()
-            if exc.errno in _NO_ROOM:
-                raise DiskFullError(f"no room for snapshot {self.temp_path}: {exc}") from exc
-            raise StorageError(f"cannot write snapshot {self.temp_path}: {exc}") from exc
-        self.offset += len(memoryview(chunk).cast("B"))
+        view = memoryview(chunk).cast("B")
+        # (with keep_free, in pieces of at most ROOM_CHECK_BYTES, each asked for: the KV
+        # store writes its values in one piece, as big as the state)
+        step = ROOM_CHECK_BYTES if self._keep_free else max(len(view), 1)
+        for start in range(0, len(view), step):
+            piece = view[start : start + step]
+            if self._keep_free:
+                self._check_room(len(piece))
+            try:
+                _write_all(self._fd, piece)
+            except OSError as exc:
+                self.abort()
+                if exc.errno in _NO_ROOM:
+                    raise DiskFullError(f"no room for snapshot {self.temp_path}: {exc}") from exc
+                raise StorageError(f"cannot write snapshot {self.temp_path}: {exc}") from exc
+            self.offset += len(piece)
 
-    def _check_room(self) -> None:
-        """DiskFullError (the file deleted) if the disk has less than ``keep_free`` free: the
-        log must be able to grow while a snapshot is written (a snapshot of the whole state
-        filled the disk, and the next log write stopped the node)."""
+    def _check_room(self, nbytes: int) -> None:
+        """DiskFullError (the file deleted) if writing ``nbytes`` more would leave the disk
+        less than ``keep_free`` free: the log must be able to grow while a snapshot is written
+        (a snapshot of the whole state filled the disk, and the next log write stopped the
+        node)."""
         try:
             free = free_bytes(os.path.dirname(self.temp_path))
         except OSError:
             return  # (not knowable here: the writes say)
-        if free < self._keep_free:
+        if free - nbytes < self._keep_free:
             self.abort()
             raise DiskFullError(
                 f"snapshot {self.index} stopped at {self.offset} bytes: the disk has {free} "

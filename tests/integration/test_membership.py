@@ -157,6 +157,10 @@ def test_member_commands(cluster):
     roles = {line.split()[0]: line.split()[2] for line in out.stdout.splitlines()[1:5]}
     assert roles == {"n1": "voter", "n2": "voter", "n3": "voter", "n4": "voter"}, out.stdout
     assert "committed" in out.stdout
+    # Done already (a retry, say): done, with a note, as the other changes say.
+    out = _cli(cluster, "member", "add", "n4", cluster.addrs["n4"])
+    assert out.returncode == 0, out.stderr
+    assert f"n4 is already a voter at {cluster.addrs['n4']}: nothing to do" in out.stdout
     # Bad requests: one line, exit 1, nothing changed.
     n2_port = cluster.peer_addrs["n2"].rsplit(":", 1)[1]
     for args, expected, code in (  # 5: the cluster refuses; 2: a bad argument
