@@ -715,7 +715,7 @@ def test_bad_arguments_and_config_exit_2_with_one_line(case, tmp_path, monkeypat
     assert not (tmp_path / "d").exists()  # nothing written for a refused configuration
 
 
-def test_wal_segment_bytes_is_an_advanced_hidden_setting(tmp_path):
+def test_wal_segment_bytes_is_an_advanced_setting(tmp_path):
     from raftfast.server import node_cli
 
     argv = ["--id", "n1", "--peers", "n1=127.0.0.1:7001", "--data-dir", str(tmp_path / "d")]
@@ -724,4 +724,6 @@ def test_wal_segment_bytes_is_an_advanced_hidden_setting(tmp_path):
     assert flag.wal_segment_bytes == 8192
     env = node_cli.parse_settings(argv, {"RAFTFAST_WAL_SEGMENT_BYTES": "16384"})
     assert env.wal_segment_bytes == 16384
-    assert "wal-segment" not in node_cli.build_parser().format_help()
+    # (in --help's "advanced" part: the docs name it, and --help hid it)
+    advanced = node_cli.build_parser().format_help().split("\nadvanced:\n", 1)[1]
+    assert "--wal-segment-bytes" in advanced and "--snapshot-log-bytes" in advanced
