@@ -423,3 +423,27 @@ def test_only_a_member_s_first_frame_says_where_it_takes_streams():
         writer.close()
 
     run(test)
+
+
+def test_a_refusal_counts_while_it_goes_on_and_not_long_after_it_passed(monkeypatch):
+    """``refused_by`` (health: a node its leader refuses is not serving): true while the peer
+    refuses each new stream, false soon after a refusal that passed (a re-added member that
+    one peer had not applied yet: a flag kept until the next stream ended said NOT_SERVING for
+    as long as the healthy stream lasted, the review)."""
+    monkeypatch.setattr(grpc_transport, "REFUSED_FOR_S", 1.0)
+
+    async def test(receiver, sender, refused, unreachable):
+        receiver.removed["a"] = 7
+        sender.send([heartbeat(1)])
+        await until("a refusal", lambda: sender.refused_by("b"))
+        await asyncio.sleep(2.5)  # (refused again at each reconnect meanwhile)
+        assert sender.refused_by("b")
+        receiver.removed.clear()
+        delivered = len(receiver.delivered)
+        for i in range(30):  # (a healthy stream)
+            sender.send([heartbeat(100 + i)])
+            await asyncio.sleep(0.1)
+        assert len(receiver.delivered) > delivered
+        assert not sender.refused_by("b")
+
+    run(test)

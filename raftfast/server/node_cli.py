@@ -594,6 +594,7 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
                 else ""
             ),
             "secured": _secured(data.get("secured", [])),
+            "join_as_learner": data.get("join_as_learner", False) is True,
         }
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         msg = " ".join(str(exc).split())
@@ -614,6 +615,7 @@ def _identity_of(settings: NodeSettings) -> dict[str, Any]:
         "peer_listen": settings.peer_listen,
         "state_machine": settings.state_machine,
         "secured": _secured_by(settings),
+        "join_as_learner": settings.join_as_learner,
     }
 
 
@@ -741,7 +743,13 @@ def parse_settings(
     values["force_new_cluster"] = args.force_new_cluster
     if args.learner and not values.get("join"):
         raise ConfigError("--learner goes with --join (a node joining as a learner)")
-    values["join_as_learner"] = args.learner
+    if stored is not None and args.learner and not stored["join_as_learner"]:
+        raise ConfigError(
+            "--learner is for a node's first start, with --join; to make a member a learner: "
+            "raftfast member demote"
+        )
+    # (stored: a restart before the join was done asks again, as a learner still)
+    values["join_as_learner"] = args.learner or bool(stored and stored["join_as_learner"])
     if args.restore is not None and not args.restore.strip():
         # (an unset $BACKUP: starting a new, empty cluster instead would be a surprise)
         raise ConfigError("--restore needs a backup file, got an empty name")

@@ -57,6 +57,7 @@ _CLOSE_GRACE_S = 1.0  # a peer that left keeps its stream this long
 # long, so that TCP is tried again (the port may have been firewalled or busy for a moment).
 _FALLBACK_S = 30.0
 _STABLE_S = 1.0  # a stream that lived this long was up: the next one is dialled at once
+REFUSED_FOR_S = 5.0  # a peer's refusal counts this long (refused_by: health)
 # A vote behind more than this on a stream (a deposed leader's backlog) goes by RPC instead.
 _VOTE_BACKLOG_BYTES = 256 * 1024
 CHANNEL_OPTIONS = [
@@ -85,6 +86,7 @@ class _Peer:
         self.client_address = ""  # where it serves clients, as it told us
         self.endpoint: pb.StreamEndpoint | None = None  # where it takes streams, as it told us
         self.refused = False  # it refused our last stream (until one stays up)
+        self.refused_at = -REFUSED_FOR_S  # (time.monotonic) when it last refused us
 
 
 _STATUS = {c.value[0]: c for c in grpc.StatusCode}
@@ -178,9 +180,11 @@ class PeerTransport:
         return peer.client_address if peer is not None else ""
 
     def refused_by(self, peer_id: str) -> bool:
-        """Whether ``peer_id`` refused our last streams (none has stayed up since)."""
+        """Whether ``peer_id`` refused us within the last ``REFUSED_FOR_S`` (a node it refuses
+        is refused again at each reconnect, a fraction of a second apart; one refusal that
+        passed, a change not yet applied there, counts for no longer)."""
         peer = self._peers.get(peer_id)
-        return peer is not None and peer.refused
+        return peer is not None and time.monotonic() - peer.refused_at < REFUSED_FOR_S
 
     def set_peers(self, peers: dict[str, str]) -> None:
         """Follow a membership change: open streams to new peers (or new addresses), close the
@@ -358,6 +362,7 @@ class PeerTransport:
         ten times a second); if because our id was removed, tell the node (with the index)."""
         if code in _REFUSALS:
             peer.refused = True  # (its next "open" is no news)
+            peer.refused_at = time.monotonic()
             now = time.monotonic()
             if now - self._refusals_logged.get(peer.id, -_REFUSAL_LOG_S) >= _REFUSAL_LOG_S:
                 self._refusals_logged[peer.id] = now

@@ -392,6 +392,21 @@ def test_learner_goes_with_join(tmp_path: Path) -> None:
         + ["--data-dir", str(tmp_path), "--learner"]
     )
     assert joining.join_as_learner and joining.join == "127.0.0.1:7001"
+    # Stored: a restart before the join was done (a kill during a long snapshot, say) asks
+    # again as a learner, with --data-dir alone (it asked as a voter: the review).
+    write_identity(joining)
+    restarted = parse_settings(["--data-dir", str(tmp_path)])
+    assert restarted.join_as_learner and restarted.join == "127.0.0.1:7001"
+    # ... and a node that joined as a voter is not made a learner by the flag later.
+    voter = tmp_path / "voter"
+    write_identity(
+        parse_settings(
+            ["--id", "n5", "--listen", "127.0.0.1:7005", "--join", "127.0.0.1:7001"]
+            + ["--data-dir", str(voter)]
+        )
+    )
+    with pytest.raises(ConfigError, match="first start.*member demote"):
+        parse_settings(["--data-dir", str(voter), "--learner"])
 
 
 @pytest.mark.parametrize("key", ["force_new_cluster", "restore", "learner"])

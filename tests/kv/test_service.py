@@ -634,8 +634,8 @@ def test_answers_are_bounded_per_frame_and_per_stream(monkeypatch) -> None:
             await until("the frames that fit to settle", lambda: len(settled) >= room - 1, 5.0)
             await asyncio.sleep(0.2)  # (and then nothing more happens: a pause to see that)
             # (gRPC takes a few answers into its own buffers even so, 0-6 here, and they count
-            # as sent: the bound is that the node did not build every answer, by a margin)
-            assert len(settled) <= 58 - room, len(settled)
+            # as sent: the bound leaves it twice the stream's room besides)
+            assert len(settled) <= 3 * room < 58, len(settled)
             call.cancel()
 
     run(main())
