@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from raftfast.client import Client, SyncClient
+from raftfast.errors import RequestFailedError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.tools.localcluster import ProcCluster
@@ -177,7 +178,16 @@ def test_transfer_leadership_under_load(cluster):
         async with Client(cluster.endpoints, timeout=20) as c:
             load = asyncio.create_task(c.put_many([(f"t{i}", "v") for i in range(20_000)]))
             await asyncio.sleep(0.2)  # the load is in flight
-            leader = await c.transfer_leader(target)
+            for attempt in range(5):
+                try:
+                    leader = await c.transfer_leader(target)
+                    break
+                except RequestFailedError as exc:
+                    # (a hand-over given up for time: the target had not caught up within two
+                    # election timeouts, on a loaded machine; the old leader leads on, and an
+                    # operator asks again)
+                    if "did not take over" not in str(exc) or attempt == 4:
+                        raise
             await load  # every write of the load is acknowledged despite the change
             values = await asyncio.gather(*(c.get(f"t{i}") for i in range(0, 20_000, 997)))
             return leader, sum(v == b"v" for v in values)
