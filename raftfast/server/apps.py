@@ -153,16 +153,12 @@ class KVApp:
         while not driver.stopping:
             await asyncio.sleep(1.0)
             why = quota.disk_short()
-            if why is None or quota.raised():
-                continue
-            if driver.is_leader:
-                quota.raise_alarm(why)
-            elif driver.raw.leader:
-                await driver.transport.report_alarm(driver.raw.leader, why)
+            if why is not None:
+                self.disk_full(why)
 
     def disk_full(self, why: str) -> None:
-        """A snapshot found no room on this node's disk: NOSPACE, raised by the leader (which a
-        follower asks), as for a disk nearly full."""
+        """This node's disk is (nearly) full, or a snapshot found no room on it: NOSPACE,
+        raised by the leader, which a follower asks (one report at a time)."""
         driver, quota = self.driver, self.quota
         if quota is None or quota.raised():
             return

@@ -362,8 +362,7 @@ class PeerTransport:
         ten times a second); if because our id was removed, tell the node (with the index)."""
         if code in _REFUSALS:
             peer.refused = True  # (its next "open" is no news)
-            peer.refused_at = time.monotonic()
-            now = time.monotonic()
+            peer.refused_at = now = time.monotonic()
             if now - self._refusals_logged.get(peer.id, -_REFUSAL_LOG_S) >= _REFUSAL_LOG_S:
                 self._refusals_logged[peer.id] = now
                 lost = NEW_DATA_DIRECTORY in (details or "")  # (this node's state is gone)
