@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from raftfast.kv.commands import NOSPACE, encode_alarm
 from raftfast.kv.fsm import KVStateMachine
@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 NOSPACE_PREFIX = "NOSPACE"  # refusals start with it: clients tell them from a busy server
 _EVERY_S = 1.0  # at most this often: the disk's free space, an exact count of the state
+
+
+class _Shortage(NamedTuple):
+    why: str  # what is short, with the figures
+    remedy: str  # what an operator does about it
+    certain: bool  # counted exactly (not an upper bound): the alarm may be raised
 
 
 class _Node(Protocol):
@@ -61,12 +67,12 @@ class Quota:
                 f"{NOSPACE_PREFIX}: the NOSPACE alarm is raised: writes other than deletes are "
                 "refused until space is freed and `raftfast alarm disarm` clears it"
             )
-        why, certain = self._short_of_space(nbytes)
-        if why is None:
+        short = self._short_of_space(nbytes)
+        if short is None:
             return None
-        if certain:
-            self.raise_alarm(why)
-        return f"{NOSPACE_PREFIX}: {why}; {_remedy(why)}, then `raftfast alarm disarm`"
+        if short.certain:
+            self.raise_alarm(short.why)
+        return f"{NOSPACE_PREFIX}: {short.why}; {short.remedy}, then `raftfast alarm disarm`"
 
     def disk_short(self, nbytes: int = 0) -> str | None:
         """Why this node's disk has no room for ``nbytes`` more, or None."""
@@ -84,10 +90,10 @@ class Quota:
             )
         return None
 
-    def _short_of_space(self, nbytes: int) -> tuple[str | None, bool]:
-        """(why there is no room for ``nbytes`` more, or None; whether that is certain). The
-        state's size is an upper bound between exact counts: over the quota by it, but
-        counted exactly less than a second ago, the write is refused, no alarm raised."""
+    def _short_of_space(self, nbytes: int) -> _Shortage | None:
+        """Why there is no room for ``nbytes`` more, or None. The state's size is an upper
+        bound between exact counts: over the quota by it, but counted exactly less than a
+        second ago, the write is refused (not certain: no alarm raised)."""
         fsm = self.node.fsm
         limit = self.node.settings.quota_backend_bytes
         if fsm.size_bytes + nbytes > limit:
@@ -102,8 +108,13 @@ class Quota:
                     "costs besides), and "
                     f"--quota-backend-bytes is {limit}"
                 )
-                return why, certain
-        return self.disk_short(nbytes), True
+                return _Shortage(why, "delete keys", certain)
+        why = self.disk_short(nbytes)
+        if why is None:
+            return None
+        # A full disk is freed where it is; deleting keys only helps once a snapshot is taken.
+        remedy = "free space on that disk (its --data-dir's file system), or delete keys"
+        return _Shortage(why, remedy, True)
 
     def raised(self) -> bool:
         return NOSPACE in self.node.fsm.alarms
@@ -124,9 +135,9 @@ class Quota:
             settings = self.node.settings
             room = min(settings.max_request_bytes, settings.quota_backend_bytes // 10)
             self._recounted = -_EVERY_S  # count exactly
-            why, _ = self._short_of_space(room)
-            if why is not None:
-                raise ValueError(f"no room yet: {why}; {_remedy(why)} first")
+            short = self._short_of_space(room)
+            if short is not None:
+                raise ValueError(f"no room yet: {short.why}; {short.remedy} first")
             await self.node.propose([encode_alarm(NOSPACE, False)])
             log.warning("node %s cleared the NOSPACE alarm", self.node.id)
         return self.alarms()
@@ -144,10 +155,3 @@ class Quota:
             await self.node.propose([encode_alarm(NOSPACE, True)])
         except Exception as exc:  # noqa: BLE001 - raised again by the next refused write
             log.info("node %s could not raise the NOSPACE alarm yet: %s", self.node.id, exc)
-
-
-def _remedy(why: str) -> str:
-    """What an operator does about ``why`` (a full disk is freed where it is, not by keys)."""
-    if why.startswith("the state holds"):
-        return "delete keys"
-    return "free space on that disk (its --data-dir's file system), or delete keys"
