@@ -249,6 +249,7 @@ peer_requests = st.one_of(
         id=strangers,
         address=addresses,
         list_only=st.booleans(),
+        learner=st.booleans(),  # (a learner that stays one: less than a voter's join)
     ).map(lambda r: ("Join", r)),
     st.builds(
         pb.AlarmReport,
