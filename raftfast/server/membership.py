@@ -247,6 +247,13 @@ class MembershipMixin:
             if match >= target:
                 return
             if loop.time() >= deadline:
+                if match == 0:  # (never answered: most often, not started yet)
+                    address = self.raw.membership.members().get(node_id, "its address")
+                    raise TimeoutError(
+                        f"{node_id} is a learner but has not answered at {address}: start it "
+                        f"(raftfast-node --id {node_id} --listen {address} --join "
+                        f"<a member's address>), then: raftfast member promote {node_id}"
+                    )
                 raise TimeoutError(
                     f"{node_id} is a learner but has not caught up yet (has {match} of "
                     f"{target}); promote it later with: raftfast member promote {node_id}"

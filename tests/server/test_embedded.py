@@ -203,11 +203,15 @@ def test_members_with_bad_addresses_are_refused_and_a_stuck_promote_says_why(tmp
                 with pytest.raises(ValueError, match="bad node id"):
                     await node.add_member(bad_id, "127.0.0.1:7")
             assert set(node._driver.raw.membership.members()) == {"n1"}  # (nothing committed)
-            [dead] = free_ports(1)  # (nobody there: the learner never catches up)
+            dead, dead_too = free_ports(2)  # (nobody there: the learner never catches up)
             await node.add_member("n8", f"127.0.0.1:{dead}", learner=True)
-            with pytest.raises(raftfast.DeadlineExceededError, match="caught up"):
+            # (never answered: the operator is told to start it, with the command)
+            started = "has not answered at 127.0.0.1:{}: start it .*--join.*member promote {}"
+            with pytest.raises(raftfast.DeadlineExceededError, match=started.format(dead, "n8")):
                 async with raftfast.Client(node.settings.listen, timeout=2) as client:
                     await client.promote_member("n8")
+            with pytest.raises(TimeoutError, match=started.format(dead_too, "n7")):
+                await node.add_member("n7", f"127.0.0.1:{dead_too}", timeout=2)
 
     asyncio.run(main())
 
