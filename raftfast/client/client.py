@@ -669,10 +669,27 @@ class Client(SessionMixin):
                 )
             return ClusterUnavailableError(
                 f"no {what} reachable at {at or ','.join(self._endpoints)} within {total:g}s"
-                f" (last error: {one_line(last_error)})"
+                f" (last error: {one_line(last_error)}){self._tls_hint(last_error)}"
             )
         where = f" waiting for {target}" if target else ""
         return DeadlineExceededError(f"deadline of {total:g}s exceeded{where}")
+
+    def _tls_hint(self, last_error: str) -> str:
+        """What to try when the server closed the connection at once: that is how a TLS
+        server answers a plain client, or one without the certificate it asks for."""
+        if "Socket closed" not in last_error:
+            return ""
+        if self._tls is None:
+            return (
+                "; if the cluster uses TLS, trust its CA (raftfast --cacert FILE; "
+                "Client(tls=TLSFiles(ca_file)))"
+            )
+        if self._tls.cert_file is None:
+            return (
+                "; if the cluster checks client certificates, present one (raftfast --cert "
+                "FILE --key FILE; TLSFiles(ca_file, cert_file, key_file))"
+            )
+        return ""
 
     async def _unary(
         self,

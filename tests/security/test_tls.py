@@ -21,7 +21,7 @@ import pytest
 from raftfast.address import split_address
 from raftfast.client import SyncClient
 from raftfast.core.types import MsgType
-from raftfast.errors import PermissionDeniedError
+from raftfast.errors import ClusterUnavailableError, PermissionDeniedError
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.tls import TLSFiles, channel_credentials
@@ -259,8 +259,14 @@ def test_the_cli_with_certificates(tls):
          "--timeout", "2", "get", "cli"],
         capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    # a plain client cannot talk to a TLS port: unavailable (3)
+    # a plain client cannot talk to a TLS port: unavailable (3), told to trust the CA
     assert plain.returncode == 3 and len(plain.stderr.strip().splitlines()) == 1
+    assert "if the cluster uses TLS, trust its CA (raftfast --cacert FILE" in plain.stderr
+    ca_only = SyncClient(
+        tls.cluster.endpoints[0], timeout=2, tls=TLSFiles(tls.files("admin").ca_file)
+    )
+    with ca_only, pytest.raises(ClusterUnavailableError, match="present one .raftfast --cert FILE"):
+        ca_only.get("cli")  # (the cluster asks for a client certificate)
 
 
 def test_a_node_joins_over_tls_and_writes_survive_a_restart(tls):
