@@ -5,6 +5,7 @@ hostile tests hold a node's answers unread (h2: a test dependency)."""
 from __future__ import annotations
 
 import socket
+import ssl
 
 import h2.config
 import h2.connection
@@ -22,9 +23,13 @@ def grpc_message(payload: bytes) -> bytes:
 class UnreadCalls:
     """Calls over one connection; ``status`` maps a stream to its grpc-status once answered."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: over TLS, dialled with this context (its certificate, if any, presented)."""
         self.port = port
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if tls is not None:
+            tls.set_alpn_protocols(["h2"])  # (gRPC's servers speak HTTP/2 only if asked so)
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
@@ -40,7 +45,7 @@ class UnreadCalls:
             stream,
             [
                 (":method", "POST"),
-                (":scheme", "http"),
+                (":scheme", "https" if isinstance(self.sock, ssl.SSLSocket) else "http"),
                 (":path", path),
                 (":authority", f"127.0.0.1:{self.port}"),
                 ("content-type", "application/grpc"),

@@ -44,6 +44,7 @@ from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
 from raftfast.server import lease, logs
 from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
+from raftfast.server.arrival import ArrivalLimit
 from raftfast.server.handlers import quiet_answers_not_sent, register
 from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
 from raftfast.server.incarnations import FILE as INCARNATIONS_FILE
@@ -1212,11 +1213,17 @@ def _server(
     # TLS and HTTP/2 handshakes in GRPC_HANDSHAKE_MS is closed (gRPC's default: 120 s), so
     # that a stranger's idle connections cannot hold every descriptor the node has.
     quiet_answers_not_sent()
-    interceptors = [RoleInterceptor(authorizer)] if authorizer is not None else []
+    # The role check outermost: a caller without the method's role is refused at a call's
+    # start, before its request is waited for (ArrivalLimit); the timer times the service's
+    # own handler, once the request is there.
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if authorizer is not None:
+        interceptors.append(RoleInterceptor(authorizer))
+    interceptors.append(ArrivalLimit())
     if timer is not None:
         interceptors.append(timer)
     return grpc.aio.server(
-        interceptors=interceptors or None,
+        interceptors=interceptors,
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         options=[
             ("grpc.max_send_message_length", tcp.MAX_RECORD_BYTES),

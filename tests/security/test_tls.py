@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from raftfast.security.tls import TLSFiles, channel_credentials
 from raftfast.tools.localcluster import ProcCluster, make_certs, wait_for
 from raftfast.transport.codec import encode_frame
 from raftfast.transport.tcp import record
+from tests.unread_calls import UnreadCalls
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = "admin=admin,writer=write,reader=read,ghost=read"
+PERMISSION_DENIED = "7"  # (a grpc-status as sent)
 
 
 class TLSCluster:
@@ -267,6 +270,24 @@ def test_the_cli_with_certificates(tls):
     )
     with ca_only, pytest.raises(ClusterUnavailableError, match="present one .raftfast --cert FILE"):
         ca_only.get("cli")  # (the cluster asks for a client certificate)
+
+
+def test_a_call_without_its_role_is_refused_before_its_request_comes(tls):
+    # Calls whose request never came held the port's places until their connection closed,
+    # a certificate without a role included: its role was checked once the request was there.
+    port = int(tls.cluster.addrs["n1"].rsplit(":", 1)[1])
+    raw = UnreadCalls(port, tls.files("ghost").client_context())
+    try:
+        streams = [raw.open("/raftfast.v1.KV/Get", None) for _ in range(20)]
+        streams.append(raw.open("/etcdserverpb.KV/Put", None))
+        until = time.monotonic() + 30
+        while len(raw.status) < len(streams) and time.monotonic() < until:
+            raw.pump(0.2)
+        assert raw.status == dict.fromkeys(streams, PERMISSION_DENIED), raw.status
+    finally:
+        raw.close()
+    with tls.client("reader") as reader:  # (a role: its call goes on to its request)
+        assert reader.get("ready") == b"1"
 
 
 def test_a_node_joins_over_tls_and_writes_survive_a_restart(tls):

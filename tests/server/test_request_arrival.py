@@ -1,0 +1,112 @@
+"""A call whose request never comes is ended, freeing its place (raftfast.server.arrival).
+
+gRPC counts a call from its headers and waited for a one-request call's request without a
+limit: a hunt's 27 connections of such calls held every place of three nodes' ports
+(MAX_CONCURRENT_RPCS) for as long as they stayed open, and every other client, admin
+included, was refused RESOURCE_EXHAUSTED. Now each such call ends (DEADLINE_EXCEEDED) once
+REQUEST_ARRIVAL_S have passed without its request, and the port serves others again while
+the connection that holds them is still open."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+import raftfast
+from raftfast.proto import raftfast_pb2 as pb
+from raftfast.proto.etcd import rpc_pb2 as etcd_pb
+from raftfast.server import arrival, driver
+from tests.server.test_unread_answers import _answered, _node
+from tests.unread_calls import UnreadCalls
+
+OK, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = "0", "4", "8"
+CAP = 60
+ONE_REQUEST = [  # (a unary call, a server stream, a health check, etcd's)
+    "/raftfast.v1.KV/Get",
+    "/raftfast.v1.Admin/SnapshotSave",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.Maintenance/Status",
+]
+
+
+def test_calls_whose_request_never_comes_end_and_free_the_port(tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "MAX_CONCURRENT_RPCS", CAP)
+    monkeypatch.setattr(arrival, "REQUEST_ARRIVAL_S", 1.5)
+
+    async def main() -> None:
+        async with _node(tmp_path) as node:
+            await node.wait_for_leader()
+            address = node.settings.listen
+            raw = await asyncio.to_thread(UnreadCalls, int(address.rsplit(":", 1)[1]))
+            try:
+                held = [
+                    await asyncio.to_thread(raw.open, ONE_REQUEST[i % len(ONE_REQUEST)], None)
+                    for i in range(CAP + 10)  # (headers only: the request never comes)
+                ]
+                await _answered(raw, 10, seconds=1.0)  # (before the limit: only the refusals)
+                refused = [s for s in held if raw.status.get(s) == RESOURCE_EXHAUSTED]
+                assert len(refused) >= 10, raw.status
+                async with raftfast.Client([address], timeout=1.0) as client:
+                    try:  # (every place held: refused, as before)
+                        await client.put(b"k", b"early")
+                    except raftfast.RaftfastError:
+                        pass
+                await _answered(raw, len(held), seconds=20)
+                ended = {s: raw.status.get(s) for s in held if s not in refused}
+                assert set(ended.values()) == {DEADLINE_EXCEEDED}, ended
+                # The connection that held them is still open: the port serves others.
+                async with raftfast.Client([address], timeout=10) as client:
+                    await client.put(b"k", b"v")
+                    assert await client.get(b"k") == b"v"
+                # A call whose request comes (on the same connection) is answered as before.
+                late = await asyncio.to_thread(
+                    raw.open, "/raftfast.v1.KV/Get", pb.GetRequest(key=b"k").SerializeToString()
+                )
+                await asyncio.to_thread(raw.conn.increment_flow_control_window, 1 << 20)
+                await asyncio.to_thread(
+                    raw.conn.increment_flow_control_window, 1 << 20, late
+                )
+                await _answered(raw, len(held) + 1, seconds=10)
+                assert raw.status.get(late) == OK, raw.status
+            finally:
+                await asyncio.to_thread(raw.close)
+
+    asyncio.run(main())
+
+
+def test_one_request_calls_still_work_and_bad_requests_are_refused(tmp_path):
+    async def main() -> None:
+        async with _node(tmp_path) as node:
+            await node.wait_for_leader()
+            async with grpc.aio.insecure_channel(node.settings.listen) as channel:
+                put = channel.unary_unary("/etcdserverpb.KV/Put")
+                raw_range = channel.unary_unary("/etcdserverpb.KV/Range")
+                await put(etcd_pb.PutRequest(key=b"a", value=b"1").SerializeToString())
+                answer = etcd_pb.RangeResponse.FromString(
+                    await raw_range(etcd_pb.RangeRequest(key=b"a").SerializeToString())
+                )
+                assert [kv.value for kv in answer.kvs] == [b"1"]
+                for method in ("/etcdserverpb.KV/Range", "/grpc.health.v1.Health/Check"):
+                    try:
+                        await channel.unary_unary(method)(b"\xff\xff\xff", timeout=10)
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+                        assert "malformed" in (exc.details() or ""), exc
+                    else:
+                        raise AssertionError(f"{method} took garbage")
+                check = channel.unary_unary("/grpc.health.v1.Health/Check")
+                answer = health_pb2.HealthCheckResponse.FromString(
+                    await check(health_pb2.HealthCheckRequest().SerializeToString(), timeout=10)
+                )
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                stream = channel.unary_stream("/grpc.health.v1.Health/Watch")
+                call = stream(health_pb2.HealthCheckRequest().SerializeToString(), timeout=10)
+                first = health_pb2.HealthCheckResponse.FromString(await call.read())
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+                call.cancel()
+
+    asyncio.run(main())
