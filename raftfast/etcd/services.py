@@ -38,6 +38,11 @@ SERVICE_NAMES = (
     "etcdserverpb.Maintenance",
 )
 
+# Open LeaseKeepAlive streams, node-wide (an etcd client keeps one for all its leases): idle
+# streams hold a place of the port's MAX_CONCURRENT_RPCS each, and the streams' bounds together
+# leave room for one-request calls.
+MAX_KEEPALIVE_STREAMS = 1_024
+
 
 async def _call(api: EtcdAPI, method: str, request: Any, context: grpc.aio.ServicerContext):
     try:
@@ -80,13 +85,19 @@ class LeaseService(_Base, pb_grpc.LeaseServicer):
     LeaseTimeToLive = _unary("Lease/LeaseTimeToLive")
     LeaseLeases = _unary("Lease/LeaseLeases")
 
+    def __init__(self, api: EtcdAPI) -> None:
+        super().__init__(api)
+        self._keepalives = StreamBound(MAX_KEEPALIVE_STREAMS)
+
     async def LeaseKeepAlive(  # noqa: N802 - gRPC naming
         self,
         request_iterator: AsyncIterator[pb.LeaseKeepAliveRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.LeaseKeepAliveResponse]:
-        async for request in request_iterator:
-            yield await _call(self.api, "Lease/LeaseKeepAlive", request, context)
+        too_many = errors.TOO_MANY_REQUESTS
+        async with self._keepalives.held(context, too_many.message, too_many.code):
+            async for request in request_iterator:
+                yield await _call(self.api, "Lease/LeaseKeepAlive", request, context)
 
 
 class ClusterService(_Base, pb_grpc.ClusterServicer):

@@ -105,9 +105,11 @@ _FAULT_DISK_DELAY = float(os.environ.get("RAFTFAST_FAULT_DISK_DELAY_MS", "0")) /
 _MAX_STREAMS_PER_CONNECTION = 1024
 _IDENTITY_ONLY = 1  # gRPC's compression algorithms as a bitset: "identity" alone
 # Calls under way on a port at once (more are answered RESOURCE_EXHAUSTED at once): beyond the
-# Session (1,024) and Watch (4,096) streams, room for unary calls. Calls whose request never
-# arrives cost ~12-24 KB each: 100 connections of 1,024 such calls took 1.2 GB and cost a leader
-# its leadership (16,384 of them: ~390 MB, the leader kept).
+# streams, each kind bounded on its own (tests/server/test_request_arrival.py adds the bounds
+# up), room for one-request calls, whose request must come within REQUEST_ARRIVAL_S
+# (raftfast.server.arrival). Calls whose request never arrives cost ~12-24 KB each: 100
+# connections of 1,024 such calls took 1.2 GB and cost a leader its leadership (16,384 of
+# them: ~390 MB, the leader kept).
 MAX_CONCURRENT_RPCS = 8_192
 _MISSING_REMEDY = (  # a data directory that lost files the node needs
     "put the missing files back, restore a backup (--restore), or remove this node's data and "

@@ -514,6 +514,11 @@ class PeerTransport:
             backoff = min(backoff * 2, 0.2)
 
 
+# Replicate and InstallSnapshot streams open at once (a member keeps one of each to each peer):
+# idle ones, a stranger's in plain mode, hold a place of the port's calls each.
+MAX_PEER_STREAMS = 256
+
+
 class PeerService(pb_grpc.PeerServicer):
     """Inbound peer traffic: validate, decode, hand to ``deliver`` (which steps the core)."""
 
@@ -554,6 +559,7 @@ class PeerService(pb_grpc.PeerServicer):
         self.join = join
         self.alarm = alarm
         self.forward = forward
+        self._streams_open = 0  # Replicate and InstallSnapshot streams under way
         self.stream_offset = 0  # TCP replication port - gRPC port, once listening (0: gRPC only)
         self.client_address = ""  # where this node serves clients (told to peers)
 
@@ -648,9 +654,26 @@ class PeerService(pb_grpc.PeerServicer):
             await context.abort(_STATUS[exc.code], exc.details, exc.trailing_metadata)
         return await self.join(request, context)
 
+    async def _stream_opens(self, context: grpc.aio.ServicerContext) -> None:
+        """Count a Replicate or InstallSnapshot stream (``_stream_ends`` uncounts it), or
+        refuse it past MAX_PEER_STREAMS."""
+        if self._streams_open >= MAX_PEER_STREAMS:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this node has {MAX_PEER_STREAMS} peer streams open; retry later",
+            )
+        self._streams_open += 1
+
+    def _stream_ends(self) -> None:
+        self._streams_open -= 1
+
     async def Replicate(self, request_iterator, context):  # noqa: N802 - gRPC naming
-        async for f in request_iterator:
-            self.deliver(await self._check(f, context))
+        await self._stream_opens(context)
+        try:
+            async for f in request_iterator:
+                self.deliver(await self._check(f, context))
+        finally:
+            self._stream_ends()
         return
         yield  # an async generator: the response stream stays open until the sender closes
 
@@ -691,6 +714,7 @@ class PeerService(pb_grpc.PeerServicer):
     async def InstallSnapshot(self, request_iterator, context):  # noqa: N802
         if self.snapshots is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node takes no snapshots")
+        await self._stream_opens(context)
         receiver, meta = None, None
         try:
             async for chunk in request_iterator:
@@ -726,5 +750,6 @@ class PeerService(pb_grpc.PeerServicer):
                     return pb.PeerEmpty()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "snapshot stream ended early")
         finally:
+            self._stream_ends()
             if receiver is not None:
                 receiver.abort()
