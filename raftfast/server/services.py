@@ -178,6 +178,19 @@ class Service:
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 
+    async def _refusal(
+        self, failure: Exception, context: grpc.aio.ServicerContext, what: str
+    ) -> tuple[grpc.StatusCode, str]:
+        """The status a unary handler's ``failure`` is answered with (a NotLeaderError's
+        leader named in the trailing metadata)."""
+        exc = await self.settle_leader(failure, context)
+        if isinstance(exc, NotLeaderError):
+            leader_id, address = self.leader_hint(exc)
+            if leader_id:
+                md = (("leader-id", leader_id), ("leader-address", address or ""))
+                context.set_trailing_metadata(md)
+        return status_of(self, exc, what)
+
     def timeout_of(self, context: grpc.aio.ServicerContext, default: float = 60.0) -> float:
         """Seconds a long node call may take: the call's deadline, a little early."""
         remaining = context.time_remaining()
@@ -198,14 +211,10 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except asyncio.CancelledError:
             raise
         except Exception as failure:  # noqa: BLE001 - every failure becomes a status
-            exc = await self.settle_leader(failure, context)
-            code, message = status_of(self, exc, method.__name__)
-            if isinstance(exc, NotLeaderError):
-                leader_id, address = self.leader_hint(exc)
-                if leader_id:
-                    md = (("leader-id", leader_id), ("leader-address", address or ""))
-                    context.set_trailing_metadata(md)
-            await context.abort(code, message)
+            code, message = await self._refusal(failure, context, method.__name__)
+        # (out of the except block: nothing of the failure is held here, whose traceback's
+        # frames hold the request; gRPC keeps the abort with the call)
+        await context.abort(code, message)
         raise AssertionError("unreachable: context.abort always raises")
 
     return wrapper

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 
 import raftfast
@@ -67,9 +68,7 @@ def test_calls_whose_request_never_comes_end_and_free_the_port(tmp_path, monkeyp
                     raw.open, "/raftfast.v1.KV/Get", pb.GetRequest(key=b"k").SerializeToString()
                 )
                 await asyncio.to_thread(raw.conn.increment_flow_control_window, 1 << 20)
-                await asyncio.to_thread(
-                    raw.conn.increment_flow_control_window, 1 << 20, late
-                )
+                await asyncio.to_thread(raw.conn.increment_flow_control_window, 1 << 20, late)
                 await _answered(raw, len(held) + 1, seconds=10)
                 assert raw.status.get(late) == OK, raw.status
             finally:
@@ -108,5 +107,119 @@ def test_one_request_calls_still_work_and_bad_requests_are_refused(tmp_path):
                 first = health_pb2.HealthCheckResponse.FromString(await call.read())
                 assert first.status == health_pb2.HealthCheckResponse.SERVING
                 call.cancel()
+
+    asyncio.run(main())
+
+
+def test_the_streams_bounds_leave_room_for_one_request_calls():
+    # Streams may stay open and idle (a Watch, a keep-alive, a peer's): each kind is bounded
+    # node-wide, and together they leave a port's calls room for the rest.
+    from raftfast.etcd.services import MAX_KEEPALIVE_STREAMS
+    from raftfast.etcd.watch import MAX_WATCH_STREAMS
+    from raftfast.server.admin import SNAPSHOT_SAVES_AT_ONCE
+    from raftfast.server.health import MAX_REFLECTION_STREAMS, MAX_WATCHES
+    from raftfast.server.kv_service import MAX_SESSIONS
+    from raftfast.transport.grpc import MAX_PEER_STREAMS
+
+    streams = (
+        MAX_SESSIONS + MAX_WATCH_STREAMS + MAX_KEEPALIVE_STREAMS + MAX_PEER_STREAMS
+        + MAX_WATCHES + MAX_REFLECTION_STREAMS + 2 * SNAPSHOT_SAVES_AT_ONCE
+    )  # fmt: skip
+    assert streams + 1_000 <= driver.MAX_CONCURRENT_RPCS, streams
+
+
+async def _open_streams(channel, method: str, count: int) -> list:
+    """``count`` streams of ``method`` that send nothing (and a way to end them)."""
+    never = asyncio.Event()
+
+    async def nothing():
+        await never.wait()
+        yield b""  # (not reached)
+
+    calls = [channel.stream_stream(method)(nothing()) for _ in range(count)]
+    for call in calls:
+        await call.wait_for_connection()
+    return calls
+
+
+async def _taken_again(channel, method: str, seconds: float = 10) -> bool:
+    """Whether a stream of ``method`` is taken (not refused within a second) before long: the
+    node hears of the ended ones when their cancellations reach it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        (call,) = await _open_streams(channel, method, 1)
+        looked = loop.time()
+        while not call.done() and loop.time() - looked < 1.0:
+            await asyncio.sleep(0.05)  # (a refusal ends it at once)
+        taken = not call.done()
+        call.cancel()
+        if taken:
+            return True
+    return False
+
+
+def test_idle_keepalive_and_peer_streams_are_bounded(tmp_path, monkeypatch):
+    from raftfast.etcd import services as etcd_services
+    from raftfast.transport import grpc as grpc_transport
+
+    monkeypatch.setattr(etcd_services, "MAX_KEEPALIVE_STREAMS", 3)
+    monkeypatch.setattr(grpc_transport, "MAX_PEER_STREAMS", 2)
+
+    async def main() -> None:
+        async with _node(tmp_path) as node:
+            await node.wait_for_leader()
+            async with grpc.aio.insecure_channel(node.settings.listen) as channel:
+                for method, bound, said in (
+                    ("/etcdserverpb.Lease/LeaseKeepAlive", 3, "etcdserver: too many requests"),
+                    ("/raftfast.v1.Peer/Replicate", 2, "2 peer streams open"),
+                ):
+                    held = await _open_streams(channel, method, bound)
+                    (extra,) = await _open_streams(channel, method, 1)
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await extra.read()
+                    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert said in (refused.value.details() or "")
+                    for call in held:  # (once they end, another is taken)
+                        call.cancel()
+                    assert await _taken_again(channel, method), f"{method} still refused"
+
+    asyncio.run(main())
+
+
+def test_refused_requests_are_not_kept(tmp_path):
+    # gRPC keeps an aborted call's AbortError with the call, in a cycle through its context:
+    # the frames in the error's traceback held the request until a full collection ran (500
+    # refused Gets of a 2 MiB key: a node at ~1 GB), and etcd's fixed errors, raised again
+    # and again, kept every traceback they were raised with (600 refused Puts: 1.3 GB).
+    import gc
+
+    def live(kind, field: str) -> int:
+        return sum(
+            1 for o in gc.get_objects() if isinstance(o, kind) and len(getattr(o, field)) > 50_000
+        )
+
+    async def main() -> None:
+        async with _node(tmp_path) as node:
+            await node.wait_for_leader()
+            async with grpc.aio.insecure_channel(node.settings.listen) as channel:
+                get = channel.unary_unary("/raftfast.v1.KV/Get")
+                put = channel.unary_unary("/etcdserverpb.KV/Put")
+                refusals = (
+                    (get, pb.GetRequest(key=b"k" * 100_000), "the limit is"),
+                    (put, etcd_pb.PutRequest(key=b"", value=b"v" * 100_000), "key is not provided"),
+                )
+                gc.collect()
+                gc.disable()  # (what a full collection would free is not the point)
+                try:
+                    for call, request, said in refusals:
+                        for _ in range(20):
+                            with pytest.raises(grpc.aio.AioRpcError, match=said):
+                                await call(request.SerializeToString(), timeout=10)
+                    await asyncio.sleep(0.2)  # (the last call's end, on the server's side)
+                    assert live(pb.GetRequest, "key") <= 1
+                    assert live(etcd_pb.PutRequest, "value") <= 1
+                finally:
+                    gc.enable()
 
     asyncio.run(main())
