@@ -339,10 +339,21 @@ class MembershipMixin:
                 self._known_addresses = {m.id: m.address for m in listing.members}
                 self._follow_membership()
                 log.info("node %s asks %s to add it at %s", s.id, target, s.peer_address)
-                await stub.Join(request, timeout=600.0)
+                answer = await stub.Join(request, timeout=600.0)
                 self._joining = False
-                role = "a learner" if s.join_as_learner else "a voter"
-                log.info("node %s joined the cluster as %s", s.id, role)
+                # (the role the leader gave: one of an earlier release knows no --learner)
+                role = next((m.role for m in answer.members if m.id == s.id), "")
+                role = role or ("learner" if s.join_as_learner else "voter")
+                log.info("node %s joined the cluster as a %s", s.id, role)
+                if s.join_as_learner and role != "learner":
+                    log.warning(
+                        "node %s asked to join as a learner, but the leader made it a %s (a "
+                        "leader of an earlier release does not know --learner): make it one "
+                        "with `raftfast member demote %s`",
+                        s.id,
+                        role,
+                        s.id,
+                    )
                 return
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import BinaryIO
@@ -471,3 +472,38 @@ def test_a_join_saying_any_state_machine_is_refused_in_one_bounded_line(tmp_path
             assert {m["id"] for m in members} == {"n1", "n2", "n3"}
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_learner_made_a_voter_by_an_older_leader_says_so(tmp_path, monkeypatch, caplog):
+    # A leader of an earlier release ignores JoinRequest.learner: the joiner logged "joined
+    # the cluster as a learner" and was a voter (an upgrade hunt).
+    from raftfast.server import admin
+
+    original = admin.JoinService.join
+
+    async def join_of_an_older_leader(self, request, context):
+        request.learner = False  # (a field it does not know)
+        return await original(self, request, context)
+
+    monkeypatch.setattr(admin.JoinService, "join", join_of_an_older_leader)
+
+    async def main() -> None:
+        async with _one(tmp_path) as leader:
+            await leader.wait_for_leader(timeout=30)
+            [port] = free_ports(1)
+            joiner = raftfast.Node(
+                id="n2", listen=f"127.0.0.1:{port}", data_dir=str(tmp_path / "n2"),
+                state_machine=Counter(), tick_ms=20, join=leader.settings.listen,
+                join_as_learner=True,
+            )  # fmt: skip
+            with caplog.at_level(logging.INFO, logger="raftfast"):
+                async with joiner:
+                    deadline = asyncio.get_running_loop().time() + 60
+                    while "joined the cluster" not in caplog.text:
+                        assert asyncio.get_running_loop().time() < deadline, caplog.text
+                        await asyncio.sleep(0.05)
+            assert "node n2 joined the cluster as a voter" in caplog.text
+            assert "asked to join as a learner, but the leader made it a voter" in caplog.text
+            assert "raftfast member demote n2" in caplog.text
+
+    asyncio.run(main())
