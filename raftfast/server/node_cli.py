@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -116,10 +118,15 @@ def _str(value: Any, where: str) -> str:
 
 def _address(value: Any, where: str, stored: bool = False) -> str:
     """A HOST:PORT setting; ``stored``: read from node.json, which an older raftfast may have
-    written (the rule then: ``is_host_port``; a node must start again after an upgrade)."""
+    written (the rule then: ``is_host_port``; a node must start again after an upgrade: an
+    IPv6 host written without brackets gets them)."""
     addr = _str(value, where)
     if not (is_host_port if stored else is_address)(addr):
         raise ConfigError(f"{where}: bad address {addr!r} (want {ADDRESS_FORM})")
+    if stored and not is_address(addr):
+        host, _, port = addr.rpartition(":")
+        with contextlib.suppress(ValueError):
+            addr = f"[{ipaddress.IPv6Address(host)}]:{port}"
     return addr
 
 

@@ -135,13 +135,17 @@ def test_identity_written_and_reloaded(tmp_path: Path, fake_serve, capsys) -> No
 
 def test_an_address_an_older_release_wrote_down_still_loads(tmp_path: Path) -> None:
     """Flags want an IPv6 host in brackets now, but node.json keeps the rule it was written
-    under: "::1:7003" (never reachable by gRPC) must not stop a node from starting."""
+    under: "::1:7003" (never reachable by gRPC) must not stop a node from starting (it loaded,
+    and the start then failed on it: the upgrade hunt); it gets its brackets."""
     d = tmp_path / "n1"
     write_identity(parse_settings(base(d, "--cluster-id", "prod"), {}))
     stored = json.loads((d / "node.json").read_text())
     stored["peers"]["n3"] = "::1:7003"
     (d / "node.json").write_text(json.dumps(stored))
-    assert load_identity(str(d))["peers"]["n3"] == "::1:7003"
+    assert load_identity(str(d))["peers"]["n3"] == "[::1]:7003"
+    restarted = parse_settings(["--data-dir", str(d)], {})
+    restarted.validate()
+    assert restarted.peers["n3"] == "[::1]:7003"
     with pytest.raises(ConfigError, match=r"in brackets: \[::1\]:7001"):
         parse_settings(base(tmp_path / "n2", "--peers", "n1=::1:7001"), {})
 
