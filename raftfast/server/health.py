@@ -38,6 +38,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
@@ -96,6 +97,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             name = request.service[:100]
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {name!r}")
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(self, request, context):  # noqa: N802 - gRPC naming
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._status.items()
+            }
+        )
 
     async def Watch(self, request, context):  # noqa: N802 - gRPC naming
         async with self._watches.held(context, _refusal("health Watch", MAX_WATCHES)):
@@ -183,7 +192,9 @@ class _Reflection(reflection.aio.ReflectionServicer):
                     except Exception as exc:  # noqa: BLE001 - the client went away: it is over
                         log.debug("a reflection stream ended: %r", exc)
                         return
+            except DecodeError as exc:  # (bytes that are no request: the client's doing)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}")
             except Exception as exc:
                 if not context.done():
-                    raise  # (a bad request: gRPC answers it, as before)
+                    raise
                 log.debug("a reflection stream ended: %r", exc)  # (its reads failed, the same)

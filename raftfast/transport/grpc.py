@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from raftfast.address import split_address
 from raftfast.core.types import Message, MsgType
@@ -672,6 +673,8 @@ class PeerService(pb_grpc.PeerServicer):
         try:
             async for f in request_iterator:
                 self.deliver(await self._check(f, context))
+        except DecodeError as exc:  # (bytes that are no frame: the sender's doing)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}")
         finally:
             self._stream_ends()
         return
@@ -749,6 +752,8 @@ class PeerService(pb_grpc.PeerServicer):
                     self.deliver([meta])
                     return pb.PeerEmpty()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "snapshot stream ended early")
+        except DecodeError as exc:  # (bytes that are no chunk)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed chunk: {exc}")
         finally:
             self._stream_ends()
             if receiver is not None:

@@ -10,6 +10,7 @@ the connection that holds them is still open."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -24,6 +25,7 @@ from tests.unread_calls import UnreadCalls
 
 OK, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = "0", "4", "8"
 CAP = 60
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 ONE_REQUEST = [  # (a unary call, a server stream, a health check, etcd's)
     "/raftfast.v1.KV/Get",
     "/raftfast.v1.Admin/SnapshotSave",
@@ -223,3 +225,43 @@ def test_refused_requests_are_not_kept(tmp_path):
                     gc.enable()
 
     asyncio.run(main())
+
+
+def test_bytes_that_are_no_request_are_refused_without_a_traceback(tmp_path, caplog):
+    # Health/List was not served (NotImplementedError), and malformed peer frames and
+    # reflection requests were answered UNKNOWN: each a traceback in the log, anyone's to
+    # write (a hunt).
+    bad = b"\x0a\xff\xff\xff\xff\x0f"  # (a field whose length runs past the end)
+
+    async def main() -> None:
+        async with _node(tmp_path) as node:
+            await node.wait_for_leader()
+            async with grpc.aio.insecure_channel(node.settings.listen) as channel:
+                listing = health_pb2.HealthListResponse.FromString(
+                    await channel.unary_unary("/grpc.health.v1.Health/List")(b"", timeout=10)
+                )
+                assert listing.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+                for kind, method in (
+                    ("stream_stream", "/raftfast.v1.Peer/Replicate"),
+                    ("stream_unary", "/raftfast.v1.Peer/InstallSnapshot"),
+                    (
+                        "stream_stream",
+                        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                    ),
+                    ("unary_stream", "/grpc.health.v1.Health/Watch"),
+                ):
+                    call = getattr(channel, kind)(method)
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        if kind == "unary_stream":
+                            await call(bad, timeout=10).read()
+                        elif kind == "stream_stream":
+                            await call(iter([bad]), timeout=10).read()
+                        else:
+                            await call(iter([bad]), timeout=10)
+                    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                    assert "malformed" in (refused.value.details() or ""), method
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert "Traceback" not in caplog.text and "Unexpected" not in caplog.text, caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
