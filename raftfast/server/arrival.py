@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from raftfast.server.handlers import Twins
+
 __all__ = ["REQUEST_ARRIVAL_S", "ArrivalLimit"]
 
 # Long enough for a request of the largest size over a slow link once its headers came; short
@@ -33,9 +35,7 @@ class ArrivalLimit(grpc.aio.ServerInterceptor):
 
     def __init__(self, limit_s: float | None = None) -> None:
         self.limit_s = REQUEST_ARRIVAL_S if limit_s is None else limit_s
-        # method -> (the handler asked about, its limited twin): a service's own handlers
-        # are the same object call after call, so the twin is made once.
-        self._limited: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._limited = Twins(lambda handler, _method: _limited(handler, self.limit_s))
 
     async def intercept_service(
         self,
@@ -45,14 +45,7 @@ class ArrivalLimit(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming:
             return handler  # unknown methods (UNIMPLEMENTED at once) and streams: as they are
-        method = details.method
-        cached = self._limited.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        limited = _limited(handler, self.limit_s)
-        if len(self._limited) < 4096 or method in self._limited:  # (the methods served)
-            self._limited[method] = (handler, limited)
-        return limited
+        return self._limited.of(handler, details.method)
 
 
 def _limited(handler: grpc.RpcMethodHandler, limit_s: float) -> grpc.RpcMethodHandler:

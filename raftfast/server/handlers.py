@@ -28,6 +28,8 @@ __all__ = [
     "READS",
     "WRITES",
     "Malformed",
+    "StreamBound",
+    "Twins",
     "method_handler",
     "quiet_answers_not_sent",
     "register",
@@ -186,6 +188,25 @@ def method_handler(
 def _serialize(response: Any) -> bytes:
     """An answer on the wire (one serialized already passes: counted ones, built in parts)."""
     return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class Twins:
+    """The twin ``make(handler, method)`` builds of a method's handler (timed, time-limited),
+    made once per method: a service's own handlers are the same object call after call (an
+    interceptor's that comes after another's that wraps each call gets a new one each time).
+    Only served methods have handlers: one entry per method served."""
+
+    def __init__(self, make: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]):
+        self._make = make
+        self._twins: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def of(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        cached = self._twins.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        twin = self._make(handler, method)
+        self._twins[method] = (handler, twin)
+        return twin
 
 
 class GenericOnly:

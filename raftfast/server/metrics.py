@@ -36,6 +36,7 @@ import grpc
 from raftfast.address import split_address
 from raftfast.core.types import Role
 from raftfast.kv.commands import ALARMS
+from raftfast.server.handlers import Twins
 
 if TYPE_CHECKING:
     from raftfast.server.driver import Driver
@@ -140,7 +141,9 @@ class RequestTimer(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: NodeMetrics) -> None:
         self.metrics = metrics
-        self._timed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._timed = Twins(
+            lambda handler, method: _timed(handler, metrics.request_histogram(method))
+        )
 
     async def intercept_service(
         self,
@@ -150,13 +153,7 @@ class RequestTimer(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler  # unknown methods (UNIMPLEMENTED) and streams: as they are
-        method = details.method
-        cached = self._timed.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        timed = _timed(handler, self.metrics.request_histogram(method))
-        self._timed[method] = (handler, timed)
-        return timed
+        return self._timed.of(handler, details.method)
 
 
 def _timed(handler: grpc.RpcMethodHandler, hist: Histogram) -> grpc.RpcMethodHandler:
