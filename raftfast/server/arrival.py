@@ -1,4 +1,4 @@
-"""A time limit on a one-request call's request, from the call's start.
+"""A time limit on a one-request call's request, while many calls wait for theirs.
 
 gRPC counts a call from its headers, and for a method of one request grpc.aio waits for that
 request with no limit: calls whose request never comes (a stranger's, in plain mode; any
@@ -6,10 +6,13 @@ certificate holder's, with TLS) held a port's ``MAX_CONCURRENT_RPCS`` until thei
 closed, and every other client, admin included, was refused RESOURCE_EXHAUSTED meanwhile.
 
 ``ArrivalLimit`` serves every one-request method as a stream (the same on the wire: a client
-sends one message, then half-closes) and takes its one request with a time limit: a call whose
-request has not arrived within ``REQUEST_ARRIVAL_S`` is ended (DEADLINE_EXCEEDED), freeing its
-place. It comes after the role check (a caller without the method's role is refused at the
-call's start, before anything is waited for) and before the request timer.
+sends one message, then half-closes) and reads its one request itself. While more than
+``CROWDED_WAITING`` calls of the port wait for their request, a call that has waited
+``REQUEST_ARRIVAL_S`` is ended (RESOURCE_EXHAUSTED), freeing its place; with fewer waiting, a
+request may take as long as its client allows (a big one over a slow link: twelve 1 MiB puts
+at once over 1 MB/s took up to 12 s). It comes after the role check (a caller without the
+method's role is refused at the call's start, before anything is waited for) and before the
+request timer.
 """
 
 from __future__ import annotations
@@ -23,19 +26,25 @@ import grpc
 
 from raftfast.server.handlers import Twins
 
-__all__ = ["REQUEST_ARRIVAL_S", "ArrivalLimit"]
+__all__ = ["CROWDED_WAITING", "REQUEST_ARRIVAL_S", "ArrivalLimit"]
 
-# Long enough for a request of the largest size over a slow link once its headers came; short
-# enough that calls left without their request free their places soon.
+# How long a call may wait for its request once the port is crowded (long enough for a
+# request of the largest size over a slow link; short enough that places held by calls whose
+# request never comes are soon free again), and what crowded is: more calls waiting for their
+# request than this (well under the places streams leave one-request calls: ~4,500).
 REQUEST_ARRIVAL_S = 10.0
+CROWDED_WAITING = 256
 
 
 class ArrivalLimit(grpc.aio.ServerInterceptor):
-    """Ends a one-request call whose request has not arrived within ``limit_s``."""
+    """Ends a one-request call whose request has not arrived within ``limit_s`` while more
+    than ``crowded`` calls wait for theirs."""
 
-    def __init__(self, limit_s: float | None = None) -> None:
+    def __init__(self, limit_s: float | None = None, crowded: int | None = None) -> None:
         self.limit_s = REQUEST_ARRIVAL_S if limit_s is None else limit_s
-        self._limited = Twins(lambda handler, _method: _limited(handler, self.limit_s))
+        self.crowded = CROWDED_WAITING if crowded is None else crowded
+        self.waiting = 0  # calls waiting for their request now
+        self._limited = Twins(lambda handler, _method: _limited(handler, self))
 
     async def intercept_service(
         self,
@@ -47,30 +56,56 @@ class ArrivalLimit(grpc.aio.ServerInterceptor):
             return handler  # unknown methods (UNIMPLEMENTED at once) and streams: as they are
         return self._limited.of(handler, details.method)
 
+    async def first(self, context: grpc.aio.ServicerContext) -> Any:
+        """The call's one request (read, not taken from the request iterator: a generator
+        left after its first message would hold that message as long as the call's objects
+        live), or the call ended (see the module doc)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        ended = False
 
-def _limited(handler: grpc.RpcMethodHandler, limit_s: float) -> grpc.RpcMethodHandler:
-    """``handler`` (of one request) served as a stream whose one request must come in time."""
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    missing = f"the request did not arrive within {limit_s:g} s of the call's start"
+        def look() -> None:  # (every limit_s while the call waits)
+            nonlocal timer, ended
+            if self.waiting > self.crowded and task is not None:
+                ended = True
+                task.cancel()
+            else:
+                timer = loop.call_later(self.limit_s, look)
 
-    async def first(context: grpc.aio.ServicerContext) -> Any:
-        # (read, not the request iterator: a generator left after its first message would
-        # hold that message as long as the call's objects live)
+        self.waiting += 1
+        timer = loop.call_later(self.limit_s, look)
         try:
-            async with asyncio.timeout(limit_s):
-                request = await context.read()
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, missing)
+            request = await context.read()
+        except asyncio.CancelledError:
+            if not ended or task is None:
+                raise
+            task.uncancel()
+            request = None
         except Exception as exc:  # noqa: BLE001 - a parser that raises (not one of ours)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}"[:300])
+        finally:
+            timer.cancel()
+            self.waiting -= 1
+        if ended:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request did not arrive within {self.limit_s:g} s of the call's start, "
+                "while many calls waited for theirs; retry",
+            )
         if request is grpc.aio.EOF:  # (half-closed at once)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request"
             )
         return request
+
+
+def _limited(handler: grpc.RpcMethodHandler, gate: ArrivalLimit) -> grpc.RpcMethodHandler:
+    """``handler`` (of one request) served as a stream whose one request ``gate`` reads."""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    first = gate.first
 
     async def answer(inner: Callable, request: Any, context: grpc.aio.ServicerContext) -> Any:
         result = inner(request, context)  # (a servicer's default method is not async)
@@ -100,7 +135,12 @@ def _limited(handler: grpc.RpcMethodHandler, limit_s: float) -> grpc.RpcMethodHa
 
     async def streamed(requests, context):
         try:
-            async for response in streaming(await first(context), context):
+            responses = streaming(await first(context), context)
+            if not hasattr(responses, "__aiter__"):  # (a servicer's generator that is not async)
+                for response in responses:
+                    yield response
+                return
+            async for response in responses:
                 yield response
         except grpc.aio.AbortError as aborted:
             raise _lightened(aborted) from None

@@ -23,7 +23,8 @@ from raftfast.server import arrival, driver
 from tests.server.test_unread_answers import _answered, _node
 from tests.unread_calls import UnreadCalls
 
-OK, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = "0", "4", "8"
+OK, RESOURCE_EXHAUSTED = "0", "8"
+GET = "/raftfast.v1.KV/Get"
 CAP = 60
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 ONE_REQUEST = [  # (a unary call, a server stream, a health check, etcd's)
@@ -39,6 +40,7 @@ ONE_REQUEST = [  # (a unary call, a server stream, a health check, etcd's)
 def test_calls_whose_request_never_comes_end_and_free_the_port(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "MAX_CONCURRENT_RPCS", CAP)
     monkeypatch.setattr(arrival, "REQUEST_ARRIVAL_S", 1.5)
+    monkeypatch.setattr(arrival, "CROWDED_WAITING", 5)
 
     async def main() -> None:
         async with _node(tmp_path) as node:
@@ -58,9 +60,11 @@ def test_calls_whose_request_never_comes_end_and_free_the_port(tmp_path, monkeyp
                         await client.put(b"k", b"early")
                     except raftfast.RaftfastError:
                         pass
-                await _answered(raw, len(held), seconds=20)
+                # Ended, but for the few the port may hold waiting (CROWDED_WAITING).
+                await _answered(raw, len(held) - 5, seconds=20)
                 ended = {s: raw.status.get(s) for s in held if s not in refused}
-                assert set(ended.values()) == {DEADLINE_EXCEEDED}, ended
+                assert set(ended.values()) <= {RESOURCE_EXHAUSTED, None}, ended
+                assert list(ended.values()).count(None) <= 5, ended
                 # The connection that held them is still open: the port serves others.
                 async with raftfast.Client([address], timeout=10) as client:
                     await client.put(b"k", b"v")
@@ -71,8 +75,38 @@ def test_calls_whose_request_never_comes_end_and_free_the_port(tmp_path, monkeyp
                 )
                 await asyncio.to_thread(raw.conn.increment_flow_control_window, 1 << 20)
                 await asyncio.to_thread(raw.conn.increment_flow_control_window, 1 << 20, late)
-                await _answered(raw, len(held) + 1, seconds=10)
+                deadline = asyncio.get_running_loop().time() + 10
+                while late not in raw.status and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.to_thread(raw.pump, 0.1)
                 assert raw.status.get(late) == OK, raw.status
+            finally:
+                await asyncio.to_thread(raw.close)
+
+    asyncio.run(main())
+
+
+def test_a_slow_request_waits_while_few_calls_wait(tmp_path, monkeypatch):
+    # A big request over a slow link may take longer than the limit: it is ended only while
+    # the port is crowded with calls waiting for theirs (the review: twelve 1 MiB puts over a
+    # 1 MB/s link, three ended at 10 s).
+    monkeypatch.setattr(arrival, "REQUEST_ARRIVAL_S", 0.5)
+    monkeypatch.setattr(arrival, "CROWDED_WAITING", 3)
+
+    async def main() -> None:
+        async with _node(tmp_path) as node:
+            await node.wait_for_leader()
+            raw = await asyncio.to_thread(UnreadCalls, int(node.settings.listen.rsplit(":", 1)[1]))
+            try:
+                slow = [await asyncio.to_thread(raw.open, GET, None) for _ in range(3)]
+                await _answered(raw, 1, seconds=2.0)  # (four limits: none ended)
+                assert raw.status == {}, raw.status
+                # Crowded: the calls that waited past the limit are ended, which ends the
+                # crowd; the newer ones wait on.
+                crowd = [await asyncio.to_thread(raw.open, GET, None) for _ in range(3)]
+                await _answered(raw, len(slow), seconds=10)
+                assert raw.status == dict.fromkeys(slow, RESOURCE_EXHAUSTED), raw.status
+                await _answered(raw, len(slow) + 1, seconds=1.5)
+                assert not set(crowd) & set(raw.status), raw.status
             finally:
                 await asyncio.to_thread(raw.close)
 
@@ -265,3 +299,66 @@ def test_bytes_that_are_no_request_are_refused_without_a_traceback(tmp_path, cap
         asyncio.run(main())
     assert "Traceback" not in caplog.text and "Unexpected" not in caplog.text, caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+class _Proxy:
+    """TCP to ``target`` through a port of its own; ``freeze`` stops it forwarding anything,
+    both ways, without closing: a client that vanished (a host lost, a NAT that forgot it)."""
+
+    def __init__(self, target: str) -> None:
+        self.host, port = target.rsplit(":", 1)
+        self.port = int(port)
+        self.frozen = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            self.tasks.append(asyncio.create_task(self._pump(source, sink)))
+
+    async def _pump(self, source, sink) -> None:
+        while data := await source.read(65536):
+            if self.frozen.is_set():
+                await asyncio.Event().wait()  # (held, never forwarded)
+            sink.write(data)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.server.close()
+
+
+def test_streams_of_a_client_that_vanished_give_back_their_places(tmp_path, monkeypatch):
+    # A connection whose client went without closing it kept its streams, and with them places
+    # of the node-wide bounds, for gRPC's default of 2 hours (the review): its pings go
+    # unanswered now, and it is closed.
+    from raftfast.etcd import services as etcd_services
+
+    monkeypatch.setattr(etcd_services, "MAX_KEEPALIVE_STREAMS", 1)
+    monkeypatch.setattr(driver, "KEEPALIVE_PING_MS", 1_000)
+    method = "/etcdserverpb.Lease/LeaseKeepAlive"
+
+    async def main() -> None:
+        async with _node(tmp_path) as node:
+            await node.wait_for_leader()
+            proxy = _Proxy(node.settings.listen)
+            try:
+                async with (
+                    grpc.aio.insecure_channel(await proxy.start()) as vanishing,
+                    grpc.aio.insecure_channel(node.settings.listen) as channel,
+                ):
+                    (held,) = await _open_streams(vanishing, method, 1)
+                    (refused,) = await _open_streams(channel, method, 1)
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await refused.read()
+                    proxy.frozen.set()
+                    assert await _taken_again(channel, method, seconds=20), "still held"
+                    held.cancel()
+            finally:
+                await proxy.close()
+
+    asyncio.run(main())
