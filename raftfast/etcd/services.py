@@ -41,7 +41,7 @@ SERVICE_NAMES = (
 # Open LeaseKeepAlive streams, node-wide (an etcd client keeps one for all its leases): idle
 # streams hold a place of the port's MAX_CONCURRENT_RPCS each, and the streams' bounds together
 # leave room for one-request calls.
-MAX_KEEPALIVE_STREAMS = 1_024
+MAX_KEEPALIVE_STREAMS = 2_048
 
 
 async def _call(api: EtcdAPI, method: str, request: Any, context: grpc.aio.ServicerContext):

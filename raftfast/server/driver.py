@@ -110,12 +110,13 @@ _IDENTITY_ONLY = 1  # gRPC's compression algorithms as a bitset: "identity" alon
 # (raftfast.server.arrival). Calls whose request never arrives cost ~12-24 KB each: 100
 # connections of 1,024 such calls took 1.2 GB and cost a leader its leadership (16,384 of
 # them: ~390 MB, the leader kept).
-MAX_CONCURRENT_RPCS = 8_192
+MAX_CONCURRENT_RPCS = 12_288
 _MISSING_REMEDY = (  # a data directory that lost files the node needs
     "put the missing files back, restore a backup (--restore), or remove this node's data and "
     "add it back (docs/operations.md)"
 )
 GRPC_HANDSHAKE_MS = 5_000  # a gRPC connection's TLS and HTTP/2 handshakes, at most
+KEEPALIVE_PING_MS = 60_000  # a client connection is pinged after this long without a frame
 FOREIGN_SAID_EVERY_S = 60.0  # a follower holding another cluster's state: an error this often
 
 
@@ -1239,6 +1240,13 @@ def _server(
             ("grpc.compression_enabled_algorithms_bitset", _IDENTITY_ONLY),
             ("grpc.max_allowed_incoming_connections", max_connections),
             ("grpc.server_handshake_timeout_ms", GRPC_HANDSHAKE_MS),
+            # A connection whose client vanished without closing it (a host lost, a NAT that
+            # forgot it) is closed once a ping goes unanswered, and its streams give back
+            # their places (gRPC's default: a ping after 2 hours).
+            ("grpc.keepalive_time_ms", KEEPALIVE_PING_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_PING_MS // 3),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_PING_MS // 3),  # (what this gRPC reads)
+            ("grpc.http2.max_pings_without_data", 0),
         ],
     )
 
