@@ -70,6 +70,15 @@ def __getattr__(name: str) -> EtcdError:
     return EtcdError(*spec)
 
 
+def __dir__() -> list[str]:
+    fixed = [name[1:] for name, value in globals().items() if _is_fixed(name, value)]
+    return sorted([*globals(), *fixed])
+
+
+def _is_fixed(name: str, value: object) -> bool:
+    return name.startswith("_") and name[1:].isupper() and isinstance(value, tuple)
+
+
 _EMPTY_KEY = _e(_C.INVALID_ARGUMENT, "etcdserver: key is not provided")
 _KEY_NOT_FOUND = _e(_C.INVALID_ARGUMENT, "etcdserver: key not found")
 _VALUE_PROVIDED = _e(_C.INVALID_ARGUMENT, "etcdserver: value is provided")

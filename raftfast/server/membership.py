@@ -251,8 +251,8 @@ class MembershipMixin:
                     address = self.raw.membership.members().get(node_id, "its address")
                     raise TimeoutError(
                         f"{node_id} is a learner but has not answered at {address}: start it "
-                        f"(raftfast-node --id {node_id} --listen {address} --join "
-                        f"<a member's address>), then: raftfast member promote {node_id}"
+                        f"(raftfast-node --id {node_id} --join <a member's address>, serving "
+                        f"peers at {address}), then: raftfast member promote {node_id}"
                     )
                 raise TimeoutError(
                     f"{node_id} is a learner but has not caught up yet (has {match} of "

@@ -126,7 +126,8 @@ def _address(value: Any, where: str, stored: bool = False) -> str:
     if stored and not is_address(addr):
         host, _, port = addr.rpartition(":")
         with contextlib.suppress(ValueError):
-            addr = f"[{ipaddress.IPv6Address(host)}]:{port}"
+            ipaddress.IPv6Address(host)
+            addr = f"[{host}]:{port}"  # (as written: not rewritten in IPv6's short form)
     return addr
 
 
