@@ -3,9 +3,9 @@
 gRPC counts a call from its headers and waited for a one-request call's request without a
 limit: a hunt's 27 connections of such calls held every place of three nodes' ports
 (MAX_CONCURRENT_RPCS) for as long as they stayed open, and every other client, admin
-included, was refused RESOURCE_EXHAUSTED. Now each such call ends (DEADLINE_EXCEEDED) once
-REQUEST_ARRIVAL_S have passed without its request, and the port serves others again while
-the connection that holds them is still open."""
+included, was refused RESOURCE_EXHAUSTED. Now, while the port is crowded with calls waiting
+for their request, those that waited REQUEST_ARRIVAL_S end (RESOURCE_EXHAUSTED), and the port
+serves others again while the connection that holds them is still open."""
 
 from __future__ import annotations
 
