@@ -38,6 +38,7 @@ __all__ = [
     "OPEN_METHODS",
     "STANDARD_METHOD_ROLES",
     "Authorizer",
+    "ClientShares",
     "Role",
     "RoleInterceptor",
     "load_roles",
@@ -180,11 +181,60 @@ class Authorizer:
 Handler = Callable[..., Any]
 
 
-class RoleInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses a call whose caller's role is below its method's (before the handler runs)."""
+class ClientShares:
+    """What one client (a certificate's name) may hold of a port at once: ``most_calls`` calls
+    under way, and ``most_streams[method]`` streams of each bounded kind. A node-wide bound
+    (the port's calls, its Session or Watch streams) that any one certificate could fill
+    locked every other client out, admin included, for as long as that client held it (calls
+    whose answers it never read; streams it kept open: hunts). Admin is not counted."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, most_calls: int, most_streams: dict[str, int]) -> None:
+        self.most_calls = most_calls
+        self.most_streams = most_streams
+        self.calls: dict[str, int] = {}  # name -> calls under way
+        self.streams: dict[tuple[str, str], int] = {}  # (name, method) -> streams open
+
+    def take(self, name: str, method: str, context: grpc.aio.ServicerContext) -> str | None:
+        """Count the call until it ends; or why not (a refusal: it is not counted)."""
+        calls = self.calls.get(name, 0)
+        if calls >= self.most_calls:
+            return (
+                f"client {name!r} has {calls} calls under way here, the most one client may "
+                "have (a quarter of the node's); retry once some have ended"
+            )
+        most = self.most_streams.get(method)
+        key = (name, method)
+        if most is not None:
+            open_ = self.streams.get(key, 0)
+            if open_ >= most:
+                what = method.rsplit("/", 1)[-1]
+                return (
+                    f"client {name!r} has {open_} {what} streams open here, the most one "
+                    "client may have (a quarter of the node's); close some"
+                )
+            self.streams[key] = open_ + 1
+        self.calls[name] = calls + 1
+        context.add_done_callback(lambda _call: self._ended(name, key if most else None))
+        return None
+
+    def _ended(self, name: str, key: tuple[str, str] | None) -> None:
+        left = self.calls.pop(name, 1) - 1
+        if left:
+            self.calls[name] = left
+        if key is not None:
+            left = self.streams.pop(key, 1) - 1
+            if left:
+                self.streams[key] = left
+
+
+class RoleInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a call whose caller's role is below its method's (before the handler runs),
+    or that would take the caller past its share of the port (``shares``: admin's calls are
+    not counted)."""
+
+    def __init__(self, authorizer: Authorizer, shares: ClientShares | None = None) -> None:
         self.authorizer = authorizer
+        self.shares = shares
 
     async def intercept_service(
         self,
@@ -196,19 +246,25 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         need = METHOD_ROLES.get(method)
-        if need is None:
-            if method in OPEN_METHODS:
-                return handler  # (the TLS handshake checked the certificate)
+        if need is None and method not in OPEN_METHODS:
             need = STANDARD_METHOD_ROLES.get(method, Role.ADMIN)
+        if need is None and self.shares is None:
+            return handler  # (the TLS handshake checked the certificate)
         what = method.rsplit("/", 1)[-1]
         if method == _KV + "Session":
             what = SESSION_WHAT
-        auth = self.authorizer
+        auth, shares = self.authorizer, self.shares
 
         async def check(context: grpc.aio.ServicerContext) -> None:
-            why = auth.refusal(context, need, what)
-            if why is not None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+            role = auth.role_of(context)
+            if need is not None and (role is None or role < need):
+                why = auth.refusal(context, need, what)
+                if why is not None:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+            if shares is not None and role is not Role.ADMIN:
+                why = shares.take(caller_name(context) or "", method, context)
+                if why is not None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 
         return _guarded(handler, check)
 

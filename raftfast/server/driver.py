@@ -40,15 +40,17 @@ from raftfast.core.rawnode import RawNode
 from raftfast.core.types import ENTRY_CONFIG, ENTRY_NORMAL, Committed, Message, MsgType, Ready, Role
 from raftfast.errors import CorruptionError, LogError, NotLeaderError
 from raftfast.proto import raftfast_pb2 as pb
-from raftfast.security.roles import Authorizer, RoleInterceptor, load_roles
+from raftfast.security.roles import Authorizer, ClientShares, RoleInterceptor, load_roles
 from raftfast.server import lease, logs
 from raftfast.server.admin import AdminService, JoinService
 from raftfast.server.apps import app_for
 from raftfast.server.arrival import ArrivalLimit
 from raftfast.server.handlers import quiet_answers_not_sent, register
-from raftfast.server.health import ADMIN_SERVICE, Health, enable_reflection
+from raftfast.server.health import ADMIN_SERVICE, MAX_REFLECTION_STREAMS, Health, enable_reflection
+from raftfast.server.health import MAX_WATCHES as MAX_HEALTH_WATCHES
 from raftfast.server.incarnations import FILE as INCARNATIONS_FILE
 from raftfast.server.incarnations import Incarnations
+from raftfast.server.kv_service import MAX_SESSIONS
 from raftfast.server.lease import LeaderLease
 from raftfast.server.log_counts import CountedWarning
 from raftfast.server.membership import MembershipMixin
@@ -345,11 +347,13 @@ class Driver(MembershipMixin, SnapshotMixin):
         # allows); a port shared with peers takes their bigger messages too.
         client_limit = tcp.MAX_RECORD_BYTES if shared else s.max_request_bytes + 512 * 1024
         authorizer = None
+        shares = None
         if s.client_cert_auth:
             roles = load_roles(s.auth_roles) if s.auth_roles else None
             authorizer = Authorizer(roles, checked=True)
+            shares = client_shares()
         timer = RequestTimer(self.metrics) if s.metrics_listen else None
-        self.server = _server(client_limit, s.max_client_connections, authorizer, timer)
+        self.server = _server(client_limit, s.max_client_connections, authorizer, timer, shares)
         self.app.add_services(self.server, authorizer)
         register(self.server, pb, "Admin", admin)
         # (after the services: their calls find their handlers first)
@@ -1203,11 +1207,30 @@ def _runs_of_commands(types: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def client_shares() -> ClientShares:
+    """What one client certificate may hold of the client port: a quarter of its calls and of
+    each node-wide bound on streams."""
+    from raftfast.etcd.services import MAX_KEEPALIVE_STREAMS
+    from raftfast.etcd.watch import MAX_WATCH_STREAMS
+
+    bounds = {
+        "/raftfast.v1.KV/Session": MAX_SESSIONS,
+        "/etcdserverpb.Watch/Watch": MAX_WATCH_STREAMS,
+        "/etcdserverpb.Lease/LeaseKeepAlive": MAX_KEEPALIVE_STREAMS,
+        "/grpc.health.v1.Health/Watch": MAX_HEALTH_WATCHES,
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": MAX_REFLECTION_STREAMS,
+    }
+    return ClientShares(
+        MAX_CONCURRENT_RPCS // 4, {method: max(1, most // 4) for method, most in bounds.items()}
+    )
+
+
 def _server(
     max_message_bytes: int,
     max_connections: int,
     authorizer: Authorizer | None = None,
     timer: RequestTimer | None = None,
+    shares: ClientShares | None = None,
 ) -> grpc.aio.Server:
     # No SO_REUSEPORT (gRPC's default): a second process on our port must fail to start, not
     # silently share the port with us. The timer comes after the role check: it is handed the
@@ -1221,7 +1244,7 @@ def _server(
     # own handler, once the request is there.
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if authorizer is not None:
-        interceptors.append(RoleInterceptor(authorizer))
+        interceptors.append(RoleInterceptor(authorizer, shares))
     interceptors.append(ArrivalLimit())
     if timer is not None:
         interceptors.append(timer)
