@@ -162,17 +162,24 @@ class Authorizer:
         self.checked = checked
 
     def role_of(self, context: grpc.aio.ServicerContext) -> Role | None:
+        return self.role_of_name(caller_name(context))
+
+    def role_of_name(self, name: str | None) -> Role | None:
+        """The role of the certificate named ``name`` (None: the connection checked none)."""
         if not self.checked or self.roles is None:
             return Role.ADMIN
-        name = caller_name(context)
         return self.roles.get(name) if name is not None else None
 
     def refusal(self, context: grpc.aio.ServicerContext, need: Role, what: str) -> str | None:
         """Why the caller may not do ``what`` (which needs ``need``), or None if it may."""
-        role = self.role_of(context)
+        name = caller_name(context)
+        role = self.role_of_name(name)
         if role is not None and role >= need:
             return None
-        name = caller_name(context)
+        return self.refusal_of(name, role, need, what)
+
+    @staticmethod
+    def refusal_of(name: str | None, role: Role | None, need: Role, what: str) -> str:
         if role is None:
             return f"client {name!r} has no role here; {what} needs {need.label}"
         return f"client {name!r} has role {role.label}; {what} needs {need.label}"
@@ -188,28 +195,37 @@ class ClientShares:
     locked every other client out, admin included, for as long as that client held it (calls
     whose answers it never read; streams it kept open: hunts). Admin is not counted."""
 
-    def __init__(self, most_calls: int, most_streams: dict[str, int]) -> None:
+    def __init__(
+        self, most_calls: int, most_streams: dict[str, int], most_calls_roleless: int = 64
+    ) -> None:
         self.most_calls = most_calls
         self.most_streams = most_streams
+        # (a certificate without a role may only ask for health: it needs few calls)
+        self.most_calls_roleless = min(most_calls, most_calls_roleless)
         self.calls: dict[str, int] = {}  # name -> calls under way
         self.streams: dict[tuple[str, str], int] = {}  # (name, method) -> streams open
 
-    def take(self, name: str, method: str, context: grpc.aio.ServicerContext) -> str | None:
+    def take(
+        self, name: str, method: str, context: grpc.aio.ServicerContext, has_role: bool = True
+    ) -> str | None:
         """Count the call until it ends; or why not (a refusal: it is not counted)."""
         calls = self.calls.get(name, 0)
-        if calls >= self.most_calls:
+        if calls >= (self.most_calls if has_role else self.most_calls_roleless):
+            share = "a quarter of the node's" if has_role else "a client without a role"
             return (
-                f"client {name!r} has {calls} calls under way here, the most one client may "
-                "have (a quarter of the node's); retry once some have ended"
+                f"client {name[:100]!r} has {calls} calls under way here, the most one client "
+                f"may have ({share}); retry once some have ended"
             )
         most = self.most_streams.get(method)
         key = (name, method)
         if most is not None:
             open_ = self.streams.get(key, 0)
             if open_ >= most:
-                what = method.rsplit("/", 1)[-1]
+                what = (
+                    method.rsplit("/", 2)[-2].rsplit(".", 1)[-1] + " " + method.rsplit("/", 1)[-1]
+                )
                 return (
-                    f"client {name!r} has {open_} {what} streams open here, the most one "
+                    f"client {name[:100]!r} has {open_} {what} streams open here, the most one "
                     "client may have (a quarter of the node's); close some"
                 )
             self.streams[key] = open_ + 1
@@ -256,13 +272,14 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
         auth, shares = self.authorizer, self.shares
 
         async def check(context: grpc.aio.ServicerContext) -> None:
-            role = auth.role_of(context)
+            name = caller_name(context)  # (read once: it builds the whole auth context)
+            role = auth.role_of_name(name)
             if need is not None and (role is None or role < need):
-                why = auth.refusal(context, need, what)
-                if why is not None:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, auth.refusal_of(name, role, need, what)
+                )
             if shares is not None and role is not Role.ADMIN:
-                why = shares.take(caller_name(context) or "", method, context)
+                why = shares.take(name or "", method, context, has_role=role is not None)
                 if why is not None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
 

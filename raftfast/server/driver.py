@@ -50,7 +50,6 @@ from raftfast.server.health import ADMIN_SERVICE, MAX_REFLECTION_STREAMS, Health
 from raftfast.server.health import MAX_WATCHES as MAX_HEALTH_WATCHES
 from raftfast.server.incarnations import FILE as INCARNATIONS_FILE
 from raftfast.server.incarnations import Incarnations
-from raftfast.server.kv_service import MAX_SESSIONS
 from raftfast.server.lease import LeaderLease
 from raftfast.server.log_counts import CountedWarning
 from raftfast.server.membership import MembershipMixin
@@ -1213,8 +1212,7 @@ def client_shares() -> ClientShares:
     from raftfast.etcd.services import MAX_KEEPALIVE_STREAMS
     from raftfast.etcd.watch import MAX_WATCH_STREAMS
 
-    bounds = {
-        "/raftfast.v1.KV/Session": MAX_SESSIONS,
+    bounds = {  # (Session streams: shared out by the KV service, which can end idle ones)
         "/etcdserverpb.Watch/Watch": MAX_WATCH_STREAMS,
         "/etcdserverpb.Lease/LeaseKeepAlive": MAX_KEEPALIVE_STREAMS,
         "/grpc.health.v1.Health/Watch": MAX_HEALTH_WATCHES,

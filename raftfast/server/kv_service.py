@@ -37,7 +37,7 @@ import asyncio
 import collections
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -58,6 +58,7 @@ from raftfast.limits import MAX_CLIENT_ID, MAX_FRAME_OPS, MAX_SEQUENCE
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.security.roles import Authorizer, Role
+from raftfast.security.tls import caller_name
 from raftfast.server.handlers import READS, WRITES, method_handler
 from raftfast.server.services import (
     DEADLINE_READ,
@@ -97,6 +98,9 @@ MAX_SESSION_INFLIGHT = 256  # frames of one Session handled concurrently (backpr
 FAST_FRAME_OPS = 256
 MAX_SESSION_BYTES = 64 * 1024 * 1024  # Session frames under way, node-wide
 MAX_SESSIONS = 1024  # open Session streams, node-wide
+# Of them, what one client certificate (not an admin's) may hold with --auth-roles: a reader
+# held all 1,024 with streams whose answers it never read, and kept every other client out.
+SESSION_SHARE = MAX_SESSIONS // 4
 # A full node ends the stream idle longest to open a new one, if it has been idle this long
 # (1,024 streams that said nothing locked every other client out).
 IDLE_SESSION_S = 5.0
@@ -180,11 +184,24 @@ class KVService(Service, pb_grpc.KVServicer):
     def _sessions(self) -> int:
         return len(self._uses)
 
-    def _make_way(self) -> bool:
-        """The node is full: the stream idle longest (for at least IDLE_SESSION_S, nothing
-        under way) is ended (its client opens another when it has work), else False."""
+    def _counted_owner(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The client a Session stream counts for (its certificate's name), or None: no
+        roles here, or an admin (never counted)."""
+        auth = self.authorizer
+        if auth is None or auth.roles is None or not auth.checked:
+            return None
+        name = caller_name(context)
+        if name is None or auth.roles.get(name) is Role.ADMIN:
+            return None
+        return name
+
+    def _make_way(self, among: Collection[_SessionUse] | None = None) -> bool:
+        """The node (or a client's share: ``among``, its streams) is full: the stream idle
+        longest (for at least IDLE_SESSION_S, nothing under way) is ended (its client opens
+        another when it has work), else False."""
         now = asyncio.get_running_loop().time()
-        idle = [s for s in self._uses if s.idle_since(now) >= IDLE_SESSION_S]
+        candidates = self._uses if among is None else among
+        idle = [s for s in candidates if s.idle_since(now) >= IDLE_SESSION_S]
         if not idle:
             return False
         oldest = min(idle, key=lambda s: s.last)
@@ -371,6 +388,15 @@ class KVService(Service, pb_grpc.KVServicer):
         Each request is ``(its size in bytes, the frame)``, the frame parsed or its bytes
         (parsed here: see ``add_kv_service``)."""
         await self.check_cluster(context)
+        owner = self._counted_owner(context)
+        if owner is not None:
+            mine = [use for use in self._uses if use.owner == owner]
+            if len(mine) >= SESSION_SHARE and not self._make_way(mine):
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"client {owner[:100]!r} has {len(mine)} Session streams open here, the "
+                    "most one client may have (a quarter of the node's), all busy; retry later",
+                )
         if len(self._uses) >= MAX_SESSIONS and not self._make_way():
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -384,7 +410,7 @@ class KVService(Service, pb_grpc.KVServicer):
         )
         done: asyncio.Queue[tuple[pb.SessionResult, int] | BaseException | object | None]
         done = asyncio.Queue()
-        use = _SessionUse(done)
+        use = _SessionUse(done, owner)
         self._uses.add(use)
         # frames read whose answer is not sent yet, 1 each (a budget, not a Semaphore: it can
         # be taken without awaiting, in ``take_frame``)
@@ -1059,14 +1085,16 @@ _NUDGE = object()  # (... the last answer under way was sent without the writer:
 
 
 class _SessionUse:
-    """When a Session stream was last used, and its frames read and not yet answered."""
+    """When a Session stream was last used, its frames read and not yet answered, and the
+    client it is counted for (``SESSION_SHARE``; None: not counted)."""
 
-    __slots__ = ("done", "frames", "last")
+    __slots__ = ("done", "frames", "last", "owner")
 
-    def __init__(self, done: asyncio.Queue[Any]) -> None:
+    def __init__(self, done: asyncio.Queue[Any], owner: str | None = None) -> None:
         self.done = done  # (its results: ``_EVICTED`` ends it)
         self.frames = 0
         self.last = asyncio.get_running_loop().time()
+        self.owner = owner
 
     def idle_since(self, now: float) -> float:
         return now - self.last if not self.frames else 0.0

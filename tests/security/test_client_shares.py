@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
 
 import raftfast
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.security.tls import TLSFiles
-from raftfast.server import driver
+from raftfast.server import driver, kv_service
 from raftfast.tools.localcluster import free_ports, make_certs
 from tests.unread_calls import UnreadCalls
 
@@ -21,18 +22,18 @@ CAP = 100
 RESOURCE_EXHAUSTED = "8"
 
 
-def test_a_certificate_holds_at_most_a_quarter_of_the_calls(tmp_path, monkeypatch):
-    monkeypatch.setattr(driver, "MAX_CONCURRENT_RPCS", CAP)
+def _tls_node(tmp_path) -> tuple[raftfast.Node, Callable[[str], TLSFiles]]:
+    """A node under --client-cert-auth and roles (admin, reader; ghost: a certificate the CA
+    signed, without a role), and the TLS files of each client."""
     certs = tmp_path / "tls"
     make_certs(certs, ["n1"], "admin=admin,reader=read,ghost=read")
-    roles = certs / "roles.toml"  # (ghost: a good certificate without a role)
+    roles = certs / "roles.toml"
     roles.write_text("".join(x for x in roles.read_text().splitlines(True) if "ghost" not in x))
     port, peer_port = free_ports(2)
 
     def files(name: str) -> TLSFiles:
-        return TLSFiles(
-            str(certs / "ca.crt"), str(certs / f"{name}.crt"), str(certs / f"{name}.key")
-        )
+        ca, crt, key = (str(certs / f) for f in ("ca.crt", f"{name}.crt", f"{name}.key"))
+        return TLSFiles(ca, crt, key)
 
     node = raftfast.Node(
         id="n1", listen=f"127.0.0.1:{port}", peer_listen=f"127.0.0.1:{peer_port}",
@@ -43,6 +44,13 @@ def test_a_certificate_holds_at_most_a_quarter_of_the_calls(tmp_path, monkeypatc
         auth_roles=str(roles), peer_cert_file=str(certs / "n1-peer.crt"),
         peer_key_file=str(certs / "n1-peer.key"), peer_trusted_ca_file=str(certs / "peer-ca.crt"),
     )  # fmt: skip
+    return node, files
+
+
+def test_a_certificate_holds_at_most_a_quarter_of_the_calls(tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "MAX_CONCURRENT_RPCS", CAP)
+    node, files = _tls_node(tmp_path)
+    port = int(node.settings.listen.rsplit(":", 1)[1])
 
     async def main() -> None:
         async with node:
@@ -96,7 +104,7 @@ def test_shares_count_calls_and_streams_of_each_kind_until_they_end():
     streams = [_Context() for _ in range(2)]
     assert [shares.take("app", session, c) for c in streams] == [None, None]
     why = shares.take("app", session, _Context())
-    assert why is not None and "2 Session streams open" in why
+    assert why is not None and "2 KV Session streams open" in why
     assert shares.take("other", session, _Context()) is None  # (each client its own)
     calls = [_Context() for _ in range(3)]
     assert [shares.take("app", "/raftfast.v1.KV/Get", c) for c in calls] == [None] * 3
@@ -109,3 +117,39 @@ def test_shares_count_calls_and_streams_of_each_kind_until_they_end():
     for c in [*streams[1:], *calls[1:]]:
         c.end()
     assert shares.calls == {"app": 1, "other": 1}
+
+
+def test_a_certificate_has_a_quarter_of_the_session_streams_its_idle_ones_made_way_for(
+    tmp_path, monkeypatch
+):
+    # (the review: a share checked before the stream opened refused a client whose own
+    # streams were all idle, where the node would have ended one of them)
+    monkeypatch.setattr(kv_service, "SESSION_SHARE", 2)
+    monkeypatch.setattr(kv_service, "IDLE_SESSION_S", 0.3)
+    node, files = _tls_node(tmp_path)
+
+    async def main() -> None:
+        async with node:
+            await node.wait_for_leader()
+            address = node.settings.listen
+            async with raftfast.Client(address, tls=files("admin"), timeout=20) as admin:
+                await admin.put(b"k", b"v")
+            clients = [
+                raftfast.Client(address, tls=files("reader"), timeout=20, session_transport=kind)
+                for kind in ("grpc", "auto", "grpc")  # (auto: over TCP here)
+            ]
+            try:
+                for client in clients[:2]:
+                    assert await client.get(b"k") == b"v"  # (a Session stream each)
+                owned = [u for u in node._running().app._service._uses if u.owner == "reader"]
+                assert len(owned) == 2
+                await asyncio.sleep(0.5)  # (both idle past IDLE_SESSION_S)
+                assert await clients[2].get(b"k") == b"v"  # (one of its own made way)
+                owned = [u for u in node._running().app._service._uses if u.owner == "reader"]
+                assert len(owned) == 2
+                assert not [u for u in node._running().app._service._uses if u.owner == "admin"]
+            finally:
+                for client in clients:
+                    await client.close()
+
+    asyncio.run(main())
