@@ -221,9 +221,8 @@ class ClientShares:
         if most is not None:
             open_ = self.streams.get(key, 0)
             if open_ >= most:
-                what = (
-                    method.rsplit("/", 2)[-2].rsplit(".", 1)[-1] + " " + method.rsplit("/", 1)[-1]
-                )
+                service, _, kind = method[1:].rpartition("/")
+                what = f"{service.rsplit('.', 1)[-1]} {kind}"  # ("Health Watch")
                 return (
                     f"client {name[:100]!r} has {open_} {what} streams open here, the most one "
                     "client may have (a quarter of the node's); close some"

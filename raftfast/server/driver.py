@@ -107,8 +107,8 @@ _MAX_STREAMS_PER_CONNECTION = 1024
 _IDENTITY_ONLY = 1  # gRPC's compression algorithms as a bitset: "identity" alone
 # Calls under way on a port at once (more are answered RESOURCE_EXHAUSTED at once): beyond the
 # streams, each kind bounded on its own (tests/server/test_request_arrival.py adds the bounds
-# up), room for one-request calls, whose request must come within REQUEST_ARRIVAL_S
-# (raftfast.server.arrival). Calls whose request never arrives cost ~12-24 KB each: 100
+# up), room for one-request calls, whose request must come within REQUEST_ARRIVAL_S while
+# many wait (raftfast.server.arrival). Calls whose request never arrives cost ~12-24 KB each: 100
 # connections of 1,024 such calls took 1.2 GB and cost a leader its leadership (16,384 of
 # them: ~390 MB, the leader kept).
 MAX_CONCURRENT_RPCS = 12_288
