@@ -187,11 +187,10 @@ class KVService(Service, pb_grpc.KVServicer):
     def _counted_owner(self, context: grpc.aio.ServicerContext) -> str | None:
         """The client a Session stream counts for (its certificate's name), or None: no
         roles here, or an admin (never counted)."""
-        auth = self.authorizer
-        if auth is None or auth.roles is None or not auth.checked:
+        if self.authorizer is None:
             return None
         name = caller_name(context)
-        if name is None or auth.roles.get(name) is Role.ADMIN:
+        if name is None or self.authorizer.role_of_name(name) is Role.ADMIN:
             return None
         return name
 
