@@ -12,6 +12,7 @@ from collections.abc import Callable
 from grpc_health.v1 import health_pb2
 
 import raftfast
+from raftfast.address import split_address
 from raftfast.kv.fsm import KVStateMachine
 from raftfast.security.tls import TLSFiles
 from raftfast.server import driver, kv_service
@@ -50,7 +51,7 @@ def _tls_node(tmp_path) -> tuple[raftfast.Node, Callable[[str], TLSFiles]]:
 def test_a_certificate_holds_at_most_a_quarter_of_the_calls(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "MAX_CONCURRENT_RPCS", CAP)
     node, files = _tls_node(tmp_path)
-    port = int(node.settings.listen.rsplit(":", 1)[1])
+    port = split_address(node.settings.listen)[1]
 
     async def main() -> None:
         async with node:

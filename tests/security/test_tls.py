@@ -275,7 +275,7 @@ def test_the_cli_with_certificates(tls):
 def test_a_call_without_its_role_is_refused_before_its_request_comes(tls):
     # Calls whose request never came held the port's places until their connection closed,
     # a certificate without a role included: its role was checked once the request was there.
-    port = int(tls.cluster.addrs["n1"].rsplit(":", 1)[1])
+    port = split_address(tls.cluster.addrs["n1"])[1]
     raw = UnreadCalls(port, tls.files("ghost").client_context())
     try:
         streams = [raw.open("/raftfast.v1.KV/Get", None) for _ in range(20)]

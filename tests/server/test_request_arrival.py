@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 import raftfast
+from raftfast.address import split_address
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2 as etcd_pb
 from raftfast.server import arrival, driver
@@ -46,7 +47,7 @@ def test_calls_whose_request_never_comes_end_and_free_the_port(tmp_path, monkeyp
         async with _node(tmp_path) as node:
             await node.wait_for_leader()
             address = node.settings.listen
-            raw = await asyncio.to_thread(UnreadCalls, int(address.rsplit(":", 1)[1]))
+            raw = await asyncio.to_thread(UnreadCalls, split_address(address)[1])
             try:
                 held = [
                     await asyncio.to_thread(raw.open, ONE_REQUEST[i % len(ONE_REQUEST)], None)
@@ -95,7 +96,7 @@ def test_a_slow_request_waits_while_few_calls_wait(tmp_path, monkeypatch):
     async def main() -> None:
         async with _node(tmp_path) as node:
             await node.wait_for_leader()
-            raw = await asyncio.to_thread(UnreadCalls, int(node.settings.listen.rsplit(":", 1)[1]))
+            raw = await asyncio.to_thread(UnreadCalls, split_address(node.settings.listen)[1])
             try:
                 slow = [await asyncio.to_thread(raw.open, GET, None) for _ in range(3)]
                 await _answered(raw, 1, seconds=2.0)  # (four limits: none ended)
