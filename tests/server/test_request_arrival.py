@@ -10,6 +10,7 @@ serves others again while the connection that holds them is still open."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -175,7 +176,9 @@ async def _open_streams(channel, method: str, count: int) -> list:
 
     calls = [channel.stream_stream(method)(nothing()) for _ in range(count)]
     for call in calls:
-        await call.wait_for_connection()
+        # (a refusal may end a call before this returns: its caller reads the status)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call.wait_for_connection()
     return calls
 
 
