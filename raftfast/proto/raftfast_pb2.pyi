@@ -103,20 +103,22 @@ class SnapshotChunk(_message.Message):
     def __init__(self, cluster_id: _Optional[str] = ..., meta: _Optional[_Union[RaftMessage, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("cluster_id", "id", "address", "list_only", "state_machine", "learner")
+    __slots__ = ("cluster_id", "id", "address", "list_only", "state_machine", "learner", "machine")
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LIST_ONLY_FIELD_NUMBER: _ClassVar[int]
     STATE_MACHINE_FIELD_NUMBER: _ClassVar[int]
     LEARNER_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
     cluster_id: str
     id: str
     address: str
     list_only: bool
     state_machine: str
     learner: bool
-    def __init__(self, cluster_id: _Optional[str] = ..., id: _Optional[str] = ..., address: _Optional[str] = ..., list_only: _Optional[bool] = ..., state_machine: _Optional[str] = ..., learner: _Optional[bool] = ...) -> None: ...
+    machine: str
+    def __init__(self, cluster_id: _Optional[str] = ..., id: _Optional[str] = ..., address: _Optional[str] = ..., list_only: _Optional[bool] = ..., state_machine: _Optional[str] = ..., learner: _Optional[bool] = ..., machine: _Optional[str] = ...) -> None: ...
 
 class AlarmReport(_message.Message):
     __slots__ = ("cluster_id", "src", "alarm", "why")

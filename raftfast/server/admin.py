@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import closing
+from typing import Any
 
 import grpc
 
@@ -19,6 +20,7 @@ from raftfast.core.membership import ChangeKind
 from raftfast.proto import raftfast_pb2 as pb
 from raftfast.proto import raftfast_pb2_grpc as pb_grpc
 from raftfast.server.handlers import StreamBound
+from raftfast.server.machine_identity import mismatch
 from raftfast.server.services import BadRequest, Service, rpc
 
 # SnapshotSave streams a node serves at once. Each holds its snapshot file open until its
@@ -116,15 +118,28 @@ class JoinService(Service):
         if request.list_only:
             return self.node.members(require_leader=False)
         _check_address(request.address)
-        ours, theirs = self.node.app.served, request.state_machine
-        if theirs and theirs != ours:  # ("": a node of an earlier release, which does not say)
-            raise ValueError(
-                f"this cluster serves {ours[:100]!r}, {request.id[:100]!r} serves "
-                f"{theirs[:100]!r}: a member must serve the same state machine (it would apply "
-                "the cluster's commands to its own, and answer for it as leader)"
-            )
+        _check_machine(self.node.app, request)
         return await self.node.add_member(
             request.id, request.address, request.learner, self.timeout_of(context)
+        )
+
+
+def _check_machine(app: Any, request: pb.JoinRequest) -> None:
+    """ValueError unless the joining node serves what ``app`` serves: its class's name
+    (``state_machine``; "" from a node of an earlier release, which does not say), and what
+    ``raftfast.server.machine_identity`` compares when both sides tell it (``machine``)."""
+    ours, theirs = app.served, request.state_machine
+    why = None
+    if theirs and theirs != ours:
+        why = f"this cluster serves {ours[:100]!r}, {request.id[:100]!r} serves {theirs[:100]!r}"
+    elif app.identity and request.machine:
+        why = mismatch(app.identity, request.machine)
+        if why is not None:
+            why = f"{request.id[:100]!r} does not serve this cluster's state machine: {why}"
+    if why is not None:
+        raise ValueError(
+            f"{why}: a member must serve the same state machine (it would apply the cluster's "
+            "commands to its own, and answer for it as leader)"
         )
 
 

@@ -23,6 +23,7 @@ from raftfast.proto import raftfast_pb2 as pb
 from raftfast.security.roles import Authorizer
 from raftfast.server.handlers import register
 from raftfast.server.kv_service import KVService, add_kv_service
+from raftfast.server.machine_identity import identity_of
 from raftfast.server.machine_service import MachineService, StatusOnly
 from raftfast.statemachine import StateMachine
 
@@ -49,8 +50,10 @@ class MachineApp:
         # what its snapshots name it by (--state-machine; None: an object handed to an
         # embedded node, which names none)
         self.state_machine_name: str | None = driver.settings.state_machine or None
-        # what it serves, as a joining node says (JoinRequest.state_machine)
+        # what it serves, as a joining node says: JoinRequest.state_machine, all an earlier
+        # release's leader compares, and JoinRequest.machine, in full
         self.served = f"machine:{type(state_machine).__qualname__}"
+        self.identity = identity_of(state_machine)
 
     def add_services(self, server: grpc.aio.Server, authorizer: Authorizer | None) -> None:
         register(
@@ -88,6 +91,7 @@ class KVApp:
     service_names = ("raftfast.v1.KV", *ETCD_SERVICE_NAMES)  # the client services it adds
     state_machine_name = ""  # (what its snapshots name it by: --state-machine's "")
     served = "kv"  # (what it serves, as a joining node says: JoinRequest.state_machine)
+    identity = ""  # (JoinRequest.machine: a user's state machine's only)
 
     def __init__(self, driver: Driver, state_machine: KVStateMachine) -> None:
         self.driver = driver

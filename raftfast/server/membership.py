@@ -327,6 +327,7 @@ class MembershipMixin:
             id=s.id,
             address=s.peer_address,
             state_machine=self.app.served,
+            machine=self.app.identity,
             learner=s.join_as_learner,
         )
         while not self.stopping:
