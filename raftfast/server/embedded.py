@@ -346,6 +346,11 @@ class Node:
         plain read, as ``is_leader``) if the caller runs in another event loop."""
         if self._driver is None or self._stopped:
             raise RaftfastError("the node is not running (use `async with` or start())")
+        driver = self._driver
+        if not any_loop and (driver.stopping or driver.removed or driver.failed is not None):
+            # (it stopped by itself: a call forwarded from it to the leader waited out its
+            # timeout, or was done there with its result never seen here)
+            raise RaftfastError(_why_stopped(driver))
         try:
             loop = None if any_loop else asyncio.get_running_loop()
         except RuntimeError:
@@ -415,6 +420,14 @@ class Node:
                 )
             self._channels[address] = channel
         return pb_grpc.StateMachineStub(channel)
+
+
+def _why_stopped(driver: Any) -> str:
+    if driver.failed is not None:
+        return f"the node stopped after a fatal error: {driver.failed} (stop() it)"
+    if driver.removed:
+        return "the node was removed from the cluster: it stops (stop() it)"
+    return "the node is stopping"
 
 
 def _claim(state_machine: Any) -> None:

@@ -507,3 +507,29 @@ def test_a_learner_made_a_voter_by_an_older_leader_says_so(tmp_path, monkeypatch
             assert "raftfast member demote n2" in caplog.text
 
     asyncio.run(main())
+
+
+def test_calls_on_a_removed_node_fail_at_once_saying_so(tmp_path):
+    # A removed node stopped by itself, and every call on it still went to the leader: each
+    # waited out its timeout (30 s), and a write was done there with its result unseen here
+    # (a state machine user's hunt).
+    async def main() -> None:
+        nodes = three(tmp_path, timeout=30)
+        async with started(nodes) as leader:
+            by_id = {node.id: node for node in nodes}
+            gone = next(node for node in nodes if node.id != leader)
+            await by_id[leader].remove_member(gone.id)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not gone._driver.removed:  # (once it has applied its removal)
+                assert loop.time() < deadline, "the removed node never learned it"
+                await asyncio.sleep(0.05)
+            before = int(await by_id[leader].query(b""))
+            for call in (gone.propose(b"1"), gone.query(b""), gone.status()):
+                started_at = loop.time()
+                with pytest.raises(raftfast.RaftfastError, match="removed from the cluster"):
+                    await call
+                assert loop.time() - started_at < 5
+            assert int(await by_id[leader].query(b"")) == before  # (nothing was proposed)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
