@@ -88,9 +88,10 @@ class Node:
         **settings: Any,
     ) -> None:
         """``peers``: every founding member, this one included (id -> address); omit it with
-        ``join="HOST:PORT"`` of a member to join a running cluster. ``client_tls``: the
-        certificate this node presents to the leader's client port when it forwards (with
-        ``client_cert_auth``). ``timeout``: the default deadline of a call."""
+        ``join="HOST:PORT"`` of a member to join a running cluster. ``client_tls``: how this
+        node reaches the leader's client port when it forwards, if that serves TLS: the CA
+        that signed the nodes' certificates and, with ``client_cert_auth``, the certificate it
+        presents. ``timeout``: the default deadline of a call."""
         if peers is None:  # (joining: the cluster tells us the others)
             peers = {id: settings.get("peer_listen") or listen}
         self.settings = NodeSettings(
@@ -101,6 +102,10 @@ class Node:
             raise TypeError(
                 f"state_machine {type(state_machine).__name__} has no {', '.join(missing)} "
                 "(a raftfast.StateMachine's methods)"
+            )
+        if isinstance(state_machine, type):
+            raise TypeError(
+                f"state_machine must be an instance ({state_machine.__name__}()), not the class"
             )
         if client_tls is not None and not isinstance(client_tls, TLSFiles):
             raise TypeError(
@@ -410,6 +415,13 @@ class Node:
     def _stub(self, address: str) -> pb_grpc.StateMachineStub:
         channel = self._channels.get(address)
         if channel is None:
+            if self._client_tls is None and self.settings.cert_file:
+                # (in plain text every forwarded call waited out its timeout: "Socket closed")
+                raise RaftfastError(
+                    "this node forwards calls to the leader's client port, which serves TLS: "
+                    "give the Node client_tls=raftfast.TLSFiles(ca_file) (with "
+                    "client_cert_auth, and a certificate and key of a client allowed to write)"
+                )
             # (a Client's options: without them a result over 4 MiB, applied, came back as
             # "the leader refused")
             if self._client_tls is None:

@@ -222,25 +222,7 @@ def test_with_client_certificates_a_command_is_the_same_here_and_forwarded(tmp_p
     name into a forwarded command's client id; a node frames its own commands with the same mix
     for the certificate it forwards with, so a retry that lands on another leader is still a
     retry (the ids differed: it would have been applied twice)."""
-    ports = free_ports(6)
-    certs = tmp_path / "tls"
-    make_certs(certs, ["n1", "n2", "n3"])
-    peers = {f"n{i + 1}": f"127.0.0.1:{ports[3 + i]}" for i in range(3)}
-
-    def node(i: int) -> raftfast.Node:
-        nid = f"n{i + 1}"
-        return raftfast.Node(
-            id=nid, listen=f"127.0.0.1:{ports[i]}", peer_listen=peers[nid], peers=peers,
-            data_dir=str(tmp_path / nid), state_machine=Counter(), tick_ms=20,
-            cert_file=str(certs / f"{nid}.crt"), key_file=str(certs / f"{nid}.key"),
-            trusted_ca_file=str(certs / "ca.crt"), client_cert_auth=True,
-            peer_cert_file=str(certs / f"{nid}-peer.crt"),
-            peer_key_file=str(certs / f"{nid}-peer.key"),
-            peer_trusted_ca_file=str(certs / "peer-ca.crt"),
-            client_tls=TLSFiles(
-                str(certs / "ca.crt"), str(certs / f"{nid}.crt"), str(certs / f"{nid}.key")
-            ),
-        )  # fmt: skip
+    node = _tls_nodes(tmp_path)
 
     async def main() -> None:
         nodes = [node(i) for i in range(3)]
@@ -259,6 +241,57 @@ def test_with_client_certificates_a_command_is_the_same_here_and_forwarded(tmp_p
                 await n.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_a_node_of_a_tls_cluster_without_client_tls_says_so_when_it_forwards(tmp_path):
+    # (it forwarded in plain text: every call waited out its timeout, "Socket closed")
+    node = _tls_nodes(tmp_path, with_client_tls=False)
+
+    async def main() -> None:
+        nodes = [node(i) for i in range(3)]
+        try:
+            for n in nodes:
+                await n.start()
+            leader = await nodes[0].wait_for_leader()
+            follower = next(n for n in nodes if n.id != leader)
+            loop = asyncio.get_running_loop()
+            started_at = loop.time()
+            with pytest.raises(raftfast.RaftfastError, match="client_tls"):
+                await follower.propose(b"1", timeout=30)
+            assert loop.time() - started_at < 10
+            leading = next(n for n in nodes if n.id == leader)
+            assert await leading.propose(b"1") == b"1"  # (the leader needs no forwarding)
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def _tls_nodes(tmp_path, with_client_tls: bool = True):
+    """A maker of the nodes of a 3-node cluster with TLS on both ports and client_cert_auth."""
+    ports = free_ports(6)
+    certs = tmp_path / "tls"
+    make_certs(certs, ["n1", "n2", "n3"])
+    peers = {f"n{i + 1}": f"127.0.0.1:{ports[3 + i]}" for i in range(3)}
+
+    def node(i: int) -> raftfast.Node:
+        nid = f"n{i + 1}"
+        client_tls = TLSFiles(
+            str(certs / "ca.crt"), str(certs / f"{nid}.crt"), str(certs / f"{nid}.key")
+        )
+        return raftfast.Node(
+            id=nid, listen=f"127.0.0.1:{ports[i]}", peer_listen=peers[nid], peers=peers,
+            data_dir=str(tmp_path / nid), state_machine=Counter(), tick_ms=20,
+            cert_file=str(certs / f"{nid}.crt"), key_file=str(certs / f"{nid}.key"),
+            trusted_ca_file=str(certs / "ca.crt"), client_cert_auth=True,
+            peer_cert_file=str(certs / f"{nid}-peer.crt"),
+            peer_key_file=str(certs / f"{nid}-peer.key"),
+            peer_trusted_ca_file=str(certs / "peer-ca.crt"),
+            client_tls=client_tls if with_client_tls else None,
+        )  # fmt: skip
+
+    return node
 
 
 def test_a_cancellation_that_comes_as_a_proposal_ends_is_not_swallowed(tmp_path):
@@ -350,6 +383,7 @@ def test_a_sync_node_stopped_from_its_own_apply_says_so_and_runs_on(tmp_path):
         ({"peers": {"n1": 7001}}, TypeError),
         ({"state_machine": object()}, TypeError),  # (every command failed "has no apply")
         ({"client_tls": "x"}, TypeError),
+        ({"state_machine": Counter}, TypeError),  # (the class: every call failed)
     ],
 )
 def test_bad_settings_are_refused_by_the_constructor(tmp_path, setting, error):
