@@ -39,8 +39,9 @@ keep anything that must stay local (a cache, a lock, a handle) out that way (wit
 ``__setstate__`` a restore sets the state's attributes and keeps the local ones). A snapshot
 gives back exactly that state: the same types (no subclasses: an ``OrderedDict`` or an
 ``IntEnum`` in state makes the snapshot fail, logged by the node, which goes on and tries
-again later; ``Objects`` refuses an object whose state cannot be snapshotted at the start), no
-attribute a command deleted.
+again later; ``Objects`` refuses an object whose state cannot be snapshotted, or not taken back
+(a ``__getstate__`` that returns anything but a dict of attribute names, and no
+``__setstate__``), at the start), no attribute a command deleted.
 
 The order in which a set (or frozenset) iterates is not part of the state: another process
 iterates the same set of strings in another order (each hashes strings with its own seed), and
@@ -143,14 +144,23 @@ class Objects(StateMachine):
             raise ValueError(f"two objects named {name!r}: name them (Objects(a=..., b=...))")
         if getattr(obj, _BOUND, None) is not None:
             raise ValueError(f"{name!r} belongs to another Objects already")
+        state = _state_of(obj)
         try:  # (else its first snapshot fails, after snapshot_entries commands)
-            encode(_state_of(obj), exact=True, max_depth=MAX_STATE_DEPTH)
+            encode(state, exact=True, max_depth=MAX_STATE_DEPTH)
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(
                 f"{name!r}: its state cannot be snapshotted ({message_of(exc)}): keep it to "
                 "data (see raftfast.objects.replicated), or keep what is local out of it "
                 "with __getstate__"
             ) from None
+        if not hasattr(obj, "__setstate__") and not _attributes(state):
+            # (else every snapshot was written, and none could be read: no node of the
+            # cluster started again on its data directory)
+            raise ValueError(
+                f"{name!r}: its __getstate__ returns a {type(state).__name__}, which a restore "
+                "cannot set as attributes: return a dict of attribute names, or add "
+                "__setstate__ to take it back"
+            )
         setattr(obj, _BOUND, self)
         setattr(obj, _NAME, name)
         self.objects[name] = obj
@@ -263,12 +273,17 @@ def _state_of(obj: Any) -> Any:
     return {k: v for k, v in vars(obj).items() if k not in (_BOUND, _NAME)}
 
 
+def _attributes(state: Any) -> bool:
+    """Whether a restore can set ``state`` as an object's attributes (it has no __setstate__)."""
+    return isinstance(state, dict) and all(isinstance(k, str) for k in state)
+
+
 def _set_state(obj: Any, state: Any) -> None:
     """``obj`` as it was when ``state`` was taken: no attribute more, none less."""
     if hasattr(obj, "__setstate__"):
         obj.__setstate__(state)
         return
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+    if not _attributes(state):
         raise ValueError(f"not the state of a {type(obj).__name__}: {type(state).__name__}")
     attributes = vars(obj)
     if hasattr(obj, "__getstate__") and type(obj).__getstate__ is not object.__getstate__:

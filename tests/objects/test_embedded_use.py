@@ -80,6 +80,34 @@ def test_state_that_can_never_be_snapshotted_is_refused_at_the_start() -> None:
         raftfast.Objects(Words())
 
 
+class Pairs:
+    """State as a list (its own __getstate__), taken back by __setstate__ only if it has one."""
+
+    def __init__(self) -> None:
+        self.items: list = [1, 2]
+
+    def __getstate__(self) -> list:
+        return list(self.items)
+
+
+class RestorablePairs(Pairs):
+    def __setstate__(self, state: list) -> None:
+        self.items = list(state)
+
+
+def test_state_a_restore_cannot_take_back_is_refused_at_the_start() -> None:
+    # (every snapshot was written, none could be read: no node started again on its data)
+    with pytest.raises(ValueError, match="'Pairs': its __getstate__ returns a list"):
+        raftfast.Objects(Pairs())
+    objects = raftfast.Objects(pairs=RestorablePairs())
+    out = io.BytesIO()
+    objects.snapshot(out)
+    twin = raftfast.Objects(pairs=RestorablePairs())
+    twin.objects["pairs"].items = []
+    twin.restore(io.BytesIO(out.getvalue()))
+    assert twin.objects["pairs"].items == [1, 2]
+
+
 def test_a_node_called_from_another_loop_says_so_and_goes_on(tmp_path) -> None:
     counter = raftfast.ReplCounter()
 
