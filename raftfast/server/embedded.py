@@ -42,6 +42,7 @@ from raftfast.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotLeaderError,
+    PermissionDeniedError,
     RaftfastError,
 )
 from raftfast.exactly_once import frame_command
@@ -437,6 +438,8 @@ class Node:
                     raise CommandError(details.removeprefix("state machine:").strip()) from None
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # (as it is refused here)
                     raise InvalidArgumentError(f"the leader refused: {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:  # (as a Client's is typed)
+                    raise PermissionDeniedError(f"the leader refused: {exc.details()}") from None
                 if exc.code() not in (
                     grpc.StatusCode.UNAVAILABLE,
                     grpc.StatusCode.DEADLINE_EXCEEDED,

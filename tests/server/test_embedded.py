@@ -268,17 +268,20 @@ def test_a_node_of_a_tls_cluster_without_client_tls_says_so_when_it_forwards(tmp
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-def _tls_nodes(tmp_path, with_client_tls: bool = True):
-    """A maker of the nodes of a 3-node cluster with TLS on both ports and client_cert_auth."""
+def _tls_nodes(tmp_path, with_client_tls: bool = True, reader: bool = False):
+    """A maker of the nodes of a 3-node cluster with TLS on both ports and client_cert_auth
+    (``reader``: and roles, each node forwarding with a certificate that may only read)."""
     ports = free_ports(6)
     certs = tmp_path / "tls"
-    make_certs(certs, ["n1", "n2", "n3"])
+    make_certs(certs, ["n1", "n2", "n3"], "admin=admin,reader=read")
     peers = {f"n{i + 1}": f"127.0.0.1:{ports[3 + i]}" for i in range(3)}
+    roles = {"auth_roles": str(certs / "roles.toml")} if reader else {}
 
     def node(i: int) -> raftfast.Node:
         nid = f"n{i + 1}"
+        name = "reader" if reader else nid
         client_tls = TLSFiles(
-            str(certs / "ca.crt"), str(certs / f"{nid}.crt"), str(certs / f"{nid}.key")
+            str(certs / "ca.crt"), str(certs / f"{name}.crt"), str(certs / f"{name}.key")
         )
         return raftfast.Node(
             id=nid, listen=f"127.0.0.1:{ports[i]}", peer_listen=peers[nid], peers=peers,
@@ -288,10 +291,30 @@ def _tls_nodes(tmp_path, with_client_tls: bool = True):
             peer_cert_file=str(certs / f"{nid}-peer.crt"),
             peer_key_file=str(certs / f"{nid}-peer.key"),
             peer_trusted_ca_file=str(certs / "peer-ca.crt"),
-            client_tls=client_tls if with_client_tls else None,
+            client_tls=client_tls if with_client_tls else None, **roles,
         )  # fmt: skip
 
     return node
+
+
+def test_a_forwarded_call_the_leader_refuses_for_its_role_is_permission_denied(tmp_path):
+    # (it was a bare RaftfastError, where a Client's is PermissionDeniedError)
+    node = _tls_nodes(tmp_path, reader=True)
+
+    async def main() -> None:
+        nodes = [node(i) for i in range(3)]
+        try:
+            for n in nodes:
+                await n.start()
+            leader = await nodes[0].wait_for_leader()
+            follower = next(n for n in nodes if n.id != leader)
+            with pytest.raises(raftfast.PermissionDeniedError, match="the leader refused"):
+                await follower.propose(b"1", timeout=30)
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def test_a_cancellation_that_comes_as_a_proposal_ends_is_not_swallowed(tmp_path):
