@@ -48,6 +48,16 @@ MAX_KEPT_RESULT_BYTES = 64 * 1024
 log = logging.getLogger("raftfast.node")
 
 
+def _interrupted(index: int) -> None:
+    """Say why the node stops: a state machine that raises KeyboardInterrupt itself stops
+    every node at that entry, again at every start, and nothing said so (a hunt)."""
+    log.critical(
+        "KeyboardInterrupt while the state machine applied entry %d: the node stops (if the "
+        "state machine raised it itself, every node stops at this entry, at every start)",
+        index,
+    )
+
+
 def frame_command(client_id: int, sequence: int, command: bytes) -> bytes:
     return HEADER.pack(client_id, sequence) + command
 
@@ -115,6 +125,7 @@ class ExactlyOnce(StateMachine):
             if isinstance(results, Iterator):
                 results = list(results)  # (a generator, say: the results, in order)
         except KeyboardInterrupt:
+            _interrupted(first_index)
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
             # (it must not raise: which of the commands did it apply? Nobody knows now.)
@@ -137,6 +148,7 @@ class ExactlyOnce(StateMachine):
         try:
             return self.inner.apply(index, body)
         except KeyboardInterrupt:  # (a signal, not the command: StateMachine.apply_batch)
+            _interrupted(index)
             raise
         except BaseException as exc:  # noqa: BLE001 - the proposer's error, not ours
             return exc

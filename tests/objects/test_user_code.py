@@ -106,7 +106,7 @@ class Cancels:
         raise asyncio.CancelledError()
 
 
-def test_any_exception_a_command_raises_is_its_error_only() -> None:
+def test_any_exception_a_command_raises_is_its_error_only(caplog) -> None:
     inner = Raises()
     machine = ExactlyOnce(inner)
     commands = [b"a", b"cancel", b"base", b"b"]
@@ -124,6 +124,8 @@ def test_any_exception_a_command_raises_is_its_error_only() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         ExactlyOnce(Interrupted()).apply_batch(1, [frame_command(7, 1, b"x")])
+    # (the node stops, and says why: every node stopped at that entry, at every start, silently)
+    assert "KeyboardInterrupt while the state machine applied entry 1" in caplog.text
 
 
 def test_an_apply_batch_that_returns_another_count_says_so() -> None:
