@@ -400,7 +400,9 @@ class ReplLock:
 
     Time comes with each command (the proposer's wall clock), so that applying stays the same
     on every node: holders' clocks must agree to well within the lease. A time that is not a
-    finite number is refused (NaN would make the lock nobody's yet nobody could take it).
+    finite number is refused (NaN would make the lock nobody's yet nobody could take it). So
+    the lock trusts its proposers: one that says it is year 10^300 holds the lock for good
+    (until released); give write access only to code that tells the time.
     """
 
     def __init__(self, lease: float = 10.0) -> None:
