@@ -11,6 +11,9 @@ Every request a client can send to any member is answered here as etcd answers i
 * serializable Ranges, MemberList, Status, Alarm (GET), HashKV and Defragment are answered by
   the member asked, from its own state.
 
+A call whose metadata asks for a leader ("hasleader") is refused when the member knows none
+(``raftfast.etcd.require_leader``).
+
 Errors are ``EtcdError`` with etcd's code and message. ``handle(method, request)`` is the one
 entry point, for the gRPC services and for requests forwarded by a follower.
 """
@@ -42,6 +45,7 @@ from raftfast.etcd.mvcc import (
     fill_kv,
     kv_pb,
 )
+from raftfast.etcd.require_leader import LeaderRequired
 from raftfast.kv.commands import NOSPACE, OP_ETCD
 from raftfast.limits import check_node_id
 from raftfast.proto.etcd import rpc_pb2 as pb
@@ -114,6 +118,7 @@ class EtcdAPI:
         from raftfast.etcd.lessor import Lessor  # (it needs this class's instance)
 
         self.lessor = Lessor(self)
+        self.leader_required = LeaderRequired(driver)  # (etcd's "hasleader" metadata)
         # method -> (request class, response class, handler, served by the leader)
         self.methods: dict[str, tuple[type, type, Callable[[Any], Awaitable[Any]], bool]] = {
             "KV/Range": (pb.RangeRequest, pb.RangeResponse, self._range, True),

@@ -19,6 +19,7 @@ from raftfast.errors import DiskFullError, NotLeaderError, clipped
 from raftfast.etcd import errors
 from raftfast.etcd.api import EtcdAPI
 from raftfast.etcd.errors import EtcdError
+from raftfast.etcd.require_leader import LeaderRequired
 from raftfast.etcd.watch import WatchService
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
@@ -44,8 +45,19 @@ SERVICE_NAMES = (
 MAX_KEEPALIVE_STREAMS = 2_048
 
 
-async def _call(api: EtcdAPI, method: str, request: Any, context: grpc.aio.ServicerContext):
+async def _call(
+    api: EtcdAPI,
+    method: str,
+    request: Any,
+    context: grpc.aio.ServicerContext,
+    first: bool = True,
+):
+    """``request`` answered, or its EtcdError sent as the call's status. ``first``: the call's
+    first request (a one-request call's; not a stream's next ones), where a call that asks for
+    a leader is refused if this member knows none (etcd's interceptors)."""
     try:
+        if first:
+            api.leader_required.check(context)
         if isinstance(request, Malformed):  # (in a stream: a one-request call never gets here)
             raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await api.handle(method, request, context.time_remaining())
@@ -94,10 +106,17 @@ class LeaseService(_Base, pb_grpc.LeaseServicer):
         request_iterator: AsyncIterator[pb.LeaseKeepAliveRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.LeaseKeepAliveResponse]:
+        leader_required = self.api.leader_required
+        asked = await _leader_check(leader_required, context)
+        untrack = leader_required.track(leader_required.ender(context)) if asked else None
         too_many = errors.TOO_MANY_REQUESTS
-        async with self._keepalives.held(context, too_many.message, too_many.code):
-            async for request in request_iterator:
-                yield await _call(self.api, "Lease/LeaseKeepAlive", request, context)
+        try:
+            async with self._keepalives.held(context, too_many.message, too_many.code):
+                async for request in request_iterator:
+                    yield await _call(self.api, "Lease/LeaseKeepAlive", request, context, False)
+        finally:
+            if untrack is not None:
+                untrack()
 
 
 class ClusterService(_Base, pb_grpc.ClusterServicer):
@@ -128,6 +147,9 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
         state of the member asked: on the leader every write acknowledged before the call, on
         a follower what it has applied. At most SNAPSHOT_SAVES_AT_ONCE at a time (each holds a
         snapshot file open until its client has read it)."""
+        # (refused at its start, as etcd's; one under way is not ended: it reads a file, and
+        # ends soon)
+        await _leader_check(self.api.leader_required, context)
         too_many = errors.TOO_MANY_REQUESTS
         async with self._snapshots.held(context, too_many.message, too_many.code):
             driver = self.api.driver
@@ -154,6 +176,16 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
                     left -= len(chunk)
                     yield pb.SnapshotResponse(remaining_bytes=left, blob=chunk)
                 yield pb.SnapshotResponse(blob=seal(digest, len(head) + meta.size))
+
+
+async def _leader_check(leader_required: LeaderRequired, context: grpc.aio.ServicerContext) -> bool:
+    """At a stream's start: whether it asks for a leader (to be tracked); refused with
+    NO_LEADER if it does and this member knows none."""
+    try:
+        return leader_required.check(context)
+    except EtcdError as exc:
+        await context.abort(exc.code, exc.message)
+        raise  # (abort raises)
 
 
 # The methods that only read (their big answers may be refused once built:

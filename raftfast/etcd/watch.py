@@ -173,7 +173,8 @@ class _Stream:
         self.in_flight = 0
         self.since = 0.0
         self.context: grpc.aio.ServicerContext | None = None  # (how it is ended: WatchService)
-        self.ended = False  # (it made way for others: WatchService._end)
+        self.ended = False  # (ended from outside its handler: WatchService.end)
+        self.ending: asyncio.Task[None] | None = None  # (its status being sent)
         # etcd's synced and unsynced watchers. Those that had every event up to _synced_rev
         # are found by the keys of new events (_by_key: one key; _ranged: a range), so that a
         # revision costs its events and the watchers it matches, not every watcher (10,000
@@ -702,11 +703,23 @@ class WatchService(pb_grpc.WatchServicer):
     async def Watch(  # noqa: N802 - gRPC naming
         self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchResponse | bytes]:
+        leader_required = self.api.leader_required
+        try:
+            asked = leader_required.check(context)  # (etcd's "hasleader": refused if none)
+        except EtcdError as exc:
+            await context.abort(exc.code, exc.message)
         if len(self.streams) >= MAX_WATCH_STREAMS:
             await context.abort(errors.TOO_MANY_REQUESTS.code, errors.TOO_MANY_REQUESTS.message)
         stream = _Stream(self.api, self.budget)
         stream.context = context
         self.streams.add(stream)
+        # (ended with NO_LEADER once this member has known no leader for a while)
+        no_leader = errors.NO_LEADER
+        untrack = (
+            leader_required.track(lambda: self.end(stream, no_leader.code, no_leader.message))
+            if asked
+            else None
+        )
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, stream))
         driver = self.api.driver
         unsent = stream.unsent
@@ -747,13 +760,18 @@ class WatchService(pb_grpc.WatchServicer):
                 except TimeoutError:
                     pass
             if stream.ended:
-                return  # (its status is sent: _end)
+                if stream.ending is not None:
+                    # (its status first: a handler that returned before it ended the call OK)
+                    await stream.ending
+                return
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()
                 if isinstance(exc, EtcdError):  # (a request that did not parse)
                     await context.abort(exc.code, exc.message)
                 await context.abort(grpc.StatusCode.INTERNAL, f"watch stream failed: {exc!r}")
         finally:
+            if untrack is not None:
+                untrack()
             self._release(stream)
             self.streams.discard(stream)
             stream.close()
@@ -837,11 +855,21 @@ class WatchService(pb_grpc.WatchServicer):
 
     def _end(self, stream: _Stream, stalled: float) -> None:
         """End ``stream``, whose client has not read its answers for ``stalled`` seconds, to
-        make room: the answers it built go, and it builds no more. gRPC has no way to drop the
-        one it was given (neither a status nor cancelling the handler's task does: the status
-        waits behind it, HTTP/2 flow control; the task's end leaves it in gRPC's hands): that
-        one stays until the client reads it, and then the status, or goes away (``stuck``).
-        A status, not a cancel of each watcher: answers it would not read either."""
+        make room (``end``). A status, not a cancel of each watcher: answers it would not read
+        either."""
+        code, text = _ENDED
+        message = text.format(s=stalled, limit=MAX_UNSENT_WATCH_BYTES)
+        log.warning("%s (%d watchers)", message, len(stream.watchers))
+        self.end(stream, code, message)
+
+    def end(self, stream: _Stream, code: grpc.StatusCode, message: str) -> None:
+        """End ``stream`` from outside its handler with status ``code``: the answers it built
+        go, and it builds no more. gRPC has no way to drop the one it was given (neither a
+        status nor cancelling the handler's task does: the status waits behind it, HTTP/2 flow
+        control; the task's end leaves it in gRPC's hands): that one stays until the client
+        reads it, and then the status, or goes away (``stuck``)."""
+        if stream.ended:
+            return
         self.unsent -= stream.held
         self.stuck += stream.in_flight
         self.holders.pop(stream, None)
@@ -850,11 +878,9 @@ class WatchService(pb_grpc.WatchServicer):
         stream.unsent.clear()
         self._wake_next()
         stream.wake.set()
-        code, text = _ENDED
-        message = text.format(s=stalled, limit=MAX_UNSENT_WATCH_BYTES)
-        log.warning("%s (%d watchers)", message, len(stream.watchers))
         if stream.context is not None:
-            task = asyncio.get_running_loop().create_task(_abort(stream.context, code, message))
+            task = asyncio.get_running_loop().create_task(abort_call(stream.context, code, message))
+            stream.ending = task
             self._ending.add(task)
             task.add_done_callback(self._ending.discard)
 
@@ -886,7 +912,9 @@ class WatchService(pb_grpc.WatchServicer):
             stream.wake.set()
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    """End a call from outside its handler (``WatchService._end``)."""
+async def abort_call(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+) -> None:
+    """End a call from outside its handler (``WatchService.end``, ``LeaderRequired``)."""
     with suppress(Exception):  # (AbortError: done; or the call had ended meanwhile)
         await context.abort(code, message)

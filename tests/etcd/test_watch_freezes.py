@@ -27,6 +27,7 @@ def _api(store: MVCCStore, max_bytes: int = MAX_BYTES) -> Any:
         store=store,
         header=lambda rev=None: pb.ResponseHeader(revision=store.revision if rev is None else rev),
         driver=SimpleNamespace(settings=SimpleNamespace(max_request_bytes=max_bytes)),
+        leader_required=SimpleNamespace(check=lambda context: False),  # (no call asks for one)
     )
 
 
