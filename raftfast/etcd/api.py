@@ -11,7 +11,9 @@ Every request a client can send to any member is answered here as etcd answers i
 * serializable Ranges, MemberList, Status, Alarm (GET), HashKV and Defragment are answered by
   the member asked, from its own state.
 
-A call whose metadata asks for a leader ("hasleader") is refused when the member knows none
+A request the member cannot get done (no leader, a leader it cannot reach) is given up after
+etcd's request timeout (``_REQUEST_TIMEOUT_S``), whatever the client's deadline. A call whose
+metadata asks for a leader ("hasleader") is refused when the member knows none
 (``raftfast.etcd.require_leader``).
 
 Errors are ``EtcdError`` with etcd's code and message. ``handle(method, request)`` is the one
@@ -212,7 +214,9 @@ class EtcdAPI:
         if not at_leader or self._local(method, request):
             return await handler(request)
         loop = asyncio.get_running_loop()
-        budget = _REQUEST_TIMEOUT_S if timeout is None else timeout
+        # (as etcd's: a request it cannot get done is given up after its request timeout,
+        # UNAVAILABLE, which clients retry, whatever the client's deadline; a shorter one wins)
+        budget = _REQUEST_TIMEOUT_S if timeout is None else min(timeout, _REQUEST_TIMEOUT_S)
         deadline = loop.time() + budget
         # (the answer of a request done at the leader must reach the client before its
         # deadline, even if this member never catches up: a member its peers refused answered

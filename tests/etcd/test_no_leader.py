@@ -7,7 +7,10 @@ differential hunt against it):
   Status too), a Watch or LeaseKeepAlive stream at its start; such streams opened before are
   ended so once the member has known no leader for three election timeouts. They were
   served, or waited out the client's deadline, and etcdctl's watch on such a member waited
-  for ever.
+  for ever;
+* a request it cannot get done is given up after etcd's request timeout (~7 s) with
+  UNAVAILABLE, which clients retry, though the client's deadline is longer (it waited it out:
+  DEADLINE_EXCEEDED).
 
 One cluster for the module; each test stops two members and lets them go on before it ends.
 Nothing sleeps to let things settle: every wait polls a condition, with a deadline.
@@ -19,6 +22,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -197,3 +201,15 @@ def test_calls_that_ask_for_a_leader_are_refused_and_their_streams_ended(cluster
         finally:
             for call in (keep_alive, asking, plain, *late):
                 call.close()
+
+
+def test_a_write_the_member_cannot_get_done_fails_after_etcds_request_timeout(cluster):
+    follower = _a_follower(cluster)
+    with cluster.channel(follower) as channel, _cut_off(cluster, follower):
+        kv = pb_grpc.KVStub(channel)
+        started = time.monotonic()
+        refusal = _refusal(lambda: kv.Put(pb.PutRequest(key=b"nl/p", value=b"1"), timeout=25))
+        took = time.monotonic() - started
+        # (UNAVAILABLE, which clients retry, after ~7 s: not the client's deadline waited out)
+        assert refusal is not None and refusal[0] == grpc.StatusCode.UNAVAILABLE, refusal
+        assert took < 20, took
