@@ -1268,6 +1268,11 @@ def _server(
             ("grpc.keepalive_timeout_ms", KEEPALIVE_PING_MS // 3),
             ("grpc.http2.ping_timeout_ms", KEEPALIVE_PING_MS // 3),  # (what this gRPC reads)
             ("grpc.http2.max_pings_without_data", 0),
+            # Clients' keep-alive pings are taken every 5 s, as etcd's
+            # --grpc-keepalive-min-time (gRPC's default: 5 minutes): clientv3 pings every 10 s
+            # at the fastest, and its watches were cut by GOAWAY too_many_pings. As etcd's, a
+            # connection with no call open may not ping (gRPC's default: 2 hours).
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ],
     )
 
