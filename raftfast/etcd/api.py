@@ -8,8 +8,9 @@ Every request a client can send to any member is answered here as etcd answers i
   expiry); membership changes and MoveLeader are the leader's too. A follower hands these to the
   leader over the peer connection (``Forward``: mutually authenticated under TLS) and relays the
   answer, so a client may talk to any member, as with etcd;
-* serializable Ranges, MemberList, Status, Alarm (GET), HashKV and Defragment are answered by
-  the member asked, from its own state.
+* serializable Ranges, Txns of serializable Ranges only (or of no operation), MemberList,
+  Status, Alarm (GET), HashKV and Defragment are answered by the member asked, from its own
+  state.
 
 A request the member cannot get done (no leader, a leader it cannot reach) is given up after
 etcd's request timeout (``_REQUEST_TIMEOUT_S``), whatever the client's deadline. A call whose
@@ -301,9 +302,12 @@ class EtcdAPI:
         return response if isinstance(response, bytes) else response.SerializeToString()
 
     def _local(self, method: str, request: Any) -> bool:
-        """Served from this node's own state (a serializable read, the alarms raised)."""
+        """Served from this node's own state (a serializable read or txn, the alarms
+        raised)."""
         if method == "KV/Range":
             return request.serializable
+        if method == "KV/Txn":
+            return _serializable_txn(request)
         return method == "Maintenance/Alarm" and request.action == pb.AlarmRequest.GET
 
     # -- validation at the boundary ---------------------------------------------------------
@@ -457,6 +461,13 @@ class EtcdAPI:
         return await self.write(request)
 
     async def _txn(self, request: pb.TxnRequest) -> pb.TxnResponse:
+        if _serializable_txn(request):
+            # (as etcd's: answered from this member's state, the log left alone; a follower
+            # of an older release may have forwarded it)
+            self._check_work(request)
+            response = self.store.read_txn(request)
+            response.header.CopyFrom(self.header(response.header.revision))
+            return response
         return await self.write(request)
 
     async def _compact(self, request: pb.CompactionRequest) -> pb.CompactionResponse:
@@ -885,6 +896,16 @@ def _gte_where_empty(method: str, request: Any) -> None:
         reads = [op.request_range for op in (*request.success, *request.failure)]
         for part in (*request.compare, *reads):
             _gte_where_empty("KV/Range", part)
+
+
+def _serializable_txn(txn: pb.TxnRequest) -> bool:
+    """etcd's ``isTxnSerializable``: every operation of both branches is a serializable
+    Range (so no nested txn), or there is none."""
+    return all(
+        op.WhichOneof("request") == "request_range" and op.request_range.serializable
+        for branch in (txn.success, txn.failure)
+        for op in branch
+    )
 
 
 def _flat_ops(ops) -> Iterator[pb.RequestOp]:

@@ -418,6 +418,17 @@ class MVCCStore:
         self._choose(r, 0, path)
         return self._run(r, iter(path))
 
+    def read_txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
+        """Answer a Txn that only reads (ranges, or nothing) from this state, writing
+        nothing: etcd's serializable txn, answered by the member asked. Raises EtcdError as
+        its apply would, or for an answer over MAX_TXN_READ_BYTES."""
+        self._read_budget = MAX_TXN_READ_BYTES
+        try:
+            self._next_revision = self.revision + 1  # (what _run's reads say they saw, less one)
+            return self._header(self._txn(r))
+        finally:
+            self._read_budget = None
+
     def _choose(self, r: pb.TxnRequest, depth: int, path: list[bool]) -> None:
         if depth >= MAX_TXN_DEPTH:
             raise errors.invalid(f"txn nested more than {MAX_TXN_DEPTH} levels deep")

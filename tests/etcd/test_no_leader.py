@@ -10,7 +10,9 @@ differential hunt against it):
   for ever;
 * a request it cannot get done is given up after etcd's request timeout (~7 s) with
   UNAVAILABLE, which clients retry, though the client's deadline is longer (it waited it out:
-  DEADLINE_EXCEEDED).
+  DEADLINE_EXCEEDED);
+* a Txn of serializable Ranges only is answered by the member itself (it was handed to the
+  leader, and timed out: tests/etcd/test_txn_checks.py has the rest).
 
 One cluster for the module; each test stops two members and lets them go on before it ends.
 Nothing sleeps to let things settle: every wait polls a condition, with a deadline.
@@ -213,3 +215,24 @@ def test_a_write_the_member_cannot_get_done_fails_after_etcds_request_timeout(cl
         # (UNAVAILABLE, which clients retry, after ~7 s: not the client's deadline waited out)
         assert refusal is not None and refusal[0] == grpc.StatusCode.UNAVAILABLE, refusal
         assert took < 20, took
+
+
+def test_a_txn_of_serializable_reads_is_answered_by_a_member_cut_off(cluster):
+    follower = _a_follower(cluster)
+    with cluster.channel(follower) as channel:
+        kv = pb_grpc.KVStub(channel)
+        put = kv.Put(pb.PutRequest(key=b"nl/t", value=b"1"), timeout=TIMEOUT)
+        wait_for(
+            f"{follower} to apply the put",
+            lambda: kv.Range(pb.RangeRequest(key=b"nl/t", serializable=True)).count,
+            TIMEOUT,
+        )
+        reads = pb.TxnRequest(
+            compare=[pb.Compare(key=b"nl/t", target=pb.Compare.VALUE, value=b"1")],
+            success=[pb.RequestOp(request_range=pb.RangeRequest(key=b"nl/t", serializable=True))],
+        )
+        with _cut_off(cluster, follower):
+            # (within a deadline shorter than etcd's request timeout: not handed to a leader)
+            answer = kv.Txn(reads, timeout=5)
+            assert answer.succeeded and answer.header.revision == put.header.revision
+            assert [kv.value for kv in answer.responses[0].response_range.kvs] == [b"1"]
