@@ -395,6 +395,12 @@ class EtcdAPI:
             why = quota.refusal(request.ByteSize())
             if why is not None:
                 raise errors.NO_SPACE
+        if isinstance(request, pb.TxnRequest) and _reads_below_zero(request):
+            # (refused here as etcd refuses it, not in the apply: nodes of two releases would
+            # apply the same entry two ways in a rolling upgrade)
+            refusal = self.store.txn_refusal(request)
+            if refusal is not None:
+                raise refusal
         (result,) = await self.driver.propose([_OP_ETCD + encode(request)])
         if isinstance(result, EtcdError):
             raise result
@@ -905,6 +911,15 @@ def _serializable_txn(txn: pb.TxnRequest) -> bool:
         op.WhichOneof("request") == "request_range" and op.request_range.serializable
         for branch in (txn.success, txn.failure)
         for op in branch
+    )
+
+
+def _reads_below_zero(txn: pb.TxnRequest) -> bool:
+    """Whether a Range of ``txn`` (nested ones included) asks for a negative revision."""
+    return any(
+        op.WhichOneof("request") == "request_range" and op.request_range.revision < 0
+        for branch in (txn.success, txn.failure)
+        for op in _flat_ops(branch)
     )
 
 

@@ -415,30 +415,54 @@ class MVCCStore:
         # in a branch taken, is chosen on the state before the txn, and the requests of those
         # branches checked on it too; only then do they run, in order.
         path: list[bool] = []
-        self._choose(r, 0, path)
+        ops: list[pb.RequestOp] = []
+        self._choose(r, 0, path, ops)
+        self._check_ops(ops)
         return self._run(r, iter(path))
 
-    def read_txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
-        """Answer a Txn that only reads (ranges, or nothing) from this state, writing
-        nothing: etcd's serializable txn, answered by the member asked. Raises EtcdError as
-        its apply would, or for an answer over MAX_TXN_READ_BYTES."""
-        self._read_budget = MAX_TXN_READ_BYTES
-        try:
-            self._next_revision = self.revision + 1  # (what _run's reads say they saw, less one)
-            return self._header(self._txn(r))
-        finally:
-            self._read_budget = None
-
-    def _choose(self, r: pb.TxnRequest, depth: int, path: list[bool]) -> None:
+    def _choose(
+        self, r: pb.TxnRequest, depth: int, path: list[bool], ops: list[pb.RequestOp]
+    ) -> None:
+        """The branches taken (``path``, one a txn, depth first) and their requests but
+        nested txns (``ops``, in order)."""
         if depth >= MAX_TXN_DEPTH:
             raise errors.invalid(f"txn nested more than {MAX_TXN_DEPTH} levels deep")
         ok = all(self._compare(c) for c in r.compare)
         path.append(ok)
         for op in r.success if ok else r.failure:
             if op.WhichOneof("request") == "request_txn":
-                self._choose(op.request_txn, depth + 1, path)
+                self._choose(op.request_txn, depth + 1, path, ops)
             else:
-                self._check_op(op)
+                ops.append(op)
+
+    def txn_refusal(self, r: pb.TxnRequest) -> EtcdError | None:
+        """What etcd refuses ``r`` with on this state (None: nothing), for the API to refuse
+        it before it is proposed: the checks of its apply, and (as etcd's) a range at a
+        negative revision below the first one kept (``_check_ops``). Changes nothing."""
+        path: list[bool] = []
+        ops: list[pb.RequestOp] = []
+        try:
+            self._choose(r, 0, path, ops)
+            self._check_ops(ops, below_zero=True)
+        except EtcdError as exc:
+            return exc
+        return None
+
+    def read_txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
+        """Answer a Txn that only reads (ranges, or nothing) from this state, writing
+        nothing: etcd's serializable txn, answered by the member asked. Raises EtcdError as
+        its apply would (``_check_ops`` with ``below_zero``), or for an answer over
+        MAX_TXN_READ_BYTES."""
+        self._read_budget = MAX_TXN_READ_BYTES
+        try:
+            path: list[bool] = []
+            ops: list[pb.RequestOp] = []
+            self._choose(r, 0, path, ops)
+            self._check_ops(ops, below_zero=True)
+            self._next_revision = self.revision + 1  # (what _run's reads say they saw, less one)
+            return self._header(self._run(r, iter(path)))
+        finally:
+            self._read_budget = None
 
     def _run(self, r: pb.TxnRequest, path: Iterator[bool]) -> pb.TxnResponse:
         ok = next(path)
@@ -471,19 +495,28 @@ class MVCCStore:
         changed something, else the one before it."""
         return written if self._pending else written - 1
 
-    def _check_op(self, op: pb.RequestOp) -> None:
-        """As etcd does before applying a txn: the leases its puts name exist, keys that
-        ignore_value/ignore_lease exist, and its ranges' revisions can be read (else nothing
-        of it is applied)."""
-        which = op.WhichOneof("request")
-        if which == "request_put":
-            put = op.request_put
-            if (put.ignore_value or put.ignore_lease) and put.key not in self.kvs:
-                raise errors.KEY_NOT_FOUND
-            if put.lease and put.lease not in self.leases:
-                raise errors.LEASE_NOT_FOUND
-        elif which == "request_range" and op.request_range.revision > 0:
-            self.check_revision(op.request_range.revision)
+    def _check_ops(self, ops: list[pb.RequestOp], below_zero: bool = False) -> None:
+        """As etcd does before applying a txn (checkRequests, once for its puts, then for its
+        ranges): the leases its puts name exist, keys that ignore_value/ignore_lease exist,
+        then its ranges' revisions can be read (else nothing of it is applied). ``below_zero``
+        (not in apply: a log written before reads such a range at the current revision): a
+        range at a negative revision below the first one kept (the compaction's; -1 before
+        any) is refused as compacted, as etcd's ``checkRequestRange`` refuses it."""
+        for op in ops:
+            if op.WhichOneof("request") == "request_put":
+                put = op.request_put
+                if (put.ignore_value or put.ignore_lease) and put.key not in self.kvs:
+                    raise errors.KEY_NOT_FOUND
+                if put.lease and put.lease not in self.leases:
+                    raise errors.LEASE_NOT_FOUND
+        first_kept = self.compact_revision or -1
+        for op in ops:
+            if op.WhichOneof("request") == "request_range":
+                revision = op.request_range.revision
+                if revision > 0:
+                    self.check_revision(revision)
+                elif below_zero and revision < first_kept:
+                    raise errors.COMPACTED
 
     def _charge(self, cost: int) -> None:
         """Count ``cost`` against the read budget of the Txn being applied (if one is)."""

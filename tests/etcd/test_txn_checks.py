@@ -2,7 +2,15 @@
 
 * a Txn whose operations are all serializable Ranges (or that has none) is answered by the
   member asked, from its own state, proposing nothing (etcd's ``isTxnSerializable``): it was
-  handed to the leader, and on a member cut off from it timed out.
+  handed to the leader, and on a member cut off from it timed out;
+* a Txn Range at a negative revision below the first one kept (the compaction's; -1 before
+  any) refuses the whole Txn as compacted (etcd's ``checkRequestRange``): it read the current
+  revision and applied. Refused before it is proposed, never in the apply: nodes of two
+  releases apply the same committed entry the same way during a rolling upgrade;
+* a Txn with two problems is refused for its puts' first (a lease not found, a key that
+  ignore_value/ignore_lease needs), then for its ranges' revisions (etcd's ``checkRequests``
+  over the branches taken, once with checkRequestPut, then with checkRequestRange): it was
+  checked an operation at a time.
 """
 
 from __future__ import annotations
@@ -145,3 +153,95 @@ def test_a_serializable_txn_is_checked_as_the_leader_checks_one():
         _call(follower, "KV/Txn", old)
     assert raised.value == errors.COMPACTED
     assert follower.transport.forwarded == []
+
+
+# -- a negative revision in a txn's range --------------------------------------------------------
+
+
+def _reads_at(revision: int, serializable: bool = False, **kw: Any) -> pb.TxnRequest:
+    return pb.TxnRequest(
+        success=[_get(b"a", revision=revision, serializable=serializable), *kw.get("then", [])]
+    )
+
+
+def test_a_txn_range_at_a_negative_revision_below_the_first_kept_is_refused_as_compacted():
+    store = _store(b"a")
+    for serializable in (False, True):
+        leader = _node(store, leader=True)
+        # never compacted: the first revision kept is -1, so -1 reads the current one
+        answer = _call(leader, "KV/Txn", _reads_at(-1, serializable))
+        assert [kv.value for kv in answer.responses[0].response_range.kvs] == [b"v-a"]
+        for revision in (-2, -(2**62)):
+            for txn in (
+                _reads_at(revision, serializable),
+                _reads_at(revision, then=[_put(b"b", value=b"1")]),
+            ):
+                with pytest.raises(EtcdError) as raised:
+                    _call(leader, "KV/Txn", txn)
+                assert raised.value == errors.COMPACTED
+    assert store.revision == 2  # (nothing was written)
+    # a nested txn's range on the path taken, and only there
+    nested = pb.TxnRequest(
+        compare=[_absent(b"a")],
+        success=[pb.RequestOp(request_txn=_reads_at(-5))],
+        failure=[pb.RequestOp(request_txn=_reads_at(-1)), _put(b"b", value=b"1")],
+    )
+    assert not _call(_node(store, leader=True), "KV/Txn", nested).succeeded
+    assert store.revision == 3
+    nested.compare[0].version = 1  # (the branch that reads at -5)
+    with pytest.raises(EtcdError) as raised:
+        _call(_node(store, leader=True), "KV/Txn", nested)
+    assert raised.value == errors.COMPACTED
+    # once compacted, any negative revision
+    _apply(store, pb.CompactionRequest(revision=store.revision))
+    for serializable in (False, True):
+        with pytest.raises(EtcdError) as raised:
+            _call(_node(store, leader=True), "KV/Txn", _reads_at(-1, serializable))
+        assert raised.value == errors.COMPACTED
+    assert store.revision == 3
+
+
+def test_the_apply_of_a_logged_txn_range_at_a_negative_revision_is_unchanged():
+    # (a log written by an earlier release holds such entries: every release applies them
+    # alike, reading the current revision)
+    store = _store(b"a")
+    _apply(store, pb.CompactionRequest(revision=2))
+    answer = _apply(store, _reads_at(-2, then=[_put(b"b", value=b"1")]))
+    assert answer.succeeded and store.revision == 3
+    assert [kv.value for kv in answer.responses[0].response_range.kvs] == [b"v-a"]
+
+
+# -- which problem a txn is refused for ----------------------------------------------------------
+
+
+def test_a_txn_is_refused_for_its_puts_before_its_ranges_revisions():
+    store = _store(b"a", b"b", b"c")
+    _apply(store, pb.CompactionRequest(revision=3))
+    cases = [
+        # (the ops of the branch taken, the error etcd 3.4 answers)
+        ([_get(b"a", revision=2), _put(b"a", value=b"1", lease=77)], errors.LEASE_NOT_FOUND),
+        ([_put(b"a", value=b"1", lease=77), _get(b"a", revision=2)], errors.LEASE_NOT_FOUND),
+        ([_get(b"a", revision=10**9), _put(b"none", ignore_value=True)], errors.KEY_NOT_FOUND),
+        ([_get(b"a", revision=10**9), _put(b"none", ignore_lease=True)], errors.KEY_NOT_FOUND),
+        # a nested txn's range before a put of the outer one
+        (
+            [
+                pb.RequestOp(request_txn=pb.TxnRequest(success=[_get(b"a", revision=2)])),
+                _put(b"b", value=b"1", lease=77),
+            ],
+            errors.LEASE_NOT_FOUND,
+        ),
+        # within one put: the key first (etcd's checkRequestPut)
+        ([_put(b"none", ignore_value=True, lease=77)], errors.KEY_NOT_FOUND),
+        # ranges alone: the first of them
+        ([_get(b"a", revision=10**9), _get(b"a", revision=2)], errors.FUTURE_REV),
+    ]
+    for ops, expected in cases:
+        txn = pb.TxnRequest(compare=[_absent(b"zz")], success=ops)
+        before = store.revision
+        result = store.apply(encode(txn))
+        assert result == expected, (ops, result)
+        with pytest.raises(EtcdError) as raised:
+            _call(_node(store, leader=True), "KV/Txn", txn)
+        assert raised.value == expected
+        assert store.revision == before
