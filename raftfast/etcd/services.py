@@ -50,13 +50,13 @@ async def _call(
     method: str,
     request: Any,
     context: grpc.aio.ServicerContext,
-    first: bool = True,
+    check_leader: bool = True,
 ):
-    """``request`` answered, or its EtcdError sent as the call's status. ``first``: the call's
-    first request (a one-request call's; not a stream's next ones), where a call that asks for
-    a leader is refused if this member knows none (etcd's interceptors)."""
+    """``request`` answered, or its EtcdError sent as the call's status. ``check_leader``: a
+    call that asks for a leader is refused first if this member knows none (etcd's
+    interceptors): a one-request call's; a stream's requests are not, it was at its start."""
     try:
-        if first:
+        if check_leader:
             api.leader_required.check(context)
         if isinstance(request, Malformed):  # (in a stream: a one-request call never gets here)
             raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
@@ -113,7 +113,9 @@ class LeaseService(_Base, pb_grpc.LeaseServicer):
         try:
             async with self._keepalives.held(context, too_many.message, too_many.code):
                 async for request in request_iterator:
-                    yield await _call(self.api, "Lease/LeaseKeepAlive", request, context, False)
+                    yield await _call(
+                        self.api, "Lease/LeaseKeepAlive", request, context, check_leader=False
+                    )
         finally:
             if untrack is not None:
                 untrack()
