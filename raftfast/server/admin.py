@@ -133,8 +133,9 @@ def _check_machine(app: Any, request: pb.JoinRequest) -> None:
     if theirs and theirs != ours:
         why = f"this cluster serves {ours[:100]!r}, {request.id[:100]!r} serves {theirs[:100]!r}"
     elif app.identity and request.machine:
-        labels = ("this cluster's state machine", f"{request.id[:100]!r}'s")
-        why = mismatch(app.identity, request.machine, labels)
+        why = mismatch(app.identity, request.machine)
+        if why is not None:
+            why = f"{request.id[:100]!r} does not serve this cluster's state machine: {why}"
     if why is not None:
         raise ValueError(
             f"{why}: a member must serve the same state machine (it would apply the cluster's "

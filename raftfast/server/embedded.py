@@ -93,10 +93,7 @@ class Node:
         node reaches the leader's client port when it forwards, if that serves TLS: the CA
         that signed the nodes' certificates and, with ``client_cert_auth``, the certificate it
         presents. ``timeout``: the default deadline of a call."""
-        # (none: joining, and the cluster tells us the others; or a restart, whose data
-        # directory's node.json names them)
-        self._peers_given = peers is not None
-        if peers is None:
+        if peers is None:  # (joining: the cluster tells us the others)
             peers = {id: settings.get("peer_listen") or listen}
         self.settings = NodeSettings(
             id=id, listen=listen, peers=dict(peers), data_dir=data_dir, **settings
@@ -146,7 +143,6 @@ class Node:
             raise RaftfastError("this node is started already")
         if not self._may_start_again:
             _claim(self.state_machine)
-        self._keep_identity()
         self._driver = Driver(self.settings, self.state_machine)
         self._loop = asyncio.get_running_loop()
         try:
@@ -159,38 +155,6 @@ class Node:
             self._driver = None  # (closed: it may be started again)
             raise
         return self
-
-    def _keep_identity(self) -> None:
-        """Check this start against the identity its data directory holds (node.json, as
-        raftfast-node's), and store it: data directories swapped between two members, or an
-        Objects whose object was renamed (started empty, its state dropped by the next
-        snapshot), are refused; a restart that names no peers takes the stored ones (it came
-        back as a cluster of one, which never caught up; a state machine user's hunt)."""
-        from raftfast.kv.fsm import KVStateMachine
-        from raftfast.server.machine_identity import check_machine, identity_of
-        from raftfast.server.node_cli import load_identity, write_identity
-
-        settings, machine = self.settings, ""
-        if not isinstance(self.state_machine, KVStateMachine | None):
-            machine = identity_of(self.state_machine)
-        try:
-            stored = load_identity(settings.data_dir)
-            if stored is not None:
-                for key in ("id", "cluster_id"):
-                    if stored[key] != getattr(settings, key):
-                        raise RaftfastError(
-                            f"{settings.data_dir} holds the data of a node whose {key} is "
-                            f"{stored[key]!r}, not {getattr(settings, key)!r}: start that node "
-                            "on it, or this one on its own data directory"
-                        )
-                if not self._peers_given and not settings.join:
-                    settings.peers, settings.join = dict(stored["peers"]), stored["join"]
-                check_machine(stored, machine, settings.data_dir)
-            write_identity(settings, machine)
-        except ValueError as exc:  # (a node.json that is not one)
-            raise RaftfastError(str(exc)) from None
-        except OSError as exc:
-            raise RaftfastError(f"cannot store the node's identity: {exc}") from None
 
     async def stop(self) -> None:
         """Leave gracefully (as on SIGTERM): what is under way finishes, then everything

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from raftfast.errors import RaftfastError
 from raftfast.objects.replicated import Objects
 
-__all__ = ["MAX_IDENTITY_CHARS", "check_machine", "identity_of", "mismatch"]
+__all__ = ["MAX_IDENTITY_CHARS", "identity_of", "mismatch"]
 
 MAX_IDENTITY_CHARS = 64 * 1024  # (an Objects of hundreds of objects fits)
 _MAIN = "__main__"
@@ -74,48 +73,25 @@ def _named(cls: list[str]) -> str:
     return f"{cls[0][:100]}:{cls[1][:100]}"
 
 
-def mismatch(
-    ours: str, theirs: str, labels: tuple[str, str] = ("ours", "theirs"), added_ok: bool = False
-) -> str | None:
-    """How the state machine ``theirs`` differs from ``ours`` (both ``identity_of``'s, called
-    by ``labels`` in the answer), or None when they are the same (``added_ok``: or when ours
-    only has objects more)."""
+def mismatch(ours: str, theirs: str) -> str | None:
+    """How the state machine ``theirs`` differs from ``ours`` (both ``identity_of``'s), or
+    None when they are the same."""
     mine, other = _read(ours), _read(theirs)
-    we, they = labels
     if mine is None:
         raise ValueError("not an identity of ours")
     if other is None:
-        return f"{they} is described in a form this node cannot read"
+        return "it described its state machine in a form this node cannot read"
     if not _same_class(mine["class"], other["class"]):
-        return f"{we} is {_named(mine['class'])}, {they} is {_named(other['class'])}"
+        return f"this cluster runs {_named(mine['class'])}, it runs {_named(other['class'])}"
     our_objects, their_objects = mine.get("objects") or {}, other.get("objects") or {}
     for name in sorted(set(our_objects) | set(their_objects)):
         if name not in their_objects:
-            if added_ok:
-                continue
-            return f"{they} has no object named {name[:100]!r}, {we} has"
+            return f"it has no object named {name[:100]!r}"
         if name not in our_objects:
-            return f"{they} has an object named {name[:100]!r}, {we} has not"
+            return f"it has an object named {name[:100]!r}, which this cluster has not"
         if not _same_class(our_objects[name], their_objects[name]):
             return (
-                f"object {name[:100]!r} is a {_named(our_objects[name])} in {we}, a "
-                f"{_named(their_objects[name])} in {they}"
+                f"its object {name[:100]!r} is a {_named(their_objects[name])}, this "
+                f"cluster's a {_named(our_objects[name])}"
             )
     return None
-
-
-def check_machine(stored: dict[str, Any] | None, machine: str, data_dir: str) -> None:
-    """RaftfastError if the node's stored identity (node.json, read) names another state
-    machine than ``machine`` (this start's): its state would be read by one that does not know
-    it (an Objects whose object was renamed started with the renamed one empty, and its next
-    snapshot dropped the old one's state for good; a state machine user's hunt). An Objects
-    with objects more than the stored one's starts: they begin empty, and nothing is lost."""
-    if stored is None or not stored.get("machine") or not machine:
-        return  # (a first start, a store of an earlier release, or the KV store)
-    labels = ("the state machine given", "the one it holds")
-    why = mismatch(machine, stored["machine"], labels, added_ok=True)
-    if why is not None:
-        raise RaftfastError(
-            f"{data_dir} holds the state of another state machine ({why}): start it with the "
-            "one that wrote it, or on a fresh data directory"
-        )

@@ -62,7 +62,6 @@ from raftfast.errors import CorruptionError, FormatVersionError, RaftfastError, 
 from raftfast.heap import keep_big_blocks_mapped
 from raftfast.security.roles import read_toml
 from raftfast.server import descriptors
-from raftfast.server.machine_identity import MAX_IDENTITY_CHARS, check_machine, identity_of
 from raftfast.server.settings import LOG_FORMATS, PEER_STREAMS, READ_MODES, NodeSettings
 from raftfast.statemachine import StateMachine, missing_methods
 from raftfast.storage.fsutil import (
@@ -604,7 +603,6 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
             ),
             "secured": _secured(data.get("secured", [])),
             "join_as_learner": data.get("join_as_learner", False) is True,
-            "machine": _machine(data.get("machine", "")),
         }
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         msg = " ".join(str(exc).split())
@@ -614,13 +612,7 @@ def load_identity(data_dir: str) -> dict[str, Any] | None:
     return ident
 
 
-def _machine(value: Any) -> str:
-    if not isinstance(value, str) or len(value) > MAX_IDENTITY_CHARS:
-        raise ValueError(f"machine: not a state machine's identity ({type(value).__name__})")
-    return value
-
-
-def _identity_of(settings: NodeSettings, machine: str) -> dict[str, Any]:
+def _identity_of(settings: NodeSettings) -> dict[str, Any]:
     return {
         "format": IDENTITY_FORMAT,
         "id": settings.id,
@@ -632,7 +624,6 @@ def _identity_of(settings: NodeSettings, machine: str) -> dict[str, Any]:
         "state_machine": settings.state_machine,
         "secured": _secured_by(settings),
         "join_as_learner": settings.join_as_learner,
-        "machine": machine,
     }
 
 
@@ -676,17 +667,15 @@ def _check_still_secured(settings: NodeSettings, stored: dict[str, Any], data_di
         )
 
 
-def write_identity(settings: NodeSettings, machine: str = "") -> bool:
+def write_identity(settings: NodeSettings) -> bool:
     """Store the node's identity in ``<data_dir>/node.json`` atomically; False if unchanged.
-    ``machine``: a user's state machine's identity (raftfast.server.machine_identity).
 
     After a crash the file is either the old one or the new one, complete.
     """
     os.makedirs(settings.data_dir, mode=DIR_MODE, exist_ok=True)
-    ident = _identity_of(settings, machine)
+    ident = _identity_of(settings)
     current = load_identity(settings.data_dir)
-    same = (*_IDENTITY_KEYS, "secured", "machine")
-    if current is not None and all(current[k] == ident[k] for k in same):
+    if current is not None and all(current[k] == ident[k] for k in (*_IDENTITY_KEYS, "secured")):
         return False
     data = (json.dumps(ident, indent=2, sort_keys=True) + "\n").encode()
     write_file_atomically(identity_path(settings.data_dir), data)
@@ -930,12 +919,7 @@ def _connection_caps(settings: NodeSettings) -> list[int]:
 def _run_locked(settings: NodeSettings, state_machine: StateMachine | None) -> int:
     """Store the identity and run the node (the data directory is ours)."""
     try:
-        machine = identity_of(state_machine) if state_machine is not None else ""
-        check_machine(load_identity(settings.data_dir), machine, settings.data_dir)
-        write_identity(settings, machine)
-    except RaftfastError as exc:  # (another state machine than the one this data holds)
-        _fail(str(exc))
-        raise SystemExit(2) from None
+        write_identity(settings)
     except ConfigError as exc:
         _fail(str(exc))
         raise SystemExit(2) from None

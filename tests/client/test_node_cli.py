@@ -422,35 +422,3 @@ def test_a_one_start_flag_in_a_config_file_is_refused_as_a_flag_only(key, tmp_pa
             ["--id", "n1", "--peers", PEERS, "--data-dir", str(tmp_path / "d")]
             + ["--config", str(config)]
         )
-
-
-def _objects() -> object:
-    """A --state-machine factory (tests below swap what it makes)."""
-    return _MAKE()
-
-
-def _MAKE() -> object:  # noqa: N802 - replaced by the tests
-    import raftfast
-
-    return raftfast.Objects(counter=raftfast.ReplCounter())
-
-
-def test_a_restart_whose_objects_lost_one_is_refused(
-    tmp_path: Path, fake_serve, capsys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # (the factory's Objects renamed an object: the node started with it empty, and its next
-    # snapshot dropped the old one's state for good)
-    import raftfast
-
-    d = tmp_path / "d"
-    assert node_cli.main(base(d, "--state-machine", f"{__name__}:_objects")) == 0
-    assert '"counter"' in json.loads((d / "node.json").read_text())["machine"]
-    module = sys.modules[__name__]
-    monkeypatch.setattr(module, "_MAKE", lambda: raftfast.Objects(count=raftfast.ReplCounter()))
-    with pytest.raises(SystemExit) as exited:
-        node_cli.main(["--data-dir", str(d)])
-    assert exited.value.code == 2
-    assert "holds the state of another state machine" in capsys.readouterr().err
-    more = raftfast.ReplCounter
-    monkeypatch.setattr(module, "_MAKE", lambda: raftfast.Objects(counter=more(), more=more()))
-    assert node_cli.main(["--data-dir", str(d)]) == 0  # (an object added: nothing lost)
