@@ -414,11 +414,16 @@ class MVCCStore:
         # As etcd (compareToPath, checkRequests): the branch of the txn, and of every txn nested
         # in a branch taken, is chosen on the state before the txn, and the requests of those
         # branches checked on it too; only then do they run, in order.
+        return self._run(r, iter(self._checked_path(r)))
+
+    def _checked_path(self, r: pb.TxnRequest, below_zero: bool = False) -> list[bool]:
+        """The branches ``r`` takes on this state (``_choose``), once its requests on them
+        pass etcd's checks (``_check_ops``; EtcdError otherwise)."""
         path: list[bool] = []
         ops: list[pb.RequestOp] = []
         self._choose(r, 0, path, ops)
-        self._check_ops(ops)
-        return self._run(r, iter(path))
+        self._check_ops(ops, below_zero)
+        return path
 
     def _choose(
         self, r: pb.TxnRequest, depth: int, path: list[bool], ops: list[pb.RequestOp]
@@ -439,11 +444,8 @@ class MVCCStore:
         """What etcd refuses ``r`` with on this state (None: nothing), for the API to refuse
         it before it is proposed: the checks of its apply, and (as etcd's) a range at a
         negative revision below the first one kept (``_check_ops``). Changes nothing."""
-        path: list[bool] = []
-        ops: list[pb.RequestOp] = []
         try:
-            self._choose(r, 0, path, ops)
-            self._check_ops(ops, below_zero=True)
+            self._checked_path(r, below_zero=True)
         except EtcdError as exc:
             return exc
         return None
@@ -455,10 +457,7 @@ class MVCCStore:
         MAX_TXN_READ_BYTES."""
         self._read_budget = MAX_TXN_READ_BYTES
         try:
-            path: list[bool] = []
-            ops: list[pb.RequestOp] = []
-            self._choose(r, 0, path, ops)
-            self._check_ops(ops, below_zero=True)
+            path = self._checked_path(r, below_zero=True)
             self._next_revision = self.revision + 1  # (what _run's reads say they saw, less one)
             return self._header(self._run(r, iter(path)))
         finally:

@@ -65,6 +65,15 @@ class LeaderRequired:
             raise errors.NO_LEADER
         return True
 
+    async def check_stream(self, context: grpc.aio.ServicerContext) -> bool:
+        """``check`` at a stream's start: the call ended with NO_LEADER (AbortError) rather
+        than the error raised."""
+        try:
+            return self.check(context)
+        except errors.EtcdError as exc:
+            await context.abort(exc.code, exc.message)
+            raise  # (abort raises)
+
     def track(self, end: Callable[[], None]) -> Callable[[], None]:
         """Track a stream that asked for a leader: ``end()`` ends it once the member has known
         no leader for MAX_NO_LEADER_CHECKS election timeouts. Returns what forgets it (called

@@ -19,7 +19,6 @@ from raftfast.errors import DiskFullError, NotLeaderError, clipped
 from raftfast.etcd import errors
 from raftfast.etcd.api import EtcdAPI
 from raftfast.etcd.errors import EtcdError
-from raftfast.etcd.require_leader import LeaderRequired
 from raftfast.etcd.watch import WatchService
 from raftfast.proto.etcd import rpc_pb2 as pb
 from raftfast.proto.etcd import rpc_pb2_grpc as pb_grpc
@@ -107,7 +106,7 @@ class LeaseService(_Base, pb_grpc.LeaseServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.LeaseKeepAliveResponse]:
         leader_required = self.api.leader_required
-        asked = await _leader_check(leader_required, context)
+        asked = await leader_required.check_stream(context)
         untrack = leader_required.track(leader_required.ender(context)) if asked else None
         too_many = errors.TOO_MANY_REQUESTS
         try:
@@ -151,7 +150,7 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
         snapshot file open until its client has read it)."""
         # (refused at its start, as etcd's; one under way is not ended: it reads a file, and
         # ends soon)
-        await _leader_check(self.api.leader_required, context)
+        await self.api.leader_required.check_stream(context)
         too_many = errors.TOO_MANY_REQUESTS
         async with self._snapshots.held(context, too_many.message, too_many.code):
             driver = self.api.driver
@@ -178,16 +177,6 @@ class MaintenanceService(_Base, pb_grpc.MaintenanceServicer):
                     left -= len(chunk)
                     yield pb.SnapshotResponse(remaining_bytes=left, blob=chunk)
                 yield pb.SnapshotResponse(blob=seal(digest, len(head) + meta.size))
-
-
-async def _leader_check(leader_required: LeaderRequired, context: grpc.aio.ServicerContext) -> bool:
-    """At a stream's start: whether it asks for a leader (to be tracked); refused with
-    NO_LEADER if it does and this member knows none."""
-    try:
-        return leader_required.check(context)
-    except EtcdError as exc:
-        await context.abort(exc.code, exc.message)
-        raise  # (abort raises)
 
 
 # The methods that only read (their big answers may be refused once built:

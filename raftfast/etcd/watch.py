@@ -704,10 +704,7 @@ class WatchService(pb_grpc.WatchServicer):
         self, request_iterator: AsyncIterator[pb.WatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchResponse | bytes]:
         leader_required = self.api.leader_required
-        try:
-            asked = leader_required.check(context)  # (etcd's "hasleader": refused if none)
-        except EtcdError as exc:
-            await context.abort(exc.code, exc.message)
+        asked = await leader_required.check_stream(context)  # (etcd's "hasleader")
         if len(self.streams) >= MAX_WATCH_STREAMS:
             await context.abort(errors.TOO_MANY_REQUESTS.code, errors.TOO_MANY_REQUESTS.message)
         stream = _Stream(self.api, self.budget)

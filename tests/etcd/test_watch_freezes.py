@@ -27,8 +27,12 @@ def _api(store: MVCCStore, max_bytes: int = MAX_BYTES) -> Any:
         store=store,
         header=lambda rev=None: pb.ResponseHeader(revision=store.revision if rev is None else rev),
         driver=SimpleNamespace(settings=SimpleNamespace(max_request_bytes=max_bytes)),
-        leader_required=SimpleNamespace(check=lambda context: False),  # (no call asks for one)
+        leader_required=SimpleNamespace(check_stream=_asks_for_none),
     )
+
+
+async def _asks_for_none(context: Any) -> bool:
+    return False  # (no call asks for a leader)
 
 
 def _create(stream: watch._Stream, **fields: Any) -> None:
