@@ -48,13 +48,15 @@ MAX_KEPT_RESULT_BYTES = 64 * 1024
 log = logging.getLogger("raftfast.node")
 
 
-def _interrupted(index: int) -> None:
+def _interrupted(first: int, count: int = 1) -> None:
     """Say why the node stops: a state machine that raises KeyboardInterrupt itself stops
-    every node at that entry, again at every start, and nothing said so (a hunt)."""
+    every node at that entry, again at every start, and nothing said so (a hunt). (An
+    apply_batch's: which of its entries, the node cannot tell.)"""
+    entries = f"entry {first}" if count == 1 else f"entries {first}-{first + count - 1}"
     log.critical(
-        "KeyboardInterrupt while the state machine applied entry %d: the node stops (if the "
-        "state machine raised it itself, every node stops at this entry, at every start)",
-        index,
+        "KeyboardInterrupt while the state machine applied %s: the node stops (if the state "
+        "machine raised it itself, every node stops there, at every start)",
+        entries,
     )
 
 
@@ -125,7 +127,7 @@ class ExactlyOnce(StateMachine):
             if isinstance(results, Iterator):
                 results = list(results)  # (a generator, say: the results, in order)
         except KeyboardInterrupt:
-            _interrupted(first_index)
+            _interrupted(first_index, len(commands))
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to every proposer, the node goes on
             # (it must not raise: which of the commands did it apply? Nobody knows now.)

@@ -144,8 +144,8 @@ class Objects(StateMachine):
             raise ValueError(f"two objects named {name!r}: name them (Objects(a=..., b=...))")
         if getattr(obj, _BOUND, None) is not None:
             raise ValueError(f"{name!r} belongs to another Objects already")
-        state = _state_of(obj)
         try:  # (else its first snapshot fails, after snapshot_entries commands)
+            state = _state_of(obj)  # (vars() of a __slots__ class raises TypeError: here)
             encode(state, exact=True, max_depth=MAX_STATE_DEPTH)
         except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(
