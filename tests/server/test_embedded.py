@@ -222,37 +222,26 @@ def test_with_client_certificates_a_command_is_the_same_here_and_forwarded(tmp_p
     name into a forwarded command's client id; a node frames its own commands with the same mix
     for the certificate it forwards with, so a retry that lands on another leader is still a
     retry (the ids differed: it would have been applied twice)."""
-    node = _tls_nodes(tmp_path)
+    nodes = _tls_nodes(tmp_path)
 
     async def main() -> None:
-        nodes = [node(i) for i in range(3)]
-        try:
-            for n in nodes:
-                await n.start()
-            leader = await nodes[0].wait_for_leader()
+        async with started(nodes) as leader:
             results = await asyncio.gather(*(n.propose(b"1") for n in nodes for _ in range(5)))
             assert sorted(int(r) for r in results) == list(range(1, 16))  # (forwarded too)
             for n in nodes:
                 assert n._own_client_id() == owned_client_id(n._client_id, n.id)
             follower = next(n for n in nodes if n.id != leader)
             assert follower._own_client_id() != follower._client_id
-        finally:
-            for n in nodes:
-                await n.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def test_a_node_of_a_tls_cluster_without_client_tls_says_so_when_it_forwards(tmp_path):
     # (it forwarded in plain text: every call waited out its timeout, "Socket closed")
-    node = _tls_nodes(tmp_path, with_client_tls=False)
+    nodes = _tls_nodes(tmp_path, with_client_tls=False)
 
     async def main() -> None:
-        nodes = [node(i) for i in range(3)]
-        try:
-            for n in nodes:
-                await n.start()
-            leader = await nodes[0].wait_for_leader()
+        async with started(nodes) as leader:
             follower = next(n for n in nodes if n.id != leader)
             loop = asyncio.get_running_loop()
             started_at = loop.time()
@@ -261,16 +250,13 @@ def test_a_node_of_a_tls_cluster_without_client_tls_says_so_when_it_forwards(tmp
             assert loop.time() - started_at < 10
             leading = next(n for n in nodes if n.id == leader)
             assert await leading.propose(b"1") == b"1"  # (the leader needs no forwarding)
-        finally:
-            for n in nodes:
-                await n.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-def _tls_nodes(tmp_path, with_client_tls: bool = True, reader: bool = False):
-    """A maker of the nodes of a 3-node cluster with TLS on both ports and client_cert_auth
-    (``reader``: and roles, each node forwarding with a certificate that may only read)."""
+def _tls_nodes(tmp_path, with_client_tls: bool = True, reader: bool = False) -> list:
+    """The nodes of a 3-node cluster with TLS on both ports and client_cert_auth (``reader``:
+    and roles, each node forwarding with a certificate that may only read)."""
     ports = free_ports(6)
     certs = tmp_path / "tls"
     make_certs(certs, ["n1", "n2", "n3"], "admin=admin,reader=read")
@@ -294,25 +280,18 @@ def _tls_nodes(tmp_path, with_client_tls: bool = True, reader: bool = False):
             client_tls=client_tls if with_client_tls else None, **roles,
         )  # fmt: skip
 
-    return node
+    return [node(i) for i in range(3)]
 
 
 def test_a_forwarded_call_the_leader_refuses_for_its_role_is_permission_denied(tmp_path):
     # (it was a bare RaftfastError, where a Client's is PermissionDeniedError)
-    node = _tls_nodes(tmp_path, reader=True)
+    nodes = _tls_nodes(tmp_path, reader=True)
 
     async def main() -> None:
-        nodes = [node(i) for i in range(3)]
-        try:
-            for n in nodes:
-                await n.start()
-            leader = await nodes[0].wait_for_leader()
+        async with started(nodes) as leader:
             follower = next(n for n in nodes if n.id != leader)
             with pytest.raises(raftfast.PermissionDeniedError, match="the leader refused"):
                 await follower.propose(b"1", timeout=30)
-        finally:
-            for n in nodes:
-                await n.stop()
 
     asyncio.run(asyncio.wait_for(main(), 120))
 
