@@ -487,16 +487,28 @@ def test_a_node_serving_another_state_machine_cannot_join(tmp_path):
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-@pytest.mark.parametrize("served", ["\0" * 200_000, "machine:" + "é" * 50_000, "kv\n" * 1000])
+@pytest.mark.parametrize(
+    "served",
+    [
+        {"state_machine": "\0" * 200_000},
+        {"state_machine": "machine:" + "é" * 50_000},
+        {"state_machine": "kv\n" * 1000},
+        # (JoinRequest.machine, beside the right name: huge, deep, of the wrong shape)
+        {"state_machine": "machine:Counter", "machine": "x" * 3_000_000},
+        {"state_machine": "machine:Counter", "machine": "[" * 60_000},
+        {"state_machine": "machine:Counter", "machine": '{"class": ["m", 7]}'},
+        {"state_machine": "machine:Counter", "machine": '{"class": ["\u0000" , "Counter"]}'},
+    ],
+)
 def test_a_join_saying_any_state_machine_is_refused_in_one_bounded_line(tmp_path, served):
-    # (a stranger's JoinRequest.state_machine: any text, of any length)
+    # (a stranger's JoinRequest.state_machine and .machine: any text, of any length)
     async def main() -> None:
         nodes = three(tmp_path)
         async with started(nodes) as leader:
             at = next(node for node in nodes if node.id == leader).settings.listen
             async with grpc.aio.insecure_channel(at) as channel:
                 join = pb.JoinRequest(
-                    cluster_id="raftfast", id="n9", address="127.0.0.1:9", state_machine=served
+                    cluster_id="raftfast", id="n9", address="127.0.0.1:9", **served
                 )
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await pb_grpc.PeerStub(channel).Join(join, timeout=30)
